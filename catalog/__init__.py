@@ -1,0 +1,51 @@
+"""Quiver's shared core: configuration, the DuckDB catalog, tokens, policy and audit."""
+
+from catalog.config import Config, load_config
+from catalog.core import VERSION, Catalog, SyncController
+from catalog.database import SYSTEM_SCHEMA, Database, quote_ident
+from catalog.errors import (
+    Cancelled,
+    ConfigError,
+    Conflict,
+    DatabaseInUse,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    QuiverError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unprocessable,
+)
+from catalog.identity import Principal
+from catalog.tables import TableInfo, TableRef
+
+__all__ = [
+    "SYSTEM_SCHEMA",
+    "VERSION",
+    "Cancelled",
+    "Catalog",
+    "Config",
+    "ConfigError",
+    "Conflict",
+    "Database",
+    "DatabaseInUse",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "NotFound",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "Principal",
+    "QuiverError",
+    "ResourceExhausted",
+    "SyncController",
+    "TableInfo",
+    "TableRef",
+    "Unauthenticated",
+    "Unavailable",
+    "Unprocessable",
+    "load_config",
+    "quote_ident",
+]

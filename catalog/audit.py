@@ -1,0 +1,134 @@
+"""The audit log: admin mutations and authentication failures, with who, what, target,
+outcome, client address and request id.
+
+Writes are buffered in memory and flushed in batches (on a timer, before every read, and at
+shutdown) so a flood of bad tokens never turns into a flood of database writes. Per-request
+records of reads go to structlog, not here (DESIGN.md §8).
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+
+from catalog.database import SYSTEM_SCHEMA, Database
+
+log = structlog.get_logger(__name__)
+
+MAX_BUFFER = 10_000
+
+
+class AuditEvent(msgspec.Struct, kw_only=True):
+    id: int | None = None
+    occurred_at: datetime
+    actor: str | None
+    action: str
+    target: str | None
+    outcome: str
+    client: str | None
+    request_id: str | None
+    detail: str | None = None
+
+
+class AuditLog:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._buffer: list[AuditEvent] = []
+        self._lock = threading.Lock()
+        self._dropped = 0
+
+    def record(
+        self,
+        action: str,
+        *,
+        outcome: str,
+        actor: str | None = None,
+        target: str | None = None,
+        client: str | None = None,
+        request_id: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        event = AuditEvent(
+            occurred_at=datetime.now(UTC),
+            actor=actor,
+            action=action,
+            target=target,
+            outcome=outcome,
+            client=client,
+            request_id=request_id,
+            detail=detail,
+        )
+        # The structlog twin is what fail2ban and log shippers read.
+        log.info(
+            "audit",
+            audit_action=action,
+            outcome=outcome,
+            actor=actor,
+            target=target,
+            client=client,
+            request_id=request_id,
+        )
+        with self._lock:
+            if len(self._buffer) >= MAX_BUFFER:
+                self._dropped += 1
+                return
+            self._buffer.append(event)
+
+    def flush(self) -> int:
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            log.warning("audit.dropped", events=dropped)
+        if not batch:
+            return 0
+        rows = [
+            [e.occurred_at, e.actor, e.action, e.target, e.outcome, e.client, e.request_id, e.detail]
+            for e in batch
+        ]
+        with self._db.transaction() as cur:
+            cur.executemany(
+                f"INSERT INTO {SYSTEM_SCHEMA}.audit "
+                "(occurred_at, actor, action, target, outcome, client, request_id, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        return len(rows)
+
+    def query(
+        self,
+        *,
+        since: datetime | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+        outcome: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditEvent]:
+        self.flush()
+        where, params = [], []
+        filters: list[tuple[str, Any]] = [
+            ("occurred_at >= ?", since),
+            ("actor = ?", actor),
+            ("action = ?", action),
+            ("outcome = ?", outcome),
+        ]
+        for clause, value in filters:
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        sql = (
+            "SELECT id, occurred_at, actor, action, target, outcome, client, request_id, detail "
+            f"FROM {SYSTEM_SCHEMA}.audit"
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        with self._db.reading() as cur:
+            rows = cur.execute(sql, params).fetchall()
+        fields = ("id", "occurred_at", "actor", "action", "target", "outcome", "client", "request_id", "detail")
+        return [AuditEvent(**dict(zip(fields, r, strict=True))) for r in rows]

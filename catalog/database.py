@@ -1,0 +1,196 @@
+"""The one DuckDB database instance of a Quiver process, locked down at open.
+
+DuckDB allows a single read-write process per file, so every component of ``quiver serve``
+shares this instance and takes its own cursor per request or thread (a cursor is a
+connection of its own; DuckDB's MVCC gives each a consistent snapshot while sync writes).
+
+Lockdown (DESIGN.md §4.2) is the second layer under the SQL guard: after migrations, external
+file and network access is switched off, extension auto-install/auto-load are off and the
+configuration is locked, so even a query that slipped past the guard cannot read a file,
+attach a database, load an extension or loosen a setting. Quiver writes files itself with
+pyarrow, never with ``COPY``. Spilling to ``temp_directory`` keeps working.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import structlog
+
+from catalog.errors import DatabaseInUse
+
+log = structlog.get_logger(__name__)
+
+SYSTEM_SCHEMA = "_quiver"
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier for DuckDB (doubling embedded quotes)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def fetch_one(cur: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None) -> tuple | None:  # type: ignore[type-arg]
+    """The first row or None, with the result consumed: a DuckDB connection with an
+    unfinished result refuses its next query."""
+    rows = cur.execute(sql, params or []).fetchall()
+    return rows[0] if rows else None
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found = []
+    for entry in resources.files("catalog.migrations").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), name[:-4], entry.read_text()))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate migration numbers: {versions}")
+    return found
+
+
+class Database:
+    """Owns the DuckDB connection; hands out cursors; applies migrations and the lockdown."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        temp_dir: Path,
+        memory_limit: str = "",
+        threads: int = 0,
+        lockdown: bool = True,
+    ) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        config: dict[str, str | bool | int] = {
+            "temp_directory": str(temp_dir),
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+        }
+        if memory_limit:
+            config["memory_limit"] = memory_limit
+        if threads:
+            config["threads"] = threads
+        try:
+            self._con = duckdb.connect(str(path), config=config)
+        except duckdb.IOException as e:
+            if "lock" in str(e).lower():
+                raise DatabaseInUse(
+                    f"{path} is in use by another process (is `quiver serve` running?)"
+                ) from None
+            raise
+        self._lock = threading.Lock()
+        self._closed = False
+        self._cursors: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
+        self.catalog_name: str = fetch_one(self._con, "SELECT current_database()")[0]  # type: ignore[index]
+        self.migrate()
+        if lockdown:
+            self._lockdown()
+
+    def _lockdown(self) -> None:
+        self._con.execute("SET enable_external_access = false")
+        self._con.execute("SET lock_configuration = true")
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations, each atomically; return the names applied."""
+        con = self._con
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {SYSTEM_SCHEMA}")
+        con.execute(
+            f"CREATE TABLE IF NOT EXISTS {SYSTEM_SCHEMA}.schema_migrations ("
+            " version INTEGER NOT NULL PRIMARY KEY, name VARCHAR NOT NULL,"
+            " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        done = {r[0] for r in con.sql(f"SELECT version FROM {SYSTEM_SCHEMA}.schema_migrations").fetchall()}
+        applied = []
+        for version, name, sql in _migrations():
+            if version in done:
+                continue
+            con.execute("BEGIN")
+            try:
+                con.execute(sql)
+                con.execute(
+                    f"INSERT INTO {SYSTEM_SCHEMA}.schema_migrations (version, name) VALUES (?, ?)",
+                    [version, name],
+                )
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+            applied.append(name)
+            log.info("catalog.migrated", migration=name)
+        return applied
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A connection of its own for one request or thread; close it when done."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("database is closed")
+            cur = self._con.cursor()
+            self._cursors.add(cur)
+            return cur
+
+    def interrupt_all(self) -> int:
+        """Interrupt every query still running on a cursor (used at shutdown)."""
+        with self._lock:
+            cursors = list(self._cursors)
+        for cur in cursors:
+            try:
+                cur.interrupt()
+            except duckdb.Error:
+                pass
+        return len(cursors)
+
+    @contextmanager
+    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        cur = self.cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor inside BEGIN … COMMIT; any exception rolls everything back."""
+        cur = self.cursor()
+        try:
+            cur.execute("BEGIN")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+        finally:
+            cur.close()
+
+    def size_bytes(self) -> int:
+        total = 0
+        for p in (self.path, self.path.with_name(self.path.name + ".wal")):
+            if p.exists():
+                total += p.stat().st_size
+        return total
+
+    def checkpoint(self) -> None:
+        with self.reading() as cur:
+            cur.execute("CHECKPOINT")
+
+    def close(self) -> None:
+        """Checkpoint and close: the file is complete on disk without its WAL."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._con.execute("CHECKPOINT")
+        except duckdb.Error as e:
+            log.warning("catalog.checkpoint_failed", error=str(e))
+        self._con.close()
+        log.info("catalog.closed", path=str(self.path))

@@ -1,0 +1,101 @@
+"""Every decision about what a principal may read lives here.
+
+A swarm's allowlist holds ``schema.table`` and ``schema.*`` patterns. Agents and swarm tokens
+read exactly the data tables their swarm's allowlist matches; admin tokens read every data
+table. The system schema is never readable. Matching is case-insensitive, as DuckDB's
+identifiers are. The allowlists are held in memory (kept current by :class:`SwarmStore`), so
+a decision on the hot path never touches the database.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable
+
+from catalog.database import SYSTEM_SCHEMA
+from catalog.errors import InvalidArgument, PermissionDenied
+from catalog.identity import Principal
+from catalog.tables import TableCatalog, TableRef
+
+_PART = r"[A-Za-z_][A-Za-z0-9_$]*"
+PATTERN_RE = re.compile(rf"^({_PART})\.({_PART}|\*)$")
+MAX_PATTERNS = 1000
+
+
+def parse_pattern(raw: str) -> tuple[str, str]:
+    """Validate one allowlist entry; return its lower-cased (schema, table-or-*)."""
+    if not isinstance(raw, str):
+        raise InvalidArgument("allowlist entries must be strings like 'demo.orders' or 'sales.*'")
+    m = PATTERN_RE.match(raw.strip())
+    if not m:
+        raise InvalidArgument(
+            f"allowlist entry {raw!r} is not valid: use 'schema.table' or 'schema.*' "
+            "(unquoted identifiers: letters, digits, _ and $, not starting with a digit)"
+        )
+    schema, table = m.group(1).lower(), m.group(2).lower()
+    if schema == SYSTEM_SCHEMA:
+        raise InvalidArgument(f"allowlist entry {raw!r} names Quiver's system schema, which is never readable")
+    return schema, table
+
+
+def normalize_patterns(raw: Iterable[str]) -> list[str]:
+    """Validated, de-duplicated, sorted patterns as stored."""
+    out = sorted({".".join(parse_pattern(p)) for p in raw})
+    if len(out) > MAX_PATTERNS:
+        raise InvalidArgument(f"an allowlist holds at most {MAX_PATTERNS} entries, got {len(out)}")
+    return out
+
+
+def pattern_matches(pattern: str, ref: TableRef) -> bool:
+    schema, _, table = pattern.partition(".")
+    s, t = ref.key()
+    return schema == s and (table == "*" or table == t)
+
+
+NOT_READABLE = "not readable: not in your allowlist or does not exist"
+
+
+class Policy:
+    def __init__(self, tables: TableCatalog) -> None:
+        self._tables = tables
+        self._allowlists: dict[str, tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+
+    # --- kept current by SwarmStore -------------------------------------------------
+    def set_allowlist(self, swarm: str, patterns: Iterable[str]) -> None:
+        with self._lock:
+            self._allowlists[swarm] = tuple(patterns)
+
+    def drop_swarm(self, swarm: str) -> None:
+        with self._lock:
+            self._allowlists.pop(swarm, None)
+
+    def allowlist(self, swarm: str) -> tuple[str, ...]:
+        return self._allowlists.get(swarm, ())
+
+    # --- decisions ------------------------------------------------------------------
+    def can_read(self, principal: Principal, ref: TableRef) -> bool:
+        if ref.schema.lower() == SYSTEM_SCHEMA:
+            return False
+        if principal.is_admin:
+            return True
+        if principal.swarm is None:
+            return False
+        return any(pattern_matches(p, ref) for p in self.allowlist(principal.swarm))
+
+    def readable_tables(self, principal: Principal) -> list[TableRef]:
+        return [r for r in self._tables.list_refs() if self.can_read(principal, r)]
+
+    def readable_names(self, principal: Principal) -> list[str]:
+        return [r.qualified for r in self.readable_tables(principal)]
+
+    def require_readable(self, principal: Principal, schema: str, name: str) -> TableRef:
+        """The canonical table, or the same refusal for 'absent' and 'not allowed' so that
+        existence never leaks."""
+        ref = self._tables.resolve(schema, name)
+        if ref is None or not self.can_read(principal, ref):
+            readable = self.readable_names(principal)
+            hint = ", ".join(readable[:50]) if readable else "none"
+            raise PermissionDenied(f"{schema}.{name}: {NOT_READABLE}; you may read: {hint}")
+        return ref

@@ -1,0 +1,111 @@
+"""Data tables: every table of the database outside the system schema.
+
+Listings and schemas come from DuckDB's catalog (``duckdb_tables()``, a ``LIMIT 0`` query for
+the Arrow schema, DuckDB's row-group counts for ``count(*)``), never from scanning data. The
+data version of each table is a counter every writer bumps in the same transaction as its
+change; caches of profiles and results key on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import duckdb
+import pyarrow as pa
+
+from catalog.database import SYSTEM_SCHEMA, Database, fetch_one, quote_ident
+
+
+@dataclass(frozen=True, slots=True)
+class TableRef:
+    schema: str
+    name: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def sql(self) -> str:
+        """The quoted, schema-qualified name to put in SQL."""
+        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
+
+    def key(self) -> tuple[str, str]:
+        """DuckDB identifiers match case-insensitively; so do allowlists and lookups."""
+        return (self.schema.lower(), self.name.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    ref: TableRef
+    rows: int
+    schema: pa.Schema
+    data_version: int
+
+
+class TableCatalog:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def list_refs(self, cur: duckdb.DuckDBPyConnection | None = None) -> list[TableRef]:
+        sql = (
+            "SELECT schema_name, table_name FROM duckdb_tables() "
+            "WHERE database_name = current_database() AND NOT temporary AND NOT internal "
+            "AND schema_name <> ? ORDER BY schema_name, table_name"
+        )
+        if cur is None:
+            with self._db.reading() as c:
+                rows = c.execute(sql, [SYSTEM_SCHEMA]).fetchall()
+        else:
+            rows = cur.execute(sql, [SYSTEM_SCHEMA]).fetchall()
+        return [TableRef(s, t) for s, t in rows]
+
+    def resolve(self, schema: str, name: str) -> TableRef | None:
+        """The table's canonical spelling, or None when it is not a data table."""
+        if schema.lower() == SYSTEM_SCHEMA:
+            return None
+        wanted = (schema.lower(), name.lower())
+        for ref in self.list_refs():
+            if ref.key() == wanted:
+                return ref
+        return None
+
+    def describe(self, refs: list[TableRef]) -> list[TableInfo]:
+        if not refs:
+            return []
+        with self._db.reading() as cur:
+            versions = self.versions(cur)
+            out = []
+            for ref in refs:
+                schema = cur.sql(f"SELECT * FROM {ref.sql} LIMIT 0").to_arrow_table().schema
+                rows = fetch_one(cur, f"SELECT count(*) FROM {ref.sql}")[0]  # type: ignore[index]
+                out.append(TableInfo(ref, int(rows), schema, versions.get(ref.key(), 0)))
+        return out
+
+    def versions(self, cur: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], int]:
+        rows = cur.sql(
+            f"SELECT schema_name, table_name, version FROM {SYSTEM_SCHEMA}.data_versions"
+        ).fetchall()
+        return {(s.lower(), t.lower()): int(v) for s, t, v in rows}
+
+    def version(self, ref: TableRef) -> int:
+        with self._db.reading() as cur:
+            return self.versions(cur).get(ref.key(), 0)
+
+    @staticmethod
+    def bump_version(cur: duckdb.DuckDBPyConnection, ref: TableRef) -> int:
+        """Record that ``ref`` changed. Call inside the writer's own transaction, so the new
+        contents and the new version commit (or roll back) together."""
+        now = datetime.now(UTC)
+        s, t = ref.key()
+        row = fetch_one(cur, f"UPDATE {SYSTEM_SCHEMA}.data_versions SET version = version + 1, changed_at = ? "
+            "WHERE lower(schema_name) = ? AND lower(table_name) = ? RETURNING version",
+            [now, s, t],)
+        if row is not None:
+            return int(row[0])
+        cur.execute(
+            f"INSERT INTO {SYSTEM_SCHEMA}.data_versions VALUES (?, ?, 1, ?)",
+            [ref.schema, ref.name, now],
+        )
+        return 1

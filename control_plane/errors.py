@@ -1,0 +1,87 @@
+"""One path for refusals and errors: every failure becomes ``{"error", "detail"}`` JSON with
+the status of DESIGN.md §6. A client mistake is never a 500; a fault of ours is logged with
+the request id and answered without internals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from catalog import QuiverError
+from control_plane.context import request_id
+
+log = structlog.get_logger("control_plane")
+
+_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "ALREADY_EXISTS",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+}
+
+
+def _body(code: str, detail: str, status: int, headers: dict[str, str] | None = None) -> Response[Any]:
+    return Response(
+        {"error": code, "detail": detail}, status_code=status, media_type=MediaType.JSON, headers=headers
+    )
+
+
+def quiver_error(request: Request[Any, Any, Any], exc: QuiverError) -> Response[Any]:
+    headers = {"www-authenticate": "Bearer"} if exc.http_status == 401 else None
+    return _body(exc.code, exc.detail, exc.http_status, headers)
+
+
+def validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    problems = []
+    for item in exc.extra or []:
+        if isinstance(item, dict):
+            msg = str(item.get("message", "")).strip()
+            key = item.get("key")
+            source = item.get("source")
+            where = f"{source} " if source and source != "body" else ""
+            problems.append(f"{where}{key}: {msg}" if key and key not in msg else msg)
+    detail = "; ".join(p for p in problems if p) or str(exc.detail)
+    if "JSON" in detail or "malformed" in detail.lower():
+        detail = f"request body is not valid JSON: {detail}"
+    return _body("INVALID_ARGUMENT", f"{detail} ({request.method} {request.url.path})", 400)
+
+
+def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    status = exc.status_code
+    if status >= 500:
+        return internal_error(request, exc)
+    code = _CODES.get(status, "INVALID_ARGUMENT")
+    detail = str(exc.detail)
+    if status == 404 and detail == "Not Found":
+        detail = f"no route {request.method} {request.url.path}; see /schema for the API"
+    if status == 413:
+        detail = "request body too large"
+    return _body(code, detail, status)
+
+
+def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    rid = request_id(request)
+    log.error("http.internal_error", path=request.url.path, request_id=rid, exc_info=exc)
+    return _body(
+        "INTERNAL",
+        f"internal error (request id {rid}); the server log has the details",
+        HTTP_500_INTERNAL_SERVER_ERROR,
+    )
+
+
+EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
+    QuiverError: quiver_error,
+    ValidationException: validation_error,
+    HTTPException: http_error,
+    Exception: internal_error,
+}

@@ -1,0 +1,1 @@
+"""Route handlers: thin — decode, ask the catalog, encode."""

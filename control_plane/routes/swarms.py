@@ -1,0 +1,64 @@
+"""Swarms and their table allowlists (admin)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, delete, get, post, put
+
+from catalog import Catalog, Principal
+from control_plane.context import audited
+from control_plane.models import Allowlist, AllowlistOut, CreateSwarm, SwarmList, SwarmOut
+
+
+def _out(swarm: Any) -> SwarmOut:
+    return SwarmOut(name=swarm.name, description=swarm.description, created_at=swarm.created_at, tables=swarm.tables)
+
+
+@post("/v1/swarms", sync_to_thread=True, tags=["swarms"], summary="Create a swarm (optionally with its allowlist)")
+def create_swarm(request: Request[Any, Any, Any], data: CreateSwarm, admin: Principal, catalog: Catalog) -> SwarmOut:
+    with audited(request, admin, "swarm.create", data.name):
+        return _out(catalog.swarms.create(data.name, data.description, data.tables))
+
+
+@get("/v1/swarms", sync_to_thread=True, tags=["swarms"], summary="List swarms")
+def list_swarms(admin: Principal, catalog: Catalog) -> SwarmList:
+    return SwarmList(swarms=[_out(s) for s in catalog.swarms.list()])
+
+
+@get("/v1/swarms/{name:str}", sync_to_thread=True, tags=["swarms"], summary="One swarm")
+def get_swarm(name: str, admin: Principal, catalog: Catalog) -> SwarmOut:
+    return _out(catalog.swarms.get(name))
+
+
+@delete("/v1/swarms/{name:str}", sync_to_thread=True, tags=["swarms"],
+        summary="Delete a swarm, its allowlist, and revoke all its tokens")
+def delete_swarm(request: Request[Any, Any, Any], name: str, admin: Principal, catalog: Catalog) -> None:
+    with audited(request, admin, "swarm.delete", name):
+        catalog.delete_swarm(name)
+
+
+def _allowlist_out(catalog: Catalog, name: str, patterns: list[str]) -> AllowlistOut:
+    from catalog.policy import pattern_matches
+
+    refs = catalog.tables.list_refs()
+    matching = [r.qualified for r in refs if any(pattern_matches(p, r) for p in patterns)]
+    return AllowlistOut(swarm=name, tables=patterns, matching=matching)
+
+
+@get("/v1/swarms/{name:str}/allowlist", sync_to_thread=True, tags=["swarms"], summary="A swarm's allowlist")
+def get_allowlist(name: str, admin: Principal, catalog: Catalog) -> AllowlistOut:
+    return _allowlist_out(catalog, name, catalog.swarms.get_allowlist(name))
+
+
+@put("/v1/swarms/{name:str}/allowlist", sync_to_thread=True, tags=["swarms"],
+     summary="Replace a swarm's allowlist ('schema.table' or 'schema.*' entries)")
+def put_allowlist(
+    request: Request[Any, Any, Any], name: str, data: Allowlist, admin: Principal, catalog: Catalog
+) -> AllowlistOut:
+    with audited(request, admin, "allowlist.put", name):
+        patterns = catalog.swarms.set_allowlist(name, data.tables)
+    return _allowlist_out(catalog, name, patterns)
+
+
+ROUTES = [create_swarm, list_swarms, get_swarm, delete_swarm, get_allowlist, put_allowlist]

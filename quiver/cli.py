@@ -1,0 +1,145 @@
+"""The ``quiver`` command: ``serve``, ``token create``, ``version``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from catalog import VERSION, Catalog, ConfigError, DatabaseInUse, QuiverError, load_config
+from quiver import logs
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file (default: quiver.toml if present)")
+    p.add_argument("--data-dir", help="data directory (database, keys, tokens)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    server: dict[str, Any] = {}
+    for flag, key in (
+        ("data_dir", "data_dir"),
+        ("host", "host"),
+        ("flight_port", "flight_port"),
+        ("http_port", "http_port"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            server[key] = value
+    return {"server": server}
+
+
+def _load(args: argparse.Namespace) -> Any:
+    path = args.config
+    if path is None and Path("quiver.toml").exists():
+        path = "quiver.toml"
+    return load_config(path, overrides=_overrides(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quiver", description="Governed Arrow Flight access to warehouse data for AI agents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the Flight listener and the control plane")
+    _config_args(serve)
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--flight-port", type=int, help="Arrow Flight port (default 8815; 0 = any free port)")
+    serve.add_argument("--http-port", type=int, help="control plane port (default 8000; 0 = any free port)")
+    serve.add_argument("--demo", action="store_true", help="seed the demo schema, swarm and agent token")
+
+    token = sub.add_parser("token", help="manage tokens locally (server stopped)")
+    tsub = token.add_subparsers(dest="token_command", required=True)
+    create = tsub.add_parser("create", help="mint a token and print it on stdout")
+    _config_args(create)
+    create.add_argument("--kind", required=True, choices=["admin", "swarm", "agent"])
+    create.add_argument("--swarm")
+    create.add_argument("--agent")
+    create.add_argument("--ttl", type=int, dest="ttl_seconds", help="lifetime in seconds")
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from quiver.demo import SNIPPET
+    from quiver.runtime import Runtime
+
+    config = _load(args)
+    logs.configure(config.server.log_format, config.server.log_level)
+    runtime = Runtime(config, demo_data=args.demo)
+    endpoints = runtime.start()
+    lines = [
+        "",
+        f"Quiver {VERSION} is serving.",
+        f"  Arrow Flight:   {endpoints.flight_url}",
+        f"  Control plane:  {endpoints.http_url}   (OpenAPI: {endpoints.http_url}/schema)",
+        f"  Admin token:    {runtime.admin_token_path}",
+    ]
+    if runtime.demo_token_path:
+        lines.append(f"  Demo agent token: {runtime.demo_token_path}")
+        lines.append("")
+        env = []
+        if endpoints.flight_url != "grpc://localhost:8815":
+            env.append(f"export QUIVER_URL={endpoints.flight_url}")
+        if os.path.relpath(runtime.demo_token_path) != "var/demo-agent.token":
+            env.append(f"export QUIVER_TOKEN_FILE={runtime.demo_token_path}")
+        if env:
+            lines += ["Read a demo table (in another terminal):", *env, "python - <<'EOF'"]
+        else:
+            lines += ["Read a demo table (in another terminal): python - <<'EOF'"]
+        lines += [SNIPPET.rstrip(), "EOF"]
+    lines += ["", "Stop with Ctrl-C.", ""]
+    print("\n".join(lines), flush=True)
+    runtime.serve_forever()
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    config = _load(args)
+    logs.configure("json" if not sys.stderr.isatty() else config.server.log_format, "warning")
+    catalog = Catalog(config)
+    try:
+        issued = catalog.tokens.mint(
+            None, args.kind, swarm=args.swarm, agent=args.agent, ttl_seconds=args.ttl_seconds
+        )
+        catalog.audit.record("token.create", outcome="ok", actor="cli", target=issued.jti)
+    finally:
+        catalog.close()
+    print(issued.token)
+    print(
+        f"jti={issued.jti} kind={issued.kind} swarm={issued.swarm} agent={issued.agent} "
+        f"expires_at={issued.expires_at.isoformat()}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "token":
+            return cmd_token_create(args)
+        if args.command == "version":
+            print(VERSION)
+            return 0
+    except ConfigError as e:
+        print(f"quiver: config: {e}", file=sys.stderr)
+        return 2
+    except DatabaseInUse as e:
+        print(
+            f"quiver: {e}. With the server running, use the control plane instead "
+            "(POST /v1/tokens with an admin token).",
+            file=sys.stderr,
+        )
+        return 1
+    except QuiverError as e:
+        print(f"quiver: {e.detail}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"quiver: {e}", file=sys.stderr)
+        return 1
+    return 2

@@ -1,0 +1,182 @@
+"""The process wiring of ``quiver serve``: one catalog, the Flight listener and the control
+plane side by side, a housekeeping thread, and a clean stop.
+
+Stopping (SIGINT/SIGTERM or :meth:`Runtime.stop`): health turns 503, the HTTP listener stops
+accepting, the Flight listener lets in-flight calls finish for ``grace`` seconds and then
+interrupts the DuckDB queries still streaming, buffered bookkeeping is flushed, and the
+database is checkpointed and closed.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import uvicorn
+
+from catalog import Catalog, Config
+from control_plane import create_app
+from flight_server import QuiverFlightServer
+from quiver import demo
+
+log = structlog.get_logger("quiver")
+
+
+def _client_host(host: str) -> str:
+    return "localhost" if host in ("0.0.0.0", "::", "") else host
+
+
+@dataclass
+class Endpoints:
+    flight_url: str
+    http_url: str
+
+
+class Runtime:
+    def __init__(self, config: Config, *, demo_data: bool = False, grace_seconds: float = 10.0) -> None:
+        self.config = config
+        self.demo_data = demo_data
+        self.grace_seconds = grace_seconds
+        self.catalog: Catalog | None = None
+        self.flight: QuiverFlightServer | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+        self._housekeeping: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self.endpoints: Endpoints | None = None
+        self.admin_token_path: str | None = None
+        self.demo_token_path: str | None = None
+
+    # --- start ---------------------------------------------------------------------------
+    def start(self) -> Endpoints:
+        cfg = self.config
+        catalog = self.catalog = Catalog(cfg)
+        try:
+            if self.demo_data:
+                demo.seed(catalog)
+                self.demo_token_path = str(catalog.data_dir / "demo-agent.token")
+            written = catalog.ensure_admin_token()
+            self.admin_token_path = str(catalog.data_dir / "admin.token")
+            if written is None:
+                log.info("admin_token.present", path=self.admin_token_path)
+            self._start_flight(catalog)
+            self._start_http(catalog)
+        except BaseException:
+            self.stop()
+            raise
+        self._housekeeping = threading.Thread(target=self._housekeep, name="quiver-housekeeping", daemon=True)
+        self._housekeeping.start()
+        assert self.endpoints is not None
+        log.info("quiver.started", flight=self.endpoints.flight_url, http=self.endpoints.http_url)
+        return self.endpoints
+
+    def _tls(self) -> tuple[bytes, bytes] | None:
+        return None
+
+    def _start_flight(self, catalog: Catalog) -> None:
+        cfg = self.config.server
+        tls = self._tls()
+        scheme = "grpc+tls" if tls else "grpc+tcp"
+        self.flight = QuiverFlightServer(
+            catalog,
+            f"{scheme}://{cfg.host}:{cfg.flight_port}",
+            tls_certificates=[tls] if tls else None,
+        )
+        port = self.flight.port
+        host = cfg.advertise_host or _client_host(cfg.host)
+        public_scheme = "grpc+tls" if tls else "grpc"
+        catalog.listeners["flight"] = {"up": True, "url": f"{public_scheme}://{host}:{port}"}
+        self._flight_url = f"{public_scheme}://{host}:{port}"
+
+    def _start_http(self, catalog: Catalog) -> None:
+        cfg = self.config.server
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.http_port))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(catalog),
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=int(self.grace_seconds),
+                server_header=False,
+            )
+        )
+        self._http = server
+        self._http_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="quiver-http", daemon=True)
+        self._http_thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not self._http_thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP listener did not start; see the log above")
+            time.sleep(0.01)
+        host = _client_host(cfg.host)
+        http_url = f"http://{host}:{port}"
+        catalog.listeners["http"] = {"up": True, "url": http_url}
+        self.endpoints = Endpoints(flight_url=self._flight_url, http_url=http_url)
+
+    def _housekeep(self) -> None:
+        assert self.catalog is not None
+        interval = self.config.tokens.last_used_flush_seconds
+        while not self._stopping.wait(interval):
+            self.catalog.maintain()
+
+    # --- run until told to stop ---------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Block until SIGINT/SIGTERM (installed here: call from the main thread), then stop."""
+
+        received: list[int] = []
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            # Only set flags here: logging from a signal handler can deadlock on the
+            # logger's lock held by the interrupted main thread.
+            received.append(signum)
+            self._stopping.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not self._stopping.wait(0.5):
+                pass
+            if received:
+                log.info("quiver.signal", signal=signal.Signals(received[0]).name)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.stop()
+
+    # --- stop ------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopping.set()
+        catalog = self.catalog
+        if catalog is not None:
+            for entry in catalog.listeners.values():
+                entry["up"] = False
+        if self._http is not None:
+            self._http.should_exit = True
+        if self.flight is not None:
+            flight = self.flight
+            stopper = threading.Thread(target=flight.shutdown, name="quiver-flight-shutdown", daemon=True)
+            stopper.start()
+            stopper.join(self.grace_seconds)
+            if stopper.is_alive() and catalog is not None:
+                interrupted = catalog.db.interrupt_all()
+                log.warning("flight.streams_interrupted", count=interrupted)
+                stopper.join(self.grace_seconds)
+        if self._http_thread is not None:
+            self._http_thread.join(self.grace_seconds + 5)
+        if catalog is not None:
+            catalog.close()
+        self._stopped.set()
+        log.info("quiver.stopped")

@@ -1,0 +1,1 @@
+"""Snowflake -> DuckDB replication (see issue: sync worker)."""
