@@ -87,7 +87,16 @@ class AuditLog:
         if not batch:
             return 0
         rows = [
-            [e.occurred_at, e.actor, e.action, e.target, e.outcome, e.client, e.request_id, e.detail]
+            [
+                e.occurred_at,
+                e.actor,
+                e.action,
+                e.target,
+                e.outcome,
+                e.client,
+                e.request_id,
+                e.detail,
+            ]
             for e in batch
         ]
         with self._db.transaction() as cur:
@@ -130,5 +139,15 @@ class AuditLog:
         params.append(limit)
         with self._db.reading() as cur:
             rows = cur.execute(sql, params).fetchall()
-        fields = ("id", "occurred_at", "actor", "action", "target", "outcome", "client", "request_id", "detail")
+        fields = (
+            "id",
+            "occurred_at",
+            "actor",
+            "action",
+            "target",
+            "outcome",
+            "client",
+            "request_id",
+            "detail",
+        )
         return [AuditEvent(**dict(zip(fields, r, strict=True))) for r in rows]

@@ -119,8 +119,7 @@ def env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, dict[
                 key = rest[len(section) + 1 :]
                 if key not in fields:
                     raise ConfigError(
-                        f"{name}: unknown key `{section}.{key}`; "
-                        f"[{section}] accepts: {', '.join(fields)}"
+                        f"{name}: unknown key `{section}.{key}`; [{section}] accepts: {', '.join(fields)}"
                     )
                 out.setdefault(section, {})[key] = _parse_env_value(raw)
                 break

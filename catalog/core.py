@@ -85,7 +85,12 @@ class Catalog:
         issued = self.tokens.mint(None, "admin", ttl_seconds=self.config.tokens.max_ttl_seconds)
         write_private(path, (issued.token + "\n").encode())
         self.audit.record("token.create", outcome="ok", actor="bootstrap", target=issued.jti)
-        log.info("admin_token.written", path=str(path), jti=issued.jti, expires_at=issued.expires_at.isoformat())
+        log.info(
+            "admin_token.written",
+            path=str(path),
+            jti=issued.jti,
+            expires_at=issued.expires_at.isoformat(),
+        )
         return path
 
     def maintain(self) -> None:
@@ -106,7 +111,7 @@ class Catalog:
             "listeners": self.listeners,
             "database": {"path": str(self.db.path), "bytes": size},
             "tables": len(self.tables.list_refs()),
-            "swarms": len(self.swarms.list()),
+            "swarms": len(self.swarms.all()),
         }
         for name, section in self.status_sections.items():
             try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 
@@ -70,7 +70,7 @@ class Database:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         temp_dir.mkdir(parents=True, exist_ok=True)
-        config: dict[str, str | bool | int] = {
+        config: dict[str, str | bool | int | float | list[str]] = {
             "temp_directory": str(temp_dir),
             "autoinstall_known_extensions": False,
             "autoload_known_extensions": False,
@@ -142,10 +142,8 @@ class Database:
         with self._lock:
             cursors = list(self._cursors)
         for cur in cursors:
-            try:
+            with suppress(duckdb.Error):
                 cur.interrupt()
-            except duckdb.Error:
-                pass
         return len(cursors)
 
     @contextmanager

@@ -57,6 +57,13 @@ class SigningKey:
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         return {
             "keys": [
-                {"kty": "OKP", "crv": "Ed25519", "x": self.x, "kid": self.kid, "alg": "EdDSA", "use": "sig"}
+                {
+                    "kty": "OKP",
+                    "crv": "Ed25519",
+                    "x": self.x,
+                    "kid": self.kid,
+                    "alg": "EdDSA",
+                    "use": "sig",
+                }
             ]
         }

@@ -20,7 +20,24 @@ class Metrics:
             "Request handling time (for streams: until the stream ends).",
             ["listener", "method"],
             registry=self.registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            buckets=(
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+                60,
+            ),
         )
         self.auth_failures = Counter(
             "quiver_auth_failures_total",
@@ -29,7 +46,10 @@ class Metrics:
             registry=self.registry,
         )
         self.tokens_issued = Counter(
-            "quiver_tokens_issued_total", "Tokens issued, by kind.", ["kind"], registry=self.registry
+            "quiver_tokens_issued_total",
+            "Tokens issued, by kind.",
+            ["kind"],
+            registry=self.registry,
         )
         self.uptime = Gauge("quiver_uptime_seconds", "Seconds since start.", registry=self.registry)
         self.database_bytes = Gauge(

@@ -35,7 +35,9 @@ def parse_pattern(raw: str) -> tuple[str, str]:
         )
     schema, table = m.group(1).lower(), m.group(2).lower()
     if schema == SYSTEM_SCHEMA:
-        raise InvalidArgument(f"allowlist entry {raw!r} names Quiver's system schema, which is never readable")
+        raise InvalidArgument(
+            f"allowlist entry {raw!r} names Quiver's system schema, which is never readable"
+        )
     return schema, table
 
 

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import duckdb
-
 import msgspec
 
 from catalog.database import SYSTEM_SCHEMA, Database, fetch_one
@@ -55,10 +54,7 @@ class SwarmStore:
 
     def exists(self, name: str) -> bool:
         with self._db.reading() as cur:
-            return (
-                fetch_one(cur, f"SELECT 1 FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [name])
-                is not None
-            )
+            return fetch_one(cur, f"SELECT 1 FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [name]) is not None
 
     def create(self, name: str, description: str = "", tables: list[str] | None = None) -> Swarm:
         check_swarm_name(name)
@@ -70,20 +66,29 @@ class SwarmStore:
             cur.execute(f"INSERT INTO {SYSTEM_SCHEMA}.swarms VALUES (?, ?, ?)", [name, description, now])
             if patterns:
                 cur.executemany(
-                    f"INSERT INTO {SYSTEM_SCHEMA}.allowlist VALUES (?, ?)", [[name, p] for p in patterns]
+                    f"INSERT INTO {SYSTEM_SCHEMA}.allowlist VALUES (?, ?)",
+                    [[name, p] for p in patterns],
                 )
         self._policy.set_allowlist(name, patterns)
         return Swarm(name=name, description=description, created_at=now, tables=patterns)
 
     def get(self, name: str) -> Swarm:
         with self._db.reading() as cur:
-            row = cur.execute(
-                f"SELECT name, description, created_at FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [name])
+            row = fetch_one(
+                cur,
+                f"SELECT name, description, created_at FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?",
+                [name],
+            )
         if row is None:
             raise NotFound(f"swarm {name!r} does not exist; GET /v1/swarms lists them")
-        return Swarm(name=row[0], description=row[1], created_at=row[2], tables=list(self._policy.allowlist(name)))
+        return Swarm(
+            name=row[0],
+            description=row[1],
+            created_at=row[2],
+            tables=list(self._policy.allowlist(name)),
+        )
 
-    def list(self) -> list[Swarm]:
+    def all(self) -> list[Swarm]:
         with self._db.reading() as cur:
             rows = cur.sql(
                 f"SELECT name, description, created_at FROM {SYSTEM_SCHEMA}.swarms ORDER BY name"
@@ -94,7 +99,10 @@ class SwarmStore:
         ]
 
     def delete(
-        self, name: str, *, revoke_tokens_of: Callable[[duckdb.DuckDBPyConnection, str], object] | None = None
+        self,
+        name: str,
+        *,
+        revoke_tokens_of: Callable[[duckdb.DuckDBPyConnection, str], object] | None = None,
     ) -> None:
         """Remove the swarm and its allowlist. Its tokens are revoked by the caller's
         ``revoke_tokens_of`` inside the same transaction, so no token outlives its swarm."""
@@ -115,7 +123,8 @@ class SwarmStore:
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.allowlist WHERE swarm = ?", [name])
             if patterns:
                 cur.executemany(
-                    f"INSERT INTO {SYSTEM_SCHEMA}.allowlist VALUES (?, ?)", [[name, p] for p in patterns]
+                    f"INSERT INTO {SYSTEM_SCHEMA}.allowlist VALUES (?, ?)",
+                    [[name, p] for p in patterns],
                 )
         self._policy.set_allowlist(name, patterns)
         return patterns

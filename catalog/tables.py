@@ -99,9 +99,12 @@ class TableCatalog:
         contents and the new version commit (or roll back) together."""
         now = datetime.now(UTC)
         s, t = ref.key()
-        row = fetch_one(cur, f"UPDATE {SYSTEM_SCHEMA}.data_versions SET version = version + 1, changed_at = ? "
+        row = fetch_one(
+            cur,
+            f"UPDATE {SYSTEM_SCHEMA}.data_versions SET version = version + 1, changed_at = ? "
             "WHERE lower(schema_name) = ? AND lower(table_name) = ? RETURNING version",
-            [now, s, t],)
+            [now, s, t],
+        )
         if row is not None:
             return int(row[0])
         cur.execute(

@@ -26,7 +26,13 @@ import structlog
 
 from catalog.config import TokensConfig
 from catalog.database import SYSTEM_SCHEMA, Database, fetch_one
-from catalog.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unprocessable
+from catalog.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unprocessable,
+)
 from catalog.identity import TOKEN_KINDS, Principal, TokenKind
 from catalog.keys import SigningKey
 from catalog.swarms import SwarmStore, check_swarm_name
@@ -191,7 +197,14 @@ class TokenService:
                 "VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
                 [jti, kind, swarm, agent, now, expires, created_by, parent],
             )
-        log.info("token.issued", jti=jti, kind=kind, swarm=swarm, agent=agent, expires_at=expires.isoformat())
+        log.info(
+            "token.issued",
+            jti=jti,
+            kind=kind,
+            swarm=swarm,
+            agent=agent,
+            expires_at=expires.isoformat(),
+        )
         return IssuedToken(token=token, jti=jti, kind=kind, swarm=swarm, agent=agent, expires_at=expires)
 
     def refresh(self, principal: Principal, ttl_seconds: int | None = None) -> IssuedToken:
@@ -201,10 +214,16 @@ class TokenService:
         parent: str | None = None
         not_after: datetime | None = None
         with self._db.reading() as cur:
-            row = fetch_one(cur, f"SELECT parent_jti FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [principal.jti])
+            row = fetch_one(
+                cur, f"SELECT parent_jti FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [principal.jti]
+            )
             if row and row[0]:
                 parent = row[0]
-                prow = fetch_one(cur, f"SELECT expires_at, revoked_at FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [parent])
+                prow = fetch_one(
+                    cur,
+                    f"SELECT expires_at, revoked_at FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?",
+                    [parent],
+                )
                 if prow is None or prow[1] is not None or prow[0] <= _now():
                     raise PermissionDenied("the swarm token that minted this token is no longer valid")
                 not_after = prow[0]
@@ -249,7 +268,9 @@ class TokenService:
                 options={"require": ["exp", "iat", "jti", "sub", "iss"]},
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token expired; refresh it before it expires or ask for a new one") from None
+            raise Unauthenticated(
+                "token expired; refresh it before it expires or ask for a new one"
+            ) from None
         except jwt.InvalidAlgorithmError:
             raise Unauthenticated("token algorithm not accepted: Quiver tokens are EdDSA (Ed25519)") from None
         except jwt.InvalidSignatureError:
@@ -306,8 +327,7 @@ class TokenService:
     # --- listing and bookkeeping --------------------------------------------------------
     def get(self, jti: str) -> TokenRecord:
         with self._db.reading() as cur:
-            row = cur.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [jti])
+            row = fetch_one(cur, f"SELECT {_RECORD_COLUMNS} FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [jti])
         if row is None:
             raise NotFound(f"no token with jti {jti!r}; GET /v1/tokens lists them")
         return self._record(row)
@@ -316,7 +336,8 @@ class TokenService:
         self, *, swarm: str | None = None, include_inactive: bool = False, limit: int = 1000
     ) -> list[TokenRecord]:
         self.flush_last_used()
-        where, params = [], []
+        where: list[str] = []
+        params: list[object] = []
         if swarm is not None:
             where.append("swarm = ?")
             params.append(swarm)

@@ -77,7 +77,12 @@ def audited(
 ) -> Iterator[None]:
     """Record a mutation in the audit log with its outcome, whether it succeeds or not."""
     catalog = catalog_of(request)
-    fields = {"actor": actor.label, "target": target, "client": client_of(request), "request_id": request_id(request)}
+    fields = {
+        "actor": actor.label,
+        "target": target,
+        "client": client_of(request),
+        "request_id": request_id(request),
+    }
     try:
         yield
     except QuiverError as e:

@@ -32,7 +32,10 @@ _CODES = {
 
 def _body(code: str, detail: str, status: int, headers: dict[str, str] | None = None) -> Response[Any]:
     return Response(
-        {"error": code, "detail": detail}, status_code=status, media_type=MediaType.JSON, headers=headers
+        {"error": code, "detail": detail},
+        status_code=status,
+        media_type=MediaType.JSON,
+        headers=headers,
     )
 
 

@@ -23,7 +23,9 @@ _METHOD_NAMES = {m: m.name.lower() for m in flight.FlightMethod}
 
 
 class CallState(flight.ServerMiddleware):
-    def __init__(self, catalog: Catalog, method: str, principal: Principal | None, error: QuiverError | None) -> None:
+    def __init__(
+        self, catalog: Catalog, method: str, principal: Principal | None, error: QuiverError | None
+    ) -> None:
         self.catalog = catalog
         self.method = method
         self.principal = principal

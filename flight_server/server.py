@@ -10,7 +10,6 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
 
@@ -72,12 +71,14 @@ class QuiverFlightServer(flight.FlightServerBase):
             raise state.auth_error
         return state, state.principal
 
-    def _run(self, context: flight.ServerCallContext, where: str, fn: Callable[[Principal, CallState], T]) -> T:
+    def _run(
+        self, context: flight.ServerCallContext, where: str, fn: Callable[[Principal, CallState], T]
+    ) -> T:
         state = self._state(context)
         try:
             _, principal = self._begin(context)
             return fn(principal, state)
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is mapped, none leaks a traceback
             err = to_flight_error(exc, state.request_id, where)
             extra = getattr(err, "extra_info", None)
             if extra:
@@ -131,7 +132,9 @@ class QuiverFlightServer(flight.FlightServerBase):
 
         return self._run(context, "get_flight_info", run)
 
-    def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+    def get_schema(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> flight.SchemaResult:
         def run(principal: Principal, state: CallState) -> flight.SchemaResult:
             ref = self._resolve_path(principal, descriptor)
             with self.catalog.db.reading() as cur:
@@ -143,7 +146,7 @@ class QuiverFlightServer(flight.FlightServerBase):
     # --- streaming ------------------------------------------------------------------------
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         def run(principal: Principal, state: CallState) -> flight.FlightDataStream:
-            kind, ref = self.tickets.redeem(principal, ticket.ticket)
+            _kind, ref = self.tickets.redeem(principal, ticket.ticket)
             # The allowlist may have changed since the ticket was issued.
             ref = self.catalog.policy.require_readable(principal, ref.schema, ref.name)
             state.fields["table"] = ref.qualified
@@ -167,9 +170,7 @@ class QuiverFlightServer(flight.FlightServerBase):
                 ttl = _parse_body(body).get("ttl_seconds")
                 issued = self.catalog.tokens.refresh(principal, ttl)
                 return [_json({f: getattr(issued, f) for f in issued.__struct_fields__})]
-            raise InvalidArgument(
-                f"unknown action {action.type!r}; available: {', '.join(sorted(ACTIONS))}"
-            )
+            raise InvalidArgument(f"unknown action {action.type!r}; available: {', '.join(sorted(ACTIONS))}")
 
         return iter(self._run(context, "do_action", run))
 
@@ -184,15 +185,25 @@ class QuiverFlightServer(flight.FlightServerBase):
         }
 
     # --- not offered (yet) -------------------------------------------------------------
-    def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
-               reader: flight.MetadataRecordBatchReader, writer: flight.FlightMetadataWriter) -> None:
+    def do_put(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightMetadataWriter,
+    ) -> None:
         def run(principal: Principal, state: CallState) -> None:
             raise InvalidArgument("DoPut is not offered by this server")
 
         self._run(context, "do_put", run)
 
-    def do_exchange(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
-                    reader: flight.MetadataRecordBatchReader, writer: flight.MetadataRecordBatchWriter) -> None:
+    def do_exchange(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+    ) -> None:
         def run(principal: Principal, state: CallState) -> None:
             raise InvalidArgument("DoExchange is not offered by this server")
 

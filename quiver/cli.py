@@ -39,7 +39,9 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quiver", description="Governed Arrow Flight access to warehouse data for AI agents.")
+    parser = argparse.ArgumentParser(
+        prog="quiver", description="Governed Arrow Flight access to warehouse data for AI agents."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the Flight listener and the control plane")

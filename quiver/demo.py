@@ -7,6 +7,7 @@ Seeding runs once (recorded in ``_quiver.settings``); the generators are determi
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import structlog
@@ -106,10 +107,8 @@ def seed(catalog: Catalog) -> bool:
                 TableCatalog.bump_version(cur, TableRef("demo", name))
             cur.execute(f"INSERT INTO {SYSTEM_SCHEMA}.settings VALUES ('demo_seeded', ?)", [str(n)])
         log.info("demo.seeded", **n)
-    try:
+    with contextlib.suppress(Conflict):
         catalog.swarms.create("demo", "Demo swarm: reads every demo table", ["demo.*"])
-    except Conflict:
-        pass
     write_demo_token(catalog)
     return done is None
 
@@ -120,17 +119,21 @@ def write_demo_token(catalog: Catalog) -> Path:
         try:
             if catalog.tokens.verify(path.read_text().strip()).swarm == "demo":
                 return path
-        except Exception:  # noqa: BLE001 - an unusable token is replaced
-            pass
+        except Exception as e:  # noqa: BLE001 - an unusable token is replaced
+            log.info("demo.token_replacing", reason=str(e))
     issued = catalog.tokens.mint(
-        None, "agent", swarm="demo", agent="demo-agent", ttl_seconds=catalog.config.tokens.max_ttl_seconds
+        None,
+        "agent",
+        swarm="demo",
+        agent="demo-agent",
+        ttl_seconds=catalog.config.tokens.max_ttl_seconds,
     )
     write_private(path, (issued.token + "\n").encode())
     log.info("demo.token_written", path=str(path), jti=issued.jti)
     return path
 
 
-SNIPPET = '''\
+SNIPPET = """\
 import os
 
 import pyarrow as pa
@@ -147,4 +150,4 @@ for info in client.list_flights(options=options):
 info = client.get_flight_info(flight.FlightDescriptor.for_path("demo", "customers"), options)
 table = pa.concat_tables(client.do_get(e.ticket, options).read_all() for e in info.endpoints)
 print(table.num_rows, "rows:", table.slice(0, 3).to_pylist())
-'''
+"""

@@ -13,7 +13,15 @@ from typing import Any
 
 import structlog
 
-SECRET_KEYS = {"token", "password", "secret", "private_key", "authorization", "passphrase", "private_key_passphrase"}
+SECRET_KEYS = {
+    "token",
+    "password",
+    "secret",
+    "private_key",
+    "authorization",
+    "passphrase",
+    "private_key_passphrase",
+}
 JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
 
 
@@ -52,4 +60,8 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     # Libraries that log through the standard library (uvicorn) go to stderr too.
-    logging.basicConfig(level=max(lvl, logging.WARNING), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=max(lvl, logging.WARNING),
+        stream=sys.stderr,
+        format="%(name)s %(levelname)s %(message)s",
+    )

@@ -28,7 +28,7 @@ log = structlog.get_logger("quiver")
 
 
 def _client_host(host: str) -> str:
-    return "localhost" if host in ("0.0.0.0", "::", "") else host
+    return "localhost" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - not a bind
 
 
 @dataclass
@@ -113,7 +113,9 @@ class Runtime:
             )
         )
         self._http = server
-        self._http_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="quiver-http", daemon=True)
+        self._http_thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="quiver-http", daemon=True
+        )
         self._http_thread.start()
         deadline = time.monotonic() + 30
         while not server.started:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Request, Response, get, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, QueryParameter
 
 from catalog import Catalog, Principal
 from catalog.policy import pattern_matches
@@ -14,46 +15,72 @@ from control_plane.context import audited
 from control_plane.models import AuditList, AuditOut, TableList, TableOut
 
 
-@get("/v1/tables", sync_to_thread=True, tags=["tables"],
-     summary="All data tables: rows, data version, which swarms may read them")
-def list_tables(admin: Principal, catalog: Catalog) -> TableList:
-    swarms = catalog.swarms.list()
+@get(
+    "/v1/tables",
+    sync_to_thread=True,
+    tags=["tables"],
+    summary="All data tables: rows, data version, which swarms may read them",
+)
+def list_tables(admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]) -> TableList:
+    swarms = catalog.swarms.all()
     out = []
     for info in catalog.tables.describe(catalog.tables.list_refs()):
         readers = [s.name for s in swarms if any(pattern_matches(p, info.ref) for p in s.tables)]
-        out.append(TableOut(table=info.ref.qualified, rows=info.rows, data_version=info.data_version, swarms=readers))
+        out.append(
+            TableOut(
+                table=info.ref.qualified,
+                rows=info.rows,
+                data_version=info.data_version,
+                swarms=readers,
+            )
+        )
     return TableList(tables=out)
 
 
-@get("/v1/status", sync_to_thread=True, tags=["status"],
-     summary="Version, uptime, listeners, database size, tables, sync, cache, active queries")
-def status(admin: Principal, catalog: Catalog) -> dict[str, Any]:
+@get(
+    "/v1/status",
+    sync_to_thread=True,
+    tags=["status"],
+    summary="Version, uptime, listeners, database size, tables, sync, cache, active queries",
+)
+def status(admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]) -> dict[str, Any]:
     return catalog.status()
 
 
 @get("/v1/audit", sync_to_thread=True, tags=["audit"], summary="Audit log, newest first")
 def audit(
-    admin: Principal,
-    catalog: Catalog,
-    since: datetime | None = None,
-    actor: str | None = None,
-    action: str | None = None,
-    outcome: str | None = None,
-    limit: int = Parameter(default=100, ge=1, le=10_000),
+    admin: NamedDependency[Principal],
+    catalog: NamedDependency[Catalog],
+    since: FromQuery[datetime | None] = None,
+    actor: FromQuery[str | None] = None,
+    action: FromQuery[str | None] = None,
+    outcome: FromQuery[str | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 100,
 ) -> AuditList:
     events = catalog.audit.query(since=since, actor=actor, action=action, outcome=outcome, limit=limit)
-    return AuditList(events=[AuditOut(**{f: getattr(e, f) for f in AuditOut.__struct_fields__}) for e in events])
+    return AuditList(
+        events=[AuditOut(**{f: getattr(e, f) for f in AuditOut.__struct_fields__}) for e in events]
+    )
 
 
 @get("/v1/sync", sync_to_thread=True, tags=["sync"], summary="State of every replicated table")
-def sync_status(admin: Principal, catalog: Catalog) -> dict[str, Any]:
+def sync_status(admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]) -> dict[str, Any]:
     return catalog.require_sync().status()
 
 
-@post("/v1/sync/{table:str}/run", sync_to_thread=True, tags=["sync"], status_code=202,
-      summary="Queue a sync run of one table (202 at once; a run in progress queues one follow-up)")
+@post(
+    "/v1/sync/{table:str}/run",
+    sync_to_thread=True,
+    tags=["sync"],
+    status_code=202,
+    summary="Queue a sync run of one table (202 at once; a run in progress queues one follow-up)",
+)
 def sync_run(
-    request: Request[Any, Any, Any], table: str, admin: Principal, catalog: Catalog, full: bool = False
+    request: Request[Any, Any, Any],
+    table: FromPath[str],
+    admin: NamedDependency[Principal],
+    catalog: NamedDependency[Catalog],
+    full: FromQuery[bool] = False,
 ) -> Response[dict[str, Any]]:
     with audited(request, admin, "sync.run", table):
         result = catalog.require_sync().trigger(table, full=full)

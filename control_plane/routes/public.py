@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import MediaType, Request, Response, get
+from litestar.di import NamedDependency
 
 from catalog import Catalog
 from control_plane.context import require_admin
@@ -12,7 +13,7 @@ from control_plane.models import Health
 
 
 @get("/healthz", sync_to_thread=False, tags=["health"], summary="200 only when both listeners are up")
-def healthz(catalog: Catalog) -> Response[Health]:
+def healthz(catalog: NamedDependency[Catalog]) -> Response[Health]:
     listeners = catalog.listeners
     up = bool(listeners) and all(entry.get("up") for entry in listeners.values())
     return Response(
@@ -21,20 +22,28 @@ def healthz(catalog: Catalog) -> Response[Health]:
     )
 
 
-@get("/.well-known/jwks.json", sync_to_thread=False, tags=["tokens"], summary="Public keys that verify Quiver tokens")
-def jwks(catalog: Catalog) -> dict[str, Any]:
+@get(
+    "/.well-known/jwks.json",
+    sync_to_thread=False,
+    tags=["tokens"],
+    summary="Public keys that verify Quiver tokens",
+)
+def jwks(catalog: NamedDependency[Catalog]) -> dict[str, Any]:
     return catalog.tokens.jwks
 
 
-@get("/metrics", sync_to_thread=True, tags=["health"], summary="Prometheus metrics",
-     media_type=MediaType.TEXT)
-def metrics(request: Request[Any, Any, Any], catalog: Catalog) -> Response[bytes]:
+@get(
+    "/metrics",
+    sync_to_thread=True,
+    tags=["health"],
+    summary="Prometheus metrics",
+    media_type=MediaType.TEXT,
+)
+def metrics(request: Request[Any, Any, Any], catalog: NamedDependency[Catalog]) -> Response[bytes]:
     if not catalog.config.server.public_metrics:
         require_admin(request)
     catalog.status()  # refreshes the uptime and database size gauges
-    return Response(
-        catalog.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )
+    return Response(catalog.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 ROUTES = [healthz, jwks, metrics]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, delete, get, post, put
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 
 from catalog import Catalog, Principal
 from control_plane.context import audited
@@ -12,33 +14,61 @@ from control_plane.models import Allowlist, AllowlistOut, CreateSwarm, SwarmList
 
 
 def _out(swarm: Any) -> SwarmOut:
-    return SwarmOut(name=swarm.name, description=swarm.description, created_at=swarm.created_at, tables=swarm.tables)
+    return SwarmOut(
+        name=swarm.name,
+        description=swarm.description,
+        created_at=swarm.created_at,
+        tables=swarm.tables,
+    )
 
 
-@post("/v1/swarms", sync_to_thread=True, tags=["swarms"], summary="Create a swarm (optionally with its allowlist)")
-def create_swarm(request: Request[Any, Any, Any], data: CreateSwarm, admin: Principal, catalog: Catalog) -> SwarmOut:
+@post(
+    "/v1/swarms",
+    sync_to_thread=True,
+    tags=["swarms"],
+    summary="Create a swarm (optionally with its allowlist)",
+)
+def create_swarm(
+    request: Request[Any, Any, Any],
+    data: JSONBody[CreateSwarm],
+    admin: NamedDependency[Principal],
+    catalog: NamedDependency[Catalog],
+) -> SwarmOut:
     with audited(request, admin, "swarm.create", data.name):
         return _out(catalog.swarms.create(data.name, data.description, data.tables))
 
 
 @get("/v1/swarms", sync_to_thread=True, tags=["swarms"], summary="List swarms")
-def list_swarms(admin: Principal, catalog: Catalog) -> SwarmList:
-    return SwarmList(swarms=[_out(s) for s in catalog.swarms.list()])
+def list_swarms(admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]) -> SwarmList:
+    return SwarmList(swarms=[_out(s) for s in catalog.swarms.all()])
 
 
 @get("/v1/swarms/{name:str}", sync_to_thread=True, tags=["swarms"], summary="One swarm")
-def get_swarm(name: str, admin: Principal, catalog: Catalog) -> SwarmOut:
+def get_swarm(
+    name: FromPath[str], admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]
+) -> SwarmOut:
     return _out(catalog.swarms.get(name))
 
 
-@delete("/v1/swarms/{name:str}", sync_to_thread=True, tags=["swarms"],
-        summary="Delete a swarm, its allowlist, and revoke all its tokens")
-def delete_swarm(request: Request[Any, Any, Any], name: str, admin: Principal, catalog: Catalog) -> None:
+@delete(
+    "/v1/swarms/{name:str}",
+    sync_to_thread=True,
+    tags=["swarms"],
+    summary="Delete a swarm, its allowlist, and revoke all its tokens",
+)
+def delete_swarm(
+    request: Request[Any, Any, Any],
+    name: FromPath[str],
+    admin: NamedDependency[Principal],
+    catalog: NamedDependency[Catalog],
+) -> None:
     with audited(request, admin, "swarm.delete", name):
         catalog.delete_swarm(name)
 
 
-def _allowlist_out(catalog: Catalog, name: str, patterns: list[str]) -> AllowlistOut:
+def _allowlist_out(
+    catalog: NamedDependency[Catalog], name: FromPath[str], patterns: list[str]
+) -> AllowlistOut:
     from catalog.policy import pattern_matches
 
     refs = catalog.tables.list_refs()
@@ -46,15 +76,30 @@ def _allowlist_out(catalog: Catalog, name: str, patterns: list[str]) -> Allowlis
     return AllowlistOut(swarm=name, tables=patterns, matching=matching)
 
 
-@get("/v1/swarms/{name:str}/allowlist", sync_to_thread=True, tags=["swarms"], summary="A swarm's allowlist")
-def get_allowlist(name: str, admin: Principal, catalog: Catalog) -> AllowlistOut:
+@get(
+    "/v1/swarms/{name:str}/allowlist",
+    sync_to_thread=True,
+    tags=["swarms"],
+    summary="A swarm's allowlist",
+)
+def get_allowlist(
+    name: FromPath[str], admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]
+) -> AllowlistOut:
     return _allowlist_out(catalog, name, catalog.swarms.get_allowlist(name))
 
 
-@put("/v1/swarms/{name:str}/allowlist", sync_to_thread=True, tags=["swarms"],
-     summary="Replace a swarm's allowlist ('schema.table' or 'schema.*' entries)")
+@put(
+    "/v1/swarms/{name:str}/allowlist",
+    sync_to_thread=True,
+    tags=["swarms"],
+    summary="Replace a swarm's allowlist ('schema.table' or 'schema.*' entries)",
+)
 def put_allowlist(
-    request: Request[Any, Any, Any], name: str, data: Allowlist, admin: Principal, catalog: Catalog
+    request: Request[Any, Any, Any],
+    name: FromPath[str],
+    data: JSONBody[Allowlist],
+    admin: NamedDependency[Principal],
+    catalog: NamedDependency[Catalog],
 ) -> AllowlistOut:
     with audited(request, admin, "allowlist.put", name):
         patterns = catalog.swarms.set_allowlist(name, data.tables)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Request, delete, get, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from catalog import Catalog, Principal
 from catalog.tokens import IssuedToken, TokenRecord
@@ -14,20 +15,38 @@ from control_plane.models import CreateToken, RefreshToken, TokenInfo, TokenList
 
 
 def _issued(t: IssuedToken) -> TokenOut:
-    return TokenOut(token=t.token, jti=t.jti, kind=t.kind, swarm=t.swarm, agent=t.agent, expires_at=t.expires_at)
+    return TokenOut(
+        token=t.token, jti=t.jti, kind=t.kind, swarm=t.swarm, agent=t.agent, expires_at=t.expires_at
+    )
 
 
 def _info(r: TokenRecord, now: Any) -> TokenInfo:
     return TokenInfo(
-        jti=r.jti, kind=r.kind, swarm=r.swarm, agent=r.agent, created_at=r.created_at,
-        expires_at=r.expires_at, revoked_at=r.revoked_at, last_used_at=r.last_used_at,
-        created_by=r.created_by, active=r.revoked_at is None and r.expires_at > now,
+        jti=r.jti,
+        kind=r.kind,
+        swarm=r.swarm,
+        agent=r.agent,
+        created_at=r.created_at,
+        expires_at=r.expires_at,
+        revoked_at=r.revoked_at,
+        last_used_at=r.last_used_at,
+        created_by=r.created_by,
+        active=r.revoked_at is None and r.expires_at > now,
     )
 
 
-@post("/v1/tokens", sync_to_thread=True, tags=["tokens"],
-      summary="Mint a token (admin: any kind; swarm token: agent tokens of its swarm). Shown once.")
-def create_token(request: Request[Any, Any, Any], data: CreateToken, principal: Principal, catalog: Catalog) -> TokenOut:
+@post(
+    "/v1/tokens",
+    sync_to_thread=True,
+    tags=["tokens"],
+    summary="Mint a token (admin: any kind; swarm token: agent tokens of its swarm). Shown once.",
+)
+def create_token(
+    request: Request[Any, Any, Any],
+    data: JSONBody[CreateToken],
+    principal: NamedDependency[Principal],
+    catalog: NamedDependency[Catalog],
+) -> TokenOut:
     target = "/".join(x for x in (data.kind, data.swarm, data.agent) if x)
     with audited(request, principal, "token.create", target):
         issued = catalog.tokens.mint(
@@ -37,13 +56,18 @@ def create_token(request: Request[Any, Any, Any], data: CreateToken, principal: 
     return _issued(issued)
 
 
-@get("/v1/tokens", sync_to_thread=True, tags=["tokens"], summary="List tokens (never the tokens themselves)")
+@get(
+    "/v1/tokens",
+    sync_to_thread=True,
+    tags=["tokens"],
+    summary="List tokens (never the tokens themselves)",
+)
 def list_tokens(
-    admin: Principal,
-    catalog: Catalog,
-    swarm: str | None = None,
-    include_inactive: bool = False,
-    limit: int = Parameter(default=1000, ge=1, le=10_000),
+    admin: NamedDependency[Principal],
+    catalog: NamedDependency[Catalog],
+    swarm: FromQuery[str | None] = None,
+    include_inactive: FromQuery[bool] = False,
+    limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 1000,
 ) -> TokenList:
     from datetime import UTC, datetime
 
@@ -52,9 +76,19 @@ def list_tokens(
     return TokenList(tokens=[_info(r, now) for r in records])
 
 
-@delete("/v1/tokens/{jti:str}", sync_to_thread=True, tags=["tokens"], status_code=200,
-        summary="Revoke a token (and the agent tokens it minted); effective on the next call")
-def revoke_token(request: Request[Any, Any, Any], jti: str, admin: Principal, catalog: Catalog) -> TokenInfo:
+@delete(
+    "/v1/tokens/{jti:str}",
+    sync_to_thread=True,
+    tags=["tokens"],
+    status_code=200,
+    summary="Revoke a token (and the agent tokens it minted); effective on the next call",
+)
+def revoke_token(
+    request: Request[Any, Any, Any],
+    jti: FromPath[str],
+    admin: NamedDependency[Principal],
+    catalog: NamedDependency[Catalog],
+) -> TokenInfo:
     from datetime import UTC, datetime
 
     with audited(request, admin, "token.revoke", jti):
@@ -62,10 +96,17 @@ def revoke_token(request: Request[Any, Any, Any], jti: str, admin: Principal, ca
     return _info(record, datetime.now(UTC))
 
 
-@post("/v1/tokens/refresh", sync_to_thread=True, tags=["tokens"],
-      summary="A new token for the caller's identity (new jti, new expiry)")
+@post(
+    "/v1/tokens/refresh",
+    sync_to_thread=True,
+    tags=["tokens"],
+    summary="A new token for the caller's identity (new jti, new expiry)",
+)
 def refresh_token(
-    request: Request[Any, Any, Any], principal: Principal, catalog: Catalog, data: RefreshToken | None = None
+    request: Request[Any, Any, Any],
+    principal: NamedDependency[Principal],
+    catalog: NamedDependency[Catalog],
+    data: JSONBody[RefreshToken | None] = None,
 ) -> TokenOut:
     with audited(request, principal, "token.refresh", principal.jti):
         issued = catalog.tokens.refresh(principal, data.ttl_seconds if data else None)
@@ -74,10 +115,14 @@ def refresh_token(
 
 
 @get("/v1/whoami", sync_to_thread=True, tags=["tokens"], summary="Who the caller's token says it is")
-def whoami(principal: Principal, catalog: Catalog) -> WhoAmI:
+def whoami(principal: NamedDependency[Principal], catalog: NamedDependency[Catalog]) -> WhoAmI:
     return WhoAmI(
-        kind=principal.kind, swarm=principal.swarm, agent=principal.agent, jti=principal.jti,
-        expires_at=principal.expires_at, tables=catalog.policy.readable_names(principal),
+        kind=principal.kind,
+        swarm=principal.swarm,
+        agent=principal.agent,
+        jti=principal.jti,
+        expires_at=principal.expires_at,
+        tables=catalog.policy.readable_names(principal),
     )
 
 

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Server, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One demo server per test module (tests that change state use unique names)."""
+    s = start_server(tmp_path_factory.mktemp("quiver"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[Server]:
+    """A server of its own, for tests that restart it or need pristine state."""
+    s = start_server(tmp_path / "data")
+    yield s
+    s.stop()
