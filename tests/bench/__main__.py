@@ -1,0 +1,53 @@
+"""`make bench`: run every benchmark module in one process run and write the figures to
+tests/bench/RESULTS.md (linked from the README).
+
+A benchmark module is ``tests/bench/bench_*.py`` exposing ``run() -> str``: it prints its
+figures as it goes and returns a Markdown section for the results file. Pass module names
+(e.g. ``python -m tests.bench flight``) to run only some.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def main(argv: list[str]) -> int:
+    wanted = set(argv)
+    names = sorted(m.name for m in pkgutil.iter_modules([str(HERE)]) if m.name.startswith("bench_"))
+    if wanted:
+        names = [n for n in names if n.removeprefix("bench_") in wanted or n in wanted]
+    sections = []
+    for name in names:
+        print(f"\n=== {name} ===", flush=True)
+        started = time.perf_counter()
+        module = importlib.import_module(f"tests.bench.{name}")
+        sections.append(module.run())
+        print(f"=== {name} done in {time.perf_counter() - started:.1f} s ===", flush=True)
+    header = (
+        "# Benchmark results\n\n"
+        f"Written by `make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+        f"{platform.machine()}, {platform.python_version()}, "
+        f"{_cores()} cores. All figures of one section come from one run on the same data.\n"
+    )
+    if not wanted:
+        (HERE / "RESULTS.md").write_text(header + "\n" + "\n\n".join(sections) + "\n")
+        print(f"\nwrote {HERE / 'RESULTS.md'}")
+    return 0
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
