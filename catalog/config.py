@@ -257,8 +257,6 @@ def _check_sync(config: Config) -> None:
     """Rules between keys of ``[snowflake]`` and ``[[sync.tables]]`` that a type cannot say.
     Each message names the entry (index and target) and the key."""
     sf = config.snowflake
-    if sf.password and sf.password_file:
-        raise ConfigError("snowflake: set either password or password_file, not both")
     if sf.private_key_passphrase_file and not sf.private_key_file:
         raise ConfigError("snowflake.private_key_passphrase_file needs snowflake.private_key_file")
     tables = config.sync.tables
