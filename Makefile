@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt bench dist clean
+.PHONY: install run run-snowflake-demo test lint fmt bench dist clean
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)
 	$(BIN)/quiver serve --demo
+
+# fakesnow (a Snowflake emulator) seeded with sample tables, and a `quiver serve` syncing them.
+run-snowflake-demo: $(STAMP)
+	$(BIN)/python -m tests.snowflake_demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

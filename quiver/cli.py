@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--agent")
     create.add_argument("--ttl", type=int, dest="ttl_seconds", help="lifetime in seconds")
 
+    from quiver import sync_cli
+
+    sync_cli.add_parser(sub, _config_args)
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -128,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "version":
             print(VERSION)
             return 0
+        if args.command == "sync":
+            from quiver import sync_cli
+
+            config = _load(args)
+            logs.configure(config.server.log_format, "warning" if sys.stdout.isatty() else "info")
+            return sync_cli.cmd_sync(args, config)
     except ConfigError as e:
         print(f"quiver: config: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ style, typed), never formatted into SQL.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time
@@ -22,6 +23,8 @@ from catalog.config import SnowflakeConfig
 from sync.typemap import SourceColumn, quote_snowflake
 
 log = structlog.get_logger("sync")
+# The connector logs every connection at INFO; Quiver's own events say what matters.
+logging.getLogger("snowflake.connector").setLevel(logging.WARNING)
 
 # Snowflake error numbers that mean "your credentials were refused": never transient.
 AUTH_ERRNOS = {390100, 390101, 390102, 390144, 390190, 390191, 390195, 390302, 390318}
