@@ -233,3 +233,72 @@ def serve(port: int, host: str = "127.0.0.1") -> None:
 
 if __name__ == "__main__":
     serve(int(sys.argv[1]), *(sys.argv[2:3]))
+
+
+# --- helpers for the sync tests ------------------------------------------------------------------
+
+
+def sync_config(data_dir: Any, emu: Emulator, tables: list[dict[str, Any]], *, snowflake: dict[str, Any] | None = None, **sync: Any) -> Any:  # fmt: skip
+    """A Quiver config replicating ``tables`` from the emulator into ``data_dir``."""
+    from catalog import load_config
+
+    overrides: dict[str, dict[str, Any]] = {
+        "server": {"data_dir": str(data_dir), "flight_port": 0, "http_port": 0, "host": "127.0.0.1"},
+        "snowflake": {**emu.snowflake_section(), **(snowflake or {})},
+        "sync": {"retry_seconds": 0, "enabled": False, **sync, "tables": tables},
+    }
+    return load_config(None, environ={}, overrides=overrides)
+
+
+@contextlib.contextmanager
+def sync_service(data_dir: Any, emu: Emulator, tables: list[dict[str, Any]], **kwargs: Any) -> Iterator[Any]:
+    """A real catalog (DuckDB file in ``data_dir``) and a SyncService over it."""
+    from catalog import Catalog
+    from sync import SyncService
+
+    config = sync_config(data_dir, emu, tables, **kwargs)
+    catalog = Catalog(config)
+    service = SyncService(catalog, config)
+    catalog.sync = service
+    try:
+        yield service
+    finally:
+        service.stop(5)
+        catalog.close()
+
+
+def replica(service: Any, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    with service.catalog.db.reading() as cur:
+        return list(cur.execute(sql, params or []).fetchall())
+
+
+class Source:
+    """One test's own database in the (shared, in-process) emulator."""
+
+    _counter = 0
+
+    def __init__(self, emu: Emulator, prefix: str = "T") -> None:
+        Source._counter += 1
+        self.emu = emu
+        self.database = f"{prefix}{Source._counter}_{os.getpid()}".upper()
+        emu.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+        emu.execute(f"CREATE SCHEMA IF NOT EXISTS {self.database}.PUBLIC", database=self.database)
+
+    def name(self, table: str) -> str:
+        return f"{self.database}.PUBLIC.{table}"
+
+    def execute(self, *statements: str, params: list[Any] | None = None) -> None:
+        con = self.emu.connect(self.database, "PUBLIC")
+        try:
+            cur = con.cursor()
+            for sql in statements:
+                cur.execute(sql, params)
+        finally:
+            con.close()
+
+    def rows(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        con = self.emu.connect(self.database, "PUBLIC")
+        try:
+            return list(con.cursor().execute(sql, params).fetchall())
+        finally:
+            con.close()
