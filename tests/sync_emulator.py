@@ -79,11 +79,7 @@ def _install_login_check() -> None:
                         "success": False,
                     }
                 )
-
-            async def receive() -> dict[str, Any]:
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            request = Request(request.scope, receive)
+            # Starlette keeps the body it read on the request: the original handler reads it again.
         return await original(request)
 
     routes = fss.app.router.routes
