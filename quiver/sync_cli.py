@@ -112,10 +112,10 @@ def _summary(table: str, outcome: str, mode: str, rows_read: int, rows_written: 
 class Progress:
     """A progress line (rows, rate, ETA) on a terminal; a plain line every few seconds otherwise."""
 
-    def __init__(self, table: str, stream: TextIO = sys.stderr, every: float = 5.0) -> None:
+    def __init__(self, table: str, stream: TextIO | None = None, every: float = 5.0) -> None:
         self.table = table
-        self.stream = stream
-        self.tty = stream.isatty()
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.every = every
         self.started = time.monotonic()
         self.last = 0.0

@@ -470,6 +470,7 @@ class TableSync:
                     run.rows_written = _count(cur.execute(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {st}"))
                 changed = changed or bool(run.rows_written or run.rows_deleted)
             run.ended_at = datetime.now(UTC)
+            run.outcome = "ok"
             self.store.record_success(
                 cur,
                 run,
