@@ -283,11 +283,15 @@ def _check_sync(config: Config) -> None:
             )
         depth = len(_split_source(entry.source))
         if depth < 3 and not sf.database:
-            raise ConfigError(f"{where}.source: name the database (`DB.SCHEMA.TABLE`) or set snowflake.database")
+            raise ConfigError(
+                f"{where}.source: name the database (`DB.SCHEMA.TABLE`) or set snowflake.database"
+            )
         if depth < 2 and not sf.schema:
             raise ConfigError(f"{where}.source: name the schema (`SCHEMA.TABLE`) or set snowflake.schema")
         if entry.mode in ("append", "merge") and not entry.cursor:
-            raise ConfigError(f'{where}.cursor: mode = "{entry.mode}" needs a cursor column (e.g. UPDATED_AT)')
+            raise ConfigError(
+                f'{where}.cursor: mode = "{entry.mode}" needs a cursor column (e.g. UPDATED_AT)'
+            )
         if entry.mode == "merge" and not entry.primary_key:
             raise ConfigError(f'{where}.primary_key: mode = "merge" needs primary_key (e.g. ["ID"])')
         if entry.reconcile_seconds is not None and entry.mode != "merge":

@@ -28,7 +28,9 @@ def add_parser(sub: Any, config_args: Any) -> None:
     ssub = p.add_subparsers(dest="sync_command", required=True)
     run = ssub.add_parser("run", help="run tables now; exit 0 when every one succeeded")
     config_args(run)
-    run.add_argument("--table", action="append", dest="tables", help="schema.table (repeatable; default: all)")
+    run.add_argument(
+        "--table", action="append", dest="tables", help="schema.table (repeatable; default: all)"
+    )
     run.add_argument("--full", action="store_true", help="full reload (accepts a changed source schema)")
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for a server-side run")
     status = ssub.add_parser("status", help="state of every replicated table")
@@ -64,7 +66,9 @@ class _Remote:
         try:
             token = token_path.read_text().strip()
         except OSError as e:
-            raise QuiverError(f"a server is running but its admin token is unreadable ({token_path}: {e.strerror})") from None
+            raise QuiverError(
+                f"a server is running but its admin token is unreadable ({token_path}: {e.strerror})"
+            ) from None
         self.http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {token}"}, timeout=30)
 
     def _json(self, response: httpx.Response) -> Any:
@@ -73,7 +77,9 @@ class _Remote:
                 detail = response.json().get("detail", response.text)
             except ValueError:
                 detail = response.text
-            raise QuiverError(f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}")
+            raise QuiverError(
+                f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}"
+            )
         return response.json()
 
     def status(self) -> dict[str, Any]:
@@ -212,8 +218,12 @@ def _run(
     ok = True
     for key in selected:
         progress = Progress(key)
+
+        def progress_for(_table: str, p: Progress = progress) -> Progress:
+            return p
+
         try:
-            (record,) = service.run_now([key], full=full, trigger="cli", progress=lambda _k, p=progress: p)
+            (record,) = service.run_now([key], full=full, trigger="cli", progress=progress_for)
         finally:
             progress.close()
         ok = ok and record.outcome == "ok"
@@ -255,7 +265,9 @@ def _run_remote(remote: _Remote, tables: list[str] | None, full: bool, timeout: 
         last = t["last_run"]
         seconds = None
         if last.get("ended_at"):
-            seconds = (datetime.fromisoformat(last["ended_at"]) - datetime.fromisoformat(last["started_at"])).total_seconds()
+            seconds = (
+                datetime.fromisoformat(last["ended_at"]) - datetime.fromisoformat(last["started_at"])
+            ).total_seconds()
         ok = ok and last["outcome"] == "ok"
         print(_summary(key, last["outcome"], t["mode"], last["rows_read"], last["rows_written"], seconds, last.get("error"), t.get("watermark")))  # fmt: skip
     return 0 if ok else 1

@@ -16,6 +16,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time as _time
@@ -34,7 +35,14 @@ from catalog.config import SnowflakeConfig, SyncTableConfig
 from catalog.tables import TableCatalog
 from sync.source import SnowflakeSource, SourceError, SourceTable, bind, is_transient, parse_source
 from sync.state import RunRecord, SyncStateStore, TableState, encode_watermark
-from sync.typemap import SourceColumn, columns_json, fingerprint, is_widening, quote_snowflake, select_expression
+from sync.typemap import (
+    SourceColumn,
+    columns_json,
+    fingerprint,
+    is_widening,
+    quote_snowflake,
+    select_expression,
+)
 
 log = structlog.get_logger("sync")
 
@@ -139,7 +147,9 @@ class TableSync:
             seconds=round(run.seconds, 3),
         )
         for change in run.schema_changes:
-            self.catalog.audit.record("sync.schema_change", outcome="ok", actor="sync", target=self.key, detail=change)
+            self.catalog.audit.record(
+                "sync.schema_change", outcome="ok", actor="sync", target=self.key, detail=change
+            )
         return run
 
     def _describe(self, exc: Exception, source: SnowflakeSource) -> tuple[str, bool]:
@@ -180,7 +190,9 @@ class TableSync:
             )
         names = [c.target_name.lower() for c in columns]
         if len(set(names)) != len(names):
-            raise SyncFailed(f"{self.src.label} has columns whose names differ only in case; cannot replicate")
+            raise SyncFailed(
+                f"{self.src.label} has columns whose names differ only in case; cannot replicate"
+            )
 
         cur = self.catalog.db.cursor()
         stage = f"_quiver_stage_{uuid.uuid4().hex[:12]}"
@@ -196,7 +208,7 @@ class TableSync:
                     "sync.schema_change", outcome="refused", actor="sync", target=self.key, detail=detail
                 )
                 raise SyncFailed(
-                    f"schema of {self.src.label} changed ({detail}); on_schema_change = \"fail\" stops this "
+                    f'schema of {self.src.label} changed ({detail}); on_schema_change = "fail" stops this '
                     "table: fix the source, or accept the new schema with a full run "
                     f"(quiver sync run --table {self.key} --full)"
                 )
@@ -280,7 +292,9 @@ class TableSync:
             have = lower.get(c.target_name.lower())
             if have is None:
                 changes.append(f"column {c.target_name} {c.duckdb_type} added")
-                ddl.append(f"ALTER TABLE {self.ref.sql} ADD COLUMN {quote_ident(c.target_name)} {c.duckdb_type}")
+                ddl.append(
+                    f"ALTER TABLE {self.ref.sql} ADD COLUMN {quote_ident(c.target_name)} {c.duckdb_type}"
+                )
             elif have[1].upper() != c.duckdb_type.upper():
                 if is_widening(have[1], c.duckdb_type):
                     changes.append(f"column {c.target_name} widened {have[1]} -> {c.duckdb_type}")
@@ -288,7 +302,9 @@ class TableSync:
                         f"ALTER TABLE {self.ref.sql} ALTER COLUMN {quote_ident(have[0])} TYPE {c.duckdb_type}"
                     )
                 else:
-                    changes.append(f"column {c.target_name} changed {have[1]} -> {c.duckdb_type} (incompatible)")
+                    changes.append(
+                        f"column {c.target_name} changed {have[1]} -> {c.duckdb_type} (incompatible)"
+                    )
                     incompatible = True
         wanted = {c.target_name.lower() for c in columns}
         removed = [name for key, (name, _) in lower.items() if key not in wanted]
@@ -308,7 +324,9 @@ class TableSync:
         reconcile = False
         if mode == "merge" and self.entry.reconcile_seconds is not None:
             last = state.last_full_at
-            reconcile = last is None or (datetime.now(UTC) - last).total_seconds() >= self.entry.reconcile_seconds
+            reconcile = (
+                last is None or (datetime.now(UTC) - last).total_seconds() >= self.entry.reconcile_seconds
+            )
         return Plan(mode, columns, ddl=ddl, changes=changes, reconcile=reconcile)
 
     # --- bounds: which rows this run reads --------------------------------------------------------------
@@ -436,7 +454,9 @@ class TableSync:
                     + ", ".join(f"{quote_ident(c.target_name)} {c.duckdb_type}" for c in columns)
                     + ")"
                 )
-                run.rows_written = _count(cur.execute(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {st}"))
+                run.rows_written = _count(
+                    cur.execute(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {st}")
+                )
                 changed = True
             else:
                 for statement in plan.ddl:
@@ -448,7 +468,9 @@ class TableSync:
                         for k in keys
                     )
                     key_cols = ", ".join(quote_ident(k.target_name) for k in keys)
-                    cur.execute(f"DELETE FROM {target} USING (SELECT DISTINCT {key_cols} FROM {st}) s WHERE {match}")
+                    cur.execute(
+                        f"DELETE FROM {target} USING (SELECT DISTINCT {key_cols} FROM {st}) s WHERE {match}"
+                    )
                     assert cursor_col is not None
                     latest = (
                         f"QUALIFY row_number() OVER (PARTITION BY {key_cols} "
@@ -464,10 +486,14 @@ class TableSync:
                             for k in keys
                         )
                         run.rows_deleted = _count(
-                            cur.execute(f"DELETE FROM {target} WHERE NOT EXISTS (SELECT 1 FROM {kt} k WHERE {gone})")
+                            cur.execute(
+                                f"DELETE FROM {target} WHERE NOT EXISTS (SELECT 1 FROM {kt} k WHERE {gone})"
+                            )
                         )
                 else:
-                    run.rows_written = _count(cur.execute(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {st}"))
+                    run.rows_written = _count(
+                        cur.execute(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {st}")
+                    )
                 changed = changed or bool(run.rows_written or run.rows_deleted)
             run.ended_at = datetime.now(UTC)
             run.outcome = "ok"
@@ -483,10 +509,8 @@ class TableSync:
                 TableCatalog.bump_version(cur, self.ref)
             cur.execute("COMMIT")
         except BaseException:
-            try:
+            with contextlib.suppress(duckdb.Error):
                 cur.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
             raise
 
 

@@ -74,7 +74,7 @@ class SyncService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._random = random.Random()
+        self._random = random.Random()  # noqa: S311 - scheduling jitter, not a secret
         env = os.environ if environ is None else environ
         if self.config.snowflake.password and "QUIVER_SNOWFLAKE_PASSWORD" not in env:
             log.warning(
@@ -112,7 +112,10 @@ class SyncService:
         states = self.store.all()
         out = []
         with self._lock:
-            live = {k: (v.running, v.current, v.live_error, v.next_due, v.pending) for k, v in self._tables.items()}
+            live = {
+                k: (v.running, v.current, v.live_error, v.next_due, v.pending)
+                for k, v in self._tables.items()
+            }
         for key, t in self._tables.items():
             running, current, live_error, next_due, pending = live[key]
             state = states.get(key)
@@ -179,7 +182,9 @@ class SyncService:
     def start(self) -> None:
         if self._thread is not None or not self._tables:
             return
-        self._pool = ThreadPoolExecutor(max_workers=self.config.sync.max_parallel, thread_name_prefix="quiver-sync")
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.config.sync.max_parallel, thread_name_prefix="quiver-sync"
+        )
         self._thread = threading.Thread(target=self._loop, name="quiver-sync-scheduler", daemon=True)
         self._thread.start()
         log.info("sync.started", tables=len(self._tables), max_parallel=self.config.sync.max_parallel)
@@ -242,7 +247,7 @@ class SyncService:
         record: RunRecord | None = None
         try:
             record = self._execute(t, full=full, trigger=trigger)
-        except Exception as e:  # noqa: BLE001 - the scheduler must outlive any one run
+        except Exception as e:
             log.error("sync.run.crashed", table=key, exc_info=e)
         finally:
             with self._lock:

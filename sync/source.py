@@ -57,7 +57,11 @@ class SourceTable:
 
 
 def _display(ident: str) -> str:
-    return ident if ident == ident.upper() and ident.replace("_", "").replace("$", "").isalnum() else f'"{ident}"'
+    return (
+        ident
+        if ident == ident.upper() and ident.replace("_", "").replace("$", "").isalnum()
+        else f'"{ident}"'
+    )
 
 
 def split_name(text: str) -> list[str]:
@@ -158,7 +162,9 @@ class SnowflakeSource:
             args["private_key_file"] = c.private_key_file
             args["authenticator"] = "SNOWFLAKE_JWT"
             if c.private_key_passphrase_file:
-                passphrase = _read_secret(c.private_key_passphrase_file, "snowflake.private_key_passphrase_file")
+                passphrase = _read_secret(
+                    c.private_key_passphrase_file, "snowflake.private_key_passphrase_file"
+                )
                 args["private_key_file_pwd"] = passphrase
                 self._secrets.append(passphrase)
         args.update(self._extra)
@@ -258,10 +264,17 @@ def bind(col: SourceColumn, value: Any) -> tuple[str, Any]:
     b = col.base
     if isinstance(value, bool):
         return "?", ("BOOLEAN", value)
-    if isinstance(value, Decimal) or (isinstance(value, int) and (col.scale or 0) > 0):
-        if value == value.to_integral_value() and (col.scale or 0) == 0:
-            return "?", ("FIXED", int(value))
+    if isinstance(value, Decimal | int) and (
+        (col.scale or 0) > 0
+        or not b.startswith(
+            ("NUMBER", "DECIMAL", "NUMERIC", "FIXED", "INT", "BIGINT", "SMALLINT", "TINYINT", "BYTEINT")
+        )
+    ):
         return f"CAST(? AS {col.snowflake_type})", ("TEXT", str(value))
+    if isinstance(value, Decimal):
+        if value != value.to_integral_value():
+            return f"CAST(? AS {col.snowflake_type})", ("TEXT", str(value))
+        return "?", ("FIXED", int(value))
     if isinstance(value, int):
         return "?", ("FIXED", value)
     if isinstance(value, float):

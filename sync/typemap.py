@@ -34,9 +34,30 @@ TYPE_MAP: list[tuple[str, str, str]] = [
     ("anything else (e.g. VECTOR)", "VARCHAR", "extracted with TO_VARCHAR; logged as a warning"),
 ]
 
-_NUMBER_TYPES = {"NUMBER", "DECIMAL", "NUMERIC", "FIXED", "INT", "INTEGER", "BIGINT", "SMALLINT", "TINYINT", "BYTEINT"}
+_NUMBER_TYPES = {
+    "NUMBER",
+    "DECIMAL",
+    "NUMERIC",
+    "FIXED",
+    "INT",
+    "INTEGER",
+    "BIGINT",
+    "SMALLINT",
+    "TINYINT",
+    "BYTEINT",
+}
 _FLOAT_TYPES = {"FLOAT", "FLOAT4", "FLOAT8", "DOUBLE", "DOUBLE PRECISION", "REAL", "REAL PRECISION"}
-_TEXT_TYPES = {"TEXT", "VARCHAR", "STRING", "CHAR", "CHARACTER", "NCHAR", "NVARCHAR", "NVARCHAR2", "CHAR VARYING"}
+_TEXT_TYPES = {
+    "TEXT",
+    "VARCHAR",
+    "STRING",
+    "CHAR",
+    "CHARACTER",
+    "NCHAR",
+    "NVARCHAR",
+    "NVARCHAR2",
+    "CHAR VARYING",
+}
 _TIMESTAMP_TZ = {"TIMESTAMP_TZ", "TIMESTAMP_LTZ", "TIMESTAMPLTZ", "TIMESTAMPTZ"}
 _TIMESTAMP_NTZ = {"TIMESTAMP_NTZ", "TIMESTAMP", "DATETIME", "TIMESTAMPNTZ"}
 _SEMI = {"VARIANT", "OBJECT", "ARRAY"}
@@ -75,10 +96,22 @@ class SourceColumn:
     @property
     def known(self) -> bool:
         b = self.base
-        return b in _NUMBER_TYPES | _FLOAT_TYPES | _TEXT_TYPES | _TIMESTAMP_TZ | _TIMESTAMP_NTZ | _SEMI | _GEO | _BINARY or b in (
-            "BOOLEAN",
-            "DATE",
-            "TIME",
+        return (
+            b
+            in _NUMBER_TYPES
+            | _FLOAT_TYPES
+            | _TEXT_TYPES
+            | _TIMESTAMP_TZ
+            | _TIMESTAMP_NTZ
+            | _SEMI
+            | _GEO
+            | _BINARY
+            or b
+            in (
+                "BOOLEAN",
+                "DATE",
+                "TIME",
+            )
         )
 
 

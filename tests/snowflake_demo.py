@@ -11,7 +11,6 @@ import os
 import random
 import sys
 import threading
-import time
 from pathlib import Path
 
 from tests.sync_emulator import EmulatorProcess
@@ -100,7 +99,7 @@ def _activity(emu: EmulatorProcess, stop: threading.Event) -> None:
                 [first, first + 40],
             )
             cur.execute("DELETE FROM ORDERS WHERE ID = ?", [rng.randint(1, 20_000)])
-        except Exception as e:  # noqa: BLE001 - the demo keeps going
+        except Exception as e:
             print(f"(demo activity: {e})", file=sys.stderr)
 
 
@@ -148,10 +147,10 @@ def main() -> int:
                     "  reconcile 60 s), shop.events (append, 5 s)",
                     "",
                     "Look at:",
-                    f"  curl -s -H \"authorization: Bearer {token}\" {endpoints.http_url}/v1/sync | python -m json.tool",
+                    f'  curl -s -H "authorization: Bearer {token}" {endpoints.http_url}/v1/sync | python -m json.tool',
                     f"  .venv/bin/quiver sync status --config {config_path}",
                     f"  .venv/bin/quiver sync run --config {config_path} --table shop.orders",
-                    f"  curl -s -H \"authorization: Bearer {token}\" {endpoints.http_url}/v1/tables | python -m json.tool",
+                    f'  curl -s -H "authorization: Bearer {token}" {endpoints.http_url}/v1/tables | python -m json.tool',
                     f"  Arrow Flight at {endpoints.flight_url} (admin token reads shop.*)",
                     "",
                     "Stop with Ctrl-C.",

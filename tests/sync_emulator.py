@@ -176,7 +176,9 @@ def emulator_in_process() -> Iterator[Emulator]:
     patch_null_timestamps()
     logging.getLogger("fakesnow.server").setLevel(logging.WARNING)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(fss.app, host="127.0.0.1", port=port, log_level="warning", log_config=None))
+    server = uvicorn.Server(
+        uvicorn.Config(fss.app, host="127.0.0.1", port=port, log_level="warning", log_config=None)
+    )
     thread = threading.Thread(target=server.run, name="fakesnow", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

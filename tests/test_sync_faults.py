@@ -69,7 +69,10 @@ def test_unknown_source_table(emu: Emulator, events: Source, tmp_path: Path) -> 
     ("extra", "message"),
     [
         ({"mode": "append", "cursor": "UPDATED_AT"}, "cursor column 'UPDATED_AT' not found in"),
-        ({"mode": "merge", "cursor": "EVENT_ID", "primary_key": ["ID"]}, "primary_key column 'ID' not found in"),
+        (
+            {"mode": "merge", "cursor": "EVENT_ID", "primary_key": ["ID"]},
+            "primary_key column 'ID' not found in",
+        ),
     ],
 )
 def test_missing_cursor_or_key_column(
@@ -115,9 +118,11 @@ def test_password_file_is_read_and_never_shown(emu: Emulator, events: Source, tm
     path.write_text(secret + "\n")
     table = {"source": events.name("EVENTS"), "target": "f.pwfile"}
     snowflake = {"password": None, "password_file": str(path)}
-    with require_password(secret), structlog.testing.capture_logs() as logs, sync_service(
-        tmp_path / "data", emu, [table], snowflake=snowflake
-    ) as service:
+    with (
+        require_password(secret),
+        structlog.testing.capture_logs() as logs,
+        sync_service(tmp_path / "data", emu, [table], snowflake=snowflake) as service,
+    ):
         (run,) = service.run_now()
         assert run.outcome == "ok", run.error
     assert secret not in repr(logs)
@@ -186,7 +191,11 @@ def test_source_killed_mid_load_leaves_the_replica_and_watermark_then_catches_up
 
             (run,) = service.run_now(progress=kill_after_first_page)
             assert run.outcome == "failed"
-            assert run.error and ("reading from the source failed" in run.error or "source query failed" in run.error or "cannot connect" in run.error)
+            assert run.error and (
+                "reading from the source failed" in run.error
+                or "source query failed" in run.error
+                or "cannot connect" in run.error
+            )
             # The previous replica: complete, readable; the watermark and version unchanged.
             assert replica(service, "SELECT count(*), max(event_id) FROM k.events") == [(1000, 1000)]
             status = service.status()["tables"][0]
@@ -199,9 +208,9 @@ def test_source_killed_mid_load_leaves_the_replica_and_watermark_then_catches_up
             with sync_service(tmp_path, second, [table], retry_seconds=10) as service:
                 (run,) = service.run_now()
                 assert run.outcome == "ok" and run.rows_written == 20000
-                assert replica(service, "SELECT count(*), count(DISTINCT event_id), max(event_id) FROM k.events") == [
-                    (21000, 21000, 21000)
-                ]
+                assert replica(
+                    service, "SELECT count(*), count(DISTINCT event_id), max(event_id) FROM k.events"
+                ) == [(21000, 21000, 21000)]
         finally:
             second.kill()
     finally:

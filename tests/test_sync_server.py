@@ -94,8 +94,12 @@ def test_run_answers_202_and_the_replica_is_served_over_flight(server: Server) -
     assert t["watermark"] == "1"
     assert set(t["last_run"]) == {"started_at", "ended_at", "rows_read", "rows_written", "outcome", "error"}
     client = server.flight()
-    info = client.get_flight_info(flight.FlightDescriptor.for_path("sales", "orders"), call_options(server.admin_token))
-    assert client.do_get(info.endpoints[0].ticket, call_options(server.admin_token)).read_all().num_rows == 20000
+    info = client.get_flight_info(
+        flight.FlightDescriptor.for_path("sales", "orders"), call_options(server.admin_token)
+    )
+    assert (
+        client.do_get(info.endpoints[0].ticket, call_options(server.admin_token)).read_all().num_rows == 20000
+    )
     audit = server.http().get("/v1/audit", params={"action": "sync.run"}).json()["events"]
     assert audit[0]["target"] == "sales.orders" and audit[0]["outcome"] == "ok"
 
@@ -207,7 +211,9 @@ def test_cli_runs_locally_without_a_server(emu: Emulator, src: Source, tmp_path:
     assert main(["sync", "status", "--config", str(config), "--json"]) == 0
 
 
-def test_scheduler_runs_due_tables_and_resumes_from_the_last_start(emu: Emulator, src: Source, tmp_path: Path) -> None:
+def test_scheduler_runs_due_tables_and_resumes_from_the_last_start(
+    emu: Emulator, src: Source, tmp_path: Path
+) -> None:
     table = {**_tables(src)[0], "interval_seconds": 3600}
     with sync_service(tmp_path, emu, [table], enabled=True) as service:
         service.start()  # never synced: due at once
@@ -219,6 +225,8 @@ def test_scheduler_runs_due_tables_and_resumes_from_the_last_start(emu: Emulator
     with sync_service(tmp_path, emu, [table], enabled=True, jitter=0.1) as service:
         service.start()
         t = service.status()["tables"][0]
-        due = datetime.fromisoformat(t["next_run_at"]).timestamp() - datetime.fromisoformat(started).timestamp()
+        due = (
+            datetime.fromisoformat(t["next_run_at"]).timestamp() - datetime.fromisoformat(started).timestamp()
+        )
         assert 3600 <= due <= 3600 * 1.1
         assert t["last_run"]["started_at"] == started  # not run again at start-up

@@ -4,6 +4,7 @@ compared with the source row by row; schema evolution under each policy; keyset 
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +25,7 @@ def emu() -> Iterator[Emulator]:
 
 
 ORDERS = (
-    "CREATE TABLE ORDERS (ID NUMBER(38,0), CUSTOMER VARCHAR, AMOUNT NUMBER(12,2), "
-    "UPDATED_AT TIMESTAMP_NTZ)"
+    "CREATE TABLE ORDERS (ID NUMBER(38,0), CUSTOMER VARCHAR, AMOUNT NUMBER(12,2), UPDATED_AT TIMESTAMP_NTZ)"
 )
 
 
@@ -60,7 +60,9 @@ def test_full_replaces_the_table_and_bumps_the_version(emu: Emulator, tmp_path: 
         assert (run.outcome, run.mode, run.rows_read, run.rows_written) == ("ok", "full", 500, 500)
         same(service, src, "sales.orders")
         v1 = version(service, "sales.orders")
-        src.execute("DELETE FROM ORDERS WHERE ID <= 100", "UPDATE ORDERS SET CUSTOMER = 'changed' WHERE ID = 200")
+        src.execute(
+            "DELETE FROM ORDERS WHERE ID <= 100", "UPDATE ORDERS SET CUSTOMER = 'changed' WHERE ID = 200"
+        )
         seed_orders(src, 501, 520)
         (run,) = service.run_now()
         assert run.outcome == "ok" and run.rows_written == 420
@@ -91,7 +93,9 @@ def test_append_reads_only_rows_above_the_watermark(emu: Emulator, tmp_path: Pat
         assert status["last_run"]["outcome"] == "ok"
 
 
-def test_merge_upserts_by_key_with_lookback_and_reconcile_removes_deleted_rows(emu: Emulator, tmp_path: Path) -> None:
+def test_merge_upserts_by_key_with_lookback_and_reconcile_removes_deleted_rows(
+    emu: Emulator, tmp_path: Path
+) -> None:
     src = Source(emu)
     src.execute(ORDERS)
     seed_orders(src, 1, 399, updated="2023-01-01 00:00:00")
@@ -112,7 +116,9 @@ def test_merge_upserts_by_key_with_lookback_and_reconcile_removes_deleted_rows(e
         )
         seed_orders(src, 401, 405, updated="2024-01-02 00:00:00")
         # A late row: older than the watermark (22:00) but inside the lookback window (21:00).
-        src.execute("UPDATE ORDERS SET CUSTOMER = 'late', UPDATED_AT = '2024-01-01 21:30:00'::TIMESTAMP_NTZ WHERE ID = 50")
+        src.execute(
+            "UPDATE ORDERS SET CUSTOMER = 'late', UPDATED_AT = '2024-01-01 21:30:00'::TIMESTAMP_NTZ WHERE ID = 50"
+        )
         (run,) = service.run_now()
         assert run.outcome == "ok" and run.mode == "merge"
         assert run.rows_written == 17  # 10 updated + 5 new + 1 late + the row at the old watermark
@@ -146,8 +152,20 @@ def test_keyset_pages_bound_each_read_and_cover_every_row(emu: Emulator, tmp_pat
     tables = [
         {"source": src.name("T"), "target": "p.by_key", "primary_key": ["ID", "K2"], "batch_rows": 64},
         # GRP has ties of 37-38 rows: pages of 50 split them, pages of 20 fall inside them.
-        {"source": src.name("T"), "target": "p.by_cursor", "mode": "append", "cursor": "GRP", "batch_rows": 50},
-        {"source": src.name("T"), "target": "p.small_pages", "mode": "append", "cursor": "GRP", "batch_rows": 20},
+        {
+            "source": src.name("T"),
+            "target": "p.by_cursor",
+            "mode": "append",
+            "cursor": "GRP",
+            "batch_rows": 50,
+        },
+        {
+            "source": src.name("T"),
+            "target": "p.small_pages",
+            "mode": "append",
+            "cursor": "GRP",
+            "batch_rows": 20,
+        },
     ]
     pages: list[int] = []
     with sync_service(tmp_path, emu, tables) as service:
@@ -159,7 +177,7 @@ def test_keyset_pages_bound_each_read_and_cover_every_row(emu: Emulator, tmp_pat
             assert got == expected, target
         assert records[0].rows_read == 1002
     assert len(pages) > 20  # many reads, none of them the whole table
-    assert min(b - a for a, b in zip(pages, pages[1:], strict=False) if b > a) <= 64
+    assert min(b - a for a, b in itertools.pairwise(pages) if b > a) <= 64
 
 
 def test_full_swap_is_atomic_for_concurrent_readers(emu: Emulator, tmp_path: Path) -> None:
@@ -178,7 +196,9 @@ def test_full_swap_is_atomic_for_concurrent_readers(emu: Emulator, tmp_path: Pat
             try:
                 while not stop.is_set():
                     with service.catalog.db.reading() as cur:
-                        n, gens = cur.execute("SELECT count(*), count(DISTINCT gen) FROM s.snap").fetchall()[0]
+                        n, gens = cur.execute("SELECT count(*), count(DISTINCT gen) FROM s.snap").fetchall()[
+                            0
+                        ]
                     seen.add((int(n), int(gens)))
             except BaseException as e:
                 errors.append(e)
@@ -216,14 +236,27 @@ def test_schema_evolve_adds_widens_keeps_and_resyncs_on_incompatible(emu: Emulat
         assert "column extra VARCHAR added" in run.schema_changes
         assert "column id widened INTEGER -> BIGINT" in run.schema_changes
         assert any("old dropped at the source (kept" in c for c in run.schema_changes)
-        cols = replica(service, "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 'e' ORDER BY column_index")
-        assert cols == [("id", "BIGINT"), ("name", "VARCHAR"), ("old", "VARCHAR"), ("u", "DECIMAL(38,0)"), ("extra", "VARCHAR")]
+        cols = replica(
+            service,
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 'e' ORDER BY column_index",
+        )
+        assert cols == [
+            ("id", "BIGINT"),
+            ("name", "VARCHAR"),
+            ("old", "VARCHAR"),
+            ("u", "DECIMAL(38,0)"),
+            ("extra", "VARCHAR"),
+        ]
         assert replica(service, "SELECT old, extra FROM ev.e WHERE id = 100") == [(None, "x")]
         assert replica(service, "SELECT count(*) FROM ev.e WHERE old = 'o'") == [(10,)]
         audited = service.catalog.audit.query(action="sync.schema_change")
         assert {e.detail for e in audited} >= {"column extra VARCHAR added"}
         # Incompatible (a column changes to a type that cannot hold the old values): resync.
-        src.execute("ALTER TABLE E DROP COLUMN NAME", "ALTER TABLE E ADD COLUMN NAME NUMBER(5,0)", "UPDATE E SET NAME = 7, U = 3")
+        src.execute(
+            "ALTER TABLE E DROP COLUMN NAME",
+            "ALTER TABLE E ADD COLUMN NAME NUMBER(5,0)",
+            "UPDATE E SET NAME = 7, U = 3",
+        )
         (run,) = service.run_now()
         assert run.outcome == "ok" and run.mode == "full", run.error
         assert "full resync" in run.schema_changes
@@ -234,10 +267,18 @@ def test_schema_resync_policy_reloads_in_the_new_shape(emu: Emulator, tmp_path: 
     src = Source(emu)
     src.execute("CREATE TABLE R (ID NUMBER(9,0), A VARCHAR, B VARCHAR)")
     src.execute("INSERT INTO R SELECT SEQ4(), 'a', 'b' FROM TABLE(GENERATOR(ROWCOUNT => 20))")
-    table = {"source": src.name("R"), "target": "rs.r", "mode": "append", "cursor": "ID", "on_schema_change": "resync"}
+    table = {
+        "source": src.name("R"),
+        "target": "rs.r",
+        "mode": "append",
+        "cursor": "ID",
+        "on_schema_change": "resync",
+    }
     with sync_service(tmp_path, emu, [table]) as service:
         assert service.run_now()[0].outcome == "ok"
-        src.execute("ALTER TABLE R DROP COLUMN B", "ALTER TABLE R ADD COLUMN C NUMBER(5,0)", "UPDATE R SET C = ID")
+        src.execute(
+            "ALTER TABLE R DROP COLUMN B", "ALTER TABLE R ADD COLUMN C NUMBER(5,0)", "UPDATE R SET C = ID"
+        )
         (run,) = service.run_now()
         assert run.outcome == "ok" and run.mode == "full"
         same(service, src, "rs.r", "R")
@@ -247,7 +288,13 @@ def test_schema_fail_policy_stops_the_table_until_a_full_run(emu: Emulator, tmp_
     src = Source(emu)
     src.execute("CREATE TABLE F (ID NUMBER(9,0), A VARCHAR)")
     src.execute("INSERT INTO F SELECT SEQ4(), 'a' FROM TABLE(GENERATOR(ROWCOUNT => 20))")
-    table = {"source": src.name("F"), "target": "fl.f", "mode": "append", "cursor": "ID", "on_schema_change": "fail"}
+    table = {
+        "source": src.name("F"),
+        "target": "fl.f",
+        "mode": "append",
+        "cursor": "ID",
+        "on_schema_change": "fail",
+    }
     with sync_service(tmp_path, emu, [table]) as service:
         assert service.run_now()[0].outcome == "ok"
         v = version(service, "fl.f")
@@ -259,7 +306,9 @@ def test_schema_fail_policy_stops_the_table_until_a_full_run(emu: Emulator, tmp_
         assert "--full" in (run.error or "")
         # Nothing changed: same rows, same columns, same version, same watermark.
         assert replica(service, "SELECT count(*) FROM fl.f") == [(20,)]
-        assert [c for (c,) in replica(service, "SELECT column_name FROM duckdb_columns() WHERE table_name = 'f'")] == ["id", "a"]
+        assert [
+            c for (c,) in replica(service, "SELECT column_name FROM duckdb_columns() WHERE table_name = 'f'")
+        ] == ["id", "a"]
         assert version(service, "fl.f") == v
         assert service.status()["tables"][0]["watermark"] == "19"
         assert service.status()["tables"][0]["last_run"]["outcome"] == "failed"

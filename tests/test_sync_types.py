@@ -128,7 +128,11 @@ def test_every_mapped_type_round_trips_with_nulls_unicode_and_extremes(emu: Emul
     with sync_service(tmp_path, emu, [table]) as service:
         (run,) = service.run_now()
         assert run.outcome == "ok", run.error
-        types = dict(replica(service, "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 'alltypes'"))
+        types = dict(
+            replica(
+                service, "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 'alltypes'"
+            )
+        )
         assert types == {
             "id": "INTEGER",
             "tiny": "TINYINT",
@@ -151,11 +155,21 @@ def test_every_mapped_type_round_trips_with_nulls_unicode_and_extremes(emu: Emul
             "MixedCase": "VARCHAR",
             "huge": "DECIMAL(38,0)",
         }
-        rows = replica(service, 'SELECT * EXCLUDE (v, o, a), v::VARCHAR, o::VARCHAR, a::VARCHAR FROM t.alltypes ORDER BY id')
+        rows = replica(
+            service,
+            "SELECT * EXCLUDE (v, o, a), v::VARCHAR, o::VARCHAR, a::VARCHAR FROM t.alltypes ORDER BY id",
+        )
         source_rows = src.rows("SELECT * FROM ALLTYPES ORDER BY ID")
     assert len(rows) == len(source_rows) == 3
     first, second, nulls = rows
-    assert first[:6] == (1, 99, -9999, 999999999999999999, Decimal("12345678901234567890.123456789012"), Decimal("-12345678.99"))
+    assert first[:6] == (
+        1,
+        99,
+        -9999,
+        999999999999999999,
+        Decimal("12345678901234567890.123456789012"),
+        Decimal("-12345678.99"),
+    )
     assert first[6] == 1.5e300
     assert first[7] == "héllo ☃ 日本語 🚀"
     assert first[8] is True
@@ -193,18 +207,29 @@ def _config(tables: list[dict[str, object]], snowflake: dict[str, object] | None
         None,
         environ={},
         overrides={
-            "snowflake": snowflake if snowflake is not None else {"account": "acme", "user": "q", "database": "DB", "schema": "S"},
+            "snowflake": snowflake
+            if snowflake is not None
+            else {"account": "acme", "user": "q", "database": "DB", "schema": "S"},
             "sync": {"tables": tables},
         },
     )
 
 
 BAD = [
-    ([{"source": "ORDERS", "target": "sales.orders", "mode": "merge", "cursor": "U"}], "sync.tables[0] (sales.orders).primary_key"),
-    ([{"source": "ORDERS", "target": "sales.orders", "mode": "append"}], "sync.tables[0] (sales.orders).cursor"),
+    (
+        [{"source": "ORDERS", "target": "sales.orders", "mode": "merge", "cursor": "U"}],
+        "sync.tables[0] (sales.orders).primary_key",
+    ),
+    (
+        [{"source": "ORDERS", "target": "sales.orders", "mode": "append"}],
+        "sync.tables[0] (sales.orders).cursor",
+    ),
     ([{"source": "ORDERS", "target": "orders"}], "sync.tables[0].target"),
     ([{"source": "ORDERS", "target": "_quiver.x"}], "sync.tables[0] (_quiver.x).target"),
-    ([{"source": "A", "target": "s.a"}, {"source": "B", "target": "S.A"}], "sync.tables[1] (S.A).target: already used by sync.tables[0]"),
+    (
+        [{"source": "A", "target": "s.a"}, {"source": "B", "target": "S.A"}],
+        "sync.tables[1] (S.A).target: already used by sync.tables[0]",
+    ),
     ([{"source": "ORDERS", "target": "s.o", "mode": "upsert"}], "sync.tables[0].mode"),
     ([{"source": "ORDERS", "target": "s.o", "cursour": "X"}], "cursour"),
     ([{"source": "ORDERS", "target": "s.o", "interval_seconds": 0}], "sync.tables[0].interval_seconds"),
@@ -214,7 +239,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("tables", "expected"), BAD)
-def test_config_errors_are_one_line_and_name_the_entry_and_key(tables: list[dict[str, object]], expected: str) -> None:
+def test_config_errors_are_one_line_and_name_the_entry_and_key(
+    tables: list[dict[str, object]], expected: str
+) -> None:
     with pytest.raises(ConfigError) as e:
         _config(tables)
     message = str(e.value)
@@ -230,5 +257,5 @@ def test_sync_tables_need_a_snowflake_section() -> None:
 def test_password_from_environment_and_tables_not_from_environment() -> None:
     config = load_config(None, environ={"QUIVER_SNOWFLAKE_PASSWORD": "from-env"})
     assert config.snowflake.password == "from-env"
-    with pytest.raises(ConfigError, match="QUIVER_SYNC_TABLES: `sync.tables` is an array"):
+    with pytest.raises(ConfigError, match=r"QUIVER_SYNC_TABLES: `sync\.tables` is an array"):
         load_config(None, environ={"QUIVER_SYNC_TABLES": "[]"})
