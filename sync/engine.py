@@ -51,6 +51,10 @@ ProgressFn = Callable[[int, int, int | None], None]
 _CURSOR_TYPES = {"NUMBER", "DECIMAL", "NUMERIC", "FIXED", "INT", "INTEGER", "BIGINT", "SMALLINT", "TINYINT", "BYTEINT", "FLOAT", "DOUBLE", "REAL", "DATE", "TIME", "TIMESTAMP_NTZ", "TIMESTAMP_LTZ", "TIMESTAMP_TZ", "TIMESTAMP", "DATETIME", "TEXT", "VARCHAR", "STRING"}  # fmt: skip
 
 
+# "Take the watermark from the rows loaded" (an unpaged run: one query, one snapshot).
+_UNKNOWN = object()
+
+
 class SyncFailed(Exception):
     """A run failure with a message fit for status, logs and the CLI (no secrets)."""
 
@@ -215,16 +219,26 @@ class TableSync:
             for change in plan.changes:
                 log.info("sync.schema_change", table=self.key, change=change, strategy=plan.strategy)
 
-            where, params, total, watermark = self._bounds(source, plan, cursor_col, state)
+            order = keys or ([cursor_col] if cursor_col is not None else [])
+            paged = bool(self.entry.batch_rows and order)
+            where, params, total, watermark = self._bounds(
+                source, plan, cursor_col, state, paged=paged, want_total=progress is not None
+            )
+            old = state.watermark_value if state is not None and plan.strategy != "full" else None
+            if plan.strategy == "full":
+                self._load_full(
+                    cur, run, source, columns, where, params, order, unique=bool(keys), total=total,
+                    progress=progress, cancel=cancel, watermark=watermark, cursor_col=cursor_col,
+                )  # fmt: skip
+                return
             cur.execute(
                 f"CREATE TEMP TABLE {quote_ident(stage)} ("
                 + ", ".join(f"{quote_ident(c.target_name)} {c.duckdb_type}" for c in columns)
                 + ")"
             )
             if where is not None:
-                order = keys or ([cursor_col] if cursor_col is not None else [])
                 self._extract(
-                    source, cur, stage, columns, where, params, order, unique=bool(keys), run=run,
+                    source, cur, quote_ident(stage), columns, where, params, order, unique=bool(keys), run=run,
                     total=total, progress=progress, cancel=cancel,
                 )  # fmt: skip
             keys_table = None
@@ -237,11 +251,13 @@ class TableSync:
                 )
                 probe = RunRecord(run.target, run.source, run.mode, run.trigger, run.started_at)
                 self._extract(
-                    source, cur, keys_table, keys, "TRUE", [], keys, unique=True, run=probe,
+                    source, cur, quote_ident(keys_table), keys, "TRUE", [], keys, unique=True, run=probe,
                     total=None, progress=None, cancel=cancel,
                 )  # fmt: skip
             if cancel.is_set():
                 raise SyncFailed("cancelled: the server is stopping")
+            if watermark is _UNKNOWN:
+                watermark = self._loaded_max(cur, quote_ident(stage), cursor_col, old)
             run.watermark = encode_watermark(watermark)[0]
             self._apply(cur, run, plan, stage, keys_table, columns, keys, cursor_col, watermark)
         finally:
@@ -336,8 +352,26 @@ class TableSync:
         plan: Plan,
         cursor_col: SourceColumn | None,
         state: TableState | None,
+        *,
+        paged: bool,
+        want_total: bool,
     ) -> tuple[str | None, list[Any], int | None, Any]:
-        """(WHERE clause or None for "nothing to read", params, expected rows, new watermark)."""
+        """(WHERE clause or None for "nothing to read", params, expected rows, new watermark).
+
+        One query sees one snapshot of the source, so an unpaged run takes its new watermark
+        from the rows it loaded (``_UNKNOWN`` here). Paged runs read several snapshots: they
+        first fix the upper bound ``hi = MAX(cursor)`` and read ``lo < cursor <= hi``; rows
+        written meanwhile land above ``hi`` and are the next run's."""
+        total: int | None = None
+        if not paged:
+            if want_total:
+                total = self._estimate(source)
+            if cursor_col is None or plan.strategy == "full":
+                return "TRUE", [], total, _UNKNOWN
+            assert state is not None
+            lo = self._low(plan, state)
+            ph, p = bind(cursor_col, lo)
+            return f"{quote_snowflake(cursor_col.name)} > {ph}", [p], total, _UNKNOWN
         if cursor_col is None:
             total = source.rows(f"SELECT COUNT(*) FROM {self.src.sql}")[0][0]
             return "TRUE", [], int(total), None
@@ -350,16 +384,43 @@ class TableSync:
             return f"({q} <= {ph} OR {q} IS NULL)", [p], int(total), hi
         assert state is not None
         old = state.watermark_value
-        lo = old
-        if plan.strategy == "merge" and self.entry.lookback_seconds:
-            lo = _minus(lo, self.entry.lookback_seconds)
-        ph, p = bind(cursor_col, lo)
+        ph, p = bind(cursor_col, self._low(plan, state))
         total, hi = source.rows(f"SELECT COUNT(*), MAX({q}) FROM {self.src.sql} WHERE {q} > {ph}", [p])[0]
         if hi is None:
             return None, [], 0, old
         ph_hi, p_hi = bind(cursor_col, hi)
         new = hi if _greater(hi, old) else old
         return f"{q} > {ph} AND {q} <= {ph_hi}", [p, p_hi], int(total), new
+
+    def _low(self, plan: Plan, state: TableState) -> Any:
+        lo = state.watermark_value
+        if plan.strategy == "merge" and self.entry.lookback_seconds:
+            lo = _minus(lo, self.entry.lookback_seconds)
+        return lo
+
+    def _estimate(self, source: SnowflakeSource) -> int | None:
+        """Snowflake's own row count (metadata, free): only for a progress bar's ETA."""
+        try:
+            rows = source.rows(
+                f"SELECT row_count FROM {quote_snowflake(self.src.database)}.information_schema.tables "
+                "WHERE table_schema = ? AND table_name = ?",
+                [self.src.schema, self.src.name],
+            )
+        except SourceError:
+            return None
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def _loaded_max(
+        self, cur: duckdb.DuckDBPyConnection, into: str, cursor_col: SourceColumn | None, old: Any
+    ) -> Any:
+        """The watermark an unpaged run reached: the largest cursor among the rows it loaded."""
+        if cursor_col is None:
+            return None
+        rows = cur.execute(f"SELECT max({quote_ident(cursor_col.target_name)}) FROM {into}").fetchall()
+        hi = rows[0][0] if rows else None
+        if hi is None:
+            return old
+        return hi if _greater(hi, old) else old
 
     # --- extract: source -> staging ----------------------------------------------------------------------
     def _extract(
@@ -380,7 +441,7 @@ class TableSync:
     ) -> None:
         select = f"SELECT {', '.join(select_expression(c) for c in columns)} FROM {self.src.sql}"
         casts = ", ".join(f"CAST(c{i} AS {c.duckdb_type})" for i, c in enumerate(columns))
-        loader = _Loader(cur, stage, casts, run, total, progress, cancel)
+        loader = _Loader(cur, stage, casts, run, total, progress, cancel)  # stage: quoted SQL name
         n = self.entry.batch_rows
         if not n or not order:
             loader.load(source.batches(f"{select} WHERE {where}", params))
@@ -412,7 +473,7 @@ class TableSync:
             # continue on the next page. Drop them here and read that value again from the start.
             m = final[0]
             deleted = cur.execute(
-                f"DELETE FROM {quote_ident(stage)} WHERE {quote_ident(order[0].target_name)} = ?", [m]
+                f"DELETE FROM {stage} WHERE {quote_ident(order[0].target_name)} = ?", [m]
             ).fetchall()
             run.rows_read -= int(deleted[0][0]) if deleted else 0
             if first is not None and first[0] == m:
@@ -443,75 +504,128 @@ class TableSync:
         target = self.ref.sql
         st = quote_ident(stage)
         cols = ", ".join(quote_ident(c.target_name) for c in columns)
-        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.ref.schema)}")
         changed = False
         cur.execute("BEGIN")
         try:
-            if plan.strategy == "full":
-                cur.execute(f"DROP TABLE IF EXISTS {target}")
-                cur.execute(
-                    f"CREATE TABLE {target} ("
-                    + ", ".join(f"{quote_ident(c.target_name)} {c.duckdb_type}" for c in columns)
-                    + ")"
+            for statement in plan.ddl:
+                cur.execute(statement)
+                changed = True
+            if plan.strategy == "merge":
+                match = " AND ".join(
+                    f"{target}.{quote_ident(k.target_name)} IS NOT DISTINCT FROM s.{quote_ident(k.target_name)}"
+                    for k in keys
                 )
+                key_cols = ", ".join(quote_ident(k.target_name) for k in keys)
+                cur.execute(
+                    f"DELETE FROM {target} USING (SELECT DISTINCT {key_cols} FROM {st}) s WHERE {match}"
+                )
+                assert cursor_col is not None
+                latest = (
+                    f"QUALIFY row_number() OVER (PARTITION BY {key_cols} "
+                    f"ORDER BY {quote_ident(cursor_col.target_name)} DESC NULLS LAST) = 1"
+                )
+                run.rows_written = _count(
+                    cur.execute(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {st} {latest}")
+                )
+                if keys_table is not None:
+                    kt = quote_ident(keys_table)
+                    gone = " AND ".join(
+                        f"k.{quote_ident(k.target_name)} IS NOT DISTINCT FROM {target}.{quote_ident(k.target_name)}"
+                        for k in keys
+                    )
+                    run.rows_deleted = _count(
+                        cur.execute(
+                            f"DELETE FROM {target} WHERE NOT EXISTS (SELECT 1 FROM {kt} k WHERE {gone})"
+                        )
+                    )
+            else:
                 run.rows_written = _count(
                     cur.execute(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {st}")
                 )
-                changed = True
-            else:
-                for statement in plan.ddl:
-                    cur.execute(statement)
-                    changed = True
-                if plan.strategy == "merge":
-                    match = " AND ".join(
-                        f"{target}.{quote_ident(k.target_name)} IS NOT DISTINCT FROM s.{quote_ident(k.target_name)}"
-                        for k in keys
-                    )
-                    key_cols = ", ".join(quote_ident(k.target_name) for k in keys)
-                    cur.execute(
-                        f"DELETE FROM {target} USING (SELECT DISTINCT {key_cols} FROM {st}) s WHERE {match}"
-                    )
-                    assert cursor_col is not None
-                    latest = (
-                        f"QUALIFY row_number() OVER (PARTITION BY {key_cols} "
-                        f"ORDER BY {quote_ident(cursor_col.target_name)} DESC NULLS LAST) = 1"
-                    )
-                    run.rows_written = _count(
-                        cur.execute(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {st} {latest}")
-                    )
-                    if keys_table is not None:
-                        kt = quote_ident(keys_table)
-                        gone = " AND ".join(
-                            f"k.{quote_ident(k.target_name)} IS NOT DISTINCT FROM {target}.{quote_ident(k.target_name)}"
-                            for k in keys
-                        )
-                        run.rows_deleted = _count(
-                            cur.execute(
-                                f"DELETE FROM {target} WHERE NOT EXISTS (SELECT 1 FROM {kt} k WHERE {gone})"
-                            )
-                        )
-                else:
-                    run.rows_written = _count(
-                        cur.execute(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {st}")
-                    )
-                changed = changed or bool(run.rows_written or run.rows_deleted)
-            run.ended_at = datetime.now(UTC)
-            run.outcome = "ok"
-            self.store.record_success(
-                cur,
-                run,
-                watermark=encode_watermark(watermark),
-                fingerprint=fingerprint(columns),
-                source_columns=columns_json(columns),
-                full=plan.strategy == "full" or plan.reconcile,
-            )
-            if changed:
-                TableCatalog.bump_version(cur, self.ref)
-            cur.execute("COMMIT")
+            changed = changed or bool(run.rows_written or run.rows_deleted)
+            self._commit(cur, run, columns, watermark, full=plan.reconcile, changed=changed)
         except BaseException:
-            with contextlib.suppress(duckdb.Error):
-                cur.execute("ROLLBACK")
+            _rollback(cur)
             raise
+
+    def _load_full(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        run: RunRecord,
+        source: SnowflakeSource,
+        columns: list[SourceColumn],
+        where: str | None,
+        params: list[Any],
+        order: list[SourceColumn],
+        *,
+        unique: bool,
+        total: int | None,
+        progress: ProgressFn | None,
+        cancel: threading.Event,
+        watermark: Any,
+        cursor_col: SourceColumn | None,
+    ) -> None:
+        """The new table is built inside one transaction that also drops the old one: until
+        COMMIT it is private to this cursor (readers keep the old table), at COMMIT the swap,
+        the watermark and the data version become visible together; any failure rolls all of
+        it back. Loading straight into it saves copying the rows a second time."""
+        target = self.ref.sql
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.ref.schema)}")
+        cur.execute("BEGIN")
+        try:
+            cur.execute(f"DROP TABLE IF EXISTS {target}")
+            cur.execute(
+                f"CREATE TABLE {target} ("
+                + ", ".join(f"{quote_ident(c.target_name)} {c.duckdb_type}" for c in columns)
+                + ")"
+            )
+            if where is not None:
+                self._extract(
+                    source, cur, target, columns, where, params, order, unique=unique, run=run, total=total,
+                    progress=progress, cancel=cancel,
+                )  # fmt: skip
+            if cancel.is_set():
+                raise SyncFailed("cancelled: the server is stopping")
+            if watermark is _UNKNOWN:
+                watermark = self._loaded_max(cur, target, cursor_col, None)
+            run.watermark = encode_watermark(watermark)[0]
+            run.rows_written = run.rows_read
+            self._commit(cur, run, columns, watermark, full=True, changed=True)
+        except BaseException:
+            _rollback(cur)
+            raise
+
+    def _commit(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        run: RunRecord,
+        columns: list[SourceColumn],
+        watermark: Any,
+        *,
+        full: bool,
+        changed: bool,
+    ) -> None:
+        """State, history and data version in the loader's transaction, then COMMIT."""
+        run.ended_at = datetime.now(UTC)
+        run.outcome = "ok"
+        self.store.record_success(
+            cur,
+            run,
+            watermark=encode_watermark(watermark),
+            fingerprint=fingerprint(columns),
+            source_columns=columns_json(columns),
+            full=full,
+        )
+        if changed:
+            TableCatalog.bump_version(cur, self.ref)
+        cur.execute("COMMIT")
+
+
+def _rollback(cur: duckdb.DuckDBPyConnection) -> None:
+    try:
+        cur.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
 
 
 class _Loader:
@@ -528,7 +642,7 @@ class _Loader:
         cancel: threading.Event,
     ) -> None:
         self.cur = cur
-        self.sql = f"INSERT INTO {quote_ident(stage)} SELECT {casts} FROM _quiver_batch"
+        self.sql = f"INSERT INTO {stage} SELECT {casts} FROM _quiver_batch"
         self.run = run
         self.total = total
         self.progress = progress

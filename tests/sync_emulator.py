@@ -236,7 +236,7 @@ if __name__ == "__main__":
 # --- helpers for the sync tests ------------------------------------------------------------------
 
 
-def sync_config(data_dir: Any, emu: Emulator, tables: list[dict[str, Any]], *, snowflake: dict[str, Any] | None = None, **sync: Any) -> Any:  # fmt: skip
+def sync_config(data_dir: Any, emu: Emulator, tables: list[dict[str, Any]], *, snowflake: dict[str, Any] | None = None, limits: dict[str, Any] | None = None, **sync: Any) -> Any:  # fmt: skip
     """A Quiver config replicating ``tables`` from the emulator into ``data_dir``."""
     from catalog import load_config
 
@@ -244,6 +244,7 @@ def sync_config(data_dir: Any, emu: Emulator, tables: list[dict[str, Any]], *, s
         "server": {"data_dir": str(data_dir), "flight_port": 0, "http_port": 0, "host": "127.0.0.1"},
         "snowflake": {**emu.snowflake_section(), **(snowflake or {})},
         "sync": {"retry_seconds": 0, "enabled": False, **sync, "tables": tables},
+        "limits": limits or {},
     }
     return load_config(None, environ={}, overrides=overrides)
 
