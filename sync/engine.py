@@ -104,6 +104,7 @@ class TableSync:
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
         on_error: Callable[[str], None] | None = None,
+        estimate: bool = False,
     ) -> RunRecord:
         cancel = cancel or threading.Event()
         run = RunRecord(self.key, self.src.label, self.entry.mode, trigger, datetime.now(UTC))
@@ -113,7 +114,7 @@ class TableSync:
         while True:
             source = self._source_factory()
             try:
-                self._attempt(run, source, full=full, progress=progress, cancel=cancel)
+                self._attempt(run, source, full=full, progress=progress, cancel=cancel, estimate=estimate)
                 break
             except Exception as e:  # noqa: BLE001 - every failure is recorded, none kills the worker
                 message, transient = self._describe(e, source)
@@ -177,6 +178,7 @@ class TableSync:
         full: bool,
         progress: ProgressFn | None,
         cancel: threading.Event,
+        estimate: bool = False,
     ) -> None:
         source.connect()
         columns = source.columns(self.src)
@@ -222,7 +224,7 @@ class TableSync:
             order = keys or ([cursor_col] if cursor_col is not None else [])
             paged = bool(self.entry.batch_rows and order)
             where, params, total, watermark = self._bounds(
-                source, plan, cursor_col, state, paged=paged, want_total=progress is not None
+                source, plan, cursor_col, state, paged=paged, want_total=estimate
             )
             old = state.watermark_value if state is not None and plan.strategy != "full" else None
             if plan.strategy == "full":

@@ -288,6 +288,7 @@ class SyncService:
             progress=on_progress,
             cancel=self._stop,
             on_error=on_error,
+            estimate=progress is not None,
         )
 
     # --- runs in the caller's thread (the CLI without a server) -------------------------------------
