@@ -132,7 +132,7 @@ def test_merge_upserts_by_key_with_lookback_and_reconcile_removes_deleted_rows(
         (run,) = service.run_now()
         assert replica(service, "SELECT count(*) FROM sales.orders")[0][0] == 405
     # ...a reconcile can.
-    table["reconcile_seconds"] = 1
+    table["reconcile_seconds"] = 0.001
     with sync_service(tmp_path, emu, [table]) as service:
         (run,) = service.run_now()
         assert run.outcome == "ok" and run.rows_deleted == 3

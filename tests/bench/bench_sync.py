@@ -97,10 +97,16 @@ def run() -> str:
             "cursor": "UPDATED_AT",
             "primary_key": ["ID"],
         }
-        paged = {"source": "BENCH.PUBLIC.ORDERS", "target": "bench.paged", "primary_key": ["ID"], "batch_rows": PAGE}
-        with tempfile.TemporaryDirectory() as tmp, sync_service(
-            Path(tmp), emu, [merge, paged], limits={"memory_limit": MEMORY_LIMIT}
-        ) as service:
+        paged = {
+            "source": "BENCH.PUBLIC.ORDERS",
+            "target": "bench.paged",
+            "primary_key": ["ID"],
+            "batch_rows": PAGE,
+        }
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            sync_service(Path(tmp), emu, [merge, paged], limits={"memory_limit": MEMORY_LIMIT}) as service,
+        ):
             # Paged first: RSS that a load grew stays with the process, so the bounded load is
             # measured before the one that holds a whole result.
             with PeakRss() as rss_paged:
@@ -116,10 +122,13 @@ def run() -> str:
             # Best of two, like the bare read (this box is shared and noisy).
             (again,) = service.run_now(["bench.orders"], full=True)
             full = min(full, again, key=lambda r: r.seconds)
-            print(f"full sync (one query): {full.seconds:.2f} s, peak RSS +{rss_full.growth_mb:.0f} MB", flush=True)
+            print(
+                f"full sync (one query): {full.seconds:.2f} s, peak RSS +{rss_full.growth_mb:.0f} MB",
+                flush=True,
+            )
             changed = ROWS // 100
             emu.execute(
-                f"UPDATE BENCH.PUBLIC.ORDERS SET STATUS = 'refunded', UPDATED_AT = '2030-01-01'::TIMESTAMP_NTZ WHERE MOD(ID, 100) = 7",
+                "UPDATE BENCH.PUBLIC.ORDERS SET STATUS = 'refunded', UPDATED_AT = '2030-01-01'::TIMESTAMP_NTZ WHERE MOD(ID, 100) = 7",
                 database="BENCH",
             )
             with PeakRss() as rss_inc:
