@@ -215,14 +215,19 @@ def test_scheduler_runs_due_tables_and_resumes_from_the_last_start(
     emu: Emulator, src: Source, tmp_path: Path
 ) -> None:
     table = {**_tables(src)[0], "interval_seconds": 3600}
-    with sync_service(tmp_path, emu, [table], enabled=True) as service:
-        service.start()  # never synced: due at once
+    broken = {**_tables(src)[2], "interval_seconds": 3600}
+    with sync_service(tmp_path, emu, [table, broken], enabled=True) as service:
+        service.start()  # never synced: both due at once; the broken one does not hold up the other
         deadline = time.monotonic() + 30
-        while (service.status()["tables"][0]["last_run"] or {}).get("outcome") != "ok":
+        while not all(
+            (t["last_run"] or {}).get("outcome") in ("ok", "failed") for t in service.status()["tables"]
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        started = service.status()["tables"][0]["last_run"]["started_at"]
-    with sync_service(tmp_path, emu, [table], enabled=True, jitter=0.1) as service:
+        good, bad = service.status()["tables"]
+        assert good["last_run"]["outcome"] == "ok" and bad["last_run"]["outcome"] == "failed"
+        started = good["last_run"]["started_at"]
+    with sync_service(tmp_path, emu, [table, broken], enabled=True, jitter=0.1) as service:
         service.start()
         t = service.status()["tables"][0]
         due = (
