@@ -34,7 +34,7 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
 
 
 def call_options(token: str | None, timeout: float | None = 30.0) -> flight.FlightCallOptions:
-    headers = [(b"authorization", f"Bearer {token}".encode())] if token is not None else []
+    headers = [(b"authorization", f"Bearer {token}".strip().encode())] if token is not None else []
     return flight.FlightCallOptions(headers=headers, timeout=timeout)
 
 
@@ -70,7 +70,7 @@ class Server:
         if token == "admin":
             token = self.admin_token
         if token is not None:
-            headers["authorization"] = f"Bearer {token}"
+            headers["authorization"] = f"Bearer {token}".strip()
         client = httpx.Client(base_url=self.http_url, headers=headers, timeout=30)
         self._clients.append(client)
         return client
