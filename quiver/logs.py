@@ -58,7 +58,7 @@ def format_exc_info(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 class _FullTracebackFormatter(logging.Formatter):
     """Tracebacks with an explicit limit (see flight_server.errors.hide_tracebacks_from_clients)."""
 
-    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+    def formatException(self, ei: Any) -> str:
         return "".join(traceback.TracebackException(*ei, limit=100).format()).rstrip()
 
 
