@@ -16,7 +16,6 @@ import pyarrow as pa
 
 from catalog.database import SYSTEM_SCHEMA, Database, fetch_one, quote_ident
 
-
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
