@@ -60,6 +60,32 @@ class TokensConfig(_Section):
     last_used_flush_seconds: PositiveFloat = 10.0
 
 
+class ResultsConfig(_Section):
+    """Async queries (``submit-query``): results kept as Arrow IPC files in DATA_DIR/results."""
+
+    # How long a finished query's status and result stay fetchable.
+    ttl_seconds: PositiveFloat = 3600.0
+    # Queries of one principal that may be queued or running at once.
+    max_active_per_principal: PositiveInt = 4
+    # Async queries running at once (the rest wait, state "queued").
+    workers: PositiveInt = 2
+    # A running async query is interrupted after this many seconds (DEADLINE_EXCEEDED).
+    timeout_seconds: PositiveFloat = 600.0
+    # A result larger than this fails with RESOURCE_EXHAUSTED (protects the disk).
+    max_result_bytes: PositiveInt = 2 * 1024**3
+
+
+class CacheConfig(_Section):
+    """Result cache of identical queries, keyed by the data versions of the tables read."""
+
+    enabled: bool = True
+    ttl_seconds: PositiveFloat = 300.0
+    # Total size of DATA_DIR/cache; least recently used entries are evicted beyond it.
+    max_bytes: PositiveInt = 512 * 1024**2
+    # Results larger than this are streamed but not cached.
+    max_entry_bytes: PositiveInt = 64 * 1024**2
+
+
 class DemoConfig(_Section):
     # Multiplies the demo tables' sizes (1.0: customers 100k, orders 2M, events 5M).
     scale: PositiveFloat = 1.0
@@ -70,6 +96,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     tokens: TokensConfig = msgspec.field(default_factory=TokensConfig)
     demo: DemoConfig = msgspec.field(default_factory=DemoConfig)
+    results: ResultsConfig = msgspec.field(default_factory=ResultsConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
 
     @property
     def data_dir(self) -> Path:
