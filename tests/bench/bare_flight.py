@@ -1,0 +1,54 @@
+"""A bare ``pyarrow.flight`` server for the benchmark's reference figures: no auth, no SQL,
+no DuckDB — Arrow tables held in memory, each streamed as one endpoint.
+
+    python -m tests.bench.bare_flight PORT NAME=FILE.arrow [NAME=FILE.arrow ...]
+
+Each file (Arrow IPC file format) is read into memory at start; a descriptor ``CMD NAME``
+answers one endpoint whose ticket streams that table. Prints ``ready`` when serving.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+
+class BareServer(flight.FlightServerBase):
+    def __init__(self, location: str, tables: dict[str, pa.Table]) -> None:
+        super().__init__(location)
+        self.tables = tables
+
+    def _table(self, name: bytes) -> pa.Table:
+        table = self.tables.get(name.decode())
+        if table is None:
+            raise flight.FlightServerError(f"no table {name!r}")
+        return table
+
+    def get_flight_info(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> flight.FlightInfo:
+        table = self._table(descriptor.command)
+        endpoint = flight.FlightEndpoint(descriptor.command, [])
+        return flight.FlightInfo(table.schema, descriptor, [endpoint], table.num_rows, table.nbytes)
+
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
+        return flight.RecordBatchStream(self._table(ticket.ticket))
+
+
+def main(argv: list[str]) -> int:
+    port = int(argv[0])
+    tables = {}
+    for spec in argv[1:]:
+        name, _, path = spec.partition("=")
+        with pa.OSFile(path, "rb") as f:
+            tables[name] = pa.ipc.open_file(f).read_all()
+    server = BareServer(f"grpc+tcp://127.0.0.1:{port}", tables)
+    print("ready", flush=True)
+    server.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
