@@ -84,6 +84,9 @@ class CacheConfig(_Section):
     max_bytes: PositiveInt = 512 * 1024**2
     # Results larger than this are streamed but not cached.
     max_entry_bytes: PositiveInt = 64 * 1024**2
+    # Small results (up to 1 MiB each) are kept in memory, not in files, within this budget
+    # (0: every entry goes to DATA_DIR/cache).
+    max_memory_bytes: Annotated[int, msgspec.Meta(ge=0)] = 32 * 1024**2
 
 
 class DemoConfig(_Section):
