@@ -46,6 +46,8 @@ class LimitsConfig(_Section):
     max_rows: PositiveInt = 10_000_000
     max_sample_rows: PositiveInt = 1_000_000
     max_concurrent_queries: PositiveInt = 4
+    # How long a Flight ticket (from GetFlightInfo) may be redeemed with DoGet.
+    ticket_ttl_seconds: PositiveFloat = 300.0
     # DuckDB resources: fit the VM. Empty/0 keeps DuckDB's defaults.
     memory_limit: str = ""
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0

@@ -10,15 +10,21 @@ fault of ours, logged with a request id and sent as INTERNAL without internals.
 from __future__ import annotations
 
 import json
+import re
+import traceback
+from typing import Any
 
+import duckdb
 import pyarrow.flight as flight
 import structlog
 
 from catalog.errors import (
     Cancelled,
     DeadlineExceeded,
+    InvalidArgument,
     PermissionDenied,
     QuiverError,
+    ResourceExhausted,
     Unauthenticated,
 )
 
@@ -56,3 +62,177 @@ def to_flight_error(exc: BaseException, request_id: str, where: str) -> flight.F
     if isinstance(exc, QuiverError):
         return flight_error(exc)
     return internal_error(exc, request_id, where)
+
+
+# --- DuckDB's errors ------------------------------------------------------------------------
+# Errors the caller's SQL or data causes: the message is DuckDB's own, which names the
+# problem precisely (line, column, candidate columns).
+_CALLER_ERRORS: tuple[type[BaseException], ...] = (
+    duckdb.ParserException,
+    duckdb.SyntaxException,
+    duckdb.BinderException,
+    duckdb.CatalogException,
+    duckdb.ConversionException,
+    duckdb.OutOfRangeException,
+    duckdb.TypeMismatchException,
+    duckdb.InvalidInputException,
+    duckdb.InvalidTypeException,
+    duckdb.NotImplementedException,
+    duckdb.DataError,
+    duckdb.ProgrammingError,
+)
+_SUGGESTION = re.compile(r"\s*Did you mean[^\n]*", re.IGNORECASE)
+
+
+_LINE = re.compile(r"^LINE (\d+):(.*)$")
+
+
+def _clean(message: str, line_offset: int = 0) -> str:
+    """DuckDB's message on one line, without catalog suggestions: "Did you mean …" may name a
+    table the caller may not read, and existence must never leak (DESIGN.md §4).
+
+    DuckDB's ``LINE n: <text>`` context (and caret line) is folded into ``(LINE n: <text>)``;
+    ``line_offset`` corrects ``n`` when Quiver wrapped the caller's SQL (max_rows)."""
+    lines = [ln for ln in _SUGGESTION.sub("", message).strip().splitlines() if ln.strip()]
+    if not lines:
+        return message.strip()
+    head, context = lines[0].strip(), None
+    for ln in lines[1:]:
+        m = _LINE.match(ln.strip())
+        if m:
+            n = max(1, int(m.group(1)) - line_offset)
+            context = f"LINE {n}: {m.group(2).strip()}"
+            break
+        if not set(ln.strip()) <= {"^"}:
+            head = f"{head} {ln.strip()}"
+    return f"{head} ({context})" if context else head
+
+
+_wrap_offset: int | None = None
+
+
+def wrap_line_offset() -> int:
+    """How many lines DuckDB's relation ``.limit()`` puts before the caller's SQL in the
+    ``LINE n`` of an error (measured once: it is DuckDB's rendering, not ours)."""
+    global _wrap_offset
+    if _wrap_offset is None:
+        try:
+            duckdb.connect(":memory:").sql("SELECT 'x'::INTEGER").limit(1).to_arrow_table()
+            _wrap_offset = 0
+        except duckdb.Error as e:
+            m = re.search(r"LINE (\d+):", str(e))
+            _wrap_offset = int(m.group(1)) - 1 if m else 0
+    return _wrap_offset
+
+
+def duckdb_error(
+    exc: duckdb.Error, *, timed_out: bool = False, timeout_seconds: float = 0.0, wrapped: bool = False
+) -> QuiverError:
+    """The QuiverError for a DuckDB failure, with DuckDB's message where it helps the caller."""
+    if isinstance(exc, duckdb.InterruptException):
+        if timed_out:
+            return DeadlineExceeded(
+                f"query interrupted after {timeout_seconds:g} s ([limits] query_timeout_seconds): "
+                "narrow it (filters, LIMIT, fewer joins) or submit it with the submit-query action"
+            )
+        return Cancelled("query interrupted (cancelled, or the server is shutting down)")
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        return ResourceExhausted(
+            f"the query needs more memory than the server allows ({_clean(str(exc))}); "
+            "narrow it or aggregate first"
+        )
+    if isinstance(exc, duckdb.PermissionException):
+        return PermissionDenied(_clean(str(exc)))
+    if isinstance(exc, _CALLER_ERRORS):
+        return InvalidArgument(_clean(str(exc), wrap_line_offset() if wrapped else 0))
+    return _Internal(exc)
+
+
+class _Internal(QuiverError):
+    """A DuckDB failure that is ours (I/O, internal): logged, never sent."""
+
+    code = "INTERNAL"
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__("internal error")
+        self.cause = cause
+
+
+def map_exception(exc: BaseException, request_id: str, where: str, **duck: Any) -> flight.FlightError:
+    """Every failure of an RPC body → the FlightError a client sees."""
+    if isinstance(exc, duckdb.Error):
+        exc = duckdb_error(exc, **duck)
+    if isinstance(exc, _Internal):
+        return internal_error(exc.cause, request_id, where)
+    return to_flight_error(exc, request_id, where)
+
+
+# --- GetSchema: pyarrow cannot send a FlightError from it -----------------------------------------
+# pyarrow's Python server converts FlightErrors to Flight statuses in every RPC callback except
+# GetSchema (apache/arrow #43556 is the client-side twin: its get_schema does not raise
+# FlightErrors either). An exception leaving get_schema becomes a generic status whose message
+# carries a Python traceback of the server. So, for GetSchema only:
+#   * authentication is refused in the middleware's start_call, which does convert FlightErrors
+#     (UNAUTHENTICATED with extra_info, like every other RPC);
+#   * every other refusal is raised as a :class:`SchemaCallError` whose message starts with the
+#     stable code ("INVALID_ARGUMENT: ...") and whose Python base class gives the closest gRPC
+#     status (ValueError → INVALID_ARGUMENT, KeyError → NOT_FOUND, otherwise UNKNOWN);
+#   * :func:`install_traceback_filter` keeps the traceback out of that message: pyarrow formats
+#     the "Detail" with ``traceback.format_exception``, which for these errors (and only these)
+#     yields the one-line message instead of the server's stack.
+class SchemaCallError(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        self.message = f"{code}: {detail}"
+        super().__init__(self.message)
+        self.code = code
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _SchemaInvalid(SchemaCallError, ValueError):
+    pass
+
+
+class _SchemaNotFound(SchemaCallError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message
+
+
+def schema_call_error(err: flight.FlightError) -> SchemaCallError:
+    """The GetSchema form of a FlightError built by :func:`to_flight_error`."""
+    try:
+        info = json.loads(err.extra_info or b"{}")
+        code, detail = str(info["code"]), str(info["detail"])
+    except (ValueError, KeyError, TypeError):
+        code, detail = "INTERNAL", "internal error"
+    cls = {"INVALID_ARGUMENT": _SchemaInvalid, "NOT_FOUND": _SchemaNotFound}.get(code, SchemaCallError)
+    return cls(code, detail)
+
+
+_installed = False
+
+
+def install_traceback_filter() -> None:
+    """Make ``traceback.format_exception`` render a :class:`SchemaCallError` as its one-line
+    message (see above); every other exception is formatted exactly as before."""
+    global _installed
+    if _installed:
+        return
+    original = traceback.format_exception
+
+    def format_exception(
+        exc: Any, /, value: Any = _SENTINEL, tb: Any = _SENTINEL, **kwargs: Any
+    ) -> list[str]:
+        shown = exc if value is _SENTINEL else value
+        if isinstance(shown, SchemaCallError):
+            return [str(shown)]
+        args = [exc] + [a for a in (value, tb) if a is not _SENTINEL]
+        return original(*args, **kwargs)
+
+    traceback.format_exception = format_exception  # type: ignore[assignment]
+    _installed = True
+
+
+_SENTINEL: Any = object()
