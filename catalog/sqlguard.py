@@ -22,7 +22,8 @@ What is refused
   * table functions outside :data:`ALLOWED_TABLE_FUNCTIONS`; scalar functions that reveal the
     configuration, the environment or the catalog, or that change state
     (:data:`DENIED_FUNCTIONS`, :data:`DENIED_FUNCTION_PREFIXES`); any function that is not a
-    built-in of DuckDB itself (user macros could read any table);
+    built-in of DuckDB itself, and any macro stored in the database (a macro can read any
+    table, and one named like a built-in shadows it);
   * any parse-tree node the walker does not know: it fails closed.
 
 CTE scoping mirrors DuckDB's binder, erring only towards refusal: a CTE name hides a table only
@@ -336,8 +337,10 @@ class SqlGuard:
     """Checks agent SQL against the caller's allowlist before anything runs.
 
     Parsing uses a private in-memory DuckDB (one cursor per thread), so checks never touch
-    the data file and run concurrently; only table resolution reads the catalog, once per
-    check and only when the query names a table.
+    the data file and run concurrently. Parses are cached by SQL text (they do not depend on
+    the caller); the lists of data tables and stored functions are cached briefly (see
+    :meth:`_data_tables`, :meth:`_stored_functions`); the allowlist decision is made afresh
+    on every check.
     """
 
     def __init__(
@@ -348,9 +351,12 @@ class SqlGuard:
         *,
         max_sql_chars: int = 100_000,
         table_cache_seconds: float = 1.0,
+        function_cache_seconds: float = 60.0,
     ) -> None:
         self._tables = tables
         self._table_cache_seconds = table_cache_seconds
+        self._function_cache_seconds = function_cache_seconds
+        self._functions_cache: tuple[float, frozenset[str]] | None = None
         self._lock = threading.Lock()
         self._parsed: OrderedDict[str, _Parsed] = OrderedDict()
         self._refs_cache: tuple[float, dict[tuple[str, str], TableRef | None]] | None = None
@@ -414,9 +420,11 @@ class SqlGuard:
         )
 
     def invalidate_tables(self) -> None:
-        """Forget the cached list of data tables (call after creating or dropping tables)."""
+        """Forget the cached lists of data tables and stored functions (call after creating
+        or dropping tables or macros)."""
         with self._lock:
             self._refs_cache = None
+            self._functions_cache = None
 
     def _parse(self, sql: str) -> _Parsed:
         """The one SELECT-class statement in ``sql`` and its parse tree; cached by text, since
@@ -518,8 +526,38 @@ class SqlGuard:
                 self._refs_cache = (now + self._table_cache_seconds, out)
         return out
 
+    def _stored_functions(self) -> frozenset[str]:
+        """Names of functions defined in the database (macros) rather than built in.
+
+        A stored macro runs whatever SQL it was created with, under the caller's name, and
+        one named like a built-in shadows it (``main.upper`` wins over DuckDB's ``upper``), so
+        calling one is refused. Only Quiver itself could create one (agents cannot run DDL):
+        this is defence in depth, cached for ``function_cache_seconds`` because listing
+        functions costs DuckDB tens of milliseconds.
+        """
+        now = time.monotonic()
+        with self._lock:
+            cached = self._functions_cache
+            if cached is not None and cached[0] > now:
+                return cached[1]
+        # TableCatalog keeps the Database it lists tables from; the guard reads the same one.
+        with self._tables._db.reading() as cur:
+            rows = cur.execute(
+                "SELECT DISTINCT function_name FROM duckdb_functions() WHERE NOT internal"
+            ).fetchall()
+        names = frozenset(_fold(str(r[0])) for r in rows)
+        with self._lock:
+            self._functions_cache = (now + self._function_cache_seconds, names)
+        return names
+
     def _function_refusal(self, name: str, *, in_from: bool) -> QuiverRefusal | None:
         folded = _fold(name)
+        if folded in self._stored_functions():
+            return PermissionDenied(
+                f"function {name}() is defined in this database, not built into DuckDB, and is "
+                "not allowed: a stored macro can read any table; only DuckDB's built-in functions "
+                "may be called"
+            )
         if in_from:
             if folded in ALLOWED_TABLE_FUNCTIONS:
                 return None

@@ -56,6 +56,8 @@ CREATE TABLE main."Ünicode" AS SELECT 'forbidden' AS note;
 CREATE VIEW demo.salaries_view AS SELECT * FROM secret.salaries;
 CREATE MACRO demo.leak() AS (SELECT max(pay) FROM secret.salaries);
 CREATE MACRO demo.leak_rows() AS TABLE SELECT * FROM secret.salaries;
+CREATE MACRO main.reverse(x) AS (SELECT max(pay)::VARCHAR FROM secret.salaries);
+CREATE MACRO main.json_tree(x) AS TABLE SELECT * FROM secret.salaries;
 """
 
 
@@ -343,6 +345,53 @@ def test_allowed_queries_pass_and_run(env: Env, sql: str, params: list[object], 
     run(env, q, params)
 
 
+# A CTE named like a forbidden table (main.salaries) is seen in every clause, as DuckDB sees it:
+# the guard accepts these and DuckDB's plan reads no forbidden table.
+_W = "WITH salaries AS (SELECT 1 AS pay) "
+_X = "(SELECT max(pay) FROM salaries)"
+CTE_CONTEXTS = [
+    f"SELECT {_X}",
+    f"SELECT * FROM demo.orders WHERE id = {_X}",
+    f"SELECT * FROM demo.orders ORDER BY {_X}",
+    f"SELECT * FROM demo.orders LIMIT {_X}",
+    f"SELECT * FROM demo.orders OFFSET {_X}",
+    f"SELECT count(*) FROM demo.orders GROUP BY customer_id HAVING count(*) > {_X}",
+    f"SELECT id FROM demo.orders QUALIFY row_number() OVER () > {_X}",
+    f"SELECT sum(id) OVER (PARTITION BY {_X}) FROM demo.orders",
+    f"SELECT sum(id) OVER (ORDER BY id ROWS BETWEEN {_X} PRECEDING AND CURRENT ROW) FROM demo.orders",
+    f"SELECT lag(id, {_X}) OVER (ORDER BY id) FROM demo.orders",
+    f"SELECT * FROM range({_X})",
+    f"SELECT * FROM generate_series(1, {_X})",
+    f"SELECT * FROM unnest([{_X}])",
+    f"VALUES ({_X})",
+    "PIVOT salaries ON pay IN (1) USING count(*)",
+    "UNPIVOT salaries ON pay INTO NAME k VALUE v",
+    "SELECT * FROM (PIVOT salaries ON pay IN (1) USING count(*))",
+    "SELECT * FROM demo.orders o, LATERAL (SELECT * FROM salaries WHERE pay = o.id)",
+    "SELECT * FROM demo.orders o JOIN salaries s ON s.pay = o.id",
+    "SELECT * FROM demo.orders o ASOF JOIN salaries s ON o.id >= s.pay",
+    "SELECT * FROM demo.orders POSITIONAL JOIN salaries",
+    f"SELECT CASE WHEN true THEN {_X} END, coalesce({_X}, 0), [{_X}], {{'a': {_X}}}",
+    "SELECT 1 IN (SELECT pay FROM salaries), EXISTS (FROM salaries)",
+    "SELECT * FROM salaries USING SAMPLE 1",
+    "SELECT * FROM salaries UNION ALL SELECT * FROM salaries",
+    "SELECT * FROM (SELECT * FROM (SELECT * FROM salaries))",
+    "SELECT * FROM (WITH x AS MATERIALIZED (SELECT * FROM salaries) SELECT * FROM x)",
+    f"SELECT string_agg(status, ',' ORDER BY {_X}), count(*) FILTER (WHERE id > {_X}) FROM demo.orders",
+    f"SELECT * REPLACE ({_X} AS amount) FROM demo.orders",
+    f"SELECT DISTINCT ON ({_X}) id FROM demo.orders",
+    f"SELECT id FROM demo.orders GROUP BY GROUPING SETS ((id), ({_X}))",
+    "SELECT * FROM demo.orders WHERE id > ALL (FROM salaries)",
+]
+
+
+@pytest.mark.parametrize("context", CTE_CONTEXTS, ids=range(len(CTE_CONTEXTS)))
+def test_cte_shadowing_a_forbidden_table_in_every_clause(env: Env, context: str) -> None:
+    q = env.guard.check(env.agent, _W + context)
+    assert {t.qualified for t in q.tables} <= {"demo.orders"}
+    run(env, q, [])
+
+
 def test_allowed_corpus_is_broad() -> None:
     assert len(ALLOWED) >= 25
 
@@ -555,7 +604,7 @@ FUNCTION_ESCAPES: list[tuple[str, type[QuiverError], str]] = [
     ("SELECT * FROM checkpoint()", PermissionDenied, "checkpoint()"),
     ("SELECT * FROM main.range(3)", PermissionDenied, "range()"),
     ("SELECT * FROM demo.leak_rows()", PermissionDenied, "leak_rows()"),
-    ("SELECT * FROM leak_rows()", PermissionDenied, "leak_rows()"),
+    ("SELECT * FROM leak_rows()", PermissionDenied, "leak_rows() is defined in this database"),
     # table functions in expressions
     ("SELECT query('SELECT 1')", PermissionDenied, "query()"),
     ("SELECT read_text('/etc/passwd')", PermissionDenied, "read_text()"),
@@ -577,14 +626,19 @@ FUNCTION_ESCAPES: list[tuple[str, type[QuiverError], str]] = [
     ("SELECT * FROM range((SELECT current_setting('threads')::INT))", PermissionDenied, "current_setting()"),
     ("SELECT current_schema", PermissionDenied, "current_schema"),
     ("SELECT current_catalog", PermissionDenied, "current_catalog"),
+    ("SELECT current_user", PermissionDenied, "current_user"),
+    ("SELECT * FROM demo.orders WHERE status = session_user", PermissionDenied, "session_user"),
+    ("SELECT current_role", PermissionDenied, "current_role"),
     ("SELECT duckdb_extensions_version()", PermissionDenied, "duckdb_extensions_version()"),
     ("SELECT pragma_anything()", PermissionDenied, "pragma_anything()"),
     ("SELECT pg_get_viewdef('demo.salaries_view')", PermissionDenied, "pg_get_viewdef()"),
     ("SELECT pg_sleep(10)", PermissionDenied, "pg_sleep()"),
     ("SELECT __internal_tablefilter_dynamic()", PermissionDenied, "__internal_tablefilter_dynamic()"),
-    # user macros and unknown functions (a macro could read any table)
-    ("SELECT leak()", InvalidArgument, "leak()"),
-    ("SELECT demo.leak()", InvalidArgument, "leak()"),
+    # stored macros (a macro can read any table), also those shadowing built-ins
+    ("SELECT leak()", PermissionDenied, "leak() is defined in this database"),
+    ("SELECT demo.leak()", PermissionDenied, "leak() is defined in this database"),
+    ("SELECT reverse('abc')", PermissionDenied, "reverse() is defined in this database"),
+    ("SELECT * FROM json_tree('[1]')", PermissionDenied, "json_tree() is defined in this database"),
     ("SELECT no_such_function(1)", InvalidArgument, "no_such_function()"),
 ]
 
@@ -595,6 +649,13 @@ def test_function_escapes_are_refused(env: Env, sql: str, cls: type[QuiverError]
         env.guard.check(env.admin, sql)  # functions are refused even for admins
     assert offender in e.value.detail, e.value.detail
     assert type(e.value) is cls
+
+
+def test_stored_macros_really_shadow_builtins(env: Env) -> None:
+    """Why stored macros are refused: unqualified calls reach them instead of the built-in."""
+    with env.db.reading() as cur:
+        assert cur.execute("SELECT reverse('abc')").fetchall() == [("100006",)]
+        assert cur.execute("SELECT count(*) FROM json_tree('[1]')").fetchall() == [(7,)]
 
 
 def test_table_function_refusal_lists_the_allowed_ones(env: Env) -> None:
