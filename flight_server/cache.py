@@ -1,8 +1,9 @@
 """The result cache: the same question about the same data is answered once.
 
 Agents ask the same thing again and again (a dashboard refresh, a retry, a fleet of agents
-running one prompt). A query result is cached as an Arrow IPC stream file in
-``DATA_DIR/cache/`` under a key made of
+running one prompt). A query result is cached — small results (up to 1 MiB) as their Arrow
+batches in memory, larger ones as Arrow IPC stream files in ``DATA_DIR/cache/`` — under a
+key made of
 
 - the guard's normalized SQL (DuckDB's parse tree: whitespace, comments and keyword case do
   not matter), the bound parameters (JSON, so ``1``, ``1.0`` and ``"1"`` differ), ``max_rows``
@@ -12,8 +13,9 @@ running one prompt). A query result is cached as an Arrow IPC stream file in
 A writer that changes a table bumps its version, so entries of the old version can never be
 served again; they are also deleted eagerly as soon as a newer version is seen (a lookup,
 or the sweeper that reads the versions). Entries expire ``[cache] ttl_seconds`` after they were
-written; the directory is bounded by ``[cache] max_bytes`` (least recently used entries are
-evicted) and results above ``[cache] max_entry_bytes`` are not cached at all.
+written; memory entries are bounded by ``[cache] max_memory_bytes`` and files by ``[cache]
+max_bytes`` (least recently used entries are evicted), and results above ``[cache]
+max_entry_bytes`` are not cached at all.
 
 Queries whose result can differ between two runs on the same data are never cached:
 volatile functions (``random()``, ``now()``, ``gen_random_uuid()``, ``current_date`` …) and
@@ -23,9 +25,11 @@ checked that each of them may read every table involved before the lookup.
 
 Why tee rather than "execute into the file, then stream the file": the first request must
 not wait for the whole result to be written before its first byte; with a tee the client
-receives each batch as DuckDB produces it, and the same batch is appended to the cache file
-(one write to the page cache per batch of ~100k rows). The entry becomes visible only when
-the stream completed; a stream that fails or that the client abandons leaves nothing behind.
+receives each batch as DuckDB produces it, and the same batch is kept (a reference, no copy)
+or appended to the cache file (one write to the page cache per batch of ~100k rows). Small
+results never touch a file: creating one costs about as much as a whole point query. The
+entry becomes visible only when the stream completed; a stream that fails or that the client
+abandons leaves nothing behind.
 
 Interface for the Flight server (``core`` wires it)::
 
@@ -47,7 +51,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -67,6 +71,10 @@ log = structlog.get_logger(__name__)
 
 ENTRY_SUFFIX = ".arrows"
 PARTIAL_SUFFIX = ".partial"
+#: Results up to this size are kept in memory (their batches, no copy), within
+#: ``[cache] max_memory_bytes``; larger ones go to files. Writing a file costs ~0.3 ms, as
+#: much as a whole point query: small results must not pay it.
+MEMORY_ENTRY_BYTES = 1024 * 1024
 
 TableKey = tuple[str, str]
 
@@ -132,12 +140,19 @@ class CacheKey:
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
     key: CacheKey
-    path: Path
     schema: pa.Schema
     rows: int
     bytes: int
     created: float  # monotonic
     expires: float  # monotonic
+    #: A small result's batches, held in memory (no file) — or None for a file entry.
+    batches: tuple[pa.RecordBatch, ...] | None = None
+    #: The Arrow IPC stream file of a larger result — or None for a memory entry.
+    path: Path | None = None
+
+    @property
+    def tier(self) -> str:
+        return "memory" if self.batches is not None else "disk"
 
 
 class _Metrics:
@@ -170,11 +185,19 @@ class ResultCache:
         self._tables = tables
         self._db = db
         self._metrics = _Metrics(registry)
-        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        # Two LRU pools, each within its own byte budget: small results in memory, the rest
+        # in files. A digest lives in at most one of them.
+        self._tiers: dict[str, OrderedDict[str, CacheEntry]] = {
+            "memory": OrderedDict(),
+            "disk": OrderedDict(),
+        }
+        self._budget = {"memory": config.max_memory_bytes, "disk": config.max_bytes}
+        self._used = {"memory": 0, "disk": 0}
         self._latest: dict[TableKey, int] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self.max_entry_bytes = min(config.max_entry_bytes, config.max_bytes)
+        self.memory_entry_bytes = min(MEMORY_ENTRY_BYTES, config.max_memory_bytes, self.max_entry_bytes)
         self.hits = self.misses = self.uncacheable = self.too_large = 0
         self.evicted = {"size": 0, "stale": 0, "expired": 0}
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -262,7 +285,6 @@ class ResultCache:
                 },
                 sort_keys=True,
                 separators=(",", ":"),
-                allow_nan=True,
             )
         except (TypeError, ValueError):
             with self._lock:
@@ -272,51 +294,67 @@ class ResultCache:
         return CacheKey(hashlib.sha256(material.encode()).hexdigest(), tables)
 
     def _observe_versions(self, tables: Sequence[tuple[TableKey, int]]) -> int:
-        newer = []
+        newer = False
         with self._lock:
             for table, version in tables:
-                if version > self._latest.get(table, -1):
-                    if table in self._latest:
-                        newer.append(table)
+                seen = self._latest.get(table)
+                if seen is None or version > seen:
+                    newer = newer or seen is not None
                     self._latest[table] = version
-            doomed = self._stale_locked() if newer else []
+            doomed = self._take_locked(self._is_stale_locked) if newer else []
         self._delete(doomed, "stale")
         return len(doomed)
 
-    def _stale_locked(self) -> list[CacheEntry]:
-        doomed = [
-            e for e in self._entries.values() if any(v < self._latest.get(t, v) for t, v in e.key.tables)
-        ]
-        for e in doomed:
-            del self._entries[e.key.digest]
-        return doomed
+    def _is_stale_locked(self, entry: CacheEntry) -> bool:
+        return any(v < self._latest.get(t, v) for t, v in entry.key.tables)
+
+    def _take_locked(self, doomed: Callable[[CacheEntry], bool]) -> list[CacheEntry]:
+        """Remove and return the entries of both tiers for which ``doomed`` is true."""
+        out = []
+        for tier, pool in self._tiers.items():
+            for digest in [d for d, e in pool.items() if doomed(e)]:
+                entry = pool.pop(digest)
+                self._used[tier] -= entry.bytes
+                out.append(entry)
+        return out
 
     # --- reading -----------------------------------------------------------------------------------
     def get(self, key: CacheKey | None) -> CacheEntry | None:
-        """The live entry for ``key`` (counted as a hit) or None (counted as a miss)."""
+        """The live entry for ``key`` (counted as a hit) or None (counted as a miss). Call it
+        once per request: each call counts."""
         if key is None:
             return None
         now = time.monotonic()
         expired: list[CacheEntry] = []
         with self._lock:
-            entry = self._entries.get(key.digest)
-            if entry is not None and entry.expires <= now:
-                del self._entries[key.digest]
-                expired.append(entry)
-                entry = None
+            entry = None
+            for tier, pool in self._tiers.items():
+                entry = pool.get(key.digest)
+                if entry is None:
+                    continue
+                if entry.expires <= now:
+                    del pool[key.digest]
+                    self._used[tier] -= entry.bytes
+                    expired.append(entry)
+                    entry = None
+                else:
+                    pool.move_to_end(key.digest)
+                break
             if entry is None:
                 self.misses += 1
                 self._metrics.misses.inc()
             else:
-                self._entries.move_to_end(key.digest)
                 self.hits += 1
                 self._metrics.hits.inc()
         self._delete(expired, "expired")
         return entry
 
     def open(self, entry: CacheEntry) -> pa.RecordBatchReader | None:
-        """A zero-copy reader over the entry's file; None when it was evicted meanwhile
-        (then execute the query instead)."""
+        """A reader over the entry (memory: its batches; disk: the memory-mapped file, zero
+        copy); None when the file was evicted meanwhile (then execute the query instead)."""
+        if entry.batches is not None:
+            return pa.RecordBatchReader.from_batches(entry.schema, entry.batches)
+        assert entry.path is not None
         with self._lock:
             # Under the lock: eviction unlinks under it too, and an open mapping survives unlink.
             try:
@@ -327,64 +365,95 @@ class ResultCache:
 
     # --- filling -------------------------------------------------------------------------------------
     def tee(self, key: CacheKey | None, reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
-        """``reader``'s batches, passed on as they come and appended to a cache file; the
-        entry is committed when the stream ends, dropped if it fails, is abandoned or grows
-        beyond ``max_entry_bytes`` (the client still gets every batch)."""
+        """``reader``'s batches, passed on as they come and kept for the cache: in memory up
+        to 1 MiB (no copy: the batches themselves), beyond that appended to a file. The entry
+        is committed when the stream ends, dropped if it fails, is abandoned or grows beyond
+        ``max_entry_bytes`` (the client still gets every batch)."""
         if key is None:
             return reader
         return pa.RecordBatchReader.from_batches(reader.schema, self._teeing(key, reader))
 
     def _teeing(self, key: CacheKey, reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+        schema = reader.schema
+        held: list[pa.RecordBatch] | None = []
+        held_bytes = rows = 0
         partial = self.dir / f"{key.digest}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
-        sink: pa.OSFile | None = pa.OSFile(str(partial), "wb")
-        writer: pa.ipc.RecordBatchStreamWriter | None = pa.ipc.new_stream(sink, reader.schema)
-        rows = 0
-        complete = False
+        sink: pa.OSFile | None = None
+        writer: pa.ipc.RecordBatchStreamWriter | None = None
+        gave_up = complete = False
         try:
             for batch in reader:
-                if writer is not None and sink is not None:
-                    writer.write_batch(batch)
+                if not gave_up:
                     rows += batch.num_rows
-                    if sink.tell() > self.max_entry_bytes:
-                        writer.close()
-                        sink.close()
-                        writer = sink = None
-                        partial.unlink(missing_ok=True)
+                    if held is not None:
+                        held.append(batch)
+                        held_bytes += batch.nbytes
+                        if held_bytes > self.memory_entry_bytes:  # too big for memory: spill
+                            sink = pa.OSFile(str(partial), "wb")
+                            writer = pa.ipc.new_stream(sink, schema)
+                            for b in held:
+                                writer.write_batch(b)
+                            held = None
+                    elif writer is not None:
+                        writer.write_batch(batch)
+                    if sink is not None and sink.tell() > self.max_entry_bytes:
+                        gave_up = True
                         with self._lock:
                             self.too_large += 1
+                        self._close_quietly(writer, sink)
+                        writer = sink = None
+                        partial.unlink(missing_ok=True)
                 yield batch
             complete = True
         finally:
-            if writer is not None and sink is not None:
-                with contextlib.suppress(Exception):
-                    writer.close()
-                    sink.close()
-            if complete and writer is not None:
-                self._commit(key, partial, reader.schema, rows)
-            else:
-                partial.unlink(missing_ok=True)
+            self._close_quietly(writer, sink)
+            if complete and not gave_up:
+                if held is not None:
+                    self._commit(key, schema, rows, held_bytes, batches=tuple(held))
+                else:
+                    self._commit(key, schema, rows, partial.stat().st_size, partial=partial)
+            partial.unlink(missing_ok=True)
 
-    def _commit(self, key: CacheKey, partial: Path, schema: pa.Schema, rows: int) -> None:
-        size = partial.stat().st_size
-        final = self.dir / f"{key.digest}{ENTRY_SUFFIX}"
+    @staticmethod
+    def _close_quietly(writer: pa.ipc.RecordBatchStreamWriter | None, sink: pa.OSFile | None) -> None:
+        with contextlib.suppress(Exception):
+            if writer is not None:
+                writer.close()
+        with contextlib.suppress(Exception):
+            if sink is not None:
+                sink.close()
+
+    def _commit(
+        self,
+        key: CacheKey,
+        schema: pa.Schema,
+        rows: int,
+        size: int,
+        *,
+        batches: tuple[pa.RecordBatch, ...] | None = None,
+        partial: Path | None = None,
+    ) -> None:
         now = time.monotonic()
-        entry = CacheEntry(key, final, schema, rows, size, now, now + self.config.ttl_seconds)
+        tier = "memory" if batches is not None else "disk"
+        path = None if partial is None else self.dir / f"{key.digest}{ENTRY_SUFFIX}"
+        entry = CacheEntry(key, schema, rows, size, now, now + self.config.ttl_seconds, batches, path)
         evicted: list[CacheEntry] = []
         with self._lock:
-            stale = any(v < self._latest.get(t, v) for t, v in key.tables)
-            if stale or key.digest in self._entries or self._closed.is_set():
-                partial.unlink(missing_ok=True)  # a newer version exists, or another stream won
-                return
-            os.replace(partial, final)
-            self._entries[key.digest] = entry
-            total = self._bytes_locked()
-            while total > self.config.max_bytes and len(self._entries) > 1:
-                _, victim = self._entries.popitem(last=False)
+            known = any(key.digest in pool for pool in self._tiers.values())
+            if known or self._is_stale_locked(entry) or self._closed.is_set():
+                return  # another stream won, or a newer version exists: nothing to keep
+            if partial is not None and path is not None:
+                os.replace(partial, path)
+            pool = self._tiers[tier]
+            pool[key.digest] = entry
+            self._used[tier] += size
+            while self._used[tier] > self._budget[tier] and pool:
+                _, victim = pool.popitem(last=False)
+                self._used[tier] -= victim.bytes
                 evicted.append(victim)
-                total -= victim.bytes
             self._gauges_locked()
         self._delete(evicted, "size")
-        log.debug("cache.stored", key=key.digest[:16], rows=rows, bytes=size, evicted=len(evicted))
+        log.debug("cache.stored", key=key.digest[:16], tier=tier, rows=rows, bytes=size, evicted=len(evicted))
 
     # --- removal ------------------------------------------------------------------------------------
     def _delete(self, entries: Sequence[CacheEntry], reason: str | None) -> None:
@@ -392,19 +461,17 @@ class ResultCache:
             return
         with self._lock:
             for e in entries:
-                e.path.unlink(missing_ok=True)
+                if e.path is not None:
+                    e.path.unlink(missing_ok=True)
             if reason is not None:
                 self.evicted[reason] += len(entries)
             self._gauges_locked()
         if reason is not None:
             self._metrics.evictions.labels(reason).inc(len(entries))
 
-    def _bytes_locked(self) -> int:
-        return sum(e.bytes for e in self._entries.values())
-
     def _gauges_locked(self) -> None:
-        self._metrics.bytes.set(self._bytes_locked())
-        self._metrics.entries.set(len(self._entries))
+        self._metrics.bytes.set(self._used["memory"] + self._used["disk"])
+        self._metrics.entries.set(sum(len(p) for p in self._tiers.values()))
 
     def invalidate(self, table: TableRef | TableKey, version: int | None = None) -> int:
         """Drop the entries that read ``table`` (those older than ``version`` when given)."""
@@ -412,13 +479,9 @@ class ResultCache:
         with self._lock:
             if version is not None:
                 self._latest[t] = max(version, self._latest.get(t, version))
-            doomed = [
-                e
-                for e in self._entries.values()
-                if any(tk == t and (version is None or v < version) for tk, v in e.key.tables)
-            ]
-            for e in doomed:
-                del self._entries[e.key.digest]
+            doomed = self._take_locked(
+                lambda e: any(tk == t and (version is None or v < version) for tk, v in e.key.tables)
+            )
         self._delete(doomed, "stale")
         return len(doomed)
 
@@ -431,13 +494,9 @@ class ResultCache:
             dropped = self._observe_versions(list(current.items()))
         now = time.monotonic()
         with self._lock:
-            expired = [e for e in self._entries.values() if e.expires <= now]
-            for e in expired:
-                del self._entries[e.key.digest]
-            stale = self._stale_locked()
+            expired = self._take_locked(lambda e: e.expires <= now)
         self._delete(expired, "expired")
-        self._delete(stale, "stale")
-        return dropped + len(expired) + len(stale)
+        return dropped + len(expired)
 
     def _sweep_loop(self, interval: float) -> None:
         while not self._closed.wait(interval):
@@ -449,8 +508,7 @@ class ResultCache:
     def clear(self) -> int:
         """Drop every entry (not counted as evictions)."""
         with self._lock:
-            doomed = list(self._entries.values())
-            self._entries.clear()
+            doomed = self._take_locked(lambda e: True)
         self._delete(doomed, None)
         return len(doomed)
 
@@ -458,9 +516,14 @@ class ResultCache:
         with self._lock:
             return {
                 "enabled": self.config.enabled,
-                "entries": len(self._entries),
-                "bytes": self._bytes_locked(),
+                "entries": sum(len(p) for p in self._tiers.values()),
+                "bytes": self._used["memory"] + self._used["disk"],
+                "memory_entries": len(self._tiers["memory"]),
+                "memory_bytes": self._used["memory"],
+                "disk_entries": len(self._tiers["disk"]),
+                "disk_bytes": self._used["disk"],
                 "max_bytes": self.config.max_bytes,
+                "max_memory_bytes": self.config.max_memory_bytes,
                 "max_entry_bytes": self.max_entry_bytes,
                 "ttl_seconds": self.config.ttl_seconds,
                 "hits": self.hits,

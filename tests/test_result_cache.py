@@ -117,8 +117,17 @@ def _files(h: Harness) -> list[str]:
     return sorted(p.name for p in h.cache.dir.iterdir())
 
 
-def test_identical_requests_hit_whatever_the_spelling(make: Any, db: Database) -> None:
-    h = make()
+# Small results live in memory, larger ones in files; "disk" forces files for every entry.
+TIERS = {"memory": {}, "disk": {"max_memory_bytes": 0}}
+
+
+@pytest.fixture(params=sorted(TIERS))
+def tier(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_identical_requests_hit_whatever_the_spelling(make: Any, tier: str) -> None:
+    h = make(**TIERS[tier])
     first, hit = h.table("SELECT i, v FROM s.nums WHERE k = ? ORDER BY i", [3])
     assert not hit and first.num_rows == 5000
     again, hit = h.table("select i,   v\n  from s.nums -- a comment\n where k = ?  order by i;", [3])
@@ -126,9 +135,13 @@ def test_identical_requests_hit_whatever_the_spelling(make: Any, db: Database) -
     assert h.executed == 1
     stats = h.cache.stats()
     assert (stats["hits"], stats["misses"], stats["entries"]) == (1, 1, 1)
-    assert stats["bytes"] == sum(p.stat().st_size for p in h.cache.dir.iterdir()) > 0
-    (entry_file,) = _files(h)
-    assert entry_file.endswith(".arrows")
+    assert stats[f"{tier}_entries"] == 1 and stats["bytes"] == stats[f"{tier}_bytes"] > 0
+    if tier == "disk":
+        (entry_file,) = _files(h)
+        assert entry_file.endswith(".arrows")
+        assert stats["bytes"] == (h.cache.dir / entry_file).stat().st_size
+    else:
+        assert _files(h) == []  # a small result never touches a file
     # The entry carries what GetFlightInfo needs without opening the file.
     _, key = h.key("SELECT i, v FROM s.nums WHERE k = ? ORDER BY i", [3])
     entry = h.cache.get(key)
@@ -147,12 +160,12 @@ def test_parameters_and_max_rows_are_part_of_the_key(make: Any) -> None:
     assert h.executed == 2
 
 
-def test_a_new_data_version_misses_and_drops_the_old_entry(make: Any, db: Database) -> None:
-    h = make()
+def test_a_new_data_version_misses_and_drops_the_old_entry(make: Any, db: Database, tier: str) -> None:
+    h = make(**TIERS[tier])
     sql = "SELECT count(*) AS n FROM s.nums"
     assert h.table(sql)[0].column(0)[0].as_py() == 50000
     assert h.table(sql)[1] is True
-    (old_file,) = _files(h)
+    old_file = _files(h)[0] if tier == "disk" else "none"
     with db.transaction() as cur:
         cur.execute("INSERT INTO s.nums VALUES (50000, 0, 'new')")
         TableCatalog.bump_version(cur, TableRef("s", "nums"))
@@ -161,9 +174,9 @@ def test_a_new_data_version_misses_and_drops_the_old_entry(make: Any, db: Databa
         _, key = h.key(sql)
         assert key is not None
         assert old_file not in _files(h)
+        assert h.cache.stats()["evicted"]["stale"] == 1 and h.cache.stats()["entries"] == 0
         table, hit = h.table(sql)
         assert not hit and table.column(0)[0].as_py() == 50001
-        assert h.cache.stats()["evicted"]["stale"] == 1
         assert h.table(sql)[1] is True
     finally:
         with db.transaction() as cur:
@@ -183,27 +196,31 @@ def test_sweeper_drops_entries_of_changed_tables_without_a_lookup(make: Any, db:
     assert h.table("SELECT max(i) FROM s.nums")[1] is True
 
 
-def test_lru_eviction_by_total_size(make: Any) -> None:
-    probe = make()
+def test_lru_eviction_by_total_size(make: Any, tier: str) -> None:
+    probe = make(**TIERS[tier])
     one, _ = probe.table("SELECT * FROM s.nums WHERE k = 0")
     size = probe.cache.stats()["bytes"]
     assert one.num_rows == 5000 and size > 0
     # Room for three entries of this size, not four.
-    h = make(max_bytes=int(size * 3.5), max_entry_bytes=size * 2)
+    budget = int(size * 3.5)
+    if tier == "disk":
+        h = make(max_bytes=budget, max_entry_bytes=size * 2, max_memory_bytes=0)
+    else:
+        h = make(max_memory_bytes=budget)
     for k in (0, 1, 2):
         h.table("SELECT * FROM s.nums WHERE k = ?", [k])
     assert h.table("SELECT * FROM s.nums WHERE k = ?", [0])[1] is True  # 0 is now most recent
     h.table("SELECT * FROM s.nums WHERE k = ?", [3])  # evicts 1, the least recently used
     stats = h.cache.stats()
-    assert stats["entries"] == 3 and stats["evicted"]["size"] == 1 and stats["bytes"] <= size * 3.5
-    assert len(_files(h)) == 3
+    assert stats["entries"] == 3 and stats["evicted"]["size"] == 1 and stats["bytes"] <= budget
+    assert len(_files(h)) == (3 if tier == "disk" else 0)
     hits = {k: h.table("SELECT * FROM s.nums WHERE k = ?", [k])[1] for k in (0, 2, 3)}
     assert hits == {0: True, 2: True, 3: True}
     assert h.table("SELECT * FROM s.nums WHERE k = ?", [1])[1] is False
 
 
-def test_results_above_the_entry_limit_stream_but_are_not_cached(make: Any) -> None:
-    h = make(max_entry_bytes=50_000)
+def test_results_above_the_entry_limit_stream_but_are_not_cached(make: Any, tier: str) -> None:
+    h = make(max_entry_bytes=50_000, **TIERS[tier])
     table, hit = h.table("SELECT * FROM s.nums")
     assert not hit and table.num_rows == 50000  # the client got every row
     assert h.cache.stats()["too_large"] == 1 and h.cache.stats()["entries"] == 0
@@ -211,8 +228,19 @@ def test_results_above_the_entry_limit_stream_but_are_not_cached(make: Any) -> N
     assert h.table("SELECT * FROM s.nums")[1] is False
 
 
-def test_abandoned_and_failed_streams_leave_nothing(make: Any) -> None:
-    h = make()
+def test_results_beyond_the_memory_threshold_spill_to_a_file(make: Any) -> None:
+    h = make()  # defaults: entries up to 1 MiB in memory
+    table, _ = h.table("SELECT * FROM s.nums")  # ~1.3 MB
+    assert table.nbytes > 1024 * 1024
+    stats = h.cache.stats()
+    assert (stats["memory_entries"], stats["disk_entries"]) == (0, 1)
+    assert len(_files(h)) == 1
+    again, hit = h.table("SELECT * FROM s.nums")
+    assert hit and again.equals(table)
+
+
+def test_abandoned_and_failed_streams_leave_nothing(make: Any, tier: str) -> None:
+    h = make(**TIERS[tier])
     reader, hit = h.run("SELECT * FROM s.nums")
     assert not hit
     reader.read_next_batch()
