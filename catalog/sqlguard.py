@@ -629,6 +629,7 @@ class _Walk:
         self.visit(node, frozenset())
         for entry in stmt.get("named_param_map") or []:
             self.parameter(str(entry.get("key", "")))
+        self.children(stmt, frozenset(), skip=frozenset({"node", "named_param_map"}))
 
     # --- dispatch -------------------------------------------------------------------------
     def visit(self, value: Any, scope: frozenset[str]) -> None:
@@ -657,8 +658,8 @@ class _Walk:
         elif kind in _PLAIN_NODES or kind.endswith("_TYPE_INFO"):
             self.children(value, scope)
         else:
-            # RECURSIVE_CTE_NODE only where a CTE body is expected (cte_body), CTE_NODE, COLUMN_DATA,
-            # DELIM_GET, and whatever a future DuckDB adds: refused until understood.
+            # RECURSIVE_CTE_NODE outside a WITH (see with_ctes), CTE_NODE, COLUMN_DATA, DELIM_GET,
+            # and whatever a future DuckDB adds: refused until understood.
             raise PermissionDenied(
                 f"the query uses a construct the SQL guard does not support ({kind}); {_QUERIES_ONLY}"
             )
