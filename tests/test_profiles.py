@@ -4,6 +4,7 @@ profile until the version moves."""
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 
 from catalog import InvalidArgument, TableRef
@@ -23,6 +25,7 @@ from flight_server.profiles import (
     profile_table,
 )
 from quiver.demo import seed_sql
+from tests.harness import Server, call_options, error_info
 
 NUMERIC = ("BIGINT", "INTEGER", "DOUBLE", "DECIMAL", "HUGEINT", "UTINYINT", "FLOAT")
 TEMPORAL = ("TIMESTAMP", "DATE", "TIME")
@@ -278,3 +281,37 @@ def test_cache_is_bounded(fresh_db: Database) -> None:
     cache.profile(ref, ["Y", "y"])  # a third key evicts the least recently used
     assert cache.stats()["entries"] == 2
     assert cache.invalidate(ref) == 2 and cache.stats()["entries"] == 0
+
+
+# --- through the Flight server ----------------------------------------------------------------
+
+
+def _profile(server: Server, token: str, table: str) -> pa.Table:
+    client = server.flight()
+    descriptor = flight.FlightDescriptor.for_command(json.dumps({"kind": "profile", "table": table}))
+    info = client.get_flight_info(descriptor, call_options(token))
+    return pa.concat_tables(client.do_get(e.ticket, call_options(token)).read_all() for e in info.endpoints)
+
+
+def test_flight_profile_is_cached_per_version_and_governed(server: Server) -> None:
+    agent = server.demo_token
+    assert agent is not None
+    before = server.http().get("/v1/status").json()["profiles"]
+    first = _profile(server, agent, "demo.orders")
+    assert first.schema.equals(PROFILE_SCHEMA)
+    with server.catalog.db.reading() as cur:
+        expected = cur.sql("SELECT * FROM demo.orders LIMIT 0").columns
+        rows = _one(cur, "SELECT count(*) FROM demo.orders")
+    assert first.column("name").to_pylist() == expected
+    assert set(first.column("count").to_pylist()) == {rows}
+    again = _profile(server, server.admin_token, "demo.orders")  # admins share the entry
+    assert again.equals(first)
+    after = server.http().get("/v1/status").json()["profiles"]
+    assert after["computed"] == before["computed"] + 1 and after["hits"] >= before["hits"] + 1
+
+    # Not readable (system schema, unknown table): the same refusal, nothing computed.
+    for table in ("_quiver.tokens", "demo.nope"):
+        with pytest.raises(flight.FlightUnauthorizedError) as err:
+            _profile(server, agent, table)
+        assert error_info(err.value)["code"] == "PERMISSION_DENIED"
+    assert server.http().get("/v1/status").json()["profiles"]["computed"] == after["computed"]
