@@ -311,6 +311,15 @@ def _run(work: Path) -> str:
     lines += [
         f"| {r.measure} | {r.figure} | {r.reference} | {r.ratio} | {r.target} | {r.met} |" for r in rows
     ]
+    if quiver.get("diagnostics"):
+        lines += [
+            "",
+            "Diagnostics (where the time goes; no targets):",
+            "",
+            "| measure | figure |",
+            "| --- | --- |",
+        ]
+        lines += [f"| {name} | {figure} |" for name, figure in quiver["diagnostics"]]
     if quiver.get("cache"):
         lines += ["", f"Result cache after the run: `{json.dumps(quiver['cache'])}`"]
     _say("\n".join(lines))
@@ -398,6 +407,7 @@ def _bench_quiver(work: Path, db_path: Path, keys: list[int]) -> dict[str, Any]:
         out["point_p50"], out["point_p99"] = _pct(point, 50), _pct(point, 99)
         out["point_qps"] = len(point) / sum(point)
         _say(f"quiver point query: p50 {out['point_p50'] * 1e3:.3f} ms, p99 {out['point_p99'] * 1e3:.3f} ms")
+        out["diagnostics"] = _diagnose(url, token, client, keys, proc.pid)
 
         # Concurrency: CLIENTS clients at once, each with its own connection.
         clients = [QuiverClient(url, t) for t in tokens]
@@ -419,6 +429,74 @@ def _bench_quiver(work: Path, db_path: Path, keys: list[int]) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 c.close()
         http.close()
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _diagnose(url: str, token: str, client: Any, keys: list[int], pid: int) -> list[tuple[str, str]]:
+    """Where the time goes: figures for the lead, not targets."""
+    raw = flight.FlightClient(url)
+    opts = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())])
+    out: list[tuple[str, str]] = []
+
+    whoami = _latencies(lambda _k: list(raw.do_action(flight.Action("whoami", b""), opts)), keys)
+    out.append(("authenticated no-op RPC (`whoami` action) p50", f"{_pct(whoami, 50) * 1e3:.3f} ms"))
+
+    infos: list[float] = []
+    gets: list[float] = []
+
+    def split(k: int) -> None:
+        cmd = json.dumps({"kind": "query", "sql": POINT_SQL, "params": [k]}).encode()
+        t0 = time.perf_counter()
+        info = raw.get_flight_info(flight.FlightDescriptor.for_command(cmd), opts)
+        t1 = time.perf_counter()
+        for e in info.endpoints:
+            raw.do_get(e.ticket, opts).read_all()
+        t2 = time.perf_counter()
+        infos.append(t1 - t0)
+        gets.append(t2 - t1)
+
+    for k in keys:
+        split(k + 7)
+    out.append(
+        (
+            "point query GetFlightInfo p50 / DoGet p50 (raw pyarrow client)",
+            f"{_pct(infos, 50) * 1e3:.3f} ms / {_pct(gets, 50) * 1e3:.3f} ms",
+        )
+    )
+
+    same = _latencies(lambda _k: client.query(POINT_SQL, [keys[0]]), keys[:100], warmup=5)
+    out.append(("point query answered by the result cache (same key) p50", f"{_pct(same, 50) * 1e3:.3f} ms"))
+
+    info = client.info(flight.FlightDescriptor.for_path("bench", "t"))
+    cpu0, t0 = _cpu_seconds(pid), time.perf_counter()
+    client.fetch(info)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(pid) - cpu0
+    out.append(
+        (
+            "full scan: server CPU seconds / wall seconds (2 cores = 2.0 max)",
+            f"{cpu:.2f} / {wall:.2f} = {cpu / wall:.2f}",
+        )
+    )
+    t0 = time.perf_counter()
+    for e in info.endpoints:
+        raw.do_get(e.ticket, opts).read_all()
+    serial = time.perf_counter() - t0
+    info = client.info(flight.FlightDescriptor.for_path("bench", "t"))
+    out.append(
+        (
+            f"full scan, {len(info.endpoints)} endpoints read one after another (no parallelism)",
+            f"{serial:.3f} s",
+        )
+    )
+    raw.close()
+    for name, figure in out:
+        _say(f"diagnostic: {name}: {figure}")
     return out
 
 
