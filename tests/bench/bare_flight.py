@@ -4,7 +4,8 @@ no DuckDB — Arrow tables held in memory, each streamed as one endpoint.
     python -m tests.bench.bare_flight PORT NAME=FILE.arrow [NAME=FILE.arrow ...]
 
 Each file (Arrow IPC file format) is read into memory at start; a descriptor ``CMD NAME``
-answers one endpoint whose ticket streams that table. Prints ``ready`` when serving.
+answers one endpoint whose ticket streams that table, ``CMD NAME/N`` answers N endpoints,
+each streaming one contiguous slice. Prints ``ready`` when serving.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ class BareServer(flight.FlightServerBase):
         super().__init__(location)
         self.tables = tables
 
-    def _table(self, name: bytes) -> pa.Table:
-        table = self.tables.get(name.decode())
+    def _table(self, name: str) -> pa.Table:
+        table = self.tables.get(name)
         if table is None:
             raise flight.FlightServerError(f"no table {name!r}")
         return table
@@ -29,12 +30,17 @@ class BareServer(flight.FlightServerBase):
     def get_flight_info(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
-        table = self._table(descriptor.command)
-        endpoint = flight.FlightEndpoint(descriptor.command, [])
-        return flight.FlightInfo(table.schema, descriptor, [endpoint], table.num_rows, table.nbytes)
+        name, _, parts = descriptor.command.decode().partition("/")
+        table = self._table(name)
+        n = int(parts or 1)
+        endpoints = [flight.FlightEndpoint(f"{name}/{i}/{n}".encode(), []) for i in range(n)]
+        return flight.FlightInfo(table.schema, descriptor, endpoints, table.num_rows, table.nbytes)
 
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
-        return flight.RecordBatchStream(self._table(ticket.ticket))
+        name, i, n = ticket.ticket.decode().split("/")
+        table = self._table(name)
+        start, stop = table.num_rows * int(i) // int(n), table.num_rows * (int(i) + 1) // int(n)
+        return flight.RecordBatchStream(table.slice(start, stop - start))
 
 
 def main(argv: list[str]) -> int:
