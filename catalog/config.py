@@ -75,6 +75,8 @@ class ResultsConfig(_Section):
     timeout_seconds: PositiveFloat = 600.0
     # A result larger than this fails with RESOURCE_EXHAUSTED (protects the disk).
     max_result_bytes: PositiveInt = 2 * 1024**3
+    # All kept and running results together: a query that would exceed it fails the same way.
+    max_total_bytes: PositiveInt = 8 * 1024**3
 
 
 class CacheConfig(_Section):

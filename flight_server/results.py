@@ -15,7 +15,8 @@ Rules:
 - Each principal may have ``[results] max_active_per_principal`` queries queued or running
   (beyond: RESOURCE_EXHAUSTED); ``[results] workers`` run at once, the rest wait "queued".
 - A running query is interrupted after ``[results] timeout_seconds`` (DEADLINE_EXCEEDED) and
-  a result larger than ``[results] max_result_bytes`` fails (RESOURCE_EXHAUSTED).
+  a result larger than ``[results] max_result_bytes`` fails (RESOURCE_EXHAUSTED), as does one
+  that would take the results kept on disk beyond ``[results] max_total_bytes``.
 - Status and result stay ``[results] ttl_seconds`` after the query finished; a sweeper
   deletes them then. Results live in memory and on local disk only: a restart forgets them.
 
@@ -223,6 +224,8 @@ class QueryManager:
         self._metrics = _Metrics(registry)
         self._queries: dict[str, _Query] = {}
         self._lock = threading.Lock()
+        # Bytes on disk: results kept plus results being written.
+        self._disk_bytes = 0
         self._closed = threading.Event()
         results_dir.mkdir(parents=True, exist_ok=True)
         results_dir.chmod(0o700)
@@ -324,20 +327,32 @@ class QueryManager:
     def _write(self, query: _Query, reader: pa.RecordBatchReader, partial: Path) -> None:
         """Stream the reader into an Arrow IPC stream file, batch by batch: memory stays at
         one batch whatever the result's size, and status shows the progress."""
-        limit = self.config.max_result_bytes
+        limit, total = self.config.max_result_bytes, self.config.max_total_bytes
         with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, reader.schema) as writer:
             query.schema = reader.schema
             for batch in reader:
                 writer.write_batch(batch)
                 query.rows += batch.num_rows
-                query.bytes = sink.tell()
+                grew = sink.tell() - query.bytes
+                with self._lock:
+                    query.bytes += grew
+                    self._disk_bytes += grew
+                    over_total = self._disk_bytes > total
                 if query.bytes > limit:
                     raise ResourceExhausted(
                         f"the result exceeds {limit} bytes ([results] max_result_bytes); "
                         "select fewer columns or rows, or aggregate"
                     )
+                if over_total:
+                    raise ResourceExhausted(
+                        f"the results kept on this server would exceed {total} bytes ([results] "
+                        "max_total_bytes); fetch and let earlier results expire, or ask for less"
+                    )
                 self._check_cancel(query)
-        query.bytes = partial.stat().st_size
+        grew = partial.stat().st_size - query.bytes  # the end-of-stream marker
+        with self._lock:
+            query.bytes += grew
+            self._disk_bytes += grew
 
     @staticmethod
     def _check_cancel(query: _Query) -> None:
@@ -376,6 +391,8 @@ class QueryManager:
 
     def _finish(self, query: _Query, outcome: QueryState) -> None:
         with self._lock:
+            if outcome != "succeeded":  # its partial file is gone
+                self._disk_bytes -= query.bytes
             query.state = outcome
             query.finished = time.monotonic()
             query.finished_at = time.time()
@@ -518,6 +535,8 @@ class QueryManager:
             expired = [q for q in self._queries.values() if q.expires is not None and q.expires <= now]
             for q in expired:
                 del self._queries[q.id]
+                if q.state == "succeeded":
+                    self._disk_bytes -= q.bytes
             self._metrics.result_bytes.set(self._result_bytes())
         for q in expired:
             q.path.unlink(missing_ok=True)

@@ -350,3 +350,18 @@ def test_flight_async_refusals(server: Server) -> None:
     with pytest.raises(flight.FlightCancelledError) as err:
         client.get_flight_info(descriptor, call_options(agent))
     assert error_info(err.value)["code"] == "CANCELLED"
+
+
+def test_total_bytes_of_kept_results_is_bounded(make: Any) -> None:
+    m = make(max_total_bytes=600_000)
+    first = submit(m, ALICE, "SELECT * FROM nums WHERE i < 20000")
+    size = wait_state(m, ALICE, first, ("succeeded",))["bytes"]
+    assert 200_000 < size < 600_000
+    second = submit(m, BOB, "SELECT * FROM nums")  # would take the total beyond the budget
+    status = wait_state(m, BOB, second, ("failed",))
+    assert status["error"]["code"] == "RESOURCE_EXHAUSTED" and "max_total_bytes" in status["error"]["detail"]
+    # The failed one released its bytes: a small one still fits, and the first is intact.
+    third = submit(m, BOB, "SELECT * FROM nums WHERE i < 100")
+    assert wait_state(m, BOB, third, ("succeeded",))["rows"] == 100
+    assert m.open_result(ALICE, first)[1].read_all().num_rows == 20000
+    assert m.stats()["result_bytes"] == size + m.status(BOB, third)["bytes"]
