@@ -79,6 +79,8 @@ class SqlPart:
     params: tuple[Any, ...] = ()
     limit: int | None = None
     layout: Layout | None = None
+    # The guard's normalized SQL when the result may be served from the result cache.
+    normalized: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +255,7 @@ class Planner:
         guarded = self.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
         schema = self.query_schema(guarded, params)
-        part = SqlPart(guarded.sql, params, limit=cap)
+        part = SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
         label = f"query:{guarded.fingerprint[:12]}"
         return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True)
 
@@ -299,8 +301,9 @@ class Planner:
             return hit[1]
 
         def bind(cur: duckdb.DuckDBPyConnection) -> pa.Schema:
-            rel = cur.sql(guarded.sql + "\n", params=list(params) or None)
-            return rel.limit(0).to_arrow_table().schema
+            # DuckDB plans LIMIT 0 as an empty result: nothing below it executes.
+            rel = cur.sql(f"SELECT * FROM (\n{guarded.sql}\n) LIMIT 0", params=list(params) or None)
+            return rel.to_arrow_table().schema
 
         schema = self._probe(bind)
         self._schemas[key] = (now + self.SCHEMA_CACHE_SECONDS, schema)

@@ -108,21 +108,8 @@ def _clean(message: str, line_offset: int = 0) -> str:
     return f"{head} ({context})" if context else head
 
 
-_wrap_offset: int | None = None
-
-
-def wrap_line_offset() -> int:
-    """How many lines DuckDB's relation ``.limit()`` puts before the caller's SQL in the
-    ``LINE n`` of an error (measured once: it is DuckDB's rendering, not ours)."""
-    global _wrap_offset
-    if _wrap_offset is None:
-        try:
-            duckdb.connect(":memory:").sql("SELECT 'x'::INTEGER").limit(1).to_arrow_table()
-            _wrap_offset = 0
-        except duckdb.Error as e:
-            m = re.search(r"LINE (\d+):", str(e))
-            _wrap_offset = int(m.group(1)) - 1 if m else 0
-    return _wrap_offset
+#: Lines Quiver puts before the caller's SQL when it caps the rows (streams.limited).
+WRAP_LINES = 1
 
 
 def duckdb_error(
@@ -144,7 +131,7 @@ def duckdb_error(
     if isinstance(exc, duckdb.PermissionException):
         return PermissionDenied(_clean(str(exc)))
     if isinstance(exc, _CALLER_ERRORS):
-        return InvalidArgument(_clean(str(exc), wrap_line_offset() if wrapped else 0))
+        return InvalidArgument(_clean(str(exc), WRAP_LINES if wrapped else 0))
     return _Internal(exc)
 
 
@@ -236,3 +223,53 @@ def install_traceback_filter() -> None:
 
 
 _SENTINEL: Any = object()
+
+
+# --- errors in the middle of a stream fed by Python -------------------------------------------------
+# DuckDB's C stream reports a failure after the first batch as an Arrow error (OSError,
+# ArrowInvalid) whose message is DuckDB's own ("Conversion Error: …", "INTERRUPT Error: …").
+_MESSAGE_CODES: tuple[tuple[str, type[QuiverError]], ...] = (
+    ("Conversion Error", InvalidArgument),
+    ("Invalid Input Error", InvalidArgument),
+    ("Out of Range Error", InvalidArgument),
+    ("Binder Error", InvalidArgument),
+    ("Parser Error", InvalidArgument),
+    ("Catalog Error", InvalidArgument),
+    ("Type Mismatch Error", InvalidArgument),
+    ("Not implemented Error", InvalidArgument),
+    ("Permission Error", PermissionDenied),
+)
+
+
+def stream_error(
+    exc: BaseException,
+    request_id: str,
+    *,
+    timed_out: bool,
+    timeout_seconds: float,
+    wrapped: bool = False,
+) -> flight.FlightError:
+    """The FlightError for a failure raised while a Python generator feeds a stream."""
+    if isinstance(exc, flight.FlightError):
+        return exc
+    if isinstance(exc, duckdb.Error):
+        return map_exception(
+            exc,
+            request_id,
+            "do_get.stream",
+            timed_out=timed_out,
+            timeout_seconds=timeout_seconds,
+            wrapped=wrapped,
+        )
+    if isinstance(exc, QuiverError):
+        return flight_error(exc)
+    message = str(exc).strip()
+    if message.startswith("INTERRUPT Error"):
+        interrupted = duckdb.InterruptException(message)
+        return flight_error(duckdb_error(interrupted, timed_out=timed_out, timeout_seconds=timeout_seconds))
+    if message.startswith("Out of Memory Error"):
+        return flight_error(duckdb_error(duckdb.OutOfMemoryException(message)))
+    for prefix, cls in _MESSAGE_CODES:
+        if message.startswith(prefix):
+            return flight_error(cls(_clean(message, WRAP_LINES if wrapped else 0)))
+    return internal_error(exc, request_id, "do_get.stream")

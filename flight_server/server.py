@@ -33,6 +33,7 @@ from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
 from catalog.policy import NOT_READABLE
 from catalog.sqlguard import SqlGuard
 from flight_server import commands
+from flight_server.cache import ResultCache
 from flight_server.endpoints import Plan, Planner, SplitOptions
 from flight_server.errors import (
     duckdb_error,
@@ -45,7 +46,7 @@ from flight_server.middleware import AuthMiddlewareFactory, CallState
 from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
 from flight_server.results import PreparedQuery, QueryManager
-from flight_server.streams import BATCH_ROWS, Streamer
+from flight_server.streams import BATCH_ROWS, Streamer, limited
 from flight_server.tickets import TicketStore
 
 log = structlog.get_logger("flight_server")
@@ -110,7 +111,8 @@ class QuiverFlightServer(flight.FlightServerBase):
             split or SplitOptions(),
             self._probe,
         )
-        self.streamer = Streamer(catalog, self.watchdog, self.profiles, self.queries)
+        self.cache = ResultCache.for_catalog(catalog)
+        self.streamer = Streamer(catalog, self.watchdog, self.profiles, self.queries, self.cache)
         catalog.status_sections["queries"] = self._status
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------
@@ -210,14 +212,17 @@ class QuiverFlightServer(flight.FlightServerBase):
 
     def _probe(self, bind: Callable[[duckdb.DuckDBPyConnection], pa.Schema]) -> pa.Schema:
         """Bind a query for its schema on a cursor of its own, under the query timeout (binding
-        does not execute, but a pathological plan must not hold a thread forever)."""
+        does not execute, but a pathological plan must not hold a thread forever). ``bind``
+        wraps the caller's SQL (``LIMIT 0``), hence ``wrapped`` for DuckDB's line numbers."""
         seconds = float(self.catalog.config.limits.query_timeout_seconds)
         with self.catalog.db.reading() as cur:
             deadline = self.watchdog.arm(seconds, cur.interrupt)
             try:
                 return bind(cur)
             except duckdb.Error as e:
-                raise duckdb_error(e, timed_out=deadline.fired, timeout_seconds=seconds) from None
+                raise duckdb_error(
+                    e, timed_out=deadline.fired, timeout_seconds=seconds, wrapped=True
+                ) from None
             finally:
                 Watchdog.disarm(deadline)
 
@@ -283,10 +288,10 @@ class QuiverFlightServer(flight.FlightServerBase):
         guarded = self.planner.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
         self.planner.query_schema(guarded, params)  # binder errors now, not after queueing
-        sql = guarded.sql + "\n"
+        sql = limited(guarded.sql, cap)
 
         def run(cur: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
-            return cur.sql(sql, params=list(params) or None).limit(cap).to_arrow_reader(BATCH_ROWS)
+            return cur.sql(sql, params=list(params) or None).to_arrow_reader(BATCH_ROWS)
 
         return PreparedQuery(run=run, sql=guarded.sql)
 
@@ -332,6 +337,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         """Stop accepting calls and wait for running ones, then stop async queries."""
         super().shutdown()
         self.queries.close()
+        self.cache.close()
         self.watchdog.stop()
 
 
