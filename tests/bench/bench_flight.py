@@ -3,15 +3,19 @@
 A DuckDB file with a synthetic table ``bench.t`` (ints, doubles, strings, timestamps;
 ``QUIVER_BENCH_ROWS``, default 5,000,000 rows) is measured
 
-- in-process: ``duckdb … .to_arrow_table()`` — the limit — and a point query's own execution;
-- through a real ``quiver serve`` (a subprocess, agent token, SQL guard, parallel endpoints)
-  read with the agent client :class:`flight_server.client.QuiverClient`;
-- through a bare single-stream ``pyarrow.flight`` server holding the same table in memory
-  (tests/bench/bare_flight.py, a subprocess);
+- in-process: ``duckdb … .to_arrow_table()`` — the limit — and a point query's own execution
+  (on a byte-for-byte copy of the file, since the server holds the original's lock);
+- through a real ``quiver serve`` (a subprocess, agent tokens, SQL guard, result cache,
+  parallel endpoints) read with the agent client :class:`flight_server.client.QuiverClient`;
+- through a bare ``pyarrow.flight`` server holding the same table in memory
+  (tests/bench/bare_flight.py, a subprocess), as one stream and as N parallel endpoints;
 - through ROAPI's Flight SQL endpoint on the same rows (Parquet), read with the ADBC driver.
 
-Each figure is the median of ``QUIVER_BENCH_REPS`` repetitions (default 5); point queries
-report p50/p99 over ``QUIVER_BENCH_POINTS`` random keys (default 300).
+All servers run at once and every repetition measures every contender back to back (point
+queries: each key against each contender in turn), so a load spike from elsewhere on the
+machine hits all of them alike and the ratios stay meaningful. Figures are medians of
+``QUIVER_BENCH_REPS`` repetitions (default 5); point queries report p50/p99 over
+``QUIVER_BENCH_POINTS`` random keys (default 300).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,32 +75,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _median_seconds(fn: Callable[[], Any], reps: int = REPS, warmup: int = 1) -> tuple[float, Any]:
-    last = None
-    for _ in range(warmup):
-        last = fn()
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        last = fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), last
-
-
-def _latencies(fn: Callable[[int], Any], keys: list[int], warmup: int = 20) -> list[float]:
-    for k in keys[:warmup]:
-        fn(k)
-    out = []
-    for k in keys:
-        started = time.perf_counter()
-        fn(k)
-        out.append(time.perf_counter() - started)
-    return out
-
-
 def _pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, what: str, timeout: float = 120) -> None:
@@ -131,6 +117,12 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Row:
     measure: str
@@ -141,7 +133,20 @@ class Row:
     met: str = ""
 
 
-# --- the run -------------------------------------------------------------------------------------
+# --- the contenders ------------------------------------------------------------------------------
+
+
+@dataclass
+class Contenders:
+    """Everything that answers a full scan or a point query, ready to be timed."""
+
+    scans: dict[str, Callable[[], int]]
+    points: dict[str, Callable[[int], Any]]
+    quiver_url: str
+    tokens: list[str]
+    quiver_pid: int
+    http: httpx.Client
+    endpoints: int
 
 
 def run() -> str:
@@ -152,239 +157,105 @@ def run() -> str:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(work: Path) -> str:
-    rows: list[Row] = []
-    rng = random.Random(20240601)
-    keys = [rng.randrange(ROWS) for _ in range(POINTS)]
+def _build(work: Path, keys: list[int]) -> tuple[Path, Path, float]:
+    """The DuckDB file, a copy for in-process reads, Arrow/Parquet exports of the table."""
     db_path = work / "warehouse.duckdb"
-
-    # 1. Data and the in-process limit (before the server holds the file's lock).
     started = time.perf_counter()
-    con = duckdb.connect(str(db_path))
-    con.execute(TABLE_SQL.format(rows=ROWS))
-    con.execute("CHECKPOINT")
-    _say(f"built bench.t: {ROWS:,} rows in {time.perf_counter() - started:.1f} s")
-    duck_s, table = _median_seconds(lambda: con.sql("SELECT * FROM bench.t").to_arrow_table())
-    mb = table.nbytes / 1e6
-    _say(
-        f"in-process duckdb full scan: {duck_s:.3f} s ({ROWS / duck_s / 1e6:.1f} M rows/s, {mb / duck_s:.0f} MB/s)"
-    )
-    duck_point = _latencies(lambda k: con.sql(POINT_SQL, params=[k]).to_arrow_table(), keys)
-    duck_fetch = _latencies(lambda k: con.execute(POINT_SQL, [k]).fetchall(), keys)
-    _say(
-        f"in-process duckdb point query: p50 {_pct(duck_point, 50) * 1e3:.3f} ms (Arrow), "
-        f"{_pct(duck_fetch, 50) * 1e3:.3f} ms (fetchall)"
-    )
-    tiny = con.sql(POINT_SQL, params=[keys[0]]).to_arrow_table()
-    con.close()
-
-    big_file, tiny_file, parquet_file = work / "t.arrow", work / "tiny.arrow", work / "t.parquet"
-    for path, data in ((big_file, table), (tiny_file, tiny)):
+    with duckdb.connect(str(db_path)) as con:
+        con.execute(TABLE_SQL.format(rows=ROWS))
+        con.execute("CHECKPOINT")
+        table = con.sql("SELECT * FROM bench.t").to_arrow_table()
+        tiny = con.sql(POINT_SQL, params=[keys[0]]).to_arrow_table()
+    copy = work / "inprocess.duckdb"
+    shutil.copyfile(db_path, copy)
+    for path, data in ((work / "t.arrow", table), (work / "tiny.arrow", tiny)):
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, data.schema) as writer:
             writer.write_table(data)
-    pq.write_table(table, parquet_file, row_group_size=1_000_000)
-    del table
+    pq.write_table(table, work / "t.parquet", row_group_size=1_000_000)
+    mb = table.nbytes / 1e6
+    _say(f"built bench.t: {ROWS:,} rows, {mb:.0f} MB as Arrow, in {time.perf_counter() - started:.1f} s")
+    return db_path, copy, mb
 
-    # 2. A bare single-stream Flight server holding the table in memory.
+
+def _run(work: Path) -> str:
+    rng = random.Random(20240601)
+    keys = [rng.randrange(ROWS) for _ in range(POINTS)]
+    db_path, copy, mb = _build(work, keys)
+
+    with contextlib.ExitStack() as stack:
+        c = _start_all(stack, work, db_path, copy)
+
+        # Full scans: every contender once per repetition, in turn.
+        for name, scan in c.scans.items():  # warm-up (and a correctness check)
+            n = scan()
+            assert n == ROWS, (name, n)
+        scan_times: dict[str, list[float]] = {name: [] for name in c.scans}
+        for _ in range(REPS):
+            for name, scan in c.scans.items():
+                started = time.perf_counter()
+                scan()
+                scan_times[name].append(time.perf_counter() - started)
+        scan_s = {name: statistics.median(ts) for name, ts in scan_times.items()}
+        for name, s in scan_s.items():
+            _say(f"full scan, {name}: {s:.3f} s ({ROWS / s / 1e6:.1f} M rows/s)")
+
+        # Point queries: each key against each contender in turn.
+        for k in keys[:20]:
+            for point in c.points.values():
+                point(k)
+        point_times: dict[str, list[float]] = {name: [] for name in c.points}
+        for k in keys:
+            for name, point in c.points.items():
+                started = time.perf_counter()
+                point(k)
+                point_times[name].append(time.perf_counter() - started)
+        for name, ts in point_times.items():
+            _say(f"point, {name}: p50 {_ms(_pct(ts, 50))}, p99 {_ms(_pct(ts, 99))}")
+
+        diagnostics = _diagnose(c, keys)
+        concurrency = _concurrency(c, keys)
+        cache = c.http.get("/v1/status").json().get("cache")
+
+    return _report(mb, scan_s, point_times, concurrency, diagnostics, cache, c.endpoints)
+
+
+def _start_all(stack: contextlib.ExitStack, work: Path, db_path: Path, copy: Path) -> Contenders:
+    scans: dict[str, Callable[[], int]] = {}
+    points: dict[str, Callable[[int], Any]] = {}
+
+    # In-process DuckDB on the copy.
+    con = stack.enter_context(duckdb.connect(str(copy)))
+    scans["in-process duckdb"] = lambda: con.sql("SELECT * FROM bench.t").to_arrow_table().num_rows
+    points["in-process duckdb (Arrow)"] = lambda k: con.sql(POINT_SQL, params=[k]).to_arrow_table()
+    points["in-process duckdb (fetchall)"] = lambda k: con.execute(POINT_SQL, [k]).fetchall()
+
+    # The bare Flight server.
     port = _free_port()
-    bare_args = [
-        sys.executable,
-        "-m",
-        "tests.bench.bare_flight",
-        str(port),
-        f"big={big_file}",
-        f"tiny={tiny_file}",
-    ]
-    with _process(bare_args, work / "bare.log", "bare flight server", port):
-        bare = flight.FlightClient(f"grpc://127.0.0.1:{port}")
-        big_ticket = bare.get_flight_info(flight.FlightDescriptor.for_command(b"big")).endpoints[0].ticket
-        bare_s, got = _median_seconds(lambda: bare.do_get(big_ticket).read_all())
-        assert got.num_rows == ROWS
-        del got
-        _say(f"bare pyarrow.flight single stream: {bare_s:.3f} s ({ROWS / bare_s / 1e6:.1f} M rows/s)")
-        split = bare.get_flight_info(flight.FlightDescriptor.for_command(f"big/{CLIENTS}".encode()))
-
-        def bare_parallel() -> pa.Table:
-            with ThreadPoolExecutor(len(split.endpoints)) as pool:
-                parts = list(pool.map(lambda e: bare.do_get(e.ticket).read_all(), split.endpoints))
-            return pa.concat_tables(parts)
-
-        bare_par_s, got = _median_seconds(bare_parallel)
-        assert got.num_rows == ROWS
-        del got
-        _say(
-            f"bare pyarrow.flight, {CLIENTS} endpoints in parallel: {bare_par_s:.3f} s ({ROWS / bare_par_s / 1e6:.1f} M rows/s)"
-        )
-
-        def bare_round_trip(_k: int) -> None:
-            info = bare.get_flight_info(flight.FlightDescriptor.for_command(b"tiny"))
-            bare.do_get(info.endpoints[0].ticket).read_all()
-
-        bare_rt = _latencies(bare_round_trip, keys)
-        _say(f"bare round trip (GetFlightInfo + DoGet, 1 row): p50 {_pct(bare_rt, 50) * 1e3:.3f} ms")
-        bare.close()
-
-    # 3. ROAPI's Flight SQL endpoint on the same rows.
-    roapi_s = _bench_roapi(work, parquet_file)
-
-    # 4. Quiver.
-    quiver = _bench_quiver(work, db_path, keys)
-
-    # --- the table ---------------------------------------------------------------------------
-    def ratio(a: float, b: float) -> float:
-        return a / b if b else float("nan")
-
-    q_scan = quiver["scan_s"]
-    r_duck = ratio(duck_s, q_scan)
-    rows.append(
-        Row(
-            "full scan, in-process duckdb `.to_arrow_table()`",
-            f"{duck_s:.3f} s ({ROWS / duck_s / 1e6:.1f} M rows/s)",
-        )
+    args = [sys.executable, "-m", "tests.bench.bare_flight", str(port)]
+    args += [f"big={work / 't.arrow'}", f"tiny={work / 'tiny.arrow'}"]
+    stack.enter_context(_process(args, work / "bare.log", "bare flight server", port))
+    bare = flight.FlightClient(f"grpc://127.0.0.1:{port}")
+    stack.callback(bare.close)
+    single = bare.get_flight_info(flight.FlightDescriptor.for_command(b"big")).endpoints[0].ticket
+    split = bare.get_flight_info(flight.FlightDescriptor.for_command(f"big/{CLIENTS}".encode())).endpoints
+    pool = stack.enter_context(ThreadPoolExecutor(CLIENTS))
+    scans["bare pyarrow.flight, 1 stream"] = lambda: bare.do_get(single).read_all().num_rows
+    scans[f"bare pyarrow.flight, {CLIENTS} parallel endpoints"] = lambda: (
+        pa.concat_tables(pool.map(lambda e: bare.do_get(e.ticket).read_all(), split)).num_rows
     )
-    rows.append(
-        Row(
-            f"full scan via Quiver (QuiverClient, {quiver['endpoints']} endpoints in parallel)",
-            f"{q_scan:.3f} s ({ROWS / q_scan / 1e6:.1f} M rows/s)",
-            "in-process duckdb",
-            f"{r_duck:.2f}x",
-            "≥ 0.85x",
-            "yes" if r_duck >= 0.85 else "no",
-        )
-    )
-    rows.append(
-        Row(
-            "full scan, bare pyarrow.flight single stream (table in memory)",
-            f"{bare_s:.3f} s ({ROWS / bare_s / 1e6:.1f} M rows/s)",
-            "Quiver / bare",
-            f"{ratio(bare_s, q_scan):.2f}x",
-            "report",
-            "—",
-        )
-    )
-    rows.append(
-        Row(
-            f"full scan, bare pyarrow.flight, {CLIENTS} endpoints fetched in parallel",
-            f"{bare_par_s:.3f} s ({ROWS / bare_par_s / 1e6:.1f} M rows/s)",
-            "Quiver / bare parallel",
-            f"{ratio(bare_par_s, q_scan):.2f}x (bare parallel / duckdb: {ratio(duck_s, bare_par_s):.2f}x)",
-            "report",
-            "—",
-        )
-    )
-    if roapi_s is not None:
-        r_peer = ratio(roapi_s, q_scan)
-        rows.append(
-            Row(
-                "full scan, ROAPI Flight SQL (ADBC)",
-                f"{roapi_s:.3f} s ({ROWS / roapi_s / 1e6:.1f} M rows/s)",
-                "Quiver / ROAPI",
-                f"{r_peer:.2f}x",
-                "≥ 2x",
-                "yes" if r_peer >= 2 else "no",
-            )
-        )
-    else:
-        rows.append(Row("full scan, ROAPI Flight SQL (ADBC)", "not measured (roapi unavailable)"))
-    floor = _pct(bare_rt, 50) + _pct(duck_point, 50)
-    gap_ms = (quiver["point_p50"] - floor) * 1e3
-    rows.append(
-        Row(
-            "point query via Quiver (GetFlightInfo + DoGet, agent token)",
-            f"p50 {quiver['point_p50'] * 1e3:.3f} ms · p99 {quiver['point_p99'] * 1e3:.3f} ms",
-            f"floor = bare round trip {_pct(bare_rt, 50) * 1e3:.3f} ms + duckdb {_pct(duck_point, 50) * 1e3:.3f} ms"
-            f" = {floor * 1e3:.3f} ms",
-            f"gap {gap_ms:+.3f} ms",
-            "≤ 0.5 ms",
-            "yes" if gap_ms <= 0.5 else "no",
-        )
-    )
-    rows.append(
-        Row(
-            f"{CLIENTS} concurrent clients, full scans",
-            f"{quiver['scan_conc_rps'] / 1e6:.1f} M rows/s aggregate",
-            f"1 client {ROWS / q_scan / 1e6:.1f} M rows/s",
-            f"{ratio(quiver['scan_conc_rps'], ROWS / q_scan):.2f}x",
-            "report",
-            "—",
-        )
-    )
-    rows.append(
-        Row(
-            f"{CLIENTS} concurrent clients, point queries",
-            f"{quiver['point_conc_qps']:.0f} queries/s aggregate",
-            f"1 client {quiver['point_qps']:.0f} queries/s",
-            f"{ratio(quiver['point_conc_qps'], quiver['point_qps']):.2f}x",
-            "report",
-            "—",
-        )
-    )
-    lines = [
-        "## Flight data plane",
-        "",
-        f"`bench.t`: {ROWS:,} rows (BIGINT, INTEGER, 2 x DOUBLE, VARCHAR, TIMESTAMP; {mb:.0f} MB as Arrow). "
-        f"Medians of {REPS} runs after a warm-up; point queries over {POINTS} random keys. "
-        "Quiver runs as `quiver serve` in a subprocess (agent token, SQL guard, result cache on); "
-        "the bare server and ROAPI are subprocesses too; the clients share this process. "
-        "Point-query floor: DuckDB in-process via the Arrow path "
-        f"(`fetchall()` p50: {_pct(duck_fetch, 50) * 1e3:.3f} ms).",
-        "",
-        "| measure | figure | compared with | ratio / gap | target | met |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    lines += [
-        f"| {r.measure} | {r.figure} | {r.reference} | {r.ratio} | {r.target} | {r.met} |" for r in rows
-    ]
-    if quiver.get("diagnostics"):
-        lines += [
-            "",
-            "Diagnostics (where the time goes; no targets):",
-            "",
-            "| measure | figure |",
-            "| --- | --- |",
-        ]
-        lines += [f"| {name} | {figure} |" for name, figure in quiver["diagnostics"]]
-    if quiver.get("cache"):
-        lines += ["", f"Result cache after the run: `{json.dumps(quiver['cache'])}`"]
-    _say("\n".join(lines))
-    return "\n".join(lines)
 
+    def bare_round_trip(_k: int) -> None:
+        info = bare.get_flight_info(flight.FlightDescriptor.for_command(b"tiny"))
+        bare.do_get(info.endpoints[0].ticket).read_all()
 
-def _bench_roapi(work: Path, parquet_file: Path) -> float | None:
-    binary = shutil.which("roapi") or str(Path(sys.executable).with_name("roapi"))
-    if not Path(binary).exists():
-        _say("roapi: not installed (pip install roapi); skipped")
-        return None
-    import adbc_driver_flightsql.dbapi as flightsql
+    points["bare round trip (1 row)"] = bare_round_trip
 
-    fs_port, http_port, pg_port = _free_port(), _free_port(), _free_port()
-    args = [
-        binary,
-        "-t",
-        f"t={parquet_file}",
-        "--addr-flight-sql",
-        f"127.0.0.1:{fs_port}",
-        "-a",
-        f"127.0.0.1:{http_port}",
-        "-p",
-        f"127.0.0.1:{pg_port}",
-    ]
-    env = {**os.environ, "RUST_LOG": "warn"}
-    with _process(args, work / "roapi.log", "roapi", fs_port, env=env):
-        with contextlib.suppress(Warning), flightsql.connect(f"grpc://127.0.0.1:{fs_port}") as conn:
+    # ROAPI's Flight SQL endpoint.
+    roapi = _start_roapi(stack, work)
+    if roapi is not None:
+        scans["ROAPI Flight SQL (ADBC)"] = roapi
 
-            def scan() -> pa.Table:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT * FROM t")
-                    return cur.fetch_arrow_table()
-
-            seconds, got = _median_seconds(scan, reps=max(3, REPS // 2))
-            assert got.num_rows == ROWS, got.num_rows
-        _say(f"ROAPI Flight SQL full scan: {seconds:.3f} s ({ROWS / seconds / 1e6:.1f} M rows/s)")
-        return seconds
-
-
-def _bench_quiver(work: Path, db_path: Path, keys: list[int]) -> dict[str, Any]:
+    # Quiver.
     from flight_server.client import QuiverClient
 
     flight_port, http_port = _free_port(), _free_port()
@@ -397,130 +268,158 @@ def _bench_quiver(work: Path, db_path: Path, keys: list[int]) -> dict[str, Any]:
         "QUIVER_SERVER_HTTP_PORT": str(http_port),
         "QUIVER_SERVER_LOG_FORMAT": "json",
     }
-    args = [sys.executable, "-m", "quiver", "serve"]
-    out: dict[str, Any] = {}
-    with _process(args, work / "quiver.log", "quiver serve", flight_port, env=env) as proc:
-        _wait_port(http_port, proc, "quiver serve (HTTP)")
-        admin = (data_dir / "admin.token").read_text().strip()
-        http = httpx.Client(
-            base_url=f"http://127.0.0.1:{http_port}", headers={"authorization": f"Bearer {admin}"}
+    proc = stack.enter_context(
+        _process(
+            [sys.executable, "-m", "quiver", "serve"], work / "quiver.log", "quiver serve", flight_port, env
         )
-        r = http.post("/v1/swarms", json={"name": "bench", "description": "benchmark", "tables": ["bench.*"]})
-        if r.status_code != 201:
-            raise RuntimeError(f"creating the bench swarm failed: {r.status_code} {r.text}")
-        tokens = []
-        for i in range(CLIENTS):  # one agent per client: the concurrency cap is per principal
-            r = http.post("/v1/tokens", json={"kind": "agent", "swarm": "bench", "agent": f"bench-{i}"})
-            r.raise_for_status()
-            tokens.append(r.json()["token"])
-        token = tokens[0]
-        url = f"grpc://127.0.0.1:{flight_port}"
-
-        client = QuiverClient(url, token)
-        info = client.info(flight.FlightDescriptor.for_path("bench", "t"))
-        out["endpoints"] = len(info.endpoints)
-        out["scan_s"], got = _median_seconds(lambda: client.read("bench.t"))
-        assert got.num_rows == ROWS, got.num_rows
-        del got
-        _say(
-            f"quiver full scan ({out['endpoints']} endpoints): {out['scan_s']:.3f} s "
-            f"({ROWS / out['scan_s'] / 1e6:.1f} M rows/s)"
-        )
-
-        point = _latencies(lambda k: client.query(POINT_SQL, [k]), keys)
-        out["point_p50"], out["point_p99"] = _pct(point, 50), _pct(point, 99)
-        out["point_qps"] = len(point) / sum(point)
-        _say(f"quiver point query: p50 {out['point_p50'] * 1e3:.3f} ms, p99 {out['point_p99'] * 1e3:.3f} ms")
-        out["diagnostics"] = _diagnose(url, token, client, keys, proc.pid)
-
-        # Concurrency: CLIENTS clients at once, each with its own connection.
-        clients = [QuiverClient(url, t) for t in tokens]
-        out["scan_conc_rps"] = (
-            CLIENTS * ROWS / _concurrently(clients, lambda c, _i: c.read("bench.t").num_rows)
-        )
-        _say(f"{CLIENTS} clients full scans: {out['scan_conc_rps'] / 1e6:.1f} M rows/s aggregate")
-        per_client = max(20, len(keys) // 2)
-
-        def points(c: QuiverClient, i: int) -> None:
-            for k in keys[i : i + per_client]:
-                c.query(POINT_SQL, [k + 1])
-
-        out["point_conc_qps"] = CLIENTS * per_client / _concurrently(clients, points)
-        _say(f"{CLIENTS} clients point queries: {out['point_conc_qps']:.0f} queries/s aggregate")
-        status = http.get("/v1/status").json()
-        out["cache"] = status.get("cache")
-        for c in [client, *clients]:
-            with contextlib.suppress(Exception):
-                c.close()
-        http.close()
-    return out
+    )
+    _wait_port(http_port, proc, "quiver serve (HTTP)")
+    admin = (data_dir / "admin.token").read_text().strip()
+    http = httpx.Client(
+        base_url=f"http://127.0.0.1:{http_port}", headers={"authorization": f"Bearer {admin}"}
+    )
+    stack.callback(http.close)
+    r = http.post("/v1/swarms", json={"name": "bench", "description": "benchmark", "tables": ["bench.*"]})
+    if r.status_code != 201:
+        raise RuntimeError(f"creating the bench swarm failed: {r.status_code} {r.text}")
+    tokens = []
+    for i in range(CLIENTS):  # one agent per client: the concurrency cap is per principal
+        r = http.post("/v1/tokens", json={"kind": "agent", "swarm": "bench", "agent": f"bench-{i}"})
+        r.raise_for_status()
+        tokens.append(r.json()["token"])
+    url = f"grpc://127.0.0.1:{flight_port}"
+    client = stack.enter_context(QuiverClient(url, tokens[0]))
+    endpoints = len(client.info(flight.FlightDescriptor.for_path("bench", "t")).endpoints)
+    scans[f"Quiver (QuiverClient, {endpoints} endpoints)"] = lambda: client.read("bench.t").num_rows
+    points["Quiver (QuiverClient.query)"] = lambda k: client.query(POINT_SQL, [k])
+    return Contenders(scans, points, url, tokens, proc.pid, http, endpoints)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _start_roapi(stack: contextlib.ExitStack, work: Path) -> Callable[[], int] | None:
+    binary = shutil.which("roapi") or str(Path(sys.executable).with_name("roapi"))
+    if not Path(binary).exists():
+        _say("roapi: not installed (pip install roapi); skipped")
+        return None
+    import adbc_driver_flightsql.dbapi as flightsql
+
+    fs_port, http_port, pg_port = _free_port(), _free_port(), _free_port()
+    args = [binary, "-t", f"t={work / 't.parquet'}", "--addr-flight-sql", f"127.0.0.1:{fs_port}"]
+    args += ["-a", f"127.0.0.1:{http_port}", "-p", f"127.0.0.1:{pg_port}"]
+    stack.enter_context(
+        _process(args, work / "roapi.log", "roapi", fs_port, {**os.environ, "RUST_LOG": "warn"})
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Cannot disable autocommit": irrelevant to reads
+        conn = flightsql.connect(f"grpc://127.0.0.1:{fs_port}")
+    stack.callback(conn.close)
+
+    def scan() -> int:
+        with conn.cursor() as cur:
+            cur.execute("SELECT * FROM t")
+            return int(cur.fetch_arrow_table().num_rows)
+
+    return scan
 
 
-def _diagnose(url: str, token: str, client: Any, keys: list[int], pid: int) -> list[tuple[str, str]]:
-    """Where the time goes: figures for the lead, not targets."""
-    raw = flight.FlightClient(url)
-    opts = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())])
+# --- diagnostics and concurrency --------------------------------------------------------------------
+
+
+def _diagnose(c: Contenders, keys: list[int]) -> list[tuple[str, str]]:
+    """Where Quiver's time goes: figures for whoever tunes the server, not targets."""
+    raw = flight.FlightClient(c.quiver_url)
+    opts = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {c.tokens[0]}".encode())])
     out: list[tuple[str, str]] = []
 
-    noop = _latencies(lambda _k: raw.list_actions(opts), keys)
-    out.append(("authenticated no-op RPC (ListActions) p50", f"{_pct(noop, 50) * 1e3:.3f} ms"))
+    noop = []
+    for _ in keys:
+        started = time.perf_counter()
+        raw.list_actions(opts)
+        noop.append(time.perf_counter() - started)
+    out.append(("authenticated no-op RPC (ListActions) p50", _ms(_pct(noop, 50))))
 
     infos: list[float] = []
     gets: list[float] = []
-
-    def split(k: int) -> None:
-        cmd = json.dumps({"kind": "query", "sql": POINT_SQL, "params": [k]}).encode()
+    for k in keys:
+        cmd = json.dumps({"kind": "query", "sql": POINT_SQL, "params": [k + 7]}).encode()
         t0 = time.perf_counter()
         info = raw.get_flight_info(flight.FlightDescriptor.for_command(cmd), opts)
         t1 = time.perf_counter()
         for e in info.endpoints:
             raw.do_get(e.ticket, opts).read_all()
-        t2 = time.perf_counter()
         infos.append(t1 - t0)
-        gets.append(t2 - t1)
-
-    for k in keys:
-        split(k + 7)
+        gets.append(time.perf_counter() - t1)
     out.append(
         (
-            "point query GetFlightInfo p50 / DoGet p50 (raw pyarrow client)",
-            f"{_pct(infos, 50) * 1e3:.3f} ms / {_pct(gets, 50) * 1e3:.3f} ms",
+            "point query, GetFlightInfo p50 / DoGet p50 (raw pyarrow client)",
+            f"{_ms(_pct(infos, 50))} / {_ms(_pct(gets, 50))}",
         )
     )
 
-    same = _latencies(lambda _k: client.query(POINT_SQL, [keys[0]]), keys[:100], warmup=5)
-    out.append(("point query answered by the result cache (same key) p50", f"{_pct(same, 50) * 1e3:.3f} ms"))
+    cmd = json.dumps({"kind": "query", "sql": POINT_SQL, "params": [keys[0]]}).encode()
+    hits = []
+    for _ in keys:
+        t0 = time.perf_counter()
+        info = raw.get_flight_info(flight.FlightDescriptor.for_command(cmd), opts)
+        raw.do_get(info.endpoints[0].ticket, opts).read_all()
+        hits.append(time.perf_counter() - t0)
+    out.append(("point query answered by the result cache (same key) p50", _ms(_pct(hits, 50))))
 
-    info = client.info(flight.FlightDescriptor.for_path("bench", "t"))
-    cpu0, t0 = _cpu_seconds(pid), time.perf_counter()
-    client.fetch(info)
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds(pid) - cpu0
+    info = raw.get_flight_info(flight.FlightDescriptor.for_path("bench", "t"), opts)
+    cpu0, t0 = _cpu_seconds(c.quiver_pid), time.perf_counter()
+    with ThreadPoolExecutor(len(info.endpoints)) as pool:
+        list(pool.map(lambda e: raw.do_get(e.ticket, opts).read_all(), info.endpoints))
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(c.quiver_pid) - cpu0
     out.append(
         (
-            "full scan: server CPU seconds / wall seconds (2 cores = 2.0 max)",
+            "full scan: server CPU seconds / wall seconds (2 cores: 2.0 at most)",
             f"{cpu:.2f} / {wall:.2f} = {cpu / wall:.2f}",
         )
     )
+    info = raw.get_flight_info(flight.FlightDescriptor.for_path("bench", "t"), opts)
     t0 = time.perf_counter()
     for e in info.endpoints:
         raw.do_get(e.ticket, opts).read_all()
-    serial = time.perf_counter() - t0
-    info = client.info(flight.FlightDescriptor.for_path("bench", "t"))
     out.append(
         (
-            f"full scan, {len(info.endpoints)} endpoints read one after another (no parallelism)",
-            f"{serial:.3f} s",
+            f"full scan, the {len(info.endpoints)} endpoints read one after another",
+            f"{time.perf_counter() - t0:.3f} s",
         )
     )
     raw.close()
     for name, figure in out:
         _say(f"diagnostic: {name}: {figure}")
+    return out
+
+
+def _concurrency(c: Contenders, keys: list[int]) -> dict[str, float]:
+    from flight_server.client import QuiverClient
+
+    clients = [QuiverClient(c.quiver_url, t) for t in c.tokens]
+    try:
+        one_scan = _concurrently(clients[:1], lambda cl, _i: cl.read("bench.t"))
+        many_scan = _concurrently(clients, lambda cl, _i: cl.read("bench.t"))
+        per = max(20, len(keys) // 4)
+
+        def points(cl: Any, i: int) -> None:
+            for k in keys[i * 7 : i * 7 + per]:
+                cl.query(POINT_SQL, [k + 3])
+
+        one_point = _concurrently(clients[:1], points)
+        many_point = _concurrently(clients, points)
+    finally:
+        for cl in clients:
+            with contextlib.suppress(Exception):
+                cl.close()
+    out = {
+        "scan_1": ROWS / one_scan,
+        "scan_n": CLIENTS * ROWS / many_scan,
+        "point_1": per / one_point,
+        "point_n": CLIENTS * per / many_point,
+    }
+    _say(
+        f"{CLIENTS} clients vs 1: full scans {out['scan_n'] / 1e6:.1f} vs {out['scan_1'] / 1e6:.1f} M rows/s; "
+        f"point queries {out['point_n']:.0f} vs {out['point_1']:.0f} queries/s"
+    )
     return out
 
 
@@ -546,3 +445,134 @@ def _concurrently(clients: list[Any], fn: Callable[[Any, int], Any]) -> float:
     if errors:
         raise errors[0]
     return elapsed
+
+
+# --- the report ----------------------------------------------------------------------------------------
+
+
+def _report(
+    mb: float,
+    scan_s: dict[str, float],
+    point_times: dict[str, list[float]],
+    conc: dict[str, float],
+    diagnostics: list[tuple[str, str]],
+    cache: Any,
+    endpoints: int,
+) -> str:
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    def rate(s: float) -> str:
+        return f"{s:.3f} s ({ROWS / s / 1e6:.1f} M rows/s)"
+
+    quiver_name = next(n for n in scan_s if n.startswith("Quiver"))
+    q = scan_s[quiver_name]
+    duck = scan_s["in-process duckdb"]
+    bare1 = scan_s["bare pyarrow.flight, 1 stream"]
+    baren = scan_s[f"bare pyarrow.flight, {CLIENTS} parallel endpoints"]
+    rows = [
+        Row("full scan, in-process duckdb `.to_arrow_table()` (the limit)", rate(duck)),
+        Row(
+            f"full scan via Quiver (QuiverClient, {endpoints} endpoints in parallel)",
+            rate(q),
+            "in-process duckdb",
+            f"{ratio(duck, q):.2f}x",
+            ">= 0.85x",
+            "yes" if ratio(duck, q) >= 0.85 else "no",
+        ),
+        Row(
+            "full scan, bare pyarrow.flight, 1 stream, table in memory",
+            rate(bare1),
+            "Quiver vs bare 1 stream",
+            f"{ratio(bare1, q):.2f}x (bare / duckdb {ratio(duck, bare1):.2f}x)",
+            "report",
+            "-",
+        ),
+        Row(
+            f"full scan, bare pyarrow.flight, {CLIENTS} parallel endpoints",
+            rate(baren),
+            f"Quiver vs bare {CLIENTS} endpoints",
+            f"{ratio(baren, q):.2f}x (bare / duckdb {ratio(duck, baren):.2f}x)",
+            "report",
+            "-",
+        ),
+    ]
+    if "ROAPI Flight SQL (ADBC)" in scan_s:
+        roapi = scan_s["ROAPI Flight SQL (ADBC)"]
+        rows.append(
+            Row(
+                "full scan, ROAPI Flight SQL (ADBC driver)",
+                rate(roapi),
+                "Quiver vs ROAPI",
+                f"{ratio(roapi, q):.2f}x",
+                ">= 2x",
+                "yes" if ratio(roapi, q) >= 2 else "no",
+            )
+        )
+    else:
+        rows.append(Row("full scan, ROAPI Flight SQL", "not measured (roapi not installed)"))
+    qp = point_times["Quiver (QuiverClient.query)"]
+    rt = _pct(point_times["bare round trip (1 row)"], 50)
+    dk = _pct(point_times["in-process duckdb (Arrow)"], 50)
+    gap = _pct(qp, 50) - (rt + dk)
+    rows.append(
+        Row(
+            "point query via Quiver (GetFlightInfo + DoGet, agent token)",
+            f"p50 {_ms(_pct(qp, 50))}, p99 {_ms(_pct(qp, 99))}",
+            f"floor: bare round trip {_ms(rt)} + duckdb {_ms(dk)} = {_ms(rt + dk)}",
+            f"gap {gap * 1e3:+.3f} ms",
+            "<= 0.5 ms",
+            "yes" if gap <= 0.0005 else "no",
+        )
+    )
+    rows.append(
+        Row(
+            f"{CLIENTS} concurrent clients (agents), full scans",
+            f"{conc['scan_n'] / 1e6:.1f} M rows/s aggregate",
+            f"1 client: {conc['scan_1'] / 1e6:.1f} M rows/s",
+            f"{ratio(conc['scan_n'], conc['scan_1']):.2f}x",
+            "report",
+            "-",
+        )
+    )
+    rows.append(
+        Row(
+            f"{CLIENTS} concurrent clients (agents), point queries",
+            f"{conc['point_n']:.0f} queries/s aggregate",
+            f"1 client: {conc['point_1']:.0f} queries/s",
+            f"{ratio(conc['point_n'], conc['point_1']):.2f}x",
+            "report",
+            "-",
+        )
+    )
+    fetchall = _pct(point_times["in-process duckdb (fetchall)"], 50)
+    lines = [
+        "## Flight data plane",
+        "",
+        f"`bench.t`: {ROWS:,} rows (BIGINT, INTEGER, 2 DOUBLE, VARCHAR, TIMESTAMP; {mb:.0f} MB as Arrow). "
+        f"Medians of {REPS} repetitions, every contender measured in turn within each repetition; point "
+        f"queries over {POINTS} random keys, each key against each contender in turn. Quiver runs as "
+        "`quiver serve` in a subprocess (agent tokens, SQL guard, result cache on); the bare server and "
+        "ROAPI are subprocesses too; all clients share the benchmark process. The point-query floor uses "
+        f"DuckDB's Arrow path (its `fetchall()` p50 is {_ms(fetchall)}).",
+        "",
+        "| measure | figure | compared with | ratio / gap | target | met |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r.measure} | {r.figure} | {r.reference} | {r.ratio} | {r.target} | {r.met} |" for r in rows
+    ]
+    lines += [
+        "",
+        "Diagnostics (where Quiver's time goes; no targets):",
+        "",
+        "| measure | figure |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {name} | {figure} |" for name, figure in diagnostics]
+    if cache:
+        keep = ("entries", "hits", "misses", "memory_bytes", "disk_bytes", "uncacheable", "too_large")
+        lines += ["", f"Result cache after the run: `{json.dumps({k: cache.get(k) for k in keep})}`"]
+    text = "\n".join(lines)
+    _say(text)
+    return text
