@@ -27,6 +27,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "CREATE TABLE secret.salaries AS SELECT range AS id, range * 1000 AS salary FROM range(10)"
         )
         TableCatalog.bump_version(cur, TableRef("secret", "salaries"))
+        # Several row groups, so that DuckDB's threads split the sampling work.
+        cur.execute("CREATE TABLE secret.spread AS SELECT range AS id, hash(range) AS h FROM range(400000)")
+        TableCatalog.bump_version(cur, TableRef("secret", "spread"))
     yield s
     s.stop()
 
@@ -182,6 +185,31 @@ def test_random_samples_are_reproducible_with_a_seed(
         assert first.num_rows == body["rows"]
     else:
         assert 0.03 * 50_000 < first.num_rows < 0.07 * 50_000
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_random_samples_match_duckdb_whatever_its_thread_count(server: Server, threads: int) -> None:
+    """The server (2 threads here) draws exactly what an independent DuckDB draws with 1 or 4
+    threads: bernoulli and reservoir samples with a seed do not depend on threads."""
+    import duckdb
+
+    admin = call_options(server.admin_token)
+    client = server.flight()
+    with server.catalog.db.reading() as cur:
+        data = cur.sql("SELECT * FROM secret.spread").to_arrow_table()
+    con = duckdb.connect()
+    con.execute(f"SET threads = {threads}")
+    con.register("data", data)
+    con.execute("CREATE TABLE t AS SELECT * FROM data")
+    for body, sql in [
+        ({"percent": 3, "seed": 42}, "SELECT * FROM t USING SAMPLE 3 PERCENT (bernoulli, 42)"),
+        (
+            {"rows": 500, "method": "random", "seed": 7},
+            "SELECT * FROM t USING SAMPLE 500 ROWS (reservoir, 7)",
+        ),
+    ]:
+        got = fetch(client, cmd(kind="sample", table="secret.spread", **body), admin)
+        assert got.equals(con.sql(sql).to_arrow_table()), body
 
 
 def test_random_sample_rows_are_the_same_whatever_the_columns(
