@@ -181,6 +181,7 @@ def _run(work: Path) -> str:
     rng = random.Random(20240601)
     keys = [rng.randrange(ROWS) for _ in range(POINTS)]
     db_path, copy, mb = _build(work, keys)
+    load_before = os.getloadavg()[0]
 
     with contextlib.ExitStack() as stack:
         c = _start_all(stack, work, db_path, copy)
@@ -216,7 +217,8 @@ def _run(work: Path) -> str:
         concurrency = _concurrency(c, keys)
         cache = c.http.get("/v1/status").json().get("cache")
 
-    return _report(mb, scan_s, point_times, concurrency, diagnostics, cache, c.endpoints)
+    load = (load_before, os.getloadavg()[0])
+    return _report(mb, scan_s, point_times, concurrency, diagnostics, cache, c.endpoints, load)
 
 
 def _start_all(stack: contextlib.ExitStack, work: Path, db_path: Path, copy: Path) -> Contenders:
@@ -458,6 +460,7 @@ def _report(
     diagnostics: list[tuple[str, str]],
     cache: Any,
     endpoints: int,
+    load: tuple[float, float],
 ) -> str:
     def ratio(a: float, b: float) -> float:
         return a / b if b else float("nan")
@@ -554,7 +557,9 @@ def _report(
         f"queries over {POINTS} random keys, each key against each contender in turn. Quiver runs as "
         "`quiver serve` in a subprocess (agent tokens, SQL guard, result cache on); the bare server and "
         "ROAPI are subprocesses too; all clients share the benchmark process. The point-query floor uses "
-        f"DuckDB's Arrow path (its `fetchall()` p50 is {_ms(fetchall)}).",
+        f"DuckDB's Arrow path (its `fetchall()` p50 is {_ms(fetchall)}). Machine load average "
+        f"(1 min) {load[0]:.1f} before, {load[1]:.1f} after, on {os.cpu_count()} cores: figures taken "
+        "on a busy machine scatter widely.",
         "",
         "| measure | figure | compared with | ratio / gap | target | met |",
         "| --- | --- | --- | --- | --- | --- |",
