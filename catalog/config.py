@@ -46,6 +46,8 @@ class LimitsConfig(_Section):
     max_rows: PositiveInt = 10_000_000
     max_sample_rows: PositiveInt = 1_000_000
     max_concurrent_queries: PositiveInt = 4
+    # How long a Flight ticket (from GetFlightInfo) may be redeemed with DoGet.
+    ticket_ttl_seconds: PositiveFloat = 300.0
     # DuckDB resources: fit the VM. Empty/0 keeps DuckDB's defaults.
     memory_limit: str = ""
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -58,6 +60,37 @@ class TokensConfig(_Section):
     issuer: str = "quiver"
     # Seconds between flushes of the in-memory "last used" times to the catalog.
     last_used_flush_seconds: PositiveFloat = 10.0
+
+
+class ResultsConfig(_Section):
+    """Async queries (``submit-query``): results kept as Arrow IPC files in DATA_DIR/results."""
+
+    # How long a finished query's status and result stay fetchable.
+    ttl_seconds: PositiveFloat = 3600.0
+    # Queries of one principal that may be queued or running at once.
+    max_active_per_principal: PositiveInt = 4
+    # Async queries running at once (the rest wait, state "queued").
+    workers: PositiveInt = 2
+    # A running async query is interrupted after this many seconds (DEADLINE_EXCEEDED).
+    timeout_seconds: PositiveFloat = 600.0
+    # A result larger than this fails with RESOURCE_EXHAUSTED (protects the disk).
+    max_result_bytes: PositiveInt = 2 * 1024**3
+    # All kept and running results together: a query that would exceed it fails the same way.
+    max_total_bytes: PositiveInt = 8 * 1024**3
+
+
+class CacheConfig(_Section):
+    """Result cache of identical queries, keyed by the data versions of the tables read."""
+
+    enabled: bool = True
+    ttl_seconds: PositiveFloat = 300.0
+    # Total size of DATA_DIR/cache; least recently used entries are evicted beyond it.
+    max_bytes: PositiveInt = 512 * 1024**2
+    # Results larger than this are streamed but not cached.
+    max_entry_bytes: PositiveInt = 64 * 1024**2
+    # Small results (up to 1 MiB each) are kept in memory, not in files, within this budget
+    # (0: every entry goes to DATA_DIR/cache).
+    max_memory_bytes: Annotated[int, msgspec.Meta(ge=0)] = 32 * 1024**2
 
 
 class DemoConfig(_Section):
@@ -132,6 +165,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     demo: DemoConfig = msgspec.field(default_factory=DemoConfig)
     snowflake: SnowflakeConfig = msgspec.field(default_factory=SnowflakeConfig)
     sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
+    results: ResultsConfig = msgspec.field(default_factory=ResultsConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
 
     @property
     def data_dir(self) -> Path:
