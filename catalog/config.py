@@ -91,6 +91,9 @@ class CacheConfig(_Section):
     # Small results (up to 1 MiB each) are kept in memory, not in files, within this budget
     # (0: every entry goes to DATA_DIR/cache).
     max_memory_bytes: Annotated[int, msgspec.Meta(ge=0)] = 32 * 1024**2
+    # Hot-table cache: tables read by full scans are kept in memory as Arrow, within this
+    # many bytes ("auto": 1/8 of the memory available; 0: off). See flight_server/table_cache.py.
+    table_memory_bytes: Annotated[int, msgspec.Meta(ge=0)] | Literal["auto"] = "auto"
 
 
 class DemoConfig(_Section):

@@ -47,7 +47,9 @@ from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
 from flight_server.results import PreparedQuery, QueryManager
 from flight_server.streams import BATCH_ROWS, Streamer, limited
+from flight_server.table_cache import TableCache, resolve_budget
 from flight_server.tickets import TicketStore
+from flight_server.versions import VersionWatch
 
 log = structlog.get_logger("flight_server")
 install_traceback_filter()
@@ -103,6 +105,10 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)
         self.profiles = ProfileCache.for_catalog(catalog)
         self.queries = QueryManager.for_catalog(catalog, self._prepare)
+        self.versions = VersionWatch(catalog.db)
+        self.table_cache = TableCache(
+            resolve_budget(catalog.config.cache.table_memory_bytes), registry=catalog.metrics.registry
+        )
         self.planner = Planner(
             catalog,
             self.guard,
@@ -110,9 +116,14 @@ class QuiverFlightServer(flight.FlightServerBase):
             self.queries,
             split or SplitOptions(),
             self._probe,
+            self.table_cache,
+            self.versions,
         )
         self.cache = ResultCache.for_catalog(catalog)
-        self.streamer = Streamer(catalog, self.watchdog, self.profiles, self.queries, self.cache)
+        catalog.status_sections["cache"] = self._cache_status
+        self.streamer = Streamer(
+            catalog, self.watchdog, self.profiles, self.queries, self.cache, self.versions
+        )
         catalog.status_sections["queries"] = self._status
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------
@@ -333,11 +344,16 @@ class QuiverFlightServer(flight.FlightServerBase):
             },
         }
 
+    def _cache_status(self) -> dict[str, Any]:
+        """GET /v1/status "cache": the result cache, with the hot-table cache under "tables"."""
+        return {**self.cache.stats(), "tables": self.table_cache.stats()}
+
     def shutdown(self) -> None:
         """Stop accepting calls and wait for running ones, then stop async queries."""
         super().shutdown()
         self.queries.close()
         self.cache.close()
+        self.table_cache.invalidate()
         self.watchdog.stop()
 
 

@@ -17,11 +17,7 @@ DEADLINE_EXCEEDED; proto_docs/errors.md explains).
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -30,20 +26,26 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, Unavailable
-from catalog.database import SYSTEM_SCHEMA
 from flight_server.cache import ResultCache
-from flight_server.endpoints import Plan, ProfilePart, ResultPart, SqlPart, read_layout
+from flight_server.endpoints import (
+    BATCH_ROWS,
+    CachedPart,
+    Plan,
+    ProfilePart,
+    ResultPart,
+    SqlPart,
+    read_layout,
+)
 from flight_server.errors import duckdb_error, stream_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
 from flight_server.profiles import ProfileCache
 from flight_server.results import QueryManager
+from flight_server.versions import VersionWatch
 
 log = structlog.get_logger("flight_server")
 
-# Rows per record batch. Throughput is flat from ~32k rows up (measured on the 2-core VM);
-# memory per stream is a few batches, so a smaller batch keeps wide rows (long strings) cheap.
-BATCH_ROWS = 65_536
+__all__ = ["BATCH_ROWS", "Streamer", "VersionWatch", "limited"]
 
 
 class Streamer:
@@ -54,13 +56,14 @@ class Streamer:
         profiles: ProfileCache,
         queries: QueryManager,
         cache: ResultCache,
+        versions: VersionWatch,
     ) -> None:
         self.catalog = catalog
         self.watchdog = watchdog
         self.profiles = profiles
         self._queries = queries
         self.cache = cache
-        self.versions = VersionWatch(catalog.db.path)
+        self.versions = versions
 
     @property
     def timeout(self) -> float:
@@ -72,6 +75,17 @@ class Streamer:
             assert state.principal is not None
             _, reader, _ = self._queries.open_result(state.principal, part.id)
             return flight.RecordBatchStream(reader)
+        if isinstance(part, CachedPart):
+            entry = part.entry()
+            if entry is not None:
+                # A zero-copy slice of the table in memory: C++ streams it, no DuckDB.
+                data = entry.table.slice(part.offset, part.length)
+                if part.columns is not None:
+                    data = data.select(list(part.columns))
+                state.fields["cache"] = "table"
+                return flight.RecordBatchStream(data)
+            state.fields["cache"] = "table-evicted"
+            part = part.fallback
         cur = self.catalog.db.cursor()
         state.cleanups.append(cur.close)
         deadline: Deadline | None = None
@@ -165,48 +179,6 @@ class Streamer:
         return cur.sql(limited(part.sql, part.limit), params=list(part.params) or None).to_arrow_reader(
             BATCH_ROWS
         )
-
-
-class VersionWatch:
-    """The data versions of every table, read from the catalog only when the database may
-    have changed.
-
-    Reading ``_quiver.data_versions`` is a DuckDB query (about half a millisecond here), more
-    than a cache hit or a point query's own work. Every commit that changes data writes the
-    DuckDB file or its WAL (durability), so while neither file's size and mtime changed, the
-    versions read last are still current. The file times are coarse (a few ms), so the
-    versions are also re-read at least every ``max_age`` seconds whatever the files say.
-    The stat is taken *before* the read, so a commit racing with the read is seen next time.
-    """
-
-    def __init__(self, path: Path, max_age: float = 1.0) -> None:
-        self._files = (path, path.with_name(path.name + ".wal"))
-        self.max_age = max_age
-        self._lock = threading.Lock()
-        self._state: tuple[tuple[int, ...], float, dict[tuple[str, str], int]] | None = None
-
-    def _stamp(self) -> tuple[int, ...]:
-        out: list[int] = []
-        for f in self._files:
-            try:
-                st = os.stat(f)
-                out += (st.st_ino, st.st_size, st.st_mtime_ns)
-            except FileNotFoundError:
-                out += (0, -1, 0)
-        return tuple(out)
-
-    def current(self, cur: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], int]:
-        stamp, now = self._stamp(), time.monotonic()
-        state = self._state
-        if state is not None and state[0] == stamp and now - state[1] < self.max_age:
-            return state[2]
-        rows = cur.execute(
-            f"SELECT lower(schema_name), lower(table_name), version FROM {SYSTEM_SCHEMA}.data_versions"
-        ).fetchall()
-        versions = {(s, t): int(v) for s, t, v in rows}
-        with self._lock:
-            self._state = (stamp, now, versions)
-        return versions
 
 
 def limited(sql: str, limit: int | None) -> str:

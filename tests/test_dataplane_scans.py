@@ -1,5 +1,6 @@
-"""Large reads: scans split into parallel endpoints that never mix data versions, and a
-1M-row stream that leaves the server's memory flat."""
+"""Large reads through DuckDB: scans split into parallel endpoints that never mix data
+versions, and a 1M-row stream that leaves the server's memory flat. The hot-table cache is
+off here (its own tests are in test_scan_cache.py), so every scan takes the DuckDB path."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("scans"))
+    s = start_server(tmp_path_factory.mktemp("scans"), cache={"table_memory_bytes": 0})
     # Split small tables too, so the 50,000-row demo.events becomes several endpoints.
     assert s.runtime.flight is not None
     s.runtime.flight.planner.split = SplitOptions(
