@@ -217,8 +217,9 @@ class Planner:
                 schema = table_schema(cur, ref)
                 rows = _count(cur, ref)
                 layout = read_layout(cur, ref, begin=True) if rows >= self._split_threshold else None
-            if cache.admits(ref, layout.version if layout else self._version(ref), rows, schema):
-                cached = cache.fill(ref, self.catalog.db.cursor, _snapshot_reader(ref))
+            version = layout.version if layout else self._version(ref)
+            if cache.admits(ref, version, rows, schema):
+                cached = cache.fill(ref, version, self.catalog.db.cursor, _snapshot_reader(ref))
         if cached is not None:
             pieces = self._cached_parts(cached, self._slices(cached.rows), None)
             return Plan("scan", cached.schema, cached.rows, pieces, (ref,), ref.qualified, timeout=False)

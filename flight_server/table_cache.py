@@ -215,9 +215,14 @@ class TableCache:
 
     # --- filling -------------------------------------------------------------------------------
     def fill(
-        self, ref: TableRef, cursor: Callable[[], duckdb.DuckDBPyConnection], opener: Opener
+        self,
+        ref: TableRef,
+        version: int,
+        cursor: Callable[[], duckdb.DuckDBPyConnection],
+        opener: Opener,
     ) -> CachedTable | None:
-        """Load ``ref`` into memory as of now, or wait for the fill of it that runs.
+        """Load ``ref`` into memory as of now, or wait for the fill of it that runs, or take
+        the entry such a fill stored since the caller's lookup (``version`` or newer).
 
         The entry is keyed by the layout read in the fill's own snapshot, so it is never
         older than what the caller saw. None when it could not be cached: another table is
@@ -228,6 +233,9 @@ class TableCache:
             return None
         key = ref.key()
         with self._lock:
+            done = self._entries.get(key)
+            if done is not None and done.layout.version >= version:
+                return done  # filled by another request since this one looked
             running = self._fills.get(key)
             mine = running is None
             if running is None:
