@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -130,6 +131,10 @@ def _walk_volatile(node: Any, volatile: frozenset[str]) -> bool:
     return False
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class CacheKey:
     digest: str
@@ -208,6 +213,8 @@ class ResultCache:
                 stale.unlink(missing_ok=True)
         self._volatile = TIME_AND_CHANCE | self._duckdb_volatile(db)
         self._is_volatile = lru_cache(maxsize=4096)(self._compute_volatile)
+        # The parse tree is kilobytes of JSON: hash it once per text, not once per request.
+        self._sql_digest = lru_cache(maxsize=4096)(_digest)
         interval = sweep_seconds if sweep_seconds is not None else min(30.0, max(0.5, config.ttl_seconds / 2))
         self._sweeper = threading.Thread(
             target=self._sweep_loop, args=(interval,), name="quiver-cache-sweeper", daemon=True
@@ -277,7 +284,7 @@ class ResultCache:
         try:
             material = json.dumps(
                 {
-                    "sql": normalized,
+                    "sql": self._sql_digest(normalized),
                     "params": list(params),
                     "max_rows": max_rows,
                     "tables": tables,
@@ -364,31 +371,50 @@ class ResultCache:
         return pa.ipc.open_stream(source)
 
     # --- filling -------------------------------------------------------------------------------------
-    def tee(self, key: CacheKey | None, reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
-        """``reader``'s batches, passed on as they come and kept for the cache: in memory up
-        to 1 MiB (no copy: the batches themselves), beyond that appended to a file. The entry
-        is committed when the stream ends, dropped if it fails, is abandoned or grows beyond
-        ``max_entry_bytes`` (the client still gets every batch)."""
+    def tee(
+        self,
+        key: CacheKey | None,
+        reader: pa.RecordBatchReader,
+        head: Sequence[pa.RecordBatch] = (),
+    ) -> pa.RecordBatchReader:
+        """``head`` (batches already read from ``reader``) then ``reader``'s batches, passed on
+        as they come and kept for the cache: in memory up to 1 MiB (no copy: the batches
+        themselves), beyond that appended to a file. The entry is committed when the stream
+        ends, dropped if it fails, is abandoned or grows beyond ``max_entry_bytes`` (the
+        client still gets every batch)."""
         if key is None:
             return reader
-        return pa.RecordBatchReader.from_batches(reader.schema, self._teeing(key, reader))
+        return pa.RecordBatchReader.from_batches(reader.schema, self._teeing(key, reader, head))
 
-    def _teeing(self, key: CacheKey, reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+    def store(self, key: CacheKey | None, schema: pa.Schema, batches: Sequence[pa.RecordBatch]) -> None:
+        """Keep a complete small result (already read) in memory; larger ones go through
+        :meth:`tee`. Does nothing for a result too large for the memory tier."""
+        if key is None:
+            return
+        size = sum(b.nbytes for b in batches)
+        if size > self.memory_entry_bytes:
+            return
+        self._commit(key, schema, sum(b.num_rows for b in batches), size, batches=tuple(batches))
+
+    def _teeing(
+        self, key: CacheKey, reader: pa.RecordBatchReader, head: Sequence[pa.RecordBatch] = ()
+    ) -> Iterator[pa.RecordBatch]:
         schema = reader.schema
         held: list[pa.RecordBatch] | None = []
         held_bytes = rows = 0
-        partial = self.dir / f"{key.digest}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        partial: Path | None = None
         sink: pa.OSFile | None = None
         writer: pa.ipc.RecordBatchStreamWriter | None = None
         gave_up = complete = False
         try:
-            for batch in reader:
+            for batch in itertools.chain(head, reader):
                 if not gave_up:
                     rows += batch.num_rows
                     if held is not None:
                         held.append(batch)
                         held_bytes += batch.nbytes
                         if held_bytes > self.memory_entry_bytes:  # too big for memory: spill
+                            partial = self.dir / f"{key.digest}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
                             sink = pa.OSFile(str(partial), "wb")
                             writer = pa.ipc.new_stream(sink, schema)
                             for b in held:
@@ -402,7 +428,8 @@ class ResultCache:
                             self.too_large += 1
                         self._close_quietly(writer, sink)
                         writer = sink = None
-                        partial.unlink(missing_ok=True)
+                        if partial is not None:
+                            partial.unlink(missing_ok=True)
                 yield batch
             complete = True
         finally:
@@ -410,9 +437,10 @@ class ResultCache:
             if complete and not gave_up:
                 if held is not None:
                     self._commit(key, schema, rows, held_bytes, batches=tuple(held))
-                else:
+                elif partial is not None:
                     self._commit(key, schema, rows, partial.stat().st_size, partial=partial)
-            partial.unlink(missing_ok=True)
+            if partial is not None:
+                partial.unlink(missing_ok=True)
 
     @staticmethod
     def _close_quietly(writer: pa.ipc.RecordBatchStreamWriter | None, sink: pa.OSFile | None) -> None:

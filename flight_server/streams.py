@@ -140,9 +140,22 @@ class Streamer:
         reader = self._sql(cur, part)
         if key is None:
             return flight.RecordBatchStream(reader)
-        teed = self.cache.tee(key, reader)
+        # Read the head of the result here, in the handler: a small result (a point query)
+        # is then complete — cached, and streamed from memory by C++ without a Python
+        # generator in the way — and an error or timeout is raised as a proper FlightError.
         timeout, request_id = self.timeout, state.request_id
         wrapped = part.limit is not None
+        try:
+            head, complete = _read_head(reader, self.cache.memory_entry_bytes)
+        except Exception as e:  # noqa: BLE001 - DuckDB's errors arrive through Arrow (OSError …)
+            timed_out = deadline is not None and deadline.fired
+            raise stream_error(
+                e, request_id, timed_out=timed_out, timeout_seconds=timeout, wrapped=wrapped
+            ) from None
+        if complete:
+            self.cache.store(key, reader.schema, head)
+            return flight.RecordBatchStream(pa.Table.from_batches(head, schema=reader.schema))
+        teed = self.cache.tee(key, reader, head)
 
         def batches() -> Iterator[pa.RecordBatch]:
             try:
@@ -179,6 +192,20 @@ class Streamer:
         return cur.sql(limited(part.sql, part.limit), params=list(part.params) or None).to_arrow_reader(
             BATCH_ROWS
         )
+
+
+def _read_head(reader: pa.RecordBatchReader, max_bytes: int) -> tuple[list[pa.RecordBatch], bool]:
+    """Batches of ``reader`` up to a little over ``max_bytes``; True when that was all of it."""
+    head: list[pa.RecordBatch] = []
+    size = 0
+    while size <= max_bytes:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return head, True
+        head.append(batch)
+        size += batch.nbytes
+    return head, False
 
 
 def limited(sql: str, limit: int | None) -> str:
