@@ -386,12 +386,14 @@ class ResultCache:
             return reader
         return pa.RecordBatchReader.from_batches(reader.schema, self._teeing(key, reader, head))
 
-    def store(self, key: CacheKey | None, schema: pa.Schema, batches: Sequence[pa.RecordBatch]) -> None:
-        """Keep a complete small result (already read) in memory; larger ones go through
-        :meth:`tee`. Does nothing for a result too large for the memory tier."""
+    def store(
+        self, key: CacheKey | None, schema: pa.Schema, batches: Sequence[pa.RecordBatch], size: int
+    ) -> None:
+        """Keep a complete small result (already read; ``size``: its batches' bytes) in
+        memory; larger ones go through :meth:`tee`. Does nothing for a result too large for
+        the memory tier."""
         if key is None:
             return
-        size = sum(b.nbytes for b in batches)
         if size > self.memory_entry_bytes:
             return
         self._commit(key, schema, sum(b.num_rows for b in batches), size, batches=tuple(batches))

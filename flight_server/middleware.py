@@ -9,9 +9,10 @@ test calls every RPC without a token to keep that promise.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pyarrow.flight as flight
 import structlog
@@ -25,15 +26,39 @@ log = structlog.get_logger("flight_server")
 _METHOD_NAMES = {m: m.name.lower() for m in flight.FlightMethod}
 
 
+class _CallMetrics:
+    """The labelled children of the request metrics, looked up once per (method, outcome)
+    instead of on every call (a label lookup takes a lock and hashes the labels)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._metrics = catalog.metrics
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def observe(self, name: str, outcome: str, seconds: float) -> None:
+        children = self._children.get((name, outcome))
+        if children is None:
+            m = self._metrics
+            children = (m.requests.labels("flight", name, outcome), m.request_seconds.labels("flight", name))
+            self._children[(name, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+
 class CallState(flight.ServerMiddleware):
     def __init__(
-        self, catalog: Catalog, method: str, principal: Principal | None, error: QuiverError | None
+        self,
+        catalog: Catalog,
+        method: str,
+        principal: Principal | None,
+        error: QuiverError | None,
+        metrics: _CallMetrics | None = None,
     ) -> None:
         self.catalog = catalog
         self.method = method
         self.principal = principal
         self.auth_error = error
-        self.request_id = uuid.uuid4().hex[:16]
+        self._metrics = metrics or _CallMetrics(catalog)
+        self.request_id = os.urandom(8).hex()
         self.started = time.perf_counter()
         self.action: str | None = None
         self.outcome = "OK"
@@ -58,10 +83,7 @@ class CallState(flight.ServerMiddleware):
             self.outcome = "DEADLINE_EXCEEDED"
         elif exception is not None and self.outcome == "OK":
             self.outcome = type(exception).__name__
-        name = self.action or self.method
-        m = self.catalog.metrics
-        m.requests.labels("flight", name, self.outcome).inc()
-        m.request_seconds.labels("flight", name).observe(seconds)
+        self._metrics.observe(self.action or self.method, self.outcome, seconds)
         log.info(
             "flight.call",
             method=self.method,
@@ -77,6 +99,7 @@ class CallState(flight.ServerMiddleware):
 class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
+        self._metrics = _CallMetrics(catalog)
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> CallState:
         method = _METHOD_NAMES.get(info.method, str(info.method))
@@ -104,4 +127,4 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
                 "auth.failed", outcome="denied", target=f"flight:{method}", detail=error.detail
             )
             raise flight_error(error)
-        return CallState(self.catalog, method, principal, error)
+        return CallState(self.catalog, method, principal, error, self._metrics)

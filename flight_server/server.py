@@ -20,7 +20,6 @@ import json
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import duckdb
@@ -55,6 +54,7 @@ log = structlog.get_logger("flight_server")
 install_traceback_filter()
 
 T = TypeVar("T")
+_EXPIRY_TYPE = pa.timestamp("ns")
 
 ACTIONS: dict[str, str] = {
     "whoami": "Who you are: {kind, swarm, agent, jti, expires_at, tables} as JSON. Body: none.",
@@ -197,7 +197,8 @@ class QuiverFlightServer(flight.FlightServerBase):
             endpoints = []
             for index in range(len(plan.parts)):
                 ticket, grant = self.tickets.issue(principal, TicketPayload(plan, index, group))
-                expires = pa.scalar(datetime.fromtimestamp(grant.expires_at, UTC), pa.timestamp("us", "UTC"))
+                # Whole microseconds, as nanoseconds: the type FlightEndpoint stores (no cast).
+                expires = pa.scalar(int(grant.expires_at * 1e6) * 1000, type=_EXPIRY_TYPE)
                 endpoints.append(flight.FlightEndpoint(ticket, [], expiration_time=expires))
             state.fields["endpoints"] = len(endpoints)
             return flight.FlightInfo(

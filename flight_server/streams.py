@@ -17,7 +17,7 @@ DEADLINE_EXCEEDED; proto_docs/errors.md explains).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import duckdb
@@ -26,7 +26,7 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, Unavailable
-from flight_server.cache import ResultCache
+from flight_server.cache import CacheKey, ResultCache
 from flight_server.endpoints import (
     BATCH_ROWS,
     CachedPart,
@@ -86,6 +86,14 @@ class Streamer:
                 return flight.RecordBatchStream(data)
             state.fields["cache"] = "table-evicted"
             part = part.fallback
+        key: CacheKey | None = None
+        if isinstance(part, SqlPart) and part.normalized is not None:
+            # The result cache first: a hit needs no cursor and no deadline.
+            key, hit = self._lookup(plan, part)
+            if hit is not None:
+                state.fields["cache"] = "hit"
+                return flight.RecordBatchStream(hit)
+            state.fields["cache"] = "miss" if key is not None else "off"
         cur = self.catalog.db.cursor()
         state.cleanups.append(cur.close)
         deadline: Deadline | None = None
@@ -97,8 +105,8 @@ class Streamer:
             if isinstance(part, ProfilePart):
                 table = self.profiles.profile(part.ref, part.columns, cursor=cur)
                 return flight.RecordBatchStream(table)
-            if part.normalized is not None:
-                return self._cached(cur, plan, part, state, deadline)
+            if key is not None:
+                return self._cached(cur, key, part, state, deadline)
             return flight.RecordBatchStream(self._sql(cur, part))
         except duckdb.Error as e:
             raise duckdb_error(
@@ -108,52 +116,49 @@ class Streamer:
                 wrapped=isinstance(part, SqlPart) and part.limit is not None,
             ) from None
 
+    def _lookup(self, plan: Plan, part: SqlPart) -> tuple[CacheKey | None, pa.RecordBatchReader | None]:
+        """The result cache's key of a query, and its cached rows on a hit. The key holds the
+        data versions of its tables (:class:`VersionWatch`), read before the query runs, so
+        the rows stored under it are of that version or newer — a newer version seen later
+        drops the entry."""
+        assert part.normalized is not None
+        versions: dict[Any, int] = {}
+        if plan.tables:
+            current = self.versions.current()
+            versions = {ref.key(): current.get(ref.key(), 0) for ref in plan.tables}
+        key = self.cache.key(part.normalized, part.params, part.limit, versions)
+        entry = self.cache.get(key) if key is not None else None
+        return key, self.cache.open(entry) if entry is not None else None
+
     def _cached(
         self,
         cur: duckdb.DuckDBPyConnection,
-        plan: Plan,
+        key: CacheKey,
         part: SqlPart,
         state: CallState,
         deadline: Deadline | None,
     ) -> flight.FlightDataStream:
-        """A query through the result cache, keyed by the data versions of its tables
-        (:class:`VersionWatch`: read before the query runs, so the rows are of that version
-        or newer — a newer version seen later drops the entry).
+        """A query result missing from the result cache: run, streamed and stored.
 
-        A miss is streamed through the cache's tee, a Python generator: an error it raises
-        mid-stream would reach the client as a Python traceback. So the tee feeds a
+        A large result is streamed through the cache's tee, a Python generator: an error it
+        raises mid-stream would reach the client as a Python traceback. So the tee feeds a
         ``GeneratorStream``, whose generator turns any failure into the FlightError of
         DESIGN.md §5 (a timeout mid-stream is then DEADLINE_EXCEEDED with extra_info)."""
-        assert part.normalized is not None
-        versions: dict[Any, int] = {}
-        if plan.tables:
-            current = self.versions.current(cur)
-            versions = {ref.key(): current.get(ref.key(), 0) for ref in plan.tables}
-        key = self.cache.key(part.normalized, part.params, part.limit, versions)
-        entry = self.cache.get(key) if key is not None else None
-        if entry is not None:
-            reader = self.cache.open(entry)
-            if reader is not None:
-                state.fields["cache"] = "hit"
-                return flight.RecordBatchStream(reader)
-        state.fields["cache"] = "miss" if key is not None else "off"
         reader = self._sql(cur, part)
-        if key is None:
-            return flight.RecordBatchStream(reader)
         # Read the head of the result here, in the handler: a small result (a point query)
         # is then complete — cached, and streamed from memory by C++ without a Python
         # generator in the way — and an error or timeout is raised as a proper FlightError.
         timeout, request_id = self.timeout, state.request_id
         wrapped = part.limit is not None
         try:
-            head, complete = _read_head(reader, self.cache.memory_entry_bytes)
+            head, size, complete = _read_head(reader, self.cache.memory_entry_bytes)
         except Exception as e:  # noqa: BLE001 - DuckDB's errors arrive through Arrow (OSError …)
             timed_out = deadline is not None and deadline.fired
             raise stream_error(
                 e, request_id, timed_out=timed_out, timeout_seconds=timeout, wrapped=wrapped
             ) from None
         if complete:
-            self.cache.store(key, reader.schema, head)
+            self.cache.store(key, reader.schema, head, size)
             return flight.RecordBatchStream(pa.Table.from_batches(head, schema=reader.schema))
         teed = self.cache.tee(key, reader, head)
 
@@ -189,23 +194,49 @@ class Streamer:
                     f"table {part.layout.ref.qualified} changed since GetFlightInfo; call "
                     "GetFlightInfo again (the endpoints of one FlightInfo never mix data versions)"
                 )
-        return cur.sql(limited(part.sql, part.limit), params=list(part.params) or None).to_arrow_reader(
-            BATCH_ROWS
-        )
+        return arrow_stream(cur, limited(part.sql, part.limit), part.params)
 
 
-def _read_head(reader: pa.RecordBatchReader, max_bytes: int) -> tuple[list[pa.RecordBatch], bool]:
-    """Batches of ``reader`` up to a little over ``max_bytes``; True when that was all of it."""
+_submit: Callable[..., Any] | None
+try:  # DuckDB's own submit step (see arrow_stream)
+    from duckdb._seam import submit as _submit
+except ImportError:  # pragma: no cover - another duckdb release: the public API is used
+    _submit = None
+
+
+def arrow_stream(
+    cur: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = (), batch_rows: int = BATCH_ROWS
+) -> pa.RecordBatchReader:
+    """DuckDB's Arrow stream of one statement the guard accepted, run once.
+
+    DuckDB 2.0's relation API (``cur.sql(q).to_arrow_reader()``) parses and binds the
+    statement in Python to build a lazy relation, then parses and binds it again to run it:
+    about 0.4 ms, a quarter of a point query's own time on the 2-core VM. Quiver builds no
+    relation — it only streams — so it hands the text to the engine's submit step, the one
+    that relation API ends in (``duckdb._seam.submit``, format "stream"): same engine, same
+    execution, same errors, no Python-side relation (which also means no replacement scans
+    of Python variables). It is a private entry point of the duckdb package, pinned in
+    constraints.txt; without it the public API is used. tests/test_dataplane.py checks that
+    both give the same rows."""
+    values = list(params) if params else None
+    if _submit is not None:
+        return _submit(cur, sql, values, "stream", batch_rows).arrow_reader()  # type: ignore[no-any-return]
+    return cur.sql(sql, params=values).to_arrow_reader(batch_rows)
+
+
+def _read_head(reader: pa.RecordBatchReader, max_bytes: int) -> tuple[list[pa.RecordBatch], int, bool]:
+    """Batches of ``reader`` up to a little over ``max_bytes``, their size, and whether that
+    was all of it."""
     head: list[pa.RecordBatch] = []
     size = 0
     while size <= max_bytes:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
-            return head, True
+            return head, size, True
         head.append(batch)
         size += batch.nbytes
-    return head, False
+    return head, size, False
 
 
 def limited(sql: str, limit: int | None) -> str:
