@@ -483,7 +483,10 @@ class ResultCache:
                 evicted.append(victim)
             self._gauges_locked()
         self._delete(evicted, "size")
-        log.debug("cache.stored", key=key.digest[:16], tier=tier, rows=rows, bytes=size, evicted=len(evicted))
+        if partial is not None:  # small entries come by the hundred per second: not logged
+            log.debug(
+                "cache.stored", key=key.digest[:16], tier=tier, rows=rows, bytes=size, evicted=len(evicted)
+            )
 
     # --- removal ------------------------------------------------------------------------------------
     def _delete(self, entries: Sequence[CacheEntry], reason: str | None) -> None:

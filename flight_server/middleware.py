@@ -26,13 +26,23 @@ log = structlog.get_logger("flight_server")
 _METHOD_NAMES = {m: m.name.lower() for m in flight.FlightMethod}
 
 
-class _CallMetrics:
-    """The labelled children of the request metrics, looked up once per (method, outcome)
-    instead of on every call (a label lookup takes a lock and hashes the labels)."""
+class _CallRecorder:
+    """What every call records: the request metrics — their labelled children looked up once
+    per (method, outcome), not on every call (a label lookup takes a lock and hashes the
+    labels) — and the ``flight.call`` log record."""
 
     def __init__(self, catalog: Catalog) -> None:
         self._metrics = catalog.metrics
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._log: Any = None
+
+    @property
+    def log(self) -> Any:
+        """The logger of the per-call record, bound once: structlog's module-level proxy
+        builds a new bound logger on every call (the logging setup does not cache them)."""
+        if self._log is None:
+            self._log = log.bind()
+        return self._log
 
     def observe(self, name: str, outcome: str, seconds: float) -> None:
         children = self._children.get((name, outcome))
@@ -51,13 +61,13 @@ class CallState(flight.ServerMiddleware):
         method: str,
         principal: Principal | None,
         error: QuiverError | None,
-        metrics: _CallMetrics | None = None,
+        metrics: _CallRecorder | None = None,
     ) -> None:
         self.catalog = catalog
         self.method = method
         self.principal = principal
         self.auth_error = error
-        self._metrics = metrics or _CallMetrics(catalog)
+        self._metrics = metrics or _CallRecorder(catalog)
         self.request_id = os.urandom(8).hex()
         self.started = time.perf_counter()
         self.action: str | None = None
@@ -84,7 +94,7 @@ class CallState(flight.ServerMiddleware):
         elif exception is not None and self.outcome == "OK":
             self.outcome = type(exception).__name__
         self._metrics.observe(self.action or self.method, self.outcome, seconds)
-        log.info(
+        self._metrics.log.info(
             "flight.call",
             method=self.method,
             action=self.action,
@@ -99,7 +109,7 @@ class CallState(flight.ServerMiddleware):
 class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        self._metrics = _CallMetrics(catalog)
+        self._metrics = _CallRecorder(catalog)
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> CallState:
         method = _METHOD_NAMES.get(info.method, str(info.method))
