@@ -164,13 +164,20 @@ class QuiverClient:
         self._lock = threading.Lock()
         self.timeout = timeout
         self._token = token
+        self._options: tuple[str, float | None, flight.FlightCallOptions] | None = None
 
     # --- plumbing -------------------------------------------------------------------------
     @property
     def options(self) -> flight.FlightCallOptions:
-        return flight.FlightCallOptions(
+        """The call options (token, timeout), built again only when either changed."""
+        cached = self._options
+        if cached is not None and cached[0] == self._token and cached[1] == self.timeout:
+            return cached[2]
+        options = flight.FlightCallOptions(
             headers=[(b"authorization", f"Bearer {self._token}".encode())], timeout=self.timeout
         )
+        self._options = (self._token, self.timeout, options)
+        return options
 
     def _call(self, fn: Callable[[], T]) -> T:
         try:
@@ -179,6 +186,8 @@ class QuiverClient:
             raise client_error(e) from e
 
     def _client_for(self, endpoint: flight.FlightEndpoint) -> flight.FlightClient:
+        if not endpoint.locations:  # Quiver's endpoints: "fetch from the server you asked"
+            return self._client
         uris = [
             loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri) for loc in endpoint.locations
         ]

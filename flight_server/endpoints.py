@@ -18,6 +18,8 @@ mix. Queries and samples are single endpoints: splitting arbitrary SQL is not so
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 import weakref
 from collections import OrderedDict
@@ -364,7 +366,7 @@ class Planner:
         params = tuple(cmd.params)
         schema = self.query_schema(guarded, params)
         part = SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
-        label = f"query:{guarded.fingerprint[:12]}"
+        label = _query_label(guarded.normalized)
         return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True)
 
     GUARD_CACHE_SECONDS = 10.0
@@ -421,6 +423,13 @@ class Planner:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)
+def _query_label(normalized: str) -> str:
+    """``query:`` + the start of the guard's fingerprint (a hash of kilobytes of parse tree:
+    once per query text, not per request)."""
+    return f"query:{hashlib.sha256(normalized.encode()).hexdigest()[:12]}"
+
+
 def _param_type(value: Any) -> Any:
     if isinstance(value, list):
         return ("list", tuple(_param_type(v) for v in value))
