@@ -47,6 +47,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import secrets
 import threading
@@ -59,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import msgspec
 import pyarrow as pa
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -129,6 +131,17 @@ def _walk_volatile(node: Any, volatile: frozenset[str]) -> bool:
     if isinstance(node, list):
         return any(_walk_volatile(v, volatile) for v in node)
     return False
+
+
+_KEY_ENCODER = msgspec.json.Encoder()
+
+
+def _plain(value: Any) -> bool:
+    """A JSON scalar that msgspec and json encode alike, and distinctly (``1``, ``1.0``,
+    ``"1"``, ``true``; not NaN or infinities, which msgspec writes as null)."""
+    if value is None or isinstance(value, (str, int)):  # bool is an int
+        return True
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _digest(text: str) -> str:
@@ -281,22 +294,27 @@ class ResultCache:
                 for k, v in versions.items()
             )
         )
-        try:
-            material = json.dumps(
-                {
-                    "sql": self._sql_digest(normalized),
-                    "params": list(params),
-                    "max_rows": max_rows,
-                    "tables": tables,
-                    "extra": extra,
-                },
-                sort_keys=True,
-                separators=(",", ":"),
-            )
-        except (TypeError, ValueError):
-            with self._lock:
-                self.uncacheable += 1
-            return None
+        digest = self._sql_digest(normalized)
+        if extra is None and all(_plain(p) for p in params):
+            # The common case (scalar parameters): msgspec, several times faster than json.
+            material = _KEY_ENCODER.encode((digest, params, max_rows, tables)).decode()
+        else:
+            try:
+                material = json.dumps(
+                    {
+                        "sql": digest,
+                        "params": list(params),
+                        "max_rows": max_rows,
+                        "tables": tables,
+                        "extra": extra,
+                    },
+                    sort_keys=True,
+                    separators=(",", ":"),
+                )
+            except (TypeError, ValueError):
+                with self._lock:
+                    self.uncacheable += 1
+                return None
         self._observe_versions(tables)
         return CacheKey(hashlib.sha256(material.encode()).hexdigest(), tables)
 
