@@ -354,6 +354,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         super().shutdown()
         self.queries.close()
         self.cache.close()
+        self.streamer.close()
         self.table_cache.invalidate()
         self.watchdog.stop()
 
