@@ -87,10 +87,20 @@ class Layout:
 class SqlPart:
     sql: str
     params: tuple[Any, ...] = ()
+    # At most this many rows, by wrapping the SQL in a LIMIT (the caller's own max_rows: a
+    # LIMIT lets DuckDB stop early, e.g. a top-N instead of a full sort).
     limit: int | None = None
     layout: Layout | None = None
     # The guard's normalized SQL when the result may be served from the result cache.
     normalized: str | None = None
+    # At most this many rows, cut from the stream (the server's [limits] max_rows: wrapping
+    # every query in a LIMIT costs DuckDB ~0.15 ms, a tenth of a point query). Only parts
+    # that go through the result cache's path use it; others get a LIMIT instead.
+    cap: int | None = None
+
+    @property
+    def max_rows(self) -> int | None:
+        return self.limit if self.limit is not None else self.cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +375,10 @@ class Planner:
         guarded = self.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
         schema = self.query_schema(guarded, params)
-        part = SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
+        if cmd.max_rows is not None:
+            part = SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
+        else:
+            part = SqlPart(guarded.sql, params, normalized=guarded.normalized, cap=cap)
         label = _query_label(guarded.normalized)
         return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True)
 

@@ -115,13 +115,18 @@ class Streamer:
                 return flight.RecordBatchStream(table)
             if key is not None:
                 return self._cached(cur, key, part, state, deadline, lease)
-            return flight.RecordBatchStream(self._sql(cur, part))
+            # C++ streams DuckDB's reader: the row cap must be DuckDB's LIMIT.
+            return flight.RecordBatchStream(self._sql(cur, part, part.max_rows))
         except duckdb.Error as e:
+            # Was the caller's SQL wrapped in a LIMIT (DuckDB's line numbers are one off)?
+            wrapped = (
+                isinstance(part, SqlPart) and (part.limit if key is not None else part.max_rows) is not None
+            )
             raise duckdb_error(
                 e,
                 timed_out=deadline is not None and deadline.fired,
                 timeout_seconds=self.timeout,
-                wrapped=isinstance(part, SqlPart) and part.limit is not None,
+                wrapped=wrapped,
             ) from None
 
     def _lookup(self, plan: Plan, part: SqlPart) -> tuple[CacheKey | None, pa.RecordBatchReader | None]:
@@ -134,7 +139,7 @@ class Streamer:
         if plan.tables:
             current = self.versions.current()
             versions = {ref.key(): current.get(ref.key(), 0) for ref in plan.tables}
-        key = self.cache.key(part.normalized, part.params, part.limit, versions)
+        key = self.cache.key(part.normalized, part.params, part.max_rows, versions)
         entry = self.cache.get(key) if key is not None else None
         return key, self.cache.open(entry) if entry is not None else None
 
@@ -153,14 +158,15 @@ class Streamer:
         raises mid-stream would reach the client as a Python traceback. So the tee feeds a
         ``GeneratorStream``, whose generator turns any failure into the FlightError of
         DESIGN.md §5 (a timeout mid-stream is then DEADLINE_EXCEEDED with extra_info)."""
-        reader = self._sql(cur, part)
+        reader = self._sql(cur, part, part.limit)
         # Read the head of the result here, in the handler: a small result (a point query)
         # is then complete — cached, and streamed from memory by C++ without a Python
         # generator in the way — and an error or timeout is raised as a proper FlightError.
         timeout, request_id = self.timeout, state.request_id
         wrapped = part.limit is not None
+        cap = part.cap
         try:
-            head, size, complete = _read_head(reader, self.cache.memory_entry_bytes)
+            head, size, complete, cut = _read_head(reader, self.cache.memory_entry_bytes, cap)
         except Exception as e:  # noqa: BLE001 - DuckDB's errors arrive through Arrow (OSError …)
             timed_out = deadline is not None and deadline.fired
             raise stream_error(
@@ -169,12 +175,14 @@ class Streamer:
         if complete:
             self.cache.store(key, reader.schema, head, size)
             # The cursor is done with (its result read to the end, no transaction): the next
-            # request on this thread may use it, unless the deadline is close enough to fire.
-            if deadline is None or time.monotonic() < deadline.at - 1.0:
+            # request may use it, unless its deadline is close enough to fire.
+            if not cut and (deadline is None or time.monotonic() < deadline.at - 1.0):
                 if deadline is not None:
                     Watchdog.disarm(deadline)
                 lease.recycle(self._cursors)
             return flight.RecordBatchStream(pa.Table.from_batches(head, schema=reader.schema))
+        if cap is not None:
+            reader = _capped(reader, cap - sum(b.num_rows for b in head))
         teed = self.cache.tee(key, reader, head)
 
         def batches() -> Iterator[pa.RecordBatch]:
@@ -192,7 +200,7 @@ class Streamer:
         return flight.GeneratorStream(teed.schema, batches())
 
     @staticmethod
-    def _sql(cur: duckdb.DuckDBPyConnection, part: SqlPart) -> Any:
+    def _sql(cur: duckdb.DuckDBPyConnection, part: SqlPart, limit: int | None) -> Any:
         if part.layout is not None:
             # The layout check and the rows share one snapshot: the transaction stays open
             # (read-only) until the cursor is closed at the end of the stream.
@@ -209,7 +217,7 @@ class Streamer:
                     f"table {part.layout.ref.qualified} changed since GetFlightInfo; call "
                     "GetFlightInfo again (the endpoints of one FlightInfo never mix data versions)"
                 )
-        return arrow_stream(cur, limited(part.sql, part.limit), part.params)
+        return arrow_stream(cur, limited(part.sql, limit), part.params)
 
 
 class _SpareCursors:
@@ -295,19 +303,44 @@ def arrow_stream(
     return cur.sql(sql, params=values).to_arrow_reader(batch_rows)
 
 
-def _read_head(reader: pa.RecordBatchReader, max_bytes: int) -> tuple[list[pa.RecordBatch], int, bool]:
-    """Batches of ``reader`` up to a little over ``max_bytes``, their size, and whether that
-    was all of it."""
+def _read_head(
+    reader: pa.RecordBatchReader, max_bytes: int, cap: int | None = None
+) -> tuple[list[pa.RecordBatch], int, bool, bool]:
+    """Batches of ``reader`` up to a little over ``max_bytes`` and at most ``cap`` rows: the
+    batches, their size, whether that is the whole result, and whether it was cut at ``cap``
+    (then the reader is closed)."""
     head: list[pa.RecordBatch] = []
-    size = 0
+    size = rows = 0
     while size <= max_bytes:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
-            return head, size, True
+            return head, size, True, False
+        if cap is not None and rows + batch.num_rows >= cap:
+            batch = batch.slice(0, cap - rows)
+            head.append(batch)
+            reader.close()
+            return head, size + batch.nbytes, True, True
         head.append(batch)
         size += batch.nbytes
-    return head, size, False
+        rows += batch.num_rows
+    return head, size, False, False
+
+
+def _capped(reader: pa.RecordBatchReader, rows: int) -> pa.RecordBatchReader:
+    """The first ``rows`` rows of ``reader`` (the server's row cap, cut from the stream)."""
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        left = rows
+        for batch in reader:
+            if batch.num_rows >= left:
+                yield batch.slice(0, left)
+                reader.close()
+                return
+            left -= batch.num_rows
+            yield batch
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
 
 
 def limited(sql: str, limit: int | None) -> str:

@@ -688,3 +688,32 @@ def test_bad_actions(client: flight.FlightClient, opts: flight.FlightCallOptions
         "INVALID_ARGUMENT",
         "nope",
     )
+
+
+def test_arrow_stream_runs_queries_like_the_public_api(server: Server) -> None:
+    """flight_server.streams.arrow_stream hands statements to DuckDB's submit step (no
+    relation): the same rows, types and errors as ``cur.sql(q, params).to_arrow_reader()``."""
+    import duckdb
+
+    from flight_server.streams import arrow_stream
+
+    cases: list[tuple[str, list[Any]]] = [
+        ("SELECT * FROM demo.orders ORDER BY order_id", []),
+        ("SELECT * FROM demo.events WHERE event_id > ? ORDER BY event_id LIMIT 100", [49_000]),
+        (
+            "SELECT ?::DECIMAL(10, 2) AS d, ? AS s, ?::DATE AS day, [1, 2] AS l, {'a': 1} AS st",
+            [1.5, "x", "2024-01-02"],
+        ),
+        ("SELECT NULL AS n, 'é' AS e", []),
+    ]
+    with server.catalog.db.reading() as cur:
+        for sql, params in cases:
+            got = arrow_stream(cur, sql, params).read_all()
+            want = cur.sql(sql, params=params or None).to_arrow_table()
+            assert got.equals(want), sql
+        for bad in ("SELECT 'x'::INTEGER", "SELECT nope FROM demo.orders"):
+            with pytest.raises(duckdb.Error) as ours:
+                arrow_stream(cur, bad).read_all()
+            with pytest.raises(duckdb.Error) as theirs:
+                cur.sql(bad).to_arrow_table()
+            assert type(ours.value) is type(theirs.value)

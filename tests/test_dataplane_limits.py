@@ -33,7 +33,9 @@ def cmd(**body: Any) -> flight.FlightDescriptor:
 
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("timeouts"), limits={"query_timeout_seconds": 2})
+    s = start_server(
+        tmp_path_factory.mktemp("timeouts"), limits={"query_timeout_seconds": 2, "max_rows": 100_000}
+    )
     yield s
     s.stop()
 
@@ -168,3 +170,34 @@ def test_endpoints_of_one_flightinfo_share_one_slot(capped: Server) -> None:
     finally:
         held.cancel()
     _wait_idle(capped)
+
+
+# --- the server's row cap -----------------------------------------------------------------------------
+def test_the_server_row_cap_is_cut_from_the_stream(slow: Server) -> None:
+    """Without max_rows, [limits] max_rows (100,000 here) is cut from the stream rather than
+    wrapped around the SQL: a result read whole in the handler, and one streamed on."""
+    client, opts = slow.flight(), call_options(slow.demo_token)
+    for sql in (
+        "SELECT range AS i FROM range(150000)",  # ~1 MB: cut while the handler reads its head
+        "SELECT range AS i, repeat('x', 60) AS s FROM range(300000)",  # cut while streaming
+    ):
+        for _ in range(2):  # the second time from the result cache: the same rows
+            info = client.get_flight_info(cmd(kind="query", sql=sql), opts)
+            got = client.do_get(info.endpoints[0].ticket, opts).read_all()
+            assert got.num_rows == 100_000
+            assert got.column("i").to_pylist() == list(range(100_000))
+        explicit = client.get_flight_info(cmd(kind="query", sql=sql, max_rows=7), opts)
+        assert client.do_get(explicit.endpoints[0].ticket, opts).read_all().num_rows == 7
+    _wait_idle(slow)
+
+
+def test_queries_after_a_timeout_run_normally(slow: Server) -> None:
+    """Cursors are reused between requests; one whose query was interrupted never is."""
+    client, opts = slow.flight(), call_options(slow.demo_token)
+    info = client.get_flight_info(cmd(kind="query", sql=TRICKLE), opts)
+    with pytest.raises(flight.FlightTimedOutError):
+        client.do_get(info.endpoints[0].ticket, opts).read_all()
+    for i in range(20):
+        info = client.get_flight_info(cmd(kind="query", sql="SELECT ? * 2 AS v", params=[i]), opts)
+        assert client.do_get(info.endpoints[0].ticket, opts).read_all().column("v").to_pylist() == [2 * i]
+    _wait_idle(slow)
