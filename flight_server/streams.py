@@ -3,7 +3,11 @@
 The stream is DuckDB's Arrow ``RecordBatchReader`` handed to ``flight.RecordBatchStream``:
 the gRPC thread pulls batches from DuckDB in C++; Python never sees a row, and memory stays
 bounded by a few batches whatever the result size (gRPC flow control pauses DuckDB when the
-client reads slowly).
+client reads slowly). Two shortcuts avoid DuckDB altogether: a scan of a table held by the
+hot-table cache streams a zero-copy slice of it (flight_server/table_cache.py), and a query
+found in the result cache streams the stored batches. A query that goes through the result
+cache has the head of its result (up to 1 MiB) read in the handler: a small result is then
+complete, stored, and streamed from memory, and its cursor is kept for the next request.
 
 Lifetime. Everything a stream holds — its cursor, its query deadline, its concurrency slot —
 is released by the middleware's ``call_completed``, which Flight calls when the stream ends,
