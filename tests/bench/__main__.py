@@ -3,7 +3,8 @@ tests/bench/RESULTS.md (linked from the README).
 
 A benchmark module is ``tests/bench/bench_*.py`` exposing ``run() -> str``: it prints its
 figures as it goes and returns a Markdown section for the results file. Pass module names
-(e.g. ``python -m tests.bench flight``) to run only some.
+(e.g. ``python -m tests.bench flight``) to run only some: their sections of the results file
+are replaced, the others kept.
 """
 
 from __future__ import annotations
@@ -37,10 +38,25 @@ def main(argv: list[str]) -> int:
         f"{platform.machine()}, {platform.python_version()}, "
         f"{_cores()} cores. All figures of one section come from one run on the same data.\n"
     )
-    if not wanted:
-        (HERE / "RESULTS.md").write_text(header + "\n" + "\n\n".join(sections) + "\n")
-        print(f"\nwrote {HERE / 'RESULTS.md'}")
+    results = HERE / "RESULTS.md"
+    if wanted and results.exists():
+        # Only some modules ran: replace their sections, keep the others' figures.
+        sections = _merge(results.read_text(), sections)
+    results.write_text(header + "\n" + "\n\n".join(sections) + "\n")
+    print(f"\nwrote {results}")
     return 0
+
+
+def _merge(old: str, new: list[str]) -> list[str]:
+    """The sections (``## title`` blocks) of ``old``, with those of ``new`` replacing the ones
+    of the same title; sections only in ``new`` come last."""
+    kept: dict[str, str] = {}
+    for block in ("\n" + old).split("\n## ")[1:]:
+        title = block.split("\n", 1)[0].strip()
+        kept[title] = "## " + block.strip()
+    for section in new:
+        kept[section.split("\n", 1)[0].removeprefix("## ").strip()] = section.strip()
+    return list(kept.values())
 
 
 def _cores() -> int:
