@@ -165,7 +165,6 @@ class QuiverClient:
         self.timeout = timeout
         self._token = token
         self._options: tuple[str, float | None, flight.FlightCallOptions] | None = None
-        self._fetchers: ThreadPoolExecutor | None = None
 
     # --- plumbing -------------------------------------------------------------------------
     @property
@@ -185,14 +184,6 @@ class QuiverClient:
             return fn()
         except Exception as e:
             raise client_error(e) from e
-
-    def _pool(self) -> ThreadPoolExecutor:
-        """The threads that fetch endpoints in parallel, started once per client (starting
-        eight threads for every read costs more than a small table's whole transfer)."""
-        with self._lock:
-            if self._fetchers is None:
-                self._fetchers = ThreadPoolExecutor(self.parallelism, thread_name_prefix="quiver-fetch")
-            return self._fetchers
 
     def _client_for(self, endpoint: flight.FlightEndpoint) -> flight.FlightClient:
         if not endpoint.locations:  # Quiver's endpoints: "fetch from the server you asked"
@@ -232,7 +223,10 @@ class QuiverClient:
             return read(endpoints[0])
         if not endpoints:
             return info.schema.empty_table()
-        tables = list(self._pool().map(read, endpoints))
+        with ThreadPoolExecutor(
+            min(len(endpoints), self.parallelism), thread_name_prefix="quiver-fetch"
+        ) as pool:
+            tables = list(pool.map(read, endpoints))
         return pa.concat_tables(tables)
 
     def fetch_stream(self, info: flight.FlightInfo, *, buffer_batches: int = 4) -> pa.RecordBatchReader:
@@ -434,8 +428,6 @@ class QuiverClient:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
-        if self._fetchers is not None:
-            self._fetchers.shutdown(wait=False)
         for client in [self._client, *self._others.values()]:
             client.close()
 
