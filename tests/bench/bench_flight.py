@@ -24,6 +24,7 @@ machine hits all of them alike and the ratios stay meaningful. Figures are media
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import random
@@ -52,6 +53,7 @@ ROWS = int(os.environ.get("QUIVER_BENCH_ROWS", "5000000"))
 REPS = int(os.environ.get("QUIVER_BENCH_REPS", "5"))
 POINTS = int(os.environ.get("QUIVER_BENCH_POINTS", "300"))
 CLIENTS = 8
+SETTLE_SECONDS = 0.3
 POINT_SQL = "SELECT * FROM bench.t WHERE id = ?"
 SUBMIT_POINT = "in-process duckdb (submit step, as Quiver runs it)"
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,6 +121,14 @@ def _process(
 
 def _say(line: str) -> None:
     print(line, flush=True)
+
+
+def _settle() -> None:
+    """Let the previous contender's cleanup finish before the next is timed: freeing a 250 MB
+    result (and the ADBC driver's Go garbage collector, after ROAPI) runs on after the call
+    returns, and would be charged to whoever comes next."""
+    gc.collect()
+    time.sleep(SETTLE_SECONDS)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -206,6 +216,7 @@ def _run(work: Path) -> str:
         scan_times: dict[str, list[float]] = {name: [] for name in c.scans}
         for _ in range(REPS):
             for name, scan in c.scans.items():
+                _settle()
                 started = time.perf_counter()
                 scan()
                 scan_times[name].append(time.perf_counter() - started)
@@ -616,7 +627,9 @@ def _report(
         "## Flight data plane",
         "",
         f"`bench.t`: {ROWS:,} rows (BIGINT, INTEGER, 2 DOUBLE, VARCHAR, TIMESTAMP; {mb:.0f} MB as Arrow). "
-        f"Medians of {REPS} repetitions, every contender measured in turn within each repetition; point "
+        f"Medians of {REPS} repetitions, every contender measured in turn within each repetition (after a "
+        f"{SETTLE_SECONDS:g} s pause and a garbage collection, so that freeing the previous contender's "
+        "250 MB result is not charged to the next); point "
         f"queries over {POINTS} random keys, each key against each contender in turn. Quiver runs as "
         "`quiver serve` in a subprocess with its default configuration (agent tokens, SQL guard, result "
         "cache and hot-table cache on), and a second one with `[cache] table_memory_bytes = 0` for the "
