@@ -47,7 +47,13 @@ def test_readme_snippet_is_the_printed_one_and_runs_verbatim(tmp_path: Path) -> 
         assert "demo.customers 1000 rows" in run.stdout
         assert "demo.orders 20000 rows" in run.stdout
         assert "1000 rows: [{'customer_id': 1" in run.stdout
-        run = subprocess.run([sys.executable, "-c", readme_snippet("client")], env=env, capture_output=True, text=True, timeout=60)
+        run = subprocess.run(
+            [sys.executable, "-c", readme_snippet("client")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert run.returncode == 0, run.stderr
         assert "20000 orders" in run.stdout and "PERMISSION_DENIED" in run.stdout
         # secrets never reach the log: neither the admin nor the demo token
