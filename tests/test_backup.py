@@ -178,7 +178,9 @@ def test_backup_cli_through_running_server_and_directly(
     assert list((tmp_path / "backups").iterdir()) == []  # moved, not copied
 
     server.stop()
-    code, out, err = _cli("backup", "--data-dir", str(server.data_dir), "--output", str(out_dir), capsys=capsys)
+    code, out, err = _cli(
+        "backup", "--data-dir", str(server.data_dir), "--output", str(out_dir), capsys=capsys
+    )
     assert code == 0, err
     assert "directly" in err
     assert len(list(out_dir.iterdir())) == 2
@@ -214,7 +216,9 @@ def _with_extra_member(archive: Path, dest: Path, name: str) -> Path:
             content = body.read()
             if m.name == MANIFEST:
                 manifest = json.loads(content)
-                manifest["members"].append({"path": name, "bytes": 1, "sha256": hashlib.sha256(b"x").hexdigest()})
+                manifest["members"].append(
+                    {"path": name, "bytes": 1, "sha256": hashlib.sha256(b"x").hexdigest()}
+                )
                 content = json.dumps(manifest).encode()
             m.size = len(content)
             out.addfile(m, io.BytesIO(content))
