@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt bench dist clean
+.PHONY: install run test lint fmt bench dist clean ansible-tools deploy-test deploy-test-boot
 
 install: $(STAMP)
 
@@ -14,10 +14,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
+# Ansible controller tools (ansible-core, ansible-lint, the collections used) in a venv of
+# their own: they pin packages the service does not need. Galaxy is not used.
+ANSIBLE_VENV := .venv-ansible
+ANSIBLE_STAMP := $(ANSIBLE_VENV)/.installed
+
+ansible-tools: $(ANSIBLE_STAMP)
+
+$(ANSIBLE_STAMP): ansible/requirements.txt ansible/tools/install_collections.py
+	@test -x $(ANSIBLE_VENV)/bin/python || $(PYTHON) -m venv $(ANSIBLE_VENV)
+	$(ANSIBLE_VENV)/bin/python -m pip install --quiet -r ansible/requirements.txt
+	rm -rf $(ANSIBLE_VENV)/collections
+	$(ANSIBLE_VENV)/bin/python ansible/tools/install_collections.py $(ANSIBLE_VENV)/collections
+	@touch $@
+
 run: $(STAMP)
 	$(BIN)/quiver serve --demo
 
-test: $(STAMP)
+test: $(STAMP) $(ANSIBLE_STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
@@ -32,5 +46,15 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
 
+# The wheel that ansible/ deploys (and the Dockerfile installs).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+
+# Applies ansible/site.yml to a Debian bookworm root (debootstrap, cached) through the
+# chroot connection, twice, and checks the result; see ansible/tests/deploy_test.sh.
+deploy-test: $(STAMP) $(ANSIBLE_STAMP) dist
+	bash ansible/tests/deploy_test.sh
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(ANSIBLE_VENV) build dist *.egg-info
