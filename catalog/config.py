@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 
@@ -161,6 +161,19 @@ def _merge(base: dict[str, Any], extra: dict[str, dict[str, Any]]) -> dict[str, 
     return merged
 
 
+def _allowed_values(where: str) -> tuple[object, ...]:
+    """The choices of a Literal field at a dotted path such as ``server.log_format``."""
+    tp: Any = Config
+    for part in where.split("."):
+        if not (isinstance(tp, type) and issubclass(tp, msgspec.Struct)):
+            return ()
+        fields = {f.name: f.type for f in msgspec.structs.fields(tp)}
+        if part not in fields:
+            return ()
+        tp = fields[part]
+    return get_args(tp) if get_origin(tp) is Literal else ()
+
+
 def _friendly(err: msgspec.ValidationError) -> str:
     """msgspec says ``Expected `int` >= 1, got 0 - at `$.limits.max_rows```; we say
     ``limits.max_rows: expected `int` >= 1, got 0``."""
@@ -168,7 +181,9 @@ def _friendly(err: msgspec.ValidationError) -> str:
     if " - at `$." in text:
         message, _, where = text.rpartition(" - at `$.")
         where = where.rstrip("`")
-        return f"{where}: {message[0].lower()}{message[1:]}"
+        text = f"{where}: {message[0].lower()}{message[1:]}"
+        allowed = _allowed_values(where)
+        return f"{text}; allowed: {', '.join(map(str, allowed))}" if allowed else text
     if text.startswith("Object contains unknown field"):
         return text.replace("Object contains", "config contains")
     return text

@@ -64,8 +64,10 @@ class Catalog:
         self.tokens = TokenService(self.db, self.key, config.tokens, self.swarms)
         self.audit = AuditLog(self.db)
         self.metrics = Metrics()
-        # Filled in by the process wiring: listener name -> {"up": bool, "url": str}.
+        # Filled in by the process wiring: listener name -> {"up": bool, "url": str}, and a
+        # probe per listener that checks it really accepts connections right now.
         self.listeners: dict[str, dict[str, Any]] = {}
+        self.health_probes: dict[str, Callable[[], bool]] = {}
         # Extra sections of GET /v1/status (e.g. "queries", "cache", "sync").
         self.status_sections: dict[str, Callable[[], Any]] = {}
         self.sync: SyncController | None = None
@@ -125,6 +127,15 @@ class Catalog:
         if "sync" not in out:
             out["sync"] = self.sync.status() if self.sync else {"configured": False}
         return out
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether every listener is up (its flag set and its probe answering)."""
+        report: dict[str, Any] = {}
+        for name, entry in self.listeners.items():
+            probe = self.health_probes.get(name)
+            up = bool(entry.get("up")) and (probe() if probe else True)
+            report[name] = {**entry, "up": up}
+        return bool(report) and all(v["up"] for v in report.values()), report
 
     def require_sync(self) -> SyncController:
         if self.sync is None:

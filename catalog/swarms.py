@@ -118,7 +118,7 @@ class SwarmStore:
     def set_allowlist(self, name: str, tables: list[str]) -> list[str]:
         patterns = normalize_patterns(tables)
         with self._db.transaction() as cur:
-            if not cur.execute(f"SELECT 1 FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [name]):
+            if not fetch_one(cur, f"SELECT 1 FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [name]):
                 raise NotFound(f"swarm {name!r} does not exist; GET /v1/swarms lists them")
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.allowlist WHERE swarm = ?", [name])
             if patterns:

@@ -52,10 +52,11 @@ def validation_error(request: Request[Any, Any, Any], exc: ValidationException) 
             key = item.get("key")
             source = item.get("source")
             where = f"{source} " if source and source != "body" else ""
-            problems.append(f"{where}{key}: {msg}" if key and key not in msg else msg)
+            if key == "data":  # the body as a whole (msgspec's `$.data`)
+                problems.append(f"request body: {msg}")
+            else:
+                problems.append(f"{where}{key}: {msg}" if key and key not in msg else msg)
     detail = "; ".join(p for p in problems if p) or str(exc.detail)
-    if "JSON" in detail or "malformed" in detail.lower():
-        detail = f"request body is not valid JSON: {detail}"
     return _body("INVALID_ARGUMENT", f"{detail} ({request.method} {request.url.path})", 400)
 
 
@@ -65,6 +66,8 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
         return internal_error(request, exc)
     code = _CODES.get(status, "INVALID_ARGUMENT")
     detail = str(exc.detail)
+    if status == 400 and type(exc.__cause__).__name__ == "SerializationException":
+        detail = f"request body is not valid JSON ({detail}); send one JSON object"
     if status == 404 and detail == "Not Found":
         detail = f"no route {request.method} {request.url.path}; see /schema for the API"
     if status == 413:

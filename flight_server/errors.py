@@ -10,7 +10,9 @@ fault of ours, logged with a request id and sent as INTERNAL without internals.
 from __future__ import annotations
 
 import json
+import sys
 
+import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
 
@@ -48,6 +50,35 @@ def internal_error(exc: BaseException, request_id: str, where: str) -> flight.Fl
     log.error("flight.internal_error", where=where, request_id=request_id, exc_info=exc)
     detail = f"internal error (request id {request_id}); the server log has the details"
     return flight.FlightInternalError(detail, extra_info=_extra("INTERNAL", detail))
+
+
+def hide_tracebacks_from_clients() -> None:
+    """pyarrow formats a Python traceback into the status it sends for any exception that is
+    not mapped through its FlightError path — and its ``get_schema`` (26.x) maps none, even
+    FlightErrors. That text is formatted lazily, after the RPC returned, with the standard
+    ``traceback`` module, which honours ``sys.tracebacklimit``. So the Flight server process
+    sets it to 0: a client can never receive our stack frames. The process-wide cost is
+    that code formatting tracebacks with the default limit prints none; Quiver's own logging
+    (quiver.logs) passes an explicit limit and keeps full tracebacks in the server log."""
+    sys.tracebacklimit = 0
+
+
+def schema_error(err: flight.FlightError) -> Exception:
+    """The exception for a failed GetSchema: a type pyarrow maps to the closest status
+    (INVALID_ARGUMENT, NOT_FOUND, else UNKNOWN), with ``"<CODE>: <detail>"`` as message so a
+    client can still branch on the code."""
+    try:
+        info = json.loads(err.extra_info or b"{}")
+    except ValueError:
+        info = {}
+    code = info.get("code", "INTERNAL")
+    detail = info.get("detail", str(err))
+    message = f"{code}: {detail}"
+    if code == "INVALID_ARGUMENT":
+        return pa.ArrowInvalid(message)
+    if code == "NOT_FOUND":
+        return pa.ArrowKeyError(message)
+    return pa.ArrowException(message)
 
 
 def to_flight_error(exc: BaseException, request_id: str, where: str) -> flight.FlightError:

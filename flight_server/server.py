@@ -14,7 +14,7 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, InvalidArgument, Principal, TableRef
-from flight_server.errors import to_flight_error
+from flight_server.errors import hide_tracebacks_from_clients, schema_error, to_flight_error
 from flight_server.middleware import AuthMiddlewareFactory, CallState
 from flight_server.tickets import TicketStore
 
@@ -48,6 +48,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         )
         self.catalog = catalog
         self.tickets = TicketStore()
+        hide_tracebacks_from_clients()
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------
     def _state(self, context: flight.ServerCallContext) -> CallState:
@@ -141,7 +142,10 @@ class QuiverFlightServer(flight.FlightServerBase):
                 schema = cur.sql(f"SELECT * FROM {ref.sql} LIMIT 0").to_arrow_table().schema
             return flight.SchemaResult(schema)
 
-        return self._run(context, "get_schema", run)
+        try:
+            return self._run(context, "get_schema", run)
+        except flight.FlightError as err:
+            raise schema_error(err) from None
 
     # --- streaming ------------------------------------------------------------------------
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:

@@ -103,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lines.append(f"  Demo agent token: {runtime.demo_token_path}")
         lines.append("")
         env = []
-        if endpoints.flight_url != "grpc://localhost:8815":
+        if endpoints.flight_url.replace("127.0.0.1", "localhost") != "grpc://localhost:8815":
             env.append(f"export QUIVER_URL={endpoints.flight_url}")
         if os.path.relpath(runtime.demo_token_path) != "var/demo-agent.token":
             env.append(f"export QUIVER_TOKEN_FILE={runtime.demo_token_path}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import traceback
 from typing import Any
 
 import structlog
@@ -40,6 +41,27 @@ def redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def format_exc_info(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Render ``exc_info`` with an explicit frame limit, so that the Flight server's
+    temporary ``sys.tracebacklimit = 0`` (see flight_server.errors) never blanks our logs."""
+    exc_info = event.pop("exc_info", None)
+    if exc_info:
+        if isinstance(exc_info, BaseException):
+            exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+        elif not isinstance(exc_info, tuple):
+            exc_info = sys.exc_info()
+        if exc_info[0] is not None:
+            event["exception"] = "".join(traceback.TracebackException(*exc_info, limit=100).format())
+    return event
+
+
+class _FullTracebackFormatter(logging.Formatter):
+    """Tracebacks with an explicit limit (see flight_server.errors.hide_tracebacks_from_clients)."""
+
+    def formatException(self, ei: Any) -> str:
+        return "".join(traceback.TracebackException(*ei, limit=100).format()).rstrip()
+
+
 def configure(fmt: str = "auto", level: str = "info") -> None:
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     lvl = getattr(logging, level.upper(), logging.INFO)
@@ -52,7 +74,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
     if use_console:
         processors.append(structlog.dev.ConsoleRenderer())
     else:
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        processors += [format_exc_info, structlog.processors.JSONRenderer()]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
@@ -60,8 +82,8 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     # Libraries that log through the standard library (uvicorn) go to stderr too.
-    logging.basicConfig(
-        level=max(lvl, logging.WARNING),
-        stream=sys.stderr,
-        format="%(name)s %(levelname)s %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_FullTracebackFormatter("%(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(lvl, logging.WARNING))

@@ -32,6 +32,15 @@ def _client_host(host: str) -> str:
     return "localhost" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - not a bind
 
 
+def _accepts(host: str, port: int) -> bool:
+    """A TCP connect to the listener: cheap, and true only while it really serves."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 @dataclass
 class Endpoints:
     flight_url: str
@@ -103,6 +112,8 @@ class Runtime:
         host = cfg.advertise_host or _client_host(cfg.host)
         public_scheme = "grpc+tls" if tls else "grpc"
         catalog.listeners["flight"] = {"up": True, "url": f"{public_scheme}://{host}:{port}"}
+        probe_host = _client_host(cfg.host)
+        catalog.health_probes["flight"] = lambda: _accepts(probe_host, port)
         self._flight_url = f"{public_scheme}://{host}:{port}"
 
     def _start_http(self, catalog: Catalog) -> None:

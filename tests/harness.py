@@ -34,7 +34,7 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
 
 
 def call_options(token: str | None, timeout: float | None = 30.0) -> flight.FlightCallOptions:
-    headers = [(b"authorization", f"Bearer {token}".encode())] if token is not None else []
+    headers = [(b"authorization", f"Bearer {token}".strip().encode())] if token is not None else []
     return flight.FlightCallOptions(headers=headers, timeout=timeout)
 
 
@@ -70,7 +70,7 @@ class Server:
         if token == "admin":
             token = self.admin_token
         if token is not None:
-            headers["authorization"] = f"Bearer {token}"
+            headers["authorization"] = f"Bearer {token}".strip()
         client = httpx.Client(base_url=self.http_url, headers=headers, timeout=30)
         self._clients.append(client)
         return client
@@ -105,3 +105,61 @@ def start_server(data_dir: Path, *, demo: bool = True, **sections: dict[str, Any
     admin = (data_dir / "admin.token").read_text().strip()
     demo_token = (data_dir / "demo-agent.token").read_text().strip() if demo else None
     return Server(runtime, data_dir, endpoints.flight_url, endpoints.http_url, admin, demo_token)
+
+
+class ServeProcess:
+    """``quiver serve`` as a real subprocess (signals, stdout banner, exit code)."""
+
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.data_dir = data_dir
+        full_env = {**os.environ, "QUIVER_DEMO_SCALE": str(DEMO_SCALE), **(env or {})}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "quiver",
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--flight-port",
+                "0",
+                "--http-port",
+                "0",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+        )
+        self.banner: list[str] = []
+        self.flight_url = self.http_url = ""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.banner.append(line.rstrip("\n"))
+            if "Arrow Flight:" in line:
+                self.flight_url = line.split("Arrow Flight:")[1].strip()
+            if "Control plane:" in line:
+                self.http_url = line.split("Control plane:")[1].split()[0]
+            if "Stop with Ctrl-C" in line:
+                break
+        if not self.flight_url:
+            self.proc.kill()
+            raise RuntimeError(
+                "quiver serve did not start:\n" + "\n".join(self.banner) + self.proc.stderr.read()
+            )  # type: ignore[union-attr]
+
+    def stop(self, sig: int | None = None, timeout: float = 30) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()

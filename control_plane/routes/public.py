@@ -12,10 +12,9 @@ from control_plane.context import require_admin
 from control_plane.models import Health
 
 
-@get("/healthz", sync_to_thread=False, tags=["health"], summary="200 only when both listeners are up")
+@get("/healthz", sync_to_thread=True, tags=["health"], summary="200 only when both listeners are up")
 def healthz(catalog: NamedDependency[Catalog]) -> Response[Health]:
-    listeners = catalog.listeners
-    up = bool(listeners) and all(entry.get("up") for entry in listeners.values())
+    up, listeners = catalog.health()
     return Response(
         Health(status="ok" if up else "unavailable", listeners=listeners),
         status_code=200 if up else 503,
