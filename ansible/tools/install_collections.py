@@ -28,7 +28,7 @@ COLLECTIONS = (
 
 def main(dest: Path) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
+        subprocess.run(  # noqa: S603 - fixed arguments, no shell
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, BUNDLE],
             check=True,
         )
