@@ -1,5 +1,6 @@
 """The deployment code: ansible-lint (production profile, offline) and a syntax check of
-every playbook, and the fail2ban filter against log lines captured from a real server.
+every playbook, the fail2ban filter against log lines captured from a real server, and
+hadolint on the Dockerfile.
 
 The Ansible tools live in ``.venv-ansible`` (``make ansible-tools``; ``make test`` builds
 it). Applying the playbooks to a real Debian root is ``make deploy-test``.
@@ -148,3 +149,12 @@ def test_fail2ban_filter_matches_real_auth_failures(json_log: tuple[Path, str, s
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split() == ["127.0.0.1", "127.0.0.1", "127.0.0.1"], result.stdout
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    """The container option is linted only: there is no Docker engine to build it here."""
+    hadolint = _tools() / "hadolint"
+    result = subprocess.run(
+        [str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
