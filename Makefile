@@ -46,10 +46,12 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
 
-# The wheel that ansible/ deploys (and the Dockerfile installs).
+# The wheel that ansible/ deploys. Reproducible (file times from the last commit): the
+# same source gives the same wheel, so site.yml does not restart Quiver for a rebuild.
 dist: $(STAMP)
-	rm -rf dist
-	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+	rm -rf dist build
+	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null || echo 315532800) \
+		$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
 
 # Applies ansible/site.yml to a Debian bookworm root (debootstrap, cached) through the
 # chroot connection, twice, and checks the result; see ansible/tests/deploy_test.sh.
