@@ -58,5 +58,10 @@ dist: $(STAMP)
 deploy-test: $(STAMP) $(ANSIBLE_STAMP) dist
 	bash ansible/tests/deploy_test.sh
 
+# Then boots that root with systemd-nspawn (private network) and applies site.yml and
+# restore.yml to the running system; see ansible/tests/deploy_test_boot.sh.
+deploy-test-boot: deploy-test
+	bash ansible/tests/deploy_test_boot.sh
+
 clean:
 	rm -rf $(VENV) $(ANSIBLE_VENV) build dist *.egg-info

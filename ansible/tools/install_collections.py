@@ -2,7 +2,7 @@
 
 Galaxy may be unreachable (it is from CI here), but PyPI is not, and the ``ansible``
 package on PyPI bundles the community collections. Installing that whole bundle costs
-~55 MB and tens of thousands of files; the playbooks need three collections, so this
+~55 MB and tens of thousands of files; the playbooks need four collections, so this
 downloads the pinned bundle wheel once and unpacks only those into an
 ``ansible_collections`` tree (the layout ``collections_path`` expects).
 
@@ -23,6 +23,7 @@ COLLECTIONS = (
     "community/general",  # ufw; the chroot connection of make deploy-test
     "ansible/posix",  # (community.general's declared companion; small)
     "google/cloud",  # gcp.yml
+    "community/docker",  # the nsenter connection of make deploy-test-boot
 )
 
 
