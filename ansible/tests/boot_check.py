@@ -4,12 +4,17 @@ python (so only the standard library and pyarrow), as root.
     boot_check.py before-restore   services, TLS, redirect, fail2ban ban, backup service;
                                    prints "snapshot: PATH"
     boot_check.py after-restore    Quiver healthy again with the snapshot's state
+    boot_check.py pebble-start     run Debian's pebble (an ACME test server) in here
+    boot_check.py letsencrypt      after site.yml with tls_mode=letsencrypt against pebble:
+                                   Quiver serves pebble's certificate; a forced renewal runs
+                                   the deploy hook, which restarts Quiver with the new one
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -154,8 +159,140 @@ def after_restore() -> None:
     )
 
 
+PEBBLE_DIR = Path("/etc/pebble")
+PEBBLE_CA = PEBBLE_DIR / "listener.pem"
+
+
+def pebble_start() -> None:
+    """pebble's own HTTPS listener needs a certificate: a self-signed one for 127.0.0.1;
+    HTTP-01 challenges go to port 80 of the name being validated (nginx's webroot)."""
+    PEBBLE_DIR.mkdir(exist_ok=True)
+    made = sh(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=pebble",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "-keyout",
+        str(PEBBLE_DIR / "listener.key"),
+        "-out",
+        str(PEBBLE_CA),
+    )
+    check(made.returncode == 0, "certificate for pebble's listener", made.stderr)
+    config = {
+        "pebble": {
+            "listenAddress": "127.0.0.1:14000",
+            "managementListenAddress": "127.0.0.1:15000",
+            "certificate": str(PEBBLE_CA),
+            "privateKey": str(PEBBLE_DIR / "listener.key"),
+            "httpPort": 80,
+            "tlsPort": 5001,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": False,
+        }
+    }
+    (PEBBLE_DIR / "config.json").write_text(json.dumps(config))
+    sh("systemctl", "stop", "pebble.service")
+    run = sh(
+        "systemd-run",
+        "--unit",
+        "pebble",
+        "--setenv=PEBBLE_VA_NOSLEEP=1",
+        "--setenv=PEBBLE_WFE_NONCEREJECT=0",
+        "/usr/bin/pebble",
+        "-config",
+        str(PEBBLE_DIR / "config.json"),
+    )
+    check(run.returncode == 0, "pebble started", run.stderr)
+    for _ in range(50):
+        try:
+            ctx = ssl.create_default_context(cafile=str(PEBBLE_CA))
+            conn = http.client.HTTPSConnection("127.0.0.1", 14000, context=ctx, timeout=5)
+            conn.request("GET", "/dir")
+            if conn.getresponse().status == 200:
+                check(True, "pebble answers its ACME directory")
+                return
+        except OSError:
+            time.sleep(0.2)
+    check(
+        False,
+        "pebble answers its ACME directory",
+        sh("journalctl", "-u", "pebble", "--no-pager").stdout[-2000:],
+    )
+
+
+def _pebble_root() -> Path:
+    ctx = ssl.create_default_context(cafile=str(PEBBLE_CA))
+    conn = http.client.HTTPSConnection("127.0.0.1", 15000, context=ctx, timeout=10)
+    conn.request("GET", "/roots/0")
+    root = PEBBLE_DIR / "issuing-root.pem"
+    root.write_bytes(conn.getresponse().read())
+    return root
+
+
+def _served_certificate() -> bytes:
+    root = _pebble_root()
+    ctx = ssl.create_default_context(cafile=str(root))
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", 443)), server_hostname=NAME) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def letsencrypt() -> None:
+    live = Path(f"/etc/letsencrypt/live/{NAME}/fullchain.pem")
+    check(live.exists(), "certbot obtained a certificate from the ACME server")
+    check(Path(CERT).read_bytes() == live.read_bytes(), "Quiver's copy is certbot's certificate")
+    check(wait_healthy_with(_pebble_root()), "Quiver serves it: TLS verified against the ACME server's root")
+    hook = Path("/etc/letsencrypt/renewal-hooks/deploy/quiver")
+    check(hook.exists() and hook.stat().st_mode & 0o111, "the deploy hook is installed")
+    first = _served_certificate()
+    pid_before = sh("systemctl", "show", "quiver", "-p", "MainPID", "--value").stdout.strip()
+    renew = subprocess.run(
+        ["certbot", "renew", "--force-renewal", "--no-random-sleep-on-renew"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "REQUESTS_CA_BUNDLE": str(PEBBLE_CA)},
+    )
+    check(renew.returncode == 0, "certbot renew --force-renewal", renew.stdout + renew.stderr)
+    check(wait_healthy_with(_pebble_root()), "healthy after the renewal")
+    pid_after = sh("systemctl", "show", "quiver", "-p", "MainPID", "--value").stdout.strip()
+    check(pid_before != pid_after, "the deploy hook restarted Quiver", (pid_before, pid_after))
+    check(_served_certificate() != first, "Quiver serves the renewed certificate")
+
+
+def wait_healthy_with(root: Path) -> bool:
+    ctx = ssl.create_default_context(cafile=str(root))
+    for _ in range(60):
+        try:
+            conn = http.client.HTTPSConnection(NAME, 443, context=ctx, timeout=10)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return True
+        except OSError:
+            pass
+        time.sleep(1)
+    return False
+
+
 if __name__ == "__main__":
-    {"before-restore": before_restore, "after-restore": after_restore}[sys.argv[1]]()
+    phases = {
+        "before-restore": before_restore,
+        "after-restore": after_restore,
+        "pebble-start": pebble_start,
+        "letsencrypt": letsencrypt,
+    }
+    phases[sys.argv[1]]()
     if failures:
         print(f"FAILED: {failures}")
         raise SystemExit(1)

@@ -28,6 +28,11 @@ if ! command -v systemd-nspawn >/dev/null; then
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd-container
 fi
 
+# pebble (Debian's ACME test server) stands in for Let's Encrypt later; it and certbot
+# (which site.yml installs with tls_mode=letsencrypt) are installed while the root still
+# has this machine's network: the booted container has none.
+chroot "$ROOT" apt-get install -y -q pebble certbot > "$WORK/boot-pebble-install.log" 2>&1
+
 # The container resolves the certificate's name to itself; packages must not be blocked
 # from starting services any more (this is a booted system now).
 grep -q 'quiver.test' "$ROOT/etc/hosts" || echo '127.0.0.1 quiver.test' >> "$ROOT/etc/hosts"
@@ -103,5 +108,18 @@ log "restore.yml (Quiver stopped and started by systemd)"
 playbook boot-restore restore.yml -e "restore_snapshot=$snapshot"
 grep -Eq 'deploy-test +: ok=[0-9]+ +changed=[0-9]+ +unreachable=0 +failed=0' "$WORK/boot-restore.log"
 in_ct /opt/quiver/venv/bin/python /root/boot_check.py after-restore
+
+log "tls_mode=letsencrypt against pebble: certbot, the deploy hook, renewal"
+in_ct /opt/quiver/venv/bin/python /root/boot_check.py pebble-start
+LE=(-e tls_mode=letsencrypt -e tls_email=ops@example.com
+    -e tls_acme_server=https://127.0.0.1:14000/dir -e tls_acme_ca_bundle=/etc/pebble/listener.pem)
+playbook boot-le1 site.yml "${LE[@]}"
+grep -Eq 'deploy-test +: ok=[0-9]+ +changed=[0-9]+ +unreachable=0 +failed=0' "$WORK/boot-le1.log"
+playbook boot-le2 site.yml "${LE[@]}"
+grep -Eq 'deploy-test +: ok=[0-9]+ +changed=0 +unreachable=0 +failed=0' "$WORK/boot-le2.log" || {
+    grep -E '^changed:' "$WORK/boot-le2.log" >&2
+    exit 1
+}
+in_ct /opt/quiver/venv/bin/python /root/boot_check.py letsencrypt
 
 log "deploy-test-boot passed"
