@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt bench dist clean ansible-tools deploy-test deploy-test-boot
+.PHONY: install run run-snowflake-demo test lint fmt bench dist clean ansible-tools deploy-test deploy-test-boot
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ $(ANSIBLE_STAMP): ansible/requirements.txt ansible/tools/install_collections.py
 
 run: $(STAMP)
 	$(BIN)/quiver serve --demo
+
+# fakesnow (a Snowflake emulator) seeded with sample tables, and a `quiver serve` syncing them.
+run-snowflake-demo: $(STAMP)
+	$(BIN)/python -m tests.snowflake_demo
 
 test: $(STAMP) $(ANSIBLE_STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -12,8 +12,10 @@ A snapshot is one ``quiver-<UTC time>.tar.gz`` holding everything a restore need
 - ``manifest.json`` (last): format, Quiver version, migrations, tables with row counts,
   and the size and SHA-256 of every member.
 
-Left out: DuckDB's spill directory (``tmp``), the backups themselves, and dot-names
-(staging areas, partial files, the state a restore set aside).
+Left out: process-local directories -- DuckDB's spill space (``tmp``), async query results
+(``results``) and the result cache (``cache``), whose index lives in memory and whose files
+Quiver deletes at start-up -- the backups themselves, and dot-names (staging areas, partial
+files, the state a restore set aside).
 
 A restore is checked completely before anything is touched — the archive reads, every
 member matches its checksum, no member escapes the data directory, the database opens
@@ -55,8 +57,10 @@ DB_DIR = "database"
 FILES_DIR = "files"
 SUFFIX = ".tar.gz"
 CHUNK = 1 << 20
-# The DuckDB spill directory: scratch space, meaningless in a restore.
-_SKIP_TOP = {"tmp"}
+# Process-local directories, meaningless in a restore: DuckDB's spill space, and the async
+# query results and result cache, whose index lives in memory (Quiver deletes their files
+# at start-up).
+_SKIP_TOP = {"tmp", "results", "cache"}
 
 
 class MemberInfo(msgspec.Struct, kw_only=True):

@@ -46,6 +46,8 @@ class LimitsConfig(_Section):
     max_rows: PositiveInt = 10_000_000
     max_sample_rows: PositiveInt = 1_000_000
     max_concurrent_queries: PositiveInt = 4
+    # How long a Flight ticket (from GetFlightInfo) may be redeemed with DoGet.
+    ticket_ttl_seconds: PositiveFloat = 300.0
     # DuckDB resources: fit the VM. Empty/0 keeps DuckDB's defaults.
     memory_limit: str = ""
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -58,6 +60,37 @@ class TokensConfig(_Section):
     issuer: str = "quiver"
     # Seconds between flushes of the in-memory "last used" times to the catalog.
     last_used_flush_seconds: PositiveFloat = 10.0
+
+
+class ResultsConfig(_Section):
+    """Async queries (``submit-query``): results kept as Arrow IPC files in DATA_DIR/results."""
+
+    # How long a finished query's status and result stay fetchable.
+    ttl_seconds: PositiveFloat = 3600.0
+    # Queries of one principal that may be queued or running at once.
+    max_active_per_principal: PositiveInt = 4
+    # Async queries running at once (the rest wait, state "queued").
+    workers: PositiveInt = 2
+    # A running async query is interrupted after this many seconds (DEADLINE_EXCEEDED).
+    timeout_seconds: PositiveFloat = 600.0
+    # A result larger than this fails with RESOURCE_EXHAUSTED (protects the disk).
+    max_result_bytes: PositiveInt = 2 * 1024**3
+    # All kept and running results together: a query that would exceed it fails the same way.
+    max_total_bytes: PositiveInt = 8 * 1024**3
+
+
+class CacheConfig(_Section):
+    """Result cache of identical queries, keyed by the data versions of the tables read."""
+
+    enabled: bool = True
+    ttl_seconds: PositiveFloat = 300.0
+    # Total size of DATA_DIR/cache; least recently used entries are evicted beyond it.
+    max_bytes: PositiveInt = 512 * 1024**2
+    # Results larger than this are streamed but not cached.
+    max_entry_bytes: PositiveInt = 64 * 1024**2
+    # Small results (up to 1 MiB each) are kept in memory, not in files, within this budget
+    # (0: every entry goes to DATA_DIR/cache).
+    max_memory_bytes: Annotated[int, msgspec.Meta(ge=0)] = 32 * 1024**2
 
 
 class DemoConfig(_Section):
@@ -82,6 +115,66 @@ class BackupConfig(_Section):
     dir: str | None = None
 
 
+class SnowflakeConfig(_Section):
+    """Connection to the Snowflake source of ``[[sync.tables]]`` (passed to
+    ``snowflake.connector.connect``). Secrets come from files or ``QUIVER_SNOWFLAKE_PASSWORD``;
+    an inline ``password`` works but is warned about at start-up. The timeouts bound a dead
+    source: without socket/network timeouts the connector can hang a run for minutes."""
+
+    account: str = ""
+    user: str = ""
+    password: str | None = None
+    password_file: str | None = None
+    private_key_file: str | None = None
+    private_key_passphrase_file: str | None = None
+    role: str | None = None
+    warehouse: str | None = None
+    database: str | None = None
+    schema: str | None = None
+    host: str | None = None
+    port: Port | None = None
+    protocol: Literal["https", "http"] = "https"
+    login_timeout: PositiveFloat = 30.0
+    network_timeout: PositiveFloat = 30.0
+    socket_timeout: PositiveFloat = 30.0
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.account)
+
+
+class SyncTableConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One replicated table (``[[sync.tables]]``); see proto_docs/sync.md."""
+
+    source: str
+    target: str
+    mode: Literal["full", "append", "merge"] = "full"
+    cursor: str | None = None
+    primary_key: list[str] = msgspec.field(default_factory=list)
+    on_schema_change: Literal["evolve", "resync", "fail"] = "evolve"
+    interval_seconds: PositiveFloat = 3600.0
+    lookback_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # Extract in keyset pages of this many rows (bounded memory for sources that answer a
+    # query in one piece); unset: one query, streamed in the chunks the source sends.
+    batch_rows: PositiveInt | None = None
+    # merge: every this many seconds also remove rows deleted at the source (key scan).
+    reconcile_seconds: PositiveFloat | None = None
+
+
+class SyncConfig(_Section):
+    # Run the scheduler inside `quiver serve` (the CLI can still run tables by hand).
+    enabled: bool = True
+    retry_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    max_parallel: PositiveInt = 2
+    # Each scheduled run is delayed by up to this fraction of the interval (spreads load).
+    jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
+    # After failures the next run waits interval * 2^(failures-1), at most this long.
+    max_backoff_seconds: PositiveFloat = 3600.0
+    # Runs kept per table in the run history.
+    history_runs: PositiveInt = 200
+    tables: list[SyncTableConfig] = msgspec.field(default_factory=list)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
@@ -89,6 +182,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     demo: DemoConfig = msgspec.field(default_factory=DemoConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     backup: BackupConfig = msgspec.field(default_factory=BackupConfig)
+    snowflake: SnowflakeConfig = msgspec.field(default_factory=SnowflakeConfig)
+    sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
+    results: ResultsConfig = msgspec.field(default_factory=ResultsConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -108,6 +205,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 ENV_PREFIX = "QUIVER_"
+# Arrays of tables cannot be written as one environment variable.
+NOT_FROM_ENV = {("sync", "tables")}
 
 
 def _section_fields() -> dict[str, tuple[str, ...]]:
@@ -142,6 +241,8 @@ def env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, dict[
         for section, fields in sections.items():
             if rest.startswith(section + "_"):
                 key = rest[len(section) + 1 :]
+                if (section, key) in NOT_FROM_ENV:
+                    raise ConfigError(f"{name}: `{section}.{key}` is an array; set it in the config file")
                 if key not in fields:
                     raise ConfigError(
                         f"{name}: unknown key `{section}.{key}`; [{section}] accepts: {', '.join(fields)}"
@@ -232,3 +333,68 @@ def _check(config: Config) -> None:
             f"tokens.default_ttl_seconds ({t.default_ttl_seconds}) must not exceed "
             f"tokens.max_ttl_seconds ({t.max_ttl_seconds})"
         )
+    _check_sync(config)
+
+
+def _check_sync(config: Config) -> None:
+    """Rules between keys of ``[snowflake]`` and ``[[sync.tables]]`` that a type cannot say.
+    Each message names the entry (index and target) and the key."""
+    sf = config.snowflake
+    if sf.private_key_passphrase_file and not sf.private_key_file:
+        raise ConfigError("snowflake.private_key_passphrase_file needs snowflake.private_key_file")
+    tables = config.sync.tables
+    if tables and not sf.configured:
+        raise ConfigError("[[sync.tables]] needs a [snowflake] section with at least `account`")
+    if tables and not sf.user:
+        raise ConfigError("snowflake.user is required when [[sync.tables]] are configured")
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(tables):
+        where = f"sync.tables[{i}]"
+        parts = entry.target.split(".")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise ConfigError(f"{where}.target: {entry.target!r} must be `schema.table`")
+        where = f"sync.tables[{i}] ({entry.target})"
+        if parts[0].lower().startswith("_quiver"):
+            raise ConfigError(f"{where}.target: the schema `{parts[0]}` is reserved for Quiver's own state")
+        key = entry.target.lower()
+        if key in seen:
+            raise ConfigError(f"{where}.target: already used by sync.tables[{seen[key]}]")
+        seen[key] = i
+        if not entry.source.strip() or len(_split_source(entry.source)) > 3:
+            raise ConfigError(
+                f"{where}.source: {entry.source!r} must be `table`, `schema.table` or `database.schema.table`"
+            )
+        depth = len(_split_source(entry.source))
+        if depth < 3 and not sf.database:
+            raise ConfigError(
+                f"{where}.source: name the database (`DB.SCHEMA.TABLE`) or set snowflake.database"
+            )
+        if depth < 2 and not sf.schema:
+            raise ConfigError(f"{where}.source: name the schema (`SCHEMA.TABLE`) or set snowflake.schema")
+        if entry.mode in ("append", "merge") and not entry.cursor:
+            raise ConfigError(
+                f'{where}.cursor: mode = "{entry.mode}" needs a cursor column (e.g. UPDATED_AT)'
+            )
+        if entry.mode == "merge" and not entry.primary_key:
+            raise ConfigError(f'{where}.primary_key: mode = "merge" needs primary_key (e.g. ["ID"])')
+        if entry.reconcile_seconds is not None and entry.mode != "merge":
+            raise ConfigError(f'{where}.reconcile_seconds: only meaningful with mode = "merge"')
+        if entry.lookback_seconds and entry.mode != "merge":
+            raise ConfigError(f'{where}.lookback_seconds: only meaningful with mode = "merge"')
+        if len(set(k.lower() for k in entry.primary_key)) != len(entry.primary_key):
+            raise ConfigError(f"{where}.primary_key: lists a column twice")
+
+
+def _split_source(name: str) -> list[str]:
+    """Split a Snowflake name on dots outside double quotes."""
+    parts, current, quoted = [], "", False
+    for ch in name.strip():
+        if ch == '"':
+            quoted = not quoted
+        if ch == "." and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return parts

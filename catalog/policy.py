@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from catalog.database import SYSTEM_SCHEMA
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.identity import Principal
-from catalog.tables import TableCatalog, TableRef
+from catalog.tables import TableCatalog, TableRef, fold
 
 _PART = r"[A-Za-z_][A-Za-z0-9_$]*"
 PATTERN_RE = re.compile(rf"^({_PART})\.({_PART}|\*)$")
@@ -33,7 +33,7 @@ def parse_pattern(raw: str) -> tuple[str, str]:
             f"allowlist entry {raw!r} is not valid: use 'schema.table' or 'schema.*' "
             "(unquoted identifiers: letters, digits, _ and $, not starting with a digit)"
         )
-    schema, table = m.group(1).lower(), m.group(2).lower()
+    schema, table = fold(m.group(1)), fold(m.group(2))
     if schema == SYSTEM_SCHEMA:
         raise InvalidArgument(
             f"allowlist entry {raw!r} names Quiver's system schema, which is never readable"
@@ -78,7 +78,7 @@ class Policy:
 
     # --- decisions ------------------------------------------------------------------
     def can_read(self, principal: Principal, ref: TableRef) -> bool:
-        if ref.schema.lower() == SYSTEM_SCHEMA:
+        if fold(ref.schema) == SYSTEM_SCHEMA:
             return False
         if principal.is_admin:
             return True

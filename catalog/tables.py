@@ -16,6 +16,15 @@ import pyarrow as pa
 
 from catalog.database import SYSTEM_SCHEMA, Database, fetch_one, quote_ident
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold(name: str) -> str:
+    """Case-fold an identifier the way DuckDB matches identifiers: ASCII letters only.
+    (Python's ``str.lower`` also folds e.g. the Kelvin sign to ``k``, which DuckDB does not,
+    so two distinct DuckDB tables could otherwise compare equal.)"""
+    return name.translate(_ASCII_LOWER)
+
 
 @dataclass(frozen=True, slots=True)
 class TableRef:
@@ -33,7 +42,7 @@ class TableRef:
 
     def key(self) -> tuple[str, str]:
         """DuckDB identifiers match case-insensitively; so do allowlists and lookups."""
-        return (self.schema.lower(), self.name.lower())
+        return (fold(self.schema), fold(self.name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +56,10 @@ class TableInfo:
 class TableCatalog:
     def __init__(self, db: Database) -> None:
         self._db = db
+
+    @property
+    def db(self) -> Database:
+        return self._db
 
     def list_refs(self, cur: duckdb.DuckDBPyConnection | None = None) -> list[TableRef]:
         sql = (
@@ -63,9 +76,9 @@ class TableCatalog:
 
     def resolve(self, schema: str, name: str) -> TableRef | None:
         """The table's canonical spelling, or None when it is not a data table."""
-        if schema.lower() == SYSTEM_SCHEMA:
+        if fold(schema) == SYSTEM_SCHEMA:
             return None
-        wanted = (schema.lower(), name.lower())
+        wanted = (fold(schema), fold(name))
         for ref in self.list_refs():
             if ref.key() == wanted:
                 return ref
@@ -87,7 +100,7 @@ class TableCatalog:
         rows = cur.sql(
             f"SELECT schema_name, table_name, version FROM {SYSTEM_SCHEMA}.data_versions"
         ).fetchall()
-        return {(s.lower(), t.lower()): int(v) for s, t, v in rows}
+        return {(fold(s), fold(t)): int(v) for s, t, v in rows}
 
     def version(self, ref: TableRef) -> int:
         with self._db.reading() as cur:
@@ -98,12 +111,11 @@ class TableCatalog:
         """Record that ``ref`` changed. Call inside the writer's own transaction, so the new
         contents and the new version commit (or roll back) together."""
         now = datetime.now(UTC)
-        s, t = ref.key()
         row = fetch_one(
             cur,
             f"UPDATE {SYSTEM_SCHEMA}.data_versions SET version = version + 1, changed_at = ? "
-            "WHERE lower(schema_name) = ? AND lower(table_name) = ? RETURNING version",
-            [now, s, t],
+            "WHERE schema_name = ? AND table_name = ? RETURNING version",
+            [now, ref.schema, ref.name],
         )
         if row is not None:
             return int(row[0])

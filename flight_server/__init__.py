@@ -1,5 +1,6 @@
-"""Quiver's data plane: an Arrow Flight server streaming DuckDB results."""
+"""Quiver's data plane: an Arrow Flight server streaming DuckDB results, and its client."""
 
+from flight_server.client import QuiverClient, QuiverClientError, TableListing
 from flight_server.server import QuiverFlightServer
 
-__all__ = ["QuiverFlightServer"]
+__all__ = ["QuiverClient", "QuiverClientError", "QuiverFlightServer", "TableListing"]

@@ -10,17 +10,21 @@ fault of ours, logged with a request id and sent as INTERNAL without internals.
 from __future__ import annotations
 
 import json
-import sys
+import re
+import traceback
+from typing import Any
 
-import pyarrow as pa
+import duckdb
 import pyarrow.flight as flight
 import structlog
 
 from catalog.errors import (
     Cancelled,
     DeadlineExceeded,
+    InvalidArgument,
     PermissionDenied,
     QuiverError,
+    ResourceExhausted,
     Unauthenticated,
 )
 
@@ -52,38 +56,220 @@ def internal_error(exc: BaseException, request_id: str, where: str) -> flight.Fl
     return flight.FlightInternalError(detail, extra_info=_extra("INTERNAL", detail))
 
 
-def hide_tracebacks_from_clients() -> None:
-    """pyarrow formats a Python traceback into the status it sends for any exception that is
-    not mapped through its FlightError path — and its ``get_schema`` (26.x) maps none, even
-    FlightErrors. That text is formatted lazily, after the RPC returned, with the standard
-    ``traceback`` module, which honours ``sys.tracebacklimit``. So the Flight server process
-    sets it to 0: a client can never receive our stack frames. The process-wide cost is
-    that code formatting tracebacks with the default limit prints none; Quiver's own logging
-    (quiver.logs) passes an explicit limit and keeps full tracebacks in the server log."""
-    sys.tracebacklimit = 0
-
-
-def schema_error(err: flight.FlightError) -> Exception:
-    """The exception for a failed GetSchema: a type pyarrow maps to the closest status
-    (INVALID_ARGUMENT, NOT_FOUND, else UNKNOWN), with ``"<CODE>: <detail>"`` as message so a
-    client can still branch on the code."""
-    try:
-        info = json.loads(err.extra_info or b"{}")
-    except ValueError:
-        info = {}
-    code = info.get("code", "INTERNAL")
-    detail = info.get("detail", str(err))
-    message = f"{code}: {detail}"
-    if code == "INVALID_ARGUMENT":
-        return pa.ArrowInvalid(message)
-    if code == "NOT_FOUND":
-        return pa.ArrowKeyError(message)
-    return pa.ArrowException(message)
-
-
 def to_flight_error(exc: BaseException, request_id: str, where: str) -> flight.FlightError:
     if isinstance(exc, flight.FlightError):
         return exc
     if isinstance(exc, QuiverError):
         return flight_error(exc)
     return internal_error(exc, request_id, where)
+
+
+# --- DuckDB's errors ------------------------------------------------------------------------
+# Errors the caller's SQL or data causes: the message is DuckDB's own, which names the
+# problem precisely (line, column, candidate columns).
+_CALLER_ERRORS: tuple[type[BaseException], ...] = (
+    duckdb.ParserException,
+    duckdb.SyntaxException,
+    duckdb.BinderException,
+    duckdb.CatalogException,
+    duckdb.ConversionException,
+    duckdb.OutOfRangeException,
+    duckdb.TypeMismatchException,
+    duckdb.InvalidInputException,
+    duckdb.InvalidTypeException,
+    duckdb.NotImplementedException,
+    duckdb.DataError,
+    duckdb.ProgrammingError,
+)
+_SUGGESTION = re.compile(r"\s*Did you mean[^\n]*", re.IGNORECASE)
+
+
+_LINE = re.compile(r"^LINE (\d+):(.*)$")
+
+
+def _clean(message: str, line_offset: int = 0) -> str:
+    """DuckDB's message on one line, without catalog suggestions: "Did you mean …" may name a
+    table the caller may not read, and existence must never leak (DESIGN.md §4).
+
+    DuckDB's ``LINE n: <text>`` context (and caret line) is folded into ``(LINE n: <text>)``;
+    ``line_offset`` corrects ``n`` when Quiver wrapped the caller's SQL (max_rows)."""
+    lines = [ln for ln in _SUGGESTION.sub("", message).strip().splitlines() if ln.strip()]
+    if not lines:
+        return message.strip()
+    head, context = lines[0].strip(), None
+    for ln in lines[1:]:
+        m = _LINE.match(ln.strip())
+        if m:
+            n = max(1, int(m.group(1)) - line_offset)
+            context = f"LINE {n}: {m.group(2).strip()}"
+            break
+        if not set(ln.strip()) <= {"^"}:
+            head = f"{head} {ln.strip()}"
+    return f"{head} ({context})" if context else head
+
+
+#: Lines Quiver puts before the caller's SQL when it caps the rows (streams.limited).
+WRAP_LINES = 1
+
+
+def duckdb_error(
+    exc: duckdb.Error, *, timed_out: bool = False, timeout_seconds: float = 0.0, wrapped: bool = False
+) -> QuiverError:
+    """The QuiverError for a DuckDB failure, with DuckDB's message where it helps the caller."""
+    if isinstance(exc, duckdb.InterruptException):
+        if timed_out:
+            return DeadlineExceeded(
+                f"query interrupted after {timeout_seconds:g} s ([limits] query_timeout_seconds): "
+                "narrow it (filters, LIMIT, fewer joins) or submit it with the submit-query action"
+            )
+        return Cancelled("query interrupted (cancelled, or the server is shutting down)")
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        return ResourceExhausted(
+            f"the query needs more memory than the server allows ({_clean(str(exc))}); "
+            "narrow it or aggregate first"
+        )
+    if isinstance(exc, duckdb.PermissionException):
+        return PermissionDenied(_clean(str(exc)))
+    if isinstance(exc, _CALLER_ERRORS):
+        return InvalidArgument(_clean(str(exc), WRAP_LINES if wrapped else 0))
+    return _Internal(exc)
+
+
+class _Internal(QuiverError):
+    """A DuckDB failure that is ours (I/O, internal): logged, never sent."""
+
+    code = "INTERNAL"
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__("internal error")
+        self.cause = cause
+
+
+def map_exception(exc: BaseException, request_id: str, where: str, **duck: Any) -> flight.FlightError:
+    """Every failure of an RPC body → the FlightError a client sees."""
+    if isinstance(exc, duckdb.Error):
+        exc = duckdb_error(exc, **duck)
+    if isinstance(exc, _Internal):
+        return internal_error(exc.cause, request_id, where)
+    return to_flight_error(exc, request_id, where)
+
+
+# --- GetSchema: pyarrow cannot send a FlightError from it -----------------------------------------
+# pyarrow's Python server converts FlightErrors to Flight statuses in every RPC callback except
+# GetSchema (apache/arrow #43556 is the client-side twin: its get_schema does not raise
+# FlightErrors either). An exception leaving get_schema becomes a generic status whose message
+# carries a Python traceback of the server. So, for GetSchema only:
+#   * authentication is refused in the middleware's start_call, which does convert FlightErrors
+#     (UNAUTHENTICATED with extra_info, like every other RPC);
+#   * every other refusal is raised as a :class:`SchemaCallError` whose message starts with the
+#     stable code ("INVALID_ARGUMENT: ...") and whose Python base class gives the closest gRPC
+#     status (ValueError → INVALID_ARGUMENT, KeyError → NOT_FOUND, otherwise UNKNOWN);
+#   * :func:`install_traceback_filter` keeps the traceback out of that message: pyarrow formats
+#     the "Detail" with ``traceback.format_exception``, which for these errors (and only these)
+#     yields the one-line message instead of the server's stack.
+class SchemaCallError(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        self.message = f"{code}: {detail}"
+        super().__init__(self.message)
+        self.code = code
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _SchemaInvalid(SchemaCallError, ValueError):
+    pass
+
+
+class _SchemaNotFound(SchemaCallError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message
+
+
+def schema_call_error(err: flight.FlightError) -> SchemaCallError:
+    """The GetSchema form of a FlightError built by :func:`to_flight_error`."""
+    try:
+        info = json.loads(err.extra_info or b"{}")
+        code, detail = str(info["code"]), str(info["detail"])
+    except (ValueError, KeyError, TypeError):
+        code, detail = "INTERNAL", "internal error"
+    cls = {"INVALID_ARGUMENT": _SchemaInvalid, "NOT_FOUND": _SchemaNotFound}.get(code, SchemaCallError)
+    return cls(code, detail)
+
+
+_installed = False
+
+
+def install_traceback_filter() -> None:
+    """Make ``traceback.format_exception`` render a :class:`SchemaCallError` as its one-line
+    message (see above); every other exception is formatted exactly as before."""
+    global _installed
+    if _installed:
+        return
+    original = traceback.format_exception
+
+    def format_exception(
+        exc: Any, /, value: Any = _SENTINEL, tb: Any = _SENTINEL, **kwargs: Any
+    ) -> list[str]:
+        shown = exc if value is _SENTINEL else value
+        if isinstance(shown, SchemaCallError):
+            return [str(shown)]
+        args = [exc] + [a for a in (value, tb) if a is not _SENTINEL]
+        return original(*args, **kwargs)
+
+    traceback.format_exception = format_exception  # type: ignore[assignment]
+    _installed = True
+
+
+_SENTINEL: Any = object()
+
+
+# --- errors in the middle of a stream fed by Python -------------------------------------------------
+# DuckDB's C stream reports a failure after the first batch as an Arrow error (OSError,
+# ArrowInvalid) whose message is DuckDB's own ("Conversion Error: …", "INTERRUPT Error: …").
+_MESSAGE_CODES: tuple[tuple[str, type[QuiverError]], ...] = (
+    ("Conversion Error", InvalidArgument),
+    ("Invalid Input Error", InvalidArgument),
+    ("Out of Range Error", InvalidArgument),
+    ("Binder Error", InvalidArgument),
+    ("Parser Error", InvalidArgument),
+    ("Catalog Error", InvalidArgument),
+    ("Type Mismatch Error", InvalidArgument),
+    ("Not implemented Error", InvalidArgument),
+    ("Permission Error", PermissionDenied),
+)
+
+
+def stream_error(
+    exc: BaseException,
+    request_id: str,
+    *,
+    timed_out: bool,
+    timeout_seconds: float,
+    wrapped: bool = False,
+) -> flight.FlightError:
+    """The FlightError for a failure raised while a Python generator feeds a stream."""
+    if isinstance(exc, flight.FlightError):
+        return exc
+    if isinstance(exc, duckdb.Error):
+        return map_exception(
+            exc,
+            request_id,
+            "do_get.stream",
+            timed_out=timed_out,
+            timeout_seconds=timeout_seconds,
+            wrapped=wrapped,
+        )
+    if isinstance(exc, QuiverError):
+        return flight_error(exc)
+    message = str(exc).strip()
+    if message.startswith("INTERRUPT Error"):
+        interrupted = duckdb.InterruptException(message)
+        return flight_error(duckdb_error(interrupted, timed_out=timed_out, timeout_seconds=timeout_seconds))
+    if message.startswith("Out of Memory Error"):
+        return flight_error(duckdb_error(duckdb.OutOfMemoryException(message)))
+    for prefix, cls in _MESSAGE_CODES:
+        if message.startswith(prefix):
+            return flight_error(cls(_clean(message, WRAP_LINES if wrapped else 0)))
+    return internal_error(exc, request_id, "do_get.stream")

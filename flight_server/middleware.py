@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, Principal, QuiverError, Unauthenticated
+from flight_server.errors import flight_error
+from flight_server.limits import Deadline
 
 log = structlog.get_logger("flight_server")
 
@@ -35,13 +38,25 @@ class CallState(flight.ServerMiddleware):
         self.action: str | None = None
         self.outcome = "OK"
         self.fields: dict[str, object] = {}
+        # Released when the call ends: for DoGet that is when the stream has been sent, has
+        # failed, or the client went away (cursor, deadline, concurrency slot).
+        self.cleanups: list[Callable[[], None]] = []
+        self.deadline: Deadline | None = None
 
     def sending_headers(self) -> dict[str, str]:
         return {"x-request-id": self.request_id}
 
     def call_completed(self, exception: BaseException | None) -> None:
         seconds = time.perf_counter() - self.started
-        if exception is not None and self.outcome == "OK":
+        for cleanup in reversed(self.cleanups):
+            try:
+                cleanup()
+            except Exception as e:  # noqa: BLE001 - one failed release must not skip the others
+                log.warning("flight.cleanup_failed", request_id=self.request_id, error=str(e))
+        self.cleanups.clear()
+        if self.deadline is not None and self.deadline.fired:
+            self.outcome = "DEADLINE_EXCEEDED"
+        elif exception is not None and self.outcome == "OK":
             self.outcome = type(exception).__name__
         name = self.action or self.method
         m = self.catalog.metrics
@@ -80,4 +95,13 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
                     principal = self.catalog.tokens.verify(token.strip())
                 except Unauthenticated as e:
                     error = e
+        if error is not None and info.method == flight.FlightMethod.GET_SCHEMA:
+            # pyarrow cannot send a FlightError from the GetSchema handler (errors.py): refuse
+            # here, where it can. The client's address is not known at this point.
+            self.catalog.metrics.auth_failures.labels("flight").inc()
+            self.catalog.metrics.requests.labels("flight", method, error.code).inc()
+            self.catalog.audit.record(
+                "auth.failed", outcome="denied", target=f"flight:{method}", detail=error.detail
+            )
+            raise flight_error(error)
         return CallState(self.catalog, method, principal, error)

@@ -1,32 +1,80 @@
-"""The Flight listener: Quiver's data plane.
+"""The Flight listener: Quiver's data plane (wire contract: proto_docs/).
 
 Python decides, C++ moves the rows: every stream is a DuckDB Arrow ``RecordBatchReader``
 handed to Flight, never a Python loop over batches or rows.
+
+The pieces, each in its own module:
+
+* :mod:`~flight_server.commands` — descriptors → typed commands (msgspec), with size checks;
+* :mod:`~flight_server.endpoints` — commands → plans: schema, row count, endpoints;
+* :mod:`~flight_server.tickets` — opaque, expiring tickets bound to a principal;
+* :mod:`~flight_server.streams` — DoGet: a plan's endpoint → a DuckDB stream;
+* :mod:`~flight_server.limits` — query timeout (watchdog) and per-principal concurrency;
+* :mod:`~flight_server.errors` — every failure → a FlightError with ``extra_info``;
+* :mod:`~flight_server.profiles`, :mod:`~flight_server.results` — profiles and async queries.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import duckdb
+import msgspec
+import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
 
-from catalog import Catalog, InvalidArgument, Principal, TableRef
-from flight_server.errors import hide_tracebacks_from_clients, schema_error, to_flight_error
+from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
+from catalog.policy import NOT_READABLE
+from catalog.sqlguard import SqlGuard
+from flight_server import commands
+from flight_server.cache import ResultCache
+from flight_server.endpoints import Plan, Planner, SplitOptions
+from flight_server.errors import (
+    duckdb_error,
+    install_traceback_filter,
+    map_exception,
+    schema_call_error,
+)
+from flight_server.limits import ConcurrencyGate, Watchdog
 from flight_server.middleware import AuthMiddlewareFactory, CallState
+from flight_server.profiles import ProfileCache
+from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
+from flight_server.results import PreparedQuery, QueryManager
+from flight_server.streams import BATCH_ROWS, Streamer, limited
 from flight_server.tickets import TicketStore
 
 log = structlog.get_logger("flight_server")
+install_traceback_filter()
 
 T = TypeVar("T")
-BATCH_ROWS = 122_880
 
 ACTIONS: dict[str, str] = {
-    "whoami": "Who you are: {kind, swarm, agent, jti, expires_at, tables} as JSON.",
-    "refresh-token": 'A new token for the same identity. Body (optional): {"ttl_seconds": N}.',
+    "whoami": "Who you are: {kind, swarm, agent, jti, expires_at, tables} as JSON. Body: none.",
+    "refresh-token": (
+        'A new token for the same identity (new jti, new expiry). Body (optional): {"ttl_seconds": N}. '
+        "Answers {token, jti, kind, swarm, agent, expires_at}; the old token stays valid until it expires."
+    ),
+    **QUERY_ACTIONS,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class TicketPayload:
+    """What a ticket grants: endpoint ``index`` of ``plan``; ``group`` names the FlightInfo."""
+
+    plan: Plan
+    index: int
+    group: str
+
+
+class RefreshBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    ttl_seconds: int | None = None
 
 
 def _json(obj: Any) -> bytes:
@@ -40,6 +88,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         location: str,
         *,
         tls_certificates: list[tuple[bytes, bytes]] | None = None,
+        split: SplitOptions | None = None,
     ) -> None:
         super().__init__(
             location,
@@ -47,8 +96,24 @@ class QuiverFlightServer(flight.FlightServerBase):
             tls_certificates=tls_certificates or [],
         )
         self.catalog = catalog
-        self.tickets = TicketStore()
-        hide_tracebacks_from_clients()
+        limits = catalog.config.limits
+        self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds)
+        self.watchdog = Watchdog()
+        self.gate = ConcurrencyGate(limits.max_concurrent_queries)
+        self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)
+        self.profiles = ProfileCache.for_catalog(catalog)
+        self.queries = QueryManager.for_catalog(catalog, self._prepare)
+        self.planner = Planner(
+            catalog,
+            self.guard,
+            self.profiles,
+            self.queries,
+            split or SplitOptions(),
+            self._probe,
+        )
+        self.cache = ResultCache.for_catalog(catalog)
+        self.streamer = Streamer(catalog, self.watchdog, self.profiles, self.queries, self.cache)
+        catalog.status_sections["queries"] = self._status
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------
     def _state(self, context: flight.ServerCallContext) -> CallState:
@@ -80,7 +145,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             _, principal = self._begin(context)
             return fn(principal, state)
         except Exception as exc:  # noqa: BLE001 - every failure is mapped, none leaks a traceback
-            err = to_flight_error(exc, state.request_id, where)
+            err = map_exception(exc, state.request_id, where)
             extra = getattr(err, "extra_info", None)
             if extra:
                 try:
@@ -109,27 +174,24 @@ class QuiverFlightServer(flight.FlightServerBase):
         return iter(self._run(context, "list_flights", run))
 
     # --- describing -----------------------------------------------------------------------
-    def _resolve_path(self, principal: Principal, descriptor: flight.FlightDescriptor) -> TableRef:
-        if descriptor.descriptor_type != flight.DescriptorType.PATH:
-            raise InvalidArgument(
-                "command descriptors are not supported by this server yet; use a PATH descriptor "
-                "[schema, table]"
-            )
-        path = [p.decode() if isinstance(p, bytes) else p for p in descriptor.path]
-        if len(path) != 2 or not all(path):
-            raise InvalidArgument(f"a PATH descriptor is [schema, table], got {path!r}")
-        return self.catalog.policy.require_readable(principal, path[0], path[1])
-
     def get_flight_info(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         def run(principal: Principal, state: CallState) -> flight.FlightInfo:
-            ref = self._resolve_path(principal, descriptor)
-            (info,) = self.catalog.tables.describe([ref])
-            state.fields["table"] = ref.qualified
-            ticket = self.tickets.issue(principal, ("scan", ref))
-            endpoint = flight.FlightEndpoint(ticket, [])
-            return flight.FlightInfo(info.schema, descriptor, [endpoint], info.rows, -1)
+            target = commands.decode_descriptor(descriptor)
+            plan = self.planner.plan(principal, target)
+            state.fields["kind"] = plan.kind
+            state.fields["target"] = plan.label
+            group = secrets.token_hex(8)
+            endpoints = []
+            for index in range(len(plan.parts)):
+                ticket, grant = self.tickets.issue(principal, TicketPayload(plan, index, group))
+                expires = pa.scalar(datetime.fromtimestamp(grant.expires_at, UTC), pa.timestamp("us", "UTC"))
+                endpoints.append(flight.FlightEndpoint(ticket, [], expiration_time=expires))
+            state.fields["endpoints"] = len(endpoints)
+            return flight.FlightInfo(
+                plan.schema, descriptor, endpoints, plan.total_records, -1, ordered=plan.ordered
+            )
 
         return self._run(context, "get_flight_info", run)
 
@@ -137,26 +199,48 @@ class QuiverFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.SchemaResult:
         def run(principal: Principal, state: CallState) -> flight.SchemaResult:
-            ref = self._resolve_path(principal, descriptor)
-            with self.catalog.db.reading() as cur:
-                schema = cur.sql(f"SELECT * FROM {ref.sql} LIMIT 0").to_arrow_table().schema
-            return flight.SchemaResult(schema)
+            target = commands.decode_descriptor(descriptor)
+            plan = self.planner.plan(principal, target, parts=False)
+            state.fields["kind"] = plan.kind
+            state.fields["target"] = plan.label
+            return flight.SchemaResult(plan.schema)
 
         try:
             return self._run(context, "get_schema", run)
-        except flight.FlightError as err:
-            raise schema_error(err) from None
+        except flight.FlightError as e:
+            raise schema_call_error(e) from None
+
+    def _probe(self, bind: Callable[[duckdb.DuckDBPyConnection], pa.Schema]) -> pa.Schema:
+        """Bind a query for its schema on a cursor of its own, under the query timeout (binding
+        does not execute, but a pathological plan must not hold a thread forever). ``bind``
+        wraps the caller's SQL (``LIMIT 0``), hence ``wrapped`` for DuckDB's line numbers."""
+        seconds = float(self.catalog.config.limits.query_timeout_seconds)
+        with self.catalog.db.reading() as cur:
+            deadline = self.watchdog.arm(seconds, cur.interrupt)
+            try:
+                return bind(cur)
+            except duckdb.Error as e:
+                raise duckdb_error(
+                    e, timed_out=deadline.fired, timeout_seconds=seconds, wrapped=True
+                ) from None
+            finally:
+                Watchdog.disarm(deadline)
 
     # --- streaming ------------------------------------------------------------------------
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         def run(principal: Principal, state: CallState) -> flight.FlightDataStream:
-            _kind, ref = self.tickets.redeem(principal, ticket.ticket)
+            payload = self.tickets.redeem(principal, ticket.ticket)
+            plan = payload.plan
+            state.fields["kind"] = plan.kind
+            state.fields["target"] = plan.label
+            state.fields["endpoint"] = payload.index
             # The allowlist may have changed since the ticket was issued.
-            ref = self.catalog.policy.require_readable(principal, ref.schema, ref.name)
-            state.fields["table"] = ref.qualified
-            # The reader owns its cursor's result: the cursor is released with the stream.
-            reader = self.catalog.db.cursor().sql(f"SELECT * FROM {ref.sql}").to_arrow_reader(BATCH_ROWS)
-            return flight.RecordBatchStream(reader)
+            policy = self.catalog.policy
+            for ref in plan.tables:
+                if not policy.can_read(principal, ref):
+                    raise PermissionDenied(f"{ref.qualified}: {NOT_READABLE}")
+            state.cleanups.append(self.gate.acquire(principal.subject, payload.group))
+            return self.streamer.open(plan, payload.index, state)
 
         return self._run(context, "do_get", run)
 
@@ -171,10 +255,14 @@ class QuiverFlightServer(flight.FlightServerBase):
             if action.type == "whoami":
                 return [_json(self.whoami(principal))]
             if action.type == "refresh-token":
-                ttl = _parse_body(body).get("ttl_seconds")
+                ttl = _decode_body(body, RefreshBody, action.type).ttl_seconds
                 issued = self.catalog.tokens.refresh(principal, ttl)
                 return [_json({f: getattr(issued, f) for f in issued.__struct_fields__})]
-            raise InvalidArgument(f"unknown action {action.type!r}; available: {', '.join(sorted(ACTIONS))}")
+            if action.type in QUERY_ACTIONS:
+                return [_json(self.queries.handle_action(action.type, principal, body))]
+            raise InvalidArgument(
+                f"unknown action {action.type!r}; available: {', '.join(sorted(ACTIONS))} (see ListActions)"
+            )
 
         return iter(self._run(context, "do_action", run))
 
@@ -188,7 +276,26 @@ class QuiverFlightServer(flight.FlightServerBase):
             "tables": self.catalog.policy.readable_names(principal),
         }
 
-    # --- not offered (yet) -------------------------------------------------------------
+    def _prepare(self, principal: Principal, request: dict[str, Any]) -> PreparedQuery:
+        """submit-query: the same checks as a query descriptor, all before anything is queued."""
+        try:
+            cmd = msgspec.convert({**request, "kind": "query"}, commands.QueryCommand)
+        except msgspec.ValidationError as e:
+            raise InvalidArgument(
+                commands.explain(json.dumps({**request, "kind": "query"}).encode(), e)
+            ) from None
+        cap = commands.check_query(cmd, self.catalog.config.limits)
+        guarded = self.planner.check_sql(principal, cmd.sql)
+        params = tuple(cmd.params)
+        self.planner.query_schema(guarded, params)  # binder errors now, not after queueing
+        sql = limited(guarded.sql, cap)
+
+        def run(cur: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
+            return cur.sql(sql, params=list(params) or None).to_arrow_reader(BATCH_ROWS)
+
+        return PreparedQuery(run=run, sql=guarded.sql)
+
+    # --- not offered ---------------------------------------------------------------------
     def do_put(
         self,
         context: flight.ServerCallContext,
@@ -197,7 +304,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         writer: flight.FlightMetadataWriter,
     ) -> None:
         def run(principal: Principal, state: CallState) -> None:
-            raise InvalidArgument("DoPut is not offered by this server")
+            raise InvalidArgument("DoPut is not offered by this server: the data plane is read-only")
 
         self._run(context, "do_put", run)
 
@@ -209,18 +316,36 @@ class QuiverFlightServer(flight.FlightServerBase):
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
         def run(principal: Principal, state: CallState) -> None:
-            raise InvalidArgument("DoExchange is not offered by this server")
+            raise InvalidArgument("DoExchange is not offered by this server; use GetFlightInfo and DoGet")
 
         self._run(context, "do_exchange", run)
 
+    # --- lifecycle --------------------------------------------------------------------------
+    def _status(self) -> dict[str, Any]:
+        active = self.gate.active()
+        return {
+            "streaming": sum(active.values()),
+            "by_principal": active,
+            "tickets": len(self.tickets),
+            "limits": {
+                "query_timeout_seconds": self.catalog.config.limits.query_timeout_seconds,
+                "max_concurrent_queries": self.gate.cap,
+            },
+        }
 
-def _parse_body(body: bytes) -> dict[str, Any]:
+    def shutdown(self) -> None:
+        """Stop accepting calls and wait for running ones, then stop async queries."""
+        super().shutdown()
+        self.queries.close()
+        self.cache.close()
+        self.watchdog.stop()
+
+
+def _decode_body(body: bytes, cls: type[Any], action: str) -> Any:
     if not body.strip():
-        return {}
+        return cls()
     try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("action body must be a JSON object") from None
-    if not isinstance(obj, dict):
-        raise InvalidArgument("action body must be a JSON object")
-    return obj
+        return msgspec.json.decode(body, type=cls)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        fields = ", ".join(f.name for f in msgspec.structs.fields(cls))
+        raise InvalidArgument(f"{action}: the body must be a JSON object with: {fields} ({e})") from None

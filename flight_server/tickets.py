@@ -1,8 +1,17 @@
 """Tickets: opaque, short-lived, bound to the principal that obtained them.
 
-A ticket is 24 random bytes naming a grant held in memory: what to stream, for whom, until
-when. Nothing about the request can be read from or forged into a ticket; a ticket shown by
-another principal, after its expiry or after a restart is refused.
+A ticket is ``qv1.`` + 32 random bytes (URL-safe base64) naming a grant held in memory: what
+to stream, for whom, until when. Nothing about the request can be read from or forged into a
+ticket; a ticket shown by another principal, after its expiry or after a restart is refused.
+
+Rules (proto_docs/tickets.md):
+* a ticket is redeemable by the principal (token subject: the admin, one swarm, or one agent)
+  that called GetFlightInfo — refreshing your token keeps your tickets valid, another
+  agent's token does not;
+* a ticket may be redeemed several times until it expires (a retried DoGet is safe);
+* the allowlist is checked again at DoGet, so a revoked permission takes effect at once;
+* an expired or unknown ticket is NOT_FOUND ("call GetFlightInfo again"); a foreign one is
+  PERMISSION_DENIED.
 """
 
 from __future__ import annotations
@@ -10,46 +19,61 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from catalog import NotFound, PermissionDenied, Principal
 
 TICKET_PREFIX = b"qv1."
 DEFAULT_TTL_SECONDS = 300.0
 MAX_GRANTS = 100_000
+PURGE_EVERY = 1_000
+
+P = TypeVar("P")
 
 
-@dataclass(slots=True)
-class Grant:
+@dataclass(frozen=True, slots=True)
+class Grant(Generic[P]):
     subject: str
-    payload: Any
-    expires: float
-    created: float = field(default_factory=time.monotonic)
+    payload: P
+    expires: float  # time.monotonic()
+    expires_at: float  # time.time(), for FlightEndpoint.expiration_time
 
 
-class TicketStore:
+class TicketStore(Generic[P]):
     def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
         self.ttl = ttl_seconds
-        self._grants: dict[bytes, Grant] = {}
+        self._grants: dict[bytes, Grant[P]] = {}
         self._lock = threading.Lock()
+        self._issued = 0
 
-    def issue(self, principal: Principal, payload: Any) -> bytes:
+    def issue(self, principal: Principal, payload: P) -> tuple[bytes, Grant[P]]:
         now = time.monotonic()
-        ticket = TICKET_PREFIX + secrets.token_urlsafe(24).encode()
+        ticket = TICKET_PREFIX + secrets.token_urlsafe(32).encode()
+        grant = Grant(principal.subject, payload, now + self.ttl, time.time() + self.ttl)
         with self._lock:
-            if len(self._grants) >= MAX_GRANTS:
+            self._issued += 1
+            if self._issued % PURGE_EVERY == 0 or len(self._grants) >= MAX_GRANTS:
                 self._grants = {k: g for k, g in self._grants.items() if g.expires > now}
-            self._grants[ticket] = Grant(principal.subject, payload, now + self.ttl)
-        return ticket
+            if len(self._grants) >= MAX_GRANTS:
+                # Still full of live grants: drop the oldest rather than grow without bound.
+                for key in list(self._grants)[: MAX_GRANTS // 10]:
+                    del self._grants[key]
+            self._grants[ticket] = grant
+        return ticket, grant
 
-    def redeem(self, principal: Principal, ticket: bytes) -> Any:
+    def redeem(self, principal: Principal, ticket: bytes) -> P:
         grant = self._grants.get(ticket)
         if grant is None or grant.expires <= time.monotonic():
             raise NotFound(
                 "unknown or expired ticket: tickets live "
-                f"{int(self.ttl)} s; call GetFlightInfo again for a fresh one"
+                f"{self.ttl:g} s and do not survive a restart; call GetFlightInfo again for a fresh one"
             )
         if grant.subject != principal.subject:
-            raise PermissionDenied("this ticket was issued to another principal; call GetFlightInfo yourself")
+            raise PermissionDenied(
+                "this ticket was issued to another principal; call GetFlightInfo with your own token"
+            )
         return grant.payload
+
+    def __len__(self) -> int:
+        return len(self._grants)

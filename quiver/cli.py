@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(restore)
     restore.add_argument("snapshot", help="a quiver-<time>.tar.gz written by `quiver backup`")
 
+    from quiver import sync_cli
+
+    sync_cli.add_parser(sub, _config_args)
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -154,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "version":
             print(VERSION)
             return 0
+        if args.command == "sync":
+            from quiver import sync_cli
+
+            config = _load(args)
+            logs.configure(config.server.log_format, "warning" if sys.stdout.isatty() else "info")
+            return sync_cli.cmd_sync(args, config)
     except ConfigError as e:
         print(f"quiver: config: {e}", file=sys.stderr)
         return 2

@@ -42,8 +42,8 @@ def redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_exc_info(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-    """Render ``exc_info`` with an explicit frame limit, so that the Flight server's
-    temporary ``sys.tracebacklimit = 0`` (see flight_server.errors) never blanks our logs."""
+    """Render ``exc_info`` with an explicit frame limit: the server log keeps full tracebacks
+    whatever ``sys.tracebacklimit`` says."""
     exc_info = event.pop("exc_info", None)
     if exc_info:
         if isinstance(exc_info, BaseException):
@@ -56,7 +56,7 @@ def format_exc_info(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 class _FullTracebackFormatter(logging.Formatter):
-    """Tracebacks with an explicit limit (see flight_server.errors.hide_tracebacks_from_clients)."""
+    """Tracebacks with an explicit limit, like :func:`format_exc_info`."""
 
     def formatException(self, ei: Any) -> str:
         return "".join(traceback.TracebackException(*ei, limit=100).format()).rstrip()

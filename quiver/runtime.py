@@ -57,6 +57,7 @@ class Runtime:
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._housekeeping: threading.Thread | None = None
+        self.sync: Any = None  # sync.SyncService when [[sync.tables]] are configured
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self.endpoints: Endpoints | None = None
@@ -77,6 +78,7 @@ class Runtime:
                 log.info("admin_token.present", path=self.admin_token_path)
             self._start_flight(catalog)
             self._start_http(catalog)
+            self._start_sync(catalog)
         except BaseException:
             self.stop()
             raise
@@ -154,6 +156,17 @@ class Runtime:
         catalog.listeners["http"] = {"up": True, "url": http_url}
         self.endpoints = Endpoints(flight_url=self._flight_url, http_url=http_url)
 
+    def _start_sync(self, catalog: Catalog) -> None:
+        """The sync scheduler runs in this process (DuckDB allows one writer); the control
+        plane reaches it only through ``catalog.sync``."""
+        if not self.config.sync.tables:
+            return
+        from sync import SyncService
+
+        self.sync = SyncService(catalog, self.config)
+        catalog.sync = self.sync
+        self.sync.start()
+
     def _housekeep(self) -> None:
         assert self.catalog is not None
         interval = self.config.tokens.last_used_flush_seconds
@@ -205,6 +218,8 @@ class Runtime:
                 stopper.join(self.grace_seconds)
         if self._http_thread is not None:
             self._http_thread.join(self.grace_seconds + 5)
+        if self.sync is not None:
+            self.sync.stop(self.grace_seconds)
         if catalog is not None:
             catalog.close()
         self._stopped.set()

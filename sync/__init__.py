@@ -1,1 +1,27 @@
-"""Snowflake -> DuckDB replication (see issue: sync worker)."""
+"""Snowflake -> DuckDB replication: full, append and merge strategies, schema evolution,
+atomic swaps, scheduling and status (proto_docs/sync.md).
+
+Public surface: :class:`SyncService` (the ``catalog.sync`` controller and the CLI's runner),
+:class:`SnowflakeSource`, the documented ``TYPE_MAP``.
+"""
+
+from sync.engine import SyncFailed, TableSync
+from sync.service import SyncService
+from sync.source import SnowflakeSource, SourceError, SourceTable, parse_source
+from sync.state import RunRecord
+from sync.typemap import TYPE_MAP, SourceColumn, duckdb_type, target_name
+
+__all__ = [
+    "TYPE_MAP",
+    "RunRecord",
+    "SnowflakeSource",
+    "SourceColumn",
+    "SourceError",
+    "SourceTable",
+    "SyncFailed",
+    "SyncService",
+    "TableSync",
+    "duckdb_type",
+    "parse_source",
+    "target_name",
+]

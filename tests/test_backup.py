@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.flight as flight
 import pytest
+import structlog
 
 from catalog import Catalog
 from catalog.backup import MANIFEST
@@ -27,7 +28,13 @@ from tests.harness import Server, call_options, error_info, start_server
 
 
 def _cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(list(argv))
+    """Run the CLI in-process. It configures structlog to print to the current stderr (the
+    capture's, closed after the test): the previous configuration is put back."""
+    saved = structlog.get_config()
+    try:
+        code = main(list(argv))
+    finally:
+        structlog.configure(**saved)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -119,7 +126,7 @@ def test_backup_while_serving_then_wipe_and_restore(
     with tarfile.open(archive) as tar:
         names = tar.getnames()
     assert "files/keys/signing.pem" in names and f"database/{server.catalog.db.path.name}" in names
-    assert not any(n.startswith(("files/tmp", "files/.")) for n in names)
+    assert not any(n.startswith(("files/tmp", "files/.", "files/results", "files/cache")) for n in names)
 
     server.stop()
     shutil.rmtree(data_dir)

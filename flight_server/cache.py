@@ -1,0 +1,542 @@
+"""The result cache: the same question about the same data is answered once.
+
+Agents ask the same thing again and again (a dashboard refresh, a retry, a fleet of agents
+running one prompt). A query result is cached — small results (up to 1 MiB) as their Arrow
+batches in memory, larger ones as Arrow IPC stream files in ``DATA_DIR/cache/`` — under a
+key made of
+
+- the guard's normalized SQL (DuckDB's parse tree: whitespace, comments and keyword case do
+  not matter), the bound parameters (JSON, so ``1``, ``1.0`` and ``"1"`` differ), ``max_rows``
+  and anything else the caller passes as ``extra`` (e.g. an endpoint's partition), and
+- the data version of every table the query reads.
+
+A writer that changes a table bumps its version, so entries of the old version can never be
+served again; they are also deleted eagerly as soon as a newer version is seen (a lookup,
+or the sweeper that reads the versions). Entries expire ``[cache] ttl_seconds`` after they were
+written; memory entries are bounded by ``[cache] max_memory_bytes`` and files by ``[cache]
+max_bytes`` (least recently used entries are evicted), and results above ``[cache]
+max_entry_bytes`` are not cached at all.
+
+Queries whose result can differ between two runs on the same data are never cached:
+volatile functions (``random()``, ``now()``, ``gen_random_uuid()``, ``current_date`` …) and
+samples without a seed. The key does not contain the principal: an admin and an agent asking
+the same query of the same table versions get the same rows, and the guard has already
+checked that each of them may read every table involved before the lookup.
+
+Why tee rather than "execute into the file, then stream the file": the first request must
+not wait for the whole result to be written before its first byte; with a tee the client
+receives each batch as DuckDB produces it, and the same batch is kept (a reference, no copy)
+or appended to the cache file (one write to the page cache per batch of ~100k rows). Small
+results never touch a file: creating one costs about as much as a whole point query. The
+entry becomes visible only when the stream completed; a stream that fails or that the client
+abandons leaves nothing behind.
+
+Interface for the Flight server (``core`` wires it)::
+
+    cache = ResultCache.for_catalog(catalog)        # metrics, /v1/status "cache", sweeper
+    key = cache.key(guarded.normalized, params, max_rows, versions, extra=None)  # None: not cacheable
+    entry = cache.get(key)                          # CacheEntry (schema, rows, bytes) or None; counts hit/miss
+    reader = cache.open(entry)                      # zero-copy reader, None if evicted meanwhile
+    reader = cache.tee(key, reader)                 # on a miss: stream AND fill the cache
+    cache.close()                                   # at server shutdown
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from catalog import Catalog, TableRef
+from catalog.config import CacheConfig
+from catalog.database import Database
+from catalog.tables import TableCatalog
+
+log = structlog.get_logger(__name__)
+
+ENTRY_SUFFIX = ".arrows"
+PARTIAL_SUFFIX = ".partial"
+#: Results up to this size are kept in memory (their batches, no copy), within
+#: ``[cache] max_memory_bytes``; larger ones go to files. Writing a file costs ~0.3 ms, as
+#: much as a whole point query: small results must not pay it.
+MEMORY_ENTRY_BYTES = 1024 * 1024
+
+TableKey = tuple[str, str]
+
+#: Functions whose result depends on the moment or on chance, beyond those DuckDB itself
+#: marks VOLATILE (read from ``duckdb_functions()`` when a database is at hand).
+TIME_AND_CHANCE = frozenset(
+    {
+        "random",
+        "setseed",
+        "uuid",
+        "gen_random_uuid",
+        "uuidv4",
+        "uuidv7",
+        "now",
+        "today",
+        "current_date",
+        "current_time",
+        "current_timestamp",
+        "current_localtime",
+        "current_localtimestamp",
+        "get_current_time",
+        "get_current_timestamp",
+        "transaction_timestamp",
+        "localtime",
+        "localtimestamp",
+        "nextval",
+        "currval",
+        "txid_current",
+        "current_query",
+        "current_query_id",
+        "current_transaction_id",
+        "current_connection_id",
+    }
+)
+
+
+def _walk_volatile(node: Any, volatile: frozenset[str]) -> bool:
+    if isinstance(node, dict):
+        cls = node.get("class")
+        if cls == "FUNCTION" and str(node.get("function_name", "")).lower() in volatile:
+            return True
+        if cls == "COLUMN_REF":
+            # current_date, current_timestamp … parse as column references of that name.
+            names = node.get("column_names") or []
+            if len(names) == 1 and str(names[0]).lower() in volatile:
+                return True
+        sample = node.get("sample")
+        if isinstance(sample, dict) and not sample.get("repeatable", False):
+            return True
+        return any(_walk_volatile(v, volatile) for v in node.values())
+    if isinstance(node, list):
+        return any(_walk_volatile(v, volatile) for v in node)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    digest: str
+    #: (table key, data version) of every table read, sorted.
+    tables: tuple[tuple[TableKey, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    key: CacheKey
+    schema: pa.Schema
+    rows: int
+    bytes: int
+    created: float  # monotonic
+    expires: float  # monotonic
+    #: A small result's batches, held in memory (no file) — or None for a file entry.
+    batches: tuple[pa.RecordBatch, ...] | None = None
+    #: The Arrow IPC stream file of a larger result — or None for a memory entry.
+    path: Path | None = None
+
+    @property
+    def tier(self) -> str:
+        return "memory" if self.batches is not None else "disk"
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.hits = Counter("quiver_cache_hits_total", "Result cache hits.", registry=registry)
+        self.misses = Counter("quiver_cache_misses_total", "Result cache misses.", registry=registry)
+        self.bytes = Gauge("quiver_cache_bytes", "Bytes of cached results on disk.", registry=registry)
+        self.entries = Gauge("quiver_cache_entries", "Cached results.", registry=registry)
+        self.evictions = Counter(
+            "quiver_cache_evictions_total",
+            "Entries removed before use, by reason (size, stale, expired).",
+            ["reason"],
+            registry=registry,
+        )
+
+
+class ResultCache:
+    def __init__(
+        self,
+        cache_dir: Path,
+        config: CacheConfig,
+        *,
+        db: Database | None = None,
+        tables: TableCatalog | None = None,
+        registry: CollectorRegistry | None = None,
+        sweep_seconds: float | None = None,
+    ) -> None:
+        self.dir = cache_dir
+        self.config = config
+        self._tables = tables
+        self._db = db
+        self._metrics = _Metrics(registry)
+        # Two LRU pools, each within its own byte budget: small results in memory, the rest
+        # in files. A digest lives in at most one of them.
+        self._tiers: dict[str, OrderedDict[str, CacheEntry]] = {
+            "memory": OrderedDict(),
+            "disk": OrderedDict(),
+        }
+        self._budget = {"memory": config.max_memory_bytes, "disk": config.max_bytes}
+        self._used = {"memory": 0, "disk": 0}
+        self._latest: dict[TableKey, int] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self.max_entry_bytes = min(config.max_entry_bytes, config.max_bytes)
+        self.memory_entry_bytes = min(MEMORY_ENTRY_BYTES, config.max_memory_bytes, self.max_entry_bytes)
+        self.hits = self.misses = self.uncacheable = self.too_large = 0
+        self.evicted = {"size": 0, "stale": 0, "expired": 0}
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir.chmod(0o700)
+        # The index lives in memory: files of an earlier process are orphans.
+        for stale in cache_dir.iterdir():
+            if stale.suffix in (ENTRY_SUFFIX, PARTIAL_SUFFIX):
+                stale.unlink(missing_ok=True)
+        self._volatile = TIME_AND_CHANCE | self._duckdb_volatile(db)
+        self._is_volatile = lru_cache(maxsize=4096)(self._compute_volatile)
+        interval = sweep_seconds if sweep_seconds is not None else min(30.0, max(0.5, config.ttl_seconds / 2))
+        self._sweeper = threading.Thread(
+            target=self._sweep_loop, args=(interval,), name="quiver-cache-sweeper", daemon=True
+        )
+        self._sweeper.start()
+
+    @classmethod
+    def for_catalog(cls, catalog: Catalog) -> ResultCache:
+        """The cache of ``quiver serve``: DATA_DIR/cache, ``[cache]`` config, metrics in the
+        catalog's registry and a ``cache`` section in GET /v1/status."""
+        cache = cls(
+            catalog.data_dir / "cache",
+            catalog.config.cache,
+            db=catalog.db,
+            tables=catalog.tables,
+            registry=catalog.metrics.registry,
+        )
+        catalog.status_sections["cache"] = cache.stats
+        return cache
+
+    @staticmethod
+    def _duckdb_volatile(db: Database | None) -> frozenset[str]:
+        if db is None:
+            return frozenset()
+        with db.reading() as cur:
+            rows = cur.execute(
+                "SELECT DISTINCT lower(function_name) FROM duckdb_functions() WHERE stability = 'VOLATILE'"
+            ).fetchall()
+        return frozenset(r[0] for r in rows)
+
+    def _compute_volatile(self, normalized: str) -> bool:
+        try:
+            tree = json.loads(normalized)
+        except ValueError:
+            return True  # not a parse tree: do not trust it with the cache
+        return _walk_volatile(tree, self._volatile)
+
+    # --- keys ------------------------------------------------------------------------------------
+    def key(
+        self,
+        normalized: str,
+        params: Sequence[Any],
+        max_rows: int | None,
+        versions: Mapping[TableRef, int] | Mapping[TableKey, int],
+        *,
+        extra: Any = None,
+    ) -> CacheKey | None:
+        """The cache key of a guarded query, or None when its result must not be cached
+        (cache disabled, volatile functions, unseeded samples, parameters that are not JSON).
+
+        ``versions``: the data version of every table the query reads (``GuardedQuery.tables``
+        looked up in ``TableCatalog.versions``), read in the snapshot that will produce the
+        rows. Seeing a newer version than before drops the older entries of that table.
+        """
+        if not self.config.enabled:
+            return None
+        if self._is_volatile(normalized):
+            with self._lock:
+                self.uncacheable += 1
+            return None
+        tables = tuple(
+            sorted(
+                ((k.key() if isinstance(k, TableRef) else (k[0].lower(), k[1].lower())), int(v))
+                for k, v in versions.items()
+            )
+        )
+        try:
+            material = json.dumps(
+                {
+                    "sql": normalized,
+                    "params": list(params),
+                    "max_rows": max_rows,
+                    "tables": tables,
+                    "extra": extra,
+                },
+                sort_keys=True,
+                separators=(",", ":"),
+            )
+        except (TypeError, ValueError):
+            with self._lock:
+                self.uncacheable += 1
+            return None
+        self._observe_versions(tables)
+        return CacheKey(hashlib.sha256(material.encode()).hexdigest(), tables)
+
+    def _observe_versions(self, tables: Sequence[tuple[TableKey, int]]) -> int:
+        newer = False
+        with self._lock:
+            for table, version in tables:
+                seen = self._latest.get(table)
+                if seen is None or version > seen:
+                    newer = newer or seen is not None
+                    self._latest[table] = version
+            doomed = self._take_locked(self._is_stale_locked) if newer else []
+        self._delete(doomed, "stale")
+        return len(doomed)
+
+    def _is_stale_locked(self, entry: CacheEntry) -> bool:
+        return any(v < self._latest.get(t, v) for t, v in entry.key.tables)
+
+    def _take_locked(self, doomed: Callable[[CacheEntry], bool]) -> list[CacheEntry]:
+        """Remove and return the entries of both tiers for which ``doomed`` is true."""
+        out = []
+        for tier, pool in self._tiers.items():
+            for digest in [d for d, e in pool.items() if doomed(e)]:
+                entry = pool.pop(digest)
+                self._used[tier] -= entry.bytes
+                out.append(entry)
+        return out
+
+    # --- reading -----------------------------------------------------------------------------------
+    def get(self, key: CacheKey | None) -> CacheEntry | None:
+        """The live entry for ``key`` (counted as a hit) or None (counted as a miss). Call it
+        once per request: each call counts."""
+        if key is None:
+            return None
+        now = time.monotonic()
+        expired: list[CacheEntry] = []
+        with self._lock:
+            entry = None
+            for tier, pool in self._tiers.items():
+                entry = pool.get(key.digest)
+                if entry is None:
+                    continue
+                if entry.expires <= now:
+                    del pool[key.digest]
+                    self._used[tier] -= entry.bytes
+                    expired.append(entry)
+                    entry = None
+                else:
+                    pool.move_to_end(key.digest)
+                break
+            if entry is None:
+                self.misses += 1
+                self._metrics.misses.inc()
+            else:
+                self.hits += 1
+                self._metrics.hits.inc()
+        self._delete(expired, "expired")
+        return entry
+
+    def open(self, entry: CacheEntry) -> pa.RecordBatchReader | None:
+        """A reader over the entry (memory: its batches; disk: the memory-mapped file, zero
+        copy); None when the file was evicted meanwhile (then execute the query instead)."""
+        if entry.batches is not None:
+            return pa.RecordBatchReader.from_batches(entry.schema, entry.batches)
+        assert entry.path is not None
+        with self._lock:
+            # Under the lock: eviction unlinks under it too, and an open mapping survives unlink.
+            try:
+                source = pa.memory_map(str(entry.path), "r")
+            except FileNotFoundError:
+                return None
+        return pa.ipc.open_stream(source)
+
+    # --- filling -------------------------------------------------------------------------------------
+    def tee(self, key: CacheKey | None, reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
+        """``reader``'s batches, passed on as they come and kept for the cache: in memory up
+        to 1 MiB (no copy: the batches themselves), beyond that appended to a file. The entry
+        is committed when the stream ends, dropped if it fails, is abandoned or grows beyond
+        ``max_entry_bytes`` (the client still gets every batch)."""
+        if key is None:
+            return reader
+        return pa.RecordBatchReader.from_batches(reader.schema, self._teeing(key, reader))
+
+    def _teeing(self, key: CacheKey, reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+        schema = reader.schema
+        held: list[pa.RecordBatch] | None = []
+        held_bytes = rows = 0
+        partial = self.dir / f"{key.digest}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        sink: pa.OSFile | None = None
+        writer: pa.ipc.RecordBatchStreamWriter | None = None
+        gave_up = complete = False
+        try:
+            for batch in reader:
+                if not gave_up:
+                    rows += batch.num_rows
+                    if held is not None:
+                        held.append(batch)
+                        held_bytes += batch.nbytes
+                        if held_bytes > self.memory_entry_bytes:  # too big for memory: spill
+                            sink = pa.OSFile(str(partial), "wb")
+                            writer = pa.ipc.new_stream(sink, schema)
+                            for b in held:
+                                writer.write_batch(b)
+                            held = None
+                    elif writer is not None:
+                        writer.write_batch(batch)
+                    if sink is not None and sink.tell() > self.max_entry_bytes:
+                        gave_up = True
+                        with self._lock:
+                            self.too_large += 1
+                        self._close_quietly(writer, sink)
+                        writer = sink = None
+                        partial.unlink(missing_ok=True)
+                yield batch
+            complete = True
+        finally:
+            self._close_quietly(writer, sink)
+            if complete and not gave_up:
+                if held is not None:
+                    self._commit(key, schema, rows, held_bytes, batches=tuple(held))
+                else:
+                    self._commit(key, schema, rows, partial.stat().st_size, partial=partial)
+            partial.unlink(missing_ok=True)
+
+    @staticmethod
+    def _close_quietly(writer: pa.ipc.RecordBatchStreamWriter | None, sink: pa.OSFile | None) -> None:
+        with contextlib.suppress(Exception):
+            if writer is not None:
+                writer.close()
+        with contextlib.suppress(Exception):
+            if sink is not None:
+                sink.close()
+
+    def _commit(
+        self,
+        key: CacheKey,
+        schema: pa.Schema,
+        rows: int,
+        size: int,
+        *,
+        batches: tuple[pa.RecordBatch, ...] | None = None,
+        partial: Path | None = None,
+    ) -> None:
+        now = time.monotonic()
+        tier = "memory" if batches is not None else "disk"
+        path = None if partial is None else self.dir / f"{key.digest}{ENTRY_SUFFIX}"
+        entry = CacheEntry(key, schema, rows, size, now, now + self.config.ttl_seconds, batches, path)
+        evicted: list[CacheEntry] = []
+        with self._lock:
+            known = any(key.digest in pool for pool in self._tiers.values())
+            if known or self._is_stale_locked(entry) or self._closed.is_set():
+                return  # another stream won, or a newer version exists: nothing to keep
+            if partial is not None and path is not None:
+                os.replace(partial, path)
+            pool = self._tiers[tier]
+            pool[key.digest] = entry
+            self._used[tier] += size
+            while self._used[tier] > self._budget[tier] and pool:
+                _, victim = pool.popitem(last=False)
+                self._used[tier] -= victim.bytes
+                evicted.append(victim)
+            self._gauges_locked()
+        self._delete(evicted, "size")
+        log.debug("cache.stored", key=key.digest[:16], tier=tier, rows=rows, bytes=size, evicted=len(evicted))
+
+    # --- removal ------------------------------------------------------------------------------------
+    def _delete(self, entries: Sequence[CacheEntry], reason: str | None) -> None:
+        if not entries:
+            return
+        with self._lock:
+            for e in entries:
+                if e.path is not None:
+                    e.path.unlink(missing_ok=True)
+            if reason is not None:
+                self.evicted[reason] += len(entries)
+            self._gauges_locked()
+        if reason is not None:
+            self._metrics.evictions.labels(reason).inc(len(entries))
+
+    def _gauges_locked(self) -> None:
+        self._metrics.bytes.set(self._used["memory"] + self._used["disk"])
+        self._metrics.entries.set(sum(len(p) for p in self._tiers.values()))
+
+    def invalidate(self, table: TableRef | TableKey, version: int | None = None) -> int:
+        """Drop the entries that read ``table`` (those older than ``version`` when given)."""
+        t = table.key() if isinstance(table, TableRef) else (table[0].lower(), table[1].lower())
+        with self._lock:
+            if version is not None:
+                self._latest[t] = max(version, self._latest.get(t, version))
+            doomed = self._take_locked(
+                lambda e: any(tk == t and (version is None or v < version) for tk, v in e.key.tables)
+            )
+        self._delete(doomed, "stale")
+        return len(doomed)
+
+    def sweep(self) -> int:
+        """Drop expired entries and, with a catalog at hand, entries of outdated versions."""
+        dropped = 0
+        if self._tables is not None and self._db is not None:
+            with self._db.reading() as cur:
+                current = self._tables.versions(cur)
+            dropped = self._observe_versions(list(current.items()))
+        now = time.monotonic()
+        with self._lock:
+            expired = self._take_locked(lambda e: e.expires <= now)
+        self._delete(expired, "expired")
+        return dropped + len(expired)
+
+    def _sweep_loop(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            try:
+                self.sweep()
+            except (duckdb.Error, OSError, RuntimeError) as e:
+                log.warning("cache.sweep_failed", error=str(e))
+
+    def clear(self) -> int:
+        """Drop every entry (not counted as evictions)."""
+        with self._lock:
+            doomed = self._take_locked(lambda e: True)
+        self._delete(doomed, None)
+        return len(doomed)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "enabled": self.config.enabled,
+                "entries": sum(len(p) for p in self._tiers.values()),
+                "bytes": self._used["memory"] + self._used["disk"],
+                "memory_entries": len(self._tiers["memory"]),
+                "memory_bytes": self._used["memory"],
+                "disk_entries": len(self._tiers["disk"]),
+                "disk_bytes": self._used["disk"],
+                "max_bytes": self.config.max_bytes,
+                "max_memory_bytes": self.config.max_memory_bytes,
+                "max_entry_bytes": self.max_entry_bytes,
+                "ttl_seconds": self.config.ttl_seconds,
+                "hits": self.hits,
+                "misses": self.misses,
+                "uncacheable": self.uncacheable,
+                "too_large": self.too_large,
+                "evicted": dict(self.evicted),
+            }
+
+    def close(self) -> None:
+        """Stop the sweeper and delete every cached file."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._sweeper.join(5)
+        self.clear()

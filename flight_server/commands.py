@@ -1,0 +1,243 @@
+"""Descriptors → typed commands (DESIGN.md §5).
+
+A PATH descriptor ``[schema, table]`` is a full table scan. A CMD descriptor is a UTF-8 JSON
+object whose ``kind`` selects one msgspec Struct of a tagged union; unknown fields are
+errors, so a misspelt ``max_rows`` can never silently lift a limit. Every problem becomes
+INVALID_ARGUMENT with one sentence that names the field and says what is allowed: agents are
+programs that read the error and retry.
+
+Size checks against ``[limits]`` live here too, next to the shapes they constrain, so that
+GetFlightInfo and GetSchema refuse exactly the same commands.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+import msgspec
+import pyarrow.flight as flight
+
+from catalog import InvalidArgument
+from catalog.config import LimitsConfig
+
+MAX_COMMAND_BYTES = 1 << 20
+MAX_SQL_CHARS = 100_000
+MAX_PARAMS = 1_000
+MAX_SEED = 2**63 - 1
+
+# JSON scalars and (nested) lists/objects: DuckDB binds them as its own values.
+Param = Any
+Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
+
+
+class _Command(msgspec.Struct, tag_field="kind", forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class QueryCommand(_Command, tag="query"):
+    """A guarded, read-only SQL query with positional ``?`` (or ``$1``) parameters."""
+
+    sql: str
+    params: list[Param] = []
+    max_rows: int | None = None
+
+
+class SampleCommand(_Command, tag="sample"):
+    """First N rows, a random percent (bernoulli) or random N rows (reservoir) of a table."""
+
+    table: str
+    rows: int | None = None
+    percent: float | None = None
+    method: Literal["first", "random"] | None = None
+    seed: Seed | None = None
+    columns: list[str] | None = None
+
+
+class ProfileCommand(_Command, tag="profile"):
+    """One row of statistics per column of a table (or of the named ``columns``)."""
+
+    table: str
+    columns: list[str] | None = None
+
+
+class ResultCommand(_Command, tag="result"):
+    """The stored result of an async query (``submit-query``)."""
+
+    id: str
+
+
+Command = QueryCommand | SampleCommand | ProfileCommand | ResultCommand
+KINDS: dict[str, type[_Command]] = {
+    "query": QueryCommand,
+    "sample": SampleCommand,
+    "profile": ProfileCommand,
+    "result": ResultCommand,
+}
+_decoder = msgspec.json.Decoder(Command)
+
+
+class TableScan(msgspec.Struct, frozen=True):
+    """A PATH descriptor: every row of one table."""
+
+    schema: str
+    table: str
+
+
+def _field_names(cls: type[_Command]) -> str:
+    return ", ".join(["kind", *(f.name for f in msgspec.structs.fields(cls))])
+
+
+def explain(raw: bytes, err: msgspec.ValidationError) -> str:
+    """Turn msgspec's message into a sentence that names the field and what is allowed."""
+    text = str(err)
+    kind: object = None
+    try:
+        obj = json.loads(raw)
+        kind = obj.get("kind") if isinstance(obj, dict) else None
+    except ValueError:
+        pass
+    kinds = ", ".join(KINDS)
+    if text.startswith("Expected `object`"):
+        return f'a command is a JSON object like {{"kind": "query", "sql": "SELECT 1"}}; got {text[9:]}'
+    if text == "Object missing required field `kind`":
+        return f'the command has no "kind"; use one of: {kinds}'
+    if text.endswith("at `$.kind`"):
+        return f"unknown kind {kind!r}; use one of: {kinds}"
+    cls = KINDS.get(kind) if isinstance(kind, str) else None
+    allowed = f"; a {kind} command accepts: {_field_names(cls)}" if cls else ""
+    if text.startswith("Object contains unknown field"):
+        name = text.split("`")[1]
+        return f"unknown field {name!r} in a {kind} command{allowed}"
+    if text.startswith("Object missing required field"):
+        name = text.split("`")[1]
+        return f"a {kind} command needs the field {name!r}{allowed}"
+    if " - at `$." in text:
+        message, _, where = text.rpartition(" - at `$.")
+        where = where.rstrip("`")
+        message = message[0].lower() + message[1:]
+        return f"field {where!r} of the {kind} command: {message}"
+    return f"invalid {kind} command: {text}"
+
+
+def decode_command(raw: bytes) -> Command:
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise InvalidArgument(f"the command is {len(raw)} bytes; at most {MAX_COMMAND_BYTES} are accepted")
+    if raw.startswith(b"\n") and b"type.googleapis.com/arrow.flight.protocol.sql" in raw[:200]:
+        raise InvalidArgument(
+            "this is a Flight SQL command; this port serves Quiver's JSON commands: "
+            'send a UTF-8 JSON object like {"kind": "query", "sql": "SELECT 1"}'
+        )
+    try:
+        return _decoder.decode(raw)
+    except msgspec.ValidationError as e:
+        raise InvalidArgument(explain(raw, e)) from None
+    except msgspec.DecodeError as e:
+        raise InvalidArgument(
+            f"the command is not valid UTF-8 JSON ({e}); send an object like "
+            '{"kind": "query", "sql": "SELECT 1"}'
+        ) from None
+
+
+def decode_descriptor(descriptor: flight.FlightDescriptor) -> Command | TableScan:
+    if descriptor.descriptor_type == flight.DescriptorType.PATH:
+        try:
+            path = [p.decode() if isinstance(p, bytes) else str(p) for p in descriptor.path]
+        except UnicodeDecodeError:
+            raise InvalidArgument("PATH descriptor parts must be UTF-8 text") from None
+        if len(path) != 2 or not all(path):
+            raise InvalidArgument(f"a PATH descriptor is [schema, table], got {path!r}")
+        return TableScan(path[0], path[1])
+    if descriptor.descriptor_type == flight.DescriptorType.CMD:
+        return decode_command(descriptor.command)
+    raise InvalidArgument("unknown descriptor type: use PATH [schema, table] or CMD (a JSON command)")
+
+
+def split_table_name(name: str, field: str = "table") -> tuple[str, str]:
+    """``schema.table`` (each part optionally double-quoted) → (schema, table)."""
+    parts = _split_dotted(name)
+    if parts is None or len(parts) != 2 or not all(parts):
+        raise InvalidArgument(f'field {field!r}: expected "schema.table", got {name!r}')
+    return parts[0], parts[1]
+
+
+def _split_dotted(name: str) -> list[str] | None:
+    parts: list[str] = []
+    i, n = 0, len(name)
+    while i <= n:
+        if i < n and name[i] == '"':
+            j, buf = i + 1, []
+            while True:
+                k = name.find('"', j)
+                if k < 0:
+                    return None
+                buf.append(name[j:k])
+                if k + 1 < n and name[k + 1] == '"':
+                    buf.append('"')
+                    j = k + 2
+                    continue
+                i = k + 1
+                break
+            parts.append("".join(buf))
+        else:
+            k = name.find(".", i)
+            k = n if k < 0 else k
+            parts.append(name[i:k].strip())
+            i = k
+        if i >= n:
+            break
+        if name[i] != ".":
+            return None
+        i += 1
+    return parts
+
+
+# --- checks against [limits] -----------------------------------------------------------
+def check_query(cmd: QueryCommand, limits: LimitsConfig) -> int:
+    """Validate a query command; return the row cap to apply."""
+    if not cmd.sql.strip():
+        raise InvalidArgument("field 'sql' is empty: send one SELECT statement")
+    if len(cmd.sql) > MAX_SQL_CHARS:
+        raise InvalidArgument(
+            f"field 'sql' is {len(cmd.sql)} characters; at most {MAX_SQL_CHARS} are accepted"
+        )
+    if len(cmd.params) > MAX_PARAMS:
+        raise InvalidArgument(
+            f"field 'params' has {len(cmd.params)} values; at most {MAX_PARAMS} are accepted"
+        )
+    if cmd.max_rows is None:
+        return limits.max_rows
+    if not 1 <= cmd.max_rows <= limits.max_rows:
+        raise InvalidArgument(
+            f"field 'max_rows' must be between 1 and {limits.max_rows} (the server's limit), got {cmd.max_rows}"
+        )
+    return cmd.max_rows
+
+
+def check_sample(cmd: SampleCommand, limits: LimitsConfig) -> None:
+    """Shape rules of a sample; the percent-vs-table-size check needs the table (planner)."""
+    cap = limits.max_sample_rows
+    if (cmd.rows is None) == (cmd.percent is None):
+        raise InvalidArgument(
+            "a sample needs exactly one of 'rows' (N rows) or 'percent' (a random share in (0, 100])"
+        )
+    if cmd.rows is not None and not 1 <= cmd.rows <= cap:
+        raise InvalidArgument(
+            f"field 'rows' must be between 1 and {cap} ([limits] max_sample_rows), got {cmd.rows}"
+        )
+    if cmd.percent is not None:
+        if not 0 < cmd.percent <= 100:
+            raise InvalidArgument(f"field 'percent' must be in (0, 100], got {cmd.percent}")
+        if cmd.method == "first":
+            raise InvalidArgument("a percent sample is random: drop 'method' or set it to \"random\"")
+    if cmd.seed is not None and cmd.method != "random" and cmd.percent is None:
+        raise InvalidArgument(
+            "field 'seed' applies to random samples: add \"method\": \"random\" or use 'percent'"
+        )
+    if cmd.columns is not None:
+        if not cmd.columns:
+            raise InvalidArgument("field 'columns' is empty: omit it for every column or name some")
+        lowered = [c.lower() for c in cmd.columns]
+        dupes = sorted({c for c in cmd.columns if lowered.count(c.lower()) > 1})
+        if dupes:
+            raise InvalidArgument(f"field 'columns' names {', '.join(map(repr, dupes))} more than once")

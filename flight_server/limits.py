@@ -1,0 +1,143 @@
+"""Limits that keep one agent from starving the others (DESIGN.md §4.3).
+
+* :class:`Watchdog` — the per-query timeout. One daemon thread holds a heap of deadlines and
+  calls ``cursor.interrupt()`` when one passes, which really stops DuckDB (its worker threads
+  check the flag) and leaves every other cursor running. One thread for all queries keeps
+  the hot path free of thread creation (a ``threading.Timer`` per query costs a thread).
+* :class:`ConcurrencyGate` — the per-principal cap on concurrent queries. A query is one
+  FlightInfo: its endpoints, fetched in parallel by one client, share a single slot, so a
+  parallel scan never trips the cap that protects others from it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from catalog import ResourceExhausted
+
+log = structlog.get_logger("flight_server")
+
+
+@dataclass(eq=False, slots=True)
+class Deadline:
+    """One armed timeout; ``fired`` tells the error mapping that an interrupt was ours."""
+
+    at: float
+    seconds: float
+    interrupt: Callable[[], None]
+    fired: bool = False
+    done: bool = False
+
+
+class Watchdog:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._cond = threading.Condition()
+        self._counter = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def arm(self, seconds: float, interrupt: Callable[[], None]) -> Deadline:
+        deadline = Deadline(time.monotonic() + seconds, seconds, interrupt)
+        with self._cond:
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(target=self._loop, name="quiver-watchdog", daemon=True)
+                self._thread.start()
+            first = not self._heap or deadline.at < self._heap[0][0]
+            heapq.heappush(self._heap, (deadline.at, next(self._counter), deadline))
+            if first:
+                self._cond.notify()
+        return deadline
+
+    @staticmethod
+    def disarm(deadline: Deadline) -> None:
+        # Entries are left in the heap and skipped when they come due: O(1) here.
+        deadline.done = True
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopped:
+                        return
+                    while self._heap and self._heap[0][2].done:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        _, _, due = heapq.heappop(self._heap)
+                        break
+                    self._cond.wait(wait)
+            due.fired = True
+            due.done = True
+            try:
+                due.interrupt()
+                log.info("query.deadline_interrupt", seconds=due.seconds)
+            except Exception as e:  # noqa: BLE001 - a failed interrupt must not kill the watchdog
+                log.warning("query.interrupt_failed", error=str(e))
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+
+@dataclass(slots=True)
+class _Holder:
+    groups: dict[str, int] = field(default_factory=dict)
+
+
+class ConcurrencyGate:
+    """At most ``cap`` concurrent queries per principal; RESOURCE_EXHAUSTED beyond it."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._active: dict[str, _Holder] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, subject: str, group: str) -> Callable[[], None]:
+        """Take a slot for ``group`` (one FlightInfo) and return the function that frees it."""
+        with self._lock:
+            holder = self._active.setdefault(subject, _Holder())
+            count = holder.groups.get(group)
+            if count is None and len(holder.groups) >= self.cap:
+                raise ResourceExhausted(
+                    f"too many concurrent queries: {len(holder.groups)} of yours are running and the "
+                    f"limit is {self.cap} per principal; wait for one to finish, then retry"
+                )
+            holder.groups[group] = (count or 0) + 1
+
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if released:
+                    return
+                released = True
+                h = self._active.get(subject)
+                if h is None:
+                    return
+                left = h.groups.get(group, 0) - 1
+                if left > 0:
+                    h.groups[group] = left
+                else:
+                    h.groups.pop(group, None)
+                    if not h.groups:
+                        self._active.pop(subject, None)
+
+        return release
+
+    def active(self) -> dict[str, int]:
+        """Running queries per principal (for /v1/status)."""
+        with self._lock:
+            return {s: len(h.groups) for s, h in self._active.items()}

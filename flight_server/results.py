@@ -1,0 +1,596 @@
+"""Async queries: submit now, poll, fetch the result later.
+
+An agent with a long query should not hold a stream open for minutes, nor lose the work
+when its connection drops. ``submit-query`` checks the query (the guard runs at once, so a
+refusal is immediate and nothing is queued), answers a query id, and a worker thread runs it
+into an Arrow IPC stream file under ``DATA_DIR/results/``, written batch by batch as DuckDB
+produces them (never the whole result in memory). ``query-status`` reports the state;
+``cancel-query`` interrupts DuckDB; the finished result is fetched with GetFlightInfo/DoGet on
+``{"kind": "result", "id": ...}`` as a memory-mapped, zero-copy stream of the file.
+
+Rules:
+
+- A query id belongs to the principal (token subject) that submitted it; for anyone else it
+  does not exist (NOT_FOUND, the same answer as an unknown id: existence never leaks).
+- Each principal may have ``[results] max_active_per_principal`` queries queued or running
+  (beyond: RESOURCE_EXHAUSTED); ``[results] workers`` run at once, the rest wait "queued".
+- A running query is interrupted after ``[results] timeout_seconds`` (DEADLINE_EXCEEDED) and
+  a result larger than ``[results] max_result_bytes`` fails (RESOURCE_EXHAUSTED), as does one
+  that would take the results kept on disk beyond ``[results] max_total_bytes``.
+- Status and result stay ``[results] ttl_seconds`` after the query finished; a sweeper
+  deletes them then. Results live in memory and on local disk only: a restart forgets them.
+
+Interface for the Flight server (``core`` wires it)::
+
+    queries = QueryManager.for_catalog(catalog, prepare)   # prepare: see ``Prepare``
+    ACTION_DESCRIPTIONS                                     # name -> description (ListActions)
+    queries.handle_action(name, principal, body) -> dict    # submit-query/query-status/cancel-query
+    queries.result_info(principal, id) -> ResultInfo        # GetFlightInfo/GetSchema of a result
+    queries.open_result(principal, id) -> (schema, reader, rows)  # DoGet of a result
+    queries.close()                                          # at server shutdown
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+import pyarrow as pa
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from catalog import (
+    Cancelled,
+    Catalog,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Principal,
+    QuiverError,
+    ResourceExhausted,
+    Unavailable,
+)
+from catalog.config import ResultsConfig
+from catalog.database import Database
+
+log = structlog.get_logger(__name__)
+
+QueryState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ACTIVE_STATES = ("queued", "running")
+RESULT_SUFFIX = ".arrows"
+PARTIAL_SUFFIX = ".partial"
+
+#: Runs the (already guarded) query on the cursor it is given and returns DuckDB's Arrow
+#: stream. The cursor is the manager's: interrupting it cancels the query.
+Runner = Callable[[duckdb.DuckDBPyConnection], pa.RecordBatchReader]
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedQuery:
+    """A query that passed the guard and the request checks, ready to run later."""
+
+    run: Runner
+    #: What ``query-status`` shows as the query (the normalized SQL is a good choice).
+    sql: str = ""
+
+
+#: Core's function that turns a submit-query body (``{"sql", "params", "max_rows"}``, the
+#: same fields as a ``{"kind": "query"}`` descriptor) into a :class:`PreparedQuery`,
+#: raising InvalidArgument/PermissionDenied for a bad or forbidden query. It runs in the
+#: caller's RPC, so a refusal reaches the client at once and nothing is queued.
+Prepare = Callable[[Principal, dict[str, Any]], PreparedQuery]
+
+ACTION_DESCRIPTIONS: dict[str, str] = {
+    "submit-query": (
+        'Run a query in the background. Body: {"sql": "...", "params": [...], "max_rows": N} '
+        '(as the "query" descriptor). Answers {"id", "state", ...} at once; poll query-status, '
+        'then GetFlightInfo/DoGet {"kind": "result", "id": ...}.'
+    ),
+    "query-status": (
+        'State of a submitted query. Body: {"id": "..."}. Answers {"id", "state" (queued | running '
+        '| succeeded | failed | cancelled), "rows", "bytes", "elapsed_seconds", "error", ...}.'
+    ),
+    "cancel-query": (
+        'Cancel a queued or running query (interrupts it). Body: {"id": "..."}. Answers its '
+        "status; cancelling a finished query changes nothing."
+    ),
+}
+
+_CLIENT_ERROR_PREFIXES = (
+    "Conversion Error",
+    "Invalid Input Error",
+    "Out of Range Error",
+    "Binder Error",
+    "Parser Error",
+    "Constraint Error",
+    "Not implemented Error",
+    "Catalog Error",
+)
+_ERROR_CLASSES: dict[str, type[QuiverError]] = {
+    "INVALID_ARGUMENT": InvalidArgument,
+    "PERMISSION_DENIED": PermissionDenied,
+    "NOT_FOUND": NotFound,
+    "RESOURCE_EXHAUSTED": ResourceExhausted,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+    "CANCELLED": Cancelled,
+    "UNAVAILABLE": Unavailable,
+}
+
+
+def classify_failure(exc: BaseException) -> QuiverError | None:
+    """The domain error for a query that failed while running, or None for a fault of ours.
+
+    DuckDB errors raised while streaming arrive as OSError/ArrowInvalid carrying DuckDB's
+    message, so the message prefix is what identifies them.
+    """
+    if isinstance(exc, QuiverError):
+        return exc
+    message = str(exc).strip()
+    first = message.splitlines()[0] if message else type(exc).__name__
+    if isinstance(exc, duckdb.InterruptException) or first.startswith("INTERRUPT Error"):
+        return Cancelled("the query was interrupted")
+    if isinstance(exc, duckdb.OutOfMemoryException) or first.startswith("Out of Memory Error"):
+        return ResourceExhausted(f"the query ran out of memory: {first}")
+    if isinstance(exc, duckdb.Error | OSError | pa.ArrowException) and first.startswith(
+        _CLIENT_ERROR_PREFIXES
+    ):
+        return InvalidArgument(message)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ResultInfo:
+    id: str
+    schema: pa.Schema
+    rows: int
+    bytes: int
+
+
+@dataclass(eq=False)
+class _Query:
+    id: str
+    subject: str
+    label: str
+    sql: str
+    path: Path
+    submitted_at: float = field(default_factory=time.time)
+    state: QueryState = "queued"
+    started: float | None = None  # monotonic
+    finished: float | None = None  # monotonic
+    finished_at: float | None = None  # wall clock
+    started_at: float | None = None  # wall clock
+    expires: float | None = None  # monotonic
+    rows: int = 0
+    bytes: int = 0
+    schema: pa.Schema | None = None
+    error: QuiverError | None = None
+    cancel_requested: bool = False
+    timed_out: bool = False
+    future: Future[None] | None = None
+    wake: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.finished = Counter(
+            "quiver_async_queries_total",
+            "Async queries finished, by final state.",
+            ["state"],
+            registry=registry,
+        )
+        self.active = Gauge(
+            "quiver_async_queries_active",
+            "Async queries queued or running.",
+            registry=registry,
+        )
+        self.result_bytes = Gauge(
+            "quiver_async_result_bytes",
+            "Bytes of async query results kept on disk.",
+            registry=registry,
+        )
+
+
+class QueryManager:
+    def __init__(
+        self,
+        db: Database,
+        results_dir: Path,
+        config: ResultsConfig,
+        *,
+        prepare: Prepare | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._db = db
+        self.dir = results_dir
+        self.config = config
+        self.prepare = prepare
+        self._metrics = _Metrics(registry)
+        self._queries: dict[str, _Query] = {}
+        self._lock = threading.Lock()
+        # Bytes on disk: results kept plus results being written.
+        self._disk_bytes = 0
+        self._closed = threading.Event()
+        results_dir.mkdir(parents=True, exist_ok=True)
+        results_dir.chmod(0o700)
+        # Query state lives in memory: files from an earlier process are orphans.
+        for stale in results_dir.iterdir():
+            if stale.suffix in (RESULT_SUFFIX, PARTIAL_SUFFIX):
+                stale.unlink(missing_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="quiver-async")
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="quiver-results-sweeper", daemon=True)
+        self._sweeper.start()
+
+    @classmethod
+    def for_catalog(cls, catalog: Catalog, prepare: Prepare) -> QueryManager:
+        """The manager of ``quiver serve``: results in DATA_DIR/results, ``[results]`` config,
+        metrics in the catalog's registry, a section ``async_queries`` in /v1/status."""
+        manager = cls(
+            catalog.db,
+            catalog.data_dir / "results",
+            catalog.config.results,
+            prepare=prepare,
+            registry=catalog.metrics.registry,
+        )
+        catalog.status_sections["async_queries"] = manager.stats
+        return manager
+
+    # --- submitting ------------------------------------------------------------------------
+    def submit(self, principal: Principal, prepared: PreparedQuery) -> dict[str, Any]:
+        """Queue ``prepared`` for ``principal``; answers its status (state "queued")."""
+        if self._closed.is_set():
+            raise Unavailable("the server is shutting down; submit the query again after the restart")
+        query_id = "q_" + secrets.token_urlsafe(18)
+        query = _Query(
+            id=query_id,
+            subject=principal.subject,
+            label=principal.label,
+            sql=prepared.sql,
+            path=self.dir / f"{query_id}{RESULT_SUFFIX}",
+        )
+        with self._lock:
+            active = sum(
+                1
+                for q in self._queries.values()
+                if q.subject == principal.subject and q.state in ACTIVE_STATES
+            )
+            limit = self.config.max_active_per_principal
+            if active >= limit:
+                raise ResourceExhausted(
+                    f"you have {active} async queries queued or running (the limit is {limit}); "
+                    "wait for one to finish (query-status) or cancel one (cancel-query)"
+                )
+            self._queries[query_id] = query
+            self._metrics.active.inc()
+            query.future = self._pool.submit(self._execute, query, prepared.run)
+        log.info("query.submitted", id=query_id, principal=principal.label)
+        return self._describe(query)
+
+    def submit_request(self, principal: Principal, request: dict[str, Any]) -> dict[str, Any]:
+        """Guard and prepare ``request`` with core's ``prepare``, then :meth:`submit` it."""
+        if self.prepare is None:
+            raise RuntimeError("QueryManager was built without a prepare function")
+        return self.submit(principal, self.prepare(principal, request))
+
+    # --- running (worker threads) ------------------------------------------------------------
+    def _execute(self, query: _Query, run: Runner) -> None:
+        with self._lock:
+            if query.state != "queued":  # cancelled while waiting
+                return
+            query.state = "running"
+            query.started = time.monotonic()
+            query.started_at = time.time()
+        partial = query.path.with_suffix(PARTIAL_SUFFIX)
+        cur: duckdb.DuckDBPyConnection | None = None
+        watchdog: threading.Thread | None = None
+        outcome: QueryState = "failed"
+        try:
+            cur = self._db.cursor()
+            watchdog = threading.Thread(
+                target=self._watch, args=(query, cur), name=f"quiver-watch-{query.id}", daemon=True
+            )
+            watchdog.start()
+            self._check_cancel(query)
+            reader = run(cur)
+            self._write(query, reader, partial)
+            os.replace(partial, query.path)
+            outcome = "succeeded"
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes the query's state
+            outcome = self._fail(query, exc)
+        finally:
+            partial.unlink(missing_ok=True)
+            query.done.set()
+            query.wake.set()
+            if watchdog is not None:
+                watchdog.join()
+            if cur is not None:
+                with contextlib.suppress(duckdb.Error):
+                    cur.close()
+            self._finish(query, outcome)
+
+    def _write(self, query: _Query, reader: pa.RecordBatchReader, partial: Path) -> None:
+        """Stream the reader into an Arrow IPC stream file, batch by batch: memory stays at
+        one batch whatever the result's size, and status shows the progress."""
+        limit, total = self.config.max_result_bytes, self.config.max_total_bytes
+        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, reader.schema) as writer:
+            query.schema = reader.schema
+            for batch in reader:
+                writer.write_batch(batch)
+                query.rows += batch.num_rows
+                grew = sink.tell() - query.bytes
+                with self._lock:
+                    query.bytes += grew
+                    self._disk_bytes += grew
+                    over_total = self._disk_bytes > total
+                if query.bytes > limit:
+                    raise ResourceExhausted(
+                        f"the result exceeds {limit} bytes ([results] max_result_bytes); "
+                        "select fewer columns or rows, or aggregate"
+                    )
+                if over_total:
+                    raise ResourceExhausted(
+                        f"the results kept on this server would exceed {total} bytes ([results] "
+                        "max_total_bytes); fetch and let earlier results expire, or ask for less"
+                    )
+                self._check_cancel(query)
+        grew = partial.stat().st_size - query.bytes  # the end-of-stream marker
+        with self._lock:
+            query.bytes += grew
+            self._disk_bytes += grew
+
+    @staticmethod
+    def _check_cancel(query: _Query) -> None:
+        if query.cancel_requested or query.timed_out:
+            raise Cancelled("cancelled")
+
+    def _watch(self, query: _Query, cur: duckdb.DuckDBPyConnection) -> None:
+        """Interrupt the query on cancel or timeout. DuckDB ignores an interrupt that arrives
+        before the query starts, so keep interrupting until the worker is done."""
+        woken = query.wake.wait(self.config.timeout_seconds)
+        if query.done.is_set():
+            return
+        if not woken:
+            query.timed_out = True
+        while not query.done.is_set():
+            with contextlib.suppress(duckdb.Error):
+                cur.interrupt()
+            query.done.wait(0.05)
+
+    def _fail(self, query: _Query, exc: BaseException) -> QueryState:
+        if query.cancel_requested:
+            query.error = Cancelled(f"query {query.id} was cancelled (cancel-query)")
+            return "cancelled"
+        if query.timed_out:
+            query.error = DeadlineExceeded(
+                f"query {query.id} ran longer than {self.config.timeout_seconds:g} s "
+                "([results] timeout_seconds) and was interrupted"
+            )
+            return "failed"
+        error = classify_failure(exc)
+        if error is None:
+            log.error("query.internal_error", id=query.id, exc_info=exc)
+            error = QuiverError(f"internal error (query id {query.id}); the server log has the details")
+        query.error = error
+        return "cancelled" if isinstance(error, Cancelled) else "failed"
+
+    def _finish(self, query: _Query, outcome: QueryState) -> None:
+        with self._lock:
+            if outcome != "succeeded":  # its partial file is gone
+                self._disk_bytes -= query.bytes
+            query.state = outcome
+            query.finished = time.monotonic()
+            query.finished_at = time.time()
+            query.expires = query.finished + self.config.ttl_seconds
+            self._metrics.active.dec()
+            self._metrics.finished.labels(outcome).inc()
+            self._metrics.result_bytes.set(self._result_bytes())
+        log.info(
+            "query.finished",
+            id=query.id,
+            principal=query.label,
+            state=outcome,
+            rows=query.rows,
+            bytes=query.bytes,
+            ms=round(((query.finished or 0) - (query.started or query.finished or 0)) * 1000, 3),
+            error=query.error.code if query.error else None,
+        )
+
+    # --- asking ------------------------------------------------------------------------------
+    def _get(self, principal: Principal, query_id: Any) -> _Query:
+        if not isinstance(query_id, str) or not query_id:
+            raise InvalidArgument('"id" must be the query id string that submit-query returned')
+        query = self._queries.get(query_id)
+        now = time.monotonic()
+        if (
+            query is None
+            or query.subject != principal.subject
+            or (query.expires is not None and query.expires <= now)
+        ):
+            raise NotFound(
+                f"unknown or expired query id {query_id!r}: results are kept "
+                f"{self.config.ttl_seconds:g} s after the query finished; submit it again"
+            )
+        return query
+
+    def status(self, principal: Principal, query_id: str) -> dict[str, Any]:
+        return self._describe(self._get(principal, query_id))
+
+    def cancel(self, principal: Principal, query_id: str, *, wait_seconds: float = 2.0) -> dict[str, Any]:
+        """Cancel a queued or running query and wait briefly for it to stop; a finished one
+        is left as it is."""
+        query = self._get(principal, query_id)
+        with self._lock:
+            if query.state not in ACTIVE_STATES:
+                return self._describe(query)
+            query.cancel_requested = True
+            if query.state == "queued" and query.future is not None and query.future.cancel():
+                query.error = Cancelled(f"query {query.id} was cancelled (cancel-query)")
+                query.done.set()
+                cancelled_before_start = True
+            else:
+                cancelled_before_start = False
+        if cancelled_before_start:
+            self._finish(query, "cancelled")
+        else:
+            query.wake.set()
+            query.done.wait(wait_seconds)
+        log.info("query.cancel_requested", id=query.id, principal=principal.label)
+        return self._describe(query)
+
+    def result_info(self, principal: Principal, query_id: str) -> ResultInfo:
+        """Schema and size of a succeeded query's result, or the error that explains why
+        there is none (the query's own error, CANCELLED, or UNAVAILABLE while running)."""
+        query = self._get(principal, query_id)
+        state = query.state
+        if state in ACTIVE_STATES:
+            raise Unavailable(
+                f"query {query.id} is {state}; poll query-status until its state is succeeded, "
+                "then fetch the result"
+            )
+        if state == "cancelled":
+            raise Cancelled(f"query {query.id} was cancelled; it has no result")
+        if state == "failed":
+            err = query.error or QuiverError("the query failed")
+            cls = _ERROR_CLASSES.get(err.code, QuiverError)
+            raise cls(f"query {query.id} failed: {err.detail}")
+        assert query.schema is not None
+        return ResultInfo(query.id, query.schema, query.rows, query.bytes)
+
+    def open_result(self, principal: Principal, query_id: str) -> tuple[pa.Schema, pa.RecordBatchReader, int]:
+        """A zero-copy reader over the result file (memory-mapped), for DoGet."""
+        info = self.result_info(principal, query_id)
+        query = self._queries[info.id]
+        try:
+            source = pa.memory_map(str(query.path), "r")
+        except FileNotFoundError:
+            raise NotFound(f"the result of query {info.id} has expired; submit the query again") from None
+        reader = pa.ipc.open_stream(source)
+        return info.schema, reader, info.rows
+
+    def _describe(self, query: _Query) -> dict[str, Any]:
+        now = time.monotonic()
+        elapsed = 0.0 if query.started is None else (query.finished or now) - query.started
+        expires_at = None
+        if query.expires is not None:
+            expires_at = _iso(time.time() + (query.expires - now))
+        return {
+            "id": query.id,
+            "state": query.state,
+            "sql": query.sql,
+            "rows": query.rows,
+            "bytes": query.bytes,
+            "elapsed_seconds": round(elapsed, 6),
+            "submitted_at": _iso(query.submitted_at),
+            "started_at": _iso(query.started_at),
+            "finished_at": _iso(query.finished_at),
+            "expires_at": expires_at,
+            "cancel_requested": query.cancel_requested,
+            "error": None
+            if query.error is None
+            else {"code": query.error.code, "detail": query.error.detail},
+        }
+
+    # --- actions -----------------------------------------------------------------------------
+    def handle_action(self, name: str, principal: Principal, body: bytes) -> dict[str, Any]:
+        """Run one of the actions of :data:`ACTION_DESCRIPTIONS`; the answer is JSON-able."""
+        request = _json_object(body, name)
+        if name == "submit-query":
+            if request.get("kind", "query") != "query":
+                raise InvalidArgument('submit-query takes a query: {"sql": "...", "params": [...]}')
+            request = {k: v for k, v in request.items() if k != "kind"}
+            return self.submit_request(principal, request)
+        extra = sorted(set(request) - {"id"})
+        if extra:
+            raise InvalidArgument(f'{name} takes {{"id": "..."}}; unexpected field(s): {", ".join(extra)}')
+        if name == "query-status":
+            return self.status(principal, request.get("id"))  # type: ignore[arg-type]
+        if name == "cancel-query":
+            return self.cancel(principal, request.get("id"))  # type: ignore[arg-type]
+        raise InvalidArgument(f"unknown action {name!r}")
+
+    # --- housekeeping ----------------------------------------------------------------------------
+    def _result_bytes(self) -> int:
+        return sum(q.bytes for q in self._queries.values() if q.state == "succeeded")
+
+    def sweep(self) -> int:
+        """Forget queries whose TTL passed and delete their files; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [q for q in self._queries.values() if q.expires is not None and q.expires <= now]
+            for q in expired:
+                del self._queries[q.id]
+                if q.state == "succeeded":
+                    self._disk_bytes -= q.bytes
+            self._metrics.result_bytes.set(self._result_bytes())
+        for q in expired:
+            q.path.unlink(missing_ok=True)
+        if expired:
+            log.info("results.swept", count=len(expired))
+        return len(expired)
+
+    def _sweep_loop(self) -> None:
+        interval = min(30.0, max(0.2, self.config.ttl_seconds / 4))
+        while not self._closed.wait(interval):
+            try:
+                self.sweep()
+            except Exception as e:  # noqa: BLE001 - the sweeper must outlive one bad pass
+                log.warning("results.sweep_failed", error=str(e))
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            queries = list(self._queries.values())
+        return {
+            "queued": sum(1 for q in queries if q.state == "queued"),
+            "running": sum(1 for q in queries if q.state == "running"),
+            "retained": sum(1 for q in queries if q.state not in ACTIVE_STATES),
+            "result_bytes": sum(q.bytes for q in queries if q.state == "succeeded"),
+        }
+
+    def close(self) -> None:
+        """Stop the sweeper, cancel what still runs, delete every result file."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with self._lock:
+            active = [q for q in self._queries.values() if q.state in ACTIVE_STATES]
+        for q in active:
+            q.cancel_requested = True
+            if q.future is not None:
+                q.future.cancel()
+            q.wake.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for q in active:
+                if q.state == "queued":  # never started: the future was cancelled
+                    q.state = "cancelled"
+            queries = list(self._queries.values())
+            self._queries.clear()
+        for q in queries:
+            q.path.unlink(missing_ok=True)
+        self._sweeper.join(5)
+
+
+def _json_object(body: bytes, action: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(body) if body.strip() else None
+    except (ValueError, UnicodeDecodeError):
+        obj = None
+    if not isinstance(obj, dict):
+        raise InvalidArgument(f"{action}: the action body must be a JSON object")
+    return obj

@@ -1,0 +1,273 @@
+"""``quiver sync run [--table T] [--full]`` and ``quiver sync status``.
+
+DuckDB allows one writer per file, so when ``quiver serve`` is running (its control plane
+answers on the configured port, or the database file is locked) the CLI asks the server over
+HTTP with the admin token from ``DATA_DIR/admin.token`` and polls ``GET /v1/sync`` for the
+outcome. Otherwise it opens the catalog and runs the tables itself.
+
+Exit codes: 0 every selected table succeeded, 1 at least one failed (or the server could not
+be reached), 2 a configuration or usage problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from typing import Any, TextIO
+
+import httpx
+
+from catalog import Catalog, Config, DatabaseInUse, QuiverError
+
+
+def add_parser(sub: Any, config_args: Any) -> None:
+    p = sub.add_parser("sync", help="replicate Snowflake tables ([[sync.tables]])")
+    ssub = p.add_subparsers(dest="sync_command", required=True)
+    run = ssub.add_parser("run", help="run tables now; exit 0 when every one succeeded")
+    config_args(run)
+    run.add_argument(
+        "--table", action="append", dest="tables", help="schema.table (repeatable; default: all)"
+    )
+    run.add_argument("--full", action="store_true", help="full reload (accepts a changed source schema)")
+    run.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for a server-side run")
+    status = ssub.add_parser("status", help="state of every replicated table")
+    config_args(status)
+    status.add_argument("--json", action="store_true", help="print GET /v1/sync's JSON")
+
+
+# --- where to run ---------------------------------------------------------------------------------
+
+
+def _server_url(config: Config) -> str:
+    host = config.server.host
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a client address, not a bind
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.server.http_port}"
+
+
+def _server_answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1.0).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+class _Remote:
+    """The control plane of a running ``quiver serve``."""
+
+    def __init__(self, config: Config) -> None:
+        self.url = _server_url(config)
+        token_path = config.data_dir / "admin.token"
+        try:
+            token = token_path.read_text().strip()
+        except OSError as e:
+            raise QuiverError(
+                f"a server is running but its admin token is unreadable ({token_path}: {e.strerror})"
+            ) from None
+        self.http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {token}"}, timeout=30)
+
+    def _json(self, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise QuiverError(
+                f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}"
+            )
+        return response.json()
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._json(self.http.get("/v1/sync")))
+
+    def trigger(self, table: str, full: bool) -> None:
+        self._json(self.http.post(f"/v1/sync/{table}/run", params={"full": str(full).lower()}))
+
+
+def _open(config: Config) -> tuple[_Remote | None, Catalog | None]:
+    url = _server_url(config)
+    if _server_answers(url):
+        return _Remote(config), None
+    try:
+        return None, Catalog(config)
+    except DatabaseInUse:
+        if _server_answers(url):
+            return _Remote(config), None
+        raise QuiverError(
+            f"{config.database_path} is in use by another process, and no control plane answers at {url}; "
+            "start the server with this config or stop the other process"
+        ) from None
+
+
+# --- output -------------------------------------------------------------------------------------------
+
+
+def _summary(table: str, outcome: str, mode: str, rows_read: int, rows_written: int, seconds: float | None, error: str | None, watermark: str | None) -> str:  # fmt: skip
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    if outcome == "ok":
+        wm = f", watermark {watermark}" if watermark else ""
+        return f"{table}: ok ({mode}) read {rows_read:,} rows, wrote {rows_written:,}{took}{wm}"
+    return f"{table}: FAILED{took}: {error}"
+
+
+class Progress:
+    """A progress line (rows, rate, ETA) on a terminal; a plain line every few seconds otherwise."""
+
+    def __init__(self, table: str, stream: TextIO | None = None, every: float = 5.0) -> None:
+        self.table = table
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every = every
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, rows: int, nbytes: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else self.every):
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = rows / elapsed
+        if total:
+            remaining = max(total - rows, 0)
+            eta = f"ETA {remaining / rate:,.0f} s" if rate > 0 else "ETA ?"
+            done = min(rows / total, 1.0)
+            part = f"{done:6.1%} {rows:,}/{total:,} rows"
+        else:
+            eta, done, part = "", 0.0, f"{rows:,} rows"
+        if self.tty:
+            width = 24
+            bar = "#" * int(done * width) + "-" * (width - int(done * width))
+            self.stream.write(f"\r{self.table} [{bar}] {part} {rate:,.0f} rows/s {eta}   ")
+            self.drawn = True
+        else:
+            self.stream.write(f"{self.table}: {part}, {rate:,.0f} rows/s {eta}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.flush()
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+
+def cmd_sync(args: argparse.Namespace, config: Config) -> int:
+    if not config.sync.tables:
+        print("quiver: no [[sync.tables]] in the configuration; nothing to sync", file=sys.stderr)
+        return 2
+    remote, catalog = _open(config)
+    try:
+        if args.sync_command == "status":
+            return _status(remote, catalog, config, as_json=args.json)
+        return _run(remote, catalog, config, args.tables, args.full, args.timeout)
+    finally:
+        if catalog is not None:
+            catalog.close()
+
+
+def _status(remote: _Remote | None, catalog: Catalog | None, config: Config, *, as_json: bool) -> int:
+    if remote is not None:
+        status = remote.status()
+    else:
+        from sync import SyncService
+
+        assert catalog is not None
+        status = SyncService(catalog, config).status()
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    failed = False
+    for t in status["tables"]:
+        last = t["last_run"] or {}
+        outcome = "running" if t["running"] else last.get("outcome") or "never run"
+        failed = failed or outcome == "failed"
+        line = f"{t['table']:<32} {t['mode']:<6} {outcome:<9} watermark={t['watermark'] or '-'}"
+        if last.get("started_at"):
+            line += f" last={last['started_at']} read={last.get('rows_read', 0):,} wrote={last.get('rows_written', 0):,}"
+        if t.get("next_run_at"):
+            line += f" next={t['next_run_at']}"
+        print(line)
+        if last.get("error"):
+            print(f"    error: {last['error']}")
+    return 0
+
+
+def _run(
+    remote: _Remote | None,
+    catalog: Catalog | None,
+    config: Config,
+    tables: list[str] | None,
+    full: bool,
+    timeout: float,
+) -> int:
+    if remote is not None:
+        return _run_remote(remote, tables, full, timeout)
+    from sync import SyncService
+
+    assert catalog is not None
+    service = SyncService(catalog, config)
+    selected = [service.resolve(t) for t in tables] if tables else service.tables
+    ok = True
+    for key in selected:
+        progress = Progress(key)
+
+        def progress_for(_table: str, p: Progress = progress) -> Progress:
+            return p
+
+        try:
+            (record,) = service.run_now([key], full=full, trigger="cli", progress=progress_for)
+        finally:
+            progress.close()
+        ok = ok and record.outcome == "ok"
+        print(
+            _summary(key, record.outcome, record.mode, record.rows_read, record.rows_written, record.seconds, record.error, record.watermark),
+            flush=True,
+        )  # fmt: skip
+    return 0 if ok else 1
+
+
+def _run_remote(remote: _Remote, tables: list[str] | None, full: bool, timeout: float) -> int:
+    before = {t["table"]: t for t in remote.status()["tables"]}
+    selected = [t.lower() for t in tables] if tables else list(before)
+    baseline: dict[str, str] = {}
+    for key in selected:
+        t = before.get(key)
+        last = (t or {}).get("last_run") or {}
+        baseline[key] = last.get("started_at") or ""
+        remote.trigger(key, full)
+    print(f"triggered on the server at {remote.url}: {', '.join(selected)}", file=sys.stderr)
+    done: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(done) < len(selected) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        for t in remote.status()["tables"]:
+            key = t["table"]
+            if key not in selected or key in done:
+                continue
+            last = t.get("last_run") or {}
+            started = last.get("started_at") or ""
+            if started > baseline[key] and last.get("outcome") in ("ok", "failed") and not t["running"]:
+                done[key] = t
+    ok = len(done) == len(selected)
+    for key in selected:
+        t = done.get(key)
+        if t is None:
+            print(f"{key}: no outcome within {timeout:.0f} s (still queued or running on the server)")
+            continue
+        last = t["last_run"]
+        seconds = None
+        if last.get("ended_at"):
+            seconds = (
+                datetime.fromisoformat(last["ended_at"]) - datetime.fromisoformat(last["started_at"])
+            ).total_seconds()
+        ok = ok and last["outcome"] == "ok"
+        print(_summary(key, last["outcome"], t["mode"], last["rows_read"], last["rows_written"], seconds, last.get("error"), t.get("watermark")))  # fmt: skip
+    return 0 if ok else 1

@@ -1,0 +1,292 @@
+"""The Snowflake side: names, connection (with secrets from files or the environment),
+column discovery and Arrow extraction.
+
+Rows arrive as Arrow tables from ``fetch_arrow_batches`` and go straight to DuckDB; Python
+only ever holds one batch at a time. Watermarks and page keys are bound parameters (qmark
+style, typed), never formatted into SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import structlog
+
+from catalog.config import SnowflakeConfig
+from sync.typemap import SourceColumn, quote_snowflake
+
+log = structlog.get_logger("sync")
+# The connector logs every connection at INFO; Quiver's own events say what matters.
+logging.getLogger("snowflake.connector").setLevel(logging.WARNING)
+
+# Snowflake error numbers that mean "your credentials were refused": never transient.
+AUTH_ERRNOS = {390100, 390101, 390102, 390144, 390190, 390191, 390195, 390302, 390318}
+
+
+class SourceError(Exception):
+    """A source failure with a message safe to record and show (no secrets)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.transient = transient
+
+
+@dataclass(frozen=True, slots=True)
+class SourceTable:
+    """A Snowflake table by its stored identifiers (unquoted names upper-cased)."""
+
+    database: str
+    schema: str
+    name: str
+
+    @property
+    def sql(self) -> str:
+        return ".".join(quote_snowflake(p) for p in (self.database, self.schema, self.name))
+
+    @property
+    def label(self) -> str:
+        return ".".join(_display(p) for p in (self.database, self.schema, self.name))
+
+
+def _display(ident: str) -> str:
+    return (
+        ident
+        if ident == ident.upper() and ident.replace("_", "").replace("$", "").isalnum()
+        else f'"{ident}"'
+    )
+
+
+def split_name(text: str) -> list[str]:
+    """Split ``DB.SCHEMA."Mixed.Name"`` into stored identifiers: quoted parts keep their case
+    (with ``""`` unescaped); unquoted parts are upper-cased, as Snowflake resolves them."""
+    parts: list[str] = []
+    current, quoted, was_quoted, i = "", False, False, 0
+    text = text.strip()
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            if quoted and i + 1 < len(text) and text[i + 1] == '"':
+                current += '"'
+                i += 2
+                continue
+            quoted = not quoted
+            was_quoted = True
+        elif ch == "." and not quoted:
+            parts.append(current if was_quoted else current.strip().upper())
+            current, was_quoted = "", False
+        else:
+            current += ch
+        i += 1
+    parts.append(current if was_quoted else current.strip().upper())
+    return parts
+
+
+def parse_source(text: str, database: str | None, schema: str | None) -> SourceTable:
+    parts = split_name(text)
+    if len(parts) == 3:
+        return SourceTable(*parts)
+    if len(parts) == 2:
+        return SourceTable(split_name(database or "")[0], *parts)
+    return SourceTable(split_name(database or "")[0], split_name(schema or "")[0], parts[0])
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Network trouble, timeouts and 5xx answers are worth retrying; refused credentials,
+    unknown objects and SQL errors are not."""
+    from snowflake.connector import errors as sfe
+
+    if isinstance(exc, SourceError):
+        return exc.transient
+    if isinstance(exc, sfe.ProgrammingError):
+        return False
+    if getattr(exc, "errno", None) in AUTH_ERRNOS or "incorrect username or password" in str(exc).lower():
+        return False
+    retryable = (
+        sfe.OperationalError,
+        sfe.InterfaceError,
+        sfe.InternalServerError,
+        sfe.ServiceUnavailableError,
+        sfe.GatewayTimeoutError,
+        sfe.OtherHTTPRetryableError,
+        sfe.RequestTimeoutError,
+    )
+    return isinstance(exc, (*retryable, ConnectionError, TimeoutError))
+
+
+class SnowflakeSource:
+    """One connection to Snowflake for one sync run (connections are cheap next to a load,
+    and a fresh one per run never inherits a broken session)."""
+
+    def __init__(self, config: SnowflakeConfig, *, extra: dict[str, Any] | None = None) -> None:
+        self._config = config
+        self._extra = extra or {}
+        self._secrets: list[str] = []
+        self._con: Any = None
+
+    # --- connection --------------------------------------------------------------------------
+    def _connect_args(self) -> dict[str, Any]:
+        c = self._config
+        args: dict[str, Any] = {
+            "account": c.account,
+            "user": c.user,
+            "login_timeout": c.login_timeout,
+            "network_timeout": c.network_timeout,
+            "socket_timeout": c.socket_timeout,
+            "protocol": c.protocol,
+            "paramstyle": "qmark",
+            # NUMBER(p,s) as exact decimals, never scaled integers or floats.
+            "arrow_number_to_decimal": True,
+            "application": "Quiver",
+            "client_session_keep_alive": False,
+            "session_parameters": {"CLIENT_OUT_OF_BAND_TELEMETRY_ENABLED": False},
+        }
+        for key in ("role", "warehouse", "database", "schema", "host", "port"):
+            value = getattr(c, key)
+            if value is not None:
+                args[key] = value
+        password = c.password
+        if password is None and c.password_file:
+            password = _read_secret(c.password_file, "snowflake.password_file")
+        if password:
+            args["password"] = password
+            self._secrets.append(password)
+        if c.private_key_file:
+            args["private_key_file"] = c.private_key_file
+            args["authenticator"] = "SNOWFLAKE_JWT"
+            if c.private_key_passphrase_file:
+                passphrase = _read_secret(
+                    c.private_key_passphrase_file, "snowflake.private_key_passphrase_file"
+                )
+                args["private_key_file_pwd"] = passphrase
+                self._secrets.append(passphrase)
+        args.update(self._extra)
+        return args
+
+    def connect(self) -> None:
+        import snowflake.connector
+
+        if self._con is not None:
+            return
+        args = self._connect_args()
+        try:
+            self._con = snowflake.connector.connect(**args)
+        except Exception as e:  # noqa: BLE001 - every connector failure becomes a SourceError
+            raise self.error("cannot connect to Snowflake", e) from None
+        log.info("sync.source.connected", account=self._config.account, host=self._config.host)
+
+    def close(self) -> None:
+        con, self._con = self._con, None
+        if con is not None:
+            try:
+                con.close()
+            except Exception as e:  # noqa: BLE001 - closing a dead session must not mask the real error
+                log.debug("sync.source.close_failed", error=self.scrub(str(e)))
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret:
+                text = text.replace(secret, "[redacted]")
+        return text
+
+    def error(self, what: str, exc: BaseException) -> SourceError:
+        detail = self.scrub(str(exc).strip()) or type(exc).__name__
+        return SourceError(f"{what}: {detail}", transient=is_transient(exc))
+
+    # --- queries -----------------------------------------------------------------------------
+    def _cursor(self) -> Any:
+        if self._con is None:
+            self.connect()
+        return self._con.cursor()
+
+    def execute(self, sql: str, params: list[Any] | None = None) -> Any:
+        cur = self._cursor()
+        try:
+            cur.execute(sql, params or None)
+        except Exception as e:  # noqa: BLE001
+            raise self.error("source query failed", e) from None
+        return cur
+
+    def rows(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        cur = self.execute(sql, params)
+        try:
+            return list(cur.fetchall())
+        except Exception as e:  # noqa: BLE001
+            raise self.error("source query failed", e) from None
+
+    def columns(self, table: SourceTable) -> list[SourceColumn]:
+        rows = self.rows(
+            f"SELECT column_name, data_type, numeric_precision, numeric_scale "
+            f"FROM {quote_snowflake(table.database)}.information_schema.columns "
+            "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+            [table.schema, table.name],
+        )
+        return [
+            SourceColumn(
+                str(name),
+                str(dtype),
+                int(p) if p is not None else None,
+                int(s) if s is not None else None,
+            )
+            for name, dtype, p, s in rows
+        ]
+
+    def batches(self, sql: str, params: list[Any] | None = None) -> Iterator[pa.Table]:
+        """The result as Arrow tables, one per chunk the source sends."""
+        cur = self.execute(sql, params)
+        try:
+            yield from cur.fetch_arrow_batches(force_microsecond_precision=True)
+        except SourceError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self.error("reading from the source failed", e) from None
+
+
+def _read_secret(path: str, key: str) -> str:
+    try:
+        return Path(path).expanduser().read_text().strip()
+    except OSError as e:
+        raise SourceError(f"{key}: cannot read {path}: {e.strerror}") from None
+
+
+# --- typed bindings ------------------------------------------------------------------------------
+
+
+def bind(col: SourceColumn, value: Any) -> tuple[str, Any]:
+    """A placeholder and its typed parameter for comparing ``col`` with ``value`` at the source."""
+    b = col.base
+    if isinstance(value, bool):
+        return "?", ("BOOLEAN", value)
+    if isinstance(value, Decimal | int) and (
+        (col.scale or 0) > 0
+        or not b.startswith(
+            ("NUMBER", "DECIMAL", "NUMERIC", "FIXED", "INT", "BIGINT", "SMALLINT", "TINYINT", "BYTEINT")
+        )
+    ):
+        return f"CAST(? AS {col.snowflake_type})", ("TEXT", str(value))
+    if isinstance(value, Decimal):
+        if value != value.to_integral_value():
+            return f"CAST(? AS {col.snowflake_type})", ("TEXT", str(value))
+        return "?", ("FIXED", int(value))
+    if isinstance(value, int):
+        return "?", ("FIXED", value)
+    if isinstance(value, float):
+        return "CAST(? AS DOUBLE)", ("TEXT", repr(value))
+    if isinstance(value, datetime):
+        if value.tzinfo is None and b not in ("TIMESTAMP_TZ", "TIMESTAMP_LTZ"):
+            return "?", ("TIMESTAMP_NTZ", value)
+        return "?", ("TIMESTAMP_TZ", value)
+    if isinstance(value, date):
+        return "?", ("DATE", value)
+    if isinstance(value, time):
+        return "?", ("TIME", value)
+    if isinstance(value, bytes):
+        return "?", ("BINARY", value)
+    return "?", ("TEXT", str(value))

@@ -1,0 +1,170 @@
+"""Limits on a real server: the query timeout really interrupts DuckDB while others are served,
+and the per-principal concurrency cap refuses, then frees, slots."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow.flight as flight
+import pytest
+
+from flight_server import QuiverClient, QuiverClientError
+from flight_server.endpoints import SplitOptions
+from tests.harness import Server, call_options, error_info, start_server
+
+# A blocking aggregate over a 10^12-row cross join: hours of work if nothing stops it.
+RUNAWAY = "SELECT count(*) AS n FROM range(1000000) a, range(1000000) b WHERE (a.range * b.range) % 7 = 3"
+# The same cross join streamed: rows trickle out, so the interrupt comes mid-stream.
+# random() makes it volatile, so it bypasses the result cache (and its Python tee).
+TRICKLE_VOLATILE = (
+    "SELECT a.range AS x, b.range AS y, random() AS r FROM range(1000000) a, range(1000000) b "
+    "WHERE (a.range * b.range) % 1000003 = 1"
+)
+TRICKLE = "SELECT a.range AS x, b.range AS y FROM range(1000000) a, range(1000000) b WHERE (a.range * b.range) % 1000003 = 1"
+
+
+def cmd(**body: Any) -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(json.dumps(body).encode())
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("timeouts"), limits={"query_timeout_seconds": 2})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("capped"), limits={"max_concurrent_queries": 2})
+    assert s.runtime.flight is not None
+    s.runtime.flight.planner.split = SplitOptions(part_rows=10_000, min_split_rows=20_000, align_rows=1)
+    yield s
+    s.stop()
+
+
+def _wait_idle(server: Server, timeout: float = 20.0) -> None:
+    """Until no stream holds a concurrency slot (the server frees it when the call ends)."""
+    assert server.runtime.flight is not None
+    gate = server.runtime.flight.gate
+    deadline = time.monotonic() + timeout
+    while gate.active() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not gate.active(), gate.active()
+
+
+# --- timeout ----------------------------------------------------------------------------------------
+def test_runaway_query_is_interrupted_while_others_are_served(slow: Server) -> None:
+    runaway_opts = call_options(slow.mint("agent", "demo", "runaway"))
+    client = slow.flight()
+    info = client.get_flight_info(cmd(kind="query", sql=RUNAWAY), runaway_opts)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            client.do_get(info.endpoints[0].ticket, runaway_opts).read_all()
+            outcome["error"] = None
+        except flight.FlightError as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    other, opts = slow.flight(), call_options(slow.demo_token)
+    served_meanwhile = 0
+    while thread.is_alive():
+        got = other.get_flight_info(cmd(kind="query", sql="SELECT count(*) AS n FROM demo.orders"), opts)
+        assert other.do_get(got.endpoints[0].ticket, opts).read_all().column("n")[0].as_py() == 20_000
+        served_meanwhile += 1
+    thread.join()
+    assert served_meanwhile >= 1
+    err = outcome["error"]
+    assert type(err) is flight.FlightTimedOutError, repr(err)
+    info_ = error_info(err)
+    assert info_["code"] == "DEADLINE_EXCEEDED" and "query_timeout_seconds" in info_["detail"]
+    _wait_idle(slow)
+    # DuckDB really stopped: the server answers at once and holds no stream for the query.
+    assert other.do_get(
+        other.get_flight_info(cmd(kind="query", sql="SELECT 1 AS one"), opts).endpoints[0].ticket, opts
+    )
+
+
+def test_timeout_mid_stream_through_the_cache_is_deadline_exceeded(slow: Server) -> None:
+    client, opts = slow.flight(), call_options(slow.demo_token)
+    info = client.get_flight_info(cmd(kind="query", sql=TRICKLE), opts)
+    with pytest.raises(flight.FlightTimedOutError) as caught:
+        client.do_get(info.endpoints[0].ticket, opts).read_all()
+    assert error_info(caught.value)["code"] == "DEADLINE_EXCEEDED"
+    _wait_idle(slow)
+
+
+def test_timeout_mid_stream_of_a_volatile_query(slow: Server) -> None:
+    """Not cached, so DuckDB's stream goes straight to Flight in C++: the interrupt reaches a
+    raw client as DuckDB's message without a code; the Quiver client names it."""
+    client, opts = slow.flight(), call_options(slow.demo_token)
+    info = client.get_flight_info(cmd(kind="query", sql=TRICKLE_VOLATILE), opts)
+    with pytest.raises(flight.FlightError) as caught:
+        client.do_get(info.endpoints[0].ticket, opts).read_all()
+    assert "INTERRUPT Error" in str(caught.value) and "Traceback" not in str(caught.value)
+    with QuiverClient(slow.flight_url, slow.demo_token) as qc, pytest.raises(QuiverClientError) as typed:
+        qc.query(TRICKLE_VOLATILE)
+    assert typed.value.code == "DEADLINE_EXCEEDED"
+    _wait_idle(slow)
+
+
+def test_samples_and_profiles_are_under_the_timeout_too(slow: Server) -> None:
+    client, opts = slow.flight(), call_options(slow.demo_token)
+    info = client.get_flight_info(
+        cmd(kind="sample", table="demo.events", rows=10, method="random", seed=1), opts
+    )
+    assert client.do_get(info.endpoints[0].ticket, opts).read_all().num_rows == 10
+    assert slow.runtime.flight is not None
+    assert slow.runtime.flight.gate.active() == {}
+
+
+# --- concurrency cap --------------------------------------------------------------------------------
+def _hold(client: flight.FlightClient, opts: flight.FlightCallOptions) -> flight.FlightStreamReader:
+    """A stream that stays open: a large result of which the client reads one batch."""
+    info = client.get_flight_info(cmd(kind="query", sql="SELECT range AS v FROM range(200000000)"), opts)
+    reader = client.do_get(info.endpoints[0].ticket, opts)
+    reader.read_chunk()
+    return reader
+
+
+def test_concurrency_cap_per_principal(capped: Server) -> None:
+    alice = call_options(capped.mint("agent", "demo", "alice"))
+    bob = call_options(capped.mint("agent", "demo", "bob"))
+    client = capped.flight()
+    held = [_hold(client, alice), _hold(client, alice)]
+    try:
+        info = client.get_flight_info(cmd(kind="query", sql="SELECT 1 AS one"), alice)
+        with pytest.raises(flight.FlightServerError) as caught:
+            client.do_get(info.endpoints[0].ticket, alice).read_all()
+        assert error_info(caught.value)["code"] == "RESOURCE_EXHAUSTED"
+        assert "limit is 2 per principal" in error_info(caught.value)["detail"]
+        # Another principal is not affected.
+        other = client.get_flight_info(cmd(kind="query", sql="SELECT 2 AS two"), bob)
+        assert client.do_get(other.endpoints[0].ticket, bob).read_all().num_rows == 1
+    finally:
+        for reader in held:
+            reader.cancel()
+    # The slots are freed when the streams end (here: cancelled by the client).
+    _wait_idle(capped)
+    assert client.do_get(info.endpoints[0].ticket, alice).read_all().num_rows == 1
+
+
+def test_endpoints_of_one_flightinfo_share_one_slot(capped: Server) -> None:
+    alice = call_options(capped.mint("agent", "demo", "alice2"))
+    client = capped.flight()
+    held = _hold(client, alice)  # one of the two slots
+    try:
+        info = client.get_flight_info(flight.FlightDescriptor.for_path("demo", "events"), alice)
+        assert len(info.endpoints) >= 3
+        readers = [client.do_get(e.ticket, alice) for e in info.endpoints]  # all open at once
+        assert sum(r.read_all().num_rows for r in readers) == 50_000
+    finally:
+        held.cancel()
+    _wait_idle(capped)
