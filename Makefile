@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run run-snowflake-demo test lint fmt bench dist clean
+.PHONY: install run run-snowflake-demo test lint fmt bench dist clean ansible-tools deploy-test deploy-test-boot
 
 install: $(STAMP)
 
@@ -14,6 +14,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
+# Ansible controller tools (ansible-core, ansible-lint, the collections used) in a venv of
+# their own: they pin packages the service does not need. Galaxy is not used.
+ANSIBLE_VENV := .venv-ansible
+ANSIBLE_STAMP := $(ANSIBLE_VENV)/.installed
+
+ansible-tools: $(ANSIBLE_STAMP)
+
+$(ANSIBLE_STAMP): ansible/requirements.txt ansible/tools/install_collections.py
+	@test -x $(ANSIBLE_VENV)/bin/python || $(PYTHON) -m venv $(ANSIBLE_VENV)
+	$(ANSIBLE_VENV)/bin/python -m pip install --quiet -r ansible/requirements.txt
+	rm -rf $(ANSIBLE_VENV)/collections
+	$(ANSIBLE_VENV)/bin/python ansible/tools/install_collections.py $(ANSIBLE_VENV)/collections
+	@touch $@
+
 run: $(STAMP)
 	$(BIN)/quiver serve --demo
 
@@ -21,7 +35,7 @@ run: $(STAMP)
 run-snowflake-demo: $(STAMP)
 	$(BIN)/python -m tests.snowflake_demo
 
-test: $(STAMP)
+test: $(STAMP) $(ANSIBLE_STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
@@ -36,5 +50,22 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
 
+# The wheel that ansible/ deploys. Reproducible (file times from the last commit): the
+# same source gives the same wheel, so site.yml does not restart Quiver for a rebuild.
+dist: $(STAMP)
+	rm -rf dist build
+	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null || echo 315532800) \
+		$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+
+# Applies ansible/site.yml to a Debian bookworm root (debootstrap, cached) through the
+# chroot connection, twice, and checks the result; see ansible/tests/deploy_test.sh.
+deploy-test: $(STAMP) $(ANSIBLE_STAMP) dist
+	bash ansible/tests/deploy_test.sh
+
+# Then boots that root with systemd-nspawn (private network) and applies site.yml and
+# restore.yml to the running system; see ansible/tests/deploy_test_boot.sh.
+deploy-test-boot: deploy-test
+	bash ansible/tests/deploy_test_boot.sh
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(ANSIBLE_VENV) build dist *.egg-info

@@ -101,6 +101,23 @@ class DemoConfig(_Section):
     scale: PositiveFloat = 1.0
 
 
+class TlsConfig(_Section):
+    # PEM files; both set = both listeners serve TLS only (grpc+tls:// and https://).
+    # Read at start-up: a renewed certificate takes effect on the next restart.
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file and self.key_file)
+
+
+class BackupConfig(_Section):
+    # Where snapshots are written (by `quiver backup` and POST /v1/backup); default
+    # DATA_DIR/backups. Under systemd it must be writable by the service (ReadWritePaths).
+    dir: str | None = None
+
+
 class SnowflakeConfig(_Section):
     """Connection to the Snowflake source of ``[[sync.tables]]`` (passed to
     ``snowflake.connector.connect``). Secrets come from files or ``QUIVER_SNOWFLAKE_PASSWORD``;
@@ -166,6 +183,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     tokens: TokensConfig = msgspec.field(default_factory=TokensConfig)
     demo: DemoConfig = msgspec.field(default_factory=DemoConfig)
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    backup: BackupConfig = msgspec.field(default_factory=BackupConfig)
     snowflake: SnowflakeConfig = msgspec.field(default_factory=SnowflakeConfig)
     sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
     results: ResultsConfig = msgspec.field(default_factory=ResultsConfig)
@@ -180,6 +199,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.server.database:
             return Path(self.server.database).expanduser().resolve()
         return self.data_dir / "quiver.duckdb"
+
+    @property
+    def backup_dir(self) -> Path:
+        if self.backup.dir:
+            return Path(self.backup.dir).expanduser().resolve()
+        return self.data_dir / "backups"
 
 
 ENV_PREFIX = "QUIVER_"
@@ -297,6 +322,14 @@ def load_config(
 
 
 def _check(config: Config) -> None:
+    tls = config.tls
+    if bool(tls.cert_file) != bool(tls.key_file):
+        missing = "tls.key_file" if tls.cert_file else "tls.cert_file"
+        raise ConfigError(f"{missing} is missing: [tls] needs both cert_file and key_file (PEM), or neither")
+    for key in ("cert_file", "key_file"):
+        value = getattr(tls, key)
+        if value and not Path(value).expanduser().is_file():
+            raise ConfigError(f"tls.{key}: no such file: {value}")
     t = config.tokens
     if t.default_ttl_seconds > t.max_ttl_seconds:
         raise ConfigError(

@@ -29,6 +29,9 @@ log = structlog.get_logger(__name__)
 
 VERSION = "0.1.0"
 
+# Where Database.snapshot() writes its transient copy (a dot-name: never itself backed up).
+SNAPSHOT_STAGING = ".snapshot"
+
 
 class SyncController(Protocol):
     """What the control plane may ask of the sync worker (implemented in ``sync``)."""
@@ -52,6 +55,7 @@ class Catalog:
             memory_limit=config.limits.memory_limit,
             threads=config.limits.threads,
             lockdown=lockdown,
+            snapshot_dir=data_dir / SNAPSHOT_STAGING,
         )
         self.tables = TableCatalog(self.db)
         self.policy = Policy(self.tables)

@@ -13,6 +13,8 @@ pyarrow, never with ``COPY``. Spilling to ``temp_directory`` keeps working.
 
 from __future__ import annotations
 
+import os
+import secrets
 import threading
 import weakref
 from collections.abc import Iterator
@@ -66,8 +68,16 @@ class Database:
         memory_limit: str = "",
         threads: int = 0,
         lockdown: bool = True,
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.path = path
+        # The one file the locked-down instance may create (see snapshot()): a fresh,
+        # unguessable name per process, so a query that slipped past the SQL guard cannot
+        # name it, and no directory is opened to it.
+        self._snapshot_path = (
+            snapshot_dir / f"snapshot-{secrets.token_hex(8)}.duckdb" if snapshot_dir else None
+        )
+        self._snapshot_lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         temp_dir.mkdir(parents=True, exist_ok=True)
         config: dict[str, str | bool | int | float | list[str]] = {
@@ -87,6 +97,12 @@ class Database:
                     f"{path} is in use by another process (is `quiver serve` running?)"
                 ) from None
             raise
+        # Within one process DuckDB hands back the instance already open on this file
+        # instead of failing on its lock; a locked configuration means another Database
+        # (a running server) owns it.
+        if fetch_one(self._con, "SELECT current_setting('lock_configuration')") == (True,):
+            self._con.close()
+            raise DatabaseInUse(f"{path} is in use by a server in this process")
         self._lock = threading.Lock()
         self._closed = False
         self._cursors: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
@@ -95,7 +111,17 @@ class Database:
         if lockdown:
             self._lockdown()
 
+    def _snapshot_files(self) -> list[Path]:
+        """The snapshot file and the companions DuckDB writes beside it (WAL, checkpoint WAL)."""
+        assert self._snapshot_path is not None
+        base = str(self._snapshot_path)
+        return [Path(base), Path(base + ".wal"), Path(base + ".wal.checkpoint")]
+
     def _lockdown(self) -> None:
+        if self._snapshot_path is not None:
+            # allowed_paths must be set after the database has started and before the
+            # configuration is locked; exact files, never a directory.
+            self._con.execute("SET allowed_paths = ?", [[str(p) for p in self._snapshot_files()]])
         self._con.execute("SET enable_external_access = false")
         self._con.execute("SET lock_configuration = true")
 
@@ -169,6 +195,54 @@ class Database:
         finally:
             cur.close()
 
+    @contextmanager
+    def snapshot(self) -> Iterator[Path]:
+        """A consistent, complete copy of the whole database as a DuckDB file, taken while
+        the instance keeps serving; the file is removed when the block ends.
+
+        Why ``ATTACH`` + ``COPY FROM DATABASE`` inside one transaction rather than
+        ``CHECKPOINT`` and a file copy: the copy runs as a single MVCC transaction, so it
+        sees every table (data tables, the ``_quiver`` system schema, sequences at their
+        current values, views, macros, types) as of one instant while sync and admin writes
+        go on, and it never reads the live file's bytes, so a checkpoint that lands halfway
+        (DuckDB checkpoints automatically as the WAL grows) cannot tear it. Copying the file
+        would need every writer in the process to stop, and nothing enforces that. The
+        lockdown stays on: only this process's snapshot file is allowed (``allowed_paths``).
+        """
+        if self._snapshot_path is None:
+            raise RuntimeError("this database was opened without a snapshot directory")
+        with self._snapshot_lock:
+            target = self._snapshot_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            for leftover in self._snapshot_files():
+                leftover.unlink(missing_ok=True)
+            alias = "quiver_snapshot_" + secrets.token_hex(4)
+            source = quote_ident(self.catalog_name)
+            literal = "'" + str(target).replace("'", "''") + "'"
+            cur = self.cursor()
+            try:
+                cur.execute(f"ATTACH {literal} AS {alias}")
+                try:
+                    cur.execute("BEGIN")
+                    try:
+                        cur.execute(f"COPY FROM DATABASE {source} TO {alias}")
+                        cur.execute("COMMIT")
+                    except BaseException:
+                        cur.execute("ROLLBACK")
+                        raise
+                finally:
+                    # DETACH checkpoints the copy: afterwards the file is complete on its own.
+                    cur.execute(f"DETACH {alias}")
+            finally:
+                cur.close()
+            try:
+                with open(target, "rb") as f:
+                    os.fsync(f.fileno())
+                yield target
+            finally:
+                for path in self._snapshot_files():
+                    path.unlink(missing_ok=True)
+
     def size_bytes(self) -> int:
         total = 0
         for p in (self.path, self.path.with_name(self.path.name + ".wal")):
@@ -190,5 +264,13 @@ class Database:
             self._con.execute("CHECKPOINT")
         except duckdb.Error as e:
             log.warning("catalog.checkpoint_failed", error=str(e))
+        # Cursors still referenced somewhere (a finished request's thread, a reader) keep
+        # the DuckDB instance -- and its file lock and locked configuration -- alive after
+        # the main connection closes; a restart in the same process would get it back.
+        with self._lock:
+            cursors = list(self._cursors)
+        for cur in cursors:
+            with suppress(duckdb.Error):
+                cur.close()
         self._con.close()
         log.info("catalog.closed", path=str(self.path))

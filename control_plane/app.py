@@ -14,7 +14,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from catalog import VERSION, Catalog
 from control_plane.context import DEPENDENCIES
 from control_plane.errors import EXCEPTION_HANDLERS
-from control_plane.routes import admin, public, swarms, tokens
+from control_plane.routes import admin, backup, public, swarms, tokens
 
 log = structlog.get_logger("control_plane")
 
@@ -65,7 +65,7 @@ def request_context(app: ASGIApp) -> ASGIApp:
 
 def create_app(catalog: Catalog) -> Litestar:
     app = Litestar(
-        route_handlers=[*public.ROUTES, *swarms.ROUTES, *tokens.ROUTES, *admin.ROUTES],
+        route_handlers=[*public.ROUTES, *swarms.ROUTES, *tokens.ROUTES, *admin.ROUTES, *backup.ROUTES],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[request_context],

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from catalog.audit import AuditEvent
+
 
 class Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
@@ -106,20 +108,8 @@ class TableList(msgspec.Struct, kw_only=True):
     tables: list[TableOut]
 
 
-class AuditOut(msgspec.Struct, kw_only=True):
-    id: int | None
-    occurred_at: datetime
-    actor: str | None
-    action: str
-    target: str | None
-    outcome: str
-    client: str | None
-    request_id: str | None
-    detail: str | None
-
-
 class AuditList(msgspec.Struct, kw_only=True):
-    events: list[AuditOut]
+    events: list[AuditEvent]
 
 
 class Health(msgspec.Struct, kw_only=True):

@@ -1,4 +1,4 @@
-"""The ``quiver`` command: ``serve``, ``token create``, ``version``."""
+"""The ``quiver`` command: ``serve``, ``token create``, ``backup``, ``restore``, ``version``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--swarm")
     create.add_argument("--agent")
     create.add_argument("--ttl", type=int, dest="ttl_seconds", help="lifetime in seconds")
+
+    backup = sub.add_parser(
+        "backup",
+        help="write a consistent snapshot (database, signing key, artefacts) as .tar.gz; "
+        "prints its path. Works while the server runs (through its control plane)",
+    )
+    _config_args(backup)
+    backup.add_argument("--output", help="directory for the snapshot (default: [backup] dir)")
+    backup.add_argument("--url", help="control plane URL when the server runs (default: from the config)")
+    backup.add_argument(
+        "--token-file", help="admin token when the server runs (default: DATA_DIR/admin.token)"
+    )
+
+    restore = sub.add_parser(
+        "restore",
+        help="replace the data directory with a snapshot (server stopped); the current "
+        "state is kept in DATA_DIR/.pre-restore-<time>",
+    )
+    _config_args(restore)
+    restore.add_argument("snapshot", help="a quiver-<time>.tar.gz written by `quiver backup`")
 
     from quiver import sync_cli
 
@@ -129,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "token":
             return cmd_token_create(args)
+        if args.command in ("backup", "restore"):
+            from quiver import ops
+
+            config = _load(args)
+            logs.configure("json" if not sys.stderr.isatty() else config.server.log_format, "warning")
+            return ops.cmd_backup(args, config) if args.command == "backup" else ops.cmd_restore(args, config)
         if args.command == "version":
             print(VERSION)
             return 0

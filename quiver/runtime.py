@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -88,7 +89,17 @@ class Runtime:
         return self.endpoints
 
     def _tls(self) -> tuple[bytes, bytes] | None:
-        return None
+        """The PEM certificate chain and key of ``[tls]``, or None for plain listeners.
+
+        Read once at start-up (gRPC and uvicorn both load them then): a renewed certificate
+        takes effect on the next restart, which is what the deployment's renewal hook does.
+        """
+        tls = self.config.tls
+        if not (tls.cert_file and tls.key_file):
+            return None
+        cert = Path(tls.cert_file).expanduser().read_bytes()
+        key = Path(tls.key_file).expanduser().read_bytes()
+        return cert, key
 
     def _start_flight(self, catalog: Catalog) -> None:
         cfg = self.config.server
@@ -115,6 +126,9 @@ class Runtime:
         sock.bind((cfg.host, cfg.http_port))
         sock.listen(128)
         port = sock.getsockname()[1]
+        tls = self.config.tls
+        # uvicorn wraps the sockets passed to run() with this SSL context too, so the
+        # listener serves TLS only: a plain-HTTP request fails the handshake.
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(catalog),
@@ -123,6 +137,8 @@ class Runtime:
                 lifespan="off",
                 timeout_graceful_shutdown=int(self.grace_seconds),
                 server_header=False,
+                ssl_certfile=str(Path(tls.cert_file).expanduser()) if tls.cert_file else None,
+                ssl_keyfile=str(Path(tls.key_file).expanduser()) if tls.key_file else None,
             )
         )
         self._http = server
@@ -135,8 +151,8 @@ class Runtime:
             if not self._http_thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the HTTP listener did not start; see the log above")
             time.sleep(0.01)
-        host = _client_host(cfg.host)
-        http_url = f"http://{host}:{port}"
+        host = cfg.advertise_host or _client_host(cfg.host)
+        http_url = f"{'https' if tls.enabled else 'http'}://{host}:{port}"
         catalog.listeners["http"] = {"up": True, "url": http_url}
         self.endpoints = Endpoints(flight_url=self._flight_url, http_url=http_url)
 

@@ -21,10 +21,10 @@ from tests.harness import ServeProcess, call_options, start_server
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_snippet() -> str:
+def readme_snippet(name: str = "snippet") -> str:
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- snippet:start -->\n```python\n(.*?)```\n<!-- snippet:end -->", text, re.S)
-    assert block, "README.md lost its snippet markers"
+    block = re.search(rf"<!-- {name}:start -->\n```python\n(.*?)```\n<!-- {name}:end -->", text, re.S)
+    assert block, f"README.md lost its {name} markers"
     return block.group(1)
 
 
@@ -47,6 +47,15 @@ def test_readme_snippet_is_the_printed_one_and_runs_verbatim(tmp_path: Path) -> 
         assert "demo.customers 1000 rows" in run.stdout
         assert "demo.orders 20000 rows" in run.stdout
         assert "1000 rows: [{'customer_id': 1" in run.stdout
+        run = subprocess.run(
+            [sys.executable, "-c", readme_snippet("client")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        assert "20000 orders" in run.stdout and "PERMISSION_DENIED" in run.stdout
         # secrets never reach the log: neither the admin nor the demo token
         assert serve.stop(signal.SIGINT) == 0
         log = serve.proc.stderr.read()  # type: ignore[union-attr]

@@ -12,7 +12,7 @@ from litestar.params import FromPath, FromQuery, QueryParameter
 from catalog import Catalog, Principal
 from catalog.policy import pattern_matches
 from control_plane.context import audited
-from control_plane.models import AuditList, AuditOut, TableList, TableOut
+from control_plane.models import AuditList, TableList, TableOut
 
 
 @get(
@@ -58,9 +58,7 @@ def audit(
     limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 100,
 ) -> AuditList:
     events = catalog.audit.query(since=since, actor=actor, action=action, outcome=outcome, limit=limit)
-    return AuditList(
-        events=[AuditOut(**{f: getattr(e, f) for f in AuditOut.__struct_fields__}) for e in events]
-    )
+    return AuditList(events=events)
 
 
 @get("/v1/sync", sync_to_thread=True, tags=["sync"], summary="State of every replicated table")
