@@ -32,9 +32,10 @@ def main(argv: list[str]) -> int:
         module = importlib.import_module(f"tests.bench.{name}")
         sections.append(module.run())
         print(f"=== {name} done in {time.perf_counter() - started:.1f} s ===", flush=True)
+    command = "python -m tests.bench " + " ".join(argv) if argv else "make bench"
     header = (
         "# Benchmark results\n\n"
-        f"Written by `make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+        f"Written by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
         f"{platform.machine()}, {platform.python_version()}, "
         f"{_cores()} cores. All figures of one section come from one run on the same data.\n"
     )
