@@ -12,6 +12,7 @@ from typing import Any, Literal
 import msgspec
 
 from catalog.audit import AuditEvent
+from catalog.tokens import TokenRecord
 
 
 class Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -71,16 +72,9 @@ class TokenOut(msgspec.Struct, kw_only=True):
     expires_at: datetime
 
 
-class TokenInfo(msgspec.Struct, kw_only=True):
-    jti: str
-    kind: str
-    swarm: str | None
-    agent: str | None
-    created_at: datetime
-    expires_at: datetime
-    revoked_at: datetime | None
-    last_used_at: datetime | None
-    created_by: str | None
+class TokenInfo(TokenRecord, kw_only=True):
+    """A token's record (never the token) and whether it is usable right now."""
+
     active: bool
 
 

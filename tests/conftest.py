@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Server, start_server
+from tests.sync_emulator import Emulator, emulator_in_process
 
 
 @pytest.fixture(scope="module")
@@ -22,3 +23,10 @@ def fresh_server(tmp_path: Path) -> Iterator[Server]:
     s = start_server(tmp_path / "data")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def emu() -> Iterator[Emulator]:
+    """A Snowflake emulator (fakesnow's server, in-process) per sync test module."""
+    with emulator_in_process() as e:
+        yield e

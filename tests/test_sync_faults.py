@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from tests.sync_emulator import (
     Emulator,
     EmulatorProcess,
     Source,
-    emulator_in_process,
     free_port,
     replica,
     require_password,
@@ -26,12 +24,6 @@ from tests.sync_emulator import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module")
-def emu() -> Iterator[Emulator]:
-    with emulator_in_process() as e:
-        yield e
 
 
 @pytest.fixture(scope="module")

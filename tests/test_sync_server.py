@@ -16,15 +16,9 @@ import structlog
 
 from quiver.cli import main
 from tests.harness import Server, call_options, start_server
-from tests.sync_emulator import Emulator, Source, emulator_in_process, sync_service
+from tests.sync_emulator import Emulator, Source, sync_service
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module")
-def emu() -> Iterator[Emulator]:
-    with emulator_in_process() as e:
-        yield e
 
 
 @pytest.fixture(scope="module")

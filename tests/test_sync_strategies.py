@@ -6,22 +6,15 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from catalog import TableRef
-from tests.sync_emulator import Emulator, Source, emulator_in_process, replica, sync_service
+from tests.sync_emulator import Emulator, Source, replica, sync_service
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module")
-def emu() -> Iterator[Emulator]:
-    with emulator_in_process() as e:
-        yield e
 
 
 ORDERS = (

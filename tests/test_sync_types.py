@@ -4,7 +4,6 @@ and one-line configuration errors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -15,14 +14,7 @@ from catalog import ConfigError, load_config
 from sync.source import parse_source, split_name
 from sync.state import decode_watermark, encode_watermark
 from sync.typemap import SourceColumn, duckdb_type, is_widening, target_name
-from tests.sync_emulator import Emulator, Source, emulator_in_process, replica, sync_service
-
-
-@pytest.fixture(scope="module")
-def emu() -> Iterator[Emulator]:
-    with emulator_in_process() as e:
-        yield e
-
+from tests.sync_emulator import Emulator, Source, replica, sync_service
 
 # --- the map itself ------------------------------------------------------------------------------
 

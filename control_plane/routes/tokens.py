@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Request, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
@@ -21,18 +22,7 @@ def _issued(t: IssuedToken) -> TokenOut:
 
 
 def _info(r: TokenRecord, now: Any) -> TokenInfo:
-    return TokenInfo(
-        jti=r.jti,
-        kind=r.kind,
-        swarm=r.swarm,
-        agent=r.agent,
-        created_at=r.created_at,
-        expires_at=r.expires_at,
-        revoked_at=r.revoked_at,
-        last_used_at=r.last_used_at,
-        created_by=r.created_by,
-        active=r.revoked_at is None and r.expires_at > now,
-    )
+    return TokenInfo(**msgspec.structs.asdict(r), active=r.revoked_at is None and r.expires_at > now)
 
 
 @post(
