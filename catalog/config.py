@@ -45,11 +45,21 @@ class LimitsConfig(_Section):
     query_timeout_seconds: PositiveFloat = 30.0
     max_rows: PositiveInt = 10_000_000
     max_sample_rows: PositiveInt = 1_000_000
+    # Queries (FlightInfos being planned or streamed) of one principal at once.
     max_concurrent_queries: PositiveInt = 4
+    # Streams and planning steps of all principals at once; beyond it a call waits up to
+    # admission_wait_seconds for a slot, then gets RESOURCE_EXHAUSTED (flight_server/admission.py).
+    max_concurrent_total: PositiveInt = 32
+    admission_wait_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     # How long a Flight ticket (from GetFlightInfo) may be redeemed with DoGet.
     ticket_ttl_seconds: PositiveFloat = 300.0
-    # DuckDB resources: fit the VM. Empty/0 keeps DuckDB's defaults.
-    memory_limit: str = ""
+    # DuckDB's memory_limit: "auto" = half of the memory available (physical or cgroup),
+    # or a size ("2GB"). See catalog/resources.py.
+    memory_limit: str = "auto"
+    # quiver serve's address-space bound (RLIMIT_AS): "auto" = what is mapped at start-up
+    # + 80% of the memory available; a size; or "off".
+    address_space_limit: str = "auto"
+    # DuckDB worker threads; 0 = one per core.
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
