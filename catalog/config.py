@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 
 from catalog.errors import ConfigError
+from catalog.resources import parse_size
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -346,6 +347,11 @@ def _check(config: Config) -> None:
             f"tokens.default_ttl_seconds ({t.default_ttl_seconds}) must not exceed "
             f"tokens.max_ttl_seconds ({t.max_ttl_seconds})"
         )
+    limits = config.limits
+    if limits.memory_limit.strip().lower() not in ("", "auto"):
+        parse_size(limits.memory_limit, "limits.memory_limit")
+    if limits.address_space_limit.strip().lower() not in ("auto", "off"):
+        parse_size(limits.address_space_limit, "limits.address_space_limit")
     _check_sync(config)
 
 
