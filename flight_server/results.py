@@ -26,7 +26,7 @@ Interface for the Flight server (``core`` wires it)::
     ACTION_DESCRIPTIONS                                     # name -> description (ListActions)
     queries.handle_action(name, principal, body) -> dict    # submit-query/query-status/cancel-query
     queries.result_info(principal, id) -> ResultInfo        # GetFlightInfo/GetSchema of a result
-    queries.open_result(principal, id) -> (ResultInfo, reader)    # DoGet of a result
+    queries.open_result(principal, id) -> (schema, reader, rows)  # DoGet of a result
     queries.close()                                          # at server shutdown
 """
 
@@ -496,8 +496,8 @@ class QueryManager:
             cap = RowCap(query.max_rows, query.max_rows_reason, query.truncated)
         return ResultInfo(query.id, query.schema, query.rows, query.bytes, cap)
 
-    def open_result(self, principal: Principal, query_id: str) -> tuple[ResultInfo, pa.RecordBatchReader]:
-        """The result's info and a zero-copy reader over its file (memory-mapped), for DoGet."""
+    def open_result(self, principal: Principal, query_id: str) -> tuple[pa.Schema, pa.RecordBatchReader, int]:
+        """A zero-copy reader over the result file (memory-mapped), for DoGet."""
         info = self.result_info(principal, query_id)
         query = self._queries[info.id]
         try:
@@ -505,7 +505,7 @@ class QueryManager:
         except FileNotFoundError:
             raise NotFound(f"the result of query {info.id} has expired; submit the query again") from None
         reader = pa.ipc.open_stream(source)
-        return info, reader
+        return info.schema, reader, info.rows
 
     def _describe(self, query: _Query) -> dict[str, Any]:
         now = time.monotonic()

@@ -85,10 +85,11 @@ class Streamer:
         part = plan.parts[index]
         if isinstance(part, ResultPart):
             assert state.principal is not None
-            info, reader = self._queries.open_result(state.principal, part.id)
-            if info.row_cap is not None and info.row_cap.truncated:
+            _, reader, _ = self._queries.open_result(state.principal, part.id)
+            cap = self._queries.result_info(state.principal, part.id).row_cap
+            if cap is not None and cap.truncated:  # cut: the stream says so, as the FlightInfo did
                 state.fields["truncated"] = True
-                return _cut_stream(reader.schema, reader, info.row_cap)
+                return _cut_stream(reader.schema, reader, cap)
             return flight.RecordBatchStream(reader)
         if isinstance(part, CachedPart):
             entry = part.entry()
