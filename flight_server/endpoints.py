@@ -96,8 +96,8 @@ class SqlPart:
     # The guard's normalized SQL when the result may be served from the result cache.
     normalized: str | None = None
     # At most this many rows, cut from the stream (the server's [limits] max_rows: wrapping
-    # every query in a LIMIT costs DuckDB ~0.15 ms, a tenth of a point query). Only parts
-    # that go through the result cache's path use it; others get a LIMIT instead.
+    # every query in a LIMIT costs DuckDB ~0.15 ms, a tenth of a point query). The stream is
+    # read one batch past the cap, so that a cut is known exactly and reported.
     cap: int | None = None
     # Why ``limit`` applies (``cap`` is always the server's max_rows).
     limit_reason: CapReason = "max_rows"

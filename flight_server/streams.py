@@ -5,18 +5,28 @@ the gRPC thread pulls batches from DuckDB in C++; Python never sees a row, and m
 bounded by a few batches whatever the result size (gRPC flow control pauses DuckDB when the
 client reads slowly). Two shortcuts avoid DuckDB altogether: a scan of a table held by the
 hot-table cache streams a zero-copy slice of it (flight_server/table_cache.py), and a query
-found in the result cache streams the stored batches. A query that goes through the result
-cache has the head of its result (up to 1 MiB) read in the handler: a small result is then
-complete, stored, and streamed from memory, and its cursor is kept for the next request.
+found in the result cache streams the stored batches.
+
+Row caps. A query (and a percent sample) has a row cap — the server's ``[limits] max_rows``
+or the caller's ``max_rows`` — and a result cut at it must say so (flight_server/truncation.py,
+proto_docs/descriptors.md "Cut results"). So these have the head of their result (up to
+1 MiB) read in the handler: a small result is then complete — stored in the result cache,
+streamed from memory by C++, its cursor kept for the next request — and whether it was cut is
+known. A larger one streams on through a Python generator over its batches that cuts it at
+the cap (and tees it into the cache); the batch that carries the cut is the last. Paths
+without a cap — scans, cached tables, uncut cache hits, async results that were not cut — stay
+in C++ from end to end; a cut result replayed (cache hit, async result) is a generator over
+its batches, so that its last batch carries the flag.
 
 Lifetime. Everything a stream holds — its cursor, its query deadline, its concurrency slot —
 is released by the middleware's ``call_completed``, which Flight calls when the stream ends,
 fails or the client goes away. ``to_arrow_reader`` runs blocking operators (sorts,
 aggregates, joins) before it returns, so most timeouts and errors are raised here, inside the
-handler, as a proper Flight error with ``extra_info``. A query interrupted *after* its first
-batch fails inside the C++ stream instead; the client then sees a FlightServerError whose
-message contains ``INTERRUPT Error: Interrupted!`` (Quiver's client maps it to
-DEADLINE_EXCEEDED; proto_docs/errors.md explains).
+handler, as a proper Flight error with ``extra_info``; so are those raised mid-stream on the
+generator path of a capped query. A stream interrupted *after* its first batch on a C++ path
+(a random sample of rows, say) fails inside the C++ stream instead; the client then sees a
+FlightServerError whose message contains ``INTERRUPT Error: Interrupted!`` (Quiver's client
+maps it to DEADLINE_EXCEEDED; proto_docs/errors.md explains).
 """
 
 from __future__ import annotations
