@@ -156,30 +156,34 @@ def test_the_rows_are_those_of_the_query(server: Server, opts: Any) -> None:
 
 # --- replays from the result cache ------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("sql", "max_rows", "flagged"),
+    ("sql", "max_rows", "flagged", "tier"),
     [
-        ("SELECT range AS i, 'memory' AS tier FROM range(150000)", None, True),  # memory entry
-        ("SELECT range AS i, repeat('y', 60) AS s FROM range(300000)", None, True),  # file entry
-        ("SELECT range AS i, 'exact' AS tier FROM range(100000)", None, False),
-        ("SELECT range AS i, 'own' AS tier FROM range(20)", 7, True),
-        ("SELECT range AS i, 'own-exact' AS tier FROM range(7)", 7, False),
+        ("SELECT range + 0 AS i FROM range(150000)", None, True, "memory"),
+        ("SELECT range AS i, repeat('y', 60) AS s FROM range(300000)", None, True, "disk"),
+        ("SELECT range AS i, repeat('e', 60) AS s FROM range(100000)", None, False, "disk"),
+        ("SELECT range + 1 AS i FROM range(100000)", None, False, "memory"),
+        ("SELECT range AS i, 'own' AS tier FROM range(20)", 7, True, "memory"),
+        ("SELECT range AS i, 'own-exact' AS tier FROM range(7)", 7, False, "memory"),
     ],
 )
 def test_a_cached_cut_result_is_flagged_on_every_replay(
-    server: Server, opts: Any, sql: str, max_rows: int | None, flagged: bool
+    server: Server, opts: Any, sql: str, max_rows: int | None, flagged: bool, tier: str
 ) -> None:
-    """The result cache stores a cut result with its flag and replays it: a hit is flagged
-    exactly as the first answer was (and an uncut one is not)."""
+    """The result cache stores a cut result with its flag — in memory or in a file — and
+    replays it: a hit is flagged exactly as the first answer was (and an uncut one is not)."""
+    assert server.runtime.flight is not None
+    cache = server.runtime.flight.cache
     body: dict[str, Any] = {"kind": "query", "sql": sql}
     if max_rows is not None:
         body["max_rows"] = max_rows
     cap, reason = (max_rows, "max_rows") if max_rows is not None else (CAP, "server_max_rows")
-    answers = []
-    for _ in range(3):
+    stored = cache.stats()[f"{tier}_entries"]
+    answers = [run(server, opts, **body)]
+    assert cache.stats()[f"{tier}_entries"] == stored + 1  # the first answer filled that tier
+    for _ in range(2):
         hits = cache_hits(server)
         answers.append(run(server, opts, **body))
-        replayed = cache_hits(server) > hits
-    assert replayed  # the later answers came from the cache
+        assert cache_hits(server) == hits + 1  # this answer came from the cache
     first = answers[0][1]
     for planned, table, metas in answers:
         assert planned == {"max_rows": cap, "reason": reason, "truncated": None}
