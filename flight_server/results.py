@@ -292,8 +292,11 @@ class QueryManager:
             self._queries[query_id] = query
             self._metrics.active.inc()
             query.future = self._pool.submit(self._execute, query, prepared.run)
+            # Under the lock, which the worker takes to start: the answer is "queued", as
+            # documented, even when the query then fails within a millisecond.
+            answer = self._describe(query)
         log.info("query.submitted", id=query_id, principal=principal.label)
-        return self._describe(query)
+        return answer
 
     def submit_request(self, principal: Principal, request: dict[str, Any]) -> dict[str, Any]:
         """Guard and prepare ``request`` with core's ``prepare``, then :meth:`submit` it."""
