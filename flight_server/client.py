@@ -331,9 +331,8 @@ class QuiverClient:
         """Every endpoint of ``info`` as one ordered stream; endpoints are read in parallel
         ahead of the consumer, each at most ``buffer_batches`` batches ahead."""
         endpoints = list(info.endpoints)
-        cap = row_cap(info.app_metadata)
-        if cap is not None and cap.get("truncated") is True:
-            self._truncated(cap)  # known before a row is read: the stored result of a cut query
+        # A cut is reported once, after the last batch: the one that carries it (even when the
+        # FlightInfo already said so, as for the stored result of a cut async query).
         cuts: list[dict[str, Any]] = []
         if len(endpoints) == 1:
             endpoint = endpoints[0]

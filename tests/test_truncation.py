@@ -306,6 +306,7 @@ def test_client_warns_of_a_cut_result(server: Server) -> None:
         with pytest.warns(TruncatedResultWarning) as caught:
             table = qc.query(NARROW.format(n=3 * CAP))
         assert table.num_rows == CAP
+        assert len(caught) == 1
         warning = caught[0].message
         assert isinstance(warning, TruncatedResultWarning)
         assert (warning.max_rows, warning.reason) == (CAP, "server_max_rows")
@@ -316,10 +317,12 @@ def test_client_warns_of_a_cut_result(server: Server) -> None:
         with pytest.warns(TruncatedResultWarning), qc.query_stream(WIDE.format(n=3 * CAP)) as reader:
             assert sum(b.num_rows for b in reader) == CAP
         query_id = qc.submit(NARROW.format(n=CAP + 1))
-        with pytest.warns(TruncatedResultWarning):
+        with pytest.warns(TruncatedResultWarning) as caught:
             assert qc.result(query_id).num_rows == CAP
-        with pytest.warns(TruncatedResultWarning), qc.result_stream(query_id) as reader:
+        assert len(caught) == 1
+        with pytest.warns(TruncatedResultWarning) as caught, qc.result_stream(query_id) as reader:
             assert sum(b.num_rows for b in reader) == CAP
+        assert len(caught) == 1  # once per result
 
 
 def test_client_is_silent_for_whole_results(server: Server) -> None:
@@ -347,14 +350,21 @@ def test_client_raises_when_asked(server: Server) -> None:
             False,
         )
         assert err.result is not None and err.result.num_rows == CAP  # the rows received
+        seen = 0
         with pytest.raises(TruncatedResultError) as raised, qc.query_stream(WIDE.format(n=3 * CAP)) as reader:
-            seen = 0
             for batch in reader:
                 seen += batch.num_rows
         assert seen == CAP  # every row arrived before the stream raised
         assert raised.value.result is None
-        with pytest.raises(TruncatedResultError):
-            qc.result(qc.submit("SELECT * FROM range(3)", max_rows=2))
+        cut_id = qc.submit("SELECT * FROM range(3)", max_rows=2)
+        with pytest.raises(TruncatedResultError) as raised:
+            qc.result(cut_id)
+        assert raised.value.result is not None and raised.value.result.num_rows == 2
+        seen = 0
+        with pytest.raises(TruncatedResultError), qc.result_stream(cut_id) as reader:
+            for batch in reader:
+                seen += batch.num_rows
+        assert seen == 2  # the rows first, then the error
         # Whole results pass.
         assert qc.query("SELECT * FROM range(3)", max_rows=3).num_rows == 3
 
