@@ -449,6 +449,11 @@ class TokenService:
 
     def revoke_all(self, swarm: str, agent: str | None = None) -> RevokedTokens:
         """Revoke every token of one swarm, or of one agent of a swarm (chains included)."""
+        check_swarm_name(swarm)
+        if agent is not None and not AGENT_NAME_RE.match(agent):
+            raise InvalidArgument(
+                "'agent' must be an agent name: 1-128 characters of letters, digits, '_', '.', '@' and '-'"
+            )
         now = _now()
         where = "swarm = ?" + (" AND agent = ?" if agent is not None else "")
         params: list[object] = [swarm] if agent is None else [swarm, agent]

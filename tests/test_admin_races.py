@@ -123,9 +123,7 @@ def test_parallel_creates_of_one_swarm_answer_one_201_and_409s(server: Server) -
         name = f"dup{n}"
         responses = _race(
             THREADS,
-            lambda i, name=name: clients[i].post(
-                "/v1/swarms", json={"name": name, "tables": [LISTS[i][0]]}
-            ),
+            lambda i, name=name: clients[i].post("/v1/swarms", json={"name": name, "tables": [LISTS[i][0]]}),
         )
         statuses = sorted(r.status_code for r in responses)
         assert statuses == [201] + [409] * (THREADS - 1), [r.text for r in responses]
@@ -163,7 +161,7 @@ def test_revokes_race_last_used_flushes(server: Server) -> None:
                     server.catalog.tokens.verify(t)
             try:
                 server.catalog.tokens.flush_last_used()
-            except Exception as e:  # noqa: BLE001 - the assertion reports it
+            except Exception as e:  # the assertion below reports it
                 errors.append(repr(e))
 
     threads = [threading.Thread(target=flusher) for _ in range(2)]
