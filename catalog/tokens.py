@@ -467,8 +467,10 @@ class TokenService:
                 ).fetchall()
             ]
             if not roots:
+                if agent is None and self._swarms.exists(swarm):
+                    return []  # a swarm without tokens: nothing to revoke
                 who = f"agent {agent!r} of swarm {swarm!r}" if agent is not None else f"swarm {swarm!r}"
-                raise NotFound(f"no tokens of {who}; GET /v1/tokens?swarm=... lists them")
+                raise NotFound(f"no token of {who} was ever issued; GET /v1/tokens?swarm=... lists them")
             return self._revoke_chains(cur, roots, now)
 
         with self._writes.lock:

@@ -219,3 +219,78 @@ def test_tokens_minted_while_their_swarm_is_deleted_never_work(restartable: list
 
     refused(server)
     refused(_restart(restartable))
+
+
+def test_mixed_admin_writes_on_one_swarm_never_fail_and_leave_one_truth(restartable: list[Server]) -> None:
+    """Creates, deletes, allowlist PUTs, mints, refreshes and bulk revocations of one swarm
+    at once: only documented answers, and afterwards the database, the in-memory policy, GET
+    and the data plane agree; no token of a deleted instance works."""
+    server = restartable[0]
+    clients = [_client(server) for _ in range(8)]
+    tokens: list[str] = []
+    lock = threading.Lock()
+
+    def act(i: int) -> list[int]:
+        http = clients[i]
+        statuses = []
+        for n in range(6):
+            op = (i + n) % 6
+            if op == 0:
+                r = http.post("/v1/swarms", json={"name": "chaos", "tables": LISTS[n % len(LISTS)]})
+            elif op == 1:
+                r = http.delete("/v1/swarms/chaos")
+            elif op == 2:
+                r = http.put("/v1/swarms/chaos/allowlist", json={"tables": LISTS[(i + n) % len(LISTS)]})
+            elif op == 3:
+                r = http.post("/v1/tokens", json={"kind": "agent", "swarm": "chaos", "agent": f"c{i}"})
+                if r.status_code == 201:
+                    with lock:
+                        tokens.append(r.json()["token"])
+            elif op == 4:
+                r = http.post("/v1/tokens/revoke", json={"swarm": "chaos"})
+            else:
+                with lock:
+                    mine = tokens[-1] if tokens else None
+                if mine is None:
+                    continue
+                r = server.http(mine).post("/v1/tokens/refresh", json={"ttl_seconds": 60})
+                if r.status_code == 201:
+                    with lock:
+                        tokens.append(r.json()["token"])
+            assert r.status_code < 500, r.text
+            if r.status_code >= 400:
+                assert set(r.json()) == {"error", "detail"} and r.json()["detail"], r.text
+            statuses.append(r.status_code)
+        return statuses
+
+    answered = [s for batch in _race(8, act) for s in batch]
+    assert set(answered) <= {200, 201, 204, 401, 404, 409}, answered
+
+    def consistent(srv: Server) -> None:
+        admin = _client(srv)
+        r = admin.get("/v1/swarms/chaos")
+        instance = srv.catalog.swarms.instance("chaos")
+        if r.status_code == 404:
+            assert instance is None and list(srv.catalog.policy.allowlist("chaos")) == []
+            assert _db_allowlist(srv, "chaos") == []
+        else:
+            assert instance is not None
+            assert (
+                r.json()["tables"]
+                == _db_allowlist(srv, "chaos")
+                == list(srv.catalog.policy.allowlist("chaos"))
+            )
+        for token in tokens:
+            principal = None
+            with contextlib.suppress(Unauthenticated):
+                principal = srv.catalog.tokens.check(token)
+            if principal is not None:  # only tokens of the instance that exists now work
+                assert principal.swarm_id == instance
+                assert _flight_tables(srv, token) == sorted(
+                    t
+                    for t in ("demo.customers", "demo.events", "demo.orders")
+                    if any(p in (t, "demo.*") for p in _db_allowlist(srv, "chaos"))
+                )
+
+    consistent(server)
+    consistent(_restart(restartable))
