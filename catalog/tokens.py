@@ -96,13 +96,15 @@ _RECORD_COLUMNS = (
     "root_jti"
 )
 _REVOKED_MESSAGE = "token revoked; ask for a new one"
-# Revoke every token of the chains rooted in ``$roots``, and of the chains their tokens minted.
-_REVOKE_CHAINS = (
-    f"UPDATE {SYSTEM_SCHEMA}.tokens SET revoked_at = coalesce(revoked_at, $now) "
-    f"WHERE root_jti IN (SELECT unnest($roots)) OR parent_jti IN "
-    f"(SELECT jti FROM {SYSTEM_SCHEMA}.tokens WHERE root_jti IN (SELECT unnest($roots))) "
-    "RETURNING jti, root_jti, expires_at, revoked_at"
+# The tokens of the chains rooted in ``$roots``, and of the chains their tokens minted.
+_CHAIN_MEMBERS = (
+    f"root_jti IN (SELECT unnest($roots)) OR parent_jti IN "
+    f"(SELECT jti FROM {SYSTEM_SCHEMA}.tokens WHERE root_jti IN (SELECT unnest($roots)))"
 )
+# Why SELECT, then UPDATE without RETURNING: DuckDB (2.0.1) does not detect a write-write
+# conflict for UPDATE … RETURNING on a table with a primary key (tokens has one) -- both
+# transactions commit and one update is lost -- while a plain UPDATE raises the conflict
+# that AdminWrites retries (tests/test_admin_races.py provokes one).
 
 
 def _now() -> datetime:
@@ -424,9 +426,21 @@ class TokenService:
             self._revoked, self._revoked_roots = revoked, roots
 
     def _revoke_chains(self, cur: duckdb.DuckDBPyConnection, roots: list[str], now: datetime) -> list[Any]:
+        """Revoke the chains rooted in ``roots``; return each member as (jti, root, expires,
+        revoked_at after the update)."""
         if not roots:
             return []
-        return cur.execute(_REVOKE_CHAINS, {"now": now, "roots": roots}).fetchall()
+        params = {"now": now, "roots": roots}
+        members = cur.execute(
+            f"SELECT jti, root_jti, expires_at, coalesce(revoked_at, $now) FROM {SYSTEM_SCHEMA}.tokens "
+            f"WHERE {_CHAIN_MEMBERS}",
+            params,
+        ).fetchall()
+        cur.execute(
+            f"UPDATE {SYSTEM_SCHEMA}.tokens SET revoked_at = $now WHERE revoked_at IS NULL AND ({_CHAIN_MEMBERS})",
+            params,
+        )
+        return members
 
     def revoke(self, jti: str) -> TokenRecord:
         """Revoke ``jti``'s whole chain and the chains its tokens minted; effective on the
@@ -438,7 +452,7 @@ class TokenService:
                 cur, f"SELECT coalesce(root_jti, jti) FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [jti]
             )
             if row is None:
-                raise NotFound(f"no token with jti {jti!r}; GET /v1/tokens lists them")
+                raise NotFound(f"no token with jti {jti[:80]!r}; GET /v1/tokens lists them")
             return self._revoke_chains(cur, [row[0]], now)
 
         with self._writes.lock:
@@ -484,10 +498,12 @@ class TokenService:
         """Revoke every token of ``swarm`` inside the caller's transaction (swarm deletion);
         return what makes it effective in memory, to call once the transaction committed."""
         rows = cur.execute(
-            f"UPDATE {SYSTEM_SCHEMA}.tokens SET revoked_at = coalesce(revoked_at, ?) "
-            "WHERE swarm = ? RETURNING jti, root_jti, expires_at",
-            [_now(), swarm],
+            f"SELECT jti, root_jti, expires_at FROM {SYSTEM_SCHEMA}.tokens WHERE swarm = ?", [swarm]
         ).fetchall()
+        cur.execute(
+            f"UPDATE {SYSTEM_SCHEMA}.tokens SET revoked_at = ? WHERE swarm = ? AND revoked_at IS NULL",
+            [_now(), swarm],
+        )
         return lambda: self._apply_revocations([(j, r, e) for j, r, e in rows])
 
     # --- listing and bookkeeping --------------------------------------------------------
@@ -495,7 +511,7 @@ class TokenService:
         with self._db.reading() as cur:
             row = fetch_one(cur, f"SELECT {_RECORD_COLUMNS} FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [jti])
         if row is None:
-            raise NotFound(f"no token with jti {jti!r}; GET /v1/tokens lists them")
+            raise NotFound(f"no token with jti {jti[:80]!r}; GET /v1/tokens lists them")
         return self._record(row)
 
     def list(

@@ -294,3 +294,24 @@ def test_mixed_admin_writes_on_one_swarm_never_fail_and_leave_one_truth(restarta
 
     consistent(server)
     consistent(_restart(restartable))
+
+
+def test_a_write_that_keeps_conflicting_answers_409_aborted_and_changes_nothing(server: Server) -> None:
+    """A writer outside the admin-write lock (here: an open transaction on the same row, as
+    a future writer or an operator's session could hold) makes every retry conflict."""
+    token = server.mint("agent", agent="contended", ttl_seconds=600)
+    jti = server.catalog.tokens.check(token).jti
+    outside = server.catalog.db.cursor()
+    try:
+        outside.execute("BEGIN")
+        outside.execute("UPDATE _quiver.tokens SET revoked_at = now() WHERE jti = ?", [jti])  # rolled back
+        r = server.http().delete(f"/v1/tokens/{jti}")
+        assert r.status_code == 409, r.text
+        assert r.json()["error"] == "ABORTED" and "retry" in r.json()["detail"]
+        assert server.http(token).get("/v1/whoami").status_code == 200  # not revoked in memory
+    finally:
+        outside.execute("ROLLBACK")
+        outside.close()
+    assert server.catalog.tokens.get(jti).revoked_at is None  # nor in the database
+    assert server.http().delete(f"/v1/tokens/{jti}").status_code == 200
+    assert server.http(token).get("/v1/whoami").status_code == 401

@@ -318,3 +318,11 @@ def test_upgrade_dedupes_allowlists_and_keeps_only_the_right_legacy_tokens(tmp_p
         server.stop()
     # the migrated file opens again (nothing applied twice)
     Database(db_path, temp_dir=tmp_path / "tmp", lockdown=False).close()
+
+
+def test_revoking_an_unknown_jti_is_404_with_a_bounded_echo(server: Server) -> None:
+    before = snapshot(server)
+    r = server.http().delete("/v1/tokens/" + "f" * 5000)
+    assert r.status_code == 404 and r.json()["error"] == "NOT_FOUND"
+    assert len(r.json()["detail"]) < 300
+    assert snapshot(server) == before

@@ -88,7 +88,7 @@ def revoke_token(
 ) -> TokenInfo:
     from datetime import UTC, datetime
 
-    with audited(request, admin, "token.revoke", jti):
+    with audited(request, admin, "token.revoke", jti[:200]):
         record = catalog.tokens.revoke(jti)
     return _info(record, datetime.now(UTC))
 
