@@ -98,6 +98,9 @@ def test_parallel_allowlist_puts_commit_exactly_one_list(restartable: list[Serve
         assert http.get("/v1/swarms/race3/allowlist").json()["tables"] == committed
         assert http.get("/v1/swarms/race3").json()["tables"] == committed
 
+    # nothing else changed: the other swarm and its agent are as they were
+    assert http.get("/v1/swarms/demo").json()["tables"] == ["demo.*"]
+    assert _flight_tables(server, server.demo_token or "") == ["demo.customers", "demo.events", "demo.orders"]
     committed = _db_allowlist(server, "race3")
     readable = _flight_tables(server, agent)
     server = _restart(restartable)
