@@ -20,7 +20,7 @@ import duckdb
 import msgspec
 
 from catalog.database import SYSTEM_SCHEMA, Database, fetch_one
-from catalog.errors import Conflict, InvalidArgument, NotFound
+from catalog.errors import Conflict, InvalidArgument, NotFound, bounded
 from catalog.policy import Policy, normalize_patterns
 from catalog.writes import AdminWrites
 
@@ -30,7 +30,7 @@ SWARM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 def check_swarm_name(name: str) -> str:
     if not isinstance(name, str) or not SWARM_NAME_RE.match(name):
         raise InvalidArgument(
-            f"swarm name {str(name)[:80]!r} is not valid: 1-63 characters of a-z, 0-9, '_' and '-', "
+            f"swarm name {bounded(name)!r} is not valid: 1-63 characters of a-z, 0-9, '_' and '-', "
             "starting with a letter or digit"
         )
     return name

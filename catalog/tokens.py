@@ -45,6 +45,7 @@ from catalog.errors import (
     Unauthenticated,
     Unprocessable,
     WriteConflict,
+    bounded,
 )
 from catalog.identity import TOKEN_KINDS, Principal, TokenKind
 from catalog.keys import SigningKey
@@ -452,7 +453,7 @@ class TokenService:
                 cur, f"SELECT coalesce(root_jti, jti) FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [jti]
             )
             if row is None:
-                raise NotFound(f"no token with jti {jti[:80]!r}; GET /v1/tokens lists them")
+                raise NotFound(f"no token with jti {bounded(jti)!r}; GET /v1/tokens lists them")
             return self._revoke_chains(cur, [row[0]], now)
 
         with self._writes.lock:
@@ -511,7 +512,7 @@ class TokenService:
         with self._db.reading() as cur:
             row = fetch_one(cur, f"SELECT {_RECORD_COLUMNS} FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [jti])
         if row is None:
-            raise NotFound(f"no token with jti {jti[:80]!r}; GET /v1/tokens lists them")
+            raise NotFound(f"no token with jti {bounded(jti)!r}; GET /v1/tokens lists them")
         return self._record(row)
 
     def list(

@@ -36,6 +36,7 @@ from catalog.database import SYSTEM_SCHEMA, fetch_one
 from catalog.sqlguard import GuardedQuery, SqlGuard
 from catalog.tables import fold
 from flight_server import commands as cmds
+from flight_server.admission import Admission
 from flight_server.commands import (
     Command,
     ProfileCommand,
@@ -44,6 +45,7 @@ from flight_server.commands import (
     SampleCommand,
     TableScan,
 )
+from flight_server.errors import check_result_type, duckdb_error
 from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
 from flight_server.results import QueryManager
 from flight_server.table_cache import CachedTable, TableCache
@@ -153,7 +155,7 @@ class Planner:
         profiles: ProfileCache,
         queries: QueryManager,
         split: SplitOptions,
-        probe: Callable[[Callable[[duckdb.DuckDBPyConnection], pa.Schema]], pa.Schema],
+        admission: Admission,
         table_cache: TableCache | None = None,
         versions: VersionWatch | None = None,
     ) -> None:
@@ -164,7 +166,7 @@ class Planner:
         self.profiles = profiles
         self._queries = queries
         self.split = split
-        self._probe = probe
+        self.admission = admission
         self._guarded: OrderedDict[tuple[str, str], tuple[float, GuardedQuery]] = OrderedDict()
         self._schemas: OrderedDict[tuple[Any, ...], tuple[float, pa.Schema]] = OrderedDict()
         self._resolved: dict[tuple[str, str], tuple[int, TableRef]] = {}
@@ -374,7 +376,7 @@ class Planner:
         cap = cmds.check_query(cmd, self.limits)
         guarded = self.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
-        schema = self.query_schema(guarded, params)
+        schema = self.query_schema(principal, guarded, params)
         if cmd.max_rows is not None:
             part = SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
         else:
@@ -411,9 +413,11 @@ class Planner:
     SCHEMA_CACHE_SECONDS = 5.0
     SCHEMA_CACHE_SIZE = 1024
 
-    def query_schema(self, guarded: GuardedQuery, params: tuple[Any, ...]) -> pa.Schema:
+    def query_schema(self, principal: Principal, guarded: GuardedQuery, params: tuple[Any, ...]) -> pa.Schema:
         """The result schema from DuckDB's binder, without running the query.
 
+        Binding is work (DuckDB folds constant expressions while it binds), so it is admitted
+        like a stream and runs under the query timeout (flight_server/admission.py).
         Remembered for a few seconds by (text, parameter types): binding costs about as much
         as a point query, and an agent asks the same shape again and again.
         """
@@ -422,13 +426,16 @@ class Planner:
         hit = self._schemas.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-
-        def bind(cur: duckdb.DuckDBPyConnection) -> pa.Schema:
-            # DuckDB plans LIMIT 0 as an empty result: nothing below it executes.
-            rel = cur.sql(f"SELECT * FROM (\n{guarded.sql}\n) LIMIT 0", params=list(params) or None)
-            return rel.to_arrow_table().schema
-
-        schema = self._probe(bind)
+        with self.admission.planning(principal) as (cur, deadline):
+            try:
+                # DuckDB plans LIMIT 0 as an empty result: nothing below it executes.
+                rel = cur.sql(f"SELECT * FROM (\n{guarded.sql}\n) LIMIT 0", params=list(params) or None)
+                schema = rel.to_arrow_table().schema
+            except duckdb.Error as e:
+                raise duckdb_error(
+                    e, timed_out=deadline.fired, timeout_seconds=self.admission.timeout_seconds, wrapped=True
+                ) from None
+        check_result_type(schema)
         self._schemas[key] = (now + self.SCHEMA_CACHE_SECONDS, schema)
         if len(self._schemas) > self.SCHEMA_CACHE_SIZE:
             self._schemas.popitem(last=False)

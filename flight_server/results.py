@@ -64,6 +64,9 @@ from catalog import (
 )
 from catalog.config import ResultsConfig
 from catalog.database import Database
+from catalog.errors import bounded
+from flight_server.commands import MAX_COMMAND_BYTES, MAX_COMMAND_DEPTH, json_depth
+from flight_server.errors import resource_error
 
 log = structlog.get_logger(__name__)
 
@@ -147,7 +150,7 @@ def classify_failure(exc: BaseException) -> QuiverError | None:
         _CLIENT_ERROR_PREFIXES
     ):
         return InvalidArgument(message)
-    return None
+    return resource_error(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,7 +426,7 @@ class QueryManager:
             or (query.expires is not None and query.expires <= now)
         ):
             raise NotFound(
-                f"unknown or expired query id {query_id!r}: results are kept "
+                f"unknown or expired query id {bounded(query_id, 40)!r}: results are kept "
                 f"{self.config.ttl_seconds:g} s after the query finished; submit it again"
             )
         return query
@@ -517,12 +520,13 @@ class QueryManager:
             return self.submit_request(principal, request)
         extra = sorted(set(request) - {"id"})
         if extra:
-            raise InvalidArgument(f'{name} takes {{"id": "..."}}; unexpected field(s): {", ".join(extra)}')
+            fields = bounded(", ".join(extra), 80)
+            raise InvalidArgument(f'{name} takes {{"id": "..."}}; unexpected field(s): {fields}')
         if name == "query-status":
             return self.status(principal, request.get("id"))  # type: ignore[arg-type]
         if name == "cancel-query":
             return self.cancel(principal, request.get("id"))  # type: ignore[arg-type]
-        raise InvalidArgument(f"unknown action {name!r}")
+        raise InvalidArgument(f"unknown action {bounded(name, 40)!r}")
 
     # --- housekeeping ----------------------------------------------------------------------------
     def _result_bytes(self) -> int:
@@ -587,6 +591,16 @@ class QueryManager:
 
 
 def _json_object(body: bytes, action: str) -> dict[str, Any]:
+    if len(body) > MAX_COMMAND_BYTES:
+        raise InvalidArgument(
+            f"{action}: the body is {len(body)} bytes; at most {MAX_COMMAND_BYTES} are accepted"
+        )
+    depth = json_depth(body)
+    if depth > MAX_COMMAND_DEPTH:
+        raise InvalidArgument(
+            f"{action}: the body nests lists/objects {depth} levels deep; at most {MAX_COMMAND_DEPTH} "
+            "are accepted"
+        )
     try:
         obj = json.loads(body) if body.strip() else None
     except (ValueError, UnicodeDecodeError):

@@ -31,18 +31,19 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
+from catalog.errors import bounded
 from catalog.policy import NOT_READABLE
 from catalog.sqlguard import SqlGuard
 from flight_server import commands
+from flight_server.admission import Admission
 from flight_server.cache import ResultCache
 from flight_server.endpoints import Plan, Planner, SplitOptions
 from flight_server.errors import (
-    duckdb_error,
     install_traceback_filter,
     map_exception,
     schema_call_error,
 )
-from flight_server.limits import ConcurrencyGate, Watchdog
+from flight_server.limits import Watchdog
 from flight_server.middleware import AuthMiddlewareFactory, CallState
 from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
@@ -103,7 +104,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         limits = catalog.config.limits
         self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds)
         self.watchdog = Watchdog()
-        self.gate = ConcurrencyGate(limits.max_concurrent_queries)
+        self.admission = Admission(limits, catalog.db, self.watchdog)
         self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)
         self.profiles = ProfileCache.for_catalog(catalog)
         self.queries = QueryManager.for_catalog(catalog, self._prepare)
@@ -117,7 +118,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             self.profiles,
             self.queries,
             split or SplitOptions(),
-            self._probe,
+            self.admission,
             self.table_cache,
             self.versions,
         )
@@ -224,22 +225,6 @@ class QuiverFlightServer(flight.FlightServerBase):
         except flight.FlightError as e:
             raise schema_call_error(e) from None
 
-    def _probe(self, bind: Callable[[duckdb.DuckDBPyConnection], pa.Schema]) -> pa.Schema:
-        """Bind a query for its schema on a cursor of its own, under the query timeout (binding
-        does not execute, but a pathological plan must not hold a thread forever). ``bind``
-        wraps the caller's SQL (``LIMIT 0``), hence ``wrapped`` for DuckDB's line numbers."""
-        seconds = float(self.catalog.config.limits.query_timeout_seconds)
-        with self.catalog.db.reading() as cur:
-            deadline = self.watchdog.arm(seconds, cur.interrupt)
-            try:
-                return bind(cur)
-            except duckdb.Error as e:
-                raise duckdb_error(
-                    e, timed_out=deadline.fired, timeout_seconds=seconds, wrapped=True
-                ) from None
-            finally:
-                Watchdog.disarm(deadline)
-
     # --- streaming ------------------------------------------------------------------------
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         def run(principal: Principal, state: CallState) -> flight.FlightDataStream:
@@ -253,7 +238,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             for ref in plan.tables:
                 if not policy.can_read(principal, ref):
                     raise PermissionDenied(f"{ref.qualified}: {NOT_READABLE}")
-            state.cleanups.append(self.gate.acquire(principal.subject, payload.group))
+            state.cleanups.append(self.admission.acquire(principal.subject, payload.group, payload.index))
             return self.streamer.open(plan, payload.index, state)
 
         return self._run(context, "do_get", run)
@@ -275,7 +260,8 @@ class QuiverFlightServer(flight.FlightServerBase):
             if action.type in QUERY_ACTIONS:
                 return [_json(self.queries.handle_action(action.type, principal, body))]
             raise InvalidArgument(
-                f"unknown action {action.type!r}; available: {', '.join(sorted(ACTIONS))} (see ListActions)"
+                f"unknown action {bounded(action.type, 40)!r}; available: {', '.join(sorted(ACTIONS))} "
+                "(see ListActions)"
             )
 
         return iter(self._run(context, "do_action", run))
@@ -301,7 +287,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         cap = commands.check_query(cmd, self.catalog.config.limits)
         guarded = self.planner.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
-        self.planner.query_schema(guarded, params)  # binder errors now, not after queueing
+        self.planner.query_schema(principal, guarded, params)  # binder errors now, not after queueing
         sql = limited(guarded.sql, cap)
 
         def run(cur: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
@@ -336,14 +322,17 @@ class QuiverFlightServer(flight.FlightServerBase):
 
     # --- lifecycle --------------------------------------------------------------------------
     def _status(self) -> dict[str, Any]:
-        active = self.gate.active()
+        active = self.admission.active()
+        limits = self.catalog.config.limits
         return {
-            "streaming": sum(active.values()),
+            "streaming": self.admission.streams(),
+            "queries": sum(active.values()),
             "by_principal": active,
             "tickets": len(self.tickets),
             "limits": {
-                "query_timeout_seconds": self.catalog.config.limits.query_timeout_seconds,
-                "max_concurrent_queries": self.gate.cap,
+                "query_timeout_seconds": limits.query_timeout_seconds,
+                "max_concurrent_queries": limits.max_concurrent_queries,
+                "max_concurrent_total": limits.max_concurrent_total,
             },
         }
 

@@ -52,11 +52,11 @@ def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def _wait_idle(server: Server, timeout: float = 20.0) -> None:
     """Until no stream holds a concurrency slot (the server frees it when the call ends)."""
     assert server.runtime.flight is not None
-    gate = server.runtime.flight.gate
+    admission = server.runtime.flight.admission
     deadline = time.monotonic() + timeout
-    while gate.active() and time.monotonic() < deadline:
+    while admission.active() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not gate.active(), gate.active()
+    assert not admission.active(), admission.active()
 
 
 # --- timeout ----------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def test_samples_and_profiles_are_under_the_timeout_too(slow: Server) -> None:
     )
     assert client.do_get(info.endpoints[0].ticket, opts).read_all().num_rows == 10
     assert slow.runtime.flight is not None
-    assert slow.runtime.flight.gate.active() == {}
+    assert slow.runtime.flight.admission.active() == {}
 
 
 # --- concurrency cap --------------------------------------------------------------------------------
@@ -140,13 +140,17 @@ def test_concurrency_cap_per_principal(capped: Server) -> None:
     alice = call_options(capped.mint("agent", "demo", "alice"))
     bob = call_options(capped.mint("agent", "demo", "bob"))
     client = capped.flight()
+    info = client.get_flight_info(cmd(kind="query", sql="SELECT 1 AS one"), alice)
     held = [_hold(client, alice), _hold(client, alice)]
     try:
-        info = client.get_flight_info(cmd(kind="query", sql="SELECT 1 AS one"), alice)
         with pytest.raises(flight.FlightServerError) as caught:
             client.do_get(info.endpoints[0].ticket, alice).read_all()
         assert error_info(caught.value)["code"] == "RESOURCE_EXHAUSTED"
         assert "limit is 2 per principal" in error_info(caught.value)["detail"]
+        # Planning is admitted the same way: a new query is not even planned.
+        with pytest.raises(flight.FlightServerError) as planning:
+            client.get_flight_info(cmd(kind="query", sql="SELECT 3 AS not_planned_yet"), alice)
+        assert error_info(planning.value)["code"] == "RESOURCE_EXHAUSTED"
         # Another principal is not affected.
         other = client.get_flight_info(cmd(kind="query", sql="SELECT 2 AS two"), bob)
         assert client.do_get(other.endpoints[0].ticket, bob).read_all().num_rows == 1
