@@ -62,8 +62,10 @@ _EXPIRY_TYPE = pa.timestamp("ns")
 ACTIONS: dict[str, str] = {
     "whoami": "Who you are: {kind, swarm, agent, jti, expires_at, tables} as JSON. Body: none.",
     "refresh-token": (
-        'A new token for the same identity (new jti, new expiry). Body (optional): {"ttl_seconds": N}. '
-        "Answers {token, jti, kind, swarm, agent, expires_at}; the old token stays valid until it expires."
+        'A new token for the same identity and chain (new jti). Body (optional): {"ttl_seconds": N}; '
+        "the expiry is clamped to the grant the chain's root was minted with (a refresh rotates, it "
+        "never extends). Answers {token, jti, kind, swarm, agent, expires_at}; the old token stays "
+        "valid until it expires, and revoking either revokes the chain."
     ),
     **QUERY_ACTIONS,
 }
