@@ -315,6 +315,10 @@ class Runtime:
             self._http_thread.join(self.grace_seconds + 5)
         if self.sync is not None:
             self.sync.stop(self.grace_seconds)
+        if self._housekeeping is not None:
+            # A pass in progress (a flush, an admin-token renewal) finishes before the
+            # database closes under it; the thread sees _stopping and ends.
+            self._housekeeping.join(self.grace_seconds)
         if catalog is not None:
             catalog.close()
         self._stopped.set()
