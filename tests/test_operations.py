@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +111,40 @@ def test_backup_keeps_working_after_the_first_admin_token_expired(tmp_path: Path
         assert renewals and all(first not in str(e) and second not in str(e) for e in events)
     finally:
         server.stop()
+
+
+def test_readers_racing_the_renewals_always_get_a_whole_working_token(tmp_path: Path) -> None:
+    """Threads read admin.token and call the control plane with it while the server renews
+    it several times: every read is a complete token that the server accepts."""
+    data = tmp_path / "data"
+    server = start_server(
+        data, demo=False, tokens={"admin_token_ttl_seconds": 8, "admin_token_renew_fraction": 0.75}
+    )
+    path = data / "admin.token"
+    seen: set[str] = set()
+    failures: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        with httpx.Client(base_url=server.http_url, timeout=30) as http:
+            while not done.is_set():
+                token = path.read_text().strip()
+                r = http.get("/v1/whoami", headers={"authorization": f"Bearer {token}"})
+                if r.status_code != 200 or r.json()["kind"] != "admin":
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                seen.add(token)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(seen) >= 4 or failures, "three renewals seen by the readers", timeout=120)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(60)
+        server.stop()
+    assert failures == [] and len(seen) >= 4
 
 
 def test_a_revoked_or_replaced_admin_token_file_is_rewritten(tmp_path: Path) -> None:
