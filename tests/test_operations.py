@@ -21,9 +21,10 @@ import httpx
 import pyarrow.flight as flight
 import pytest
 
-from catalog import Catalog
+from catalog import Catalog, Unavailable
 from catalog.backup import create_snapshot
 from catalog.database import DatabaseTooNew, _migrations
+from quiver.ops import backup_via_server
 from quiver.runtime import is_loopback
 from tests.harness import DEMO_SCALE, ServeProcess, call_options, make_config, start_server
 
@@ -291,3 +292,18 @@ def test_shutdown_evictions_are_not_called_stale(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert cache.evicted["shutdown"] >= 1 and cache.evicted["stale"] == 0
+
+
+def test_backup_with_a_foreign_token_says_which_file_and_writes_nothing(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "data", demo=False)
+    try:
+        config = server.catalog.config
+        foreign = tmp_path / "other.token"
+        foreign.write_text("eyJ.not.ours\n")
+        with pytest.raises(Unavailable) as refused:
+            backup_via_server(config, url=server.http_url, token_file=foreign, output=None)
+        detail = refused.value.detail
+        assert "answered 401" in detail and str(foreign) in detail and "eyJ.not.ours" not in detail
+        assert not config.backup_dir.exists() or list(config.backup_dir.iterdir()) == []
+    finally:
+        server.stop()
