@@ -258,6 +258,7 @@ def create_snapshot(catalog: Catalog, out_dir: Path | None = None) -> SnapshotIn
     finally:
         partial.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
+        catalog.db.tidy_snapshot_dir()
     digest = hashlib.sha256()
     with open(archive, "rb") as f:
         while chunk := f.read(CHUNK):

@@ -71,6 +71,16 @@ class TokensConfig(_Section):
     issuer: str = "quiver"
     # Seconds between flushes of the in-memory "last used" times to the catalog.
     last_used_flush_seconds: PositiveFloat = 10.0
+    # Lifetime of the admin token the server keeps in DATA_DIR/admin.token (unset: the
+    # maximum). The server writes a new one once less than admin_token_renew_fraction of
+    # this lifetime remains, so the file always holds a token with at least that much left
+    # (checked by the housekeeping thread, at least four times per renewal window).
+    admin_token_ttl_seconds: PositiveInt | None = None
+    admin_token_renew_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.5
+
+    @property
+    def admin_ttl_seconds(self) -> int:
+        return self.admin_token_ttl_seconds or self.max_ttl_seconds
 
 
 class ResultsConfig(_Section):
@@ -345,6 +355,11 @@ def _check(config: Config) -> None:
     if t.default_ttl_seconds > t.max_ttl_seconds:
         raise ConfigError(
             f"tokens.default_ttl_seconds ({t.default_ttl_seconds}) must not exceed "
+            f"tokens.max_ttl_seconds ({t.max_ttl_seconds})"
+        )
+    if t.admin_token_ttl_seconds is not None and t.admin_token_ttl_seconds > t.max_ttl_seconds:
+        raise ConfigError(
+            f"tokens.admin_token_ttl_seconds ({t.admin_token_ttl_seconds}) must not exceed "
             f"tokens.max_ttl_seconds ({t.max_ttl_seconds})"
         )
     limits = config.limits

@@ -6,9 +6,12 @@ health) is registered here as a plain callable by the process wiring in ``quiver
 
 from __future__ import annotations
 
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,8 +20,8 @@ import structlog
 from catalog.audit import AuditLog
 from catalog.config import Config
 from catalog.database import Database
-from catalog.errors import NotFound
-from catalog.keys import SigningKey, write_private
+from catalog.errors import NotFound, QuiverError
+from catalog.keys import SigningKey
 from catalog.metrics import Metrics
 from catalog.policy import Policy
 from catalog.resources import duckdb_memory_limit
@@ -32,6 +35,32 @@ VERSION = "0.1.0"
 
 # Where Database.snapshot() writes its transient copy (a dot-name: never itself backed up).
 SNAPSHOT_STAGING = ".snapshot"
+# The admin token the server keeps current for local commands (see ensure_admin_token).
+ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
+
+
+def write_private_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (mode 0600 from the start) so that a concurrent reader
+    sees the old content or the new, never a partial file, and a crash leaves one of them."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class SyncController(Protocol):
@@ -73,32 +102,80 @@ class Catalog:
         self.status_sections: dict[str, Callable[[], Any]] = {}
         self.sync: SyncController | None = None
         self._closed = threading.Event()
+        # (token, jti, expires_at) of what admin.token was last seen or written to hold.
+        self._admin_token: tuple[str, str, datetime] | None = None
+        self._admin_token_lock = threading.Lock()
 
     def delete_swarm(self, name: str) -> None:
         """A swarm goes with its allowlist and every token it holds, atomically."""
         self.swarms.delete(name, revoke_tokens_of=self.tokens.revoke_swarm)
 
-    def ensure_admin_token(self) -> Path | None:
-        """Write ``DATA_DIR/admin.token`` (0600) when it is missing or no longer valid, and
-        return its path; None when the existing file still holds a valid token."""
-        path = self.data_dir / "admin.token"
-        if path.exists():
-            try:
-                principal = self.tokens.verify(path.read_text().strip())
-                if principal.is_admin:
-                    return None
-            except Exception as e:  # noqa: BLE001 - any failure means "mint a new one"
-                log.info("admin_token.replacing", reason=str(e))
-        issued = self.tokens.mint(None, "admin", ttl_seconds=self.config.tokens.max_ttl_seconds)
-        write_private(path, (issued.token + "\n").encode())
-        self.audit.record("token.create", outcome="ok", actor="bootstrap", target=issued.jti)
+    def ensure_admin_token(self, *, actor: str = "bootstrap") -> Path | None:
+        """Keep ``DATA_DIR/admin.token`` holding a valid admin token with at least
+        ``[tokens] admin_token_renew_fraction`` of its lifetime left; return its path when a
+        new one was written, None when the file was fine.
+
+        Local commands (``quiver backup`` from the nightly timer, ``quiver sync``) read this
+        file, so it must never hold an expired token while the server runs: the server calls
+        this at start-up and from its housekeeping thread, and writes a new token when the
+        file is missing, unreadable, no valid admin token (expired, revoked, another key) or
+        due for renewal. The write is atomic (temporary file, fsync, rename; 0600), so a
+        reader sees the old token or the new one, never half a file. The previous token is
+        not revoked: a command that read it a moment ago finishes with it, and it expires on
+        its own. See proto_docs/configuration.md ("The data directory").
+        """
+        path = self.data_dir / ADMIN_TOKEN_FILE
+        with self._admin_token_lock:
+            reason = self._admin_token_problem(path)
+            if reason is None:
+                return None
+            issued = self.tokens.mint(None, "admin", ttl_seconds=self.config.tokens.admin_ttl_seconds)
+            write_private_atomic(path, (issued.token + "\n").encode())
+            self._admin_token = (issued.token, issued.jti, issued.expires_at)
+        self.audit.record("token.create", outcome="ok", actor=actor, target=issued.jti)
         log.info(
             "admin_token.written",
             path=str(path),
             jti=issued.jti,
             expires_at=issued.expires_at.isoformat(),
+            reason=reason,
         )
         return path
+
+    def _admin_token_problem(self, path: Path) -> str | None:
+        """Why the admin token file needs a new token, or None. Verifies a token it has not
+        seen before once (at start-up, or when someone replaced the file); afterwards only
+        checks its record, so the periodic check does not mark the token as used."""
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return "missing"
+        except (OSError, UnicodeDecodeError) as e:
+            return f"unreadable: {e}"
+        known = self._admin_token
+        if known is None or known[0] != text:
+            try:
+                principal = self.tokens.verify(text)
+            except QuiverError as e:
+                return e.detail
+            if not principal.is_admin:
+                return f"holds a {principal.kind} token"
+            known = self._admin_token = (text, principal.jti, principal.expires_at)
+        elif not self.tokens.active(known[1]):
+            return "revoked or expired"
+        cfg = self.config.tokens
+        left = (known[2] - datetime.now(UTC)).total_seconds()
+        if left < cfg.admin_ttl_seconds * cfg.admin_token_renew_fraction:
+            return f"renewal due ({max(left, 0):.0f} s left)"
+        return None
+
+    def renew_admin_token(self) -> None:
+        """The housekeeping side of :meth:`ensure_admin_token`: a failure (a full disk) is
+        logged and retried on the next pass, never raised into the thread."""
+        try:
+            self.ensure_admin_token(actor="renewal")
+        except Exception as e:  # noqa: BLE001 - housekeeping must never kill its thread
+            log.warning("admin_token.renewal_failed", error=str(e))
 
     def maintain(self) -> None:
         """Periodic housekeeping: flush buffered audit events and token "last used" times."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import duckdb
 import structlog
 
-from catalog.errors import DatabaseInUse
+from catalog.errors import DatabaseInUse, QuiverError
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +42,15 @@ def fetch_one(cur: duckdb.DuckDBPyConnection, sql: str, params: list[object] | N
     unfinished result refuses its next query."""
     rows = cur.execute(sql, params or []).fetchall()
     return rows[0] if rows else None
+
+
+class DatabaseTooNew(QuiverError):
+    """The database holds migrations this release does not know: it was written by a newer
+    Quiver. Opening it anyway would serve a schema this code was never written for (and a
+    later downgrade-then-upgrade could apply a migration twice), so start-up refuses."""
+
+    code = "FAILED_PRECONDITION"
+    http_status = 503
 
 
 def _migrations() -> list[tuple[int, str, str]]:
@@ -89,6 +98,7 @@ class Database:
             config["memory_limit"] = memory_limit
         if threads:
             config["threads"] = threads
+        created = not path.exists()
         try:
             self._con = duckdb.connect(str(path), config=config)
         except duckdb.IOException as e:
@@ -103,13 +113,24 @@ class Database:
         if fetch_one(self._con, "SELECT current_setting('lock_configuration')") == (True,):
             self._con.close()
             raise DatabaseInUse(f"{path} is in use by a server in this process")
+        if created:
+            # DuckDB creates the file with the process umask (often 0644); it holds every
+            # token record and synced row, so it is private from the first start, like the
+            # signing key. A file the operator brought ([server] database) keeps its mode.
+            path.chmod(0o600)
         self._lock = threading.Lock()
         self._closed = False
         self._cursors: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
         self.catalog_name: str = fetch_one(self._con, "SELECT current_database()")[0]  # type: ignore[index]
-        self.migrate()
-        if lockdown:
-            self._lockdown()
+        try:
+            self.migrate()
+            if lockdown:
+                self._lockdown()
+        except BaseException:
+            # Refusing to start must leave the file closed and unlocked, not half-open.
+            self._closed = True
+            self._con.close()
+            raise
 
     def _snapshot_files(self) -> list[Path]:
         """The snapshot file and the companions DuckDB writes beside it (WAL, checkpoint WAL)."""
@@ -134,9 +155,21 @@ class Database:
             " version INTEGER NOT NULL PRIMARY KEY, name VARCHAR NOT NULL,"
             " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
         )
-        done = {r[0] for r in con.sql(f"SELECT version FROM {SYSTEM_SCHEMA}.schema_migrations").fetchall()}
+        rows = con.sql(f"SELECT version, name FROM {SYSTEM_SCHEMA}.schema_migrations").fetchall()
+        done = {r[0] for r in rows}
+        known = _migrations()
+        unknown = sorted((v, n) for v, n in rows if v not in {k for k, _, _ in known})
+        if unknown:
+            newest = max(rows)[1]
+            ours = known[-1][1] if known else "none"
+            raise DatabaseTooNew(
+                f"{self.path} was migrated by a newer Quiver (its highest migration is {newest}; "
+                f"this release knows up to {ours}; unknown: {', '.join(n for _, n in unknown)}): "
+                "upgrade Quiver to the release that wrote it, or restore a backup taken before "
+                "that upgrade with `quiver restore`. Nothing was changed"
+            )
         applied = []
-        for version, name, sql in _migrations():
+        for version, name, sql in known:
             if version in done:
                 continue
             con.execute("BEGIN")
@@ -242,6 +275,21 @@ class Database:
             finally:
                 for path in self._snapshot_files():
                     path.unlink(missing_ok=True)
+                self._remove_empty_snapshot_dir()
+
+    def _remove_empty_snapshot_dir(self) -> None:
+        """The staging directory exists only while a snapshot is taken: an empty directory
+        left in the data dir looks like a failed backup. Removed only when empty (another
+        backup may be staging files in it); callers hold ``_snapshot_lock``, which also
+        guards the create-then-ATTACH of :meth:`snapshot`."""
+        if self._snapshot_path is not None:
+            with suppress(OSError):
+                self._snapshot_path.parent.rmdir()
+
+    def tidy_snapshot_dir(self) -> None:
+        """Remove the snapshot staging directory if nothing is staged in it any more."""
+        with self._snapshot_lock:
+            self._remove_empty_snapshot_dir()
 
     def size_bytes(self) -> int:
         total = 0

@@ -359,7 +359,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.queries.close()
         self.cache.close()
         self.streamer.close()
-        self.table_cache.invalidate()
+        self.table_cache.invalidate(reason="shutdown")
         self.watchdog.stop()
 
 

@@ -120,7 +120,7 @@ class _Metrics:
         )
         self.evictions = Counter(
             "quiver_table_cache_evictions_total",
-            "Tables dropped from memory, by reason (size, stale).",
+            "Tables dropped from memory, by reason (size, stale, shutdown).",
             ["reason"],
             registry=registry,
         )
@@ -148,7 +148,7 @@ class TableCache:
         self._metrics = _Metrics(registry)
         self.hits = self.misses = 0
         self.fills = {"ok": 0, "too_large": 0, "failed": 0}
-        self.evicted = {"size": 0, "stale": 0}
+        self.evicted = {"size": 0, "stale": 0, "shutdown": 0}
 
     @property
     def enabled(self) -> bool:
@@ -322,14 +322,15 @@ class TableCache:
         self._metrics.entries.set(count)
 
     # --- maintenance ---------------------------------------------------------------------------
-    def invalidate(self, ref: TableRef | None = None) -> int:
-        """Drop the entry of ``ref`` (every entry when None)."""
+    def invalidate(self, ref: TableRef | None = None, *, reason: str = "stale") -> int:
+        """Drop the entry of ``ref`` (every entry when None); ``reason`` labels the eviction
+        (``shutdown`` when the server stops: nothing was stale)."""
         with self._lock:
             keys = [ref.key()] if ref is not None else list(self._entries)
             doomed = [self._entries.pop(k) for k in keys if k in self._entries]
             for e in doomed:
                 self._used -= e.bytes
-        self._dropped(doomed, "stale")
+        self._dropped(doomed, reason)
         return len(doomed)
 
     def stats(self) -> dict[str, Any]:

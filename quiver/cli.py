@@ -95,6 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     logs.configure(config.server.log_format, config.server.log_level)
+    # Everything the server writes in the data dir (database, WAL, tokens, results) is
+    # private to its user, as under the systemd unit's UMask=0077.
+    os.umask(0o077)
     runtime = Runtime(config, demo_data=args.demo)
     endpoints = runtime.start()
     # Past this bound an allocation fails inside the one query that made it (RESOURCE_EXHAUSTED)
@@ -107,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"  Control plane:  {endpoints.http_url}   (OpenAPI: {endpoints.http_url}/schema)",
         f"  Admin token:    {runtime.admin_token_path}",
     ]
+    lines += [f"  WARNING: {w}" for w in runtime.warnings]
     if runtime.demo_token_path:
         lines.append(f"  Demo agent token: {runtime.demo_token_path}")
         lines.append("")

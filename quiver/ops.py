@@ -91,7 +91,12 @@ def backup_via_server(
             detail = response.json().get("detail", response.text)
         except ValueError:
             detail = response.text
-        raise Unavailable(f"POST {target_url}/v1/backup answered {response.status_code}: {detail}")
+        hint = ""
+        if response.status_code == 401:
+            # The server keeps DATA_DIR/admin.token renewed while it runs, so a refusal means
+            # another file or another server's token, not a lapse (proto_docs/configuration.md).
+            hint = f" (token from {token_path}: is it this server's data directory?)"
+        raise Unavailable(f"POST {target_url}/v1/backup answered {response.status_code}: {detail}{hint}")
     info = msgspec.json.decode(response.content, type=SnapshotInfo)
     if output is not None:
         output = output.expanduser().resolve()

@@ -9,6 +9,8 @@ database is checkpointed and closed.
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import signal
 import socket
 import threading
@@ -17,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import structlog
 import uvicorn
 
-from catalog import Catalog, Config
+from catalog import Catalog, Config, QuiverError
 from control_plane import create_app
 from flight_server import QuiverFlightServer
 from quiver import demo
@@ -39,6 +42,71 @@ def _accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+class ListenError(QuiverError):
+    """A listener cannot bind its address: said in one line naming the port and the flag or
+    configuration key that changes it (raised before anything is left half-started)."""
+
+    code = "UNAVAILABLE"
+    http_status = 503
+
+
+# Listener -> (what it is, its CLI flag, its configuration key).
+_LISTENERS = {
+    "flight": ("Arrow Flight", "--flight-port", "[server] flight_port"),
+    "http": ("control plane", "--http-port", "[server] http_port"),
+}
+
+
+def _listen_error(listener: str, host: str, port: int, err: OSError) -> ListenError:
+    what, flag, key = _LISTENERS[listener]
+    shown = f"[{host}]" if ":" in host else host
+    if err.errno == errno.EADDRINUSE:
+        why = "is already in use (another Quiver, or another program, listens there)"
+    elif err.errno == errno.EACCES:
+        why = "needs privileges (ports below 1024 need CAP_NET_BIND_SERVICE)"
+    elif err.errno == errno.EADDRNOTAVAIL:
+        return ListenError(
+            f"cannot listen on {shown}:{port} for the {what}: {host} is not an address of this "
+            "machine; change --host or [server] host"
+        )
+    else:
+        why = f"cannot be bound ({err.strerror})"
+    return ListenError(f"port {port} on {shown} for the {what} {why}; choose another with {flag} or {key}")
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _check_port(listener: str, host: str, port: int) -> None:
+    """Bind and release the port the way the listener will (SO_REUSEADDR, as gRPC and our
+    HTTP socket do), so a busy port is reported before the database is even opened."""
+    if port == 0:
+        return
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise _listen_error(listener, host, port, e) from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` reaches only this machine (a wildcard reaches every interface)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+CLEARTEXT_WARNING = (
+    "listening on {host} without [tls]: bearer tokens travel in clear text; "
+    "set [tls] cert_file and key_file, or listen on 127.0.0.1 behind a TLS proxy"
+)
 
 
 @dataclass
@@ -63,10 +131,19 @@ class Runtime:
         self.endpoints: Endpoints | None = None
         self.admin_token_path: str | None = None
         self.demo_token_path: str | None = None
+        # Said at start-up in the log and the banner (e.g. clear-text bearer tokens).
+        self.warnings: list[str] = []
 
     # --- start ---------------------------------------------------------------------------
     def start(self) -> Endpoints:
         cfg = self.config
+        server = cfg.server
+        _check_port("flight", server.host, server.flight_port)
+        _check_port("http", server.host, server.http_port)
+        if not cfg.tls.enabled and not is_loopback(server.host):
+            warning = CLEARTEXT_WARNING.format(host=server.host or "every address")
+            self.warnings.append(warning)
+            log.warning("server.cleartext", host=server.host, detail=warning)
         catalog = self.catalog = Catalog(cfg)
         try:
             if self.demo_data:
@@ -105,11 +182,20 @@ class Runtime:
         cfg = self.config.server
         tls = self._tls()
         scheme = "grpc+tls" if tls else "grpc+tcp"
-        self.flight = QuiverFlightServer(
-            catalog,
-            f"{scheme}://{cfg.host}:{cfg.flight_port}",
-            tls_certificates=[tls] if tls else None,
-        )
+        try:
+            self.flight = QuiverFlightServer(
+                catalog,
+                f"{scheme}://{cfg.host}:{cfg.flight_port}",
+                tls_certificates=[tls] if tls else None,
+            )
+        except pa.ArrowException as e:
+            # gRPC says only "Server did not start properly" (its own log line names the
+            # bind error): the port became busy after the check in start(), or the address
+            # cannot be bound. Ask the socket layer which, for one line naming the port.
+            _check_port("flight", cfg.host, cfg.flight_port)
+            raise ListenError(
+                f"the Arrow Flight listener on port {cfg.flight_port} did not start: {e}"
+            ) from None
         port = self.flight.port
         host = cfg.advertise_host or _client_host(cfg.host)
         public_scheme = "grpc+tls" if tls else "grpc"
@@ -120,10 +206,13 @@ class Runtime:
 
     def _start_http(self, catalog: Catalog) -> None:
         cfg = self.config.server
-        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(_family(cfg.host), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((cfg.host, cfg.http_port))
+        try:
+            sock.bind((cfg.host, cfg.http_port))
+        except OSError as e:
+            sock.close()
+            raise _listen_error("http", cfg.host, cfg.http_port, e) from None
         sock.listen(128)
         port = sock.getsockname()[1]
         tls = self.config.tls
@@ -168,10 +257,16 @@ class Runtime:
         self.sync.start()
 
     def _housekeep(self) -> None:
+        """Flush bookkeeping and keep DATA_DIR/admin.token renewed. The pass runs at least
+        four times per renewal window, so the file never holds a token with less than
+        about three quarters of ``admin_token_renew_fraction`` of its lifetime left."""
         assert self.catalog is not None
-        interval = self.config.tokens.last_used_flush_seconds
+        tokens = self.config.tokens
+        window = tokens.admin_ttl_seconds * tokens.admin_token_renew_fraction
+        interval = min(tokens.last_used_flush_seconds, window / 4)
         while not self._stopping.wait(interval):
             self.catalog.maintain()
+            self.catalog.renew_admin_token()
 
     # --- run until told to stop ---------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -220,6 +315,10 @@ class Runtime:
             self._http_thread.join(self.grace_seconds + 5)
         if self.sync is not None:
             self.sync.stop(self.grace_seconds)
+        if self._housekeeping is not None:
+            # A pass in progress (a flush, an admin-token renewal) finishes before the
+            # database closes under it; the thread sees _stopping and ends.
+            self._housekeeping.join(self.grace_seconds)
         if catalog is not None:
             catalog.close()
         self._stopped.set()
