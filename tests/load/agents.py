@@ -1,0 +1,366 @@
+"""The agents of the load test: well-behaved ones running an agent's mixed workload through
+the shipped client, and hostile ones doing what issue #8 found could hurt the server.
+
+Every agent is a thread with a token of its own (minted through the control plane for its
+swarm). Every loop is bounded twice: by the run's deadline and by a count
+(``MAX_ITERATIONS``), and every call carries a client-side timeout, so no agent can hang the
+run. Each request is recorded under an operation class with its latency and its outcome:
+``ok``, or the error's stable ``code`` (``extra_info``); a code *inferred* from the gRPC
+status because the server sent no ``extra_info`` carries a ``*`` (e.g. ``INTERNAL*``), and
+control-plane answers are ``HTTP <status>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pyarrow.flight as flight
+
+from flight_server.client import QuiverClient, QuiverClientError, client_error
+
+MAX_ITERATIONS = 1_000_000  # per agent; the deadline normally ends the loop first
+CALL_TIMEOUT_SECONDS = 60.0  # per call, client side
+REUSE_STREAMS = 8  # concurrent DoGets of one ticket
+FLOOD_BURST = 20  # bad-token calls per listener per flood round
+
+# The good agents' mix (relative weights). Every agent first does each class once, in a
+# random order, so even a short run covers them all.
+GOOD_MIX: dict[str, int] = {
+    "point": 25,
+    "param": 20,
+    "sample": 10,
+    "profile": 5,
+    "scan": 10,
+    "list": 10,
+    "whoami": 10,
+    "async": 5,
+    "http_whoami": 5,
+}
+
+# Hostile kinds, and the operation classes each produces.
+HOSTILE_KINDS: dict[str, tuple[str, ...]] = {
+    "constant": ("h.range", "h.repeat"),
+    "reuse": ("h.reuse_info", "h.reuse_doget"),
+    "flood": ("h.flood_flight", "h.flood_http"),
+    "nested": ("h.nested_list", "h.nested_json"),
+    "params": ("h.param_ref",),
+    "oversize": ("h.big_command", "h.long_sql", "h.long_action", "h.long_query_id"),
+}
+
+
+@dataclass(slots=True)
+class Sample:
+    op: str
+    hostile: bool
+    at: float  # seconds after the run's start, when the request finished
+    seconds: float
+    outcome: str  # "ok" or an error code
+
+
+@dataclass
+class Recorder:
+    """Every request of the run, thread-safe."""
+
+    started: float = field(default_factory=time.monotonic)
+    samples: list[Sample] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, op: str, hostile: bool, seconds: float, outcome: str) -> None:
+        sample = Sample(op, hostile, time.monotonic() - self.started, seconds, outcome)
+        with self._lock:
+            self.samples.append(sample)
+
+    def timed(self, op: str, hostile: bool, call: Callable[[], Any]) -> Any:
+        """Run ``call``, record it; return its value or None when it raised."""
+        started = time.perf_counter()
+        try:
+            value = call()
+        except Exception as e:
+            self.add(op, hostile, time.perf_counter() - started, error_code(e))
+            return None
+        self.add(op, hostile, time.perf_counter() - started, "ok")
+        return value
+
+
+def error_code(exc: BaseException) -> str:
+    """The stable code of a failure; ``*`` marks one the server did not send (no
+    ``extra_info``: inferred from the gRPC status or the transport)."""
+    if isinstance(exc, QuiverClientError):
+        return exc.code
+    if isinstance(exc, httpx.HTTPError):
+        return f"HTTP {type(exc).__name__}"
+    if isinstance(exc, flight.FlightError) and exc.extra_info:
+        try:
+            return str(json.loads(exc.extra_info)["code"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return client_error(exc).code + "*"
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Row counts of the demo tables (keys are drawn from them)."""
+
+    customers: int
+    orders: int
+    events: int
+
+
+@dataclass
+class Run:
+    """What every agent shares: where the server is, when to stop."""
+
+    flight_url: str
+    http_url: str
+    deadline: float  # time.monotonic()
+    stop: threading.Event
+    recorder: Recorder
+    tables: Tables
+
+    def going(self, i: int) -> bool:
+        return i < MAX_ITERATIONS and not self.stop.is_set() and time.monotonic() < self.deadline
+
+
+# --- well-behaved agents -----------------------------------------------------------------
+
+
+class GoodAgent:
+    """An agent doing what agents do: point and parameterized queries, samples, profiles,
+    small scans, listings, whoami, and an async query now and then — one call at a time."""
+
+    def __init__(self, run: Run, index: int, token: str, tables: Sequence[str]) -> None:
+        self.run = run
+        self.index = index
+        self.token = token
+        self.readable = list(tables)  # "demo.orders", …
+        self.rng = random.Random(1000 + index)
+
+    def schedule(self) -> Callable[[], str]:
+        first = list(GOOD_MIX)
+        self.rng.shuffle(first)
+        names, weights = list(GOOD_MIX), list(GOOD_MIX.values())
+
+        def next_op() -> str:
+            return first.pop() if first else self.rng.choices(names, weights)[0]
+
+        return next_op
+
+    def __call__(self) -> None:
+        run, rec = self.run, self.run.recorder
+        with (
+            QuiverClient(run.flight_url, self.token, timeout=CALL_TIMEOUT_SECONDS) as client,
+            httpx.Client(
+                base_url=run.http_url,
+                headers={"authorization": f"Bearer {self.token}"},
+                timeout=CALL_TIMEOUT_SECONDS,
+            ) as http,
+        ):
+            next_op = self.schedule()
+            i = 0
+            while run.going(i):
+                i += 1
+                op = next_op()
+                rec.timed(op, False, functools.partial(self.do, op, client, http))
+
+    def do(self, op: str, client: QuiverClient, http: httpx.Client) -> None:
+        rng, t = self.rng, self.run.tables
+        if op == "point":  # fresh literal SQL text each time: no cache answers it
+            key = rng.randrange(1, t.orders + 1)
+            client.query(f"SELECT * FROM demo.orders WHERE order_id = {key}")
+        elif op == "param":
+            client.query(
+                "SELECT status, count(*) AS n, sum(amount) AS total FROM demo.orders "
+                "WHERE customer_id = ? AND amount > $2 GROUP BY ALL ORDER BY status",
+                [rng.randrange(1, t.customers + 1), rng.randrange(0, 500)],
+            )
+        elif op == "sample":
+            client.sample(rng.choice(self.readable), 50, method="random", seed=rng.randrange(1 << 31))
+        elif op == "profile":
+            client.profile(rng.choice(self.readable))
+        elif op == "scan":
+            client.read("demo.customers")
+        elif op == "list":
+            listed = {x.name for x in client.tables()}
+            if listed != set(self.readable):
+                raise QuiverClientError("WRONG_LISTING", f"{sorted(listed)} != {sorted(self.readable)}")
+        elif op == "whoami":
+            client.whoami()
+        elif op == "http_whoami":
+            r = http.get("/v1/whoami")
+            if r.status_code != 200:
+                raise QuiverClientError(f"HTTP {r.status_code}", r.text[:200])
+        elif op == "async":
+            query_id = client.submit(
+                "SELECT customer_id, count(*) AS n FROM demo.orders WHERE amount > ? "
+                "GROUP BY ALL ORDER BY n DESC, customer_id LIMIT 10",
+                [rng.randrange(0, 900)],
+            )
+            status = client.wait(query_id, timeout=CALL_TIMEOUT_SECONDS)
+            if status["state"] != "succeeded":
+                raise QuiverClientError(str(status.get("code", "FAILED")), str(status)[:200])
+            client.result(query_id, wait=None)
+        else:
+            raise ValueError(op)
+
+
+# --- hostile agents ------------------------------------------------------------------------
+
+
+def _nested_list(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+def _nested_json(depth: int) -> bytes:
+    """A query command whose one parameter is an array nested ``depth`` deep (built as text:
+    Python's own JSON codec refuses such depths)."""
+    return b'{"kind": "query", "sql": "SELECT ? AS v", "params": [' + b"[" * depth + b"]" * depth + b"]}"
+
+
+class HostileAgent:
+    """An agent that tries to hurt the server, round-robin over its ``kinds``. Each attempt
+    is expected to be refused with a code (or, for ticket re-use, bounded by the server's
+    concurrency cap); what actually happened is recorded, per operation class."""
+
+    def __init__(
+        self, run: Run, index: int, token: str, bad_tokens: dict[str, str], kinds: Sequence[str]
+    ) -> None:
+        self.run = run
+        self.index = index
+        self.token = token
+        self.bad_tokens = bad_tokens  # label -> token (garbage, forged, expired, revoked)
+        self.kinds = list(kinds)
+        self.rng = random.Random(9000 + index)
+        self.options = flight.FlightCallOptions(
+            headers=[(b"authorization", f"Bearer {token}".encode())], timeout=CALL_TIMEOUT_SECONDS
+        )
+
+    def __call__(self) -> None:
+        run = self.run
+        client = flight.FlightClient(run.flight_url)
+        try:
+            with httpx.Client(base_url=run.http_url, timeout=CALL_TIMEOUT_SECONDS) as http:
+                i = 0
+                while run.going(i):
+                    kind = self.kinds[i % len(self.kinds)]
+                    i += 1
+                    started = time.perf_counter()
+                    try:
+                        getattr(self, f"do_{kind}")(client, http)
+                    except Exception as e:
+                        elapsed = time.perf_counter() - started
+                        run.recorder.add("harness_error", True, elapsed, type(e).__name__)
+        finally:
+            client.close()
+
+    # Each do_* makes a bounded number of calls.
+    def _query(self, client: flight.FlightClient, op: str, sql: str, params: list[Any] | None = None) -> None:
+        """GetFlightInfo for ``sql`` and, should it be accepted, DoGet of its endpoints: what
+        an attacker would do."""
+        body: dict[str, Any] = {"kind": "query", "sql": sql}
+        if params is not None:
+            body["params"] = params
+        self._command(client, op, body)
+
+    def _command(self, client: flight.FlightClient, op: str, body: dict[str, Any] | bytes) -> None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        descriptor = flight.FlightDescriptor.for_command(raw)
+
+        def call() -> None:
+            info = client.get_flight_info(descriptor, self.options)
+            for endpoint in info.endpoints:
+                client.do_get(endpoint.ticket, self.options).read_all()
+
+        self.run.recorder.timed(op, True, call)
+
+    def do_constant(self, client: flight.FlightClient, http: httpx.Client) -> None:
+        self._query(client, "h.range", "SELECT length(range(150000000)) AS v")
+        if self.run.going(0):
+            self._query(client, "h.repeat", "SELECT length(repeat('x', 1000000000)) AS v")
+
+    def do_nested(self, client: flight.FlightClient, http: httpx.Client) -> None:
+        self._query(client, "h.nested_list", f"SELECT {_nested_list(70)} AS v")
+        self._command(client, "h.nested_json", _nested_json(5000))
+
+    def do_params(self, client: flight.FlightClient, http: httpx.Client) -> None:
+        self._query(client, "h.param_ref", "SELECT $1000000 AS v", [1])
+
+    def do_reuse(self, client: flight.FlightClient, http: httpx.Client) -> None:
+        """One query ticket, ``REUSE_STREAMS`` DoGets of it at once (each re-runs the query
+        today); fresh SQL text so that no cached result answers them."""
+        rec = self.run.recorder
+        sql = (
+            "SELECT o.status, count(*) AS n, sum(o.amount) AS total FROM demo.orders o "
+            f"JOIN demo.customers c USING (customer_id) WHERE o.amount > {self.rng.randrange(1000)} "
+            "GROUP BY ALL"
+        )
+        descriptor = flight.FlightDescriptor.for_command(json.dumps({"kind": "query", "sql": sql}).encode())
+        info = rec.timed("h.reuse_info", True, lambda: client.get_flight_info(descriptor, self.options))
+        if info is None:
+            return
+        ticket = info.endpoints[0].ticket
+        with ThreadPoolExecutor(REUSE_STREAMS, thread_name_prefix="load-reuse") as pool:
+            for _ in range(REUSE_STREAMS):
+                pool.submit(
+                    rec.timed, "h.reuse_doget", True, lambda: client.do_get(ticket, self.options).read_all()
+                )
+
+    def do_flood(self, client: flight.FlightClient, http: httpx.Client) -> None:
+        rec = self.run.recorder
+        labels = list(self.bad_tokens)
+        for n in range(FLOOD_BURST):
+            if not self.run.going(0):
+                return
+            token = self.bad_tokens[labels[n % len(labels)]]
+            options = flight.FlightCallOptions(
+                headers=[(b"authorization", f"Bearer {token}".encode())], timeout=CALL_TIMEOUT_SECONDS
+            )
+            rec.timed("h.flood_flight", True, functools.partial(_list_flights, client, options))
+            rec.timed("h.flood_http", True, functools.partial(_http_refused, http, token))
+
+    def do_oversize(self, client: flight.FlightClient, http: httpx.Client) -> None:
+        rec = self.run.recorder
+        padding = "x" * (2 * 1024 * 1024)
+        self._command(client, "h.big_command", {"kind": "query", "sql": f"SELECT '{padding}' AS v"})
+        self._query(client, "h.long_sql", "SELECT 1 AS v" + " " * 150_000)
+
+        def action(name: str, body: bytes) -> None:
+            list(client.do_action(flight.Action(name, body), self.options))
+
+        rec.timed("h.long_action", True, lambda: action("x" * 100_000, b""))
+        rec.timed(
+            "h.long_query_id",
+            True,
+            lambda: action("query-status", json.dumps({"id": "q" * 100_000}).encode()),
+        )
+
+
+def _list_flights(client: flight.FlightClient, options: flight.FlightCallOptions) -> int:
+    return len(list(client.list_flights(options=options)))
+
+
+def _http_refused(http: httpx.Client, token: str) -> None:
+    """A control-plane call with a bad token; its status is the outcome (401 expected)."""
+    r = http.get("/v1/whoami", headers={"authorization": f"Bearer {token}"})
+    if r.status_code != 200:
+        raise QuiverClientError(f"HTTP {r.status_code}", r.text[:200])
+
+
+def hostile_kinds(index: int, hostile: int, kinds: Sequence[str]) -> list[str]:
+    """The kinds hostile agent ``index`` (of ``hostile``) cycles through. With as many agents
+    as kinds (or more) each does one; with fewer, each of the first ``hostile - 1`` does one
+    and the last does the rest, so that the slow kinds (``constant`` runs for seconds per
+    query today) do not crowd out the others and every kind is exercised."""
+    if hostile >= len(kinds):
+        return [kinds[index % len(kinds)]]
+    if index < hostile - 1:
+        return [kinds[index]]
+    return list(kinds[hostile - 1 :])

@@ -1,0 +1,60 @@
+"""The load harness (tests/load, ``make load``) in a few seconds: 2 well-behaved agents and
+1 hostile one against a real ``quiver serve`` subprocess. It checks the harness itself (every
+operation class shows up in the report, with latencies and outcomes), that the well-behaved
+agents saw no error, and that the server survived and stopped cleanly.
+
+The hostile agent runs every kind except ``constant`` (constant-heavy queries such as
+``length(range(150000000))``, which take seconds and gigabytes per query on a server whose
+planning is not bounded yet); the full run (``make load``) has them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from tests.load.__main__ import LoadConfig, run
+from tests.load.agents import GOOD_MIX, HOSTILE_KINDS
+from tests.load.report import Report, markdown, table
+
+KINDS = [k for k in HOSTILE_KINDS if k != "constant"]
+
+
+def test_short_load_run_reports_every_class_and_the_server_survives(tmp_path: Path) -> None:
+    cfg = LoadConfig(seconds=3, agents=2, hostile=1, hostile_kinds=KINDS, scale=0.01, command="smoke")
+    report = run(cfg, tmp_path)
+
+    assert report.death is None, report.log_tail
+    assert report.survived
+    assert report.server_exit == "exit code 0"
+    assert report.stuck_agents == 0
+
+    good = {r.op: r for r in report.ops if not r.hostile}
+    hostile = {r.op: r for r in report.ops if r.hostile}
+    assert set(good) == set(GOOD_MIX)  # each agent does every class once first
+    expected_hostile = {op for kind in KINDS for op in HOSTILE_KINDS[kind]}
+    assert expected_hostile <= set(hostile), expected_hostile - set(hostile)
+    assert "harness_error" not in hostile
+
+    # The well-behaved agents' target: no error at all.
+    assert report.good_errors == 0, {op: r.errors for op, r in good.items() if r.errors}
+    assert report.good_requests == sum(r.requests for r in good.values()) > 0
+    for r in report.ops:
+        assert r.requests == r.ok + sum(r.errors.values())
+        assert 0 < r.p50_ms <= r.p99_ms <= r.max_ms
+    # Bad tokens are refused on both listeners, every one of them.
+    assert set(hostile["h.flood_flight"].errors) == {"UNAUTHENTICATED"}
+    assert set(hostile["h.flood_http"].errors) == {"HTTP 401"}
+    assert hostile["h.flood_flight"].ok == hostile["h.flood_http"].ok == 0
+    # Oversized commands are refused with a code.
+    assert hostile["h.big_command"].errors == {"INVALID_ARGUMENT": hostile["h.big_command"].requests}
+
+    m = report.memory
+    assert 0 < m.start <= m.peak and 0 < m.end <= m.peak <= m.hwm
+    assert report.server_cpu_seconds > 0
+
+    # The report round-trips as JSON and renders.
+    assert msgspec.json.decode(msgspec.json.encode(report), type=Report) == report
+    assert "| h.flood_http | hostile |" in table(report)
+    assert "Load test results" in markdown(report)
