@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 
 from tests.load.__main__ import LoadConfig, run
-from tests.load.agents import GOOD_MIX, HOSTILE_KINDS
+from tests.load.agents import GOOD_MIX, HOSTILE_KINDS, hostile_kinds
 from tests.load.report import Report, markdown, table
 
 KINDS = [k for k in HOSTILE_KINDS if k != "constant"]
@@ -41,20 +41,32 @@ def test_short_load_run_reports_every_class_and_the_server_survives(tmp_path: Pa
     assert report.good_errors == 0, {op: r.errors for op, r in good.items() if r.errors}
     assert report.good_requests == sum(r.requests for r in good.values()) > 0
     for r in report.ops:
+        assert r.expected, r.op  # every class states what is right for it
         assert r.requests == r.ok + sum(r.errors.values())
         assert 0 < r.p50_ms <= r.p99_ms <= r.max_ms
     # Bad tokens are refused on both listeners, every one of them.
     assert set(hostile["h.flood_flight"].errors) == {"UNAUTHENTICATED"}
     assert set(hostile["h.flood_http"].errors) == {"HTTP 401"}
     assert hostile["h.flood_flight"].ok == hostile["h.flood_http"].ok == 0
+    assert hostile["h.flood_flight"].unexpected == hostile["h.flood_http"].unexpected == 0
     # Oversized commands are refused with a code.
     assert hostile["h.big_command"].errors == {"INVALID_ARGUMENT": hostile["h.big_command"].requests}
 
     m = report.memory
-    assert 0 < m.start <= m.peak and 0 < m.end <= m.peak <= m.hwm
+    assert 0 < m.start <= m.peak and 0 < m.end <= m.peak <= m.hwm <= m.vm_peak
+    assert report.first_good_error is None
     assert report.server_cpu_seconds > 0
 
     # The report round-trips as JSON and renders.
     assert msgspec.json.decode(msgspec.json.encode(report), type=Report) == report
     assert "| h.flood_http | hostile |" in table(report)
     assert "Load test results" in markdown(report)
+
+
+def test_every_hostile_kind_has_an_agent_whatever_their_number() -> None:
+    kinds = list(HOSTILE_KINDS)
+    for hostile in range(1, 2 * len(kinds) + 1):
+        assigned = [hostile_kinds(i, hostile, kinds) for i in range(hostile)]
+        assert {k for a in assigned for k in a} == set(kinds), hostile
+        assert all(assigned)
+    assert hostile_kinds(0, 4, kinds) == ["constant"]  # the slow kind runs on its own

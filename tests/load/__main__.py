@@ -110,12 +110,14 @@ def _setup(
 
 
 def _survives(server: LoadServer, token: str) -> bool:
-    """The server still serves: a well-behaved call on each listener succeeds."""
+    """The server still serves after the load: a query, whoami and the health check answer."""
     if not server.alive:
         return False
     try:
         with QuiverClient(server.flight_url, token, timeout=30) as client:
             client.whoami()
+            if client.query("SELECT count(*) AS n FROM demo.customers").num_rows != 1:
+                return False
         return httpx.get(f"{server.http_url}/healthz", timeout=30).status_code == 200
     except Exception:
         return False
@@ -180,13 +182,15 @@ def run(cfg: LoadConfig, work: Path) -> Report:
         rss_end = server.rss_now()
         server_cpu, own_cpu = server.cpu_now() - cpu_start, _own_cpu() - own_start
         survived = _survives(server, good[0][0]) if good else server.alive
+        final = proc_status(server.pid)
         offset = load_started - server.started_at
         window = [(t - offset, b) for t, b in server.samples if offset <= t]
         memory = Memory(
             start=rss_start,
             peak=max([b for _, b in window] + [rss_start, rss_end]),
             end=rss_end,
-            hwm=proc_status(server.pid).get("VmHWM") or server.last_status.get("VmHWM", 0),
+            hwm=final.get("VmHWM") or server.last_status.get("VmHWM", 0),
+            vm_peak=final.get("VmPeak") or server.last_status.get("VmPeak", 0),
             samples=_per_second(window),
         )
         death = server.death()
@@ -195,6 +199,8 @@ def run(cfg: LoadConfig, work: Path) -> Report:
     death = death or server.death()
     samples = recorder.samples
     good_samples = [s for s in samples if not s.hostile]
+    failed = sorted((s for s in good_samples if s.outcome != "ok"), key=lambda s: s.at)
+    first_error = f"t={failed[0].at:.1f}s {failed[0].op} {failed[0].outcome}" if failed else None
     config = {
         "seconds": f"{cfg.seconds:g}",
         "agents": str(cfg.agents),
@@ -226,6 +232,7 @@ def run(cfg: LoadConfig, work: Path) -> Report:
         server_exit=exit_description(code),
         log_tail=server.log_tail() if death else "",
         stuck_agents=stuck,
+        first_good_error=first_error,
         server_cpu_seconds=server_cpu,
         generator_cpu_seconds=own_cpu,
     )

@@ -56,6 +56,30 @@ HOSTILE_KINDS: dict[str, tuple[str, ...]] = {
     "oversize": ("h.big_command", "h.long_sql", "h.long_action", "h.long_query_id"),
 }
 
+_REFUSED = frozenset({"INVALID_ARGUMENT", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
+# What issue #8 expects each hostile class to get: refusals with a code (never INTERNAL, never
+# a code the server did not send); for ticket re-use, streams up to the per-principal cap.
+EXPECTED: dict[str, frozenset[str]] = {
+    "h.range": _REFUSED,
+    "h.repeat": _REFUSED,
+    "h.nested_list": frozenset({"INVALID_ARGUMENT"}),
+    "h.nested_json": frozenset({"INVALID_ARGUMENT"}),
+    "h.param_ref": frozenset({"INVALID_ARGUMENT"}),
+    "h.reuse_info": frozenset({"ok"}),
+    "h.reuse_doget": frozenset({"ok", "RESOURCE_EXHAUSTED"}),
+    "h.flood_flight": frozenset({"UNAUTHENTICATED"}),
+    "h.flood_http": frozenset({"HTTP 401"}),
+    "h.big_command": frozenset({"INVALID_ARGUMENT"}),
+    "h.long_sql": frozenset({"INVALID_ARGUMENT"}),
+    "h.long_action": frozenset({"INVALID_ARGUMENT"}),
+    "h.long_query_id": frozenset({"INVALID_ARGUMENT", "NOT_FOUND"}),
+}
+
+
+def expected(op: str, hostile: bool) -> frozenset[str]:
+    """The outcomes that are right for ``op``: only "ok" for a well-behaved agent."""
+    return EXPECTED.get(op, frozenset()) if hostile else frozenset({"ok"})
+
 
 @dataclass(slots=True)
 class Sample:

@@ -8,7 +8,7 @@ from collections import Counter
 
 import msgspec
 
-from tests.load.agents import Sample
+from tests.load.agents import Sample, expected
 
 MIB = 1024**2
 
@@ -24,6 +24,9 @@ class OpStats(msgspec.Struct, kw_only=True):
     ok: int
     #: error code -> count ("RESOURCE_EXHAUSTED", "INTERNAL*", "HTTP 401", …)
     errors: dict[str, int]
+    #: requests whose outcome is not one expected for the class (agents.EXPECTED)
+    unexpected: int
+    expected: list[str]
 
 
 class Memory(msgspec.Struct, kw_only=True):
@@ -32,7 +35,8 @@ class Memory(msgspec.Struct, kw_only=True):
     start: int  # when the agents started
     peak: int  # highest sample during the run
     end: int  # when the agents had stopped (0: the server was gone)
-    hwm: int  # VmHWM, the kernel's own peak, at the last sample
+    hwm: int  # VmHWM, the kernel's own peak, at the end (or the last sample)
+    vm_peak: int  # VmPeak: the peak address space, to compare with the cap
     samples: list[tuple[float, int]]  # (seconds into the run, VmRSS), about one a second
 
 
@@ -55,6 +59,7 @@ class Report(msgspec.Struct, kw_only=True):
     server_exit: str  # how the server ended when stopped after the run
     log_tail: str  # last lines of the server log when it died, else ""
     stuck_agents: int  # agents still inside a call after the join timeout
+    first_good_error: str | None  # "t=3.2s point INTERNAL": when well-behaved agents first failed
     server_cpu_seconds: float  # user + system CPU of the server during the load
     generator_cpu_seconds: float  # the same for this process (the agents), on the same machine
 
@@ -75,6 +80,8 @@ def op_stats(samples: list[Sample], seconds: float) -> list[OpStats]:
     for (hostile, op), group in sorted(by_op.items()):
         latencies = [s.seconds for s in group]
         outcomes = Counter(s.outcome for s in group)
+        right = expected(op, hostile)
+        unexpected = sum(n for outcome, n in outcomes.items() if outcome not in right)
         ok = outcomes.pop("ok", 0)
         rows.append(
             OpStats(
@@ -87,6 +94,8 @@ def op_stats(samples: list[Sample], seconds: float) -> list[OpStats]:
                 max_ms=max(latencies) * 1e3,
                 ok=ok,
                 errors=dict(sorted(outcomes.items())),
+                unexpected=unexpected,
+                expected=sorted(right),
             )
         )
     return rows
@@ -99,13 +108,15 @@ def _errors(row: OpStats) -> str:
 def table(report: Report) -> str:
     """The per-class table as Markdown (also what the command prints)."""
     lines = [
-        "| class | agent | requests | req/s | p50 ms | p99 ms | max ms | ok | errors / refusals by code |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| class | agent | requests | req/s | p50 ms | p99 ms | max ms | ok | errors / refusals by code "
+        "| expected | unexpected |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
     for r in report.ops:
         lines.append(
             f"| {r.op} | {'hostile' if r.hostile else 'good'} | {r.requests} | {r.per_second:.1f} | "
-            f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.0f} | {r.ok} | {_errors(r)} |"
+            f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.0f} | {r.ok} | {_errors(r)} | "
+            f"{', '.join(r.expected) or '-'} | {r.unexpected} |"
         )
     return "\n".join(lines)
 
@@ -118,10 +129,13 @@ def summary(report: Report) -> str:
         f"{report.config.get('agents')} good + {report.config.get('hostile')} hostile agents; "
         f"server {verdict}",
         f"good agents: {report.good_requests} requests, {report.good_per_second:.1f} req/s, "
-        f"{report.good_errors} errors (target 0)",
-        f"hostile agents: {report.hostile_requests} requests",
+        f"{report.good_errors} errors (target 0)"
+        + (f", the first at {report.first_good_error}" if report.first_good_error else ""),
+        f"hostile agents: {report.hostile_requests} requests; not answered as expected: "
+        + (", ".join(f"{r.op} {r.unexpected}" for r in report.ops if r.hostile and r.unexpected) or "none"),
         f"server RSS: start {m.start / MIB:.0f} MiB, peak {m.peak / MIB:.0f} MiB, "
-        f"end {m.end / MIB:.0f} MiB (VmHWM {m.hwm / MIB:.0f} MiB)",
+        f"end {m.end / MIB:.0f} MiB (VmHWM {m.hwm / MIB:.0f} MiB; address space VmPeak "
+        f"{m.vm_peak / MIB:.0f} MiB, cap {report.config.get('address-space cap', '?')})",
         f"CPU seconds during the load: server {report.server_cpu_seconds:.1f}, agents (this "
         f"process) {report.generator_cpu_seconds:.1f}, on {report.config.get('machine', '?')}",
         "machine load (1/5/15 min): before "
@@ -153,7 +167,9 @@ def markdown(report: Report) -> str:
         "of the 8 DoGets of that one ticket run at once, which the per-principal cap "
         "`[limits] max_concurrent_queries` should bound). A code with `*` was "
         "not sent by the server (no `extra_info`): it is inferred from the gRPC status or the "
-        "transport; `HTTP n` is a control-plane status.",
+        "transport; `HTTP n` is a control-plane status. `expected` is what issue #8 asks for "
+        "(tests/load/agents.py `EXPECTED`): a well-behaved request succeeds, a hostile one is "
+        "refused with a code; `unexpected` counts the requests that got anything else.",
         "",
         "```",
         summary(report),

@@ -33,7 +33,7 @@ RSS_INTERVAL_SECONDS = 0.25
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """``VmRSS``, ``VmHWM`` and ``VmSize`` of ``pid`` in bytes (Linux ``/proc/<pid>/status``);
+    """``VmRSS``, ``VmHWM``, ``VmSize`` and ``VmPeak`` of ``pid`` in bytes (Linux ``/proc/<pid>/status``);
     empty once the process is gone."""
     out: dict[str, int] = {}
     try:
@@ -42,7 +42,7 @@ def proc_status(pid: int) -> dict[str, int]:
         return out
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "VmSize"):
+        if key in ("VmRSS", "VmHWM", "VmSize", "VmPeak"):
             out[key] = int(value.split()[0]) * 1024
     return out
 
