@@ -10,6 +10,11 @@ planning is not bounded yet); the full run (``make load``) has them all.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import threading
+import time
 from pathlib import Path
 
 import msgspec
@@ -17,6 +22,7 @@ import msgspec
 from tests.load.__main__ import LoadConfig, run
 from tests.load.agents import GOOD_MIX, HOSTILE_KINDS, hostile_kinds
 from tests.load.report import Report, markdown, table
+from tests.load.server import LoadServer
 
 KINDS = [k for k in HOSTILE_KINDS if k != "constant"]
 
@@ -70,3 +76,23 @@ def test_every_hostile_kind_has_an_agent_whatever_their_number() -> None:
         assert {k for a in assigned for k in a} == set(kinds), hostile
         assert all(assigned)
     assert hostile_kinds(0, 4, kinds) == ["constant"]  # the slow kind runs on its own
+
+
+def test_a_server_crash_is_reported_with_its_time_and_signal(tmp_path: Path) -> None:
+    """The harness tells a crash (here SIGKILL, as the kernel's OOM killer would send) at
+    once, with when and how, instead of letting agents time out against a dead port."""
+    server = LoadServer(tmp_path, scale=0.01)
+    died = threading.Event()
+    server.on_death = died.set
+    try:
+        assert server.alive and server.death() is None
+        server.load_started = time.monotonic()
+        os.kill(server.pid, signal.SIGKILL)
+        assert died.wait(30)
+        assert not server.alive
+        death = server.death()
+        assert death is not None
+        assert re.fullmatch(r"server died at t=\d+\.\ds into the load, killed by SIGKILL \(-9\)", death)
+    finally:
+        assert server.stop() == -signal.SIGKILL
+    assert server.death() == death  # a stop after the crash keeps the crash on record

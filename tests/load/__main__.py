@@ -167,7 +167,7 @@ def run(cfg: LoadConfig, work: Path) -> Report:
         ]
         rss_start = server.rss_now()
         cpu_start, own_start = server.cpu_now(), _own_cpu()
-        load_started = time.monotonic()
+        load_started = server.load_started = time.monotonic()
         threads = [
             threading.Thread(target=a, name=f"load-agent-{i}", daemon=True) for i, a in enumerate(agents)
         ]

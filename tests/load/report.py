@@ -123,7 +123,7 @@ def table(report: Report) -> str:
 
 def summary(report: Report) -> str:
     m = report.memory
-    verdict = "survived" if report.survived else (report.death or "died")
+    verdict = "survived" if report.survived else (report.death or "stopped serving").removeprefix("server ")
     lines = [
         f"load: {report.seconds:g} s ({report.wall_seconds:.1f} s until the last call in flight ended), "
         f"{report.config.get('agents')} good + {report.config.get('hostile')} hostile agents; "

@@ -109,7 +109,9 @@ class LoadServer:
         self.flight_url, self.http_url = self._wait_banner()
         self.admin_token = (self.data_dir / "admin.token").read_text().strip()
         self.started_at = time.monotonic()
-        self.died_at: float | None = None  # seconds after started_at
+        #: When the load began (time.monotonic()); death times are told from it once set.
+        self.load_started: float | None = None
+        self.died_at: float | None = None  # time.monotonic() of an unasked-for exit
         self.exit_code: int | None = None
         self.samples: list[tuple[float, int]] = []  # (seconds after started_at, VmRSS bytes)
         self.last_status: dict[str, int] = {}
@@ -117,8 +119,12 @@ class LoadServer:
         self.on_death: Callable[[], None] | None = None
         self._stopping = False
         self._monitor_stop = threading.Event()
-        self._monitor = threading.Thread(target=self._watch, name="load-server-monitor", daemon=True)
+        self._monitor = threading.Thread(target=self._sample, name="load-server-rss", daemon=True)
         self._monitor.start()
+        # A thread blocked in wait() learns of a death at once (polling would let the agents
+        # spin against a dead port until the next poll).
+        self._waiter = threading.Thread(target=self._wait, name="load-server-wait", daemon=True)
+        self._waiter.start()
 
     # --- start ---------------------------------------------------------------------------
     def _wait_banner(self) -> tuple[str, str]:
@@ -146,16 +152,16 @@ class LoadServer:
         )
 
     # --- watching ------------------------------------------------------------------------
-    def _watch(self) -> None:
-        while not self._monitor_stop.is_set():
-            code = self.proc.poll()
-            if code is not None:
-                if not self._stopping:
-                    self.died_at = time.monotonic() - self.started_at
-                    self.exit_code = code
-                    if self.on_death is not None:
-                        self.on_death()
-                return
+    def _wait(self) -> None:
+        code = self.proc.wait()
+        if not self._stopping:
+            self.died_at = time.monotonic()
+            self.exit_code = code
+            if self.on_death is not None:
+                self.on_death()
+
+    def _sample(self) -> None:
+        while not self._monitor_stop.is_set() and self.proc.poll() is None:
             status = proc_status(self.pid)
             if "VmRSS" in status:
                 self.last_status = status
@@ -177,11 +183,15 @@ class LoadServer:
         return proc_status(self.pid).get("VmRSS", 0)
 
     def death(self) -> str | None:
-        """``server died at t=12.3s, killed by SIGKILL (-9)``, or None while it lives (or
-        after a stop it was asked for)."""
+        """``server died at t=12.3s into the load, killed by SIGKILL (-9)``, or None while it
+        lives (or after a stop it was asked for)."""
         if self.died_at is None or self.exit_code is None:
             return None
-        return f"server died at t={self.died_at:.1f}s, {exit_description(self.exit_code)}"
+        if self.load_started is not None:
+            when = f"t={self.died_at - self.load_started:.1f}s into the load"
+        else:
+            when = f"t={self.died_at - self.started_at:.1f}s after start, before the load"
+        return f"server died at {when}, {exit_description(self.exit_code)}"
 
     def log_tail(self, lines: int = 15, width: int = 300) -> str:
         """The last lines of the server's log, each cut to ``width`` characters."""
@@ -212,4 +222,5 @@ class LoadServer:
         self._monitor_stop.set()
         with contextlib.suppress(RuntimeError):
             self._monitor.join(5)
+            self._waiter.join(5)
         return code
