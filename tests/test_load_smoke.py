@@ -20,8 +20,8 @@ from pathlib import Path
 import msgspec
 
 from tests.load.__main__ import LoadConfig, run
-from tests.load.agents import GOOD_MIX, HOSTILE_KINDS, hostile_kinds
-from tests.load.report import Report, markdown, table
+from tests.load.agents import GOOD_MIX, HOSTILE_KINDS, hostile_kinds, max_overlap
+from tests.load.report import Report, markdown, summary, table
 from tests.load.server import LoadServer
 
 KINDS = [k for k in HOSTILE_KINDS if k != "constant"]
@@ -32,13 +32,13 @@ def test_short_load_run_reports_every_class_and_the_server_survives(tmp_path: Pa
     report = run(cfg, tmp_path)
 
     assert report.death is None, report.log_tail
-    assert report.survived
+    assert report.survived, summary(report)
     assert report.server_exit == "exit code 0"
     assert report.stuck_agents == 0
 
     good = {r.op: r for r in report.ops if not r.hostile}
     hostile = {r.op: r for r in report.ops if r.hostile}
-    assert set(good) == set(GOOD_MIX)  # each agent does every class once first
+    assert set(good) == set(GOOD_MIX), summary(report)  # every agent does each class once first
     expected_hostile = {op for kind in KINDS for op in HOSTILE_KINDS[kind]}
     assert expected_hostile <= set(hostile), expected_hostile - set(hostile)
     assert "harness_error" not in hostile
@@ -58,6 +58,10 @@ def test_short_load_run_reports_every_class_and_the_server_survives(tmp_path: Pa
     # Oversized commands are refused with a code.
     assert hostile["h.big_command"].errors == {"INVALID_ARGUMENT": hostile["h.big_command"].requests}
 
+    # Ticket re-use ran, and how many streams of one ticket ran at once is on record.
+    assert report.reuse_rounds >= 1 and 1 <= report.reuse_peak <= 8
+    assert report.concurrency_cap == 4
+
     m = report.memory
     assert 0 < m.start <= m.peak and 0 < m.end <= m.peak <= m.hwm <= m.vm_peak
     assert report.first_good_error is None
@@ -67,6 +71,12 @@ def test_short_load_run_reports_every_class_and_the_server_survives(tmp_path: Pa
     assert msgspec.json.decode(msgspec.json.encode(report), type=Report) == report
     assert "| h.flood_http | hostile |" in table(report)
     assert "Load test results" in markdown(report)
+
+
+def test_max_overlap() -> None:
+    assert max_overlap([]) == 0
+    assert max_overlap([(0, 1), (1, 2)]) == 1  # one ends as the next starts
+    assert max_overlap([(0, 3), (1, 2), (1.5, 4), (5, 6)]) == 3
 
 
 def test_every_hostile_kind_has_an_agent_whatever_their_number() -> None:

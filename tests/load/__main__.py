@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import msgspec
 
+from catalog.config import LimitsConfig
 from flight_server.client import QuiverClient
 from quiver.demo import sizes
 from tests.load.agents import (
@@ -198,6 +199,9 @@ def run(cfg: LoadConfig, work: Path) -> Report:
         code = server.stop()
     death = death or server.death()
     samples = recorder.samples
+    cap = int(cfg.settings.get("limits.max_concurrent_queries", LimitsConfig().max_concurrent_queries))
+    # Rates are per second of load: the configured duration, or less when the server died.
+    rate_seconds = max(0.001, min(cfg.seconds, wall))
     good_samples = [s for s in samples if not s.hostile]
     failed = sorted((s for s in good_samples if s.outcome != "ok"), key=lambda s: s.at)
     first_error = f"t={failed[0].at:.1f}s {failed[0].op} {failed[0].outcome}" if failed else None
@@ -221,10 +225,10 @@ def run(cfg: LoadConfig, work: Path) -> Report:
         load_after=os.getloadavg(),
         seconds=cfg.seconds,
         wall_seconds=wall,
-        ops=op_stats(samples, cfg.seconds),
+        ops=op_stats(samples, rate_seconds),
         good_requests=len(good_samples),
         good_errors=sum(s.outcome != "ok" for s in good_samples),
-        good_per_second=len(good_samples) / cfg.seconds,
+        good_per_second=len(good_samples) / rate_seconds,
         hostile_requests=len(samples) - len(good_samples),
         memory=memory,
         survived=survived and death is None,
@@ -233,6 +237,10 @@ def run(cfg: LoadConfig, work: Path) -> Report:
         log_tail=server.log_tail() if death else "",
         stuck_agents=stuck,
         first_good_error=first_error,
+        reuse_peak=max(recorder.reuse_peaks, default=0),
+        reuse_rounds=len(recorder.reuse_peaks),
+        reuse_over_cap=sum(p > cap for p in recorder.reuse_peaks),
+        concurrency_cap=cap,
         server_cpu_seconds=server_cpu,
         generator_cpu_seconds=own_cpu,
     )

@@ -2,9 +2,9 @@
 the shipped client, and hostile ones doing what issue #8 found could hurt the server.
 
 Every agent is a thread with a token of its own (minted through the control plane for its
-swarm). Every loop is bounded twice: by the run's deadline and by a count
-(``MAX_ITERATIONS``), and every call carries a client-side timeout, so no agent can hang the
-run. Each request is recorded under an operation class with its latency and its outcome:
+swarm). Every loop is bounded: a first pass over the agent's classes (or hostile kinds), then
+until the run's deadline, at most ``MAX_ITERATIONS``; it ends at once when the server dies;
+and every call carries a client-side timeout, so no agent can hang the run. Each request is recorded under an operation class with its latency and its outcome:
 ``ok``, or the error's stable ``code`` (``extra_info``); a code *inferred* from the gRPC
 status because the server sent no ``extra_info`` carries a ``*`` (e.g. ``INTERNAL*``), and
 control-plane answers are ``HTTP <status>``.
@@ -96,6 +96,8 @@ class Recorder:
 
     started: float = field(default_factory=time.monotonic)
     samples: list[Sample] = field(default_factory=list)
+    #: per ticket re-use round: how many DoGets of the one ticket were streaming at once
+    reuse_peaks: list[int] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, op: str, hostile: bool, seconds: float, outcome: str) -> None:
@@ -150,8 +152,16 @@ class Run:
     recorder: Recorder
     tables: Tables
 
-    def going(self, i: int) -> bool:
-        return i < MAX_ITERATIONS and not self.stop.is_set() and time.monotonic() < self.deadline
+    def going(self, i: int, first_pass: int = 0) -> bool:
+        """Whether to start iteration ``i``: the first ``first_pass`` iterations run whatever
+        the clock says (so that every class is exercised once even in a short run on a busy
+        machine; each is a bounded number of calls), the rest until the deadline; none after
+        ``stop`` (the server died)."""
+        if self.stop.is_set():
+            return False
+        if i < first_pass:
+            return True
+        return i < MAX_ITERATIONS and time.monotonic() < self.deadline
 
 
 # --- well-behaved agents -----------------------------------------------------------------
@@ -190,7 +200,7 @@ class GoodAgent:
         ):
             next_op = self.schedule()
             i = 0
-            while run.going(i):
+            while run.going(i, len(GOOD_MIX)):
                 i += 1
                 op = next_op()
                 rec.timed(op, False, functools.partial(self.do, op, client, http))
@@ -273,7 +283,7 @@ class HostileAgent:
         try:
             with httpx.Client(base_url=run.http_url, timeout=CALL_TIMEOUT_SECONDS) as http:
                 i = 0
-                while run.going(i):
+                while run.going(i, len(self.kinds)):
                     kind = self.kinds[i % len(self.kinds)]
                     i += 1
                     started = time.perf_counter()
@@ -307,7 +317,7 @@ class HostileAgent:
 
     def do_constant(self, client: flight.FlightClient, http: httpx.Client) -> None:
         self._query(client, "h.range", "SELECT length(range(150000000)) AS v")
-        if self.run.going(0):
+        if not self.run.stop.is_set():
             self._query(client, "h.repeat", "SELECT length(repeat('x', 1000000000)) AS v")
 
     def do_nested(self, client: flight.FlightClient, http: httpx.Client) -> None:
@@ -331,17 +341,25 @@ class HostileAgent:
         if info is None:
             return
         ticket = info.endpoints[0].ticket
+        streaming: list[tuple[float, float]] = []
+
+        def read() -> None:
+            reader = client.do_get(ticket, self.options)  # returns once the server streams
+            began = time.monotonic()
+            reader.read_all()
+            streaming.append((began, time.monotonic()))
+
         with ThreadPoolExecutor(REUSE_STREAMS, thread_name_prefix="load-reuse") as pool:
             for _ in range(REUSE_STREAMS):
-                pool.submit(
-                    rec.timed, "h.reuse_doget", True, lambda: client.do_get(ticket, self.options).read_all()
-                )
+                pool.submit(rec.timed, "h.reuse_doget", True, read)
+        with rec._lock:
+            rec.reuse_peaks.append(max_overlap(streaming))
 
     def do_flood(self, client: flight.FlightClient, http: httpx.Client) -> None:
         rec = self.run.recorder
         labels = list(self.bad_tokens)
         for n in range(FLOOD_BURST):
-            if not self.run.going(0):
+            if self.run.stop.is_set():
                 return
             token = self.bad_tokens[labels[n % len(labels)]]
             options = flight.FlightCallOptions(
@@ -365,6 +383,16 @@ class HostileAgent:
             True,
             lambda: action("query-status", json.dumps({"id": "q" * 100_000}).encode()),
         )
+
+
+def max_overlap(intervals: Sequence[tuple[float, float]]) -> int:
+    """The most intervals open at one instant (an end at the instant of a start comes first)."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    peak = current = 0
+    for _, step in events:
+        current += step
+        peak = max(peak, current)
+    return peak
 
 
 def _list_flights(client: flight.FlightClient, options: flight.FlightCallOptions) -> int:

@@ -46,7 +46,7 @@ class Report(msgspec.Struct, kw_only=True):
     config: dict[str, str]
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
-    seconds: float  # the configured duration: rates are per second of it
+    seconds: float  # the configured duration: rates are per second of it (or of less, on a crash)
     wall_seconds: float  # until the last agent had stopped (a call in flight at the deadline ends first)
     ops: list[OpStats]
     good_requests: int
@@ -60,6 +60,12 @@ class Report(msgspec.Struct, kw_only=True):
     log_tail: str  # last lines of the server log when it died, else ""
     stuck_agents: int  # agents still inside a call after the join timeout
     first_good_error: str | None  # "t=3.2s point INTERNAL": when well-behaved agents first failed
+    #: ticket re-use: the most DoGets of one ticket seen streaming at once (client side,
+    #: from the stream's first message to its end), the rounds, and the server's cap
+    reuse_peak: int
+    reuse_rounds: int
+    reuse_over_cap: int
+    concurrency_cap: int
     server_cpu_seconds: float  # user + system CPU of the server during the load
     generator_cpu_seconds: float  # the same for this process (the agents), on the same machine
 
@@ -143,6 +149,12 @@ def summary(report: Report) -> str:
         + ", after "
         + " ".join(f"{x:.2f}" for x in report.load_after),
     ]
+    if report.reuse_rounds:
+        lines.append(
+            f"ticket re-use: up to {report.reuse_peak} DoGets of one ticket streamed at once; "
+            f"{report.reuse_over_cap} of {report.reuse_rounds} rounds went over the per-principal "
+            f"cap ([limits] max_concurrent_queries = {report.concurrency_cap})"
+        )
     if report.stuck_agents:
         lines.append(f"{report.stuck_agents} agents were still inside a call when the run ended")
     return "\n".join(lines)
@@ -156,7 +168,7 @@ def markdown(report: Report) -> str:
         "",
         f"Written by `{report.command}` on {report.date}. Config: {config}.",
         "",
-        "What it does ([tests/load/](__init__.py)): a real `quiver serve --demo` subprocess on "
+        "What it does ([tests/load/](../load/__main__.py)): a real `quiver serve --demo` subprocess on "
         "127.0.0.1 (ephemeral ports, under an address-space cap), driven by well-behaved agents "
         "(each a thread with its own agent token minted through the control plane, in a swarm "
         "with its own allowlist, one call at a time through `QuiverClient` or httpx) and hostile "
