@@ -11,7 +11,6 @@ server survived and the well-behaved agents saw no error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import resource
@@ -144,8 +143,15 @@ def run(cfg: LoadConfig, work: Path) -> Report:
         memory_cap_bytes=int(cfg.memory_cap_gib * GIB),
     )
     try:
-        with server.admin() as admin:
-            good, hostile, bad, usable_at = _setup(admin, cfg)
+        try:
+            with server.admin() as admin:
+                good, hostile, bad, usable_at = _setup(admin, cfg)
+        except (httpx.HTTPError, RuntimeError) as e:
+            if server.alive:
+                raise
+            raise RuntimeError(
+                f"{server.death() or 'the server exited'} during the setup ({e}):\n{server.log_tail()}"
+            ) from e
         time.sleep(max(0.0, usable_at - time.monotonic()))  # the "expired" token has expired
         n = sizes(cfg.scale)
         stop = threading.Event()
@@ -338,5 +344,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         raise SystemExit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # the server was stopped on the way out (run's finally)
+        raise SystemExit(130) from None

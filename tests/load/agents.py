@@ -105,6 +105,10 @@ class Recorder:
         with self._lock:
             self.samples.append(sample)
 
+    def add_reuse_peak(self, streams: int) -> None:
+        with self._lock:
+            self.reuse_peaks.append(streams)
+
     def timed(self, op: str, hostile: bool, call: Callable[[], Any]) -> Any:
         """Run ``call``, record it; return its value or None when it raised."""
         started = time.perf_counter()
@@ -352,8 +356,7 @@ class HostileAgent:
         with ThreadPoolExecutor(REUSE_STREAMS, thread_name_prefix="load-reuse") as pool:
             for _ in range(REUSE_STREAMS):
                 pool.submit(rec.timed, "h.reuse_doget", True, read)
-        with rec._lock:
-            rec.reuse_peaks.append(max_overlap(streaming))
+        rec.add_reuse_peak(max_overlap(streaming))
 
     def do_flood(self, client: flight.FlightClient, http: httpx.Client) -> None:
         rec = self.run.recorder
