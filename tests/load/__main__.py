@@ -241,6 +241,7 @@ def run(cfg: LoadConfig, work: Path) -> Report:
         death=death,
         server_exit=exit_description(code),
         log_tail=server.log_tail() if death else "",
+        server_errors=server.logged_errors(),
         stuck_agents=stuck,
         first_good_error=first_error,
         reuse_peak=max(recorder.reuse_peaks, default=0),
@@ -333,6 +334,10 @@ def main(argv: Sequence[str]) -> int:
     print(summary(report))
     if report.death:
         print(f"\n{report.death}; last lines of its log:\n{report.log_tail}")
+    if report.server_errors:
+        print(
+            "errors in the server's log: " + "; ".join(f"{n}x {k}" for k, n in report.server_errors.items())
+        )
     print()
     print(table(report))
     if args.output != "-":

@@ -58,6 +58,8 @@ class Report(msgspec.Struct, kw_only=True):
     death: str | None  # "server died at t=…s, exit code …"
     server_exit: str  # how the server ended when stopped after the run
     log_tail: str  # last lines of the server log when it died, else ""
+    #: the server log's error events by event and exception (what lies behind INTERNAL)
+    server_errors: dict[str, int]
     stuck_agents: int  # agents still inside a call after the join timeout
     first_good_error: str | None  # "t=3.2s point INTERNAL": when well-behaved agents first failed
     #: ticket re-use: the most DoGets of one ticket seen streaming at once (client side,
@@ -190,9 +192,12 @@ def markdown(report: Report) -> str:
     ]
     if report.death:
         parts += [f"**{report.death}.** Last lines of its log:", "", "```", report.log_tail, "```", ""]
+    parts += [table(report), ""]
+    if report.server_errors:
+        parts += ["Errors in the server's log (by event and exception):", ""]
+        parts += [f"- {n}x `{key}`" for key, n in report.server_errors.items()]
+        parts += [""]
     parts += [
-        table(report),
-        "",
         f"Server VmRSS (MiB) over the run: {rss}.",
         "",
         f"Server stop after the run: {report.server_exit}.",

@@ -12,6 +12,7 @@ up and blocks the server, which would measure the harness, not Quiver.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -201,6 +203,27 @@ class LoadServer:
             return ""
         tail = text.splitlines()[-lines:]
         return "\n".join(line if len(line) <= width else line[:width] + " …" for line in tail)
+
+    def logged_errors(self, width: int = 160) -> dict[str, int]:
+        """The server's own error events during the run, counted by event and the last line
+        of their exception (``flight.internal_error: RuntimeError: can't start new thread``):
+        what lies behind the INTERNAL answers the agents got."""
+        counts: Counter[str] = Counter()
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return {}
+        for line in lines:
+            if not line.startswith("{") or '"level": "error"' not in line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            last = str(event.get("exception") or "").strip().splitlines()[-1:] or [""]
+            key = f"{event.get('event')}: {last[0]}".strip().rstrip(":")
+            counts[key if len(key) <= width else key[:width] + " …"] += 1
+        return dict(counts.most_common())
 
     def admin(self) -> httpx.Client:
         return httpx.Client(
