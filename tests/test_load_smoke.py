@@ -63,7 +63,9 @@ def test_short_load_run_reports_every_class_and_the_server_survives(tmp_path: Pa
     assert report.concurrency_cap == 4
 
     m = report.memory
-    assert 0 < m.start <= m.peak and 0 < m.end <= m.peak <= m.hwm <= m.vm_peak
+    assert 0 < m.start <= m.peak and 0 < m.end <= m.peak < m.vm_peak
+    # (VmHWM is the kernel's own peak, updated lazily: a VmRSS read may briefly exceed it.)
+    assert 0 < m.hwm < m.vm_peak
     assert report.first_good_error is None
     assert report.server_cpu_seconds > 0
 
