@@ -19,9 +19,9 @@ from pathlib import Path
 
 import msgspec
 
-from tests.load.__main__ import LoadConfig, run
 from tests.load.agents import GOOD_MIX, HOSTILE_KINDS, hostile_kinds, max_overlap
 from tests.load.report import Report, markdown, summary, table
+from tests.load.runner import LoadConfig, run
 from tests.load.server import LoadServer
 
 KINDS = [k for k in HOSTILE_KINDS if k != "constant"]
