@@ -19,8 +19,8 @@ from pathlib import Path
 
 import msgspec
 
-from tests.load.agents import GOOD_MIX, HOSTILE_KINDS, hostile_kinds, max_overlap
-from tests.load.report import Report, markdown, summary, table
+from tests.load.agents import GOOD_MIX, HOSTILE_KINDS, Sample, hostile_kinds, max_overlap
+from tests.load.report import Report, markdown, op_stats, summary, table
 from tests.load.runner import LoadConfig, run
 from tests.load.server import LoadServer
 
@@ -73,6 +73,28 @@ def test_short_load_run_reports_every_class_and_the_server_survives(tmp_path: Pa
     assert msgspec.json.decode(msgspec.json.encode(report), type=Report) == report
     assert "| h.flood_http | hostile |" in table(report)
     assert "Load test results" in markdown(report)
+
+
+def test_op_stats_count_outcomes_and_refusals_that_came_too_late() -> None:
+    samples = [
+        Sample("point", False, 0.1, 0.010, "ok"),
+        Sample("point", False, 0.2, 0.030, "INTERNAL"),
+        Sample("h.range", True, 0.3, 0.5, "INVALID_ARGUMENT"),
+        Sample("h.range", True, 9.0, 8.0, "DEADLINE_EXCEEDED"),  # refused, but long after 3 s
+        Sample("h.range", True, 9.5, 0.4, "INTERNAL*"),
+    ]
+    point, h_range = op_stats(samples, seconds=10, slow_seconds=3 * 1.5 + 2)
+    assert (point.op, point.requests, point.ok, point.errors, point.unexpected) == (
+        "point",
+        2,
+        1,
+        {"INTERNAL": 1},
+        1,
+    )
+    assert point.per_second == 0.2 and point.max_ms == 30
+    assert h_range.hostile and h_range.ok == 0
+    assert h_range.errors == {"DEADLINE_EXCEEDED": 1, "INTERNAL*": 1, "INVALID_ARGUMENT": 1}
+    assert (h_range.unexpected, h_range.slow) == (2, 1)
 
 
 def test_max_overlap() -> None:

@@ -194,7 +194,9 @@ def run(cfg: LoadConfig, work: Path) -> Report:
         code = server.stop()
     death = death or server.death()
     samples = recorder.samples
-    cap = int(cfg.settings.get("limits.max_concurrent_queries", LimitsConfig().max_concurrent_queries))
+    defaults = LimitsConfig()
+    cap = int(cfg.settings.get("limits.max_concurrent_queries", defaults.max_concurrent_queries))
+    timeout = float(cfg.settings.get("limits.query_timeout_seconds", defaults.query_timeout_seconds))
     # Rates are per second of load: the configured duration, or less when the server died.
     rate_seconds = max(0.001, min(cfg.seconds, wall))
     good_samples = [s for s in samples if not s.hostile]
@@ -220,7 +222,7 @@ def run(cfg: LoadConfig, work: Path) -> Report:
         load_after=os.getloadavg(),
         seconds=cfg.seconds,
         wall_seconds=wall,
-        ops=op_stats(samples, rate_seconds),
+        ops=op_stats(samples, rate_seconds, slow_seconds=1.5 * timeout + 2),
         good_requests=len(good_samples),
         good_errors=sum(s.outcome != "ok" for s in good_samples),
         good_per_second=len(good_samples) / rate_seconds,
