@@ -213,7 +213,8 @@ class GoodAgent:
         rng, t = self.rng, self.run.tables
         if op == "point":  # fresh literal SQL text each time: no cache answers it
             key = rng.randrange(1, t.orders + 1)
-            client.query(f"SELECT * FROM demo.orders WHERE order_id = {key}")
+            rows = client.query(f"SELECT * FROM demo.orders WHERE order_id = {key}")
+            _check(rows.column("order_id").to_pylist() == [key], op, f"order {key}: {rows.num_rows} rows")
         elif op == "param":
             client.query(
                 "SELECT status, count(*) AS n, sum(amount) AS total FROM demo.orders "
@@ -221,17 +222,19 @@ class GoodAgent:
                 [rng.randrange(1, t.customers + 1), rng.randrange(0, 500)],
             )
         elif op == "sample":
-            client.sample(rng.choice(self.readable), 50, method="random", seed=rng.randrange(1 << 31))
+            rows = client.sample(rng.choice(self.readable), 50, method="random", seed=rng.randrange(1 << 31))
+            _check(rows.num_rows == 50, op, f"{rows.num_rows} rows, not 50")
         elif op == "profile":
             client.profile(rng.choice(self.readable))
         elif op == "scan":
-            client.read("demo.customers")
+            rows = client.read("demo.customers")
+            _check(rows.num_rows == t.customers, op, f"{rows.num_rows} customers, not {t.customers}")
         elif op == "list":
             listed = {x.name for x in client.tables()}
-            if listed != set(self.readable):
-                raise QuiverClientError("WRONG_LISTING", f"{sorted(listed)} != {sorted(self.readable)}")
+            _check(listed == set(self.readable), op, f"{sorted(listed)} != {sorted(self.readable)}")
         elif op == "whoami":
-            client.whoami()
+            me = client.whoami()
+            _check(me["agent"] == f"agent-{self.index}", op, f"whoami says {me['agent']!r}")
         elif op == "http_whoami":
             r = http.get("/v1/whoami")
             if r.status_code != 200:
@@ -245,9 +248,17 @@ class GoodAgent:
             status = client.wait(query_id, timeout=CALL_TIMEOUT_SECONDS)
             if status["state"] != "succeeded":
                 raise QuiverClientError(str(status.get("code", "FAILED")), str(status)[:200])
-            client.result(query_id, wait=None)
+            rows = client.result(query_id, wait=None)
+            _check(0 < rows.num_rows <= 10, op, f"{rows.num_rows} rows, not 1..10")
         else:
             raise ValueError(op)
+
+
+def _check(ok: bool, op: str, detail: str) -> None:
+    """A wrong answer under load is an error too (``WRONG_RESULT``): one agent's rows, cache
+    entries or identity must never leak into another's call."""
+    if not ok:
+        raise QuiverClientError("WRONG_RESULT", f"{op}: {detail}")
 
 
 # --- hostile agents ------------------------------------------------------------------------
