@@ -44,11 +44,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import duckdb
@@ -105,6 +107,14 @@ DENIED_FUNCTIONS: Mapping[str, str] = {
     "query_table": "reads tables named by strings",
     "json_execute_serialized_sql": "runs serialized SQL",
     "json_serialize_plan": "binds SQL text against the catalog and reveals its tables",
+    # catalog objects named by strings: they answer for objects of any schema and tell
+    # existing from missing ones
+    "index_key": "looks up a table's indexes by name",
+    "make_type": "resolves a type named by a string",
+    "to_aggregate_state": "resolves a function named by a string",
+    # side effects
+    "write_log": "writes to the server's log",
+    "sleep_ms": "holds a query slot while doing nothing",
     # PostgreSQL catalog compatibility (schema pg_catalog): catalog and server details
     "col_description": "reads catalog comments",
     "obj_description": "reads catalog comments",
@@ -366,14 +376,26 @@ class SqlGuard:
         self._parser = duckdb.connect(":memory:")
         self._local = threading.local()
         rows = self._parser.execute(
-            "SELECT function_name, function_type, schema_name FROM duckdb_functions()"
+            "SELECT function_name, function_type, schema_name, return_type FROM duckdb_functions()"
         ).fetchall()
         kinds: dict[str, set[str]] = {}
+        returns: dict[str, set[str]] = {}
         pg_catalog: set[str] = set()
-        for name, kind, schema in rows:
+        for name, kind, schema, returned in rows:
             kinds.setdefault(_fold(name), set()).add(kind)
+            returns.setdefault(_fold(name), set()).add(str(returned).upper())
             if schema == "pg_catalog":
                 pg_catalog.add(_fold(name))
+        # Functions whose every overload returns one fixed-width scalar (a number, a date, …):
+        # whatever their arguments, their value is one unit for the size bounds.
+        self._fixed_width = frozenset(
+            name for name, types in returns.items() if types <= _FIXED_TYPES and kinds[name] <= {"scalar"}
+        )
+        # Types a query may name: DuckDB's built-in ones. The private parser database holds
+        # nothing else, so this lists no type of the data file.
+        self._builtin_types = frozenset(
+            _fold(str(r[0])) for r in self._parser.execute("SELECT type_name FROM duckdb_types()").fetchall()
+        )
         self._builtins = frozenset(kinds) | _BUILTIN_SPECIALS
         # Functions DuckDB only knows as table functions: called in an expression they are
         # refused with the table-function message (query(), read_csv(), …).
@@ -412,6 +434,7 @@ class SqlGuard:
         walk = _Walk(self, principal)
         try:
             walk.statement(parsed.tree)
+            _Sizer(self).any(parsed.tree.get("node"))
         except RecursionError:
             raise InvalidArgument(_TOO_DEEP) from None
         tables = tuple(sorted(walk.tables.values(), key=lambda r: r.key()))
@@ -790,6 +813,8 @@ class _Walk:
             skip = frozenset({"function_name", "qualified_name"})
         if cls == "PARAMETER":
             self.parameter(str(expr.get("identifier", "")))
+        if cls == "TYPE":
+            self.type_reference(expr)
         if cls == "COLUMN_REF":
             names = expr.get("column_names") or []
             if len(names) == 1 and _fold(str(names[0])) in _KEYWORD_FUNCTIONS:
@@ -812,7 +837,621 @@ class _Walk:
     def parameter(self, identifier: str) -> None:
         if not identifier.isdecimal() or int(identifier) < 1:
             raise InvalidArgument(
-                f"named parameter ${identifier} is not supported: use positional parameters "
+                f"named parameter ${identifier[:40]} is not supported: use positional parameters "
                 "(? or $1, $2, …) and pass their values as a list"
             )
+        if len(identifier) > 6 or int(identifier) > MAX_PARAM_INDEX:
+            raise InvalidArgument(
+                f"parameter ${identifier[:12]}{'…' if len(identifier) > 12 else ''} is out of range: "
+                f"a query takes at most {MAX_PARAM_INDEX:,} parameters ($1 … ${MAX_PARAM_INDEX})"
+            )
         self.params.add(int(identifier))
+
+    def type_reference(self, expr: dict[str, Any]) -> None:
+        """Only DuckDB's built-in types may be named (casts, ``::``, TRY_CAST, nested types).
+
+        A user-defined type lives in a schema, and naming it reveals its definition (an ENUM's
+        values through ``enum_range(NULL::s.t)`` or a failing cast); the refusal reads exactly
+        like a missing table, so whether the type exists never leaks. Readable tables' ENUM
+        columns still work: their values compare with plain strings."""
+        name = str(expr.get("type_name") or "")
+        parts = [str(p) for p in (expr.get("catalog"), expr.get("schema")) if p] + [name]
+        if len(parts) > 1 or _fold(name) not in self.guard._builtin_types:
+            display = ".".join(parts)[:200]
+            raise PermissionDenied(
+                f"type {display}: {NOT_READABLE}; only DuckDB's built-in types may be named"
+            )
+
+
+# --- values built from small constants (see "Values built from small constants" above) ------
+
+#: Largest value, in units, that one expression may build from what the query text says: a unit
+#: is one character (byte) of a string or blob or one element of a list or map. At most a few
+#: tens of bytes each, so a value at the bound is some 8-40 MB — far more than any real query
+#: needs from a constant (padding, a label, a short series), far less than what hurts a server.
+MAX_BUILT_UNITS = 1_000_000
+
+#: Largest sum over all the value builders of one statement: DuckDB folds each constant
+#: builder on its own while planning, so 5,000 calls each under :data:`MAX_BUILT_UNITS` would
+#: otherwise add up to gigabytes.
+MAX_BUILT_TOTAL_UNITS = 4_000_000
+
+#: What the guard assumes for one value it cannot see: a column of a stored table, a lambda
+#: parameter over such a list, a scalar subquery over rows. Stored data is the admin's to bound;
+#: this only sets how far a query may *enlarge* it (``repeat(col, n)`` with n ≤ 1,000).
+DATA_VALUE_UNITS = 1_000
+
+#: What the guard assumes for one parameter value: it arrives inside a Flight command of at most
+#: 1 MiB (flight_server.commands.MAX_COMMAND_BYTES), so it can be that large.
+PARAM_VALUE_UNITS = 1 << 20
+
+#: Highest positional parameter index ($n) accepted. Equal to flight_server's MAX_PARAMS (the
+#: most parameter values one command may carry): a higher index can never be bound, and DuckDB
+#: answers one with an error message listing every missing index (megabytes for $1000000).
+MAX_PARAM_INDEX = 1_000
+
+#: Functions that build a value larger than their arguments, with what they build. Each one's
+#: size arguments must be constants the guard can evaluate (see :class:`_Sizer`).
+BUILDER_FUNCTIONS: Mapping[str, str] = {
+    "range": "a list of numbers (count from start, stop, step)",
+    "generate_series": "a list of numbers (count from start, stop, step, inclusive)",
+    "repeat": "a string, blob or list repeated count times",
+    "list_resize": "a list of the given length",
+    "array_resize": "a list of the given length",
+    "lpad": "a string padded to the given width",
+    "rpad": "a string padded to the given width",
+    "printf": "a string formatted with widths and precisions from the format string",
+    "format": "a string formatted with widths and precisions from the format string",
+    "bar": "a bar of the given width",
+    "to_base": "a string padded to the given minimum length",
+    "bitstring": "a bitstring of the given length",
+    "equi_width_bins": "a list of the given number of bins",
+    "replace": "a string with every match replaced (grows by the replacement's length)",
+    "regexp_replace": "a string with matches replaced (grows by the replacement's length)",
+    "list_transform": "a list with the lambda's value for each element",
+    "array_transform": "a list with the lambda's value for each element",
+    "list_apply": "a list with the lambda's value for each element",
+    "array_apply": "a list with the lambda's value for each element",
+    "apply": "a list with the lambda's value for each element",
+    "list_reduce": "one value folded over a list by the lambda",
+    "array_reduce": "one value folded over a list by the lambda",
+    "reduce": "one value folded over a list by the lambda",
+    # Aggregates whose state is sized by an argument, allocated on the first row of a group.
+    "bitstring_agg": "a bitstring with one bit per value between min and max",
+    "approx_top_k": "a state holding k values",
+    "reservoir_quantile": "a sample of the given size",
+    "max": "the n largest values (max(x, n))",
+    "min": "the n smallest values (min(x, n))",
+    "arg_max": "the n values at the largest keys (arg_max(x, key, n))",
+    "arg_min": "the n values at the smallest keys (arg_min(x, key, n))",
+    "argmax": "the n values at the largest keys",
+    "argmin": "the n values at the smallest keys",
+    "max_by": "the n values at the largest keys",
+    "min_by": "the n values at the smallest keys",
+}
+
+_LAMBDA_MAPPERS = frozenset({"list_transform", "array_transform", "list_apply", "array_apply", "apply"})
+_LAMBDA_REDUCERS = frozenset({"list_reduce", "array_reduce", "reduce"})
+#: Aggregates taking the name of another aggregate as a string; the name is checked as a call.
+_AGGREGATE_BY_NAME = frozenset({"list_aggregate", "list_aggr", "array_aggregate", "array_aggr", "aggregate"})
+_TOP_N = {"max": 1, "min": 1, "arg_max": 2, "arg_min": 2, "argmax": 2, "argmin": 2, "max_by": 2, "min_by": 2}
+#: Arithmetic the guard evaluates in size arguments: Python's exact integers, clamped.
+_HUGE = 10**30
+#: A parameter size for probing a lambda body: far above any real size, far below _HUGE.
+_PROBE = 10**12
+_MAX_LAMBDA_DEPTH = 8
+#: Expression classes whose value is one fixed-width scalar (a boolean).
+_SCALAR_CLASSES = frozenset({"COMPARISON", "CONJUNCTION", "BETWEEN"})
+_FIXED_TYPES = frozenset(
+    {
+        "BOOLEAN", "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
+        "UINTEGER", "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE", "DECIMAL", "DATE", "TIME", "TIME_NS",
+        "TIME WITH TIME ZONE", "TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "TIMESTAMP_NS",
+        "TIMESTAMPTZ_NS", "TIMESTAMP_MS", "TIMESTAMP_S", "INTERVAL", "UUID",
+    }
+)  # fmt: skip
+_PRINTF_SPEC = re.compile(r"%[-+ #0']*(\*|\d+)?(?:\.(\*|\d+))?[a-zA-Z%]")
+_FORMAT_NUMBER = re.compile(r"\d+")
+
+
+@dataclass(frozen=True, slots=True)
+class _Size:
+    """An upper bound on a value's size in units: ``built`` comes from the query text (literals
+    and builders, folded while planning), ``outside`` from values the guard cannot see (stored
+    data, parameters)."""
+
+    built: int
+    outside: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.built + self.outside
+
+    def __add__(self, other: _Size) -> _Size:
+        return _Size(self.built + other.built, self.outside + other.outside)
+
+
+_ONE = _Size(1)
+_ZERO = _Size(0)
+
+
+class _Sizer:
+    """Bounds the size of every value a statement builds from its own text, bottom-up.
+
+    Runs after :class:`_Walk` accepted the tree, so every node is one the guard knows. Values
+    flow through queries: a column of a subquery or CTE may hold whatever that query built
+    (DuckDB inlines it and folds the parent's expression too — measured), so a column counts as
+    the largest value built by any query node completed before it (FROM and CTEs are sized
+    before the clauses that read them), plus :data:`DATA_VALUE_UNITS` for stored data.
+    """
+
+    def __init__(self, guard: SqlGuard) -> None:
+        self.guard = guard
+        self.completed = 0  # largest built value returned by a finished query node
+        self.total = 0  # sum over builder calls
+        self.lambdas: list[dict[str, _Size]] = []
+        self.memo: dict[tuple[int, tuple[int, ...]], _Size] = {}
+        self.probing = 0  # inside linear(): sizes only, no checks
+
+    # --- traversal --------------------------------------------------------------------------
+    def any(self, value: Any) -> int:
+        """Size every expression under ``value``; return the largest built value of the query
+        nodes found directly in it."""
+        if isinstance(value, list):
+            return max((self.any(v) for v in value), default=0)
+        if not isinstance(value, dict):
+            return 0
+        if "class" in value:
+            return self.expr(value).built
+        kind = value.get("type")
+        if kind in ("SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE"):
+            return self.query(value)
+        if kind == "TABLE_FUNCTION" and isinstance(value.get("function"), dict):
+            # In FROM, range() and friends stream rows at run time under the query's limits;
+            # only their arguments are values.
+            fn = value["function"]
+            rest = [v for k, v in value.items() if k != "function"]
+            return max(self.any(fn.get("arguments")), self.any(fn.get("children")), self.any(rest))
+        return max((self.any(v) for v in value.values()), default=0)
+
+    def query(self, node: dict[str, Any]) -> int:
+        cte_map = node.get("cte_map") or {}
+        for entry in cte_map.get("map") or [] if isinstance(cte_map, dict) else []:
+            self.any(entry.get("value"))
+        self.any(node.get("from_table"))
+        if node.get("type") == "SELECT_NODE":
+            out = max((self.expr(e).built for e in node.get("select_list") or []), default=0)
+            rest = {k: v for k, v in node.items() if k not in ("cte_map", "from_table", "select_list")}
+        else:
+            out = 0
+            rest = {k: v for k, v in node.items() if k not in ("cte_map",)}
+        out = max(out, self.any(list(rest.values())))
+        self.completed = max(self.completed, out)
+        return out
+
+    # --- expressions ------------------------------------------------------------------------
+    def expr(self, e: dict[str, Any]) -> _Size:
+        if self.probing:
+            return self.size(e)
+        key = (id(e), tuple(id(env) for env in self.lambdas))
+        hit = self.memo.get(key)
+        if hit is None:
+            hit = self.memo[key] = self.size(e)
+        return hit
+
+    def size(self, e: dict[str, Any]) -> _Size:
+        cls = e.get("class")
+        if cls == "CONSTANT":
+            literal = e.get("literal")
+            if isinstance(literal, dict) and literal.get("kind") == "STRING":
+                return _Size(max(1, len(str(literal.get("text", "")).encode())))
+            value = e.get("value")
+            if isinstance(value, dict) and isinstance(value.get("value"), str):
+                return _Size(max(1, len(value["value"].encode())))
+            return _ONE
+        if cls == "COLUMN_REF":
+            names = e.get("column_names") or []
+            if len(names) == 1:
+                for scope in reversed(self.lambdas):
+                    hit = scope.get(_fold(str(names[0])))
+                    if hit is not None:
+                        return hit
+            return _Size(self.completed, DATA_VALUE_UNITS)
+        if cls == "PARAMETER":
+            return _Size(0, PARAM_VALUE_UNITS)
+        if cls == "STAR":
+            self.any([v for k, v in e.items() if k != "class"])
+            return _Size(self.completed, DATA_VALUE_UNITS)
+        if cls == "SUBQUERY":
+            out = self.any(e.get("subquery"))
+            self.any(e.get("child"))
+            return _Size(out, DATA_VALUE_UNITS)
+        if cls == "FUNCTION":
+            return self.function(e)
+        if cls == "TYPE":
+            return _ONE
+        if cls == "CAST":
+            child = self.expr(e["child"]) if isinstance(e.get("child"), dict) else _ONE
+            type_expr = e.get("type_expr") or {}
+            if str(type_expr.get("type_name", "")).upper() in _FIXED_TYPES:
+                return _ONE
+            return child
+        if cls == "LAMBDA":
+            return self.expr(e["expr"]) if isinstance(e.get("expr"), dict) else _ONE
+        parts = self.children(e)
+        if cls in _SCALAR_CLASSES:
+            return _ONE
+        return sum(parts, _ZERO) if parts else _ONE
+
+    def children(self, e: dict[str, Any]) -> list[_Size]:
+        """Sizes of the expressions directly under ``e`` (query nodes under it are sized too)."""
+        out: list[_Size] = []
+
+        def collect(value: Any) -> None:
+            if isinstance(value, list):
+                for v in value:
+                    collect(v)
+            elif isinstance(value, dict):
+                if "class" in value:
+                    out.append(self.expr(value))
+                elif value.get("type") in ("SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE"):
+                    out.append(_Size(self.query(value), DATA_VALUE_UNITS))
+                else:
+                    for v in value.values():
+                        collect(v)
+
+        for key, value in e.items():
+            if key != "class":
+                collect(value)
+        return out
+
+    def function(self, e: dict[str, Any]) -> _Size:
+        name = _fold(str(e.get("function_name", "")))
+        args = _arguments(e)
+        if name in _LAMBDA_MAPPERS or name in _LAMBDA_REDUCERS or name == "invoke":
+            return self.lambda_call(name, e, args)
+        if name in _AGGREGATE_BY_NAME and len(args) >= 2:
+            self.aggregate_by_name(name, args[1])
+        sizes = [self.expr(a) for a in args]
+        # filter, ORDER BY inside the call, window clauses: sized for what they build
+        self.any([v for k, v in e.items() if k not in ("arguments", "children", "class", "function_name")])
+        if name in BUILDER_FUNCTIONS:
+            size = self.builder(name, args, sizes)
+            if size is None:
+                return sum(sizes, _ZERO) if sizes else _ONE
+            self.charge(name, size)
+            return size
+        if name in self.guard._fixed_width:
+            return _ONE
+        out = sum(sizes, _ZERO) if sizes else _ONE
+        self.check(name, out)
+        return out
+
+    def lambda_call(self, name: str, e: dict[str, Any], args: list[dict[str, Any]]) -> _Size:
+        """Size a call with a lambda: its body is a linear function of its parameters' sizes
+        (sums, and products with constants), so two probes give how many times the body copies
+        a parameter (``k``) and what it adds on its own (``c``); the result is ``k`` copies of
+        the list plus ``c`` per element. A reduce whose body copies its accumulator more than
+        once doubles it at each step and is refused."""
+        lam = next((a for a in args if a.get("class") == "LAMBDA"), None)
+        others = [a for a in args if a is not lam]
+        sizes = [self.expr(a) for a in others]
+        if lam is None or not isinstance(lam.get("expr"), dict):
+            return sum(sizes, _ZERO) if sizes else _ONE
+        if len(self.lambdas) >= _MAX_LAMBDA_DEPTH:
+            raise InvalidArgument(
+                f"lambdas are nested more than {_MAX_LAMBDA_DEPTH} deep; the guard cannot bound "
+                "what they build — un-nest them (e.g. with a CTE)"
+            )
+        params = _lambda_params(lam)
+        display = str(e.get("function_name"))
+        if name == "invoke":
+            return self.body(lam, dict(zip(params, sizes, strict=False)))
+        lst = sizes[0] if sizes else _ONE
+        count = max(1, lst.total)
+        element = self.element(others[0]) if others else _ONE
+        if name in _LAMBDA_REDUCERS:
+            start = element + (sizes[1] if len(sizes) > 1 else _ZERO)
+            self.body(
+                lam,
+                {p: v for p, v in zip(params, (start, element), strict=False)}
+                | dict.fromkeys(params[2:], _ONE),
+            )
+            k_acc, own = self.linear(lam, params, 0)
+            if k_acc > 1:
+                raise InvalidArgument(
+                    f"{display}() with a lambda that uses its accumulator more than once is not "
+                    "allowed: each step doubles the value, and DuckDB folds constant lists while "
+                    "planning, outside every limit; use the accumulator once (lambda acc, x: acc + x)"
+                )
+            k_x, _ = self.linear(lam, params, 1)
+            size = start + _scale(own, count) + _scale(lst, k_x)
+            self.check(display, size)
+            return size
+        self.body(lam, {params[0]: element} | dict.fromkeys(params[1:], _ONE) if params else {})
+        k, own = self.linear(lam, params, 0)
+        size = _scale(lst, k) + _scale(own, count)
+        self.charge(display, size)
+        return size
+
+    def body(self, lam: dict[str, Any], env: dict[str, _Size]) -> _Size:
+        self.lambdas.append(env)
+        try:
+            return self.expr(lam["expr"])
+        finally:
+            self.lambdas.pop()
+
+    def linear(self, lam: dict[str, Any], params: list[str], index: int) -> tuple[int, _Size]:
+        """(copies of parameter ``index`` in the body's value, the body's value without it)."""
+        if index >= len(params):
+            return 0, _ZERO
+        self.probing += 1
+        try:
+            own = self.body(lam, dict.fromkeys(params, _ZERO))
+            probe = _Size(_PROBE, _PROBE)
+            with_param = self.body(lam, dict.fromkeys(params, _ZERO) | {params[index]: probe})
+        finally:
+            self.probing -= 1
+        grown = with_param.total - own.total
+        return -(-grown // probe.total), own
+
+    def element(self, lst: dict[str, Any]) -> _Size:
+        """An upper bound on one element of the list ``lst`` (the list's own size if unknown)."""
+        if lst.get("class") == "FUNCTION":
+            name = _fold(str(lst.get("function_name", "")))
+            if name in ("range", "generate_series"):
+                return _ONE
+            if name == "list_value":
+                return max((self.expr(a) for a in _arguments(lst)), key=lambda s: s.total, default=_ONE)
+        return self.expr(lst)
+
+    def aggregate_by_name(self, name: str, arg: dict[str, Any]) -> None:
+        literal = arg.get("literal") if arg.get("class") == "CONSTANT" else None
+        if not isinstance(literal, dict) or literal.get("kind") != "STRING":
+            raise PermissionDenied(
+                f"{name}() must name its aggregate as a string literal, e.g. "
+                f"{name}(l, 'sum'): the name is resolved from the catalog"
+            )
+        refusal = self.guard._function_refusal(str(literal.get("text", "")), in_from=False)
+        if refusal is not None:
+            raise refusal
+
+    # --- builders ---------------------------------------------------------------------------
+    def builder(self, name: str, args: list[dict[str, Any]], sizes: list[_Size]) -> _Size | None:
+        """The size ``name(args)`` builds, or None when this call builds nothing large (e.g.
+        max(x) with one argument)."""
+        n = len(args)
+        if name in ("range", "generate_series"):
+            return _Size(self.series_count(name, args))
+        if name == "repeat" and n == 2:
+            return _Size(_mul(sizes[0].total, self.size_arg(name, args[1], "count")))
+        if name in ("list_resize", "array_resize") and n >= 2:
+            fill = sizes[2].total if n > 2 else 1
+            return _Size(_mul(self.size_arg(name, args[1], "length"), max(1, fill)) + sizes[0].total)
+        if name in ("lpad", "rpad") and n >= 2:
+            return _Size(self.size_arg(name, args[1], "width"))
+        if name == "bar" and n >= 4:
+            return _Size(self.size_arg(name, args[3], "width"))
+        if name == "to_base" and n >= 3:
+            return _Size(max(64, self.size_arg(name, args[2], "minimum length")))
+        if name == "bitstring" and n >= 2:
+            return _Size(max(1, self.size_arg(name, args[1], "length") // 8) + sizes[0].total)
+        if name == "equi_width_bins" and n >= 3:
+            return _Size(self.size_arg(name, args[2], "bin count"))
+        if name in ("printf", "format") and n >= 1:
+            return self.formatted(name, args[0], sizes[1:])
+        if name in ("replace", "regexp_replace") and n >= 3:
+            return _Size(_mul(sizes[0].total + 1, max(1, sizes[2].total)))
+        if name == "bitstring_agg" and n >= 3:
+            low, high = self.int_arg(name, args[1], "min"), self.int_arg(name, args[2], "max")
+            return _Size(max(0, high - low) // 8 + 1)
+        if name == "approx_top_k" and n >= 2:
+            return _Size(self.size_arg(name, args[1], "k"))
+        if name == "reservoir_quantile" and n >= 3:
+            return _Size(self.size_arg(name, args[2], "sample size"))
+        if name in _TOP_N and n > _TOP_N[name]:
+            return _Size(_mul(self.size_arg(name, args[_TOP_N[name]], "n"), max(1, sizes[0].total)))
+        return None
+
+    def series_count(self, name: str, args: list[dict[str, Any]]) -> int:
+        values = [_const_int(a) for a in args]
+        if any(v is None for v in values):
+            raise PermissionDenied(
+                f"{name}() as a value needs constant integer bounds the guard can evaluate: "
+                f"DuckDB builds the whole list (at most {MAX_BUILT_UNITS:,} elements here) and one "
+                f"row could otherwise build gigabytes; for many rows, or dates and timestamps, "
+                f"use the table function in FROM (FROM {name}(...) or FROM t, {name}(t.a, t.b)), "
+                "which streams its rows"
+            )
+        ints = [v for v in values if v is not None]
+        start, stop, step = 0, 0, 1
+        if len(ints) == 1:
+            stop = ints[0]
+        elif len(ints) >= 2:
+            start, stop = ints[0], ints[1]
+            step = ints[2] if len(ints) > 2 else 1
+        if step == 0:
+            return 0
+        if name == "generate_series":
+            return max(0, min(_HUGE, (stop - start) // step + 1))
+        return max(0, min(_HUGE, -((start - stop) // step)))
+
+    def int_arg(self, name: str, arg: dict[str, Any], what: str) -> int:
+        value = _const_int(arg)
+        if value is None:
+            raise PermissionDenied(
+                f"{name}(): the {what} must be a constant the guard can evaluate (an integer, "
+                f"arithmetic of integers, a cast of one), at most {MAX_BUILT_UNITS:,}; a computed "
+                f"{what} (a column, parameter or subquery) is refused because one row could build "
+                "gigabytes"
+            )
+        return value
+
+    def size_arg(self, name: str, arg: dict[str, Any], what: str) -> int:
+        return max(0, self.int_arg(name, arg, what))
+
+    def formatted(self, name: str, fmt: dict[str, Any], sizes: list[_Size]) -> _Size:
+        literal = fmt.get("literal") if fmt.get("class") == "CONSTANT" else None
+        if not isinstance(literal, dict) or literal.get("kind") != "STRING":
+            raise PermissionDenied(
+                f"{name}(): the format string must be a string literal; its widths and precisions "
+                "decide how large the result is, and the guard must see them"
+            )
+        # The format *string's* contents (not SQL), scanned for field widths and precisions.
+        text = str(literal.get("text", ""))
+        biggest = max((s.total for s in sizes), default=1)
+        if name == "printf":
+            specs = list(_PRINTF_SPEC.finditer(text))
+            if any("*" in m.group(0) for m in specs):
+                raise PermissionDenied(
+                    "printf(): a '*' width or precision takes its size from an argument and is not "
+                    "allowed; write the width in the format string"
+                )
+            numbers = [int(g) for m in specs for g in m.groups() if g and g.isdecimal()]
+            fields = len(specs)
+        else:
+            fields, numbers, depth, spec = 0, [], 0, ""
+            for ch in text:
+                if ch == "{":
+                    depth += 1
+                    if depth > 1:
+                        raise PermissionDenied(
+                            "format(): a nested {} width or precision takes its size from an "
+                            "argument and is not allowed; write the width in the format string"
+                        )
+                    spec = ""
+                elif ch == "}" and depth:
+                    depth -= 1
+                    fields += 1
+                    numbers.extend(int(x) for x in _FORMAT_NUMBER.findall(spec.partition(":")[2]))
+                elif depth:
+                    spec += ch
+        size = len(text.encode()) + sum(numbers) + _mul(fields, biggest)
+        return _Size(min(_HUGE, size))
+
+    def charge(self, name: str, size: _Size) -> None:
+        if self.probing:
+            return
+        self.check(name, size)
+        self.total += size.built
+        if self.total > MAX_BUILT_TOTAL_UNITS:
+            raise InvalidArgument(
+                f"the query's value builders (range, repeat, lpad, printf widths, …) would build "
+                f"more than {MAX_BUILT_TOTAL_UNITS:,} elements or characters in all; DuckDB "
+                "evaluates constant expressions while planning, outside the query's memory and "
+                "time limits; build fewer or smaller values, or generate rows with FROM range(n)"
+            )
+
+    def check(self, name: str, size: _Size) -> None:
+        if size.built > MAX_BUILT_UNITS and not self.probing:
+            about = f"about {size.built:,}" if size.built < _HUGE else "an unbounded number of"
+            raise InvalidArgument(
+                f"{name}() would build {about} elements or characters, more than the "
+                f"{MAX_BUILT_UNITS:,} a query may build from constants: DuckDB evaluates constant "
+                "expressions while planning, outside the query's memory and time limits; build a "
+                "smaller value, or generate rows with FROM range(n)"
+            )
+
+
+def _arguments(e: dict[str, Any]) -> list[dict[str, Any]]:
+    """A call's argument expressions (DuckDB 2.0 wraps each in ``{"name", "expression"}``)."""
+    out: list[dict[str, Any]] = []
+    for a in e.get("arguments") or e.get("children") or []:
+        inner = a.get("expression") if isinstance(a, dict) and "class" not in a else a
+        if isinstance(inner, dict):
+            out.append(inner)
+    return out
+
+
+def _mul(a: int, b: int) -> int:
+    return min(_HUGE, a * b)
+
+
+def _scale(size: _Size, factor: int) -> _Size:
+    return _Size(_mul(size.built, factor), _mul(size.outside, factor))
+
+
+def _lambda_params(lam: dict[str, Any]) -> list[str]:
+    lhs = lam.get("lhs")
+    if not isinstance(lhs, dict):
+        return []
+    refs = [lhs] if lhs.get("class") == "COLUMN_REF" else _arguments(lhs)
+    return [_fold(str((r.get("column_names") or [""])[-1])) for r in refs if isinstance(r, dict)]
+
+
+def _const_int(e: dict[str, Any]) -> int | None:
+    """The integer value of a constant size argument, or None if the guard cannot evaluate it.
+
+    Integer and decimal literals, strings cast to numbers, casts, unary minus, + - * / // %,
+    abs, least and greatest — evaluated with Python's exact integers and clamped to ±10**30,
+    so no input makes this slow or large."""
+    value = _const_num(e, 0)
+    if value is None:
+        return None
+    return int(max(Decimal(-_HUGE), min(Decimal(_HUGE), value)))
+
+
+def _const_num(e: dict[str, Any], depth: int) -> Decimal | None:
+    if depth > 64 or not isinstance(e, dict):
+        return None
+    cls = e.get("class")
+    if cls == "CONSTANT":
+        literal = e.get("literal")
+        if not isinstance(literal, dict):
+            return None
+        if literal.get("kind") == "NULL_LITERAL":
+            return Decimal(0)
+        return _decimal(str(literal.get("text", "")))
+    if cls == "CAST":
+        child = e.get("child")
+        if isinstance(child, dict) and child.get("class") == "CONSTANT":
+            literal = child.get("literal") or {}
+            if literal.get("kind") == "STRING":
+                return _decimal(str(literal.get("text", "")).strip())
+        return _const_num(child, depth + 1) if isinstance(child, dict) else None
+    if cls != "FUNCTION":
+        return None
+    name = _fold(str(e.get("function_name", "")))
+    raw = _arguments(e)
+    args = [_const_num(a, depth + 1) for a in raw]
+    if len(raw) != len(e.get("arguments") or []) or any(a is None for a in args):
+        return None
+    vals = [a for a in args if a is not None]
+    huge = Decimal(_HUGE)
+    try:
+        if name in ("-", "subtract") and len(vals) == 1:
+            return -vals[0]
+        if name in ("+", "add") and len(vals) in (1, 2):
+            return sum(vals, Decimal(0))
+        if name in ("-", "subtract") and len(vals) == 2:
+            return vals[0] - vals[1]
+        if name in ("*", "multiply") and len(vals) == 2:
+            return max(-huge, min(huge, vals[0] * vals[1]))
+        if name in ("/", "divide", "//", "fdiv") and len(vals) == 2:
+            return vals[0] / vals[1] if vals[1] else Decimal(0)
+        if name in ("%", "mod") and len(vals) == 2:
+            return vals[0] % vals[1] if vals[1] else Decimal(0)
+        if name in ("**", "^", "pow", "power") and len(vals) == 2:
+            base, exp = vals
+            if abs(base) <= 1 or exp <= 0:
+                return Decimal(1)
+            return huge if exp > 100 else max(-huge, min(huge, base**exp))
+        if name == "abs" and len(vals) == 1:
+            return abs(vals[0])
+        if name == "least" and vals:
+            return min(vals)
+        if name == "greatest" and vals:
+            return max(vals)
+    except (ArithmeticError, ValueError):
+        return None
+    return None
+
+
+def _decimal(text: str) -> Decimal | None:
+    try:
+        value = Decimal(text.replace("_", ""))
+    except (ArithmeticError, ValueError):
+        return None
+    if not value.is_finite():
+        return None
+    return max(-Decimal(_HUGE), min(Decimal(_HUGE), value))
