@@ -275,6 +275,11 @@ _FILE_SUFFIXES = (
 )
 
 _HINT_LIMIT = 50
+#: Longest refusal detail, and longest name or DuckDB message quoted in one (issue #8, defect 8:
+#: a multi-megabyte detail overflowed gRPC's header limit and the client saw no code at all).
+MAX_DETAIL_CHARS = 4_000
+_MAX_ECHO = 120
+_MAX_DUCKDB_MESSAGE = 300
 _TOO_DEEP = (
     "the query is nested too deeply to be checked (more than about 150 levels of nested "
     "expressions or subqueries); simplify it, e.g. list_sum([...]) or concat(...) instead of "
@@ -312,7 +317,12 @@ def _clean_error(exc: BaseException) -> str:
         if head.startswith(prefix):
             head = head[len(prefix) :]
     where = next((ln.strip() for ln in lines[1:] if ln.lstrip().startswith("LINE ")), None)
-    return f"{head} ({where})" if where else head
+    return _echo(f"{head} ({where})" if where else head, _MAX_DUCKDB_MESSAGE)
+
+
+def _echo(text: str, limit: int = _MAX_ECHO) -> str:
+    """``text`` as a refusal may quote it: at most ``limit`` characters, cut with '…'."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,7 +439,18 @@ class SqlGuard:
     # --- the check ------------------------------------------------------------------------
     def check(self, principal: Principal, sql: str) -> GuardedQuery:
         """Accept ``sql`` for ``principal`` or raise InvalidArgument / PermissionDenied with a
-        sentence that names what is wrong and what is allowed."""
+        sentence that names what is wrong and what is allowed.
+
+        Every refusal is at most :data:`MAX_DETAIL_CHARS` long: names and DuckDB's messages are
+        quoted shortened, so a refusal always fits in a gRPC header."""
+        try:
+            return self._check(principal, sql)
+        except (InvalidArgument, PermissionDenied) as e:
+            if len(e.detail) <= MAX_DETAIL_CHARS:
+                raise
+            raise type(e)(_echo(e.detail, MAX_DETAIL_CHARS)) from None
+
+    def _check(self, principal: Principal, sql: str) -> GuardedQuery:
         parsed = self._parse(sql)
         walk = _Walk(self, principal)
         try:
@@ -575,6 +596,7 @@ class SqlGuard:
 
     def _function_refusal(self, name: str, *, in_from: bool) -> QuiverRefusal | None:
         folded = _fold(name)
+        name = _echo(name)
         if folded in self._stored_functions():
             return PermissionDenied(
                 f"function {name}() is defined in this database, not built into DuckDB, and is "
@@ -613,6 +635,7 @@ class SqlGuard:
         return None
 
     def _not_readable(self, display: str, readable: Iterable[str]) -> PermissionDenied:
+        display = _echo(display, 2 * _MAX_ECHO)
         names = sorted(readable)
         hint = ", ".join(names[:_HINT_LIMIT]) if names else "none"
         if len(names) > _HINT_LIMIT:
@@ -739,7 +762,7 @@ class _Walk:
         path = (ref.get("qualified_name") or {}).get("path")
         if path is not None and list(path) != parts:
             raise PermissionDenied(
-                f"table reference {'.'.join(map(str, path))} cannot be checked; name it as schema.table"
+                f"table reference {_echo('.'.join(map(str, path)))} cannot be checked; name it as schema.table"
             )
         self.children(
             ref,
@@ -788,7 +811,7 @@ class _Walk:
         name = self.function_name(fn)
         if fn.get("schema") or fn.get("catalog"):
             raise PermissionDenied(
-                f"table function {name}() must not be qualified with a schema or catalog: "
+                f"table function {_echo(name)}() must not be qualified with a schema or catalog: "
                 f"call {', '.join(f'{n}()' for n in ALLOWED_TABLE_FUNCTIONS)} by name"
             )
         refusal = self.guard._function_refusal(name, in_from=True)
@@ -818,7 +841,7 @@ class _Walk:
         if cls == "COLUMN_REF":
             names = expr.get("column_names") or []
             if len(names) == 1 and _fold(str(names[0])) in _KEYWORD_FUNCTIONS:
-                bare = str(names[0])
+                bare = _echo(str(names[0]))
                 raise PermissionDenied(
                     f"{bare}: written bare, this keyword calls {_fold(bare)}(), which is not allowed "
                     f"({DENIED_FUNCTIONS[_fold(bare)]}); for a column of that name, qualify it "
@@ -1144,7 +1167,7 @@ class _Sizer:
                 "what they build — un-nest them (e.g. with a CTE)"
             )
         params = _lambda_params(lam)
-        display = str(e.get("function_name"))
+        display = _echo(str(e.get("function_name")))
         if name == "invoke":
             return self.body(lam, dict(zip(params, sizes, strict=False)))
         lst = sizes[0] if sizes else _ONE
@@ -1346,7 +1369,7 @@ class _Sizer:
         if size.built > MAX_BUILT_UNITS and not self.probing:
             about = f"about {size.built:,}" if size.built < _HUGE else "an unbounded number of"
             raise InvalidArgument(
-                f"{name}() would build {about} elements or characters, more than the "
+                f"{_echo(name)}() would build {about} elements or characters, more than the "
                 f"{MAX_BUILT_UNITS:,} a query may build from constants: DuckDB evaluates constant "
                 "expressions while planning, outside the query's memory and time limits; build a "
                 "smaller value, or generate rows with FROM range(n)"
