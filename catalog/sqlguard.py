@@ -913,6 +913,29 @@ PARAM_VALUE_UNITS = 1 << 20
 #: answers one with an error message listing every missing index (megabytes for $1000000).
 MAX_PARAM_INDEX = 1_000
 
+#: Functions whose value is at most this many times the size of their arguments.
+_EXPANDING: Mapping[str, int] = {
+    "hex": 2,
+    "to_hex": 2,
+    "bin": 8,
+    "to_binary": 8,
+    "to_base64": 2,
+    "base64": 2,
+    "url_encode": 3,
+    "upper": 3,
+    "ucase": 3,
+    "lower": 3,
+    "lcase": 3,
+    "nfc_normalize": 3,
+    "json_quote": 6,
+    "to_json": 6,
+    "array_to_json": 6,
+    "row_to_json": 6,
+    "json_array": 6,
+    "json_object": 6,
+    "json_serialize_sql": 64,
+}
+
 #: Functions that build a value larger than their arguments, with what they build. Each one's
 #: size arguments must be constants the guard can evaluate (see :class:`_Sizer`).
 BUILDER_FUNCTIONS: Mapping[str, str] = {
@@ -939,6 +962,16 @@ BUILDER_FUNCTIONS: Mapping[str, str] = {
     "list_reduce": "one value folded over a list by the lambda",
     "array_reduce": "one value folded over a list by the lambda",
     "reduce": "one value folded over a list by the lambda",
+    "array_to_string": "a string joining a list with a separator (grows by the separator per element)",
+    "concat_ws": "a string joining its arguments with a separator",
+    "list_aggregate": "an aggregate over a list (string_agg's separator per element)",
+    "list_aggr": "an aggregate over a list (string_agg's separator per element)",
+    "array_aggregate": "an aggregate over a list (string_agg's separator per element)",
+    "array_aggr": "an aggregate over a list (string_agg's separator per element)",
+    "aggregate": "an aggregate over a list (string_agg's separator per element)",
+    "json_pretty": "indented JSON: one line per nesting level, each indented by its depth (quadratic)",
+    # Encoders: a fixed factor per call, which nesting multiplies (hex(hex(hex(…)))).
+    **{name: f"an encoding up to {factor} times its input" for name, factor in _EXPANDING.items()},
     # Aggregates whose state is sized by an argument, allocated on the first row of a group.
     "bitstring_agg": "a bitstring with one bit per value between min and max",
     "approx_top_k": "a state holding k values",
@@ -1265,6 +1298,20 @@ class _Sizer:
             return self.formatted(name, args[0], sizes[1:])
         if name in ("replace", "regexp_replace") and n >= 3:
             return _Size(_mul(sizes[0].total + 1, max(1, sizes[2].total)))
+        if name in _EXPANDING:
+            return _scale(sum(sizes, _ZERO), _EXPANDING[name])
+        if name == "array_to_string" and n >= 2:
+            return sizes[0] + _scale(sizes[1], max(1, sizes[0].total))
+        if name == "concat_ws" and n >= 1:
+            return sum(sizes, _ZERO) + _scale(sizes[0], n)
+        if name in _AGGREGATE_BY_NAME and n >= 2:
+            extra = sum(sizes[2:], _ZERO)
+            return sizes[0] + _scale(extra, max(1, sizes[0].total))
+        if name == "json_pretty" and n >= 1:
+            # (b + o)^2 for b built and o outside units: the squares and the cross term that the
+            # query's constants control count as built.
+            b, o = sizes[0].built, sizes[0].outside
+            return _Size(_mul(b, b + 2 * o) + b, _mul(o, o) + o)
         if name == "bitstring_agg" and n >= 3:
             low, high = self.int_arg(name, args[1], "min"), self.int_arg(name, args[2], "max")
             return _Size(max(0, high - low) // 8 + 1)

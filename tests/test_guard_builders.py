@@ -132,6 +132,13 @@ TOO_BIG = [
         "SELECT list_transform(range(1000), lambda x: list_transform(range(1000), lambda y: [x, y]))",
         "list_transform()",
     ),
+    # functions that multiply their input: nesting multiplies the factors
+    ("SELECT json_pretty(repeat('[', 2000) || repeat(']', 2000))", "json_pretty()"),
+    ("SELECT hex(hex(hex(hex(hex(repeat('x', 100000))))))", "hex()"),
+    ("SELECT bin(bin(repeat('x', 20000)::BLOB))", "bin()"),
+    ("SELECT array_to_string(range(100000), repeat(',', 100))", "array_to_string()"),
+    ("SELECT list_aggregate(range(100000), 'string_agg', repeat('x', 100))", "list_aggregate()"),
+    ("SELECT concat_ws(repeat('x', 500000), 'a', 'b', 'c')", "concat_ws()"),
     # casts, CTEs and subqueries carry what they built (DuckDB inlines them and folds the parent)
     ("SELECT repeat('x', CAST('1000000000' AS INTEGER))", "repeat()"),
     ("SELECT repeat('x', -(-1000000000))", "repeat()"),
@@ -246,6 +253,11 @@ ACCEPTED = [
     ("WITH c AS (SELECT range(1000) r) SELECT length(list_concat(r, r)) FROM c", [(2000,)]),
     ("SELECT length(repeat(s, 3)) FROM demo.t WHERE id = 1", [(18,)]),
     ("SELECT invoke(lambda x: x + 1, 41)", [(42,)]),
+    (
+        "SELECT upper(s), hex('a'), to_json(l), array_to_string(l, '-') FROM demo.t WHERE id = 1",
+        [("NAME 1", "61", "[1,2]", "1-2")],
+    ),
+    ("SELECT json_pretty('[1]') = json_pretty('[1]'), concat_ws('/', 'a', 'b')", [(True, "a/b")]),
     # in FROM, range() and generate_series() stream rows under the query's limits
     ("SELECT count(*) FROM range(3000000)", [(3_000_000,)]),
     ("SELECT max(i) FROM range(1000000000000) r(i) WHERE i < 5 LIMIT 1", None),
