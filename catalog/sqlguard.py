@@ -24,7 +24,69 @@ What is refused
     (:data:`DENIED_FUNCTIONS`, :data:`DENIED_FUNCTION_PREFIXES`); any function that is not a
     built-in of DuckDB itself, and any macro stored in the database (a macro can read any
     table, and one named like a built-in shadows it);
-  * any parse-tree node the walker does not know: it fails closed.
+  * any parse-tree node the walker does not know: it fails closed;
+  * type names other than DuckDB's built-in types, and functions that resolve catalog objects
+    from strings (below);
+  * values the query would build past the size bounds (below), and parameter indexes above
+    :data:`MAX_PARAM_INDEX`.
+
+Every refusal is InvalidArgument or PermissionDenied with one sentence of at most
+:data:`MAX_DETAIL_CHARS` characters; names and DuckDB's own messages are quoted shortened.
+
+Values built from small constants
+  DuckDB evaluates constant expressions while *binding* and planning — before any execution,
+  outside ``memory_limit`` (which governs its buffer manager, not these allocations) and outside
+  the query interrupt. ``SELECT length(range(150000000))`` allocates about 1.5 GB and
+  ``repeat('x', 1000000000)`` 2 GB in GetFlightInfo's ``LIMIT 0`` planning alone; turning the
+  optimizer off does not help. So :class:`_Sizer` bounds, bottom-up over the whole tree, the
+  size of every value a query builds from its own text, in *units*: one character of a string
+  or blob, one element of a list or map.
+
+  * Builders (:data:`BUILDER_FUNCTIONS`: scalar ``range``/``generate_series``, ``repeat``,
+    ``list_resize``, ``lpad``/``rpad``, ``printf``/``format`` widths and precisions, ``bar``,
+    ``to_base``, ``bitstring``, ``equi_width_bins``, ``replace``/``regexp_replace`` growth,
+    separators of ``array_to_string``/``concat_ws``/``list_aggregate``, ``json_pretty``, encoders
+    such as ``hex``/``bin``/``to_json`` by their factor, lambdas, and aggregates whose state is
+    sized by an argument such as ``max(x, n)`` or ``bitstring_agg(x, min, max)``) get their size
+    from their arguments; every other function is at most the sum of its arguments, and those
+    returning one fixed-width scalar are one unit.
+  * The bound holds through nesting, because sizes multiply bottom-up
+    (``repeat(repeat('x', 1000), 1000000)`` is 10**9), through casts, and through CTEs and
+    subqueries: DuckDB inlines them and folds the parent's expression too, so a column counts
+    as the largest value any query node before it built. A lambda's body is probed as a linear
+    function of its parameter; a reduce whose body uses its accumulator more than once doubles
+    it per step and is refused.
+  * No value may exceed :data:`MAX_BUILT_UNITS` (1,000,000) and a statement's builders together
+    :data:`MAX_BUILT_TOTAL_UNITS` (4,000,000): a few tens of MB at most, far more than padding,
+    labels or short series need.
+  * Size arguments (counts, widths, lengths, bounds, format strings) must be constants the
+    guard evaluates itself: integer and decimal literals, strings cast to numbers, casts, unary
+    minus, arithmetic, ``abs``/``least``/``greatest`` of constants. A computed size (a column, a
+    parameter, a scalar subquery, a lambda parameter) is **refused**: it is evaluated per row at
+    run time, where one row can still allocate gigabytes and the guard cannot prove a bound.
+    Scalar ``range``/``generate_series`` over dates or timestamps is refused for the same reason;
+    the table functions in FROM (``FROM generate_series(d1, d2, INTERVAL 1 DAY)``,
+    ``FROM t, range(t.n)``) stream rows at run time under the query's limits and stay allowed.
+  * Values the guard cannot see count as :data:`DATA_VALUE_UNITS` (a stored value) or
+    :data:`PARAM_VALUE_UNITS` (a parameter, at most its 1 MiB command); what the query does with
+    them only counts against the bound where it multiplies them (``repeat(col, 2000)`` is
+    refused, ``upper(col)`` is not): stored data is the admin's to bound.
+
+  What this does not cover is run-time volume: rows from ``FROM range(n)`` or joins aggregated
+  into one value (``(SELECT list(i) FROM range(1e9))`` — measured: not folded while planning,
+  it runs under the interrupt), recursive CTEs, and wide rows multiplied by a batch. Those are
+  the admission path's to bound (see proto_docs/descriptors.md).
+
+Catalog metadata
+  Functions that resolve catalog objects named by strings (``index_key``, ``make_type``,
+  ``to_aggregate_state``, the ``pg_*``/``duckdb_*`` families, …) are refused, and so is any
+  type name that is not one of DuckDB's built-in types: ``enum_range(NULL::hr.band)``, a cast
+  to ``hr.band`` or a ``STRUCT(a hr.band)`` would reveal an ENUM's values from a schema the
+  agent cannot read. The refusal is the missing-table sentence (``not readable: not in your
+  allowlist or does not exist``) for existing and missing types alike. User-defined types are
+  refused even in readable schemas — an ENUM column of a readable table still compares with
+  plain strings and casts to VARCHAR — so no type lookup ever depends on the allowlist.
+  ``list_aggregate(l, 'name')`` names its aggregate as a string literal, checked as a call.
 
 CTE scoping mirrors DuckDB's binder, erring only towards refusal: a CTE name hides a table only
 for unqualified references in the CTE's scope (later CTEs of the same WITH, the query body and
