@@ -203,7 +203,7 @@ def test_random_nesting_never_crashes_the_walker(env: Env, opens: list[str], lea
             "SELECT * FROM {t}",
             "SELECT id FROM demo.orders WHERE id IN (SELECT id FROM {t})",
             "WITH c AS (SELECT * FROM {t}) SELECT * FROM c",
-            "WITH orders AS (SELECT 1) SELECT * FROM {t}",
+            "WITH salaries AS (SELECT 1) SELECT * FROM {t}",
             "SELECT (SELECT count(*) FROM {t})",
             "SELECT * FROM demo.orders a JOIN {t} b ON true",
             "SELECT * FROM demo.orders, LATERAL (SELECT * FROM {t})",
