@@ -64,8 +64,9 @@ Values built from small constants
     minus, arithmetic, ``abs``/``least``/``greatest`` of constants. A computed size (a column, a
     parameter, a scalar subquery, a lambda parameter) is **refused**: it is evaluated per row at
     run time, where one row can still allocate gigabytes and the guard cannot prove a bound.
-    Scalar ``range``/``generate_series`` over dates or timestamps is refused for the same reason;
-    the table functions in FROM (``FROM generate_series(d1, d2, INTERVAL 1 DAY)``,
+    Scalar ``range``/``generate_series`` over dates or timestamps needs DATE/TIMESTAMP
+    literals and a constant INTERVAL step of at least a second (months count as 28 days, so
+    the count is never underestimated); the table functions in FROM (``FROM generate_series(d1, d2, INTERVAL 1 DAY)``,
     ``FROM t, range(t.n)``) stream rows at run time under the query's limits and stay allowed.
   * Values the guard cannot see count as :data:`DATA_VALUE_UNITS` (a stored value) or
     :data:`PARAM_VALUE_UNITS` (a parameter, at most its 1 MiB command); what the query does with
@@ -112,6 +113,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -1388,12 +1390,15 @@ class _Sizer:
     def series_count(self, name: str, args: list[dict[str, Any]]) -> int:
         values = [_const_int(a) for a in args]
         if any(v is None for v in values):
+            temporal = _temporal_count(args)
+            if temporal is not None:
+                return temporal
             raise PermissionDenied(
-                f"{name}() as a value needs constant integer bounds the guard can evaluate: "
-                f"DuckDB builds the whole list (at most {MAX_BUILT_UNITS:,} elements here) and one "
-                f"row could otherwise build gigabytes; for many rows, or dates and timestamps, "
-                f"use the table function in FROM (FROM {name}(...) or FROM t, {name}(t.a, t.b)), "
-                "which streams its rows"
+                f"{name}() as a value needs constant bounds the guard can evaluate (integers, or "
+                "DATE/TIMESTAMP literals with a constant INTERVAL step): DuckDB builds the whole "
+                f"list (at most {MAX_BUILT_UNITS:,} elements here) and one row could otherwise "
+                f"build gigabytes; for many rows use the table function in FROM (FROM {name}(...) "
+                f"or FROM t, {name}(t.a, t.b)), which streams its rows"
             )
         ints = [v for v in values if v is not None]
         start, stop, step = 0, 0, 1
@@ -1570,6 +1575,9 @@ def _const_num(e: dict[str, Any], depth: int) -> Decimal | None:
             return huge if exp > 100 else max(-huge, min(huge, base**exp))
         if name == "abs" and len(vals) == 1:
             return abs(vals[0])
+        if name in ("trunc", "floor", "ceil", "ceiling", "round") and len(vals) == 1:
+            # rounded away from zero: never below what DuckDB computes
+            return vals[0].to_integral_value(rounding="ROUND_UP")
         if name == "least" and vals:
             return min(vals)
         if name == "greatest" and vals:
@@ -1577,6 +1585,115 @@ def _const_num(e: dict[str, Any], depth: int) -> Decimal | None:
     except (ArithmeticError, ValueError):
         return None
     return None
+
+
+#: Seconds in one unit of DuckDB's interval constructors, rounded *down* for calendar units
+#: (a month is at least 28 days), so a step is never longer than the guard assumes.
+_INTERVAL_SECONDS: Mapping[str, int] = {
+    "to_microseconds": 0,
+    "to_milliseconds": 0,
+    "to_seconds": 1,
+    "to_minutes": 60,
+    "to_hours": 3_600,
+    "to_days": 86_400,
+    "to_weeks": 7 * 86_400,
+    "to_months": 28 * 86_400,
+    "to_quarters": 89 * 86_400,
+    "to_years": 365 * 86_400,
+    "to_decades": 3_652 * 86_400,
+    "to_centuries": 36_524 * 86_400,
+    "to_millennia": 365_242 * 86_400,
+}
+_INTERVAL_WORDS: Mapping[str, int] = {
+    "second": 1,
+    "sec": 1,
+    "minute": 60,
+    "min": 60,
+    "hour": 3_600,
+    "day": 86_400,
+    "week": 7 * 86_400,
+    "month": 28 * 86_400,
+    "mon": 28 * 86_400,
+    "year": 365 * 86_400,
+}
+_INSTANT_TYPES = frozenset(
+    {
+        "DATE",
+        "TIMESTAMP",
+        "DATETIME",
+        "TIMESTAMPTZ",
+        "TIMESTAMP WITH TIME ZONE",
+        "TIMESTAMP_S",
+        "TIMESTAMP_MS",
+    }
+)
+
+
+def _temporal_count(args: list[dict[str, Any]]) -> int | None:
+    """An upper bound on the length of ``range(start, stop, step)`` over DATE/TIMESTAMP
+    literals with a constant, positive-length INTERVAL step; None if it cannot be evaluated."""
+    if len(args) != 3:
+        return None
+    start, stop, step = _const_instant(args[0]), _const_instant(args[1]), _const_interval(args[2], 0)
+    if start is None or stop is None or step is None or step[0] < 1:
+        return None
+    span = stop - start
+    if span == 0:
+        return 1
+    if (span > 0) != step[1]:
+        return 1
+    return min(_HUGE, int(abs(span) // step[0]) + 1)
+
+
+def _const_instant(e: dict[str, Any]) -> float | None:
+    """Seconds since the epoch of a DATE or TIMESTAMP literal (``DATE '2024-01-01'``)."""
+    if (
+        e.get("class") != "CAST"
+        or str((e.get("type_expr") or {}).get("type_name", "")).upper() not in _INSTANT_TYPES
+    ):
+        return None
+    child = e.get("child") or {}
+    literal = child.get("literal") if child.get("class") == "CONSTANT" else None
+    if not isinstance(literal, dict) or literal.get("kind") != "STRING":
+        return None
+    try:
+        moment = datetime.fromisoformat(str(literal.get("text", "")).strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _const_interval(e: dict[str, Any], depth: int) -> tuple[int, bool] | None:
+    """(the fewest seconds a constant INTERVAL can last, whether it is positive), or None."""
+    if depth > 16 or not isinstance(e, dict):
+        return None
+    if e.get("class") == "FUNCTION":
+        name = _fold(str(e.get("function_name", "")))
+        args = _arguments(e)
+        if name in _INTERVAL_SECONDS and len(args) == 1:
+            n = _const_int(args[0])
+            if n is None or n == 0:
+                return None
+            return abs(n) * _INTERVAL_SECONDS[name], n > 0
+        return None
+    if e.get("class") != "CAST" or str((e.get("type_expr") or {}).get("type_name", "")).upper() != "INTERVAL":
+        return None
+    child = e.get("child") or {}
+    literal = child.get("literal") if child.get("class") == "CONSTANT" else None
+    if not isinstance(literal, dict) or literal.get("kind") != "STRING":
+        return None
+    words = str(literal.get("text", "")).lower().split()
+    if not words or len(words) % 2 or len(words) > 16:
+        return None
+    total = 0
+    for count, unit in zip(words[::2], words[1::2], strict=True):
+        seconds = _INTERVAL_WORDS.get(unit.removesuffix("s"))
+        if seconds is None or not count.isdecimal():
+            return None  # signs, fractions and clock forms: not evaluated, so refused
+        total += int(count) * seconds
+    return (total, True) if total > 0 else None
 
 
 def _decimal(text: str) -> Decimal | None:

@@ -117,6 +117,11 @@ TOO_BIG = [
     ("SELECT bitstring('1', 1000000000)", "bitstring()"),
     ("SELECT equi_width_bins(0, 10, 1000000000, false)", "equi_width_bins()"),
     ("SELECT unnest(range(150000000))", "range()"),
+    (
+        "SELECT generate_series(TIMESTAMP '2000-01-01', TIMESTAMP '3000-01-01', INTERVAL 1 SECOND)",
+        "generate_series()",
+    ),
+    ("SELECT range(DATE '1000-01-01', DATE '9000-01-01', INTERVAL '1 hour')", "range()"),
     # through nesting: the product of sizes, not each call alone
     ("SELECT repeat(repeat('x', 1000), 1000000)", "repeat()"),
     ("SELECT repeat(repeat('x', 1001), 1000)", "repeat()"),
@@ -190,12 +195,17 @@ NOT_CONSTANT = [
     ("SELECT repeat('x', (SELECT 1000000000))", "repeat()", "count"),
     ("SELECT lpad(s, n, '0') FROM demo.t", "lpad()", "width"),
     ("SELECT list_resize(l, id) FROM demo.t", "list_resize()", "length"),
-    ("SELECT range(id) FROM demo.t", "range()", "constant integer bounds"),
-    ("SELECT generate_series(id, id + 10) FROM demo.t", "generate_series()", "constant integer bounds"),
+    ("SELECT range(id) FROM demo.t", "range()", "constant bounds"),
+    ("SELECT generate_series(id, id + 10) FROM demo.t", "generate_series()", "constant bounds"),
     (
-        "SELECT generate_series(DATE '2024-01-01', DATE '2024-12-31', INTERVAL 1 DAY)",
+        "SELECT generate_series(DATE '2024-01-01', DATE '2024-01-01' + id, INTERVAL 1 DAY) FROM demo.t",
         "generate_series()",
         "table function in FROM",
+    ),
+    (
+        "SELECT range(TIMESTAMP '2024-01-01', TIMESTAMP '2024-01-02', INTERVAL 1 MICROSECOND)",
+        "range()",
+        "INTERVAL",
     ),
     ("SELECT printf(s, 1) FROM demo.t", "printf()", "string literal"),
     ("SELECT format(?, 1)", "format()", "string literal"),
@@ -253,6 +263,9 @@ ACCEPTED = [
     ("WITH c AS (SELECT range(1000) r) SELECT length(list_concat(r, r)) FROM c", [(2000,)]),
     ("SELECT length(repeat(s, 3)) FROM demo.t WHERE id = 1", [(18,)]),
     ("SELECT invoke(lambda x: x + 1, 41)", [(42,)]),
+    ("SELECT length(generate_series(DATE '2024-01-01', DATE '2024-12-31', INTERVAL 1 DAY))", [(366,)]),
+    ("SELECT length(range(TIMESTAMP '2024-01-01', TIMESTAMP '2024-01-02', INTERVAL '1 hour'))", [(24,)]),
+    ("SELECT length(generate_series(DATE '2024-01-01', DATE '2024-12-01', INTERVAL 1 MONTH))", [(12,)]),
     (
         "SELECT upper(s), hex('a'), to_json(l), array_to_string(l, '-') FROM demo.t WHERE id = 1",
         [("NAME 1", "61", "[1,2]", "1-2")],
