@@ -519,7 +519,9 @@ class SqlGuard:
         walk = _Walk(self, principal)
         try:
             walk.statement(parsed.tree)
-            _Sizer(self).any(parsed.tree.get("node"))
+            _Sizer(self, budget=_SIZER_STEPS_PER_NODE * walk.nodes + _SIZER_BASE_STEPS).any(
+                parsed.tree.get("node")
+            )
         except RecursionError:
             raise InvalidArgument(_TOO_DEEP) from None
         tables = tuple(sorted(walk.tables.values(), key=lambda r: r.key()))
@@ -727,6 +729,7 @@ class _Walk:
         self.principal = principal
         self.tables: dict[tuple[str, str], TableRef] = {}
         self.params: set[int] = set()
+        self.nodes = 0  # parse-tree nodes visited: the sizer's work budget is proportional
         self._refs: dict[tuple[str, str], TableRef | None] | None = None
 
     def param_count(self) -> int:
@@ -749,6 +752,7 @@ class _Walk:
             return
         if not isinstance(value, dict):
             return
+        self.nodes += 1
         if "class" in value:
             self.expression(value, scope)
             return
@@ -1059,7 +1063,12 @@ _TOP_N = {"max": 1, "min": 1, "arg_max": 2, "arg_min": 2, "argmax": 2, "argmin":
 _HUGE = 10**30
 #: A parameter size for probing a lambda body: far above any real size, far below _HUGE.
 _PROBE = 10**12
-_MAX_LAMBDA_DEPTH = 8
+#: Each lambda level evaluates its body twice, so nesting multiplies the work: at most this
+#: deep, and at most a few visits per parse-tree node (plus a base for small queries), so
+#: sizing never costs much more than the walk itself.
+_MAX_LAMBDA_DEPTH = 6
+_SIZER_STEPS_PER_NODE = 4
+_SIZER_BASE_STEPS = 20_000
 #: Expression classes whose value is one fixed-width scalar (a boolean).
 _SCALAR_CLASSES = frozenset({"COMPARISON", "CONJUNCTION", "BETWEEN"})
 _FIXED_TYPES = frozenset(
@@ -1105,13 +1114,16 @@ class _Sizer:
     before the clauses that read them), plus :data:`DATA_VALUE_UNITS` for stored data.
     """
 
-    def __init__(self, guard: SqlGuard) -> None:
+    def __init__(self, guard: SqlGuard, budget: int) -> None:
+        self.budget = budget
         self.guard = guard
         self.completed = 0  # largest built value returned by a finished query node
         self.total = 0  # sum over builder calls
         self.lambdas: list[dict[str, _Size]] = []
         self.memo: dict[tuple[int, tuple[int, ...]], _Size] = {}
-        self.probing = 0  # inside linear(): sizes only, no checks
+        self.probing = 0  # inside copies(): sizes only, no checks
+        self.steps = 0
+        self.envs: list[dict[str, _Size]] = []
 
     # --- traversal --------------------------------------------------------------------------
     def any(self, value: Any) -> int:
@@ -1123,6 +1135,7 @@ class _Sizer:
             return 0
         if "class" in value:
             return self.expr(value).built
+        self.step()
         kind = value.get("type")
         if kind in ("SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE"):
             return self.query(value)
@@ -1159,7 +1172,16 @@ class _Sizer:
             hit = self.memo[key] = self.size(e)
         return hit
 
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > self.budget:
+            raise InvalidArgument(
+                "the query is too complex for the guard to bound the values it builds (nested "
+                "lambdas multiply the work); simplify it, e.g. compute inner lists in a CTE"
+            )
+
     def size(self, e: dict[str, Any]) -> _Size:
+        self.step()
         cls = e.get("class")
         if cls == "CONSTANT":
             literal = e.get("literal")
@@ -1234,7 +1256,7 @@ class _Sizer:
             self.aggregate_by_name(name, args[1])
         sizes = [self.expr(a) for a in args]
         # filter, ORDER BY inside the call, window clauses: sized for what they build
-        self.any([v for k, v in e.items() if k not in ("arguments", "children", "class", "function_name")])
+        self.any([e.get("filter"), e.get("order_bys")])
         if name in BUILDER_FUNCTIONS:
             size = self.builder(name, args, sizes)
             if size is None:
@@ -1269,61 +1291,43 @@ class _Sizer:
             return self.body(lam, dict(zip(params, sizes, strict=False)))
         lst = sizes[0] if sizes else _ONE
         count = max(1, lst.total)
-        element = self.element(others[0]) if others else _ONE
+        # The body with empty parameters: its own builds, checked; then one probe per parameter.
+        own = self.body(lam, dict.fromkeys(params, _ZERO))
         if name in _LAMBDA_REDUCERS:
-            start = element + (sizes[1] if len(sizes) > 1 else _ZERO)
-            self.body(
-                lam,
-                {p: v for p, v in zip(params, (start, element), strict=False)}
-                | dict.fromkeys(params[2:], _ONE),
-            )
-            k_acc, own = self.linear(lam, params, 0)
-            if k_acc > 1:
+            start = sizes[1] if len(sizes) > 1 else _ZERO
+            if self.copies(lam, params, 0, own) > 1:
                 raise InvalidArgument(
                     f"{display}() with a lambda that uses its accumulator more than once is not "
                     "allowed: each step doubles the value, and DuckDB folds constant lists while "
                     "planning, outside every limit; use the accumulator once (lambda acc, x: acc + x)"
                 )
-            k_x, _ = self.linear(lam, params, 1)
-            size = start + _scale(own, count) + _scale(lst, k_x)
+            size = start + lst + _scale(own, count) + _scale(lst, self.copies(lam, params, 1, own))
             self.check(display, size)
             return size
-        self.body(lam, {params[0]: element} | dict.fromkeys(params[1:], _ONE) if params else {})
-        k, own = self.linear(lam, params, 0)
-        size = _scale(lst, k) + _scale(own, count)
+        size = _scale(lst, self.copies(lam, params, 0, own)) + _scale(own, count)
         self.charge(display, size)
         return size
 
     def body(self, lam: dict[str, Any], env: dict[str, _Size]) -> _Size:
+        self.envs.append(env)  # kept alive: memo keys use id(env), which must stay unique
         self.lambdas.append(env)
         try:
             return self.expr(lam["expr"])
         finally:
             self.lambdas.pop()
 
-    def linear(self, lam: dict[str, Any], params: list[str], index: int) -> tuple[int, _Size]:
-        """(copies of parameter ``index`` in the body's value, the body's value without it)."""
+    def copies(self, lam: dict[str, Any], params: list[str], index: int, own: _Size) -> int:
+        """How many copies of parameter ``index`` the body's value holds (sizes are linear in
+        it: sums, and products with constants), from one probe with a huge parameter."""
         if index >= len(params):
-            return 0, _ZERO
+            return 0
+        probe = _Size(_PROBE, _PROBE)
         self.probing += 1
         try:
-            own = self.body(lam, dict.fromkeys(params, _ZERO))
-            probe = _Size(_PROBE, _PROBE)
-            with_param = self.body(lam, dict.fromkeys(params, _ZERO) | {params[index]: probe})
+            grown = self.body(lam, dict.fromkeys(params, _ZERO) | {params[index]: probe}).total - own.total
         finally:
             self.probing -= 1
-        grown = with_param.total - own.total
-        return -(-grown // probe.total), own
-
-    def element(self, lst: dict[str, Any]) -> _Size:
-        """An upper bound on one element of the list ``lst`` (the list's own size if unknown)."""
-        if lst.get("class") == "FUNCTION":
-            name = _fold(str(lst.get("function_name", "")))
-            if name in ("range", "generate_series"):
-                return _ONE
-            if name == "list_value":
-                return max((self.expr(a) for a in _arguments(lst)), key=lambda s: s.total, default=_ONE)
-        return self.expr(lst)
+        return -(-grown // probe.total)
 
     def aggregate_by_name(self, name: str, arg: dict[str, Any]) -> None:
         literal = arg.get("literal") if arg.get("class") == "CONSTANT" else None

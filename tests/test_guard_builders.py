@@ -287,6 +287,21 @@ def test_everyday_builders_run(env: Env, sql: str, expected: list[tuple[object, 
     assert run(env, sql) == expected
 
 
+def test_nested_lambdas_are_bounded_in_depth_and_work(env: Env) -> None:
+    """Each lambda level is sized by probing its body, so nesting multiplies the guard's work:
+    too deep or too much is a clean refusal, never a slow check."""
+    body = "x"
+    for _ in range(7):
+        body = f"list_sum(list_transform([1, 2], lambda x: {body}))"
+    assert "nested more than" in refusal(env, f"SELECT {body}").detail
+
+    def wide(depth: int) -> str:
+        return "x" if depth == 0 else f"list_transform([1], lambda x: [{', '.join([wide(depth - 1)] * 4)}])"
+
+    assert "too complex" in refusal(env, f"SELECT {wide(6)}").detail
+    assert run(env, f"SELECT length({wide(3)})") == [(1,)]
+
+
 def test_every_builder_is_a_builtin(env: Env) -> None:
     """The classification names real DuckDB functions (a rename would silently unbound one)."""
     with env.db.reading() as cur:
