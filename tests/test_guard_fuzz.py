@@ -241,6 +241,26 @@ def test_long_names_are_echoed_bounded(env: Env, name: str) -> None:
         outcome(env, sql)
 
 
+LONG = "x" * 50_000
+ECHOES = [
+    f'SELECT * FROM "{LONG}"',
+    f'SELECT * FROM secret."{LONG}"',
+    f'SELECT "{LONG}"()',
+    f'SELECT * FROM "{LONG}"()',
+    f'SELECT 1::"{LONG}"',
+    f"SELECT 1 FROM demo.orders {LONG} {LONG}",
+    f"SELECT 1 FROM demo.orders WHERE s = '{LONG}' AND AND",
+    f"SELECT ${'9' * 5000}",
+    f'SELECT * FROM "{LONG}"."{LONG}"',
+]
+
+
+@pytest.mark.parametrize("sql", ECHOES, ids=range(len(ECHOES)))
+def test_echoed_names_and_messages_are_bounded(env: Env, sql: str) -> None:
+    err = outcome(env, sql)
+    assert err is not None and LONG not in err.detail
+
+
 # --- deep nesting, fixed cases --------------------------------------------------------------------
 
 DEEP = [
