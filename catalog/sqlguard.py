@@ -1153,7 +1153,12 @@ class _Sizer:
             self.any(entry.get("value"))
         self.any(node.get("from_table"))
         if node.get("type") == "SELECT_NODE":
-            out = max((self.expr(e).built for e in node.get("select_list") or []), default=0)
+            out = 0
+            for item in node.get("select_list") or []:
+                # A later item, WHERE and ORDER BY may name an earlier item's alias (DuckDB's
+                # lateral column aliases), which the binder replaces by its expression.
+                out = max(out, self.expr(item).built)
+                self.completed = max(self.completed, out)
             rest = {k: v for k, v in node.items() if k not in ("cte_map", "from_table", "select_list")}
         else:
             out = 0
@@ -1201,6 +1206,8 @@ class _Sizer:
             return _Size(self.completed, DATA_VALUE_UNITS)
         if cls == "PARAMETER":
             return _Size(0, PARAM_VALUE_UNITS)
+        if cls == "POSITIONAL_REFERENCE":  # #n: a column of FROM, like a column name
+            return _Size(self.completed, DATA_VALUE_UNITS)
         if cls == "STAR":
             self.any([v for k, v in e.items() if k != "class"])
             return _Size(self.completed, DATA_VALUE_UNITS)

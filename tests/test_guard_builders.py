@@ -163,6 +163,10 @@ TOO_BIG = [
         "repeat()",
     ),
     ("SELECT (SELECT list_concat(r, r) FROM (SELECT range(600000) r))", "list_concat()"),
+    # lateral column aliases: the binder substitutes the earlier item's expression
+    ("SELECT range(900000) AS r, list_concat(r, r, r, r, r, r, r, r, r, r) AS big", "list_concat()"),
+    ("SELECT range(600000) AS r WHERE len(list_concat(r, r)) > 0", "list_concat()"),
+    ("SELECT list_concat(#1, #1) FROM (SELECT range(600000))", "list_concat()"),
     ("SELECT * FROM demo.t WHERE id IN (SELECT unnest(range(2000000)))", "range()"),
     ("SELECT l FROM demo.t ORDER BY length(repeat('x', 1000000000))", "repeat()"),
     ("SELECT * FROM range(10) r(i), LATERAL (SELECT repeat('x', 1000000000))", "repeat()"),
