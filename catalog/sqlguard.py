@@ -1054,6 +1054,8 @@ BUILDER_FUNCTIONS: Mapping[str, str] = {
     "min_by": "the n values at the smallest keys",
 }
 
+#: Functions that pack their arguments into one list, struct or map ([a, b], {'k': v}, row(…)).
+_CONSTRUCTORS = frozenset({"list_value", "list_pack", "array_value", "struct_pack", "row", "map"})
 _LAMBDA_MAPPERS = frozenset({"list_transform", "array_transform", "list_apply", "array_apply", "apply"})
 _LAMBDA_REDUCERS = frozenset({"list_reduce", "array_reduce", "reduce"})
 #: Aggregates taking the name of another aggregate as a string; the name is checked as a call.
@@ -1273,6 +1275,8 @@ class _Sizer:
         if name in self.guard._fixed_width:
             return _ONE
         out = sum(sizes, _ZERO) if sizes else _ONE
+        if name in _CONSTRUCTORS:
+            out = out + _Size(len(sizes))  # one slot per element, whatever the element's size
         self.check(name, out)
         return out
 
