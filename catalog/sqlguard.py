@@ -56,9 +56,13 @@ Values built from small constants
     as the largest value any query node before it built. A lambda's body is probed as a linear
     function of its parameter; a reduce whose body uses its accumulator more than once doubles
     it per step and is refused.
-  * No value may exceed :data:`MAX_BUILT_UNITS` (1,000,000) and a statement's builders together
-    :data:`MAX_BUILT_TOTAL_UNITS` (4,000,000): a few tens of MB at most, far more than padding,
-    labels or short series need.
+  * No value may exceed :data:`MAX_BUILT_UNITS` (100,000) and a statement's builders together
+    :data:`MAX_BUILT_TOTAL_UNITS` (1,000,000): a few MB each, far more than padding, labels or
+    short series need, and bounded when combined with each row of a 2,048-row vector.
+  * Folding takes time as well as memory, and no timeout reaches it: every expression's read of
+    values built from constants (and the matrices of ``levenshtein``-like distances, and a
+    lambda's body once per element) adds up to at most :data:`MAX_FOLD_WORK` units, a few
+    seconds at the very worst.
   * Size arguments (counts, widths, lengths, bounds, format strings) must be constants the
     guard evaluates itself: integer and decimal literals, strings cast to numbers, casts, unary
     minus, arithmetic, ``abs``/``least``/``greatest`` of constants. A computed size (a column, a
@@ -70,7 +74,7 @@ Values built from small constants
     ``FROM t, range(t.n)``) stream rows at run time under the query's limits and stay allowed.
   * Values the guard cannot see count as :data:`DATA_VALUE_UNITS` (a stored value) or
     :data:`PARAM_VALUE_UNITS` (a parameter, at most its 1 MiB command); what the query does with
-    them only counts against the bound where it multiplies them (``repeat(col, 2000)`` is
+    them only counts against the bound where it multiplies them (``repeat(col, 200)`` is
     refused, ``upper(col)`` is not): stored data is the admin's to bound.
 
   What this does not cover is run-time volume: rows from ``FROM range(n)`` or joins aggregated
@@ -957,19 +961,27 @@ class _Walk:
 # --- values built from small constants (see "Values built from small constants" above) ------
 
 #: Largest value, in units, that one expression may build from what the query text says: a unit
-#: is one character (byte) of a string or blob or one element of a list or map. At most a few
-#: tens of bytes each, so a value at the bound is some 8-40 MB — far more than any real query
-#: needs from a constant (padding, a label, a short series), far less than what hurts a server.
-MAX_BUILT_UNITS = 1_000_000
+#: is one character (byte) of a string or blob or one element of a list or map, at most a few
+#: tens of bytes. Far more than a real query needs from a constant (padding, a label, a short
+#: series; rows come from FROM range(n)), and small enough that a constant combined with every
+#: row stays bounded: DuckDB evaluates 2,048 rows at a time, so 100,000 units per row is
+#: 200 MB-2 GB per vector — at 1,000,000 it would be 2-20 GB.
+MAX_BUILT_UNITS = 100_000
 
 #: Largest sum over all the value builders of one statement: DuckDB folds each constant
 #: builder on its own while planning, so 5,000 calls each under :data:`MAX_BUILT_UNITS` would
 #: otherwise add up to gigabytes.
-MAX_BUILT_TOTAL_UNITS = 4_000_000
+MAX_BUILT_TOTAL_UNITS = 1_000_000
+
+#: Most work DuckDB may do folding one statement's constants while planning, in units (one
+#: element or character an expression reads; about 100 ns each, measured): a few seconds at
+#: the very worst, where the query timeout cannot interrupt. A value under
+#: :data:`MAX_BUILT_UNITS` can still be read by a thousand expressions.
+MAX_FOLD_WORK = 20_000_000
 
 #: What the guard assumes for one value it cannot see: a column of a stored table, a lambda
 #: parameter over such a list, a scalar subquery over rows. Stored data is the admin's to bound;
-#: this only sets how far a query may *enlarge* it (``repeat(col, n)`` with n ≤ 1,000).
+#: this only sets how far a query may *enlarge* it (``repeat(col, n)`` with n ≤ 100).
 DATA_VALUE_UNITS = 1_000
 
 #: What the guard assumes for one parameter value: it arrives inside a Flight command of at most
@@ -1054,6 +1066,10 @@ BUILDER_FUNCTIONS: Mapping[str, str] = {
     "min_by": "the n values at the smallest keys",
 }
 
+#: String distances that compare every character of one argument with every character of the
+#: other, with how many cells cost one unit of :data:`MAX_FOLD_WORK` (measured:
+#: levenshtein(10k, 10k characters) takes 0.18 s, damerau_levenshtein(3k, 3k) 0.12 s).
+_QUADRATIC: Mapping[str, int] = {"levenshtein": 64, "editdist3": 64, "damerau_levenshtein": 8}
 #: Functions that pack their arguments into one list, struct or map ([a, b], {'k': v}, row(…)).
 _CONSTRUCTORS = frozenset({"list_value", "list_pack", "array_value", "struct_pack", "row", "map"})
 _LAMBDA_MAPPERS = frozenset({"list_transform", "array_transform", "list_apply", "array_apply", "apply"})
@@ -1125,6 +1141,7 @@ class _Sizer:
         self.memo: dict[tuple[int, tuple[int, ...]], _Size] = {}
         self.probing = 0  # inside copies(): sizes only, no checks
         self.steps = 0
+        self.work = 0  # see fold()
         self.envs: list[dict[str, _Size]] = []
 
     # --- traversal --------------------------------------------------------------------------
@@ -1266,6 +1283,7 @@ class _Sizer:
         sizes = [self.expr(a) for a in args]
         # filter, ORDER BY inside the call, window clauses: sized for what they build
         self.any([e.get("filter"), e.get("order_bys")])
+        self.fold(name, sizes)
         if name in BUILDER_FUNCTIONS:
             size = self.builder(name, args, sizes)
             if size is None:
@@ -1303,7 +1321,12 @@ class _Sizer:
         lst = sizes[0] if sizes else _ONE
         count = max(1, lst.total)
         # The body with empty parameters: its own builds, checked; then one probe per parameter.
+        # DuckDB evaluates the body once per element: its work counts that many times.
+        before = self.work
         own = self.body(lam, dict.fromkeys(params, _ZERO))
+        body_work, self.work = self.work - before, before
+        self.fold(display, [lst, _Size(0)])
+        self.fold(display, [_Size(body_work)], count)
         if name in _LAMBDA_REDUCERS:
             start = sizes[1] if len(sizes) > 1 else _ZERO
             if self.copies(lam, params, 0, own) > 1:
@@ -1480,6 +1503,26 @@ class _Sizer:
                     spec += ch
         size = len(text.encode()) + sum(numbers) + _mul(fields, biggest)
         return _Size(min(_HUGE, size))
+
+    def fold(self, name: str, sizes: list[_Size], times: int = 1) -> None:
+        """Count the work of evaluating ``name`` on arguments of these sizes ``times`` times:
+        what it reads of values built from the query's text, and for the string distances the
+        cells of their matrix (both sides stored data: run time, under the interrupt)."""
+        if self.probing:
+            return
+        work = sum(s.built for s in sizes)
+        cells = _QUADRATIC.get(name)
+        if cells is not None and len(sizes) >= 2:
+            a, b = sizes[0], sizes[1]
+            work += (_mul(a.total, b.total) - _mul(a.outside, b.outside)) // cells
+        self.work = min(_HUGE, self.work + _mul(work, times))
+        if self.work > MAX_FOLD_WORK:
+            raise InvalidArgument(
+                f"{_echo(name)}(): the query's constant expressions would take too long to evaluate "
+                f"(more than {MAX_FOLD_WORK:,} elements or characters read): DuckDB evaluates them "
+                "while planning, where the query timeout cannot stop it; use smaller constants or "
+                "fewer expressions over them"
+            )
 
     def charge(self, name: str, size: _Size) -> None:
         if self.probing:
