@@ -38,10 +38,13 @@ run-snowflake-demo: $(STAMP)
 test: $(STAMP) $(ANSIBLE_STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# actionlint checks .github/workflows/ (expressions, action inputs, untrusted input in
+# scripts); it also runs shellcheck on the run: blocks when shellcheck is on PATH.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/actionlint
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

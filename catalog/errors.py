@@ -73,6 +73,13 @@ class Conflict(QuiverError):
     http_status = 409
 
 
+class WriteConflict(Conflict):
+    """A write lost to a concurrent one (a DuckDB transaction conflict) and was not applied;
+    retrying the request is safe."""
+
+    code = "ABORTED"
+
+
 class ResourceExhausted(QuiverError):
     code = "RESOURCE_EXHAUSTED"
     http_status = 429

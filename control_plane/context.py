@@ -28,7 +28,8 @@ def client_of(request: Request[Any, Any, Any]) -> str | None:
     return request.client.host if request.client else None
 
 
-def authenticate(request: Request[Any, Any, Any]) -> Principal:
+def _authenticated(request: Request[Any, Any, Any]) -> Principal:
+    """The verified principal, not yet marked used: a refused request never counts as use."""
     catalog = catalog_of(request)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.strip().partition(" ")
@@ -37,7 +38,7 @@ def authenticate(request: Request[Any, Any, Any]) -> Principal:
             raise Unauthenticated("missing token: send the header 'authorization: Bearer <token>'")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("malformed authorization header: use 'Bearer <token>'")
-        principal = catalog.tokens.verify(token.strip())
+        principal = catalog.tokens.check(token.strip())
     except Unauthenticated as e:
         catalog.metrics.auth_failures.labels("http").inc()
         catalog.audit.record(
@@ -53,10 +54,17 @@ def authenticate(request: Request[Any, Any, Any]) -> Principal:
     return principal
 
 
+def authenticate(request: Request[Any, Any, Any]) -> Principal:
+    principal = _authenticated(request)
+    catalog_of(request).tokens.record_use(principal)
+    return principal
+
+
 def require_admin(request: Request[Any, Any, Any]) -> Principal:
-    principal = authenticate(request)
+    principal = _authenticated(request)
     if not principal.is_admin:
         raise PermissionDenied(f"this route needs an admin token; yours is a {principal.kind} token")
+    catalog_of(request).tokens.record_use(principal)
     return principal
 
 

@@ -62,8 +62,10 @@ _EXPIRY_TYPE = pa.timestamp("ns")
 ACTIONS: dict[str, str] = {
     "whoami": "Who you are: {kind, swarm, agent, jti, expires_at, tables} as JSON. Body: none.",
     "refresh-token": (
-        'A new token for the same identity (new jti, new expiry). Body (optional): {"ttl_seconds": N}. '
-        "Answers {token, jti, kind, swarm, agent, expires_at}; the old token stays valid until it expires."
+        'A new token for the same identity and chain (new jti). Body (optional): {"ttl_seconds": N}; '
+        "the expiry is clamped to the grant the chain's root was minted with (a refresh rotates, it "
+        "never extends). Answers {token, jti, kind, swarm, agent, expires_at}; the old token stays "
+        "valid until it expires, and revoking either revokes the chain."
     ),
     **QUERY_ACTIONS,
 }
@@ -205,7 +207,13 @@ class QuiverFlightServer(flight.FlightServerBase):
                 endpoints.append(flight.FlightEndpoint(ticket, [], expiration_time=expires))
             state.fields["endpoints"] = len(endpoints)
             return flight.FlightInfo(
-                plan.schema, descriptor, endpoints, plan.total_records, -1, ordered=plan.ordered
+                plan.schema,
+                descriptor,
+                endpoints,
+                plan.total_records,
+                -1,
+                ordered=plan.ordered,
+                app_metadata=plan.app_metadata,  # the row cap (proto_docs/descriptors.md)
             )
 
         return self._run(context, "get_flight_info", run)
@@ -288,12 +296,17 @@ class QuiverFlightServer(flight.FlightServerBase):
         guarded = self.planner.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
         self.planner.query_schema(principal, guarded, params)  # binder errors now, not after queueing
-        sql = limited(guarded.sql, cap)
+        sql = limited(guarded.sql, cap + 1)  # one row more: the manager cuts, and knows it did
 
         def run(cur: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
             return cur.sql(sql, params=list(params) or None).to_arrow_reader(BATCH_ROWS)
 
-        return PreparedQuery(run=run, sql=guarded.sql)
+        return PreparedQuery(
+            run=run,
+            sql=guarded.sql,
+            max_rows=cap,
+            max_rows_reason="max_rows" if cmd.max_rows is not None else "server_max_rows",
+        )
 
     # --- not offered ---------------------------------------------------------------------
     def do_put(

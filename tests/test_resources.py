@@ -15,7 +15,7 @@ import pytest
 
 from catalog import ConfigError
 from catalog.resources import DUCKDB_SHARE, memory_available, parse_size
-from tests.harness import Server, ServeProcess, make_config
+from tests.harness import ServeProcess, Server, make_config
 
 
 def test_memory_limit_defaults_to_half_the_memory_available(server: Server) -> None:
