@@ -44,8 +44,11 @@ class Watchdog:
         deadline = Deadline(time.monotonic() + seconds, seconds, interrupt)
         with self._cond:
             if self._thread is None and not self._stopped:
-                self._thread = threading.Thread(target=self._loop, name="quiver-watchdog", daemon=True)
-                self._thread.start()
+                # Started before it is recorded: a failed start (no memory for a thread) is
+                # retried by the next query instead of leaving every timeout unenforced.
+                thread = threading.Thread(target=self._loop, name="quiver-watchdog", daemon=True)
+                thread.start()
+                self._thread = thread
             first = not self._heap or deadline.at < self._heap[0][0]
             heapq.heappush(self._heap, (deadline.at, next(self._counter), deadline))
             if first:
