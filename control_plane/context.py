@@ -1,7 +1,9 @@
 """Per-request context: request id, the authenticated principal, and auditing helpers.
 
 Authentication is a dependency (``principal`` / ``admin``) so that a handler states in its
-signature who may call it; the decision itself is made by the catalog's TokenService.
+signature who may call it; the decision itself is made by the catalog's TokenService. The
+app-wide guard in :mod:`control_plane.gate` reads those signatures and authenticates before
+the body is read, so a bad token is always a 401 (and audited), never a 400.
 """
 
 from __future__ import annotations
@@ -11,24 +13,34 @@ from contextlib import contextmanager
 from typing import Any
 
 from litestar import Request
+from litestar.connection import ASGIConnection
 from litestar.di import Provide
 
 from catalog import Catalog, PermissionDenied, Principal, QuiverError, Unauthenticated
 
+_PRINCIPAL = "quiver.principal"  # scope state key of the verified Principal
 
-def catalog_of(request: Request[Any, Any, Any]) -> Catalog:
+
+def catalog_of(request: ASGIConnection[Any, Any, Any, Any]) -> Catalog:
     return request.app.state["catalog"]  # type: ignore[no-any-return]
 
 
-def request_id(request: Request[Any, Any, Any]) -> str:
+def request_id(request: ASGIConnection[Any, Any, Any, Any]) -> str:
     return str(request.scope.get("state", {}).get("request_id", "-"))
 
 
-def client_of(request: Request[Any, Any, Any]) -> str | None:
+def client_of(request: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     return request.client.host if request.client else None
 
 
-def authenticate(request: Request[Any, Any, Any]) -> Principal:
+def authenticate(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The caller's principal, verified once per request (the gate does it before the body
+    is read; the ``principal``/``admin`` dependencies then reuse it). A failure is audited
+    as ``auth.failed`` and counted, so fail2ban sees every refused token."""
+    state = request.scope.setdefault("state", {})  # type: ignore[typeddict-item]
+    known = state.get(_PRINCIPAL)
+    if isinstance(known, Principal):
+        return known
     catalog = catalog_of(request)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.strip().partition(" ")
@@ -43,20 +55,23 @@ def authenticate(request: Request[Any, Any, Any]) -> Principal:
         catalog.audit.record(
             "auth.failed",
             outcome="denied",
-            target=f"http:{request.method} {request.url.path}",
+            target=f"http:{request.scope.get('method')} {request.url.path}"[:300],
             client=client_of(request),
             request_id=request_id(request),
             detail=e.detail,
         )
         raise
-    request.scope.setdefault("state", {})["principal"] = principal.label
+    state[_PRINCIPAL] = principal
+    state["principal"] = principal.label
     return principal
 
 
-def require_admin(request: Request[Any, Any, Any]) -> Principal:
+def require_admin(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     principal = authenticate(request)
     if not principal.is_admin:
-        raise PermissionDenied(f"this route needs an admin token; yours is a {principal.kind} token")
+        raise PermissionDenied(
+            f"this route needs an admin token; yours is a token of kind {principal.kind!r}"
+        )
     return principal
 
 

@@ -13,6 +13,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from catalog import QuiverError
 from control_plane.context import request_id
+from control_plane.gate import MAX_JSON_BODY
 
 log = structlog.get_logger("control_plane")
 
@@ -30,9 +31,18 @@ _CODES = {
 }
 
 
+MAX_DETAIL = 400
+"""Characters of ``detail`` a client gets: every echoed value (a field name, a path, a
+DuckDB message) is cut here, so no error body is ever large."""
+
+
+def bounded(text: str, limit: int = MAX_DETAIL) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _body(code: str, detail: str, status: int, headers: dict[str, str] | None = None) -> Response[Any]:
     return Response(
-        {"error": code, "detail": detail},
+        {"error": code, "detail": bounded(detail)},
         status_code=status,
         media_type=MediaType.JSON,
         headers=headers,
@@ -57,7 +67,7 @@ def validation_error(request: Request[Any, Any, Any], exc: ValidationException) 
             else:
                 problems.append(f"{where}{key}: {msg}" if key and key not in msg else msg)
     detail = "; ".join(p for p in problems if p) or str(exc.detail)
-    return _body("INVALID_ARGUMENT", f"{detail} ({request.method} {request.url.path})", 400)
+    return _body("INVALID_ARGUMENT", f"{bounded(detail, 300)} ({request.method} {request.url.path})", 400)
 
 
 def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
@@ -69,10 +79,15 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
     if status == 400 and type(exc.__cause__).__name__ == "SerializationException":
         detail = f"request body is not valid JSON ({detail}); send one JSON object"
     if status == 404 and detail == "Not Found":
-        detail = f"no route {request.method} {request.url.path}; see /schema for the API"
+        detail = f"no route {request.method} {bounded(request.url.path, 200)}; see /schema for the API"
+    headers = None
+    if status == 405:
+        allow = (exc.headers or {}).get("allow", "")
+        headers = {"allow": allow}
+        detail = f"{request.method} is not allowed on {bounded(request.url.path, 200)}; allowed: {allow}"
     if status == 413:
-        detail = "request body too large"
-    return _body(code, detail, status)
+        detail = f"request body too large: the limit is {MAX_JSON_BODY} bytes"
+    return _body(code, detail, status, headers)
 
 
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

@@ -1,0 +1,104 @@
+"""The request gate: authenticate first, then read and check the body, before Litestar
+decodes anything.
+
+Litestar resolves a handler's ``data`` parameter (the JSON body) *before* its dependencies,
+so an authentication dependency alone answers a malformed body with 400 and never sees
+the token: the auth failure is not audited and fail2ban never learns of it. Guards run
+before the body is touched, so one app-wide guard does the work in this order:
+
+1. **Authenticate** when the handler asks for ``principal`` or ``admin`` (its signature says
+   who may call it, see :mod:`control_plane.context`): 401 + an ``auth.failed`` audit record,
+   or 403 for a non-admin token on an admin route.
+2. **Read the body** within ``request_max_body_size`` (413), require
+   ``Content-Type: application/json`` when there is one (415).
+3. **Bound its nesting** (:data:`MAX_JSON_DEPTH`, 400): a decoder recurses once per level, and
+   ``[[[[…]]]]`` 100,000 deep is 200 kB — well under the size limit — and ended in a
+   ``RecursionError`` (500).
+4. **Decode it strictly** into the handler's declared type (400 with msgspec's sentence):
+   ``"60"`` is not an integer on any route. Litestar then converts the already valid body.
+
+The limits and statuses are documented in proto_docs/errors.md.
+"""
+
+from __future__ import annotations
+
+import re
+from itertools import accumulate
+from typing import Any
+
+import msgspec
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException
+from litestar.handlers.base import BaseRouteHandler
+
+from catalog import InvalidArgument
+from control_plane.context import authenticate, require_admin
+
+MAX_JSON_BODY = 1 << 20
+"""Bytes a request body may have (413 beyond)."""
+
+MAX_JSON_DEPTH = 32
+"""Levels of ``[``/``{`` nesting a request body may have; Quiver's bodies need two."""
+
+JSON_MEDIA_TYPE = "application/json"
+
+# A JSON string literal (escapes included); unterminated strings do not match, so their
+# brackets count, which can only refuse an invalid body sooner.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+_STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+class UnsupportedMediaType(HTTPException):
+    status_code = 415
+
+
+def nested_deeper_than(body: bytes, limit: int) -> bool:
+    """Whether a JSON text nests ``[``/``{`` deeper than ``limit`` outside string literals.
+
+    Counting runs in C; only a body with more than ``limit`` opening brackets pays one
+    Python pass over its brackets, and the body size limit bounds that.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    if brackets.count(b"[") + brackets.count(b"{") <= limit:
+        return False
+    return max(accumulate(b - 1 for b in brackets.translate(_STEP)), default=0) > limit
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+async def gate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """App-wide guard: authentication, then the body checks, before any decoding."""
+    parameters = handler.parsed_fn_signature.parameters
+    if "admin" in parameters:
+        require_admin(connection)
+    elif "principal" in parameters:
+        authenticate(connection)
+    body_field = parameters.get("data")
+    if body_field is None:
+        return
+    body = await connection.body()  # type: ignore[attr-defined]  # 413 past request_max_body_size
+    if not body.strip():
+        if body_field.has_default:
+            return
+        raise InvalidArgument("a request body is required: send one JSON object")
+    media_type = _media_type(connection.headers.get("content-type"))
+    if media_type != JSON_MEDIA_TYPE:
+        shown = media_type[:60] or "none"
+        raise UnsupportedMediaType(
+            f"send the body as JSON with 'Content-Type: {JSON_MEDIA_TYPE}' (got {shown})"
+        )
+    if nested_deeper_than(body, MAX_JSON_DEPTH):
+        raise InvalidArgument(f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        msgspec.json.decode(body, type=body_field.annotation, strict=True)
+    except msgspec.ValidationError as e:
+        raise InvalidArgument(f"request body: {e}") from None
+    except msgspec.DecodeError as e:
+        raise InvalidArgument(f"request body is not valid JSON ({e}); send one JSON object") from None
+    except RecursionError:  # unreachable past the depth check; a client mistake all the same
+        raise InvalidArgument(f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
