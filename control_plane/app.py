@@ -89,6 +89,10 @@ def document_errors(handlers: list[HTTPRouteHandler]) -> None:
                 ResponseSpec(data_container=ErrorBody, generate_examples=False, description=_WHY[status]),
             )
         handler.responses = extra
+        if {"admin", "principal"} & set(
+            handler.parsed_fn_signature.parameters
+        ) or handler.handler_name == "metrics":
+            handler.security = [{"bearer": []}]  # public routes (health, JWKS) declare none
 
 
 def request_context(app: ASGIApp) -> ASGIApp:
@@ -149,7 +153,6 @@ def create_app(catalog: Catalog) -> Litestar:
             components=Components(
                 security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}
             ),
-            security=[{"bearer": []}],
         ),
         debug=False,
     )

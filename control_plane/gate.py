@@ -71,6 +71,58 @@ def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
 
+_INJECTED = frozenset({"request", "data", "admin", "principal", "catalog"})
+
+
+def query_parameters(handler: BaseRouteHandler) -> set[str]:
+    """The query parameters a handler declares: its signature minus what Litestar injects
+    (request, body, dependencies) and minus its path parameters."""
+    names = set(handler.parsed_fn_signature.parameters) - _INJECTED
+    return {n for n in names if not any("{" + n + ":" in p for p in handler.paths)}
+
+
+def _check_query(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Query parameters as strictly as bodies: an unknown name is an error (a misspelt
+    ``?acter=`` must not answer unfiltered, the rule of unknown body fields in
+    control_plane.models), a scalar given twice is an error, and a value is the string
+    itself or a JSON number/boolean — never a number read as a timestamp."""
+    declared = query_parameters(handler)
+    unknown = sorted(set(connection.query_params) - declared)
+    if unknown:
+        shown = ", ".join(repr(u[:40]) for u in unknown[:3])
+        raise InvalidArgument(
+            f"unknown query parameter {shown}; this route takes: {', '.join(sorted(declared)) or 'none'}"
+        )
+    fields = handler.parsed_fn_signature.parameters
+    for name in declared & set(connection.query_params):
+        values = connection.query_params.getall(name)
+        if len(values) > 1:
+            raise InvalidArgument(f"query parameter {name!r} is given {len(values)} times; give it once")
+        annotation = fields[name].annotation
+        try:
+            msgspec.convert(values[0], annotation, strict=True)
+        except msgspec.ValidationError:
+            try:
+                msgspec.json.decode(values[0].encode(), type=annotation, strict=True)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                raise InvalidArgument(
+                    f"query parameter {name!r}: {values[0][:60]!r} is not a valid {_type_name(annotation)}"
+                ) from None
+
+
+def _type_name(annotation: Any) -> str:
+    names = {
+        "datetime": "RFC 3339 date-time",
+        "int": "integer",
+        "bool": "boolean (true/false)",
+        "str": "string",
+    }
+    args = [a for a in getattr(annotation, "__args__", (annotation,)) if a is not type(None)]
+    return " or ".join(
+        names.get(getattr(a, "__name__", str(a)), getattr(a, "__name__", str(a))) for a in args
+    )
+
+
 async def gate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """App-wide guard: authentication, then the body checks, before any decoding."""
     parameters = handler.parsed_fn_signature.parameters
@@ -78,6 +130,7 @@ async def gate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRout
         require_admin(connection)
     elif "principal" in parameters:
         authenticate(connection)
+    _check_query(connection, handler)
     body_field = parameters.get("data")
     if body_field is None:
         return
