@@ -13,7 +13,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from catalog import VERSION, Catalog
-from control_plane.context import DEPENDENCIES
+from control_plane.context import ADMIN_UNLESS_PUBLIC_METRICS, DEPENDENCIES
 from control_plane.errors import EXCEPTION_HANDLERS
 from control_plane.gate import MAX_JSON_BODY, gate
 from control_plane.models import ErrorBody, Health
@@ -64,14 +64,11 @@ def statuses_of(handler: HTTPRouteHandler) -> set[int]:
     if "principal" in parameters:
         statuses.add(401)
     if "data" in parameters:
-        statuses |= {400, 413, 415}
-    injected = {"request", "admin", "principal", "catalog", "data"}
-    params = set(parameters) - injected
-    path_params = {p for p in params if any("{" + p + ":" in path for path in handler.paths)}
-    if path_params:
+        statuses |= {413, 415}
+    params = set(parameters) - {"request", "admin", "principal", "catalog", "data"}
+    if any("{" + p + ":" in path for p in params for path in handler.paths):
         statuses.add(404)
-    if params - path_params:  # query parameters are validated
-        statuses.add(400)
+    statuses.add(400)  # any route: an unknown or malformed query parameter (control_plane.gate)
     return statuses
 
 
@@ -89,9 +86,9 @@ def document_errors(handlers: list[HTTPRouteHandler]) -> None:
                 ResponseSpec(data_container=ErrorBody, generate_examples=False, description=_WHY[status]),
             )
         handler.responses = extra
-        if {"admin", "principal"} & set(
-            handler.parsed_fn_signature.parameters
-        ) or handler.handler_name == "metrics":
+        if {"admin", "principal"} & set(handler.parsed_fn_signature.parameters) or handler.opt.get(
+            "auth"
+        ) == ADMIN_UNLESS_PUBLIC_METRICS:
             handler.security = [{"bearer": []}]  # public routes (health, JWKS) declare none
 
 

@@ -20,6 +20,9 @@ from catalog import Catalog, PermissionDenied, Principal, QuiverError, Unauthent
 
 _PRINCIPAL = "quiver.principal"  # scope state key of the verified Principal
 
+ADMIN_UNLESS_PUBLIC_METRICS = "admin-unless-public-metrics"
+"""``opt={"auth": …}`` of a route that needs an admin token unless ``[server] public_metrics``."""
+
 
 def catalog_of(request: ASGIConnection[Any, Any, Any, Any]) -> Catalog:
     return request.app.state["catalog"]  # type: ignore[no-any-return]

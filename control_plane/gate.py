@@ -32,7 +32,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers.base import BaseRouteHandler
 
 from catalog import InvalidArgument
-from control_plane.context import authenticate, require_admin
+from control_plane.context import ADMIN_UNLESS_PUBLIC_METRICS, authenticate, catalog_of, require_admin
 
 MAX_JSON_BODY = 1 << 20
 """Bytes a request body may have (413 beyond)."""
@@ -69,6 +69,14 @@ def nested_deeper_than(body: bytes, limit: int) -> bool:
 
 def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
+
+
+def needs_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> bool:
+    if "admin" in handler.parsed_fn_signature.parameters:
+        return True
+    if handler.opt.get("auth") == ADMIN_UNLESS_PUBLIC_METRICS:
+        return not catalog_of(connection).config.server.public_metrics
+    return False
 
 
 _INJECTED = frozenset({"request", "data", "admin", "principal", "catalog"})
@@ -126,7 +134,7 @@ def _type_name(annotation: Any) -> str:
 async def gate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """App-wide guard: authentication, then the body checks, before any decoding."""
     parameters = handler.parsed_fn_signature.parameters
-    if "admin" in parameters:
+    if needs_admin(connection, handler):
         require_admin(connection)
     elif "principal" in parameters:
         authenticate(connection)

@@ -22,6 +22,7 @@ import hypothesis.errors
 import pytest
 import schemathesis
 from schemathesis import BaseSchema, GenerationMode
+from schemathesis.checks import not_a_server_error
 from schemathesis.generation.case import Case
 from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import (
@@ -33,7 +34,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
     unsupported_method,
 )
-from schemathesis.checks import not_a_server_error
 
 from tests.harness import Server, start_server
 from tests.state import snapshot
