@@ -60,7 +60,7 @@ def validation_error(request: Request[Any, Any, Any], exc: ValidationException) 
         if isinstance(item, dict):
             msg = str(item.get("message", "")).strip()
             key = item.get("key")
-            source = item.get("source")
+            source = getattr(item.get("source"), "value", item.get("source"))  # ParamType.QUERY -> "query"
             where = f"{source} " if source and source != "body" else ""
             if key == "data":  # the body as a whole (msgspec's `$.data`)
                 problems.append(f"request body: {msg}")

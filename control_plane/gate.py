@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 from litestar.connection import ASGIConnection
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, InternalServerException
 from litestar.handlers.base import BaseRouteHandler
 
 from catalog import InvalidArgument
@@ -142,7 +142,10 @@ async def gate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRout
     body_field = parameters.get("data")
     if body_field is None:
         return
-    body = await connection.body()  # type: ignore[attr-defined]  # 413 past request_max_body_size
+    try:
+        body = await connection.body()  # type: ignore[attr-defined]  # 413 past request_max_body_size
+    except InternalServerException:  # Litestar's word for a client that hung up mid-body
+        raise InvalidArgument("the client disconnected before sending the whole body") from None
     if not body.strip():
         if body_field.has_default:
             return
@@ -161,5 +164,7 @@ async def gate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRout
         raise InvalidArgument(f"request body: {e}") from None
     except msgspec.DecodeError as e:
         raise InvalidArgument(f"request body is not valid JSON ({e}); send one JSON object") from None
+    except UnicodeDecodeError:  # msgspec lets this one through undressed
+        raise InvalidArgument("request body is not valid JSON: it is not UTF-8") from None
     except RecursionError:  # unreachable past the depth check; a client mistake all the same
         raise InvalidArgument(f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None

@@ -348,3 +348,20 @@ def test_openapi_documents_the_error_body_and_every_status(server: Server) -> No
     assert {401, 403} <= {int(s) for s in spec["paths"]["/v1/swarms"]["get"]["responses"]}
     assert {409} <= {int(s) for s in spec["paths"]["/v1/swarms"]["post"]["responses"]}
     assert {403, 404, 422} <= {int(s) for s in spec["paths"]["/v1/tokens"]["post"]["responses"]}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"name": "\xe9"}', b'{"name": "ok", "description": "\xff\xfe"}', b"\xff\xfe{}", b'{"\xc3": 1}'],
+)
+def test_a_body_that_is_not_utf8_is_400(server: Server, body: bytes) -> None:
+    """msgspec raises a bare UnicodeDecodeError for these (a 500 before)."""
+    before = snapshot(server)
+    r = server.http().post("/v1/swarms", content=body, headers=JSON)
+    assert "JSON" in _error(r, 400, "INVALID_ARGUMENT")
+    assert snapshot(server) == before
+
+
+def test_query_range_errors_name_the_parameter_plainly(server: Server) -> None:
+    detail = _error(server.http().get("/v1/audit", params={"limit": 10**9}), 400, "INVALID_ARGUMENT")
+    assert detail.startswith("query limit: ") and "ParamType" not in detail, detail
