@@ -141,7 +141,6 @@ def create_app(catalog: Catalog) -> Litestar:
         guards=[gate],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[request_context],
         request_max_body_size=MAX_JSON_BODY,
         openapi_config=OpenAPIConfig(
             title="Quiver control plane",
@@ -154,4 +153,7 @@ def create_app(catalog: Catalog) -> Litestar:
         debug=False,
     )
     app.state["catalog"] = catalog
+    # Outside routing, not as route middleware: 404s and 405s get a request id, a log line
+    # and a metric like every other answer.
+    app.asgi_handler = request_context(app.asgi_handler)
     return app

@@ -367,3 +367,10 @@ def test_a_body_that_is_not_utf8_is_400(server: Server, body: bytes) -> None:
 def test_query_range_errors_name_the_parameter_plainly(server: Server) -> None:
     detail = _error(server.http().get("/v1/audit", params={"limit": 10**9}), 400, "INVALID_ARGUMENT")
     assert detail.startswith("query limit: ") and "ParamType" not in detail, detail
+
+
+def test_unrouted_answers_carry_a_request_id_too(server: Server) -> None:
+    for r in (server.http().get("/v1/nowhere"), server.http(None).patch("/v1/swarms")):
+        assert r.status_code in (404, 405) and len(r.headers["x-request-id"]) == 16, r.headers
+    served = server.catalog.metrics.render().decode()
+    assert 'method="unmatched",outcome="404"' in served and 'method="unmatched",outcome="405"' in served
