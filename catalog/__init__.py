@@ -18,6 +18,7 @@ from catalog.errors import (
     Unauthenticated,
     Unavailable,
     Unprocessable,
+    WriteConflict,
 )
 from catalog.identity import Principal
 from catalog.tables import TableInfo, TableRef
@@ -46,6 +47,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unprocessable",
+    "WriteConflict",
     "load_config",
     "quote_ident",
 ]

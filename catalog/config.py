@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 
 from catalog.errors import ConfigError
+from catalog.resources import parse_size
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -45,11 +46,21 @@ class LimitsConfig(_Section):
     query_timeout_seconds: PositiveFloat = 30.0
     max_rows: PositiveInt = 10_000_000
     max_sample_rows: PositiveInt = 1_000_000
+    # Queries (FlightInfos being planned or streamed) of one principal at once.
     max_concurrent_queries: PositiveInt = 4
+    # Streams and planning steps of all principals at once; beyond it a call waits up to
+    # admission_wait_seconds for a slot, then gets RESOURCE_EXHAUSTED (flight_server/admission.py).
+    max_concurrent_total: PositiveInt = 32
+    admission_wait_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     # How long a Flight ticket (from GetFlightInfo) may be redeemed with DoGet.
     ticket_ttl_seconds: PositiveFloat = 300.0
-    # DuckDB resources: fit the VM. Empty/0 keeps DuckDB's defaults.
-    memory_limit: str = ""
+    # DuckDB's memory_limit: "auto" = half of the memory available (physical or cgroup),
+    # or a size ("2GB"). See catalog/resources.py.
+    memory_limit: str = "auto"
+    # quiver serve's address-space bound (RLIMIT_AS): "auto" = what is mapped at start-up
+    # + 80% of the memory available; a size; or "off".
+    address_space_limit: str = "auto"
+    # DuckDB worker threads; 0 = one per core.
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
@@ -336,6 +347,11 @@ def _check(config: Config) -> None:
             f"tokens.default_ttl_seconds ({t.default_ttl_seconds}) must not exceed "
             f"tokens.max_ttl_seconds ({t.max_ttl_seconds})"
         )
+    limits = config.limits
+    if limits.memory_limit.strip().lower() not in ("", "auto"):
+        parse_size(limits.memory_limit, "limits.memory_limit")
+    if limits.address_space_limit.strip().lower() not in ("auto", "off"):
+        parse_size(limits.address_space_limit, "limits.address_space_limit")
     _check_sync(config)
 
 

@@ -21,6 +21,7 @@ from catalog.errors import NotFound
 from catalog.keys import SigningKey, write_private
 from catalog.metrics import Metrics
 from catalog.policy import Policy
+from catalog.resources import duckdb_memory_limit
 from catalog.swarms import SwarmStore
 from catalog.tables import TableCatalog
 from catalog.tokens import TokenService
@@ -52,7 +53,7 @@ class Catalog:
         self.db = Database(
             config.database_path,
             temp_dir=data_dir / "tmp",
-            memory_limit=config.limits.memory_limit,
+            memory_limit=duckdb_memory_limit(config.limits.memory_limit),
             threads=config.limits.threads,
             lockdown=lockdown,
             snapshot_dir=data_dir / SNAPSHOT_STAGING,

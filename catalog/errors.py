@@ -11,14 +11,29 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
+#: The longest ``detail`` sent to a caller. Details echo what the caller sent (a name, an id)
+#: and DuckDB's messages (which can quote megabytes of SQL): gRPC refuses headers past 16 KiB,
+#: and a client that gets no status at all cannot branch on a code.
+MAX_DETAIL_CHARS = 600
+
+
+def bounded(value: object, limit: int = 80) -> str:
+    """``value`` as text of at most about ``limit`` characters, for echoing in a message."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"
+
 
 class QuiverError(Exception):
-    """A refusal or failure whose text is safe to show to the caller."""
+    """A refusal or failure whose text is safe to show to the caller (at most
+    :data:`MAX_DETAIL_CHARS` of it: longer details are cut, saying so)."""
 
     code: ClassVar[str] = "INTERNAL"
     http_status: ClassVar[int] = 500
 
     def __init__(self, detail: str) -> None:
+        detail = bounded(detail, MAX_DETAIL_CHARS)
         super().__init__(detail)
         self.detail = detail
 
@@ -56,6 +71,13 @@ class NotFound(QuiverError):
 class Conflict(QuiverError):
     code = "ALREADY_EXISTS"
     http_status = 409
+
+
+class WriteConflict(Conflict):
+    """A write lost to a concurrent one (a DuckDB transaction conflict) and was not applied;
+    retrying the request is safe."""
+
+    code = "ABORTED"
 
 
 class ResourceExhausted(QuiverError):

@@ -18,6 +18,13 @@ class Principal:
     expires_at: datetime
     swarm: str | None = None
     agent: str | None = None
+    # Lineage (proto_docs/authentication.md, "Token chains"): the first jti of this token's
+    # refresh chain; for an agent token minted by a swarm token, the root of that swarm
+    # token's chain, whose revocation this token does not survive; the swarm instance the
+    # token was minted for (a swarm re-created under the same name is another instance).
+    root: str | None = None
+    grant: str | None = None
+    swarm_id: str | None = None
 
     @property
     def is_admin(self) -> bool:

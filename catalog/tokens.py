@@ -1,13 +1,24 @@
 """Tokens: Ed25519-signed JWTs of three kinds, recorded by ``jti`` (never the token itself).
 
-Validation is signature + expiry + kind + not revoked, and reads only memory on the hot path:
-verified tokens are cached (bounded), revocations are an in-process set kept current by the
-revoking code, and "last used" times are gathered in memory and flushed in batches.
+Validation is signature + expiry + kind + not revoked + still the same swarm, and reads only
+memory on the hot path: verified tokens are cached (bounded), revocations are in-process sets
+(of jtis and of chain roots) kept current by the revoking code, the swarm instance ids are
+held by :class:`~catalog.swarms.SwarmStore`, and "last used" times are gathered in memory
+and flushed in batches.
 
 Who may mint what is decided in one place, :meth:`TokenService.mint`:
 admin tokens mint any kind; a swarm token mints agent tokens for its own swarm, expiring no
-later than itself; agent tokens mint nothing. Any token may be refreshed (new ``jti``, new
-expiry within the maximum, never beyond the token that minted it).
+later than itself; agent tokens mint nothing.
+
+Lineage (proto_docs/authentication.md, "Token chains"): a minted token starts a *chain*
+(claim ``root`` = its own jti); refreshing rotates a token within its chain (new ``jti``,
+same ``root``) and never beyond the expiry the root was minted with, so a refresh cannot
+extend what an admin granted. Revoking any token revokes its whole chain, and the chains of
+the agent tokens that chain's swarm tokens minted (claim ``grant``). Tokens carry the swarm
+instance they were minted for (claim ``sid``): a swarm deleted and re-created under the
+same name never honours the old one's tokens. Every write runs under the catalog's one
+admin-write lock (:mod:`catalog.writes`), so a mint, a refresh, a revocation and a swarm's
+deletion never interleave.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import re
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,10 +44,13 @@ from catalog.errors import (
     PermissionDenied,
     Unauthenticated,
     Unprocessable,
+    WriteConflict,
+    bounded,
 )
 from catalog.identity import TOKEN_KINDS, Principal, TokenKind
 from catalog.keys import SigningKey
 from catalog.swarms import SwarmStore, check_swarm_name
+from catalog.writes import AdminWrites
 
 log = structlog.get_logger(__name__)
 
@@ -62,12 +77,35 @@ class TokenRecord(msgspec.Struct, kw_only=True):
     revoked_at: datetime | None
     last_used_at: datetime | None
     created_by: str | None
+    # The swarm token that minted this token's chain (agent tokens minted by a swarm token).
     parent_jti: str | None
+    # The first token of this token's refresh chain (itself when it was minted, not refreshed).
+    root_jti: str | None
+
+
+class RevokedTokens(msgspec.Struct, kw_only=True):
+    """What one bulk revocation did: the tokens newly revoked (their chains included)."""
+
+    swarm: str
+    agent: str | None
+    revoked: int
+    jtis: list[str]
 
 
 _RECORD_COLUMNS = (
-    "jti, kind, swarm, agent, created_at, expires_at, revoked_at, last_used_at, created_by, parent_jti"
+    "jti, kind, swarm, agent, created_at, expires_at, revoked_at, last_used_at, created_by, parent_jti, "
+    "root_jti"
 )
+_REVOKED_MESSAGE = "token revoked; ask for a new one"
+# The tokens of the chains rooted in ``$roots``, and of the chains their tokens minted.
+_CHAIN_MEMBERS = (
+    f"root_jti IN (SELECT unnest($roots)) OR parent_jti IN "
+    f"(SELECT jti FROM {SYSTEM_SCHEMA}.tokens WHERE root_jti IN (SELECT unnest($roots)))"
+)
+# Why SELECT, then UPDATE without RETURNING: DuckDB (2.0.1) does not detect a write-write
+# conflict for UPDATE … RETURNING on a table with a primary key (tokens has one) -- both
+# transactions commit and one update is lost -- while a plain UPDATE raises the conflict
+# that AdminWrites retries (tests/test_admin_races.py provokes one).
 
 
 def _now() -> datetime:
@@ -80,16 +118,28 @@ class TokenService:
         self._key = key
         self._config = config
         self._swarms = swarms
+        self._writes: AdminWrites = swarms.writes
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Principal] = OrderedDict()
         self._last_used: dict[str, datetime] = {}
-        with db.reading() as cur:
-            rows = cur.execute(
-                f"SELECT jti, expires_at FROM {SYSTEM_SCHEMA}.tokens "
+        now = _now()
+        with self._writes.lock, db.reading() as cur:
+            revoked = cur.execute(
+                f"SELECT jti, root_jti, expires_at FROM {SYSTEM_SCHEMA}.tokens "
                 "WHERE revoked_at IS NOT NULL AND expires_at > ?",
-                [_now()],
+                [now],
             ).fetchall()
-        self._revoked: dict[str, datetime] = {jti: exp for jti, exp in rows}
+            legacy = cur.execute(
+                f"SELECT jti, swarm_id FROM {SYSTEM_SCHEMA}.tokens "
+                "WHERE legacy AND revoked_at IS NULL AND expires_at > ?",
+                [now],
+            ).fetchall()
+        # jti -> expiry, and chain root -> latest expiry in the chain (pruned once expired).
+        self._revoked: dict[str, datetime] = {}
+        self._revoked_roots: dict[str, datetime] = {}
+        self._apply_revocations([(j, r, e) for j, r, e in revoked])
+        # Tokens issued before lineage claims existed: jti -> the swarm instance they belong to.
+        self._legacy: dict[str, str | None] = {j: sid for j, sid in legacy}
 
     @property
     def jwks(self) -> dict[str, list[dict[str, str]]]:
@@ -123,6 +173,7 @@ class TokenService:
         ttl = self._ttl(ttl_seconds)
         not_after: datetime | None = None
         parent: str | None = None
+        grant: str | None = None
         if issuer is not None and not issuer.is_admin:
             if issuer.kind != "swarm":
                 raise PermissionDenied("agent tokens cannot mint tokens; ask your swarm's token or an admin")
@@ -136,6 +187,7 @@ class TokenService:
                 )
             not_after = issuer.expires_at
             parent = issuer.jti
+            grant = issuer.root
         if kind == "admin":
             if swarm is not None or agent is not None:
                 raise InvalidArgument("admin tokens take neither 'swarm' nor 'agent'")
@@ -143,8 +195,6 @@ class TokenService:
             if swarm is None:
                 raise InvalidArgument(f"{kind} tokens need 'swarm'")
             check_swarm_name(swarm)
-            if not self._swarms.exists(swarm):
-                raise NotFound(f"swarm {swarm!r} does not exist; create it with POST /v1/swarms first")
             if kind == "agent":
                 if agent is None or not AGENT_NAME_RE.match(agent):
                     raise InvalidArgument(
@@ -153,15 +203,27 @@ class TokenService:
                     )
             elif agent is not None:
                 raise InvalidArgument("swarm tokens take no 'agent'; mint agent tokens for that")
-        return self._issue(
-            kind,  # type: ignore[arg-type]
-            swarm=swarm,
-            agent=agent,
-            ttl=ttl,
-            not_after=not_after,
-            created_by=issuer.label if issuer else "cli",
-            parent=parent,
-        )
+        with self._writes.lock:
+            # Under the lock a swarm cannot be deleted, nor the issuer revoked, halfway through.
+            swarm_id: str | None = None
+            if swarm is not None:
+                swarm_id = self._swarms.instance(swarm)
+                if swarm_id is None:
+                    raise NotFound(f"swarm {swarm!r} does not exist; create it with POST /v1/swarms first")
+            if issuer is not None:
+                self._check_live(issuer)
+            return self._issue(
+                kind,  # type: ignore[arg-type]
+                swarm=swarm,
+                agent=agent,
+                swarm_id=swarm_id,
+                ttl=ttl,
+                not_after=not_after,
+                created_by=issuer.label if issuer else "cli",
+                parent=parent,
+                root=None,
+                grant=grant,
+            )
 
     def _issue(
         self,
@@ -169,16 +231,21 @@ class TokenService:
         *,
         swarm: str | None,
         agent: str | None,
+        swarm_id: str | None,
         ttl: int,
         not_after: datetime | None,
         created_by: str,
         parent: str | None,
+        root: str | None,
+        grant: str | None,
     ) -> IssuedToken:
+        """Sign and record one token (``root`` None: it starts a chain of its own)."""
         now = _now().replace(microsecond=0)
         expires = now + timedelta(seconds=ttl)
         if not_after is not None and expires > not_after:
             expires = not_after
         jti = uuid.uuid4().hex
+        root = root or jti
         subject = {"admin": "admin", "swarm": f"swarm:{swarm}", "agent": f"agent:{swarm}/{agent}"}[kind]
         claims: dict[str, Any] = {
             "iss": self._config.issuer,
@@ -189,17 +256,25 @@ class TokenService:
             "kind": kind,
             "swarm": swarm,
             "agent": agent,
+            "root": root,
+            "sid": swarm_id,
         }
+        if grant is not None:
+            claims["grant"] = grant
         token = jwt.encode(claims, self._key.private, algorithm="EdDSA", headers={"kid": self._key.kid})
-        with self._db.transaction() as cur:
+
+        def write(cur: duckdb.DuckDBPyConnection) -> None:
             cur.execute(
-                f"INSERT INTO {SYSTEM_SCHEMA}.tokens ({_RECORD_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
-                [jti, kind, swarm, agent, now, expires, created_by, parent],
+                f"INSERT INTO {SYSTEM_SCHEMA}.tokens ({_RECORD_COLUMNS}, swarm_id, legacy) "
+                "VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, false)",
+                [jti, kind, swarm, agent, now, expires, created_by, parent, root, swarm_id],
             )
+
+        self._writes.run(f"issue a {kind} token", write)
         log.info(
             "token.issued",
             jti=jti,
+            root=root,
             kind=kind,
             swarm=swarm,
             agent=agent,
@@ -208,38 +283,49 @@ class TokenService:
         return IssuedToken(token=token, jti=jti, kind=kind, swarm=swarm, agent=agent, expires_at=expires)
 
     def refresh(self, principal: Principal, ttl_seconds: int | None = None) -> IssuedToken:
-        """A new token for the same identity. An agent token minted by a swarm token stays
-        bounded by that swarm token's expiry, and dies with it."""
+        """Rotate the caller's token: a new ``jti`` in the same chain, expiring after
+        ``ttl_seconds`` (default ``[tokens] default_ttl_seconds``) but never after the expiry
+        the chain's root was minted with -- a refresh never extends what an admin granted."""
         ttl = self._ttl(ttl_seconds)
-        parent: str | None = None
-        not_after: datetime | None = None
-        with self._db.reading() as cur:
-            row = fetch_one(
-                cur, f"SELECT parent_jti FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [principal.jti]
-            )
-            if row and row[0]:
-                parent = row[0]
-                prow = fetch_one(
+        root = principal.root or principal.jti
+        with self._writes.lock:
+            self._check_live(principal)
+            with self._db.reading() as cur:
+                row = fetch_one(
                     cur,
-                    f"SELECT expires_at, revoked_at FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?",
-                    [parent],
+                    f"SELECT t.parent_jti, r.expires_at FROM {SYSTEM_SCHEMA}.tokens AS t "
+                    f"JOIN {SYSTEM_SCHEMA}.tokens AS r ON r.jti = coalesce(t.root_jti, t.jti) "
+                    "WHERE t.jti = ?",
+                    [principal.jti],
                 )
-                if prow is None or prow[1] is not None or prow[0] <= _now():
-                    raise PermissionDenied("the swarm token that minted this token is no longer valid")
-                not_after = prow[0]
-        return self._issue(
-            principal.kind,
-            swarm=principal.swarm,
-            agent=principal.agent,
-            ttl=ttl,
-            not_after=not_after,
-            created_by=principal.label,
-            parent=parent,
-        )
+            if row is None:  # signed by us but not recorded: a restored older backup
+                raise Unauthenticated("token unknown to this Quiver; ask for a new one")
+            parent, granted_until = row
+            return self._issue(
+                principal.kind,
+                swarm=principal.swarm,
+                agent=principal.agent,
+                swarm_id=principal.swarm_id,
+                ttl=ttl,
+                not_after=granted_until,
+                created_by=principal.label,
+                parent=parent,
+                root=root,
+                grant=principal.grant,
+            )
 
     # --- verifying --------------------------------------------------------------------
     def verify(self, token: str) -> Principal:
-        """The principal for a bearer token, or :class:`Unauthenticated` saying why not."""
+        """The principal for a bearer token presented with a request, or
+        :class:`Unauthenticated` saying why not; the token is marked used. A listener whose
+        route refuses some valid tokens (admin-only routes) calls :meth:`check` and, once
+        the request is accepted, :meth:`record_use` instead."""
+        principal = self.check(token)
+        self.record_use(principal)
+        return principal
+
+    def check(self, token: str) -> Principal:
+        """Like :meth:`verify`, without marking the token used (memory only)."""
         cached = self._cache.get(token)
         if cached is None:
             cached = self._decode(token)
@@ -250,10 +336,30 @@ class TokenService:
         now = _now()
         if cached.expires_at + timedelta(seconds=self._config.leeway_seconds) <= now:
             raise Unauthenticated("token expired; refresh it before it expires or ask for a new one")
-        if cached.jti in self._revoked:
-            raise Unauthenticated("token revoked; ask for a new one")
-        self._last_used[cached.jti] = now
+        self._check_live(cached)
         return cached
+
+    def _check_live(self, principal: Principal) -> None:
+        """Not revoked (itself, its chain, the chain that minted it) and its swarm the same
+        instance it was minted for."""
+        if (
+            principal.jti in self._revoked
+            or principal.root in self._revoked_roots
+            or (principal.grant is not None and principal.grant in self._revoked_roots)
+        ):
+            raise Unauthenticated(_REVOKED_MESSAGE)
+        if principal.swarm is not None and (
+            principal.swarm_id is None or self._swarms.instance(principal.swarm) != principal.swarm_id
+        ):
+            raise Unauthenticated(
+                f"token of a deleted swarm: swarm {principal.swarm!r} was deleted after this token "
+                "was issued (a swarm of that name now is another swarm); ask for a new token"
+            )
+
+    def record_use(self, principal: Principal) -> None:
+        """Note that ``principal``'s token was used for an accepted request (memory only;
+        :meth:`flush_last_used` writes the times in batches)."""
+        self._last_used[principal.jti] = _now()
 
     def _decode(self, token: str) -> Principal:
         if not token or len(token) > 4096:
@@ -285,51 +391,128 @@ class TokenService:
             raise Unauthenticated("invalid token: missing swarm")
         if kind == "agent" and not isinstance(agent, str):
             raise Unauthenticated("invalid token: missing agent")
+        jti = str(claims["jti"])
+        root, grant, sid = claims.get("root"), claims.get("grant"), claims.get("sid")
+        if root is None:
+            # Issued before lineage claims: its own chain, its swarm instance as recorded.
+            root, grant, sid = jti, None, self._legacy.get(jti)
+        if not isinstance(root, str) or not (grant is None or isinstance(grant, str)):
+            raise Unauthenticated("invalid token: malformed lineage claims")
+        if kind != "admin" and not isinstance(sid, str):
+            raise Unauthenticated("invalid token: missing swarm instance")
         return Principal(
             kind=kind,
-            jti=str(claims["jti"]),
+            jti=jti,
             subject=str(claims["sub"]),
             expires_at=datetime.fromtimestamp(int(claims["exp"]), UTC),
             swarm=swarm if kind != "admin" else None,
             agent=agent if kind == "agent" else None,
+            root=root,
+            grant=grant,
+            swarm_id=sid if kind != "admin" else None,
         )
 
     # --- revoking ---------------------------------------------------------------------
-    def revoke(self, jti: str) -> TokenRecord:
-        """Revoke ``jti`` and the tokens it minted; effective on the next call everywhere."""
-        now = _now()
-        with self._db.transaction() as cur:
-            row = fetch_one(cur, f"SELECT expires_at FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [jti])
-            if row is None:
-                raise NotFound(f"no token with jti {jti!r}; GET /v1/tokens lists them")
-            revoked = cur.execute(
-                f"UPDATE {SYSTEM_SCHEMA}.tokens SET revoked_at = coalesce(revoked_at, ?) "
-                "WHERE jti = ? OR parent_jti = ? RETURNING jti, expires_at",
-                [now, jti, jti],
-            ).fetchall()
+    def _apply_revocations(self, rows: list[tuple[str, str | None, datetime]]) -> None:
+        """Make committed revocations effective on the next call (memory; caller holds the
+        admin-write lock, or is the constructor)."""
         with self._lock:
-            for j, exp in revoked:
-                self._revoked[j] = exp
-        log.info("token.revoked", jti=jti, cascade=len(revoked) - 1)
+            revoked = dict(self._revoked)
+            roots = dict(self._revoked_roots)
+            for jti, root, expires in rows:
+                revoked[jti] = expires
+                key = root or jti
+                if key not in roots or roots[key] < expires:
+                    roots[key] = expires
+            self._revoked, self._revoked_roots = revoked, roots
+
+    def _revoke_chains(self, cur: duckdb.DuckDBPyConnection, roots: list[str], now: datetime) -> list[Any]:
+        """Revoke the chains rooted in ``roots``; return each member as (jti, root, expires,
+        revoked_at after the update)."""
+        if not roots:
+            return []
+        params = {"now": now, "roots": roots}
+        members = cur.execute(
+            f"SELECT jti, root_jti, expires_at, coalesce(revoked_at, $now) FROM {SYSTEM_SCHEMA}.tokens "
+            f"WHERE {_CHAIN_MEMBERS}",
+            params,
+        ).fetchall()
+        cur.execute(
+            f"UPDATE {SYSTEM_SCHEMA}.tokens SET revoked_at = $now WHERE revoked_at IS NULL AND ({_CHAIN_MEMBERS})",
+            params,
+        )
+        return members
+
+    def revoke(self, jti: str) -> TokenRecord:
+        """Revoke ``jti``'s whole chain and the chains its tokens minted; effective on the
+        next call on both listeners. Revoking a revoked token changes nothing (idempotent)."""
+        now = _now()
+
+        def write(cur: duckdb.DuckDBPyConnection) -> list[Any]:
+            row = fetch_one(
+                cur, f"SELECT coalesce(root_jti, jti) FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [jti]
+            )
+            if row is None:
+                raise NotFound(f"no token with jti {bounded(jti)!r}; GET /v1/tokens lists them")
+            return self._revoke_chains(cur, [row[0]], now)
+
+        with self._writes.lock:
+            rows = self._writes.run("revoke a token", write)
+            self._apply_revocations([(j, r, e) for j, r, e, _ in rows])
+        log.info("token.revoked", jti=jti, revoked=sum(1 for *_, at in rows if at == now))
         return self.get(jti)
 
-    def revoke_swarm(self, cur: duckdb.DuckDBPyConnection, swarm: str) -> None:
-        """Revoke every token of ``swarm`` inside the caller's transaction (swarm deletion)."""
+    def revoke_all(self, swarm: str, agent: str | None = None) -> RevokedTokens:
+        """Revoke every token of one swarm, or of one agent of a swarm (chains included)."""
+        check_swarm_name(swarm)
+        if agent is not None and not AGENT_NAME_RE.match(agent):
+            raise InvalidArgument(
+                "'agent' must be an agent name: 1-128 characters of letters, digits, '_', '.', '@' and '-'"
+            )
+        now = _now()
+        where = "swarm = ?" + (" AND agent = ?" if agent is not None else "")
+        params: list[object] = [swarm] if agent is None else [swarm, agent]
+
+        def write(cur: duckdb.DuckDBPyConnection) -> list[Any]:
+            roots = [
+                r[0]
+                for r in cur.execute(
+                    f"SELECT DISTINCT coalesce(root_jti, jti) FROM {SYSTEM_SCHEMA}.tokens WHERE {where}",
+                    params,
+                ).fetchall()
+            ]
+            if not roots:
+                if agent is None and self._swarms.exists(swarm):
+                    return []  # a swarm without tokens: nothing to revoke
+                who = f"agent {agent!r} of swarm {swarm!r}" if agent is not None else f"swarm {swarm!r}"
+                raise NotFound(f"no token of {who} was ever issued; GET /v1/tokens?swarm=... lists them")
+            return self._revoke_chains(cur, roots, now)
+
+        with self._writes.lock:
+            rows = self._writes.run("revoke tokens", write)
+            self._apply_revocations([(j, r, e) for j, r, e, _ in rows])
+        fresh = sorted(j for j, _, _, at in rows if at == now)
+        log.info("token.revoked_all", swarm=swarm, agent=agent, revoked=len(fresh))
+        return RevokedTokens(swarm=swarm, agent=agent, revoked=len(fresh), jtis=fresh)
+
+    def revoke_swarm(self, cur: duckdb.DuckDBPyConnection, swarm: str) -> Callable[[], None]:
+        """Revoke every token of ``swarm`` inside the caller's transaction (swarm deletion);
+        return what makes it effective in memory, to call once the transaction committed."""
         rows = cur.execute(
-            f"UPDATE {SYSTEM_SCHEMA}.tokens SET revoked_at = coalesce(revoked_at, ?) "
-            "WHERE swarm = ? RETURNING jti, expires_at",
-            [_now(), swarm],
+            f"SELECT jti, root_jti, expires_at FROM {SYSTEM_SCHEMA}.tokens WHERE swarm = ?", [swarm]
         ).fetchall()
-        with self._lock:
-            for j, exp in rows:
-                self._revoked[j] = exp
+        cur.execute(
+            f"UPDATE {SYSTEM_SCHEMA}.tokens SET revoked_at = ? WHERE swarm = ? AND revoked_at IS NULL",
+            [_now(), swarm],
+        )
+        return lambda: self._apply_revocations([(j, r, e) for j, r, e in rows])
 
     # --- listing and bookkeeping --------------------------------------------------------
     def get(self, jti: str) -> TokenRecord:
         with self._db.reading() as cur:
             row = fetch_one(cur, f"SELECT {_RECORD_COLUMNS} FROM {SYSTEM_SCHEMA}.tokens WHERE jti = ?", [jti])
         if row is None:
-            raise NotFound(f"no token with jti {jti!r}; GET /v1/tokens lists them")
+            raise NotFound(f"no token with jti {bounded(jti)!r}; GET /v1/tokens lists them")
         return self._record(row)
 
     def list(
@@ -365,16 +548,28 @@ class TokenService:
         return rec.revoked_at is None and rec.expires_at > _now()
 
     def flush_last_used(self) -> int:
-        """Write the gathered "last used" times in one batch; prune expired revocations."""
+        """Write the gathered "last used" times in one batch (under the admin-write lock: a
+        revocation updates the same rows); prune expired revocations."""
         with self._lock:
             batch, self._last_used = self._last_used, {}
             now = _now()
             self._revoked = {j: e for j, e in self._revoked.items() if e > now}
+            self._revoked_roots = {r: e for r, e in self._revoked_roots.items() if e > now}
+            self._legacy = {j: s for j, s in self._legacy.items() if j not in self._revoked}
         if not batch:
             return 0
-        with self._db.transaction() as cur:
-            cur.executemany(
-                f"UPDATE {SYSTEM_SCHEMA}.tokens SET last_used_at = ? WHERE jti = ?",
-                [[t, j] for j, t in batch.items()],
+        params = [[t, j] for j, t in batch.items()]
+        try:
+            self._writes.run(
+                "record token use",
+                lambda cur: cur.executemany(
+                    f"UPDATE {SYSTEM_SCHEMA}.tokens SET last_used_at = ? WHERE jti = ?", params
+                ),
             )
+        except WriteConflict:
+            with self._lock:  # keep the times for the next flush (newer ones win)
+                for jti, t in batch.items():
+                    if jti not in self._last_used:
+                        self._last_used[jti] = t
+            raise
         return len(batch)

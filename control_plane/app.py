@@ -49,6 +49,7 @@ _DOMAIN_STATUSES: dict[str, set[int]] = {
     "create_token": {403, 404, 409, 422},
     "refresh_token": {403, 409, 422},
     "revoke_token": {409},
+    "revoke_tokens": {404, 409},
     "sync_status": {404},
     "metrics": {401, 403},
 }

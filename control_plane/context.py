@@ -36,10 +36,10 @@ def client_of(request: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     return request.client.host if request.client else None
 
 
-def authenticate(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+def authenticated(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     """The caller's principal, verified once per request (the gate does it before the body
-    is read; the ``principal``/``admin`` dependencies then reuse it). A failure is audited
-    as ``auth.failed`` and counted, so fail2ban sees every refused token."""
+    is read; the ``principal``/``admin`` dependencies then reuse it), not yet marked used. A
+    failure is audited as ``auth.failed`` and counted, so fail2ban sees every refused token."""
     state = request.scope.setdefault("state", {})  # type: ignore[typeddict-item]
     known = state.get(_PRINCIPAL)
     if isinstance(known, Principal):
@@ -52,7 +52,7 @@ def authenticate(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
             raise Unauthenticated("missing token: send the header 'authorization: Bearer <token>'")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("malformed authorization header: use 'Bearer <token>'")
-        principal = catalog.tokens.verify(token.strip())
+        principal = catalog.tokens.check(token.strip())
     except Unauthenticated as e:
         catalog.metrics.auth_failures.labels("http").inc()
         catalog.audit.record(
@@ -69,12 +69,29 @@ def authenticate(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     return principal
 
 
-def require_admin(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
-    principal = authenticate(request)
+def admin_of(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The caller's principal if it is an admin's (403 otherwise), not yet marked used."""
+    principal = authenticated(request)
     if not principal.is_admin:
         raise PermissionDenied(
             f"this route needs an admin token; yours is a token of kind {principal.kind!r}"
         )
+    return principal
+
+
+def authenticate(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The ``principal`` dependency. Dependencies resolve after the body and the query are
+    accepted, so only a request that reaches its handler marks the token used: a refused
+    request never updates ``last_used_at``."""
+    principal = authenticated(request)
+    catalog_of(request).tokens.record_use(principal)
+    return principal
+
+
+def require_admin(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The ``admin`` dependency: as :func:`authenticate`, for admin tokens only."""
+    principal = admin_of(request)
+    catalog_of(request).tokens.record_use(principal)
     return principal
 
 

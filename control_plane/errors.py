@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from catalog import QuiverError
+from catalog.errors import MAX_DETAIL_CHARS, bounded
 from control_plane.context import request_id
 from control_plane.gate import MAX_JSON_BODY
 
@@ -31,18 +32,9 @@ _CODES = {
 }
 
 
-MAX_DETAIL = 400
-"""Characters of ``detail`` a client gets: every echoed value (a field name, a path, a
-DuckDB message) is cut here, so no error body is ever large."""
-
-
-def bounded(text: str, limit: int = MAX_DETAIL) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _body(code: str, detail: str, status: int, headers: dict[str, str] | None = None) -> Response[Any]:
     return Response(
-        {"error": code, "detail": bounded(detail)},
+        {"error": code, "detail": bounded(detail, MAX_DETAIL_CHARS)},
         status_code=status,
         media_type=MediaType.JSON,
         headers=headers,

@@ -32,7 +32,7 @@ from litestar.exceptions import HTTPException, InternalServerException
 from litestar.handlers.base import BaseRouteHandler
 
 from catalog import InvalidArgument
-from control_plane.context import ADMIN_UNLESS_PUBLIC_METRICS, authenticate, catalog_of, require_admin
+from control_plane.context import ADMIN_UNLESS_PUBLIC_METRICS, admin_of, authenticated, catalog_of
 
 MAX_JSON_BODY = 1 << 20
 """Bytes a request body may have (413 beyond)."""
@@ -135,9 +135,9 @@ async def gate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRout
     """App-wide guard: authentication, then the body checks, before any decoding."""
     parameters = handler.parsed_fn_signature.parameters
     if needs_admin(connection, handler):
-        require_admin(connection)
+        admin_of(connection)  # marked used later, by the dependency, if the request is accepted
     elif "principal" in parameters:
-        authenticate(connection)
+        authenticated(connection)
     _check_query(connection, handler)
     body_field = parameters.get("data")
     if body_field is None:

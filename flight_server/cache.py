@@ -37,7 +37,12 @@ Interface for the Flight server (``core`` wires it)::
     key = cache.key(guarded.normalized, params, max_rows, versions, extra=None)  # None: not cacheable
     entry = cache.get(key)                          # CacheEntry (schema, rows, bytes) or None; counts hit/miss
     reader = cache.open(entry)                      # zero-copy reader, None if evicted meanwhile
-    reader = cache.tee(key, reader)                 # on a miss: stream AND fill the cache
+    reader = cache.tee(key, reader, head, truncated=flag)  # on a miss: stream AND fill the cache
+    cache.store(key, schema, batches, size, truncated=cut)  # a small result read whole
+
+A result cut at its row cap is stored with ``truncated`` set (known only once the stream
+ended: ``tee`` asks its ``truncated`` callable then); a hit on it must report the cut again
+(flight_server/truncation.py) — the key holds ``max_rows``, so the same key means the same cap.
     cache.close()                                   # at server shutdown
 """
 
@@ -167,6 +172,8 @@ class CacheEntry:
     batches: tuple[pa.RecordBatch, ...] | None = None
     #: The Arrow IPC stream file of a larger result — or None for a memory entry.
     path: Path | None = None
+    #: The result was cut at its row cap (the key's ``max_rows``): a hit reports the cut.
+    truncated: bool = False
 
     @property
     def tier(self) -> str:
@@ -394,30 +401,46 @@ class ResultCache:
         key: CacheKey | None,
         reader: pa.RecordBatchReader,
         head: Sequence[pa.RecordBatch] = (),
+        *,
+        truncated: Callable[[], bool] | None = None,
     ) -> pa.RecordBatchReader:
         """``head`` (batches already read from ``reader``) then ``reader``'s batches, passed on
         as they come and kept for the cache: in memory up to 1 MiB (no copy: the batches
         themselves), beyond that appended to a file. The entry is committed when the stream
         ends, dropped if it fails, is abandoned or grows beyond ``max_entry_bytes`` (the
-        client still gets every batch)."""
+        client still gets every batch); ``truncated``, asked then, says whether the stream
+        was cut at its row cap (stored with the entry)."""
         if key is None:
-            return reader
-        return pa.RecordBatchReader.from_batches(reader.schema, self._teeing(key, reader, head))
+            if not head:
+                return reader
+            return pa.RecordBatchReader.from_batches(reader.schema, itertools.chain(head, reader))
+        return pa.RecordBatchReader.from_batches(reader.schema, self._teeing(key, reader, head, truncated))
 
     def store(
-        self, key: CacheKey | None, schema: pa.Schema, batches: Sequence[pa.RecordBatch], size: int
+        self,
+        key: CacheKey | None,
+        schema: pa.Schema,
+        batches: Sequence[pa.RecordBatch],
+        size: int,
+        *,
+        truncated: bool = False,
     ) -> None:
-        """Keep a complete small result (already read; ``size``: its batches' bytes) in
-        memory; larger ones go through :meth:`tee`. Does nothing for a result too large for
-        the memory tier."""
+        """Keep a complete small result (already read; ``size``: its batches' bytes;
+        ``truncated``: cut at its row cap) in memory; larger ones go through :meth:`tee`.
+        Does nothing for a result too large for the memory tier."""
         if key is None:
             return
         if size > self.memory_entry_bytes:
             return
-        self._commit(key, schema, sum(b.num_rows for b in batches), size, batches=tuple(batches))
+        rows = sum(b.num_rows for b in batches)
+        self._commit(key, schema, rows, size, batches=tuple(batches), truncated=truncated)
 
     def _teeing(
-        self, key: CacheKey, reader: pa.RecordBatchReader, head: Sequence[pa.RecordBatch] = ()
+        self,
+        key: CacheKey,
+        reader: pa.RecordBatchReader,
+        head: Sequence[pa.RecordBatch] = (),
+        truncated: Callable[[], bool] | None = None,
     ) -> Iterator[pa.RecordBatch]:
         schema = reader.schema
         held: list[pa.RecordBatch] | None = []
@@ -455,10 +478,12 @@ class ResultCache:
         finally:
             self._close_quietly(writer, sink)
             if complete and not gave_up:
+                cut = truncated is not None and truncated()
                 if held is not None:
-                    self._commit(key, schema, rows, held_bytes, batches=tuple(held))
+                    self._commit(key, schema, rows, held_bytes, batches=tuple(held), truncated=cut)
                 elif partial is not None:
-                    self._commit(key, schema, rows, partial.stat().st_size, partial=partial)
+                    size = partial.stat().st_size
+                    self._commit(key, schema, rows, size, partial=partial, truncated=cut)
             if partial is not None:
                 partial.unlink(missing_ok=True)
 
@@ -480,11 +505,13 @@ class ResultCache:
         *,
         batches: tuple[pa.RecordBatch, ...] | None = None,
         partial: Path | None = None,
+        truncated: bool = False,
     ) -> None:
         now = time.monotonic()
         tier = "memory" if batches is not None else "disk"
         path = None if partial is None else self.dir / f"{key.digest}{ENTRY_SUFFIX}"
-        entry = CacheEntry(key, schema, rows, size, now, now + self.config.ttl_seconds, batches, path)
+        expires = now + self.config.ttl_seconds
+        entry = CacheEntry(key, schema, rows, size, now, expires, batches, path, truncated)
         evicted: list[CacheEntry] = []
         with self._lock:
             known = any(key.digest in pool for pool in self._tiers.values())

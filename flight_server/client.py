@@ -9,7 +9,12 @@ agent would otherwise write itself:
   (``extra_info``) and its ``detail`` sentence, including the cases the server cannot label
   (a query interrupted mid-stream, the server unreachable, a client-side deadline);
 * results are ``pyarrow.Table`` or, for large ones, a ``RecordBatchReader`` that streams
-  with bounded memory (a few batches per endpoint in flight).
+  with bounded memory (a few batches per endpoint in flight);
+* a result cut at a row cap (the server's ``[limits] max_rows``, your own ``max_rows``, a
+  sample's cap) is never taken for the whole answer: the client warns with
+  :class:`TruncatedResultWarning`, or raises :class:`TruncatedResultError` with
+  ``on_truncation="raise"`` (proto_docs/client.md). It reads the cut from the FlightInfo's
+  and the stream's ``app_metadata`` (proto_docs/descriptors.md, "Cut results").
 
 Only ``pyarrow`` is needed; nothing of the server is imported.
 """
@@ -21,10 +26,11 @@ import queue
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -49,6 +55,62 @@ class QuiverClientError(Exception):
     @property
     def retryable(self) -> bool:
         return self.code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+
+
+OnTruncation = Literal["warn", "raise", "ignore"]
+
+
+def _truncation_detail(max_rows: int, reason: str) -> str:
+    why = {
+        "server_max_rows": "the server's limit [limits] max_rows",
+        "max_rows": "your max_rows",
+        "max_sample_rows": "the server's sample limit [limits] max_sample_rows",
+    }.get(reason, reason)
+    return (
+        f"the result was cut at {max_rows:,} rows ({why}): more rows exist; aggregate, filter "
+        "or page (ORDER BY … LIMIT/OFFSET) instead of reading a partial answer as the whole"
+    )
+
+
+class TruncatedResultWarning(UserWarning):
+    """A result was cut at a row cap: more rows existed than were returned. ``max_rows`` is
+    the cap, ``reason`` why it applied (``server_max_rows``: the server's ``[limits]
+    max_rows``; ``max_rows``: the caller's own; ``max_sample_rows``: a sample's cap)."""
+
+    def __init__(self, max_rows: int, reason: str) -> None:
+        super().__init__(_truncation_detail(max_rows, reason))
+        self.max_rows = max_rows
+        self.reason = reason
+
+
+class TruncatedResultError(QuiverClientError):
+    """A result was cut at a row cap, with ``on_truncation="raise"``; code ``TRUNCATED`` (the
+    client's own: no server answers it). ``result`` holds the rows received (a
+    ``pyarrow.Table``) when the whole cut result was read (``query``, ``read``, ``fetch`` …);
+    it is None from a stream, which raises after its last batch."""
+
+    def __init__(self, max_rows: int, reason: str, result: pa.Table | None = None) -> None:
+        super().__init__("TRUNCATED", _truncation_detail(max_rows, reason))
+        self.max_rows = max_rows
+        self.reason = reason
+        self.result = result
+
+
+def row_cap(metadata: bytes | pa.Buffer | None) -> dict[str, Any] | None:
+    """The row cap in a FlightInfo's or a record batch's ``app_metadata``
+    (``{"max_rows", "reason", "truncated"}``), or None when there is none."""
+    if metadata is None:
+        return None
+    raw = metadata.to_pybytes() if isinstance(metadata, pa.Buffer) else bytes(metadata)
+    if not raw:
+        return None
+    try:
+        cap = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(cap, dict) or not isinstance(cap.get("max_rows"), int):
+        return None
+    return cap
 
 
 _CLASS_CODES: tuple[tuple[type[flight.FlightError], str], ...] = (
@@ -142,7 +204,16 @@ def _path(table: str | Sequence[str]) -> list[str]:
 
 
 class QuiverClient:
-    """Quiver's data plane for one token. Thread-safe; close it (or use ``with``) when done."""
+    """Quiver's data plane for one token. Thread-safe; close it (or use ``with``) when done.
+
+    ``on_truncation`` says what a result cut at a row cap does (the server's ``[limits]
+    max_rows``, the ``max_rows`` you passed, a percent sample's ``[limits] max_sample_rows``):
+    ``"warn"`` (default) issues a :class:`TruncatedResultWarning` (Python's warning filters
+    apply: ``warnings.simplefilter("error", TruncatedResultWarning)`` makes it an exception,
+    and by default a repeated warning from one place is shown once); ``"raise"`` raises
+    :class:`TruncatedResultError` (a table's rows are on it as ``.result``); ``"ignore"`` does
+    neither. A result of exactly ``max_rows`` rows is not a cut: only one that had more.
+    """
 
     def __init__(
         self,
@@ -152,7 +223,11 @@ class QuiverClient:
         timeout: float | None = None,
         parallelism: int = 8,
         tls_root_certs: bytes | None = None,
+        on_truncation: OnTruncation = "warn",
     ) -> None:
+        if on_truncation not in ("warn", "raise", "ignore"):
+            raise ValueError(f'on_truncation must be "warn", "raise" or "ignore", got {on_truncation!r}')
+        self.on_truncation: OnTruncation = on_truncation
         kwargs: dict[str, Any] = {}
         if tls_root_certs is not None:
             kwargs["tls_root_certs"] = tls_root_certs
@@ -211,38 +286,80 @@ class QuiverClient:
     def schema_of(self, descriptor: flight.FlightDescriptor) -> pa.Schema:
         return self._call(lambda: self._client.get_schema(descriptor, self.options).schema)
 
+    def _truncated(self, cap: dict[str, Any], result: pa.Table | None = None) -> None:
+        """Report a cut result as ``on_truncation`` says."""
+        max_rows, reason = int(cap["max_rows"]), str(cap.get("reason", ""))
+        if self.on_truncation == "raise":
+            raise TruncatedResultError(max_rows, reason, result)
+        if self.on_truncation == "warn":
+            warnings.warn(TruncatedResultWarning(max_rows, reason), stacklevel=4)
+
     def fetch(self, info: flight.FlightInfo) -> pa.Table:
-        """Every endpoint of ``info``, fetched in parallel, concatenated in order."""
+        """Every endpoint of ``info``, fetched in parallel, concatenated in order; a cut
+        result is reported as ``on_truncation`` says."""
         endpoints = list(info.endpoints)
+        cap = row_cap(info.app_metadata)
+        # Only a capped result whose cut only the stream can tell is read chunk by chunk (to
+        # see the last batch's app_metadata); everything else is read whole by C++.
+        watch = cap is not None and cap.get("truncated") is None
+        cuts: list[dict[str, Any]] = []
 
         def read(endpoint: flight.FlightEndpoint) -> pa.Table:
             client = self._client_for(endpoint)
-            return self._call(lambda: client.do_get(endpoint.ticket, self.options).read_all())
+            if not watch:
+                return self._call(lambda: client.do_get(endpoint.ticket, self.options).read_all())
+            reader = self._call(lambda: client.do_get(endpoint.ticket, self.options))
+            batches = list(self._guarded_batches(reader, cuts.append))
+            return pa.Table.from_batches(batches, schema=reader.schema)
 
         if len(endpoints) == 1:
-            return read(endpoints[0])
-        if not endpoints:
-            return info.schema.empty_table()
-        with ThreadPoolExecutor(
-            min(len(endpoints), self.parallelism), thread_name_prefix="quiver-fetch"
-        ) as pool:
-            tables = list(pool.map(read, endpoints))
-        return pa.concat_tables(tables)
+            table = read(endpoints[0])
+        elif not endpoints:
+            table = info.schema.empty_table()
+        else:
+            with ThreadPoolExecutor(
+                min(len(endpoints), self.parallelism), thread_name_prefix="quiver-fetch"
+            ) as pool:
+                table = pa.concat_tables(list(pool.map(read, endpoints)))
+        if cap is not None and cap.get("truncated") is True:
+            cuts.append(cap)
+        if cuts:
+            self._truncated(cuts[0], table)
+        return table
 
     def fetch_stream(self, info: flight.FlightInfo, *, buffer_batches: int = 4) -> pa.RecordBatchReader:
         """Every endpoint of ``info`` as one ordered stream; endpoints are read in parallel
         ahead of the consumer, each at most ``buffer_batches`` batches ahead."""
         endpoints = list(info.endpoints)
+        # A cut is reported once, after the last batch: the one that carries it (even when the
+        # FlightInfo already said so, as for the stored result of a cut async query).
+        cuts: list[dict[str, Any]] = []
         if len(endpoints) == 1:
             endpoint = endpoints[0]
             client = self._client_for(endpoint)
             reader = self._call(lambda: client.do_get(endpoint.ticket, self.options))
-            return pa.RecordBatchReader.from_batches(reader.schema, self._guarded_batches(reader))
+            return pa.RecordBatchReader.from_batches(
+                reader.schema, self._reported(self._guarded_batches(reader, cuts.append), cuts)
+            )
         return pa.RecordBatchReader.from_batches(
-            info.schema, self._parallel_batches(endpoints, buffer_batches)
+            info.schema,
+            self._reported(self._parallel_batches(endpoints, buffer_batches, cuts.append), cuts),
         )
 
-    def _guarded_batches(self, reader: flight.FlightStreamReader) -> Iterator[pa.RecordBatch]:
+    def _reported(
+        self, batches: Iterator[pa.RecordBatch], cuts: list[dict[str, Any]]
+    ) -> Iterator[pa.RecordBatch]:
+        """``batches``, then the report of a cut they carried (``cuts``, filled as they are
+        read): after the last batch, so a stream's consumer has every row first."""
+        yield from batches
+        if cuts:
+            self._truncated(cuts[0])
+
+    def _guarded_batches(
+        self, reader: flight.FlightStreamReader, on_cut: Callable[[dict[str, Any]], None]
+    ) -> Iterator[pa.RecordBatch]:
+        """The batches of one DoGet, errors mapped; a batch whose ``app_metadata`` reports a
+        cut is passed to ``on_cut``."""
         while True:
             try:
                 chunk = reader.read_chunk()
@@ -250,11 +367,18 @@ class QuiverClient:
                 return
             except Exception as e:
                 raise client_error(e) from e
+            if chunk.app_metadata is not None:
+                cap = row_cap(chunk.app_metadata)
+                if cap is not None and cap.get("truncated") is True:
+                    on_cut(cap)
             if chunk.data is not None:
                 yield chunk.data
 
     def _parallel_batches(
-        self, endpoints: list[flight.FlightEndpoint], depth: int
+        self,
+        endpoints: list[flight.FlightEndpoint],
+        depth: int,
+        on_cut: Callable[[dict[str, Any]], None],
     ) -> Iterator[pa.RecordBatch]:
         queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=max(1, depth)) for _ in endpoints]
         stop = threading.Event()
@@ -277,7 +401,7 @@ class QuiverClient:
                 try:
                     client = self._client_for(endpoint)
                     reader = client.do_get(endpoint.ticket, self.options)
-                    for batch in self._guarded_batches(reader):
+                    for batch in self._guarded_batches(reader, on_cut):
                         if not put(q, batch):
                             reader.cancel()
                             return

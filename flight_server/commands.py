@@ -13,6 +13,7 @@ GetFlightInfo and GetSchema refuse exactly the same commands.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -20,10 +21,17 @@ import pyarrow.flight as flight
 
 from catalog import InvalidArgument
 from catalog.config import LimitsConfig
+from catalog.errors import bounded
 
 MAX_COMMAND_BYTES = 1 << 20
 MAX_SQL_CHARS = 100_000
 MAX_PARAMS = 1_000
+#: Lists and objects inside one parameter value nest at most this deep (DuckDB binds nested
+#: values recursively; a command nested thousands deep must be refused, not crash a decoder).
+MAX_PARAM_DEPTH = 32
+#: JSON nesting of a whole command: a query command is an object (1) with a params list (2)
+#: of values nested MAX_PARAM_DEPTH deep.
+MAX_COMMAND_DEPTH = MAX_PARAM_DEPTH + 2
 MAX_SEED = 2**63 - 1
 
 # JSON scalars and (nested) lists/objects: DuckDB binds them as its own values.
@@ -95,8 +103,10 @@ def explain(raw: bytes, err: msgspec.ValidationError) -> str:
     try:
         obj = json.loads(raw)
         kind = obj.get("kind") if isinstance(obj, dict) else None
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
+    if isinstance(kind, str):
+        kind = bounded(kind, 40)
     kinds = ", ".join(KINDS)
     if text.startswith("Expected `object`"):
         return f'a command is a JSON object like {{"kind": "query", "sql": "SELECT 1"}}; got {text[9:]}'
@@ -107,10 +117,10 @@ def explain(raw: bytes, err: msgspec.ValidationError) -> str:
     cls = KINDS.get(kind) if isinstance(kind, str) else None
     allowed = f"; a {kind} command accepts: {_field_names(cls)}" if cls else ""
     if text.startswith("Object contains unknown field"):
-        name = text.split("`")[1]
+        name = bounded(text.split("`")[1], 60)
         return f"unknown field {name!r} in a {kind} command{allowed}"
     if text.startswith("Object missing required field"):
-        name = text.split("`")[1]
+        name = bounded(text.split("`")[1], 60)
         return f"a {kind} command needs the field {name!r}{allowed}"
     if " - at `$." in text:
         message, _, where = text.rpartition(" - at `$.")
@@ -128,6 +138,12 @@ def decode_command(raw: bytes) -> Command:
             "this is a Flight SQL command; this port serves Quiver's JSON commands: "
             'send a UTF-8 JSON object like {"kind": "query", "sql": "SELECT 1"}'
         )
+    depth = json_depth(raw)
+    if depth > MAX_COMMAND_DEPTH:
+        raise InvalidArgument(
+            f"the command nests lists/objects {depth} levels deep; at most {MAX_COMMAND_DEPTH} are "
+            f"accepted (parameter values at most {MAX_PARAM_DEPTH})"
+        )
     try:
         return _decoder.decode(raw)
     except msgspec.ValidationError as e:
@@ -139,6 +155,30 @@ def decode_command(raw: bytes) -> Command:
         ) from None
 
 
+def json_depth(raw: bytes) -> int:
+    """How deeply the JSON text ``raw`` nests arrays and objects, without decoding it (a
+    decoder recurses once per level). Brackets inside strings do not count; invalid JSON gets
+    some number, and the decoder then says what is wrong with it."""
+    if b"[" not in raw and b"{" not in raw:
+        return 0
+    # Strings first: drop escaped characters, then everything between quotes.
+    text = _ESCAPE.sub(b"", raw)
+    text = _STRING.sub(b"", text)
+    depth = deepest = 0
+    for opened in _BRACKETS.findall(text):
+        if opened in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
 def decode_descriptor(descriptor: flight.FlightDescriptor) -> Command | TableScan:
     if descriptor.descriptor_type == flight.DescriptorType.PATH:
         try:
@@ -146,7 +186,7 @@ def decode_descriptor(descriptor: flight.FlightDescriptor) -> Command | TableSca
         except UnicodeDecodeError:
             raise InvalidArgument("PATH descriptor parts must be UTF-8 text") from None
         if len(path) != 2 or not all(path):
-            raise InvalidArgument(f"a PATH descriptor is [schema, table], got {path!r}")
+            raise InvalidArgument(f"a PATH descriptor is [schema, table], got {bounded(path, 120)}")
         return TableScan(path[0], path[1])
     if descriptor.descriptor_type == flight.DescriptorType.CMD:
         return decode_command(descriptor.command)

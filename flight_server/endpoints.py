@@ -36,6 +36,7 @@ from catalog.database import SYSTEM_SCHEMA, fetch_one
 from catalog.sqlguard import GuardedQuery, SqlGuard
 from catalog.tables import fold
 from flight_server import commands as cmds
+from flight_server.admission import Admission
 from flight_server.commands import (
     Command,
     ProfileCommand,
@@ -44,9 +45,11 @@ from flight_server.commands import (
     SampleCommand,
     TableScan,
 )
+from flight_server.errors import check_result_type, duckdb_error
 from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
 from flight_server.results import QueryManager
 from flight_server.table_cache import CachedTable, TableCache
+from flight_server.truncation import CapReason, RowCap
 from flight_server.versions import VersionWatch
 
 log = structlog.get_logger("flight_server")
@@ -88,19 +91,31 @@ class SqlPart:
     sql: str
     params: tuple[Any, ...] = ()
     # At most this many rows, by wrapping the SQL in a LIMIT (the caller's own max_rows: a
-    # LIMIT lets DuckDB stop early, e.g. a top-N instead of a full sort).
+    # LIMIT lets DuckDB stop early, e.g. a top-N instead of a full sort). DuckDB is asked for
+    # one row more, so that a cut is known exactly (flight_server/truncation.py).
     limit: int | None = None
     layout: Layout | None = None
     # The guard's normalized SQL when the result may be served from the result cache.
     normalized: str | None = None
     # At most this many rows, cut from the stream (the server's [limits] max_rows: wrapping
-    # every query in a LIMIT costs DuckDB ~0.15 ms, a tenth of a point query). Only parts
-    # that go through the result cache's path use it; others get a LIMIT instead.
+    # every query in a LIMIT costs DuckDB ~0.15 ms, a tenth of a point query). The stream is
+    # read one batch past the cap, so that a cut is known exactly and reported.
     cap: int | None = None
+    # Why ``limit`` applies (``cap`` is always the server's max_rows).
+    limit_reason: CapReason = "max_rows"
 
     @property
     def max_rows(self) -> int | None:
         return self.limit if self.limit is not None else self.cap
+
+    @property
+    def row_cap(self) -> RowCap | None:
+        """The cap a cut of this part's result is reported against, if any."""
+        if self.limit is not None:
+            return RowCap(self.limit, self.limit_reason)
+        if self.cap is not None:
+            return RowCap(self.cap, "server_max_rows")
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +158,13 @@ class Plan:
     label: str
     timeout: bool  # DoGet arms the query timeout
     ordered: bool = True
+    # The row cap known at planning: reported in the FlightInfo's app_metadata.
+    row_cap: RowCap | None = None
+
+    @property
+    def app_metadata(self) -> bytes:
+        """The FlightInfo's ``app_metadata``: the row cap, when one applies (empty otherwise)."""
+        return self.row_cap.info_metadata() if self.row_cap is not None else b""
 
 
 class Planner:
@@ -153,7 +175,7 @@ class Planner:
         profiles: ProfileCache,
         queries: QueryManager,
         split: SplitOptions,
-        probe: Callable[[Callable[[duckdb.DuckDBPyConnection], pa.Schema]], pa.Schema],
+        admission: Admission,
         table_cache: TableCache | None = None,
         versions: VersionWatch | None = None,
     ) -> None:
@@ -164,7 +186,7 @@ class Planner:
         self.profiles = profiles
         self._queries = queries
         self.split = split
-        self._probe = probe
+        self.admission = admission
         self._guarded: OrderedDict[tuple[str, str], tuple[float, GuardedQuery]] = OrderedDict()
         self._schemas: OrderedDict[tuple[Any, ...], tuple[float, pa.Schema]] = OrderedDict()
         self._resolved: dict[tuple[str, str], tuple[int, TableRef]] = {}
@@ -322,7 +344,7 @@ class Planner:
             seed = "" if cmd.seed is None else f", {cmd.seed}"
             sql = f"SELECT {select} FROM {ref.sql} USING SAMPLE {cmd.percent:.12f} PERCENT (bernoulli{seed})"
             # The estimate above is an expectation: the cap holds even for an unlucky draw.
-            part = SqlPart(sql, limit=cap)
+            part = SqlPart(sql, limit=cap, limit_reason="max_sample_rows")
             total = -1
         else:
             assert cmd.rows is not None
@@ -339,7 +361,9 @@ class Planner:
                 sql = f"SELECT {select} FROM {ref.sql} LIMIT {cmd.rows}"
             part = SqlPart(sql)
             total = min(rows, cmd.rows)
-        return Plan("sample", schema, total, (part,), (ref,), ref.qualified, timeout=True)
+        return Plan(
+            "sample", schema, total, (part,), (ref,), ref.qualified, timeout=True, row_cap=part.row_cap
+        )
 
     def _cached_sample(self, ref: TableRef, cmd: SampleCommand) -> CachedTable | None:
         """The cached table for a first-N-rows sample, when it holds the current layout. Only a
@@ -367,20 +391,29 @@ class Planner:
     # --- async results ------------------------------------------------------------------------
     def result(self, principal: Principal, cmd: ResultCommand) -> Plan:
         info = self._queries.result_info(principal, cmd.id)
-        return Plan("result", info.schema, info.rows, (ResultPart(cmd.id),), (), f"result:{cmd.id}", False)
+        return Plan(
+            "result",
+            info.schema,
+            info.rows,
+            (ResultPart(cmd.id),),
+            (),
+            f"result:{cmd.id}",
+            False,
+            row_cap=info.row_cap,
+        )
 
     # --- SQL -------------------------------------------------------------------------------------
     def query(self, principal: Principal, cmd: QueryCommand) -> Plan:
         cap = cmds.check_query(cmd, self.limits)
         guarded = self.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
-        schema = self.query_schema(guarded, params)
+        schema = self.query_schema(principal, guarded, params)
         if cmd.max_rows is not None:
             part = SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
         else:
             part = SqlPart(guarded.sql, params, normalized=guarded.normalized, cap=cap)
         label = _query_label(guarded.normalized)
-        return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True)
+        return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True, row_cap=part.row_cap)
 
     GUARD_CACHE_SECONDS = 10.0
     GUARD_CACHE_SIZE = 1024
@@ -411,9 +444,11 @@ class Planner:
     SCHEMA_CACHE_SECONDS = 5.0
     SCHEMA_CACHE_SIZE = 1024
 
-    def query_schema(self, guarded: GuardedQuery, params: tuple[Any, ...]) -> pa.Schema:
+    def query_schema(self, principal: Principal, guarded: GuardedQuery, params: tuple[Any, ...]) -> pa.Schema:
         """The result schema from DuckDB's binder, without running the query.
 
+        Binding is work (DuckDB folds constant expressions while it binds), so it is admitted
+        like a stream and runs under the query timeout (flight_server/admission.py).
         Remembered for a few seconds by (text, parameter types): binding costs about as much
         as a point query, and an agent asks the same shape again and again.
         """
@@ -422,13 +457,16 @@ class Planner:
         hit = self._schemas.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-
-        def bind(cur: duckdb.DuckDBPyConnection) -> pa.Schema:
-            # DuckDB plans LIMIT 0 as an empty result: nothing below it executes.
-            rel = cur.sql(f"SELECT * FROM (\n{guarded.sql}\n) LIMIT 0", params=list(params) or None)
-            return rel.to_arrow_table().schema
-
-        schema = self._probe(bind)
+        with self.admission.planning(principal) as (cur, deadline):
+            try:
+                # DuckDB plans LIMIT 0 as an empty result: nothing below it executes.
+                rel = cur.sql(f"SELECT * FROM (\n{guarded.sql}\n) LIMIT 0", params=list(params) or None)
+                schema = rel.to_arrow_table().schema
+            except duckdb.Error as e:
+                raise duckdb_error(
+                    e, timed_out=deadline.fired, timeout_seconds=self.admission.timeout_seconds, wrapped=True
+                ) from None
+        check_result_type(schema)
         self._schemas[key] = (now + self.SCHEMA_CACHE_SECONDS, schema)
         if len(self._schemas) > self.SCHEMA_CACHE_SIZE:
             self._schemas.popitem(last=False)

@@ -9,12 +9,14 @@ fault of ours, logged with a request id and sent as INTERNAL without internals.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import traceback
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
 
@@ -26,6 +28,7 @@ from catalog.errors import (
     QuiverError,
     ResourceExhausted,
     Unauthenticated,
+    bounded,
 )
 
 log = structlog.get_logger(__name__)
@@ -85,6 +88,7 @@ _SUGGESTION = re.compile(r"\s*Did you mean[^\n]*", re.IGNORECASE)
 
 
 _LINE = re.compile(r"^LINE (\d+):(.*)$")
+_MAX_MESSAGE_CHARS = 4000
 
 
 def _clean(message: str, line_offset: int = 0) -> str:
@@ -93,6 +97,7 @@ def _clean(message: str, line_offset: int = 0) -> str:
 
     DuckDB's ``LINE n: <text>`` context (and caret line) is folded into ``(LINE n: <text>)``;
     ``line_offset`` corrects ``n`` when Quiver wrapped the caller's SQL (max_rows)."""
+    message = message[:_MAX_MESSAGE_CHARS]  # DuckDB can quote megabytes of the caller's SQL
     lines = [ln for ln in _SUGGESTION.sub("", message).strip().splitlines() if ln.strip()]
     if not lines:
         return message.strip()
@@ -145,10 +150,58 @@ class _Internal(QuiverError):
         self.cause = cause
 
 
+#: Arrow's limit on type nesting (the C data interface refuses deeper schemas).
+MAX_TYPE_DEPTH = 64
+
+
+def _depth(t: pa.DataType) -> int:
+    if t.num_fields == 0:
+        return 1
+    return 1 + max(_depth(t.field(i).type) for i in range(t.num_fields))
+
+
+def check_result_type(schema: pa.Schema) -> None:
+    """Refuse a result whose type Arrow cannot carry end to end (nested too deeply)."""
+    for f in schema:
+        if _depth(f.type) > MAX_TYPE_DEPTH:
+            raise InvalidArgument(
+                f"column {bounded(f.name, 60)!r} has a type nested more than {MAX_TYPE_DEPTH} levels "
+                "deep, more than Arrow Flight can carry; flatten it (unnest, or cast to VARCHAR/JSON)"
+            )
+
+
+def resource_error(exc: BaseException) -> QuiverError | None:
+    """The caller-facing error for a failure that is the caller's request, not a fault of
+    ours, but arrives as a Python or Arrow exception: memory (the address-space bound,
+    catalog/resources.py), nesting beyond what Python or Arrow can decode or carry."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        return ResourceExhausted(
+            "the request needs more memory than the server allows ([limits] address_space_limit); "
+            "narrow it or aggregate first"
+        )
+    if isinstance(exc, RecursionError):
+        return InvalidArgument("the request is nested too deeply to process; flatten it")
+    if isinstance(exc, pa.ArrowException):
+        message = str(exc)
+        if "Recursion level" in message or "nesting depth" in message.lower():
+            return InvalidArgument(
+                f"the result's type is nested more than {MAX_TYPE_DEPTH} levels deep, more than "
+                "Arrow Flight can carry; flatten it (unnest, or cast to VARCHAR/JSON)"
+            )
+        if "Out of Memory" in message or "bad allocation" in message or "std::bad_alloc" in message:
+            return ResourceExhausted(
+                f"the query needs more memory than the server allows ({_clean(message)}); "
+                "narrow it or aggregate first"
+            )
+    return None
+
+
 def map_exception(exc: BaseException, request_id: str, where: str, **duck: Any) -> flight.FlightError:
     """Every failure of an RPC body → the FlightError a client sees."""
     if isinstance(exc, duckdb.Error):
         exc = duckdb_error(exc, **duck)
+    elif not isinstance(exc, QuiverError | flight.FlightError):
+        exc = resource_error(exc) or exc
     if isinstance(exc, _Internal):
         return internal_error(exc.cause, request_id, where)
     return to_flight_error(exc, request_id, where)
@@ -263,7 +316,7 @@ def stream_error(
         )
     if isinstance(exc, QuiverError):
         return flight_error(exc)
-    message = str(exc).strip()
+    message = str(exc).strip()[:_MAX_MESSAGE_CHARS]
     if message.startswith("INTERRUPT Error"):
         interrupted = duckdb.InterruptException(message)
         return flight_error(duckdb_error(interrupted, timed_out=timed_out, timeout_seconds=timeout_seconds))
@@ -272,4 +325,7 @@ def stream_error(
     for prefix, cls in _MESSAGE_CODES:
         if message.startswith(prefix):
             return flight_error(cls(_clean(message, WRAP_LINES if wrapped else 0)))
+    known = resource_error(exc)
+    if known is not None:
+        return flight_error(known)
     return internal_error(exc, request_id, "do_get.stream")

@@ -64,6 +64,10 @@ from catalog import (
 )
 from catalog.config import ResultsConfig
 from catalog.database import Database
+from catalog.errors import bounded
+from flight_server.commands import MAX_COMMAND_BYTES, MAX_COMMAND_DEPTH, json_depth
+from flight_server.errors import resource_error
+from flight_server.truncation import CapReason, RowCap
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +88,10 @@ class PreparedQuery:
     run: Runner
     #: What ``query-status`` shows as the query (the normalized SQL is a good choice).
     sql: str = ""
+    #: The row cap: ``run`` reads at most ``max_rows + 1`` rows (one more, so a cut is exact)
+    #: and the manager keeps ``max_rows`` of them, reporting ``truncated`` in query-status.
+    max_rows: int | None = None
+    max_rows_reason: CapReason = "server_max_rows"
 
 
 #: Core's function that turns a submit-query body (``{"sql", "params", "max_rows"}``, the
@@ -100,7 +108,8 @@ ACTION_DESCRIPTIONS: dict[str, str] = {
     ),
     "query-status": (
         'State of a submitted query. Body: {"id": "..."}. Answers {"id", "state" (queued | running '
-        '| succeeded | failed | cancelled), "rows", "bytes", "elapsed_seconds", "error", ...}.'
+        '| succeeded | failed | cancelled), "rows", "bytes", "elapsed_seconds", "error", "truncated" '
+        '(the result was cut at "max_rows", for "max_rows_reason"), ...}.'
     ),
     "cancel-query": (
         'Cancel a queued or running query (interrupts it). Body: {"id": "..."}. Answers its '
@@ -147,7 +156,7 @@ def classify_failure(exc: BaseException) -> QuiverError | None:
         _CLIENT_ERROR_PREFIXES
     ):
         return InvalidArgument(message)
-    return None
+    return resource_error(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +165,8 @@ class ResultInfo:
     schema: pa.Schema
     rows: int
     bytes: int
+    #: The cap the result was read under, with whether it cut the result (known: it finished).
+    row_cap: RowCap | None = None
 
 
 @dataclass(eq=False)
@@ -165,6 +176,9 @@ class _Query:
     label: str
     sql: str
     path: Path
+    max_rows: int | None = None
+    max_rows_reason: CapReason = "server_max_rows"
+    truncated: bool = False
     submitted_at: float = field(default_factory=time.time)
     state: QueryState = "queued"
     started: float | None = None  # monotonic
@@ -263,6 +277,8 @@ class QueryManager:
             label=principal.label,
             sql=prepared.sql,
             path=self.dir / f"{query_id}{RESULT_SUFFIX}",
+            max_rows=prepared.max_rows,
+            max_rows_reason=prepared.max_rows_reason,
         )
         with self._lock:
             active = sum(
@@ -279,8 +295,11 @@ class QueryManager:
             self._queries[query_id] = query
             self._metrics.active.inc()
             query.future = self._pool.submit(self._execute, query, prepared.run)
+            # Under the lock, which the worker takes to start: the answer is "queued", as
+            # documented, even when the query then fails within a millisecond.
+            answer = self._describe(query)
         log.info("query.submitted", id=query_id, principal=principal.label)
-        return self._describe(query)
+        return answer
 
     def submit_request(self, principal: Principal, request: dict[str, Any]) -> dict[str, Any]:
         """Guard and prepare ``request`` with core's ``prepare``, then :meth:`submit` it."""
@@ -326,11 +345,17 @@ class QueryManager:
 
     def _write(self, query: _Query, reader: pa.RecordBatchReader, partial: Path) -> None:
         """Stream the reader into an Arrow IPC stream file, batch by batch: memory stays at
-        one batch whatever the result's size, and status shows the progress."""
+        one batch whatever the result's size, and status shows the progress. The reader
+        yields at most ``max_rows + 1`` rows: when the extra row comes, the result is cut at
+        ``max_rows`` and marked ``truncated`` (exact: a result of ``max_rows`` rows is not)."""
         limit, total = self.config.max_result_bytes, self.config.max_total_bytes
+        cap = query.max_rows
         with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, reader.schema) as writer:
             query.schema = reader.schema
             for batch in reader:
+                if cap is not None and query.rows + batch.num_rows > cap:
+                    batch = batch.slice(0, cap - query.rows)
+                    query.truncated = True
                 writer.write_batch(batch)
                 query.rows += batch.num_rows
                 grew = sink.tell() - query.bytes
@@ -349,6 +374,8 @@ class QueryManager:
                         "max_total_bytes); fetch and let earlier results expire, or ask for less"
                     )
                 self._check_cancel(query)
+                if query.truncated:
+                    break  # the rest (one row: the query read max_rows + 1) is not kept
         grew = partial.stat().st_size - query.bytes  # the end-of-stream marker
         with self._lock:
             query.bytes += grew
@@ -423,7 +450,7 @@ class QueryManager:
             or (query.expires is not None and query.expires <= now)
         ):
             raise NotFound(
-                f"unknown or expired query id {query_id!r}: results are kept "
+                f"unknown or expired query id {bounded(query_id, 40)!r}: results are kept "
                 f"{self.config.ttl_seconds:g} s after the query finished; submit it again"
             )
         return query
@@ -470,7 +497,10 @@ class QueryManager:
             cls = _ERROR_CLASSES.get(err.code, QuiverError)
             raise cls(f"query {query.id} failed: {err.detail}")
         assert query.schema is not None
-        return ResultInfo(query.id, query.schema, query.rows, query.bytes)
+        cap = None
+        if query.max_rows is not None:
+            cap = RowCap(query.max_rows, query.max_rows_reason, query.truncated)
+        return ResultInfo(query.id, query.schema, query.rows, query.bytes, cap)
 
     def open_result(self, principal: Principal, query_id: str) -> tuple[pa.Schema, pa.RecordBatchReader, int]:
         """A zero-copy reader over the result file (memory-mapped), for DoGet."""
@@ -501,6 +531,10 @@ class QueryManager:
             "finished_at": _iso(query.finished_at),
             "expires_at": expires_at,
             "cancel_requested": query.cancel_requested,
+            # Cut at the row cap (proto_docs/actions.md): never a silent partial answer.
+            "truncated": query.truncated,
+            "max_rows": query.max_rows,
+            "max_rows_reason": query.max_rows_reason if query.max_rows is not None else None,
             "error": None
             if query.error is None
             else {"code": query.error.code, "detail": query.error.detail},
@@ -517,12 +551,13 @@ class QueryManager:
             return self.submit_request(principal, request)
         extra = sorted(set(request) - {"id"})
         if extra:
-            raise InvalidArgument(f'{name} takes {{"id": "..."}}; unexpected field(s): {", ".join(extra)}')
+            fields = bounded(", ".join(extra), 80)
+            raise InvalidArgument(f'{name} takes {{"id": "..."}}; unexpected field(s): {fields}')
         if name == "query-status":
             return self.status(principal, request.get("id"))  # type: ignore[arg-type]
         if name == "cancel-query":
             return self.cancel(principal, request.get("id"))  # type: ignore[arg-type]
-        raise InvalidArgument(f"unknown action {name!r}")
+        raise InvalidArgument(f"unknown action {bounded(name, 40)!r}")
 
     # --- housekeeping ----------------------------------------------------------------------------
     def _result_bytes(self) -> int:
@@ -587,6 +622,16 @@ class QueryManager:
 
 
 def _json_object(body: bytes, action: str) -> dict[str, Any]:
+    if len(body) > MAX_COMMAND_BYTES:
+        raise InvalidArgument(
+            f"{action}: the body is {len(body)} bytes; at most {MAX_COMMAND_BYTES} are accepted"
+        )
+    depth = json_depth(body)
+    if depth > MAX_COMMAND_DEPTH:
+        raise InvalidArgument(
+            f"{action}: the body nests lists/objects {depth} levels deep; at most {MAX_COMMAND_DEPTH} "
+            "are accepted"
+        )
     try:
         obj = json.loads(body) if body.strip() else None
     except (ValueError, UnicodeDecodeError):

@@ -31,18 +31,19 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
+from catalog.errors import bounded
 from catalog.policy import NOT_READABLE
 from catalog.sqlguard import SqlGuard
 from flight_server import commands
+from flight_server.admission import Admission
 from flight_server.cache import ResultCache
 from flight_server.endpoints import Plan, Planner, SplitOptions
 from flight_server.errors import (
-    duckdb_error,
     install_traceback_filter,
     map_exception,
     schema_call_error,
 )
-from flight_server.limits import ConcurrencyGate, Watchdog
+from flight_server.limits import Watchdog
 from flight_server.middleware import AuthMiddlewareFactory, CallState
 from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
@@ -61,8 +62,10 @@ _EXPIRY_TYPE = pa.timestamp("ns")
 ACTIONS: dict[str, str] = {
     "whoami": "Who you are: {kind, swarm, agent, jti, expires_at, tables} as JSON. Body: none.",
     "refresh-token": (
-        'A new token for the same identity (new jti, new expiry). Body (optional): {"ttl_seconds": N}. '
-        "Answers {token, jti, kind, swarm, agent, expires_at}; the old token stays valid until it expires."
+        'A new token for the same identity and chain (new jti). Body (optional): {"ttl_seconds": N}; '
+        "the expiry is clamped to the grant the chain's root was minted with (a refresh rotates, it "
+        "never extends). Answers {token, jti, kind, swarm, agent, expires_at}; the old token stays "
+        "valid until it expires, and revoking either revokes the chain."
     ),
     **QUERY_ACTIONS,
 }
@@ -103,7 +106,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         limits = catalog.config.limits
         self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds)
         self.watchdog = Watchdog()
-        self.gate = ConcurrencyGate(limits.max_concurrent_queries)
+        self.admission = Admission(limits, catalog.db, self.watchdog)
         self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)
         self.profiles = ProfileCache.for_catalog(catalog)
         self.queries = QueryManager.for_catalog(catalog, self._prepare)
@@ -117,7 +120,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             self.profiles,
             self.queries,
             split or SplitOptions(),
-            self._probe,
+            self.admission,
             self.table_cache,
             self.versions,
         )
@@ -204,7 +207,13 @@ class QuiverFlightServer(flight.FlightServerBase):
                 endpoints.append(flight.FlightEndpoint(ticket, [], expiration_time=expires))
             state.fields["endpoints"] = len(endpoints)
             return flight.FlightInfo(
-                plan.schema, descriptor, endpoints, plan.total_records, -1, ordered=plan.ordered
+                plan.schema,
+                descriptor,
+                endpoints,
+                plan.total_records,
+                -1,
+                ordered=plan.ordered,
+                app_metadata=plan.app_metadata,  # the row cap (proto_docs/descriptors.md)
             )
 
         return self._run(context, "get_flight_info", run)
@@ -224,22 +233,6 @@ class QuiverFlightServer(flight.FlightServerBase):
         except flight.FlightError as e:
             raise schema_call_error(e) from None
 
-    def _probe(self, bind: Callable[[duckdb.DuckDBPyConnection], pa.Schema]) -> pa.Schema:
-        """Bind a query for its schema on a cursor of its own, under the query timeout (binding
-        does not execute, but a pathological plan must not hold a thread forever). ``bind``
-        wraps the caller's SQL (``LIMIT 0``), hence ``wrapped`` for DuckDB's line numbers."""
-        seconds = float(self.catalog.config.limits.query_timeout_seconds)
-        with self.catalog.db.reading() as cur:
-            deadline = self.watchdog.arm(seconds, cur.interrupt)
-            try:
-                return bind(cur)
-            except duckdb.Error as e:
-                raise duckdb_error(
-                    e, timed_out=deadline.fired, timeout_seconds=seconds, wrapped=True
-                ) from None
-            finally:
-                Watchdog.disarm(deadline)
-
     # --- streaming ------------------------------------------------------------------------
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         def run(principal: Principal, state: CallState) -> flight.FlightDataStream:
@@ -253,7 +246,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             for ref in plan.tables:
                 if not policy.can_read(principal, ref):
                     raise PermissionDenied(f"{ref.qualified}: {NOT_READABLE}")
-            state.cleanups.append(self.gate.acquire(principal.subject, payload.group))
+            state.cleanups.append(self.admission.acquire(principal.subject, payload.group, payload.index))
             return self.streamer.open(plan, payload.index, state)
 
         return self._run(context, "do_get", run)
@@ -275,7 +268,8 @@ class QuiverFlightServer(flight.FlightServerBase):
             if action.type in QUERY_ACTIONS:
                 return [_json(self.queries.handle_action(action.type, principal, body))]
             raise InvalidArgument(
-                f"unknown action {action.type!r}; available: {', '.join(sorted(ACTIONS))} (see ListActions)"
+                f"unknown action {bounded(action.type, 40)!r}; available: {', '.join(sorted(ACTIONS))} "
+                "(see ListActions)"
             )
 
         return iter(self._run(context, "do_action", run))
@@ -301,13 +295,18 @@ class QuiverFlightServer(flight.FlightServerBase):
         cap = commands.check_query(cmd, self.catalog.config.limits)
         guarded = self.planner.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
-        self.planner.query_schema(guarded, params)  # binder errors now, not after queueing
-        sql = limited(guarded.sql, cap)
+        self.planner.query_schema(principal, guarded, params)  # binder errors now, not after queueing
+        sql = limited(guarded.sql, cap + 1)  # one row more: the manager cuts, and knows it did
 
         def run(cur: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
             return cur.sql(sql, params=list(params) or None).to_arrow_reader(BATCH_ROWS)
 
-        return PreparedQuery(run=run, sql=guarded.sql)
+        return PreparedQuery(
+            run=run,
+            sql=guarded.sql,
+            max_rows=cap,
+            max_rows_reason="max_rows" if cmd.max_rows is not None else "server_max_rows",
+        )
 
     # --- not offered ---------------------------------------------------------------------
     def do_put(
@@ -336,14 +335,17 @@ class QuiverFlightServer(flight.FlightServerBase):
 
     # --- lifecycle --------------------------------------------------------------------------
     def _status(self) -> dict[str, Any]:
-        active = self.gate.active()
+        active = self.admission.active()
+        limits = self.catalog.config.limits
         return {
-            "streaming": sum(active.values()),
+            "streaming": self.admission.streams(),
+            "queries": sum(active.values()),
             "by_principal": active,
             "tickets": len(self.tickets),
             "limits": {
-                "query_timeout_seconds": self.catalog.config.limits.query_timeout_seconds,
-                "max_concurrent_queries": self.gate.cap,
+                "query_timeout_seconds": limits.query_timeout_seconds,
+                "max_concurrent_queries": limits.max_concurrent_queries,
+                "max_concurrent_total": limits.max_concurrent_total,
             },
         }
 

@@ -5,25 +5,35 @@ the gRPC thread pulls batches from DuckDB in C++; Python never sees a row, and m
 bounded by a few batches whatever the result size (gRPC flow control pauses DuckDB when the
 client reads slowly). Two shortcuts avoid DuckDB altogether: a scan of a table held by the
 hot-table cache streams a zero-copy slice of it (flight_server/table_cache.py), and a query
-found in the result cache streams the stored batches. A query that goes through the result
-cache has the head of its result (up to 1 MiB) read in the handler: a small result is then
-complete, stored, and streamed from memory, and its cursor is kept for the next request.
+found in the result cache streams the stored batches.
+
+Row caps. A query (and a percent sample) has a row cap — the server's ``[limits] max_rows``
+or the caller's ``max_rows`` — and a result cut at it must say so (flight_server/truncation.py,
+proto_docs/descriptors.md "Cut results"). So these have the head of their result (up to
+1 MiB) read in the handler: a small result is then complete — stored in the result cache,
+streamed from memory by C++, its cursor kept for the next request — and whether it was cut is
+known. A larger one streams on through a Python generator over its batches that cuts it at
+the cap (and tees it into the cache); the batch that carries the cut is the last. Paths
+without a cap — scans, cached tables, uncut cache hits, async results that were not cut — stay
+in C++ from end to end; a cut result replayed (cache hit, async result) is a generator over
+its batches, so that its last batch carries the flag.
 
 Lifetime. Everything a stream holds — its cursor, its query deadline, its concurrency slot —
 is released by the middleware's ``call_completed``, which Flight calls when the stream ends,
 fails or the client goes away. ``to_arrow_reader`` runs blocking operators (sorts,
 aggregates, joins) before it returns, so most timeouts and errors are raised here, inside the
-handler, as a proper Flight error with ``extra_info``. A query interrupted *after* its first
-batch fails inside the C++ stream instead; the client then sees a FlightServerError whose
-message contains ``INTERRUPT Error: Interrupted!`` (Quiver's client maps it to
-DEADLINE_EXCEEDED; proto_docs/errors.md explains).
+handler, as a proper Flight error with ``extra_info``; so are those raised mid-stream on the
+generator path of a capped query. A stream interrupted *after* its first batch on a C++ path
+(a random sample of rows, say) fails inside the C++ stream instead; the client then sees a
+FlightServerError whose message contains ``INTERRUPT Error: Interrupted!`` (Quiver's client
+maps it to DEADLINE_EXCEEDED; proto_docs/errors.md explains).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import duckdb
@@ -47,6 +57,7 @@ from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
 from flight_server.profiles import ProfileCache
 from flight_server.results import QueryManager
+from flight_server.truncation import RowCap
 from flight_server.versions import VersionWatch
 
 log = structlog.get_logger("flight_server")
@@ -85,6 +96,10 @@ class Streamer:
         if isinstance(part, ResultPart):
             assert state.principal is not None
             _, reader, _ = self._queries.open_result(state.principal, part.id)
+            cap = self._queries.result_info(state.principal, part.id).row_cap
+            if cap is not None and cap.truncated:  # cut: the stream says so, as the FlightInfo did
+                state.fields["truncated"] = True
+                return _cut_stream(reader.schema, reader, cap)
             return flight.RecordBatchStream(reader)
         if isinstance(part, CachedPart):
             entry = part.entry()
@@ -100,9 +115,12 @@ class Streamer:
         key: CacheKey | None = None
         if isinstance(part, SqlPart) and part.normalized is not None:
             # The result cache first: a hit needs no cursor and no deadline.
-            key, hit = self._lookup(plan, part)
+            key, hit, cut = self._lookup(plan, part)
             if hit is not None:
                 state.fields["cache"] = "hit"
+                if cut and part.row_cap is not None:  # a cut result says so on every replay
+                    state.fields["truncated"] = True
+                    return _cut_stream(hit.schema, hit, part.row_cap)
                 return flight.RecordBatchStream(hit)
             state.fields["cache"] = "miss" if key is not None else "off"
         cur = self._cursors.take()
@@ -117,15 +135,13 @@ class Streamer:
             if isinstance(part, ProfilePart):
                 table = self.profiles.profile(part.ref, part.columns, cursor=cur)
                 return flight.RecordBatchStream(table)
-            if key is not None:
-                return self._cached(cur, key, part, state, deadline, lease)
-            # C++ streams DuckDB's reader: the row cap must be DuckDB's LIMIT.
-            return flight.RecordBatchStream(self._sql(cur, part, part.max_rows))
+            if part.row_cap is not None:  # a query or a percent sample: a cut must be reported
+                return self._capped_stream(cur, key, part, state, deadline, lease)
+            # No row cap (a scan): C++ streams DuckDB's reader, Python never sees a batch.
+            return flight.RecordBatchStream(self._sql(cur, part, None))
         except duckdb.Error as e:
             # Was the caller's SQL wrapped in a LIMIT (DuckDB's line numbers are one off)?
-            wrapped = (
-                isinstance(part, SqlPart) and (part.limit if key is not None else part.max_rows) is not None
-            )
+            wrapped = isinstance(part, SqlPart) and part.limit is not None
             raise duckdb_error(
                 e,
                 timed_out=deadline is not None and deadline.fired,
@@ -133,11 +149,11 @@ class Streamer:
                 wrapped=wrapped,
             ) from None
 
-    def _lookup(self, plan: Plan, part: SqlPart) -> tuple[CacheKey | None, pa.RecordBatchReader | None]:
-        """The result cache's key of a query, and its cached rows on a hit. The key holds the
-        data versions of its tables (:class:`VersionWatch`), read before the query runs, so
-        the rows stored under it are of that version or newer — a newer version seen later
-        drops the entry."""
+    def _lookup(self, plan: Plan, part: SqlPart) -> tuple[CacheKey | None, pa.RecordBatchReader | None, bool]:
+        """The result cache's key of a query, its cached rows on a hit, and whether those were
+        cut at the row cap. The key holds the data versions of its tables
+        (:class:`VersionWatch`), read before the query runs, so the rows stored under it are of
+        that version or newer — a newer version seen later drops the entry."""
         assert part.normalized is not None
         versions: dict[Any, int] = {}
         if plan.tables:
@@ -145,53 +161,73 @@ class Streamer:
             versions = {ref.key(): current.get(ref.key(), 0) for ref in plan.tables}
         key = self.cache.key(part.normalized, part.params, part.max_rows, versions)
         entry = self.cache.get(key) if key is not None else None
-        return key, self.cache.open(entry) if entry is not None else None
+        if entry is None:
+            return key, None, False
+        return key, self.cache.open(entry), entry.truncated
 
-    def _cached(
+    def _capped_stream(
         self,
         cur: duckdb.DuckDBPyConnection,
-        key: CacheKey,
+        key: CacheKey | None,
         part: SqlPart,
         state: CallState,
         deadline: Deadline | None,
         lease: _Lease,
     ) -> flight.FlightDataStream:
-        """A query result missing from the result cache: run, streamed and stored.
+        """A query (or percent sample) under a row cap, run and streamed — and stored in the
+        result cache when ``key`` is set (a cacheable query missing from it).
 
-        A large result is streamed through the cache's tee, a Python generator: an error it
-        raises mid-stream would reach the client as a Python traceback. So the tee feeds a
-        ``GeneratorStream``, whose generator turns any failure into the FlightError of
-        DESIGN.md §5 (a timeout mid-stream is then DEADLINE_EXCEEDED with extra_info)."""
-        reader = self._sql(cur, part, part.limit)
-        # Read the head of the result here, in the handler: a small result (a point query)
-        # is then complete — cached, and streamed from memory by C++ without a Python
-        # generator in the way — and an error or timeout is raised as a proper FlightError.
+        The cap is cut here, not by DuckDB alone, so that a cut is known exactly and reported
+        (flight_server/truncation.py): the caller's own ``max_rows`` is DuckDB's ``LIMIT
+        max_rows + 1`` (DuckDB can still stop early), the server's ``[limits] max_rows`` is cut
+        from the stream (no LIMIT: it costs DuckDB ~0.15 ms per query); either way the row
+        past the cap is read, never sent, and the last batch sent carries the cut.
+
+        The head of the result (up to 1 MiB) is read here, in the handler: a small result (a
+        point query) is then complete — cached, and streamed from memory by C++ without a
+        Python generator in the way — and an error or timeout is raised as a proper
+        FlightError. A larger result streams on through a Python generator over its *batches*
+        (the cap's cut, and the cache's tee): an error it raises mid-stream would reach the
+        client as a Python traceback, so the generator turns any failure into the FlightError
+        of DESIGN.md §5 (a timeout mid-stream is then DEADLINE_EXCEEDED with extra_info)."""
+        cap = part.row_cap
+        assert cap is not None
+        reader = self._sql(cur, part, part.limit + 1 if part.limit is not None else None)
         timeout, request_id = self.timeout, state.request_id
         wrapped = part.limit is not None
-        cap = part.cap
         try:
-            head, size, complete, cut = _read_head(reader, self.cache.memory_entry_bytes, cap)
+            head, size, complete, cut = _read_head(reader, self.cache.memory_entry_bytes, cap.max_rows)
         except Exception as e:  # noqa: BLE001 - DuckDB's errors arrive through Arrow (OSError …)
             timed_out = deadline is not None and deadline.fired
             raise stream_error(
                 e, request_id, timed_out=timed_out, timeout_seconds=timeout, wrapped=wrapped
             ) from None
         if complete:
-            self.cache.store(key, reader.schema, head, size)
+            self.cache.store(key, reader.schema, head, size, truncated=cut)
+            if cut:
+                state.fields["truncated"] = True
+                return _cut_stream(reader.schema, head, cap)
             # The cursor is done with (its result read to the end, no transaction): the next
             # request may use it, unless its deadline is close enough to fire.
-            if not cut and (deadline is None or time.monotonic() < deadline.at - 1.0):
+            if deadline is None or time.monotonic() < deadline.at - 1.0:
                 if deadline is not None:
                     Watchdog.disarm(deadline)
                 lease.recycle(self._cursors)
             return flight.RecordBatchStream(pa.Table.from_batches(head, schema=reader.schema))
-        if cap is not None:
-            reader = _capped(reader, cap - sum(b.num_rows for b in head))
-        teed = self.cache.tee(key, reader, head)
+        flag = _Cut()
+        rest = _capped(reader, cap.max_rows - sum(b.num_rows for b in head), flag)
+        teed = self.cache.tee(key, rest, head, truncated=flag.__bool__)
+        metadata = cap.stream_metadata()
 
-        def batches() -> Iterator[pa.RecordBatch]:
+        def batches() -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
             try:
-                yield from teed
+                for batch in teed:
+                    # _capped raised the flag just before it passed on the cut batch, its last.
+                    if flag:
+                        state.fields["truncated"] = True
+                        yield batch, metadata
+                    else:
+                        yield batch
             except Exception as e:  # noqa: BLE001 - every failure becomes a FlightError
                 raise stream_error(
                     e,
@@ -312,7 +348,8 @@ def _read_head(
 ) -> tuple[list[pa.RecordBatch], int, bool, bool]:
     """Batches of ``reader`` up to a little over ``max_bytes`` and at most ``cap`` rows: the
     batches, their size, whether that is the whole result, and whether it was cut at ``cap``
-    (then the reader is closed)."""
+    (then the reader is closed). Cut means a row beyond ``cap`` existed: a result of exactly
+    ``cap`` rows is complete and not cut (the reader is read on to its end to know)."""
     head: list[pa.RecordBatch] = []
     size = rows = 0
     while size <= max_bytes:
@@ -320,31 +357,65 @@ def _read_head(
             batch = reader.read_next_batch()
         except StopIteration:
             return head, size, True, False
-        if cap is not None and rows + batch.num_rows >= cap:
-            batch = batch.slice(0, cap - rows)
-            head.append(batch)
+        if cap is not None and rows + batch.num_rows > cap:
             reader.close()
-            return head, size + batch.nbytes, True, True
+            if rows < cap:  # else the cut falls between two batches: the last one is whole
+                batch = batch.slice(0, cap - rows)
+                head.append(batch)
+                size += batch.nbytes
+            return head, size, True, True
         head.append(batch)
         size += batch.nbytes
         rows += batch.num_rows
     return head, size, False, False
 
 
-def _capped(reader: pa.RecordBatchReader, rows: int) -> pa.RecordBatchReader:
-    """The first ``rows`` rows of ``reader`` (the server's row cap, cut from the stream)."""
+class _Cut:
+    """Raised (true) once :func:`_capped` cut its stream at the cap."""
+
+    __slots__ = ("cut",)
+
+    def __init__(self) -> None:
+        self.cut = False
+
+    def __bool__(self) -> bool:
+        return self.cut
+
+
+def _capped(reader: pa.RecordBatchReader, rows: int, flag: _Cut) -> pa.RecordBatchReader:
+    """The first ``rows`` rows of ``reader`` (the row cap, cut from the stream); ``flag`` is
+    raised just before the cut batch — the last, possibly empty — is passed on, when a row
+    beyond the cap existed."""
 
     def batches() -> Iterator[pa.RecordBatch]:
         left = rows
         for batch in reader:
-            if batch.num_rows >= left:
-                yield batch.slice(0, left)
+            if batch.num_rows > left:
+                flag.cut = True
                 reader.close()
+                yield batch.slice(0, left)
                 return
             left -= batch.num_rows
             yield batch
 
     return pa.RecordBatchReader.from_batches(reader.schema, batches())
+
+
+def _cut_stream(schema: pa.Schema, batches: Iterable[pa.RecordBatch], cap: RowCap) -> flight.FlightDataStream:
+    """A cut result (known cut: read whole, or replayed from a cache or a stored async result):
+    its batches, the last one carrying the cut as ``app_metadata``. A Python generator over
+    *batches* (one batch of look-ahead), only ever for a result that was cut."""
+    metadata = cap.stream_metadata()
+
+    def tagged() -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
+        last: pa.RecordBatch | None = None
+        for batch in batches:
+            if last is not None:
+                yield last
+            last = batch
+        yield (last if last is not None else pa.RecordBatch.from_pylist([], schema=schema)), metadata
+
+    return flight.GeneratorStream(schema, tagged())
 
 
 def limited(sql: str, limit: int | None) -> str:

@@ -38,13 +38,11 @@ The Arrow batches come from DuckDB's C++ reader; Python only keeps references to
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -53,6 +51,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from catalog import TableRef
+from catalog.resources import memory_available
 
 log = structlog.get_logger("flight_server")
 
@@ -60,22 +59,6 @@ log = structlog.get_logger("flight_server")
 TOO_LARGE_MEMORY = 1024
 #: How long a scan waits for a fill of its own table that another request started.
 FILL_WAIT_SECONDS = 60.0
-
-
-def memory_available() -> int:
-    """The memory this process may use: physical memory, or a smaller cgroup limit."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        total = 4 * 1024**3
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < total:
-            total = int(text)
-    return total
 
 
 def resolve_budget(setting: int | str) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog import VERSION, Catalog, ConfigError, DatabaseInUse, QuiverError, load_config
+from catalog.resources import apply_address_space_bound
 from quiver import logs
 
 
@@ -96,6 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(config.server.log_format, config.server.log_level)
     runtime = Runtime(config, demo_data=args.demo)
     endpoints = runtime.start()
+    # Past this bound an allocation fails inside the one query that made it (RESOURCE_EXHAUSTED)
+    # instead of the kernel killing the process for every agent (catalog/resources.py).
+    apply_address_space_bound(config.limits.address_space_limit)
     lines = [
         "",
         f"Quiver {VERSION} is serving.",

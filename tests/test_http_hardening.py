@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from control_plane.errors import MAX_DETAIL
+from catalog.errors import MAX_DETAIL_CHARS
 from control_plane.gate import MAX_JSON_BODY, MAX_JSON_DEPTH, nested_deeper_than
 from tests.harness import Server
 from tests.state import snapshot
@@ -27,7 +27,7 @@ def _error(r: httpx.Response, status: int, code: str) -> str:
     assert set(body) == {"error", "detail"}, body
     assert body["error"] == code, body
     assert body["detail"] and "Traceback" not in body["detail"]
-    assert len(body["detail"]) <= MAX_DETAIL
+    assert len(body["detail"]) <= MAX_DETAIL_CHARS + 40  # + the '… (N more characters)' note
     return str(body["detail"])
 
 

@@ -82,6 +82,36 @@ def test_last_used_is_recorded_in_batches(server: Server) -> None:
     assert listed[jti]["last_used_at"] is not None
 
 
+def test_refused_requests_do_not_mark_a_token_used(server: Server) -> None:
+    """last_used_at records requests a token was allowed to make: a token that fails
+    verification, a revoked token and a token refused by an admin-only route leave it alone."""
+    tokens = server.catalog.tokens
+    swarm_token = server.mint("swarm", swarm="demo", agent=None, ttl_seconds=600)
+    swarm_jti = jwt.decode(swarm_token, options={"verify_signature": False})["jti"]
+    as_swarm = server.http(swarm_token)
+    for route in ("/v1/swarms", "/v1/tokens", "/v1/status", "/v1/audit"):
+        assert as_swarm.get(route).status_code == 403
+    assert as_swarm.put("/v1/swarms/demo/allowlist", json={"tables": []}).status_code == 403
+    assert as_swarm.post("/v1/tokens/revoke", json={"swarm": "demo"}).status_code == 403
+    server.catalog.maintain()
+    assert tokens.get(swarm_jti).last_used_at is None
+
+    agent = server.mint("agent", agent="unused-after-revoke", ttl_seconds=600)
+    agent_jti = jwt.decode(agent, options={"verify_signature": False})["jti"]
+    assert server.http().delete(f"/v1/tokens/{agent_jti}").status_code == 200
+    assert server.http(agent).get("/v1/whoami").status_code == 401
+    _flight_refused(server, agent)
+    tampered = agent[:-4] + ("AAAA" if not agent.endswith("AAAA") else "BBBB")
+    _http_refused(server, tampered)
+    server.catalog.maintain()
+    assert tokens.get(agent_jti).last_used_at is None
+
+    # an accepted request does count, on either listener
+    assert as_swarm.get("/v1/whoami").status_code == 200
+    server.catalog.maintain()
+    assert tokens.get(swarm_jti).last_used_at is not None
+
+
 def test_swarm_token_mints_agents_for_its_own_swarm_only(server: Server) -> None:
     http = server.http()
     assert http.post("/v1/swarms", json={"name": "other", "tables": ["demo.orders"]}).status_code == 201

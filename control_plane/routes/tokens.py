@@ -10,9 +10,16 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from catalog import Catalog, Principal
-from catalog.tokens import IssuedToken, TokenRecord
+from catalog.tokens import IssuedToken, RevokedTokens, TokenRecord
 from control_plane.context import audited
 from control_plane.models import CreateToken, RefreshToken, TokenInfo, TokenList, TokenOut, WhoAmI
+
+
+class RevokeTokens(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Whose tokens to revoke: every token of ``swarm``, or only those of its ``agent``."""
+
+    swarm: str
+    agent: str | None = None
 
 
 def _issued(t: IssuedToken) -> TokenOut:
@@ -71,7 +78,7 @@ def list_tokens(
     sync_to_thread=True,
     tags=["tokens"],
     status_code=200,
-    summary="Revoke a token (and the agent tokens it minted); effective on the next call",
+    summary="Revoke a token's whole chain (and the agent tokens it minted); effective on the next call",
 )
 def revoke_token(
     request: Request[Any, Any, Any],
@@ -81,16 +88,34 @@ def revoke_token(
 ) -> TokenInfo:
     from datetime import UTC, datetime
 
-    with audited(request, admin, "token.revoke", jti):
+    with audited(request, admin, "token.revoke", jti[:200]):
         record = catalog.tokens.revoke(jti)
     return _info(record, datetime.now(UTC))
+
+
+@post(
+    "/v1/tokens/revoke",
+    sync_to_thread=True,
+    tags=["tokens"],
+    status_code=200,
+    summary="Revoke every token of one swarm, or of one agent of a swarm (chains included)",
+)
+def revoke_tokens(
+    request: Request[Any, Any, Any],
+    data: JSONBody[RevokeTokens],
+    admin: NamedDependency[Principal],
+    catalog: NamedDependency[Catalog],
+) -> RevokedTokens:
+    target = f"{data.swarm}/{data.agent}" if data.agent is not None else data.swarm
+    with audited(request, admin, "token.revoke_all", target[:200]):
+        return catalog.tokens.revoke_all(data.swarm, data.agent)
 
 
 @post(
     "/v1/tokens/refresh",
     sync_to_thread=True,
     tags=["tokens"],
-    summary="A new token for the caller's identity (new jti, new expiry)",
+    summary="Rotate the caller's token: new jti, same chain, never beyond the chain's granted expiry",
 )
 def refresh_token(
     request: Request[Any, Any, Any],
@@ -116,4 +141,4 @@ def whoami(principal: NamedDependency[Principal], catalog: NamedDependency[Catal
     )
 
 
-ROUTES = [create_token, list_tokens, revoke_token, refresh_token, whoami]
+ROUTES = [create_token, list_tokens, revoke_token, revoke_tokens, refresh_token, whoami]

@@ -1,0 +1,184 @@
+"""The admission path: the one gate every piece of agent SQL work passes before DuckDB sees it.
+
+Planning is work. DuckDB binds a query to learn its schema, and binding folds constant
+expressions, so a GetFlightInfo can cost as much as the query itself. Therefore planning
+(GetFlightInfo and GetSchema of a query, the check of a ``submit-query``) and running (every
+DoGet stream) are admitted the same way, here, and nowhere else:
+
+* **per principal** — at most ``[limits] max_concurrent_queries`` queries of one token
+  subject at once; beyond that the call is refused at once with RESOURCE_EXHAUSTED, so one
+  agent cannot crowd out the others. A query is one FlightInfo: its endpoints, fetched in
+  parallel, share a slot. Each *copy* of a FlightInfo's streams counts anew: the same ticket
+  redeemed twice at once is two queries (a query ticket re-runs its query each time).
+* **globally** — at most ``[limits] max_concurrent_total`` streams and planning steps of all
+  principals together. Beyond that a call waits up to ``[limits] admission_wait_seconds`` for
+  a slot (back-pressure, not an error, for a burst of well-behaved agents), then is refused
+  with RESOURCE_EXHAUSTED.
+* **time** — planning runs under the query timeout (the watchdog interrupts the cursor), and
+  so does every DoGet of a query, sample or profile.
+* **memory** — DuckDB's ``memory_limit`` and, under ``quiver serve``, the process's address
+  space bound (catalog/resources.py) turn an allocation that would not fit into a clean
+  RESOURCE_EXHAUSTED. What planning could build without allocating through either — values
+  built from small constants while binding — the SQL guard refuses before anything is planned
+  (catalog/sqlguard.py).
+
+Async queries (``submit-query``) are planned through here and then run by their own workers,
+bounded by ``[results] workers``, ``max_active_per_principal`` and ``timeout_seconds``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import duckdb
+import structlog
+
+from catalog import Principal, ResourceExhausted
+from catalog.config import LimitsConfig
+from catalog.database import Database
+from flight_server.limits import Deadline, Watchdog
+
+log = structlog.get_logger("flight_server")
+
+Release = Callable[[], None]
+
+
+@dataclass(slots=True)
+class _Query:
+    """The streams of one FlightInfo held by one principal: endpoint index → running copies.
+    The query occupies as many slots as its most-copied endpoint has running streams."""
+
+    streams: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def slots(self) -> int:
+        return max(self.streams.values(), default=0)
+
+
+@dataclass(slots=True)
+class _Principal:
+    queries: dict[str, _Query] = field(default_factory=dict)
+
+    @property
+    def slots(self) -> int:
+        return sum(q.slots for q in self.queries.values())
+
+    @property
+    def streams(self) -> int:
+        return sum(sum(q.streams.values()) for q in self.queries.values())
+
+
+class Admission:
+    """Per-principal and global concurrency, the query timeout, for planning and streaming."""
+
+    def __init__(self, limits: LimitsConfig, db: Database, watchdog: Watchdog) -> None:
+        self.per_principal = limits.max_concurrent_queries
+        self.total = limits.max_concurrent_total
+        self.wait_seconds = float(limits.admission_wait_seconds)
+        self.timeout_seconds = float(limits.query_timeout_seconds)
+        self._db = db
+        self.watchdog = watchdog
+        self._principals: dict[str, _Principal] = {}
+        self._running = 0
+        self._cond = threading.Condition()
+
+    # --- the gate -----------------------------------------------------------------------------
+    def acquire(self, subject: str, query: str, index: int = 0) -> Release:
+        """Admit one stream of endpoint ``index`` of the FlightInfo ``query`` for ``subject``
+        (or one planning step, under a query id of its own). Returns the function that lets
+        it go; calling it more than once is harmless."""
+        with self._cond:
+            self._check_share(subject, query, index)
+            if self._running >= self.total:
+                deadline = time.monotonic() + self.wait_seconds
+                while self._running >= self.total:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ResourceExhausted(
+                            f"the server is running {self._running} queries, its limit ([limits] "
+                            f"max_concurrent_total = {self.total}); retry in a few seconds"
+                        )
+                    self._cond.wait(left)
+                # This principal's own streams may have started meanwhile.
+                self._check_share(subject, query, index)
+            self._take(subject, query, index)
+        return self._releaser(subject, query, index)
+
+    def _check_share(self, subject: str, query: str, index: int) -> None:
+        """Refuse a principal whose queries already fill its share, unless this stream joins
+        a query it holds (another endpoint of the same FlightInfo)."""
+        holder = self._principals.get(subject)
+        if holder is None:
+            return
+        entry = holder.queries.get(query)
+        grows = entry is None or entry.streams.get(index, 0) >= entry.slots
+        if grows and holder.slots >= self.per_principal:
+            raise ResourceExhausted(
+                f"too many concurrent queries: {holder.slots} of yours are running and the limit "
+                f"is {self.per_principal} per principal ([limits] max_concurrent_queries); wait "
+                "for one to finish, then retry"
+            )
+
+    def _take(self, subject: str, query: str, index: int) -> None:
+        holder = self._principals.setdefault(subject, _Principal())
+        entry = holder.queries.setdefault(query, _Query())
+        entry.streams[index] = entry.streams.get(index, 0) + 1
+        self._running += 1
+
+    def _releaser(self, subject: str, query: str, index: int) -> Release:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._cond:
+                if released:
+                    return
+                released = True
+                self._running -= 1
+                holder = self._principals.get(subject)
+                entry = holder.queries.get(query) if holder is not None else None
+                if holder is not None and entry is not None:
+                    left = entry.streams.get(index, 0) - 1
+                    if left > 0:
+                        entry.streams[index] = left
+                    else:
+                        entry.streams.pop(index, None)
+                        if not entry.streams:
+                            holder.queries.pop(query, None)
+                            if not holder.queries:
+                                self._principals.pop(subject, None)
+                self._cond.notify()
+
+        return release
+
+    # --- planning -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def planning(self, principal: Principal) -> Iterator[tuple[duckdb.DuckDBPyConnection, Deadline]]:
+        """A cursor to plan agent SQL on, admitted like a stream and under the query timeout.
+        Yields the cursor and its deadline (``deadline.fired`` tells a timeout from a cancel)."""
+        release = self.acquire(principal.subject, "plan-" + secrets.token_hex(6))
+        try:
+            with self._db.reading() as cur:
+                deadline = self.watchdog.arm(self.timeout_seconds, cur.interrupt)
+                try:
+                    yield cur, deadline
+                finally:
+                    Watchdog.disarm(deadline)
+        finally:
+            release()
+
+    # --- status --------------------------------------------------------------------------------
+    def active(self) -> dict[str, int]:
+        """Slots (queries) in use per principal (for /v1/status)."""
+        with self._cond:
+            return {s: h.slots for s, h in self._principals.items()}
+
+    def streams(self) -> int:
+        """Streams and planning steps running now, all principals together."""
+        with self._cond:
+            return self._running
