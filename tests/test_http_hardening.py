@@ -374,3 +374,26 @@ def test_unrouted_answers_carry_a_request_id_too(server: Server) -> None:
         assert r.status_code in (404, 405) and len(r.headers["x-request-id"]) == 16, r.headers
     served = server.catalog.metrics.render().decode()
     assert 'method="unmatched",outcome="404"' in served and 'method="unmatched",outcome="405"' in served
+
+
+def test_a_request_refused_for_its_body_or_query_does_not_mark_the_token_used(server: Server) -> None:
+    """The gate authenticates before the body, but only the route's dependency — after the
+    body and query are accepted — marks the token used."""
+    import jwt
+
+    token = server.mint("agent", agent="body-refused", ttl_seconds=600)
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    http = server.http(token)
+    _error(http.post("/v1/tokens/refresh", content=DEEP_ARRAY, headers=JSON), 400, "INVALID_ARGUMENT")
+    _error(http.post("/v1/tokens/refresh", json={"ttl_seconds": "60"}), 400, "INVALID_ARGUMENT")
+    _error(
+        http.post("/v1/tokens/refresh", content="{}", headers={"content-type": "text/plain"}),
+        415,
+        "INVALID_ARGUMENT",
+    )
+    _error(http.get("/v1/whoami", params={"x": "1"}), 400, "INVALID_ARGUMENT")
+    server.catalog.maintain()
+    assert server.catalog.tokens.get(jti).last_used_at is None
+    assert http.get("/v1/whoami").status_code == 200
+    server.catalog.maintain()
+    assert server.catalog.tokens.get(jti).last_used_at is not None
