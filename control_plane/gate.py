@@ -11,19 +11,19 @@ before the body is touched, so one app-wide guard does the work in this order:
    or 403 for a non-admin token on an admin route.
 2. **Read the body** within ``request_max_body_size`` (413), require
    ``Content-Type: application/json`` when there is one (415).
-3. **Bound its nesting** (:data:`MAX_JSON_DEPTH`, 400): a decoder recurses once per level, and
-   ``[[[[…]]]]`` 100,000 deep is 200 kB — well under the size limit — and ended in a
-   ``RecursionError`` (500).
-4. **Decode it strictly** into the handler's declared type (400 with msgspec's sentence):
-   ``"60"`` is not an integer on any route. Litestar then converts the already valid body.
+3. **Decode it strictly** into the handler's declared model (400 with msgspec's sentence):
+   ``"60"`` is not an integer on any route, unknown fields are errors. Decoding into the
+   model is also what bounds nesting: the decoder stops at the first value that does not
+   fit the model, so ``[[[[…]]]]`` 100,000 deep (200 kB, well under the size limit) is
+   refused at its first byte — it used to be decoded untyped first, recursing until a
+   ``RecursionError`` (500). A ``RecursionError`` (a model with an ``Any`` field) is a 400
+   too. Litestar then converts the already valid, shallow body.
 
-The limits and statuses are documented in proto_docs/errors.md.
+The order and the statuses are documented in proto_docs/control_plane.md.
 """
 
 from __future__ import annotations
 
-import re
-from itertools import accumulate
 from typing import Any
 
 import msgspec
@@ -37,34 +37,25 @@ from control_plane.context import ADMIN_UNLESS_PUBLIC_METRICS, admin_of, authent
 MAX_JSON_BODY = 1 << 20
 """Bytes a request body may have (413 beyond)."""
 
-MAX_JSON_DEPTH = 32
-"""Levels of ``[``/``{`` nesting a request body may have; Quiver's bodies need two."""
-
 JSON_MEDIA_TYPE = "application/json"
-
-# A JSON string literal (escapes included); unterminated strings do not match, so their
-# brackets count, which can only refuse an invalid body sooner.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
-_STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 
 
 class UnsupportedMediaType(HTTPException):
     status_code = 415
 
 
-def nested_deeper_than(body: bytes, limit: int) -> bool:
-    """Whether a JSON text nests ``[``/``{`` deeper than ``limit`` outside string literals.
-
-    Counting runs in C; only a body with more than ``limit`` opening brackets pays one
-    Python pass over its brackets, and the body size limit bounds that.
-    """
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return False
-    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
-    if brackets.count(b"[") + brackets.count(b"{") <= limit:
-        return False
-    return max(accumulate(b - 1 for b in brackets.translate(_STEP)), default=0) > limit
+def decode_body(body: bytes, model: Any) -> Any:
+    """``body`` decoded strictly into ``model``, or :class:`InvalidArgument` saying why not."""
+    try:
+        return msgspec.json.decode(body, type=model, strict=True)
+    except msgspec.ValidationError as e:
+        raise InvalidArgument(f"request body: {e}") from None
+    except msgspec.DecodeError as e:
+        raise InvalidArgument(f"request body is not valid JSON ({e}); send one JSON object") from None
+    except UnicodeDecodeError:  # msgspec lets this one through undressed
+        raise InvalidArgument("request body is not valid JSON: it is not UTF-8") from None
+    except RecursionError:  # only a model with an Any field lets the decoder recurse this far
+        raise InvalidArgument("request body is nested too deeply") from None
 
 
 def _media_type(value: str | None) -> str:
@@ -156,15 +147,4 @@ async def gate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRout
         raise UnsupportedMediaType(
             f"send the body as JSON with 'Content-Type: {JSON_MEDIA_TYPE}' (got {shown})"
         )
-    if nested_deeper_than(body, MAX_JSON_DEPTH):
-        raise InvalidArgument(f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        msgspec.json.decode(body, type=body_field.annotation, strict=True)
-    except msgspec.ValidationError as e:
-        raise InvalidArgument(f"request body: {e}") from None
-    except msgspec.DecodeError as e:
-        raise InvalidArgument(f"request body is not valid JSON ({e}); send one JSON object") from None
-    except UnicodeDecodeError:  # msgspec lets this one through undressed
-        raise InvalidArgument("request body is not valid JSON: it is not UTF-8") from None
-    except RecursionError:  # unreachable past the depth check; a client mistake all the same
-        raise InvalidArgument(f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    decode_body(body, body_field.annotation)
