@@ -1,6 +1,7 @@
-"""One path for refusals and errors: every failure becomes ``{"error", "detail"}`` JSON with
-the status of DESIGN.md §6. A client mistake is never a 500; a fault of ours is logged with
-the request id and answered without internals."""
+"""One path for refusals and errors: every failure becomes ``{"error", "detail"}`` JSON (the
+``ErrorBody`` of the OpenAPI schema) with the statuses of proto_docs/control_plane.md. A
+client mistake is never a 500; a fault of ours is logged with the request id and answered
+without internals. A 405 keeps its ``Allow`` header."""
 
 from __future__ import annotations
 
