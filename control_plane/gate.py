@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, InternalServerException
+from litestar.handlers import HTTPRouteHandler
 from litestar.handlers.base import BaseRouteHandler
 
 from catalog import InvalidArgument
@@ -124,6 +125,8 @@ def _type_name(annotation: Any) -> str:
 
 async def gate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """App-wide guard: authentication, then the body checks, before any decoding."""
+    if not isinstance(handler, HTTPRouteHandler):  # a mounted ASGI app (e.g. MCP) checks its own
+        return
     parameters = handler.parsed_fn_signature.parameters
     if needs_admin(connection, handler):
         admin_of(connection)  # marked used later, by the dependency, if the request is accepted
