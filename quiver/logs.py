@@ -69,12 +69,15 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact,
     ]
     if use_console:
-        processors.append(structlog.dev.ConsoleRenderer())
+        # No local variables in tracebacks (a handler's locals hold request headers), and the
+        # rendered line is scrubbed once more: an exception's text is rendered only here.
+        console = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        processors += [redact, lambda logger, name, event: _scrub(console(logger, name, event))]
     else:
-        processors += [format_exc_info, structlog.processors.JSONRenderer()]
+        # Tracebacks are rendered first, so that redact scrubs them too.
+        processors += [format_exc_info, redact, structlog.processors.JSONRenderer()]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

@@ -1,0 +1,43 @@
+"""Secrets never reach a log: not through a field, an exception's text, or a traceback's local
+variables, in either log format (quiver/logs.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TOKEN = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlLXNlY3JldA"
+
+_SCRIPT = textwrap.dedent(
+    f"""
+    import structlog
+    from quiver import logs
+
+    logs.configure(FMT, "info")
+    log = structlog.get_logger("t")
+
+    def handler(headers):
+        raise ValueError("refused " + headers["authorization"])
+
+    try:
+        handler({{"authorization": "Bearer {TOKEN}"}})
+    except ValueError as e:
+        log.error("flight.internal_error", exc_info=e, token="{TOKEN}", note="bearer {TOKEN}")
+    """
+)
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_tokens_are_redacted_from_fields_exceptions_and_tracebacks(fmt: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT.replace("FMT", repr(fmt))], capture_output=True, text=True, cwd=root, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "flight.internal_error" in done.stderr and "ValueError" in done.stderr
+    assert TOKEN not in done.stderr and "c2lnbmF0dXJlLXNlY3JldA" not in done.stderr
+    assert "[redacted" in done.stderr
