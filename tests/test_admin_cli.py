@@ -60,7 +60,8 @@ def test_swarms_and_allowlists(admin_server: tuple[Server, Path], capsys: pytest
 
     # Usage: neither patterns nor --clear (or both) is exit 2, and nothing is sent.
     before = _audit_count(server)
-    for argv in (("sales",), ("sales", "demo.orders", "--clear")):
+    usage: list[tuple[str, ...]] = [("sales",), ("sales", "demo.orders", "--clear")]
+    for argv in usage:
         code, out, err = cli(capsys, "admin", "allowlist", "set", *argv, *c)
         assert code == 2 and error_lines(err) == [
             "quiver admin allowlist set: give the new allowlist's TABLE patterns, or --clear for an empty one (not both)"
@@ -71,13 +72,14 @@ def test_swarms_and_allowlists(admin_server: tuple[Server, Path], capsys: pytest
 
     # Refusals are the server's code and detail on one line; state is unchanged.
     before_swarms = _swarms(server)
-    for argv, status in (
+    refused: list[tuple[tuple[str, ...], str]] = [
         (("swarms", "create", "Bad Name!"), "400 INVALID_ARGUMENT"),
         (("swarms", "create", "sales"), "409 ALREADY_EXISTS"),
         (("swarms", "delete", "ghost"), "404 NOT_FOUND"),
         (("allowlist", "set", "sales", "no-dot"), "400 INVALID_ARGUMENT"),
         (("allowlist", "get", "a/b?c"), "404 NOT_FOUND"),
-    ):
+    ]
+    for argv, status in refused:
         code, out, err = cli(capsys, "admin", *argv, *c)
         assert code == 1, (argv, err)
         (line,) = error_lines(err)
@@ -128,17 +130,19 @@ def test_tokens_create_list_revoke(
 
     # Usage errors (exit 2) send nothing; refusals (exit 1) change nothing.
     before = _audit_count(server)
-    for argv in (("revoke",), ("revoke", first, "--swarm", "ops"), ("revoke", "--agent", "a1")):
+    usage = [("revoke",), ("revoke", first, "--swarm", "ops"), ("revoke", "--agent", "a1")]
+    for argv in usage:
         code, out, err = cli(capsys, "admin", "tokens", *argv, *c)
         assert code == 2 and len(error_lines(err)) == 1, (argv, err)
     assert _audit_count(server) == before
-    for argv, status in (
+    refused = [
         (("revoke", "no-such-jti"), "404 NOT_FOUND"),
         (("revoke", "--swarm", "ghost"), "404 NOT_FOUND"),
         (("create", "--kind", "agent", "--swarm", "ops"), "400 INVALID_ARGUMENT"),
         (("create", "--kind", "admin", "--ttl", "-5"), "422 INVALID_ARGUMENT"),
         (("list", "--limit", "0"), "400 INVALID_ARGUMENT"),
-    ):
+    ]
+    for argv, status in refused:
         code, out, err = cli(capsys, "admin", "tokens", *argv, *c)
         assert code == 1, (argv, err)
         (line,) = error_lines(err)
