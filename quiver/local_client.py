@@ -153,7 +153,10 @@ def local_key_ids(data_dir: Path) -> set[str]:
 
 
 def path_segment(value: str) -> str:
-    """``value`` quoted as one URL path segment (a name with '/' or '?' stays one segment)."""
+    """``value`` quoted as one URL path segment: a name with '/' or '?' stays one segment, and
+    '.' or '..' is not resolved away into another route."""
+    if value in (".", ".."):
+        return value.replace(".", "%2E")
     return quote(value, safe="")
 
 

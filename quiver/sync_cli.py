@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 from catalog import Catalog, Config, DatabaseInUse
@@ -36,6 +37,11 @@ def add_parser(sub: Any, config_args: Any) -> None:
     status = ssub.add_parser("status", help="state of every replicated table")
     config_args(status)
     status.add_argument("--json", action="store_true", help="print GET /v1/sync's JSON")
+    for cmd in (run, status):
+        cmd.add_argument("--url", help="control plane URL when the server runs (default: from the config)")
+        cmd.add_argument(
+            "--token-file", help="admin token when the server runs (default: DATA_DIR/admin.token)"
+        )
 
 
 # --- where to run ---------------------------------------------------------------------------------
@@ -58,17 +64,18 @@ class _Remote:
         self.server.close()
 
 
-def _open(config: Config) -> tuple[_Remote | None, Catalog | None]:
+def _open(config: Config, args: argparse.Namespace) -> tuple[_Remote | None, Catalog | None]:
     """The running server when the database is locked (its identity checked before any
     token is sent), else the catalog opened here (quiver/local_client.py)."""
-    server = running_server(config)
+    token_file = Path(args.token_file) if args.token_file else None
+    server = running_server(config, url=args.url, token_file=token_file)
     if server is not None:
         return _Remote(server), None
     try:
         return None, Catalog(config)
     except DatabaseInUse:
         # A server started between the lock check and the open.
-        server = running_server(config)
+        server = running_server(config, url=args.url, token_file=token_file)
         if server is None:
             raise
         return _Remote(server), None
@@ -133,7 +140,7 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
     if not config.sync.tables:
         print("quiver: no [[sync.tables]] in the configuration; nothing to sync", file=sys.stderr)
         return 2
-    remote, catalog = _open(config)
+    remote, catalog = _open(config, args)
     try:
         if args.sync_command == "status":
             return _status(remote, catalog, config, as_json=args.json)

@@ -78,6 +78,8 @@ def test_swarms_and_allowlists(admin_server: tuple[Server, Path], capsys: pytest
         (("swarms", "delete", "ghost"), "404 NOT_FOUND"),
         (("allowlist", "set", "sales", "no-dot"), "400 INVALID_ARGUMENT"),
         (("allowlist", "get", "a/b?c"), "404 NOT_FOUND"),
+        (("swarms", "delete", ".."), "404 NOT_FOUND"),
+        (("allowlist", "set", ".", "demo.*"), "404 NOT_FOUND"),
     ]
     for argv, status in refused:
         code, out, err = cli(capsys, "admin", *argv, *c)
@@ -137,6 +139,7 @@ def test_tokens_create_list_revoke(
     assert _audit_count(server) == before
     refused = [
         (("revoke", "no-such-jti"), "404 NOT_FOUND"),
+        (("revoke", ".."), "404 NOT_FOUND"),
         (("revoke", "--swarm", "ghost"), "404 NOT_FOUND"),
         (("create", "--kind", "agent", "--swarm", "ops"), "400 INVALID_ARGUMENT"),
         (("create", "--kind", "admin", "--ttl", "-5"), "422 INVALID_ARGUMENT"),
