@@ -225,10 +225,15 @@ def test_a_foreign_server_on_the_port_is_refused_before_the_token_is_sent(
         assert b.http().get("/v1/sync").json()["tables"][0]["last_run"] is None
         assert not b.catalog.config.backup_dir.exists() or not list(b.catalog.config.backup_dir.iterdir())
         # Pointed at its own server, the same data dir works.
-        code, out, err = cli(
-            capsys, "admin", "swarms", "list", "--config", str(config), "--url", a_server.http_url
-        )
+        own = ("--config", str(config), "--url", a_server.http_url)
+        code, out, err = cli(capsys, "admin", "swarms", "list", *own)
         assert code == 0, err
+        # ... and A's own answer (its server runs without [[sync.tables]]) is one line.
+        code, out, err = cli(capsys, "sync", "status", *own)
+        assert code == 1 and error_lines(err) == [
+            f"quiver: GET {a_server.http_url}/v1/sync answered 404 NOT_FOUND: sync is not configured: "
+            "add [snowflake] and [[sync.tables]] to quiver.toml"
+        ]
     finally:
         a_server.stop()
 
