@@ -196,10 +196,15 @@ class LocalServer:
         try:
             return self._http.request(method, path, extensions=self._extensions, **kwargs)
         except httpx.HTTPError as e:
+            reason = one_line(str(e) or type(e).__name__, 200)
+            if "SSL" in reason or "certificate" in reason.lower():
+                raise Unavailable(
+                    f"TLS with {self.url} failed ({reason}); check [tls] cert_file (the certificate the "
+                    "server presents, or its CA) and [server] advertise_host (the name it is for)"
+                ) from None
             raise Unavailable(
-                f"{self.config.database_path} is in use, but no control plane of it answers at {self.url} "
-                f"({one_line(str(e) or type(e).__name__, 200)}); check [server] http_port and [tls], "
-                "or pass --url"
+                f"{self.config.database_path} is in use, but no control plane answers at {self.url} "
+                f"({reason}); check [server] http_port and [tls], or pass --url"
             ) from None
 
     def verify_identity(self) -> None:
@@ -262,14 +267,22 @@ class LocalServer:
         if timeout is not None:
             kwargs["timeout"] = timeout
         response = self._send(method, path, **kwargs)
-        if response.status_code >= 400:
+        # Quiver's routes never redirect; a 3xx is not followed (it would carry the token on).
+        if response.status_code >= 300:
             raise self._refusal(method, path, response)
         return response
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         """:meth:`request`, decoded as JSON (None for an empty body)."""
         response = self.request(method, path, **kwargs)
-        return response.json() if response.content else None
+        if not response.content:
+            return None
+        try:
+            return msgspec.json.decode(response.content)
+        except msgspec.DecodeError:
+            raise Unavailable(
+                f"{method} {self.url}{path} answered {response.status_code} with a body that is not JSON"
+            ) from None
 
     def _refusal(self, method: str, path: str, response: httpx.Response) -> ServerRefused:
         try:

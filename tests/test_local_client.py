@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import http.server
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from catalog import Unavailable
@@ -55,9 +57,21 @@ def _cli_config(path: Path, server: Server, emu: Emulator, src: Source, **sectio
     return write_toml(path, base)
 
 
-def _auth_failures(server: Server) -> list[dict[str, Any]]:
-    events = server.http().get("/v1/audit", params={"limit": 1000}).json()["events"]
-    return [e for e in events if e["action"] == "auth.failed"]
+def _ca_of(tls: dict[str, str]) -> str:
+    """The test CA that signed a ``make_certificates`` certificate (written beside it)."""
+    return str(Path(tls["cert_file"]).parent / "ca.pem")
+
+
+def _auth_failures(server: Server, ca: str | None = None) -> list[dict[str, Any]]:
+    """The server's audited authentication failures (``ca``: the test CA of a TLS server)."""
+    verify = ssl.create_default_context(cafile=ca) if ca else True
+    with httpx.Client(verify=verify, timeout=30) as client:
+        r = client.get(
+            f"{server.http_url}/v1/audit",
+            params={"limit": 1000},
+            headers={"authorization": f"Bearer {server.admin_token}"},
+        )
+    return [e for e in r.json()["events"] if e["action"] == "auth.failed"]
 
 
 # --- TLS ------------------------------------------------------------------------------------------
@@ -68,7 +82,7 @@ def tls_sync_server(
     emu: Emulator, src: Source, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Server, dict[str, str]]]:
     root = tmp_path_factory.mktemp("tls-sync")
-    _, cert, key = make_certificates(root / "pki")
+    _, cert, key = make_certificates(root / "pki")  # the CA is pki/ca.pem (_ca_of)
     tls = {"cert_file": str(cert), "key_file": str(key)}
     server = start_server(
         root / "data", demo=False, snowflake=emu.snowflake_section(), sync=_sync(emu, src), tls=tls
@@ -117,6 +131,28 @@ def test_backup_and_admin_reach_a_tls_server(
     url = f"https://localhost:{port_of(server.http_url)}"
     code, out, err = cli(capsys, "admin", "swarms", "list", "--config", str(config), "--url", url, "--json")
     assert code == 0 and json_out(out) == {"swarms": []}, err
+
+
+def test_an_untrusted_certificate_is_one_line_and_no_token_is_sent(
+    tls_sync_server: tuple[Server, dict[str, str]], emu: Emulator, src: Source, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A configuration whose cert_file is not what the server presents (another CA's)."""
+    server, tls = tls_sync_server
+    _, other_cert, other_key = make_certificates(tmp_path / "other-pki")
+    other = {"cert_file": str(other_cert), "key_file": str(other_key)}
+    config = _cli_config(tmp_path / "quiver.toml", server, emu, src, tls=other)
+    before = _auth_failures(server, _ca_of(tls))
+    for argv in (["sync", "status"], ["admin", "swarms", "list"], ["backup"]):
+        code, _, err = cli(capsys, *argv, "--config", str(config))
+        assert code == 1, argv
+        (line,) = error_lines(err)
+        assert (
+            line.startswith(f"quiver: TLS with {server.http_url} failed (")
+            and "CERTIFICATE_VERIFY_FAILED" in line
+        )
+        assert "check [tls] cert_file" in line
+    assert _auth_failures(server, _ca_of(tls)) == before
 
 
 def test_backup_and_sync_status_reach_a_tls_server_in_another_process(
@@ -281,7 +317,7 @@ def test_nothing_listening_is_one_line_naming_the_url(tmp_path: Path) -> None:
         with LocalServer(config) as client, pytest.raises(Unavailable) as refused:
             client.request("GET", "/v1/swarms")
         detail = refused.value.detail
-        assert "\n" not in detail and "no control plane of it answers at http://127.0.0.1:1 " in detail
+        assert "\n" not in detail and "no control plane answers at http://127.0.0.1:1 " in detail
     finally:
         a_server.stop()
 
