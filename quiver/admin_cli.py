@@ -7,8 +7,9 @@ otherwise script curl and jq.
     quiver admin tokens revoke JTI | revoke --swarm S [--agent A]
 
 Every command talks to this data directory's running server through quiver/local_client.py
-(lock check, identity check, TLS, the admin token read afresh) and prints a readable table,
-or the route's JSON with ``--json``. Exit codes: 0 done, 1 refused (by the server, or no
+(lock check, identity check, TLS, the admin token read afresh), or, given both ``--url`` and
+``--token-file``, to that server with that token (a remote Quiver); it prints a readable
+table, or the route's JSON with ``--json``. Exit codes: 0 done, 1 refused (by the server, or no
 server of this data directory runs), 2 usage.
 """
 
@@ -22,14 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from catalog import Config, Unavailable
-from quiver.local_client import LocalServer, path_segment, running_server
+from quiver.local_client import LocalServer, explicit_target, path_segment, running_server
 
 Handler = Callable[[LocalServer, argparse.Namespace], Any]
 
 
 def _common(p: argparse.ArgumentParser, config_args: Callable[[argparse.ArgumentParser], None]) -> None:
     config_args(p)
-    p.add_argument("--url", help="control plane URL (default: from the config)")
+    p.add_argument(
+        "--url", help="control plane URL (default: from the config); with --token-file, any Quiver's"
+    )
     p.add_argument("--token-file", help="admin token (default: DATA_DIR/admin.token)")
     p.add_argument("--json", action="store_true", help="print the route's JSON instead of a table")
 
@@ -216,7 +219,9 @@ def cmd_admin(args: argparse.Namespace, config: Config) -> int:
         print(f"{where}: {problem}", file=sys.stderr)
         return 2
     token_file = Path(args.token_file) if args.token_file else None
-    server = running_server(config, url=args.url, token_file=token_file)
+    server = explicit_target(config, url=args.url, token_file=token_file) or running_server(
+        config, url=args.url, token_file=token_file
+    )
     if server is None:
         hint = ""
         if args.admin_area == "tokens" and args.admin_command == "create":

@@ -171,6 +171,7 @@ class LocalServer:
         url: str | None = None,
         token_file: Path | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        check_identity: bool = True,
     ) -> None:
         self.config = config
         target, tls_name = control_plane_target(config)
@@ -181,7 +182,8 @@ class LocalServer:
         verify: ssl.SSLContext | bool = tls_context(config) if target.startswith("https:") else True
         self._extensions: dict[str, Any] = {"sni_hostname": tls_name} if tls_name else {}
         self._http = httpx.Client(base_url=target, verify=verify, timeout=timeout)
-        self._verified = False
+        # Off only when the caller named both the server and the token (explicit_target).
+        self._verified = not check_identity
 
     def __enter__(self) -> LocalServer:
         return self
@@ -321,3 +323,12 @@ def running_server(
         server.close()
         raise
     return server
+
+
+def explicit_target(config: Config, *, url: str | None, token_file: Path | None) -> LocalServer | None:
+    """A server the operator named together with the token for it (``--url`` and
+    ``--token-file``, e.g. an admin's laptop and a remote Quiver): no lock or identity check,
+    since neither the server nor the token comes from this data directory. None otherwise."""
+    if url is None or token_file is None:
+        return None
+    return LocalServer(config, url=url, token_file=token_file, check_identity=False)

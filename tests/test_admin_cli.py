@@ -242,3 +242,24 @@ def test_help_names_every_command() -> None:
     ):
         r = run_quiver(*argv)
         assert r.returncode == 0 and all(w in r.stdout for w in words), r.stdout
+
+
+def test_an_explicit_url_and_token_file_reach_a_server_of_another_data_dir(
+    admin_server: tuple[Server, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An admin's laptop: no data directory of that server here, the URL and the token named
+    on the command line. Without the token file the data dir's own rules apply (refused)."""
+    server, _ = admin_server
+    elsewhere = tmp_path / "laptop"
+    config = str(write_toml(tmp_path / "laptop.toml", {"server": {"data_dir": str(elsewhere)}}))
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(server.admin_token + "\n")
+    code, out, err = cli(
+        capsys, "admin", "swarms", "list", "--json", "--config", config, "--url", server.http_url,
+        "--token-file", str(token_file),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "demo" in {s["name"] for s in json_out(out)["swarms"]}
+    code, out, err = cli(capsys, "admin", "swarms", "list", "--config", config, "--url", server.http_url)
+    assert code == 1 and "no server holds" in error_lines(err)[0]
+    assert not elsewhere.exists()  # nothing was created on the laptop
