@@ -1,4 +1,6 @@
-"""The ``quiver`` command: ``serve``, ``token create``, ``backup``, ``restore``, ``version``."""
+"""The ``quiver`` command: ``serve``, ``token create``, ``backup``, ``restore``, ``sync``,
+``admin``, ``version``. Commands that need a running server reach it through
+quiver/local_client.py."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from catalog import VERSION, Catalog, ConfigError, DatabaseInUse, QuiverError, load_config
+from catalog import VERSION, Catalog, ConfigError, DatabaseInUse, NotFound, QuiverError, load_config
+from catalog.errors import bounded
 from catalog.resources import apply_address_space_bound
+from catalog.swarms import check_swarm_name
 from quiver import logs
 
 
@@ -52,9 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, help="control plane port (default 8000; 0 = any free port)")
     serve.add_argument("--demo", action="store_true", help="seed the demo schema, swarm and agent token")
 
-    token = sub.add_parser("token", help="manage tokens locally (server stopped)")
+    token = sub.add_parser(
+        "token",
+        help="mint tokens locally (server stopped; with it running use `quiver admin tokens create`)",
+    )
     tsub = token.add_subparsers(dest="token_command", required=True)
-    create = tsub.add_parser("create", help="mint a token and print it on stdout")
+    create = tsub.add_parser(
+        "create",
+        help="mint a token in the database (server stopped) and print it on stdout; an agent or "
+        "swarm token needs its swarm to exist already",
+    )
     _config_args(create)
     create.add_argument("--kind", required=True, choices=["admin", "swarm", "agent"])
     create.add_argument("--swarm")
@@ -81,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(restore)
     restore.add_argument("snapshot", help="a quiver-<time>.tar.gz written by `quiver backup`")
 
-    from quiver import sync_cli
+    from quiver import admin_cli, sync_cli
 
     sync_cli.add_parser(sub, _config_args)
+    admin_cli.add_parser(sub, _config_args)
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -135,6 +147,17 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     logs.configure("json" if not sys.stderr.isatty() else config.server.log_format, "warning")
     catalog = Catalog(config)
     try:
+        if (
+            args.kind != "admin"
+            and args.swarm is not None
+            and not catalog.swarms.exists(check_swarm_name(args.swarm))
+        ):
+            # The server's answer names POST /v1/swarms, which needs the server running.
+            raise NotFound(
+                f"swarm {bounded(args.swarm)!r} does not exist in {config.database_path}; start the server "
+                f"(`quiver serve`), create it with `quiver admin swarms create {bounded(args.swarm)}` and mint "
+                "the token there with `quiver admin tokens create`"
+            )
         issued = catalog.tokens.mint(
             None, args.kind, swarm=args.swarm, agent=args.agent, ttl_seconds=args.ttl_seconds
         )
@@ -172,12 +195,18 @@ def main(argv: list[str] | None = None) -> int:
             config = _load(args)
             logs.configure(config.server.log_format, "warning" if sys.stdout.isatty() else "info")
             return sync_cli.cmd_sync(args, config)
+        if args.command == "admin":
+            from quiver import admin_cli
+
+            config = _load(args)
+            logs.configure("json" if not sys.stderr.isatty() else config.server.log_format, "warning")
+            return admin_cli.cmd_admin(args, config)
     except ConfigError as e:
         print(f"quiver: config: {e}", file=sys.stderr)
         return 2
     except DatabaseInUse as e:
         print(
-            f"quiver: {e}. With the server running, use the control plane instead "
+            f"quiver: {e}. With the server running, use `quiver admin tokens create` instead "
             "(POST /v1/tokens with an admin token).",
             file=sys.stderr,
         )

@@ -1,9 +1,10 @@
 """``quiver sync run [--table T] [--full]`` and ``quiver sync status``.
 
-DuckDB allows one writer per file, so when ``quiver serve`` is running (its control plane
-answers on the configured port, or the database file is locked) the CLI asks the server over
-HTTP with the admin token from ``DATA_DIR/admin.token`` and polls ``GET /v1/sync`` for the
-outcome. Otherwise it opens the catalog and runs the tables itself.
+DuckDB allows one writer per file, so when ``quiver serve`` holds the database file the CLI
+asks that server's control plane (``http`` or ``https`` per ``[tls]``, its identity checked
+before the admin token from ``DATA_DIR/admin.token`` is sent: quiver/local_client.py) and
+polls ``GET /v1/sync`` for the outcome. Otherwise it opens the catalog and runs the tables
+itself.
 
 Exit codes: 0 every selected table succeeded, 1 at least one failed (or the server could not
 be reached), 2 a configuration or usage problem.
@@ -16,11 +17,11 @@ import json
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
-
-from catalog import Catalog, Config, DatabaseInUse, QuiverError
+from catalog import Catalog, Config, DatabaseInUse
+from quiver.local_client import LocalServer, path_segment, running_server
 
 
 def add_parser(sub: Any, config_args: Any) -> None:
@@ -36,72 +37,48 @@ def add_parser(sub: Any, config_args: Any) -> None:
     status = ssub.add_parser("status", help="state of every replicated table")
     config_args(status)
     status.add_argument("--json", action="store_true", help="print GET /v1/sync's JSON")
+    for cmd in (run, status):
+        cmd.add_argument("--url", help="control plane URL when the server runs (default: from the config)")
+        cmd.add_argument(
+            "--token-file", help="admin token when the server runs (default: DATA_DIR/admin.token)"
+        )
 
 
 # --- where to run ---------------------------------------------------------------------------------
 
 
-def _server_url(config: Config) -> str:
-    host = config.server.host
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a client address, not a bind
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{config.server.http_port}"
-
-
-def _server_answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1.0).status_code < 500
-    except httpx.HTTPError:
-        return False
-
-
 class _Remote:
-    """The control plane of a running ``quiver serve``."""
+    """The control plane of this data directory's running ``quiver serve``."""
 
-    def __init__(self, config: Config) -> None:
-        self.url = _server_url(config)
-        token_path = config.data_dir / "admin.token"
-        try:
-            token = token_path.read_text().strip()
-        except OSError as e:
-            raise QuiverError(
-                f"a server is running but its admin token is unreadable ({token_path}: {e.strerror})"
-            ) from None
-        self.http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {token}"}, timeout=30)
-
-    def _json(self, response: httpx.Response) -> Any:
-        if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise QuiverError(
-                f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}"
-            )
-        return response.json()
+    def __init__(self, server: LocalServer) -> None:
+        self.server = server
+        self.url = server.url
 
     def status(self) -> dict[str, Any]:
-        return dict(self._json(self.http.get("/v1/sync")))
+        return dict(self.server.json("GET", "/v1/sync"))
 
     def trigger(self, table: str, full: bool) -> None:
-        self._json(self.http.post(f"/v1/sync/{table}/run", params={"full": str(full).lower()}))
+        self.server.request("POST", f"/v1/sync/{path_segment(table)}/run", params={"full": str(full).lower()})
+
+    def close(self) -> None:
+        self.server.close()
 
 
-def _open(config: Config) -> tuple[_Remote | None, Catalog | None]:
-    url = _server_url(config)
-    if _server_answers(url):
-        return _Remote(config), None
+def _open(config: Config, args: argparse.Namespace) -> tuple[_Remote | None, Catalog | None]:
+    """The running server when the database is locked (its identity checked before any
+    token is sent), else the catalog opened here (quiver/local_client.py)."""
+    token_file = Path(args.token_file) if args.token_file else None
+    server = running_server(config, url=args.url, token_file=token_file)
+    if server is not None:
+        return _Remote(server), None
     try:
         return None, Catalog(config)
     except DatabaseInUse:
-        if _server_answers(url):
-            return _Remote(config), None
-        raise QuiverError(
-            f"{config.database_path} is in use by another process, and no control plane answers at {url}; "
-            "start the server with this config or stop the other process"
-        ) from None
+        # A server started between the lock check and the open.
+        server = running_server(config, url=args.url, token_file=token_file)
+        if server is None:
+            raise
+        return _Remote(server), None
 
 
 # --- output -------------------------------------------------------------------------------------------
@@ -163,7 +140,7 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
     if not config.sync.tables:
         print("quiver: no [[sync.tables]] in the configuration; nothing to sync", file=sys.stderr)
         return 2
-    remote, catalog = _open(config)
+    remote, catalog = _open(config, args)
     try:
         if args.sync_command == "status":
             return _status(remote, catalog, config, as_json=args.json)
@@ -171,6 +148,8 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
     finally:
         if catalog is not None:
             catalog.close()
+        if remote is not None:
+            remote.close()
 
 
 def _status(remote: _Remote | None, catalog: Catalog | None, config: Config, *, as_json: bool) -> int:
