@@ -20,6 +20,7 @@ import pyarrow as pa
 import structlog
 
 from catalog.config import SnowflakeConfig
+from catalog.snowflake_names import split_snowflake_name
 from sync.typemap import SourceColumn, quote_snowflake
 
 log = structlog.get_logger("sync")
@@ -64,38 +65,15 @@ def _display(ident: str) -> str:
     )
 
 
-def split_name(text: str) -> list[str]:
-    """Split ``DB.SCHEMA."Mixed.Name"`` into stored identifiers: quoted parts keep their case
-    (with ``""`` unescaped); unquoted parts are upper-cased, as Snowflake resolves them."""
-    parts: list[str] = []
-    current, quoted, was_quoted, i = "", False, False, 0
-    text = text.strip()
-    while i < len(text):
-        ch = text[i]
-        if ch == '"':
-            if quoted and i + 1 < len(text) and text[i + 1] == '"':
-                current += '"'
-                i += 2
-                continue
-            quoted = not quoted
-            was_quoted = True
-        elif ch == "." and not quoted:
-            parts.append(current if was_quoted else current.strip().upper())
-            current, was_quoted = "", False
-        else:
-            current += ch
-        i += 1
-    parts.append(current if was_quoted else current.strip().upper())
-    return parts
-
-
 def parse_source(text: str, database: str | None, schema: str | None) -> SourceTable:
-    parts = split_name(text)
+    parts = split_snowflake_name(text)
     if len(parts) == 3:
         return SourceTable(*parts)
     if len(parts) == 2:
-        return SourceTable(split_name(database or "")[0], *parts)
-    return SourceTable(split_name(database or "")[0], split_name(schema or "")[0], parts[0])
+        return SourceTable(split_snowflake_name(database or "")[0], *parts)
+    return SourceTable(
+        split_snowflake_name(database or "")[0], split_snowflake_name(schema or "")[0], parts[0]
+    )
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from catalog import ConfigError, load_config
-from sync.source import parse_source, split_name
+from catalog.snowflake_names import split_snowflake_name
+from sync.source import parse_source
 from sync.state import decode_watermark, encode_watermark
 from sync.typemap import SourceColumn, duckdb_type, is_widening, target_name
 from tests.sync_emulator import Emulator, Source, replica, sync_service
@@ -54,10 +55,39 @@ def test_names_lower_case_unquoted_identifiers_and_keep_quoted_mixed_case() -> N
     assert target_name("UPDATED_AT") == "updated_at"
     assert target_name("MixedCase") == "MixedCase"
     assert target_name("lower") == "lower"
-    assert split_name('analytics.public."Mixed.Name"') == ["ANALYTICS", "PUBLIC", "Mixed.Name"]
     src = parse_source("orders", "ANALYTICS", "PUBLIC")
     assert (src.database, src.schema, src.name) == ("ANALYTICS", "PUBLIC", "ORDERS")
     assert src.sql == '"ANALYTICS"."PUBLIC"."ORDERS"'
+
+
+SPLITS = [
+    ("orders", ["ORDERS"]),
+    ("  analytics . public . orders ", ["ANALYTICS", "PUBLIC", "ORDERS"]),
+    ('analytics.public."Mixed.Name"', ["ANALYTICS", "PUBLIC", "Mixed.Name"]),
+    ('"a""b".c', ['a"b', "C"]),
+    ('"Lower"', ["Lower"]),
+    ('"x.y.z"', ["x.y.z"]),
+    ("a.b.c.d", ["A", "B", "C", "D"]),
+    ('"open.quote', ["open.quote"]),
+]
+
+
+@pytest.mark.parametrize(("text", "parts"), SPLITS)
+def test_one_snowflake_name_splitter(text: str, parts: list[str]) -> None:
+    assert split_snowflake_name(text) == parts
+
+
+@pytest.mark.parametrize(
+    ("source", "parts"), [('DB.S."Dotted.Name"', ("DB", "S", "Dotted.Name")), ('S."x.y"', ("DB", "S", "x.y"))]
+)
+def test_config_check_and_sync_read_a_quoted_dotted_source_the_same_way(
+    source: str, parts: tuple[str, str, str]
+) -> None:
+    """A dot inside quotes is part of the name for both: the config accepts the entry (it
+    counts at most three parts) and the worker resolves the same three identifiers."""
+    _config([{"source": source, "target": "s.o"}])
+    src = parse_source(source, "DB", "S")
+    assert (src.database, src.schema, src.name) == parts
 
 
 def test_widening() -> None:
@@ -226,6 +256,8 @@ BAD = [
     ([{"source": "ORDERS", "target": "s.o", "cursour": "X"}], "cursour"),
     ([{"source": "ORDERS", "target": "s.o", "interval_seconds": 0}], "sync.tables[0].interval_seconds"),
     ([{"source": "A.B.C.D", "target": "s.o"}], "sync.tables[0] (s.o).source"),
+    ([{"source": 'A."B.C".D.E', "target": "s.o"}], "sync.tables[0] (s.o).source"),
+    ([{"source": "  ", "target": "s.o"}], "sync.tables[0] (s.o).source"),
     ([{"target": "s.o"}], "source"),
 ]
 
