@@ -5,9 +5,10 @@ Public surface: :class:`SyncService` (the ``catalog.sync`` controller and the CL
 :class:`SnowflakeSource`, the documented ``TYPE_MAP``.
 """
 
-from sync.engine import SyncFailed, TableSync
+from sync.engine import TableSync
+from sync.errors import SyncFailed
 from sync.service import SyncService
-from sync.source import SnowflakeSource, SourceError, SourceTable, parse_source
+from sync.source import SnowflakeSource, SourceTable, parse_source
 from sync.state import RunRecord
 from sync.typemap import TYPE_MAP, SourceColumn, duckdb_type, target_name
 
@@ -16,7 +17,6 @@ __all__ = [
     "RunRecord",
     "SnowflakeSource",
     "SourceColumn",
-    "SourceError",
     "SourceTable",
     "SyncFailed",
     "SyncService",

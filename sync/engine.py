@@ -33,7 +33,8 @@ import structlog
 from catalog import Catalog, TableRef, quote_ident
 from catalog.config import SnowflakeConfig, SyncTableConfig
 from catalog.tables import TableCatalog
-from sync.source import SnowflakeSource, SourceError, SourceTable, bind, is_transient, parse_source
+from sync.errors import SyncFailed
+from sync.source import SnowflakeSource, SourceTable, bind, is_transient, parse_source
 from sync.state import RunRecord, SyncStateStore, TableState, encode_watermark
 from sync.typemap import (
     SourceColumn,
@@ -53,15 +54,6 @@ _CURSOR_TYPES = {"NUMBER", "DECIMAL", "NUMERIC", "FIXED", "INT", "INTEGER", "BIG
 
 # "Take the watermark from the rows loaded" (an unpaged run: one query, one snapshot).
 _UNKNOWN = object()
-
-
-class SyncFailed(Exception):
-    """A run failure with a message fit for status, logs and the CLI (no secrets)."""
-
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.transient = transient
 
 
 @dataclass
@@ -159,8 +151,6 @@ class TableSync:
 
     def _describe(self, exc: Exception, source: SnowflakeSource) -> tuple[str, bool]:
         if isinstance(exc, SyncFailed):
-            return source.scrub(exc.message), exc.transient
-        if isinstance(exc, SourceError):
             return source.scrub(exc.message), exc.transient
         if isinstance(exc, duckdb.TransactionException):
             return f"replica write conflict: {exc}", True
@@ -408,7 +398,7 @@ class TableSync:
                 "WHERE table_schema = ? AND table_name = ?",
                 [self.src.schema, self.src.name],
             )
-        except SourceError:
+        except SyncFailed:
             return None
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 

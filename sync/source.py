@@ -21,6 +21,7 @@ import structlog
 
 from catalog.config import SnowflakeConfig
 from catalog.snowflake_names import split_snowflake_name
+from sync.errors import SyncFailed
 from sync.typemap import SourceColumn, quote_snowflake
 
 log = structlog.get_logger("sync")
@@ -29,15 +30,6 @@ logging.getLogger("snowflake.connector").setLevel(logging.WARNING)
 
 # Snowflake error numbers that mean "your credentials were refused": never transient.
 AUTH_ERRNOS = {390100, 390101, 390102, 390144, 390190, 390191, 390195, 390302, 390318}
-
-
-class SourceError(Exception):
-    """A source failure with a message safe to record and show (no secrets)."""
-
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.transient = transient
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +73,7 @@ def is_transient(exc: BaseException) -> bool:
     unknown objects and SQL errors are not."""
     from snowflake.connector import errors as sfe
 
-    if isinstance(exc, SourceError):
+    if isinstance(exc, SyncFailed):
         return exc.transient
     if isinstance(exc, sfe.ProgrammingError):
         return False
@@ -156,7 +148,7 @@ class SnowflakeSource:
         args = self._connect_args()
         try:
             self._con = snowflake.connector.connect(**args)
-        except Exception as e:  # noqa: BLE001 - every connector failure becomes a SourceError
+        except Exception as e:  # noqa: BLE001 - every connector failure becomes a SyncFailed
             raise self.error("cannot connect to Snowflake", e) from None
         log.info("sync.source.connected", account=self._config.account, host=self._config.host)
 
@@ -174,9 +166,9 @@ class SnowflakeSource:
                 text = text.replace(secret, "[redacted]")
         return text
 
-    def error(self, what: str, exc: BaseException) -> SourceError:
+    def error(self, what: str, exc: BaseException) -> SyncFailed:
         detail = self.scrub(str(exc).strip()) or type(exc).__name__
-        return SourceError(f"{what}: {detail}", transient=is_transient(exc))
+        return SyncFailed(f"{what}: {detail}", transient=is_transient(exc))
 
     # --- queries -----------------------------------------------------------------------------
     def _cursor(self) -> Any:
@@ -221,7 +213,7 @@ class SnowflakeSource:
         cur = self.execute(sql, params)
         try:
             yield from cur.fetch_arrow_batches(force_microsecond_precision=True)
-        except SourceError:
+        except SyncFailed:
             raise
         except Exception as e:  # noqa: BLE001
             raise self.error("reading from the source failed", e) from None
@@ -231,7 +223,7 @@ def _read_secret(path: str, key: str) -> str:
     try:
         return Path(path).expanduser().read_text().strip()
     except OSError as e:
-        raise SourceError(f"{key}: cannot read {path}: {e.strerror}") from None
+        raise SyncFailed(f"{key}: cannot read {path}: {e.strerror}") from None
 
 
 # --- typed bindings ------------------------------------------------------------------------------
