@@ -24,7 +24,8 @@ from typing import Any
 import structlog
 
 from catalog import Catalog, Config, NotFound
-from sync.engine import ProgressFn, TableSync
+from sync.context import ProgressFn
+from sync.engine import TableSync
 from sync.source import SnowflakeSource
 from sync.state import RunRecord, SyncStateStore, TableState
 
