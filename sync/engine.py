@@ -201,21 +201,11 @@ class TableSync:
             diff = diff_schema(
                 ctx.columns,
                 replica,
+                self.entry,
                 target_sql=ctx.ref.sql,
-                policy=self.entry.on_schema_change,
-                mode=self.entry.mode,
                 last_fingerprint=state.schema_fingerprint if state is not None else None,
             )
-        plan = choose_plan(
-            diff,
-            mode=self.entry.mode,
-            policy=self.entry.on_schema_change,
-            full=full,
-            has_watermark=state is not None and state.watermark is not None,
-            reconcile_seconds=self.entry.reconcile_seconds,
-            last_full_at=state.last_full_at if state is not None else None,
-            now=datetime.now(UTC),
-        )
+        plan = choose_plan(diff, self.entry, state, full=full, now=datetime.now(UTC))
         ctx.run.mode = plan.strategy
         ctx.run.schema_changes = list(plan.changes)
         if plan.refused:

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from catalog import quote_ident
+from catalog.config import SyncTableConfig
 from sync.typemap import SourceColumn, fingerprint, is_widening
-
-Policy = Literal["evolve", "resync", "fail"]
-Mode = Literal["full", "append", "merge"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +36,13 @@ class SchemaDiff:
 def diff_schema(
     columns: Sequence[SourceColumn],
     replica: Mapping[str, str],
+    entry: SyncTableConfig,
     *,
     target_sql: str,
-    policy: Policy,
-    mode: Mode,
     last_fingerprint: str | None,
 ) -> SchemaDiff:
-    """Compare the source's ``columns`` with the replica's ``{column name: DuckDB type}``.
+    """Compare the source's ``columns`` with the replica's ``{column name: DuckDB type}``,
+    under the table's ``on_schema_change`` policy and ``mode`` (``entry``).
 
     Names compare case-insensitively (DuckDB's rule); types compare as DuckDB spells them.
     A column dropped at the source is a change unless the policy is ``evolve`` and the
@@ -53,6 +50,7 @@ def diff_schema(
     replica keeps the old column (NULL in new rows) and says so once, on the run that saw the
     source change, not on every run after it.
     """
+    policy, mode = entry.on_schema_change, entry.mode
     source_changed = last_fingerprint not in (None, fingerprint(list(columns)))
     have = {name.lower(): (name, dtype) for name, dtype in replica.items()}
     changes: list[str] = []

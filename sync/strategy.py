@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sync.schema_diff import Mode, Policy, SchemaDiff
+from catalog.config import SyncTableConfig
+from sync.schema_diff import SchemaDiff
+from sync.state import TableState
 
 Strategy = Literal["full", "append", "merge"]
 
@@ -39,18 +41,16 @@ class Plan:
 
 def choose_plan(
     diff: SchemaDiff | None,
+    entry: SyncTableConfig,
+    state: TableState | None,
     *,
-    mode: Mode,
-    policy: Policy,
     full: bool,
-    has_watermark: bool,
-    reconcile_seconds: float | None,
-    last_full_at: datetime | None,
     now: datetime,
 ) -> Plan:
-    """Decide the run's plan. ``diff`` is None when the replica does not exist yet;
-    ``full`` is a full run asked for by an operator (``--full``, ``?full=true``);
-    ``has_watermark`` says whether an earlier run recorded where it got to."""
+    """Decide the run's plan from the table's configuration and the state the last run left.
+    ``diff`` is None when the replica does not exist yet; ``full`` is a full run asked for by
+    an operator (``--full``, ``?full=true``)."""
+    mode, policy = entry.mode, entry.on_schema_change
     if diff is None:
         return Plan("full")
     changes = diff.changes
@@ -59,13 +59,12 @@ def choose_plan(
         return Plan("full", changes=changes, refused=refused)
     if refused:
         return Plan(mode, changes=changes, refused=True)
-    if not has_watermark:
+    if state is None or state.watermark is None:  # never synced incrementally
         return Plan("full", changes=changes)
     if diff.structural and (policy == "resync" or diff.incompatible):
         return Plan("full", changes=(*changes, "full resync"))
+    every, last = entry.reconcile_seconds, state.last_full_at
     reconcile = (
-        mode == "merge"
-        and reconcile_seconds is not None
-        and (last_full_at is None or (now - last_full_at).total_seconds() >= reconcile_seconds)
+        mode == "merge" and every is not None and (last is None or (now - last).total_seconds() >= every)
     )
     return Plan(mode, ddl=diff.ddl, changes=changes, reconcile=reconcile)

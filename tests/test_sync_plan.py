@@ -7,16 +7,21 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import pytest
 
+from catalog.config import SyncTableConfig
 from sync.cursor import Keyset, Roles, advance, find_column, lower_bound, minus_lookback, resolve_roles
 from sync.errors import SyncFailed
 from sync.extract import after
-from sync.schema_diff import Mode, Policy, SchemaDiff, diff_schema
+from sync.schema_diff import SchemaDiff, diff_schema
+from sync.state import TableState
 from sync.strategy import Plan, choose_plan
 from sync.typemap import SourceColumn, fingerprint
+
+Mode = Literal["full", "append", "merge"]
+Policy = Literal["evolve", "resync", "fail"]
 
 ID = SourceColumn("ID", "NUMBER", 9, 0)  # INTEGER
 CUSTOMER = SourceColumn("CUSTOMER", "TEXT")
@@ -34,7 +39,8 @@ def diff(
     mode: Mode = "merge",
     last: str | None = None,
 ) -> SchemaDiff:
-    return diff_schema(columns, replica, target_sql=T, policy=policy, mode=mode, last_fingerprint=last)
+    entry = SyncTableConfig(source="ORDERS", target="sales.orders", mode=mode, on_schema_change=policy)
+    return diff_schema(columns, replica, entry, target_sql=T, last_fingerprint=last)
 
 
 # --- schema diff ---------------------------------------------------------------------------------
@@ -130,16 +136,18 @@ def plan(
     reconcile_seconds: float | None = None,
     last_full_at: datetime | None = None,
 ) -> Plan:
-    return choose_plan(
-        d,
+    entry = SyncTableConfig(
+        source="ORDERS",
+        target="sales.orders",
         mode=mode,
-        policy=policy,
-        full=full,
-        has_watermark=has_watermark,
+        on_schema_change=policy,
         reconcile_seconds=reconcile_seconds,
-        last_full_at=last_full_at,
-        now=NOW,
     )
+    state = None
+    if has_watermark:
+        state = TableState("sales.orders", "DB.PUBLIC.ORDERS", mode, "2024-01-01T00:00:00", "timestamp")
+        state.last_full_at = last_full_at
+    return choose_plan(d, entry, state, full=full, now=NOW)
 
 
 def test_no_replica_or_no_watermark_loads_in_full() -> None:
@@ -147,6 +155,10 @@ def test_no_replica_or_no_watermark_loads_in_full() -> None:
     assert plan(None, policy="fail") == Plan("full")  # nothing to compare: nothing refused
     assert plan(SchemaDiff(), has_watermark=False) == Plan("full")
     assert plan(ADDED, has_watermark=False) == Plan("full", changes=ADDED.changes)
+    # A state row without a watermark (e.g. the table was "full" until now): a full load too.
+    entry = SyncTableConfig(source="ORDERS", target="sales.orders", mode="append", cursor="UPDATED_AT")
+    state = TableState("sales.orders", "DB.PUBLIC.ORDERS", "full", last_full_at=NOW)
+    assert choose_plan(SchemaDiff(), entry, state, full=False, now=NOW) == Plan("full")
 
 
 def test_the_configured_mode_with_its_ddl() -> None:
