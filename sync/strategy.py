@@ -1,7 +1,7 @@
 """Which strategy a run uses (full, append or merge) and whether it may run at all: a pure
 function of the configuration, the schema diff and the table's recorded state.
 
-The rules (proto_docs/sync.md, "Strategies" and "Schema changes"):
+The rules (proto_docs/sync.md, "Strategies" and "Schema evolution"):
 
 - no replica yet, a requested ``--full`` run, or ``mode = "full"``: a full load (swap);
 - ``on_schema_change = "fail"`` with any change: refused, unless the run is a requested
