@@ -222,16 +222,12 @@ class TableSync:
             ctx.log.info("sync.schema_change", change=change, strategy=plan.strategy)
         return plan
 
-    def _bounds(self, ctx: RunContext, plan: Plan, *, estimate: bool) -> extract.Bounds:
-        paged = bool(ctx.batch_rows and ctx.roles.keyset.columns)
-        return extract.read_bounds(ctx, plan, paged=paged, want_total=estimate)
-
     def _load_full(self, ctx: RunContext, plan: Plan, *, estimate: bool) -> None:
         """The new table is built inside one transaction that also drops the old one: until
         COMMIT it is private to this cursor (readers keep the old table), at COMMIT the swap,
         the watermark and the data version become visible together; any failure rolls all of
         it back. Loading straight into it saves copying the rows a second time."""
-        bounds = self._bounds(ctx, plan, estimate=estimate)
+        bounds = extract.read_bounds(ctx, plan, want_total=estimate)
         apply.ensure_schema(ctx)
         with apply.transaction(ctx.cur):
             target = apply.replace_table(ctx)
@@ -248,7 +244,7 @@ class TableSync:
     def _load_incremental(self, ctx: RunContext, plan: Plan, stage: str, *, estimate: bool) -> None:
         """Extract into a private staging table (and, for a reconciling merge, every source
         key into another), then apply both in one transaction."""
-        bounds = self._bounds(ctx, plan, estimate=estimate)
+        bounds = extract.read_bounds(ctx, plan, want_total=estimate)
         state = ctx.state
         old = state.watermark_value if state is not None else None
         staged = apply.create_temp_table(ctx.cur, stage, ctx.columns)

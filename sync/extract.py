@@ -44,9 +44,11 @@ class Bounds:
 EVERYTHING = Bounds("TRUE")
 
 
-def read_bounds(ctx: RunContext, plan: Plan, *, paged: bool, want_total: bool) -> Bounds:
-    """Ask the source (at most one query) where this run starts and ends."""
+def read_bounds(ctx: RunContext, plan: Plan, *, want_total: bool) -> Bounds:
+    """Ask the source (at most one query) where this run starts and ends. ``want_total``:
+    also Snowflake's row count of an unpaged read, for a progress bar."""
     cursor = ctx.roles.cursor
+    paged = bool(ctx.batch_rows and ctx.roles.keyset.columns)
     if not paged:
         total = estimate_rows(ctx) if want_total else None
         if cursor is None or plan.strategy == "full":
