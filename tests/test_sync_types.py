@@ -9,12 +9,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from catalog import ConfigError, load_config
 from catalog.snowflake_names import split_snowflake_name
 from sync.source import parse_source
 from sync.state import decode_watermark, encode_watermark
-from sync.typemap import SourceColumn, duckdb_type, is_widening, target_name
+from sync.typemap import SourceColumn, duckdb_type, is_widening, quote_snowflake, target_name
 from tests.sync_emulator import Emulator, Source, replica, sync_service
 
 # --- the map itself ------------------------------------------------------------------------------
@@ -75,6 +77,13 @@ SPLITS = [
 @pytest.mark.parametrize(("text", "parts"), SPLITS)
 def test_one_snowflake_name_splitter(text: str, parts: list[str]) -> None:
     assert split_snowflake_name(text) == parts
+
+
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=4))
+def test_quoted_names_split_back_into_their_parts(parts: list[str]) -> None:
+    """Any identifiers, quoted as Snowflake quotes them and joined with dots, split back into
+    exactly those identifiers (dots, quotes and spaces inside included)."""
+    assert split_snowflake_name(".".join(quote_snowflake(p) for p in parts)) == parts
 
 
 @pytest.mark.parametrize(
