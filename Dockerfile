@@ -31,6 +31,7 @@ RUN python -m venv /opt/quiver \
     && rm -rf /wheels
 ENV PATH=/opt/quiver/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    MALLOC_ARENA_MAX=2 \
     QUIVER_SERVER_HOST=0.0.0.0 \
     QUIVER_SERVER_DATA_DIR=/var/lib/quiver \
     QUIVER_SERVER_LOG_FORMAT=json

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run run-snowflake-demo test lint fmt bench dist clean ansible-tools deploy-test deploy-test-boot
+.PHONY: install run run-snowflake-demo test lint fmt bench load dist clean ansible-tools deploy-test deploy-test-boot
 
 install: $(STAMP)
 
@@ -52,6 +52,11 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
+
+# 32 well-behaved and 4 hostile agents against a real `quiver serve` for 60 s; results in
+# tests/bench/LOAD.md. Options: $(BIN)/python -m tests.load --help
+load: $(STAMP)
+	$(BIN)/python -m tests.load
 
 # The wheel that ansible/ deploys. Reproducible (file times from the last commit): the
 # same source gives the same wheel, so site.yml does not restart Quiver for a rebuild.

@@ -3,7 +3,7 @@ outcome, client address and request id.
 
 Writes are buffered in memory and flushed in batches (on a timer, before every read, and at
 shutdown) so a flood of bad tokens never turns into a flood of database writes. Per-request
-records of reads go to structlog, not here (DESIGN.md §8).
+records of reads go to structlog, not here (ARCHITECTURE.md, "What the database takes").
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class LimitsConfig(_Section):
     # or a size ("2GB"). See catalog/resources.py.
     memory_limit: str = "auto"
     # quiver serve's address-space bound (RLIMIT_AS): "auto" = what is mapped at start-up
-    # + 80% of the memory available; a size; or "off".
+    # + 80% of the memory available + 2 GiB of reservations; a size; or "off".
     address_space_limit: str = "auto"
     # DuckDB worker threads; 0 = one per core.
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0

@@ -14,10 +14,13 @@ catalog/sqlguard.py):
   (``RLIMIT_AS``, ``[limits] address_space_limit``). Past it an allocation fails inside the
   query — DuckDB reports "Out of Memory Error", Python ``MemoryError`` — and the caller gets
   RESOURCE_EXHAUSTED, instead of the kernel's OOM killer ending the process for every agent.
-  "auto" is the address space already mapped at start-up plus 80% of the memory available:
-  reserved-but-untouched mappings (thread stacks, allocator arenas) make the address space
-  several times the resident size, so the bound is relative to what is mapped, and a single
-  allocation larger than what is left fails cleanly.
+  "auto" is the address space already mapped at start-up, plus 80% of the memory available,
+  plus :data:`RESERVED_SLACK` for what grows with load without being used: every thread
+  reserves a stack (8 MiB) and allocators reserve arenas (glibc: 64 MiB each), so the address
+  space is several times the resident size. Without that slack, a busy server would fail to
+  start threads long before it ran short of memory; with it, a single allocation larger than
+  what is left still fails cleanly. (The systemd unit also sets ``MALLOC_ARENA_MAX=2``, which
+  keeps glibc's reservations small.)
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ log = structlog.get_logger(__name__)
 DUCKDB_SHARE = 0.5
 #: Share of the memory available that ``address_space_limit = "auto"`` adds to what is mapped.
 ADDRESS_SPACE_SHARE = 0.8
+#: Address space that ``address_space_limit = "auto"`` adds for reservations that grow with
+#: load (thread stacks, allocator arenas) but take no memory.
+RESERVED_SLACK = 2 * 1024**3
 _MIN_DUCKDB_BYTES = 256 * 1024**2
 _UNITS = {
     "": 1,
@@ -105,7 +111,7 @@ def address_space_bound(setting: str) -> int | None:
     if text == "off":
         return None
     if text == "auto":
-        return _mapped_bytes() + int(memory_available() * ADDRESS_SPACE_SHARE)
+        return _mapped_bytes() + int(memory_available() * ADDRESS_SPACE_SHARE) + RESERVED_SLACK
     return parse_size(setting, "[limits] address_space_limit")
 
 

@@ -24,7 +24,74 @@ What is refused
     (:data:`DENIED_FUNCTIONS`, :data:`DENIED_FUNCTION_PREFIXES`); any function that is not a
     built-in of DuckDB itself, and any macro stored in the database (a macro can read any
     table, and one named like a built-in shadows it);
-  * any parse-tree node the walker does not know: it fails closed.
+  * any parse-tree node the walker does not know: it fails closed;
+  * type names other than DuckDB's built-in types, and functions that resolve catalog objects
+    from strings (below);
+  * values the query would build past the size bounds (below), and parameter indexes above
+    :data:`MAX_PARAM_INDEX`.
+
+Every refusal is InvalidArgument or PermissionDenied with one sentence of at most
+:data:`MAX_DETAIL_CHARS` characters; names and DuckDB's own messages are quoted shortened.
+
+Values built from small constants
+  DuckDB evaluates constant expressions while *binding* and planning — before any execution,
+  outside ``memory_limit`` (which governs its buffer manager, not these allocations) and outside
+  the query interrupt. ``SELECT length(range(150000000))`` allocates about 1.5 GB and
+  ``repeat('x', 1000000000)`` 2 GB in GetFlightInfo's ``LIMIT 0`` planning alone; turning the
+  optimizer off does not help. So :class:`_Sizer` bounds, bottom-up over the whole tree, the
+  size of every value a query builds from its own text, in *units*: one character of a string
+  or blob, one element of a list or map.
+
+  * Builders (:data:`BUILDER_FUNCTIONS`: scalar ``range``/``generate_series``, ``repeat``,
+    ``list_resize``, ``lpad``/``rpad``, ``printf``/``format`` widths and precisions, ``bar``,
+    ``to_base``, ``bitstring``, ``equi_width_bins``, ``replace``/``regexp_replace`` growth,
+    separators of ``array_to_string``/``concat_ws``/``list_aggregate``, ``json_pretty``, encoders
+    such as ``hex``/``bin``/``to_json`` by their factor, lambdas, and aggregates whose state is
+    sized by an argument such as ``max(x, n)`` or ``bitstring_agg(x, min, max)``) get their size
+    from their arguments; every other function is at most the sum of its arguments, and those
+    returning one fixed-width scalar are one unit.
+  * The bound holds through nesting, because sizes multiply bottom-up
+    (``repeat(repeat('x', 1000), 1000000)`` is 10**9), through casts, and through CTEs and
+    subqueries: DuckDB inlines them and folds the parent's expression too, so a column counts
+    as the largest value any query node before it built. A lambda's body is probed as a linear
+    function of its parameter; a reduce whose body uses its accumulator more than once doubles
+    it per step and is refused.
+  * No value may exceed :data:`MAX_BUILT_UNITS` (100,000) and a statement's builders together
+    :data:`MAX_BUILT_TOTAL_UNITS` (1,000,000): a few MB each, far more than padding, labels or
+    short series need, and bounded when combined with each row of a 2,048-row vector.
+  * Folding takes time as well as memory, and no timeout reaches it: every expression's read of
+    values built from constants (and the matrices of ``levenshtein``-like distances, and a
+    lambda's body once per element) adds up to at most :data:`MAX_FOLD_WORK` units, a few
+    seconds at the very worst.
+  * Size arguments (counts, widths, lengths, bounds, format strings) must be constants the
+    guard evaluates itself: integer and decimal literals, strings cast to numbers, casts, unary
+    minus, arithmetic, ``abs``/``least``/``greatest`` of constants. A computed size (a column, a
+    parameter, a scalar subquery, a lambda parameter) is **refused**: it is evaluated per row at
+    run time, where one row can still allocate gigabytes and the guard cannot prove a bound.
+    Scalar ``range``/``generate_series`` over dates or timestamps needs DATE/TIMESTAMP
+    literals and a constant INTERVAL step of at least a second (months count as 28 days, so
+    the count is never underestimated); the table functions in FROM (``FROM generate_series(d1, d2, INTERVAL 1 DAY)``,
+    ``FROM t, range(t.n)``) stream rows at run time under the query's limits and stay allowed.
+  * Values the guard cannot see count as :data:`DATA_VALUE_UNITS` (a stored value) or
+    :data:`PARAM_VALUE_UNITS` (a parameter, at most its 1 MiB command); what the query does with
+    them only counts against the bound where it multiplies them (``repeat(col, 200)`` is
+    refused, ``upper(col)`` is not): stored data is the admin's to bound.
+
+  What this does not cover is run-time volume: rows from ``FROM range(n)`` or joins aggregated
+  into one value (``(SELECT list(i) FROM range(1e9))`` — measured: not folded while planning,
+  it runs under the interrupt), recursive CTEs, and wide rows multiplied by a batch. Those are
+  the admission path's to bound (see proto_docs/descriptors.md).
+
+Catalog metadata
+  Functions that resolve catalog objects named by strings (``index_key``, ``make_type``,
+  ``to_aggregate_state``, the ``pg_*``/``duckdb_*`` families, …) are refused, and so is any
+  type name that is not one of DuckDB's built-in types: ``enum_range(NULL::hr.band)``, a cast
+  to ``hr.band`` or a ``STRUCT(a hr.band)`` would reveal an ENUM's values from a schema the
+  agent cannot read. The refusal is the missing-table sentence (``not readable: not in your
+  allowlist or does not exist``) for existing and missing types alike. User-defined types are
+  refused even in readable schemas — an ENUM column of a readable table still compares with
+  plain strings and casts to VARCHAR — so no type lookup ever depends on the allowlist.
+  ``list_aggregate(l, 'name')`` names its aggregate as a string literal, checked as a call.
 
 CTE scoping mirrors DuckDB's binder, erring only towards refusal: a CTE name hides a table only
 for unqualified references in the CTE's scope (later CTEs of the same WITH, the query body and
@@ -44,11 +111,14 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import duckdb
@@ -105,6 +175,14 @@ DENIED_FUNCTIONS: Mapping[str, str] = {
     "query_table": "reads tables named by strings",
     "json_execute_serialized_sql": "runs serialized SQL",
     "json_serialize_plan": "binds SQL text against the catalog and reveals its tables",
+    # catalog objects named by strings: they answer for objects of any schema and tell
+    # existing from missing ones
+    "index_key": "looks up a table's indexes by name",
+    "make_type": "resolves a type named by a string",
+    "to_aggregate_state": "resolves a function named by a string",
+    # side effects
+    "write_log": "writes to the server's log",
+    "sleep_ms": "holds a query slot while doing nothing",
     # PostgreSQL catalog compatibility (schema pg_catalog): catalog and server details
     "col_description": "reads catalog comments",
     "obj_description": "reads catalog comments",
@@ -265,6 +343,11 @@ _FILE_SUFFIXES = (
 )
 
 _HINT_LIMIT = 50
+#: Longest refusal detail, and longest name or DuckDB message quoted in one (issue #8, defect 8:
+#: a multi-megabyte detail overflowed gRPC's header limit and the client saw no code at all).
+MAX_DETAIL_CHARS = 4_000
+_MAX_ECHO = 120
+_MAX_DUCKDB_MESSAGE = 300
 _TOO_DEEP = (
     "the query is nested too deeply to be checked (more than about 150 levels of nested "
     "expressions or subqueries); simplify it, e.g. list_sum([...]) or concat(...) instead of "
@@ -302,7 +385,12 @@ def _clean_error(exc: BaseException) -> str:
         if head.startswith(prefix):
             head = head[len(prefix) :]
     where = next((ln.strip() for ln in lines[1:] if ln.lstrip().startswith("LINE ")), None)
-    return f"{head} ({where})" if where else head
+    return _echo(f"{head} ({where})" if where else head, _MAX_DUCKDB_MESSAGE)
+
+
+def _echo(text: str, limit: int = _MAX_ECHO) -> str:
+    """``text`` as a refusal may quote it: at most ``limit`` characters, cut with '…'."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,14 +454,26 @@ class SqlGuard:
         self._parser = duckdb.connect(":memory:")
         self._local = threading.local()
         rows = self._parser.execute(
-            "SELECT function_name, function_type, schema_name FROM duckdb_functions()"
+            "SELECT function_name, function_type, schema_name, return_type FROM duckdb_functions()"
         ).fetchall()
         kinds: dict[str, set[str]] = {}
+        returns: dict[str, set[str]] = {}
         pg_catalog: set[str] = set()
-        for name, kind, schema in rows:
+        for name, kind, schema, returned in rows:
             kinds.setdefault(_fold(name), set()).add(kind)
+            returns.setdefault(_fold(name), set()).add(str(returned).upper())
             if schema == "pg_catalog":
                 pg_catalog.add(_fold(name))
+        # Functions whose every overload returns one fixed-width scalar (a number, a date, …):
+        # whatever their arguments, their value is one unit for the size bounds.
+        self._fixed_width = frozenset(
+            name for name, types in returns.items() if types <= _FIXED_TYPES and kinds[name] <= {"scalar"}
+        )
+        # Types a query may name: DuckDB's built-in ones. The private parser database holds
+        # nothing else, so this lists no type of the data file.
+        self._builtin_types = frozenset(
+            _fold(str(r[0])) for r in self._parser.execute("SELECT type_name FROM duckdb_types()").fetchall()
+        )
         self._builtins = frozenset(kinds) | _BUILTIN_SPECIALS
         # Functions DuckDB only knows as table functions: called in an expression they are
         # refused with the table-function message (query(), read_csv(), …).
@@ -407,11 +507,25 @@ class SqlGuard:
     # --- the check ------------------------------------------------------------------------
     def check(self, principal: Principal, sql: str) -> GuardedQuery:
         """Accept ``sql`` for ``principal`` or raise InvalidArgument / PermissionDenied with a
-        sentence that names what is wrong and what is allowed."""
+        sentence that names what is wrong and what is allowed.
+
+        Every refusal is at most :data:`MAX_DETAIL_CHARS` long: names and DuckDB's messages are
+        quoted shortened, so a refusal always fits in a gRPC header."""
+        try:
+            return self._check(principal, sql)
+        except (InvalidArgument, PermissionDenied) as e:
+            if len(e.detail) <= MAX_DETAIL_CHARS:
+                raise
+            raise type(e)(_echo(e.detail, MAX_DETAIL_CHARS)) from None
+
+    def _check(self, principal: Principal, sql: str) -> GuardedQuery:
         parsed = self._parse(sql)
         walk = _Walk(self, principal)
         try:
             walk.statement(parsed.tree)
+            _Sizer(self, budget=_SIZER_STEPS_PER_NODE * walk.nodes + _SIZER_BASE_STEPS).any(
+                parsed.tree.get("node")
+            )
         except RecursionError:
             raise InvalidArgument(_TOO_DEEP) from None
         tables = tuple(sorted(walk.tables.values(), key=lambda r: r.key()))
@@ -552,6 +666,7 @@ class SqlGuard:
 
     def _function_refusal(self, name: str, *, in_from: bool) -> QuiverRefusal | None:
         folded = _fold(name)
+        name = _echo(name)
         if folded in self._stored_functions():
             return PermissionDenied(
                 f"function {name}() is defined in this database, not built into DuckDB, and is "
@@ -590,6 +705,7 @@ class SqlGuard:
         return None
 
     def _not_readable(self, display: str, readable: Iterable[str]) -> PermissionDenied:
+        display = _echo(display, 2 * _MAX_ECHO)
         names = sorted(readable)
         hint = ", ".join(names[:_HINT_LIMIT]) if names else "none"
         if len(names) > _HINT_LIMIT:
@@ -617,6 +733,7 @@ class _Walk:
         self.principal = principal
         self.tables: dict[tuple[str, str], TableRef] = {}
         self.params: set[int] = set()
+        self.nodes = 0  # parse-tree nodes visited: the sizer's work budget is proportional
         self._refs: dict[tuple[str, str], TableRef | None] | None = None
 
     def param_count(self) -> int:
@@ -639,6 +756,7 @@ class _Walk:
             return
         if not isinstance(value, dict):
             return
+        self.nodes += 1
         if "class" in value:
             self.expression(value, scope)
             return
@@ -716,7 +834,7 @@ class _Walk:
         path = (ref.get("qualified_name") or {}).get("path")
         if path is not None and list(path) != parts:
             raise PermissionDenied(
-                f"table reference {'.'.join(map(str, path))} cannot be checked; name it as schema.table"
+                f"table reference {_echo('.'.join(map(str, path)))} cannot be checked; name it as schema.table"
             )
         self.children(
             ref,
@@ -765,7 +883,7 @@ class _Walk:
         name = self.function_name(fn)
         if fn.get("schema") or fn.get("catalog"):
             raise PermissionDenied(
-                f"table function {name}() must not be qualified with a schema or catalog: "
+                f"table function {_echo(name)}() must not be qualified with a schema or catalog: "
                 f"call {', '.join(f'{n}()' for n in ALLOWED_TABLE_FUNCTIONS)} by name"
             )
         refusal = self.guard._function_refusal(name, in_from=True)
@@ -790,10 +908,12 @@ class _Walk:
             skip = frozenset({"function_name", "qualified_name"})
         if cls == "PARAMETER":
             self.parameter(str(expr.get("identifier", "")))
+        if cls == "TYPE":
+            self.type_reference(expr)
         if cls == "COLUMN_REF":
             names = expr.get("column_names") or []
             if len(names) == 1 and _fold(str(names[0])) in _KEYWORD_FUNCTIONS:
-                bare = str(names[0])
+                bare = _echo(str(names[0]))
                 raise PermissionDenied(
                     f"{bare}: written bare, this keyword calls {_fold(bare)}(), which is not allowed "
                     f"({DENIED_FUNCTIONS[_fold(bare)]}); for a column of that name, qualify it "
@@ -812,7 +932,833 @@ class _Walk:
     def parameter(self, identifier: str) -> None:
         if not identifier.isdecimal() or int(identifier) < 1:
             raise InvalidArgument(
-                f"named parameter ${identifier} is not supported: use positional parameters "
+                f"named parameter ${identifier[:40]} is not supported: use positional parameters "
                 "(? or $1, $2, …) and pass their values as a list"
             )
+        if len(identifier) > 6 or int(identifier) > MAX_PARAM_INDEX:
+            raise InvalidArgument(
+                f"parameter ${identifier[:12]}{'…' if len(identifier) > 12 else ''} is out of range: "
+                f"a query takes at most {MAX_PARAM_INDEX:,} parameters ($1 … ${MAX_PARAM_INDEX})"
+            )
         self.params.add(int(identifier))
+
+    def type_reference(self, expr: dict[str, Any]) -> None:
+        """Only DuckDB's built-in types may be named (casts, ``::``, TRY_CAST, nested types).
+
+        A user-defined type lives in a schema, and naming it reveals its definition (an ENUM's
+        values through ``enum_range(NULL::s.t)`` or a failing cast); the refusal reads exactly
+        like a missing table, so whether the type exists never leaks. Readable tables' ENUM
+        columns still work: their values compare with plain strings."""
+        name = str(expr.get("type_name") or "")
+        parts = [str(p) for p in (expr.get("catalog"), expr.get("schema")) if p] + [name]
+        if len(parts) > 1 or _fold(name) not in self.guard._builtin_types:
+            display = ".".join(parts)[:200]
+            raise PermissionDenied(
+                f"type {display}: {NOT_READABLE}; only DuckDB's built-in types may be named"
+            )
+
+
+# --- values built from small constants (see "Values built from small constants" above) ------
+
+#: Largest value, in units, that one expression may build from what the query text says: a unit
+#: is one character (byte) of a string or blob or one element of a list or map, at most a few
+#: tens of bytes. Far more than a real query needs from a constant (padding, a label, a short
+#: series; rows come from FROM range(n)), and small enough that a constant combined with every
+#: row stays bounded: DuckDB evaluates 2,048 rows at a time, so 100,000 units per row is
+#: 200 MB-2 GB per vector — at 1,000,000 it would be 2-20 GB.
+MAX_BUILT_UNITS = 100_000
+
+#: Largest sum over all the value builders of one statement: DuckDB folds each constant
+#: builder on its own while planning, so 5,000 calls each under :data:`MAX_BUILT_UNITS` would
+#: otherwise add up to gigabytes.
+MAX_BUILT_TOTAL_UNITS = 1_000_000
+
+#: Most work DuckDB may do folding one statement's constants while planning, in units (one
+#: element or character an expression reads; about 100 ns each, measured): a few seconds at
+#: the very worst, where the query timeout cannot interrupt. A value under
+#: :data:`MAX_BUILT_UNITS` can still be read by a thousand expressions.
+MAX_FOLD_WORK = 20_000_000
+
+#: What the guard assumes for one value it cannot see: a column of a stored table, a lambda
+#: parameter over such a list, a scalar subquery over rows. Stored data is the admin's to bound;
+#: this only sets how far a query may *enlarge* it (``repeat(col, n)`` with n ≤ 100).
+DATA_VALUE_UNITS = 1_000
+
+#: What the guard assumes for one parameter value: it arrives inside a Flight command of at most
+#: 1 MiB (flight_server.commands.MAX_COMMAND_BYTES), so it can be that large.
+PARAM_VALUE_UNITS = 1 << 20
+
+#: Highest positional parameter index ($n) accepted. Equal to flight_server's MAX_PARAMS (the
+#: most parameter values one command may carry): a higher index can never be bound, and DuckDB
+#: answers one with an error message listing every missing index (megabytes for $1000000).
+MAX_PARAM_INDEX = 1_000
+
+#: Functions whose value is at most this many times the size of their arguments.
+_EXPANDING: Mapping[str, int] = {
+    "hex": 2,
+    "to_hex": 2,
+    "bin": 8,
+    "to_binary": 8,
+    "to_base64": 2,
+    "base64": 2,
+    "url_encode": 3,
+    "upper": 3,
+    "ucase": 3,
+    "lower": 3,
+    "lcase": 3,
+    "nfc_normalize": 3,
+    "json_quote": 6,
+    "to_json": 6,
+    "array_to_json": 6,
+    "row_to_json": 6,
+    "json_array": 6,
+    "json_object": 6,
+    "json_serialize_sql": 64,
+}
+
+#: Functions that build a value larger than their arguments, with what they build. Each one's
+#: size arguments must be constants the guard can evaluate (see :class:`_Sizer`).
+BUILDER_FUNCTIONS: Mapping[str, str] = {
+    "range": "a list of numbers (count from start, stop, step)",
+    "generate_series": "a list of numbers (count from start, stop, step, inclusive)",
+    "repeat": "a string, blob or list repeated count times",
+    "list_resize": "a list of the given length",
+    "array_resize": "a list of the given length",
+    "lpad": "a string padded to the given width",
+    "rpad": "a string padded to the given width",
+    "printf": "a string formatted with widths and precisions from the format string",
+    "format": "a string formatted with widths and precisions from the format string",
+    "bar": "a bar of the given width",
+    "to_base": "a string padded to the given minimum length",
+    "bitstring": "a bitstring of the given length",
+    "equi_width_bins": "a list of the given number of bins",
+    "replace": "a string with every match replaced (grows by the replacement's length)",
+    "regexp_replace": "a string with matches replaced (grows by the replacement's length)",
+    "list_transform": "a list with the lambda's value for each element",
+    "array_transform": "a list with the lambda's value for each element",
+    "list_apply": "a list with the lambda's value for each element",
+    "array_apply": "a list with the lambda's value for each element",
+    "apply": "a list with the lambda's value for each element",
+    "list_reduce": "one value folded over a list by the lambda",
+    "array_reduce": "one value folded over a list by the lambda",
+    "reduce": "one value folded over a list by the lambda",
+    "array_to_string": "a string joining a list with a separator (grows by the separator per element)",
+    "concat_ws": "a string joining its arguments with a separator",
+    "list_aggregate": "an aggregate over a list (string_agg's separator per element)",
+    "list_aggr": "an aggregate over a list (string_agg's separator per element)",
+    "array_aggregate": "an aggregate over a list (string_agg's separator per element)",
+    "array_aggr": "an aggregate over a list (string_agg's separator per element)",
+    "aggregate": "an aggregate over a list (string_agg's separator per element)",
+    "json_pretty": "indented JSON: one line per nesting level, each indented by its depth (quadratic)",
+    # Encoders: a fixed factor per call, which nesting multiplies (hex(hex(hex(…)))).
+    **{name: f"an encoding up to {factor} times its input" for name, factor in _EXPANDING.items()},
+    # Aggregates whose state is sized by an argument, allocated on the first row of a group.
+    "bitstring_agg": "a bitstring with one bit per value between min and max",
+    "approx_top_k": "a state holding k values",
+    "reservoir_quantile": "a sample of the given size",
+    "max": "the n largest values (max(x, n))",
+    "min": "the n smallest values (min(x, n))",
+    "arg_max": "the n values at the largest keys (arg_max(x, key, n))",
+    "arg_min": "the n values at the smallest keys (arg_min(x, key, n))",
+    "argmax": "the n values at the largest keys",
+    "argmin": "the n values at the smallest keys",
+    "max_by": "the n values at the largest keys",
+    "min_by": "the n values at the smallest keys",
+}
+
+#: String distances that compare every character of one argument with every character of the
+#: other, with how many cells cost one unit of :data:`MAX_FOLD_WORK` (measured:
+#: levenshtein(10k, 10k characters) takes 0.18 s, damerau_levenshtein(3k, 3k) 0.12 s).
+_QUADRATIC: Mapping[str, int] = {"levenshtein": 64, "editdist3": 64, "damerau_levenshtein": 8}
+#: Functions that pack their arguments into one list, struct or map ([a, b], {'k': v}, row(…)).
+_CONSTRUCTORS = frozenset({"list_value", "list_pack", "array_value", "struct_pack", "row", "map"})
+_LAMBDA_MAPPERS = frozenset({"list_transform", "array_transform", "list_apply", "array_apply", "apply"})
+_LAMBDA_REDUCERS = frozenset({"list_reduce", "array_reduce", "reduce"})
+#: Aggregates taking the name of another aggregate as a string; the name is checked as a call.
+_AGGREGATE_BY_NAME = frozenset({"list_aggregate", "list_aggr", "array_aggregate", "array_aggr", "aggregate"})
+_TOP_N = {"max": 1, "min": 1, "arg_max": 2, "arg_min": 2, "argmax": 2, "argmin": 2, "max_by": 2, "min_by": 2}
+#: Arithmetic the guard evaluates in size arguments: Python's exact integers, clamped.
+_HUGE = 10**30
+#: A parameter size for probing a lambda body: far above any real size, far below _HUGE.
+_PROBE = 10**12
+#: Each lambda level evaluates its body twice, so nesting multiplies the work: at most this
+#: deep, and at most a few visits per parse-tree node (plus a base for small queries), so
+#: sizing never costs much more than the walk itself.
+_MAX_LAMBDA_DEPTH = 6
+_SIZER_STEPS_PER_NODE = 4
+_SIZER_BASE_STEPS = 20_000
+#: Expression classes whose value is one fixed-width scalar (a boolean).
+_SCALAR_CLASSES = frozenset({"COMPARISON", "CONJUNCTION", "BETWEEN"})
+_FIXED_TYPES = frozenset(
+    {
+        "BOOLEAN", "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
+        "UINTEGER", "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE", "DECIMAL", "DATE", "TIME", "TIME_NS",
+        "TIME WITH TIME ZONE", "TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "TIMESTAMP_NS",
+        "TIMESTAMPTZ_NS", "TIMESTAMP_MS", "TIMESTAMP_S", "INTERVAL", "UUID",
+    }
+)  # fmt: skip
+_PRINTF_SPEC = re.compile(r"%[-+ #0']*(\*|\d+)?(?:\.(\*|\d+))?[a-zA-Z%]")
+_FORMAT_NUMBER = re.compile(r"\d+")
+
+
+@dataclass(frozen=True, slots=True)
+class _Size:
+    """An upper bound on a value's size in units: ``built`` comes from the query text (literals
+    and builders, folded while planning), ``outside`` from values the guard cannot see (stored
+    data, parameters)."""
+
+    built: int
+    outside: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.built + self.outside
+
+    def __add__(self, other: _Size) -> _Size:
+        return _Size(self.built + other.built, self.outside + other.outside)
+
+
+_ONE = _Size(1)
+_ZERO = _Size(0)
+
+
+class _Sizer:
+    """Bounds the size of every value a statement builds from its own text, bottom-up.
+
+    Runs after :class:`_Walk` accepted the tree, so every node is one the guard knows. Values
+    flow through queries: a column of a subquery or CTE may hold whatever that query built
+    (DuckDB inlines it and folds the parent's expression too — measured), so a column counts as
+    the largest value built by any query node completed before it (FROM and CTEs are sized
+    before the clauses that read them), plus :data:`DATA_VALUE_UNITS` for stored data.
+    """
+
+    def __init__(self, guard: SqlGuard, budget: int) -> None:
+        self.budget = budget
+        self.guard = guard
+        self.completed = 0  # largest built value returned by a finished query node
+        self.total = 0  # sum over builder calls
+        self.lambdas: list[dict[str, _Size]] = []
+        self.memo: dict[tuple[int, tuple[int, ...]], _Size] = {}
+        self.probing = 0  # inside copies(): sizes only, no checks
+        self.steps = 0
+        self.work = 0  # see fold()
+        self.envs: list[dict[str, _Size]] = []
+
+    # --- traversal --------------------------------------------------------------------------
+    def any(self, value: Any) -> int:
+        """Size every expression under ``value``; return the largest built value of the query
+        nodes found directly in it."""
+        if isinstance(value, list):
+            return max((self.any(v) for v in value), default=0)
+        if not isinstance(value, dict):
+            return 0
+        if "class" in value:
+            return self.expr(value).built
+        self.step()
+        kind = value.get("type")
+        if kind in ("SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE"):
+            return self.query(value)
+        if kind == "TABLE_FUNCTION" and isinstance(value.get("function"), dict):
+            # In FROM, range() and friends stream rows at run time under the query's limits;
+            # only their arguments are values.
+            fn = value["function"]
+            rest = [v for k, v in value.items() if k != "function"]
+            return max(self.any(fn.get("arguments")), self.any(fn.get("children")), self.any(rest))
+        return max((self.any(v) for v in value.values()), default=0)
+
+    def query(self, node: dict[str, Any]) -> int:
+        cte_map = node.get("cte_map") or {}
+        for entry in cte_map.get("map") or [] if isinstance(cte_map, dict) else []:
+            self.any(entry.get("value"))
+        self.any(node.get("from_table"))
+        if node.get("type") == "SELECT_NODE":
+            out = 0
+            for item in node.get("select_list") or []:
+                # A later item, WHERE and ORDER BY may name an earlier item's alias (DuckDB's
+                # lateral column aliases), which the binder replaces by its expression.
+                out = max(out, self.expr(item).built)
+                self.completed = max(self.completed, out)
+            rest = {k: v for k, v in node.items() if k not in ("cte_map", "from_table", "select_list")}
+        else:
+            out = 0
+            rest = {k: v for k, v in node.items() if k not in ("cte_map",)}
+        out = max(out, self.any(list(rest.values())))
+        self.completed = max(self.completed, out)
+        return out
+
+    # --- expressions ------------------------------------------------------------------------
+    def expr(self, e: dict[str, Any]) -> _Size:
+        if self.probing:
+            return self.size(e)
+        key = (id(e), tuple(id(env) for env in self.lambdas))
+        hit = self.memo.get(key)
+        if hit is None:
+            hit = self.memo[key] = self.size(e)
+        return hit
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > self.budget:
+            raise InvalidArgument(
+                "the query is too complex for the guard to bound the values it builds (nested "
+                "lambdas multiply the work); simplify it, e.g. compute inner lists in a CTE"
+            )
+
+    def size(self, e: dict[str, Any]) -> _Size:
+        self.step()
+        cls = e.get("class")
+        if cls == "CONSTANT":
+            literal = e.get("literal")
+            if isinstance(literal, dict) and literal.get("kind") == "STRING":
+                return _Size(max(1, len(str(literal.get("text", "")).encode())))
+            value = e.get("value")
+            if isinstance(value, dict) and isinstance(value.get("value"), str):
+                return _Size(max(1, len(value["value"].encode())))
+            return _ONE
+        if cls == "COLUMN_REF":
+            names = e.get("column_names") or []
+            if len(names) == 1:
+                for scope in reversed(self.lambdas):
+                    hit = scope.get(_fold(str(names[0])))
+                    if hit is not None:
+                        return hit
+            return _Size(self.completed, DATA_VALUE_UNITS)
+        if cls == "PARAMETER":
+            return _Size(0, PARAM_VALUE_UNITS)
+        if cls == "POSITIONAL_REFERENCE":  # #n: a column of FROM, like a column name
+            return _Size(self.completed, DATA_VALUE_UNITS)
+        if cls == "STAR":
+            self.any([v for k, v in e.items() if k != "class"])
+            return _Size(self.completed, DATA_VALUE_UNITS)
+        if cls == "SUBQUERY":
+            out = self.any(e.get("subquery"))
+            self.any(e.get("child"))
+            return _Size(out, DATA_VALUE_UNITS)
+        if cls == "FUNCTION":
+            return self.function(e)
+        if cls == "TYPE":
+            return _ONE
+        if cls == "CAST":
+            child = self.expr(e["child"]) if isinstance(e.get("child"), dict) else _ONE
+            type_expr = e.get("type_expr") or {}
+            if str(type_expr.get("type_name", "")).upper() in _FIXED_TYPES:
+                return _ONE
+            return child
+        if cls == "LAMBDA":
+            return self.expr(e["expr"]) if isinstance(e.get("expr"), dict) else _ONE
+        parts = self.children(e)
+        if cls in _SCALAR_CLASSES:
+            return _ONE
+        return sum(parts, _ZERO) if parts else _ONE
+
+    def children(self, e: dict[str, Any]) -> list[_Size]:
+        """Sizes of the expressions directly under ``e`` (query nodes under it are sized too)."""
+        out: list[_Size] = []
+
+        def collect(value: Any) -> None:
+            if isinstance(value, list):
+                for v in value:
+                    collect(v)
+            elif isinstance(value, dict):
+                if "class" in value:
+                    out.append(self.expr(value))
+                elif value.get("type") in ("SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE"):
+                    out.append(_Size(self.query(value), DATA_VALUE_UNITS))
+                else:
+                    for v in value.values():
+                        collect(v)
+
+        for key, value in e.items():
+            if key != "class":
+                collect(value)
+        return out
+
+    def function(self, e: dict[str, Any]) -> _Size:
+        name = _fold(str(e.get("function_name", "")))
+        args = _arguments(e)
+        if name in _LAMBDA_MAPPERS or name in _LAMBDA_REDUCERS or name == "invoke":
+            return self.lambda_call(name, e, args)
+        if name in _AGGREGATE_BY_NAME and len(args) >= 2:
+            self.aggregate_by_name(name, args[1])
+        sizes = [self.expr(a) for a in args]
+        # filter, ORDER BY inside the call, window clauses: sized for what they build
+        self.any([e.get("filter"), e.get("order_bys")])
+        self.fold(name, sizes)
+        if name in BUILDER_FUNCTIONS:
+            size = self.builder(name, args, sizes)
+            if size is None:
+                return sum(sizes, _ZERO) if sizes else _ONE
+            self.charge(name, size)
+            return size
+        if name in self.guard._fixed_width:
+            return _ONE
+        out = sum(sizes, _ZERO) if sizes else _ONE
+        if name in _CONSTRUCTORS:
+            out = out + _Size(len(sizes))  # one slot per element, whatever the element's size
+        self.check(name, out)
+        return out
+
+    def lambda_call(self, name: str, e: dict[str, Any], args: list[dict[str, Any]]) -> _Size:
+        """Size a call with a lambda: its body is a linear function of its parameters' sizes
+        (sums, and products with constants), so two probes give how many times the body copies
+        a parameter (``k``) and what it adds on its own (``c``); the result is ``k`` copies of
+        the list plus ``c`` per element. A reduce whose body copies its accumulator more than
+        once doubles it at each step and is refused."""
+        lam = next((a for a in args if a.get("class") == "LAMBDA"), None)
+        others = [a for a in args if a is not lam]
+        sizes = [self.expr(a) for a in others]
+        if lam is None or not isinstance(lam.get("expr"), dict):
+            return sum(sizes, _ZERO) if sizes else _ONE
+        if len(self.lambdas) >= _MAX_LAMBDA_DEPTH:
+            raise InvalidArgument(
+                f"lambdas are nested more than {_MAX_LAMBDA_DEPTH} deep; the guard cannot bound "
+                "what they build — un-nest them (e.g. with a CTE)"
+            )
+        params = _lambda_params(lam)
+        display = _echo(str(e.get("function_name")))
+        if name == "invoke":
+            return self.body(lam, dict(zip(params, sizes, strict=False)))
+        lst = sizes[0] if sizes else _ONE
+        count = max(1, lst.total)
+        # The body with empty parameters: its own builds, checked; then one probe per parameter.
+        # DuckDB evaluates the body once per element: its work counts that many times.
+        before = self.work
+        own = self.body(lam, dict.fromkeys(params, _ZERO))
+        body_work, self.work = self.work - before, before
+        self.fold(display, [lst, _Size(0)])
+        self.fold(display, [_Size(body_work)], count)
+        if name in _LAMBDA_REDUCERS:
+            start = sizes[1] if len(sizes) > 1 else _ZERO
+            if self.copies(lam, params, 0, own) > 1:
+                raise InvalidArgument(
+                    f"{display}() with a lambda that uses its accumulator more than once is not "
+                    "allowed: each step doubles the value, and DuckDB folds constant lists while "
+                    "planning, outside every limit; use the accumulator once (lambda acc, x: acc + x)"
+                )
+            size = start + lst + _scale(own, count) + _scale(lst, self.copies(lam, params, 1, own))
+            self.check(display, size)
+            return size
+        size = _scale(lst, self.copies(lam, params, 0, own)) + _scale(own, count)
+        self.charge(display, size)
+        return size
+
+    def body(self, lam: dict[str, Any], env: dict[str, _Size]) -> _Size:
+        self.envs.append(env)  # kept alive: memo keys use id(env), which must stay unique
+        self.lambdas.append(env)
+        try:
+            return self.expr(lam["expr"])
+        finally:
+            self.lambdas.pop()
+
+    def copies(self, lam: dict[str, Any], params: list[str], index: int, own: _Size) -> int:
+        """How many copies of parameter ``index`` the body's value holds (sizes are linear in
+        it: sums, and products with constants), from one probe with a huge parameter."""
+        if index >= len(params):
+            return 0
+        probe = _Size(_PROBE, _PROBE)
+        self.probing += 1
+        try:
+            grown = self.body(lam, dict.fromkeys(params, _ZERO) | {params[index]: probe}).total - own.total
+        finally:
+            self.probing -= 1
+        return -(-grown // probe.total)
+
+    def aggregate_by_name(self, name: str, arg: dict[str, Any]) -> None:
+        literal = arg.get("literal") if arg.get("class") == "CONSTANT" else None
+        if not isinstance(literal, dict) or literal.get("kind") != "STRING":
+            raise PermissionDenied(
+                f"{name}() must name its aggregate as a string literal, e.g. "
+                f"{name}(l, 'sum'): the name is resolved from the catalog"
+            )
+        refusal = self.guard._function_refusal(str(literal.get("text", "")), in_from=False)
+        if refusal is not None:
+            raise refusal
+
+    # --- builders ---------------------------------------------------------------------------
+    def builder(self, name: str, args: list[dict[str, Any]], sizes: list[_Size]) -> _Size | None:
+        """The size ``name(args)`` builds, or None when this call builds nothing large (e.g.
+        max(x) with one argument)."""
+        n = len(args)
+        if name in ("range", "generate_series"):
+            return _Size(self.series_count(name, args))
+        if name == "repeat" and n == 2:
+            return _Size(_mul(sizes[0].total, self.size_arg(name, args[1], "count")))
+        if name in ("list_resize", "array_resize") and n >= 2:
+            fill = sizes[2].total if n > 2 else 1
+            return _Size(_mul(self.size_arg(name, args[1], "length"), max(1, fill)) + sizes[0].total)
+        if name in ("lpad", "rpad") and n >= 2:
+            return _Size(self.size_arg(name, args[1], "width"))
+        if name == "bar" and n >= 4:
+            return _Size(self.size_arg(name, args[3], "width"))
+        if name == "to_base" and n >= 3:
+            return _Size(max(64, self.size_arg(name, args[2], "minimum length")))
+        if name == "bitstring" and n >= 2:
+            return _Size(max(1, self.size_arg(name, args[1], "length") // 8) + sizes[0].total)
+        if name == "equi_width_bins" and n >= 3:
+            return _Size(self.size_arg(name, args[2], "bin count"))
+        if name in ("printf", "format") and n >= 1:
+            return self.formatted(name, args[0], sizes[1:])
+        if name in ("replace", "regexp_replace") and n >= 3:
+            return _Size(_mul(sizes[0].total + 1, max(1, sizes[2].total)))
+        if name in _EXPANDING:
+            return _scale(sum(sizes, _ZERO), _EXPANDING[name])
+        if name == "array_to_string" and n >= 2:
+            return sizes[0] + _scale(sizes[1], max(1, sizes[0].total))
+        if name == "concat_ws" and n >= 1:
+            return sum(sizes, _ZERO) + _scale(sizes[0], n)
+        if name in _AGGREGATE_BY_NAME and n >= 2:
+            extra = sum(sizes[2:], _ZERO)
+            return sizes[0] + _scale(extra, max(1, sizes[0].total))
+        if name == "json_pretty" and n >= 1:
+            # (b + o)^2 for b built and o outside units: the squares and the cross term that the
+            # query's constants control count as built.
+            b, o = sizes[0].built, sizes[0].outside
+            return _Size(_mul(b, b + 2 * o) + b, _mul(o, o) + o)
+        if name == "bitstring_agg" and n >= 3:
+            low, high = self.int_arg(name, args[1], "min"), self.int_arg(name, args[2], "max")
+            return _Size(max(0, high - low) // 8 + 1)
+        if name == "approx_top_k" and n >= 2:
+            return _Size(self.size_arg(name, args[1], "k"))
+        if name == "reservoir_quantile" and n >= 3:
+            return _Size(self.size_arg(name, args[2], "sample size"))
+        if name in _TOP_N and n > _TOP_N[name]:
+            return _Size(_mul(self.size_arg(name, args[_TOP_N[name]], "n"), max(1, sizes[0].total)))
+        return None
+
+    def series_count(self, name: str, args: list[dict[str, Any]]) -> int:
+        values = [_const_int(a) for a in args]
+        if any(v is None for v in values):
+            temporal = _temporal_count(args)
+            if temporal is not None:
+                return temporal
+            raise PermissionDenied(
+                f"{name}() as a value needs constant bounds the guard can evaluate (integers, or "
+                "DATE/TIMESTAMP literals with a constant INTERVAL step): DuckDB builds the whole "
+                f"list (at most {MAX_BUILT_UNITS:,} elements here) and one row could otherwise "
+                f"build gigabytes; for many rows use the table function in FROM (FROM {name}(...) "
+                f"or FROM t, {name}(t.a, t.b)), which streams its rows"
+            )
+        ints = [v for v in values if v is not None]
+        start, stop, step = 0, 0, 1
+        if len(ints) == 1:
+            stop = ints[0]
+        elif len(ints) >= 2:
+            start, stop = ints[0], ints[1]
+            step = ints[2] if len(ints) > 2 else 1
+        if step == 0:
+            return 0
+        if name == "generate_series":
+            return max(0, min(_HUGE, (stop - start) // step + 1))
+        return max(0, min(_HUGE, -((start - stop) // step)))
+
+    def int_arg(self, name: str, arg: dict[str, Any], what: str) -> int:
+        value = _const_int(arg)
+        if value is None:
+            raise PermissionDenied(
+                f"{name}(): the {what} must be a constant the guard can evaluate (an integer, "
+                f"arithmetic of integers, a cast of one), at most {MAX_BUILT_UNITS:,}; a computed "
+                f"{what} (a column, parameter or subquery) is refused because one row could build "
+                "gigabytes"
+            )
+        return value
+
+    def size_arg(self, name: str, arg: dict[str, Any], what: str) -> int:
+        return max(0, self.int_arg(name, arg, what))
+
+    def formatted(self, name: str, fmt: dict[str, Any], sizes: list[_Size]) -> _Size:
+        literal = fmt.get("literal") if fmt.get("class") == "CONSTANT" else None
+        if not isinstance(literal, dict) or literal.get("kind") != "STRING":
+            raise PermissionDenied(
+                f"{name}(): the format string must be a string literal; its widths and precisions "
+                "decide how large the result is, and the guard must see them"
+            )
+        # The format *string's* contents (not SQL), scanned for field widths and precisions.
+        text = str(literal.get("text", ""))
+        biggest = max((s.total for s in sizes), default=1)
+        if name == "printf":
+            specs = list(_PRINTF_SPEC.finditer(text))
+            if any("*" in m.group(0) for m in specs):
+                raise PermissionDenied(
+                    "printf(): a '*' width or precision takes its size from an argument and is not "
+                    "allowed; write the width in the format string"
+                )
+            numbers = [int(g) for m in specs for g in m.groups() if g and g.isdecimal()]
+            fields = len(specs)
+        else:
+            fields, numbers, depth, spec = 0, [], 0, ""
+            for ch in text:
+                if ch == "{":
+                    depth += 1
+                    if depth > 1:
+                        raise PermissionDenied(
+                            "format(): a nested {} width or precision takes its size from an "
+                            "argument and is not allowed; write the width in the format string"
+                        )
+                    spec = ""
+                elif ch == "}" and depth:
+                    depth -= 1
+                    fields += 1
+                    numbers.extend(int(x) for x in _FORMAT_NUMBER.findall(spec.partition(":")[2]))
+                elif depth:
+                    spec += ch
+        size = len(text.encode()) + sum(numbers) + _mul(fields, biggest)
+        return _Size(min(_HUGE, size))
+
+    def fold(self, name: str, sizes: list[_Size], times: int = 1) -> None:
+        """Count the work of evaluating ``name`` on arguments of these sizes ``times`` times:
+        what it reads of values built from the query's text, and for the string distances the
+        cells of their matrix (both sides stored data: run time, under the interrupt)."""
+        if self.probing:
+            return
+        work = sum(s.built for s in sizes)
+        cells = _QUADRATIC.get(name)
+        if cells is not None and len(sizes) >= 2:
+            a, b = sizes[0], sizes[1]
+            work += (_mul(a.total, b.total) - _mul(a.outside, b.outside)) // cells
+        self.work = min(_HUGE, self.work + _mul(work, times))
+        if self.work > MAX_FOLD_WORK:
+            raise InvalidArgument(
+                f"{_echo(name)}(): the query's constant expressions would take too long to evaluate "
+                f"(more than {MAX_FOLD_WORK:,} elements or characters read): DuckDB evaluates them "
+                "while planning, where the query timeout cannot stop it; use smaller constants or "
+                "fewer expressions over them"
+            )
+
+    def charge(self, name: str, size: _Size) -> None:
+        if self.probing:
+            return
+        self.check(name, size)
+        self.total += size.built
+        if self.total > MAX_BUILT_TOTAL_UNITS:
+            raise InvalidArgument(
+                f"the query's value builders (range, repeat, lpad, printf widths, …) would build "
+                f"more than {MAX_BUILT_TOTAL_UNITS:,} elements or characters in all; DuckDB "
+                "evaluates constant expressions while planning, outside the query's memory and "
+                "time limits; build fewer or smaller values, or generate rows with FROM range(n)"
+            )
+
+    def check(self, name: str, size: _Size) -> None:
+        if size.built > MAX_BUILT_UNITS and not self.probing:
+            about = f"about {size.built:,}" if size.built < _HUGE else "an unbounded number of"
+            raise InvalidArgument(
+                f"{_echo(name)}() would build {about} elements or characters, more than the "
+                f"{MAX_BUILT_UNITS:,} a query may build from constants: DuckDB evaluates constant "
+                "expressions while planning, outside the query's memory and time limits; build a "
+                "smaller value, or generate rows with FROM range(n)"
+            )
+
+
+def _arguments(e: dict[str, Any]) -> list[dict[str, Any]]:
+    """A call's argument expressions (DuckDB 2.0 wraps each in ``{"name", "expression"}``)."""
+    out: list[dict[str, Any]] = []
+    for a in e.get("arguments") or e.get("children") or []:
+        inner = a.get("expression") if isinstance(a, dict) and "class" not in a else a
+        if isinstance(inner, dict):
+            out.append(inner)
+    return out
+
+
+def _mul(a: int, b: int) -> int:
+    return min(_HUGE, a * b)
+
+
+def _scale(size: _Size, factor: int) -> _Size:
+    return _Size(_mul(size.built, factor), _mul(size.outside, factor))
+
+
+def _lambda_params(lam: dict[str, Any]) -> list[str]:
+    lhs = lam.get("lhs")
+    if not isinstance(lhs, dict):
+        return []
+    refs = [lhs] if lhs.get("class") == "COLUMN_REF" else _arguments(lhs)
+    return [_fold(str((r.get("column_names") or [""])[-1])) for r in refs if isinstance(r, dict)]
+
+
+def _const_int(e: dict[str, Any]) -> int | None:
+    """The integer value of a constant size argument, or None if the guard cannot evaluate it.
+
+    Integer and decimal literals, strings cast to numbers, casts, unary minus, + - * / // %,
+    abs, least and greatest — evaluated with Python's exact integers and clamped to ±10**30,
+    so no input makes this slow or large."""
+    value = _const_num(e, 0)
+    if value is None:
+        return None
+    return int(max(Decimal(-_HUGE), min(Decimal(_HUGE), value)))
+
+
+def _const_num(e: dict[str, Any], depth: int) -> Decimal | None:
+    if depth > 64 or not isinstance(e, dict):
+        return None
+    cls = e.get("class")
+    if cls == "CONSTANT":
+        literal = e.get("literal")
+        if not isinstance(literal, dict):
+            return None
+        if literal.get("kind") == "NULL_LITERAL":
+            return Decimal(0)
+        return _decimal(str(literal.get("text", "")))
+    if cls == "CAST":
+        child = e.get("child")
+        if isinstance(child, dict) and child.get("class") == "CONSTANT":
+            literal = child.get("literal") or {}
+            if literal.get("kind") == "STRING":
+                return _decimal(str(literal.get("text", "")).strip())
+        return _const_num(child, depth + 1) if isinstance(child, dict) else None
+    if cls != "FUNCTION":
+        return None
+    name = _fold(str(e.get("function_name", "")))
+    raw = _arguments(e)
+    args = [_const_num(a, depth + 1) for a in raw]
+    if len(raw) != len(e.get("arguments") or []) or any(a is None for a in args):
+        return None
+    vals = [a for a in args if a is not None]
+    huge = Decimal(_HUGE)
+    try:
+        if name in ("-", "subtract") and len(vals) == 1:
+            return -vals[0]
+        if name in ("+", "add") and len(vals) in (1, 2):
+            return sum(vals, Decimal(0))
+        if name in ("-", "subtract") and len(vals) == 2:
+            return vals[0] - vals[1]
+        if name in ("*", "multiply") and len(vals) == 2:
+            return max(-huge, min(huge, vals[0] * vals[1]))
+        if name in ("/", "divide", "//", "fdiv") and len(vals) == 2:
+            return vals[0] / vals[1] if vals[1] else Decimal(0)
+        if name in ("%", "mod") and len(vals) == 2:
+            return vals[0] % vals[1] if vals[1] else Decimal(0)
+        if name in ("**", "^", "pow", "power") and len(vals) == 2:
+            base, exp = vals
+            if abs(base) <= 1 or exp <= 0:
+                return Decimal(1)
+            return huge if exp > 100 else max(-huge, min(huge, base**exp))
+        if name == "abs" and len(vals) == 1:
+            return abs(vals[0])
+        if name in ("trunc", "floor", "ceil", "ceiling", "round") and len(vals) == 1:
+            # rounded away from zero: never below what DuckDB computes
+            return vals[0].to_integral_value(rounding="ROUND_UP")
+        if name == "least" and vals:
+            return min(vals)
+        if name == "greatest" and vals:
+            return max(vals)
+    except (ArithmeticError, ValueError):
+        return None
+    return None
+
+
+#: Seconds in one unit of DuckDB's interval constructors, rounded *down* for calendar units
+#: (a month is at least 28 days), so a step is never longer than the guard assumes.
+_INTERVAL_SECONDS: Mapping[str, int] = {
+    "to_microseconds": 0,
+    "to_milliseconds": 0,
+    "to_seconds": 1,
+    "to_minutes": 60,
+    "to_hours": 3_600,
+    "to_days": 86_400,
+    "to_weeks": 7 * 86_400,
+    "to_months": 28 * 86_400,
+    "to_quarters": 89 * 86_400,
+    "to_years": 365 * 86_400,
+    "to_decades": 3_652 * 86_400,
+    "to_centuries": 36_524 * 86_400,
+    "to_millennia": 365_242 * 86_400,
+}
+_INTERVAL_WORDS: Mapping[str, int] = {
+    "second": 1,
+    "sec": 1,
+    "minute": 60,
+    "min": 60,
+    "hour": 3_600,
+    "day": 86_400,
+    "week": 7 * 86_400,
+    "month": 28 * 86_400,
+    "mon": 28 * 86_400,
+    "year": 365 * 86_400,
+}
+_INSTANT_TYPES = frozenset(
+    {
+        "DATE",
+        "TIMESTAMP",
+        "DATETIME",
+        "TIMESTAMPTZ",
+        "TIMESTAMP WITH TIME ZONE",
+        "TIMESTAMP_S",
+        "TIMESTAMP_MS",
+    }
+)
+
+
+def _temporal_count(args: list[dict[str, Any]]) -> int | None:
+    """An upper bound on the length of ``range(start, stop, step)`` over DATE/TIMESTAMP
+    literals with a constant, positive-length INTERVAL step; None if it cannot be evaluated."""
+    if len(args) != 3:
+        return None
+    start, stop, step = _const_instant(args[0]), _const_instant(args[1]), _const_interval(args[2], 0)
+    if start is None or stop is None or step is None or step[0] < 1:
+        return None
+    span = stop - start
+    if span == 0:
+        return 1
+    if (span > 0) != step[1]:
+        return 1
+    return min(_HUGE, int(abs(span) // step[0]) + 1)
+
+
+def _const_instant(e: dict[str, Any]) -> float | None:
+    """Seconds since the epoch of a DATE or TIMESTAMP literal (``DATE '2024-01-01'``)."""
+    if (
+        e.get("class") != "CAST"
+        or str((e.get("type_expr") or {}).get("type_name", "")).upper() not in _INSTANT_TYPES
+    ):
+        return None
+    child = e.get("child") or {}
+    literal = child.get("literal") if child.get("class") == "CONSTANT" else None
+    if not isinstance(literal, dict) or literal.get("kind") != "STRING":
+        return None
+    try:
+        moment = datetime.fromisoformat(str(literal.get("text", "")).strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _const_interval(e: dict[str, Any], depth: int) -> tuple[int, bool] | None:
+    """(the fewest seconds a constant INTERVAL can last, whether it is positive), or None."""
+    if depth > 16 or not isinstance(e, dict):
+        return None
+    if e.get("class") == "FUNCTION":
+        name = _fold(str(e.get("function_name", "")))
+        args = _arguments(e)
+        if name in _INTERVAL_SECONDS and len(args) == 1:
+            n = _const_int(args[0])
+            if n is None or n == 0:
+                return None
+            return abs(n) * _INTERVAL_SECONDS[name], n > 0
+        return None
+    if e.get("class") != "CAST" or str((e.get("type_expr") or {}).get("type_name", "")).upper() != "INTERVAL":
+        return None
+    child = e.get("child") or {}
+    literal = child.get("literal") if child.get("class") == "CONSTANT" else None
+    if not isinstance(literal, dict) or literal.get("kind") != "STRING":
+        return None
+    words = str(literal.get("text", "")).lower().split()
+    if not words or len(words) % 2 or len(words) > 16:
+        return None
+    total = 0
+    for count, unit in zip(words[::2], words[1::2], strict=True):
+        seconds = _INTERVAL_WORDS.get(unit.removesuffix("s"))
+        if seconds is None or not count.isdecimal():
+            return None  # signs, fractions and clock forms: not evaluated, so refused
+        total += int(count) * seconds
+    return (total, True) if total > 0 else None
+
+
+def _decimal(text: str) -> Decimal | None:
+    try:
+        value = Decimal(text.replace("_", ""))
+    except (ArithmeticError, ValueError):
+        return None
+    if not value.is_finite():
+        return None
+    return max(-Decimal(_HUGE), min(Decimal(_HUGE), value))

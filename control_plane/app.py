@@ -7,18 +7,90 @@ import uuid
 
 import structlog
 from litestar import Litestar
-from litestar.openapi import OpenAPIConfig
+from litestar.handlers import HTTPRouteHandler
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from catalog import VERSION, Catalog
-from control_plane.context import DEPENDENCIES
+from control_plane.context import ADMIN_UNLESS_PUBLIC_METRICS, DEPENDENCIES
 from control_plane.errors import EXCEPTION_HANDLERS
+from control_plane.gate import MAX_JSON_BODY, gate
+from control_plane.models import ErrorBody, Health
 from control_plane.routes import admin, backup, public, swarms, tokens
 
 log = structlog.get_logger("control_plane")
 
-MAX_JSON_BODY = 1 << 20
+ROUTES: list[HTTPRouteHandler] = [
+    *public.ROUTES,
+    *swarms.ROUTES,
+    *tokens.ROUTES,
+    *admin.ROUTES,
+    *backup.ROUTES,
+]
+
+_WHY = {
+    400: "Invalid request: a malformed or wrongly typed body, an unknown field, a bad query parameter",
+    401: "No token, a malformed header, or a bad, expired or revoked token (checked before the body)",
+    403: "The token is valid but may not do this",
+    404: "No such object",
+    409: "Conflicts with the current state (exists already, or a concurrent change; retry)",
+    413: "The request body is larger than the limit",
+    415: "The body is not sent as 'Content-Type: application/json'",
+    422: "Well-formed but out of range (e.g. ttl_seconds above the configured maximum)",
+    503: "Not ready: a listener is down",
+}
+
+# Statuses a route can answer beyond what its signature implies (see document_errors).
+_DOMAIN_STATUSES: dict[str, set[int]] = {
+    "create_swarm": {409},
+    "delete_swarm": {409},
+    "put_allowlist": {409},
+    "create_token": {403, 404, 409, 422},
+    "refresh_token": {403, 409, 422},
+    "revoke_token": {409},
+    "revoke_tokens": {404, 409},
+    "sync_status": {404},
+    "metrics": {401, 403},
+}
+
+
+def statuses_of(handler: HTTPRouteHandler) -> set[int]:
+    """Every error status ``handler`` can answer, from what its signature asks for (the gate's
+    checks, see control_plane.gate) plus the domain conflicts listed in ``_DOMAIN_STATUSES``."""
+    parameters = handler.parsed_fn_signature.parameters
+    statuses = set(_DOMAIN_STATUSES.get(handler.handler_name, set()))
+    if "admin" in parameters:
+        statuses |= {401, 403}
+    if "principal" in parameters:
+        statuses.add(401)
+    if "data" in parameters:
+        statuses |= {413, 415}
+    params = set(parameters) - {"request", "admin", "principal", "catalog", "data"}
+    if any("{" + p + ":" in path for p in params for path in handler.paths):
+        statuses.add(404)
+    statuses.add(400)  # any route: an unknown or malformed query parameter (control_plane.gate)
+    return statuses
+
+
+def document_errors(handlers: list[HTTPRouteHandler]) -> None:
+    """Declare on each route the error statuses it answers, each with the one error body
+    (the ``ErrorBody`` component): the OpenAPI schema then says what a client really gets,
+    and schemathesis holds the server to it (tests/test_fuzz_http.py)."""
+    for handler in handlers:
+        extra = dict(handler.responses or {})
+        if handler.handler_name == "healthz":
+            extra[503] = ResponseSpec(data_container=Health, generate_examples=False, description=_WHY[503])
+        for status in sorted(statuses_of(handler)):
+            extra.setdefault(
+                status,
+                ResponseSpec(data_container=ErrorBody, generate_examples=False, description=_WHY[status]),
+            )
+        handler.responses = extra
+        if {"admin", "principal"} & set(handler.parsed_fn_signature.parameters) or handler.opt.get(
+            "auth"
+        ) == ADMIN_UNLESS_PUBLIC_METRICS:
+            handler.security = [{"bearer": []}]  # public routes (health, JWKS) declare none
 
 
 def request_context(app: ASGIApp) -> ASGIApp:
@@ -64,11 +136,12 @@ def request_context(app: ASGIApp) -> ASGIApp:
 
 
 def create_app(catalog: Catalog) -> Litestar:
+    document_errors(ROUTES)
     app = Litestar(
-        route_handlers=[*public.ROUTES, *swarms.ROUTES, *tokens.ROUTES, *admin.ROUTES, *backup.ROUTES],
+        route_handlers=ROUTES,
+        guards=[gate],
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[request_context],
         request_max_body_size=MAX_JSON_BODY,
         openapi_config=OpenAPIConfig(
             title="Quiver control plane",
@@ -77,9 +150,11 @@ def create_app(catalog: Catalog) -> Litestar:
             components=Components(
                 security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}
             ),
-            security=[{"bearer": []}],
         ),
         debug=False,
     )
     app.state["catalog"] = catalog
+    # Outside routing, not as route middleware: 404s and 405s get a request id, a log line
+    # and a metric like every other answer.
+    app.asgi_handler = request_context(app.asgi_handler)
     return app

@@ -1,7 +1,9 @@
 """Per-request context: request id, the authenticated principal, and auditing helpers.
 
 Authentication is a dependency (``principal`` / ``admin``) so that a handler states in its
-signature who may call it; the decision itself is made by the catalog's TokenService.
+signature who may call it; the decision itself is made by the catalog's TokenService. The
+app-wide guard in :mod:`control_plane.gate` reads those signatures and authenticates before
+the body is read, so a bad token is always a 401 (and audited), never a 400.
 """
 
 from __future__ import annotations
@@ -11,25 +13,37 @@ from contextlib import contextmanager
 from typing import Any
 
 from litestar import Request
+from litestar.connection import ASGIConnection
 from litestar.di import Provide
 
 from catalog import Catalog, PermissionDenied, Principal, QuiverError, Unauthenticated
 
+_PRINCIPAL = "quiver.principal"  # scope state key of the verified Principal
 
-def catalog_of(request: Request[Any, Any, Any]) -> Catalog:
+ADMIN_UNLESS_PUBLIC_METRICS = "admin-unless-public-metrics"
+"""``opt={"auth": …}`` of a route that needs an admin token unless ``[server] public_metrics``."""
+
+
+def catalog_of(request: ASGIConnection[Any, Any, Any, Any]) -> Catalog:
     return request.app.state["catalog"]  # type: ignore[no-any-return]
 
 
-def request_id(request: Request[Any, Any, Any]) -> str:
+def request_id(request: ASGIConnection[Any, Any, Any, Any]) -> str:
     return str(request.scope.get("state", {}).get("request_id", "-"))
 
 
-def client_of(request: Request[Any, Any, Any]) -> str | None:
+def client_of(request: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     return request.client.host if request.client else None
 
 
-def _authenticated(request: Request[Any, Any, Any]) -> Principal:
-    """The verified principal, not yet marked used: a refused request never counts as use."""
+def authenticated(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The caller's principal, verified once per request (the gate does it before the body
+    is read; the ``principal``/``admin`` dependencies then reuse it), not yet marked used. A
+    failure is audited as ``auth.failed`` and counted, so fail2ban sees every refused token."""
+    state = request.scope.setdefault("state", {})  # type: ignore[typeddict-item]
+    known = state.get(_PRINCIPAL)
+    if isinstance(known, Principal):
+        return known
     catalog = catalog_of(request)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.strip().partition(" ")
@@ -44,26 +58,39 @@ def _authenticated(request: Request[Any, Any, Any]) -> Principal:
         catalog.audit.record(
             "auth.failed",
             outcome="denied",
-            target=f"http:{request.method} {request.url.path}",
+            target=f"http:{request.scope.get('method')} {request.url.path}"[:300],
             client=client_of(request),
             request_id=request_id(request),
             detail=e.detail,
         )
         raise
-    request.scope.setdefault("state", {})["principal"] = principal.label
+    state[_PRINCIPAL] = principal
+    state["principal"] = principal.label
     return principal
 
 
-def authenticate(request: Request[Any, Any, Any]) -> Principal:
-    principal = _authenticated(request)
+def admin_of(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The caller's principal if it is an admin's (403 otherwise), not yet marked used."""
+    principal = authenticated(request)
+    if not principal.is_admin:
+        raise PermissionDenied(
+            f"this route needs an admin token; yours is a token of kind {principal.kind!r}"
+        )
+    return principal
+
+
+def authenticate(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The ``principal`` dependency. Dependencies resolve after the body and the query are
+    accepted, so only a request that reaches its handler marks the token used: a refused
+    request never updates ``last_used_at``."""
+    principal = authenticated(request)
     catalog_of(request).tokens.record_use(principal)
     return principal
 
 
-def require_admin(request: Request[Any, Any, Any]) -> Principal:
-    principal = _authenticated(request)
-    if not principal.is_admin:
-        raise PermissionDenied(f"this route needs an admin token; yours is a {principal.kind} token")
+def require_admin(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The ``admin`` dependency: as :func:`authenticate`, for admin tokens only."""
+    principal = admin_of(request)
     catalog_of(request).tokens.record_use(principal)
     return principal
 

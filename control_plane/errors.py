@@ -1,6 +1,7 @@
-"""One path for refusals and errors: every failure becomes ``{"error", "detail"}`` JSON with
-the status of DESIGN.md §6. A client mistake is never a 500; a fault of ours is logged with
-the request id and answered without internals."""
+"""One path for refusals and errors: every failure becomes ``{"error", "detail"}`` JSON (the
+``ErrorBody`` of the OpenAPI schema) with the statuses of proto_docs/control_plane.md. A
+client mistake is never a 500; a fault of ours is logged with the request id and answered
+without internals. A 405 keeps its ``Allow`` header."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from catalog import QuiverError
+from catalog.errors import MAX_DETAIL_CHARS, bounded
 from control_plane.context import request_id
+from control_plane.gate import MAX_JSON_BODY
 
 log = structlog.get_logger("control_plane")
 
@@ -32,7 +35,7 @@ _CODES = {
 
 def _body(code: str, detail: str, status: int, headers: dict[str, str] | None = None) -> Response[Any]:
     return Response(
-        {"error": code, "detail": detail},
+        {"error": code, "detail": bounded(detail, MAX_DETAIL_CHARS)},
         status_code=status,
         media_type=MediaType.JSON,
         headers=headers,
@@ -50,14 +53,14 @@ def validation_error(request: Request[Any, Any, Any], exc: ValidationException) 
         if isinstance(item, dict):
             msg = str(item.get("message", "")).strip()
             key = item.get("key")
-            source = item.get("source")
+            source = getattr(item.get("source"), "value", item.get("source"))  # ParamType.QUERY -> "query"
             where = f"{source} " if source and source != "body" else ""
             if key == "data":  # the body as a whole (msgspec's `$.data`)
                 problems.append(f"request body: {msg}")
             else:
                 problems.append(f"{where}{key}: {msg}" if key and key not in msg else msg)
     detail = "; ".join(p for p in problems if p) or str(exc.detail)
-    return _body("INVALID_ARGUMENT", f"{detail} ({request.method} {request.url.path})", 400)
+    return _body("INVALID_ARGUMENT", f"{bounded(detail, 300)} ({request.method} {request.url.path})", 400)
 
 
 def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
@@ -69,10 +72,15 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
     if status == 400 and type(exc.__cause__).__name__ == "SerializationException":
         detail = f"request body is not valid JSON ({detail}); send one JSON object"
     if status == 404 and detail == "Not Found":
-        detail = f"no route {request.method} {request.url.path}; see /schema for the API"
+        detail = f"no route {request.method} {bounded(request.url.path, 200)}; see /schema for the API"
+    headers = None
+    if status == 405:
+        allow = (exc.headers or {}).get("allow", "")
+        headers = {"allow": allow}
+        detail = f"{request.method} is not allowed on {bounded(request.url.path, 200)}; allowed: {allow}"
     if status == 413:
-        detail = "request body too large"
-    return _body(code, detail, status)
+        detail = f"request body too large: the limit is {MAX_JSON_BODY} bytes"
+    return _body(code, detail, status, headers)
 
 
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

@@ -1,4 +1,4 @@
-"""Descriptors → typed commands (DESIGN.md §5).
+"""Descriptors → typed commands (proto_docs/descriptors.md).
 
 A PATH descriptor ``[schema, table]`` is a full table scan. A CMD descriptor is a UTF-8 JSON
 object whose ``kind`` selects one msgspec Struct of a tagged union; unknown fields are

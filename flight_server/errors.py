@@ -2,8 +2,9 @@
 
 pyarrow's Python server forwards a server traceback with any exception that is not a
 ``flight.FlightError`` subclass, and cannot send INVALID_ARGUMENT or NOT_FOUND without one.
-So every RPC body runs inside :func:`to_flight_error`: Quiver's own errors become the
-FlightError of DESIGN.md §5 with ``extra_info`` = ``{"code", "detail"}``; anything else is a
+So every RPC body's failure goes through :func:`map_exception` (and :func:`classify`, the one
+classification of a failure, shared with the async path): Quiver's own errors become the
+FlightError of proto_docs/errors.md with ``extra_info`` = ``{"code", "detail"}``; anything else is a
 fault of ours, logged with a request id and sent as INTERNAL without internals.
 """
 
@@ -59,14 +60,6 @@ def internal_error(exc: BaseException, request_id: str, where: str) -> flight.Fl
     return flight.FlightInternalError(detail, extra_info=_extra("INTERNAL", detail))
 
 
-def to_flight_error(exc: BaseException, request_id: str, where: str) -> flight.FlightError:
-    if isinstance(exc, flight.FlightError):
-        return exc
-    if isinstance(exc, QuiverError):
-        return flight_error(exc)
-    return internal_error(exc, request_id, where)
-
-
 # --- DuckDB's errors ------------------------------------------------------------------------
 # Errors the caller's SQL or data causes: the message is DuckDB's own, which names the
 # problem precisely (line, column, candidate columns).
@@ -81,9 +74,30 @@ _CALLER_ERRORS: tuple[type[BaseException], ...] = (
     duckdb.InvalidInputException,
     duckdb.InvalidTypeException,
     duckdb.NotImplementedException,
+    duckdb.ConstraintException,
     duckdb.DataError,
     duckdb.ProgrammingError,
 )
+#: DuckDB's message prefixes → its exception classes. A DuckDB failure raised while Arrow
+#: pulls from DuckDB's stream arrives as an Arrow or OS error carrying DuckDB's message; this
+#: turns it back into the exception DuckDB would have raised, so that every path classifies
+#: one failure the same way (:func:`classify`).
+_PREFIX_CLASSES: dict[str, type[duckdb.Error]] = {
+    "Parser Error": duckdb.ParserException,
+    "Syntax Error": duckdb.SyntaxException,
+    "Binder Error": duckdb.BinderException,
+    "Catalog Error": duckdb.CatalogException,
+    "Conversion Error": duckdb.ConversionException,
+    "Out of Range Error": duckdb.OutOfRangeException,
+    "Type Mismatch Error": duckdb.TypeMismatchException,
+    "Invalid Input Error": duckdb.InvalidInputException,
+    "Invalid type Error": duckdb.InvalidTypeException,
+    "Not implemented Error": duckdb.NotImplementedException,
+    "Constraint Error": duckdb.ConstraintException,
+    "Permission Error": duckdb.PermissionException,
+    "INTERRUPT Error": duckdb.InterruptException,
+    "Out of Memory Error": duckdb.OutOfMemoryException,
+}
 _SUGGESTION = re.compile(r"\s*Did you mean[^\n]*", re.IGNORECASE)
 
 
@@ -93,7 +107,7 @@ _MAX_MESSAGE_CHARS = 4000
 
 def _clean(message: str, line_offset: int = 0) -> str:
     """DuckDB's message on one line, without catalog suggestions: "Did you mean …" may name a
-    table the caller may not read, and existence must never leak (DESIGN.md §4).
+    table the caller may not read, and existence must never leak (proto_docs/errors.md).
 
     DuckDB's ``LINE n: <text>`` context (and caret line) is folded into ``(LINE n: <text>)``;
     ``line_offset`` corrects ``n`` when Quiver wrapped the caller's SQL (max_rows)."""
@@ -196,15 +210,42 @@ def resource_error(exc: BaseException) -> QuiverError | None:
     return None
 
 
+def as_duckdb_error(exc: BaseException) -> duckdb.Error | None:
+    """The DuckDB exception an Arrow/OS error stands for, from the message DuckDB put in it."""
+    if isinstance(exc, duckdb.Error):
+        return exc
+    message = str(exc).strip()[:_MAX_MESSAGE_CHARS]
+    prefix = message.partition(": ")[0]
+    cls = _PREFIX_CLASSES.get(prefix)
+    return cls(message) if cls is not None else None
+
+
+def classify(
+    exc: BaseException, *, timed_out: bool = False, timeout_seconds: float = 0.0, wrapped: bool = False
+) -> QuiverError | None:
+    """The one classification of a failure: the caller-facing QuiverError, or None when it is
+    a fault of Quiver's own (to be logged and answered INTERNAL). Used by every path that runs
+    agent SQL — planning, DoGet and its Python-fed streams, async queries — so one SQL fault
+    gets one code wherever it happens."""
+    if isinstance(exc, _Internal):
+        return None
+    if isinstance(exc, QuiverError):
+        return exc
+    duck = as_duckdb_error(exc)
+    if duck is not None:
+        err = duckdb_error(duck, timed_out=timed_out, timeout_seconds=timeout_seconds, wrapped=wrapped)
+        return None if isinstance(err, _Internal) else err
+    return resource_error(exc)
+
+
 def map_exception(exc: BaseException, request_id: str, where: str, **duck: Any) -> flight.FlightError:
     """Every failure of an RPC body → the FlightError a client sees."""
-    if isinstance(exc, duckdb.Error):
-        exc = duckdb_error(exc, **duck)
-    elif not isinstance(exc, QuiverError | flight.FlightError):
-        exc = resource_error(exc) or exc
-    if isinstance(exc, _Internal):
-        return internal_error(exc.cause, request_id, where)
-    return to_flight_error(exc, request_id, where)
+    if isinstance(exc, flight.FlightError):
+        return exc
+    err = classify(exc, **duck)
+    if err is None:
+        return internal_error(exc.cause if isinstance(exc, _Internal) else exc, request_id, where)
+    return flight_error(err)
 
 
 # --- GetSchema: pyarrow cannot send a FlightError from it -----------------------------------------
@@ -241,7 +282,7 @@ class _SchemaNotFound(SchemaCallError, KeyError):
 
 
 def schema_call_error(err: flight.FlightError) -> SchemaCallError:
-    """The GetSchema form of a FlightError built by :func:`to_flight_error`."""
+    """The GetSchema form of a FlightError built by :func:`map_exception`."""
     try:
         info = json.loads(err.extra_info or b"{}")
         code, detail = str(info["code"]), str(info["detail"])
@@ -280,18 +321,8 @@ _SENTINEL: Any = object()
 
 # --- errors in the middle of a stream fed by Python -------------------------------------------------
 # DuckDB's C stream reports a failure after the first batch as an Arrow error (OSError,
-# ArrowInvalid) whose message is DuckDB's own ("Conversion Error: …", "INTERRUPT Error: …").
-_MESSAGE_CODES: tuple[tuple[str, type[QuiverError]], ...] = (
-    ("Conversion Error", InvalidArgument),
-    ("Invalid Input Error", InvalidArgument),
-    ("Out of Range Error", InvalidArgument),
-    ("Binder Error", InvalidArgument),
-    ("Parser Error", InvalidArgument),
-    ("Catalog Error", InvalidArgument),
-    ("Type Mismatch Error", InvalidArgument),
-    ("Not implemented Error", InvalidArgument),
-    ("Permission Error", PermissionDenied),
-)
+# ArrowInvalid) whose message is DuckDB's own ("Conversion Error: …", "INTERRUPT Error: …"):
+# :func:`classify` reads it back into DuckDB's exception.
 
 
 def stream_error(
@@ -303,29 +334,11 @@ def stream_error(
     wrapped: bool = False,
 ) -> flight.FlightError:
     """The FlightError for a failure raised while a Python generator feeds a stream."""
-    if isinstance(exc, flight.FlightError):
-        return exc
-    if isinstance(exc, duckdb.Error):
-        return map_exception(
-            exc,
-            request_id,
-            "do_get.stream",
-            timed_out=timed_out,
-            timeout_seconds=timeout_seconds,
-            wrapped=wrapped,
-        )
-    if isinstance(exc, QuiverError):
-        return flight_error(exc)
-    message = str(exc).strip()[:_MAX_MESSAGE_CHARS]
-    if message.startswith("INTERRUPT Error"):
-        interrupted = duckdb.InterruptException(message)
-        return flight_error(duckdb_error(interrupted, timed_out=timed_out, timeout_seconds=timeout_seconds))
-    if message.startswith("Out of Memory Error"):
-        return flight_error(duckdb_error(duckdb.OutOfMemoryException(message)))
-    for prefix, cls in _MESSAGE_CODES:
-        if message.startswith(prefix):
-            return flight_error(cls(_clean(message, WRAP_LINES if wrapped else 0)))
-    known = resource_error(exc)
-    if known is not None:
-        return flight_error(known)
-    return internal_error(exc, request_id, "do_get.stream")
+    return map_exception(
+        exc,
+        request_id,
+        "do_get.stream",
+        timed_out=timed_out,
+        timeout_seconds=timeout_seconds,
+        wrapped=wrapped,
+    )

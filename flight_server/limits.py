@@ -1,12 +1,10 @@
-"""Limits that keep one agent from starving the others (DESIGN.md §4.3).
+"""The query timeout (proto_docs/limits.md); the admission path that arms it is
+flight_server/admission.py.
 
-* :class:`Watchdog` — the per-query timeout. One daemon thread holds a heap of deadlines and
-  calls ``cursor.interrupt()`` when one passes, which really stops DuckDB (its worker threads
-  check the flag) and leaves every other cursor running. One thread for all queries keeps
-  the hot path free of thread creation (a ``threading.Timer`` per query costs a thread).
-* :class:`ConcurrencyGate` — the per-principal cap on concurrent queries. A query is one
-  FlightInfo: its endpoints, fetched in parallel by one client, share a single slot, so a
-  parallel scan never trips the cap that protects others from it.
+:class:`Watchdog` — one daemon thread holds a heap of deadlines and calls
+``cursor.interrupt()`` when one passes, which really stops DuckDB (its worker threads check the
+flag) and leaves every other cursor running. One thread for all queries keeps the hot path
+free of thread creation (a ``threading.Timer`` per query costs a thread).
 """
 
 from __future__ import annotations
@@ -16,11 +14,9 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
-
-from catalog import ResourceExhausted
 
 log = structlog.get_logger("flight_server")
 
@@ -48,8 +44,11 @@ class Watchdog:
         deadline = Deadline(time.monotonic() + seconds, seconds, interrupt)
         with self._cond:
             if self._thread is None and not self._stopped:
-                self._thread = threading.Thread(target=self._loop, name="quiver-watchdog", daemon=True)
-                self._thread.start()
+                # Started before it is recorded: a failed start (no memory for a thread) is
+                # retried by the next query instead of leaving every timeout unenforced.
+                thread = threading.Thread(target=self._loop, name="quiver-watchdog", daemon=True)
+                thread.start()
+                self._thread = thread
             first = not self._heap or deadline.at < self._heap[0][0]
             heapq.heappush(self._heap, (deadline.at, next(self._counter), deadline))
             if first:
@@ -89,55 +88,3 @@ class Watchdog:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-
-
-@dataclass(slots=True)
-class _Holder:
-    groups: dict[str, int] = field(default_factory=dict)
-
-
-class ConcurrencyGate:
-    """At most ``cap`` concurrent queries per principal; RESOURCE_EXHAUSTED beyond it."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self._active: dict[str, _Holder] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, subject: str, group: str) -> Callable[[], None]:
-        """Take a slot for ``group`` (one FlightInfo) and return the function that frees it."""
-        with self._lock:
-            holder = self._active.setdefault(subject, _Holder())
-            count = holder.groups.get(group)
-            if count is None and len(holder.groups) >= self.cap:
-                raise ResourceExhausted(
-                    f"too many concurrent queries: {len(holder.groups)} of yours are running and the "
-                    f"limit is {self.cap} per principal; wait for one to finish, then retry"
-                )
-            holder.groups[group] = (count or 0) + 1
-
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            with self._lock:
-                if released:
-                    return
-                released = True
-                h = self._active.get(subject)
-                if h is None:
-                    return
-                left = h.groups.get(group, 0) - 1
-                if left > 0:
-                    h.groups[group] = left
-                else:
-                    h.groups.pop(group, None)
-                    if not h.groups:
-                        self._active.pop(subject, None)
-
-        return release
-
-    def active(self) -> dict[str, int]:
-        """Running queries per principal (for /v1/status)."""
-        with self._lock:
-            return {s: len(h.groups) for s, h in self._active.items()}

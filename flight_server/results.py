@@ -66,7 +66,7 @@ from catalog.config import ResultsConfig
 from catalog.database import Database
 from catalog.errors import bounded
 from flight_server.commands import MAX_COMMAND_BYTES, MAX_COMMAND_DEPTH, json_depth
-from flight_server.errors import resource_error
+from flight_server.errors import classify
 from flight_server.truncation import CapReason, RowCap
 
 log = structlog.get_logger(__name__)
@@ -117,16 +117,6 @@ ACTION_DESCRIPTIONS: dict[str, str] = {
     ),
 }
 
-_CLIENT_ERROR_PREFIXES = (
-    "Conversion Error",
-    "Invalid Input Error",
-    "Out of Range Error",
-    "Binder Error",
-    "Parser Error",
-    "Constraint Error",
-    "Not implemented Error",
-    "Catalog Error",
-)
 _ERROR_CLASSES: dict[str, type[QuiverError]] = {
     "INVALID_ARGUMENT": InvalidArgument,
     "PERMISSION_DENIED": PermissionDenied,
@@ -136,27 +126,6 @@ _ERROR_CLASSES: dict[str, type[QuiverError]] = {
     "CANCELLED": Cancelled,
     "UNAVAILABLE": Unavailable,
 }
-
-
-def classify_failure(exc: BaseException) -> QuiverError | None:
-    """The domain error for a query that failed while running, or None for a fault of ours.
-
-    DuckDB errors raised while streaming arrive as OSError/ArrowInvalid carrying DuckDB's
-    message, so the message prefix is what identifies them.
-    """
-    if isinstance(exc, QuiverError):
-        return exc
-    message = str(exc).strip()
-    first = message.splitlines()[0] if message else type(exc).__name__
-    if isinstance(exc, duckdb.InterruptException) or first.startswith("INTERRUPT Error"):
-        return Cancelled("the query was interrupted")
-    if isinstance(exc, duckdb.OutOfMemoryException) or first.startswith("Out of Memory Error"):
-        return ResourceExhausted(f"the query ran out of memory: {first}")
-    if isinstance(exc, duckdb.Error | OSError | pa.ArrowException) and first.startswith(
-        _CLIENT_ERROR_PREFIXES
-    ):
-        return InvalidArgument(message)
-    return resource_error(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,7 +378,7 @@ class QueryManager:
                 "([results] timeout_seconds) and was interrupted"
             )
             return "failed"
-        error = classify_failure(exc)
+        error = classify(exc)
         if error is None:
             log.error("query.internal_error", id=query.id, exc_info=exc)
             error = QuiverError(f"internal error (query id {query.id}); the server log has the details")

@@ -11,7 +11,8 @@ The pieces, each in its own module:
 * :mod:`~flight_server.streams` — DoGet: a plan's endpoint → a DuckDB stream;
 * :mod:`~flight_server.table_cache` — scanned tables kept in memory as Arrow (hot tables);
 * :mod:`~flight_server.versions` — the data versions every cache keys on, read cheaply;
-* :mod:`~flight_server.limits` — query timeout (watchdog) and per-principal concurrency;
+* :mod:`~flight_server.admission` — the one gate for planning and streams: concurrency, timeout;
+* :mod:`~flight_server.limits` — the query timeout's watchdog;
 * :mod:`~flight_server.errors` — every failure → a FlightError with ``extra_info``;
 * :mod:`~flight_server.profiles`, :mod:`~flight_server.results` — profiles and async queries.
 """

@@ -189,7 +189,7 @@ class Streamer:
         FlightError. A larger result streams on through a Python generator over its *batches*
         (the cap's cut, and the cache's tee): an error it raises mid-stream would reach the
         client as a Python traceback, so the generator turns any failure into the FlightError
-        of DESIGN.md §5 (a timeout mid-stream is then DEADLINE_EXCEEDED with extra_info)."""
+        of proto_docs/errors.md (a timeout mid-stream is then DEADLINE_EXCEEDED with extra_info)."""
         cap = part.row_cap
         assert cap is not None
         reader = self._sql(cur, part, part.limit + 1 if part.limit is not None else None)

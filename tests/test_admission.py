@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
@@ -207,3 +208,45 @@ def test_a_call_over_the_global_bound_waits_for_a_slot(patient: Server) -> None:
 def test_status_shows_the_admission_limits(gated: Server) -> None:
     limits = gated.http().get("/v1/status").json()["queries"]["limits"]
     assert limits == {"query_timeout_seconds": 30.0, "max_concurrent_queries": 2, "max_concurrent_total": 3}
+
+
+# --- defect: values built from constants while planning (critical) ---------------------------------
+CONSTANT_HEAVY = [
+    "SELECT length(range(150000000)) AS v",
+    "SELECT length(repeat('x', 1000000000)) AS v",
+    "SELECT length(repeat(repeat('x', 100000), 100000)) AS v",
+    "SELECT length(lpad('x', 1000000000, 'y')) AS v",
+    "SELECT length(printf('%1000000000d', 1)) AS v",
+    "WITH t AS (SELECT 1000000000 AS n) SELECT length(repeat('x', (SELECT n FROM t))) AS v",
+    "SELECT length(repeat('x', CAST('1000000000' AS INTEGER))) AS v",
+]
+
+
+def test_values_built_from_constants_are_refused_before_anything_is_planned(server: Server) -> None:
+    """One GetFlightInfo of ``length(range(150000000))`` once OOM-killed a 4 GiB server:
+    DuckDB builds such values while binding, outside memory_limit and the interrupt. Every
+    RPC that plans refuses them first, and the process's peak memory does not move."""
+    import resource
+
+    client, opts = server.flight(), call_options(server.demo_token)
+    flight_server = server.runtime.flight
+    assert flight_server is not None
+    queued_before = flight_server.queries.stats()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for sql in CONSTANT_HEAVY:
+        with pytest.raises(flight.FlightError) as caught:
+            client.get_flight_info(cmd(kind="query", sql=sql), opts)
+        assert error_info(caught.value)["code"] in ("PERMISSION_DENIED", "INVALID_ARGUMENT"), sql
+        with pytest.raises(pa.ArrowException) as schema:  # GetSchema's form of a refusal (errors.py)
+            client.get_schema(cmd(kind="query", sql=sql), opts)
+        assert (
+            str(schema.value)
+            .removeprefix("Unknown error: ")
+            .startswith(("PERMISSION_DENIED: ", "INVALID_ARGUMENT: "))
+        )
+        with pytest.raises(flight.FlightError) as submitted:
+            action(client, "submit-query", {"sql": sql}, opts)
+        assert error_info(submitted.value)["code"] in ("PERMISSION_DENIED", "INVALID_ARGUMENT"), sql
+    assert flight_server.queries.stats() == queued_before
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
+    assert grown < 256 * 1024**2, f"peak memory grew by {grown / 1024**2:.0f} MiB"

@@ -8,7 +8,7 @@ from litestar import MediaType, Request, Response, get
 from litestar.di import NamedDependency
 
 from catalog import Catalog
-from control_plane.context import require_admin
+from control_plane.context import ADMIN_UNLESS_PUBLIC_METRICS, require_admin
 from control_plane.models import Health
 
 
@@ -37,10 +37,11 @@ def jwks(catalog: NamedDependency[Catalog]) -> dict[str, Any]:
     tags=["health"],
     summary="Prometheus metrics",
     media_type=MediaType.TEXT,
+    opt={"auth": ADMIN_UNLESS_PUBLIC_METRICS},
 )
 def metrics(request: Request[Any, Any, Any], catalog: NamedDependency[Catalog]) -> Response[bytes]:
     if not catalog.config.server.public_metrics:
-        require_admin(request)
+        require_admin(request)  # done by the gate already (cached); kept for a bare app
     catalog.status()  # refreshes the uptime and database size gauges
     return Response(catalog.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -1,4 +1,4 @@
-"""The data plane benchmark (issue 3, DESIGN.md §8): all figures from one run on the same data.
+"""The data plane benchmark (tests/bench/RESULTS.md): all figures from one run on the same data.
 
 A DuckDB file with a synthetic table ``bench.t`` (ints, doubles, strings, timestamps;
 ``QUIVER_BENCH_ROWS``, default 5,000,000 rows) is measured
