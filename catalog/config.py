@@ -17,6 +17,7 @@ import msgspec
 
 from catalog.errors import ConfigError
 from catalog.resources import parse_size
+from catalog.snowflake_names import split_snowflake_name
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -394,11 +395,11 @@ def _check_sync(config: Config) -> None:
         if key in seen:
             raise ConfigError(f"{where}.target: already used by sync.tables[{seen[key]}]")
         seen[key] = i
-        if not entry.source.strip() or len(_split_source(entry.source)) > 3:
+        if not entry.source.strip() or len(split_snowflake_name(entry.source)) > 3:
             raise ConfigError(
                 f"{where}.source: {entry.source!r} must be `table`, `schema.table` or `database.schema.table`"
             )
-        depth = len(_split_source(entry.source))
+        depth = len(split_snowflake_name(entry.source))
         if depth < 3 and not sf.database:
             raise ConfigError(
                 f"{where}.source: name the database (`DB.SCHEMA.TABLE`) or set snowflake.database"
@@ -417,18 +418,3 @@ def _check_sync(config: Config) -> None:
             raise ConfigError(f'{where}.lookback_seconds: only meaningful with mode = "merge"')
         if len(set(k.lower() for k in entry.primary_key)) != len(entry.primary_key):
             raise ConfigError(f"{where}.primary_key: lists a column twice")
-
-
-def _split_source(name: str) -> list[str]:
-    """Split a Snowflake name on dots outside double quotes."""
-    parts, current, quoted = [], "", False
-    for ch in name.strip():
-        if ch == '"':
-            quoted = not quoted
-        if ch == "." and not quoted:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    parts.append(current)
-    return parts

@@ -1,7 +1,7 @@
 """The sync service: schedules table runs inside ``quiver serve`` and answers the control
 plane (``catalog.sync``, the :class:`catalog.SyncController` protocol).
 
-Scheduling rules (proto_docs/sync.md):
+Scheduling rules (proto_docs/sync.md, "Scheduling"):
 - each table is due every ``interval_seconds`` plus a random jitter; at start-up a table is
   next due at its last run's start + interval (+ jitter), a table never synced at once;
 - never two runs of one table at once; at most ``[sync] max_parallel`` runs in parallel;
@@ -24,7 +24,8 @@ from typing import Any
 import structlog
 
 from catalog import Catalog, Config, NotFound
-from sync.engine import ProgressFn, TableSync
+from sync.context import ProgressFn
+from sync.engine import TableSync
 from sync.source import SnowflakeSource
 from sync.state import RunRecord, SyncStateStore, TableState
 

@@ -20,6 +20,8 @@ import pyarrow as pa
 import structlog
 
 from catalog.config import SnowflakeConfig
+from catalog.snowflake_names import split_snowflake_name
+from sync.errors import SyncFailed
 from sync.typemap import SourceColumn, quote_snowflake
 
 log = structlog.get_logger("sync")
@@ -28,15 +30,6 @@ logging.getLogger("snowflake.connector").setLevel(logging.WARNING)
 
 # Snowflake error numbers that mean "your credentials were refused": never transient.
 AUTH_ERRNOS = {390100, 390101, 390102, 390144, 390190, 390191, 390195, 390302, 390318}
-
-
-class SourceError(Exception):
-    """A source failure with a message safe to record and show (no secrets)."""
-
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.transient = transient
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,38 +57,15 @@ def _display(ident: str) -> str:
     )
 
 
-def split_name(text: str) -> list[str]:
-    """Split ``DB.SCHEMA."Mixed.Name"`` into stored identifiers: quoted parts keep their case
-    (with ``""`` unescaped); unquoted parts are upper-cased, as Snowflake resolves them."""
-    parts: list[str] = []
-    current, quoted, was_quoted, i = "", False, False, 0
-    text = text.strip()
-    while i < len(text):
-        ch = text[i]
-        if ch == '"':
-            if quoted and i + 1 < len(text) and text[i + 1] == '"':
-                current += '"'
-                i += 2
-                continue
-            quoted = not quoted
-            was_quoted = True
-        elif ch == "." and not quoted:
-            parts.append(current if was_quoted else current.strip().upper())
-            current, was_quoted = "", False
-        else:
-            current += ch
-        i += 1
-    parts.append(current if was_quoted else current.strip().upper())
-    return parts
-
-
 def parse_source(text: str, database: str | None, schema: str | None) -> SourceTable:
-    parts = split_name(text)
+    parts = split_snowflake_name(text)
     if len(parts) == 3:
         return SourceTable(*parts)
     if len(parts) == 2:
-        return SourceTable(split_name(database or "")[0], *parts)
-    return SourceTable(split_name(database or "")[0], split_name(schema or "")[0], parts[0])
+        return SourceTable(split_snowflake_name(database or "")[0], *parts)
+    return SourceTable(
+        split_snowflake_name(database or "")[0], split_snowflake_name(schema or "")[0], parts[0]
+    )
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -103,7 +73,7 @@ def is_transient(exc: BaseException) -> bool:
     unknown objects and SQL errors are not."""
     from snowflake.connector import errors as sfe
 
-    if isinstance(exc, SourceError):
+    if isinstance(exc, SyncFailed):
         return exc.transient
     if isinstance(exc, sfe.ProgrammingError):
         return False
@@ -178,7 +148,7 @@ class SnowflakeSource:
         args = self._connect_args()
         try:
             self._con = snowflake.connector.connect(**args)
-        except Exception as e:  # noqa: BLE001 - every connector failure becomes a SourceError
+        except Exception as e:  # noqa: BLE001 - every connector failure becomes a SyncFailed
             raise self.error("cannot connect to Snowflake", e) from None
         log.info("sync.source.connected", account=self._config.account, host=self._config.host)
 
@@ -196,9 +166,9 @@ class SnowflakeSource:
                 text = text.replace(secret, "[redacted]")
         return text
 
-    def error(self, what: str, exc: BaseException) -> SourceError:
+    def error(self, what: str, exc: BaseException) -> SyncFailed:
         detail = self.scrub(str(exc).strip()) or type(exc).__name__
-        return SourceError(f"{what}: {detail}", transient=is_transient(exc))
+        return SyncFailed(f"{what}: {detail}", transient=is_transient(exc))
 
     # --- queries -----------------------------------------------------------------------------
     def _cursor(self) -> Any:
@@ -243,7 +213,7 @@ class SnowflakeSource:
         cur = self.execute(sql, params)
         try:
             yield from cur.fetch_arrow_batches(force_microsecond_precision=True)
-        except SourceError:
+        except SyncFailed:
             raise
         except Exception as e:  # noqa: BLE001
             raise self.error("reading from the source failed", e) from None
@@ -253,7 +223,7 @@ def _read_secret(path: str, key: str) -> str:
     try:
         return Path(path).expanduser().read_text().strip()
     except OSError as e:
-        raise SourceError(f"{key}: cannot read {path}: {e.strerror}") from None
+        raise SyncFailed(f"{key}: cannot read {path}: {e.strerror}") from None
 
 
 # --- typed bindings ------------------------------------------------------------------------------

@@ -240,3 +240,20 @@ def test_key_pair_settings_reach_the_connector(tmp_path: Path) -> None:
     assert "password" not in args
     assert (args["login_timeout"], args["network_timeout"], args["socket_timeout"]) == (30.0, 30.0, 30.0)
     assert source.scrub("failed with pass-phrase inside") == "failed with [redacted] inside"
+
+
+def test_source_failures_are_the_one_sync_failure_type(tmp_path: Path) -> None:
+    """The source and the run share one failure type: what the source raises is a
+    ``SyncFailed`` whose ``transient`` flag the run's retry loop reads (no second type)."""
+    import sync
+    from catalog.config import SnowflakeConfig
+    from sync.source import SnowflakeSource, is_transient
+
+    missing = tmp_path / "no-such-password"
+    source = SnowflakeSource(SnowflakeConfig(account="acme", user="q", password_file=str(missing)))
+    with pytest.raises(sync.SyncFailed) as e:
+        source.connect()
+    assert e.value.message == f"snowflake.password_file: cannot read {missing}: No such file or directory"
+    assert e.value.transient is False and not is_transient(e.value)
+    assert is_transient(sync.SyncFailed("source query failed: timed out", transient=True))
+    assert not hasattr(sync, "SourceError")

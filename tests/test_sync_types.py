@@ -9,11 +9,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from catalog import ConfigError, load_config
-from sync.source import parse_source, split_name
+from catalog.snowflake_names import split_snowflake_name
+from sync.source import parse_source
 from sync.state import decode_watermark, encode_watermark
-from sync.typemap import SourceColumn, duckdb_type, is_widening, target_name
+from sync.typemap import SourceColumn, duckdb_type, is_widening, quote_snowflake, target_name
 from tests.sync_emulator import Emulator, Source, replica, sync_service
 
 # --- the map itself ------------------------------------------------------------------------------
@@ -54,10 +57,46 @@ def test_names_lower_case_unquoted_identifiers_and_keep_quoted_mixed_case() -> N
     assert target_name("UPDATED_AT") == "updated_at"
     assert target_name("MixedCase") == "MixedCase"
     assert target_name("lower") == "lower"
-    assert split_name('analytics.public."Mixed.Name"') == ["ANALYTICS", "PUBLIC", "Mixed.Name"]
     src = parse_source("orders", "ANALYTICS", "PUBLIC")
     assert (src.database, src.schema, src.name) == ("ANALYTICS", "PUBLIC", "ORDERS")
     assert src.sql == '"ANALYTICS"."PUBLIC"."ORDERS"'
+
+
+SPLITS = [
+    ("orders", ["ORDERS"]),
+    ("  analytics . public . orders ", ["ANALYTICS", "PUBLIC", "ORDERS"]),
+    ('analytics.public."Mixed.Name"', ["ANALYTICS", "PUBLIC", "Mixed.Name"]),
+    ('"a""b".c', ['a"b', "C"]),
+    ('"Lower"', ["Lower"]),
+    ('"x.y.z"', ["x.y.z"]),
+    ("a.b.c.d", ["A", "B", "C", "D"]),
+    ('"open.quote', ["open.quote"]),
+]
+
+
+@pytest.mark.parametrize(("text", "parts"), SPLITS)
+def test_one_snowflake_name_splitter(text: str, parts: list[str]) -> None:
+    assert split_snowflake_name(text) == parts
+
+
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=4))
+def test_quoted_names_split_back_into_their_parts(parts: list[str]) -> None:
+    """Any identifiers, quoted as Snowflake quotes them and joined with dots, split back into
+    exactly those identifiers (dots, quotes and spaces inside included)."""
+    assert split_snowflake_name(".".join(quote_snowflake(p) for p in parts)) == parts
+
+
+@pytest.mark.parametrize(
+    ("source", "parts"), [('DB.S."Dotted.Name"', ("DB", "S", "Dotted.Name")), ('S."x.y"', ("DB", "S", "x.y"))]
+)
+def test_config_check_and_sync_read_a_quoted_dotted_source_the_same_way(
+    source: str, parts: tuple[str, str, str]
+) -> None:
+    """A dot inside quotes is part of the name for both: the config accepts the entry (it
+    counts at most three parts) and the worker resolves the same three identifiers."""
+    _config([{"source": source, "target": "s.o"}])
+    src = parse_source(source, "DB", "S")
+    assert (src.database, src.schema, src.name) == parts
 
 
 def test_widening() -> None:
@@ -226,6 +265,8 @@ BAD = [
     ([{"source": "ORDERS", "target": "s.o", "cursour": "X"}], "cursour"),
     ([{"source": "ORDERS", "target": "s.o", "interval_seconds": 0}], "sync.tables[0].interval_seconds"),
     ([{"source": "A.B.C.D", "target": "s.o"}], "sync.tables[0] (s.o).source"),
+    ([{"source": 'A."B.C".D.E', "target": "s.o"}], "sync.tables[0] (s.o).source"),
+    ([{"source": "  ", "target": "s.o"}], "sync.tables[0] (s.o).source"),
     ([{"target": "s.o"}], "source"),
 ]
 

@@ -1,0 +1,40 @@
+"""Snowflake object names (``DB.SCHEMA."Mixed.Name"``) split into the identifiers Snowflake
+stores.
+
+One splitter for the whole code base: the configuration check (``[[sync.tables]] source``,
+catalog/config.py) counts the parts and the sync worker (sync/source.py) resolves them, so
+both must agree on where a name breaks. It lives in ``catalog`` because ``sync`` may import
+``catalog`` but not the other way round.
+"""
+
+from __future__ import annotations
+
+
+def split_snowflake_name(text: str) -> list[str]:
+    """Split on dots outside double quotes, into stored identifiers.
+
+    Quoted parts keep their case (``""`` inside quotes is one literal ``"``); unquoted parts
+    are stripped and upper-cased, as Snowflake resolves them. Surrounding whitespace of the
+    whole name is ignored. Never raises: a name with an unbalanced quote reads to its end as
+    quoted, and the caller decides what a wrong number of parts means.
+    """
+    parts: list[str] = []
+    current, quoted, was_quoted, i = "", False, False, 0
+    text = text.strip()
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            if quoted and i + 1 < len(text) and text[i + 1] == '"':
+                current += '"'
+                i += 2
+                continue
+            quoted = not quoted
+            was_quoted = True
+        elif ch == "." and not quoted:
+            parts.append(current if was_quoted else current.strip().upper())
+            current, was_quoted = "", False
+        else:
+            current += ch
+        i += 1
+    parts.append(current if was_quoted else current.strip().upper())
+    return parts
