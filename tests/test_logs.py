@@ -35,7 +35,11 @@ _SCRIPT = textwrap.dedent(
 def test_tokens_are_redacted_from_fields_exceptions_and_tracebacks(fmt: str) -> None:
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT.replace("FMT", repr(fmt))], capture_output=True, text=True, cwd=root, timeout=60
+        [sys.executable, "-c", _SCRIPT.replace("FMT", repr(fmt))],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "flight.internal_error" in done.stderr and "ValueError" in done.stderr
