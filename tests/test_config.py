@@ -79,3 +79,25 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_unrelated_quiver_variables_are_ignored() -> None:
     c = load_config(None, environ={"QUIVER_URL": "grpc://x:1", "QUIVER_TOKEN_FILE": "/t"})
     assert c.server.flight_port == 8815
+
+
+def test_every_configuration_key_is_documented() -> None:
+    """proto_docs/configuration.md (and sync.md for the Snowflake side) name every key."""
+    import re
+    from pathlib import Path
+
+    import msgspec
+
+    from catalog.config import Config
+
+    docs = Path(__file__).resolve().parents[1] / "proto_docs"
+    text = (docs / "configuration.md").read_text()
+    sync_text = (docs / "sync.md").read_text()
+    missing = []
+    for section in msgspec.structs.fields(Config):
+        page = sync_text if section.name in ("snowflake", "sync", "live") else text
+        for key in msgspec.structs.fields(section.type):
+            pattern = rf"(?m)^\s*#?\s*{re.escape(key.name)}\s*=|`{re.escape(key.name)}`|\[\[{section.name}\.{key.name}\]\]"
+            if not re.search(pattern, page):
+                missing.append(f"{section.name}.{key.name}")
+    assert not missing, missing
