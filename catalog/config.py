@@ -58,8 +58,8 @@ class LimitsConfig(_Section):
     # DuckDB's memory_limit: "auto" = half of the memory available (physical or cgroup),
     # or a size ("2GB"). See catalog/resources.py.
     memory_limit: str = "auto"
-    # quiver serve's address-space bound (RLIMIT_AS): "auto" = what is mapped at start-up
-    # + 80% of the memory available + 2 GiB of reservations; a size; or "off".
+    # quiver serve's address-space bound (RLIMIT_AS): "auto" = what is reserved but not
+    # resident + 90% of the memory available, kept current; a size; or "off".
     address_space_limit: str = "auto"
     # DuckDB worker threads; 0 = one per core.
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0

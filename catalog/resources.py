@@ -10,17 +10,14 @@ catalog/sqlguard.py):
   systemd, ``MemoryMax``) — leaving the rest to Arrow buffers in flight, the hot-table cache,
   Python and the page cache.
 * Not every allocation goes through the buffer manager (one huge string or list built at run
-  time does not), so ``quiver serve`` also bounds the process's address space
-  (``RLIMIT_AS``, ``[limits] address_space_limit``). Past it an allocation fails inside the
-  query — DuckDB reports "Out of Memory Error", Python ``MemoryError`` — and the caller gets
-  RESOURCE_EXHAUSTED, instead of the kernel's OOM killer ending the process for every agent.
-  "auto" is the address space already mapped at start-up, plus 80% of the memory available,
-  plus :data:`RESERVED_SLACK` for what grows with load without being used: every thread
-  reserves a stack (8 MiB) and allocators reserve arenas (glibc: 64 MiB each), so the address
-  space is several times the resident size. Without that slack, a busy server would fail to
-  start threads long before it ran short of memory; with it, a single allocation larger than
-  what is left still fails cleanly. (The systemd unit also sets ``MALLOC_ARENA_MAX=2``, which
-  keeps glibc's reservations small.)
+  time does not; nor does an Arrow batch of very wide rows), so ``quiver serve`` also bounds
+  the process's address space (``RLIMIT_AS``, ``[limits] address_space_limit``). Past it an
+  allocation fails inside the query that made it — DuckDB reports "Out of Memory Error",
+  Python ``MemoryError`` — and the caller gets RESOURCE_EXHAUSTED, instead of the kernel's
+  OOM killer ending the process for every agent. "auto" (:class:`AddressSpaceBound`) bounds
+  resident use at :data:`ADDRESS_SPACE_SHARE` of the memory available, on top of what is
+  reserved but not resident (thread stacks, allocator arenas), and follows the reservations
+  as they change.
 """
 
 from __future__ import annotations
@@ -38,11 +35,8 @@ log = structlog.get_logger(__name__)
 
 #: Share of the memory available that ``memory_limit = "auto"`` gives DuckDB.
 DUCKDB_SHARE = 0.5
-#: Share of the memory available that ``address_space_limit = "auto"`` adds to what is mapped.
-ADDRESS_SPACE_SHARE = 0.8
-#: Address space that ``address_space_limit = "auto"`` adds for reservations that grow with
-#: load (thread stacks, allocator arenas) but take no memory.
-RESERVED_SLACK = 2 * 1024**3
+#: Share of the memory available that ``address_space_limit = "auto"`` lets the process use.
+ADDRESS_SPACE_SHARE = 0.9
 _MIN_DUCKDB_BYTES = 256 * 1024**2
 _UNITS = {
     "": 1,
@@ -94,38 +88,64 @@ def duckdb_memory_limit(setting: str) -> str:
     return f"{max(_MIN_DUCKDB_BYTES, int(memory_available() * DUCKDB_SHARE))}B"
 
 
-def _mapped_bytes() -> int:
-    """The address space this process has mapped now (VmSize)."""
+def _status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in bytes (0 where unknown)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return 0
 
 
-def address_space_bound(setting: str) -> int | None:
-    """``[limits] address_space_limit`` in bytes, or None for "off"."""
-    text = setting.strip().lower()
-    if text == "off":
-        return None
-    if text == "auto":
-        return _mapped_bytes() + int(memory_available() * ADDRESS_SPACE_SHARE) + RESERVED_SLACK
-    return parse_size(setting, "[limits] address_space_limit")
+def _mapped_bytes() -> int:
+    """The address space this process has mapped now (VmSize)."""
+    return _status_kib("VmSize")
 
 
-def apply_address_space_bound(setting: str) -> int | None:
-    """Bound this process's address space (``quiver serve`` only: never a library's caller).
-    Returns the bound set, or None. A hard limit lower than ours is kept."""
-    bound = address_space_bound(setting)
-    if bound is None:
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard != resource.RLIM_INFINITY:
-        bound = min(bound, hard)
-    if soft != resource.RLIM_INFINITY and soft < bound:
-        bound = soft
-    resource.setrlimit(resource.RLIMIT_AS, (bound, hard))
-    log.info("resources.address_space_bound", bytes=bound, mapped=_mapped_bytes())
-    return bound
+class AddressSpaceBound:
+    """``quiver serve``'s bound on its address space (``RLIMIT_AS``), kept current.
+
+    "auto" bounds what the process may *use*, not what it reserves: thread stacks and
+    allocator arenas are mapped but mostly untouched, and they grow with load. So the bound is
+    the reserved-but-not-resident part of the address space (VmSize - VmRSS) plus
+    :data:`ADDRESS_SPACE_SHARE` of the memory available, set again on every housekeeping pass
+    as reservations come and go (a reservation made between two passes takes from the
+    headroom until the next). An allocation that would take the resident size past that share
+    fails inside its request; a size setting is a fixed bound; "off" sets none.
+    """
+
+    def __init__(self, setting: str) -> None:
+        text = setting.strip().lower()
+        self.auto = text == "auto"
+        self.fixed = None if text in ("auto", "off") else parse_size(setting, "[limits] address_space_limit")
+        self.enabled = text != "off"
+        self.budget = int(memory_available() * ADDRESS_SPACE_SHARE)
+        self.bound: int | None = None
+
+    def target(self) -> int | None:
+        if not self.enabled:
+            return None
+        if self.fixed is not None:
+            return self.fixed
+        reserved = max(0, _mapped_bytes() - _status_kib("VmRSS"))
+        return reserved + self.budget
+
+    def apply(self) -> int | None:
+        """Set the bound (at start-up, then from housekeeping). A hard limit set from outside
+        (e.g. ``LimitAS=``) is never exceeded. Returns the bound in force, or None."""
+        bound = self.target()
+        if bound is None:
+            return None
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            bound = min(bound, hard)
+        # Never below what is mapped now: that would fail every allocation at once.
+        bound = max(bound, _mapped_bytes() + 64 * 1024**2)
+        if bound != self.bound:
+            resource.setrlimit(resource.RLIMIT_AS, (bound, hard))
+            if self.bound is None:
+                log.info("resources.address_space_bound", bytes=bound, mapped=_mapped_bytes())
+            self.bound = bound
+        return bound

@@ -12,7 +12,7 @@ from typing import Any
 
 from catalog import VERSION, Catalog, ConfigError, DatabaseInUse, NotFound, QuiverError, load_config
 from catalog.errors import bounded
-from catalog.resources import apply_address_space_bound
+from catalog.resources import AddressSpaceBound
 from catalog.swarms import check_swarm_name
 from quiver import logs
 
@@ -110,11 +110,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Everything the server writes in the data dir (database, WAL, tokens, results) is
     # private to its user, as under the systemd unit's UMask=0077.
     os.umask(0o077)
-    runtime = Runtime(config, demo_data=args.demo)
-    endpoints = runtime.start()
     # Past this bound an allocation fails inside the one query that made it (RESOURCE_EXHAUSTED)
     # instead of the kernel killing the process for every agent (catalog/resources.py).
-    apply_address_space_bound(config.limits.address_space_limit)
+    bound = AddressSpaceBound(config.limits.address_space_limit)
+    runtime = Runtime(config, demo_data=args.demo, address_space=bound)
+    endpoints = runtime.start()
     lines = [
         "",
         f"Quiver {VERSION} is serving.",

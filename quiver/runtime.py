@@ -24,6 +24,7 @@ import structlog
 import uvicorn
 
 from catalog import Catalog, Config, QuiverError
+from catalog.resources import AddressSpaceBound
 from control_plane import create_app
 from flight_server import QuiverFlightServer
 from quiver import demo
@@ -116,8 +117,18 @@ class Endpoints:
 
 
 class Runtime:
-    def __init__(self, config: Config, *, demo_data: bool = False, grace_seconds: float = 10.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        demo_data: bool = False,
+        grace_seconds: float = 10.0,
+        address_space: AddressSpaceBound | None = None,
+    ) -> None:
         self.config = config
+        # quiver serve's address-space bound (catalog/resources.py): set once both listeners
+        # serve, and kept current by housekeeping. None in-process (tests, embedding).
+        self.address_space = address_space
         self.demo_data = demo_data
         self.grace_seconds = grace_seconds
         self.catalog: Catalog | None = None
@@ -159,6 +170,8 @@ class Runtime:
         except BaseException:
             self.stop()
             raise
+        if self.address_space is not None:
+            self.address_space.apply()
         self._housekeeping = threading.Thread(target=self._housekeep, name="quiver-housekeeping", daemon=True)
         self._housekeeping.start()
         assert self.endpoints is not None
@@ -267,6 +280,8 @@ class Runtime:
         while not self._stopping.wait(interval):
             self.catalog.maintain()
             self.catalog.renew_admin_token()
+            if self.address_space is not None:
+                self.address_space.apply()
 
     # --- run until told to stop ---------------------------------------------------------------
     def serve_forever(self) -> None:

@@ -46,10 +46,10 @@ def test_sizes_parse_in_duckdb_units() -> None:
 _BOUNDED = textwrap.dedent(
     """
     import json, duckdb
-    from catalog.resources import _mapped_bytes, apply_address_space_bound
+    from catalog.resources import AddressSpaceBound, _mapped_bytes
     from flight_server.errors import duckdb_error, resource_error
 
-    bound = apply_address_space_bound(f"{_mapped_bytes() + 1_500_000_000}B")
+    bound = AddressSpaceBound(f"{_mapped_bytes() + 1_500_000_000}B").apply()
     out = {"bound": bound}
     con = duckdb.connect()
     try:
@@ -88,3 +88,30 @@ def test_quiver_serve_bounds_its_address_space(tmp_path: Path) -> None:
         assert line.split()[3] == str(64 * 1024**3), line
     finally:
         serve.stop()
+
+
+def test_the_auto_bound_follows_reservations_not_use() -> None:
+    """Thread stacks are reserved, not used: starting threads raises the auto bound by about
+    what they reserve, so a busy server can still start threads; the budget for real memory
+    stays the same (computed here without setting it: a bound cannot be lifted in-process)."""
+    import threading
+
+    from catalog.resources import ADDRESS_SPACE_SHARE, AddressSpaceBound
+
+    bound = AddressSpaceBound("auto")
+    assert bound.budget == int(memory_available() * ADDRESS_SPACE_SHARE)
+    before = bound.target()
+    stop = threading.Event()
+    threads = [threading.Thread(target=stop.wait) for _ in range(32)]
+    for t in threads:
+        t.start()
+    try:
+        after = bound.target()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert before is not None and after is not None
+    assert after - before >= 16 * 8 * 1024**2  # most of 32 stacks of 8 MiB, reserved not used
+    assert AddressSpaceBound("off").target() is None
+    assert AddressSpaceBound("3GiB").target() == 3 * 1024**3
