@@ -53,9 +53,9 @@ from flight_server.streams import BATCH_ROWS, Streamer, limited
 from flight_server.table_cache import TableCache, resolve_budget
 from flight_server.tickets import TicketStore
 from flight_server.versions import VersionWatch
+from quiver_client.wire import decode_error
 
 log = structlog.get_logger("flight_server")
-install_traceback_filter()
 
 T = TypeVar("T")
 _EXPIRY_TYPE = pa.timestamp("ns")
@@ -98,6 +98,9 @@ class QuiverFlightServer(flight.FlightServerBase):
         tls_certificates: list[tuple[bytes, bytes]] | None = None,
         split: SplitOptions | None = None,
     ) -> None:
+        # GetSchema's refusals need it (flight_server/errors.py); installed by a server, never
+        # by an import (the agent client shares a process with no server: quiver_client).
+        install_traceback_filter()
         super().__init__(
             location,
             middleware={"quiver": AuthMiddlewareFactory(catalog)},
@@ -165,10 +168,8 @@ class QuiverFlightServer(flight.FlightServerBase):
             err = map_exception(exc, state.request_id, where)
             extra = getattr(err, "extra_info", None)
             if extra:
-                try:
-                    state.outcome = json.loads(extra)["code"]
-                except (ValueError, KeyError, TypeError):
-                    state.outcome = "ERROR"
+                coded = decode_error(extra)
+                state.outcome = coded[0] if coded is not None else "ERROR"
             raise err from None
 
     # --- listing ------------------------------------------------------------------------
