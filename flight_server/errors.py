@@ -127,7 +127,7 @@ def _clean(message: str, line_offset: int = 0) -> str:
     return f"{head} ({context})" if context else head
 
 
-#: Lines Quiver puts before the caller's SQL when it caps the rows (streams.limited).
+#: Lines Quiver puts before the caller's SQL when it caps the rows (flight_server.plans.limited).
 WRAP_LINES = 1
 
 

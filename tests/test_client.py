@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pytest
 
-from flight_server.endpoints import SplitOptions
+from flight_server.planner import SplitOptions
 from quiver_client import QuiverClient, QuiverClientError, TruncatedResultWarning
 from tests.harness import Server, start_server
 

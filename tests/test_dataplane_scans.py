@@ -18,7 +18,7 @@ import pytest
 
 from catalog import TableRef
 from catalog.tables import TableCatalog
-from flight_server.endpoints import SplitOptions
+from flight_server.planner import SplitOptions
 from tests.harness import Server, call_options, error_info, start_server
 
 ROOT = Path(__file__).resolve().parents[1]

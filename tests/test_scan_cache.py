@@ -17,7 +17,7 @@ import pytest
 
 from catalog import ConfigError, TableRef, load_config
 from catalog.tables import TableCatalog
-from flight_server.endpoints import SplitOptions
+from flight_server.planner import SplitOptions
 from flight_server.table_cache import TableCache
 from tests.harness import Server, call_options, error_info, start_server
 
