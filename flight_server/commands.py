@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, overload
 
 import msgspec
 import pyarrow.flight as flight
@@ -106,6 +107,31 @@ class RefreshBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     usage: ClassVar[str] = '{"ttl_seconds": N} (or no body)'
     ttl_seconds: int | None = None
+
+
+class WhoAmI(msgspec.Struct, kw_only=True):
+    """The answer of ``whoami`` (proto_docs/actions.md)."""
+
+    kind: str
+    swarm: str | None
+    agent: str | None
+    jti: str
+    expires_at: str  # iso()
+    tables: list[str]
+
+
+@overload
+def iso(value: datetime | float) -> str: ...
+@overload
+def iso(value: None) -> None: ...
+def iso(value: datetime | float | None) -> str | None:
+    """A time in an action's answer: ISO 8601 in UTC (``2026-01-31T12:00:00.5+00:00``); a
+    float is a ``time.time()`` timestamp."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        value = datetime.fromtimestamp(value, UTC)
+    return value.astimezone(UTC).isoformat()
 
 
 class TableScan(msgspec.Struct, frozen=True):

@@ -18,8 +18,6 @@ mix. Queries and samples are single endpoints: splitting arbitrary SQL is not so
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import time
 import weakref
 from collections import OrderedDict
@@ -37,6 +35,7 @@ from catalog.sqlguard import GuardedQuery, SqlGuard
 from catalog.tables import fold
 from flight_server import commands as cmds
 from flight_server.admission import Admission
+from flight_server.cache import sql_digest
 from flight_server.commands import (
     Command,
     ProfileCommand,
@@ -404,11 +403,9 @@ class Planner:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4096)
 def _query_label(normalized: str) -> str:
-    """``query:`` + the start of the guard's fingerprint (a hash of kilobytes of parse tree:
-    once per query text, not per request)."""
-    return f"query:{hashlib.sha256(normalized.encode()).hexdigest()[:12]}"
+    """``query:`` + the start of the query's digest (the result cache's, remembered per text)."""
+    return f"query:{sql_digest(normalized)[:12]}"
 
 
 def _param_type(value: Any) -> Any:

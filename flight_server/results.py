@@ -43,7 +43,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +66,7 @@ from catalog import (
 from catalog.config import ResultsConfig
 from catalog.database import Database
 from catalog.errors import bounded
+from flight_server.commands import iso
 from flight_server.errors import classify
 from flight_server.truncation import CapReason, RowCap
 
@@ -159,10 +159,6 @@ class _Query:
     future: Future[None] | None = None
     wake: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 class _Metrics:
@@ -473,7 +469,7 @@ class QueryManager:
         elapsed = 0.0 if query.started is None else (query.finished or now) - query.started
         expires_at = None
         if query.expires is not None:
-            expires_at = _iso(time.time() + (query.expires - now))
+            expires_at = iso(time.time() + (query.expires - now))
         return {
             "id": query.id,
             "state": query.state,
@@ -481,9 +477,9 @@ class QueryManager:
             "rows": query.rows,
             "bytes": query.bytes,
             "elapsed_seconds": round(elapsed, 6),
-            "submitted_at": _iso(query.submitted_at),
-            "started_at": _iso(query.started_at),
-            "finished_at": _iso(query.finished_at),
+            "submitted_at": iso(query.submitted_at),
+            "started_at": iso(query.started_at),
+            "finished_at": iso(query.finished_at),
             "expires_at": expires_at,
             "cancel_requested": query.cancel_requested,
             # Cut at the row cap (proto_docs/actions.md): never a silent partial answer.

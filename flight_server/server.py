@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import msgspec
 import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
@@ -261,11 +262,11 @@ class QuiverFlightServer(flight.FlightServerBase):
             state.action = action.type
             body = action.body.to_pybytes() if action.body is not None else b""
             if action.type == "whoami":
-                return [_json(self.whoami(principal))]
+                return [_json(msgspec.structs.asdict(self.whoami(principal)))]
             if action.type == "refresh-token":
                 ttl = commands.decode_body(body, commands.RefreshBody, action.type).ttl_seconds
                 issued = self.catalog.tokens.refresh(principal, ttl)
-                return [_json({f: getattr(issued, f) for f in issued.__struct_fields__})]
+                return [_json(msgspec.structs.asdict(issued))]
             if action.type == "submit-query":
                 # The query path of a {"kind": "query"} descriptor: every check before queueing.
                 query = commands.decode_body(body, commands.QueryCommand, action.type)
@@ -283,15 +284,15 @@ class QuiverFlightServer(flight.FlightServerBase):
 
         return iter(self._run(context, "do_action", run))
 
-    def whoami(self, principal: Principal) -> dict[str, Any]:
-        return {
-            "kind": principal.kind,
-            "swarm": principal.swarm,
-            "agent": principal.agent,
-            "jti": principal.jti,
-            "expires_at": principal.expires_at.isoformat(),
-            "tables": self.catalog.policy.readable_names(principal),
-        }
+    def whoami(self, principal: Principal) -> commands.WhoAmI:
+        return commands.WhoAmI(
+            kind=principal.kind,
+            swarm=principal.swarm,
+            agent=principal.agent,
+            jti=principal.jti,
+            expires_at=commands.iso(principal.expires_at),
+            tables=self.catalog.policy.readable_names(principal),
+        )
 
     # --- not offered ---------------------------------------------------------------------
     def do_put(
