@@ -9,7 +9,9 @@ programs that read the error and retry.
 
 Action bodies go through :func:`decode_body`, the one decoder of an action's JSON body, with
 the same size and nesting bounds as a command; :func:`explain` is the one place msgspec's
-messages become those sentences, for commands and bodies alike.
+messages become those sentences, for commands and bodies alike. The shape of an action's
+answer lives here too where it is a Struct (:class:`WhoAmI`), and :func:`iso`, the one way an
+answer writes a time.
 
 Size checks against ``[limits]`` live here too, next to the shapes they constrain, so that
 GetFlightInfo and GetSchema refuse exactly the same commands.

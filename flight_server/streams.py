@@ -147,7 +147,7 @@ class Streamer:
         (:class:`VersionWatch`), read before the query runs, so the rows stored under it are of
         that version or newer — a newer version seen later drops the entry."""
         assert part.normalized is not None
-        versions: dict[Any, int] = {}
+        versions: dict[tuple[str, str], int] = {}
         if plan.tables:
             current = self.versions.current()
             versions = {ref.key(): current.get(ref.key(), 0) for ref in plan.tables}

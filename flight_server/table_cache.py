@@ -144,8 +144,8 @@ class TableCache:
         self._used = 0
         self._lock = threading.Lock()
         self._fill_lock = threading.Lock()  # one fill at a time: memory is budget + one fill
-        self._fills: dict[Any, _Fill] = {}
-        self._too_large: OrderedDict[Any, None] = OrderedDict()
+        self._fills: dict[tuple[str, str], _Fill] = {}
+        self._too_large: OrderedDict[tuple[tuple[str, str], int, int], None] = OrderedDict()
         self._metrics = _Metrics(registry)
         self.hits = self.misses = 0
         self.fills = {"ok": 0, "too_large": 0, "failed": 0}
