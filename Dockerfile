@@ -13,6 +13,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY quiver ./quiver
 COPY catalog ./catalog
 COPY flight_server ./flight_server
+COPY quiver_client ./quiver_client
 COPY control_plane ./control_plane
 COPY sync ./sync
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \

@@ -1,13 +1,18 @@
-"""Quiver's data plane: an Arrow Flight server streaming DuckDB results, and its client."""
+"""Quiver's data plane: an Arrow Flight server streaming DuckDB results.
 
-from flight_server.client import (
+The agent client is the package :mod:`quiver_client` (only ``pyarrow`` needed); it is
+re-exported here for code written before it had a package of its own. Importing this
+package imports the server (DuckDB, ``catalog``); an agent imports ``quiver_client``.
+"""
+
+from flight_server.server import QuiverFlightServer
+from quiver_client import (
     QuiverClient,
     QuiverClientError,
     TableListing,
     TruncatedResultError,
     TruncatedResultWarning,
 )
-from flight_server.server import QuiverFlightServer
 
 __all__ = [
     "QuiverClient",

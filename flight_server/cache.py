@@ -73,7 +73,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from catalog import Catalog, TableRef
 from catalog.config import CacheConfig
 from catalog.database import Database
-from catalog.tables import TableCatalog
+from catalog.tables import TableCatalog, fold
 
 log = structlog.get_logger(__name__)
 
@@ -149,8 +149,18 @@ def _plain(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def _table_key(table: TableRef | TableKey) -> TableKey:
+    """A table as the cache keys it: folded the way DuckDB matches names (``TableRef.key``)."""
+    return table.key() if isinstance(table, TableRef) else (fold(table[0]), fold(table[1]))
+
+
+# The parse tree is kilobytes of JSON: hash it once per text, not once per request.
+@lru_cache(maxsize=4096)
+def sql_digest(normalized: str) -> str:
+    """The digest of a query: SHA-256 of the guard's normalized SQL (the same as
+    ``GuardedQuery.fingerprint``, remembered per text). It keys the result cache and names
+    the query in logs (``query:`` + its start, flight_server/planner.py)."""
+    return hashlib.sha256(normalized.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,8 +243,6 @@ class ResultCache:
                 stale.unlink(missing_ok=True)
         self._volatile = TIME_AND_CHANCE | self._duckdb_volatile(db)
         self._is_volatile = lru_cache(maxsize=4096)(self._compute_volatile)
-        # The parse tree is kilobytes of JSON: hash it once per text, not once per request.
-        self._sql_digest = lru_cache(maxsize=4096)(_digest)
         interval = sweep_seconds if sweep_seconds is not None else min(30.0, max(0.5, config.ttl_seconds / 2))
         self._sweeper = threading.Thread(
             target=self._sweep_loop, args=(interval,), name="quiver-cache-sweeper", daemon=True
@@ -295,13 +303,8 @@ class ResultCache:
             with self._lock:
                 self.uncacheable += 1
             return None
-        tables = tuple(
-            sorted(
-                ((k.key() if isinstance(k, TableRef) else (k[0].lower(), k[1].lower())), int(v))
-                for k, v in versions.items()
-            )
-        )
-        digest = self._sql_digest(normalized)
+        tables = tuple(sorted((_table_key(k), int(v)) for k, v in versions.items()))
+        digest = sql_digest(normalized)
         if extra is None and all(_plain(p) for p in params):
             # The common case (scalar parameters): msgspec, several times faster than json.
             material = _KEY_ENCODER.encode((digest, params, max_rows, tables)).decode()
@@ -553,7 +556,7 @@ class ResultCache:
 
     def invalidate(self, table: TableRef | TableKey, version: int | None = None) -> int:
         """Drop the entries that read ``table`` (those older than ``version`` when given)."""
-        t = table.key() if isinstance(table, TableRef) else (table[0].lower(), table[1].lower())
+        t = _table_key(table)
         with self._lock:
             if version is not None:
                 self._latest[t] = max(version, self._latest.get(t, version))

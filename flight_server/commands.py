@@ -1,4 +1,5 @@
-"""Descriptors → typed commands (proto_docs/descriptors.md).
+"""Descriptors and action bodies → typed msgspec Structs (proto_docs/descriptors.md,
+proto_docs/actions.md).
 
 A PATH descriptor ``[schema, table]`` is a full table scan. A CMD descriptor is a UTF-8 JSON
 object whose ``kind`` selects one msgspec Struct of a tagged union; unknown fields are
@@ -6,15 +7,23 @@ errors, so a misspelt ``max_rows`` can never silently lift a limit. Every proble
 INVALID_ARGUMENT with one sentence that names the field and says what is allowed: agents are
 programs that read the error and retry.
 
+Action bodies go through :func:`decode_body`, the one decoder of an action's JSON body, with
+the same size and nesting bounds as a command; :func:`explain` is the one place msgspec's
+messages become those sentences, for commands and bodies alike. The shape of an action's
+answer lives here too where it is a Struct (:class:`WhoAmI`), and :func:`iso`, the one way an
+answer writes a time.
+
 Size checks against ``[limits]`` live here too, next to the shapes they constrain, so that
 GetFlightInfo and GetSchema refuse exactly the same commands.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from typing import Annotated, Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, overload
 
 import msgspec
 import pyarrow.flight as flight
@@ -44,7 +53,10 @@ class _Command(msgspec.Struct, tag_field="kind", forbid_unknown_fields=True, kw_
 
 
 class QueryCommand(_Command, tag="query"):
-    """A guarded, read-only SQL query with positional ``?`` (or ``$1``) parameters."""
+    """A guarded, read-only SQL query with positional ``?`` (or ``$1``) parameters; also the
+    body of ``submit-query`` (where ``kind`` may be left out)."""
+
+    usage: ClassVar[str] = '{"sql": "...", "params": [...], "max_rows": N}'
 
     sql: str
     params: list[Param] = []
@@ -85,6 +97,45 @@ KINDS: dict[str, type[_Command]] = {
 _decoder = msgspec.json.Decoder(Command)
 
 
+class QueryIdBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of ``query-status`` and ``cancel-query``."""
+
+    usage: ClassVar[str] = '{"id": "..."} (the query id string that submit-query returned)'
+    id: str
+
+
+class RefreshBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of ``refresh-token`` (optional)."""
+
+    usage: ClassVar[str] = '{"ttl_seconds": N} (or no body)'
+    ttl_seconds: int | None = None
+
+
+class WhoAmI(msgspec.Struct, kw_only=True):
+    """The answer of ``whoami`` (proto_docs/actions.md)."""
+
+    kind: str
+    swarm: str | None
+    agent: str | None
+    jti: str
+    expires_at: str  # iso()
+    tables: list[str]
+
+
+@overload
+def iso(value: datetime | float) -> str: ...
+@overload
+def iso(value: None) -> None: ...
+def iso(value: datetime | float | None) -> str | None:
+    """A time in an action's answer: ISO 8601 in UTC (``2026-01-31T12:00:00.5+00:00``); a
+    float is a ``time.time()`` timestamp."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        value = datetime.fromtimestamp(value, UTC)
+    return value.astimezone(UTC).isoformat()
+
+
 class TableScan(msgspec.Struct, frozen=True):
     """A PATH descriptor: every row of one table."""
 
@@ -96,17 +147,38 @@ def _field_names(cls: type[_Command]) -> str:
     return ", ".join(["kind", *(f.name for f in msgspec.structs.fields(cls))])
 
 
-def explain(raw: bytes, err: msgspec.ValidationError) -> str:
-    """Turn msgspec's message into a sentence that names the field and what is allowed."""
+def _usage(cls: type[msgspec.Struct]) -> str:
+    usage = getattr(cls, "usage", None)
+    if isinstance(usage, str):
+        return usage
+    return "{" + ", ".join(f'"{f.name}": ...' for f in msgspec.structs.fields(cls)) + "}"
+
+
+def explain(
+    raw: bytes,
+    err: msgspec.ValidationError,
+    *,
+    action: str | None = None,
+    body: type[msgspec.Struct] | None = None,
+) -> str:
+    """Turn msgspec's message into a sentence that names the field and what is allowed: for
+    a command (``action`` None), or for the body ``body`` of ``action``."""
     text = str(err)
-    kind: object = None
-    try:
+    obj: object = None
+    with contextlib.suppress(ValueError, RecursionError):  # not JSON: msgspec said so already
         obj = json.loads(raw)
-        kind = obj.get("kind") if isinstance(obj, dict) else None
-    except (ValueError, RecursionError):
-        pass
+    kind: object = obj.get("kind") if isinstance(obj, dict) else None
     if isinstance(kind, str):
         kind = bounded(kind, 40)
+    if action is not None and body is not None:
+        tag = body.__struct_config__.tag if issubclass(body, _Command) else None
+        if not isinstance(tag, str):
+            return _explain_body(text, obj, action, body)
+        if not isinstance(obj, dict):
+            return f"{action}: the action body must be a JSON object: {_usage(body)}"
+        if obj.get("kind", tag) != tag:
+            return f"{action} takes a {tag}: {_usage(body)}"
+        kind = tag
     kinds = ", ".join(KINDS)
     if text.startswith("Expected `object`"):
         return f'a command is a JSON object like {{"kind": "query", "sql": "SELECT 1"}}; got {text[9:]}'
@@ -123,11 +195,60 @@ def explain(raw: bytes, err: msgspec.ValidationError) -> str:
         name = bounded(text.split("`")[1], 60)
         return f"a {kind} command needs the field {name!r}{allowed}"
     if " - at `$." in text:
-        message, _, where = text.rpartition(" - at `$.")
-        where = where.rstrip("`")
-        message = message[0].lower() + message[1:]
+        where, message = _at_field(text)
         return f"field {where!r} of the {kind} command: {message}"
     return f"invalid {kind} command: {text}"
+
+
+def _at_field(text: str) -> tuple[str, str]:
+    """msgspec's ``"<Message> - at `$.<path>`"`` → (path, message in lower case)."""
+    message, _, where = text.rpartition(" - at `$.")
+    return bounded(where.rstrip("`"), 60), message[:1].lower() + message[1:]
+
+
+def _explain_body(text: str, obj: object, action: str, body: type[msgspec.Struct]) -> str:
+    usage = _usage(body)
+    if not isinstance(obj, dict) or text.startswith("Expected `object`"):
+        return f"{action}: the action body must be a JSON object: {usage}"
+    if text.startswith("Object contains unknown field"):
+        known = set(body.__struct_fields__)
+        extra = sorted(str(k) for k in obj if k not in known)
+        return f"{action} takes {usage}; unexpected field(s): {bounded(', '.join(extra), 80)}"
+    if text.startswith("Object missing required field"):
+        return f"{action} takes {usage}; the field {bounded(text.split('`')[1], 60)!r} is missing"
+    if " - at `$." in text:
+        where, message = _at_field(text)
+        return f"{action} takes {usage}; field {where!r}: {message}"
+    return f"{action} takes {usage}: {text}"
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def decode_body(raw: bytes, cls: type[S], action: str) -> S:
+    """The body of ``action`` as ``cls``: the one decoder of action bodies, with the size and
+    nesting bounds of a command. An empty body is ``cls()`` when every field has a default."""
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise InvalidArgument(
+            f"{action}: the body is {len(raw)} bytes; at most {MAX_COMMAND_BYTES} are accepted"
+        )
+    depth = json_depth(raw)
+    if depth > MAX_COMMAND_DEPTH:
+        raise InvalidArgument(
+            f"{action}: the body nests lists/objects {depth} levels deep; at most {MAX_COMMAND_DEPTH} "
+            "are accepted"
+        )
+    if not raw.strip():
+        try:
+            return cls()
+        except TypeError:  # a required field
+            raise InvalidArgument(f"{action}: the action body must be a JSON object: {_usage(cls)}") from None
+    try:
+        return msgspec.json.decode(raw, type=cls)
+    except msgspec.ValidationError as e:
+        raise InvalidArgument(explain(raw, e, action=action, body=cls)) from None
+    except msgspec.DecodeError:
+        raise InvalidArgument(f"{action}: the action body must be a JSON object: {_usage(cls)}") from None
 
 
 def decode_command(raw: bytes) -> Command:

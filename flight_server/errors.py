@@ -4,14 +4,17 @@ pyarrow's Python server forwards a server traceback with any exception that is n
 ``flight.FlightError`` subclass, and cannot send INVALID_ARGUMENT or NOT_FOUND without one.
 So every RPC body's failure goes through :func:`map_exception` (and :func:`classify`, the one
 classification of a failure, shared with the async path): Quiver's own errors become the
-FlightError of proto_docs/errors.md with ``extra_info`` = ``{"code", "detail"}``; anything else is a
+FlightError of proto_docs/errors.md with ``extra_info`` = ``{"code", "detail"}``
+(:func:`quiver_client.wire.encode_error`, which the client decodes); anything else is a
 fault of ours, logged with a request id and sent as INTERNAL without internals.
+
+:func:`install_traceback_filter` is installed by the server when it starts
+(``QuiverFlightServer.__init__``), never at import: importing this module changes nothing.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import re
 import traceback
 from typing import Any
@@ -31,16 +34,13 @@ from catalog.errors import (
     Unauthenticated,
     bounded,
 )
+from quiver_client.wire import decode_error, encode_error
 
 log = structlog.get_logger(__name__)
 
 
-def _extra(code: str, detail: str) -> bytes:
-    return json.dumps({"code": code, "detail": detail}).encode()
-
-
 def flight_error(err: QuiverError) -> flight.FlightError:
-    extra = _extra(err.code, err.detail)
+    extra = encode_error(err.code, err.detail)
     if isinstance(err, Unauthenticated):
         return flight.FlightUnauthenticatedError(err.detail, extra_info=extra)
     if isinstance(err, PermissionDenied):
@@ -57,7 +57,7 @@ def flight_error(err: QuiverError) -> flight.FlightError:
 def internal_error(exc: BaseException, request_id: str, where: str) -> flight.FlightError:
     log.error("flight.internal_error", where=where, request_id=request_id, exc_info=exc)
     detail = f"internal error (request id {request_id}); the server log has the details"
-    return flight.FlightInternalError(detail, extra_info=_extra("INTERNAL", detail))
+    return flight.FlightInternalError(detail, extra_info=encode_error("INTERNAL", detail))
 
 
 # --- DuckDB's errors ------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def _clean(message: str, line_offset: int = 0) -> str:
     return f"{head} ({context})" if context else head
 
 
-#: Lines Quiver puts before the caller's SQL when it caps the rows (streams.limited).
+#: Lines Quiver puts before the caller's SQL when it caps the rows (flight_server.plans.limited).
 WRAP_LINES = 1
 
 
@@ -283,11 +283,7 @@ class _SchemaNotFound(SchemaCallError, KeyError):
 
 def schema_call_error(err: flight.FlightError) -> SchemaCallError:
     """The GetSchema form of a FlightError built by :func:`map_exception`."""
-    try:
-        info = json.loads(err.extra_info or b"{}")
-        code, detail = str(info["code"]), str(info["detail"])
-    except (ValueError, KeyError, TypeError):
-        code, detail = "INTERNAL", "internal error"
+    code, detail = decode_error(err.extra_info) or ("INTERNAL", "internal error")
     cls = {"INVALID_ARGUMENT": _SchemaInvalid, "NOT_FOUND": _SchemaNotFound}.get(code, SchemaCallError)
     return cls(code, detail)
 

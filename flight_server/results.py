@@ -20,11 +20,14 @@ Rules:
 - Status and result stay ``[results] ttl_seconds`` after the query finished; a sweeper
   deletes them then. Results live in memory and on local disk only: a restart forgets them.
 
-Interface for the Flight server (``core`` wires it)::
+Interface for the Flight server (flight_server/server.py decodes the action bodies into
+typed Structs, flight_server/commands.py; the planner prepares a query, ``Planner.prepare``)::
 
-    queries = QueryManager.for_catalog(catalog, prepare)   # prepare: see ``Prepare``
+    queries = QueryManager.for_catalog(catalog)
     ACTION_DESCRIPTIONS                                     # name -> description (ListActions)
-    queries.handle_action(name, principal, body) -> dict    # submit-query/query-status/cancel-query
+    queries.submit(principal, prepared) -> dict             # submit-query: a PreparedQuery
+    queries.status(principal, id) -> dict                   # query-status
+    queries.cancel(principal, id) -> dict                   # cancel-query
     queries.result_info(principal, id) -> ResultInfo        # GetFlightInfo/GetSchema of a result
     queries.open_result(principal, id) -> (schema, reader, rows)  # DoGet of a result
     queries.close()                                          # at server shutdown
@@ -33,7 +36,6 @@ Interface for the Flight server (``core`` wires it)::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import threading
@@ -41,7 +43,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,7 +66,7 @@ from catalog import (
 from catalog.config import ResultsConfig
 from catalog.database import Database
 from catalog.errors import bounded
-from flight_server.commands import MAX_COMMAND_BYTES, MAX_COMMAND_DEPTH, json_depth
+from flight_server.commands import iso
 from flight_server.errors import classify
 from flight_server.truncation import CapReason, RowCap
 
@@ -93,12 +94,6 @@ class PreparedQuery:
     max_rows: int | None = None
     max_rows_reason: CapReason = "server_max_rows"
 
-
-#: Core's function that turns a submit-query body (``{"sql", "params", "max_rows"}``, the
-#: same fields as a ``{"kind": "query"}`` descriptor) into a :class:`PreparedQuery`,
-#: raising InvalidArgument/PermissionDenied for a bad or forbidden query. It runs in the
-#: caller's RPC, so a refusal reaches the client at once and nothing is queued.
-Prepare = Callable[[Principal, dict[str, Any]], PreparedQuery]
 
 ACTION_DESCRIPTIONS: dict[str, str] = {
     "submit-query": (
@@ -166,10 +161,6 @@ class _Query:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
-
-
 class _Metrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.finished = Counter(
@@ -197,13 +188,11 @@ class QueryManager:
         results_dir: Path,
         config: ResultsConfig,
         *,
-        prepare: Prepare | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self._db = db
         self.dir = results_dir
         self.config = config
-        self.prepare = prepare
         self._metrics = _Metrics(registry)
         self._queries: dict[str, _Query] = {}
         self._lock = threading.Lock()
@@ -221,14 +210,13 @@ class QueryManager:
         self._sweeper.start()
 
     @classmethod
-    def for_catalog(cls, catalog: Catalog, prepare: Prepare) -> QueryManager:
+    def for_catalog(cls, catalog: Catalog) -> QueryManager:
         """The manager of ``quiver serve``: results in DATA_DIR/results, ``[results]`` config,
         metrics in the catalog's registry, a section ``async_queries`` in /v1/status."""
         manager = cls(
             catalog.db,
             catalog.data_dir / "results",
             catalog.config.results,
-            prepare=prepare,
             registry=catalog.metrics.registry,
         )
         catalog.status_sections["async_queries"] = manager.stats
@@ -269,12 +257,6 @@ class QueryManager:
             answer = self._describe(query)
         log.info("query.submitted", id=query_id, principal=principal.label)
         return answer
-
-    def submit_request(self, principal: Principal, request: dict[str, Any]) -> dict[str, Any]:
-        """Guard and prepare ``request`` with core's ``prepare``, then :meth:`submit` it."""
-        if self.prepare is None:
-            raise RuntimeError("QueryManager was built without a prepare function")
-        return self.submit(principal, self.prepare(principal, request))
 
     # --- running (worker threads) ------------------------------------------------------------
     def _execute(self, query: _Query, run: Runner) -> None:
@@ -408,8 +390,8 @@ class QueryManager:
         )
 
     # --- asking ------------------------------------------------------------------------------
-    def _get(self, principal: Principal, query_id: Any) -> _Query:
-        if not isinstance(query_id, str) or not query_id:
+    def _get(self, principal: Principal, query_id: str) -> _Query:
+        if not query_id:
             raise InvalidArgument('"id" must be the query id string that submit-query returned')
         query = self._queries.get(query_id)
         now = time.monotonic()
@@ -487,7 +469,7 @@ class QueryManager:
         elapsed = 0.0 if query.started is None else (query.finished or now) - query.started
         expires_at = None
         if query.expires is not None:
-            expires_at = _iso(time.time() + (query.expires - now))
+            expires_at = iso(time.time() + (query.expires - now))
         return {
             "id": query.id,
             "state": query.state,
@@ -495,9 +477,9 @@ class QueryManager:
             "rows": query.rows,
             "bytes": query.bytes,
             "elapsed_seconds": round(elapsed, 6),
-            "submitted_at": _iso(query.submitted_at),
-            "started_at": _iso(query.started_at),
-            "finished_at": _iso(query.finished_at),
+            "submitted_at": iso(query.submitted_at),
+            "started_at": iso(query.started_at),
+            "finished_at": iso(query.finished_at),
             "expires_at": expires_at,
             "cancel_requested": query.cancel_requested,
             # Cut at the row cap (proto_docs/actions.md): never a silent partial answer.
@@ -508,25 +490,6 @@ class QueryManager:
             if query.error is None
             else {"code": query.error.code, "detail": query.error.detail},
         }
-
-    # --- actions -----------------------------------------------------------------------------
-    def handle_action(self, name: str, principal: Principal, body: bytes) -> dict[str, Any]:
-        """Run one of the actions of :data:`ACTION_DESCRIPTIONS`; the answer is JSON-able."""
-        request = _json_object(body, name)
-        if name == "submit-query":
-            if request.get("kind", "query") != "query":
-                raise InvalidArgument('submit-query takes a query: {"sql": "...", "params": [...]}')
-            request = {k: v for k, v in request.items() if k != "kind"}
-            return self.submit_request(principal, request)
-        extra = sorted(set(request) - {"id"})
-        if extra:
-            fields = bounded(", ".join(extra), 80)
-            raise InvalidArgument(f'{name} takes {{"id": "..."}}; unexpected field(s): {fields}')
-        if name == "query-status":
-            return self.status(principal, request.get("id"))  # type: ignore[arg-type]
-        if name == "cancel-query":
-            return self.cancel(principal, request.get("id"))  # type: ignore[arg-type]
-        raise InvalidArgument(f"unknown action {bounded(name, 40)!r}")
 
     # --- housekeeping ----------------------------------------------------------------------------
     def _result_bytes(self) -> int:
@@ -588,23 +551,3 @@ class QueryManager:
         for q in queries:
             q.path.unlink(missing_ok=True)
         self._sweeper.join(5)
-
-
-def _json_object(body: bytes, action: str) -> dict[str, Any]:
-    if len(body) > MAX_COMMAND_BYTES:
-        raise InvalidArgument(
-            f"{action}: the body is {len(body)} bytes; at most {MAX_COMMAND_BYTES} are accepted"
-        )
-    depth = json_depth(body)
-    if depth > MAX_COMMAND_DEPTH:
-        raise InvalidArgument(
-            f"{action}: the body nests lists/objects {depth} levels deep; at most {MAX_COMMAND_DEPTH} "
-            "are accepted"
-        )
-    try:
-        obj = json.loads(body) if body.strip() else None
-    except (ValueError, UnicodeDecodeError):
-        obj = None
-    if not isinstance(obj, dict):
-        raise InvalidArgument(f"{action}: the action body must be a JSON object")
-    return obj

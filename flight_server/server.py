@@ -5,8 +5,10 @@ handed to Flight, never a Python loop over batches or rows.
 
 The pieces, each in its own module:
 
-* :mod:`~flight_server.commands` — descriptors → typed commands (msgspec), with size checks;
-* :mod:`~flight_server.endpoints` — commands → plans: schema, row count, endpoints;
+* :mod:`~flight_server.commands` — descriptors and action bodies → typed Structs (msgspec),
+  with size checks;
+* :mod:`~flight_server.planner` — commands → plans (:mod:`~flight_server.plans`): schema, row
+  count, endpoints;
 * :mod:`~flight_server.tickets` — opaque, expiring tickets bound to a principal;
 * :mod:`~flight_server.streams` — DoGet: a plan's endpoint → a DuckDB stream;
 * :mod:`~flight_server.table_cache` — scanned tables kept in memory as Arrow (hot tables);
@@ -14,7 +16,9 @@ The pieces, each in its own module:
 * :mod:`~flight_server.admission` — the one gate for planning and streams: concurrency, timeout;
 * :mod:`~flight_server.limits` — the query timeout's watchdog;
 * :mod:`~flight_server.errors` — every failure → a FlightError with ``extra_info``;
-* :mod:`~flight_server.profiles`, :mod:`~flight_server.results` — profiles and async queries.
+* :mod:`~flight_server.profiles`, :mod:`~flight_server.results` — profiles and async queries;
+* :mod:`~flight_server.truncation` — row caps and the metadata that reports a cut;
+* :mod:`quiver_client.wire` — the wire constants shared with the agent client.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import duckdb
 import msgspec
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -38,7 +41,6 @@ from catalog.sqlguard import SqlGuard
 from flight_server import commands
 from flight_server.admission import Admission
 from flight_server.cache import ResultCache
-from flight_server.endpoints import Plan, Planner, SplitOptions
 from flight_server.errors import (
     install_traceback_filter,
     map_exception,
@@ -46,16 +48,18 @@ from flight_server.errors import (
 )
 from flight_server.limits import Watchdog
 from flight_server.middleware import AuthMiddlewareFactory, CallState
+from flight_server.planner import Planner, SplitOptions
+from flight_server.plans import Plan
 from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
-from flight_server.results import PreparedQuery, QueryManager
-from flight_server.streams import BATCH_ROWS, Streamer, limited
+from flight_server.results import QueryManager
+from flight_server.streams import Streamer
 from flight_server.table_cache import TableCache, resolve_budget
 from flight_server.tickets import TicketStore
 from flight_server.versions import VersionWatch
+from quiver_client.wire import decode_error
 
 log = structlog.get_logger("flight_server")
-install_traceback_filter()
 
 T = TypeVar("T")
 _EXPIRY_TYPE = pa.timestamp("ns")
@@ -81,10 +85,6 @@ class TicketPayload:
     group: str
 
 
-class RefreshBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    ttl_seconds: int | None = None
-
-
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, default=str).encode()
 
@@ -98,6 +98,9 @@ class QuiverFlightServer(flight.FlightServerBase):
         tls_certificates: list[tuple[bytes, bytes]] | None = None,
         split: SplitOptions | None = None,
     ) -> None:
+        # GetSchema's refusals need it (flight_server/errors.py); installed by a server, never
+        # by an import (the agent client shares a process with no server: quiver_client).
+        install_traceback_filter()
         super().__init__(
             location,
             middleware={"quiver": AuthMiddlewareFactory(catalog)},
@@ -110,7 +113,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.admission = Admission(limits, catalog.db, self.watchdog)
         self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)
         self.profiles = ProfileCache.for_catalog(catalog)
-        self.queries = QueryManager.for_catalog(catalog, self._prepare)
+        self.queries = QueryManager.for_catalog(catalog)
         self.versions = VersionWatch(catalog.db)
         self.table_cache = TableCache(
             resolve_budget(catalog.config.cache.table_memory_bytes), registry=catalog.metrics.registry
@@ -165,10 +168,8 @@ class QuiverFlightServer(flight.FlightServerBase):
             err = map_exception(exc, state.request_id, where)
             extra = getattr(err, "extra_info", None)
             if extra:
-                try:
-                    state.outcome = json.loads(extra)["code"]
-                except (ValueError, KeyError, TypeError):
-                    state.outcome = "ERROR"
+                coded = decode_error(extra)
+                state.outcome = coded[0] if coded is not None else "ERROR"
             raise err from None
 
     # --- listing ------------------------------------------------------------------------
@@ -261,13 +262,21 @@ class QuiverFlightServer(flight.FlightServerBase):
             state.action = action.type
             body = action.body.to_pybytes() if action.body is not None else b""
             if action.type == "whoami":
-                return [_json(self.whoami(principal))]
+                return [_json(msgspec.structs.asdict(self.whoami(principal)))]
             if action.type == "refresh-token":
-                ttl = _decode_body(body, RefreshBody, action.type).ttl_seconds
+                ttl = commands.decode_body(body, commands.RefreshBody, action.type).ttl_seconds
                 issued = self.catalog.tokens.refresh(principal, ttl)
-                return [_json({f: getattr(issued, f) for f in issued.__struct_fields__})]
-            if action.type in QUERY_ACTIONS:
-                return [_json(self.queries.handle_action(action.type, principal, body))]
+                return [_json(msgspec.structs.asdict(issued))]
+            if action.type == "submit-query":
+                # The query path of a {"kind": "query"} descriptor: every check before queueing.
+                query = commands.decode_body(body, commands.QueryCommand, action.type)
+                return [_json(self.queries.submit(principal, self.planner.prepare(principal, query)))]
+            if action.type == "query-status":
+                query_id = commands.decode_body(body, commands.QueryIdBody, action.type).id
+                return [_json(self.queries.status(principal, query_id))]
+            if action.type == "cancel-query":
+                query_id = commands.decode_body(body, commands.QueryIdBody, action.type).id
+                return [_json(self.queries.cancel(principal, query_id))]
             raise InvalidArgument(
                 f"unknown action {bounded(action.type, 40)!r}; available: {', '.join(sorted(ACTIONS))} "
                 "(see ListActions)"
@@ -275,38 +284,14 @@ class QuiverFlightServer(flight.FlightServerBase):
 
         return iter(self._run(context, "do_action", run))
 
-    def whoami(self, principal: Principal) -> dict[str, Any]:
-        return {
-            "kind": principal.kind,
-            "swarm": principal.swarm,
-            "agent": principal.agent,
-            "jti": principal.jti,
-            "expires_at": principal.expires_at.isoformat(),
-            "tables": self.catalog.policy.readable_names(principal),
-        }
-
-    def _prepare(self, principal: Principal, request: dict[str, Any]) -> PreparedQuery:
-        """submit-query: the same checks as a query descriptor, all before anything is queued."""
-        try:
-            cmd = msgspec.convert({**request, "kind": "query"}, commands.QueryCommand)
-        except msgspec.ValidationError as e:
-            raise InvalidArgument(
-                commands.explain(json.dumps({**request, "kind": "query"}).encode(), e)
-            ) from None
-        cap = commands.check_query(cmd, self.catalog.config.limits)
-        guarded = self.planner.check_sql(principal, cmd.sql)
-        params = tuple(cmd.params)
-        self.planner.query_schema(principal, guarded, params)  # binder errors now, not after queueing
-        sql = limited(guarded.sql, cap + 1)  # one row more: the manager cuts, and knows it did
-
-        def run(cur: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
-            return cur.sql(sql, params=list(params) or None).to_arrow_reader(BATCH_ROWS)
-
-        return PreparedQuery(
-            run=run,
-            sql=guarded.sql,
-            max_rows=cap,
-            max_rows_reason="max_rows" if cmd.max_rows is not None else "server_max_rows",
+    def whoami(self, principal: Principal) -> commands.WhoAmI:
+        return commands.WhoAmI(
+            kind=principal.kind,
+            swarm=principal.swarm,
+            agent=principal.agent,
+            jti=principal.jti,
+            expires_at=commands.iso(principal.expires_at),
+            tables=self.catalog.policy.readable_names(principal),
         )
 
     # --- not offered ---------------------------------------------------------------------
@@ -362,13 +347,3 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.streamer.close()
         self.table_cache.invalidate(reason="shutdown")
         self.watchdog.stop()
-
-
-def _decode_body(body: bytes, cls: type[Any], action: str) -> Any:
-    if not body.strip():
-        return cls()
-    try:
-        return msgspec.json.decode(body, type=cls)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        fields = ", ".join(f.name for f in msgspec.structs.fields(cls))
-        raise InvalidArgument(f"{action}: the body must be a JSON object with: {fields} ({e})") from None

@@ -43,26 +43,18 @@ import structlog
 
 from catalog import Catalog, Unavailable
 from flight_server.cache import CacheKey, ResultCache
-from flight_server.endpoints import (
-    BATCH_ROWS,
-    CachedPart,
-    Plan,
-    ProfilePart,
-    ResultPart,
-    SqlPart,
-    read_layout,
-)
 from flight_server.errors import duckdb_error, stream_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
+from flight_server.plans import BATCH_ROWS, CachedPart, Plan, ProfilePart, ResultPart, SqlPart, limited
 from flight_server.profiles import ProfileCache
 from flight_server.results import QueryManager
 from flight_server.truncation import RowCap
-from flight_server.versions import VersionWatch
+from flight_server.versions import VersionWatch, read_layout
 
 log = structlog.get_logger("flight_server")
 
-__all__ = ["BATCH_ROWS", "Streamer", "VersionWatch", "limited"]
+__all__ = ["Streamer", "arrow_stream"]
 
 
 class Streamer:
@@ -155,7 +147,7 @@ class Streamer:
         (:class:`VersionWatch`), read before the query runs, so the rows stored under it are of
         that version or newer — a newer version seen later drops the entry."""
         assert part.normalized is not None
-        versions: dict[Any, int] = {}
+        versions: dict[tuple[str, str], int] = {}
         if plan.tables:
             current = self.versions.current()
             versions = {ref.key(): current.get(ref.key(), 0) for ref in plan.tables}
@@ -416,17 +408,3 @@ def _cut_stream(schema: pa.Schema, batches: Iterable[pa.RecordBatch], cap: RowCa
         yield (last if last is not None else pa.RecordBatch.from_pylist([], schema=schema)), metadata
 
     return flight.GeneratorStream(schema, tagged())
-
-
-def limited(sql: str, limit: int | None) -> str:
-    """``sql`` capped at ``limit`` rows.
-
-    Text, not the relation API's ``.limit()`` (which costs about a millisecond per query more).
-    Sound because ``sql`` is one statement the guard accepted: an unterminated comment, string
-    or parenthesis is a syntax error on its own, so nothing in it can reach past the newline
-    into the wrapper, and the wrapper names no table. The newline also ends a trailing ``--``
-    comment. DuckDB's ``LINE n`` in errors is then one more than in the caller's text
-    (:data:`~flight_server.errors.WRAP_LINES`)."""
-    if limit is None:
-        return sql
-    return f"SELECT * FROM (\n{sql}\n) LIMIT {int(limit)}"

@@ -52,6 +52,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from catalog import TableRef
 from catalog.resources import memory_available
+from flight_server.versions import Layout
 
 log = structlog.get_logger("flight_server")
 
@@ -89,7 +90,7 @@ class CachedTable:
     """One table in one layout, held in memory. Weakly referenceable: tickets hold it weakly."""
 
     ref: TableRef
-    layout: Any  # flight_server.endpoints.Layout (not imported: no cycle)
+    layout: Layout
     table: pa.Table
     bytes: int
     filled_seconds: float
@@ -133,7 +134,7 @@ class _Fill:
 
 
 #: Reads the table in one snapshot: (its layout, a reader of every row), the transaction open.
-Opener = Callable[[duckdb.DuckDBPyConnection], tuple[Any, pa.RecordBatchReader]]
+Opener = Callable[[duckdb.DuckDBPyConnection], tuple[Layout, pa.RecordBatchReader]]
 
 
 class TableCache:
@@ -143,8 +144,8 @@ class TableCache:
         self._used = 0
         self._lock = threading.Lock()
         self._fill_lock = threading.Lock()  # one fill at a time: memory is budget + one fill
-        self._fills: dict[Any, _Fill] = {}
-        self._too_large: OrderedDict[Any, None] = OrderedDict()
+        self._fills: dict[tuple[str, str], _Fill] = {}
+        self._too_large: OrderedDict[tuple[tuple[str, str], int, int], None] = OrderedDict()
         self._metrics = _Metrics(registry)
         self.hits = self.misses = 0
         self.fills = {"ok": 0, "too_large": 0, "failed": 0}

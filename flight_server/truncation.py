@@ -16,17 +16,18 @@ reads a cut answer as the whole answer draws wrong conclusions, so a cut is neve
 "Cut" is exact: Quiver reads one row more than the cap (DuckDB's ``LIMIT cap + 1``, or one
 batch beyond the cap when the cap is cut from the stream) and flags the result only when that
 row existed — a result of exactly ``max_rows`` rows is not flagged.
+
+The metadata's keys, reasons and encoding are :mod:`quiver_client.wire`'s: the client reads
+what the server writes from one definition.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Literal
 
-#: Why a result has a row cap (the ``reason`` key).
-CapReason = Literal["server_max_rows", "max_rows", "max_sample_rows"]
+from quiver_client.wire import CapReason, info_metadata, stream_metadata
+
+__all__ = ["CapReason", "RowCap"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,19 +40,8 @@ class RowCap:
 
     def info_metadata(self) -> bytes:
         """The FlightInfo's ``app_metadata``."""
-        return _info_json(self.max_rows, self.reason, self.truncated)
+        return info_metadata(self.max_rows, self.reason, self.truncated)
 
     def stream_metadata(self) -> bytes:
         """The ``app_metadata`` of the last batch of a cut stream."""
-        return _stream_json(self.max_rows, self.reason)
-
-
-# Plans are made by the thousand per second with the same few caps: encode each once.
-@lru_cache(maxsize=256)
-def _info_json(max_rows: int, reason: str, truncated: bool | None) -> bytes:
-    return json.dumps({"max_rows": max_rows, "reason": reason, "truncated": truncated}).encode()
-
-
-@lru_cache(maxsize=256)
-def _stream_json(max_rows: int, reason: str) -> bytes:
-    return json.dumps({"truncated": True, "max_rows": max_rows, "reason": reason}).encode()
+        return stream_metadata(self.max_rows, self.reason)

@@ -1,15 +1,21 @@
-"""The data version of every table, cheaply: what the caches of the data plane key on."""
+"""The data version of every table, cheaply: what the caches of the data plane key on; and
+a table's :class:`Layout`, the snapshot of it that split reads and the hot-table cache check.
+
+At the bottom of the data plane's modules: plans, the planner, streams and the caches all
+import it, it imports none of them."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
-from catalog.database import SYSTEM_SCHEMA, Database
+from catalog import TableRef
+from catalog.database import SYSTEM_SCHEMA, Database, fetch_one
 from catalog.tables import fold
 
 
@@ -66,3 +72,39 @@ class VersionWatch:
             self._state = (stamp, now, versions)
             self.generation += 1
         return versions
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The physical state of a table that a split read depends on: its data version plus its
+    row count and largest rowid (which also catch a checkpoint that compacts deleted rows and
+    so renumbers rowids without a new version). The planner reads it at GetFlightInfo, DoGet
+    again with the rows (flight_server/planner.py), and the hot-table cache keys on it."""
+
+    ref: TableRef
+    version: int
+    rows: int
+    max_rowid: int
+
+
+def read_layout(cur: duckdb.DuckDBPyConnection, ref: TableRef, *, begin: bool) -> Layout:
+    """Version, row count and largest rowid of ``ref`` in one snapshot.
+
+    ``begin=True`` opens (and afterwards ends) a transaction of its own; with
+    ``begin=False`` the caller's transaction is used and stays open for its next query.
+    """
+    if begin:
+        cur.execute("BEGIN TRANSACTION")
+    try:
+        s, t = ref.key()
+        row = fetch_one(
+            cur,
+            f"SELECT version FROM {SYSTEM_SCHEMA}.data_versions "
+            "WHERE lower(schema_name) = ? AND lower(table_name) = ?",
+            [s, t],
+        )
+        count, max_rowid = fetch_one(cur, f"SELECT count(*), coalesce(max(rowid), -1) FROM {ref.sql}")  # type: ignore[misc]
+        return Layout(ref, int(row[0]) if row else 0, int(count), int(max_rowid))
+    finally:
+        if begin:
+            cur.execute("ROLLBACK")

@@ -2,8 +2,9 @@
 every bad request — on a real DuckDB database, with the real IPC files on disk.
 
 The unit tests drive :class:`QueryManager` with a plain prepare function (parameters bound
-by DuckDB); the server tests at the end go through the Flight actions once the server
-registers them.
+by DuckDB) and its typed methods; the server tests at the end go through the Flight actions,
+whose bodies the server decodes (flight_server/commands.py) and whose queries the planner
+prepares (``Planner.prepare``).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def make(db: Database, tmp_path: Path) -> Iterator[Any]:
     managers: list[QueryManager] = []
 
     def build(**config: Any) -> QueryManager:
-        m = QueryManager(db, tmp_path / "results", ResultsConfig(**config), prepare=prepare)
+        m = QueryManager(db, tmp_path / "results", ResultsConfig(**config))
         managers.append(m)
         return m
 
@@ -83,8 +84,7 @@ def make(db: Database, tmp_path: Path) -> Iterator[Any]:
 
 
 def submit(m: QueryManager, who: Principal, sql: str, params: list[Any] | None = None) -> str:
-    body = json.dumps({"sql": sql, "params": params or []}).encode()
-    status = m.handle_action("submit-query", who, body)
+    status = m.submit(who, prepare(who, {"sql": sql, "params": params or []}))
     assert status["state"] in ("queued", "running")
     return str(status["id"])
 
@@ -147,7 +147,7 @@ def test_cancel_interrupts_a_running_query_and_others_keep_running(make: Any) ->
     quick = submit(m, BOB, "SELECT count(*) AS n FROM nums")
     assert wait_state(m, BOB, quick, ("succeeded",))["rows"] == 1
     started = time.monotonic()
-    status = m.handle_action("cancel-query", ALICE, json.dumps({"id": slow}).encode())
+    status = m.cancel(ALICE, slow)
     assert status["cancel_requested"] is True
     status = wait_state(m, ALICE, slow, ("cancelled",))
     assert time.monotonic() - started < 10  # interrupted, not run to completion
@@ -231,42 +231,19 @@ def test_ttl_expiry_deletes_status_and_file(make: Any) -> None:
     assert m.stats()["retained"] == 0
 
 
-def test_bad_action_bodies_change_nothing(make: Any) -> None:
-    m = make()
-    cases: list[tuple[str, bytes, str]] = [
-        ("submit-query", b"not json", "JSON object"),
-        ("submit-query", b"[1, 2]", "JSON object"),
-        ("submit-query", b"", "JSON object"),
-        ("submit-query", b'{"sql": ""}', '"sql"'),
-        ("submit-query", b'{"kind": "sample", "table": "x"}', "takes a query"),
-        ("query-status", b"{}", '"id"'),
-        ("query-status", b'{"id": 7}', '"id"'),
-        ("query-status", b'{"id": "q_x", "extra": 1}', "unexpected field"),
-        ("cancel-query", b'{"query": "q_x"}', "unexpected field"),
-    ]
-    for name, body, needle in cases:
-        with pytest.raises(InvalidArgument) as err:
-            m.handle_action(name, ALICE, body)
-        assert needle in err.value.detail, (name, body, err.value.detail)
-    with pytest.raises(NotFound):
-        m.handle_action("query-status", ALICE, b'{"id": "q_unknown"}')
-    assert m.stats() == {"queued": 0, "running": 0, "retained": 0, "result_bytes": 0}
-    assert set(ACTION_DESCRIPTIONS) == {"submit-query", "query-status", "cancel-query"}
-
-
 def test_close_cancels_running_queries_and_removes_files(db: Database, tmp_path: Path) -> None:
-    m = QueryManager(db, tmp_path / "r", ResultsConfig(workers=1), prepare=prepare)
-    done = m.submit_request(ALICE, {"sql": "SELECT 1 AS one"})["id"]
+    m = QueryManager(db, tmp_path / "r", ResultsConfig(workers=1))
+    done = m.submit(ALICE, prepare(ALICE, {"sql": "SELECT 1 AS one"}))["id"]
     wait_state(m, ALICE, done, ("succeeded",))
-    running = m.submit_request(ALICE, {"sql": SLOW_SQL})["id"]
+    running = m.submit(ALICE, prepare(ALICE, {"sql": SLOW_SQL}))["id"]
     wait_state(m, ALICE, running, ("running",))
-    m.submit_request(BOB, {"sql": "SELECT 2 AS two"})
+    m.submit(BOB, prepare(BOB, {"sql": "SELECT 2 AS two"}))
     started = time.monotonic()
     m.close()
     assert time.monotonic() - started < 10
     assert not list((tmp_path / "r").iterdir())
     with pytest.raises(Exception, match="shutting down"):
-        m.submit_request(ALICE, {"sql": "SELECT 1"})
+        m.submit(ALICE, prepare(ALICE, {"sql": "SELECT 1"}))
 
 
 def test_leftover_files_from_an_earlier_process_are_removed(db: Database, tmp_path: Path) -> None:
@@ -274,7 +251,7 @@ def test_leftover_files_from_an_earlier_process_are_removed(db: Database, tmp_pa
     d.mkdir()
     (d / "q_old.arrows").write_bytes(b"stale")
     (d / "q_old.partial").write_bytes(b"stale")
-    m = QueryManager(db, d, ResultsConfig(), prepare=prepare)
+    m = QueryManager(db, d, ResultsConfig())
     try:
         assert not list(d.iterdir())
     finally:
@@ -295,6 +272,82 @@ def _require_wiring(server: Server) -> flight.FlightClient:
     if "submit-query" not in names:
         pytest.skip("the Flight server does not register submit-query yet (core wires QueryManager)")
     return client
+
+
+BAD_BODIES: list[tuple[str, bytes, str]] = [
+    ("submit-query", b"not json", "JSON object"),
+    ("submit-query", b"[1, 2]", "JSON object"),
+    ("submit-query", b"", "JSON object"),
+    ("submit-query", b"null", "JSON object"),
+    ("submit-query", b'{"sql": ""}', "'sql'"),
+    ("submit-query", b'{"sql": 7}', "'sql'"),
+    ("submit-query", b'{"sql": "SELECT 1", "max_row": 5}', "unknown field 'max_row'"),
+    ("submit-query", b'{"kind": "sample", "table": "x"}', "takes a query"),
+    ("submit-query", b'{"table": "x", "kind": "sample"}', "takes a query"),
+    ("query-status", b"{}", '"id"'),
+    ("query-status", b"", '"id"'),
+    ("query-status", b'{"id": 7}', '"id"'),
+    ("query-status", b'{"id": ""}', '"id"'),
+    ("query-status", b'{"id": "q_x", "extra": 1, "more": 2}', "unexpected field(s): extra, more"),
+    ("cancel-query", b'{"query": "q_x"}', "unexpected field"),
+    ("cancel-query", b"\xff\xfe", "JSON object"),
+    ("refresh-token", b'{"ttl": 60}', "unexpected field(s): ttl"),
+    ("refresh-token", b'{"ttl_seconds": "soon"}', "'ttl_seconds'"),
+    ("refresh-token", b"[]", "JSON object"),
+]
+
+
+def test_bad_action_bodies_change_nothing(server: Server) -> None:
+    """Each action body the server decodes (one decoder, flight_server/commands.py) is refused
+    with INVALID_ARGUMENT and a sentence naming what to send; nothing is queued or issued."""
+    client = _require_wiring(server)
+    agent = server.demo_token
+    assert agent is not None and server.runtime.flight is not None
+    queries = server.runtime.flight.queries
+    before = queries.stats()
+    with server.catalog.db.reading() as cur:
+        tokens = cur.execute("SELECT count(*) FROM _quiver.tokens").fetchone()
+    for name, body, needle in BAD_BODIES:
+        with pytest.raises(flight.FlightServerError) as err:
+            list(client.do_action(flight.Action(name, body), call_options(agent)))
+        info = error_info(err.value)
+        assert info["code"] == "INVALID_ARGUMENT", (name, body, info)
+        assert needle in info["detail"], (name, body, info["detail"])
+        assert len(info["detail"]) < 400
+    with pytest.raises(flight.FlightServerError) as missing:
+        list(client.do_action(flight.Action("query-status", b'{"id": "q_unknown"}'), call_options(agent)))
+    assert error_info(missing.value)["code"] == "NOT_FOUND"
+    assert queries.stats() == before
+    with server.catalog.db.reading() as cur:
+        assert cur.execute("SELECT count(*) FROM _quiver.tokens").fetchone() == tokens
+    assert set(ACTION_DESCRIPTIONS) == {"submit-query", "query-status", "cancel-query"}
+
+
+def test_submit_query_refuses_exactly_what_the_query_descriptor_refuses(server: Server) -> None:
+    """submit-query runs the planner's query path (Planner.prepare → Planner.query): one bad
+    query gets the same code and detail from both, and nothing is queued."""
+    client = _require_wiring(server)
+    agent = server.demo_token
+    assert agent is not None and server.runtime.flight is not None
+    before = server.runtime.flight.queries.stats()
+    bad: list[dict[str, Any]] = [
+        {"sql": "SELEC 1"},
+        {"sql": "SELECT * FROM _quiver.tokens"},
+        {"sql": "SELECT nope FROM demo.orders"},
+        {"sql": "SELECT ? + 1", "params": ["x", "y"]},
+        {"sql": "SELECT 1", "max_rows": 0},
+        {"sql": "SELECT 1", "max_rows": 10**12},
+        {"sql": " "},
+    ]
+    for body in bad:
+        descriptor = flight.FlightDescriptor.for_command(json.dumps({"kind": "query", **body}))
+        with pytest.raises(flight.FlightError) as planned:
+            client.get_flight_info(descriptor, call_options(agent))
+        with pytest.raises(flight.FlightError) as submitted:
+            _action(client, agent, "submit-query", body)
+        assert error_info(submitted.value) == error_info(planned.value), body
+        assert type(submitted.value) is type(planned.value)
+    assert server.runtime.flight.queries.stats() == before
 
 
 def test_flight_async_lifecycle_and_binding(server: Server) -> None:

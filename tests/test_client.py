@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pytest
 
-from flight_server import QuiverClient, QuiverClientError, TruncatedResultWarning
-from flight_server.endpoints import SplitOptions
+from flight_server.planner import SplitOptions
+from quiver_client import QuiverClient, QuiverClientError, TruncatedResultWarning
 from tests.harness import Server, start_server
 
 

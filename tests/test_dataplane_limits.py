@@ -12,8 +12,8 @@ from typing import Any
 import pyarrow.flight as flight
 import pytest
 
-from flight_server import QuiverClient, QuiverClientError
-from flight_server.endpoints import SplitOptions
+from flight_server.planner import SplitOptions
+from quiver_client import QuiverClient, QuiverClientError
 from tests.harness import Server, call_options, error_info, start_server
 
 # A blocking aggregate over a 10^12-row cross join: hours of work if nothing stops it.

@@ -18,7 +18,7 @@ import pytest
 
 from catalog import TableRef
 from catalog.tables import TableCatalog
-from flight_server.endpoints import SplitOptions
+from flight_server.planner import SplitOptions
 from tests.harness import Server, call_options, error_info, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_a_change_without_a_version_bump_is_caught_too(server: Server) -> None:
 
 
 def test_parallel_fetch_by_the_client(server: Server) -> None:
-    from flight_server import QuiverClient
+    from quiver_client import QuiverClient
 
     with QuiverClient(server.flight_url, server.demo_token) as qc:
         table = qc.read("demo.events")

@@ -70,6 +70,28 @@ def test_decoding_a_command_returns_a_command_or_a_quiver_error(raw: bytes) -> N
         )
 
 
+BODY_TYPES = (commands.QueryCommand, commands.QueryIdBody, commands.RefreshBody)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    raw=raw_commands
+    | st.dictionaries(fields | st.text(max_size=8), json_values, max_size=5).map(
+        lambda d: json.dumps(d).encode()
+    ),
+    body=st.sampled_from(BODY_TYPES),
+)
+def test_decoding_an_action_body_returns_its_struct_or_a_quiver_error(raw: bytes, body: type[Any]) -> None:
+    """The one action-body decoder (commands.decode_body): the Struct, or INVALID_ARGUMENT
+    with a bounded detail."""
+    try:
+        decoded = commands.decode_body(raw, body, "some-action")
+    except QuiverError as e:
+        assert e.code == "INVALID_ARGUMENT" and len(e.detail) <= DETAIL_BOUND
+    else:
+        assert isinstance(decoded, body)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode) | deep_bytes)
 def test_json_depth_never_fails(raw: bytes) -> None:

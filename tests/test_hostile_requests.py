@@ -81,7 +81,7 @@ def test_parameters_nested_within_the_bound_still_bind(
     assert value == 1
 
 
-@pytest.mark.parametrize("name", ["submit-query", "query-status", "cancel-query"])
+@pytest.mark.parametrize("name", ["submit-query", "query-status", "cancel-query", "refresh-token"])
 def test_deeply_nested_action_bodies_are_invalid_argument(
     server: Server, client: flight.FlightClient, opts: flight.FlightCallOptions, name: str
 ) -> None:

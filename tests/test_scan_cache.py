@@ -17,7 +17,7 @@ import pytest
 
 from catalog import ConfigError, TableRef, load_config
 from catalog.tables import TableCatalog
-from flight_server.endpoints import SplitOptions
+from flight_server.planner import SplitOptions
 from flight_server.table_cache import TableCache
 from tests.harness import Server, call_options, error_info, start_server
 
@@ -89,7 +89,7 @@ def test_cached_scans_are_duckdbs_table_in_order(server: Server) -> None:
 
 
 def test_the_python_client_reads_the_cached_table(server: Server) -> None:
-    from flight_server import QuiverClient
+    from quiver_client import QuiverClient
 
     want = _duckdb(server, "SELECT * FROM demo.orders ORDER BY rowid")
     with QuiverClient(server.flight_url, server.demo_token) as qc:

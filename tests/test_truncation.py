@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from flight_server import QuiverClient, TruncatedResultError, TruncatedResultWarning
+from quiver_client import QuiverClient, TruncatedResultError, TruncatedResultWarning
 from tests.harness import Server, call_options, start_server
 
 CAP = 100_000

@@ -7,7 +7,7 @@ A DuckDB file with a synthetic table ``bench.t`` (ints, doubles, strings, timest
   (on a byte-for-byte copy of the file, since the server holds the original's lock);
 - through a real ``quiver serve`` (a subprocess, agent tokens, SQL guard, result cache,
   hot-table cache, parallel endpoints) read with the agent client
-  :class:`flight_server.client.QuiverClient`: the first scan after start (cold: it fills the
+  :class:`quiver_client.QuiverClient`: the first scan after start (cold: it fills the
   hot-table cache), later scans (warm: from memory), and a second server with the hot-table
   cache off (every scan through DuckDB);
 - through a bare ``pyarrow.flight`` server holding the same table in memory
@@ -286,7 +286,7 @@ def _start_all(stack: contextlib.ExitStack, work: Path, db_path: Path, copy: Pat
 
     # Quiver, twice: as configured by default (hot-table cache on), and with the cache off
     # (every scan through DuckDB) on a copy of the file, for the uncached figure.
-    from flight_server.client import QuiverClient
+    from quiver_client import QuiverClient
 
     shutil.copyfile(db_path, work / "uncached.duckdb")
     url, tokens, pid, http = _start_quiver(stack, work, "quiver", db_path, {})
@@ -436,7 +436,7 @@ def _diagnose(c: Contenders, keys: list[int]) -> list[tuple[str, str]]:
 
 
 def _concurrency(c: Contenders, keys: list[int]) -> dict[str, float]:
-    from flight_server.client import QuiverClient
+    from quiver_client import QuiverClient
 
     clients = [QuiverClient(c.quiver_url, t) for t in c.tokens]
     try:

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pyarrow.flight as flight
 
-from flight_server.client import QuiverClient, QuiverClientError, client_error
+from quiver_client import QuiverClient, QuiverClientError, client_error
 
 MAX_ITERATIONS = 1_000_000  # per agent; the deadline normally ends the loop first
 CALL_TIMEOUT_SECONDS = 60.0  # per call, client side

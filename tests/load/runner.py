@@ -18,8 +18,8 @@ import httpx
 import msgspec
 
 from catalog.config import LimitsConfig
-from flight_server.client import QuiverClient
 from quiver.demo import sizes
+from quiver_client import QuiverClient
 from tests.load.agents import (
     CALL_TIMEOUT_SECONDS,
     HOSTILE_KINDS,

@@ -16,7 +16,8 @@ agent would otherwise write itself:
   ``on_truncation="raise"`` (proto_docs/client.md). It reads the cut from the FlightInfo's
   and the stream's ``app_metadata`` (proto_docs/descriptors.md, "Cut results").
 
-Only ``pyarrow`` is needed; nothing of the server is imported.
+Only ``pyarrow`` is needed; nothing of the server is imported (the wire constants both
+sides share are in :mod:`quiver_client.wire`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
+
+from quiver_client.wire import (
+    KEY_MAX_ROWS,
+    KEY_REASON,
+    KEY_TRUNCATED,
+    TRUNCATED,
+    decode_error,
+    decode_row_cap,
+)
 
 T = TypeVar("T")
 
@@ -60,12 +70,16 @@ class QuiverClientError(Exception):
 OnTruncation = Literal["warn", "raise", "ignore"]
 
 
+#: Each reason of :data:`~quiver_client.wire.CAP_REASONS`, in words.
+_WHY: dict[str, str] = {
+    "server_max_rows": "the server's limit [limits] max_rows",
+    "max_rows": "your max_rows",
+    "max_sample_rows": "the server's sample limit [limits] max_sample_rows",
+}
+
+
 def _truncation_detail(max_rows: int, reason: str) -> str:
-    why = {
-        "server_max_rows": "the server's limit [limits] max_rows",
-        "max_rows": "your max_rows",
-        "max_sample_rows": "the server's sample limit [limits] max_sample_rows",
-    }.get(reason, reason)
+    why = _WHY.get(reason, reason)
     return (
         f"the result was cut at {max_rows:,} rows ({why}): more rows exist; aggregate, filter "
         "or page (ORDER BY … LIMIT/OFFSET) instead of reading a partial answer as the whole"
@@ -90,7 +104,7 @@ class TruncatedResultError(QuiverClientError):
     it is None from a stream, which raises after its last batch."""
 
     def __init__(self, max_rows: int, reason: str, result: pa.Table | None = None) -> None:
-        super().__init__("TRUNCATED", _truncation_detail(max_rows, reason))
+        super().__init__(TRUNCATED, _truncation_detail(max_rows, reason))
         self.max_rows = max_rows
         self.reason = reason
         self.result = result
@@ -101,16 +115,7 @@ def row_cap(metadata: bytes | pa.Buffer | None) -> dict[str, Any] | None:
     (``{"max_rows", "reason", "truncated"}``), or None when there is none."""
     if metadata is None:
         return None
-    raw = metadata.to_pybytes() if isinstance(metadata, pa.Buffer) else bytes(metadata)
-    if not raw:
-        return None
-    try:
-        cap = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(cap, dict) or not isinstance(cap.get("max_rows"), int):
-        return None
-    return cap
+    return decode_row_cap(metadata.to_pybytes() if isinstance(metadata, pa.Buffer) else bytes(metadata))
 
 
 _CLASS_CODES: tuple[tuple[type[flight.FlightError], str], ...] = (
@@ -142,12 +147,10 @@ def client_error(exc: BaseException) -> QuiverClientError:
     if isinstance(exc, QuiverClientError):
         return exc
     message = str(exc)
-    if isinstance(exc, flight.FlightError) and exc.extra_info:
-        try:
-            info = json.loads(exc.extra_info)
-            return QuiverClientError(str(info["code"]), str(info["detail"]))
-        except (ValueError, KeyError, TypeError):
-            pass
+    if isinstance(exc, flight.FlightError):
+        coded = decode_error(exc.extra_info)
+        if coded is not None:
+            return QuiverClientError(*coded)
     head = message.split(". gRPC client debug context", 1)[0].strip()
     if not isinstance(exc, flight.FlightError):
         # pyarrow's get_schema raises plain Arrow errors (apache/arrow #43556); Quiver puts
@@ -288,7 +291,7 @@ class QuiverClient:
 
     def _truncated(self, cap: dict[str, Any], result: pa.Table | None = None) -> None:
         """Report a cut result as ``on_truncation`` says."""
-        max_rows, reason = int(cap["max_rows"]), str(cap.get("reason", ""))
+        max_rows, reason = int(cap[KEY_MAX_ROWS]), str(cap.get(KEY_REASON, ""))
         if self.on_truncation == "raise":
             raise TruncatedResultError(max_rows, reason, result)
         if self.on_truncation == "warn":
@@ -301,7 +304,7 @@ class QuiverClient:
         cap = row_cap(info.app_metadata)
         # Only a capped result whose cut only the stream can tell is read chunk by chunk (to
         # see the last batch's app_metadata); everything else is read whole by C++.
-        watch = cap is not None and cap.get("truncated") is None
+        watch = cap is not None and cap.get(KEY_TRUNCATED) is None
         cuts: list[dict[str, Any]] = []
 
         def read(endpoint: flight.FlightEndpoint) -> pa.Table:
@@ -321,7 +324,7 @@ class QuiverClient:
                 min(len(endpoints), self.parallelism), thread_name_prefix="quiver-fetch"
             ) as pool:
                 table = pa.concat_tables(list(pool.map(read, endpoints)))
-        if cap is not None and cap.get("truncated") is True:
+        if cap is not None and cap.get(KEY_TRUNCATED) is True:
             cuts.append(cap)
         if cuts:
             self._truncated(cuts[0], table)
@@ -369,7 +372,7 @@ class QuiverClient:
                 raise client_error(e) from e
             if chunk.app_metadata is not None:
                 cap = row_cap(chunk.app_metadata)
-                if cap is not None and cap.get("truncated") is True:
+                if cap is not None and cap.get(KEY_TRUNCATED) is True:
                     on_cut(cap)
             if chunk.data is not None:
                 yield chunk.data

@@ -1,4 +1,4 @@
-"""Planning: a descriptor becomes a :class:`Plan` — the schema, the row count where it is cheap,
+"""Planning: a descriptor becomes a :class:`~flight_server.plans.Plan` — the schema, the row count where it is cheap,
 and the endpoints (parts) a client fetches, possibly in parallel.
 
 Nothing here runs the caller's query: schemas come from DuckDB's binder (a ``LIMIT 0`` of the
@@ -18,25 +18,24 @@ mix. Queries and samples are single endpoints: splitting arbitrary SQL is not so
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 import structlog
 
 from catalog import Catalog, InvalidArgument, Principal, TableRef, quote_ident
-from catalog.database import SYSTEM_SCHEMA, fetch_one
+from catalog.config import LimitsConfig
+from catalog.database import fetch_one
 from catalog.sqlguard import GuardedQuery, SqlGuard
 from catalog.tables import fold
 from flight_server import commands as cmds
 from flight_server.admission import Admission
+from flight_server.cache import sql_digest
 from flight_server.commands import (
     Command,
     ProfileCommand,
@@ -46,18 +45,24 @@ from flight_server.commands import (
     TableScan,
 )
 from flight_server.errors import check_result_type, duckdb_error
+from flight_server.plans import (
+    BATCH_ROWS,
+    CachedPart,
+    Layout,
+    Plan,
+    ProfilePart,
+    ResultPart,
+    SqlPart,
+    limited,
+)
 from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
-from flight_server.results import QueryManager
-from flight_server.table_cache import CachedTable, TableCache
-from flight_server.truncation import CapReason, RowCap
-from flight_server.versions import VersionWatch
+from flight_server.results import PreparedQuery, QueryManager
+from flight_server.table_cache import CachedTable, Opener, TableCache
+from flight_server.versions import VersionWatch, read_layout
 
 log = structlog.get_logger("flight_server")
 
 ROW_GROUP_ROWS = 122_880  # DuckDB's default row group size; parts are aligned to it
-# Rows per record batch. Throughput is flat from ~32k rows up (measured on the 2-core VM);
-# memory per stream is a few batches, so a smaller batch keeps wide rows (long strings) cheap.
-BATCH_ROWS = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,97 +79,6 @@ class SplitOptions:
     max_parts: int = 8
     min_split_rows: int = 500_000
     align_rows: int = ROW_GROUP_ROWS
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """The physical state of a table that a split read depends on (see the module doc)."""
-
-    ref: TableRef
-    version: int
-    rows: int
-    max_rowid: int
-
-
-@dataclass(frozen=True, slots=True)
-class SqlPart:
-    sql: str
-    params: tuple[Any, ...] = ()
-    # At most this many rows, by wrapping the SQL in a LIMIT (the caller's own max_rows: a
-    # LIMIT lets DuckDB stop early, e.g. a top-N instead of a full sort). DuckDB is asked for
-    # one row more, so that a cut is known exactly (flight_server/truncation.py).
-    limit: int | None = None
-    layout: Layout | None = None
-    # The guard's normalized SQL when the result may be served from the result cache.
-    normalized: str | None = None
-    # At most this many rows, cut from the stream (the server's [limits] max_rows: wrapping
-    # every query in a LIMIT costs DuckDB ~0.15 ms, a tenth of a point query). The stream is
-    # read one batch past the cap, so that a cut is known exactly and reported.
-    cap: int | None = None
-    # Why ``limit`` applies (``cap`` is always the server's max_rows).
-    limit_reason: CapReason = "max_rows"
-
-    @property
-    def max_rows(self) -> int | None:
-        return self.limit if self.limit is not None else self.cap
-
-    @property
-    def row_cap(self) -> RowCap | None:
-        """The cap a cut of this part's result is reported against, if any."""
-        if self.limit is not None:
-            return RowCap(self.limit, self.limit_reason)
-        if self.cap is not None:
-            return RowCap(self.cap, "server_max_rows")
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class ProfilePart:
-    ref: TableRef
-    columns: tuple[str, ...] | None
-
-
-@dataclass(frozen=True, slots=True)
-class ResultPart:
-    id: str
-
-
-@dataclass(frozen=True, slots=True)
-class CachedPart:
-    """Rows ``[offset, offset + length)`` of a table held by the :class:`TableCache`.
-
-    The entry is held weakly, so tickets never keep an evicted table in memory; when it is
-    gone, DoGet reads ``fallback`` (the same rows, from DuckDB) instead."""
-
-    entry: weakref.ReferenceType[CachedTable]
-    offset: int
-    length: int
-    columns: tuple[str, ...] | None
-    fallback: SqlPart
-
-
-Part = SqlPart | ProfilePart | ResultPart | CachedPart
-PlanKind = Literal["scan", "sample", "query", "profile", "result"]
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    kind: PlanKind
-    schema: pa.Schema
-    total_records: int
-    parts: tuple[Part, ...]
-    # Tables whose readability is checked again at DoGet (the allowlist may have changed).
-    tables: tuple[TableRef, ...]
-    label: str
-    timeout: bool  # DoGet arms the query timeout
-    ordered: bool = True
-    # The row cap known at planning: reported in the FlightInfo's app_metadata.
-    row_cap: RowCap | None = None
-
-    @property
-    def app_metadata(self) -> bytes:
-        """The FlightInfo's ``app_metadata``: the row cap, when one applies (empty otherwise)."""
-        return self.row_cap.info_metadata() if self.row_cap is not None else b""
 
 
 class Planner:
@@ -192,7 +106,7 @@ class Planner:
         self._resolved: dict[tuple[str, str], tuple[int, TableRef]] = {}
 
     @property
-    def limits(self) -> Any:
+    def limits(self) -> LimitsConfig:
         return self.catalog.config.limits
 
     # --- entry point ---------------------------------------------------------------------------
@@ -415,6 +329,21 @@ class Planner:
         label = _query_label(guarded.normalized)
         return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True, row_cap=part.row_cap)
 
+    def prepare(self, principal: Principal, cmd: QueryCommand) -> PreparedQuery:
+        """submit-query: :meth:`query`'s path — the same checks as a ``{"kind": "query"}``
+        descriptor (limits, guard, binder), all before anything is queued — as a query the
+        :class:`~flight_server.results.QueryManager` runs later. It reads one row more than
+        the cap, so the manager cuts the result and knows it did."""
+        plan = self.query(principal, cmd)
+        part, cap = plan.parts[0], plan.row_cap
+        assert isinstance(part, SqlPart) and cap is not None  # a query always has a cap
+        sql, params = limited(part.sql, cap.max_rows + 1), list(part.params) or None
+
+        def run(cur: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
+            return cur.sql(sql, params=params).to_arrow_reader(BATCH_ROWS)
+
+        return PreparedQuery(run=run, sql=part.sql, max_rows=cap.max_rows, max_rows_reason=cap.reason)
+
     GUARD_CACHE_SECONDS = 10.0
     GUARD_CACHE_SIZE = 1024
 
@@ -474,11 +403,9 @@ class Planner:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4096)
 def _query_label(normalized: str) -> str:
-    """``query:`` + the start of the guard's fingerprint (a hash of kilobytes of parse tree:
-    once per query text, not per request)."""
-    return f"query:{hashlib.sha256(normalized.encode()).hexdigest()[:12]}"
+    """``query:`` + the start of the query's digest (the result cache's, remembered per text)."""
+    return f"query:{sql_digest(normalized)[:12]}"
 
 
 def _param_type(value: Any) -> Any:
@@ -498,32 +425,7 @@ def _count(cur: duckdb.DuckDBPyConnection, ref: TableRef) -> int:
     return int(fetch_one(cur, f"SELECT count(*) FROM {ref.sql}")[0])  # type: ignore[index]
 
 
-def read_layout(cur: duckdb.DuckDBPyConnection, ref: TableRef, *, begin: bool) -> Layout:
-    """Version, row count and largest rowid of ``ref`` in one snapshot.
-
-    ``begin=True`` opens (and afterwards ends) a transaction of its own; with
-    ``begin=False`` the caller's transaction is used and stays open for its next query.
-    """
-    if begin:
-        cur.execute("BEGIN TRANSACTION")
-    try:
-        s, t = ref.key()
-        row = fetch_one(
-            cur,
-            f"SELECT version FROM {SYSTEM_SCHEMA}.data_versions "
-            "WHERE lower(schema_name) = ? AND lower(table_name) = ?",
-            [s, t],
-        )
-        count, max_rowid = fetch_one(cur, f"SELECT count(*), coalesce(max(rowid), -1) FROM {ref.sql}")  # type: ignore[misc]
-        return Layout(ref, int(row[0]) if row else 0, int(count), int(max_rowid))
-    finally:
-        if begin:
-            cur.execute("ROLLBACK")
-
-
-def _snapshot_reader(
-    ref: TableRef,
-) -> Callable[[duckdb.DuckDBPyConnection], tuple[Layout, pa.RecordBatchReader]]:
+def _snapshot_reader(ref: TableRef) -> Opener:
     """For the table cache: the layout and every row of ``ref`` from one snapshot (the
     transaction stays open until the cursor is closed)."""
 
