@@ -10,7 +10,7 @@ from typing import Any
 
 from catalog import VERSION, Catalog, ConfigError, DatabaseInUse, QuiverError, load_config
 from catalog.resources import apply_address_space_bound
-from quiver import logs
+from quiver import keys_cli, logs
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     from quiver import sync_cli
 
     sync_cli.add_parser(sub, _config_args)
+    keys_cli.add_parser(sub, _config_args)
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             config = _load(args)
             logs.configure("json" if not sys.stderr.isatty() else config.server.log_format, "warning")
             return ops.cmd_backup(args, config) if args.command == "backup" else ops.cmd_restore(args, config)
+        if args.command == "keys":
+            return keys_cli.cmd_keys(args, _load(args))
         if args.command == "version":
             print(VERSION)
             return 0
