@@ -299,3 +299,51 @@ def test_an_unreadable_previous_key_file_is_skipped_not_fatal(
         assert server.http().get("/v1/status").status_code == 200
     finally:
         server.stop()
+
+
+def test_the_server_re_signs_an_admin_token_file_signed_by_a_previous_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An admin.token signed by a previous key (put back by hand, or from a copy) is replaced
+    at start-up, long before that key retires: local commands never depend on it."""
+    data = tmp_path / "data"
+    server = start_server(data, demo=False)
+    old_admin = server.admin_token
+    server.stop()
+    assert _rotate(data, capsys)[0] == 0
+    (data / "admin.token").write_text(old_admin + "\n")
+    server = start_server(data, demo=False)
+    try:
+        written = (data / "admin.token").read_text().strip()
+        assert written != old_admin and _kid(written) == server.catalog.keys.active.kid
+        assert server.http(written).get("/v1/status").status_code == 200
+        assert server.http(old_admin).get("/v1/status").status_code == 200  # still verifies
+    finally:
+        server.stop()
+
+
+def test_a_snapshot_carries_the_previous_keys_so_old_tokens_verify_after_a_restore(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from catalog.backup import create_snapshot, restore_snapshot
+
+    data = tmp_path / "data"
+    server = start_server(data)
+    agent = server.mint("agent", "demo", "restored")
+    server.stop()
+    assert _rotate(data, capsys)[0] == 0
+    config = make_config(data)
+    catalog = Catalog(config)
+    try:
+        kids = [k["kid"] for k in catalog.tokens.jwks["keys"]]
+        archive = Path(create_snapshot(catalog, tmp_path / "out").path)
+    finally:
+        catalog.close()
+    other = tmp_path / "other"
+    restore_snapshot(make_config(other), archive)
+    server = start_server(other, demo=False)
+    try:
+        assert _jwks_kids(server) == kids
+        assert _flight_ok(server, agent)
+    finally:
+        server.stop()
