@@ -158,12 +158,19 @@ class Catalog:
         except Exception as e:  # noqa: BLE001 - housekeeping must never kill its thread
             log.warning("admin_token.renewal_failed", error=str(e))
 
-    def rotate_signing_key(self, *, actor: str = "cli") -> str:
+    def rotate_signing_key(self, *, actor: str = "cli", retire_previous: bool = False) -> str:
         """``quiver keys rotate``: new tokens are signed by a new key; the previous key keeps
-        verifying until its last token expires (catalog/keys.py). ``admin.token`` is re-signed
-        at once, so local commands never depend on the previous key. Returns the new kid."""
-        key = self.tokens.rotate_signing_key()
-        self.audit.record("keys.rotate", outcome="ok", actor=actor, target=key.kid)
+        verifying until its last token expires, or not at all with ``retire_previous``
+        (catalog/keys.py). ``admin.token`` is re-signed at once, so local commands never
+        depend on the previous key. Returns the new kid."""
+        key = self.tokens.rotate_signing_key(retire_previous=retire_previous)
+        self.audit.record(
+            "keys.rotate",
+            outcome="ok",
+            actor=actor,
+            target=key.kid,
+            detail="previous keys retired" if retire_previous else None,
+        )
         self.ensure_admin_token(actor=actor)
         return key.kid
 

@@ -207,33 +207,44 @@ class KeyRing:
             )
         return out
 
-    def rotate(self, last_token_expires_at: datetime | None) -> SigningKey:
+    def rotate(self, last_token_expires_at: datetime | None, *, retire_previous: bool = False) -> SigningKey:
         """Make a new key the active one; the current one becomes a previous key that verifies
-        until ``last_token_expires_at`` (the latest expiry of a token it signed). The caller
-        guarantees that no token is signed meanwhile (it holds the database: the server is
-        stopped, or this is the server)."""
+        until ``last_token_expires_at`` (the latest expiry of a token it signed). With
+        ``retire_previous`` (a leaked key) no previous key is kept: every token signed before
+        is refused from now on. The caller guarantees that no token is signed meanwhile (it
+        holds the database: the server is stopped, or this is the server)."""
         with self._lock:
             old = self.active
             new = SigningKey(Ed25519PrivateKey.generate())
-            entry = PreviousKey(
-                kid=old.kid,
-                x=old.x,
-                rotated_at=datetime.now(UTC),
-                last_token_expires_at=last_token_expires_at,
-            )
             folder = self.directory / PREVIOUS_DIR
-            folder.mkdir(mode=0o700, exist_ok=True)
-            write_private_atomic(folder / f"{old.kid}.json", msgspec.json.encode(entry))
-            write_private_atomic(self.directory / SIGNING_FILE, _pem(new.private))
             previous = dict(self._previous)
-            previous[old.kid] = (entry, old.public)
+            if not retire_previous:
+                entry = PreviousKey(
+                    kid=old.kid,
+                    x=old.x,
+                    rotated_at=datetime.now(UTC),
+                    last_token_expires_at=last_token_expires_at,
+                )
+                folder.mkdir(mode=0o700, exist_ok=True)
+                write_private_atomic(folder / f"{old.kid}.json", msgspec.json.encode(entry))
+                previous[old.kid] = (entry, old.public)
+            write_private_atomic(self.directory / SIGNING_FILE, _pem(new.private))
+            if retire_previous:
+                for stale in folder.glob("*.json") if folder.is_dir() else ():
+                    stale.unlink(missing_ok=True)
+                previous = {}
             self._previous = previous
             self.active = new
         log.info(
             "keys.rotated",
             kid=new.kid,
             previous_kid=old.kid,
-            previous_verifies_until=last_token_expires_at.isoformat() if last_token_expires_at else None,
+            previous_retired=retire_previous,
+            previous_verifies_until=(
+                None
+                if retire_previous or last_token_expires_at is None
+                else last_token_expires_at.isoformat()
+            ),
         )
         return new
 

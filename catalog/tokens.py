@@ -158,17 +158,22 @@ class TokenService:
         except jwt.PyJWTError:
             return False
 
-    def rotate_signing_key(self) -> SigningKey:
+    def rotate_signing_key(self, *, retire_previous: bool = False) -> SigningKey:
         """Sign new tokens with a new key; the current key keeps verifying until the last
-        unrevoked token it signed expires. Under the admin-write lock, so no token is minted
-        halfway through; the caller guarantees no other process signs with this data
-        directory's key (it holds the database)."""
+        unrevoked token it signed expires (``retire_previous``: no previous key verifies any
+        more). Under the admin-write lock, so no token is minted halfway through; the caller
+        guarantees no other process signs with this data directory's key (it holds the
+        database)."""
         with self._writes.lock, self._db.reading() as cur:
             row = fetch_one(
                 cur, f"SELECT max(expires_at) FROM {SYSTEM_SCHEMA}.tokens WHERE revoked_at IS NULL"
             )
             last = row[0] if row else None
-            return self._keys.rotate(last)
+            key = self._keys.rotate(last, retire_previous=retire_previous)
+            if retire_previous:
+                with self._lock:
+                    self._cache.clear()  # verified tokens of the retired keys
+            return key
 
     def retire_keys(self, now: datetime | None = None) -> list[str]:
         """Drop the previous signing keys whose last token has expired (housekeeping)."""

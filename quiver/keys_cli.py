@@ -36,13 +36,18 @@ def add_parser(sub: Any, config_args: ConfigArgs) -> None:
         "expires (server stopped)",
     )
     config_args(rotate)
+    rotate.add_argument(
+        "--retire-previous",
+        action="store_true",
+        help="after a leak: keep no previous key, so every token signed before is refused at once",
+    )
 
 
 def cmd_keys(args: argparse.Namespace, config: Config) -> int:
     logs.configure("json" if not sys.stderr.isatty() else config.server.log_format, "warning")
     if args.keys_command == "list":
         return _list(config, as_json=args.json)
-    return _rotate(config)
+    return _rotate(config, retire_previous=args.retire_previous)
 
 
 def _list(config: Config, *, as_json: bool) -> int:
@@ -60,7 +65,7 @@ def _list(config: Config, *, as_json: bool) -> int:
     return 0
 
 
-def _rotate(config: Config) -> int:
+def _rotate(config: Config, *, retire_previous: bool = False) -> int:
     try:
         catalog = Catalog(config)
     except DatabaseInUse:
@@ -72,7 +77,7 @@ def _rotate(config: Config) -> int:
         return 1
     try:
         previous = catalog.keys.active.kid
-        kid = catalog.rotate_signing_key(actor="cli")
+        kid = catalog.rotate_signing_key(actor="cli", retire_previous=retire_previous)
         until = next(
             (
                 k.verifies_until
@@ -84,9 +89,12 @@ def _rotate(config: Config) -> int:
     finally:
         catalog.close()
     print(kid)
-    shown = until.isoformat() if until else "now (it signed no live token)"
+    if retire_previous:
+        shown = "no longer: every token it signed is refused (previous keys retired)"
+    else:
+        shown = "until " + (until.isoformat() if until else "now (it signed no live token)")
     print(
-        f"new signing key {kid} is active; the previous key {previous} verifies until {shown}; "
+        f"new signing key {kid} is active; the previous key {previous} verifies {shown}; "
         f"{config.data_dir / 'admin.token'} was re-signed with the new key",
         file=sys.stderr,
     )

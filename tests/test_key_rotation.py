@@ -347,3 +347,30 @@ def test_a_snapshot_carries_the_previous_keys_so_old_tokens_verify_after_a_resto
         assert _flight_ok(server, agent)
     finally:
         server.stop()
+
+
+def test_rotate_retire_previous_refuses_every_older_token_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a leak: no previous key is kept (those of earlier rotations neither), so every
+    token signed before is refused; the re-signed admin.token works."""
+    data = tmp_path / "data"
+    server = start_server(data)
+    leaked = server.mint("agent", "demo", "leaked")
+    server.stop()
+    assert _rotate(data, capsys)[0] == 0  # an earlier, ordinary rotation
+    rc, kid, err = _cli(capsys, "keys", "rotate", "--retire-previous", "--data-dir", str(data))
+    assert rc == 0 and "refused" in err
+    assert list((data / "keys" / PREVIOUS_DIR).glob("*.json")) == []
+    server = start_server(data, demo=False)
+    try:
+        assert _jwks_kids(server) == [kid]
+        r = server.http(leaked).get("/v1/whoami")
+        assert r.status_code == 401 and "retired signing key" in r.json()["detail"]
+        assert not _flight_ok(server, leaked)
+        assert server.http().get("/v1/status").status_code == 200
+        assert _kid(server.admin_token) == kid
+        events = server.http().get("/v1/audit", params={"action": "keys.rotate"}).json()["events"]
+        assert [e["detail"] for e in events] == ["previous keys retired", None]
+    finally:
+        server.stop()
