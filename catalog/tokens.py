@@ -146,10 +146,6 @@ class TokenService:
         return self._keys.jwks()
 
     # --- signing keys (catalog/keys.py) ------------------------------------------------
-    @property
-    def signing_key(self) -> SigningKey:
-        return self._keys.active
-
     def signed_by_active_key(self, token: str) -> bool:
         """Whether ``token``'s header names the key that signs new tokens (no verification:
         used to re-sign the admin token after a rotation, before the old key retires)."""
