@@ -1,7 +1,8 @@
 """Tokens: Ed25519-signed JWTs of three kinds, recorded by ``jti`` (never the token itself).
 
-Validation is signature + expiry + kind + not revoked + still the same swarm, and reads only
-memory on the hot path: verified tokens are cached (bounded), revocations are in-process sets
+Validation is signature (by the key the token's ``kid`` header names: the active signing
+key or a previous one that still verifies, catalog/keys.py) + expiry + kind + not revoked +
+still the same swarm, and reads only memory on the hot path: verified tokens are cached (bounded), revocations are in-process sets
 (of jtis and of chain roots) kept current by the revoking code, the swarm instance ids are
 held by :class:`~catalog.swarms.SwarmStore`, and "last used" times are gathered in memory
 and flushed in batches.
