@@ -4,6 +4,9 @@ outcome, client address and request id.
 Writes are buffered in memory and flushed in batches (on a timer, before every read, and at
 shutdown) so a flood of bad tokens never turns into a flood of database writes. Per-request
 records of reads go to structlog, not here (ARCHITECTURE.md, "What the database takes").
+Events older than ``[audit] retention_days`` are deleted in batches by :meth:`AuditLog.prune`
+(called from the housekeeping thread, catalog/retention.py), so internet noise -- every
+refused token is an event -- does not grow the table for as long as the server runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from catalog.database import SYSTEM_SCHEMA, Database
 log = structlog.get_logger(__name__)
 
 MAX_BUFFER = 10_000
+# Rows one retention DELETE removes: bounds the transaction (and the WAL) of a first pass
+# over a table that grew for months.
+PRUNE_BATCH = 10_000
 
 
 class AuditEvent(msgspec.Struct, kw_only=True):
@@ -39,6 +45,9 @@ class AuditLog:
         self._db = db
         self._buffer: list[AuditEvent] = []
         self._lock = threading.Lock()
+        # Serializes this table's writers (flushes from any thread, retention): an insert and
+        # a delete of the audit table never run in two transactions at once.
+        self._write_lock = threading.Lock()
         self._dropped = 0
 
     def record(
@@ -99,7 +108,7 @@ class AuditLog:
             ]
             for e in batch
         ]
-        with self._db.transaction() as cur:
+        with self._write_lock, self._db.transaction() as cur:
             cur.executemany(
                 f"INSERT INTO {SYSTEM_SCHEMA}.audit "
                 "(occurred_at, actor, action, target, outcome, client, request_id, detail) "
@@ -107,6 +116,24 @@ class AuditLog:
                 rows,
             )
         return len(rows)
+
+    def prune(self, before: datetime, *, batch: int = PRUNE_BATCH) -> int:
+        """Delete the events that occurred before ``before``, ``batch`` rows per transaction
+        (oldest first); return how many were deleted. Buffered events are newer than any
+        cutoff in the past and are left alone."""
+        deleted = 0
+        while True:
+            with self._write_lock, self._db.transaction() as cur:
+                cur.execute(
+                    f"DELETE FROM {SYSTEM_SCHEMA}.audit WHERE id IN (SELECT id FROM {SYSTEM_SCHEMA}.audit "
+                    "WHERE occurred_at < ? ORDER BY id LIMIT ?)",
+                    [before, batch],
+                )
+                row = cur.fetchone()
+            n = int(row[0]) if row else 0
+            deleted += n
+            if n < batch:
+                return deleted
 
     def query(
         self,

@@ -202,7 +202,21 @@ def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> MemberInfo:
 
 def create_snapshot(catalog: Catalog, out_dir: Path | None = None) -> SnapshotInfo:
     """Write a snapshot archive of ``catalog``'s data directory into ``out_dir`` (default
-    ``[backup] dir``) and return what was written. Safe while the server serves."""
+    ``[backup] dir``) and return what was written. Safe while the server serves.
+
+    Every attempt, however it was asked for (``POST /v1/backup``, ``quiver backup``), ends in
+    the backup metrics and the "backup" section of ``/v1/status`` (catalog/metrics.py), so a
+    failing nightly backup is visible, not silent."""
+    try:
+        info = _create_snapshot(catalog, out_dir)
+    except BaseException as e:
+        catalog.backups.record("failed", error=getattr(e, "detail", None) or str(e) or type(e).__name__)
+        raise
+    catalog.backups.record("ok", snapshot=info.name)
+    return info
+
+
+def _create_snapshot(catalog: Catalog, out_dir: Path | None) -> SnapshotInfo:
     config = catalog.config
     out_dir = (out_dir or config.backup_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -140,6 +140,14 @@ class BackupConfig(_Section):
     dir: str | None = None
 
 
+class AuditConfig(_Section):
+    """How long the catalog keeps history (catalog/retention.py)."""
+
+    # Audit events older than this many days are deleted by the housekeeping thread, and so
+    # are token records that expired longer ago than that. 0: keep everything forever.
+    retention_days: Annotated[int, msgspec.Meta(ge=0, le=36_500)] = 90
+
+
 class SnowflakeConfig(_Section):
     """Connection to the Snowflake source of ``[[sync.tables]]`` (passed to
     ``snowflake.connector.connect``). Secrets come from files or ``QUIVER_SNOWFLAKE_PASSWORD``;
@@ -207,6 +215,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     demo: DemoConfig = msgspec.field(default_factory=DemoConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     backup: BackupConfig = msgspec.field(default_factory=BackupConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     snowflake: SnowflakeConfig = msgspec.field(default_factory=SnowflakeConfig)
     sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
     results: ResultsConfig = msgspec.field(default_factory=ResultsConfig)

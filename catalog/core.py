@@ -6,8 +6,6 @@ health) is registered here as a plain callable by the process wiring in ``quiver
 
 from __future__ import annotations
 
-import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +19,11 @@ from catalog.audit import AuditLog
 from catalog.config import Config
 from catalog.database import Database
 from catalog.errors import NotFound, QuiverError
-from catalog.keys import SigningKey
-from catalog.metrics import Metrics
+from catalog.keys import KeyRing, write_private_atomic
+from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
 from catalog.resources import duckdb_memory_limit
+from catalog.retention import Retention
 from catalog.swarms import SwarmStore
 from catalog.tables import TableCatalog
 from catalog.tokens import TokenService
@@ -37,30 +36,6 @@ VERSION = "0.1.0"
 SNAPSHOT_STAGING = ".snapshot"
 # The admin token the server keeps current for local commands (see ensure_admin_token).
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
-
-
-def write_private_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` (mode 0600 from the start) so that a concurrent reader
-    sees the old content or the new, never a partial file, and a crash leaves one of them."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class SyncController(Protocol):
@@ -90,16 +65,19 @@ class Catalog:
         self.tables = TableCatalog(self.db)
         self.policy = Policy(self.tables)
         self.swarms = SwarmStore(self.db, self.policy)
-        self.key = SigningKey.load_or_create(data_dir / "keys" / "signing.pem")
-        self.tokens = TokenService(self.db, self.key, config.tokens, self.swarms)
+        self.keys = KeyRing.load_or_create(data_dir / "keys")
+        self.tokens = TokenService(self.db, self.keys, config.tokens, self.swarms)
+        self.tokens.retire_keys()
         self.audit = AuditLog(self.db)
         self.metrics = Metrics()
+        self.retention = Retention(config.audit, self.audit, self.swarms.writes, self.metrics)
+        self.backups = BackupOutcomes(data_dir, self.metrics)
         # Filled in by the process wiring: listener name -> {"up": bool, "url": str}, and a
         # probe per listener that checks it really accepts connections right now.
         self.listeners: dict[str, dict[str, Any]] = {}
         self.health_probes: dict[str, Callable[[], bool]] = {}
         # Extra sections of GET /v1/status (e.g. "queries", "cache", "sync").
-        self.status_sections: dict[str, Callable[[], Any]] = {}
+        self.status_sections: dict[str, Callable[[], Any]] = {"backup": self.backups.status}
         self.sync: SyncController | None = None
         self._closed = threading.Event()
         # (token, jti, expires_at) of what admin.token was last seen or written to hold.
@@ -163,6 +141,9 @@ class Catalog:
             known = self._admin_token = (text, principal.jti, principal.expires_at)
         elif not self.tokens.active(known[1]):
             return "revoked or expired"
+        if not self.tokens.signed_by_active_key(known[0]):
+            # After `quiver keys rotate`: re-signed now, long before the old key retires.
+            return "signed by a previous signing key"
         cfg = self.config.tokens
         left = (known[2] - datetime.now(UTC)).total_seconds()
         if left < cfg.admin_ttl_seconds * cfg.admin_token_renew_fraction:
@@ -177,11 +158,37 @@ class Catalog:
         except Exception as e:  # noqa: BLE001 - housekeeping must never kill its thread
             log.warning("admin_token.renewal_failed", error=str(e))
 
-    def maintain(self) -> None:
-        """Periodic housekeeping: flush buffered audit events and token "last used" times."""
+    def rotate_signing_key(self, *, actor: str = "cli", retire_previous: bool = False) -> str:
+        """``quiver keys rotate``: new tokens are signed by a new key; the previous key keeps
+        verifying until its last token expires, or not at all with ``retire_previous``
+        (catalog/keys.py). ``admin.token`` is re-signed at once, so local commands never
+        depend on the previous key. Returns the new kid."""
+        key = self.tokens.rotate_signing_key(retire_previous=retire_previous)
+        self.audit.record(
+            "keys.rotate",
+            outcome="ok",
+            actor=actor,
+            target=key.kid,
+            detail="previous keys retired" if retire_previous else None,
+        )
+        self.ensure_admin_token(actor=actor)
+        return key.kid
+
+    def _flush(self) -> None:
         try:
             self.audit.flush()
             self.tokens.flush_last_used()
+        except Exception as e:  # noqa: BLE001 - housekeeping must never kill its thread
+            log.warning("catalog.maintain_failed", error=str(e))
+
+    def maintain(self) -> None:
+        """Periodic housekeeping: flush buffered audit events and token "last used" times,
+        retire previous signing keys whose tokens have all expired, and (hourly) delete
+        history older than ``[audit] retention_days`` (catalog/retention.py)."""
+        self._flush()
+        try:
+            self.tokens.retire_keys()
+            self.retention.run_if_due()
         except Exception as e:  # noqa: BLE001 - housekeeping must never kill its thread
             log.warning("catalog.maintain_failed", error=str(e))
 
@@ -224,5 +231,5 @@ class Catalog:
         if self._closed.is_set():
             return
         self._closed.set()
-        self.maintain()
+        self._flush()
         self.db.close()

@@ -1,9 +1,66 @@
 """Prometheus metrics of one Quiver process (a registry per catalog, so that several servers
-in one test process never share counters)."""
+in one test process never share counters).
+
+Quiver's registry is its own, so prometheus_client's default process metrics (which live in
+the global registry) are registered on it explicitly: ``process_resident_memory_bytes``,
+``process_cpu_seconds_total``, ``process_open_fds``, ``process_max_fds`` and friends. What
+they lack is the bound the kernel enforces -- under systemd the unit's ``MemoryMax``, which
+is charged the cgroup's memory (page cache included), not the process's RSS -- so
+:class:`_MemoryCollector` adds ``quiver_memory_limit_bytes`` (the cgroup's limit, only when
+there is one), ``quiver_memory_cgroup_bytes`` (what the cgroup is charged now) and
+``quiver_memory_available_bytes`` (physical memory or the smaller limit: what ``[limits]
+memory_limit = "auto"`` is computed from). See proto_docs/configuration.md, "Metrics".
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from catalog.keys import write_private_atomic
+from catalog.resources import cgroup_memory, memory_available
+
+log = structlog.get_logger(__name__)
+
+#: Where the last backup's outcome is kept across restarts (a dot-name: never in a snapshot,
+#: left in place by a restore, so it stays true of this machine).
+BACKUP_STATUS_FILE = ".backup-status.json"
+
+
+class _MemoryCollector(Collector):
+    """The cgroup memory bound and use, read at every scrape (a few small /sys files)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        cgroup = cgroup_memory()
+        if cgroup.limit is not None:
+            yield GaugeMetricFamily(
+                "quiver_memory_limit_bytes",
+                "The cgroup's memory limit (systemd MemoryMax); absent without one.",
+                value=cgroup.limit,
+            )
+        if cgroup.current is not None:
+            yield GaugeMetricFamily(
+                "quiver_memory_cgroup_bytes",
+                "Memory charged to the process's cgroup now (what the limit is enforced against).",
+                value=cgroup.current,
+            )
+        yield GaugeMetricFamily(
+            "quiver_memory_available_bytes",
+            "Physical memory, or the smaller cgroup limit.",
+            value=memory_available(),
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
 
 
 class Metrics:
@@ -56,5 +113,117 @@ class Metrics:
             "quiver_database_bytes", "Size of the DuckDB file and its WAL.", registry=self.registry
         )
 
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_MemoryCollector())
+        # Admission (flight_server/admission.py): what runs now and what was turned away.
+        self.streams_running = Gauge(
+            "quiver_admission_streams_running",
+            "Streams and planning steps running now, all principals together.",
+            registry=self.registry,
+        )
+        self.admission_refusals = Counter(
+            "quiver_admission_refusals_total",
+            "Calls refused by admission, by reason (per_principal: a principal's share is full; "
+            "total: the server stayed full for admission_wait_seconds).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("per_principal", "total"):
+            self.admission_refusals.labels(reason)
+        # Backups (catalog/backup.py): set where a snapshot finishes, however it was asked for.
+        self.backup_last_success = Gauge(
+            "quiver_backup_last_success_timestamp_seconds",
+            "Unix time of the last snapshot written by this process (0: none since start).",
+            registry=self.registry,
+        )
+        self.backup_last_outcome = Gauge(
+            "quiver_backup_last_outcome",
+            "Outcome of the last snapshot attempt of this process: 1 for the outcome it had, "
+            "by label (ok, failed, none: no attempt since start).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.backups = Counter(
+            "quiver_backups_total",
+            "Snapshot attempts by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("ok", "failed"):
+            self.backups.labels(outcome)
+        self.set_backup_outcome("none")
+        # Retention (catalog/retention.py).
+        self.retention_deleted = Counter(
+            "quiver_retention_deleted_total",
+            "Rows deleted for being older than [audit] retention_days, by table.",
+            ["table"],
+            registry=self.registry,
+        )
+        for table in ("audit", "tokens"):
+            self.retention_deleted.labels(table)
+
+    def set_backup_outcome(self, outcome: str) -> None:
+        for label in ("ok", "failed", "none"):
+            self.backup_last_outcome.labels(label).set(1 if label == outcome else 0)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BackupStatus(msgspec.Struct, kw_only=True):
+    """The last snapshot attempt, as ``/v1/status`` ("backup") shows it."""
+
+    last_outcome: str = "none"  # "ok", "failed", or "none" (never attempted)
+    last_attempt_at: datetime | None = None
+    last_success_at: datetime | None = None
+    last_snapshot: str | None = None
+    last_error: str | None = None
+
+
+class BackupOutcomes:
+    """Keeps the last backup outcome in ``DATA_DIR/.backup-status.json`` and in the backup
+    metrics, so an alert on "last success older than a day" survives restarts and sees a
+    backup taken with the server stopped (``quiver backup`` writes the same file)."""
+
+    def __init__(self, data_dir: Path, metrics: Metrics) -> None:
+        self._path = data_dir / BACKUP_STATUS_FILE
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._status = BackupStatus()
+        try:
+            self._status = msgspec.json.decode(self._path.read_bytes(), type=BackupStatus)
+        except FileNotFoundError:
+            pass
+        except (OSError, msgspec.DecodeError) as e:
+            log.warning("backup.status_unreadable", path=str(self._path), error=str(e)[:200])
+        self._publish()
+
+    def _publish(self) -> None:
+        status = self._status
+        self._metrics.set_backup_outcome(status.last_outcome)
+        if status.last_success_at is not None:
+            self._metrics.backup_last_success.set(status.last_success_at.timestamp())
+
+    def record(self, outcome: str, *, snapshot: str | None = None, error: str | None = None) -> None:
+        """Note a finished attempt (``outcome`` "ok" or "failed"); never raises: a backup's
+        own result must not be hidden by a failure to note it."""
+        now = datetime.now(UTC)
+        with self._lock:
+            previous = self._status
+            self._status = BackupStatus(
+                last_outcome=outcome,
+                last_attempt_at=now,
+                last_success_at=now if outcome == "ok" else previous.last_success_at,
+                last_snapshot=snapshot if outcome == "ok" else previous.last_snapshot,
+                last_error=None if outcome == "ok" else (error or "unknown error")[:500],
+            )
+            self._metrics.backups.labels(outcome).inc()
+            self._publish()
+            try:
+                write_private_atomic(self._path, msgspec.json.encode(self._status))
+            except OSError as e:
+                log.warning("backup.status_not_saved", path=str(self._path), error=str(e)[:200])
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return msgspec.to_builtins(self._status)  # type: ignore[no-any-return]

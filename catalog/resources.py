@@ -26,6 +26,7 @@ import os
 import re
 import resource
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 
@@ -53,19 +54,76 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def memory_available() -> int:
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+# cgroup v1 writes "no limit" as a page-rounded 2^63 - 1.
+_V1_UNLIMITED = 1 << 62
+
+
+class CgroupMemory(NamedTuple):
+    """This process's cgroup memory bound and use, as the kernel's OOM killer sees them."""
+
+    limit: int | None  # bytes, or None without a limit (or without cgroup memory accounting)
+    current: int | None  # bytes charged to the cgroup now (memory.current), or None
+
+
+def _read_bytes(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def cgroup_memory(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP) -> CgroupMemory:
+    """The memory limit of this process's own cgroup -- the smallest ``memory.max`` of it and
+    its ancestors -- and its current use.
+
+    Why not ``/sys/fs/cgroup/memory.max`` alone: that is the *root* cgroup, which has no limit
+    file. systemd puts ``MemoryMax`` on the unit's cgroup
+    (``/sys/fs/cgroup/system.slice/quiver.service/memory.max``), found through
+    ``/proc/self/cgroup``; a container with its own cgroup namespace sees itself at the root,
+    which the walk also covers. Both cgroup v2 and v1 (``memory.limit_in_bytes``) are read."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    places: list[tuple[Path, str, str, str]] = []
+    for line in lines:
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, own = parts
+        if hierarchy == "0" and controllers == "":
+            places.append((root, own, "memory.max", "memory.current"))
+        elif "memory" in controllers.split(","):
+            places.append((root / "memory", own, "memory.limit_in_bytes", "memory.usage_in_bytes"))
+    if not places:
+        places = [(root, "/", "memory.max", "memory.current")]
+    for base, own, limit_name, usage_name in places:
+        if not base.is_dir():
+            continue
+        rel = [p for p in own.split("/") if p and p not in (".", "..")]
+        dirs = [base.joinpath(*rel[:n]) for n in range(len(rel), -1, -1)]
+        dirs = [d for d in dirs if d.is_dir()]
+        if not dirs:
+            continue
+        limits = [v for d in dirs if (v := _read_bytes(d / limit_name)) is not None and 0 < v < _V1_UNLIMITED]
+        current = _read_bytes(dirs[0] / usage_name)
+        if limits or current is not None:
+            return CgroupMemory(limit=min(limits) if limits else None, current=current)
+    return CgroupMemory(limit=None, current=None)
+
+
+def memory_available(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP) -> int:
     """The memory this process may use: physical memory, or a smaller cgroup limit."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         total = 4 * 1024**3
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < total:
-            total = int(text)
+    limit = cgroup_memory(root, proc_cgroup).limit
+    if limit is not None and limit < total:
+        total = limit
     return total
 
 

@@ -1,7 +1,8 @@
 """Tokens: Ed25519-signed JWTs of three kinds, recorded by ``jti`` (never the token itself).
 
-Validation is signature + expiry + kind + not revoked + still the same swarm, and reads only
-memory on the hot path: verified tokens are cached (bounded), revocations are in-process sets
+Validation is signature (by the key the token's ``kid`` header names: the active signing
+key or a previous one that still verifies, catalog/keys.py) + expiry + kind + not revoked +
+still the same swarm, and reads only memory on the hot path: verified tokens are cached (bounded), revocations are in-process sets
 (of jtis and of chain roots) kept current by the revoking code, the swarm instance ids are
 held by :class:`~catalog.swarms.SwarmStore`, and "last used" times are gathered in memory
 and flushed in batches.
@@ -48,7 +49,7 @@ from catalog.errors import (
     bounded,
 )
 from catalog.identity import TOKEN_KINDS, Principal, TokenKind
-from catalog.keys import SigningKey
+from catalog.keys import KeyRing, SigningKey
 from catalog.swarms import SwarmStore, check_swarm_name
 from catalog.writes import AdminWrites
 
@@ -113,9 +114,9 @@ def _now() -> datetime:
 
 
 class TokenService:
-    def __init__(self, db: Database, key: SigningKey, config: TokensConfig, swarms: SwarmStore) -> None:
+    def __init__(self, db: Database, keys: KeyRing, config: TokensConfig, swarms: SwarmStore) -> None:
         self._db = db
-        self._key = key
+        self._keys = keys
         self._config = config
         self._swarms = swarms
         self._writes: AdminWrites = swarms.writes
@@ -143,7 +144,37 @@ class TokenService:
 
     @property
     def jwks(self) -> dict[str, list[dict[str, str]]]:
-        return self._key.jwks()
+        return self._keys.jwks()
+
+    # --- signing keys (catalog/keys.py) ------------------------------------------------
+    def signed_by_active_key(self, token: str) -> bool:
+        """Whether ``token``'s header names the key that signs new tokens (no verification:
+        used to re-sign the admin token after a rotation, before the old key retires)."""
+        try:
+            return jwt.get_unverified_header(token).get("kid") == self._keys.active.kid
+        except jwt.PyJWTError:
+            return False
+
+    def rotate_signing_key(self, *, retire_previous: bool = False) -> SigningKey:
+        """Sign new tokens with a new key; the current key keeps verifying until the last
+        unrevoked token it signed expires (``retire_previous``: no previous key verifies any
+        more). Under the admin-write lock, so no token is minted halfway through; the caller
+        guarantees no other process signs with this data directory's key (it holds the
+        database)."""
+        with self._writes.lock, self._db.reading() as cur:
+            row = fetch_one(
+                cur, f"SELECT max(expires_at) FROM {SYSTEM_SCHEMA}.tokens WHERE revoked_at IS NULL"
+            )
+            last = row[0] if row else None
+            key = self._keys.rotate(last, retire_previous=retire_previous)
+            if retire_previous:
+                with self._lock:
+                    self._cache.clear()  # verified tokens of the retired keys
+            return key
+
+    def retire_keys(self, now: datetime | None = None) -> list[str]:
+        """Drop the previous signing keys whose last token has expired (housekeeping)."""
+        return self._keys.retire_expired(now or _now(), self._config.leeway_seconds)
 
     # --- issuing ----------------------------------------------------------------------
     def _ttl(self, ttl_seconds: int | None) -> int:
@@ -261,7 +292,8 @@ class TokenService:
         }
         if grant is not None:
             claims["grant"] = grant
-        token = jwt.encode(claims, self._key.private, algorithm="EdDSA", headers={"kid": self._key.kid})
+        key = self._keys.active
+        token = jwt.encode(claims, key.private, algorithm="EdDSA", headers={"kid": key.kid})
 
         def write(cur: duckdb.DuckDBPyConnection) -> None:
             cur.execute(
@@ -365,9 +397,19 @@ class TokenService:
         if not token or len(token) > 4096:
             raise Unauthenticated("malformed token")
         try:
+            # The header's kid selects the key: the active one, or a previous one that still
+            # verifies the tokens it signed before a rotation. A token without kid is tried
+            # against the active key (Quiver always sets it).
+            kid = jwt.get_unverified_header(token).get("kid")
+            public = self._keys.public_key(kid) if isinstance(kid, str) else self._keys.active.public
+            if public is None:
+                raise Unauthenticated(
+                    "token signed by a key this Quiver does not hold: a retired signing key, or not "
+                    "issued by this Quiver; ask for a new one"
+                )
             claims = jwt.decode(
                 token,
-                self._key.public,
+                public,
                 algorithms=["EdDSA"],
                 issuer=self._config.issuer,
                 leeway=self._config.leeway_seconds,

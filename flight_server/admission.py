@@ -41,6 +41,7 @@ import structlog
 from catalog import Principal, ResourceExhausted
 from catalog.config import LimitsConfig
 from catalog.database import Database
+from catalog.metrics import Metrics
 from flight_server.limits import Deadline, Watchdog
 
 log = structlog.get_logger("flight_server")
@@ -76,7 +77,9 @@ class _Principal:
 class Admission:
     """Per-principal and global concurrency, the query timeout, for planning and streaming."""
 
-    def __init__(self, limits: LimitsConfig, db: Database, watchdog: Watchdog) -> None:
+    def __init__(
+        self, limits: LimitsConfig, db: Database, watchdog: Watchdog, metrics: Metrics | None = None
+    ) -> None:
         self.per_principal = limits.max_concurrent_queries
         self.total = limits.max_concurrent_total
         self.wait_seconds = float(limits.admission_wait_seconds)
@@ -86,6 +89,9 @@ class Admission:
         self._principals: dict[str, _Principal] = {}
         self._running = 0
         self._cond = threading.Condition()
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.streams_running.set_function(self.streams)
 
     # --- the gate -----------------------------------------------------------------------------
     def acquire(self, subject: str, query: str, index: int = 0) -> Release:
@@ -99,6 +105,7 @@ class Admission:
                 while self._running >= self.total:
                     left = deadline - time.monotonic()
                     if left <= 0:
+                        self._refused("total")
                         raise ResourceExhausted(
                             f"the server is running {self._running} queries, its limit ([limits] "
                             f"max_concurrent_total = {self.total}); retry in a few seconds"
@@ -118,11 +125,16 @@ class Admission:
         entry = holder.queries.get(query)
         grows = entry is None or entry.streams.get(index, 0) >= entry.slots
         if grows and holder.slots >= self.per_principal:
+            self._refused("per_principal")
             raise ResourceExhausted(
                 f"too many concurrent queries: {holder.slots} of yours are running and the limit "
                 f"is {self.per_principal} per principal ([limits] max_concurrent_queries); wait "
                 "for one to finish, then retry"
             )
+
+    def _refused(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.admission_refusals.labels(reason).inc()
 
     def _take(self, subject: str, query: str, index: int) -> None:
         holder = self._principals.setdefault(subject, _Principal())

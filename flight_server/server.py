@@ -110,7 +110,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         limits = catalog.config.limits
         self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds)
         self.watchdog = Watchdog()
-        self.admission = Admission(limits, catalog.db, self.watchdog)
+        self.admission = Admission(limits, catalog.db, self.watchdog, catalog.metrics)
         self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)
         self.profiles = ProfileCache.for_catalog(catalog)
         self.queries = QueryManager.for_catalog(catalog)

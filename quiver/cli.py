@@ -14,7 +14,7 @@ from catalog import VERSION, Catalog, ConfigError, DatabaseInUse, NotFound, Quiv
 from catalog.errors import bounded
 from catalog.resources import AddressSpaceBound
 from catalog.swarms import check_swarm_name
-from quiver import logs
+from quiver import keys_cli, logs
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync_cli.add_parser(sub, _config_args)
     admin_cli.add_parser(sub, _config_args)
+    keys_cli.add_parser(sub, _config_args)
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             config = _load(args)
             logs.configure("json" if not sys.stderr.isatty() else config.server.log_format, "warning")
             return ops.cmd_backup(args, config) if args.command == "backup" else ops.cmd_restore(args, config)
+        if args.command == "keys":
+            return keys_cli.cmd_keys(args, _load(args))
         if args.command == "version":
             print(VERSION)
             return 0
