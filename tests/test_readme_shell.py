@@ -1,0 +1,80 @@
+"""The README's shell examples of the control plane run as written: the curl block and the
+``quiver admin`` block, against a real ``quiver serve`` whose data directory is ``var/`` of
+the working directory (as after ``make run``), with only the port changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ServeProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def sh_block(after_heading: str, first_line: str) -> str:
+    """The ```sh block under ``after_heading`` that starts with ``first_line``."""
+    section = README.split(after_heading, 1)[1]
+    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+        if block.startswith(first_line):
+            return block  # type: ignore[no-any-return]
+    raise AssertionError(f"README.md: no sh block starting {first_line!r} under {after_heading!r}")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    serve = ServeProcess(tmp_path / "var", "--demo")
+    try:
+        yield tmp_path, int(serve.http_url.rsplit(":", 1)[1])
+    finally:
+        serve.stop()
+
+
+def run(script: str, cwd: Path, port: int) -> subprocess.CompletedProcess[str]:
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "QUIVER_SERVER_HTTP_PORT": str(port)}
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_curl_block_governs_access(served: tuple[Path, int]) -> None:
+    cwd, port = served
+    block = sh_block("## Governing access", 'ADMIN="authorization')
+    script = block.replace("localhost:8000", f"127.0.0.1:{port}")
+    minted, revoked = script.split("# revoke it", 1)
+    done = run(minted, cwd, port)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.replace("}{", "}\n{").splitlines() if line.strip()]
+    assert answers[0]["name"] == "analysts"
+    assert answers[1]["tables"] == ["demo.orders", "demo.customers"]
+    token = answers[2]
+    assert token["kind"] == "agent" and token["swarm"] == "analysts" and token["token"]
+    done = run("# revoke it" + revoked.replace("<jti>", token["jti"]), cwd, port)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["revoked_at"]
+
+
+def test_the_quiver_admin_block_runs(served: tuple[Path, int]) -> None:
+    cwd, port = served
+    block = sh_block("### The same from a shell", "quiver admin swarms create")
+    lines = [ln.split("#")[0].strip() for ln in block.splitlines() if ln.strip()]
+    for line in lines:
+        line = line.replace("[--all]", "--all").replace("[--agent report-bot]", "--agent report-bot")
+        if "<jti>" in line:
+            listed = run("quiver admin tokens list --swarm analysts --json", cwd, port)
+            assert listed.returncode == 0, listed.stderr
+            line = line.replace("<jti>", json.loads(listed.stdout)["tokens"][0]["jti"])
+        done = run(line, cwd, port)
+        assert done.returncode == 0, f"{line}: {done.stderr}{done.stdout}"
+    assert (cwd / "bot.token").read_text().strip().startswith("eyJ")
