@@ -65,7 +65,8 @@ def test_the_curl_block_governs_access(served: tuple[Path, int]) -> None:
     assert sorted(answers[1]["tables"]) == ["demo.customers", "demo.orders"]
     token = answers[2]
     assert token["kind"] == "agent" and token["swarm"] == "analysts" and token["token"]
-    done = run("# revoke it" + revoked.replace("<jti>", token["jti"]), cwd, port)
+    header = "".join(ln + "\n" for ln in minted.splitlines() if ln.startswith(("ADMIN=", "JSON=")))
+    done = run(header + "# revoke it" + revoked.replace("<jti>", token["jti"]), cwd, port)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["revoked_at"]
 
