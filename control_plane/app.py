@@ -14,6 +14,7 @@ from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from catalog import VERSION, Catalog
+from control_plane.api_docs import render_plugins
 from control_plane.context import DEPENDENCIES, Access
 from control_plane.errors import EXCEPTION_HANDLERS
 from control_plane.gate import MAX_JSON_BODY, gate
@@ -152,8 +153,9 @@ def request_context(app: ASGIApp) -> ASGIApp:
 
 
 def create_app(catalog: Catalog) -> Litestar:
+    docs_plugins, docs_assets = render_plugins()
     app = Litestar(
-        route_handlers=ROUTERS,
+        route_handlers=[*ROUTERS, *docs_assets],
         before_request=gate,
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
@@ -162,6 +164,7 @@ def create_app(catalog: Catalog) -> Litestar:
             title="Quiver control plane",
             version=VERSION,
             description="Admin API: swarms, tokens, allowlists, tables, status, audit, sync.",
+            render_plugins=docs_plugins,
             components=Components(
                 security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}
             ),

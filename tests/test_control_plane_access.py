@@ -4,6 +4,8 @@ and the typed /v1/status answer (proto_docs/control_plane.md, proto_docs/authent
 from __future__ import annotations
 
 import json
+import re
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,3 +258,40 @@ def test_public_metrics_need_no_token_and_still_take_a_metrics_token(tmp_path: P
         assert s.http(token).get("/v1/status").status_code == 403
     finally:
         s.stop()
+
+
+# --- the API docs UIs, offline ------------------------------------------------------------
+
+_URL = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']""")
+
+
+@pytest.mark.parametrize("page", ["/schema/swagger", "/schema/redoc", "/schema"])
+def test_api_docs_pages_reference_only_local_assets(server: Server, page: str) -> None:
+    """The UIs work without internet access: every script, style and icon of the page is
+    served by Quiver itself (from the drf-spectacular-sidecar package), and answers 200 with
+    a JS/CSS/PNG content type."""
+    client = server.http(None)
+    r = client.get(page)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    urls = _URL.findall(r.text)
+    assert urls, r.text[:500]
+    assert not re.search(r"https?://|//cdn|googleapis", r.text.split("<body>")[0]), r.text[:1500]
+    kinds = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+    for url in urls:
+        assert url.startswith("/schema/assets/"), url
+        asset = client.get(url)
+        assert asset.status_code == 200, url
+        expected = next(v for k, v in kinds.items() if url.endswith(k))
+        assert asset.headers["content-type"].split(";")[0] == expected, (url, asset.headers)
+        assert len(asset.content) > 500, url
+    assert any(u.endswith(".js") for u in urls)
+    assert "django" not in sys.modules  # the assets package is located, never imported
+
+
+def test_api_docs_assets_refuse_what_is_not_there(server: Server) -> None:
+    client = server.http(None)
+    for path in ("/schema/assets/nope.js", "/schema/assets/%2e%2e/%2e%2e/apps.py"):
+        r = client.get(path)
+        assert r.status_code == 404 and r.json()["error"] == "NOT_FOUND", (path, r.text)
+    r = client.get("/schema/assets/swagger-ui-dist/swagger-ui.css", params={"v": "1"})
+    assert (r.status_code, r.json()["error"]) == (400, "INVALID_ARGUMENT")
