@@ -97,11 +97,6 @@ class AuditList(msgspec.Struct, kw_only=True):
     events: list[AuditEvent]
 
 
-class Health(msgspec.Struct, kw_only=True):
-    status: Literal["ok", "unavailable"]
-    listeners: dict[str, Any]
-
-
 # --- GET /v1/sync and POST /v1/sync/{table}/run (proto_docs/sync.md) -------------------------
 # Times are RFC 3339 text as the sync service writes it (kept as text, so the answer is
 # byte-for-byte what it was before it was typed).
@@ -152,6 +147,13 @@ class SyncTriggered(msgspec.Struct, kw_only=True):
 class ListenerStatus(msgspec.Struct, kw_only=True):
     up: bool
     url: str
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """``GET /healthz``: 200 with ``ok`` only when every listener is up (503 otherwise)."""
+
+    status: Literal["ok", "unavailable"]
+    listeners: dict[str, ListenerStatus]
 
 
 class DatabaseStatus(msgspec.Struct, kw_only=True):

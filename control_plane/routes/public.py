@@ -5,19 +5,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import MediaType, Response, Router, get
 from litestar.di import NamedDependency
 
 from catalog import Catalog
 from control_plane.context import METRICS
-from control_plane.models import Health
+from control_plane.models import Health, ListenerStatus
 
 
 @get("/healthz", sync_to_thread=True, tags=["health"], summary="200 only when both listeners are up")
 def healthz(catalog: NamedDependency[Catalog]) -> Response[Health]:
     up, listeners = catalog.health()
     return Response(
-        Health(status="ok" if up else "unavailable", listeners=listeners),
+        Health(
+            status="ok" if up else "unavailable",
+            listeners=msgspec.convert(listeners, dict[str, ListenerStatus]),
+        ),
         status_code=200 if up else 503,
     )
 
