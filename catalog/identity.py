@@ -6,8 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-TokenKind = Literal["admin", "swarm", "agent"]
-TOKEN_KINDS: tuple[TokenKind, ...] = ("admin", "swarm", "agent")
+TokenKind = Literal["admin", "swarm", "agent", "metrics"]
+TOKEN_KINDS: tuple[TokenKind, ...] = ("admin", "swarm", "agent", "metrics")
+# Kinds that belong to no swarm. A metrics token may read GET /metrics and nothing else
+# (proto_docs/authentication.md, "Metrics tokens"): Prometheus holds no admin power.
+UNSCOPED_KINDS: frozenset[str] = frozenset({"admin", "metrics"})
+METRICS_ONLY = "a metrics token may read GET /metrics on the control plane and nothing else"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +35,16 @@ class Principal:
         return self.kind == "admin"
 
     @property
+    def is_metrics(self) -> bool:
+        return self.kind == "metrics"
+
+    @property
     def label(self) -> str:
         """A short name for logs and the audit log (never the token)."""
         if self.kind == "agent":
             return f"agent:{self.swarm}/{self.agent}"
         if self.kind == "swarm":
             return f"swarm:{self.swarm}"
+        if self.kind == "metrics":
+            return "metrics"
         return f"admin:{self.subject}"

@@ -1,4 +1,4 @@
-"""Tokens: Ed25519-signed JWTs of three kinds, recorded by ``jti`` (never the token itself).
+"""Tokens: Ed25519-signed JWTs of four kinds (admin, swarm, agent, metrics), recorded by ``jti`` (never the token itself).
 
 Validation is signature (by the key the token's ``kid`` header names: the active signing
 key or a previous one that still verifies, catalog/keys.py) + expiry + kind + not revoked +
@@ -9,7 +9,7 @@ and flushed in batches.
 
 Who may mint what is decided in one place, :meth:`TokenService.mint`:
 admin tokens mint any kind; a swarm token mints agent tokens for its own swarm, expiring no
-later than itself; agent tokens mint nothing.
+later than itself; agent and metrics tokens mint nothing.
 
 Lineage (proto_docs/authentication.md, "Token chains"): a minted token starts a *chain*
 (claim ``root`` = its own jti); refreshing rotates a token within its chain (new ``jti``,
@@ -48,7 +48,7 @@ from catalog.errors import (
     WriteConflict,
     bounded,
 )
-from catalog.identity import TOKEN_KINDS, Principal, TokenKind
+from catalog.identity import TOKEN_KINDS, UNSCOPED_KINDS, Principal, TokenKind
 from catalog.keys import KeyRing, SigningKey
 from catalog.swarms import SwarmStore, check_swarm_name
 from catalog.writes import AdminWrites
@@ -207,7 +207,9 @@ class TokenService:
         grant: str | None = None
         if issuer is not None and not issuer.is_admin:
             if issuer.kind != "swarm":
-                raise PermissionDenied("agent tokens cannot mint tokens; ask your swarm's token or an admin")
+                raise PermissionDenied(
+                    f"{issuer.kind} tokens cannot mint tokens; ask your swarm's token or an admin"
+                )
             if kind != "agent":
                 raise PermissionDenied("a swarm token may mint only agent tokens (kind 'agent')")
             swarm = swarm or issuer.swarm
@@ -219,9 +221,9 @@ class TokenService:
             not_after = issuer.expires_at
             parent = issuer.jti
             grant = issuer.root
-        if kind == "admin":
+        if kind in UNSCOPED_KINDS:
             if swarm is not None or agent is not None:
-                raise InvalidArgument("admin tokens take neither 'swarm' nor 'agent'")
+                raise InvalidArgument(f"{kind} tokens take neither 'swarm' nor 'agent'")
         else:
             if swarm is None:
                 raise InvalidArgument(f"{kind} tokens need 'swarm'")
@@ -277,7 +279,12 @@ class TokenService:
             expires = not_after
         jti = uuid.uuid4().hex
         root = root or jti
-        subject = {"admin": "admin", "swarm": f"swarm:{swarm}", "agent": f"agent:{swarm}/{agent}"}[kind]
+        subject = {
+            "admin": "admin",
+            "metrics": "metrics",
+            "swarm": f"swarm:{swarm}",
+            "agent": f"agent:{swarm}/{agent}",
+        }[kind]
         claims: dict[str, Any] = {
             "iss": self._config.issuer,
             "sub": subject,
@@ -429,7 +436,8 @@ class TokenService:
         if kind not in TOKEN_KINDS:
             raise Unauthenticated("invalid token: unknown kind")
         swarm, agent = claims.get("swarm"), claims.get("agent")
-        if kind != "admin" and not isinstance(swarm, str):
+        scoped = kind not in UNSCOPED_KINDS
+        if scoped and not isinstance(swarm, str):
             raise Unauthenticated("invalid token: missing swarm")
         if kind == "agent" and not isinstance(agent, str):
             raise Unauthenticated("invalid token: missing agent")
@@ -440,18 +448,18 @@ class TokenService:
             root, grant, sid = jti, None, self._legacy.get(jti)
         if not isinstance(root, str) or not (grant is None or isinstance(grant, str)):
             raise Unauthenticated("invalid token: malformed lineage claims")
-        if kind != "admin" and not isinstance(sid, str):
+        if scoped and not isinstance(sid, str):
             raise Unauthenticated("invalid token: missing swarm instance")
         return Principal(
             kind=kind,
             jti=jti,
             subject=str(claims["sub"]),
             expires_at=datetime.fromtimestamp(int(claims["exp"]), UTC),
-            swarm=swarm if kind != "admin" else None,
+            swarm=swarm if scoped else None,
             agent=agent if kind == "agent" else None,
             root=root,
             grant=grant,
-            swarm_id=sid if kind != "admin" else None,
+            swarm_id=sid if scoped else None,
         )
 
     # --- revoking ---------------------------------------------------------------------

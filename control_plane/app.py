@@ -6,14 +6,16 @@ import time
 import uuid
 
 import structlog
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from catalog import VERSION, Catalog
-from control_plane.context import ADMIN_UNLESS_PUBLIC_METRICS, DEPENDENCIES
+from control_plane.api_docs import render_plugins
+from control_plane.context import DEPENDENCIES, Access
 from control_plane.errors import EXCEPTION_HANDLERS
 from control_plane.gate import MAX_JSON_BODY, gate
 from control_plane.models import ErrorBody, Health
@@ -21,12 +23,14 @@ from control_plane.routes import admin, backup, public, swarms, tokens
 
 log = structlog.get_logger("control_plane")
 
-ROUTES: list[HTTPRouteHandler] = [
-    *public.ROUTES,
-    *swarms.ROUTES,
-    *tokens.ROUTES,
-    *admin.ROUTES,
-    *backup.ROUTES,
+# Who may call a route is its router's guard (control_plane.context.Access): one place per
+# decision, outside the handlers.
+ROUTERS: list[Router] = [
+    public.ROUTER,
+    swarms.ROUTER,
+    tokens.ROUTER,
+    admin.ROUTER,
+    backup.ROUTER,
 ]
 
 _WHY = {
@@ -56,28 +60,29 @@ _DOMAIN_STATUSES: dict[str, set[int]] = {
 
 
 def statuses_of(handler: HTTPRouteHandler) -> set[int]:
-    """Every error status ``handler`` can answer, from what its signature asks for (the gate's
-    checks, see control_plane.gate) plus the domain conflicts listed in ``_DOMAIN_STATUSES``."""
+    """Every error status ``handler`` can answer: 401 and 403 from its access guard, the
+    gate's checks from what its signature asks for (control_plane.gate), plus the domain
+    conflicts listed in ``_DOMAIN_STATUSES``."""
     parameters = handler.parsed_fn_signature.parameters
     statuses = set(_DOMAIN_STATUSES.get(handler.handler_name, set()))
-    if "admin" in parameters:
+    if Access.of(handler) is not None:
         statuses |= {401, 403}
-    if "principal" in parameters:
-        statuses.add(401)
     if "data" in parameters:
         statuses |= {413, 415}
-    params = set(parameters) - {"request", "admin", "principal", "catalog", "data"}
+    params = set(parameters) - {"request", "catalog", "data"}
     if any("{" + p + ":" in path for p in params for path in handler.paths):
         statuses.add(404)
     statuses.add(400)  # any route: an unknown or malformed query parameter (control_plane.gate)
     return statuses
 
 
-def document_errors(handlers: list[HTTPRouteHandler]) -> None:
-    """Declare on each route the error statuses it answers, each with the one error body
-    (the ``ErrorBody`` component): the OpenAPI schema then says what a client really gets,
-    and schemathesis holds the server to it (tests/test_fuzz_http.py)."""
-    for handler in handlers:
+def document_errors(app: Litestar) -> None:
+    """Declare on each registered route the error statuses it answers, each with the one
+    error body (the ``ErrorBody`` component): the OpenAPI schema then says what a client
+    really gets, and schemathesis holds the server to it (tests/test_fuzz_http.py). Runs on
+    the registered handlers, whose guards include their routers' (the schema is built on its
+    first request)."""
+    for handler in _handlers(app):
         extra = dict(handler.responses or {})
         if handler.handler_name == "healthz":
             extra[503] = ResponseSpec(data_container=Health, generate_examples=False, description=_WHY[503])
@@ -87,10 +92,22 @@ def document_errors(handlers: list[HTTPRouteHandler]) -> None:
                 ResponseSpec(data_container=ErrorBody, generate_examples=False, description=_WHY[status]),
             )
         handler.responses = extra
-        if {"admin", "principal"} & set(handler.parsed_fn_signature.parameters) or handler.opt.get(
-            "auth"
-        ) == ADMIN_UNLESS_PUBLIC_METRICS:
+        if Access.of(handler) is not None:
             handler.security = [{"bearer": []}]  # public routes (health, JWKS) declare none
+
+
+def _handlers(app: Litestar) -> list[HTTPRouteHandler]:
+    """The app's own registered route handlers (not the OpenAPI schema's)."""
+    ours = {
+        h.handler_name for r in ROUTERS for route in r.routes for h in getattr(route, "route_handlers", [])
+    }
+    return [
+        h
+        for route in app.routes
+        if isinstance(route, HTTPRoute)
+        for h in route.route_handlers
+        if h.handler_name in ours
+    ]
 
 
 def request_context(app: ASGIApp) -> ASGIApp:
@@ -136,10 +153,10 @@ def request_context(app: ASGIApp) -> ASGIApp:
 
 
 def create_app(catalog: Catalog) -> Litestar:
-    document_errors(ROUTES)
+    docs_plugins, docs_assets = render_plugins()
     app = Litestar(
-        route_handlers=ROUTES,
-        guards=[gate],
+        route_handlers=[*ROUTERS, *docs_assets],
+        before_request=gate,
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=MAX_JSON_BODY,
@@ -147,6 +164,7 @@ def create_app(catalog: Catalog) -> Litestar:
             title="Quiver control plane",
             version=VERSION,
             description="Admin API: swarms, tokens, allowlists, tables, status, audit, sync.",
+            render_plugins=docs_plugins,
             components=Components(
                 security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}
             ),
@@ -154,6 +172,7 @@ def create_app(catalog: Catalog) -> Litestar:
         debug=False,
     )
     app.state["catalog"] = catalog
+    document_errors(app)
     # Outside routing, not as route middleware: 404s and 405s get a request id, a log line
     # and a metric like every other answer.
     app.asgi_handler = request_context(app.asgi_handler)

@@ -1,27 +1,30 @@
-"""Per-request context: request id, the authenticated principal, and auditing helpers.
+"""Per-request context: who may call a route, the authenticated principal, auditing helpers.
 
-Authentication is a dependency (``principal`` / ``admin``) so that a handler states in its
-signature who may call it; the decision itself is made by the catalog's TokenService. The
-app-wide guard in :mod:`control_plane.gate` reads those signatures and authenticates before
-the body is read, so a bad token is always a 401 (and audited), never a 400.
+Who may call a route is declared once, on the router (or, for ``/metrics``, the handler)
+that holds it: one of the :class:`Access` guards below (``ADMIN``, ``TOKEN``, ``METRICS``); a
+route without one is public. Guards run before anything of the request is read, so a bad
+token is always a 401 (and audited), never a 400; the guard verifies the token with the
+catalog's TokenService and sets ``request.user`` to the :class:`~catalog.Principal`, which
+handlers read. The query and body checks come after, in :func:`control_plane.gate.gate`,
+and only a request that passes them marks its token used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
+from litestar.handlers.base import BaseRouteHandler
 
 from catalog import Catalog, PermissionDenied, Principal, QuiverError, Unauthenticated
+from catalog.identity import METRICS_ONLY
 
 _PRINCIPAL = "quiver.principal"  # scope state key of the verified Principal
-
-ADMIN_UNLESS_PUBLIC_METRICS = "admin-unless-public-metrics"
-"""``opt={"auth": …}`` of a route that needs an admin token unless ``[server] public_metrics``."""
 
 
 def catalog_of(request: ASGIConnection[Any, Any, Any, Any]) -> Catalog:
@@ -37,9 +40,9 @@ def client_of(request: ASGIConnection[Any, Any, Any, Any]) -> str | None:
 
 
 def authenticated(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
-    """The caller's principal, verified once per request (the gate does it before the body
-    is read; the ``principal``/``admin`` dependencies then reuse it), not yet marked used. A
-    failure is audited as ``auth.failed`` and counted, so fail2ban sees every refused token."""
+    """The caller's principal, verified once per request and set as ``request.user``, not yet
+    marked used. A failure is audited as ``auth.failed`` and counted, so fail2ban sees every
+    refused token."""
     state = request.scope.setdefault("state", {})  # type: ignore[typeddict-item]
     known = state.get(_PRINCIPAL)
     if isinstance(known, Principal):
@@ -66,54 +69,80 @@ def authenticated(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
         raise
     state[_PRINCIPAL] = principal
     state["principal"] = principal.label
+    request.scope["user"] = principal
     return principal
 
 
-def admin_of(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
-    """The caller's principal if it is an admin's (403 otherwise), not yet marked used."""
-    principal = authenticated(request)
-    if not principal.is_admin:
-        raise PermissionDenied(
-            f"this route needs an admin token; yours is a token of kind {principal.kind!r}"
-        )
-    return principal
+def principal_of(request: ASGIConnection[Any, Any, Any, Any]) -> Principal | None:
+    """The principal an :class:`Access` guard verified for this request, if any."""
+    known = request.scope.get("state", {}).get(_PRINCIPAL)
+    return known if isinstance(known, Principal) else None
 
 
-def authenticate(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
-    """The ``principal`` dependency. Dependencies resolve after the body and the query are
-    accepted, so only a request that reaches its handler marks the token used: a refused
-    request never updates ``last_used_at``."""
-    principal = authenticated(request)
-    catalog_of(request).tokens.record_use(principal)
-    return principal
+@dataclass(frozen=True)
+class Access:
+    """A route guard: who may call the routes of a router (proto_docs/control_plane.md,
+    "Who may call what"). It authenticates (401) and then asks ``refusal`` whether this
+    principal may use the route (403 with that sentence)."""
+
+    name: str
+    refusal: Callable[[Principal], str | None]
+    # Whether the route takes no token at all when the catalog's config says so.
+    public_when: Callable[[Catalog], bool] = lambda catalog: False
+
+    def __call__(self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if self.public_when(catalog_of(connection)):
+            return
+        principal = authenticated(connection)
+        why = self.refusal(principal)
+        if why is not None:
+            raise PermissionDenied(why)
+
+    @staticmethod
+    def of(handler: BaseRouteHandler) -> Access | None:
+        """The access guard a (registered) handler is under, or None for a public route."""
+        found = [g for layer in handler.ownership_layers for g in layer.guards or [] if isinstance(g, Access)]
+        return found[-1] if found else None
 
 
-def require_admin(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
-    """The ``admin`` dependency: as :func:`authenticate`, for admin tokens only."""
-    principal = admin_of(request)
-    catalog_of(request).tokens.record_use(principal)
-    return principal
+def _admin_only(principal: Principal) -> str | None:
+    if principal.is_admin:
+        return None
+    return f"this route needs an admin token; yours is a token of kind {principal.kind!r}"
+
+
+def _any_but_metrics(principal: Principal) -> str | None:
+    return METRICS_ONLY if principal.is_metrics else None
+
+
+def _metrics_reader(principal: Principal) -> str | None:
+    if principal.is_admin or principal.is_metrics:
+        return None
+    return f"GET /metrics needs an admin or a metrics token; yours is a token of kind {principal.kind!r}"
+
+
+ADMIN = Access("admin", _admin_only)
+"""Admin tokens only."""
+TOKEN = Access("token", _any_but_metrics)
+"""Any admin, swarm or agent token (the handler decides further, e.g. who may mint what)."""
+METRICS = Access("metrics", _metrics_reader, public_when=lambda catalog: catalog.config.server.public_metrics)
+"""An admin or a metrics token; no token at all with ``[server] public_metrics``."""
 
 
 def provide_catalog(request: Request[Any, Any, Any]) -> Catalog:
     return catalog_of(request)
 
 
-DEPENDENCIES = {
-    "principal": Provide(authenticate, sync_to_thread=False),
-    "admin": Provide(require_admin, sync_to_thread=False),
-    "catalog": Provide(provide_catalog, sync_to_thread=False),
-}
+DEPENDENCIES = {"catalog": Provide(provide_catalog, sync_to_thread=False)}
 
 
 @contextmanager
-def audited(
-    request: Request[Any, Any, Any], actor: Principal, action: str, target: str | None
-) -> Iterator[None]:
-    """Record a mutation in the audit log with its outcome, whether it succeeds or not."""
+def audited(request: Request[Principal, Any, Any], action: str, target: str | None) -> Iterator[None]:
+    """Record a mutation by ``request.user`` in the audit log with its outcome, whether it
+    succeeds or not."""
     catalog = catalog_of(request)
     fields = {
-        "actor": actor.label,
+        "actor": request.user.label,
         "target": target,
         "client": client_of(request),
         "request_id": request_id(request),

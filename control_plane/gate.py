@@ -1,23 +1,26 @@
-"""The request gate: authenticate first, then read and check the body, before Litestar
-decodes anything.
+"""The request gate: check the query and the body strictly, before Litestar decodes anything.
 
 Litestar resolves a handler's ``data`` parameter (the JSON body) *before* its dependencies,
-so an authentication dependency alone answers a malformed body with 400 and never sees
-the token: the auth failure is not audited and fail2ban never learns of it. Guards run
-before the body is touched, so one app-wide guard does the work in this order:
+so an authentication dependency would answer a malformed body with 400 and never see the
+token: the auth failure would not be audited and fail2ban would never learn of it. So the
+work is split in the order Litestar runs things, both before the body is touched:
 
-1. **Authenticate** when the handler asks for ``principal`` or ``admin`` (its signature says
-   who may call it, see :mod:`control_plane.context`): 401 + an ``auth.failed`` audit record,
-   or 403 for a non-admin token on an admin route.
-2. **Read the body** within ``request_max_body_size`` (413), require
+1. **Authenticate** in the route's :class:`~control_plane.context.Access` guard, declared on
+   its router (who may call it): 401 + an ``auth.failed`` audit record, or 403 for a token
+   that may not use the route.
+2. **Check the query**, then **read the body** within ``request_max_body_size`` (413), require
    ``Content-Type: application/json`` when there is one (415).
-3. **Decode it strictly** into the handler's declared model (400 with msgspec's sentence):
+3. **Decode the body strictly** into the handler's declared model (400 with msgspec's sentence):
    ``"60"`` is not an integer on any route, unknown fields are errors. Decoding into the
    model is also what bounds nesting: the decoder stops at the first value that does not
    fit the model, so ``[[[[…]]]]`` 100,000 deep (200 kB, well under the size limit) is
    refused at its first byte — it used to be decoded untyped first, recursing until a
    ``RecursionError`` (500). A ``RecursionError`` (a model with an ``Any`` field) is a 400
    too. Litestar then converts the already valid, shallow body.
+4. **Mark the token used**: only a request that passed every check updates ``last_used_at``.
+
+Steps 2-4 are :func:`gate`, the app's ``before_request`` hook (it runs after the guards and
+before the handler's arguments are resolved).
 
 The order and the statuses are documented in proto_docs/control_plane.md.
 """
@@ -27,13 +30,14 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, InternalServerException
 from litestar.handlers import HTTPRouteHandler
 from litestar.handlers.base import BaseRouteHandler
 
 from catalog import InvalidArgument
-from control_plane.context import ADMIN_UNLESS_PUBLIC_METRICS, admin_of, authenticated, catalog_of
+from control_plane.context import catalog_of, principal_of
 
 MAX_JSON_BODY = 1 << 20
 """Bytes a request body may have (413 beyond)."""
@@ -63,15 +67,7 @@ def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
 
-def needs_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> bool:
-    if "admin" in handler.parsed_fn_signature.parameters:
-        return True
-    if handler.opt.get("auth") == ADMIN_UNLESS_PUBLIC_METRICS:
-        return not catalog_of(connection).config.server.public_metrics
-    return False
-
-
-_INJECTED = frozenset({"request", "data", "admin", "principal", "catalog"})
+_INJECTED = frozenset({"request", "data", "catalog"})
 
 
 def query_parameters(handler: BaseRouteHandler) -> set[str]:
@@ -123,21 +119,25 @@ def _type_name(annotation: Any) -> str:
     )
 
 
-async def gate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """App-wide guard: authentication, then the body checks, before any decoding."""
+async def gate(request: Request[Any, Any, Any]) -> None:
+    """The app's ``before_request`` hook: the query and body checks, after the route's access
+    guard and before any decoding; then the caller's token is marked used."""
+    handler = request.route_handler
     if not isinstance(handler, HTTPRouteHandler):  # a mounted ASGI app (e.g. MCP) checks its own
         return
-    parameters = handler.parsed_fn_signature.parameters
-    if needs_admin(connection, handler):
-        admin_of(connection)  # marked used later, by the dependency, if the request is accepted
-    elif "principal" in parameters:
-        authenticated(connection)
-    _check_query(connection, handler)
-    body_field = parameters.get("data")
+    _check_query(request, handler)
+    await _check_body(request, handler)
+    principal = principal_of(request)
+    if principal is not None:
+        catalog_of(request).tokens.record_use(principal)
+
+
+async def _check_body(connection: Request[Any, Any, Any], handler: HTTPRouteHandler) -> None:
+    body_field = handler.parsed_fn_signature.parameters.get("data")
     if body_field is None:
         return
     try:
-        body = await connection.body()  # type: ignore[attr-defined]  # 413 past request_max_body_size
+        body = await connection.body()  # 413 past request_max_body_size
     except InternalServerException:  # Litestar's word for a client that hung up mid-body
         raise InvalidArgument("the client disconnected before sending the whole body") from None
     if not body.strip():

@@ -17,7 +17,8 @@ from typing import Any
 import pyarrow.flight as flight
 import structlog
 
-from catalog import Catalog, Principal, QuiverError, Unauthenticated
+from catalog import Catalog, PermissionDenied, Principal, QuiverError, Unauthenticated
+from catalog.identity import METRICS_ONLY
 from flight_server.errors import flight_error
 from flight_server.limits import Deadline
 
@@ -125,9 +126,15 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
                 error = Unauthenticated("malformed authorization header: use 'Bearer <token>'")
             else:
                 try:
-                    principal = self.catalog.tokens.verify(token.strip())
+                    principal = self.catalog.tokens.check(token.strip())
                 except Unauthenticated as e:
                     error = e
+                if principal is not None and principal.is_metrics:
+                    # Valid, but for GET /metrics only: refused (and audited) like a bad
+                    # token, and not marked used.
+                    principal, error = None, PermissionDenied(METRICS_ONLY)
+                elif principal is not None:
+                    self.catalog.tokens.record_use(principal)
         if error is not None and info.method == flight.FlightMethod.GET_SCHEMA:
             # pyarrow cannot send a FlightError from the GetSchema handler (errors.py): refuse
             # here, where it can. The client's address is not known at this point.

@@ -10,10 +10,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pyarrow.flight as flight
 import pytest
 import structlog
 
+from control_plane.models import Status, SyncSection, SyncStatus
 from quiver.cli import main
 from tests.harness import Server, call_options, start_server
 from tests.sync_emulator import Emulator, Source, sync_service
@@ -96,6 +98,13 @@ def test_run_answers_202_and_the_replica_is_served_over_flight(server: Server) -
     )
     audit = server.http().get("/v1/audit", params={"action": "sync.run"}).json()["events"]
     assert audit[0]["target"] == "sales.orders" and audit[0]["outcome"] == "ok"
+    # The answers are the control plane's Structs (what a client such as sync_cli decodes into).
+    typed = msgspec.json.decode(server.http().get("/v1/sync").content, type=SyncStatus, strict=True)
+    orders = next(t for t in typed.tables if t.table == "sales.orders")
+    assert orders.last_run is not None and orders.last_run.rows_written == 20000
+    status = msgspec.json.decode(server.http().get("/v1/status").content, type=Status, strict=True)
+    assert isinstance(status.sync, SyncSection) and status.sync.tables == typed.tables
+    assert isinstance(status.sync.configured, msgspec.UnsetType)  # {"tables": [...]}, as before
 
 
 def test_a_trigger_while_running_queues_exactly_one_follow_up(server: Server) -> None:

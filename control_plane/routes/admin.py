@@ -1,18 +1,19 @@
-"""Admin views: data tables, status, audit, sync."""
+"""Admin views: data tables, status, audit, sync (admin: the router's guard)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any
 
-from litestar import Request, Response, get, post
+import msgspec
+from litestar import Request, Router, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, QueryParameter
 
 from catalog import Catalog, Principal
 from catalog.policy import pattern_matches
-from control_plane.context import audited
-from control_plane.models import AuditList, TableList, TableOut
+from control_plane.context import ADMIN, audited
+from control_plane.models import AuditList, Status, SyncStatus, SyncTriggered, TableList, TableOut
 
 
 @get(
@@ -21,7 +22,7 @@ from control_plane.models import AuditList, TableList, TableOut
     tags=["tables"],
     summary="All data tables: rows, data version, which swarms may read them",
 )
-def list_tables(admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]) -> TableList:
+def list_tables(catalog: NamedDependency[Catalog]) -> TableList:
     swarms = catalog.swarms.all()
     out = []
     for info in catalog.tables.describe(catalog.tables.list_refs()):
@@ -43,13 +44,12 @@ def list_tables(admin: NamedDependency[Principal], catalog: NamedDependency[Cata
     tags=["status"],
     summary="Version, uptime, listeners, database size, tables, sync, cache, active queries",
 )
-def status(admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]) -> dict[str, Any]:
-    return catalog.status()
+def status(catalog: NamedDependency[Catalog]) -> Status:
+    return Status.of(catalog.status())
 
 
 @get("/v1/audit", sync_to_thread=True, tags=["audit"], summary="Audit log, newest first")
 def audit(
-    admin: NamedDependency[Principal],
     catalog: NamedDependency[Catalog],
     since: FromQuery[datetime | None] = None,
     actor: FromQuery[str | None] = None,
@@ -62,8 +62,8 @@ def audit(
 
 
 @get("/v1/sync", sync_to_thread=True, tags=["sync"], summary="State of every replicated table")
-def sync_status(admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]) -> dict[str, Any]:
-    return catalog.require_sync().status()
+def sync_status(catalog: NamedDependency[Catalog]) -> SyncStatus:
+    return msgspec.convert(catalog.require_sync().status(), SyncStatus)
 
 
 @post(
@@ -74,15 +74,14 @@ def sync_status(admin: NamedDependency[Principal], catalog: NamedDependency[Cata
     summary="Queue a sync run of one table (202 at once; a run in progress queues one follow-up)",
 )
 def sync_run(
-    request: Request[Any, Any, Any],
+    request: Request[Principal, Any, Any],
     table: FromPath[str],
-    admin: NamedDependency[Principal],
     catalog: NamedDependency[Catalog],
     full: FromQuery[bool] = False,
-) -> Response[dict[str, Any]]:
-    with audited(request, admin, "sync.run", table):
+) -> SyncTriggered:
+    with audited(request, "sync.run", table):
         result = catalog.require_sync().trigger(table, full=full)
-    return Response(result, status_code=202)
+    return msgspec.convert(result, SyncTriggered)
 
 
-ROUTES = [list_tables, status, audit, sync_status, sync_run]
+ROUTER = Router("/", guards=[ADMIN], route_handlers=[list_tables, status, audit, sync_status, sync_run])

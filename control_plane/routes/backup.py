@@ -9,15 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, get, post
+from litestar import Request, Router, get, post
 from litestar.di import NamedDependency
 
 from catalog import Catalog, Principal
 from catalog.backup import SnapshotInfo, create_snapshot, list_snapshots
-from control_plane.context import audited
+from control_plane.context import ADMIN, audited
 
 
 class SnapshotEntry(msgspec.Struct, kw_only=True):
+    """One archive of ``catalog.backup.list_snapshots`` (which answers plain dicts)."""
+
     name: str
     path: str
     bytes: int
@@ -36,21 +38,20 @@ class SnapshotList(msgspec.Struct, kw_only=True):
     summary="Take a snapshot now (database, signing key, artefacts) into [backup] dir",
 )
 def create_backup(
-    request: Request[Any, Any, Any],
-    admin: NamedDependency[Principal],
+    request: Request[Principal, Any, Any],
     catalog: NamedDependency[Catalog],
 ) -> SnapshotInfo:
-    with audited(request, admin, "backup.create", str(catalog.config.backup_dir)):
+    with audited(request, "backup.create", str(catalog.config.backup_dir)):
         return create_snapshot(catalog)
 
 
 @get("/v1/backups", sync_to_thread=True, tags=["backup"], summary="Snapshots in [backup] dir, newest first")
-def list_backups(admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]) -> SnapshotList:
+def list_backups(catalog: NamedDependency[Catalog]) -> SnapshotList:
     directory = catalog.config.backup_dir
     return SnapshotList(
         directory=str(directory),
-        snapshots=[SnapshotEntry(**entry) for entry in list_snapshots(directory)],
+        snapshots=msgspec.convert(list_snapshots(directory), list[SnapshotEntry]),
     )
 
 
-ROUTES = [create_backup, list_backups]
+ROUTER = Router("/", guards=[ADMIN], route_handlers=[create_backup, list_backups])

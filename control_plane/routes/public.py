@@ -1,22 +1,27 @@
-"""Unauthenticated routes: health, JWKS, and metrics (admin unless made public)."""
+"""Public routes: health, JWKS; and metrics, for an admin or a metrics token (or anyone
+with ``[server] public_metrics``), the ``METRICS`` guard on its handler."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from litestar import MediaType, Request, Response, get
+import msgspec
+from litestar import MediaType, Response, Router, get
 from litestar.di import NamedDependency
 
 from catalog import Catalog
-from control_plane.context import ADMIN_UNLESS_PUBLIC_METRICS, require_admin
-from control_plane.models import Health
+from control_plane.context import METRICS
+from control_plane.models import Health, ListenerStatus
 
 
 @get("/healthz", sync_to_thread=True, tags=["health"], summary="200 only when both listeners are up")
 def healthz(catalog: NamedDependency[Catalog]) -> Response[Health]:
     up, listeners = catalog.health()
     return Response(
-        Health(status="ok" if up else "unavailable", listeners=listeners),
+        Health(
+            status="ok" if up else "unavailable",
+            listeners=msgspec.convert(listeners, dict[str, ListenerStatus]),
+        ),
         status_code=200 if up else 503,
     )
 
@@ -37,13 +42,11 @@ def jwks(catalog: NamedDependency[Catalog]) -> dict[str, Any]:
     tags=["health"],
     summary="Prometheus metrics",
     media_type=MediaType.TEXT,
-    opt={"auth": ADMIN_UNLESS_PUBLIC_METRICS},
+    guards=[METRICS],
 )
-def metrics(request: Request[Any, Any, Any], catalog: NamedDependency[Catalog]) -> Response[bytes]:
-    if not catalog.config.server.public_metrics:
-        require_admin(request)  # done by the gate already (cached); kept for a bare app
+def metrics(catalog: NamedDependency[Catalog]) -> Response[bytes]:
     catalog.status()  # refreshes the uptime and database size gauges
     return Response(catalog.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-ROUTES = [healthz, jwks, metrics]
+ROUTER = Router("/", route_handlers=[healthz, jwks, metrics])

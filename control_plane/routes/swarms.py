@@ -1,25 +1,18 @@
-"""Swarms and their table allowlists (admin)."""
+"""Swarms and their table allowlists (admin: the router's guard)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, delete, get, post, put
+from litestar import Request, Router, delete, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from catalog import Catalog, Principal
-from control_plane.context import audited
-from control_plane.models import Allowlist, AllowlistOut, CreateSwarm, SwarmList, SwarmOut
-
-
-def _out(swarm: Any) -> SwarmOut:
-    return SwarmOut(
-        name=swarm.name,
-        description=swarm.description,
-        created_at=swarm.created_at,
-        tables=swarm.tables,
-    )
+from catalog.policy import pattern_matches
+from catalog.swarms import Swarm
+from control_plane.context import ADMIN, audited
+from control_plane.models import Allowlist, AllowlistOut, CreateSwarm, SwarmList
 
 
 @post(
@@ -29,25 +22,22 @@ def _out(swarm: Any) -> SwarmOut:
     summary="Create a swarm (optionally with its allowlist)",
 )
 def create_swarm(
-    request: Request[Any, Any, Any],
+    request: Request[Principal, Any, Any],
     data: JSONBody[CreateSwarm],
-    admin: NamedDependency[Principal],
     catalog: NamedDependency[Catalog],
-) -> SwarmOut:
-    with audited(request, admin, "swarm.create", data.name):
-        return _out(catalog.swarms.create(data.name, data.description, data.tables))
+) -> Swarm:
+    with audited(request, "swarm.create", data.name):
+        return catalog.swarms.create(data.name, data.description, data.tables)
 
 
 @get("/v1/swarms", sync_to_thread=True, tags=["swarms"], summary="List swarms")
-def list_swarms(admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]) -> SwarmList:
-    return SwarmList(swarms=[_out(s) for s in catalog.swarms.all()])
+def list_swarms(catalog: NamedDependency[Catalog]) -> SwarmList:
+    return SwarmList(swarms=catalog.swarms.all())
 
 
 @get("/v1/swarms/{name:str}", sync_to_thread=True, tags=["swarms"], summary="One swarm")
-def get_swarm(
-    name: FromPath[str], admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]
-) -> SwarmOut:
-    return _out(catalog.swarms.get(name))
+def get_swarm(name: FromPath[str], catalog: NamedDependency[Catalog]) -> Swarm:
+    return catalog.swarms.get(name)
 
 
 @delete(
@@ -57,20 +47,15 @@ def get_swarm(
     summary="Delete a swarm, its allowlist, and revoke all its tokens",
 )
 def delete_swarm(
-    request: Request[Any, Any, Any],
+    request: Request[Principal, Any, Any],
     name: FromPath[str],
-    admin: NamedDependency[Principal],
     catalog: NamedDependency[Catalog],
 ) -> None:
-    with audited(request, admin, "swarm.delete", name):
+    with audited(request, "swarm.delete", name):
         catalog.delete_swarm(name)
 
 
-def _allowlist_out(
-    catalog: NamedDependency[Catalog], name: FromPath[str], patterns: list[str]
-) -> AllowlistOut:
-    from catalog.policy import pattern_matches
-
+def _allowlist_out(catalog: Catalog, name: str, patterns: list[str]) -> AllowlistOut:
     refs = catalog.tables.list_refs()
     matching = [r.qualified for r in refs if any(pattern_matches(p, r) for p in patterns)]
     return AllowlistOut(swarm=name, tables=patterns, matching=matching)
@@ -82,9 +67,7 @@ def _allowlist_out(
     tags=["swarms"],
     summary="A swarm's allowlist",
 )
-def get_allowlist(
-    name: FromPath[str], admin: NamedDependency[Principal], catalog: NamedDependency[Catalog]
-) -> AllowlistOut:
+def get_allowlist(name: FromPath[str], catalog: NamedDependency[Catalog]) -> AllowlistOut:
     return _allowlist_out(catalog, name, catalog.swarms.get_allowlist(name))
 
 
@@ -95,15 +78,18 @@ def get_allowlist(
     summary="Replace a swarm's allowlist ('schema.table' or 'schema.*' entries)",
 )
 def put_allowlist(
-    request: Request[Any, Any, Any],
+    request: Request[Principal, Any, Any],
     name: FromPath[str],
     data: JSONBody[Allowlist],
-    admin: NamedDependency[Principal],
     catalog: NamedDependency[Catalog],
 ) -> AllowlistOut:
-    with audited(request, admin, "allowlist.put", name):
+    with audited(request, "allowlist.put", name):
         patterns = catalog.swarms.set_allowlist(name, data.tables)
     return _allowlist_out(catalog, name, patterns)
 
 
-ROUTES = [create_swarm, list_swarms, get_swarm, delete_swarm, get_allowlist, put_allowlist]
+ROUTER = Router(
+    "/",
+    guards=[ADMIN],
+    route_handlers=[create_swarm, list_swarms, get_swarm, delete_swarm, get_allowlist, put_allowlist],
+)

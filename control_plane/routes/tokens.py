@@ -1,18 +1,23 @@
-"""Tokens: mint, list, revoke, refresh, whoami."""
+"""Tokens: mint, list, revoke, refresh, whoami.
+
+The router takes any token but a metrics one (``TOKEN``): minting, refreshing, whoami; who
+may mint what is decided by the catalog (:meth:`catalog.tokens.TokenService.mint`). Listing
+and revoking need an admin token: ``guards=[ADMIN]`` on those three handlers (they share
+paths with the others, so they cannot live on a router of their own)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, delete, get, post
+from litestar import Request, Router, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from catalog import Catalog, Principal
 from catalog.tokens import IssuedToken, RevokedTokens, TokenRecord
-from control_plane.context import audited
-from control_plane.models import CreateToken, RefreshToken, TokenInfo, TokenList, TokenOut, WhoAmI
+from control_plane.context import ADMIN, TOKEN, audited
+from control_plane.models import CreateToken, RefreshToken, TokenInfo, TokenList, WhoAmI
 
 
 class RevokeTokens(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -20,12 +25,6 @@ class RevokeTokens(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     swarm: str
     agent: str | None = None
-
-
-def _issued(t: IssuedToken) -> TokenOut:
-    return TokenOut(
-        token=t.token, jti=t.jti, kind=t.kind, swarm=t.swarm, agent=t.agent, expires_at=t.expires_at
-    )
 
 
 def _info(r: TokenRecord, now: Any) -> TokenInfo:
@@ -39,18 +38,17 @@ def _info(r: TokenRecord, now: Any) -> TokenInfo:
     summary="Mint a token (admin: any kind; swarm token: agent tokens of its swarm). Shown once.",
 )
 def create_token(
-    request: Request[Any, Any, Any],
+    request: Request[Principal, Any, Any],
     data: JSONBody[CreateToken],
-    principal: NamedDependency[Principal],
     catalog: NamedDependency[Catalog],
-) -> TokenOut:
+) -> IssuedToken:
     target = "/".join(x for x in (data.kind, data.swarm, data.agent) if x)
-    with audited(request, principal, "token.create", target):
+    with audited(request, "token.create", target):
         issued = catalog.tokens.mint(
-            principal, data.kind, swarm=data.swarm, agent=data.agent, ttl_seconds=data.ttl_seconds
+            request.user, data.kind, swarm=data.swarm, agent=data.agent, ttl_seconds=data.ttl_seconds
         )
     catalog.metrics.tokens_issued.labels(issued.kind).inc()
-    return _issued(issued)
+    return issued
 
 
 @get(
@@ -58,9 +56,9 @@ def create_token(
     sync_to_thread=True,
     tags=["tokens"],
     summary="List tokens (never the tokens themselves)",
+    guards=[ADMIN],
 )
 def list_tokens(
-    admin: NamedDependency[Principal],
     catalog: NamedDependency[Catalog],
     swarm: FromQuery[str | None] = None,
     include_inactive: FromQuery[bool] = False,
@@ -79,16 +77,16 @@ def list_tokens(
     tags=["tokens"],
     status_code=200,
     summary="Revoke a token's whole chain (and the agent tokens it minted); effective on the next call",
+    guards=[ADMIN],
 )
 def revoke_token(
-    request: Request[Any, Any, Any],
+    request: Request[Principal, Any, Any],
     jti: FromPath[str],
-    admin: NamedDependency[Principal],
     catalog: NamedDependency[Catalog],
 ) -> TokenInfo:
     from datetime import UTC, datetime
 
-    with audited(request, admin, "token.revoke", jti[:200]):
+    with audited(request, "token.revoke", jti[:200]):
         record = catalog.tokens.revoke(jti)
     return _info(record, datetime.now(UTC))
 
@@ -99,15 +97,15 @@ def revoke_token(
     tags=["tokens"],
     status_code=200,
     summary="Revoke every token of one swarm, or of one agent of a swarm (chains included)",
+    guards=[ADMIN],
 )
 def revoke_tokens(
-    request: Request[Any, Any, Any],
+    request: Request[Principal, Any, Any],
     data: JSONBody[RevokeTokens],
-    admin: NamedDependency[Principal],
     catalog: NamedDependency[Catalog],
 ) -> RevokedTokens:
     target = f"{data.swarm}/{data.agent}" if data.agent is not None else data.swarm
-    with audited(request, admin, "token.revoke_all", target[:200]):
+    with audited(request, "token.revoke_all", target[:200]):
         return catalog.tokens.revoke_all(data.swarm, data.agent)
 
 
@@ -118,19 +116,20 @@ def revoke_tokens(
     summary="Rotate the caller's token: new jti, same chain, never beyond the chain's granted expiry",
 )
 def refresh_token(
-    request: Request[Any, Any, Any],
-    principal: NamedDependency[Principal],
+    request: Request[Principal, Any, Any],
     catalog: NamedDependency[Catalog],
     data: JSONBody[RefreshToken | None] = None,
-) -> TokenOut:
-    with audited(request, principal, "token.refresh", principal.jti):
+) -> IssuedToken:
+    principal = request.user
+    with audited(request, "token.refresh", principal.jti):
         issued = catalog.tokens.refresh(principal, data.ttl_seconds if data else None)
     catalog.metrics.tokens_issued.labels(issued.kind).inc()
-    return _issued(issued)
+    return issued
 
 
 @get("/v1/whoami", sync_to_thread=True, tags=["tokens"], summary="Who the caller's token says it is")
-def whoami(principal: NamedDependency[Principal], catalog: NamedDependency[Catalog]) -> WhoAmI:
+def whoami(request: Request[Principal, Any, Any], catalog: NamedDependency[Catalog]) -> WhoAmI:
+    principal = request.user
     return WhoAmI(
         kind=principal.kind,
         swarm=principal.swarm,
@@ -141,4 +140,8 @@ def whoami(principal: NamedDependency[Principal], catalog: NamedDependency[Catal
     )
 
 
-ROUTES = [create_token, list_tokens, revoke_token, revoke_tokens, refresh_token, whoami]
+ROUTER = Router(
+    "/",
+    guards=[TOKEN],
+    route_handlers=[create_token, list_tokens, revoke_token, revoke_tokens, refresh_token, whoami],
+)
