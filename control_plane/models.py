@@ -16,6 +16,7 @@ from msgspec import UNSET, UnsetType
 
 from catalog.audit import AuditEvent
 from catalog.identity import TokenKind
+from catalog.metrics import BackupStatus
 from catalog.swarms import Swarm
 from catalog.tokens import TokenRecord
 
@@ -258,6 +259,7 @@ class Status(msgspec.Struct, kw_only=True):
     profiles: ProfilesStatus | UnsetType = UNSET
     async_queries: AsyncQueriesStatus | UnsetType = UNSET
     sync: SyncSection | UnsetType = UNSET
+    backup: BackupStatus | UnsetType = UNSET
     section_errors: dict[str, str] | UnsetType = UNSET
 
     @classmethod
