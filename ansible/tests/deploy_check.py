@@ -101,10 +101,16 @@ def check_static(root: Path) -> None:
         "MemoryMax=3G",
         "Restart=on-failure",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "Type=notify",
+        "WatchdogSec=60",
+        "SystemCallFilter=@system-service",
+        "ProcSubset=pid",
+        "MemoryDenyWriteExecute=true",
     ):
         check(line in unit.splitlines(), f"unit has {line}")
     r = chroot(root, "systemd-analyze", "verify", "/etc/systemd/system/quiver.service")
     check(r.returncode == 0, "systemd-analyze verify quiver.service", r.stdout + r.stderr)
+    check_security_score(root)
 
     units = ["quiver.service", "quiver-backup.timer", "fail2ban.service", "nginx.service", "chrony.service"]
     r = chroot(root, "systemctl", "is-enabled", *units)
@@ -113,8 +119,15 @@ def check_static(root: Path) -> None:
     check("OnCalendar=" in timer and "Persistent=true" in timer, "backup timer: nightly, persistent")
 
     rules = (root / "etc/ufw/user.rules").read_text() + (root / "etc/ufw/user6.rules").read_text()
-    for want in ("--dport 80 -j ACCEPT", "--dport 443 -j ACCEPT", "--dport 8815 -j ACCEPT"):
+    for want in (
+        "--dport 80 -j ACCEPT",
+        "--dport 443 -s 192.0.2.0/24 -j ACCEPT",
+        "--dport 8815 -s 198.51.100.0/24 -j ACCEPT",
+        "--dport 8815 -s 203.0.113.0/24 -j ACCEPT",
+    ):
         check(want in rules, f"ufw rule {want}")
+    for unwanted in ("--dport 443 -j ACCEPT", "--dport 8815 -j ACCEPT", "--dport 443 -s 198.51.100.0/24"):
+        check(unwanted not in rules, f"no ufw rule {unwanted} (admin and agent sources apart)")
     check(
         "--dport 22 -s 192.0.2.0/24 -j ufw-user-limit" in rules, "ufw: ssh rate-limited from the admin CIDR"
     )
@@ -141,6 +154,32 @@ def check_static(root: Path) -> None:
     toml = (root / "etc/quiver/quiver.toml").read_text()
     check(SECRET not in toml, "the secret is not in quiver.toml")
     check('cert_file = "/etc/quiver/tls/fullchain.pem"' in toml, "quiver.toml turns TLS on")
+
+
+MAX_EXPOSURE = 2.5
+
+
+def check_security_score(root: Path) -> None:
+    """``systemd-analyze security`` of the installed unit, offline: the root is not booted,
+    so the unit file is read from disk (the same assessment as on a running system, minus
+    nothing the unit file does not already say)."""
+    r = chroot(
+        root,
+        "systemd-analyze",
+        "security",
+        "--offline=true",
+        "--no-pager",
+        "/etc/systemd/system/quiver.service",
+    )
+    line = next((x for x in r.stdout.splitlines() if "Overall exposure level" in x), "")
+    try:
+        score = float(line.split(":")[1].split()[0])
+    except (IndexError, ValueError):
+        check(False, "systemd-analyze security prints a score", r.stdout[-2000:] + r.stderr)
+        return
+    print(f"  systemd-analyze security quiver.service: {score} (fails above {MAX_EXPOSURE})", flush=True)
+    failing = [x.strip() for x in r.stdout.splitlines() if x.lstrip().startswith("✗")]
+    check(score <= MAX_EXPOSURE, f"exposure {score} <= {MAX_EXPOSURE}", "\n".join(failing))
 
 
 # --- Quiver running inside the root ------------------------------------------------------------
