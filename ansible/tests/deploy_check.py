@@ -2,6 +2,7 @@
 the deployed Quiver inside it and do the backup/restore drill with restore.yml.
 
 Usage (as root, after deploy_test.sh applied site.yml): python deploy_check.py ROOT
+(and, after site.yml with the upgrade wheel: python deploy_check.py ROOT --upgrade-rollback)
 
 Everything runs for real: Quiver from the venv the playbook built, with the quiver.toml,
 certificate and unit user it templated; fail2ban-regex and nginx from the root; the
@@ -370,9 +371,97 @@ def check_live(root: Path, work: Path) -> None:
         server.stop()
 
 
-def main(root: Path) -> int:
+def migrations(root: Path) -> list[str]:
+    """The migrations applied to the root's database (read with the host's DuckDB)."""
+    import duckdb
+
+    con = duckdb.connect(str(root / "var/lib/quiver/quiver.duckdb"), read_only=True)
+    try:
+        return [
+            r[0]
+            for r in con.execute("SELECT name FROM _quiver.schema_migrations ORDER BY version").fetchall()
+        ]
+    finally:
+        con.close()
+
+
+def check_upgrade_rollback(root: Path, work: Path) -> None:
+    """After site.yml ran with the upgrade wheel (deploy_test.sh): the pre-upgrade
+    snapshot and the record exist, the new release migrates when it starts, and
+    rollback.yml switches back and restores the snapshot."""
+    print("upgrade and rollback", flush=True)
+    record_file = root / "opt/quiver/releases/upgrade.json"
+    check(record_file.exists(), "site.yml recorded the upgrade", record_file)
+    if not record_file.exists():
+        return
+    record = json.loads(record_file.read_text())
+    venv = root / "opt/quiver/venv"
+    check(os.readlink(venv) == record["to"] != record["from"], "the upgrade release is current", record)
+    snapshot = root / record["snapshot"].lstrip("/")
+    check(
+        snapshot.is_file() and snapshot.parent.name == "pre-upgrade",
+        "a pre-upgrade snapshot was taken before the switch",
+        record["snapshot"],
+    )
+    r = chroot(
+        root,
+        "/opt/quiver/venv/bin/python",
+        "-c",
+        "import importlib.metadata as m; print(m.version('quiver'))",
+    )
+    check(r.stdout.strip().endswith("+upgrade"), "the new release is installed", r.stdout + r.stderr)
+
+    log = work / "quiver-upgraded.log"
+    log.write_text("")
+    server = Running(root, log)
+    admin = (root / "var/lib/quiver/admin.token").read_text().strip()
+    try:
+        with http(root, server) as client:
+            r = get(
+                client,
+                "/v1/swarms",
+                admin,
+                method="POST",
+                json={"name": "after-upgrade", "tables": ["demo.*"]},
+            )
+            check(r.status_code == 201, "the upgraded Quiver serves (swarm 'after-upgrade' created)", r.text)
+    finally:
+        server.stop()
+    check("0999_deploy_test_upgrade" in migrations(root), "the new release migrated the schema")
+
+    r = ansible("rollback.yml")
+    check(r.returncode == 0, "rollback.yml", r.stdout[-3000:])
+    check("the schema moved" in r.stdout, "rollback.yml saw the schema move", r.stdout[-2000:])
+    check(os.readlink(venv) == record["from"], "the previous release is current again", os.readlink(venv))
+    check("0999_deploy_test_upgrade" not in migrations(root), "the pre-upgrade database is back")
+    r = ansible("rollback.yml")
+    check(r.returncode != 0, "a second rollback.yml refuses (nothing to roll back)", r.stdout[-1500:])
+
+    log = work / "quiver-rolled-back.log"
+    log.write_text("")
+    server = Running(root, log)
+    try:
+        with http(root, server) as client:
+            r = get(client, "/v1/swarms/drill", admin)
+            check(
+                r.status_code == 200, "after the rollback: the previous release serves the old state", r.text
+            )
+            r = get(client, "/v1/swarms/after-upgrade", admin)
+            check(
+                r.status_code == 404, "…as of the snapshot (the swarm made after the upgrade is gone)", r.text
+            )
+    finally:
+        server.stop()
+
+
+def main(root: Path, upgrade_rollback: bool = False) -> int:
     work = root.parent
     started = time.monotonic()
+    if upgrade_rollback:
+        with mounted_proc(root):
+            check_upgrade_rollback(root, work)
+        print(json.dumps({"checks_failed": failures, "seconds": round(time.monotonic() - started, 1)}))
+        return 1 if failures else 0
     check_static(root)
     with mounted_proc(root):
         check_live(root, work)
@@ -381,4 +470,4 @@ def main(root: Path) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(Path(sys.argv[1]).resolve()))
+    raise SystemExit(main(Path(sys.argv[1]).resolve(), "--upgrade-rollback" in sys.argv[2:]))
