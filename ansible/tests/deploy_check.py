@@ -430,12 +430,16 @@ def check_upgrade_rollback(root: Path, work: Path) -> None:
     check("0999_deploy_test_upgrade" in migrations(root), "the new release migrated the schema")
 
     r = ansible("rollback.yml")
-    check(r.returncode == 0, "rollback.yml", r.stdout[-3000:])
+    check(r.returncode == 0, "rollback.yml", r.stdout[-3000:] + r.stderr[-2000:])
     check("the schema moved" in r.stdout, "rollback.yml saw the schema move", r.stdout[-2000:])
     check(os.readlink(venv) == record["from"], "the previous release is current again", os.readlink(venv))
     check("0999_deploy_test_upgrade" not in migrations(root), "the pre-upgrade database is back")
     r = ansible("rollback.yml")
-    check(r.returncode != 0, "a second rollback.yml refuses (nothing to roll back)", r.stdout[-1500:])
+    check(
+        r.returncode != 0 and "Nothing to roll back" in r.stdout,
+        "a second rollback.yml refuses (nothing to roll back)",
+        r.stdout[-1500:] + r.stderr[-1500:],
+    )
 
     log = work / "quiver-rolled-back.log"
     log.write_text("")
