@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from quiver.runtime import sd_notify, watchdog_interval
+from tests.harness import start_server
 
 
 @pytest.fixture
@@ -103,6 +104,32 @@ def test_serve_notifies_ready_watchdog_and_stopping(
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_watchdog_pings_stop_when_a_listener_stops_accepting(
+    notify_socket: tuple[socket.socket, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that still runs but no longer serves Flight must not keep feeding the
+    watchdog: systemd then kills and restarts it (WatchdogSec=)."""
+    sock, path = notify_socket
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a pass every 0.2 s
+    server = start_server(tmp_path / "data", demo=False)
+    try:
+        assert _receive(sock, 30) == "READY=1"
+        assert [_receive(sock, 30) for _ in range(2)] == ["WATCHDOG=1"] * 2
+        assert server.runtime.flight is not None
+        server.runtime.flight.shutdown()
+        # A pass that began before the shutdown may still ping once; then silence for
+        # ten passes' worth.
+        late = []
+        while (state := _receive(sock, 2)) is not None:
+            late.append(state)
+            assert len(late) <= 2, late
+        assert set(late) <= {"WATCHDOG=1"}
+    finally:
+        server.stop()
+    assert _receive(sock, 5) == "STOPPING=1"
 
 
 def test_without_notify_socket_nothing_is_sent() -> None:
