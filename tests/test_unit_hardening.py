@@ -4,12 +4,17 @@ cffi/ctypes -- ever maps memory writable and executable. Checked here by running
 ``quiver serve`` (TLS on both listeners, demo data) under the kernel's own equivalent,
 ``prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN)`` (Linux 6.3+; inherited by threads and
 kept across exec), and driving a query workload through it: scans, SQL with aggregates,
-regular expressions, JSON and time functions, samples, the control plane and a backup."""
+regular expressions, JSON and time functions, samples, the control plane and a backup.
+
+The same workload under ``strace -f`` checks the unit's ``SystemCallFilter=``: every
+system call Quiver makes is in the allowed set."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -49,6 +54,68 @@ def _cmd(body: dict[str, object]) -> flight.FlightDescriptor:
 
 
 def test_quiver_works_with_memory_deny_write_execute(tmp_path: Path) -> None:
+    _workload(tmp_path, [sys.executable, "-c", WRAPPER], mdwe=True)
+
+
+UNIT = Path(__file__).resolve().parent.parent / "ansible/roles/quiver/templates/quiver.service.j2"
+
+
+def _syscall_groups() -> dict[str, list[str]]:
+    out = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager"], capture_output=True, text=True, timeout=60
+    ).stdout
+    groups: dict[str, list[str]] = {}
+    current = ""
+    for line in out.splitlines():
+        if line.startswith("@"):
+            current = line.split()[0]
+            groups[current] = []
+        elif current and line.strip() and not line.strip().startswith("#"):
+            groups[current].append(line.split()[0])
+    return groups
+
+
+def _expand(names: list[str], groups: dict[str, list[str]]) -> set[str]:
+    found: set[str] = set()
+    for name in names:
+        found |= _expand(groups[name], groups) if name.startswith("@") else {name}
+    return found
+
+
+def test_quiver_needs_only_the_system_calls_the_unit_allows(tmp_path: Path) -> None:
+    """The unit's SystemCallFilter= lines, expanded by this machine's systemd, against
+    every system call a traced ``quiver serve`` (and this test's clients) made during the
+    workload: a call outside the filter would fail with EPERM under systemd."""
+    if shutil.which("strace") is None or shutil.which("systemd-analyze") is None:
+        pytest.skip("needs strace and systemd-analyze (apt-get install strace systemd)")
+    groups = _syscall_groups()
+    allowed: set[str] = set()
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("SystemCallFilter="):
+            value = line.split("=", 1)[1].split()
+            if value[0].startswith("~"):
+                allowed -= _expand([value[0][1:], *value[1:]], groups)
+            else:
+                allowed |= _expand(value, groups)
+    assert "read" in allowed and "mount" not in allowed, sorted(allowed)[:20]
+    summary = tmp_path / "strace.txt"
+    _workload(
+        tmp_path, ["strace", "-f", "-c", "-o", str(summary), sys.executable, "-m", "quiver"], mdwe=False
+    )
+    used = {
+        parts[-1]
+        for parts in (line.split() for line in summary.read_text().splitlines())
+        if len(parts) >= 5
+        and re.fullmatch(r"[a-z0-9_]+", parts[-1])
+        and parts[-1] not in {"syscall", "total"}
+    }
+    assert len(used) > 30, summary.read_text()
+    assert not used - allowed, f"system calls the unit's filter refuses: {sorted(used - allowed)}"
+
+
+def _workload(tmp_path: Path, prefix: list[str], *, mdwe: bool) -> None:
+    """quiver serve (TLS, demo data) started with ``prefix``, driven through scans, SQL,
+    samples, the control plane and a backup, then stopped with SIGTERM (exit 0)."""
     ca, cert, key = make_certificates(tmp_path / "pki")
     log = tmp_path / "quiver.log"
     env = {
@@ -62,7 +129,7 @@ def test_quiver_works_with_memory_deny_write_execute(tmp_path: Path) -> None:
     argv = ["serve", "--demo", "--data-dir", str(tmp_path / "data"), "--flight-port", "0", "--http-port", "0"]
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-c", WRAPPER, *argv],
+            [*prefix, *argv],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
@@ -71,10 +138,11 @@ def test_quiver_works_with_memory_deny_write_execute(tmp_path: Path) -> None:
         )
     try:
         assert proc.stdout is not None
-        first = proc.stdout.readline().strip()
-        if first == "mdwe-unsupported":
-            pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
-        assert first == "mdwe-enforced", (first, log.read_text()[-3000:])
+        if mdwe:
+            first = proc.stdout.readline().strip()
+            if first == "mdwe-unsupported":
+                pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+            assert first == "mdwe-enforced", (first, log.read_text()[-3000:])
         deadline = time.monotonic() + 90
         while '"quiver.started"' not in log.read_text():
             assert proc.poll() is None, log.read_text()[-3000:]
@@ -124,7 +192,12 @@ def test_quiver_works_with_memory_deny_write_execute(tmp_path: Path) -> None:
             assert http.get("/metrics", headers=headers).status_code == 200
             assert http.post("/v1/backup", headers=headers).status_code in (200, 201)
 
-        proc.send_signal(signal.SIGTERM)
+        # Under strace, signal the traced quiver process itself (strace then exits with
+        # its status); a signal to strace would end the trace instead.
+        target = proc.pid
+        if prefix[0] == "strace":
+            target = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        os.kill(target, signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
