@@ -57,6 +57,21 @@ def test_quiver_works_with_memory_deny_write_execute(tmp_path: Path) -> None:
     _workload(tmp_path, [sys.executable, "-c", WRAPPER], mdwe=True)
 
 
+def test_quiver_works_with_proc_subset_pid(tmp_path: Path) -> None:
+    """The unit's ``ProcSubset=pid`` and ``ProtectProc=invisible``: /proc shows only the
+    process's own entries (no /proc/sys, /proc/meminfo, /proc/stat; gRPC, DuckDB and the
+    allocators read some of those and must fall back). Reproduced with a private mount
+    and PID namespace and proc mounted ``subset=pid,hidepid=invisible``, MDWE on as well."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare (util-linux) for a private /proc mount")
+    mount = 'mount -t proc -o subset=pid,hidepid=invisible proc /proc && test ! -e /proc/sys && exec "$@"'
+    prefix = ["unshare", "-m", "-p", "-f", "--propagation", "private", "sh", "-c", mount, "sh"]
+    probe = subprocess.run([*prefix, "true"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a private /proc here (no CAP_SYS_ADMIN?): {probe.stderr.strip()[:200]}")
+    _workload(tmp_path, [*prefix, sys.executable, "-c", WRAPPER], mdwe=True)
+
+
 UNIT = Path(__file__).resolve().parent.parent / "ansible/roles/quiver/templates/quiver.service.j2"
 
 
@@ -192,10 +207,10 @@ def _workload(tmp_path: Path, prefix: list[str], *, mdwe: bool) -> None:
             assert http.get("/metrics", headers=headers).status_code == 200
             assert http.post("/v1/backup", headers=headers).status_code in (200, 201)
 
-        # Under strace, signal the traced quiver process itself (strace then exits with
-        # its status); a signal to strace would end the trace instead.
+        # Under strace or unshare, signal the quiver process itself (the wrapper then
+        # exits with its status); a signal to strace would end the trace instead.
         target = proc.pid
-        if prefix[0] == "strace":
+        if prefix[0] in ("strace", "unshare"):
             target = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
         os.kill(target, signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
