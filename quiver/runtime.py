@@ -1,6 +1,11 @@
 """The process wiring of ``quiver serve``: one catalog, the Flight listener and the control
 plane side by side, a housekeeping thread, and a clean stop.
 
+Under systemd (``Type=notify``, ``NOTIFY_SOCKET`` set) the process says ``READY=1`` once
+both listeners accept, ``WATCHDOG=1`` after every housekeeping pass (at least twice per
+``WatchdogSec=``, so a hung -- not crashed -- process is restarted) and ``STOPPING=1`` when
+it begins to stop; see :func:`sd_notify`.
+
 Stopping (SIGINT/SIGTERM or :meth:`Runtime.stop`): health turns 503, the HTTP listener stops
 accepting, the Flight listener lets in-flight calls finish for ``grace`` seconds and then
 interrupts the DuckDB queries still streaming, buffered bookkeeping is flushed, and the
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import signal
 import socket
 import threading
@@ -110,6 +116,45 @@ CLEARTEXT_WARNING = (
 )
 
 
+def sd_notify(state: str, environ: dict[str, str] | None = None) -> bool:
+    """Send ``state`` (e.g. ``"READY=1"``) to systemd's notification socket.
+
+    The protocol is one datagram on the AF_UNIX socket named by ``NOTIFY_SOCKET`` (a path,
+    or ``@name`` for the abstract namespace), so no dependency is needed. Without
+    ``NOTIFY_SOCKET`` (not under systemd, or ``Type=simple``) it does nothing and returns
+    False; a socket that cannot be reached is logged once per call, never raised: telling
+    systemd is best effort and must not take the service down.
+    """
+    env = os.environ if environ is None else environ
+    address = env.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as e:
+        log.warning("sd_notify.failed", state=state.split("=", 1)[0], error=str(e))
+        return False
+    return True
+
+
+def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
+    """Half of systemd's ``WatchdogSec=`` (from ``WATCHDOG_USEC``), or None when no watchdog
+    is asked for this process (``WATCHDOG_PID``, when set, must be ours)."""
+    env = os.environ if environ is None else environ
+    try:
+        usec = int(env.get("WATCHDOG_USEC", "0"))
+    except ValueError:
+        return None
+    pid = env.get("WATCHDOG_PID")
+    if usec <= 0 or (pid and pid != str(os.getpid())):
+        return None
+    return usec / 1e6 / 2
+
+
 @dataclass
 class Endpoints:
     flight_url: str
@@ -176,6 +221,9 @@ class Runtime:
         self._housekeeping.start()
         assert self.endpoints is not None
         log.info("quiver.started", flight=self.endpoints.flight_url, http=self.endpoints.http_url)
+        # Both listeners accept now (_start_http waits for uvicorn; gRPC binds in its
+        # constructor): systemd may order dependants after us and start the watchdog.
+        sd_notify("READY=1")
         return self.endpoints
 
     def _tls(self) -> tuple[bytes, bytes] | None:
@@ -277,11 +325,24 @@ class Runtime:
         tokens = self.config.tokens
         window = tokens.admin_ttl_seconds * tokens.admin_token_renew_fraction
         interval = min(tokens.last_used_flush_seconds, window / 4)
+        # The watchdog is fed only after a completed pass: a pass stuck on the database
+        # (or a deadlocked process) stops the pings, and systemd restarts Quiver.
+        watchdog = watchdog_interval()
+        if watchdog is not None:
+            interval = min(interval, watchdog)
         while not self._stopping.wait(interval):
             self.catalog.maintain()
             self.catalog.renew_admin_token()
             if self.address_space is not None:
                 self.address_space.apply()
+            if watchdog is not None and self._listeners_accept():
+                sd_notify("WATCHDOG=1")
+
+    def _listeners_accept(self) -> bool:
+        """The health probes of /healthz (a listener that stopped accepting connections
+        stops the watchdog pings too)."""
+        assert self.catalog is not None
+        return all(probe() for probe in self.catalog.health_probes.values())
 
     # --- run until told to stop ---------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -311,6 +372,7 @@ class Runtime:
         if self._stopped.is_set():
             return
         self._stopping.set()
+        sd_notify("STOPPING=1")
         catalog = self.catalog
         if catalog is not None:
             for entry in catalog.listeners.values():

@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = ROOT / "ansible"
 TOOLS = ROOT / ".venv-ansible" / "bin"
-PLAYBOOKS = ("site.yml", "restore.yml", "gcp.yml")
+PLAYBOOKS = ("site.yml", "restore.yml", "rollback.yml", "gcp.yml")
 FILTER = ANSIBLE_DIR / "roles" / "fail2ban" / "files" / "quiver-auth.conf"
 
 

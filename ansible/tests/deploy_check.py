@@ -2,6 +2,7 @@
 the deployed Quiver inside it and do the backup/restore drill with restore.yml.
 
 Usage (as root, after deploy_test.sh applied site.yml): python deploy_check.py ROOT
+(and, after site.yml with the upgrade wheel: python deploy_check.py ROOT --upgrade-rollback)
 
 Everything runs for real: Quiver from the venv the playbook built, with the quiver.toml,
 certificate and unit user it templated; fail2ban-regex and nginx from the root; the
@@ -101,10 +102,16 @@ def check_static(root: Path) -> None:
         "MemoryMax=3G",
         "Restart=on-failure",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "Type=notify",
+        "WatchdogSec=60",
+        "SystemCallFilter=@system-service",
+        "ProcSubset=pid",
+        "MemoryDenyWriteExecute=true",
     ):
         check(line in unit.splitlines(), f"unit has {line}")
     r = chroot(root, "systemd-analyze", "verify", "/etc/systemd/system/quiver.service")
     check(r.returncode == 0, "systemd-analyze verify quiver.service", r.stdout + r.stderr)
+    check_security_score(root)
 
     units = ["quiver.service", "quiver-backup.timer", "fail2ban.service", "nginx.service", "chrony.service"]
     r = chroot(root, "systemctl", "is-enabled", *units)
@@ -113,8 +120,15 @@ def check_static(root: Path) -> None:
     check("OnCalendar=" in timer and "Persistent=true" in timer, "backup timer: nightly, persistent")
 
     rules = (root / "etc/ufw/user.rules").read_text() + (root / "etc/ufw/user6.rules").read_text()
-    for want in ("--dport 80 -j ACCEPT", "--dport 443 -j ACCEPT", "--dport 8815 -j ACCEPT"):
+    for want in (
+        "--dport 80 -j ACCEPT",
+        "--dport 443 -s 192.0.2.0/24 -j ACCEPT",
+        "--dport 8815 -s 198.51.100.0/24 -j ACCEPT",
+        "--dport 8815 -s 203.0.113.0/24 -j ACCEPT",
+    ):
         check(want in rules, f"ufw rule {want}")
+    for unwanted in ("--dport 443 -j ACCEPT", "--dport 8815 -j ACCEPT", "--dport 443 -s 198.51.100.0/24"):
+        check(unwanted not in rules, f"no ufw rule {unwanted} (admin and agent sources apart)")
     check(
         "--dport 22 -s 192.0.2.0/24 -j ufw-user-limit" in rules, "ufw: ssh rate-limited from the admin CIDR"
     )
@@ -141,6 +155,32 @@ def check_static(root: Path) -> None:
     toml = (root / "etc/quiver/quiver.toml").read_text()
     check(SECRET not in toml, "the secret is not in quiver.toml")
     check('cert_file = "/etc/quiver/tls/fullchain.pem"' in toml, "quiver.toml turns TLS on")
+
+
+MAX_EXPOSURE = 2.5
+
+
+def check_security_score(root: Path) -> None:
+    """``systemd-analyze security`` of the installed unit, offline: the root is not booted,
+    so the unit file is read from disk (the same assessment as on a running system, minus
+    nothing the unit file does not already say)."""
+    r = chroot(
+        root,
+        "systemd-analyze",
+        "security",
+        "--offline=true",
+        "--no-pager",
+        "/etc/systemd/system/quiver.service",
+    )
+    line = next((x for x in r.stdout.splitlines() if "Overall exposure level" in x), "")
+    try:
+        score = float(line.split(":")[1].split()[0])
+    except (IndexError, ValueError):
+        check(False, "systemd-analyze security prints a score", r.stdout[-2000:] + r.stderr)
+        return
+    print(f"  systemd-analyze security quiver.service: {score} (fails above {MAX_EXPOSURE})", flush=True)
+    failing = [x.strip() for x in r.stdout.splitlines() if x.lstrip().startswith("✗")]
+    check(score <= MAX_EXPOSURE, f"exposure {score} <= {MAX_EXPOSURE}", "\n".join(failing))
 
 
 # --- Quiver running inside the root ------------------------------------------------------------
@@ -331,9 +371,101 @@ def check_live(root: Path, work: Path) -> None:
         server.stop()
 
 
-def main(root: Path) -> int:
+def migrations(root: Path) -> list[str]:
+    """The migrations applied to the root's database (read with the host's DuckDB)."""
+    import duckdb
+
+    con = duckdb.connect(str(root / "var/lib/quiver/quiver.duckdb"), read_only=True)
+    try:
+        return [
+            r[0]
+            for r in con.execute("SELECT name FROM _quiver.schema_migrations ORDER BY version").fetchall()
+        ]
+    finally:
+        con.close()
+
+
+def check_upgrade_rollback(root: Path, work: Path) -> None:
+    """After site.yml ran with the upgrade wheel (deploy_test.sh): the pre-upgrade
+    snapshot and the record exist, the new release migrates when it starts, and
+    rollback.yml switches back and restores the snapshot."""
+    print("upgrade and rollback", flush=True)
+    record_file = root / "opt/quiver/releases/upgrade.json"
+    check(record_file.exists(), "site.yml recorded the upgrade", record_file)
+    if not record_file.exists():
+        return
+    record = json.loads(record_file.read_text())
+    venv = root / "opt/quiver/venv"
+    check(os.readlink(venv) == record["to"] != record["from"], "the upgrade release is current", record)
+    snapshot = root / record["snapshot"].lstrip("/")
+    check(
+        snapshot.is_file() and snapshot.parent.name == "pre-upgrade",
+        "a pre-upgrade snapshot was taken before the switch",
+        record["snapshot"],
+    )
+    r = chroot(
+        root,
+        "/opt/quiver/venv/bin/python",
+        "-c",
+        "import importlib.metadata as m; print(m.version('quiver'))",
+    )
+    check(r.stdout.strip().endswith("+upgrade"), "the new release is installed", r.stdout + r.stderr)
+
+    log = work / "quiver-upgraded.log"
+    log.write_text("")
+    server = Running(root, log)
+    admin = (root / "var/lib/quiver/admin.token").read_text().strip()
+    try:
+        with http(root, server) as client:
+            r = get(
+                client,
+                "/v1/swarms",
+                admin,
+                method="POST",
+                json={"name": "after-upgrade", "tables": ["demo.*"]},
+            )
+            check(r.status_code == 201, "the upgraded Quiver serves (swarm 'after-upgrade' created)", r.text)
+    finally:
+        server.stop()
+    check("0999_deploy_test_upgrade" in migrations(root), "the new release migrated the schema")
+
+    r = ansible("rollback.yml")
+    check(r.returncode == 0, "rollback.yml", r.stdout[-3000:] + r.stderr[-2000:])
+    check("the schema moved" in r.stdout, "rollback.yml saw the schema move", r.stdout[-2000:])
+    check(os.readlink(venv) == record["from"], "the previous release is current again", os.readlink(venv))
+    check("0999_deploy_test_upgrade" not in migrations(root), "the pre-upgrade database is back")
+    r = ansible("rollback.yml")
+    check(
+        r.returncode != 0 and "Nothing to roll back" in r.stdout,
+        "a second rollback.yml refuses (nothing to roll back)",
+        r.stdout[-1500:] + r.stderr[-1500:],
+    )
+
+    log = work / "quiver-rolled-back.log"
+    log.write_text("")
+    server = Running(root, log)
+    try:
+        with http(root, server) as client:
+            r = get(client, "/v1/swarms/drill", admin)
+            check(
+                r.status_code == 200, "after the rollback: the previous release serves the old state", r.text
+            )
+            r = get(client, "/v1/swarms/after-upgrade", admin)
+            check(
+                r.status_code == 404, "…as of the snapshot (the swarm made after the upgrade is gone)", r.text
+            )
+    finally:
+        server.stop()
+
+
+def main(root: Path, upgrade_rollback: bool = False) -> int:
     work = root.parent
     started = time.monotonic()
+    if upgrade_rollback:
+        with mounted_proc(root):
+            check_upgrade_rollback(root, work)
+        print(json.dumps({"checks_failed": failures, "seconds": round(time.monotonic() - started, 1)}))
+        return 1 if failures else 0
     check_static(root)
     with mounted_proc(root):
         check_live(root, work)
@@ -342,4 +474,4 @@ def main(root: Path) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(Path(sys.argv[1]).resolve()))
+    raise SystemExit(main(Path(sys.argv[1]).resolve(), "--upgrade-rollback" in sys.argv[2:]))

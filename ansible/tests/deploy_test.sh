@@ -103,4 +103,27 @@ fi
 log "checking the root, running Quiver in it, backup and restore.yml"
 "$REPO/.venv/bin/python" "$REPO/ansible/tests/deploy_check.py" "$ROOT"
 
+# Upgrade then rollback: a second wheel built from this commit with one more migration
+# (a table in the system schema) and a local version, so its content -- and its release
+# directory -- differ and the schema moves. site.yml must snapshot before switching;
+# the new release migrates when it starts; rollback.yml switches back and restores.
+log "building the upgrade wheel (this commit + one migration)"
+rm -rf "$WORK/upgrade-src" "$WORK/upgrade-dist"
+mkdir -p "$WORK/upgrade-src"
+git -C "$REPO" archive HEAD | tar -x -C "$WORK/upgrade-src"
+printf 'CREATE TABLE _quiver.deploy_test_upgrade (note VARCHAR);\n' \
+    > "$WORK/upgrade-src/catalog/migrations/0999_deploy_test_upgrade.sql"
+sed -i 's/^version = "\(.*\)"$/version = "\1+upgrade"/' "$WORK/upgrade-src/pyproject.toml"
+(cd "$WORK/upgrade-src" && SOURCE_DATE_EPOCH=315532800 "$REPO/.venv/bin/python" -m pip wheel \
+    --quiet --no-deps --wheel-dir "$WORK/upgrade-dist" .)
+UPGRADE_WHEEL=$(ls "$WORK"/upgrade-dist/quiver-*.whl)
+
+log "site.yml with the upgrade wheel"
+(cd "$REPO/ansible" && ansible-playbook -i tests/inventory --vault-password-file tests/vault-password.txt \
+    -e quiver_wheel="$UPGRADE_WHEEL" site.yml) 2>&1 | tee "$WORK/upgrade.log"
+grep -Eq 'deploy-test +: ok=[0-9]+ +changed=[0-9]+ +unreachable=0 +failed=0' "$WORK/upgrade.log"
+
+log "checking the upgrade, starting it, rollback.yml"
+"$REPO/.venv/bin/python" "$REPO/ansible/tests/deploy_check.py" "$ROOT" --upgrade-rollback
+
 log "deploy-test passed"
