@@ -105,10 +105,17 @@ def _warm(before: dict[str, int], after: dict[str, int]) -> str:
     return "warm: " + ", ".join(used) if used else "no cache hit"
 
 
-def _start(stack: contextlib.ExitStack, work: Path, name: str, db: Path, env: dict[str, str]) -> Quiver:
+def _start(
+    stack: contextlib.ExitStack,
+    work: Path,
+    name: str,
+    db: Path,
+    env: dict[str, str],
+    tables: tuple[str, ...] = ("bench.*",),
+) -> Quiver:
     from flight_server.client import QuiverClient
 
-    url, tokens, pid, http = _start_quiver(stack, work, name, db, env)
+    url, tokens, pid, http = _start_quiver(stack, work, name, db, env, tables)
     client = stack.enter_context(QuiverClient(url, tokens[0]))
     raw = flight.FlightClient(url)
     stack.callback(raw.close)
@@ -378,10 +385,10 @@ def _points(
         for k in fresh_keys:
             sql = FRESH_SQL.format(k=k)
             clock("bare", bare_rt)
-            clock("duck", lambda: con.sql(sql).to_arrow_table())
-            clock("duck_submit", lambda: arrow_stream(con, sql).read_all())
-            clock("fresh_on", lambda: on.client.query(sql))
-            clock("fresh_off", lambda: off.client.query(FRESH_SQL.format(k=k + 1)))
+            clock("duck", lambda sql=sql: con.sql(sql).to_arrow_table())
+            clock("duck_submit", lambda sql=sql: arrow_stream(con, sql).read_all())
+            clock("fresh_on", lambda sql=sql: on.client.query(sql))
+            clock("fresh_off", lambda k=k: off.client.query(FRESH_SQL.format(k=k + 1)))
             info_s, get_s = split(on, FRESH_SQL.format(k=k + 2), None)
             timed.setdefault("fresh_info", []).append(info_s)
             timed.setdefault("fresh_get", []).append(get_s)
@@ -408,8 +415,8 @@ def _points(
 
     def param_round() -> None:
         for k in fresh_keys:
-            clock("duck_param", lambda: con.sql(PARAM_SQL, params=[k + 5]).to_arrow_table())
-            clock("param_on", lambda: on.client.query(PARAM_SQL, [k + 5]))
+            clock("duck_param", lambda k=k: con.sql(PARAM_SQL, params=[k + 5]).to_arrow_table())
+            clock("param_on", lambda k=k: on.client.query(PARAM_SQL, [k + 5]))
             info_s, get_s = split(on, PARAM_SQL, [k + 6])
             timed.setdefault("param_info", []).append(info_s)
             timed.setdefault("param_get", []).append(get_s)
@@ -418,8 +425,8 @@ def _points(
 
     def const_round() -> None:
         for k in const_keys:
-            clock("duck_const", lambda: con.sql(CONST_SQL.format(k=k)).to_arrow_table())
-            clock("const_on", lambda: on.client.query(CONST_SQL.format(k=k)))
+            clock("duck_const", lambda k=k: con.sql(CONST_SQL.format(k=k)).to_arrow_table())
+            clock("const_on", lambda k=k: on.client.query(CONST_SQL.format(k=k)))
 
     group("const_on", on, const_round)
 
@@ -597,7 +604,7 @@ def _report(
         f"| {r.measure} | {r.figure} | {r.reference} | {r.ratio} | {r.target} | {r.met} |" for r in rows
     ]
     if notes:
-        lines += [""] + notes
+        lines += ["", *notes]
     if cache:
         keep = ("entries", "hits", "misses", "uncacheable", "too_large")
         lines += [
