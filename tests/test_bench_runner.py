@@ -11,7 +11,7 @@ import pytest
 
 from tests.bench.__main__ import _merge, _modules
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "tests" / "bench" / "RESULTS.md"
 
 
