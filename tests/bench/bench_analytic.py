@@ -302,7 +302,11 @@ def _report(
     duck = {q: statistics.median(ts) for q, ts in duck_t.items()}
     off = {q: statistics.median(ts) for q, ts in off_t.items()}
     r_off = {q: duck[q] / off[q] for q in QUERIES}
-    r_first = {q: duck[q] / first_t[q] for q in QUERIES}
+    # The default server's first request of a text is also that process's first read of the
+    # data (DuckDB's buffer pool is cold): it is compared with in-process DuckDB's first run of
+    # the query (repetition 1, before the other servers ran it), which is as cold.
+    duck_first = {q: ts[0] for q, ts in duck_t.items()}
+    r_first = {q: duck_first[q] / first_t[q] for q in QUERIES}
     r_hit = {q: duck[q] / hit_t[q] for q in QUERIES}
     lines = [
         "## Analytic queries (issue #10, target 3)",
@@ -322,14 +326,16 @@ def _report(
         f"{load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} after, on {os.cpu_count()} cores "
         "shared with other work: the figures are indicative.",
         "",
-        "| query | rows | in-process duckdb | Quiver, caches off (first requests) | ratio | Quiver default, "
-        "first request (cache miss) | ratio | Quiver default, repeated (result-cache hit) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| query | rows | in-process duckdb | Quiver, caches off (first requests) | ratio | in-process duckdb, "
+        "its first run | Quiver default, first request (cache miss) | ratio to duckdb's first run | "
+        "Quiver default, repeated (result-cache hit) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for q in QUERIES:
         lines.append(
             f"| {q} | {rows[q]} | {duck[q]:.3f} s | {off[q]:.3f} s ({(off[q] - duck[q]) * 1e3:+.0f} ms) | "
-            f"{r_off[q]:.2f}x | {first_t[q]:.3f} s | {r_first[q]:.2f}x | {hit_t[q] * 1e3:.1f} ms |"
+            f"{r_off[q]:.2f}x | {duck_first[q]:.3f} s | {first_t[q]:.3f} s | {r_first[q]:.2f}x | "
+            f"{hit_t[q] * 1e3:.1f} ms |"
         )
     worst_off = min(r_off, key=r_off.__getitem__)
     worst_first = min(r_first, key=r_first.__getitem__)
@@ -341,7 +347,8 @@ def _report(
         f"| geomean ratio, caches off (first requests) | {g_off:.3f}x | >= 0.97x | {'yes' if g_off >= 0.97 else 'no'} |",
         f"| worst query, caches off | {r_off[worst_off]:.2f}x ({worst_off}) | >= 0.90x | "
         f"{'yes' if r_off[worst_off] >= 0.9 else 'no'} |",
-        f"| geomean ratio, default config, first request of each text (1 sample each) | {g_first:.3f}x | "
+        f"| geomean ratio, default config, first request of each text vs duckdb's first run (1 sample "
+        f"each) | {g_first:.3f}x | "
         f">= 0.97x | {'yes' if g_first >= 0.97 else 'no'} |",
         f"| worst query, default config, first request | {r_first[worst_first]:.2f}x ({worst_first}) | "
         f">= 0.90x | {'yes' if r_first[worst_first] >= 0.9 else 'no'} |",
