@@ -1,10 +1,12 @@
-"""`make bench`: run every benchmark module in one process run and write the figures to
+"""`make bench`: run the benchmark modules in one process run and write the figures to
 tests/bench/RESULTS.md (linked from the README).
 
 A benchmark module is ``tests/bench/bench_*.py`` exposing ``run() -> str``: it prints its
-figures as it goes and returns a Markdown section for the results file. Pass module names
-(e.g. ``python -m tests.bench flight``) to run only some: their sections of the results file
-are replaced, the others kept.
+figures as it goes and returns a Markdown section (``## title``) for the results file. A
+module with ``DEFAULT = False`` (the 1 GB analytic set, the memory tests: minutes each, and
+gigabytes of disk or memory) runs only when named. Sections are replaced by title; the
+sections of modules that did not run are kept, so each figure stays beside the run that made
+it (every section states its own date and machine load).
 """
 
 from __future__ import annotations
@@ -19,12 +21,65 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
+USAGE = """usage: python -m tests.bench [--help] [MODULE ...]
+
+Runs benchmark modules (tests/bench/bench_*.py) and writes their sections of
+tests/bench/RESULTS.md, keeping the sections of the modules that did not run.
+Without MODULE, runs the default set (`make bench`, about 10 minutes on 2 cores).
+
+modules (* = default set):
+{modules}
+
+Environment: QUIVER_BENCH_ROWS, QUIVER_BENCH_REPS, QUIVER_BENCH_POINTS (see each module's
+docstring), QUIVER_BENCH_DATA (where the analytic data file is cached).
+"""
+
+
+def _modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules([str(HERE)]) if m.name.startswith("bench_"))
+
+
+def _is_default(name: str) -> bool:
+    """Whether a module runs without being named: read from its source (``DEFAULT = False``)
+    so that --help imports nothing heavy."""
+    text = (HERE / f"{name}.py").read_text()
+    return "\nDEFAULT = False" not in text
+
+
+def _summary(name: str) -> str:
+    text = (HERE / f"{name}.py").read_text()
+    doc = text.split('"""', 2)[1] if text.startswith('"""') else ""
+    first = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    return first[:150]
+
+
+def usage() -> str:
+    lines = []
+    for name in _modules():
+        mark = "*" if _is_default(name) else " "
+        lines.append(f"  {mark} {name.removeprefix('bench_'):<10} {_summary(name)}")
+    return USAGE.format(modules="\n".join(lines))
+
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(usage())
+        return 0
+    unknown = [a for a in argv if a.startswith("-")]
+    if unknown:
+        print(f"unknown option {unknown[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
     wanted = set(argv)
-    names = sorted(m.name for m in pkgutil.iter_modules([str(HERE)]) if m.name.startswith("bench_"))
+    names = _modules()
     if wanted:
+        known = {n.removeprefix("bench_") for n in names} | set(names)
+        missing = sorted(wanted - known)
+        if missing:
+            print(f"no benchmark module {missing[0]!r}\n\n{usage()}", file=sys.stderr)
+            return 2
         names = [n for n in names if n.removeprefix("bench_") in wanted or n in wanted]
+    else:
+        names = [n for n in names if _is_default(n)]
     sections = []
     for name in names:
         print(f"\n=== {name} ===", flush=True)
@@ -35,13 +90,13 @@ def main(argv: list[str]) -> int:
     command = "python -m tests.bench " + " ".join(argv) if argv else "make bench"
     header = (
         "# Benchmark results\n\n"
-        f"Written by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+        f"Last written by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
         f"{platform.machine()}, {platform.python_version()}, "
-        f"{_cores()} cores. All figures of one section come from one run on the same data.\n"
+        f"{_cores()} cores. All figures of one section come from one run on the same data; "
+        "sections of modules that did not run are kept from earlier runs.\n"
     )
     results = HERE / "RESULTS.md"
-    if wanted and results.exists():
-        # Only some modules ran: replace their sections, keep the others' figures.
+    if results.exists():
         sections = _merge(results.read_text(), sections)
     results.write_text(header + "\n" + "\n\n".join(sections) + "\n")
     print(f"\nwrote {results}")

@@ -304,7 +304,12 @@ def _start_all(stack: contextlib.ExitStack, work: Path, db_path: Path, copy: Pat
 
 
 def _start_quiver(
-    stack: contextlib.ExitStack, work: Path, name: str, db_path: Path, extra_env: dict[str, str]
+    stack: contextlib.ExitStack,
+    work: Path,
+    name: str,
+    db_path: Path,
+    extra_env: dict[str, str],
+    tables: tuple[str, ...] = ("bench.*",),
 ) -> tuple[str, list[str], int, httpx.Client]:
     """A real ``quiver serve`` on ``db_path`` with a swarm ``bench`` and one agent token per
     concurrent client (the concurrency cap is per principal)."""
@@ -328,7 +333,7 @@ def _start_quiver(
         base_url=f"http://127.0.0.1:{http_port}", headers={"authorization": f"Bearer {admin}"}
     )
     stack.callback(http.close)
-    r = http.post("/v1/swarms", json={"name": "bench", "description": "benchmark", "tables": ["bench.*"]})
+    r = http.post("/v1/swarms", json={"name": "bench", "description": "benchmark", "tables": list(tables)})
     if r.status_code != 201:
         raise RuntimeError(f"creating the bench swarm failed: {r.status_code} {r.text}")
     tokens = []

@@ -1,0 +1,362 @@
+"""Multi-join aggregate queries on a generated star schema of at least 1 GB (issue #10, target 3).
+
+Not in the default ``make bench`` run (generating the data takes minutes): run it with
+``python -m tests.bench analytic``.
+
+``star.sales`` (``QUIVER_BENCH_STAR_ROWS`` fact rows, default 20,000,000: about 1.3 GB as
+Arrow) and five dimensions (dates, customers, products, stores, promos) are generated with
+DuckDB's ``range()``/``hash()`` into ``QUIVER_BENCH_DATA`` (default ``tests/bench/data/``,
+git-ignored) once and reused. Each of the 17 queries joins the facts with two to five
+dimensions and aggregates; each is measured
+
+- in-process: ``duckdb.connect(file, read_only=True).sql(q).to_arrow_table()`` — the limit;
+- as a ``query`` command (QuiverClient.query) against a ``quiver serve`` with every cache that
+  holds table data off (``[cache] enabled = false``, ``table_memory_bytes = 0``): every
+  request is a first request for the data;
+- against a ``quiver serve`` with the default configuration: the first request of each text
+  (a result-cache miss), then the same text again (a result-cache hit, reported apart).
+
+Both servers run on byte-for-byte copies of the file (a server writes its own bookkeeping
+schema into it). Each repetition runs every contender on a query in turn; the figures are
+medians of ``QUIVER_BENCH_ANALYTIC_REPS`` (default 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+
+from tests.bench.bench_agent import CACHES_OFF, _start, _warm
+from tests.bench.bench_flight import _say, _settle
+
+DEFAULT = False
+
+STAR_ROWS = int(os.environ.get("QUIVER_BENCH_STAR_ROWS", "20000000"))
+REPS = int(os.environ.get("QUIVER_BENCH_ANALYTIC_REPS", "3"))
+DATA = Path(os.environ.get("QUIVER_BENCH_DATA", str(Path(__file__).parent / "data")))
+#: Queries run for minutes on a loaded 2-core machine; the default 30 s would cut them.
+SLOW_QUERIES = {"QUIVER_LIMITS_QUERY_TIMEOUT_SECONDS": "600"}
+
+STAR_SQL = """
+CREATE SCHEMA star;
+CREATE TABLE star.dates AS
+SELECT i::INTEGER AS date_key, d, year(d) AS year, quarter(d) AS quarter, month(d) AS month,
+       dayofweek(d) AS dow
+FROM (SELECT i, DATE '2018-01-01' + i::INTEGER AS d FROM range(2557) t(i));
+CREATE TABLE star.customers AS
+SELECT i AS customer_key,
+       (['AFRICA', 'AMERICA', 'ASIA', 'EUROPE', 'MIDDLE EAST'])[1 + (hash(i, 'r') % 5)::INTEGER] AS region,
+       'nation-' || (hash(i, 'n') % 25)::VARCHAR AS nation,
+       (['retail', 'smb', 'enterprise', 'public'])[1 + (hash(i, 's') % 4)::INTEGER] AS segment,
+       (18 + hash(i, 'a') % 70)::INTEGER AS age
+FROM range(1000000) t(i);
+CREATE TABLE star.products AS
+SELECT i AS product_key, 'cat-' || (hash(i, 'c') % 20)::VARCHAR AS category,
+       'brand-' || (hash(i, 'b') % 200)::VARCHAR AS brand,
+       (1 + hash(i, 'p') % 100000) / 100.0 AS list_price
+FROM range(200000) t(i);
+CREATE TABLE star.stores AS
+SELECT i AS store_key, 'city-' || (hash(i, 'ci') % 300)::VARCHAR AS city,
+       'state-' || (hash(i, 'st') % 50)::VARCHAR AS state,
+       (['US', 'CA', 'MX', 'UK', 'DE', 'FR', 'JP', 'BR'])[1 + (hash(i, 'co') % 8)::INTEGER] AS country,
+       (100 + hash(i, 'sz') % 5000)::INTEGER AS sqft
+FROM range(2000) t(i);
+CREATE TABLE star.promos AS
+SELECT i AS promo_key,
+       (['none', 'email', 'web', 'tv', 'radio', 'social'])[1 + (hash(i, 'ch') % 6)::INTEGER] AS channel,
+       (hash(i, 'pc') % 30)::INTEGER AS pct
+FROM range(500) t(i);
+CREATE TABLE star.sales AS
+SELECT i AS sale_id,
+       (hash(i, 'd') % 2557)::INTEGER AS date_key,
+       (hash(i, 'c') % 1000000)::BIGINT AS customer_key,
+       (hash(i, 'p') % 200000)::BIGINT AS product_key,
+       (hash(i, 's') % 2000)::INTEGER AS store_key,
+       (hash(i, 'pr') % 500)::INTEGER AS promo_key,
+       (1 + hash(i, 'q') % 20)::INTEGER AS quantity,
+       ((hash(i, 'u') % 100000) / 100.0)::DOUBLE AS unit_price,
+       ((hash(i, 'x') % 30) / 100.0)::DOUBLE AS discount,
+       ((hash(i, 'k') % 80000) / 100.0)::DOUBLE AS unit_cost
+FROM range({rows}) t(i);
+"""
+
+REVENUE = "s.quantity * s.unit_price * (1 - s.discount)"
+
+QUERIES: dict[str, str] = {
+    "q01 revenue by year, region": f"""
+        SELECT d.year, c.region, sum({REVENUE}) AS revenue, count(*) AS n
+        FROM star.sales s JOIN star.dates d USING (date_key) JOIN star.customers c USING (customer_key)
+        GROUP BY ALL ORDER BY ALL""",
+    "q02 top brands, ASIA 2021": f"""
+        SELECT p.brand, sum({REVENUE}) AS revenue
+        FROM star.sales s JOIN star.dates d USING (date_key) JOIN star.customers c USING (customer_key)
+             JOIN star.products p USING (product_key)
+        WHERE d.year = 2021 AND c.region = 'ASIA'
+        GROUP BY p.brand ORDER BY revenue DESC LIMIT 20""",
+    "q03 revenue by country, channel": f"""
+        SELECT st.country, pr.channel, sum({REVENUE}) AS revenue, avg(s.discount) AS avg_discount
+        FROM star.sales s JOIN star.stores st USING (store_key) JOIN star.promos pr USING (promo_key)
+        GROUP BY ALL ORDER BY ALL""",
+    "q04 margin by category, quarter": f"""
+        SELECT p.category, d.year, d.quarter,
+               sum({REVENUE} - s.quantity * s.unit_cost) AS margin
+        FROM star.sales s JOIN star.products p USING (product_key) JOIN star.dates d USING (date_key)
+        GROUP BY ALL ORDER BY ALL""",
+    "q05 discount by segment, channel": """
+        SELECT c.segment, pr.channel, avg(s.discount) AS avg_discount, sum(s.quantity) AS units
+        FROM star.sales s JOIN star.customers c USING (customer_key) JOIN star.promos pr USING (promo_key)
+        GROUP BY ALL ORDER BY ALL""",
+    "q06 monthly revenue by country, 2020": f"""
+        SELECT st.country, d.month, sum({REVENUE}) AS revenue
+        FROM star.sales s JOIN star.dates d USING (date_key) JOIN star.stores st USING (store_key)
+        WHERE d.year = 2020 GROUP BY ALL ORDER BY ALL""",
+    "q07 distinct customers per category, year": """
+        SELECT p.category, d.year, count(DISTINCT s.customer_key) AS customers
+        FROM star.sales s JOIN star.products p USING (product_key) JOIN star.dates d USING (date_key)
+        WHERE d.year IN (2019, 2022) GROUP BY ALL ORDER BY ALL""",
+    "q08 top states by units, tv promos": """
+        SELECT st.state, st.country, sum(s.quantity) AS units
+        FROM star.sales s JOIN star.stores st USING (store_key) JOIN star.promos pr USING (promo_key)
+        WHERE pr.channel = 'tv' GROUP BY ALL ORDER BY units DESC LIMIT 25""",
+    "q09 age band by category": f"""
+        SELECT (c.age // 10) * 10 AS age_band, p.category, sum({REVENUE}) AS revenue
+        FROM star.sales s JOIN star.customers c USING (customer_key) JOIN star.products p USING (product_key)
+        GROUP BY ALL ORDER BY ALL""",
+    "q10 weekday by region, country": f"""
+        SELECT d.dow, c.region, st.country, sum({REVENUE}) AS revenue
+        FROM star.sales s JOIN star.dates d USING (date_key) JOIN star.customers c USING (customer_key)
+             JOIN star.stores st USING (store_key)
+        GROUP BY ALL ORDER BY ALL""",
+    "q11 five-way cube slice": f"""
+        SELECT d.year, c.region, p.category, pr.channel, st.country, sum({REVENUE}) AS revenue
+        FROM star.sales s JOIN star.dates d USING (date_key) JOIN star.customers c USING (customer_key)
+             JOIN star.products p USING (product_key) JOIN star.promos pr USING (promo_key)
+             JOIN star.stores st USING (store_key)
+        WHERE d.year >= 2022 AND st.country IN ('US', 'DE', 'JP')
+        GROUP BY ALL ORDER BY revenue DESC LIMIT 50""",
+    "q12 brand share within category": f"""
+        SELECT category, brand, revenue, revenue / sum(revenue) OVER (PARTITION BY category) AS share
+        FROM (SELECT p.category, p.brand, sum({REVENUE}) AS revenue
+              FROM star.sales s JOIN star.products p USING (product_key)
+                   JOIN star.dates d USING (date_key)
+              WHERE d.year = 2023 GROUP BY ALL)
+        QUALIFY row_number() OVER (PARTITION BY category ORDER BY revenue DESC) <= 3
+        ORDER BY category, revenue DESC""",
+    "q13 top customers with region": f"""
+        SELECT c.customer_key, c.region, c.segment, sum({REVENUE}) AS revenue
+        FROM star.sales s JOIN star.customers c USING (customer_key) JOIN star.promos pr USING (promo_key)
+        WHERE pr.channel <> 'none'
+        GROUP BY ALL ORDER BY revenue DESC LIMIT 100""",
+    "q14 stores above their country's average": f"""
+        WITH per_store AS (
+            SELECT st.store_key, st.country, sum({REVENUE}) AS revenue
+            FROM star.sales s JOIN star.stores st USING (store_key) JOIN star.dates d USING (date_key)
+            WHERE d.year = 2021 GROUP BY ALL)
+        SELECT country, count(*) AS stores_above
+        FROM per_store p
+        WHERE revenue > (SELECT avg(revenue) FROM per_store q WHERE q.country = p.country)
+        GROUP BY country ORDER BY country""",
+    "q15 year-over-year growth by category": f"""
+        WITH y AS (
+            SELECT p.category, d.year, sum({REVENUE}) AS revenue
+            FROM star.sales s JOIN star.products p USING (product_key) JOIN star.dates d USING (date_key)
+            GROUP BY ALL)
+        SELECT a.category, a.year, a.revenue / b.revenue - 1 AS growth
+        FROM y a JOIN y b ON a.category = b.category AND a.year = b.year + 1
+        ORDER BY ALL""",
+    "q16 promo depth vs units by quarter": """
+        SELECT pr.pct // 10 AS depth, d.quarter, avg(s.quantity) AS avg_units, count(*) AS n
+        FROM star.sales s JOIN star.promos pr USING (promo_key) JOIN star.dates d USING (date_key)
+        GROUP BY ALL ORDER BY ALL""",
+    "q17 pricey products in US stores": f"""
+        SELECT p.category, sum({REVENUE}) AS revenue
+        FROM star.sales s JOIN star.products p USING (product_key)
+        WHERE p.list_price > 500
+          AND s.store_key IN (SELECT store_key FROM star.stores WHERE country = 'US')
+          AND s.customer_key IN (SELECT customer_key FROM star.customers WHERE segment = 'enterprise')
+        GROUP BY ALL ORDER BY ALL""",
+}
+
+
+def _data_file() -> tuple[Path, float]:
+    """The star schema file, generated once per row count; its tables' size as Arrow in GB."""
+    DATA.mkdir(parents=True, exist_ok=True)
+    path = DATA / f"star-{STAR_ROWS}.duckdb"
+    if not path.exists():
+        started = time.perf_counter()
+        partial = path.with_suffix(".partial")
+        partial.unlink(missing_ok=True)
+        with duckdb.connect(str(partial)) as con:
+            con.execute("SET enable_progress_bar = false")
+            con.execute(STAR_SQL.format(rows=STAR_ROWS))
+            con.execute("CHECKPOINT")
+        partial.rename(path)
+        _say(f"generated {path} in {time.perf_counter() - started:.1f} s")
+    with duckdb.connect(str(path), read_only=True) as con:
+        # Arrow bytes: fixed-width columns at their width, strings at their length + offsets.
+        gb = 0.0
+        for (table,) in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'star'"
+        ).fetchall():
+            cols = con.execute(
+                "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = 'star' AND table_name = ?",
+                [table],
+            ).fetchall()
+            n = con.execute(f"SELECT count(*) FROM star.{table}").fetchone()[0]  # type: ignore[index]
+            for name, kind in cols:
+                if kind == "VARCHAR":
+                    chars = con.execute(f"SELECT sum(strlen({name})) FROM star.{table}").fetchone()[0]  # type: ignore[index]
+                    gb += (chars + 4 * n) / 1e9
+                else:
+                    width = {"INTEGER": 4, "DATE": 4, "BIGINT": 8, "DOUBLE": 8}.get(kind, 8)
+                    gb += width * n / 1e9
+    return path, gb
+
+
+def run() -> str:
+    work = Path(tempfile.mkdtemp(prefix="quiver-bench-analytic-"))
+    try:
+        return _run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(work: Path) -> str:
+    load_before = os.getloadavg()
+    master, gb = _data_file()
+    file_gb = master.stat().st_size / 1e9
+    _say(f"star schema: {STAR_ROWS:,} fact rows, {gb:.2f} GB as Arrow, file {file_gb:.2f} GB")
+    for name in ("on", "off"):
+        shutil.copyfile(master, work / f"{name}.duckdb")
+    duck_t: dict[str, list[float]] = {q: [] for q in QUERIES}
+    off_t: dict[str, list[float]] = {q: [] for q in QUERIES}
+    first_t: dict[str, float] = {}
+    hit_t: dict[str, float] = {}
+    rows: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+        con = stack.enter_context(duckdb.connect(str(master), read_only=True))
+        on = _start(stack, work, "quiver-on", work / "on.duckdb", SLOW_QUERIES, ("star.*",))
+        off = _start(
+            stack, work, "quiver-off", work / "off.duckdb", {**CACHES_OFF, **SLOW_QUERIES}, ("star.*",)
+        )
+        for qid in ("star.sales", "star.customers", "star.products"):  # the OS page cache, all alike
+            con.sql(f"SELECT count(*) FROM {qid}").fetchall()
+        before_on, before_off = on.counters(), off.counters()
+        for rep in range(REPS):
+            for name, sql in QUERIES.items():
+                _settle()
+                started = time.perf_counter()
+                expected = con.sql(sql).to_arrow_table()
+                duck_t[name].append(time.perf_counter() - started)
+                _settle()
+                started = time.perf_counter()
+                got = off.client.query(sql)
+                off_t[name].append(time.perf_counter() - started)
+                if rep == 0:
+                    rows[name] = expected.num_rows
+                    assert got.num_rows == expected.num_rows, (name, got.num_rows, expected.num_rows)
+                    _settle()
+                    started = time.perf_counter()
+                    on.client.query(sql)  # the first request of this text: a result-cache miss
+                    first_t[name] = time.perf_counter() - started
+                    started = time.perf_counter()
+                    on.client.query(sql)  # the same text again: a result-cache hit
+                    hit_t[name] = time.perf_counter() - started
+                _say(
+                    f"rep {rep + 1} {name}: duckdb {duck_t[name][-1]:.3f} s, quiver caches off "
+                    f"{off_t[name][-1]:.3f} s" + (f", quiver first {first_t[name]:.3f} s" if rep == 0 else "")
+                )
+        warm_on, warm_off = _warm(before_on, on.counters()), _warm(before_off, off.counters())
+    load_after = os.getloadavg()
+    return _report(
+        duck_t, off_t, first_t, hit_t, rows, gb, file_gb, warm_on, warm_off, load_before, load_after
+    )
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _report(
+    duck_t: dict[str, list[float]],
+    off_t: dict[str, list[float]],
+    first_t: dict[str, float],
+    hit_t: dict[str, float],
+    rows: dict[str, int],
+    gb: float,
+    file_gb: float,
+    warm_on: str,
+    warm_off: str,
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+) -> str:
+    duck = {q: statistics.median(ts) for q, ts in duck_t.items()}
+    off = {q: statistics.median(ts) for q, ts in off_t.items()}
+    r_off = {q: duck[q] / off[q] for q in QUERIES}
+    # The default server's first request of a text is also that process's first read of the
+    # data (DuckDB's buffer pool is cold): it is compared with in-process DuckDB's first run of
+    # the query (repetition 1, before the other servers ran it), which is as cold.
+    duck_first = {q: ts[0] for q, ts in duck_t.items()}
+    r_first = {q: duck_first[q] / first_t[q] for q in QUERIES}
+    r_hit = {q: duck[q] / hit_t[q] for q in QUERIES}
+    lines = [
+        "## Analytic queries (issue #10, target 3)",
+        "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `python -m tests.bench analytic` (not in the "
+        f"default run). Star schema generated with DuckDB `range()`/`hash()`: `star.sales` {STAR_ROWS:,} "
+        "rows and five dimensions (dates 2,557, customers 1,000,000, products 200,000, stores 2,000, "
+        f"promos 500 rows): {gb:.2f} GB as Arrow, a {file_gb:.2f} GB DuckDB file. {len(QUERIES)} queries, "
+        "each joining the facts with 2 to 5 dimensions and aggregating, sent as `query` commands "
+        "(QuiverClient.query). Ratio = in-process DuckDB seconds / Quiver seconds (above 1: Quiver "
+        f"faster). Medians of {REPS} repetitions for in-process DuckDB (`read_only` connection on the "
+        "same file) and for the caches-off server (`[cache] enabled = false`, `table_memory_bytes = 0`: "
+        f"every request a first request for the data; {warm_off}); the default server's first request "
+        f"of each text is one sample (a result-cache miss), its second a result-cache hit ({warm_on} in "
+        "all). Machine load average (1/5/15 min) "
+        f"{load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f} before, "
+        f"{load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} after, on {os.cpu_count()} cores "
+        "shared with other work: the figures are indicative.",
+        "",
+        "| query | rows | in-process duckdb | Quiver, caches off (first requests) | ratio | in-process duckdb, "
+        "its first run | Quiver default, first request (cache miss) | ratio to duckdb's first run | "
+        "Quiver default, repeated (result-cache hit) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for q in QUERIES:
+        lines.append(
+            f"| {q} | {rows[q]} | {duck[q]:.3f} s | {off[q]:.3f} s ({(off[q] - duck[q]) * 1e3:+.0f} ms) | "
+            f"{r_off[q]:.2f}x | {duck_first[q]:.3f} s | {first_t[q]:.3f} s | {r_first[q]:.2f}x | "
+            f"{hit_t[q] * 1e3:.1f} ms |"
+        )
+    worst_off = min(r_off, key=r_off.__getitem__)
+    worst_first = min(r_first, key=r_first.__getitem__)
+    g_off, g_first = _geomean(list(r_off.values())), _geomean(list(r_first.values()))
+    lines += [
+        "",
+        "| summary | figure | target | met |",
+        "| --- | --- | --- | --- |",
+        f"| geomean ratio, caches off (first requests) | {g_off:.3f}x | >= 0.97x | {'yes' if g_off >= 0.97 else 'no'} |",
+        f"| worst query, caches off | {r_off[worst_off]:.2f}x ({worst_off}) | >= 0.90x | "
+        f"{'yes' if r_off[worst_off] >= 0.9 else 'no'} |",
+        f"| geomean ratio, default config, first request of each text vs duckdb's first run (1 sample "
+        f"each) | {g_first:.3f}x | "
+        f">= 0.97x | {'yes' if g_first >= 0.97 else 'no'} |",
+        f"| worst query, default config, first request | {r_first[worst_first]:.2f}x ({worst_first}) | "
+        f">= 0.90x | {'yes' if r_first[worst_first] >= 0.9 else 'no'} |",
+        f"| geomean ratio, result-cache hits (not a target: a cache answered) | "
+        f"{_geomean(list(r_hit.values())):.1f}x | - | - |",
+        f"| median added time per query, caches off | "
+        f"{statistics.median(off[q] - duck[q] for q in QUERIES) * 1e3:+.0f} ms | - | - |",
+    ]
+    text = "\n".join(lines)
+    _say(text)
+    return text
