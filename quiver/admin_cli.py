@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog import Config, Unavailable
+from catalog.identity import TOKEN_KINDS
 from quiver.local_client import LocalServer, explicit_target, path_segment, running_server
 
 Handler = Callable[[LocalServer, argparse.Namespace], Any]
@@ -84,7 +85,9 @@ def add_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None])
         "create", help="mint a token (POST /v1/tokens): the token on stdout, its record on stderr"
     )
     _common(tcreate, config_args)
-    tcreate.add_argument("--kind", required=True, choices=["admin", "swarm", "agent"])
+    tcreate.add_argument(
+        "--kind", required=True, choices=list(TOKEN_KINDS), help="metrics: reads /metrics only"
+    )
     tcreate.add_argument("--swarm")
     tcreate.add_argument("--agent")
     tcreate.add_argument("--ttl", type=int, dest="ttl_seconds", help="lifetime in seconds")

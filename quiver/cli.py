@@ -12,6 +12,7 @@ from typing import Any
 
 from catalog import VERSION, Catalog, ConfigError, DatabaseInUse, NotFound, QuiverError, load_config
 from catalog.errors import bounded
+from catalog.identity import TOKEN_KINDS, UNSCOPED_KINDS
 from catalog.resources import AddressSpaceBound
 from catalog.swarms import check_swarm_name
 from quiver import keys_cli, logs
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "swarm token needs its swarm to exist already",
     )
     _config_args(create)
-    create.add_argument("--kind", required=True, choices=["admin", "swarm", "agent"])
+    create.add_argument("--kind", required=True, choices=list(TOKEN_KINDS))
     create.add_argument("--swarm")
     create.add_argument("--agent")
     create.add_argument("--ttl", type=int, dest="ttl_seconds", help="lifetime in seconds")
@@ -149,7 +150,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     catalog = Catalog(config)
     try:
         if (
-            args.kind != "admin"
+            args.kind not in UNSCOPED_KINDS
             and args.swarm is not None
             and not catalog.swarms.exists(check_swarm_name(args.swarm))
         ):

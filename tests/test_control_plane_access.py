@@ -297,3 +297,31 @@ def test_api_docs_assets_refuse_what_is_not_there(server: Server) -> None:
         assert r.status_code == 404 and r.json()["error"] == "NOT_FOUND", (path, r.text)
     r = client.get("/schema/assets/swagger-ui-dist/swagger-ui.css", params={"v": "1"})
     assert (r.status_code, r.json()["error"]) == (400, "INVALID_ARGUMENT")
+
+
+def test_the_cli_mints_a_metrics_token_with_the_server_stopped(tmp_path: Path) -> None:
+    """`quiver token create --kind metrics` (for Prometheus' credentials file): it reads
+    /metrics of the server it was minted for, and nothing else."""
+    import subprocess
+    import sys
+
+    from tests.harness import start_server
+
+    data = tmp_path / "data"
+    done = subprocess.run(
+        [sys.executable, "-m", "quiver", "token", "create", "--kind", "metrics", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    assert "kind=metrics" in done.stderr
+    server = start_server(data)
+    try:
+        assert server.http(token).get("/metrics").status_code == 200
+        refused = server.http(token).get("/v1/swarms")
+        assert refused.status_code == 403 and refused.json()["error"] == "PERMISSION_DENIED"
+    finally:
+        server.stop()
