@@ -4,7 +4,7 @@ DuckDB allows a single read-write process per file, so every component of ``quiv
 shares this instance and takes its own cursor per request or thread (a cursor is a
 connection of its own; DuckDB's MVCC gives each a consistent snapshot while sync writes).
 
-Lockdown (DESIGN.md §4.2) is the second layer under the SQL guard: after migrations, external
+Lockdown (ARCHITECTURE.md, "Limits"; proto_docs/errors.md) is the second layer under the SQL guard: after migrations, external
 file and network access is switched off, extension auto-install/auto-load are off and the
 configuration is locked, so even a query that slipped past the guard cannot read a file,
 attach a database, load an extension or loosen a setting. Quiver writes files itself with
