@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run run-snowflake-demo test lint fmt bench load dist clean ansible-tools deploy-test deploy-test-boot
+.PHONY: install run run-snowflake-demo test test-fast lint fmt bench load dist clean ansible-tools deploy-test deploy-test-boot
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ test: $(STAMP) $(ANSIBLE_STAMP)
 
 # actionlint checks .github/workflows/ (expressions, action inputs, untrusted input in
 # scripts); it also runs shellcheck on the run: blocks when shellcheck is on PATH.
+# The inner loop: everything but the modules marked slow (subprocesses, fuzzing, deployment).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pyarrow.flight as flight
 
 from catalog import Catalog, Config, load_config
 from quiver.runtime import Runtime
+
+T = TypeVar("T")
 
 DEMO_SCALE = 0.01  # customers 1,000 · orders 20,000 · events 50,000
 
@@ -31,6 +35,22 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)
     return load_config(None, environ={}, overrides=overrides)
+
+
+def wait_until(
+    condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> T:
+    """Poll ``condition`` until it returns something truthy, and return that; fail with
+    ``what`` (and the last value) after ``timeout`` seconds. The one deadline loop of the
+    suite: tests wait for a condition, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition}: {value!r}")
+        time.sleep(interval)
 
 
 def call_options(token: str | None, timeout: float | None = 30.0) -> flight.FlightCallOptions:

@@ -22,6 +22,8 @@ import httpx
 import pyarrow.flight as flight
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
+
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = ROOT / "ansible"
 TOOLS = ROOT / ".venv-ansible" / "bin"

@@ -32,7 +32,7 @@ from catalog import (
 from catalog.config import ResultsConfig
 from catalog.database import Database
 from flight_server.results import ACTION_DESCRIPTIONS, PreparedQuery, QueryManager
-from tests.harness import Server, call_options, error_info
+from tests.harness import Server, call_options, error_info, wait_until
 
 SLOW_SQL = "SELECT sum(a.range * b.range) AS s FROM range(200000) a, range(200000) b"
 
@@ -92,13 +92,9 @@ def submit(m: QueryManager, who: Principal, sql: str, params: list[Any] | None =
 def wait_state(
     m: QueryManager, who: Principal, qid: str, states: tuple[str, ...], timeout: float = 30
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = m.status(who, qid)
-        if status["state"] in states:
-            return status
-        assert time.monotonic() < deadline, status
-        time.sleep(0.02)
+    return wait_until(
+        lambda: (s := m.status(who, qid))["state"] in states and s, timeout, 0.02, f"query {qid} in {states}"
+    )
 
 
 def test_lifecycle_result_streamed_to_ipc_file(make: Any, db: Database) -> None:
@@ -224,10 +220,7 @@ def test_ttl_expiry_deletes_status_and_file(make: Any) -> None:
     time.sleep(0.35)
     with pytest.raises(NotFound):  # expired at once, even before the sweeper passed
         m.status(ALICE, qid)
-    deadline = time.monotonic() + 5
-    while path.exists():  # the sweeper thread deletes the file
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: not path.exists(), 5, what="the sweeper to delete the result file")
     assert m.stats()["retained"] == 0
 
 
@@ -358,11 +351,14 @@ def test_flight_async_lifecycle_and_binding(server: Server) -> None:
         client, agent, "submit-query", {"sql": "SELECT * FROM demo.orders WHERE quantity = ?", "params": [3]}
     )
     qid = status["id"]
-    deadline = time.monotonic() + 30
-    while status["state"] not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-        status = _action(client, agent, "query-status", {"id": qid})
+    status = wait_until(
+        lambda: (
+            (s := _action(client, agent, "query-status", {"id": qid}))["state"]
+            in ("succeeded", "failed", "cancelled")
+            and s
+        ),
+        what="the async query to finish",
+    )
     assert status["state"] == "succeeded", status
     descriptor = flight.FlightDescriptor.for_command(json.dumps({"kind": "result", "id": qid}))
     info = client.get_flight_info(descriptor, call_options(agent))
@@ -396,10 +392,11 @@ def test_flight_async_refusals(server: Server) -> None:
     cancelled = _action(client, agent, "cancel-query", {"id": status["id"]})
     assert cancelled["state"] in ("cancelled", "running")
     descriptor = flight.FlightDescriptor.for_command(json.dumps({"kind": "result", "id": status["id"]}))
-    deadline = time.monotonic() + 10
-    while _action(client, agent, "query-status", {"id": status["id"]})["state"] != "cancelled":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(
+        lambda: _action(client, agent, "query-status", {"id": status["id"]})["state"] == "cancelled",
+        10,
+        what="the query to be cancelled",
+    )
     with pytest.raises(flight.FlightCancelledError) as err:
         client.get_flight_info(descriptor, call_options(agent))
     assert error_info(err.value)["code"] == "CANCELLED"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -12,7 +11,7 @@ import pytest
 
 from flight_server.planner import SplitOptions
 from quiver_client import QuiverClient, QuiverClientError, TruncatedResultWarning
-from tests.harness import Server, start_server
+from tests.harness import Server, start_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +53,7 @@ def test_read_and_read_stream_fetch_endpoints_in_parallel(server: Server, qc: Qu
     reader = qc.read_stream("demo.events")
     assert reader.schema == want.schema
     assert reader.read_all().equals(want)
-    deadline = time.monotonic() + 10
-    while threading.active_count() > started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert threading.active_count() <= started  # no fetch thread left behind
+    wait_until(lambda: threading.active_count() <= started, 10, 0.02, "no fetch thread left behind")
 
 
 def test_abandoning_a_parallel_stream_stops_its_fetchers(qc: QuiverClient) -> None:
@@ -66,10 +62,7 @@ def test_abandoning_a_parallel_stream_stops_its_fetchers(qc: QuiverClient) -> No
     reader.read_next_batch()
     reader.close()
     del reader
-    deadline = time.monotonic() + 10
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() <= before
+    wait_until(lambda: threading.active_count() <= before, 10, what="the fetchers to stop")
 
 
 def test_sample_profile_query(server: Server, qc: QuiverClient) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 
 from flight_server.planner import SplitOptions
 from quiver_client import QuiverClient, QuiverClientError
-from tests.harness import Server, call_options, error_info, start_server
+from tests.harness import Server, call_options, error_info, start_server, wait_until
 
 # A blocking aggregate over a 10^12-row cross join: hours of work if nothing stops it.
 RUNAWAY = "SELECT count(*) AS n FROM range(1000000) a, range(1000000) b WHERE (a.range * b.range) % 7 = 3"
@@ -53,10 +52,7 @@ def _wait_idle(server: Server, timeout: float = 20.0) -> None:
     """Until no stream holds a concurrency slot (the server frees it when the call ends)."""
     assert server.runtime.flight is not None
     admission = server.runtime.flight.admission
-    deadline = time.monotonic() + timeout
-    while admission.active() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not admission.active(), admission.active()
+    wait_until(lambda: not admission.active(), timeout, what="every stream's slot to be freed")
 
 
 # --- timeout ----------------------------------------------------------------------------------------

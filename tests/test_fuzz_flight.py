@@ -18,6 +18,8 @@ from catalog.errors import MAX_DETAIL_CHARS
 from flight_server import commands
 from tests.harness import Server, call_options
 
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
+
 CODES = {"INVALID_ARGUMENT", "PERMISSION_DENIED", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
 DETAIL_BOUND = MAX_DETAIL_CHARS + 40
 

@@ -38,6 +38,8 @@ from schemathesis.specs.openapi.checks import (
 from tests.harness import Server, start_server
 from tests.state import snapshot
 
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
+
 EXAMPLES = int(os.environ.get("QUIVER_FUZZ_EXAMPLES", "75"))
 
 CHECKS = [

@@ -27,6 +27,8 @@ from catalog.policy import NOT_READABLE, Policy
 from catalog.sqlguard import BUILDER_FUNCTIONS, DENIED_FUNCTIONS, MAX_DETAIL_CHARS, SqlGuard
 from catalog.tables import TableCatalog
 
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
+
 SETUP = """
 CREATE SCHEMA demo;
 CREATE TABLE demo.orders AS SELECT i AS id, 'x' || i AS s, [i] AS l FROM range(5) r(i);

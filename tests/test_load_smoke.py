@@ -18,11 +18,14 @@ import time
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from tests.load.agents import GOOD_MIX, HOSTILE_KINDS, Sample, hostile_kinds, max_overlap
 from tests.load.report import Report, markdown, op_stats, summary, table
 from tests.load.runner import LoadConfig, run
 from tests.load.server import LoadServer
+
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
 
 KINDS = list(HOSTILE_KINDS)
 

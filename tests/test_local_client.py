@@ -24,7 +24,7 @@ from tests.harness import DEMO_SCALE, ServeProcess, Server, make_config, start_s
 from tests.sync_emulator import Emulator, Source
 from tests.test_tls import make_certificates
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 @pytest.fixture(scope="module")

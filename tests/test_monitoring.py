@@ -23,6 +23,8 @@ import yaml
 
 from tests.harness import start_server
 
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
+
 MONITORING = Path(__file__).resolve().parent.parent / "ansible" / "monitoring"
 RULES = MONITORING / "alerts.yml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"

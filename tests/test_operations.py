@@ -28,6 +28,8 @@ from quiver.ops import backup_via_server
 from quiver.runtime import is_loopback
 from tests.harness import DEMO_SCALE, ServeProcess, call_options, make_config, start_server
 
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
+
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,6 +17,8 @@ import pytest
 
 from tests.harness import ServeProcess
 
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 

@@ -22,6 +22,8 @@ import pytest
 from quiver.runtime import sd_notify, watchdog_interval
 from tests.harness import start_server
 
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
+
 
 @pytest.fixture
 def notify_socket() -> Iterator[tuple[socket.socket, str]]:

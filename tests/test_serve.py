@@ -18,6 +18,8 @@ import pytest
 from quiver.demo import SNIPPET
 from tests.harness import ServeProcess, call_options, start_server
 
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -22,6 +22,8 @@ from catalog import ConfigError, load_config
 from quiver import ops
 from tests.harness import Server, call_options, error_info, start_server
 
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
+
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
