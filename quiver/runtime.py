@@ -27,7 +27,7 @@ from catalog import Catalog, Config, QuiverError
 from catalog.resources import AddressSpaceBound
 from control_plane import create_app
 from flight_server import QuiverFlightServer
-from quiver import demo
+from quiver import demo, logs
 
 log = structlog.get_logger("quiver")
 
@@ -231,9 +231,11 @@ class Runtime:
         tls = self.config.tls
         # uvicorn wraps the sockets passed to run() with this SSL context too, so the
         # listener serves TLS only: a plain-HTTP request fails the handshake.
+        app = create_app(catalog)
+        logs.reclaim_root()  # Litestar's default logging config replaced the root handler
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(catalog),
+                app,
                 log_config=None,
                 access_log=False,
                 lifespan="off",
