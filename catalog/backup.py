@@ -187,21 +187,39 @@ def _freeze(src: Path, dst: Path) -> bool:
     return True
 
 
-def _archive_name(out_dir: Path, suffix: str) -> Path:
+def _partial_of(archive: Path) -> Path:
+    return archive.with_name("." + archive.name + ".partial")
+
+
+def _reserve_archive(out_dir: Path, suffix: str) -> tuple[Path, Path]:
+    """Choose the archive's name and claim it: its partial file is created exclusively
+    (0600), so two backups in the same second (concurrent ``POST /v1/backup``) never pick
+    the same name and the second never replaces the first. The name is re-checked after
+    the claim, which closes the gap where another backup published it meanwhile."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = out_dir / f"quiver-{stamp}{suffix}"
-    n = 1
-    while path.exists():
-        path = out_dir / f"quiver-{stamp}-{n}{suffix}"
+    n = 0
+    while True:
+        archive = out_dir / (f"quiver-{stamp}{suffix}" if n == 0 else f"quiver-{stamp}-{n}{suffix}")
         n += 1
-    return path
+        partial = _partial_of(archive)
+        if archive.exists():
+            continue
+        try:
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
+        if archive.exists():
+            partial.unlink(missing_ok=True)
+            continue
+        return archive, partial
 
 
 @contextlib.contextmanager
 def _archive_writer(partial: Path, key: bytes | None) -> Iterator[tarfile.TarFile]:
-    """A gzip'd tar written to ``partial`` (0600 from the start), through an
-    :class:`EncryptingWriter` when there is a key: the plaintext never reaches the disk."""
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """A gzip'd tar written to ``partial`` (claimed, 0600, by :func:`_reserve_archive`),
+    through an :class:`EncryptingWriter` when there is a key: the plaintext never reaches
+    the disk."""
+    fd = os.open(partial, os.O_WRONLY | os.O_TRUNC)
     with os.fdopen(fd, "wb") as raw:
         if key is None:
             with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
@@ -250,8 +268,7 @@ def _create_snapshot(catalog: Catalog, out_dir: Path | None) -> SnapshotInfo:
     # Read first: a missing or malformed key fails the backup before any work is done.
     key = load_key(key_file) if key_file is not None else None
     staging = data_dir / SNAPSHOT_STAGING / f"files-{os.getpid()}-{time.monotonic_ns()}"
-    archive = _archive_name(out_dir, SUFFIX + ENC_SUFFIX if key is not None else SUFFIX)
-    partial = archive.with_name("." + archive.name + ".partial")
+    archive, partial = _reserve_archive(out_dir, SUFFIX + ENC_SUFFIX if key is not None else SUFFIX)
     db_name = config.database_path.name
     started = time.perf_counter()
     created_at = datetime.now(UTC)

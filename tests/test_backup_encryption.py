@@ -5,14 +5,18 @@ refused with one line while the data directory stays exactly as it was."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
+import tarfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from catalog.snapshot_crypto import CHUNK, HEADER_BYTES, MAGIC, NONCE_BYTES, TAG_BYTES
+from catalog.backup import MANIFEST
+from catalog.snapshot_crypto import CHUNK, HEADER_BYTES, MAGIC, NONCE_BYTES, TAG_BYTES, decrypt_file, load_key
 from tests.harness import Server, start_server
 from tests.test_backup import _cli, _state_of
 
@@ -193,5 +197,80 @@ def test_a_bad_key_file_fails_the_backup_visibly_and_writes_nothing(tmp_path: Pa
         _key_file(bad_key)
         r = http.post("/v1/backup")
         assert r.status_code == 201 and r.json()["name"].endswith(".tar.gz.enc"), r.text
+    finally:
+        server.stop()
+
+
+def test_cli_backup_with_a_bad_key_is_one_line_both_ways(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad_key = tmp_path / "bad.key"
+    bad_key.write_text(base64.b64encode(os.urandom(16)).decode())
+    backups = tmp_path / "backups"
+    server = start_server(
+        tmp_path / "data", backup={"dir": str(backups), "encryption_key_file": str(bad_key)}
+    )
+    args = ("backup", "--data-dir", str(server.data_dir), "--output", str(backups))
+    env = pytest.MonkeyPatch()
+    env.setenv("QUIVER_BACKUP_ENCRYPTION_KEY_FILE", str(bad_key))
+    try:
+        code, _, err = _cli(*args, "--url", server.http_url, capsys=capsys)  # through the server
+        assert code == 1 and "must hold 32 random bytes" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        server.stop()
+        code, _, err = _cli(*args, capsys=capsys)  # directly, server stopped
+        assert code == 1 and "must hold 32 random bytes" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert list(backups.glob("*")) == []
+    finally:
+        env.undo()
+        server.stop()
+
+
+def test_concurrent_encrypted_backups_each_decrypt(enc_server: Server, tmp_path: Path, key: Path) -> None:
+    results: list[tuple[int, str]] = []
+
+    def backup() -> None:
+        r = enc_server.http().post("/v1/backup")
+        results.append((r.status_code, r.json().get("path", r.text)))
+
+    threads = [threading.Thread(target=backup) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [code for code, _ in results] == [201, 201, 201], results
+    paths = {Path(p) for _, p in results}
+    assert len(paths) == 3
+    secret = load_key(key)
+    for i, path in enumerate(sorted(paths)):
+        plain = tmp_path / f"plain-{i}.tar.gz"
+        decrypt_file(path, plain, secret)
+        with tarfile.open(plain) as tar:
+            manifest = json.loads(tar.extractfile(MANIFEST).read())  # type: ignore[union-attr]
+        assert manifest["tables"]["bulk.noise"] == 120000
+    assert sorted(p.name for p in (tmp_path / "backups").iterdir()) == sorted(p.name for p in paths)
+
+
+def test_concurrent_plaintext_backups_never_overwrite_each_other(tmp_path: Path) -> None:
+    """Regression: two backups in the same second chose the same name and the second
+    os.replace() silently replaced the first, both answering 201 with one path."""
+    server = start_server(tmp_path / "data", backup={"dir": str(tmp_path / "backups")})
+    try:
+        results: list[tuple[int, str]] = []
+
+        def backup() -> None:
+            r = server.http().post("/v1/backup")
+            results.append((r.status_code, r.json().get("path", r.text)))
+
+        threads = [threading.Thread(target=backup) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [code for code, _ in results] == [201] * 4, results
+        paths = {p for _, p in results}
+        assert len(paths) == 4, results
+        assert sorted(p.name for p in (tmp_path / "backups").iterdir()) == sorted(Path(p).name for p in paths)
     finally:
         server.stop()
