@@ -184,6 +184,8 @@ def test_a_bad_key_file_fails_the_backup_visibly_and_writes_nothing(tmp_path: Pa
         backup={"dir": str(tmp_path / "backups"), "encryption_key_file": str(bad_key)},
     )
     try:
+        # Said at start-up already, in the log and the banner.
+        assert any("backups will fail" in w and "32 random bytes" in w for w in server.runtime.warnings)
         http = server.http()
         r = http.post("/v1/backup")
         assert r.status_code == 400 and r.json()["error"] == "INVALID_ARGUMENT", r.text
