@@ -17,6 +17,12 @@ Left out: process-local directories -- DuckDB's spill space (``tmp``), async que
 Quiver deletes at start-up -- the backups themselves, and dot-names (staging areas, partial
 files, the state a restore set aside).
 
+With ``[backup] encryption_key_file`` set, the archive is written encrypted as it is
+produced, ``quiver-<UTC time>.tar.gz.enc`` (AES-256-GCM in authenticated records, format in
+catalog/snapshot_crypto.py); a restore recognises such a file by its first bytes and first
+decrypts it whole into its private staging area, so a wrong key, a truncated or a tampered
+file is refused before anything is unpacked. Plaintext snapshots restore as before.
+
 A restore is checked completely before anything is touched — the archive reads, every
 member matches its checksum, no member escapes the data directory, the database opens
 and has the row counts of the manifest, and its migrations are ones this Quiver knows —
@@ -48,6 +54,7 @@ from catalog.config import Config
 from catalog.core import SNAPSHOT_STAGING, VERSION, Catalog
 from catalog.database import SYSTEM_SCHEMA, _migrations, quote_ident
 from catalog.errors import DatabaseInUse, InvalidArgument, NotFound
+from catalog.snapshot_crypto import ENC_SUFFIX, EncryptingWriter, decrypt_file, is_encrypted, load_key
 
 log = structlog.get_logger(__name__)
 
@@ -180,14 +187,50 @@ def _freeze(src: Path, dst: Path) -> bool:
     return True
 
 
-def _archive_name(out_dir: Path) -> Path:
+def _partial_of(archive: Path) -> Path:
+    return archive.with_name("." + archive.name + ".partial")
+
+
+def _reserve_archive(out_dir: Path, suffix: str) -> tuple[Path, Path]:
+    """Choose the archive's name and claim it: its partial file is created exclusively
+    (0600), so two backups in the same second (concurrent ``POST /v1/backup``) never pick
+    the same name and the second never replaces the first. The name is re-checked after
+    the claim, which closes the gap where another backup published it meanwhile."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = out_dir / f"quiver-{stamp}{SUFFIX}"
-    n = 1
-    while path.exists():
-        path = out_dir / f"quiver-{stamp}-{n}{SUFFIX}"
+    n = 0
+    while True:
+        archive = out_dir / (f"quiver-{stamp}{suffix}" if n == 0 else f"quiver-{stamp}-{n}{suffix}")
         n += 1
-    return path
+        partial = _partial_of(archive)
+        if archive.exists():
+            continue
+        try:
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
+        if archive.exists():
+            partial.unlink(missing_ok=True)
+            continue
+        return archive, partial
+
+
+@contextlib.contextmanager
+def _archive_writer(partial: Path, key: bytes | None) -> Iterator[tarfile.TarFile]:
+    """A gzip'd tar written to ``partial`` (claimed, 0600, by :func:`_reserve_archive`),
+    through an :class:`EncryptingWriter` when there is a key: the plaintext never reaches
+    the disk."""
+    fd = os.open(partial, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "wb") as raw:
+        if key is None:
+            with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
+                yield tar
+        else:
+            writer = EncryptingWriter(raw, key)
+            with tarfile.open(fileobj=writer, mode="w:gz", compresslevel=6) as tar:  # type: ignore[call-overload]
+                yield tar
+            writer.close()
+        raw.flush()
+        os.fsync(raw.fileno())
 
 
 def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> MemberInfo:
@@ -221,9 +264,11 @@ def _create_snapshot(catalog: Catalog, out_dir: Path | None) -> SnapshotInfo:
     out_dir = (out_dir or config.backup_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = catalog.data_dir
+    key_file = config.backup_key_file
+    # Read first: a missing or malformed key fails the backup before any work is done.
+    key = load_key(key_file) if key_file is not None else None
     staging = data_dir / SNAPSHOT_STAGING / f"files-{os.getpid()}-{time.monotonic_ns()}"
-    archive = _archive_name(out_dir)
-    partial = archive.with_name("." + archive.name + ".partial")
+    archive, partial = _reserve_archive(out_dir, SUFFIX + ENC_SUFFIX if key is not None else SUFFIX)
     db_name = config.database_path.name
     started = time.perf_counter()
     created_at = datetime.now(UTC)
@@ -246,7 +291,7 @@ def _create_snapshot(catalog: Catalog, out_dir: Path | None) -> SnapshotInfo:
                 if _freeze(data_dir / rel, staging / rel):
                     frozen.append((staging / rel, f"{FILES_DIR}/{rel.as_posix()}"))
             members: list[MemberInfo] = []
-            with tarfile.open(partial, "w:gz", compresslevel=6) as tar:
+            with _archive_writer(partial, key) as tar:
                 members.append(_add(tar, db_copy, f"{DB_DIR}/{db_name}"))
                 for path, arcname in frozen:
                     members.append(_add(tar, path, arcname))
@@ -265,9 +310,6 @@ def _create_snapshot(catalog: Catalog, out_dir: Path | None) -> SnapshotInfo:
                 info.mtime = int(created_at.timestamp())
                 info.mode = 0o600
                 tar.addfile(info, io.BytesIO(body))
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(partial, 0o600)
         os.replace(partial, archive)
     finally:
         partial.unlink(missing_ok=True)
@@ -294,6 +336,7 @@ def _create_snapshot(catalog: Catalog, out_dir: Path | None) -> SnapshotInfo:
         tables=result.tables,
         rows=result.rows,
         files=result.files,
+        encrypted=key is not None,
         ms=round((time.perf_counter() - started) * 1000, 1),
     )
     return result
@@ -303,7 +346,11 @@ def list_snapshots(directory: Path) -> list[dict[str, Any]]:
     """Snapshot archives in ``directory``, newest first (by name, which is the UTC time)."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.name.startswith("quiver-") and p.name.endswith(SUFFIX)]
+    found = [
+        p
+        for p in directory.iterdir()
+        if p.name.startswith("quiver-") and (p.name.endswith(SUFFIX) or p.name.endswith(SUFFIX + ENC_SUFFIX))
+    ]
     return [
         {"name": p.name, "path": str(p), "bytes": p.stat().st_size}
         for p in sorted(found, key=lambda p: p.name, reverse=True)
@@ -473,7 +520,20 @@ def restore_snapshot(config: Config, archive: Path) -> RestoreReport:
     staging = data_dir / f".restore-{stamp}-{os.getpid()}"
     staging.mkdir(mode=0o700)
     try:
-        manifest = _unpack(archive, staging)
+        if is_encrypted(archive):
+            key_file = config.backup_key_file
+            if key_file is None:
+                raise InvalidArgument(
+                    f"{archive.name} is an encrypted snapshot: set [backup] encryption_key_file "
+                    "to the key it was written with"
+                )
+            # Decrypted whole (and so authenticated whole) before anything is unpacked.
+            plain = staging / ".decrypted.tar.gz"
+            decrypt_file(archive, plain, load_key(key_file))
+            manifest = _unpack(plain, staging)
+            plain.unlink()
+        else:
+            manifest = _unpack(archive, staging)
         _check_layout(staging, manifest, data_dir, config.backup_dir)
         staged_db = staging / DB_DIR / manifest.database
         _check_database(staged_db, manifest)

@@ -138,6 +138,11 @@ class BackupConfig(_Section):
     # Where snapshots are written (by `quiver backup` and POST /v1/backup); default
     # DATA_DIR/backups. Under systemd it must be writable by the service (ReadWritePaths).
     dir: str | None = None
+    # A file holding 32 random bytes in base64 (`openssl rand -base64 32`, kept in the
+    # vault, written 0600). Set: snapshots are written encrypted, quiver-<time>.tar.gz.enc
+    # (AES-256-GCM, catalog/snapshot_crypto.py), and `quiver restore` decrypts them with it.
+    # Read at every backup and restore, so replacing the file needs no restart.
+    encryption_key_file: str | None = None
 
 
 class AuditConfig(_Section):
@@ -236,6 +241,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.backup.dir:
             return Path(self.backup.dir).expanduser().resolve()
         return self.data_dir / "backups"
+
+    @property
+    def backup_key_file(self) -> Path | None:
+        if self.backup.encryption_key_file:
+            return Path(self.backup.encryption_key_file).expanduser().resolve()
+        return None
 
 
 ENV_PREFIX = "QUIVER_"

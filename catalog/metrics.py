@@ -10,12 +10,17 @@ is charged the cgroup's memory (page cache included), not the process's RSS -- s
 there is one), ``quiver_memory_cgroup_bytes`` (what the cgroup is charged now) and
 ``quiver_memory_available_bytes`` (physical memory or the smaller limit: what ``[limits]
 memory_limit = "auto"`` is computed from). See proto_docs/configuration.md, "Metrics".
+
+Sync metrics (``quiver_sync_*``, proto_docs/sync.md "Metrics") are read at scrape time by
+:class:`_SyncCollector` from whatever the sync worker registered with
+:meth:`Metrics.set_sync_source` (``sync/service.py``; catalog never imports sync): lag and
+last success come from the catalog's sync state, so they are true after a restart too.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ from typing import Any
 import msgspec
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from catalog.keys import write_private_atomic
@@ -58,6 +63,102 @@ class _MemoryCollector(Collector):
             "Physical memory, or the smaller cgroup limit.",
             value=memory_available(),
         )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
+
+
+class SyncTableSample(msgspec.Struct, frozen=True, kw_only=True):
+    """One ``[[sync.tables]]`` entry as the sync worker reports it at a scrape."""
+
+    table: str
+    interval_seconds: float
+    running: bool
+    consecutive_failures: int
+    # Unix times; None: never (no successful run in the history / not a time cursor).
+    last_success_at: float | None
+    watermark_at: float | None
+    # Since this process started.
+    runs_ok: int
+    runs_failed: int
+    rows_read: int
+    rows_written: int
+
+
+SyncSource = Callable[[], list[SyncTableSample]]
+
+
+class _SyncCollector(Collector):
+    """``quiver_sync_*`` from the registered source, computed at every scrape (lag is
+    "now minus the last success", so it grows between runs without anyone updating it)."""
+
+    def __init__(self) -> None:
+        self.source: SyncSource | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        source = self.source
+        if source is None:
+            return
+        try:
+            samples = source()
+        except Exception as e:  # noqa: BLE001 - a scrape must not fail because the catalog is busy
+            log.warning("metrics.sync_unavailable", error=str(e)[:200])
+            return
+        now = datetime.now(UTC).timestamp()
+        label = ["table"]
+        lag = GaugeMetricFamily(
+            "quiver_sync_lag_seconds",
+            "Seconds since the table's last successful sync run ended (absent before the first).",
+            labels=label,
+        )
+        last = GaugeMetricFamily(
+            "quiver_sync_last_success_timestamp_seconds",
+            "Unix time the table's last successful sync run ended (0: none in the history).",
+            labels=label,
+        )
+        watermark = GaugeMetricFamily(
+            "quiver_sync_watermark_timestamp_seconds",
+            "The newest synced cursor value as Unix time, for timestamp/date cursors only "
+            "(a naive timestamp is read as UTC).",
+            labels=label,
+        )
+        interval = GaugeMetricFamily(
+            "quiver_sync_interval_seconds", "The table's configured interval_seconds.", labels=label
+        )
+        running = GaugeMetricFamily(
+            "quiver_sync_running", "1 while a run of the table is in progress.", labels=label
+        )
+        failures = GaugeMetricFamily(
+            "quiver_sync_consecutive_failures",
+            "Failed runs of the table since its last success (kept across restarts).",
+            labels=label,
+        )
+        runs = CounterMetricFamily(
+            "quiver_sync_runs",
+            "Sync runs that ended in this process, by outcome.",
+            labels=["table", "outcome"],
+        )
+        rows_read = CounterMetricFamily(
+            "quiver_sync_rows_read", "Rows read from the source by runs of this process.", labels=label
+        )
+        rows_written = CounterMetricFamily(
+            "quiver_sync_rows_written", "Rows written to the replica by runs of this process.", labels=label
+        )
+        for s in samples:
+            t = [s.table]
+            if s.last_success_at is not None:
+                lag.add_metric(t, max(0.0, now - s.last_success_at))
+            last.add_metric(t, s.last_success_at or 0.0)
+            if s.watermark_at is not None:
+                watermark.add_metric(t, s.watermark_at)
+            interval.add_metric(t, s.interval_seconds)
+            running.add_metric(t, 1 if s.running else 0)
+            failures.add_metric(t, s.consecutive_failures)
+            runs.add_metric([s.table, "ok"], s.runs_ok)
+            runs.add_metric([s.table, "failed"], s.runs_failed)
+            rows_read.add_metric(t, s.rows_read)
+            rows_written.add_metric(t, s.rows_written)
+        yield from (lag, last, watermark, interval, running, failures, runs, rows_read, rows_written)
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())
@@ -161,6 +262,13 @@ class Metrics:
         )
         for table in ("audit", "tokens"):
             self.retention_deleted.labels(table)
+        self._sync = _SyncCollector()
+        self.registry.register(self._sync)
+
+    def set_sync_source(self, source: SyncSource | None) -> None:
+        """Where ``quiver_sync_*`` come from at scrape time (the sync worker of this catalog;
+        a later one replaces an earlier one, None removes them)."""
+        self._sync.source = source
 
     def set_backup_outcome(self, outcome: str) -> None:
         for label in ("ok", "failed", "none"):

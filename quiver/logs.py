@@ -2,6 +2,12 @@
 
 Secrets never reach a log: values under secret-sounding keys are replaced, and anything that
 looks like a JWT is masked wherever it appears.
+
+Libraries that log through the standard library (uvicorn's ``uvicorn.error``, the Snowflake
+connector) and Python warnings go through the same processors, by structlog's
+``ProcessorFormatter`` on the root handler: in JSON mode each is one JSON object with the
+same keys as Quiver's own lines (``event``, ``level``, ``timestamp``) plus ``logger``, and
+the same redaction. So the journal (or a log shipper) never sees a line of another shape.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ SECRET_KEYS = {
     "passphrase",
     "private_key_passphrase",
 }
+# What configure() put on the root logger, for reclaim_root().
+_root: tuple[logging.Handler, int] | None = None
 JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
 
 
@@ -55,38 +63,62 @@ def format_exc_info(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-class _FullTracebackFormatter(logging.Formatter):
-    """Tracebacks with an explicit limit, like :func:`format_exc_info`."""
-
-    def formatException(self, ei: Any) -> str:
-        return "".join(traceback.TracebackException(*ei, limit=100).format()).rstrip()
-
-
 def configure(fmt: str = "auto", level: str = "info") -> None:
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     lvl = getattr(logging, level.upper(), logging.INFO)
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        stamp,
     ]
+    rendering: list[Any]
     if use_console:
         # No local variables in tracebacks (a handler's locals hold request headers), and the
         # rendered line is scrubbed once more: an exception's text is rendered only here.
         console = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
-        processors += [redact, lambda logger, name, event: _scrub(console(logger, name, event))]
+        rendering = [redact, lambda logger, name, event: _scrub(console(logger, name, event))]
     else:
         # Tracebacks are rendered first, so that redact scrubs them too.
-        processors += [format_exc_info, redact, structlog.processors.JSONRenderer()]
+        rendering = [format_exc_info, redact, structlog.processors.JSONRenderer()]
+    processors += rendering
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # Libraries that log through the standard library (uvicorn) go to stderr too.
+    # Libraries that log through the standard library go to stderr through the same
+    # rendering (with their logger's name); warnings.warn() too, instead of its own format.
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_FullTracebackFormatter("%(name)s %(levelname)s %(message)s"))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.processors.add_log_level, structlog.stdlib.add_logger_name, stamp],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
+        )
+    )
+    global _root
+    # Other libraries speak from WARNING up; uvicorn's own lines (start, stop, refused
+    # connections) at Quiver's level.
+    _root = (handler, max(lvl, logging.WARNING))
+    reclaim_root()
+    logging.getLogger("uvicorn").setLevel(lvl)
+    logging.captureWarnings(True)
+
+
+def reclaim_root() -> None:
+    """Put configure()'s handler and level back on the root logger, and send the
+    ``litestar`` logger's lines to it. Building a Litestar app without
+    ``logging_config=None`` applies Litestar's default logging config, which replaces the
+    root handlers with its own plain-text format (``INFO - <time> - uvicorn.error - ...``)
+    and gives ``litestar`` a handler of its own: the runtime calls this after building the
+    control plane. Does nothing before configure() (tests that keep pytest's handlers)."""
+    if _root is None:
+        return
+    handler, level = _root
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(max(lvl, logging.WARNING))
+    root.setLevel(level)
+    framework = logging.getLogger("litestar")
+    framework.handlers.clear()
+    framework.propagate = True

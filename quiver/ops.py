@@ -9,6 +9,10 @@ deployment's backup timer calls, so the TLS case matters: on the VM the control 
 speaks TLS only, with a certificate for the public name, and the CLI calls it on the
 loopback address while checking the certificate against that name. Finding, verifying and
 authenticating to the server is quiver/local_client.py's job, shared with the other commands.
+
+With ``[backup] encryption_key_file`` set, both paths write ``quiver-<time>.tar.gz.enc`` and
+``quiver restore`` decrypts it with the same key (catalog/snapshot_crypto.py); every refusal,
+a wrong key included, is one line ending in "nothing was changed".
 """
 
 from __future__ import annotations

@@ -31,9 +31,10 @@ import uvicorn
 
 from catalog import Catalog, Config, QuiverError
 from catalog.resources import AddressSpaceBound
+from catalog.snapshot_crypto import load_key
 from control_plane import create_app
 from flight_server import QuiverFlightServer
-from quiver import demo
+from quiver import demo, logs
 
 log = structlog.get_logger("quiver")
 
@@ -200,6 +201,14 @@ class Runtime:
             warning = CLEARTEXT_WARNING.format(host=server.host or "every address")
             self.warnings.append(warning)
             log.warning("server.cleartext", host=server.host, detail=warning)
+        key_file = cfg.backup_key_file
+        if key_file is not None:
+            # Said now, not first at the nightly backup (which fails visibly too).
+            try:
+                load_key(key_file)
+            except QuiverError as e:
+                self.warnings.append(f"backups will fail: {e.detail}")
+                log.warning("backup.key_unusable", detail=e.detail)
         catalog = self.catalog = Catalog(cfg)
         try:
             if self.demo_data:
@@ -279,9 +288,11 @@ class Runtime:
         tls = self.config.tls
         # uvicorn wraps the sockets passed to run() with this SSL context too, so the
         # listener serves TLS only: a plain-HTTP request fails the handshake.
+        app = create_app(catalog)
+        logs.reclaim_root()  # Litestar's default logging config replaced the root handler
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(catalog),
+                app,
                 log_config=None,
                 access_log=False,
                 lifespan="off",

@@ -7,6 +7,11 @@ Scheduling rules (proto_docs/sync.md, "Scheduling"):
 - never two runs of one table at once; at most ``[sync] max_parallel`` runs in parallel;
 - a failing table backs off (interval x 2^(failures-1), capped) and never stops the others;
 - a trigger while the table runs queues exactly one follow-up run (a trigger is never lost).
+
+Metrics (proto_docs/sync.md, "Metrics"): the service registers :meth:`SyncService.metric_samples`
+with the catalog's registry, read at every scrape: lag, last success and consecutive
+failures from the catalog's sync state (true across restarts), runs and rows counted in
+memory as each run ends.
 """
 
 from __future__ import annotations
@@ -18,16 +23,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import structlog
 
 from catalog import Catalog, Config, NotFound
+from catalog.metrics import SyncTableSample
 from sync.context import ProgressFn
 from sync.engine import TableSync
 from sync.source import SnowflakeSource
-from sync.state import RunRecord, SyncStateStore, TableState
+from sync.state import RunRecord, SyncStateStore, TableState, decode_watermark
 
 log = structlog.get_logger("sync")
 
@@ -45,6 +51,20 @@ class _Live:
     current: RunRecord | None = None
     live_error: str | None = None
     failures: int = 0
+    # Counted as runs end, for the metrics (since this process started).
+    runs_ok: int = 0
+    runs_failed: int = 0
+    rows_read: int = 0
+    rows_written: int = 0
+
+
+def _epoch(value: Any) -> float | None:
+    """A timestamp (naive ones are UTC, as the catalog stores them) or date as Unix time."""
+    if isinstance(value, datetime):
+        return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).timestamp()
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp()
+    return None
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -92,6 +112,7 @@ class SyncService:
             self._tables[ts.key] = _Live(ts, self._first_due(state, entry.interval_seconds, now))
             if state is not None:
                 self._tables[ts.key].failures = state.consecutive_failures
+        catalog.metrics.set_sync_source(self.metric_samples)
 
     def _jitter(self, interval: float) -> float:
         return self._random.uniform(0, self.config.sync.jitter * interval)
@@ -157,6 +178,43 @@ class SyncService:
                 }
             )
         return {"tables": out}
+
+    def metric_samples(self) -> list[SyncTableSample]:
+        """What ``quiver_sync_*`` show at a scrape (catalog/metrics.py)."""
+        states = self.store.all()
+        successes = self.store.last_successes()
+        out = []
+        with self._lock:
+            for key, t in self._tables.items():
+                state = states.get(key)
+                watermark = None
+                if state is not None and state.watermark_kind in ("timestamp", "timestamptz", "date"):
+                    watermark = _epoch(decode_watermark(state.watermark, state.watermark_kind))
+                out.append(
+                    SyncTableSample(
+                        table=key,
+                        interval_seconds=float(t.sync.entry.interval_seconds),
+                        running=t.running,
+                        consecutive_failures=state.consecutive_failures if state is not None else 0,
+                        last_success_at=_epoch(successes.get(key)),
+                        watermark_at=watermark,
+                        runs_ok=t.runs_ok,
+                        runs_failed=t.runs_failed,
+                        rows_read=t.rows_read,
+                        rows_written=t.rows_written,
+                    )
+                )
+        return out
+
+    def _count(self, t: _Live, record: RunRecord | None) -> None:
+        """Under the lock: a run ended (``None``: it crashed before recording itself)."""
+        if record is not None and record.outcome == "ok":
+            t.runs_ok += 1
+        else:
+            t.runs_failed += 1
+        if record is not None:
+            t.rows_read += record.rows_read
+            t.rows_written += record.rows_written
 
     def resolve(self, table: str) -> str:
         key = table.strip().lower()
@@ -253,6 +311,7 @@ class SyncService:
         finally:
             with self._lock:
                 t.running = False
+                self._count(t, record)
                 ok = record is not None and record.outcome == "ok"
                 t.failures = 0 if ok else t.failures + 1
                 interval = t.sync.entry.interval_seconds
@@ -308,14 +367,17 @@ class SyncService:
             with self._lock:
                 t.running = True
                 t.current = RunRecord(key, t.sync.src.label, t.sync.entry.mode, trigger, datetime.now(UTC))
+            record: RunRecord | None = None
             try:
-                records.append(
-                    self._execute(t, full=full, trigger=trigger, progress=progress(key) if progress else None)
+                record = self._execute(
+                    t, full=full, trigger=trigger, progress=progress(key) if progress else None
                 )
+                records.append(record)
             finally:
                 with self._lock:
                     t.running = False
                     t.current = None
+                    self._count(t, record)
         return records
 
     def history(self, table: str, limit: int = 20) -> list[dict[str, Any]]:

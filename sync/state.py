@@ -242,6 +242,15 @@ class SyncStateStore:
             [run.target, run.target, self._history_runs],
         )
 
+    def last_successes(self) -> dict[str, datetime]:
+        """When each table's newest successful run (still in the history) ended."""
+        with self._db.reading() as cur:
+            rows = cur.execute(
+                f"SELECT target, max(ended_at) FROM {RUNS} WHERE outcome = 'ok' AND ended_at IS NOT NULL "
+                "GROUP BY target"
+            ).fetchall()
+        return {target: ended for target, ended in rows}
+
     def history(self, target: str, limit: int = 20) -> list[dict[str, Any]]:
         cols = (
             "id, mode, trigger, started_at, ended_at, rows_read, rows_written, rows_deleted, bytes, "
