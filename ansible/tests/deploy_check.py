@@ -118,6 +118,10 @@ def check_static(root: Path) -> None:
     check(r.stdout.split() == ["enabled"] * len(units), f"enabled: {', '.join(units)}", r.stdout + r.stderr)
     timer = (root / "etc/systemd/system/quiver-backup.timer").read_text()
     check("OnCalendar=" in timer and "Persistent=true" in timer, "backup timer: nightly, persistent")
+    backup_unit = (root / "etc/systemd/system/quiver-backup.service").read_text()
+    check("OnFailure=quiver-backup-failed.service" in backup_unit, "backup unit: OnFailure reports a failure")
+    r = chroot(root, "systemd-analyze", "verify", "/etc/systemd/system/quiver-backup-failed.service")
+    check(r.returncode == 0, "systemd-analyze verify quiver-backup-failed.service", r.stdout + r.stderr)
 
     rules = (root / "etc/ufw/user.rules").read_text() + (root / "etc/ufw/user6.rules").read_text()
     for want in (
