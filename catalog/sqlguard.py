@@ -355,6 +355,10 @@ _TOO_DEEP = (
 )
 _PARSE_CACHE_ENTRIES = 512
 _PARSE_CACHE_MAX_CHARS = 8_000
+#: Whitespace DuckDB's lexer skips between tokens (a literal's extent ends before it).
+_SQL_SPACE = " \t\n\r\f\v"
+_DIGITS = frozenset("0123456789")
+_LITERAL_TOKENS = frozenset({duckdb.token_type.numeric_const, duckdb.token_type.string_const})
 
 QuiverRefusal = InvalidArgument | PermissionDenied
 
@@ -398,6 +402,90 @@ class _Parsed:
     text: str
     tree: dict[str, Any]
     normalized: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """A parse with its literals taken out: the normalized tree split where each literal's text
+    goes, so a text of the same shape gets its exact normalized tree without DuckDB's parser.
+
+    ``pieces`` has one more element than ``order``; the literal ``order[i]`` (index in the
+    text's order) goes between ``pieces[i]`` and ``pieces[i + 1]``."""
+
+    pieces: tuple[str, ...]
+    order: tuple[int, ...]
+
+    def normalized(self, values: list[str]) -> str:
+        out = [self.pieces[0]]
+        for i, index in enumerate(self.order):
+            out.append(json.dumps(values[index]))
+            out.append(self.pieces[i + 1])
+        return "".join(out)
+
+
+def _literal_kind(extent: str) -> tuple[str, str] | None:
+    """(the parser's literal kind, its text) for the literal forms the shape cache substitutes:
+    plain integers (``4711``), plain decimals with digits on both sides of the point
+    (``1.50``), and standard single-quoted strings (``'it''s'``). Any other form (exponents,
+    ``_`` separators, ``E''``/``X''``/dollar quoting, …) returns None and the text is only
+    cached by its exact spelling. Every form here starts and ends with the same kind of
+    character whatever its value, so the lexer splits the text around it the same way."""
+    if not extent:
+        return None
+    if extent[0] == "'":
+        inner = extent[1:-1]
+        if len(extent) < 2 or extent[-1] != "'" or "'" in inner.replace("''", ""):
+            return None
+        return "STRING", inner.replace("''", "'")
+    whole, point, fraction = extent.partition(".")
+    if not whole or not set(whole) <= _DIGITS:
+        return None
+    if not point:
+        return "INTEGER", extent
+    if fraction and set(fraction) <= _DIGITS:
+        return "NUMERIC", extent
+    return None
+
+
+def _statement_text(sql: str) -> str:
+    """The statement as the guard keeps it: stripped, trailing ';' removed."""
+    text = sql.strip()
+    while text.endswith(";"):
+        text = text[:-1].rstrip()
+    return text
+
+
+def _literals(sql: str) -> tuple[str, list[tuple[int, str, str]]] | None:
+    """The shape key of ``sql`` and its literals as (offset, kind, text).
+
+    Literals are found by DuckDB's own tokenizer, never by pattern: a literal's extent runs from
+    its token's offset to the next token (comments are tokens), whitespace removed. The key is
+    the text around the literals plus each literal's kind, so two texts share a key only if
+    they differ in nothing but the values of literals of the same kinds. None if the text has
+    no literal, or one of a form :func:`_literal_kind` does not substitute."""
+    try:
+        tokens = duckdb.tokenize(sql)
+    except Exception:  # noqa: BLE001 — any tokenizer failure: the full parser reports it
+        return None
+    starts = [offset for offset, _ in tokens] + [len(sql)]
+    key: list[str] = []
+    found: list[tuple[int, str, str]] = []
+    end = 0
+    for i, (offset, kind) in enumerate(tokens):
+        if kind not in _LITERAL_TOKENS:
+            continue
+        extent = sql[offset : starts[i + 1]].rstrip(_SQL_SPACE)
+        literal = _literal_kind(extent)
+        if literal is None or offset < end:
+            return None
+        key.append(sql[end:offset])
+        key.append(f"\x00{literal[0]}\x00")
+        found.append((offset, literal[0], literal[1]))
+        end = offset + len(extent)
+    if not found:
+        return None
+    key.append(sql[end:])
+    return "".join(key), found
 
 
 @dataclass(frozen=True)
@@ -447,6 +535,9 @@ class SqlGuard:
         self._functions_cache: tuple[float, frozenset[str]] | None = None
         self._lock = threading.Lock()
         self._parsed: OrderedDict[str, _Parsed] = OrderedDict()
+        self._shapes: OrderedDict[str, _Shape] = OrderedDict()
+        self.shape_hits = 0
+        """Checks answered from the shape cache (no DuckDB parse): for tests and benchmarks."""
         self._refs_cache: tuple[float, dict[tuple[str, str], TableRef | None]] | None = None
         self._policy = policy
         self._catalog = _fold(catalog_name)
@@ -542,7 +633,7 @@ class SqlGuard:
 
     def _parse(self, sql: str) -> _Parsed:
         """The one SELECT-class statement in ``sql`` and its parse tree; cached by text, since
-        parsing does not depend on who asks."""
+        parsing does not depend on who asks, and by shape (see :meth:`_parse_by_shape`)."""
         if not isinstance(sql, str):
             raise InvalidArgument("sql must be a string holding one SELECT query")
         with self._lock:
@@ -550,21 +641,150 @@ class SqlGuard:
             if hit is not None:
                 self._parsed.move_to_end(sql)
                 return hit
+        self._check_text(sql)
+        cacheable = len(sql) <= _PARSE_CACHE_MAX_CHARS
+        literals = _literals(sql) if cacheable else None
+        if literals is not None:
+            with self._lock:
+                shape = self._shapes.get(literals[0])
+                if shape is not None:
+                    self._shapes.move_to_end(literals[0])
+                    self.shape_hits += 1
+            if shape is not None:
+                return self._from_shape(sql, shape, literals[1])
         parsed = self._parse_uncached(sql)
-        if len(sql) <= _PARSE_CACHE_MAX_CHARS:
+        if cacheable:
             with self._lock:
                 self._parsed[sql] = parsed
                 while len(self._parsed) > _PARSE_CACHE_ENTRIES:
                     self._parsed.popitem(last=False)
+        if literals is not None:
+            learned = self._learn_shape(sql, parsed, literals[1])
+            if learned is not None:
+                with self._lock:
+                    self._shapes[literals[0]] = learned
+                    while len(self._shapes) > _PARSE_CACHE_ENTRIES:
+                        self._shapes.popitem(last=False)
         return parsed
 
-    def _parse_uncached(self, sql: str) -> _Parsed:
+    @staticmethod
+    def _from_shape(sql: str, shape: _Shape, literals: list[tuple[int, str, str]]) -> _Parsed:
+        """The parse of ``sql`` from a cached shape: its exact normalized tree (what DuckDB's
+        parser gives, text positions removed) with this text's literal values. The tree the walk
+        and the size bounds check is read back from it, so every check that depends on a
+        literal's value (sizes, format strings, aggregate names) sees this text's values."""
+        normalized = shape.normalized([text for _, _, text in literals])
+        return _Parsed(text=_statement_text(sql), tree=json.loads(normalized), normalized=normalized)
+
+    def _learn_shape(self, sql: str, parsed: _Parsed, literals: list[tuple[int, str, str]]) -> _Shape | None:
+        """A shape for ``sql``'s parse, or None when a text of the same shape could parse
+        differently than by substituting its literals.
+
+        Cached by shape only if every literal the tokenizer found is exactly one constant of
+        the tree, at the literal's offset, spanning the literal, of the kind and text its
+        spelling gives (so none was folded with a sign, merged with a neighbour, or used as a
+        name, a table or a type), and the guard's statement text is the input stripped. Then a
+        second text of the same shape, every literal changed, is parsed in full and must give
+        exactly the substituted tree: a shape that a literal's value changes in any other way is
+        never cached."""
+        if parsed.text != _statement_text(sql):
+            return None
+        by_offset = {offset: (kind, text) for offset, kind, text in literals}
+        slots: dict[int, dict[str, Any]] = {}
+
+        def find(value: Any) -> None:
+            if isinstance(value, list):
+                for v in value:
+                    find(v)
+            elif isinstance(value, dict):
+                if value.get("class") == "CONSTANT":
+                    offset = value.get("query_location")
+                    literal = value.get("literal")
+                    if isinstance(offset, int) and offset in by_offset and isinstance(literal, dict):
+                        if offset in slots:
+                            raise LookupError(offset)
+                        slots[offset] = value
+                for v in value.values():
+                    find(v)
+
+        try:
+            find(parsed.tree)
+        except (LookupError, RecursionError):
+            return None
+        if len(slots) != len(literals):
+            return None
+        for offset, kind, text in literals:
+            node = slots[offset]
+            literal = node["literal"]
+            if set(literal) != {"kind", "text"} or (literal["kind"], literal["text"]) != (kind, text):
+                return None
+            length = node.get("query_location_length")
+            if not isinstance(length, int) or _literal_kind(sql[offset : offset + length]) != (kind, text):
+                return None
+        # The normalized tree with a marker per literal (NUL never occurs in accepted SQL text).
+        try:
+            marked = json.loads(parsed.normalized)
+        except RecursionError:
+            return None
+        index = {offset: i for i, (offset, _, _) in enumerate(literals)}
+
+        def mark(value: Any, original: Any) -> None:
+            if isinstance(value, list):
+                for v, o in zip(value, original, strict=True):
+                    mark(v, o)
+            elif isinstance(value, dict):
+                if original.get("class") == "CONSTANT" and original.get("query_location") in index:
+                    value["literal"]["text"] = f"\x00{index[original['query_location']]}\x00"
+                for k, v in value.items():
+                    mark(v, original[k])
+
+        try:
+            mark(marked, parsed.tree)
+            template = json.dumps(marked, sort_keys=True, separators=(",", ":"))
+        except (RecursionError, KeyError, TypeError, ValueError):
+            return None
+        found = []
+        for i in range(len(literals)):
+            marker = json.dumps(f"\x00{i}\x00")
+            at = template.find(marker)
+            if at < 0 or template.find(marker, at + 1) >= 0:
+                return None
+            found.append((at, i, marker))
+        found.sort()
+        pieces, last = [], 0
+        for at, _, marker in found:
+            pieces.append(template[last:at])
+            last = at + len(marker)
+        pieces.append(template[last:])
+        shape = _Shape(pieces=tuple(pieces), order=tuple(i for _, i, _ in found))
+        if shape.normalized([text for _, _, text in literals]) != parsed.normalized:
+            return None
+        # The proof for this shape: a text with every literal changed parses to the substitution.
+        variant, values, end = [], [], 0
+        for offset, kind, text in literals:
+            extent_end = offset + int(slots[offset]["query_location_length"])
+            changed = "q" + text if kind == "STRING" else "1" + text
+            spelled = "'" + changed.replace("'", "''") + "'" if kind == "STRING" else changed
+            variant.append(sql[end:offset] + spelled)
+            values.append(changed)
+            end = extent_end
+        variant.append(sql[end:])
+        try:
+            other = self._parse_uncached("".join(variant))
+        except (InvalidArgument, PermissionDenied):
+            return None
+        return shape if shape.normalized(values) == other.normalized else None
+
+    def _check_text(self, sql: str) -> None:
         if len(sql) > self._max_sql_chars:
             raise InvalidArgument(
                 f"the query is {len(sql)} characters long; at most {self._max_sql_chars} are accepted"
             )
         if "\x00" in sql:
             raise InvalidArgument("the query contains a NUL character; send plain SQL text")
+
+    def _parse_uncached(self, sql: str) -> _Parsed:
+        self._check_text(sql)
         cur = self._cursor()
         try:
             statements = cur.extract_statements(sql)
@@ -588,9 +808,7 @@ class SqlGuard:
             raise PermissionDenied(f"this statement is not a query: {_QUERIES_ONLY}") from None
         if kind != "SELECT":
             raise PermissionDenied(self._statement_refusal(kind))
-        text = stmt.query.strip()
-        while text.endswith(";"):
-            text = text[:-1].rstrip()
+        text = _statement_text(stmt.query)
         try:
             raw = cur.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0]
             tree = json.loads(raw)
