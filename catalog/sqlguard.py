@@ -108,6 +108,7 @@ configuration locked; catalog/database.py) — stands under this one on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -410,10 +411,18 @@ class _Shape:
     goes, so a text of the same shape gets its exact normalized tree without DuckDB's parser.
 
     ``pieces`` has one more element than ``order``; the literal ``order[i]`` (index in the
-    text's order) goes between ``pieces[i]`` and ``pieces[i + 1]``."""
+    text's order) goes between ``pieces[i]`` and ``pieces[i + 1]``.
+
+    A shape is learnt from one text (``values``: its literals) and answers checks only once
+    ``proven``: a second text of the shape with *every* literal different was parsed in full
+    and gave exactly the substituted tree. ``refuted`` marks a shape whose substitution once
+    differed from the parse: never learnt again (until evicted)."""
 
     pieces: tuple[str, ...]
     order: tuple[int, ...]
+    values: tuple[str, ...]
+    proven: bool = False
+    refuted: bool = False
 
     def normalized(self, values: list[str]) -> str:
         out = [self.pieces[0]]
@@ -445,6 +454,11 @@ def _literal_kind(extent: str) -> tuple[str, str] | None:
     if fraction and set(fraction) <= _DIGITS:
         return "NUMERIC", extent
     return None
+
+
+def _spell(kind: str, text: str) -> str:
+    """A literal's spelling in SQL (the inverse of :func:`_literal_kind`)."""
+    return "'" + text.replace("'", "''") + "'" if kind == "STRING" else text
 
 
 def _statement_text(sql: str) -> str:
@@ -644,13 +658,14 @@ class SqlGuard:
         self._check_text(sql)
         cacheable = len(sql) <= _PARSE_CACHE_MAX_CHARS
         literals = _literals(sql) if cacheable else None
+        shape: _Shape | None = None
         if literals is not None:
             with self._lock:
                 shape = self._shapes.get(literals[0])
-                if shape is not None:
+                if shape is not None and shape.proven:
                     self._shapes.move_to_end(literals[0])
                     self.shape_hits += 1
-            if shape is not None:
+            if shape is not None and shape.proven:
                 return self._from_shape(sql, shape, literals[1])
         parsed = self._parse_uncached(sql)
         if cacheable:
@@ -659,13 +674,35 @@ class SqlGuard:
                 while len(self._parsed) > _PARSE_CACHE_ENTRIES:
                     self._parsed.popitem(last=False)
         if literals is not None:
-            learned = self._learn_shape(sql, parsed, literals[1])
-            if learned is not None:
-                with self._lock:
-                    self._shapes[literals[0]] = learned
-                    while len(self._shapes) > _PARSE_CACHE_ENTRIES:
-                        self._shapes.popitem(last=False)
+            self._learn(literals[0], shape, sql, parsed, literals[1])
         return parsed
+
+    def _learn(
+        self, key: str, shape: _Shape | None, sql: str, parsed: _Parsed, literals: list[tuple[int, str, str]]
+    ) -> None:
+        """After a full parse of a text with literals: learn its shape, or prove or refute the
+        shape learnt from an earlier text. The proof costs no extra parse: it is the full parse
+        this text needed anyway, compared with what the shape would have answered."""
+        values = tuple(text for _, _, text in literals)
+        if shape is None:
+            learned = self._learn_shape(sql, parsed, literals)
+        elif shape.refuted or len(values) != len(shape.values):
+            return
+        elif shape.normalized(list(values)) == parsed.normalized and parsed.text == _statement_text(sql):
+            # A literal that kept its value (a fixed 'open' beside a changing id) proves nothing
+            # about itself: then one more text, every literal changed, is parsed to prove it.
+            same = any(a == b for a, b in zip(values, shape.values, strict=True))
+            proven = not same or self._variant_matches(shape, sql, literals)
+            learned = dataclasses.replace(shape, proven=proven, refuted=not proven)
+        else:
+            learned = dataclasses.replace(shape, refuted=True)
+        if learned is None:
+            return
+        with self._lock:
+            self._shapes[key] = learned
+            self._shapes.move_to_end(key)
+            while len(self._shapes) > _PARSE_CACHE_ENTRIES:
+                self._shapes.popitem(last=False)
 
     @staticmethod
     def _from_shape(sql: str, shape: _Shape, literals: list[tuple[int, str, str]]) -> _Parsed:
@@ -683,10 +720,10 @@ class SqlGuard:
         Cached by shape only if every literal the tokenizer found is exactly one constant of
         the tree, at the literal's offset, spanning the literal, of the kind and text its
         spelling gives (so none was folded with a sign, merged with a neighbour, or used as a
-        name, a table or a type), and the guard's statement text is the input stripped. Then a
-        second text of the same shape, every literal changed, is parsed in full and must give
-        exactly the substituted tree: a shape that a literal's value changes in any other way is
-        never cached."""
+        name, a table or a type), and the guard's statement text is the input stripped. The
+        shape answers nothing until a second text proves it (see :class:`_Shape`): one whose
+        tree a literal's value changes in any other way (a value copied into a name, say) is
+        refuted and never answers."""
         if parsed.text != _statement_text(sql):
             return None
         by_offset = {offset: (kind, text) for offset, kind, text in literals}
@@ -756,24 +793,27 @@ class SqlGuard:
             pieces.append(template[last:at])
             last = at + len(marker)
         pieces.append(template[last:])
-        shape = _Shape(pieces=tuple(pieces), order=tuple(i for _, i, _ in found))
-        if shape.normalized([text for _, _, text in literals]) != parsed.normalized:
+        values = tuple(text for _, _, text in literals)
+        shape = _Shape(pieces=tuple(pieces), order=tuple(i for _, i, _ in found), values=values)
+        if shape.normalized(list(values)) != parsed.normalized:
             return None
-        # The proof for this shape: a text with every literal changed parses to the substitution.
+        return shape
+
+    def _variant_matches(self, shape: _Shape, sql: str, literals: list[tuple[int, str, str]]) -> bool:
+        """Whether ``sql`` with every literal changed (same kinds, other values and lengths)
+        parses to exactly what ``shape`` gives for the changed values."""
         variant, values, end = [], [], 0
         for offset, kind, text in literals:
-            extent_end = offset + int(slots[offset]["query_location_length"])
             changed = "q" + text if kind == "STRING" else "1" + text
-            spelled = "'" + changed.replace("'", "''") + "'" if kind == "STRING" else changed
-            variant.append(sql[end:offset] + spelled)
+            variant.append(sql[end:offset] + _spell(kind, changed))
             values.append(changed)
-            end = extent_end
+            end = offset + len(_spell(kind, text))
         variant.append(sql[end:])
         try:
             other = self._parse_uncached("".join(variant))
         except (InvalidArgument, PermissionDenied):
-            return None
-        return shape if shape.normalized(values) == other.normalized else None
+            return False
+        return shape.normalized(values) == other.normalized
 
     def _check_text(self, sql: str) -> None:
         if len(sql) > self._max_sql_chars:

@@ -224,15 +224,23 @@ def values(kinds: str, table: dict[str, st.SearchStrategy[str]]) -> st.SearchStr
     return st.tuples(*(table[k] for k in kinds))
 
 
+def warming(template: str, kinds: str) -> list[str]:
+    return [
+        template.format(*("7" if k == "i" else "'sum'" if k == "s" else "1.5" for k in kinds)),
+        template.format(*("8" if k == "i" else "'max'" if k == "s" else "2.5" for k in kinds)),
+    ]
+
+
 @pytest.mark.parametrize(("template", "kinds"), TEMPLATES, ids=[t for t, _ in TEMPLATES])
 @SETTINGS
 @given(data=st.data())
 def test_shape_cached_verdict_is_the_full_guards(
     env: Env, template: str, kinds: str, data: st.DataObject
 ) -> None:
-    # Warm the cache with this template (plain literals), then compare on random ones.
-    warm = template.format(*("7" if k == "i" else "'sum'" if k == "s" else "1.5" for k in kinds))
-    assert_same(outcome(env.cached, env.agent, warm), full(env, warm), warm)
+    # Warm the cache with this template (a text learns the shape, one with every literal
+    # different proves it), then compare on random literals.
+    for warm in warming(template, kinds):
+        assert_same(outcome(env.cached, env.agent, warm), full(env, warm), warm)
     table = data.draw(st.sampled_from([PLAIN, EDGY]))
     sql = template.format(*data.draw(values(kinds, table)))
     assert_same(outcome(env.cached, env.agent, sql), full(env, sql), sql)
@@ -264,7 +272,8 @@ def _hits(guard: SqlGuard, agent: Principal, sqls: list[str]) -> int:
 
 def test_a_fresh_literal_is_answered_without_a_parse(env: Env) -> None:
     sqls = [f"SELECT * FROM demo.orders WHERE id = {k} AND s <> 'q{k}'" for k in range(4700, 4720)]
-    assert _hits(env.cached, env.agent, sqls) == len(sqls) - 1
+    # the first text learns the shape, the second proves it, the rest are answered from it
+    assert _hits(env.cached, env.agent, sqls) == len(sqls) - 2
     for sql in sqls:
         assert_same(outcome(env.cached, env.agent, sql), full(env, sql), sql)
 
@@ -295,6 +304,7 @@ def test_a_shape_hit_still_bounds_the_text(env: Env) -> None:
     short = "SELECT * FROM demo.orders WHERE s = 'a'"
     assert isinstance(outcome(guard, env.agent, short), GuardedQuery)
     assert isinstance(outcome(guard, env.agent, short.replace("'a'", "'b'")), GuardedQuery)
+    assert isinstance(outcome(guard, env.agent, short.replace("'a'", "'c'")), GuardedQuery)
     assert guard.shape_hits == 1
     long = short.replace("'a'", "'" + "x" * 40 + "'")
     assert outcome(guard, env.agent, long) == (
@@ -365,7 +375,19 @@ def test_the_properties_exercise_the_shape_cache(env: Env, template: str, kinds:
     """The property above compares cached answers only if the cache answers: every template
     not in UNCACHED is served from its shape on a second literal."""
     guard = SqlGuard(env.cached._tables, env.cached._policy, "quiver")
-    first = template.format(*("7" if k == "i" else "'sum'" if k == "s" else "1.5" for k in kinds))
-    second = template.format(*("8" if k == "i" else "'max'" if k == "s" else "2.5" for k in kinds))
-    assert _hits(guard, env.agent, [first, second]) == (0 if template in UNCACHED else 1)
-    assert_same(outcome(guard, env.agent, second), full(env, second), second)
+    third = template.format(*("9" if k == "i" else "'min'" if k == "s" else "3.5" for k in kinds))
+    assert _hits(guard, env.agent, [*warming(template, kinds), third]) == (0 if template in UNCACHED else 1)
+    assert_same(outcome(guard, env.agent, third), full(env, third), third)
+
+
+def test_a_shape_with_a_fixed_literal_is_proven_by_a_changed_variant(env: Env) -> None:
+    """A literal that keeps its value between the learning and the proving text (a fixed
+    'open' beside a changing id) is proven by one more parse, every literal changed; then the
+    shape answers for any value of either literal."""
+    guard = SqlGuard(env.cached._tables, env.cached._policy, "quiver")
+    q = "SELECT * FROM demo.orders WHERE id = {0} AND s = {1}"
+    assert _hits(guard, env.agent, [q.format(1, "'open'"), q.format(2, "'open'")]) == 0
+    texts = [q.format(3, "'open'"), q.format(4, "'it''s'"), q.format(10**30, "'secret.salaries'")]
+    assert _hits(guard, env.agent, texts) == len(texts)
+    for sql in texts:
+        assert_same(outcome(guard, env.agent, sql), full(env, sql), sql)
