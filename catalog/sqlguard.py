@@ -102,6 +102,17 @@ read, because every CTE body is checked on its own anyway.
 Identifiers compare as DuckDB compares them: case-insensitively for ASCII letters only
 (``"SECRET"."Salaries"`` is ``secret.salaries``; ``"Ü"`` is not ``"ü"``).
 
+Parse caches
+  A parse does not depend on who asks, so it is cached by the exact text and by the text's
+  *shape*: the text with its literals taken out, found by DuckDB's own tokenizer
+  (``duckdb.tokenize``), keyed with each literal's kind. An agent's fresh literal
+  (``… WHERE id = 4711``) then costs no DuckDB parse: the shape gives the exact normalized
+  tree for the new values, and the walk and the size bounds run on that tree, with the real
+  values, on every check. Only plain integers, plain decimals and standard single-quoted
+  strings that are each exactly one constant of the tree are substituted; a shape answers only
+  after a second text of it parsed in full to exactly the substituted tree, with every literal
+  changed (see ``_Shape``); anything else is cached by its exact text only.
+
 The second layer — DuckDB's lockdown at open (no files, no network, no extension loading,
 configuration locked; catalog/database.py) — stands under this one on its own.
 """
@@ -527,8 +538,8 @@ class SqlGuard:
     """Checks agent SQL against the caller's allowlist before anything runs.
 
     Parsing uses a private in-memory DuckDB (one cursor per thread), so checks never touch
-    the data file and run concurrently. Parses are cached by SQL text (they do not depend on
-    the caller); the lists of data tables and stored functions are cached briefly (see
+    the data file and run concurrently. Parses are cached by SQL text and by the text's shape
+    (they do not depend on the caller; see "Parse caches" in the module docs); the lists of data tables and stored functions are cached briefly (see
     :meth:`_data_tables`, :meth:`_stored_functions`); the allowlist decision is made afresh
     on every check.
     """
