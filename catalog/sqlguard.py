@@ -710,6 +710,10 @@ class SqlGuard:
         if learned is None:
             return
         with self._lock:
+            # Threads race here: a refutation always wins, a new shape never replaces another
+            # thread's, and a proof counts only for the entry it was checked against.
+            if not learned.refuted and self._shapes.get(key) is not shape:
+                return
             self._shapes[key] = learned
             self._shapes.move_to_end(key)
             while len(self._shapes) > _PARSE_CACHE_ENTRIES:
