@@ -102,12 +102,24 @@ read, because every CTE body is checked on its own anyway.
 Identifiers compare as DuckDB compares them: case-insensitively for ASCII letters only
 (``"SECRET"."Salaries"`` is ``secret.salaries``; ``"Ü"`` is not ``"ü"``).
 
+Parse caches
+  A parse does not depend on who asks, so it is cached by the exact text and by the text's
+  *shape*: the text with its literals taken out, found by DuckDB's own tokenizer
+  (``duckdb.tokenize``), keyed with each literal's kind. An agent's fresh literal
+  (``… WHERE id = 4711``) then costs no DuckDB parse: the shape gives the exact normalized
+  tree for the new values, and the walk and the size bounds run on that tree, with the real
+  values, on every check. Only plain integers, plain decimals and standard single-quoted
+  strings that are each exactly one constant of the tree are substituted; a shape answers only
+  after a second text of it parsed in full to exactly the substituted tree, with every literal
+  changed (see ``_Shape``); anything else is cached by its exact text only.
+
 The second layer — DuckDB's lockdown at open (no files, no network, no extension loading,
 configuration locked; catalog/database.py) — stands under this one on its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -355,6 +367,10 @@ _TOO_DEEP = (
 )
 _PARSE_CACHE_ENTRIES = 512
 _PARSE_CACHE_MAX_CHARS = 8_000
+#: Whitespace DuckDB's lexer skips between tokens (a literal's extent ends before it).
+_SQL_SPACE = " \t\n\r\f\v"
+_DIGITS = frozenset("0123456789")
+_LITERAL_TOKENS = frozenset({duckdb.token_type.numeric_const, duckdb.token_type.string_const})
 
 QuiverRefusal = InvalidArgument | PermissionDenied
 
@@ -400,6 +416,103 @@ class _Parsed:
     normalized: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """A parse with its literals taken out: the normalized tree split where each literal's text
+    goes, so a text of the same shape gets its exact normalized tree without DuckDB's parser.
+
+    ``pieces`` has one more element than ``order``; the literal ``order[i]`` (index in the
+    text's order) goes between ``pieces[i]`` and ``pieces[i + 1]``.
+
+    A shape is learnt from one text (``values``: its literals) and answers checks only once
+    ``proven``: a second text of the shape with *every* literal different was parsed in full
+    and gave exactly the substituted tree. ``refuted`` marks a shape whose substitution once
+    differed from the parse: never learnt again (until evicted)."""
+
+    pieces: tuple[str, ...]
+    order: tuple[int, ...]
+    values: tuple[str, ...]
+    proven: bool = False
+    refuted: bool = False
+
+    def normalized(self, values: list[str]) -> str:
+        out = [self.pieces[0]]
+        for i, index in enumerate(self.order):
+            out.append(json.dumps(values[index]))
+            out.append(self.pieces[i + 1])
+        return "".join(out)
+
+
+def _literal_kind(extent: str) -> tuple[str, str] | None:
+    """(the parser's literal kind, its text) for the literal forms the shape cache substitutes:
+    plain integers (``4711``), plain decimals with digits on both sides of the point
+    (``1.50``), and standard single-quoted strings (``'it''s'``). Any other form (exponents,
+    ``_`` separators, ``E''``/``X''``/dollar quoting, …) returns None and the text is only
+    cached by its exact spelling. Every form here starts and ends with the same kind of
+    character whatever its value, so the lexer splits the text around it the same way."""
+    if not extent:
+        return None
+    if extent[0] == "'":
+        inner = extent[1:-1]
+        if len(extent) < 2 or extent[-1] != "'" or "'" in inner.replace("''", ""):
+            return None
+        return "STRING", inner.replace("''", "'")
+    whole, point, fraction = extent.partition(".")
+    if not whole or not set(whole) <= _DIGITS:
+        return None
+    if not point:
+        return "INTEGER", extent
+    if fraction and set(fraction) <= _DIGITS:
+        return "NUMERIC", extent
+    return None
+
+
+def _spell(kind: str, text: str) -> str:
+    """A literal's spelling in SQL (the inverse of :func:`_literal_kind`)."""
+    return "'" + text.replace("'", "''") + "'" if kind == "STRING" else text
+
+
+def _statement_text(sql: str) -> str:
+    """The statement as the guard keeps it: stripped, trailing ';' removed."""
+    text = sql.strip()
+    while text.endswith(";"):
+        text = text[:-1].rstrip()
+    return text
+
+
+def _literals(sql: str) -> tuple[str, list[tuple[int, str, str]]] | None:
+    """The shape key of ``sql`` and its literals as (offset, kind, text).
+
+    Literals are found by DuckDB's own tokenizer, never by pattern: a literal's extent runs from
+    its token's offset to the next token (comments are tokens), whitespace removed. The key is
+    the text around the literals plus each literal's kind, so two texts share a key only if
+    they differ in nothing but the values of literals of the same kinds. None if the text has
+    no literal, or one of a form :func:`_literal_kind` does not substitute."""
+    try:
+        tokens = duckdb.tokenize(sql)
+    except Exception:  # noqa: BLE001 — any tokenizer failure: the full parser reports it
+        return None
+    starts = [offset for offset, _ in tokens] + [len(sql)]
+    key: list[str] = []
+    found: list[tuple[int, str, str]] = []
+    end = 0
+    for i, (offset, kind) in enumerate(tokens):
+        if kind not in _LITERAL_TOKENS:
+            continue
+        extent = sql[offset : starts[i + 1]].rstrip(_SQL_SPACE)
+        literal = _literal_kind(extent)
+        if literal is None or offset < end:
+            return None
+        key.append(sql[end:offset])
+        key.append(f"\x00{literal[0]}\x00")
+        found.append((offset, literal[0], literal[1]))
+        end = offset + len(extent)
+    if not found:
+        return None
+    key.append(sql[end:])
+    return "".join(key), found
+
+
 @dataclass(frozen=True)
 class GuardedQuery:
     """A query the guard accepted for one principal."""
@@ -425,8 +538,8 @@ class SqlGuard:
     """Checks agent SQL against the caller's allowlist before anything runs.
 
     Parsing uses a private in-memory DuckDB (one cursor per thread), so checks never touch
-    the data file and run concurrently. Parses are cached by SQL text (they do not depend on
-    the caller); the lists of data tables and stored functions are cached briefly (see
+    the data file and run concurrently. Parses are cached by SQL text and by the text's shape
+    (they do not depend on the caller; see "Parse caches" in the module docs); the lists of data tables and stored functions are cached briefly (see
     :meth:`_data_tables`, :meth:`_stored_functions`); the allowlist decision is made afresh
     on every check.
     """
@@ -447,6 +560,9 @@ class SqlGuard:
         self._functions_cache: tuple[float, frozenset[str]] | None = None
         self._lock = threading.Lock()
         self._parsed: OrderedDict[str, _Parsed] = OrderedDict()
+        self._shapes: OrderedDict[str, _Shape] = OrderedDict()
+        self.shape_hits = 0
+        """Checks answered from the shape cache (no DuckDB parse): for tests and benchmarks."""
         self._refs_cache: tuple[float, dict[tuple[str, str], TableRef | None]] | None = None
         self._policy = policy
         self._catalog = _fold(catalog_name)
@@ -542,7 +658,7 @@ class SqlGuard:
 
     def _parse(self, sql: str) -> _Parsed:
         """The one SELECT-class statement in ``sql`` and its parse tree; cached by text, since
-        parsing does not depend on who asks."""
+        parsing does not depend on who asks, and by shape (see :meth:`_parse_by_shape`)."""
         if not isinstance(sql, str):
             raise InvalidArgument("sql must be a string holding one SELECT query")
         with self._lock:
@@ -550,21 +666,180 @@ class SqlGuard:
             if hit is not None:
                 self._parsed.move_to_end(sql)
                 return hit
+        self._check_text(sql)
+        cacheable = len(sql) <= _PARSE_CACHE_MAX_CHARS
+        literals = _literals(sql) if cacheable else None
+        shape: _Shape | None = None
+        if literals is not None:
+            with self._lock:
+                shape = self._shapes.get(literals[0])
+                if shape is not None and shape.proven:
+                    self._shapes.move_to_end(literals[0])
+                    self.shape_hits += 1
+            if shape is not None and shape.proven:
+                return self._from_shape(sql, shape, literals[1])
         parsed = self._parse_uncached(sql)
-        if len(sql) <= _PARSE_CACHE_MAX_CHARS:
+        if cacheable:
             with self._lock:
                 self._parsed[sql] = parsed
                 while len(self._parsed) > _PARSE_CACHE_ENTRIES:
                     self._parsed.popitem(last=False)
+        if literals is not None:
+            self._learn(literals[0], shape, sql, parsed, literals[1])
         return parsed
 
-    def _parse_uncached(self, sql: str) -> _Parsed:
+    def _learn(
+        self, key: str, shape: _Shape | None, sql: str, parsed: _Parsed, literals: list[tuple[int, str, str]]
+    ) -> None:
+        """After a full parse of a text with literals: learn its shape, or prove or refute the
+        shape learnt from an earlier text. The proof costs no extra parse: it is the full parse
+        this text needed anyway, compared with what the shape would have answered."""
+        values = tuple(text for _, _, text in literals)
+        if shape is None:
+            learned = self._learn_shape(sql, parsed, literals)
+        elif shape.refuted or len(values) != len(shape.values):
+            return
+        elif shape.normalized(list(values)) == parsed.normalized and parsed.text == _statement_text(sql):
+            # A literal that kept its value (a fixed 'open' beside a changing id) proves nothing
+            # about itself: then one more text, every literal changed, is parsed to prove it.
+            same = any(a == b for a, b in zip(values, shape.values, strict=True))
+            proven = not same or self._variant_matches(shape, sql, literals)
+            learned = dataclasses.replace(shape, proven=proven, refuted=not proven)
+        else:
+            learned = dataclasses.replace(shape, refuted=True)
+        if learned is None:
+            return
+        with self._lock:
+            # Threads race here: a refutation always wins, a new shape never replaces another
+            # thread's, and a proof counts only for the entry it was checked against.
+            if not learned.refuted and self._shapes.get(key) is not shape:
+                return
+            self._shapes[key] = learned
+            self._shapes.move_to_end(key)
+            while len(self._shapes) > _PARSE_CACHE_ENTRIES:
+                self._shapes.popitem(last=False)
+
+    @staticmethod
+    def _from_shape(sql: str, shape: _Shape, literals: list[tuple[int, str, str]]) -> _Parsed:
+        """The parse of ``sql`` from a cached shape: its exact normalized tree (what DuckDB's
+        parser gives, text positions removed) with this text's literal values. The tree the walk
+        and the size bounds check is read back from it, so every check that depends on a
+        literal's value (sizes, format strings, aggregate names) sees this text's values."""
+        normalized = shape.normalized([text for _, _, text in literals])
+        return _Parsed(text=_statement_text(sql), tree=json.loads(normalized), normalized=normalized)
+
+    def _learn_shape(self, sql: str, parsed: _Parsed, literals: list[tuple[int, str, str]]) -> _Shape | None:
+        """A shape for ``sql``'s parse, or None when a text of the same shape could parse
+        differently than by substituting its literals.
+
+        Cached by shape only if every literal the tokenizer found is exactly one constant of
+        the tree, at the literal's offset, spanning the literal, of the kind and text its
+        spelling gives (so none was folded with a sign, merged with a neighbour, or used as a
+        name, a table or a type), and the guard's statement text is the input stripped. The
+        shape answers nothing until a second text proves it (see :class:`_Shape`): one whose
+        tree a literal's value changes in any other way (a value copied into a name, say) is
+        refuted and never answers."""
+        if parsed.text != _statement_text(sql):
+            return None
+        by_offset = {offset: (kind, text) for offset, kind, text in literals}
+        slots: dict[int, dict[str, Any]] = {}
+
+        def find(value: Any) -> None:
+            if isinstance(value, list):
+                for v in value:
+                    find(v)
+            elif isinstance(value, dict):
+                if value.get("class") == "CONSTANT":
+                    offset = value.get("query_location")
+                    literal = value.get("literal")
+                    if isinstance(offset, int) and offset in by_offset and isinstance(literal, dict):
+                        if offset in slots:
+                            raise LookupError(offset)
+                        slots[offset] = value
+                for v in value.values():
+                    find(v)
+
+        try:
+            find(parsed.tree)
+        except (LookupError, RecursionError):
+            return None
+        if len(slots) != len(literals):
+            return None
+        for offset, kind, text in literals:
+            node = slots[offset]
+            literal = node["literal"]
+            if set(literal) != {"kind", "text"} or (literal["kind"], literal["text"]) != (kind, text):
+                return None
+            length = node.get("query_location_length")
+            if not isinstance(length, int) or _literal_kind(sql[offset : offset + length]) != (kind, text):
+                return None
+        # The normalized tree with a marker per literal (NUL never occurs in accepted SQL text).
+        try:
+            marked = json.loads(parsed.normalized)
+        except RecursionError:
+            return None
+        index = {offset: i for i, (offset, _, _) in enumerate(literals)}
+
+        def mark(value: Any, original: Any) -> None:
+            if isinstance(value, list):
+                for v, o in zip(value, original, strict=True):
+                    mark(v, o)
+            elif isinstance(value, dict):
+                if original.get("class") == "CONSTANT" and original.get("query_location") in index:
+                    value["literal"]["text"] = f"\x00{index[original['query_location']]}\x00"
+                for k, v in value.items():
+                    mark(v, original[k])
+
+        try:
+            mark(marked, parsed.tree)
+            template = json.dumps(marked, sort_keys=True, separators=(",", ":"))
+        except (RecursionError, KeyError, TypeError, ValueError):
+            return None
+        found = []
+        for i in range(len(literals)):
+            marker = json.dumps(f"\x00{i}\x00")
+            at = template.find(marker)
+            if at < 0 or template.find(marker, at + 1) >= 0:
+                return None
+            found.append((at, i, marker))
+        found.sort()
+        pieces, last = [], 0
+        for at, _, marker in found:
+            pieces.append(template[last:at])
+            last = at + len(marker)
+        pieces.append(template[last:])
+        values = tuple(text for _, _, text in literals)
+        shape = _Shape(pieces=tuple(pieces), order=tuple(i for _, i, _ in found), values=values)
+        if shape.normalized(list(values)) != parsed.normalized:
+            return None
+        return shape
+
+    def _variant_matches(self, shape: _Shape, sql: str, literals: list[tuple[int, str, str]]) -> bool:
+        """Whether ``sql`` with every literal changed (same kinds, other values and lengths)
+        parses to exactly what ``shape`` gives for the changed values."""
+        variant, values, end = [], [], 0
+        for offset, kind, text in literals:
+            changed = "q" + text if kind == "STRING" else "1" + text
+            variant.append(sql[end:offset] + _spell(kind, changed))
+            values.append(changed)
+            end = offset + len(_spell(kind, text))
+        variant.append(sql[end:])
+        try:
+            other = self._parse_uncached("".join(variant))
+        except (InvalidArgument, PermissionDenied):
+            return False
+        return shape.normalized(values) == other.normalized
+
+    def _check_text(self, sql: str) -> None:
         if len(sql) > self._max_sql_chars:
             raise InvalidArgument(
                 f"the query is {len(sql)} characters long; at most {self._max_sql_chars} are accepted"
             )
         if "\x00" in sql:
             raise InvalidArgument("the query contains a NUL character; send plain SQL text")
+
+    def _parse_uncached(self, sql: str) -> _Parsed:
+        self._check_text(sql)
         cur = self._cursor()
         try:
             statements = cur.extract_statements(sql)
@@ -588,9 +863,7 @@ class SqlGuard:
             raise PermissionDenied(f"this statement is not a query: {_QUERIES_ONLY}") from None
         if kind != "SELECT":
             raise PermissionDenied(self._statement_refusal(kind))
-        text = stmt.query.strip()
-        while text.endswith(";"):
-            text = text[:-1].rstrip()
+        text = _statement_text(stmt.query)
         try:
             raw = cur.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0]
             tree = json.loads(raw)
