@@ -384,6 +384,24 @@ class ResultCache:
         self._delete(expired, "expired")
         return entry
 
+    def peek(self, key: CacheKey | None) -> CacheEntry | None:
+        """The live entry for ``key`` without using it (GetFlightInfo, for the schema): no hit
+        is counted — the DoGet that follows counts it — but a miss is, since the miss is then
+        answered by running the query at GetFlightInfo (flight_server/streams.py)."""
+        if key is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            for pool in self._tiers.values():
+                entry = pool.get(key.digest)
+                if entry is not None:
+                    if entry.expires > now:
+                        return entry
+                    break
+            self.misses += 1
+            self._metrics.misses.inc()
+        return None
+
     def open(self, entry: CacheEntry) -> pa.RecordBatchReader | None:
         """A reader over the entry (memory: its batches; disk: the memory-mapped file, zero
         copy); None when the file was evicted meanwhile (then execute the query instead)."""
