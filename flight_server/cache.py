@@ -385,9 +385,9 @@ class ResultCache:
         return entry
 
     def peek(self, key: CacheKey | None) -> CacheEntry | None:
-        """The live entry for ``key`` without using it (GetFlightInfo, for the schema): no hit
-        is counted — the DoGet that follows counts it — but a miss is, since the miss is then
-        answered by running the query at GetFlightInfo (flight_server/streams.py)."""
+        """The live entry for ``key`` without using it (GetFlightInfo, for the schema): nothing
+        is counted — the DoGet that follows counts the hit, or :meth:`count_miss` the miss
+        that GetFlightInfo answered by running the query (flight_server/streams.py)."""
         if key is None:
             return None
         now = time.monotonic()
@@ -395,12 +395,14 @@ class ResultCache:
             for pool in self._tiers.values():
                 entry = pool.get(key.digest)
                 if entry is not None:
-                    if entry.expires > now:
-                        return entry
-                    break
+                    return entry if entry.expires > now else None
+        return None
+
+    def count_miss(self) -> None:
+        """A lookup that missed, answered elsewhere (see :meth:`peek`)."""
+        with self._lock:
             self.misses += 1
             self._metrics.misses.inc()
-        return None
 
     def open(self, entry: CacheEntry) -> pa.RecordBatchReader | None:
         """A reader over the entry (memory: its batches; disk: the memory-mapped file, zero

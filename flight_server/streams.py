@@ -217,6 +217,8 @@ class Streamer:
                     reader.close()
         if not complete:
             return schema, part, False
+        if key is not None:
+            self.cache.count_miss()  # the lookup DoGet would have counted
         self.cache.store(key, schema, head, size, truncated=cut)
         ready = self.ready.hold(schema, head, size, cut)
         return schema, (dataclasses.replace(part, ready=ready) if ready is not None else part), True
