@@ -191,32 +191,40 @@ class Streamer:
             if entry is not None:
                 return entry.schema, part, True
         budget = min(self.INFO_RUN_SECONDS, admission.timeout_seconds / 2)
-        with admission.planning(principal) as (cur, deadline):
-            gave_up = self.watchdog.arm(budget, cur.interrupt)
-            reader: pa.RecordBatchReader | None = None
-            try:
-                self.executions += 1
-                limit = part.limit + 1 if part.limit is not None else None
-                reader = arrow_stream(cur, limited(part.sql, limit), part.params)
-                schema = reader.schema
-                check_result_type(schema)
-                head, size, complete, cut = _read_head(reader, self.cache.memory_entry_bytes, cap.max_rows)
-            except Exception as e:  # noqa: BLE001 - left to DoGet, which reports it
-                # Too slow for GetFlightInfo, or failed: DoGet runs it again, with the whole
-                # query timeout, and reports a runtime failure where it always has (at DoGet).
-                log.debug(
-                    "query.info_run_gave_up",
-                    slow=gave_up.fired,
-                    error=type(e).__name__,
-                    timed_out=deadline.fired,
-                )
-                return None
-            finally:
-                Watchdog.disarm(gave_up)
-                if reader is not None:
-                    reader.close()
-        if not complete:
-            return schema, part, False
+        schema: pa.Schema | None = None
+        try:
+            # The cursor goes back to the spare ones only when the result was read to its end.
+            with admission.planning(principal, self._cursors) as (cur, deadline):
+                gave_up = self.watchdog.arm(budget, cur.interrupt)
+                reader: pa.RecordBatchReader | None = None
+                try:
+                    self.executions += 1
+                    limit = part.limit + 1 if part.limit is not None else None
+                    reader = arrow_stream(cur, limited(part.sql, limit), part.params)
+                    check_result_type(reader.schema)
+                    head, size, complete, cut = _read_head(
+                        reader, self.cache.memory_entry_bytes, cap.max_rows
+                    )
+                    schema = reader.schema
+                except Exception as e:  # noqa: BLE001 - left to DoGet, which reports it
+                    # Too slow for GetFlightInfo, or failed: DoGet runs it again, with the whole
+                    # query timeout, and reports a runtime failure where it always has (at DoGet).
+                    log.debug(
+                        "query.info_run_gave_up",
+                        slow=gave_up.fired,
+                        error=type(e).__name__,
+                        timed_out=deadline.fired,
+                    )
+                    raise _NotKept from None
+                finally:
+                    Watchdog.disarm(gave_up)
+                    if reader is not None:
+                        reader.close()
+                if not complete or gave_up.fired:  # an interrupt that came late: not reused
+                    raise _NotKept
+        except _NotKept:
+            return None if schema is None else (schema, part, False)
+        assert schema is not None
         if key is not None:
             self.cache.count_miss()  # the lookup DoGet would have counted
         self.cache.store(key, schema, head, size, truncated=cut)
@@ -337,6 +345,10 @@ class Streamer:
                     "GetFlightInfo again (the endpoints of one FlightInfo never mix data versions)"
                 )
         return arrow_stream(cur, limited(part.sql, limit), part.params)
+
+
+class _NotKept(Exception):
+    """:meth:`Streamer.run_at_info` leaves the query to DoGet; its cursor is not reused."""
 
 
 class _SpareCursors:
