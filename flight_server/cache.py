@@ -384,6 +384,26 @@ class ResultCache:
         self._delete(expired, "expired")
         return entry
 
+    def peek(self, key: CacheKey | None) -> CacheEntry | None:
+        """The live entry for ``key`` without using it (GetFlightInfo, for the schema): nothing
+        is counted — the DoGet that follows counts the hit, or :meth:`count_miss` the miss
+        that GetFlightInfo answered by running the query (flight_server/streams.py)."""
+        if key is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            for pool in self._tiers.values():
+                entry = pool.get(key.digest)
+                if entry is not None:
+                    return entry if entry.expires > now else None
+        return None
+
+    def count_miss(self) -> None:
+        """A lookup that missed, answered elsewhere (see :meth:`peek`)."""
+        with self._lock:
+            self.misses += 1
+            self._metrics.misses.inc()
+
     def open(self, entry: CacheEntry) -> pa.RecordBatchReader | None:
         """A reader over the entry (memory: its batches; disk: the memory-mapped file, zero
         copy); None when the file was evicted meanwhile (then execute the query instead)."""

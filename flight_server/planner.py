@@ -1,9 +1,12 @@
 """Planning: a descriptor becomes a :class:`~flight_server.plans.Plan` — the schema, the row count where it is cheap,
 and the endpoints (parts) a client fetches, possibly in parallel.
 
-Nothing here runs the caller's query: schemas come from DuckDB's binder (a ``LIMIT 0`` of the
-bound relation, which DuckDB answers without executing the plan), row counts from DuckDB's
-row-group metadata (``count(*)`` of a table).
+Schemas come from DuckDB's binder (a ``LIMIT 0`` of the bound relation, which DuckDB answers
+without executing the plan), row counts from DuckDB's row-group metadata (``count(*)`` of a
+table) — with one exception: GetFlightInfo of a ``query`` command runs the query once
+(:class:`QueryRunner`, the streamer's ``run_at_info``) and takes the schema from the result,
+which its DoGet then streams from memory when it was read whole — planned once, not probed at
+GetFlightInfo and planned again at DoGet. GetSchema and ``submit-query`` never run it.
 
 Parallel endpoints. A large table is split into contiguous ``rowid`` ranges aligned to
 DuckDB's row groups; DuckDB prunes row groups by ``rowid`` filters, so each endpoint reads only
@@ -22,7 +25,7 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
@@ -65,6 +68,16 @@ log = structlog.get_logger("flight_server")
 ROW_GROUP_ROWS = 122_880  # DuckDB's default row group size; parts are aligned to it
 
 
+class QueryRunner(Protocol):
+    """Runs a query at GetFlightInfo (flight_server/streams.py ``Streamer.run_at_info``):
+    the schema, the part for the ticket (holding the result when it was read whole), and
+    whether it was."""
+
+    def run_at_info(
+        self, admission: Admission, principal: Principal, tables: tuple[TableRef, ...], part: SqlPart
+    ) -> tuple[pa.Schema, SqlPart, bool] | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class SplitOptions:
     """How large tables are split into endpoints.
@@ -92,8 +105,10 @@ class Planner:
         admission: Admission,
         table_cache: TableCache | None = None,
         versions: VersionWatch | None = None,
+        runner: QueryRunner | None = None,
     ) -> None:
         self.catalog = catalog
+        self.runner = runner
         self.table_cache = table_cache or TableCache(0)
         self.versions = versions or VersionWatch(catalog.db)
         self.guard = guard
@@ -104,6 +119,10 @@ class Planner:
         self._guarded: OrderedDict[tuple[str, str], tuple[float, GuardedQuery]] = OrderedDict()
         self._schemas: OrderedDict[tuple[Any, ...], tuple[float, pa.Schema]] = OrderedDict()
         self._resolved: dict[tuple[str, str], tuple[int, TableRef]] = {}
+        self._large: OrderedDict[tuple[Any, ...], float] = OrderedDict()
+        #: ``LIMIT 0`` schema probes run (GetSchema, submit-query, and GetFlightInfo of a query
+        #: whose result recently did not fit the head): a count for tests.
+        self.probes = 0
 
     @property
     def limits(self) -> LimitsConfig:
@@ -115,7 +134,7 @@ class Planner:
         if isinstance(target, TableScan):
             return self.scan(principal, target, parts=parts)
         if isinstance(target, QueryCommand):
-            return self.query(principal, target)
+            return self.query(principal, target, execute=parts)
         if isinstance(target, SampleCommand):
             return self.sample(principal, target)
         if isinstance(target, ProfileCommand):
@@ -317,15 +336,36 @@ class Planner:
         )
 
     # --- SQL -------------------------------------------------------------------------------------
-    def query(self, principal: Principal, cmd: QueryCommand) -> Plan:
+    LARGE_SECONDS = 60.0
+    LARGE_SIZE = 1024
+
+    def query(self, principal: Principal, cmd: QueryCommand, *, execute: bool = False) -> Plan:
+        """The plan of a query. ``execute`` (GetFlightInfo): run it once here, through the
+        :attr:`runner`, and take the schema from its result — unless the same text and
+        parameter types recently gave a result larger than the head, or did not finish in the
+        runner's budget (then its DoGet runs it anyway, so the cheaper ``LIMIT 0`` probe gives
+        the schema). A query the runner gave up on is also probed."""
         cap = cmds.check_query(cmd, self.limits)
         guarded = self.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
-        schema = self.query_schema(principal, guarded, params)
         if cmd.max_rows is not None:
             part = SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
         else:
             part = SqlPart(guarded.sql, params, normalized=guarded.normalized, cap=cap)
+        shape = (guarded.sql, tuple(_param_type(p) for p in params))
+        now = time.monotonic()
+        large = self._large.get(shape)
+        ran = None
+        if execute and self.runner is not None and (large is None or large <= now):
+            ran = self.runner.run_at_info(self.admission, principal, guarded.tables, part)
+            if ran is None or not ran[2]:  # too slow, or more than the head: DoGet runs it
+                self._large[shape] = now + self.LARGE_SECONDS
+                if len(self._large) > self.LARGE_SIZE:
+                    self._large.popitem(last=False)
+        if ran is not None:
+            schema, part, _ = ran
+        else:
+            schema = self.query_schema(principal, guarded, params)
         label = _query_label(guarded.normalized)
         return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True, row_cap=part.row_cap)
 
@@ -386,6 +426,7 @@ class Planner:
         hit = self._schemas.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
+        self.probes += 1
         with self.admission.planning(principal) as (cur, deadline):
             try:
                 # DuckDB plans LIMIT 0 as an empty result: nothing below it executes.

@@ -11,13 +11,14 @@ flight_server/streams.py; both import this module, which imports neither (nor th
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import pyarrow as pa
 
 from catalog import TableRef
 from flight_server.commands import Param
+from flight_server.ready import ReadyResult
 from flight_server.table_cache import CachedTable
 from flight_server.truncation import CapReason, RowCap
 from flight_server.versions import Layout
@@ -57,6 +58,9 @@ class SqlPart:
     cap: int | None = None
     # Why ``limit`` applies (``cap`` is always the server's max_rows).
     limit_reason: CapReason = "max_rows"
+    # The whole result, already read by GetFlightInfo (a query run once there): the first
+    # DoGet streams it from memory, later ones run the SQL (flight_server/ready.py).
+    ready: ReadyResult | None = field(default=None, compare=False)
 
     @property
     def max_rows(self) -> int | None:

@@ -133,6 +133,8 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.streamer = Streamer(
             catalog, self.watchdog, self.profiles, self.queries, self.cache, self.versions
         )
+        # GetFlightInfo of a query runs it once through the streamer (planned once).
+        self.planner.runner = self.streamer
         catalog.status_sections["queries"] = self._status
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------

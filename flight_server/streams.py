@@ -31,6 +31,7 @@ maps it to DEADLINE_EXCEEDED; proto_docs/errors.md explains).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,13 +42,15 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
 
-from catalog import Catalog, Unavailable
+from catalog import Catalog, Principal, TableRef, Unavailable
+from flight_server.admission import Admission
 from flight_server.cache import CacheKey, ResultCache
-from flight_server.errors import duckdb_error, stream_error
+from flight_server.errors import check_result_type, duckdb_error, stream_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
 from flight_server.plans import BATCH_ROWS, CachedPart, Plan, ProfilePart, ResultPart, SqlPart, limited
 from flight_server.profiles import ProfileCache
+from flight_server.ready import ReadyPool
 from flight_server.results import QueryManager
 from flight_server.truncation import RowCap
 from flight_server.versions import VersionWatch, read_layout
@@ -74,6 +77,10 @@ class Streamer:
         self.cache = cache
         self.versions = versions
         self._cursors = _SpareCursors(catalog)
+        self.ready = ReadyPool(float(catalog.config.limits.ticket_ttl_seconds))
+        #: Queries (and percent samples) run by DuckDB, at GetFlightInfo or DoGet: a count for
+        #: tests and /v1/status (a fresh point query is run, and planned, once).
+        self.executions = 0
 
     @property
     def timeout(self) -> float:
@@ -104,6 +111,16 @@ class Streamer:
                 return flight.RecordBatchStream(data)
             state.fields["cache"] = "table-evicted"
             part = part.fallback
+        if isinstance(part, SqlPart) and part.ready is not None:
+            # The result GetFlightInfo read whole, for this ticket's first DoGet: from memory.
+            batches = part.ready.take()
+            if batches is not None:
+                state.fields["cache"] = "ready"
+                schema = part.ready.schema
+                if part.ready.truncated and part.row_cap is not None:
+                    state.fields["truncated"] = True
+                    return _cut_stream(schema, batches, part.row_cap)
+                return flight.RecordBatchStream(pa.Table.from_batches(batches, schema=schema))
         key: CacheKey | None = None
         if isinstance(part, SqlPart) and part.normalized is not None:
             # The result cache first: a hit needs no cursor and no deadline.
@@ -141,17 +158,94 @@ class Streamer:
                 wrapped=wrapped,
             ) from None
 
-    def _lookup(self, plan: Plan, part: SqlPart) -> tuple[CacheKey | None, pa.RecordBatchReader | None, bool]:
-        """The result cache's key of a query, its cached rows on a hit, and whether those were
-        cut at the row cap. The key holds the data versions of its tables
+    #: How long GetFlightInfo lets a query run before it gives up and leaves it to DoGet
+    #: (at most half the query timeout): long enough for a point query or an aggregate,
+    #: short enough that GetFlightInfo of a long query still answers at once.
+    INFO_RUN_SECONDS = 0.25
+
+    def run_at_info(
+        self, admission: Admission, principal: Principal, tables: tuple[TableRef, ...], part: SqlPart
+    ) -> tuple[pa.Schema, SqlPart, bool] | None:
+        """GetFlightInfo of a query: run it once and read the head of its result, as DoGet
+        would (:meth:`_capped_stream`) — admitted as planning and under the query timeout
+        (flight_server/admission.py), so the slot is free again when this returns.
+
+        Returns the result's schema, the part to put in the ticket, and whether the head was
+        the whole result. A whole result is stored in the result cache (when cacheable) and
+        held with the part as a one-shot :class:`~flight_server.ready.ReadyResult`, so the
+        DoGet that follows streams it from memory: the query is planned once. A result larger
+        than the head is closed (its DoGet runs it again, as before: holding an open reader
+        across RPCs would hold a cursor outside admission). A result already in the result
+        cache is not run: its schema is the entry's, and DoGet is a cache hit.
+
+        None when the query did not finish its head within :attr:`INFO_RUN_SECONDS` — it is
+        interrupted and left to DoGet, which has the whole query timeout for it — or when it
+        failed: DoGet runs it again and reports the failure where it always has. The caller
+        then takes the schema from the binder (whose refusals are GetFlightInfo's, as before)."""
+        cap = part.row_cap
+        assert cap is not None  # a query always has a cap
+        key: CacheKey | None = None
+        if part.normalized is not None:
+            key = self._key(tables, part)
+            entry = self.cache.peek(key)
+            if entry is not None:
+                return entry.schema, part, True
+        budget = min(self.INFO_RUN_SECONDS, admission.timeout_seconds / 2)
+        schema: pa.Schema | None = None
+        try:
+            # The cursor goes back to the spare ones only when the result was read to its end.
+            with admission.planning(principal, self._cursors) as (cur, deadline):
+                gave_up = self.watchdog.arm(budget, cur.interrupt)
+                reader: pa.RecordBatchReader | None = None
+                try:
+                    self.executions += 1
+                    limit = part.limit + 1 if part.limit is not None else None
+                    reader = arrow_stream(cur, limited(part.sql, limit), part.params)
+                    check_result_type(reader.schema)
+                    head, size, complete, cut = _read_head(
+                        reader, self.cache.memory_entry_bytes, cap.max_rows
+                    )
+                    schema = reader.schema
+                except Exception as e:  # noqa: BLE001 - left to DoGet, which reports it
+                    # Too slow for GetFlightInfo, or failed: DoGet runs it again, with the whole
+                    # query timeout, and reports a runtime failure where it always has (at DoGet).
+                    log.debug(
+                        "query.info_run_gave_up",
+                        slow=gave_up.fired,
+                        error=type(e).__name__,
+                        timed_out=deadline.fired,
+                    )
+                    raise _NotKept from None
+                finally:
+                    Watchdog.disarm(gave_up)
+                    if reader is not None:
+                        reader.close()
+                if not complete or gave_up.fired:  # an interrupt that came late: not reused
+                    raise _NotKept
+        except _NotKept:
+            return None if schema is None else (schema, part, False)
+        assert schema is not None
+        if key is not None:
+            self.cache.count_miss()  # the lookup DoGet would have counted
+        self.cache.store(key, schema, head, size, truncated=cut)
+        ready = self.ready.hold(schema, head, size, cut)
+        return schema, (dataclasses.replace(part, ready=ready) if ready is not None else part), True
+
+    def _key(self, tables: tuple[TableRef, ...], part: SqlPart) -> CacheKey | None:
+        """The result cache's key of a query. It holds the data versions of its tables
         (:class:`VersionWatch`), read before the query runs, so the rows stored under it are of
         that version or newer — a newer version seen later drops the entry."""
         assert part.normalized is not None
         versions: dict[tuple[str, str], int] = {}
-        if plan.tables:
+        if tables:
             current = self.versions.current()
-            versions = {ref.key(): current.get(ref.key(), 0) for ref in plan.tables}
-        key = self.cache.key(part.normalized, part.params, part.max_rows, versions)
+            versions = {ref.key(): current.get(ref.key(), 0) for ref in tables}
+        return self.cache.key(part.normalized, part.params, part.max_rows, versions)
+
+    def _lookup(self, plan: Plan, part: SqlPart) -> tuple[CacheKey | None, pa.RecordBatchReader | None, bool]:
+        """The result cache's key of a query (:meth:`_key`), its cached rows on a hit, and
+        whether those were cut at the row cap."""
+        key = self._key(plan.tables, part)
         entry = self.cache.get(key) if key is not None else None
         if entry is None:
             return key, None, False
@@ -184,6 +278,7 @@ class Streamer:
         of proto_docs/errors.md (a timeout mid-stream is then DEADLINE_EXCEEDED with extra_info)."""
         cap = part.row_cap
         assert cap is not None
+        self.executions += 1
         reader = self._sql(cur, part, part.limit + 1 if part.limit is not None else None)
         timeout, request_id = self.timeout, state.request_id
         wrapped = part.limit is not None
@@ -250,6 +345,10 @@ class Streamer:
                     "GetFlightInfo again (the endpoints of one FlightInfo never mix data versions)"
                 )
         return arrow_stream(cur, limited(part.sql, limit), part.params)
+
+
+class _NotKept(Exception):
+    """:meth:`Streamer.run_at_info` leaves the query to DoGet; its cursor is not reused."""
 
 
 class _SpareCursors:

@@ -78,7 +78,7 @@ class Quiver:
     tokens: list[str]
     pid: int
     http: httpx.Client
-    client: Any  # flight_server.client.QuiverClient
+    client: Any  # quiver_client.QuiverClient
     raw: flight.FlightClient
     opts: flight.FlightCallOptions
 
@@ -113,7 +113,7 @@ def _start(
     env: dict[str, str],
     tables: tuple[str, ...] = ("bench.*",),
 ) -> Quiver:
-    from flight_server.client import QuiverClient
+    from quiver_client import QuiverClient
 
     url, tokens, pid, http = _start_quiver(stack, work, name, db, env, tables)
     client = stack.enter_context(QuiverClient(url, tokens[0]))
@@ -506,7 +506,7 @@ def _points(
 
 def _concurrency(on: Quiver, off: Quiver, keys: list[int]) -> list[Row]:
     """Target 5: 8 agents (one token each: the concurrency cap is per principal) against 1."""
-    from flight_server.client import QuiverClient
+    from quiver_client import QuiverClient
 
     out = []
     per = max(20, len(keys) // CLIENTS)
