@@ -1,5 +1,6 @@
-"""The SQL guard: layer 1 of DESIGN.md §4 — decide, before DuckDB runs anything, whether an
-agent's SQL text is one read-only query that reads only tables the caller may read.
+"""The SQL guard: the first layer of the data plane's defences (ARCHITECTURE.md) — decide,
+before DuckDB runs anything, whether an agent's SQL text is one read-only query that reads
+only tables the caller may read.
 
 Everything here works on DuckDB's *own* parse of the text (``extract_statements`` for the
 statement list and type, ``json_serialize_sql`` for the parse tree), never on the text itself:

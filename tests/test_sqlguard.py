@@ -1,4 +1,5 @@
-"""The SQL guard (DESIGN.md §4, layer 1) against a real, locked-down DuckDB file.
+"""The SQL guard (the first layer: ARCHITECTURE.md, proto_docs/descriptors.md) against a real,
+locked-down DuckDB file.
 
 Every accepted query is also executed on that file (parameters bound by DuckDB) and its plan
 is read back with DuckDB's own ``json_serialize_plan``: the tables DuckDB really scans must be

@@ -126,4 +126,14 @@ grep -Eq 'deploy-test +: ok=[0-9]+ +changed=[0-9]+ +unreachable=0 +failed=0' "$W
 log "checking the upgrade, starting it, rollback.yml"
 "$REPO/.venv/bin/python" "$REPO/ansible/tests/deploy_check.py" "$ROOT" --upgrade-rollback
 
+# The monitoring rules the operator installs beside Prometheus (ansible/monitoring/): checked
+# and unit-tested with promtool (Debian's prometheus package; .ci/run installs it as root).
+if command -v promtool >/dev/null; then
+    log "checking the monitoring rules with promtool"
+    (cd "$REPO/ansible/monitoring" && promtool check rules alerts.yml && promtool test rules alerts_test.yml)
+else
+    echo "promtool is not installed (apt-get install prometheus): monitoring rules not checked" >&2
+    exit 1
+fi
+
 log "deploy-test passed"
