@@ -30,11 +30,12 @@ import pytest
 from tests.harness import DEMO_SCALE, call_options
 from tests.test_tls import make_certificates
 
+pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
+
 # Turn MDWE on, prove it is enforced (a W+X mapping must fail), then become quiver serve.
 WRAPPER = """
 import ctypes, mmap, runpy, sys
 
-pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
 libc = ctypes.CDLL(None, use_errno=True)
 if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
     print("mdwe-unsupported", ctypes.get_errno(), flush=True)
