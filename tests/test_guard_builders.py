@@ -17,15 +17,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from catalog.database import Database
 from catalog.errors import InvalidArgument, PermissionDenied, QuiverError
 from catalog.identity import Principal
-from catalog.policy import NOT_READABLE, Policy
+from catalog.policy import NOT_READABLE
 from catalog.sqlguard import (
     BUILDER_FUNCTIONS,
     DENIED_FUNCTIONS,
@@ -35,7 +33,7 @@ from catalog.sqlguard import (
     MAX_PARAM_INDEX,
     SqlGuard,
 )
-from catalog.tables import TableCatalog
+from tests.guard_support import analyst, guard_database
 
 SETUP = """
 CREATE SCHEMA demo;
@@ -61,22 +59,9 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    root: Path = tmp_path_factory.mktemp("guard_builders")
-    db = Database(root / "quiver.duckdb", temp_dir=root / "tmp", lockdown=True)
-    with db.transaction() as cur:
-        cur.execute(SETUP)
-    tables = TableCatalog(db)
-    policy = Policy(tables)
-    policy.set_allowlist("analysts", ["demo.*"])
+    db, tables, policy = guard_database(tmp_path_factory.mktemp("guard_builders"), SETUP)
     guard = SqlGuard(tables, policy, db.catalog_name)
-    agent = Principal(
-        kind="agent",
-        jti="jti-builders",
-        subject="agent-subject",
-        expires_at=datetime.now(UTC) + timedelta(hours=1),
-        swarm="analysts",
-        agent="a1",
-    )
+    agent = analyst("agent-subject")
     yield Env(db=db, guard=guard, agent=agent)
     db.close()
 

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from catalog.database import Database
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.identity import Principal
-from catalog.policy import NOT_READABLE, Policy
+from catalog.policy import NOT_READABLE
 from catalog.sqlguard import BUILDER_FUNCTIONS, DENIED_FUNCTIONS, MAX_DETAIL_CHARS, SqlGuard
-from catalog.tables import TableCatalog
+from tests.guard_support import analyst, guard_database
 
 pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
 
@@ -62,21 +59,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    root: Path = tmp_path_factory.mktemp("guard_fuzz")
-    db = Database(root / "quiver.duckdb", temp_dir=root / "tmp", lockdown=True)
-    with db.transaction() as cur:
-        cur.execute(SETUP)
-    tables = TableCatalog(db)
-    policy = Policy(tables)
-    policy.set_allowlist("analysts", ["demo.*"])
-    agent = Principal(
-        kind="agent",
-        jti="jti-fuzz",
-        subject="fuzz",
-        expires_at=datetime.now(UTC) + timedelta(hours=1),
-        swarm="analysts",
-        agent="a1",
-    )
+    db, tables, policy = guard_database(tmp_path_factory.mktemp("guard_fuzz"), SETUP)
+    agent = analyst("fuzz")
     yield Env(guard=SqlGuard(tables, policy, db.catalog_name), agent=agent)
     db.close()
 

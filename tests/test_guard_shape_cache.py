@@ -15,20 +15,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from catalog.database import Database
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.identity import Principal
-from catalog.policy import Policy
 from catalog.sqlguard import _PARSE_CACHE_ENTRIES, _PARSE_CACHE_MAX_CHARS, GuardedQuery, SqlGuard
-from catalog.tables import TableCatalog
 from flight_server.cache import sql_digest
+from tests.guard_support import analyst, guard_database
 
 SETUP = """
 CREATE SCHEMA demo;
@@ -56,21 +52,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    root: Path = tmp_path_factory.mktemp("guard_shape")
-    db = Database(root / "quiver.duckdb", temp_dir=root / "tmp", lockdown=True)
-    with db.transaction() as cur:
-        cur.execute(SETUP)
-    tables = TableCatalog(db)
-    policy = Policy(tables)
-    policy.set_allowlist("analysts", ["demo.*"])
-    agent = Principal(
-        kind="agent",
-        jti="jti-shape",
-        subject="shape",
-        expires_at=datetime.now(UTC) + timedelta(hours=1),
-        swarm="analysts",
-        agent="a1",
-    )
+    db, tables, policy = guard_database(tmp_path_factory.mktemp("guard_shape"), SETUP)
+    agent = analyst("shape")
     yield Env(
         cached=SqlGuard(tables, policy, db.catalog_name),
         fresh=SqlGuard(tables, policy, db.catalog_name),

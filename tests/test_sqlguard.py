@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import duckdb
 import pytest
@@ -30,6 +29,7 @@ from catalog.sqlguard import (
     SqlGuard,
 )
 from catalog.tables import TableCatalog, TableRef
+from tests.guard_support import guard_database
 
 READABLE = "you may read: demo.accounts, demo.customers, demo.orders, demo.ünicode"
 
@@ -85,13 +85,7 @@ def _principal(kind: str, swarm: str | None = None) -> Principal:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    root: Path = tmp_path_factory.mktemp("sqlguard")
-    db = Database(root / "quiver.duckdb", temp_dir=root / "tmp", lockdown=True)
-    with db.transaction() as cur:
-        cur.execute(SETUP)
-    tables = TableCatalog(db)
-    policy = Policy(tables)
-    policy.set_allowlist("analysts", ["demo.*"])
+    db, tables, policy = guard_database(tmp_path_factory.mktemp("sqlguard"), SETUP)
     policy.set_allowlist("empty", [])
     guard = SqlGuard(tables, policy, db.catalog_name)
     yield Env(
