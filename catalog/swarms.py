@@ -127,11 +127,7 @@ class SwarmStore:
                 f"INSERT INTO {SYSTEM_SCHEMA}.swarms (name, description, created_at, id) VALUES (?, ?, ?, ?)",
                 [name, description, now, swarm_id],
             )
-            if patterns:
-                cur.executemany(
-                    f"INSERT INTO {SYSTEM_SCHEMA}.allowlist (swarm, pattern) VALUES (?, ?)",
-                    [[name, p] for p in patterns],
-                )
+            _insert_patterns(cur, name, patterns)
             return self._committed_patterns(cur, name)
 
         with self.writes.lock:
@@ -153,8 +149,7 @@ class SwarmStore:
         lock, so none can slip in between."""
 
         def write(cur: duckdb.DuckDBPyConnection) -> Callable[[], object] | None:
-            if not fetch_one(cur, f"SELECT 1 FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [name]):
-                raise NotFound(f"swarm {name!r} does not exist; GET /v1/swarms lists them")
+            _require_swarm(cur, name)
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.allowlist WHERE swarm = ?", [name])
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [name])
             return revoke_tokens_of(cur, name) if revoke_tokens_of is not None else None
@@ -171,17 +166,25 @@ class SwarmStore:
         patterns = normalize_patterns(tables)
 
         def write(cur: duckdb.DuckDBPyConnection) -> list[str]:
-            if not fetch_one(cur, f"SELECT 1 FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [name]):
-                raise NotFound(f"swarm {name!r} does not exist; GET /v1/swarms lists them")
+            _require_swarm(cur, name)
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.allowlist WHERE swarm = ?", [name])
-            if patterns:
-                cur.executemany(
-                    f"INSERT INTO {SYSTEM_SCHEMA}.allowlist (swarm, pattern) VALUES (?, ?)",
-                    [[name, p] for p in patterns],
-                )
+            _insert_patterns(cur, name, patterns)
             return self._committed_patterns(cur, name)
 
         with self.writes.lock:
             committed = self.writes.run(f"replace the allowlist of swarm {name!r}", write)
             self._policy.set_allowlist(name, committed)
         return committed
+
+
+def _require_swarm(cur: duckdb.DuckDBPyConnection, name: str) -> None:
+    if not fetch_one(cur, f"SELECT 1 FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [name]):
+        raise NotFound(f"swarm {name!r} does not exist; GET /v1/swarms lists them")
+
+
+def _insert_patterns(cur: duckdb.DuckDBPyConnection, name: str, patterns: list[str]) -> None:
+    if patterns:
+        cur.executemany(
+            f"INSERT INTO {SYSTEM_SCHEMA}.allowlist (swarm, pattern) VALUES (?, ?)",
+            [[name, p] for p in patterns],
+        )
