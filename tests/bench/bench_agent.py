@@ -329,7 +329,7 @@ def _scans(
         out.append(Row("full scan, ROAPI Flight SQL", "not measured (roapi not installed)"))
     if endpoints["quiver"] == 1:
         notes.append(
-            'A query command is planned as one endpoint (flight_server/endpoints.py: "splitting '
+            'A query command is planned as one endpoint (flight_server/planner.py: "splitting '
             'arbitrary SQL is not sound"), so "endpoints fetched in parallel" is one stream: '
             "the client's parallel fetch has nothing to parallelize."
         )
