@@ -78,10 +78,6 @@ class _Principal:
     def slots(self) -> int:
         return sum(q.slots for q in self.queries.values())
 
-    @property
-    def streams(self) -> int:
-        return sum(sum(q.streams.values()) for q in self.queries.values())
-
 
 class Admission:
     """Per-principal and global concurrency, the query timeout, for planning and streaming."""
