@@ -88,7 +88,7 @@ class Access:
     name: str
     refusal: Callable[[Principal], str | None]
     # Whether the route takes no token at all when the catalog's config says so.
-    public_when: Callable[[Catalog], bool] = lambda catalog: False
+    public_when: Callable[[Catalog], bool] = lambda _catalog: False
 
     def __call__(self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         if self.public_when(catalog_of(connection)):

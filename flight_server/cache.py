@@ -609,7 +609,7 @@ class ResultCache:
     def clear(self) -> int:
         """Drop every entry (not counted as evictions)."""
         with self._lock:
-            doomed = self._take_locked(lambda e: True)
+            doomed = self._take_locked(lambda _entry: True)
         self._delete(doomed, None)
         return len(doomed)
 

@@ -196,7 +196,7 @@ def emulator_in_process() -> Iterator[Emulator]:
 class EmulatorProcess(Emulator):
     """fakesnow as a child process: a source that can be killed in the middle of a load."""
 
-    def __init__(self, port: int | None = None, db_path: str | None = None) -> None:
+    def __init__(self, port: int | None = None) -> None:
         super().__init__(port or free_port())
         env = dict(os.environ)
         self.proc = subprocess.Popen(

@@ -296,7 +296,7 @@ def test_a_table_larger_than_the_budget_is_never_cached(small: Server) -> None:
     assert stats["bytes"] == held <= BUDGET
 
 
-def test_a_zero_budget_turns_the_cache_off(tmp_path: Any) -> None:
+def test_a_zero_budget_turns_the_cache_off() -> None:
     assert load_config(None, environ={"QUIVER_CACHE_TABLE_MEMORY_BYTES": "0"}).cache.table_memory_bytes == 0
     assert load_config(None, environ={}).cache.table_memory_bytes == "auto"
     assert TableCache(0).enabled is False

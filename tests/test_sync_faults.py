@@ -177,7 +177,7 @@ def test_source_killed_mid_load_leaves_the_replica_and_watermark_then_catches_up
             )
 
             def kill_after_first_page(_table: str):  # type: ignore[no-untyped-def]
-                return lambda rows, _b, _t: first.kill()
+                return lambda _rows, _b, _t: first.kill()
 
             (run,) = service.run_now(progress=kill_after_first_page)
             assert run.outcome == "failed"
