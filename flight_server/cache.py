@@ -458,7 +458,7 @@ class ResultCache:
         rows = sum(b.num_rows for b in batches)
         self._commit(key, schema, rows, size, batches=tuple(batches), truncated=truncated)
 
-    def _teeing(
+    def _teeing(  # noqa: C901  one state machine over the stream: held, spilled, given up
         self,
         key: CacheKey,
         reader: pa.RecordBatchReader,

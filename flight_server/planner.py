@@ -95,7 +95,7 @@ class SplitOptions:
 
 
 class Planner:
-    def __init__(
+    def __init__(  # noqa: PLR0913  the planner's collaborators, wired once by quiver/runtime.py
         self,
         catalog: Catalog,
         guard: SqlGuard,

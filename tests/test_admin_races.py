@@ -224,7 +224,7 @@ def test_tokens_minted_while_their_swarm_is_deleted_never_work(restartable: list
     refused(_restart(restartable))
 
 
-def test_mixed_admin_writes_on_one_swarm_never_fail_and_leave_one_truth(restartable: list[Server]) -> None:
+def test_mixed_admin_writes_on_one_swarm_never_fail_and_leave_one_truth(restartable: list[Server]) -> None:  # noqa: C901  one scenario: each thread cycles through six writes
     """Creates, deletes, allowlist PUTs, mints, refreshes and bulk revocations of one swarm
     at once: only documented answers, and afterwards the database, the in-memory policy, GET
     and the data plane agree; no token of a deleted instance works."""

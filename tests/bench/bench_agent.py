@@ -339,7 +339,7 @@ def _scans(
 # --- point queries -----------------------------------------------------------------------------------
 
 
-def _points(
+def _points(  # noqa: C901, PLR0915  one benchmark target, measured step by step
     con: duckdb.DuckDBPyConnection, bare: flight.FlightClient, on: Quiver, off: Quiver, keys: list[int]
 ) -> list[Row]:
     """Target 2: point queries, each key against each contender in turn."""
