@@ -232,7 +232,7 @@ class TokenService:
             if issuer is not None:
                 self._check_live(issuer)
             return self._issue(
-                kind,  # type: ignore[arg-type]
+                kind,
                 swarm=swarm,
                 agent=agent,
                 swarm_id=swarm_id,

@@ -139,7 +139,7 @@ class Streamer:
         if plan.timeout:
             deadline = self.watchdog.arm(self.timeout, cur.interrupt)
             state.deadline = deadline
-            state.cleanups.append(lambda: Watchdog.disarm(deadline))  # type: ignore[arg-type]
+            state.cleanups.append(lambda: Watchdog.disarm(deadline))
         try:
             if isinstance(part, ProfilePart):
                 table = self.profiles.profile(part.ref, part.columns, cursor=cur)
@@ -430,7 +430,7 @@ def arrow_stream(
     both give the same rows."""
     values = list(params) if params else None
     if _submit is not None:
-        return _submit(cur, sql, values, "stream", batch_rows).arrow_reader()  # type: ignore[no-any-return]
+        return _submit(cur, sql, values, "stream", batch_rows).arrow_reader()
     return cur.sql(sql, params=values).to_arrow_reader(batch_rows)
 
 
