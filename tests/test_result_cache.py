@@ -322,7 +322,7 @@ def _cache_status(server: Server) -> dict[str, Any]:
     body = status.json()
     if "cache" not in body:
         pytest.skip("the server does not register the result cache yet (core wires ResultCache)")
-    return body["cache"]  # type: ignore[no-any-return]
+    return body["cache"]
 
 
 def test_server_cache_hit_miss_and_stats_in_status_and_metrics(server: Server) -> None:

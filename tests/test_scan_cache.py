@@ -92,6 +92,7 @@ def test_the_python_client_reads_the_cached_table(server: Server) -> None:
     from quiver_client import QuiverClient
 
     want = _duckdb(server, "SELECT * FROM demo.orders ORDER BY rowid")
+    assert server.demo_token is not None  # a demo server
     with QuiverClient(server.flight_url, server.demo_token) as qc:
         assert qc.read("demo.orders").equals(want)
         assert qc.read("demo.orders").equals(want)

@@ -13,6 +13,7 @@ import pytest
 import structlog
 
 from catalog import TableRef
+from sync.context import ProgressFn
 from tests.sync_emulator import (
     Emulator,
     EmulatorProcess,
@@ -41,7 +42,7 @@ def _failed_and_recorded(service: object, message: str) -> dict[str, object]:
     assert status["running"] is False
     history = service.history(status["table"])  # type: ignore[attr-defined]
     assert history[0]["outcome"] == "failed" and message in history[0]["error"]
-    return status  # type: ignore[no-any-return]
+    return status
 
 
 def test_unknown_source_table(emu: Emulator, events: Source, tmp_path: Path) -> None:
@@ -176,7 +177,7 @@ def test_source_killed_mid_load_leaves_the_replica_and_watermark_then_catches_up
                 database="KILL",
             )
 
-            def kill_after_first_page(_table: str):  # type: ignore[no-untyped-def]
+            def kill_after_first_page(_table: str) -> ProgressFn:
                 return lambda _rows, _b, _t: first.kill()
 
             (run,) = service.run_now(progress=kill_after_first_page)
