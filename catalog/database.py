@@ -298,10 +298,6 @@ class Database:
                 total += p.stat().st_size
         return total
 
-    def checkpoint(self) -> None:
-        with self.reading() as cur:
-            cur.execute("CHECKPOINT")
-
     def close(self) -> None:
         """Checkpoint and close: the file is complete on disk without its WAL."""
         with self._lock:
