@@ -226,7 +226,7 @@ def _archive_writer(partial: Path, key: bytes | None) -> Iterator[tarfile.TarFil
                 yield tar
         else:
             writer = EncryptingWriter(raw, key)
-            with tarfile.open(fileobj=writer, mode="w:gz", compresslevel=6) as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=writer, mode="w:gz", compresslevel=6) as tar:
                 yield tar
             writer.close()
         raw.flush()
@@ -239,7 +239,7 @@ def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> MemberInfo:
     info.uname = info.gname = ""
     with open(path, "rb") as f:
         reader = _HashingReader(f)
-        tar.addfile(info, reader)  # type: ignore[arg-type]
+        tar.addfile(info, reader)
     return MemberInfo(path=arcname, bytes=info.size, sha256=reader.digest.hexdigest())
 
 

@@ -415,26 +415,28 @@ def _check_sync(config: Config) -> None:
         if key in seen:
             raise ConfigError(f"{where}.target: already used by sync.tables[{seen[key]}]")
         seen[key] = i
-        if not entry.source.strip() or len(split_snowflake_name(entry.source)) > 3:
-            raise ConfigError(
-                f"{where}.source: {entry.source!r} must be `table`, `schema.table` or `database.schema.table`"
-            )
-        depth = len(split_snowflake_name(entry.source))
-        if depth < 3 and not sf.database:
-            raise ConfigError(
-                f"{where}.source: name the database (`DB.SCHEMA.TABLE`) or set snowflake.database"
-            )
-        if depth < 2 and not sf.schema:
-            raise ConfigError(f"{where}.source: name the schema (`SCHEMA.TABLE`) or set snowflake.schema")
-        if entry.mode in ("append", "merge") and not entry.cursor:
-            raise ConfigError(
-                f'{where}.cursor: mode = "{entry.mode}" needs a cursor column (e.g. UPDATED_AT)'
-            )
-        if entry.mode == "merge" and not entry.primary_key:
-            raise ConfigError(f'{where}.primary_key: mode = "merge" needs primary_key (e.g. ["ID"])')
-        if entry.reconcile_seconds is not None and entry.mode != "merge":
-            raise ConfigError(f'{where}.reconcile_seconds: only meaningful with mode = "merge"')
-        if entry.lookback_seconds and entry.mode != "merge":
-            raise ConfigError(f'{where}.lookback_seconds: only meaningful with mode = "merge"')
-        if len(set(k.lower() for k in entry.primary_key)) != len(entry.primary_key):
-            raise ConfigError(f"{where}.primary_key: lists a column twice")
+        _check_sync_entry(where, entry, sf)
+
+
+def _check_sync_entry(where: str, entry: SyncTableConfig, sf: SnowflakeConfig) -> None:
+    """The rules of one ``[[sync.tables]]`` entry on its own: its source name against the
+    ``[snowflake]`` defaults, and the keys its mode needs or forbids."""
+    if not entry.source.strip() or len(split_snowflake_name(entry.source)) > 3:
+        raise ConfigError(
+            f"{where}.source: {entry.source!r} must be `table`, `schema.table` or `database.schema.table`"
+        )
+    depth = len(split_snowflake_name(entry.source))
+    if depth < 3 and not sf.database:
+        raise ConfigError(f"{where}.source: name the database (`DB.SCHEMA.TABLE`) or set snowflake.database")
+    if depth < 2 and not sf.schema:
+        raise ConfigError(f"{where}.source: name the schema (`SCHEMA.TABLE`) or set snowflake.schema")
+    if entry.mode in ("append", "merge") and not entry.cursor:
+        raise ConfigError(f'{where}.cursor: mode = "{entry.mode}" needs a cursor column (e.g. UPDATED_AT)')
+    if entry.mode == "merge" and not entry.primary_key:
+        raise ConfigError(f'{where}.primary_key: mode = "merge" needs primary_key (e.g. ["ID"])')
+    if entry.reconcile_seconds is not None and entry.mode != "merge":
+        raise ConfigError(f'{where}.reconcile_seconds: only meaningful with mode = "merge"')
+    if entry.lookback_seconds and entry.mode != "merge":
+        raise ConfigError(f'{where}.lookback_seconds: only meaningful with mode = "merge"')
+    if len(set(k.lower() for k in entry.primary_key)) != len(entry.primary_key):
+        raise ConfigError(f"{where}.primary_key: lists a column twice")

@@ -37,7 +37,7 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def fetch_one(cur: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None) -> tuple | None:  # type: ignore[type-arg]
+def fetch_one(cur: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None) -> tuple | None:
     """The first row or None, with the result consumed: a DuckDB connection with an
     unfinished result refuses its next query."""
     rows = cur.execute(sql, params or []).fetchall()
@@ -297,10 +297,6 @@ class Database:
             if p.exists():
                 total += p.stat().st_size
         return total
-
-    def checkpoint(self) -> None:
-        with self.reading() as cur:
-            cur.execute("CHECKPOINT")
 
     def close(self) -> None:
         """Checkpoint and close: the file is complete on disk without its WAL."""

@@ -8,7 +8,6 @@ this module knows about either transport.
 
 from __future__ import annotations
 
-import json
 from typing import ClassVar
 
 #: The longest ``detail`` sent to a caller. Details echo what the caller sent (a name, an id)
@@ -36,9 +35,6 @@ class QuiverError(Exception):
         detail = bounded(detail, MAX_DETAIL_CHARS)
         super().__init__(detail)
         self.detail = detail
-
-    def to_json(self) -> bytes:
-        return json.dumps({"code": self.code, "detail": self.detail}).encode()
 
 
 class Unauthenticated(QuiverError):

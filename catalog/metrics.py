@@ -334,4 +334,4 @@ class BackupOutcomes:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            return msgspec.to_builtins(self._status)  # type: ignore[no-any-return]
+            return msgspec.to_builtins(self._status)

@@ -729,7 +729,7 @@ class SqlGuard:
         normalized = shape.normalized([text for _, _, text in literals])
         return _Parsed(text=_statement_text(sql), tree=json.loads(normalized), normalized=normalized)
 
-    def _learn_shape(self, sql: str, parsed: _Parsed, literals: list[tuple[int, str, str]]) -> _Shape | None:
+    def _learn_shape(self, sql: str, parsed: _Parsed, literals: list[tuple[int, str, str]]) -> _Shape | None:  # noqa: C901, PLR0911  each way a shape can be unsafe to reuse, in order
         """A shape for ``sql``'s parse, or None when a text of the same shape could parse
         differently than by substituting its literals.
 
@@ -1478,7 +1478,7 @@ class _Sizer:
                 "lambdas multiply the work); simplify it, e.g. compute inner lists in a CTE"
             )
 
-    def size(self, e: dict[str, Any]) -> _Size:
+    def size(self, e: dict[str, Any]) -> _Size:  # noqa: C901, PLR0911, PLR0912  a dispatch on the expression class
         self.step()
         cls = e.get("class")
         if cls == "CONSTANT":
@@ -1649,7 +1649,7 @@ class _Sizer:
             raise refusal
 
     # --- builders ---------------------------------------------------------------------------
-    def builder(self, name: str, args: list[dict[str, Any]], sizes: list[_Size]) -> _Size | None:
+    def builder(self, name: str, args: list[dict[str, Any]], sizes: list[_Size]) -> _Size | None:  # noqa: C901, PLR0911, PLR0912  a dispatch on the function name
         """The size ``name(args)`` builds, or None when this call builds nothing large (e.g.
         max(x) with one argument)."""
         n = len(args)
@@ -1860,7 +1860,7 @@ def _const_int(e: dict[str, Any]) -> int | None:
     return int(max(Decimal(-_HUGE), min(Decimal(_HUGE), value)))
 
 
-def _const_num(e: dict[str, Any], depth: int) -> Decimal | None:
+def _const_num(e: dict[str, Any], depth: int) -> Decimal | None:  # noqa: C901, PLR0911, PLR0912  a dispatch on the expression class
     if depth > 64 or not isinstance(e, dict):
         return None
     cls = e.get("class")
@@ -1997,7 +1997,7 @@ def _const_instant(e: dict[str, Any]) -> float | None:
     return moment.timestamp()
 
 
-def _const_interval(e: dict[str, Any], depth: int) -> tuple[int, bool] | None:
+def _const_interval(e: dict[str, Any], depth: int) -> tuple[int, bool] | None:  # noqa: PLR0911  a dispatch on the expression class
     """(the fewest seconds a constant INTERVAL can last, whether it is positive), or None."""
     if depth > 16 or not isinstance(e, dict):
         return None

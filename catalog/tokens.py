@@ -221,21 +221,7 @@ class TokenService:
             not_after = issuer.expires_at
             parent = issuer.jti
             grant = issuer.root
-        if kind in UNSCOPED_KINDS:
-            if swarm is not None or agent is not None:
-                raise InvalidArgument(f"{kind} tokens take neither 'swarm' nor 'agent'")
-        else:
-            if swarm is None:
-                raise InvalidArgument(f"{kind} tokens need 'swarm'")
-            check_swarm_name(swarm)
-            if kind == "agent":
-                if agent is None or not AGENT_NAME_RE.match(agent):
-                    raise InvalidArgument(
-                        "agent tokens need 'agent': 1-128 characters of letters, digits, '_', '.', '@' "
-                        "and '-', starting with a letter or digit"
-                    )
-            elif agent is not None:
-                raise InvalidArgument("swarm tokens take no 'agent'; mint agent tokens for that")
+        _check_scope(kind, swarm, agent)
         with self._writes.lock:
             # Under the lock a swarm cannot be deleted, nor the issuer revoked, halfway through.
             swarm_id: str | None = None
@@ -246,7 +232,7 @@ class TokenService:
             if issuer is not None:
                 self._check_live(issuer)
             return self._issue(
-                kind,  # type: ignore[arg-type]
+                kind,
                 swarm=swarm,
                 agent=agent,
                 swarm_id=swarm_id,
@@ -258,7 +244,7 @@ class TokenService:
                 grant=grant,
             )
 
-    def _issue(
+    def _issue(  # noqa: PLR0913  the token record's columns, keyword-only
         self,
         kind: TokenKind,
         *,
@@ -400,7 +386,7 @@ class TokenService:
         :meth:`flush_last_used` writes the times in batches)."""
         self._last_used[principal.jti] = _now()
 
-    def _decode(self, token: str) -> Principal:
+    def _decode(self, token: str) -> Principal:  # noqa: C901  one claim after another, each with its own refusal
         if not token or len(token) > 4096:
             raise Unauthenticated("malformed token")
         try:
@@ -623,3 +609,23 @@ class TokenService:
                         self._last_used[jti] = t
             raise
         return len(batch)
+
+
+def _check_scope(kind: str, swarm: str | None, agent: str | None) -> None:
+    """That a token of ``kind`` names exactly the swarm and agent its kind is scoped to
+    (admin and metrics tokens: neither; swarm: a swarm; agent: both), well formed."""
+    if kind in UNSCOPED_KINDS:
+        if swarm is not None or agent is not None:
+            raise InvalidArgument(f"{kind} tokens take neither 'swarm' nor 'agent'")
+        return
+    if swarm is None:
+        raise InvalidArgument(f"{kind} tokens need 'swarm'")
+    check_swarm_name(swarm)
+    if kind == "agent":
+        if agent is None or not AGENT_NAME_RE.match(agent):
+            raise InvalidArgument(
+                "agent tokens need 'agent': 1-128 characters of letters, digits, '_', '.', '@' "
+                "and '-', starting with a letter or digit"
+            )
+    elif agent is not None:
+        raise InvalidArgument("swarm tokens take no 'agent'; mint agent tokens for that")

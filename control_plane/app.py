@@ -118,7 +118,7 @@ def request_context(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         rid = uuid.uuid4().hex[:16]
-        state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+        state = scope.setdefault("state", {})
         state["request_id"] = rid
         started = time.perf_counter()
         status = 500
@@ -134,8 +134,8 @@ def request_context(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - started
-            catalog: Catalog = scope["app"].state["catalog"]  # type: ignore[index]
-            handler = scope.get("route_handler")  # type: ignore[typeddict-item]
+            catalog: Catalog = scope["app"].state["catalog"]
+            handler = scope.get("route_handler")
             route = getattr(handler, "handler_name", None) or "unmatched"
             catalog.metrics.requests.labels("http", route, str(status)).inc()
             catalog.metrics.request_seconds.labels("http", route).observe(seconds)

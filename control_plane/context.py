@@ -28,7 +28,7 @@ _PRINCIPAL = "quiver.principal"  # scope state key of the verified Principal
 
 
 def catalog_of(request: ASGIConnection[Any, Any, Any, Any]) -> Catalog:
-    return request.app.state["catalog"]  # type: ignore[no-any-return]
+    return request.app.state["catalog"]
 
 
 def request_id(request: ASGIConnection[Any, Any, Any, Any]) -> str:
@@ -43,7 +43,7 @@ def authenticated(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     """The caller's principal, verified once per request and set as ``request.user``, not yet
     marked used. A failure is audited as ``auth.failed`` and counted, so fail2ban sees every
     refused token."""
-    state = request.scope.setdefault("state", {})  # type: ignore[typeddict-item]
+    state = request.scope.setdefault("state", {})
     known = state.get(_PRINCIPAL)
     if isinstance(known, Principal):
         return known
@@ -88,7 +88,7 @@ class Access:
     name: str
     refusal: Callable[[Principal], str | None]
     # Whether the route takes no token at all when the catalog's config says so.
-    public_when: Callable[[Catalog], bool] = lambda catalog: False
+    public_when: Callable[[Catalog], bool] = lambda _catalog: False
 
     def __call__(self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         if self.public_when(catalog_of(connection)):

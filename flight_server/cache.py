@@ -458,7 +458,7 @@ class ResultCache:
         rows = sum(b.num_rows for b in batches)
         self._commit(key, schema, rows, size, batches=tuple(batches), truncated=truncated)
 
-    def _teeing(
+    def _teeing(  # noqa: C901  one state machine over the stream: held, spilled, given up
         self,
         key: CacheKey,
         reader: pa.RecordBatchReader,
@@ -574,18 +574,6 @@ class ResultCache:
         self._metrics.bytes.set(self._used["memory"] + self._used["disk"])
         self._metrics.entries.set(sum(len(p) for p in self._tiers.values()))
 
-    def invalidate(self, table: TableRef | TableKey, version: int | None = None) -> int:
-        """Drop the entries that read ``table`` (those older than ``version`` when given)."""
-        t = _table_key(table)
-        with self._lock:
-            if version is not None:
-                self._latest[t] = max(version, self._latest.get(t, version))
-            doomed = self._take_locked(
-                lambda e: any(tk == t and (version is None or v < version) for tk, v in e.key.tables)
-            )
-        self._delete(doomed, "stale")
-        return len(doomed)
-
     def sweep(self) -> int:
         """Drop expired entries and, with a catalog at hand, entries of outdated versions."""
         dropped = 0
@@ -609,7 +597,7 @@ class ResultCache:
     def clear(self) -> int:
         """Drop every entry (not counted as evictions)."""
         with self._lock:
-            doomed = self._take_locked(lambda e: True)
+            doomed = self._take_locked(lambda _entry: True)
         self._delete(doomed, None)
         return len(doomed)
 

@@ -154,7 +154,7 @@ def _usage(cls: type[msgspec.Struct]) -> str:
     return "{" + ", ".join(f'"{f.name}": ...' for f in msgspec.structs.fields(cls)) + "}"
 
 
-def explain(
+def explain(  # noqa: PLR0911  one sentence per kind of msgspec error
     raw: bytes,
     err: msgspec.ValidationError,
     *,

@@ -95,7 +95,7 @@ class SplitOptions:
 
 
 class Planner:
-    def __init__(
+    def __init__(  # noqa: PLR0913  the planner's collaborators, wired once by quiver/runtime.py
         self,
         catalog: Catalog,
         guard: SqlGuard,
@@ -281,7 +281,7 @@ class Planner:
             total = -1
         else:
             assert cmd.rows is not None
-            cached = self._cached_sample(ref, cmd) if cmd.method != "random" else None
+            cached = self._cached_sample(ref) if cmd.method != "random" else None
             if cached is not None:
                 columns = tuple(schema.names) if cmd.columns is not None else None
                 n = min(cached.rows, cmd.rows)
@@ -298,7 +298,7 @@ class Planner:
             "sample", schema, total, (part,), (ref,), ref.qualified, timeout=True, row_cap=part.row_cap
         )
 
-    def _cached_sample(self, ref: TableRef, cmd: SampleCommand) -> CachedTable | None:
+    def _cached_sample(self, ref: TableRef) -> CachedTable | None:
         """The cached table for a first-N-rows sample, when it holds the current layout. Only a
         lookup: a sample never fills the cache."""
         cache = self.table_cache

@@ -230,15 +230,6 @@ def _select_columns(
     return list(seen.values())
 
 
-def validate_columns(columns: Any) -> tuple[str, ...] | None:
-    """Check a request's ``columns`` value: absent/None, or a non-empty list of names."""
-    if columns is None:
-        return None
-    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) and c for c in columns):
-        raise InvalidArgument('"columns" must be a non-empty list of column names')
-    return tuple(columns)
-
-
 def profile_table(
     cur: duckdb.DuckDBPyConnection, ref: TableRef, columns: Sequence[str] | None = None
 ) -> pa.Table:
@@ -429,14 +420,6 @@ class ProfileCache:
             self._entries.move_to_end(key)
             while len(self._entries) > self._max:
                 self._entries.popitem(last=False)
-
-    def invalidate(self, ref: TableRef | None = None) -> int:
-        """Drop cached profiles (of one table, or all); returns how many were dropped."""
-        with self._lock:
-            keys = [k for k in self._entries if ref is None or k[0] == ref.key()]
-            for k in keys:
-                del self._entries[k]
-            return len(keys)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -257,7 +257,7 @@ class QuiverFlightServer(flight.FlightServerBase):
 
     # --- actions --------------------------------------------------------------------------
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
-        return self._run(context, "list_actions", lambda p, s: list(ACTIONS.items()))
+        return self._run(context, "list_actions", lambda _p, _s: list(ACTIONS.items()))
 
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
         def run(principal: Principal, state: CallState) -> list[bytes]:
@@ -304,7 +304,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
-        def run(principal: Principal, state: CallState) -> None:
+        def run(_principal: Principal, _state: CallState) -> None:
             raise InvalidArgument("DoPut is not offered by this server: the data plane is read-only")
 
         self._run(context, "do_put", run)
@@ -316,7 +316,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
-        def run(principal: Principal, state: CallState) -> None:
+        def run(_principal: Principal, _state: CallState) -> None:
             raise InvalidArgument("DoExchange is not offered by this server; use GetFlightInfo and DoGet")
 
         self._run(context, "do_exchange", run)

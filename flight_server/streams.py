@@ -90,7 +90,7 @@ class Streamer:
         """Close the spare cursors (at server shutdown)."""
         self._cursors.close()
 
-    def open(self, plan: Plan, index: int, state: CallState) -> flight.FlightDataStream:
+    def open(self, plan: Plan, index: int, state: CallState) -> flight.FlightDataStream:  # noqa: C901, PLR0911  a dispatch on the part's kind
         part = plan.parts[index]
         if isinstance(part, ResultPart):
             assert state.principal is not None
@@ -139,7 +139,7 @@ class Streamer:
         if plan.timeout:
             deadline = self.watchdog.arm(self.timeout, cur.interrupt)
             state.deadline = deadline
-            state.cleanups.append(lambda: Watchdog.disarm(deadline))  # type: ignore[arg-type]
+            state.cleanups.append(lambda: Watchdog.disarm(deadline))
         try:
             if isinstance(part, ProfilePart):
                 table = self.profiles.profile(part.ref, part.columns, cursor=cur)
@@ -430,7 +430,7 @@ def arrow_stream(
     both give the same rows."""
     values = list(params) if params else None
     if _submit is not None:
-        return _submit(cur, sql, values, "stream", batch_rows).arrow_reader()  # type: ignore[no-any-return]
+        return _submit(cur, sql, values, "stream", batch_rows).arrow_reader()
     return cur.sql(sql, params=values).to_arrow_reader(batch_rows)
 
 

@@ -175,7 +175,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911  a dispatch on the subcommand
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":

@@ -104,7 +104,7 @@ class Progress:
         self.last = 0.0
         self.drawn = False
 
-    def __call__(self, rows: int, nbytes: int, total: int | None) -> None:
+    def __call__(self, rows: int, _nbytes: int, total: int | None) -> None:
         now = time.monotonic()
         if now - self.last < (0.2 if self.tty else self.every):
             return

@@ -142,7 +142,7 @@ _STATUS_WORDS = {
 }
 
 
-def client_error(exc: BaseException) -> QuiverClientError:
+def client_error(exc: BaseException) -> QuiverClientError:  # noqa: PLR0911  a dispatch on the pyarrow exception
     """The :class:`QuiverClientError` for anything pyarrow raised during a call."""
     if isinstance(exc, QuiverClientError):
         return exc
@@ -377,7 +377,7 @@ class QuiverClient:
             if chunk.data is not None:
                 yield chunk.data
 
-    def _parallel_batches(
+    def _parallel_batches(  # noqa: C901  producers, consumer and clean-up share one scope
         self,
         endpoints: list[flight.FlightEndpoint],
         depth: int,

@@ -229,7 +229,7 @@ def _read_secret(path: str, key: str) -> str:
 # --- typed bindings ------------------------------------------------------------------------------
 
 
-def bind(col: SourceColumn, value: Any) -> tuple[str, Any]:
+def bind(col: SourceColumn, value: Any) -> tuple[str, Any]:  # noqa: PLR0911  a dispatch on the column's type
     """A placeholder and its typed parameter for comparing ``col`` with ``value`` at the source."""
     b = col.base
     if isinstance(value, bool):

@@ -89,7 +89,7 @@ class RunRecord:
         return (end - self.started_at).total_seconds()
 
 
-def encode_watermark(value: Any) -> tuple[str | None, str | None]:
+def encode_watermark(value: Any) -> tuple[str | None, str | None]:  # noqa: PLR0911  a dispatch on the value's type
     """(text, kind) for a cursor value; timestamps with a zone are stored in UTC."""
     if value is None:
         return None, None

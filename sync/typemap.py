@@ -115,7 +115,7 @@ class SourceColumn:
         )
 
 
-def duckdb_type(col: SourceColumn) -> str:
+def duckdb_type(col: SourceColumn) -> str:  # noqa: C901, PLR0911  a dispatch on the Snowflake type
     b = col.base
     if b in _NUMBER_TYPES:
         p = col.precision if col.precision is not None else 38

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import pyarrow.flight as flight
@@ -38,11 +38,15 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
 
 
 def wait_until(
-    condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+    condition: Callable[[], T | Literal[False] | None],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "",
 ) -> T:
     """Poll ``condition`` until it returns something truthy, and return that; fail with
     ``what`` (and the last value) after ``timeout`` seconds. The one deadline loop of the
-    suite: tests wait for a condition, never for a fixed time."""
+    suite: tests wait for a condition, never for a fixed time. ``cond and value`` is a
+    condition too: the False or None it returns while waiting is not part of the result's type."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -61,7 +65,7 @@ def call_options(token: str | None, timeout: float | None = 30.0) -> flight.Flig
 def error_info(exc: flight.FlightError) -> dict[str, Any]:
     """The ``{"code", "detail"}`` that every Quiver Flight error carries in extra_info."""
     assert exc.extra_info, f"no extra_info on {exc!r}"
-    return json.loads(exc.extra_info)  # type: ignore[no-any-return]
+    return json.loads(exc.extra_info)
 
 
 @dataclass
@@ -158,7 +162,7 @@ class ServeProcess:
         )
         self.banner: list[str] = []
         self.flight_url = self.http_url = ""
-        assert self.proc.stdout is not None
+        assert self.proc.stdout is not None and self.proc.stderr is not None  # both PIPEs
         for line in self.proc.stdout:
             self.banner.append(line.rstrip("\n"))
             if "Arrow Flight:" in line:
@@ -171,7 +175,7 @@ class ServeProcess:
             self.proc.kill()
             raise RuntimeError(
                 "quiver serve did not start:\n" + "\n".join(self.banner) + self.proc.stderr.read()
-            )  # type: ignore[union-attr]
+            )
 
     def stop(self, sig: int | None = None, timeout: float = 30) -> int:
         import signal

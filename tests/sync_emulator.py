@@ -20,9 +20,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from sync import SyncService
 
 _PATCHED = False
 _REQUIRED_PASSWORD: dict[str, str | None] = {"value": None}
@@ -196,7 +199,7 @@ def emulator_in_process() -> Iterator[Emulator]:
 class EmulatorProcess(Emulator):
     """fakesnow as a child process: a source that can be killed in the middle of a load."""
 
-    def __init__(self, port: int | None = None, db_path: str | None = None) -> None:
+    def __init__(self, port: int | None = None) -> None:
         super().__init__(port or free_port())
         env = dict(os.environ)
         self.proc = subprocess.Popen(
@@ -250,7 +253,9 @@ def sync_config(data_dir: Any, emu: Emulator, tables: list[dict[str, Any]], *, s
 
 
 @contextlib.contextmanager
-def sync_service(data_dir: Any, emu: Emulator, tables: list[dict[str, Any]], **kwargs: Any) -> Iterator[Any]:
+def sync_service(
+    data_dir: Any, emu: Emulator, tables: list[dict[str, Any]], **kwargs: Any
+) -> Iterator[SyncService]:
     """A real catalog (DuckDB file in ``data_dir``) and a SyncService over it."""
     from catalog import Catalog
     from sync import SyncService

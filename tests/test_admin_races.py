@@ -124,10 +124,11 @@ def test_parallel_creates_of_one_swarm_answer_one_201_and_409s(server: Server) -
     clients = [_client(server) for _ in range(THREADS)]
     for n in range(3):
         name = f"dup{n}"
-        responses = _race(
-            THREADS,
-            lambda i, name=name: clients[i].post("/v1/swarms", json={"name": name, "tables": [LISTS[i][0]]}),
-        )
+
+        def create(i: int, name: str = name) -> httpx.Response:
+            return clients[i].post("/v1/swarms", json={"name": name, "tables": [LISTS[i][0]]})
+
+        responses = _race(THREADS, create)
         statuses = sorted(r.status_code for r in responses)
         assert statuses == [201] + [409] * (THREADS - 1), [r.text for r in responses]
         for r in responses:
@@ -143,7 +144,11 @@ def test_parallel_revokes_of_one_jti_are_idempotent(server: Server) -> None:
     for n in range(3):
         token = server.mint("agent", agent=f"revoked-{n}")
         jti = server.catalog.tokens.verify(token).jti
-        responses = _race(THREADS, lambda i, jti=jti: clients[i].delete(f"/v1/tokens/{jti}"))
+
+        def revoke(i: int, jti: str = jti) -> httpx.Response:
+            return clients[i].delete(f"/v1/tokens/{jti}")
+
+        responses = _race(THREADS, revoke)
         assert [r.status_code for r in responses] == [200] * THREADS, [r.text for r in responses]
         assert len({r.json()["revoked_at"] for r in responses}) == 1
         assert server.http(token).get("/v1/whoami").status_code == 401
@@ -224,7 +229,7 @@ def test_tokens_minted_while_their_swarm_is_deleted_never_work(restartable: list
     refused(_restart(restartable))
 
 
-def test_mixed_admin_writes_on_one_swarm_never_fail_and_leave_one_truth(restartable: list[Server]) -> None:
+def test_mixed_admin_writes_on_one_swarm_never_fail_and_leave_one_truth(restartable: list[Server]) -> None:  # noqa: C901  one scenario: each thread cycles through six writes
     """Creates, deletes, allowlist PUTs, mints, refreshes and bulk revocations of one swarm
     at once: only documented answers, and afterwards the database, the in-memory policy, GET
     and the data plane agree; no token of a deleted instance works."""

@@ -256,7 +256,7 @@ def test_leftover_files_from_an_earlier_process_are_removed(db: Database, tmp_pa
 
 def _action(client: flight.FlightClient, token: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
     results = list(client.do_action(flight.Action(name, json.dumps(body).encode()), call_options(token)))
-    return json.loads(results[0].body.to_pybytes())  # type: ignore[no-any-return]
+    return json.loads(results[0].body.to_pybytes())
 
 
 def _require_wiring(server: Server) -> flight.FlightClient:

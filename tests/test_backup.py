@@ -67,7 +67,7 @@ def backup_server(tmp_path: Path) -> Iterator[Server]:
     s.stop()
 
 
-def test_backup_while_serving_then_wipe_and_restore(
+def test_backup_while_serving_then_wipe_and_restore(  # noqa: PLR0915  one scenario from backup to restore, step by step
     backup_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = backup_server

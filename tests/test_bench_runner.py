@@ -46,3 +46,17 @@ def test_merge_replaces_by_title_and_keeps_the_rest() -> None:
     old = "# Benchmark results\n\nheader\n\n## A\n\nold a\n\n## B\n\nold b\n"
     merged = _merge(old, ["## B\n\nnew b", "## C\n\nnew c"])
     assert merged == ["## A\n\nold a", "## B\n\nnew b", "## C\n\nnew c"]
+
+
+def test_profile_point_finds_every_step_it_times() -> None:
+    """profile_point wraps server functions by module and name: a rename must fail here, not
+    the next time someone profiles (it imported flight_server.endpoints, renamed planner).
+    In a child process: the wrappers replace the server's functions for good."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from tests.bench.profile_point import _instrument; _instrument()"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr

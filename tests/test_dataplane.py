@@ -201,13 +201,14 @@ def test_random_samples_match_duckdb_whatever_its_thread_count(server: Server, t
     con.execute(f"SET threads = {threads}")
     con.register("data", data)
     con.execute("CREATE TABLE t AS SELECT * FROM data")
-    for body, sql in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"percent": 3, "seed": 42}, "SELECT * FROM t USING SAMPLE 3 PERCENT (bernoulli, 42)"),
         (
             {"rows": 500, "method": "random", "seed": 7},
             "SELECT * FROM t USING SAMPLE 500 ROWS (reservoir, 7)",
         ),
-    ]:
+    ]
+    for body, sql in cases:
         got = fetch(client, cmd(kind="sample", table="secret.spread", **body), admin)
         assert got.equals(con.sql(sql).to_arrow_table()), body
 

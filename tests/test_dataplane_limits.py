@@ -109,6 +109,7 @@ def test_timeout_mid_stream_of_a_volatile_query(slow: Server) -> None:
         client.do_get(info.endpoints[0].ticket, opts).read_all()
     assert error_info(caught.value)["code"] == "DEADLINE_EXCEEDED"
     assert "Traceback" not in str(caught.value)
+    assert slow.demo_token is not None  # a demo server
     with QuiverClient(slow.flight_url, slow.demo_token) as qc, pytest.raises(QuiverClientError) as typed:
         qc.query(TRICKLE_VOLATILE)
     assert typed.value.code == "DEADLINE_EXCEEDED"

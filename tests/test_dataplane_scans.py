@@ -100,6 +100,7 @@ def test_a_change_without_a_version_bump_is_caught_too(server: Server) -> None:
 def test_parallel_fetch_by_the_client(server: Server) -> None:
     from quiver_client import QuiverClient
 
+    assert server.demo_token is not None  # a demo server
     with QuiverClient(server.flight_url, server.demo_token) as qc:
         table = qc.read("demo.events")
         streamed = qc.read_stream("demo.events").read_all()

@@ -85,7 +85,7 @@ def test_doget_and_async_queries_agree_on_a_runtime_fault(server: Server) -> Non
 
     def action(name: str, body: dict[str, object]) -> dict[str, object]:
         (result,) = client.do_action(flight.Action(name, json.dumps(body).encode()), opts)
-        return json.loads(result.body.to_pybytes())  # type: ignore[no-any-return]
+        return json.loads(result.body.to_pybytes())
 
     submitted = action("submit-query", {"sql": RUNTIME_FAULT})
     deadline = time.monotonic() + 30

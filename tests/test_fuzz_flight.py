@@ -107,7 +107,7 @@ def _coded(exc: flight.FlightError) -> dict[str, Any]:
     info = json.loads(exc.extra_info)
     assert info["code"] in CODES, info
     assert len(info["detail"]) <= DETAIL_BOUND
-    return info  # type: ignore[no-any-return]
+    return info
 
 
 @pytest.fixture(scope="module")

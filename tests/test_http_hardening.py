@@ -176,7 +176,7 @@ def test_concurrent_hostile_bodies_leave_the_server_serving(server: Server) -> N
     results: list[tuple[str, int, str]] = []
     lock = threading.Lock()
 
-    def hostile(token: str | None, i: int) -> None:
+    def hostile(token: str | None) -> None:
         with httpx.Client(base_url=server.http_url, timeout=60) as c:
             headers = {**JSON, **({"authorization": f"Bearer {token}"} if token else {})}
             for body in (DEEP_ARRAY, DEEP_OBJECT):
@@ -189,10 +189,7 @@ def test_concurrent_hostile_bodies_leave_the_server_serving(server: Server) -> N
         with lock:
             results.append(("good", r.status_code, r.headers["x-request-id"]))
 
-    threads = [
-        threading.Thread(target=hostile, args=(t, i))
-        for i, t in enumerate([None, "junk", server.admin_token] * 3)
-    ]
+    threads = [threading.Thread(target=hostile, args=(t,)) for t in [None, "junk", server.admin_token] * 3]
     threads += [threading.Thread(target=good, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()

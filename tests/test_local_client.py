@@ -35,7 +35,7 @@ def src(emu: Emulator) -> Source:
     return s
 
 
-def _sync(emu: Emulator, src: Source) -> dict[str, Any]:
+def _sync(src: Source) -> dict[str, Any]:
     table = {
         "source": src.name("ORDERS"),
         "target": "sales.orders",
@@ -50,7 +50,7 @@ def _cli_config(path: Path, server: Server, emu: Emulator, src: Source, **sectio
     base: dict[str, Any] = {
         "server": {"data_dir": str(server.data_dir), "http_port": port_of(server.http_url)},
         "snowflake": emu.snowflake_section(),
-        "sync": _sync(emu, src),
+        "sync": _sync(src),
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
@@ -85,7 +85,7 @@ def tls_sync_server(
     _, cert, key = make_certificates(root / "pki")  # the CA is pki/ca.pem (_ca_of)
     tls = {"cert_file": str(cert), "key_file": str(key)}
     server = start_server(
-        root / "data", demo=False, snowflake=emu.snowflake_section(), sync=_sync(emu, src), tls=tls
+        root / "data", demo=False, snowflake=emu.snowflake_section(), sync=_sync(src), tls=tls
     )
     yield server, tls
     server.stop()
@@ -166,7 +166,7 @@ def test_backup_and_sync_status_reach_a_tls_server_in_another_process(
         "server": {"data_dir": str(data), "host": "127.0.0.1"},
         "tls": {"cert_file": str(cert), "key_file": str(key)},
         "snowflake": emu.snowflake_section(),
-        "sync": _sync(emu, src),
+        "sync": _sync(src),
         "demo": {"scale": DEMO_SCALE},
     }
     serve = ServeProcess(data, "--config", str(write_toml(tmp_path / "serve.toml", sections)))
@@ -195,14 +195,14 @@ def two_quivers(emu: Emulator, src: Source, tmp_path: Path) -> Iterator[tuple[Pa
     naming B's port: (A's data dir, B, A's config)."""
     a = tmp_path / "a"
     start_server(a, demo=False).stop()  # A's database, signing key and admin.token exist
-    b = start_server(tmp_path / "b", demo=False, snowflake=emu.snowflake_section(), sync=_sync(emu, src))
+    b = start_server(tmp_path / "b", demo=False, snowflake=emu.snowflake_section(), sync=_sync(src))
     try:
         config = write_toml(
             tmp_path / "a.toml",
             {
                 "server": {"data_dir": str(a), "http_port": port_of(b.http_url)},
                 "snowflake": emu.snowflake_section(),
-                "sync": _sync(emu, src),
+                "sync": _sync(src),
             },
         )
         yield a, b, config

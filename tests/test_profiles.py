@@ -280,7 +280,6 @@ def test_cache_is_bounded(fresh_db: Database) -> None:
     cache.profile(ref)
     cache.profile(ref, ["Y", "y"])  # a third key evicts the least recently used
     assert cache.stats()["entries"] == 2
-    assert cache.invalidate(ref) == 2 and cache.stats()["entries"] == 0
 
 
 # --- through the Flight server ----------------------------------------------------------------

@@ -28,7 +28,7 @@ def sh_block(after_heading: str, first_line: str) -> str:
     section = README.split(after_heading, 1)[1]
     for block in re.findall(r"```sh\n(.*?)```", section, re.S):
         if block.startswith(first_line):
-            return block  # type: ignore[no-any-return]
+            return block
     raise AssertionError(f"README.md: no sh block starting {first_line!r} under {after_heading!r}")
 
 

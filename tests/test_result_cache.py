@@ -70,9 +70,7 @@ class Harness:
         versions = {ref: current.get(ref.key(), 0) for ref in q.tables}
         return q, self.cache.key(q.normalized, params or [], max_rows, versions)
 
-    def run(
-        self, sql: str, params: list[Any] | None = None, *, consume: bool = True
-    ) -> tuple[pa.RecordBatchReader, bool]:
+    def run(self, sql: str, params: list[Any] | None = None) -> tuple[pa.RecordBatchReader, bool]:
         q, key = self.key(sql, params)
         entry = self.cache.get(key)
         if entry is not None:
@@ -297,7 +295,7 @@ def test_metrics_in_the_registry(make: Any) -> None:
     assert registry.get_sample_value("quiver_cache_bytes") == h.cache.stats()["bytes"] > 0
 
 
-def test_leftover_files_are_removed_at_start(db: Database, tmp_path: Path) -> None:
+def test_leftover_files_are_removed_at_start(tmp_path: Path) -> None:
     d = tmp_path / "c"
     d.mkdir()
     (d / "abc.arrows").write_bytes(b"x")
@@ -324,7 +322,7 @@ def _cache_status(server: Server) -> dict[str, Any]:
     body = status.json()
     if "cache" not in body:
         pytest.skip("the server does not register the result cache yet (core wires ResultCache)")
-    return body["cache"]  # type: ignore[no-any-return]
+    return body["cache"]
 
 
 def test_server_cache_hit_miss_and_stats_in_status_and_metrics(server: Server) -> None:

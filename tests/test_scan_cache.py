@@ -92,6 +92,7 @@ def test_the_python_client_reads_the_cached_table(server: Server) -> None:
     from quiver_client import QuiverClient
 
     want = _duckdb(server, "SELECT * FROM demo.orders ORDER BY rowid")
+    assert server.demo_token is not None  # a demo server
     with QuiverClient(server.flight_url, server.demo_token) as qc:
         assert qc.read("demo.orders").equals(want)
         assert qc.read("demo.orders").equals(want)
@@ -296,7 +297,7 @@ def test_a_table_larger_than_the_budget_is_never_cached(small: Server) -> None:
     assert stats["bytes"] == held <= BUDGET
 
 
-def test_a_zero_budget_turns_the_cache_off(tmp_path: Any) -> None:
+def test_a_zero_budget_turns_the_cache_off() -> None:
     assert load_config(None, environ={"QUIVER_CACHE_TABLE_MEMORY_BYTES": "0"}).cache.table_memory_bytes == 0
     assert load_config(None, environ={}).cache.table_memory_bytes == "auto"
     assert TableCache(0).enabled is False

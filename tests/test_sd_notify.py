@@ -139,7 +139,7 @@ def test_without_notify_socket_nothing_is_sent() -> None:
     assert watchdog_interval({}) is None
 
 
-def test_abstract_socket_address(notify_socket: tuple[socket.socket, str]) -> None:
+def test_abstract_socket_address() -> None:
     """systemd may name an abstract socket (``@name``): the leading @ stands for a NUL."""
     name = f"quiver-test-{os.getpid()}-{time.monotonic_ns()}"
     abstract = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

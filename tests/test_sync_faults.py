@@ -8,11 +8,14 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 
 from catalog import TableRef
+from sync import SyncService
+from sync.context import ProgressFn
 from tests.sync_emulator import (
     Emulator,
     EmulatorProcess,
@@ -34,14 +37,14 @@ def events(emu: Emulator) -> Source:
     return src
 
 
-def _failed_and_recorded(service: object, message: str) -> dict[str, object]:
-    status = service.status()["tables"][0]  # type: ignore[attr-defined]
+def _failed_and_recorded(service: SyncService, message: str) -> dict[str, Any]:
+    status: dict[str, Any] = service.status()["tables"][0]
     assert status["last_run"]["outcome"] == "failed"
     assert message in status["last_run"]["error"]
     assert status["running"] is False
-    history = service.history(status["table"])  # type: ignore[attr-defined]
+    history = service.history(status["table"])
     assert history[0]["outcome"] == "failed" and message in history[0]["error"]
-    return status  # type: ignore[no-any-return]
+    return status
 
 
 def test_unknown_source_table(emu: Emulator, events: Source, tmp_path: Path) -> None:
@@ -124,7 +127,7 @@ def test_unreachable_host_is_retried_with_the_error_in_status_then_fails(
     table = {"source": events.name("EVENTS"), "target": "f.unreachable"}
     closed = {"port": free_port(), "login_timeout": 2, "network_timeout": 2, "socket_timeout": 2}
     with sync_service(tmp_path, emu, [table], snowflake=closed, retry_seconds=3) as service:
-        seen: list[dict[str, object]] = []
+        seen: list[dict[str, Any]] = []
         worker = threading.Thread(target=service.run_now)
         worker.start()
         while worker.is_alive():
@@ -134,8 +137,8 @@ def test_unreachable_host_is_retried_with_the_error_in_status_then_fails(
             time.sleep(0.05)
         worker.join()
         assert seen, "status never showed the error while the run was retrying"
-        assert seen[0]["last_run"]["outcome"] == "running"  # type: ignore[index]
-        assert "cannot connect to Snowflake" in seen[0]["last_run"]["error"]  # type: ignore[index]
+        assert seen[0]["last_run"]["outcome"] == "running"
+        assert "cannot connect to Snowflake" in seen[0]["last_run"]["error"]
         _failed_and_recorded(service, "cannot connect to Snowflake")
 
 
@@ -176,8 +179,8 @@ def test_source_killed_mid_load_leaves_the_replica_and_watermark_then_catches_up
                 database="KILL",
             )
 
-            def kill_after_first_page(_table: str):  # type: ignore[no-untyped-def]
-                return lambda rows, _b, _t: first.kill()
+            def kill_after_first_page(_table: str) -> ProgressFn:
+                return lambda _rows, _b, _t: first.kill()
 
             (run,) = service.run_now(progress=kill_after_first_page)
             assert run.outcome == "failed"

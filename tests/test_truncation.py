@@ -256,7 +256,7 @@ def test_uncapped_reads_carry_no_row_cap(server: Server, opts: Any) -> None:
 # --- async queries --------------------------------------------------------------------------------
 def _action(client: flight.FlightClient, opts: Any, name: str, body: dict[str, Any]) -> dict[str, Any]:
     result = next(client.do_action(flight.Action(name, json.dumps(body).encode()), opts))
-    return json.loads(result.body.to_pybytes())  # type: ignore[no-any-return]
+    return json.loads(result.body.to_pybytes())
 
 
 def _wait(client: flight.FlightClient, opts: Any, query_id: str) -> dict[str, Any]:

@@ -267,7 +267,7 @@ def ansible(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def check_live(root: Path, work: Path) -> None:
+def check_live(root: Path, work: Path) -> None:  # noqa: PLR0915  one check of the live system, step by step
     print("Quiver running in the root", flush=True)
     log = work / "quiver-live.log"
     log.write_text("")

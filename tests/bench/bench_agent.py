@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import duckdb
 import httpx
@@ -60,6 +60,7 @@ from tests.bench.bench_flight import (
     _start_roapi,
 )
 
+P = ParamSpec("P")
 POINTS = int(os.environ.get("QUIVER_BENCH_POINTS", "300"))
 SCAN_SQL = "SELECT * FROM bench.t"
 FRESH_SQL = "SELECT * FROM bench.t WHERE id = {k}"
@@ -235,15 +236,15 @@ def _scans(
     for name, scan in scans.items():  # warm-up and a correctness check
         assert scan() == ROWS, name
     times: dict[str, list[float]] = {name: [] for name in scans}
-    before = {q.name: q.counters() for q in (on, off)}
+    before_all = {q.name: q.counters() for q in (on, off)}
     for _ in range(REPS):
         for name, scan in scans.items():
             _settle()
             started = time.perf_counter()
             scan()
             times[name].append(time.perf_counter() - started)
-    warm_on = _warm(before["quiver"], on.counters())
-    warm_off = _warm(before["quiver-off"], off.counters())
+    warm_on = _warm(before_all["quiver"], on.counters())
+    warm_off = _warm(before_all["quiver-off"], off.counters())
     s = {name: statistics.median(ts) for name, ts in times.items()}
     for name, v in s.items():
         _say(f"scan {name}: {_rate(v)}")
@@ -339,7 +340,7 @@ def _scans(
 # --- point queries -----------------------------------------------------------------------------------
 
 
-def _points(
+def _points(  # noqa: C901, PLR0915  one benchmark target, measured step by step
     con: duckdb.DuckDBPyConnection, bare: flight.FlightClient, on: Quiver, off: Quiver, keys: list[int]
 ) -> list[Row]:
     """Target 2: point queries, each key against each contender in turn."""
@@ -363,9 +364,10 @@ def _points(
 
     timed: dict[str, list[float]] = {}
 
-    def clock(name: str, fn: Callable[[], Any]) -> None:
+    def clock(name: str, fn: Callable[P, object], *args: P.args, **kwargs: P.kwargs) -> None:
+        """Time ``fn(*args)``: the loop's values are passed, not bound as lambda defaults."""
         started = time.perf_counter()
-        fn()
+        fn(*args, **kwargs)
         timed.setdefault(name, []).append(time.perf_counter() - started)
 
     # Warm-up: connections, DuckDB's buffers for the table, the guard's function list.
@@ -385,10 +387,10 @@ def _points(
         for k in fresh_keys:
             sql = FRESH_SQL.format(k=k)
             clock("bare", bare_rt)
-            clock("duck", lambda sql=sql: con.sql(sql).to_arrow_table())
-            clock("duck_submit", lambda sql=sql: arrow_stream(con, sql).read_all())
-            clock("fresh_on", lambda sql=sql: on.client.query(sql))
-            clock("fresh_off", lambda k=k: off.client.query(FRESH_SQL.format(k=k + 1)))
+            clock("duck", lambda sql: con.sql(sql).to_arrow_table(), sql)
+            clock("duck_submit", lambda sql: arrow_stream(con, sql).read_all(), sql)
+            clock("fresh_on", on.client.query, sql)
+            clock("fresh_off", lambda k: off.client.query(FRESH_SQL.format(k=k + 1)), k)
             info_s, get_s = split(on, FRESH_SQL.format(k=k + 2), None)
             timed.setdefault("fresh_info", []).append(info_s)
             timed.setdefault("fresh_get", []).append(get_s)
@@ -415,8 +417,8 @@ def _points(
 
     def param_round() -> None:
         for k in fresh_keys:
-            clock("duck_param", lambda k=k: con.sql(PARAM_SQL, params=[k + 5]).to_arrow_table())
-            clock("param_on", lambda k=k: on.client.query(PARAM_SQL, [k + 5]))
+            clock("duck_param", lambda k: con.sql(PARAM_SQL, params=[k + 5]).to_arrow_table(), k)
+            clock("param_on", lambda k: on.client.query(PARAM_SQL, [k + 5]), k)
             info_s, get_s = split(on, PARAM_SQL, [k + 6])
             timed.setdefault("param_info", []).append(info_s)
             timed.setdefault("param_get", []).append(get_s)
@@ -425,8 +427,8 @@ def _points(
 
     def const_round() -> None:
         for k in const_keys:
-            clock("duck_const", lambda k=k: con.sql(CONST_SQL.format(k=k)).to_arrow_table())
-            clock("const_on", lambda k=k: on.client.query(CONST_SQL.format(k=k)))
+            clock("duck_const", lambda k: con.sql(CONST_SQL.format(k=k)).to_arrow_table(), k)
+            clock("const_on", lambda k: on.client.query(CONST_SQL.format(k=k)), k)
 
     group("const_on", on, const_round)
 

@@ -286,7 +286,7 @@ def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def _report(
+def _report(  # noqa: PLR0913  every measurement the report prints
     duck_t: dict[str, list[float]],
     off_t: dict[str, list[float]],
     first_t: dict[str, float],

@@ -499,7 +499,7 @@ def _concurrently(clients: list[Any], fn: Callable[[Any, int], Any]) -> float:
 # --- the report ----------------------------------------------------------------------------------------
 
 
-def _report(
+def _report(  # noqa: PLR0913  every measurement the report prints
     mb: float,
     scan_s: dict[str, float],
     cold: float,

@@ -56,7 +56,7 @@ def main(calls: int) -> None:
     cases: dict[str, Callable[[int], str]] = {
         "fresh literal": lambda k: f"SELECT * FROM bench.t WHERE id = {4711 + k}",
         "new shape": lambda k: f"SELECT id AS c{k} FROM bench.t WHERE id = {4711 + k}",
-        "repeated text": lambda k: "SELECT * FROM bench.t WHERE id = 4711",
+        "repeated text": lambda _k: "SELECT * FROM bench.t WHERE id = 4711",
     }
     print(f"python {sys.version.split()[0]}, pid {os.getpid()}, load(1 min) before: {_load()}")
     for name, text in cases.items():

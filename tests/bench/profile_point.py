@@ -60,19 +60,19 @@ def _timed(owner: Any, attr: str, label: str) -> None:
 
 def _instrument() -> None:
     from catalog import sqlguard
-    from flight_server import commands, endpoints, middleware, server, streams, tickets
+    from flight_server import commands, middleware, planner, server, streams, tickets
 
     _timed(middleware.AuthMiddlewareFactory, "start_call", "auth middleware (token verify)")
     _timed(server.QuiverFlightServer, "get_flight_info", "GetFlightInfo handler (all)")
     _timed(server.QuiverFlightServer, "do_get", "DoGet handler (until the stream object is returned)")
     _timed(commands, "decode_descriptor", "descriptor decode (msgspec)")
-    _timed(endpoints.Planner, "check_sql", "guard (cache lookup + check)")
+    _timed(planner.Planner, "check_sql", "guard (cache lookup + check)")
     _timed(
         sqlguard.SqlGuard, "_parse_uncached", "guard: parse (extract_statements + json_serialize_sql + json)"
     )
     _timed(sqlguard._Walk, "statement", "guard: walk of the parse tree")
     _timed(sqlguard._Sizer, "any", "guard: size bound walk")
-    _timed(endpoints.Planner, "query_schema", "schema: LIMIT 0 bind (admission + DuckDB)")
+    _timed(planner.Planner, "query_schema", "schema: LIMIT 0 bind (admission + DuckDB)")
     _timed(tickets.TicketStore, "issue", "ticket issue")
     _timed(tickets.TicketStore, "redeem", "ticket redeem")
     _timed(streams.Streamer, "open", "DoGet: stream open (cache lookup, cursor, run)")
@@ -212,10 +212,10 @@ def main(argv: list[str]) -> int:
     print(f"# machine load {os.getloadavg()}, {rows:,} rows, {calls} calls\n")
     print("DuckDB's own profile and the server's steps on plain connections (fresh text, medians of 100):\n")
     print("| step | p50 ms |\n| --- | --- |")
-    for k, v in duck.items():
-        print(f"| {k} | {v:.3f} |")
-    for r in reports:
-        print(r)
+    for step, ms in duck.items():
+        print(f"| {step} | {ms:.3f} |")
+    for report in reports:
+        print(report)
     return 0
 
 
