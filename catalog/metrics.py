@@ -23,7 +23,6 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import structlog
@@ -332,6 +331,7 @@ class BackupOutcomes:
             except OSError as e:
                 log.warning("backup.status_not_saved", path=str(self._path), error=str(e)[:200])
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> BackupStatus:
+        """The last outcome (replaced, never mutated: safe to hand out)."""
         with self._lock:
-            return msgspec.to_builtins(self._status)  # type: ignore[no-any-return]
+            return self._status

@@ -258,7 +258,6 @@ def sync_service(data_dir: Any, emu: Emulator, tables: list[dict[str, Any]], **k
     config = sync_config(data_dir, emu, tables, **kwargs)
     catalog = Catalog(config)
     service = SyncService(catalog, config)
-    catalog.sync = service
     try:
         yield service
     finally:
