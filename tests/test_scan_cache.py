@@ -78,9 +78,7 @@ def test_cached_scans_are_duckdbs_table_in_order(server: Server) -> None:
     assert 4 <= len(again_info.endpoints) <= 8 and again_info.ordered
     assert after.fills["ok"] == before.fills["ok"] + 1
     assert after.hits >= before.hits + 1
-    assert {"table": "demo.events", "rows": 50_000} in [
-        {"table": t["table"], "rows": t["rows"]} for t in after.tables
-    ]
+    assert ("demo.events", 50_000) in [(t.table, t.rows) for t in after.tables]
     # The same figures in GET /v1/status (section "cache", key "tables") and in /metrics.
     status = server.http().get("/v1/status").json()["cache"]["tables"]
     assert status["entries"] == after.entries and status["budget_bytes"] > 0
