@@ -3,11 +3,9 @@ and the typed /v1/status answer (proto_docs/control_plane.md, proto_docs/authent
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
