@@ -12,8 +12,8 @@ there is one), ``quiver_memory_cgroup_bytes`` (what the cgroup is charged now) a
 memory_limit = "auto"`` is computed from). See proto_docs/configuration.md, "Metrics".
 
 Sync metrics (``quiver_sync_*``, proto_docs/sync.md "Metrics") are read at scrape time by
-:class:`_SyncCollector` from whatever the sync worker registered with
-:meth:`Metrics.set_sync_source` (``sync/service.py``; catalog never imports sync): lag and
+:class:`_SyncCollector` from the sync worker the process wiring hands
+:meth:`Metrics.set_sync_source` (``quiver/runtime.py``; catalog never imports sync): lag and
 last success come from the catalog's sync state, so they are true after a restart too.
 """
 

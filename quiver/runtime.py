@@ -292,7 +292,9 @@ class Runtime:
             return None
         from sync import SyncService
 
-        return SyncService(catalog, self.config)
+        service = SyncService(catalog, self.config)
+        catalog.metrics.set_sync_source(service.metric_samples)  # quiver_sync_* at each scrape
+        return service
 
     def _assemble_status(self, catalog: Catalog) -> ProcessStatus:
         """GET /v1/status and /healthz from what this process started: each section names the

@@ -9,10 +9,10 @@ Scheduling rules (proto_docs/sync.md, "Scheduling"):
 - a failing table backs off (interval x 2^(failures-1), capped) and never stops the others;
 - a trigger while the table runs queues exactly one follow-up run (a trigger is never lost).
 
-Metrics (proto_docs/sync.md, "Metrics"): the service registers :meth:`SyncService.metric_samples`
-with the catalog's registry, read at every scrape: lag, last success and consecutive
-failures from the catalog's sync state (true across restarts), runs and rows counted in
-memory as each run ends.
+Metrics (proto_docs/sync.md, "Metrics"): the process wiring hands
+:meth:`SyncService.metric_samples` to the catalog's metrics (``Metrics.set_sync_source``),
+read at every scrape: lag, last success and consecutive failures from the catalog's sync
+state (true across restarts), runs and rows counted in memory as each run ends.
 """
 
 from __future__ import annotations
@@ -117,7 +117,6 @@ class SyncService:
             self._tables[ts.key] = _Live(ts, self._first_due(state, entry.interval_seconds, now))
             if state is not None:
                 self._tables[ts.key].failures = state.consecutive_failures
-        catalog.metrics.set_sync_source(self.metric_samples)
 
     def _jitter(self, interval: float) -> float:
         return self._random.uniform(0, self.config.sync.jitter * interval)
