@@ -88,7 +88,7 @@ SyncSource = Callable[[], list[SyncTableSample]]
 
 
 class _SyncCollector(Collector):
-    """``quiver_sync_*`` from the registered source, computed at every scrape (lag is
+    """``quiver_sync_*`` from the source the runtime set, computed at every scrape (lag is
     "now minus the last success", so it grows between runs without anyone updating it)."""
 
     def __init__(self) -> None:

@@ -137,6 +137,6 @@ def _section(name: str, source: Callable[[], T] | None, errors: dict[str, str]) 
     try:
         return source()
     except Exception as e:  # one broken section must not hide the rest
-        log.error("status.section_failed", section=name, error=str(e), exc_info=e)
+        log.error("status.section_failed", section=name, error=bounded(str(e), 300), exc_info=e)
         errors[name] = bounded(str(e), 300)
         return UNSET
