@@ -1,7 +1,7 @@
 """Quiver's shared core: configuration, the DuckDB catalog, tokens, policy and audit."""
 
 from catalog.config import Config, load_config
-from catalog.core import VERSION, Catalog, SyncController
+from catalog.core import VERSION, Catalog
 from catalog.database import SYSTEM_SCHEMA, Database, quote_ident
 from catalog.errors import (
     Cancelled,
@@ -21,6 +21,7 @@ from catalog.errors import (
     WriteConflict,
 )
 from catalog.identity import Principal
+from catalog.status import StatusReport, SyncControl
 from catalog.tables import TableInfo, TableRef
 
 __all__ = [
@@ -41,7 +42,8 @@ __all__ = [
     "Principal",
     "QuiverError",
     "ResourceExhausted",
-    "SyncController",
+    "StatusReport",
+    "SyncControl",
     "TableInfo",
     "TableRef",
     "Unauthenticated",

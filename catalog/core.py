@@ -1,29 +1,29 @@
 """The :class:`Catalog`: everything the listeners and the sync worker share, opened once per
 process. ``flight_server``, ``control_plane`` and ``sync`` each receive it and never import
-one another; what one of them offers the others (sync status, query statistics, listener
-health) is registered here as a plain callable by the process wiring in ``quiver``.
+one another. It holds no registry of what they offer each other: the process wiring in
+``quiver`` asks each component for its status and hands the control plane what it needs
+explicitly (``catalog/status.py``, ``quiver/status.py``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
 
 import structlog
 
 from catalog.audit import AuditLog
 from catalog.config import Config
 from catalog.database import Database
-from catalog.errors import NotFound, QuiverError
+from catalog.errors import QuiverError
 from catalog.keys import KeyRing, write_private_atomic
 from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
 from catalog.resources import duckdb_memory_limit
 from catalog.retention import Retention
+from catalog.status import CatalogStatus, DatabaseStatus
 from catalog.swarms import SwarmStore
 from catalog.tables import TableCatalog
 from catalog.tokens import TokenService
@@ -36,14 +36,6 @@ VERSION = "0.1.0"
 SNAPSHOT_STAGING = ".snapshot"
 # The admin token the server keeps current for local commands (see ensure_admin_token).
 ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
-
-
-class SyncController(Protocol):
-    """What the control plane may ask of the sync worker (implemented in ``sync``)."""
-
-    def status(self) -> dict[str, Any]: ...
-
-    def trigger(self, table: str, *, full: bool = False) -> dict[str, Any]: ...
 
 
 class Catalog:
@@ -72,13 +64,6 @@ class Catalog:
         self.metrics = Metrics()
         self.retention = Retention(config.audit, self.audit, self.swarms.writes, self.metrics)
         self.backups = BackupOutcomes(data_dir, self.metrics)
-        # Filled in by the process wiring: listener name -> {"up": bool, "url": str}, and a
-        # probe per listener that checks it really accepts connections right now.
-        self.listeners: dict[str, dict[str, Any]] = {}
-        self.health_probes: dict[str, Callable[[], bool]] = {}
-        # Extra sections of GET /v1/status (e.g. "queries", "cache", "sync").
-        self.status_sections: dict[str, Callable[[], Any]] = {"backup": self.backups.status}
-        self.sync: SyncController | None = None
         self._closed = threading.Event()
         # (token, jti, expires_at) of what admin.token was last seen or written to hold.
         self._admin_token: tuple[str, str, datetime] | None = None
@@ -192,40 +177,20 @@ class Catalog:
         except Exception as e:  # noqa: BLE001 - housekeeping must never kill its thread
             log.warning("catalog.maintain_failed", error=str(e))
 
-    def status(self) -> dict[str, Any]:
-        self.metrics.uptime.set(time.time() - self.started_at)
+    def core_status(self) -> CatalogStatus:
+        """The catalog's own part of GET /v1/status (version, uptime, database, counts); also
+        refreshes the uptime and database-size gauges that /metrics serves."""
+        uptime = time.time() - self.started_at
+        self.metrics.uptime.set(uptime)
         size = self.db.size_bytes()
         self.metrics.database_bytes.set(size)
-        out: dict[str, Any] = {
-            "version": VERSION,
-            "uptime_seconds": round(time.time() - self.started_at, 3),
-            "listeners": self.listeners,
-            "database": {"path": str(self.db.path), "bytes": size},
-            "tables": len(self.tables.list_refs()),
-            "swarms": len(self.swarms.all()),
-        }
-        for name, section in self.status_sections.items():
-            try:
-                out[name] = section()
-            except Exception as e:  # noqa: BLE001 - one broken section must not hide the rest
-                out[name] = {"error": str(e)}
-        if "sync" not in out:
-            out["sync"] = self.sync.status() if self.sync else {"configured": False}
-        return out
-
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        """Whether every listener is up (its flag set and its probe answering)."""
-        report: dict[str, Any] = {}
-        for name, entry in self.listeners.items():
-            probe = self.health_probes.get(name)
-            up = bool(entry.get("up")) and (probe() if probe else True)
-            report[name] = {**entry, "up": up}
-        return bool(report) and all(v["up"] for v in report.values()), report
-
-    def require_sync(self) -> SyncController:
-        if self.sync is None:
-            raise NotFound("sync is not configured: add [snowflake] and [[sync.tables]] to quiver.toml")
-        return self.sync
+        return CatalogStatus(
+            version=VERSION,
+            uptime_seconds=round(uptime, 3),
+            database=DatabaseStatus(path=str(self.db.path), bytes=size),
+            tables=len(self.tables.list_refs()),
+            swarms=len(self.swarms.all()),
+        )
 
     def close(self) -> None:
         if self._closed.is_set():

@@ -12,8 +12,8 @@ there is one), ``quiver_memory_cgroup_bytes`` (what the cgroup is charged now) a
 memory_limit = "auto"`` is computed from). See proto_docs/configuration.md, "Metrics".
 
 Sync metrics (``quiver_sync_*``, proto_docs/sync.md "Metrics") are read at scrape time by
-:class:`_SyncCollector` from whatever the sync worker registered with
-:meth:`Metrics.set_sync_source` (``sync/service.py``; catalog never imports sync): lag and
+:class:`_SyncCollector` from the sync worker the process wiring hands
+:meth:`Metrics.set_sync_source` (``quiver/runtime.py``; catalog never imports sync): lag and
 last success come from the catalog's sync state, so they are true after a restart too.
 """
 
@@ -23,7 +23,6 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import structlog
@@ -89,7 +88,7 @@ SyncSource = Callable[[], list[SyncTableSample]]
 
 
 class _SyncCollector(Collector):
-    """``quiver_sync_*`` from the registered source, computed at every scrape (lag is
+    """``quiver_sync_*`` from the source the runtime set, computed at every scrape (lag is
     "now minus the last success", so it grows between runs without anyone updating it)."""
 
     def __init__(self) -> None:
@@ -332,6 +331,7 @@ class BackupOutcomes:
             except OSError as e:
                 log.warning("backup.status_not_saved", path=str(self._path), error=str(e)[:200])
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> BackupStatus:
+        """The last outcome (replaced, never mutated: safe to hand out)."""
         with self._lock:
-            return msgspec.to_builtins(self._status)
+            return self._status

@@ -13,12 +13,13 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from catalog import VERSION, Catalog
+from catalog import VERSION, Catalog, StatusReport, SyncControl
+from catalog.status import Health
 from control_plane.api_docs import render_plugins
 from control_plane.context import DEPENDENCIES, Access
 from control_plane.errors import EXCEPTION_HANDLERS
 from control_plane.gate import MAX_JSON_BODY, gate
-from control_plane.models import ErrorBody, Health
+from control_plane.models import ErrorBody
 from control_plane.routes import admin, backup, public, swarms, tokens
 
 log = structlog.get_logger("control_plane")
@@ -69,7 +70,7 @@ def statuses_of(handler: HTTPRouteHandler) -> set[int]:
         statuses |= {401, 403}
     if "data" in parameters:
         statuses |= {413, 415}
-    params = set(parameters) - {"request", "catalog", "data"}
+    params = set(parameters) - {"request", "data", *DEPENDENCIES}
     if any("{" + p + ":" in path for p in params for path in handler.paths):
         statuses.add(404)
     statuses.add(400)  # any route: an unknown or malformed query parameter (control_plane.gate)
@@ -152,7 +153,11 @@ def request_context(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-def create_app(catalog: Catalog) -> Litestar:
+def create_app(catalog: Catalog, *, report: StatusReport, sync: SyncControl | None = None) -> Litestar:
+    """The control plane over ``catalog``. ``report`` answers GET /v1/status and /healthz;
+    ``sync`` is the sync worker of GET /v1/sync and POST /v1/sync/{table}/run (None: those
+    answer 404). The process wiring builds both from the components it started
+    (quiver/runtime.py): the control plane never reaches into another component."""
     docs_plugins, docs_assets = render_plugins()
     app = Litestar(
         route_handlers=[*ROUTERS, *docs_assets],
@@ -172,6 +177,8 @@ def create_app(catalog: Catalog) -> Litestar:
         debug=False,
     )
     app.state["catalog"] = catalog
+    app.state["report"] = report
+    app.state["sync"] = sync
     document_errors(app)
     # Outside routing, not as route middleware: 404s and 405s get a request id, a log line
     # and a metric like every other answer.

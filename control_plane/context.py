@@ -21,7 +21,16 @@ from litestar.connection import ASGIConnection
 from litestar.di import Provide
 from litestar.handlers.base import BaseRouteHandler
 
-from catalog import Catalog, PermissionDenied, Principal, QuiverError, Unauthenticated
+from catalog import (
+    Catalog,
+    NotFound,
+    PermissionDenied,
+    Principal,
+    QuiverError,
+    StatusReport,
+    SyncControl,
+    Unauthenticated,
+)
 from catalog.identity import METRICS_ONLY
 
 _PRINCIPAL = "quiver.principal"  # scope state key of the verified Principal
@@ -133,7 +142,30 @@ def provide_catalog(request: Request[Any, Any, Any]) -> Catalog:
     return catalog_of(request)
 
 
-DEPENDENCIES = {"catalog": Provide(provide_catalog, sync_to_thread=False)}
+def provide_report(request: Request[Any, Any, Any]) -> StatusReport:
+    """The process's status and health, handed to :func:`control_plane.create_app`."""
+    return request.app.state["report"]
+
+
+def provide_sync(request: Request[Any, Any, Any]) -> SyncControl | None:
+    """The sync worker, None when this process runs none (see :func:`require_sync`)."""
+    return request.app.state["sync"]
+
+
+def require_sync(sync: SyncControl | None) -> SyncControl:
+    """The sync worker, or NOT_FOUND saying how to configure one. Called inside the
+    handler (not by the dependency), so a refused trigger is audited like any other."""
+    if sync is None:
+        raise NotFound("sync is not configured: add [snowflake] and [[sync.tables]] to quiver.toml")
+    return sync
+
+
+# What handlers receive by name besides the request and the body (never a query parameter).
+DEPENDENCIES = {
+    "catalog": Provide(provide_catalog, sync_to_thread=False),
+    "report": Provide(provide_report, sync_to_thread=False),
+    "sync": Provide(provide_sync, sync_to_thread=False),
+}
 
 
 @contextmanager

@@ -37,7 +37,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.handlers.base import BaseRouteHandler
 
 from catalog import InvalidArgument
-from control_plane.context import catalog_of, principal_of
+from control_plane.context import DEPENDENCIES, catalog_of, principal_of
 
 MAX_JSON_BODY = 1 << 20
 """Bytes a request body may have (413 beyond)."""
@@ -67,7 +67,7 @@ def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
 
-_INJECTED = frozenset({"request", "data", "catalog"})
+_INJECTED = frozenset({"request", "data", *DEPENDENCIES})
 
 
 def query_parameters(handler: BaseRouteHandler) -> set[str]:

@@ -73,6 +73,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from catalog import Catalog, TableRef
 from catalog.config import CacheConfig
 from catalog.database import Database
+from catalog.status import ResultCacheStatus
 from catalog.tables import TableCatalog, fold
 
 log = structlog.get_logger(__name__)
@@ -252,16 +253,15 @@ class ResultCache:
     @classmethod
     def for_catalog(cls, catalog: Catalog) -> ResultCache:
         """The cache of ``quiver serve``: DATA_DIR/cache, ``[cache]`` config, metrics in the
-        catalog's registry and a ``cache`` section in GET /v1/status."""
-        cache = cls(
+        catalog's registry. Its :meth:`stats` are the top of GET /v1/status "cache", which the
+        Flight server completes with the hot-table cache (``QuiverFlightServer.cache_status``)."""
+        return cls(
             catalog.data_dir / "cache",
             catalog.config.cache,
             db=catalog.db,
             tables=catalog.tables,
             registry=catalog.metrics.registry,
         )
-        catalog.status_sections["cache"] = cache.stats
-        return cache
 
     @staticmethod
     def _duckdb_volatile(db: Database | None) -> frozenset[str]:
@@ -601,26 +601,26 @@ class ResultCache:
         self._delete(doomed, None)
         return len(doomed)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ResultCacheStatus:
         with self._lock:
-            return {
-                "enabled": self.config.enabled,
-                "entries": sum(len(p) for p in self._tiers.values()),
-                "bytes": self._used["memory"] + self._used["disk"],
-                "memory_entries": len(self._tiers["memory"]),
-                "memory_bytes": self._used["memory"],
-                "disk_entries": len(self._tiers["disk"]),
-                "disk_bytes": self._used["disk"],
-                "max_bytes": self.config.max_bytes,
-                "max_memory_bytes": self.config.max_memory_bytes,
-                "max_entry_bytes": self.max_entry_bytes,
-                "ttl_seconds": self.config.ttl_seconds,
-                "hits": self.hits,
-                "misses": self.misses,
-                "uncacheable": self.uncacheable,
-                "too_large": self.too_large,
-                "evicted": dict(self.evicted),
-            }
+            return ResultCacheStatus(
+                enabled=self.config.enabled,
+                entries=sum(len(p) for p in self._tiers.values()),
+                bytes=self._used["memory"] + self._used["disk"],
+                memory_entries=len(self._tiers["memory"]),
+                memory_bytes=self._used["memory"],
+                disk_entries=len(self._tiers["disk"]),
+                disk_bytes=self._used["disk"],
+                max_bytes=self.config.max_bytes,
+                max_memory_bytes=self.config.max_memory_bytes,
+                max_entry_bytes=self.max_entry_bytes,
+                ttl_seconds=self.config.ttl_seconds,
+                hits=self.hits,
+                misses=self.misses,
+                uncacheable=self.uncacheable,
+                too_large=self.too_large,
+                evicted=dict(self.evicted),
+            )
 
     def close(self) -> None:
         """Stop the sweeper and delete every cached file."""

@@ -38,6 +38,7 @@ import structlog
 
 from catalog import Catalog, InvalidArgument, TableRef
 from catalog.database import Database
+from catalog.status import ProfilesStatus
 from catalog.tables import TableCatalog
 
 log = structlog.get_logger(__name__)
@@ -325,10 +326,8 @@ class ProfileCache:
 
     @classmethod
     def for_catalog(cls, catalog: Catalog) -> ProfileCache:
-        """A cache over the catalog's database, its stats registered in /v1/status."""
-        cache = cls(catalog.db, catalog.tables)
-        catalog.status_sections["profiles"] = cache.stats
-        return cache
+        """A cache over the catalog's database (its :meth:`stats` are /v1/status "profiles")."""
+        return cls(catalog.db, catalog.tables)
 
     def profile(
         self,
@@ -421,6 +420,6 @@ class ProfileCache:
             while len(self._entries) > self._max:
                 self._entries.popitem(last=False)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> ProfilesStatus:
         with self._lock:
-            return {"entries": len(self._entries), "hits": self.hits, "computed": self.computed}
+            return ProfilesStatus(entries=len(self._entries), hits=self.hits, computed=self.computed)

@@ -25,9 +25,9 @@ typed Structs, flight_server/commands.py; the planner prepares a query, ``Planne
 
     queries = QueryManager.for_catalog(catalog)
     ACTION_DESCRIPTIONS                                     # name -> description (ListActions)
-    queries.submit(principal, prepared) -> dict             # submit-query: a PreparedQuery
-    queries.status(principal, id) -> dict                   # query-status
-    queries.cancel(principal, id) -> dict                   # cancel-query
+    queries.submit(principal, prepared) -> QueryStatus      # submit-query: a PreparedQuery
+    queries.status(principal, id) -> QueryStatus            # query-status
+    queries.cancel(principal, id) -> QueryStatus            # cancel-query
     queries.result_info(principal, id) -> ResultInfo        # GetFlightInfo/GetSchema of a result
     queries.open_result(principal, id) -> (schema, reader, rows)  # DoGet of a result
     queries.close()                                          # at server shutdown
@@ -44,9 +44,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import duckdb
+import msgspec
 import pyarrow as pa
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -66,6 +67,7 @@ from catalog import (
 from catalog.config import ResultsConfig
 from catalog.database import Database
 from catalog.errors import bounded
+from catalog.status import AsyncQueriesStatus
 from flight_server.commands import iso
 from flight_server.errors import classify
 from flight_server.truncation import CapReason, RowCap
@@ -80,6 +82,35 @@ PARTIAL_SUFFIX = ".partial"
 #: Runs the (already guarded) query on the cursor it is given and returns DuckDB's Arrow
 #: stream. The cursor is the manager's: interrupting it cancels the query.
 Runner = Callable[[duckdb.DuckDBPyConnection], pa.RecordBatchReader]
+
+
+class QueryError(msgspec.Struct, kw_only=True):
+    """Why a query failed or was cancelled: the code and sentence of its QuiverError."""
+
+    code: str
+    detail: str
+
+
+class QueryStatus(msgspec.Struct, kw_only=True):
+    """The answer of ``submit-query``, ``query-status`` and ``cancel-query``
+    (proto_docs/actions.md). Times are ISO 8601 in UTC (``commands.iso``)."""
+
+    id: str
+    state: QueryState
+    sql: str
+    rows: int
+    bytes: int
+    elapsed_seconds: float
+    submitted_at: str
+    started_at: str | None
+    finished_at: str | None
+    expires_at: str | None
+    cancel_requested: bool
+    # Cut at the row cap (proto_docs/actions.md): never a silent partial answer.
+    truncated: bool
+    max_rows: int | None
+    max_rows_reason: CapReason | None
+    error: QueryError | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,18 +243,16 @@ class QueryManager:
     @classmethod
     def for_catalog(cls, catalog: Catalog) -> QueryManager:
         """The manager of ``quiver serve``: results in DATA_DIR/results, ``[results]`` config,
-        metrics in the catalog's registry, a section ``async_queries`` in /v1/status."""
-        manager = cls(
+        metrics in the catalog's registry (its :meth:`stats` are /v1/status "async_queries")."""
+        return cls(
             catalog.db,
             catalog.data_dir / "results",
             catalog.config.results,
             registry=catalog.metrics.registry,
         )
-        catalog.status_sections["async_queries"] = manager.stats
-        return manager
 
     # --- submitting ------------------------------------------------------------------------
-    def submit(self, principal: Principal, prepared: PreparedQuery) -> dict[str, Any]:
+    def submit(self, principal: Principal, prepared: PreparedQuery) -> QueryStatus:
         """Queue ``prepared`` for ``principal``; answers its status (state "queued")."""
         if self._closed.is_set():
             raise Unavailable("the server is shutting down; submit the query again after the restart")
@@ -406,10 +435,10 @@ class QueryManager:
             )
         return query
 
-    def status(self, principal: Principal, query_id: str) -> dict[str, Any]:
+    def status(self, principal: Principal, query_id: str) -> QueryStatus:
         return self._describe(self._get(principal, query_id))
 
-    def cancel(self, principal: Principal, query_id: str, *, wait_seconds: float = 2.0) -> dict[str, Any]:
+    def cancel(self, principal: Principal, query_id: str, *, wait_seconds: float = 2.0) -> QueryStatus:
         """Cancel a queued or running query and wait briefly for it to stop; a finished one
         is left as it is."""
         query = self._get(principal, query_id)
@@ -464,32 +493,31 @@ class QueryManager:
         reader = pa.ipc.open_stream(source)
         return info.schema, reader, info.rows
 
-    def _describe(self, query: _Query) -> dict[str, Any]:
+    def _describe(self, query: _Query) -> QueryStatus:
         now = time.monotonic()
         elapsed = 0.0 if query.started is None else (query.finished or now) - query.started
         expires_at = None
         if query.expires is not None:
             expires_at = iso(time.time() + (query.expires - now))
-        return {
-            "id": query.id,
-            "state": query.state,
-            "sql": query.sql,
-            "rows": query.rows,
-            "bytes": query.bytes,
-            "elapsed_seconds": round(elapsed, 6),
-            "submitted_at": iso(query.submitted_at),
-            "started_at": iso(query.started_at),
-            "finished_at": iso(query.finished_at),
-            "expires_at": expires_at,
-            "cancel_requested": query.cancel_requested,
-            # Cut at the row cap (proto_docs/actions.md): never a silent partial answer.
-            "truncated": query.truncated,
-            "max_rows": query.max_rows,
-            "max_rows_reason": query.max_rows_reason if query.max_rows is not None else None,
-            "error": None
+        return QueryStatus(
+            id=query.id,
+            state=query.state,
+            sql=query.sql,
+            rows=query.rows,
+            bytes=query.bytes,
+            elapsed_seconds=round(elapsed, 6),
+            submitted_at=iso(query.submitted_at),
+            started_at=iso(query.started_at),
+            finished_at=iso(query.finished_at),
+            expires_at=expires_at,
+            cancel_requested=query.cancel_requested,
+            truncated=query.truncated,
+            max_rows=query.max_rows,
+            max_rows_reason=query.max_rows_reason if query.max_rows is not None else None,
+            error=None
             if query.error is None
-            else {"code": query.error.code, "detail": query.error.detail},
-        }
+            else QueryError(code=query.error.code, detail=query.error.detail),
+        )
 
     # --- housekeeping ----------------------------------------------------------------------------
     def _result_bytes(self) -> int:
@@ -519,15 +547,15 @@ class QueryManager:
             except Exception as e:  # noqa: BLE001 - the sweeper must outlive one bad pass
                 log.warning("results.sweep_failed", error=str(e))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> AsyncQueriesStatus:
         with self._lock:
             queries = list(self._queries.values())
-        return {
-            "queued": sum(1 for q in queries if q.state == "queued"),
-            "running": sum(1 for q in queries if q.state == "running"),
-            "retained": sum(1 for q in queries if q.state not in ACTIVE_STATES),
-            "result_bytes": sum(q.bytes for q in queries if q.state == "succeeded"),
-        }
+        return AsyncQueriesStatus(
+            queued=sum(1 for q in queries if q.state == "queued"),
+            running=sum(1 for q in queries if q.state == "running"),
+            retained=sum(1 for q in queries if q.state not in ACTIVE_STATES),
+            result_bytes=sum(q.bytes for q in queries if q.state == "succeeded"),
+        )
 
     def close(self) -> None:
         """Stop the sweeper, cancel what still runs, delete every result file."""

@@ -38,6 +38,7 @@ from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
 from catalog.errors import bounded
 from catalog.policy import NOT_READABLE
 from catalog.sqlguard import SqlGuard
+from catalog.status import AsyncQueriesStatus, CacheStatus, ProfilesStatus, QueriesStatus, QueryLimits
 from flight_server import commands
 from flight_server.admission import Admission
 from flight_server.cache import ResultCache
@@ -129,13 +130,11 @@ class QuiverFlightServer(flight.FlightServerBase):
             self.versions,
         )
         self.cache = ResultCache.for_catalog(catalog)
-        catalog.status_sections["cache"] = self._cache_status
         self.streamer = Streamer(
             catalog, self.watchdog, self.profiles, self.queries, self.cache, self.versions
         )
         # GetFlightInfo of a query runs it once through the streamer (planned once).
         self.planner.runner = self.streamer
-        catalog.status_sections["queries"] = self._status
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------
     def _state(self, context: flight.ServerCallContext) -> CallState:
@@ -272,13 +271,17 @@ class QuiverFlightServer(flight.FlightServerBase):
             if action.type == "submit-query":
                 # The query path of a {"kind": "query"} descriptor: every check before queueing.
                 query = commands.decode_body(body, commands.QueryCommand, action.type)
-                return [_json(self.queries.submit(principal, self.planner.prepare(principal, query)))]
+                return [
+                    msgspec.json.encode(
+                        self.queries.submit(principal, self.planner.prepare(principal, query))
+                    )
+                ]
             if action.type == "query-status":
                 query_id = commands.decode_body(body, commands.QueryIdBody, action.type).id
-                return [_json(self.queries.status(principal, query_id))]
+                return [msgspec.json.encode(self.queries.status(principal, query_id))]
             if action.type == "cancel-query":
                 query_id = commands.decode_body(body, commands.QueryIdBody, action.type).id
-                return [_json(self.queries.cancel(principal, query_id))]
+                return [msgspec.json.encode(self.queries.cancel(principal, query_id))]
             raise InvalidArgument(
                 f"unknown action {bounded(action.type, 40)!r}; available: {', '.join(sorted(ACTIONS))} "
                 "(see ListActions)"
@@ -321,25 +324,38 @@ class QuiverFlightServer(flight.FlightServerBase):
 
         self._run(context, "do_exchange", run)
 
-    # --- lifecycle --------------------------------------------------------------------------
-    def _status(self) -> dict[str, Any]:
+    # --- status (GET /v1/status: the process wiring asks, quiver/status.py) ------------------
+    def queries_status(self) -> QueriesStatus:
+        """ "queries": streams being sent, admission slots in use, live tickets, the limits."""
         active = self.admission.active()
         limits = self.catalog.config.limits
-        return {
-            "streaming": self.admission.streams(),
-            "queries": sum(active.values()),
-            "by_principal": active,
-            "tickets": len(self.tickets),
-            "limits": {
-                "query_timeout_seconds": limits.query_timeout_seconds,
-                "max_concurrent_queries": limits.max_concurrent_queries,
-                "max_concurrent_total": limits.max_concurrent_total,
-            },
-        }
+        return QueriesStatus(
+            streaming=self.admission.streams(),
+            queries=sum(active.values()),
+            by_principal=active,
+            tickets=len(self.tickets),
+            limits=QueryLimits(
+                query_timeout_seconds=limits.query_timeout_seconds,
+                max_concurrent_queries=limits.max_concurrent_queries,
+                max_concurrent_total=limits.max_concurrent_total,
+            ),
+        )
 
-    def _cache_status(self) -> dict[str, Any]:
-        """GET /v1/status "cache": the result cache, with the hot-table cache under "tables"."""
-        return {**self.cache.stats(), "tables": self.table_cache.stats()}
+    def cache_status(self) -> CacheStatus:
+        """ "cache": the result cache, with the hot-table cache under "tables" (the one
+        ``cache`` section: the result cache alone does not report itself)."""
+        result = self.cache.stats()
+        return CacheStatus(**msgspec.structs.asdict(result), tables=self.table_cache.stats())
+
+    def async_queries_status(self) -> AsyncQueriesStatus:
+        """ "async_queries": queued, running and retained async queries."""
+        return self.queries.stats()
+
+    def profiles_status(self) -> ProfilesStatus:
+        """ "profiles": the column-profile cache."""
+        return self.profiles.stats()
+
+    # --- lifecycle --------------------------------------------------------------------------
 
     def shutdown(self) -> None:
         """Stop accepting calls and wait for running ones, then stop async queries."""

@@ -43,7 +43,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -52,6 +51,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from catalog import TableRef
 from catalog.resources import memory_available
+from catalog.status import CachedTable as CachedTableStatus
+from catalog.status import TableCacheStatus
 from flight_server.versions import Layout
 
 log = structlog.get_logger("flight_server")
@@ -334,19 +335,21 @@ class TableCache:
         self._dropped(doomed, reason)
         return len(doomed)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> TableCacheStatus:
         with self._lock:
-            return {
-                "enabled": self.enabled,
-                "entries": len(self._entries),
-                "bytes": self._used,
-                "budget_bytes": self.budget,
-                "hits": self.hits,
-                "misses": self.misses,
-                "fills": dict(self.fills),
-                "evicted": dict(self.evicted),
-                "tables": [
-                    {"table": e.ref.qualified, "version": e.layout.version, "rows": e.rows, "bytes": e.bytes}
+            return TableCacheStatus(
+                enabled=self.enabled,
+                entries=len(self._entries),
+                bytes=self._used,
+                budget_bytes=self.budget,
+                hits=self.hits,
+                misses=self.misses,
+                fills=dict(self.fills),
+                evicted=dict(self.evicted),
+                tables=[
+                    CachedTableStatus(
+                        table=e.ref.qualified, version=e.layout.version, rows=e.rows, bytes=e.bytes
+                    )
                     for e in reversed(self._entries.values())
                 ],
-            }
+            )

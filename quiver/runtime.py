@@ -1,6 +1,11 @@
 """The process wiring of ``quiver serve``: one catalog, the Flight listener and the control
 plane side by side, a housekeeping thread, and a clean stop.
 
+The components never reach into each other: the runtime builds them in order (catalog,
+Flight server, sync service), assembles one :class:`quiver.status.ProcessStatus` from them
+(each /v1/status section named with its source) and hands it, with the sync service as the
+control plane's ``catalog.SyncControl``, to ``control_plane.create_app`` explicitly.
+
 Under systemd (``Type=notify``, ``NOTIFY_SOCKET`` set) the process says ``READY=1`` once
 both listeners accept, ``WATCHDOG=1`` after every housekeeping pass (at least twice per
 ``WatchdogSec=``, so a hung -- not crashed -- process is restarted) and ``STOPPING=1`` when
@@ -23,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import structlog
@@ -35,6 +40,10 @@ from catalog.snapshot_crypto import load_key
 from control_plane import create_app
 from flight_server import QuiverFlightServer
 from quiver import demo, logs
+from quiver.status import ProcessStatus, Sections, sync_section
+
+if TYPE_CHECKING:
+    from sync import SyncService
 
 log = structlog.get_logger("quiver")
 
@@ -182,7 +191,9 @@ class Runtime:
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._housekeeping: threading.Thread | None = None
-        self.sync: Any = None  # sync.SyncService when [[sync.tables]] are configured
+        self.sync: SyncService | None = None  # when [[sync.tables]] are configured
+        # /v1/status and /healthz, assembled from the components above once they exist.
+        self.status: ProcessStatus | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self.endpoints: Endpoints | None = None
@@ -219,8 +230,11 @@ class Runtime:
             if written is None:
                 log.info("admin_token.present", path=self.admin_token_path)
             self._start_flight(catalog)
-            self._start_http(catalog)
-            self._start_sync(catalog)
+            self.sync = self._build_sync(catalog)
+            self.status = self._assemble_status(catalog)
+            self._start_http(catalog, self.status)
+            if self.sync is not None:
+                self.sync.start()
         except BaseException:
             self.stop()
             raise
@@ -269,12 +283,41 @@ class Runtime:
         port = self.flight.port
         host = cfg.advertise_host or _client_host(cfg.host)
         public_scheme = "grpc+tls" if tls else "grpc"
-        catalog.listeners["flight"] = {"up": True, "url": f"{public_scheme}://{host}:{port}"}
-        probe_host = _client_host(cfg.host)
-        catalog.health_probes["flight"] = lambda: _accepts(probe_host, port)
         self._flight_url = f"{public_scheme}://{host}:{port}"
 
-    def _start_http(self, catalog: Catalog) -> None:
+    def _build_sync(self, catalog: Catalog) -> SyncService | None:
+        """The sync scheduler runs in this process (DuckDB allows one writer); built before the
+        control plane, which is handed it, and started once both listeners serve."""
+        if not self.config.sync.tables:
+            return None
+        from sync import SyncService
+
+        service = SyncService(catalog, self.config)
+        catalog.metrics.set_sync_source(service.metric_samples)  # quiver_sync_* at each scrape
+        return service
+
+    def _assemble_status(self, catalog: Catalog) -> ProcessStatus:
+        """GET /v1/status and /healthz from what this process started: each section names the
+        component that answers it. The Flight listener is up (its constructor bound it)."""
+        flight = self.flight
+        assert flight is not None
+        status = ProcessStatus(
+            catalog,
+            Sections(
+                queries=flight.queries_status,
+                cache=flight.cache_status,
+                profiles=flight.profiles_status,
+                async_queries=flight.async_queries_status,
+                sync=sync_section(self.sync),
+                backup=catalog.backups.status,
+            ),
+        )
+        cfg = self.config.server
+        probe_host, port = _client_host(cfg.host), flight.port
+        status.listener_up("flight", self._flight_url, probe=lambda: _accepts(probe_host, port))
+        return status
+
+    def _start_http(self, catalog: Catalog, status: ProcessStatus) -> None:
         cfg = self.config.server
         sock = socket.socket(_family(cfg.host), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -288,7 +331,7 @@ class Runtime:
         tls = self.config.tls
         # uvicorn wraps the sockets passed to run() with this SSL context too, so the
         # listener serves TLS only: a plain-HTTP request fails the handshake.
-        app = create_app(catalog)
+        app = create_app(catalog, report=status, sync=self.sync)
         logs.reclaim_root()  # Litestar's default logging config replaced the root handler
         server = uvicorn.Server(
             uvicorn.Config(
@@ -314,19 +357,8 @@ class Runtime:
             time.sleep(0.01)
         host = cfg.advertise_host or _client_host(cfg.host)
         http_url = f"{'https' if tls.enabled else 'http'}://{host}:{port}"
-        catalog.listeners["http"] = {"up": True, "url": http_url}
+        status.listener_up("http", http_url)
         self.endpoints = Endpoints(flight_url=self._flight_url, http_url=http_url)
-
-    def _start_sync(self, catalog: Catalog) -> None:
-        """The sync scheduler runs in this process (DuckDB allows one writer); the control
-        plane reaches it only through ``catalog.sync``."""
-        if not self.config.sync.tables:
-            return
-        from sync import SyncService
-
-        self.sync = SyncService(catalog, self.config)
-        catalog.sync = self.sync
-        self.sync.start()
 
     def _housekeep(self) -> None:
         """Flush bookkeeping and keep DATA_DIR/admin.token renewed. The pass runs at least
@@ -352,8 +384,7 @@ class Runtime:
     def _listeners_accept(self) -> bool:
         """The health probes of /healthz (a listener that stopped accepting connections
         stops the watchdog pings too)."""
-        assert self.catalog is not None
-        return all(probe() for probe in self.catalog.health_probes.values())
+        return self.status is not None and self.status.listeners_accept()
 
     # --- run until told to stop ---------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -385,9 +416,8 @@ class Runtime:
         self._stopping.set()
         sd_notify("STOPPING=1")
         catalog = self.catalog
-        if catalog is not None:
-            for entry in catalog.listeners.values():
-                entry["up"] = False
+        if self.status is not None:
+            self.status.listeners_down()
         if self._http is not None:
             self._http.should_exit = True
         if self.flight is not None:

@@ -3,8 +3,9 @@
 DuckDB allows one writer per file, so when ``quiver serve`` holds the database file the CLI
 asks that server's control plane (``http`` or ``https`` per ``[tls]``, its identity checked
 before the admin token from ``DATA_DIR/admin.token`` is sent: quiver/local_client.py) and
-polls ``GET /v1/sync`` for the outcome. Otherwise it opens the catalog and runs the tables
-itself.
+polls ``GET /v1/sync`` for the outcome, decoding every answer strictly into the Structs the
+server encodes (``catalog/status.py``: a changed answer is a clear error, not a KeyError).
+Otherwise it opens the catalog and runs the tables itself.
 
 Exit codes: 0 every selected table succeeded, 1 at least one failed (or the server could not
 be reached), 2 a configuration or usage problem.
@@ -13,15 +14,19 @@ be reached), 2 a configuration or usage problem.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
-from catalog import Catalog, Config, DatabaseInUse
-from quiver.local_client import LocalServer, path_segment, running_server
+import msgspec
+
+from catalog import Catalog, Config, DatabaseInUse, Unavailable
+from catalog.status import SyncStatus, SyncTable, SyncTriggered
+from quiver.local_client import LocalServer, one_line, path_segment, running_server
+
+T = TypeVar("T")
 
 
 def add_parser(sub: Any, config_args: Any) -> None:
@@ -54,11 +59,22 @@ class _Remote:
         self.server = server
         self.url = server.url
 
-    def status(self) -> dict[str, Any]:
-        return dict(self.server.json("GET", "/v1/sync"))
+    def status(self) -> SyncStatus:
+        return self._decode("GET", "/v1/sync", SyncStatus)
 
-    def trigger(self, table: str, full: bool) -> None:
-        self.server.request("POST", f"/v1/sync/{path_segment(table)}/run", params={"full": str(full).lower()})
+    def trigger(self, table: str, full: bool) -> SyncTriggered:
+        path = f"/v1/sync/{path_segment(table)}/run"
+        return self._decode("POST", path, SyncTriggered, params={"full": str(full).lower()})
+
+    def _decode(self, method: str, path: str, into: type[T], **kwargs: Any) -> T:
+        response = self.server.request(method, path, **kwargs)
+        try:
+            return msgspec.json.decode(response.content, type=into, strict=True)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise Unavailable(
+                f"{method} {self.url}{path} answered a body that is not a {into.__name__}: {one_line(str(e))} "
+                "(is the server another version of Quiver?)"
+            ) from None
 
     def close(self) -> None:
         self.server.close()
@@ -161,21 +177,19 @@ def _status(remote: _Remote | None, catalog: Catalog | None, config: Config, *, 
         assert catalog is not None
         status = SyncService(catalog, config).status()
     if as_json:
-        print(json.dumps(status, indent=2))
+        print(msgspec.json.format(msgspec.json.encode(status), indent=2).decode())
         return 0
-    failed = False
-    for t in status["tables"]:
-        last = t["last_run"] or {}
-        outcome = "running" if t["running"] else last.get("outcome") or "never run"
-        failed = failed or outcome == "failed"
-        line = f"{t['table']:<32} {t['mode']:<6} {outcome:<9} watermark={t['watermark'] or '-'}"
-        if last.get("started_at"):
-            line += f" last={last['started_at']} read={last.get('rows_read', 0):,} wrote={last.get('rows_written', 0):,}"
-        if t.get("next_run_at"):
-            line += f" next={t['next_run_at']}"
+    for t in status.tables:
+        last = t.last_run
+        outcome = "running" if t.running else last.outcome if last else "never run"
+        line = f"{t.table:<32} {t.mode:<6} {outcome:<9} watermark={t.watermark or '-'}"
+        if last is not None:
+            line += f" last={last.started_at} read={last.rows_read:,} wrote={last.rows_written:,}"
+        if t.next_run_at:
+            line += f" next={t.next_run_at}"
         print(line)
-        if last.get("error"):
-            print(f"    error: {last['error']}")
+        if last is not None and last.error:
+            print(f"    error: {last.error}")
     return 0
 
 
@@ -213,40 +227,39 @@ def _run(
     return 0 if ok else 1
 
 
+def _started(t: SyncTable | None) -> str:
+    return t.last_run.started_at if t is not None and t.last_run is not None else ""
+
+
 def _run_remote(remote: _Remote, tables: list[str] | None, full: bool, timeout: float) -> int:
-    before = {t["table"]: t for t in remote.status()["tables"]}
+    before = {t.table: t for t in remote.status().tables}
     selected = [t.lower() for t in tables] if tables else list(before)
     baseline: dict[str, str] = {}
     for key in selected:
-        t = before.get(key)
-        last = (t or {}).get("last_run") or {}
-        baseline[key] = last.get("started_at") or ""
+        baseline[key] = _started(before.get(key))
         remote.trigger(key, full)
     print(f"triggered on the server at {remote.url}: {', '.join(selected)}", file=sys.stderr)
-    done: dict[str, dict[str, Any]] = {}
+    done: dict[str, SyncTable] = {}
     deadline = time.monotonic() + timeout
     while len(done) < len(selected) and time.monotonic() < deadline:
         time.sleep(0.25)
-        for t in remote.status()["tables"]:
-            key = t["table"]
-            if key not in selected or key in done:
+        for t in remote.status().tables:
+            if t.table not in selected or t.table in done or t.running or t.last_run is None:
                 continue
-            last = t.get("last_run") or {}
-            started = last.get("started_at") or ""
-            if started > baseline[key] and last.get("outcome") in ("ok", "failed") and not t["running"]:
-                done[key] = t
+            if _started(t) > baseline[t.table] and t.last_run.outcome in ("ok", "failed"):
+                done[t.table] = t
     ok = len(done) == len(selected)
     for key in selected:
-        t = done.get(key)
-        if t is None:
+        finished = done.get(key)
+        if finished is None or finished.last_run is None:
             print(f"{key}: no outcome within {timeout:.0f} s (still queued or running on the server)")
             continue
-        last = t["last_run"]
+        last = finished.last_run
         seconds = None
-        if last.get("ended_at"):
+        if last.ended_at:
             seconds = (
-                datetime.fromisoformat(last["ended_at"]) - datetime.fromisoformat(last["started_at"])
+                datetime.fromisoformat(last.ended_at) - datetime.fromisoformat(last.started_at)
             ).total_seconds()
-        ok = ok and last["outcome"] == "ok"
-        print(_summary(key, last["outcome"], t["mode"], last["rows_read"], last["rows_written"], seconds, last.get("error"), t.get("watermark")))  # fmt: skip
+        ok = ok and last.outcome == "ok"
+        print(_summary(key, last.outcome, finished.mode, last.rows_read, last.rows_written, seconds, last.error, finished.watermark))  # fmt: skip
     return 0 if ok else 1

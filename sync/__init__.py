@@ -1,7 +1,7 @@
 """Snowflake -> DuckDB replication: full, append and merge strategies, schema evolution,
 atomic swaps, scheduling and status (proto_docs/sync.md).
 
-Public surface: :class:`SyncService` (the ``catalog.sync`` controller and the CLI's runner),
+Public surface: :class:`SyncService` (the control plane's ``catalog.SyncControl`` and the CLI's runner),
 the :class:`RunRecord` each run returns, :class:`SyncFailed` (the one failure type of a run),
 :class:`SnowflakeSource` (what a ``source_factory`` makes) and the documented ``TYPE_MAP``.
 

@@ -1,5 +1,6 @@
 """The sync service: schedules table runs inside ``quiver serve`` and answers the control
-plane (``catalog.sync``, the :class:`catalog.SyncController` protocol).
+plane through the :class:`catalog.SyncControl` protocol, which the process wiring
+(``quiver/runtime.py``) hands the control plane explicitly.
 
 Scheduling rules (proto_docs/sync.md, "Scheduling"):
 - each table is due every ``interval_seconds`` plus a random jitter; at start-up a table is
@@ -8,10 +9,10 @@ Scheduling rules (proto_docs/sync.md, "Scheduling"):
 - a failing table backs off (interval x 2^(failures-1), capped) and never stops the others;
 - a trigger while the table runs queues exactly one follow-up run (a trigger is never lost).
 
-Metrics (proto_docs/sync.md, "Metrics"): the service registers :meth:`SyncService.metric_samples`
-with the catalog's registry, read at every scrape: lag, last success and consecutive
-failures from the catalog's sync state (true across restarts), runs and rows counted in
-memory as each run ends.
+Metrics (proto_docs/sync.md, "Metrics"): the process wiring hands
+:meth:`SyncService.metric_samples` to the catalog's metrics (``Metrics.set_sync_source``),
+read at every scrape: lag, last success and consecutive failures from the catalog's sync
+state (true across restarts), runs and rows counted in memory as each run ends.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import structlog
 
 from catalog import Catalog, Config, NotFound
 from catalog.metrics import SyncTableSample
+from catalog.status import SyncRun, SyncStatus, SyncTable, SyncTriggered
 from sync.context import ProgressFn
 from sync.engine import TableSync
 from sync.source import SnowflakeSource
@@ -68,15 +70,18 @@ def _epoch(value: Any) -> float | None:
 
 
 def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
+    return None if value is None else _iso_text(value)
+
+
+def _iso_text(value: datetime) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.astimezone(UTC).isoformat()
 
 
 class SyncService:
-    """Implements ``catalog.core.SyncController``: ``status()`` and ``trigger()``."""
+    """Implements :class:`catalog.SyncControl`: ``status()`` and ``trigger()``, answering the
+    Structs of ``catalog/status.py`` that GET /v1/sync and ``quiver sync`` share."""
 
     def __init__(
         self,
@@ -112,7 +117,6 @@ class SyncService:
             self._tables[ts.key] = _Live(ts, self._first_due(state, entry.interval_seconds, now))
             if state is not None:
                 self._tables[ts.key].failures = state.consecutive_failures
-        catalog.metrics.set_sync_source(self.metric_samples)
 
     def _jitter(self, interval: float) -> float:
         return self._random.uniform(0, self.config.sync.jitter * interval)
@@ -129,8 +133,8 @@ class SyncService:
     def tables(self) -> list[str]:
         return list(self._tables)
 
-    # --- SyncController --------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    # --- SyncControl --------------------------------------------------------------------------
+    def status(self) -> SyncStatus:
         states = self.store.all()
         out = []
         with self._lock:
@@ -141,25 +145,26 @@ class SyncService:
         for key, t in self._tables.items():
             running, current, live_error, next_due, pending = live[key]
             state = states.get(key)
-            last_run: dict[str, Any] | None = None
+            last_run: SyncRun | None = None
             if running and current is not None:
-                last_run = {
-                    "started_at": _iso(current.started_at),
-                    "ended_at": None,
-                    "rows_read": current.rows_read,
-                    "rows_written": current.rows_written,
-                    "outcome": "running",
-                    "error": live_error,
-                }
+                last_run = SyncRun(
+                    started_at=_iso_text(current.started_at),
+                    ended_at=None,
+                    rows_read=current.rows_read,
+                    rows_written=current.rows_written,
+                    outcome="running",
+                    error=live_error,
+                )
             elif state is not None and state.last_started_at is not None:
-                last_run = {
-                    "started_at": _iso(state.last_started_at),
-                    "ended_at": _iso(state.last_ended_at),
-                    "rows_read": state.last_rows_read or 0,
-                    "rows_written": state.last_rows_written or 0,
-                    "outcome": state.last_outcome,
-                    "error": state.last_error,
-                }
+                last_run = SyncRun(
+                    started_at=_iso_text(state.last_started_at),
+                    ended_at=_iso(state.last_ended_at),
+                    rows_read=state.last_rows_read or 0,
+                    rows_written=state.last_rows_written or 0,
+                    # Both writers set it with last_started_at (sync/state.py).
+                    outcome=state.last_outcome or "failed",
+                    error=state.last_error,
+                )
             scheduled = self.config.sync.enabled and self._thread is not None
             due = next_due
             if pending:
@@ -167,17 +172,17 @@ class SyncService:
             elif running and current is not None:
                 due = current.started_at.timestamp() + t.sync.entry.interval_seconds
             out.append(
-                {
-                    "table": key,
-                    "source": t.sync.src.label,
-                    "mode": t.sync.entry.mode,
-                    "watermark": state.watermark if state else None,
-                    "running": running,
-                    "next_run_at": _iso(datetime.fromtimestamp(due, UTC)) if scheduled or pending else None,
-                    "last_run": last_run,
-                }
+                SyncTable(
+                    table=key,
+                    source=t.sync.src.label,
+                    mode=t.sync.entry.mode,
+                    watermark=state.watermark if state else None,
+                    running=running,
+                    next_run_at=_iso(datetime.fromtimestamp(due, UTC)) if scheduled or pending else None,
+                    last_run=last_run,
+                )
             )
-        return {"tables": out}
+        return SyncStatus(tables=out)
 
     def metric_samples(self) -> list[SyncTableSample]:
         """What ``quiver_sync_*`` show at a scrape (catalog/metrics.py)."""
@@ -223,7 +228,7 @@ class SyncService:
             raise NotFound(f"no sync table {table!r}; configured [[sync.tables]] targets: {configured}")
         return key
 
-    def trigger(self, table: str, *, full: bool = False, trigger: str = "api") -> dict[str, Any]:
+    def trigger(self, table: str, *, full: bool = False, trigger: str = "api") -> SyncTriggered:
         """Queue a run now (202 semantics). While the table runs, one follow-up is queued;
         further triggers fold into that follow-up (``full`` is kept if any asked for it)."""
         key = self.resolve(table)
@@ -235,7 +240,7 @@ class SyncService:
             t.pending_trigger = trigger
         self._wake.set()
         log.info("sync.triggered", table=key, full=full, follow_up=follow_up)
-        return {"table": key, "queued": True, "follow_up": follow_up, "full": full}
+        return SyncTriggered(table=key, queued=True, follow_up=follow_up, full=full)
 
     # --- scheduler ----------------------------------------------------------------------------
     def start(self) -> None:

@@ -263,7 +263,6 @@ def sync_service(
     config = sync_config(data_dir, emu, tables, **kwargs)
     catalog = Catalog(config)
     service = SyncService(catalog, config)
-    catalog.sync = service
     try:
         yield service
     finally:

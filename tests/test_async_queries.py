@@ -31,7 +31,7 @@ from catalog import (
 )
 from catalog.config import ResultsConfig
 from catalog.database import Database
-from flight_server.results import ACTION_DESCRIPTIONS, PreparedQuery, QueryManager
+from flight_server.results import ACTION_DESCRIPTIONS, PreparedQuery, QueryError, QueryManager, QueryStatus
 from tests.harness import Server, call_options, error_info, wait_until
 
 SLOW_SQL = "SELECT sum(a.range * b.range) AS s FROM range(200000) a, range(200000) b"
@@ -85,15 +85,21 @@ def make(db: Database, tmp_path: Path) -> Iterator[Any]:
 
 def submit(m: QueryManager, who: Principal, sql: str, params: list[Any] | None = None) -> str:
     status = m.submit(who, prepare(who, {"sql": sql, "params": params or []}))
-    assert status["state"] in ("queued", "running")
-    return str(status["id"])
+    assert status.state in ("queued", "running")
+    return str(status.id)
+
+
+def error_of(status: QueryStatus) -> QueryError:
+    """The error of a failed or cancelled query (narrowed for the type checker)."""
+    assert status.error is not None, status
+    return status.error
 
 
 def wait_state(
     m: QueryManager, who: Principal, qid: str, states: tuple[str, ...], timeout: float = 30
-) -> dict[str, Any]:
+) -> QueryStatus:
     return wait_until(
-        lambda: (s := m.status(who, qid))["state"] in states and s, timeout, 0.02, f"query {qid} in {states}"
+        lambda: (s := m.status(who, qid)).state in states and s, timeout, 0.02, f"query {qid} in {states}"
     )
 
 
@@ -103,21 +109,22 @@ def test_lifecycle_result_streamed_to_ipc_file(make: Any, db: Database) -> None:
     status = wait_state(m, ALICE, qid, ("succeeded",))
     with db.reading() as cur:
         expected = cur.sql("SELECT i, s FROM nums WHERE k = 3 ORDER BY i").to_arrow_table()
-    assert status["rows"] == expected.num_rows == 14286
-    assert status["error"] is None and status["expires_at"] is not None
+    assert status.rows == expected.num_rows == 14286
+    assert status.error is None and status.expires_at is not None
     path = m.dir / f"{qid}.arrows"
-    assert status["bytes"] == path.stat().st_size > 0
-    assert status["elapsed_seconds"] >= 0 and status["finished_at"] >= status["started_at"]
+    assert status.bytes == path.stat().st_size > 0
+    assert status.finished_at is not None and status.started_at is not None
+    assert status.elapsed_seconds >= 0 and status.finished_at >= status.started_at
 
     schema, reader, rows = m.open_result(ALICE, qid)
     assert isinstance(reader, pa.RecordBatchReader) and rows == expected.num_rows
     table = reader.read_all()
     assert table.equals(expected) and schema.equals(expected.schema)
     info = m.result_info(ALICE, qid)
-    assert (info.rows, info.bytes) == (rows, status["bytes"])
+    assert (info.rows, info.bytes) == (rows, status.bytes)
     # The result can be read again until it expires.
     assert m.open_result(ALICE, qid)[1].read_all().num_rows == rows
-    assert m.stats()["retained"] == 1 and m.stats()["result_bytes"] == status["bytes"]
+    assert m.stats().retained == 1 and m.stats().result_bytes == status.bytes
 
 
 def test_foreign_and_unknown_ids_look_the_same(make: Any) -> None:
@@ -132,7 +139,7 @@ def test_foreign_and_unknown_ids_look_the_same(make: Any) -> None:
             errors.append(err.value.detail.replace(ident, "<id>"))
     assert len(set(errors)) == 1 and "unknown or expired query id" in errors[0]
     # Bob's attempts changed nothing for Alice.
-    assert m.status(ALICE, qid)["state"] == "succeeded"
+    assert m.status(ALICE, qid).state == "succeeded"
     assert m.open_result(ALICE, qid)[1].read_all().column(0).to_pylist() == [42]
 
 
@@ -141,27 +148,27 @@ def test_cancel_interrupts_a_running_query_and_others_keep_running(make: Any) ->
     slow = submit(m, ALICE, SLOW_SQL)
     wait_state(m, ALICE, slow, ("running",))
     quick = submit(m, BOB, "SELECT count(*) AS n FROM nums")
-    assert wait_state(m, BOB, quick, ("succeeded",))["rows"] == 1
+    assert wait_state(m, BOB, quick, ("succeeded",)).rows == 1
     started = time.monotonic()
     status = m.cancel(ALICE, slow)
-    assert status["cancel_requested"] is True
+    assert status.cancel_requested is True
     status = wait_state(m, ALICE, slow, ("cancelled",))
     assert time.monotonic() - started < 10  # interrupted, not run to completion
-    assert status["error"]["code"] == "CANCELLED"
+    assert error_of(status).code == "CANCELLED"
     with pytest.raises(Cancelled):
         m.open_result(ALICE, slow)
     assert not list(m.dir.glob(f"{slow}*")), "no partial file may remain"
     # Cancelling a finished query changes nothing.
-    assert m.cancel(ALICE, slow)["state"] == "cancelled"
-    assert m.cancel(BOB, quick)["state"] == "succeeded"
+    assert m.cancel(ALICE, slow).state == "cancelled"
+    assert m.cancel(BOB, quick).state == "succeeded"
 
 
 def test_timeout_interrupts_with_deadline_exceeded(make: Any) -> None:
     m = make(timeout_seconds=0.3)
     qid = submit(m, ALICE, SLOW_SQL)
     status = wait_state(m, ALICE, qid, ("failed",))
-    assert status["error"]["code"] == "DEADLINE_EXCEEDED"
-    assert "timeout_seconds" in status["error"]["detail"]
+    assert error_of(status).code == "DEADLINE_EXCEEDED"
+    assert "timeout_seconds" in error_of(status).detail
     with pytest.raises(DeadlineExceeded):
         m.result_info(ALICE, qid)
 
@@ -171,7 +178,7 @@ def test_per_principal_cap_and_queued_cancel(make: Any) -> None:
     first = submit(m, ALICE, SLOW_SQL)
     wait_state(m, ALICE, first, ("running",))
     second = submit(m, ALICE, "SELECT 1 AS one")
-    assert m.status(ALICE, second)["state"] == "queued"  # the only worker is busy
+    assert m.status(ALICE, second).state == "queued"  # the only worker is busy
     with pytest.raises(ResourceExhausted) as err:
         submit(m, ALICE, "SELECT 2")
     assert "limit is 2" in err.value.detail
@@ -181,33 +188,33 @@ def test_per_principal_cap_and_queued_cancel(make: Any) -> None:
         m.open_result(ALICE, second)
     assert "query-status" in still.value.detail
     cancelled = m.cancel(ALICE, second)
-    assert cancelled["state"] == "cancelled" and cancelled["started_at"] is None
+    assert cancelled.state == "cancelled" and cancelled.started_at is None
     m.cancel(ALICE, first)
     wait_state(m, ALICE, first, ("cancelled",))
-    assert wait_state(m, BOB, bob, ("succeeded",))["rows"] == 1
+    assert wait_state(m, BOB, bob, ("succeeded",)).rows == 1
     # Slots are free again.
     again = submit(m, ALICE, "SELECT 4 AS four")
-    assert wait_state(m, ALICE, again, ("succeeded",))["rows"] == 1
+    assert wait_state(m, ALICE, again, ("succeeded",)).rows == 1
 
 
 def test_runtime_error_is_the_querys_error(make: Any) -> None:
     m = make()
     qid = submit(m, ALICE, "SELECT CASE WHEN i > 90000 THEN error('boom at ' || i) END AS x FROM nums")
     status = wait_state(m, ALICE, qid, ("failed",))
-    assert status["error"]["code"] == "INVALID_ARGUMENT" and "boom at" in status["error"]["detail"]
+    assert error_of(status).code == "INVALID_ARGUMENT" and "boom at" in error_of(status).detail
     with pytest.raises(InvalidArgument) as err:
         m.open_result(ALICE, qid)
     assert qid in err.value.detail and "boom at" in err.value.detail
     conversion = submit(m, ALICE, "SELECT s::INTEGER AS n FROM nums")
     status = wait_state(m, ALICE, conversion, ("failed",))
-    assert status["error"]["code"] == "INVALID_ARGUMENT" and "Conversion Error" in status["error"]["detail"]
+    assert error_of(status).code == "INVALID_ARGUMENT" and "Conversion Error" in error_of(status).detail
 
 
 def test_result_too_large_fails_and_leaves_no_file(make: Any) -> None:
     m = make(max_result_bytes=100_000)
     qid = submit(m, ALICE, "SELECT * FROM nums")
     status = wait_state(m, ALICE, qid, ("failed",))
-    assert status["error"]["code"] == "RESOURCE_EXHAUSTED" and "max_result_bytes" in status["error"]["detail"]
+    assert error_of(status).code == "RESOURCE_EXHAUSTED" and "max_result_bytes" in error_of(status).detail
     assert not list(m.dir.iterdir())
 
 
@@ -221,14 +228,14 @@ def test_ttl_expiry_deletes_status_and_file(make: Any) -> None:
     with pytest.raises(NotFound):  # expired at once, even before the sweeper passed
         m.status(ALICE, qid)
     wait_until(lambda: not path.exists(), 5, what="the sweeper to delete the result file")
-    assert m.stats()["retained"] == 0
+    assert m.stats().retained == 0
 
 
 def test_close_cancels_running_queries_and_removes_files(db: Database, tmp_path: Path) -> None:
     m = QueryManager(db, tmp_path / "r", ResultsConfig(workers=1))
-    done = m.submit(ALICE, prepare(ALICE, {"sql": "SELECT 1 AS one"}))["id"]
+    done = m.submit(ALICE, prepare(ALICE, {"sql": "SELECT 1 AS one"})).id
     wait_state(m, ALICE, done, ("succeeded",))
-    running = m.submit(ALICE, prepare(ALICE, {"sql": SLOW_SQL}))["id"]
+    running = m.submit(ALICE, prepare(ALICE, {"sql": SLOW_SQL})).id
     wait_state(m, ALICE, running, ("running",))
     m.submit(BOB, prepare(BOB, {"sql": "SELECT 2 AS two"}))
     started = time.monotonic()
@@ -405,13 +412,13 @@ def test_flight_async_refusals(server: Server) -> None:
 def test_total_bytes_of_kept_results_is_bounded(make: Any) -> None:
     m = make(max_total_bytes=600_000)
     first = submit(m, ALICE, "SELECT * FROM nums WHERE i < 20000")
-    size = wait_state(m, ALICE, first, ("succeeded",))["bytes"]
+    size = wait_state(m, ALICE, first, ("succeeded",)).bytes
     assert 200_000 < size < 600_000
     second = submit(m, BOB, "SELECT * FROM nums")  # would take the total beyond the budget
     status = wait_state(m, BOB, second, ("failed",))
-    assert status["error"]["code"] == "RESOURCE_EXHAUSTED" and "max_total_bytes" in status["error"]["detail"]
+    assert error_of(status).code == "RESOURCE_EXHAUSTED" and "max_total_bytes" in error_of(status).detail
     # The failed one released its bytes: a small one still fits, and the first is intact.
     third = submit(m, BOB, "SELECT * FROM nums WHERE i < 100")
-    assert wait_state(m, BOB, third, ("succeeded",))["rows"] == 100
+    assert wait_state(m, BOB, third, ("succeeded",)).rows == 100
     assert m.open_result(ALICE, first)[1].read_all().num_rows == 20000
-    assert m.stats()["result_bytes"] == size + m.status(BOB, third)["bytes"]
+    assert m.stats().result_bytes == size + m.status(BOB, third).bytes

@@ -282,7 +282,7 @@ def test_shutdown_evictions_are_not_called_stale(tmp_path: Path) -> None:
         info = client.get_flight_info(flight.FlightDescriptor.for_path("demo", "customers"), opts)
         for endpoint in info.endpoints:
             client.do_get(endpoint.ticket, opts).read_all()
-        wait_until(lambda: cache.stats()["entries"] >= 1, 60, what="the scanned table to be cached")
+        wait_until(lambda: cache.stats().entries >= 1, 60, what="the scanned table to be cached")
     finally:
         server.stop()
     assert cache.evicted["shutdown"] >= 1 and cache.evicted["stale"] == 0

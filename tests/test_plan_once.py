@@ -61,10 +61,10 @@ def test_fresh_point_query_is_planned_once(
     k = 1000 + next(_fresh)
     sql = f"SELECT order_id, amount FROM demo.orders WHERE order_id = {k}"
     probes, runs = counters(fs)
-    misses = fs.cache.stats()["misses"]
+    misses = fs.cache.stats().misses
     info = client.get_flight_info(cmd(kind="query", sql=sql), opts)
     assert counters(fs) == (probes, runs + 1)  # run at GetFlightInfo, no LIMIT 0 probe
-    assert fs.cache.stats()["misses"] == misses + 1
+    assert fs.cache.stats().misses == misses + 1
     got = client.do_get(info.endpoints[0].ticket, opts).read_all()
     assert counters(fs) == (probes, runs + 1)  # DoGet streamed the held result
     assert got.schema == info.schema
@@ -72,11 +72,11 @@ def test_fresh_point_query_is_planned_once(
         want = cur.sql(sql).to_arrow_table()
     assert got.equals(want) and got.num_rows == 1
     # The same text again: a result-cache hit at GetFlightInfo (schema) and DoGet (rows).
-    hits = fs.cache.stats()["hits"]
+    hits = fs.cache.stats().hits
     again = client.get_flight_info(cmd(kind="query", sql=sql), opts)
     assert client.do_get(again.endpoints[0].ticket, opts).read_all().equals(want)
     assert counters(fs) == (probes, runs + 1)
-    assert fs.cache.stats()["hits"] == hits + 1
+    assert fs.cache.stats().hits == hits + 1
     # GetSchema still never runs the query: it probes.
     assert client.get_schema(cmd(kind="query", sql=sql + " "), opts).schema == info.schema
     assert counters(fs) == (probes + 1, runs + 1)
@@ -166,7 +166,7 @@ def test_failing_query_still_fails_at_doget_with_its_code(
     server: Server, fs: QuiverFlightServer, opts: flight.FlightCallOptions
 ) -> None:
     client = server.flight()
-    before = fs.cache.stats()["entries"]
+    before = fs.cache.stats().entries
     info = client.get_flight_info(
         cmd(kind="query", sql=f"SELECT {next(_fresh)} AS a, 'x'::INTEGER AS b"), opts
     )
@@ -174,7 +174,7 @@ def test_failing_query_still_fails_at_doget_with_its_code(
     with pytest.raises(flight.FlightServerError) as caught:
         client.do_get(info.endpoints[0].ticket, opts).read_all()
     assert error_info(caught.value)["code"] == "INVALID_ARGUMENT"
-    assert fs.cache.stats()["entries"] == before and not fs.admission.active()
+    assert fs.cache.stats().entries == before and not fs.admission.active()
 
 
 def test_concurrent_fresh_queries_each_get_their_own_rows(server: Server, fs: QuiverFlightServer) -> None:

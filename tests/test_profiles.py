@@ -17,6 +17,7 @@ import pytest
 
 from catalog import InvalidArgument, TableRef
 from catalog.database import Database
+from catalog.status import ProfilesStatus
 from catalog.tables import TableCatalog
 from flight_server.profiles import (
     PROFILE_SCHEMA,
@@ -229,7 +230,7 @@ def test_cache_serves_unchanged_versions_without_a_scan(fresh_db: Database) -> N
     cache = ProfileCache(fresh_db, tables)
     ref = TableRef("s", "t")
     first = cache.profile(ref)
-    assert cache.stats() == {"entries": 1, "hits": 0, "computed": 1}
+    assert cache.stats() == ProfilesStatus(entries=1, hits=0, computed=1)
     assert _max_of(first) == "99"
 
     # Change the data WITHOUT bumping the version: the cache must not scan, so it serves
@@ -238,7 +239,7 @@ def test_cache_serves_unchanged_versions_without_a_scan(fresh_db: Database) -> N
         cur.execute("INSERT INTO s.t VALUES (1000, 0)")
     again = cache.profile(ref)
     assert again is first and _max_of(again) == "99"
-    assert cache.stats()["computed"] == 1 and cache.stats()["hits"] == 1
+    assert cache.stats().computed == 1 and cache.stats().hits == 1
 
     # A writer that bumps the version invalidates: the next profile scans and sees the row.
     with fresh_db.transaction() as cur:
@@ -246,12 +247,12 @@ def test_cache_serves_unchanged_versions_without_a_scan(fresh_db: Database) -> N
         tables.bump_version(cur, ref)
     fresh = cache.profile(ref)
     assert _max_of(fresh) == "2000" and fresh.column("count")[0].as_py() == 102
-    assert cache.stats() == {"entries": 1, "hits": 1, "computed": 2}
+    assert cache.stats() == ProfilesStatus(entries=1, hits=1, computed=2)
 
     # Column subsets are their own entries; names match case-insensitively.
     cache.profile(ref, ["X"])
     cache.profile(ref, ["x"])
-    assert cache.stats() == {"entries": 2, "hits": 2, "computed": 3}
+    assert cache.stats() == ProfilesStatus(entries=2, hits=2, computed=3)
 
 
 def test_concurrent_requests_compute_once(fresh_db: Database) -> None:
@@ -270,7 +271,7 @@ def test_concurrent_requests_compute_once(fresh_db: Database) -> None:
     for t in threads:
         t.join()
     assert len(results) == 4 and all(r.equals(results[0]) for r in results)
-    assert cache.stats()["computed"] == 1 and cache.stats()["hits"] == 3
+    assert cache.stats().computed == 1 and cache.stats().hits == 3
 
 
 def test_cache_is_bounded(fresh_db: Database) -> None:
@@ -279,7 +280,7 @@ def test_cache_is_bounded(fresh_db: Database) -> None:
     cache.profile(ref, ["x"])
     cache.profile(ref)
     cache.profile(ref, ["Y", "y"])  # a third key evicts the least recently used
-    assert cache.stats()["entries"] == 2
+    assert cache.stats().entries == 2
 
 
 # --- through the Flight server ----------------------------------------------------------------

@@ -132,12 +132,12 @@ def test_identical_requests_hit_whatever_the_spelling(make: Any, tier: str) -> N
     assert hit and again.equals(first)
     assert h.executed == 1
     stats = h.cache.stats()
-    assert (stats["hits"], stats["misses"], stats["entries"]) == (1, 1, 1)
-    assert stats[f"{tier}_entries"] == 1 and stats["bytes"] == stats[f"{tier}_bytes"] > 0
+    assert (stats.hits, stats.misses, stats.entries) == (1, 1, 1)
+    assert getattr(stats, f"{tier}_entries") == 1 and stats.bytes == getattr(stats, f"{tier}_bytes") > 0
     if tier == "disk":
         (entry_file,) = _files(h)
         assert entry_file.endswith(".arrows")
-        assert stats["bytes"] == (h.cache.dir / entry_file).stat().st_size
+        assert stats.bytes == (h.cache.dir / entry_file).stat().st_size
     else:
         assert _files(h) == []  # a small result never touches a file
     # The entry carries what GetFlightInfo needs without opening the file.
@@ -172,7 +172,7 @@ def test_a_new_data_version_misses_and_drops_the_old_entry(make: Any, db: Databa
         _, key = h.key(sql)
         assert key is not None
         assert old_file not in _files(h)
-        assert h.cache.stats()["evicted"]["stale"] == 1 and h.cache.stats()["entries"] == 0
+        assert h.cache.stats().evicted["stale"] == 1 and h.cache.stats().entries == 0
         table, hit = h.table(sql)
         assert not hit and table.column(0)[0].as_py() == 50001
         assert h.table(sql)[1] is True
@@ -186,18 +186,18 @@ def test_sweeper_drops_entries_of_changed_tables_without_a_lookup(make: Any, db:
     h = make()
     h.table("SELECT max(i) FROM s.other")
     h.table("SELECT max(i) FROM s.nums")
-    assert h.cache.stats()["entries"] == 2
+    assert h.cache.stats().entries == 2
     with db.transaction() as cur:
         TableCatalog.bump_version(cur, TableRef("s", "other"))
     assert h.cache.sweep() == 1
-    assert h.cache.stats()["entries"] == 1
+    assert h.cache.stats().entries == 1
     assert h.table("SELECT max(i) FROM s.nums")[1] is True
 
 
 def test_lru_eviction_by_total_size(make: Any, tier: str) -> None:
     probe = make(**TIERS[tier])
     one, _ = probe.table("SELECT * FROM s.nums WHERE k = 0")
-    size = probe.cache.stats()["bytes"]
+    size = probe.cache.stats().bytes
     assert one.num_rows == 5000 and size > 0
     # Room for three entries of this size, not four.
     budget = int(size * 3.5)
@@ -210,7 +210,7 @@ def test_lru_eviction_by_total_size(make: Any, tier: str) -> None:
     assert h.table("SELECT * FROM s.nums WHERE k = ?", [0])[1] is True  # 0 is now most recent
     h.table("SELECT * FROM s.nums WHERE k = ?", [3])  # evicts 1, the least recently used
     stats = h.cache.stats()
-    assert stats["entries"] == 3 and stats["evicted"]["size"] == 1 and stats["bytes"] <= budget
+    assert stats.entries == 3 and stats.evicted["size"] == 1 and stats.bytes <= budget
     assert len(_files(h)) == (3 if tier == "disk" else 0)
     hits = {k: h.table("SELECT * FROM s.nums WHERE k = ?", [k])[1] for k in (0, 2, 3)}
     assert hits == {0: True, 2: True, 3: True}
@@ -221,7 +221,7 @@ def test_results_above_the_entry_limit_stream_but_are_not_cached(make: Any, tier
     h = make(max_entry_bytes=50_000, **TIERS[tier])
     table, hit = h.table("SELECT * FROM s.nums")
     assert not hit and table.num_rows == 50000  # the client got every row
-    assert h.cache.stats()["too_large"] == 1 and h.cache.stats()["entries"] == 0
+    assert h.cache.stats().too_large == 1 and h.cache.stats().entries == 0
     assert _files(h) == []
     assert h.table("SELECT * FROM s.nums")[1] is False
 
@@ -231,7 +231,7 @@ def test_results_beyond_the_memory_threshold_spill_to_a_file(make: Any) -> None:
     table, _ = h.table("SELECT * FROM s.nums")  # ~1.3 MB
     assert table.nbytes > 1024 * 1024
     stats = h.cache.stats()
-    assert (stats["memory_entries"], stats["disk_entries"]) == (0, 1)
+    assert (stats.memory_entries, stats.disk_entries) == (0, 1)
     assert len(_files(h)) == 1
     again, hit = h.table("SELECT * FROM s.nums")
     assert hit and again.equals(table)
@@ -243,13 +243,13 @@ def test_abandoned_and_failed_streams_leave_nothing(make: Any, tier: str) -> Non
     assert not hit
     reader.read_next_batch()
     del reader  # the client went away after one batch
-    assert h.cache.stats()["entries"] == 0 and _files(h) == []
+    assert h.cache.stats().entries == 0 and _files(h) == []
 
     reader, _ = h.run("SELECT CASE WHEN i > 40000 THEN error('boom') ELSE i END AS x FROM s.nums")
     with pytest.raises(Exception, match="boom"):
         reader.read_all()
     del reader
-    assert h.cache.stats()["entries"] == 0 and _files(h) == []
+    assert h.cache.stats().entries == 0 and _files(h) == []
 
 
 def test_volatile_queries_are_never_cached(make: Any) -> None:
@@ -263,7 +263,7 @@ def test_volatile_queries_are_never_cached(make: Any) -> None:
         "SELECT * FROM s.other ORDER BY random()",
     ):
         assert h.key(sql)[1] is None, sql
-    assert h.cache.stats()["uncacheable"] == 6
+    assert h.cache.stats().uncacheable == 6
     # A seeded sample is reproducible, so it may be cached.
     assert h.key("SELECT * FROM s.nums USING SAMPLE 10% (bernoulli, 42)")[1] is not None
     assert h.key("SELECT sum(range) FROM range(10)")[1] is not None
@@ -275,7 +275,7 @@ def test_ttl_expiry(make: Any) -> None:
     assert h.table("SELECT 1 AS one FROM s.other")[1] is True
     time.sleep(0.25)
     assert h.table("SELECT 1 AS one FROM s.other")[1] is False
-    assert h.cache.stats()["evicted"]["expired"] == 1
+    assert h.cache.stats().evicted["expired"] == 1
 
 
 def test_disabled_cache_never_keys(make: Any) -> None:
@@ -292,7 +292,7 @@ def test_metrics_in_the_registry(make: Any) -> None:
     registry = h.registry  # the registry the cache was given
     assert registry.get_sample_value("quiver_cache_hits_total") == 1
     assert registry.get_sample_value("quiver_cache_misses_total") == 1
-    assert registry.get_sample_value("quiver_cache_bytes") == h.cache.stats()["bytes"] > 0
+    assert registry.get_sample_value("quiver_cache_bytes") == h.cache.stats().bytes > 0
 
 
 def test_leftover_files_are_removed_at_start(tmp_path: Path) -> None:

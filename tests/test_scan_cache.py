@@ -76,14 +76,12 @@ def test_cached_scans_are_duckdbs_table_in_order(server: Server) -> None:
     assert first.equals(want) and again.equals(want)
     assert first_info.schema == want.schema and again_info.total_records == 50_000
     assert 4 <= len(again_info.endpoints) <= 8 and again_info.ordered
-    assert after["fills"]["ok"] == before["fills"]["ok"] + 1
-    assert after["hits"] >= before["hits"] + 1
-    assert {"table": "demo.events", "rows": 50_000} in [
-        {"table": t["table"], "rows": t["rows"]} for t in after["tables"]
-    ]
+    assert after.fills["ok"] == before.fills["ok"] + 1
+    assert after.hits >= before.hits + 1
+    assert ("demo.events", 50_000) in [(t.table, t.rows) for t in after.tables]
     # The same figures in GET /v1/status (section "cache", key "tables") and in /metrics.
     status = server.http().get("/v1/status").json()["cache"]["tables"]
-    assert status["entries"] == after["entries"] and status["budget_bytes"] > 0
+    assert status["entries"] == after.entries and status["budget_bytes"] > 0
     metrics = server.http().get("/metrics").text
     assert "quiver_table_cache_hits_total" in metrics and "quiver_table_cache_bytes" in metrics
 
@@ -112,8 +110,8 @@ def test_a_new_version_is_never_served_from_the_old_snapshot(server: Server) -> 
     _, new = _scan(client, opts, "hot", "t")
     assert new.column("v")[0].as_py() == -1
     assert new.equals(_duckdb(server, "SELECT * FROM hot.t ORDER BY rowid"))
-    held = [t for t in _cache(server).stats()["tables"] if t["table"] == "hot.t"]
-    assert [t["version"] for t in held] == [TableCatalog(server.catalog.db).version(TableRef("hot", "t"))]
+    held = [t for t in _cache(server).stats().tables if t.table == "hot.t"]
+    assert [t.version for t in held] == [TableCatalog(server.catalog.db).version(TableRef("hot", "t"))]
     # The new version dropped the old snapshot: the old FlightInfo's endpoints now fail the
     # DuckDB path's version check instead of mixing versions.
     for endpoint in old_info.endpoints:
@@ -126,7 +124,7 @@ def test_a_new_version_is_never_served_from_the_old_snapshot(server: Server) -> 
 def test_first_rows_samples_come_from_the_cached_table(server: Server) -> None:
     client, opts = server.flight(), call_options(server.demo_token)
     _scan(client, opts, "demo", "customers")  # cached now
-    hits = _cache(server).stats()["hits"]
+    hits = _cache(server).stats().hits
 
     def sample(**body: Any) -> pa.Table:
         descriptor = flight.FlightDescriptor.for_command(json.dumps({"kind": "sample", **body}).encode())
@@ -140,7 +138,7 @@ def test_first_rows_samples_come_from_the_cached_table(server: Server) -> None:
     picked = sample(table="demo.customers", rows=5000, columns=["NAME", "customer_id"])
     want = _duckdb(server, "SELECT name, customer_id FROM demo.customers ORDER BY rowid")
     assert picked.equals(want)
-    assert _cache(server).stats()["hits"] == hits + 2
+    assert _cache(server).stats().hits == hits + 2
 
 
 def test_concurrent_scans_share_one_fill(server: Server) -> None:
@@ -150,7 +148,7 @@ def test_concurrent_scans_share_one_fill(server: Server) -> None:
         )
         TableCatalog.bump_version(cur, TableRef("hot", "shared"))
     want = _duckdb(server, "SELECT * FROM hot.shared ORDER BY rowid")
-    fills = _cache(server).stats()["fills"]["ok"]
+    fills = _cache(server).stats().fills["ok"]
     barrier = threading.Barrier(4)
     results: list[pa.Table] = []
     errors: list[BaseException] = []
@@ -172,7 +170,7 @@ def test_concurrent_scans_share_one_fill(server: Server) -> None:
         t.join(60)
     assert not errors, errors
     assert len(results) == 4 and all(r.equals(want) for r in results)
-    assert _cache(server).stats()["fills"]["ok"] == fills + 1
+    assert _cache(server).stats().fills["ok"] == fills + 1
 
 
 def test_a_scan_during_another_tables_fill_is_served_by_duckdb(server: Server) -> None:
@@ -275,7 +273,7 @@ def test_the_budget_is_configured_and_lru_evicts(small: Server) -> None:
     _scan(client, opts, "b", "one")  # "one" is now the most recently used
     _, three = _scan(client, opts, "b", "three")
     stats = cache.stats()
-    assert stats["evicted"]["size"] == 1 and stats["bytes"] <= BUDGET
+    assert stats.evicted["size"] == 1 and stats.bytes <= BUDGET
     assert cache.holds(TableRef("b", "one")) and cache.holds(TableRef("b", "three"))
     assert not cache.holds(TableRef("b", "two"))
     assert three.equals(_duckdb(small, "SELECT * FROM b.three ORDER BY rowid"))
@@ -284,8 +282,8 @@ def test_the_budget_is_configured_and_lru_evicts(small: Server) -> None:
 def test_a_table_larger_than_the_budget_is_never_cached(small: Server) -> None:
     cache = _cache(small)
     client, opts = small.flight(), call_options(small.admin_token)
-    held = cache.stats()["bytes"]
-    attempts = cache.stats()["fills"]["too_large"]
+    held = cache.stats().bytes
+    attempts = cache.stats().fills["too_large"]
     for _ in range(2):
         _, wide = _scan(client, opts, "b", "wide")  # refused by the estimate: no fill at all
         _, text = _scan(client, opts, "b", "text")  # the fill stops at the budget, once
@@ -293,8 +291,8 @@ def test_a_table_larger_than_the_budget_is_never_cached(small: Server) -> None:
         assert text.equals(_duckdb(small, "SELECT * FROM b.text ORDER BY rowid"))
     stats = cache.stats()
     assert not cache.holds(TableRef("b", "wide")) and not cache.holds(TableRef("b", "text"))
-    assert stats["fills"]["too_large"] == attempts + 1  # not retried for the same version
-    assert stats["bytes"] == held <= BUDGET
+    assert stats.fills["too_large"] == attempts + 1  # not retried for the same version
+    assert stats.bytes == held <= BUDGET
 
 
 def test_a_zero_budget_turns_the_cache_off() -> None:

@@ -8,12 +8,12 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import structlog
 
 from catalog import TableRef
+from catalog.status import SyncTable
 from sync import SyncService
 from sync.context import ProgressFn
 from tests.sync_emulator import (
@@ -37,12 +37,12 @@ def events(emu: Emulator) -> Source:
     return src
 
 
-def _failed_and_recorded(service: SyncService, message: str) -> dict[str, Any]:
-    status: dict[str, Any] = service.status()["tables"][0]
-    assert status["last_run"]["outcome"] == "failed"
-    assert message in status["last_run"]["error"]
-    assert status["running"] is False
-    history = service.history(status["table"])
+def _failed_and_recorded(service: SyncService, message: str) -> SyncTable:
+    status = service.status().tables[0]
+    assert status.last_run is not None and status.last_run.outcome == "failed"
+    assert message in (status.last_run.error or "")
+    assert status.running is False
+    history = service.history(status.table)
     assert history[0]["outcome"] == "failed" and message in history[0]["error"]
     return status
 
@@ -127,18 +127,18 @@ def test_unreachable_host_is_retried_with_the_error_in_status_then_fails(
     table = {"source": events.name("EVENTS"), "target": "f.unreachable"}
     closed = {"port": free_port(), "login_timeout": 2, "network_timeout": 2, "socket_timeout": 2}
     with sync_service(tmp_path, emu, [table], snowflake=closed, retry_seconds=3) as service:
-        seen: list[dict[str, Any]] = []
+        seen: list[SyncTable] = []
         worker = threading.Thread(target=service.run_now)
         worker.start()
         while worker.is_alive():
-            t = service.status()["tables"][0]
-            if t["running"] and t["last_run"] and t["last_run"]["error"]:
+            t = service.status().tables[0]
+            if t.running and t.last_run and t.last_run.error:
                 seen.append(t)
             time.sleep(0.05)
         worker.join()
         assert seen, "status never showed the error while the run was retrying"
-        assert seen[0]["last_run"]["outcome"] == "running"
-        assert "cannot connect to Snowflake" in seen[0]["last_run"]["error"]
+        assert seen[0].last_run is not None and seen[0].last_run.outcome == "running"
+        assert "cannot connect to Snowflake" in (seen[0].last_run.error or "")
         _failed_and_recorded(service, "cannot connect to Snowflake")
 
 
@@ -191,9 +191,9 @@ def test_source_killed_mid_load_leaves_the_replica_and_watermark_then_catches_up
             )
             # The previous replica: complete, readable; the watermark and version unchanged.
             assert replica(service, "SELECT count(*), max(event_id) FROM k.events") == [(1000, 1000)]
-            status = service.status()["tables"][0]
-            assert status["watermark"] == "1000"
-            assert status["last_run"]["outcome"] == "failed"
+            status = service.status().tables[0]
+            assert status.watermark == "1000"
+            assert status.last_run is not None and status.last_run.outcome == "failed"
             assert service.catalog.tables.version(TableRef("k", "events")) == version
         # The source comes back (same port, same data): the next run catches up exactly.
         second = start(first.port, 21000)

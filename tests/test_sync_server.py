@@ -15,9 +15,8 @@ import pyarrow.flight as flight
 import pytest
 import structlog
 
-from control_plane.models import Status, SyncSection, SyncStatus
+from catalog.status import Status, SyncSection, SyncStatus
 from quiver.cli import main
-from sync import SyncService
 from tests.harness import Server, call_options, start_server
 from tests.sync_emulator import Emulator, Source, sync_service
 
@@ -67,8 +66,8 @@ def wait_for(server: Server, table: str, *, after: str = "", timeout: float = 60
 
 
 def history(server: Server, table: str) -> list[dict[str, Any]]:
-    sync = server.catalog.sync
-    assert isinstance(sync, SyncService)  # the controller quiver/runtime.py wires in
+    sync = server.runtime.sync
+    assert sync is not None
     return sync.history(table, 100)
 
 
@@ -224,18 +223,18 @@ def test_scheduler_runs_due_tables_and_resumes_from_the_last_start(
         service.start()  # never synced: both due at once; the broken one does not hold up the other
         deadline = time.monotonic() + 30
         while not all(
-            (t["last_run"] or {}).get("outcome") in ("ok", "failed") for t in service.status()["tables"]
+            t.last_run is not None and t.last_run.outcome in ("ok", "failed") for t in service.status().tables
         ):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        good, bad = service.status()["tables"]
-        assert good["last_run"]["outcome"] == "ok" and bad["last_run"]["outcome"] == "failed"
-        started = good["last_run"]["started_at"]
+        good, bad = service.status().tables
+        assert good.last_run is not None and good.last_run.outcome == "ok"
+        assert bad.last_run is not None and bad.last_run.outcome == "failed"
+        started = good.last_run.started_at
     with sync_service(tmp_path, emu, [table, broken], enabled=True, jitter=0.1) as service:
         service.start()
-        t = service.status()["tables"][0]
-        due = (
-            datetime.fromisoformat(t["next_run_at"]).timestamp() - datetime.fromisoformat(started).timestamp()
-        )
+        t = service.status().tables[0]
+        assert t.next_run_at is not None and t.last_run is not None
+        due = datetime.fromisoformat(t.next_run_at).timestamp() - datetime.fromisoformat(started).timestamp()
         assert 3600 <= due <= 3600 * 1.1
-        assert t["last_run"]["started_at"] == started  # not run again at start-up
+        assert t.last_run.started_at == started  # not run again at start-up

@@ -81,9 +81,9 @@ def test_append_reads_only_rows_above_the_watermark(emu: Emulator, tmp_path: Pat
         assert (run.outcome, run.rows_read, run.rows_written, run.watermark) == ("ok", 25, 25, "325")
         assert version(service, "app.events") == v1 + 1
         same(service, src, "app.events", "EVENTS", "EVENT_ID")
-        status = service.status()["tables"][0]
-        assert status["watermark"] == "325"
-        assert status["last_run"]["outcome"] == "ok"
+        status = service.status().tables[0]
+        assert status.watermark == "325"
+        assert status.last_run is not None and status.last_run.outcome == "ok"
 
 
 def test_merge_upserts_by_key_with_lookback_and_reconcile_removes_deleted_rows(
@@ -303,8 +303,9 @@ def test_schema_fail_policy_stops_the_table_until_a_full_run(emu: Emulator, tmp_
             c for (c,) in replica(service, "SELECT column_name FROM duckdb_columns() WHERE table_name = 'f'")
         ] == ["id", "a"]
         assert version(service, "fl.f") == v
-        assert service.status()["tables"][0]["watermark"] == "19"
-        assert service.status()["tables"][0]["last_run"]["outcome"] == "failed"
+        (status,) = service.status().tables
+        assert status.watermark == "19"
+        assert status.last_run is not None and status.last_run.outcome == "failed"
         refused = service.catalog.audit.query(action="sync.schema_change", outcome="refused")
         assert refused and "column b VARCHAR added" in (refused[0].detail or "")
         (run,) = service.run_now(full=True)

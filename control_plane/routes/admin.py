@@ -5,15 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-import msgspec
 from litestar import Request, Router, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, QueryParameter
 
-from catalog import Catalog, Principal
+from catalog import Catalog, Principal, StatusReport, SyncControl
 from catalog.policy import pattern_matches
-from control_plane.context import ADMIN, audited
-from control_plane.models import AuditList, Status, SyncStatus, SyncTriggered, TableList, TableOut
+from catalog.status import Status, SyncStatus, SyncTriggered
+from control_plane.context import ADMIN, audited, require_sync
+from control_plane.models import AuditList, TableList, TableOut
 
 
 @get(
@@ -44,8 +44,8 @@ def list_tables(catalog: NamedDependency[Catalog]) -> TableList:
     tags=["status"],
     summary="Version, uptime, listeners, database size, tables, sync, cache, active queries",
 )
-def status(catalog: NamedDependency[Catalog]) -> Status:
-    return Status.of(catalog.status())
+def status(report: NamedDependency[StatusReport]) -> Status:
+    return report.status()
 
 
 @get("/v1/audit", sync_to_thread=True, tags=["audit"], summary="Audit log, newest first")
@@ -62,8 +62,8 @@ def audit(
 
 
 @get("/v1/sync", sync_to_thread=True, tags=["sync"], summary="State of every replicated table")
-def sync_status(catalog: NamedDependency[Catalog]) -> SyncStatus:
-    return msgspec.convert(catalog.require_sync().status(), SyncStatus)
+def sync_status(sync: NamedDependency[SyncControl | None]) -> SyncStatus:
+    return require_sync(sync).status()
 
 
 @post(
@@ -76,12 +76,11 @@ def sync_status(catalog: NamedDependency[Catalog]) -> SyncStatus:
 def sync_run(
     request: Request[Principal, Any, Any],
     table: FromPath[str],
-    catalog: NamedDependency[Catalog],
+    sync: NamedDependency[SyncControl | None],
     full: FromQuery[bool] = False,
 ) -> SyncTriggered:
     with audited(request, "sync.run", table):
-        result = catalog.require_sync().trigger(table, full=full)
-    return msgspec.convert(result, SyncTriggered)
+        return require_sync(sync).trigger(table, full=full)
 
 
 ROUTER = Router("/", guards=[ADMIN], route_handlers=[list_tables, status, audit, sync_status, sync_run])

@@ -5,25 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from litestar import MediaType, Response, Router, get
 from litestar.di import NamedDependency
 
-from catalog import Catalog
+from catalog import Catalog, StatusReport
+from catalog.status import Health
 from control_plane.context import METRICS
-from control_plane.models import Health, ListenerStatus
 
 
 @get("/healthz", sync_to_thread=True, tags=["health"], summary="200 only when both listeners are up")
-def healthz(catalog: NamedDependency[Catalog]) -> Response[Health]:
-    up, listeners = catalog.health()
-    return Response(
-        Health(
-            status="ok" if up else "unavailable",
-            listeners=msgspec.convert(listeners, dict[str, ListenerStatus]),
-        ),
-        status_code=200 if up else 503,
-    )
+def healthz(report: NamedDependency[StatusReport]) -> Response[Health]:
+    health = report.health()
+    return Response(health, status_code=200 if health.status == "ok" else 503)
 
 
 @get(
@@ -45,7 +38,7 @@ def jwks(catalog: NamedDependency[Catalog]) -> dict[str, Any]:
     guards=[METRICS],
 )
 def metrics(catalog: NamedDependency[Catalog]) -> Response[bytes]:
-    catalog.status()  # refreshes the uptime and database size gauges
+    catalog.core_status()  # refreshes the uptime and database size gauges
     return Response(catalog.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
