@@ -9,13 +9,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
 from catalog.audit import AuditLog
+from catalog.clock import SYSTEM_CLOCK, Clock, utcnow
 from catalog.config import Config
 from catalog.database import Database
 from catalog.errors import NotFound, QuiverError
@@ -47,8 +48,10 @@ class SyncController(Protocol):
 
 
 class Catalog:
-    def __init__(self, config: Config, *, lockdown: bool = True) -> None:
+    def __init__(self, config: Config, *, lockdown: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        # What token and ticket expiry read (catalog/clock.py); a test passes one it moves.
+        self.clock = clock
         self.started_at = time.time()
         data_dir = config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +69,7 @@ class Catalog:
         self.policy = Policy(self.tables)
         self.swarms = SwarmStore(self.db, self.policy)
         self.keys = KeyRing.load_or_create(data_dir / "keys")
-        self.tokens = TokenService(self.db, self.keys, config.tokens, self.swarms)
+        self.tokens = TokenService(self.db, self.keys, config.tokens, self.swarms, clock)
         self.tokens.retire_keys()
         self.audit = AuditLog(self.db)
         self.metrics = Metrics()
@@ -145,7 +148,7 @@ class Catalog:
             # After `quiver keys rotate`: re-signed now, long before the old key retires.
             return "signed by a previous signing key"
         cfg = self.config.tokens
-        left = (known[2] - datetime.now(UTC)).total_seconds()
+        left = (known[2] - utcnow(self.clock)).total_seconds()
         if left < cfg.admin_ttl_seconds * cfg.admin_token_renew_fraction:
             return f"renewal due ({max(left, 0):.0f} s left)"
         return None

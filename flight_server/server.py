@@ -108,7 +108,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         )
         self.catalog = catalog
         limits = catalog.config.limits
-        self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds)
+        self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds, catalog.clock)
         self.watchdog = Watchdog()
         self.admission = Admission(limits, catalog.db, self.watchdog, catalog.metrics)
         self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)

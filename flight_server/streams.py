@@ -77,7 +77,7 @@ class Streamer:
         self.cache = cache
         self.versions = versions
         self._cursors = _SpareCursors(catalog)
-        self.ready = ReadyPool(float(catalog.config.limits.ticket_ttl_seconds))
+        self.ready = ReadyPool(float(catalog.config.limits.ticket_ttl_seconds), clock=catalog.clock)
         #: Queries (and percent samples) run by DuckDB, at GetFlightInfo or DoGet: a count for
         #: tests and /v1/status (a fresh point query is run, and planned, once).
         self.executions = 0
