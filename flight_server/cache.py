@@ -56,7 +56,6 @@ import math
 import os
 import secrets
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +70,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from catalog import Catalog, TableRef
+from catalog.clock import SYSTEM_CLOCK, Clock
 from catalog.config import CacheConfig
 from catalog.database import Database
 from catalog.tables import TableCatalog, fold
@@ -214,8 +214,10 @@ class ResultCache:
         tables: TableCatalog | None = None,
         registry: CollectorRegistry | None = None,
         sweep_seconds: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.dir = cache_dir
+        self._clock = clock  # what entry expiry reads (catalog/clock.py)
         self.config = config
         self._tables = tables
         self._db = db
@@ -259,6 +261,7 @@ class ResultCache:
             db=catalog.db,
             tables=catalog.tables,
             registry=catalog.metrics.registry,
+            clock=catalog.clock,
         )
         catalog.status_sections["cache"] = cache.stats
         return cache
@@ -359,7 +362,7 @@ class ResultCache:
         once per request: each call counts."""
         if key is None:
             return None
-        now = time.monotonic()
+        now = self._clock.monotonic()
         expired: list[CacheEntry] = []
         with self._lock:
             entry = None
@@ -390,7 +393,7 @@ class ResultCache:
         that GetFlightInfo answered by running the query (flight_server/streams.py)."""
         if key is None:
             return None
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             for pool in self._tiers.values():
                 entry = pool.get(key.digest)
@@ -530,7 +533,7 @@ class ResultCache:
         partial: Path | None = None,
         truncated: bool = False,
     ) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         tier = "memory" if batches is not None else "disk"
         path = None if partial is None else self.dir / f"{key.digest}{ENTRY_SUFFIX}"
         expires = now + self.config.ttl_seconds
@@ -593,7 +596,7 @@ class ResultCache:
             with self._db.reading() as cur:
                 current = self._tables.versions(cur)
             dropped = self._observe_versions(list(current.items()))
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             expired = self._take_locked(lambda e: e.expires <= now)
         self._delete(expired, "expired")

@@ -58,12 +58,13 @@ def wait_until(
 class FakeClock:
     """A :class:`catalog.clock.Clock` that stands still until a test moves it: passed to
     :func:`start_server`, it lets a test expire tokens and tickets by advancing it instead of
-    sleeping. It starts at the host's time, so what the server signs looks ordinary."""
+    sleeping. It starts at the host's time, so what the server signs looks ordinary, in
+    whole seconds, so that advancing it by whole or binary-exact amounts gives exact sums."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._wall = time.time()
-        self._mono = time.monotonic()
+        self._wall = float(int(time.time()))
+        self._mono = float(int(time.monotonic()))
 
     def time(self) -> float:
         with self._lock:

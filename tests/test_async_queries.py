@@ -29,10 +29,11 @@ from catalog import (
     ResourceExhausted,
     Unavailable,
 )
+from catalog.clock import SYSTEM_CLOCK, Clock
 from catalog.config import ResultsConfig
 from catalog.database import Database
 from flight_server.results import ACTION_DESCRIPTIONS, PreparedQuery, QueryManager
-from tests.harness import Server, call_options, error_info, wait_until
+from tests.harness import FakeClock, Server, call_options, error_info, wait_until
 
 SLOW_SQL = "SELECT sum(a.range * b.range) AS s FROM range(200000) a, range(200000) b"
 
@@ -73,8 +74,8 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
 def make(db: Database, tmp_path: Path) -> Iterator[Any]:
     managers: list[QueryManager] = []
 
-    def build(**config: Any) -> QueryManager:
-        m = QueryManager(db, tmp_path / "results", ResultsConfig(**config))
+    def build(clock: Clock = SYSTEM_CLOCK, **config: Any) -> QueryManager:
+        m = QueryManager(db, tmp_path / "results", ResultsConfig(**config), clock=clock)
         managers.append(m)
         return m
 
@@ -212,12 +213,15 @@ def test_result_too_large_fails_and_leaves_no_file(make: Any) -> None:
 
 
 def test_ttl_expiry_deletes_status_and_file(make: Any) -> None:
-    m = make(ttl_seconds=0.3)
+    clock = FakeClock()
+    m = make(ttl_seconds=0.5, clock=clock)  # the sweeper passes every 0.2 s
     qid = submit(m, ALICE, "SELECT 1 AS one")
-    wait_state(m, ALICE, qid, ("succeeded",))
+    status = wait_state(m, ALICE, qid, ("succeeded",))
+    assert datetime.fromisoformat(status["expires_at"]).timestamp() == clock.time() + 0.5
     path = m.dir / f"{qid}.arrows"
-    assert path.exists()
-    time.sleep(0.35)
+    clock.advance(0.25)
+    assert m.sweep() == 0 and path.exists() and m.status(ALICE, qid)["state"] == "succeeded"
+    clock.advance(0.25)
     with pytest.raises(NotFound):  # expired at once, even before the sweeper passed
         m.status(ALICE, qid)
     wait_until(lambda: not path.exists(), 5, what="the sweeper to delete the result file")
