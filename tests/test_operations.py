@@ -11,10 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import duckdb
 import httpx
@@ -26,25 +23,19 @@ from catalog.backup import create_snapshot
 from catalog.database import DatabaseTooNew, _migrations
 from quiver.ops import backup_via_server
 from quiver.runtime import is_loopback
-from tests.harness import DEMO_SCALE, ServeProcess, call_options, make_config, start_server
+from tests.harness import (
+    DEMO_SCALE,
+    FakeClock,
+    ServeProcess,
+    call_options,
+    make_config,
+    start_server,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
 
-T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
-    """Poll ``condition`` until it returns something truthy (the timeout only bounds a
-    failure; nothing asserts how long it took)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _quiver(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -72,25 +63,34 @@ def _opens_unlocked(database: Path) -> list[tuple[int, str]]:
 # --- bug 1: the admin token outlives its lifetime ----------------------------------------------
 def test_backup_keeps_working_after_the_first_admin_token_expired(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    server = start_server(
-        data, demo=False, tokens={"admin_token_ttl_seconds": 4, "admin_token_renew_fraction": 0.75}
-    )
+    clock = FakeClock()  # the lifetime passes when the test says so
+    tokens = {
+        "admin_token_ttl_seconds": 3600,
+        "admin_token_renew_fraction": 0.5,
+        "last_used_flush_seconds": 0.1,
+    }
+    server = start_server(data, demo=False, clock=clock, tokens=tokens)
     try:
         path = data / "admin.token"
         first = path.read_text().strip()
         first_jti = server.http(first).get("/v1/whoami").json()["jti"]
+        # Not due yet: half of the lifetime is left.
+        clock.advance(1800)
+        assert server.catalog.ensure_admin_token() is None and path.read_text().strip() == first
         # The server writes a new token before the first one expires ...
-        second = wait_for(lambda: (t := path.read_text().strip()) != first and t, "admin.token to change")
+        clock.advance(1)
+        second = wait_until(
+            lambda: (t := path.read_text().strip()) != first and t, what="admin.token to change"
+        )
         assert _mode(path) == 0o600
         assert not [p.name for p in data.iterdir() if p.name.startswith(".admin.token")]  # no temp left
         # ... without revoking the old one (a command that just read it finishes with it) ...
         assert server.catalog.tokens.get(first_jti).revoked_at is None
+        assert server.http(first).get("/v1/whoami").status_code == 200
         # ... which the server really stops accepting once its lifetime is over.
-        rejected = wait_for(
-            lambda: (r := server.http(first).get("/v1/whoami")).status_code == 401 and r,
-            "the first admin token to expire",
-        )
-        assert "expired" in rejected.json()["detail"]
+        clock.advance(1799)
+        rejected = server.http(first).get("/v1/whoami")
+        assert rejected.status_code == 401 and "expired" in rejected.json()["detail"]
         # The nightly backup, as the timer runs it, still authenticates with the file.
         run = _quiver(
             "backup",
@@ -141,7 +141,7 @@ def test_readers_racing_the_renewals_always_get_a_whole_working_token(tmp_path: 
     try:
         for t in threads:
             t.start()
-        wait_for(lambda: len(seen) >= 4 or failures, "three renewals seen by the readers", timeout=120)
+        wait_until(lambda: len(seen) >= 4 or failures, 120, what="three renewals seen by the readers")
     finally:
         done.set()
         for t in threads:
@@ -161,12 +161,15 @@ def test_a_revoked_or_replaced_admin_token_file_is_rewritten(tmp_path: Path) -> 
         assert path.read_text().strip() == first
         jti = server.http(first).get("/v1/whoami").json()["jti"]
         assert server.http(first).delete(f"/v1/tokens/{jti}").status_code == 200
-        replaced = wait_for(lambda: (t := path.read_text().strip()) != first and t, "a new admin.token")
+        replaced = wait_until(
+            lambda: (t := path.read_text().strip()) != first and t, what="a new admin.token"
+        )
         assert server.http(replaced).get("/v1/whoami").json()["kind"] == "admin"
         # Garbage written over the file is replaced as well (a valid admin token again).
         path.write_text("not a token\n")
-        repaired = wait_for(
-            lambda: (t := path.read_text().strip()) not in ("not a token", replaced) and t, "a repaired file"
+        repaired = wait_until(
+            lambda: (t := path.read_text().strip()) not in ("not a token", replaced) and t,
+            what="a repaired file",
         )
         assert server.http(repaired).get("/v1/whoami").status_code == 200
         assert _mode(path) == 0o600
@@ -290,7 +293,7 @@ def test_shutdown_evictions_are_not_called_stale(tmp_path: Path) -> None:
         info = client.get_flight_info(flight.FlightDescriptor.for_path("demo", "customers"), opts)
         for endpoint in info.endpoints:
             client.do_get(endpoint.ticket, opts).read_all()
-        wait_for(lambda: cache.stats()["entries"] >= 1, "the scanned table to be cached")
+        wait_until(lambda: cache.stats()["entries"] >= 1, what="the scanned table to be cached")
     finally:
         server.stop()
     assert cache.evicted["shutdown"] >= 1 and cache.evicted["stale"] == 0
