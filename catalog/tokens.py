@@ -202,8 +202,14 @@ class TokenService:
             return key
 
     def retire_keys(self, now: datetime | None = None) -> list[str]:
-        """Drop the previous signing keys whose last token has expired (housekeeping)."""
-        return self._keys.retire_expired(now or self._now(), self._config.leeway_seconds)
+        """Drop the previous signing keys whose last token has expired (housekeeping). A
+        retired key verifies nothing more, so the verified-token cache goes too (as after
+        :meth:`rotate_signing_key` with ``retire_previous``): what it held is checked afresh."""
+        retired = self._keys.retire_expired(now or self._now(), self._config.leeway_seconds)
+        if retired:
+            with self._lock:
+                self._cache.clear()
+        return retired
 
     # --- issuing ----------------------------------------------------------------------
     def _ttl(self, ttl_seconds: int | None) -> int:
