@@ -1248,8 +1248,9 @@ MAX_BUILT_UNITS = 100_000
 MAX_BUILT_TOTAL_UNITS = 1_000_000
 
 #: Most work DuckDB may do folding one statement's constants while planning, in units (one
-#: element or character an expression reads; about 100 ns each, measured): a few seconds at
-#: the very worst, where the query timeout cannot interrupt. A value under
+#: element or character an expression reads; the cost of one is in tests/bench/RESULTS.md,
+#: "Costs the code relies on"): a few seconds at the very worst, where the query timeout
+#: cannot interrupt. A value under
 #: :data:`MAX_BUILT_UNITS` can still be read by a thousand expressions.
 MAX_FOLD_WORK = 20_000_000
 
@@ -1341,8 +1342,8 @@ BUILDER_FUNCTIONS: Mapping[str, str] = {
 }
 
 #: String distances that compare every character of one argument with every character of the
-#: other, with how many cells cost one unit of :data:`MAX_FOLD_WORK` (measured:
-#: levenshtein(10k, 10k characters) takes 0.18 s, damerau_levenshtein(3k, 3k) 0.12 s).
+#: other, with how many cells cost one unit of :data:`MAX_FOLD_WORK` (from their measured
+#: costs: tests/bench/RESULTS.md, "Costs the code relies on").
 _QUADRATIC: Mapping[str, int] = {"levenshtein": 64, "editdist3": 64, "damerau_levenshtein": 8}
 #: Functions that pack their arguments into one list, struct or map ([a, b], {'k': v}, row(…)).
 _CONSTRUCTORS = frozenset({"list_value", "list_pack", "array_value", "struct_pack", "row", "map"})

@@ -80,8 +80,9 @@ log = structlog.get_logger(__name__)
 ENTRY_SUFFIX = ".arrows"
 PARTIAL_SUFFIX = ".partial"
 #: Results up to this size are kept in memory (their batches, no copy), within
-#: ``[cache] max_memory_bytes``; larger ones go to files. Writing a file costs ~0.3 ms, as
-#: much as a whole point query: small results must not pay it.
+#: ``[cache] max_memory_bytes``; larger ones go to files. Writing a file costs about as much
+#: as a whole point query (tests/bench/RESULTS.md, "Costs the code relies on"): small
+#: results must not pay it.
 MEMORY_ENTRY_BYTES = 1024 * 1024
 
 TableKey = tuple[str, str]
