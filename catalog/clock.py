@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, overload
 
 
 class Clock(Protocol):
@@ -46,3 +46,21 @@ SYSTEM_CLOCK: Clock = SystemClock()
 def utcnow(clock: Clock) -> datetime:
     """The clock's wall time as an aware UTC datetime (what the tokens table stores)."""
     return datetime.fromtimestamp(clock.time(), UTC)
+
+
+@overload
+def iso(value: datetime | float) -> str: ...
+@overload
+def iso(value: None) -> None: ...
+def iso(value: datetime | float | None) -> str | None:
+    """A time in an answer (Flight actions, GET /v1/sync): ISO 8601 in UTC
+    (``2026-01-31T12:00:00.5+00:00``). A float is a ``time.time()`` timestamp; a naive
+    datetime is UTC (what DuckDB's ``TIMESTAMP`` columns of Quiver's own state hold), never
+    the host's local time."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        return datetime.fromtimestamp(value, UTC).isoformat()
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat()

@@ -20,6 +20,7 @@ from catalog.clock import SYSTEM_CLOCK, Clock, utcnow
 from catalog.config import Config
 from catalog.database import Database
 from catalog.errors import NotFound, QuiverError
+from catalog.identity import Principal, WhoAmI
 from catalog.keys import KeyRing, write_private_atomic
 from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
@@ -86,6 +87,17 @@ class Catalog:
         # (token, jti, expires_at) of what admin.token was last seen or written to hold.
         self._admin_token: tuple[str, str, datetime] | None = None
         self._admin_token_lock = threading.Lock()
+
+    def whoami(self, principal: Principal) -> WhoAmI:
+        """The ``whoami`` answer of both listeners for ``principal``."""
+        return WhoAmI(
+            kind=principal.kind,
+            swarm=principal.swarm,
+            agent=principal.agent,
+            jti=principal.jti,
+            expires_at=principal.expires_at,
+            tables=self.policy.readable_names(principal),
+        )
 
     def delete_swarm(self, name: str) -> None:
         """A swarm goes with its allowlist and every token it holds, atomically."""

@@ -7,7 +7,6 @@ Struct (``catalog.swarms.Swarm``, ``catalog.tokens.IssuedToken``, ``TokenRecord`
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
@@ -74,13 +73,7 @@ class TokenList(msgspec.Struct, kw_only=True):
     tokens: list[TokenInfo]
 
 
-class WhoAmI(msgspec.Struct, kw_only=True):
-    kind: str
-    swarm: str | None
-    agent: str | None
-    jti: str
-    expires_at: datetime
-    tables: list[str]
+# GET /v1/whoami answers catalog.identity.WhoAmI: one Struct with the Flight action whoami.
 
 
 class TableOut(msgspec.Struct, kw_only=True):

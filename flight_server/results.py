@@ -63,11 +63,10 @@ from catalog import (
     ResourceExhausted,
     Unavailable,
 )
-from catalog.clock import SYSTEM_CLOCK, Clock
+from catalog.clock import SYSTEM_CLOCK, Clock, iso
 from catalog.config import ResultsConfig
 from catalog.database import Database
 from catalog.errors import bounded
-from flight_server.commands import iso
 from flight_server.errors import classify
 from flight_server.truncation import CapReason, RowCap
 

@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from catalog import Catalog, Config, NotFound
+from catalog.clock import iso
 from catalog.metrics import SyncTableSample
 from sync.context import ProgressFn
 from sync.engine import TableSync
@@ -65,14 +66,6 @@ def _epoch(value: Any) -> float | None:
     if isinstance(value, date):
         return datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp()
     return None
-
-
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat()
 
 
 class SyncService:
@@ -144,7 +137,7 @@ class SyncService:
             last_run: dict[str, Any] | None = None
             if running and current is not None:
                 last_run = {
-                    "started_at": _iso(current.started_at),
+                    "started_at": iso(current.started_at),
                     "ended_at": None,
                     "rows_read": current.rows_read,
                     "rows_written": current.rows_written,
@@ -153,8 +146,8 @@ class SyncService:
                 }
             elif state is not None and state.last_started_at is not None:
                 last_run = {
-                    "started_at": _iso(state.last_started_at),
-                    "ended_at": _iso(state.last_ended_at),
+                    "started_at": iso(state.last_started_at),
+                    "ended_at": iso(state.last_ended_at),
                     "rows_read": state.last_rows_read or 0,
                     "rows_written": state.last_rows_written or 0,
                     "outcome": state.last_outcome,
@@ -173,7 +166,7 @@ class SyncService:
                     "mode": t.sync.entry.mode,
                     "watermark": state.watermark if state else None,
                     "running": running,
-                    "next_run_at": _iso(datetime.fromtimestamp(due, UTC)) if scheduled or pending else None,
+                    "next_run_at": iso(datetime.fromtimestamp(due, UTC)) if scheduled or pending else None,
                     "last_run": last_run,
                 }
             )
