@@ -73,6 +73,7 @@ from catalog import Catalog, TableRef
 from catalog.clock import SYSTEM_CLOCK, Clock
 from catalog.config import CacheConfig
 from catalog.database import Database
+from catalog.sqlguard import sql_digest as sql_digest  # also the planner's: one digest
 from catalog.tables import TableCatalog, fold
 
 log = structlog.get_logger(__name__)
@@ -153,15 +154,6 @@ def _plain(value: Any) -> bool:
 def _table_key(table: TableRef | TableKey) -> TableKey:
     """A table as the cache keys it: folded the way DuckDB matches names (``TableRef.key``)."""
     return table.key() if isinstance(table, TableRef) else (fold(table[0]), fold(table[1]))
-
-
-# The parse tree is kilobytes of JSON: hash it once per text, not once per request.
-@lru_cache(maxsize=4096)
-def sql_digest(normalized: str) -> str:
-    """The digest of a query: SHA-256 of the guard's normalized SQL (the same as
-    ``GuardedQuery.fingerprint``, remembered per text). It keys the result cache and names
-    the query in logs (``query:`` + its start, flight_server/planner.py)."""
-    return hashlib.sha256(normalized.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
