@@ -118,36 +118,58 @@ def test_backup_keeps_working_after_the_first_admin_token_expired(tmp_path: Path
 
 def test_readers_racing_the_renewals_always_get_a_whole_working_token(tmp_path: Path) -> None:
     """Threads read admin.token and call the control plane with it while the server renews
-    it several times: every read is a complete token that the server accepts."""
+    it several times: every read is a complete token that the server accepts. The renewals
+    come from the server's clock moving on (each step makes the file's token due); a step is
+    taken only once every reader has used the new token, so no reader can still hold one that
+    the clock has since expired (that would be this test's race, not the server's)."""
     data = tmp_path / "data"
-    server = start_server(
-        data, demo=False, tokens={"admin_token_ttl_seconds": 8, "admin_token_renew_fraction": 0.75}
-    )
+    clock = FakeClock()
+    tokens = {
+        "admin_token_ttl_seconds": 8,
+        "admin_token_renew_fraction": 0.75,
+        "last_used_flush_seconds": 0.1,
+    }
+    server = start_server(data, demo=False, clock=clock, tokens=tokens)
     path = data / "admin.token"
-    seen: set[str] = set()
+    latest: dict[int, str] = {}  # reader -> the token of its last completed call
     failures: list[str] = []
     done = threading.Event()
 
-    def reader() -> None:
+    def reader(n: int) -> None:
         with httpx.Client(base_url=server.http_url, timeout=30) as http:
             while not done.is_set():
                 token = path.read_text().strip()
                 r = http.get("/v1/whoami", headers={"authorization": f"Bearer {token}"})
                 if r.status_code != 200 or r.json()["kind"] != "admin":
                     failures.append(f"{r.status_code} {r.text[:200]}")
-                seen.add(token)
+                latest[n] = token
 
-    threads = [threading.Thread(target=reader) for _ in range(4)]
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(4)]
+    seen = [path.read_text().strip()]
     try:
         for t in threads:
             t.start()
-        wait_until(lambda: len(seen) >= 4 or failures, 120, what="three renewals seen by the readers")
+        for _ in range(3):
+            current = seen[-1]
+            wait_until(
+                lambda c=current: failures or (len(latest) == 4 and set(latest.values()) == {c}),
+                60,
+                what="every reader to use the current token",
+            )
+            clock.advance(2.5)  # 5.5 s of 8 left: less than 0.75 of the lifetime, so due
+            seen.append(
+                wait_until(
+                    lambda c=current: failures or ((t := path.read_text().strip()) != c and t),
+                    60,
+                    what="a renewal",
+                )
+            )
     finally:
         done.set()
         for t in threads:
             t.join(60)
         server.stop()
-    assert failures == [] and len(seen) >= 4
+    assert failures == [] and len(set(seen)) == 4, (failures, seen)
 
 
 def test_a_revoked_or_replaced_admin_token_file_is_rewritten(tmp_path: Path) -> None:
