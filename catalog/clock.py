@@ -1,5 +1,6 @@
-"""The clock that expiry reads: token lifetimes (catalog/tokens.py) and ticket lifetimes
-(flight_server/tickets.py).
+"""The clock that expiry reads: token lifetimes (catalog/tokens.py), tickets and the results
+held with them (flight_server/tickets.py, ready.py), result-cache entries (cache.py) and
+async results (results.py); and :func:`iso`, how an answer writes a time.
 
 Whatever decides "has this expired?" reads one injected :class:`Clock` instead of calling
 ``time`` itself, so that every part of one decision (a token's ``iat`` and ``exp`` when it is

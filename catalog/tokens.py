@@ -165,7 +165,7 @@ class TokenService:
     def _now(self) -> datetime:
         return utcnow(self._clock)
 
-    def expired(self, expires_at: datetime, now: datetime | None = None) -> bool:
+    def _expired(self, expires_at: datetime, now: datetime | None = None) -> bool:
         """Whether a token expiring at ``expires_at`` is refused now: PyJWT's rule (``exp <=
         now - leeway``) on this service's clock."""
         leeway = timedelta(seconds=self._config.leeway_seconds)
@@ -407,7 +407,7 @@ class TokenService:
                 self._cache[token] = cached
                 if len(self._cache) > VERIFY_CACHE_SIZE:
                     self._cache.popitem(last=False)
-        if self.expired(cached.expires_at):
+        if self._expired(cached.expires_at):
             raise Unauthenticated(_EXPIRED_MESSAGE)
         self._check_live(cached)
         return cached
@@ -513,7 +513,7 @@ class TokenService:
             expires_at = datetime.fromtimestamp(exp, UTC)
         except (OverflowError, OSError, ValueError):
             raise Unauthenticated("invalid token: Expiration Time claim (exp) out of range") from None
-        if self.expired(expires_at, current):
+        if self._expired(expires_at, current):
             raise Unauthenticated(_EXPIRED_MESSAGE)
         return expires_at
 
