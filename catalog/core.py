@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import structlog
 
 from catalog.audit import AuditLog
+from catalog.clock import SYSTEM_CLOCK, Clock, utcnow
 from catalog.config import Config
 from catalog.database import Database
 from catalog.errors import QuiverError
+from catalog.identity import Principal, WhoAmI
 from catalog.keys import KeyRing, write_private_atomic
 from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
@@ -39,8 +41,10 @@ ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 
 
 class Catalog:
-    def __init__(self, config: Config, *, lockdown: bool = True) -> None:
+    def __init__(self, config: Config, *, lockdown: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        # What token and ticket expiry read (catalog/clock.py); a test passes one it moves.
+        self.clock = clock
         self.started_at = time.time()
         data_dir = config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +62,7 @@ class Catalog:
         self.policy = Policy(self.tables)
         self.swarms = SwarmStore(self.db, self.policy)
         self.keys = KeyRing.load_or_create(data_dir / "keys")
-        self.tokens = TokenService(self.db, self.keys, config.tokens, self.swarms)
+        self.tokens = TokenService(self.db, self.keys, config.tokens, self.swarms, clock)
         self.tokens.retire_keys()
         self.audit = AuditLog(self.db)
         self.metrics = Metrics()
@@ -68,6 +72,17 @@ class Catalog:
         # (token, jti, expires_at) of what admin.token was last seen or written to hold.
         self._admin_token: tuple[str, str, datetime] | None = None
         self._admin_token_lock = threading.Lock()
+
+    def whoami(self, principal: Principal) -> WhoAmI:
+        """The ``whoami`` answer of both listeners for ``principal``."""
+        return WhoAmI(
+            kind=principal.kind,
+            swarm=principal.swarm,
+            agent=principal.agent,
+            jti=principal.jti,
+            expires_at=principal.expires_at,
+            tables=self.policy.readable_names(principal),
+        )
 
     def delete_swarm(self, name: str) -> None:
         """A swarm goes with its allowlist and every token it holds, atomically."""
@@ -130,7 +145,7 @@ class Catalog:
             # After `quiver keys rotate`: re-signed now, long before the old key retires.
             return "signed by a previous signing key"
         cfg = self.config.tokens
-        left = (known[2] - datetime.now(UTC)).total_seconds()
+        left = (known[2] - utcnow(self.clock)).total_seconds()
         if left < cfg.admin_ttl_seconds * cfg.admin_token_renew_fraction:
             return f"renewal due ({max(left, 0):.0f} s left)"
         return None

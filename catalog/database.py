@@ -37,6 +37,12 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def quote_literal(text: str) -> str:
+    """A string literal for DuckDB SQL (doubling embedded single quotes), for the few places
+    where a value cannot be a parameter (ATTACH's path, a struct's keys)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def fetch_one(cur: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None) -> tuple | None:
     """The first row or None, with the result consumed: a DuckDB connection with an
     unfinished result refuses its next query."""
@@ -251,7 +257,7 @@ class Database:
                 leftover.unlink(missing_ok=True)
             alias = "quiver_snapshot_" + secrets.token_hex(4)
             source = quote_ident(self.catalog_name)
-            literal = "'" + str(target).replace("'", "''") + "'"
+            literal = quote_literal(str(target))
             cur = self.cursor()
             try:
                 cur.execute(f"ATTACH {literal} AS {alias}")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+import msgspec
+
 TokenKind = Literal["admin", "swarm", "agent", "metrics"]
 TOKEN_KINDS: tuple[TokenKind, ...] = ("admin", "swarm", "agent", "metrics")
 # Kinds that belong to no swarm. A metrics token may read GET /metrics and nothing else
@@ -48,3 +50,16 @@ class Principal:
         if self.kind == "metrics":
             return "metrics"
         return f"admin:{self.subject}"
+
+
+class WhoAmI(msgspec.Struct, kw_only=True):
+    """Who a token stands for and what it may read: the one answer of ``GET /v1/whoami``
+    and of the Flight action ``whoami`` (proto_docs/listing.md, proto_docs/actions.md), so
+    the two listeners cannot drift apart. Built by :meth:`catalog.Catalog.whoami`."""
+
+    kind: str
+    swarm: str | None
+    agent: str | None
+    jti: str
+    expires_at: datetime  # JSON: RFC 3339 in UTC ("...Z")
+    tables: list[str]

@@ -3,11 +3,18 @@ stores.
 
 One splitter for the whole code base: the configuration check (``[[sync.tables]] source``,
 catalog/config.py) counts the parts and the sync worker (sync/source.py) resolves them, so
-both must agree on where a name breaks. It lives in ``catalog`` because ``sync`` may import
+both must agree on where a name breaks; :data:`quote_snowflake` writes a part back. It lives in ``catalog`` because ``sync`` may import
 ``catalog`` but not the other way round.
 """
 
 from __future__ import annotations
+
+from catalog.database import quote_ident
+
+#: One stored identifier quoted for Snowflake SQL (the inverse of a part of
+#: :func:`split_snowflake_name`): Snowflake's delimited identifiers are standard SQL's, as
+#: DuckDB's are, so it is the same function.
+quote_snowflake = quote_ident
 
 
 def split_snowflake_name(text: str) -> list[str]:

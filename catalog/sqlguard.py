@@ -132,15 +132,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 import duckdb
 
-from catalog.database import SYSTEM_SCHEMA
+from catalog.database import SYSTEM_SCHEMA, quote_literal
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.identity import Principal
 from catalog.policy import NOT_READABLE, Policy
-from catalog.tables import TableCatalog, TableRef
+from catalog.tables import TableCatalog, TableRef, fold
 
 # --- what is allowed ------------------------------------------------------------------------
 
@@ -376,14 +377,6 @@ _LITERAL_TOKENS = frozenset({duckdb.token_type.numeric_const, duckdb.token_type.
 QuiverRefusal = InvalidArgument | PermissionDenied
 
 
-def _fold(name: str) -> str:
-    """DuckDB's identifier comparison: ASCII letters fold, nothing else does."""
-    return name.translate(_ASCII_LOWER)
-
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
 def _strip_locations(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _strip_locations(v) for k, v in value.items() if k not in _LOCATION_KEYS}
@@ -470,7 +463,7 @@ def _literal_kind(extent: str) -> tuple[str, str] | None:
 
 def _spell(kind: str, text: str) -> str:
     """A literal's spelling in SQL (the inverse of :func:`_literal_kind`)."""
-    return "'" + text.replace("'", "''") + "'" if kind == "STRING" else text
+    return quote_literal(text) if kind == "STRING" else text
 
 
 def _statement_text(sql: str) -> str:
@@ -531,8 +524,17 @@ class GuardedQuery:
 
     @property
     def fingerprint(self) -> str:
-        """A short stable digest of :attr:`normalized`."""
-        return hashlib.sha256(self.normalized.encode()).hexdigest()
+        """A stable digest of :attr:`normalized` (:func:`sql_digest`)."""
+        return sql_digest(self.normalized)
+
+
+# The parse tree is kilobytes of JSON: hash it once per text, not once per request.
+@lru_cache(maxsize=4096)
+def sql_digest(normalized: str) -> str:
+    """The digest of a query: SHA-256 of the guard's normalized SQL, remembered per text. It
+    is :attr:`GuardedQuery.fingerprint`, keys the data plane's result cache and names the
+    query in logs (``query:`` + its start)."""
+    return hashlib.sha256(normalized.encode()).hexdigest()
 
 
 class SqlGuard:
@@ -566,7 +568,7 @@ class SqlGuard:
         """Checks answered from the shape cache (no DuckDB parse): for tests and benchmarks."""
         self._refs_cache: tuple[float, dict[tuple[str, str], TableRef | None]] | None = None
         self._policy = policy
-        self._catalog = _fold(catalog_name)
+        self._catalog = fold(catalog_name)
         self._max_sql_chars = max_sql_chars
         self._parser = duckdb.connect(":memory:")
         self._local = threading.local()
@@ -577,10 +579,10 @@ class SqlGuard:
         returns: dict[str, set[str]] = {}
         pg_catalog: set[str] = set()
         for name, kind, schema, returned in rows:
-            kinds.setdefault(_fold(name), set()).add(kind)
-            returns.setdefault(_fold(name), set()).add(str(returned).upper())
+            kinds.setdefault(fold(name), set()).add(kind)
+            returns.setdefault(fold(name), set()).add(str(returned).upper())
             if schema == "pg_catalog":
-                pg_catalog.add(_fold(name))
+                pg_catalog.add(fold(name))
         # Functions whose every overload returns one fixed-width scalar (a number, a date, …):
         # whatever their arguments, their value is one unit for the size bounds.
         self._fixed_width = frozenset(
@@ -589,7 +591,7 @@ class SqlGuard:
         # Types a query may name: DuckDB's built-in ones. The private parser database holds
         # nothing else, so this lists no type of the data file.
         self._builtin_types = frozenset(
-            _fold(str(r[0])) for r in self._parser.execute("SELECT type_name FROM duckdb_types()").fetchall()
+            fold(str(r[0])) for r in self._parser.execute("SELECT type_name FROM duckdb_types()").fetchall()
         )
         self._builtins = frozenset(kinds) | _BUILTIN_SPECIALS
         # Functions DuckDB only knows as table functions: called in an expression they are
@@ -907,7 +909,7 @@ class SqlGuard:
                 return cached[1]
         out: dict[tuple[str, str], TableRef | None] = {}
         for ref in self._tables.list_refs():
-            key = (_fold(ref.schema), _fold(ref.name))
+            key = (fold(ref.schema), fold(ref.name))
             out[key] = None if key in out else ref
         if self._table_cache_seconds > 0:
             with self._lock:
@@ -933,13 +935,13 @@ class SqlGuard:
             rows = cur.execute(
                 "SELECT DISTINCT function_name FROM duckdb_functions() WHERE NOT internal"
             ).fetchall()
-        names = frozenset(_fold(str(r[0])) for r in rows)
+        names = frozenset(fold(str(r[0])) for r in rows)
         with self._lock:
             self._functions_cache = (now + self._function_cache_seconds, names)
         return names
 
     def _function_refusal(self, name: str, *, in_from: bool) -> QuiverRefusal | None:
-        folded = _fold(name)
+        folded = fold(name)
         name = _echo(name)
         if folded in self._stored_functions():
             return PermissionDenied(
@@ -987,7 +989,7 @@ class SqlGuard:
         last = display.rsplit(".", 1)[-1]
         files = (
             "; files and URLs cannot be read (FROM 'path' and read_*() are refused)"
-            if any(c in last for c in "/\\:") or _fold(last).endswith(_FILE_SUFFIXES)
+            if any(c in last for c in "/\\:") or fold(last).endswith(_FILE_SUFFIXES)
             else ""
         )
         return PermissionDenied(f"{display}: {NOT_READABLE}{files}; you may read: {hint}")
@@ -1072,7 +1074,7 @@ class _Walk:
             raise InvalidArgument("the query cannot be analysed (unexpected WITH clause)")
         inner = scope
         for entry in entries:
-            name = _fold(str(entry.get("key", "")))
+            name = fold(str(entry.get("key", "")))
             definition = entry.get("value") or {}
             body = definition.get("query_node")
             if isinstance(body, dict) and body.get("type") == "RECURSIVE_CTE_NODE":
@@ -1088,7 +1090,7 @@ class _Walk:
         self.children(node, inner, skip=frozenset({"cte_map"}))
 
     def recursive_cte(self, node: dict[str, Any], scope: frozenset[str], name: str) -> None:
-        if _fold(str(node.get("cte_name", ""))) != name:
+        if fold(str(node.get("cte_name", ""))) != name:
             raise PermissionDenied(
                 "the query uses a recursive CTE form the SQL guard does not support; "
                 "write WITH RECURSIVE name AS (anchor UNION [ALL] recursive-term)"
@@ -1115,7 +1117,7 @@ class _Walk:
             scope,
             skip=frozenset({"catalog_name", "schema_name", "table_name", "qualified_name"}),
         )
-        if not catalog and not schema and _fold(table) in scope:
+        if not catalog and not schema and fold(table) in scope:
             return  # a CTE in scope; its body was checked where it is defined
         display = ".".join(parts)
         found = self.resolve(catalog, schema, table)
@@ -1126,9 +1128,9 @@ class _Walk:
     def resolve(self, catalog: str, schema: str, table: str) -> TableRef | None:
         """The data table DuckDB would read for this name, or None if it is not one."""
         refs = self.refs()
-        s, t = _fold(schema), _fold(table)
+        s, t = fold(schema), fold(table)
         if catalog:
-            if _fold(catalog) != self.guard._catalog or s in _NEVER_DATA_SCHEMAS:
+            if fold(catalog) != self.guard._catalog or s in _NEVER_DATA_SCHEMAS:
                 return None
             return refs.get((s or "main", t))
         if schema:
@@ -1186,11 +1188,11 @@ class _Walk:
             self.type_reference(expr)
         if cls == "COLUMN_REF":
             names = expr.get("column_names") or []
-            if len(names) == 1 and _fold(str(names[0])) in _KEYWORD_FUNCTIONS:
+            if len(names) == 1 and fold(str(names[0])) in _KEYWORD_FUNCTIONS:
                 bare = _echo(str(names[0]))
                 raise PermissionDenied(
-                    f"{bare}: written bare, this keyword calls {_fold(bare)}(), which is not allowed "
-                    f"({DENIED_FUNCTIONS[_fold(bare)]}); for a column of that name, qualify it "
+                    f"{bare}: written bare, this keyword calls {fold(bare)}(), which is not allowed "
+                    f"({DENIED_FUNCTIONS[fold(bare)]}); for a column of that name, qualify it "
                     f"(table_alias.{bare})"
                 )
         self.children(expr, scope, skip=skip)
@@ -1225,7 +1227,7 @@ class _Walk:
         columns still work: their values compare with plain strings."""
         name = str(expr.get("type_name") or "")
         parts = [str(p) for p in (expr.get("catalog"), expr.get("schema")) if p] + [name]
-        if len(parts) > 1 or _fold(name) not in self.guard._builtin_types:
+        if len(parts) > 1 or fold(name) not in self.guard._builtin_types:
             display = ".".join(parts)[:200]
             raise PermissionDenied(
                 f"type {display}: {NOT_READABLE}; only DuckDB's built-in types may be named"
@@ -1248,8 +1250,9 @@ MAX_BUILT_UNITS = 100_000
 MAX_BUILT_TOTAL_UNITS = 1_000_000
 
 #: Most work DuckDB may do folding one statement's constants while planning, in units (one
-#: element or character an expression reads; about 100 ns each, measured): a few seconds at
-#: the very worst, where the query timeout cannot interrupt. A value under
+#: element or character an expression reads; the cost of one is in tests/bench/RESULTS.md,
+#: "Costs the code relies on"): a few seconds at the very worst, where the query timeout
+#: cannot interrupt. A value under
 #: :data:`MAX_BUILT_UNITS` can still be read by a thousand expressions.
 MAX_FOLD_WORK = 20_000_000
 
@@ -1341,8 +1344,8 @@ BUILDER_FUNCTIONS: Mapping[str, str] = {
 }
 
 #: String distances that compare every character of one argument with every character of the
-#: other, with how many cells cost one unit of :data:`MAX_FOLD_WORK` (measured:
-#: levenshtein(10k, 10k characters) takes 0.18 s, damerau_levenshtein(3k, 3k) 0.12 s).
+#: other, with how many cells cost one unit of :data:`MAX_FOLD_WORK` (from their measured
+#: costs: tests/bench/RESULTS.md, "Costs the code relies on").
 _QUADRATIC: Mapping[str, int] = {"levenshtein": 64, "editdist3": 64, "damerau_levenshtein": 8}
 #: Functions that pack their arguments into one list, struct or map ([a, b], {'k': v}, row(…)).
 _CONSTRUCTORS = frozenset({"list_value", "list_pack", "array_value", "struct_pack", "row", "map"})
@@ -1493,7 +1496,7 @@ class _Sizer:
             names = e.get("column_names") or []
             if len(names) == 1:
                 for scope in reversed(self.lambdas):
-                    hit = scope.get(_fold(str(names[0])))
+                    hit = scope.get(fold(str(names[0])))
                     if hit is not None:
                         return hit
             return _Size(self.completed, DATA_VALUE_UNITS)
@@ -1548,7 +1551,7 @@ class _Sizer:
         return out
 
     def function(self, e: dict[str, Any]) -> _Size:
-        name = _fold(str(e.get("function_name", "")))
+        name = fold(str(e.get("function_name", "")))
         args = _arguments(e)
         if name in _LAMBDA_MAPPERS or name in _LAMBDA_REDUCERS or name == "invoke":
             return self.lambda_call(name, e, args)
@@ -1845,7 +1848,7 @@ def _lambda_params(lam: dict[str, Any]) -> list[str]:
     if not isinstance(lhs, dict):
         return []
     refs = [lhs] if lhs.get("class") == "COLUMN_REF" else _arguments(lhs)
-    return [_fold(str((r.get("column_names") or [""])[-1])) for r in refs if isinstance(r, dict)]
+    return [fold(str((r.get("column_names") or [""])[-1])) for r in refs if isinstance(r, dict)]
 
 
 def _const_int(e: dict[str, Any]) -> int | None:
@@ -1880,7 +1883,7 @@ def _const_num(e: dict[str, Any], depth: int) -> Decimal | None:  # noqa: C901, 
         return _const_num(child, depth + 1) if isinstance(child, dict) else None
     if cls != "FUNCTION":
         return None
-    name = _fold(str(e.get("function_name", "")))
+    name = fold(str(e.get("function_name", "")))
     raw = _arguments(e)
     args = [_const_num(a, depth + 1) for a in raw]
     if len(raw) != len(e.get("arguments") or []) or any(a is None for a in args):
@@ -2002,7 +2005,7 @@ def _const_interval(e: dict[str, Any], depth: int) -> tuple[int, bool] | None:  
     if depth > 16 or not isinstance(e, dict):
         return None
     if e.get("class") == "FUNCTION":
-        name = _fold(str(e.get("function_name", "")))
+        name = fold(str(e.get("function_name", "")))
         args = _arguments(e)
         if name in _INTERVAL_SECONDS and len(args) == 1:
             n = _const_int(args[0])

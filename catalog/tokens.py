@@ -37,6 +37,7 @@ import jwt
 import msgspec
 import structlog
 
+from catalog.clock import SYSTEM_CLOCK, Clock, utcnow
 from catalog.config import TokensConfig
 from catalog.database import SYSTEM_SCHEMA, Database, fetch_one
 from catalog.errors import (
@@ -109,12 +110,31 @@ _CHAIN_MEMBERS = (
 # that AdminWrites retries (tests/test_admin_races.py provokes one).
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+_EXPIRED_MESSAGE = "token expired; refresh it before it expires or ask for a new one"
+
+
+def _int_claim(claims: dict[str, Any], name: str, what: str) -> int:
+    """A NumericDate claim as PyJWT reads it (an integer, or what ``int()`` accepts)."""
+    try:
+        return int(claims[name])
+    except (ValueError, TypeError, OverflowError):
+        raise Unauthenticated(f"invalid token: {what} claim ({name}) must be an integer.") from None
 
 
 class TokenService:
-    def __init__(self, db: Database, keys: KeyRing, config: TokensConfig, swarms: SwarmStore) -> None:
+    """Mints, verifies, refreshes and revokes tokens. ``clock`` is the one source of time for
+    all of it (catalog/clock.py): the ``iat``/``exp`` a token is signed with, the expiry
+    check when it is presented, a refresh's clamp, the revocation and last-use times."""
+
+    def __init__(
+        self,
+        db: Database,
+        keys: KeyRing,
+        config: TokensConfig,
+        swarms: SwarmStore,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._clock = clock
         self._db = db
         self._keys = keys
         self._config = config
@@ -123,7 +143,7 @@ class TokenService:
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Principal] = OrderedDict()
         self._last_used: dict[str, datetime] = {}
-        now = _now()
+        now = self._now()
         with self._writes.lock, db.reading() as cur:
             revoked = cur.execute(
                 f"SELECT jti, root_jti, expires_at FROM {SYSTEM_SCHEMA}.tokens "
@@ -141,6 +161,15 @@ class TokenService:
         self._apply_revocations([(j, r, e) for j, r, e in revoked])
         # Tokens issued before lineage claims existed: jti -> the swarm instance they belong to.
         self._legacy: dict[str, str | None] = {j: sid for j, sid in legacy}
+
+    def _now(self) -> datetime:
+        return utcnow(self._clock)
+
+    def _expired(self, expires_at: datetime, now: datetime | None = None) -> bool:
+        """Whether a token expiring at ``expires_at`` is refused now: PyJWT's rule (``exp <=
+        now - leeway``) on this service's clock."""
+        leeway = timedelta(seconds=self._config.leeway_seconds)
+        return expires_at + leeway <= (now or self._now())
 
     @property
     def jwks(self) -> dict[str, list[dict[str, str]]]:
@@ -173,8 +202,14 @@ class TokenService:
             return key
 
     def retire_keys(self, now: datetime | None = None) -> list[str]:
-        """Drop the previous signing keys whose last token has expired (housekeeping)."""
-        return self._keys.retire_expired(now or _now(), self._config.leeway_seconds)
+        """Drop the previous signing keys whose last token has expired (housekeeping). A
+        retired key verifies nothing more, so the verified-token cache goes too (as after
+        :meth:`rotate_signing_key` with ``retire_previous``): what it held is checked afresh."""
+        retired = self._keys.retire_expired(now or self._now(), self._config.leeway_seconds)
+        if retired:
+            with self._lock:
+                self._cache.clear()
+        return retired
 
     # --- issuing ----------------------------------------------------------------------
     def _ttl(self, ttl_seconds: int | None) -> int:
@@ -259,7 +294,7 @@ class TokenService:
         grant: str | None,
     ) -> IssuedToken:
         """Sign and record one token (``root`` None: it starts a chain of its own)."""
-        now = _now().replace(microsecond=0)
+        now = self._now().replace(microsecond=0)
         expires = now + timedelta(seconds=ttl)
         if not_after is not None and expires > not_after:
             expires = not_after
@@ -358,9 +393,8 @@ class TokenService:
                 self._cache[token] = cached
                 if len(self._cache) > VERIFY_CACHE_SIZE:
                     self._cache.popitem(last=False)
-        now = _now()
-        if cached.expires_at + timedelta(seconds=self._config.leeway_seconds) <= now:
-            raise Unauthenticated("token expired; refresh it before it expires or ask for a new one")
+        if self._expired(cached.expires_at):
+            raise Unauthenticated(_EXPIRED_MESSAGE)
         self._check_live(cached)
         return cached
 
@@ -384,9 +418,9 @@ class TokenService:
     def record_use(self, principal: Principal) -> None:
         """Note that ``principal``'s token was used for an accepted request (memory only;
         :meth:`flush_last_used` writes the times in batches)."""
-        self._last_used[principal.jti] = _now()
+        self._last_used[principal.jti] = self._now()
 
-    def _decode(self, token: str) -> Principal:  # noqa: C901  one claim after another, each with its own refusal
+    def _decode(self, token: str) -> Principal:
         if not token or len(token) > 4096:
             raise Unauthenticated("malformed token")
         try:
@@ -405,19 +439,21 @@ class TokenService:
                 public,
                 algorithms=["EdDSA"],
                 issuer=self._config.issuer,
-                leeway=self._config.leeway_seconds,
-                options={"require": ["exp", "iat", "jti", "sub", "iss"]},
+                # The times are checked below on this service's clock, not PyJWT's own.
+                options={
+                    "require": ["exp", "iat", "jti", "sub", "iss"],
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated(
-                "token expired; refresh it before it expires or ask for a new one"
-            ) from None
         except jwt.InvalidAlgorithmError:
             raise Unauthenticated("token algorithm not accepted: Quiver tokens are EdDSA (Ed25519)") from None
         except jwt.InvalidSignatureError:
             raise Unauthenticated("token signature invalid: not issued by this Quiver") from None
         except jwt.PyJWTError as e:
             raise Unauthenticated(f"invalid token: {e}") from None
+        expires_at = self._check_times(claims)
         kind = claims.get("kind")
         if kind not in TOKEN_KINDS:
             raise Unauthenticated("invalid token: unknown kind")
@@ -440,13 +476,32 @@ class TokenService:
             kind=kind,
             jti=jti,
             subject=str(claims["sub"]),
-            expires_at=datetime.fromtimestamp(int(claims["exp"]), UTC),
+            expires_at=expires_at,
             swarm=swarm if scoped else None,
             agent=agent if kind == "agent" else None,
             root=root,
             grant=grant,
             swarm_id=sid if scoped else None,
         )
+
+    def _check_times(self, claims: dict[str, Any]) -> datetime:
+        """PyJWT's time checks, with the same leeway and messages, read on this service's
+        clock: not yet valid when ``iat`` (or ``nbf``) is more than the leeway ahead, expired
+        when ``exp`` is not after now minus the leeway. Returns the expiry."""
+        current = self._now()
+        now, leeway = current.timestamp(), self._config.leeway_seconds
+        if _int_claim(claims, "iat", "Issued At") > now + leeway:
+            raise Unauthenticated("invalid token: The token is not yet valid (iat)")
+        if "nbf" in claims and _int_claim(claims, "nbf", "Not Before") > now + leeway:
+            raise Unauthenticated("invalid token: The token is not yet valid (nbf)")
+        exp = _int_claim(claims, "exp", "Expiration Time")
+        try:
+            expires_at = datetime.fromtimestamp(exp, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise Unauthenticated("invalid token: Expiration Time claim (exp) out of range") from None
+        if self._expired(expires_at, current):
+            raise Unauthenticated(_EXPIRED_MESSAGE)
+        return expires_at
 
     # --- revoking ---------------------------------------------------------------------
     def _apply_revocations(self, rows: list[tuple[str, str | None, datetime]]) -> None:
@@ -482,7 +537,7 @@ class TokenService:
     def revoke(self, jti: str) -> TokenRecord:
         """Revoke ``jti``'s whole chain and the chains its tokens minted; effective on the
         next call on both listeners. Revoking a revoked token changes nothing (idempotent)."""
-        now = _now()
+        now = self._now()
 
         def write(cur: duckdb.DuckDBPyConnection) -> list[Any]:
             row = fetch_one(
@@ -505,7 +560,7 @@ class TokenService:
             raise InvalidArgument(
                 "'agent' must be an agent name: 1-128 characters of letters, digits, '_', '.', '@' and '-'"
             )
-        now = _now()
+        now = self._now()
         where = "swarm = ?" + (" AND agent = ?" if agent is not None else "")
         params: list[object] = [swarm] if agent is None else [swarm, agent]
 
@@ -539,7 +594,7 @@ class TokenService:
         ).fetchall()
         cur.execute(
             f"UPDATE {SYSTEM_SCHEMA}.tokens SET revoked_at = ? WHERE swarm = ? AND revoked_at IS NULL",
-            [_now(), swarm],
+            [self._now(), swarm],
         )
         return lambda: self._apply_revocations([(j, r, e) for j, r, e in rows])
 
@@ -562,7 +617,7 @@ class TokenService:
             params.append(swarm)
         if not include_inactive:
             where.append("revoked_at IS NULL AND expires_at > ?")
-            params.append(_now())
+            params.append(self._now())
         sql = f"SELECT {_RECORD_COLUMNS} FROM {SYSTEM_SCHEMA}.tokens"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -581,14 +636,14 @@ class TokenService:
             rec = self.get(jti)
         except NotFound:
             return False
-        return rec.revoked_at is None and rec.expires_at > _now()
+        return rec.revoked_at is None and rec.expires_at > self._now()
 
     def flush_last_used(self) -> int:
         """Write the gathered "last used" times in one batch (under the admin-write lock: a
         revocation updates the same rows); prune expired revocations."""
         with self._lock:
             batch, self._last_used = self._last_used, {}
-            now = _now()
+            now = self._now()
             self._revoked = {j: e for j, e in self._revoked.items() if e > now}
             self._revoked_roots = {r: e for r, e in self._revoked_roots.items() if e > now}
             self._legacy = {j: s for j, s in self._legacy.items() if j not in self._revoked}

@@ -10,8 +10,6 @@ name the same types).
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import msgspec
 
 from catalog.audit import AuditEvent
@@ -71,13 +69,7 @@ class TokenList(msgspec.Struct, kw_only=True):
     tokens: list[TokenInfo]
 
 
-class WhoAmI(msgspec.Struct, kw_only=True):
-    kind: str
-    swarm: str | None
-    agent: str | None
-    jti: str
-    expires_at: datetime
-    tables: list[str]
+# GET /v1/whoami answers catalog.identity.WhoAmI: one Struct with the Flight action whoami.
 
 
 class TableOut(msgspec.Struct, kw_only=True):

@@ -181,7 +181,8 @@ class Admission:
         """A cursor to plan agent SQL on, admitted like a stream and under the query timeout.
         Yields the cursor and its deadline (``deadline.fired`` tells a timeout from a cancel).
         With ``cursors``, the cursor is taken from and, when the block ended cleanly and its
-        deadline never fired, given back to that pool (a new cursor costs ~0.15 ms); the
+        deadline never fired, given back to that pool (a new cursor is not free:
+        tests/bench/RESULTS.md, "Costs the code relies on"); the
         block must then leave it as it found it (no open result, no transaction)."""
         release = self.acquire(principal.subject, "plan-" + secrets.token_hex(6))
         try:

@@ -56,7 +56,6 @@ import math
 import os
 import secrets
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,8 +70,10 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from catalog import Catalog, TableRef
+from catalog.clock import SYSTEM_CLOCK, Clock
 from catalog.config import CacheConfig
 from catalog.database import Database
+from catalog.sqlguard import sql_digest as sql_digest  # also the planner's: one digest
 from catalog.status import ResultCacheStatus
 from catalog.tables import TableCatalog, fold
 
@@ -81,8 +82,9 @@ log = structlog.get_logger(__name__)
 ENTRY_SUFFIX = ".arrows"
 PARTIAL_SUFFIX = ".partial"
 #: Results up to this size are kept in memory (their batches, no copy), within
-#: ``[cache] max_memory_bytes``; larger ones go to files. Writing a file costs ~0.3 ms, as
-#: much as a whole point query: small results must not pay it.
+#: ``[cache] max_memory_bytes``; larger ones go to files. Writing a file costs about as much
+#: as a whole point query (tests/bench/RESULTS.md, "Costs the code relies on"): small
+#: results must not pay it.
 MEMORY_ENTRY_BYTES = 1024 * 1024
 
 TableKey = tuple[str, str]
@@ -155,15 +157,6 @@ def _table_key(table: TableRef | TableKey) -> TableKey:
     return table.key() if isinstance(table, TableRef) else (fold(table[0]), fold(table[1]))
 
 
-# The parse tree is kilobytes of JSON: hash it once per text, not once per request.
-@lru_cache(maxsize=4096)
-def sql_digest(normalized: str) -> str:
-    """The digest of a query: SHA-256 of the guard's normalized SQL (the same as
-    ``GuardedQuery.fingerprint``, remembered per text). It keys the result cache and names
-    the query in logs (``query:`` + its start, flight_server/planner.py)."""
-    return hashlib.sha256(normalized.encode()).hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class CacheKey:
     digest: str
@@ -215,8 +208,10 @@ class ResultCache:
         tables: TableCatalog | None = None,
         registry: CollectorRegistry | None = None,
         sweep_seconds: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.dir = cache_dir
+        self._clock = clock  # what entry expiry reads (catalog/clock.py)
         self.config = config
         self._tables = tables
         self._db = db
@@ -261,6 +256,7 @@ class ResultCache:
             db=catalog.db,
             tables=catalog.tables,
             registry=catalog.metrics.registry,
+            clock=catalog.clock,
         )
 
     @staticmethod
@@ -359,7 +355,7 @@ class ResultCache:
         once per request: each call counts."""
         if key is None:
             return None
-        now = time.monotonic()
+        now = self._clock.monotonic()
         expired: list[CacheEntry] = []
         with self._lock:
             entry = None
@@ -390,7 +386,7 @@ class ResultCache:
         that GetFlightInfo answered by running the query (flight_server/streams.py)."""
         if key is None:
             return None
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             for pool in self._tiers.values():
                 entry = pool.get(key.digest)
@@ -530,7 +526,7 @@ class ResultCache:
         partial: Path | None = None,
         truncated: bool = False,
     ) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         tier = "memory" if batches is not None else "disk"
         path = None if partial is None else self.dir / f"{key.digest}{ENTRY_SUFFIX}"
         expires = now + self.config.ttl_seconds
@@ -581,7 +577,7 @@ class ResultCache:
             with self._db.reading() as cur:
                 current = self._tables.versions(cur)
             dropped = self._observe_versions(list(current.items()))
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             expired = self._take_locked(lambda e: e.expires <= now)
         self._delete(expired, "expired")

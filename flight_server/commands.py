@@ -9,9 +9,9 @@ programs that read the error and retry.
 
 Action bodies go through :func:`decode_body`, the one decoder of an action's JSON body, with
 the same size and nesting bounds as a command; :func:`explain` is the one place msgspec's
-messages become those sentences, for commands and bodies alike. The shape of an action's
-answer lives here too where it is a Struct (:class:`WhoAmI`), and :func:`iso`, the one way an
-answer writes a time.
+messages become those sentences, for commands and bodies alike. (The ``whoami`` answer is
+``catalog.identity.WhoAmI``, shared with the control plane; times in answers are written by
+``catalog.clock.iso``.)
 
 Size checks against ``[limits]`` live here too, next to the shapes they constrain, so that
 GetFlightInfo and GetSchema refuse exactly the same commands.
@@ -22,8 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, overload
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 import pyarrow.flight as flight
@@ -109,31 +108,6 @@ class RefreshBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     usage: ClassVar[str] = '{"ttl_seconds": N} (or no body)'
     ttl_seconds: int | None = None
-
-
-class WhoAmI(msgspec.Struct, kw_only=True):
-    """The answer of ``whoami`` (proto_docs/actions.md)."""
-
-    kind: str
-    swarm: str | None
-    agent: str | None
-    jti: str
-    expires_at: str  # iso()
-    tables: list[str]
-
-
-@overload
-def iso(value: datetime | float) -> str: ...
-@overload
-def iso(value: None) -> None: ...
-def iso(value: datetime | float | None) -> str | None:
-    """A time in an action's answer: ISO 8601 in UTC (``2026-01-31T12:00:00.5+00:00``); a
-    float is a ``time.time()`` timestamp."""
-    if value is None:
-        return None
-    if not isinstance(value, datetime):
-        value = datetime.fromtimestamp(value, UTC)
-    return value.astimezone(UTC).isoformat()
 
 
 class TableScan(msgspec.Struct, frozen=True):

@@ -36,8 +36,9 @@ __all__ = [
     "limited",
 ]
 
-# Rows per record batch. Throughput is flat from ~32k rows up (measured on the 2-core VM);
-# memory per stream is a few batches, so a smaller batch keeps wide rows (long strings) cheap.
+# Rows per record batch. Throughput stops growing with the batch size well below this
+# (tests/bench/RESULTS.md, "Costs the code relies on"); memory per stream is a few batches,
+# so a smaller batch keeps wide rows (long strings) cheap.
 BATCH_ROWS = 65_536
 
 
@@ -53,8 +54,8 @@ class SqlPart:
     # The guard's normalized SQL when the result may be served from the result cache.
     normalized: str | None = None
     # At most this many rows, cut from the stream (the server's [limits] max_rows: wrapping
-    # every query in a LIMIT costs DuckDB ~0.15 ms, a tenth of a point query). The stream is
-    # read one batch past the cap, so that a cut is known exactly and reported.
+    # every query in a LIMIT costs DuckDB a tenth of a point query or so, tests/bench/RESULTS.md).
+    # The stream is read one batch past the cap, so that a cut is known exactly and reported.
     cap: int | None = None
     # Why ``limit`` applies (``cap`` is always the server's max_rows).
     limit_reason: CapReason = "max_rows"

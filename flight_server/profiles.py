@@ -37,7 +37,7 @@ import pyarrow as pa
 import structlog
 
 from catalog import Catalog, InvalidArgument, TableRef
-from catalog.database import Database
+from catalog.database import Database, quote_ident, quote_literal
 from catalog.status import ProfilesStatus
 from catalog.tables import TableCatalog
 
@@ -135,14 +135,6 @@ def _kind(type_id: str) -> str:
     return "other"
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _text(expr: str) -> str:
     return f"left(({expr})::VARCHAR, {MAX_VALUE_CHARS})"
 
@@ -150,7 +142,7 @@ def _text(expr: str) -> str:
 def _aggregates(col: _Column, full: bool, exact: bool = True) -> list[tuple[str, str]]:
     """(alias suffix, aggregate expression) for one column; ``full=False`` is the safe
     minimum every type supports."""
-    c = _ident(col.name)
+    c = quote_ident(col.name)
     out = [("n", f"count({c})")]
     if col.kind == "other" and not full:
         return out
@@ -180,8 +172,8 @@ def _row_struct(col: _Column, present: set[str]) -> str:
     quartile = [f"left({p}q[{i}], {MAX_VALUE_CHARS})" for i in (1, 2, 3)]
     fields = {
         "ordinal": str(col.ordinal),
-        "name": _literal(col.name),
-        "type": _literal(col.type),
+        "name": quote_literal(col.name),
+        "type": quote_literal(col.type),
         "count": "qv_rows",
         "nulls": nulls,
         "null_fraction": f"{nulls}::DOUBLE / nullif(qv_rows, 0)",
@@ -194,7 +186,7 @@ def _row_struct(col: _Column, present: set[str]) -> str:
         "q50": field("q", "VARCHAR", quartile[1]),
         "q75": field("q", "VARCHAR", quartile[2]),
     }
-    return "{" + ", ".join(f"{_literal(k)}: {v}" for k, v in fields.items()) + "}"
+    return "{" + ", ".join(f"{quote_literal(k)}: {v}" for k, v in fields.items()) + "}"
 
 
 def _binds(cur: duckdb.DuckDBPyConnection, ref: TableRef, exprs: list[str]) -> bool:
@@ -289,7 +281,7 @@ def profile_table(
 def _top_values(col: _Column) -> str:
     """The most frequent values (as text) with their counts, most frequent first, ties by
     value; NULLs are counted in ``nulls``, not here."""
-    c = _ident(col.name)
+    c = quote_ident(col.name)
     return (
         f"list_transform(list_sort(list_transform(map_entries(histogram({c}::VARCHAR)), "
         "lambda qv_e: {'n': -(qv_e.value::BIGINT), 'v': qv_e.key})), "

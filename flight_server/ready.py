@@ -16,11 +16,12 @@ query, as before), and one whose ticket is never redeemed is dropped when the ti
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 
 import pyarrow as pa
+
+from catalog.clock import SYSTEM_CLOCK, Clock
 
 __all__ = ["READY_BUDGET_BYTES", "ReadyPool", "ReadyResult"]
 
@@ -62,12 +63,18 @@ class ReadyResult:
 
 class ReadyPool:
     """The ready results of all tickets, within a byte budget; expired ones are dropped
-    (oldest first) whenever a new one is held."""
+    (oldest first) whenever a new one is held. ``ttl_seconds`` is the ticket's lifetime and
+    ``clock`` the tickets' clock: a result is held no longer than the ticket it goes with."""
 
     def __init__(
-        self, ttl_seconds: float, budget_bytes: int = READY_BUDGET_BYTES, max_count: int = READY_MAX_COUNT
+        self,
+        ttl_seconds: float,
+        budget_bytes: int = READY_BUDGET_BYTES,
+        max_count: int = READY_MAX_COUNT,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.ttl = ttl_seconds
+        self._clock = clock
         self.budget = budget_bytes
         self.max_count = max_count
         self._queue: deque[ReadyResult] = deque()
@@ -79,7 +86,7 @@ class ReadyPool:
         self, schema: pa.Schema, batches: Sequence[pa.RecordBatch], size: int, truncated: bool
     ) -> ReadyResult | None:
         """Keep a whole result for one DoGet, or None when the budget is full."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             queue = self._queue
             while queue and (queue[0].expires <= now or not queue[0].held):

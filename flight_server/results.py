@@ -64,11 +64,11 @@ from catalog import (
     ResourceExhausted,
     Unavailable,
 )
+from catalog.clock import SYSTEM_CLOCK, Clock, iso
 from catalog.config import ResultsConfig
 from catalog.database import Database
 from catalog.errors import bounded
 from catalog.status import AsyncQueriesStatus
-from flight_server.commands import iso
 from flight_server.errors import classify
 from flight_server.truncation import CapReason, RowCap
 
@@ -180,7 +180,7 @@ class _Query:
     finished: float | None = None  # monotonic
     finished_at: float | None = None  # wall clock
     started_at: float | None = None  # wall clock
-    expires: float | None = None  # monotonic
+    expires: float | None = None  # the manager's Clock.monotonic()
     rows: int = 0
     bytes: int = 0
     schema: pa.Schema | None = None
@@ -220,9 +220,12 @@ class QueryManager:
         config: ResultsConfig,
         *,
         registry: CollectorRegistry | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._db = db
         self.dir = results_dir
+        # What a result's expiry reads (catalog/clock.py); run times are the host's.
+        self._clock = clock
         self.config = config
         self._metrics = _Metrics(registry)
         self._queries: dict[str, _Query] = {}
@@ -249,6 +252,7 @@ class QueryManager:
             catalog.data_dir / "results",
             catalog.config.results,
             registry=catalog.metrics.registry,
+            clock=catalog.clock,
         )
 
     # --- submitting ------------------------------------------------------------------------
@@ -403,7 +407,7 @@ class QueryManager:
             query.state = outcome
             query.finished = time.monotonic()
             query.finished_at = time.time()
-            query.expires = query.finished + self.config.ttl_seconds
+            query.expires = self._clock.monotonic() + self.config.ttl_seconds
             self._metrics.active.dec()
             self._metrics.finished.labels(outcome).inc()
             self._metrics.result_bytes.set(self._result_bytes())
@@ -423,7 +427,7 @@ class QueryManager:
         if not query_id:
             raise InvalidArgument('"id" must be the query id string that submit-query returned')
         query = self._queries.get(query_id)
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if (
             query is None
             or query.subject != principal.subject
@@ -498,7 +502,7 @@ class QueryManager:
         elapsed = 0.0 if query.started is None else (query.finished or now) - query.started
         expires_at = None
         if query.expires is not None:
-            expires_at = iso(time.time() + (query.expires - now))
+            expires_at = iso(self._clock.time() + (query.expires - self._clock.monotonic()))
         return QueryStatus(
             id=query.id,
             state=query.state,
@@ -511,6 +515,7 @@ class QueryManager:
             finished_at=iso(query.finished_at),
             expires_at=expires_at,
             cancel_requested=query.cancel_requested,
+            # Cut at the row cap (proto_docs/actions.md): never a silent partial answer.
             truncated=query.truncated,
             max_rows=query.max_rows,
             max_rows_reason=query.max_rows_reason if query.max_rows is not None else None,
@@ -525,7 +530,7 @@ class QueryManager:
 
     def sweep(self) -> int:
         """Forget queries whose TTL passed and delete their files; returns how many."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             expired = [q for q in self._queries.values() if q.expires is not None and q.expires <= now]
             for q in expired:

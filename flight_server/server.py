@@ -109,7 +109,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         )
         self.catalog = catalog
         limits = catalog.config.limits
-        self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds)
+        self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds, catalog.clock)
         self.watchdog = Watchdog()
         self.admission = Admission(limits, catalog.db, self.watchdog, catalog.metrics)
         self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)
@@ -263,7 +263,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             state.action = action.type
             body = action.body.to_pybytes() if action.body is not None else b""
             if action.type == "whoami":
-                return [_json(msgspec.structs.asdict(self.whoami(principal)))]
+                return [msgspec.json.encode(self.catalog.whoami(principal))]
             if action.type == "refresh-token":
                 ttl = commands.decode_body(body, commands.RefreshBody, action.type).ttl_seconds
                 issued = self.catalog.tokens.refresh(principal, ttl)
@@ -288,16 +288,6 @@ class QuiverFlightServer(flight.FlightServerBase):
             )
 
         return iter(self._run(context, "do_action", run))
-
-    def whoami(self, principal: Principal) -> commands.WhoAmI:
-        return commands.WhoAmI(
-            kind=principal.kind,
-            swarm=principal.swarm,
-            agent=principal.agent,
-            jti=principal.jti,
-            expires_at=commands.iso(principal.expires_at),
-            tables=self.catalog.policy.readable_names(principal),
-        )
 
     # --- not offered ---------------------------------------------------------------------
     def do_put(

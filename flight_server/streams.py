@@ -77,7 +77,7 @@ class Streamer:
         self.cache = cache
         self.versions = versions
         self._cursors = _SpareCursors(catalog)
-        self.ready = ReadyPool(float(catalog.config.limits.ticket_ttl_seconds))
+        self.ready = ReadyPool(float(catalog.config.limits.ticket_ttl_seconds), clock=catalog.clock)
         #: Queries (and percent samples) run by DuckDB, at GetFlightInfo or DoGet: a count for
         #: tests and /v1/status (a fresh point query is run, and planned, once).
         self.executions = 0
@@ -266,7 +266,8 @@ class Streamer:
         The cap is cut here, not by DuckDB alone, so that a cut is known exactly and reported
         (flight_server/truncation.py): the caller's own ``max_rows`` is DuckDB's ``LIMIT
         max_rows + 1`` (DuckDB can still stop early), the server's ``[limits] max_rows`` is cut
-        from the stream (no LIMIT: it costs DuckDB ~0.15 ms per query); either way the row
+        from the stream (no LIMIT: wrapping every query costs DuckDB a noticeable share of a
+        point query, figures in tests/bench/RESULTS.md); either way the row
         past the cap is read, never sent, and the last batch sent carries the cut.
 
         The head of the result (up to 1 MiB) is read here, in the handler: a small result (a
@@ -354,8 +355,8 @@ class _NotKept(Exception):
 class _SpareCursors:
     """A few idle DuckDB cursors, ready for the next request.
 
-    Creating and closing a cursor (a DuckDB connection) costs about 0.15 ms in the server, a
-    tenth of a point query. A cursor whose query was read to the end inside the handler —
+    Creating and closing a cursor (a DuckDB connection) costs a tenth of a point query or so
+    (tests/bench/RESULTS.md, "Costs the code relies on"). A cursor whose query was read to the end inside the handler —
     no open result, no transaction (queries never BEGIN; only scans do, and their cursors
     are not given back), its deadline disarmed long before it could fire — is as good as
     new, so it is kept for the next request (any thread: a cursor is used by one request at
@@ -421,7 +422,8 @@ def arrow_stream(
 
     DuckDB 2.0's relation API (``cur.sql(q).to_arrow_reader()``) parses and binds the
     statement in Python to build a lazy relation, then parses and binds it again to run it:
-    about 0.4 ms, a quarter of a point query's own time on the 2-core VM. Quiver builds no
+    about a quarter of a point query's own time (tests/bench/RESULTS.md, "Costs the code
+    relies on"). Quiver builds no
     relation — it only streams — so it hands the text to the engine's submit step, the one
     that relation API ends in (``duckdb._seam.submit``, format "stream"): same engine, same
     execution, same errors, no Python-side relation (which also means no replacement scans

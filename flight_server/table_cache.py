@@ -3,8 +3,8 @@
 A full scan through DuckDB redoes DuckDB's whole scan and Arrow conversion on every request,
 on the same cores that then send the bytes. For a table read again and again (agents reload
 the same dimension tables all day) that work is wasted: once the table is an Arrow table in
-memory, a scan is just the transport — measured on the 2-core VM, as fast as a bare
-``pyarrow.flight`` server streaming a ready table.
+memory, a scan is just the transport — no slower than a bare ``pyarrow.flight`` server
+streaming a ready table (tests/bench/RESULTS.md, "Flight data plane", has the figures).
 
 How it works:
 

@@ -12,17 +12,20 @@ Rules (proto_docs/tickets.md):
 * the allowlist is checked again at DoGet, so a revoked permission takes effect at once;
 * an expired or unknown ticket is NOT_FOUND ("call GetFlightInfo again"); a foreign one is
   PERMISSION_DENIED.
+
+Lifetimes read the catalog's clock (catalog/clock.py): its monotonic time decides expiry, its
+wall time is what the endpoint's ``expiration_time`` tells the client.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from catalog import NotFound, PermissionDenied, Principal
+from catalog.clock import SYSTEM_CLOCK, Clock
 
 TICKET_PREFIX = b"qv1."
 DEFAULT_TTL_SECONDS = 300.0
@@ -36,21 +39,22 @@ P = TypeVar("P")
 class Grant(Generic[P]):
     subject: str
     payload: P
-    expires: float  # time.monotonic()
-    expires_at: float  # time.time(), for FlightEndpoint.expiration_time
+    expires: float  # Clock.monotonic()
+    expires_at: float  # Clock.time(), for FlightEndpoint.expiration_time
 
 
 class TicketStore(Generic[P]):
-    def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
+    def __init__(self, ttl_seconds: float = DEFAULT_TTL_SECONDS, clock: Clock = SYSTEM_CLOCK) -> None:
         self.ttl = ttl_seconds
+        self._clock = clock
         self._grants: dict[bytes, Grant[P]] = {}
         self._lock = threading.Lock()
         self._issued = 0
 
     def issue(self, principal: Principal, payload: P) -> tuple[bytes, Grant[P]]:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         ticket = TICKET_PREFIX + secrets.token_urlsafe(32).encode()
-        grant = Grant(principal.subject, payload, now + self.ttl, time.time() + self.ttl)
+        grant = Grant(principal.subject, payload, now + self.ttl, self._clock.time() + self.ttl)
         with self._lock:
             self._issued += 1
             if self._issued % PURGE_EVERY == 0 or len(self._grants) >= MAX_GRANTS:
@@ -64,7 +68,7 @@ class TicketStore(Generic[P]):
 
     def redeem(self, principal: Principal, ticket: bytes) -> P:
         grant = self._grants.get(ticket)
-        if grant is None or grant.expires <= time.monotonic():
+        if grant is None or grant.expires <= self._clock.monotonic():
             raise NotFound(
                 "unknown or expired ticket: tickets live "
                 f"{self.ttl:g} s and do not survive a restart; call GetFlightInfo again for a fresh one"

@@ -35,6 +35,7 @@ import structlog
 import uvicorn
 
 from catalog import Catalog, Config, QuiverError
+from catalog.clock import SYSTEM_CLOCK, Clock
 from catalog.resources import AddressSpaceBound
 from catalog.snapshot_crypto import load_key
 from control_plane import create_app
@@ -179,8 +180,12 @@ class Runtime:
         demo_data: bool = False,
         grace_seconds: float = 10.0,
         address_space: AddressSpaceBound | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
+        # What token and ticket expiry read (catalog/clock.py): the host's clocks, or a
+        # test's clock that it moves by hand.
+        self.clock = clock
         # quiver serve's address-space bound (catalog/resources.py): set once both listeners
         # serve, and kept current by housekeeping. None in-process (tests, embedding).
         self.address_space = address_space
@@ -220,7 +225,7 @@ class Runtime:
             except QuiverError as e:
                 self.warnings.append(f"backups will fail: {e.detail}")
                 log.warning("backup.key_unusable", detail=e.detail)
-        catalog = self.catalog = Catalog(cfg)
+        catalog = self.catalog = Catalog(cfg, clock=self.clock)
         try:
             if self.demo_data:
                 demo.seed(catalog)

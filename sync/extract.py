@@ -21,12 +21,13 @@ import duckdb
 import pyarrow as pa
 
 from catalog import quote_ident
+from catalog.snowflake_names import quote_snowflake
 from sync.context import RunContext
 from sync.cursor import UNKNOWN, Keyset, advance, lower_bound
 from sync.errors import SyncFailed
 from sync.source import bind
 from sync.strategy import Plan
-from sync.typemap import SourceColumn, quote_snowflake, select_expression
+from sync.typemap import SourceColumn, select_expression
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from typing import Any
 import structlog
 
 from catalog import Catalog, Config, NotFound
+from catalog.clock import iso
 from catalog.metrics import SyncTableSample
 from catalog.status import SyncRun, SyncStatus, SyncTable, SyncTriggered
 from sync.context import ProgressFn
@@ -67,16 +68,6 @@ def _epoch(value: Any) -> float | None:
     if isinstance(value, date):
         return datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp()
     return None
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else _iso_text(value)
-
-
-def _iso_text(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat()
 
 
 class SyncService:
@@ -148,7 +139,7 @@ class SyncService:
             last_run: SyncRun | None = None
             if running and current is not None:
                 last_run = SyncRun(
-                    started_at=_iso_text(current.started_at),
+                    started_at=iso(current.started_at),
                     ended_at=None,
                     rows_read=current.rows_read,
                     rows_written=current.rows_written,
@@ -157,8 +148,8 @@ class SyncService:
                 )
             elif state is not None and state.last_started_at is not None:
                 last_run = SyncRun(
-                    started_at=_iso_text(state.last_started_at),
-                    ended_at=_iso(state.last_ended_at),
+                    started_at=iso(state.last_started_at),
+                    ended_at=iso(state.last_ended_at),
                     rows_read=state.last_rows_read or 0,
                     rows_written=state.last_rows_written or 0,
                     # Both writers set it with last_started_at (sync/state.py).
@@ -178,7 +169,7 @@ class SyncService:
                     mode=t.sync.entry.mode,
                     watermark=state.watermark if state else None,
                     running=running,
-                    next_run_at=_iso(datetime.fromtimestamp(due, UTC)) if scheduled or pending else None,
+                    next_run_at=iso(datetime.fromtimestamp(due, UTC)) if scheduled or pending else None,
                     last_run=last_run,
                 )
             )

@@ -20,9 +20,9 @@ import pyarrow as pa
 import structlog
 
 from catalog.config import SnowflakeConfig
-from catalog.snowflake_names import split_snowflake_name
+from catalog.snowflake_names import quote_snowflake, split_snowflake_name
 from sync.errors import SyncFailed
-from sync.typemap import SourceColumn, quote_snowflake
+from sync.typemap import SourceColumn
 
 log = structlog.get_logger("sync")
 # The connector logs every connection at INFO; Quiver's own events say what matters.

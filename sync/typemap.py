@@ -12,6 +12,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from catalog.snowflake_names import quote_snowflake
+
 # (Snowflake type, DuckDB type, note) - the documented map, in the order of the docs.
 TYPE_MAP: list[tuple[str, str, str]] = [
     ("NUMBER(p,0), p <= 2", "TINYINT", "INT/INTEGER/BIGINT are NUMBER(38,0) in Snowflake"),
@@ -166,10 +168,6 @@ def target_name(snowflake_name: str) -> str:
     """Snowflake stores unquoted identifiers in upper case; DuckDB users write lower case.
     A name that is not all upper case was created quoted on purpose and keeps its case."""
     return snowflake_name.lower() if snowflake_name == snowflake_name.upper() else snowflake_name
-
-
-def quote_snowflake(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def fingerprint(columns: list[SourceColumn]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import httpx
 import pyarrow.flight as flight
 
 from catalog import Catalog, Config, load_config
+from catalog.clock import SYSTEM_CLOCK, Clock
 from quiver.runtime import Runtime
 
 T = TypeVar("T")
@@ -55,6 +57,33 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition}: {value!r}")
         time.sleep(interval)
+
+
+class FakeClock:
+    """A :class:`catalog.clock.Clock` that stands still until a test moves it: passed to
+    :func:`start_server`, it lets a test expire tokens and tickets by advancing it instead of
+    sleeping. It starts at the host's time, so what the server signs looks ordinary, in
+    whole seconds, so that advancing it by whole or binary-exact amounts gives exact sums."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wall = float(int(time.time()))
+        self._mono = float(int(time.monotonic()))
+
+    def time(self) -> float:
+        with self._lock:
+            return self._wall
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self._mono
+
+    def advance(self, seconds: float) -> None:
+        """Move both readings forward by ``seconds``."""
+        assert seconds >= 0, "a clock does not go back"
+        with self._lock:
+            self._wall += seconds
+            self._mono += seconds
 
 
 def call_options(token: str | None, timeout: float | None = 30.0) -> flight.FlightCallOptions:
@@ -122,9 +151,12 @@ class Server:
         self.runtime.stop()
 
 
-def start_server(data_dir: Path, *, demo: bool = True, **sections: dict[str, Any]) -> Server:
+def start_server(
+    data_dir: Path, *, demo: bool = True, clock: Clock = SYSTEM_CLOCK, **sections: dict[str, Any]
+) -> Server:
+    """A server in this process; ``clock`` is what its token and ticket expiry read."""
     config = make_config(data_dir, **sections)
-    runtime = Runtime(config, demo_data=demo, grace_seconds=5)
+    runtime = Runtime(config, demo_data=demo, grace_seconds=5, clock=clock)
     endpoints = runtime.start()
     admin = (data_dir / "admin.token").read_text().strip()
     demo_token = (data_dir / "demo-agent.token").read_text().strip() if demo else None

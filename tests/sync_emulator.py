@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -184,11 +183,14 @@ def emulator_in_process() -> Iterator[Emulator]:
     )
     thread = threading.Thread(target=server.run, name="fakesnow", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the fakesnow emulator did not start")
-        time.sleep(0.02)
+    from tests.harness import wait_until  # here, like the module's other imports: the child stays light
+
+    def started() -> bool:
+        if not thread.is_alive():
+            raise RuntimeError("the fakesnow emulator's thread died before it served")
+        return bool(server.started)
+
+    wait_until(started, 30, 0.02, what="the fakesnow emulator to start")
     try:
         yield Emulator(port)
     finally:
@@ -208,14 +210,15 @@ class EmulatorProcess(Emulator):
             stderr=subprocess.DEVNULL,
             env=env,
         )
-        deadline = time.monotonic() + 60
-        while True:
+        from tests.harness import wait_until
+
+        def listening() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the fakesnow emulator process exited ({self.proc.returncode})")
             with contextlib.closing(socket.socket()) as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the fakesnow emulator process did not start")
-            time.sleep(0.05)
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(listening, 60, what="the fakesnow emulator process to listen")
 
     def kill(self) -> None:
         if self.proc.poll() is None:

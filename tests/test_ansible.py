@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -21,6 +20,8 @@ from urllib.parse import quote
 import httpx
 import pyarrow.flight as flight
 import pytest
+
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
 
@@ -107,11 +108,12 @@ def json_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, s
             stderr=err,
         )
     try:
-        deadline = time.monotonic() + 60
-        while "quiver.started" not in log.read_text():
+
+        def has_started() -> bool:
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+            return "quiver.started" in log.read_text()
+
+        wait_until(has_started, 60, 0.1, what="the server to start")
         started = next(line for line in log.read_text().splitlines() if "quiver.started" in line)
         event = json.loads(started)
         yield log, event["flight"], event["http"]
@@ -141,10 +143,7 @@ def test_fail2ban_filter_matches_real_auth_failures(json_log: tuple[Path, str, s
         assert http.get("/v1/swarms", headers={"authorization": f"Bearer {admin}"}).status_code == 200
         smuggled = "/v1/swarms/" + quote('x", "client": "192.0.2.66", "x": "', safe="")
         assert http.get(smuggled, headers={"authorization": "Bearer bad"}).status_code == 401
-    deadline = time.monotonic() + 10
-    while log.read_text().count('"auth.failed"') < 3:
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+    wait_until(lambda: log.read_text().count('"auth.failed"') >= 3, 10, what="three auth.failed lines")
 
     result = subprocess.run(
         [regex, "--out", "ip", str(log), str(FILTER)], capture_output=True, text=True, timeout=60

@@ -24,7 +24,7 @@ import structlog
 from catalog import Catalog
 from catalog.backup import MANIFEST
 from quiver.cli import main
-from tests.harness import Server, call_options, error_info, start_server
+from tests.harness import Server, call_options, error_info, start_server, wait_until
 
 
 def _cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -104,8 +104,8 @@ def test_backup_while_serving_then_wipe_and_restore(  # noqa: PLR0915  one scena
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        while len(written) < 20:
-            stop.wait(0.01)
+        wait_until(lambda: len(written) >= 20 or not writer.is_alive(), 30, 0.01, what="20 paired writes")
+        assert len(written) >= 20, "the writer stopped early"
         r = admin.post("/v1/backup")
     finally:
         stop.set()

@@ -5,7 +5,6 @@ stream was fed (an OSError/ArrowInvalid carrying DuckDB's message), or in an asy
 from __future__ import annotations
 
 import json
-import time
 
 import duckdb
 import pyarrow as pa
@@ -13,7 +12,7 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_server.errors import classify, duckdb_error, stream_error
-from tests.harness import Server, call_options, error_info
+from tests.harness import Server, call_options, error_info, wait_until
 from tests.test_dataplane import cmd
 
 MESSAGES: list[tuple[type[duckdb.Error], str, str]] = [
@@ -88,11 +87,13 @@ def test_doget_and_async_queries_agree_on_a_runtime_fault(server: Server) -> Non
         return json.loads(result.body.to_pybytes())
 
     submitted = action("submit-query", {"sql": RUNTIME_FAULT})
-    deadline = time.monotonic() + 30
-    status = submitted
-    while status["state"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-        status = action("query-status", {"id": submitted["id"]})
+    status = wait_until(
+        lambda: (
+            (s := action("query-status", {"id": submitted["id"]}))["state"] not in ("queued", "running") and s
+        ),
+        30,
+        what="the async query to finish",
+    )
     assert status["state"] == "failed"
     error = status["error"]
     assert isinstance(error, dict)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import TypeVar
 
 import duckdb
 import httpx
@@ -24,11 +23,18 @@ from catalog.backup import create_snapshot
 from catalog.database import DatabaseTooNew, _migrations
 from quiver.ops import backup_via_server
 from quiver.runtime import is_loopback
-from tests.harness import DEMO_SCALE, ServeProcess, call_options, make_config, start_server, wait_until
+from tests.harness import (
+    DEMO_SCALE,
+    FakeClock,
+    ServeProcess,
+    call_options,
+    make_config,
+    start_server,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
 
-T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -57,28 +63,34 @@ def _opens_unlocked(database: Path) -> list[tuple[int, str]]:
 # --- bug 1: the admin token outlives its lifetime ----------------------------------------------
 def test_backup_keeps_working_after_the_first_admin_token_expired(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    server = start_server(
-        data, demo=False, tokens={"admin_token_ttl_seconds": 4, "admin_token_renew_fraction": 0.75}
-    )
+    clock = FakeClock()  # the lifetime passes when the test says so
+    tokens = {
+        "admin_token_ttl_seconds": 3600,
+        "admin_token_renew_fraction": 0.5,
+        "last_used_flush_seconds": 0.1,
+    }
+    server = start_server(data, demo=False, clock=clock, tokens=tokens)
     try:
         path = data / "admin.token"
         first = path.read_text().strip()
         first_jti = server.http(first).get("/v1/whoami").json()["jti"]
+        # Not due yet: half of the lifetime is left.
+        clock.advance(1800)
+        assert server.catalog.ensure_admin_token() is None and path.read_text().strip() == first
         # The server writes a new token before the first one expires ...
+        clock.advance(1)
         second = wait_until(
-            lambda: (t := path.read_text().strip()) != first and t, 60, what="admin.token to change"
+            lambda: (t := path.read_text().strip()) != first and t, what="admin.token to change"
         )
         assert _mode(path) == 0o600
         assert not [p.name for p in data.iterdir() if p.name.startswith(".admin.token")]  # no temp left
         # ... without revoking the old one (a command that just read it finishes with it) ...
         assert server.catalog.tokens.get(first_jti).revoked_at is None
+        assert server.http(first).get("/v1/whoami").status_code == 200
         # ... which the server really stops accepting once its lifetime is over.
-        rejected = wait_until(
-            lambda: (r := server.http(first).get("/v1/whoami")).status_code == 401 and r,
-            60,
-            what="the first admin token to expire",
-        )
-        assert "expired" in rejected.json()["detail"]
+        clock.advance(1799)
+        rejected = server.http(first).get("/v1/whoami")
+        assert rejected.status_code == 401 and "expired" in rejected.json()["detail"]
         # The nightly backup, as the timer runs it, still authenticates with the file.
         run = _quiver(
             "backup",
@@ -106,36 +118,58 @@ def test_backup_keeps_working_after_the_first_admin_token_expired(tmp_path: Path
 
 def test_readers_racing_the_renewals_always_get_a_whole_working_token(tmp_path: Path) -> None:
     """Threads read admin.token and call the control plane with it while the server renews
-    it several times: every read is a complete token that the server accepts."""
+    it several times: every read is a complete token that the server accepts. The renewals
+    come from the server's clock moving on (each step makes the file's token due); a step is
+    taken only once every reader has used the new token, so no reader can still hold one that
+    the clock has since expired (that would be this test's race, not the server's)."""
     data = tmp_path / "data"
-    server = start_server(
-        data, demo=False, tokens={"admin_token_ttl_seconds": 8, "admin_token_renew_fraction": 0.75}
-    )
+    clock = FakeClock()
+    tokens = {
+        "admin_token_ttl_seconds": 8,
+        "admin_token_renew_fraction": 0.75,
+        "last_used_flush_seconds": 0.1,
+    }
+    server = start_server(data, demo=False, clock=clock, tokens=tokens)
     path = data / "admin.token"
-    seen: set[str] = set()
+    latest: dict[int, str] = {}  # reader -> the token of its last completed call
     failures: list[str] = []
     done = threading.Event()
 
-    def reader() -> None:
+    def reader(n: int) -> None:
         with httpx.Client(base_url=server.http_url, timeout=30) as http:
             while not done.is_set():
                 token = path.read_text().strip()
                 r = http.get("/v1/whoami", headers={"authorization": f"Bearer {token}"})
                 if r.status_code != 200 or r.json()["kind"] != "admin":
                     failures.append(f"{r.status_code} {r.text[:200]}")
-                seen.add(token)
+                latest[n] = token
 
-    threads = [threading.Thread(target=reader) for _ in range(4)]
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(4)]
+    seen = [path.read_text().strip()]
     try:
         for t in threads:
             t.start()
-        wait_until(lambda: len(seen) >= 4 or failures, 120, what="three renewals seen by the readers")
+        for _ in range(3):
+            current = seen[-1]
+
+            def all_current(c: str = current) -> bool:
+                assert not failures, failures
+                return len(latest) == 4 and set(latest.values()) == {c}
+
+            def renewed(c: str = current) -> str | None:
+                assert not failures, failures
+                t = path.read_text().strip()
+                return t if t and t != c else None
+
+            wait_until(all_current, 60, what="every reader to use the current token")
+            clock.advance(2.5)  # 5.5 s of 8 left: less than 0.75 of the lifetime, so due
+            seen.append(wait_until(renewed, 60, what="a renewal"))
     finally:
         done.set()
         for t in threads:
             t.join(60)
         server.stop()
-    assert failures == [] and len(seen) >= 4
+    assert failures == [] and len(set(seen)) == 4, (failures, seen)
 
 
 def test_a_revoked_or_replaced_admin_token_file_is_rewritten(tmp_path: Path) -> None:
@@ -150,14 +184,13 @@ def test_a_revoked_or_replaced_admin_token_file_is_rewritten(tmp_path: Path) -> 
         jti = server.http(first).get("/v1/whoami").json()["jti"]
         assert server.http(first).delete(f"/v1/tokens/{jti}").status_code == 200
         replaced = wait_until(
-            lambda: (t := path.read_text().strip()) != first and t, 60, what="a new admin.token"
+            lambda: (t := path.read_text().strip()) != first and t, what="a new admin.token"
         )
         assert server.http(replaced).get("/v1/whoami").json()["kind"] == "admin"
         # Garbage written over the file is replaced as well (a valid admin token again).
         path.write_text("not a token\n")
         repaired = wait_until(
             lambda: (t := path.read_text().strip()) not in ("not a token", replaced) and t,
-            60,
             what="a repaired file",
         )
         assert server.http(repaired).get("/v1/whoami").status_code == 200
@@ -282,7 +315,7 @@ def test_shutdown_evictions_are_not_called_stale(tmp_path: Path) -> None:
         info = client.get_flight_info(flight.FlightDescriptor.for_path("demo", "customers"), opts)
         for endpoint in info.endpoints:
             client.do_get(endpoint.ticket, opts).read_all()
-        wait_until(lambda: cache.stats().entries >= 1, 60, what="the scanned table to be cached")
+        wait_until(lambda: cache.stats().entries >= 1, what="the scanned table to be cached")
     finally:
         server.stop()
     assert cache.evicted["shutdown"] >= 1 and cache.evicted["stale"] == 0

@@ -22,7 +22,7 @@ import pytest
 
 from flight_server.ready import ReadyPool
 from flight_server.server import QuiverFlightServer
-from tests.harness import Server, call_options, error_info, start_server
+from tests.harness import FakeClock, Server, call_options, error_info, start_server
 
 _fresh = itertools.count(1)
 
@@ -210,10 +210,11 @@ def test_concurrent_fresh_queries_each_get_their_own_rows(server: Server, fs: Qu
 
 def test_ready_pool_is_bounded_and_drops_unredeemed_results() -> None:
     batch = pa.record_batch({"v": pa.array(range(100), pa.int64())})
-    pool = ReadyPool(ttl_seconds=0.0, budget_bytes=2 * batch.nbytes)
+    clock = FakeClock()
+    pool = ReadyPool(ttl_seconds=300.0, budget_bytes=2 * batch.nbytes, clock=clock)
     expired = pool.hold(batch.schema, [batch], batch.nbytes, False)
     assert expired is not None
-    pool.ttl = 300.0
+    clock.advance(300.0)  # its ticket has expired
     # The next hold drops the expired, unredeemed one (its DoGet would run the query).
     held = pool.hold(batch.schema, [batch], batch.nbytes, False)
     assert held is not None and expired.take() is None

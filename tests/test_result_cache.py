@@ -6,7 +6,6 @@ through a running server: Flight queries, GET /v1/status and GET /metrics."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,13 +17,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from catalog import Principal, TableRef
+from catalog.clock import SYSTEM_CLOCK, Clock
 from catalog.config import CacheConfig
 from catalog.database import Database
 from catalog.policy import Policy
 from catalog.sqlguard import GuardedQuery, SqlGuard
 from catalog.tables import TableCatalog
 from flight_server.cache import CacheKey, ResultCache
-from tests.harness import Server, call_options
+from tests.harness import FakeClock, Server, call_options
 
 ADMIN = Principal(
     kind="admin", jti="j-admin", subject="admin", expires_at=datetime.now(UTC) + timedelta(hours=1)
@@ -91,7 +91,7 @@ class Harness:
 def make(db: Database, guard: SqlGuard, tmp_path: Path) -> Iterator[Any]:
     caches: list[ResultCache] = []
 
-    def build(**config: Any) -> Harness:
+    def build(clock: Clock = SYSTEM_CLOCK, **config: Any) -> Harness:
         registry = CollectorRegistry()
         cache = ResultCache(
             tmp_path / "cache",
@@ -100,6 +100,7 @@ def make(db: Database, guard: SqlGuard, tmp_path: Path) -> Iterator[Any]:
             tables=TableCatalog(db),
             registry=registry,
             sweep_seconds=3600,
+            clock=clock,
         )
         caches.append(cache)
         harness = Harness(db, guard, cache)
@@ -270,10 +271,12 @@ def test_volatile_queries_are_never_cached(make: Any) -> None:
 
 
 def test_ttl_expiry(make: Any) -> None:
-    h = make(ttl_seconds=0.2)
+    clock = FakeClock()
+    h = make(ttl_seconds=60, clock=clock)
     h.table("SELECT 1 AS one FROM s.other")
+    clock.advance(59)
     assert h.table("SELECT 1 AS one FROM s.other")[1] is True
-    time.sleep(0.25)
+    clock.advance(1)
     assert h.table("SELECT 1 AS one FROM s.other")[1] is False
     assert h.cache.stats().evicted["expired"] == 1
 

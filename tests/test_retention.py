@@ -5,9 +5,7 @@ Old rows are written straight into the real DuckDB file; the clock is injected (
 from __future__ import annotations
 
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 
 from catalog import Catalog, ConfigError
 from catalog.config import load_config
-from tests.harness import Server, make_config, start_server
+from tests.harness import Server, make_config, start_server, wait_until
 
 NOW = datetime.now(UTC)
 
@@ -138,13 +136,6 @@ def test_live_chains_keep_their_rows_and_revocation_still_works(fresh_server: Se
         assert server.http(token).get("/v1/whoami").status_code == 401
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
 def test_the_housekeeping_pass_prunes_on_a_running_server_while_requests_write_audit(tmp_path: Path) -> None:
     """The server's own housekeeping (Catalog.maintain, first pass) prunes rows written into
     its database, while threads hammer it with bad tokens (audit writes) at the same time."""
@@ -166,11 +157,11 @@ def test_the_housekeeping_pass_prunes_on_a_running_server_while_requests_write_a
         for t in threads:
             t.start()
         try:
-            _wait_for(lambda: len(statuses) >= 10)
+            wait_until(lambda: len(statuses) >= 10, 30, 0.01, what="the first hammer calls")
             server.catalog.maintain()
             assert server.catalog.retention.run_if_due() is None  # throttled: once an hour
             seen = len(statuses)
-            _wait_for(lambda: len(statuses) >= seen + 10)
+            wait_until(lambda: len(statuses) >= seen + 10, 30, 0.01, what="hammer calls after the pass")
         finally:
             stop.set()
             for t in threads:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +16,7 @@ import structlog
 
 from catalog.status import Status, SyncSection, SyncStatus
 from quiver.cli import main
-from tests.harness import Server, call_options, start_server
+from tests.harness import Server, call_options, start_server, wait_until
 from tests.sync_emulator import Emulator, Source, sync_service
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -53,16 +52,21 @@ def server(emu: Emulator, src: Source, tmp_path_factory: pytest.TempPathFactory)
     s.stop()
 
 
+def table_status(server: Server, table: str) -> dict[str, Any]:
+    """``table``'s entry of GET /v1/sync."""
+    tables = server.http().get("/v1/sync").json()["tables"]
+    return next(t for t in tables if t["table"] == table)
+
+
 def wait_for(server: Server, table: str, *, after: str = "", timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    http = server.http()
-    while time.monotonic() < deadline:
-        for t in http.get("/v1/sync").json()["tables"]:
-            last = t["last_run"] or {}
-            if t["table"] == table and not t["running"] and (last.get("started_at") or "") > after:
-                return t
-        time.sleep(0.05)
-    raise AssertionError(f"{table}: no finished run within {timeout} s")
+    """``table``'s status once a run started after ``after`` has finished."""
+
+    def finished() -> dict[str, Any] | None:
+        t = table_status(server, table)
+        started = (t["last_run"] or {}).get("started_at") or ""
+        return t if not t["running"] and started > after else None
+
+    return wait_until(finished, timeout, what=f"a finished run of {table}")
 
 
 def history(server: Server, table: str) -> list[dict[str, Any]]:
@@ -111,10 +115,7 @@ def test_a_trigger_while_running_queues_exactly_one_follow_up(server: Server) ->
     http = server.http()
     before = len(history(server, "sales.slow"))
     assert http.post("/v1/sync/sales.slow/run").status_code == 202
-    deadline = time.monotonic() + 30
-    while not next(t for t in http.get("/v1/sync").json()["tables"] if t["table"] == "sales.slow")["running"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: table_status(server, "sales.slow")["running"], 30, 0.01, "sales.slow to run")
     answers = [http.post("/v1/sync/sales.slow/run").json() for _ in range(3)]
     assert all(a["follow_up"] for a in answers), answers
     # The Flight listener keeps serving while the load runs.
@@ -122,15 +123,13 @@ def test_a_trigger_while_running_queues_exactly_one_follow_up(server: Server) ->
     opts = call_options(server.demo_token)
     info = client.get_flight_info(flight.FlightDescriptor.for_path("demo", "orders"), opts)
     assert client.do_get(info.endpoints[0].ticket, opts).read_all().num_rows == 20000
-    deadline = time.monotonic() + 60
-    while len(history(server, "sales.slow")) < before + 2:
-        assert time.monotonic() < deadline, "the follow-up run never finished"
-        time.sleep(0.05)
-    wait_for(server, "sales.slow")
-    time.sleep(0.5)  # a third run (if one were wrongly queued) would have started by now
+    wait_until(lambda: len(history(server, "sales.slow")) >= before + 2, 60, what="the follow-up run")
+    after = wait_for(server, "sales.slow")
+    # Nothing is queued: a third run (if one were wrongly queued) would show as running, or as
+    # pending with a next_run_at (the scheduler is disabled here, so nothing else sets one).
+    assert not after["running"] and after["next_run_at"] is None, after
     runs = history(server, "sales.slow")
     assert len(runs) == before + 2, runs
-    assert not next(t for t in http.get("/v1/sync").json()["tables"] if t["table"] == "sales.slow")["running"]
     assert [(r["outcome"], r["error"]) for r in runs[:2]] == [("ok", None), ("ok", None)]
 
 
@@ -221,12 +220,14 @@ def test_scheduler_runs_due_tables_and_resumes_from_the_last_start(
     broken = {**_tables(src)[2], "interval_seconds": 3600}
     with sync_service(tmp_path, emu, [table, broken], enabled=True) as service:
         service.start()  # never synced: both due at once; the broken one does not hold up the other
-        deadline = time.monotonic() + 30
-        while not all(
-            t.last_run is not None and t.last_run.outcome in ("ok", "failed") for t in service.status().tables
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(
+            lambda: all(
+                t.last_run is not None and t.last_run.outcome in ("ok", "failed")
+                for t in service.status().tables
+            ),
+            30,
+            what="both tables to have run",
+        )
         good, bad = service.status().tables
         assert good.last_run is not None and good.last_run.outcome == "ok"
         assert bad.last_run is not None and bad.last_run.outcome == "failed"

@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from catalog import ConfigError, load_config
-from catalog.snowflake_names import split_snowflake_name
+from catalog.snowflake_names import quote_snowflake, split_snowflake_name
 from sync.source import parse_source
 from sync.state import decode_watermark, encode_watermark
-from sync.typemap import SourceColumn, duckdb_type, is_widening, quote_snowflake, target_name
+from sync.typemap import SourceColumn, duckdb_type, is_widening, target_name
 from tests.sync_emulator import Emulator, Source, replica, sync_service
 
 # --- the map itself ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pyarrow.flight as flight
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.harness import Server, call_options, error_info
+from tests.harness import FakeClock, Server, call_options, error_info
 from tests.state import snapshot
 
 
@@ -172,12 +172,103 @@ def test_refresh_on_both_listeners(server: Server) -> None:
     assert r.status_code == 422
 
 
-def test_expired_token_refused_on_both_listeners(server: Server) -> None:
-    token = server.mint("agent", agent="shortlived", ttl_seconds=1)
-    assert _flight_whoami(server, token)["agent"] == "shortlived"
-    time.sleep(2.1)
-    assert "expired" in _flight_refused(server, token)["detail"]
-    assert "expired" in _http_refused(server, token)
+LEEWAY = 5  # [tokens] leeway_seconds of the clocked_server fixture
+
+
+def _accepted(server: Server, token: str) -> bool:
+    """Whether both listeners accept ``token`` (and they agree)."""
+    http_ok = server.http(token).get("/v1/whoami").status_code == 200
+    try:
+        _flight_whoami(server, token)
+        flight_ok = True
+    except flight.FlightUnauthenticatedError:
+        flight_ok = False
+    assert http_ok == flight_ok, (http_ok, flight_ok)
+    return http_ok
+
+
+def test_expired_token_refused_on_both_listeners(clocked_server: Server, clock: FakeClock) -> None:
+    """Expiry is read on the server's clock, with the leeway: accepted until ``exp + leeway``,
+    refused from then on -- whether the token was verified before (the verified-token cache)
+    or is presented for the first time (decoded afresh)."""
+    server = clocked_server
+    seen = server.mint("agent", agent="shortlived", ttl_seconds=60)
+    unseen = server.mint("agent", agent="shortlived-unseen", ttl_seconds=60)
+    assert _flight_whoami(server, seen)["agent"] == "shortlived"
+    clock.advance(60 + LEEWAY - 1)
+    assert _accepted(server, seen)
+    clock.advance(1)
+    for token in (seen, unseen):
+        assert "expired" in _flight_refused(server, token)["detail"]
+        assert "expired" in _http_refused(server, token)
+
+
+def test_tokens_minted_after_the_clock_moved_are_valid(clocked_server: Server, clock: FakeClock) -> None:
+    """The token's iat and exp are signed with the server's clock and checked on it: a token
+    minted an hour "later" is neither "not yet valid" nor expired (PyJWT's own time checks,
+    which read the host's clock, are not what decides)."""
+    clock.advance(3600)
+    r = clocked_server.http().post("/v1/tokens", json={"kind": "admin", "ttl_seconds": 30})
+    assert r.status_code == 201, r.text
+    issued = r.json()
+    claims = jwt.decode(issued["token"], options={"verify_signature": False})
+    assert claims["iat"] == int(clock.time()) and claims["exp"] == int(clock.time()) + 30
+    assert datetime.fromisoformat(issued["expires_at"]).timestamp() == claims["exp"]
+    assert _accepted(clocked_server, issued["token"])
+    clock.advance(30 + LEEWAY)
+    assert not _accepted(clocked_server, issued["token"])
+
+
+def test_refresh_is_clamped_on_the_servers_clock(clocked_server: Server, clock: FakeClock) -> None:
+    """A refresh expires ``ttl`` after now (the server's clock), never after the chain's
+    root: exact instants, because the clock stands still between calls."""
+    server = clocked_server
+    root = server.http().post(
+        "/v1/tokens", json={"kind": "agent", "swarm": "demo", "agent": "clamped", "ttl_seconds": 600}
+    )
+    assert root.status_code == 201, root.text
+    granted = datetime.fromisoformat(root.json()["expires_at"])
+    clock.advance(500)
+    now = int(clock.time())
+    short = server.http(root.json()["token"]).post("/v1/tokens/refresh", json={"ttl_seconds": 50})
+    assert short.status_code == 201, short.text
+    assert datetime.fromisoformat(short.json()["expires_at"]).timestamp() == now + 50
+    long = server.http(short.json()["token"]).post("/v1/tokens/refresh", json={"ttl_seconds": 300})
+    assert long.status_code == 201, long.text
+    assert datetime.fromisoformat(long.json()["expires_at"]) == granted
+    clock.advance(100 + LEEWAY)
+    assert not _accepted(server, long.json()["token"])
+    r = server.http(long.json()["token"]).post("/v1/tokens/refresh", json={"ttl_seconds": 60})
+    assert r.status_code == 401 and "expired" in r.json()["detail"]
+
+
+def _signed(server: Server, **claims: Any) -> str:
+    """A token signed with the server's own active key (what a bug in the issuer, or a
+    restored key, could produce): its claims are the only thing wrong with it."""
+    key = server.catalog.keys.active
+    return jwt.encode(claims, key.private, algorithm="EdDSA", headers={"kid": key.kid})
+
+
+def test_signed_tokens_with_bad_times_are_refused(clocked_server: Server, clock: FakeClock) -> None:
+    server = clocked_server
+    now = int(clock.time())
+    base = {"iss": "quiver", "sub": "admin", "kind": "admin", "swarm": None, "agent": None}
+    ok = _signed(server, **base, jti="times-ok", root="times-ok", iat=now + LEEWAY, exp=now + 60)
+    assert _accepted(server, ok)  # an iat within the leeway ahead: clocks drift
+    cases: dict[str, tuple[dict[str, Any], str]] = {
+        "future-iat": ({"iat": now + LEEWAY + 1, "exp": now + 60}, "not yet valid (iat)"),
+        "future-nbf": ({"iat": now, "nbf": now + LEEWAY + 1, "exp": now + 60}, "not yet valid (nbf)"),
+        "text-exp": ({"iat": now, "exp": "soon"}, "(exp) must be an integer"),
+        "text-iat": ({"iat": "now", "exp": now + 60}, "(iat) must be an integer"),
+        "huge-exp": ({"iat": now, "exp": 10**20}, "(exp) out of range"),
+        "expired": ({"iat": now - 120, "exp": now - LEEWAY}, "expired"),
+    }
+    before = snapshot(server)
+    for name, (times, needle) in cases.items():
+        token = _signed(server, **base, jti=f"times-{name}", root=f"times-{name}", **times)
+        assert needle in _flight_refused(server, token)["detail"], name
+        assert needle in _http_refused(server, token), name
+    assert snapshot(server) == before
 
 
 def _b64(obj: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +20,7 @@ import pyarrow.flight as flight
 import pytest
 
 from quiver_client import QuiverClient, TruncatedResultError, TruncatedResultWarning
-from tests.harness import Server, call_options, start_server
+from tests.harness import Server, call_options, start_server, wait_until
 
 CAP = 100_000
 SAMPLE_CAP = 1_000
@@ -260,12 +259,15 @@ def _action(client: flight.FlightClient, opts: Any, name: str, body: dict[str, A
 
 
 def _wait(client: flight.FlightClient, opts: Any, query_id: str) -> dict[str, Any]:
-    for _ in range(600):
-        status = _action(client, opts, "query-status", {"id": query_id})
-        if status["state"] not in ("queued", "running"):
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"query {query_id} did not finish")
+    return wait_until(
+        lambda: (
+            (s := _action(client, opts, "query-status", {"id": query_id}))["state"]
+            not in ("queued", "running")
+            and s
+        ),
+        30,
+        what=f"query {query_id} to finish",
+    )
 
 
 @pytest.mark.parametrize(

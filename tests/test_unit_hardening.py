@@ -19,7 +19,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -27,7 +26,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.harness import DEMO_SCALE, call_options
+from tests.harness import DEMO_SCALE, call_options, wait_until
 from tests.test_tls import make_certificates
 
 pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
@@ -161,11 +160,12 @@ def _workload(tmp_path: Path, prefix: list[str], *, mdwe: bool) -> None:
             if first == "mdwe-unsupported":
                 pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
             assert first == "mdwe-enforced", (first, log.read_text()[-3000:])
-        deadline = time.monotonic() + 90
-        while '"quiver.started"' not in log.read_text():
+
+        def has_started() -> bool:
             assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "quiver serve did not start"
-            time.sleep(0.1)
+            return '"quiver.started"' in log.read_text()
+
+        wait_until(has_started, 90, 0.1, what="quiver serve to start")
         started = next(
             json.loads(line) for line in log.read_text().splitlines() if '"quiver.started"' in line
         )

@@ -15,9 +15,10 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from catalog import Catalog, Principal
+from catalog.identity import WhoAmI
 from catalog.tokens import IssuedToken, RevokedTokens, TokenRecord
 from control_plane.context import ADMIN, TOKEN, audited
-from control_plane.models import CreateToken, RefreshToken, TokenInfo, TokenList, WhoAmI
+from control_plane.models import CreateToken, RefreshToken, TokenInfo, TokenList
 
 
 class RevokeTokens(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -129,15 +130,7 @@ def refresh_token(
 
 @get("/v1/whoami", sync_to_thread=True, tags=["tokens"], summary="Who the caller's token says it is")
 def whoami(request: Request[Principal, Any, Any], catalog: NamedDependency[Catalog]) -> WhoAmI:
-    principal = request.user
-    return WhoAmI(
-        kind=principal.kind,
-        swarm=principal.swarm,
-        agent=principal.agent,
-        jti=principal.jti,
-        expires_at=principal.expires_at,
-        tables=catalog.policy.readable_names(principal),
-    )
+    return catalog.whoami(request.user)
 
 
 ROUTER = Router(

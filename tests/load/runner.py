@@ -20,6 +20,7 @@ import msgspec
 from catalog.config import LimitsConfig
 from quiver.demo import sizes
 from quiver_client import QuiverClient
+from tests.harness import wait_until
 from tests.load.agents import (
     CALL_TIMEOUT_SECONDS,
     HOSTILE_KINDS,
@@ -66,10 +67,10 @@ def _mint(admin: httpx.Client, swarm: str, agent: str, ttl: int | None = None) -
 
 def _setup(
     admin: httpx.Client, cfg: LoadConfig
-) -> tuple[list[tuple[str, list[str]]], list[str], dict[str, str], float]:
+) -> tuple[list[tuple[str, list[str]]], list[str], dict[str, str]]:
     """Swarms and tokens through the control plane: (token, readable tables) per good agent,
-    a token per hostile agent, the hostile agents' bad tokens, and when the short-lived one
-    expires (time.monotonic())."""
+    a token per hostile agent, and the hostile agents' bad tokens (the "expired" one expires
+    within ``EXPIRED_TTL_SECONDS``: :func:`_refused_as_expired` tells when)."""
     for name, tables in {**SWARMS, HOSTILE_SWARM: ["demo.customers", "demo.orders"]}.items():
         r = admin.post("/v1/swarms", json={"name": name, "description": "load test", "tables": tables})
         if r.status_code != 201:
@@ -81,7 +82,6 @@ def _setup(
         good.append((_mint(admin, swarm, f"agent-{i}")["token"], SWARMS[swarm]))
     hostile = [_mint(admin, HOSTILE_SWARM, f"hostile-{i}")["token"] for i in range(cfg.hostile)]
     expiring = _mint(admin, HOSTILE_SWARM, "expired", ttl=EXPIRED_TTL_SECONDS)
-    expires = time.monotonic() + EXPIRED_TTL_SECONDS
     revoked = _mint(admin, HOSTILE_SWARM, "revoked")
     r = admin.delete(f"/v1/tokens/{revoked['jti']}")
     if r.status_code != 200:
@@ -95,7 +95,13 @@ def _setup(
         "expired": expiring["token"],
         "revoked": revoked["token"],
     }
-    return good, hostile, bad, expires + 0.5
+    return good, hostile, bad
+
+
+def _refused_as_expired(server: LoadServer, token: str) -> bool:
+    """Whether the server refuses ``token`` because it expired (by the server's own clock)."""
+    r = httpx.get(f"{server.http_url}/v1/whoami", headers={"authorization": f"Bearer {token}"}, timeout=30)
+    return r.status_code == 401 and "expired" in r.json().get("detail", "")
 
 
 def _survives(server: LoadServer, token: str) -> bool:
@@ -134,14 +140,19 @@ def run(cfg: LoadConfig, work: Path) -> Report:
     try:
         try:
             with server.admin() as admin:
-                good, hostile, bad, usable_at = _setup(admin, cfg)
+                good, hostile, bad = _setup(admin, cfg)
+            wait_until(
+                lambda: _refused_as_expired(server, bad["expired"]),
+                30,
+                0.1,
+                what="the short-lived token to expire",
+            )
         except (httpx.HTTPError, RuntimeError) as e:
             if server.alive:
                 raise
             raise RuntimeError(
                 f"{server.death() or 'the server exited'} during the setup ({e}):\n{server.log_tail()}"
             ) from e
-        time.sleep(max(0.0, usable_at - time.monotonic()))  # the "expired" token has expired
         n = sizes(cfg.scale)
         stop = threading.Event()
         server.on_death = stop.set

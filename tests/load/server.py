@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.harness import DEMO_SCALE
+from tests.harness import DEMO_SCALE, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1024**3
@@ -130,10 +130,9 @@ class LoadServer:
 
     # --- start ---------------------------------------------------------------------------
     def _wait_banner(self) -> tuple[str, str]:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        flight_url = http_url = ""
-        while time.monotonic() < deadline:
+        def banner() -> tuple[str, str] | None:
             text = self.log_path.read_text(errors="replace")
+            flight_url = http_url = ""
             for line in text.splitlines():
                 if "Arrow Flight:" in line:
                     flight_url = line.split("Arrow Flight:")[1].strip()
@@ -146,12 +145,16 @@ class LoadServer:
                     f"quiver serve {exit_description(self.proc.returncode)} before serving:\n"
                     + self.log_tail()
                 )
-            time.sleep(0.1)
-        self.proc.kill()
-        self.proc.wait()
-        raise RuntimeError(
-            f"quiver serve did not serve within {START_TIMEOUT_SECONDS:g} s:\n{self.log_tail()}"
-        )
+            return None
+
+        try:
+            return wait_until(banner, START_TIMEOUT_SECONDS, 0.1, what="the banner")
+        except AssertionError:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(
+                f"quiver serve did not serve within {START_TIMEOUT_SECONDS:g} s:\n{self.log_tail()}"
+            ) from None
 
     # --- watching ------------------------------------------------------------------------
     def _wait(self) -> None:
