@@ -227,7 +227,7 @@ def test_ttl_expiry_deletes_status_and_file(make: Any) -> None:
     assert datetime.fromisoformat(status.expires_at).timestamp() == clock.time() + 0.5
     path = m.dir / f"{qid}.arrows"
     clock.advance(0.25)
-    assert m.sweep() == 0 and path.exists() and m.status(ALICE, qid)["state"] == "succeeded"
+    assert m.sweep() == 0 and path.exists() and m.status(ALICE, qid).state == "succeeded"
     clock.advance(0.25)
     with pytest.raises(NotFound):  # expired at once, even before the sweeper passed
         m.status(ALICE, qid)
