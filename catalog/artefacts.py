@@ -632,14 +632,27 @@ class ArtefactStore:
         except FileNotFoundError:
             raise not_found(artefact_id) from None
 
-    def open_table(self, principal: Principal, artefact_id: str) -> tuple[Artefact, pa.RecordBatchReader]:
-        """A tabular artefact as a stream of its record batches, read from the memory-mapped
-        IPC file (nothing is loaded up front)."""
+    def _table_path(self, principal: Principal, artefact_id: str) -> tuple[Artefact, Path]:
         art, path = self.content_path(principal, artefact_id)
         if art.kind != "table":
             raise InvalidArgument(
                 f"artefact {art.id} is a file ({art.media_type}), not a table: download its content instead"
             )
+        return art, path
+
+    def table_schema(self, principal: Principal, artefact_id: str) -> tuple[Artefact, pa.Schema]:
+        """A tabular artefact's Arrow schema, read from its IPC file's footer."""
+        art, path = self._table_path(principal, artefact_id)
+        try:
+            with pa.memory_map(str(path), "r") as source:
+                return art, ipc.open_file(source).schema
+        except FileNotFoundError:
+            raise not_found(artefact_id) from None
+
+    def open_table(self, principal: Principal, artefact_id: str) -> tuple[Artefact, pa.RecordBatchReader]:
+        """A tabular artefact as a stream of its record batches, read from the memory-mapped
+        IPC file (nothing is loaded up front)."""
+        art, path = self._table_path(principal, artefact_id)
         try:
             source = pa.memory_map(str(path), "r")
         except FileNotFoundError:

@@ -341,3 +341,31 @@ def test_content_on_disk_is_an_ipc_file(catalog: Catalog) -> None:
     art = save_table(catalog.artefacts, who(catalog, "admin"))
     with pa.memory_map(str(catalog.artefacts.directory / art.id)) as src:
         assert ipc.open_file(src).read_all().equals(TABLE)
+
+
+def test_backup_holds_content_of_exactly_the_committed_artefacts(tmp_path: Path) -> None:
+    from catalog.backup import create_snapshot, restore_snapshot
+
+    config = make_config(tmp_path / "data")
+    c = Catalog(config)
+    c.swarms.create("s1")
+    p = who(c, "agent", "s1", "a1")
+    kept = save_table(c.artefacts, p, name="kept")
+    running = c.artefacts.begin_write(p, "file", "half")
+    running.write(b"half an upload")
+    (c.artefacts.directory / new_id()).write_bytes(b"orphan content")
+    info = create_snapshot(c, tmp_path / "backups")
+    running.abort()
+    gone = save_table(c.artefacts, p, name="after the backup")
+    c.close()
+    restore_snapshot(config, Path(info.path))
+    c = Catalog(config)
+    try:
+        assert files(c.artefacts) == [kept.id]
+        _, reader = c.artefacts.open_table(p, kept.id)
+        assert reader.read_all().equals(TABLE)
+        with pytest.raises(NotFound):
+            c.artefacts.get(p, gone.id)
+        assert c.artefacts.sweep().total == 0
+    finally:
+        c.close()
