@@ -35,7 +35,7 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
-from catalog.errors import bounded
+from catalog.errors import Cancelled, bounded
 from catalog.policy import NOT_READABLE
 from catalog.sqlguard import SqlGuard
 from flight_server import commands
@@ -334,14 +334,21 @@ class QuiverFlightServer(flight.FlightServerBase):
                         chunk = reader.read_chunk()
                     except StopIteration:
                         break
-                    except pa.ArrowInvalid as e:
-                        # A schema message midway, a malformed batch: the client's mistake.
+                    except flight.FlightError:
+                        raise  # the client went away or cancelled: classified as such
+                    except (pa.ArrowException, OSError) as e:
+                        # A schema message midway, a malformed batch (Arrow reports both as
+                        # IOError or Invalid): the client's mistake, never INTERNAL.
                         raise InvalidArgument(
                             "the upload could not be read as one Arrow stream of a single schema "
                             f"({bounded(str(e), 200)}); nothing was kept"
                         ) from None
                     if chunk.data is not None:
                         upload.write_batch(chunk.data)
+                # A client that went away mid-upload (killed, its connection reset) ends the
+                # stream just like one that finished: only the call's state tells them apart.
+                if context.is_cancelled():
+                    raise Cancelled("the client went away before the upload finished; nothing was kept")
                 artefact = upload.commit()
             state.fields["target"] = f"artefact:{artefact.id}"
             state.fields["rows"] = artefact.rows
