@@ -9,9 +9,11 @@ Writing (:meth:`ArtefactStore.begin_write`) streams: bytes (files) or record bat
 written as an Arrow IPC *file*, so a reader memory-maps it) go to a temporary file
 ``.tmp-<id>-<random>`` in the same directory, counted and hashed as they arrive, and checked
 against ``[artefacts] max_upload_bytes`` and the swarm's quota while they stream.
-:meth:`ArtefactWriter.commit` fsyncs the file, checks the quota again, renames it to
-``<id>``, and only then commits the metadata (for a table, in the same transaction, a copy of
-its rows in ``artefacts."<id>"`` for SQL). Any failure before that, or
+:meth:`ArtefactWriter.commit` fsyncs the file; for a table it loads a copy of the rows into
+``artefacts."<id>"`` for SQL (in a transaction of its own, before the admin-write lock, so a
+large copy never holds up admin writes; nobody can name that table before the metadata
+exists); then, under the lock, it checks the quota again, renames the file to ``<id>``, and
+only then commits the metadata. Any failure before that, or
 :meth:`ArtefactWriter.abort`, removes the temporary file: nothing is ever visible half
 written. Writes that change metadata (commit, delete, share, unshare, extend, sweep) run
 through the one admin-write lock (catalog/writes.py) and update the in-memory index while
@@ -25,10 +27,16 @@ unshare, extend) is for the owner itself, its swarm's swarm token, and admins; a
 may not manage gets PERMISSION_DENIED. An expired artefact is invisible at once, before the
 janitor removes it.
 
+SQL: a tabular artefact is read in guarded SQL as ``artefacts."<id>"`` (:func:`sql_name`).
+The schema ``artefacts`` is not a data schema: ``TableCatalog`` never lists it, allowlists may
+not name it, and ``Policy`` resolves and allows a reference to it only through
+:meth:`ArtefactStore.readable_table` — the caller's visible tabular artefacts — so anyone else
+gets the refusal of a missing table.
+
 The janitor (:meth:`ArtefactStore.sweep`, run by ``quiver serve`` at start and every
 ``cleanup_interval_seconds``) removes expired artefacts (metadata, SQL copy and content),
-temporary files of writers that are not running, content without metadata, and metadata
-without content; it logs, counts (``quiver_artefacts_removed_total``) and audits what it
+temporary files of writers that are not running, content without metadata, metadata
+without content, and SQL copies without metadata; it logs, counts (``quiver_artefacts_removed_total``) and audits what it
 removed.
 
 Public API (stable; other components build on it — add, do not rename):
