@@ -88,6 +88,7 @@ from catalog.errors import (
 )
 from catalog.identity import Principal
 from catalog.metrics import Metrics
+from catalog.swarms import check_swarm_name
 from catalog.tables import TableRef, fold
 from catalog.writes import AdminWrites
 
@@ -272,6 +273,44 @@ def _check_kind(kind: object) -> ArtefactKind:
     if kind == "file":
         return "file"
     raise InvalidArgument(f"artefact kind {bounded(kind, 40)!r} is not valid: use 'table' or 'file'")
+
+
+def _unsupported(t: pa.DataType) -> str | None:
+    """Why SQL (DuckDB) cannot hold a column of type ``t``, looking inside nested types."""
+    if pa.types.is_float16(t):
+        return "float16 (half float): cast it to float32"
+    if isinstance(t, pa.Decimal256Type) and t.precision > 38:
+        return f"{t} (more than 38 digits): cast it to decimal128 or string"
+    if isinstance(t, pa.Decimal256Type):
+        return f"{t}: cast it to decimal128({t.precision}, {t.scale})"
+    children: list[pa.DataType] = []
+    if isinstance(t, pa.ListType | pa.LargeListType | pa.FixedSizeListType):
+        children = [t.value_type]
+    elif isinstance(t, pa.MapType):
+        children = [t.key_type, t.item_type]
+    elif isinstance(t, pa.StructType | pa.UnionType):
+        children = [t.field(i).type for i in range(t.num_fields)]
+    elif isinstance(t, pa.DictionaryType):
+        children = [t.value_type]
+    for child in children:
+        why = _unsupported(child)
+        if why is not None:
+            return why
+    return None
+
+
+def check_table_schema(schema: object) -> pa.Schema:
+    """A table artefact's schema, refused up front (before a byte is stored) when SQL could
+    not hold it: no columns, or a type DuckDB does not read."""
+    if not isinstance(schema, pa.Schema):
+        raise InvalidArgument("a table artefact needs its Arrow schema")
+    if len(schema) == 0:
+        raise InvalidArgument("a table artefact needs at least one column")
+    for f in schema:
+        why = _unsupported(f.type)
+        if why is not None:
+            raise InvalidArgument(f"column {bounded(f.name, 60)!r} has a type tables cannot hold: {why}")
+    return schema
 
 
 def _columns(schema: pa.Schema) -> list[Column]:
@@ -747,12 +786,15 @@ class ArtefactStore:
         )
 
     def _usage_of(self, swarm: str) -> tuple[int, int]:
-        """Bytes and count of the swarm's live artefacts (expired ones, invisible already and
-        soon swept, do not count against its quota)."""
+        """Bytes and count of the swarm's live artefacts: those of its current instance (a
+        swarm deleted and re-created under its name starts from zero) that have not expired
+        (expired ones, invisible already and soon swept, do not count against its quota)."""
         size = count = 0
         now = datetime.now(UTC)
+        instance = self._swarm_instance(swarm)
         for rec in list(self._index.values()):
-            if rec.artefact.swarm == swarm and rec.artefact.expires_at > now:
+            art = rec.artefact
+            if art.swarm == swarm and art.expires_at > now and _same_instance(rec.swarm_id, instance):
                 size += rec.artefact.size_bytes
                 count += 1
         return size, count
@@ -788,8 +830,7 @@ class ArtefactStore:
                     f"a table artefact is stored as {TABLE_MEDIA_TYPE} ({TABLE_FORMAT}); "
                     "leave media_type and format unset"
                 )
-            if not isinstance(schema, pa.Schema):
-                raise InvalidArgument("a table artefact needs its Arrow schema")
+            schema = check_table_schema(schema)
             mt, fmt = TABLE_MEDIA_TYPE, TABLE_FORMAT
         else:
             if schema is not None:
@@ -970,12 +1011,21 @@ class ArtefactStore:
                 reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
             )
             view = f"quiver_artefact_load_{secrets.token_hex(6)}"
-            with self._db.transaction() as cur:
-                cur.register(view, stream)
-                try:
-                    cur.execute(f"CREATE TABLE {sql_name(artefact_id)} AS SELECT * FROM {view}")
-                finally:
-                    cur.unregister(view)
+            try:
+                with self._db.transaction() as cur:
+                    cur.register(view, stream)
+                    try:
+                        cur.execute(f"CREATE TABLE {sql_name(artefact_id)} AS SELECT * FROM {view}")
+                    finally:
+                        cur.unregister(view)
+            except (
+                duckdb.InvalidInputException,
+                duckdb.NotImplementedException,
+                duckdb.ConversionException,
+            ) as e:
+                raise InvalidArgument(
+                    f"the table cannot be loaded for SQL ({bounded(str(e), 200)}); nothing was kept"
+                ) from None
         finally:
             source.close()
 
@@ -1095,8 +1145,6 @@ class ArtefactStore:
 
     @staticmethod
     def _check_share_target(swarm: object, agent: object) -> tuple[str, str | None]:
-        from catalog.swarms import check_swarm_name  # swarms imports nothing of ours back
-
         name = check_swarm_name(swarm)  # type: ignore[arg-type]
         if agent is not None:
             agent = _check_text(agent, "share's agent", 128, empty_ok=False)

@@ -419,3 +419,18 @@ def test_ids_are_case_insensitive_and_usage_skips_expired(catalog: Catalog) -> N
     assert store.usage("s1").bytes == art.size_bytes
     wait_until(lambda: datetime.now(UTC) >= art.expires_at, what="the artefact's expiry")
     assert store.usage("s1").bytes == 0
+
+
+def test_a_recreated_swarm_neither_sees_nor_pays_for_the_old_ones_artefacts(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    old = who(catalog, "agent", "s2", "a1")
+    art = save_table(store, old)
+    assert store.usage("s2").count == 1
+    catalog.delete_swarm("s2")
+    catalog.swarms.create("s2")
+    new = who(catalog, "agent", "s2", "a1")
+    with pytest.raises(NotFound):
+        store.get(new, art.id)
+    assert store.readable_table(new, art.id) is None
+    assert store.usage("s2").count == 0
+    assert store.get(who(catalog, "admin"), art.id).id == art.id
