@@ -234,7 +234,8 @@ class _Record(msgspec.Struct, kw_only=True):
 
 
 # --- validation -----------------------------------------------------------------------------------
-def _check_text(value: object, field: str, limit: int, *, empty_ok: bool) -> str:
+def _check_text(value: object, field: str, limit: int, *, empty_ok: bool, multiline: bool = False) -> str:
+    """A bounded text without control characters (a description may hold newlines and tabs)."""
     if not isinstance(value, str):
         raise InvalidArgument(f"artefact {field} must be a string")
     if not empty_ok and not value.strip():
@@ -243,7 +244,8 @@ def _check_text(value: object, field: str, limit: int, *, empty_ok: bool) -> str
         raise InvalidArgument(
             f"artefact {field} is {len(value)} characters long; at most {limit} are allowed"
         )
-    if any(ord(c) < 32 and c not in "\n\t" for c in value) or "\x7f" in value:
+    allowed = "\n\t" if multiline else ""
+    if any(ord(c) < 32 and c not in allowed for c in value) or "\x7f" in value:
         raise InvalidArgument(f"artefact {field} {bounded(value)!r} contains control characters")
     return value
 
@@ -458,6 +460,16 @@ class ArtefactWriter:
         try:
             self._check_size(self._sink.size + batch.nbytes)
             self._ipc.write_batch(batch)
+        except pa.ArrowInvalid as e:
+            # What the client sent cannot be one IPC file: a dictionary-encoded column whose
+            # dictionary changed between batches is the case in practice.
+            self._fail(
+                InvalidArgument(
+                    f"the batch cannot be stored ({bounded(str(e), 160)}); a dictionary-encoded column "
+                    "must keep one dictionary for the whole upload (pyarrow: table.unify_dictionaries()) "
+                    "or be sent decoded. Nothing was kept"
+                )
+            )
         except BaseException as e:  # noqa: BLE001 - aborted, then re-raised whatever it was
             self._fail(e)
         self.rows += batch.num_rows
@@ -822,7 +834,9 @@ class ArtefactStore:
         k = _check_kind(kind)
         name = check_name(name)
         tag_list = check_tags(list(tags) if isinstance(tags, tuple) else tags)
-        description = _check_text(description, "description", MAX_DESCRIPTION_CHARS, empty_ok=True)
+        description = _check_text(
+            description, "description", MAX_DESCRIPTION_CHARS, empty_ok=True, multiline=True
+        )
         ttl = self._check_ttl(self.config.default_ttl_seconds if ttl_seconds is None else ttl_seconds)
         if k == "table":
             if media_type not in (None, TABLE_MEDIA_TYPE) or format not in (None, TABLE_FORMAT):

@@ -172,6 +172,8 @@ def test_bad_inputs_keep_nothing(catalog: Catalog) -> None:
         (lambda: store.begin_write(p, "table", "", schema=TABLE.schema), InvalidArgument),
         (lambda: store.begin_write(p, "table", "x" * 256, schema=TABLE.schema), InvalidArgument),
         (lambda: store.begin_write(p, "table", "a\x00b", schema=TABLE.schema), InvalidArgument),
+        (lambda: store.begin_write(p, "table", "two\nlines", schema=TABLE.schema), InvalidArgument),
+        (lambda: store.begin_write(p, "file", "x", tags=["a\tb"]), InvalidArgument),
         (lambda: store.begin_write(p, "table", "x"), InvalidArgument),
         (lambda: store.begin_write(p, "table", "x", schema=TABLE.schema, tags=["t"] * 40), InvalidArgument),
         (lambda: store.begin_write(p, "file", "x", media_type="not a type"), InvalidArgument),

@@ -527,3 +527,23 @@ def test_tables_sql_cannot_read_are_refused_up_front(srv: Server, table: pa.Tabl
     # Said before anything was stored, naming the column and what to do.
     assert "column" in e.value.detail and ("cast it" in e.value.detail or "at least one" in e.value.detail)
     assert artefact_files(srv) == before and srv.catalog.artefacts.usage("art2") == usage
+
+
+def test_dictionaries_that_change_between_batches(srv: Server) -> None:
+    token = srv.mint("agent", "art2", "dict")
+    first = pa.record_batch({"c": pa.array(["a", "b"]).dictionary_encode()})
+    second = pa.record_batch({"c": pa.array(["x", "y", "z"]).dictionary_encode()})
+    before, usage = artefact_files(srv), srv.catalog.artefacts.usage("art2")
+    # A stream whose dictionary changes midway cannot be one IPC file: refused, nothing kept.
+    with pytest.raises(QuiverClientError) as e:
+        client(srv, token).put_table(pa.RecordBatchReader.from_batches(first.schema, [first, second]), "dict")
+    assert e.value.code == "INVALID_ARGUMENT" and "unify_dictionaries" in e.value.detail
+    assert artefact_files(srv) == before and srv.catalog.artefacts.usage("art2") == usage
+    # A table of several dictionaries is unified by the client: stored and read back equal.
+    table = pa.Table.from_batches([first, second])
+    meta = client(srv, token).put_table(table, "dict")
+    got = client(srv, token).get_artefact(meta["id"])
+    assert got.column("c").to_pylist() == ["a", "b", "x", "y", "z"]
+    assert sql(srv, token, f"SELECT count(DISTINCT c) AS n FROM {meta['sql_name']}").column(
+        "n"
+    ).to_pylist() == [5]
