@@ -422,7 +422,7 @@ class ArtefactWriter:
         return self._sink.size
 
     def _check_size(self, size: int) -> None:
-        refusal = self.store._over_limit(self.principal, size)
+        refusal = self.store._over_limit(self.principal, size, streaming=self)
         if refusal is not None:
             self._over = refusal
             raise refusal
@@ -551,7 +551,7 @@ class ArtefactStore:
         self._index: dict[str, _Record] = {}
         # Writers still running (id -> temporary file): the janitor leaves their temporary
         # file and their SQL table alone.
-        self._active: dict[str, Path] = {}
+        self._active: dict[str, ArtefactWriter] = {}
         self._active_lock = threading.Lock()
         # Held while content files are unlinked, and by a backup while it freezes content
         # beside its database copy (catalog/backup.py): a backup never misses the content of
@@ -876,7 +876,7 @@ class ArtefactStore:
             provenance=provenance,
         )
         with self._active_lock:
-            self._active[writer.id] = writer.temp_path
+            self._active[writer.id] = writer
         return writer
 
     def _writer_done(self, writer: ArtefactWriter) -> None:
@@ -893,7 +893,18 @@ class ArtefactStore:
             )
         return ttl
 
-    def _quota_detail(self, swarm: str, which: str, size: int) -> str:
+    def _in_flight(self, swarm: str, besides: ArtefactWriter) -> int:
+        """Bytes the swarm's other running uploads have written so far: they count while
+        streaming, so parallel uploads cannot each fill the disk up to the quota."""
+        with self._active_lock:
+            writers = list(self._active.values())
+        return sum(
+            w.size
+            for w in writers
+            if w is not besides and not w.principal.is_admin and w.principal.swarm == swarm
+        )
+
+    def _quota_detail(self, swarm: str, which: str, size: int, in_flight: int = 0) -> str:
         used, count = self._usage_of(swarm)
         cfg = self.config
         if which == "count":
@@ -901,13 +912,19 @@ class ArtefactStore:
                 f"swarm {swarm!r} already keeps {count} artefacts, the most [artefacts] swarm_quota_count "
                 f"({cfg.swarm_quota_count}) allows; delete some first. Nothing was kept"
             )
+        running = f", and its other uploads in progress hold {in_flight} more" if in_flight else ""
         return (
-            f"this upload ({size} bytes so far) would take swarm {swarm!r} to {used + size} bytes, above "
-            f"[artefacts] swarm_quota_bytes ({cfg.swarm_quota_bytes}); it uses {used} bytes in {count} "
-            "artefacts now. Nothing was kept"
+            f"this upload ({size} bytes so far) would take swarm {swarm!r} to {used + in_flight + size} bytes, "
+            f"above [artefacts] swarm_quota_bytes ({cfg.swarm_quota_bytes}); it uses {used} bytes in {count} "
+            f"artefacts now{running}. Nothing was kept"
         )
 
-    def _over_limit(self, principal: Principal, size: int) -> PayloadTooLarge | None:
+    def _over_limit(
+        self, principal: Principal, size: int, *, streaming: ArtefactWriter | None = None
+    ) -> PayloadTooLarge | None:
+        """The refusal for an upload of ``size`` bytes, or None. While ``streaming``, the
+        swarm's other running uploads count too; at commit only what is kept counts (the
+        others may still fail)."""
         cfg = self.config
         if size > cfg.max_upload_bytes:
             return PayloadTooLarge(
@@ -916,8 +933,9 @@ class ArtefactStore:
             )
         if principal.swarm is not None and not principal.is_admin:
             used, _ = self._usage_of(principal.swarm)
-            if used + size > cfg.swarm_quota_bytes:
-                return PayloadTooLarge(self._quota_detail(principal.swarm, "bytes", size))
+            in_flight = self._in_flight(principal.swarm, streaming) if streaming is not None else 0
+            if used + in_flight + size > cfg.swarm_quota_bytes:
+                return PayloadTooLarge(self._quota_detail(principal.swarm, "bytes", size, in_flight))
         return None
 
     def _commit(self, w: ArtefactWriter) -> Artefact:
@@ -1202,7 +1220,7 @@ class ArtefactStore:
                 if name.startswith(TEMP_PREFIX):
                     path = Path(entry.path)
                     with self._active_lock:
-                        running = path in self._active.values()
+                        running = any(w.temp_path == path for w in self._active.values())
                     if not running:
                         path.unlink(missing_ok=True)
                         report.temp_files.append(name)
