@@ -206,6 +206,15 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     quota_count: int
 
 
+class StoreStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``artefacts`` section of GET /v1/status."""
+
+    count: int  # artefacts kept (expired ones until the janitor's next pass)
+    bytes: int  # their content
+    tables: int  # of them tabular
+    uploading: int  # uploads in progress
+
+
 class SweepReport(msgspec.Struct, kw_only=True):
     expired: list[str] = msgspec.field(default_factory=list)
     temp_files: list[str] = msgspec.field(default_factory=list)
@@ -1281,6 +1290,18 @@ class ArtefactStore:
             self.sweep()
         except Exception as e:  # noqa: BLE001 - the janitor must never kill its thread
             log.warning("artefact.sweep_failed", error=str(e)[:300])
+
+    def status(self) -> StoreStatus:
+        """GET /v1/status "artefacts": what is kept and what is being uploaded."""
+        records = list(self._index.values())
+        with self._active_lock:
+            uploading = len(self._active)
+        return StoreStatus(
+            count=len(records),
+            bytes=sum(r.artefact.size_bytes for r in records),
+            tables=sum(1 for r in records if r.artefact.kind == "table"),
+            uploading=uploading,
+        )
 
     def content_ids(self) -> Sequence[str]:
         """Ids whose content is committed now (for backups)."""

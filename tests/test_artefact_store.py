@@ -456,3 +456,9 @@ def test_running_uploads_count_against_the_quota_while_streaming(catalog: Catalo
         third.write(b"x" * 150_000)
         third.commit()
     assert store.usage("s1").bytes == 150_000
+
+
+def test_status_section(catalog: Catalog) -> None:
+    save_table(catalog.artefacts, who(catalog, "admin"))
+    section = catalog.status()["artefacts"]
+    assert (section.count, section.tables, section.uploading) == (1, 1, 0) and section.bytes > 0
