@@ -547,3 +547,36 @@ def test_dictionaries_that_change_between_batches(srv: Server) -> None:
     assert sql(srv, token, f"SELECT count(DISTINCT c) AS n FROM {meta['sql_name']}").column(
         "n"
     ).to_pylist() == [5]
+
+
+def test_sql_reference_forms(srv: Server) -> None:
+    """Every way SQL can name a table reaches an artefact only when the caller may see it."""
+    owner = srv.mint("agent", "art1", "forms")
+    other = srv.mint("agent", "art2", "forms")
+    mine = client(srv, owner).put_table(pa.table({"v": [1, 2, 3]}), "forms")["id"]
+    theirs = client(srv, other).put_table(pa.table({"w": [9]}), "theirs")["id"]
+    db = srv.catalog.db.catalog_name
+    readable = [
+        f'SELECT sum(v) AS n FROM artefacts."{mine}"',
+        f'SELECT sum(v) AS n FROM ARTEFACTS."{mine.upper()}"',
+        f'SELECT sum(v) AS n FROM "{db}".artefacts."{mine}"',
+        f'WITH t AS (SELECT * FROM artefacts."{mine}") SELECT sum(v) AS n FROM t',
+        f'SELECT n FROM (FROM artefacts."{mine}" SELECT sum(v) AS n)',
+    ]
+    for text in readable:
+        assert sql(srv, owner, text).column("n").to_pylist() == [6], text
+    hidden = [
+        f'SELECT * FROM artefacts."{theirs}"',
+        f'SELECT (SELECT count(*) FROM artefacts."{theirs}") AS n',
+        f'SELECT 1 AS n UNION ALL SELECT count(*) FROM artefacts."{theirs}"',
+        f'FROM artefacts."{theirs}"',
+        f'SELECT * FROM artefacts."{mine}" AS a, LATERAL (SELECT * FROM artefacts."{theirs}") AS b',
+        f'SELECT * FROM "{db}".artefacts."{theirs}"',
+        f'SELECT * FROM temp.artefacts."{mine}"',
+        f'SELECT * FROM system.artefacts."{mine}"',
+        f'SELECT * FROM artefacts."{mine}x"',
+        "SELECT * FROM artefacts.main",
+    ]
+    for text in hidden:
+        refused = sql_refusal(srv, owner, text)
+        assert refused.code == "PERMISSION_DENIED" and "does not exist" in refused.detail, (text, refused)
