@@ -462,3 +462,20 @@ def test_status_section(catalog: Catalog) -> None:
     save_table(catalog.artefacts, who(catalog, "admin"))
     section = catalog.status()["artefacts"]
     assert (section.count, section.tables, section.uploading) == (1, 1, 0) and section.bytes > 0
+
+
+def test_config_reserves_the_artefacts_schema_and_bounds_ttls(tmp_path: Path) -> None:
+    from catalog import ConfigError, load_config
+
+    sync = {
+        "snowflake": {"account": "acme", "user": "quiver", "password": "x"},
+        "sync": {"tables": [{"source": "DB.S.T", "target": "artefacts.t"}]},
+    }
+    with pytest.raises(ConfigError, match="reserved for tabular artefacts"):
+        load_config(None, environ={}, overrides=sync)
+    with pytest.raises(ConfigError, match="artefacts.default_ttl_seconds"):
+        load_config(
+            None, environ={}, overrides={"artefacts": {"default_ttl_seconds": 10, "max_ttl_seconds": 5}}
+        )
+    env = {"QUIVER_ARTEFACTS_SWARM_QUOTA_COUNT": "7"}
+    assert load_config(None, environ=env).artefacts.swarm_quota_count == 7
