@@ -473,7 +473,7 @@ def test_config_reserves_the_artefacts_schema_and_bounds_ttls(tmp_path: Path) ->
     }
     with pytest.raises(ConfigError, match="reserved for tabular artefacts"):
         load_config(None, environ={}, overrides=sync)
-    with pytest.raises(ConfigError, match="artefacts.default_ttl_seconds"):
+    with pytest.raises(ConfigError, match=r"artefacts\.default_ttl_seconds"):
         load_config(
             None, environ={}, overrides={"artefacts": {"default_ttl_seconds": 10, "max_ttl_seconds": 5}}
         )
