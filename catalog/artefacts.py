@@ -48,10 +48,17 @@ Public API (stable; other components build on it — add, do not rename):
   an exception and leaves committing to the caller.
 - ``get(principal, id) -> Artefact``, ``open_content(principal, id) -> (Artefact, BinaryIO)``,
   ``open_table(principal, id) -> (Artefact, pa.RecordBatchReader)``,
-  ``content_path(principal, id)``, ``list(principal, ArtefactFilter, page_size, after)
-  -> ArtefactPage``, ``delete``, ``share``/``unshare``, ``extend(principal, id, ttl_seconds)``,
-  ``sweep(now) -> SweepReport``, ``usage(swarm) -> Usage``, ``readable_table(principal, name)``
-  (the SQL guard's resolution of ``artefacts."<id>"``).
+  ``table_schema(principal, id) -> (Artefact, pa.Schema)``, ``content_path(principal, id)``,
+  ``list(principal, ArtefactFilter, page_size=, after=) -> ArtefactPage``,
+  ``delete(principal, id)``, ``share(principal, id, swarm, agent=None)`` /
+  ``unshare(...)``, ``extend(principal, id, ttl_seconds)`` (above the maximum:
+  ``Unprocessable``, 422), ``sweep(now) -> SweepReport``, ``usage(swarm) -> Usage``,
+  ``status() -> StoreStatus``, ``readable_table(principal, name)`` (the SQL guard's
+  resolution of ``artefacts."<id>"``).
+- Errors: ``NotFound`` (invisible or unknown id), ``PermissionDenied`` (visible, may not
+  manage), ``InvalidArgument`` / ``Unprocessable`` (bad input), ``PayloadTooLarge``
+  (``RESOURCE_EXHAUSTED``, HTTP 413: a limit or quota). Helpers: ``is_artefact_id``,
+  ``check_name``, ``check_tags``, ``check_table_schema``, ``sql_name``.
 """
 
 from __future__ import annotations
