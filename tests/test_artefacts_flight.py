@@ -95,11 +95,13 @@ def sql_refusal(s: Server, token: str, text: str) -> QuiverClientError:
 def test_round_trip_is_equal_and_stored_under_the_id(srv: Server) -> None:
     token = srv.mint("agent", "art1", "a1")
     data = sample_table()
+    passwd = Path("/etc/passwd").read_bytes()
     meta = client(srv, token).put_table(data, "../../etc/passwd", tags=["rt"], description="round trip")
     assert meta["name"] == "../../etc/passwd" and meta["rows"] == data.num_rows
     assert meta["sql_name"] == f'artefacts."{meta["id"]}"'
     assert (srv.catalog.artefacts.directory / meta["id"]).is_file()
-    assert not (srv.data_dir / "etc").exists() and not Path("/etc/passwd").read_text().startswith("PAR1")
+    assert not (srv.data_dir / "etc").exists() and Path("/etc/passwd").read_bytes() == passwd
+    assert artefact_files(srv).count(meta["id"]) == 1
     got = client(srv, token).get_artefact(meta["id"])
     assert got.equals(data)
     info = get_info(srv, token, meta["id"])
