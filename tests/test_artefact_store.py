@@ -479,3 +479,38 @@ def test_config_reserves_the_artefacts_schema_and_bounds_ttls(tmp_path: Path) ->
         )
     env = {"QUIVER_ARTEFACTS_SWARM_QUOTA_COUNT": "7"}
     assert load_config(None, environ=env).artefacts.swarm_quota_count == 7
+
+
+def test_any_name_is_a_label_or_a_clear_refusal(catalog: Catalog) -> None:
+    """Hypothesis over names (path-like, unicode, control characters, long): either refused
+    with INVALID_ARGUMENT and nothing kept, or stored verbatim with the content under the id."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    store = catalog.artefacts
+    p = who(catalog, "admin")
+    names = st.one_of(
+        st.text(max_size=300),
+        st.sampled_from(
+            ["../../etc/passwd", "/abs/path", "..", ".", "a/../../b", "C:\\\\x", "~root", ".tmp-x"]
+        ),
+    )
+
+    @settings(max_examples=150, deadline=None)
+    @given(name=names)
+    def check(name: str) -> None:
+        before = files(store)
+        try:
+            with store.begin_write(p, "file", name) as w:
+                w.write(b"content")
+                art = w.commit()
+        except InvalidArgument as e:
+            assert len(e.detail) <= 600
+            assert files(store) == before
+            return
+        assert art.name == name and files(store) == sorted([*before, art.id])
+        store.delete(p, art.id)
+        assert files(store) == before
+
+    check()
+    assert not (catalog.data_dir.parent / "etc").exists() and not (store.directory.parent / "b").exists()
