@@ -414,7 +414,13 @@ class ArtefactWriter:
         self.provenance = provenance
         self.rows = 0
         self.temp_path = store.directory / f"{TEMP_PREFIX}{artefact_id}-{secrets.token_hex(4)}"
-        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Registered before the file exists: the janitor never takes it for a leftover.
+        store._writer_started(self)
+        try:
+            fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            store._writer_done(self)
+            raise
         self._file: IO[bytes] = os.fdopen(fd, "wb")
         self._sink = _Sink(self._file, self._check_size)
         self._ipc: ipc.RecordBatchFileWriter | None = None
@@ -435,7 +441,8 @@ class ArtefactWriter:
     # --- streaming ---------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        return self._sink.size
+        sink: _Sink | None = getattr(self, "_sink", None)  # None until the file is open
+        return sink.size if sink is not None else 0
 
     def _check_size(self, size: int) -> None:
         refusal = self.store._over_limit(self.principal, size, streaming=self)
@@ -891,9 +898,11 @@ class ArtefactStore:
             schema=schema,
             provenance=provenance,
         )
+        return writer
+
+    def _writer_started(self, writer: ArtefactWriter) -> None:
         with self._active_lock:
             self._active[writer.id] = writer
-        return writer
 
     def _writer_done(self, writer: ArtefactWriter) -> None:
         with self._active_lock:
