@@ -546,7 +546,7 @@ def test_uploads_racing_the_janitor_all_commit_whole(catalog: Catalog) -> None:
                     _, f = store.open_content(admin, art.id)
                     with f:
                         assert f.read() == b"%d" % i
-        except BaseException as e:  # noqa: BLE001 - reported by the test thread
+        except BaseException as e:
             errors.append(e)
 
     sweeper = threading.Thread(target=janitor)
