@@ -197,6 +197,7 @@ class ArtefactFilter(msgspec.Struct, frozen=True, kw_only=True):
     tag: str | None = None
     name: str | None = None  # exact name
     swarm: str | None = None  # owner's swarm
+    owner: str | None = None  # the owner's label: agent:s/a, swarm:s, admin:…
 
 
 class ArtefactPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -791,6 +792,7 @@ class ArtefactStore:
                 or (f.tag is not None and f.tag not in art.tags)
                 or (f.name is not None and art.name != f.name)
                 or (f.swarm is not None and art.swarm != f.swarm)
+                or (f.owner is not None and art.owner != f.owner)
             ):
                 continue
             found.append(art)

@@ -335,6 +335,8 @@ def test_list_pages_and_filters(catalog: Catalog) -> None:
         ids += [a.id for a in page.items]
     assert ids == [a.id for a in made]
     assert [a.name for a in store.list(p, ArtefactFilter(tag="odd")).items] == ["t1", "t3"]
+    assert len(store.list(p, ArtefactFilter(owner=p.label, kind="table")).items) == 5
+    assert store.list(p, ArtefactFilter(owner="agent:s1/a1")).items == []
     with pytest.raises(InvalidArgument):
         store.list(p, page_size=0)
     with pytest.raises(InvalidArgument):
