@@ -14,6 +14,7 @@ from pathlib import Path
 
 import structlog
 
+from catalog.artefacts import ArtefactStore
 from catalog.audit import AuditLog
 from catalog.clock import SYSTEM_CLOCK, Clock, utcnow
 from catalog.config import Config
@@ -68,6 +69,17 @@ class Catalog:
         self.metrics = Metrics()
         self.retention = Retention(config.audit, self.audit, self.swarms.writes, self.metrics)
         self.backups = BackupOutcomes(data_dir, self.metrics)
+        self.artefacts = ArtefactStore(
+            self.db,
+            config.artefacts,
+            data_dir / "artefacts",
+            self.swarms.writes,
+            swarm_instance=self.swarms.instance,
+            audit=self.audit,
+            metrics=self.metrics,
+        )
+        # artefacts."<id>" in SQL and scans: the policy asks the store (catalog/artefacts.py).
+        self.policy.artefacts = self.artefacts
         self._closed = threading.Event()
         # (token, jti, expires_at) of what admin.token was last seen or written to hold.
         self._admin_token: tuple[str, str, datetime] | None = None

@@ -189,6 +189,15 @@ class SyncSection(msgspec.Struct, kw_only=True):
 # --- GET /v1/status -----------------------------------------------------------------------------
 
 
+class ArtefactsStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``artefacts`` section of GET /v1/status."""
+
+    count: int  # artefacts kept (expired ones until the janitor's next pass)
+    bytes: int  # their content
+    tables: int  # of them tabular
+    uploading: int  # uploads in progress
+
+
 class Status(msgspec.Struct, kw_only=True):
     """``GET /v1/status``. A section whose component is not running is absent; one that
     failed is absent too and named in ``section_errors`` (one broken section never hides
@@ -206,6 +215,7 @@ class Status(msgspec.Struct, kw_only=True):
     async_queries: AsyncQueriesStatus | UnsetType = UNSET
     sync: SyncSection | UnsetType = UNSET
     backup: BackupStatus | UnsetType = UNSET
+    artefacts: ArtefactsStatus | UnsetType = UNSET
     section_errors: dict[str, str] | UnsetType = UNSET
 
 

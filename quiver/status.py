@@ -24,6 +24,7 @@ from catalog import Catalog, SyncControl
 from catalog.errors import bounded
 from catalog.metrics import BackupStatus
 from catalog.status import (
+    ArtefactsStatus,
     AsyncQueriesStatus,
     CacheStatus,
     Health,
@@ -49,6 +50,7 @@ class Sections:
     async_queries: Callable[[], AsyncQueriesStatus] | None = None
     sync: Callable[[], SyncSection] | None = None
     backup: Callable[[], BackupStatus] | None = None
+    artefacts: Callable[[], ArtefactsStatus] | None = None
 
 
 def sync_section(sync: SyncControl | None) -> Callable[[], SyncSection]:
@@ -114,6 +116,7 @@ class ProcessStatus:
             async_queries=_section("async_queries", s.async_queries, errors),
             sync=_section("sync", s.sync, errors),
             backup=_section("backup", s.backup, errors),
+            artefacts=_section("artefacts", s.artefacts, errors),
             section_errors=errors or UNSET,
         )
 
