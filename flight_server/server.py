@@ -18,6 +18,8 @@ The pieces, each in its own module:
 * :mod:`~flight_server.errors` — every failure → a FlightError with ``extra_info``;
 * :mod:`~flight_server.profiles`, :mod:`~flight_server.results` — profiles and async queries;
 * :mod:`~flight_server.truncation` — row caps and the metadata that reports a cut;
+* :mod:`~flight_server.flight_sql` — Flight SQL (protobuf ``Any`` commands from ADBC, JDBC,
+  DBeaver) onto the same planner, tickets and streams;
 * :mod:`quiver_client.wire` — the wire constants shared with the agent client.
 """
 
@@ -46,6 +48,9 @@ from flight_server.errors import (
     map_exception,
     schema_call_error,
 )
+from flight_server.flight_sql import ACTIONS as FLIGHT_SQL_ACTIONS
+from flight_server.flight_sql import FlightSql, is_flight_sql
+from flight_server.flight_sql.wire import unwrap_ticket, wrap_ticket
 from flight_server.limits import Watchdog
 from flight_server.middleware import AuthMiddlewareFactory, CallState
 from flight_server.planner import Planner, SplitOptions
@@ -73,6 +78,7 @@ ACTIONS: dict[str, str] = {
         "valid until it expires, and revoking either revokes the chain."
     ),
     **QUERY_ACTIONS,
+    **FLIGHT_SQL_ACTIONS,
 }
 
 
@@ -135,6 +141,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         )
         # GetFlightInfo of a query runs it once through the streamer (planned once).
         self.planner.runner = self.streamer
+        self.sql = FlightSql(catalog, self.planner, self.tickets)
         catalog.status_sections["queries"] = self._status
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------
@@ -198,14 +205,20 @@ class QuiverFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         def run(principal: Principal, state: CallState) -> flight.FlightInfo:
-            target = commands.decode_descriptor(descriptor)
-            plan = self.planner.plan(principal, target)
+            sql = self._is_flight_sql(descriptor)
+            if sql:
+                plan = self.sql.plan(principal, descriptor.command, execute=True)
+                state.fields["flight_sql"] = True
+            else:
+                plan = self.planner.plan(principal, commands.decode_descriptor(descriptor))
             state.fields["kind"] = plan.kind
             state.fields["target"] = plan.label
             group = secrets.token_hex(8)
             endpoints = []
             for index in range(len(plan.parts)):
                 ticket, grant = self.tickets.issue(principal, TicketPayload(plan, index, group))
+                if sql:  # Flight SQL clients expect Any(TicketStatementQuery); DoGet unwraps it
+                    ticket = wrap_ticket(ticket)
                 # Whole microseconds, as nanoseconds: the type FlightEndpoint stores (no cast).
                 expires = pa.scalar(int(grant.expires_at * 1e6) * 1000, type=_EXPIRY_TYPE)
                 endpoints.append(flight.FlightEndpoint(ticket, [], expiration_time=expires))
@@ -226,8 +239,10 @@ class QuiverFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.SchemaResult:
         def run(principal: Principal, state: CallState) -> flight.SchemaResult:
-            target = commands.decode_descriptor(descriptor)
-            plan = self.planner.plan(principal, target, parts=False)
+            if self._is_flight_sql(descriptor):
+                plan = self.sql.plan(principal, descriptor.command, execute=False)
+            else:
+                plan = self.planner.plan(principal, commands.decode_descriptor(descriptor), parts=False)
             state.fields["kind"] = plan.kind
             state.fields["target"] = plan.label
             return flight.SchemaResult(plan.schema)
@@ -240,7 +255,7 @@ class QuiverFlightServer(flight.FlightServerBase):
     # --- streaming ------------------------------------------------------------------------
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         def run(principal: Principal, state: CallState) -> flight.FlightDataStream:
-            payload = self.tickets.redeem(principal, ticket.ticket)
+            payload = self.tickets.redeem(principal, unwrap_ticket(ticket.ticket))
             plan = payload.plan
             state.fields["kind"] = plan.kind
             state.fields["target"] = plan.label
@@ -251,6 +266,7 @@ class QuiverFlightServer(flight.FlightServerBase):
                 if not policy.can_read(principal, ref):
                     raise PermissionDenied(f"{ref.qualified}: {NOT_READABLE}")
             state.cleanups.append(self.admission.acquire(principal.subject, payload.group, payload.index))
+            self.sql.running.track(payload.group, state)  # CancelFlightInfo finds it there
             return self.streamer.open(plan, payload.index, state)
 
         return self._run(context, "do_get", run)
@@ -279,6 +295,9 @@ class QuiverFlightServer(flight.FlightServerBase):
             if action.type == "cancel-query":
                 query_id = commands.decode_body(body, commands.QueryIdBody, action.type).id
                 return [_json(self.queries.cancel(principal, query_id))]
+            if self.sql.handles(action.type):
+                state.fields["flight_sql"] = True
+                return self.sql.do_action(principal, action.type, body)
             raise InvalidArgument(
                 f"unknown action {bounded(action.type, 40)!r}; available: {', '.join(sorted(ACTIONS))} "
                 "(see ListActions)"
@@ -296,7 +315,11 @@ class QuiverFlightServer(flight.FlightServerBase):
             tables=self.catalog.policy.readable_names(principal),
         )
 
-    # --- not offered ---------------------------------------------------------------------
+    @staticmethod
+    def _is_flight_sql(descriptor: flight.FlightDescriptor) -> bool:
+        return descriptor.descriptor_type == flight.DescriptorType.CMD and is_flight_sql(descriptor.command)
+
+    # --- DoPut: only Flight SQL parameters ---------------------------------------------------
     def do_put(
         self,
         context: flight.ServerCallContext,
@@ -305,10 +328,18 @@ class QuiverFlightServer(flight.FlightServerBase):
         writer: flight.FlightMetadataWriter,
     ) -> None:
         def run(principal: Principal, state: CallState) -> None:
-            raise InvalidArgument("DoPut is not offered by this server: the data plane is read-only")
+            if not self._is_flight_sql(descriptor):
+                raise InvalidArgument(
+                    "DoPut is not offered for Quiver's commands: the data plane is read-only (Flight SQL "
+                    "clients bind prepared statement parameters with it)"
+                )
+            state.fields["flight_sql"] = True
+            answer = self.sql.do_put(principal, descriptor.command, reader)
+            writer.write(pa.py_buffer(answer))
 
         self._run(context, "do_put", run)
 
+    # --- not offered ---------------------------------------------------------------------
     def do_exchange(
         self,
         context: flight.ServerCallContext,
