@@ -1,0 +1,519 @@
+"""Flight SQL on the Flight port (proto_docs/flight-sql.md) through the real ADBC Flight SQL
+driver and through raw pyarrow.flight calls, against a real server: queries, parameters,
+metadata, partitions, pandas, read-only refusals, bad input, principal-bound handles,
+CancelFlightInfo, and threads racing the same endpoints."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import adbc_driver_flightsql.dbapi as flight_sql
+import adbc_driver_manager
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from catalog import TableRef
+from catalog.tables import TableCatalog
+from flight_server.flight_sql import flight_sql_pb2 as pb
+from tests.harness import Server, call_options, error_info, start_server, wait_until
+
+AUTH = "adbc.flight.sql.authorization_header"
+LONG_QUERY = "SELECT count(*) FROM range(1000000) a, range(1000000) b WHERE (a.range * b.range) % 7 = 3"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # A long query timeout, so that only CancelFlightInfo stops the long query.
+    s = start_server(tmp_path_factory.mktemp("flightsql"), limits={"query_timeout_seconds": 120})
+    with s.catalog.db.transaction() as cur:
+        cur.execute("CREATE SCHEMA secret")
+        cur.execute("CREATE TABLE secret.salaries AS SELECT range AS id, range * 1000 AS pay FROM range(10)")
+        TableCatalog.bump_version(cur, TableRef("secret", "salaries"))
+    yield s
+    s.stop()
+
+
+def connect(server: Server, token: str | None = None, **kwargs: Any) -> Any:
+    token = token if token is not None else server.demo_token
+    return flight_sql.connect(
+        server.flight_url, db_kwargs={AUTH: f"Bearer {token}"}, autocommit=True, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def conn(server: Server) -> Iterator[Any]:
+    c = connect(server)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> flight.FlightClient:
+    return server.flight()
+
+
+@pytest.fixture(scope="module")
+def opts(server: Server) -> flight.FlightCallOptions:
+    return call_options(server.demo_token)
+
+
+def packed(message: Message) -> bytes:
+    wrapper = any_pb2.Any()
+    wrapper.Pack(message)
+    return wrapper.SerializeToString()
+
+
+def sql_cmd(message: Message) -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(packed(message))
+
+
+def fetch(client: flight.FlightClient, descriptor: flight.FlightDescriptor, opts: flight.FlightCallOptions) -> pa.Table:
+    info = client.get_flight_info(descriptor, opts)
+    return pa.concat_tables([client.do_get(e.ticket, opts).read_all() for e in info.endpoints])
+
+
+def refusal(call: Any) -> tuple[type[BaseException], str, str]:
+    try:
+        call()
+    except flight.FlightError as e:
+        info = error_info(e)
+        return type(e), info["code"], info["detail"]
+    raise AssertionError("expected a refusal")
+
+
+def order_count(server: Server) -> int:
+    with server.catalog.db.reading() as cur:
+        return int(cur.execute("SELECT count(*) FROM demo.orders").fetchone()[0])  # type: ignore[index]
+
+
+# --- the ADBC driver ------------------------------------------------------------------------------
+def test_execute_fetch_arrow_table_and_fetchall(conn: Any, server: Server) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT 42 AS answer, 'x' AS letter")
+        assert cur.fetch_arrow_table().to_pylist() == [{"answer": 42, "letter": "x"}]
+        cur.execute("SELECT count(*) AS n FROM demo.orders")
+        assert cur.fetchall() == [(order_count(server),)]
+        cur.execute("SELECT order_id FROM demo.orders ORDER BY order_id LIMIT 3")
+        assert [r[0] for r in cur.fetchall()] == [1, 2, 3]
+
+
+def test_parameters(conn: Any) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT order_id, status FROM demo.orders WHERE order_id = ?", (7,))
+        assert [r[0] for r in cur.fetchall()] == [7]
+        cur.execute("SELECT ? + 1 AS n, ?::VARCHAR AS s", (41, "hello"))
+        assert cur.fetchall() == [(42, "hello")]
+        # The same prepared text, new values: each execute binds its own.
+        for i in (3, 5, 8):
+            cur.execute("SELECT order_id FROM demo.orders WHERE order_id = ?", (i,))
+            assert cur.fetchall() == [(i,)]
+
+
+def test_a_large_result_streams_whole(conn: Any) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT * FROM demo.events")
+        table = cur.fetch_arrow_table()
+    assert table.num_rows == 50_000
+
+
+def test_get_objects_lists_only_what_the_caller_may_read(conn: Any) -> None:
+    objects = conn.adbc_get_objects(depth="all").read_all().to_pylist()
+    assert [c["catalog_name"] for c in objects] == ["quiver"]
+    schemas = {s["db_schema_name"]: s for s in objects[0]["catalog_db_schemas"]}
+    assert set(schemas) == {"demo"}  # secret.salaries exists, but is not the agent's to see
+    tables = {t["table_name"]: t for t in schemas["demo"]["db_schema_tables"]}
+    assert {"orders", "customers", "events"} <= set(tables)
+    columns = [c["column_name"] for c in tables["orders"]["table_columns"]]
+    assert columns[:2] == ["order_id", "customer_id"]
+    # Patterns: % and _ as in SQL LIKE.
+    filtered = conn.adbc_get_objects(depth="tables", table_name_filter="ord_r%").read_all().to_pylist()
+    names = [t["table_name"] for s in filtered[0]["catalog_db_schemas"] for t in s["db_schema_tables"]]
+    assert names == ["orders"]
+
+
+def test_get_table_schema_types_and_info(conn: Any, server: Server) -> None:
+    schema = conn.adbc_get_table_schema("orders", db_schema_filter="demo")
+    with server.catalog.db.reading() as cur:
+        expected = cur.sql("SELECT * FROM demo.orders LIMIT 0").to_arrow_table().schema
+    assert schema.names == expected.names
+    assert [f.type for f in schema] == [f.type for f in expected]
+    assert conn.adbc_get_table_types() == ["TABLE"]
+    info = conn.adbc_get_info()
+    assert info["vendor_name"] == "Quiver"
+    assert info["vendor_arrow_version"] == pa.__version__
+    assert info["vendor_version"]
+    # A table the agent may not read is absent, exactly like one that does not exist.
+    with pytest.raises(adbc_driver_manager.Error):
+        conn.adbc_get_table_schema("salaries", db_schema_filter="secret")
+
+
+def test_execute_partitions(conn: Any) -> None:
+    with conn.cursor() as cur:
+        partitions, schema = cur.adbc_execute_partitions("SELECT order_id FROM demo.orders WHERE order_id < 4")
+        assert schema.names == ["order_id"]
+        rows = []
+        for partition in partitions:
+            cur.adbc_read_partition(partition)
+            rows += [r[0] for r in cur.fetchall()]
+    assert sorted(rows) == [1, 2, 3]
+
+
+def test_pandas_read_sql(conn: Any) -> None:
+    pd = pytest.importorskip("pandas")
+    frame = pd.read_sql("SELECT order_id, status FROM demo.orders ORDER BY order_id LIMIT 5", conn)
+    assert list(frame.columns) == ["order_id", "status"]
+    assert frame["order_id"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_no_token_is_unauthenticated(server: Server) -> None:
+    bare = flight_sql.connect(server.flight_url, autocommit=True)
+    try:
+        with bare.cursor() as cur, pytest.raises(adbc_driver_manager.Error) as e:
+            cur.execute("SELECT 1")
+        assert "UNAUTHENTICATED" in str(e.value) or "Unauthenticated" in str(e.value)
+    finally:
+        bare.close()
+    with connect(server, token="not-a-token") as bad, bad.cursor() as cur, pytest.raises(adbc_driver_manager.Error):
+        cur.execute("SELECT 1")
+
+
+def test_writes_are_refused_and_change_nothing(conn: Any, server: Server) -> None:
+    before = order_count(server)
+    with conn.cursor() as cur:
+        for sql in (
+            "INSERT INTO demo.orders (order_id) VALUES (999999)",
+            "DELETE FROM demo.orders",
+            "CREATE TABLE demo.x AS SELECT 1",
+            "BEGIN TRANSACTION",
+        ):
+            with pytest.raises(adbc_driver_manager.ProgrammingError) as e:
+                cur.execute(sql)
+            assert "read-only" in str(e.value), str(e.value)
+            assert "Traceback" not in str(e.value)
+    assert order_count(server) == before
+
+
+def test_forbidden_tables_are_refused_like_json_commands(conn: Any) -> None:
+    with conn.cursor() as cur:
+        for sql in ("SELECT * FROM secret.salaries", "SELECT * FROM secret.nope"):
+            with pytest.raises(adbc_driver_manager.ProgrammingError) as e:
+                cur.execute(sql)
+            assert "not readable: not in your allowlist or does not exist" in str(e.value)
+
+
+def test_ingest_is_refused_cleanly(conn: Any, server: Server) -> None:
+    data = pa.table({"order_id": [1, 2]})
+    with conn.cursor() as cur, pytest.raises(adbc_driver_manager.Error) as e:
+        cur.adbc_ingest("orders", data, mode="append", db_schema_name="demo")
+    assert "artefact" in str(e.value), str(e.value)
+    assert order_count(server) > 2  # nothing replaced or appended
+    with server.catalog.db.reading() as cur2:
+        assert cur2.execute("SELECT count(*) FROM demo.orders WHERE order_id IN (1, 2)").fetchone() == (2,)
+
+
+# --- raw Flight SQL over pyarrow.flight: the wire itself -----------------------------------------
+def test_statement_query_round_trip(client: flight.FlightClient, opts: flight.FlightCallOptions) -> None:
+    descriptor = sql_cmd(pb.CommandStatementQuery(query="SELECT 1 AS one"))
+    info = client.get_flight_info(descriptor, opts)
+    ticket = any_pb2.Any()
+    ticket.ParseFromString(info.endpoints[0].ticket.ticket)
+    assert ticket.type_url == "type.googleapis.com/arrow.flight.protocol.sql.TicketStatementQuery"
+    assert client.do_get(info.endpoints[0].ticket, opts).read_all().to_pylist() == [{"one": 1}]
+    assert client.get_schema(descriptor, opts).schema.names == ["one"]
+    # The row cap is reported as for a JSON query command.
+    assert json.loads(info.app_metadata)["reason"] == "server_max_rows"
+
+
+def test_json_commands_are_unchanged(client: flight.FlightClient, opts: flight.FlightCallOptions) -> None:
+    descriptor = flight.FlightDescriptor.for_command(json.dumps({"kind": "query", "sql": "SELECT 2 AS two"}).encode())
+    info = client.get_flight_info(descriptor, opts)
+    assert info.endpoints[0].ticket.ticket.startswith(b"qv1.")
+    assert client.do_get(info.endpoints[0].ticket, opts).read_all().to_pylist() == [{"two": 2}]
+
+
+def test_sql_info_is_a_dense_union(client: flight.FlightClient, opts: flight.FlightCallOptions) -> None:
+    wanted = [pb.FLIGHT_SQL_SERVER_NAME, pb.FLIGHT_SQL_SERVER_READ_ONLY, pb.FLIGHT_SQL_SERVER_TRANSACTION, 9999]
+    table = fetch(client, sql_cmd(pb.CommandGetSqlInfo(info=wanted)), opts)
+    assert table.schema.field("info_name").type == pa.uint32()
+    assert pa.types.is_union(table.schema.field("value").type)
+    assert table.schema.field("value").type.mode == "dense"
+    values = dict(zip(table.column("info_name").to_pylist(), table.column("value").to_pylist(), strict=True))
+    assert values == {
+        pb.FLIGHT_SQL_SERVER_NAME: "Quiver",
+        pb.FLIGHT_SQL_SERVER_READ_ONLY: True,
+        pb.FLIGHT_SQL_SERVER_TRANSACTION: pb.SQL_SUPPORTED_TRANSACTION_NONE,
+    }  # 9999 is not a code Quiver knows: no row
+    everything = fetch(client, sql_cmd(pb.CommandGetSqlInfo()), opts)
+    assert pb.FLIGHT_SQL_SERVER_CANCEL in everything.column("info_name").to_pylist()
+
+
+def test_metadata_listings(client: flight.FlightClient, opts: flight.FlightCallOptions) -> None:
+    assert fetch(client, sql_cmd(pb.CommandGetCatalogs()), opts).to_pylist() == [{"catalog_name": "quiver"}]
+    schemas = fetch(client, sql_cmd(pb.CommandGetDbSchemas(db_schema_filter_pattern="%")), opts)
+    assert schemas.column("db_schema_name").to_pylist() == ["demo"]
+    tables = fetch(client, sql_cmd(pb.CommandGetTables(db_schema_filter_pattern="de_o", include_schema=True)), opts)
+    assert "salaries" not in tables.column("table_name").to_pylist()
+    orders = tables.filter(pa.compute.equal(tables.column("table_name"), "orders"))
+    schema = pa.ipc.read_schema(pa.py_buffer(orders.column("table_schema")[0].as_py()))
+    assert schema.names[0] == "order_id"
+    assert fetch(client, sql_cmd(pb.CommandGetTables(catalog="other")), opts).num_rows == 0
+    assert fetch(client, sql_cmd(pb.CommandGetTables(table_types=["VIEW"])), opts).num_rows == 0
+    assert fetch(client, sql_cmd(pb.CommandGetTables(table_name_filter_pattern="ORDERS")), opts).num_rows == 1
+    assert fetch(client, sql_cmd(pb.CommandGetTables(table_name_filter_pattern="ord\\_rs")), opts).num_rows == 0
+    assert fetch(client, sql_cmd(pb.CommandGetTableTypes()), opts).to_pylist() == [{"table_type": "TABLE"}]
+    types = fetch(client, sql_cmd(pb.CommandGetXdbcTypeInfo()), opts)
+    assert "VARCHAR" in types.column("type_name").to_pylist()
+    assert types.column("data_type").to_pylist() == sorted(types.column("data_type").to_pylist())
+    only = fetch(client, sql_cmd(pb.CommandGetXdbcTypeInfo(data_type=pb.XDBC_BIGINT)), opts)
+    assert only.column("type_name").to_pylist() == ["BIGINT"]
+    for message in (
+        pb.CommandGetPrimaryKeys(table="orders"),
+        pb.CommandGetExportedKeys(table="orders"),
+        pb.CommandGetImportedKeys(table="orders"),
+        pb.CommandGetCrossReference(pk_table="customers", fk_table="orders"),
+    ):
+        keys = fetch(client, sql_cmd(message), opts)
+        assert keys.num_rows == 0
+        assert "key_sequence" in keys.schema.names
+        assert client.get_schema(sql_cmd(message), opts).schema == keys.schema
+
+
+def test_an_admin_sees_every_schema(server: Server, client: flight.FlightClient) -> None:
+    admin = call_options(server.admin_token)
+    names = fetch(client, sql_cmd(pb.CommandGetDbSchemas()), admin).column("db_schema_name").to_pylist()
+    assert names == ["demo", "secret"]  # never _quiver
+
+
+def test_a_withdrawn_permission_hides_columns_at_do_get(server: Server, client: flight.FlightClient) -> None:
+    http = server.http()
+    assert http.post("/v1/swarms", json={"name": "fsql-narrow", "tables": ["demo.*"]}).status_code == 201
+    token = server.mint("agent", "fsql-narrow", "n1")
+    opts = call_options(token)
+    info = client.get_flight_info(sql_cmd(pb.CommandGetTables(include_schema=True)), opts)
+    assert http.put("/v1/swarms/fsql-narrow/allowlist", json={"tables": ["demo.customers"]}).status_code == 200
+    cls, code, _ = refusal(lambda: client.do_get(info.endpoints[0].ticket, opts).read_all())
+    assert code == "PERMISSION_DENIED"
+    names = fetch(client, sql_cmd(pb.CommandGetTables()), opts).column("table_name").to_pylist()
+    assert names == ["customers"]
+
+
+BAD_COMMANDS: list[tuple[bytes, str]] = [
+    (b"\n\x7ftype.googleapis.com/arrow.flight.protocol.sql.X", "not a valid protobuf Any"),
+    (b"\n\x2etype.googleapis.com/arrow.flight.protocol.sql.", "is not supported by Quiver"),
+    (packed(pb.CommandGetCatalogs())[:-1] + b"\xff", "not a valid"),
+    (
+        any_pb2.Any(type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandNope", value=b"").SerializeToString(),
+        "is not supported by Quiver",
+    ),
+    (
+        any_pb2.Any(
+            type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery", value=b"\x0a\xff\xff"
+        ).SerializeToString(),
+        "not a valid CommandStatementQuery",
+    ),
+    (packed(pb.TicketStatementQuery(statement_handle=b"x")), "not a command for GetFlightInfo"),
+    (packed(pb.CommandStatementQuery(query="")), "field 'sql' is empty"),
+    (packed(pb.CommandStatementQuery(query="SELEC 1")), "syntax error"),
+    (packed(pb.CommandPreparedStatementQuery(prepared_statement_handle=b"qv1.nope")), "unknown or expired"),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), BAD_COMMANDS, ids=range(len(BAD_COMMANDS)))
+def test_bad_commands_get_clear_errors(
+    client: flight.FlightClient, opts: flight.FlightCallOptions, server: Server, raw: bytes, expected: str
+) -> None:
+    tickets = len(server.runtime.flight.tickets) if server.runtime.flight else 0  # type: ignore[attr-defined]
+    cls, code, detail = refusal(lambda: client.get_flight_info(flight.FlightDescriptor.for_command(raw), opts))
+    assert code in ("INVALID_ARGUMENT", "NOT_FOUND"), (code, detail)
+    assert expected in detail, detail
+    assert len(detail) <= 600 and "Traceback" not in detail
+    assert (len(server.runtime.flight.tickets) if server.runtime.flight else 0) == tickets  # type: ignore[attr-defined]
+
+
+def test_updates_transactions_and_ingest_are_refused(
+    client: flight.FlightClient, opts: flight.FlightCallOptions, server: Server
+) -> None:
+    before = order_count(server)
+
+    def put(message: Message) -> None:
+        writer, reader = client.do_put(sql_cmd(message), pa.schema([("x", pa.int64())]), opts)
+        writer.write_table(pa.table({"x": [1]}))
+        writer.done_writing()
+        reader.read()
+        writer.close()
+
+    for message in (
+        pb.CommandStatementUpdate(query="DELETE FROM demo.orders"),
+        pb.CommandPreparedStatementUpdate(prepared_statement_handle=b"qv1.x"),
+    ):
+        cls, code, detail = refusal(lambda m=message: put(m))
+        assert (cls, code) == (flight.FlightUnauthorizedError, "PERMISSION_DENIED")
+        assert "Quiver is read-only" in detail
+        cls, code, detail = refusal(lambda m=message: client.get_flight_info(sql_cmd(m), opts))
+        assert code == "PERMISSION_DENIED" and "read-only" in detail
+    ingest = pb.CommandStatementIngest(table="orders", schema="demo")
+    cls, code, detail = refusal(lambda: put(ingest))
+    assert code == "PERMISSION_DENIED" and "artefact" in detail
+    for name in ("BeginTransaction", "EndTransaction", "BeginSavepoint", "EndSavepoint"):
+        cls, code, detail = refusal(lambda n=name: list(client.do_action(flight.Action(n, b""), opts)))
+        assert code == "PERMISSION_DENIED" and "read-only" in detail
+    query = pb.CommandStatementQuery(query="SELECT 1", transaction_id=b"t1")
+    assert refusal(lambda: client.get_flight_info(sql_cmd(query), opts))[1] == "PERMISSION_DENIED"
+    # A JSON command on DoPut is still refused as before.
+    json_put = flight.FlightDescriptor.for_command(b'{"kind": "query", "sql": "SELECT 1"}')
+    assert refusal(lambda: client.do_put(json_put, pa.schema([("x", pa.int64())]), opts)[1].read())[1] == (
+        "INVALID_ARGUMENT"
+    )
+    assert order_count(server) == before
+
+
+def create_prepared(client: flight.FlightClient, opts: flight.FlightCallOptions, sql: str) -> pb.ActionCreatePreparedStatementResult:
+    body = packed(pb.ActionCreatePreparedStatementRequest(query=sql))
+    (result,) = client.do_action(flight.Action("CreatePreparedStatement", body), opts)
+    wrapper = any_pb2.Any()
+    wrapper.ParseFromString(result.body.to_pybytes())
+    out = pb.ActionCreatePreparedStatementResult()
+    assert wrapper.Unpack(out)
+    return out
+
+
+def bind(client: flight.FlightClient, opts: flight.FlightCallOptions, handle: bytes, table: pa.Table) -> bytes:
+    descriptor = sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle))
+    writer, reader = client.do_put(descriptor, table.schema, opts)
+    writer.write_table(table)
+    writer.done_writing()
+    answer = reader.read()
+    writer.close()
+    assert answer is not None
+    result = pb.DoPutPreparedStatementResult()
+    result.ParseFromString(answer.to_pybytes())  # raw bytes, not packed in Any
+    return result.prepared_statement_handle
+
+
+def test_prepared_statements_on_the_wire(
+    server: Server, client: flight.FlightClient, opts: flight.FlightCallOptions
+) -> None:
+    prepared = create_prepared(client, opts, "SELECT order_id FROM demo.orders WHERE order_id = ?")
+    assert pa.ipc.read_schema(pa.py_buffer(prepared.dataset_schema)).names == ["order_id"]
+    assert len(pa.ipc.read_schema(pa.py_buffer(prepared.parameter_schema))) == 1
+    handle = prepared.prepared_statement_handle
+    query = sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle))
+    cls, code, detail = refusal(lambda: client.get_flight_info(query, opts))
+    assert code == "INVALID_ARGUMENT" and "bind them first" in detail
+    bound = bind(client, opts, handle, pa.table({"0": [11]}))
+    rows = fetch(client, sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound)), opts)
+    assert rows.to_pylist() == [{"order_id": 11}]
+    # Bad binds: refused, and the handle is as it was.
+    for table, expected in (
+        (pa.table({"0": [1, 2]}), "exactly one row"),
+        (pa.table({"0": pa.array([], pa.int64())}), "exactly one row"),
+        (pa.table({"0": [1], "1": [2]}), "takes 1 parameter"),
+    ):
+        cls, code, detail = refusal(lambda t=table: bind(client, opts, handle, t))
+        assert code == "INVALID_ARGUMENT" and expected in detail, detail
+    assert fetch(client, sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound)), opts).num_rows == 1
+    # Bound to the principal: another agent's token cannot use it.
+    other = call_options(server.mint("agent", "demo", "fsql-other"))
+    bound_query = sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound))
+    assert refusal(lambda: client.get_flight_info(bound_query, other))[1] == "PERMISSION_DENIED"
+    # Closed: gone (closing again is harmless; another principal's close changes nothing).
+    close = packed(pb.ActionClosePreparedStatementRequest(prepared_statement_handle=bound))
+    assert list(client.do_action(flight.Action("ClosePreparedStatement", close), other)) == []
+    assert fetch(client, bound_query, opts).num_rows == 1
+    for _ in range(2):
+        assert list(client.do_action(flight.Action("ClosePreparedStatement", close), opts)) == []
+    assert refusal(lambda: client.get_flight_info(bound_query, opts))[1] == "NOT_FOUND"
+    # A refused statement is refused at prepare, before any handle exists.
+    cls, code, detail = refusal(lambda: create_prepared(client, opts, "SELECT * FROM secret.salaries"))
+    assert code == "PERMISSION_DENIED"
+    body = packed(pb.CommandGetCatalogs())
+    cls, code, detail = refusal(lambda: list(client.do_action(flight.Action("CreatePreparedStatement", body), opts)))
+    assert code == "INVALID_ARGUMENT" and "ActionCreatePreparedStatementRequest" in detail
+
+
+def test_close_session_and_list_actions(client: flight.FlightClient, opts: flight.FlightCallOptions) -> None:
+    (result,) = client.do_action(flight.Action("CloseSession", b""), opts)
+    status = pb.CloseSessionResult()
+    status.ParseFromString(result.body.to_pybytes())
+    assert status.status == pb.CloseSessionResult.CLOSED
+    names = {a.type for a in client.list_actions(opts)}
+    assert {"CreatePreparedStatement", "ClosePreparedStatement", "CancelFlightInfo", "CloseSession"} <= names
+
+
+def test_every_flight_sql_rpc_needs_a_token(client: flight.FlightClient) -> None:
+    anonymous = call_options(None)
+    descriptor = sql_cmd(pb.CommandGetCatalogs())
+    assert refusal(lambda: client.get_flight_info(descriptor, anonymous))[1] == "UNAUTHENTICATED"
+    body = packed(pb.ActionCreatePreparedStatementRequest(query="SELECT 1"))
+    assert refusal(lambda: list(client.do_action(flight.Action("CreatePreparedStatement", body), anonymous)))[1] == (
+        "UNAUTHENTICATED"
+    )
+
+
+def test_cancel_flight_info_stops_a_running_query(
+    server: Server, client: flight.FlightClient, opts: flight.FlightCallOptions
+) -> None:
+    flight_server = server.runtime.flight  # type: ignore[attr-defined]
+    info = client.get_flight_info(sql_cmd(pb.CommandStatementQuery(query=LONG_QUERY)), opts)
+    outcome: list[Any] = []
+
+    def read() -> None:
+        try:
+            client.do_get(info.endpoints[0].ticket, opts).read_all()
+            outcome.append("finished")
+        except flight.FlightError as e:
+            outcome.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    wait_until(lambda: flight_server.admission.streams() >= 1, what="the query's stream running")
+    # Another agent cannot cancel it: the tickets are not theirs.
+    other = call_options(server.mint("agent", "demo", "fsql-canceller"))
+    body = pb.CancelFlightInfoRequest(info=info.serialize()).SerializeToString()
+    assert refusal(lambda: list(client.do_action(flight.Action("CancelFlightInfo", body), other)))[1] == (
+        "PERMISSION_DENIED"
+    )
+    (result,) = client.do_action(flight.Action("CancelFlightInfo", body), opts)
+    status = pb.CancelFlightInfoResult()
+    status.ParseFromString(result.body.to_pybytes())
+    assert status.status == pb.CANCEL_STATUS_CANCELLED
+    reader.join(30)
+    assert not reader.is_alive()
+    (error,) = outcome
+    assert isinstance(error, flight.FlightCancelledError), error
+    assert error_info(error)["code"] == "CANCELLED"
+    wait_until(lambda: flight_server.admission.streams() == 0, what="the slot released")
+    # The cancelled FlightInfo's tickets are refused, not run again.
+    cls, code, _ = refusal(lambda: client.do_get(info.endpoints[0].ticket, opts).read_all())
+    assert code == "CANCELLED"
+    bad = refusal(lambda: list(client.do_action(flight.Action("CancelFlightInfo", b"\xff\xff"), opts)))
+    assert bad[1] == "INVALID_ARGUMENT"
+
+
+def test_threads_race_prepare_bind_and_fetch(server: Server) -> None:
+    errors: list[BaseException] = []
+
+    def agent(n: int) -> None:
+        try:
+            with connect(server) as c, c.cursor() as cur:
+                for i in range(5):
+                    key = n * 10 + i + 1
+                    cur.execute("SELECT order_id FROM demo.orders WHERE order_id = ?", (key,))
+                    assert cur.fetchall() == [(key,)]
+                    cur.execute("SELECT count(*) FROM demo.customers")
+                    assert cur.fetchall()[0][0] == 1000
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=agent, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
