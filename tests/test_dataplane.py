@@ -348,7 +348,7 @@ def test_flight_sql_commands_are_served_on_the_same_port(
 ) -> None:
     # A Flight SQL CommandStatementQuery (protobuf Any): served like a query command
     # (tests/test_flight_sql.py covers Flight SQL itself).
-    any_msg = b"\n5type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery\x12\x0a\n\x08SELECT 1"
+    any_msg = b"\nCtype.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery\x12\x0a\n\x08SELECT 1"
     assert fetch(client, raw(any_msg), opts).to_pylist() == [{"1": 1}]
 
 
