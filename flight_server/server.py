@@ -18,6 +18,7 @@ The pieces, each in its own module:
 * :mod:`~flight_server.errors` — every failure → a FlightError with ``extra_info``;
 * :mod:`~flight_server.profiles`, :mod:`~flight_server.results` — profiles and async queries;
 * :mod:`~flight_server.truncation` — row caps and the metadata that reports a cut;
+* :mod:`~flight_server.running` — running DoGet streams: CancelFlightInfo, clients that left;
 * :mod:`~flight_server.flight_sql` — Flight SQL (protobuf ``Any`` commands from ADBC, JDBC,
   DBeaver) onto the same planner, tickets and streams;
 * :mod:`quiver_client.wire` — the wire constants shared with the agent client.
@@ -58,6 +59,7 @@ from flight_server.plans import Plan
 from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
 from flight_server.results import QueryManager
+from flight_server.running import RunningStreams
 from flight_server.streams import Streamer
 from flight_server.table_cache import TableCache, resolve_budget
 from flight_server.tickets import TicketStore
@@ -141,7 +143,9 @@ class QuiverFlightServer(flight.FlightServerBase):
         )
         # GetFlightInfo of a query runs it once through the streamer (planned once).
         self.planner.runner = self.streamer
-        self.sql = FlightSql(catalog, self.planner, self.tickets)
+        # DoGet streams by FlightInfo: CancelFlightInfo, and clients that went away.
+        self.running = RunningStreams(float(limits.ticket_ttl_seconds))
+        self.sql = FlightSql(catalog, self.planner, self.tickets, self.running)
         catalog.status_sections["queries"] = self._status
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------
@@ -266,7 +270,8 @@ class QuiverFlightServer(flight.FlightServerBase):
                 if not policy.can_read(principal, ref):
                     raise PermissionDenied(f"{ref.qualified}: {NOT_READABLE}")
             state.cleanups.append(self.admission.acquire(principal.subject, payload.group, payload.index))
-            self.sql.running.track(payload.group, state)  # CancelFlightInfo finds it there
+            # Until the call ends: CancelFlightInfo finds it, a client that leaves stops it.
+            self.running.track(payload.group, state, context)
             return self.streamer.open(plan, payload.index, state)
 
         return self._run(context, "do_get", run)
@@ -376,6 +381,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         """Stop accepting calls and wait for running ones, then stop async queries."""
         super().shutdown()
         self.queries.close()
+        self.running.close()
         self.cache.close()
         self.streamer.close()
         self.table_cache.invalidate(reason="shutdown")

@@ -73,7 +73,9 @@ def sql_cmd(message: Message) -> flight.FlightDescriptor:
     return flight.FlightDescriptor.for_command(packed(message))
 
 
-def fetch(client: flight.FlightClient, descriptor: flight.FlightDescriptor, opts: flight.FlightCallOptions) -> pa.Table:
+def fetch(
+    client: flight.FlightClient, descriptor: flight.FlightDescriptor, opts: flight.FlightCallOptions
+) -> pa.Table:
     info = client.get_flight_info(descriptor, opts)
     return pa.concat_tables([client.do_get(e.ticket, opts).read_all() for e in info.endpoints])
 
@@ -155,7 +157,9 @@ def test_get_table_schema_types_and_info(conn: Any, server: Server) -> None:
 
 def test_execute_partitions(conn: Any) -> None:
     with conn.cursor() as cur:
-        partitions, schema = cur.adbc_execute_partitions("SELECT order_id FROM demo.orders WHERE order_id < 4")
+        partitions, schema = cur.adbc_execute_partitions(
+            "SELECT order_id FROM demo.orders WHERE order_id < 4"
+        )
         assert schema.names == ["order_id"]
         rows = []
         for partition in partitions:
@@ -179,7 +183,11 @@ def test_no_token_is_unauthenticated(server: Server) -> None:
         assert "UNAUTHENTICATED" in str(e.value) or "Unauthenticated" in str(e.value)
     finally:
         bare.close()
-    with connect(server, token="not-a-token") as bad, bad.cursor() as cur, pytest.raises(adbc_driver_manager.Error):
+    with (
+        connect(server, token="not-a-token") as bad,
+        bad.cursor() as cur,
+        pytest.raises(adbc_driver_manager.Error),
+    ):
         cur.execute("SELECT 1")
 
 
@@ -231,14 +239,21 @@ def test_statement_query_round_trip(client: flight.FlightClient, opts: flight.Fl
 
 
 def test_json_commands_are_unchanged(client: flight.FlightClient, opts: flight.FlightCallOptions) -> None:
-    descriptor = flight.FlightDescriptor.for_command(json.dumps({"kind": "query", "sql": "SELECT 2 AS two"}).encode())
+    descriptor = flight.FlightDescriptor.for_command(
+        json.dumps({"kind": "query", "sql": "SELECT 2 AS two"}).encode()
+    )
     info = client.get_flight_info(descriptor, opts)
     assert info.endpoints[0].ticket.ticket.startswith(b"qv1.")
     assert client.do_get(info.endpoints[0].ticket, opts).read_all().to_pylist() == [{"two": 2}]
 
 
 def test_sql_info_is_a_dense_union(client: flight.FlightClient, opts: flight.FlightCallOptions) -> None:
-    wanted = [pb.FLIGHT_SQL_SERVER_NAME, pb.FLIGHT_SQL_SERVER_READ_ONLY, pb.FLIGHT_SQL_SERVER_TRANSACTION, 9999]
+    wanted = [
+        pb.FLIGHT_SQL_SERVER_NAME,
+        pb.FLIGHT_SQL_SERVER_READ_ONLY,
+        pb.FLIGHT_SQL_SERVER_TRANSACTION,
+        9999,
+    ]
     table = fetch(client, sql_cmd(pb.CommandGetSqlInfo(info=wanted)), opts)
     assert table.schema.field("info_name").type == pa.uint32()
     assert pa.types.is_union(table.schema.field("value").type)
@@ -257,7 +272,9 @@ def test_metadata_listings(client: flight.FlightClient, opts: flight.FlightCallO
     assert fetch(client, sql_cmd(pb.CommandGetCatalogs()), opts).to_pylist() == [{"catalog_name": "quiver"}]
     schemas = fetch(client, sql_cmd(pb.CommandGetDbSchemas(db_schema_filter_pattern="%")), opts)
     assert schemas.column("db_schema_name").to_pylist() == ["demo"]
-    tables = fetch(client, sql_cmd(pb.CommandGetTables(db_schema_filter_pattern="de_o", include_schema=True)), opts)
+    tables = fetch(
+        client, sql_cmd(pb.CommandGetTables(db_schema_filter_pattern="de_o", include_schema=True)), opts
+    )
     assert "salaries" not in tables.column("table_name").to_pylist()
     orders = tables.filter(pa.compute.equal(tables.column("table_name"), "orders"))
     schema = pa.ipc.read_schema(pa.py_buffer(orders.column("table_schema")[0].as_py()))
@@ -265,7 +282,9 @@ def test_metadata_listings(client: flight.FlightClient, opts: flight.FlightCallO
     assert fetch(client, sql_cmd(pb.CommandGetTables(catalog="other")), opts).num_rows == 0
     assert fetch(client, sql_cmd(pb.CommandGetTables(table_types=["VIEW"])), opts).num_rows == 0
     assert fetch(client, sql_cmd(pb.CommandGetTables(table_name_filter_pattern="ORDERS")), opts).num_rows == 1
-    assert fetch(client, sql_cmd(pb.CommandGetTables(table_name_filter_pattern="ord\\_rs")), opts).num_rows == 0
+    assert (
+        fetch(client, sql_cmd(pb.CommandGetTables(table_name_filter_pattern="ord\\_rs")), opts).num_rows == 0
+    )
     assert fetch(client, sql_cmd(pb.CommandGetTableTypes()), opts).to_pylist() == [{"table_type": "TABLE"}]
     types = fetch(client, sql_cmd(pb.CommandGetXdbcTypeInfo()), opts)
     assert "VARCHAR" in types.column("type_name").to_pylist()
@@ -296,8 +315,10 @@ def test_a_withdrawn_permission_hides_columns_at_do_get(server: Server, client: 
     token = server.mint("agent", "fsql-narrow", "n1")
     opts = call_options(token)
     info = client.get_flight_info(sql_cmd(pb.CommandGetTables(include_schema=True)), opts)
-    assert http.put("/v1/swarms/fsql-narrow/allowlist", json={"tables": ["demo.customers"]}).status_code == 200
-    cls, code, _ = refusal(lambda: client.do_get(info.endpoints[0].ticket, opts).read_all())
+    assert (
+        http.put("/v1/swarms/fsql-narrow/allowlist", json={"tables": ["demo.customers"]}).status_code == 200
+    )
+    _cls, code, _ = refusal(lambda: client.do_get(info.endpoints[0].ticket, opts).read_all())
     assert code == "PERMISSION_DENIED"
     names = fetch(client, sql_cmd(pb.CommandGetTables()), opts).column("table_name").to_pylist()
     assert names == ["customers"]
@@ -308,12 +329,15 @@ BAD_COMMANDS: list[tuple[bytes, str]] = [
     (b"\n\x2etype.googleapis.com/arrow.flight.protocol.sql.", "is not supported by Quiver"),
     (packed(pb.CommandGetCatalogs())[:-1] + b"\xff", "not a valid"),
     (
-        any_pb2.Any(type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandNope", value=b"").SerializeToString(),
+        any_pb2.Any(
+            type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandNope", value=b""
+        ).SerializeToString(),
         "is not supported by Quiver",
     ),
     (
         any_pb2.Any(
-            type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery", value=b"\x0a\xff\xff"
+            type_url="type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery",
+            value=b"\x0a\xff\xff",
         ).SerializeToString(),
         "not a valid CommandStatementQuery",
     ),
@@ -329,7 +353,9 @@ def test_bad_commands_get_clear_errors(
     client: flight.FlightClient, opts: flight.FlightCallOptions, server: Server, raw: bytes, expected: str
 ) -> None:
     tickets = len(server.runtime.flight.tickets) if server.runtime.flight else 0  # type: ignore[attr-defined]
-    cls, code, detail = refusal(lambda: client.get_flight_info(flight.FlightDescriptor.for_command(raw), opts))
+    _cls, code, detail = refusal(
+        lambda: client.get_flight_info(flight.FlightDescriptor.for_command(raw), opts)
+    )
     assert code in ("INVALID_ARGUMENT", "NOT_FOUND"), (code, detail)
     assert expected in detail, detail
     assert len(detail) <= 600 and "Traceback" not in detail
@@ -373,7 +399,9 @@ def test_updates_transactions_and_ingest_are_refused(
     assert order_count(server) == before
 
 
-def create_prepared(client: flight.FlightClient, opts: flight.FlightCallOptions, sql: str) -> pb.ActionCreatePreparedStatementResult:
+def create_prepared(
+    client: flight.FlightClient, opts: flight.FlightCallOptions, sql: str
+) -> pb.ActionCreatePreparedStatementResult:
     body = packed(pb.ActionCreatePreparedStatementRequest(query=sql))
     (result,) = client.do_action(flight.Action("CreatePreparedStatement", body), opts)
     wrapper = any_pb2.Any()
@@ -383,7 +411,9 @@ def create_prepared(client: flight.FlightClient, opts: flight.FlightCallOptions,
     return out
 
 
-def bind(client: flight.FlightClient, opts: flight.FlightCallOptions, handle: bytes, table: pa.Table) -> bytes:
+def bind(
+    client: flight.FlightClient, opts: flight.FlightCallOptions, handle: bytes, table: pa.Table
+) -> bytes:
     descriptor = sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle))
     writer, reader = client.do_put(descriptor, table.schema, opts)
     writer.write_table(table)
@@ -404,7 +434,7 @@ def test_prepared_statements_on_the_wire(
     assert len(pa.ipc.read_schema(pa.py_buffer(prepared.parameter_schema))) == 1
     handle = prepared.prepared_statement_handle
     query = sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle))
-    cls, code, detail = refusal(lambda: client.get_flight_info(query, opts))
+    _cls, code, detail = refusal(lambda: client.get_flight_info(query, opts))
     assert code == "INVALID_ARGUMENT" and "bind them first" in detail
     bound = bind(client, opts, handle, pa.table({"0": [11]}))
     rows = fetch(client, sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound)), opts)
@@ -415,9 +445,14 @@ def test_prepared_statements_on_the_wire(
         (pa.table({"0": pa.array([], pa.int64())}), "exactly one row"),
         (pa.table({"0": [1], "1": [2]}), "takes 1 parameter"),
     ):
-        cls, code, detail = refusal(lambda t=table: bind(client, opts, handle, t))
+        _cls, code, detail = refusal(lambda t=table: bind(client, opts, handle, t))
         assert code == "INVALID_ARGUMENT" and expected in detail, detail
-    assert fetch(client, sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound)), opts).num_rows == 1
+    assert (
+        fetch(
+            client, sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound)), opts
+        ).num_rows
+        == 1
+    )
     # Bound to the principal: another agent's token cannot use it.
     other = call_options(server.mint("agent", "demo", "fsql-other"))
     bound_query = sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound))
@@ -430,10 +465,12 @@ def test_prepared_statements_on_the_wire(
         assert list(client.do_action(flight.Action("ClosePreparedStatement", close), opts)) == []
     assert refusal(lambda: client.get_flight_info(bound_query, opts))[1] == "NOT_FOUND"
     # A refused statement is refused at prepare, before any handle exists.
-    cls, code, detail = refusal(lambda: create_prepared(client, opts, "SELECT * FROM secret.salaries"))
+    _cls, code, _detail = refusal(lambda: create_prepared(client, opts, "SELECT * FROM secret.salaries"))
     assert code == "PERMISSION_DENIED"
     body = packed(pb.CommandGetCatalogs())
-    cls, code, detail = refusal(lambda: list(client.do_action(flight.Action("CreatePreparedStatement", body), opts)))
+    _cls, code, detail = refusal(
+        lambda: list(client.do_action(flight.Action("CreatePreparedStatement", body), opts))
+    )
     assert code == "INVALID_ARGUMENT" and "ActionCreatePreparedStatementRequest" in detail
 
 
@@ -451,9 +488,9 @@ def test_every_flight_sql_rpc_needs_a_token(client: flight.FlightClient) -> None
     descriptor = sql_cmd(pb.CommandGetCatalogs())
     assert refusal(lambda: client.get_flight_info(descriptor, anonymous))[1] == "UNAUTHENTICATED"
     body = packed(pb.ActionCreatePreparedStatementRequest(query="SELECT 1"))
-    assert refusal(lambda: list(client.do_action(flight.Action("CreatePreparedStatement", body), anonymous)))[1] == (
-        "UNAUTHENTICATED"
-    )
+    assert refusal(lambda: list(client.do_action(flight.Action("CreatePreparedStatement", body), anonymous)))[
+        1
+    ] == ("UNAUTHENTICATED")
 
 
 def test_cancel_flight_info_stops_a_running_query(
@@ -490,10 +527,49 @@ def test_cancel_flight_info_stops_a_running_query(
     assert error_info(error)["code"] == "CANCELLED"
     wait_until(lambda: flight_server.admission.streams() == 0, what="the slot released")
     # The cancelled FlightInfo's tickets are refused, not run again.
-    cls, code, _ = refusal(lambda: client.do_get(info.endpoints[0].ticket, opts).read_all())
+    _cls, code, _ = refusal(lambda: client.do_get(info.endpoints[0].ticket, opts).read_all())
     assert code == "CANCELLED"
     bad = refusal(lambda: list(client.do_action(flight.Action("CancelFlightInfo", b"\xff\xff"), opts)))
     assert bad[1] == "INVALID_ARGUMENT"
+
+
+def test_adbc_cancel_stops_the_running_query(server: Server) -> None:
+    """The ADBC driver's cancel() cancels its gRPC call; the DoGet handler, blocked in DuckDB,
+    must still stop the query (it used to run on until it finished, holding its slot)."""
+    flight_server = server.runtime.flight  # type: ignore[attr-defined]
+    abandoned = flight_server.running.abandoned
+    with connect(server) as c, c.cursor() as cur:
+        outcome: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                cur.execute(LONG_QUERY)
+                cur.fetchall()
+            except BaseException as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        wait_until(lambda: flight_server.running._running, what="the query's DoGet running")
+        cur.adbc_cancel()
+        thread.join(30)
+        assert outcome and "CANCELLED" in str(outcome[0]), outcome
+    wait_until(lambda: flight_server.admission.streams() == 0, timeout=20, what="the query interrupted")
+    assert flight_server.running.abandoned == abandoned + 1
+
+
+def test_a_client_that_goes_away_stops_its_json_query(server: Server, client: flight.FlightClient) -> None:
+    """Not Flight SQL only: a JSON command's DoGet whose client gives up (its deadline) is
+    interrupted too, instead of running until the query timeout."""
+    flight_server = server.runtime.flight  # type: ignore[attr-defined]
+    descriptor = flight.FlightDescriptor.for_command(
+        json.dumps({"kind": "query", "sql": LONG_QUERY}).encode()
+    )
+    info = client.get_flight_info(descriptor, call_options(server.demo_token))
+    impatient = call_options(server.demo_token, timeout=1.0)
+    with pytest.raises(flight.FlightTimedOutError):
+        client.do_get(info.endpoints[0].ticket, impatient).read_all()
+    wait_until(lambda: flight_server.admission.streams() == 0, timeout=20, what="the query interrupted")
 
 
 def test_threads_race_prepare_bind_and_fetch(server: Server) -> None:
@@ -508,7 +584,7 @@ def test_threads_race_prepare_bind_and_fetch(server: Server) -> None:
                     assert cur.fetchall() == [(key,)]
                     cur.execute("SELECT count(*) FROM demo.customers")
                     assert cur.fetchall()[0][0] == 1000
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=agent, args=(n,)) for n in range(6)]

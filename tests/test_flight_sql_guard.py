@@ -65,7 +65,9 @@ def outcome(call: Any) -> tuple[str, Any]:
         return info["code"], info["detail"]
 
 
-def fetch(client: flight.FlightClient, descriptor: flight.FlightDescriptor, opts: flight.FlightCallOptions) -> Any:
+def fetch(
+    client: flight.FlightClient, descriptor: flight.FlightDescriptor, opts: flight.FlightCallOptions
+) -> Any:
     info = client.get_flight_info(descriptor, opts)
     return pa.concat_tables([client.do_get(e.ticket, opts).read_all() for e in info.endpoints]).to_pylist()
 
@@ -81,17 +83,30 @@ def tables_digest(server: Server) -> list[Any]:
     ("family", "sql", "code"), CORPUS, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(CORPUS)]
 )
 def test_the_guard_holds_the_same_through_flight_sql(
-    server: Server, client: flight.FlightClient, opts: flight.FlightCallOptions, family: str, sql: str, code: str
+    server: Server,
+    client: flight.FlightClient,
+    opts: flight.FlightCallOptions,
+    family: str,
+    sql: str,
+    code: str,
 ) -> None:
     before = tables_digest(server)
     as_json = outcome(
-        lambda: fetch(client, flight.FlightDescriptor.for_command(json.dumps({"kind": "query", "sql": sql}).encode()), opts)
+        lambda: fetch(
+            client,
+            flight.FlightDescriptor.for_command(json.dumps({"kind": "query", "sql": sql}).encode()),
+            opts,
+        )
     )
     as_statement = outcome(
-        lambda: fetch(client, flight.FlightDescriptor.for_command(packed(pb.CommandStatementQuery(query=sql))), opts)
+        lambda: fetch(
+            client, flight.FlightDescriptor.for_command(packed(pb.CommandStatementQuery(query=sql))), opts
+        )
     )
     body = packed(pb.ActionCreatePreparedStatementRequest(query=sql))
-    as_prepared = outcome(lambda: list(client.do_action(flight.Action("CreatePreparedStatement", body), opts)))
+    as_prepared = outcome(
+        lambda: list(client.do_action(flight.Action("CreatePreparedStatement", body), opts))
+    )
     assert as_json[0] != "OK", f"the corpus statement was accepted: {sql}"
     assert as_statement == as_json
     assert as_prepared == as_json

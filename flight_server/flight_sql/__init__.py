@@ -15,8 +15,9 @@ path. One concern per module:
   planned by :class:`~flight_server.planner.Planner` like a ``{"kind": "query"}`` command;
 * :mod:`~flight_server.flight_sql.metadata` — SqlInfo, catalogs, schemas, tables, types and
   keys, listing only what the caller may read;
-* :mod:`~flight_server.flight_sql.cancel` — ``CancelFlightInfo``: interrupting the running
-  streams of one FlightInfo.
+
+``CancelFlightInfo`` interrupts the running streams of one FlightInfo through
+:mod:`flight_server.running`, which also stops a query whose client went away.
 """
 
 from flight_server.flight_sql.dispatch import ACTIONS, FlightSql

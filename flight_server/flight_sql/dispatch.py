@@ -21,11 +21,11 @@ from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
 from catalog.errors import bounded
 from flight_server.flight_sql import flight_sql_pb2 as pb
 from flight_server.flight_sql import wire
-from flight_server.flight_sql.cancel import RunningStreams
 from flight_server.flight_sql.metadata import Metadata
 from flight_server.flight_sql.statements import Statements
 from flight_server.planner import Planner
 from flight_server.plans import Plan
+from flight_server.running import RunningStreams
 from flight_server.tickets import TicketStore
 
 READ_ONLY = (
@@ -90,12 +90,14 @@ def _refuse_writes(message: Any) -> None:
 class FlightSql:
     """The Flight SQL side of one server: its statements, prepared handles and listings."""
 
-    def __init__(self, catalog: Catalog, planner: Planner, tickets: TicketStore[Any]) -> None:
+    def __init__(
+        self, catalog: Catalog, planner: Planner, tickets: TicketStore[Any], running: RunningStreams
+    ) -> None:
         ttl = float(catalog.config.limits.ticket_ttl_seconds)
         self.tickets = tickets
+        self.running = running
         self.statements = Statements(planner, ttl)
         self.metadata = Metadata(catalog)
-        self.running = RunningStreams(ttl)
 
     # --- GetFlightInfo / GetSchema ---------------------------------------------------------------
     def plan(self, principal: Principal, raw: bytes, *, execute: bool) -> Plan:
