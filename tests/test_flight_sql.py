@@ -6,8 +6,13 @@ CancelFlightInfo, and threads racing the same endpoints."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import adbc_driver_flightsql.dbapi as flight_sql
@@ -436,6 +441,7 @@ def test_prepared_statements_on_the_wire(
     query = sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=handle))
     _cls, code, detail = refusal(lambda: client.get_flight_info(query, opts))
     assert code == "INVALID_ARGUMENT" and "bind them first" in detail
+    assert client.get_schema(query, opts).schema.names == ["order_id"]  # binds it, NULL for "?"
     bound = bind(client, opts, handle, pa.table({"0": [11]}))
     rows = fetch(client, sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound)), opts)
     assert rows.to_pylist() == [{"order_id": 11}]
@@ -574,10 +580,13 @@ def test_a_client_that_goes_away_stops_its_json_query(server: Server, client: fl
 
 def test_threads_race_prepare_bind_and_fetch(server: Server) -> None:
     errors: list[BaseException] = []
+    # One agent per thread: a principal's own share is max_concurrent_queries (4), and six
+    # threads of one principal would be refused by design (RESOURCE_EXHAUSTED).
+    tokens = [server.mint("agent", "demo", f"fsql-race-{n}") for n in range(6)]
 
     def agent(n: int) -> None:
         try:
-            with connect(server) as c, c.cursor() as cur:
+            with connect(server, token=tokens[n]) as c, c.cursor() as cur:
                 for i in range(5):
                     key = n * 10 + i + 1
                     cur.execute("SELECT order_id FROM demo.orders WHERE order_id = ?", (key,))
@@ -593,3 +602,21 @@ def test_threads_race_prepare_bind_and_fetch(server: Server) -> None:
     for t in threads:
         t.join(120)
     assert not errors, errors
+
+
+def test_readme_snippet_runs(server: Server, tmp_path: Path) -> None:
+    """README.md's Flight SQL example, verbatim, in a fresh interpreter against the server."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- flightsql:start -->\n```python\n(.*?)```\n<!-- flightsql:end -->", readme, re.S)
+    assert block, "README.md lost its flightsql markers"
+    assert "adbc_driver_flightsql.dbapi.connect(" in block.group(1)
+    assert '"adbc.flight.sql.authorization_header": f"Bearer {token}"' in block.group(1)
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{server.demo_token}\n")
+    env = {**os.environ, "QUIVER_URL": server.flight_url, "QUIVER_TOKEN_FILE": str(token_file)}
+    run = subprocess.run(
+        [sys.executable, "-c", block.group(1)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert "('" in run.stdout and "'customer_id': 1" in run.stdout, run.stdout
+    assert "Warning" not in run.stderr, run.stderr

@@ -56,9 +56,13 @@ class Statements:
         return self.planner.query(principal, command, execute=execute)
 
     def prepared(self, principal: Principal, handle: bytes, *, execute: bool) -> Plan:
-        """GetFlightInfo / GetSchema of ``CommandPreparedStatementQuery``."""
+        """GetFlightInfo / GetSchema of ``CommandPreparedStatementQuery``. GetFlightInfo runs
+        the query, so it needs the parameters bound; GetSchema only binds it, with any
+        parameter not bound yet as NULL (as ``dataset_schema`` was made)."""
         prepared = self.handles.redeem(principal, handle)
         if prepared.param_count and prepared.params is None:
+            if not execute:  # GetSchema before a bind: the schema with the parameters NULL
+                return self.query(principal, prepared.sql, (None,) * prepared.param_count, execute=False)
             raise InvalidArgument(
                 f"this prepared statement takes {prepared.param_count} parameter(s): bind them first "
                 "(DoPut of one row on CommandPreparedStatementQuery)"
