@@ -630,7 +630,18 @@ def test_list_actions_describes_every_action(
     client: flight.FlightClient, opts: flight.FlightCallOptions
 ) -> None:
     actions = {a.type: a.description for a in client.list_actions(opts)}
-    assert set(actions) == {"whoami", "refresh-token", "submit-query", "query-status", "cancel-query"}
+    assert set(actions) == {
+        "whoami",
+        "refresh-token",
+        "submit-query",
+        "query-status",
+        "cancel-query",
+        # Flight SQL's (proto_docs/flight-sql.md)
+        "CreatePreparedStatement",
+        "ClosePreparedStatement",
+        "CancelFlightInfo",
+        "CloseSession",
+    }
     assert all(len(d) > 20 for d in actions.values())
 
 

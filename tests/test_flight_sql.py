@@ -620,3 +620,42 @@ def test_readme_snippet_runs(server: Server, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert "('" in run.stdout and "'customer_id': 1" in run.stdout, run.stdout
     assert "Warning" not in run.stderr, run.stderr
+
+
+# --- LIKE patterns: the spec's filter semantics, in linear time --------------------------------
+def test_like_patterns_match_duckdb_like() -> None:
+    """Quiver's matcher agrees with DuckDB's own LIKE ... ESCAPE '\\' (ASCII-case-folded
+    both sides) on generated names and patterns."""
+    import duckdb
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from catalog.tables import fold
+    from flight_server.flight_sql.metadata import like_match, like_pattern
+
+    con = duckdb.connect()
+    names = st.text(alphabet="abAB_%\\x", max_size=8)
+    patterns = st.text(alphabet="aAbB_%\\x", max_size=8).filter(
+        lambda p: not (len(p) - len(p.rstrip("\\"))) % 2  # DuckDB refuses a trailing lone escape
+    )
+
+    @settings(max_examples=400, deadline=None)
+    @given(names, patterns)
+    def check(name: str, pattern: str) -> None:
+        expected = con.execute("SELECT ? LIKE ? ESCAPE '\\'", [fold(name), fold(pattern)]).fetchone()
+        assert like_match(like_pattern(pattern), name) == expected[0], (name, pattern)  # type: ignore[index]
+
+    check()
+
+
+def test_a_pathological_pattern_is_answered(
+    client: flight.FlightClient, opts: flight.FlightCallOptions
+) -> None:
+    """A filter made of many % and _ used to be a regex, whose backtracking is exponential in
+    them: this request never came back (and held a server thread and a core)."""
+    pattern = "%_" * 400 + "x"
+    descriptor = sql_cmd(pb.CommandGetTables(table_name_filter_pattern=pattern))
+    assert fetch(client, descriptor, opts).num_rows == 0
+    too_long = sql_cmd(pb.CommandGetTables(table_name_filter_pattern="%" * 1001))
+    _cls, code, detail = refusal(lambda: client.get_flight_info(too_long, opts))
+    assert code == "INVALID_ARGUMENT" and "at most 1000" in detail

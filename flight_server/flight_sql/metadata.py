@@ -16,7 +16,6 @@ identifiers.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -255,19 +254,53 @@ def xdbc_type_info(data_type: int | None) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=XDBC_TYPE_INFO_SCHEMA)
 
 
+_LITERAL, _ONE, _RUN = 0, 1, 2
+
+
 @lru_cache(maxsize=256)
-def like(pattern: str) -> re.Pattern[str]:
-    """A Flight SQL filter pattern (SQL LIKE: ``%``, ``_``, ``\\`` escapes) as a regex."""
-    out, i = [], 0
+def like_pattern(pattern: str) -> tuple[tuple[int, str], ...]:
+    """A Flight SQL filter pattern (SQL LIKE: ``%`` any run, ``_`` one character, ``\\``
+    escapes either) as tokens, case-folded like DuckDB identifiers; runs of ``%`` collapse."""
+    out: list[tuple[int, str]] = []
+    i = 0
     while i < len(pattern):
         c = pattern[i]
         if c == SEARCH_ESCAPE and i + 1 < len(pattern):
-            out.append(re.escape(pattern[i + 1]))
+            out.append((_LITERAL, fold(pattern[i + 1])))
             i += 2
             continue
-        out.append(".*" if c == "%" else "." if c == "_" else re.escape(c))
+        if c == "%":
+            if not out or out[-1][0] != _RUN:
+                out.append((_RUN, ""))
+        else:
+            out.append((_ONE, "") if c == "_" else (_LITERAL, fold(c)))
         i += 1
-    return re.compile("".join(out), re.DOTALL)
+    return tuple(out)
+
+
+def like_match(tokens: tuple[tuple[int, str], ...], name: str) -> bool:
+    """Whether ``name`` matches the pattern ``tokens``, in O(len(name) * len(tokens)) at worst:
+    the greedy wildcard match that backtracks only to the last ``%`` — never a regex, whose
+    backtracking is exponential in the number of ``%`` (a pattern is the caller's input)."""
+    text = fold(name)
+    t = p = 0
+    star, mark = -1, 0
+    while t < len(text):
+        if p < len(tokens) and tokens[p][0] != _RUN and (tokens[p][0] == _ONE or tokens[p][1] == text[t]):
+            t += 1
+            p += 1
+        elif p < len(tokens) and tokens[p][0] == _RUN:
+            star, mark = p, t
+            p += 1
+        elif star >= 0:
+            p = star + 1
+            mark += 1
+            t = mark
+        else:
+            return False
+    while p < len(tokens) and tokens[p][0] == _RUN:
+        p += 1
+    return p == len(tokens)
 
 
 def _matcher(pattern: str | None, field: str) -> Callable[[str], bool]:
@@ -277,8 +310,8 @@ def _matcher(pattern: str | None, field: str) -> Callable[[str], bool]:
         raise InvalidArgument(
             f"{field} is {len(pattern)} characters; at most {MAX_PATTERN_CHARS} are accepted"
         )
-    regex = like(fold(pattern))
-    return lambda name: regex.fullmatch(fold(name)) is not None
+    tokens = like_pattern(pattern)
+    return lambda name: like_match(tokens, name)
 
 
 def _optional(message: Any, field: str) -> str | None:
