@@ -9,8 +9,8 @@ Two ways a running query must stop before its timeout:
 * **The client went away** — a cancelled gRPC call (the ADBC driver's ``cancel()``, a killed
   agent) does not stop a DoGet handler that is blocked in DuckDB: a sort, an aggregate or a
   join runs to its end before the first batch, whoever is still listening. One watcher thread
-  polls the tracked calls' ``context.is_cancelled()`` and interrupts the cursor of a call
-  whose client is gone.
+  (while streams run, and a second after) polls the tracked calls' ``context.is_cancelled()``
+  and interrupts the cursor of a call whose client is gone.
 
 Both interrupt like ``cancel-query`` does for an async query (flight_server/results.py):
 DuckDB ignores an interrupt that arrives before its query starts, so a cancelled call is
@@ -39,6 +39,8 @@ MAX_CANCELLED = 10_000
 #: How often the watcher looks for calls whose client went away, and re-interrupts cancelled
 #: ones (seconds).
 POLL_SECONDS = 0.05
+#: How long the watcher thread outlives the last running stream (seconds).
+IDLE_SECONDS = 1.0
 
 
 @dataclass(eq=False, slots=True)
@@ -123,9 +125,12 @@ class RunningStreams:
     def _watch(self) -> None:
         while True:
             with self._cond:
-                while not self._running and not self._stopped:
-                    self._cond.wait()
-                if self._stopped:
+                if not self._running and not self._stopped:
+                    # Idle: linger a little (the next DoGet is usually close), then end, so
+                    # that a quiet server holds no thread for this.
+                    self._cond.wait(IDLE_SECONDS)
+                if self._stopped or not self._running:
+                    self._thread = None
                     return
                 # Under the lock: a call's context is valid until its call completes, and its
                 # completion (untrack) takes this lock.
