@@ -180,6 +180,15 @@ def test_pandas_read_sql(conn: Any) -> None:
     assert frame["order_id"].tolist() == [1, 2, 3, 4, 5]
 
 
+def test_polars_read_database(conn: Any) -> None:
+    pl = pytest.importorskip("polars")
+    frame = pl.read_database(
+        "SELECT order_id, status FROM demo.orders ORDER BY order_id LIMIT 5", connection=conn
+    )
+    assert frame.columns == ["order_id", "status"]
+    assert frame["order_id"].to_list() == [1, 2, 3, 4, 5]
+
+
 def test_no_token_is_unauthenticated(server: Server) -> None:
     bare = flight_sql.connect(server.flight_url, autocommit=True)
     try:
