@@ -668,3 +668,74 @@ def test_a_pathological_pattern_is_answered(
     too_long = sql_cmd(pb.CommandGetTables(table_name_filter_pattern="%" * 1001))
     _cls, code, detail = refusal(lambda: client.get_flight_info(too_long, opts))
     assert code == "INVALID_ARGUMENT" and "at most 1000" in detail
+
+
+def test_concurrent_binds_of_one_handle_never_mix(
+    server: Server, client: flight.FlightClient, opts: flight.FlightCallOptions
+) -> None:
+    """Handles are immutable: threads binding different values to one prepared statement at
+    once each get a handle of their own, and each reads its own row."""
+    prepared = create_prepared(client, opts, "SELECT order_id FROM demo.orders WHERE order_id = ?")
+    results: dict[int, Any] = {}
+
+    def worker(key: int) -> None:
+        try:
+            own = server.flight()
+            bound = bind(own, opts, prepared.prepared_statement_handle, pa.table({"0": [key]}))
+            query = sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound))
+            results[key] = fetch(own, query, opts).to_pylist()
+        except BaseException as e:
+            results[key] = e
+
+    # At most max_concurrent_queries (4) of one principal at once: 4 threads, two rounds.
+    for round_ in range(2):
+        threads = [threading.Thread(target=worker, args=(round_ * 4 + k + 1,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert results == {k: [{"order_id": k}] for k in range(1, 9)}
+
+
+def test_handles_expire(tmp_path: Path) -> None:
+    """A prepared statement handle lives as long as a ticket: afterwards NOT_FOUND."""
+    s = start_server(tmp_path / "data", limits={"ticket_ttl_seconds": 0.5})
+    try:
+        client, opts = s.flight(), call_options(s.demo_token)
+        prepared = create_prepared(client, opts, "SELECT 1 AS one")
+        query = sql_cmd(
+            pb.CommandPreparedStatementQuery(prepared_statement_handle=prepared.prepared_statement_handle)
+        )
+        assert fetch(client, query, opts).to_pylist() == [{"one": 1}]
+
+        def code() -> str:
+            try:
+                client.get_flight_info(query, opts)
+                return "OK"
+            except flight.FlightError as e:
+                return str(error_info(e)["code"])
+
+        wait_until(lambda: code() == "NOT_FOUND", what="the handle to expire")
+    finally:
+        s.stop()
+
+
+def test_secrets_never_reach_the_log(server: Server, capfd: pytest.CaptureFixture[str]) -> None:
+    """A Flight SQL session logs neither the token nor a prepared statement handle or ticket."""
+    client, opts = server.flight(), call_options(server.demo_token)
+    prepared = create_prepared(client, opts, "SELECT ? AS v")
+    bound = bind(client, opts, prepared.prepared_statement_handle, pa.table({"0": ["secret-value"]}))
+    info = client.get_flight_info(
+        sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound)), opts
+    )
+    client.do_get(info.endpoints[0].ticket, opts).read_all()
+    with connect(server) as c, c.cursor() as cur:
+        cur.execute("SELECT 1")
+        cur.fetchall()
+    out, err = capfd.readouterr()
+    logged = out + err
+    assert "flight.call" in logged  # the calls were logged ...
+    assert server.demo_token is not None and server.demo_token not in logged  # ... without secrets
+    for handle in (prepared.prepared_statement_handle, bound):
+        assert handle.decode() not in logged
+    assert info.endpoints[0].ticket.ticket[-43:].decode() not in logged
