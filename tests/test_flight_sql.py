@@ -739,3 +739,27 @@ def test_secrets_never_reach_the_log(server: Server, capfd: pytest.CaptureFixtur
     for handle in (prepared.prepared_statement_handle, bound):
         assert handle.decode() not in logged
     assert info.endpoints[0].ticket.ticket[-43:].decode() not in logged
+
+
+def test_the_generated_module_matches_the_proto(tmp_path: Path) -> None:
+    """flight_server/flight_sql/flight_sql_pb2.py(i) is what `make proto` makes of
+    proto_docs/flight_sql.proto: a change to one without the other fails here."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{root / 'proto_docs'}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            str(root / "proto_docs" / "flight_sql.proto"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    for name in ("flight_sql_pb2.py", "flight_sql_pb2.pyi"):
+        committed = (root / "flight_server" / "flight_sql" / name).read_text()
+        assert (tmp_path / name).read_text() == committed, f"{name} is stale: run make proto"
