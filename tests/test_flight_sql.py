@@ -763,3 +763,20 @@ def test_the_generated_module_matches_the_proto(tmp_path: Path) -> None:
     for name in ("flight_sql_pb2.py", "flight_sql_pb2.pyi"):
         committed = (root / "flight_server" / "flight_sql" / name).read_text()
         assert (tmp_path / name).read_text() == committed, f"{name} is stale: run make proto"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("CancelQuery", "use CancelFlightInfo"),
+        ("CreatePreparedSubstraitPlan", "Substrait plans are not accepted"),
+        ("SetSessionOptions", "no session options"),
+        ("GetSessionOptions", "no session options"),
+    ],
+)
+def test_actions_not_offered_say_what_to_use(
+    client: flight.FlightClient, opts: flight.FlightCallOptions, name: str, expected: str
+) -> None:
+    cls, code, detail = refusal(lambda: list(client.do_action(flight.Action(name, b"\x0a\x00"), opts)))
+    assert (cls, code) == (flight.FlightServerError, "INVALID_ARGUMENT")
+    assert expected in detail, detail

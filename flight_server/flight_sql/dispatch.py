@@ -60,6 +60,13 @@ _REFUSED_ACTIONS = {
     "BeginSavepoint": READ_ONLY,
     "EndSavepoint": READ_ONLY,
 }
+#: Flight SQL / Flight actions Quiver knows but does not offer: INVALID_ARGUMENT with what to do.
+_NOT_OFFERED = {
+    "CancelQuery": "CancelQuery is deprecated by Flight SQL and not offered: use CancelFlightInfo",
+    "CreatePreparedSubstraitPlan": "Substrait plans are not accepted: send SQL (CreatePreparedStatement)",
+    "SetSessionOptions": "Quiver keeps no session options: each request carries all it needs",
+    "GetSessionOptions": "Quiver keeps no session options: each request carries all it needs",
+}
 
 _METADATA = (
     pb.CommandGetSqlInfo,
@@ -131,7 +138,7 @@ class FlightSql:
 
     # --- DoAction ---------------------------------------------------------------------------------------
     def handles(self, action: str) -> bool:
-        return action in ACTIONS or action in _REFUSED_ACTIONS or action in _OTHER_KNOWN
+        return action in ACTIONS or action in _REFUSED_ACTIONS or action in _NOT_OFFERED
 
     def do_action(self, principal: Principal, action: str, body: bytes) -> list[bytes]:
         if action in _REFUSED_ACTIONS:
@@ -149,8 +156,8 @@ class FlightSql:
         if action == "CloseSession":
             return [pb.CloseSessionResult(status=pb.CloseSessionResult.CLOSED).SerializeToString()]
         raise InvalidArgument(
-            f"Flight SQL action {bounded(action, 40)!r} is not supported; use CancelFlightInfo to cancel "
-            "a query (proto_docs/flight-sql.md)"
+            f"{_NOT_OFFERED.get(action, f'Flight SQL action {bounded(action, 40)!r} is not supported')} "
+            "(proto_docs/flight-sql.md)"
         )
 
     def cancel(self, principal: Principal, body: bytes) -> bytes:
@@ -170,7 +177,3 @@ class FlightSql:
         done = self.running.cancel(groups)
         status = pb.CANCEL_STATUS_CANCELLED if done else pb.CANCEL_STATUS_CANCELLING
         return pb.CancelFlightInfoResult(status=status).SerializeToString()
-
-
-#: Flight SQL actions Quiver knows but does not offer (answered with a sentence, not "unknown").
-_OTHER_KNOWN = {"CancelQuery", "CreatePreparedSubstraitPlan", "SetSessionOptions", "GetSessionOptions"}
