@@ -451,9 +451,6 @@ def test_prepared_statements_on_the_wire(
     _cls, code, detail = refusal(lambda: client.get_flight_info(query, opts))
     assert code == "INVALID_ARGUMENT" and "bind them first" in detail
     assert client.get_schema(query, opts).schema.names == ["order_id"]  # binds it, NULL for "?"
-    bound = bind(client, opts, handle, pa.table({"0": [11]}))
-    rows = fetch(client, sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound)), opts)
-    assert rows.to_pylist() == [{"order_id": 11}]
     # Bad binds: refused, and the handle is as it was.
     for table, expected in (
         (pa.table({"0": [1, 2]}), "exactly one row"),
@@ -462,12 +459,18 @@ def test_prepared_statements_on_the_wire(
     ):
         _cls, code, detail = refusal(lambda t=table: bind(client, opts, handle, t))
         assert code == "INVALID_ARGUMENT" and expected in detail, detail
-    assert (
-        fetch(
-            client, sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound)), opts
-        ).num_rows
-        == 1
-    )
+    bound = bind(client, opts, handle, pa.table({"0": [11]}))
+    rows = fetch(client, sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound)), opts)
+    assert rows.to_pylist() == [{"order_id": 11}]
+    # A bind retires the handle it was given (the spec's stateless prepared statements) ...
+    assert refusal(lambda: client.get_flight_info(query, opts))[1] == "NOT_FOUND"
+    assert refusal(lambda: bind(client, opts, handle, pa.table({"0": [12]})))[1] == "NOT_FOUND"
+    # ... and a bind of the new one answers a newer one again.
+    rebound = bind(client, opts, bound, pa.table({"0": [12]}))
+    assert fetch(
+        client, sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=rebound)), opts
+    ).to_pylist() == [{"order_id": 12}]
+    bound = rebound
     # Bound to the principal: another agent's token cannot use it.
     other = call_options(server.mint("agent", "demo", "fsql-other"))
     bound_query = sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound))
@@ -670,31 +673,66 @@ def test_a_pathological_pattern_is_answered(
     assert code == "INVALID_ARGUMENT" and "at most 1000" in detail
 
 
-def test_concurrent_binds_of_one_handle_never_mix(
+def test_concurrent_binds_never_mix(
     server: Server, client: flight.FlightClient, opts: flight.FlightCallOptions
 ) -> None:
-    """Handles are immutable: threads binding different values to one prepared statement at
-    once each get a handle of their own, and each reads its own row."""
-    prepared = create_prepared(client, opts, "SELECT order_id FROM demo.orders WHERE order_id = ?")
+    """Threads binding different values at once: each statement's bind gives it a handle of its
+    own that reads its own row; of threads binding one handle at once exactly one wins, the
+    others get NOT_FOUND (the handle was retired by the winner), never another's values."""
+    sql = "SELECT order_id FROM demo.orders WHERE order_id = ?"
     results: dict[int, Any] = {}
+    shared = create_prepared(client, opts, sql).prepared_statement_handle
 
-    def worker(key: int) -> None:
+    def worker(key: int, handle: bytes | None) -> None:
+        own = server.flight()
         try:
-            own = server.flight()
-            bound = bind(own, opts, prepared.prepared_statement_handle, pa.table({"0": [key]}))
+            if handle is None:
+                handle = create_prepared(own, opts, sql).prepared_statement_handle
+            bound = bind(own, opts, handle, pa.table({"0": [key]}))
             query = sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=bound))
             results[key] = fetch(own, query, opts).to_pylist()
-        except BaseException as e:
-            results[key] = e
+        except flight.FlightError as e:
+            results[key] = error_info(e)["code"]
 
-    # At most max_concurrent_queries (4) of one principal at once: 4 threads, two rounds.
-    for round_ in range(2):
-        threads = [threading.Thread(target=worker, args=(round_ * 4 + k + 1,)) for k in range(4)]
+    def race(keys: range, handle: bytes | None) -> None:
+        # At most max_concurrent_queries (4) of one principal at once: 4 threads a round.
+        threads = [threading.Thread(target=worker, args=(key, handle)) for key in keys]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
-    assert results == {k: [{"order_id": k}] for k in range(1, 9)}
+
+    race(range(1, 5), None)  # four statements of their own
+    assert results == {k: [{"order_id": k}] for k in range(1, 5)}
+    results.clear()
+    race(range(5, 9), shared)  # one handle, four binds at once
+    winners = {k: v for k, v in results.items() if v != "NOT_FOUND"}
+    assert len(winners) == 1, results
+    ((key, rows),) = winners.items()
+    assert rows == [{"order_id": key}]
+
+
+def test_prepared_statements_per_principal_are_bounded(server: Server, client: flight.FlightClient) -> None:
+    """One principal cannot fill the store every principal's handles share."""
+    statements = server.runtime.flight.sql.statements  # type: ignore[attr-defined]
+    opts = call_options(server.mint("agent", "demo", "fsql-hoarder"))
+    others = call_options(server.mint("agent", "demo", "fsql-neighbour"))
+    saved = statements.max_handles
+    statements.max_handles = 3
+    try:
+        handles = [create_prepared(client, opts, "SELECT 1").prepared_statement_handle for _ in range(3)]
+        cls, code, detail = refusal(lambda: create_prepared(client, opts, "SELECT 1"))
+        assert (cls, code) == (flight.FlightServerError, "RESOURCE_EXHAUSTED")
+        assert "close some (ClosePreparedStatement)" in detail
+        assert create_prepared(client, others, "SELECT 1").prepared_statement_handle  # a share of its own
+        close = packed(pb.ActionClosePreparedStatementRequest(prepared_statement_handle=handles[0]))
+        assert list(client.do_action(flight.Action("ClosePreparedStatement", close), opts)) == []
+        assert create_prepared(client, opts, "SELECT 2").prepared_statement_handle
+        # The handles still held work as before.
+        query = sql_cmd(pb.CommandPreparedStatementQuery(prepared_statement_handle=handles[1]))
+        assert fetch(client, query, opts).to_pylist() == [{"1": 1}]
+    finally:
+        statements.max_handles = saved
 
 
 def test_handles_expire(tmp_path: Path) -> None:

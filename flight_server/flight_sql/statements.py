@@ -9,20 +9,31 @@ refusal is immediate), takes its result schema from DuckDB's binder (the ``LIMIT
 GetSchema) and answers an opaque handle: a grant of :class:`~flight_server.tickets.TicketStore`
 bound to the caller's principal that expires like a ticket (``[limits] ticket_ttl_seconds``).
 Handles are immutable: binding parameters (DoPut on ``CommandPreparedStatementQuery``, one
-row) issues a *new* handle carrying them, answered in ``DoPutPreparedStatementResult`` as the
-spec allows, so two binds of one statement never race. The ADBC driver prepares every
-statement, with or without parameters.
+row) issues a *new* handle carrying them, answered in ``DoPutPreparedStatementResult``, and
+retires the one it was given — the spec's stateless prepared statements ("any previous handles
+for this prepared statement should be considered invalid"). So a bind never changes what
+another request reads, of two binds of one handle at once exactly one wins (the other is
+NOT_FOUND), and a statement executed many times holds one live handle, not one per execution.
+The ADBC driver prepares every statement, with or without parameters, and follows the new
+handle.
+
+Each principal holds at most :attr:`Statements.max_handles` live handles: the handles of all
+principals share one bounded store, and without a share of its own a single agent creating
+statements in a loop would push everyone else's out of it.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from catalog import InvalidArgument, Principal, QuiverError
+from catalog import InvalidArgument, NotFound, Principal, QuiverError, ResourceExhausted
 from flight_server import commands as cmds
 from flight_server.flight_sql import flight_sql_pb2 as pb
 from flight_server.flight_sql.wire import pack
@@ -32,6 +43,8 @@ from flight_server.tickets import TicketStore
 
 #: A parameter batch (DoPut) larger than a JSON command is refused, as a command would be.
 MAX_BIND_BYTES = cmds.MAX_COMMAND_BYTES
+#: Every this many handles issued, the bookkeeping of principals whose handles all expired goes.
+SWEEP_EVERY = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +58,48 @@ class Prepared:
 
 
 class Statements:
+    #: Live prepared statement handles one principal may hold (CONTRIBUTING: per-principal
+    #: shares, as for queries and async queries).
+    max_handles = 1_000
+
     def __init__(self, planner: Planner, ttl_seconds: float) -> None:
         self.planner = planner
+        self.ttl = ttl_seconds
         self.handles: TicketStore[Prepared] = TicketStore(ttl_seconds)
+        # subject -> its live handles, oldest first, with when each expires (time.monotonic()).
+        self._held: dict[str, OrderedDict[bytes, float]] = {}
+        self._lock = threading.Lock()
+        self._holds = 0
+
+    def _hold(self, principal: Principal, prepared: Prepared) -> bytes:
+        """Issue a handle for ``prepared`` within the principal's share."""
+        now = time.monotonic()
+        with self._lock:
+            self._holds += 1
+            if self._holds % SWEEP_EVERY == 0:  # principals that stopped coming back
+                self._held = {s: h for s, h in self._held.items() if h and next(reversed(h.values())) > now}
+            held = self._held.setdefault(principal.subject, OrderedDict())
+            while held and next(iter(held.values())) <= now:  # expired: oldest first (one TTL)
+                held.popitem(last=False)
+            if len(held) >= self.max_handles:
+                raise ResourceExhausted(
+                    f"you hold {len(held)} open prepared statements, the limit per principal; close "
+                    f"some (ClosePreparedStatement) or let them expire ({self.ttl:g} s after their "
+                    "creation or last bind)"
+                )
+            handle, grant = self.handles.issue(principal, prepared)
+            held[handle] = grant.expires
+            return handle
+
+    def _release(self, principal: Principal, handle: bytes) -> bool:
+        """Retire ``handle`` if it is the principal's and still live; whether it was."""
+        with self._lock:
+            held = self._held.get(principal.subject)
+            if held is not None:
+                held.pop(handle, None)
+                if not held:
+                    del self._held[principal.subject]
+            return self.handles.revoke(principal, handle)
 
     # --- queries --------------------------------------------------------------------------
     def query(self, principal: Principal, sql: str, params: tuple[Any, ...], *, execute: bool) -> Plan:
@@ -90,7 +142,7 @@ class Statements:
             # DuckDB does not tell parameter types before they are bound: each is "any" (null).
             fields = [pa.field(f"${i + 1}", pa.null()) for i in range(count)]
             parameters = pa.schema(fields).serialize().to_pybytes()
-        handle, _ = self.handles.issue(principal, Prepared(sql, count))
+        handle = self._hold(principal, Prepared(sql, count))
         return pack(
             pb.ActionCreatePreparedStatementResult(
                 prepared_statement_handle=handle, dataset_schema=dataset, parameter_schema=parameters
@@ -100,13 +152,14 @@ class Statements:
     def close(self, principal: Principal, handle: bytes) -> None:
         """``ClosePreparedStatement``: forget the handle. Closing an unknown, expired or
         already closed handle is not an error (the action is idempotent)."""
-        self.handles.revoke(principal, handle)
+        self._release(principal, handle)
 
     # --- DoPut: bind parameters -------------------------------------------------------------------
     def bind(self, principal: Principal, handle: bytes, reader: flight.MetadataRecordBatchReader) -> bytes:
         """DoPut of parameters on ``CommandPreparedStatementQuery``: one row, one value per
         parameter, in order. Answers the raw ``DoPutPreparedStatementResult`` bytes with the
-        new handle that carries them (the old one stays as it was)."""
+        new handle that carries them; the one given is retired (a refused bind leaves it as
+        it was)."""
         prepared = self.handles.redeem(principal, handle)
         batches: list[pa.RecordBatch] = []
         size = 0
@@ -136,5 +189,10 @@ class Statements:
             )
         # By position (the columns' names are the client's: "0", "1", … for ADBC).
         params = tuple(table.column(i)[0].as_py() for i in range(table.num_columns))
-        new_handle, _ = self.handles.issue(principal, Prepared(prepared.sql, prepared.param_count, params))
+        if not self._release(principal, handle):
+            raise NotFound(
+                "this prepared statement handle was replaced by another bind (or closed) meanwhile: "
+                "use the handle that bind answered, or prepare the statement again"
+            )
+        new_handle = self._hold(principal, Prepared(prepared.sql, prepared.param_count, params))
         return pb.DoPutPreparedStatementResult(prepared_statement_handle=new_handle).SerializeToString()
