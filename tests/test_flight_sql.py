@@ -452,10 +452,13 @@ def test_prepared_statements_on_the_wire(
     assert code == "INVALID_ARGUMENT" and "bind them first" in detail
     assert client.get_schema(query, opts).schema.names == ["order_id"]  # binds it, NULL for "?"
     # Bad binds: refused, and the handle is as it was.
+    empty = pa.array([], pa.int64())
     for table, expected in (
         (pa.table({"0": [1, 2]}), "exactly one row"),
-        (pa.table({"0": pa.array([], pa.int64())}), "exactly one row"),
+        (pa.table({"0": empty}), "exactly one row"),
         (pa.table({"0": [1], "1": [2]}), "takes 1 parameter"),
+        (pa.table({"0": pa.chunked_array([empty] * 100 + [pa.array([1])])}), "more than 64 batches"),
+        (pa.table({"0": ["x" * (2 << 20)]}), "more than 1048576 bytes"),
     ):
         _cls, code, detail = refusal(lambda t=table: bind(client, opts, handle, t))
         assert code == "INVALID_ARGUMENT" and expected in detail, detail

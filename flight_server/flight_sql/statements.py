@@ -43,6 +43,8 @@ from flight_server.tickets import TicketStore
 
 #: A parameter batch (DoPut) larger than a JSON command is refused, as a command would be.
 MAX_BIND_BYTES = cmds.MAX_COMMAND_BYTES
+#: Batches a parameter stream may have: one row needs one; empty batches do not count as bytes.
+MAX_BIND_BATCHES = 64
 #: Every this many handles issued, the bookkeeping of principals whose handles all expired goes.
 SWEEP_EVERY = 1_000
 
@@ -164,7 +166,11 @@ class Statements:
         batches: list[pa.RecordBatch] = []
         size = 0
         try:
-            for chunk in reader:
+            for count, chunk in enumerate(reader, start=1):
+                if count > MAX_BIND_BATCHES:
+                    raise InvalidArgument(
+                        f"the parameter stream has more than {MAX_BIND_BATCHES} batches; bind one row of values"
+                    )
                 if chunk.data is None:
                     continue
                 size += chunk.data.nbytes
