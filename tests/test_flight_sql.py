@@ -821,3 +821,21 @@ def test_actions_not_offered_say_what_to_use(
     cls, code, detail = refusal(lambda: list(client.do_action(flight.Action(name, b"\x0a\x00"), opts)))
     assert (cls, code) == (flight.FlightServerError, "INVALID_ARGUMENT")
     assert expected in detail, detail
+
+
+def test_json_commands_that_mention_flight_sql_stay_json(
+    client: flight.FlightClient, opts: flight.FlightCallOptions
+) -> None:
+    """A JSON command may start with a newline (byte 0x0a, like an Any's first tag) and quote
+    a Flight SQL type URL: it is still a JSON command."""
+    sql = "SELECT 'type.googleapis.com/arrow.flight.protocol.sql.X' AS u"
+    raw = b"\n" + json.dumps({"sql": sql, "kind": "query"}).encode()
+    rows = fetch(client, flight.FlightDescriptor.for_command(raw), opts).to_pylist()
+    assert rows == [{"u": "type.googleapis.com/arrow.flight.protocol.sql.X"}]
+    long_name = any_pb2.Any(
+        type_url="type.googleapis.com/arrow.flight.protocol.sql." + "N" * 200
+    ).SerializeToString()
+    _cls, code, detail = refusal(
+        lambda: client.get_flight_info(flight.FlightDescriptor.for_command(long_name), opts)
+    )
+    assert code == "INVALID_ARGUMENT" and "is not supported by Quiver" in detail  # a 2-byte length

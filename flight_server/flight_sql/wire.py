@@ -53,9 +53,17 @@ M = TypeVar("M", bound=Message)
 
 
 def is_flight_sql(raw: bytes) -> bool:
-    """Whether ``raw`` looks like a Flight SQL ``Any`` (field 1, the type URL, comes first; a
-    JSON command starts with ``{``). Cheap: the full decode is :func:`unpack`'s."""
-    return raw[:1] == b"\n" and _PREFIX_BYTES in raw[:64]
+    """Whether ``raw`` is shaped like a Flight SQL ``Any``: field 1 (the type URL) first, its
+    length as a varint, then the URL, starting with :data:`TYPE_PREFIX`. A JSON command starts
+    with ``{`` or whitespace — a newline is byte ``0x0a`` too, so the URL's place is checked, not
+    just its presence. Cheap: the full decode is :func:`unpack`'s."""
+    if raw[:1] != b"\n":
+        return False
+    start = 1
+    while start < min(len(raw), 6) and raw[start] & 0x80:  # the varint's continuation bytes
+        start += 1
+    start += 1
+    return raw[start : start + len(_PREFIX_BYTES)] == _PREFIX_BYTES
 
 
 def unpack(raw: bytes, what: str = "command") -> Message:
