@@ -358,7 +358,10 @@ BAD_COMMANDS: list[tuple[bytes, str]] = [
     (packed(pb.TicketStatementQuery(statement_handle=b"x")), "not a command for GetFlightInfo"),
     (packed(pb.CommandStatementQuery(query="")), "field 'sql' is empty"),
     (packed(pb.CommandStatementQuery(query="SELEC 1")), "syntax error"),
-    (packed(pb.CommandPreparedStatementQuery(prepared_statement_handle=b"qv1.nope")), "unknown or expired"),
+    (
+        packed(pb.CommandPreparedStatementQuery(prepared_statement_handle=b"qv1.nope")),
+        "unknown, expired or retired prepared statement handle",
+    ),
 ]
 
 

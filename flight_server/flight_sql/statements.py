@@ -93,6 +93,18 @@ class Statements:
             held[handle] = grant.expires
             return handle
 
+    def _redeem(self, principal: Principal, handle: bytes) -> Prepared:
+        """The handle's statement; NOT_FOUND in a prepared statement's words (the store's own
+        speaks of tickets), PERMISSION_DENIED for another principal's."""
+        try:
+            return self.handles.redeem(principal, handle)
+        except NotFound:
+            raise NotFound(
+                f"unknown, expired or retired prepared statement handle: handles live {self.ttl:g} s from "
+                "their creation or bind, a bind answers a new one (use it), and they do not survive a "
+                "restart; prepare the statement again (CreatePreparedStatement)"
+            ) from None
+
     def _release(self, principal: Principal, handle: bytes) -> bool:
         """Retire ``handle`` if it is the principal's and still live; whether it was."""
         with self._lock:
@@ -113,7 +125,7 @@ class Statements:
         """GetFlightInfo / GetSchema of ``CommandPreparedStatementQuery``. GetFlightInfo runs
         the query, so it needs the parameters bound; GetSchema only binds it, with any
         parameter not bound yet as NULL (as ``dataset_schema`` was made)."""
-        prepared = self.handles.redeem(principal, handle)
+        prepared = self._redeem(principal, handle)
         if prepared.param_count and prepared.params is None:
             if not execute:  # GetSchema before a bind: the schema with the parameters NULL
                 return self.query(principal, prepared.sql, (None,) * prepared.param_count, execute=False)
@@ -162,7 +174,7 @@ class Statements:
         parameter, in order. Answers the raw ``DoPutPreparedStatementResult`` bytes with the
         new handle that carries them; the one given is retired (a refused bind leaves it as
         it was)."""
-        prepared = self.handles.redeem(principal, handle)
+        prepared = self._redeem(principal, handle)
         batches: list[pa.RecordBatch] = []
         size = 0
         try:
