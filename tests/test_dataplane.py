@@ -641,6 +641,8 @@ def test_list_actions_describes_every_action(
         "ClosePreparedStatement",
         "CancelFlightInfo",
         "CloseSession",
+        "GetSessionOptions",
+        "SetSessionOptions",
     }
     assert all(len(d) > 20 for d in actions.values())
 

@@ -814,8 +814,6 @@ def test_the_generated_module_matches_the_proto(tmp_path: Path) -> None:
     [
         ("CancelQuery", "use CancelFlightInfo"),
         ("CreatePreparedSubstraitPlan", "Substrait plans are not accepted"),
-        ("SetSessionOptions", "no session options"),
-        ("GetSessionOptions", "no session options"),
     ],
 )
 def test_actions_not_offered_say_what_to_use(
@@ -842,3 +840,29 @@ def test_json_commands_that_mention_flight_sql_stay_json(
         lambda: client.get_flight_info(flight.FlightDescriptor.for_command(long_name), opts)
     )
     assert code == "INVALID_ARGUMENT" and "is not supported by Quiver" in detail  # a 2-byte length
+
+
+def test_session_options(conn: Any, client: flight.FlightClient, opts: flight.FlightCallOptions) -> None:
+    """No sessions: the catalog and schema are fixed, reported, and cannot be changed."""
+    assert conn.adbc_current_catalog == "quiver"
+    assert conn.adbc_current_db_schema == "main"
+    conn.adbc_current_catalog = "quiver"  # the value it has: accepted
+    with pytest.raises(adbc_driver_manager.Error) as e:
+        conn.adbc_current_db_schema = "demo"
+    assert "invalid value" in str(e.value)
+    request = pb.SetSessionOptionsRequest(
+        session_options={
+            "timezone": pb.SessionOptionValue(string_value="UTC"),
+            "schema": pb.SessionOptionValue(),
+        }
+    )
+    (result,) = client.do_action(flight.Action("SetSessionOptions", request.SerializeToString()), opts)
+    answer = pb.SetSessionOptionsResult()
+    answer.ParseFromString(result.body.to_pybytes())
+    assert {k: v.value for k, v in answer.errors.items()} == {
+        "timezone": pb.SetSessionOptionsResult.INVALID_NAME,
+        "schema": pb.SetSessionOptionsResult.INVALID_VALUE,
+    }
+    bad = refusal(lambda: list(client.do_action(flight.Action("SetSessionOptions", b"\xff"), opts)))
+    assert bad[1] == "INVALID_ARGUMENT"
+    assert conn.adbc_current_db_schema == "main"  # unchanged

@@ -52,6 +52,14 @@ ACTIONS: dict[str, str] = {
         "answers CancelFlightInfoResult."
     ),
     "CloseSession": "Flight SQL / Flight: end a session (Quiver keeps no session state); answers CloseSessionResult.",
+    "GetSessionOptions": (
+        "Flight SQL / Flight: the session's options: catalog (the DuckDB database) and schema (main, "
+        "where unqualified names resolve); answers GetSessionOptionsResult."
+    ),
+    "SetSessionOptions": (
+        "Flight SQL / Flight: Quiver keeps no session, so nothing can be changed: each option is answered "
+        "INVALID_NAME or INVALID_VALUE in SetSessionOptionsResult (setting the current value is accepted)."
+    ),
 }
 #: Flight SQL actions refused because Quiver is read-only (transactions) or has no such thing.
 _REFUSED_ACTIONS = {
@@ -64,8 +72,6 @@ _REFUSED_ACTIONS = {
 _NOT_OFFERED = {
     "CancelQuery": "CancelQuery is deprecated by Flight SQL and not offered: use CancelFlightInfo",
     "CreatePreparedSubstraitPlan": "Substrait plans are not accepted: send SQL (CreatePreparedStatement)",
-    "SetSessionOptions": "Quiver keeps no session options: each request carries all it needs",
-    "GetSessionOptions": "Quiver keeps no session options: each request carries all it needs",
 }
 
 _METADATA = (
@@ -155,10 +161,38 @@ class FlightSql:
             return [self.cancel(principal, body)]
         if action == "CloseSession":
             return [pb.CloseSessionResult(status=pb.CloseSessionResult.CLOSED).SerializeToString()]
+        if action == "GetSessionOptions":
+            options = {
+                name: pb.SessionOptionValue(string_value=value) for name, value in self._session().items()
+            }
+            return [pb.GetSessionOptionsResult(session_options=options).SerializeToString()]
+        if action == "SetSessionOptions":
+            return [self.set_session_options(body)]
         raise InvalidArgument(
             f"{_NOT_OFFERED.get(action, f'Flight SQL action {bounded(action, 40)!r} is not supported')} "
             "(proto_docs/flight-sql.md)"
         )
+
+    def _session(self) -> dict[str, str]:
+        """What a session would hold, fixed: the one catalog, and the schema unqualified names
+        resolve to (DuckDB's ``main``; the guard then asks the allowlist as for any name)."""
+        return {"catalog": self.metadata.catalog_name, "schema": "main"}
+
+    def set_session_options(self, body: bytes) -> bytes:
+        """``SetSessionOptions``: nothing can change (no sessions). Setting an option to the value
+        it has is accepted; any other value is INVALID_VALUE, any other name INVALID_NAME — in the
+        result, as the spec has it, not as an error."""
+        request = wire.parse_plain(body, pb.SetSessionOptionsRequest, "SetSessionOptions")
+        current = self._session()
+        errors: dict[str, pb.SetSessionOptionsResult.Error] = {}
+        for name, value in request.session_options.items():
+            if name not in current:
+                errors[name] = pb.SetSessionOptionsResult.Error(value=pb.SetSessionOptionsResult.INVALID_NAME)
+            elif value.WhichOneof("option_value") != "string_value" or value.string_value != current[name]:
+                errors[name] = pb.SetSessionOptionsResult.Error(
+                    value=pb.SetSessionOptionsResult.INVALID_VALUE
+                )
+        return pb.SetSessionOptionsResult(errors=errors).SerializeToString()
 
     def cancel(self, principal: Principal, body: bytes) -> bytes:
         """``CancelFlightInfo``: the FlightInfo's tickets name it; only the caller's own
