@@ -160,6 +160,14 @@ def test_get_table_schema_types_and_info(conn: Any, server: Server) -> None:
         conn.adbc_get_table_schema("salaries", db_schema_filter="secret")
 
 
+def test_execute_schema_and_prepare(conn: Any) -> None:
+    with conn.cursor() as cur:
+        schema = cur.adbc_execute_schema("SELECT order_id, status FROM demo.orders")
+        assert schema.names == ["order_id", "status"]
+        parameters = cur.adbc_prepare("SELECT order_id FROM demo.orders WHERE order_id = ? AND status = ?")
+        assert len(parameters) == 2
+
+
 def test_execute_partitions(conn: Any) -> None:
     with conn.cursor() as cur:
         partitions, schema = cur.adbc_execute_partitions(
@@ -218,6 +226,10 @@ def test_writes_are_refused_and_change_nothing(conn: Any, server: Server) -> Non
                 cur.execute(sql)
             assert "read-only" in str(e.value), str(e.value)
             assert "Traceback" not in str(e.value)
+        # executemany is ADBC's update path (CommandPreparedStatementUpdate): refused too.
+        with pytest.raises(adbc_driver_manager.ProgrammingError) as e:
+            cur.executemany("SELECT ? AS v", [(1,), (2,)])
+        assert "Quiver is read-only" in str(e.value)
     assert order_count(server) == before
 
 
