@@ -305,6 +305,11 @@ def test_metadata_listings(client: flight.FlightClient, opts: flight.FlightCallO
     orders = tables.filter(pa.compute.equal(tables.column("table_name"), "orders"))
     schema = pa.ipc.read_schema(pa.py_buffer(orders.column("table_schema")[0].as_py()))
     assert schema.names[0] == "order_id"
+    meta = schema.field("amount").metadata
+    assert meta[b"ARROW:FLIGHT:SQL:TYPE_NAME"] == b"DECIMAL(12,2)"  # DuckDB's name, as JDBC tools show it
+    assert (meta[b"ARROW:FLIGHT:SQL:PRECISION"], meta[b"ARROW:FLIGHT:SQL:SCALE"]) == (b"12", b"2")
+    assert meta[b"ARROW:FLIGHT:SQL:TABLE_NAME"] == b"orders"
+    assert schema.field("status").metadata[b"ARROW:FLIGHT:SQL:TYPE_NAME"] == b"VARCHAR"
     assert fetch(client, sql_cmd(pb.CommandGetTables(catalog="other")), opts).num_rows == 0
     assert fetch(client, sql_cmd(pb.CommandGetTables(table_types=["VIEW"])), opts).num_rows == 0
     assert fetch(client, sql_cmd(pb.CommandGetTables(table_name_filter_pattern="ORDERS")), opts).num_rows == 1

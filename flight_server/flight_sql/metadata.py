@@ -403,22 +403,46 @@ class Metadata:
         if not message.include_schema:
             return pa.Table.from_pylist(rows, schema=TABLES_SCHEMA), ()
         infos = {info.ref: info for info in self.catalog.tables.describe(refs)}
+        columns = self._duckdb_columns()
         for row, ref in zip(rows, refs, strict=True):
-            row["table_schema"] = self._column_schema(ref, infos[ref].schema).serialize().to_pybytes()
+            schema = self._column_schema(ref, infos[ref].schema, columns.get(ref.key(), {}))
+            row["table_schema"] = schema.serialize().to_pybytes()
         # DoGet checks these against the allowlist again: a table's columns are not shown to a
         # caller whose permission was withdrawn since GetFlightInfo.
         return pa.Table.from_pylist(rows, schema=TABLES_WITH_SCHEMA), tuple(refs)
 
-    def _column_schema(self, ref: TableRef, schema: pa.Schema) -> pa.Schema:
-        """The table's Arrow schema with the spec's column metadata (where the column is)."""
+    def _duckdb_columns(self) -> dict[tuple[str, str], dict[str, tuple[str, int | None, int | None]]]:
+        """DuckDB's own type of every column (``duckdb_columns()``, one catalog query):
+        (schema, table) folded → column → (type name, precision, scale)."""
+        with self.catalog.db.reading() as cur:
+            rows = cur.execute(
+                "SELECT schema_name, table_name, column_name, data_type, numeric_precision, numeric_scale "
+                "FROM duckdb_columns() WHERE database_name = current_database()"
+            ).fetchall()
+        out: dict[tuple[str, str], dict[str, tuple[str, int | None, int | None]]] = {}
+        for schema, table, column, type_name, precision, scale in rows:
+            out.setdefault((fold(schema), fold(table)), {})[column] = (type_name, precision, scale)
+        return out
+
+    def _column_schema(
+        self, ref: TableRef, schema: pa.Schema, types: dict[str, tuple[str, int | None, int | None]]
+    ) -> pa.Schema:
+        """The table's Arrow schema with the spec's column metadata: where the column is, and
+        DuckDB's name for its type (what JDBC tools show), precision and scale."""
         fields = []
         for f in schema:
+            type_name, precision, scale = types.get(f.name, (str(f.type).upper(), None, None))
             meta = {
                 b"ARROW:FLIGHT:SQL:CATALOG_NAME": self.catalog_name.encode(),
                 b"ARROW:FLIGHT:SQL:DB_SCHEMA_NAME": ref.schema.encode(),
                 b"ARROW:FLIGHT:SQL:TABLE_NAME": ref.name.encode(),
-                b"ARROW:FLIGHT:SQL:TYPE_NAME": str(f.type).upper().encode(),
+                b"ARROW:FLIGHT:SQL:TYPE_NAME": type_name.encode(),
                 b"ARROW:FLIGHT:SQL:IS_READ_ONLY": b"1",
+                b"ARROW:FLIGHT:SQL:IS_AUTO_INCREMENT": b"0",
             }
+            if precision is not None:
+                meta[b"ARROW:FLIGHT:SQL:PRECISION"] = str(precision).encode()
+            if scale is not None:
+                meta[b"ARROW:FLIGHT:SQL:SCALE"] = str(scale).encode()
             fields.append(f.with_metadata({**(f.metadata or {}), **meta}))
         return pa.schema(fields)
