@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run run-snowflake-demo test test-fast lint fmt bench load dist clean ansible-tools deploy-test deploy-test-boot
+.PHONY: install run run-snowflake-demo test test-fast lint fmt proto bench load dist clean ansible-tools deploy-test deploy-test-boot
 
 install: $(STAMP)
 
@@ -53,6 +53,12 @@ lint: $(STAMP)
 fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The Flight SQL messages (proto_docs/flight_sql.proto) as Python: the generated module is
+# committed, so only a change to the .proto needs this (grpcio-tools, a dev dependency).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto_docs --python_out=flight_server/flight_sql \
+		--pyi_out=flight_server/flight_sql proto_docs/flight_sql.proto
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench

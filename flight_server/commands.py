@@ -270,11 +270,6 @@ def decode_body(raw: bytes, cls: type[S], action: str) -> S:
 def decode_command(raw: bytes) -> Command:
     if len(raw) > MAX_COMMAND_BYTES:
         raise InvalidArgument(f"the command is {len(raw)} bytes; at most {MAX_COMMAND_BYTES} are accepted")
-    if raw.startswith(b"\n") and b"type.googleapis.com/arrow.flight.protocol.sql" in raw[:200]:
-        raise InvalidArgument(
-            "this is a Flight SQL command; this port serves Quiver's JSON commands: "
-            'send a UTF-8 JSON object like {"kind": "query", "sql": "SELECT 1"}'
-        )
     depth = json_depth(raw)
     if depth > MAX_COMMAND_DEPTH:
         raise InvalidArgument(

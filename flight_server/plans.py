@@ -3,8 +3,9 @@
 A :class:`Plan` is the answer to GetFlightInfo: the schema, the row count where it is
 cheap, and its endpoints (parts), each a :data:`Part` that DoGet turns into a stream — SQL
 for DuckDB (:class:`SqlPart`), a column profile (:class:`ProfilePart`), the stored result
-of an async query (:class:`ResultPart`) or a slice of a table held in memory
-(:class:`CachedPart`). Planning is flight_server/planner.py, streaming
+of an async query (:class:`ResultPart`), a slice of a table held in memory
+(:class:`CachedPart`) or a small table built at planning (:class:`TablePart`: Flight SQL's
+metadata listings). Planning is flight_server/planner.py, streaming
 flight_server/streams.py; both import this module, which imports neither (nor the server).
 """
 
@@ -34,6 +35,7 @@ __all__ = [
     "ProfilePart",
     "ResultPart",
     "SqlPart",
+    "TablePart",
     "limited",
 ]
 
@@ -110,8 +112,17 @@ class CachedPart:
     fallback: SqlPart
 
 
-Part = SqlPart | ProfilePart | ResultPart | CachedPart | ArtefactPart
-PlanKind = Literal["scan", "sample", "query", "profile", "result", "artefact"]
+@dataclass(frozen=True, slots=True)
+class TablePart:
+    """A small table built whole at planning — a Flight SQL metadata listing (catalogs,
+    tables, SqlInfo: flight_server/flight_sql/metadata.py), already filtered to what the
+    caller may read — streamed from memory by DoGet."""
+
+    table: pa.Table
+
+
+Part = SqlPart | ProfilePart | ResultPart | CachedPart | ArtefactPart | TablePart
+PlanKind = Literal["scan", "sample", "query", "profile", "result", "artefact", "metadata"]
 
 
 @dataclass(frozen=True, slots=True)

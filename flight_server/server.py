@@ -18,6 +18,9 @@ The pieces, each in its own module:
 * :mod:`~flight_server.errors` — every failure → a FlightError with ``extra_info``;
 * :mod:`~flight_server.profiles`, :mod:`~flight_server.results` — profiles and async queries;
 * :mod:`~flight_server.truncation` — row caps and the metadata that reports a cut;
+* :mod:`~flight_server.running` — running DoGet streams: CancelFlightInfo, clients that left;
+* :mod:`~flight_server.flight_sql` — Flight SQL (protobuf ``Any`` commands from ADBC, JDBC,
+  DBeaver) onto the same planner, tickets and streams;
 * :mod:`quiver_client.wire` — the wire constants shared with the agent client.
 """
 
@@ -47,6 +50,9 @@ from flight_server.errors import (
     map_exception,
     schema_call_error,
 )
+from flight_server.flight_sql import ACTIONS as FLIGHT_SQL_ACTIONS
+from flight_server.flight_sql import FlightSql, is_flight_sql
+from flight_server.flight_sql.wire import unwrap_ticket, wrap_ticket
 from flight_server.limits import Watchdog
 from flight_server.middleware import AuthMiddlewareFactory, CallState
 from flight_server.planner import Planner, SplitOptions
@@ -54,6 +60,7 @@ from flight_server.plans import Plan
 from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
 from flight_server.results import QueryManager
+from flight_server.running import RunningStreams
 from flight_server.streams import Streamer
 from flight_server.table_cache import TableCache, resolve_budget
 from flight_server.tickets import TicketStore
@@ -74,6 +81,7 @@ ACTIONS: dict[str, str] = {
         "valid until it expires, and revoking either revokes the chain."
     ),
     **QUERY_ACTIONS,
+    **FLIGHT_SQL_ACTIONS,
 }
 
 
@@ -135,6 +143,9 @@ class QuiverFlightServer(flight.FlightServerBase):
         )
         # GetFlightInfo of a query runs it once through the streamer (planned once).
         self.planner.runner = self.streamer
+        # DoGet streams by FlightInfo: CancelFlightInfo, and clients that went away.
+        self.running = RunningStreams(float(limits.ticket_ttl_seconds))
+        self.sql = FlightSql(catalog, self.planner, self.tickets, self.running)
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------
     def _state(self, context: flight.ServerCallContext) -> CallState:
@@ -197,14 +208,20 @@ class QuiverFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         def run(principal: Principal, state: CallState) -> flight.FlightInfo:
-            target = commands.decode_descriptor(descriptor)
-            plan = self.planner.plan(principal, target)
+            sql = self._is_flight_sql(descriptor)
+            if sql:
+                plan = self.sql.plan(principal, descriptor.command, execute=True)
+                state.fields["flight_sql"] = True
+            else:
+                plan = self.planner.plan(principal, commands.decode_descriptor(descriptor))
             state.fields["kind"] = plan.kind
             state.fields["target"] = plan.label
             group = secrets.token_hex(8)
             endpoints = []
             for index in range(len(plan.parts)):
                 ticket, grant = self.tickets.issue(principal, TicketPayload(plan, index, group))
+                if sql:  # Flight SQL clients expect Any(TicketStatementQuery); DoGet unwraps it
+                    ticket = wrap_ticket(ticket)
                 # Whole microseconds, as nanoseconds: the type FlightEndpoint stores (no cast).
                 expires = pa.scalar(int(grant.expires_at * 1e6) * 1000, type=_EXPIRY_TYPE)
                 endpoints.append(flight.FlightEndpoint(ticket, [], expiration_time=expires))
@@ -225,8 +242,10 @@ class QuiverFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.SchemaResult:
         def run(principal: Principal, state: CallState) -> flight.SchemaResult:
-            target = commands.decode_descriptor(descriptor)
-            plan = self.planner.plan(principal, target, parts=False)
+            if self._is_flight_sql(descriptor):
+                plan = self.sql.plan(principal, descriptor.command, execute=False)
+            else:
+                plan = self.planner.plan(principal, commands.decode_descriptor(descriptor), parts=False)
             state.fields["kind"] = plan.kind
             state.fields["target"] = plan.label
             return flight.SchemaResult(plan.schema)
@@ -239,7 +258,7 @@ class QuiverFlightServer(flight.FlightServerBase):
     # --- streaming ------------------------------------------------------------------------
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         def run(principal: Principal, state: CallState) -> flight.FlightDataStream:
-            payload = self.tickets.redeem(principal, ticket.ticket)
+            payload = self.tickets.redeem(principal, unwrap_ticket(ticket.ticket))
             plan = payload.plan
             state.fields["kind"] = plan.kind
             state.fields["target"] = plan.label
@@ -250,6 +269,8 @@ class QuiverFlightServer(flight.FlightServerBase):
                 if not policy.can_read(principal, ref):
                     raise PermissionDenied(f"{ref.qualified}: {NOT_READABLE}")
             state.cleanups.append(self.admission.acquire(principal.subject, payload.group, payload.index))
+            # Until the call ends: CancelFlightInfo finds it, a client that leaves stops it.
+            self.running.track(payload.group, state, context)
             return self.streamer.open(plan, payload.index, state)
 
         return self._run(context, "do_get", run)
@@ -282,6 +303,9 @@ class QuiverFlightServer(flight.FlightServerBase):
             if action.type == "cancel-query":
                 query_id = commands.decode_body(body, commands.QueryIdBody, action.type).id
                 return [msgspec.json.encode(self.queries.cancel(principal, query_id))]
+            if self.sql.handles(action.type):
+                state.fields["flight_sql"] = True
+                return self.sql.do_action(principal, action.type, body)
             raise InvalidArgument(
                 f"unknown action {bounded(action.type, 40)!r}; available: {', '.join(sorted(ACTIONS))} "
                 "(see ListActions)"
@@ -289,7 +313,11 @@ class QuiverFlightServer(flight.FlightServerBase):
 
         return iter(self._run(context, "do_action", run))
 
-    # --- uploads ---------------------------------------------------------------------------
+    @staticmethod
+    def _is_flight_sql(descriptor: flight.FlightDescriptor) -> bool:
+        return descriptor.descriptor_type == flight.DescriptorType.CMD and is_flight_sql(descriptor.command)
+
+    # --- DoPut: artefact uploads and Flight SQL parameters -------------------------------------
     def do_put(
         self,
         context: flight.ServerCallContext,
@@ -297,12 +325,17 @@ class QuiverFlightServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
-        """Save the upload as a tabular artefact (proto_docs/artefacts.md): batch by batch
+        """Flight SQL's prepared-statement parameters go to its handler (proto_docs/flight-sql.md).
+        Everything else saves the upload as a tabular artefact (proto_docs/artefacts.md): batch by batch
         into the store's temporary IPC file, never the whole upload in memory; the PutResult's
         app_metadata is the artefact's JSON. A failure (a limit, a schema change, the client
         going away) aborts the writer: nothing is kept."""
 
         def run(principal: Principal, state: CallState) -> None:
+            if self._is_flight_sql(descriptor):
+                state.fields["flight_sql"] = True
+                writer.write(pa.py_buffer(self.sql.do_put(principal, descriptor.command, reader)))
+                return
             target = None
             if descriptor.descriptor_type == flight.DescriptorType.CMD:
                 target = commands.decode_descriptor(descriptor)
@@ -399,6 +432,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         """Stop accepting calls and wait for running ones, then stop async queries."""
         super().shutdown()
         self.queries.close()
+        self.running.close()
         self.cache.close()
         self.streamer.close()
         self.table_cache.invalidate(reason="shutdown")

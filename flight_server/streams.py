@@ -56,6 +56,7 @@ from flight_server.plans import (
     ProfilePart,
     ResultPart,
     SqlPart,
+    TablePart,
     limited,
 )
 from flight_server.profiles import ProfileCache
@@ -106,6 +107,8 @@ class Streamer:
             # Read from the memory-mapped IPC file: C++ streams its batches, no DuckDB.
             _, reader = self.catalog.artefacts.open_table(state.principal, part.id)
             return flight.RecordBatchStream(reader)
+        if isinstance(part, TablePart):  # a metadata listing, built at planning: from memory
+            return flight.RecordBatchStream(part.table)
         if isinstance(part, ResultPart):
             assert state.principal is not None
             _, reader, _ = self._queries.open_result(state.principal, part.id)

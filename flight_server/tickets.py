@@ -79,5 +79,15 @@ class TicketStore(Generic[P]):
             )
         return grant.payload
 
+    def revoke(self, principal: Principal, ticket: bytes) -> bool:
+        """Forget ``ticket`` if it is ``principal``'s (a closed Flight SQL prepared statement);
+        whether it was. Another principal's ticket is left alone (and not revealed)."""
+        with self._lock:
+            grant = self._grants.get(ticket)
+            if grant is None or grant.subject != principal.subject:
+                return False
+            del self._grants[ticket]
+            return True
+
     def __len__(self) -> int:
         return len(self._grants)

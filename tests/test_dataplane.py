@@ -341,18 +341,13 @@ def test_bad_paths(client: flight.FlightClient, opts: flight.FlightCallOptions) 
         )
 
 
-def test_flight_sql_commands_get_a_clear_refusal(
+def test_flight_sql_commands_are_served_on_the_same_port(
     client: flight.FlightClient, opts: flight.FlightCallOptions
 ) -> None:
-    any_msg = b"\n5type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery\x12\x0a\n\x08SELECT 1"
-    refused(
-        client,
-        opts,
-        lambda: client.get_flight_info(raw(any_msg), opts),
-        flight.FlightServerError,
-        "INVALID_ARGUMENT",
-        "Flight SQL",
-    )
+    # A Flight SQL CommandStatementQuery (protobuf Any): served like a query command
+    # (tests/test_flight_sql.py covers Flight SQL itself).
+    any_msg = b"\nCtype.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery\x12\x0a\n\x08SELECT 1"
+    assert fetch(client, raw(any_msg), opts).to_pylist() == [{"1": 1}]
 
 
 # --- tables that are absent or not allowed: one answer ---------------------------------------------
@@ -644,7 +639,20 @@ def test_list_actions_describes_every_action(
     client: flight.FlightClient, opts: flight.FlightCallOptions
 ) -> None:
     actions = {a.type: a.description for a in client.list_actions(opts)}
-    assert set(actions) == {"whoami", "refresh-token", "submit-query", "query-status", "cancel-query"}
+    assert set(actions) == {
+        "whoami",
+        "refresh-token",
+        "submit-query",
+        "query-status",
+        "cancel-query",
+        # Flight SQL's (proto_docs/flight-sql.md)
+        "CreatePreparedStatement",
+        "ClosePreparedStatement",
+        "CancelFlightInfo",
+        "CloseSession",
+        "GetSessionOptions",
+        "SetSessionOptions",
+    }
     assert all(len(d) > 20 for d in actions.values())
 
 

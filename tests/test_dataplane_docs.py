@@ -15,7 +15,15 @@ from flight_server.server import ACTIONS
 from tests.harness import Server, start_server
 
 DOCS = Path(__file__).resolve().parents[1] / "proto_docs"
-DATA_PLANE_DOCS = ["descriptors.md", "tickets.md", "actions.md", "errors.md", "client.md", "limits.md"]
+DATA_PLANE_DOCS = [
+    "descriptors.md",
+    "tickets.md",
+    "actions.md",
+    "errors.md",
+    "client.md",
+    "limits.md",
+    "flight-sql.md",
+]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 

@@ -140,6 +140,27 @@ def test_flight_serves_tls_only(tls_server: tuple[Server, Path]) -> None:
         stranger.close()
 
 
+def test_flight_sql_over_tls(tls_server: tuple[Server, Path]) -> None:
+    """The ADBC Flight SQL driver with the private CA, as proto_docs/flight-sql.md says."""
+    import adbc_driver_flightsql.dbapi as flight_sql
+
+    server, ca = tls_server
+    conn = flight_sql.connect(
+        server.flight_url,
+        db_kwargs={
+            "adbc.flight.sql.authorization_header": f"Bearer {server.demo_token}",
+            "adbc.flight.sql.client_option.tls_root_certs": ca.read_text(),
+        },
+        autocommit=True,
+    )
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM demo.customers")
+            assert cur.fetchall() == [(1000,)]
+    finally:
+        conn.close()
+
+
 def test_control_plane_serves_tls_only(tls_server: tuple[Server, Path]) -> None:
     server, ca = tls_server
     assert server.http_url.startswith("https://127.0.0.1:")

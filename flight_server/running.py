@@ -1,0 +1,162 @@
+"""The DoGet streams running now, by FlightInfo: cancelling them, and noticing a client that left.
+
+Two ways a running query must stop before its timeout:
+
+* **CancelFlightInfo** — a Flight (SQL) client sends back the FlightInfo of the query to stop.
+  Quiver's tickets name their FlightInfo (the ticket payload's ``group``), so each DoGet is
+  tracked under its group while its call lasts, and a cancel interrupts their DuckDB cursors
+  and refuses the FlightInfo's tickets from then on (a retry does not run it again).
+* **The client went away** — a cancelled gRPC call (the ADBC driver's ``cancel()``, a killed
+  agent) does not stop a DoGet handler that is blocked in DuckDB: a sort, an aggregate or a
+  join runs to its end before the first batch, whoever is still listening. One watcher thread
+  (while streams run, and a second after) polls the tracked calls' ``context.is_cancelled()``
+  and interrupts the cursor of a call whose client is gone.
+
+Both interrupt like ``cancel-query`` does for an async query (flight_server/results.py):
+DuckDB ignores an interrupt that arrives before its query starts, so a cancelled call is
+interrupted again on every poll until its call has ended. The stream then fails with CANCELLED
+(its deadline did not fire: proto_docs/errors.md), and the middleware releases its cursor and
+admission slot as for any stream.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import pyarrow.flight as flight
+import structlog
+
+from catalog import Cancelled
+from flight_server.middleware import CallState
+
+log = structlog.get_logger("flight_server")
+
+#: Cancelled FlightInfos remembered (their tickets refused) at most this many at once.
+MAX_CANCELLED = 10_000
+#: How often the watcher looks for calls whose client went away, and re-interrupts cancelled
+#: ones (seconds).
+POLL_SECONDS = 0.05
+#: How long the watcher thread outlives the last running stream (seconds).
+IDLE_SECONDS = 1.0
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    state: CallState
+    context: flight.ServerCallContext
+    cancelled: bool = False
+
+
+class RunningStreams:
+    def __init__(self, ttl_seconds: float) -> None:
+        self.ttl = ttl_seconds
+        self._cond = threading.Condition()
+        self._running: dict[str, dict[int, _Call]] = {}
+        self._cancelled: OrderedDict[str, float] = OrderedDict()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        #: Calls interrupted because their client went away: a count for tests and logs.
+        self.abandoned = 0
+
+    def track(self, group: str, state: CallState, context: flight.ServerCallContext) -> None:
+        """Track a DoGet of FlightInfo ``group`` until its call ends (the middleware's
+        cleanups); refuse it when that FlightInfo was cancelled."""
+        call = _Call(state, context)
+        key = id(call)
+        with self._cond:
+            until = self._cancelled.get(group)
+            if until is not None and until > time.monotonic():
+                raise Cancelled(
+                    "this query was cancelled (CancelFlightInfo); call GetFlightInfo again to run it"
+                )
+            self._running.setdefault(group, {})[key] = call
+            self._start_locked()
+            self._cond.notify_all()
+
+        def untrack() -> None:
+            with self._cond:
+                calls = self._running.get(group)
+                if calls is not None:
+                    calls.pop(key, None)
+                    if not calls:
+                        del self._running[group]
+                self._cond.notify_all()
+
+        state.cleanups.append(untrack)
+
+    def cancel(self, groups: set[str], wait_seconds: float = 2.0) -> bool:
+        """Cancel the FlightInfos ``groups``: refuse their tickets from now on and interrupt
+        their running streams until those ended (the watcher keeps at it) or ``wait_seconds``
+        passed. Whether none is still running."""
+        deadline = time.monotonic() + wait_seconds
+        with self._cond:
+            for group in groups:
+                self._cancelled[group] = time.monotonic() + self.ttl
+                self._cancelled.move_to_end(group)
+                for call in self._running.get(group, {}).values():
+                    call.cancelled = True
+                    _interrupt(call)
+            while len(self._cancelled) > MAX_CANCELLED:
+                self._cancelled.popitem(last=False)
+            while any(g in self._running for g in groups):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, POLL_SECONDS))
+            done = not any(g in self._running for g in groups)
+        log.info("flight.cancelled", flight_infos=len(groups), done=done)
+        return done
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    # --- the watcher -------------------------------------------------------------------------------
+    def _start_locked(self) -> None:
+        if self._thread is None and not self._stopped:
+            thread = threading.Thread(target=self._watch, name="quiver-stream-watch", daemon=True)
+            thread.start()
+            self._thread = thread
+
+    def _watch(self) -> None:
+        while True:
+            with self._cond:
+                if not self._running and not self._stopped:
+                    # Idle: linger a little (the next DoGet is usually close), then end, so
+                    # that a quiet server holds no thread for this.
+                    self._cond.wait(IDLE_SECONDS)
+                if self._stopped or not self._running:
+                    self._thread = None
+                    return
+                # Under the lock: a call's context is valid until its call completes, and its
+                # completion (untrack) takes this lock.
+                for calls in self._running.values():
+                    for call in calls.values():
+                        if not call.cancelled and _client_gone(call.context):
+                            call.cancelled = True
+                            self.abandoned += 1
+                            log.info("flight.client_gone", request_id=call.state.request_id)
+                        if call.cancelled:
+                            _interrupt(call)
+                self._cond.wait(POLL_SECONDS)
+
+
+def _client_gone(context: flight.ServerCallContext) -> bool:
+    try:
+        return bool(context.is_cancelled())
+    except Exception:  # noqa: BLE001 - a context that cannot tell is treated as still there
+        return False
+
+
+def _interrupt(call: _Call) -> None:
+    """Interrupt the call's cursor, if it has one (a stream from memory ends by itself)."""
+    deadline = call.state.deadline
+    if deadline is not None and not deadline.done:
+        try:
+            deadline.interrupt()
+        except Exception as e:  # noqa: BLE001 - an interrupt that fails must not stop the watcher
+            log.warning("flight.interrupt_failed", error=str(e))
