@@ -21,7 +21,7 @@ import re
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import IO, Any, Literal, TypeVar
 from urllib.parse import quote
 
 import anyio.to_thread
@@ -40,7 +40,7 @@ Format = Literal["parquet", "csv", "ndjson", "arrow"]
 
 MEDIA_TYPES: dict[str, str] = {
     "parquet": "application/vnd.apache.parquet",
-    "csv": "text/csv; charset=utf-8",
+    "csv": "text/csv",  # Litestar adds "; charset=utf-8" to text/* (pyarrow writes UTF-8)
     "ndjson": "application/x-ndjson",
     "arrow": "application/vnd.apache.arrow.stream",
 }
@@ -110,11 +110,11 @@ def byte_range(header: str | None, size: int, if_range: str | None, etag: str) -
             raise Unsatisfiable
         return ByteRange(max(size - n, 0), size - 1)
     start = int(first)
-    end = int(last) if last else size - 1
-    if end < start:  # invalid: ignored
+    if last and int(last) < start:  # invalid: ignored
         return None
     if start >= size:
         raise Unsatisfiable
+    end = int(last) if last else size - 1
     return ByteRange(start, min(end, size - 1))
 
 
@@ -143,19 +143,32 @@ def disposition(name: str | None, fallback: str, fmt: str | None = None) -> str:
 # --- streaming --------------------------------------------------------------------------------
 
 
-def file_chunks(path: Any, start: int, length: int) -> Iterator[bytes]:
-    """``length`` bytes of the file at ``path`` from ``start``, in chunks. The file is opened
-    by the caller's first ``next``: a download that began keeps its bytes even if the
-    artefact is deleted meanwhile (POSIX keeps an open file's content)."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        left = length
-        while left > 0:
-            data = f.read(min(CHUNK_BYTES, left))
-            if not data:
-                raise OSError(f"the content ended {left} bytes early")
-            left -= len(data)
-            yield data
+class FileChunks(Iterator[bytes]):
+    """``length`` bytes of the open file ``f`` from ``start``, in chunks; :meth:`close` (at
+    the end, or when the client goes away — even before the first chunk) closes the file.
+    An open file keeps its content when the artefact is deleted meanwhile (POSIX)."""
+
+    def __init__(self, f: IO[bytes], start: int, length: int) -> None:
+        self._f = f
+        self._start: int | None = start
+        self._left = length
+
+    def __next__(self) -> bytes:
+        if self._left <= 0:
+            self.close()
+            raise StopIteration
+        if self._start is not None:
+            self._f.seek(self._start)
+            self._start = None
+        data = self._f.read(min(CHUNK_BYTES, self._left))
+        if not data:
+            self.close()
+            raise OSError(f"the content ended {self._left} bytes early")
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
 
 
 _DONE = object()

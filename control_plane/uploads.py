@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import anyio.to_thread
 import multipart
 from litestar.exceptions import HTTPException
 
@@ -88,8 +89,8 @@ async def read_form(
 
     ``fields`` names the text fields allowed, each with its maximum size in bytes (UTF-8).
     When the ``file`` part starts, ``open_file`` is awaited with its headers and the fields
-    read so far, and the part's bytes are written to the sink it returns; fields after the
-    file part are collected too. Returns the fields and the file part once the closing
+    read so far, and the part's bytes are written to the sink it returns; so the fields come
+    first (a field after the file part is refused). Returns the fields and the file part once the closing
     boundary has been read; raises :class:`~catalog.InvalidArgument` for a malformed body,
     a part it does not know, a field given twice or too long, a missing file part, or a
     client that disconnected. The caller aborts the sink whenever this raises.
@@ -112,6 +113,10 @@ async def read_form(
             for event in parser.parse(chunk):
                 if isinstance(event, multipart.MultipartSegment):
                     current = _part_name(event, fields, collected, file_field, file_part is not None)
+                    if file_part is not None and current != file_field:
+                        # The sink was opened with the fields read so far: a later field
+                        # would be silently ignored.
+                        raise InvalidArgument(f"send the form fields before the {file_field!r} part")
                     if current == file_field:
                         file_part = FilePart(filename=event.filename, content_type=event.content_type)
                         sink = await open_file(file_part, dict(collected))
@@ -182,3 +187,31 @@ def _field_text(name: str, raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidArgument(f"form field {name!r} is not UTF-8 text") from None
+
+
+class SyncWriter(Protocol):
+    """A blocking writer of content (the artefact store's)."""
+
+    def write(self, data: bytes) -> Any: ...
+
+
+class ThreadedSink:
+    """A :class:`FileSink` over a blocking writer: chunks are gathered up to ``flush_bytes``
+    and written in a worker thread, so disk writes never block the event loop and a stream of
+    small chunks costs one thread hop per ``flush_bytes``, not one per chunk."""
+
+    def __init__(self, writer: SyncWriter, flush_bytes: int = 1 << 20) -> None:
+        self.writer = writer
+        self._flush_bytes = flush_bytes
+        self._buffer = bytearray()
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= self._flush_bytes:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._buffer:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            await anyio.to_thread.run_sync(self.writer.write, data)
