@@ -31,7 +31,7 @@ from tests.harness import Server, start_server, wait_until
 
 MiB = 1024 * 1024
 CAP = 2 * MiB  # [artefacts] max_upload_bytes of the server below
-QUOTA = 5 * MiB  # [artefacts] swarm_quota_bytes
+QUOTA = 64 * MiB  # [artefacts] swarm_quota_bytes (its own test has a server of its own)
 MAX_TTL = 7 * 86_400
 
 
@@ -373,7 +373,8 @@ FORM = {"content-type": "multipart/form-data; boundary=BOUNDARY"}
         (_boundary_body(("name", {}, b"bad\x01name"), ("file", {"filename": "a"}, b"1")), FORM, 400, "control characters"),
         (_boundary_body(("tags", {}, ",".join(f"t{i}" for i in range(40)).encode()), ("file", {"filename": "a"}, b"1")), FORM, 400, "tags"),
         (b"--BOUNDARY\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nno end", FORM, 400, "multipart"),
-        (_boundary_body(("file", {}, b"1")), FORM, 400, "send a 'name' field"),
+        (_boundary_body(("file", {}, b"1")), FORM, 400, "not a file"),
+        (_boundary_body(("name", {}, b""), ("file", {"filename": "a"}, b"1")), FORM, 400, "name must not be empty"),
         (b"garbage" * 20, FORM, 400, "multipart"),
         (b"x", {"content-type": "application/json"}, 415, "multipart/form-data"),
         (b"x", {}, 415, "multipart/form-data"),
@@ -382,7 +383,7 @@ FORM = {"content-type": "multipart/form-data; boundary=BOUNDARY"}
     ids=[
         "empty-file", "no-file", "unknown-field", "field-twice", "field-after-file", "two-files",
         "ttl-not-a-number", "field-not-utf8", "control-chars", "too-many-tags", "unterminated",
-        "unnamed", "garbage", "json", "no-content-type", "no-boundary",
+        "not-a-file", "empty-name", "garbage", "json", "no-content-type", "no-boundary",
     ],
 )  # fmt: skip
 def test_a_refused_upload_is_a_clear_4xx_and_keeps_nothing(
@@ -822,3 +823,87 @@ def test_concurrent_uploads_and_downloads(server: Server, tokens: dict[str, str]
 
     for sent, got in _race(8, up_and_down):
         assert sent == got
+
+
+# --- the Python client (quiver_client.http, stdlib only) ------------------------------------------
+
+
+def test_the_http_client_round_trips_files_and_manages_them(
+    server: Server, tokens: dict[str, str], tmp_path: Path
+) -> None:
+    from quiver_client import QuiverClientError, QuiverHTTP
+
+    owner = QuiverHTTP(server.http_url, tokens["owner"])
+    source = tmp_path / "notes ü.txt"
+    source.write_bytes(os.urandom(CAP - 50_000))
+    art = owner.upload_file(source, tags=["client", "notes"], description="from a path", ttl_seconds=600)
+    assert art["name"] == "notes ü.txt" and art["tags"] == ["client", "notes"]
+    assert art["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    # Downloads: to a path (written as it arrives, checked against the sha256), to bytes.
+    saved = owner.download(art["id"], tmp_path / "copy.txt")
+    assert saved == tmp_path / "copy.txt" and saved.read_bytes() == source.read_bytes()
+    assert not (tmp_path / "copy.txt.part").exists()
+    assert owner.download(art["id"]) == source.read_bytes()
+    # From bytes and from an open file, with a media type.
+    small = owner.upload_file(b"a,b\n1,2\n", name="inline.csv", media_type="text/csv", tags=["client"])
+    assert small["media_type"] == "text/csv"
+    with open(source, "rb") as f:
+        third = owner.upload_file(f, name="from-file", tags=["client"])
+    assert third["size_bytes"] == source.stat().st_size
+
+    assert [a["id"] for a in owner.artefacts(tag="client", page_size=2)] == [
+        art["id"],
+        small["id"],
+        third["id"],
+    ]
+    assert owner.artefact(art["id"]) == art
+
+    red = QuiverHTTP(server.http_url, tokens["red"])
+    with pytest.raises(QuiverClientError) as e:
+        red.download(art["id"])
+    assert e.value.code == "NOT_FOUND"
+    shared = owner.share(art["id"], "red")
+    assert shared["shares"] == [{"swarm": "red", "agent": None}]
+    assert red.download(art["id"]) == source.read_bytes()
+    assert owner.unshare(art["id"], "red")["shares"] == []
+    with pytest.raises(QuiverClientError) as e:
+        red.artefact(art["id"])
+    assert e.value.code == "NOT_FOUND"
+
+    extended = owner.extend(art["id"], MAX_TTL)
+    assert extended["expires_at"] > art["expires_at"]
+    with pytest.raises(QuiverClientError) as e:
+        owner.extend(art["id"], MAX_TTL + 1)
+    assert e.value.code == "INVALID_ARGUMENT" and "max_ttl_seconds" in e.value.detail
+    with pytest.raises(QuiverClientError) as e:
+        owner.upload_file(b"x" * (CAP + 1), name="too big")
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+    with pytest.raises(QuiverClientError) as e:
+        QuiverHTTP(server.http_url, tokens["peer"]).delete(art["id"])
+    assert e.value.code == "PERMISSION_DENIED"
+    owner.delete(art["id"])
+    with pytest.raises(QuiverClientError) as e:
+        owner.artefact(art["id"])
+    assert e.value.code == "NOT_FOUND"
+
+
+def test_the_http_client_converts_tables(server: Server, tokens: dict[str, str], table_artefact: Any) -> None:
+    from quiver_client import QuiverHTTP
+
+    art, table = table_artefact
+    client = QuiverHTTP(server.http_url, tokens["peer"])
+    assert pq.read_table(io.BytesIO(client.download(art["id"], format="parquet"))).equals(table)  # type: ignore[arg-type]
+    sink = io.BytesIO()
+    assert client.download(art["id"], sink, format="arrow") is None
+    assert pa_ipc.open_stream(sink.getvalue()).read_all().equals(table)
+
+
+def test_the_http_client_reports_an_unreachable_server() -> None:
+    from quiver_client import QuiverClientError, QuiverHTTP
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(QuiverClientError) as e:
+        QuiverHTTP(f"http://127.0.0.1:{port}", "t", timeout=5).artefacts()
+    assert e.value.code == "UNAVAILABLE"

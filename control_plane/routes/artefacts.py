@@ -70,20 +70,20 @@ FORM_ALLOWANCE = sum(UPLOAD_FIELDS.values()) + 16 * 1024
 
 
 def _upload_schema() -> Schema:
-    text = OpenAPIType.STRING
+    """The form's fields. In a form every value is text, so the text fields declare no JSON
+    type: a type a form cannot carry (``null``, a number) would arrive as its spelling,
+    which is valid text — only their lengths constrain them."""
     return Schema(
         type=OpenAPIType.OBJECT,
         required=["file"],
         properties={
             "name": Schema(
-                type=text,
                 min_length=1,
                 max_length=MAX_NAME_CHARS,
                 description="A label (never a path); default: the file part's file name",
             ),
-            "description": Schema(type=text, max_length=MAX_DESCRIPTION_CHARS),
+            "description": Schema(max_length=MAX_DESCRIPTION_CHARS),
             "tags": Schema(
-                type=text,
                 max_length=MAX_TAGS * (MAX_TAG_CHARS + 1),
                 description=f"Comma-separated, at most {MAX_TAGS} tags of {MAX_TAG_CHARS} characters",
             ),
@@ -94,7 +94,7 @@ def _upload_schema() -> Schema:
                 "at most max_ttl_seconds (422 above)",
             ),
             "file": Schema(
-                type=text,
+                type=OpenAPIType.STRING,
                 format=OpenAPIFormat.BINARY,
                 description="The content, after the fields: at least one byte, at most "
                 "[artefacts] max_upload_bytes (413 above) and within the swarm's quota (413)",
@@ -179,9 +179,11 @@ async def upload_artefact(
 
     async def open_file(part: FilePart, fields: Mapping[str, str]) -> ThreadedSink:
         nonlocal writer, sink
-        name = fields.get("name") or part.filename
-        if not name:
-            raise InvalidArgument("name the artefact: send a 'name' field, or a file name in the 'file' part")
+        if part.filename is None:
+            raise InvalidArgument(
+                "the 'file' part is not a file: send it with a file name (curl -F file=@path)"
+            )
+        name = fields.get("name", part.filename)  # a name sent empty is refused, not replaced
         writer = await anyio.to_thread.run_sync(
             lambda: store.begin_write(
                 request.user,
@@ -219,7 +221,7 @@ async def upload_artefact(
     "/v1/artefacts",
     sync_to_thread=True,
     tags=["artefacts"],
-    summary="Artefacts the caller may see, newest first",
+    summary="Artefacts the caller may see, oldest first, a page at a time (filters: tag, name_prefix, kind, owner, swarm)",
 )
 def list_artefacts(
     request: Request[Principal, Any, Any],
