@@ -9,9 +9,11 @@ Writing (:meth:`ArtefactStore.begin_write`) streams: bytes (files) or record bat
 written as an Arrow IPC *file*, so a reader memory-maps it) go to a temporary file
 ``.tmp-<id>-<random>`` in the same directory, counted and hashed as they arrive, and checked
 against ``[artefacts] max_upload_bytes`` and the swarm's quota while they stream.
-:meth:`ArtefactWriter.commit` fsyncs the file, checks the quota again, renames it to
-``<id>``, and only then commits the metadata (for a table, in the same transaction, a copy of
-its rows in ``artefacts."<id>"`` for SQL). Any failure before that, or
+:meth:`ArtefactWriter.commit` fsyncs the file; for a table it loads a copy of the rows into
+``artefacts."<id>"`` for SQL (in a transaction of its own, before the admin-write lock, so a
+large copy never holds up admin writes; nobody can name that table before the metadata
+exists); then, under the lock, it checks the quota again, renames the file to ``<id>``, and
+only then commits the metadata. Any failure before that, or
 :meth:`ArtefactWriter.abort`, removes the temporary file: nothing is ever visible half
 written. Writes that change metadata (commit, delete, share, unshare, extend, sweep) run
 through the one admin-write lock (catalog/writes.py) and update the in-memory index while
@@ -25,10 +27,16 @@ unshare, extend) is for the owner itself, its swarm's swarm token, and admins; a
 may not manage gets PERMISSION_DENIED. An expired artefact is invisible at once, before the
 janitor removes it.
 
+SQL: a tabular artefact is read in guarded SQL as ``artefacts."<id>"`` (:func:`sql_name`).
+The schema ``artefacts`` is not a data schema: ``TableCatalog`` never lists it, allowlists may
+not name it, and ``Policy`` resolves and allows a reference to it only through
+:meth:`ArtefactStore.readable_table` — the caller's visible tabular artefacts — so anyone else
+gets the refusal of a missing table.
+
 The janitor (:meth:`ArtefactStore.sweep`, run by ``quiver serve`` at start and every
 ``cleanup_interval_seconds``) removes expired artefacts (metadata, SQL copy and content),
-temporary files of writers that are not running, content without metadata, and metadata
-without content; it logs, counts (``quiver_artefacts_removed_total``) and audits what it
+temporary files of writers that are not running, content without metadata, metadata
+without content, and SQL copies without metadata; it logs, counts (``quiver_artefacts_removed_total``) and audits what it
 removed.
 
 Public API (stable; other components build on it — add, do not rename):
@@ -204,10 +212,18 @@ class SweepReport(msgspec.Struct, kw_only=True):
     temp_files: list[str] = msgspec.field(default_factory=list)
     orphan_content: list[str] = msgspec.field(default_factory=list)
     orphan_metadata: list[str] = msgspec.field(default_factory=list)
+    # SQL copies without metadata (an upload that failed between copying and committing).
+    orphan_tables: list[str] = msgspec.field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return len(self.expired) + len(self.temp_files) + len(self.orphan_content) + len(self.orphan_metadata)
+        return (
+            len(self.expired)
+            + len(self.temp_files)
+            + len(self.orphan_content)
+            + len(self.orphan_metadata)
+            + len(self.orphan_tables)
+        )
 
 
 class _Record(msgspec.Struct, kw_only=True):
@@ -484,8 +500,9 @@ class ArtefactStore:
         self._audit = audit
         self._metrics = metrics
         self._index: dict[str, _Record] = {}
-        # Temporary files of writers still running: the janitor leaves them alone.
-        self._active: set[Path] = set()
+        # Writers still running (id -> temporary file): the janitor leaves their temporary
+        # file and their SQL table alone.
+        self._active: dict[str, Path] = {}
         self._active_lock = threading.Lock()
         # Held while content files are unlinked, and by a backup while it freezes content
         # beside its database copy (catalog/backup.py): a backup never misses the content of
@@ -598,10 +615,11 @@ class ArtefactStore:
         return art.owner_kind == "agent" and principal.kind == "agent" and principal.agent == art.owner_agent
 
     def _visible(self, principal: Principal, artefact_id: object) -> _Record:
-        if not is_artefact_id(artefact_id):
+        key = artefact_id.lower() if isinstance(artefact_id, str) else artefact_id
+        if not is_artefact_id(key):
             raise not_found(artefact_id)
-        assert isinstance(artefact_id, str)
-        rec = self._index.get(artefact_id)
+        assert isinstance(key, str)
+        rec = self._index.get(key)
         if rec is None or not self._sees(principal, rec, datetime.now(UTC)):
             raise not_found(artefact_id)
         return rec
@@ -634,14 +652,27 @@ class ArtefactStore:
         except FileNotFoundError:
             raise not_found(artefact_id) from None
 
-    def open_table(self, principal: Principal, artefact_id: str) -> tuple[Artefact, pa.RecordBatchReader]:
-        """A tabular artefact as a stream of its record batches, read from the memory-mapped
-        IPC file (nothing is loaded up front)."""
+    def _table_path(self, principal: Principal, artefact_id: str) -> tuple[Artefact, Path]:
         art, path = self.content_path(principal, artefact_id)
         if art.kind != "table":
             raise InvalidArgument(
                 f"artefact {art.id} is a file ({art.media_type}), not a table: download its content instead"
             )
+        return art, path
+
+    def table_schema(self, principal: Principal, artefact_id: str) -> tuple[Artefact, pa.Schema]:
+        """A tabular artefact's Arrow schema, read from its IPC file's footer."""
+        art, path = self._table_path(principal, artefact_id)
+        try:
+            with pa.memory_map(str(path), "r") as source:
+                return art, ipc.open_file(source).schema
+        except FileNotFoundError:
+            raise not_found(artefact_id) from None
+
+    def open_table(self, principal: Principal, artefact_id: str) -> tuple[Artefact, pa.RecordBatchReader]:
+        """A tabular artefact as a stream of its record batches, read from the memory-mapped
+        IPC file (nothing is loaded up front)."""
+        art, path = self._table_path(principal, artefact_id)
         try:
             source = pa.memory_map(str(path), "r")
         except FileNotFoundError:
@@ -720,9 +751,12 @@ class ArtefactStore:
         )
 
     def _usage_of(self, swarm: str) -> tuple[int, int]:
+        """Bytes and count of the swarm's live artefacts (expired ones, invisible already and
+        soon swept, do not count against its quota)."""
         size = count = 0
+        now = datetime.now(UTC)
         for rec in list(self._index.values()):
-            if rec.artefact.swarm == swarm:
+            if rec.artefact.swarm == swarm and rec.artefact.expires_at > now:
                 size += rec.artefact.size_bytes
                 count += 1
         return size, count
@@ -791,12 +825,12 @@ class ArtefactStore:
             provenance=provenance,
         )
         with self._active_lock:
-            self._active.add(writer.temp_path)
+            self._active[writer.id] = writer.temp_path
         return writer
 
     def _writer_done(self, writer: ArtefactWriter) -> None:
         with self._active_lock:
-            self._active.discard(writer.temp_path)
+            self._active.pop(writer.id, None)
 
     def _check_ttl(self, ttl: object) -> int:
         if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1:
@@ -879,29 +913,36 @@ class ArtefactStore:
                 f"INSERT INTO {SYSTEM_SCHEMA}.artefacts ({self._COLUMNS}) VALUES ({', '.join('?' * len(row))})",
                 row,
             )
-            if w.kind == "table":
-                self._load_sql_copy(cur, w.id, final)
 
-        with self.writes.lock:
-            # Checked again under the lock: two uploads of one swarm racing to the last bytes
-            # of its quota cannot both be kept.
-            refusal = self._over_limit(p, size)
-            if refusal is None and swarm is not None and not p.is_admin:
-                _, count = self._usage_of(swarm)
-                if count + 1 > self.config.swarm_quota_count:
-                    refusal = PayloadTooLarge(self._quota_detail(swarm, "count", size))
-            if refusal is not None:
-                raise refusal
-            os.replace(w.temp_path, final)
-            _fsync_dir(self.directory)
-            try:
-                self.writes.run("save the artefact", insert)
-            except BaseException:
-                final.unlink(missing_ok=True)
-                raise
-            rec = self._record(tuple(row))
-            self._index[w.id] = rec
-            artefact = rec.artefact
+        refusal = self._commit_refusal(p, size)
+        if refusal is not None:
+            raise refusal
+        if w.kind == "table":
+            # Before the admin-write lock: copying a large table takes a while, and admin
+            # writes (token mints among them) must not wait for it. Nobody can name the table
+            # until its metadata commits; the janitor drops it if that never happens.
+            self._load_sql_copy(w.id, w.temp_path)
+        try:
+            with self.writes.lock:
+                # Checked again under the lock: two uploads of one swarm racing to the last
+                # bytes of its quota cannot both be kept.
+                refusal = self._commit_refusal(p, size)
+                if refusal is not None:
+                    raise refusal
+                os.replace(w.temp_path, final)
+                _fsync_dir(self.directory)
+                try:
+                    self.writes.run("save the artefact", insert)
+                except BaseException:
+                    final.unlink(missing_ok=True)
+                    raise
+                rec = self._record(tuple(row))
+                self._index[w.id] = rec
+                artefact = rec.artefact
+        except BaseException:
+            if w.kind == "table":
+                self._drop_sql_copy(w.id)
+            raise
         log.info(
             "artefact.saved",
             artefact=w.id,
@@ -914,11 +955,18 @@ class ArtefactStore:
             self._audit.record("artefact.create", outcome="ok", actor=p.label, target=w.id)
         return artefact
 
-    @staticmethod
-    def _load_sql_copy(cur: duckdb.DuckDBPyConnection, artefact_id: str, path: Path) -> None:
-        """Copy a tabular artefact into ``artefacts."<id>"`` inside the metadata's
-        transaction. Quiver reads the IPC file itself (memory-mapped) and hands DuckDB the
-        Arrow stream; the locked-down database never opens a file."""
+    def _commit_refusal(self, p: Principal, size: int) -> PayloadTooLarge | None:
+        refusal = self._over_limit(p, size)
+        if refusal is None and p.swarm is not None and not p.is_admin:
+            _, count = self._usage_of(p.swarm)
+            if count + 1 > self.config.swarm_quota_count:
+                refusal = PayloadTooLarge(self._quota_detail(p.swarm, "count", size))
+        return refusal
+
+    def _load_sql_copy(self, artefact_id: str, path: Path) -> None:
+        """Copy a tabular artefact into ``artefacts."<id>"`` in a transaction of its own.
+        Quiver reads the IPC file itself (memory-mapped) and hands DuckDB the Arrow stream;
+        the locked-down database never opens a file."""
         source = pa.memory_map(str(path), "r")
         try:
             reader = ipc.open_file(source)
@@ -926,13 +974,30 @@ class ArtefactStore:
                 reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
             )
             view = f"quiver_artefact_load_{secrets.token_hex(6)}"
-            cur.register(view, stream)
-            try:
-                cur.execute(f"CREATE TABLE {sql_name(artefact_id)} AS SELECT * FROM {view}")
-            finally:
-                cur.unregister(view)
+            with self._db.transaction() as cur:
+                cur.register(view, stream)
+                try:
+                    cur.execute(f"CREATE TABLE {sql_name(artefact_id)} AS SELECT * FROM {view}")
+                finally:
+                    cur.unregister(view)
         finally:
             source.close()
+
+    def _drop_sql_copy(self, artefact_id: str) -> None:
+        try:
+            with self._db.transaction() as cur:
+                cur.execute(f"DROP TABLE IF EXISTS {sql_name(artefact_id)}")
+        except duckdb.Error as e:  # the janitor drops it later
+            log.warning("artefact.drop_failed", artefact=artefact_id, error=str(e)[:200])
+
+    def _sql_tables(self) -> Sequence[str]:
+        with self._db.reading() as cur:
+            rows = cur.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                "AND schema_name = ?",
+                [ARTEFACT_SCHEMA],
+            ).fetchall()
+        return [str(r[0]) for r in rows]
 
     # --- managing ------------------------------------------------------------------------------
     def delete(self, principal: Principal, artefact_id: str) -> None:
@@ -993,7 +1058,8 @@ class ArtefactStore:
                 )
 
             self.writes.run("share the artefact", insert)
-            current.share_ids[(swarm, agent)] = instance
+            # Replaced, never mutated: readers iterate the shares without a lock.
+            current.share_ids = {**current.share_ids, (swarm, agent): instance}
             current.artefact = self._with_shares(current)
             out = current.artefact
         if self._audit is not None:
@@ -1024,7 +1090,7 @@ class ArtefactStore:
                 )
 
             self.writes.run("unshare the artefact", remove)
-            del current.share_ids[(swarm, agent)]
+            current.share_ids = {k: v for k, v in current.share_ids.items() if k != (swarm, agent)}
             current.artefact = self._with_shares(current)
             out = current.artefact
         if self._audit is not None:
@@ -1078,7 +1144,7 @@ class ArtefactStore:
                 if name.startswith(TEMP_PREFIX):
                     path = Path(entry.path)
                     with self._active_lock:
-                        running = path in self._active
+                        running = path in self._active.values()
                     if not running:
                         path.unlink(missing_ok=True)
                         report.temp_files.append(name)
@@ -1089,8 +1155,15 @@ class ArtefactStore:
                     report.orphan_content.append(name)
             missing = sorted(aid for aid in self._index if aid not in present and aid not in expired)
             gone = expired + missing
-            if gone:
-                self._remove(gone, "remove expired and orphaned artefacts")
+            # Tables listed before the running writers: a writer that starts after the listing
+            # has no table in it.
+            tables = self._sql_tables()
+            with self._active_lock:
+                writing = set(self._active)
+            stray = sorted(t for t in tables if t not in self._index and t not in writing)
+            if gone or stray:
+                self._remove(gone + stray, "remove expired and orphaned artefacts")
+            report.orphan_tables = stray
             report.expired = expired
             report.orphan_metadata = missing
         self._unlink(expired)
@@ -1101,6 +1174,7 @@ class ArtefactStore:
                 temp_files=len(report.temp_files),
                 orphan_content=len(report.orphan_content),
                 orphan_metadata=len(report.orphan_metadata),
+                orphan_tables=len(report.orphan_tables),
             )
             if self._metrics is not None:
                 counter = self._metrics.artefacts_removed
@@ -1109,6 +1183,7 @@ class ArtefactStore:
                     ("temp_file", report.temp_files),
                     ("orphan_content", report.orphan_content),
                     ("orphan_metadata", report.orphan_metadata),
+                    ("orphan_table", report.orphan_tables),
                 ):
                     if items:
                         counter.labels(reason).inc(len(items))

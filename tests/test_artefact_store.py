@@ -18,7 +18,7 @@ from catalog import Catalog, Principal
 from catalog.artefacts import TEMP_PREFIX, ArtefactFilter, ArtefactStore, is_artefact_id, new_id
 from catalog.database import SYSTEM_SCHEMA
 from catalog.errors import InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied, Unprocessable
-from tests.harness import make_config
+from tests.harness import make_config, wait_until
 
 TABLE = pa.table({"id": pa.array([1, 2, 3], pa.int64()), "label": ["a", "b", None]})
 
@@ -341,3 +341,81 @@ def test_content_on_disk_is_an_ipc_file(catalog: Catalog) -> None:
     art = save_table(catalog.artefacts, who(catalog, "admin"))
     with pa.memory_map(str(catalog.artefacts.directory / art.id)) as src:
         assert ipc.open_file(src).read_all().equals(TABLE)
+
+
+def test_backup_holds_content_of_exactly_the_committed_artefacts(tmp_path: Path) -> None:
+    from catalog.backup import create_snapshot, restore_snapshot
+
+    config = make_config(tmp_path / "data")
+    c = Catalog(config)
+    c.swarms.create("s1")
+    p = who(c, "agent", "s1", "a1")
+    kept = save_table(c.artefacts, p, name="kept")
+    running = c.artefacts.begin_write(p, "file", "half")
+    running.write(b"half an upload")
+    (c.artefacts.directory / new_id()).write_bytes(b"orphan content")
+    info = create_snapshot(c, tmp_path / "backups")
+    running.abort()
+    gone = save_table(c.artefacts, p, name="after the backup")
+    c.close()
+    restore_snapshot(config, Path(info.path))
+    c = Catalog(config)
+    try:
+        assert files(c.artefacts) == [kept.id]
+        _, reader = c.artefacts.open_table(p, kept.id)
+        assert reader.read_all().equals(TABLE)
+        with pytest.raises(NotFound):
+            c.artefacts.get(p, gone.id)
+        assert c.artefacts.sweep().total == 0
+    finally:
+        c.close()
+
+
+def test_janitor_drops_sql_copies_without_metadata(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    art = save_table(store, p)
+    stray = new_id()
+    with catalog.db.transaction() as cur:
+        cur.execute(f'CREATE TABLE artefacts."{stray}" AS SELECT 1 AS x')
+    running = store.begin_write(p, "table", "running", schema=TABLE.schema)
+    running.write_table(TABLE)
+    with catalog.db.transaction() as cur:  # a writer between its SQL copy and its commit
+        cur.execute(f'CREATE TABLE artefacts."{running.id}" AS SELECT 1 AS x')
+    report = store.sweep()
+    assert report.orphan_tables == [stray]
+    with catalog.db.reading() as cur:
+        names = cur.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'artefacts'"
+        ).fetchall()
+    assert sorted(n for (n,) in names) == sorted([art.id, running.id])
+    running.abort()
+
+
+def test_failed_commit_drops_its_sql_copy(catalog: Catalog) -> None:
+    """An upload refused at commit (the quota filled meanwhile) leaves no SQL table behind."""
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s3", "a1")
+    w = store.begin_write(p, "table", "late", schema=TABLE.schema)
+    w.write_table(TABLE)
+    for i in range(5):  # fill the count quota while w is open
+        with store.begin_write(p, "file", f"f{i}") as f:
+            f.write(b"x")
+            f.commit()
+    with pytest.raises(PayloadTooLarge, match="swarm_quota_count"):
+        w.commit()
+    with catalog.db.reading() as cur:
+        assert cur.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'artefacts'"
+        ).fetchall() == [(0,)]
+    assert [n for n in files(store) if n.startswith(TEMP_PREFIX)] == []
+
+
+def test_ids_are_case_insensitive_and_usage_skips_expired(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    art = save_table(store, p, ttl_seconds=1)
+    assert store.get(p, art.id.upper()).id == art.id
+    assert store.usage("s1").bytes == art.size_bytes
+    wait_until(lambda: datetime.now(UTC) >= art.expires_at, what="the artefact's expiry")
+    assert store.usage("s1").bytes == 0
