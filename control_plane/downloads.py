@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Literal, TypeVar
 from urllib.parse import quote
 
+import anyio
 import anyio.to_thread
 import msgspec
 import pyarrow as pa
@@ -193,9 +194,12 @@ async def in_threads(iterator: Iterator[T]) -> AsyncIterator[T]:
         log.warning("artefact.download_failed", error=str(e)[:300])
         raise
     finally:
+        # Also when the client went away and the response's task is cancelled: the file (or
+        # the memory map) is closed now, not whenever the collector gets to it.
         close = getattr(iterator, "close", None)
         if close is not None:
-            await anyio.to_thread.run_sync(close)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(close)
 
 
 class _Chunks:

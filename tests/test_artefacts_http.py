@@ -369,6 +369,7 @@ FORM = {"content-type": "multipart/form-data; boundary=BOUNDARY"}
         (_boundary_body(("file", {"filename": "a"}, b"1"), ("name", {}, b"late")), FORM, 400, "before the 'file' part"),
         (_boundary_body(("file", {"filename": "a"}, b"1"), ("file", {"filename": "b"}, b"2")), FORM, 400, "more than one"),
         (_boundary_body(("ttl_seconds", {}, b"soon"), ("file", {"filename": "a"}, b"1")), FORM, 400, "ttl_seconds"),
+        (_boundary_body(("ttl_seconds", {}, "²".encode()), ("file", {"filename": "a"}, b"1")), FORM, 400, "ttl_seconds"),
         (_boundary_body(("name", {}, b"\xff\xfe"), ("file", {"filename": "a"}, b"1")), FORM, 400, "UTF-8"),
         (_boundary_body(("name", {}, b"bad\x01name"), ("file", {"filename": "a"}, b"1")), FORM, 400, "control characters"),
         (_boundary_body(("tags", {}, ",".join(f"t{i}" for i in range(40)).encode()), ("file", {"filename": "a"}, b"1")), FORM, 400, "tags"),
@@ -382,7 +383,7 @@ FORM = {"content-type": "multipart/form-data; boundary=BOUNDARY"}
     ],
     ids=[
         "empty-file", "no-file", "unknown-field", "field-twice", "field-after-file", "two-files",
-        "ttl-not-a-number", "field-not-utf8", "control-chars", "too-many-tags", "unterminated",
+        "ttl-not-a-number", "ttl-superscript", "field-not-utf8", "control-chars", "too-many-tags", "unterminated",
         "not-a-file", "empty-name", "garbage", "json", "no-content-type", "no-boundary",
     ],
 )  # fmt: skip
@@ -907,3 +908,98 @@ def test_the_http_client_reports_an_unreachable_server() -> None:
     with pytest.raises(QuiverClientError) as e:
         QuiverHTTP(f"http://127.0.0.1:{port}", "t", timeout=5).artefacts()
     assert e.value.code == "UNAVAILABLE"
+
+
+# --- downloads that end early, and audit ---------------------------------------------------------
+
+
+def _open_fds_on(path: Path) -> list[str]:
+    """This process's file descriptors on ``path`` (the server runs in-process)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                out.append(fd)
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("fmt", [None, "csv", "parquet"])
+def test_a_client_that_leaves_mid_download_releases_the_file(
+    server: Server, tokens: dict[str, str], table_artefact: Any, fmt: str | None
+) -> None:
+    art, _ = table_artefact
+    path = server.catalog.artefacts.directory / art["id"]
+    params = {"format": fmt} if fmt else {}
+    baseline = len(_open_fds_on(path))
+    with (
+        server.http(tokens["owner"]) as http,
+        http.stream("GET", f"/v1/artefacts/{art['id']}/content", params=params) as r,
+    ):
+        assert r.status_code == 200
+        next(r.iter_raw(1024))
+    wait_until(lambda: len(_open_fds_on(path)) <= baseline, what="the download's file to be closed")
+    # And the server still serves it whole.
+    assert server.http(tokens["owner"]).get(f"/v1/artefacts/{art['id']}/content").status_code == 200
+
+
+def test_a_download_under_way_survives_a_delete(server: Server, tokens: dict[str, str]) -> None:
+    content = os.urandom(CAP - 10_000)
+    owner = server.http(tokens["owner"])
+    art = _upload(owner, content, name="deleted-while-read").json()
+    with (
+        server.http(tokens["peer"]) as reader,
+        reader.stream("GET", f"/v1/artefacts/{art['id']}/content") as r,
+    ):
+        chunks = r.iter_raw(64 * 1024)
+        first = next(chunks)
+        assert owner.delete(f"/v1/artefacts/{art['id']}").status_code == 204
+        got = first + b"".join(chunks)
+    assert hashlib.sha256(got).hexdigest() == art["sha256"]
+    _error(owner.get(f"/v1/artefacts/{art['id']}/content"), 404, "NOT_FOUND")
+
+
+def test_refused_writes_are_audited_with_the_request_id(server: Server, tokens: dict[str, str]) -> None:
+    art = _owned(server, tokens, "audited")
+    peer = server.http(tokens["peer"])
+    r = peer.delete(f"/v1/artefacts/{art['id']}")
+    _error(r, 403, "PERMISSION_DENIED")
+    r2 = _upload(server.http(tokens["owner"]), b"x", ttl_seconds=MAX_TTL + 1)
+    _error(r2, 422, "INVALID_ARGUMENT")
+    server.catalog.audit.flush()
+    refused = {e.request_id: e for e in server.catalog.audit.query(limit=100_000) if e.outcome != "ok"}
+    denied = refused[r.headers["x-request-id"]]
+    assert (denied.action, denied.actor, denied.target) == ("artefact.delete", "agent:demo/peer", art["id"])
+    assert denied.outcome == "permission_denied"
+    bad_ttl = refused[r2.headers["x-request-id"]]
+    assert (bad_ttl.action, bad_ttl.actor) == ("artefact.create", "agent:demo/owner")
+    # A committed write has one record (the store's), not two.
+    created = [
+        e
+        for e in server.catalog.audit.query(action="artefact.create", limit=100_000)
+        if e.target == art["id"]
+    ]
+    assert len(created) == 1 and created[0].outcome == "ok"
+
+
+def test_concurrent_extends_leave_memory_and_database_agreeing(
+    server: Server, tokens: dict[str, str]
+) -> None:
+    art = _owned(server, tokens, "extend-race")
+    ttls = [600 * (i + 1) for i in range(8)]
+
+    def extend(i: int) -> dict[str, Any]:
+        http = server.http(tokens["owner"] if i % 2 else tokens["admin"])
+        r = http.post(f"/v1/artefacts/{art['id']}/extend", json={"ttl_seconds": ttls[i]})
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    answers = _race(8, extend)
+    served = server.http(tokens["owner"]).get(f"/v1/artefacts/{art['id']}").json()["expires_at"]
+    with server.catalog.db.reading() as cur:
+        (stored,) = cur.execute(
+            "SELECT expires_at FROM _quiver.artefacts WHERE id = ?", [art["id"]]
+        ).fetchone()
+    assert datetime.fromisoformat(served) == stored
+    assert served in [a["expires_at"] for a in answers]

@@ -14,6 +14,7 @@ the file, a byte range of it, or a conversion of a table (control_plane/download
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -136,12 +137,15 @@ class ContentOperation(Operation):
         self.responses = responses
 
 
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,18}")
+
+
 def _ttl(fields: dict[str, str]) -> int | None:
     raw = fields.get("ttl_seconds")
     if raw is None:
         return None
     text = raw.strip()
-    if not text.lstrip("-").isdigit():
+    if _WHOLE_NUMBER.fullmatch(text) is None:  # ASCII digits only: int() takes "²" and "٣"
         raise InvalidArgument(
             f"form field 'ttl_seconds': {bounded(raw, 40)!r} is not a whole number of seconds"
         )
