@@ -12,9 +12,11 @@ its ``{"error", "detail"}`` body) and ``detail``.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import secrets
+import select
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -72,7 +74,49 @@ class QuiverHTTP:
             headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
             if size is not None:
                 headers["content-length"] = str(len(head) + size + len(tail))
-            return self._json("POST", "/v1/artefacts", body=body, headers=headers)
+            return self._upload("/v1/artefacts", headers, body, chunked=size is None)
+
+    def _upload(self, path: str, headers: dict[str, str], body: Iterable[bytes], *, chunked: bool) -> Any:
+        """POST a large body with ``Expect: 100-continue``: the server refuses a bad token,
+        a body over its limit or a quota before it reads anything, and this client then
+        reads that refusal instead of sending the body into a connection the server closes
+        (which would end in a reset, not in the server's answer). A server that does not
+        answer the expectation within :data:`CONTINUE_WAIT` seconds gets the body anyway."""
+        parts = urllib.parse.urlsplit(self.base_url)
+        host = parts.hostname or "localhost"
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(host, parts.port, timeout=self.timeout)
+        else:
+            conn = http.client.HTTPConnection(host, parts.port, timeout=self.timeout)
+        try:
+            conn.putrequest("POST", parts.path.rstrip("/") + path, skip_accept_encoding=True)
+            for key, value in {"authorization": f"Bearer {self._token}", **headers}.items():
+                conn.putheader(key, value)
+            conn.putheader("expect", "100-continue")
+            if chunked:
+                conn.putheader("transfer-encoding", "chunked")
+            conn.endheaders()
+            early = _await_continue(conn)
+            if early is not None:
+                raise early
+            try:
+                for chunk in body:
+                    if chunk:
+                        conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if chunked:
+                    conn.send(b"0\r\n\r\n")
+            except OSError:
+                pass  # the server stopped reading (a limit passed midway): its answer says why
+            response = conn.getresponse()
+            data = response.read()
+            if response.status >= 400:
+                raise _refusal_of(response.status, response.reason, data)
+            return json.loads(data)
+        except (OSError, http.client.HTTPException) as e:
+            raise QuiverClientError("UNAVAILABLE", f"cannot reach {self.base_url}: {e}") from None
+        finally:
+            conn.close()
 
     def download(
         self,
@@ -210,14 +254,62 @@ class QuiverHTTP:
 def _refusal(e: urllib.error.HTTPError) -> QuiverClientError:
     """The server's ``{"error", "detail"}`` as a :class:`QuiverClientError`."""
     try:
-        body = json.loads(e.read(64 * 1024))
-        return QuiverClientError(str(body["error"]), str(body["detail"]))
-    except (ValueError, KeyError, TypeError, OSError):
-        return QuiverClientError(
-            "INTERNAL" if e.code >= 500 else "INVALID_ARGUMENT", f"HTTP {e.code} {e.reason}"
-        )
+        return _refusal_of(e.code, e.reason, e.read(64 * 1024))
+    except OSError:
+        return _refusal_of(e.code, e.reason, b"")
     finally:
         e.close()
+
+
+def _refusal_of(status: int, reason: str, body: bytes) -> QuiverClientError:
+    try:
+        answer = json.loads(body)
+        return QuiverClientError(str(answer["error"]), str(answer["detail"]))
+    except (ValueError, KeyError, TypeError):
+        return QuiverClientError(
+            "INTERNAL" if status >= 500 else "INVALID_ARGUMENT", f"HTTP {status} {reason}"
+        )
+
+
+#: Seconds an upload waits for ``100 Continue`` (or an early refusal) before sending its body
+#: anyway, as curl does: a proxy may not pass the expectation on.
+CONTINUE_WAIT = 1.0
+MAX_EARLY_ANSWER = 64 * 1024
+
+
+def _await_continue(conn: http.client.HTTPConnection) -> QuiverClientError | None:
+    """After the headers of an ``Expect: 100-continue`` request: None when the body should be
+    sent (``100 Continue`` came and was consumed, or nothing came in time), else the refusal
+    the server answered instead. A final answer before the body is always a refusal; the
+    server closes the connection after it, so it is read here (bounded)."""
+    sock = conn.sock
+    assert sock is not None
+    if not select.select([sock], [], [], CONTINUE_WAIT)[0]:
+        return None
+    received = b""
+    while b"\r\n\r\n" not in received and len(received) < MAX_EARLY_ANSWER:
+        data = sock.recv(1)  # up to the end of the headers, not a byte further
+        if not data:
+            break
+        received += data
+    status_line, _, rest = received.partition(b"\r\n")
+    fields = status_line.split(b" ", 2)
+    status = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
+    if status == 100:
+        return None
+    headers = {
+        k.strip().lower(): v.strip()
+        for k, _, v in (line.partition(b":") for line in rest.split(b"\r\n") if line)
+    }
+    length = min(int(headers.get(b"content-length", b"0") or 0), MAX_EARLY_ANSWER)
+    body = b""
+    while len(body) < length:
+        data = sock.recv(length - len(body))
+        if not data:
+            break
+        body += data
+    reason = fields[2].decode("latin-1") if len(fields) > 2 else ""
+    return _refusal_of(status, reason, body)
 
 
 def _share(swarm: str, agent: str | None) -> dict[str, str]:

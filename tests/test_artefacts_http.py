@@ -851,12 +851,17 @@ def test_the_http_client_round_trips_files_and_manages_them(
     with open(source, "rb") as f:
         third = owner.upload_file(f, name="from-file", tags=["client"])
     assert third["size_bytes"] == source.stat().st_size
+    # A stream of unknown length (a pipe) goes chunked.
+    read_end, write_end = os.pipe()
+    feeder = threading.Thread(target=lambda: (os.write(write_end, b"p" * 300_000), os.close(write_end)))
+    feeder.start()
+    with os.fdopen(read_end, "rb") as pipe:
+        piped = owner.upload_file(pipe, name="piped", tags=["client"])
+    feeder.join()
+    assert piped["size_bytes"] == 300_000 and piped["sha256"] == hashlib.sha256(b"p" * 300_000).hexdigest()
 
-    assert [a["id"] for a in owner.artefacts(tag="client", page_size=2)] == [
-        art["id"],
-        small["id"],
-        third["id"],
-    ]
+    listed = [a["id"] for a in owner.artefacts(tag="client", page_size=2)]
+    assert listed == [art["id"], small["id"], third["id"], piped["id"]]
     assert owner.artefact(art["id"]) == art
 
     red = QuiverHTTP(server.http_url, tokens["red"])
@@ -1003,3 +1008,40 @@ def test_concurrent_extends_leave_memory_and_database_agreeing(
         ).fetchone()
     assert datetime.fromisoformat(served) == stored
     assert served in [a["expires_at"] for a in answers]
+
+
+def test_the_http_client_reads_early_refusals_of_large_uploads(
+    server: Server, tokens: dict[str, str]
+) -> None:
+    """The server refuses a bad token or a declared size before reading the body; the client
+    (``Expect: 100-continue``) reads that answer instead of a connection reset, which it
+    would report as UNAVAILABLE, a retryable code."""
+    from quiver_client import QuiverClientError, QuiverHTTP
+
+    before = _stored(server)
+    big = b"x" * (8 * CAP)
+    with pytest.raises(QuiverClientError) as e:
+        QuiverHTTP(server.http_url, "garbage").upload_file(big, name="big")
+    assert e.value.code == "UNAUTHENTICATED"
+    with pytest.raises(QuiverClientError) as e:
+        QuiverHTTP(server.http_url, tokens["owner"]).upload_file(big, name="big")
+    assert e.value.code == "RESOURCE_EXHAUSTED" and "max_upload_bytes" in e.value.detail
+    # Without a length (a pipe): refused at the byte past the cap, mid-body.
+    read_end, write_end = os.pipe()
+
+    def feed() -> None:
+        try:
+            for _ in range(4 * CAP // 65536):
+                os.write(write_end, b"y" * 65536)
+        except OSError:
+            pass  # the client stopped reading the pipe
+        finally:
+            os.close(write_end)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    with pytest.raises(QuiverClientError) as e, os.fdopen(read_end, "rb") as pipe:
+        QuiverHTTP(server.http_url, tokens["owner"]).upload_file(pipe, name="piped-big")
+    feeder.join()
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+    assert _stored(server) == before
