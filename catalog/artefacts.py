@@ -88,6 +88,7 @@ from catalog.errors import (
 )
 from catalog.identity import Principal
 from catalog.metrics import Metrics
+from catalog.swarms import check_swarm_name
 from catalog.tables import TableRef, fold
 from catalog.writes import AdminWrites
 
@@ -235,7 +236,8 @@ class _Record(msgspec.Struct, kw_only=True):
 
 
 # --- validation -----------------------------------------------------------------------------------
-def _check_text(value: object, field: str, limit: int, *, empty_ok: bool) -> str:
+def _check_text(value: object, field: str, limit: int, *, empty_ok: bool, multiline: bool = False) -> str:
+    """A bounded text without control characters (a description may hold newlines and tabs)."""
     if not isinstance(value, str):
         raise InvalidArgument(f"artefact {field} must be a string")
     if not empty_ok and not value.strip():
@@ -244,7 +246,8 @@ def _check_text(value: object, field: str, limit: int, *, empty_ok: bool) -> str
         raise InvalidArgument(
             f"artefact {field} is {len(value)} characters long; at most {limit} are allowed"
         )
-    if any(ord(c) < 32 and c not in "\n\t" for c in value) or "\x7f" in value:
+    allowed = "\n\t" if multiline else ""
+    if any(ord(c) < 32 and c not in allowed for c in value) or "\x7f" in value:
         raise InvalidArgument(f"artefact {field} {bounded(value)!r} contains control characters")
     return value
 
@@ -274,6 +277,44 @@ def _check_kind(kind: object) -> ArtefactKind:
     if kind == "file":
         return "file"
     raise InvalidArgument(f"artefact kind {bounded(kind, 40)!r} is not valid: use 'table' or 'file'")
+
+
+def _unsupported(t: pa.DataType) -> str | None:
+    """Why SQL (DuckDB) cannot hold a column of type ``t``, looking inside nested types."""
+    if pa.types.is_float16(t):
+        return "float16 (half float): cast it to float32"
+    if isinstance(t, pa.Decimal256Type) and t.precision > 38:
+        return f"{t} (more than 38 digits): cast it to decimal128 or string"
+    if isinstance(t, pa.Decimal256Type):
+        return f"{t}: cast it to decimal128({t.precision}, {t.scale})"
+    children: list[pa.DataType] = []
+    if isinstance(t, pa.ListType | pa.LargeListType | pa.FixedSizeListType):
+        children = [t.value_type]
+    elif isinstance(t, pa.MapType):
+        children = [t.key_type, t.item_type]
+    elif isinstance(t, pa.StructType | pa.UnionType):
+        children = [t.field(i).type for i in range(t.num_fields)]
+    elif isinstance(t, pa.DictionaryType):
+        children = [t.value_type]
+    for child in children:
+        why = _unsupported(child)
+        if why is not None:
+            return why
+    return None
+
+
+def check_table_schema(schema: object) -> pa.Schema:
+    """A table artefact's schema, refused up front (before a byte is stored) when SQL could
+    not hold it: no columns, or a type DuckDB does not read."""
+    if not isinstance(schema, pa.Schema):
+        raise InvalidArgument("a table artefact needs its Arrow schema")
+    if len(schema) == 0:
+        raise InvalidArgument("a table artefact needs at least one column")
+    for f in schema:
+        why = _unsupported(f.type)
+        if why is not None:
+            raise InvalidArgument(f"column {bounded(f.name, 60)!r} has a type tables cannot hold: {why}")
+    return schema
 
 
 def _columns(schema: pa.Schema) -> list[Column]:
@@ -383,7 +424,7 @@ class ArtefactWriter:
         return self._sink.size
 
     def _check_size(self, size: int) -> None:
-        refusal = self.store._over_limit(self.principal, size)
+        refusal = self.store._over_limit(self.principal, size, streaming=self)
         if refusal is not None:
             self._over = refusal
             raise refusal
@@ -421,6 +462,16 @@ class ArtefactWriter:
         try:
             self._check_size(self._sink.size + batch.nbytes)
             self._ipc.write_batch(batch)
+        except pa.ArrowInvalid as e:
+            # What the client sent cannot be one IPC file: a dictionary-encoded column whose
+            # dictionary changed between batches is the case in practice.
+            self._fail(
+                InvalidArgument(
+                    f"the batch cannot be stored ({bounded(str(e), 160)}); a dictionary-encoded column "
+                    "must keep one dictionary for the whole upload (pyarrow: table.unify_dictionaries()) "
+                    "or be sent decoded. Nothing was kept"
+                )
+            )
         except BaseException as e:  # noqa: BLE001 - aborted, then re-raised whatever it was
             self._fail(e)
         self.rows += batch.num_rows
@@ -502,7 +553,7 @@ class ArtefactStore:
         self._index: dict[str, _Record] = {}
         # Writers still running (id -> temporary file): the janitor leaves their temporary
         # file and their SQL table alone.
-        self._active: dict[str, Path] = {}
+        self._active: dict[str, ArtefactWriter] = {}
         self._active_lock = threading.Lock()
         # Held while content files are unlinked, and by a backup while it freezes content
         # beside its database copy (catalog/backup.py): a backup never misses the content of
@@ -751,12 +802,15 @@ class ArtefactStore:
         )
 
     def _usage_of(self, swarm: str) -> tuple[int, int]:
-        """Bytes and count of the swarm's live artefacts (expired ones, invisible already and
-        soon swept, do not count against its quota)."""
+        """Bytes and count of the swarm's live artefacts: those of its current instance (a
+        swarm deleted and re-created under its name starts from zero) that have not expired
+        (expired ones, invisible already and soon swept, do not count against its quota)."""
         size = count = 0
         now = datetime.now(UTC)
+        instance = self._swarm_instance(swarm)
         for rec in list(self._index.values()):
-            if rec.artefact.swarm == swarm and rec.artefact.expires_at > now:
+            art = rec.artefact
+            if art.swarm == swarm and art.expires_at > now and _same_instance(rec.swarm_id, instance):
                 size += rec.artefact.size_bytes
                 count += 1
         return size, count
@@ -784,7 +838,9 @@ class ArtefactStore:
         k = _check_kind(kind)
         name = check_name(name)
         tag_list = check_tags(list(tags) if isinstance(tags, tuple) else tags)
-        description = _check_text(description, "description", MAX_DESCRIPTION_CHARS, empty_ok=True)
+        description = _check_text(
+            description, "description", MAX_DESCRIPTION_CHARS, empty_ok=True, multiline=True
+        )
         ttl = self._check_ttl(self.config.default_ttl_seconds if ttl_seconds is None else ttl_seconds)
         if k == "table":
             if media_type not in (None, TABLE_MEDIA_TYPE) or format not in (None, TABLE_FORMAT):
@@ -792,8 +848,7 @@ class ArtefactStore:
                     f"a table artefact is stored as {TABLE_MEDIA_TYPE} ({TABLE_FORMAT}); "
                     "leave media_type and format unset"
                 )
-            if not isinstance(schema, pa.Schema):
-                raise InvalidArgument("a table artefact needs its Arrow schema")
+            schema = check_table_schema(schema)
             mt, fmt = TABLE_MEDIA_TYPE, TABLE_FORMAT
         else:
             if schema is not None:
@@ -825,7 +880,7 @@ class ArtefactStore:
             provenance=provenance,
         )
         with self._active_lock:
-            self._active[writer.id] = writer.temp_path
+            self._active[writer.id] = writer
         return writer
 
     def _writer_done(self, writer: ArtefactWriter) -> None:
@@ -842,7 +897,18 @@ class ArtefactStore:
             )
         return ttl
 
-    def _quota_detail(self, swarm: str, which: str, size: int) -> str:
+    def _in_flight(self, swarm: str, besides: ArtefactWriter) -> int:
+        """Bytes the swarm's other running uploads have written so far: they count while
+        streaming, so parallel uploads cannot each fill the disk up to the quota."""
+        with self._active_lock:
+            writers = list(self._active.values())
+        return sum(
+            w.size
+            for w in writers
+            if w is not besides and not w.principal.is_admin and w.principal.swarm == swarm
+        )
+
+    def _quota_detail(self, swarm: str, which: str, size: int, in_flight: int = 0) -> str:
         used, count = self._usage_of(swarm)
         cfg = self.config
         if which == "count":
@@ -850,13 +916,19 @@ class ArtefactStore:
                 f"swarm {swarm!r} already keeps {count} artefacts, the most [artefacts] swarm_quota_count "
                 f"({cfg.swarm_quota_count}) allows; delete some first. Nothing was kept"
             )
+        running = f", and its other uploads in progress hold {in_flight} more" if in_flight else ""
         return (
-            f"this upload ({size} bytes so far) would take swarm {swarm!r} to {used + size} bytes, above "
-            f"[artefacts] swarm_quota_bytes ({cfg.swarm_quota_bytes}); it uses {used} bytes in {count} "
-            "artefacts now. Nothing was kept"
+            f"this upload ({size} bytes so far) would take swarm {swarm!r} to {used + in_flight + size} bytes, "
+            f"above [artefacts] swarm_quota_bytes ({cfg.swarm_quota_bytes}); it uses {used} bytes in {count} "
+            f"artefacts now{running}. Nothing was kept"
         )
 
-    def _over_limit(self, principal: Principal, size: int) -> PayloadTooLarge | None:
+    def _over_limit(
+        self, principal: Principal, size: int, *, streaming: ArtefactWriter | None = None
+    ) -> PayloadTooLarge | None:
+        """The refusal for an upload of ``size`` bytes, or None. While ``streaming``, the
+        swarm's other running uploads count too; at commit only what is kept counts (the
+        others may still fail)."""
         cfg = self.config
         if size > cfg.max_upload_bytes:
             return PayloadTooLarge(
@@ -865,8 +937,9 @@ class ArtefactStore:
             )
         if principal.swarm is not None and not principal.is_admin:
             used, _ = self._usage_of(principal.swarm)
-            if used + size > cfg.swarm_quota_bytes:
-                return PayloadTooLarge(self._quota_detail(principal.swarm, "bytes", size))
+            in_flight = self._in_flight(principal.swarm, streaming) if streaming is not None else 0
+            if used + in_flight + size > cfg.swarm_quota_bytes:
+                return PayloadTooLarge(self._quota_detail(principal.swarm, "bytes", size, in_flight))
         return None
 
     def _commit(self, w: ArtefactWriter) -> Artefact:
@@ -974,12 +1047,21 @@ class ArtefactStore:
                 reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
             )
             view = f"quiver_artefact_load_{secrets.token_hex(6)}"
-            with self._db.transaction() as cur:
-                cur.register(view, stream)
-                try:
-                    cur.execute(f"CREATE TABLE {sql_name(artefact_id)} AS SELECT * FROM {view}")
-                finally:
-                    cur.unregister(view)
+            try:
+                with self._db.transaction() as cur:
+                    cur.register(view, stream)
+                    try:
+                        cur.execute(f"CREATE TABLE {sql_name(artefact_id)} AS SELECT * FROM {view}")
+                    finally:
+                        cur.unregister(view)
+            except (
+                duckdb.InvalidInputException,
+                duckdb.NotImplementedException,
+                duckdb.ConversionException,
+            ) as e:
+                raise InvalidArgument(
+                    f"the table cannot be loaded for SQL ({bounded(str(e), 200)}); nothing was kept"
+                ) from None
         finally:
             source.close()
 
@@ -1099,8 +1181,6 @@ class ArtefactStore:
 
     @staticmethod
     def _check_share_target(swarm: object, agent: object) -> tuple[str, str | None]:
-        from catalog.swarms import check_swarm_name  # swarms imports nothing of ours back
-
         name = check_swarm_name(swarm)  # type: ignore[arg-type]
         if agent is not None:
             agent = _check_text(agent, "share's agent", 128, empty_ok=False)
@@ -1144,7 +1224,7 @@ class ArtefactStore:
                 if name.startswith(TEMP_PREFIX):
                     path = Path(entry.path)
                     with self._active_lock:
-                        running = path in self._active.values()
+                        running = any(w.temp_path == path for w in self._active.values())
                     if not running:
                         path.unlink(missing_ok=True)
                         report.temp_files.append(name)

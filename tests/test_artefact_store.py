@@ -172,6 +172,8 @@ def test_bad_inputs_keep_nothing(catalog: Catalog) -> None:
         (lambda: store.begin_write(p, "table", "", schema=TABLE.schema), InvalidArgument),
         (lambda: store.begin_write(p, "table", "x" * 256, schema=TABLE.schema), InvalidArgument),
         (lambda: store.begin_write(p, "table", "a\x00b", schema=TABLE.schema), InvalidArgument),
+        (lambda: store.begin_write(p, "table", "two\nlines", schema=TABLE.schema), InvalidArgument),
+        (lambda: store.begin_write(p, "file", "x", tags=["a\tb"]), InvalidArgument),
         (lambda: store.begin_write(p, "table", "x"), InvalidArgument),
         (lambda: store.begin_write(p, "table", "x", schema=TABLE.schema, tags=["t"] * 40), InvalidArgument),
         (lambda: store.begin_write(p, "file", "x", media_type="not a type"), InvalidArgument),
@@ -230,12 +232,13 @@ def test_quota_refusal_leaves_usage_unchanged(catalog: Catalog) -> None:
 
 
 def test_quota_races_commit_at_most_the_quota(catalog: Catalog) -> None:
-    """Five threads each commit 100 kB into a 300 kB quota at once: exactly three are kept."""
+    """Eight uploads begun while the swarm keeps nothing commit at once into a count quota of
+    five: exactly five are kept (the commit's check runs under the admin-write lock)."""
     store = catalog.artefacts
     p = who(catalog, "agent", "s2", "a1")
-    writers = [store.begin_write(p, "file", f"r{i}") for i in range(5)]
+    writers = [store.begin_write(p, "file", f"r{i}") for i in range(8)]
     for w in writers:
-        w.write(b"y" * 100_000)
+        w.write(b"y" * 1000)
     results: list[object] = []
     barrier = threading.Barrier(len(writers))
 
@@ -252,8 +255,9 @@ def test_quota_races_commit_at_most_the_quota(catalog: Catalog) -> None:
     for t in threads:
         t.join()
     kept = [r for r in results if not isinstance(r, Exception)]
-    assert len(kept) == 3
-    assert store.usage("s2").bytes == 300_000 and len(files(store)) == 3 and meta_rows(catalog) == 3
+    assert len(kept) == 5
+    assert all("swarm_quota_count" in str(r) for r in results if isinstance(r, Exception))
+    assert store.usage("s2").count == 5 and len(files(store)) == 5 and meta_rows(catalog) == 5
 
 
 def test_extend_and_expiry(catalog: Catalog) -> None:
@@ -419,3 +423,36 @@ def test_ids_are_case_insensitive_and_usage_skips_expired(catalog: Catalog) -> N
     assert store.usage("s1").bytes == art.size_bytes
     wait_until(lambda: datetime.now(UTC) >= art.expires_at, what="the artefact's expiry")
     assert store.usage("s1").bytes == 0
+
+
+def test_a_recreated_swarm_neither_sees_nor_pays_for_the_old_ones_artefacts(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    old = who(catalog, "agent", "s2", "a1")
+    art = save_table(store, old)
+    assert store.usage("s2").count == 1
+    catalog.delete_swarm("s2")
+    catalog.swarms.create("s2")
+    new = who(catalog, "agent", "s2", "a1")
+    with pytest.raises(NotFound):
+        store.get(new, art.id)
+    assert store.readable_table(new, art.id) is None
+    assert store.usage("s2").count == 0
+    assert store.get(who(catalog, "admin"), art.id).id == art.id
+
+
+def test_running_uploads_count_against_the_quota_while_streaming(catalog: Catalog) -> None:
+    """Parallel uploads of one swarm cannot each fill the disk up to the quota."""
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    first = store.begin_write(p, "file", "first")
+    first.write(b"x" * 200_000)
+    second = store.begin_write(p, "file", "second")
+    with pytest.raises(PayloadTooLarge) as e:
+        second.write(b"x" * 150_000)
+    assert "other uploads in progress hold 200000 more" in e.value.detail
+    assert [n for n in files(store) if n.startswith(TEMP_PREFIX)] == [first.temp_path.name]
+    first.abort()
+    with store.begin_write(p, "file", "third") as third:
+        third.write(b"x" * 150_000)
+        third.commit()
+    assert store.usage("s1").bytes == 150_000

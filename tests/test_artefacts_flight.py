@@ -500,3 +500,50 @@ def test_reads_racing_a_delete_never_fail_internally(srv: Server) -> None:
     assert set(outcomes) <= {"ok", "NOT_FOUND", "PERMISSION_DENIED"}, sorted(set(outcomes))
     assert outcomes.count("ok") >= 12
     assert {"NOT_FOUND", "PERMISSION_DENIED"} & set(outcomes)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        pa.table({"h": pa.array([1.0, 2.0], pa.float32()).cast(pa.float16())}),
+        pa.table({"d": pa.array([1, 2], pa.int64()).cast(pa.decimal256(50, 2))}),
+        pa.table(
+            {
+                "s": pa.array([{"h": 1.0}], pa.struct([("h", pa.float32())])).cast(
+                    pa.struct([("h", pa.float16())])
+                )
+            }
+        ),
+        pa.table({}),
+    ],
+    ids=["float16", "decimal256", "nested-float16", "no-columns"],
+)
+def test_tables_sql_cannot_read_are_refused_up_front(srv: Server, table: pa.Table) -> None:
+    token = srv.mint("agent", "art2", "types")
+    before, usage = artefact_files(srv), srv.catalog.artefacts.usage("art2")
+    with pytest.raises(QuiverClientError) as e:
+        client(srv, token).put_table(table, "odd types")
+    assert e.value.code == "INVALID_ARGUMENT", e.value
+    # Said before anything was stored, naming the column and what to do.
+    assert "column" in e.value.detail and ("cast it" in e.value.detail or "at least one" in e.value.detail)
+    assert artefact_files(srv) == before and srv.catalog.artefacts.usage("art2") == usage
+
+
+def test_dictionaries_that_change_between_batches(srv: Server) -> None:
+    token = srv.mint("agent", "art2", "dict")
+    first = pa.record_batch({"c": pa.array(["a", "b"]).dictionary_encode()})
+    second = pa.record_batch({"c": pa.array(["x", "y", "z"]).dictionary_encode()})
+    before, usage = artefact_files(srv), srv.catalog.artefacts.usage("art2")
+    # A stream whose dictionary changes midway cannot be one IPC file: refused, nothing kept.
+    with pytest.raises(QuiverClientError) as e:
+        client(srv, token).put_table(pa.RecordBatchReader.from_batches(first.schema, [first, second]), "dict")
+    assert e.value.code == "INVALID_ARGUMENT" and "unify_dictionaries" in e.value.detail
+    assert artefact_files(srv) == before and srv.catalog.artefacts.usage("art2") == usage
+    # A table of several dictionaries is unified by the client: stored and read back equal.
+    table = pa.Table.from_batches([first, second])
+    meta = client(srv, token).put_table(table, "dict")
+    got = client(srv, token).get_artefact(meta["id"])
+    assert got.column("c").to_pylist() == ["a", "b", "x", "y", "z"]
+    assert sql(srv, token, f"SELECT count(DISTINCT c) AS n FROM {meta['sql_name']}").column(
+        "n"
+    ).to_pylist() == [5]
