@@ -90,8 +90,8 @@ async def read_form(
     ``fields`` names the text fields allowed, each with its maximum size in bytes (UTF-8).
     When the ``file`` part starts, ``open_file`` is awaited with its headers and the fields
     read so far, and the part's bytes are written to the sink it returns; so the fields come
-    first (a field after the file part is refused). Returns the fields and the file part once the closing
-    boundary has been read; raises :class:`~catalog.InvalidArgument` for a malformed body,
+    first (a field after the file part is refused). Returns the fields and the file part
+    once the closing boundary has been read; raises :class:`~catalog.InvalidArgument` for a malformed body,
     a part it does not know, a field given twice or too long, a missing file part, or a
     client that disconnected. The caller aborts the sink whenever this raises.
     """
