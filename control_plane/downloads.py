@@ -41,7 +41,7 @@ Format = Literal["parquet", "csv", "ndjson", "arrow"]
 
 MEDIA_TYPES: dict[str, str] = {
     "parquet": "application/vnd.apache.parquet",
-    "csv": "text/csv",  # Litestar adds "; charset=utf-8" to text/* (pyarrow writes UTF-8)
+    "csv": "text/csv; charset=utf-8",
     "ndjson": "application/x-ndjson",
     "arrow": "application/vnd.apache.arrow.stream",
 }
