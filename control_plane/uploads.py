@@ -22,9 +22,8 @@ from typing import Any, Protocol
 
 import anyio.to_thread
 import multipart
-from litestar.exceptions import HTTPException
 
-from catalog import InvalidArgument
+from catalog import InvalidArgument, QuiverError
 from catalog.errors import bounded
 
 FORM_DATA = "multipart/form-data"
@@ -36,8 +35,11 @@ MAX_PART_HEADERS = 8
 MAX_PARTS = 16
 
 
-class UnsupportedMediaType(HTTPException):
-    status_code = 415
+class UnsupportedMediaType(QuiverError):
+    """415: the upload is not ``multipart/form-data`` (a client's mistake, audited as one)."""
+
+    code = "INVALID_ARGUMENT"
+    http_status = 415
 
 
 class FileSink(Protocol):
@@ -215,3 +217,17 @@ class ThreadedSink:
             data = bytes(self._buffer)
             self._buffer.clear()
             await anyio.to_thread.run_sync(self.writer.write, data)
+
+
+async def drain(chunks: AsyncIterator[bytes], limit: int) -> None:
+    """Read and drop what is left of a refused body, up to ``limit`` bytes, so that the
+    client, still sending, sees the answer rather than a reset; a client that went away,
+    or a body that ends, stops it quietly."""
+    left = limit
+    try:
+        async for chunk in chunks:
+            left -= len(chunk)
+            if left <= 0:
+                return
+    except Exception:  # noqa: BLE001 - the refusal is what the client gets, whatever happens here
+        return

@@ -410,9 +410,22 @@ def test_a_ttl_out_of_range_is_refused_and_keeps_nothing(
 def test_an_upload_over_the_cap_is_413_and_keeps_nothing(server: Server, tokens: dict[str, str]) -> None:
     before = _stored(server)
     http = server.http(tokens["owner"])
-    # Declared too large: refused from its Content-Length, before a byte is read.
-    r = _upload(http, b"x" * (CAP + 100 * 1024))
-    assert "max_upload_bytes" in _error(r, 413, "RESOURCE_EXHAUSTED")
+    # Declared too large: refused from its Content-Length before a byte of the body is
+    # read — the client here sends none, and gets the answer.
+    url = urlsplit(server.http_url)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(
+            (
+                f"POST /v1/artefacts HTTP/1.1\r\nhost: {url.netloc}\r\nauthorization: Bearer {tokens['owner']}\r\n"
+                f"content-type: multipart/form-data; boundary=B\r\ncontent-length: {100 * CAP}\r\n\r\n"
+            ).encode()
+        )
+        answer = b""
+        while b"}" not in answer and (data := sock.recv(65536)):
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert json.loads(body)["error"] == "RESOURCE_EXHAUSTED" and b"max_upload_bytes" in body
     assert _stored(server) == before
 
     # Streamed without a length (chunked): refused at the byte that passes the cap.
@@ -970,6 +983,10 @@ def test_refused_writes_are_audited_with_the_request_id(server: Server, tokens: 
     _error(r, 403, "PERMISSION_DENIED")
     r2 = _upload(server.http(tokens["owner"]), b"x", ttl_seconds=MAX_TTL + 1)
     _error(r2, 422, "INVALID_ARGUMENT")
+    r3 = server.http(tokens["owner"]).post(
+        "/v1/artefacts", content=b"{}", headers={"content-type": "application/json"}
+    )
+    _error(r3, 415, "INVALID_ARGUMENT")
     server.catalog.audit.flush()
     refused = {e.request_id: e for e in server.catalog.audit.query(limit=100_000) if e.outcome != "ok"}
     denied = refused[r.headers["x-request-id"]]
@@ -977,6 +994,8 @@ def test_refused_writes_are_audited_with_the_request_id(server: Server, tokens: 
     assert denied.outcome == "permission_denied"
     bad_ttl = refused[r2.headers["x-request-id"]]
     assert (bad_ttl.action, bad_ttl.actor) == ("artefact.create", "agent:demo/owner")
+    not_multipart = refused[r3.headers["x-request-id"]]
+    assert (not_multipart.action, not_multipart.outcome) == ("artefact.create", "invalid_argument")
     # A committed write has one record (the store's), not two.
     created = [
         e

@@ -29,7 +29,7 @@ from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 
-from catalog import Catalog, InvalidArgument, PayloadTooLarge, Principal
+from catalog import Catalog, InvalidArgument, PayloadTooLarge, Principal, QuiverError
 from catalog.artefacts import (
     MAX_DESCRIPTION_CHARS,
     MAX_NAME_CHARS,
@@ -55,7 +55,7 @@ from control_plane.downloads import (
     none_match,
 )
 from control_plane.models import ArtefactList, ErrorBody, ExtendArtefact, ShareArtefact
-from control_plane.uploads import FORM_DATA, FilePart, ThreadedSink, boundary_of, read_form
+from control_plane.uploads import FORM_DATA, FilePart, ThreadedSink, boundary_of, drain, read_form
 
 #: Form fields of an upload besides ``file``, with the bytes each may have (UTF-8: up to four
 #: per character of the store's limits, which the store then checks in characters).
@@ -65,6 +65,10 @@ UPLOAD_FIELDS = {
     "tags": 4 * MAX_TAGS * (MAX_TAG_CHARS + 1),
     "ttl_seconds": 32,
 }
+#: Bytes of a refused upload's body still read (and dropped) before the answer: a client that
+#: sends the whole body before it reads (most do; curl's ``Expect: 100-continue`` does not)
+#: then gets the refusal instead of a connection reset. A longer rest is not waited for.
+DRAIN_BYTES = 4 * 1024 * 1024
 #: Bytes a multipart body may have beyond its file: the fields and the parts' headers. A
 #: Content-Length above ``max_upload_bytes`` plus this is refused before a byte is read.
 FORM_ALLOWANCE = sum(UPLOAD_FIELDS.values()) + 16 * 1024
@@ -170,14 +174,6 @@ async def upload_artefact(
 ) -> Artefact:
     store = catalog.artefacts
     content_type = request.headers.get("content-type")
-    boundary_of(content_type)  # 415 before anything is read
-    cap = catalog.config.artefacts.max_upload_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap + FORM_ALLOWANCE:
-        raise PayloadTooLarge(
-            f"the upload ({int(declared)} bytes) is larger than [artefacts] max_upload_bytes "
-            f"({cap} bytes per artefact); nothing was kept"
-        )
     writer: ArtefactWriter | None = None
     sink: ThreadedSink | None = None
 
@@ -202,9 +198,20 @@ async def upload_artefact(
         sink = ThreadedSink(writer)
         return sink
 
+    body = request.stream()
     with audited(request, "artefact.create", None, success=False):
+        # Refused before a byte of the body is read: not multipart (415), or a declared
+        # length that cannot fit (413).
+        boundary_of(content_type)
+        cap = catalog.config.artefacts.max_upload_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap + FORM_ALLOWANCE:
+            raise PayloadTooLarge(
+                f"the upload ({int(declared)} bytes) is larger than [artefacts] max_upload_bytes "
+                f"({cap} bytes per artefact); nothing was kept"
+            )
         try:
-            form = await read_form(request.stream(), content_type, fields=UPLOAD_FIELDS, open_file=open_file)
+            form = await read_form(body, content_type, fields=UPLOAD_FIELDS, open_file=open_file)
             assert writer is not None and sink is not None
             await sink.flush()
             if form.file_bytes == 0:
@@ -213,11 +220,13 @@ async def upload_artefact(
                 raise InvalidArgument("the file part is empty: an uploaded file has at least one byte")
             committed = writer
             return await anyio.to_thread.run_sync(committed.commit)
-        except BaseException:
+        except BaseException as e:
             if writer is not None:
                 failed = writer
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(failed.abort)
+            if isinstance(e, QuiverError):
+                await drain(body, DRAIN_BYTES)
             raise
 
 
