@@ -48,10 +48,17 @@ Public API (stable; other components build on it — add, do not rename):
   an exception and leaves committing to the caller.
 - ``get(principal, id) -> Artefact``, ``open_content(principal, id) -> (Artefact, BinaryIO)``,
   ``open_table(principal, id) -> (Artefact, pa.RecordBatchReader)``,
-  ``content_path(principal, id)``, ``list(principal, ArtefactFilter, page_size, after)
-  -> ArtefactPage``, ``delete``, ``share``/``unshare``, ``extend(principal, id, ttl_seconds)``,
-  ``sweep(now) -> SweepReport``, ``usage(swarm) -> Usage``, ``readable_table(principal, name)``
-  (the SQL guard's resolution of ``artefacts."<id>"``).
+  ``table_schema(principal, id) -> (Artefact, pa.Schema)``, ``content_path(principal, id)``,
+  ``list(principal, ArtefactFilter, page_size=, after=) -> ArtefactPage``,
+  ``delete(principal, id)``, ``share(principal, id, swarm, agent=None)`` /
+  ``unshare(...)``, ``extend(principal, id, ttl_seconds)`` (above the maximum:
+  ``Unprocessable``, 422), ``sweep(now) -> SweepReport``, ``usage(swarm) -> Usage``,
+  ``status() -> StoreStatus``, ``readable_table(principal, name)`` (the SQL guard's
+  resolution of ``artefacts."<id>"``).
+- Errors: ``NotFound`` (invisible or unknown id), ``PermissionDenied`` (visible, may not
+  manage), ``InvalidArgument`` / ``Unprocessable`` (bad input), ``PayloadTooLarge``
+  (``RESOURCE_EXHAUSTED``, HTTP 413: a limit or quota). Helpers: ``is_artefact_id``,
+  ``check_name``, ``check_tags``, ``check_table_schema``, ``sql_name``.
 """
 
 from __future__ import annotations
@@ -190,8 +197,8 @@ class ArtefactFilter(msgspec.Struct, frozen=True, kw_only=True):
     tag: str | None = None
     name: str | None = None  # exact name
     swarm: str | None = None  # owner's swarm
+    owner: str | None = None  # the owner's label: agent:s/a, swarm:s, admin:…
     name_prefix: str | None = None  # names that start with it
-    owner: str | None = None  # the owner's label: agent:<swarm>/<agent>, swarm:<swarm>, admin:<subject>
 
 
 class ArtefactPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -206,6 +213,15 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     count: int
     quota_bytes: int
     quota_count: int
+
+
+class StoreStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``artefacts`` section of GET /v1/status."""
+
+    count: int  # artefacts kept (expired ones until the janitor's next pass)
+    bytes: int  # their content
+    tables: int  # of them tabular
+    uploading: int  # uploads in progress
 
 
 class SweepReport(msgspec.Struct, kw_only=True):
@@ -400,7 +416,13 @@ class ArtefactWriter:
         self.provenance = provenance
         self.rows = 0
         self.temp_path = store.directory / f"{TEMP_PREFIX}{artefact_id}-{secrets.token_hex(4)}"
-        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Registered before the file exists: the janitor never takes it for a leftover.
+        store._writer_started(self)
+        try:
+            fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            store._writer_done(self)
+            raise
         self._file: IO[bytes] = os.fdopen(fd, "wb")
         self._sink = _Sink(self._file, self._check_size)
         self._ipc: ipc.RecordBatchFileWriter | None = None
@@ -421,7 +443,8 @@ class ArtefactWriter:
     # --- streaming ---------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        return self._sink.size
+        sink: _Sink | None = getattr(self, "_sink", None)  # None until the file is open
+        return sink.size if sink is not None else 0
 
     def _check_size(self, size: int) -> None:
         refusal = self.store._over_limit(self.principal, size, streaming=self)
@@ -879,9 +902,11 @@ class ArtefactStore:
             schema=schema,
             provenance=provenance,
         )
+        return writer
+
+    def _writer_started(self, writer: ArtefactWriter) -> None:
         with self._active_lock:
             self._active[writer.id] = writer
-        return writer
 
     def _writer_done(self, writer: ArtefactWriter) -> None:
         with self._active_lock:
@@ -1285,6 +1310,18 @@ class ArtefactStore:
             self.sweep()
         except Exception as e:  # noqa: BLE001 - the janitor must never kill its thread
             log.warning("artefact.sweep_failed", error=str(e)[:300])
+
+    def status(self) -> StoreStatus:
+        """GET /v1/status "artefacts": what is kept and what is being uploaded."""
+        records = list(self._index.values())
+        with self._active_lock:
+            uploading = len(self._active)
+        return StoreStatus(
+            count=len(records),
+            bytes=sum(r.artefact.size_bytes for r in records),
+            tables=sum(1 for r in records if r.artefact.kind == "table"),
+            uploading=uploading,
+        )
 
     def content_ids(self) -> Sequence[str]:
         """Ids whose content is committed now (for backups)."""

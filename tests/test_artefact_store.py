@@ -335,6 +335,8 @@ def test_list_pages_and_filters(catalog: Catalog) -> None:
         ids += [a.id for a in page.items]
     assert ids == [a.id for a in made]
     assert [a.name for a in store.list(p, ArtefactFilter(tag="odd")).items] == ["t1", "t3"]
+    assert len(store.list(p, ArtefactFilter(owner=p.label, kind="table")).items) == 5
+    assert store.list(p, ArtefactFilter(owner="agent:s1/a1")).items == []
     with pytest.raises(InvalidArgument):
         store.list(p, page_size=0)
     with pytest.raises(InvalidArgument):
@@ -456,3 +458,107 @@ def test_running_uploads_count_against_the_quota_while_streaming(catalog: Catalo
         third.write(b"x" * 150_000)
         third.commit()
     assert store.usage("s1").bytes == 150_000
+
+
+def test_status_section(catalog: Catalog) -> None:
+    save_table(catalog.artefacts, who(catalog, "admin"))
+    section = catalog.status()["artefacts"]
+    assert (section.count, section.tables, section.uploading) == (1, 1, 0) and section.bytes > 0
+
+
+def test_config_reserves_the_artefacts_schema_and_bounds_ttls(tmp_path: Path) -> None:
+    from catalog import ConfigError, load_config
+
+    sync = {
+        "snowflake": {"account": "acme", "user": "quiver", "password": "x"},
+        "sync": {"tables": [{"source": "DB.S.T", "target": "artefacts.t"}]},
+    }
+    with pytest.raises(ConfigError, match="reserved for tabular artefacts"):
+        load_config(None, environ={}, overrides=sync)
+    with pytest.raises(ConfigError, match=r"artefacts\.default_ttl_seconds"):
+        load_config(
+            None, environ={}, overrides={"artefacts": {"default_ttl_seconds": 10, "max_ttl_seconds": 5}}
+        )
+    env = {"QUIVER_ARTEFACTS_SWARM_QUOTA_COUNT": "7"}
+    assert load_config(None, environ=env).artefacts.swarm_quota_count == 7
+
+
+def test_any_name_is_a_label_or_a_clear_refusal(catalog: Catalog) -> None:
+    """Hypothesis over names (path-like, unicode, control characters, long): either refused
+    with INVALID_ARGUMENT and nothing kept, or stored verbatim with the content under the id."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    store = catalog.artefacts
+    p = who(catalog, "admin")
+    names = st.one_of(
+        st.text(max_size=300),
+        st.sampled_from(
+            ["../../etc/passwd", "/abs/path", "..", ".", "a/../../b", "C:\\\\x", "~root", ".tmp-x"]
+        ),
+    )
+
+    @settings(max_examples=150, deadline=None)
+    @given(name=names)
+    def check(name: str) -> None:
+        before = files(store)
+        try:
+            with store.begin_write(p, "file", name) as w:
+                w.write(b"content")
+                art = w.commit()
+        except InvalidArgument as e:
+            assert len(e.detail) <= 600
+            assert files(store) == before
+            return
+        assert art.name == name and files(store) == sorted([*before, art.id])
+        store.delete(p, art.id)
+        assert files(store) == before
+
+    check()
+    assert not (catalog.data_dir.parent / "etc").exists() and not (store.directory.parent / "b").exists()
+
+
+def test_uploads_racing_the_janitor_all_commit_whole(catalog: Catalog) -> None:
+    """Writers (threads) save tables and files while the janitor sweeps without pause: every
+    upload commits, reads back whole, and nothing of theirs is taken for an orphan."""
+    store = catalog.artefacts
+    admin = who(catalog, "admin")
+    stop = threading.Event()
+    sweeps = [0]
+    errors: list[BaseException] = []
+
+    def janitor() -> None:
+        while not stop.is_set():
+            report = store.sweep()
+            if report.total:
+                errors.append(AssertionError(f"the janitor removed a live upload's files: {report}"))
+            sweeps[0] += 1
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(15):
+                if i % 2:
+                    art = save_table(store, admin, name=f"w{n}-{i}")
+                    _, reader = store.open_table(admin, art.id)
+                    assert reader.read_all().equals(TABLE)
+                else:
+                    with store.begin_write(admin, "file", f"w{n}-{i}") as w:
+                        w.write(b"%d" % i)
+                        art = w.commit()
+                    _, f = store.open_content(admin, art.id)
+                    with f:
+                        assert f.read() == b"%d" % i
+        except BaseException as e:
+            errors.append(e)
+
+    sweeper = threading.Thread(target=janitor)
+    sweeper.start()
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    sweeper.join()
+    assert not errors, errors
+    assert sweeps[0] > 0 and meta_rows(catalog) == 60 and len(files(store)) == 60
