@@ -199,6 +199,7 @@ class ArtefactFilter(msgspec.Struct, frozen=True, kw_only=True):
     name: str | None = None  # exact name
     swarm: str | None = None  # owner's swarm
     owner: str | None = None  # the owner's label: agent:s/a, swarm:s, admin:…
+    name_prefix: str | None = None  # names that start with it
 
 
 class ArtefactPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -784,6 +785,7 @@ class ArtefactStore:
                 or (f.tag is not None and f.tag not in art.tags)
                 or (f.name is not None and art.name != f.name)
                 or (f.swarm is not None and art.swarm != f.swarm)
+                or (f.name_prefix is not None and not art.name.startswith(f.name_prefix))
                 or (f.owner is not None and art.owner != f.owner)
             ):
                 continue

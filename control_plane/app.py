@@ -20,7 +20,7 @@ from control_plane.context import DEPENDENCIES, Access
 from control_plane.errors import EXCEPTION_HANDLERS
 from control_plane.gate import MAX_JSON_BODY, gate
 from control_plane.models import ErrorBody
-from control_plane.routes import admin, backup, public, swarms, tokens
+from control_plane.routes import admin, artefacts, backup, public, swarms, tokens
 
 log = structlog.get_logger("control_plane")
 
@@ -32,6 +32,7 @@ ROUTERS: list[Router] = [
     tokens.ROUTER,
     admin.ROUTER,
     backup.ROUTER,
+    artefacts.ROUTER,
 ]
 
 _WHY = {
@@ -40,8 +41,9 @@ _WHY = {
     403: "The token is valid but may not do this",
     404: "No such object",
     409: "Conflicts with the current state (exists already, or a concurrent change; retry)",
-    413: "The request body is larger than the limit",
-    415: "The body is not sent as 'Content-Type: application/json'",
+    413: "The request body is larger than the limit (an upload: [artefacts] max_upload_bytes or the swarm's quota)",
+    415: "The body is not sent as 'Content-Type: application/json' (an upload: 'multipart/form-data')",
+    416: "The range lies past the end of the content (Content-Range: bytes */size)",
     422: "Well-formed but out of range (e.g. ttl_seconds above the configured maximum)",
     503: "Not ready: a listener is down",
 }
@@ -57,6 +59,15 @@ _DOMAIN_STATUSES: dict[str, set[int]] = {
     "revoke_tokens": {404, 409},
     "sync_status": {404},
     "metrics": {401, 403},
+    # Artefacts (proto_docs/artefacts.md, "Over HTTP"): the upload reads its own body (no
+    # ``data`` model), so its body statuses are listed here; 403 for a reader who is not the
+    # owner, 404 for an unknown swarm, 413 for the size cap and the swarm's quota.
+    "upload_artefact": {413, 415, 422},
+    "artefact_content": {416},
+    "share_artefact": {403},
+    "unshare_artefact": {403},
+    "extend_artefact": {403, 422},
+    "delete_artefact": {403},
 }
 
 
@@ -168,7 +179,7 @@ def create_app(catalog: Catalog, *, report: StatusReport, sync: SyncControl | No
         openapi_config=OpenAPIConfig(
             title="Quiver control plane",
             version=VERSION,
-            description="Admin API: swarms, tokens, allowlists, tables, status, audit, sync.",
+            description="Admin API: swarms, tokens, allowlists, tables, status, audit, sync; artefacts for agents.",
             render_plugins=docs_plugins,
             components=Components(
                 security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}

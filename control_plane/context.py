@@ -169,9 +169,13 @@ DEPENDENCIES = {
 
 
 @contextmanager
-def audited(request: Request[Principal, Any, Any], action: str, target: str | None) -> Iterator[None]:
+def audited(
+    request: Request[Principal, Any, Any], action: str, target: str | None, *, success: bool = True
+) -> Iterator[None]:
     """Record a mutation by ``request.user`` in the audit log with its outcome, whether it
-    succeeds or not."""
+    succeeds or not. ``success=False`` records only a refusal or failure: for writes whose
+    component audits what it committed itself (the artefact store does, for every listener),
+    so that each write has one record."""
     catalog = catalog_of(request)
     fields = {
         "actor": request.user.label,
@@ -187,4 +191,5 @@ def audited(request: Request[Principal, Any, Any], action: str, target: str | No
     except Exception:
         catalog.audit.record(action, outcome="error", **fields)
         raise
-    catalog.audit.record(action, outcome="ok", **fields)
+    if success:
+        catalog.audit.record(action, outcome="ok", **fields)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import msgspec
 
+from catalog.artefacts import Artefact
 from catalog.audit import AuditEvent
 from catalog.identity import TokenKind
 from catalog.swarms import Swarm
@@ -85,3 +86,28 @@ class TableList(msgspec.Struct, kw_only=True):
 
 class AuditList(msgspec.Struct, kw_only=True):
     events: list[AuditEvent]
+
+
+# --- artefacts (proto_docs/artefacts.md, "Over HTTP") ----------------------------------------
+# An artefact's metadata is the store's own ``catalog.artefacts.Artefact``.
+
+
+class ArtefactList(msgspec.Struct, kw_only=True):
+    """``GET /v1/artefacts``: one page, oldest first; pass ``next_cursor`` as ``cursor`` for
+    the next one (null on the last page)."""
+
+    artefacts: list[Artefact]
+    next_cursor: str | None
+
+
+class ShareArtefact(Request):
+    """Whom to share with (or to stop sharing with): a whole swarm, or one agent of it."""
+
+    swarm: str
+    agent: str | None = None
+
+
+class ExtendArtefact(Request):
+    """Keep the artefact until now + ``ttl_seconds``."""
+
+    ttl_seconds: int
