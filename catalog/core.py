@@ -18,10 +18,11 @@ import structlog
 from catalog.audit import AuditLog
 from catalog.config import Config
 from catalog.database import Database
-from catalog.errors import NotFound, QuiverError
+from catalog.errors import NotFound, QuiverError, Unavailable
 from catalog.keys import KeyRing, write_private_atomic
 from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
+from catalog.query_port import QueryRunner
 from catalog.resources import duckdb_memory_limit
 from catalog.retention import Retention
 from catalog.swarms import SwarmStore
@@ -79,6 +80,8 @@ class Catalog:
         # Extra sections of GET /v1/status (e.g. "queries", "cache", "sync").
         self.status_sections: dict[str, Callable[[], Any]] = {"backup": self.backups.status}
         self.sync: SyncController | None = None
+        # The data plane's query path for the other listeners (catalog/query_port.py).
+        self.queries: QueryRunner | None = None
         self._closed = threading.Event()
         # (token, jti, expires_at) of what admin.token was last seen or written to hold.
         self._admin_token: tuple[str, str, datetime] | None = None
@@ -221,6 +224,11 @@ class Catalog:
             up = bool(entry.get("up")) and (probe() if probe else True)
             report[name] = {**entry, "up": up}
         return bool(report) and all(v["up"] for v in report.values()), report
+
+    def require_queries(self) -> QueryRunner:
+        if self.queries is None:
+            raise Unavailable("the data plane is not running in this process; retry once it has started")
+        return self.queries
 
     def require_sync(self) -> SyncController:
         if self.sync is None:

@@ -19,7 +19,7 @@ from control_plane.context import DEPENDENCIES, Access
 from control_plane.errors import EXCEPTION_HANDLERS
 from control_plane.gate import MAX_JSON_BODY, gate
 from control_plane.models import ErrorBody, Health
-from control_plane.routes import admin, backup, public, swarms, tokens
+from control_plane.routes import admin, backup, public, query, swarms, tokens
 
 log = structlog.get_logger("control_plane")
 
@@ -31,6 +31,7 @@ ROUTERS: list[Router] = [
     tokens.ROUTER,
     admin.ROUTER,
     backup.ROUTER,
+    query.ROUTER,
 ]
 
 _WHY = {
@@ -38,10 +39,13 @@ _WHY = {
     401: "No token, a malformed header, or a bad, expired or revoked token (checked before the body)",
     403: "The token is valid but may not do this",
     404: "No such object",
+    406: "None of the formats the route sends is acceptable (Accept)",
     409: "Conflicts with the current state (exists already, or a concurrent change; retry)",
     413: "The request body is larger than the limit",
     415: "The body is not sent as 'Content-Type: application/json'",
     422: "Well-formed but out of range (e.g. ttl_seconds above the configured maximum)",
+    429: "Over a limit: too many concurrent queries (yours, or the server's after a wait)",
+    504: "The query ran past the query timeout ([limits] query_timeout_seconds)",
     503: "Not ready: a listener is down",
 }
 
@@ -56,6 +60,7 @@ _DOMAIN_STATUSES: dict[str, set[int]] = {
     "revoke_tokens": {404, 409},
     "sync_status": {404},
     "metrics": {401, 403},
+    "run_query": {406, 429, 503, 504},
 }
 
 

@@ -19,12 +19,21 @@ from control_plane.gate import MAX_JSON_BODY
 
 log = structlog.get_logger("control_plane")
 
+
+class NotAcceptable(QuiverError):
+    """No result format the route can send is acceptable to the client (``Accept``)."""
+
+    code = "INVALID_ARGUMENT"
+    http_status = 406
+
+
 _CODES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    406: "INVALID_ARGUMENT",
     409: "ALREADY_EXISTS",
     413: "RESOURCE_EXHAUSTED",
     415: "INVALID_ARGUMENT",

@@ -285,3 +285,12 @@ class Status(msgspec.Struct, kw_only=True):
         if errors:
             out["section_errors"] = errors
         return cls(**out)
+
+
+class QueryBody(Request):
+    """``POST /v1/query``: the fields of a Flight ``{"kind": "query"}`` command
+    (proto_docs/descriptors.md); the result's format is chosen by ``Accept``."""
+
+    sql: str
+    params: list[Any] = []
+    max_rows: int | None = None

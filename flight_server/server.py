@@ -53,6 +53,7 @@ from flight_server.plans import Plan
 from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
 from flight_server.results import QueryManager
+from flight_server.runner import SqlRunner
 from flight_server.streams import Streamer
 from flight_server.table_cache import TableCache, resolve_budget
 from flight_server.tickets import TicketStore
@@ -135,6 +136,9 @@ class QuiverFlightServer(flight.FlightServerBase):
         )
         # GetFlightInfo of a query runs it once through the streamer (planned once).
         self.planner.runner = self.streamer
+        # The same path for callers outside Flight (POST /v1/query, exports): quiver/runtime.py
+        # hands it to the catalog as catalog.queries (catalog/query_port.py).
+        self.query_runner = SqlRunner(self.planner, self.streamer, self.admission)
         catalog.status_sections["queries"] = self._status
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------
