@@ -6,9 +6,12 @@ A snapshot is one ``quiver-<UTC time>.tar.gz`` holding everything a restore need
   system schema: swarms, allowlists, token records, audit, data versions), copied by
   :meth:`Database.snapshot` in one transaction while the server keeps serving;
 - ``files/…``: every other file of the data directory — the signing key (without it every
-  token issued before the backup would be invalid after a restore), the admin token,
-  artefact and result files — frozen by hard links right after the database copy, so a
-  file replaced or deleted while the archive is written is still archived whole;
+  token issued before the backup would be invalid after a restore), the admin token —
+  frozen by hard links right after the database copy, so a file replaced or deleted while
+  the archive is written is still archived whole; artefact content (``artefacts/<id>``)
+  for exactly the artefacts whose metadata the database copy holds, frozen while the
+  artefact store unlinks nothing (its ``content_lock``), so a restore has neither metadata
+  without content nor content without metadata;
 - ``manifest.json`` (last): format, Quiver version, migrations, tables with row counts,
   and the size and SHA-256 of every member.
 
@@ -64,6 +67,9 @@ DB_DIR = "database"
 FILES_DIR = "files"
 SUFFIX = ".tar.gz"
 CHUNK = 1 << 20
+# Artefact content (catalog/artefacts.py): archived for exactly the artefacts whose metadata
+# the database copy holds, never by walking the directory (see _artefact_files).
+ARTEFACTS_DIR = "artefacts"
 # Process-local directories, meaningless in a restore: DuckDB's spill space, and the async
 # query results and result cache, whose index lives in memory (Quiver deletes their files
 # at start-up).
@@ -162,13 +168,26 @@ def _data_files(data_dir: Path, skip: set[Path]) -> Iterator[Path]:
             for d in dirs
             if not d.startswith(".")
             and (here / d).resolve() not in skip
-            and not (rel_root == Path(".") and d in _SKIP_TOP)
+            and not (rel_root == Path(".") and (d in _SKIP_TOP or d == ARTEFACTS_DIR))
         )
         for name in sorted(files):
             path = here / name
             if name.startswith(".") or path.resolve() in skip or not path.is_file() or path.is_symlink():
                 continue
             yield path.relative_to(data_dir)
+
+
+def _artefact_ids(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Ids of the artefacts the snapshot's database holds (none before migration 0005)."""
+    found = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND schema_name = ? AND table_name = 'artefacts'",
+        [SYSTEM_SCHEMA],
+    ).fetchall()
+    if not found[0][0]:
+        return []
+    rows = con.execute(f"SELECT id FROM {SYSTEM_SCHEMA}.artefacts ORDER BY id").fetchall()
+    return [str(r[0]) for r in rows]
 
 
 def _freeze(src: Path, dst: Path) -> bool:
@@ -273,12 +292,16 @@ def _create_snapshot(catalog: Catalog, out_dir: Path | None) -> SnapshotInfo:
     started = time.perf_counter()
     created_at = datetime.now(UTC)
     try:
-        with catalog.db.snapshot() as db_copy:
+        # Artefact content is unlinked only outside this lock (catalog/artefacts.py), and it
+        # is held from before the database copy until the content of every artefact the copy
+        # holds is frozen: a restore never has metadata without its content.
+        with catalog.artefacts.content_lock, catalog.db.snapshot() as db_copy:
             # Verify the copy on its own before archiving it: it opens, and its tables and
             # migrations are what the manifest will promise.
             with contextlib.closing(duckdb.connect(str(db_copy), read_only=True)) as check:
                 tables = _table_rows(check)
                 migrations = _migration_versions(check)
+                artefact_ids = _artefact_ids(check)
             skip = {
                 out_dir,
                 config.database_path,
@@ -290,6 +313,13 @@ def _create_snapshot(catalog: Catalog, out_dir: Path | None) -> SnapshotInfo:
             for rel in _data_files(data_dir, skip):
                 if _freeze(data_dir / rel, staging / rel):
                     frozen.append((staging / rel, f"{FILES_DIR}/{rel.as_posix()}"))
+            for aid in artefact_ids:
+                rel = Path(ARTEFACTS_DIR) / aid
+                if not _freeze(data_dir / rel, staging / rel):
+                    # Removed behind Quiver's back: the restored janitor drops the metadata.
+                    log.warning("backup.artefact_content_missing", artefact=aid)
+                    continue
+                frozen.append((staging / rel, f"{FILES_DIR}/{rel.as_posix()}"))
             members: list[MemberInfo] = []
             with _archive_writer(partial, key) as tar:
                 members.append(_add(tar, db_copy, f"{DB_DIR}/{db_name}"))

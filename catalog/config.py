@@ -118,6 +118,21 @@ class CacheConfig(_Section):
     table_memory_bytes: Annotated[int, msgspec.Meta(ge=0)] | Literal["auto"] = "auto"
 
 
+class ArtefactsConfig(_Section):
+    """Artefacts: tables and files agents save and share (catalog/artefacts.py)."""
+
+    # Lifetime of an artefact saved without ttl_seconds, and the longest one may ask for.
+    default_ttl_seconds: PositiveInt = 7 * 86_400
+    max_ttl_seconds: PositiveInt = 90 * 86_400
+    # Seconds between janitor passes (expired artefacts, orphaned files and rows); one runs at start.
+    cleanup_interval_seconds: PositiveFloat = 300.0
+    # Largest single artefact's content, in bytes.
+    max_upload_bytes: PositiveInt = 1024**3
+    # Per swarm (admins' artefacts are not counted): content bytes and artefacts kept at once.
+    swarm_quota_bytes: PositiveInt = 10 * 1024**3
+    swarm_quota_count: PositiveInt = 10_000
+
+
 class DemoConfig(_Section):
     # Multiplies the demo tables' sizes (1.0: customers 100k, orders 2M, events 5M).
     scale: PositiveFloat = 1.0
@@ -225,6 +240,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
     results: ResultsConfig = msgspec.field(default_factory=ResultsConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    artefacts: ArtefactsConfig = msgspec.field(default_factory=ArtefactsConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -383,6 +399,12 @@ def _check(config: Config) -> None:
             f"tokens.admin_token_ttl_seconds ({t.admin_token_ttl_seconds}) must not exceed "
             f"tokens.max_ttl_seconds ({t.max_ttl_seconds})"
         )
+    a = config.artefacts
+    if a.default_ttl_seconds > a.max_ttl_seconds:
+        raise ConfigError(
+            f"artefacts.default_ttl_seconds ({a.default_ttl_seconds}) must not exceed "
+            f"artefacts.max_ttl_seconds ({a.max_ttl_seconds})"
+        )
     limits = config.limits
     if limits.memory_limit.strip().lower() not in ("", "auto"):
         parse_size(limits.memory_limit, "limits.memory_limit")
@@ -411,6 +433,8 @@ def _check_sync(config: Config) -> None:
         where = f"sync.tables[{i}] ({entry.target})"
         if parts[0].lower().startswith("_quiver"):
             raise ConfigError(f"{where}.target: the schema `{parts[0]}` is reserved for Quiver's own state")
+        if parts[0].strip().lower() == "artefacts":
+            raise ConfigError(f"{where}.target: the schema `{parts[0]}` is reserved for tabular artefacts")
         key = entry.target.lower()
         if key in seen:
             raise ConfigError(f"{where}.target: already used by sync.tables[{seen[key]}]")

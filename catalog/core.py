@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from catalog.artefacts import ArtefactStore
 from catalog.audit import AuditLog
 from catalog.config import Config
 from catalog.database import Database
@@ -73,6 +74,17 @@ class Catalog:
         self.metrics = Metrics()
         self.retention = Retention(config.audit, self.audit, self.swarms.writes, self.metrics)
         self.backups = BackupOutcomes(data_dir, self.metrics)
+        self.artefacts = ArtefactStore(
+            self.db,
+            config.artefacts,
+            data_dir / "artefacts",
+            self.swarms.writes,
+            swarm_instance=self.swarms.instance,
+            audit=self.audit,
+            metrics=self.metrics,
+        )
+        # artefacts."<id>" in SQL and scans: the policy asks the store (catalog/artefacts.py).
+        self.policy.artefacts = self.artefacts
         # Filled in by the process wiring: listener name -> {"up": bool, "url": str}, and a
         # probe per listener that checks it really accepts connections right now.
         self.listeners: dict[str, dict[str, Any]] = {}

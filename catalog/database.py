@@ -30,6 +30,8 @@ from catalog.errors import DatabaseInUse, QuiverError
 log = structlog.get_logger(__name__)
 
 SYSTEM_SCHEMA = "_quiver"
+# Where tabular artefacts are loaded for SQL (catalog/artefacts.py): never a data schema.
+ARTEFACT_SCHEMA = "artefacts"
 
 
 def quote_ident(name: str) -> str:

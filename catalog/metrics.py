@@ -262,6 +262,16 @@ class Metrics:
         )
         for table in ("audit", "tokens"):
             self.retention_deleted.labels(table)
+        # Artefacts (catalog/artefacts.py): what the janitor removed, by reason.
+        self.artefacts_removed = Counter(
+            "quiver_artefacts_removed_total",
+            "Artefacts and files removed by the artefact janitor, by reason (expired, temp_file, "
+            "orphan_content, orphan_metadata).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("expired", "temp_file", "orphan_content", "orphan_metadata"):
+            self.artefacts_removed.labels(reason)
         self._sync = _SyncCollector()
         self.registry.register(self._sync)
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterable
+from typing import Protocol
 
-from catalog.database import SYSTEM_SCHEMA
+from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.identity import Principal
 from catalog.tables import TableCatalog, TableRef, fold
@@ -38,6 +39,11 @@ def parse_pattern(raw: str) -> tuple[str, str]:
         raise InvalidArgument(
             f"allowlist entry {raw!r} names Quiver's system schema, which is never readable"
         )
+    if schema == ARTEFACT_SCHEMA:
+        raise InvalidArgument(
+            f"allowlist entry {raw!r} names the schema of tabular artefacts, which is not allowlisted: "
+            "an artefact is readable by its owner's swarm and those it is shared with"
+        )
     return schema, table
 
 
@@ -58,11 +64,19 @@ def pattern_matches(pattern: str, ref: TableRef) -> bool:
 NOT_READABLE = "not readable: not in your allowlist or does not exist"
 
 
+class ArtefactTables(Protocol):
+    """What the policy asks the artefact store (catalog/artefacts.py)."""
+
+    def readable_table(self, principal: Principal, name: str) -> TableRef | None: ...
+
+
 class Policy:
     def __init__(self, tables: TableCatalog) -> None:
         self._tables = tables
         self._allowlists: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
+        # Set by Catalog: resolves artefacts."<id>" (None: no artefact is readable).
+        self.artefacts: ArtefactTables | None = None
 
     # --- kept current by SwarmStore -------------------------------------------------
     def set_allowlist(self, swarm: str, patterns: Iterable[str]) -> None:
@@ -78,13 +92,26 @@ class Policy:
 
     # --- decisions ------------------------------------------------------------------
     def can_read(self, principal: Principal, ref: TableRef) -> bool:
-        if fold(ref.schema) == SYSTEM_SCHEMA:
+        schema = fold(ref.schema)
+        if schema == SYSTEM_SCHEMA:
             return False
+        if schema == ARTEFACT_SCHEMA:
+            # Visibility of the artefact, decided afresh on every call (an unshare, delete or
+            # expiry takes effect at once); allowlists never grant it.
+            return (
+                self.artefacts is not None and self.artefacts.readable_table(principal, ref.name) is not None
+            )
         if principal.is_admin:
             return True
         if principal.swarm is None:
             return False
         return any(pattern_matches(p, ref) for p in self.allowlist(principal.swarm))
+
+    def resolve_artefact(self, principal: Principal, schema: str, name: str) -> TableRef | None:
+        """``artefacts."<id>"`` when ``principal`` may read that tabular artefact, else None."""
+        if fold(schema) != ARTEFACT_SCHEMA or self.artefacts is None:
+            return None
+        return self.artefacts.readable_table(principal, name)
 
     def readable_tables(self, principal: Principal) -> list[TableRef]:
         return [r for r in self._tables.list_refs() if self.can_read(principal, r)]
@@ -95,7 +122,7 @@ class Policy:
     def require_readable(self, principal: Principal, schema: str, name: str) -> TableRef:
         """The canonical table, or the same refusal for 'absent' and 'not allowed' so that
         existence never leaks."""
-        ref = self._tables.resolve(schema, name)
+        ref = self.resolve_artefact(principal, schema, name) or self._tables.resolve(schema, name)
         if ref is None or not self.can_read(principal, ref):
             readable = self.readable_names(principal)
             hint = ", ".join(readable[:50]) if readable else "none"

@@ -136,7 +136,7 @@ from typing import Any
 
 import duckdb
 
-from catalog.database import SYSTEM_SCHEMA
+from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.identity import Principal
 from catalog.policy import NOT_READABLE, Policy
@@ -1125,8 +1125,12 @@ class _Walk:
 
     def resolve(self, catalog: str, schema: str, table: str) -> TableRef | None:
         """The data table DuckDB would read for this name, or None if it is not one."""
-        refs = self.refs()
         s, t = _fold(schema), _fold(table)
+        if s == ARTEFACT_SCHEMA and (not catalog or _fold(catalog) == self.guard._catalog):
+            # artefacts."<id>": a tabular artefact the caller may see, else None (refused with
+            # the words of a missing table). Allowlists never reach this schema.
+            return self.guard._policy.resolve_artefact(self.principal, s, t)
+        refs = self.refs()
         if catalog:
             if _fold(catalog) != self.guard._catalog or s in _NEVER_DATA_SCHEMAS:
                 return None

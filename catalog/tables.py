@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import duckdb
 import pyarrow as pa
 
-from catalog.database import SYSTEM_SCHEMA, Database, fetch_one, quote_ident
+from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA, Database, fetch_one, quote_ident
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
@@ -65,18 +65,20 @@ class TableCatalog:
         sql = (
             "SELECT schema_name, table_name FROM duckdb_tables() "
             "WHERE database_name = current_database() AND NOT temporary AND NOT internal "
-            "AND schema_name <> ? ORDER BY schema_name, table_name"
+            "AND schema_name NOT IN (?, ?) ORDER BY schema_name, table_name"
         )
+        # Tabular artefacts' SQL copies are not data tables: they are listed, resolved and
+        # allowed by the artefact store (catalog/artefacts.py), never by allowlists.
         if cur is None:
             with self._db.reading() as c:
-                rows = c.execute(sql, [SYSTEM_SCHEMA]).fetchall()
+                rows = c.execute(sql, [SYSTEM_SCHEMA, ARTEFACT_SCHEMA]).fetchall()
         else:
-            rows = cur.execute(sql, [SYSTEM_SCHEMA]).fetchall()
+            rows = cur.execute(sql, [SYSTEM_SCHEMA, ARTEFACT_SCHEMA]).fetchall()
         return [TableRef(s, t) for s, t in rows]
 
     def resolve(self, schema: str, name: str) -> TableRef | None:
         """The table's canonical spelling, or None when it is not a data table."""
-        if fold(schema) == SYSTEM_SCHEMA:
+        if fold(schema) in (SYSTEM_SCHEMA, ARTEFACT_SCHEMA):
             return None
         wanted = (fold(schema), fold(name))
         for ref in self.list_refs():

@@ -87,12 +87,54 @@ class ResultCommand(_Command, tag="result"):
     id: str
 
 
-Command = QueryCommand | SampleCommand | ProfileCommand | ResultCommand
+class ArtefactCommand(_Command, tag="artefact"):
+    """A tabular artefact (proto_docs/artefacts.md): ``{"kind": "artefact", "id": ...}`` reads
+    one (GetFlightInfo, GetSchema); DoPut's ``{"kind": "artefact", "name": ..., "tags": [...],
+    "description": ..., "ttl_seconds": N}`` saves one."""
+
+    id: str | None = None
+    name: str | None = None
+    tags: list[str] | None = None
+    description: str | None = None
+    ttl_seconds: int | None = None
+
+    def for_read(self) -> str:
+        """The id to read; refuses upload fields (they belong to DoPut)."""
+        extra = [f for f in ("name", "tags", "description", "ttl_seconds") if getattr(self, f) is not None]
+        if self.id is None:
+            raise InvalidArgument(
+                'an artefact command needs its "id" to be read: {"kind": "artefact", "id": "..."}; '
+                'to save one, DoPut {"kind": "artefact", "name": "..."}'
+            )
+        if extra:
+            raise InvalidArgument(
+                f"fields {', '.join(extra)} of an artefact command are for DoPut (saving); "
+                'to read an artefact send only {"kind": "artefact", "id": "..."}'
+            )
+        return self.id
+
+    def for_upload(self) -> ArtefactCommand:
+        """The command of a DoPut; refuses an id (the server assigns ids)."""
+        if self.id is not None:
+            raise InvalidArgument(
+                'DoPut saves a new artefact and the server assigns its id: leave out "id" '
+                '({"kind": "artefact", "name": "...", "tags": [...], "description": "...", "ttl_seconds": N})'
+            )
+        if self.name is None:
+            raise InvalidArgument(
+                'DoPut of an artefact needs its "name": {"kind": "artefact", "name": "...", '
+                '"tags": [...], "description": "...", "ttl_seconds": N}'
+            )
+        return self
+
+
+Command = QueryCommand | SampleCommand | ProfileCommand | ResultCommand | ArtefactCommand
 KINDS: dict[str, type[_Command]] = {
     "query": QueryCommand,
     "sample": SampleCommand,
     "profile": ProfileCommand,
     "result": ResultCommand,
+    "artefact": ArtefactCommand,
 }
 _decoder = msgspec.json.Decoder(Command)
 

@@ -40,6 +40,7 @@ from flight_server import commands as cmds
 from flight_server.admission import Admission
 from flight_server.cache import sql_digest
 from flight_server.commands import (
+    ArtefactCommand,
     Command,
     ProfileCommand,
     QueryCommand,
@@ -50,6 +51,7 @@ from flight_server.commands import (
 from flight_server.errors import check_result_type, duckdb_error
 from flight_server.plans import (
     BATCH_ROWS,
+    ArtefactPart,
     CachedPart,
     Layout,
     Plan,
@@ -141,6 +143,8 @@ class Planner:
             return self.profile(principal, target)
         if isinstance(target, ResultCommand):
             return self.result(principal, target)
+        if isinstance(target, ArtefactCommand):
+            return self.artefact(principal, target)
         raise InvalidArgument(f"unsupported command {type(target).__name__}")
 
     def readable(self, principal: Principal, name: str, field: str = "table") -> TableRef:
@@ -333,6 +337,16 @@ class Planner:
             f"result:{cmd.id}",
             False,
             row_cap=info.row_cap,
+        )
+
+    # --- artefacts ----------------------------------------------------------------------------------
+    def artefact(self, principal: Principal, cmd: ArtefactCommand) -> Plan:
+        """A tabular artefact: schema and row count from the store (the IPC file's footer),
+        one endpoint. NOT_FOUND when it is not visible, as for an id that never existed;
+        DoGet checks visibility again (it may have been unshared or deleted since)."""
+        art, schema = self.catalog.artefacts.table_schema(principal, cmd.for_read())
+        return Plan(
+            "artefact", schema, art.rows or 0, (ArtefactPart(art.id),), (), f"artefact:{art.id}", False
         )
 
     # --- SQL -------------------------------------------------------------------------------------

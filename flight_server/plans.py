@@ -25,6 +25,7 @@ from flight_server.versions import Layout
 
 __all__ = [
     "BATCH_ROWS",
+    "ArtefactPart",
     "CachedPart",
     "Layout",
     "Part",
@@ -88,6 +89,13 @@ class ResultPart:
 
 
 @dataclass(frozen=True, slots=True)
+class ArtefactPart:
+    """A tabular artefact, streamed from its memory-mapped IPC file (catalog/artefacts.py)."""
+
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
 class CachedPart:
     """Rows ``[offset, offset + length)`` of a table held by the :class:`TableCache`.
 
@@ -101,8 +109,8 @@ class CachedPart:
     fallback: SqlPart
 
 
-Part = SqlPart | ProfilePart | ResultPart | CachedPart
-PlanKind = Literal["scan", "sample", "query", "profile", "result"]
+Part = SqlPart | ProfilePart | ResultPart | CachedPart | ArtefactPart
+PlanKind = Literal["scan", "sample", "query", "profile", "result", "artefact"]
 
 
 @dataclass(frozen=True, slots=True)

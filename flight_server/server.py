@@ -35,7 +35,7 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
-from catalog.errors import bounded
+from catalog.errors import Cancelled, bounded
 from catalog.policy import NOT_READABLE
 from catalog.sqlguard import SqlGuard
 from flight_server import commands
@@ -300,7 +300,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             tables=self.catalog.policy.readable_names(principal),
         )
 
-    # --- not offered ---------------------------------------------------------------------
+    # --- uploads ---------------------------------------------------------------------------
     def do_put(
         self,
         context: flight.ServerCallContext,
@@ -308,11 +308,59 @@ class QuiverFlightServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
+        """Save the upload as a tabular artefact (proto_docs/artefacts.md): batch by batch
+        into the store's temporary IPC file, never the whole upload in memory; the PutResult's
+        app_metadata is the artefact's JSON. A failure (a limit, a schema change, the client
+        going away) aborts the writer: nothing is kept."""
+
         def run(principal: Principal, state: CallState) -> None:
-            raise InvalidArgument("DoPut is not offered by this server: the data plane is read-only")
+            target = None
+            if descriptor.descriptor_type == flight.DescriptorType.CMD:
+                target = commands.decode_descriptor(descriptor)
+            if not isinstance(target, commands.ArtefactCommand):
+                raise InvalidArgument(
+                    'DoPut saves a tabular artefact: send a CMD descriptor {"kind": "artefact", '
+                    '"name": "...", "tags": [...], "description": "...", "ttl_seconds": N}'
+                )
+            cmd = target.for_upload()
+            state.fields["kind"] = "artefact"
+            with self.catalog.artefacts.begin_write(
+                principal,
+                "table",
+                cmd.name or "",
+                schema=reader.schema,
+                tags=cmd.tags or [],
+                description=cmd.description or "",
+                ttl_seconds=cmd.ttl_seconds,
+            ) as upload:
+                while True:
+                    try:
+                        chunk = reader.read_chunk()
+                    except StopIteration:
+                        break
+                    except flight.FlightError:
+                        raise  # the client went away or cancelled: classified as such
+                    except (pa.ArrowException, OSError) as e:
+                        # A schema message midway, a malformed batch (Arrow reports both as
+                        # IOError or Invalid): the client's mistake, never INTERNAL.
+                        raise InvalidArgument(
+                            "the upload could not be read as one Arrow stream of a single schema "
+                            f"({bounded(str(e), 200)}); nothing was kept"
+                        ) from None
+                    if chunk.data is not None:
+                        upload.write_batch(chunk.data)
+                # A client that went away mid-upload (killed, its connection reset) ends the
+                # stream just like one that finished: only the call's state tells them apart.
+                if context.is_cancelled():
+                    raise Cancelled("the client went away before the upload finished; nothing was kept")
+                artefact = upload.commit()
+            state.fields["target"] = f"artefact:{artefact.id}"
+            state.fields["rows"] = artefact.rows
+            writer.write(pa.py_buffer(msgspec.json.encode(artefact)))
 
         self._run(context, "do_put", run)
 
+    # --- not offered ---------------------------------------------------------------------
     def do_exchange(
         self,
         context: flight.ServerCallContext,

@@ -50,7 +50,16 @@ from flight_server.cache import CacheKey, ResultCache
 from flight_server.errors import check_result_type, classify, duckdb_error, stream_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
-from flight_server.plans import BATCH_ROWS, CachedPart, Plan, ProfilePart, ResultPart, SqlPart, limited
+from flight_server.plans import (
+    BATCH_ROWS,
+    ArtefactPart,
+    CachedPart,
+    Plan,
+    ProfilePart,
+    ResultPart,
+    SqlPart,
+    limited,
+)
 from flight_server.profiles import ProfileCache
 from flight_server.ready import ReadyPool
 from flight_server.results import QueryManager
@@ -94,6 +103,11 @@ class Streamer:
 
     def open(self, plan: Plan, index: int, state: CallState) -> flight.FlightDataStream:
         part = plan.parts[index]
+        if isinstance(part, ArtefactPart):
+            assert state.principal is not None
+            # Read from the memory-mapped IPC file: C++ streams its batches, no DuckDB.
+            _, reader = self.catalog.artefacts.open_table(state.principal, part.id)
+            return flight.RecordBatchStream(reader)
         if isinstance(part, ResultPart):
             assert state.principal is not None
             _, reader, _ = self._queries.open_result(state.principal, part.id)

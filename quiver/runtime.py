@@ -182,6 +182,7 @@ class Runtime:
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._housekeeping: threading.Thread | None = None
+        self._janitor: threading.Thread | None = None
         self.sync: Any = None  # sync.SyncService when [[sync.tables]] are configured
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -228,6 +229,10 @@ class Runtime:
             self.address_space.apply()
         self._housekeeping = threading.Thread(target=self._housekeep, name="quiver-housekeeping", daemon=True)
         self._housekeeping.start()
+        self._janitor = threading.Thread(
+            target=self._sweep_artefacts, name="quiver-artefact-janitor", daemon=True
+        )
+        self._janitor.start()
         assert self.endpoints is not None
         log.info("quiver.started", flight=self.endpoints.flight_url, http=self.endpoints.http_url)
         # Both listeners accept now (_start_http waits for uvicorn; gRPC binds in its
@@ -350,6 +355,16 @@ class Runtime:
             if watchdog is not None and self._listeners_accept():
                 sd_notify("WATCHDOG=1")
 
+    def _sweep_artefacts(self) -> None:
+        """The artefact janitor (catalog/artefacts.py ``sweep``): once at start — what a
+        crash left behind (half-written uploads, orphans) and what expired while Quiver was
+        down — then every ``[artefacts] cleanup_interval_seconds``."""
+        assert self.catalog is not None
+        store = self.catalog.artefacts
+        store.run_sweep()
+        while not self._stopping.wait(self.config.artefacts.cleanup_interval_seconds):
+            store.run_sweep()
+
     def _listeners_accept(self) -> bool:
         """The health probes of /healthz (a listener that stopped accepting connections
         stops the watchdog pings too)."""
@@ -404,6 +419,8 @@ class Runtime:
             self._http_thread.join(self.grace_seconds + 5)
         if self.sync is not None:
             self.sync.stop(self.grace_seconds)
+        if self._janitor is not None:
+            self._janitor.join(self.grace_seconds)
         if self._housekeeping is not None:
             # A pass in progress (a flush, an admin-token renewal) finishes before the
             # database closes under it; the thread sees _stopping and ends.

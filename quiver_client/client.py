@@ -502,6 +502,55 @@ class QuiverClient:
 
         return self._call(run)
 
+    # --- artefacts (proto_docs/artefacts.md) ---------------------------------------------------
+    def put_table(
+        self,
+        data: pa.Table | pa.RecordBatchReader,
+        name: str,
+        *,
+        tags: Sequence[str] | None = None,
+        description: str | None = None,
+        ttl_seconds: int | None = None,
+        max_chunksize: int = 65_536,
+    ) -> dict[str, Any]:
+        """Save ``data`` as a tabular artefact (DoPut) and return its metadata (``id``,
+        ``rows``, ``sha256``, ``sql_name``, ``expires_at``, …). Batches are sent one by one, so
+        a ``RecordBatchReader`` of any size streams with bounded memory on both sides; a
+        refusal (a quota, a bad name) keeps nothing."""
+        descriptor = self.command(
+            "artefact",
+            name=name,
+            tags=list(tags) if tags is not None else None,
+            description=description,
+            ttl_seconds=ttl_seconds,
+        )
+
+        def run() -> dict[str, Any]:
+            writer, results = self._client.do_put(descriptor, data.schema, self.options)
+            try:
+                batches = data.to_batches(max_chunksize) if isinstance(data, pa.Table) else data
+                for batch in batches:
+                    writer.write_batch(batch)
+                writer.done_writing()
+                answer = results.read()
+            finally:
+                writer.close()
+            if answer is None:
+                raise QuiverClientError(
+                    "INTERNAL", "the server answered the upload without the artefact's metadata"
+                )
+            return dict(json.loads(answer.to_pybytes()))
+
+        return self._call(run)
+
+    def get_artefact(self, artefact_id: str) -> pa.Table:
+        """A tabular artefact you may see, whole (NOT_FOUND otherwise)."""
+        return self.fetch(self.info(self.command("artefact", id=artefact_id)))
+
+    def get_artefact_stream(self, artefact_id: str) -> pa.RecordBatchReader:
+        """A tabular artefact as a stream of record batches (bounded memory)."""
+        return self.fetch_stream(self.info(self.command("artefact", id=artefact_id)))
+
     def actions(self) -> dict[str, str]:
         return self._call(lambda: {a.type: a.description for a in self._client.list_actions(self.options)})
 

@@ -1,0 +1,371 @@
+"""The artefact store (catalog/artefacts.py) on a real Catalog: real DuckDB file, real data
+directory, principals from real tokens."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+
+from catalog import Catalog, Principal
+from catalog.artefacts import TEMP_PREFIX, ArtefactFilter, ArtefactStore, is_artefact_id, new_id
+from catalog.database import SYSTEM_SCHEMA
+from catalog.errors import InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied, Unprocessable
+from tests.harness import make_config
+
+TABLE = pa.table({"id": pa.array([1, 2, 3], pa.int64()), "label": ["a", "b", None]})
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    c = Catalog(
+        make_config(
+            tmp_path / "data",
+            artefacts={"max_upload_bytes": 200_000, "swarm_quota_bytes": 300_000, "swarm_quota_count": 5},
+        )
+    )
+    for name in ("s1", "s2", "s3"):
+        c.swarms.create(name)
+    yield c
+    c.close()
+
+
+def who(c: Catalog, kind: str, swarm: str | None = None, agent: str | None = None) -> Principal:
+    issued = c.tokens.mint(None, kind, swarm=swarm, agent=agent)
+    return c.tokens.verify(issued.token)
+
+
+def save_table(store: ArtefactStore, p: Principal, table: pa.Table = TABLE, **kw: object):  # type: ignore[no-untyped-def]
+    with store.begin_write(p, "table", kw.pop("name", "t"), schema=table.schema, **kw) as w:  # type: ignore[arg-type]
+        w.write_table(table)
+        return w.commit()
+
+
+def files(store: ArtefactStore) -> list[str]:
+    return sorted(os.listdir(store.directory))
+
+
+def meta_rows(c: Catalog) -> int:
+    with c.db.reading() as cur:
+        return int(cur.execute(f"SELECT count(*) FROM {SYSTEM_SCHEMA}.artefacts").fetchall()[0][0])
+
+
+def test_new_ids_are_uuid7_unique_and_sorted() -> None:
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(is_artefact_id(i) for i in ids)
+    assert not is_artefact_id("../../etc/passwd")
+
+
+def test_table_round_trip_and_metadata(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    a1 = who(catalog, "agent", "s1", "a1")
+    art = save_table(
+        store, a1, name="../../etc/passwd", tags=["x", "y", "x"], description="d", ttl_seconds=60
+    )
+    assert art.kind == "table" and art.rows == 3 and art.tags == ["x", "y"]
+    assert art.name == "../../etc/passwd"
+    assert art.owner == "agent:s1/a1" and art.swarm == "s1" and art.owner_agent == "a1"
+    assert [c.name for c in art.columns or []] == ["id", "label"]
+    # Content under the id only, nowhere else.
+    assert files(store) == [art.id]
+    assert not (catalog.data_dir / "etc").exists()
+    _, reader = store.open_table(a1, art.id)
+    assert reader.read_all().equals(TABLE)
+    # The SQL copy holds the same rows.
+    with catalog.db.reading() as cur:
+        assert cur.sql(f"SELECT * FROM {art.sql_name} ORDER BY id").arrow().read_all().equals(TABLE)
+    # Survives a restart (index rebuilt from the catalog).
+    again = ArtefactStore(
+        catalog.db,
+        catalog.config.artefacts,
+        store.directory,
+        store.writes,
+        swarm_instance=catalog.swarms.instance,
+    )
+    assert again.get(a1, art.id) == art
+
+
+def test_file_round_trip(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "swarm", "s1")
+    with store.begin_write(p, "file", "notes.txt", media_type="text/plain", format="txt") as w:
+        w.write(b"hello ")
+        w.write(b"world")
+        art = w.commit()
+    assert art.size_bytes == 11 and art.rows is None and art.sql_name is None
+    import hashlib
+
+    assert art.sha256 == hashlib.sha256(b"hello world").hexdigest()
+    _, f = store.open_content(p, art.id)
+    with f:
+        assert f.read() == b"hello world"
+
+
+def test_visibility_matrix(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    owner = who(catalog, "agent", "s1", "a1")
+    mate = who(catalog, "agent", "s1", "a2")
+    swarm_token = who(catalog, "swarm", "s1")
+    other = who(catalog, "agent", "s2", "b1")
+    shared_agent = who(catalog, "agent", "s3", "c1")
+    other_in_s3 = who(catalog, "agent", "s3", "c2")
+    admin = who(catalog, "admin")
+    art = save_table(store, owner)
+    for p in (owner, mate, swarm_token, admin):
+        assert store.get(p, art.id).id == art.id
+        assert store.readable_table(p, art.id) is not None
+    for p in (other, shared_agent, other_in_s3):
+        with pytest.raises(NotFound) as e:
+            store.get(p, art.id)
+        # The same answer as an id that never existed.
+        with pytest.raises(NotFound) as missing:
+            store.get(p, new_id())
+        assert e.value.detail.replace(art.id, "X").split("'")[2] == missing.value.detail.split("'")[2]
+        assert store.readable_table(p, art.id) is None
+    # A mate may read but not manage.
+    with pytest.raises(PermissionDenied):
+        store.delete(mate, art.id)
+    store.share(owner, art.id, "s3", "c1")
+    assert store.get(shared_agent, art.id).shares[0].agent == "c1"
+    with pytest.raises(NotFound):
+        store.get(other_in_s3, art.id)
+    with pytest.raises(PermissionDenied):
+        store.share(shared_agent, art.id, "s2")  # a reader may not re-share
+    store.share(swarm_token, art.id, "s2")
+    assert store.get(other, art.id).id == art.id
+    store.unshare(admin, art.id, "s2")
+    with pytest.raises(NotFound):
+        store.get(other, art.id)
+    assert [a.id for a in store.list(shared_agent).items] == [art.id]
+    assert store.list(other).items == []
+
+
+def test_invisible_ids_cannot_be_managed(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    art = save_table(store, who(catalog, "agent", "s1", "a1"))
+    other = who(catalog, "swarm", "s2")
+    for op in (
+        lambda: store.delete(other, art.id),
+        lambda: store.share(other, art.id, "s2"),
+        lambda: store.extend(other, art.id, 10),
+        lambda: store.open_content(other, art.id),
+    ):
+        with pytest.raises(NotFound):
+            op()
+    assert files(store) == [art.id] and meta_rows(catalog) == 1
+    assert store.get(who(catalog, "admin"), art.id).shares == []
+
+
+def test_bad_inputs_keep_nothing(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    cases = [
+        (lambda: store.begin_write(p, "folder", "x"), InvalidArgument),
+        (lambda: store.begin_write(p, "table", "", schema=TABLE.schema), InvalidArgument),
+        (lambda: store.begin_write(p, "table", "x" * 256, schema=TABLE.schema), InvalidArgument),
+        (lambda: store.begin_write(p, "table", "a\x00b", schema=TABLE.schema), InvalidArgument),
+        (lambda: store.begin_write(p, "table", "x"), InvalidArgument),
+        (lambda: store.begin_write(p, "table", "x", schema=TABLE.schema, tags=["t"] * 40), InvalidArgument),
+        (lambda: store.begin_write(p, "file", "x", media_type="not a type"), InvalidArgument),
+        (lambda: store.begin_write(p, "file", "x", ttl_seconds=0), InvalidArgument),
+        (lambda: store.begin_write(p, "file", "x", ttl_seconds=10**9), Unprocessable),
+        (lambda: store.begin_write(who(catalog, "metrics"), "file", "x"), PermissionDenied),
+    ]
+    for fn, exc in cases:
+        with pytest.raises(exc) as e:
+            fn()
+        assert len(e.value.detail) < 700
+    assert files(store) == [] and meta_rows(catalog) == 0
+
+
+def test_schema_change_midway_keeps_nothing(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    w = store.begin_write(p, "table", "t", schema=TABLE.schema)
+    w.write_table(TABLE)
+    with pytest.raises(InvalidArgument, match="schema"):
+        w.write_batch(pa.record_batch({"other": [1]}))
+    assert files(store) == [] and meta_rows(catalog) == 0
+    with pytest.raises(InvalidArgument):
+        w.commit()
+    assert store.list(p).items == []
+
+
+def test_quota_refusal_leaves_usage_unchanged(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    with store.begin_write(p, "file", "one") as w:
+        w.write(b"x" * 150_000)
+        w.commit()
+    before = store.usage("s1")
+    assert before.bytes == 150_000 and before.count == 1
+    # Over the swarm's bytes while streaming: refused naming the limit and the usage.
+    w = store.begin_write(p, "file", "two")
+    w.write(b"x" * 100_000)
+    with pytest.raises(PayloadTooLarge) as e:
+        w.write(b"x" * 100_000)
+    assert "swarm_quota_bytes (300000)" in e.value.detail and "150000 bytes" in e.value.detail
+    assert store.usage("s1") == before
+    assert len(files(store)) == 1 and meta_rows(catalog) == 1
+    # Over the per-upload limit.
+    w = store.begin_write(who(catalog, "admin"), "file", "big")
+    with pytest.raises(PayloadTooLarge, match="max_upload_bytes"):
+        w.write(b"x" * 200_001)
+    # Over the count.
+    for i in range(4):
+        with store.begin_write(p, "file", f"n{i}") as w:
+            w.write(b"x")
+            w.commit()
+    with pytest.raises(PayloadTooLarge, match="swarm_quota_count"):
+        store.begin_write(p, "file", "six")
+    assert store.usage("s1").count == 5 and len(files(store)) == 5
+
+
+def test_quota_races_commit_at_most_the_quota(catalog: Catalog) -> None:
+    """Five threads each commit 100 kB into a 300 kB quota at once: exactly three are kept."""
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s2", "a1")
+    writers = [store.begin_write(p, "file", f"r{i}") for i in range(5)]
+    for w in writers:
+        w.write(b"y" * 100_000)
+    results: list[object] = []
+    barrier = threading.Barrier(len(writers))
+
+    def commit(w):  # type: ignore[no-untyped-def]
+        barrier.wait()
+        try:
+            results.append(w.commit())
+        except PayloadTooLarge as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=commit, args=(w,)) for w in writers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kept = [r for r in results if not isinstance(r, Exception)]
+    assert len(kept) == 3
+    assert store.usage("s2").bytes == 300_000 and len(files(store)) == 3 and meta_rows(catalog) == 3
+
+
+def test_extend_and_expiry(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    keep = save_table(store, p, name="keep", ttl_seconds=3600)
+    gone = save_table(store, p, name="gone", ttl_seconds=60)
+    with pytest.raises(Unprocessable):
+        store.extend(p, gone.id, 10**9)
+    assert store.get(p, gone.id).expires_at == gone.expires_at
+    longer = store.extend(p, keep.id, 7200)
+    assert longer.expires_at > keep.expires_at
+    report = store.sweep(datetime.now(UTC) + timedelta(seconds=120))
+    assert report.expired == [gone.id]
+    assert files(store) == [keep.id] and meta_rows(catalog) == 1
+    with pytest.raises(NotFound):
+        store.get(p, gone.id)
+    with catalog.db.reading() as cur, pytest.raises(duckdb.CatalogException):
+        cur.sql(f"SELECT * FROM {gone.sql_name}").fetchall()
+    assert store.get(p, keep.id).rows == 3
+    assert catalog.metrics.artefacts_removed.labels("expired")._value.get() == 1
+
+
+def test_janitor_removes_orphans_only(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    art = save_table(store, p)
+    running = store.begin_write(p, "file", "running")
+    running.write(b"abc")
+    stale = store.directory / f"{TEMP_PREFIX}{new_id()}-dead"
+    stale.write_bytes(b"crashed upload")
+    orphan = store.directory / new_id()
+    orphan.write_bytes(b"content without metadata")
+    lost = save_table(store, p, name="lost")
+    (store.directory / lost.id).unlink()
+    report = store.sweep()
+    assert report.temp_files == [stale.name]
+    assert report.orphan_content == [orphan.name]
+    assert report.orphan_metadata == [lost.id]
+    assert sorted(files(store)) == sorted([art.id, running.temp_path.name])
+    assert meta_rows(catalog) == 1
+    running.write(b"def")
+    done = running.commit()
+    _, f = store.open_content(p, done.id)
+    with f:
+        assert f.read() == b"abcdef"
+
+
+def test_delete_removes_content_metadata_and_sql_copy(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    art = save_table(store, p)
+    store.delete(p, art.id)
+    assert files(store) == [] and meta_rows(catalog) == 0
+    with pytest.raises(NotFound):
+        store.delete(p, art.id)
+    assert store.readable_table(who(catalog, "admin"), art.id) is None
+
+
+def test_sql_copies_are_not_data_tables(catalog: Catalog) -> None:
+    save_table(catalog.artefacts, who(catalog, "agent", "s1", "a1"))
+    assert all(r.schema != "artefacts" for r in catalog.tables.list_refs())
+    with pytest.raises(InvalidArgument, match="artefacts"):
+        catalog.swarms.set_allowlist("s1", ["artefacts.*"])
+
+
+def test_list_pages_and_filters(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "admin")
+    made = [save_table(store, p, name=f"t{i}", tags=["even" if i % 2 == 0 else "odd"]) for i in range(5)]
+    page = store.list(p, page_size=2)
+    ids = [a.id for a in page.items]
+    while page.next:
+        page = store.list(p, page_size=2, after=page.next)
+        ids += [a.id for a in page.items]
+    assert ids == [a.id for a in made]
+    assert [a.name for a in store.list(p, ArtefactFilter(tag="odd")).items] == ["t1", "t3"]
+    with pytest.raises(InvalidArgument):
+        store.list(p, page_size=0)
+    with pytest.raises(InvalidArgument):
+        store.list(p, after="../x")
+
+
+def test_content_on_disk_is_an_ipc_file(catalog: Catalog) -> None:
+    art = save_table(catalog.artefacts, who(catalog, "admin"))
+    with pa.memory_map(str(catalog.artefacts.directory / art.id)) as src:
+        assert ipc.open_file(src).read_all().equals(TABLE)
+
+
+def test_backup_holds_content_of_exactly_the_committed_artefacts(tmp_path: Path) -> None:
+    from catalog.backup import create_snapshot, restore_snapshot
+
+    config = make_config(tmp_path / "data")
+    c = Catalog(config)
+    c.swarms.create("s1")
+    p = who(c, "agent", "s1", "a1")
+    kept = save_table(c.artefacts, p, name="kept")
+    running = c.artefacts.begin_write(p, "file", "half")
+    running.write(b"half an upload")
+    (c.artefacts.directory / new_id()).write_bytes(b"orphan content")
+    info = create_snapshot(c, tmp_path / "backups")
+    running.abort()
+    gone = save_table(c.artefacts, p, name="after the backup")
+    c.close()
+    restore_snapshot(config, Path(info.path))
+    c = Catalog(config)
+    try:
+        assert files(c.artefacts) == [kept.id]
+        _, reader = c.artefacts.open_table(p, kept.id)
+        assert reader.read_all().equals(TABLE)
+        with pytest.raises(NotFound):
+            c.artefacts.get(p, gone.id)
+        assert c.artefacts.sweep().total == 0
+    finally:
+        c.close()
