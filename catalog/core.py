@@ -20,6 +20,7 @@ from catalog.audit import AuditLog
 from catalog.config import Config
 from catalog.database import Database
 from catalog.errors import NotFound, QuiverError, Unavailable
+from catalog.exports import Exports
 from catalog.keys import KeyRing, write_private_atomic
 from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
@@ -85,6 +86,8 @@ class Catalog:
         )
         # artefacts."<id>" in SQL and scans: the policy asks the store (catalog/artefacts.py).
         self.policy.artefacts = self.artefacts
+        # Query results into artefacts, with provenance; refresh (catalog/exports.py).
+        self.exports = Exports(self.artefacts, self.db, self.require_queries)
         # Filled in by the process wiring: listener name -> {"up": bool, "url": str}, and a
         # probe per listener that checks it really accepts connections right now.
         self.listeners: dict[str, dict[str, Any]] = {}

@@ -74,6 +74,18 @@ ACTIONS: dict[str, str] = {
         "valid until it expires, and revoking either revokes the chain."
     ),
     **QUERY_ACTIONS,
+    "export": (
+        'Run a query into a file artefact. Body: {"query": "...", "params": [...]} or {"table": '
+        '"schema.table"}, "format": "parquet" | "csv" | "ndjson" | "arrow" (default parquet), and '
+        'optionally "name", "ttl_seconds", "max_rows", "tags", "description". Streams the result '
+        '(guard, admission, timeout and row cap as a query); answers {"artefact", "download", '
+        '"stale", "changed", "rows", "truncated", "max_rows"}; the artefact records its provenance.'
+    ),
+    "refresh-artefact": (
+        "Re-run an export as you (its principal) under your current allowlist into a new "
+        'artefact whose provenance.parent_id is the old one. Body: {"id": "..."}, optionally '
+        '"ttl_seconds". Answers as export; PERMISSION_DENIED when a source is no longer readable.'
+    ),
 }
 
 
@@ -283,12 +295,50 @@ class QuiverFlightServer(flight.FlightServerBase):
             if action.type == "cancel-query":
                 query_id = commands.decode_body(body, commands.QueryIdBody, action.type).id
                 return [_json(self.queries.cancel(principal, query_id))]
+            if action.type == "export":
+                return [msgspec.json.encode(self._export(principal, state, body))]
+            if action.type == "refresh-artefact":
+                refresh = commands.decode_body(body, commands.RefreshArtefactBody, action.type)
+                info = self.catalog.exports.refresh(principal, refresh.id, ttl_seconds=refresh.ttl_seconds)
+                state.fields["target"] = f"artefact:{info.artefact.id}"
+                return [msgspec.json.encode(info)]
             raise InvalidArgument(
                 f"unknown action {bounded(action.type, 40)!r}; available: {', '.join(sorted(ACTIONS))} "
                 "(see ListActions)"
             )
 
         return iter(self._run(context, "do_action", run))
+
+    def _export(self, principal: Principal, state: CallState, raw: bytes) -> Any:
+        """``export``: a query, or every row of a table (readable now, the same refusal as a
+        scan), into a file artefact through the query path (catalog/exports.py)."""
+        body = commands.decode_body(raw, commands.ExportBody, "export")
+        if (body.query is None) == (body.table is None):
+            raise InvalidArgument(
+                f'export takes exactly one of "query" or "table": {commands.ExportBody.usage}'
+            )
+        if body.table is not None:
+            if body.params:
+                raise InvalidArgument('export: "params" go with "query"; a table export takes none')
+            ref = self.planner.readable(principal, body.table)
+            sql = f"SELECT * FROM {ref.sql}"
+        else:
+            assert body.query is not None
+            sql = body.query
+        info = self.catalog.exports.export(
+            principal,
+            sql,
+            body.params,
+            format=body.format,
+            name=body.name,
+            ttl_seconds=body.ttl_seconds,
+            max_rows=body.max_rows,
+            tags=body.tags,
+            description=body.description,
+        )
+        state.fields["target"] = f"artefact:{info.artefact.id}"
+        state.fields["rows"] = info.rows
+        return info
 
     def whoami(self, principal: Principal) -> commands.WhoAmI:
         return commands.WhoAmI(
