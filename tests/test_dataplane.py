@@ -622,12 +622,13 @@ def test_every_rpc_requires_a_valid_token(
     still_serving(client, call_options(server.demo_token))
 
 
-def test_put_and_exchange_are_refused_for_valid_tokens(
+def test_put_of_a_path_and_exchange_are_refused_for_valid_tokens(
     client: flight.FlightClient, opts: flight.FlightCallOptions
 ) -> None:
+    """DoPut saves only artefacts (tests/test_artefacts_flight.py): a PATH is refused."""
     calls = dict(_every_rpc(client, opts))
-    for name in ("DoPut", "DoExchange"):
-        refused(client, opts, calls[name], flight.FlightServerError, "INVALID_ARGUMENT", "not offered")
+    refused(client, opts, calls["DoPut"], flight.FlightServerError, "INVALID_ARGUMENT", "DoPut saves a tabular artefact")
+    refused(client, opts, calls["DoExchange"], flight.FlightServerError, "INVALID_ARGUMENT", "not offered")
 
 
 # --- actions ---------------------------------------------------------------------------------------
