@@ -19,7 +19,7 @@ from control_plane.context import DEPENDENCIES, Access
 from control_plane.errors import EXCEPTION_HANDLERS
 from control_plane.gate import MAX_JSON_BODY, gate
 from control_plane.models import ErrorBody, Health
-from control_plane.routes import admin, backup, public, query, swarms, tokens
+from control_plane.routes import admin, backup, exports, public, query, swarms, tokens
 
 log = structlog.get_logger("control_plane")
 
@@ -32,6 +32,7 @@ ROUTERS: list[Router] = [
     admin.ROUTER,
     backup.ROUTER,
     query.ROUTER,
+    exports.ROUTER,
 ]
 
 _WHY = {
@@ -61,6 +62,7 @@ _DOMAIN_STATUSES: dict[str, set[int]] = {
     "sync_status": {404},
     "metrics": {401, 403},
     "run_query": {406, 429, 503, 504},
+    "refresh_artefact": {404, 413, 422, 429, 503, 504},
 }
 
 

@@ -294,3 +294,9 @@ class QueryBody(Request):
     sql: str
     params: list[Any] = []
     max_rows: int | None = None
+
+
+class RefreshArtefact(Request):
+    """``POST /v1/artefacts/{id}/refresh`` (optional): the new artefact's lifetime."""
+
+    ttl_seconds: int | None = None

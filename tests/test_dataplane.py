@@ -627,7 +627,14 @@ def test_put_of_a_path_and_exchange_are_refused_for_valid_tokens(
 ) -> None:
     """DoPut saves only artefacts (tests/test_artefacts_flight.py): a PATH is refused."""
     calls = dict(_every_rpc(client, opts))
-    refused(client, opts, calls["DoPut"], flight.FlightServerError, "INVALID_ARGUMENT", "DoPut saves a tabular artefact")
+    refused(
+        client,
+        opts,
+        calls["DoPut"],
+        flight.FlightServerError,
+        "INVALID_ARGUMENT",
+        "DoPut saves a tabular artefact",
+    )
     refused(client, opts, calls["DoExchange"], flight.FlightServerError, "INVALID_ARGUMENT", "not offered")
 
 
