@@ -174,6 +174,9 @@ class Artefact(msgspec.Struct, frozen=True, kw_only=True):
     provenance: Provenance | None = None
     # The reference form for SQL (tables only): artefacts."<id>".
     sql_name: str | None = None
+    # An export's sources changed since it ran (catalog/exports.py); None without provenance.
+    # Worked out when the metadata is read (ArtefactStore.staleness), never stored.
+    stale: bool | None = None
 
 
 class ArtefactFilter(msgspec.Struct, frozen=True, kw_only=True):
@@ -485,6 +488,9 @@ class ArtefactStore:
         # Temporary files of writers still running: the janitor leaves them alone.
         self._active: set[Path] = set()
         self._active_lock = threading.Lock()
+        # Fills in ``stale`` of exported artefacts as their metadata is read (set by the
+        # catalog to catalog/exports.py's ``annotate``): get() and list() answer through it.
+        self.staleness: Callable[[list[Artefact]], list[Artefact]] | None = None
         # Held while content files are unlinked, and by a backup while it freezes content
         # beside its database copy (catalog/backup.py): a backup never misses the content of
         # an artefact its metadata holds.
@@ -617,7 +623,12 @@ class ArtefactStore:
     def get(self, principal: Principal, artefact_id: str) -> Artefact:
         """The artefact's metadata, or NOT_FOUND when it does not exist, expired or is not
         visible to ``principal`` (the same answer, so existence never leaks)."""
-        return self._visible(principal, artefact_id).artefact
+        return self._annotated([self._visible(principal, artefact_id).artefact])[0]
+
+    def _annotated(self, items: list[Artefact]) -> list[Artefact]:
+        if self.staleness is None or not any(a.provenance is not None for a in items):
+            return items
+        return self.staleness(items)
 
     def content_path(self, principal: Principal, artefact_id: str) -> tuple[Artefact, Path]:
         rec = self._visible(principal, artefact_id)
@@ -705,7 +716,7 @@ class ArtefactStore:
             if len(found) > page_size:
                 break
         more = len(found) > page_size
-        items = found[:page_size]
+        items = self._annotated(found[:page_size])
         return ArtefactPage(items=items, next=items[-1].id if more else None)
 
     def readable_table(self, principal: Principal, name: str) -> TableRef | None:

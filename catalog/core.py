@@ -88,6 +88,7 @@ class Catalog:
         self.policy.artefacts = self.artefacts
         # Query results into artefacts, with provenance; refresh (catalog/exports.py).
         self.exports = Exports(self.artefacts, self.db, self.require_queries)
+        self.artefacts.staleness = self.exports.annotate
         # Filled in by the process wiring: listener name -> {"up": bool, "url": str}, and a
         # probe per listener that checks it really accepts connections right now.
         self.listeners: dict[str, dict[str, Any]] = {}

@@ -152,11 +152,14 @@ class Exports:
             truncated=cut,
             parent=parent_id,
         )
+        # Stale already if a source changed while the export ran (its versions were read first).
+        changed = self.changed_sources(artefact) or []
+        artefact = msgspec.structs.replace(artefact, stale=bool(changed))
         return ExportInfo(
             artefact=artefact,
             download=content_path(artefact.id),
-            stale=False,
-            changed=[],
+            stale=bool(changed),
+            changed=changed,
             rows=writer.rows,
             truncated=cut,
             max_rows=running.max_rows,
@@ -171,21 +174,33 @@ class Exports:
             return None
         if not prov.source_versions:
             return []
+        return _changed(prov.source_versions, self._versions())
+
+    def _versions(self) -> dict[tuple[str, str], int]:
         with self._db.reading() as cur:
             rows = cur.execute(
                 f"SELECT schema_name, table_name, version FROM {SYSTEM_SCHEMA}.data_versions"
             ).fetchall()
-        now = {(fold(s), fold(t)): int(v) for s, t, v in rows}
+        return {(fold(s), fold(t)): int(v) for s, t, v in rows}
+
+    def annotate(self, artefacts: list[Artefact]) -> list[Artefact]:
+        """``artefacts`` with ``stale`` filled in where they have provenance (the data
+        versions are read once for all of them): the store's ``staleness`` hook."""
+        now: dict[tuple[str, str], int] | None = None
         out = []
-        for table, version in sorted(prov.source_versions.items()):
-            schema, _, name = table.partition(".")
-            if now.get((fold(schema), fold(name))) != version:
-                out.append(table)
+        for a in artefacts:
+            if a.provenance is not None and a.provenance.source_versions is not None:
+                now = self._versions() if now is None else now
+                changed = _changed(a.provenance.source_versions, now)
+                a = msgspec.structs.replace(a, stale=bool(changed))
+            out.append(a)
         return out
 
     def describe(self, artefact: Artefact) -> ExportInfo:
         """An artefact's metadata with its download path and whether it is stale."""
         changed = self.changed_sources(artefact)
+        if changed is not None:
+            artefact = msgspec.structs.replace(artefact, stale=bool(changed))
         return ExportInfo(
             artefact=artefact,
             download=content_path(artefact.id),
@@ -226,6 +241,17 @@ class Exports:
             parent_id=old.id,
         )
         return info
+
+
+def _changed(recorded: dict[str, int], now: dict[tuple[str, str], int]) -> list[str]:
+    """The tables of ``recorded`` ("schema.table" → version) whose version is not the one
+    recorded now (a newer one, or none: dropped)."""
+    out = []
+    for table, version in sorted(recorded.items()):
+        schema, _, name = table.partition(".")
+        if now.get((fold(schema), fold(name))) != version:
+            out.append(table)
+    return out
 
 
 def _export_format(name: str) -> ResultFormat:
