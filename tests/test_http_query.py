@@ -516,3 +516,24 @@ def test_an_http_query_over_the_global_bound_waits_for_a_slot(patient: Server) -
     assert not waiter.is_alive()
     assert got["r"].status_code == 200 and got["r"].json()["rows"] == [{"eight": 8}]
     wait_until(lambda: idle(patient), what="idle")
+
+
+def test_a_failure_mid_stream_cuts_the_connection_and_frees_the_slot(
+    server: Server, agent: httpx.Client
+) -> None:
+    """A conversion error after the first batches were sent: the status is already 200, so
+    the body ends without its last chunk — the client sees an incomplete body, never a
+    short one that looks whole — and the slot is given back."""
+    sql = (
+        "SELECT CASE WHEN range < 2000000 THEN range ELSE CAST('x' || range AS BIGINT) END AS v "
+        "FROM range(3000000)"
+    )
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        agent.stream("POST", "/v1/query", json={"sql": sql}, headers={"accept": ARROW}) as r,
+    ):
+        assert r.status_code == 200
+        for _ in r.iter_raw():
+            pass
+    wait_until(lambda: idle(server), what="the failed stream's slot given back")
+    assert post(agent, JSON, sql="SELECT 6 AS six").json()["rows"] == [{"six": 6}]

@@ -37,7 +37,7 @@ from catalog import Catalog, Principal, QuiverError
 from catalog.formats import FORMATS, Chunks, ResultFormat, ResultWriter, RowCapInfo
 from catalog.query_port import RunningQuery
 from control_plane.context import AGENT, request_id
-from control_plane.errors import NotAcceptable
+from control_plane.errors import NotAcceptable, StreamAborted
 from control_plane.models import QueryBody
 
 log = structlog.get_logger("control_plane")
@@ -147,7 +147,7 @@ class _Body:
             # Mid-stream: the status is sent. The connection is dropped without the final
             # chunk, so the client sees an incomplete body, never a short one passed as whole.
             log.warning("http.query.failed_mid_stream", code=e.code, detail=e.detail, request_id=self._rid)
-            raise
+            raise StreamAborted(e.code) from None
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.running.close)
