@@ -45,6 +45,22 @@ log = structlog.get_logger("control_plane")
 #: The format a wildcard (or no ``Accept``) gets, then the others in the order a tie goes.
 PREFERENCE = ("json", "arrow", "parquet", "csv", "ndjson")
 
+
+def _query_threads(request: Request[Any, Any, Any], catalog: Catalog) -> anyio.CapacityLimiter:
+    """Worker threads for starting queries (the run: admission, which may wait up to
+    ``[limits] admission_wait_seconds`` for a slot, then the head): a pool of the app's own,
+    so that queries waiting for admission never take the threads the other routes run on.
+    As many as the server admits at once; more would only wait, and wait here, in line. Only
+    the run uses it: a query holding a slot never needs it again (its batches and its close
+    run on the shared pool, briefly each), so a waiting run never blocks the slot it waits
+    for. Made on first use, in the app's event loop."""
+    state = request.app.state
+    limiter = state.get("query_threads")
+    if limiter is None:
+        limiter = state["query_threads"] = anyio.CapacityLimiter(catalog.config.limits.max_concurrent_total)
+    return limiter  # type: ignore[no-any-return]
+
+
 HEADER_MAX_ROWS = "x-quiver-max-rows"
 HEADER_REASON = "x-quiver-max-rows-reason"
 HEADER_TRUNCATED = "x-quiver-truncated"
@@ -171,7 +187,10 @@ async def run_query(
 ) -> Stream:
     fmt = negotiate(request.headers.get("accept"))
     runner = catalog.require_queries()
-    running = await anyio.to_thread.run_sync(runner.run, request.user, data.sql, data.params, data.max_rows)
+    threads = _query_threads(request, catalog)
+    running = await anyio.to_thread.run_sync(
+        runner.run, request.user, data.sql, data.params, data.max_rows, limiter=threads
+    )
     try:
         body = _Body(running, fmt, request_id(request))
     except BaseException:
