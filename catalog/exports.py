@@ -108,10 +108,14 @@ class Exports:
         tags: Sequence[str] = (),
         description: str = "",
         parent_id: str | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        timeout_seconds: float | None = None,
     ) -> ExportInfo:
+        """Run ``sql`` into a new file artefact (see the module docs). ``progress`` is told
+        the rows and bytes written after every batch (it may raise to stop the export:
+        nothing is kept); ``timeout_seconds`` replaces the query timeout (async exports)."""
         fmt = _export_format(format)
-        running = self._runner().run(principal, sql, params, max_rows)
+        running = self._runner().run(principal, sql, params, max_rows, timeout_seconds=timeout_seconds)
         try:
             check_schema(fmt, running.schema)  # before the artefact is begun: nothing to undo
             provenance = Provenance(
@@ -138,7 +142,7 @@ class Exports:
                 for batch in running.reader:
                     writer.write(batch)
                     if progress is not None:
-                        progress(writer.rows)
+                        progress(writer.rows, upload.size)
                 cut = bool(running.cut())
                 writer.finish(RowCapInfo(running.max_rows, running.reason, cut))
                 artefact = upload.commit()

@@ -36,7 +36,13 @@ class SqlRunner:
         self._admission = admission
 
     def run(
-        self, principal: Principal, sql: str, params: Sequence[Any] = (), max_rows: int | None = None
+        self,
+        principal: Principal,
+        sql: str,
+        params: Sequence[Any] = (),
+        max_rows: int | None = None,
+        *,
+        timeout_seconds: float | None = None,
     ) -> RunningQuery:
         body: dict[str, Any] = {"kind": "query", "sql": sql, "params": list(params)}
         if max_rows is not None:
@@ -48,4 +54,6 @@ class SqlRunner:
         cmd = decode_command(raw)
         assert isinstance(cmd, QueryCommand)
         guarded, part = self._planner.query_part(principal, cmd)
-        return self._streamer.run_query(self._admission, principal, guarded.tables, part)
+        return self._streamer.run_query(
+            self._admission, principal, guarded.tables, part, timeout_seconds=timeout_seconds
+        )
