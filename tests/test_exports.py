@@ -398,3 +398,17 @@ def test_an_async_export_is_refused_at_once(server: Server, demo: QuiverClient) 
     with pytest.raises(QuiverClientError) as exc:
         demo.action("export", {"query": "SELEC 1", "async": True})
     assert exc.value.code == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("body", [{"name": ""}, {"ttl_seconds": 0}, {"tags": ["x" * 500]}])
+def test_a_bad_artefact_field_is_refused_before_the_query_runs(
+    server: Server, demo: QuiverClient, body: dict[str, Any]
+) -> None:
+    flight_server = server.runtime.flight
+    assert flight_server is not None
+    before, count, files = flight_server.streamer.executions, artefact_count(server), stored_files(server)
+    with pytest.raises(QuiverClientError) as exc:
+        demo.action("export", {"query": "SELECT 12345 AS fresh_text", **body})
+    assert exc.value.code == "INVALID_ARGUMENT"
+    assert flight_server.streamer.executions == before
+    assert artefact_count(server) == count and stored_files(server) == files
