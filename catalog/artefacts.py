@@ -202,6 +202,7 @@ class ArtefactFilter(msgspec.Struct, frozen=True, kw_only=True):
     tag: str | None = None
     name: str | None = None  # exact name
     swarm: str | None = None  # owner's swarm
+    owner: str | None = None  # the owner's label: agent:s/a, swarm:s, admin:…
 
 
 class ArtefactPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -419,7 +420,13 @@ class ArtefactWriter:
         self.provenance = provenance
         self.rows = 0
         self.temp_path = store.directory / f"{TEMP_PREFIX}{artefact_id}-{secrets.token_hex(4)}"
-        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Registered before the file exists: the janitor never takes it for a leftover.
+        store._writer_started(self)
+        try:
+            fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            store._writer_done(self)
+            raise
         self._file: IO[bytes] = os.fdopen(fd, "wb")
         self._sink = _Sink(self._file, self._check_size)
         self._ipc: ipc.RecordBatchFileWriter | None = None
@@ -440,7 +447,8 @@ class ArtefactWriter:
     # --- streaming ---------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        return self._sink.size
+        sink: _Sink | None = getattr(self, "_sink", None)  # None until the file is open
+        return sink.size if sink is not None else 0
 
     def _check_size(self, size: int) -> None:
         refusal = self.store._over_limit(self.principal, size, streaming=self)
@@ -798,6 +806,7 @@ class ArtefactStore:
                 or (f.tag is not None and f.tag not in art.tags)
                 or (f.name is not None and art.name != f.name)
                 or (f.swarm is not None and art.swarm != f.swarm)
+                or (f.owner is not None and art.owner != f.owner)
             ):
                 continue
             found.append(art)
@@ -905,9 +914,11 @@ class ArtefactStore:
             schema=schema,
             provenance=provenance,
         )
+        return writer
+
+    def _writer_started(self, writer: ArtefactWriter) -> None:
         with self._active_lock:
             self._active[writer.id] = writer
-        return writer
 
     def _writer_done(self, writer: ArtefactWriter) -> None:
         with self._active_lock:

@@ -335,6 +335,8 @@ def test_list_pages_and_filters(catalog: Catalog) -> None:
         ids += [a.id for a in page.items]
     assert ids == [a.id for a in made]
     assert [a.name for a in store.list(p, ArtefactFilter(tag="odd")).items] == ["t1", "t3"]
+    assert len(store.list(p, ArtefactFilter(owner=p.label, kind="table")).items) == 5
+    assert store.list(p, ArtefactFilter(owner="agent:s1/a1")).items == []
     with pytest.raises(InvalidArgument):
         store.list(p, page_size=0)
     with pytest.raises(InvalidArgument):
@@ -514,3 +516,49 @@ def test_any_name_is_a_label_or_a_clear_refusal(catalog: Catalog) -> None:
 
     check()
     assert not (catalog.data_dir.parent / "etc").exists() and not (store.directory.parent / "b").exists()
+
+
+def test_uploads_racing_the_janitor_all_commit_whole(catalog: Catalog) -> None:
+    """Writers (threads) save tables and files while the janitor sweeps without pause: every
+    upload commits, reads back whole, and nothing of theirs is taken for an orphan."""
+    store = catalog.artefacts
+    admin = who(catalog, "admin")
+    stop = threading.Event()
+    sweeps = [0]
+    errors: list[BaseException] = []
+
+    def janitor() -> None:
+        while not stop.is_set():
+            report = store.sweep()
+            if report.total:
+                errors.append(AssertionError(f"the janitor removed a live upload's files: {report}"))
+            sweeps[0] += 1
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(15):
+                if i % 2:
+                    art = save_table(store, admin, name=f"w{n}-{i}")
+                    _, reader = store.open_table(admin, art.id)
+                    assert reader.read_all().equals(TABLE)
+                else:
+                    with store.begin_write(admin, "file", f"w{n}-{i}") as w:
+                        w.write(b"%d" % i)
+                        art = w.commit()
+                    _, f = store.open_content(admin, art.id)
+                    with f:
+                        assert f.read() == b"%d" % i
+        except BaseException as e:
+            errors.append(e)
+
+    sweeper = threading.Thread(target=janitor)
+    sweeper.start()
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    sweeper.join()
+    assert not errors, errors
+    assert sweeps[0] > 0 and meta_rows(catalog) == 60 and len(files(store)) == 60

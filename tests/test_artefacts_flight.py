@@ -1,16 +1,13 @@
 """Tabular artefacts over Flight (DoPut, GetFlightInfo, DoGet) and in SQL (``artefacts."<id>"``),
 against a real server with real clients: pyarrow.flight, quiver_client, and — for the one
 thing a conforming Flight client cannot send, a second schema midway through an upload — raw
-gRPC frames; a client process killed mid-upload for a disconnect."""
+gRPC frames. A client killed mid-upload: tests/test_artefacts_disconnect.py."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,8 +22,6 @@ import pytest
 from catalog.artefacts import TEMP_PREFIX
 from quiver_client import QuiverClient, QuiverClientError
 from tests.harness import Server, call_options, error_info, start_server, wait_until
-
-pytestmark = pytest.mark.slow
 
 QUOTA = 3_000_000
 
@@ -323,52 +318,6 @@ def test_schema_change_midway_keeps_nothing(srv: Server) -> None:
     assert coded["code"] == "INVALID_ARGUMENT" and "single schema" in coded["detail"]
     assert artefact_files(srv) == before
     assert srv.catalog.artefacts.list(srv.catalog.tokens.verify(token)).items == []
-
-
-UPLOADER = """
-import json, sys, pyarrow as pa, pyarrow.flight as flight
-url, token = sys.argv[1], sys.argv[2]
-c = flight.FlightClient(url)
-table = pa.table({"x": pa.array(range(10_000), pa.int64())})
-opts = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())])
-d = flight.FlightDescriptor.for_command(json.dumps({"kind": "artefact", "name": "cut"}).encode())
-w, _ = c.do_put(d, table.schema, opts)
-for _ in range(5):
-    w.write_table(table)
-print("sent", flush=True)
-sys.stdin.read()
-"""
-
-
-def test_disconnect_midway_keeps_nothing_and_the_janitor_reclaims(srv: Server) -> None:
-    token = srv.mint("agent", "art2", "cut")
-    store = srv.catalog.artefacts
-    before = [n for n in artefact_files(srv) if not n.startswith(TEMP_PREFIX)]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", UPLOADER, srv.flight_url, token],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "sent"
-        # The upload is in progress: its temporary file exists, nothing is visible.
-        wait_until(
-            lambda: any(n.startswith(TEMP_PREFIX) for n in artefact_files(srv)), what="the upload's temp file"
-        )
-        assert store.list(srv.catalog.tokens.verify(token)).items == []
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-    wait_until(
-        lambda: not any(n.startswith(TEMP_PREFIX) for n in artefact_files(srv)),
-        what="the temp file reclaimed",
-    )
-    assert artefact_files(srv) == before
-    assert store.list(srv.catalog.tokens.verify(token)).items == []
 
 
 def test_a_leftover_temp_file_is_reclaimed_by_the_janitor(srv: Server) -> None:
