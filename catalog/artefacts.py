@@ -165,6 +165,8 @@ class Provenance(msgspec.Struct, frozen=True, kw_only=True):
     principal: str | None = None
     source_versions: dict[str, int] | None = None
     parent_id: str | None = None
+    # The export's own max_rows (a refresh applies it again); None: the server's cap.
+    max_rows: int | None = None
 
 
 class Artefact(msgspec.Struct, frozen=True, kw_only=True):
@@ -191,6 +193,9 @@ class Artefact(msgspec.Struct, frozen=True, kw_only=True):
     provenance: Provenance | None = None
     # The reference form for SQL (tables only): artefacts."<id>".
     sql_name: str | None = None
+    # An export's sources changed since it ran (catalog/exports.py); None without provenance.
+    # Worked out when the metadata is read (ArtefactStore.staleness), never stored.
+    stale: bool | None = None
 
 
 class ArtefactFilter(msgspec.Struct, frozen=True, kw_only=True):
@@ -570,6 +575,9 @@ class ArtefactStore:
         # file and their SQL table alone.
         self._active: dict[str, ArtefactWriter] = {}
         self._active_lock = threading.Lock()
+        # Fills in ``stale`` of exported artefacts as their metadata is read (set by the
+        # catalog to catalog/exports.py's ``annotate``): get() and list() answer through it.
+        self.staleness: Callable[[list[Artefact]], list[Artefact]] | None = None
         # Held while content files are unlinked, and by a backup while it freezes content
         # beside its database copy (catalog/backup.py): a backup never misses the content of
         # an artefact its metadata holds.
@@ -580,7 +588,7 @@ class ArtefactStore:
     _COLUMNS = (
         "id, name, kind, media_type, format, size_bytes, sha256, rows, arrow_schema, tags, description, "
         "owner, owner_kind, owner_agent, swarm, swarm_id, created_at, expires_at, prov_sql, prov_params, "
-        "prov_principal, prov_versions, parent_id"
+        "prov_principal, prov_versions, parent_id, prov_max_rows"
     )
 
     def _load(self) -> None:
@@ -603,7 +611,7 @@ class ArtefactStore:
     def _record(row: tuple[Any, ...]) -> _Record:
         (aid, name, kind, media_type, fmt, size, sha, rows, schema_ipc, tags, description, owner, owner_kind,
          owner_agent, swarm, swarm_id, created, expires, p_sql, p_params, p_principal, p_versions,
-         parent) = row  # fmt: skip
+         parent, p_max_rows) = row  # fmt: skip
         columns = None
         if schema_ipc is not None:
             columns = _columns(ipc.read_schema(pa.py_buffer(bytes(schema_ipc))))
@@ -615,6 +623,7 @@ class ArtefactStore:
                 principal=p_principal,
                 source_versions=msgspec.json.decode(p_versions) if p_versions else None,
                 parent_id=parent,
+                max_rows=None if p_max_rows is None else int(p_max_rows),
             )
         artefact = Artefact(
             id=aid,
@@ -703,7 +712,12 @@ class ArtefactStore:
     def get(self, principal: Principal, artefact_id: str) -> Artefact:
         """The artefact's metadata, or NOT_FOUND when it does not exist, expired or is not
         visible to ``principal`` (the same answer, so existence never leaks)."""
-        return self._visible(principal, artefact_id).artefact
+        return self._annotated([self._visible(principal, artefact_id).artefact])[0]
+
+    def _annotated(self, items: list[Artefact]) -> list[Artefact]:
+        if self.staleness is None or not any(a.provenance is not None for a in items):
+            return items
+        return self.staleness(items)
 
     def content_path(self, principal: Principal, artefact_id: str) -> tuple[Artefact, Path]:
         rec = self._visible(principal, artefact_id)
@@ -793,7 +807,7 @@ class ArtefactStore:
             if len(found) > page_size:
                 break
         more = len(found) > page_size
-        items = found[:page_size]
+        items = self._annotated(found[:page_size])
         return ArtefactPage(items=items, next=items[-1].id if more else None)
 
     def readable_table(self, principal: Principal, name: str) -> TableRef | None:
@@ -996,6 +1010,7 @@ class ArtefactStore:
             if prov and prov.source_versions is not None
             else None,
             prov.parent_id if prov else None,
+            prov.max_rows if prov else None,
         ]
 
         def insert(cur: duckdb.DuckDBPyConnection) -> None:

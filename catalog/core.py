@@ -19,11 +19,13 @@ from catalog.audit import AuditLog
 from catalog.clock import SYSTEM_CLOCK, Clock, utcnow
 from catalog.config import Config
 from catalog.database import Database
-from catalog.errors import QuiverError
+from catalog.errors import QuiverError, Unavailable
+from catalog.exports import Exports
 from catalog.identity import Principal, WhoAmI
 from catalog.keys import KeyRing, write_private_atomic
 from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
+from catalog.query_port import QueryRunner
 from catalog.resources import duckdb_memory_limit
 from catalog.retention import Retention
 from catalog.status import CatalogStatus, DatabaseStatus
@@ -80,6 +82,13 @@ class Catalog:
         )
         # artefacts."<id>" in SQL and scans: the policy asks the store (catalog/artefacts.py).
         self.policy.artefacts = self.artefacts
+        # Query results into artefacts, with provenance; refresh (catalog/exports.py).
+        self.exports = Exports(self.artefacts, self.db, self.require_queries)
+        self.artefacts.staleness = self.exports.annotate
+        # The data plane's query path for the other listeners (catalog/query_port.py). The one
+        # late-bound link: the Flight server implements it and also uses it (exports), so
+        # quiver/runtime.py sets it once the Flight server exists; None until then.
+        self.queries: QueryRunner | None = None
         self._closed = threading.Event()
         # (token, jti, expires_at) of what admin.token was last seen or written to hold.
         self._admin_token: tuple[str, str, datetime] | None = None
@@ -218,6 +227,11 @@ class Catalog:
             tables=len(self.tables.list_refs()),
             swarms=len(self.swarms.all()),
         )
+
+    def require_queries(self) -> QueryRunner:
+        if self.queries is None:
+            raise Unavailable("the data plane is not running in this process; retry once it has started")
+        return self.queries
 
     def close(self) -> None:
         if self._closed.is_set():

@@ -17,10 +17,10 @@ from catalog import VERSION, Catalog, StatusReport, SyncControl
 from catalog.status import Health
 from control_plane.api_docs import render_plugins
 from control_plane.context import DEPENDENCIES, Access
-from control_plane.errors import EXCEPTION_HANDLERS
+from control_plane.errors import EXCEPTION_HANDLERS, is_aborted
 from control_plane.gate import MAX_JSON_BODY, gate
 from control_plane.models import ErrorBody
-from control_plane.routes import admin, artefacts, backup, public, swarms, tokens
+from control_plane.routes import admin, artefacts, backup, exports, public, query, swarms, tokens
 
 log = structlog.get_logger("control_plane")
 
@@ -33,6 +33,8 @@ ROUTERS: list[Router] = [
     admin.ROUTER,
     backup.ROUTER,
     artefacts.ROUTER,
+    query.ROUTER,
+    exports.ROUTER,
 ]
 
 _WHY = {
@@ -40,11 +42,14 @@ _WHY = {
     401: "No token, a malformed header, or a bad, expired or revoked token (checked before the body)",
     403: "The token is valid but may not do this",
     404: "No such object",
+    406: "None of the formats the route sends is acceptable (Accept)",
     409: "Conflicts with the current state (exists already, or a concurrent change; retry)",
     413: "The request body is larger than the limit (an upload: [artefacts] max_upload_bytes or the swarm's quota)",
     415: "The body is not sent as 'Content-Type: application/json' (an upload: 'multipart/form-data')",
     416: "The range lies past the end of the content (Content-Range: bytes */size)",
     422: "Well-formed but out of range (e.g. ttl_seconds above the configured maximum)",
+    429: "Over a limit: too many concurrent queries (yours, or the server's after a wait)",
+    504: "The query ran past the query timeout ([limits] query_timeout_seconds)",
     503: "Not ready: a listener is down",
 }
 
@@ -68,6 +73,8 @@ _DOMAIN_STATUSES: dict[str, set[int]] = {
     "unshare_artefact": {403},
     "extend_artefact": {403, 422},
     "delete_artefact": {403},
+    "run_query": {406, 429, 503, 504},
+    "refresh_artefact": {404, 413, 422, 429, 503, 504},
 }
 
 
@@ -144,6 +151,11 @@ def request_context(app: ASGIApp) -> ASGIApp:
 
         try:
             await app(scope, receive, send_with_id)
+        except Exception as e:
+            if not is_aborted(e):
+                raise
+            # A streamed body cut on purpose (already logged): returning without the last
+            # chunk makes the ASGI server drop the connection; no traceback for it.
         finally:
             seconds = time.perf_counter() - started
             catalog: Catalog = scope["app"].state["catalog"]

@@ -130,10 +130,21 @@ def _metrics_reader(principal: Principal) -> str | None:
     return f"GET /metrics needs an admin or a metrics token; yours is a token of kind {principal.kind!r}"
 
 
+def _agents_only(principal: Principal) -> str | None:
+    if principal.kind in ("agent", "swarm"):
+        return None
+    return (
+        f"this route runs agent SQL and needs an agent or swarm token; yours is a token of kind "
+        f"{principal.kind!r} (admins read data over Arrow Flight)"
+    )
+
+
 ADMIN = Access("admin", _admin_only)
 """Admin tokens only."""
 TOKEN = Access("token", _any_but_metrics)
 """Any admin, swarm or agent token (the handler decides further, e.g. who may mint what)."""
+AGENT = Access("agent", _agents_only)
+"""Agent and swarm tokens: the routes that run agent SQL under a swarm's allowlist."""
 METRICS = Access("metrics", _metrics_reader, public_when=lambda catalog: catalog.config.server.public_metrics)
 """An admin or a metrics token; no token at all with ``[server] public_metrics``."""
 

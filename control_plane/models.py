@@ -10,6 +10,8 @@ name the same types).
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from catalog.artefacts import Artefact
@@ -111,3 +113,18 @@ class ExtendArtefact(Request):
     """Keep the artefact until now + ``ttl_seconds``."""
 
     ttl_seconds: int
+
+
+class QueryBody(Request):
+    """``POST /v1/query``: the fields of a Flight ``{"kind": "query"}`` command
+    (proto_docs/descriptors.md); the result's format is chosen by ``Accept``."""
+
+    sql: str
+    params: list[Any] = []
+    max_rows: int | None = None
+
+
+class RefreshArtefact(Request):
+    """``POST /v1/artefacts/{id}/refresh`` (optional): the new artefact's lifetime."""
+
+    ttl_seconds: int | None = None

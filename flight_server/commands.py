@@ -152,6 +152,36 @@ class RefreshBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ttl_seconds: int | None = None
 
 
+class ExportBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of ``export``: a query (with its parameters) or a whole table, into a file
+    artefact (catalog/exports.py)."""
+
+    usage: ClassVar[str] = (
+        '{"query": "...", "params": [...]} or {"table": "schema.table"}, with "format": '
+        '"parquet" | "csv" | "ndjson" | "arrow", and optionally "name", "ttl_seconds", "max_rows", '
+        '"tags", "description", "async"'
+    )
+    query: str | None = None
+    params: list[Param] = []
+    table: str | None = None
+    format: Literal["parquet", "csv", "ndjson", "arrow"] = "parquet"
+    name: str | None = None
+    ttl_seconds: int | None = None
+    max_rows: int | None = None
+    tags: list[str] = []
+    description: str = ""
+    #: Run in the background (as an async query: answers its id, query-status shows progress).
+    run_async: bool = msgspec.field(default=False, name="async")
+
+
+class RefreshArtefactBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of ``refresh-artefact``."""
+
+    usage: ClassVar[str] = '{"id": "..."} (an exported artefact), optionally "ttl_seconds"'
+    id: str
+    ttl_seconds: int | None = None
+
+
 class TableScan(msgspec.Struct, frozen=True):
     """A PATH descriptor: every row of one table."""
 

@@ -359,13 +359,8 @@ class Planner:
         parameter types recently gave a result larger than the head, or did not finish in the
         runner's budget (then its DoGet runs it anyway, so the cheaper ``LIMIT 0`` probe gives
         the schema). A query the runner gave up on is also probed."""
-        cap = cmds.check_query(cmd, self.limits)
-        guarded = self.check_sql(principal, cmd.sql)
-        params = tuple(cmd.params)
-        if cmd.max_rows is not None:
-            part = SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
-        else:
-            part = SqlPart(guarded.sql, params, normalized=guarded.normalized, cap=cap)
+        guarded, part = self.query_part(principal, cmd)
+        params = part.params
         shape = (guarded.sql, tuple(_param_type(p) for p in params))
         now = time.monotonic()
         large = self._large.get(shape)
@@ -382,6 +377,18 @@ class Planner:
             schema = self.query_schema(principal, guarded, params)
         label = _query_label(guarded.normalized)
         return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True, row_cap=part.row_cap)
+
+    def query_part(self, principal: Principal, cmd: QueryCommand) -> tuple[GuardedQuery, SqlPart]:
+        """The checks of a query — its size against ``[limits]``, the guard — and the part
+        that runs it under its row cap: the caller's ``max_rows`` as DuckDB's ``LIMIT``, the
+        server's cut from the stream (flight_server/plans.py). Every path that runs a query
+        starts here (GetFlightInfo, submit-query, flight_server/runner.py)."""
+        cap = cmds.check_query(cmd, self.limits)
+        guarded = self.check_sql(principal, cmd.sql)
+        params = tuple(cmd.params)
+        if cmd.max_rows is not None:
+            return guarded, SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
+        return guarded, SqlPart(guarded.sql, params, normalized=guarded.normalized, cap=cap)
 
     def prepare(self, principal: Principal, cmd: QueryCommand) -> PreparedQuery:
         """submit-query: :meth:`query`'s path — the same checks as a ``{"kind": "query"}``

@@ -59,7 +59,8 @@ from flight_server.planner import Planner, SplitOptions
 from flight_server.plans import Plan
 from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
-from flight_server.results import QueryManager
+from flight_server.results import PreparedTask, QueryManager
+from flight_server.runner import SqlRunner
 from flight_server.running import RunningStreams
 from flight_server.streams import Streamer
 from flight_server.table_cache import TableCache, resolve_budget
@@ -81,6 +82,20 @@ ACTIONS: dict[str, str] = {
         "valid until it expires, and revoking either revokes the chain."
     ),
     **QUERY_ACTIONS,
+    "export": (
+        'Run a query into a file artefact. Body: {"query": "...", "params": [...]} or {"table": '
+        '"schema.table"}, "format": "parquet" | "csv" | "ndjson" | "arrow" (default parquet), and '
+        'optionally "name", "ttl_seconds", "max_rows", "tags", "description". Streams the result '
+        '(guard, admission, timeout and row cap as a query); answers {"artefact", "download", '
+        '"stale", "changed", "rows", "truncated", "max_rows"}; the artefact records its provenance. '
+        'With "async": true it runs in the background: answers an id at once; query-status shows '
+        'the rows and bytes written, then the answer under "export".'
+    ),
+    "refresh-artefact": (
+        "Re-run an export as you (its principal) under your current allowlist into a new "
+        'artefact whose provenance.parent_id is the old one. Body: {"id": "..."}, optionally '
+        '"ttl_seconds". Answers as export; PERMISSION_DENIED when a source is no longer readable.'
+    ),
     **FLIGHT_SQL_ACTIONS,
 }
 
@@ -146,6 +161,9 @@ class QuiverFlightServer(flight.FlightServerBase):
         # DoGet streams by FlightInfo: CancelFlightInfo, and clients that went away.
         self.running = RunningStreams(float(limits.ticket_ttl_seconds))
         self.sql = FlightSql(catalog, self.planner, self.tickets, self.running)
+        # The same path for callers outside Flight (POST /v1/query, exports): quiver/runtime.py
+        # hands it to the catalog as catalog.queries (catalog/query_port.py).
+        self.query_runner = SqlRunner(self.planner, self.streamer, self.admission)
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------
     def _state(self, context: flight.ServerCallContext) -> CallState:
@@ -306,6 +324,13 @@ class QuiverFlightServer(flight.FlightServerBase):
             if self.sql.handles(action.type):
                 state.fields["flight_sql"] = True
                 return self.sql.do_action(principal, action.type, body)
+            if action.type == "export":
+                return [msgspec.json.encode(self._export(principal, state, body))]
+            if action.type == "refresh-artefact":
+                refresh = commands.decode_body(body, commands.RefreshArtefactBody, action.type)
+                info = self.catalog.exports.refresh(principal, refresh.id, ttl_seconds=refresh.ttl_seconds)
+                state.fields["target"] = f"artefact:{info.artefact.id}"
+                return [msgspec.json.encode(info)]
             raise InvalidArgument(
                 f"unknown action {bounded(action.type, 40)!r}; available: {', '.join(sorted(ACTIONS))} "
                 "(see ListActions)"
@@ -316,6 +341,56 @@ class QuiverFlightServer(flight.FlightServerBase):
     @staticmethod
     def _is_flight_sql(descriptor: flight.FlightDescriptor) -> bool:
         return descriptor.descriptor_type == flight.DescriptorType.CMD and is_flight_sql(descriptor.command)
+
+    def _export(self, principal: Principal, state: CallState, raw: bytes) -> Any:
+        """``export``: a query, or every row of a table (readable now, the same refusal as a
+        scan), into a file artefact through the query path (catalog/exports.py)."""
+        body = commands.decode_body(raw, commands.ExportBody, "export")
+        if (body.query is None) == (body.table is None):
+            raise InvalidArgument(
+                f'export takes exactly one of "query" or "table": {commands.ExportBody.usage}'
+            )
+        if body.table is not None:
+            if body.params:
+                raise InvalidArgument('export: "params" go with "query"; a table export takes none')
+            ref = self.planner.readable(principal, body.table)
+            sql = f"SELECT * FROM {ref.sql}"
+        else:
+            assert body.query is not None
+            sql = body.query
+        exports = self.catalog.exports
+
+        def export(progress: Callable[[int, int], None] | None = None, timeout: float | None = None) -> Any:
+            return exports.export(
+                principal,
+                sql,
+                body.params,
+                format=body.format,
+                name=body.name,
+                ttl_seconds=body.ttl_seconds,
+                max_rows=body.max_rows,
+                tags=body.tags,
+                description=body.description,
+                progress=progress,
+                timeout_seconds=timeout,
+            )
+
+        if body.run_async:
+            # The checks of a query first (limits, guard: a refusal is immediate, nothing is
+            # queued); then a worker of the async queries runs it, under [results]'s timeout.
+            self.planner.query_part(
+                principal, commands.QueryCommand(sql=sql, params=body.params, max_rows=body.max_rows)
+            )
+            timeout = float(self.catalog.config.results.timeout_seconds)
+
+            def task(progress: Callable[[int, int], None]) -> dict[str, Any]:
+                return msgspec.to_builtins(export(progress, timeout))
+
+            return self.queries.submit(principal, PreparedTask(run=task, sql=sql))
+        info = export()
+        state.fields["target"] = f"artefact:{info.artefact.id}"
+        state.fields["rows"] = info.rows
+        return info
 
     # --- DoPut: artefact uploads and Flight SQL parameters -------------------------------------
     def do_put(

@@ -32,6 +32,7 @@ maps it to DEADLINE_EXCEEDED; proto_docs/errors.md explains).
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,9 +44,10 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, Principal, TableRef, Unavailable
+from catalog.query_port import RunningQuery
 from flight_server.admission import Admission
 from flight_server.cache import CacheKey, ResultCache
-from flight_server.errors import check_result_type, duckdb_error, stream_error
+from flight_server.errors import check_result_type, classify, duckdb_error, stream_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
 from flight_server.plans import (
@@ -248,6 +250,97 @@ class Streamer:
         ready = self.ready.hold(schema, head, size, cut)
         return schema, (dataclasses.replace(part, ready=ready) if ready is not None else part), True
 
+    def run_query(  # noqa: C901  admission, cache, head read and cut of one run, each a short step
+        self,
+        admission: Admission,
+        principal: Principal,
+        tables: tuple[TableRef, ...],
+        part: SqlPart,
+        *,
+        timeout_seconds: float | None = None,
+    ) -> RunningQuery:
+        """A capped query run for a caller outside Flight (catalog/query_port.py): DoGet's
+        path without the Flight stream around it — one admission slot (a query of its own),
+        the query timeout on its cursor, the result cache (a hit needs no cursor), the head
+        read here (:meth:`_run_capped`) so that refusals, binder errors and a timeout are
+        raised before any row is sent. The reader goes on in C++ where DoGet's does, and
+        raises classified classified QuiverErrors mid-stream. Everything is held
+        until :meth:`RunningQuery.close`."""
+        cap = part.row_cap
+        assert cap is not None  # a query always has a cap
+        timeout = self.timeout if timeout_seconds is None else float(timeout_seconds)
+        release = admission.acquire(principal.subject, "run-" + secrets.token_hex(6))
+        held: list[Callable[[], None]] = [release]
+
+        def close() -> None:
+            for step in reversed(held):
+                try:
+                    step()
+                except Exception as e:  # noqa: BLE001 - one failed release must not skip the others
+                    log.warning("query.release_failed", error=str(e))
+            held.clear()
+
+        versions: dict[str, int] = {}
+        if tables:
+            current = self.versions.current()
+            versions = {ref.qualified: current.get(ref.key(), 0) for ref in tables}
+
+        def running(
+            reader: pa.RecordBatchReader, truncated: bool | None, cut: Callable[[], bool | None] | None
+        ) -> RunningQuery:
+            return RunningQuery(
+                reader=reader,
+                max_rows=cap.max_rows,
+                reason=cap.reason,
+                tables=tables,
+                versions=versions,
+                sql=part.normalized or part.sql,
+                params=part.params,
+                truncated=truncated,
+                _cut=cut,
+                _release=close,
+            )
+
+        deadline: Deadline | None = None
+        try:
+            key: CacheKey | None = None
+            if part.normalized is not None:
+                key = self._key(tables, part)
+                entry = self.cache.get(key) if key is not None else None
+                if entry is not None:
+                    return running(self.cache.open(entry), entry.truncated, None)
+            cur = self._cursors.take()
+            lease = _Lease(cur)
+            held.append(lease.close)
+            deadline = self.watchdog.arm(timeout, cur.interrupt)
+            held.append(lambda: Watchdog.disarm(deadline))
+            ran = self._run_capped(cur, key, part)
+            if ran.rest is None:
+                reader = pa.RecordBatchReader.from_batches(ran.schema, iter(ran.head))
+                return running(reader, ran.cut, None)
+            flag = ran.flag
+            assert flag is not None
+            ended = threading.Event()
+            reader = _classified(ran.rest, deadline, timeout, part.limit is not None, ended)
+
+            def cut() -> bool | None:
+                # Cut is known as soon as the cut batch passed; "not cut" only at the end.
+                return True if flag else (False if ended.is_set() else None)
+
+            return running(reader, None, cut)
+        except BaseException as e:
+            close()
+            if isinstance(e, Exception):
+                err = classify(
+                    e,
+                    timed_out=deadline is not None and deadline.fired,
+                    timeout_seconds=timeout,
+                    wrapped=part.limit is not None,
+                )
+                if err is not None and err is not e:
+                    raise err from None
+            raise
+
     def _key(self, tables: tuple[TableRef, ...], part: SqlPart) -> CacheKey | None:
         """The result cache's key of a query. It holds the data versions of its tables
         (:class:`VersionWatch`), read before the query runs, so the rows stored under it are of
@@ -296,32 +389,28 @@ class Streamer:
         of proto_docs/errors.md (a timeout mid-stream is then DEADLINE_EXCEEDED with extra_info)."""
         cap = part.row_cap
         assert cap is not None
-        self.executions += 1
-        reader = self._sql(cur, part, part.limit + 1 if part.limit is not None else None)
         timeout, request_id = self.timeout, state.request_id
         wrapped = part.limit is not None
         try:
-            head, size, complete, cut = _read_head(reader, self.cache.memory_entry_bytes, cap.max_rows)
+            ran = self._run_capped(cur, key, part)
         except Exception as e:  # noqa: BLE001 - DuckDB's errors arrive through Arrow (OSError …)
             timed_out = deadline is not None and deadline.fired
             raise stream_error(
                 e, request_id, timed_out=timed_out, timeout_seconds=timeout, wrapped=wrapped
             ) from None
-        if complete:
-            self.cache.store(key, reader.schema, head, size, truncated=cut)
-            if cut:
+        if ran.rest is None:
+            if ran.cut:
                 state.fields["truncated"] = True
-                return _cut_stream(reader.schema, head, cap)
+                return _cut_stream(ran.schema, ran.head, cap)
             # The cursor is done with (its result read to the end, no transaction): the next
             # request may use it, unless its deadline is close enough to fire.
             if deadline is None or time.monotonic() < deadline.at - 1.0:
                 if deadline is not None:
                     Watchdog.disarm(deadline)
                 lease.recycle(self._cursors)
-            return flight.RecordBatchStream(pa.Table.from_batches(head, schema=reader.schema))
-        flag = _Cut()
-        rest = _capped(reader, cap.max_rows - sum(b.num_rows for b in head), flag)
-        teed = self.cache.tee(key, rest, head, truncated=flag.__bool__)
+            return flight.RecordBatchStream(pa.Table.from_batches(ran.head, schema=ran.schema))
+        teed, flag = ran.rest, ran.flag
+        assert flag is not None
         metadata = cap.stream_metadata()
 
         def batches() -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
@@ -344,6 +433,24 @@ class Streamer:
 
         return flight.GeneratorStream(teed.schema, batches())
 
+    def _run_capped(self, cur: duckdb.DuckDBPyConnection, key: CacheKey | None, part: SqlPart) -> _Capped:
+        """Run a capped part on ``cur`` and read the head of its result (the one place a
+        capped result is run, for DoGet and for :meth:`run_query`): a complete head is stored
+        in the result cache; a longer result goes on as a reader cut at the cap and teed into
+        the cache, whose flag is raised when it was cut."""
+        cap = part.row_cap
+        assert cap is not None
+        self.executions += 1
+        reader = self._sql(cur, part, part.limit + 1 if part.limit is not None else None)
+        head, size, complete, cut = _read_head(reader, self.cache.memory_entry_bytes, cap.max_rows)
+        if complete:
+            self.cache.store(key, reader.schema, head, size, truncated=cut)
+            return _Capped(reader.schema, head, cut)
+        flag = _Cut()
+        rest = _capped(reader, cap.max_rows - sum(b.num_rows for b in head), flag)
+        teed = self.cache.tee(key, rest, head, truncated=flag.__bool__)
+        return _Capped(teed.schema, head, False, teed, flag)
+
     @staticmethod
     def _sql(cur: duckdb.DuckDBPyConnection, part: SqlPart, limit: int | None) -> Any:
         if part.layout is not None:
@@ -363,6 +470,19 @@ class Streamer:
                     "GetFlightInfo again (the endpoints of one FlightInfo never mix data versions)"
                 )
         return arrow_stream(cur, limited(part.sql, limit), part.params)
+
+
+@dataclasses.dataclass(slots=True)
+class _Capped:
+    """A capped result started by :meth:`Streamer._run_capped`: its head, and either whether
+    the head (the whole result) was cut, or the reader of the whole result (head included)
+    with the flag raised when it is cut."""
+
+    schema: pa.Schema
+    head: list[pa.RecordBatch]
+    cut: bool
+    rest: pa.RecordBatchReader | None = None
+    flag: _Cut | None = None
 
 
 class _NotKept(Exception):
@@ -451,6 +571,26 @@ def arrow_stream(
     if _submit is not None:
         return _submit(cur, sql, values, "stream", batch_rows).arrow_reader()
     return cur.sql(sql, params=values).to_arrow_reader(batch_rows)
+
+
+def _classified(
+    reader: pa.RecordBatchReader, deadline: Deadline, timeout: float, wrapped: bool, ended: threading.Event
+) -> pa.RecordBatchReader:
+    """``reader``, whose failures mid-stream are raised as the QuiverError
+    :func:`~flight_server.errors.classify` gives (a fault of ours stays what it was: the
+    caller logs it); ``ended`` is set once it was read to its end."""
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from reader
+            ended.set()
+        except Exception as e:
+            err = classify(e, timed_out=deadline.fired, timeout_seconds=timeout, wrapped=wrapped)
+            if err is None or err is e:
+                raise
+            raise err from None
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
 
 
 def _read_head(

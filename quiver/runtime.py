@@ -290,6 +290,7 @@ class Runtime:
             raise ListenError(
                 f"the Arrow Flight listener on port {cfg.flight_port} did not start: {e}"
             ) from None
+        catalog.queries = self.flight.query_runner  # POST /v1/query runs agent SQL through it
         port = self.flight.port
         host = cfg.advertise_host or _client_host(cfg.host)
         public_scheme = "grpc+tls" if tls else "grpc"

@@ -556,6 +556,48 @@ class QuiverClient:
         """A tabular artefact as a stream of record batches (bounded memory)."""
         return self.fetch_stream(self.info(self.command("artefact", id=artefact_id)))
 
+    def export(  # noqa: PLR0913  mirrors the export action's body, keyword arguments
+        self,
+        sql: str | None = None,
+        params: Sequence[Any] | None = None,
+        *,
+        table: str | None = None,
+        format: str = "parquet",
+        name: str | None = None,
+        ttl_seconds: int | None = None,
+        max_rows: int | None = None,
+        tags: Sequence[str] = (),
+        description: str = "",
+    ) -> dict[str, Any]:
+        """Run ``sql`` (or read all of ``table``) into a file artefact in ``format`` (parquet,
+        csv, ndjson, arrow): the server streams the result into the artefact and records its
+        provenance. Answers ``{"artefact", "download", "stale", "changed", "rows",
+        "truncated", "max_rows"}``; ``download`` is the artefact's path on the control plane."""
+        if (sql is None) == (table is None):
+            raise ValueError("export takes exactly one of sql or table")
+        body: dict[str, Any] = {"format": format}
+        if sql is not None:
+            body["query"] = sql
+            if params:
+                body["params"] = list(params)
+        else:
+            body["table"] = table
+        optional = {"name": name, "ttl_seconds": ttl_seconds, "max_rows": max_rows}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        if tags:
+            body["tags"] = list(tags)
+        if description:
+            body["description"] = description
+        return dict(self.action("export", body))
+
+    def refresh(self, artefact_id: str, ttl_seconds: int | None = None) -> dict[str, Any]:
+        """Re-run an export you made, under your current allowlist, into a new artefact whose
+        ``provenance.parent_id`` is ``artefact_id``; answers as :meth:`export`."""
+        body: dict[str, Any] = {"id": artefact_id}
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        return dict(self.action("refresh-artefact", body))
+
     def actions(self) -> dict[str, str]:
         return self._call(lambda: {a.type: a.description for a in self._client.list_actions(self.options)})
 

@@ -645,6 +645,8 @@ def test_list_actions_describes_every_action(
         "submit-query",
         "query-status",
         "cancel-query",
+        "export",
+        "refresh-artefact",
         # Flight SQL's (proto_docs/flight-sql.md)
         "CreatePreparedStatement",
         "ClosePreparedStatement",

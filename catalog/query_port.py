@@ -1,0 +1,101 @@
+"""The query port: how a listener other than Flight runs agent SQL without importing
+``flight_server``.
+
+The control plane's ``POST /v1/query`` (and artefact refresh, and MCP later) must run agent
+SQL through exactly the path a Flight ``{"kind": "query"}`` takes — the request checks, the
+SQL guard, the admission path, the query timeout, the row cap and its exact cut, the result
+cache — not a second one. The dependency rule (ARCHITECTURE.md) forbids the control plane to
+import the data plane, so the contract lives here: :class:`QueryRunner` is implemented by
+``flight_server`` (flight_server/runner.py) on top of its planner and streamer, and the process
+wiring (quiver/runtime.py) hands it to the catalog as :attr:`catalog.Catalog.queries`.
+
+A run answers a :class:`RunningQuery`: an Arrow ``RecordBatchReader`` still fed by DuckDB
+(nothing is materialised beyond the head the streamer always reads), what the row cap is and
+whether it cut the result, the data versions of the tables it read (provenance), and
+:meth:`RunningQuery.close`, which gives back everything the run holds — its admission slot,
+its cursor, its deadline. The caller must close it, whether it read the result to its end,
+failed, or its own client went away; closing twice is harmless.
+
+Failures are :class:`~catalog.errors.QuiverError` subclasses with the codes of
+proto_docs/errors.md: raised by :meth:`QueryRunner.run` before any row is read (refusals,
+binder errors, admission, a timeout while the head is read), and by the reader's iteration
+for a failure in the middle of the stream.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import pyarrow as pa
+
+from catalog.identity import Principal
+from catalog.tables import TableRef
+
+#: Why a result has a row cap: the server's ``[limits] max_rows`` or the caller's ``max_rows``
+#: (the ``reason`` of proto_docs/descriptors.md, "Cut results").
+CapReason = Literal["server_max_rows", "max_rows", "max_sample_rows"]
+
+
+@dataclass(eq=False)
+class RunningQuery:
+    """One run of agent SQL, admitted and streaming.
+
+    ``truncated`` is known (True/False) when the run read the whole result before returning
+    (a small result, or a result cache hit); otherwise it is None until ``reader`` has been
+    read to its end, when :meth:`cut` tells. ``versions`` holds the data version
+    (``_quiver.data_versions``) of every table the query read, taken before it ran: the rows
+    are of that version or newer.
+    """
+
+    reader: pa.RecordBatchReader
+    max_rows: int
+    reason: CapReason
+    tables: tuple[TableRef, ...]
+    versions: dict[str, int]
+    #: The SQL as the guard normalized it, and the parameters as bound.
+    sql: str
+    params: tuple[Any, ...]
+    truncated: bool | None
+    _cut: Callable[[], bool | None] | None = None
+    _release: Callable[[], None] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.reader.schema
+
+    def cut(self) -> bool | None:
+        """Whether the row cap cut the result: known at once, or once the reader is done."""
+        if self.truncated is not None:
+            return self.truncated
+        return self._cut() if self._cut is not None else None
+
+    def close(self) -> None:
+        """Give back the admission slot, the cursor and the deadline (idempotent)."""
+        with self._lock:
+            release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+class QueryRunner(Protocol):
+    """Runs agent SQL as ``principal`` through the data plane's one query path."""
+
+    def run(
+        self,
+        principal: Principal,
+        sql: str,
+        params: Sequence[Any] = (),
+        max_rows: int | None = None,
+        *,
+        timeout_seconds: float | None = None,
+    ) -> RunningQuery:
+        """Check, admit and start ``sql``; the caller reads ``reader`` and must ``close()``.
+        ``max_rows`` is the caller's cap (1 to ``[limits] max_rows``); without it the
+        server's ``[limits] max_rows`` applies. ``timeout_seconds`` replaces ``[limits]
+        query_timeout_seconds`` for work the server runs in the background on its own
+        bounded workers (an async export: ``[results] timeout_seconds``)."""
+        ...
