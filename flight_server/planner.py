@@ -32,7 +32,7 @@ import pyarrow as pa
 import structlog
 
 from catalog import Catalog, InvalidArgument, Principal, TableRef, quote_ident
-from catalog.config import LimitsConfig
+from catalog.config import FlightConfig, LimitsConfig
 from catalog.database import fetch_one
 from catalog.sqlguard import GuardedQuery, SqlGuard
 from catalog.tables import fold
@@ -80,7 +80,7 @@ class QueryRunner(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SplitOptions:
-    """How large tables are split into endpoints.
+    """How large tables are split into endpoints (``[flight] split_*``, proto_docs/configuration.md).
 
     A table of at least ``min_split_rows`` rows becomes ``rows // part_rows`` parts (at most
     ``max_parts``); parts are whole row groups. The defaults turn a 1M-row table into 4
@@ -93,6 +93,10 @@ class SplitOptions:
     min_split_rows: int = 500_000
     align_rows: int = ROW_GROUP_ROWS
 
+    @classmethod
+    def from_config(cls, cfg: FlightConfig) -> SplitOptions:
+        return cls(cfg.split_part_rows, cfg.split_max_parts, cfg.split_min_rows, cfg.split_align_rows)
+
 
 class Planner:
     def __init__(
@@ -101,7 +105,6 @@ class Planner:
         guard: SqlGuard,
         profiles: ProfileCache,
         queries: QueryManager,
-        split: SplitOptions,
         admission: Admission,
         table_cache: TableCache | None = None,
         versions: VersionWatch | None = None,
@@ -114,7 +117,7 @@ class Planner:
         self.guard = guard
         self.profiles = profiles
         self._queries = queries
-        self.split = split
+        self.split = SplitOptions.from_config(catalog.config.flight)
         self.admission = admission
         self._guarded: OrderedDict[tuple[str, str], tuple[float, GuardedQuery]] = OrderedDict()
         self._schemas: OrderedDict[tuple[Any, ...], tuple[float, pa.Schema]] = OrderedDict()

@@ -18,20 +18,15 @@ import pytest
 
 from catalog import TableRef
 from catalog.tables import TableCatalog
-from flight_server.planner import SplitOptions
-from tests.harness import Server, call_options, error_info, start_server
+from tests.harness import SMALL_SPLIT, Server, call_options, error_info, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("scans"), cache={"table_memory_bytes": 0})
     # Split small tables too, so the 50,000-row demo.events becomes several endpoints.
-    assert s.runtime.flight is not None
-    s.runtime.flight.planner.split = SplitOptions(
-        part_rows=10_000, max_parts=8, min_split_rows=20_000, align_rows=1
-    )
+    s = start_server(tmp_path_factory.mktemp("scans"), cache={"table_memory_bytes": 0}, flight=SMALL_SPLIT)
     with s.catalog.db.transaction() as cur:
         cur.execute("CREATE SCHEMA scratch")
         cur.execute("CREATE TABLE scratch.t AS SELECT range AS id, range * 2 AS v FROM range(45000)")

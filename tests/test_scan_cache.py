@@ -17,23 +17,13 @@ import pytest
 
 from catalog import ConfigError, TableRef, load_config
 from catalog.tables import TableCatalog
-from flight_server.planner import SplitOptions
 from flight_server.table_cache import TableCache
-from tests.harness import Server, call_options, error_info, start_server
-
-# Small tables split too: several endpoints from a few thousand rows.
-SPLIT = SplitOptions(part_rows=10_000, max_parts=8, min_split_rows=20_000, align_rows=1)
-
-
-def _prepare(s: Server) -> Server:
-    assert s.runtime.flight is not None
-    s.runtime.flight.planner.split = SPLIT
-    return s
+from tests.harness import SMALL_SPLIT, Server, call_options, error_info, start_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = _prepare(start_server(tmp_path_factory.mktemp("scan_cache")))
+    s = start_server(tmp_path_factory.mktemp("scan_cache"), flight=SMALL_SPLIT)
     with s.catalog.db.transaction() as cur:
         cur.execute("CREATE SCHEMA hot")
         cur.execute("CREATE TABLE hot.t AS SELECT range AS id, range * 2 AS v FROM range(45000)")
@@ -244,10 +234,11 @@ BUDGET = 2_000_000
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = _prepare(
-        start_server(
-            tmp_path_factory.mktemp("scan_cache_small"), demo=False, cache={"table_memory_bytes": BUDGET}
-        )
+    s = start_server(
+        tmp_path_factory.mktemp("scan_cache_small"),
+        demo=False,
+        cache={"table_memory_bytes": BUDGET},
+        flight=SMALL_SPLIT,
     )
     with s.catalog.db.transaction() as cur:
         cur.execute("CREATE SCHEMA b")
