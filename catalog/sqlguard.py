@@ -514,6 +514,119 @@ def _literals(sql: str) -> tuple[str, list[tuple[int, str, str]]] | None:
     return "".join(key), found
 
 
+#: Expression classes of DuckDB's parse tree that compute a value from one row (with the
+#: functions they call checked separately): anything else — a subquery, a window, a class this
+#: list does not know — keeps a query in one piece.
+_ROW_LOCAL_CLASSES = frozenset(
+    {
+        "BETWEEN",
+        "CASE",
+        "CAST",
+        "COLLATE",
+        "COLUMN_REF",
+        "COMPARISON",
+        "CONJUNCTION",
+        "CONSTANT",
+        "FUNCTION",
+        "LAMBDA",
+        "LAMBDA_REF",
+        "OPERATOR",
+        "PARAMETER",
+        "STAR",
+        "TYPE",  # the target of a CAST
+    }
+)
+_ANY = object()
+#: Keys of a SELECT node, with the value each must have for a plain projection and filter
+#: (``_ANY``: the select list, table and WHERE clause are checked on their own). An unknown
+#: key keeps the query in one piece.
+_PLAIN_SELECT: dict[str, Any] = {
+    "type": "SELECT_NODE",
+    "modifiers": [],
+    "cte_map": {"map": []},
+    "select_list": _ANY,
+    "from_table": _ANY,
+    "where_clause": _ANY,
+    "group_expressions": [],
+    "group_sets": [],
+    "aggregate_handling": "STANDARD_HANDLING",
+    "having": None,
+    "sample": None,
+    "qualify": None,
+}
+
+
+def _row_local_select(statement: dict[str, Any], row_local: frozenset[str]) -> bool:
+    """Whether a statement's parse tree is ``SELECT <row expressions> FROM <one base table>
+    [WHERE <row expression>]``: no aggregate, window, DISTINCT, ORDER BY, LIMIT/OFFSET, set
+    operation, sample, CTE, subquery, join, table function, time travel or unnest, no function
+    that is not a scalar of the row alone (:attr:`SqlGuard._row_local`), and no mention of
+    ``rowid`` (the split's own column: a reference to it, or an alias of that name that a WHERE
+    clause could mean)."""
+    if set(statement) - {"node", "named_param_map"}:
+        return False
+    node = statement.get("node")
+    if not isinstance(node, dict) or set(node) - set(_PLAIN_SELECT):
+        return False
+    for key, want in _PLAIN_SELECT.items():
+        if want is not _ANY and node.get(key) != want:
+            return False
+    source = node.get("from_table")
+    if not isinstance(source, dict) or source.get("type") != "BASE_TABLE":
+        return False
+    if source.get("sample") is not None or source.get("at_clause") is not None:
+        return False
+    select = node.get("select_list")
+    if not isinstance(select, list) or not select:
+        return False
+    for expr in select:
+        if isinstance(expr, dict) and _fold(str(expr.get("alias") or "")) == "rowid":
+            return False
+    return all(_row_local(e, row_local) for e in select) and (
+        node.get("where_clause") is None or _row_local(node["where_clause"], row_local)
+    )
+
+
+def _row_local(value: Any, row_local: frozenset[str]) -> bool:
+    if isinstance(value, list):
+        return all(_row_local(v, row_local) for v in value)
+    if not isinstance(value, dict):
+        return True
+    cls = value.get("class")
+    if cls is not None:
+        if cls not in _ROW_LOCAL_CLASSES:
+            return False
+        if cls == "COLUMN_REF" and any(_fold(str(n)) == "rowid" for n in value.get("column_names") or []):
+            return False
+        if cls == "FUNCTION":
+            if _fold(str(value.get("function_name", ""))) not in row_local:
+                return False
+            if value.get("filter") is not None or value.get("distinct") or value.get("export_state"):
+                return False
+            if (value.get("order_bys") or {}).get("orders"):
+                return False
+            if value.get("schema") or value.get("catalog"):
+                return False
+    return all(_row_local(v, row_local) for v in value.values())
+
+
+def _and_terms(expr: dict[str, Any]) -> list[dict[str, Any]]:
+    """The terms of a conjunction (nested ANDs flattened), or the expression itself."""
+    if expr.get("class") == "CONJUNCTION" and expr.get("type") == "CONJUNCTION_AND":
+        return [t for child in expr.get("children") or [] for t in _and_terms(child)]
+    return [expr]
+
+
+def _flat_where(statement: dict[str, Any]) -> str:
+    """A statement as compact JSON with its WHERE clause's conjunction flattened: DuckDB's parser
+    may nest ``a AND b AND c`` differently from how a tree built by hand does."""
+    node = dict(statement["node"])
+    where = node.get("where_clause")
+    if where is not None:
+        node["where_clause"] = _and_terms(where)
+    return json.dumps({**statement, "node": node}, sort_keys=True, separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class GuardedQuery:
     """A query the guard accepted for one principal."""
@@ -571,12 +684,15 @@ class SqlGuard:
         self._parser = duckdb.connect(":memory:")
         self._local = threading.local()
         rows = self._parser.execute(
-            "SELECT function_name, function_type, schema_name, return_type FROM duckdb_functions()"
+            "SELECT function_name, function_type, schema_name, return_type, stability FROM duckdb_functions()"
         ).fetchall()
         kinds: dict[str, set[str]] = {}
         returns: dict[str, set[str]] = {}
         pg_catalog: set[str] = set()
-        for name, kind, schema, returned in rows:
+        not_row_local: set[str] = set()
+        for name, kind, schema, returned, stability in rows:
+            if kind != "scalar" or stability != "CONSISTENT":
+                not_row_local.add(_fold(name))
             kinds.setdefault(_fold(name), set()).add(kind)
             returns.setdefault(_fold(name), set()).add(str(returned).upper())
             if schema == "pg_catalog":
@@ -586,6 +702,10 @@ class SqlGuard:
         self._fixed_width = frozenset(
             name for name, types in returns.items() if types <= _FIXED_TYPES and kinds[name] <= {"scalar"}
         )
+        # Functions whose every overload is a scalar of one row's values alone (no aggregate,
+        # window, table function or macro; not now() or random()): what a split query may call.
+        self._row_local = frozenset(kinds) - not_row_local
+        self._splittable: OrderedDict[str, bool] = OrderedDict()
         # Types a query may name: DuckDB's built-in ones. The private parser database holds
         # nothing else, so this lists no type of the data file.
         self._builtin_types = frozenset(
@@ -891,6 +1011,77 @@ class SqlGuard:
         label = _STATEMENT_LABELS.get(kind, kind.replace("_", " "))
         hint = f"; {_METADATA_HINT}" if kind in ("EXPLAIN", "PRAGMA", "CALL") else ""
         return f"{label} statements are not allowed: {_QUERIES_ONLY}{hint}"
+
+    # --- rowid-range parts of a query (flight_server/planner.py splits large reads) --------
+    def splittable(self, guarded: GuardedQuery) -> bool:
+        """Whether ``guarded`` computes each output row from one row of one base table alone, so
+        that running it over disjoint ``rowid`` ranges and concatenating the parts in range
+        order gives exactly its result: a plain projection and filter (:func:`_row_local_select`
+        on DuckDB's parse tree). Remembered per normalized tree."""
+        if len(guarded.tables) != 1:
+            return False
+        key = guarded.normalized
+        with self._lock:
+            hit = self._splittable.get(key)
+            if hit is not None:
+                self._splittable.move_to_end(key)
+                return hit
+        try:
+            verdict = _row_local_select(json.loads(key), self._row_local)
+        except RecursionError:
+            verdict = False
+        with self._lock:
+            self._splittable[key] = verdict
+            while len(self._splittable) > _PARSE_CACHE_ENTRIES:
+                self._splittable.popitem(last=False)
+        return verdict
+
+    def rowid_parts(
+        self, guarded: GuardedQuery, bounds: list[tuple[int, int | None]]
+    ) -> tuple[str, ...] | None:
+        """``guarded`` once per ``[lo, hi)`` rowid range (``hi`` None: open-ended), or None when it
+        is not :meth:`splittable` or a part cannot be written back exactly.
+
+        Each part is the caller's parse tree with ``rowid >= lo AND rowid < hi`` ANDed to its
+        WHERE clause, written back to SQL by DuckDB (``json_deserialize_sql``) and parsed again:
+        a part is used only if that parse is exactly the tree intended (the caller's select
+        list, table and filter untouched, parameters numbered as before), so the parts run the
+        caller's query and nothing else. DuckDB prunes row groups by the rowid filter."""
+        if not self.splittable(guarded):
+            return None
+        tree = json.loads(guarded.normalized)
+        cur = self._cursor()
+        out = []
+        try:
+            for lo, hi in bounds:
+                where = f"rowid >= {int(lo)}" + ("" if hi is None else f" AND rowid < {int(hi)}")
+                raw = cur.execute("SELECT json_serialize_sql(?)", [f"SELECT 1 WHERE {where}"]).fetchall()[0][
+                    0
+                ]
+                predicate = _strip_locations(json.loads(raw)["statements"][0]["node"]["where_clause"])
+                node = dict(tree["node"])
+                old = node.get("where_clause")
+                terms = _and_terms(predicate) + (_and_terms(old) if old is not None else [])
+                node["where_clause"] = {
+                    "class": "CONJUNCTION",
+                    "type": "CONJUNCTION_AND",
+                    "alias": "",
+                    "children": terms,
+                }
+                want = {**tree, "node": node}
+                text = cur.execute(
+                    "SELECT json_deserialize_sql(?)", [json.dumps({"error": False, "statements": [want]})]
+                ).fetchall()[0][0]
+                back = json.loads(cur.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0])
+                if back.get("error") or len(back.get("statements") or []) != 1:
+                    return None
+                got = _strip_locations(back["statements"][0])
+                if not isinstance(got.get("node"), dict) or _flat_where(got) != _flat_where(want):
+                    return None
+                out.append(str(text))
+        except (duckdb.Error, KeyError, TypeError, ValueError, RecursionError):
+            return None
+        return tuple(out)
 
     # --- helpers used by the walk -----------------------------------------------------------
     def _data_tables(self) -> dict[tuple[str, str], TableRef | None]:

@@ -52,6 +52,7 @@ from flight_server.plans import (
     BATCH_ROWS,
     CachedPart,
     Layout,
+    Part,
     Plan,
     ProfilePart,
     ResultPart,
@@ -186,7 +187,8 @@ class Planner:
             with self.catalog.db.reading() as cur:
                 schema = table_schema(cur, ref)
                 rows = _count(cur, ref)
-                layout = read_layout(cur, ref, begin=True) if rows >= self._split_threshold else None
+                split = rows >= self._split_threshold and not _has_rowid_column(schema)
+                layout = read_layout(cur, ref, begin=True) if split else None
             version = layout.version if layout else self._version(ref)
             if cache.admits(ref, version, rows, schema):
                 cached = cache.fill(ref, version, self.catalog.db.cursor, _snapshot_reader(ref))
@@ -237,7 +239,10 @@ class Planner:
             out.append(CachedPart(held, offset, length, columns, fallback))
         return tuple(out)
 
-    def _split(self, ref: TableRef, layout: Layout) -> tuple[SqlPart, ...]:
+    def _rowid_ranges(self, layout: Layout) -> list[tuple[int, int | None]]:
+        """``[lo, hi)`` rowid ranges of a split read, aligned to row groups. The last is
+        open-ended (``hi`` None): rows appended since the layout was read would fail the layout
+        check anyway, but no rowid can ever fall between the parts."""
         s = self.split
         count = max(1, min(s.max_parts, layout.rows // max(1, s.part_rows)))
         span = layout.max_rowid + 1
@@ -247,13 +252,46 @@ class Planner:
             lo = (i * span // count) // align * align  # row-group aligned, rounded down
             if not bounds or lo > bounds[-1]:
                 bounds.append(lo)
+        return [(lo, bounds[i + 1] if i + 1 < len(bounds) else None) for i, lo in enumerate(bounds)]
+
+    def _split(self, ref: TableRef, layout: Layout) -> tuple[SqlPart, ...]:
         out = []
-        for i, lo in enumerate(bounds):
-            # The last part is open-ended: rows appended since the layout was read would
-            # fail the layout check anyway, but no rowid can ever fall between the parts.
-            where = f"rowid >= {lo}" + (f" AND rowid < {bounds[i + 1]}" if i + 1 < len(bounds) else "")
+        for lo, hi in self._rowid_ranges(layout):
+            where = f"rowid >= {lo}" + (f" AND rowid < {hi}" if hi is not None else "")
             out.append(SqlPart(f"SELECT * FROM {ref.sql} WHERE {where}", layout=layout))
         return tuple(out)
+
+    def _split_query(self, guarded: GuardedQuery, part: SqlPart) -> tuple[SqlPart, ...] | None:
+        """A large query as parallel endpoints, one per rowid range of its one table, or None.
+
+        Only a plain projection and filter over one base table is split (the guard decides it
+        on DuckDB's parse tree: :meth:`SqlGuard.splittable`), only without the caller's own
+        ``max_rows`` (a cut must fall at the one exact row), only for a table of at least the
+        split threshold and at most ``[limits] max_rows`` rows — such a query yields at most
+        one row per table row, so no part, nor all of them together, can pass the server's
+        cap, which each part still carries (its stream is read through the capped path, which
+        reports a runtime error mid-stream as a proper Flight error) — and never for a table
+        with a column named ``rowid`` (which hides DuckDB's row id). Every part carries the
+        table's layout, checked at DoGet in the snapshot that reads the rows, like a split
+        scan: the parts of one FlightInfo never mix data versions. Parts are not stored in
+        the result cache (each is a slice; the whole is larger than an entry may be)."""
+        if part.limit is not None or len(guarded.tables) != 1 or not self.guard.splittable(guarded):
+            return None
+        ref = guarded.tables[0]
+        with self.catalog.db.reading() as cur:
+            rows = _count(cur, ref)
+            if rows < self._split_threshold or rows > self.limits.max_rows:
+                return None
+            if _has_rowid_column(table_schema(cur, ref)):
+                return None
+            layout = read_layout(cur, ref, begin=True)
+        ranges = self._rowid_ranges(layout)
+        if len(ranges) < 2:
+            return None
+        texts = self.guard.rowid_parts(guarded, ranges)
+        if texts is None:
+            return None
+        return tuple(SqlPart(t, part.params, layout=layout, cap=part.cap) for t in texts)
 
     # --- samples ----------------------------------------------------------------------------
     def sample(self, principal: Principal, cmd: SampleCommand) -> Plan:
@@ -370,7 +408,10 @@ class Planner:
         else:
             schema = self.query_schema(principal, guarded, params)
         label = _query_label(guarded.normalized)
-        return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True, row_cap=part.row_cap)
+        pieces: tuple[Part, ...] = (part,)
+        if execute and (ran is None or not ran[2]):  # not read whole at GetFlightInfo: large or slow
+            pieces = self._split_query(guarded, part) or pieces
+        return Plan("query", schema, -1, pieces, guarded.tables, label, timeout=True, row_cap=part.row_cap)
 
     def prepare(self, principal: Principal, cmd: QueryCommand) -> PreparedQuery:
         """submit-query: :meth:`query`'s path — the same checks as a ``{"kind": "query"}``
@@ -467,6 +508,11 @@ def table_schema(cur: duckdb.DuckDBPyConnection, ref: TableRef) -> pa.Schema:
 def _count(cur: duckdb.DuckDBPyConnection, ref: TableRef) -> int:
     # Answered from row-group metadata: no scan.
     return int(fetch_one(cur, f"SELECT count(*) FROM {ref.sql}")[0])  # type: ignore[index]
+
+
+def _has_rowid_column(schema: pa.Schema) -> bool:
+    """A column named ``rowid`` hides DuckDB's row id: such a table is read in one piece."""
+    return any(name.lower() == "rowid" for name in schema.names)
 
 
 def _snapshot_reader(ref: TableRef) -> Opener:

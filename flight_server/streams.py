@@ -296,7 +296,8 @@ class Streamer:
                 return _cut_stream(reader.schema, head, cap)
             # The cursor is done with (its result read to the end, no transaction): the next
             # request may use it, unless its deadline is close enough to fire.
-            if deadline is None or time.monotonic() < deadline.at - 1.0:
+            # A split query's part read its rows in a transaction of its own: never reused.
+            if part.layout is None and (deadline is None or time.monotonic() < deadline.at - 1.0):
                 if deadline is not None:
                     Watchdog.disarm(deadline)
                 lease.recycle(self._cursors)

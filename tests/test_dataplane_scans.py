@@ -54,6 +54,24 @@ def test_large_scan_is_split_and_reassembles_in_order(server: Server) -> None:
     assert got.equals(want)
 
 
+def test_a_column_named_rowid_keeps_a_scan_in_one_piece(server: Server) -> None:
+    """A split by ``rowid`` would filter the column instead of DuckDB's row id (the column
+    hides it): rows with negative values fell out of every part, the rest came back in the
+    column's order."""
+    with server.catalog.db.transaction() as cur:
+        cur.execute(
+            "CREATE TABLE scratch.rid AS SELECT (hash(range) % 100000)::BIGINT - 50000 AS rowid, "
+            "range AS x FROM range(45000)"
+        )
+        TableCatalog.bump_version(cur, TableRef("scratch", "rid"))
+    client, opts = server.flight(), call_options(server.admin_token)
+    info = _endpoints(client, opts, "scratch", "rid")
+    assert len(info.endpoints) == 1
+    got = pa.concat_tables(client.do_get(e.ticket, opts).read_all() for e in info.endpoints)
+    with server.catalog.db.reading() as cur:
+        assert got.equals(cur.sql("SELECT * FROM scratch.rid").to_arrow_table())
+
+
 def test_small_tables_stay_one_endpoint(server: Server) -> None:
     client, opts = server.flight(), call_options(server.demo_token)
     assert len(_endpoints(client, opts, "demo", "customers").endpoints) == 1
