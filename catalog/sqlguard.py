@@ -368,6 +368,7 @@ _TOO_DEEP = (
 )
 _PARSE_CACHE_ENTRIES = 512
 _PARSE_CACHE_MAX_CHARS = 8_000
+_PARTS_CACHE_ENTRIES = 64
 #: Whitespace DuckDB's lexer skips between tokens (a literal's extent ends before it).
 _SQL_SPACE = " \t\n\r\f\v"
 _DIGITS = frozenset("0123456789")
@@ -706,6 +707,11 @@ class SqlGuard:
         # window, table function or macro; not now() or random()): what a split query may call.
         self._row_local = frozenset(kinds) - not_row_local
         self._splittable: OrderedDict[str, bool] = OrderedDict()
+        # Written-back parts by (normalized tree, bounds): a repeated large query at one layout
+        # costs no DuckDB call to split (three per part otherwise).
+        self._parts: OrderedDict[tuple[str, tuple[tuple[int, int | None], ...]], tuple[str, ...]] = (
+            OrderedDict()
+        )
         # Types a query may name: DuckDB's built-in ones. The private parser database holds
         # nothing else, so this lists no type of the data file.
         self._builtin_types = frozenset(
@@ -1036,6 +1042,41 @@ class SqlGuard:
                 self._splittable.popitem(last=False)
         return verdict
 
+    def plain_columns(self, guarded: GuardedQuery) -> tuple[str, ...] | None:
+        """The columns a query reads unchanged from its one table, when that is all it does —
+        ``SELECT * FROM t`` (``()``: every column) or ``SELECT a, t.b FROM t`` (the names as
+        written; DuckDB names such a column as the table spells it) — with no WHERE clause:
+        its result is the table's rows in storage order, so the data plane may serve it from
+        a copy of the table in memory. None for anything else (an alias, an expression, a
+        filter, ``* EXCLUDE``, a column named twice)."""
+        if not self.splittable(guarded):
+            return None
+        node = json.loads(guarded.normalized)["node"]
+        if node.get("where_clause") is not None:
+            return None
+        source = node["from_table"]
+        qualifier = _fold(str(source.get("alias") or source.get("table_name") or ""))
+        names: list[str] = []
+        for expr in node["select_list"]:
+            if expr.get("alias"):
+                return None
+            if expr.get("class") == "STAR":
+                plain = not any(expr.get(k) for k in ("exclude_list", "replace_list", "columns", "expr"))
+                plain = plain and not any(expr.get(k) for k in ("qualified_exclude_list", "rename_list"))
+                relation = _fold(str(expr.get("relation_name") or ""))
+                if not plain or relation not in ("", qualifier) or len(node["select_list"]) != 1:
+                    return None
+                return ()
+            path = expr.get("column_names") if expr.get("class") == "COLUMN_REF" else None
+            if not isinstance(path, list) or not 1 <= len(path) <= 2:
+                return None
+            if len(path) == 2 and _fold(str(path[0])) != qualifier:
+                return None  # a struct field (``col.field``), or another qualification
+            names.append(str(path[-1]))
+        if len({_fold(n) for n in names}) != len(names):
+            return None
+        return tuple(names)
+
     def rowid_parts(
         self, guarded: GuardedQuery, bounds: list[tuple[int, int | None]]
     ) -> tuple[str, ...] | None:
@@ -1049,7 +1090,22 @@ class SqlGuard:
         caller's query and nothing else. DuckDB prunes row groups by the rowid filter."""
         if not self.splittable(guarded):
             return None
-        tree = json.loads(guarded.normalized)
+        key = (guarded.normalized, tuple(bounds))
+        with self._lock:
+            hit = self._parts.get(key)
+            if hit is not None:
+                self._parts.move_to_end(key)
+                return hit
+        texts = self._rowid_parts(guarded.normalized, bounds)
+        if texts is not None:
+            with self._lock:
+                self._parts[key] = texts
+                while len(self._parts) > _PARTS_CACHE_ENTRIES:
+                    self._parts.popitem(last=False)
+        return texts
+
+    def _rowid_parts(self, normalized: str, bounds: list[tuple[int, int | None]]) -> tuple[str, ...] | None:
+        tree = json.loads(normalized)
         cur = self._cursor()
         out = []
         try:

@@ -21,6 +21,7 @@ mix. Queries and samples are single endpoints: splitting arbitrary SQL is not so
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from collections import OrderedDict
@@ -61,7 +62,7 @@ from flight_server.plans import (
 )
 from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
 from flight_server.results import PreparedQuery, QueryManager
-from flight_server.table_cache import CachedTable, Opener, TableCache
+from flight_server.table_cache import CachedTable, TableCache
 from flight_server.versions import VersionWatch, read_layout
 
 log = structlog.get_logger("flight_server")
@@ -182,31 +183,29 @@ class Planner:
                 return Plan("scan", table_schema(cur, ref), -1, (), (ref,), ref.qualified, timeout=False)
         cache = self.table_cache
         cached = cache.get(ref, self._version(ref)) if cache.enabled else None
-        layout: Layout | None = None
-        if cached is None:
-            with self.catalog.db.reading() as cur:
-                schema = table_schema(cur, ref)
-                rows = _count(cur, ref)
-                split = rows >= self._split_threshold and not _has_rowid_column(schema)
-                layout = read_layout(cur, ref, begin=True) if split else None
-            version = layout.version if layout else self._version(ref)
-            if cache.admits(ref, version, rows, schema):
-                cached = cache.fill(ref, version, self.catalog.db.cursor, _snapshot_reader(ref))
         if cached is not None:
             pieces = self._cached_parts(cached, self._slices(cached.rows), None)
             return Plan("scan", cached.schema, cached.rows, pieces, (ref,), ref.qualified, timeout=False)
-        if layout is None:  # a small table: one endpoint, no layout check needed
-            part = SqlPart(f"SELECT * FROM {ref.sql}")
-            return Plan("scan", schema, rows, (part,), (ref,), ref.qualified, timeout=False)
-        return Plan(
-            "scan",
-            schema,
-            layout.rows,
-            self._split(ref, layout),
-            (ref,),
-            ref.qualified,
-            timeout=False,
-        )
+        with self.catalog.db.reading() as cur:
+            schema = table_schema(cur, ref)
+            rows = _count(cur, ref)
+            split = rows >= self._split_threshold and not _has_rowid_column(schema)
+            fills = cache.admits(ref, self._version(ref), rows, schema)
+            # The layout: what split parts check at DoGet, and what a fill's entry is keyed by.
+            layout = read_layout(cur, ref, begin=True) if split or fills else None
+        sql_parts: tuple[SqlPart, ...]
+        if split and layout is not None:
+            sql_parts, rows = self._split(ref, layout), layout.rows
+        else:  # a small table: one endpoint, no layout check needed
+            sql_parts = (SqlPart(f"SELECT * FROM {ref.sql}"),)
+        fill = cache.begin_fill(ref, layout, len(sql_parts)) if fills and layout is not None else None
+        if fill is not None:
+            # The first scan: it streams from DuckDB, as any uncached scan, and fills the cache
+            # with what it sends (flight_server/table_cache.py "Fill").
+            sql_parts = tuple(
+                dataclasses.replace(p, fill=fill, fill_index=i) for i, p in enumerate(sql_parts)
+            )
+        return Plan("scan", schema, rows, sql_parts, (ref,), ref.qualified, timeout=False)
 
     def _version(self, ref: TableRef) -> int:
         return self.versions.current().get(ref.key(), 0)
@@ -261,6 +260,42 @@ class Planner:
             out.append(SqlPart(f"SELECT * FROM {ref.sql} WHERE {where}", layout=layout))
         return tuple(out)
 
+    def _cached_query(self, guarded: GuardedQuery, part: SqlPart) -> Plan | None:
+        """A query that only reads columns of a table held by the hot-table cache, unchanged
+        and unfiltered (:meth:`SqlGuard.plain_columns`: ``SELECT * FROM t``, ``SELECT a, b FROM
+        t``), served from memory like a scan of it: zero-copy slices, split as a scan is, run
+        nowhere. Only without the caller's ``max_rows`` or ``params``, and for a table of at
+        most ``[limits] max_rows`` rows (nothing to cut). None otherwise."""
+        if part.limit is not None or part.params or len(guarded.tables) != 1:
+            return None
+        ref = guarded.tables[0]
+        cache = self.table_cache
+        if not cache.holds(ref):
+            return None
+        columns = self.guard.plain_columns(guarded)
+        if columns is None:
+            return None
+        version = self._version(ref)
+        held = cache.peek(ref, version)
+        if held is None or held.rows > self.limits.max_rows:
+            return None
+        schema, picked = held.schema, None
+        if columns:
+            try:
+                names = resolve_columns(schema, list(columns), ref)
+            except InvalidArgument:
+                return None  # DuckDB's binder says what is wrong, on the usual path
+            if len(names) != len(columns):
+                return None
+            schema = pa.schema([schema.field(n) for n in names], metadata=schema.metadata)
+            picked = tuple(names)
+        entry = cache.get(ref, version, count_miss=False)  # counted: it answers
+        if entry is None:
+            return None
+        pieces = self._cached_parts(entry, self._slices(entry.rows), picked)
+        label = _query_label(guarded.normalized)
+        return Plan("query", schema, -1, pieces, guarded.tables, label, timeout=True, row_cap=part.row_cap)
+
     def _split_query(self, guarded: GuardedQuery, part: SqlPart) -> tuple[SqlPart, ...] | None:
         """A large query as parallel endpoints, one per rowid range of its one table, or None.
 
@@ -282,7 +317,8 @@ class Planner:
             rows = _count(cur, ref)
             if rows < self._split_threshold or rows > self.limits.max_rows:
                 return None
-            if _has_rowid_column(table_schema(cur, ref)):
+            schema = table_schema(cur, ref)
+            if _has_rowid_column(schema):
                 return None
             layout = read_layout(cur, ref, begin=True)
         ranges = self._rowid_ranges(layout)
@@ -291,6 +327,17 @@ class Planner:
         texts = self.guard.rowid_parts(guarded, ranges)
         if texts is None:
             return None
+        cache = self.table_cache
+        if (
+            not part.params
+            and self.guard.plain_columns(guarded) == ()
+            and cache.admits(ref, layout.version, rows, schema)
+        ):
+            # SELECT * FROM t: the rows of a scan of t, so they fill the hot-table cache as the
+            # first scan's do (no cap: a scan has nothing to cut and no expression to fail).
+            fill = cache.begin_fill(ref, layout, len(texts))
+            if fill is not None:
+                return tuple(SqlPart(t, layout=layout, fill=fill, fill_index=i) for i, t in enumerate(texts))
         return tuple(SqlPart(t, part.params, layout=layout, cap=part.cap) for t in texts)
 
     # --- samples ----------------------------------------------------------------------------
@@ -393,6 +440,10 @@ class Planner:
             part = SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
         else:
             part = SqlPart(guarded.sql, params, normalized=guarded.normalized, cap=cap)
+        if execute:
+            served = self._cached_query(guarded, part)
+            if served is not None:
+                return served
         shape = (guarded.sql, tuple(_param_type(p) for p in params))
         now = time.monotonic()
         large = self._large.get(shape)
@@ -513,18 +564,6 @@ def _count(cur: duckdb.DuckDBPyConnection, ref: TableRef) -> int:
 def _has_rowid_column(schema: pa.Schema) -> bool:
     """A column named ``rowid`` hides DuckDB's row id: such a table is read in one piece."""
     return any(name.lower() == "rowid" for name in schema.names)
-
-
-def _snapshot_reader(ref: TableRef) -> Opener:
-    """For the table cache: the layout and every row of ``ref`` from one snapshot (the
-    transaction stays open until the cursor is closed)."""
-
-    def open_(cur: duckdb.DuckDBPyConnection) -> tuple[Layout, pa.RecordBatchReader]:
-        cur.execute("BEGIN TRANSACTION")
-        layout = read_layout(cur, ref, begin=False)
-        return layout, cur.sql(f"SELECT * FROM {ref.sql}").to_arrow_reader(BATCH_ROWS)
-
-    return open_
 
 
 def resolve_columns(schema: pa.Schema, wanted: list[str], ref: TableRef) -> list[str]:

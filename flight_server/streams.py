@@ -52,6 +52,7 @@ from flight_server.plans import BATCH_ROWS, CachedPart, Plan, ProfilePart, Resul
 from flight_server.profiles import ProfileCache
 from flight_server.ready import ReadyPool
 from flight_server.results import QueryManager
+from flight_server.table_cache import Fill
 from flight_server.truncation import RowCap
 from flight_server.versions import VersionWatch, read_layout
 
@@ -146,6 +147,8 @@ class Streamer:
                 return flight.RecordBatchStream(table)
             if part.row_cap is not None:  # a query or a percent sample: a cut must be reported
                 return self._capped_stream(cur, key, part, state, deadline, lease)
+            if part.fill is not None:  # the first scan of a table: it fills the hot-table cache
+                return self._filling_stream(cur, part, state, deadline)
             # No row cap (a scan): C++ streams DuckDB's reader, Python never sees a batch.
             return flight.RecordBatchStream(self._sql(cur, part, None))
         except duckdb.Error as e:
@@ -327,6 +330,36 @@ class Streamer:
 
         return flight.GeneratorStream(teed.schema, batches())
 
+    def _filling_stream(
+        self, cur: duckdb.DuckDBPyConnection, part: SqlPart, state: CallState, deadline: Deadline | None
+    ) -> flight.FlightDataStream:
+        """A part of the first scan of a table: streamed from DuckDB like any scan, its batches
+        handed to the hot-table cache's :class:`~flight_server.table_cache.Fill` once it has
+        sent them all (flight_server/table_cache.py "Fill") — only when the snapshot it read
+        is the layout the fill is keyed by. A Python generator over *batches*."""
+        fill = part.fill
+        assert fill is not None
+        try:
+            if part.layout is None:  # one endpoint, no layout check: keep what it reads if it is the fill's
+                cur.execute("BEGIN TRANSACTION")
+                now = read_layout(cur, fill.layout.ref, begin=False)
+                reader = arrow_stream(cur, part.sql, part.params)
+                if now != fill.layout:
+                    fill.abandon("changed")
+            else:  # checked: the part's layout is the fill's
+                reader = self._sql(cur, part, None)
+        except Unavailable:  # the table changed since GetFlightInfo: nothing to fill
+            fill.abandon("changed")
+            raise
+        except Exception:
+            fill.abandon("failed")
+            raise
+        if not fill.live:
+            return flight.RecordBatchStream(reader)
+        state.fields["cache"] = "table-fill"
+        feeding = _feeding(reader, fill, part.fill_index, state.request_id, deadline, self.timeout)
+        return flight.GeneratorStream(reader.schema, feeding)
+
     @staticmethod
     def _sql(cur: duckdb.DuckDBPyConnection, part: SqlPart, limit: int | None) -> Any:
         if part.layout is not None:
@@ -460,6 +493,42 @@ def _read_head(
         size += batch.nbytes
         rows += batch.num_rows
     return head, size, False, False
+
+
+def _feeding(
+    reader: pa.RecordBatchReader,
+    fill: Fill,
+    index: int,
+    request_id: str,
+    deadline: Deadline | None,
+    timeout_seconds: float,
+) -> Iterator[pa.RecordBatch]:
+    """``reader``'s batches, kept for ``fill`` (part ``index``) and handed over once the last
+    one was sent; a part over the budget stops keeping them, a failure or a client that goes
+    away ends the fill. Any failure becomes the FlightError of proto_docs/errors.md."""
+    kept: list[pa.RecordBatch] = []
+    size, keep, finished = 0, True, False
+    fill.feeding(+1)
+    try:
+        for batch in reader:
+            if keep:
+                size += batch.nbytes
+                if fill.fits(size):
+                    kept.append(batch)
+                else:
+                    keep, kept = False, []
+                    fill.too_large()
+            yield batch
+        finished = True
+        if keep:  # before the stream ends: a scan that follows this one finds the entry
+            fill.complete(index, kept, size, reader.schema)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a FlightError
+        timed_out = deadline is not None and deadline.fired
+        raise stream_error(e, request_id, timed_out=timed_out, timeout_seconds=timeout_seconds) from None
+    finally:
+        fill.feeding(-1)
+        if not finished and keep:
+            fill.abandon("failed")
 
 
 class _Cut:

@@ -276,3 +276,77 @@ def test_concurrent_split_queries_each_get_their_rows(server: Server) -> None:
         assert results[k].equals(_direct(server, sql))
     assert server.runtime.flight is not None
     wait_until(lambda: not server.runtime.flight.admission.active(), 20, what="every slot freed")  # type: ignore[union-attr]
+
+
+def _fresh(server: Server, name: str) -> TableRef:
+    _create(
+        server,
+        f"CREATE TABLE demo.{name} AS SELECT range AS id, 'row-' || range::VARCHAR AS s, range % 7 AS k "
+        f"FROM range({ROWS})",
+        name,
+    )
+    return TableRef("demo", name)
+
+
+def test_select_star_fills_the_table_cache_and_plain_columns_are_served_from_it(
+    server: Server, opts: flight.FlightCallOptions
+) -> None:
+    fs = server.runtime.flight
+    assert fs is not None
+    cache = fs.table_cache
+    ref = _fresh(server, "hotq")
+    fills = cache.stats()["fills"]["ok"]
+    client = server.flight()
+    info = client.get_flight_info(cmd(kind="query", sql="SELECT * FROM demo.hotq"), opts)
+    assert len(info.endpoints) == 8 and not cache.holds(ref)
+    assert _fetch(client, info, opts).equals(_direct(server, "SELECT * FROM demo.hotq"))
+    assert cache.holds(ref) and cache.stats()["fills"]["ok"] == fills + 1
+    # Columns read unchanged: answered from memory, run nowhere.
+    runs, hits = fs.streamer.executions, cache.stats()["hits"]
+    for sql in ("SELECT * FROM demo.hotq", "SELECT s, id FROM demo.hotq", "select ID, t.K from demo.hotq t"):
+        info = client.get_flight_info(cmd(kind="query", sql=sql), opts)
+        got = _fetch(client, info, opts)
+        want = _direct(server, sql)
+        assert got.equals(want) and info.schema == want.schema, sql
+    assert fs.streamer.executions == runs and cache.stats()["hits"] == hits + 3
+    # Anything more than plain columns runs in DuckDB as before.
+    for sql in (
+        "SELECT id AS x FROM demo.hotq",
+        "SELECT id FROM demo.hotq WHERE k = 3",
+        "SELECT id, id FROM demo.hotq",
+    ):
+        assert _fetch(client, client.get_flight_info(cmd(kind="query", sql=sql), opts), opts).equals(
+            _direct(server, sql)
+        ), sql
+    assert cache.stats()["hits"] == hits + 3
+
+
+def test_a_cached_table_never_answers_for_a_newer_version(
+    server: Server, opts: flight.FlightCallOptions
+) -> None:
+    ref = _fresh(server, "hotv")
+    client = server.flight()
+    sql = "SELECT id, s FROM demo.hotv"
+    _fetch(client, client.get_flight_info(cmd(kind="query", sql="SELECT * FROM demo.hotv"), opts), opts)
+    assert server.runtime.flight is not None and server.runtime.flight.table_cache.holds(ref)
+    _create(server, "UPDATE demo.hotv SET s = 'new' WHERE id = 0", "hotv")
+    got = _fetch(client, client.get_flight_info(cmd(kind="query", sql=sql), opts), opts)
+    assert got.column("s")[0].as_py() == "new" and got.equals(_direct(server, sql))
+
+
+def test_a_bad_column_is_duckdbs_refusal_even_for_a_cached_table(
+    server: Server, opts: flight.FlightCallOptions
+) -> None:
+    ref = _fresh(server, "hotbad")
+    client = server.flight()
+    _fetch(client, client.get_flight_info(cmd(kind="query", sql="SELECT * FROM demo.hotbad"), opts), opts)
+    assert server.runtime.flight is not None
+    cache = server.runtime.flight.table_cache
+    assert cache.holds(ref)
+    before = cache.stats()
+    with pytest.raises(flight.FlightError) as caught:
+        client.get_flight_info(cmd(kind="query", sql="SELECT nope FROM demo.hotbad"), opts)
+    info = error_info(caught.value)
+    assert info["code"] == "INVALID_ARGUMENT" and "nope" in info["detail"]
+    after = cache.stats()
+    assert after["hits"] == before["hits"] and after["entries"] == before["entries"], (before, after)
