@@ -53,7 +53,6 @@ from flight_server.plans import (
     BATCH_ROWS,
     CachedPart,
     Layout,
-    Part,
     Plan,
     ProfilePart,
     ResultPart,
@@ -63,6 +62,7 @@ from flight_server.plans import (
 from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
 from flight_server.results import PreparedQuery, QueryManager
 from flight_server.table_cache import CachedTable, TableCache
+from flight_server.truncation import RowCap
 from flight_server.versions import VersionWatch, read_layout
 
 log = structlog.get_logger("flight_server")
@@ -294,7 +294,7 @@ class Planner:
             return None
         pieces = self._cached_parts(entry, self._slices(entry.rows), picked)
         label = _query_label(guarded.normalized)
-        return Plan("query", schema, -1, pieces, guarded.tables, label, timeout=True, row_cap=part.row_cap)
+        return Plan("query", schema, -1, pieces, guarded.tables, label, timeout=True, row_cap=_uncut(part))
 
     def _split_query(self, guarded: GuardedQuery, part: SqlPart) -> tuple[SqlPart, ...] | None:
         """A large query as parallel endpoints, one per rowid range of its one table, or None.
@@ -459,10 +459,13 @@ class Planner:
         else:
             schema = self.query_schema(principal, guarded, params)
         label = _query_label(guarded.normalized)
-        pieces: tuple[Part, ...] = (part,)
         if execute and (ran is None or not ran[2]):  # not read whole at GetFlightInfo: large or slow
-            pieces = self._split_query(guarded, part) or pieces
-        return Plan("query", schema, -1, pieces, guarded.tables, label, timeout=True, row_cap=part.row_cap)
+            split = self._split_query(guarded, part)
+            if split is not None:
+                return Plan(
+                    "query", schema, -1, split, guarded.tables, label, timeout=True, row_cap=_uncut(part)
+                )
+        return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True, row_cap=part.row_cap)
 
     def prepare(self, principal: Principal, cmd: QueryCommand) -> PreparedQuery:
         """submit-query: :meth:`query`'s path — the same checks as a ``{"kind": "query"}``
@@ -559,6 +562,14 @@ def table_schema(cur: duckdb.DuckDBPyConnection, ref: TableRef) -> pa.Schema:
 def _count(cur: duckdb.DuckDBPyConnection, ref: TableRef) -> int:
     # Answered from row-group metadata: no scan.
     return int(fetch_one(cur, f"SELECT count(*) FROM {ref.sql}")[0])  # type: ignore[index]
+
+
+def _uncut(part: SqlPart) -> RowCap | None:
+    """The row cap of a query known not to reach it (split, or served from a held table: at
+    most one row per row of a table no longer than the cap) — reported as not cut, so a
+    client need not watch the streams for a cut."""
+    cap = part.row_cap
+    return dataclasses.replace(cap, truncated=False) if cap is not None else None
 
 
 def _has_rowid_column(schema: pa.Schema) -> bool:

@@ -111,11 +111,11 @@ def test_split_parts_together_are_the_unsplit_result(
     assert server.demo_token is not None
     with QuiverClient(server.flight_url, server.demo_token) as qc:
         assert qc.query(sql, params).equals(want)
-    # No cut is reported: a split query cannot reach the server's cap.
+    # Not cut, and known not to be: a split query cannot reach the server's cap.
     assert json.loads(info.app_metadata) == {
         "max_rows": 10_000_000,
         "reason": "server_max_rows",
-        "truncated": None,
+        "truncated": False,
     }
 
 
@@ -308,6 +308,7 @@ def test_select_star_fills_the_table_cache_and_plain_columns_are_served_from_it(
         got = _fetch(client, info, opts)
         want = _direct(server, sql)
         assert got.equals(want) and info.schema == want.schema, sql
+        assert json.loads(info.app_metadata)["truncated"] is False
     assert fs.streamer.executions == runs and cache.stats()["hits"] == hits + 3
     # Anything more than plain columns runs in DuckDB as before.
     for sql in (
