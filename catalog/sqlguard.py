@@ -557,7 +557,7 @@ _PLAIN_SELECT: dict[str, Any] = {
 }
 
 
-def _row_local_select(statement: dict[str, Any], row_local: frozenset[str]) -> bool:
+def _row_local_select(statement: dict[str, Any], row_local: frozenset[str], other: frozenset[str]) -> bool:
     """Whether a statement's parse tree is ``SELECT <row expressions> FROM <one base table>
     [WHERE <row expression>]``: no aggregate, window, DISTINCT, ORDER BY, LIMIT/OFFSET, set
     operation, sample, CTE, subquery, join, table function, time travel or unnest, no function
@@ -583,21 +583,27 @@ def _row_local_select(statement: dict[str, Any], row_local: frozenset[str]) -> b
     for expr in select:
         if isinstance(expr, dict) and _fold(str(expr.get("alias") or "")) == "rowid":
             return False
-    return all(_row_local(e, row_local) for e in select) and (
-        node.get("where_clause") is None or _row_local(node["where_clause"], row_local)
+    return all(_row_local(e, row_local, other) for e in select) and (
+        node.get("where_clause") is None or _row_local(node["where_clause"], row_local, other)
     )
 
 
-def _row_local(value: Any, row_local: frozenset[str]) -> bool:
+def _row_local(value: Any, row_local: frozenset[str], other: frozenset[str]) -> bool:
+    """Whether an expression computes its value from one row alone: only known classes, only
+    functions in ``row_local``, and no bare name of a function in ``other`` (``current_date``
+    parses as a column and binds as that function)."""
     if isinstance(value, list):
-        return all(_row_local(v, row_local) for v in value)
+        return all(_row_local(v, row_local, other) for v in value)
     if not isinstance(value, dict):
         return True
     cls = value.get("class")
     if cls is not None:
         if cls not in _ROW_LOCAL_CLASSES:
             return False
-        if cls == "COLUMN_REF" and any(_fold(str(n)) == "rowid" for n in value.get("column_names") or []):
+        names = (value.get("column_names") or []) if cls == "COLUMN_REF" else []
+        if any(_fold(str(n)) == "rowid" for n in names):
+            return False
+        if len(names) == 1 and _fold(str(names[0])) in other:
             return False
         if cls == "FUNCTION":
             if _fold(str(value.get("function_name", ""))) not in row_local:
@@ -608,7 +614,35 @@ def _row_local(value: Any, row_local: frozenset[str]) -> bool:
                 return False
             if value.get("schema") or value.get("catalog"):
                 return False
-    return all(_row_local(v, row_local) for v in value.values())
+    return all(_row_local(v, row_local, other) for v in value.values())
+
+
+def _plain_columns(node: dict[str, Any]) -> tuple[str, ...] | None:
+    """:meth:`SqlGuard.plain_columns` of a SELECT node that :func:`_row_local_select` accepted."""
+    if node.get("where_clause") is not None:
+        return None
+    source = node["from_table"]
+    qualifier = _fold(str(source.get("alias") or source.get("table_name") or ""))
+    names: list[str] = []
+    for expr in node["select_list"]:
+        if expr.get("alias"):
+            return None
+        if expr.get("class") == "STAR":
+            plain = not any(expr.get(k) for k in ("exclude_list", "replace_list", "columns", "expr"))
+            plain = plain and not any(expr.get(k) for k in ("qualified_exclude_list", "rename_list"))
+            relation = _fold(str(expr.get("relation_name") or ""))
+            if not plain or relation not in ("", qualifier) or len(node["select_list"]) != 1:
+                return None
+            return ()
+        path = expr.get("column_names") if expr.get("class") == "COLUMN_REF" else None
+        if not isinstance(path, list) or not 1 <= len(path) <= 2:
+            return None
+        if len(path) == 2 and _fold(str(path[0])) != qualifier:
+            return None  # a struct field (``col.field``), or another qualification
+        names.append(str(path[-1]))
+    if len({_fold(n) for n in names}) != len(names):
+        return None
+    return tuple(names)
 
 
 def _and_terms(expr: dict[str, Any]) -> list[dict[str, Any]]:
@@ -706,7 +740,9 @@ class SqlGuard:
         # Functions whose every overload is a scalar of one row's values alone (no aggregate,
         # window, table function or macro; not now() or random()): what a split query may call.
         self._row_local = frozenset(kinds) - not_row_local
-        self._splittable: OrderedDict[str, bool] = OrderedDict()
+        # A bare name such as current_date parses as a column and binds as such a function.
+        self._not_row_local = frozenset(not_row_local)
+        self._splittable: OrderedDict[str, tuple[bool, tuple[str, ...] | None]] = OrderedDict()
         # Written-back parts by (normalized tree, bounds): a repeated large query at one layout
         # costs no DuckDB call to split (three per part otherwise).
         self._parts: OrderedDict[tuple[str, tuple[tuple[int, int | None], ...]], tuple[str, ...]] = (
@@ -1024,23 +1060,7 @@ class SqlGuard:
         that running it over disjoint ``rowid`` ranges and concatenating the parts in range
         order gives exactly its result: a plain projection and filter (:func:`_row_local_select`
         on DuckDB's parse tree). Remembered per normalized tree."""
-        if len(guarded.tables) != 1:
-            return False
-        key = guarded.normalized
-        with self._lock:
-            hit = self._splittable.get(key)
-            if hit is not None:
-                self._splittable.move_to_end(key)
-                return hit
-        try:
-            verdict = _row_local_select(json.loads(key), self._row_local)
-        except RecursionError:
-            verdict = False
-        with self._lock:
-            self._splittable[key] = verdict
-            while len(self._splittable) > _PARSE_CACHE_ENTRIES:
-                self._splittable.popitem(last=False)
-        return verdict
+        return self._split_shape(guarded)[0]
 
     def plain_columns(self, guarded: GuardedQuery) -> tuple[str, ...] | None:
         """The columns a query reads unchanged from its one table, when that is all it does —
@@ -1049,33 +1069,30 @@ class SqlGuard:
         its result is the table's rows in storage order, so the data plane may serve it from
         a copy of the table in memory. None for anything else (an alias, an expression, a
         filter, ``* EXCLUDE``, a column named twice)."""
-        if not self.splittable(guarded):
-            return None
-        node = json.loads(guarded.normalized)["node"]
-        if node.get("where_clause") is not None:
-            return None
-        source = node["from_table"]
-        qualifier = _fold(str(source.get("alias") or source.get("table_name") or ""))
-        names: list[str] = []
-        for expr in node["select_list"]:
-            if expr.get("alias"):
-                return None
-            if expr.get("class") == "STAR":
-                plain = not any(expr.get(k) for k in ("exclude_list", "replace_list", "columns", "expr"))
-                plain = plain and not any(expr.get(k) for k in ("qualified_exclude_list", "rename_list"))
-                relation = _fold(str(expr.get("relation_name") or ""))
-                if not plain or relation not in ("", qualifier) or len(node["select_list"]) != 1:
-                    return None
-                return ()
-            path = expr.get("column_names") if expr.get("class") == "COLUMN_REF" else None
-            if not isinstance(path, list) or not 1 <= len(path) <= 2:
-                return None
-            if len(path) == 2 and _fold(str(path[0])) != qualifier:
-                return None  # a struct field (``col.field``), or another qualification
-            names.append(str(path[-1]))
-        if len({_fold(n) for n in names}) != len(names):
-            return None
-        return tuple(names)
+        return self._split_shape(guarded)[1]
+
+    def _split_shape(self, guarded: GuardedQuery) -> tuple[bool, tuple[str, ...] | None]:
+        """(:meth:`splittable`, :meth:`plain_columns`), from one read of the tree, remembered."""
+        if len(guarded.tables) != 1:
+            return False, None
+        key = guarded.normalized
+        with self._lock:
+            hit = self._splittable.get(key)
+            if hit is not None:
+                self._splittable.move_to_end(key)
+                return hit
+        verdict: tuple[bool, tuple[str, ...] | None] = (False, None)
+        try:
+            tree = json.loads(key)
+            if _row_local_select(tree, self._row_local, self._not_row_local):
+                verdict = (True, _plain_columns(tree["node"]))
+        except RecursionError:
+            pass
+        with self._lock:
+            self._splittable[key] = verdict
+            while len(self._splittable) > _PARSE_CACHE_ENTRIES:
+                self._splittable.popitem(last=False)
+        return verdict
 
     def rowid_parts(
         self, guarded: GuardedQuery, bounds: list[tuple[int, int | None]]

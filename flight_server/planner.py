@@ -16,7 +16,17 @@ writing transaction) plus its row count and largest rowid (which also catch a ch
 compacts deleted rows and so renumbers rowids without a new version). DoGet reads the layout
 again *in the same transaction as the rows*, and refuses with UNAVAILABLE if it differs, so
 the endpoints of one FlightInfo either all read the same data or one of them fails — never a
-mix. Queries and samples are single endpoints: splitting arbitrary SQL is not sound.
+mix. A table with a column named ``rowid`` (which hides DuckDB's row id) is never split.
+
+Split queries. Splitting arbitrary SQL is not sound, so a query is one endpoint unless it is
+a plain projection and filter of one table — each output row computed from one row alone,
+which the guard decides on DuckDB's parse tree (``SqlGuard.splittable``) — whose result was
+not read whole at GetFlightInfo: then it is split like a scan of that table, each part the
+caller's statement with a rowid range ANDed to its WHERE clause, written back to SQL by DuckDB
+and checked by a second parse (``SqlGuard.rowid_parts``), with the same layout check
+(:meth:`Planner._split_query`). A query of plain columns of a table held by the hot-table
+cache is served from it without running (:meth:`Planner._cached_query`). Samples are single
+endpoints.
 """
 
 from __future__ import annotations
