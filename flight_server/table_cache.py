@@ -290,13 +290,17 @@ class TableCache:
         stream from DuckDB as usual and hand their batches over as they pass
         (:meth:`Fill.complete`); the entry is stored once every part has been read whole.
         None when no fill may start: one is running (of this table or another: memory is the
-        budget plus one fill) or this layout was too large before."""
+        budget plus one fill), this layout was too large before, or another scan's fill stored
+        this version since the caller looked."""
         if not self.enabled or parts < 1:
             return None
         key = ref.key()
         with self._lock:
             if (key, layout.version, layout.rows) in self._too_large:
                 return None
+            held = self._entries.get(key)
+            if held is not None and held.layout.version >= layout.version:
+                return None  # filled by another scan since this one looked
             running = self._fill
             if running is not None and running.live:
                 return None

@@ -351,3 +351,33 @@ def test_a_bad_column_is_duckdbs_refusal_even_for_a_cached_table(
     assert info["code"] == "INVALID_ARGUMENT" and "nope" in info["detail"]
     after = cache.stats()
     assert after["hits"] == before["hits"] and after["entries"] == before["entries"], (before, after)
+
+
+def test_racing_first_scans_and_queries_fill_once_and_all_read_the_table(server: Server) -> None:
+    """PATH scans and ``SELECT *`` queries of a table not yet held, at once: every reader gets
+    the whole table in order, and it is loaded into memory exactly once."""
+    assert server.runtime.flight is not None
+    cache = server.runtime.flight.table_cache
+    ref = _fresh(server, "race")
+    want = _direct(server, "SELECT * FROM demo.race")
+    fills = cache.stats()["fills"]["ok"]
+    barrier = threading.Barrier(6)
+    results: list[pa.Table] = []
+    errors: list[BaseException] = []
+
+    def reader(k: int) -> None:
+        try:
+            with QuiverClient(server.flight_url, server.mint("agent", "demo", f"racer-{k}")) as qc:
+                barrier.wait()
+                results.append(qc.read("demo.race") if k % 2 else qc.query("SELECT * FROM demo.race"))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len(results) == 6 and all(r.equals(want) for r in results)
+    assert cache.holds(ref) and cache.stats()["fills"]["ok"] == fills + 1
