@@ -507,7 +507,7 @@ def _feeding(
     one was sent; a part over the budget stops keeping them, a failure or a client that goes
     away ends the fill. Any failure becomes the FlightError of proto_docs/errors.md."""
     kept: list[pa.RecordBatch] = []
-    size, keep, finished = 0, True, False
+    size, keep, finished, failed = 0, True, False, False
     fill.feeding(+1)
     try:
         for batch in reader:
@@ -523,12 +523,13 @@ def _feeding(
         if keep:  # before the stream ends: a scan that follows this one finds the entry
             fill.complete(index, kept, size, reader.schema)
     except Exception as e:  # noqa: BLE001 - every failure becomes a FlightError
+        failed = True
         timed_out = deadline is not None and deadline.fired
         raise stream_error(e, request_id, timed_out=timed_out, timeout_seconds=timeout_seconds) from None
     finally:
         fill.feeding(-1)
-        if not finished and keep:
-            fill.abandon("failed")
+        if not finished and keep:  # failed, or the client went away (the generator was closed)
+            fill.abandon("failed" if failed else "cancelled")
 
 
 class _Cut:

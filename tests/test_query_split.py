@@ -381,3 +381,32 @@ def test_racing_first_scans_and_queries_fill_once_and_all_read_the_table(server:
     assert not errors, errors
     assert len(results) == 6 and all(r.equals(want) for r in results)
     assert cache.holds(ref) and cache.stats()["fills"]["ok"] == fills + 1
+
+
+def test_a_runtime_error_in_one_part_is_a_clear_error_and_frees_everything(
+    server: Server, opts: flight.FlightCallOptions
+) -> None:
+    """A cast that fails only in the last rows: the part that reads them fails with a coded
+    Flight error (never INTERNAL or a traceback); the others stream; no slot is left held."""
+    client = server.flight()
+    sql = "SELECT id, CASE WHEN id > 190000 THEN s::INTEGER ELSE id END AS n FROM demo.big"
+    info = client.get_flight_info(cmd(kind="query", sql=sql), opts)
+    assert len(info.endpoints) == 8
+    good = [client.do_get(e.ticket, opts).read_all() for e in info.endpoints[:-1]]
+    assert sum(t.num_rows for t in good) > 0
+    with pytest.raises(flight.FlightError) as caught:
+        client.do_get(info.endpoints[-1].ticket, opts).read_all()
+    detail = error_info(caught.value)
+    assert detail["code"] == "INVALID_ARGUMENT" and "Traceback" not in detail["detail"]
+    assert len(detail["detail"]) <= 4_000
+    assert server.runtime.flight is not None
+    wait_until(lambda: not server.runtime.flight.admission.active(), 20, what="every slot freed")  # type: ignore[union-attr]
+    # The server answers the next query as before.
+    assert (
+        _fetch(
+            client,
+            client.get_flight_info(cmd(kind="query", sql="SELECT id FROM demo.big WHERE id < 5"), opts),
+            opts,
+        ).num_rows
+        == 5
+    )
