@@ -369,6 +369,8 @@ _TOO_DEEP = (
 _PARSE_CACHE_ENTRIES = 512
 _PARSE_CACHE_MAX_CHARS = 8_000
 _PARTS_CACHE_ENTRIES = 64
+#: The split caches keep trees (and parts) up to this many characters: a bound on their memory.
+_SPLIT_CACHE_MAX_CHARS = 64_000
 #: Whitespace DuckDB's lexer skips between tokens (a literal's extent ends before it).
 _SQL_SPACE = " \t\n\r\f\v"
 _DIGITS = frozenset("0123456789")
@@ -1088,10 +1090,11 @@ class SqlGuard:
                 verdict = (True, _plain_columns(tree["node"]))
         except RecursionError:
             pass
-        with self._lock:
-            self._splittable[key] = verdict
-            while len(self._splittable) > _PARSE_CACHE_ENTRIES:
-                self._splittable.popitem(last=False)
+        if len(key) <= _SPLIT_CACHE_MAX_CHARS:
+            with self._lock:
+                self._splittable[key] = verdict
+                while len(self._splittable) > _PARSE_CACHE_ENTRIES:
+                    self._splittable.popitem(last=False)
         return verdict
 
     def rowid_parts(
@@ -1114,7 +1117,7 @@ class SqlGuard:
                 self._parts.move_to_end(key)
                 return hit
         texts = self._rowid_parts(guarded.normalized, bounds)
-        if texts is not None:
+        if texts is not None and len(key[0]) + sum(map(len, texts)) <= _SPLIT_CACHE_MAX_CHARS:
             with self._lock:
                 self._parts[key] = texts
                 while len(self._parts) > _PARTS_CACHE_ENTRIES:
