@@ -519,7 +519,8 @@ def _literals(sql: str) -> tuple[str, list[tuple[int, str, str]]] | None:
 
 #: Expression classes of DuckDB's parse tree that compute a value from one row (with the
 #: functions they call checked separately): anything else — a subquery, a window, a class this
-#: list does not know — keeps a query in one piece.
+#: list does not know — keeps a query in one piece. Not LAMBDA: DuckDB writes a lambda back
+#: in the arrow syntax (``x -> x + 1``) that it parses to the same tree but no longer binds.
 _ROW_LOCAL_CLASSES = frozenset(
     {
         "BETWEEN",
@@ -531,8 +532,6 @@ _ROW_LOCAL_CLASSES = frozenset(
         "CONJUNCTION",
         "CONSTANT",
         "FUNCTION",
-        "LAMBDA",
-        "LAMBDA_REF",
         "OPERATOR",
         "PARAMETER",
         "STAR",
@@ -557,6 +556,20 @@ _PLAIN_SELECT: dict[str, Any] = {
     "sample": None,
     "qualify": None,
 }
+
+
+#: Functions whose value depends on when the query runs although they take arguments
+#: (``age(ts)`` is ``age(current_date, ts)``).
+_CLOCK_WITH_ARGUMENTS = frozenset({"age"})
+
+
+def _query_clock(name: str, stability: str | None, arity: int | None) -> bool:
+    """Whether a function's value is fixed per query rather than per row of data: DuckDB's
+    CONSISTENT_WITHIN_QUERY without arguments (``now()``, ``current_date``, ``today()``, …)
+    and :data:`_CLOCK_WITH_ARGUMENTS`. Its other CONSISTENT_WITHIN_QUERY overloads (``+`` or
+    ``year()`` of a TIMESTAMPTZ) depend on session settings, which are the same for every
+    part of a split query, so they do not keep a query whole."""
+    return stability == "CONSISTENT_WITHIN_QUERY" and (not arity or name in _CLOCK_WITH_ARGUMENTS)
 
 
 def _row_local_select(statement: dict[str, Any], row_local: frozenset[str], other: frozenset[str]) -> bool:
@@ -721,14 +734,15 @@ class SqlGuard:
         self._parser = duckdb.connect(":memory:")
         self._local = threading.local()
         rows = self._parser.execute(
-            "SELECT function_name, function_type, schema_name, return_type, stability FROM duckdb_functions()"
+            "SELECT function_name, function_type, schema_name, return_type, stability, len(parameters) "
+            "FROM duckdb_functions()"
         ).fetchall()
         kinds: dict[str, set[str]] = {}
         returns: dict[str, set[str]] = {}
         pg_catalog: set[str] = set()
         not_row_local: set[str] = set()
-        for name, kind, schema, returned, stability in rows:
-            if kind != "scalar" or stability != "CONSISTENT":
+        for name, kind, schema, returned, stability, arity in rows:
+            if kind != "scalar" or stability == "VOLATILE" or _query_clock(_fold(name), stability, arity):
                 not_row_local.add(_fold(name))
             kinds.setdefault(_fold(name), set()).add(kind)
             returns.setdefault(_fold(name), set()).add(str(returned).upper())

@@ -42,7 +42,7 @@ import duckdb
 import pyarrow as pa
 import structlog
 
-from catalog import Catalog, InvalidArgument, Principal, TableRef, quote_ident
+from catalog import Catalog, InvalidArgument, Principal, ResourceExhausted, TableRef, quote_ident
 from catalog.config import FlightConfig, LimitsConfig
 from catalog.database import fetch_one
 from catalog.sqlguard import GuardedQuery, SqlGuard
@@ -306,7 +306,9 @@ class Planner:
         label = _query_label(guarded.normalized)
         return Plan("query", schema, -1, pieces, guarded.tables, label, timeout=True, row_cap=_uncut(part))
 
-    def _split_query(self, guarded: GuardedQuery, part: SqlPart) -> tuple[SqlPart, ...] | None:
+    def _split_query(
+        self, principal: Principal, guarded: GuardedQuery, part: SqlPart, schema: pa.Schema
+    ) -> tuple[SqlPart, ...] | None:
         """A large query as parallel endpoints, one per rowid range of its one table, or None.
 
         Only a plain projection and filter over one base table is split (the guard decides it
@@ -327,21 +329,21 @@ class Planner:
             rows = _count(cur, ref)
             if rows < self._split_threshold or rows > self.limits.max_rows:
                 return None
-            schema = table_schema(cur, ref)
-            if _has_rowid_column(schema):
+            columns = table_schema(cur, ref)
+            if _has_rowid_column(columns):
                 return None
             layout = read_layout(cur, ref, begin=True)
         ranges = self._rowid_ranges(layout)
         if len(ranges) < 2:
             return None
         texts = self.guard.rowid_parts(guarded, ranges)
-        if texts is None:
+        if texts is None or not self._binds_as(principal, texts[0], part.params, schema):
             return None
         cache = self.table_cache
         if (
             not part.params
             and self.guard.plain_columns(guarded) == ()
-            and cache.admits(ref, layout.version, rows, schema)
+            and cache.admits(ref, layout.version, rows, columns)
         ):
             # SELECT * FROM t: the rows of a scan of t, so they fill the hot-table cache as the
             # first scan's do (no cap: a scan has nothing to cut and no expression to fail).
@@ -349,6 +351,26 @@ class Planner:
             if fill is not None:
                 return tuple(SqlPart(t, layout=layout, fill=fill, fill_index=i) for i, t in enumerate(texts))
         return tuple(SqlPart(t, part.params, layout=layout, cap=part.cap) for t in texts)
+
+    def _binds_as(self, principal: Principal, sql: str, params: tuple[Any, ...], schema: pa.Schema) -> bool:
+        """Whether a written-back part binds to the query's own result schema (a ``LIMIT 0``
+        probe, admitted like any planning step): the last check before a query is split, so
+        that a quirk of DuckDB's writer that parses alike but binds otherwise keeps it whole."""
+        key = (sql, tuple(_param_type(p) for p in params))
+        now = time.monotonic()
+        hit = self._schemas.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1] == schema
+        try:
+            with self.admission.planning(principal) as (cur, _):
+                rel = cur.sql(f"SELECT * FROM (\n{sql}\n) LIMIT 0", params=list(params) or None)
+                bound = rel.to_arrow_table().schema
+        except (duckdb.Error, ResourceExhausted):
+            return False
+        self._schemas[key] = (now + self.SCHEMA_CACHE_SECONDS, bound)
+        if len(self._schemas) > self.SCHEMA_CACHE_SIZE:
+            self._schemas.popitem(last=False)
+        return bound == schema
 
     # --- samples ----------------------------------------------------------------------------
     def sample(self, principal: Principal, cmd: SampleCommand) -> Plan:
@@ -470,7 +492,7 @@ class Planner:
             schema = self.query_schema(principal, guarded, params)
         label = _query_label(guarded.normalized)
         if execute and (ran is None or not ran[2]):  # not read whole at GetFlightInfo: large or slow
-            split = self._split_query(guarded, part)
+            split = self._split_query(principal, guarded, part, schema)
             if split is not None:
                 return Plan(
                     "query", schema, -1, split, guarded.tables, label, timeout=True, row_cap=_uncut(part)

@@ -139,8 +139,8 @@ UNSPLIT_SHAPES = [
     "SELECT id, random() AS r FROM demo.big",
     "SELECT id, now() AS t FROM demo.big",
     "SELECT rowid, id FROM demo.big",
-    # DuckDB writes a lambda back in the old arrow syntax, which parses to another tree: the
-    # round trip check keeps it whole.
+    # DuckDB writes a lambda back in the arrow syntax, which parses to the same tree but no
+    # longer binds: lambdas keep a query whole.
     "SELECT v, list_transform(l, lambda x: x + 1) AS l1 FROM demo.big",
     "SELECT id AS rowid FROM demo.big WHERE rowid >= 0",
     "SELECT id FROM demo.big QUALIFY row_number() OVER () >= 1",
@@ -410,3 +410,39 @@ def test_a_runtime_error_in_one_part_is_a_clear_error_and_frees_everything(
         ).num_rows
         == 5
     )
+
+
+def test_a_split_query_runs_once_at_info_then_once_per_part(
+    server: Server, opts: flight.FlightCallOptions
+) -> None:
+    """Plan once, split: GetFlightInfo runs the query once (its head is not the whole result),
+    each part's DoGet runs its range once; the next GetFlightInfo of the text only probes."""
+    fs = server.runtime.flight
+    assert fs is not None
+    client = server.flight()
+    sql = "SELECT id, v + 1 AS w FROM demo.big WHERE v >= -17"  # a text no other test sends
+    probes, runs = fs.planner.probes, fs.streamer.executions
+    info = client.get_flight_info(cmd(kind="query", sql=sql), opts)
+    assert len(info.endpoints) == 8
+    assert (fs.planner.probes, fs.streamer.executions) == (probes, runs + 1)
+    assert _fetch(client, info, opts).equals(_direct(server, sql))
+    assert fs.streamer.executions == runs + 1 + 8
+    again = client.get_flight_info(cmd(kind="query", sql=sql), opts)
+    assert len(again.endpoints) == 8
+    assert (fs.planner.probes, fs.streamer.executions) == (probes + 1, runs + 9)
+
+
+def test_a_part_that_binds_otherwise_keeps_the_query_whole(server: Server) -> None:
+    """The planner's last check before splitting: the first written-back part must bind to
+    the query's own result schema (else the query stays one endpoint)."""
+    fs = server.runtime.flight
+    assert fs is not None
+    assert server.demo_token is not None
+    principal = fs.catalog.tokens.verify(server.demo_token)
+    sql = "SELECT id FROM demo.big WHERE rowid >= 0 AND rowid < 10"
+    assert fs.planner._binds_as(principal, sql, (), pa.schema([("id", pa.int64())]))
+    assert not fs.planner._binds_as(principal, sql, (), pa.schema([("id", pa.int32())]))
+    assert not fs.planner._binds_as(
+        principal, "SELECT nope FROM demo.big", (), pa.schema([("id", pa.int64())])
+    )
+    assert not fs.admission.active()
