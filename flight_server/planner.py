@@ -316,8 +316,8 @@ class Planner:
         ``max_rows`` (a cut must fall at the one exact row), only for a table of at least the
         split threshold and at most ``[limits] max_rows`` rows — such a query yields at most
         one row per table row, so no part, nor all of them together, can pass the server's
-        cap, which each part still carries (its stream is read through the capped path, which
-        reports a runtime error mid-stream as a proper Flight error) — and never for a table
+        cap: the parts stream uncut, through one generator that reports a runtime error
+        mid-stream as a proper Flight error (``SqlPart.label_errors``) — and never for a table
         with a column named ``rowid`` (which hides DuckDB's row id). Every part carries the
         table's layout, checked at DoGet in the snapshot that reads the rows, like a split
         scan: the parts of one FlightInfo never mix data versions. Parts are not stored in
@@ -350,7 +350,7 @@ class Planner:
             fill = cache.begin_fill(ref, layout, len(texts))
             if fill is not None:
                 return tuple(SqlPart(t, layout=layout, fill=fill, fill_index=i) for i, t in enumerate(texts))
-        return tuple(SqlPart(t, part.params, layout=layout, cap=part.cap) for t in texts)
+        return tuple(SqlPart(t, part.params, layout=layout, label_errors=True) for t in texts)
 
     def _binds_as(self, principal: Principal, sql: str, params: tuple[Any, ...], schema: pa.Schema) -> bool:
         """Whether a written-back part binds to the query's own result schema (a ``LIMIT 0``

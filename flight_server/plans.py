@@ -65,6 +65,9 @@ class SqlPart:
     # the scan's parts): the stream hands over its batches as it sends them (table_cache.py).
     fill: Fill | None = field(default=None, compare=False)
     fill_index: int = 0
+    # A query's part that cannot reach a row cap (a split query's range): streamed without a
+    # cut, through one generator that turns a runtime error into a labelled Flight error.
+    label_errors: bool = False
 
     @property
     def max_rows(self) -> int | None:

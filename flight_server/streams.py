@@ -145,6 +145,12 @@ class Streamer:
             if isinstance(part, ProfilePart):
                 table = self.profiles.profile(part.ref, part.columns, cursor=cur)
                 return flight.RecordBatchStream(table)
+            if part.label_errors:  # a split query's part: nothing to cut, errors labelled
+                self.executions += 1
+                reader = self._sql(cur, part, None)
+                return flight.GeneratorStream(
+                    reader.schema, _labelled(reader, state.request_id, deadline, self.timeout)
+                )
             if part.row_cap is not None:  # a query or a percent sample: a cut must be reported
                 return self._capped_stream(cur, key, part, state, deadline, lease)
             if part.fill is not None:  # the first scan of a table: it fills the hot-table cache
@@ -493,6 +499,18 @@ def _read_head(
         size += batch.nbytes
         rows += batch.num_rows
     return head, size, False, False
+
+
+def _labelled(
+    reader: pa.RecordBatchReader, request_id: str, deadline: Deadline | None, timeout_seconds: float
+) -> Iterator[pa.RecordBatch]:
+    """``reader``'s batches, a failure mid-stream turned into the FlightError of
+    proto_docs/errors.md (a C++ stream would end in an unlabelled one)."""
+    try:
+        yield from reader
+    except Exception as e:  # noqa: BLE001 - every failure becomes a FlightError
+        timed_out = deadline is not None and deadline.fired
+        raise stream_error(e, request_id, timed_out=timed_out, timeout_seconds=timeout_seconds) from None
 
 
 def _feeding(
