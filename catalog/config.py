@@ -65,6 +65,21 @@ class LimitsConfig(_Section):
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
+class FlightConfig(_Section):
+    """How scans and simple one-table queries are split into parallel endpoints
+    (flight_server/planner.py, proto_docs/descriptors.md "Endpoints")."""
+
+    # Rows per endpoint: a split read has rows // split_part_rows endpoints ...
+    split_part_rows: PositiveInt = 2 * 122_880
+    # ... at most this many ...
+    split_max_parts: PositiveInt = 8
+    # ... and only from this many rows (and at least two parts' worth): below it one stream.
+    split_min_rows: Annotated[int, msgspec.Meta(ge=0)] = 500_000
+    # Part boundaries are multiples of this many rowids (DuckDB's row group: each endpoint
+    # then reads whole row groups).
+    split_align_rows: PositiveInt = 122_880
+
+
 class TokensConfig(_Section):
     default_ttl_seconds: PositiveInt = 86_400
     max_ttl_seconds: PositiveInt = 30 * 86_400
@@ -231,6 +246,7 @@ class SyncConfig(_Section):
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    flight: FlightConfig = msgspec.field(default_factory=FlightConfig)
     tokens: TokensConfig = msgspec.field(default_factory=TokensConfig)
     demo: DemoConfig = msgspec.field(default_factory=DemoConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)

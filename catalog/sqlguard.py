@@ -369,6 +369,9 @@ _TOO_DEEP = (
 )
 _PARSE_CACHE_ENTRIES = 512
 _PARSE_CACHE_MAX_CHARS = 8_000
+_PARTS_CACHE_ENTRIES = 64
+#: The split caches keep trees (and parts) up to this many characters: a bound on their memory.
+_SPLIT_CACHE_MAX_CHARS = 64_000
 #: Whitespace DuckDB's lexer skips between tokens (a literal's extent ends before it).
 _SQL_SPACE = " \t\n\r\f\v"
 _DIGITS = frozenset("0123456789")
@@ -507,6 +510,166 @@ def _literals(sql: str) -> tuple[str, list[tuple[int, str, str]]] | None:
     return "".join(key), found
 
 
+#: Expression classes of DuckDB's parse tree that compute a value from one row (with the
+#: functions they call checked separately): anything else — a subquery, a window, a class this
+#: list does not know — keeps a query in one piece. Not LAMBDA: DuckDB writes a lambda back
+#: in the arrow syntax (``x -> x + 1``) that it parses to the same tree but no longer binds.
+_ROW_LOCAL_CLASSES = frozenset(
+    {
+        "BETWEEN",
+        "CASE",
+        "CAST",
+        "COLLATE",
+        "COLUMN_REF",
+        "COMPARISON",
+        "CONJUNCTION",
+        "CONSTANT",
+        "FUNCTION",
+        "OPERATOR",
+        "PARAMETER",
+        "STAR",
+        "TYPE",  # the target of a CAST
+    }
+)
+_ANY = object()
+#: Keys of a SELECT node, with the value each must have for a plain projection and filter
+#: (``_ANY``: the select list, table and WHERE clause are checked on their own). An unknown
+#: key keeps the query in one piece.
+_PLAIN_SELECT: dict[str, Any] = {
+    "type": "SELECT_NODE",
+    "modifiers": [],
+    "cte_map": {"map": []},
+    "select_list": _ANY,
+    "from_table": _ANY,
+    "where_clause": _ANY,
+    "group_expressions": [],
+    "group_sets": [],
+    "aggregate_handling": "STANDARD_HANDLING",
+    "having": None,
+    "sample": None,
+    "qualify": None,
+}
+
+
+#: Functions whose value depends on when the query runs although they take arguments
+#: (``age(ts)`` is ``age(current_date, ts)``).
+_CLOCK_WITH_ARGUMENTS = frozenset({"age"})
+
+
+def _query_clock(name: str, stability: str | None, arity: int | None) -> bool:
+    """Whether a function's value is fixed per query rather than per row of data: DuckDB's
+    CONSISTENT_WITHIN_QUERY without arguments (``now()``, ``current_date``, ``today()``, …)
+    and :data:`_CLOCK_WITH_ARGUMENTS`. Its other CONSISTENT_WITHIN_QUERY overloads (``+`` or
+    ``year()`` of a TIMESTAMPTZ) depend on session settings, which are the same for every
+    part of a split query, so they do not keep a query whole."""
+    return stability == "CONSISTENT_WITHIN_QUERY" and (not arity or name in _CLOCK_WITH_ARGUMENTS)
+
+
+def _row_local_select(statement: dict[str, Any], row_local: frozenset[str], other: frozenset[str]) -> bool:
+    """Whether a statement's parse tree is ``SELECT <row expressions> FROM <one base table>
+    [WHERE <row expression>]``: no aggregate, window, DISTINCT, ORDER BY, LIMIT/OFFSET, set
+    operation, sample, CTE, subquery, join, table function, time travel or unnest, no function
+    that is not a scalar of the row alone (:attr:`SqlGuard._row_local`), and no mention of
+    ``rowid`` (the split's own column: a reference to it, or an alias of that name that a WHERE
+    clause could mean)."""
+    if set(statement) - {"node", "named_param_map"}:
+        return False
+    node = statement.get("node")
+    if not isinstance(node, dict) or set(node) - set(_PLAIN_SELECT):
+        return False
+    for key, want in _PLAIN_SELECT.items():
+        if want is not _ANY and node.get(key) != want:
+            return False
+    source = node.get("from_table")
+    if not isinstance(source, dict) or source.get("type") != "BASE_TABLE":
+        return False
+    if source.get("sample") is not None or source.get("at_clause") is not None:
+        return False
+    select = node.get("select_list")
+    if not isinstance(select, list) or not select:
+        return False
+    for expr in select:
+        if isinstance(expr, dict) and fold(str(expr.get("alias") or "")) == "rowid":
+            return False
+    return all(_row_local(e, row_local, other) for e in select) and (
+        node.get("where_clause") is None or _row_local(node["where_clause"], row_local, other)
+    )
+
+
+def _row_local(value: Any, row_local: frozenset[str], other: frozenset[str]) -> bool:  # noqa: PLR0911  one early refusal per node class
+    """Whether an expression computes its value from one row alone: only known classes, only
+    functions in ``row_local``, and no bare name of a function in ``other`` (``current_date``
+    parses as a column and binds as that function)."""
+    if isinstance(value, list):
+        return all(_row_local(v, row_local, other) for v in value)
+    if not isinstance(value, dict):
+        return True
+    cls = value.get("class")
+    if cls is not None:
+        if cls not in _ROW_LOCAL_CLASSES:
+            return False
+        names = (value.get("column_names") or []) if cls == "COLUMN_REF" else []
+        if any(fold(str(n)) == "rowid" for n in names):
+            return False
+        if len(names) == 1 and fold(str(names[0])) in other:
+            return False
+        if cls == "FUNCTION":
+            if fold(str(value.get("function_name", ""))) not in row_local:
+                return False
+            if value.get("filter") is not None or value.get("distinct") or value.get("export_state"):
+                return False
+            if (value.get("order_bys") or {}).get("orders"):
+                return False
+            if value.get("schema") or value.get("catalog"):
+                return False
+    return all(_row_local(v, row_local, other) for v in value.values())
+
+
+def _plain_columns(node: dict[str, Any]) -> tuple[str, ...] | None:
+    """:meth:`SqlGuard.plain_columns` of a SELECT node that :func:`_row_local_select` accepted."""
+    if node.get("where_clause") is not None:
+        return None
+    source = node["from_table"]
+    qualifier = fold(str(source.get("alias") or source.get("table_name") or ""))
+    names: list[str] = []
+    for expr in node["select_list"]:
+        if expr.get("alias"):
+            return None
+        if expr.get("class") == "STAR":
+            plain = not any(expr.get(k) for k in ("exclude_list", "replace_list", "columns", "expr"))
+            plain = plain and not any(expr.get(k) for k in ("qualified_exclude_list", "rename_list"))
+            relation = fold(str(expr.get("relation_name") or ""))
+            if not plain or relation not in ("", qualifier) or len(node["select_list"]) != 1:
+                return None
+            return ()
+        path = expr.get("column_names") if expr.get("class") == "COLUMN_REF" else None
+        if not isinstance(path, list) or not 1 <= len(path) <= 2:
+            return None
+        if len(path) == 2 and fold(str(path[0])) != qualifier:
+            return None  # a struct field (``col.field``), or another qualification
+        names.append(str(path[-1]))
+    if len({fold(n) for n in names}) != len(names):
+        return None
+    return tuple(names)
+
+
+def _and_terms(expr: dict[str, Any]) -> list[dict[str, Any]]:
+    """The terms of a conjunction (nested ANDs flattened), or the expression itself."""
+    if expr.get("class") == "CONJUNCTION" and expr.get("type") == "CONJUNCTION_AND":
+        return [t for child in expr.get("children") or [] for t in _and_terms(child)]
+    return [expr]
+
+
+def _flat_where(statement: dict[str, Any]) -> str:
+    """A statement as compact JSON with its WHERE clause's conjunction flattened: DuckDB's parser
+    may nest ``a AND b AND c`` differently from how a tree built by hand does."""
+    node = dict(statement["node"])
+    where = node.get("where_clause")
+    if where is not None:
+        node["where_clause"] = _and_terms(where)
+    return json.dumps({**statement, "node": node}, sort_keys=True, separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class GuardedQuery:
     """A query the guard accepted for one principal."""
@@ -573,12 +736,16 @@ class SqlGuard:
         self._parser = duckdb.connect(":memory:")
         self._local = threading.local()
         rows = self._parser.execute(
-            "SELECT function_name, function_type, schema_name, return_type FROM duckdb_functions()"
+            "SELECT function_name, function_type, schema_name, return_type, stability, len(parameters) "
+            "FROM duckdb_functions()"
         ).fetchall()
         kinds: dict[str, set[str]] = {}
         returns: dict[str, set[str]] = {}
         pg_catalog: set[str] = set()
-        for name, kind, schema, returned in rows:
+        not_row_local: set[str] = set()
+        for name, kind, schema, returned, stability, arity in rows:
+            if kind != "scalar" or stability == "VOLATILE" or _query_clock(fold(name), stability, arity):
+                not_row_local.add(fold(name))
             kinds.setdefault(fold(name), set()).add(kind)
             returns.setdefault(fold(name), set()).add(str(returned).upper())
             if schema == "pg_catalog":
@@ -587,6 +754,17 @@ class SqlGuard:
         # whatever their arguments, their value is one unit for the size bounds.
         self._fixed_width = frozenset(
             name for name, types in returns.items() if types <= _FIXED_TYPES and kinds[name] <= {"scalar"}
+        )
+        # Functions whose every overload is a scalar of one row's values alone (no aggregate,
+        # window, table function or macro; not now() or random()): what a split query may call.
+        self._row_local = frozenset(kinds) - not_row_local
+        # A bare name such as current_date parses as a column and binds as such a function.
+        self._not_row_local = frozenset(not_row_local)
+        self._splittable: OrderedDict[str, tuple[bool, tuple[str, ...] | None]] = OrderedDict()
+        # Written-back parts by (normalized tree, bounds): a repeated large query at one layout
+        # costs no DuckDB call to split (three per part otherwise).
+        self._parts: OrderedDict[tuple[str, tuple[tuple[int, int | None], ...]], tuple[str, ...]] = (
+            OrderedDict()
         )
         # Types a query may name: DuckDB's built-in ones. The private parser database holds
         # nothing else, so this lists no type of the data file.
@@ -893,6 +1071,109 @@ class SqlGuard:
         label = _STATEMENT_LABELS.get(kind, kind.replace("_", " "))
         hint = f"; {_METADATA_HINT}" if kind in ("EXPLAIN", "PRAGMA", "CALL") else ""
         return f"{label} statements are not allowed: {_QUERIES_ONLY}{hint}"
+
+    # --- rowid-range parts of a query (flight_server/planner.py splits large reads) --------
+    def splittable(self, guarded: GuardedQuery) -> bool:
+        """Whether ``guarded`` computes each output row from one row of one base table alone, so
+        that running it over disjoint ``rowid`` ranges and concatenating the parts in range
+        order gives exactly its result: a plain projection and filter (:func:`_row_local_select`
+        on DuckDB's parse tree). Remembered per normalized tree."""
+        return self._split_shape(guarded)[0]
+
+    def plain_columns(self, guarded: GuardedQuery) -> tuple[str, ...] | None:
+        """The columns a query reads unchanged from its one table, when that is all it does —
+        ``SELECT * FROM t`` (``()``: every column) or ``SELECT a, t.b FROM t`` (the names as
+        written; DuckDB names such a column as the table spells it) — with no WHERE clause:
+        its result is the table's rows in storage order, so the data plane may serve it from
+        a copy of the table in memory. None for anything else (an alias, an expression, a
+        filter, ``* EXCLUDE``, a column named twice)."""
+        return self._split_shape(guarded)[1]
+
+    def _split_shape(self, guarded: GuardedQuery) -> tuple[bool, tuple[str, ...] | None]:
+        """(:meth:`splittable`, :meth:`plain_columns`), from one read of the tree, remembered."""
+        if len(guarded.tables) != 1:
+            return False, None
+        key = guarded.normalized
+        with self._lock:
+            hit = self._splittable.get(key)
+            if hit is not None:
+                self._splittable.move_to_end(key)
+                return hit
+        verdict: tuple[bool, tuple[str, ...] | None] = (False, None)
+        try:
+            tree = json.loads(key)
+            if _row_local_select(tree, self._row_local, self._not_row_local):
+                verdict = (True, _plain_columns(tree["node"]))
+        except RecursionError:
+            pass
+        if len(key) <= _SPLIT_CACHE_MAX_CHARS:
+            with self._lock:
+                self._splittable[key] = verdict
+                while len(self._splittable) > _PARSE_CACHE_ENTRIES:
+                    self._splittable.popitem(last=False)
+        return verdict
+
+    def rowid_parts(
+        self, guarded: GuardedQuery, bounds: list[tuple[int, int | None]]
+    ) -> tuple[str, ...] | None:
+        """``guarded`` once per ``[lo, hi)`` rowid range (``hi`` None: open-ended), or None when it
+        is not :meth:`splittable` or a part cannot be written back exactly.
+
+        Each part is the caller's parse tree with ``rowid >= lo AND rowid < hi`` ANDed to its
+        WHERE clause, written back to SQL by DuckDB (``json_deserialize_sql``) and parsed again:
+        a part is used only if that parse is exactly the tree intended (the caller's select
+        list, table and filter untouched, parameters numbered as before), so the parts run the
+        caller's query and nothing else. DuckDB prunes row groups by the rowid filter."""
+        if not self.splittable(guarded):
+            return None
+        key = (guarded.normalized, tuple(bounds))
+        with self._lock:
+            hit = self._parts.get(key)
+            if hit is not None:
+                self._parts.move_to_end(key)
+                return hit
+        texts = self._rowid_parts(guarded.normalized, bounds)
+        if texts is not None and len(key[0]) + sum(map(len, texts)) <= _SPLIT_CACHE_MAX_CHARS:
+            with self._lock:
+                self._parts[key] = texts
+                while len(self._parts) > _PARTS_CACHE_ENTRIES:
+                    self._parts.popitem(last=False)
+        return texts
+
+    def _rowid_parts(self, normalized: str, bounds: list[tuple[int, int | None]]) -> tuple[str, ...] | None:
+        tree = json.loads(normalized)
+        cur = self._cursor()
+        out = []
+        try:
+            for lo, hi in bounds:
+                where = f"rowid >= {int(lo)}" + ("" if hi is None else f" AND rowid < {int(hi)}")
+                raw = cur.execute("SELECT json_serialize_sql(?)", [f"SELECT 1 WHERE {where}"]).fetchall()[0][
+                    0
+                ]
+                predicate = _strip_locations(json.loads(raw)["statements"][0]["node"]["where_clause"])
+                node = dict(tree["node"])
+                old = node.get("where_clause")
+                terms = _and_terms(predicate) + (_and_terms(old) if old is not None else [])
+                node["where_clause"] = {
+                    "class": "CONJUNCTION",
+                    "type": "CONJUNCTION_AND",
+                    "alias": "",
+                    "children": terms,
+                }
+                want = {**tree, "node": node}
+                text = cur.execute(
+                    "SELECT json_deserialize_sql(?)", [json.dumps({"error": False, "statements": [want]})]
+                ).fetchall()[0][0]
+                back = json.loads(cur.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0])
+                if back.get("error") or len(back.get("statements") or []) != 1:
+                    return None
+                got = _strip_locations(back["statements"][0])
+                if not isinstance(got.get("node"), dict) or _flat_where(got) != _flat_where(want):
+                    return None
+                out.append(str(text))
+        except (duckdb.Error, KeyError, TypeError, ValueError, RecursionError):
+            return None
+        return tuple(out)
 
     # --- helpers used by the walk -----------------------------------------------------------
     def _data_tables(self) -> dict[tuple[str, str], TableRef | None]:

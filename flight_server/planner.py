@@ -16,11 +16,22 @@ writing transaction) plus its row count and largest rowid (which also catch a ch
 compacts deleted rows and so renumbers rowids without a new version). DoGet reads the layout
 again *in the same transaction as the rows*, and refuses with UNAVAILABLE if it differs, so
 the endpoints of one FlightInfo either all read the same data or one of them fails — never a
-mix. Queries and samples are single endpoints: splitting arbitrary SQL is not sound.
+mix. A table with a column named ``rowid`` (which hides DuckDB's row id) is never split.
+
+Split queries. Splitting arbitrary SQL is not sound, so a query is one endpoint unless it is
+a plain projection and filter of one table — each output row computed from one row alone,
+which the guard decides on DuckDB's parse tree (``SqlGuard.splittable``) — whose result was
+not read whole at GetFlightInfo: then it is split like a scan of that table, each part the
+caller's statement with a rowid range ANDed to its WHERE clause, written back to SQL by DuckDB
+and checked by a second parse (``SqlGuard.rowid_parts``), with the same layout check
+(:meth:`Planner._split_query`). A query of plain columns of a table held by the hot-table
+cache is served from it without running (:meth:`Planner._cached_query`). Samples are single
+endpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from collections import OrderedDict
@@ -31,8 +42,8 @@ import duckdb
 import pyarrow as pa
 import structlog
 
-from catalog import Catalog, InvalidArgument, Principal, TableRef, quote_ident
-from catalog.config import LimitsConfig
+from catalog import Catalog, InvalidArgument, Principal, ResourceExhausted, TableRef, quote_ident
+from catalog.config import FlightConfig, LimitsConfig
 from catalog.database import fetch_one
 from catalog.sqlguard import GuardedQuery, SqlGuard
 from catalog.tables import fold
@@ -62,7 +73,8 @@ from flight_server.plans import (
 )
 from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
 from flight_server.results import PreparedQuery, QueryManager
-from flight_server.table_cache import CachedTable, Opener, TableCache
+from flight_server.table_cache import CachedTable, TableCache
+from flight_server.truncation import RowCap
 from flight_server.versions import VersionWatch, read_layout
 
 log = structlog.get_logger("flight_server")
@@ -82,7 +94,7 @@ class QueryRunner(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SplitOptions:
-    """How large tables are split into endpoints.
+    """How large tables are split into endpoints (``[flight] split_*``, proto_docs/configuration.md).
 
     A table of at least ``min_split_rows`` rows becomes ``rows // part_rows`` parts (at most
     ``max_parts``); parts are whole row groups. The defaults turn a 1M-row table into 4
@@ -95,15 +107,18 @@ class SplitOptions:
     min_split_rows: int = 500_000
     align_rows: int = ROW_GROUP_ROWS
 
+    @classmethod
+    def from_config(cls, cfg: FlightConfig) -> SplitOptions:
+        return cls(cfg.split_part_rows, cfg.split_max_parts, cfg.split_min_rows, cfg.split_align_rows)
+
 
 class Planner:
-    def __init__(  # noqa: PLR0913  the planner's collaborators, wired once by quiver/runtime.py
+    def __init__(
         self,
         catalog: Catalog,
         guard: SqlGuard,
         profiles: ProfileCache,
         queries: QueryManager,
-        split: SplitOptions,
         admission: Admission,
         table_cache: TableCache | None = None,
         versions: VersionWatch | None = None,
@@ -116,7 +131,7 @@ class Planner:
         self.guard = guard
         self.profiles = profiles
         self._queries = queries
-        self.split = split
+        self.split = SplitOptions.from_config(catalog.config.flight)
         self.admission = admission
         self._guarded: OrderedDict[tuple[str, str], tuple[float, GuardedQuery]] = OrderedDict()
         self._schemas: OrderedDict[tuple[Any, ...], tuple[float, pa.Schema]] = OrderedDict()
@@ -182,30 +197,29 @@ class Planner:
                 return Plan("scan", table_schema(cur, ref), -1, (), (ref,), ref.qualified, timeout=False)
         cache = self.table_cache
         cached = cache.get(ref, self._version(ref)) if cache.enabled else None
-        layout: Layout | None = None
-        if cached is None:
-            with self.catalog.db.reading() as cur:
-                schema = table_schema(cur, ref)
-                rows = _count(cur, ref)
-                layout = read_layout(cur, ref, begin=True) if rows >= self._split_threshold else None
-            version = layout.version if layout else self._version(ref)
-            if cache.admits(ref, version, rows, schema):
-                cached = cache.fill(ref, version, self.catalog.db.cursor, _snapshot_reader(ref))
         if cached is not None:
             pieces = self._cached_parts(cached, self._slices(cached.rows), None)
             return Plan("scan", cached.schema, cached.rows, pieces, (ref,), ref.qualified, timeout=False)
-        if layout is None:  # a small table: one endpoint, no layout check needed
-            part = SqlPart(f"SELECT * FROM {ref.sql}")
-            return Plan("scan", schema, rows, (part,), (ref,), ref.qualified, timeout=False)
-        return Plan(
-            "scan",
-            schema,
-            layout.rows,
-            self._split(ref, layout),
-            (ref,),
-            ref.qualified,
-            timeout=False,
-        )
+        with self.catalog.db.reading() as cur:
+            schema = table_schema(cur, ref)
+            rows = _count(cur, ref)
+            split = rows >= self._split_threshold and not _has_rowid_column(schema)
+            fills = cache.admits(ref, self._version(ref), rows, schema)
+            # The layout: what split parts check at DoGet, and what a fill's entry is keyed by.
+            layout = read_layout(cur, ref, begin=True) if split or fills else None
+        sql_parts: tuple[SqlPart, ...]
+        if split and layout is not None:
+            sql_parts, rows = self._split(ref, layout), layout.rows
+        else:  # a small table: one endpoint, no layout check needed
+            sql_parts = (SqlPart(f"SELECT * FROM {ref.sql}"),)
+        fill = cache.begin_fill(ref, layout, len(sql_parts)) if fills and layout is not None else None
+        if fill is not None:
+            # The first scan: it streams from DuckDB, as any uncached scan, and fills the cache
+            # with what it sends (flight_server/table_cache.py "Fill").
+            sql_parts = tuple(
+                dataclasses.replace(p, fill=fill, fill_index=i) for i, p in enumerate(sql_parts)
+            )
+        return Plan("scan", schema, rows, sql_parts, (ref,), ref.qualified, timeout=False)
 
     def _version(self, ref: TableRef) -> int:
         return self.versions.current().get(ref.key(), 0)
@@ -238,7 +252,10 @@ class Planner:
             out.append(CachedPart(held, offset, length, columns, fallback))
         return tuple(out)
 
-    def _split(self, ref: TableRef, layout: Layout) -> tuple[SqlPart, ...]:
+    def _rowid_ranges(self, layout: Layout) -> list[tuple[int, int | None]]:
+        """``[lo, hi)`` rowid ranges of a split read, aligned to row groups. The last is
+        open-ended (``hi`` None): rows appended since the layout was read would fail the layout
+        check anyway, but no rowid can ever fall between the parts."""
         s = self.split
         count = max(1, min(s.max_parts, layout.rows // max(1, s.part_rows)))
         span = layout.max_rowid + 1
@@ -248,13 +265,116 @@ class Planner:
             lo = (i * span // count) // align * align  # row-group aligned, rounded down
             if not bounds or lo > bounds[-1]:
                 bounds.append(lo)
+        return [(lo, bounds[i + 1] if i + 1 < len(bounds) else None) for i, lo in enumerate(bounds)]
+
+    def _split(self, ref: TableRef, layout: Layout) -> tuple[SqlPart, ...]:
         out = []
-        for i, lo in enumerate(bounds):
-            # The last part is open-ended: rows appended since the layout was read would
-            # fail the layout check anyway, but no rowid can ever fall between the parts.
-            where = f"rowid >= {lo}" + (f" AND rowid < {bounds[i + 1]}" if i + 1 < len(bounds) else "")
+        for lo, hi in self._rowid_ranges(layout):
+            where = f"rowid >= {lo}" + (f" AND rowid < {hi}" if hi is not None else "")
             out.append(SqlPart(f"SELECT * FROM {ref.sql} WHERE {where}", layout=layout))
         return tuple(out)
+
+    def _cached_query(self, guarded: GuardedQuery, part: SqlPart) -> Plan | None:
+        """A query that only reads columns of a table held by the hot-table cache, unchanged
+        and unfiltered (:meth:`SqlGuard.plain_columns`: ``SELECT * FROM t``, ``SELECT a, b FROM
+        t``), served from memory like a scan of it: zero-copy slices, split as a scan is, run
+        nowhere. Only without the caller's ``max_rows`` or ``params``, and for a table of at
+        most ``[limits] max_rows`` rows (nothing to cut). None otherwise."""
+        if part.limit is not None or part.params or len(guarded.tables) != 1:
+            return None
+        ref = guarded.tables[0]
+        cache = self.table_cache
+        if not cache.holds(ref):
+            return None
+        columns = self.guard.plain_columns(guarded)
+        if columns is None:
+            return None
+        version = self._version(ref)
+        held = cache.peek(ref, version)
+        if held is None or held.rows > self.limits.max_rows:
+            return None
+        schema, picked = held.schema, None
+        if columns:
+            try:
+                names = resolve_columns(schema, list(columns), ref)
+            except InvalidArgument:
+                return None  # DuckDB's binder says what is wrong, on the usual path
+            if len(names) != len(columns):
+                return None
+            schema = pa.schema([schema.field(n) for n in names], metadata=schema.metadata)
+            picked = tuple(names)
+        entry = cache.get(ref, version, count_miss=False)  # counted: it answers
+        if entry is None:
+            return None
+        pieces = self._cached_parts(entry, self._slices(entry.rows), picked)
+        label = _query_label(guarded.normalized)
+        return Plan("query", schema, -1, pieces, guarded.tables, label, timeout=True, row_cap=_uncut(part))
+
+    def _split_query(
+        self, principal: Principal, guarded: GuardedQuery, part: SqlPart, schema: pa.Schema
+    ) -> tuple[SqlPart, ...] | None:
+        """A large query as parallel endpoints, one per rowid range of its one table, or None.
+
+        Only a plain projection and filter over one base table is split (the guard decides it
+        on DuckDB's parse tree: :meth:`SqlGuard.splittable`), only without the caller's own
+        ``max_rows`` (a cut must fall at the one exact row), only for a table of at least the
+        split threshold and at most ``[limits] max_rows`` rows — such a query yields at most
+        one row per table row, so no part, nor all of them together, can pass the server's
+        cap: the parts stream uncut, through one generator that reports a runtime error
+        mid-stream as a proper Flight error (``SqlPart.label_errors``) — and never for a table
+        with a column named ``rowid`` (which hides DuckDB's row id). Every part carries the
+        table's layout, checked at DoGet in the snapshot that reads the rows, like a split
+        scan: the parts of one FlightInfo never mix data versions. Parts are not stored in
+        the result cache (each is a slice; the whole is larger than an entry may be)."""
+        if part.limit is not None or len(guarded.tables) != 1 or not self.guard.splittable(guarded):
+            return None
+        ref = guarded.tables[0]
+        with self.catalog.db.reading() as cur:
+            rows = _count(cur, ref)
+            if rows < self._split_threshold or rows > self.limits.max_rows:
+                return None
+            columns = table_schema(cur, ref)
+            if _has_rowid_column(columns):
+                return None
+            layout = read_layout(cur, ref, begin=True)
+        ranges = self._rowid_ranges(layout)
+        if len(ranges) < 2:
+            return None
+        texts = self.guard.rowid_parts(guarded, ranges)
+        if texts is None or not self._binds_as(principal, texts[0], part.params, schema):
+            return None
+        cache = self.table_cache
+        if (
+            not part.params
+            and self.guard.plain_columns(guarded) == ()
+            and cache.admits(ref, layout.version, rows, columns)
+        ):
+            # SELECT * FROM t: the rows of a scan of t, so they fill the hot-table cache as the
+            # first scan's do (no cap: a scan has nothing to cut and no expression to fail).
+            fill = cache.begin_fill(ref, layout, len(texts))
+            if fill is not None:
+                return tuple(SqlPart(t, layout=layout, fill=fill, fill_index=i) for i, t in enumerate(texts))
+        return tuple(SqlPart(t, part.params, layout=layout, label_errors=True) for t in texts)
+
+    def _binds_as(self, principal: Principal, sql: str, params: tuple[Any, ...], schema: pa.Schema) -> bool:
+        """Whether a written-back part binds to the query's own result schema (a ``LIMIT 0``
+        probe, admitted like any planning step): the last check before a query is split, so
+        that a quirk of DuckDB's writer that parses alike but binds otherwise keeps it whole."""
+        key = (sql, tuple(_param_type(p) for p in params))
+        now = time.monotonic()
+        hit = self._schemas.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1] == schema
+        try:
+            with self.admission.planning(principal) as (cur, _):
+                rel = cur.sql(f"SELECT * FROM (\n{sql}\n) LIMIT 0", params=list(params) or None)
+                bound = rel.to_arrow_table().schema
+        except (duckdb.Error, ResourceExhausted):
+            return False
+        self._schemas[key] = (now + self.SCHEMA_CACHE_SECONDS, bound)
+        if len(self._schemas) > self.SCHEMA_CACHE_SIZE:
+            self._schemas.popitem(last=False)
+        return bound == schema
 
     # --- samples ----------------------------------------------------------------------------
     def sample(self, principal: Principal, cmd: SampleCommand) -> Plan:
@@ -361,6 +481,10 @@ class Planner:
         the schema). A query the runner gave up on is also probed."""
         guarded, part = self.query_part(principal, cmd)
         params = part.params
+        if execute:
+            served = self._cached_query(guarded, part)
+            if served is not None:
+                return served
         shape = (guarded.sql, tuple(_param_type(p) for p in params))
         now = time.monotonic()
         large = self._large.get(shape)
@@ -376,6 +500,12 @@ class Planner:
         else:
             schema = self.query_schema(principal, guarded, params)
         label = _query_label(guarded.normalized)
+        if execute and (ran is None or not ran[2]):  # not read whole at GetFlightInfo: large or slow
+            split = self._split_query(principal, guarded, part, schema)
+            if split is not None:
+                return Plan(
+                    "query", schema, -1, split, guarded.tables, label, timeout=True, row_cap=_uncut(part)
+                )
         return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True, row_cap=part.row_cap)
 
     def query_part(self, principal: Principal, cmd: QueryCommand) -> tuple[GuardedQuery, SqlPart]:
@@ -487,16 +617,17 @@ def _count(cur: duckdb.DuckDBPyConnection, ref: TableRef) -> int:
     return int(fetch_one(cur, f"SELECT count(*) FROM {ref.sql}")[0])  # type: ignore[index]
 
 
-def _snapshot_reader(ref: TableRef) -> Opener:
-    """For the table cache: the layout and every row of ``ref`` from one snapshot (the
-    transaction stays open until the cursor is closed)."""
+def _uncut(part: SqlPart) -> RowCap | None:
+    """The row cap of a query known not to reach it (split, or served from a held table: at
+    most one row per row of a table no longer than the cap) — reported as not cut, so a
+    client need not watch the streams for a cut."""
+    cap = part.row_cap
+    return dataclasses.replace(cap, truncated=False) if cap is not None else None
 
-    def open_(cur: duckdb.DuckDBPyConnection) -> tuple[Layout, pa.RecordBatchReader]:
-        cur.execute("BEGIN TRANSACTION")
-        layout = read_layout(cur, ref, begin=False)
-        return layout, cur.sql(f"SELECT * FROM {ref.sql}").to_arrow_reader(BATCH_ROWS)
 
-    return open_
+def _has_rowid_column(schema: pa.Schema) -> bool:
+    """A column named ``rowid`` hides DuckDB's row id: such a table is read in one piece."""
+    return any(name.lower() == "rowid" for name in schema.names)
 
 
 def resolve_columns(schema: pa.Schema, wanted: list[str], ref: TableRef) -> list[str]:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from catalog import TableRef
 from flight_server.commands import Param
 from flight_server.ready import ReadyResult
-from flight_server.table_cache import CachedTable
+from flight_server.table_cache import CachedTable, Fill
 from flight_server.truncation import CapReason, RowCap
 from flight_server.versions import Layout
 
@@ -65,6 +65,13 @@ class SqlPart:
     # The whole result, already read by GetFlightInfo (a query run once there): the first
     # DoGet streams it from memory, later ones run the SQL (flight_server/ready.py).
     ready: ReadyResult | None = field(default=None, compare=False)
+    # The hot-table cache's fill this part feeds (the first scan of a table; its index among
+    # the scan's parts): the stream hands over its batches as it sends them (table_cache.py).
+    fill: Fill | None = field(default=None, compare=False)
+    fill_index: int = 0
+    # A query's part that cannot reach a row cap (a split query's range): streamed without a
+    # cut, through one generator that turns a runtime error into a labelled Flight error.
+    label_errors: bool = False
 
     @property
     def max_rows(self) -> int | None:

@@ -55,7 +55,7 @@ from flight_server.flight_sql import FlightSql, is_flight_sql
 from flight_server.flight_sql.wire import unwrap_ticket, wrap_ticket
 from flight_server.limits import Watchdog
 from flight_server.middleware import AuthMiddlewareFactory, CallState
-from flight_server.planner import Planner, SplitOptions
+from flight_server.planner import Planner
 from flight_server.plans import Plan
 from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
@@ -120,7 +120,6 @@ class QuiverFlightServer(flight.FlightServerBase):
         location: str,
         *,
         tls_certificates: list[tuple[bytes, bytes]] | None = None,
-        split: SplitOptions | None = None,
     ) -> None:
         # GetSchema's refusals need it (flight_server/errors.py); installed by a server, never
         # by an import (the agent client shares a process with no server: quiver_client).
@@ -147,7 +146,6 @@ class QuiverFlightServer(flight.FlightServerBase):
             self.guard,
             self.profiles,
             self.queries,
-            split or SplitOptions(),
             self.admission,
             self.table_cache,
             self.versions,

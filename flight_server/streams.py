@@ -64,6 +64,7 @@ from flight_server.plans import (
 from flight_server.profiles import ProfileCache
 from flight_server.ready import ReadyPool
 from flight_server.results import QueryManager
+from flight_server.table_cache import Fill
 from flight_server.truncation import RowCap
 from flight_server.versions import VersionWatch, read_layout
 
@@ -163,8 +164,16 @@ class Streamer:
             if isinstance(part, ProfilePart):
                 table = self.profiles.profile(part.ref, part.columns, cursor=cur)
                 return flight.RecordBatchStream(table)
+            if part.label_errors:  # a split query's part: nothing to cut, errors labelled
+                self.executions += 1
+                reader = self._sql(cur, part, None)
+                return flight.GeneratorStream(
+                    reader.schema, _labelled(reader, state.request_id, deadline, self.timeout)
+                )
             if part.row_cap is not None:  # a query or a percent sample: a cut must be reported
                 return self._capped_stream(cur, key, part, state, deadline, lease)
+            if part.fill is not None:  # the first scan of a table: it fills the hot-table cache
+                return self._filling_stream(cur, part, state, deadline)
             # No row cap (a scan): C++ streams DuckDB's reader, Python never sees a batch.
             return flight.RecordBatchStream(self._sql(cur, part, None))
         except duckdb.Error as e:
@@ -404,7 +413,8 @@ class Streamer:
                 return _cut_stream(ran.schema, ran.head, cap)
             # The cursor is done with (its result read to the end, no transaction): the next
             # request may use it, unless its deadline is close enough to fire.
-            if deadline is None or time.monotonic() < deadline.at - 1.0:
+            # A split query's part read its rows in a transaction of its own: never reused.
+            if part.layout is None and (deadline is None or time.monotonic() < deadline.at - 1.0):
                 if deadline is not None:
                     Watchdog.disarm(deadline)
                 lease.recycle(self._cursors)
@@ -450,6 +460,36 @@ class Streamer:
         rest = _capped(reader, cap.max_rows - sum(b.num_rows for b in head), flag)
         teed = self.cache.tee(key, rest, head, truncated=flag.__bool__)
         return _Capped(teed.schema, head, False, teed, flag)
+
+    def _filling_stream(
+        self, cur: duckdb.DuckDBPyConnection, part: SqlPart, state: CallState, deadline: Deadline | None
+    ) -> flight.FlightDataStream:
+        """A part of the first scan of a table: streamed from DuckDB like any scan, its batches
+        handed to the hot-table cache's :class:`~flight_server.table_cache.Fill` once it has
+        sent them all (flight_server/table_cache.py "Fill") — only when the snapshot it read
+        is the layout the fill is keyed by. A Python generator over *batches*."""
+        fill = part.fill
+        assert fill is not None
+        try:
+            if part.layout is None:  # one endpoint, no layout check: keep what it reads if it is the fill's
+                cur.execute("BEGIN TRANSACTION")
+                now = read_layout(cur, fill.layout.ref, begin=False)
+                reader = arrow_stream(cur, part.sql, part.params)
+                if now != fill.layout:
+                    fill.abandon("changed")
+            else:  # checked: the part's layout is the fill's
+                reader = self._sql(cur, part, None)
+        except Unavailable:  # the table changed since GetFlightInfo: nothing to fill
+            fill.abandon("changed")
+            raise
+        except Exception:
+            fill.abandon("failed")
+            raise
+        if not fill.live:
+            return flight.RecordBatchStream(reader)
+        state.fields["cache"] = "table-fill"
+        feeding = _feeding(reader, fill, part.fill_index, state.request_id, deadline, self.timeout)
+        return flight.GeneratorStream(reader.schema, feeding)
 
     @staticmethod
     def _sql(cur: duckdb.DuckDBPyConnection, part: SqlPart, limit: int | None) -> Any:
@@ -618,6 +658,55 @@ def _read_head(
         size += batch.nbytes
         rows += batch.num_rows
     return head, size, False, False
+
+
+def _labelled(
+    reader: pa.RecordBatchReader, request_id: str, deadline: Deadline | None, timeout_seconds: float
+) -> Iterator[pa.RecordBatch]:
+    """``reader``'s batches, a failure mid-stream turned into the FlightError of
+    proto_docs/errors.md (a C++ stream would end in an unlabelled one)."""
+    try:
+        yield from reader
+    except Exception as e:  # noqa: BLE001 - every failure becomes a FlightError
+        timed_out = deadline is not None and deadline.fired
+        raise stream_error(e, request_id, timed_out=timed_out, timeout_seconds=timeout_seconds) from None
+
+
+def _feeding(
+    reader: pa.RecordBatchReader,
+    fill: Fill,
+    index: int,
+    request_id: str,
+    deadline: Deadline | None,
+    timeout_seconds: float,
+) -> Iterator[pa.RecordBatch]:
+    """``reader``'s batches, kept for ``fill`` (part ``index``) and handed over once the last
+    one was sent; a part over the budget stops keeping them, a failure or a client that goes
+    away ends the fill. Any failure becomes the FlightError of proto_docs/errors.md."""
+    kept: list[pa.RecordBatch] = []
+    size, keep, finished, failed = 0, True, False, False
+    fill.feeding(+1)
+    try:
+        for batch in reader:
+            if keep:
+                size += batch.nbytes
+                if fill.fits(size):
+                    kept.append(batch)
+                else:
+                    keep, kept = False, []
+                    fill.too_large()
+            yield batch
+        finished = True
+        if keep:  # before the stream ends: a scan that follows this one finds the entry
+            fill.complete(index, kept, size, reader.schema)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a FlightError
+        failed = True
+        timed_out = deadline is not None and deadline.fired
+        raise stream_error(e, request_id, timed_out=timed_out, timeout_seconds=timeout_seconds) from None
+    finally:
+        fill.feeding(-1)
+        if not finished and keep:  # failed, or the client went away (the generator was closed)
+            fill.abandon("failed" if failed else "cancelled")
 
 
 class _Cut:

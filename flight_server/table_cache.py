@@ -14,18 +14,21 @@ How it works:
   :class:`~flight_server.versions.VersionWatch` (a ``stat`` of the database files while
   nothing was committed), so a new ``GetFlightInfo`` never gets an old snapshot, and an entry
   of an older version is dropped as soon as a newer one is seen.
-* **Fill.** On the first scan of a table (a cache miss), ``GetFlightInfo`` reads the table
-  with DuckDB's Arrow reader in one read-only transaction, together with its layout (version,
-  row count, largest rowid), and stores the batches. Synchronously: on two cores, filling first and then streaming from
-  memory costs no more than DuckDB streaming while the client receives (both compete for
-  the same cores), and every later scan is served from memory. Only one fill runs at a time;
-  a scan that finds another table being filled is served by DuckDB, one that finds its own
-  table being filled waits for that fill instead of starting a second.
+* **Fill.** The first scan of a table (a cache miss) is not kept waiting: its endpoints
+  stream from DuckDB exactly like an uncached scan (each in the snapshot whose layout it
+  checks), and hand the batches they sent to a :class:`Fill` as they pass — Python only keeps
+  references to batches. When every endpoint has been read whole, the parts, in endpoint
+  order, become the entry, keyed by the layout all of them checked. So the first scan costs
+  what an uncached scan costs (on two cores, a separate fill beside it would compete for the
+  same cores), and every later scan is served from memory. Only one fill runs at a time; a
+  scan that finds a fill running (of its own table or another) is served by DuckDB without
+  one. A part that fails or whose client goes away ends the fill; a fill whose endpoints are
+  not all read within ``FILL_SECONDS`` lapses; either way the next scan starts another.
 * **Budget.** Entries share ``[cache] table_memory_bytes`` (default: 1/8 of the memory the
   process may use; 0 disables the cache). Least recently used entries are evicted to make
   room. A table larger than the budget is never cached: its size is estimated from the row
   count and column widths before the fill, and a fill stops as soon as the batches read
-  exceed the budget (the scan then goes to DuckDB; the attempt is remembered for that
+  exceed the budget (the scan itself streams on; the attempt is remembered for that
   layout, so it is not retried). Memory is therefore at most the budget plus one fill.
 * **Endpoints.** A cached scan is split exactly like a DuckDB scan; each endpoint is a
   zero-copy slice of the one cached table, so every endpoint of a ``FlightInfo`` serves the
@@ -41,10 +44,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import duckdb
 import pyarrow as pa
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -59,8 +60,11 @@ log = structlog.get_logger("flight_server")
 
 #: Layouts that were too large to cache, remembered so that a scan does not retry the fill.
 TOO_LARGE_MEMORY = 1024
-#: How long a scan waits for a fill of its own table that another request started.
-FILL_WAIT_SECONDS = 60.0
+#: A fill lapses when the endpoints of the scan that feeds it are not all read within this
+#: long, or when none of them has been streaming for FILL_IDLE_SECONDS (a client that read
+#: only some of them): the next scan, of any table, may then start a fill.
+FILL_SECONDS = 60.0
+FILL_IDLE_SECONDS = 5.0
 
 
 def resolve_budget(setting: int | str) -> int:
@@ -128,14 +132,91 @@ class _Metrics:
         )
 
 
-@dataclass(slots=True)
-class _Fill:
-    done: threading.Event = field(default_factory=threading.Event)
-    result: CachedTable | None = None
+class Fill:
+    """One table being loaded into memory by the scan that missed it (:meth:`TableCache.begin_fill`).
 
+    Each endpoint of that scan streams its rows from DuckDB, in the snapshot whose layout it
+    checked, and passes its batches here when it has read them all (:meth:`complete`); the
+    table is the parts in endpoint order — rowid order, the order a scan returns — stored
+    once every part has arrived. A part that fails or whose client goes away ends the fill
+    (:meth:`abandon`), and so does a part over the budget (remembered for that layout, as
+    too large); a fill whose parts do not all arrive within ``FILL_SECONDS`` lapses, and the
+    next scan starts another. The first scan therefore costs no second read of the table."""
 
-#: Reads the table in one snapshot: (its layout, a reader of every row), the transaction open.
-Opener = Callable[[duckdb.DuckDBPyConnection], tuple[Layout, pa.RecordBatchReader]]
+    def __init__(self, cache: TableCache, ref: TableRef, layout: Layout, parts: int) -> None:
+        self._cache = cache
+        self.ref = ref
+        self.layout = layout
+        self.started = self._touched = time.monotonic()
+        self._parts: list[list[pa.RecordBatch] | None] = [None] * parts
+        self._size = 0
+        self._feeding = 0
+        self._lock = threading.Lock()
+        self._over = False
+
+    def expired(self) -> bool:
+        now = time.monotonic()
+        if now - self.started > FILL_SECONDS:
+            return True
+        return self._feeding == 0 and now - self._touched > FILL_IDLE_SECONDS
+
+    @property
+    def live(self) -> bool:
+        return not self._over and not self.expired()
+
+    def feeding(self, delta: int) -> None:
+        """A part's stream starts (+1) or ends (-1) feeding this fill."""
+        with self._lock:
+            self._feeding += delta
+            self._touched = time.monotonic()
+
+    def fits(self, size: int) -> bool:
+        """Whether a part of ``size`` bytes, beside the parts already complete, fits the budget."""
+        return self._size + size <= self._cache.budget
+
+    def complete(self, index: int, batches: list[pa.RecordBatch], size: int, schema: pa.Schema) -> None:
+        """Part ``index`` read whole: kept; the entry is stored when it was the last one."""
+        with self._lock:
+            if self._over or self._parts[index] is not None:
+                return  # ended, or this part was read twice (its ticket redeemed again)
+            if self.expired():
+                self._over = True
+                done = None
+            elif self._size + size > self._cache.budget:
+                self._over = True
+                done = None
+                self._cache._fill_too_large(self)
+            else:
+                self._parts[index] = batches
+                self._size += size
+                if any(p is None for p in self._parts):
+                    return
+                self._over = True
+                done = [b for part in self._parts for b in part or ()]
+        if done is not None:
+            self._cache._fill_done(self, pa.Table.from_batches(done, schema=schema), self._size)
+        self._cache._fill_over(self)
+
+    def too_large(self) -> None:
+        """A part alone passed the budget: the table is not cached at this layout."""
+        with self._lock:
+            if self._over:
+                return
+            self._over = True
+        self._cache._fill_too_large(self)
+        self._cache._fill_over(self)
+
+    def abandon(self, reason: str) -> None:
+        """A part failed, or its client went away: nothing is stored."""
+        with self._lock:
+            if self._over and reason != "expired":
+                return
+            self._over = True
+            self._parts = [None] * len(self._parts)
+        if reason == "failed":
+            self._cache._outcome("failed")
+        log.info("table_cache.fill_abandoned", table=self.ref.qualified, reason=reason)
+        self._cache._fill_over(self)
 
 
 class TableCache:
@@ -144,8 +225,7 @@ class TableCache:
         self._entries: OrderedDict[tuple[str, str], CachedTable] = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
-        self._fill_lock = threading.Lock()  # one fill at a time: memory is budget + one fill
-        self._fills: dict[tuple[str, str], _Fill] = {}
+        self._fill: Fill | None = None  # one fill at a time: memory is budget + one fill
         self._too_large: OrderedDict[tuple[tuple[str, str], int, int], None] = OrderedDict()
         self._metrics = _Metrics(registry)
         self.hits = self.misses = 0
@@ -189,6 +269,13 @@ class TableCache:
             self._dropped([stale], "stale")
         return entry
 
+    def peek(self, ref: TableRef, version: int) -> CachedTable | None:
+        """The entry of ``ref`` at data ``version``, if held — not counted, not touched (a
+        caller that may not use it yet)."""
+        with self._lock:
+            entry = self._entries.get(ref.key())
+        return entry if entry is not None and entry.layout.version == version else None
+
     def admits(self, ref: TableRef, version: int, rows: int, schema: pa.Schema) -> bool:
         """Whether a fill may fit the budget (by a lower-bound estimate of the Arrow size)."""
         if not self.enabled or rows <= 0:
@@ -199,89 +286,56 @@ class TableCache:
         return estimate_bytes(schema, rows) <= self.budget
 
     # --- filling -------------------------------------------------------------------------------
-    def fill(
-        self,
-        ref: TableRef,
-        version: int,
-        cursor: Callable[[], duckdb.DuckDBPyConnection],
-        opener: Opener,
-    ) -> CachedTable | None:
-        """Load ``ref`` into memory as of now, or wait for the fill of it that runs, or take
-        the entry such a fill stored since the caller's lookup (``version`` or newer).
-
-        The entry is keyed by the layout read in the fill's own snapshot, so it is never
-        older than what the caller saw. None when it could not be cached: another table is
-        being filled (not waited for), it is larger than the budget, or the fill failed
-        (logged; the scan then goes to DuckDB, which reports its own errors).
-        """
-        if not self.enabled:
+    def begin_fill(self, ref: TableRef, layout: Layout, parts: int) -> Fill | None:
+        """A fill of ``ref`` at ``layout`` fed by the scan that missed: its ``parts`` endpoints
+        stream from DuckDB as usual and hand their batches over as they pass
+        (:meth:`Fill.complete`); the entry is stored once every part has been read whole.
+        None when no fill may start: one is running (of this table or another: memory is the
+        budget plus one fill), this layout was too large before, or another scan's fill stored
+        this version since the caller looked."""
+        if not self.enabled or parts < 1:
             return None
         key = ref.key()
         with self._lock:
-            done = self._entries.get(key)
-            if done is not None and done.layout.version >= version:
-                return done  # filled by another request since this one looked
-            running = self._fills.get(key)
-            mine = running is None
-            if running is None:
-                running = self._fills[key] = _Fill()
-        if not mine:
-            running.done.wait(FILL_WAIT_SECONDS)
-            return running.result
-        try:
-            if not self._fill_lock.acquire(blocking=False):
-                return None  # another table is being filled: serve this scan from DuckDB
-            try:
-                running.result = self._load(ref, cursor, opener)
-            finally:
-                self._fill_lock.release()
-            return running.result
-        finally:
-            with self._lock:
-                self._fills.pop(key, None)
-            running.done.set()
+            if (key, layout.version, layout.rows) in self._too_large:
+                return None
+            held = self._entries.get(key)
+            if held is not None and held.layout.version >= layout.version:
+                return None  # filled by another scan since this one looked
+            running = self._fill
+            if running is not None and running.live:
+                return None
+            self._fill = fill = Fill(self, ref, layout, parts)
+        if running is not None:
+            running.abandon("lapsed")
+        return fill
 
-    def _load(
-        self, ref: TableRef, cursor: Callable[[], duckdb.DuckDBPyConnection], opener: Opener
-    ) -> CachedTable | None:
-        started = time.perf_counter()
-        cur = cursor()
-        try:
-            layout, reader = opener(cur)
-            batches: list[pa.RecordBatch] = []
-            size = 0
-            for batch in reader:  # batches, not rows: DuckDB converts in C++
-                size += batch.nbytes
-                if size > self.budget:
-                    reader.close()
-                    self._outcome("too_large")
-                    with self._lock:
-                        self._too_large[(ref.key(), layout.version, layout.rows)] = None
-                        while len(self._too_large) > TOO_LARGE_MEMORY:
-                            self._too_large.popitem(last=False)
-                    log.info("table_cache.too_large", table=ref.qualified, budget=self.budget)
-                    return None
-                batches.append(batch)
-            table = pa.Table.from_batches(batches, schema=reader.schema)
-        except duckdb.Error as e:
-            self._outcome("failed")
-            log.warning("table_cache.fill_failed", table=ref.qualified, error=str(e))
-            return None
-        finally:
-            cur.close()
-        seconds = time.perf_counter() - started
-        entry = CachedTable(ref, layout, table, size, seconds)
+    def _fill_over(self, fill: Fill) -> None:
+        with self._lock:
+            if self._fill is fill:
+                self._fill = None
+
+    def _fill_too_large(self, fill: Fill) -> None:
+        self._outcome("too_large")
+        with self._lock:
+            self._too_large[(fill.ref.key(), fill.layout.version, fill.layout.rows)] = None
+            while len(self._too_large) > TOO_LARGE_MEMORY:
+                self._too_large.popitem(last=False)
+        log.info("table_cache.too_large", table=fill.ref.qualified, budget=self.budget)
+
+    def _fill_done(self, fill: Fill, table: pa.Table, size: int) -> None:
+        seconds = time.monotonic() - fill.started
+        entry = CachedTable(fill.ref, fill.layout, table, size, seconds)
         self._store(entry)
         self._outcome("ok")
         log.info(
             "table_cache.filled",
-            table=ref.qualified,
-            version=layout.version,
+            table=fill.ref.qualified,
+            version=fill.layout.version,
             rows=table.num_rows,
             bytes=size,
             ms=round(seconds * 1000, 1),
         )
-        return entry
 
     def _outcome(self, outcome: str) -> None:
         with self._lock:

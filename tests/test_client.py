@@ -9,16 +9,13 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pytest
 
-from flight_server.planner import SplitOptions
 from quiver_client import QuiverClient, QuiverClientError, TruncatedResultWarning
-from tests.harness import Server, start_server, wait_until
+from tests.harness import SMALL_SPLIT, Server, start_server, wait_until
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("client"))
-    assert s.runtime.flight is not None
-    s.runtime.flight.planner.split = SplitOptions(part_rows=10_000, min_split_rows=20_000, align_rows=1)
+    s = start_server(tmp_path_factory.mktemp("client"), flight=SMALL_SPLIT)
     yield s
     s.stop()
 

@@ -58,6 +58,8 @@ def test_existing_database_file(tmp_path: Path) -> None:
         ("[server\n", {}, ["not valid TOML"]),
         ("", {"QUIVER_SERVER_FLIGHTPORT": "1"}, ["QUIVER_SERVER_FLIGHTPORT", "flightport", "flight_port"]),
         ("", {"QUIVER_LIMITS_MAX_ROWS": "many"}, ["limits.max_rows"]),
+        ("[flight]\nsplit_part_rows = 0\n", {}, ["flight.split_part_rows", ">= 1"]),
+        ("", {"QUIVER_FLIGHT_SPLIT_MIN_ROWS": "-5"}, ["flight.split_min_rows", ">= 0"]),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(
@@ -69,6 +71,17 @@ def test_bad_config_is_one_line_naming_the_key(
     assert "\n" not in message
     for w in words:
         assert w in message, message
+
+
+def test_split_sizes_come_from_the_flight_section(tmp_path: Path) -> None:
+    """The planner's endpoint split is configuration: file, then environment."""
+    from flight_server.planner import SplitOptions
+
+    text = "[flight]\nsplit_part_rows = 1000\nsplit_max_parts = 3\n"
+    c = load_config(_write(tmp_path, text), environ={"QUIVER_FLIGHT_SPLIT_ALIGN_ROWS": "1"})
+    assert SplitOptions.from_config(c.flight) == SplitOptions(
+        part_rows=1000, max_parts=3, min_split_rows=500_000, align_rows=1
+    )
 
 
 def test_missing_file(tmp_path: Path) -> None:

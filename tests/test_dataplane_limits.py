@@ -11,9 +11,8 @@ from typing import Any
 import pyarrow.flight as flight
 import pytest
 
-from flight_server.planner import SplitOptions
 from quiver_client import QuiverClient, QuiverClientError
-from tests.harness import Server, call_options, error_info, start_server, wait_until
+from tests.harness import SMALL_SPLIT, Server, call_options, error_info, start_server, wait_until
 
 # A blocking aggregate over a 10^12-row cross join: hours of work if nothing stops it.
 RUNAWAY = "SELECT count(*) AS n FROM range(1000000) a, range(1000000) b WHERE (a.range * b.range) % 7 = 3"
@@ -41,9 +40,9 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("capped"), limits={"max_concurrent_queries": 2})
-    assert s.runtime.flight is not None
-    s.runtime.flight.planner.split = SplitOptions(part_rows=10_000, min_split_rows=20_000, align_rows=1)
+    s = start_server(
+        tmp_path_factory.mktemp("capped"), limits={"max_concurrent_queries": 2}, flight=SMALL_SPLIT
+    )
     yield s
     s.stop()
 

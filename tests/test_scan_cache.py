@@ -17,23 +17,14 @@ import pytest
 
 from catalog import ConfigError, TableRef, load_config
 from catalog.tables import TableCatalog
-from flight_server.planner import SplitOptions
 from flight_server.table_cache import TableCache
-from tests.harness import Server, call_options, error_info, start_server
-
-# Small tables split too: several endpoints from a few thousand rows.
-SPLIT = SplitOptions(part_rows=10_000, max_parts=8, min_split_rows=20_000, align_rows=1)
-
-
-def _prepare(s: Server) -> Server:
-    assert s.runtime.flight is not None
-    s.runtime.flight.planner.split = SPLIT
-    return s
+from flight_server.versions import read_layout
+from tests.harness import SMALL_SPLIT, Server, call_options, error_info, start_server, wait_until
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = _prepare(start_server(tmp_path_factory.mktemp("scan_cache")))
+    s = start_server(tmp_path_factory.mktemp("scan_cache"), flight=SMALL_SPLIT)
     with s.catalog.db.transaction() as cur:
         cur.execute("CREATE SCHEMA hot")
         cur.execute("CREATE TABLE hot.t AS SELECT range AS id, range * 2 AS v FROM range(45000)")
@@ -99,12 +90,12 @@ def test_the_python_client_reads_the_cached_table(server: Server) -> None:
 
 def test_a_new_version_is_never_served_from_the_old_snapshot(server: Server) -> None:
     client, opts = server.flight(), call_options(server.admin_token)
-    old_info, old = _scan(client, opts, "hot", "t")
-    _, again = _scan(client, opts, "hot", "t")
-    assert again.equals(old) and len(old_info.endpoints) >= 2
+    _, first = _scan(client, opts, "hot", "t")  # the first scan (DuckDB) fills the cache
+    old_info, old = _scan(client, opts, "hot", "t")  # served from memory
+    assert first.equals(old) and len(old_info.endpoints) >= 2
     _bump(server, "UPDATE hot.t SET v = -1 WHERE id = 0", "hot.t")
-    # Until someone asks for the new version, the old FlightInfo serves its own snapshot,
-    # from every endpoint alike.
+    # Until someone asks for the new version, the old cached FlightInfo serves its own
+    # snapshot, from every endpoint alike.
     stale = pa.concat_tables([client.do_get(e.ticket, opts).read_all() for e in old_info.endpoints])
     assert stale.equals(old) and stale.column("v")[0].as_py() == 0
     _, new = _scan(client, opts, "hot", "t")
@@ -173,14 +164,93 @@ def test_concurrent_scans_share_one_fill(server: Server) -> None:
     assert _cache(server).stats().fills["ok"] == fills + 1
 
 
+def _fresh_table(s: Server, name: str, rows: int = 45_000) -> TableRef:
+    with s.catalog.db.transaction() as cur:
+        cur.execute(
+            f"CREATE TABLE hot.{name} AS SELECT range AS id, md5(range::VARCHAR) AS h FROM range({rows})"
+        )
+        TableCatalog.bump_version(cur, TableRef("hot", name))
+    return TableRef("hot", name)
+
+
+def test_the_first_scan_streams_from_duckdb_and_fills_with_what_it_sent(server: Server) -> None:
+    """GetFlightInfo of the first scan does not wait for a fill: its endpoints stream from
+    DuckDB and the cache keeps what they sent, once every endpoint was read whole."""
+    cache = _cache(server)
+    ref = _fresh_table(server, "first")
+    want = _duckdb(server, "SELECT * FROM hot.first ORDER BY rowid")
+    fills = cache.stats().fills["ok"]
+    client, opts = server.flight(), call_options(server.admin_token)
+    info = client.get_flight_info(flight.FlightDescriptor.for_path("hot", "first"), opts)
+    assert len(info.endpoints) >= 2 and info.total_records == 45_000
+    assert not cache.holds(ref)  # nothing was read at GetFlightInfo
+    parts = [client.do_get(e.ticket, opts).read_all() for e in info.endpoints]
+    assert pa.concat_tables(parts).equals(want)
+    assert cache.holds(ref) and cache.stats().fills["ok"] == fills + 1
+    hits = cache.stats().hits
+    again_info, again = _scan(client, opts, "hot", "first")
+    assert again.equals(want) and cache.stats().hits == hits + 1
+    assert len(again_info.endpoints) == len(info.endpoints)
+    # A first-scan ticket redeemed again reads the same rows and stores nothing twice.
+    assert client.do_get(info.endpoints[0].ticket, opts).read_all().equals(parts[0])
+    assert cache.stats().fills["ok"] == fills + 1
+
+
+def test_a_first_scan_read_in_part_or_abandoned_stores_nothing(server: Server) -> None:
+    cache = _cache(server)
+    ref = _fresh_table(server, "partial", rows=200_000)
+    client, opts = server.flight(), call_options(server.admin_token)
+    fills = cache.stats().fills["ok"]
+    info = client.get_flight_info(flight.FlightDescriptor.for_path("hot", "partial"), opts)
+    assert len(info.endpoints) >= 2
+    # One endpoint read whole, another left after its first batch: no entry.
+    client.do_get(info.endpoints[0].ticket, opts).read_all()
+    reader = client.do_get(info.endpoints[1].ticket, opts)
+    reader.read_chunk()
+    reader.cancel()
+    client.close()
+    assert not cache.holds(ref)
+    # The next scan starts a fill of its own and completes it.
+    client = server.flight()
+    wait_until(lambda: cache._fill is None or not cache._fill.live, 20, what="the abandoned fill to end")
+    _, got = _scan(client, opts, "hot", "partial")
+    assert got.equals(_duckdb(server, "SELECT * FROM hot.partial ORDER BY rowid"))
+    assert cache.holds(ref) and cache.stats().fills["ok"] == fills + 1
+
+
+def test_a_first_scan_of_a_changed_table_fails_cleanly_and_stores_nothing(server: Server) -> None:
+    cache = _cache(server)
+    ref = _fresh_table(server, "moving")
+    client, opts = server.flight(), call_options(server.admin_token)
+    info = client.get_flight_info(flight.FlightDescriptor.for_path("hot", "moving"), opts)
+    first = client.do_get(info.endpoints[0].ticket, opts).read_all()
+    _bump(server, "UPDATE hot.moving SET h = 'changed' WHERE id = 0", "hot.moving")
+    with pytest.raises(flight.FlightUnavailableError) as caught:
+        client.do_get(info.endpoints[1].ticket, opts).read_all()
+    assert error_info(caught.value)["code"] == "UNAVAILABLE"
+    assert not cache.holds(ref) and first.column("h")[0].as_py() != "changed"
+    # The new version is read, and cached, by the next scan.
+    _, got = _scan(client, opts, "hot", "moving")
+    assert got.column("h")[0].as_py() == "changed"
+    assert cache.holds(ref)
+    held = [t for t in cache.stats().tables if t.table == "hot.moving"]
+    assert [t.version for t in held] == [TableCatalog(server.catalog.db).version(ref)]
+
+
 def test_a_scan_during_another_tables_fill_is_served_by_duckdb(server: Server) -> None:
     cache = _cache(server)
     with server.catalog.db.transaction() as cur:
         cur.execute("CREATE TABLE hot.waiting AS SELECT range AS id FROM range(30000)")
         TableCatalog.bump_version(cur, TableRef("hot", "waiting"))
     client, opts = server.flight(), call_options(server.admin_token)
-    with cache._fill_lock:  # another table's fill is running
+    with server.catalog.db.reading() as cur:
+        other = read_layout(cur, TableRef("hot", "t"), begin=True)
+    running = cache.begin_fill(other.ref, other, 2)  # another table's fill is running
+    assert running is not None
+    try:
         info, got = _scan(client, opts, "hot", "waiting")
+    finally:
+        running.abandon("test")
     assert got.equals(_duckdb(server, "SELECT * FROM hot.waiting ORDER BY rowid"))
     assert not cache.holds(TableRef("hot", "waiting"))
     # DuckDB endpoints: the layout rule applies to them (a change between endpoints).
@@ -243,10 +313,11 @@ BUDGET = 2_000_000
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = _prepare(
-        start_server(
-            tmp_path_factory.mktemp("scan_cache_small"), demo=False, cache={"table_memory_bytes": BUDGET}
-        )
+    s = start_server(
+        tmp_path_factory.mktemp("scan_cache_small"),
+        demo=False,
+        cache={"table_memory_bytes": BUDGET},
+        flight=SMALL_SPLIT,
     )
     with s.catalog.db.transaction() as cur:
         cur.execute("CREATE SCHEMA b")

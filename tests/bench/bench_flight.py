@@ -161,7 +161,7 @@ class Contenders:
     quiver_pid: int
     http: httpx.Client
     endpoints: int
-    #: The first scan after start: DuckDB fills the hot-table cache, then it streams.
+    #: The first scan after start: it streams from DuckDB and fills the hot-table cache as it goes.
     cold_scan: Callable[[], int]
 
 
@@ -534,8 +534,8 @@ def _report(  # noqa: PLR0913  every measurement the report prints
             "yes" if ratio(duck, q) >= 0.85 else "no",
         ),
         Row(
-            "full scan via Quiver, cold: the first scan after start (DuckDB fills the cache, then it "
-            "streams; 1 sample)",
+            "full scan via Quiver, cold: the first scan after start (it streams from DuckDB and fills "
+            "the cache as it goes; 1 sample)",
             rate(cold),
             "in-process duckdb",
             f"{ratio(duck, cold):.2f}x",
