@@ -72,9 +72,20 @@ def api_schema(fuzzed: Server) -> BaseSchema:
     return schema
 
 
+def _is_form(operation: APIOperation) -> bool:
+    return any(body.media_type.startswith("multipart/") for body in operation.body)
+
+
 def _fuzz(operation: APIOperation, mode: GenerationMode, server: Server) -> None:
-    """One bounded hypothesis run of ``operation``; raises the first non-conformance."""
+    """One bounded hypothesis run of ``operation``; raises the first non-conformance.
+
+    A ``multipart/form-data`` body (the artefact upload) is not checked for
+    ``negative_data_rejection``: a form cannot carry the type violations schemathesis makes
+    (an empty array "instead of" an integer field is encoded as no field at all, which is a
+    valid request). Its refusals have their own tests (tests/test_artefacts_http.py); every
+    other check still applies to it."""
     headers = {"Authorization": f"Bearer {server.admin_token}"}  # spelt as the schema does
+    checks = [c for c in CHECKS if c is not negative_data_rejection] if _is_form(operation) else CHECKS
 
     @hypothesis.given(operation.as_strategy(generation_mode=mode))
     @hypothesis.settings(
@@ -86,7 +97,7 @@ def _fuzz(operation: APIOperation, mode: GenerationMode, server: Server) -> None
         suppress_health_check=list(hypothesis.HealthCheck),
     )
     def run(case: Case) -> None:
-        case.call_and_validate(base_url=server.http_url, headers=headers, checks=CHECKS, timeout=30)
+        case.call_and_validate(base_url=server.http_url, headers=headers, checks=checks, timeout=30)
 
     run()
 
