@@ -1,4 +1,6 @@
-"""Quiver's shared core: configuration, the DuckDB catalog, tokens, policy and audit."""
+"""Quiver's shared core: configuration, the DuckDB catalog, tokens, policy, the SQL guard,
+artefacts and exports, audit, and the protocols the components meet on (catalog/status.py,
+catalog/query_port.py). What two components need lives here (ARCHITECTURE.md)."""
 
 from catalog.config import Config, load_config
 from catalog.core import VERSION, Catalog

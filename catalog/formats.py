@@ -2,7 +2,7 @@
 NDJSON or one JSON document, batch by batch, into any byte sink.
 
 ``POST /v1/query`` streams a result to its client in one of these (control_plane/routes/query.py),
-and an export writes one into a file artefact (flight_server/exports.py): both hand the batches
+and an export writes one into a file artefact (catalog/exports.py): both hand the batches
 of a :class:`~catalog.query_port.RunningQuery` to a :class:`ResultWriter`, which holds at most
 one batch, so memory stays bounded whatever the result size. The binary and tabular formats
 are pyarrow's own writers (C++, no row ever becomes a Python object); JSON and NDJSON need

@@ -839,7 +839,8 @@ class SqlGuard:
 
     def _parse(self, sql: str) -> _Parsed:
         """The one SELECT-class statement in ``sql`` and its parse tree; cached by text, since
-        parsing does not depend on who asks, and by shape (see :meth:`_parse_by_shape`)."""
+        parsing does not depend on who asks, and by shape (see "Parse caches" in the module
+        docs, :class:`_Shape` and :meth:`_learn`)."""
         if not isinstance(sql, str):
             raise InvalidArgument("sql must be a string holding one SELECT query")
         with self._lock:

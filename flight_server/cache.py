@@ -31,7 +31,7 @@ results never touch a file: creating one costs about as much as a whole point qu
 entry becomes visible only when the stream completed; a stream that fails or that the client
 abandons leaves nothing behind.
 
-Interface for the Flight server (``core`` wires it)::
+Interface for the Flight server (flight_server/server.py builds it; the streamer uses it)::
 
     cache = ResultCache.for_catalog(catalog)        # metrics, /v1/status "cache", sweeper
     key = cache.key(guarded.normalized, params, max_rows, versions, extra=None)  # None: not cacheable

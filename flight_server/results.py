@@ -25,7 +25,7 @@ typed Structs, flight_server/commands.py; the planner prepares a query, ``Planne
 
     queries = QueryManager.for_catalog(catalog)
     ACTION_DESCRIPTIONS                                     # name -> description (ListActions)
-    queries.submit(principal, prepared) -> QueryStatus      # submit-query: a PreparedQuery
+    queries.submit(principal, prepared) -> QueryStatus      # submit-query (PreparedQuery), async export (PreparedTask)
     queries.status(principal, id) -> QueryStatus            # query-status
     queries.cancel(principal, id) -> QueryStatus            # cancel-query
     queries.result_info(principal, id) -> ResultInfo        # GetFlightInfo/GetSchema of a result

@@ -11,6 +11,9 @@ The pieces, each in its own module:
   count, endpoints;
 * :mod:`~flight_server.tickets` — opaque, expiring tickets bound to a principal;
 * :mod:`~flight_server.streams` — DoGet: a plan's endpoint → a DuckDB stream;
+* :mod:`~flight_server.middleware` — authentication and per-call bookkeeping of every RPC;
+* :mod:`~flight_server.ready` — whole results read at GetFlightInfo, held for the first DoGet;
+* :mod:`~flight_server.cache` — the result cache of identical queries;
 * :mod:`~flight_server.table_cache` — scanned tables kept in memory as Arrow (hot tables);
 * :mod:`~flight_server.versions` — the data versions every cache keys on, read cheaply;
 * :mod:`~flight_server.admission` — the one gate for planning and streams: concurrency, timeout;
@@ -19,6 +22,8 @@ The pieces, each in its own module:
 * :mod:`~flight_server.profiles`, :mod:`~flight_server.results` — profiles and async queries;
 * :mod:`~flight_server.truncation` — row caps and the metadata that reports a cut;
 * :mod:`~flight_server.running` — running DoGet streams: CancelFlightInfo, clients that left;
+* :mod:`~flight_server.runner` — the same query path for the other listeners and exports
+  (``catalog.queries``, catalog/query_port.py);
 * :mod:`~flight_server.flight_sql` — Flight SQL (protobuf ``Any`` commands from ADBC, JDBC,
   DBeaver) onto the same planner, tickets and streams;
 * :mod:`quiver_client.wire` — the wire constants shared with the agent client.
