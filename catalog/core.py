@@ -19,6 +19,7 @@ from catalog.artefacts import ArtefactStore
 from catalog.audit import AuditLog
 from catalog.config import Config
 from catalog.database import Database
+from catalog.descriptions import Descriptions
 from catalog.errors import NotFound, QuiverError, Unavailable
 from catalog.exports import Exports
 from catalog.keys import KeyRing, write_private_atomic
@@ -68,6 +69,8 @@ class Catalog:
         self.tables = TableCatalog(self.db)
         self.policy = Policy(self.tables)
         self.swarms = SwarmStore(self.db, self.policy)
+        # Table and column texts for agents: DuckDB comments (catalog/descriptions.py).
+        self.descriptions = Descriptions(self.db, self.swarms.writes)
         self.keys = KeyRing.load_or_create(data_dir / "keys")
         self.tokens = TokenService(self.db, self.keys, config.tokens, self.swarms)
         self.tokens.retire_keys()
