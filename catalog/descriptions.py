@@ -89,7 +89,9 @@ class Descriptions:
         recorded (a table loaded before Quiver ran)."""
         wanted = {ref.key() for ref in refs}
         with self._db.reading() as cur:
-            rows = cur.execute("SELECT schema_name, table_name, changed_at FROM _quiver.data_versions").fetchall()
+            rows = cur.execute(
+                "SELECT schema_name, table_name, changed_at FROM _quiver.data_versions"
+            ).fetchall()
         found = {(fold(s), fold(t)): changed for s, t, changed in rows}
         return {key: found.get(key) for key in wanted}
 
@@ -100,8 +102,12 @@ class Descriptions:
         if table is not None:
             table = _text(table, "'table'")
         if len(columns) > MAX_COLUMNS:
-            raise InvalidArgument(f"'columns' names {len(columns):,} columns; at most {MAX_COLUMNS:,} at once")
-        texts = {name: _text(text, f"the description of column {name[:60]!r}") for name, text in columns.items()}
+            raise InvalidArgument(
+                f"'columns' names {len(columns):,} columns; at most {MAX_COLUMNS:,} at once"
+            )
+        texts = {
+            name: _text(text, f"the description of column {name[:60]!r}") for name, text in columns.items()
+        }
 
         def write(cur: duckdb.DuckDBPyConnection) -> TableDescription:
             names = [

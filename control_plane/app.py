@@ -60,6 +60,7 @@ _DOMAIN_STATUSES: dict[str, set[int]] = {
     "revoke_token": {409},
     "revoke_tokens": {404, 409},
     "sync_status": {404},
+    "put_description": {404, 409},
     "metrics": {401, 403},
     "run_query": {406, 429, 503, 504},
     "refresh_artefact": {404, 413, 422, 429, 503, 504},

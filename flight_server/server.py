@@ -35,6 +35,7 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
+from catalog.descriptions import TableDescription
 from catalog.errors import Cancelled, bounded
 from catalog.policy import NOT_READABLE
 from catalog.sqlguard import SqlGuard
@@ -195,6 +196,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         def run(principal: Principal, state: CallState) -> list[flight.FlightInfo]:
             refs = self.catalog.policy.readable_tables(principal)
             infos = self.catalog.tables.describe(refs)
+            texts = self.catalog.descriptions.of(refs)
             state.fields["tables"] = len(infos)
             return [
                 flight.FlightInfo(
@@ -203,6 +205,8 @@ class QuiverFlightServer(flight.FlightServerBase):
                     [],
                     info.rows,
                     -1,
+                    # The table's and its columns' descriptions (proto_docs/listing.md).
+                    app_metadata=_listing_metadata(texts.get(info.ref.key())),
                 )
                 for info in infos
             ]
@@ -451,3 +455,11 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.streamer.close()
         self.table_cache.invalidate(reason="shutdown")
         self.watchdog.stop()
+
+
+def _listing_metadata(text: TableDescription | None) -> bytes:
+    """A listed table's ``app_metadata``: ``{"description", "columns"}`` as JSON when it has
+    any description, empty otherwise."""
+    if text is None or not (text.table or text.columns):
+        return b""
+    return msgspec.json.encode({"description": text.table, "columns": text.columns})

@@ -347,7 +347,9 @@ class Streamer:
                         entry = part.entry()
                         if entry is not None:
                             data = entry.table.slice(part.offset, part.length)
-                            tables.append(data.select(list(part.columns)) if part.columns is not None else data)
+                            tables.append(
+                                data.select(list(part.columns)) if part.columns is not None else data
+                            )
                             continue
                         part = part.fallback
                     if isinstance(part, ProfilePart):

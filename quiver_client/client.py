@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
@@ -188,10 +188,24 @@ class TableListing:
     table: str
     rows: int
     schema: pa.Schema
+    #: The table's description and its columns' (ListFlights ``app_metadata``).
+    description: str = ""
+    columns: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return f"{self.schema_name}.{self.table}"
+
+
+def _listing_text(metadata: bytes | None) -> dict[str, Any]:
+    """A listed table's descriptions (``{"description", "columns"}``), {} when none."""
+    if not metadata:
+        return {}
+    try:
+        value = json.loads(bytes(metadata))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _path(table: str | Sequence[str]) -> list[str]:
@@ -436,7 +450,17 @@ class QuiverClient:
             out = []
             for info in self._client.list_flights(options=self.options):
                 schema_name, table = (p.decode() for p in info.descriptor.path)
-                out.append(TableListing(schema_name, table, info.total_records, info.schema))
+                text = _listing_text(info.app_metadata)
+                out.append(
+                    TableListing(
+                        schema_name,
+                        table,
+                        info.total_records,
+                        info.schema,
+                        str(text.get("description", "")),
+                        dict(text.get("columns", {})),
+                    )
+                )
             return out
 
         return self._call(run)
