@@ -181,6 +181,26 @@ class RefreshArtefactBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     ttl_seconds: int | None = None
 
 
+class ListArtefactsBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of ``list-artefacts`` (optional): a page of the artefacts you may see."""
+
+    usage: ClassVar[str] = (
+        '{"kind": "table" | "file", "tag": "...", "page_size": N, "after": "<id>"} (all optional)'
+    )
+    kind: Literal["table", "file"] | None = None
+    tag: str | None = None
+    page_size: int = 100
+    after: str | None = None
+
+
+class ReadArtefactBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of ``read-artefact``: an artefact's metadata and bounded head."""
+
+    usage: ClassVar[str] = '{"id": "...", "rows": N} (rows: 0 to 100, default 10)'
+    id: str
+    rows: int = 10
+
+
 class WhoAmI(msgspec.Struct, kw_only=True):
     """The answer of ``whoami`` (proto_docs/actions.md)."""
 

@@ -35,9 +35,11 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
+from catalog.artefacts import ArtefactFilter
 from catalog.descriptions import TableDescription
 from catalog.errors import Cancelled, bounded
 from catalog.policy import NOT_READABLE
+from catalog.previews import preview
 from catalog.sqlguard import SqlGuard
 from flight_server import commands
 from flight_server.admission import Admission
@@ -81,6 +83,16 @@ ACTIONS: dict[str, str] = {
         'optionally "name", "ttl_seconds", "max_rows", "tags", "description". Streams the result '
         '(guard, admission, timeout and row cap as a query); answers {"artefact", "download", '
         '"stale", "changed", "rows", "truncated", "max_rows"}; the artefact records its provenance.'
+    ),
+    "list-artefacts": (
+        'The artefacts you may see, oldest first, one page at a time. Body (optional): {"kind": '
+        '"table" | "file", "tag": "...", "page_size": N (1 to 1000), "after": "<id>"}. Answers '
+        '{"items": [artefact metadata], "next": "<id>" | null} (pass next as after).'
+    ),
+    "read-artefact": (
+        'An artefact\'s metadata and its first rows (or, for CSV/NDJSON, first bytes). Body: {"id": '
+        '"...", "rows": N (0 to 100, default 10)}. Answers {"artefact", "columns", "rows", "text", '
+        '"truncated"}; NOT_FOUND when you may not see it.'
     ),
     "refresh-artefact": (
         "Re-run an export as you (its principal) under your current allowlist into a new "
@@ -301,6 +313,19 @@ class QuiverFlightServer(flight.FlightServerBase):
                 return [_json(self.queries.cancel(principal, query_id))]
             if action.type == "export":
                 return [msgspec.json.encode(self._export(principal, state, body))]
+            if action.type == "list-artefacts":
+                listing = commands.decode_body(body, commands.ListArtefactsBody, action.type)
+                page = self.catalog.artefacts.list(
+                    principal,
+                    ArtefactFilter(kind=listing.kind, tag=listing.tag),
+                    page_size=listing.page_size,
+                    after=listing.after,
+                )
+                return [msgspec.json.encode(page)]
+            if action.type == "read-artefact":
+                wanted = commands.decode_body(body, commands.ReadArtefactBody, action.type)
+                state.fields["target"] = f"artefact:{bounded(wanted.id, 40)}"
+                return [msgspec.json.encode(preview(self.catalog.artefacts, principal, wanted.id, wanted.rows))]
             if action.type == "refresh-artefact":
                 refresh = commands.decode_body(body, commands.RefreshArtefactBody, action.type)
                 info = self.catalog.exports.refresh(principal, refresh.id, ttl_seconds=refresh.ttl_seconds)

@@ -609,6 +609,24 @@ class QuiverClient:
             body["description"] = description
         return dict(self.action("export", body))
 
+    def artefacts(
+        self,
+        *,
+        kind: str | None = None,
+        tag: str | None = None,
+        page_size: int = 100,
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        """One page of the artefacts you may see: ``{"items": [...], "next": id | None}``."""
+        body: dict[str, Any] = {"page_size": page_size}
+        body.update({k: v for k, v in {"kind": kind, "tag": tag, "after": after}.items() if v is not None})
+        return dict(self.action("list-artefacts", body))
+
+    def read_artefact(self, artefact_id: str, rows: int = 10) -> dict[str, Any]:
+        """An artefact's metadata and bounded head: ``{"artefact", "columns", "rows", "text",
+        "truncated"}``."""
+        return dict(self.action("read-artefact", {"id": artefact_id, "rows": rows}))
+
     def refresh(self, artefact_id: str, ttl_seconds: int | None = None) -> dict[str, Any]:
         """Re-run an export you made, under your current allowlist, into a new artefact whose
         ``provenance.parent_id`` is ``artefact_id``; answers as :meth:`export`."""
