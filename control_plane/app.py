@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 import structlog
 from litestar import Litestar, Router
 from litestar.handlers import HTTPRouteHandler
+from litestar.handlers.asgi_handlers import ASGIRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.routes import HTTPRoute
@@ -160,10 +163,19 @@ def request_context(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-def create_app(catalog: Catalog) -> Litestar:
+def create_app(
+    catalog: Catalog,
+    *,
+    mounts: Sequence[ASGIRouteHandler] = (),
+    lifespans: Sequence[Callable[[Litestar], AbstractAsyncContextManager[None]]] = (),
+) -> Litestar:
+    """The app; ``mounts`` are ASGI apps the process wiring adds beside the routes (``/mcp``,
+    mcp_server/http.py), each checking its own requests, and ``lifespans`` what they need
+    running while the app serves (uvicorn runs the lifespan: quiver/runtime.py)."""
     docs_plugins, docs_assets = render_plugins()
     app = Litestar(
-        route_handlers=[*ROUTERS, *docs_assets],
+        route_handlers=[*ROUTERS, *docs_assets, *mounts],
+        lifespan=list(lifespans),
         before_request=gate,
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
