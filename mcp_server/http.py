@@ -89,7 +89,7 @@ async def _answer(
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})  # type: ignore[arg-type]
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": body})  # type: ignore[arg-type]
 
 
 def _caller_of(ctx: ServerRequestContext[Any, Any]) -> Caller:
