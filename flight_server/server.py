@@ -27,6 +27,7 @@ import json
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -209,6 +210,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             refs = self.catalog.policy.readable_tables(principal)
             infos = self.catalog.tables.describe(refs)
             texts = self.catalog.descriptions.of(refs)
+            changed = self.catalog.descriptions.freshness(refs)
             state.fields["tables"] = len(infos)
             return [
                 flight.FlightInfo(
@@ -218,7 +220,7 @@ class QuiverFlightServer(flight.FlightServerBase):
                     info.rows,
                     -1,
                     # The table's and its columns' descriptions (proto_docs/listing.md).
-                    app_metadata=_listing_metadata(texts.get(info.ref.key())),
+                    app_metadata=_listing_metadata(texts.get(info.ref.key()), changed.get(info.ref.key())),
                 )
                 for info in infos
             ]
@@ -325,7 +327,9 @@ class QuiverFlightServer(flight.FlightServerBase):
             if action.type == "read-artefact":
                 wanted = commands.decode_body(body, commands.ReadArtefactBody, action.type)
                 state.fields["target"] = f"artefact:{bounded(wanted.id, 40)}"
-                return [msgspec.json.encode(preview(self.catalog.artefacts, principal, wanted.id, wanted.rows))]
+                return [
+                    msgspec.json.encode(preview(self.catalog.artefacts, principal, wanted.id, wanted.rows))
+                ]
             if action.type == "refresh-artefact":
                 refresh = commands.decode_body(body, commands.RefreshArtefactBody, action.type)
                 info = self.catalog.exports.refresh(principal, refresh.id, ttl_seconds=refresh.ttl_seconds)
@@ -482,9 +486,13 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.watchdog.stop()
 
 
-def _listing_metadata(text: TableDescription | None) -> bytes:
-    """A listed table's ``app_metadata``: ``{"description", "columns"}`` as JSON when it has
-    any description, empty otherwise."""
-    if text is None or not (text.table or text.columns):
-        return b""
-    return msgspec.json.encode({"description": text.table, "columns": text.columns})
+def _listing_metadata(text: TableDescription | None, changed_at: datetime | None) -> bytes:
+    """A listed table's ``app_metadata``: JSON ``{"description", "columns", "changed_at"}``
+    (proto_docs/listing.md)."""
+    return msgspec.json.encode(
+        {
+            "description": text.table if text else "",
+            "columns": text.columns if text else {},
+            "changed_at": changed_at,
+        }
+    )

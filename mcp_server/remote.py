@@ -10,6 +10,7 @@ tools answer as the same tool error the HTTP endpoint gives.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -36,6 +37,7 @@ class RemoteBackend:
                 schema=t.schema,
                 description=t.description,
                 columns=t.columns,
+                changed_at=datetime.fromisoformat(t.changed_at) if t.changed_at else None,
             )
             for t in self._client.tables()
         ]

@@ -191,6 +191,8 @@ class TableListing:
     #: The table's description and its columns' (ListFlights ``app_metadata``).
     description: str = ""
     columns: dict[str, str] = field(default_factory=dict)
+    #: When the table's data last changed (RFC 3339), None when unknown.
+    changed_at: str | None = None
 
     @property
     def name(self) -> str:
@@ -459,6 +461,7 @@ class QuiverClient:
                         info.schema,
                         str(text.get("description", "")),
                         dict(text.get("columns", {})),
+                        text.get("changed_at"),
                     )
                 )
             return out
