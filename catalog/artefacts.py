@@ -148,6 +148,8 @@ class Provenance(msgspec.Struct, frozen=True, kw_only=True):
     principal: str | None = None
     source_versions: dict[str, int] | None = None
     parent_id: str | None = None
+    # The export's own max_rows (a refresh applies it again); None: the server's cap.
+    max_rows: int | None = None
 
 
 class Artefact(msgspec.Struct, frozen=True, kw_only=True):
@@ -501,7 +503,7 @@ class ArtefactStore:
     _COLUMNS = (
         "id, name, kind, media_type, format, size_bytes, sha256, rows, arrow_schema, tags, description, "
         "owner, owner_kind, owner_agent, swarm, swarm_id, created_at, expires_at, prov_sql, prov_params, "
-        "prov_principal, prov_versions, parent_id"
+        "prov_principal, prov_versions, parent_id, prov_max_rows"
     )
 
     def _load(self) -> None:
@@ -524,7 +526,7 @@ class ArtefactStore:
     def _record(row: tuple[Any, ...]) -> _Record:
         (aid, name, kind, media_type, fmt, size, sha, rows, schema_ipc, tags, description, owner, owner_kind,
          owner_agent, swarm, swarm_id, created, expires, p_sql, p_params, p_principal, p_versions,
-         parent) = row  # fmt: skip
+         parent, p_max_rows) = row  # fmt: skip
         columns = None
         if schema_ipc is not None:
             columns = _columns(ipc.read_schema(pa.py_buffer(bytes(schema_ipc))))
@@ -536,6 +538,7 @@ class ArtefactStore:
                 principal=p_principal,
                 source_versions=msgspec.json.decode(p_versions) if p_versions else None,
                 parent_id=parent,
+                max_rows=None if p_max_rows is None else int(p_max_rows),
             )
         artefact = Artefact(
             id=aid,
@@ -892,6 +895,7 @@ class ArtefactStore:
             if prov and prov.source_versions is not None
             else None,
             prov.parent_id if prov else None,
+            prov.max_rows if prov else None,
         ]
 
         def insert(cur: duckdb.DuckDBPyConnection) -> None:

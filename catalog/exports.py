@@ -120,6 +120,7 @@ class Exports:
                 principal=principal.subject,
                 source_versions=dict(running.versions),
                 parent_id=parent_id,
+                max_rows=max_rows,
             )
             label = name if name is not None else f"export{fmt.suffix}"
             with self._store.begin_write(
@@ -236,6 +237,7 @@ class Exports:
             format=fmt.name,
             name=old.name,
             ttl_seconds=ttl_seconds,
+            max_rows=prov.max_rows,
             tags=old.tags,
             description=old.description,
             parent_id=old.id,

@@ -19,7 +19,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from catalog import VERSION, Catalog
 from control_plane.api_docs import render_plugins
 from control_plane.context import DEPENDENCIES, Access
-from control_plane.errors import EXCEPTION_HANDLERS
+from control_plane.errors import EXCEPTION_HANDLERS, is_aborted
 from control_plane.gate import MAX_JSON_BODY, gate
 from control_plane.models import ErrorBody, Health
 from control_plane.routes import admin, backup, exports, public, query, swarms, tokens
@@ -143,6 +143,11 @@ def request_context(app: ASGIApp) -> ASGIApp:
 
         try:
             await app(scope, receive, send_with_id)
+        except Exception as e:
+            if not is_aborted(e):
+                raise
+            # A streamed body cut on purpose (already logged): returning without the last
+            # chunk makes the ASGI server drop the connection; no traceback for it.
         finally:
             seconds = time.perf_counter() - started
             catalog: Catalog = scope["app"].state["catalog"]  # type: ignore[index]

@@ -20,6 +20,25 @@ from control_plane.gate import MAX_JSON_BODY
 log = structlog.get_logger("control_plane")
 
 
+class StreamAborted(Exception):
+    """A streamed body stops midway on purpose (its failure was logged where it happened):
+    the connection is dropped without the final chunk, so the client sees an incomplete
+    body. ``request_context`` (control_plane/app.py) ends the request quietly on it, and the
+    ASGI server closes the connection."""
+
+
+def is_aborted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a :class:`StreamAborted`, or wraps one (Litestar and anyio wrap a
+    failure after the response started in an exception group and a LitestarException)."""
+    while exc is not None:
+        if isinstance(exc, StreamAborted):
+            return True
+        if isinstance(exc, BaseExceptionGroup):
+            return any(is_aborted(e) for e in exc.exceptions)
+        exc = exc.__cause__
+    return False
+
+
 class NotAcceptable(QuiverError):
     """No result format the route can send is acceptable to the client (``Accept``)."""
 

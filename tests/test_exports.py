@@ -119,6 +119,7 @@ def test_an_export_reads_back_equal_to_the_query(server: Server, demo: QuiverCli
         "principal": "agent:demo/demo-agent",
         "source_versions": {"demo.orders": version},
         "parent_id": None,
+        "max_rows": None,
     }
     assert_same(read(fmt, content(server, art["id"]), want.schema), want)
 
@@ -141,6 +142,15 @@ def test_a_cut_export_says_so(server: Server, demo: QuiverClient) -> None:
         "reason": "max_rows",
         "truncated": True,
     }
+
+
+def test_a_refresh_keeps_the_exports_own_max_rows(server: Server, demo: QuiverClient) -> None:
+    first = demo.export("SELECT * FROM demo.orders ORDER BY order_id", max_rows=7, format="arrow")
+    assert first["artefact"]["provenance"]["max_rows"] == 7
+    again = demo.refresh(first["artefact"]["id"])
+    assert (again["rows"], again["truncated"], again["max_rows"]) == (7, True, 7)
+    assert again["artefact"]["provenance"]["max_rows"] == 7
+    assert pa.ipc.open_stream(content(server, again["artefact"]["id"])).read_all().num_rows == 7
 
 
 def test_a_large_export_streams_through(server: Server, demo: QuiverClient) -> None:

@@ -516,3 +516,62 @@ def test_an_http_query_over_the_global_bound_waits_for_a_slot(patient: Server) -
     assert not waiter.is_alive()
     assert got["r"].status_code == 200 and got["r"].json()["rows"] == [{"eight": 8}]
     wait_until(lambda: idle(patient), what="idle")
+
+
+def test_a_failure_mid_stream_cuts_the_connection_and_frees_the_slot(
+    server: Server, agent: httpx.Client
+) -> None:
+    """A conversion error after the first batches were sent: the status is already 200, so
+    the body ends without its last chunk — the client sees an incomplete body, never a
+    short one that looks whole — and the slot is given back."""
+    sql = (
+        "SELECT CASE WHEN range < 2000000 THEN range ELSE CAST('x' || range AS BIGINT) END AS v "
+        "FROM range(3000000)"
+    )
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        agent.stream("POST", "/v1/query", json={"sql": sql}, headers={"accept": ARROW}) as r,
+    ):
+        assert r.status_code == 200
+        for _ in r.iter_raw():
+            pass
+    wait_until(lambda: idle(server), what="the failed stream's slot given back")
+    assert post(agent, JSON, sql="SELECT 6 AS six").json()["rows"] == [{"six": 6}]
+
+
+def test_queries_waiting_for_admission_do_not_starve_the_other_routes(patient: Server) -> None:
+    """More HTTP queries wait for the one slot than the server has worker threads (40):
+    they wait on the query route's own pool, so an admin route still answers meanwhile."""
+    a = call_options(patient.mint("agent", "demo", "hog"))
+    client = patient.flight()
+    held = hold(client, long_ticket(client, a), a)
+    tokens = [patient.mint("agent", "demo", f"crowd{i}") for i in range(45)]
+    answers: list[int] = []
+
+    def wait_for_slot(token: str) -> None:
+        with httpx.Client(
+            base_url=patient.http_url, headers={"authorization": f"Bearer {token}"}, timeout=120
+        ) as c:
+            answers.append(c.post("/v1/query", json={"sql": "SELECT 1 AS one"}).status_code)
+
+    crowd = [threading.Thread(target=wait_for_slot, args=(t,)) for t in tokens]
+    for t in crowd:
+        t.start()
+    http = patient.runtime._http
+    assert http is not None
+    wait_until(lambda: len(http.server_state.connections) >= 45, what="the crowd connected")
+    status: dict[str, int] = {}
+    admin = threading.Thread(
+        target=lambda: status.setdefault("code", patient.http().get("/v1/status").status_code)
+    )
+    admin.start()
+    admin.join(60)
+    try:
+        assert status.get("code") == 200  # answered while every query still waits for the slot
+        assert not answers
+    finally:
+        held.cancel()
+        for t in crowd:
+            t.join(120)
+    assert answers == [200] * 45
+    wait_until(lambda: idle(patient), what="idle")

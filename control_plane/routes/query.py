@@ -37,13 +37,29 @@ from catalog import Catalog, Principal, QuiverError
 from catalog.formats import FORMATS, Chunks, ResultFormat, ResultWriter, RowCapInfo
 from catalog.query_port import RunningQuery
 from control_plane.context import AGENT, request_id
-from control_plane.errors import NotAcceptable
+from control_plane.errors import NotAcceptable, StreamAborted
 from control_plane.models import QueryBody
 
 log = structlog.get_logger("control_plane")
 
 #: The format a wildcard (or no ``Accept``) gets, then the others in the order a tie goes.
 PREFERENCE = ("json", "arrow", "parquet", "csv", "ndjson")
+
+
+def _query_threads(request: Request[Any, Any, Any], catalog: Catalog) -> anyio.CapacityLimiter:
+    """Worker threads for starting queries (the run: admission, which may wait up to
+    ``[limits] admission_wait_seconds`` for a slot, then the head): a pool of the app's own,
+    so that queries waiting for admission never take the threads the other routes run on.
+    As many as the server admits at once; more would only wait, and wait here, in line. Only
+    the run uses it: a query holding a slot never needs it again (its batches and its close
+    run on the shared pool, briefly each), so a waiting run never blocks the slot it waits
+    for. Made on first use, in the app's event loop."""
+    state = request.app.state
+    limiter = state.get("query_threads")
+    if limiter is None:
+        limiter = state["query_threads"] = anyio.CapacityLimiter(catalog.config.limits.max_concurrent_total)
+    return limiter  # type: ignore[no-any-return]
+
 
 HEADER_MAX_ROWS = "x-quiver-max-rows"
 HEADER_REASON = "x-quiver-max-rows-reason"
@@ -147,7 +163,7 @@ class _Body:
             # Mid-stream: the status is sent. The connection is dropped without the final
             # chunk, so the client sees an incomplete body, never a short one passed as whole.
             log.warning("http.query.failed_mid_stream", code=e.code, detail=e.detail, request_id=self._rid)
-            raise
+            raise StreamAborted(e.code) from None
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.running.close)
@@ -171,7 +187,10 @@ async def run_query(
 ) -> Stream:
     fmt = negotiate(request.headers.get("accept"))
     runner = catalog.require_queries()
-    running = await anyio.to_thread.run_sync(runner.run, request.user, data.sql, data.params, data.max_rows)
+    threads = _query_threads(request, catalog)
+    running = await anyio.to_thread.run_sync(
+        runner.run, request.user, data.sql, data.params, data.max_rows, limiter=threads
+    )
     try:
         body = _Body(running, fmt, request_id(request))
     except BaseException:
