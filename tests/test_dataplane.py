@@ -643,7 +643,17 @@ def test_list_actions_describes_every_action(
     client: flight.FlightClient, opts: flight.FlightCallOptions
 ) -> None:
     actions = {a.type: a.description for a in client.list_actions(opts)}
-    assert set(actions) == {"whoami", "refresh-token", "submit-query", "query-status", "cancel-query"}
+    assert set(actions) == {
+        "whoami",
+        "refresh-token",
+        "submit-query",
+        "query-status",
+        "cancel-query",
+        "export",
+        "refresh-artefact",
+        "list-artefacts",
+        "read-artefact",
+    }
     assert all(len(d) > 20 for d in actions.values())
 
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -454,7 +455,13 @@ def test_protocol_garbage_is_never_a_500(server: Server) -> None:
 def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = start_server(
         tmp_path_factory.mktemp("mcp-tight"),
-        mcp={"max_response_bytes": 2048, "calls_per_minute": 6, "max_concurrent_calls": 1, "max_rows": 50},
+        mcp={
+            "max_response_bytes": 2048,
+            "calls_per_minute": 6,
+            "max_concurrent_calls": 1,
+            "max_rows": 50,
+            "allowed_hosts": ["quiver.example.com", "127.0.0.1:*"],
+        },
     )
     yield s
     s.stop()
@@ -510,3 +517,54 @@ def test_concurrent_calls_of_one_principal_are_bounded(tight: Server) -> None:
     assert errors and all(
         code == "RESOURCE_EXHAUSTED" and "[mcp] max_concurrent_calls" in d for code, d in errors
     )
+
+
+def test_allowed_hosts_replace_the_defaults(tight: Server) -> None:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    token = tight.mint(agent="hosts")
+    assert post(tight, body, token, host="quiver.example.com").status_code == 200
+    port = tight.http_url.rsplit(":", 1)[1]
+    assert post(tight, body, token, host=f"localhost:{port}").status_code == 421  # not listed here
+    assert post(tight, body, token, host="quiver.example.com:8443").status_code == 421  # no ":*"
+
+
+def test_concurrent_description_writes_serialize(server: Server) -> None:
+    admin_token = server.admin_token
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def writer(i: int) -> None:
+        with httpx.Client(base_url=server.http_url, headers={"authorization": f"Bearer {admin_token}"}) as c:
+            r = c.put(
+                "/v1/tables/demo.events/description",
+                json={"table": f"writer {i}", "columns": {"event_id": f"writer {i}"}},
+            )
+        with lock:
+            statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert statuses == [200] * 8
+    final = {t["table"]: t for t in server.http().get("/v1/tables").json()["tables"]}["demo.events"]
+    # One writer's table text and the same writer's column text: never a mix of two writes.
+    assert final["description"].startswith("writer ") and final["columns"]["event_id"] == final["description"]
+
+
+def test_descriptions_survive_a_restart(tmp_path: Path) -> None:
+    s = start_server(tmp_path / "data")
+    try:
+        r = s.http().put(
+            "/v1/tables/demo.orders/description", json={"columns": {"status": "Lifecycle state"}}
+        )
+        assert r.status_code == 200
+    finally:
+        s.stop()
+    again = start_server(tmp_path / "data", demo=False)
+    try:
+        described = ok(tool(again, "describe_table", {"table": "demo.orders"}, again.mint()))
+        assert {c["name"]: c["description"] for c in described["columns"]}["status"] == "Lifecycle state"
+    finally:
+        again.stop()
