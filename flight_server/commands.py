@@ -79,6 +79,9 @@ class ProfileCommand(_Command, tag="profile"):
 
     table: str
     columns: list[str] | None = None
+    #: Only a profile already cached for the table's current data version; no rows (and no
+    #: scan) when there is none (MCP's describe_table: statistics when they cost nothing).
+    cached_only: bool = False
 
 
 class ResultCommand(_Command, tag="result"):

@@ -60,7 +60,7 @@ from flight_server.plans import (
     SqlPart,
     limited,
 )
-from flight_server.profiles import ProfileCache
+from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
 from flight_server.ready import ReadyPool
 from flight_server.results import QueryManager
 from flight_server.truncation import RowCap
@@ -158,7 +158,7 @@ class Streamer:
             state.cleanups.append(lambda: Watchdog.disarm(deadline))  # type: ignore[arg-type]
         try:
             if isinstance(part, ProfilePart):
-                table = self.profiles.profile(part.ref, part.columns, cursor=cur)
+                table = self._profile(part, cur)
                 return flight.RecordBatchStream(table)
             if part.row_cap is not None:  # a query or a percent sample: a cut must be reported
                 return self._capped_stream(cur, key, part, state, deadline, lease)
@@ -331,6 +331,12 @@ class Streamer:
                     raise err from None
             raise
 
+    def _profile(self, part: ProfilePart, cur: duckdb.DuckDBPyConnection) -> pa.Table:
+        if part.cached_only:
+            cached = self.profiles.cached(part.ref, part.columns, cursor=cur)
+            return cached if cached is not None else PROFILE_SCHEMA.empty_table()
+        return self.profiles.profile(part.ref, part.columns, cursor=cur)
+
     def read_plan(self, admission: Admission, principal: Principal, plan: Plan) -> pa.Table:
         """The whole result of a sample or profile plan for a caller outside Flight
         (catalog/query_port.py ``read``): each part opened as DoGet opens it — the hot-table
@@ -353,7 +359,7 @@ class Streamer:
                             continue
                         part = part.fallback
                     if isinstance(part, ProfilePart):
-                        tables.append(self.profiles.profile(part.ref, part.columns, cursor=cur))
+                        tables.append(self._profile(part, cur))
                     elif isinstance(part, SqlPart):
                         self.executions += 1
                         reader = arrow_stream(cur, limited(part.sql, part.max_rows), part.params)

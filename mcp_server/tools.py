@@ -34,6 +34,8 @@ from quiver_client import QuiverClientError
 #: Longest string argument accepted (a query is at most 100,000 characters for the guard).
 MAX_STRING = 100_000
 MAX_PARAMS = 1000
+#: The cached statistics describe_table shows per column (the profile's, proto_docs/descriptors.md).
+PROFILE_FIELDS = ("count", "nulls", "null_fraction", "approx_distinct", "min", "max", "mean")
 #: Rows describe_table shows.
 DESCRIBE_SAMPLE_ROWS = 5
 #: Longest cell rendered in markdown or CSV (longer values are cut, saying so with "…").
@@ -348,12 +350,18 @@ class ToolBox:
     def describe_table(self, backend: Backend, args: dict[str, Any]) -> Answer:
         meta = self._table(backend, args["table"])
         sample = backend.read({"kind": "sample", "table": meta.name, "rows": DESCRIBE_SAMPLE_ROWS})
+        # Statistics only when the data plane has them cached: describing never scans.
+        cached = backend.read({"kind": "profile", "table": meta.name, "cached_only": True})
+        stats = {row["name"]: row for row in cached.to_pylist()}
         columns = [
             {
                 "name": f.name,
                 "type": str(f.type),
                 "nullable": f.nullable,
                 "description": meta.columns.get(f.name, ""),
+                "profile": (
+                    {k: _jsonable(stats[f.name].get(k)) for k in PROFILE_FIELDS} if f.name in stats else None
+                ),
             }
             for f in meta.schema
         ]
@@ -589,8 +597,9 @@ def _specs(cfg: McpConfig) -> list[ToolSpec]:
         ToolSpec(
             "describe_table",
             "Describe a table",
-            "A table's columns (type, nullability, description), its description and row count, "
-            f"and its first {DESCRIBE_SAMPLE_ROWS} rows. Use it before writing SQL on a table.\n"
+            "A table's columns (type, nullability, description, and statistics when a profile is "
+            f"cached), its description and row count, and its first {DESCRIBE_SAMPLE_ROWS} rows. "
+            "Use it before writing SQL on a table.\n"
             'Example: describe_table {"table": "demo.orders"}',
             _schema({"table": _TABLE}, ["table"]),
             {
@@ -609,6 +618,10 @@ def _specs(cfg: McpConfig) -> list[ToolSpec]:
                                 "type": {"type": "string"},
                                 "nullable": {"type": "boolean"},
                                 "description": {"type": "string"},
+                                "profile": {
+                                    "type": ["object", "null"],
+                                    "description": "Cached statistics (profile_table), when present.",
+                                },
                             },
                             "required": ["name", "type"],
                         },

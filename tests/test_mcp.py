@@ -144,6 +144,15 @@ def test_describe_table_columns_and_five_sample_rows(server: Server) -> None:
     assert body["sample_rows"] == 5 and body["sample"].count("\n") == 7  # header, rule, five rows
 
 
+def test_describe_table_shows_cached_statistics_only(server: Server) -> None:
+    before = ok(tool(server, "describe_table", {"table": "demo.events"}))
+    assert all(c["profile"] is None for c in before["columns"])  # nothing cached: nothing computed
+    ok(tool(server, "profile_table", {"table": "demo.events"}))
+    after = ok(tool(server, "describe_table", {"table": "demo.events"}))
+    first = after["columns"][0]
+    assert first["profile"]["count"] == after["rows"] and first["profile"]["nulls"] == 0
+
+
 def test_a_typo_names_the_closest_readable_tables(server: Server) -> None:
     code, detail = refused(tool(server, "describe_table", {"table": "demo.ordrs"}))
     assert code == "PERMISSION_DENIED"
