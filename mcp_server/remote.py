@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from mcp_server.backend import Rows, TableMeta
 from quiver_client import QuiverClient, QuiverClientError
+from quiver_client.client import TruncatedResultError
 from quiver_client.wire import TRUNCATED
 
 
@@ -45,7 +46,11 @@ class RemoteBackend:
     def read(self, command: dict[str, Any]) -> pa.Table:
         fields = {k: v for k, v in command.items() if k != "kind"}
         info = self._client.info(QuiverClient.command(command["kind"], **fields))
-        return self._client.fetch(info)
+        try:
+            return self._client.fetch(info)
+        except TruncatedResultError as e:  # a percent sample cut at [limits] max_sample_rows
+            assert e.result is not None  # fetch() reads the whole cut result
+            return e.result
 
     def query(self, sql: str, params: Sequence[Any], max_rows: int) -> Rows:
         stream = self._client.query_stream(sql, list(params), max_rows)

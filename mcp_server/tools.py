@@ -150,9 +150,7 @@ class _Renderer:
         else:
             obj = {c: _jsonable(row.get(c)) for c in self.columns}
             text = ("," if self.rows else "") + msgspec.json.encode(obj).decode()
-        if self.size + len(text.encode()) + 1 > self.budget and self.rows > 0:
-            return False
-        if self.size + len(text.encode()) + 1 > self.budget:
+        if self.size + len(text.encode()) + 1 > self.budget:  # + 1: JSON's closing bracket
             return False
         self._push(text)
         self.rows += 1

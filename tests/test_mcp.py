@@ -577,3 +577,20 @@ def test_descriptions_survive_a_restart(tmp_path: Path) -> None:
         assert {c["name"]: c["description"] for c in described["columns"]}["status"] == "Lifecycle state"
     finally:
         again.stop()
+
+
+def test_every_tool_call_is_logged_without_the_token(server: Server) -> None:
+    from structlog.testing import capture_logs
+
+    token = server.mint(agent="logged")
+    sql = "SELECT order_id FROM demo.orders WHERE order_id < ?"
+    with capture_logs() as logs:
+        ok(tool(server, "run_query", {"sql": sql, "params": [4]}, token))
+        refused(tool(server, "run_query", {"sql": "SELECT * FROM secret.x"}, token))
+    calls = [e for e in logs if e["event"] == "mcp.call"]
+    assert [c["outcome"] for c in calls] == ["ok", "permission_denied"]
+    first = calls[0]
+    assert first["principal"].endswith("logged") and first["tool"] == "run_query"
+    assert first["rows"] == 3 and first["bytes"] > 0 and first["ms"] >= 0
+    assert len(first["sql"]) == 12 and first["sql"] != calls[1]["sql"]
+    assert token not in repr(logs) and sql not in repr(logs)
