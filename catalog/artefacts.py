@@ -9,9 +9,11 @@ Writing (:meth:`ArtefactStore.begin_write`) streams: bytes (files) or record bat
 written as an Arrow IPC *file*, so a reader memory-maps it) go to a temporary file
 ``.tmp-<id>-<random>`` in the same directory, counted and hashed as they arrive, and checked
 against ``[artefacts] max_upload_bytes`` and the swarm's quota while they stream.
-:meth:`ArtefactWriter.commit` fsyncs the file, checks the quota again, renames it to
-``<id>``, and only then commits the metadata (for a table, in the same transaction, a copy of
-its rows in ``artefacts."<id>"`` for SQL). Any failure before that, or
+:meth:`ArtefactWriter.commit` fsyncs the file; for a table it loads a copy of the rows into
+``artefacts."<id>"`` for SQL (in a transaction of its own, before the admin-write lock, so a
+large copy never holds up admin writes; nobody can name that table before the metadata
+exists); then, under the lock, it checks the quota again, renames the file to ``<id>``, and
+only then commits the metadata. Any failure before that, or
 :meth:`ArtefactWriter.abort`, removes the temporary file: nothing is ever visible half
 written. Writes that change metadata (commit, delete, share, unshare, extend, sweep) run
 through the one admin-write lock (catalog/writes.py) and update the in-memory index while
@@ -25,10 +27,16 @@ unshare, extend) is for the owner itself, its swarm's swarm token, and admins; a
 may not manage gets PERMISSION_DENIED. An expired artefact is invisible at once, before the
 janitor removes it.
 
+SQL: a tabular artefact is read in guarded SQL as ``artefacts."<id>"`` (:func:`sql_name`).
+The schema ``artefacts`` is not a data schema: ``TableCatalog`` never lists it, allowlists may
+not name it, and ``Policy`` resolves and allows a reference to it only through
+:meth:`ArtefactStore.readable_table` — the caller's visible tabular artefacts — so anyone else
+gets the refusal of a missing table.
+
 The janitor (:meth:`ArtefactStore.sweep`, run by ``quiver serve`` at start and every
 ``cleanup_interval_seconds``) removes expired artefacts (metadata, SQL copy and content),
-temporary files of writers that are not running, content without metadata, and metadata
-without content; it logs, counts (``quiver_artefacts_removed_total``) and audits what it
+temporary files of writers that are not running, content without metadata, metadata
+without content, and SQL copies without metadata; it logs, counts (``quiver_artefacts_removed_total``) and audits what it
 removed.
 
 Public API (stable; other components build on it — add, do not rename):
@@ -40,10 +48,17 @@ Public API (stable; other components build on it — add, do not rename):
   an exception and leaves committing to the caller.
 - ``get(principal, id) -> Artefact``, ``open_content(principal, id) -> (Artefact, BinaryIO)``,
   ``open_table(principal, id) -> (Artefact, pa.RecordBatchReader)``,
-  ``content_path(principal, id)``, ``list(principal, ArtefactFilter, page_size, after)
-  -> ArtefactPage``, ``delete``, ``share``/``unshare``, ``extend(principal, id, ttl_seconds)``,
-  ``sweep(now) -> SweepReport``, ``usage(swarm) -> Usage``, ``readable_table(principal, name)``
-  (the SQL guard's resolution of ``artefacts."<id>"``).
+  ``table_schema(principal, id) -> (Artefact, pa.Schema)``, ``content_path(principal, id)``,
+  ``list(principal, ArtefactFilter, page_size=, after=) -> ArtefactPage``,
+  ``delete(principal, id)``, ``share(principal, id, swarm, agent=None)`` /
+  ``unshare(...)``, ``extend(principal, id, ttl_seconds)`` (above the maximum:
+  ``Unprocessable``, 422), ``sweep(now) -> SweepReport``, ``usage(swarm) -> Usage``,
+  ``status() -> StoreStatus``, ``readable_table(principal, name)`` (the SQL guard's
+  resolution of ``artefacts."<id>"``).
+- Errors: ``NotFound`` (invisible or unknown id), ``PermissionDenied`` (visible, may not
+  manage), ``InvalidArgument`` / ``Unprocessable`` (bad input), ``PayloadTooLarge``
+  (``RESOURCE_EXHAUSTED``, HTTP 413: a limit or quota). Helpers: ``is_artefact_id``,
+  ``check_name``, ``check_tags``, ``check_table_schema``, ``sql_name``.
 """
 
 from __future__ import annotations
@@ -80,6 +95,7 @@ from catalog.errors import (
 )
 from catalog.identity import Principal
 from catalog.metrics import Metrics
+from catalog.swarms import check_swarm_name
 from catalog.tables import TableRef, fold
 from catalog.writes import AdminWrites
 
@@ -186,6 +202,7 @@ class ArtefactFilter(msgspec.Struct, frozen=True, kw_only=True):
     tag: str | None = None
     name: str | None = None  # exact name
     swarm: str | None = None  # owner's swarm
+    owner: str | None = None  # the owner's label: agent:s/a, swarm:s, admin:…
 
 
 class ArtefactPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -202,15 +219,32 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     quota_count: int
 
 
+class StoreStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``artefacts`` section of GET /v1/status."""
+
+    count: int  # artefacts kept (expired ones until the janitor's next pass)
+    bytes: int  # their content
+    tables: int  # of them tabular
+    uploading: int  # uploads in progress
+
+
 class SweepReport(msgspec.Struct, kw_only=True):
     expired: list[str] = msgspec.field(default_factory=list)
     temp_files: list[str] = msgspec.field(default_factory=list)
     orphan_content: list[str] = msgspec.field(default_factory=list)
     orphan_metadata: list[str] = msgspec.field(default_factory=list)
+    # SQL copies without metadata (an upload that failed between copying and committing).
+    orphan_tables: list[str] = msgspec.field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return len(self.expired) + len(self.temp_files) + len(self.orphan_content) + len(self.orphan_metadata)
+        return (
+            len(self.expired)
+            + len(self.temp_files)
+            + len(self.orphan_content)
+            + len(self.orphan_metadata)
+            + len(self.orphan_tables)
+        )
 
 
 class _Record(msgspec.Struct, kw_only=True):
@@ -222,7 +256,8 @@ class _Record(msgspec.Struct, kw_only=True):
 
 
 # --- validation -----------------------------------------------------------------------------------
-def _check_text(value: object, field: str, limit: int, *, empty_ok: bool) -> str:
+def _check_text(value: object, field: str, limit: int, *, empty_ok: bool, multiline: bool = False) -> str:
+    """A bounded text without control characters (a description may hold newlines and tabs)."""
     if not isinstance(value, str):
         raise InvalidArgument(f"artefact {field} must be a string")
     if not empty_ok and not value.strip():
@@ -231,7 +266,8 @@ def _check_text(value: object, field: str, limit: int, *, empty_ok: bool) -> str
         raise InvalidArgument(
             f"artefact {field} is {len(value)} characters long; at most {limit} are allowed"
         )
-    if any(ord(c) < 32 and c not in "\n\t" for c in value) or "\x7f" in value:
+    allowed = "\n\t" if multiline else ""
+    if any(ord(c) < 32 and c not in allowed for c in value) or "\x7f" in value:
         raise InvalidArgument(f"artefact {field} {bounded(value)!r} contains control characters")
     return value
 
@@ -261,6 +297,44 @@ def _check_kind(kind: object) -> ArtefactKind:
     if kind == "file":
         return "file"
     raise InvalidArgument(f"artefact kind {bounded(kind, 40)!r} is not valid: use 'table' or 'file'")
+
+
+def _unsupported(t: pa.DataType) -> str | None:
+    """Why SQL (DuckDB) cannot hold a column of type ``t``, looking inside nested types."""
+    if pa.types.is_float16(t):
+        return "float16 (half float): cast it to float32"
+    if isinstance(t, pa.Decimal256Type) and t.precision > 38:
+        return f"{t} (more than 38 digits): cast it to decimal128 or string"
+    if isinstance(t, pa.Decimal256Type):
+        return f"{t}: cast it to decimal128({t.precision}, {t.scale})"
+    children: list[pa.DataType] = []
+    if isinstance(t, pa.ListType | pa.LargeListType | pa.FixedSizeListType):
+        children = [t.value_type]
+    elif isinstance(t, pa.MapType):
+        children = [t.key_type, t.item_type]
+    elif isinstance(t, pa.StructType | pa.UnionType):
+        children = [t.field(i).type for i in range(t.num_fields)]
+    elif isinstance(t, pa.DictionaryType):
+        children = [t.value_type]
+    for child in children:
+        why = _unsupported(child)
+        if why is not None:
+            return why
+    return None
+
+
+def check_table_schema(schema: object) -> pa.Schema:
+    """A table artefact's schema, refused up front (before a byte is stored) when SQL could
+    not hold it: no columns, or a type DuckDB does not read."""
+    if not isinstance(schema, pa.Schema):
+        raise InvalidArgument("a table artefact needs its Arrow schema")
+    if len(schema) == 0:
+        raise InvalidArgument("a table artefact needs at least one column")
+    for f in schema:
+        why = _unsupported(f.type)
+        if why is not None:
+            raise InvalidArgument(f"column {bounded(f.name, 60)!r} has a type tables cannot hold: {why}")
+    return schema
 
 
 def _columns(schema: pa.Schema) -> list[Column]:
@@ -346,7 +420,13 @@ class ArtefactWriter:
         self.provenance = provenance
         self.rows = 0
         self.temp_path = store.directory / f"{TEMP_PREFIX}{artefact_id}-{secrets.token_hex(4)}"
-        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Registered before the file exists: the janitor never takes it for a leftover.
+        store._writer_started(self)
+        try:
+            fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            store._writer_done(self)
+            raise
         self._file: IO[bytes] = os.fdopen(fd, "wb")
         self._sink = _Sink(self._file, self._check_size)
         self._ipc: ipc.RecordBatchFileWriter | None = None
@@ -367,10 +447,11 @@ class ArtefactWriter:
     # --- streaming ---------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        return self._sink.size
+        sink: _Sink | None = getattr(self, "_sink", None)  # None until the file is open
+        return sink.size if sink is not None else 0
 
     def _check_size(self, size: int) -> None:
-        refusal = self.store._over_limit(self.principal, size)
+        refusal = self.store._over_limit(self.principal, size, streaming=self)
         if refusal is not None:
             self._over = refusal
             raise refusal
@@ -408,6 +489,16 @@ class ArtefactWriter:
         try:
             self._check_size(self._sink.size + batch.nbytes)
             self._ipc.write_batch(batch)
+        except pa.ArrowInvalid as e:
+            # What the client sent cannot be one IPC file: a dictionary-encoded column whose
+            # dictionary changed between batches is the case in practice.
+            self._fail(
+                InvalidArgument(
+                    f"the batch cannot be stored ({bounded(str(e), 160)}); a dictionary-encoded column "
+                    "must keep one dictionary for the whole upload (pyarrow: table.unify_dictionaries()) "
+                    "or be sent decoded. Nothing was kept"
+                )
+            )
         except BaseException as e:  # noqa: BLE001 - aborted, then re-raised whatever it was
             self._fail(e)
         self.rows += batch.num_rows
@@ -487,8 +578,9 @@ class ArtefactStore:
         self._audit = audit
         self._metrics = metrics
         self._index: dict[str, _Record] = {}
-        # Temporary files of writers still running: the janitor leaves them alone.
-        self._active: set[Path] = set()
+        # Writers still running (id -> temporary file): the janitor leaves their temporary
+        # file and their SQL table alone.
+        self._active: dict[str, ArtefactWriter] = {}
         self._active_lock = threading.Lock()
         # Fills in ``stale`` of exported artefacts as their metadata is read (set by the
         # catalog to catalog/exports.py's ``annotate``): get() and list() answer through it.
@@ -605,10 +697,11 @@ class ArtefactStore:
         return art.owner_kind == "agent" and principal.kind == "agent" and principal.agent == art.owner_agent
 
     def _visible(self, principal: Principal, artefact_id: object) -> _Record:
-        if not is_artefact_id(artefact_id):
+        key = artefact_id.lower() if isinstance(artefact_id, str) else artefact_id
+        if not is_artefact_id(key):
             raise not_found(artefact_id)
-        assert isinstance(artefact_id, str)
-        rec = self._index.get(artefact_id)
+        assert isinstance(key, str)
+        rec = self._index.get(key)
         if rec is None or not self._sees(principal, rec, datetime.now(UTC)):
             raise not_found(artefact_id)
         return rec
@@ -713,6 +806,7 @@ class ArtefactStore:
                 or (f.tag is not None and f.tag not in art.tags)
                 or (f.name is not None and art.name != f.name)
                 or (f.swarm is not None and art.swarm != f.swarm)
+                or (f.owner is not None and art.owner != f.owner)
             ):
                 continue
             found.append(art)
@@ -743,9 +837,15 @@ class ArtefactStore:
         )
 
     def _usage_of(self, swarm: str) -> tuple[int, int]:
+        """Bytes and count of the swarm's live artefacts: those of its current instance (a
+        swarm deleted and re-created under its name starts from zero) that have not expired
+        (expired ones, invisible already and soon swept, do not count against its quota)."""
         size = count = 0
+        now = datetime.now(UTC)
+        instance = self._swarm_instance(swarm)
         for rec in list(self._index.values()):
-            if rec.artefact.swarm == swarm:
+            art = rec.artefact
+            if art.swarm == swarm and art.expires_at > now and _same_instance(rec.swarm_id, instance):
                 size += rec.artefact.size_bytes
                 count += 1
         return size, count
@@ -773,7 +873,9 @@ class ArtefactStore:
         k = _check_kind(kind)
         name = check_name(name)
         tag_list = check_tags(list(tags) if isinstance(tags, tuple) else tags)
-        description = _check_text(description, "description", MAX_DESCRIPTION_CHARS, empty_ok=True)
+        description = _check_text(
+            description, "description", MAX_DESCRIPTION_CHARS, empty_ok=True, multiline=True
+        )
         ttl = self._check_ttl(self.config.default_ttl_seconds if ttl_seconds is None else ttl_seconds)
         if k == "table":
             if media_type not in (None, TABLE_MEDIA_TYPE) or format not in (None, TABLE_FORMAT):
@@ -781,8 +883,7 @@ class ArtefactStore:
                     f"a table artefact is stored as {TABLE_MEDIA_TYPE} ({TABLE_FORMAT}); "
                     "leave media_type and format unset"
                 )
-            if not isinstance(schema, pa.Schema):
-                raise InvalidArgument("a table artefact needs its Arrow schema")
+            schema = check_table_schema(schema)
             mt, fmt = TABLE_MEDIA_TYPE, TABLE_FORMAT
         else:
             if schema is not None:
@@ -813,13 +914,15 @@ class ArtefactStore:
             schema=schema,
             provenance=provenance,
         )
-        with self._active_lock:
-            self._active.add(writer.temp_path)
         return writer
+
+    def _writer_started(self, writer: ArtefactWriter) -> None:
+        with self._active_lock:
+            self._active[writer.id] = writer
 
     def _writer_done(self, writer: ArtefactWriter) -> None:
         with self._active_lock:
-            self._active.discard(writer.temp_path)
+            self._active.pop(writer.id, None)
 
     def _check_ttl(self, ttl: object) -> int:
         if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1:
@@ -831,7 +934,18 @@ class ArtefactStore:
             )
         return ttl
 
-    def _quota_detail(self, swarm: str, which: str, size: int) -> str:
+    def _in_flight(self, swarm: str, besides: ArtefactWriter) -> int:
+        """Bytes the swarm's other running uploads have written so far: they count while
+        streaming, so parallel uploads cannot each fill the disk up to the quota."""
+        with self._active_lock:
+            writers = list(self._active.values())
+        return sum(
+            w.size
+            for w in writers
+            if w is not besides and not w.principal.is_admin and w.principal.swarm == swarm
+        )
+
+    def _quota_detail(self, swarm: str, which: str, size: int, in_flight: int = 0) -> str:
         used, count = self._usage_of(swarm)
         cfg = self.config
         if which == "count":
@@ -839,13 +953,19 @@ class ArtefactStore:
                 f"swarm {swarm!r} already keeps {count} artefacts, the most [artefacts] swarm_quota_count "
                 f"({cfg.swarm_quota_count}) allows; delete some first. Nothing was kept"
             )
+        running = f", and its other uploads in progress hold {in_flight} more" if in_flight else ""
         return (
-            f"this upload ({size} bytes so far) would take swarm {swarm!r} to {used + size} bytes, above "
-            f"[artefacts] swarm_quota_bytes ({cfg.swarm_quota_bytes}); it uses {used} bytes in {count} "
-            "artefacts now. Nothing was kept"
+            f"this upload ({size} bytes so far) would take swarm {swarm!r} to {used + in_flight + size} bytes, "
+            f"above [artefacts] swarm_quota_bytes ({cfg.swarm_quota_bytes}); it uses {used} bytes in {count} "
+            f"artefacts now{running}. Nothing was kept"
         )
 
-    def _over_limit(self, principal: Principal, size: int) -> PayloadTooLarge | None:
+    def _over_limit(
+        self, principal: Principal, size: int, *, streaming: ArtefactWriter | None = None
+    ) -> PayloadTooLarge | None:
+        """The refusal for an upload of ``size`` bytes, or None. While ``streaming``, the
+        swarm's other running uploads count too; at commit only what is kept counts (the
+        others may still fail)."""
         cfg = self.config
         if size > cfg.max_upload_bytes:
             return PayloadTooLarge(
@@ -854,8 +974,9 @@ class ArtefactStore:
             )
         if principal.swarm is not None and not principal.is_admin:
             used, _ = self._usage_of(principal.swarm)
-            if used + size > cfg.swarm_quota_bytes:
-                return PayloadTooLarge(self._quota_detail(principal.swarm, "bytes", size))
+            in_flight = self._in_flight(principal.swarm, streaming) if streaming is not None else 0
+            if used + in_flight + size > cfg.swarm_quota_bytes:
+                return PayloadTooLarge(self._quota_detail(principal.swarm, "bytes", size, in_flight))
         return None
 
     def _commit(self, w: ArtefactWriter) -> Artefact:
@@ -903,29 +1024,36 @@ class ArtefactStore:
                 f"INSERT INTO {SYSTEM_SCHEMA}.artefacts ({self._COLUMNS}) VALUES ({', '.join('?' * len(row))})",
                 row,
             )
-            if w.kind == "table":
-                self._load_sql_copy(cur, w.id, final)
 
-        with self.writes.lock:
-            # Checked again under the lock: two uploads of one swarm racing to the last bytes
-            # of its quota cannot both be kept.
-            refusal = self._over_limit(p, size)
-            if refusal is None and swarm is not None and not p.is_admin:
-                _, count = self._usage_of(swarm)
-                if count + 1 > self.config.swarm_quota_count:
-                    refusal = PayloadTooLarge(self._quota_detail(swarm, "count", size))
-            if refusal is not None:
-                raise refusal
-            os.replace(w.temp_path, final)
-            _fsync_dir(self.directory)
-            try:
-                self.writes.run("save the artefact", insert)
-            except BaseException:
-                final.unlink(missing_ok=True)
-                raise
-            rec = self._record(tuple(row))
-            self._index[w.id] = rec
-            artefact = rec.artefact
+        refusal = self._commit_refusal(p, size)
+        if refusal is not None:
+            raise refusal
+        if w.kind == "table":
+            # Before the admin-write lock: copying a large table takes a while, and admin
+            # writes (token mints among them) must not wait for it. Nobody can name the table
+            # until its metadata commits; the janitor drops it if that never happens.
+            self._load_sql_copy(w.id, w.temp_path)
+        try:
+            with self.writes.lock:
+                # Checked again under the lock: two uploads of one swarm racing to the last
+                # bytes of its quota cannot both be kept.
+                refusal = self._commit_refusal(p, size)
+                if refusal is not None:
+                    raise refusal
+                os.replace(w.temp_path, final)
+                _fsync_dir(self.directory)
+                try:
+                    self.writes.run("save the artefact", insert)
+                except BaseException:
+                    final.unlink(missing_ok=True)
+                    raise
+                rec = self._record(tuple(row))
+                self._index[w.id] = rec
+                artefact = rec.artefact
+        except BaseException:
+            if w.kind == "table":
+                self._drop_sql_copy(w.id)
+            raise
         log.info(
             "artefact.saved",
             artefact=w.id,
@@ -938,11 +1066,18 @@ class ArtefactStore:
             self._audit.record("artefact.create", outcome="ok", actor=p.label, target=w.id)
         return artefact
 
-    @staticmethod
-    def _load_sql_copy(cur: duckdb.DuckDBPyConnection, artefact_id: str, path: Path) -> None:
-        """Copy a tabular artefact into ``artefacts."<id>"`` inside the metadata's
-        transaction. Quiver reads the IPC file itself (memory-mapped) and hands DuckDB the
-        Arrow stream; the locked-down database never opens a file."""
+    def _commit_refusal(self, p: Principal, size: int) -> PayloadTooLarge | None:
+        refusal = self._over_limit(p, size)
+        if refusal is None and p.swarm is not None and not p.is_admin:
+            _, count = self._usage_of(p.swarm)
+            if count + 1 > self.config.swarm_quota_count:
+                refusal = PayloadTooLarge(self._quota_detail(p.swarm, "count", size))
+        return refusal
+
+    def _load_sql_copy(self, artefact_id: str, path: Path) -> None:
+        """Copy a tabular artefact into ``artefacts."<id>"`` in a transaction of its own.
+        Quiver reads the IPC file itself (memory-mapped) and hands DuckDB the Arrow stream;
+        the locked-down database never opens a file."""
         source = pa.memory_map(str(path), "r")
         try:
             reader = ipc.open_file(source)
@@ -950,13 +1085,39 @@ class ArtefactStore:
                 reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
             )
             view = f"quiver_artefact_load_{secrets.token_hex(6)}"
-            cur.register(view, stream)
             try:
-                cur.execute(f"CREATE TABLE {sql_name(artefact_id)} AS SELECT * FROM {view}")
-            finally:
-                cur.unregister(view)
+                with self._db.transaction() as cur:
+                    cur.register(view, stream)
+                    try:
+                        cur.execute(f"CREATE TABLE {sql_name(artefact_id)} AS SELECT * FROM {view}")
+                    finally:
+                        cur.unregister(view)
+            except (
+                duckdb.InvalidInputException,
+                duckdb.NotImplementedException,
+                duckdb.ConversionException,
+            ) as e:
+                raise InvalidArgument(
+                    f"the table cannot be loaded for SQL ({bounded(str(e), 200)}); nothing was kept"
+                ) from None
         finally:
             source.close()
+
+    def _drop_sql_copy(self, artefact_id: str) -> None:
+        try:
+            with self._db.transaction() as cur:
+                cur.execute(f"DROP TABLE IF EXISTS {sql_name(artefact_id)}")
+        except duckdb.Error as e:  # the janitor drops it later
+            log.warning("artefact.drop_failed", artefact=artefact_id, error=str(e)[:200])
+
+    def _sql_tables(self) -> Sequence[str]:
+        with self._db.reading() as cur:
+            rows = cur.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                "AND schema_name = ?",
+                [ARTEFACT_SCHEMA],
+            ).fetchall()
+        return [str(r[0]) for r in rows]
 
     # --- managing ------------------------------------------------------------------------------
     def delete(self, principal: Principal, artefact_id: str) -> None:
@@ -1017,7 +1178,8 @@ class ArtefactStore:
                 )
 
             self.writes.run("share the artefact", insert)
-            current.share_ids[(swarm, agent)] = instance
+            # Replaced, never mutated: readers iterate the shares without a lock.
+            current.share_ids = {**current.share_ids, (swarm, agent): instance}
             current.artefact = self._with_shares(current)
             out = current.artefact
         if self._audit is not None:
@@ -1048,7 +1210,7 @@ class ArtefactStore:
                 )
 
             self.writes.run("unshare the artefact", remove)
-            del current.share_ids[(swarm, agent)]
+            current.share_ids = {k: v for k, v in current.share_ids.items() if k != (swarm, agent)}
             current.artefact = self._with_shares(current)
             out = current.artefact
         if self._audit is not None:
@@ -1057,8 +1219,6 @@ class ArtefactStore:
 
     @staticmethod
     def _check_share_target(swarm: object, agent: object) -> tuple[str, str | None]:
-        from catalog.swarms import check_swarm_name  # swarms imports nothing of ours back
-
         name = check_swarm_name(swarm)  # type: ignore[arg-type]
         if agent is not None:
             agent = _check_text(agent, "share's agent", 128, empty_ok=False)
@@ -1102,7 +1262,7 @@ class ArtefactStore:
                 if name.startswith(TEMP_PREFIX):
                     path = Path(entry.path)
                     with self._active_lock:
-                        running = path in self._active
+                        running = any(w.temp_path == path for w in self._active.values())
                     if not running:
                         path.unlink(missing_ok=True)
                         report.temp_files.append(name)
@@ -1113,8 +1273,15 @@ class ArtefactStore:
                     report.orphan_content.append(name)
             missing = sorted(aid for aid in self._index if aid not in present and aid not in expired)
             gone = expired + missing
-            if gone:
-                self._remove(gone, "remove expired and orphaned artefacts")
+            # Tables listed before the running writers: a writer that starts after the listing
+            # has no table in it.
+            tables = self._sql_tables()
+            with self._active_lock:
+                writing = set(self._active)
+            stray = sorted(t for t in tables if t not in self._index and t not in writing)
+            if gone or stray:
+                self._remove(gone + stray, "remove expired and orphaned artefacts")
+            report.orphan_tables = stray
             report.expired = expired
             report.orphan_metadata = missing
         self._unlink(expired)
@@ -1125,6 +1292,7 @@ class ArtefactStore:
                 temp_files=len(report.temp_files),
                 orphan_content=len(report.orphan_content),
                 orphan_metadata=len(report.orphan_metadata),
+                orphan_tables=len(report.orphan_tables),
             )
             if self._metrics is not None:
                 counter = self._metrics.artefacts_removed
@@ -1133,6 +1301,7 @@ class ArtefactStore:
                     ("temp_file", report.temp_files),
                     ("orphan_content", report.orphan_content),
                     ("orphan_metadata", report.orphan_metadata),
+                    ("orphan_table", report.orphan_tables),
                 ):
                     if items:
                         counter.labels(reason).inc(len(items))
@@ -1154,6 +1323,18 @@ class ArtefactStore:
             self.sweep()
         except Exception as e:  # noqa: BLE001 - the janitor must never kill its thread
             log.warning("artefact.sweep_failed", error=str(e)[:300])
+
+    def status(self) -> StoreStatus:
+        """GET /v1/status "artefacts": what is kept and what is being uploaded."""
+        records = list(self._index.values())
+        with self._active_lock:
+            uploading = len(self._active)
+        return StoreStatus(
+            count=len(records),
+            bytes=sum(r.artefact.size_bytes for r in records),
+            tables=sum(1 for r in records if r.artefact.kind == "table"),
+            uploading=uploading,
+        )
 
     def content_ids(self) -> Sequence[str]:
         """Ids whose content is committed now (for backups)."""

@@ -97,7 +97,10 @@ class Catalog:
         self.listeners: dict[str, dict[str, Any]] = {}
         self.health_probes: dict[str, Callable[[], bool]] = {}
         # Extra sections of GET /v1/status (e.g. "queries", "cache", "sync").
-        self.status_sections: dict[str, Callable[[], Any]] = {"backup": self.backups.status}
+        self.status_sections: dict[str, Callable[[], Any]] = {
+            "backup": self.backups.status,
+            "artefacts": self.artefacts.status,
+        }
         self.sync: SyncController | None = None
         # The data plane's query path for the other listeners (catalog/query_port.py).
         self.queries: QueryRunner | None = None

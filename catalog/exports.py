@@ -108,42 +108,47 @@ class Exports:
         tags: Sequence[str] = (),
         description: str = "",
         parent_id: str | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        timeout_seconds: float | None = None,
     ) -> ExportInfo:
+        """Run ``sql`` into a new file artefact (see the module docs). ``progress`` is told
+        the rows and bytes written after every batch (it may raise to stop the export:
+        nothing is kept); ``timeout_seconds`` replaces the query timeout (async exports)."""
         fmt = _export_format(format)
-        running = self._runner().run(principal, sql, params, max_rows)
-        try:
-            check_schema(fmt, running.schema)  # before the artefact is begun: nothing to undo
-            provenance = Provenance(
-                sql=sql,
-                params=list(params),
-                principal=principal.subject,
-                source_versions=dict(running.versions),
-                parent_id=parent_id,
-                max_rows=max_rows,
-            )
-            label = name if name is not None else f"export{fmt.suffix}"
-            with self._store.begin_write(
-                principal,
-                "file",
-                label,
-                media_type=fmt.media_type,
-                format=fmt.name,
-                tags=tags,
-                description=description,
-                ttl_seconds=ttl_seconds,
-                provenance=provenance,
-            ) as upload:
+        label = name if name is not None else f"export{fmt.suffix}"
+        # The artefact is begun first: its name, tags, TTL and the swarm's quota are refused
+        # before any query work; the provenance is filled in once the query has started.
+        with self._store.begin_write(
+            principal,
+            "file",
+            label,
+            media_type=fmt.media_type,
+            format=fmt.name,
+            tags=tags,
+            description=description,
+            ttl_seconds=ttl_seconds,
+        ) as upload:
+            running = self._runner().run(principal, sql, params, max_rows, timeout_seconds=timeout_seconds)
+            try:
+                check_schema(fmt, running.schema)
+                upload.provenance = Provenance(
+                    sql=sql,
+                    params=list(params),
+                    principal=principal.subject,
+                    source_versions=dict(running.versions),
+                    parent_id=parent_id,
+                    max_rows=max_rows,
+                )
                 writer = ResultWriter(fmt, running.schema, _ArtefactSink(upload))
                 for batch in running.reader:
                     writer.write(batch)
                     if progress is not None:
-                        progress(writer.rows)
+                        progress(writer.rows, upload.size)
                 cut = bool(running.cut())
                 writer.finish(RowCapInfo(running.max_rows, running.reason, cut))
-                artefact = upload.commit()
-        finally:
-            running.close()
+            finally:
+                running.close()
+            artefact = upload.commit()
         log.info(
             "artefact.exported",
             artefact=artefact.id,

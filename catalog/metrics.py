@@ -266,11 +266,11 @@ class Metrics:
         self.artefacts_removed = Counter(
             "quiver_artefacts_removed_total",
             "Artefacts and files removed by the artefact janitor, by reason (expired, temp_file, "
-            "orphan_content, orphan_metadata).",
+            "orphan_content, orphan_metadata, orphan_table).",
             ["reason"],
             registry=self.registry,
         )
-        for reason in ("expired", "temp_file", "orphan_content", "orphan_metadata"):
+        for reason in ("expired", "temp_file", "orphan_content", "orphan_metadata", "orphan_table"):
             self.artefacts_removed.labels(reason)
         self._sync = _SyncCollector()
         self.registry.register(self._sync)

@@ -91,11 +91,19 @@ class QueryRunner(Protocol):
     """Runs agent SQL as ``principal`` through the data plane's one query path."""
 
     def run(
-        self, principal: Principal, sql: str, params: Sequence[Any] = (), max_rows: int | None = None
+        self,
+        principal: Principal,
+        sql: str,
+        params: Sequence[Any] = (),
+        max_rows: int | None = None,
+        *,
+        timeout_seconds: float | None = None,
     ) -> RunningQuery:
         """Check, admit and start ``sql``; the caller reads ``reader`` and must ``close()``.
         ``max_rows`` is the caller's cap (1 to ``[limits] max_rows``); without it the
-        server's ``[limits] max_rows`` applies."""
+        server's ``[limits] max_rows`` applies. ``timeout_seconds`` replaces ``[limits]
+        query_timeout_seconds`` for work the server runs in the background on its own
+        bounded workers (an async export: ``[results] timeout_seconds``)."""
         ...
 
     def read(self, principal: Principal, command: dict[str, Any]) -> pa.Table:

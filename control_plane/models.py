@@ -14,6 +14,7 @@ import msgspec
 import structlog
 from msgspec import UNSET, UnsetType
 
+from catalog.artefacts import StoreStatus as ArtefactsStatus
 from catalog.audit import AuditEvent
 from catalog.identity import TokenKind
 from catalog.metrics import BackupStatus
@@ -277,6 +278,7 @@ class Status(msgspec.Struct, kw_only=True):
     async_queries: AsyncQueriesStatus | UnsetType = UNSET
     sync: SyncSection | UnsetType = UNSET
     backup: BackupStatus | UnsetType = UNSET
+    artefacts: ArtefactsStatus | UnsetType = UNSET
     section_errors: dict[str, str] | UnsetType = UNSET
 
     @classmethod

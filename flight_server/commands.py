@@ -163,7 +163,7 @@ class ExportBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     usage: ClassVar[str] = (
         '{"query": "...", "params": [...]} or {"table": "schema.table"}, with "format": '
         '"parquet" | "csv" | "ndjson" | "arrow", and optionally "name", "ttl_seconds", "max_rows", '
-        '"tags", "description"'
+        '"tags", "description", "async"'
     )
     query: str | None = None
     params: list[Param] = []
@@ -174,6 +174,8 @@ class ExportBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_rows: int | None = None
     tags: list[str] = []
     description: str = ""
+    #: Run in the background (as an async query: answers its id, query-status shows progress).
+    run_async: bool = msgspec.field(default=False, name="async")
 
 
 class RefreshArtefactBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -95,6 +95,23 @@ class PreparedQuery:
     max_rows_reason: CapReason = "server_max_rows"
 
 
+#: A background task (an ``export`` with ``"async": true``): runs on a worker, reports its
+#: progress as (rows, bytes) written — the call raises CANCELLED once the task was cancelled
+#: or ran past ``[results] timeout_seconds`` — and returns its answer, which query-status
+#: then shows under ``"export"``.
+Task = Callable[[Callable[[int, int], None]], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedTask:
+    """A task that passed its request checks, ready to run later (see :data:`Task`)."""
+
+    run: Task
+    #: What ``query-status`` shows as the query.
+    sql: str = ""
+    kind: str = "export"
+
+
 ACTION_DESCRIPTIONS: dict[str, str] = {
     "submit-query": (
         'Run a query in the background. Body: {"sql": "...", "params": [...], "max_rows": N} '
@@ -157,6 +174,9 @@ class _Query:
     cancel_requested: bool = False
     timed_out: bool = False
     future: Future[None] | None = None
+    #: A task (an async export) instead of a query: no result file; its answer instead.
+    task_kind: str | None = None
+    answer: dict[str, Any] | None = None
     wake: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -223,7 +243,7 @@ class QueryManager:
         return manager
 
     # --- submitting ------------------------------------------------------------------------
-    def submit(self, principal: Principal, prepared: PreparedQuery) -> dict[str, Any]:
+    def submit(self, principal: Principal, prepared: PreparedQuery | PreparedTask) -> dict[str, Any]:
         """Queue ``prepared`` for ``principal``; answers its status (state "queued")."""
         if self._closed.is_set():
             raise Unavailable("the server is shutting down; submit the query again after the restart")
@@ -234,9 +254,12 @@ class QueryManager:
             label=principal.label,
             sql=prepared.sql,
             path=self.dir / f"{query_id}{RESULT_SUFFIX}",
-            max_rows=prepared.max_rows,
-            max_rows_reason=prepared.max_rows_reason,
         )
+        if isinstance(prepared, PreparedTask):
+            query.task_kind = prepared.kind
+        else:
+            query.max_rows = prepared.max_rows
+            query.max_rows_reason = prepared.max_rows_reason
         with self._lock:
             active = sum(
                 1
@@ -251,7 +274,10 @@ class QueryManager:
                 )
             self._queries[query_id] = query
             self._metrics.active.inc()
-            query.future = self._pool.submit(self._execute, query, prepared.run)
+            if isinstance(prepared, PreparedTask):
+                query.future = self._pool.submit(self._execute_task, query, prepared.run)
+            else:
+                query.future = self._pool.submit(self._execute, query, prepared.run)
             # Under the lock, which the worker takes to start: the answer is "queued", as
             # documented, even when the query then fails within a millisecond.
             answer = self._describe(query)
@@ -293,6 +319,42 @@ class QueryManager:
                 with contextlib.suppress(duckdb.Error):
                     cur.close()
             self._finish(query, outcome)
+
+    def _execute_task(self, query: _Query, task: Task) -> None:
+        """A task on a worker: its progress is the query's rows and bytes; a cancel or the
+        timeout stops it at its next progress report (the task's own query is interrupted by
+        its own deadline, which the caller sets to ``[results] timeout_seconds``)."""
+        with self._lock:
+            if query.state != "queued":  # cancelled while waiting
+                return
+            query.state = "running"
+            query.started = time.monotonic()
+            query.started_at = time.time()
+        watchdog = threading.Thread(
+            target=self._watch_task, args=(query,), name=f"quiver-watch-{query.id}", daemon=True
+        )
+        watchdog.start()
+        outcome: QueryState = "failed"
+
+        def progress(rows: int, written: int) -> None:
+            query.rows, query.bytes = rows, written
+            self._check_cancel(query)
+
+        try:
+            self._check_cancel(query)
+            query.answer = task(progress)
+            outcome = "succeeded"
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes the task's state
+            outcome = self._fail(query, exc)
+        finally:
+            query.done.set()
+            query.wake.set()
+            watchdog.join()
+            self._finish(query, outcome)
+
+    def _watch_task(self, query: _Query) -> None:
+        if not query.wake.wait(self.config.timeout_seconds) and not query.done.is_set():
+            query.timed_out = True
 
     def _write(self, query: _Query, reader: pa.RecordBatchReader, partial: Path) -> None:
         """Stream the reader into an Arrow IPC stream file, batch by batch: memory stays at
@@ -369,7 +431,7 @@ class QueryManager:
 
     def _finish(self, query: _Query, outcome: QueryState) -> None:
         with self._lock:
-            if outcome != "succeeded":  # its partial file is gone
+            if outcome != "succeeded" and query.task_kind is None:  # its partial file is gone
                 self._disk_bytes -= query.bytes
             query.state = outcome
             query.finished = time.monotonic()
@@ -435,6 +497,11 @@ class QueryManager:
         """Schema and size of a succeeded query's result, or the error that explains why
         there is none (the query's own error, CANCELLED, or UNAVAILABLE while running)."""
         query = self._get(principal, query_id)
+        if query.task_kind is not None:
+            raise InvalidArgument(
+                f"{query.id} is an {query.task_kind}, not a query: it has no result to fetch; its "
+                f"artefact is in query-status under {query.task_kind!r} once it succeeded"
+            )
         state = query.state
         if state in ACTIVE_STATES:
             raise Unavailable(
@@ -470,7 +537,7 @@ class QueryManager:
         expires_at = None
         if query.expires is not None:
             expires_at = iso(time.time() + (query.expires - now))
-        return {
+        out = {
             "id": query.id,
             "state": query.state,
             "sql": query.sql,
@@ -490,10 +557,14 @@ class QueryManager:
             if query.error is None
             else {"code": query.error.code, "detail": query.error.detail},
         }
+        if query.task_kind is not None:
+            out["kind"] = query.task_kind
+            out[query.task_kind] = query.answer
+        return out
 
     # --- housekeeping ----------------------------------------------------------------------------
     def _result_bytes(self) -> int:
-        return sum(q.bytes for q in self._queries.values() if q.state == "succeeded")
+        return sum(q.bytes for q in self._queries.values() if q.state == "succeeded" and q.task_kind is None)
 
     def sweep(self) -> int:
         """Forget queries whose TTL passed and delete their files; returns how many."""
@@ -502,7 +573,7 @@ class QueryManager:
             expired = [q for q in self._queries.values() if q.expires is not None and q.expires <= now]
             for q in expired:
                 del self._queries[q.id]
-                if q.state == "succeeded":
+                if q.state == "succeeded" and q.task_kind is None:
                     self._disk_bytes -= q.bytes
             self._metrics.result_bytes.set(self._result_bytes())
         for q in expired:
@@ -526,7 +597,7 @@ class QueryManager:
             "queued": sum(1 for q in queries if q.state == "queued"),
             "running": sum(1 for q in queries if q.state == "running"),
             "retained": sum(1 for q in queries if q.state not in ACTIVE_STATES),
-            "result_bytes": sum(q.bytes for q in queries if q.state == "succeeded"),
+            "result_bytes": sum(q.bytes for q in queries if q.state == "succeeded" and q.task_kind is None),
         }
 
     def close(self) -> None:

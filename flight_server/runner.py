@@ -37,7 +37,13 @@ class SqlRunner:
         self._admission = admission
 
     def run(
-        self, principal: Principal, sql: str, params: Sequence[Any] = (), max_rows: int | None = None
+        self,
+        principal: Principal,
+        sql: str,
+        params: Sequence[Any] = (),
+        max_rows: int | None = None,
+        *,
+        timeout_seconds: float | None = None,
     ) -> RunningQuery:
         body: dict[str, Any] = {"kind": "query", "sql": sql, "params": list(params)}
         if max_rows is not None:
@@ -49,7 +55,9 @@ class SqlRunner:
         cmd = decode_command(raw)
         assert isinstance(cmd, QueryCommand)
         guarded, part = self._planner.query_part(principal, cmd)
-        return self._streamer.run_query(self._admission, principal, guarded.tables, part)
+        return self._streamer.run_query(
+            self._admission, principal, guarded.tables, part, timeout_seconds=timeout_seconds
+        )
 
     def read(self, principal: Principal, command: dict[str, Any]) -> pa.Table:
         """A ``sample`` or ``profile`` command, decoded and checked by the Flight command

@@ -56,7 +56,7 @@ from flight_server.planner import Planner, SplitOptions
 from flight_server.plans import Plan
 from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
-from flight_server.results import QueryManager
+from flight_server.results import PreparedTask, QueryManager
 from flight_server.runner import SqlRunner
 from flight_server.streams import Streamer
 from flight_server.table_cache import TableCache, resolve_budget
@@ -83,7 +83,9 @@ ACTIONS: dict[str, str] = {
         '"schema.table"}, "format": "parquet" | "csv" | "ndjson" | "arrow" (default parquet), and '
         'optionally "name", "ttl_seconds", "max_rows", "tags", "description". Streams the result '
         '(guard, admission, timeout and row cap as a query); answers {"artefact", "download", '
-        '"stale", "changed", "rows", "truncated", "max_rows"}; the artefact records its provenance.'
+        '"stale", "changed", "rows", "truncated", "max_rows"}; the artefact records its provenance. '
+        'With "async": true it runs in the background: answers an id at once; query-status shows '
+        'the rows and bytes written, then the answer under "export".'
     ),
     "list-artefacts": (
         'The artefacts you may see, oldest first, one page at a time. Body (optional): {"kind": '
@@ -358,17 +360,36 @@ class QuiverFlightServer(flight.FlightServerBase):
         else:
             assert body.query is not None
             sql = body.query
-        info = self.catalog.exports.export(
-            principal,
-            sql,
-            body.params,
-            format=body.format,
-            name=body.name,
-            ttl_seconds=body.ttl_seconds,
-            max_rows=body.max_rows,
-            tags=body.tags,
-            description=body.description,
-        )
+        exports = self.catalog.exports
+
+        def export(progress: Callable[[int, int], None] | None = None, timeout: float | None = None) -> Any:
+            return exports.export(
+                principal,
+                sql,
+                body.params,
+                format=body.format,
+                name=body.name,
+                ttl_seconds=body.ttl_seconds,
+                max_rows=body.max_rows,
+                tags=body.tags,
+                description=body.description,
+                progress=progress,
+                timeout_seconds=timeout,
+            )
+
+        if body.run_async:
+            # The checks of a query first (limits, guard: a refusal is immediate, nothing is
+            # queued); then a worker of the async queries runs it, under [results]'s timeout.
+            self.planner.query_part(
+                principal, commands.QueryCommand(sql=sql, params=body.params, max_rows=body.max_rows)
+            )
+            timeout = float(self.catalog.config.results.timeout_seconds)
+
+            def task(progress: Callable[[int, int], None]) -> dict[str, Any]:
+                return msgspec.to_builtins(export(progress, timeout))  # type: ignore[no-any-return]
+
+            return self.queries.submit(principal, PreparedTask(run=task, sql=sql))
+        info = export()
         state.fields["target"] = f"artefact:{info.artefact.id}"
         state.fields["rows"] = info.rows
         return info

@@ -248,7 +248,13 @@ class Streamer:
         return schema, (dataclasses.replace(part, ready=ready) if ready is not None else part), True
 
     def run_query(
-        self, admission: Admission, principal: Principal, tables: tuple[TableRef, ...], part: SqlPart
+        self,
+        admission: Admission,
+        principal: Principal,
+        tables: tuple[TableRef, ...],
+        part: SqlPart,
+        *,
+        timeout_seconds: float | None = None,
     ) -> RunningQuery:
         """A capped query run for a caller outside Flight (catalog/query_port.py): DoGet's
         path without the Flight stream around it — one admission slot (a query of its own),
@@ -259,6 +265,7 @@ class Streamer:
         until :meth:`RunningQuery.close`."""
         cap = part.row_cap
         assert cap is not None  # a query always has a cap
+        timeout = self.timeout if timeout_seconds is None else float(timeout_seconds)
         release = admission.acquire(principal.subject, "run-" + secrets.token_hex(6))
         held: list[Callable[[], None]] = [release]
 
@@ -302,7 +309,7 @@ class Streamer:
             cur = self._cursors.take()
             lease = _Lease(cur)
             held.append(lease.close)
-            deadline = self.watchdog.arm(self.timeout, cur.interrupt)
+            deadline = self.watchdog.arm(timeout, cur.interrupt)
             held.append(lambda: Watchdog.disarm(deadline))  # type: ignore[arg-type]
             ran = self._run_capped(cur, key, part)
             if ran.rest is None:
@@ -311,7 +318,7 @@ class Streamer:
             flag = ran.flag
             assert flag is not None
             ended = threading.Event()
-            reader = _classified(ran.rest, deadline, self.timeout, part.limit is not None, ended)
+            reader = _classified(ran.rest, deadline, timeout, part.limit is not None, ended)
 
             def cut() -> bool | None:
                 # Cut is known as soon as the cut batch passed; "not cut" only at the end.
@@ -324,7 +331,7 @@ class Streamer:
                 err = classify(
                     e,
                     timed_out=deadline is not None and deadline.fired,
-                    timeout_seconds=self.timeout,
+                    timeout_seconds=timeout,
                     wrapped=part.limit is not None,
                 )
                 if err is not None and err is not e:

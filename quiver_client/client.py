@@ -555,7 +555,12 @@ class QuiverClient:
         def run() -> dict[str, Any]:
             writer, results = self._client.do_put(descriptor, data.schema, self.options)
             try:
-                batches = data.to_batches(max_chunksize) if isinstance(data, pa.Table) else data
+                # One dictionary per column for the whole upload (the server stores one IPC file).
+                batches = (
+                    data.unify_dictionaries().to_batches(max_chunksize)
+                    if isinstance(data, pa.Table)
+                    else data
+                )
                 for batch in batches:
                     writer.write_batch(batch)
                 writer.done_writing()

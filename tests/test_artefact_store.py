@@ -18,7 +18,7 @@ from catalog import Catalog, Principal
 from catalog.artefacts import TEMP_PREFIX, ArtefactFilter, ArtefactStore, is_artefact_id, new_id
 from catalog.database import SYSTEM_SCHEMA
 from catalog.errors import InvalidArgument, NotFound, PayloadTooLarge, PermissionDenied, Unprocessable
-from tests.harness import make_config
+from tests.harness import make_config, wait_until
 
 TABLE = pa.table({"id": pa.array([1, 2, 3], pa.int64()), "label": ["a", "b", None]})
 
@@ -172,6 +172,8 @@ def test_bad_inputs_keep_nothing(catalog: Catalog) -> None:
         (lambda: store.begin_write(p, "table", "", schema=TABLE.schema), InvalidArgument),
         (lambda: store.begin_write(p, "table", "x" * 256, schema=TABLE.schema), InvalidArgument),
         (lambda: store.begin_write(p, "table", "a\x00b", schema=TABLE.schema), InvalidArgument),
+        (lambda: store.begin_write(p, "table", "two\nlines", schema=TABLE.schema), InvalidArgument),
+        (lambda: store.begin_write(p, "file", "x", tags=["a\tb"]), InvalidArgument),
         (lambda: store.begin_write(p, "table", "x"), InvalidArgument),
         (lambda: store.begin_write(p, "table", "x", schema=TABLE.schema, tags=["t"] * 40), InvalidArgument),
         (lambda: store.begin_write(p, "file", "x", media_type="not a type"), InvalidArgument),
@@ -230,12 +232,13 @@ def test_quota_refusal_leaves_usage_unchanged(catalog: Catalog) -> None:
 
 
 def test_quota_races_commit_at_most_the_quota(catalog: Catalog) -> None:
-    """Five threads each commit 100 kB into a 300 kB quota at once: exactly three are kept."""
+    """Eight uploads begun while the swarm keeps nothing commit at once into a count quota of
+    five: exactly five are kept (the commit's check runs under the admin-write lock)."""
     store = catalog.artefacts
     p = who(catalog, "agent", "s2", "a1")
-    writers = [store.begin_write(p, "file", f"r{i}") for i in range(5)]
+    writers = [store.begin_write(p, "file", f"r{i}") for i in range(8)]
     for w in writers:
-        w.write(b"y" * 100_000)
+        w.write(b"y" * 1000)
     results: list[object] = []
     barrier = threading.Barrier(len(writers))
 
@@ -252,8 +255,9 @@ def test_quota_races_commit_at_most_the_quota(catalog: Catalog) -> None:
     for t in threads:
         t.join()
     kept = [r for r in results if not isinstance(r, Exception)]
-    assert len(kept) == 3
-    assert store.usage("s2").bytes == 300_000 and len(files(store)) == 3 and meta_rows(catalog) == 3
+    assert len(kept) == 5
+    assert all("swarm_quota_count" in str(r) for r in results if isinstance(r, Exception))
+    assert store.usage("s2").count == 5 and len(files(store)) == 5 and meta_rows(catalog) == 5
 
 
 def test_extend_and_expiry(catalog: Catalog) -> None:
@@ -331,6 +335,8 @@ def test_list_pages_and_filters(catalog: Catalog) -> None:
         ids += [a.id for a in page.items]
     assert ids == [a.id for a in made]
     assert [a.name for a in store.list(p, ArtefactFilter(tag="odd")).items] == ["t1", "t3"]
+    assert len(store.list(p, ArtefactFilter(owner=p.label, kind="table")).items) == 5
+    assert store.list(p, ArtefactFilter(owner="agent:s1/a1")).items == []
     with pytest.raises(InvalidArgument):
         store.list(p, page_size=0)
     with pytest.raises(InvalidArgument):
@@ -369,3 +375,190 @@ def test_backup_holds_content_of_exactly_the_committed_artefacts(tmp_path: Path)
         assert c.artefacts.sweep().total == 0
     finally:
         c.close()
+
+
+def test_janitor_drops_sql_copies_without_metadata(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    art = save_table(store, p)
+    stray = new_id()
+    with catalog.db.transaction() as cur:
+        cur.execute(f'CREATE TABLE artefacts."{stray}" AS SELECT 1 AS x')
+    running = store.begin_write(p, "table", "running", schema=TABLE.schema)
+    running.write_table(TABLE)
+    with catalog.db.transaction() as cur:  # a writer between its SQL copy and its commit
+        cur.execute(f'CREATE TABLE artefacts."{running.id}" AS SELECT 1 AS x')
+    report = store.sweep()
+    assert report.orphan_tables == [stray]
+    with catalog.db.reading() as cur:
+        names = cur.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'artefacts'"
+        ).fetchall()
+    assert sorted(n for (n,) in names) == sorted([art.id, running.id])
+    running.abort()
+
+
+def test_failed_commit_drops_its_sql_copy(catalog: Catalog) -> None:
+    """An upload refused at commit (the quota filled meanwhile) leaves no SQL table behind."""
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s3", "a1")
+    w = store.begin_write(p, "table", "late", schema=TABLE.schema)
+    w.write_table(TABLE)
+    for i in range(5):  # fill the count quota while w is open
+        with store.begin_write(p, "file", f"f{i}") as f:
+            f.write(b"x")
+            f.commit()
+    with pytest.raises(PayloadTooLarge, match="swarm_quota_count"):
+        w.commit()
+    with catalog.db.reading() as cur:
+        assert cur.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'artefacts'"
+        ).fetchall() == [(0,)]
+    assert [n for n in files(store) if n.startswith(TEMP_PREFIX)] == []
+
+
+def test_ids_are_case_insensitive_and_usage_skips_expired(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    art = save_table(store, p, ttl_seconds=1)
+    assert store.get(p, art.id.upper()).id == art.id
+    assert store.usage("s1").bytes == art.size_bytes
+    wait_until(lambda: datetime.now(UTC) >= art.expires_at, what="the artefact's expiry")
+    assert store.usage("s1").bytes == 0
+
+
+def test_a_recreated_swarm_neither_sees_nor_pays_for_the_old_ones_artefacts(catalog: Catalog) -> None:
+    store = catalog.artefacts
+    old = who(catalog, "agent", "s2", "a1")
+    art = save_table(store, old)
+    assert store.usage("s2").count == 1
+    catalog.delete_swarm("s2")
+    catalog.swarms.create("s2")
+    new = who(catalog, "agent", "s2", "a1")
+    with pytest.raises(NotFound):
+        store.get(new, art.id)
+    assert store.readable_table(new, art.id) is None
+    assert store.usage("s2").count == 0
+    assert store.get(who(catalog, "admin"), art.id).id == art.id
+
+
+def test_running_uploads_count_against_the_quota_while_streaming(catalog: Catalog) -> None:
+    """Parallel uploads of one swarm cannot each fill the disk up to the quota."""
+    store = catalog.artefacts
+    p = who(catalog, "agent", "s1", "a1")
+    first = store.begin_write(p, "file", "first")
+    first.write(b"x" * 200_000)
+    second = store.begin_write(p, "file", "second")
+    with pytest.raises(PayloadTooLarge) as e:
+        second.write(b"x" * 150_000)
+    assert "other uploads in progress hold 200000 more" in e.value.detail
+    assert [n for n in files(store) if n.startswith(TEMP_PREFIX)] == [first.temp_path.name]
+    first.abort()
+    with store.begin_write(p, "file", "third") as third:
+        third.write(b"x" * 150_000)
+        third.commit()
+    assert store.usage("s1").bytes == 150_000
+
+
+def test_status_section(catalog: Catalog) -> None:
+    save_table(catalog.artefacts, who(catalog, "admin"))
+    section = catalog.status()["artefacts"]
+    assert (section.count, section.tables, section.uploading) == (1, 1, 0) and section.bytes > 0
+
+
+def test_config_reserves_the_artefacts_schema_and_bounds_ttls(tmp_path: Path) -> None:
+    from catalog import ConfigError, load_config
+
+    sync = {
+        "snowflake": {"account": "acme", "user": "quiver", "password": "x"},
+        "sync": {"tables": [{"source": "DB.S.T", "target": "artefacts.t"}]},
+    }
+    with pytest.raises(ConfigError, match="reserved for tabular artefacts"):
+        load_config(None, environ={}, overrides=sync)
+    with pytest.raises(ConfigError, match=r"artefacts\.default_ttl_seconds"):
+        load_config(
+            None, environ={}, overrides={"artefacts": {"default_ttl_seconds": 10, "max_ttl_seconds": 5}}
+        )
+    env = {"QUIVER_ARTEFACTS_SWARM_QUOTA_COUNT": "7"}
+    assert load_config(None, environ=env).artefacts.swarm_quota_count == 7
+
+
+def test_any_name_is_a_label_or_a_clear_refusal(catalog: Catalog) -> None:
+    """Hypothesis over names (path-like, unicode, control characters, long): either refused
+    with INVALID_ARGUMENT and nothing kept, or stored verbatim with the content under the id."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    store = catalog.artefacts
+    p = who(catalog, "admin")
+    names = st.one_of(
+        st.text(max_size=300),
+        st.sampled_from(
+            ["../../etc/passwd", "/abs/path", "..", ".", "a/../../b", "C:\\\\x", "~root", ".tmp-x"]
+        ),
+    )
+
+    @settings(max_examples=150, deadline=None)
+    @given(name=names)
+    def check(name: str) -> None:
+        before = files(store)
+        try:
+            with store.begin_write(p, "file", name) as w:
+                w.write(b"content")
+                art = w.commit()
+        except InvalidArgument as e:
+            assert len(e.detail) <= 600
+            assert files(store) == before
+            return
+        assert art.name == name and files(store) == sorted([*before, art.id])
+        store.delete(p, art.id)
+        assert files(store) == before
+
+    check()
+    assert not (catalog.data_dir.parent / "etc").exists() and not (store.directory.parent / "b").exists()
+
+
+def test_uploads_racing_the_janitor_all_commit_whole(catalog: Catalog) -> None:
+    """Writers (threads) save tables and files while the janitor sweeps without pause: every
+    upload commits, reads back whole, and nothing of theirs is taken for an orphan."""
+    store = catalog.artefacts
+    admin = who(catalog, "admin")
+    stop = threading.Event()
+    sweeps = [0]
+    errors: list[BaseException] = []
+
+    def janitor() -> None:
+        while not stop.is_set():
+            report = store.sweep()
+            if report.total:
+                errors.append(AssertionError(f"the janitor removed a live upload's files: {report}"))
+            sweeps[0] += 1
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(15):
+                if i % 2:
+                    art = save_table(store, admin, name=f"w{n}-{i}")
+                    _, reader = store.open_table(admin, art.id)
+                    assert reader.read_all().equals(TABLE)
+                else:
+                    with store.begin_write(admin, "file", f"w{n}-{i}") as w:
+                        w.write(b"%d" % i)
+                        art = w.commit()
+                    _, f = store.open_content(admin, art.id)
+                    with f:
+                        assert f.read() == b"%d" % i
+        except BaseException as e:
+            errors.append(e)
+
+    sweeper = threading.Thread(target=janitor)
+    sweeper.start()
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    sweeper.join()
+    assert not errors, errors
+    assert sweeps[0] > 0 and meta_rows(catalog) == 60 and len(files(store)) == 60

@@ -21,7 +21,7 @@ import pytest
 from catalog import TableRef
 from catalog.tables import TableCatalog
 from quiver_client import QuiverClient, QuiverClientError
-from tests.harness import Server, start_server
+from tests.harness import Server, start_server, wait_until
 from tests.test_http_query import _same_json_value, flight_table
 
 ORDERS = "SELECT * FROM demo.orders WHERE order_id > ? ORDER BY order_id LIMIT 900"
@@ -346,3 +346,69 @@ def test_concurrent_exports_and_refreshes(server: Server) -> None:
         t.join(120)
     assert not errors, errors
     assert len(set(ids)) == 4
+
+
+# --- async exports: progress in query-status -------------------------------------------------------
+def test_an_async_export_reports_progress_and_its_artefact(server: Server, demo: QuiverClient) -> None:
+    answer = demo.action(
+        "export", {"query": "SELECT range AS v FROM range(?)", "params": [200_000], "async": True}
+    )
+    assert answer["state"] == "queued" and answer["kind"] == "export"
+    done = demo.wait(answer["id"])
+    assert done["state"] == "succeeded", done
+    assert done["rows"] == 200_000 and done["bytes"] > 0
+    export = done["export"]
+    assert export["rows"] == 200_000 and export["artefact"]["provenance"]["params"] == [200_000]
+    got = pq.read_table(io.BytesIO(content(server, export["artefact"]["id"])))
+    assert got.column("v").to_pylist() == list(range(200_000))
+    # An export's id names no result to fetch.
+    with pytest.raises(QuiverClientError) as exc:
+        demo.result(answer["id"], wait=None)
+    assert exc.value.code == "INVALID_ARGUMENT" and "export" in exc.value.detail
+
+
+def test_an_async_export_can_be_watched_and_cancelled_and_keeps_nothing(server: Server) -> None:
+    token = server.mint("agent", "buyers", "watcher")
+    watcher = client(server, token)
+    count, files = artefact_count(server), stored_files(server)
+    answer = watcher.action(
+        "export", {"query": "SELECT range AS v FROM range(2000000000)", "format": "csv", "async": True}
+    )
+    running = wait_until(
+        lambda: (s := watcher.status(answer["id"]))["state"] == "running" and s["rows"] > 0 and s,
+        what="the export's progress",
+    )
+    assert running["bytes"] > 0
+    watcher.cancel(answer["id"])
+    final = watcher.wait(answer["id"])
+    assert final["state"] == "cancelled" and final["export"] is None
+    assert artefact_count(server) == count
+    wait_until(lambda: stored_files(server) == files, what="the partial export removed")
+    flight_server = server.runtime.flight
+    assert flight_server is not None
+    wait_until(lambda: flight_server.admission.streams() == 0, what="the export's slot given back")
+
+
+def test_an_async_export_is_refused_at_once(server: Server, demo: QuiverClient) -> None:
+    before = demo.action("export", {"query": "SELECT 1 AS one", "async": True})
+    demo.wait(before["id"])
+    with pytest.raises(QuiverClientError) as exc:
+        demo.action("export", {"query": "SELECT * FROM _quiver.tokens", "async": True})
+    assert exc.value.code == "PERMISSION_DENIED"
+    with pytest.raises(QuiverClientError) as exc:
+        demo.action("export", {"query": "SELEC 1", "async": True})
+    assert exc.value.code == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("body", [{"name": ""}, {"ttl_seconds": 0}, {"tags": ["x" * 500]}])
+def test_a_bad_artefact_field_is_refused_before_the_query_runs(
+    server: Server, demo: QuiverClient, body: dict[str, Any]
+) -> None:
+    flight_server = server.runtime.flight
+    assert flight_server is not None
+    before, count, files = flight_server.streamer.executions, artefact_count(server), stored_files(server)
+    with pytest.raises(QuiverClientError) as exc:
+        demo.action("export", {"query": "SELECT 12345 AS fresh_text", **body})
+    assert exc.value.code == "INVALID_ARGUMENT"
+    assert flight_server.streamer.executions == before
+    assert artefact_count(server) == count and stored_files(server) == files

@@ -167,6 +167,15 @@ class _Body:
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.running.close)
+            log.info(
+                "http.query.finished",
+                format=self._writer.format.name,
+                rows=self._writer.rows,
+                complete=self._done,  # false: failed midway, or the client went away
+                truncated=self.running.cut(),
+                tables=[t.qualified for t in self.running.tables],
+                request_id=self._rid,
+            )
 
 
 @post(
