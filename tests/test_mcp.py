@@ -19,7 +19,7 @@ from mcp import Client, ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from quiver_client import QuiverClient, QuiverClientError
-from tests.harness import Server, start_server
+from tests.harness import Server, start_server, wait_until
 from tests.test_sqlguard import FUNCTION_ESCAPES, SETUP, STATEMENTS, TABLE_ESCAPES
 
 T = TypeVar("T")
@@ -594,3 +594,42 @@ def test_every_tool_call_is_logged_without_the_token(server: Server) -> None:
     assert first["rows"] == 3 and first["bytes"] > 0 and first["ms"] >= 0
     assert len(first["sql"]) == 12 and first["sql"] != calls[1]["sql"]
     assert token not in repr(logs) and sql not in repr(logs)
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The data plane's own limits: one query per principal, a one-second timeout."""
+    s = start_server(
+        tmp_path_factory.mktemp("mcp-strict"),
+        limits={"max_concurrent_queries": 1, "query_timeout_seconds": 2},
+    )
+    yield s
+    s.stop()
+
+
+def test_run_query_is_under_the_data_planes_timeout(strict: Server) -> None:
+    slow = "SELECT count(*) FROM range(100000000000) a(i) WHERE i % 7 = 3"
+    code, detail = refused(tool(strict, "run_query", {"sql": slow}))
+    with QuiverClient(strict.flight_url, strict.demo_token) as c, pytest.raises(QuiverClientError) as e:
+        c.query(slow)
+    assert code == e.value.code == "DEADLINE_EXCEEDED" and "query_timeout_seconds" in detail
+
+
+def test_mcp_shares_the_data_planes_admission_with_flight(strict: Server) -> None:
+    """A run_query holds the principal's one admission slot: Flight is refused meanwhile."""
+    assert strict.runtime.flight is not None
+    admission = strict.runtime.flight.admission
+    slow = "SELECT count(*) FROM range(100000000000) a(i) WHERE i % 7 = 3"
+    answers: list[types.CallToolResult] = []
+    racer = threading.Thread(target=lambda: answers.append(tool(strict, "run_query", {"sql": slow})))
+    racer.start()
+    try:
+        wait_until(lambda: any(admission.active().values()), what="the MCP query to hold its slot")
+        with QuiverClient(strict.flight_url, strict.demo_token) as c, pytest.raises(QuiverClientError) as e:
+            c.query("SELECT 1 AS x")
+        assert e.value.code == "RESOURCE_EXHAUSTED" and "max_concurrent_queries" in e.value.detail
+    finally:
+        racer.join(60)
+    assert refused(answers[0])[0] == "DEADLINE_EXCEEDED"
+    wait_until(lambda: not any(admission.active().values()), what="the slot given back")
+    assert not tool(strict, "run_query", {"sql": "SELECT 1 AS x"}).is_error
