@@ -10,7 +10,8 @@ Each request, in this order, before the SDK reads a byte of the body:
    request, so a revoked token is refused on its next call; missing or bad → 401 with
    ``WWW-Authenticate: Bearer`` (and an ``auth.failed`` audit record, as every listener
    does); an admin or metrics token → 403: tools run agent SQL under a swarm's allowlist.
-3. The SDK's session manager, in **stateless** mode: the stateless protocol revision and the
+3. The SDK's session manager, in **stateless** mode (POST only: any other method is 405 with
+   ``Allow: POST``, before the token is read — there is no event stream and no session): the stateless protocol revision and the
    earlier handshake-based clients are both served, no session state is kept between
    requests, and the verified caller travels to the tool handlers in a context variable.
 
@@ -141,6 +142,20 @@ class McpHttp:
         refused = await self._checks.validate_request(request, is_post=False)
         if refused is not None:
             await refused(scope, receive, send)  # type: ignore[arg-type]
+            return
+        if scope.get("path", "") not in (PATH, PATH + "/", "/", ""):  # a mount also matches /mcp/…
+            await _answer(send, 404, "NOT_FOUND", f"no such route; the MCP endpoint is {PATH}")
+            return
+        if scope.get("method") != "POST":
+            # Stateless: no standalone event stream (GET), no session to end (DELETE). Left to
+            # the SDK, a GET would hold its connection open for as long as the client likes.
+            await _answer(
+                send,
+                405,
+                "METHOD_NOT_ALLOWED",
+                "/mcp takes POST only (stateless streamable HTTP: no event stream, no session)",
+                {"allow": "POST"},
+            )
             return
         try:
             principal = self._authenticate(scope, request)

@@ -434,6 +434,18 @@ def test_sql_refusals_keep_nothing(server: Server) -> None:
     )
 
 
+def test_other_methods_and_paths_are_answered_at_once(server: Server) -> None:
+    headers = {"authorization": f"Bearer {server.demo_token}", "accept": "text/event-stream"}
+    for method in ("GET", "DELETE", "PUT", "PATCH"):
+        # GET used to open an event stream that stayed open for as long as the client liked.
+        r = httpx.request(method, server.http_url + "/mcp", headers=headers, timeout=10)
+        assert r.status_code == 405 and r.headers["allow"] == "POST", method
+    r = post(server, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, server.demo_token)
+    assert r.status_code == 200
+    sub = httpx.post(server.http_url + "/mcp/tools", json={}, headers=headers, timeout=10)
+    assert sub.status_code == 404
+
+
 def test_protocol_garbage_is_never_a_500(server: Server) -> None:
     token = server.demo_token
     for body in ([], {"jsonrpc": "2.0"}, {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": "x"}):
