@@ -42,6 +42,7 @@ from starlette.requests import Request
 
 from catalog import Catalog, Unauthenticated
 from catalog.config import McpConfig
+from catalog.errors import bounded
 from catalog.query_port import QueryRunner
 from mcp_server.backend import LocalBackend
 from mcp_server.server import Caller, CallLimiter, build_server
@@ -140,8 +141,15 @@ class McpHttp:
             return
         request = Request(scope, receive)  # type: ignore[arg-type]
         refused = await self._checks.validate_request(request, is_post=False)
-        if refused is not None:
-            await refused(scope, receive, send)  # type: ignore[arg-type]
+        if refused is not None:  # the SDK's check; answered in the control plane's error body
+            if refused.status_code == 421:
+                host = bounded(request.headers.get("host", ""), 100)
+                detail = f"Host {host!r} is not one of [mcp] allowed_hosts; an admin may add it"
+                await _answer(send, 421, "MISDIRECTED_REQUEST", detail)
+            else:
+                origin = bounded(request.headers.get("origin", ""), 100)
+                detail = f"Origin {origin!r} is not one of [mcp] allowed_origins; an admin may add it"
+                await _answer(send, refused.status_code, "PERMISSION_DENIED", detail)
             return
         if scope.get("path", "") not in (PATH, PATH + "/", "/", ""):  # a mount also matches /mcp/…
             await _answer(send, 404, "NOT_FOUND", f"no such route; the MCP endpoint is {PATH}")

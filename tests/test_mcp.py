@@ -382,8 +382,11 @@ def test_a_token_revoked_mid_session_is_refused_on_the_next_call(server: Server)
 
 def test_a_host_not_allowed_is_421(server: Server) -> None:
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
-    assert post(server, body, server.demo_token, host="evil.example:80").status_code == 421
-    assert post(server, body, server.demo_token, origin="http://evil.example").status_code == 403
+    wrong_host = post(server, body, server.demo_token, host="evil.example:80")
+    assert wrong_host.status_code == 421 and "[mcp] allowed_hosts" in wrong_host.json()["detail"]
+    wrong_origin = post(server, body, server.demo_token, origin="http://evil.example")
+    assert wrong_origin.status_code == 403 and wrong_origin.json()["error"] == "PERMISSION_DENIED"
+    assert post(server, body, None, host="evil.example").status_code == 421  # before the token
     assert (
         post(
             server, body, server.demo_token, host=f"localhost:{server.http_url.rsplit(':', 1)[1]}"
