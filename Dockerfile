@@ -16,6 +16,7 @@ COPY flight_server ./flight_server
 COPY quiver_client ./quiver_client
 COPY control_plane ./control_plane
 COPY sync ./sync
+COPY mcp_server ./mcp_server
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \
     && pip wheel --no-cache-dir --wheel-dir /wheels --constraint constraints.txt /dist/quiver-*.whl
 

@@ -148,6 +148,26 @@ class ArtefactsConfig(_Section):
     swarm_quota_count: PositiveInt = 10_000
 
 
+class McpConfig(_Section):
+    """The Model Context Protocol endpoint ``/mcp`` and ``quiver mcp`` (proto_docs/mcp.md)."""
+
+    enabled: bool = True
+    # Host header values /mcp answers (DNS-rebinding protection): "name", "name:port" or
+    # "name:*". Empty: the listener's own host and localhost, on any port.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    # Origin header values a browser may send (scheme://host[:port], ":*" for any port);
+    # empty: only the hosts above, over http and https.
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    # Rows run_query returns when the caller asks for none, and the most it may ask for.
+    default_rows: PositiveInt = 100
+    max_rows: PositiveInt = 1000
+    # Bytes of rendered result one tool answer holds at most (the rest is cut, and said so).
+    max_response_bytes: PositiveInt = 64 * 1024
+    # Tool calls per principal per minute, and at once.
+    calls_per_minute: PositiveInt = 120
+    max_concurrent_calls: PositiveInt = 4
+
+
 class DemoConfig(_Section):
     # Multiplies the demo tables' sizes (1.0: customers 100k, orders 2M, events 5M).
     scale: PositiveFloat = 1.0
@@ -257,6 +277,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     results: ResultsConfig = msgspec.field(default_factory=ResultsConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     artefacts: ArtefactsConfig = msgspec.field(default_factory=ArtefactsConfig)
+    mcp: McpConfig = msgspec.field(default_factory=McpConfig)
 
     @property
     def data_dir(self) -> Path:

@@ -19,6 +19,7 @@ from catalog.audit import AuditLog
 from catalog.clock import SYSTEM_CLOCK, Clock, utcnow
 from catalog.config import Config
 from catalog.database import Database
+from catalog.descriptions import Descriptions
 from catalog.errors import QuiverError, Unavailable
 from catalog.exports import Exports
 from catalog.identity import Principal, WhoAmI
@@ -64,6 +65,8 @@ class Catalog:
         self.tables = TableCatalog(self.db)
         self.policy = Policy(self.tables)
         self.swarms = SwarmStore(self.db, self.policy)
+        # Table and column texts for agents: DuckDB comments (catalog/descriptions.py).
+        self.descriptions = Descriptions(self.db, self.swarms.writes)
         self.keys = KeyRing.load_or_create(data_dir / "keys")
         self.tokens = TokenService(self.db, self.keys, config.tokens, self.swarms, clock)
         self.tokens.retire_keys()

@@ -9,9 +9,10 @@ a decision on the hot path never touches the database.
 
 from __future__ import annotations
 
+import difflib
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA
@@ -62,6 +63,40 @@ def pattern_matches(pattern: str, ref: TableRef) -> bool:
 
 
 NOT_READABLE = "not readable: not in your allowlist or does not exist"
+
+#: How many readable names a refusal suggests.
+HINT_NAMES = 5
+
+
+def closest_readable(wanted: str, readable: Iterable[str], n: int = HINT_NAMES) -> list[str]:
+    """The ``n`` names of ``readable`` closest to ``wanted`` (a typo's likely intent), best
+    first: by similarity to the whole ``schema.table`` or to the table part alone (an agent
+    often gets the schema wrong), ties in name order. Ranked only among what the caller may
+    read, so the answer for a table that exists but is not readable is the answer for one
+    that does not exist (existence never leaks)."""
+    target = fold(wanted)[:200]  # a refusal echoes at most a few hundred characters anyway
+    target_table = target.rsplit(".", 1)[-1]
+
+    def score(name: str) -> float:
+        folded = fold(name)
+        whole = difflib.SequenceMatcher(None, target, folded).ratio()
+        table = difflib.SequenceMatcher(None, target_table, folded.rsplit(".", 1)[-1]).ratio()
+        return max(whole, table)
+
+    names = sorted(set(readable))
+    return sorted(names, key=lambda name: (-score(name), name))[:n]
+
+
+def readable_hint(wanted: str, readable: Sequence[str]) -> str:
+    """What a refusal says one may read instead: every readable name when there are few,
+    else the closest few and how many there are in all; "none" for an empty allowlist."""
+    if not readable:
+        return "none"
+    closest = closest_readable(wanted, readable)
+    hint = ", ".join(closest)
+    if len(set(readable)) > len(closest):
+        hint += f" (the {len(closest)} closest of {len(set(readable)):,}; ListFlights lists them all)"
+    return hint
 
 
 class ArtefactTables(Protocol):
@@ -124,7 +159,6 @@ class Policy:
         existence never leaks."""
         ref = self.resolve_artefact(principal, schema, name) or self._tables.resolve(schema, name)
         if ref is None or not self.can_read(principal, ref):
-            readable = self.readable_names(principal)
-            hint = ", ".join(readable[:50]) if readable else "none"
+            hint = readable_hint(f"{schema}.{name}", self.readable_names(principal))
             raise PermissionDenied(f"{schema}.{name}: {NOT_READABLE}; you may read: {hint}")
         return ref

@@ -20,6 +20,12 @@ Failures are :class:`~catalog.errors.QuiverError` subclasses with the codes of
 proto_docs/errors.md: raised by :meth:`QueryRunner.run` before any row is read (refusals,
 binder errors, admission, a timeout while the head is read), and by the reader's iteration
 for a failure in the middle of the stream.
+
+Samples and profiles (the MCP tools ``sample_table``, ``profile_table``,
+``describe_table``) go through :meth:`QueryRunner.read`: the body of a Flight ``sample`` or
+``profile`` command, planned and run by the data plane as a Flight call would be (the same
+checks, allowlist, admission slot and timeout), answered whole: both are bounded by
+``[limits] max_sample_rows`` or by the table's column count.
 """
 
 from __future__ import annotations
@@ -98,4 +104,9 @@ class QueryRunner(Protocol):
         server's ``[limits] max_rows`` applies. ``timeout_seconds`` replaces ``[limits]
         query_timeout_seconds`` for work the server runs in the background on its own
         bounded workers (an async export: ``[results] timeout_seconds``)."""
+        ...
+
+    def read(self, principal: Principal, command: dict[str, Any]) -> pa.Table:
+        """The whole result of a ``sample`` or ``profile`` command (proto_docs/descriptors.md)
+        as ``principal``; any other kind is INVALID_ARGUMENT."""
         ...

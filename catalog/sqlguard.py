@@ -140,7 +140,7 @@ import duckdb
 from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA, quote_literal
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.identity import Principal
-from catalog.policy import NOT_READABLE, Policy
+from catalog.policy import NOT_READABLE, Policy, readable_hint
 from catalog.tables import TableCatalog, TableRef, fold
 
 # --- what is allowed ------------------------------------------------------------------------
@@ -356,7 +356,6 @@ _FILE_SUFFIXES = (
     ".zst",
 )
 
-_HINT_LIMIT = 50
 #: Longest refusal detail, and longest name or DuckDB message quoted in one (issue #8, defect 8:
 #: a multi-megabyte detail overflowed gRPC's header limit and the client saw no code at all).
 MAX_DETAIL_CHARS = 4_000
@@ -1264,10 +1263,7 @@ class SqlGuard:
 
     def _not_readable(self, display: str, readable: Iterable[str]) -> PermissionDenied:
         display = _echo(display, 2 * _MAX_ECHO)
-        names = sorted(readable)
-        hint = ", ".join(names[:_HINT_LIMIT]) if names else "none"
-        if len(names) > _HINT_LIMIT:
-            hint += f", … ({len(names) - _HINT_LIMIT} more; see ListFlights)"
+        hint = readable_hint(display, list(readable))
         last = display.rsplit(".", 1)[-1]
         files = (
             "; files and URLs cannot be read (FROM 'path' and read_*() are refused)"

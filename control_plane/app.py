@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 import structlog
 from litestar import Litestar, Router
 from litestar.handlers import HTTPRouteHandler
+from litestar.handlers.asgi_handlers import ASGIRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.routes import HTTPRoute
@@ -63,6 +66,7 @@ _DOMAIN_STATUSES: dict[str, set[int]] = {
     "revoke_token": {409},
     "revoke_tokens": {404, 409},
     "sync_status": {404},
+    "put_description": {404, 409},
     "metrics": {401, 403},
     # Artefacts (proto_docs/artefacts.md, "Over HTTP"): the upload reads its own body (no
     # ``data`` model), so its body statuses are listed here; 403 for a reader who is not the
@@ -176,14 +180,25 @@ def request_context(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-def create_app(catalog: Catalog, *, report: StatusReport, sync: SyncControl | None = None) -> Litestar:
+def create_app(
+    catalog: Catalog,
+    *,
+    report: StatusReport,
+    sync: SyncControl | None = None,
+    mounts: Sequence[ASGIRouteHandler] = (),
+    lifespans: Sequence[Callable[[Litestar], AbstractAsyncContextManager[None]]] = (),
+) -> Litestar:
     """The control plane over ``catalog``. ``report`` answers GET /v1/status and /healthz;
     ``sync`` is the sync worker of GET /v1/sync and POST /v1/sync/{table}/run (None: those
-    answer 404). The process wiring builds both from the components it started
-    (quiver/runtime.py): the control plane never reaches into another component."""
+    answer 404). ``mounts`` are ASGI apps the process wiring adds beside the routes (``/mcp``,
+    mcp_server/http.py), each checking its own requests, and ``lifespans`` what they need
+    running while the app serves (uvicorn runs the lifespan). The process wiring builds all of
+    them from the components it started (quiver/runtime.py): the control plane never reaches
+    into another component."""
     docs_plugins, docs_assets = render_plugins()
     app = Litestar(
-        route_handlers=[*ROUTERS, *docs_assets],
+        route_handlers=[*ROUTERS, *docs_assets, *mounts],
+        lifespan=list(lifespans),
         before_request=gate,
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,

@@ -80,6 +80,23 @@ class TableOut(msgspec.Struct, kw_only=True):
     rows: int
     data_version: int
     swarms: list[str]
+    #: The table's text for agents and its columns' (catalog/descriptions.py).
+    description: str = ""
+    columns: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class DescriptionBody(Request):
+    """``PUT /v1/tables/{schema.table}/description``: the table's text (omit to keep it, ""
+    to remove it) and texts of named columns ("" removes one)."""
+
+    table: str | None = None
+    columns: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class DescriptionOut(msgspec.Struct, kw_only=True):
+    table: str
+    description: str
+    columns: dict[str, str]
 
 
 class TableList(msgspec.Struct, kw_only=True):

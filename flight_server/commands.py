@@ -78,6 +78,9 @@ class ProfileCommand(_Command, tag="profile"):
 
     table: str
     columns: list[str] | None = None
+    #: Only a profile already cached for the table's current data version; no rows (and no
+    #: scan) when there is none (MCP's describe_table: statistics when they cost nothing).
+    cached_only: bool = False
 
 
 class ResultCommand(_Command, tag="result"):
@@ -180,6 +183,26 @@ class RefreshArtefactBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     usage: ClassVar[str] = '{"id": "..."} (an exported artefact), optionally "ttl_seconds"'
     id: str
     ttl_seconds: int | None = None
+
+
+class ListArtefactsBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of ``list-artefacts`` (optional): a page of the artefacts you may see."""
+
+    usage: ClassVar[str] = (
+        '{"kind": "table" | "file", "tag": "...", "page_size": N, "after": "<id>"} (all optional)'
+    )
+    kind: Literal["table", "file"] | None = None
+    tag: str | None = None
+    page_size: int = 100
+    after: str | None = None
+
+
+class ReadArtefactBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of ``read-artefact``: an artefact's metadata and bounded head."""
+
+    usage: ClassVar[str] = '{"id": "...", "rows": N} (rows: 0 to 100, default 10)'
+    id: str
+    rows: int = 10
 
 
 class TableScan(msgspec.Struct, frozen=True):

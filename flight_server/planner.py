@@ -442,7 +442,7 @@ class Planner:
                 raise InvalidArgument("field 'columns' is empty: omit it for every column or name some")
             columns = tuple(resolve_columns(schema, cmd.columns, ref))
             count = len(columns)
-        part = ProfilePart(ref, columns)
+        part = ProfilePart(ref, columns, cmd.cached_only)
         return Plan("profile", PROFILE_SCHEMA, count, (part,), (ref,), ref.qualified, timeout=True)
 
     # --- async results ------------------------------------------------------------------------

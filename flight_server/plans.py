@@ -91,6 +91,7 @@ class SqlPart:
 class ProfilePart:
     ref: TableRef
     columns: tuple[str, ...] | None
+    cached_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)

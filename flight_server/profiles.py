@@ -355,6 +355,18 @@ class ProfileCache:
             self._store(key, ref, computed_version, table)
             return table
 
+    def cached(
+        self,
+        ref: TableRef,
+        columns: Sequence[str] | None = None,
+        *,
+        cursor: duckdb.DuckDBPyConnection | None = None,
+    ) -> pa.Table | None:
+        """The profile of ``ref`` when it is cached for the current data version, else None
+        (nothing is computed)."""
+        wanted = None if columns is None else tuple(dict.fromkeys(c.lower() for c in columns))
+        return self._lookup((ref.key(), wanted), self._current_version(ref, cursor))
+
     def _lookup(self, key: tuple[Any, ...], version: int, *, count: bool = True) -> pa.Table | None:
         with self._lock:
             entry = self._entries.get(key)

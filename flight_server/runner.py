@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import pyarrow as pa
 
 from catalog import InvalidArgument, Principal
 from catalog.query_port import RunningQuery
 from flight_server.admission import Admission
-from flight_server.commands import QueryCommand, decode_command
+from flight_server.commands import ProfileCommand, QueryCommand, SampleCommand, decode_command
 from flight_server.planner import Planner
 from flight_server.streams import Streamer
 
@@ -57,3 +58,17 @@ class SqlRunner:
         return self._streamer.run_query(
             self._admission, principal, guarded.tables, part, timeout_seconds=timeout_seconds
         )
+
+    def read(self, principal: Principal, command: dict[str, Any]) -> pa.Table:
+        """A ``sample`` or ``profile`` command, decoded and checked by the Flight command
+        decoder, planned by the planner (allowlist, columns, ``[limits] max_sample_rows``)
+        and read by the streamer under admission and the timeout."""
+        try:
+            raw = msgspec.json.encode(command)
+        except (TypeError, OverflowError) as e:
+            raise InvalidArgument(f"command: {e}") from None
+        cmd = decode_command(raw)
+        if not isinstance(cmd, SampleCommand | ProfileCommand):
+            raise InvalidArgument("only 'sample' and 'profile' commands are read this way")
+        plan = self._planner.plan(principal, cmd)
+        return self._streamer.read_plan(self._admission, principal, plan)

@@ -35,6 +35,7 @@ import json
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -43,8 +44,11 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
+from catalog.artefacts import ArtefactFilter
+from catalog.descriptions import TableDescription
 from catalog.errors import Cancelled, bounded
 from catalog.policy import NOT_READABLE
+from catalog.previews import preview
 from catalog.sqlguard import SqlGuard
 from catalog.status import AsyncQueriesStatus, CacheStatus, ProfilesStatus, QueriesStatus, QueryLimits
 from flight_server import commands
@@ -95,6 +99,16 @@ ACTIONS: dict[str, str] = {
         '"stale", "changed", "rows", "truncated", "max_rows"}; the artefact records its provenance. '
         'With "async": true it runs in the background: answers an id at once; query-status shows '
         'the rows and bytes written, then the answer under "export".'
+    ),
+    "list-artefacts": (
+        'The artefacts you may see, oldest first, one page at a time. Body (optional): {"kind": '
+        '"table" | "file", "tag": "...", "page_size": N (1 to 1000), "after": "<id>"}. Answers '
+        '{"items": [artefact metadata], "next": "<id>" | null} (pass next as after).'
+    ),
+    "read-artefact": (
+        'An artefact\'s metadata and its first rows (or, for CSV/NDJSON, first bytes). Body: {"id": '
+        '"...", "rows": N (0 to 100, default 10)}. Answers {"artefact", "columns", "rows", "text", '
+        '"truncated"}; NOT_FOUND when you may not see it.'
     ),
     "refresh-artefact": (
         "Re-run an export as you (its principal) under your current allowlist into a new "
@@ -210,6 +224,8 @@ class QuiverFlightServer(flight.FlightServerBase):
         def run(principal: Principal, state: CallState) -> list[flight.FlightInfo]:
             refs = self.catalog.policy.readable_tables(principal)
             infos = self.catalog.tables.describe(refs)
+            texts = self.catalog.descriptions.of(refs)
+            changed = self.catalog.descriptions.freshness(refs)
             state.fields["tables"] = len(infos)
             return [
                 flight.FlightInfo(
@@ -218,6 +234,8 @@ class QuiverFlightServer(flight.FlightServerBase):
                     [],
                     info.rows,
                     -1,
+                    # The table's and its columns' descriptions (proto_docs/listing.md).
+                    app_metadata=_listing_metadata(texts.get(info.ref.key()), changed.get(info.ref.key())),
                 )
                 for info in infos
             ]
@@ -301,7 +319,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         return self._run(context, "list_actions", lambda _p, _s: list(ACTIONS.items()))
 
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
-        def run(principal: Principal, state: CallState) -> list[bytes]:
+        def run(principal: Principal, state: CallState) -> list[bytes]:  # noqa: PLR0911  a dispatch on the action
             state.action = action.type
             body = action.body.to_pybytes() if action.body is not None else b""
             if action.type == "whoami":
@@ -329,6 +347,21 @@ class QuiverFlightServer(flight.FlightServerBase):
                 return self.sql.do_action(principal, action.type, body)
             if action.type == "export":
                 return [msgspec.json.encode(self._export(principal, state, body))]
+            if action.type == "list-artefacts":
+                listing = commands.decode_body(body, commands.ListArtefactsBody, action.type)
+                page = self.catalog.artefacts.list(
+                    principal,
+                    ArtefactFilter(kind=listing.kind, tag=listing.tag),
+                    page_size=listing.page_size,
+                    after=listing.after,
+                )
+                return [msgspec.json.encode(page)]
+            if action.type == "read-artefact":
+                wanted = commands.decode_body(body, commands.ReadArtefactBody, action.type)
+                state.fields["target"] = f"artefact:{bounded(wanted.id, 40)}"
+                return [
+                    msgspec.json.encode(preview(self.catalog.artefacts, principal, wanted.id, wanted.rows))
+                ]
             if action.type == "refresh-artefact":
                 refresh = commands.decode_body(body, commands.RefreshArtefactBody, action.type)
                 info = self.catalog.exports.refresh(principal, refresh.id, ttl_seconds=refresh.ttl_seconds)
@@ -515,3 +548,15 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.streamer.close()
         self.table_cache.invalidate(reason="shutdown")
         self.watchdog.stop()
+
+
+def _listing_metadata(text: TableDescription | None, changed_at: datetime | None) -> bytes:
+    """A listed table's ``app_metadata``: JSON ``{"description", "columns", "changed_at"}``
+    (proto_docs/listing.md)."""
+    return msgspec.json.encode(
+        {
+            "description": text.table if text else "",
+            "columns": text.columns if text else {},
+            "changed_at": changed_at,
+        }
+    )

@@ -61,7 +61,7 @@ from flight_server.plans import (
     TablePart,
     limited,
 )
-from flight_server.profiles import ProfileCache
+from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
 from flight_server.ready import ReadyPool
 from flight_server.results import QueryManager
 from flight_server.table_cache import Fill
@@ -162,7 +162,7 @@ class Streamer:
             state.cleanups.append(lambda: Watchdog.disarm(deadline))
         try:
             if isinstance(part, ProfilePart):
-                table = self.profiles.profile(part.ref, part.columns, cursor=cur)
+                table = self._profile(part, cur)
                 return flight.RecordBatchStream(table)
             if part.label_errors:  # a split query's part: nothing to cut, errors labelled
                 self.executions += 1
@@ -349,6 +349,47 @@ class Streamer:
                 if err is not None and err is not e:
                     raise err from None
             raise
+
+    def _profile(self, part: ProfilePart, cur: duckdb.DuckDBPyConnection) -> pa.Table:
+        if part.cached_only:
+            cached = self.profiles.cached(part.ref, part.columns, cursor=cur)
+            return cached if cached is not None else PROFILE_SCHEMA.empty_table()
+        return self.profiles.profile(part.ref, part.columns, cursor=cur)
+
+    def read_plan(self, admission: Admission, principal: Principal, plan: Plan) -> pa.Table:
+        """The whole result of a sample or profile plan for a caller outside Flight
+        (catalog/query_port.py ``read``): each part opened as DoGet opens it — the hot-table
+        cache's slice, the profile cache, or DuckDB — under one admission slot and the query
+        timeout. Only for plans bounded by construction (``[limits] max_sample_rows``, one row
+        per column): the result is read whole."""
+        if plan.kind not in ("sample", "profile"):
+            raise ValueError(f"read_plan reads samples and profiles, not {plan.kind!r}")
+        tables: list[pa.Table] = []
+        with admission.planning(principal, self._cursors) as (cur, deadline):
+            try:
+                for part in plan.parts:
+                    if isinstance(part, CachedPart):
+                        entry = part.entry()
+                        if entry is not None:
+                            data = entry.table.slice(part.offset, part.length)
+                            tables.append(
+                                data.select(list(part.columns)) if part.columns is not None else data
+                            )
+                            continue
+                        part = part.fallback
+                    if isinstance(part, ProfilePart):
+                        tables.append(self._profile(part, cur))
+                    elif isinstance(part, SqlPart):
+                        self.executions += 1
+                        reader = arrow_stream(cur, limited(part.sql, part.max_rows), part.params)
+                        tables.append(reader.read_all())
+                    else:  # pragma: no cover - samples and profiles have no other parts
+                        raise TypeError(f"unexpected part {type(part).__name__}")
+            except duckdb.Error as e:
+                raise duckdb_error(e, timed_out=deadline.fired, timeout_seconds=self.timeout) from None
+        if not tables:
+            return plan.schema.empty_table()
+        return pa.concat_tables([t.cast(plan.schema) if t.schema != plan.schema else t for t in tables])
 
     def _key(self, tables: tuple[TableRef, ...], part: SqlPart) -> CacheKey | None:
         """The result cache's key of a query. It holds the data versions of its tables

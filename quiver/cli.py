@@ -99,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     admin_cli.add_parser(sub, _config_args)
     keys_cli.add_parser(sub, _config_args)
 
+    mcp = sub.add_parser(
+        "mcp",
+        help="serve the MCP tools over stdio, proxied to a Quiver over Arrow Flight (proto_docs/mcp.md)",
+    )
+    _config_args(mcp)
+    mcp.add_argument("--url", required=True, help="the Quiver's Flight URL, e.g. grpc+tls://host:8815")
+    mcp.add_argument("--token-file", required=True, help="a file holding an agent or swarm token")
+    mcp.add_argument(
+        "--http-url", help="the Quiver's control plane URL, for export download links (optional)"
+    )
+    mcp.add_argument("--tls-root-certs", help="PEM file of the CA that signed the server's certificate")
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -175,7 +187,23 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911  a dispatch on the subcommand
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """``quiver mcp``: stdout is the protocol's, so everything else goes to stderr."""
+    from mcp_server import stdio
+
+    config = _load(args)
+    logs.configure("json", "warning")
+    try:
+        token = stdio.read_token(Path(args.token_file))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        print(f"quiver mcp: cannot read the token file: {e}", file=sys.stderr)
+        return 2
+    roots = Path(args.tls_root_certs).read_bytes() if args.tls_root_certs else None
+    stdio.serve(args.url, token, config.mcp, http_url=args.http_url, tls_root_certs=roots)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0911  a dispatch on the subcommand
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
@@ -193,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911  a dispatch on 
         if args.command == "version":
             print(VERSION)
             return 0
+        if args.command == "mcp":
+            return cmd_mcp(args)
         if args.command == "sync":
             from quiver import sync_cli
 

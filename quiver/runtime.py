@@ -343,14 +343,29 @@ class Runtime:
         tls = self.config.tls
         # uvicorn wraps the sockets passed to run() with this SSL context too, so the
         # listener serves TLS only: a plain-HTTP request fails the handshake.
-        app = create_app(catalog, report=status, sync=self.sync)
+        mounts, lifespans = [], []
+        if self.config.mcp.enabled and self.flight is not None:
+            from mcp_server.http import McpHttp
+
+            # The tools run agent SQL through the data plane's query path, handed over here.
+            mcp = McpHttp(
+                catalog,
+                self.flight.query_runner,
+                self.config.mcp,
+                listen_host=cfg.host,
+                advertise_host=cfg.advertise_host,
+            )
+            mounts.append(mcp.route_handler())
+            lifespans.append(mcp.lifespan)
+        app = create_app(catalog, report=status, sync=self.sync, mounts=mounts, lifespans=lifespans)
         logs.reclaim_root()  # Litestar's default logging config replaced the root handler
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
                 log_config=None,
                 access_log=False,
-                lifespan="off",
+                # On: the MCP session manager runs in the app's lifespan (mcp_server/http.py).
+                lifespan="on",
                 timeout_graceful_shutdown=int(self.grace_seconds),
                 server_header=False,
                 ssl_certfile=str(Path(tls.cert_file).expanduser()) if tls.cert_file else None,

@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
@@ -188,10 +188,26 @@ class TableListing:
     table: str
     rows: int
     schema: pa.Schema
+    #: The table's description and its columns' (ListFlights ``app_metadata``).
+    description: str = ""
+    columns: dict[str, str] = field(default_factory=dict)
+    #: When the table's data last changed (RFC 3339), None when unknown.
+    changed_at: str | None = None
 
     @property
     def name(self) -> str:
         return f"{self.schema_name}.{self.table}"
+
+
+def _listing_text(metadata: bytes | None) -> dict[str, Any]:
+    """A listed table's descriptions (``{"description", "columns"}``), {} when none."""
+    if not metadata:
+        return {}
+    try:
+        value = json.loads(bytes(metadata))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _path(table: str | Sequence[str]) -> list[str]:
@@ -436,7 +452,18 @@ class QuiverClient:
             out = []
             for info in self._client.list_flights(options=self.options):
                 schema_name, table = (p.decode() for p in info.descriptor.path)
-                out.append(TableListing(schema_name, table, info.total_records, info.schema))
+                text = _listing_text(info.app_metadata)
+                out.append(
+                    TableListing(
+                        schema_name,
+                        table,
+                        info.total_records,
+                        info.schema,
+                        str(text.get("description", "")),
+                        dict(text.get("columns", {})),
+                        text.get("changed_at"),
+                    )
+                )
             return out
 
         return self._call(run)
@@ -589,6 +616,24 @@ class QuiverClient:
         if description:
             body["description"] = description
         return dict(self.action("export", body))
+
+    def artefacts(
+        self,
+        *,
+        kind: str | None = None,
+        tag: str | None = None,
+        page_size: int = 100,
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        """One page of the artefacts you may see: ``{"items": [...], "next": id | None}``."""
+        body: dict[str, Any] = {"page_size": page_size}
+        body.update({k: v for k, v in {"kind": kind, "tag": tag, "after": after}.items() if v is not None})
+        return dict(self.action("list-artefacts", body))
+
+    def read_artefact(self, artefact_id: str, rows: int = 10) -> dict[str, Any]:
+        """An artefact's metadata and bounded head: ``{"artefact", "columns", "rows", "text",
+        "truncated"}``."""
+        return dict(self.action("read-artefact", {"id": artefact_id, "rows": rows}))
 
     def refresh(self, artefact_id: str, ttl_seconds: int | None = None) -> dict[str, Any]:
         """Re-run an export you made, under your current allowlist, into a new artefact whose

@@ -117,6 +117,12 @@ class Server:
         assert self.runtime.catalog is not None
         return self.runtime.catalog
 
+    @property
+    def agent_token(self) -> str:
+        """The demo agent's token (a server started with the demo data has one)."""
+        assert self.demo_token is not None, "this server was started without the demo"
+        return self.demo_token
+
     def flight(self) -> flight.FlightClient:
         client = flight.FlightClient(self.flight_url)
         self._clients.append(client)

@@ -647,6 +647,8 @@ def test_list_actions_describes_every_action(
         "cancel-query",
         "export",
         "refresh-artefact",
+        "list-artefacts",
+        "read-artefact",
         # Flight SQL's (proto_docs/flight-sql.md)
         "CreatePreparedStatement",
         "ClosePreparedStatement",

@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"catalog", "flight_server", "control_plane", "sync", "quiver", "quiver_client"}
+OURS = {"catalog", "flight_server", "control_plane", "sync", "quiver", "quiver_client", "mcp_server"}
 ALLOWED = {
     "catalog": {"catalog"},
     "flight_server": {"flight_server", "catalog", "quiver_client"},
     "control_plane": {"control_plane", "catalog"},
     "sync": {"sync", "catalog"},
     "quiver_client": {"quiver_client"},
+    # MCP: tools on the catalog and the query port, proxied over Flight by the agent client.
+    "mcp_server": {"mcp_server", "catalog", "quiver_client"},
 }
 
 

@@ -21,7 +21,7 @@ import pytest
 from catalog.database import Database
 from catalog.errors import InvalidArgument, PermissionDenied, QuiverError
 from catalog.identity import Principal
-from catalog.policy import NOT_READABLE, Policy
+from catalog.policy import HINT_NAMES, NOT_READABLE, Policy, closest_readable, readable_hint
 from catalog.sqlguard import (
     ALLOWED_TABLE_FUNCTIONS,
     DENIED_FUNCTIONS,
@@ -31,7 +31,13 @@ from catalog.sqlguard import (
 from catalog.tables import TableCatalog, TableRef
 from tests.guard_support import guard_database
 
-READABLE = "you may read: demo.accounts, demo.customers, demo.orders, demo.ünicode"
+READABLE = {"demo.accounts", "demo.customers", "demo.orders", "demo.ünicode"}
+
+
+def suggested(detail: str) -> list[str]:
+    """The names a refusal suggests, in its order."""
+    return detail.rsplit("; you may read: ", 1)[1].split(" (the ", 1)[0].split(", ")
+
 
 SETUP = """
 CREATE SCHEMA demo;
@@ -70,6 +76,7 @@ class Env:
     swarm: Principal
     admin: Principal
     stranger: Principal
+    policy: Policy
 
 
 def _principal(kind: str, swarm: str | None = None) -> Principal:
@@ -95,6 +102,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         swarm=_principal("swarm", "analysts"),
         admin=_principal("admin"),
         stranger=_principal("agent", "empty"),
+        policy=policy,
     )
     db.close()
 
@@ -416,7 +424,10 @@ def test_system_schema_is_never_readable_even_by_admin(env: Env, sql: str) -> No
         env.guard.check(env.admin, sql)
     assert NOT_READABLE in e.value.detail
     assert "_quiver" in e.value.detail.lower()
-    assert "secret.salaries" in e.value.detail  # the admin's own readable list
+    # Suggestions come from the admin's own readable list: every data table, never _quiver.
+    admin_reads = set(env.policy.readable_names(env.admin))
+    assert "secret.salaries" in admin_reads
+    assert set(suggested(e.value.detail)) <= admin_reads
 
 
 # --- escape attempts ------------------------------------------------------------------------
@@ -543,7 +554,7 @@ def test_table_escapes_are_refused(env: Env, sql: str, offender: str) -> None:
         env.guard.check(env.agent, sql)
     detail = e.value.detail
     assert detail.startswith(f"{offender}: {NOT_READABLE}"), detail
-    assert detail.endswith(READABLE), detail
+    assert set(suggested(detail)) == READABLE, detail  # few readable tables: all of them, ranked
     assert "Traceback" not in detail
 
 
@@ -558,8 +569,28 @@ def test_missing_and_forbidden_tables_get_the_same_answer(env: Env) -> None:
     for name in ("secret.salaries", "secret.no_such_table"):
         with pytest.raises(PermissionDenied) as e:
             env.guard.check(env.agent, f"SELECT * FROM {name}")
-        answers.append(e.value.detail.replace(name, "<t>"))
+        detail = e.value.detail
+        # The suggestions are ranked by the name asked for, among readable names only.
+        assert suggested(detail) == closest_readable(name, READABLE)
+        answers.append(detail.split("; you may read: ")[0].replace(name, "<t>"))
     assert answers[0] == answers[1]
+
+
+def test_a_typo_is_answered_with_the_closest_readable_names_first(env: Env) -> None:
+    with pytest.raises(PermissionDenied) as e:
+        env.guard.check(env.agent, "SELECT * FROM demo.ordrs")
+    assert suggested(e.value.detail)[0] == "demo.orders"
+    with pytest.raises(PermissionDenied) as e:
+        env.guard.check(env.agent, "SELECT * FROM sales.customer")  # wrong schema, close table
+    assert suggested(e.value.detail)[0] == "demo.customers"
+
+
+def test_a_long_allowlist_suggests_a_handful_ranked() -> None:
+    readable = [f"s{i}.table_{i}" for i in range(200)] + ["sales.orders"]
+    hint = readable_hint("sales.ordres", readable)
+    names = hint.split(" (the ")[0].split(", ")
+    assert names[0] == "sales.orders" and len(names) == HINT_NAMES
+    assert f"closest of {len(readable)}" in hint
 
 
 def test_empty_allowlist_lists_nothing(env: Env) -> None:

@@ -5,15 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from litestar import Request, Router, get, post
+from litestar import Request, Router, get, post, put
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from catalog import Catalog, Principal, StatusReport, SyncControl
+from catalog import Catalog, NotFound, Principal, StatusReport, SyncControl
+from catalog.errors import bounded
 from catalog.policy import pattern_matches
 from catalog.status import Status, SyncStatus, SyncTriggered
 from control_plane.context import ADMIN, audited, require_sync
-from control_plane.models import AuditList, TableList, TableOut
+from control_plane.models import AuditList, DescriptionBody, DescriptionOut, TableList, TableOut
 
 
 @get(
@@ -25,17 +26,45 @@ from control_plane.models import AuditList, TableList, TableOut
 def list_tables(catalog: NamedDependency[Catalog]) -> TableList:
     swarms = catalog.swarms.all()
     out = []
-    for info in catalog.tables.describe(catalog.tables.list_refs()):
+    refs = catalog.tables.list_refs()
+    texts = catalog.descriptions.of(refs)
+    for info in catalog.tables.describe(refs):
         readers = [s.name for s in swarms if any(pattern_matches(p, info.ref) for p in s.tables)]
+        text = texts[info.ref.key()]
         out.append(
             TableOut(
                 table=info.ref.qualified,
                 rows=info.rows,
                 data_version=info.data_version,
                 swarms=readers,
+                description=text.table,
+                columns=text.columns,
             )
         )
     return TableList(tables=out)
+
+
+@put(
+    "/v1/tables/{table:str}/description",
+    sync_to_thread=True,
+    tags=["tables"],
+    summary="Set a table's and its columns' descriptions for agents (stored as DuckDB comments)",
+)
+def put_description(
+    request: Request[Principal, Any, Any],
+    table: FromPath[str],
+    data: JSONBody[DescriptionBody],
+    catalog: NamedDependency[Catalog],
+) -> DescriptionOut:
+    with audited(request, "table.describe", table[:200]):
+        schema, dot, name = table.partition(".")
+        ref = catalog.tables.resolve(schema, name) if dot else None
+        if ref is None:
+            raise NotFound(
+                f"no data table {bounded(table, 120)!r}: name one of GET /v1/tables as 'schema.table'"
+            )
+        text = catalog.descriptions.set(ref, data.table, data.columns)
+    return DescriptionOut(table=ref.qualified, description=text.table, columns=text.columns)
 
 
 @get(
@@ -83,4 +112,8 @@ def sync_run(
         return require_sync(sync).trigger(table, full=full)
 
 
-ROUTER = Router("/", guards=[ADMIN], route_handlers=[list_tables, status, audit, sync_status, sync_run])
+ROUTER = Router(
+    "/",
+    guards=[ADMIN],
+    route_handlers=[list_tables, put_description, status, audit, sync_status, sync_run],
+)
