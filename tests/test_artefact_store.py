@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -638,3 +638,39 @@ def test_an_expired_artefact_is_gone_at_once_and_the_sweep_removes_only_it(catal
     assert reader.read_all().equals(TABLE)
     assert store.get(who(catalog, "agent", "s3", "c2"), theirs.id).id == theirs.id
     assert store.sweep().total == 0
+
+
+@pytest.mark.parametrize("op", ["extend", "share", "unshare", "delete"])
+def test_a_write_that_waited_past_the_expiry_does_not_revive_it(catalog: Catalog, op: str) -> None:
+    """A write checked while the artefact was live, then held at the admin-write lock (another
+    admin write, here the test) until it expired, is NOT_FOUND: an expired artefact is never
+    extended back to life, re-shared or counted as deleted by its owner."""
+    store = catalog.artefacts
+    owner = who(catalog, "agent", "s1", "a1")
+    art = save_table(store, owner, name=f"racing {op}", ttl_seconds=1)
+    if op == "unshare":
+        store.share(owner, art.id, "s2")
+    calls: dict[str, Callable[[], object]] = {
+        "extend": lambda: store.extend(owner, art.id, 3600),
+        "share": lambda: store.share(owner, art.id, "s3"),
+        "unshare": lambda: store.unshare(owner, art.id, "s2"),
+        "delete": lambda: store.delete(owner, art.id),
+    }
+    outcome: list[object] = []
+
+    def write() -> None:
+        try:
+            outcome.append(calls[op]())
+        except NotFound as e:
+            outcome.append(e)
+
+    with store.writes.lock:
+        writer = threading.Thread(target=write)
+        writer.start()
+        wait_until(lambda: datetime.now(UTC) > art.expires_at, what="the expiry")
+    writer.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], NotFound), outcome
+    with pytest.raises(NotFound):
+        store.get(who(catalog, "admin"), art.id)
+    report = store.sweep()
+    assert report.expired == [art.id]
