@@ -1117,13 +1117,22 @@ class ArtefactStore:
     def delete(self, principal: Principal, artefact_id: str) -> None:
         rec = self._managed(principal, artefact_id, "delete")
         with self.writes.lock:
-            if rec.artefact.id not in self._index:
-                raise not_found(artefact_id)
+            self._still_live(rec.artefact.id, artefact_id)
             self._remove([rec.artefact.id], "delete the artefact")
         self._unlink([rec.artefact.id])
         log.info("artefact.deleted", artefact=rec.artefact.id, actor=principal.label)
         if self._audit is not None:
             self._audit.record("artefact.delete", outcome="ok", actor=principal.label, target=rec.artefact.id)
+
+    def _still_live(self, aid: str, artefact_id: object) -> _Record:
+        """The record of ``aid`` for a write, checked again under the admin-write lock: a
+        write that was let through while the artefact was live, then waited for the lock,
+        must not touch it if it was deleted, swept or expired meanwhile (an expired artefact
+        is never extended back to life, nor re-shared). Callers hold the lock."""
+        current = self._index.get(aid)
+        if current is None or current.artefact.expires_at <= datetime.now(UTC):
+            raise not_found(artefact_id)
+        return current
 
     def _remove(self, ids: Sequence[str], what: str) -> None:
         """Metadata, shares and SQL copies of ``ids`` in one transaction, then the index.
@@ -1154,9 +1163,7 @@ class ArtefactStore:
             raise NotFound(f"swarm {bounded(swarm)!r} does not exist; nothing was shared")
         aid = rec.artefact.id
         with self.writes.lock:
-            current = self._index.get(aid)
-            if current is None:
-                raise not_found(artefact_id)
+            current = self._still_live(aid, artefact_id)
             if current.share_ids.get((swarm, agent), "") == instance:
                 return current.artefact
 
@@ -1189,9 +1196,7 @@ class ArtefactStore:
         swarm, agent = self._check_share_target(swarm, agent)
         aid = rec.artefact.id
         with self.writes.lock:
-            current = self._index.get(aid)
-            if current is None:
-                raise not_found(artefact_id)
+            current = self._still_live(aid, artefact_id)
             if (swarm, agent) not in current.share_ids:
                 who = swarm + (f"/{agent}" if agent else "")
                 raise NotFound(f"artefact {aid} is not shared with {bounded(who)!r}; nothing was changed")
@@ -1226,9 +1231,7 @@ class ArtefactStore:
         aid = rec.artefact.id
         expires = datetime.now(UTC) + timedelta(seconds=ttl)
         with self.writes.lock:
-            current = self._index.get(aid)
-            if current is None:
-                raise not_found(artefact_id)
+            current = self._still_live(aid, artefact_id)
             self.writes.run(
                 "extend the artefact",
                 lambda cur: cur.execute(

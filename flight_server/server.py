@@ -461,7 +461,7 @@ class QuiverFlightServer(flight.FlightServerBase):
                 principal,
                 "table",
                 cmd.name or "",
-                schema=reader.schema,
+                schema=_upload_schema(context, reader),
                 tags=cmd.tags or [],
                 description=cmd.description or "",
                 ttl_seconds=cmd.ttl_seconds,
@@ -560,3 +560,18 @@ def _listing_metadata(text: TableDescription | None, changed_at: datetime | None
             "changed_at": changed_at,
         }
     )
+
+
+def _upload_schema(context: flight.ServerCallContext, reader: flight.MetadataRecordBatchReader) -> pa.Schema:
+    """The upload's schema. pyarrow reads the schema message here; a client that sent only
+    the descriptor (or hung up first) has none, which Arrow reports as an OSError — the
+    client's mistake (or its leaving), never INTERNAL."""
+    try:
+        return reader.schema
+    except (pa.ArrowException, OSError):
+        if context.is_cancelled():
+            raise Cancelled("the client went away before sending the upload; nothing was kept") from None
+        raise InvalidArgument(
+            "the upload sent no Arrow schema: send the table's schema, then its batches "
+            "(a schema without batches is an empty table); nothing was kept"
+        ) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -563,3 +563,114 @@ def test_uploads_racing_the_janitor_all_commit_whole(catalog: Catalog) -> None:
     sweeper.join()
     assert not errors, errors
     assert sweeps[0] > 0 and meta_rows(catalog) == 60 and len(files(store)) == 60
+
+
+def _state(c: Catalog) -> dict[str, Any]:
+    """Everything the store keeps: content files, metadata and share rows, SQL copies."""
+    with c.db.reading() as cur:
+        rows = cur.execute(f"SELECT id, expires_at FROM {SYSTEM_SCHEMA}.artefacts ORDER BY id").fetchall()
+        shares = cur.execute(
+            f"SELECT artefact_id, swarm, agent FROM {SYSTEM_SCHEMA}.artefact_shares ORDER BY ALL"
+        ).fetchall()
+        tables = cur.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'artefacts' ORDER BY 1"
+        ).fetchall()
+    return {"files": files(c.artefacts), "rows": rows, "shares": shares, "tables": tables}
+
+
+def test_an_expired_artefact_is_gone_at_once_and_the_sweep_removes_only_it(catalog: Catalog) -> None:
+    """Past its expiry an artefact is NOT_FOUND for every read and every write, before any
+    janitor pass (here there is no janitor thread: nothing changes until sweep), and counts
+    no more; the sweep then removes its content, metadata, shares and SQL copy — and nothing
+    of the artefacts that live."""
+    store = catalog.artefacts
+    owner = who(catalog, "agent", "s1", "a1")
+    readers = [
+        owner,
+        who(catalog, "agent", "s1", "a2"),
+        who(catalog, "agent", "s2", "b1"),
+        who(catalog, "admin"),
+    ]
+    keep = save_table(store, owner, name="keep", ttl_seconds=3600)
+    gone = save_table(store, owner, name="gone", ttl_seconds=1)
+    with store.begin_write(owner, "file", "gone too", ttl_seconds=1) as w:
+        w.write(b"short-lived")
+        gone_file = w.commit()
+    theirs = save_table(store, who(catalog, "agent", "s3", "c1"), name="theirs", ttl_seconds=3600)
+    for art in (keep, gone):
+        store.share(owner, art.id, "s2")
+    wait_until(lambda: datetime.now(UTC) > max(gone.expires_at, gone_file.expires_at), what="the expiry")
+    before = _state(catalog)
+    for p in readers:
+        for aid in (gone.id, gone_file.id):
+            for op, args in (
+                (store.get, ()),
+                (store.open_content, ()),
+                (store.content_path, ()),
+                (store.delete, ()),
+                (store.share, ("s3",)),
+                (store.unshare, ("s2",)),
+                (store.extend, (3600,)),  # an expired artefact cannot be revived
+            ):
+                with pytest.raises(NotFound) as e:
+                    op(p, aid, *args)
+                assert e.value.detail == f"artefact {aid!r} not found (or not visible to you)"
+        with pytest.raises(NotFound):
+            store.open_table(p, gone.id)
+        with pytest.raises(NotFound):
+            store.table_schema(p, gone.id)
+        assert store.readable_table(p, gone.id) is None
+        assert {gone.id, gone_file.id}.isdisjoint(a.id for a in store.list(p).items)
+    assert store.readable_table(readers[1], keep.id) is not None
+    assert _state(catalog) == before  # refused, not removed: that is the janitor's
+    assert (store.usage("s1").bytes, store.usage("s1").count) == (keep.size_bytes, 1)
+    assert store.status().count == 4  # kept until the janitor's pass
+
+    report = store.sweep()
+    assert report.expired == sorted([gone.id, gone_file.id]) and report.total == 2
+    after = _state(catalog)
+    assert after["files"] == sorted([keep.id, theirs.id])
+    assert [r[0] for r in after["rows"]] == sorted([keep.id, theirs.id])
+    assert after["shares"] == [(keep.id, "s2", None)]
+    assert after["tables"] == sorted([(keep.id,), (theirs.id,)])
+    assert [r for r in before["rows"] if r[0] in (keep.id, theirs.id)] == after["rows"]
+    _, reader = store.open_table(readers[2], keep.id)
+    assert reader.read_all().equals(TABLE)
+    assert store.get(who(catalog, "agent", "s3", "c2"), theirs.id).id == theirs.id
+    assert store.sweep().total == 0
+
+
+@pytest.mark.parametrize("op", ["extend", "share", "unshare", "delete"])
+def test_a_write_that_waited_past_the_expiry_does_not_revive_it(catalog: Catalog, op: str) -> None:
+    """A write checked while the artefact was live, then held at the admin-write lock (another
+    admin write, here the test) until it expired, is NOT_FOUND: an expired artefact is never
+    extended back to life, re-shared or counted as deleted by its owner."""
+    store = catalog.artefacts
+    owner = who(catalog, "agent", "s1", "a1")
+    art = save_table(store, owner, name=f"racing {op}", ttl_seconds=1)
+    if op == "unshare":
+        store.share(owner, art.id, "s2")
+    calls: dict[str, Callable[[], object]] = {
+        "extend": lambda: store.extend(owner, art.id, 3600),
+        "share": lambda: store.share(owner, art.id, "s3"),
+        "unshare": lambda: store.unshare(owner, art.id, "s2"),
+        "delete": lambda: store.delete(owner, art.id),
+    }
+    outcome: list[object] = []
+
+    def write() -> None:
+        try:
+            outcome.append(calls[op]())
+        except NotFound as e:
+            outcome.append(e)
+
+    with store.writes.lock:
+        writer = threading.Thread(target=write)
+        writer.start()
+        wait_until(lambda: datetime.now(UTC) > art.expires_at, what="the expiry")
+    writer.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], NotFound), outcome
+    with pytest.raises(NotFound):
+        store.get(who(catalog, "admin"), art.id)
+    report = store.sweep()
+    assert report.expired == [art.id]

@@ -259,21 +259,27 @@ def test_reading_bad_ids_and_files(srv: Server) -> None:
     assert sql_refusal(srv, token, f'SELECT * FROM artefacts."{f.id}"').code == "PERMISSION_DENIED"
 
 
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            return out + bytes([low])
+        out += bytes([low | 0x80])
+
+
+def _field(num: int, data: bytes) -> bytes:
+    return _varint((num << 3) | 2) + _varint(len(data)) + data
+
+
+def _descriptor_frame(descriptor_cmd: bytes) -> bytes:
+    """A FlightData frame that carries only the CMD descriptor (no IPC message)."""
+    return _field(1, _varint(1 << 3) + _varint(2) + _field(2, descriptor_cmd))  # type CMD, cmd
+
+
 def _frames(descriptor_cmd: bytes, *tables: pa.Table) -> list[bytes]:
     """FlightData protobuf frames of one DoPut: the descriptor, then each table's IPC
     messages (schema, batches) — a second table is a second schema midway."""
-
-    def varint(n: int) -> bytes:
-        out = b""
-        while True:
-            low, n = n & 0x7F, n >> 7
-            if not n:
-                return out + bytes([low])
-            out += bytes([low | 0x80])
-
-    def field(num: int, data: bytes) -> bytes:
-        return varint((num << 3) | 2) + varint(len(data)) + data
-
     messages = []
     for table in tables:
         sink = io.BytesIO()
@@ -286,23 +292,18 @@ def _frames(descriptor_cmd: bytes, *tables: pa.Table) -> list[bytes]:
             )
             if source.tell() >= source.size() - 8:  # the end-of-stream marker
                 break
-    descriptor = varint(1 << 3) + varint(2) + field(2, descriptor_cmd)  # type CMD, cmd
     frames = []
     for i, (meta, body) in enumerate(messages):
-        frame = (field(1, descriptor) if i == 0 else b"") + field(2, meta)
+        frame = (_descriptor_frame(descriptor_cmd) if i == 0 else b"") + _field(2, meta)
         if body:
-            frame += field(1000, body)
+            frame += _field(1000, body)
         frames.append(frame)
     return frames
 
 
-def test_schema_change_midway_keeps_nothing(srv: Server) -> None:
-    token = srv.mint("agent", "art2", "midway")
-    before = artefact_files(srv)
-    frames = _frames(
-        b'{"kind": "artefact", "name": "changes"}', sample_table(1000), pa.table({"other": ["a", "b"]})
-    )
-    channel = grpc.insecure_channel(srv.flight_url.removeprefix("grpc://"))
+def _raw_put(s: Server, token: str, frames: list[bytes]) -> grpc.RpcError:
+    """A DoPut of hand-made FlightData frames; answers the server's refusal."""
+    channel = grpc.insecure_channel(s.flight_url.removeprefix("grpc://"))
     call = channel.stream_stream(
         "/arrow.flight.protocol.FlightService/DoPut",
         request_serializer=lambda x: x,
@@ -313,11 +314,34 @@ def test_schema_change_midway_keeps_nothing(srv: Server) -> None:
             list(call(iter(frames), metadata=[("authorization", f"Bearer {token}")]))
     finally:
         channel.close()
-    details = dict(e.value.trailing_metadata() or ())
+    return e.value
+
+
+def test_schema_change_midway_keeps_nothing(srv: Server) -> None:
+    token = srv.mint("agent", "art2", "midway")
+    before = artefact_files(srv)
+    frames = _frames(
+        b'{"kind": "artefact", "name": "changes"}', sample_table(1000), pa.table({"other": ["a", "b"]})
+    )
+    refused = _raw_put(srv, token, frames)
+    details = dict(refused.trailing_metadata() or ())
     coded = json.loads(details["grpc-status-details-bin"])
     assert coded["code"] == "INVALID_ARGUMENT" and "single schema" in coded["detail"]
     assert artefact_files(srv) == before
     assert srv.catalog.artefacts.list(srv.catalog.tokens.verify(token)).items == []
+
+
+def test_an_upload_without_a_schema_is_invalid_argument_and_keeps_nothing(srv: Server) -> None:
+    """Only the descriptor, no schema message (what a client that gives up before its first
+    batch sends): a clear INVALID_ARGUMENT, not INTERNAL, and nothing stored."""
+    token = srv.mint("agent", "art2", "noschema")
+    store = srv.catalog.artefacts
+    before, usage = artefact_files(srv), store.usage("art2")
+    refused = _raw_put(srv, token, [_descriptor_frame(b'{"kind": "artefact", "name": "nothing"}')])
+    coded = json.loads(dict(refused.trailing_metadata() or ())["grpc-status-details-bin"])
+    assert coded["code"] == "INVALID_ARGUMENT" and "no Arrow schema" in coded["detail"]
+    assert artefact_files(srv) == before and store.usage("art2") == usage
+    assert store.list(srv.catalog.tokens.verify(token)).items == []
 
 
 def test_a_leftover_temp_file_is_reclaimed_by_the_janitor(srv: Server) -> None:

@@ -1067,3 +1067,56 @@ def test_the_http_client_reads_early_refusals_of_large_uploads(
     feeder.join()
     assert e.value.code == "RESOURCE_EXHAUSTED"
     assert _stored(server) == before
+
+
+def test_an_expired_artefact_is_not_found_on_every_route_at_once(
+    server: Server, tokens: dict[str, str]
+) -> None:
+    """Past its TTL, before the janitor's next pass: NOT_FOUND on every HTTP route and over
+    Flight (a ticket issued before the expiry included), the missing-table refusal in SQL,
+    refresh and extend refused (an expired artefact cannot be revived) — with the words of an
+    id that never existed — and nothing is listed."""
+    from quiver_client import QuiverClient, QuiverClientError
+
+    unknown = "0190a000-0000-7000-8000-000000000000"
+    owner = server.http(tokens["owner"])
+    with QuiverClient(server.flight_url, tokens["owner"]) as quiver:
+        table = quiver.put_table(pa.table({"x": [1, 2]}), "brief table", ttl_seconds=1)
+        exported = quiver.export("SELECT count(*) AS n FROM demo.customers", ttl_seconds=1)["artefact"]
+        info = quiver.info(quiver.command("artefact", id=table["id"]))  # its ticket, before the expiry
+    assert owner.post(f"/v1/artefacts/{table['id']}/share", json={"swarm": "red"}).status_code == 200
+    last = max(datetime.fromisoformat(a["expires_at"]) for a in (table, exported))
+    wait_until(lambda: datetime.now(last.tzinfo) > last, what="the expiry")
+    for aid in (table["id"], exported["id"]):
+        for who in ("owner", "peer", "red", "admin"):
+            http = server.http(tokens[who])
+            for path in ("", "/content"):
+                detail = _error(http.get(f"/v1/artefacts/{aid}{path}"), 404, "NOT_FOUND")
+                assert detail.replace(aid, unknown) == _error(
+                    http.get(f"/v1/artefacts/{unknown}{path}"), 404, "NOT_FOUND"
+                )
+            assert aid not in [a["id"] for a in http.get("/v1/artefacts").json()["artefacts"]]
+        for method, suffix, body in (
+            ("DELETE", "", None),
+            ("POST", "/share", {"swarm": "blue"}),
+            ("DELETE", "/share", {"swarm": "red"}),
+            ("POST", "/extend", {"ttl_seconds": 3600}),
+            ("POST", "/refresh", None),
+        ):
+            _error(owner.request(method, f"/v1/artefacts/{aid}{suffix}", json=body), 404, "NOT_FOUND")
+        for who in ("owner", "red"):
+            with QuiverClient(server.flight_url, tokens[who]) as quiver:
+                with pytest.raises(QuiverClientError) as e:
+                    quiver.get_artefact(aid)
+                assert e.value.code == "NOT_FOUND"
+                with pytest.raises(QuiverClientError) as e:
+                    quiver.refresh(aid)
+                assert e.value.code == "NOT_FOUND"
+    with QuiverClient(server.flight_url, tokens["red"]) as quiver:
+        with pytest.raises(QuiverClientError) as e:
+            quiver.query(f"SELECT * FROM {table['sql_name']}")
+        assert e.value.code == "PERMISSION_DENIED" and "does not exist" in e.value.detail
+    with QuiverClient(server.flight_url, tokens["owner"]) as quiver:
+        with pytest.raises(QuiverClientError) as e:
+            quiver.fetch(info)
+        assert e.value.code == "NOT_FOUND"

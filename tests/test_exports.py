@@ -412,3 +412,32 @@ def test_a_bad_artefact_field_is_refused_before_the_query_runs(
     assert exc.value.code == "INVALID_ARGUMENT"
     assert flight_server.streamer.executions == before
     assert artefact_count(server) == count and stored_files(server) == files
+
+
+def test_exports_and_refreshes_over_the_quota_leave_usage_unchanged(tmp_path: Path) -> None:
+    """An export whose result passes the swarm's byte quota midway, and a refresh when the
+    swarm keeps its most artefacts: RESOURCE_EXHAUSTED naming the limit, usage, files and
+    metadata as before, the query's slot given back."""
+    s = start_server(tmp_path / "data", artefacts={"swarm_quota_bytes": 200_000, "swarm_quota_count": 2})
+    try:
+        assert s.demo_token is not None
+        agent = client(s, s.demo_token)
+        store = s.catalog.artefacts
+        small = agent.export("SELECT status, count(*) AS n FROM demo.orders GROUP BY ALL", format="csv")
+        before, count, files = store.usage("demo"), artefact_count(s), stored_files(s)
+        with pytest.raises(QuiverClientError) as exc:
+            agent.export("SELECT * FROM demo.orders", format="csv")  # ≈1 MB of CSV
+        assert exc.value.code == "RESOURCE_EXHAUSTED" and "swarm_quota_bytes (200000)" in exc.value.detail
+        assert store.usage("demo") == before and artefact_count(s) == count and stored_files(s) == files
+        flight_server = s.runtime.flight
+        assert flight_server is not None and flight_server.admission.streams() == 0
+        agent.export("SELECT 1 AS one", format="ndjson")  # the second and last one the count allows
+        before, count, files = store.usage("demo"), artefact_count(s), stored_files(s)
+        with pytest.raises(QuiverClientError) as exc:
+            agent.refresh(small["artefact"]["id"])
+        assert exc.value.code == "RESOURCE_EXHAUSTED" and "swarm_quota_count (2)" in exc.value.detail
+        r = s.http(s.demo_token).post(f"/v1/artefacts/{small['artefact']['id']}/refresh")
+        assert r.status_code == 413 and r.json()["error"] == "RESOURCE_EXHAUSTED", r.text
+        assert store.usage("demo") == before and artefact_count(s) == count and stored_files(s) == files
+    finally:
+        s.stop()
