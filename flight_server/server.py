@@ -38,7 +38,7 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
-from catalog.errors import Cancelled, bounded
+from catalog.errors import bounded
 from catalog.policy import NOT_READABLE
 from catalog.sqlguard import SqlGuard
 from catalog.status import AsyncQueriesStatus, CacheStatus, ProfilesStatus, QueriesStatus, QueryLimits
@@ -65,6 +65,7 @@ from flight_server.running import RunningStreams
 from flight_server.streams import Streamer
 from flight_server.table_cache import TableCache, resolve_budget
 from flight_server.tickets import TicketStore
+from flight_server.uploads import save_table
 from flight_server.versions import VersionWatch
 from quiver_client.wire import decode_error
 
@@ -409,7 +410,10 @@ class QuiverFlightServer(flight.FlightServerBase):
         def run(principal: Principal, state: CallState) -> None:
             if self._is_flight_sql(descriptor):
                 state.fields["flight_sql"] = True
-                writer.write(pa.py_buffer(self.sql.do_put(principal, descriptor.command, reader)))
+                answer = self.sql.do_put(
+                    principal, descriptor.command, reader, context.is_cancelled, state.fields
+                )
+                writer.write(pa.py_buffer(answer))
                 return
             target = None
             if descriptor.descriptor_type == flight.DescriptorType.CMD:
@@ -421,36 +425,16 @@ class QuiverFlightServer(flight.FlightServerBase):
                 )
             cmd = target.for_upload()
             state.fields["kind"] = "artefact"
-            with self.catalog.artefacts.begin_write(
+            artefact = save_table(
+                self.catalog.artefacts,
                 principal,
-                "table",
-                cmd.name or "",
-                schema=reader.schema,
+                reader,
+                context.is_cancelled,
+                name=cmd.name or "",
                 tags=cmd.tags or [],
                 description=cmd.description or "",
                 ttl_seconds=cmd.ttl_seconds,
-            ) as upload:
-                while True:
-                    try:
-                        chunk = reader.read_chunk()
-                    except StopIteration:
-                        break
-                    except flight.FlightError:
-                        raise  # the client went away or cancelled: classified as such
-                    except (pa.ArrowException, OSError) as e:
-                        # A schema message midway, a malformed batch (Arrow reports both as
-                        # IOError or Invalid): the client's mistake, never INTERNAL.
-                        raise InvalidArgument(
-                            "the upload could not be read as one Arrow stream of a single schema "
-                            f"({bounded(str(e), 200)}); nothing was kept"
-                        ) from None
-                    if chunk.data is not None:
-                        upload.write_batch(chunk.data)
-                # A client that went away mid-upload (killed, its connection reset) ends the
-                # stream just like one that finished: only the call's state tells them apart.
-                if context.is_cancelled():
-                    raise Cancelled("the client went away before the upload finished; nothing was kept")
-                artefact = upload.commit()
+            )
             state.fields["target"] = f"artefact:{artefact.id}"
             state.fields["rows"] = artefact.rows
             writer.write(pa.py_buffer(msgspec.json.encode(artefact)))

@@ -373,6 +373,12 @@ class CommandStatementIngest(_message.Message):
     options: _containers.ScalarMap[str, str]
     def __init__(self, table_definition_options: _Optional[_Union[CommandStatementIngest.TableDefinitionOptions, _Mapping]] = ..., table: _Optional[str] = ..., schema: _Optional[str] = ..., catalog: _Optional[str] = ..., temporary: _Optional[bool] = ..., transaction_id: _Optional[bytes] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class DoPutUpdateResult(_message.Message):
+    __slots__ = ("record_count",)
+    RECORD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    record_count: int
+    def __init__(self, record_count: _Optional[int] = ...) -> None: ...
+
 class CancelFlightInfoRequest(_message.Message):
     __slots__ = ("info",)
     INFO_FIELD_NUMBER: _ClassVar[int]
