@@ -393,7 +393,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         state.fields["rows"] = info.rows
         return info
 
-    # --- DoPut: artefact uploads and Flight SQL parameters -------------------------------------
+    # --- DoPut: artefact uploads, Flight SQL parameters and ingest -----------------------------
     def do_put(
         self,
         context: flight.ServerCallContext,
@@ -401,11 +401,12 @@ class QuiverFlightServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
-        """Flight SQL's prepared-statement parameters go to its handler (proto_docs/flight-sql.md).
-        Everything else saves the upload as a tabular artefact (proto_docs/artefacts.md): batch by batch
-        into the store's temporary IPC file, never the whole upload in memory; the PutResult's
-        app_metadata is the artefact's JSON. A failure (a limit, a schema change, the client
-        going away) aborts the writer: nothing is kept."""
+        """Flight SQL's DoPuts — prepared-statement parameters, and ingest, which saves a tabular
+        artefact — go to its handler (proto_docs/flight-sql.md). Everything else saves the upload
+        as a tabular artefact (proto_docs/artefacts.md); the PutResult's app_metadata is the
+        artefact's JSON. Both artefact uploads run the one loop of
+        :func:`~flight_server.uploads.save_table`: batch by batch into the store's temporary IPC
+        file, and a failure (a limit, a schema change, the client going away) keeps nothing."""
 
         def run(principal: Principal, state: CallState) -> None:
             if self._is_flight_sql(descriptor):

@@ -94,7 +94,7 @@ _METADATA = (
 
 def _no_transaction(message: Any) -> None:
     if message.HasField("transaction_id"):
-        raise PermissionDenied(f"{READ_ONLY}; send the query without a transaction_id")
+        raise PermissionDenied(f"{READ_ONLY}; send the request without a transaction_id")
 
 
 def _refuse_writes(message: Any) -> None:
