@@ -173,6 +173,11 @@ def test_another_swarm_cannot_see_an_ingested_table(srv: Server) -> None:
         assert cur.fetchone() == (100,)
     with connect(srv, other) as conn, conn.cursor() as cur:
         assert new_id not in listed_ids(conn)
+        # A swarm that sees no tabular artefact is not shown the schema at all.
+        schemas = conn.adbc_get_objects(depth="db_schemas").read_all().to_pylist()
+        assert "artefacts" not in [
+            sch["db_schema_name"] for c in schemas for sch in c["catalog_db_schemas"] or []
+        ]
         with pytest.raises(adbc_driver_manager.ProgrammingError) as e:
             cur.execute(f'SELECT * FROM artefacts."{new_id}"')
         assert "not readable: not in your allowlist or does not exist" in str(e.value)
@@ -222,6 +227,7 @@ def test_append_and_replace_are_refused_and_keep_nothing(srv: Server, mode: str)
         (_Options(if_exists=_Options.TABLE_EXISTS_OPTION_REPLACE), "replacing"),
         (_Options(if_not_exist=_Options.TABLE_NOT_EXIST_OPTION_FAIL), "existing table"),
     ],
+    ids=["if_exists-append", "if_exists-replace", "if_not_exist-fail"],
 )
 def test_raw_definition_options_refused_with_invalid_argument(
     srv: Server, options: pb.CommandStatementIngest.TableDefinitionOptions, words: str
