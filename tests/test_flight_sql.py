@@ -281,6 +281,8 @@ def test_sql_info_is_a_dense_union(client: flight.FlightClient, opts: flight.Fli
         pb.FLIGHT_SQL_SERVER_NAME,
         pb.FLIGHT_SQL_SERVER_READ_ONLY,
         pb.FLIGHT_SQL_SERVER_TRANSACTION,
+        pb.FLIGHT_SQL_SERVER_BULK_INGESTION,
+        pb.FLIGHT_SQL_SERVER_INGEST_TRANSACTIONS_SUPPORTED,
         9999,
     ]
     table = fetch(client, sql_cmd(pb.CommandGetSqlInfo(info=wanted)), opts)
@@ -292,6 +294,8 @@ def test_sql_info_is_a_dense_union(client: flight.FlightClient, opts: flight.Fli
         pb.FLIGHT_SQL_SERVER_NAME: "Quiver",
         pb.FLIGHT_SQL_SERVER_READ_ONLY: True,
         pb.FLIGHT_SQL_SERVER_TRANSACTION: pb.SQL_SUPPORTED_TRANSACTION_NONE,
+        pb.FLIGHT_SQL_SERVER_BULK_INGESTION: True,  # ingest saves a new artefact
+        pb.FLIGHT_SQL_SERVER_INGEST_TRANSACTIONS_SUPPORTED: False,
     }  # 9999 is not a code Quiver knows: no row
     everything = fetch(client, sql_cmd(pb.CommandGetSqlInfo()), opts)
     assert pb.FLIGHT_SQL_SERVER_CANCEL in everything.column("info_name").to_pylist()

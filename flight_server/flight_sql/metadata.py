@@ -135,6 +135,9 @@ def sql_info_values(ttl_seconds: float) -> dict[int, tuple[int, Any]]:
         _I.FLIGHT_SQL_SERVER_SUBSTRAIT: (_BOOL, False),
         _I.FLIGHT_SQL_SERVER_TRANSACTION: (_INT32, pb.SQL_SUPPORTED_TRANSACTION_NONE),
         _I.FLIGHT_SQL_SERVER_CANCEL: (_BOOL, True),
+        # CommandStatementIngest saves a new tabular artefact; there are no transactions to do it in.
+        _I.FLIGHT_SQL_SERVER_BULK_INGESTION: (_BOOL, True),
+        _I.FLIGHT_SQL_SERVER_INGEST_TRANSACTIONS_SUPPORTED: (_BOOL, False),
         # Prepared statement handles live as long as tickets.
         _I.FLIGHT_SQL_SERVER_STATEMENT_TIMEOUT: (_INT32, int(ttl_seconds * 1000)),
         _I.SQL_DDL_CATALOG: (_BOOL, False),
