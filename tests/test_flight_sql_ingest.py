@@ -126,6 +126,14 @@ def test_adbc_ingest_round_trips_through_sql_and_flight(srv: Server) -> None:
             cur.execute(f'SELECT * FROM artefacts."{new_id}" ORDER BY id')
             assert cur.fetch_arrow_table().equals(data)
         assert conn.adbc_get_table_schema(new_id, db_schema_filter="artefacts").names == data.schema.names
+        # A reader streams batch by batch (how a table larger than the driver's 16 MiB message fits).
+        reader = pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=700))
+        with conn.cursor() as cur:
+            assert cur.adbc_ingest("streamed", reader) == data.num_rows
+        (streamed_id,) = set(listed_ids(conn)) - before - {new_id}
+        with conn.cursor() as cur:
+            cur.execute(f'SELECT * FROM artefacts."{streamed_id}" ORDER BY id')
+            assert cur.fetch_arrow_table().equals(data)
     meta = srv.catalog.artefacts.get(principal(srv, token), new_id)
     assert meta.name == "quiver.mine.scores" and meta.kind == "table" and meta.rows == data.num_rows
     assert meta.owner == "agent:ing1/a1" and meta.swarm == "ing1"
