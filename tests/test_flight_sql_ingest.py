@@ -6,6 +6,7 @@ quotas keeping nothing, bad inputs, and threads racing the swarm's quota."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -21,6 +22,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from catalog import NotFound
 from catalog.artefacts import ArtefactFilter
 from catalog.identity import Principal
 from flight_server.flight_sql import flight_sql_pb2 as pb
@@ -349,3 +351,51 @@ def test_concurrent_ingests_race_to_the_quota(srv: Server) -> None:
     kept = srv.catalog.artefacts.list(admin, ArtefactFilter(swarm="ingrace"), page_size=100).items
     assert len(kept) == len(saved) and all(a.rows == data.num_rows for a in kept)
     assert not [f for f in files if f.startswith(".tmp-")]
+
+
+def test_table_listings_race_ingests_and_deletes(srv: Server) -> None:
+    """GetTables with include_schema while other threads ingest and delete artefacts of the
+    same swarm: every listing answers (an artefact gone since it was listed is left out, never
+    INTERNAL), and every row it shows carries its schema."""
+    token = srv.mint("agent", "ing2", "race-list")
+    me = principal(srv, token)
+    stop = threading.Event()
+    errors: list[str] = []
+    data = sample(50)
+
+    def churn() -> None:
+        while not stop.is_set():
+            try:
+                result = pb.DoPutUpdateResult()
+                result.ParseFromString(raw_ingest(srv, token, pb.CommandStatementIngest(table="churn"), data))
+                for art in srv.catalog.artefacts.list(me, ArtefactFilter(name="churn"), page_size=100).items:
+                    with contextlib.suppress(NotFound):  # the other churner deleted it first
+                        srv.catalog.artefacts.delete(me, art.id)
+            except Exception as e:
+                errors.append(repr(e))
+
+    tables = pb.CommandGetTables(db_schema_filter_pattern="artefacts", include_schema=True)
+    descriptor = flight.FlightDescriptor.for_command(packed(tables))
+    workers = [threading.Thread(target=churn) for _ in range(2)]
+    for w in workers:
+        w.start()
+    answered = 0
+    try:
+        client = srv.flight()
+        for _ in range(40):
+            try:
+                info = client.get_flight_info(descriptor, call_options(token))
+                listing = client.do_get(info.endpoints[0].ticket, call_options(token)).read_all()
+            except flight.FlightError as e:
+                # Deleted between GetFlightInfo and DoGet: the re-check's refusal, nothing else.
+                assert error_info(e)["code"] == "PERMISSION_DENIED", error_info(e)
+                continue
+            answered += 1
+            for row in listing.to_pylist():  # every artefact of this swarm is a sample() table
+                assert row["db_schema_name"] == "artefacts"
+                assert pa.ipc.read_schema(pa.py_buffer(row["table_schema"])).names == data.schema.names
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert errors == [] and answered > 0
