@@ -46,7 +46,7 @@ import structlog
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
 from catalog.artefacts import ArtefactFilter
 from catalog.descriptions import TableDescription
-from catalog.errors import Cancelled, bounded
+from catalog.errors import bounded
 from catalog.policy import NOT_READABLE
 from catalog.previews import preview
 from catalog.sqlguard import SqlGuard
@@ -74,6 +74,7 @@ from flight_server.running import RunningStreams
 from flight_server.streams import Streamer
 from flight_server.table_cache import TableCache, resolve_budget
 from flight_server.tickets import TicketStore
+from flight_server.uploads import save_table
 from flight_server.versions import VersionWatch
 from quiver_client.wire import decode_error
 
@@ -428,7 +429,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         state.fields["rows"] = info.rows
         return info
 
-    # --- DoPut: artefact uploads and Flight SQL parameters -------------------------------------
+    # --- DoPut: artefact uploads, Flight SQL parameters and ingest -----------------------------
     def do_put(
         self,
         context: flight.ServerCallContext,
@@ -436,16 +437,20 @@ class QuiverFlightServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
-        """Flight SQL's prepared-statement parameters go to its handler (proto_docs/flight-sql.md).
-        Everything else saves the upload as a tabular artefact (proto_docs/artefacts.md): batch by batch
-        into the store's temporary IPC file, never the whole upload in memory; the PutResult's
-        app_metadata is the artefact's JSON. A failure (a limit, a schema change, the client
-        going away) aborts the writer: nothing is kept."""
+        """Flight SQL's DoPuts — prepared-statement parameters, and ingest, which saves a tabular
+        artefact — go to its handler (proto_docs/flight-sql.md). Everything else saves the upload
+        as a tabular artefact (proto_docs/artefacts.md); the PutResult's app_metadata is the
+        artefact's JSON. Both artefact uploads run the one loop of
+        :func:`~flight_server.uploads.save_table`: batch by batch into the store's temporary IPC
+        file, and a failure (a limit, a schema change, the client going away) keeps nothing."""
 
         def run(principal: Principal, state: CallState) -> None:
             if self._is_flight_sql(descriptor):
                 state.fields["flight_sql"] = True
-                writer.write(pa.py_buffer(self.sql.do_put(principal, descriptor.command, reader)))
+                answer = self.sql.do_put(
+                    principal, descriptor.command, reader, context.is_cancelled, state.fields
+                )
+                writer.write(pa.py_buffer(answer))
                 return
             target = None
             if descriptor.descriptor_type == flight.DescriptorType.CMD:
@@ -457,36 +462,16 @@ class QuiverFlightServer(flight.FlightServerBase):
                 )
             cmd = target.for_upload()
             state.fields["kind"] = "artefact"
-            with self.catalog.artefacts.begin_write(
+            artefact = save_table(
+                self.catalog.artefacts,
                 principal,
-                "table",
-                cmd.name or "",
-                schema=_upload_schema(context, reader),
+                reader,
+                context.is_cancelled,
+                name=cmd.name or "",
                 tags=cmd.tags or [],
                 description=cmd.description or "",
                 ttl_seconds=cmd.ttl_seconds,
-            ) as upload:
-                while True:
-                    try:
-                        chunk = reader.read_chunk()
-                    except StopIteration:
-                        break
-                    except flight.FlightError:
-                        raise  # the client went away or cancelled: classified as such
-                    except (pa.ArrowException, OSError) as e:
-                        # A schema message midway, a malformed batch (Arrow reports both as
-                        # IOError or Invalid): the client's mistake, never INTERNAL.
-                        raise InvalidArgument(
-                            "the upload could not be read as one Arrow stream of a single schema "
-                            f"({bounded(str(e), 200)}); nothing was kept"
-                        ) from None
-                    if chunk.data is not None:
-                        upload.write_batch(chunk.data)
-                # A client that went away mid-upload (killed, its connection reset) ends the
-                # stream just like one that finished: only the call's state tells them apart.
-                if context.is_cancelled():
-                    raise Cancelled("the client went away before the upload finished; nothing was kept")
-                artefact = upload.commit()
+            )
             state.fields["target"] = f"artefact:{artefact.id}"
             state.fields["rows"] = artefact.rows
             writer.write(pa.py_buffer(msgspec.json.encode(artefact)))
@@ -560,18 +545,3 @@ def _listing_metadata(text: TableDescription | None, changed_at: datetime | None
             "changed_at": changed_at,
         }
     )
-
-
-def _upload_schema(context: flight.ServerCallContext, reader: flight.MetadataRecordBatchReader) -> pa.Schema:
-    """The upload's schema. pyarrow reads the schema message here; a client that sent only
-    the descriptor (or hung up first) has none, which Arrow reports as an OSError — the
-    client's mistake (or its leaving), never INTERNAL."""
-    try:
-        return reader.schema
-    except (pa.ArrowException, OSError):
-        if context.is_cancelled():
-            raise Cancelled("the client went away before sending the upload; nothing was kept") from None
-        raise InvalidArgument(
-            "the upload sent no Arrow schema: send the table's schema, then its batches "
-            "(a schema without batches is an empty table); nothing was kept"
-        ) from None

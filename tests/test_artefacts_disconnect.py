@@ -19,8 +19,10 @@ import httpx
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+from google.protobuf import any_pb2
 
 from catalog.artefacts import TEMP_PREFIX
+from flight_server.flight_sql import flight_sql_pb2 as pb
 from quiver_client import QuiverClient
 from tests.harness import ServeProcess, Server, call_options, start_server, wait_until
 
@@ -40,12 +42,12 @@ def artefact_files(s: Server) -> list[str]:
 
 
 UPLOADER = """
-import json, sys, pyarrow as pa, pyarrow.flight as flight
-url, token = sys.argv[1], sys.argv[2]
+import sys, pyarrow as pa, pyarrow.flight as flight
+url, token, command = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])
 c = flight.FlightClient(url)
 table = pa.table({"x": pa.array(range(10_000), pa.int64())})
 opts = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())])
-d = flight.FlightDescriptor.for_command(json.dumps({"kind": "artefact", "name": "cut"}).encode())
+d = flight.FlightDescriptor.for_command(command)
 w, _ = c.do_put(d, table.schema, opts)
 for _ in range(5):
     w.write_table(table)
@@ -54,12 +56,23 @@ sys.stdin.read()
 """
 
 
-def test_disconnect_midway_keeps_nothing_and_the_janitor_reclaims(srv: Server) -> None:
-    token = srv.mint("agent", "art2", "cut")
+def _ingest() -> bytes:
+    wrapper = any_pb2.Any()
+    wrapper.Pack(pb.CommandStatementIngest(table="cut"))
+    return wrapper.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("agent", "command"), [("cut", b'{"kind": "artefact", "name": "cut"}'), ("cut-ingest", _ingest())]
+)
+def test_disconnect_midway_keeps_nothing_and_the_janitor_reclaims(
+    srv: Server, agent: str, command: bytes
+) -> None:
+    token = srv.mint("agent", "art2", agent)
     store = srv.catalog.artefacts
     before = [n for n in artefact_files(srv) if not n.startswith(TEMP_PREFIX)]
     proc = subprocess.Popen(
-        [sys.executable, "-c", UPLOADER, srv.flight_url, token],
+        [sys.executable, "-c", UPLOADER, srv.flight_url, token, command.hex()],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -241,12 +241,15 @@ def test_forbidden_tables_are_refused_like_json_commands(conn: Any) -> None:
             assert "not readable: not in your allowlist or does not exist" in str(e.value)
 
 
-def test_ingest_is_refused_cleanly(conn: Any, server: Server) -> None:
+def test_ingest_never_touches_a_warehouse_table(conn: Any, server: Server) -> None:
+    """Ingest saves a new artefact (tests/test_flight_sql_ingest.py); appending to a warehouse
+    table is refused and the table is unchanged."""
     data = pa.table({"order_id": [1, 2]})
+    before = order_count(server)
     with conn.cursor() as cur, pytest.raises(adbc_driver_manager.Error) as e:
         cur.adbc_ingest("orders", data, mode="append", db_schema_name="demo")
-    assert "artefact" in str(e.value), str(e.value)
-    assert order_count(server) > 2  # nothing replaced or appended
+    assert "artefacts are immutable" in str(e.value), str(e.value)
+    assert order_count(server) == before  # nothing replaced or appended
     with server.catalog.db.reading() as cur2:
         assert cur2.execute("SELECT count(*) FROM demo.orders WHERE order_id IN (1, 2)").fetchone() == (2,)
 
@@ -278,6 +281,8 @@ def test_sql_info_is_a_dense_union(client: flight.FlightClient, opts: flight.Fli
         pb.FLIGHT_SQL_SERVER_NAME,
         pb.FLIGHT_SQL_SERVER_READ_ONLY,
         pb.FLIGHT_SQL_SERVER_TRANSACTION,
+        pb.FLIGHT_SQL_SERVER_BULK_INGESTION,
+        pb.FLIGHT_SQL_SERVER_INGEST_TRANSACTIONS_SUPPORTED,
         9999,
     ]
     table = fetch(client, sql_cmd(pb.CommandGetSqlInfo(info=wanted)), opts)
@@ -289,6 +294,8 @@ def test_sql_info_is_a_dense_union(client: flight.FlightClient, opts: flight.Fli
         pb.FLIGHT_SQL_SERVER_NAME: "Quiver",
         pb.FLIGHT_SQL_SERVER_READ_ONLY: True,
         pb.FLIGHT_SQL_SERVER_TRANSACTION: pb.SQL_SUPPORTED_TRANSACTION_NONE,
+        pb.FLIGHT_SQL_SERVER_BULK_INGESTION: True,  # ingest saves a new artefact
+        pb.FLIGHT_SQL_SERVER_INGEST_TRANSACTIONS_SUPPORTED: False,
     }  # 9999 is not a code Quiver knows: no row
     everything = fetch(client, sql_cmd(pb.CommandGetSqlInfo()), opts)
     assert pb.FLIGHT_SQL_SERVER_CANCEL in everything.column("info_name").to_pylist()
@@ -396,7 +403,7 @@ def test_bad_commands_get_clear_errors(
     assert (len(server.runtime.flight.tickets) if server.runtime.flight else 0) == tickets
 
 
-def test_updates_transactions_and_ingest_are_refused(
+def test_updates_transactions_and_ingest_in_a_transaction_are_refused(
     client: flight.FlightClient, opts: flight.FlightCallOptions, server: Server
 ) -> None:
     before = order_count(server)
@@ -417,9 +424,9 @@ def test_updates_transactions_and_ingest_are_refused(
         assert "Quiver is read-only" in detail
         cls, code, detail = refusal(lambda m=message: client.get_flight_info(sql_cmd(m), opts))
         assert code == "PERMISSION_DENIED" and "read-only" in detail
-    ingest = pb.CommandStatementIngest(table="orders", schema="demo")
+    ingest = pb.CommandStatementIngest(table="orders", schema="demo", transaction_id=b"t1")
     cls, code, detail = refusal(lambda: put(ingest))
-    assert code == "PERMISSION_DENIED" and "artefact" in detail
+    assert code == "PERMISSION_DENIED" and "read-only" in detail
     for name in ("BeginTransaction", "EndTransaction", "BeginSavepoint", "EndSavepoint"):
         cls, code, detail = refusal(lambda n=name: list(client.do_action(flight.Action(n, b""), opts)))
         assert code == "PERMISSION_DENIED" and "read-only" in detail

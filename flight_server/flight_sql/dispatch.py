@@ -6,13 +6,16 @@ Quiver's tickets (wrapped as ``TicketStatementQuery`` for Flight SQL clients), a
 a :class:`~catalog.QuiverError` that leaves through flight_server/errors.py with the codes of
 proto_docs/errors.md.
 
-Quiver is read-only: updates (``CommandStatementUpdate``, ``CommandPreparedStatementUpdate``),
-transactions and savepoints are PERMISSION_DENIED, and so is any statement the SQL guard does not
-accept as a query; bulk ingest (``CommandStatementIngest``) is refused pointing at artefacts.
+Quiver's warehouse is read-only: updates (``CommandStatementUpdate``,
+``CommandPreparedStatementUpdate``), transactions and savepoints are PERMISSION_DENIED, and so is
+any statement the SQL guard does not accept as a query. Bulk ingest (``CommandStatementIngest``)
+writes nothing of the warehouse: it saves a new tabular artefact owned by the caller
+(:mod:`~flight_server.flight_sql.ingest`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow.flight as flight
@@ -21,6 +24,7 @@ from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
 from catalog.errors import bounded
 from flight_server.flight_sql import flight_sql_pb2 as pb
 from flight_server.flight_sql import wire
+from flight_server.flight_sql.ingest import ingest, update_result
 from flight_server.flight_sql.metadata import Metadata
 from flight_server.flight_sql.statements import Statements
 from flight_server.planner import Planner
@@ -32,9 +36,9 @@ READ_ONLY = (
     "Quiver is read-only: it answers queries (one SELECT-class statement) and metadata, never "
     "updates, DDL or transactions"
 )
-INGEST_REFUSED = (
-    "Quiver is read-only: bulk ingest (CommandStatementIngest) is not accepted on the Flight port; "
-    "keep data you produce as an artefact (the control plane's artefact store) instead"
+INGEST_AT_DOPUT = (
+    "CommandStatementIngest is a DoPut: send the rows with it and they are saved as a new tabular "
+    "artefact (proto_docs/flight-sql.md)"
 )
 
 #: Flight SQL actions (DoAction) and what they do here; ListActions shows them.
@@ -90,14 +94,14 @@ _METADATA = (
 
 def _no_transaction(message: Any) -> None:
     if message.HasField("transaction_id"):
-        raise PermissionDenied(f"{READ_ONLY}; send the query without a transaction_id")
+        raise PermissionDenied(f"{READ_ONLY}; send the request without a transaction_id")
 
 
 def _refuse_writes(message: Any) -> None:
     if isinstance(message, pb.CommandStatementUpdate | pb.CommandPreparedStatementUpdate):
         raise PermissionDenied(f"{READ_ONLY} ({type(message).DESCRIPTOR.name} is refused)")
     if isinstance(message, pb.CommandStatementIngest):
-        raise PermissionDenied(INGEST_REFUSED)
+        raise InvalidArgument(INGEST_AT_DOPUT)
 
 
 class FlightSql:
@@ -109,6 +113,7 @@ class FlightSql:
         ttl = float(catalog.config.limits.ticket_ttl_seconds)
         self.tickets = tickets
         self.running = running
+        self.artefacts = catalog.artefacts
         self.statements = Statements(planner, ttl)
         self.metadata = Metadata(catalog)
 
@@ -130,16 +135,32 @@ class FlightSql:
         )
 
     # --- DoPut ------------------------------------------------------------------------------------------
-    def do_put(self, principal: Principal, raw: bytes, reader: flight.MetadataRecordBatchReader) -> bytes:
+    def do_put(
+        self,
+        principal: Principal,
+        raw: bytes,
+        reader: flight.MetadataRecordBatchReader,
+        cancelled: Callable[[], bool],
+        fields: dict[str, object],
+    ) -> bytes:
         """DoPut of a Flight SQL command: parameters for a prepared query (the answer is the
-        raw ``DoPutPreparedStatementResult``, not packed in Any); anything else is refused."""
+        raw ``DoPutPreparedStatementResult``, not packed in Any), or an ingest saved as a new
+        tabular artefact (the raw ``DoPutUpdateResult``); anything else is refused. ``fields``
+        are the call's log fields: an ingest names the artefact it saved."""
         message = wire.unpack(raw)
         if isinstance(message, pb.CommandPreparedStatementQuery):
             return self.statements.bind(principal, message.prepared_statement_handle, reader)
+        if isinstance(message, pb.CommandStatementIngest):
+            _no_transaction(message)
+            fields["kind"] = "ingest"
+            artefact = ingest(self.artefacts, principal, message, reader, cancelled)
+            fields["target"] = f"artefact:{artefact.id}"
+            fields["rows"] = artefact.rows
+            return update_result(artefact)
         _refuse_writes(message)
         raise InvalidArgument(
-            f"DoPut takes parameters for a CommandPreparedStatementQuery; {type(message).DESCRIPTOR.name} "
-            "is not accepted (Quiver is read-only)"
+            f"DoPut takes parameters for a CommandPreparedStatementQuery or rows for a "
+            f"CommandStatementIngest; {type(message).DESCRIPTOR.name} is not accepted (Quiver is read-only)"
         )
 
     # --- DoAction ---------------------------------------------------------------------------------------

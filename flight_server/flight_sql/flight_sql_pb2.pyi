@@ -17,6 +17,8 @@ class SqlInfo(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLIGHT_SQL_SERVER_SUBSTRAIT: _ClassVar[SqlInfo]
     FLIGHT_SQL_SERVER_TRANSACTION: _ClassVar[SqlInfo]
     FLIGHT_SQL_SERVER_CANCEL: _ClassVar[SqlInfo]
+    FLIGHT_SQL_SERVER_BULK_INGESTION: _ClassVar[SqlInfo]
+    FLIGHT_SQL_SERVER_INGEST_TRANSACTIONS_SUPPORTED: _ClassVar[SqlInfo]
     FLIGHT_SQL_SERVER_STATEMENT_TIMEOUT: _ClassVar[SqlInfo]
     SQL_DDL_CATALOG: _ClassVar[SqlInfo]
     SQL_DDL_SCHEMA: _ClassVar[SqlInfo]
@@ -108,6 +110,8 @@ FLIGHT_SQL_SERVER_SQL: SqlInfo
 FLIGHT_SQL_SERVER_SUBSTRAIT: SqlInfo
 FLIGHT_SQL_SERVER_TRANSACTION: SqlInfo
 FLIGHT_SQL_SERVER_CANCEL: SqlInfo
+FLIGHT_SQL_SERVER_BULK_INGESTION: SqlInfo
+FLIGHT_SQL_SERVER_INGEST_TRANSACTIONS_SUPPORTED: SqlInfo
 FLIGHT_SQL_SERVER_STATEMENT_TIMEOUT: SqlInfo
 SQL_DDL_CATALOG: SqlInfo
 SQL_DDL_SCHEMA: SqlInfo
@@ -372,6 +376,12 @@ class CommandStatementIngest(_message.Message):
     transaction_id: bytes
     options: _containers.ScalarMap[str, str]
     def __init__(self, table_definition_options: _Optional[_Union[CommandStatementIngest.TableDefinitionOptions, _Mapping]] = ..., table: _Optional[str] = ..., schema: _Optional[str] = ..., catalog: _Optional[str] = ..., temporary: _Optional[bool] = ..., transaction_id: _Optional[bytes] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class DoPutUpdateResult(_message.Message):
+    __slots__ = ("record_count",)
+    RECORD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    record_count: int
+    def __init__(self, record_count: _Optional[int] = ...) -> None: ...
 
 class CancelFlightInfoRequest(_message.Message):
     __slots__ = ("info",)

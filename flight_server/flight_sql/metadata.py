@@ -5,8 +5,11 @@ format/FlightSql.proto, per command), built at GetFlightInfo and streamed from m
 (:class:`~flight_server.plans.TablePart`). Listings show only what the caller may read: the
 tables are ``Policy.readable_tables`` — ListFlights' own filtering — so a schema appears only
 when it holds a table the caller may read, and a table the caller may not read (or that does
-not exist) is simply absent. Quiver's tables live in one DuckDB database, reported as the one
-catalog (DuckDB's name for it). Quiver declares no keys: the key listings are empty, with the
+not exist) is simply absent. The caller's visible tabular artefacts are listed too, under the
+schema ``artefacts`` with the artefact's id as the table name — exactly the names SQL accepts as
+``artefacts."<id>"`` (the store's visibility: ``ArtefactStore.list``), so an ADBC client finds
+what it ingested (ids are time-ordered: the newest sorts last). Quiver's tables live in one
+DuckDB database, reported as the one catalog (DuckDB's name for it). Quiver declares no keys: the key listings are empty, with the
 spec's schemas.
 
 Name filters are SQL ``LIKE`` patterns (``%`` any run, ``_`` one character, ``\\`` escapes
@@ -22,7 +25,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from catalog import VERSION, Catalog, InvalidArgument, Principal, TableRef
+from catalog import VERSION, Catalog, InvalidArgument, NotFound, Principal, TableRef
+from catalog.artefacts import MAX_PAGE, ArtefactFilter
+from catalog.database import ARTEFACT_SCHEMA
 from catalog.errors import bounded
 from catalog.tables import fold
 from flight_server.flight_sql import flight_sql_pb2 as pb
@@ -130,6 +135,9 @@ def sql_info_values(ttl_seconds: float) -> dict[int, tuple[int, Any]]:
         _I.FLIGHT_SQL_SERVER_SUBSTRAIT: (_BOOL, False),
         _I.FLIGHT_SQL_SERVER_TRANSACTION: (_INT32, pb.SQL_SUPPORTED_TRANSACTION_NONE),
         _I.FLIGHT_SQL_SERVER_CANCEL: (_BOOL, True),
+        # CommandStatementIngest saves a new tabular artefact; there are no transactions to do it in.
+        _I.FLIGHT_SQL_SERVER_BULK_INGESTION: (_BOOL, True),
+        _I.FLIGHT_SQL_SERVER_INGEST_TRANSACTIONS_SUPPORTED: (_BOOL, False),
         # Prepared statement handles live as long as tickets.
         _I.FLIGHT_SQL_SERVER_STATEMENT_TIMEOUT: (_INT32, int(ttl_seconds * 1000)),
         _I.SQL_DDL_CATALOG: (_BOOL, False),
@@ -377,7 +385,21 @@ class Metadata:
             else (lambda _: True)
         )
         refs = self.catalog.policy.readable_tables(principal)
+        if schema_ok(ARTEFACT_SCHEMA):
+            refs.extend(self._artefact_tables(principal))
         return [r for r in refs if schema_ok(r.schema) and table_ok(r.name)]
+
+    def _artefact_tables(self, principal: Principal) -> list[TableRef]:
+        """The tabular artefacts ``principal`` may see, as the tables SQL names them."""
+        store = self.catalog.artefacts
+        refs: list[TableRef] = []
+        after: str | None = None
+        while True:
+            page = store.list(principal, ArtefactFilter(kind="table"), page_size=MAX_PAGE, after=after)
+            refs.extend(TableRef(ARTEFACT_SCHEMA, a.id) for a in page.items)
+            if page.next is None:
+                return refs
+            after = page.next
 
     def db_schemas(self, principal: Principal, message: Any) -> pa.Table:
         refs = self._readable(principal, message, table_filter=False)
@@ -402,14 +424,32 @@ class Metadata:
         ]
         if not message.include_schema:
             return pa.Table.from_pylist(rows, schema=TABLES_SCHEMA), ()
-        infos = {info.ref: info for info in self.catalog.tables.describe(refs)}
+        schemas = self._arrow_schemas(principal, refs)
         columns = self._duckdb_columns()
+        kept: list[dict[str, Any]] = []
         for row, ref in zip(rows, refs, strict=True):
-            schema = self._column_schema(ref, infos[ref].schema, columns.get(ref.key(), {}))
+            if ref not in schemas:  # an artefact deleted or expired since it was listed
+                continue
+            schema = self._column_schema(ref, schemas[ref], columns.get(ref.key(), {}))
             row["table_schema"] = schema.serialize().to_pybytes()
+            kept.append(row)
+        refs = [r for r in refs if r in schemas]
         # DoGet checks these against the allowlist again: a table's columns are not shown to a
         # caller whose permission was withdrawn since GetFlightInfo.
-        return pa.Table.from_pylist(rows, schema=TABLES_WITH_SCHEMA), tuple(refs)
+        return pa.Table.from_pylist(kept, schema=TABLES_WITH_SCHEMA), tuple(refs)
+
+    def _arrow_schemas(self, principal: Principal, refs: Sequence[TableRef]) -> dict[TableRef, pa.Schema]:
+        """Each table's Arrow schema: the catalog's for warehouse tables, the stored IPC file's
+        for an artefact (one that vanished since the listing is left out)."""
+        tables = [r for r in refs if r.schema != ARTEFACT_SCHEMA]
+        out = {info.ref: info.schema for info in self.catalog.tables.describe(tables)}
+        for ref in refs:
+            if ref.schema == ARTEFACT_SCHEMA:
+                try:
+                    out[ref] = self.catalog.artefacts.table_schema(principal, ref.name)[1]
+                except NotFound:
+                    continue
+        return out
 
     def _duckdb_columns(self) -> dict[tuple[str, str], dict[str, tuple[str, int | None, int | None]]]:
         """DuckDB's own type of every column (``duckdb_columns()``, one catalog query):

@@ -24,7 +24,7 @@ TYPE_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
 _PREFIX_BYTES = TYPE_PREFIX.encode()
 
 #: Every Flight SQL message a descriptor, ticket or action body may carry, by name: those
-#: Quiver serves and those it refuses by name (updates, ingest). Others are refused as unknown.
+#: Quiver serves (ingest too) and those it refuses by name (updates). Others are refused as unknown.
 MESSAGES: dict[str, type[Message]] = {
     cls.DESCRIPTOR.name: cls
     for cls in (
