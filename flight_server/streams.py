@@ -209,7 +209,9 @@ class Streamer:
         None when the query did not finish its head within :attr:`INFO_RUN_SECONDS` — it is
         interrupted and left to DoGet, which has the whole query timeout for it — or when it
         failed: DoGet runs it again and reports the failure where it always has. The caller
-        then takes the schema from the binder (whose refusals are GetFlightInfo's, as before)."""
+        then takes the schema from the binder (whose refusals are GetFlightInfo's, as before).
+        So ``False`` means only "larger than the head" (a property of the text) and None "slow
+        or failed" (which may be this run's, or this parameter value's, alone)."""
         cap = part.row_cap
         assert cap is not None  # a query always has a cap
         key: CacheKey | None = None
@@ -248,7 +250,10 @@ class Streamer:
                     Watchdog.disarm(gave_up)
                     if reader is not None:
                         reader.close()
-                if not complete or gave_up.fired:  # an interrupt that came late: not reused
+                if gave_up.fired:  # an interrupt that came late: not reused, and slow
+                    schema = None
+                    raise _NotKept
+                if not complete:
                     raise _NotKept
         except _NotKept:
             return None if schema is None else (schema, part, False)

@@ -177,6 +177,42 @@ def test_failing_query_still_fails_at_doget_with_its_code(
     assert fs.cache.stats().entries == before and not fs.admission.active()
 
 
+def test_one_failed_value_does_not_mark_a_parameterized_text_slow(
+    server: Server, fs: QuiverFlightServer, opts: flight.FlightCallOptions
+) -> None:
+    """A parameterized text shares the planner's "large or slow" verdict with every value of
+    its parameter types. One run that fails (or is starved on a loaded machine) says nothing
+    about the next value: the values after it are still run once, at GetFlightInfo, and
+    streamed from the held result — not probed and re-run at DoGet for a minute. Two such
+    runs in a row do mark the text (``Planner.SLOW_STRIKES``)."""
+    client = server.flight()
+    k = next(_fresh)
+    sql = f"SELECT CAST(? AS INTEGER) + {k} AS x"
+
+    def failing() -> None:
+        info = client.get_flight_info(cmd(kind="query", sql=sql, params=["nope"]), opts)
+        with pytest.raises(flight.FlightError) as caught:
+            client.do_get(info.endpoints[0].ticket, opts).read_all()
+        assert error_info(caught.value)["code"] == "INVALID_ARGUMENT"
+
+    def value(v: int) -> tuple[int, int]:
+        """(runs, results streamed from the one GetFlightInfo held) for one value."""
+        runs, taken = fs.streamer.executions, fs.streamer.ready.stats()["taken"]
+        info = client.get_flight_info(cmd(kind="query", sql=sql, params=[str(v)]), opts)
+        table = client.do_get(info.endpoints[0].ticket, opts).read_all()
+        assert table.column("x").to_pylist() == [v + k]
+        return fs.streamer.executions - runs, fs.streamer.ready.stats()["taken"] - taken
+
+    assert value(1) == (1, 1)
+    failing()
+    for v in (2, 3, 4):
+        assert value(v) == (1, 1)  # run once at GetFlightInfo, DoGet streamed the held result
+    failing()
+    failing()  # twice in a row: remembered as slow, the next value is run at DoGet
+    assert value(5) == (1, 0)
+    assert not fs.admission.active()
+
+
 def test_concurrent_fresh_queries_each_get_their_own_rows(server: Server, fs: QuiverFlightServer) -> None:
     """Eight agents (threads), each GetFlightInfo + DoGet of fresh point queries at once: every answer is
     its own query's row, and afterwards no slot and no held result is left."""
