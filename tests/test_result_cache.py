@@ -227,6 +227,25 @@ def test_results_above_the_entry_limit_stream_but_are_not_cached(make: Any, tier
     assert h.table("SELECT * FROM s.nums")[1] is False
 
 
+def test_a_result_found_too_large_is_not_teed_again_at_the_same_versions(
+    make: Any, tier: str, db: Database
+) -> None:
+    """Teeing a result that outgrows ``max_entry_bytes`` writes up to that many bytes to a file
+    and deletes it: the key (text, parameters, cap, data versions) is remembered, and the same
+    query is then streamed without a tee — every row still sent, nothing stored, no file. A
+    newer data version is a new key: tried again (its result may be smaller)."""
+    h = make(max_entry_bytes=50_000, **TIERS[tier])
+    for _ in range(3):
+        table, hit = h.table("SELECT * FROM s.nums WHERE i >= ?", [7])
+        assert not hit and table.num_rows == 50000 - 7
+        stats = h.cache.stats()
+        assert (stats.too_large, stats.entries) == (1, 0) and _files(h) == []
+    with db.transaction() as cur:
+        TableCatalog.bump_version(cur, TableRef("s", "nums"))
+    table, _ = h.table("SELECT * FROM s.nums WHERE i >= ?", [7])
+    assert table.num_rows == 50000 - 7 and h.cache.stats().too_large == 2
+
+
 def test_results_beyond_the_memory_threshold_spill_to_a_file(make: Any) -> None:
     h = make()  # defaults: entries up to 1 MiB in memory
     table, _ = h.table("SELECT * FROM s.nums")  # ~1.3 MB
