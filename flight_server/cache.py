@@ -277,6 +277,16 @@ class ResultCache:
         return frozenset(r[0] for r in rows)
 
     def _compute_volatile(self, normalized: str) -> bool:
+        # A fresh literal is a new text, so this runs for every fresh-text query: first a scan
+        # of the text itself. The guard's normalized tree is compact, sorted, ASCII-only JSON
+        # (non-ASCII as \u escapes), so a volatile function or column name the walk would find
+        # is a substring of its lower case, and a sample is ``"sample":{``. Neither present (and
+        # no escape the walk would decode): not volatile, without decoding kilobytes of JSON.
+        # Anything else — a column merely named like one — is decided by the walk.
+        if "\\u" not in normalized and '"sample":{' not in normalized:
+            lowered = normalized.lower()
+            if not any(name in lowered for name in self._volatile):
+                return False
         try:
             tree = json.loads(normalized)
         except ValueError:
