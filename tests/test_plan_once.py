@@ -244,6 +244,48 @@ def test_concurrent_fresh_queries_each_get_their_own_rows(server: Server, fs: Qu
     assert fs.streamer.ready.stats()["bytes"] == 0
 
 
+def test_concurrent_values_of_one_parameterized_text_some_failing(
+    server: Server, fs: QuiverFlightServer
+) -> None:
+    """Eight agents (threads) send values of one parameterized text at once, every third one
+    failing at run time: each failure is INVALID_ARGUMENT at DoGet, each other answer is its own
+    value's row — whatever the planner concluded about the text meanwhile — and afterwards no
+    slot and no held result is left."""
+    client_errors: list[BaseException] = []
+    k = next(_fresh)
+    sql = f"SELECT CAST(? AS INTEGER) * 2 + {k} AS x"
+    tokens = [call_options(server.mint("agent", "demo", f"planonce-p{n}")) for n in range(8)]
+
+    def agent(n: int) -> None:
+        client, opts = server.flight(), tokens[n]
+        try:
+            for j in range(9):
+                v = n * 100 + j
+                value = "bad" if j % 3 == 2 else str(v)
+                info = client.get_flight_info(cmd(kind="query", sql=sql, params=[value]), opts)
+                if value == "bad":
+                    try:
+                        client.do_get(info.endpoints[0].ticket, opts).read_all()
+                    except flight.FlightError as e:
+                        assert error_info(e)["code"] == "INVALID_ARGUMENT", e
+                    else:
+                        raise AssertionError(f"{value!r} did not fail")
+                else:
+                    got = client.do_get(info.endpoints[0].ticket, opts).read_all().to_pylist()
+                    assert got == [{"x": 2 * v + k}], (v, got)
+        except BaseException as e:  # reported by the main thread
+            client_errors.append(e)
+
+    threads = [threading.Thread(target=agent, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not client_errors, client_errors[0]
+    assert not fs.admission.active() and fs.admission.streams() == 0
+    assert fs.streamer.ready.stats()["bytes"] == 0
+
+
 def test_ready_pool_is_bounded_and_drops_unredeemed_results() -> None:
     batch = pa.record_batch({"v": pa.array(range(100), pa.int64())})
     clock = FakeClock()
