@@ -87,6 +87,9 @@ PARTIAL_SUFFIX = ".partial"
 #: results must not pay it.
 MEMORY_ENTRY_BYTES = 1024 * 1024
 
+#: How many keys of results too large to keep are remembered (:meth:`ResultCache.tee`).
+OVERSIZE_KEYS = 1024
+
 TableKey = tuple[str, str]
 
 #: Functions whose result depends on the moment or on chance, beyond those DuckDB itself
@@ -230,6 +233,10 @@ class ResultCache:
         self.max_entry_bytes = min(config.max_entry_bytes, config.max_bytes)
         self.memory_entry_bytes = min(MEMORY_ENTRY_BYTES, config.max_memory_bytes, self.max_entry_bytes)
         self.hits = self.misses = self.uncacheable = self.too_large = 0
+        # Keys whose result outgrew max_entry_bytes while it was teed: the same query at the
+        # same data versions (the key holds them) is streamed without a tee next time, instead
+        # of writing up to max_entry_bytes to a file only to delete it again.
+        self._oversize: OrderedDict[str, None] = OrderedDict()
         self.evicted = {"size": 0, "stale": 0, "expired": 0}
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache_dir.chmod(0o700)
@@ -270,6 +277,16 @@ class ResultCache:
         return frozenset(r[0] for r in rows)
 
     def _compute_volatile(self, normalized: str) -> bool:
+        # A fresh literal is a new text, so this runs for every fresh-text query: first a scan
+        # of the text itself. The guard's normalized tree is compact, sorted, ASCII-only JSON
+        # (non-ASCII as \u escapes), so a volatile function or column name the walk would find
+        # is a substring of its lower case, and a sample is ``"sample":{``. Neither present (and
+        # no escape the walk would decode): not volatile, without decoding kilobytes of JSON.
+        # Anything else — a column merely named like one — is decided by the walk.
+        if "\\u" not in normalized and '"sample":{' not in normalized:
+            lowered = normalized.lower()
+            if not any(name in lowered for name in self._volatile):
+                return False
         try:
             tree = json.loads(normalized)
         except ValueError:
@@ -429,7 +446,7 @@ class ResultCache:
         ends, dropped if it fails, is abandoned or grows beyond ``max_entry_bytes`` (the
         client still gets every batch); ``truncated``, asked then, says whether the stream
         was cut at its row cap (stored with the entry)."""
-        if key is None:
+        if key is None or key.digest in self._oversize:
             if not head:
                 return reader
             return pa.RecordBatchReader.from_batches(reader.schema, itertools.chain(head, reader))
@@ -488,6 +505,9 @@ class ResultCache:
                         gave_up = True
                         with self._lock:
                             self.too_large += 1
+                            self._oversize[key.digest] = None
+                            if len(self._oversize) > OVERSIZE_KEYS:
+                                self._oversize.popitem(last=False)
                         self._close_quietly(writer, sink)
                         writer = sink = None
                         if partial is not None:

@@ -137,6 +137,7 @@ class Planner:
         self._schemas: OrderedDict[tuple[Any, ...], tuple[float, pa.Schema]] = OrderedDict()
         self._resolved: dict[tuple[str, str], tuple[int, TableRef]] = {}
         self._large: OrderedDict[tuple[Any, ...], float] = OrderedDict()
+        self._strikes: OrderedDict[tuple[Any, ...], int] = OrderedDict()
         #: ``LIMIT 0`` schema probes run (GetSchema, submit-query, and GetFlightInfo of a query
         #: whose result recently did not fit the head): a count for tests.
         self.probes = 0
@@ -472,6 +473,13 @@ class Planner:
     # --- SQL -------------------------------------------------------------------------------------
     LARGE_SECONDS = 60.0
     LARGE_SIZE = 1024
+    #: Runs at GetFlightInfo in a row that gave up (too slow) or failed before a text and
+    #: parameter types are remembered as slow: one slow run says little — a run starved by a
+    #: loaded machine, or one parameter value's failure — and a parameterized text shares its
+    #: verdict with every value, so a single run must not send them all to the probe and the
+    #: split for a minute. A result larger than the head is a property of the text: it is
+    #: remembered at once.
+    SLOW_STRIKES = 2
 
     def query(self, principal: Principal, cmd: QueryCommand, *, execute: bool = False) -> Plan:
         """The plan of a query. ``execute`` (GetFlightInfo): run it once here, through the
@@ -491,7 +499,9 @@ class Planner:
         ran = None
         if execute and self.runner is not None and (large is None or large <= now):
             ran = self.runner.run_at_info(self.admission, principal, guarded.tables, part)
-            if ran is None or not ran[2]:  # too slow, or more than the head: DoGet runs it
+            if ran is not None and ran[2]:  # read whole: it fits, whatever came before
+                self._strikes.pop(shape, None)
+            elif ran is not None or self._strike(shape):  # more than the head, or slow again
                 self._large[shape] = now + self.LARGE_SECONDS
                 if len(self._large) > self.LARGE_SIZE:
                     self._large.popitem(last=False)
@@ -507,6 +517,17 @@ class Planner:
                     "query", schema, -1, split, guarded.tables, label, timeout=True, row_cap=_uncut(part)
                 )
         return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True, row_cap=part.row_cap)
+
+    def _strike(self, shape: tuple[Any, ...]) -> bool:
+        """Count a run at GetFlightInfo of ``shape`` that gave up or failed; True (and the
+        count starts again) once :attr:`SLOW_STRIKES` came in a row."""
+        strikes = self._strikes.pop(shape, 0) + 1
+        if strikes >= self.SLOW_STRIKES:
+            return True
+        self._strikes[shape] = strikes
+        if len(self._strikes) > self.LARGE_SIZE:
+            self._strikes.popitem(last=False)
+        return False
 
     def query_part(self, principal: Principal, cmd: QueryCommand) -> tuple[GuardedQuery, SqlPart]:
         """The checks of a query — its size against ``[limits]``, the guard — and the part

@@ -70,6 +70,11 @@ from flight_server.versions import VersionWatch, read_layout
 
 log = structlog.get_logger("flight_server")
 
+#: The IPC options of every stream, built once: without them each stream builds its own from
+#: environment variables (``ARROW_PRE_0_15_IPC_FORMAT``…), ~5 µs of a point query's DoGet.
+#: The defaults they give (current format, metadata V5) are these.
+_IPC = pa.ipc.IpcWriteOptions()
+
 __all__ = ["Streamer", "arrow_stream"]
 
 
@@ -109,9 +114,9 @@ class Streamer:
             assert state.principal is not None
             # Read from the memory-mapped IPC file: C++ streams its batches, no DuckDB.
             _, reader = self.catalog.artefacts.open_table(state.principal, part.id)
-            return flight.RecordBatchStream(reader)
+            return flight.RecordBatchStream(reader, options=_IPC)
         if isinstance(part, TablePart):  # a metadata listing, built at planning: from memory
-            return flight.RecordBatchStream(part.table)
+            return flight.RecordBatchStream(part.table, options=_IPC)
         if isinstance(part, ResultPart):
             assert state.principal is not None
             _, reader, _ = self._queries.open_result(state.principal, part.id)
@@ -119,7 +124,7 @@ class Streamer:
             if cap is not None and cap.truncated:  # cut: the stream says so, as the FlightInfo did
                 state.fields["truncated"] = True
                 return _cut_stream(reader.schema, reader, cap)
-            return flight.RecordBatchStream(reader)
+            return flight.RecordBatchStream(reader, options=_IPC)
         if isinstance(part, CachedPart):
             entry = part.entry()
             if entry is not None:
@@ -128,7 +133,7 @@ class Streamer:
                 if part.columns is not None:
                     data = data.select(list(part.columns))
                 state.fields["cache"] = "table"
-                return flight.RecordBatchStream(data)
+                return flight.RecordBatchStream(data, options=_IPC)
             state.fields["cache"] = "table-evicted"
             part = part.fallback
         if isinstance(part, SqlPart) and part.ready is not None:
@@ -140,7 +145,7 @@ class Streamer:
                 if part.ready.truncated and part.row_cap is not None:
                     state.fields["truncated"] = True
                     return _cut_stream(schema, batches, part.row_cap)
-                return flight.RecordBatchStream(pa.Table.from_batches(batches, schema=schema))
+                return flight.RecordBatchStream(pa.Table.from_batches(batches, schema=schema), options=_IPC)
         key: CacheKey | None = None
         if isinstance(part, SqlPart) and part.normalized is not None:
             # The result cache first: a hit needs no cursor and no deadline.
@@ -150,7 +155,7 @@ class Streamer:
                 if cut and part.row_cap is not None:  # a cut result says so on every replay
                     state.fields["truncated"] = True
                     return _cut_stream(hit.schema, hit, part.row_cap)
-                return flight.RecordBatchStream(hit)
+                return flight.RecordBatchStream(hit, options=_IPC)
             state.fields["cache"] = "miss" if key is not None else "off"
         cur = self._cursors.take()
         lease = _Lease(cur)
@@ -163,19 +168,19 @@ class Streamer:
         try:
             if isinstance(part, ProfilePart):
                 table = self._profile(part, cur)
-                return flight.RecordBatchStream(table)
+                return flight.RecordBatchStream(table, options=_IPC)
             if part.label_errors:  # a split query's part: nothing to cut, errors labelled
                 self.executions += 1
                 reader = self._sql(cur, part, None)
                 return flight.GeneratorStream(
-                    reader.schema, _labelled(reader, state.request_id, deadline, self.timeout)
+                    reader.schema, _labelled(reader, state.request_id, deadline, self.timeout), options=_IPC
                 )
             if part.row_cap is not None:  # a query or a percent sample: a cut must be reported
                 return self._capped_stream(cur, key, part, state, deadline, lease)
             if part.fill is not None:  # the first scan of a table: it fills the hot-table cache
                 return self._filling_stream(cur, part, state, deadline)
             # No row cap (a scan): C++ streams DuckDB's reader, Python never sees a batch.
-            return flight.RecordBatchStream(self._sql(cur, part, None))
+            return flight.RecordBatchStream(self._sql(cur, part, None), options=_IPC)
         except duckdb.Error as e:
             # Was the caller's SQL wrapped in a LIMIT (DuckDB's line numbers are one off)?
             wrapped = isinstance(part, SqlPart) and part.limit is not None
@@ -209,7 +214,9 @@ class Streamer:
         None when the query did not finish its head within :attr:`INFO_RUN_SECONDS` — it is
         interrupted and left to DoGet, which has the whole query timeout for it — or when it
         failed: DoGet runs it again and reports the failure where it always has. The caller
-        then takes the schema from the binder (whose refusals are GetFlightInfo's, as before)."""
+        then takes the schema from the binder (whose refusals are GetFlightInfo's, as before).
+        So ``False`` means only "larger than the head" (a property of the text) and None "slow
+        or failed" (which may be this run's, or this parameter value's, alone)."""
         cap = part.row_cap
         assert cap is not None  # a query always has a cap
         key: CacheKey | None = None
@@ -248,7 +255,10 @@ class Streamer:
                     Watchdog.disarm(gave_up)
                     if reader is not None:
                         reader.close()
-                if not complete or gave_up.fired:  # an interrupt that came late: not reused
+                if gave_up.fired:  # an interrupt that came late: not reused, and slow
+                    schema = None
+                    raise _NotKept
+                if not complete:
                     raise _NotKept
         except _NotKept:
             return None if schema is None else (schema, part, False)
@@ -459,7 +469,7 @@ class Streamer:
                 if deadline is not None:
                     Watchdog.disarm(deadline)
                 lease.recycle(self._cursors)
-            return flight.RecordBatchStream(pa.Table.from_batches(ran.head, schema=ran.schema))
+            return flight.RecordBatchStream(pa.Table.from_batches(ran.head, schema=ran.schema), options=_IPC)
         teed, flag = ran.rest, ran.flag
         assert flag is not None
         metadata = cap.stream_metadata()
@@ -482,7 +492,7 @@ class Streamer:
                     wrapped=wrapped,
                 ) from None
 
-        return flight.GeneratorStream(teed.schema, batches())
+        return flight.GeneratorStream(teed.schema, batches(), options=_IPC)
 
     def _run_capped(self, cur: duckdb.DuckDBPyConnection, key: CacheKey | None, part: SqlPart) -> _Capped:
         """Run a capped part on ``cur`` and read the head of its result (the one place a
@@ -527,10 +537,10 @@ class Streamer:
             fill.abandon("failed")
             raise
         if not fill.live:
-            return flight.RecordBatchStream(reader)
+            return flight.RecordBatchStream(reader, options=_IPC)
         state.fields["cache"] = "table-fill"
         feeding = _feeding(reader, fill, part.fill_index, state.request_id, deadline, self.timeout)
-        return flight.GeneratorStream(reader.schema, feeding)
+        return flight.GeneratorStream(reader.schema, feeding, options=_IPC)
 
     @staticmethod
     def _sql(cur: duckdb.DuckDBPyConnection, part: SqlPart, limit: int | None) -> Any:
@@ -795,4 +805,4 @@ def _cut_stream(schema: pa.Schema, batches: Iterable[pa.RecordBatch], cap: RowCa
             last = batch
         yield (last if last is not None else pa.RecordBatch.from_pylist([], schema=schema)), metadata
 
-    return flight.GeneratorStream(schema, tagged())
+    return flight.GeneratorStream(schema, tagged(), options=_IPC)

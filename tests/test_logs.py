@@ -45,3 +45,37 @@ def test_tokens_are_redacted_from_fields_exceptions_and_tracebacks(fmt: str) -> 
     assert "flight.internal_error" in done.stderr and "ValueError" in done.stderr
     assert TOKEN not in done.stderr and "c2lnbmF0dXJlLXNlY3JldA" not in done.stderr
     assert "[redacted" in done.stderr
+
+
+class _Text(str):
+    """A str subclass, as some libraries hand out."""
+
+
+def test_redact_by_key_in_any_case_and_every_string_value() -> None:
+    """The per-record redaction (its secrecy verdict remembered per key name): secret keys in
+    any case are replaced, a None under one stays None, a JWT is masked in every string value
+    (a str subclass too), and other values pass untouched — on the first record and on the
+    ones after it."""
+    from quiver.logs import redact
+
+    for _ in range(3):
+        event = redact(
+            None,
+            "info",
+            {
+                "event": "flight.call",
+                "Authorization": f"Bearer {TOKEN}",
+                "PASSWORD": "hunter2",
+                "token": None,
+                "note": f"bearer {TOKEN}",
+                "wrapped": _Text(f"x {TOKEN} y"),
+                "ms": 1.5,
+                "fields": {"k": 1},
+                "principal": "agent:bench/p1",
+            },
+        )
+        assert event["Authorization"] == event["PASSWORD"] == "[redacted]"
+        assert event["token"] is None
+        assert event["note"] == "bearer [redacted-token]"
+        assert event["wrapped"] == "x [redacted-token] y"
+        assert (event["ms"], event["fields"], event["principal"]) == (1.5, {"k": 1}, "agent:bench/p1")

@@ -177,6 +177,42 @@ def test_failing_query_still_fails_at_doget_with_its_code(
     assert fs.cache.stats().entries == before and not fs.admission.active()
 
 
+def test_one_failed_value_does_not_mark_a_parameterized_text_slow(
+    server: Server, fs: QuiverFlightServer, opts: flight.FlightCallOptions
+) -> None:
+    """A parameterized text shares the planner's "large or slow" verdict with every value of
+    its parameter types. One run that fails (or is starved on a loaded machine) says nothing
+    about the next value: the values after it are still run once, at GetFlightInfo, and
+    streamed from the held result — not probed and re-run at DoGet for a minute. Two such
+    runs in a row do mark the text (``Planner.SLOW_STRIKES``)."""
+    client = server.flight()
+    k = next(_fresh)
+    sql = f"SELECT CAST(? AS INTEGER) + {k} AS x"
+
+    def failing() -> None:
+        info = client.get_flight_info(cmd(kind="query", sql=sql, params=["nope"]), opts)
+        with pytest.raises(flight.FlightError) as caught:
+            client.do_get(info.endpoints[0].ticket, opts).read_all()
+        assert error_info(caught.value)["code"] == "INVALID_ARGUMENT"
+
+    def value(v: int) -> tuple[int, int]:
+        """(runs, results streamed from the one GetFlightInfo held) for one value."""
+        runs, taken = fs.streamer.executions, fs.streamer.ready.stats()["taken"]
+        info = client.get_flight_info(cmd(kind="query", sql=sql, params=[str(v)]), opts)
+        table = client.do_get(info.endpoints[0].ticket, opts).read_all()
+        assert table.column("x").to_pylist() == [v + k]
+        return fs.streamer.executions - runs, fs.streamer.ready.stats()["taken"] - taken
+
+    assert value(1) == (1, 1)
+    failing()
+    for v in (2, 3, 4):
+        assert value(v) == (1, 1)  # run once at GetFlightInfo, DoGet streamed the held result
+    failing()
+    failing()  # twice in a row: remembered as slow, the next value is run at DoGet
+    assert value(5) == (1, 0)
+    assert not fs.admission.active()
+
+
 def test_concurrent_fresh_queries_each_get_their_own_rows(server: Server, fs: QuiverFlightServer) -> None:
     """Eight agents (threads), each GetFlightInfo + DoGet of fresh point queries at once: every answer is
     its own query's row, and afterwards no slot and no held result is left."""
@@ -195,6 +231,48 @@ def test_concurrent_fresh_queries_each_get_their_own_rows(server: Server, fs: Qu
                 )
                 got = client.do_get(info.endpoints[0].ticket, opts).read_all().to_pylist()
                 assert got == [{"k": k, "twice": 2 * k}], (k, got)
+        except BaseException as e:  # reported by the main thread
+            client_errors.append(e)
+
+    threads = [threading.Thread(target=agent, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not client_errors, client_errors[0]
+    assert not fs.admission.active() and fs.admission.streams() == 0
+    assert fs.streamer.ready.stats()["bytes"] == 0
+
+
+def test_concurrent_values_of_one_parameterized_text_some_failing(
+    server: Server, fs: QuiverFlightServer
+) -> None:
+    """Eight agents (threads) send values of one parameterized text at once, every third one
+    failing at run time: each failure is INVALID_ARGUMENT at DoGet, each other answer is its own
+    value's row — whatever the planner concluded about the text meanwhile — and afterwards no
+    slot and no held result is left."""
+    client_errors: list[BaseException] = []
+    k = next(_fresh)
+    sql = f"SELECT CAST(? AS INTEGER) * 2 + {k} AS x"
+    tokens = [call_options(server.mint("agent", "demo", f"planonce-p{n}")) for n in range(8)]
+
+    def agent(n: int) -> None:
+        client, opts = server.flight(), tokens[n]
+        try:
+            for j in range(9):
+                v = n * 100 + j
+                value = "bad" if j % 3 == 2 else str(v)
+                info = client.get_flight_info(cmd(kind="query", sql=sql, params=[value]), opts)
+                if value == "bad":
+                    try:
+                        client.do_get(info.endpoints[0].ticket, opts).read_all()
+                    except flight.FlightError as e:
+                        assert error_info(e)["code"] == "INVALID_ARGUMENT", e
+                    else:
+                        raise AssertionError(f"{value!r} did not fail")
+                else:
+                    got = client.do_get(info.endpoints[0].ticket, opts).read_all().to_pylist()
+                    assert got == [{"x": 2 * v + k}], (v, got)
         except BaseException as e:  # reported by the main thread
             client_errors.append(e)
 

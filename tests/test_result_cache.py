@@ -23,7 +23,7 @@ from catalog.database import Database
 from catalog.policy import Policy
 from catalog.sqlguard import GuardedQuery, SqlGuard
 from catalog.tables import TableCatalog
-from flight_server.cache import CacheKey, ResultCache
+from flight_server.cache import CacheKey, ResultCache, _walk_volatile
 from tests.harness import FakeClock, Server, call_options
 
 ADMIN = Principal(
@@ -227,6 +227,25 @@ def test_results_above_the_entry_limit_stream_but_are_not_cached(make: Any, tier
     assert h.table("SELECT * FROM s.nums")[1] is False
 
 
+def test_a_result_found_too_large_is_not_teed_again_at_the_same_versions(
+    make: Any, tier: str, db: Database
+) -> None:
+    """Teeing a result that outgrows ``max_entry_bytes`` writes up to that many bytes to a file
+    and deletes it: the key (text, parameters, cap, data versions) is remembered, and the same
+    query is then streamed without a tee — every row still sent, nothing stored, no file. A
+    newer data version is a new key: tried again (its result may be smaller)."""
+    h = make(max_entry_bytes=50_000, **TIERS[tier])
+    for _ in range(3):
+        table, hit = h.table("SELECT * FROM s.nums WHERE i >= ?", [7])
+        assert not hit and table.num_rows == 50000 - 7
+        stats = h.cache.stats()
+        assert (stats.too_large, stats.entries) == (1, 0) and _files(h) == []
+    with db.transaction() as cur:
+        TableCatalog.bump_version(cur, TableRef("s", "nums"))
+    table, _ = h.table("SELECT * FROM s.nums WHERE i >= ?", [7])
+    assert table.num_rows == 50000 - 7 and h.cache.stats().too_large == 2
+
+
 def test_results_beyond_the_memory_threshold_spill_to_a_file(make: Any) -> None:
     h = make()  # defaults: entries up to 1 MiB in memory
     table, _ = h.table("SELECT * FROM s.nums")  # ~1.3 MB
@@ -268,6 +287,30 @@ def test_volatile_queries_are_never_cached(make: Any) -> None:
     # A seeded sample is reproducible, so it may be cached.
     assert h.key("SELECT * FROM s.nums USING SAMPLE 10% (bernoulli, 42)")[1] is not None
     assert h.key("SELECT sum(range) FROM range(10)")[1] is not None
+
+
+def test_volatility_scan_of_the_text_agrees_with_the_walk_of_the_tree(make: Any) -> None:
+    """A fresh text's volatility is first decided by a scan of its normalized text (no
+    volatile name, no sample: cacheable without decoding the tree); whatever the scan cannot
+    rule out goes to the walk. Both must agree on every kind of text, the tricky ones too."""
+    h = make()
+    texts = {
+        "SELECT * FROM s.nums WHERE i = 4711": False,
+        "SELECT RANDOM() AS r": True,
+        "SELECT 'é' AS e, random() AS r": True,  # non-ASCII: \u escapes, decided by the walk
+        "SELECT 'é' AS e FROM s.other": False,
+        "SELECT 'random() now()' AS literal": False,  # names inside a string: the walk says no
+        "SELECT x.now FROM (SELECT i AS now FROM s.other) x": False,
+        "SELECT * FROM (SELECT * FROM s.nums USING SAMPLE 5) t": True,
+        "SELECT * FROM (SELECT * FROM s.nums USING SAMPLE 5 (reservoir, 7)) t": False,
+        "SELECT i FROM s.other WHERE i < (SELECT max(i) * random() FROM s.other)": True,
+        "SELECT current_timestamp AS t": True,
+    }
+    for sql, volatile in texts.items():
+        normalized = h.guard.check(ADMIN, sql).normalized
+        walked = _walk_volatile(json.loads(normalized), h.cache._volatile)
+        assert walked is volatile, sql
+        assert h.cache._compute_volatile(normalized) is volatile, sql
 
 
 def test_ttl_expiry(make: Any) -> None:
