@@ -25,6 +25,7 @@ from catalog.identity import Principal, WhoAmI
 from catalog.keys import KeyRing, write_private_atomic
 from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
+from catalog.query_log import QueryLog
 from catalog.query_port import QueryRunner
 from catalog.resources import duckdb_memory_limit
 from catalog.retention import Retention
@@ -69,7 +70,10 @@ class Catalog:
         self.tokens.retire_keys()
         self.audit = AuditLog(self.db)
         self.metrics = Metrics()
-        self.retention = Retention(config.audit, self.audit, self.swarms.writes, self.metrics)
+        self.query_log = QueryLog(self.db, config.query_log, clock)
+        self.retention = Retention(
+            config.audit, self.audit, self.swarms.writes, self.metrics, self.query_log, config.query_log
+        )
         self.backups = BackupOutcomes(data_dir, self.metrics)
         self.artefacts = ArtefactStore(
             self.db,
@@ -198,12 +202,14 @@ class Catalog:
     def _flush(self) -> None:
         try:
             self.audit.flush()
+            self.query_log.flush()
             self.tokens.flush_last_used()
         except Exception as e:  # noqa: BLE001 - housekeeping must never kill its thread
             log.warning("catalog.maintain_failed", error=str(e))
 
     def maintain(self) -> None:
-        """Periodic housekeeping: flush buffered audit events and token "last used" times,
+        """Periodic housekeeping: flush buffered audit events, query-log records and token
+        "last used" times,
         retire previous signing keys whose tokens have all expired, and (hourly) delete
         history older than ``[audit] retention_days`` (catalog/retention.py)."""
         self._flush()

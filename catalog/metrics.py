@@ -255,11 +255,11 @@ class Metrics:
         # Retention (catalog/retention.py).
         self.retention_deleted = Counter(
             "quiver_retention_deleted_total",
-            "Rows deleted for being older than [audit] retention_days, by table.",
+            "Rows deleted for being older than their retention_days ([audit], [query_log]), by table.",
             ["table"],
             registry=self.registry,
         )
-        for table in ("audit", "tokens"):
+        for table in ("audit", "tokens", "query_log"):
             self.retention_deleted.labels(table)
         # Artefacts (catalog/artefacts.py): what the janitor removed, by reason.
         self.artefacts_removed = Counter(

@@ -128,7 +128,7 @@ class Streamer:
                 if part.columns is not None:
                     data = data.select(list(part.columns))
                 state.fields["cache"] = "table"
-                return flight.RecordBatchStream(data)
+                return _counted(state, data)
             state.fields["cache"] = "table-evicted"
             part = part.fallback
         if isinstance(part, SqlPart) and part.ready is not None:
@@ -139,8 +139,9 @@ class Streamer:
                 schema = part.ready.schema
                 if part.ready.truncated and part.row_cap is not None:
                     state.fields["truncated"] = True
+                    _count_batches(state, batches)
                     return _cut_stream(schema, batches, part.row_cap)
-                return flight.RecordBatchStream(pa.Table.from_batches(batches, schema=schema))
+                return _counted(state, pa.Table.from_batches(batches, schema=schema))
         key: CacheKey | None = None
         if isinstance(part, SqlPart) and part.normalized is not None:
             # The result cache first: a hit needs no cursor and no deadline.
@@ -163,7 +164,7 @@ class Streamer:
         try:
             if isinstance(part, ProfilePart):
                 table = self.profiles.profile(part.ref, part.columns, cursor=cur)
-                return flight.RecordBatchStream(table)
+                return _counted(state, table)
             if part.label_errors:  # a split query's part: nothing to cut, errors labelled
                 self.executions += 1
                 reader = self._sql(cur, part, None)
@@ -410,6 +411,7 @@ class Streamer:
         if ran.rest is None:
             if ran.cut:
                 state.fields["truncated"] = True
+                _count_batches(state, ran.head)
                 return _cut_stream(ran.schema, ran.head, cap)
             # The cursor is done with (its result read to the end, no transaction): the next
             # request may use it, unless its deadline is close enough to fire.
@@ -418,14 +420,18 @@ class Streamer:
                 if deadline is not None:
                     Watchdog.disarm(deadline)
                 lease.recycle(self._cursors)
-            return flight.RecordBatchStream(pa.Table.from_batches(ran.head, schema=ran.schema))
+            return _counted(state, pa.Table.from_batches(ran.head, schema=ran.schema))
         teed, flag = ran.rest, ran.flag
         assert flag is not None
         metadata = cap.stream_metadata()
 
+        facts = state.query
+
         def batches() -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
             try:
                 for batch in teed:
+                    if facts is not None:
+                        facts.sent(batch.num_rows, batch.nbytes)
                     # _capped raised the flag just before it passed on the cut batch, its last.
                     if flag:
                         state.fields["truncated"] = True
@@ -738,6 +744,20 @@ def _capped(reader: pa.RecordBatchReader, rows: int, flag: _Cut) -> pa.RecordBat
             yield batch
 
     return pa.RecordBatchReader.from_batches(reader.schema, batches())
+
+
+def _counted(state: CallState, table: pa.Table) -> flight.FlightDataStream:
+    """A whole table streamed by C++, its rows and bytes counted for the query log first."""
+    if state.query is not None:
+        state.query.sent(table.num_rows, table.nbytes)
+    return flight.RecordBatchStream(table)
+
+
+def _count_batches(state: CallState, batches: Iterable[pa.RecordBatch]) -> None:
+    """Count batches held in memory (a cut result) for the query log."""
+    if state.query is not None:
+        for batch in batches:
+            state.query.sent(batch.num_rows, batch.nbytes)
 
 
 def _cut_stream(schema: pa.Schema, batches: Iterable[pa.RecordBatch], cap: RowCap) -> flight.FlightDataStream:
