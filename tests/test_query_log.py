@@ -257,7 +257,7 @@ def test_concurrent_requests_get_one_record_each(server: Server) -> None:
                 fetch(server, token, cmd(kind="query", sql="SELECT ? AS i", params=[i]))
                 r = server.http(token).post("/v1/query", json={"sql": "SELECT 1 AS one"})
                 assert r.status_code == 200
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=hammer, args=(t,)) for t in tokens]
