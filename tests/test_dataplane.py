@@ -645,6 +645,7 @@ def test_list_actions_describes_every_action(
         "submit-query",
         "query-status",
         "cancel-query",
+        "my-queries",
         "export",
         "refresh-artefact",
         # Flight SQL's (proto_docs/flight-sql.md)

@@ -186,7 +186,11 @@ def test_admin_listing_filters_and_pages(server: Server) -> None:
     before = datetime.now(UTC) - timedelta(seconds=1)
     a1, a2 = server.mint("agent", swarm, "p1"), server.mint("agent", swarm, "p2")
     for i in range(7):
-        fetch(server, a1, cmd(kind="query", sql="SELECT order_id FROM demo.orders WHERE order_id = ?", params=[i]))
+        fetch(
+            server,
+            a1,
+            cmd(kind="query", sql="SELECT order_id FROM demo.orders WHERE order_id = ?", params=[i]),
+        )
     fetch(server, a2, flight.FlightDescriptor.for_path("demo", "orders"))
     with pytest.raises(flight.FlightError):
         fetch(server, a2, flight.FlightDescriptor.for_path("demo", "customers"))
@@ -307,7 +311,10 @@ def test_redacted_literals_never_reach_the_log(tmp_path_factory: pytest.TempPath
     ("sql", "redacted"),
     [
         ("SELECT 1", "SELECT ?"),
-        ("SELECT * FROM t WHERE a = 'it''s' AND b IN (1, 2.5)", "SELECT * FROM t WHERE a = ? AND b IN (?, ?)"),
+        (
+            "SELECT * FROM t WHERE a = 'it''s' AND b IN (1, 2.5)",
+            "SELECT * FROM t WHERE a = ? AND b IN (?, ?)",
+        ),
         ('SELECT "it\'s 1" FROM t', 'SELECT "it\'s 1" FROM t'),  # an identifier is not a literal
         ("SELECT x FROM t -- 'kept: a comment'", "SELECT x FROM t -- 'kept: a comment'"),
         ("SELECT E'\\n', 1e10, $$dollar$$", "SELECT ?, ?, ?"),
