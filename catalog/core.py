@@ -16,6 +16,7 @@ import structlog
 
 from catalog.artefacts import ArtefactStore
 from catalog.audit import AuditLog
+from catalog.budgets import Budgets, UsageCollector
 from catalog.clock import SYSTEM_CLOCK, Clock, utcnow
 from catalog.config import Config
 from catalog.database import Database
@@ -70,7 +71,9 @@ class Catalog:
         self.tokens.retire_keys()
         self.audit = AuditLog(self.db)
         self.metrics = Metrics()
-        self.query_log = QueryLog(self.db, config.query_log, clock)
+        self.budgets = Budgets(self.db, clock, self.swarms.writes, self.swarms)
+        self.metrics.registry.register(UsageCollector(self.budgets))
+        self.query_log = QueryLog(self.db, config.query_log, clock, self.budgets)
         self.retention = Retention(
             config.audit, self.audit, self.swarms.writes, self.metrics, self.query_log, config.query_log
         )
@@ -203,6 +206,7 @@ class Catalog:
         try:
             self.audit.flush()
             self.query_log.flush()
+            self.budgets.flush()
             self.tokens.flush_last_used()
         except Exception as e:  # noqa: BLE001 - housekeeping must never kill its thread
             log.warning("catalog.maintain_failed", error=str(e))

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import msgspec
 import structlog
 
+from catalog.budgets import Budgets
 from catalog.clock import Clock, utcnow
 from catalog.config import QueryLogConfig
 from catalog.database import SYSTEM_SCHEMA, Database
@@ -85,8 +86,12 @@ _FIELDS = tuple(f.strip() for f in _COLUMNS.replace("sql_text", "sql").split(","
 
 
 class QueryLog:
-    def __init__(self, db: Database, config: QueryLogConfig, clock: Clock) -> None:
+    def __init__(
+        self, db: Database, config: QueryLogConfig, clock: Clock, budgets: Budgets | None = None
+    ) -> None:
         self._db = db
+        # What a request spent is charged to its swarm's budgets (catalog/budgets.py).
+        self._budgets = budgets
         self._config = config
         self._clock = clock
         self._buffer: list[QueryRecord] = []
@@ -135,6 +140,8 @@ class QueryLog:
             error_code=error,
             request_id=request_id,
         )
+        if self._budgets is not None and rec.outcome != "refused":
+            self._budgets.charge(principal, rows=rows, nbytes=nbytes, seconds=seconds)
         with self._lock:
             if len(self._buffer) >= MAX_BUFFER:
                 self._dropped += 1

@@ -152,6 +152,12 @@ class RefreshBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ttl_seconds: int | None = None
 
 
+class EmptyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of an action that takes none (an empty body or ``{}``)."""
+
+    usage: ClassVar[str] = "no body (or {})"
+
+
 class MyQueriesBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The body of ``my-queries`` (optional): how many of the caller's last records."""
 

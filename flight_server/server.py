@@ -87,6 +87,10 @@ ACTIONS: dict[str, str] = {
         "valid until it expires, and revoking either revokes the chain."
     ),
     **QUERY_ACTIONS,
+    "usage": (
+        "Your swarm's usage budget and what it spent today (UTC): {swarm, day, resets_at, budget, "
+        "usage, agents} (an agent token sees only its own entry under agents). Body: none."
+    ),
     "my-queries": (
         "Your own last query-log records, newest first (proto_docs/governance.md). Body (optional): "
         '{"limit": N} (1 to 1000, default 50). Answers {"queries": [{occurred_at, kind, via, tables, '
@@ -162,7 +166,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         limits = catalog.config.limits
         self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds, catalog.clock)
         self.watchdog = Watchdog()
-        self.admission = Admission(limits, catalog.db, self.watchdog, catalog.metrics)
+        self.admission = Admission(limits, catalog.db, self.watchdog, catalog.metrics, catalog.budgets)
         self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)
         self.profiles = ProfileCache.for_catalog(catalog)
         self.queries = QueryManager.for_catalog(catalog)
@@ -327,7 +331,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             for ref in plan.tables:
                 if not policy.can_read(principal, ref):
                     raise PermissionDenied(f"{ref.qualified}: {NOT_READABLE}")
-            state.cleanups.append(self.admission.acquire(principal.subject, payload.group, payload.index))
+            state.cleanups.append(self.admission.acquire(principal, payload.group, payload.index))
             # Until the call ends: CancelFlightInfo finds it, a client that leaves stops it.
             self.running.track(payload.group, state, context)
             return self.streamer.open(plan, payload.index, state)
@@ -358,9 +362,8 @@ class QuiverFlightServer(flight.FlightServerBase):
                         self.queries.submit(principal, self.planner.prepare(principal, query))
                     )
                 ]
-            if action.type == "my-queries":
-                limit = commands.decode_body(body, commands.MyQueriesBody, action.type).limit
-                return [msgspec.json.encode({"queries": self.catalog.query_log.mine(principal, limit)})]
+            if action.type in ("usage", "my-queries"):
+                return [self._governance(principal, action.type, body)]
             if action.type == "query-status":
                 query_id = commands.decode_body(body, commands.QueryIdBody, action.type).id
                 return [msgspec.json.encode(self.queries.status(principal, query_id))]
@@ -385,6 +388,20 @@ class QuiverFlightServer(flight.FlightServerBase):
             )
 
         return iter(self._run(context, "do_action", run))
+
+    def _governance(self, principal: Principal, name: str, body: bytes) -> bytes:
+        """``usage`` and ``my-queries``: the caller's own budget and query log
+        (proto_docs/governance.md)."""
+        if name == "my-queries":
+            limit = commands.decode_body(body, commands.MyQueriesBody, name).limit
+            return msgspec.json.encode({"queries": self.catalog.query_log.mine(principal, limit)})
+        commands.decode_body(body, commands.EmptyBody, name)
+        if principal.swarm is None:
+            raise InvalidArgument("usage: an admin token has no swarm and no budget")
+        report = self.catalog.budgets.report(principal.swarm)
+        if principal.agent is not None:  # an agent sees its own entry and its swarm's, not its peers'
+            report.agents = {k: v for k, v in report.agents.items() if k == principal.agent}
+        return msgspec.json.encode(report)
 
     @staticmethod
     def _is_flight_sql(descriptor: flight.FlightDescriptor) -> bool:

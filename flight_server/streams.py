@@ -279,7 +279,7 @@ class Streamer:
         cap = part.row_cap
         assert cap is not None  # a query always has a cap
         timeout = self.timeout if timeout_seconds is None else float(timeout_seconds)
-        release = admission.acquire(principal.subject, "run-" + secrets.token_hex(6))
+        release = admission.acquire(principal, "run-" + secrets.token_hex(6))
         held: list[Callable[[], None]] = [release]
 
         def close() -> None:
