@@ -145,7 +145,7 @@ class Streamer:
         key: CacheKey | None = None
         if isinstance(part, SqlPart) and part.normalized is not None:
             # The result cache first: a hit needs no cursor and no deadline.
-            key, hit, cut = self._lookup(plan, part)
+            key, hit, cut = self._lookup(plan, part, state)
             if hit is not None:
                 state.fields["cache"] = "hit"
                 if cut and part.row_cap is not None:  # a cut result says so on every replay
@@ -362,13 +362,17 @@ class Streamer:
             versions = {ref.key(): current.get(ref.key(), 0) for ref in tables}
         return self.cache.key(part.normalized, part.params, part.max_rows, versions)
 
-    def _lookup(self, plan: Plan, part: SqlPart) -> tuple[CacheKey | None, pa.RecordBatchReader | None, bool]:
+    def _lookup(
+        self, plan: Plan, part: SqlPart, state: CallState | None = None
+    ) -> tuple[CacheKey | None, pa.RecordBatchReader | None, bool]:
         """The result cache's key of a query (:meth:`_key`), its cached rows on a hit, and
         whether those were cut at the row cap."""
         key = self._key(plan.tables, part)
         entry = self.cache.get(key) if key is not None else None
         if entry is None:
             return key, None, False
+        if state is not None and state.query is not None:  # the query log counts a hit whole
+            state.query.sent(entry.rows, entry.bytes)
         return key, self.cache.open(entry), entry.truncated
 
     def _capped_stream(
