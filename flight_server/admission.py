@@ -112,12 +112,7 @@ class Admission:
         (or one planning step, under a query id of its own): first its swarm's usage budgets
         (RESOURCE_EXHAUSTED when one is spent, before any work), then the slots. Returns the
         function that lets it go; calling it more than once is harmless."""
-        if self._budgets is not None:
-            try:
-                self._budgets.check(principal)
-            except ResourceExhausted:
-                self._refused("budget")
-                raise
+        self.check_budget(principal)
         subject = principal.subject
         with self._cond:
             self._check_share(subject, query, index)
@@ -136,6 +131,18 @@ class Admission:
                 self._check_share(subject, query, index)
             self._take(subject, query, index)
         return self._releaser(subject, query, index)
+
+    def check_budget(self, principal: Principal) -> None:
+        """Refuse a caller whose swarm or agent has spent a usage budget (catalog/budgets.py).
+        Every slot checks it; GetFlightInfo checks it first too, so a request answered from a
+        cache (no slot at planning) is refused there rather than at its DoGet."""
+        if self._budgets is None:
+            return
+        try:
+            self._budgets.check(principal)
+        except ResourceExhausted:
+            self._refused("budget")
+            raise
 
     def _check_share(self, subject: str, query: str, index: int) -> None:
         """Refuse a principal whose queries already fill its share, unless this stream joins

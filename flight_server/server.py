@@ -260,6 +260,8 @@ class QuiverFlightServer(flight.FlightServerBase):
             # Recorded only when refused: a planned request is recorded by its DoGet.
             facts = state.query = QueryFacts(kind="unknown", failures_only=True)
             sql = self._is_flight_sql(descriptor)
+            if not sql:  # Flight SQL: metadata is free; a statement is checked when it runs
+                self.admission.check_budget(principal)
             if sql:
                 facts.kind, facts.via = "query", "flight-sql"
                 plan = self.sql.plan(principal, descriptor.command, execute=True)

@@ -273,3 +273,16 @@ def test_usage_survives_a_restart(tmp_path: Path) -> None:
         assert "used 3 of 3" in error_info(e.value)["detail"]
     finally:
         again.stop()
+
+
+def test_a_cached_result_is_refused_at_get_flight_info_too(server: Server) -> None:
+    swarm = new_swarm(server, "cached")
+    assert put_budget(server, swarm, {"queries_per_day": 1}).status_code == 200
+    token = server.mint("agent", swarm, "c")
+    descriptor = cmd(kind="query", sql="SELECT 7 AS seven")
+    fetch(server, token, descriptor)  # now in the result cache: GetFlightInfo needs no slot
+    with pytest.raises(flight.FlightError) as e:
+        server.flight().get_flight_info(descriptor, call_options(token))
+    assert "queries_per_day" in error_info(e.value)["detail"]
+    refused = server.catalog.query_log.query(agent="c", swarm=swarm).queries[0]
+    assert refused.outcome == "refused" and refused.error_code == "RESOURCE_EXHAUSTED"

@@ -646,6 +646,7 @@ def test_list_actions_describes_every_action(
         "query-status",
         "cancel-query",
         "my-queries",
+        "usage",
         "export",
         "refresh-artefact",
         # Flight SQL's (proto_docs/flight-sql.md)
