@@ -21,7 +21,7 @@ Budgets are admin writes: ``PUT /v1/swarms/{name}/budget`` runs under the admin-
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
@@ -188,6 +188,21 @@ class Budgets:
                 self._budgets[swarm] = budget
         log.info("budget.set", swarm=swarm, budget=body)
         return budget
+
+    def drop(self, cur: Any, swarm: str) -> Callable[[], None]:
+        """Delete ``swarm``'s budget and counters in the caller's transaction (the swarm's
+        deletion); returns what to apply in memory once it committed."""
+        cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.budgets WHERE swarm = ?", [swarm])
+        cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.usage WHERE swarm = ?", [swarm])
+
+        def apply() -> None:
+            with self._lock:
+                self._budgets.pop(swarm, None)
+                for key in [k for k in self._usage if k[1] == swarm]:
+                    del self._usage[key]
+                self._dirty = {k for k in self._dirty if k[1] != swarm}
+
+        return apply
 
     def budget(self, swarm: str) -> Budget:
         with self._lock:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import duckdb
 import structlog
 
 from catalog.artefacts import ArtefactStore
@@ -114,7 +116,15 @@ class Catalog:
 
     def delete_swarm(self, name: str) -> None:
         """A swarm goes with its allowlist and every token it holds, atomically."""
-        self.swarms.delete(name, revoke_tokens_of=self.tokens.revoke_swarm)
+        budgets = self.budgets
+
+        def revoke(cur: duckdb.DuckDBPyConnection, swarm: str) -> Callable[[], object]:
+            # Its budget and counters go in the same transaction: a swarm re-created under
+            # the name starts with none.
+            revoked, dropped = self.tokens.revoke_swarm(cur, swarm), budgets.drop(cur, swarm)
+            return lambda: (revoked(), dropped())
+
+        self.swarms.delete(name, revoke_tokens_of=revoke)
 
     def ensure_admin_token(self, *, actor: str = "bootstrap") -> Path | None:
         """Keep ``DATA_DIR/admin.token`` holding a valid admin token with at least

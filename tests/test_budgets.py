@@ -286,3 +286,17 @@ def test_a_cached_result_is_refused_at_get_flight_info_too(server: Server) -> No
     assert "queries_per_day" in error_info(e.value)["detail"]
     refused = server.catalog.query_log.query(agent="c", swarm=swarm).queries[0]
     assert refused.outcome == "refused" and refused.error_code == "RESOURCE_EXHAUSTED"
+
+
+def test_a_deleted_swarm_takes_its_budget_and_counters(server: Server) -> None:
+    swarm = new_swarm(server, "gone")
+    assert put_budget(server, swarm, {"queries_per_day": 1}).status_code == 200
+    query(server, server.mint("agent", swarm, "g"))
+    assert server.http().delete(f"/v1/swarms/{swarm}").status_code in (200, 204)
+    assert server.http().post("/v1/swarms", json={"name": swarm, "tables": ["demo.*"]}).status_code == 201
+    report = usage(server, swarm)
+    assert report["budget"] == {} and report["usage"]["queries"] == 0
+    query(server, server.mint("agent", swarm, "g"))  # no budget now
+    server.catalog.maintain()
+    with server.catalog.db.reading() as cur:
+        assert cur.execute("SELECT count(*) FROM _quiver.budgets WHERE swarm = ?", [swarm]).fetchone() == (0,)
