@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
+import pyarrow as pa
 import structlog
 
 from catalog.budgets import Budgets
@@ -78,6 +79,25 @@ class QueryPage(msgspec.Struct, kw_only=True):
     next_cursor: int | None
 
 
+_BATCH_SCHEMA = pa.schema(
+    [
+        ("occurred_at", pa.timestamp("us", tz="UTC")),
+        ("principal", pa.string()),
+        ("swarm", pa.string()),
+        ("agent", pa.string()),
+        ("kind", pa.string()),
+        ("via", pa.string()),
+        ("tables", pa.list_(pa.string())),
+        ("sql_text", pa.string()),
+        ("params", pa.int32()),
+        ("rows", pa.int64()),
+        ("bytes", pa.int64()),
+        ("ms", pa.float64()),
+        ("outcome", pa.string()),
+        ("error_code", pa.string()),
+        ("request_id", pa.string()),
+    ]
+)
 _COLUMNS = (
     "id, occurred_at, principal, swarm, agent, kind, via, tables, sql_text, params, rows, bytes, "
     "ms, outcome, error_code, request_id"
@@ -161,35 +181,39 @@ class QueryLog:
             log.warning("query_log.dropped", records=dropped)
         if not batch:
             return 0
-        rows = [
-            [
-                r.occurred_at,
-                r.principal,
-                r.swarm,
-                r.agent,
-                r.kind,
-                r.via,
-                r.tables,
-                r.sql,
-                r.params,
-                r.rows,
-                r.bytes,
-                r.ms,
-                r.outcome,
-                r.error_code,
-                r.request_id,
-            ]
-            for r in batch
-        ]
+        # One Arrow table, one INSERT … SELECT: DuckDB's executemany costs milliseconds per
+        # row (20,000 records: ~48 s against well under a second this way).
+        table = pa.Table.from_pydict(
+            {
+                "occurred_at": [r.occurred_at for r in batch],
+                "principal": [r.principal for r in batch],
+                "swarm": [r.swarm for r in batch],
+                "agent": [r.agent for r in batch],
+                "kind": [r.kind for r in batch],
+                "via": [r.via for r in batch],
+                "tables": [r.tables for r in batch],
+                "sql_text": [r.sql for r in batch],
+                "params": [r.params for r in batch],
+                "rows": [r.rows for r in batch],
+                "bytes": [r.bytes for r in batch],
+                "ms": [r.ms for r in batch],
+                "outcome": [r.outcome for r in batch],
+                "error_code": [r.error_code for r in batch],
+                "request_id": [r.request_id for r in batch],
+            },
+            schema=_BATCH_SCHEMA,
+        )
+        columns = ", ".join(_BATCH_SCHEMA.names)
         with self._write_lock, self._db.transaction() as cur:
-            cur.executemany(
-                f"INSERT INTO {SYSTEM_SCHEMA}.query_log (occurred_at, principal, swarm, agent, kind, via, "
-                "tables, sql_text, params, rows, bytes, ms, outcome, error_code, request_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            cur.register("_query_log_batch", table)
+            try:
+                cur.execute(
+                    f"INSERT INTO {SYSTEM_SCHEMA}.query_log ({columns}) SELECT {columns} FROM _query_log_batch"
+                )
+            finally:
+                cur.unregister("_query_log_batch")
             self.writes += 1
-        return len(rows)
+        return len(batch)
 
     def prune(self, before: datetime, *, batch: int = PRUNE_BATCH) -> int:
         """Delete the records of requests that ended before ``before``, ``batch`` per
