@@ -26,6 +26,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
 import msgspec
+import pyarrow as pa
 import structlog
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -40,6 +41,18 @@ from catalog.writes import AdminWrites
 log = structlog.get_logger(__name__)
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+
+_USAGE_SCHEMA = pa.schema(
+    [
+        ("day", pa.date32()),
+        ("swarm", pa.string()),
+        ("agent", pa.string()),
+        ("queries", pa.int64()),
+        ("rows", pa.int64()),
+        ("bytes", pa.int64()),
+        ("ms", pa.float64()),
+    ]
+)
 
 #: Budget names, in the order they are checked, and the usage field each limits.
 BUDGETS = ("queries_per_day", "rows_per_day", "bytes_per_day", "query_seconds_per_day")
@@ -294,11 +307,17 @@ class Budgets:
             ]
         if not rows:
             return 0
+        table = pa.Table.from_pydict(
+            {name: [r[i] for r in rows] for i, name in enumerate(_USAGE_SCHEMA.names)}, schema=_USAGE_SCHEMA
+        )
         try:
+            # One INSERT … SELECT from Arrow (executemany costs milliseconds per row).
             with self._db.transaction() as cur:
-                cur.executemany(
-                    f"INSERT OR REPLACE INTO {SYSTEM_SCHEMA}.usage VALUES (?, ?, ?, ?, ?, ?, ?)", rows
-                )
+                cur.register("_usage_batch", table)
+                try:
+                    cur.execute(f"INSERT OR REPLACE INTO {SYSTEM_SCHEMA}.usage SELECT * FROM _usage_batch")
+                finally:
+                    cur.unregister("_usage_batch")
         except Exception:
             with self._lock:
                 self._dirty |= keys  # written by the next flush
