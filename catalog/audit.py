@@ -3,7 +3,7 @@ outcome, client address and request id.
 
 Writes are buffered in memory and flushed in batches (on a timer, before every read, and at
 shutdown) so a flood of bad tokens never turns into a flood of database writes. Per-request
-records of reads go to structlog, not here (ARCHITECTURE.md, "What the database takes").
+records of reads go to structlog and to the query log (catalog/query_log.py), not here.
 Events older than ``[audit] retention_days`` are deleted in batches by :meth:`AuditLog.prune`
 (called from the housekeeping thread, catalog/retention.py), so internet noise -- every
 refused token is an event -- does not grow the table for as long as the server runs.

@@ -203,6 +203,15 @@ class AuditConfig(_Section):
     retention_days: Annotated[int, msgspec.Meta(ge=0, le=36_500)] = 90
 
 
+class QueryLogConfig(_Section):
+    """The query log of data-plane requests (catalog/query_log.py, proto_docs/governance.md)."""
+
+    # Replace every literal of the recorded SQL text by ``?`` (DuckDB's tokenizer finds them).
+    redact_literals: bool = False
+    # Records older than this many days are deleted by the housekeeping thread. 0: keep all.
+    retention_days: Annotated[int, msgspec.Meta(ge=0, le=36_500)] = 30
+
+
 class SnowflakeConfig(_Section):
     """Connection to the Snowflake source of ``[[sync.tables]]`` (passed to
     ``snowflake.connector.connect``). Secrets come from files or ``QUIVER_SNOWFLAKE_PASSWORD``;
@@ -272,6 +281,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     backup: BackupConfig = msgspec.field(default_factory=BackupConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    query_log: QueryLogConfig = msgspec.field(default_factory=QueryLogConfig)
     snowflake: SnowflakeConfig = msgspec.field(default_factory=SnowflakeConfig)
     sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
     results: ResultsConfig = msgspec.field(default_factory=ResultsConfig)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import duckdb
 import structlog
 
 from catalog.artefacts import ArtefactStore
 from catalog.audit import AuditLog
+from catalog.budgets import Budgets, UsageCollector
 from catalog.clock import SYSTEM_CLOCK, Clock, utcnow
 from catalog.config import Config
 from catalog.database import Database
@@ -26,6 +29,7 @@ from catalog.identity import Principal, WhoAmI
 from catalog.keys import KeyRing, write_private_atomic
 from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
+from catalog.query_log import QueryLog
 from catalog.query_port import QueryRunner
 from catalog.resources import duckdb_memory_limit
 from catalog.retention import Retention
@@ -72,7 +76,12 @@ class Catalog:
         self.tokens.retire_keys()
         self.audit = AuditLog(self.db)
         self.metrics = Metrics()
-        self.retention = Retention(config.audit, self.audit, self.swarms.writes, self.metrics)
+        self.budgets = Budgets(self.db, clock, self.swarms.writes, self.swarms)
+        self.metrics.registry.register(UsageCollector(self.budgets))
+        self.query_log = QueryLog(self.db, config.query_log, clock, self.budgets)
+        self.retention = Retention(
+            config.audit, self.audit, self.swarms.writes, self.metrics, self.query_log, config.query_log
+        )
         self.backups = BackupOutcomes(data_dir, self.metrics)
         self.artefacts = ArtefactStore(
             self.db,
@@ -110,7 +119,15 @@ class Catalog:
 
     def delete_swarm(self, name: str) -> None:
         """A swarm goes with its allowlist and every token it holds, atomically."""
-        self.swarms.delete(name, revoke_tokens_of=self.tokens.revoke_swarm)
+        budgets = self.budgets
+
+        def revoke(cur: duckdb.DuckDBPyConnection, swarm: str) -> Callable[[], object]:
+            # Its budget and counters go in the same transaction: a swarm re-created under
+            # the name starts with none.
+            revoked, dropped = self.tokens.revoke_swarm(cur, swarm), budgets.drop(cur, swarm)
+            return lambda: (revoked(), dropped())
+
+        self.swarms.delete(name, revoke_tokens_of=revoke)
 
     def ensure_admin_token(self, *, actor: str = "bootstrap") -> Path | None:
         """Keep ``DATA_DIR/admin.token`` holding a valid admin token with at least
@@ -201,12 +218,15 @@ class Catalog:
     def _flush(self) -> None:
         try:
             self.audit.flush()
+            self.query_log.flush()
+            self.budgets.flush()
             self.tokens.flush_last_used()
         except Exception as e:  # noqa: BLE001 - housekeeping must never kill its thread
             log.warning("catalog.maintain_failed", error=str(e))
 
     def maintain(self) -> None:
-        """Periodic housekeeping: flush buffered audit events and token "last used" times,
+        """Periodic housekeeping: flush buffered audit events, query-log records and token
+        "last used" times,
         retire previous signing keys whose tokens have all expired, and (hourly) delete
         history older than ``[audit] retention_days`` (catalog/retention.py)."""
         self._flush()

@@ -224,11 +224,12 @@ class Metrics:
         self.admission_refusals = Counter(
             "quiver_admission_refusals_total",
             "Calls refused by admission, by reason (per_principal: a principal's share is full; "
-            "total: the server stayed full for admission_wait_seconds).",
+            "total: the server stayed full for admission_wait_seconds; budget: a usage budget "
+            "of the caller's swarm or agent is spent).",
             ["reason"],
             registry=self.registry,
         )
-        for reason in ("per_principal", "total"):
+        for reason in ("per_principal", "total", "budget"):
             self.admission_refusals.labels(reason)
         # Backups (catalog/backup.py): set where a snapshot finishes, however it was asked for.
         self.backup_last_success = Gauge(
@@ -255,11 +256,11 @@ class Metrics:
         # Retention (catalog/retention.py).
         self.retention_deleted = Counter(
             "quiver_retention_deleted_total",
-            "Rows deleted for being older than [audit] retention_days, by table.",
+            "Rows deleted for being older than their retention_days ([audit], [query_log]), by table.",
             ["table"],
             registry=self.registry,
         )
-        for table in ("audit", "tokens"):
+        for table in ("audit", "tokens", "query_log"):
             self.retention_deleted.labels(table)
         # Artefacts (catalog/artefacts.py): what the janitor removed, by reason.
         self.artefacts_removed = Counter(

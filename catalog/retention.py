@@ -13,6 +13,9 @@ admin token per renewal of ``DATA_DIR/admin.token``). With ``[audit] retention_d
   issuer), so no live token's lineage loses a row. Deleted under the admin-write lock
   (catalog/writes.py), like every other change to token records.
 
+The query log (catalog/query_log.py) has its own ``[query_log] retention_days`` (default 30;
+0 keeps everything): records of requests that ended longer ago are deleted on the same pass.
+
 The journal's own retention (Quiver's log lines) is the system's: journald's
 ``SystemMaxUse``/``MaxRetentionSec``. See proto_docs/configuration.md, ``[audit]``.
 """
@@ -28,9 +31,10 @@ import msgspec
 import structlog
 
 from catalog.audit import AuditLog
-from catalog.config import AuditConfig
+from catalog.config import AuditConfig, QueryLogConfig
 from catalog.database import SYSTEM_SCHEMA
 from catalog.metrics import Metrics
+from catalog.query_log import QueryLog
 from catalog.writes import AdminWrites
 
 log = structlog.get_logger(__name__)
@@ -45,11 +49,22 @@ class RetentionReport(msgspec.Struct, kw_only=True):
     cutoff: datetime | None  # None: retention_days = 0, nothing is deleted
     audit_events: int
     token_records: int
+    query_records: int = 0
 
 
 class Retention:
-    def __init__(self, config: AuditConfig, audit: AuditLog, writes: AdminWrites, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: AuditConfig,
+        audit: AuditLog,
+        writes: AdminWrites,
+        metrics: Metrics,
+        query_log: QueryLog | None = None,
+        query_log_config: QueryLogConfig | None = None,
+    ) -> None:
         self._config = config
+        self._query_log = query_log
+        self._query_log_config = query_log_config or QueryLogConfig()
         self._audit = audit
         self._writes = writes
         self._metrics = metrics
@@ -67,10 +82,12 @@ class Retention:
 
     def run(self, now: datetime | None = None) -> RetentionReport:
         """Delete what is older than the retention as of ``now`` (default: the current time)."""
+        current = now or datetime.now(UTC)
+        queries = self._prune_queries(current)
         days = self._config.retention_days
         if days == 0:
-            return RetentionReport(cutoff=None, audit_events=0, token_records=0)
-        cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
+            return RetentionReport(cutoff=None, audit_events=0, token_records=0, query_records=queries)
+        cutoff = current - timedelta(days=days)
         events = self._audit.prune(cutoff)
         records = self._prune_tokens(cutoff)
         self._metrics.retention_deleted.labels("audit").inc(events)
@@ -82,7 +99,20 @@ class Retention:
                 audit_events=events,
                 token_records=records,
             )
-        return RetentionReport(cutoff=cutoff, audit_events=events, token_records=records)
+        return RetentionReport(
+            cutoff=cutoff, audit_events=events, token_records=records, query_records=queries
+        )
+
+    def _prune_queries(self, now: datetime) -> int:
+        days = self._query_log_config.retention_days
+        if self._query_log is None or days == 0:
+            return 0
+        cutoff = now - timedelta(days=days)
+        deleted = self._query_log.prune(cutoff)
+        self._metrics.retention_deleted.labels("query_log").inc(deleted)
+        if deleted:
+            log.info("retention.pruned_queries", cutoff=cutoff.isoformat(), query_records=deleted)
+        return deleted
 
     def _prune_tokens(self, cutoff: datetime) -> int:
         def batch(cur: duckdb.DuckDBPyConnection) -> int:

@@ -509,6 +509,33 @@ def _literals(sql: str) -> tuple[str, list[tuple[int, str, str]]] | None:
     return "".join(key), found
 
 
+def redact_literals(sql: str) -> str:
+    """``sql`` with every numeric and string literal replaced by ``?`` (the query log's
+    ``[query_log] redact_literals``, catalog/query_log.py).
+
+    The literals are DuckDB's own tokenizer's, as the shape cache finds them (a literal's
+    extent runs from its token to the next token, whitespace removed), so a quote inside a
+    comment or an identifier is never taken for one. Unlike the shape cache, every literal
+    form is replaced, whatever its spelling. A text the tokenizer cannot read is answered as
+    ``?`` whole: nothing of it is kept rather than something that may hold a value."""
+    try:
+        tokens = duckdb.tokenize(sql)
+    except Exception:  # noqa: BLE001 - an unreadable text keeps nothing
+        return "?"
+    starts = [offset for offset, _ in tokens] + [len(sql)]
+    out: list[str] = []
+    end = 0
+    for i, (offset, kind) in enumerate(tokens):
+        if kind not in _LITERAL_TOKENS or offset < end:
+            continue
+        extent = sql[offset : starts[i + 1]].rstrip(_SQL_SPACE)
+        out.append(sql[end:offset])
+        out.append("?")
+        end = offset + len(extent)
+    out.append(sql[end:])
+    return "".join(out)
+
+
 #: Expression classes of DuckDB's parse tree that compute a value from one row (with the
 #: functions they call checked separately): anything else — a subquery, a window, a class this
 #: list does not know — keeps a query in one piece. Not LAMBDA: DuckDB writes a lambda back

@@ -61,6 +61,8 @@ _DOMAIN_STATUSES: dict[str, set[int]] = {
     "create_swarm": {409},
     "delete_swarm": {409},
     "put_allowlist": {409},
+    "put_budget": {404, 409, 422},
+    "get_usage": {404},
     "create_token": {403, 404, 409, 422},
     "refresh_token": {403, 409, 422},
     "revoke_token": {409},

@@ -40,6 +40,7 @@ import duckdb
 import structlog
 
 from catalog import Principal, ResourceExhausted
+from catalog.budgets import Budgets
 from catalog.config import LimitsConfig
 from catalog.database import Database
 from catalog.metrics import Metrics
@@ -83,8 +84,15 @@ class Admission:
     """Per-principal and global concurrency, the query timeout, for planning and streaming."""
 
     def __init__(
-        self, limits: LimitsConfig, db: Database, watchdog: Watchdog, metrics: Metrics | None = None
+        self,
+        limits: LimitsConfig,
+        db: Database,
+        watchdog: Watchdog,
+        metrics: Metrics | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
+        # Usage budgets (catalog/budgets.py): checked before a slot is taken.
+        self._budgets = budgets
         self.per_principal = limits.max_concurrent_queries
         self.total = limits.max_concurrent_total
         self.wait_seconds = float(limits.admission_wait_seconds)
@@ -99,10 +107,13 @@ class Admission:
             metrics.streams_running.set_function(self.streams)
 
     # --- the gate -----------------------------------------------------------------------------
-    def acquire(self, subject: str, query: str, index: int = 0) -> Release:
-        """Admit one stream of endpoint ``index`` of the FlightInfo ``query`` for ``subject``
-        (or one planning step, under a query id of its own). Returns the function that lets
-        it go; calling it more than once is harmless."""
+    def acquire(self, principal: Principal, query: str, index: int = 0) -> Release:
+        """Admit one stream of endpoint ``index`` of the FlightInfo ``query`` for ``principal``
+        (or one planning step, under a query id of its own): first its swarm's usage budgets
+        (RESOURCE_EXHAUSTED when one is spent, before any work), then the slots. Returns the
+        function that lets it go; calling it more than once is harmless."""
+        self.check_budget(principal)
+        subject = principal.subject
         with self._cond:
             self._check_share(subject, query, index)
             if self._running >= self.total:
@@ -120,6 +131,18 @@ class Admission:
                 self._check_share(subject, query, index)
             self._take(subject, query, index)
         return self._releaser(subject, query, index)
+
+    def check_budget(self, principal: Principal) -> None:
+        """Refuse a caller whose swarm or agent has spent a usage budget (catalog/budgets.py).
+        Every slot checks it; GetFlightInfo checks it first too, so a request answered from a
+        cache (no slot at planning) is refused there rather than at its DoGet."""
+        if self._budgets is None:
+            return
+        try:
+            self._budgets.check(principal)
+        except ResourceExhausted:
+            self._refused("budget")
+            raise
 
     def _check_share(self, subject: str, query: str, index: int) -> None:
         """Refuse a principal whose queries already fill its share, unless this stream joins
@@ -184,7 +207,7 @@ class Admission:
         deadline never fired, given back to that pool (a new cursor is not free:
         tests/bench/RESULTS.md, "Costs the code relies on"); the
         block must then leave it as it found it (no open result, no transaction)."""
-        release = self.acquire(principal.subject, "plan-" + secrets.token_hex(6))
+        release = self.acquire(principal, "plan-" + secrets.token_hex(6))
         try:
             if cursors is None:
                 with self._db.reading() as cur:

@@ -155,6 +155,19 @@ class RefreshBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ttl_seconds: int | None = None
 
 
+class EmptyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of an action that takes none (an empty body or ``{}``)."""
+
+    usage: ClassVar[str] = "no body (or {})"
+
+
+class MyQueriesBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of ``my-queries`` (optional): how many of the caller's last records."""
+
+    usage: ClassVar[str] = '{"limit": N} (1 to 1000, default 50; or no body)'
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 50
+
+
 class ExportBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The body of ``export``: a query (with its parameters) or a whole table, into a file
     artefact (catalog/exports.py)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.flight as flight
@@ -25,6 +26,36 @@ from flight_server.limits import Deadline
 log = structlog.get_logger("flight_server")
 
 _METHOD_NAMES = {m: m.name.lower() for m in flight.FlightMethod}
+
+
+@dataclass(slots=True)
+class QueryFacts:
+    """What the query log records of a data-plane call (catalog/query_log.py), filled in by
+    its handler as it learns them; ``failures_only``: recorded only when the call fails (a
+    GetFlightInfo that was planned records nothing: its DoGet is the request)."""
+
+    kind: str
+    via: str = "flight"
+    tables: tuple[str, ...] = ()
+    sql: str | None = None
+    params: int = 0
+    rows: int | None = None
+    nbytes: int | None = None
+    failures_only: bool = False
+
+    def sent(self, rows: int, nbytes: int) -> None:
+        """Count rows and bytes sent (the paths where Python sees the batches or the table)."""
+        self.rows = (self.rows or 0) + rows
+        self.nbytes = (self.nbytes or 0) + nbytes
+
+
+def _code(outcome: str) -> str:
+    """The error code of a call's outcome: a code as sent (upper case), or, for an exception
+    that never went through the handler's mapping (the client went away mid-stream), its
+    kind."""
+    if outcome.isupper():
+        return outcome
+    return "CANCELLED" if "Cancel" in outcome else "ERROR"
 
 
 class _CallRecorder:
@@ -78,6 +109,8 @@ class CallState(flight.ServerMiddleware):
         # failed, or the client went away (cursor, deadline, concurrency slot).
         self.cleanups: list[Callable[[], None]] = []
         self.deadline: Deadline | None = None
+        # Set by the handler of a data-plane call: one query-log record when the call ends.
+        self.query: QueryFacts | None = None
 
     def sending_headers(self) -> dict[str, str]:
         return {"x-request-id": self.request_id}
@@ -105,6 +138,25 @@ class CallState(flight.ServerMiddleware):
             request_id=self.request_id,
             **self.fields,
         )
+        facts = self.query
+        if (
+            facts is not None
+            and self.principal is not None
+            and not (facts.failures_only and self.outcome == "OK")
+        ):
+            self.catalog.query_log.record(
+                self.principal,
+                kind=facts.kind,
+                via=facts.via,
+                tables=facts.tables,
+                sql=facts.sql,
+                params=facts.params,
+                rows=facts.rows,
+                nbytes=facts.nbytes,
+                seconds=seconds,
+                code=_code(self.outcome),
+                request_id=self.request_id,
+            )
 
 
 class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):

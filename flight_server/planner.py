@@ -309,7 +309,18 @@ class Planner:
             return None
         pieces = self._cached_parts(entry, self._slices(entry.rows), picked)
         label = _query_label(guarded.normalized)
-        return Plan("query", schema, -1, pieces, guarded.tables, label, timeout=True, row_cap=_uncut(part))
+        return Plan(
+            "query",
+            schema,
+            -1,
+            pieces,
+            guarded.tables,
+            label,
+            timeout=True,
+            row_cap=_uncut(part),
+            sql=guarded.sql,
+            params=len(part.params),
+        )
 
     def _split_query(
         self, principal: Principal, guarded: GuardedQuery, part: SqlPart, schema: pa.Schema
@@ -514,9 +525,29 @@ class Planner:
             split = self._split_query(principal, guarded, part, schema)
             if split is not None:
                 return Plan(
-                    "query", schema, -1, split, guarded.tables, label, timeout=True, row_cap=_uncut(part)
+                    "query",
+                    schema,
+                    -1,
+                    split,
+                    guarded.tables,
+                    label,
+                    timeout=True,
+                    row_cap=_uncut(part),
+                    sql=guarded.sql,
+                    params=len(params),
                 )
-        return Plan("query", schema, -1, (part,), guarded.tables, label, timeout=True, row_cap=part.row_cap)
+        return Plan(
+            "query",
+            schema,
+            -1,
+            (part,),
+            guarded.tables,
+            label,
+            timeout=True,
+            row_cap=part.row_cap,
+            sql=guarded.sql,
+            params=len(params),
+        )
 
     def _strike(self, shape: tuple[Any, ...]) -> bool:
         """Count a run at GetFlightInfo of ``shape`` that gave up or failed; True (and the

@@ -146,6 +146,9 @@ class Plan:
     ordered: bool = True
     # The row cap known at planning: reported in the FlightInfo's app_metadata.
     row_cap: RowCap | None = None
+    # A query's text as the caller sent it and its parameter count (the query log).
+    sql: str | None = None
+    params: int = 0
 
     @property
     def app_metadata(self) -> bytes:

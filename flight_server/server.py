@@ -63,7 +63,7 @@ from flight_server.flight_sql import ACTIONS as FLIGHT_SQL_ACTIONS
 from flight_server.flight_sql import FlightSql, is_flight_sql
 from flight_server.flight_sql.wire import unwrap_ticket, wrap_ticket
 from flight_server.limits import Watchdog
-from flight_server.middleware import AuthMiddlewareFactory, CallState
+from flight_server.middleware import AuthMiddlewareFactory, CallState, QueryFacts
 from flight_server.planner import Planner
 from flight_server.plans import Plan
 from flight_server.profiles import ProfileCache
@@ -92,6 +92,15 @@ ACTIONS: dict[str, str] = {
         "valid until it expires, and revoking either revokes the chain."
     ),
     **QUERY_ACTIONS,
+    "usage": (
+        "Your swarm's usage budget and what it spent today (UTC): {swarm, day, resets_at, budget, "
+        "usage, agents} (an agent token sees only its own entry under agents). Body: none."
+    ),
+    "my-queries": (
+        "Your own last query-log records, newest first (proto_docs/governance.md). Body (optional): "
+        '{"limit": N} (1 to 1000, default 50). Answers {"queries": [{occurred_at, kind, via, tables, '
+        "sql, params, rows, bytes, ms, outcome, error_code, request_id, ...}]}."
+    ),
     "export": (
         'Run a query into a file artefact. Body: {"query": "...", "params": [...]} or {"table": '
         '"schema.table"}, "format": "parquet" | "csv" | "ndjson" | "arrow" (default parquet), and '
@@ -133,6 +142,25 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, default=str).encode()
 
 
+def _describe(facts: QueryFacts, target: commands.Command | commands.TableScan) -> None:
+    """What a decoded command tells the query log before it is planned (a refused plan is
+    recorded with this much)."""
+    if isinstance(target, commands.TableScan):
+        facts.kind = "scan"
+        return
+    facts.kind = str(type(target).__struct_config__.tag)
+    if isinstance(target, commands.QueryCommand):
+        facts.sql, facts.params = target.sql, len(target.params or ())
+
+
+def _planned(facts: QueryFacts, plan: Plan) -> None:
+    """What the plan adds: its kind, the tables it reads, the query's text."""
+    facts.kind = plan.kind
+    facts.tables = tuple(ref.qualified for ref in plan.tables)
+    if plan.sql is not None:
+        facts.sql, facts.params = plan.sql, plan.params
+
+
 class QuiverFlightServer(flight.FlightServerBase):
     def __init__(
         self,
@@ -153,7 +181,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         limits = catalog.config.limits
         self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds, catalog.clock)
         self.watchdog = Watchdog()
-        self.admission = Admission(limits, catalog.db, self.watchdog, catalog.metrics)
+        self.admission = Admission(limits, catalog.db, self.watchdog, catalog.metrics, catalog.budgets)
         self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)
         self.profiles = ProfileCache.for_catalog(catalog)
         self.queries = QueryManager.for_catalog(catalog)
@@ -248,12 +276,20 @@ class QuiverFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         def run(principal: Principal, state: CallState) -> flight.FlightInfo:
+            # Recorded only when refused: a planned request is recorded by its DoGet.
+            facts = state.query = QueryFacts(kind="unknown", failures_only=True)
             sql = self._is_flight_sql(descriptor)
+            if not sql:  # Flight SQL: metadata is free; a statement is checked when it runs
+                self.admission.check_budget(principal)
             if sql:
+                facts.kind, facts.via = "query", "flight-sql"
                 plan = self.sql.plan(principal, descriptor.command, execute=True)
                 state.fields["flight_sql"] = True
             else:
-                plan = self.planner.plan(principal, commands.decode_descriptor(descriptor))
+                target = commands.decode_descriptor(descriptor)
+                _describe(facts, target)
+                plan = self.planner.plan(principal, target)
+            _planned(facts, plan)
             state.fields["kind"] = plan.kind
             state.fields["target"] = plan.label
             group = secrets.token_hex(8)
@@ -298,8 +334,16 @@ class QuiverFlightServer(flight.FlightServerBase):
     # --- streaming ------------------------------------------------------------------------
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         def run(principal: Principal, state: CallState) -> flight.FlightDataStream:
-            payload = self.tickets.redeem(principal, unwrap_ticket(ticket.ticket))
+            facts = state.query = QueryFacts(kind="unknown")
+            raw = unwrap_ticket(ticket.ticket)
+            if raw != ticket.ticket:
+                facts.via = "flight-sql"
+            payload = self.tickets.redeem(principal, raw)
             plan = payload.plan
+            if plan.kind == "metadata":  # a Flight SQL listing reads no data: not a query
+                state.query = None
+            else:
+                _planned(facts, plan)
             state.fields["kind"] = plan.kind
             state.fields["target"] = plan.label
             state.fields["endpoint"] = payload.index
@@ -308,7 +352,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             for ref in plan.tables:
                 if not policy.can_read(principal, ref):
                     raise PermissionDenied(f"{ref.qualified}: {NOT_READABLE}")
-            state.cleanups.append(self.admission.acquire(principal.subject, payload.group, payload.index))
+            state.cleanups.append(self.admission.acquire(principal, payload.group, payload.index))
             # Until the call ends: CancelFlightInfo finds it, a client that leaves stops it.
             self.running.track(payload.group, state, context)
             return self.streamer.open(plan, payload.index, state)
@@ -319,7 +363,7 @@ class QuiverFlightServer(flight.FlightServerBase):
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return self._run(context, "list_actions", lambda _p, _s: list(ACTIONS.items()))
 
-    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:  # noqa: C901  one branch per action
         def run(principal: Principal, state: CallState) -> list[bytes]:  # noqa: PLR0911  a dispatch on the action
             state.action = action.type
             body = action.body.to_pybytes() if action.body is not None else b""
@@ -331,12 +375,16 @@ class QuiverFlightServer(flight.FlightServerBase):
                 return [_json(msgspec.structs.asdict(issued))]
             if action.type == "submit-query":
                 # The query path of a {"kind": "query"} descriptor: every check before queueing.
+                facts = state.query = QueryFacts(kind="query")
                 query = commands.decode_body(body, commands.QueryCommand, action.type)
+                facts.sql, facts.params = query.sql, len(query.params or ())
                 return [
                     msgspec.json.encode(
                         self.queries.submit(principal, self.planner.prepare(principal, query))
                     )
                 ]
+            if action.type in ("usage", "my-queries"):
+                return [self._governance(principal, action.type, body)]
             if action.type == "query-status":
                 query_id = commands.decode_body(body, commands.QueryIdBody, action.type).id
                 return [msgspec.json.encode(self.queries.status(principal, query_id))]
@@ -347,6 +395,7 @@ class QuiverFlightServer(flight.FlightServerBase):
                 state.fields["flight_sql"] = True
                 return self.sql.do_action(principal, action.type, body)
             if action.type == "export":
+                state.query = QueryFacts(kind="export")
                 return [msgspec.json.encode(self._export(principal, state, body))]
             if action.type == "list-artefacts":
                 listing = commands.decode_body(body, commands.ListArtefactsBody, action.type)
@@ -364,6 +413,7 @@ class QuiverFlightServer(flight.FlightServerBase):
                     msgspec.json.encode(preview(self.catalog.artefacts, principal, wanted.id, wanted.rows))
                 ]
             if action.type == "refresh-artefact":
+                state.query = QueryFacts(kind="export")
                 refresh = commands.decode_body(body, commands.RefreshArtefactBody, action.type)
                 info = self.catalog.exports.refresh(principal, refresh.id, ttl_seconds=refresh.ttl_seconds)
                 state.fields["target"] = f"artefact:{info.artefact.id}"
@@ -374,6 +424,20 @@ class QuiverFlightServer(flight.FlightServerBase):
             )
 
         return iter(self._run(context, "do_action", run))
+
+    def _governance(self, principal: Principal, name: str, body: bytes) -> bytes:
+        """``usage`` and ``my-queries``: the caller's own budget and query log
+        (proto_docs/governance.md)."""
+        if name == "my-queries":
+            limit = commands.decode_body(body, commands.MyQueriesBody, name).limit
+            return msgspec.json.encode({"queries": self.catalog.query_log.mine(principal, limit)})
+        commands.decode_body(body, commands.EmptyBody, name)
+        if principal.swarm is None:
+            raise InvalidArgument("usage: an admin token has no swarm and no budget")
+        report = self.catalog.budgets.report(principal.swarm)
+        if principal.agent is not None:  # an agent sees its own entry and its swarm's, not its peers'
+            report.agents = {k: v for k, v in report.agents.items() if k == principal.agent}
+        return msgspec.json.encode(report)
 
     @staticmethod
     def _is_flight_sql(descriptor: flight.FlightDescriptor) -> bool:
@@ -395,6 +459,9 @@ class QuiverFlightServer(flight.FlightServerBase):
         else:
             assert body.query is not None
             sql = body.query
+        facts = state.query
+        if facts is not None:
+            facts.sql, facts.params = sql, len(body.params or ())
         exports = self.catalog.exports
 
         def export(progress: Callable[[int, int], None] | None = None, timeout: float | None = None) -> Any:
@@ -427,6 +494,8 @@ class QuiverFlightServer(flight.FlightServerBase):
         info = export()
         state.fields["target"] = f"artefact:{info.artefact.id}"
         state.fields["rows"] = info.rows
+        if facts is not None:
+            facts.rows, facts.nbytes = info.rows, info.artefact.size_bytes
         return info
 
     # --- DoPut: artefact uploads, Flight SQL parameters and ingest -----------------------------

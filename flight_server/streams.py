@@ -133,7 +133,7 @@ class Streamer:
                 if part.columns is not None:
                     data = data.select(list(part.columns))
                 state.fields["cache"] = "table"
-                return flight.RecordBatchStream(data, options=_IPC)
+                return _counted(state, data)
             state.fields["cache"] = "table-evicted"
             part = part.fallback
         if isinstance(part, SqlPart) and part.ready is not None:
@@ -144,12 +144,13 @@ class Streamer:
                 schema = part.ready.schema
                 if part.ready.truncated and part.row_cap is not None:
                     state.fields["truncated"] = True
+                    _count_batches(state, batches)
                     return _cut_stream(schema, batches, part.row_cap)
-                return flight.RecordBatchStream(pa.Table.from_batches(batches, schema=schema), options=_IPC)
+                return _counted(state, pa.Table.from_batches(batches, schema=schema))
         key: CacheKey | None = None
         if isinstance(part, SqlPart) and part.normalized is not None:
             # The result cache first: a hit needs no cursor and no deadline.
-            key, hit, cut = self._lookup(plan, part)
+            key, hit, cut = self._lookup(plan, part, state)
             if hit is not None:
                 state.fields["cache"] = "hit"
                 if cut and part.row_cap is not None:  # a cut result says so on every replay
@@ -168,7 +169,7 @@ class Streamer:
         try:
             if isinstance(part, ProfilePart):
                 table = self._profile(part, cur)
-                return flight.RecordBatchStream(table, options=_IPC)
+                return _counted(state, table)
             if part.label_errors:  # a split query's part: nothing to cut, errors labelled
                 self.executions += 1
                 reader = self._sql(cur, part, None)
@@ -288,7 +289,7 @@ class Streamer:
         cap = part.row_cap
         assert cap is not None  # a query always has a cap
         timeout = self.timeout if timeout_seconds is None else float(timeout_seconds)
-        release = admission.acquire(principal.subject, "run-" + secrets.token_hex(6))
+        release = admission.acquire(principal, "run-" + secrets.token_hex(6))
         held: list[Callable[[], None]] = [release]
 
         def close() -> None:
@@ -412,13 +413,17 @@ class Streamer:
             versions = {ref.key(): current.get(ref.key(), 0) for ref in tables}
         return self.cache.key(part.normalized, part.params, part.max_rows, versions)
 
-    def _lookup(self, plan: Plan, part: SqlPart) -> tuple[CacheKey | None, pa.RecordBatchReader | None, bool]:
+    def _lookup(
+        self, plan: Plan, part: SqlPart, state: CallState | None = None
+    ) -> tuple[CacheKey | None, pa.RecordBatchReader | None, bool]:
         """The result cache's key of a query (:meth:`_key`), its cached rows on a hit, and
         whether those were cut at the row cap."""
         key = self._key(plan.tables, part)
         entry = self.cache.get(key) if key is not None else None
         if entry is None:
             return key, None, False
+        if state is not None and state.query is not None:  # the query log counts a hit whole
+            state.query.sent(entry.rows, entry.bytes)
         return key, self.cache.open(entry), entry.truncated
 
     def _capped_stream(
@@ -461,6 +466,7 @@ class Streamer:
         if ran.rest is None:
             if ran.cut:
                 state.fields["truncated"] = True
+                _count_batches(state, ran.head)
                 return _cut_stream(ran.schema, ran.head, cap)
             # The cursor is done with (its result read to the end, no transaction): the next
             # request may use it, unless its deadline is close enough to fire.
@@ -469,14 +475,18 @@ class Streamer:
                 if deadline is not None:
                     Watchdog.disarm(deadline)
                 lease.recycle(self._cursors)
-            return flight.RecordBatchStream(pa.Table.from_batches(ran.head, schema=ran.schema), options=_IPC)
+            return _counted(state, pa.Table.from_batches(ran.head, schema=ran.schema))
         teed, flag = ran.rest, ran.flag
         assert flag is not None
         metadata = cap.stream_metadata()
 
+        facts = state.query
+
         def batches() -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
             try:
                 for batch in teed:
+                    if facts is not None:
+                        facts.sent(batch.num_rows, batch.nbytes)
                     # _capped raised the flag just before it passed on the cut batch, its last.
                     if flag:
                         state.fields["truncated"] = True
@@ -789,6 +799,20 @@ def _capped(reader: pa.RecordBatchReader, rows: int, flag: _Cut) -> pa.RecordBat
             yield batch
 
     return pa.RecordBatchReader.from_batches(reader.schema, batches())
+
+
+def _counted(state: CallState, table: pa.Table) -> flight.FlightDataStream:
+    """A whole table streamed by C++, its rows and bytes counted for the query log first."""
+    if state.query is not None:
+        state.query.sent(table.num_rows, table.nbytes)
+    return flight.RecordBatchStream(table, options=_IPC)
+
+
+def _count_batches(state: CallState, batches: Iterable[pa.RecordBatch]) -> None:
+    """Count batches held in memory (a cut result) for the query log."""
+    if state.query is not None:
+        for batch in batches:
+            state.query.sent(batch.num_rows, batch.nbytes)
 
 
 def _cut_stream(schema: pa.Schema, batches: Iterable[pa.RecordBatch], cap: RowCap) -> flight.FlightDataStream:

@@ -645,6 +645,8 @@ def test_list_actions_describes_every_action(
         "submit-query",
         "query-status",
         "cancel-query",
+        "my-queries",
+        "usage",
         "export",
         "refresh-artefact",
         "list-artefacts",

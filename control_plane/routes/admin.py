@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from litestar import Request, Router, get, post, put
 from litestar.di import NamedDependency
@@ -12,6 +12,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from catalog import Catalog, NotFound, Principal, StatusReport, SyncControl
 from catalog.errors import bounded
 from catalog.policy import pattern_matches
+from catalog.query_log import QueryPage
 from catalog.status import Status, SyncStatus, SyncTriggered
 from control_plane.context import ADMIN, audited, require_sync
 from control_plane.models import AuditList, DescriptionBody, DescriptionOut, TableList, TableOut
@@ -90,6 +91,35 @@ def audit(
     return AuditList(events=events)
 
 
+@get(
+    "/v1/queries",
+    sync_to_thread=True,
+    tags=["audit"],
+    summary="Query log: every data-plane request, newest first, a page at a time (proto_docs/governance.md)",
+)
+def queries(  # noqa: PLR0913  one query parameter per filter
+    catalog: NamedDependency[Catalog],
+    since: FromQuery[datetime | None] = None,
+    until: FromQuery[datetime | None] = None,
+    swarm: Annotated[str | None, QueryParameter(max_length=200)] = None,
+    agent: Annotated[str | None, QueryParameter(max_length=200)] = None,
+    table: Annotated[str | None, QueryParameter(max_length=400)] = None,
+    outcome: FromQuery[Literal["ok", "refused", "failed"] | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+    cursor: Annotated[int | None, QueryParameter(ge=1)] = None,
+) -> QueryPage:
+    return catalog.query_log.query(
+        since=since,
+        until=until,
+        swarm=swarm,
+        agent=agent,
+        table=table,
+        outcome=outcome,
+        limit=limit,
+        cursor=cursor,
+    )
+
+
 @get("/v1/sync", sync_to_thread=True, tags=["sync"], summary="State of every replicated table")
 def sync_status(sync: NamedDependency[SyncControl | None]) -> SyncStatus:
     return require_sync(sync).status()
@@ -115,5 +145,5 @@ def sync_run(
 ROUTER = Router(
     "/",
     guards=[ADMIN],
-    route_handlers=[list_tables, put_description, status, audit, sync_status, sync_run],
+    route_handlers=[list_tables, put_description, status, audit, queries, sync_status, sync_run],
 )

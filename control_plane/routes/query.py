@@ -22,8 +22,9 @@ them; proto_docs/control_plane.md says where to look per format.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import structlog
@@ -126,11 +127,22 @@ def _headers(running: RunningQuery) -> dict[str, str]:
     }
 
 
+class _Record(Protocol):
+    def __call__(
+        self, *, rows: int | None = ..., nbytes: int | None = ..., code: str | None = ...
+    ) -> None: ...
+
+
 class _Body:
     """The response body: one chunk per record batch, written in the chosen format."""
 
-    def __init__(self, running: RunningQuery, fmt: ResultFormat, rid: str) -> None:
+    def __init__(
+        self, running: RunningQuery, fmt: ResultFormat, rid: str, record: _Record | None = None
+    ) -> None:
         self.running = running
+        self._record = record
+        self._bytes = 0
+        self._failed: str | None = None
         self._chunks = Chunks()
         self._writer = ResultWriter(fmt, running.schema, self._chunks)
         self._done = False
@@ -158,8 +170,10 @@ class _Body:
                 if chunk is None:
                     return
                 if chunk:
+                    self._bytes += len(chunk)
                     yield chunk
         except QuiverError as e:
+            self._failed = e.code
             # Mid-stream: the status is sent. The connection is dropped without the final
             # chunk, so the client sees an incomplete body, never a short one passed as whole.
             log.warning("http.query.failed_mid_stream", code=e.code, detail=e.detail, request_id=self._rid)
@@ -167,6 +181,9 @@ class _Body:
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.running.close)
+            if self._record is not None:
+                code = self._failed or (None if self._done else "CANCELLED")
+                self._record(rows=self._writer.rows, nbytes=self._bytes, code=code)
             log.info(
                 "http.query.finished",
                 format=self._writer.format.name,
@@ -194,16 +211,43 @@ async def run_query(
     data: JSONBody[QueryBody],
     catalog: NamedDependency[Catalog],
 ) -> Stream:
-    fmt = negotiate(request.headers.get("accept"))
-    runner = catalog.require_queries()
-    threads = _query_threads(request, catalog)
-    running = await anyio.to_thread.run_sync(
-        runner.run, request.user, data.sql, data.params, data.max_rows, limiter=threads
-    )
+    started = time.perf_counter()
+    principal = request.user
+    rid = request_id(request)
+    tables: tuple[str, ...] = ()
+
+    def record(*, rows: int | None = None, nbytes: int | None = None, code: str | None = None) -> None:
+        # One query-log record per request, refused or run (catalog/query_log.py).
+        catalog.query_log.record(
+            principal,
+            kind="query",
+            via="http",
+            tables=tables,
+            sql=data.sql,
+            params=len(data.params or ()),
+            rows=rows,
+            nbytes=nbytes,
+            seconds=time.perf_counter() - started,
+            code=code,
+            request_id=rid,
+        )
+
     try:
-        body = _Body(running, fmt, request_id(request))
-    except BaseException:
+        fmt = negotiate(request.headers.get("accept"))
+        runner = catalog.require_queries()
+        threads = _query_threads(request, catalog)
+        running = await anyio.to_thread.run_sync(
+            runner.run, principal, data.sql, data.params, data.max_rows, limiter=threads
+        )
+    except QuiverError as e:
+        record(code=e.code)
+        raise
+    tables = tuple(t.qualified for t in running.tables)
+    try:
+        body = _Body(running, fmt, rid, record)
+    except BaseException as e:
         running.close()  # e.g. CSV asked for a nested column: nothing was sent
+        record(code=e.code if isinstance(e, QuiverError) else "INTERNAL")
         raise
     return Stream(
         body,

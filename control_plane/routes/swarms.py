@@ -9,6 +9,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from catalog import Catalog, Principal
+from catalog.budgets import Budget, UsageReport
 from catalog.policy import pattern_matches
 from catalog.swarms import Swarm
 from control_plane.context import ADMIN, audited
@@ -88,8 +89,48 @@ def put_allowlist(
     return _allowlist_out(catalog, name, patterns)
 
 
+@put(
+    "/v1/swarms/{name:str}/budget",
+    sync_to_thread=True,
+    tags=["swarms"],
+    summary="Replace a swarm's daily usage budget (proto_docs/governance.md, Budgets)",
+    description=(
+        'Body: {"queries_per_day", "rows_per_day", "bytes_per_day", "query_seconds_per_day"} for the '
+        'swarm and "per_agent": {same keys} for each of its agents; an absent key is no limit. Whole '
+        "numbers >= 0 only (422 otherwise, nothing saved)."
+    ),
+)
+def put_budget(
+    request: Request[Principal, Any, Any],
+    name: FromPath[str],
+    data: JSONBody[dict[str, Any]],
+    catalog: NamedDependency[Catalog],
+) -> Budget:
+    with audited(request, "budget.put", name):
+        return catalog.budgets.put(name, data)
+
+
+@get(
+    "/v1/swarms/{name:str}/usage",
+    sync_to_thread=True,
+    tags=["swarms"],
+    summary="A swarm's usage today (UTC), in total and per agent, with its budget and reset time",
+)
+def get_usage(name: FromPath[str], catalog: NamedDependency[Catalog]) -> UsageReport:
+    return catalog.budgets.report(name)
+
+
 ROUTER = Router(
     "/",
     guards=[ADMIN],
-    route_handlers=[create_swarm, list_swarms, get_swarm, delete_swarm, get_allowlist, put_allowlist],
+    route_handlers=[
+        create_swarm,
+        list_swarms,
+        get_swarm,
+        delete_swarm,
+        get_allowlist,
+        put_allowlist,
+        put_budget,
+        get_usage,
+    ],
 )
