@@ -9,20 +9,29 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 
 from quiver_client import QuiverClient, QuiverClientError
 from tests.harness import Server, call_options, error_info, start_server
 from tests.test_mcp import artefact_count, ok, refused, run, session, tool
 
+ROOT = Path(__file__).resolve().parents[1]
 SQL = "SELECT order_id, customer_id, status, amount FROM demo.orders WHERE order_id <= ? ORDER BY order_id"
 
 
@@ -230,3 +239,71 @@ def test_an_unknown_export_id_over_flight_is_not_found(server: Server) -> None:
     with QuiverClient(server.flight_url, token) as quiver, pytest.raises(QuiverClientError) as e:
         quiver.get_artefact("01a00000-0000-7000-8000-000000000000")
     assert e.value.code == "NOT_FOUND"
+
+
+# --- the README's MCP section -----------------------------------------------------------------
+
+README = (ROOT / "README.md").read_text()
+
+
+def readme_block(marker: str, lang: str) -> str:
+    """The ```lang block right after ``<!-- marker -->`` (or between ``marker:start``/``:end``)."""
+    found = re.search(rf"<!-- {marker}(?::start)? -->\n```{lang}\n(.*?)```", README, re.S)
+    assert found, f"README.md lost its {marker} block"
+    return found.group(1)
+
+
+def test_the_readme_mcp_walk_runs_as_written(server: Server, tmp_path: Path) -> None:
+    """The README's Python MCP walk, verbatim, against a live server as after ``make run``
+    (the token in var/demo-agent.token): descriptions listed, a cut flagged, the export
+    fetched over Flight equal to the query."""
+    admin = server.http()
+    texts = {"table": "One row per order (README)."}
+    assert admin.put("/v1/tables/demo.orders/description", json=texts).status_code == 200
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "demo-agent.token").write_text(server.agent_token + "\n")
+    env = {
+        **os.environ,
+        "QUIVER_URL": server.flight_url,
+        "QUIVER_HTTP": server.http_url,
+        "PYTHONPATH": str(ROOT),
+    }
+    walk = subprocess.run(
+        [sys.executable, "-c", readme_block("mcp", "python")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert walk.returncode == 0, walk.stderr
+    out = walk.stdout
+    assert "demo.orders - One row per order (README)." in out, out
+    assert "10 row(s) shown: more rows exist beyond max_rows=10" in out, out
+    exported = re.search(r"exported (\d+) rows into (\S+) - download: (\S+)", out)
+    assert exported and int(exported.group(1)) > 10, out
+    assert exported.group(3) == f"{server.http_url}/v1/artefacts/{exported.group(2)}/content", out
+    assert f"fetched over Flight: {exported.group(1)} rows, equal to the query: True" in out, out
+
+
+def test_the_readme_http_config_connects(server: Server) -> None:
+    """The README's HTTP client configuration: its URL (host and port made the test
+    server's) and header, with the agent token, reach the tools."""
+    config = json.loads(readme_block("mcp-http-config", "json"))["mcpServers"]["quiver"]
+    assert config["type"] == "http" and config["url"] == "http://localhost:8000/mcp"
+    url = config["url"].replace("http://localhost:8000", server.http_url)
+    headers = {
+        k: v.replace("<the contents of var/demo-agent.token>", server.agent_token)
+        for k, v in config["headers"].items()
+    }
+
+    async def tools() -> set[str]:
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=60) as http,
+            streamable_http_client(url, http_client=http) as (read, write, *_),
+            ClientSession(read, write) as s,
+        ):
+            await s.initialize()
+            return {t.name for t in (await s.list_tools()).tools}
+
+    assert {"list_tables", "describe_table", "run_query", "export_query"} <= run(tools())
