@@ -307,3 +307,43 @@ def test_the_readme_http_config_connects(server: Server) -> None:
             return {t.name for t in (await s.list_tools()).tools}
 
     assert {"list_tables", "describe_table", "run_query", "export_query"} <= run(tools())
+
+
+# --- file artefacts as tables: visibility at DoGet, bounded memory ------------------------------
+
+
+def test_an_export_deleted_after_getflightinfo_is_not_found_at_doget(server: Server) -> None:
+    token = server.mint(agent="deleter")
+    body = ok(tool(server, "export_query", {"sql": SQL, "params": [50]}, token))
+    info = artefact_info(server, token, body["flight_descriptor"])
+    assert server.http(token).delete(f"/v1/artefacts/{body['id']}").status_code == 204
+    with pytest.raises(flight.FlightError) as e:
+        server.flight().do_get(info.endpoints[0].ticket, call_options(token)).read_all()
+    assert error_info(e.value)["code"] == "NOT_FOUND"
+
+
+def test_a_large_parquet_file_streams_in_bounded_memory(server: Server) -> None:
+    """A Parquet file artefact of many row groups is read a batch at a time: Arrow's memory
+    while it streams stays a small fraction of the whole table's."""
+    principal = server.catalog.tokens.verify(server.mint(agent="big-file"))
+    rows = 2_000_000
+    table = pa.table({"id": pa.array(range(rows), pa.int64()), "v": pa.array([i * 0.5 for i in range(rows)])})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=100_000)
+    with server.catalog.artefacts.begin_write(principal, "file", "big.parquet", format="parquet") as w:
+        w.write(sink.getvalue().to_pybytes())
+        art = w.commit()
+    whole = table.nbytes
+    del table, sink
+    _, schema, count = server.catalog.artefacts.table_info(principal, art.id)
+    assert count == rows and schema.names == ["id", "v"]
+    _, reader = server.catalog.artefacts.open_table(principal, art.id)
+    base = pa.total_allocated_bytes()
+    peak, seen, total = 0, 0, 0
+    for batch in reader:
+        peak = max(peak, pa.total_allocated_bytes() - base)
+        seen += batch.num_rows
+        total += batch.column("id")[-1].as_py()
+        del batch
+    assert seen == rows and total > 0
+    assert peak < whole / 4, (peak, whole)
