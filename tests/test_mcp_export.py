@@ -177,25 +177,29 @@ def test_a_parquet_export_converts_to_csv_on_download(server: Server) -> None:
 
 
 def test_every_tool_call_is_audited_with_the_fingerprint_only(server: Server) -> None:
-    """Concurrent calls of one agent (threads against the real server): each is one
-    ``mcp.tool`` audit event (principal, tool, SQL fingerprint, rows, bytes, ms, outcome),
-    buffered and flushed in a batch; never the SQL text or the token."""
+    """Concurrent calls of one agent (threads against the real server, more than its
+    ``max_concurrent_calls``): each is one ``mcp.tool`` audit event (principal, tool, SQL
+    fingerprint, rows, bytes, ms, outcome) — answered and refused alike — buffered and
+    flushed in a batch; never the SQL text or the token."""
     token = server.mint(agent="audited")
     secret_sql = "SELECT order_id FROM demo.orders WHERE order_id < ? AND 'needle-7f3a' <> ''"
+    outcomes: dict[int, str] = {}
     errors: list[BaseException] = []
 
     def agent(i: int) -> None:
         try:
-            ok(tool(server, "run_query", {"sql": secret_sql, "params": [i + 2]}, token))
+            result = tool(server, "run_query", {"sql": secret_sql, "params": [i + 2]}, token)
+            outcomes[i] = refused(result)[0].lower() if result.is_error else "ok"
         except BaseException as e:  # reported below, on the test's thread
             errors.append(e)
 
-    threads = [threading.Thread(target=agent, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
+    assert set(outcomes.values()) <= {"ok", "resource_exhausted"} and "ok" in outcomes.values()
     code, _ = refused(tool(server, "run_query", {"sql": "SELECT * FROM secret.salaries"}, token))
     assert code == "PERMISSION_DENIED"
     ok(tool(server, "list_tables", {}, token))
@@ -203,13 +207,16 @@ def test_every_tool_call_is_audited_with_the_fingerprint_only(server: Server) ->
     r = server.http().get("/v1/audit", params={"action": "mcp.tool", "limit": 1000})
     assert r.status_code == 200
     mine = [e for e in r.json()["events"] if e["actor"] and e["actor"].endswith("/audited")]
-    assert len(mine) == 8, mine
-    queries = [e for e in mine if e["target"] == "run_query" and e["outcome"] == "ok"]
-    assert len(queries) == 6
+    assert len(mine) == 10, mine
+    queries = [e for e in mine if e["target"] == "run_query" and e["outcome"] != "permission_denied"]
+    assert sorted(e["outcome"] for e in queries) == sorted(outcomes.values())
     details = [json.loads(e["detail"]) for e in queries]
-    assert sorted(d["rows"] for d in details) == [1, 2, 3, 4, 5, 6]
+    answered = sorted(d["rows"] for d, e in zip(details, queries, strict=True) if e["outcome"] == "ok")
+    assert answered == sorted(i + 1 for i, o in outcomes.items() if o == "ok")
     assert len({d["sql"] for d in details}) == 1 and len(details[0]["sql"]) == 12
-    assert all(d["bytes"] > 0 and d["ms"] >= 0 for d in details)
+    assert all(
+        d["bytes"] > 0 and d["ms"] >= 0 for d, e in zip(details, queries, strict=True) if e["outcome"] == "ok"
+    )
     refusal = [e for e in mine if e["outcome"] == "permission_denied"]
     assert len(refusal) == 1 and refusal[0]["target"] == "run_query"
     listing = [e for e in mine if e["target"] == "list_tables"]
