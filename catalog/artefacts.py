@@ -194,14 +194,16 @@ def _unreadable(art: Artefact) -> Iterator[None]:
 
 
 def _closing_reader(
-    schema: pa.Schema, batches: Iterator[pa.RecordBatch], resource: Any
+    art: Artefact, schema: pa.Schema, batches: Iterator[pa.RecordBatch], resource: Any
 ) -> pa.RecordBatchReader:
     """A reader of ``batches`` that closes ``resource`` (a memory map, a Parquet file) when
-    the stream ends, is abandoned or fails."""
+    the stream ends, is abandoned or fails; content found corrupt midway (an uploaded file
+    whose footer is sound but a page is not) is INVALID_ARGUMENT, as at the start."""
 
     def stream() -> Iterator[pa.RecordBatch]:
         try:
-            yield from batches
+            with _unreadable(art):
+                yield from batches
         finally:
             resource.close()
 
@@ -819,9 +821,8 @@ class ArtefactStore:
             if how == "parquet":
                 with _unreadable(art):
                     parquet = pq.ParquetFile(str(path), memory_map=True)
-                return art, _closing_reader(
-                    parquet.schema_arrow, parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS), parquet
-                )
+                batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+                return art, _closing_reader(art, parquet.schema_arrow, batches, parquet)
             source = pa.memory_map(str(path), "r")
         except FileNotFoundError:
             raise not_found(artefact_id) from None
@@ -829,13 +830,13 @@ class ArtefactStore:
             with _unreadable(art):
                 if how == "arrow":
                     stream = ipc.open_stream(source)
-                    return art, _closing_reader(stream.schema, iter(stream), source)
+                    return art, _closing_reader(art, stream.schema, iter(stream), source)
                 reader = ipc.open_file(source)
         except BaseException:
             source.close()
             raise
-        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        return art, _closing_reader(reader.schema, batches, source)
+        parts = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        return art, _closing_reader(art, reader.schema, parts, source)
 
     def list(
         self,

@@ -354,3 +354,26 @@ def test_a_large_parquet_file_streams_in_bounded_memory(server: Server) -> None:
         del batch
     assert seen == rows and total > 0
     assert peak < whole / 4, (peak, whole)
+
+
+def test_a_parquet_upload_corrupt_past_its_footer_fails_cleanly_at_doget(server: Server) -> None:
+    """A sound footer over a corrupt page: GetFlightInfo answers (it reads only the footer);
+    DoGet fails INVALID_ARGUMENT naming the artefact, no traceback, and the file is kept."""
+    token = server.mint(agent="corrupt")
+    principal = server.catalog.tokens.verify(token)
+    table = pa.table({"a": pa.array([i * 7919 % 1_000_003 for i in range(300_000)], pa.int64())})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=50_000, compression="snappy")
+    data = bytearray(sink.getvalue().to_pybytes())
+    data[len(data) // 2 : len(data) // 2 + 5000] = b"\xff" * 5000
+    with server.catalog.artefacts.begin_write(principal, "file", "c.parquet", format="parquet") as w:
+        w.write(bytes(data))
+        art = w.commit()
+    info = artefact_info(server, token, {"kind": "artefact", "id": art.id})
+    assert info.total_records == 300_000
+    with pytest.raises(flight.FlightError) as e:
+        server.flight().do_get(info.endpoints[0].ticket, call_options(token)).read_all()
+    err = error_info(e.value)
+    assert err["code"] == "INVALID_ARGUMENT" and "not a readable parquet file" in err["detail"]
+    assert "Traceback" not in str(e.value) and len(err["detail"]) < 400
+    assert server.catalog.artefacts.get(principal, art.id).size_bytes == len(data)
