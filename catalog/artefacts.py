@@ -48,7 +48,9 @@ Public API (stable; other components build on it — add, do not rename):
   an exception and leaves committing to the caller.
 - ``get(principal, id) -> Artefact``, ``open_content(principal, id) -> (Artefact, BinaryIO)``,
   ``open_table(principal, id) -> (Artefact, pa.RecordBatchReader)``,
-  ``table_schema(principal, id) -> (Artefact, pa.Schema)``, ``content_path(principal, id)``,
+  ``table_schema(principal, id) -> (Artefact, pa.Schema)``, ``table_info(principal, id) ->
+  (Artefact, pa.Schema, rows)`` (tables, and Parquet and Arrow-stream files:
+  ``TABULAR_FILE_FORMATS``), ``content_path(principal, id)``,
   ``list(principal, ArtefactFilter, page_size=, after=) -> ArtefactPage``,
   ``delete(principal, id)``, ``share(principal, id, swarm, agent=None)`` /
   ``unshare(...)``, ``extend(principal, id, ttl_seconds)`` (above the maximum:
@@ -80,6 +82,7 @@ import duckdb
 import msgspec
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 import structlog
 
 from catalog.audit import AuditLog
@@ -106,6 +109,12 @@ ArtefactKind = Literal["table", "file"]
 KINDS: tuple[str, ...] = ("table", "file")
 TABLE_MEDIA_TYPE = "application/vnd.apache.arrow.file"
 TABLE_FORMAT = "arrow-ipc-file"
+#: File formats read as a table (Flight ``{"kind": "artefact"}``, ``content?format=``):
+#: Parquet (schema and row count from its footer) and an Arrow IPC stream. CSV and NDJSON
+#: carry no schema, so they are only downloaded.
+TABULAR_FILE_FORMATS = ("parquet", "arrow")
+#: Rows per record batch read from a Parquet file (at most a row group is decoded at once).
+PARQUET_BATCH_ROWS = 65_536
 FILE_MEDIA_TYPE = "application/octet-stream"
 TEMP_PREFIX = ".tmp-"
 
@@ -167,6 +176,38 @@ class Provenance(msgspec.Struct, frozen=True, kw_only=True):
     parent_id: str | None = None
     # The export's own max_rows (a refresh applies it again); None: the server's cap.
     max_rows: int | None = None
+
+
+@contextlib.contextmanager
+def _unreadable(art: Artefact) -> Iterator[None]:
+    """An Arrow error reading ``art``'s content (an upload declared ``parquet`` that is not
+    one) becomes INVALID_ARGUMENT naming the artefact, never INTERNAL."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidArgument(
+            f"artefact {art.id}'s content is not a readable {bounded(art.format, 64)} file: "
+            f"{bounded(str(exc), 200)}"
+        ) from None
+
+
+def _closing_reader(
+    art: Artefact, schema: pa.Schema, batches: Iterator[pa.RecordBatch], resource: Any
+) -> pa.RecordBatchReader:
+    """A reader of ``batches`` that closes ``resource`` (a memory map, a Parquet file) when
+    the stream ends, is abandoned or fails; content found corrupt midway (an uploaded file
+    whose footer is sound but a page is not) is INVALID_ARGUMENT, as at the start."""
+
+    def stream() -> Iterator[pa.RecordBatch]:
+        try:
+            with _unreadable(art):
+                yield from batches
+        finally:
+            resource.close()
+
+    return pa.RecordBatchReader.from_batches(schema, stream())
 
 
 class Artefact(msgspec.Struct, frozen=True, kw_only=True):
@@ -732,41 +773,70 @@ class ArtefactStore:
         except FileNotFoundError:
             raise not_found(artefact_id) from None
 
-    def _table_path(self, principal: Principal, artefact_id: str) -> tuple[Artefact, Path]:
+    def _tabular(self, principal: Principal, artefact_id: str) -> tuple[Artefact, Path, str]:
+        """The artefact, its content path and how its rows are stored: ``"table"`` (an Arrow
+        IPC file), or a file in one of :data:`TABULAR_FILE_FORMATS` (an export or an upload
+        declared so). Visibility is :meth:`content_path`'s (NOT_FOUND when not visible)."""
         art, path = self.content_path(principal, artefact_id)
-        if art.kind != "table":
-            raise InvalidArgument(
-                f"artefact {art.id} is a file ({art.media_type}), not a table: download its content instead"
-            )
-        return art, path
+        if art.kind == "table":
+            return art, path, "table"
+        if art.format in TABULAR_FILE_FORMATS:
+            return art, path, art.format
+        raise InvalidArgument(
+            f"artefact {art.id} is a file (format {bounded(art.format, 64)}, {bounded(art.media_type, 100)}), "
+            f"not a table: only tables and {' and '.join(TABULAR_FILE_FORMATS)} files are read as "
+            "tables; download its content instead"
+        )
 
-    def table_schema(self, principal: Principal, artefact_id: str) -> tuple[Artefact, pa.Schema]:
-        """A tabular artefact's Arrow schema, read from its IPC file's footer."""
-        art, path = self._table_path(principal, artefact_id)
+    def table_info(self, principal: Principal, artefact_id: str) -> tuple[Artefact, pa.Schema, int]:
+        """A tabular artefact's Arrow schema and row count: from the IPC or Parquet file's
+        footer, or an Arrow stream's messages."""
+        art, path, how = self._tabular(principal, artefact_id)
         try:
-            with pa.memory_map(str(path), "r") as source:
-                return art, ipc.open_file(source).schema
+            if how == "parquet":
+                with _unreadable(art), pq.ParquetFile(str(path), memory_map=True) as parquet:
+                    return art, parquet.schema_arrow, parquet.metadata.num_rows
+            with pa.memory_map(str(path), "r") as source, _unreadable(art):
+                if how == "arrow":
+                    # A stream has no footer: count its batches' rows (memory-mapped, the
+                    # buffers are never copied or decoded).
+                    stream = ipc.open_stream(source)
+                    return art, stream.schema, sum(batch.num_rows for batch in stream)
+                return art, ipc.open_file(source).schema, art.rows or 0
         except FileNotFoundError:
             raise not_found(artefact_id) from None
 
+    def table_schema(self, principal: Principal, artefact_id: str) -> tuple[Artefact, pa.Schema]:
+        """A tabular artefact's Arrow schema (:meth:`table_info`)."""
+        art, schema, _ = self.table_info(principal, artefact_id)
+        return art, schema
+
     def open_table(self, principal: Principal, artefact_id: str) -> tuple[Artefact, pa.RecordBatchReader]:
-        """A tabular artefact as a stream of its record batches, read from the memory-mapped
-        IPC file (nothing is loaded up front)."""
-        art, path = self._table_path(principal, artefact_id)
+        """A tabular artefact as a stream of its record batches, read as they are sent: a
+        table's memory-mapped IPC file, a Parquet file a row group's batches at a time, an
+        Arrow stream from a memory map — nothing is loaded up front, so memory stays bounded
+        by a batch whatever the size. The file is closed when the stream ends."""
+        art, path, how = self._tabular(principal, artefact_id)
         try:
+            if how == "parquet":
+                with _unreadable(art):
+                    parquet = pq.ParquetFile(str(path), memory_map=True)
+                batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+                return art, _closing_reader(art, parquet.schema_arrow, batches, parquet)
             source = pa.memory_map(str(path), "r")
         except FileNotFoundError:
             raise not_found(artefact_id) from None
-        reader = ipc.open_file(source)
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            try:
-                for i in range(reader.num_record_batches):
-                    yield reader.get_batch(i)
-            finally:
-                source.close()
-
-        return art, pa.RecordBatchReader.from_batches(reader.schema, batches())
+        try:
+            with _unreadable(art):
+                if how == "arrow":
+                    stream = ipc.open_stream(source)
+                    return art, _closing_reader(art, stream.schema, iter(stream), source)
+                reader = ipc.open_file(source)
+        except BaseException:
+            source.close()
+            raise
+        parts = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        return art, _closing_reader(art, reader.schema, parts, source)
 
     def list(
         self,

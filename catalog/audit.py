@@ -1,5 +1,6 @@
-"""The audit log: admin mutations and authentication failures, with who, what, target,
-outcome, client address and request id.
+"""The audit log: admin mutations, authentication failures and MCP tool calls (``mcp.tool``,
+mcp_server/server.py: the SQL's fingerprint, never its text), with who, what, target, outcome,
+client address and request id.
 
 Writes are buffered in memory and flushed in batches (on a timer, before every read, and at
 shutdown) so a flood of bad tokens never turns into a flood of database writes. Per-request

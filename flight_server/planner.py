@@ -473,13 +473,13 @@ class Planner:
 
     # --- artefacts ----------------------------------------------------------------------------------
     def artefact(self, principal: Principal, cmd: ArtefactCommand) -> Plan:
-        """A tabular artefact: schema and row count from the store (the IPC file's footer),
-        one endpoint. NOT_FOUND when it is not visible, as for an id that never existed;
-        DoGet checks visibility again (it may have been unshared or deleted since)."""
-        art, schema = self.catalog.artefacts.table_schema(principal, cmd.for_read())
-        return Plan(
-            "artefact", schema, art.rows or 0, (ArtefactPart(art.id),), (), f"artefact:{art.id}", False
-        )
+        """A tabular artefact — a table, or a Parquet or Arrow-stream file such as an export —
+        with its schema and row count from the store (the file's footer), one endpoint.
+        NOT_FOUND when it is not visible, as for an id that never existed; a CSV or NDJSON
+        file is INVALID_ARGUMENT. DoGet checks visibility again (it may have been unshared or
+        deleted since)."""
+        art, schema, rows = self.catalog.artefacts.table_info(principal, cmd.for_read())
+        return Plan("artefact", schema, rows, (ArtefactPart(art.id),), (), f"artefact:{art.id}", False)
 
     # --- SQL -------------------------------------------------------------------------------------
     LARGE_SECONDS = 60.0

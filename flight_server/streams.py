@@ -113,8 +113,12 @@ class Streamer:
         if isinstance(part, ArtefactPart):
             assert state.principal is not None
             # Read from the memory-mapped IPC file: C++ streams its batches, no DuckDB.
-            _, reader = self.catalog.artefacts.open_table(state.principal, part.id)
-            return flight.RecordBatchStream(reader, options=_IPC)
+            art, reader = self.catalog.artefacts.open_table(state.principal, part.id)
+            if art.kind == "table":  # written and checked by Quiver at upload
+                return flight.RecordBatchStream(reader, options=_IPC)
+            # A Parquet or Arrow-stream file as sent by its uploader may be corrupt past its
+            # footer: that failure is labelled (INVALID_ARGUMENT), not a bare C++ error.
+            return flight.GeneratorStream(reader.schema, _labelled(reader, state.request_id, None, 0.0))
         if isinstance(part, TablePart):  # a metadata listing, built at planning: from memory
             return flight.RecordBatchStream(part.table, options=_IPC)
         if isinstance(part, ResultPart):

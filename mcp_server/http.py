@@ -117,7 +117,7 @@ class McpHttp:
         self._catalog = catalog
         self._runner = runner
         self.toolbox = ToolBox(config, download_base=_BASE.get)
-        self.server = build_server(self.toolbox, _caller_of, CallLimiter(config))
+        self.server = build_server(self.toolbox, _caller_of, CallLimiter(config), catalog.audit)
         self.security = security_settings(config, listen_host, advertise_host)
         self._checks = TransportSecurityMiddleware(self.security)
         self.manager = StreamableHTTPSessionManager(

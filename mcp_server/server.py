@@ -18,12 +18,14 @@ from typing import Any
 
 import anyio
 import mcp_types as types
+import msgspec
 import structlog
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
 from mcp.shared.exceptions import MCPError
 
 from catalog import VERSION
+from catalog.audit import AuditLog
 from catalog.config import McpConfig
 from catalog.tables import fold
 from mcp_server.backend import Backend
@@ -119,12 +121,42 @@ def _error_result(err: ToolError) -> types.CallToolResult:
     )
 
 
+def _record_call(
+    audit: AuditLog | None,
+    fields: dict[str, Any],
+    started: float,
+    outcome: str,
+    rows: int,
+    size: int,
+    detail: str | None,
+) -> None:
+    """One tool call's ``mcp.call`` event and its ``mcp.tool`` audit record (principal, tool,
+    SQL fingerprint, rows, bytes, ms, outcome) — the fingerprint only: never the SQL text,
+    the arguments or a token."""
+    ms = round((time.perf_counter() - started) * 1000, 3)
+    extra = {"detail": detail} if detail is not None else {}
+    log.info("mcp.call", **fields, outcome=outcome, rows=rows, bytes=size, ms=ms, **extra)
+    if audit is not None:
+        record = {"sql": fields["sql"], "rows": rows, "bytes": size, "ms": ms}
+        audit.record(
+            "mcp.tool",
+            outcome=outcome,
+            actor=fields["principal"],
+            target=fields["tool"],
+            detail=msgspec.json.encode(record).decode(),
+        )
+
+
 def build_server(
     toolbox: ToolBox,
     caller_of: Callable[[ServerRequestContext[Any, Any]], Caller],
     limiter: CallLimiter,
+    audit: AuditLog | None = None,
 ) -> Server[Any]:
-    """The MCP server with Quiver's tools and table resources."""
+    """The MCP server with Quiver's tools and table resources. Every ``tools/call`` is one
+    ``mcp.call`` log event and, given the server's ``audit`` log (``/mcp``; ``quiver mcp`` runs
+    in the agent's process and has none), one ``mcp.tool`` audit event — buffered there and
+    flushed in batches by housekeeping, never a database write per call."""
     tools = [
         types.Tool(
             name=spec.name,
@@ -158,31 +190,32 @@ def build_server(
             "tool": params.name[:64],
             "sql": sql_fingerprint(sql) if isinstance(sql, str) else None,
         }
+
+        def done(outcome: str, rows: int = 0, size: int = 0, detail: str | None = None) -> None:
+            _record_call(audit, fields, started, outcome, rows, size, detail)
+
         try:
             release = limiter.enter(caller.key)
         except ToolError as e:
-            log.info("mcp.call", **fields, outcome=e.code.lower(), rows=0, bytes=0, ms=0.0)
+            done(e.code.lower())
             return _error_result(e)
         try:
             answer = await anyio.to_thread.run_sync(toolbox.call, caller.backend, params.name, arguments)
         except Exception as e:
             err = tool_error(e)
-            ms = round((time.perf_counter() - started) * 1000, 3)
             if err is None:
                 incident = uuid.uuid4().hex[:12]
-                log.exception("mcp.call_failed", **fields, incident=incident, ms=ms)
+                log.exception("mcp.call_failed", **fields, incident=incident)
                 err = ToolError(
                     "INTERNAL", f"a fault of Quiver's own (incident {incident}, logged); retry or report it"
                 )
+                done("internal", detail=f"incident {incident}")
             else:
-                log.info(
-                    "mcp.call", **fields, outcome=err.code.lower(), rows=0, bytes=0, ms=ms, detail=err.detail
-                )
+                done(err.code.lower(), detail=err.detail)
             return _error_result(err)
         finally:
             release()
-        ms = round((time.perf_counter() - started) * 1000, 3)
-        log.info("mcp.call", **fields, outcome="ok", rows=answer.rows, bytes=answer.bytes, ms=ms)
+        done("ok", answer.rows, answer.bytes)
         return _result(answer)
 
     async def list_resources(

@@ -24,6 +24,7 @@ import jsonschema
 import msgspec
 import pyarrow as pa
 
+from catalog.artefacts import TABULAR_FILE_FORMATS
 from catalog.config import McpConfig
 from catalog.errors import QuiverError, bounded
 from catalog.policy import NOT_READABLE, readable_hint
@@ -473,7 +474,11 @@ class ToolBox:
             "download": download,
             "download_url": (base.rstrip("/") + download) if base else None,
             "expires_at": art["expires_at"],
-            "flight_descriptor": {"kind": "artefact", "id": art["id"]},
+            # Parquet and Arrow-stream files are read over Flight as a table; CSV and NDJSON
+            # carry no schema, so they are only downloaded (proto_docs/mcp.md).
+            "flight_descriptor": (
+                {"kind": "artefact", "id": art["id"]} if art["format"] in TABULAR_FILE_FORMATS else None
+            ),
         }
         text = (
             f"Exported {info.get('rows')} row(s) into artefact {art['id']} ({art['format']}, "
@@ -744,7 +749,7 @@ def _specs(cfg: McpConfig) -> list[ToolSpec]:
                     "download": {"type": "string"},
                     "download_url": {"type": ["string", "null"]},
                     "expires_at": {"type": "string"},
-                    "flight_descriptor": {"type": "object"},
+                    "flight_descriptor": {"type": ["object", "null"]},
                 },
                 "required": ["id", "size_bytes", "download", "flight_descriptor"],
             },

@@ -217,7 +217,7 @@ def test_export_query_then_list_and_read_the_artefact(server: Server) -> None:
     sql = "SELECT order_id, status FROM demo.orders WHERE order_id <= ? ORDER BY order_id"
     body = ok(tool(server, "export_query", {"sql": sql, "params": [30], "format": "csv"}, token))
     assert body["rows"] == 30 and body["truncated"] is False and body["format"] == "csv"
-    assert body["flight_descriptor"] == {"kind": "artefact", "id": body["id"]}
+    assert body["flight_descriptor"] is None  # CSV carries no schema: downloaded, not read over Flight
     assert body["download_url"] == server.http_url + body["download"]
     # The bytes the control plane will serve at that path (catalog/exports.py content_path).
     _, stream = server.catalog.artefacts.open_content(server.catalog.tokens.verify(token), body["id"])

@@ -109,3 +109,49 @@ def test_a_bad_token_file_is_refused_before_serving(live: tuple[Server, Path], t
         cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
     assert done.returncode == 2 and "token file" in done.stderr and done.stdout == ""
+
+
+def test_the_readme_stdio_config_runs(live: tuple[Server, Path], tmp_path: Path) -> None:
+    """The README's ``mcpServers`` stdio entry as written — ``.venv/bin/quiver`` run as this
+    interpreter's ``-m quiver``, the URLs the test server's — from a directory holding
+    ``var/demo-agent.token``: the tools answer, and an export is read back over Flight with
+    the descriptor it answered."""
+    import json
+
+    from quiver_client import QuiverClient
+    from tests.test_mcp_export import readme_block
+
+    server, _ = live
+    entry = json.loads(readme_block("mcp-stdio-config", "json"))["mcpServers"]["quiver"]
+    assert entry["command"] == ".venv/bin/quiver" and entry["args"][0] == "mcp"
+    args = [
+        a.replace("grpc://localhost:8815", server.flight_url).replace(
+            "http://localhost:8000", server.http_url
+        )
+        for a in entry["args"]
+    ]
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "demo-agent.token").write_text(server.agent_token + "\n")
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "quiver", *args],
+        env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "")},
+        cwd=str(tmp_path),
+    )
+
+    async def go() -> dict[str, Any]:
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as s:
+            await s.initialize()
+            exported = await s.call_tool(
+                "export_query",
+                {"sql": "SELECT order_id FROM demo.orders WHERE order_id <= 7", "format": "arrow"},
+            )
+            assert not exported.is_error, exported.content
+            assert isinstance(exported.structured_content, dict)
+            return exported.structured_content
+
+    body = asyncio.run(go())
+    assert body["download_url"] == f"{server.http_url}/v1/artefacts/{body['id']}/content"
+    assert body["flight_descriptor"] == {"kind": "artefact", "id": body["id"]}
+    with QuiverClient(server.flight_url, server.agent_token) as quiver:
+        assert quiver.get_artefact(body["id"]).column("order_id").to_pylist() == list(range(1, 8))
