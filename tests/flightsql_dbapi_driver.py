@@ -72,6 +72,16 @@ def arrow(port: int, token: str | None, sql: str, metadata: dict[str, str] | Non
         client.close()
 
 
+def endpoints(port: int, token: str | None, sql: str) -> list[int]:
+    """The rows of each endpoint of the statement's FlightInfo, in order."""
+    client = _client(port, token)
+    try:
+        info = client.execute(sql)
+        return [client.do_get(e.ticket).read_all().num_rows for e in info.endpoints]
+    finally:
+        client.close()
+
+
 def bound(port: int, token: str, sql: str, params: list[Any]) -> pa.Table:
     """Parameters the way the spec's stateless prepared statements need: ``prepare``, bind by
     DoPut with the package's own record builder, then run the handle the bind answered. The
@@ -161,7 +171,7 @@ def race(port: int, tokens: list[str], sql: str, rounds: int) -> list[Any]:
 
 
 OPERATIONS: dict[str, Callable[..., Any]] = {
-    f.__name__: f for f in (dbapi, arrow, bound, tables, basic, race)
+    f.__name__: f for f in (dbapi, arrow, endpoints, bound, tables, basic, race)
 }
 
 
