@@ -12,7 +12,7 @@ Two things of the package decide how this module is built, both outside Quiver's
   The client therefore runs in a child process, tests/flightsql_dbapi_driver.py, and this
   module never imports the package (the test asserting that is below).
 - Its cursor reads only the first endpoint of a FlightInfo (``info.endpoints[0]``): a result
-  Quiver splits into parallel endpoints (proto_docs/descriptors.md, "Endpoints") comes back
+  Quiver splits into parallel endpoints (proto_docs/descriptors.md, "Split queries") comes back
   short through ``cursor.execute``, whole through the client's ``execute`` + DoGet of every
   endpoint.
 - Its copy of the messages predates the spec's stateless prepared statements: a bind by DoPut
@@ -25,6 +25,8 @@ Two things of the package decide how this module is built, both outside Quiver's
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -48,6 +50,10 @@ ORDERS_SQL = (
     "SELECT order_id, customer_id, ordered_at, status, amount, quantity FROM demo.orders ORDER BY order_id"
 )
 NOT_READABLE = "not readable: not in your allowlist or does not exist"
+#: The page's flightsql-dbapi examples: fenced ```python flightsql-dbapi, so that
+#: tests/test_dataplane_docs.py (which runs ```python blocks in its own process, beside the
+#: server) leaves them to this module.
+DOC_BLOCK = re.compile(r"^```python flightsql-dbapi\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 class Driver:
@@ -289,3 +295,14 @@ def test_cursor_reads_only_the_first_endpoint(driver: Driver, port: int, server:
     ]
     short = driver.ok("dbapi", port=port, token=server.agent_token, sql=sql)
     assert len(short["rows"]) == parts[0] < total
+
+
+def test_the_docs_example_runs(server: Server) -> None:
+    blocks = DOC_BLOCK.findall((ROOT / "proto_docs" / "flight-sql.md").read_text())
+    assert blocks, "proto_docs/flight-sql.md has no flightsql-dbapi example"
+    env = {**os.environ, "QUIVER_URL": server.flight_url, "QUIVER_TOKEN": server.agent_token}
+    for i, block in enumerate(blocks):
+        run = subprocess.run(
+            [sys.executable, "-c", block], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, f"example {i + 1} failed:\n{run.stderr[-4000:]}\n{block}"
