@@ -126,6 +126,14 @@ def duckdb_arrow(server: Server, sql: str, params: list[Any] | None = None) -> p
         return cur.sql(sql, params=params).to_arrow_table()
 
 
+def live_handles(server: Server) -> dict[str, int]:
+    """Live prepared statement handles per principal, as the server counts them against the
+    share of 1,000 (flight_server/flight_sql/statements.py)."""
+    assert server.runtime.flight is not None
+    held = server.runtime.flight.sql.statements._held
+    return {subject: len(handles) for subject, handles in held.items() if handles}
+
+
 def salaries(server: Server) -> list[tuple[Any, ...]]:
     return duckdb_rows(server, "SELECT * FROM secret.salaries ORDER BY id")
 
@@ -169,21 +177,31 @@ def test_parameters_through_the_answered_handle(driver: Driver, port: int, serve
         "WHERE order_id <= ? AND status <> ? AND amount > ? AND ? ORDER BY order_id"
     )
     params = [40, "returned", 100.5, True]
+    before = live_handles(server)
     table = driver.ok("bound", port=port, token=server.agent_token, sql=sql, params=params)
     expected = duckdb_arrow(server, sql, params)
     assert expected.num_rows > 0
     assert table.to_pylist() == expected.to_pylist()
+    assert live_handles(server) == before  # the bound handle was closed: nothing left behind
 
 
 def test_dbapi_parameters_are_not_found_and_change_nothing(driver: Driver, port: int, server: Server) -> None:
     """The package's cursor runs the handle it bound, which the bind retired: a clear
     NOT_FOUND that says to use the answered handle, never INTERNAL; nothing changes."""
     before = duckdb_rows(server, ORDERS_SQL)
+    token = server.mint(agent="dbapi-params")
+    handles = live_handles(server)
     sql = "SELECT order_id FROM demo.orders WHERE order_id < ? ORDER BY 1"
-    refusal = driver.refused("dbapi", port=port, token=server.agent_token, sql=sql, params=[3])
+    refusal = driver.refused("dbapi", port=port, token=token, sql=sql, params=[3])
+    assert refusal["type"] == "FlightServerError", refusal
     assert refusal["info"]["code"] == "NOT_FOUND", refusal
     assert "a bind answers a new one (use it)" in refusal["info"]["detail"]
     assert duckdb_rows(server, ORDERS_SQL) == before
+    # The handle the bind answered is never closed by the package: it stays live, in the
+    # principal's share, until it expires (proto_docs/flight-sql.md says so).
+    after = live_handles(server)
+    grown = {s: n for s, n in after.items() if n != handles.get(s, 0)}
+    assert list(grown.values()) == [1], (handles, after)
     # The same client, without parameters, still works.
     got = driver.ok(
         "dbapi",
