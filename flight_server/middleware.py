@@ -119,6 +119,12 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
         values = headers.get("authorization") or []
         if not values:
             error = Unauthenticated("missing token: send the header 'authorization: Bearer <token>'")
+        elif len(values) > 1:
+            # Ambiguous credentials (a client's extra metadata, a proxy adding its own): which
+            # one counts is not guessed, whichever is valid.
+            error = Unauthenticated(
+                f"several authorization headers ({len(values)}): send exactly one 'authorization: Bearer <token>'"
+            )
         else:
             raw = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
             scheme, _, token = raw.strip().partition(" ")

@@ -324,3 +324,33 @@ def test_the_docs_example_runs(server: Server) -> None:
             [sys.executable, "-c", block], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
         )
         assert run.returncode == 0, f"example {i + 1} failed:\n{run.stderr[-4000:]}\n{block}"
+
+
+def test_a_second_authorization_header_is_refused(driver: Driver, port: int, server: Server) -> None:
+    """The package's ``metadata=`` adds headers after its own ``authorization``: a second one
+    made the credentials ambiguous, and the server took the first without a word. Refused
+    now, whichever of the two is valid, and the valid token is not marked used."""
+    token = server.mint(agent="dbapi-two-headers")
+    for own, extra in ((token, "Bearer garbage"), ("garbage", f"Bearer {token}"), (token, f"Bearer {token}")):
+        refusal = driver.refused(
+            "arrow", port=port, token=own, sql="SELECT 1 AS one", metadata={"authorization": extra}
+        )
+        assert refusal["type"] == "FlightUnauthenticatedError", refusal
+        assert refusal["info"]["code"] == "UNAUTHENTICATED"
+        assert refusal["info"]["detail"].startswith("several authorization headers"), refusal
+        assert token not in refusal["message"]
+    # Over pyarrow.flight too, and the token was never used.
+    headers = [(b"authorization", f"Bearer {token}".encode())] * 2
+    with pytest.raises(flight.FlightUnauthenticatedError) as e:
+        cmd = json.dumps({"kind": "query", "sql": "SELECT 1"}).encode()
+        server.flight().get_flight_info(
+            flight.FlightDescriptor.for_command(cmd), flight.FlightCallOptions(headers=headers)
+        )
+    assert error_info(e.value)["code"] == "UNAUTHENTICATED"
+    server.catalog.maintain()  # flush buffered last-used times
+    record = next(
+        t for t in server.http().get("/v1/tokens").json()["tokens"] if t["agent"] == "dbapi-two-headers"
+    )
+    assert record["last_used_at"] is None
+    # One header still works.
+    assert driver.ok("arrow", port=port, token=token, sql="SELECT 1 AS one").to_pylist() == [{"one": 1}]
