@@ -34,6 +34,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -354,3 +355,28 @@ def test_a_second_authorization_header_is_refused(driver: Driver, port: int, ser
     assert record["last_used_at"] is None
     # One header still works.
     assert driver.ok("arrow", port=port, token=token, sql="SELECT 1 AS one").to_pylist() == [{"one": 1}]
+
+
+def test_http_and_mcp_refuse_two_authorization_headers_too(server: Server) -> None:
+    """The same rule on every listener (catalog.tokens.bearer_token): the control plane and
+    /mcp took the first header as Flight did."""
+    swarms = server.http().get("/v1/swarms").json()
+    for pair in ((server.admin_token, "garbage"), ("garbage", server.admin_token)):
+        headers = [("authorization", f"Bearer {t}") for t in pair]
+        r = httpx.get(f"{server.http_url}/v1/swarms", headers=headers)
+        assert r.status_code == 401, r.text
+        assert r.json()["detail"].startswith("several authorization headers (2)")
+        r = httpx.post(
+            f"{server.http_url}/v1/swarms",
+            headers=headers,
+            json={"name": "two-headers", "description": "never", "tables": ["demo.*"]},
+        )
+        assert r.status_code == 401, r.text
+        mcp = [("authorization", f"Bearer {t}") for t in (server.agent_token, server.agent_token)]
+        r = httpx.post(
+            f"{server.http_url}/mcp",
+            headers=[*mcp, ("accept", "application/json, text/event-stream")],
+            json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        )
+        assert r.status_code == 401, r.text
+    assert server.http().get("/v1/swarms").json() == swarms  # nothing created
