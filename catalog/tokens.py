@@ -28,7 +28,7 @@ import re
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -111,6 +111,23 @@ _CHAIN_MEMBERS = (
 
 
 _EXPIRED_MESSAGE = "token expired; refresh it before it expires or ask for a new one"
+
+
+def bearer_token(values: Sequence[str]) -> str:
+    """The token of a request's ``authorization`` headers (all of them, in order), as every
+    listener reads it: exactly one header, ``Bearer <token>``. Several are refused whichever
+    of them is valid — which one counts would be a guess (a client's extra metadata, a proxy
+    adding its own), and the listeners would not guess alike (proto_docs/authentication.md)."""
+    if not values or (len(values) == 1 and not values[0].strip()):
+        raise Unauthenticated("missing token: send the header 'authorization: Bearer <token>'")
+    if len(values) > 1:
+        raise Unauthenticated(
+            f"several authorization headers ({len(values)}): send exactly one 'authorization: Bearer <token>'"
+        )
+    scheme, _, token = values[0].strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("malformed authorization header: use 'Bearer <token>'")
+    return token.strip()
 
 
 def _int_claim(claims: dict[str, Any], name: str, what: str) -> int:

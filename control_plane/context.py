@@ -32,6 +32,7 @@ from catalog import (
     Unauthenticated,
 )
 from catalog.identity import METRICS_ONLY
+from catalog.tokens import bearer_token
 
 _PRINCIPAL = "quiver.principal"  # scope state key of the verified Principal
 
@@ -57,14 +58,8 @@ def authenticated(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     if isinstance(known, Principal):
         return known
     catalog = catalog_of(request)
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.strip().partition(" ")
     try:
-        if not header:
-            raise Unauthenticated("missing token: send the header 'authorization: Bearer <token>'")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("malformed authorization header: use 'Bearer <token>'")
-        principal = catalog.tokens.check(token.strip())
+        principal = catalog.tokens.check(bearer_token(request.headers.getall("authorization", [])))
     except Unauthenticated as e:
         catalog.metrics.auth_failures.labels("http").inc()
         catalog.audit.record(

@@ -20,6 +20,7 @@ import structlog
 
 from catalog import Catalog, PermissionDenied, Principal, QuiverError, Unauthenticated
 from catalog.identity import METRICS_ONLY
+from catalog.tokens import bearer_token
 from flight_server.errors import flight_error
 from flight_server.limits import Deadline
 
@@ -168,25 +169,19 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
         method = _METHOD_NAMES.get(info.method, str(info.method))
         principal: Principal | None = None
         error: QuiverError | None = None
-        values = headers.get("authorization") or []
-        if not values:
-            error = Unauthenticated("missing token: send the header 'authorization: Bearer <token>'")
-        else:
-            raw = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
-            scheme, _, token = raw.strip().partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                error = Unauthenticated("malformed authorization header: use 'Bearer <token>'")
-            else:
-                try:
-                    principal = self.catalog.tokens.check(token.strip())
-                except Unauthenticated as e:
-                    error = e
-                if principal is not None and principal.is_metrics:
-                    # Valid, but for GET /metrics only: refused (and audited) like a bad
-                    # token, and not marked used.
-                    principal, error = None, PermissionDenied(METRICS_ONLY)
-                elif principal is not None:
-                    self.catalog.tokens.record_use(principal)
+        values = [
+            v if isinstance(v, str) else v.decode("latin-1") for v in headers.get("authorization") or []
+        ]
+        try:
+            principal = self.catalog.tokens.check(bearer_token(values))
+        except Unauthenticated as e:
+            error = e
+        if principal is not None and principal.is_metrics:
+            # Valid, but for GET /metrics only: refused (and audited) like a bad token, and
+            # not marked used.
+            principal, error = None, PermissionDenied(METRICS_ONLY)
+        elif principal is not None:
+            self.catalog.tokens.record_use(principal)
         if error is not None and info.method == flight.FlightMethod.GET_SCHEMA:
             # pyarrow cannot send a FlightError from the GetSchema handler (errors.py): refuse
             # here, where it can. The client's address is not known at this point.

@@ -44,6 +44,7 @@ from catalog import Catalog, Unauthenticated
 from catalog.config import McpConfig
 from catalog.errors import bounded
 from catalog.query_port import QueryRunner
+from catalog.tokens import bearer_token
 from mcp_server.backend import LocalBackend
 from mcp_server.server import Caller, CallLimiter, build_server
 from mcp_server.tools import ToolBox
@@ -199,14 +200,8 @@ class McpHttp:
 
     def _authenticate(self, scope: Scope, request: Request) -> Any:
         catalog = self._catalog
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.strip().partition(" ")
         try:
-            if not header:
-                raise Unauthenticated("missing token: send the header 'authorization: Bearer <token>'")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated("malformed authorization header: use 'Bearer <token>'")
-            return catalog.tokens.check(token.strip())
+            return catalog.tokens.check(bearer_token(request.headers.getlist("authorization")))
         except Unauthenticated as e:
             catalog.metrics.auth_failures.labels("http").inc()
             catalog.audit.record(

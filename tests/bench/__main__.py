@@ -4,7 +4,7 @@ tests/bench/RESULTS.md (linked from the README).
 A benchmark module is ``tests/bench/bench_*.py`` exposing ``run() -> str``: it prints its
 figures as it goes and returns a Markdown section (``## title``) for the results file. A
 module with ``DEFAULT = False`` (the 1 GB analytic set, the memory tests: minutes each, and
-gigabytes of disk or memory) runs only when named. Sections are replaced by title; the
+gigabytes of disk or memory; the Flight SQL comparison, over a minute) runs only when named. Sections are replaced by title; the
 sections of modules that did not run are kept, so each figure stays beside the run that made
 it (every section states its own date and machine load).
 """
