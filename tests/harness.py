@@ -17,6 +17,7 @@ import pyarrow.flight as flight
 
 from catalog import Catalog, Config, load_config
 from catalog.clock import SYSTEM_CLOCK, Clock
+from catalog.errors import MAX_DETAIL_CHARS
 from quiver.runtime import Runtime
 
 T = TypeVar("T")
@@ -100,6 +101,27 @@ def error_info(exc: flight.FlightError) -> dict[str, Any]:
     """The ``{"code", "detail"}`` that every Quiver Flight error carries in extra_info."""
     assert exc.extra_info, f"no extra_info on {exc!r}"
     return json.loads(exc.extra_info)
+
+
+#: What a client's mistake may be answered with (never INTERNAL), and how long its detail may be.
+CLIENT_ERROR_CODES = {
+    "INVALID_ARGUMENT",
+    "PERMISSION_DENIED",
+    "NOT_FOUND",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+}
+DETAIL_BOUND = MAX_DETAIL_CHARS + 40
+
+
+def client_error_info(exc: flight.FlightError) -> dict[str, Any]:
+    """:func:`error_info` of a refusal of hostile input: no traceback, a client error's
+    code, a bounded detail (the fuzz tests' one check)."""
+    assert "Traceback" not in str(exc)
+    info = error_info(exc)
+    assert info["code"] in CLIENT_ERROR_CODES, info
+    assert len(info["detail"]) <= DETAIL_BOUND
+    return info
 
 
 @dataclass

@@ -5,9 +5,6 @@ out — never a traceback, never INTERNAL — and the detail stays bounded."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -17,15 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from catalog import QuiverError
-from catalog.errors import MAX_DETAIL_CHARS
 from flight_server.flight_sql import flight_sql_pb2 as pb
 from flight_server.flight_sql import wire
-from tests.harness import Server, call_options
+from tests.harness import DETAIL_BOUND, Server, call_options, client_error_info
 
 pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
 
-CODES = {"INVALID_ARGUMENT", "PERMISSION_DENIED", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
-DETAIL_BOUND = MAX_DETAIL_CHARS + 40
 
 type_names = st.sampled_from(sorted(wire.MESSAGES)) | st.text(max_size=40)
 prefixes = st.sampled_from([wire.TYPE_PREFIX, "type.googleapis.com/", "", "x/arrow.flight.protocol.sql."])
@@ -60,15 +54,6 @@ def test_unwrap_ticket_never_fails_but_with_invalid_argument(raw: bytes) -> None
 
 
 # --- on the wire ---------------------------------------------------------------------------------
-def _coded(exc: flight.FlightError) -> dict[str, Any]:
-    assert "Traceback" not in str(exc)
-    assert exc.extra_info, repr(exc)
-    info = json.loads(exc.extra_info)
-    assert info["code"] in CODES, info
-    assert len(info["detail"]) <= DETAIL_BOUND
-    return info
-
-
 @pytest.fixture(scope="module")
 def rpc(server: Server) -> tuple[flight.FlightClient, flight.FlightCallOptions]:
     return server.flight(), call_options(server.demo_token)
@@ -116,14 +101,14 @@ def test_get_flight_info_answers_a_plan_or_a_coded_refusal(
     try:
         info = client.get_flight_info(flight.FlightDescriptor.for_command(raw), opts)
     except flight.FlightError as e:
-        _coded(e)
+        client_error_info(e)
     else:
         assert info.schema is not None
         for endpoint in info.endpoints:
             try:
                 client.do_get(endpoint.ticket, opts).read_all()
             except flight.FlightError as e:
-                _coded(e)
+                client_error_info(e)
 
 
 actions = st.sampled_from(
@@ -151,7 +136,7 @@ def test_flight_sql_actions_answer_or_refuse_with_a_code(
     try:
         list(client.do_action(flight.Action(name, body), opts))
     except flight.FlightError as e:
-        _coded(e)
+        client_error_info(e)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -168,4 +153,4 @@ def test_do_put_refuses_with_a_code(
         reader.read()
         writer.close()
     except flight.FlightError as e:
-        _coded(e)
+        client_error_info(e)

@@ -14,14 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from catalog import QuiverError
-from catalog.errors import MAX_DETAIL_CHARS
 from flight_server import commands
-from tests.harness import Server, call_options
+from tests.harness import DETAIL_BOUND, Server, call_options, client_error_info
 
 pytestmark = pytest.mark.slow  # subprocesses, fuzzing or deployment checks: make test-fast skips it
 
-CODES = {"INVALID_ARGUMENT", "PERMISSION_DENIED", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
-DETAIL_BOUND = MAX_DETAIL_CHARS + 40
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
 json_values = st.recursive(
@@ -101,15 +98,6 @@ def test_json_depth_never_fails(raw: bytes) -> None:
 
 
 # --- on the wire ---------------------------------------------------------------------------------
-def _coded(exc: flight.FlightError) -> dict[str, Any]:
-    assert "Traceback" not in str(exc)
-    assert exc.extra_info, repr(exc)
-    info = json.loads(exc.extra_info)
-    assert info["code"] in CODES, info
-    assert len(info["detail"]) <= DETAIL_BOUND
-    return info
-
-
 @pytest.fixture(scope="module")
 def wire(server: Server) -> tuple[flight.FlightClient, flight.FlightCallOptions]:
     return server.flight(), call_options(server.demo_token)
@@ -124,7 +112,7 @@ def test_get_flight_info_answers_a_plan_or_a_coded_refusal(
     try:
         info = client.get_flight_info(flight.FlightDescriptor.for_command(raw), opts)
     except flight.FlightError as e:
-        _coded(e)
+        client_error_info(e)
     else:
         assert info.schema is not None
 
@@ -153,7 +141,7 @@ def test_do_action_answers_json_or_a_coded_refusal(
     try:
         results = list(client.do_action(flight.Action(name, body), opts))
     except flight.FlightError as e:
-        _coded(e)
+        client_error_info(e)
     else:
         for result in results:
             json.loads(result.body.to_pybytes())

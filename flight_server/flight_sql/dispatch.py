@@ -78,19 +78,6 @@ _NOT_OFFERED = {
     "CreatePreparedSubstraitPlan": "Substrait plans are not accepted: send SQL (CreatePreparedStatement)",
 }
 
-_METADATA = (
-    pb.CommandGetSqlInfo,
-    pb.CommandGetXdbcTypeInfo,
-    pb.CommandGetCatalogs,
-    pb.CommandGetDbSchemas,
-    pb.CommandGetTables,
-    pb.CommandGetTableTypes,
-    pb.CommandGetPrimaryKeys,
-    pb.CommandGetExportedKeys,
-    pb.CommandGetImportedKeys,
-    pb.CommandGetCrossReference,
-)
-
 
 def _no_transaction(message: Any) -> None:
     if message.HasField("transaction_id"):
@@ -126,7 +113,7 @@ class FlightSql:
             return self.statements.query(principal, message.query, (), execute=execute)
         if isinstance(message, pb.CommandPreparedStatementQuery):
             return self.statements.prepared(principal, message.prepared_statement_handle, execute=execute)
-        if isinstance(message, _METADATA):
+        if isinstance(message, wire.METADATA_COMMANDS):
             return self.metadata.plan(principal, message)
         _refuse_writes(message)
         raise InvalidArgument(

@@ -25,19 +25,24 @@ _PREFIX_BYTES = TYPE_PREFIX.encode()
 
 #: Every Flight SQL message a descriptor, ticket or action body may carry, by name: those
 #: Quiver serves (ingest too) and those it refuses by name (updates). Others are refused as unknown.
+#: The metadata commands (flight_server/flight_sql/metadata.py answers each).
+METADATA_COMMANDS = (
+    pb.CommandGetSqlInfo,
+    pb.CommandGetXdbcTypeInfo,
+    pb.CommandGetCatalogs,
+    pb.CommandGetDbSchemas,
+    pb.CommandGetTables,
+    pb.CommandGetTableTypes,
+    pb.CommandGetPrimaryKeys,
+    pb.CommandGetExportedKeys,
+    pb.CommandGetImportedKeys,
+    pb.CommandGetCrossReference,
+)
+
 MESSAGES: dict[str, type[Message]] = {
     cls.DESCRIPTOR.name: cls
     for cls in (
-        pb.CommandGetSqlInfo,
-        pb.CommandGetXdbcTypeInfo,
-        pb.CommandGetCatalogs,
-        pb.CommandGetDbSchemas,
-        pb.CommandGetTables,
-        pb.CommandGetTableTypes,
-        pb.CommandGetPrimaryKeys,
-        pb.CommandGetExportedKeys,
-        pb.CommandGetImportedKeys,
-        pb.CommandGetCrossReference,
+        *METADATA_COMMANDS,
         pb.CommandStatementQuery,
         pb.CommandPreparedStatementQuery,
         pb.TicketStatementQuery,
