@@ -89,6 +89,14 @@ class AuditLog:
             self._buffer.append(event)
 
     def flush(self) -> int:
+        """Write the buffered events; return how many. The write lock is taken *before* the
+        buffer: a flush that finds the buffer empty (a reader's, before it queries) waits for
+        one that took the events to commit them, so a read after flush sees every event
+        recorded before it."""
+        with self._write_lock:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> int:
         with self._lock:
             batch, self._buffer = self._buffer, []
             dropped, self._dropped = self._dropped, 0
@@ -109,7 +117,7 @@ class AuditLog:
             ]
             for e in batch
         ]
-        with self._write_lock, self._db.transaction() as cur:
+        with self._db.transaction() as cur:
             cur.executemany(
                 f"INSERT INTO {SYSTEM_SCHEMA}.audit "
                 "(occurred_at, actor, action, target, outcome, client, request_id, detail) "

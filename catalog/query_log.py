@@ -173,7 +173,13 @@ class QueryLog:
             return len(self._buffer)
 
     def flush(self) -> int:
-        """Write the buffered records in one transaction; return how many."""
+        """Write the buffered records in one transaction; return how many. The write lock is
+        taken before the buffer (as catalog/audit.py does): a reader's flush that finds the
+        buffer empty waits for the flush that took the records to commit them."""
+        with self._write_lock:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> int:
         with self._lock:
             batch, self._buffer = self._buffer, []
             dropped, self._dropped = self._dropped, 0
@@ -204,7 +210,7 @@ class QueryLog:
             schema=_BATCH_SCHEMA,
         )
         columns = ", ".join(_BATCH_SCHEMA.names)
-        with self._write_lock, self._db.transaction() as cur:
+        with self._db.transaction() as cur:
             cur.register("_query_log_batch", table)
             try:
                 cur.execute(
