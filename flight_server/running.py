@@ -21,15 +21,18 @@ admission slot as for any stream.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow.flight as flight
 import structlog
 
 from catalog import Cancelled
+from catalog.clock import iso
+from catalog.running import RunningQueryInfo, shown_sql, shown_tables
 from flight_server.middleware import CallState
 
 log = structlog.get_logger("flight_server")
@@ -48,6 +51,10 @@ class _Call:
     state: CallState
     context: flight.ServerCallContext
     cancelled: bool = False
+    #: What an admin's ``DELETE /v1/queries/{id}`` names (never the group: that is the
+    #: tickets' own, and the list must not hand out what a ticket is bound to).
+    id: str = field(default_factory=lambda: "s_" + secrets.token_urlsafe(12))
+    started_at: float = field(default_factory=time.time)
 
 
 class RunningStreams:
@@ -110,6 +117,24 @@ class RunningStreams:
         log.info("flight.cancelled", flight_infos=len(groups), done=done)
         return done
 
+    def listing(self) -> list[RunningQueryInfo]:
+        """Every tracked stream (running.md: what ``GET /v1/queries?running=true`` lists)."""
+        with self._cond:
+            calls = [call for calls in self._running.values() for call in calls.values()]
+            return [_info(call) for call in calls]
+
+    def cancel_call(self, call_id: str, wait_seconds: float = 2.0) -> bool | None:
+        """Cancel the FlightInfo of the stream ``call_id`` (all of its endpoints, as
+        CancelFlightInfo would); None when no stream of that id runs."""
+        with self._cond:
+            group = next(
+                (g for g, calls in self._running.items() for c in calls.values() if c.id == call_id),
+                None,
+            )
+        if group is None:
+            return None
+        return self.cancel({group}, wait_seconds)
+
     def close(self) -> None:
         with self._cond:
             self._stopped = True
@@ -143,6 +168,23 @@ class RunningStreams:
                         if call.cancelled:
                             _interrupt(call)
                 self._cond.wait(POLL_SECONDS)
+
+
+def _info(call: _Call) -> RunningQueryInfo:
+    state = call.state
+    facts = state.query
+    principal = state.principal
+    return RunningQueryInfo(
+        id=call.id,
+        principal=principal.label if principal is not None else "?",
+        kind="stream",
+        what=facts.kind if facts is not None else str(state.fields.get("kind", "stream")),
+        sql=shown_sql(facts.sql if facts is not None else None),
+        tables=shown_tables(facts.tables if facts is not None else ()),
+        started_at=iso(call.started_at),
+        rows=facts.rows if facts is not None else None,
+        via=facts.via if facts is not None else "flight",
+    )
 
 
 def _client_gone(context: flight.ServerCallContext) -> bool:
