@@ -2,7 +2,8 @@
 plane lists and cancels them (``GET /v1/queries?running=true``, ``DELETE /v1/queries/{id}``:
 proto_docs/governance.md, "Running queries").
 
-The data plane runs them (Flight DoGet streams, async queries); the control plane may import
+The data plane runs them (Flight DoGet streams, async queries, the runs of
+``POST /v1/query`` and exports); the control plane may import
 only ``catalog``, so the protocol and its answer live here and ``quiver/runtime.py`` hands
 ``create_app`` the data plane's implementation explicitly.
 """
@@ -20,13 +21,14 @@ MAX_RUNNING_SQL_CHARS = 2_000
 #: At most this many tables are named per running query.
 MAX_RUNNING_TABLES = 50
 
-RunningKind = Literal["stream", "async"]
+RunningKind = Literal["stream", "async", "run"]
 
 
 class RunningQueryInfo(msgspec.Struct, kw_only=True):
     """One query running now. ``id`` is what ``DELETE /v1/queries/{id}`` takes: ``s_…`` for
     a Flight DoGet stream (cancelling it cancels its whole FlightInfo, as CancelFlightInfo
-    does), the async query's own ``q_…`` id for ``submit-query`` and async exports."""
+    does), the async query's own ``q_…`` id for ``submit-query`` and async exports, ``h_…``
+    for a run of agent SQL outside Flight (``POST /v1/query``, a synchronous export)."""
 
     id: str
     principal: str

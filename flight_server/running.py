@@ -21,10 +21,12 @@ admission slot as for any stream.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow.flight as flight
@@ -33,6 +35,7 @@ import structlog
 from catalog import Cancelled
 from catalog.clock import iso
 from catalog.running import RunningQueryInfo, shown_sql, shown_tables
+from flight_server.limits import Deadline
 from flight_server.middleware import CallState
 
 log = structlog.get_logger("flight_server")
@@ -168,6 +171,72 @@ class RunningStreams:
                         if call.cancelled:
                             _interrupt(call)
                 self._cond.wait(POLL_SECONDS)
+
+
+@dataclass(eq=False, slots=True)
+class _Run:
+    info: RunningQueryInfo
+    deadline: Deadline
+
+
+class QueryRuns:
+    """The runs of agent SQL for callers outside Flight (flight_server/runner.py:
+    ``POST /v1/query``, exports, artefact refresh) while they hold their cursor: listed and
+    cancelled by an admin like a stream. A cancel interrupts the run's cursor (again, until
+    the run released it or the wait is over: DuckDB ignores an interrupt that arrives before
+    its query started); the caller then gets CANCELLED from its reader."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._runs: dict[str, _Run] = {}
+
+    def track(
+        self, principal: str, sql: str, tables: tuple[str, ...], deadline: Deadline
+    ) -> Callable[[], None]:
+        """Track one run until the returned release is called."""
+        run_id = "h_" + secrets.token_urlsafe(12)
+        info = RunningQueryInfo(
+            id=run_id,
+            principal=principal,
+            kind="run",
+            what="query",
+            sql=shown_sql(sql),
+            tables=shown_tables(tables),
+            started_at=iso(time.time()),
+            rows=None,
+            via="http",
+        )
+        with self._cond:
+            self._runs[run_id] = _Run(info, deadline)
+
+        def release() -> None:
+            with self._cond:
+                self._runs.pop(run_id, None)
+                self._cond.notify_all()
+
+        return release
+
+    def listing(self) -> list[RunningQueryInfo]:
+        with self._cond:
+            return [run.info for run in self._runs.values()]
+
+    def cancel(self, run_id: str, wait_seconds: float = 2.0) -> bool | None:
+        deadline = time.monotonic() + wait_seconds
+        with self._cond:
+            run = self._runs.get(run_id)
+            if run is None:
+                return None
+            while run_id in self._runs:
+                if not run.deadline.done:
+                    with contextlib.suppress(Exception):
+                        run.deadline.interrupt()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, POLL_SECONDS))
+            stopped = run_id not in self._runs
+        log.info("query.run_cancelled", id=run_id, stopped=stopped)
+        return stopped
 
 
 def _info(call: _Call) -> RunningQueryInfo:

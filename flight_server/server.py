@@ -71,7 +71,7 @@ from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
 from flight_server.results import PreparedTask, QueryManager
 from flight_server.runner import SqlRunner
-from flight_server.running import RunningStreams
+from flight_server.running import QueryRuns, RunningStreams
 from flight_server.streams import Streamer
 from flight_server.table_cache import TableCache, resolve_budget
 from flight_server.tickets import TicketStore
@@ -163,18 +163,23 @@ def _planned(facts: QueryFacts, plan: Plan) -> None:
 
 
 class _RunningQueries:
-    """:class:`catalog.running.RunningQueries` over the streams and the async queries."""
+    """:class:`catalog.running.RunningQueries` over the streams, the async queries and the
+    runs for callers outside Flight; the id's prefix names which holds it."""
 
-    def __init__(self, streams: RunningStreams, queries: QueryManager) -> None:
+    def __init__(self, streams: RunningStreams, queries: QueryManager, runs: QueryRuns) -> None:
         self._streams = streams
         self._queries = queries
+        self._runs = runs
 
     def list(self) -> list[RunningQueryInfo]:
-        return sorted(self._streams.listing() + self._queries.listing(), key=lambda q: (q.started_at, q.id))
+        every = self._streams.listing() + self._queries.listing() + self._runs.listing()
+        return sorted(every, key=lambda q: (q.started_at, q.id))
 
     def cancel(self, query_id: str) -> bool | None:
         if query_id.startswith("s_"):
             return self._streams.cancel_call(query_id)
+        if query_id.startswith("h_"):
+            return self._runs.cancel(query_id)
         return self._queries.cancel_any(query_id)
 
 
@@ -604,7 +609,7 @@ class QuiverFlightServer(flight.FlightServerBase):
     def running_queries(self) -> RunningQueries:
         """What an admin lists and cancels (catalog.running): every DoGet stream and every
         queued or running async query of this server."""
-        return _RunningQueries(self.running, self.queries)
+        return _RunningQueries(self.running, self.queries, self.streamer.runs)
 
     def async_queries_status(self) -> AsyncQueriesStatus:
         """ "async_queries": queued, running and retained async queries."""

@@ -170,3 +170,32 @@ def test_running_takes_no_log_filter(server: Server) -> None:
     spec = server.http().get("/schema/openapi.json").json()
     assert "delete" in spec["paths"]["/v1/queries/{query_id}"]
     assert "RunningQueryInfo" in spec["components"]["schemas"]
+
+
+def test_an_admin_cancels_a_post_v1_query_run(server: Server) -> None:
+    """``POST /v1/query`` runs through the data plane's query port: listed as a ``run`` and
+    cancelled like a stream; the agent gets CANCELLED, never a 500."""
+    flight_server = server.runtime.flight
+    assert flight_server is not None
+    token = server.mint("agent", "demo", "runner-5")
+    answers: list[Any] = []
+
+    def run() -> None:
+        answers.append(server.http(token).post("/v1/query", json={"sql": LONG_SQL}, timeout=120))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    entry = _one_running(server, "run")
+    assert entry["id"].startswith("h_") and entry["via"] == "http"
+    assert entry["principal"] == "agent:demo/runner-5" and "range(300000)" in entry["sql"]
+    r = server.http().delete(f"/v1/queries/{entry['id']}")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"id": entry["id"], "stopped": True}
+    thread.join(60)
+    (answer,) = answers
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"] == "CANCELLED"
+    assert all(q["id"] != entry["id"] for q in _running(server))
+    wait_until(lambda: flight_server.admission.streams() == 0, what="its admission slot free")
+    ok = server.http(token).post("/v1/query", json={"sql": "SELECT 1 AS x"})
+    assert ok.status_code == 200, ok.text
