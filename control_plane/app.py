@@ -17,6 +17,7 @@ from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from catalog import VERSION, Catalog, StatusReport, SyncControl
+from catalog.running import RunningQueries
 from catalog.status import Health
 from control_plane.api_docs import render_plugins
 from control_plane.context import DEPENDENCIES, Access
@@ -187,12 +188,14 @@ def create_app(
     *,
     report: StatusReport,
     sync: SyncControl | None = None,
+    running: RunningQueries | None = None,
     mounts: Sequence[ASGIRouteHandler] = (),
     lifespans: Sequence[Callable[[Litestar], AbstractAsyncContextManager[None]]] = (),
 ) -> Litestar:
     """The control plane over ``catalog``. ``report`` answers GET /v1/status and /healthz;
     ``sync`` is the sync worker of GET /v1/sync and POST /v1/sync/{table}/run (None: those
-    answer 404). ``mounts`` are ASGI apps the process wiring adds beside the routes (``/mcp``,
+    answer 404); ``running`` lists and cancels the data plane's running queries (GET
+    /v1/queries?running=true, DELETE /v1/queries/{id}; None: UNAVAILABLE). ``mounts`` are ASGI apps the process wiring adds beside the routes (``/mcp``,
     mcp_server/http.py), each checking its own requests, and ``lifespans`` what they need
     running while the app serves (uvicorn runs the lifespan). The process wiring builds all of
     them from the components it started (quiver/runtime.py): the control plane never reaches
@@ -219,6 +222,7 @@ def create_app(
     app.state["catalog"] = catalog
     app.state["report"] = report
     app.state["sync"] = sync
+    app.state["running"] = running
     document_errors(app)
     # Outside routing, not as route middleware: 404s and 405s get a request id, a log line
     # and a metric like every other answer.

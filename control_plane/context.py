@@ -30,8 +30,10 @@ from catalog import (
     StatusReport,
     SyncControl,
     Unauthenticated,
+    Unavailable,
 )
 from catalog.identity import METRICS_ONLY
+from catalog.running import RunningQueries
 from catalog.tokens import bearer_token
 
 _PRINCIPAL = "quiver.principal"  # scope state key of the verified Principal
@@ -158,6 +160,17 @@ def provide_sync(request: Request[Any, Any, Any]) -> SyncControl | None:
     return request.app.state["sync"]
 
 
+def provide_running(request: Request[Any, Any, Any]) -> RunningQueries | None:
+    """The data plane's running queries, None when this app was built without one."""
+    return request.app.state["running"]
+
+
+def require_running(running: RunningQueries | None) -> RunningQueries:
+    if running is None:
+        raise Unavailable("the data plane is not running in this process: no running queries to list")
+    return running
+
+
 def require_sync(sync: SyncControl | None) -> SyncControl:
     """The sync worker, or NOT_FOUND saying how to configure one. Called inside the
     handler (not by the dependency), so a refused trigger is audited like any other."""
@@ -171,6 +184,7 @@ DEPENDENCIES = {
     "catalog": Provide(provide_catalog, sync_to_thread=False),
     "report": Provide(provide_report, sync_to_thread=False),
     "sync": Provide(provide_sync, sync_to_thread=False),
+    "running_queries": Provide(provide_running, sync_to_thread=False),
 }
 
 

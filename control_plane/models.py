@@ -49,6 +49,9 @@ class AllowlistOut(msgspec.Struct, kw_only=True):
     tables: list[str]
     # Data tables the patterns match right now (patterns may name tables synced later).
     matching: list[str]
+    # One sentence per entry that matches no table right now: saved all the same (a table
+    # synced later is readable at once), but a typo shows here (proto_docs/control_plane.md).
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 class CreateToken(Request):

@@ -585,7 +585,13 @@ class Planner:
         def run(cur: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
             return cur.sql(sql, params=params).to_arrow_reader(BATCH_ROWS)
 
-        return PreparedQuery(run=run, sql=part.sql, max_rows=cap.max_rows, max_rows_reason=cap.reason)
+        return PreparedQuery(
+            run=run,
+            sql=part.sql,
+            max_rows=cap.max_rows,
+            max_rows_reason=cap.reason,
+            tables=tuple(ref.qualified for ref in plan.tables),
+        )
 
     GUARD_CACHE_SECONDS = 10.0
     GUARD_CACHE_SIZE = 1024

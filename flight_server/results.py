@@ -68,6 +68,7 @@ from catalog.clock import SYSTEM_CLOCK, Clock, iso
 from catalog.config import ResultsConfig
 from catalog.database import Database
 from catalog.errors import bounded
+from catalog.running import RunningQueryInfo, shown_sql, shown_tables
 from catalog.status import AsyncQueriesStatus
 from flight_server.errors import classify
 from flight_server.truncation import CapReason, RowCap
@@ -127,6 +128,8 @@ class PreparedQuery:
     #: and the manager keeps ``max_rows`` of them, reporting ``truncated`` in query-status.
     max_rows: int | None = None
     max_rows_reason: CapReason = "server_max_rows"
+    #: The tables it reads (what an admin's running-query list shows).
+    tables: tuple[str, ...] = ()
 
 
 #: A background task (an ``export`` with ``"async": true``): runs on a worker, reports its
@@ -144,6 +147,7 @@ class PreparedTask:
     #: What ``query-status`` shows as the query.
     sql: str = ""
     kind: str = "export"
+    tables: tuple[str, ...] = ()
 
 
 ACTION_DESCRIPTIONS: dict[str, str] = {
@@ -211,6 +215,7 @@ class _Query:
     #: A task (an async export) instead of a query: no result file; its answer instead.
     task_kind: str | None = None
     answer: dict[str, Any] | None = None
+    tables: tuple[str, ...] = ()
     wake: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -290,6 +295,7 @@ class QueryManager:
             label=principal.label,
             sql=prepared.sql,
             path=self.dir / f"{query_id}{RESULT_SUFFIX}",
+            tables=prepared.tables,
         )
         if isinstance(prepared, PreparedTask):
             query.task_kind = prepared.kind
@@ -511,9 +517,45 @@ class QueryManager:
         """Cancel a queued or running query and wait briefly for it to stop; a finished one
         is left as it is."""
         query = self._get(principal, query_id)
+        self._cancel(query, wait_seconds)
+        log.info("query.cancel_requested", id=query.id, principal=principal.label)
+        return self._describe(query)
+
+    def listing(self) -> list[RunningQueryInfo]:
+        """Every queued or running async query and export, of every principal (an admin's
+        ``GET /v1/queries?running=true``)."""
+        with self._lock:
+            active = [q for q in self._queries.values() if q.state in ACTIVE_STATES]
+            return [
+                RunningQueryInfo(
+                    id=q.id,
+                    principal=q.label,
+                    kind="async",
+                    what=q.task_kind or "query",
+                    sql=shown_sql(q.sql),
+                    tables=shown_tables(q.tables),
+                    started_at=iso(q.started_at if q.started_at is not None else q.submitted_at),
+                    rows=q.rows,
+                    via="flight",
+                )
+                for q in active
+            ]
+
+    def cancel_any(self, query_id: str, *, wait_seconds: float = 2.0) -> bool | None:
+        """An admin's cancel of any principal's active query: None when none of that id is
+        queued or running, else whether it had stopped when this returned."""
+        with self._lock:
+            query = self._queries.get(query_id)
+            if query is None or query.state not in ACTIVE_STATES:
+                return None
+        self._cancel(query, wait_seconds)
+        log.info("query.cancel_requested", id=query.id, by="admin")
+        return query.done.is_set()
+
+    def _cancel(self, query: _Query, wait_seconds: float) -> None:
         with self._lock:
             if query.state not in ACTIVE_STATES:
-                return self._describe(query)
+                return
             query.cancel_requested = True
             if query.state == "queued" and query.future is not None and query.future.cancel():
                 query.error = Cancelled(f"query {query.id} was cancelled (cancel-query)")
@@ -526,8 +568,6 @@ class QueryManager:
         else:
             query.wake.set()
             query.done.wait(wait_seconds)
-        log.info("query.cancel_requested", id=query.id, principal=principal.label)
-        return self._describe(query)
 
     def result_info(self, principal: Principal, query_id: str) -> ResultInfo:
         """Schema and size of a succeeded query's result, or the error that explains why

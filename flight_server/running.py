@@ -21,15 +21,21 @@ admission slot as for any stream.
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pyarrow.flight as flight
 import structlog
 
 from catalog import Cancelled
+from catalog.clock import iso
+from catalog.running import RunningQueryInfo, shown_sql, shown_tables
+from flight_server.limits import Deadline
 from flight_server.middleware import CallState
 
 log = structlog.get_logger("flight_server")
@@ -48,6 +54,10 @@ class _Call:
     state: CallState
     context: flight.ServerCallContext
     cancelled: bool = False
+    #: What an admin's ``DELETE /v1/queries/{id}`` names (never the group: that is the
+    #: tickets' own, and the list must not hand out what a ticket is bound to).
+    id: str = field(default_factory=lambda: "s_" + secrets.token_urlsafe(12))
+    started_at: float = field(default_factory=time.time)
 
 
 class RunningStreams:
@@ -110,6 +120,24 @@ class RunningStreams:
         log.info("flight.cancelled", flight_infos=len(groups), done=done)
         return done
 
+    def listing(self) -> list[RunningQueryInfo]:
+        """Every tracked stream (running.md: what ``GET /v1/queries?running=true`` lists)."""
+        with self._cond:
+            calls = [call for calls in self._running.values() for call in calls.values()]
+            return [_info(call) for call in calls]
+
+    def cancel_call(self, call_id: str, wait_seconds: float = 2.0) -> bool | None:
+        """Cancel the FlightInfo of the stream ``call_id`` (all of its endpoints, as
+        CancelFlightInfo would); None when no stream of that id runs."""
+        with self._cond:
+            group = next(
+                (g for g, calls in self._running.items() for c in calls.values() if c.id == call_id),
+                None,
+            )
+        if group is None:
+            return None
+        return self.cancel({group}, wait_seconds)
+
     def close(self) -> None:
         with self._cond:
             self._stopped = True
@@ -143,6 +171,89 @@ class RunningStreams:
                         if call.cancelled:
                             _interrupt(call)
                 self._cond.wait(POLL_SECONDS)
+
+
+@dataclass(eq=False, slots=True)
+class _Run:
+    info: RunningQueryInfo
+    deadline: Deadline
+
+
+class QueryRuns:
+    """The runs of agent SQL for callers outside Flight (flight_server/runner.py:
+    ``POST /v1/query``, exports, artefact refresh) while they hold their cursor: listed and
+    cancelled by an admin like a stream. A cancel interrupts the run's cursor (again, until
+    the run released it or the wait is over: DuckDB ignores an interrupt that arrives before
+    its query started); the caller then gets CANCELLED from its reader."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._runs: dict[str, _Run] = {}
+
+    def track(
+        self, principal: str, sql: str, tables: tuple[str, ...], deadline: Deadline
+    ) -> Callable[[], None]:
+        """Track one run until the returned release is called."""
+        run_id = "h_" + secrets.token_urlsafe(12)
+        info = RunningQueryInfo(
+            id=run_id,
+            principal=principal,
+            kind="run",
+            what="query",
+            sql=shown_sql(sql),
+            tables=shown_tables(tables),
+            started_at=iso(time.time()),
+            rows=None,
+            via="http",
+        )
+        with self._cond:
+            self._runs[run_id] = _Run(info, deadline)
+
+        def release() -> None:
+            with self._cond:
+                self._runs.pop(run_id, None)
+                self._cond.notify_all()
+
+        return release
+
+    def listing(self) -> list[RunningQueryInfo]:
+        with self._cond:
+            return [run.info for run in self._runs.values()]
+
+    def cancel(self, run_id: str, wait_seconds: float = 2.0) -> bool | None:
+        deadline = time.monotonic() + wait_seconds
+        with self._cond:
+            run = self._runs.get(run_id)
+            if run is None:
+                return None
+            while run_id in self._runs:
+                if not run.deadline.done:
+                    with contextlib.suppress(Exception):
+                        run.deadline.interrupt()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, POLL_SECONDS))
+            stopped = run_id not in self._runs
+        log.info("query.run_cancelled", id=run_id, stopped=stopped)
+        return stopped
+
+
+def _info(call: _Call) -> RunningQueryInfo:
+    state = call.state
+    facts = state.query
+    principal = state.principal
+    return RunningQueryInfo(
+        id=call.id,
+        principal=principal.label if principal is not None else "?",
+        kind="stream",
+        what=facts.kind if facts is not None else str(state.fields.get("kind", "stream")),
+        sql=shown_sql(facts.sql if facts is not None else None),
+        tables=shown_tables(facts.tables if facts is not None else ()),
+        started_at=iso(call.started_at),
+        rows=facts.rows if facts is not None else None,
+        via=facts.via if facts is not None else "flight",
+    )
 
 
 def _client_gone(context: flight.ServerCallContext) -> bool:

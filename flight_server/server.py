@@ -49,6 +49,7 @@ from catalog.descriptions import TableDescription
 from catalog.errors import bounded
 from catalog.policy import NOT_READABLE
 from catalog.previews import preview
+from catalog.running import RunningQueries, RunningQueryInfo
 from catalog.sqlguard import SqlGuard
 from catalog.status import AsyncQueriesStatus, CacheStatus, ProfilesStatus, QueriesStatus, QueryLimits
 from flight_server import commands
@@ -70,7 +71,7 @@ from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
 from flight_server.results import PreparedTask, QueryManager
 from flight_server.runner import SqlRunner
-from flight_server.running import RunningStreams
+from flight_server.running import QueryRuns, RunningStreams
 from flight_server.streams import Streamer
 from flight_server.table_cache import TableCache, resolve_budget
 from flight_server.tickets import TicketStore
@@ -159,6 +160,27 @@ def _planned(facts: QueryFacts, plan: Plan) -> None:
     facts.tables = tuple(ref.qualified for ref in plan.tables)
     if plan.sql is not None:
         facts.sql, facts.params = plan.sql, plan.params
+
+
+class _RunningQueries:
+    """:class:`catalog.running.RunningQueries` over the streams, the async queries and the
+    runs for callers outside Flight; the id's prefix names which holds it."""
+
+    def __init__(self, streams: RunningStreams, queries: QueryManager, runs: QueryRuns) -> None:
+        self._streams = streams
+        self._queries = queries
+        self._runs = runs
+
+    def list(self) -> list[RunningQueryInfo]:
+        every = self._streams.listing() + self._queries.listing() + self._runs.listing()
+        return sorted(every, key=lambda q: (q.started_at, q.id))
+
+    def cancel(self, query_id: str) -> bool | None:
+        if query_id.startswith("s_"):
+            return self._streams.cancel_call(query_id)
+        if query_id.startswith("h_"):
+            return self._runs.cancel(query_id)
+        return self._queries.cancel_any(query_id)
 
 
 class QuiverFlightServer(flight.FlightServerBase):
@@ -482,7 +504,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         if body.run_async:
             # The checks of a query first (limits, guard: a refusal is immediate, nothing is
             # queued); then a worker of the async queries runs it, under [results]'s timeout.
-            self.planner.query_part(
+            guarded, _part = self.planner.query_part(
                 principal, commands.QueryCommand(sql=sql, params=body.params, max_rows=body.max_rows)
             )
             timeout = float(self.catalog.config.results.timeout_seconds)
@@ -490,7 +512,8 @@ class QuiverFlightServer(flight.FlightServerBase):
             def task(progress: Callable[[int, int], None]) -> dict[str, Any]:
                 return msgspec.to_builtins(export(progress, timeout))
 
-            return self.queries.submit(principal, PreparedTask(run=task, sql=sql))
+            tables = tuple(ref.qualified for ref in guarded.tables)
+            return self.queries.submit(principal, PreparedTask(run=task, sql=sql, tables=tables))
         info = export()
         state.fields["target"] = f"artefact:{info.artefact.id}"
         state.fields["rows"] = info.rows
@@ -582,6 +605,11 @@ class QuiverFlightServer(flight.FlightServerBase):
         ``cache`` section: the result cache alone does not report itself)."""
         result = self.cache.stats()
         return CacheStatus(**msgspec.structs.asdict(result), tables=self.table_cache.stats())
+
+    def running_queries(self) -> RunningQueries:
+        """What an admin lists and cancels (catalog.running): every DoGet stream and every
+        queued or running async query of this server."""
+        return _RunningQueries(self.running, self.queries, self.streamer.runs)
 
     def async_queries_status(self) -> AsyncQueriesStatus:
         """ "async_queries": queued, running and retained async queries."""

@@ -64,6 +64,7 @@ from flight_server.plans import (
 from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
 from flight_server.ready import ReadyPool
 from flight_server.results import QueryManager
+from flight_server.running import QueryRuns
 from flight_server.table_cache import Fill
 from flight_server.truncation import RowCap
 from flight_server.versions import VersionWatch, read_layout
@@ -95,6 +96,8 @@ class Streamer:
         self.cache = cache
         self.versions = versions
         self._cursors = _SpareCursors(catalog)
+        #: Runs for callers outside Flight (run_query), while they hold their cursor.
+        self.runs = QueryRuns()
         self.ready = ReadyPool(float(catalog.config.limits.ticket_ttl_seconds), clock=catalog.clock)
         #: Queries (and percent samples) run by DuckDB, at GetFlightInfo or DoGet: a count for
         #: tests and /v1/status (a fresh point query is run, and planned, once).
@@ -338,6 +341,9 @@ class Streamer:
             held.append(lease.close)
             deadline = self.watchdog.arm(timeout, cur.interrupt)
             held.append(lambda: Watchdog.disarm(deadline))
+            # Listed for admins, who may cancel it (GET /v1/queries?running=true), until closed.
+            names = tuple(ref.qualified for ref in tables)
+            held.append(self.runs.track(principal.label, part.sql, names, deadline))
             ran = self._run_capped(cur, key, part)
             if ran.rest is None:
                 reader = pa.RecordBatchReader.from_batches(ran.schema, iter(ran.head))

@@ -357,7 +357,11 @@ class Runtime:
             )
             mounts.append(mcp.route_handler())
             lifespans.append(mcp.lifespan)
-        app = create_app(catalog, report=status, sync=self.sync, mounts=mounts, lifespans=lifespans)
+        # An admin's list and cancel of running queries are the data plane's, handed over here.
+        running = self.flight.running_queries() if self.flight is not None else None
+        app = create_app(
+            catalog, report=status, sync=self.sync, running=running, mounts=mounts, lifespans=lifespans
+        )
         logs.reclaim_root()  # Litestar's default logging config replaced the root handler
         server = uvicorn.Server(
             uvicorn.Config(

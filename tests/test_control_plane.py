@@ -63,6 +63,32 @@ def test_swarm_lifecycle_and_allowlist(server: Server) -> None:
     _error(http.get("/v1/swarms/analysts"), 404, "NOT_FOUND")
 
 
+def test_allowlist_entries_matching_no_table_are_kept_with_a_warning(server: Server) -> None:
+    """Pre-provisioning: an entry no table matches yet is saved (sync may bring the table),
+    and the answer names it, so a typo does not pass silently; exact matches warn nothing."""
+    http = server.http()
+    assert http.post("/v1/swarms", json={"name": "prov"}).status_code == 201
+    r = http.put("/v1/swarms/prov/allowlist", json={"tables": ["demo.orders", "demo.*"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["warnings"] == []
+    r = http.put("/v1/swarms/prov/allowlist", json={"tables": ["demo.orders", "demo.nope", "later.*"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tables"] == ["demo.nope", "demo.orders", "later.*"]  # saved, all of them
+    assert body["matching"] == ["demo.orders"]
+    assert body["warnings"] == ["demo.nope matches no table", "later.* matches no table"]
+    assert server.catalog.swarms.get_allowlist("prov") == body["tables"]
+    assert http.get("/v1/swarms/prov/allowlist").json()["warnings"] == body["warnings"]
+    # Bounded: 20 named (each entry echoed at most ~80 characters), the rest counted.
+    many = [f"s{i}.{'t' * 200}" for i in range(30)]
+    body = http.put("/v1/swarms/prov/allowlist", json={"tables": many}).json()
+    assert len(body["tables"]) == 30 and len(body["warnings"]) == 21
+    assert body["warnings"][-1] == "and 10 more entries match no table"
+    assert all(len(w) < 160 for w in body["warnings"])
+    spec = http.get("/schema/openapi.json").json()
+    assert "warnings" in spec["components"]["schemas"]["AllowlistOut"]["properties"]
+
+
 def test_deleting_a_swarm_revokes_its_tokens(server: Server) -> None:
     http = server.http()
     assert http.post("/v1/swarms", json={"name": "doomed", "tables": ["demo.*"]}).status_code == 201

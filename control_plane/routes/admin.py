@@ -5,16 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from litestar import Request, Router, get, post, put
+from litestar import Request, Router, delete, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from catalog import Catalog, NotFound, Principal, StatusReport, SyncControl
+from catalog import Catalog, InvalidArgument, NotFound, Principal, StatusReport, SyncControl
 from catalog.errors import bounded
 from catalog.policy import pattern_matches
 from catalog.query_log import QueryPage
+from catalog.running import QueryCancelled, RunningQueries, RunningQueryList
 from catalog.status import Status, SyncStatus, SyncTriggered
-from control_plane.context import ADMIN, audited, require_sync
+from control_plane.context import ADMIN, audited, require_running, require_sync
 from control_plane.models import AuditList, DescriptionBody, DescriptionOut, TableList, TableOut
 
 
@@ -99,6 +100,7 @@ def audit(
 )
 def queries(  # noqa: PLR0913  one query parameter per filter
     catalog: NamedDependency[Catalog],
+    running_queries: NamedDependency[RunningQueries | None],
     since: FromQuery[datetime | None] = None,
     until: FromQuery[datetime | None] = None,
     swarm: Annotated[str | None, QueryParameter(max_length=200)] = None,
@@ -107,7 +109,27 @@ def queries(  # noqa: PLR0913  one query parameter per filter
     outcome: FromQuery[Literal["ok", "refused", "failed"] | None] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     cursor: Annotated[int | None, QueryParameter(ge=1)] = None,
-) -> QueryPage:
+    running: FromQuery[bool] = False,
+) -> QueryPage | RunningQueryList:
+    if running:
+        # The queries running now are not the log: its filters would silently not apply.
+        given = [
+            n
+            for n, v in (
+                ("since", since),
+                ("until", until),
+                ("swarm", swarm),
+                ("agent", agent),
+                ("table", table),
+                ("outcome", outcome),
+                ("cursor", cursor),
+            )
+            if v is not None
+        ]
+        if given or limit != 100:
+            names = ", ".join(given + (["limit"] if limit != 100 else []))
+            raise InvalidArgument(f"running=true lists every running query and takes no filter: drop {names}")
+        return RunningQueryList(queries=require_running(running_queries).list())
     return catalog.query_log.query(
         since=since,
         until=until,
@@ -118,6 +140,28 @@ def queries(  # noqa: PLR0913  one query parameter per filter
         limit=limit,
         cursor=cursor,
     )
+
+
+@delete(
+    "/v1/queries/{query_id:str}",
+    sync_to_thread=True,
+    tags=["audit"],
+    status_code=200,
+    summary="Cancel a running query, stream or async query of any principal (its id from GET /v1/queries?running=true)",
+)
+def cancel_query(
+    request: Request[Principal, Any, Any],
+    query_id: FromPath[str],
+    running_queries: NamedDependency[RunningQueries | None],
+) -> QueryCancelled:
+    with audited(request, "query.cancel", bounded(query_id, 80)):
+        stopped = require_running(running_queries).cancel(query_id)
+        if stopped is None:
+            raise NotFound(
+                f"no running query {bounded(query_id, 80)!r}: it finished, was cancelled, or never ran "
+                "(GET /v1/queries?running=true lists what runs)"
+            )
+    return QueryCancelled(id=query_id, stopped=stopped)
 
 
 @get("/v1/sync", sync_to_thread=True, tags=["sync"], summary="State of every replicated table")
@@ -145,5 +189,14 @@ def sync_run(
 ROUTER = Router(
     "/",
     guards=[ADMIN],
-    route_handlers=[list_tables, put_description, status, audit, queries, sync_status, sync_run],
+    route_handlers=[
+        list_tables,
+        put_description,
+        status,
+        audit,
+        queries,
+        cancel_query,
+        sync_status,
+        sync_run,
+    ],
 )
