@@ -44,6 +44,11 @@ class RunningQueryInfo(msgspec.Struct, kw_only=True):
 
 
 class RunningQueryList(msgspec.Struct, kw_only=True):
+    """``GET /v1/queries?running=true``. ``running`` (always true) is what tells this answer
+    from the query log's page (``QueryPage``) in the OpenAPI schema, where both are the
+    route's answer."""
+
+    running: Literal[True]
     queries: list[RunningQueryInfo]
 
 

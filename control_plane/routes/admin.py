@@ -129,7 +129,7 @@ def queries(  # noqa: PLR0913  one query parameter per filter
         if given or limit != 100:
             names = ", ".join(given + (["limit"] if limit != 100 else []))
             raise InvalidArgument(f"running=true lists every running query and takes no filter: drop {names}")
-        return RunningQueryList(queries=require_running(running_queries).list())
+        return RunningQueryList(running=True, queries=require_running(running_queries).list())
     return catalog.query_log.query(
         since=since,
         until=until,
