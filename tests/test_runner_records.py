@@ -1,0 +1,150 @@
+"""Every path that runs agent SQL through the query port (catalog/query_port.py) leaves one
+query-log record and is charged to the swarm's budgets: MCP tools (run_query, sample_table,
+profile_table, describe_table's sample, export_query), ``POST /v1/query`` and exports — each
+once, never twice (proto_docs/governance.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow.flight as flight
+import pytest
+
+from tests.harness import Server, call_options, start_server
+from tests.test_mcp import ok, refused, tool
+
+QUIET = {"last_used_flush_seconds": 3600.0}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("runner-records"), tokens=QUIET)
+    yield s
+    s.stop()
+
+
+def new_swarm(server: Server, prefix: str, budget: dict[str, Any] | None = None) -> str:
+    name = f"{prefix}-{os.urandom(3).hex()}"
+    admin = server.http()
+    assert admin.post("/v1/swarms", json={"name": name, "tables": ["demo.*"]}).status_code == 201
+    if budget is not None:
+        assert admin.put(f"/v1/swarms/{name}/budget", json=budget).status_code == 200
+    return name
+
+
+def records(server: Server, swarm: str) -> list[dict[str, Any]]:
+    r = server.http().get("/v1/queries", params={"swarm": swarm, "limit": 1000})
+    assert r.status_code == 200, r.text
+    return list(r.json()["queries"])
+
+
+def usage(server: Server, swarm: str) -> dict[str, Any]:
+    r = server.http().get(f"/v1/swarms/{swarm}/usage")
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_mcp_run_query_is_charged_and_refused_past_the_budget(server: Server) -> None:
+    swarm = new_swarm(server, "mcpb", {"queries_per_day": 3})
+    token = server.mint("agent", swarm, "a")
+    for i in range(3):
+        assert ok(tool(server, "run_query", {"sql": f"SELECT {i} AS i"}, token))["rows_returned"] == 1
+    before = records(server, swarm)
+    spent = usage(server, swarm)
+    ran = server.runtime.flight.streamer.executions if server.runtime.flight else None
+    code, detail = refused(tool(server, "run_query", {"sql": "SELECT 42 AS i"}, token))
+    assert code == "RESOURCE_EXHAUSTED" and "queries_per_day" in detail, detail
+    # Refused before any work: nothing ran, nothing more charged; the refusal is recorded.
+    assert server.runtime.flight is not None and server.runtime.flight.streamer.executions == ran
+    assert usage(server, swarm)["swarm"] == spent["swarm"]
+    after = records(server, swarm)
+    assert len(after) == len(before) + 1
+    assert after[0]["outcome"] == "refused" and after[0]["error_code"] == "RESOURCE_EXHAUSTED"
+    assert all(r["via"] == "mcp" and r["kind"] == "query" for r in after), after
+
+
+def test_one_record_per_mcp_call_with_what_it_sent(server: Server) -> None:
+    swarm = new_swarm(server, "mcpr")
+    token = server.mint("agent", swarm, "r")
+    answer = ok(tool(server, "run_query", {"sql": "SELECT range AS i FROM range(?)", "params": [7]}, token))
+    (r,) = records(server, swarm)
+    assert r["via"] == "mcp" and r["kind"] == "query" and r["outcome"] == "ok"
+    assert r["principal"] == f"agent:{swarm}/r" and r["params"] == 1
+    assert r["sql"] == "SELECT range AS i FROM range(?)"
+    assert r["rows"] == answer["rows_returned"] == 7 and r["bytes"] > 0
+    ok(tool(server, "sample_table", {"table": "demo.orders", "rows": 3}, token))
+    ok(tool(server, "profile_table", {"table": "demo.orders", "columns": ["amount"]}, token))
+    ok(tool(server, "describe_table", {"table": "demo.orders"}, token))
+    got = records(server, swarm)
+    kinds = [x["kind"] for x in reversed(got)]
+    # describe_table reads a sample (and the cached profile only: a profile read too).
+    assert kinds[:3] == ["query", "sample", "profile"], got
+    assert all(x["via"] == "mcp" and x["tables"] in ([], ["demo.orders"]) for x in got), got
+    sample = next(x for x in reversed(got) if x["kind"] == "sample")
+    assert sample["rows"] == 3 and sample["tables"] == ["demo.orders"]
+    assert usage(server, swarm)["swarm"]["queries"] == len(got)
+
+
+def test_mcp_refusal_is_one_record_and_keeps_nothing(server: Server) -> None:
+    swarm = new_swarm(server, "mcpx")
+    token = server.mint("agent", swarm, "x")
+    code, _ = refused(tool(server, "run_query", {"sql": "SELECT * FROM secret.spread"}, token))
+    (r,) = records(server, swarm)
+    assert r["via"] == "mcp" and r["outcome"] == "refused" and r["error_code"] == code
+    assert usage(server, swarm)["swarm"]["queries"] == 0
+
+
+def test_one_http_query_is_one_record(server: Server) -> None:
+    swarm = new_swarm(server, "http1")
+    token = server.mint("agent", swarm, "h")
+    http = server.http(token)
+    r = http.post("/v1/query", json={"sql": "SELECT range AS i FROM range(5)"}, headers={"accept": "text/csv"})
+    assert r.status_code == 200
+    bad = http.post("/v1/query", json={"sql": "SELECT * FROM secret.spread"})
+    assert bad.status_code == 403
+    newest, oldest = records(server, swarm)
+    assert oldest["via"] == "http" and oldest["rows"] == 5 and oldest["bytes"] == len(r.content)
+    assert newest["via"] == "http" and newest["outcome"] == "refused"
+    assert usage(server, swarm)["swarm"]["queries"] == 1
+
+
+def test_exports_are_counted_once(server: Server) -> None:
+    swarm = new_swarm(server, "exp1")
+    token = server.mint("agent", swarm, "e")
+    body = json.dumps({"query": "SELECT range AS i FROM range(4)", "format": "csv"}).encode()
+    out = list(server.flight().do_action(flight.Action("export", body), call_options(token)))
+    info = json.loads(out[0].body.to_pybytes())
+    (r,) = records(server, swarm)
+    assert r["kind"] == "export" and r["via"] == "flight" and r["rows"] == info["rows"] == 4
+    exported = ok(tool(server, "export_query", {"sql": "SELECT 1 AS one", "format": "csv"}, token))
+    newest = records(server, swarm)
+    assert len(newest) == 2, newest
+    assert newest[0]["kind"] == "export" and newest[0]["via"] == "mcp" and newest[0]["rows"] == 1, exported
+    assert usage(server, swarm)["swarm"]["queries"] == 2
+
+
+def test_concurrent_mcp_calls_get_one_record_each(server: Server) -> None:
+    swarm = new_swarm(server, "mcpc")
+    token = server.mint("agent", swarm, "c")
+    n = 6
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            ok(tool(server, "run_query", {"sql": f"SELECT {i} AS i"}, token))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    got = records(server, swarm)
+    assert len(got) == n and all(r["via"] == "mcp" and r["outcome"] == "ok" for r in got)
+    assert usage(server, swarm)["swarm"]["queries"] == n
