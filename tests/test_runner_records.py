@@ -60,7 +60,7 @@ def test_mcp_run_query_is_charged_and_refused_past_the_budget(server: Server) ->
     assert code == "RESOURCE_EXHAUSTED" and "queries_per_day" in detail, detail
     # Refused before any work: nothing ran, nothing more charged; the refusal is recorded.
     assert server.runtime.flight is not None and server.runtime.flight.streamer.executions == ran
-    assert usage(server, swarm)["swarm"] == spent["swarm"]
+    assert usage(server, swarm)["usage"] == spent["usage"]
     after = records(server, swarm)
     assert len(after) == len(before) + 1
     assert after[0]["outcome"] == "refused" and after[0]["error_code"] == "RESOURCE_EXHAUSTED"
@@ -86,7 +86,7 @@ def test_one_record_per_mcp_call_with_what_it_sent(server: Server) -> None:
     assert all(x["via"] == "mcp" and x["tables"] in ([], ["demo.orders"]) for x in got), got
     sample = next(x for x in reversed(got) if x["kind"] == "sample")
     assert sample["rows"] == 3 and sample["tables"] == ["demo.orders"]
-    assert usage(server, swarm)["swarm"]["queries"] == len(got)
+    assert usage(server, swarm)["usage"]["queries"] == len(got)
 
 
 def test_mcp_refusal_is_one_record_and_keeps_nothing(server: Server) -> None:
@@ -95,7 +95,7 @@ def test_mcp_refusal_is_one_record_and_keeps_nothing(server: Server) -> None:
     code, _ = refused(tool(server, "run_query", {"sql": "SELECT * FROM secret.spread"}, token))
     (r,) = records(server, swarm)
     assert r["via"] == "mcp" and r["outcome"] == "refused" and r["error_code"] == code
-    assert usage(server, swarm)["swarm"]["queries"] == 0
+    assert usage(server, swarm)["usage"]["queries"] == 0
 
 
 def test_one_http_query_is_one_record(server: Server) -> None:
@@ -109,7 +109,7 @@ def test_one_http_query_is_one_record(server: Server) -> None:
     newest, oldest = records(server, swarm)
     assert oldest["via"] == "http" and oldest["rows"] == 5 and oldest["bytes"] == len(r.content)
     assert newest["via"] == "http" and newest["outcome"] == "refused"
-    assert usage(server, swarm)["swarm"]["queries"] == 1
+    assert usage(server, swarm)["usage"]["queries"] == 1
 
 
 def test_exports_are_counted_once(server: Server) -> None:
@@ -124,7 +124,7 @@ def test_exports_are_counted_once(server: Server) -> None:
     newest = records(server, swarm)
     assert len(newest) == 2, newest
     assert newest[0]["kind"] == "export" and newest[0]["via"] == "mcp" and newest[0]["rows"] == 1, exported
-    assert usage(server, swarm)["swarm"]["queries"] == 2
+    assert usage(server, swarm)["usage"]["queries"] == 2
 
 
 def test_concurrent_mcp_calls_get_one_record_each(server: Server) -> None:
@@ -147,4 +147,4 @@ def test_concurrent_mcp_calls_get_one_record_each(server: Server) -> None:
     assert not errors, errors
     got = records(server, swarm)
     assert len(got) == n and all(r["via"] == "mcp" and r["outcome"] == "ok" for r in got)
-    assert usage(server, swarm)["swarm"]["queries"] == n
+    assert usage(server, swarm)["usage"]["queries"] == n
