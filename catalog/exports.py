@@ -227,7 +227,12 @@ class Exports:
 
     # --- refresh ----------------------------------------------------------------------------------
     def refresh(
-        self, principal: Principal, artefact_id: str, *, ttl_seconds: int | None = None, via: str | None = None
+        self,
+        principal: Principal,
+        artefact_id: str,
+        *,
+        ttl_seconds: int | None = None,
+        via: str | None = None,
     ) -> ExportInfo:
         """Re-run an export's SQL as its principal, under its current allowlist, into a new
         artefact linked to the old one (see the module docs); ``via`` as for :meth:`export`."""

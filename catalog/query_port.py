@@ -128,14 +128,15 @@ class QueryRunner(Protocol):
         timeout_seconds: float | None = None,
         via: str | None = None,
         kind: str = "query",
+        request_id: str | None = None,
     ) -> RunningQuery:
         """Check, admit and start ``sql``; the caller reads ``reader`` and must ``close()``.
         ``max_rows`` is the caller's cap (1 to ``[limits] max_rows``); without it the
         server's ``[limits] max_rows`` applies. ``timeout_seconds`` replaces ``[limits]
         query_timeout_seconds`` for work the server runs in the background on its own
         bounded workers (an async export: ``[results] timeout_seconds``). ``via``: record the
-        run in the query log under that label, as ``kind`` (``query``, ``export``); None: the
-        caller records it (see the module docs)."""
+        run in the query log under that label, as ``kind`` (``query``, ``export``), with the
+        listener's ``request_id``; None: the caller records it (see the module docs)."""
         ...
 
     def read(self, principal: Principal, command: dict[str, Any], *, via: str | None = None) -> pa.Table:

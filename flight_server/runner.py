@@ -47,13 +47,23 @@ class SqlRunner:
         self._log = query_log
 
     def _recorder(
-        self, principal: Principal, via: str, kind: str, sql: str | None, params: int
+        self,
+        principal: Principal,
+        via: str,
+        kind: str,
+        sql: str | None,
+        params: int,
+        request_id: str | None = None,
     ) -> Callable[..., None]:
         """One query-log record of a run that began now: call it once, when it ends."""
         started = time.perf_counter()
 
         def record(
-            *, tables: Sequence[str] = (), rows: int | None = None, nbytes: int | None = None, code: str | None = None
+            *,
+            tables: Sequence[str] = (),
+            rows: int | None = None,
+            nbytes: int | None = None,
+            code: str | None = None,
         ) -> None:
             self._log.record(
                 principal,
@@ -66,6 +76,7 @@ class SqlRunner:
                 nbytes=nbytes,
                 seconds=time.perf_counter() - started,
                 code=code,
+                request_id=request_id,
             )
 
         return record
@@ -80,10 +91,11 @@ class SqlRunner:
         timeout_seconds: float | None = None,
         via: str | None = None,
         kind: str = "query",
+        request_id: str | None = None,
     ) -> RunningQuery:
         if via is None:
             return self._run(principal, sql, params, max_rows, timeout_seconds)
-        record = self._recorder(principal, via, kind, sql, len(params))
+        record = self._recorder(principal, via, kind, sql, len(params), request_id)
         try:
             running = self._run(principal, sql, params, max_rows, timeout_seconds)
         except QuiverError as e:

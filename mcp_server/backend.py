@@ -118,7 +118,9 @@ class LocalBackend:
 
     def query(self, sql: str, params: Sequence[Any], max_rows: int) -> Rows:
         running = self._runner.run(self.principal, sql, params, max_rows, via=VIA)
-        return Rows(running.reader, running.max_rows, running.cut, running.close, running.sent, running.failed)
+        return Rows(
+            running.reader, running.max_rows, running.cut, running.close, running.sent, running.failed
+        )
 
     def export(self, body: dict[str, Any]) -> dict[str, Any]:
         info = self._catalog.exports.export(

@@ -102,7 +102,9 @@ def test_one_http_query_is_one_record(server: Server) -> None:
     swarm = new_swarm(server, "http1")
     token = server.mint("agent", swarm, "h")
     http = server.http(token)
-    r = http.post("/v1/query", json={"sql": "SELECT range AS i FROM range(5)"}, headers={"accept": "text/csv"})
+    r = http.post(
+        "/v1/query", json={"sql": "SELECT range AS i FROM range(5)"}, headers={"accept": "text/csv"}
+    )
     assert r.status_code == 200
     bad = http.post("/v1/query", json={"sql": "SELECT * FROM secret.spread"})
     assert bad.status_code == 403
@@ -136,7 +138,7 @@ def test_concurrent_mcp_calls_get_one_record_each(server: Server) -> None:
     def one(i: int) -> None:
         try:
             ok(tool(server, "run_query", {"sql": f"SELECT {i} AS i"}, token))
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]

@@ -230,7 +230,7 @@ async def run_query(
         )
         raise
     threads = _query_threads(request, catalog)
-    run = functools.partial(runner.run, via=VIA)
+    run = functools.partial(runner.run, via=VIA, request_id=rid)
     running = await anyio.to_thread.run_sync(
         run, principal, data.sql, data.params, data.max_rows, limiter=threads
     )
