@@ -15,7 +15,7 @@ import pyarrow.flight as flight
 import pytest
 
 from tests.harness import Server, call_options, start_server
-from tests.test_mcp import ok, refused, tool
+from tests.test_mcp import artefact_count, ok, refused, tool
 
 QUIET = {"last_used_flush_seconds": 3600.0}
 
@@ -131,22 +131,69 @@ def test_exports_are_counted_once(server: Server) -> None:
 
 def test_concurrent_mcp_calls_get_one_record_each(server: Server) -> None:
     swarm = new_swarm(server, "mcpc")
-    token = server.mint("agent", swarm, "c")
-    n = 6
+    # One token per thread: [mcp] max_concurrent_calls bounds the calls at once per token.
+    tokens = [server.mint("agent", swarm, f"c{i}") for i in range(6)]
     errors: list[BaseException] = []
 
-    def one(i: int) -> None:
+    def hammer(token: str) -> None:
         try:
-            ok(tool(server, "run_query", {"sql": f"SELECT {i} AS i"}, token))
+            for i in range(3):
+                ok(tool(server, "run_query", {"sql": "SELECT ? AS i", "params": [i]}, token))
+                r = server.http(token).post("/v1/query", json={"sql": "SELECT 1 AS one"})
+                assert r.status_code == 200
         except BaseException as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=hammer, args=(t,)) for t in tokens]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
     got = records(server, swarm)
-    assert len(got) == n and all(r["via"] == "mcp" and r["outcome"] == "ok" for r in got)
-    assert usage(server, swarm)["usage"]["queries"] == n
+    assert len(got) == 6 * 6 and all(r["outcome"] == "ok" for r in got)
+    assert sum(r["via"] == "mcp" for r in got) == sum(r["via"] == "http" for r in got) == 18
+    for i in range(6):
+        assert sum(r["agent"] == f"c{i}" for r in got) == 6
+    assert usage(server, swarm)["usage"]["queries"] == 36
+
+
+def test_every_mcp_tool_that_reads_is_refused_past_the_budget(server: Server) -> None:
+    swarm = new_swarm(server, "mcpall", {"queries_per_day": 1})
+    token = server.mint("agent", swarm, "all")
+    ok(tool(server, "run_query", {"sql": "SELECT 1 AS one"}, token))
+    artefacts = artefact_count(server, token)
+    spent = usage(server, swarm)["usage"]
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("run_query", {"sql": "SELECT 2 AS two"}),
+        ("sample_table", {"table": "demo.orders", "rows": 2}),
+        ("profile_table", {"table": "demo.orders"}),
+        ("describe_table", {"table": "demo.orders"}),
+        ("export_query", {"sql": "SELECT 3 AS three", "format": "csv"}),
+    ]
+    for name, args in calls:
+        code, detail = refused(tool(server, name, args, token))
+        assert code == "RESOURCE_EXHAUSTED" and "queries_per_day" in detail, (name, detail)
+    # Nothing ran, nothing was charged, no artefact was kept; each refusal has its record.
+    assert usage(server, swarm)["usage"] == spent
+    assert artefact_count(server, token) == artefacts
+    got = records(server, swarm)
+    assert len(got) == 1 + len(calls), got
+    refusals = list(reversed(got))[1:]
+    assert [r["kind"] for r in refusals] == ["query", "sample", "profile", "sample", "export"]
+    assert all(r["via"] == "mcp" and r["error_code"] == "RESOURCE_EXHAUSTED" for r in refusals)
+
+
+def test_an_http_refresh_is_one_record(server: Server) -> None:
+    swarm = new_swarm(server, "refr")
+    token = server.mint("agent", swarm, "f")
+    body = json.dumps({"query": "SELECT range AS i FROM range(3)", "format": "csv"}).encode()
+    out = list(server.flight().do_action(flight.Action("export", body), call_options(token)))
+    aid = json.loads(out[0].body.to_pybytes())["artefact"]["id"]
+    r = server.http(token).post(f"/v1/artefacts/{aid}/refresh")
+    assert r.status_code in (200, 201), r.text
+    newest, oldest = records(server, swarm)
+    assert oldest["via"] == "flight" and oldest["kind"] == "export"
+    assert newest["via"] == "http" and newest["kind"] == "export" and newest["rows"] == 3
+    assert newest["bytes"] == r.json()["artefact"]["size_bytes"]
+    assert usage(server, swarm)["usage"]["queries"] == 2
