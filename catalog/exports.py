@@ -152,8 +152,8 @@ class Exports:
                         progress(writer.rows, upload.size)
                 cut = bool(running.cut())
                 writer.finish(RowCapInfo(running.max_rows, running.reason, cut))
-            except QuiverError as e:
-                running.failed(e.code)
+            except BaseException as e:  # the run's record says how it ended (a stop by progress too)
+                running.failed(e.code if isinstance(e, QuiverError) else "INTERNAL")
                 raise
             finally:
                 running.sent(writer.rows if writer is not None else 0, upload.size)

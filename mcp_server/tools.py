@@ -425,8 +425,8 @@ class ToolBox:
                     by_bytes = True
                     break
             cut = rows.cut()
-        except QuiverError as e:
-            rows.failed(e.code)
+        except BaseException as e:
+            rows.failed(e.code if isinstance(e, QuiverError) else "INTERNAL")
             raise
         finally:
             if renderer is not None:
