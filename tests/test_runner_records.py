@@ -11,10 +11,11 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pyarrow.flight as flight
 import pytest
 
-from tests.harness import Server, call_options, start_server
+from tests.harness import Server, call_options, start_server, wait_until
 from tests.test_mcp import artefact_count, ok, refused, tool
 
 QUIET = {"last_used_flush_seconds": 3600.0}
@@ -197,3 +198,48 @@ def test_an_http_refresh_is_one_record(server: Server) -> None:
     assert newest["via"] == "http" and newest["kind"] == "export" and newest["rows"] == 3
     assert newest["bytes"] == r.json()["artefact"]["size_bytes"]
     assert usage(server, swarm)["usage"]["queries"] == 2
+
+
+def test_a_run_that_fails_is_one_record_with_its_code(server: Server) -> None:
+    swarm = new_swarm(server, "fail")
+    token = server.mint("agent", swarm, "z")
+    code, _ = refused(
+        tool(server, "run_query", {"sql": "SELECT CAST('x' || range AS BIGINT) AS v FROM range(3)"}, token)
+    )
+    (r,) = records(server, swarm)
+    assert r["via"] == "mcp" and r["error_code"] == code and r["outcome"] != "ok"
+    # Over HTTP, a failure after the first batches were sent: the status was 200, the body
+    # is cut, and the one record says how the run ended.
+    sql = (
+        "SELECT CASE WHEN range < 2000000 THEN range ELSE CAST('x' || range AS BIGINT) END AS v "
+        "FROM range(3000000)"
+    )
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        server.http(token).stream(
+            "POST", "/v1/query", json={"sql": sql}, headers={"accept": "application/vnd.apache.arrow.stream"}
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        for _ in resp.iter_raw():
+            pass
+    wait_until(lambda: len(records(server, swarm)) == 2, what="the failed HTTP run's record")
+    newest = records(server, swarm)[0]
+    assert newest["via"] == "http" and newest["error_code"] and newest["outcome"] != "ok", newest
+    assert newest["rows"] and newest["rows"] > 0 and newest["bytes"] > 0
+
+
+def test_a_client_that_leaves_mid_stream_is_one_cancelled_record(server: Server) -> None:
+    swarm = new_swarm(server, "quit")
+    token = server.mint("agent", swarm, "q")
+    with server.http(token).stream(
+        "POST",
+        "/v1/query",
+        json={"sql": "SELECT range AS v FROM range(3000000)"},
+        headers={"accept": "application/vnd.apache.arrow.stream"},
+    ) as resp:
+        assert resp.status_code == 200
+        assert next(resp.iter_raw())
+    wait_until(lambda: len(records(server, swarm)) == 1, what="the abandoned run's record")
+    (r,) = records(server, swarm)
+    assert r["via"] == "http" and r["error_code"] == "CANCELLED" and r["outcome"] == "failed", r
