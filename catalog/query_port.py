@@ -93,6 +93,11 @@ class RunningQuery:
             return self.truncated
         return self._cut() if self._cut is not None else None
 
+    def record_with(self, record: Callable[[int | None, int | None, str | None], None]) -> None:
+        """Have :meth:`close` write the run's query-log record with ``record`` (the runner,
+        for a run given a ``via``): called once, with the rows and bytes sent and the code."""
+        self._record = record
+
     def sent(self, rows: int, nbytes: int) -> None:
         """What the caller sent its client of this result (rows, bytes in its format): the
         query log's ``rows`` and ``bytes`` and what the budgets are charged."""

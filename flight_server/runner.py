@@ -106,7 +106,7 @@ class SqlRunner:
         def on_close(rows: int | None, nbytes: int | None, code: str | None) -> None:
             record(tables=tables, rows=rows, nbytes=nbytes, code=code)
 
-        running._record = on_close
+        running.record_with(on_close)
         return running
 
     def _run(
@@ -139,11 +139,10 @@ class SqlRunner:
             return self._read(principal, command)[0]
         kind = command.get("kind")
         record = self._recorder(principal, via, kind if kind in ("sample", "profile") else "unknown", None, 0)
-        tables: tuple[str, ...] = ()
         try:
             table, tables = self._read(principal, command)
         except QuiverError as e:
-            record(tables=tables, code=e.code)
+            record(code=e.code)
             raise
         record(tables=tables, rows=table.num_rows, nbytes=table.nbytes)
         return table
