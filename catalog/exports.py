@@ -33,7 +33,7 @@ import structlog
 
 from catalog.artefacts import Artefact, ArtefactStore, ArtefactWriter, Provenance
 from catalog.database import SYSTEM_SCHEMA, Database
-from catalog.errors import InvalidArgument, PermissionDenied
+from catalog.errors import InvalidArgument, PermissionDenied, QuiverError
 from catalog.formats import FORMATS, ResultFormat, ResultWriter, RowCapInfo, by_name, check_schema
 from catalog.identity import Principal
 from catalog.query_port import QueryRunner
@@ -110,10 +110,13 @@ class Exports:
         parent_id: str | None = None,
         progress: Callable[[int, int], None] | None = None,
         timeout_seconds: float | None = None,
+        via: str | None = None,
     ) -> ExportInfo:
         """Run ``sql`` into a new file artefact (see the module docs). ``progress`` is told
         the rows and bytes written after every batch (it may raise to stop the export:
-        nothing is kept); ``timeout_seconds`` replaces the query timeout (async exports)."""
+        nothing is kept); ``timeout_seconds`` replaces the query timeout (async exports).
+        ``via``: the runner records the run in the query log as an ``export`` under that
+        label (catalog/query_port.py); None: the caller records it (the Flight actions)."""
         fmt = _export_format(format)
         label = name if name is not None else f"export{fmt.suffix}"
         # The artefact is begun first: its name, tags, TTL and the swarm's quota are refused
@@ -128,7 +131,10 @@ class Exports:
             description=description,
             ttl_seconds=ttl_seconds,
         ) as upload:
-            running = self._runner().run(principal, sql, params, max_rows, timeout_seconds=timeout_seconds)
+            running = self._runner().run(
+                principal, sql, params, max_rows, timeout_seconds=timeout_seconds, via=via, kind="export"
+            )
+            writer: ResultWriter | None = None
             try:
                 check_schema(fmt, running.schema)
                 upload.provenance = Provenance(
@@ -146,9 +152,14 @@ class Exports:
                         progress(writer.rows, upload.size)
                 cut = bool(running.cut())
                 writer.finish(RowCapInfo(running.max_rows, running.reason, cut))
+            except BaseException as e:  # the run's record says how it ended (a stop by progress too)
+                running.failed(e.code if isinstance(e, QuiverError) else "INTERNAL")
+                raise
             finally:
+                running.sent(writer.rows if writer is not None else 0, upload.size)
                 running.close()
             artefact = upload.commit()
+        assert writer is not None  # the with block left through an exception otherwise
         log.info(
             "artefact.exported",
             artefact=artefact.id,
@@ -216,10 +227,15 @@ class Exports:
 
     # --- refresh ----------------------------------------------------------------------------------
     def refresh(
-        self, principal: Principal, artefact_id: str, *, ttl_seconds: int | None = None
+        self,
+        principal: Principal,
+        artefact_id: str,
+        *,
+        ttl_seconds: int | None = None,
+        via: str | None = None,
     ) -> ExportInfo:
         """Re-run an export's SQL as its principal, under its current allowlist, into a new
-        artefact linked to the old one (see the module docs)."""
+        artefact linked to the old one (see the module docs); ``via`` as for :meth:`export`."""
         old = self._store.get(principal, artefact_id)  # NOT_FOUND for an artefact not visible
         prov = old.provenance
         if prov is None or prov.sql is None:
@@ -246,6 +262,7 @@ class Exports:
             tags=old.tags,
             description=old.description,
             parent_id=old.id,
+            via=via,
         )
         return info
 

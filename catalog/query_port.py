@@ -26,6 +26,14 @@ Samples and profiles (the MCP tools ``sample_table``, ``profile_table``,
 ``profile`` command, planned and run by the data plane as a Flight call would be (the same
 checks, allowlist, admission slot and timeout), answered whole: both are bounded by
 ``[limits] max_sample_rows`` or by the table's column count.
+
+The query log (catalog/query_log.py, proto_docs/governance.md): a run or read given a ``via``
+(the listener's label: ``mcp``, ``http``) is recorded by the runner itself — one record per
+run, refused or run, charged to the swarm's budgets — so no listener can run agent SQL
+without it. A run's record is written when it is closed, with what the caller reported it
+sent (:meth:`RunningQuery.sent`) and how it ended (:meth:`RunningQuery.failed`); a caller
+that records the request itself (a Flight call, whose middleware records every call) passes
+no ``via``, and the run is recorded once, there.
 """
 
 from __future__ import annotations
@@ -67,6 +75,12 @@ class RunningQuery:
     truncated: bool | None
     _cut: Callable[[], bool | None] | None = None
     _release: Callable[[], None] | None = None
+    #: Writes the query-log record on close (the runner sets it for a run given a ``via``):
+    #: called with the rows and bytes sent and the error code (None: ok).
+    _record: Callable[[int | None, int | None, str | None], None] | None = None
+    _rows: int | None = None
+    _bytes: int | None = None
+    _code: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -79,12 +93,31 @@ class RunningQuery:
             return self.truncated
         return self._cut() if self._cut is not None else None
 
+    def record_with(self, record: Callable[[int | None, int | None, str | None], None]) -> None:
+        """Have :meth:`close` write the run's query-log record with ``record`` (the runner,
+        for a run given a ``via``): called once, with the rows and bytes sent and the code."""
+        self._record = record
+
+    def sent(self, rows: int, nbytes: int) -> None:
+        """What the caller sent its client of this result (rows, bytes in its format): the
+        query log's ``rows`` and ``bytes`` and what the budgets are charged."""
+        self._rows, self._bytes = rows, nbytes
+
+    def failed(self, code: str) -> None:
+        """The run did not end well (a failure mid-stream, the client went away): the code
+        its record gets."""
+        self._code = code
+
     def close(self) -> None:
-        """Give back the admission slot, the cursor and the deadline (idempotent)."""
+        """Give back the admission slot, the cursor and the deadline, then write the run's
+        query-log record if the runner keeps it (idempotent: one record)."""
         with self._lock:
             release, self._release = self._release, None
+            record, self._record = self._record, None
         if release is not None:
             release()
+        if record is not None:
+            record(self._rows, self._bytes, self._code)
 
 
 class QueryRunner(Protocol):
@@ -98,15 +131,21 @@ class QueryRunner(Protocol):
         max_rows: int | None = None,
         *,
         timeout_seconds: float | None = None,
+        via: str | None = None,
+        kind: str = "query",
+        request_id: str | None = None,
     ) -> RunningQuery:
         """Check, admit and start ``sql``; the caller reads ``reader`` and must ``close()``.
         ``max_rows`` is the caller's cap (1 to ``[limits] max_rows``); without it the
         server's ``[limits] max_rows`` applies. ``timeout_seconds`` replaces ``[limits]
         query_timeout_seconds`` for work the server runs in the background on its own
-        bounded workers (an async export: ``[results] timeout_seconds``)."""
+        bounded workers (an async export: ``[results] timeout_seconds``). ``via``: record the
+        run in the query log under that label, as ``kind`` (``query``, ``export``), with the
+        listener's ``request_id``; None: the caller records it (see the module docs)."""
         ...
 
-    def read(self, principal: Principal, command: dict[str, Any]) -> pa.Table:
+    def read(self, principal: Principal, command: dict[str, Any], *, via: str | None = None) -> pa.Table:
         """The whole result of a ``sample`` or ``profile`` command (proto_docs/descriptors.md)
-        as ``principal``; any other kind is INVALID_ARGUMENT."""
+        as ``principal``; any other kind is INVALID_ARGUMENT. ``via`` as for :meth:`run`
+        (the record's kind is the command's)."""
         ...

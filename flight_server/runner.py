@@ -7,17 +7,24 @@ The request is encoded as that descriptor's JSON and decoded by
 by the very code that checks a Flight command; then the planner's checks and guard
 (:meth:`Planner.query_part`), then the streamer's run (:meth:`Streamer.run_query`: admission,
 timeout, result cache, the exact cut at the row cap).
+
+A run or read given a ``via`` is recorded here, once, in the query log (and so charged to
+the swarm's budgets, catalog/query_log.py): refused ones when they are refused, a run when
+its caller closes it, with what the caller says it sent. This is the one place every
+listener's agent SQL passes, so MCP, ``POST /v1/query`` and exports cannot skip it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 import pyarrow as pa
 
-from catalog import InvalidArgument, Principal
+from catalog import InvalidArgument, Principal, QuiverError
+from catalog.query_log import QueryLog
 from catalog.query_port import RunningQuery
 from flight_server.admission import Admission
 from flight_server.commands import ProfileCommand, QueryCommand, SampleCommand, decode_command
@@ -31,10 +38,48 @@ class SqlRunner:
     """:class:`~catalog.query_port.QueryRunner` on the Flight server's planner, streamer and
     admission path (one of each per process: the limits are shared with Flight)."""
 
-    def __init__(self, planner: Planner, streamer: Streamer, admission: Admission) -> None:
+    def __init__(
+        self, planner: Planner, streamer: Streamer, admission: Admission, query_log: QueryLog
+    ) -> None:
         self._planner = planner
         self._streamer = streamer
         self._admission = admission
+        self._log = query_log
+
+    def _recorder(
+        self,
+        principal: Principal,
+        via: str,
+        kind: str,
+        sql: str | None,
+        params: int,
+        request_id: str | None = None,
+    ) -> Callable[..., None]:
+        """One query-log record of a run that began now: call it once, when it ends."""
+        started = time.perf_counter()
+
+        def record(
+            *,
+            tables: Sequence[str] = (),
+            rows: int | None = None,
+            nbytes: int | None = None,
+            code: str | None = None,
+        ) -> None:
+            self._log.record(
+                principal,
+                kind=kind,
+                via=via,
+                tables=tuple(tables),
+                sql=sql,
+                params=params,
+                rows=rows,
+                nbytes=nbytes,
+                seconds=time.perf_counter() - started,
+                code=code,
+                request_id=request_id,
+            )
+
+        return record
 
     def run(
         self,
@@ -44,6 +89,33 @@ class SqlRunner:
         max_rows: int | None = None,
         *,
         timeout_seconds: float | None = None,
+        via: str | None = None,
+        kind: str = "query",
+        request_id: str | None = None,
+    ) -> RunningQuery:
+        if via is None:
+            return self._run(principal, sql, params, max_rows, timeout_seconds)
+        record = self._recorder(principal, via, kind, sql, len(params), request_id)
+        try:
+            running = self._run(principal, sql, params, max_rows, timeout_seconds)
+        except QuiverError as e:
+            record(code=e.code)
+            raise
+        tables = [t.qualified for t in running.tables]
+
+        def on_close(rows: int | None, nbytes: int | None, code: str | None) -> None:
+            record(tables=tables, rows=rows, nbytes=nbytes, code=code)
+
+        running.record_with(on_close)
+        return running
+
+    def _run(
+        self,
+        principal: Principal,
+        sql: str,
+        params: Sequence[Any],
+        max_rows: int | None,
+        timeout_seconds: float | None,
     ) -> RunningQuery:
         body: dict[str, Any] = {"kind": "query", "sql": sql, "params": list(params)}
         if max_rows is not None:
@@ -59,10 +131,23 @@ class SqlRunner:
             self._admission, principal, guarded.tables, part, timeout_seconds=timeout_seconds
         )
 
-    def read(self, principal: Principal, command: dict[str, Any]) -> pa.Table:
+    def read(self, principal: Principal, command: dict[str, Any], *, via: str | None = None) -> pa.Table:
         """A ``sample`` or ``profile`` command, decoded and checked by the Flight command
         decoder, planned by the planner (allowlist, columns, ``[limits] max_sample_rows``)
         and read by the streamer under admission and the timeout."""
+        if via is None:
+            return self._read(principal, command)[0]
+        kind = command.get("kind")
+        record = self._recorder(principal, via, kind if kind in ("sample", "profile") else "unknown", None, 0)
+        try:
+            table, tables = self._read(principal, command)
+        except QuiverError as e:
+            record(code=e.code)
+            raise
+        record(tables=tables, rows=table.num_rows, nbytes=table.nbytes)
+        return table
+
+    def _read(self, principal: Principal, command: dict[str, Any]) -> tuple[pa.Table, tuple[str, ...]]:
         try:
             raw = msgspec.json.encode(command)
         except (TypeError, OverflowError) as e:
@@ -71,4 +156,5 @@ class SqlRunner:
         if not isinstance(cmd, SampleCommand | ProfileCommand):
             raise InvalidArgument("only 'sample' and 'profile' commands are read this way")
         plan = self._planner.plan(principal, cmd)
-        return self._streamer.read_plan(self._admission, principal, plan)
+        tables = tuple(ref.qualified for ref in plan.tables)
+        return self._streamer.read_plan(self._admission, principal, plan), tables

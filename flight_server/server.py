@@ -231,7 +231,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.sql = FlightSql(catalog, self.planner, self.tickets, self.running)
         # The same path for callers outside Flight (POST /v1/query, exports): quiver/runtime.py
         # hands it to the catalog as catalog.queries (catalog/query_port.py).
-        self.query_runner = SqlRunner(self.planner, self.streamer, self.admission)
+        self.query_runner = SqlRunner(self.planner, self.streamer, self.admission, catalog.query_log)
 
     # --- one entry for every RPC: authentication, audit of failures, error mapping ------
     def _state(self, context: flight.ServerCallContext) -> CallState:

@@ -24,6 +24,9 @@ from catalog.artefacts import ArtefactFilter
 from catalog.previews import preview
 from catalog.query_port import QueryRunner
 
+#: The query log's ``via`` of what the MCP tools run in-process (proto_docs/governance.md).
+VIA = "mcp"
+
 
 @dataclass(frozen=True, slots=True)
 class TableMeta:
@@ -47,6 +50,10 @@ class Rows:
     max_rows: int
     cut: Callable[[], bool | None]
     close: Callable[[], None]
+    #: Told what the tool sent (rows, bytes) and a failure's code before ``close``: the
+    #: query-log record of the run (catalog/query_port.py). Over Flight the server counts.
+    sent: Callable[[int, int], None] = lambda _rows, _nbytes: None
+    failed: Callable[[str], None] = lambda _code: None
 
 
 class Backend(Protocol):
@@ -107,11 +114,13 @@ class LocalBackend:
         return out
 
     def read(self, command: dict[str, Any]) -> pa.Table:
-        return self._runner.read(self.principal, command)
+        return self._runner.read(self.principal, command, via=VIA)
 
     def query(self, sql: str, params: Sequence[Any], max_rows: int) -> Rows:
-        running = self._runner.run(self.principal, sql, params, max_rows)
-        return Rows(running.reader, running.max_rows, running.cut, running.close)
+        running = self._runner.run(self.principal, sql, params, max_rows, via=VIA)
+        return Rows(
+            running.reader, running.max_rows, running.cut, running.close, running.sent, running.failed
+        )
 
     def export(self, body: dict[str, Any]) -> dict[str, Any]:
         info = self._catalog.exports.export(
@@ -121,6 +130,7 @@ class LocalBackend:
             format=body.get("format", "parquet"),
             name=body.get("name"),
             max_rows=body.get("max_rows"),
+            via=VIA,
         )
         return dict(_plain(info))
 

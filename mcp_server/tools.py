@@ -416,6 +416,7 @@ class ToolBox:
         max_rows = min(args.get("max_rows", cfg.default_rows), cfg.max_rows)
         fmt = args.get("format", "markdown")
         rows = backend.query(args["sql"], args.get("params", []), max_rows)
+        renderer: _Renderer | None = None
         try:
             renderer = _Renderer(fmt, rows.reader.schema.names, cfg.max_response_bytes)
             by_bytes = False
@@ -424,8 +425,14 @@ class ToolBox:
                     by_bytes = True
                     break
             cut = rows.cut()
+        except BaseException as e:
+            rows.failed(e.code if isinstance(e, QuiverError) else "INTERNAL")
+            raise
         finally:
+            if renderer is not None:
+                rows.sent(renderer.rows, renderer.size)
             rows.close()
+        assert renderer is not None  # made first in the try, which raised otherwise
         data = renderer.finish()
         by_rows = bool(cut) and not by_bytes
         truncated = by_bytes or by_rows

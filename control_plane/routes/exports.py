@@ -32,7 +32,7 @@ def refresh_artefact(
 ) -> ExportInfo:
     with audited(request, "artefact.refresh", bounded(artefact_id, 80)):
         return catalog.exports.refresh(
-            request.user, artefact_id, ttl_seconds=data.ttl_seconds if data else None
+            request.user, artefact_id, ttl_seconds=data.ttl_seconds if data else None, via="http"
         )
 
 

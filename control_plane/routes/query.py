@@ -22,9 +22,10 @@ them; proto_docs/control_plane.md says where to look per format.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import structlog
@@ -61,6 +62,9 @@ def _query_threads(request: Request[Any, Any, Any], catalog: Catalog) -> anyio.C
         limiter = state["query_threads"] = anyio.CapacityLimiter(catalog.config.limits.max_concurrent_total)
     return limiter
 
+
+#: The query log's ``via`` of this route's runs (proto_docs/governance.md).
+VIA = "http"
 
 HEADER_MAX_ROWS = "x-quiver-max-rows"
 HEADER_REASON = "x-quiver-max-rows-reason"
@@ -127,20 +131,11 @@ def _headers(running: RunningQuery) -> dict[str, str]:
     }
 
 
-class _Record(Protocol):
-    def __call__(
-        self, *, rows: int | None = ..., nbytes: int | None = ..., code: str | None = ...
-    ) -> None: ...
-
-
 class _Body:
     """The response body: one chunk per record batch, written in the chosen format."""
 
-    def __init__(
-        self, running: RunningQuery, fmt: ResultFormat, rid: str, record: _Record | None = None
-    ) -> None:
+    def __init__(self, running: RunningQuery, fmt: ResultFormat, rid: str) -> None:
         self.running = running
-        self._record = record
         self._bytes = 0
         self._failed: str | None = None
         self._chunks = Chunks()
@@ -179,11 +174,14 @@ class _Body:
             log.warning("http.query.failed_mid_stream", code=e.code, detail=e.detail, request_id=self._rid)
             raise StreamAborted(e.code) from None
         finally:
+            # What was sent and how it ended go into the run's query-log record, which the
+            # runner writes on close (catalog/query_port.py): one record per request.
+            self.running.sent(self._writer.rows, self._bytes)
+            code = self._failed or (None if self._done else "CANCELLED")
+            if code is not None:
+                self.running.failed(code)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.running.close)
-            if self._record is not None:
-                code = self._failed or (None if self._done else "CANCELLED")
-                self._record(rows=self._writer.rows, nbytes=self._bytes, code=code)
             log.info(
                 "http.query.finished",
                 format=self._writer.format.name,
@@ -214,40 +212,33 @@ async def run_query(
     started = time.perf_counter()
     principal = request.user
     rid = request_id(request)
-    tables: tuple[str, ...] = ()
-
-    def record(*, rows: int | None = None, nbytes: int | None = None, code: str | None = None) -> None:
-        # One query-log record per request, refused or run (catalog/query_log.py).
-        catalog.query_log.record(
-            principal,
-            kind="query",
-            via="http",
-            tables=tables,
-            sql=data.sql,
-            params=len(data.params or ()),
-            rows=rows,
-            nbytes=nbytes,
-            seconds=time.perf_counter() - started,
-            code=code,
-            request_id=rid,
-        )
-
     try:
         fmt = negotiate(request.headers.get("accept"))
         runner = catalog.require_queries()
-        threads = _query_threads(request, catalog)
-        running = await anyio.to_thread.run_sync(
-            runner.run, principal, data.sql, data.params, data.max_rows, limiter=threads
-        )
     except QuiverError as e:
-        record(code=e.code)
+        # Refused before the query port: recorded here. Everything from the run on is
+        # recorded by the runner, once (catalog/query_port.py, ``via``).
+        catalog.query_log.record(
+            principal,
+            kind="query",
+            via=VIA,
+            sql=data.sql,
+            params=len(data.params or ()),
+            seconds=time.perf_counter() - started,
+            code=e.code,
+            request_id=rid,
+        )
         raise
-    tables = tuple(t.qualified for t in running.tables)
+    threads = _query_threads(request, catalog)
+    run = functools.partial(runner.run, via=VIA, request_id=rid)
+    running = await anyio.to_thread.run_sync(
+        run, principal, data.sql, data.params, data.max_rows, limiter=threads
+    )
     try:
-        body = _Body(running, fmt, rid, record)
+        body = _Body(running, fmt, rid)
     except BaseException as e:
+        running.failed(e.code if isinstance(e, QuiverError) else "INTERNAL")
         running.close()  # e.g. CSV asked for a nested column: nothing was sent
-        record(code=e.code if isinstance(e, QuiverError) else "INTERNAL")
         raise
     return Stream(
         body,
