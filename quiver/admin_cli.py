@@ -131,6 +131,7 @@ def _allowlist(out: dict[str, Any]) -> str:
     lines = [f"swarm {out['swarm']}: {len(out['tables'])} pattern(s)"]
     lines += [f"  {p}" for p in out["tables"]]
     lines.append(f"matching now: {', '.join(out['matching']) or '(no table)'}")
+    lines += [f"warning: {w}" for w in out.get("warnings", [])]
     return "\n".join(lines)
 
 

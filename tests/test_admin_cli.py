@@ -56,7 +56,14 @@ def test_swarms_and_allowlists(admin_server: tuple[Server, Path], capsys: pytest
         "swarm": "sales",
         "tables": ["demo.*"],
         "matching": ["demo.customers", "demo.events", "demo.orders"],
+        "warnings": [],
     }
+    # A pattern that matches no table yet is kept (pre-provisioning) and named in a warning.
+    code, out, err = cli(capsys, "admin", "allowlist", "set", "sales", "demo.*", "later.t", *c)
+    assert code == 0, err
+    assert "warning: later.t matches no table" in out
+    code, out, err = cli(capsys, "admin", "allowlist", "set", "sales", "demo.*", *c)
+    assert code == 0 and "warning" not in out, err
 
     # Usage: neither patterns nor --clear (or both) is exit 2, and nothing is sent.
     before = _audit_count(server)
