@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from catalog.buffers import RecordBuffer
 from catalog.database import SYSTEM_SCHEMA, Database
 
 log = structlog.get_logger(__name__)
@@ -44,12 +45,10 @@ class AuditEvent(msgspec.Struct, kw_only=True):
 class AuditLog:
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._buffer: list[AuditEvent] = []
-        self._lock = threading.Lock()
+        self._buffer: RecordBuffer[AuditEvent] = RecordBuffer(MAX_BUFFER)
         # Serializes this table's writers (flushes from any thread, retention): an insert and
         # a delete of the audit table never run in two transactions at once.
         self._write_lock = threading.Lock()
-        self._dropped = 0
 
     def record(
         self,
@@ -82,11 +81,7 @@ class AuditLog:
             client=client,
             request_id=request_id,
         )
-        with self._lock:
-            if len(self._buffer) >= MAX_BUFFER:
-                self._dropped += 1
-                return
-            self._buffer.append(event)
+        self._buffer.add(event)
 
     def flush(self) -> int:
         """Write the buffered events; return how many. The write lock is taken *before* the
@@ -97,9 +92,7 @@ class AuditLog:
             return self._flush_locked()
 
     def _flush_locked(self) -> int:
-        with self._lock:
-            batch, self._buffer = self._buffer, []
-            dropped, self._dropped = self._dropped, 0
+        batch, dropped = self._buffer.take()
         if dropped:
             log.warning("audit.dropped", events=dropped)
         if not batch:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import structlog
 
 from catalog.budgets import Budgets
+from catalog.buffers import RecordBuffer
 from catalog.clock import Clock, utcnow
 from catalog.config import QueryLogConfig
 from catalog.database import SYSTEM_SCHEMA, Database
@@ -114,11 +115,9 @@ class QueryLog:
         self._budgets = budgets
         self._config = config
         self._clock = clock
-        self._buffer: list[QueryRecord] = []
-        self._lock = threading.Lock()
+        self._buffer: RecordBuffer[QueryRecord] = RecordBuffer(MAX_BUFFER)
         # One writer of the table at a time (flushes from any thread, retention).
         self._write_lock = threading.Lock()
-        self._dropped = 0
         #: Transactions that wrote records: a test checks a burst of requests costs a few.
         self.writes = 0
 
@@ -162,15 +161,10 @@ class QueryLog:
         )
         if self._budgets is not None and rec.outcome != "refused":
             self._budgets.charge(principal, rows=rows, nbytes=nbytes, seconds=seconds)
-        with self._lock:
-            if len(self._buffer) >= MAX_BUFFER:
-                self._dropped += 1
-                return
-            self._buffer.append(rec)
+        self._buffer.add(rec)
 
     def pending(self) -> int:
-        with self._lock:
-            return len(self._buffer)
+        return len(self._buffer)
 
     def flush(self) -> int:
         """Write the buffered records in one transaction; return how many. The write lock is
@@ -180,9 +174,7 @@ class QueryLog:
             return self._flush_locked()
 
     def _flush_locked(self) -> int:
-        with self._lock:
-            batch, self._buffer = self._buffer, []
-            dropped, self._dropped = self._dropped, 0
+        batch, dropped = self._buffer.take()
         if dropped:
             log.warning("query_log.dropped", records=dropped)
         if not batch:
