@@ -31,6 +31,9 @@ class Principal:
     root: str | None = None
     grant: str | None = None
     swarm_id: str | None = None
+    # Agent attributes given when the token was minted and carried by its refreshes
+    # (proto_docs/governance.md): bound into row filters, overriding the swarm's own.
+    attributes: tuple[tuple[str, str | int | float], ...] = ()
 
     @property
     def is_admin(self) -> bool:

@@ -18,6 +18,7 @@ from typing import Protocol
 from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.identity import Principal
+from catalog.rules import Attributes, AttributeValue, TableRule, bindings
 from catalog.tables import TableCatalog, TableRef, fold
 
 _PART = r"[A-Za-z_][A-Za-z0-9_$]*"
@@ -109,6 +110,9 @@ class Policy:
     def __init__(self, tables: TableCatalog) -> None:
         self._tables = tables
         self._allowlists: dict[str, tuple[str, ...]] = {}
+        # swarm -> {(schema, table) folded: its rule}; swarm -> its attributes.
+        self._rules: dict[str, dict[tuple[str, str], TableRule]] = {}
+        self._attributes: dict[str, Attributes] = {}
         self._lock = threading.Lock()
         # Set by Catalog: resolves artefacts."<id>" (None: no artefact is readable).
         self.artefacts: ArtefactTables | None = None
@@ -118,14 +122,46 @@ class Policy:
         with self._lock:
             self._allowlists[swarm] = tuple(patterns)
 
+    def set_rules(self, swarm: str, rules: Iterable[TableRule]) -> None:
+        """The swarm's ruled entries (validated, as committed); plain ones are not kept."""
+        held: dict[tuple[str, str], TableRule] = {}
+        for rule in rules:
+            if not rule.is_plain:
+                schema, _, table = rule.table.partition(".")
+                held[(fold(schema), fold(table))] = rule
+        with self._lock:
+            self._rules[swarm] = held
+
+    def set_attributes(self, swarm: str, attributes: Attributes) -> None:
+        with self._lock:
+            self._attributes[swarm] = dict(attributes)
+
     def drop_swarm(self, swarm: str) -> None:
         with self._lock:
             self._allowlists.pop(swarm, None)
+            self._rules.pop(swarm, None)
+            self._attributes.pop(swarm, None)
 
     def allowlist(self, swarm: str) -> tuple[str, ...]:
         return self._allowlists.get(swarm, ())
 
+    def attributes(self, swarm: str) -> Attributes:
+        return self._attributes.get(swarm, {})
+
     # --- decisions ------------------------------------------------------------------
+    def rule_for(self, principal: Principal, ref: TableRef) -> TableRule | None:
+        """The rule through which ``principal`` reads ``ref``, or None when it reads the table
+        whole. Admins are never ruled; a ruled entry for a table wins over a ``schema.*``
+        pattern that also matches it (the narrower grant is the one the admin wrote for it)."""
+        if principal.is_admin or principal.swarm is None:
+            return None
+        return self._rules.get(principal.swarm, {}).get(ref.key())
+
+    def bindings_for(self, principal: Principal) -> dict[str, AttributeValue | None]:
+        """What ``$swarm``, ``$agent`` and ``$<attribute>`` bind to for ``principal``."""
+        swarm_attributes = self.attributes(principal.swarm) if principal.swarm else {}
+        return bindings(principal.swarm, principal.agent, swarm_attributes, dict(principal.attributes))
+
     def can_read(self, principal: Principal, ref: TableRef) -> bool:
         schema = fold(ref.schema)
         if schema == SYSTEM_SCHEMA:
