@@ -49,14 +49,6 @@ def parse_pattern(raw: str) -> tuple[str, str]:
     return schema, table
 
 
-def normalize_patterns(raw: Iterable[str]) -> list[str]:
-    """Validated, de-duplicated, sorted patterns as stored."""
-    out = sorted({".".join(parse_pattern(p)) for p in raw})
-    if len(out) > MAX_PATTERNS:
-        raise InvalidArgument(f"an allowlist holds at most {MAX_PATTERNS} entries, got {len(out)}")
-    return out
-
-
 def pattern_matches(pattern: str, ref: TableRef) -> bool:
     schema, _, table = pattern.partition(".")
     s, t = ref.key()

@@ -44,6 +44,7 @@ from catalog.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    QuiverError,
     Unauthenticated,
     Unprocessable,
     WriteConflict,
@@ -51,6 +52,7 @@ from catalog.errors import (
 )
 from catalog.identity import TOKEN_KINDS, UNSCOPED_KINDS, Principal, TokenKind
 from catalog.keys import KeyRing, SigningKey
+from catalog.rules import AttributeValue, check_token_attributes
 from catalog.swarms import SwarmStore, check_swarm_name
 from catalog.writes import AdminWrites
 
@@ -67,6 +69,8 @@ class IssuedToken(msgspec.Struct, kw_only=True):
     swarm: str | None
     agent: str | None
     expires_at: datetime
+    # An agent token's attributes, as the token carries them (proto_docs/governance.md).
+    attributes: dict[str, AttributeValue] = msgspec.field(default_factory=dict)
 
 
 class TokenRecord(msgspec.Struct, kw_only=True):
@@ -111,6 +115,22 @@ _CHAIN_MEMBERS = (
 
 
 _EXPIRED_MESSAGE = "token expired; refresh it before it expires or ask for a new one"
+
+#: The private claim an agent token's attributes travel in (a flat JSON object).
+ATTRIBUTES_CLAIM = "qattr"
+
+
+def _attributes_claim(raw: object, kind: str) -> tuple[tuple[str, AttributeValue], ...]:
+    """The attributes of a verified token's claim as :class:`Principal` holds them (sorted
+    pairs). Only Quiver signs tokens, so a malformed claim is a token that is not Quiver's."""
+    if raw is None:
+        return ()
+    if kind != "agent":
+        raise Unauthenticated("invalid token: attributes on a token that is not an agent token")
+    try:
+        return check_token_attributes(raw)
+    except QuiverError:
+        raise Unauthenticated("invalid token: malformed attributes claim") from None
 
 
 def bearer_token(values: Sequence[str]) -> str:
@@ -249,11 +269,25 @@ class TokenService:
         swarm: str | None = None,
         agent: str | None = None,
         ttl_seconds: int | None = None,
+        attributes: object = None,
     ) -> IssuedToken:
-        """Issue a token on behalf of ``issuer`` (None: the local operator via the CLI)."""
+        """Issue a token on behalf of ``issuer`` (None: the local operator via the CLI).
+
+        ``attributes`` (agent tokens only) are carried in the token, bound into row filters
+        (proto_docs/governance.md, "Rules and attributes"). A swarm token may give them to the
+        agent tokens it mints: it already reads everything its allowlist grants, and an
+        attribute can only narrow a row filter's view or move it within that grant."""
         if kind not in TOKEN_KINDS:
             raise InvalidArgument(f"kind must be one of {', '.join(TOKEN_KINDS)}, got {kind!r}")
         ttl = self._ttl(ttl_seconds)
+        held: tuple[tuple[str, AttributeValue], ...] = ()
+        if attributes is not None:
+            if kind != "agent":
+                raise Unprocessable(
+                    f"attributes are for agent tokens; a {kind} token carries none (a swarm's own "
+                    "attributes are set with PUT /v1/swarms/{name}/attributes)"
+                )
+            held = check_token_attributes(attributes)
         not_after: datetime | None = None
         parent: str | None = None
         grant: str | None = None
@@ -294,6 +328,7 @@ class TokenService:
                 parent=parent,
                 root=None,
                 grant=grant,
+                attributes=held,
             )
 
     def _issue(  # noqa: PLR0913  the token record's columns, keyword-only
@@ -309,6 +344,7 @@ class TokenService:
         parent: str | None,
         root: str | None,
         grant: str | None,
+        attributes: tuple[tuple[str, AttributeValue], ...] = (),
     ) -> IssuedToken:
         """Sign and record one token (``root`` None: it starts a chain of its own)."""
         now = self._now().replace(microsecond=0)
@@ -337,6 +373,8 @@ class TokenService:
         }
         if grant is not None:
             claims["grant"] = grant
+        if attributes:
+            claims[ATTRIBUTES_CLAIM] = dict(attributes)
         key = self._keys.active
         token = jwt.encode(claims, key.private, algorithm="EdDSA", headers={"kid": key.kid})
 
@@ -357,7 +395,15 @@ class TokenService:
             agent=agent,
             expires_at=expires.isoformat(),
         )
-        return IssuedToken(token=token, jti=jti, kind=kind, swarm=swarm, agent=agent, expires_at=expires)
+        return IssuedToken(
+            token=token,
+            jti=jti,
+            kind=kind,
+            swarm=swarm,
+            agent=agent,
+            expires_at=expires,
+            attributes=dict(attributes),
+        )
 
     def refresh(self, principal: Principal, ttl_seconds: int | None = None) -> IssuedToken:
         """Rotate the caller's token: a new ``jti`` in the same chain, expiring after
@@ -389,6 +435,8 @@ class TokenService:
                 parent=parent,
                 root=root,
                 grant=principal.grant,
+                # Exactly the attributes the chain was minted with: a refresh takes none.
+                attributes=principal.attributes,
             )
 
     # --- verifying --------------------------------------------------------------------
@@ -489,6 +537,7 @@ class TokenService:
             raise Unauthenticated("invalid token: malformed lineage claims")
         if scoped and not isinstance(sid, str):
             raise Unauthenticated("invalid token: missing swarm instance")
+        attributes = _attributes_claim(claims.get(ATTRIBUTES_CLAIM), kind)
         return Principal(
             kind=kind,
             jti=jti,
@@ -499,6 +548,7 @@ class TokenService:
             root=root,
             grant=grant,
             swarm_id=sid if scoped else None,
+            attributes=attributes,
         )
 
     def _check_times(self, claims: dict[str, Any]) -> datetime:

@@ -51,7 +51,7 @@ _WHY = {
     413: "The request body is larger than the limit (an upload: [artefacts] max_upload_bytes or the swarm's quota)",
     415: "The body is not sent as 'Content-Type: application/json' (an upload: 'multipart/form-data')",
     416: "The range lies past the end of the content (Content-Range: bytes */size)",
-    422: "Well-formed but out of range (e.g. ttl_seconds above the configured maximum)",
+    422: "Well-formed but out of range (e.g. ttl_seconds above the configured maximum) or invalid in meaning (an allowlist rule, attributes)",
     429: "Over a limit: too many concurrent queries (yours, or the server's after a wait)",
     504: "The query ran past the query timeout ([limits] query_timeout_seconds)",
     503: "Not ready: a listener is down",
@@ -59,9 +59,10 @@ _WHY = {
 
 # Statuses a route can answer beyond what its signature implies (see document_errors).
 _DOMAIN_STATUSES: dict[str, set[int]] = {
-    "create_swarm": {409},
+    "create_swarm": {409, 422},
     "delete_swarm": {409},
-    "put_allowlist": {409},
+    "put_allowlist": {409, 422},
+    "put_attributes": {409, 422},
     "put_budget": {404, 409, 422},
     "get_usage": {404},
     "create_token": {403, 404, 409, 422},

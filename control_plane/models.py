@@ -16,8 +16,10 @@ import msgspec
 
 from catalog.artefacts import Artefact
 from catalog.audit import AuditEvent
+from catalog.budgets import Budget
 from catalog.identity import TokenKind
-from catalog.swarms import Swarm
+from catalog.rules import AttributeValue, RuleEntry
+from catalog.swarms import Entry, Scalar, Swarm
 from catalog.tokens import TokenRecord
 
 
@@ -33,7 +35,9 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 class CreateSwarm(Request):
     name: str
     description: str = ""
-    tables: list[str] = []
+    #: Entries: ``"schema.table"``, ``"schema.*"``, or an object with rules
+    #: ``{"table", "columns" | "except_columns", "row_filter", "mask"}`` (proto_docs/governance.md).
+    tables: list[Entry] = []
 
 
 class SwarmList(msgspec.Struct, kw_only=True):
@@ -41,17 +45,43 @@ class SwarmList(msgspec.Struct, kw_only=True):
 
 
 class Allowlist(Request):
-    tables: list[str]
+    #: As in CreateSwarm: strings, or objects with rules (422 for any fault in a rule).
+    tables: list[Entry]
+
+
+#: A flat object of strings and numbers; anything else is a 422 (proto_docs/governance.md).
+#: Typed one level deep so a nested value reaches that 422 and a deeper one stops at the gate.
+AttributesBody = dict[str, Scalar | list[Scalar] | dict[str, Scalar]]
 
 
 class AllowlistOut(msgspec.Struct, kw_only=True):
     swarm: str
+    #: The patterns (a ruled entry's is its ``schema.table``).
     tables: list[str]
     # Data tables the patterns match right now (patterns may name tables synced later).
     matching: list[str]
     # One sentence per entry that matches no table right now: saved all the same (a table
     # synced later is readable at once), but a typo shows here (proto_docs/control_plane.md).
     warnings: list[str] = msgspec.field(default_factory=list)
+    #: The entries as stored: strings, and ruled entries as objects (canonical: the table
+    #: folded, columns as the table spells them, parameters written ``$name``).
+    entries: list[str | RuleEntry] = msgspec.field(default_factory=list)
+
+
+class Attributes(msgspec.Struct, kw_only=True):
+    """``GET``/``PUT /v1/swarms/{name}/attributes``: the swarm's attributes."""
+
+    swarm: str
+    attributes: dict[str, AttributeValue]
+
+
+class SwarmView(Swarm, kw_only=True):
+    """``GET /v1/swarms/{name}``: the swarm (``tables`` its patterns, as in the list), its
+    entries with their rules, its attributes and its budget."""
+
+    entries: list[str | RuleEntry]
+    attributes: dict[str, AttributeValue]
+    budget: Budget
 
 
 class CreateToken(Request):
@@ -59,6 +89,8 @@ class CreateToken(Request):
     swarm: str | None = None
     agent: str | None = None
     ttl_seconds: int | None = None
+    #: Agent tokens only: carried by the token and its refreshes, bound into row filters.
+    attributes: AttributesBody | None = None
 
 
 class RefreshToken(Request):

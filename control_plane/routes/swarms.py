@@ -12,9 +12,17 @@ from catalog import Catalog, Principal
 from catalog.budgets import Budget, UsageReport
 from catalog.errors import bounded
 from catalog.policy import pattern_matches
-from catalog.swarms import Swarm
+from catalog.swarms import Committed, Swarm
 from control_plane.context import ADMIN, audited
-from control_plane.models import Allowlist, AllowlistOut, CreateSwarm, SwarmList
+from control_plane.models import (
+    Allowlist,
+    AllowlistOut,
+    Attributes,
+    AttributesBody,
+    CreateSwarm,
+    SwarmList,
+    SwarmView,
+)
 
 
 @post(
@@ -37,9 +45,23 @@ def list_swarms(catalog: NamedDependency[Catalog]) -> SwarmList:
     return SwarmList(swarms=catalog.swarms.all())
 
 
-@get("/v1/swarms/{name:str}", sync_to_thread=True, tags=["swarms"], summary="One swarm")
-def get_swarm(name: FromPath[str], catalog: NamedDependency[Catalog]) -> Swarm:
-    return catalog.swarms.get(name)
+@get(
+    "/v1/swarms/{name:str}",
+    sync_to_thread=True,
+    tags=["swarms"],
+    summary="One swarm: its allowlist entries with their rules, its attributes and its budget",
+)
+def get_swarm(name: FromPath[str], catalog: NamedDependency[Catalog]) -> SwarmView:
+    swarm = catalog.swarms.get(name)
+    return SwarmView(
+        name=swarm.name,
+        description=swarm.description,
+        created_at=swarm.created_at,
+        tables=swarm.tables,
+        entries=catalog.swarms.get_allowlist(name).entries(),
+        attributes=catalog.swarms.get_attributes(name),
+        budget=catalog.budgets.budget(name),
+    )
 
 
 @delete(
@@ -61,17 +83,20 @@ def delete_swarm(
 MAX_WARNINGS = 20
 
 
-def _allowlist_out(catalog: Catalog, name: str, patterns: list[str]) -> AllowlistOut:
+def _allowlist_out(catalog: Catalog, name: str, committed: Committed) -> AllowlistOut:
     """The allowlist with the tables it matches now, and a warning per entry matching none:
     such an entry is kept (pre-provisioning a table sync will bring), but a misspelt one would
     otherwise look the same as a correct one."""
+    patterns = committed.patterns
     refs = catalog.tables.list_refs()
     matching = [r.qualified for r in refs if any(pattern_matches(p, r) for p in patterns)]
     unmatched = [p for p in patterns if not any(pattern_matches(p, r) for r in refs)]
     warnings = [f"{bounded(p)} matches no table" for p in unmatched[:MAX_WARNINGS]]
     if len(unmatched) > MAX_WARNINGS:
         warnings.append(f"and {len(unmatched) - MAX_WARNINGS} more entries match no table")
-    return AllowlistOut(swarm=name, tables=patterns, matching=matching, warnings=warnings)
+    return AllowlistOut(
+        swarm=name, tables=patterns, matching=matching, warnings=warnings, entries=committed.entries()
+    )
 
 
 @get(
@@ -88,7 +113,13 @@ def get_allowlist(name: FromPath[str], catalog: NamedDependency[Catalog]) -> All
     "/v1/swarms/{name:str}/allowlist",
     sync_to_thread=True,
     tags=["swarms"],
-    summary="Replace a swarm's allowlist ('schema.table' or 'schema.*' entries)",
+    summary="Replace a swarm's allowlist ('schema.table', 'schema.*' or rule objects)",
+    description=(
+        'Each entry is a string ("sales.orders", "sales.*") or an object {"table": "schema.table", '
+        '"columns": [...] | "except_columns": [...], "row_filter": "<SQL predicate, :name parameters>", '
+        '"mask": {"<column>": "hash" | "null" | "redact" | "last4"}} (proto_docs/governance.md, '
+        '"Rules and attributes"). A bad rule is a 422 naming it; nothing is saved.'
+    ),
 )
 def put_allowlist(
     request: Request[Principal, Any, Any],
@@ -97,8 +128,39 @@ def put_allowlist(
     catalog: NamedDependency[Catalog],
 ) -> AllowlistOut:
     with audited(request, "allowlist.put", name):
-        patterns = catalog.swarms.set_allowlist(name, data.tables)
-    return _allowlist_out(catalog, name, patterns)
+        committed = catalog.swarms.set_allowlist(name, data.tables)
+    return _allowlist_out(catalog, name, committed)
+
+
+@get(
+    "/v1/swarms/{name:str}/attributes",
+    sync_to_thread=True,
+    tags=["swarms"],
+    summary="A swarm's attributes (bound into its row filters as :name)",
+)
+def get_attributes(name: FromPath[str], catalog: NamedDependency[Catalog]) -> Attributes:
+    return Attributes(swarm=name, attributes=catalog.swarms.get_attributes(name))
+
+
+@put(
+    "/v1/swarms/{name:str}/attributes",
+    sync_to_thread=True,
+    tags=["swarms"],
+    summary="Replace a swarm's attributes (proto_docs/governance.md, Rules and attributes)",
+    description=(
+        "Body: a flat JSON object of names (identifiers, at most 64 characters; not swarm or agent) "
+        "to strings (at most 1,000 characters) or finite numbers, at most 64 of them; {} removes them "
+        "all. Anything else is a 422; nothing is saved."
+    ),
+)
+def put_attributes(
+    request: Request[Principal, Any, Any],
+    name: FromPath[str],
+    data: JSONBody[AttributesBody],
+    catalog: NamedDependency[Catalog],
+) -> Attributes:
+    with audited(request, "attributes.put", name):
+        return Attributes(swarm=name, attributes=catalog.swarms.set_attributes(name, data))
 
 
 @put(
@@ -142,6 +204,8 @@ ROUTER = Router(
         delete_swarm,
         get_allowlist,
         put_allowlist,
+        get_attributes,
+        put_attributes,
         put_budget,
         get_usage,
     ],

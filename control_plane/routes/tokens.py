@@ -46,7 +46,12 @@ def create_token(
     target = "/".join(x for x in (data.kind, data.swarm, data.agent) if x)
     with audited(request, "token.create", target):
         issued = catalog.tokens.mint(
-            request.user, data.kind, swarm=data.swarm, agent=data.agent, ttl_seconds=data.ttl_seconds
+            request.user,
+            data.kind,
+            swarm=data.swarm,
+            agent=data.agent,
+            ttl_seconds=data.ttl_seconds,
+            attributes=data.attributes,
         )
     catalog.metrics.tokens_issued.labels(issued.kind).inc()
     return issued
