@@ -299,7 +299,7 @@ class EntryChecker:
         try:
             schema, table = parse_pattern(entry.table)
         except InvalidArgument as e:
-            raise _refuse(f"{where}: {e.detail}") from None
+            raise _refuse(f"{where}: {bounded(e.detail, 300)}") from None
         if table == "*":
             raise _refuse(
                 f"{where}: a rule needs one table, not the pattern {bounded(entry.table)!r}: rules are "

@@ -77,7 +77,7 @@ def test_allowlist_entries_matching_no_table_are_kept_with_a_warning(server: Ser
     assert body["tables"] == ["demo.nope", "demo.orders", "later.*"]  # saved, all of them
     assert body["matching"] == ["demo.orders"]
     assert body["warnings"] == ["demo.nope matches no table", "later.* matches no table"]
-    assert server.catalog.swarms.get_allowlist("prov") == body["tables"]
+    assert server.catalog.swarms.get_allowlist("prov").patterns == body["tables"]
     assert http.get("/v1/swarms/prov/allowlist").json()["warnings"] == body["warnings"]
     # Bounded: 20 named (each entry echoed at most ~80 characters), the rest counted.
     many = [f"s{i}.{'t' * 200}" for i in range(30)]
