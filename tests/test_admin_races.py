@@ -115,7 +115,7 @@ def test_allowlist_pairs_are_unique_in_the_database(server: Server) -> None:
     http = _client(server)
     assert http.post("/v1/swarms", json={"name": "uniq3", "tables": ["demo.orders"]}).status_code == 201
     with server.catalog.db.reading() as cur, pytest.raises(duckdb.ConstraintException):
-        cur.execute("INSERT INTO _quiver.allowlist VALUES ('uniq3', 'demo.orders')")
+        cur.execute("INSERT INTO _quiver.allowlist (swarm, pattern) VALUES ('uniq3', 'demo.orders')")
     assert _db_allowlist(server, "uniq3") == ["demo.orders"]
 
 
