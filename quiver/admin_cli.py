@@ -3,7 +3,13 @@ otherwise script curl and jq.
 
     quiver admin swarms list | create NAME [--description D] [--table T]... | delete NAME
     quiver admin allowlist get SWARM | set SWARM TABLE... (--clear for an empty list)
+    quiver admin attributes get SWARM | set SWARM NAME=VALUE... (--clear to remove them all)
     quiver admin tokens list [--swarm S] [--all] | create --kind K [--swarm S] [--agent A] [--ttl N]
+                                                          [--attribute NAME=VALUE]...
+
+A TABLE is a pattern ('schema.table', 'schema.*') or an entry with rules written as a JSON
+object ('{"table": "demo.customers", "row_filter": "country = :country"}'); a VALUE is a string,
+or a number written NAME:=VALUE (proto_docs/governance.md, "Rules and attributes").
     quiver admin tokens revoke JTI | revoke --swarm S [--agent A]
 
 Every command talks to this data directory's running server through quiver/local_client.py
@@ -55,7 +61,12 @@ def add_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None])
     create.add_argument("name", help="1-63 characters of a-z, 0-9, '_' and '-'")
     create.add_argument("--description", default="")
     create.add_argument(
-        "--table", action="append", dest="tables", default=[], help="allowlist entry, 'schema.table' or 'schema.*' (repeatable)"
+        "--table",
+        action="append",
+        dest="tables",
+        type=allowlist_entry,
+        default=[],
+        help="allowlist entry, 'schema.table', 'schema.*' or a JSON object with rules (repeatable)",
     )  # fmt: skip
     delete = ssub.add_parser(
         "delete", help="delete a swarm and its allowlist, revoking all its tokens (DELETE /v1/swarms/NAME)"
@@ -71,8 +82,32 @@ def add_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None])
     put = lsub.add_parser("set", help="replace the allowlist (PUT /v1/swarms/SWARM/allowlist)")
     _common(put, config_args)
     put.add_argument("swarm")
-    put.add_argument("tables", nargs="*", metavar="TABLE", help="'schema.table' or 'schema.*'")
+    put.add_argument(
+        "tables",
+        nargs="*",
+        type=allowlist_entry,
+        metavar="TABLE",
+        help="'schema.table', 'schema.*', or a JSON object with rules: '{\"table\": \"demo.customers\", "
+        '"row_filter": "country = :country", "mask": {"email": "hash"}}\'',
+    )
     put.add_argument("--clear", action="store_true", help="set an empty allowlist (no TABLE given)")
+
+    attrs = asub.add_parser("attributes", help="a swarm's attributes, bound into its row filters")
+    asub2 = attrs.add_subparsers(dest="admin_command", required=True)
+    aget = asub2.add_parser("get", help="the swarm's attributes (GET /v1/swarms/SWARM/attributes)")
+    _common(aget, config_args)
+    aget.add_argument("swarm")
+    aset = asub2.add_parser("set", help="replace them (PUT /v1/swarms/SWARM/attributes)")
+    _common(aset, config_args)
+    aset.add_argument("swarm")
+    aset.add_argument(
+        "attributes",
+        nargs="*",
+        type=attribute,
+        metavar="NAME=VALUE",
+        help="a string; NAME:=VALUE for a number",
+    )
+    aset.add_argument("--clear", action="store_true", help="remove every attribute (no NAME=VALUE given)")
 
     tokens = asub.add_parser("tokens", help="list, mint and revoke tokens")
     tsub = tokens.add_subparsers(dest="admin_command", required=True)
@@ -91,6 +126,14 @@ def add_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None])
     tcreate.add_argument("--swarm")
     tcreate.add_argument("--agent")
     tcreate.add_argument("--ttl", type=int, dest="ttl_seconds", help="lifetime in seconds")
+    tcreate.add_argument(
+        "--attribute",
+        action="append",
+        type=attribute,
+        dest="attributes",
+        metavar="NAME=VALUE",
+        help="an agent token's attribute (repeatable; NAME:=VALUE for a number)",
+    )
     revoke = tsub.add_parser(
         "revoke",
         help="revoke one token's chain by jti (DELETE /v1/tokens/JTI), or every token of a swarm "
@@ -100,6 +143,39 @@ def add_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None])
     revoke.add_argument("jti", nargs="?")
     revoke.add_argument("--swarm")
     revoke.add_argument("--agent")
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+
+def allowlist_entry(text: str) -> str | dict[str, Any]:
+    """A TABLE argument: a pattern as it is, or a JSON object (an entry with rules), which the
+    server validates; anything else that starts like JSON is a usage error here."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"an entry with rules must be a JSON object: {e}") from None
+    if not isinstance(entry, dict):
+        raise argparse.ArgumentTypeError("an entry with rules must be a JSON object")
+    return entry
+
+
+def attribute(text: str) -> tuple[str, str | int | float]:
+    """NAME=VALUE (a string) or NAME:=VALUE (a JSON number); the server checks the rest."""
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        raise argparse.ArgumentTypeError(f"{text[:60]!r} is not NAME=VALUE")
+    if not name.endswith(":"):
+        return name, value
+    try:
+        number = json.loads(value)
+    except json.JSONDecodeError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise argparse.ArgumentTypeError(f"{name[:-1][:60]}:= takes a number, got {value[:60]!r}")
+    return name[:-1], number
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -129,7 +205,8 @@ def _swarm_rows(swarms: list[dict[str, Any]]) -> str:
 
 def _allowlist(out: dict[str, Any]) -> str:
     lines = [f"swarm {out['swarm']}: {len(out['tables'])} pattern(s)"]
-    lines += [f"  {p}" for p in out["tables"]]
+    entries = out.get("entries") or out["tables"]
+    lines += [f"  {e}" if isinstance(e, str) else f"  {json.dumps(e)}" for e in entries]
     lines.append(f"matching now: {', '.join(out['matching']) or '(no table)'}")
     lines += [f"warning: {w}" for w in out.get("warnings", [])]
     return "\n".join(lines)
@@ -184,6 +261,8 @@ def _tokens(server: LocalServer, args: argparse.Namespace) -> Any:
         return out, _token_rows(out["tokens"])
     if args.admin_command == "create":
         body = {k: getattr(args, k) for k in ("kind", "swarm", "agent", "ttl_seconds")}
+        if args.attributes:
+            body["attributes"] = dict(args.attributes)
         out = server.json("POST", "/v1/tokens", json={k: v for k, v in body.items() if v is not None})
         # The token alone on stdout (for `$(...)`), its record on stderr.
         print(
@@ -201,13 +280,36 @@ def _tokens(server: LocalServer, args: argparse.Namespace) -> Any:
     return out, f"revoked {out['revoked']} token(s) of {whose}" + "".join(f"\n  {j}" for j in out["jtis"])
 
 
-_AREAS: dict[str, Handler] = {"swarms": _swarms, "allowlist": _allowlists, "tokens": _tokens}
+def _attributes(server: LocalServer, args: argparse.Namespace) -> Any:
+    path = f"/v1/swarms/{path_segment(args.swarm)}/attributes"
+    if args.admin_command == "get":
+        out = server.json("GET", path)
+    else:
+        out = server.json("PUT", path, json=dict(args.attributes))
+    values = out["attributes"]
+    lines = [f"swarm {out['swarm']}: {len(values)} attribute(s)"]
+    lines += [f"  {k} = {json.dumps(v)}" for k, v in sorted(values.items())]
+    return out, "\n".join(lines)
+
+
+_AREAS: dict[str, Handler] = {
+    "swarms": _swarms,
+    "allowlist": _allowlists,
+    "attributes": _attributes,
+    "tokens": _tokens,
+}
 
 
 def _usage_problem(args: argparse.Namespace) -> str | None:
     """Flag combinations argparse cannot express, refused (exit 2) before anything is sent."""
     if args.admin_area == "allowlist" and args.admin_command == "set" and bool(args.tables) == args.clear:
         return "give the new allowlist's TABLE patterns, or --clear for an empty one (not both)"
+    if (
+        args.admin_area == "attributes"
+        and args.admin_command == "set"
+        and bool(args.attributes) == args.clear
+    ):
+        return "give the swarm's NAME=VALUE attributes, or --clear to remove them all (not both)"
     if args.admin_area == "tokens" and args.admin_command == "revoke":
         if args.jti is not None and (args.swarm is not None or args.agent is not None):
             return "revoke either one JTI or --swarm S [--agent A], not both"

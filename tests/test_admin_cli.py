@@ -57,6 +57,7 @@ def test_swarms_and_allowlists(admin_server: tuple[Server, Path], capsys: pytest
         "tables": ["demo.*"],
         "matching": ["demo.customers", "demo.events", "demo.orders"],
         "warnings": [],
+        "entries": ["demo.*"],
     }
     # A pattern that matches no table yet is kept (pre-provisioning) and named in a warning.
     code, out, err = cli(capsys, "admin", "allowlist", "set", "sales", "demo.*", "later.t", *c)
@@ -98,6 +99,50 @@ def test_swarms_and_allowlists(admin_server: tuple[Server, Path], capsys: pytest
     code, out, err = cli(capsys, "admin", "swarms", "delete", "sales", *c)
     assert code == 0 and "deleted swarm sales" in out
     assert "sales" not in _swarms(server)
+
+
+def test_rules_and_attributes(admin_server: tuple[Server, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Entries with rules as JSON arguments, swarm attributes, agent-token attributes; a bad
+    rule is the server's 422 (exit 1, nothing changed), a malformed argument exit 2."""
+    server, config = admin_server
+    c = ("--config", str(config))
+    rule = '{"table": "demo.customers", "row_filter": "country = :country", "mask": {"email": "hash"}}'
+    code, out, err = cli(capsys, "admin", "swarms", "create", "desk", "--table", rule, "--table", "demo.orders", *c)  # fmt: skip
+    assert code == 0, err
+    code, out, err = cli(capsys, "admin", "allowlist", "get", "desk", *c)
+    assert code == 0, err
+    assert (
+        '  {"table": "demo.customers", "row_filter": "country = $country", "mask": {"email": "hash"}}' in out
+    )
+    before = server.http().get("/v1/swarms/desk").json()
+    code, out, err = cli(capsys, "admin", "allowlist", "set", "desk", '{"table": "demo.customers", "row_filter": "count(*) > 1"}', *c)  # fmt: skip
+    assert code == 1 and "answered 422 INVALID_ARGUMENT: " in err and "aggregate" in err
+    code, out, err = cli(capsys, "admin", "allowlist", "set", "desk", '{"table": ', *c)
+    assert code == 2 and "must be a JSON object" in err
+    assert server.http().get("/v1/swarms/desk").json() == before
+
+    code, out, err = cli(capsys, "admin", "attributes", "set", "desk", "country=NL", "tier:=2", *c)
+    assert code == 0, err
+    assert out.splitlines()[-3:] == ["swarm desk: 2 attribute(s)", '  country = "NL"', "  tier = 2"]
+    code, out, err = cli(capsys, "admin", "attributes", "get", "desk", "--json", *c)
+    assert code == 0 and json_out(out) == {"swarm": "desk", "attributes": {"country": "NL", "tier": 2}}
+    for argv in (("desk", "tier:=two"), ("desk", "novalue"), ("desk",), ("desk", "a=1", "--clear")):
+        code, out, err = cli(capsys, "admin", "attributes", "set", *argv, *c)
+        assert code == 2, (argv, err)
+    code, out, err = cli(capsys, "admin", "attributes", "set", "desk", "swarm=x", *c)
+    assert code == 1 and "answered 422 INVALID_ARGUMENT: " in err and "reserved" in err
+    assert server.http().get("/v1/swarms/desk/attributes").json()["attributes"] == {
+        "country": "NL",
+        "tier": 2,
+    }
+
+    code, out, err = cli(capsys, "admin", "tokens", "create", "--kind", "agent", "--swarm", "desk", "--agent", "nl", "--attribute", "country=NL", "--attribute", "level:=3", *c)  # fmt: skip
+    assert code == 0, err
+    token = out.strip().splitlines()[-1]
+    assert server.catalog.tokens.check(token).attributes == (("country", "NL"), ("level", 3))
+    code, out, err = cli(capsys, "admin", "attributes", "set", "desk", "--clear", *c)
+    assert code == 0 and "swarm desk: 0 attribute(s)" in out
+    assert cli(capsys, "admin", "swarms", "delete", "desk", *c)[0] == 0
 
 
 def test_tokens_create_list_revoke(
