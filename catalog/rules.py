@@ -390,8 +390,8 @@ class _TableCheck:
         canonical, rewritten = _canonical_parameters(text, where)
         with self._tables.db.reading() as cur:
             tree = _parse_predicate(cur, canonical, where)
-            names = _PredicateWalk(cur, where, self.columns).walk(tree)
             _check_parameter_spans(tree, rewritten, where)
+            names = _PredicateWalk(cur, where, self.columns).walk(tree)
             parameters = tuple(sorted(set(names)))
             _bind(cur, self.ref, canonical, parameters, where)
         return canonical, parameters

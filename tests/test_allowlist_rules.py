@@ -224,7 +224,7 @@ BAD_ENTRIES: list[tuple[str, list[Any], str]] = [
     ("empty filter", [filtered("   ")], "empty"),
     ("long filter", [filtered("customer_id = 1 OR " * (MAX_ROW_FILTER_CHARS // 18) + "true")], "at most"),
     ("deep filter", [filtered("NOT " * 990 + "true")], "row_filter"),
-    ("glued colon", [filtered("country=segment:x")], "row_filter"),
+    ("glued colon", [filtered("country=segment:x")], "put a space before each :parameter"),
     ("unknown mask kind", [ruled(mask={"email": "rot13"})], "Invalid enum value 'rot13'"),
     ("mask unknown column", [ruled(mask={"mail": "hash"})], "'mail', which is not a column"),
     ("mask excluded column", [ruled(except_columns=["email"], mask={"email": "hash"})], "leave out"),
