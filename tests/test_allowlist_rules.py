@@ -18,12 +18,13 @@ from typing import Any
 import duckdb
 import httpx
 import msgspec
+import pyarrow.flight as flight
 import pytest
 
 from catalog.identity import Principal
 from catalog.rules import MAX_ROW_FILTER_CHARS, TableRule
 from catalog.tables import TableRef
-from tests.harness import Server, start_server
+from tests.harness import Server, call_options, start_server
 
 CUSTOMERS = TableRef("demo", "customers")
 RULE = {
@@ -411,6 +412,12 @@ def test_agent_attributes_travel_in_the_token_and_its_refreshes(server: Server) 
     )
     assert "attributes" in refusal(again, 400)
     assert server.catalog.tokens.check(refreshed.json()["token"]).attributes == principal.attributes
+    # So does the Flight action refresh-token (the same TokenService.refresh).
+    client = server.flight()
+    action = flight.Action("refresh-token", b'{"ttl_seconds": 600}')
+    answer = next(iter(client.do_action(action, call_options(refreshed.json()["token"])))).body.to_pybytes()
+    assert json.loads(answer)["attributes"] == {"country": "NL", "tier": 3}
+    assert server.catalog.tokens.check(json.loads(answer)["token"]).attributes == principal.attributes
     # A token without attributes has none.
     assert server.catalog.tokens.check(server.mint(swarm=swarm, agent="plain")).attributes == ()
 
