@@ -390,7 +390,7 @@ class _TableCheck:
         canonical, rewritten = _canonical_parameters(text, where)
         with self._tables.db.reading() as cur:
             tree = _parse_predicate(cur, canonical, where)
-            _check_parameter_spans(tree, rewritten, where)
+            _check_parameter_spans(tree, canonical, rewritten, where)
             names = _PredicateWalk(cur, where, self.columns).walk(tree)
             parameters = tuple(sorted(set(names)))
             _bind(cur, self.ref, canonical, parameters, where)
@@ -403,6 +403,10 @@ def _canonical_parameters(text: str, where: str) -> tuple[str, set[int]]:
     quoted identifier is no parameter — and the offsets rewritten. Comments are refused here:
     the tokenizer is what sees them."""
     try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _refuse(f"{where} is not valid text (a lone surrogate)") from None
+    try:
         tokens = duckdb.tokenize(text)
     except duckdb.Error as e:
         raise _refuse(f"{where} is not valid SQL: {bounded(str(e), 200)}") from None
@@ -413,10 +417,12 @@ def _canonical_parameters(text: str, where: str) -> tuple[str, set[int]]:
             raise _refuse(f"{where} holds a comment; comments are not allowed in a row filter")
         if kind != duckdb.token_type.operator or text[offset] != ":":
             continue
-        end = tokens[n + 1][0] if n + 1 < len(tokens) else len(text)
-        if text[offset:end].rstrip() != ":" or end != offset + 1:
-            continue  # '::' (a cast), or ':' followed by a space (a slice bound)
-        if tokens[n + 1][1] != duckdb.token_type.identifier and tokens[n + 1][1] != duckdb.token_type.keyword:
+        if n + 1 == len(tokens):
+            continue  # a ':' at the very end: the parser refuses it
+        end, following = tokens[n + 1]
+        if end != offset + 1:
+            continue  # '::' (a cast), or ':' followed by a space
+        if following not in (duckdb.token_type.identifier, duckdb.token_type.keyword):
             continue
         out[offset] = "$"
         rewritten.add(offset)
@@ -595,7 +601,7 @@ class _PredicateWalk:
         )
 
 
-def _check_parameter_spans(tree: dict[str, Any], rewritten: set[int], where: str) -> None:
+def _check_parameter_spans(tree: dict[str, Any], canonical: str, rewritten: set[int], where: str) -> None:
     """Every ``:name`` rewritten must have become a parameter where it stood: a ``:`` glued to
     a name before it (``a:b``) would merge into one identifier instead."""
     prefix = len(f"SELECT 1 FROM {_RULE_TABLE} WHERE ")
@@ -604,8 +610,15 @@ def _check_parameter_spans(tree: dict[str, Any], rewritten: set[int], where: str
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if node.get("class") == "PARAMETER" and isinstance(node.get("query_location"), int):
-                found.add(node["query_location"] - prefix)
+            if node.get("class") == "PARAMETER" and _IDENTIFIER.match(str(node.get("identifier", ""))):
+                start = int(node.get("query_location", -1)) - prefix
+                spelled = canonical[start : start + int(node.get("query_location_length", 0))]
+                if spelled != "$" + str(node.get("identifier", "")):
+                    # '$"x"', '$1', '?': the data plane finds parameters spelled $name only.
+                    raise _refuse(
+                        f"{where}: write each parameter as :name (a bare name), not {bounded(spelled, 40)!r}"
+                    )
+                found.add(start)
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)

@@ -101,6 +101,14 @@ def test_swarms_and_allowlists(admin_server: tuple[Server, Path], capsys: pytest
     assert "sales" not in _swarms(server)
 
 
+def _usage_exit(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """argparse's own usage error (exit 2, nothing sent): its message."""
+    with pytest.raises(SystemExit) as exited:
+        cli(capsys, *argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
 def test_rules_and_attributes(admin_server: tuple[Server, Path], capsys: pytest.CaptureFixture[str]) -> None:
     """Entries with rules as JSON arguments, swarm attributes, agent-token attributes; a bad
     rule is the server's 422 (exit 1, nothing changed), a malformed argument exit 2."""
@@ -117,8 +125,9 @@ def test_rules_and_attributes(admin_server: tuple[Server, Path], capsys: pytest.
     before = server.http().get("/v1/swarms/desk").json()
     code, out, err = cli(capsys, "admin", "allowlist", "set", "desk", '{"table": "demo.customers", "row_filter": "count(*) > 1"}', *c)  # fmt: skip
     assert code == 1 and "answered 422 INVALID_ARGUMENT: " in err and "aggregate" in err
-    code, out, err = cli(capsys, "admin", "allowlist", "set", "desk", '{"table": ', *c)
-    assert code == 2 and "must be a JSON object" in err
+    assert "must be a JSON object" in _usage_exit(
+        capsys, "admin", "allowlist", "set", "desk", '{"table": ', *c
+    )
     assert server.http().get("/v1/swarms/desk").json() == before
 
     code, out, err = cli(capsys, "admin", "attributes", "set", "desk", "country=NL", "tier:=2", *c)
@@ -126,9 +135,11 @@ def test_rules_and_attributes(admin_server: tuple[Server, Path], capsys: pytest.
     assert out.splitlines()[-3:] == ["swarm desk: 2 attribute(s)", '  country = "NL"', "  tier = 2"]
     code, out, err = cli(capsys, "admin", "attributes", "get", "desk", "--json", *c)
     assert code == 0 and json_out(out) == {"swarm": "desk", "attributes": {"country": "NL", "tier": 2}}
-    for argv in (("desk", "tier:=two"), ("desk", "novalue"), ("desk",), ("desk", "a=1", "--clear")):
+    assert "takes a number" in _usage_exit(capsys, "admin", "attributes", "set", "desk", "tier:=two", *c)
+    assert "is not NAME=VALUE" in _usage_exit(capsys, "admin", "attributes", "set", "desk", "novalue", *c)
+    for argv in (("desk",), ("desk", "a=1", "--clear")):
         code, out, err = cli(capsys, "admin", "attributes", "set", *argv, *c)
-        assert code == 2, (argv, err)
+        assert code == 2 and "or --clear to remove them all" in err, (argv, err)
     code, out, err = cli(capsys, "admin", "attributes", "set", "desk", "swarm=x", *c)
     assert code == 1 and "answered 422 INVALID_ARGUMENT: " in err and "reserved" in err
     assert server.http().get("/v1/swarms/desk/attributes").json()["attributes"] == {

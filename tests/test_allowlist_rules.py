@@ -225,6 +225,8 @@ BAD_ENTRIES: list[tuple[str, list[Any], str]] = [
     ("empty filter", [filtered("   ")], "empty"),
     ("long filter", [filtered("customer_id = 1 OR " * (MAX_ROW_FILTER_CHARS // 18) + "true")], "at most"),
     ("deep filter", [filtered("NOT " * 990 + "true")], "row_filter"),
+    ("colon alone", [filtered(":")], "not a valid SQL predicate"),
+    ("quoted parameter", [filtered('country = :"x"')], "write each parameter as :name"),
     ("glued colon", [filtered("country=segment:x")], "put a space before each :parameter"),
     ("unknown mask kind", [ruled(mask={"email": "rot13"})], "Invalid enum value 'rot13'"),
     ("mask unknown column", [ruled(mask={"mail": "hash"})], "'mail', which is not a column"),
