@@ -390,7 +390,7 @@ class _TableCheck:
         canonical, rewritten = _canonical_parameters(text, where)
         with self._tables.db.reading() as cur:
             tree = _parse_predicate(cur, canonical, where)
-            _check_parameter_spans(tree, canonical, rewritten, where)
+            canonical = _check_parameter_spans(tree, canonical, rewritten, where)
             names = _PredicateWalk(cur, where, self.columns).walk(tree)
             parameters = tuple(sorted(set(names)))
             _bind(cur, self.ref, canonical, parameters, where)
@@ -601,10 +601,13 @@ class _PredicateWalk:
         )
 
 
-def _check_parameter_spans(tree: dict[str, Any], canonical: str, rewritten: set[int], where: str) -> None:
+def _check_parameter_spans(tree: dict[str, Any], canonical: str, rewritten: set[int], where: str) -> str:
     """Every ``:name`` rewritten must have become a parameter where it stood: a ``:`` glued to
-    a name before it (``a:b``) would merge into one identifier instead."""
+    a name before it (``a:b``) would merge into one identifier instead. Returns the text with
+    every parameter's name folded (``$Country`` → ``$country``, the same length: DuckDB's
+    spans stay valid), so the stored text names each parameter exactly as ``parameters`` does."""
     prefix = len(f"SELECT 1 FROM {_RULE_TABLE} WHERE ")
+    out = list(canonical)
     found: set[int] = set()
     stack: list[Any] = [tree]
     while stack:
@@ -619,11 +622,13 @@ def _check_parameter_spans(tree: dict[str, Any], canonical: str, rewritten: set[
                         f"{where}: write each parameter as :name (a bare name), not {bounded(spelled, 40)!r}"
                     )
                 found.add(start)
+                out[start + 1 : start + len(spelled)] = fold(spelled[1:])
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
     if not rewritten <= found:
         raise _refuse(f"{where}: a ':' is glued to the name before it; put a space before each :parameter")
+    return "".join(out)
 
 
 def _bind(

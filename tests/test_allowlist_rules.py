@@ -163,7 +163,7 @@ def test_rule_details_columns_case_order_and_plain_objects(server: Server) -> No
             "coalesce(email, '') ILIKE '%@example.com' AND customer_id::BIGINT % 2 = 0",
             (),
         ),
-        ("  :Country = country  ", "$Country = country", ("country",)),
+        ("  :Country = country OR $TIER > 2 ", "$country = country OR $tier > 2", ("country", "tier")),
     ],
 )
 def test_predicates_in_the_documented_subset_are_accepted(
