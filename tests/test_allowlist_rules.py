@@ -21,6 +21,7 @@ import msgspec
 import pyarrow.flight as flight
 import pytest
 
+from catalog.errors import Unprocessable
 from catalog.identity import Principal
 from catalog.rules import MAX_ROW_FILTER_CHARS, TableRule
 from catalog.tables import TableRef
@@ -557,3 +558,13 @@ def test_rules_and_attributes_survive_a_restart_and_are_in_a_snapshot(
     assert second.http().delete(f"/v1/swarms/{swarm}").status_code == 204
     assert held_in_memory(second, swarm) == ([], [], {})
     assert committed_in_db(second, swarm) == ([], [], {})
+
+
+def test_text_no_json_body_can_carry_is_refused_in_the_catalog_too(server: Server) -> None:
+    """A lone surrogate cannot arrive over HTTP (the gate's decoder refuses it), but the store
+    is called directly too (quiver/demo.py): still a 422, not DuckDB's TypeError."""
+    swarm = new_swarm(server, "surrogate")
+    before = state(server, swarm)
+    with pytest.raises(Unprocessable, match="lone surrogate"):
+        server.catalog.swarms.set_allowlist(swarm, [filtered("country = '\ud800'")])
+    assert state(server, swarm) == before
