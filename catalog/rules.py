@@ -271,12 +271,15 @@ class EntryChecker:
 
         plain: set[str] = set()
         rules: dict[str, TableRule] = {}
+        refs: dict[tuple[str, str], TableRef] | None = None  # listed once, at the first rule
         for i, item in enumerate(raw, 1):
             if isinstance(item, str):
                 # A bad pattern is the 400 it always was (catalog.policy.parse_pattern).
                 plain.add(".".join(parse_pattern(item)))
                 continue
-            rule = self._rule(i, item, parse_pattern)
+            if refs is None:
+                refs = {r.key(): r for r in self._tables.list_refs()}
+            rule = self._rule(i, item, parse_pattern, refs)
             if rule.table in rules:
                 raise _refuse(f"allowlist entry {i}: {rule.table} has a rule already; give each table once")
             rules[rule.table] = rule
@@ -288,7 +291,13 @@ class EntryChecker:
             raise InvalidArgument(f"an allowlist holds at most {MAX_PATTERNS} entries, got {len(patterns)}")
         return Entries(patterns=patterns, rules=tuple(rules[t] for t in sorted(rules)))
 
-    def _rule(self, i: int, item: object, parse_pattern: Callable[[str], tuple[str, str]]) -> TableRule:
+    def _rule(
+        self,
+        i: int,
+        item: object,
+        parse_pattern: Callable[[str], tuple[str, str]],
+        refs: dict[tuple[str, str], TableRef],
+    ) -> TableRule:
         where = f"allowlist entry {i}"
         if not isinstance(item, dict):
             raise _refuse(f"{where} is {json_name(item)}; an entry is a string or an object {_ENTRY_SHAPE}")
@@ -305,7 +314,7 @@ class EntryChecker:
                 f"{where}: a rule needs one table, not the pattern {bounded(entry.table)!r}: rules are "
                 "checked against a table's columns (list the pattern as a string, each ruled table as an object)"
             )
-        ref = self._tables.resolve(schema, table)
+        ref = refs.get((schema, table))  # parse_pattern folded both, as TableRef.key does
         if ref is None:
             raise _refuse(
                 f"{where}: table {schema}.{table} does not exist, and a rule is checked against its "
@@ -446,15 +455,23 @@ def _parse_predicate(cur: duckdb.DuckDBPyConnection, predicate: str, where: str)
     if len(statements) != 1:
         raise _refuse(f"{where} holds several statements; it must be one condition")
     node = statements[0].get("node") or {}
-    expected = json.loads(_serialized(cur, prefix + "TRUE"))
-    template = expected["statements"][0]["node"]
     clause = node.get("where_clause")
-    if not isinstance(clause, dict) or _without(node, "where_clause") != _without(template, "where_clause"):
+    if not isinstance(clause, dict) or _without(node, "where_clause") != _template(cur):
         raise _refuse(
             f"{where} must be one condition on the table's rows (no ORDER BY, LIMIT, GROUP BY, "
             "UNION or other clauses around it)"
         )
     return clause
+
+
+_TEMPLATE: list[Any] = []  # the template's parse, without its WHERE clause (computed once)
+
+
+def _template(cur: duckdb.DuckDBPyConnection) -> Any:
+    if not _TEMPLATE:
+        parsed = json.loads(_serialized(cur, f"SELECT 1 FROM {_RULE_TABLE} WHERE TRUE"))
+        _TEMPLATE.append(_without(parsed["statements"][0]["node"], "where_clause"))
+    return _TEMPLATE[0]
 
 
 def _serialized(cur: duckdb.DuckDBPyConnection, sql: str) -> str:
