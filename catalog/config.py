@@ -63,6 +63,33 @@ class LimitsConfig(_Section):
     address_space_limit: str = "auto"
     # DuckDB worker threads; 0 = one per core.
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # How far a swarm's limits (PUT /v1/swarms/{name}/limits, catalog/limits.py) may loosen
+    # max_rows and query_timeout_seconds; unset: not at all (an override may only tighten).
+    max_rows_ceiling: PositiveInt | None = None
+    query_timeout_ceiling_seconds: PositiveFloat | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_rows_ceiling is not None and self.max_rows_ceiling < self.max_rows:
+            raise ValueError(
+                f"max_rows_ceiling ({self.max_rows_ceiling}) is below max_rows ({self.max_rows}): "
+                "a ceiling is how far a swarm's limits may loosen max_rows"
+            )
+        timeout_ceiling = self.query_timeout_ceiling_seconds
+        if timeout_ceiling is not None and timeout_ceiling < self.query_timeout_seconds:
+            raise ValueError(
+                f"query_timeout_ceiling_seconds ({timeout_ceiling:g}) is below query_timeout_seconds "
+                f"({self.query_timeout_seconds:g}): a ceiling is how far a swarm's limits may loosen it"
+            )
+
+    @property
+    def rows_ceiling(self) -> int:
+        """The most rows a swarm's override may allow (catalog/limits.py)."""
+        return self.max_rows_ceiling or self.max_rows
+
+    @property
+    def timeout_ceiling(self) -> float:
+        """The longest query timeout a swarm's override may allow (catalog/limits.py)."""
+        return float(self.query_timeout_ceiling_seconds or self.query_timeout_seconds)
 
 
 class FlightConfig(_Section):
