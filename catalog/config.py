@@ -68,19 +68,6 @@ class LimitsConfig(_Section):
     max_rows_ceiling: PositiveInt | None = None
     query_timeout_ceiling_seconds: PositiveFloat | None = None
 
-    def __post_init__(self) -> None:
-        if self.max_rows_ceiling is not None and self.max_rows_ceiling < self.max_rows:
-            raise ValueError(
-                f"max_rows_ceiling ({self.max_rows_ceiling}) is below max_rows ({self.max_rows}): "
-                "a ceiling is how far a swarm's limits may loosen max_rows"
-            )
-        timeout_ceiling = self.query_timeout_ceiling_seconds
-        if timeout_ceiling is not None and timeout_ceiling < self.query_timeout_seconds:
-            raise ValueError(
-                f"query_timeout_ceiling_seconds ({timeout_ceiling:g}) is below query_timeout_seconds "
-                f"({self.query_timeout_seconds:g}): a ceiling is how far a swarm's limits may loosen it"
-            )
-
     @property
     def rows_ceiling(self) -> int:
         """The most rows a swarm's override may allow (catalog/limits.py)."""
@@ -484,6 +471,19 @@ def _check(config: Config) -> None:
         parse_size(limits.memory_limit, "limits.memory_limit")
     if limits.address_space_limit.strip().lower() not in ("auto", "off"):
         parse_size(limits.address_space_limit, "limits.address_space_limit")
+    # A ceiling is how far a swarm's limits may raise the value (catalog/limits.py).
+    if limits.max_rows_ceiling is not None and limits.max_rows_ceiling < limits.max_rows:
+        raise ConfigError(
+            f"limits.max_rows_ceiling ({limits.max_rows_ceiling}) is below limits.max_rows "
+            f"({limits.max_rows}): it is how far a swarm's limits may raise max_rows"
+        )
+    timeout_ceiling = limits.query_timeout_ceiling_seconds
+    if timeout_ceiling is not None and timeout_ceiling < limits.query_timeout_seconds:
+        raise ConfigError(
+            f"limits.query_timeout_ceiling_seconds ({timeout_ceiling:g}) is below "
+            f"limits.query_timeout_seconds ({limits.query_timeout_seconds:g}): it is how far a "
+            "swarm's limits may raise the query timeout"
+        )
     _check_sync(config)
 
 

@@ -292,6 +292,11 @@ class SwarmLimits:
             effective_per_agent=self._resolve(swarm, body, agent=True).out(),
         )
 
+    def count(self) -> int:
+        """Swarms with limits of their own (for /v1/status)."""
+        with self._lock:
+            return len(self._limits)
+
     def drop(self, cur: duckdb.DuckDBPyConnection, swarm: str) -> Callable[[], None]:
         """Delete ``swarm``'s overrides in the caller's transaction (the swarm's deletion);
         returns what to apply in memory once it committed."""

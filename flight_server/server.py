@@ -608,6 +608,8 @@ class QuiverFlightServer(flight.FlightServerBase):
                 query_timeout_seconds=limits.query_timeout_seconds,
                 max_concurrent_queries=limits.max_concurrent_queries,
                 max_concurrent_total=limits.max_concurrent_total,
+                max_rows=limits.max_rows,
+                swarms_with_limits=self.catalog.limits.count(),
             ),
         )
 

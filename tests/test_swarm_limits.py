@@ -481,3 +481,46 @@ def test_limits_survive_a_restart_and_go_with_their_swarm(tmp_path: Path) -> Non
         assert fetch(again, token, cmd(kind="query", sql="SELECT range FROM range(10)")).num_rows == 10
     finally:
         again.stop()
+
+
+def test_status_counts_the_swarms_with_limits(small: Server) -> None:
+    def status() -> dict[str, Any]:
+        return dict(small.http().get("/v1/status").json()["queries"]["limits"])
+
+    before = status()["swarms_with_limits"]
+    swarm = new_swarm(small, "status")
+    assert put_limits(small, swarm, {"calls_per_minute": 100}).status_code == 200
+    assert status() == {
+        "query_timeout_seconds": 20.0,
+        "max_concurrent_queries": 3,
+        "max_concurrent_total": 12,
+        "max_rows": 1000,
+        "swarms_with_limits": before + 1,
+    }
+    assert small.http().delete(f"/v1/swarms/{swarm}/limits").status_code == 200
+    assert status()["swarms_with_limits"] == before
+
+
+@pytest.mark.parametrize(
+    ("limits", "needle"),
+    [
+        (
+            {"max_rows": 1000, "max_rows_ceiling": 999},
+            "limits.max_rows_ceiling (999) is below limits.max_rows (1000)",
+        ),
+        (
+            {"query_timeout_seconds": 30, "query_timeout_ceiling_seconds": 10},
+            "limits.query_timeout_ceiling_seconds (10) is below limits.query_timeout_seconds (30)",
+        ),
+    ],
+)
+def test_a_ceiling_below_its_limit_is_refused_at_start(
+    tmp_path: Path, limits: dict[str, Any], needle: str
+) -> None:
+    from catalog.config import ConfigError, load_config
+
+    path = tmp_path / "quiver.toml"
+    path.write_text("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items()))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert needle in str(caught.value)
