@@ -524,3 +524,96 @@ def test_a_ceiling_below_its_limit_is_refused_at_start(
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert needle in str(caught.value)
+
+
+def test_mcp_run_query_reads_under_the_swarms_row_cap(server: Server) -> None:
+    """MCP's run_query asks for its own default rows (``[mcp] default_rows``, 100): under a
+    swarm cap below that it answers the cap's rows and says so, instead of refusing every
+    call for a max_rows the agent never chose."""
+    from tests.test_mcp import ok, tool
+
+    swarm = new_swarm(server, "mcp")
+    token = server.mint("agent", swarm, "llm")
+    assert put_limits(server, swarm, {"per_agent": {"max_rows": 4}}).status_code == 200
+    answer = ok(
+        tool(server, "run_query", {"sql": "SELECT range AS i FROM range(50)", "format": "json"}, token)
+    )
+    assert answer["rows_returned"] == 4 and answer["truncated"] and answer["max_rows"] == 4
+    # Within the cap, the tool's own max_rows still applies.
+    answer = ok(tool(server, "run_query", {"sql": "SELECT range AS i FROM range(50)", "max_rows": 2}, token))
+    assert answer["rows_returned"] == 2 and answer["max_rows"] == 2
+
+
+def action(server: Server, token: str, name: str, body: Any) -> Any:
+    raw = json.dumps(body).encode()
+    result = next(iter(server.flight().do_action(flight.Action(name, raw), call_options(token))))
+    return json.loads(result.body.to_pybytes())
+
+
+def test_an_async_query_is_cut_at_the_swarms_row_cap(server: Server) -> None:
+    swarm = new_swarm(server, "async")
+    token = server.mint("agent", swarm, "bg")
+    assert put_limits(server, swarm, {"per_agent": {"max_rows": 3}}).status_code == 200
+    query = action(server, token, "submit-query", {"sql": "SELECT range AS i FROM range(40)"})
+
+    def finished() -> dict[str, Any] | None:
+        status = action(server, token, "query-status", {"id": query["id"]})
+        return status if status["state"] == "succeeded" else None
+
+    status = wait_until(finished, 30, what="the async query")
+    assert status["max_rows"] == 3 and status["max_rows_reason"] == "server_max_rows"
+    assert status["truncated"] is True and status["rows"] == 3
+
+
+def test_racing_calls_never_pass_the_rate(server: Server) -> None:
+    """Twelve threads of one swarm call at once against 5 calls a minute (the clock stands
+    still): exactly five pass, the rest are 429 with the rate's sentence."""
+    swarm = new_swarm(server, "burst")
+    assert put_limits(server, swarm, {"calls_per_minute": 5}).status_code == 200
+    clients = [server.http(server.mint("agent", swarm, f"b{i}")) for i in range(12)]
+    start = threading.Barrier(len(clients))
+    answers: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def call(client: httpx.Client) -> None:
+        start.wait()
+        r = client.post("/v1/query", json={"sql": "SELECT 1 AS one"})
+        with lock:
+            answers.append(r)
+
+    threads = [threading.Thread(target=call, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [200] * 5 + [429] * 7, [(r.status_code, r.text[:200]) for r in answers]
+    assert all("calls a minute" in r.json()["detail"] for r in answers if r.status_code == 429)
+
+
+def test_flight_sql_statements_run_under_the_swarms_limits(server: Server) -> None:
+    """Flight SQL plans onto the same planner and admission: the row cap and the rate apply."""
+    from adbc_driver_manager import OperationalError as adbc_error
+
+    from tests.test_flight_sql import connect
+
+    swarm = new_swarm(server, "fsql")
+    token = server.mint("agent", swarm, "bi")
+    assert put_limits(server, swarm, {"per_agent": {"max_rows": 6}}).status_code == 200
+    conn = connect(server, token)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT range AS i FROM range(100)")
+            assert cur.fetch_arrow_table().num_rows == 6
+        # Statement calls count against the rate like any other (GetFlightInfo, DoGet).
+        assert put_limits(server, swarm, {"per_agent": {"calls_per_minute": 2}}).status_code == 200
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 AS one")
+            assert cur.fetch_arrow_table().num_rows == 1
+            # RESOURCE_EXHAUSTED travels as a FlightServerError (gRPC UNKNOWN: errors.md), its
+            # sentence intact.
+            with pytest.raises(adbc_error, match=r"per_agent\.calls_per_minute"):
+                cur.execute("SELECT 2 AS two")
+                cur.fetch_arrow_table()
+    finally:
+        conn.close()
