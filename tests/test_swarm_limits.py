@@ -275,8 +275,7 @@ def test_a_swarm_wide_bound_counts_all_its_principals_together(server: Server) -
             assert f"of swarm {swarm}: 2 are running and its limit is 2" in info["detail"]
         # Another swarm is not affected.
         assert fetch(server, outsider, cmd(kind="query", sql="SELECT 5 AS five")).num_rows == 1
-        # Endpoints of a query already admitted join its slot: a second copy of the same
-        # stream would grow it, and is refused.
+        # A slot given back is the swarm's again: the third agent runs now.
         held[0].cancel()
         held.pop(0)
         wait_until(lambda: slots(server) == 1, 20, what="the cancelled stream's slot")
@@ -356,7 +355,12 @@ def test_calls_per_minute_refuse_before_any_work_and_refill_with_the_clock(
     # ... and cleared, it no longer applies (the next request).
     assert server.http().delete(f"/v1/swarms/{swarm}/limits").status_code == 200
     assert peer.post("/v1/query", json={"sql": "SELECT 8 AS i"}).status_code == 200
-    # The refusals are in the query log.
+    # The refusals are in the query log, and counted by reason on /metrics.
+    metrics = server.http().get("/metrics").text
+    line = next(
+        x for x in metrics.splitlines() if x.startswith('quiver_admission_refusals_total{reason="rate"}')
+    )
+    assert float(line.split()[-1]) >= 3  # HTTP, Flight, HTTP after the refill
     records = server.catalog.query_log.query(agent="chatty", swarm=swarm).queries
     assert any(q.outcome == "refused" and q.error_code == "RESOURCE_EXHAUSTED" for q in records)
 
