@@ -106,10 +106,8 @@ class Admission:
         # Per-swarm limits (catalog/limits.py); None: [limits] for everyone.
         self._overrides = overrides
         self._global = global_limits(limits)
-        self.per_principal = limits.max_concurrent_queries
         self.total = limits.max_concurrent_total
         self.wait_seconds = float(limits.admission_wait_seconds)
-        self.timeout_seconds = float(limits.query_timeout_seconds)
         self._db = db
         self.watchdog = watchdog
         self._principals: dict[str, _Principal] = {}
