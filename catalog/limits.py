@@ -239,6 +239,9 @@ class SwarmLimits:
         self._swarms = swarms
         self._lock = threading.Lock()
         self._limits: dict[str, SwarmLimitsBody] = {}
+        # (swarm, agent token?) -> what applies, resolved once per change: the lookup is on
+        # every request's path (a few µs to resolve, a dictionary read once resolved).
+        self._resolved: dict[tuple[str, bool], Effective] = {}
         self._global = global_limits(config)
         self.buckets = TokenBuckets(clock)
         with db.reading() as cur:
@@ -263,6 +266,7 @@ class SwarmLimits:
             self._writes.run("set limits", write)
             with self._lock:
                 self._limits[swarm] = body
+                self._forget(swarm)
         log.info("limits.set", swarm=swarm, limits=text)
         return self.get(swarm)
 
@@ -277,6 +281,7 @@ class SwarmLimits:
             self._writes.run("clear limits", write)
             with self._lock:
                 self._limits.pop(swarm, None)
+                self._forget(swarm)
         log.info("limits.cleared", swarm=swarm)
         return self.get(swarm)
 
@@ -305,9 +310,14 @@ class SwarmLimits:
         def apply() -> None:
             with self._lock:
                 self._limits.pop(swarm, None)
+                self._forget(swarm)
             self.buckets.drop(f"{swarm}\x00")
 
         return apply
+
+    def _forget(self, swarm: str) -> None:
+        self._resolved.pop((swarm, False), None)
+        self._resolved.pop((swarm, True), None)
 
     @staticmethod
     def _require_swarm(cur: duckdb.DuckDBPyConnection, swarm: str) -> None:
@@ -321,11 +331,17 @@ class SwarmLimits:
         swarm = principal.swarm
         if swarm is None:
             return self._global
+        key = (swarm, principal.agent is not None)
         with self._lock:
+            hit = self._resolved.get(key)
+            if hit is not None:
+                return hit
             body = self._limits.get(swarm)
-        if body is None:
-            return self._global
-        return self._resolve(swarm, body, agent=principal.agent is not None)
+            if body is None:
+                return self._global
+            # Resolved under the lock, so a write's _forget cannot be overtaken by a stale one.
+            resolved = self._resolved[key] = self._resolve(swarm, body, agent=key[1])
+        return resolved
 
     def _resolve(self, swarm: str, body: SwarmLimitsBody, *, agent: bool) -> Effective:
         g, config = self._global, self._config

@@ -621,3 +621,37 @@ def test_flight_sql_statements_run_under_the_swarms_limits(server: Server) -> No
                 cur.fetch_arrow_table()
     finally:
         conn.close()
+
+
+def test_limit_writes_racing_the_swarms_deletion_leave_nothing_behind(server: Server) -> None:
+    """PUTs racing the swarm's DELETE: each PUT either committed before the deletion (which
+    then took it) or found no swarm (404); never a 500, and neither the database nor memory
+    keeps limits of a swarm that is gone."""
+    swarm = new_swarm(server, "doomed")
+    start = threading.Barrier(9)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def put(n: int) -> None:
+        start.wait()
+        code = put_limits(server, swarm, {"max_rows": n}).status_code
+        with lock:
+            statuses.append(code)
+
+    def remove() -> None:
+        start.wait()
+        code = server.http().delete(f"/v1/swarms/{swarm}").status_code
+        with lock:
+            statuses.append(code)
+
+    threads = [threading.Thread(target=put, args=(n,)) for n in range(1, 9)]
+    threads.append(threading.Thread(target=remove))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(statuses) <= {200, 204, 404}, statuses
+    assert server.http().get(f"/v1/swarms/{swarm}/limits").status_code == 404
+    assert stored(server, swarm) == []
+    assert server.http().post("/v1/swarms", json={"name": swarm, "tables": ["demo.*"]}).status_code == 201
+    assert saved(server, swarm)["limits"] == {}  # memory holds nothing of the old swarm
