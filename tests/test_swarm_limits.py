@@ -463,6 +463,9 @@ def test_concurrent_limit_writes_serialize(server: Server) -> None:
     served = saved(server, swarm)["limits"]
     assert served in [*bodies, {}]
     assert stored(server, swarm) == ([served] if served else [])  # memory is what committed
+    # ... and so is what the data plane applies.
+    rows = fetch(server, server.mint("swarm", swarm), cmd(kind="query", sql="SELECT range FROM range(100)"))
+    assert rows.num_rows == served.get("max_rows", 100)
 
 
 def test_limits_survive_a_restart_and_go_with_their_swarm(tmp_path: Path) -> None:
