@@ -140,7 +140,7 @@ class Admission:
             self._take_call(principal, limits)
         subject = principal.subject
         with self._cond:
-            self._check_share(subject, query, index, limits)
+            self._check_share(principal, query, index, limits)
             if self._running >= self.total:
                 deadline = time.monotonic() + self.wait_seconds
                 while self._running >= self.total:
@@ -153,8 +153,10 @@ class Admission:
                         )
                     self._cond.wait(left)
                 # This principal's (or its swarm's) own streams may have started meanwhile.
-                self._check_share(subject, query, index, limits)
-            self._take(subject, limits.swarm, query, index)
+                self._check_share(principal, query, index, limits)
+            # Counted under its swarm whether or not the swarm has limits now: a bound set
+            # later counts what already runs.
+            self._take(subject, principal.swarm, query, index)
         return self._releaser(subject, query, index)
 
     def admit_call(self, principal: Principal, *, budget: bool = True) -> None:
@@ -187,11 +189,11 @@ class Admission:
             self._refused("budget")
             raise
 
-    def _check_share(self, subject: str, query: str, index: int, limits: Effective) -> None:
+    def _check_share(self, principal: Principal, query: str, index: int, limits: Effective) -> None:
         """Refuse a principal whose queries already fill its share — its own, or its swarm's
         together — unless this stream joins a query it holds (another endpoint of the same
         FlightInfo), which takes no new slot."""
-        holder = self._principals.get(subject)
+        holder = self._principals.get(principal.subject)
         held = 0
         if holder is not None:
             entry = holder.queries.get(query)
@@ -205,7 +207,7 @@ class Admission:
                 f"is {limits.max_concurrent_queries} per principal ({limits.concurrency_source}); "
                 "wait for one to finish, then retry"
             )
-        swarm, cap = limits.swarm, limits.swarm_max_concurrent
+        swarm, cap = principal.swarm, limits.swarm_max_concurrent
         if swarm is not None and cap is not None:
             members = self._swarm_members.get(swarm, ())
             together = sum(self._principals[m].slots for m in members if m in self._principals)

@@ -658,3 +658,24 @@ def test_limit_writes_racing_the_swarms_deletion_leave_nothing_behind(server: Se
     assert stored(server, swarm) == []
     assert server.http().post("/v1/swarms", json={"name": swarm, "tables": ["demo.*"]}).status_code == 201
     assert saved(server, swarm)["limits"] == {}  # memory holds nothing of the old swarm
+
+
+def test_a_swarm_bound_set_while_its_agents_run_counts_what_runs(server: Server) -> None:
+    """The bound applies to the next request and counts the swarm's queries already running,
+    including those admitted before the swarm had limits."""
+    swarm = new_swarm(server, "late")
+    early, late = server.mint("agent", swarm, "early"), server.mint("agent", swarm, "late")
+    held = [hold(server, early)]  # admitted while the swarm had no limits
+    try:
+        assert put_limits(server, swarm, {"max_concurrent": 1}).status_code == 200
+        info = refusal(lambda: hold(server, late))
+        assert info["code"] == "RESOURCE_EXHAUSTED"
+        assert f"of swarm {swarm}: 1 are running and its limit is 1" in info["detail"]
+    finally:
+        for reader in held:
+            reader.cancel()
+    wait_idle(server)
+    held = [hold(server, late)]  # the slot is free again
+    for reader in held:
+        reader.cancel()
+    wait_idle(server)
