@@ -1,8 +1,8 @@
 """Per-swarm (and per-agent) overrides of ``[limits]``: a swarm's own ``max_rows``, query
 timeout, concurrency and calls-per-minute rate (proto_docs/limits.md, "Per-swarm limits").
 
-Today's fleets share one swarm; the global ``[limits]`` fit no swarm in particular. An admin
-sets ``PUT /v1/swarms/{name}/limits`` with any of
+Without them, every fleet of agents shares the one global ``[limits]``, which fits no swarm
+in particular. An admin sets ``PUT /v1/swarms/{name}/limits`` with any of
 
 * ``max_rows`` — the row cap of a query's result (the same cut as ``[limits] max_rows``);
 * ``query_timeout_seconds`` — the query timeout (the same watchdog interrupt);
@@ -50,9 +50,6 @@ log = structlog.get_logger(__name__)
 
 Positive = Annotated[int, msgspec.Meta(ge=1, le=2**62)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400 * 365)]
-
-#: The keys of a limits body, in the order they are documented and checked.
-KEYS = ("max_rows", "query_timeout_seconds", "max_concurrent", "calls_per_minute")
 
 
 class LimitOverrides(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):

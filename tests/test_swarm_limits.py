@@ -472,12 +472,17 @@ def test_limits_survive_a_restart_and_go_with_their_swarm(tmp_path: Path) -> Non
     s = start_server(tmp_path, limits=SMALL_ROWS, tokens=QUIET)
     try:
         swarm = new_swarm(s, "kept")
-        assert put_limits(s, swarm, {"per_agent": {"max_rows": 3}}).status_code == 200
+        body = {"max_rows": 4000, "per_agent": {"max_rows": 3}}
+        assert put_limits(s, swarm, body).status_code == 200
     finally:
         s.stop()
-    again = start_server(tmp_path, limits=SMALL_ROWS, tokens=QUIET)
+    # Restarted with a lower ceiling: what was saved is kept, and held to the new ceiling.
+    again = start_server(tmp_path, limits={**SMALL_ROWS, "max_rows_ceiling": 2000}, tokens=QUIET)
     try:
-        assert saved(again, swarm)["limits"] == {"per_agent": {"max_rows": 3}}
+        assert saved(again, swarm)["limits"] == body
+        assert saved(again, swarm)["effective"]["max_rows"] == 2000
+        wide = again.mint("swarm", swarm)
+        assert fetch(again, wide, cmd(kind="query", sql="SELECT range FROM range(3000)")).num_rows == 2000
         token = again.mint("agent", swarm, "k")
         assert fetch(again, token, cmd(kind="query", sql="SELECT range FROM range(10)")).num_rows == 3
         assert again.http().delete(f"/v1/swarms/{swarm}").status_code in (200, 204)
