@@ -63,6 +63,20 @@ class LimitsConfig(_Section):
     address_space_limit: str = "auto"
     # DuckDB worker threads; 0 = one per core.
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # How far a swarm's limits (PUT /v1/swarms/{name}/limits, catalog/limits.py) may loosen
+    # max_rows and query_timeout_seconds; unset: not at all (an override may only tighten).
+    max_rows_ceiling: PositiveInt | None = None
+    query_timeout_ceiling_seconds: PositiveFloat | None = None
+
+    @property
+    def rows_ceiling(self) -> int:
+        """The most rows a swarm's override may allow (catalog/limits.py)."""
+        return self.max_rows_ceiling or self.max_rows
+
+    @property
+    def timeout_ceiling(self) -> float:
+        """The longest query timeout a swarm's override may allow (catalog/limits.py)."""
+        return float(self.query_timeout_ceiling_seconds or self.query_timeout_seconds)
 
 
 class FlightConfig(_Section):
@@ -457,6 +471,19 @@ def _check(config: Config) -> None:
         parse_size(limits.memory_limit, "limits.memory_limit")
     if limits.address_space_limit.strip().lower() not in ("auto", "off"):
         parse_size(limits.address_space_limit, "limits.address_space_limit")
+    # A ceiling is how far a swarm's limits may raise the value (catalog/limits.py).
+    if limits.max_rows_ceiling is not None and limits.max_rows_ceiling < limits.max_rows:
+        raise ConfigError(
+            f"limits.max_rows_ceiling ({limits.max_rows_ceiling}) is below limits.max_rows "
+            f"({limits.max_rows}): it is how far a swarm's limits may raise max_rows"
+        )
+    timeout_ceiling = limits.query_timeout_ceiling_seconds
+    if timeout_ceiling is not None and timeout_ceiling < limits.query_timeout_seconds:
+        raise ConfigError(
+            f"limits.query_timeout_ceiling_seconds ({timeout_ceiling:g}) is below "
+            f"limits.query_timeout_seconds ({limits.query_timeout_seconds:g}): it is how far a "
+            "swarm's limits may raise the query timeout"
+        )
     _check_sync(config)
 
 

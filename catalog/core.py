@@ -27,6 +27,7 @@ from catalog.errors import QuiverError, Unavailable
 from catalog.exports import Exports
 from catalog.identity import Principal, WhoAmI
 from catalog.keys import KeyRing, write_private_atomic
+from catalog.limits import SwarmLimits
 from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
 from catalog.query_log import QueryLog
@@ -78,6 +79,8 @@ class Catalog:
         self.metrics = Metrics()
         self.budgets = Budgets(self.db, clock, self.swarms.writes, self.swarms)
         self.metrics.registry.register(UsageCollector(self.budgets))
+        # Per-swarm overrides of [limits], applied by the admission path (catalog/limits.py).
+        self.limits = SwarmLimits(self.db, config.limits, clock, self.swarms.writes, self.swarms)
         self.query_log = QueryLog(self.db, config.query_log, clock, self.budgets)
         self.retention = Retention(
             config.audit, self.audit, self.swarms.writes, self.metrics, self.query_log, config.query_log
@@ -119,13 +122,14 @@ class Catalog:
 
     def delete_swarm(self, name: str) -> None:
         """A swarm goes with its allowlist and every token it holds, atomically."""
-        budgets = self.budgets
+        budgets, limits = self.budgets, self.limits
 
         def revoke(cur: duckdb.DuckDBPyConnection, swarm: str) -> Callable[[], object]:
-            # Its budget and counters go in the same transaction: a swarm re-created under
-            # the name starts with none.
+            # Its budget, counters and limits go in the same transaction: a swarm re-created
+            # under the name starts with none.
             revoked, dropped = self.tokens.revoke_swarm(cur, swarm), budgets.drop(cur, swarm)
-            return lambda: (revoked(), dropped())
+            unlimited = limits.drop(cur, swarm)
+            return lambda: (revoked(), dropped(), unlimited())
 
         self.swarms.delete(name, revoke_tokens_of=revoke)
 

@@ -225,11 +225,12 @@ class Metrics:
             "quiver_admission_refusals_total",
             "Calls refused by admission, by reason (per_principal: a principal's share is full; "
             "total: the server stayed full for admission_wait_seconds; budget: a usage budget "
-            "of the caller's swarm or agent is spent).",
+            "of the caller's swarm or agent is spent; swarm: the swarm's max_concurrent is "
+            "full; rate: over the swarm's or agent's calls_per_minute).",
             ["reason"],
             registry=self.registry,
         )
-        for reason in ("per_principal", "total", "budget"):
+        for reason in ("per_principal", "total", "budget", "swarm", "rate"):
             self.admission_refusals.labels(reason)
         # Backups (catalog/backup.py): set where a snapshot finishes, however it was asked for.
         self.backup_last_success = Gauge(

@@ -60,9 +60,14 @@ class CatalogStatus(msgspec.Struct, kw_only=True):
 
 
 class QueryLimits(msgspec.Struct, kw_only=True):
+    """The server's ``[limits]``, and how many swarms have limits of their own on top
+    (``PUT /v1/swarms/{name}/limits``, catalog/limits.py)."""
+
     query_timeout_seconds: float
     max_concurrent_queries: int
     max_concurrent_total: int
+    max_rows: int
+    swarms_with_limits: int
 
 
 class QueriesStatus(msgspec.Struct, kw_only=True):

@@ -24,7 +24,7 @@ from control_plane.context import DEPENDENCIES, Access
 from control_plane.errors import EXCEPTION_HANDLERS, is_aborted
 from control_plane.gate import MAX_JSON_BODY, gate
 from control_plane.models import ErrorBody
-from control_plane.routes import admin, artefacts, backup, exports, public, query, swarms, tokens
+from control_plane.routes import admin, artefacts, backup, exports, limits, public, query, swarms, tokens
 
 log = structlog.get_logger("control_plane")
 
@@ -33,6 +33,7 @@ log = structlog.get_logger("control_plane")
 ROUTERS: list[Router] = [
     public.ROUTER,
     swarms.ROUTER,
+    limits.ROUTER,
     tokens.ROUTER,
     admin.ROUTER,
     backup.ROUTER,
@@ -51,8 +52,8 @@ _WHY = {
     413: "The request body is larger than the limit (an upload: [artefacts] max_upload_bytes or the swarm's quota)",
     415: "The body is not sent as 'Content-Type: application/json' (an upload: 'multipart/form-data')",
     416: "The range lies past the end of the content (Content-Range: bytes */size)",
-    422: "Well-formed but out of range (e.g. ttl_seconds above the configured maximum) or invalid in meaning (an allowlist rule, attributes)",
-    429: "Over a limit: too many concurrent queries (yours, or the server's after a wait)",
+    422: "Well-formed but out of range (e.g. ttl_seconds above the configured maximum) or invalid in meaning (an allowlist rule, attributes, limits)",
+    429: "Over a limit: too many concurrent queries (yours, your swarm's, or the server's after a wait), a calls-per-minute rate or a usage budget",
     504: "The query ran past the query timeout ([limits] query_timeout_seconds)",
     503: "Not ready: a listener is down",
 }
@@ -65,6 +66,9 @@ _DOMAIN_STATUSES: dict[str, set[int]] = {
     "put_attributes": {409, 422},
     "put_budget": {404, 409, 422},
     "get_usage": {404},
+    "get_limits": {404},
+    "put_limits": {404, 409, 422},
+    "delete_limits": {404, 409},
     "create_token": {403, 404, 409, 422},
     "refresh_token": {403, 409, 422},
     "revoke_token": {409},

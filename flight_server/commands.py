@@ -431,8 +431,10 @@ def _split_dotted(name: str) -> list[str] | None:
 
 
 # --- checks against [limits] -----------------------------------------------------------
-def check_query(cmd: QueryCommand, limits: LimitsConfig) -> int:
-    """Validate a query command; return the row cap to apply."""
+def check_query(cmd: QueryCommand, max_rows: int, source: str = "[limits] max_rows") -> int:
+    """Validate a query command; return the row cap to apply: the caller's own ``max_rows``,
+    which may not exceed ``max_rows`` — the server's cap for the caller, set by ``source``
+    (``[limits] max_rows`` or the caller's swarm's limits, catalog/limits.py)."""
     if not cmd.sql.strip():
         raise InvalidArgument("field 'sql' is empty: send one SELECT statement")
     if len(cmd.sql) > MAX_SQL_CHARS:
@@ -444,10 +446,11 @@ def check_query(cmd: QueryCommand, limits: LimitsConfig) -> int:
             f"field 'params' has {len(cmd.params)} values; at most {MAX_PARAMS} are accepted"
         )
     if cmd.max_rows is None:
-        return limits.max_rows
-    if not 1 <= cmd.max_rows <= limits.max_rows:
+        return max_rows
+    if not 1 <= cmd.max_rows <= max_rows:
         raise InvalidArgument(
-            f"field 'max_rows' must be between 1 and {limits.max_rows} (the server's limit), got {cmd.max_rows}"
+            f"field 'max_rows' must be between 1 and {max_rows} (the server's limit: {source}), "
+            f"got {cmd.max_rows}"
         )
     return cmd.max_rows
 

@@ -138,7 +138,8 @@ def duckdb_error(
     if isinstance(exc, duckdb.InterruptException):
         if timed_out:
             return DeadlineExceeded(
-                f"query interrupted after {timeout_seconds:g} s ([limits] query_timeout_seconds): "
+                f"query interrupted after {timeout_seconds:g} s, the query timeout ([limits] "
+                "query_timeout_seconds, or your swarm's limits: proto_docs/limits.md): "
                 "narrow it (filters, LIMIT, fewer joins) or submit it with the submit-query action"
             )
         return Cancelled("query interrupted (cancelled, or the server is shutting down)")

@@ -292,7 +292,7 @@ class Planner:
             return None
         version = self._version(ref)
         held = cache.peek(ref, version)
-        if held is None or held.rows > self.limits.max_rows:
+        if held is None or part.cap is None or held.rows > part.cap:
             return None
         schema, picked = held.schema, None
         if columns:
@@ -343,7 +343,7 @@ class Planner:
         ref = guarded.tables[0]
         with self.catalog.db.reading() as cur:
             rows = _count(cur, ref)
-            if rows < self._split_threshold or rows > self.limits.max_rows:
+            if rows < self._split_threshold or part.cap is None or rows > part.cap:
                 return None
             columns = table_schema(cur, ref)
             if _has_rowid_column(columns):
@@ -563,9 +563,12 @@ class Planner:
     def query_part(self, principal: Principal, cmd: QueryCommand) -> tuple[GuardedQuery, SqlPart]:
         """The checks of a query — its size against ``[limits]``, the guard — and the part
         that runs it under its row cap: the caller's ``max_rows`` as DuckDB's ``LIMIT``, the
-        server's cut from the stream (flight_server/plans.py). Every path that runs a query
-        starts here (GetFlightInfo, submit-query, flight_server/runner.py)."""
-        cap = cmds.check_query(cmd, self.limits)
+        server's cut from the stream (flight_server/plans.py) — the server's cap for this
+        principal: ``[limits] max_rows`` or its swarm's override (:meth:`Admission.limits_for`).
+        Every path that runs a query starts here (GetFlightInfo, submit-query,
+        flight_server/runner.py)."""
+        limits = self.admission.limits_for(principal)
+        cap = cmds.check_query(cmd, limits.max_rows, limits.max_rows_source)
         guarded = self.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
         if cmd.max_rows is not None:
@@ -643,7 +646,7 @@ class Planner:
                 schema = rel.to_arrow_table().schema
             except duckdb.Error as e:
                 raise duckdb_error(
-                    e, timed_out=deadline.fired, timeout_seconds=self.admission.timeout_seconds, wrapped=True
+                    e, timed_out=deadline.fired, timeout_seconds=deadline.seconds, wrapped=True
                 ) from None
         check_result_type(schema)
         self._schemas[key] = (now + self.SCHEMA_CACHE_SECONDS, schema)

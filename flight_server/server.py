@@ -203,7 +203,9 @@ class QuiverFlightServer(flight.FlightServerBase):
         limits = catalog.config.limits
         self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds, catalog.clock)
         self.watchdog = Watchdog()
-        self.admission = Admission(limits, catalog.db, self.watchdog, catalog.metrics, catalog.budgets)
+        self.admission = Admission(
+            limits, catalog.db, self.watchdog, catalog.metrics, catalog.budgets, catalog.limits
+        )
         self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)
         self.profiles = ProfileCache.for_catalog(catalog)
         self.queries = QueryManager.for_catalog(catalog)
@@ -222,7 +224,13 @@ class QuiverFlightServer(flight.FlightServerBase):
         )
         self.cache = ResultCache.for_catalog(catalog)
         self.streamer = Streamer(
-            catalog, self.watchdog, self.profiles, self.queries, self.cache, self.versions
+            catalog,
+            self.watchdog,
+            self.profiles,
+            self.queries,
+            self.cache,
+            self.versions,
+            self.admission.limits_for,
         )
         # GetFlightInfo of a query runs it once through the streamer (planned once).
         self.planner.runner = self.streamer
@@ -301,8 +309,9 @@ class QuiverFlightServer(flight.FlightServerBase):
             # Recorded only when refused: a planned request is recorded by its DoGet.
             facts = state.query = QueryFacts(kind="unknown", failures_only=True)
             sql = self._is_flight_sql(descriptor)
-            if not sql:  # Flight SQL: metadata is free; a statement is checked when it runs
-                self.admission.check_budget(principal)
+            # One call of the swarm's calls per minute, before any work; the budgets too, but
+            # Flight SQL metadata is free (a statement's budget is checked when it plans).
+            self.admission.admit_call(principal, budget=not sql)
             if sql:
                 facts.kind, facts.via = "query", "flight-sql"
                 plan = self.sql.plan(principal, descriptor.command, execute=True)
@@ -340,6 +349,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.SchemaResult:
         def run(principal: Principal, state: CallState) -> flight.SchemaResult:
+            self.admission.admit_call(principal, budget=False)  # planning checks the budget
             if self._is_flight_sql(descriptor):
                 plan = self.sql.plan(principal, descriptor.command, execute=False)
             else:
@@ -400,6 +410,7 @@ class QuiverFlightServer(flight.FlightServerBase):
                 facts = state.query = QueryFacts(kind="query")
                 query = commands.decode_body(body, commands.QueryCommand, action.type)
                 facts.sql, facts.params = query.sql, len(query.params or ())
+                self.admission.admit_call(principal)  # its workers run it outside admission
                 return [
                     msgspec.json.encode(
                         self.queries.submit(principal, self.planner.prepare(principal, query))
@@ -597,6 +608,8 @@ class QuiverFlightServer(flight.FlightServerBase):
                 query_timeout_seconds=limits.query_timeout_seconds,
                 max_concurrent_queries=limits.max_concurrent_queries,
                 max_concurrent_total=limits.max_concurrent_total,
+                max_rows=limits.max_rows,
+                swarms_with_limits=self.catalog.limits.count(),
             ),
         )
 

@@ -44,6 +44,7 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, Principal, TableRef, Unavailable
+from catalog.limits import Effective
 from catalog.query_port import RunningQuery
 from flight_server.admission import Admission
 from flight_server.cache import CacheKey, ResultCache
@@ -88,8 +89,11 @@ class Streamer:
         queries: QueryManager,
         cache: ResultCache,
         versions: VersionWatch,
+        limits_for: Callable[[Principal], Effective],
     ) -> None:
         self.catalog = catalog
+        # A principal's limits (its swarm's query timeout): Admission.limits_for.
+        self._limits_for = limits_for
         self.watchdog = watchdog
         self.profiles = profiles
         self._queries = queries
@@ -103,9 +107,12 @@ class Streamer:
         #: tests and /v1/status (a fresh point query is run, and planned, once).
         self.executions = 0
 
-    @property
-    def timeout(self) -> float:
-        return float(self.catalog.config.limits.query_timeout_seconds)
+    def timeout_for(self, principal: Principal | None) -> float:
+        """The query timeout of ``principal``'s request: ``[limits] query_timeout_seconds`` or
+        its swarm's override (catalog/limits.py)."""
+        if principal is None:
+            return float(self.catalog.config.limits.query_timeout_seconds)
+        return self._limits_for(principal).query_timeout_seconds
 
     def close(self) -> None:
         """Close the spare cursors (at server shutdown)."""
@@ -169,8 +176,9 @@ class Streamer:
         lease = _Lease(cur)
         state.cleanups.append(lease.close)
         deadline: Deadline | None = None
+        timeout = self.timeout_for(state.principal)
         if plan.timeout:
-            deadline = self.watchdog.arm(self.timeout, cur.interrupt)
+            deadline = self.watchdog.arm(timeout, cur.interrupt)
             state.deadline = deadline
             state.cleanups.append(lambda: Watchdog.disarm(deadline))
         try:
@@ -181,7 +189,7 @@ class Streamer:
                 self.executions += 1
                 reader = self._sql(cur, part, None)
                 return flight.GeneratorStream(
-                    reader.schema, _labelled(reader, state.request_id, deadline, self.timeout), options=_IPC
+                    reader.schema, _labelled(reader, state.request_id, deadline, timeout), options=_IPC
                 )
             if part.row_cap is not None:  # a query or a percent sample: a cut must be reported
                 return self._capped_stream(cur, key, part, state, deadline, lease)
@@ -195,7 +203,7 @@ class Streamer:
             raise duckdb_error(
                 e,
                 timed_out=deadline is not None and deadline.fired,
-                timeout_seconds=self.timeout,
+                timeout_seconds=timeout,
                 wrapped=wrapped,
             ) from None
 
@@ -233,7 +241,7 @@ class Streamer:
             entry = self.cache.peek(key)
             if entry is not None:
                 return entry.schema, part, True
-        budget = min(self.INFO_RUN_SECONDS, admission.timeout_seconds / 2)
+        budget = min(self.INFO_RUN_SECONDS, self.timeout_for(principal) / 2)
         schema: pa.Schema | None = None
         try:
             # The cursor goes back to the spare ones only when the result was read to its end.
@@ -295,7 +303,7 @@ class Streamer:
         until :meth:`RunningQuery.close`."""
         cap = part.row_cap
         assert cap is not None  # a query always has a cap
-        timeout = self.timeout if timeout_seconds is None else float(timeout_seconds)
+        timeout = self.timeout_for(principal) if timeout_seconds is None else float(timeout_seconds)
         release = admission.acquire(principal, "run-" + secrets.token_hex(6))
         held: list[Callable[[], None]] = [release]
 
@@ -386,7 +394,7 @@ class Streamer:
         if plan.kind not in ("sample", "profile"):
             raise ValueError(f"read_plan reads samples and profiles, not {plan.kind!r}")
         tables: list[pa.Table] = []
-        with admission.planning(principal, self._cursors) as (cur, deadline):
+        with admission.planning(principal, self._cursors, call=True) as (cur, deadline):
             try:
                 for part in plan.parts:
                     if isinstance(part, CachedPart):
@@ -407,7 +415,7 @@ class Streamer:
                     else:  # pragma: no cover - samples and profiles have no other parts
                         raise TypeError(f"unexpected part {type(part).__name__}")
             except duckdb.Error as e:
-                raise duckdb_error(e, timed_out=deadline.fired, timeout_seconds=self.timeout) from None
+                raise duckdb_error(e, timed_out=deadline.fired, timeout_seconds=deadline.seconds) from None
         if not tables:
             return plan.schema.empty_table()
         return pa.concat_tables([t.cast(plan.schema) if t.schema != plan.schema else t for t in tables])
@@ -464,7 +472,8 @@ class Streamer:
         of proto_docs/errors.md (a timeout mid-stream is then DEADLINE_EXCEEDED with extra_info)."""
         cap = part.row_cap
         assert cap is not None
-        timeout, request_id = self.timeout, state.request_id
+        timeout = deadline.seconds if deadline is not None else self.timeout_for(state.principal)
+        request_id = state.request_id
         wrapped = part.limit is not None
         try:
             ran = self._run_capped(cur, key, part)
@@ -559,7 +568,8 @@ class Streamer:
         if not fill.live:
             return flight.RecordBatchStream(reader, options=_IPC)
         state.fields["cache"] = "table-fill"
-        feeding = _feeding(reader, fill, part.fill_index, state.request_id, deadline, self.timeout)
+        timeout = deadline.seconds if deadline is not None else self.timeout_for(state.principal)
+        feeding = _feeding(reader, fill, part.fill_index, state.request_id, deadline, timeout)
         return flight.GeneratorStream(reader.schema, feeding, options=_IPC)
 
     @staticmethod

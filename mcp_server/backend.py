@@ -117,6 +117,10 @@ class LocalBackend:
         return self._runner.read(self.principal, command, via=VIA)
 
     def query(self, sql: str, params: Sequence[Any], max_rows: int) -> Rows:
+        # The tool's own row count (its default included) within the caller's cap: a swarm's
+        # limits may set it below [mcp] default_rows (catalog/limits.py), and a request for
+        # more than the cap is refused, not cut.
+        max_rows = min(max_rows, self._catalog.limits.limits_for(self.principal).max_rows)
         running = self._runner.run(self.principal, sql, params, max_rows, via=VIA)
         return Rows(
             running.reader, running.max_rows, running.cut, running.close, running.sent, running.failed

@@ -416,6 +416,7 @@ class ToolBox:
         max_rows = min(args.get("max_rows", cfg.default_rows), cfg.max_rows)
         fmt = args.get("format", "markdown")
         rows = backend.query(args["sql"], args.get("params", []), max_rows)
+        max_rows = rows.max_rows  # the backend may hold it to the caller's cap
         renderer: _Renderer | None = None
         try:
             renderer = _Renderer(fmt, rows.reader.schema.names, cfg.max_response_bytes)

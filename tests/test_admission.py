@@ -207,7 +207,13 @@ def test_a_call_over_the_global_bound_waits_for_a_slot(patient: Server) -> None:
 # --- status ----------------------------------------------------------------------------------------
 def test_status_shows_the_admission_limits(gated: Server) -> None:
     limits = gated.http().get("/v1/status").json()["queries"]["limits"]
-    assert limits == {"query_timeout_seconds": 30.0, "max_concurrent_queries": 2, "max_concurrent_total": 3}
+    assert limits == {
+        "query_timeout_seconds": 30.0,
+        "max_concurrent_queries": 2,
+        "max_concurrent_total": 3,
+        "max_rows": 10_000_000,
+        "swarms_with_limits": 0,
+    }
 
 
 # --- defect: values built from constants while planning (critical) ---------------------------------

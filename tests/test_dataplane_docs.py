@@ -47,6 +47,8 @@ def test_examples_run(server: Server, monkeypatch: pytest.MonkeyPatch, name: str
     monkeypatch.setenv("QUIVER_URL", server.flight_url)
     monkeypatch.setenv("QUIVER_TOKEN", server.demo_token)
     monkeypatch.setenv("QUIVER_OTHER_TOKEN", server.mint("agent", "demo", f"docs-{name}"))
+    monkeypatch.setenv("QUIVER_HTTP", server.http_url)  # limits.md: an admin sets a swarm's limits
+    monkeypatch.setenv("QUIVER_ADMIN_TOKEN", server.admin_token)
     code = blocks(name)
     assert code, f"{name} has no runnable example"
     session: dict[str, object] = {"__name__": f"proto_docs.{name}"}

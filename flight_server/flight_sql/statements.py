@@ -139,7 +139,7 @@ class Statements:
     def create(self, principal: Principal, sql: str) -> bytes:
         """``CreatePreparedStatement``: the packed ``ActionCreatePreparedStatementResult``."""
         command = cmds.QueryCommand(sql=sql)
-        cmds.check_query(command, self.planner.limits)
+        cmds.check_query(command, self.planner.limits.max_rows)
         guarded = self.planner.check_sql(principal, sql)
         count = guarded.param_count
         dataset = b""
