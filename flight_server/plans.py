@@ -92,6 +92,8 @@ class ProfilePart:
     ref: TableRef
     columns: tuple[str, ...] | None
     cached_only: bool = False
+    # The view a ruled read profiles (catalog/views.py); None: the table itself.
+    relation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -274,7 +274,7 @@ class QuiverFlightServer(flight.FlightServerBase):
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
         def run(principal: Principal, state: CallState) -> list[flight.FlightInfo]:
             refs = self.catalog.policy.readable_tables(principal)
-            infos = self.catalog.tables.describe(refs)
+            infos = self.catalog.policy.describe(principal, refs)  # a ruled table: its view's
             texts = self.catalog.descriptions.of(refs)
             changed = self.catalog.descriptions.freshness(refs)
             state.fields["tables"] = len(infos)
@@ -286,7 +286,9 @@ class QuiverFlightServer(flight.FlightServerBase):
                     info.rows,
                     -1,
                     # The table's and its columns' descriptions (proto_docs/listing.md).
-                    app_metadata=_listing_metadata(texts.get(info.ref.key()), changed.get(info.ref.key())),
+                    app_metadata=_listing_metadata(
+                        _visible(texts.get(info.ref.key()), info.schema), changed.get(info.ref.key())
+                    ),
                 )
                 for info in infos
             ]
@@ -630,6 +632,11 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.streamer.close()
         self.table_cache.invalidate(reason="shutdown")
         self.watchdog.stop()
+
+
+def _visible(text: TableDescription | None, schema: pa.Schema) -> TableDescription | None:
+    """The descriptions of the columns ``schema`` has (a ruled table's view lacks some)."""
+    return text.only(schema.names) if text is not None else None
 
 
 def _listing_metadata(text: TableDescription | None, changed_at: datetime | None) -> bytes:

@@ -373,9 +373,9 @@ class Streamer:
 
     def _profile(self, part: ProfilePart, cur: duckdb.DuckDBPyConnection) -> pa.Table:
         if part.cached_only:
-            cached = self.profiles.cached(part.ref, part.columns, cursor=cur)
+            cached = self.profiles.cached(part.ref, part.columns, cursor=cur, relation=part.relation)
             return cached if cached is not None else PROFILE_SCHEMA.empty_table()
-        return self.profiles.profile(part.ref, part.columns, cursor=cur)
+        return self.profiles.profile(part.ref, part.columns, cursor=cur, relation=part.relation)
 
     def read_plan(self, admission: Admission, principal: Principal, plan: Plan) -> pa.Table:
         """The whole result of a sample or profile plan for a caller outside Flight

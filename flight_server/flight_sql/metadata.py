@@ -442,7 +442,7 @@ class Metadata:
         """Each table's Arrow schema: the catalog's for warehouse tables, the stored IPC file's
         for an artefact (one that vanished since the listing is left out)."""
         tables = [r for r in refs if r.schema != ARTEFACT_SCHEMA]
-        out = {info.ref: info.schema for info in self.catalog.tables.describe(tables)}
+        out = {info.ref: info.schema for info in self.catalog.policy.describe(principal, tables)}
         for ref in refs:
             if ref.schema == ARTEFACT_SCHEMA:
                 try:
