@@ -733,10 +733,18 @@ class GuardedQuery:
     differ only in whitespace, comments or keyword case."""
     param_count: int = 0
     """How many positional parameters (``?`` or ``$n``) the statement expects."""
+    text: str = ""
+    """The caller's statement as given (:attr:`sql` before a rewrite): what logs, the query
+    log and query-status show. Empty means :attr:`sql`."""
     ruled: bool = False
     """True when :attr:`sql` is a rewrite reading ruled tables through their views
     (catalog/views.py): its text holds row filters, bound values and masks, so errors must
     not quote it, and nothing may serve it from a copy of a whole table."""
+
+    @property
+    def shown(self) -> str:
+        """:attr:`text`, or :attr:`sql` when there was no rewrite."""
+        return self.text or self.sql
 
     @property
     def fingerprint(self) -> str:
@@ -888,7 +896,12 @@ class SqlGuard:
         if views:
             text, normalized = self._rewrite(parsed, walk, views)
             return GuardedQuery(
-                sql=text, tables=tables, normalized=normalized, param_count=walk.param_count(), ruled=True
+                sql=text,
+                tables=tables,
+                normalized=normalized,
+                param_count=walk.param_count(),
+                text=parsed.text,
+                ruled=True,
             )
         return GuardedQuery(
             sql=parsed.text, tables=tables, normalized=parsed.normalized, param_count=walk.param_count()

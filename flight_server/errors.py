@@ -105,12 +105,14 @@ _LINE = re.compile(r"^LINE (\d+):(.*)$")
 _MAX_MESSAGE_CHARS = 4000
 
 
-def _clean(message: str, line_offset: int = 0) -> str:
+def _clean(message: str, line_offset: int = 0, *, quote_sql: bool = True) -> str:
     """DuckDB's message on one line, without catalog suggestions: "Did you mean …" may name a
     table the caller may not read, and existence must never leak (proto_docs/errors.md).
 
     DuckDB's ``LINE n: <text>`` context (and caret line) is folded into ``(LINE n: <text>)``;
-    ``line_offset`` corrects ``n`` when Quiver wrapped the caller's SQL (max_rows)."""
+    ``line_offset`` corrects ``n`` when Quiver wrapped the caller's SQL (max_rows).
+    ``quote_sql=False`` drops that context: the SQL run was rewritten to read ruled tables
+    through their views, and its text (row filters, bound values, masks) is not the caller's."""
     message = message[:_MAX_MESSAGE_CHARS]  # DuckDB can quote megabytes of the caller's SQL
     lines = [ln for ln in _SUGGESTION.sub("", message).strip().splitlines() if ln.strip()]
     if not lines:
@@ -124,7 +126,7 @@ def _clean(message: str, line_offset: int = 0) -> str:
             break
         if not set(ln.strip()) <= {"^"}:
             head = f"{head} {ln.strip()}"
-    return f"{head} ({context})" if context else head
+    return f"{head} ({context})" if context and quote_sql else head
 
 
 #: Lines Quiver puts before the caller's SQL when it caps the rows (flight_server.plans.limited).
@@ -132,7 +134,12 @@ WRAP_LINES = 1
 
 
 def duckdb_error(
-    exc: duckdb.Error, *, timed_out: bool = False, timeout_seconds: float = 0.0, wrapped: bool = False
+    exc: duckdb.Error,
+    *,
+    timed_out: bool = False,
+    timeout_seconds: float = 0.0,
+    wrapped: bool = False,
+    quote_sql: bool = True,
 ) -> QuiverError:
     """The QuiverError for a DuckDB failure, with DuckDB's message where it helps the caller."""
     if isinstance(exc, duckdb.InterruptException):
@@ -148,9 +155,9 @@ def duckdb_error(
             "narrow it or aggregate first"
         )
     if isinstance(exc, duckdb.PermissionException):
-        return PermissionDenied(_clean(str(exc)))
+        return PermissionDenied(_clean(str(exc), quote_sql=quote_sql))
     if isinstance(exc, _CALLER_ERRORS):
-        return InvalidArgument(_clean(str(exc), WRAP_LINES if wrapped else 0))
+        return InvalidArgument(_clean(str(exc), WRAP_LINES if wrapped else 0, quote_sql=quote_sql))
     return _Internal(exc)
 
 
@@ -221,7 +228,12 @@ def as_duckdb_error(exc: BaseException) -> duckdb.Error | None:
 
 
 def classify(
-    exc: BaseException, *, timed_out: bool = False, timeout_seconds: float = 0.0, wrapped: bool = False
+    exc: BaseException,
+    *,
+    timed_out: bool = False,
+    timeout_seconds: float = 0.0,
+    wrapped: bool = False,
+    quote_sql: bool = True,
 ) -> QuiverError | None:
     """The one classification of a failure: the caller-facing QuiverError, or None when it is
     a fault of Quiver's own (to be logged and answered INTERNAL). Used by every path that runs
@@ -233,7 +245,9 @@ def classify(
         return exc
     duck = as_duckdb_error(exc)
     if duck is not None:
-        err = duckdb_error(duck, timed_out=timed_out, timeout_seconds=timeout_seconds, wrapped=wrapped)
+        err = duckdb_error(
+            duck, timed_out=timed_out, timeout_seconds=timeout_seconds, wrapped=wrapped, quote_sql=quote_sql
+        )
         return None if isinstance(err, _Internal) else err
     return resource_error(exc)
 
@@ -328,6 +342,7 @@ def stream_error(
     timed_out: bool,
     timeout_seconds: float,
     wrapped: bool = False,
+    quote_sql: bool = True,
 ) -> flight.FlightError:
     """The FlightError for a failure raised while a Python generator feeds a stream."""
     return map_exception(
@@ -337,4 +352,5 @@ def stream_error(
         timed_out=timed_out,
         timeout_seconds=timeout_seconds,
         wrapped=wrapped,
+        quote_sql=quote_sql,
     )

@@ -250,7 +250,9 @@ class Planner:
                 timeout=False,
             )
         sql_parts = tuple(
-            SqlPart(f"SELECT * FROM {policy.relation(principal, ref, rowids=bounds)}", layout=layout)
+            SqlPart(
+                f"SELECT * FROM {policy.relation(principal, ref, rowids=bounds)}", layout=layout, ruled=True
+            )
             for bounds in self._rowid_ranges(layout)
         )
         return Plan("scan", schema, rows, sql_parts, (ref,), ref.qualified, timeout=False)
@@ -351,7 +353,7 @@ class Planner:
             label,
             timeout=True,
             row_cap=_uncut(part),
-            sql=guarded.sql,
+            sql=guarded.shown,
             params=len(part.params),
         )
 
@@ -454,7 +456,7 @@ class Planner:
             seed = "" if cmd.seed is None else f", {cmd.seed}"
             sql = f"SELECT {select} FROM {source} USING SAMPLE {cmd.percent:.12f} PERCENT (bernoulli{seed})"
             # The estimate above is an expectation: the cap holds even for an unlucky draw.
-            part = SqlPart(sql, limit=cap, limit_reason="max_sample_rows")
+            part = SqlPart(sql, limit=cap, limit_reason="max_sample_rows", ruled=ruled)
             total = -1
         else:
             assert cmd.rows is not None
@@ -469,7 +471,7 @@ class Planner:
                 sql = f"SELECT {select} FROM {source} USING SAMPLE {cmd.rows} ROWS (reservoir{seed})"
             else:
                 sql = f"SELECT {select} FROM {source} LIMIT {cmd.rows}"
-            part = SqlPart(sql)
+            part = SqlPart(sql, ruled=ruled)
             total = min(rows, cmd.rows)
         return Plan(
             "sample", schema, total, (part,), (ref,), ref.qualified, timeout=True, row_cap=part.row_cap
@@ -575,7 +577,7 @@ class Planner:
                     label,
                     timeout=True,
                     row_cap=_uncut(part),
-                    sql=guarded.sql,
+                    sql=guarded.shown,
                     params=len(params),
                 )
         return Plan(
@@ -587,7 +589,7 @@ class Planner:
             label,
             timeout=True,
             row_cap=part.row_cap,
-            sql=guarded.sql,
+            sql=guarded.shown,
             params=len(params),
         )
 
@@ -610,9 +612,12 @@ class Planner:
         cap = cmds.check_query(cmd, self.limits)
         guarded = self.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
+        ruled = guarded.ruled
         if cmd.max_rows is not None:
-            return guarded, SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
-        return guarded, SqlPart(guarded.sql, params, normalized=guarded.normalized, cap=cap)
+            return guarded, SqlPart(
+                guarded.sql, params, limit=cap, normalized=guarded.normalized, ruled=ruled
+            )
+        return guarded, SqlPart(guarded.sql, params, normalized=guarded.normalized, cap=cap, ruled=ruled)
 
     def prepare(self, principal: Principal, cmd: QueryCommand) -> PreparedQuery:
         """submit-query: :meth:`query`'s path — the same checks as a ``{"kind": "query"}``
@@ -629,7 +634,8 @@ class Planner:
 
         return PreparedQuery(
             run=run,
-            sql=part.sql,
+            sql=plan.sql or part.sql,  # the caller's text, never a rewrite's (filters, masks)
+            quote_sql=not part.ruled,
             max_rows=cap.max_rows,
             max_rows_reason=cap.reason,
             tables=tuple(ref.qualified for ref in plan.tables),
@@ -686,7 +692,11 @@ class Planner:
                 schema = rel.to_arrow_table().schema
             except duckdb.Error as e:
                 raise duckdb_error(
-                    e, timed_out=deadline.fired, timeout_seconds=self.admission.timeout_seconds, wrapped=True
+                    e,
+                    timed_out=deadline.fired,
+                    timeout_seconds=self.admission.timeout_seconds,
+                    wrapped=True,
+                    quote_sql=not guarded.ruled,
                 ) from None
         check_result_type(schema)
         self._schemas[key] = (now + self.SCHEMA_CACHE_SECONDS, schema)

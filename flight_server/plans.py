@@ -72,6 +72,9 @@ class SqlPart:
     # A query's part that cannot reach a row cap (a split query's range): streamed without a
     # cut, through one generator that turns a runtime error into a labelled Flight error.
     label_errors: bool = False
+    # The SQL reads a ruled table's view (catalog/views.py): its text holds the row filter,
+    # bound values and masks, so a DuckDB error's quote of the text is dropped.
+    ruled: bool = False
 
     @property
     def max_rows(self) -> int | None:
