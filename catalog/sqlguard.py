@@ -949,35 +949,7 @@ class SqlGuard:
         """The work of :meth:`_rewrite`: raises :class:`_Unwritable` (or DuckDB's error) when
         the written-back text does not parse to exactly the intended tree."""
         cur = self._cursor()
-        subqueries: dict[tuple[str, str], dict[str, Any]] = {}
-
-        def replacement(original: dict[str, Any], ref: TableRef) -> dict[str, Any]:
-            if original.get("at_clause") is not None:
-                raise _Unwritable  # time travel has no meaning for a view
-            if ref.key() not in subqueries:
-                raw = cur.execute(
-                    "SELECT json_serialize_sql(?)", [f"SELECT * FROM {views[ref.key()]} AS v"]
-                ).fetchall()[0][0]
-                subqueries[ref.key()] = _strip_locations(
-                    json.loads(raw)["statements"][0]["node"]["from_table"]
-                )
-            node = json.loads(json.dumps(subqueries[ref.key()]))
-            node["alias"] = str(original.get("alias") or original.get("table_name") or "")
-            node["sample"] = _strip_locations(original.get("sample"))
-            node["column_name_alias"] = list(original.get("column_name_alias") or [])
-            return node
-
-        def swap(value: Any, original: Any) -> Any:
-            if isinstance(value, list):
-                return [swap(v, o) for v, o in zip(value, original, strict=True)]
-            if isinstance(value, dict):
-                ref = walk.bases.get(id(original))
-                if ref is not None and ref.key() in views:
-                    return replacement(original, ref)
-                return {k: swap(v, original[k]) for k, v in value.items()}
-            return value
-
-        want = swap(json.loads(parsed.normalized), parsed.tree)
+        want = _Rewriter(cur, walk.bases, views).swap(json.loads(parsed.normalized), parsed.tree)[0]
         text = str(
             cur.execute(
                 "SELECT json_deserialize_sql(?)", [json.dumps({"error": False, "statements": [want]})]
@@ -1435,6 +1407,79 @@ class SqlGuard:
             else ""
         )
         return PermissionDenied(f"{display}: {NOT_READABLE}{files}; you may read: {hint}")
+
+
+class _Rewriter:
+    """One rewrite of a stripped parse tree for ruled tables (:meth:`SqlGuard._rewrite`):
+    each BASE_TABLE node that resolved to a ruled table becomes a SUBQUERY over its view."""
+
+    def __init__(
+        self, cur: duckdb.DuckDBPyConnection, bases: dict[int, TableRef], views: dict[tuple[str, str], str]
+    ) -> None:
+        self.cur, self.bases, self.views = cur, bases, views
+        self._subqueries: dict[tuple[str, str], dict[str, Any]] = {}
+        self._template: dict[str, Any] | None = None
+
+    def replacement(self, original: dict[str, Any], ref: TableRef) -> dict[str, Any]:
+        """The SUBQUERY node for ``original``: its alias (the table's name when it had none,
+        so ``customers.email`` still binds), its sample and its column aliases."""
+        if original.get("at_clause") is not None:
+            raise _Unwritable  # time travel has no meaning for a view
+        if ref.key() not in self._subqueries:
+            raw = self.cur.execute(
+                "SELECT json_serialize_sql(?)", [f"SELECT * FROM {self.views[ref.key()]} AS v"]
+            ).fetchall()[0][0]
+            self._subqueries[ref.key()] = _strip_locations(
+                json.loads(raw)["statements"][0]["node"]["from_table"]
+            )
+        node: dict[str, Any] = json.loads(json.dumps(self._subqueries[ref.key()]))
+        node["alias"] = str(original.get("alias") or original.get("table_name") or "")
+        node["sample"] = _strip_locations(original.get("sample"))
+        node["column_name_alias"] = list(original.get("column_name_alias") or [])
+        return node
+
+    def name_of(self, expr: dict[str, Any]) -> str:
+        """The name DuckDB gives an unaliased expression: its text as DuckDB writes it."""
+        if self._template is None:
+            raw = self.cur.execute("SELECT json_serialize_sql('SELECT 1')").fetchall()[0][0]
+            self._template = _strip_locations(json.loads(raw))
+        tree = json.loads(json.dumps(self._template))
+        tree["statements"][0]["node"]["select_list"] = [expr]
+        text = str(self.cur.execute("SELECT json_deserialize_sql(?)", [json.dumps(tree)]).fetchall()[0][0])
+        if not text.startswith("SELECT "):
+            raise _Unwritable
+        return text[len("SELECT ") :]
+
+    def swap(self, value: Any, original: Any) -> tuple[Any, bool]:
+        """``value`` (a stripped copy of ``original``) with the ruled tables replaced, and
+        whether anything in it was."""
+        if isinstance(value, list):
+            pairs = [self.swap(v, o) for v, o in zip(value, original, strict=True)]
+            return [v for v, _ in pairs], any(c for _, c in pairs)
+        if not isinstance(value, dict):
+            return value, False
+        ref = self.bases.get(id(original))
+        if ref is not None and ref.key() in self.views:
+            return self.replacement(original, ref), True
+        out, changed = {}, False
+        for k, v in value.items():
+            out[k], c = self.swap(v, original[k])
+            changed = changed or c
+        if changed and isinstance(value.get("select_list"), list):
+            self.keep_names(out["select_list"], value["select_list"], original["select_list"])
+        return out, changed
+
+    def keep_names(self, out: list[Any], items: list[Any], original: list[Any]) -> None:
+        """An unaliased expression is named by its text, which now holds a view: it keeps the
+        name it has in the caller's query."""
+        for i, item in enumerate(items):
+            if (
+                isinstance(item, dict)
+                and not item.get("alias")
+                and item.get("class") not in ("STAR", "COLUMN_REF")
+                and self.swap(item, original[i])[1]
+            ):
+                out[i]["alias"] = self.name_of(item)
 
 
 class _Walk:
