@@ -790,6 +790,8 @@ class SqlGuard:
         self._shapes: OrderedDict[str, _Shape] = OrderedDict()
         self.shape_hits = 0
         """Checks answered from the shape cache (no DuckDB parse): for tests and benchmarks."""
+        self.rewrites = 0
+        """Rewrites for ruled tables made with DuckDB (not answered from memory): for tests."""
         self._refs_cache: tuple[float, dict[tuple[str, str], TableRef | None]] | None = None
         self._policy = policy
         self._catalog = fold(catalog_name)
@@ -929,6 +931,7 @@ class SqlGuard:
             "gives you through row or column rules, in a form the SQL guard cannot rewrite exactly; "
             "read the table in a plainer form (a subquery or CTE selecting from it)"
         )
+        self.rewrites += 1
         try:
             text, got = self._rewritten(parsed, walk, views)
         except _Unwritable:

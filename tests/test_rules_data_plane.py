@@ -31,10 +31,11 @@ from catalog.identity import Principal
 from catalog.rules import TableRule
 from catalog.sqlguard import SqlGuard
 from catalog.tables import TableRef
+from mcp_server.backend import LocalBackend
 from quiver_client import QuiverClient
 from quiver_client.client import QuiverClientError
 from tests.guard_support import guard_database
-from tests.harness import Server, call_options, client_error_info, start_server
+from tests.harness import SMALL_SPLIT, Server, call_options, client_error_info, start_server
 from tests.test_sqlguard import TABLE_ESCAPES
 
 SWARM = "rgn"
@@ -49,6 +50,9 @@ CREATE TABLE ruled.{people} AS
            'SSN-' || (1000 + i) AS ssn,
            1000 + i * 10 AS pay
     FROM range(60) r(i);
+CREATE TABLE ruled.big AS
+    SELECT i AS id, CASE WHEN i % 3 = 0 THEN 'north' ELSE 'south' END AS region, 'S' || i AS secret
+    FROM range(40000) r(i);
 CREATE TABLE ruled.orders AS
     SELECT i AS id, i % 60 AS customer_id, CASE WHEN i % 2 = 0 THEN 'open' ELSE 'paid' END AS status,
            (i * 1.5)::DOUBLE AS amount
@@ -60,6 +64,10 @@ RULE = TableRule(
     row_filter="region = $region OR owner = $agent",
     parameters=("region", "agent"),
     mask=(("email", "hash"),),
+)
+#: A table large enough to be split into rowid ranges (the module's server uses SMALL_SPLIT).
+BIG_RULE = TableRule(
+    table="ruled.big", except_columns=("secret",), row_filter="region = $region", parameters=("region",)
 )
 #: What the rule's view is, written by hand for the oracle.
 VIEW = (
@@ -116,13 +124,13 @@ def assert_no_leak(table: pa.Table, region: str = "north", agent: str = "a1") ->
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("rules"))
+    s = start_server(tmp_path_factory.mktemp("rules"), flight=SMALL_SPLIT)
     with s.catalog.db.transaction() as cur:
         cur.execute(DATA.format(people="people"))
     s.runtime.flight.planner.guard.invalidate_tables()  # type: ignore[union-attr]
     r = s.http().post("/v1/swarms", json={"name": SWARM, "tables": ["ruled.*"]})
     assert r.status_code == 201, r.text
-    s.catalog.policy.set_rules(SWARM, [RULE])
+    s.catalog.policy.set_rules(SWARM, [RULE, BIG_RULE])
     s.catalog.policy.set_attributes(SWARM, {"region": "north"})
     yield s
     s.stop()
@@ -311,6 +319,18 @@ def test_a_path_scan_reads_the_view(a1: QuiverClient, truth: duckdb.DuckDBPyConn
         assert got.column_names == want.column_names and rows(got) == rows(want)
 
 
+def test_a_split_path_scan_reads_the_view_in_every_part(a1: QuiverClient) -> None:
+    info = a1.info(flight.FlightDescriptor.for_path("ruled", "big"))
+    assert len(info.endpoints) > 1  # split into rowid ranges, each applied inside the view
+    assert info.schema.names == ["id", "region"] and info.total_records == 13334
+    got = a1.fetch(info)
+    assert got.num_rows == 13334 and set(got.column("region").to_pylist()) == {"north"}
+    assert sorted(got.column("id").to_pylist()) == list(range(0, 40000, 3))
+    # A query of the ruled table is one endpoint: its rows are the view's, never split by rowid.
+    query = a1.info(a1.command("query", sql="SELECT * FROM ruled.big"))
+    assert len(query.endpoints) == 1 and a1.fetch(query).num_rows == 13334
+
+
 def test_listings_and_schemas_show_the_view(
     env: Server, tokens: dict[str, str], a1: QuiverClient, truth: duckdb.DuckDBPyConnection
 ) -> None:
@@ -438,17 +458,6 @@ def test_a_changed_attribute_takes_effect_on_the_next_query(env: Server, a1: Qui
     assert rows(a1.query(sql)) == rows(before)
 
 
-def test_a_repeated_ruled_text_costs_no_rewrite(env: Server, a1: QuiverClient) -> None:
-    guard = env.runtime.flight.planner.guard  # type: ignore[union-attr]
-    sql = "SELECT name FROM ruled.people WHERE id = 42"
-    a1.query(sql)
-    held = len(guard._rewrites)
-    builds = env.catalog.policy.views.builds
-    for _ in range(3):
-        a1.query(sql)
-    assert len(guard._rewrites) == held and env.catalog.policy.views.builds == builds
-
-
 # --- units: binding, columns, agent attributes --------------------------------------------------
 def _principal(agent: str, attributes: dict[str, Any] | None = None) -> Principal:
     return Principal(
@@ -537,6 +546,22 @@ def test_a_column_rule_is_the_schema_every_path_sees(unit: Any, picked: list[str
             cur.sql(guard.check(agent, f"SELECT {hidden} FROM ruled.people").sql).fetchall()
 
 
+def test_a_repeated_ruled_text_costs_no_rewrite(unit: Any) -> None:
+    """The rewrite is remembered per (tree, views): the same text for the same bound values
+    costs no DuckDB call; another agent's values (another view) are a rewrite of their own."""
+    _, policy, guard = unit
+    policy.set_rules(SWARM, [RULE])
+    policy.set_attributes(SWARM, {"region": "north"})
+    sql = "SELECT name FROM ruled.people WHERE id = 42"
+    first = guard.check(_principal("a1"), sql)
+    made = guard.rewrites
+    for _ in range(3):
+        assert guard.check(_principal("a1"), sql) == first
+    assert guard.rewrites == made
+    other = guard.check(_principal("a2"), sql)
+    assert guard.rewrites == made + 1 and other.normalized != first.normalized and "'a2'" in other.sql
+
+
 def test_a_ruled_query_is_never_split_nor_served_from_the_table_cache(unit: Any) -> None:
     _, policy, guard = unit
     policy.set_rules(SWARM, [RULE])
@@ -552,3 +577,24 @@ def test_time_travel_on_a_ruled_table_is_refused(unit: Any) -> None:
     with pytest.raises(PermissionDenied) as e:
         guard.check(_principal("a1"), "SELECT * FROM ruled.people AT (VERSION => 1)")
     assert "rules" in e.value.detail
+
+
+def test_mcp_tools_read_the_view(
+    env: Server, tokens: dict[str, str], truth: duckdb.DuckDBPyConnection
+) -> None:
+    """MCP's in-process backend (what ``/mcp`` tools call): listings, samples, profiles and
+    SQL through the same planner and runner."""
+    principal = env.catalog.tokens.check(tokens["a1"])
+    backend = LocalBackend(env.catalog, env.catalog.require_queries(), principal)
+    meta = next(m for m in backend.tables() if m.name == "ruled.people")
+    assert meta.schema.names == truth.sql("FROM ruled.people LIMIT 0").to_arrow_table().column_names
+    assert meta.rows == truth.sql("SELECT count(*) FROM ruled.people").fetchall()[0][0]
+    assert_no_leak(backend.read({"kind": "sample", "table": "ruled.people", "rows": 100}))
+    assert_no_leak(backend.read({"kind": "profile", "table": "ruled.people"}))
+    rows_ = backend.query("SELECT * FROM ruled.people WHERE email IS NOT NULL", [], 1000)
+    try:
+        got = rows_.reader.read_all()
+    finally:
+        rows_.close()
+    assert_no_leak(got)
+    assert rows(got) == rows(truth.sql("SELECT * FROM ruled.people WHERE email IS NOT NULL").to_arrow_table())
