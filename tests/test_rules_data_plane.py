@@ -35,7 +35,7 @@ from mcp_server.backend import LocalBackend
 from quiver_client import QuiverClient
 from quiver_client.client import QuiverClientError
 from tests.guard_support import guard_database
-from tests.harness import SMALL_SPLIT, Server, call_options, client_error_info, start_server
+from tests.harness import SMALL_SPLIT, Server, call_options, client_error_info, start_server, wait_until
 from tests.test_sqlguard import TABLE_ESCAPES
 
 SWARM = "rgn"
@@ -209,6 +209,11 @@ SHAPES = [
     f"FROM {P} SELECT name WHERE id < 12",
     f"SELECT * FROM {P} p JOIN {P} q ON p.owner = q.owner AND p.id < q.id",
     f"SELECT list(name ORDER BY id) FROM {P}",
+    # A CTE of the table's name is not the table; the table named inside or beside it is.
+    "WITH people AS (SELECT 1 AS id, 'clear' AS email) SELECT * FROM people",
+    f"WITH people AS (SELECT * FROM {P}) SELECT * FROM people",
+    f"WITH people AS (SELECT 1 AS id) SELECT p.* FROM {P} p JOIN people USING (id)",
+    f"SELECT * FROM {P} NATURAL JOIN ruled.orders",
     f"SELECT * FROM (SELECT * FROM (SELECT * FROM {P}))",
     f"WITH RECURSIVE r AS (SELECT min(id) AS n FROM {P} UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT * FROM r",
 ]
@@ -300,6 +305,16 @@ def test_errors_of_a_rewritten_query_do_not_quote_it(env: Server, tokens: dict[s
                 assert secret not in detail, (sql, detail)
             # A value a conversion error quotes is a visible row's: the filter ran first.
             assert not any(name in detail for name in forbidden("north", "a1")), detail
+    # An async query's failure, found by a worker long after the checks, says no more.
+    client = QuiverClient(env.flight_url, token=tokens["a1"])
+    env._clients.append(client)
+    failed = client.submit("SELECT CAST(name AS INTEGER) FROM ruled.people")
+    assert wait_until(lambda: client.status(failed)["state"] in ("failed", "succeeded"), timeout=60)
+    status = client.status(failed)
+    assert status["state"] == "failed", status
+    detail = json.dumps(status)
+    for secret in ("north", "sha256", "region =", "EXCLUDE", "LINE"):
+        assert secret not in detail, detail
     # An unruled query keeps DuckDB's context: only rewrites lose it.
     with pytest.raises(flight.FlightError) as e:
         sql = "SELECT CAST(status AS INTEGER) FROM ruled.orders"
@@ -387,6 +402,11 @@ def test_async_queries_and_exports_read_the_view(
     query_id = a1.submit(sql)
     got = a1.result(query_id, wait=60)
     assert rows(got) == rows(want)
+    # What the agent is shown of its query is its own text, never the rewrite (filter, masks).
+    assert a1.status(query_id)["sql"] == sql
+    logged = a1.action("my-queries", {"limit": 20})["queries"]
+    assert any(q["sql"] == sql for q in logged)
+    assert not any("sha256" in (q["sql"] or "") or "north" in (q["sql"] or "") for q in logged)
     for export in (a1.export(sql, format="arrow"), a1.export(table="ruled.people", format="arrow")):
         admin = env.catalog.tokens.check(env.admin_token)
         _, path = env.catalog.artefacts.content_path(admin, export["artefact"]["id"])
