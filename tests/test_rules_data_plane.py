@@ -20,6 +20,7 @@ from typing import Any
 
 import adbc_driver_flightsql.dbapi as flight_sql
 import duckdb
+import msgspec
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -564,6 +565,46 @@ def test_a_column_rule_is_the_schema_every_path_sees(unit: Any, picked: list[str
     for hidden in {"id", "region", "owner", "name", "email", "pay"} - set(picked):
         with pytest.raises(duckdb.BinderException), db.reading() as cur:
             cur.sql(guard.check(agent, f"SELECT {hidden} FROM ruled.people").sql).fetchall()
+
+
+def test_a_ticket_never_serves_a_view_the_rules_no_longer_give(env: Server, tokens: dict[str, str]) -> None:
+    """A ticket planned under one rule and redeemed after the rule or the attributes changed
+    is refused (UNAVAILABLE: plan again), for a PATH scan and a query alike — ready results
+    held with the ticket included; a ticket of an unaffected table still works."""
+    c = env.flight()
+    opts = call_options(tokens["a1"])
+    descriptors = [
+        flight.FlightDescriptor.for_path("ruled", "people"),
+        flight.FlightDescriptor.for_command(
+            json.dumps({"kind": "query", "sql": "SELECT * FROM ruled.people"})
+        ),
+    ]
+    policy = env.catalog.policy
+    try:
+        unmasked = msgspec.structs.replace(RULE, mask=())
+        for change, region, masked in (
+            (lambda: policy.set_attributes(SWARM, {"region": "south"}), "south", True),
+            (lambda: policy.set_rules(SWARM, [unmasked, BIG_RULE]), "north", False),
+        ):
+            infos = [c.get_flight_info(d, opts) for d in descriptors]
+            orders = c.get_flight_info(flight.FlightDescriptor.for_path("ruled", "orders"), opts)
+            change()
+            for info in infos:
+                with pytest.raises(flight.FlightError) as e:
+                    c.do_get(info.endpoints[0].ticket, opts).read_all()
+                assert client_error_info(e.value)["code"] == "UNAVAILABLE"
+            assert c.do_get(orders.endpoints[0].ticket, opts).read_all().num_rows == 200
+            # Planned again, the new rule applies.
+            fresh = c.get_flight_info(descriptors[0], opts)
+            table = c.do_get(fresh.endpoints[0].ticket, opts).read_all()
+            assert table.num_rows == sum(visible(i, region, "a1") for i in range(60))
+            clear = any("@" in (v or "") for v in table.column("email").to_pylist())
+            assert clear is not masked
+            policy.set_rules(SWARM, [RULE, BIG_RULE])
+            policy.set_attributes(SWARM, {"region": "north"})
+    finally:
+        policy.set_rules(SWARM, [RULE, BIG_RULE])
+        policy.set_attributes(SWARM, {"region": "north"})
 
 
 def test_a_repeated_ruled_text_costs_no_rewrite(unit: Any) -> None:
