@@ -244,7 +244,7 @@ class Planner:
                 "scan",
                 schema,
                 rows,
-                (SqlPart(f"SELECT * FROM {view}"),),
+                (SqlPart(f"SELECT * FROM {view}", ruled=True),),
                 (ref,),
                 ref.qualified,
                 timeout=False,
