@@ -274,6 +274,17 @@ def test_admin_reads_everything(env: Server) -> None:
     assert admin.query("SELECT count(*) AS n FROM ruled.people").to_pylist() == [{"n": 60}]
 
 
+def test_a_swarm_token_is_ruled_like_its_agents(env: Server) -> None:
+    """A swarm token reads through the same rule; ``$agent`` binds NULL for it, so only the
+    rows the swarm's own attributes select pass."""
+    swarm = QuiverClient(env.flight_url, token=env.mint(kind="swarm", swarm=SWARM))
+    env._clients.append(swarm)
+    got = swarm.query("SELECT id FROM ruled.people ORDER BY id")
+    assert got.column("id").to_pylist() == [i for i in range(60) if i % 3 == 0]
+    table = swarm.read("ruled.people")
+    assert "ssn" not in table.column_names and table.num_rows == 20
+
+
 def test_the_excluded_column_reads_like_a_missing_one(a1: QuiverClient) -> None:
     got = run(a1, "SELECT ssn FROM ruled.people")
     assert isinstance(got, dict) and got["code"] == "INVALID_ARGUMENT"
