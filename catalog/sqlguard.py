@@ -952,7 +952,9 @@ class SqlGuard:
         """The work of :meth:`_rewrite`: raises :class:`_Unwritable` (or DuckDB's error) when
         the written-back text does not parse to exactly the intended tree."""
         cur = self._cursor()
-        want = _Rewriter(cur, walk.bases, views).swap(json.loads(parsed.normalized), parsed.tree)[0]
+        want = _Rewriter(cur, walk.bases, views, self._catalog).swap(
+            json.loads(parsed.normalized), parsed.tree
+        )[0]
         text = str(
             cur.execute(
                 "SELECT json_deserialize_sql(?)", [json.dumps({"error": False, "statements": [want]})]
@@ -1417,9 +1419,13 @@ class _Rewriter:
     each BASE_TABLE node that resolved to a ruled table becomes a SUBQUERY over its view."""
 
     def __init__(
-        self, cur: duckdb.DuckDBPyConnection, bases: dict[int, TableRef], views: dict[tuple[str, str], str]
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        bases: dict[int, TableRef],
+        views: dict[tuple[str, str], str],
+        catalog: str,
     ) -> None:
-        self.cur, self.bases, self.views = cur, bases, views
+        self.cur, self.bases, self.views, self.catalog = cur, bases, views, catalog
         self._subqueries: dict[tuple[str, str], dict[str, Any]] = {}
         self._template: dict[str, Any] | None = None
 
@@ -1464,6 +1470,10 @@ class _Rewriter:
         ref = self.bases.get(id(original))
         if ref is not None and ref.key() in self.views:
             return self.replacement(original, ref), True
+        if value.get("class") == "COLUMN_REF":
+            names = self.unqualified(value.get("column_names"))
+            if names is not None:
+                return {**value, "column_names": names}, True
         out, changed = {}, False
         for k, v in value.items():
             out[k], c = self.swap(v, original[k])
@@ -1471,6 +1481,19 @@ class _Rewriter:
         if changed and isinstance(value.get("select_list"), list):
             self.keep_names(out["select_list"], value["select_list"], original["select_list"])
         return out, changed
+
+    def unqualified(self, names: Any) -> list[str] | None:
+        """``schema.table.column`` (or ``catalog.schema.table.column``) of a ruled table as
+        ``table.column``: the view's subquery has the table's name as alias but no schema, so
+        the qualified spelling would not bind. None for any other reference."""
+        if not isinstance(names, list) or len(names) < 3 or not all(isinstance(n, str) for n in names):
+            return None
+        folded = [fold(n) for n in names]
+        if len(names) >= 4 and folded[0] == self.catalog and (folded[1], folded[2]) in self.views:
+            return names[2:]
+        if (folded[0], folded[1]) in self.views:
+            return names[1:]
+        return None
 
     def keep_names(self, out: list[Any], items: list[Any], original: list[Any]) -> None:
         """An unaliased expression is named by its text, which now holds a view: it keeps the
