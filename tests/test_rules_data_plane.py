@@ -671,3 +671,21 @@ def test_mcp_tools_read_the_view(
         rows_.close()
     assert_no_leak(got)
     assert rows(got) == rows(truth.sql("SELECT * FROM ruled.people WHERE email IS NOT NULL").to_arrow_table())
+
+
+def test_post_v1_query_reads_the_view(
+    env: Server, tokens: dict[str, str], truth: duckdb.DuckDBPyConnection
+) -> None:
+    """``POST /v1/query`` (the control plane's route onto the same runner): the view's rows,
+    and a refusal that quotes nothing of it."""
+    http = env.http(tokens["a1"])
+    sql = "SELECT id, name, email FROM ruled.people ORDER BY id"
+    r = http.post("/v1/query", json={"sql": sql}, headers={"accept": "application/json"})
+    assert r.status_code == 200, r.text
+    got = pa.Table.from_pylist(r.json()["rows"])
+    assert_no_leak(got)
+    assert rows(got) == rows(truth.sql(sql).to_arrow_table())
+    bad = http.post("/v1/query", json={"sql": "SELECT CAST(name AS INTEGER) FROM ruled.people"})
+    assert bad.status_code == 400, bad.text
+    for secret in ("north", "sha256", "region =", "EXCLUDE", "LINE"):
+        assert secret not in bad.text, bad.text
