@@ -689,3 +689,24 @@ def test_post_v1_query_reads_the_view(
     assert bad.status_code == 400, bad.text
     for secret in ("north", "sha256", "region =", "EXCLUDE", "LINE"):
         assert secret not in bad.text, bad.text
+
+
+def test_an_artefact_refresh_reads_the_view_as_it_is_now(env: Server, a1: QuiverClient) -> None:
+    """A refresh re-runs the export's SQL as its principal under the current rules: a new
+    attribute value gives the new view's rows."""
+    sql = "SELECT id FROM ruled.people ORDER BY id"
+    first = a1.export(sql, format="arrow")
+    admin = env.catalog.tokens.check(env.admin_token)
+
+    def ids(info: dict[str, Any]) -> list[int]:
+        _, path = env.catalog.artefacts.content_path(admin, info["artefact"]["id"])
+        return list(pa.ipc.open_stream(Path(path).read_bytes()).read_all().column("id").to_pylist())
+
+    assert ids(first) == [i for i in range(60) if visible(i, "north", "a1")]
+    policy = env.catalog.policy
+    try:
+        policy.set_attributes(SWARM, {"region": "east"})
+        again = a1.action("refresh-artefact", {"id": first["artefact"]["id"]})
+        assert ids(again) == [i for i in range(60) if visible(i, "east", "a1")]
+    finally:
+        policy.set_attributes(SWARM, {"region": "north"})
