@@ -710,3 +710,25 @@ def test_an_artefact_refresh_reads_the_view_as_it_is_now(env: Server, a1: Quiver
         assert ids(again) == [i for i in range(60) if visible(i, "east", "a1")]
     finally:
         policy.set_attributes(SWARM, {"region": "north"})
+
+
+@pytest.mark.parametrize(
+    "predicate",
+    [
+        "id = 1 AND CAST(name AS INTEGER) > 0",
+        "CAST(name AS INTEGER) > 0 AND id = 1",
+        "region = 'south' AND CAST(name AS INTEGER) = 1",
+        "owner = 'a2' AND name::DATE > DATE '2020-01-01'",
+        "id IN (1, 2, 5) AND CAST(name AS INTEGER) IS NOT NULL",
+    ],
+)
+def test_a_failing_expression_never_quotes_a_hidden_row(a1: QuiverClient, predicate: str) -> None:
+    """The caller's WHERE may fail on a value (a conversion error quotes it); the row filter is
+    applied first, so a failure can only quote a row the caller may see, and a predicate that
+    selects only hidden rows finds nothing instead of failing."""
+    got = run(a1, f"SELECT id FROM ruled.people WHERE {predicate}")
+    if isinstance(got, dict):
+        assert got["code"] == "INVALID_ARGUMENT", got
+        assert not any(name in got["detail"] for name in forbidden("north", "a1")), got
+    else:
+        assert set(got.column("id").to_pylist()) <= {i for i in range(60) if visible(i, "north", "a1")}
