@@ -1476,10 +1476,29 @@ class _Rewriter:
                 return {**value, "column_names": names}, True
         out, changed = {}, False
         for k, v in value.items():
-            out[k], c = self.swap(v, original[k])
+            if k == "select_list" and isinstance(v, list):
+                out[k], c = self.select_list(v, original[k])
+            else:
+                out[k], c = self.swap(v, original[k])
             changed = changed or c
-        if changed and isinstance(value.get("select_list"), list):
-            self.keep_names(out["select_list"], value["select_list"], original["select_list"])
+        return out, changed
+
+    def select_list(self, items: list[Any], original: list[Any]) -> tuple[list[Any], bool]:
+        """A select list swapped item by item. An unaliased expression is named by its text,
+        which now holds a view: it keeps the name it has in the caller's query. (Each item is
+        swapped once: a nested subquery's list is not walked again for its parent.)"""
+        out, changed = [], False
+        for item, before in zip(items, original, strict=True):
+            new, c = self.swap(item, before)
+            if (
+                c
+                and isinstance(item, dict)
+                and not item.get("alias")
+                and item.get("class") not in ("STAR", "COLUMN_REF")
+            ):
+                new["alias"] = self.name_of(item)
+            out.append(new)
+            changed = changed or c
         return out, changed
 
     def unqualified(self, names: Any) -> list[str] | None:
@@ -1494,18 +1513,6 @@ class _Rewriter:
         if (folded[0], folded[1]) in self.views:
             return names[1:]
         return None
-
-    def keep_names(self, out: list[Any], items: list[Any], original: list[Any]) -> None:
-        """An unaliased expression is named by its text, which now holds a view: it keeps the
-        name it has in the caller's query."""
-        for i, item in enumerate(items):
-            if (
-                isinstance(item, dict)
-                and not item.get("alias")
-                and item.get("class") not in ("STAR", "COLUMN_REF")
-                and self.swap(item, original[i])[1]
-            ):
-                out[i]["alias"] = self.name_of(item)
 
 
 class _Walk:

@@ -732,3 +732,21 @@ def test_a_failing_expression_never_quotes_a_hidden_row(a1: QuiverClient, predic
         assert not any(name in got["detail"] for name in forbidden("north", "a1")), got
     else:
         assert set(got.column("id").to_pylist()) <= {i for i in range(60) if visible(i, "north", "a1")}
+
+
+def test_deeply_nested_select_list_subqueries_are_rewritten_once(unit: Any) -> None:
+    """Each select-list item is rewritten once however deep subqueries nest in select lists
+    (walking a nested list again for each parent would double the work per level), and every
+    level keeps its own column name."""
+    db, policy, guard = unit
+    policy.set_rules(SWARM, [RULE])
+    policy.set_attributes(SWARM, {"region": "north"})
+    sql = "SELECT max(id) FROM ruled.people"
+    for _ in range(24):
+        sql = f"SELECT ({sql}) + 0"
+    q = guard.check(_principal("a1"), sql)
+    with db.reading() as cur:
+        got = cur.sql(q.sql).to_arrow_table()
+    want = oracle("north", "a1").sql(sql).to_arrow_table()
+    assert got.column_names == want.column_names
+    assert got.to_pylist() == want.to_pylist() == [{want.column_names[0]: 57}]
