@@ -225,7 +225,13 @@ class Policy:
         schema is its view's (excluded columns absent, masked ones with the mask's type) and its
         row count the view's (a count over the filter, remembered per view text and data
         version: catalog/views.py), so ListFlights, Flight SQL and MCP list what a read returns."""
-        ruled = {ref: self.relation(principal, ref) for ref in refs}
+        ruled: dict[TableRef, str] = {}
+        for ref in refs:
+            try:
+                ruled[ref] = self.relation(principal, ref)
+            except PermissionDenied:
+                continue  # its rule no longer fits the table: not listed (a read says why)
+        refs = [ref for ref in refs if ref in ruled]
         plain = [ref for ref in refs if ruled[ref] == ref.sql]
         infos = {info.ref: info for info in self._tables.describe(plain)}
         if len(plain) < len(refs):

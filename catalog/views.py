@@ -35,7 +35,7 @@ import duckdb
 import pyarrow as pa
 
 from catalog.database import quote_ident, quote_literal
-from catalog.errors import InvalidArgument
+from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.rules import AttributeValue, TableRule
 from catalog.tables import TableCatalog, TableRef, fold
 
@@ -144,7 +144,15 @@ class Views:
         rowids: tuple[int, int | None] | None,
     ) -> str:
         masks = {fold(col): kind for col, kind in rule.mask}
-        types = self._column_types(ref) if "null" in masks.values() else {}
+        types = self._column_types(ref)
+        named = [*(rule.columns or ()), *(rule.except_columns or ()), *(col for col, _ in rule.mask)]
+        if any(fold(c) not in types for c in named):
+            # The table changed since the rule was saved (a column dropped or renamed): reading
+            # it now could show what the rule hid, and DuckDB's error would name its columns.
+            raise PermissionDenied(
+                f"the row or column rules for {ref.qualified} no longer match the table's columns; "
+                "an admin must update the allowlist entry before it can be read"
+            )
         excluded = {fold(c) for c in rule.except_columns or ()}
 
         def masked(col: str) -> str:

@@ -102,6 +102,7 @@ _SUGGESTION = re.compile(r"\s*Did you mean[^\n]*", re.IGNORECASE)
 
 
 _LINE = re.compile(r"^LINE (\d+):(.*)$")
+_CANDIDATES = re.compile(r"\s*Candidate (?:bindings|tables): .*$")
 _MAX_MESSAGE_CHARS = 4000
 
 
@@ -111,8 +112,9 @@ def _clean(message: str, line_offset: int = 0, *, quote_sql: bool = True) -> str
 
     DuckDB's ``LINE n: <text>`` context (and caret line) is folded into ``(LINE n: <text>)``;
     ``line_offset`` corrects ``n`` when Quiver wrapped the caller's SQL (max_rows).
-    ``quote_sql=False`` drops that context: the SQL run was rewritten to read ruled tables
-    through their views, and its text (row filters, bound values, masks) is not the caller's."""
+    ``quote_sql=False`` drops that context and DuckDB's candidate names: the SQL run was
+    rewritten to read ruled tables through their views, and its text (row filters, bound
+    values, masks) and the names in scope inside a view are not the caller's to see."""
     message = message[:_MAX_MESSAGE_CHARS]  # DuckDB can quote megabytes of the caller's SQL
     lines = [ln for ln in _SUGGESTION.sub("", message).strip().splitlines() if ln.strip()]
     if not lines:
@@ -126,7 +128,11 @@ def _clean(message: str, line_offset: int = 0, *, quote_sql: bool = True) -> str
             break
         if not set(ln.strip()) <= {"^"}:
             head = f"{head} {ln.strip()}"
-    return f"{head} ({context})" if context and quote_sql else head
+    if not quote_sql:
+        # DuckDB's candidates are the names in scope where binding failed: inside a view, its
+        # table's own columns, the excluded ones included.
+        return _CANDIDATES.sub("", head)
+    return f"{head} ({context})" if context else head
 
 
 #: Lines Quiver puts before the caller's SQL when it caps the rows (flight_server.plans.limited).

@@ -32,6 +32,7 @@ from catalog.identity import Principal
 from catalog.rules import TableRule
 from catalog.sqlguard import SqlGuard
 from catalog.tables import TableRef
+from flight_server.errors import duckdb_error
 from mcp_server.backend import LocalBackend
 from quiver_client import QuiverClient
 from quiver_client.client import QuiverClientError
@@ -750,3 +751,36 @@ def test_deeply_nested_select_list_subqueries_are_rewritten_once(unit: Any) -> N
     want = oracle("north", "a1").sql(sql).to_arrow_table()
     assert got.column_names == want.column_names
     assert got.to_pylist() == want.to_pylist() == [{want.column_names[0]: 57}]
+
+
+def test_a_rule_that_no_longer_fits_the_table_fails_closed(unit: Any) -> None:
+    """A rule naming a column the table no longer has (dropped or renamed since it was saved)
+    is refused with a sentence that names no column, instead of reading the table otherwise
+    or quoting DuckDB's list of its columns; the table is left out of listings."""
+    _, policy, guard = unit
+    stale = msgspec.structs.replace(RULE, except_columns=("social_security",))
+    policy.set_rules(SWARM, [stale])
+    policy.views.invalidate()
+    agent = _principal("a1")
+    try:
+        with pytest.raises(PermissionDenied) as e:
+            guard.check(agent, "SELECT * FROM ruled.people")
+        assert "no longer match" in e.value.detail
+        assert "social_security" not in e.value.detail and "ssn" not in e.value.detail
+        listed = [
+            i.ref.qualified
+            for i in policy.describe(agent, [TableRef("ruled", "people"), TableRef("ruled", "orders")])
+        ]
+        assert listed == ["ruled.orders"]
+    finally:
+        policy.set_rules(SWARM, [RULE])
+
+
+def test_errors_of_a_rewritten_query_name_no_candidates() -> None:
+    """DuckDB's candidate names in a ruled query's error may be a view's table columns."""
+    exc = duckdb.BinderException(
+        'Binder Error: Referenced column "b" not found in FROM clause!\nCandidate bindings: "ssn"'
+    )
+    assert "ssn" in duckdb_error(exc).detail
+    assert "ssn" not in duckdb_error(exc, quote_sql=False).detail
+    assert "not found" in duckdb_error(exc, quote_sql=False).detail
