@@ -81,7 +81,9 @@ class Views:
     """Builds and remembers the relation text of ruled reads (see the module docs).
 
     Parsing a filter uses a private in-memory DuckDB (one cursor per thread), never the data
-    file; the column types of ``null`` masks are read from the catalog (``duckdb_columns()``)."""
+    file. The table's columns are read from the catalog (``duckdb_columns()``, reused for a few
+    seconds): a rule naming a column the table no longer has fails closed, and a ``null`` mask
+    casts to the column's own type."""
 
     def __init__(self, tables: TableCatalog) -> None:
         self._tables = tables
