@@ -33,6 +33,14 @@ class TableDescription(msgspec.Struct, kw_only=True, omit_defaults=True):
     table: str = ""
     columns: dict[str, str] = msgspec.field(default_factory=dict)
 
+    def only(self, names: list[str]) -> TableDescription:
+        """The texts of the columns in ``names`` alone: a ruled table's listing names only the
+        columns its view has (an excluded column's text would name it)."""
+        wanted = set(names)
+        return TableDescription(
+            table=self.table, columns={k: v for k, v in self.columns.items() if k in wanted}
+        )
+
 
 def _text(value: object, what: str) -> str:
     if not isinstance(value, str):

@@ -19,7 +19,8 @@ from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.identity import Principal
 from catalog.rules import Attributes, AttributeValue, TableRule, bindings
-from catalog.tables import TableCatalog, TableRef, fold
+from catalog.tables import TableCatalog, TableInfo, TableRef, fold
+from catalog.views import Views
 
 _PART = r"[A-Za-z_][A-Za-z0-9_$]*"
 PATTERN_RE = re.compile(rf"^({_PART})\.({_PART}|\*)$")
@@ -106,6 +107,8 @@ class Policy:
         self._rules: dict[str, dict[tuple[str, str], TableRule]] = {}
         self._attributes: dict[str, Attributes] = {}
         self._lock = threading.Lock()
+        #: The relation texts of ruled reads (catalog/views.py).
+        self.views = Views(tables)
         # Set by Catalog: resolves artefacts."<id>" (None: no artefact is readable).
         self.artefacts: ArtefactTables | None = None
 
@@ -154,6 +157,36 @@ class Policy:
         swarm_attributes = self.attributes(principal.swarm) if principal.swarm else {}
         return bindings(principal.swarm, principal.agent, swarm_attributes, dict(principal.attributes))
 
+    def rule_scope(self, principal: Principal) -> tuple[object, ...] | None:
+        """What a remembered decision about ``principal``'s SQL must be keyed on besides the
+        allowlist: its swarm's rules and its bound values (None when no rule applies to it), so a
+        changed rule or another agent's attributes never reuse a rewrite made for others."""
+        if principal.is_admin or principal.swarm is None:
+            return None
+        rules = self._rules.get(principal.swarm)
+        if not rules:
+            return None
+        bound = self.bindings_for(principal)
+        return (
+            tuple(sorted(rules.items())),
+            tuple(sorted((k, type(v).__name__, v) for k, v in bound.items() if v is not None)),
+        )
+
+    def relation(
+        self, principal: Principal, ref: TableRef, *, rowids: tuple[int, int | None] | None = None
+    ) -> str:
+        """What SQL names to read ``ref`` as ``principal``: ``ref.sql`` for a table read whole,
+        the view of its rule for a ruled one (catalog/views.py) — on every read path.
+        ``rowids`` (a split scan's range) is ANDed inside the view; for an unruled read the
+        caller adds its own WHERE."""
+        rule = self.rule_for(principal, ref)
+        if rule is None:
+            return ref.sql
+        return self.views.relation(ref, rule, self.bindings_for(principal), rowids=rowids)
+
+    def is_ruled(self, principal: Principal, ref: TableRef) -> bool:
+        return self.rule_for(principal, ref) is not None
+
     def can_read(self, principal: Principal, ref: TableRef) -> bool:
         schema = fold(ref.schema)
         if schema == SYSTEM_SCHEMA:
@@ -178,6 +211,30 @@ class Policy:
 
     def readable_tables(self, principal: Principal) -> list[TableRef]:
         return [r for r in self._tables.list_refs() if self.can_read(principal, r)]
+
+    def describe(self, principal: Principal, refs: list[TableRef]) -> list[TableInfo]:
+        """:meth:`TableCatalog.describe` as ``principal`` sees the tables: a ruled table's
+        schema is its view's (excluded columns absent, masked ones with the mask's type) and its
+        row count the view's (a count over the filter, remembered per view text and data
+        version: catalog/views.py), so ListFlights, Flight SQL and MCP list what a read returns."""
+        ruled: dict[TableRef, str] = {}
+        for ref in refs:
+            try:
+                ruled[ref] = self.relation(principal, ref)
+            except PermissionDenied:
+                continue  # its rule no longer fits the table: not listed (a read says why)
+        refs = [ref for ref in refs if ref in ruled]
+        plain = [ref for ref in refs if ruled[ref] == ref.sql]
+        infos = {info.ref: info for info in self._tables.describe(plain)}
+        if len(plain) < len(refs):
+            with self._tables.db.reading() as cur:
+                versions = self._tables.versions(cur)
+                for ref in refs:
+                    if ruled[ref] != ref.sql:
+                        version = versions.get(ref.key(), 0)
+                        schema, rows = self.views.shape(cur, ruled[ref], version)
+                        infos[ref] = TableInfo(ref, rows, schema, version)
+        return [infos[ref] for ref in refs]
 
     def readable_names(self, principal: Principal) -> list[str]:
         return [r.qualified for r in self.readable_tables(principal)]

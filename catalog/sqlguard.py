@@ -379,6 +379,29 @@ _LITERAL_TOKENS = frozenset({duckdb.token_type.numeric_const, duckdb.token_type.
 QuiverRefusal = InvalidArgument | PermissionDenied
 
 
+class _Unwritable(Exception):
+    """A rewrite for ruled tables that DuckDB cannot write back exactly (refused: fail closed)."""
+
+
+def _canonical(tree: Any) -> str:
+    """A tree as compact JSON with every ``* REPLACE (…)`` list in name order: DuckDB keeps
+    that list in a hash map, so a written-back text may list the same replacements in another
+    order (which means the same)."""
+
+    def sort(value: Any) -> Any:
+        if isinstance(value, list):
+            return [sort(v) for v in value]
+        if isinstance(value, dict):
+            out = {k: sort(v) for k, v in value.items()}
+            replaced = out.get("replace_list")
+            if isinstance(replaced, list) and all(isinstance(r, dict) for r in replaced):
+                out["replace_list"] = sorted(replaced, key=lambda r: str(r.get("key")))
+            return out
+        return value
+
+    return json.dumps(sort(tree), sort_keys=True, separators=(",", ":"))
+
+
 def _strip_locations(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _strip_locations(v) for k, v in value.items() if k not in _LOCATION_KEYS}
@@ -710,6 +733,18 @@ class GuardedQuery:
     differ only in whitespace, comments or keyword case."""
     param_count: int = 0
     """How many positional parameters (``?`` or ``$n``) the statement expects."""
+    text: str = ""
+    """The caller's statement as given (:attr:`sql` before a rewrite): what logs, the query
+    log and query-status show. Empty means :attr:`sql`."""
+    ruled: bool = False
+    """True when :attr:`sql` is a rewrite reading ruled tables through their views
+    (catalog/views.py): its text holds row filters, bound values and masks, so errors must
+    not quote it, and nothing may serve it from a copy of a whole table."""
+
+    @property
+    def shown(self) -> str:
+        """:attr:`text`, or :attr:`sql` when there was no rewrite."""
+        return self.text or self.sql
 
     @property
     def fingerprint(self) -> str:
@@ -755,6 +790,8 @@ class SqlGuard:
         self._shapes: OrderedDict[str, _Shape] = OrderedDict()
         self.shape_hits = 0
         """Checks answered from the shape cache (no DuckDB parse): for tests and benchmarks."""
+        self.rewrites = 0
+        """Rewrites for ruled tables made with DuckDB (not answered from memory): for tests."""
         self._refs_cache: tuple[float, dict[tuple[str, str], TableRef | None]] | None = None
         self._policy = policy
         self._catalog = fold(catalog_name)
@@ -790,6 +827,10 @@ class SqlGuard:
         # Written-back parts by (normalized tree, bounds): a repeated large query at one layout
         # costs no DuckDB call to split (three per part otherwise).
         self._parts: OrderedDict[tuple[str, tuple[tuple[int, int | None], ...]], tuple[str, ...]] = (
+            OrderedDict()
+        )
+        # Rewrites for ruled tables by (normalized tree, views): (text, normalized tree).
+        self._rewrites: OrderedDict[tuple[str, tuple[tuple[tuple[str, str], str], ...]], tuple[str, str]] = (
             OrderedDict()
         )
         # Types a query may name: DuckDB's built-in ones. The private parser database holds
@@ -852,9 +893,80 @@ class SqlGuard:
         except RecursionError:
             raise InvalidArgument(_TOO_DEEP) from None
         tables = tuple(sorted(walk.tables.values(), key=lambda r: r.key()))
+        relation = self._policy.relation
+        views = {ref.key(): view for ref in tables if (view := relation(principal, ref)) != ref.sql}
+        if views:
+            text, normalized = self._rewrite(parsed, walk, views)
+            return GuardedQuery(
+                sql=text,
+                tables=tables,
+                normalized=normalized,
+                param_count=walk.param_count(),
+                text=parsed.text,
+                ruled=True,
+            )
         return GuardedQuery(
             sql=parsed.text, tables=tables, normalized=parsed.normalized, param_count=walk.param_count()
         )
+
+    # --- ruled tables: the parse tree rewritten to read their views --------------------------
+    def _rewrite(self, parsed: _Parsed, walk: _Walk, views: dict[tuple[str, str], str]) -> tuple[str, str]:
+        """``parsed`` with every BASE_TABLE that reads a ruled table replaced by a SUBQUERY
+        over its view (catalog/views.py), written back to SQL by DuckDB and parsed again: the
+        text and normalized tree to run and key caches on.
+
+        The subquery keeps the node's alias — the table's own name when it had none, so
+        ``customers.email`` still binds (to the view's column) — its sample and its column
+        aliases. The written-back text is used only if its parse is exactly the intended tree
+        (as :meth:`_rowid_parts` does); anything else fails closed. Remembered per (tree,
+        views): a repeated text costs no DuckDB call."""
+        key = (parsed.normalized, tuple(sorted(views.items())))
+        with self._lock:
+            hit = self._rewrites.get(key)
+            if hit is not None:
+                self._rewrites.move_to_end(key)
+                return hit
+        refused = PermissionDenied(
+            f"this query reads {', '.join(sorted('.'.join(k) for k in views))}, which your allowlist "
+            "gives you through row or column rules, in a form the SQL guard cannot rewrite exactly; "
+            "read the table in a plainer form (a subquery or CTE selecting from it)"
+        )
+        self.rewrites += 1
+        try:
+            text, got = self._rewritten(parsed, walk, views)
+        except _Unwritable:
+            raise refused from None
+        except RecursionError:
+            raise InvalidArgument(_TOO_DEEP) from None
+        except (duckdb.Error, KeyError, TypeError, ValueError):
+            raise refused from None
+        answer = (text, got)
+        if len(got) <= _SPLIT_CACHE_MAX_CHARS:
+            with self._lock:
+                self._rewrites[key] = answer
+                while len(self._rewrites) > _PARSE_CACHE_ENTRIES:
+                    self._rewrites.popitem(last=False)
+        return answer
+
+    def _rewritten(self, parsed: _Parsed, walk: _Walk, views: dict[tuple[str, str], str]) -> tuple[str, str]:
+        """The work of :meth:`_rewrite`: raises :class:`_Unwritable` (or DuckDB's error) when
+        the written-back text does not parse to exactly the intended tree."""
+        cur = self._cursor()
+        want = _Rewriter(cur, walk.bases, views, self._catalog).swap(
+            json.loads(parsed.normalized), parsed.tree
+        )[0]
+        text = str(
+            cur.execute(
+                "SELECT json_deserialize_sql(?)", [json.dumps({"error": False, "statements": [want]})]
+            ).fetchall()[0][0]
+        )
+        back = json.loads(cur.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0])
+        if back.get("error") or len(back.get("statements") or []) != 1:
+            raise _Unwritable
+        got = _canonical(_strip_locations(back["statements"][0]))
+        if got != _canonical(want):
+            raise _Unwritable
+        return text, got
 
     def invalidate_tables(self) -> None:
         """Forget the cached lists of data tables and stored functions (call after creating
@@ -862,6 +974,7 @@ class SqlGuard:
         with self._lock:
             self._refs_cache = None
             self._functions_cache = None
+        self._policy.views.invalidate()
 
     def _parse(self, sql: str) -> _Parsed:
         """The one SELECT-class statement in ``sql`` and its parse tree; cached by text, since
@@ -1117,8 +1230,9 @@ class SqlGuard:
         return self._split_shape(guarded)[1]
 
     def _split_shape(self, guarded: GuardedQuery) -> tuple[bool, tuple[str, ...] | None]:
-        """(:meth:`splittable`, :meth:`plain_columns`), from one read of the tree, remembered."""
-        if len(guarded.tables) != 1:
+        """(:meth:`splittable`, :meth:`plain_columns`), from one read of the tree, remembered.
+        A rewrite for ruled tables is neither: its rows are a view's, not the table's."""
+        if len(guarded.tables) != 1 or guarded.ruled:
             return False, None
         key = guarded.normalized
         with self._lock:
@@ -1300,6 +1414,107 @@ class SqlGuard:
         return PermissionDenied(f"{display}: {NOT_READABLE}{files}; you may read: {hint}")
 
 
+class _Rewriter:
+    """One rewrite of a stripped parse tree for ruled tables (:meth:`SqlGuard._rewrite`):
+    each BASE_TABLE node that resolved to a ruled table becomes a SUBQUERY over its view."""
+
+    def __init__(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        bases: dict[int, TableRef],
+        views: dict[tuple[str, str], str],
+        catalog: str,
+    ) -> None:
+        self.cur, self.bases, self.views, self.catalog = cur, bases, views, catalog
+        self._subqueries: dict[tuple[str, str], dict[str, Any]] = {}
+        self._template: dict[str, Any] | None = None
+
+    def replacement(self, original: dict[str, Any], ref: TableRef) -> dict[str, Any]:
+        """The SUBQUERY node for ``original``: its alias (the table's name when it had none,
+        so ``customers.email`` still binds), its sample and its column aliases."""
+        if original.get("at_clause") is not None:
+            raise _Unwritable  # time travel has no meaning for a view
+        if ref.key() not in self._subqueries:
+            raw = self.cur.execute(
+                "SELECT json_serialize_sql(?)", [f"SELECT * FROM {self.views[ref.key()]} AS v"]
+            ).fetchall()[0][0]
+            self._subqueries[ref.key()] = _strip_locations(
+                json.loads(raw)["statements"][0]["node"]["from_table"]
+            )
+        node: dict[str, Any] = json.loads(json.dumps(self._subqueries[ref.key()]))
+        node["alias"] = str(original.get("alias") or original.get("table_name") or "")
+        node["sample"] = _strip_locations(original.get("sample"))
+        node["column_name_alias"] = list(original.get("column_name_alias") or [])
+        return node
+
+    def name_of(self, expr: dict[str, Any]) -> str:
+        """The name DuckDB gives an unaliased expression: its text as DuckDB writes it."""
+        if self._template is None:
+            raw = self.cur.execute("SELECT json_serialize_sql('SELECT 1')").fetchall()[0][0]
+            self._template = _strip_locations(json.loads(raw))
+        tree = json.loads(json.dumps(self._template))
+        tree["statements"][0]["node"]["select_list"] = [expr]
+        text = str(self.cur.execute("SELECT json_deserialize_sql(?)", [json.dumps(tree)]).fetchall()[0][0])
+        if not text.startswith("SELECT "):
+            raise _Unwritable
+        return text[len("SELECT ") :]
+
+    def swap(self, value: Any, original: Any) -> tuple[Any, bool]:
+        """``value`` (a stripped copy of ``original``) with the ruled tables replaced, and
+        whether anything in it was."""
+        if isinstance(value, list):
+            pairs = [self.swap(v, o) for v, o in zip(value, original, strict=True)]
+            return [v for v, _ in pairs], any(c for _, c in pairs)
+        if not isinstance(value, dict):
+            return value, False
+        ref = self.bases.get(id(original))
+        if ref is not None and ref.key() in self.views:
+            return self.replacement(original, ref), True
+        if value.get("class") == "COLUMN_REF":
+            names = self.unqualified(value.get("column_names"))
+            if names is not None:
+                return {**value, "column_names": names}, True
+        out, changed = {}, False
+        for k, v in value.items():
+            if k == "select_list" and isinstance(v, list):
+                out[k], c = self.select_list(v, original[k])
+            else:
+                out[k], c = self.swap(v, original[k])
+            changed = changed or c
+        return out, changed
+
+    def select_list(self, items: list[Any], original: list[Any]) -> tuple[list[Any], bool]:
+        """A select list swapped item by item. An unaliased expression is named by its text,
+        which now holds a view: it keeps the name it has in the caller's query. (Each item is
+        swapped once: a nested subquery's list is not walked again for its parent.)"""
+        out, changed = [], False
+        for item, before in zip(items, original, strict=True):
+            new, c = self.swap(item, before)
+            if (
+                c
+                and isinstance(item, dict)
+                and not item.get("alias")
+                and item.get("class") not in ("STAR", "COLUMN_REF")
+            ):
+                new["alias"] = self.name_of(item)
+            out.append(new)
+            changed = changed or c
+        return out, changed
+
+    def unqualified(self, names: Any) -> list[str] | None:
+        """``schema.table.column`` (or ``catalog.schema.table.column``) of a ruled table as
+        ``table.column``: the view's subquery has the table's name as alias but no schema, so
+        the qualified spelling would not bind. None for any other reference."""
+        if not isinstance(names, list) or len(names) < 3 or not all(isinstance(n, str) for n in names):
+            return None
+        folded = [fold(n) for n in names]
+        if len(names) >= 4 and folded[0] == self.catalog and (folded[1], folded[2]) in self.views:
+            return names[2:]
+        if (folded[0], folded[1]) in self.views:
+            return names[1:]
+        return None
+
+
 class _Walk:
     """One walk over one statement's parse tree, collecting tables and parameters.
 
@@ -1313,6 +1528,9 @@ class _Walk:
         self.guard = guard
         self.principal = principal
         self.tables: dict[tuple[str, str], TableRef] = {}
+        # Each BASE_TABLE node that names a data table (not a CTE in scope), by the node's id
+        # in the tree walked: what a rewrite for ruled tables replaces (SqlGuard._rewrite).
+        self.bases: dict[int, TableRef] = {}
         self.params: set[int] = set()
         self.nodes = 0  # parse-tree nodes visited: the sizer's work budget is proportional
         self._refs: dict[tuple[str, str], TableRef | None] | None = None
@@ -1429,6 +1647,7 @@ class _Walk:
         if found is None or not self.guard._policy.can_read(self.principal, found):
             raise self.guard._not_readable(display, self.readable())
         self.tables[found.key()] = found
+        self.bases[id(ref)] = found
 
     def resolve(self, catalog: str, schema: str, table: str) -> TableRef | None:
         """The data table DuckDB would read for this name, or None if it is not one."""

@@ -102,15 +102,19 @@ _SUGGESTION = re.compile(r"\s*Did you mean[^\n]*", re.IGNORECASE)
 
 
 _LINE = re.compile(r"^LINE (\d+):(.*)$")
+_CANDIDATES = re.compile(r"\s*Candidate (?:bindings|tables): .*$")
 _MAX_MESSAGE_CHARS = 4000
 
 
-def _clean(message: str, line_offset: int = 0) -> str:
+def _clean(message: str, line_offset: int = 0, *, quote_sql: bool = True) -> str:
     """DuckDB's message on one line, without catalog suggestions: "Did you mean …" may name a
     table the caller may not read, and existence must never leak (proto_docs/errors.md).
 
     DuckDB's ``LINE n: <text>`` context (and caret line) is folded into ``(LINE n: <text>)``;
-    ``line_offset`` corrects ``n`` when Quiver wrapped the caller's SQL (max_rows)."""
+    ``line_offset`` corrects ``n`` when Quiver wrapped the caller's SQL (max_rows).
+    ``quote_sql=False`` drops that context and DuckDB's candidate names: the SQL run was
+    rewritten to read ruled tables through their views, and its text (row filters, bound
+    values, masks) and the names in scope inside a view are not the caller's to see."""
     message = message[:_MAX_MESSAGE_CHARS]  # DuckDB can quote megabytes of the caller's SQL
     lines = [ln for ln in _SUGGESTION.sub("", message).strip().splitlines() if ln.strip()]
     if not lines:
@@ -124,6 +128,10 @@ def _clean(message: str, line_offset: int = 0) -> str:
             break
         if not set(ln.strip()) <= {"^"}:
             head = f"{head} {ln.strip()}"
+    if not quote_sql:
+        # DuckDB's candidates are the names in scope where binding failed: inside a view, its
+        # table's own columns, the excluded ones included.
+        return _CANDIDATES.sub("", head)
     return f"{head} ({context})" if context else head
 
 
@@ -132,7 +140,12 @@ WRAP_LINES = 1
 
 
 def duckdb_error(
-    exc: duckdb.Error, *, timed_out: bool = False, timeout_seconds: float = 0.0, wrapped: bool = False
+    exc: duckdb.Error,
+    *,
+    timed_out: bool = False,
+    timeout_seconds: float = 0.0,
+    wrapped: bool = False,
+    quote_sql: bool = True,
 ) -> QuiverError:
     """The QuiverError for a DuckDB failure, with DuckDB's message where it helps the caller."""
     if isinstance(exc, duckdb.InterruptException):
@@ -149,9 +162,9 @@ def duckdb_error(
             "narrow it or aggregate first"
         )
     if isinstance(exc, duckdb.PermissionException):
-        return PermissionDenied(_clean(str(exc)))
+        return PermissionDenied(_clean(str(exc), quote_sql=quote_sql))
     if isinstance(exc, _CALLER_ERRORS):
-        return InvalidArgument(_clean(str(exc), WRAP_LINES if wrapped else 0))
+        return InvalidArgument(_clean(str(exc), WRAP_LINES if wrapped else 0, quote_sql=quote_sql))
     return _Internal(exc)
 
 
@@ -222,7 +235,12 @@ def as_duckdb_error(exc: BaseException) -> duckdb.Error | None:
 
 
 def classify(
-    exc: BaseException, *, timed_out: bool = False, timeout_seconds: float = 0.0, wrapped: bool = False
+    exc: BaseException,
+    *,
+    timed_out: bool = False,
+    timeout_seconds: float = 0.0,
+    wrapped: bool = False,
+    quote_sql: bool = True,
 ) -> QuiverError | None:
     """The one classification of a failure: the caller-facing QuiverError, or None when it is
     a fault of Quiver's own (to be logged and answered INTERNAL). Used by every path that runs
@@ -234,7 +252,9 @@ def classify(
         return exc
     duck = as_duckdb_error(exc)
     if duck is not None:
-        err = duckdb_error(duck, timed_out=timed_out, timeout_seconds=timeout_seconds, wrapped=wrapped)
+        err = duckdb_error(
+            duck, timed_out=timed_out, timeout_seconds=timeout_seconds, wrapped=wrapped, quote_sql=quote_sql
+        )
         return None if isinstance(err, _Internal) else err
     return resource_error(exc)
 
@@ -329,6 +349,7 @@ def stream_error(
     timed_out: bool,
     timeout_seconds: float,
     wrapped: bool = False,
+    quote_sql: bool = True,
 ) -> flight.FlightError:
     """The FlightError for a failure raised while a Python generator feeds a stream."""
     return map_exception(
@@ -338,4 +359,5 @@ def stream_error(
         timed_out=timed_out,
         timeout_seconds=timeout_seconds,
         wrapped=wrapped,
+        quote_sql=quote_sql,
     )

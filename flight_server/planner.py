@@ -133,7 +133,7 @@ class Planner:
         self._queries = queries
         self.split = SplitOptions.from_config(catalog.config.flight)
         self.admission = admission
-        self._guarded: OrderedDict[tuple[str, str], tuple[float, GuardedQuery]] = OrderedDict()
+        self._guarded: OrderedDict[tuple[str, str, Any], tuple[float, GuardedQuery]] = OrderedDict()
         self._schemas: OrderedDict[tuple[Any, ...], tuple[float, pa.Schema]] = OrderedDict()
         self._resolved: dict[tuple[str, str], tuple[int, TableRef]] = {}
         self._large: OrderedDict[tuple[Any, ...], float] = OrderedDict()
@@ -193,6 +193,8 @@ class Planner:
     # --- PATH: full table scans, split when large --------------------------------------------
     def scan(self, principal: Principal, target: TableScan, *, parts: bool) -> Plan:
         ref = self.require_readable(principal, target.schema, target.table)
+        if self.catalog.policy.is_ruled(principal, ref):
+            return self._ruled_scan(principal, ref, parts=parts)
         if not parts:
             with self.catalog.db.reading() as cur:
                 return Plan("scan", table_schema(cur, ref), -1, (), (ref,), ref.qualified, timeout=False)
@@ -220,6 +222,39 @@ class Planner:
             sql_parts = tuple(
                 dataclasses.replace(p, fill=fill, fill_index=i) for i, p in enumerate(sql_parts)
             )
+        return Plan("scan", schema, rows, sql_parts, (ref,), ref.qualified, timeout=False)
+
+    def _ruled_scan(self, principal: Principal, ref: TableRef, *, parts: bool) -> Plan:
+        """A PATH scan of a table read through its rule's view (catalog/views.py): the view's
+        schema and row count, never the hot-table cache (it holds the whole table, and is
+        filled only by unruled scans), split like a table scan with each rowid range ANDed
+        inside the view, where ``rowid`` is the table's."""
+        policy = self.catalog.policy
+        view = policy.relation(principal, ref)
+        with self.catalog.db.reading() as cur:
+            version = self.catalog.tables.versions(cur).get(ref.key(), 0)
+            schema, rows = policy.views.shape(cur, view, version)
+            if not parts:
+                return Plan("scan", schema, -1, (), (ref,), ref.qualified, timeout=False)
+            stored = _count(cur, ref)
+            split = stored >= self._split_threshold and not _has_rowid_column(table_schema(cur, ref))
+            layout = read_layout(cur, ref, begin=True) if split else None
+        if layout is None:
+            return Plan(
+                "scan",
+                schema,
+                rows,
+                (SqlPart(f"SELECT * FROM {view}", ruled=True),),
+                (ref,),
+                ref.qualified,
+                timeout=False,
+            )
+        sql_parts = tuple(
+            SqlPart(
+                f"SELECT * FROM {policy.relation(principal, ref, rowids=bounds)}", layout=layout, ruled=True
+            )
+            for bounds in self._rowid_ranges(layout)
+        )
         return Plan("scan", schema, rows, sql_parts, (ref,), ref.qualified, timeout=False)
 
     def _version(self, ref: TableRef) -> int:
@@ -281,8 +316,8 @@ class Planner:
         t``), served from memory like a scan of it: zero-copy slices, split as a scan is, run
         nowhere. Only without the caller's ``max_rows`` or ``params``, and for a table of at
         most ``[limits] max_rows`` rows (nothing to cut). None otherwise."""
-        if part.limit is not None or part.params or len(guarded.tables) != 1:
-            return None
+        if part.limit is not None or part.params or len(guarded.tables) != 1 or guarded.ruled:
+            return None  # a ruled read is a view's rows: never the cached table's
         ref = guarded.tables[0]
         cache = self.table_cache
         if not cache.holds(ref):
@@ -318,7 +353,7 @@ class Planner:
             label,
             timeout=True,
             row_cap=_uncut(part),
-            sql=guarded.sql,
+            sql=guarded.shown,
             params=len(part.params),
         )
 
@@ -393,14 +428,22 @@ class Planner:
         cmds.check_sample(cmd, self.limits)
         ref = self.readable(principal, cmd.table)
         cap = self.limits.max_sample_rows
+        policy = self.catalog.policy
+        source = policy.relation(principal, ref)  # a ruled table: its view (catalog/views.py)
+        ruled = source != ref.sql
         with self.catalog.db.reading() as cur:
-            schema = table_schema(cur, ref)
+            if ruled:
+                version = self.catalog.tables.versions(cur).get(ref.key(), 0)
+                schema, rows = policy.views.shape(cur, source, version)
+            else:
+                schema = table_schema(cur, ref)
             select = "*"
             if cmd.columns is not None:
                 names = resolve_columns(schema, cmd.columns, ref)
                 schema = pa.schema([schema.field(n) for n in names], metadata=schema.metadata)
                 select = ", ".join(quote_ident(n) for n in names)
-            rows = _count(cur, ref)
+            if not ruled:
+                rows = _count(cur, ref)
         if cmd.percent is not None:
             expected = rows * cmd.percent / 100
             if expected > cap:
@@ -411,13 +454,13 @@ class Planner:
                     "or rows <= the limit"
                 )
             seed = "" if cmd.seed is None else f", {cmd.seed}"
-            sql = f"SELECT {select} FROM {ref.sql} USING SAMPLE {cmd.percent:.12f} PERCENT (bernoulli{seed})"
+            sql = f"SELECT {select} FROM {source} USING SAMPLE {cmd.percent:.12f} PERCENT (bernoulli{seed})"
             # The estimate above is an expectation: the cap holds even for an unlucky draw.
-            part = SqlPart(sql, limit=cap, limit_reason="max_sample_rows")
+            part = SqlPart(sql, limit=cap, limit_reason="max_sample_rows", ruled=ruled)
             total = -1
         else:
             assert cmd.rows is not None
-            cached = self._cached_sample(ref) if cmd.method != "random" else None
+            cached = self._cached_sample(ref) if cmd.method != "random" and not ruled else None
             if cached is not None:
                 columns = tuple(schema.names) if cmd.columns is not None else None
                 n = min(cached.rows, cmd.rows)
@@ -425,10 +468,10 @@ class Planner:
                 return Plan("sample", schema, n, pieces, (ref,), ref.qualified, timeout=True)
             if cmd.method == "random":
                 seed = "" if cmd.seed is None else f", {cmd.seed}"
-                sql = f"SELECT {select} FROM {ref.sql} USING SAMPLE {cmd.rows} ROWS (reservoir{seed})"
+                sql = f"SELECT {select} FROM {source} USING SAMPLE {cmd.rows} ROWS (reservoir{seed})"
             else:
-                sql = f"SELECT {select} FROM {ref.sql} LIMIT {cmd.rows}"
-            part = SqlPart(sql)
+                sql = f"SELECT {select} FROM {source} LIMIT {cmd.rows}"
+            part = SqlPart(sql, ruled=ruled)
             total = min(rows, cmd.rows)
         return Plan(
             "sample", schema, total, (part,), (ref,), ref.qualified, timeout=True, row_cap=part.row_cap
@@ -445,8 +488,9 @@ class Planner:
     # --- profiles -------------------------------------------------------------------------------
     def profile(self, principal: Principal, cmd: ProfileCommand) -> Plan:
         ref = self.readable(principal, cmd.table)
+        source = self.catalog.policy.relation(principal, ref)  # a ruled table: its view
         with self.catalog.db.reading() as cur:
-            schema = table_schema(cur, ref)
+            schema = cur.sql(f"SELECT * FROM {source} LIMIT 0").to_arrow_table().schema
         columns = None
         count = len(schema)
         if cmd.columns is not None:
@@ -454,7 +498,7 @@ class Planner:
                 raise InvalidArgument("field 'columns' is empty: omit it for every column or name some")
             columns = tuple(resolve_columns(schema, cmd.columns, ref))
             count = len(columns)
-        part = ProfilePart(ref, columns, cmd.cached_only)
+        part = ProfilePart(ref, columns, cmd.cached_only, relation=None if source == ref.sql else source)
         return Plan("profile", PROFILE_SCHEMA, count, (part,), (ref,), ref.qualified, timeout=True)
 
     # --- async results ------------------------------------------------------------------------
@@ -533,7 +577,7 @@ class Planner:
                     label,
                     timeout=True,
                     row_cap=_uncut(part),
-                    sql=guarded.sql,
+                    sql=guarded.shown,
                     params=len(params),
                 )
         return Plan(
@@ -545,7 +589,7 @@ class Planner:
             label,
             timeout=True,
             row_cap=part.row_cap,
-            sql=guarded.sql,
+            sql=guarded.shown,
             params=len(params),
         )
 
@@ -571,9 +615,12 @@ class Planner:
         cap = cmds.check_query(cmd, limits.max_rows, limits.max_rows_source)
         guarded = self.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
+        ruled = guarded.ruled
         if cmd.max_rows is not None:
-            return guarded, SqlPart(guarded.sql, params, limit=cap, normalized=guarded.normalized)
-        return guarded, SqlPart(guarded.sql, params, normalized=guarded.normalized, cap=cap)
+            return guarded, SqlPart(
+                guarded.sql, params, limit=cap, normalized=guarded.normalized, ruled=ruled
+            )
+        return guarded, SqlPart(guarded.sql, params, normalized=guarded.normalized, cap=cap, ruled=ruled)
 
     def prepare(self, principal: Principal, cmd: QueryCommand) -> PreparedQuery:
         """submit-query: :meth:`query`'s path — the same checks as a ``{"kind": "query"}``
@@ -590,7 +637,8 @@ class Planner:
 
         return PreparedQuery(
             run=run,
-            sql=part.sql,
+            sql=plan.sql or part.sql,  # the caller's text, never a rewrite's (filters, masks)
+            quote_sql=not part.ruled,
             max_rows=cap.max_rows,
             max_rows_reason=cap.reason,
             tables=tuple(ref.qualified for ref in plan.tables),
@@ -608,7 +656,8 @@ class Planner:
         narrowed allowlist takes effect at once.
         """
         scope = "admin" if principal.is_admin else f"swarm:{principal.swarm}"
-        key = (scope, sql)
+        # A ruled swarm's verdict is a rewrite for its rules and this principal's bound values.
+        key = (scope, sql, self.catalog.policy.rule_scope(principal))
         now = time.monotonic()
         hit = self._guarded.get(key)
         if hit is not None and hit[0] > now:
@@ -646,7 +695,11 @@ class Planner:
                 schema = rel.to_arrow_table().schema
             except duckdb.Error as e:
                 raise duckdb_error(
-                    e, timed_out=deadline.fired, timeout_seconds=deadline.seconds, wrapped=True
+                    e,
+                    timed_out=deadline.fired,
+                    timeout_seconds=deadline.seconds,
+                    wrapped=True,
+                    quote_sql=not guarded.ruled,
                 ) from None
         check_result_type(schema)
         self._schemas[key] = (now + self.SCHEMA_CACHE_SECONDS, schema)

@@ -72,6 +72,9 @@ class SqlPart:
     # A query's part that cannot reach a row cap (a split query's range): streamed without a
     # cut, through one generator that turns a runtime error into a labelled Flight error.
     label_errors: bool = False
+    # The SQL reads a ruled table's view (catalog/views.py): its text holds the row filter,
+    # bound values and masks, so a DuckDB error's quote of the text is dropped.
+    ruled: bool = False
 
     @property
     def max_rows(self) -> int | None:
@@ -92,6 +95,8 @@ class ProfilePart:
     ref: TableRef
     columns: tuple[str, ...] | None
     cached_only: bool = False
+    # The view a ruled read profiles (catalog/views.py); None: the table itself.
+    relation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,17 +189,17 @@ def _row_struct(col: _Column, present: set[str]) -> str:
     return "{" + ", ".join(f"{quote_literal(k)}: {v}" for k, v in fields.items()) + "}"
 
 
-def _binds(cur: duckdb.DuckDBPyConnection, ref: TableRef, exprs: list[str]) -> bool:
+def _binds(cur: duckdb.DuckDBPyConnection, source: str, exprs: list[str]) -> bool:
     try:
-        cur.execute(f"SELECT {', '.join(exprs)} FROM {ref.sql} LIMIT 0").fetchall()
+        cur.execute(f"SELECT {', '.join(exprs)} FROM {source} LIMIT 0").fetchall()
     except duckdb.Error:
         return False
     return True
 
 
-def table_columns(cur: duckdb.DuckDBPyConnection, ref: TableRef) -> list[tuple[str, str, str]]:
+def table_columns(cur: duckdb.DuckDBPyConnection, source: str) -> list[tuple[str, str, str]]:
     """(name, DuckDB type, type id) of every column, from the catalog (no scan)."""
-    rel = cur.sql(f"SELECT * FROM {ref.sql} LIMIT 0")
+    rel = cur.sql(f"SELECT * FROM {source} LIMIT 0")
     return [(n, str(t), t.id) for n, t in zip(rel.columns, rel.dtypes, strict=True)]
 
 
@@ -224,35 +224,39 @@ def _select_columns(
 
 
 def profile_table(
-    cur: duckdb.DuckDBPyConnection, ref: TableRef, columns: Sequence[str] | None = None
+    cur: duckdb.DuckDBPyConnection,
+    ref: TableRef,
+    columns: Sequence[str] | None = None,
+    relation: str | None = None,
 ) -> pa.Table:
     """Profile ``ref`` (already authorized) on ``cur``: one row per column, PROFILE_SCHEMA.
 
     Runs in the caller's transaction when there is one, so the figures describe one
     snapshot. Interrupting ``cur`` interrupts the scan.
     """
-    cols = _select_columns(table_columns(cur, ref), columns, ref)
+    source = relation or ref.sql  # a ruled table's view (catalog/views.py): its rows and columns only
+    cols = _select_columns(table_columns(cur, source), columns, ref)
     # count(*) of a table is answered from DuckDB's row-group metadata, without a scan.
-    rows = int(cur.execute(f"SELECT count(*) FROM {ref.sql}").fetchall()[0][0])
+    rows = int(cur.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0])
     quartile_cols = sum(1 for c in cols if c.kind in ("numeric", "temporal"))
     exact = rows * quartile_cols <= EXACT_QUARTILE_MAX_VALUES
     # Pass 1: every statistic of every column in one aggregate query.
     per_col: dict[int, list[tuple[str, str]]] = {}
     for col in cols:
         full = _aggregates(col, full=True, exact=exact)
-        if col.kind in ("nested", "other") and not _binds(cur, ref, [e for _, e in full]):
+        if col.kind in ("nested", "other") and not _binds(cur, source, [e for _, e in full]):
             full = _aggregates(col, full=False)
         per_col[col.ordinal] = full
-    if not _binds(cur, ref, [e for aggs in per_col.values() for _, e in aggs]):
+    if not _binds(cur, source, [e for aggs in per_col.values() for _, e in aggs]):
         # A type we classified wrongly: find it and fall back to the safe minimum for it.
         for col in cols:
-            if not _binds(cur, ref, [e for _, e in per_col[col.ordinal]]):
+            if not _binds(cur, source, [e for _, e in per_col[col.ordinal]]):
                 per_col[col.ordinal] = _aggregates(col, full=False)
     select = ["count(*) AS qv_rows"]
     for ordinal, aggs in per_col.items():
         select += [f"{expr} AS c{ordinal}_{suffix}" for suffix, expr in aggs]
     structs = ", ".join(_row_struct(col, {suffix for suffix, _ in per_col[col.ordinal]}) for col in cols)
-    sql = f"SELECT unnest([{structs}], recursive := true) FROM (SELECT {', '.join(select)} FROM {ref.sql})"
+    sql = f"SELECT unnest([{structs}], recursive := true) FROM (SELECT {', '.join(select)} FROM {source})"
     stats = cur.sql(sql).to_arrow_table()
 
     # Pass 2: value frequencies, only for columns with few distinct values.
@@ -268,7 +272,7 @@ def profile_table(
     top_column = pa.nulls(len(cols), pa.list_(TOP_VALUE_TYPE))
     if low:
         parts = ", ".join(f"{{'ordinal': {col.ordinal}, 'top': {_top_values(col)}}}" for col in low)
-        top = cur.sql(f"SELECT unnest([{parts}], recursive := true) FROM {ref.sql}").to_arrow_table()
+        top = cur.sql(f"SELECT unnest([{parts}], recursive := true) FROM {source}").to_arrow_table()
         position = {o: i for i, o in enumerate(top.column("ordinal").to_pylist())}
         take = pa.array([position.get(o) for o in ordinals], pa.int64())
         top_column = top.column("top").combine_chunks().take(take).cast(pa.list_(TOP_VALUE_TYPE))
@@ -327,15 +331,17 @@ class ProfileCache:
         columns: Sequence[str] | None = None,
         *,
         cursor: duckdb.DuckDBPyConnection | None = None,
+        relation: str | None = None,
     ) -> pa.Table:
-        """The profile of ``ref`` (the caller has checked it is readable).
+        """The profile of ``ref`` (the caller has checked it is readable); ``relation``: the
+        view of a ruled read (catalog/views.py), which the entry is keyed on with the version.
 
         ``cursor``: run on this cursor (so the caller can interrupt it on timeout); by
         default a cursor of its own. The version and the statistics are read in one
         transaction, so a cached profile is exactly the profile of that version.
         """
         wanted = None if columns is None else tuple(dict.fromkeys(c.lower() for c in columns))
-        key = (ref.key(), wanted)
+        key = (ref.key(), wanted, relation)
         version = self._current_version(ref, cursor)
         hit = self._lookup(key, version)
         if hit is not None:
@@ -348,7 +354,7 @@ class ProfileCache:
             if hit is not None:
                 return hit
             try:
-                computed_version, table = self._compute(ref, columns, cursor)
+                computed_version, table = self._compute(ref, columns, cursor, relation)
             finally:
                 with self._lock:
                     self._inflight.pop(key, None)
@@ -361,11 +367,12 @@ class ProfileCache:
         columns: Sequence[str] | None = None,
         *,
         cursor: duckdb.DuckDBPyConnection | None = None,
+        relation: str | None = None,
     ) -> pa.Table | None:
         """The profile of ``ref`` when it is cached for the current data version, else None
         (nothing is computed)."""
         wanted = None if columns is None else tuple(dict.fromkeys(c.lower() for c in columns))
-        return self._lookup((ref.key(), wanted), self._current_version(ref, cursor))
+        return self._lookup((ref.key(), wanted, relation), self._current_version(ref, cursor))
 
     def _lookup(self, key: tuple[Any, ...], version: int, *, count: bool = True) -> pa.Table | None:
         with self._lock:
@@ -383,7 +390,11 @@ class ProfileCache:
         return self._tables.version(ref)
 
     def _compute(
-        self, ref: TableRef, columns: Sequence[str] | None, cursor: duckdb.DuckDBPyConnection | None
+        self,
+        ref: TableRef,
+        columns: Sequence[str] | None,
+        cursor: duckdb.DuckDBPyConnection | None,
+        relation: str | None = None,
     ) -> tuple[int, pa.Table]:
         started = time.perf_counter()
         own = cursor is None
@@ -392,7 +403,7 @@ class ProfileCache:
             cur.execute("BEGIN TRANSACTION")
             try:
                 version = self._tables.versions(cur).get(ref.key(), 0)
-                table = profile_table(cur, ref, columns)
+                table = profile_table(cur, ref, columns, relation)
             finally:
                 with suppress(duckdb.Error):
                     cur.execute("ROLLBACK")  # read-only: nothing to commit

@@ -130,6 +130,8 @@ class PreparedQuery:
     max_rows_reason: CapReason = "server_max_rows"
     #: The tables it reads (what an admin's running-query list shows).
     tables: tuple[str, ...] = ()
+    #: False when the SQL run is a rewrite for ruled tables: errors do not quote its text.
+    quote_sql: bool = True
 
 
 #: A background task (an ``export`` with ``"async": true``): runs on a worker, reports its
@@ -216,6 +218,7 @@ class _Query:
     task_kind: str | None = None
     answer: dict[str, Any] | None = None
     tables: tuple[str, ...] = ()
+    quote_sql: bool = True  # False: a rewrite for ruled tables (PreparedQuery.quote_sql)
     wake: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -302,6 +305,7 @@ class QueryManager:
         else:
             query.max_rows = prepared.max_rows
             query.max_rows_reason = prepared.max_rows_reason
+            query.quote_sql = prepared.quote_sql
         with self._lock:
             active = sum(
                 1
@@ -464,7 +468,7 @@ class QueryManager:
                 "([results] timeout_seconds) and was interrupted"
             )
             return "failed"
-        error = classify(exc)
+        error = classify(exc, quote_sql=query.quote_sql)
         if error is None:
             log.error("query.internal_error", id=query.id, exc_info=exc)
             error = QuiverError(f"internal error (query id {query.id}); the server log has the details")

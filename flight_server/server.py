@@ -46,7 +46,7 @@ import structlog
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
 from catalog.artefacts import ArtefactFilter
 from catalog.descriptions import TableDescription
-from catalog.errors import bounded
+from catalog.errors import Unavailable, bounded
 from catalog.policy import NOT_READABLE
 from catalog.previews import preview
 from catalog.running import RunningQueries, RunningQueryInfo
@@ -137,6 +137,11 @@ class TicketPayload:
     plan: Plan
     index: int
     group: str
+    # What SQL named each table of the plan as (its view when ruled: Policy.relation) at
+    # GetFlightInfo; None when a rule or attribute changed while it was planned. A DoGet
+    # whose principal now reads them otherwise is refused: a ticket never serves a view the
+    # rules no longer give.
+    relations: tuple[str, ...] | None = ()
 
 
 def _json(obj: Any) -> bytes:
@@ -282,7 +287,7 @@ class QuiverFlightServer(flight.FlightServerBase):
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
         def run(principal: Principal, state: CallState) -> list[flight.FlightInfo]:
             refs = self.catalog.policy.readable_tables(principal)
-            infos = self.catalog.tables.describe(refs)
+            infos = self.catalog.policy.describe(principal, refs)  # a ruled table: its view's
             texts = self.catalog.descriptions.of(refs)
             changed = self.catalog.descriptions.freshness(refs)
             state.fields["tables"] = len(infos)
@@ -294,7 +299,9 @@ class QuiverFlightServer(flight.FlightServerBase):
                     info.rows,
                     -1,
                     # The table's and its columns' descriptions (proto_docs/listing.md).
-                    app_metadata=_listing_metadata(texts.get(info.ref.key()), changed.get(info.ref.key())),
+                    app_metadata=_listing_metadata(
+                        _visible(texts.get(info.ref.key()), info.schema), changed.get(info.ref.key())
+                    ),
                 )
                 for info in infos
             ]
@@ -312,6 +319,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             # One call of the swarm's calls per minute, before any work; the budgets too, but
             # Flight SQL metadata is free (a statement's budget is checked when it plans).
             self.admission.admit_call(principal, budget=not sql)
+            scope = self.catalog.policy.rule_scope(principal)
             if sql:
                 facts.kind, facts.via = "query", "flight-sql"
                 plan = self.sql.plan(principal, descriptor.command, execute=True)
@@ -320,13 +328,14 @@ class QuiverFlightServer(flight.FlightServerBase):
                 target = commands.decode_descriptor(descriptor)
                 _describe(facts, target)
                 plan = self.planner.plan(principal, target)
+            relations = self._relations(principal, plan, scope)
             _planned(facts, plan)
             state.fields["kind"] = plan.kind
             state.fields["target"] = plan.label
             group = secrets.token_hex(8)
             endpoints = []
             for index in range(len(plan.parts)):
-                ticket, grant = self.tickets.issue(principal, TicketPayload(plan, index, group))
+                ticket, grant = self.tickets.issue(principal, TicketPayload(plan, index, group, relations))
                 if sql:  # Flight SQL clients expect Any(TicketStatementQuery); DoGet unwraps it
                     ticket = wrap_ticket(ticket)
                 # Whole microseconds, as nanoseconds: the type FlightEndpoint stores (no cast).
@@ -384,6 +393,11 @@ class QuiverFlightServer(flight.FlightServerBase):
             for ref in plan.tables:
                 if not policy.can_read(principal, ref):
                     raise PermissionDenied(f"{ref.qualified}: {NOT_READABLE}")
+            if payload.relations != tuple(policy.relation(principal, ref) for ref in plan.tables):
+                raise Unavailable(
+                    "the row or column rules you read these tables through changed since GetFlightInfo; "
+                    "call GetFlightInfo again"
+                )
             state.cleanups.append(self.admission.acquire(principal, payload.group, payload.index))
             # Until the call ends: CancelFlightInfo finds it, a client that leaves stops it.
             self.running.track(payload.group, state, context)
@@ -471,6 +485,14 @@ class QuiverFlightServer(flight.FlightServerBase):
         if principal.agent is not None:  # an agent sees its own entry and its swarm's, not its peers'
             report.agents = {k: v for k, v in report.agents.items() if k == principal.agent}
         return msgspec.json.encode(report)
+
+    def _relations(self, principal: Principal, plan: Plan, scope: object) -> tuple[str, ...] | None:
+        """:attr:`TicketPayload.relations` of ``plan``: None when the caller's rules or bound
+        values (``Policy.rule_scope``, read before planning as ``scope``) changed while it was
+        planned — the plan may hold either view."""
+        policy = self.catalog.policy
+        relations = tuple(policy.relation(principal, ref) for ref in plan.tables)
+        return relations if policy.rule_scope(principal) == scope else None
 
     @staticmethod
     def _is_flight_sql(descriptor: flight.FlightDescriptor) -> bool:
@@ -643,6 +665,11 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.streamer.close()
         self.table_cache.invalidate(reason="shutdown")
         self.watchdog.stop()
+
+
+def _visible(text: TableDescription | None, schema: pa.Schema) -> TableDescription | None:
+    """The descriptions of the columns ``schema`` has (a ruled table's view lacks some)."""
+    return text.only(schema.names) if text is not None else None
 
 
 def _listing_metadata(text: TableDescription | None, changed_at: datetime | None) -> bytes:

@@ -205,6 +205,7 @@ class Streamer:
                 timed_out=deadline is not None and deadline.fired,
                 timeout_seconds=timeout,
                 wrapped=wrapped,
+                quote_sql=not (isinstance(part, SqlPart) and part.ruled),
             ) from None
 
     #: How long GetFlightInfo lets a query run before it gives up and leaves it to DoGet
@@ -359,7 +360,9 @@ class Streamer:
             flag = ran.flag
             assert flag is not None
             ended = threading.Event()
-            reader = _classified(ran.rest, deadline, timeout, part.limit is not None, ended)
+            reader = _classified(
+                ran.rest, deadline, timeout, part.limit is not None, ended, quote_sql=not part.ruled
+            )
 
             def cut() -> bool | None:
                 # Cut is known as soon as the cut batch passed; "not cut" only at the end.
@@ -374,6 +377,7 @@ class Streamer:
                     timed_out=deadline is not None and deadline.fired,
                     timeout_seconds=timeout,
                     wrapped=part.limit is not None,
+                    quote_sql=not part.ruled,
                 )
                 if err is not None and err is not e:
                     raise err from None
@@ -381,9 +385,9 @@ class Streamer:
 
     def _profile(self, part: ProfilePart, cur: duckdb.DuckDBPyConnection) -> pa.Table:
         if part.cached_only:
-            cached = self.profiles.cached(part.ref, part.columns, cursor=cur)
+            cached = self.profiles.cached(part.ref, part.columns, cursor=cur, relation=part.relation)
             return cached if cached is not None else PROFILE_SCHEMA.empty_table()
-        return self.profiles.profile(part.ref, part.columns, cursor=cur)
+        return self.profiles.profile(part.ref, part.columns, cursor=cur, relation=part.relation)
 
     def read_plan(self, admission: Admission, principal: Principal, plan: Plan) -> pa.Table:
         """The whole result of a sample or profile plan for a caller outside Flight
@@ -415,7 +419,13 @@ class Streamer:
                     else:  # pragma: no cover - samples and profiles have no other parts
                         raise TypeError(f"unexpected part {type(part).__name__}")
             except duckdb.Error as e:
-                raise duckdb_error(e, timed_out=deadline.fired, timeout_seconds=deadline.seconds) from None
+                quote = not any(
+                    (isinstance(p, SqlPart) and p.ruled) or (isinstance(p, ProfilePart) and p.relation)
+                    for p in plan.parts
+                )
+                raise duckdb_error(
+                    e, timed_out=deadline.fired, timeout_seconds=deadline.seconds, quote_sql=quote
+                ) from None
         if not tables:
             return plan.schema.empty_table()
         return pa.concat_tables([t.cast(plan.schema) if t.schema != plan.schema else t for t in tables])
@@ -475,12 +485,18 @@ class Streamer:
         timeout = deadline.seconds if deadline is not None else self.timeout_for(state.principal)
         request_id = state.request_id
         wrapped = part.limit is not None
+        quote_sql = not part.ruled
         try:
             ran = self._run_capped(cur, key, part)
         except Exception as e:  # noqa: BLE001 - DuckDB's errors arrive through Arrow (OSError …)
             timed_out = deadline is not None and deadline.fired
             raise stream_error(
-                e, request_id, timed_out=timed_out, timeout_seconds=timeout, wrapped=wrapped
+                e,
+                request_id,
+                timed_out=timed_out,
+                timeout_seconds=timeout,
+                wrapped=wrapped,
+                quote_sql=quote_sql,
             ) from None
         if ran.rest is None:
             if ran.cut:
@@ -519,6 +535,7 @@ class Streamer:
                     timed_out=deadline is not None and deadline.fired,
                     timeout_seconds=timeout,
                     wrapped=wrapped,
+                    quote_sql=quote_sql,
                 ) from None
 
         return flight.GeneratorStream(teed.schema, batches(), options=_IPC)
@@ -695,7 +712,13 @@ def arrow_stream(
 
 
 def _classified(
-    reader: pa.RecordBatchReader, deadline: Deadline, timeout: float, wrapped: bool, ended: threading.Event
+    reader: pa.RecordBatchReader,
+    deadline: Deadline,
+    timeout: float,
+    wrapped: bool,
+    ended: threading.Event,
+    *,
+    quote_sql: bool = True,
 ) -> pa.RecordBatchReader:
     """``reader``, whose failures mid-stream are raised as the QuiverError
     :func:`~flight_server.errors.classify` gives (a fault of ours stays what it was: the
@@ -706,7 +729,9 @@ def _classified(
             yield from reader
             ended.set()
         except Exception as e:
-            err = classify(e, timed_out=deadline.fired, timeout_seconds=timeout, wrapped=wrapped)
+            err = classify(
+                e, timed_out=deadline.fired, timeout_seconds=timeout, wrapped=wrapped, quote_sql=quote_sql
+            )
             if err is None or err is e:
                 raise
             raise err from None

@@ -430,7 +430,13 @@ class Metadata:
         for row, ref in zip(rows, refs, strict=True):
             if ref not in schemas:  # an artefact deleted or expired since it was listed
                 continue
-            schema = self._column_schema(ref, schemas[ref], columns.get(ref.key(), {}))
+            column_types: dict[str, tuple[str, int | None, int | None]] = dict(columns.get(ref.key(), {}))
+            rule = self.catalog.policy.rule_for(principal, ref)
+            masks = rule.mask if rule is not None else ()
+            for column, kind in masks:
+                if kind != "null":  # hash, redact and last4 read as text whatever the column was
+                    column_types[column] = ("VARCHAR", None, None)
+            schema = self._column_schema(ref, schemas[ref], column_types)
             row["table_schema"] = schema.serialize().to_pybytes()
             kept.append(row)
         refs = [r for r in refs if r in schemas]
@@ -442,7 +448,7 @@ class Metadata:
         """Each table's Arrow schema: the catalog's for warehouse tables, the stored IPC file's
         for an artefact (one that vanished since the listing is left out)."""
         tables = [r for r in refs if r.schema != ARTEFACT_SCHEMA]
-        out = {info.ref: info.schema for info in self.catalog.tables.describe(tables)}
+        out = {info.ref: info.schema for info in self.catalog.policy.describe(principal, tables)}
         for ref in refs:
             if ref.schema == ARTEFACT_SCHEMA:
                 try:
