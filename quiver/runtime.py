@@ -227,6 +227,7 @@ class Runtime:
                 self.warnings.append(f"backups will fail: {e.detail}")
                 log.warning("backup.key_unusable", detail=e.detail)
         catalog = self.catalog = Catalog(cfg, clock=self.clock)
+        catalog.metrics.set_log_drops_source(logs.dropped_records)
         try:
             if self.demo_data:
                 demo.seed(catalog)
@@ -484,3 +485,4 @@ class Runtime:
             catalog.close()
         self._stopped.set()
         log.info("quiver.stopped")
+        logs.flush()  # the background log writer's queue (quiver/logs.py): nothing left unwritten
