@@ -7,12 +7,14 @@ tests/test_flight_sql.py and tests/test_running_queries.py."""
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
+from pathlib import Path
 
 import pyarrow.flight as flight
 
-from tests.harness import Server, call_options
+from tests.harness import Server, call_options, start_server
 
 
 def test_racing_point_queries_are_not_polled_by_the_stream_watcher(server: Server) -> None:
@@ -53,3 +55,15 @@ def test_racing_point_queries_are_not_polled_by_the_stream_watcher(server: Serve
     assert not errors, errors[:1]
     assert dogets == 200
     assert flight_server.running.polls - before < dogets // 2
+
+
+def test_a_started_server_freezes_its_objects_and_a_stop_unfreezes_them(tmp_path: Path) -> None:
+    srv = start_server(tmp_path / "data")
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # modules, the catalog, both listeners
+        http = srv.http()
+        assert http.get("/healthz").status_code == 200  # requests run as before
+    finally:
+        srv.stop()
+    assert gc.get_freeze_count() == 0
