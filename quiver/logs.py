@@ -29,6 +29,7 @@ import logging
 import re
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import IO, Any
@@ -207,6 +208,10 @@ class LogWriter:
                     lines.append(self._render(*item))
                 except Exception as e:  # noqa: BLE001 - one bad record must not stop the writer
                     lines.append(f"log record not rendered: {type(e).__name__}")
+                # Let a request thread that waits for the GIL have it between two records:
+                # rendering a backlog in one go would hold it for the whole switch interval
+                # (5 ms) at a time.
+                time.sleep(0)
             if self._unreported:
                 with self._lock:
                     count, self._unreported = self._unreported, 0
