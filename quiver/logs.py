@@ -100,6 +100,9 @@ def format_exc_info(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 #: Records waiting for the writer thread at most; beyond that a record is dropped and counted.
 #: A record is a small dict (a Flight call's has a dozen short values): ~10 MB at the very most.
 QUEUE_RECORDS = 10_000
+#: How long the writer gathers records after writing a batch (seconds): lines reach the
+#: stream at most this much later than they were logged.
+BATCH_SECONDS = 0.02
 
 Render = Callable[[str, dict[str, Any]], str]
 
@@ -125,6 +128,7 @@ class LogWriter:
         self._max = max_records
         self._queue: collections.deque[tuple[str, dict[str, Any]] | str | _Flush] = collections.deque()
         self._wake = threading.Event()
+        self._pause = threading.Event()  # set: the writer does not pause (a flush, a close)
         self._lock = threading.Lock()  # starting the thread; counting drops
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -171,14 +175,19 @@ class LogWriter:
             return True
         marker = _Flush()
         self._queue.append(marker)
+        self._pause.set()
         self._wake.set()
-        return marker.done.wait(timeout)
+        try:
+            return marker.done.wait(timeout)
+        finally:
+            self._pause.clear()
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued and stop the thread; later records are dropped (counted)."""
         self.flush(timeout)
         with self._lock:
             self._closed = True
+        self._pause.set()
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -190,6 +199,10 @@ class LogWriter:
             self._wake.wait()
             self._wake.clear()  # before draining: a record queued from here on sets it again
             self._drain()
+            # Gather what comes next for a moment instead of being woken by every record (a
+            # Flight call writes two): the writer wakes at most 1/BATCH_SECONDS times a second.
+            # A flush or a close does not wait for it.
+            self._pause.wait(BATCH_SECONDS)
 
     def _drain(self) -> None:
         queue = self._queue
@@ -208,10 +221,11 @@ class LogWriter:
                     lines.append(self._render(*item))
                 except Exception as e:  # noqa: BLE001 - one bad record must not stop the writer
                     lines.append(f"log record not rendered: {type(e).__name__}")
-                # Let a request thread that waits for the GIL have it between two records:
-                # rendering a backlog in one go would hold it for the whole switch interval
-                # (5 ms) at a time.
-                time.sleep(0)
+                if len(lines) % 16 == 0:
+                    # Let a request thread that waits for the GIL have it every few records
+                    # (~0.3 ms): rendering a backlog in one go would hold it for the whole
+                    # switch interval (5 ms) at a time.
+                    time.sleep(0)
             if self._unreported:
                 with self._lock:
                     count, self._unreported = self._unreported, 0
