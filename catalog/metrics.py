@@ -163,6 +163,25 @@ class _SyncCollector(Collector):
         return iter(())
 
 
+class _LogDropsCollector(Collector):
+    """``quiver_log_records_dropped_total``: log records the background log writer dropped
+    because its queue was full (quiver/logs.py), read from the source the runtime set."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], int] | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        source = self.source
+        yield CounterMetricFamily(
+            "quiver_log_records_dropped",
+            "Log records dropped because the log writer's queue was full (never a blocked request).",
+            value=source() if source is not None else 0,
+        )
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        return iter(())
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -275,11 +294,18 @@ class Metrics:
             self.artefacts_removed.labels(reason)
         self._sync = _SyncCollector()
         self.registry.register(self._sync)
+        self._log_drops = _LogDropsCollector()
+        self.registry.register(self._log_drops)
 
     def set_sync_source(self, source: SyncSource | None) -> None:
         """Where ``quiver_sync_*`` come from at scrape time (the sync worker of this catalog;
         a later one replaces an earlier one, None removes them)."""
         self._sync.source = source
+
+    def set_log_drops_source(self, source: Callable[[], int] | None) -> None:
+        """Where ``quiver_log_records_dropped_total`` is read at scrape time (the process's
+        log writer, quiver/logs.py; catalog does not import it)."""
+        self._log_drops.source = source
 
     def set_backup_outcome(self, outcome: str) -> None:
         for label in ("ok", "failed", "none"):

@@ -9,8 +9,16 @@ Two ways a running query must stop before its timeout:
 * **The client went away** — a cancelled gRPC call (the ADBC driver's ``cancel()``, a killed
   agent) does not stop a DoGet handler that is blocked in DuckDB: a sort, an aggregate or a
   join runs to its end before the first batch, whoever is still listening. One watcher thread
-  (while streams run, and a second after) polls the tracked calls' ``context.is_cancelled()``
-  and interrupts the cursor of a call whose client is gone.
+  (while streams run, and a second after) polls, every :data:`POLL_SECONDS`, the
+  ``context.is_cancelled()`` of the tracked calls that have lasted a poll interval, and
+  interrupts the cursor of a call whose client is gone.
+
+The watcher polls on its own clock and only calls that have run a whole interval:
+``is_cancelled()`` holds the GIL while it waits for gRPC's completion queue (pyarrow does not
+release it), so a watcher woken by every DoGet that started or ended — and asking each brand
+new call — was a third of the GIL's time under eight agents' point queries (tests/bench/RESULTS.md,
+"Agent query path"). A point query's DoGet ends within a millisecond or two: it is never asked.
+A client that leaves is noticed within two intervals (0.1 s) of its call's start at the latest.
 
 Both interrupt like ``cancel-query`` does for an async query (flight_server/results.py):
 DuckDB ignores an interrupt that arrives before its query starts, so a cancelled call is
@@ -58,6 +66,8 @@ class _Call:
     #: tickets' own, and the list must not hand out what a ticket is bound to).
     id: str = field(default_factory=lambda: "s_" + secrets.token_urlsafe(12))
     started_at: float = field(default_factory=time.time)
+    #: When it was tracked (monotonic): the watcher asks only calls older than a poll interval.
+    since: float = field(default_factory=time.monotonic)
 
 
 class RunningStreams:
@@ -68,8 +78,12 @@ class RunningStreams:
         self._cancelled: OrderedDict[str, float] = OrderedDict()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        #: Threads in :meth:`cancel` waiting for streams to end (an ended call wakes them).
+        self._waiters = 0
         #: Calls interrupted because their client went away: a count for tests and logs.
         self.abandoned = 0
+        #: Polls of ``is_cancelled()`` the watcher made (a count for tests).
+        self.polls = 0
 
     def track(self, group: str, state: CallState, context: flight.ServerCallContext) -> None:
         """Track a DoGet of FlightInfo ``group`` until its call ends (the middleware's
@@ -82,9 +96,11 @@ class RunningStreams:
                 raise Cancelled(
                     "this query was cancelled (CancelFlightInfo); call GetFlightInfo again to run it"
                 )
+            idle = not self._running
             self._running.setdefault(group, {})[key] = call
             self._start_locked()
-            self._cond.notify_all()
+            if idle:  # the watcher lingers in an idle wait: it has calls to watch again
+                self._cond.notify_all()
 
         def untrack() -> None:
             with self._cond:
@@ -93,7 +109,8 @@ class RunningStreams:
                     calls.pop(key, None)
                     if not calls:
                         del self._running[group]
-                self._cond.notify_all()
+                if self._waiters:  # a cancel() waits for its streams to end
+                    self._cond.notify_all()
 
         state.cleanups.append(untrack)
 
@@ -111,11 +128,15 @@ class RunningStreams:
                     _interrupt(call)
             while len(self._cancelled) > MAX_CANCELLED:
                 self._cancelled.popitem(last=False)
-            while any(g in self._running for g in groups):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(min(left, POLL_SECONDS))
+            self._waiters += 1
+            try:
+                while any(g in self._running for g in groups):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(min(left, POLL_SECONDS))
+            finally:
+                self._waiters -= 1
             done = not any(g in self._running for g in groups)
         log.info("flight.cancelled", flight_infos=len(groups), done=done)
         return done
@@ -151,6 +172,7 @@ class RunningStreams:
             self._thread = thread
 
     def _watch(self) -> None:
+        next_poll = time.monotonic() + POLL_SECONDS
         while True:
             with self._cond:
                 if not self._running and not self._stopped:
@@ -160,17 +182,23 @@ class RunningStreams:
                 if self._stopped or not self._running:
                     self._thread = None
                     return
+                now = time.monotonic()
+                if now < next_poll:  # woken early (a call tracked after an idle wait)
+                    self._cond.wait(next_poll - now)
+                    continue
+                next_poll = now + POLL_SECONDS
                 # Under the lock: a call's context is valid until its call completes, and its
                 # completion (untrack) takes this lock.
                 for calls in self._running.values():
                     for call in calls.values():
-                        if not call.cancelled and _client_gone(call.context):
-                            call.cancelled = True
-                            self.abandoned += 1
-                            log.info("flight.client_gone", request_id=call.state.request_id)
+                        if not call.cancelled and now - call.since >= POLL_SECONDS:
+                            self.polls += 1
+                            if _client_gone(call.context):
+                                call.cancelled = True
+                                self.abandoned += 1
+                                log.info("flight.client_gone", request_id=call.state.request_id)
                         if call.cancelled:
                             _interrupt(call)
-                self._cond.wait(POLL_SECONDS)
 
 
 @dataclass(eq=False, slots=True)

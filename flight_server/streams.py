@@ -160,7 +160,9 @@ class Streamer:
                     state.fields["truncated"] = True
                     _count_batches(state, batches)
                     return _cut_stream(schema, batches, part.row_cap)
-                return _counted(state, pa.Table.from_batches(batches, schema=schema))
+                # Its size was summed as it was read: not measured again (Table.nbytes walks
+                # every buffer of every column).
+                return _counted(state, pa.Table.from_batches(batches, schema=schema), part.ready.size)
         key: CacheKey | None = None
         if isinstance(part, SqlPart) and part.normalized is not None:
             # The result cache first: a hit needs no cursor and no deadline.
@@ -846,10 +848,11 @@ def _capped(reader: pa.RecordBatchReader, rows: int, flag: _Cut) -> pa.RecordBat
     return pa.RecordBatchReader.from_batches(reader.schema, batches())
 
 
-def _counted(state: CallState, table: pa.Table) -> flight.FlightDataStream:
-    """A whole table streamed by C++, its rows and bytes counted for the query log first."""
+def _counted(state: CallState, table: pa.Table, nbytes: int | None = None) -> flight.FlightDataStream:
+    """A whole table streamed by C++, its rows and bytes (``nbytes``, when the caller summed
+    them already) counted for the query log first."""
     if state.query is not None:
-        state.query.sent(table.num_rows, table.nbytes)
+        state.query.sent(table.num_rows, table.nbytes if nbytes is None else nbytes)
     return flight.RecordBatchStream(table, options=_IPC)
 
 

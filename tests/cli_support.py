@@ -48,9 +48,10 @@ def run_quiver(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[
 def cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
     """``quiver.cli.main(argv)`` in this process: (exit code, stdout, stderr). The logging
     configuration the command installs (its own stderr) is undone afterwards, so the servers
-    of the test keep logging where they did."""
+    of the test keep logging where they did; the lines it queued are written first."""
     import structlog
 
+    from quiver import logs
     from quiver.cli import main
 
     capsys.readouterr()  # what the servers logged before
@@ -58,6 +59,7 @@ def cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
     try:
         code = main(list(argv))
     finally:
+        logs.flush()  # the command's lines, which its log writer thread writes (quiver/logs.py)
         structlog.configure(**saved)
     out, err = capsys.readouterr()
     return code, out, err
