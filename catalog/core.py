@@ -27,6 +27,7 @@ from catalog.errors import QuiverError, Unavailable
 from catalog.exports import Exports
 from catalog.identity import Principal, WhoAmI
 from catalog.keys import KeyRing, write_private_atomic
+from catalog.live import LiveTables
 from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
 from catalog.query_log import QueryLog
@@ -67,6 +68,9 @@ class Catalog:
             snapshot_dir=data_dir / SNAPSHOT_STAGING,
         )
         self.tables = TableCatalog(self.db)
+        # [[live.tables]]: Snowflake tables queried where they are (catalog/live.py).
+        self.live = LiveTables(config) if config.live.tables else None
+        self.tables.live = self.live
         self.policy = Policy(self.tables)
         self.swarms = SwarmStore(self.db, self.policy)
         # Table and column texts for agents: DuckDB comments (catalog/descriptions.py).

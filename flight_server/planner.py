@@ -48,6 +48,7 @@ from catalog.database import fetch_one
 from catalog.sqlguard import GuardedQuery, SqlGuard
 from catalog.tables import fold
 from flight_server import commands as cmds
+from flight_server import live
 from flight_server.admission import Admission
 from flight_server.cache import sql_digest
 from flight_server.commands import (
@@ -65,6 +66,7 @@ from flight_server.plans import (
     ArtefactPart,
     CachedPart,
     Layout,
+    LivePart,
     Plan,
     ProfilePart,
     ResultPart,
@@ -193,6 +195,8 @@ class Planner:
     # --- PATH: full table scans, split when large --------------------------------------------
     def scan(self, principal: Principal, target: TableScan, *, parts: bool) -> Plan:
         ref = self.require_readable(principal, target.schema, target.table)
+        if self.catalog.tables.is_live(ref):
+            return live.scan_plan(self.catalog, ref, self.limits.max_rows, parts=parts)
         if not parts:
             with self.catalog.db.reading() as cur:
                 return Plan("scan", table_schema(cur, ref), -1, (), (ref,), ref.qualified, timeout=False)
@@ -393,6 +397,8 @@ class Planner:
         cmds.check_sample(cmd, self.limits)
         ref = self.readable(principal, cmd.table)
         cap = self.limits.max_sample_rows
+        if self.catalog.tables.is_live(ref):
+            return self._live_sample(ref, cmd, cap)
         with self.catalog.db.reading() as cur:
             schema = table_schema(cur, ref)
             select = "*"
@@ -434,6 +440,22 @@ class Planner:
             "sample", schema, total, (part,), (ref,), ref.qualified, timeout=True, row_cap=part.row_cap
         )
 
+    def _live_sample(self, ref: TableRef, cmd: SampleCommand, cap: int) -> Plan:
+        """A sample of a live table, pushed down to Snowflake (flight_server/live.py)."""
+        names = None
+        if cmd.columns is not None:
+            names = resolve_columns(live.require_live(self.catalog).describe(ref).schema, cmd.columns, ref)
+        return live.sample_plan(
+            self.catalog,
+            ref,
+            columns=names,
+            rows=cmd.rows,
+            percent=cmd.percent,
+            seed=cmd.seed,
+            method=cmd.method,
+            cap=cap,
+        )
+
     def _cached_sample(self, ref: TableRef) -> CachedTable | None:
         """The cached table for a first-N-rows sample, when it holds the current layout. Only a
         lookup: a sample never fills the cache."""
@@ -445,6 +467,11 @@ class Planner:
     # --- profiles -------------------------------------------------------------------------------
     def profile(self, principal: Principal, cmd: ProfileCommand) -> Plan:
         ref = self.readable(principal, cmd.table)
+        if self.catalog.tables.is_live(ref):
+            raise InvalidArgument(
+                f"{ref.qualified} is a live table (queried in Snowflake): profiles of live tables are "
+                "not built yet; ask for the aggregates you need in a query (proto_docs/federation.md)"
+            )
         with self.catalog.db.reading() as cur:
             schema = table_schema(cur, ref)
         columns = None
@@ -499,6 +526,8 @@ class Planner:
         runner's budget (then its DoGet runs it anyway, so the cheaper ``LIMIT 0`` probe gives
         the schema). A query the runner gave up on is also probed."""
         guarded, part = self.query_part(principal, cmd)
+        if live.reads_live(self.catalog, guarded.tables):
+            return live.query_plan(self.catalog, guarded, part)
         params = part.params
         if execute:
             served = self._cached_query(guarded, part)
@@ -579,6 +608,11 @@ class Planner:
         the cap, so the manager cuts the result and knows it did."""
         plan = self.query(principal, cmd)
         part, cap = plan.parts[0], plan.row_cap
+        if isinstance(part, LivePart):
+            raise InvalidArgument(
+                "submit-query of live tables (queried in Snowflake) is not built yet; run it as a "
+                "query command (proto_docs/federation.md)"
+            )
         assert isinstance(part, SqlPart) and cap is not None  # a query always has a cap
         sql, params = limited(part.sql, cap.max_rows + 1), list(part.params) or None
 

@@ -29,6 +29,7 @@ __all__ = [
     "ArtefactPart",
     "CachedPart",
     "Layout",
+    "LivePart",
     "Part",
     "Plan",
     "PlanKind",
@@ -129,7 +130,19 @@ class TablePart:
     table: pa.Table
 
 
-Part = SqlPart | ProfilePart | ResultPart | CachedPart | ArtefactPart | TablePart
+@dataclass(frozen=True, slots=True)
+class LivePart:
+    """A query run in Snowflake (live tables, flight_server/live.py): its Snowflake text with
+    the row cap pushed down as ``LIMIT cap + 1``, its bound parameters, and the schema DuckDB's
+    binder gave the DuckDB text — every batch Snowflake sends is cast to it."""
+
+    sql: str
+    params: tuple[Param, ...]
+    schema: pa.Schema
+    cap: RowCap
+
+
+Part = SqlPart | ProfilePart | ResultPart | CachedPart | ArtefactPart | TablePart | LivePart
 PlanKind = Literal["scan", "sample", "query", "profile", "result", "artefact", "metadata"]
 
 

@@ -45,6 +45,7 @@ import structlog
 
 from catalog import Catalog, Principal, TableRef, Unavailable
 from catalog.query_port import RunningQuery
+from flight_server import live
 from flight_server.admission import Admission
 from flight_server.cache import CacheKey, ResultCache
 from flight_server.errors import check_result_type, classify, duckdb_error, stream_error
@@ -54,6 +55,7 @@ from flight_server.plans import (
     BATCH_ROWS,
     ArtefactPart,
     CachedPart,
+    LivePart,
     Plan,
     ProfilePart,
     ResultPart,
@@ -122,6 +124,8 @@ class Streamer:
             # A Parquet or Arrow-stream file as sent by its uploader may be corrupt past its
             # footer: that failure is labelled (INVALID_ARGUMENT), not a bare C++ error.
             return flight.GeneratorStream(reader.schema, _labelled(reader, state.request_id, None, 0.0))
+        if isinstance(part, LivePart):  # rows from Snowflake (flight_server/live.py)
+            return live.open_stream(self.catalog, self.watchdog, self.timeout, part, state)
         if isinstance(part, TablePart):  # a metadata listing, built at planning: from memory
             return flight.RecordBatchStream(part.table, options=_IPC)
         if isinstance(part, ResultPart):

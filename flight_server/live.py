@@ -1,0 +1,242 @@
+"""The data plane's side of live tables (catalog/live.py, proto_docs/federation.md): plans
+whose rows come from Snowflake, and their DoGet streams.
+
+Planning. A guarded query that reads live tables only is bound by DuckDB on the tables'
+empty stand-ins (its schema is the one a replica would give), transpiled to Snowflake's
+dialect with the row cap pushed down as ``LIMIT cap + 1`` (catalog/live_sql.py), and planned
+as one :class:`~flight_server.plans.LivePart`; nothing runs in Snowflake at GetFlightInfo.
+A PATH scan is ``SELECT *`` of the source, a sample Snowflake's ``SAMPLE``; both go the same
+way. A query that joins live and stored tables is refused (not built yet), as are profiles
+and async queries of live tables.
+
+Streaming. DoGet holds the admission slot the server took for it (concurrency), arms the
+query timeout — which cancels the Snowflake query, not only the stream — and starts the
+query in a session of its own (``[live] max_concurrent`` at once). Batches arrive from
+``fetch_arrow_batches``, are cast to the planned schema (column names are DuckDB's, types the
+binder's), cut at the cap, which is then reported like any cut (flight_server/truncation.py).
+A client that goes away is noticed by flight_server/running.py, which interrupts the call's
+deadline: that cancels the Snowflake query as well. The Snowflake query id is logged with
+the call (``live_query_id``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import structlog
+
+from catalog import Catalog, InvalidArgument, QuiverError, TableRef, Unavailable
+from catalog.live import LiveDescription, LiveRun, LiveTables
+from catalog.live_sql import transpile
+from catalog.sqlguard import GuardedQuery
+from flight_server.errors import flight_error
+from flight_server.limits import Deadline, Watchdog
+from flight_server.middleware import CallState
+from flight_server.plans import LivePart, Plan, SqlPart
+from flight_server.truncation import RowCap
+
+log = structlog.get_logger("flight_server")
+
+
+def live_tables(catalog: Catalog) -> LiveTables | None:
+    return catalog.tables.live
+
+
+def reads_live(catalog: Catalog, tables: tuple[TableRef, ...]) -> bool:
+    return catalog.tables.live is not None and any(catalog.tables.is_live(t) for t in tables)
+
+
+def require_live(catalog: Catalog) -> LiveTables:
+    live = catalog.tables.live
+    assert live is not None  # only called for tables it lists
+    return live
+
+
+def query_plan(catalog: Catalog, guarded: GuardedQuery, part: SqlPart) -> Plan:
+    """The plan of a guarded query that reads live tables (see the module docs)."""
+    live = require_live(catalog)
+    stored = [t.qualified for t in guarded.tables if not live.is_live(t)]
+    if stored:
+        raise InvalidArgument(
+            f"this query joins live tables (queried in Snowflake) with stored ones "
+            f"({', '.join(stored[:5])}); mixed queries are not supported yet: query the live "
+            "tables on their own (proto_docs/federation.md)"
+        )
+    described = {t.key(): live.describe(t) for t in guarded.tables}
+    schema = live.bind(guarded.sql, part.params, guarded.tables)
+    cap = part.row_cap
+    assert cap is not None  # a query always has a cap
+    sql = transpile(guarded.sql, described, limit=cap.max_rows + 1)
+    return Plan(
+        "query",
+        schema,
+        -1,
+        (LivePart(sql, part.params, schema, cap),),
+        guarded.tables,
+        f"live:{guarded.tables[0].qualified}",
+        timeout=True,
+        row_cap=cap,
+        sql=guarded.sql,
+        params=len(part.params),
+    )
+
+
+def scan_plan(catalog: Catalog, ref: TableRef, max_rows: int, *, parts: bool) -> Plan:
+    """A PATH scan of a live table: every column of its source, capped at ``[limits] max_rows``."""
+    desc = require_live(catalog).describe(ref)
+    cap = RowCap(max_rows, "server_max_rows")
+    part = LivePart(
+        f"SELECT {_columns(desc, None)} FROM {desc.source.sql} LIMIT {max_rows + 1}", (), desc.schema, cap
+    )
+    return Plan(
+        "scan",
+        desc.schema,
+        desc.rows,
+        (part,) if parts else (),
+        (ref,),
+        ref.qualified,
+        timeout=True,
+        row_cap=cap,
+    )
+
+
+def sample_plan(
+    catalog: Catalog,
+    ref: TableRef,
+    *,
+    columns: list[str] | None,
+    rows: int | None,
+    percent: float | None,
+    seed: int | None,
+    method: str | None,
+    cap: int,
+) -> Plan:
+    """A sample of a live table, pushed down: ``SAMPLE (n ROWS)`` / ``SAMPLE BERNOULLI (p)``
+    (with ``SEED`` when given), or the first rows (``LIMIT``)."""
+    desc = require_live(catalog).describe(ref)
+    schema = desc.schema
+    if columns is not None:
+        schema = pa.schema([schema.field(n) for n in columns], metadata=schema.metadata)
+    select = f"SELECT {_columns(desc, columns)} FROM {desc.source.sql}"
+    repeat = f" SEED ({int(seed)})" if seed is not None else ""
+    if percent is not None:
+        expected = desc.rows * percent / 100 if desc.rows >= 0 else 0
+        if expected > cap:
+            raise InvalidArgument(
+                f"a {percent:g}% sample of {ref.qualified} is about {expected:,.0f} rows, above the "
+                f"limit of {cap:,} ([limits] max_sample_rows); use percent <= {100 * cap / desc.rows:.4g} "
+                "or rows <= the limit"
+            )
+        sql = f"{select} SAMPLE BERNOULLI ({percent:.12f}){repeat} LIMIT {cap + 1}"
+        row_cap = RowCap(cap, "max_sample_rows")
+        total = -1
+    else:
+        assert rows is not None
+        if method == "random":
+            sql = f"{select} SAMPLE ({int(rows)} ROWS){repeat}"
+        else:
+            sql = f"{select} LIMIT {int(rows)}"
+        row_cap = RowCap(int(rows), "max_sample_rows")
+        total = min(desc.rows, rows) if desc.rows >= 0 else -1
+    part = LivePart(sql, (), schema, row_cap)
+    return Plan(
+        "sample",
+        schema,
+        total,
+        (part,),
+        (ref,),
+        ref.qualified,
+        timeout=True,
+        row_cap=row_cap if percent is not None else None,
+    )
+
+
+def _columns(desc: LiveDescription, names: list[str] | None) -> str:
+    """The source's columns as Snowflake names them, aliased to Quiver's names."""
+    from catalog.snowflake_names import quote_snowflake
+
+    wanted = desc.columns if names is None else [c for n in names for c in desc.columns if c.name == n]
+    return ", ".join(f"{quote_snowflake(c.source)} AS {quote_snowflake(c.name)}" for c in wanted)
+
+
+# --- DoGet ---------------------------------------------------------------------------------------
+def open_stream(
+    catalog: Catalog, watchdog: Watchdog, timeout: float, part: LivePart, state: CallState
+) -> flight.FlightDataStream:
+    """Run ``part`` in Snowflake and stream its batches (see the module docs). Called with
+    the DoGet's admission slot held; everything is released by the call's cleanups."""
+    live = require_live(catalog)
+    holder: dict[str, Any] = {}
+
+    def interrupt() -> None:
+        run: LiveRun | None = holder.get("run")
+        deadline: Deadline | None = holder.get("deadline")
+        timed_out = deadline is not None and deadline.fired
+        if run is not None:
+            run.cancel(timed_out=timed_out)
+        else:
+            holder["cancelled"] = timed_out
+
+    seconds = min(timeout, live.config.query_timeout_seconds)
+    deadline = watchdog.arm(seconds, interrupt)
+    holder["deadline"] = deadline
+    state.deadline = deadline
+    state.cleanups.append(lambda: Watchdog.disarm(deadline))
+    try:
+        run = live.run(part.sql, part.params, timeout_seconds=seconds)
+    except QuiverError as e:
+        raise flight_error(e) from None
+    holder["run"] = run
+    state.cleanups.append(run.close)
+    if "cancelled" in holder or deadline.done:
+        run.cancel(timed_out=deadline.fired)
+    if run.query_id:
+        state.fields["live_query_id"] = run.query_id
+    return flight.GeneratorStream(part.schema, _batches(run, part, state))
+
+
+def _batches(
+    run: LiveRun, part: LivePart, state: CallState
+) -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
+    cap = part.cap
+    left = cap.max_rows
+    facts = state.query
+    try:
+        for table in run.batches():
+            for batch in _conform(table, part.schema).to_batches():
+                if batch.num_rows > left:
+                    state.fields["truncated"] = True
+                    cut = batch.slice(0, left)
+                    if facts is not None:
+                        facts.sent(cut.num_rows, cut.nbytes)
+                    yield cut, cap.stream_metadata()
+                    return
+                left -= batch.num_rows
+                if facts is not None:
+                    facts.sent(batch.num_rows, batch.nbytes)
+                yield batch
+    except QuiverError as e:
+        raise flight_error(e) from None
+    finally:
+        run.close()
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Snowflake's answer in the planned schema: columns by position (Snowflake upper-cases
+    unquoted output names), cast to the binder's types (a NUMBER count to BIGINT, …)."""
+    if table.num_columns != len(schema):
+        raise Unavailable(
+            f"Snowflake answered {table.num_columns} columns where {len(schema)} were planned: a "
+            "live table's source changed; retry (its schema is read again)"
+        )
+    table = table.rename_columns(schema.names)
+    try:
+        return table.cast(schema, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise Unavailable(
+            f"Snowflake's answer does not fit the planned schema ({str(e).splitlines()[0][:200]}): a live "
+            "table's source changed type; retry once its schema is read again"
+        ) from None

@@ -1,0 +1,388 @@
+"""Live tables (proto_docs/federation.md): Snowflake tables queried where they are, through the
+same guard. Against the fakesnow emulator over HTTP with the real connector; one Snowflake
+table is both replicated by the sync worker (``rep.*``) and declared live (``live.*``), so
+every live answer is compared with the same SQL on the replica. Pushdown is checked from the
+SQL text the emulator received (tests/sync_emulator.py's recording proxy), never assumed."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from tests.harness import Server, call_options, error_info, start_server, wait_until
+from tests.sync_emulator import RECORDER, Emulator, Source, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+ORDERS_ROWS = 500
+
+
+@pytest.fixture(scope="module")
+def src(emu: Emulator) -> Source:
+    s = Source(emu, "LIVE")
+    s.execute(
+        "CREATE TABLE ORDERS (ID NUMBER(38,0), CUSTOMER_ID NUMBER(9,0), STATUS VARCHAR, "
+        "AMOUNT NUMBER(10,2), PLACED DATE)",
+        "CREATE TABLE CUSTOMERS (ID NUMBER(9,0), NAME VARCHAR, REGION VARCHAR)",
+    )
+    s.execute(
+        "INSERT INTO ORDERS SELECT SEQ4(), MOD(SEQ4(), 50), "
+        "CASE MOD(SEQ4(), 3) WHEN 0 THEN 'placed' WHEN 1 THEN 'shipped' ELSE 'returned' END, "
+        "(MOD(SEQ4() * 37, 1000) + 1) / 4, DATEADD(day, MOD(SEQ4(), 90), '2024-01-01'::DATE) "
+        f"FROM TABLE(GENERATOR(ROWCOUNT => {ORDERS_ROWS}))",
+        "INSERT INTO CUSTOMERS SELECT SEQ4(), 'c' || SEQ4(), CASE MOD(SEQ4(), 2) WHEN 0 THEN 'eu' ELSE 'us' END "
+        "FROM TABLE(GENERATOR(ROWCOUNT => 50))",
+    )
+    return s
+
+
+def _sections(emu: Emulator, src: Source, **live: Any) -> dict[str, Any]:
+    return {
+        "snowflake": emu.snowflake_section(),
+        "sync": {
+            "enabled": False,
+            "retry_seconds": 0,
+            "tables": [
+                {"source": src.name("ORDERS"), "target": "rep.orders", "interval_seconds": 3600},
+                {"source": src.name("CUSTOMERS"), "target": "rep.customers", "interval_seconds": 3600},
+            ],
+        },
+        "live": {
+            "tables": [
+                {"source": src.name("ORDERS"), "target": "live.orders"},
+                {"source": src.name("CUSTOMERS"), "target": "live.customers"},
+            ],
+            **live,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def server(emu: Emulator, src: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("live"), demo=False, **_sections(emu, src))
+    http = s.http()
+    for table in ("rep.orders", "rep.customers"):
+        assert http.post(f"/v1/sync/{table}/run").status_code == 202
+
+    def synced() -> bool:
+        tables = {t["table"]: t for t in http.get("/v1/sync").json()["tables"]}
+        return all(
+            (tables[t]["last_run"] or {}).get("outcome") == "ok" for t in ("rep.orders", "rep.customers")
+        )
+
+    wait_until(synced, 60, what="the replicas to sync")
+    for name, tables in (("analysts", ["live.*", "rep.*"]), ("narrow", ["live.customers"])):
+        r = http.post("/v1/swarms", json={"name": name, "tables": tables})
+        assert r.status_code == 201, r.text
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def analyst(server: Server) -> str:
+    return server.mint(swarm="analysts", agent="a1")
+
+
+def _query(server: Server, token: str, sql: str, params: list[Any] | None = None, **extra: Any) -> pa.Table:
+    client = server.flight()
+    opts = call_options(token)
+    body: dict[str, Any] = {"kind": "query", "sql": sql, **extra}
+    if params is not None:
+        body["params"] = params
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(body)), opts)
+    tables = [client.do_get(e.ticket, opts).read_all() for e in info.endpoints]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _error(server: Server, token: str, sql: str, params: list[Any] | None = None) -> dict[str, Any]:
+    with pytest.raises(flight.FlightError) as raised:
+        _query(server, token, sql, params)
+    return error_info(raised.value)
+
+
+def _rows(table: pa.Table) -> list[tuple[Any, ...]]:
+    return [tuple(_plain(v) for v in row.values()) for row in table.to_pylist()]
+
+
+def _plain(value: Any) -> Any:
+    return float(value) if isinstance(value, Decimal | float) else value
+
+
+# --- the catalog --------------------------------------------------------------------------------
+def test_live_tables_are_listed_with_the_replicas_schema_and_snowflakes_row_count(
+    server: Server, analyst: str
+) -> None:
+    client = server.flight()
+    infos = {tuple(i.descriptor.path): i for i in client.list_flights(options=call_options(analyst))}
+    live, rep = infos[(b"live", b"orders")], infos[(b"rep", b"orders")]
+    assert live.schema == rep.schema
+    assert live.schema.names == ["id", "customer_id", "status", "amount", "placed"]
+    assert live.total_records == ORDERS_ROWS
+    schema = client.get_schema(
+        flight.FlightDescriptor.for_path("live", "orders"), call_options(analyst)
+    ).schema
+    assert schema == rep.schema
+    tables = {t["table"]: t for t in server.http().get("/v1/tables").json()["tables"]}
+    assert tables["live.orders"]["live"] is True
+    assert tables["rep.orders"]["live"] is False
+    assert tables["live.orders"]["swarms"] == ["analysts"]
+
+
+def test_the_allowlist_holds_for_live_tables_and_nothing_reaches_snowflake(server: Server) -> None:
+    narrow = server.mint(swarm="narrow", agent="n1")
+    names = [tuple(i.descriptor.path) for i in server.flight().list_flights(options=call_options(narrow))]
+    assert names == [(b"live", b"customers")]
+    mark = RECORDER.mark()
+    for sql in (
+        "SELECT * FROM live.orders",
+        "SELECT c.name FROM live.customers c JOIN live.orders o ON o.customer_id = c.id",
+        "WITH x AS (SELECT * FROM live.orders) SELECT count(*) FROM x",
+    ):
+        err = _error(server, narrow, sql)
+        assert err["code"] == "PERMISSION_DENIED", err
+        assert "live.orders" in err["detail"]
+    with pytest.raises(pa.ArrowException) as raised:  # GetSchema's errors: flight_server/errors.py
+        server.flight().get_schema(flight.FlightDescriptor.for_path("live", "orders"), call_options(narrow))
+    assert "PERMISSION_DENIED" in str(raised.value)
+    assert not [q for q in RECORDER.since(mark) if "ORDERS" in q]
+    # The table it may read answers.
+    assert _query(server, narrow, "SELECT count(*) AS n FROM live.customers").to_pylist() == [{"n": 50}]
+
+
+# --- live queries give the replica's answer -------------------------------------------------------
+SAME_ANSWER: list[tuple[str, list[Any] | None]] = [
+    ("SELECT id, status, amount FROM {t}orders WHERE status = 'shipped' AND amount > 100 ORDER BY id", None),
+    ("SELECT status, count(*) AS n, sum(amount) AS total, min(placed) AS first FROM {t}orders GROUP BY status ORDER BY status", None),
+    ("SELECT id, amount FROM {t}orders ORDER BY amount DESC, id LIMIT 7", None),
+    ("SELECT id FROM {t}orders WHERE customer_id = ? AND amount >= ? ORDER BY id", [7, 50]),
+    ("SELECT c.region, count(*) AS n, sum(o.amount) AS total FROM {t}orders o JOIN {t}customers c ON c.id = o.customer_id "
+     "WHERE o.placed >= DATE '2024-02-01' GROUP BY c.region ORDER BY c.region", None),
+    ("WITH big AS (SELECT customer_id, amount FROM {t}orders WHERE amount > 200) "
+     "SELECT customer_id, count(*) AS n FROM big GROUP BY customer_id ORDER BY n DESC, customer_id LIMIT 5", None),
+    ("SELECT DISTINCT status FROM {t}orders WHERE id IN (1, 2, 3) ORDER BY 1", None),
+    ("SELECT upper(status) AS s, coalesce(NULL, id) AS i FROM {t}orders WHERE id < ? ORDER BY i", [4]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("sql", "params"), SAME_ANSWER)
+def test_a_live_query_returns_the_rows_of_the_same_sql_on_the_replica(
+    server: Server, analyst: str, sql: str, params: list[Any] | None
+) -> None:
+    mark = RECORDER.mark()
+    live = _query(server, analyst, sql.format(t="live."), params)
+    pushed = [q for q in RECORDER.since(mark) if f'"{server_db(server)}"' in q]
+    replica = _query(server, analyst, sql.format(t="rep."), params)
+    assert _rows(live) == _rows(replica)
+    assert live.schema.names == replica.schema.names
+    assert len(pushed) == 1, RECORDER.since(mark)
+
+
+def server_db(server: Server) -> str:
+    live = server.catalog.tables.live
+    assert live is not None
+    source = live.source(next(r for r in live.refs() if r.name == "orders"))
+    assert source is not None
+    return source.database
+
+
+def test_filters_aggregates_order_and_the_row_cap_are_pushed_down(server: Server, analyst: str) -> None:
+    mark = RECORDER.mark()
+    table = _query(
+        server,
+        analyst,
+        "SELECT status, count(*) AS n FROM live.orders WHERE amount > ? GROUP BY status ORDER BY n DESC",
+        [10],
+        max_rows=2,
+    )
+    assert table.num_rows == 2
+    (sent,) = [q for q in RECORDER.since(mark) if "ORDERS" in q]
+    assert f'FROM "{server_db(server)}"."PUBLIC"."ORDERS"' in sent
+    assert 'WHERE "AMOUNT" > ?' in sent  # the filter, with its parameter still a placeholder
+    assert "GROUP BY" in sent and "COUNT(*)" in sent and "ORDER BY" in sent
+    assert sent.rstrip().endswith("LIMIT 3")  # the cap + 1: a cut is known exactly
+    assert "10" not in sent.split("WHERE", 1)[1].split("GROUP")[0]
+
+
+def test_a_cut_live_result_says_so(server: Server, analyst: str) -> None:
+    client = server.flight()
+    opts = call_options(analyst)
+    body = {"kind": "query", "sql": "SELECT id FROM live.orders ORDER BY id", "max_rows": 10}
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(body)), opts)
+    reader = client.do_get(info.endpoints[0].ticket, opts)
+    rows, last_meta = 0, None
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            break
+        rows += chunk.data.num_rows if chunk.data is not None else 0
+        if chunk.app_metadata is not None:
+            last_meta = json.loads(chunk.app_metadata.to_pybytes())
+    assert rows == 10
+    assert last_meta is not None and last_meta.get("truncated") is True
+
+
+# --- scans and samples ----------------------------------------------------------------------------
+def test_a_path_scan_of_a_live_table_reads_its_source(server: Server, analyst: str) -> None:
+    client = server.flight()
+    opts = call_options(analyst)
+    mark = RECORDER.mark()
+    info = client.get_flight_info(flight.FlightDescriptor.for_path("live", "customers"), opts)
+    live = client.do_get(info.endpoints[0].ticket, opts).read_all()
+    info = client.get_flight_info(flight.FlightDescriptor.for_path("rep", "customers"), opts)
+    rep = client.do_get(info.endpoints[0].ticket, opts).read_all()
+    assert live.sort_by("id").equals(rep.sort_by("id"))
+    assert any("CUSTOMERS" in q for q in RECORDER.since(mark))
+
+
+def test_samples_of_a_live_table_are_pushed_down_as_snowflake_sample(server: Server, analyst: str) -> None:
+    client = server.flight()
+    opts = call_options(analyst)
+    mark = RECORDER.mark()
+    body = {
+        "kind": "sample",
+        "table": "live.orders",
+        "rows": 5,
+        "method": "random",
+        "columns": ["id", "status"],
+    }
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(body)), opts)
+    table = client.do_get(info.endpoints[0].ticket, opts).read_all()
+    assert table.num_rows == 5
+    assert table.schema.names == ["id", "status"]
+    assert any("SAMPLE (5 ROWS)" in q for q in RECORDER.since(mark)), RECORDER.since(mark)
+
+
+# --- refusals ------------------------------------------------------------------------------------
+UNTRANSLATABLE = [
+    ("SELECT regexp_matches(status, 'ship') FROM live.orders", "regexp_matches()"),
+    ("SELECT id FROM live.orders WHERE id = $1", "? placeholders"),
+    (
+        "SELECT o.id FROM live.orders o JOIN rep.customers c ON c.id = o.customer_id",
+        "mixed queries are not supported yet",
+    ),
+]
+
+
+@pytest.mark.parametrize(("sql", "named"), UNTRANSLATABLE)
+def test_what_cannot_be_pushed_down_faithfully_is_refused_naming_it(
+    server: Server, analyst: str, sql: str, named: str
+) -> None:
+    mark = RECORDER.mark()
+    err = _error(server, analyst, sql, [1] if "$1" in sql else None)
+    assert err["code"] == "INVALID_ARGUMENT", err
+    assert named in err["detail"]
+    assert not [q for q in RECORDER.since(mark) if "ORDERS" in q]  # nothing ran in Snowflake
+
+
+def test_profiles_and_async_queries_of_live_tables_are_refused_with_a_sentence(
+    server: Server, analyst: str
+) -> None:
+    client = server.flight()
+    opts = call_options(analyst)
+    with pytest.raises(flight.FlightError) as raised:
+        client.get_flight_info(
+            flight.FlightDescriptor.for_command(json.dumps({"kind": "profile", "table": "live.orders"})), opts
+        )
+    assert error_info(raised.value)["code"] == "INVALID_ARGUMENT"
+    action = flight.Action("submit-query", json.dumps({"sql": "SELECT * FROM live.orders"}).encode())
+    with pytest.raises(flight.FlightError) as raised:
+        list(client.do_action(action, opts))
+    assert error_info(raised.value)["code"] == "INVALID_ARGUMENT"
+    assert "not built yet" in error_info(raised.value)["detail"]
+
+
+# --- faults ---------------------------------------------------------------------------------------
+def test_the_timeout_cancels_the_snowflake_query(emu: Emulator, src: Source, tmp_path: Path) -> None:
+    s = start_server(tmp_path / "slow", demo=False, **_sections(emu, src, query_timeout_seconds=1))
+    try:
+        token = s.mint(kind="admin", swarm=None)
+        s.catalog.tables.live.describe(next(r for r in s.catalog.tables.live.refs() if r.name == "orders"))  # type: ignore[union-attr]
+        aborts = len(RECORDER.aborts)
+        with RECORDER.holding("slow_marker", seconds=60):
+            err = _error(s, token, "SELECT id AS slow_marker FROM live.orders")
+        assert err["code"] == "DEADLINE_EXCEEDED", err
+        assert "cancelled in Snowflake" in err["detail"]
+        # The abort the connector sent names the held query.
+        assert any("SLOW_MARKER" in a.upper() for a in RECORDER.aborts[aborts:]), RECORDER.aborts[aborts:]
+        # Nothing was kept from the failed run: the same query answers once Snowflake does.
+        assert _query(s, token, "SELECT count(*) AS slow_marker FROM live.orders").to_pylist() == [
+            {"slow_marker": ORDERS_ROWS}
+        ]
+    finally:
+        s.stop()
+
+
+def test_snowflake_unreachable_is_unavailable_with_a_sentence(
+    emu: Emulator, src: Source, tmp_path: Path
+) -> None:
+    sections = _sections(emu, src)
+    sections["snowflake"] = {
+        **emu.snowflake_section(),
+        "port": free_port(),
+        "login_timeout": 2,
+        "network_timeout": 2,
+        "socket_timeout": 2,
+    }
+    sections["sync"] = {"enabled": False}
+    s = start_server(tmp_path / "down", demo=False, **sections)
+    try:
+        token = s.mint(kind="admin", swarm=None)
+        err = _error(s, token, "SELECT count(*) FROM live.orders")
+        assert err["code"] == "UNAVAILABLE", err
+        assert "Snowflake" in err["detail"]
+        assert "emulator-password" not in err["detail"]
+        # The listing still answers (the live table is left out while it cannot be read).
+        names = [tuple(i.descriptor.path) for i in s.flight().list_flights(options=call_options(token))]
+        assert (b"live", b"orders") not in names
+        with pytest.raises(pa.ArrowException) as raised:
+            s.flight().get_schema(flight.FlightDescriptor.for_path("live", "orders"), call_options(token))
+        assert "UNAVAILABLE" in str(raised.value)
+        assert (
+            s.catalog.tables.live is not None
+            and s.catalog.tables.live.cached(next(iter(s.catalog.tables.live.refs()))) is None
+        )
+    finally:
+        s.stop()
+
+
+def test_concurrent_live_queries_all_answer(server: Server, analyst: str) -> None:
+    expected = _rows(
+        _query(
+            server, analyst, "SELECT status, count(*) AS n FROM rep.orders GROUP BY status ORDER BY status"
+        )
+    )
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    tokens = [server.mint(swarm="analysts", agent=f"racer{i}") for i in range(6)]
+
+    def one(token: str) -> None:
+        try:
+            results.append(
+                _rows(
+                    _query(
+                        server,
+                        token,
+                        "SELECT status, count(*) AS n FROM live.orders GROUP BY status ORDER BY status",
+                    )
+                )
+            )
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in tokens]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert results == [expected] * 6
