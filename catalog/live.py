@@ -217,14 +217,13 @@ class LiveTables:
     def session(self) -> LiveSession:
         return LiveSession(self._sf, self._connector, self._sessions, self.config.query_timeout_seconds)
 
-    def run(self, sql: str, params: Sequence[Any], *, timeout_seconds: float) -> LiveRun:
-        """Start ``sql`` (Snowflake dialect, ``?`` placeholders) in a session of its own."""
+    def prepare(self, sql: str, params: Sequence[Any], *, timeout_seconds: float) -> LiveRun:
+        """A run of ``sql`` (Snowflake dialect, ``?`` placeholders) in a session of its own, not
+        yet started: the caller arms its deadline on :meth:`LiveRun.cancel` first, so a cancel
+        that comes while Snowflake runs the query reaches it."""
         self.queries += 1
-        run = LiveRun(
-            self.session(), sql, list(params), min(timeout_seconds, self.config.query_timeout_seconds)
-        )
-        run.start()
-        return run
+        timeout = min(timeout_seconds, self.config.query_timeout_seconds)
+        return LiveRun(self.session(), sql, list(params), timeout)
 
     def close(self) -> None:
         self._binder.close()
@@ -352,7 +351,10 @@ class LiveRun:
     def start(self) -> None:
         self.session.open()
         try:
-            self._cur = self.session.con.cursor()
+            with self._lock:
+                if self.session.cancelled or self.session.timed_out:
+                    raise RuntimeError("cancelled before it started")
+                self._cur = self.session.con.cursor()
             # The connector's timeout: past it, it sends Snowflake an abort request for this
             # query's request id itself (SnowflakeCursor._execute_helper's "timebomb").
             self._cur.execute(self.sql, self.params or None, timeout=max(1, int(self.timeout + 0.999)))
@@ -373,8 +375,8 @@ class LiveRun:
         """Abort the query in Snowflake (by query id once known, else by request id) and
         close the session. Safe from any thread, more than once."""
         with self._lock:
-            if self._closed:
-                return
+            if self._closed or self.session.cancelled or self.session.timed_out:
+                return  # once: the stream watcher interrupts a cancelled call on every poll
             if timed_out:
                 self.session.timed_out = True
             else:

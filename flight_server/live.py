@@ -21,17 +21,20 @@ the call (``live_query_id``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import secrets
+import threading
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
 
-from catalog import Catalog, InvalidArgument, QuiverError, TableRef, Unavailable
+from catalog import Catalog, InvalidArgument, Principal, QuiverError, TableRef, Unavailable
 from catalog.live import LiveDescription, LiveRun, LiveTables
 from catalog.live_sql import transpile
+from catalog.query_port import RunningQuery
 from catalog.sqlguard import GuardedQuery
+from flight_server.admission import Admission
 from flight_server.errors import flight_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
@@ -39,10 +42,6 @@ from flight_server.plans import LivePart, Plan, SqlPart
 from flight_server.truncation import RowCap
 
 log = structlog.get_logger("flight_server")
-
-
-def live_tables(catalog: Catalog) -> LiveTables | None:
-    return catalog.tables.live
 
 
 def reads_live(catalog: Catalog, tables: tuple[TableRef, ...]) -> bool:
@@ -162,66 +161,139 @@ def _columns(desc: LiveDescription, names: list[str] | None) -> str:
     return ", ".join(f"{quote_snowflake(c.source)} AS {quote_snowflake(c.name)}" for c in wanted)
 
 
-# --- DoGet ---------------------------------------------------------------------------------------
+# --- running -------------------------------------------------------------------------------------
+class _Started:
+    """A live query started under its deadline; ``cleanups`` release it (in order)."""
+
+    def __init__(self, run: LiveRun, deadline: Deadline) -> None:
+        self.run = run
+        self.deadline = deadline
+        self.cut = False
+        self.ended = threading.Event()
+
+
+def _start(
+    live: LiveTables,
+    watchdog: Watchdog,
+    timeout: float,
+    part: LivePart,
+    cleanups: list[Callable[[], None]],
+    state: CallState | None = None,
+) -> _Started:
+    """Arm the deadline, then start ``part`` in Snowflake. The deadline's interrupt cancels
+    the Snowflake query: as a timeout when the watchdog fired it, as a cancel when the stream
+    watcher (a client that left) or an admin did."""
+    seconds = min(timeout, live.config.query_timeout_seconds)
+    run = live.prepare(part.sql, part.params, timeout_seconds=seconds)
+
+    def interrupt() -> None:
+        run.cancel(timed_out=deadline.fired)
+
+    deadline = watchdog.arm(seconds, interrupt)
+    cleanups.append(lambda: Watchdog.disarm(deadline))
+    if state is not None:
+        # Before the query starts: a client that leaves while Snowflake runs it is noticed
+        # (flight_server/running.py interrupts the call's deadline) and the query cancelled.
+        state.deadline = deadline
+    cleanups.append(run.close)
+    run.start()
+    return _Started(run, deadline)
+
+
+def _cut_batches(started: _Started, part: LivePart) -> Iterator[pa.RecordBatch]:
+    """Snowflake's batches in the planned schema, at most the cap's rows; ``started.cut`` is
+    raised just before the cut batch (the last) is passed on."""
+    left = part.cap.max_rows
+    try:
+        for table in started.run.batches():
+            for batch in _conform(table, part.schema).to_batches():
+                if batch.num_rows > left:
+                    started.cut = True
+                    yield batch.slice(0, left)
+                    return
+                left -= batch.num_rows
+                yield batch
+    finally:
+        started.ended.set()
+        started.run.close()
+
+
 def open_stream(
     catalog: Catalog, watchdog: Watchdog, timeout: float, part: LivePart, state: CallState
 ) -> flight.FlightDataStream:
-    """Run ``part`` in Snowflake and stream its batches (see the module docs). Called with
-    the DoGet's admission slot held; everything is released by the call's cleanups."""
-    live = require_live(catalog)
-    holder: dict[str, Any] = {}
-
-    def interrupt() -> None:
-        run: LiveRun | None = holder.get("run")
-        deadline: Deadline | None = holder.get("deadline")
-        timed_out = deadline is not None and deadline.fired
-        if run is not None:
-            run.cancel(timed_out=timed_out)
-        else:
-            holder["cancelled"] = timed_out
-
-    seconds = min(timeout, live.config.query_timeout_seconds)
-    deadline = watchdog.arm(seconds, interrupt)
-    holder["deadline"] = deadline
-    state.deadline = deadline
-    state.cleanups.append(lambda: Watchdog.disarm(deadline))
+    """DoGet of a live part (see the module docs), with the DoGet's admission slot held;
+    everything is released by the call's cleanups."""
     try:
-        run = live.run(part.sql, part.params, timeout_seconds=seconds)
+        started = _start(require_live(catalog), watchdog, timeout, part, state.cleanups, state)
     except QuiverError as e:
         raise flight_error(e) from None
-    holder["run"] = run
-    state.cleanups.append(run.close)
-    if "cancelled" in holder or deadline.done:
-        run.cancel(timed_out=deadline.fired)
-    if run.query_id:
-        state.fields["live_query_id"] = run.query_id
-    return flight.GeneratorStream(part.schema, _batches(run, part, state))
+    if started.run.query_id:
+        state.fields["live_query_id"] = started.run.query_id
+    return flight.GeneratorStream(part.schema, _tagged(started, part, state))
 
 
-def _batches(
-    run: LiveRun, part: LivePart, state: CallState
+def _tagged(
+    started: _Started, part: LivePart, state: CallState
 ) -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
-    cap = part.cap
-    left = cap.max_rows
     facts = state.query
     try:
-        for table in run.batches():
-            for batch in _conform(table, part.schema).to_batches():
-                if batch.num_rows > left:
-                    state.fields["truncated"] = True
-                    cut = batch.slice(0, left)
-                    if facts is not None:
-                        facts.sent(cut.num_rows, cut.nbytes)
-                    yield cut, cap.stream_metadata()
-                    return
-                left -= batch.num_rows
-                if facts is not None:
-                    facts.sent(batch.num_rows, batch.nbytes)
+        for batch in _cut_batches(started, part):
+            if facts is not None:
+                facts.sent(batch.num_rows, batch.nbytes)
+            if started.cut:
+                state.fields["truncated"] = True
+                yield batch, part.cap.stream_metadata()
+            else:
                 yield batch
     except QuiverError as e:
         raise flight_error(e) from None
-    finally:
-        run.close()
+
+
+def run_query(
+    catalog: Catalog,
+    admission: Admission,
+    watchdog: Watchdog,
+    principal: Principal,
+    plan: Plan,
+    timeout: float,
+) -> RunningQuery:
+    """A live query for a caller outside Flight (``POST /v1/query``, MCP, exports): one
+    admission slot, the deadline, the Snowflake query started before this returns (so its
+    refusals come before any byte is sent); released by :meth:`RunningQuery.close`."""
+    (part,) = plan.parts
+    assert isinstance(part, LivePart)
+    held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
+
+    def close() -> None:
+        for step in reversed(held):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - one failed release must not skip the others
+                log.warning("live.release_failed", error=str(e))
+        held.clear()
+
+    try:
+        started = _start(require_live(catalog), watchdog, timeout, part, held)
+    except BaseException:
+        close()
+        raise
+    reader = pa.RecordBatchReader.from_batches(part.schema, _cut_batches(started, part))
+
+    def cut() -> bool | None:
+        return True if started.cut else (False if started.ended.is_set() else None)
+
+    return RunningQuery(
+        reader=reader,
+        max_rows=part.cap.max_rows,
+        reason=part.cap.reason,
+        tables=plan.tables,
+        versions={},
+        sql=plan.sql or part.sql,
+        params=part.params,
+        truncated=None,
+        _cut=cut,
+        _release=close,
+    )
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -386,3 +386,43 @@ def test_concurrent_live_queries_all_answer(server: Server, analyst: str) -> Non
         t.join(60)
     assert not errors, errors
     assert results == [expected] * 6
+
+
+def test_post_v1_query_reads_a_live_table_like_a_replica(server: Server, analyst: str) -> None:
+    sql = "SELECT status, count(*) AS n FROM {t}orders WHERE amount > ? GROUP BY status ORDER BY status"
+    http = server.http(analyst)
+    answers = []
+    for prefix in ("live.", "rep."):
+        r = http.post(
+            "/v1/query",
+            json={"sql": sql.format(t=prefix), "params": [20]},
+            headers={"accept": "application/json"},
+        )
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    assert answers[0] == answers[1]
+    r = http.post("/v1/query", json={"sql": "SELECT regexp_matches(status, 'x') FROM live.orders"})
+    assert r.status_code == 400, r.text
+    assert "regexp_matches" in r.json()["detail"]
+
+
+def test_a_client_that_leaves_cancels_the_snowflake_query(server: Server, analyst: str) -> None:
+    client = server.flight()
+    body = {"kind": "query", "sql": "SELECT id AS gone_marker FROM live.orders"}
+    info = client.get_flight_info(
+        flight.FlightDescriptor.for_command(json.dumps(body)), call_options(analyst)
+    )
+    aborts = len(RECORDER.aborts)
+    with RECORDER.holding("gone_marker", seconds=60):
+        with pytest.raises(flight.FlightError):
+            # The client gives up after 2 s (its own gRPC deadline) while Snowflake still runs it.
+            client.do_get(info.endpoints[0].ticket, call_options(analyst, timeout=2)).read_all()
+
+        def aborted() -> bool:
+            return any("GONE_MARKER" in a.upper() for a in RECORDER.aborts[aborts:])
+
+        wait_until(aborted, 30, what="the abort request of the query whose client left")
+    # Its slot and session were given back: the next query answers.
+    assert _query(server, analyst, "SELECT count(*) AS n FROM live.orders").to_pylist() == [
+        {"n": ORDERS_ROWS}
+    ]
