@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import sqlglot
 from sqlglot import exp
@@ -28,7 +29,7 @@ from sqlglot.tokens import TokenType
 
 from catalog.errors import InvalidArgument
 from catalog.live import LiveDescription
-from catalog.tables import fold
+from catalog.tables import TableRef, fold
 
 #: DuckDB functions sqlglot maps to a Snowflake function with other semantics (checked
 #: against both documentations): refused rather than answered differently.
@@ -162,3 +163,97 @@ def _capped(tree: exp.Query, limit: int) -> exp.Query:
         return tree.limit(min(int(value.this), limit), copy=False)
     # A LIMIT of a parameter or with an OFFSET: the cap goes around the query.
     return exp.select("*").from_(tree.subquery("q")).limit(limit)
+
+
+# --- mixed queries: live scans pushed down, the rest in DuckDB -------------------------------------
+@dataclass(frozen=True, slots=True)
+class Pull:
+    """One live table's scan for a mixed query: its Snowflake text (the columns the query
+    names, the filters that concern this table alone) and the name DuckDB reads it under."""
+
+    ref: TableRef
+    name: str  # the registered Arrow table the local query reads instead
+    columns: tuple[str, ...]  # Quiver's names, in the table's order
+    sql: str  # Snowflake SQL, LIMIT max_rows + 1
+    filtered: bool  # a filter was pushed down with it
+
+
+def split_mixed(
+    sql: str, live: Mapping[tuple[str, str], LiveDescription], *, max_rows: int
+) -> tuple[str, list[Pull]]:
+    """The DuckDB text of guarded ``sql`` with each live table replaced by a registered
+    table, and the pulls that fill them. Projection: every column of the table whose name the
+    query mentions anywhere (a superset, so always enough; all of them for a ``*``). Filters:
+    conjuncts of the top-level WHERE that name only this table's columns, qualified by its
+    alias, when the top-level joins are all inner (an outer join's filter is not the
+    table's own), without parameters, subqueries, aggregates or windows. DuckDB applies every
+    filter again, so pushing one is never needed for correctness, only for cost."""
+    try:
+        tree = sqlglot.parse_one(sql, read="duckdb")
+    except ParseError as e:
+        raise _refused(f"the translator cannot read it ({_first(e)})") from None
+    if not isinstance(tree, exp.Query):
+        raise _refused("is not a query the translator can push down")
+    ctes = {fold(c.alias_or_name) for c in tree.find_all(exp.CTE)}
+    mentioned = {fold(c.name) for c in tree.find_all(exp.Column)}
+    # SELECT * and t.* read every column; count(*) reads none.
+    star = any(isinstance(s.parent, exp.Select | exp.Column) for s in tree.find_all(exp.Star))
+    conjuncts = _own_conjuncts(tree)
+    pulls: list[Pull] = []
+    for i, table in enumerate(list(tree.find_all(exp.Table))):
+        desc = _live_table(table, live, ctes)
+        if desc is None:
+            continue
+        alias = fold(table.alias_or_name)
+        columns = tuple(c.name for c in desc.columns if star or fold(c.name) in mentioned) or (
+            desc.columns[0].name,
+        )
+        own = [c for c in conjuncts.get(id(table), []) if _only(c, alias)]
+        name = f"__quiver_live_{i}"
+        pulled = exp.select(*(exp.column(c, table=alias, quoted=True) for c in columns)).from_(
+            exp.Table(
+                this=exp.to_identifier(desc.ref.name, quoted=True),
+                db=exp.to_identifier(desc.ref.schema, quoted=True),
+                alias=exp.TableAlias(this=exp.to_identifier(alias)),
+            )
+        )
+        if own:
+            pulled = pulled.where(exp.and_(*(c.copy() for c in own)), copy=False)
+        pull_sql = transpile(pulled.sql(dialect="duckdb"), {desc.ref.key(): desc}, limit=max_rows + 1)
+        pulls.append(Pull(desc.ref, name, columns, pull_sql, bool(own)))
+        table.replace(
+            exp.Table(
+                this=exp.to_identifier(name, quoted=True),
+                alias=table.args.get("alias") or exp.TableAlias(this=exp.to_identifier(table.name)),
+            )
+        )
+    try:
+        return tree.sql(dialect="duckdb"), pulls
+    except SqlglotError as e:
+        raise _refused(f"cannot be rewritten for a mixed query ({_first(e)})") from None
+
+
+def _own_conjuncts(tree: exp.Query) -> dict[int, list[exp.Expr]]:
+    """Top-level WHERE conjuncts, offered to each table of the top-level FROM when every join
+    there is inner (by ``id`` of the table node)."""
+    if not isinstance(tree, exp.Select):
+        return {}
+    where = tree.args.get("where")
+    source = tree.args.get("from_") or tree.args.get("from")
+    if where is None or source is None:
+        return {}
+    joins = tree.args.get("joins") or []
+    if any(
+        j.args.get("side") or fold(str(j.args.get("kind") or "")) not in ("", "inner", "cross") for j in joins
+    ):
+        return {}
+    tables = [source.this, *(j.this for j in joins)]
+    parts = list(where.this.flatten()) if isinstance(where.this, exp.And) else [where.this]
+    return {id(t): parts for t in tables if isinstance(t, exp.Table)}
+
+
+def _only(conjunct: exp.Expr, alias: str) -> bool:
+    if conjunct.find(exp.Placeholder, exp.Parameter, exp.Subquery, exp.AggFunc, exp.Window, exp.Select):
+        return False
+    columns = list(conjunct.find_all(exp.Column))
+    return bool(columns) and all(fold(c.table) == alias and not c.args.get("db") for c in columns)

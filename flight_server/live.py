@@ -21,24 +21,27 @@ the call (``live_query_id``).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 
+import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
 
-from catalog import Catalog, InvalidArgument, Principal, QuiverError, TableRef, Unavailable
+from catalog import Catalog, DeadlineExceeded, InvalidArgument, Principal, QuiverError, TableRef, Unavailable
 from catalog.live import LiveDescription, LiveRun, LiveTables
-from catalog.live_sql import transpile
+from catalog.live_sql import split_mixed, transpile
 from catalog.query_port import RunningQuery
 from catalog.sqlguard import GuardedQuery
 from flight_server.admission import Admission
-from flight_server.errors import flight_error
+from flight_server.errors import duckdb_error, flight_error, stream_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
-from flight_server.plans import LivePart, Plan, SqlPart
+from flight_server.plans import BATCH_ROWS, LivePart, MixedPart, Plan, SqlPart, limited
 from flight_server.truncation import RowCap
 
 log = structlog.get_logger("flight_server")
@@ -54,16 +57,13 @@ def require_live(catalog: Catalog) -> LiveTables:
     return live
 
 
-def query_plan(catalog: Catalog, guarded: GuardedQuery, part: SqlPart) -> Plan:
+def query_plan(
+    catalog: Catalog, guarded: GuardedQuery, part: SqlPart, admission: Admission, principal: Principal
+) -> Plan:
     """The plan of a guarded query that reads live tables (see the module docs)."""
     live = require_live(catalog)
-    stored = [t.qualified for t in guarded.tables if not live.is_live(t)]
-    if stored:
-        raise InvalidArgument(
-            f"this query joins live tables (queried in Snowflake) with stored ones "
-            f"({', '.join(stored[:5])}); mixed queries are not supported yet: query the live "
-            "tables on their own (proto_docs/federation.md)"
-        )
+    if any(not live.is_live(t) for t in guarded.tables):
+        return _mixed_plan(catalog, guarded, part, admission, principal)
     described = {t.key(): live.describe(t) for t in guarded.tables}
     schema = live.bind(guarded.sql, part.params, guarded.tables)
     cap = part.row_cap
@@ -76,6 +76,57 @@ def query_plan(catalog: Catalog, guarded: GuardedQuery, part: SqlPart) -> Plan:
         (LivePart(sql, part.params, schema, cap),),
         guarded.tables,
         f"live:{guarded.tables[0].qualified}",
+        timeout=True,
+        row_cap=cap,
+        sql=guarded.sql,
+        params=len(part.params),
+    )
+
+
+def _mixed_plan(
+    catalog: Catalog, guarded: GuardedQuery, part: SqlPart, admission: Admission, principal: Principal
+) -> Plan:
+    """A query joining live and stored tables: the pulls of its live tables (columns and own
+    filters pushed down), the rest in DuckDB. A live table pulled without a filter whose row
+    count (Snowflake's metadata) is above ``[live] max_pulled_rows`` is refused here."""
+    live = require_live(catalog)
+    most = live.config.max_pulled_rows
+    described = {t.key(): live.describe(t) for t in guarded.tables if live.is_live(t)}
+    local_sql, pulls = split_mixed(guarded.sql, described, max_rows=most)
+    schemas = []
+    for pull in pulls:
+        desc = described[pull.ref.key()]
+        if not pull.filtered and desc.rows > most:
+            raise InvalidArgument(
+                f"this query would pull all {desc.rows:,} rows of the live table {pull.ref.qualified} "
+                f"out of Snowflake, above [live] max_pulled_rows ({most:,}); add a filter on that "
+                "table alone (a WHERE condition on its columns, qualified by its alias) or query "
+                "the live tables on their own, where all the work is pushed down"
+            )
+        schemas.append(pa.schema([desc.schema.field(c) for c in pull.columns]))
+    with admission.planning(principal) as (cur, deadline):
+        try:
+            for pull, schema in zip(pulls, schemas, strict=True):
+                cur.register(pull.name, schema.empty_table())
+            probe = cur.sql(f"SELECT * FROM (\n{local_sql}\n) LIMIT 0", params=list(part.params) or None)
+            schema = probe.to_arrow_table().schema
+        except duckdb.Error as e:
+            raise duckdb_error(
+                e, timed_out=deadline.fired, timeout_seconds=admission.timeout_seconds, wrapped=True
+            ) from None
+        finally:
+            for pull in pulls:
+                cur.unregister(pull.name)
+    cap = part.row_cap
+    assert cap is not None
+    mixed = MixedPart(local_sql, part.params, schema, cap, tuple(pulls), tuple(schemas))
+    return Plan(
+        "query",
+        schema,
+        -1,
+        (mixed,),
+        guarded.tables,
+        f"live:{pulls[0].ref.qualified}",
         timeout=True,
         row_cap=cap,
         sql=guarded.sql,
@@ -249,6 +300,77 @@ def _tagged(
         raise flight_error(e) from None
 
 
+def open_mixed(
+    catalog: Catalog, watchdog: Watchdog, timeout: float, part: MixedPart, state: CallState
+) -> flight.FlightDataStream:
+    """DoGet of a mixed query: pull each live table (within the one query timeout), then run
+    the local query on a cursor of its own with the pulled tables registered, cut at the cap."""
+    live = require_live(catalog)
+    ends = time.monotonic() + timeout
+    pulled: list[pa.Table] = []
+    most = live.config.max_pulled_rows
+    try:
+        for pull, schema in zip(part.pulls, part.pull_schemas, strict=True):
+            left = ends - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"the query ran longer than {timeout:g} s ([limits] query_timeout_seconds)"
+                )
+            one = LivePart(pull.sql, (), schema, RowCap(most, "server_max_rows"))
+            started = _start(live, watchdog, left, one, state.cleanups, state)
+            batches = list(_cut_batches(started, one))
+            if started.cut:
+                raise InvalidArgument(
+                    f"the live table {pull.ref.qualified} has more than {most:,} rows matching this "
+                    "query's filters on it, above [live] max_pulled_rows; narrow the filter on that table"
+                )
+            pulled.append(pa.Table.from_batches(batches, schema=schema))
+    except QuiverError as e:
+        raise flight_error(e) from None
+    state.fields["live_pulled_rows"] = sum(t.num_rows for t in pulled)
+    stack = contextlib.ExitStack()
+    state.cleanups.append(stack.close)
+    cur = stack.enter_context(catalog.db.reading())
+    deadline = watchdog.arm(max(0.001, ends - time.monotonic()), cur.interrupt)
+    state.deadline = deadline
+    state.cleanups.append(lambda: Watchdog.disarm(deadline))
+    for pull, table in zip(part.pulls, pulled, strict=True):
+        cur.register(pull.name, table)
+    try:
+        reader = cur.sql(
+            limited(part.sql, part.cap.max_rows + 1), params=list(part.params) or None
+        ).to_arrow_reader(BATCH_ROWS)
+    except duckdb.Error as e:
+        raise flight_error(
+            duckdb_error(e, timed_out=deadline.fired, timeout_seconds=timeout, wrapped=True)
+        ) from None
+    return flight.GeneratorStream(part.schema, _local_batches(reader, part, state, deadline, timeout))
+
+
+def _local_batches(
+    reader: pa.RecordBatchReader, part: MixedPart, state: CallState, deadline: Deadline, timeout: float
+) -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
+    left = part.cap.max_rows
+    facts = state.query
+    try:
+        for batch in reader:
+            if batch.num_rows > left:
+                state.fields["truncated"] = True
+                cut = batch.slice(0, left)
+                if facts is not None:
+                    facts.sent(cut.num_rows, cut.nbytes)
+                yield cut, part.cap.stream_metadata()
+                return
+            left -= batch.num_rows
+            if facts is not None:
+                facts.sent(batch.num_rows, batch.nbytes)
+            yield batch
+    except Exception as e:  # noqa: BLE001 - every failure becomes a FlightError
+        raise stream_error(
+            e, state.request_id, timed_out=deadline.fired, timeout_seconds=timeout, wrapped=True
+        ) from None
+
+
 def run_query(
     catalog: Catalog,
     admission: Admission,
@@ -261,6 +383,11 @@ def run_query(
     admission slot, the deadline, the Snowflake query started before this returns (so its
     refusals come before any byte is sent); released by :meth:`RunningQuery.close`."""
     (part,) = plan.parts
+    if isinstance(part, MixedPart):
+        raise InvalidArgument(
+            "queries joining live and stored tables run over Flight only for now; over HTTP, MCP "
+            "and exports query the live tables on their own (proto_docs/federation.md)"
+        )
     assert isinstance(part, LivePart)
     held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
 

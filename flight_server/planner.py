@@ -67,6 +67,7 @@ from flight_server.plans import (
     CachedPart,
     Layout,
     LivePart,
+    MixedPart,
     Plan,
     ProfilePart,
     ResultPart,
@@ -527,7 +528,7 @@ class Planner:
         the schema). A query the runner gave up on is also probed."""
         guarded, part = self.query_part(principal, cmd)
         if live.reads_live(self.catalog, guarded.tables):
-            return live.query_plan(self.catalog, guarded, part)
+            return live.query_plan(self.catalog, guarded, part, self.admission, principal)
         params = part.params
         if execute:
             served = self._cached_query(guarded, part)
@@ -608,7 +609,7 @@ class Planner:
         the cap, so the manager cuts the result and knows it did."""
         plan = self.query(principal, cmd)
         part, cap = plan.parts[0], plan.row_cap
-        if isinstance(part, LivePart):
+        if isinstance(part, LivePart | MixedPart):
             raise InvalidArgument(
                 "submit-query of live tables (queried in Snowflake) is not built yet; run it as a "
                 "query command (proto_docs/federation.md)"

@@ -18,6 +18,7 @@ from typing import Literal
 import pyarrow as pa
 
 from catalog import TableRef
+from catalog.live_sql import Pull
 from flight_server.commands import Param
 from flight_server.ready import ReadyResult
 from flight_server.table_cache import CachedTable, Fill
@@ -30,6 +31,7 @@ __all__ = [
     "CachedPart",
     "Layout",
     "LivePart",
+    "MixedPart",
     "Part",
     "Plan",
     "PlanKind",
@@ -142,7 +144,21 @@ class LivePart:
     cap: RowCap
 
 
-Part = SqlPart | ProfilePart | ResultPart | CachedPart | ArtefactPart | TablePart | LivePart
+@dataclass(frozen=True, slots=True)
+class MixedPart:
+    """A query joining live and stored tables (flight_server/live.py): each live table's
+    scan pulled from Snowflake (``pulls``: its columns and own filters pushed down), then
+    ``sql`` — the caller's query reading the pulled tables instead — run by DuckDB."""
+
+    sql: str
+    params: tuple[Param, ...]
+    schema: pa.Schema
+    cap: RowCap
+    pulls: tuple[Pull, ...]
+    pull_schemas: tuple[pa.Schema, ...]
+
+
+Part = SqlPart | ProfilePart | ResultPart | CachedPart | ArtefactPart | TablePart | LivePart | MixedPart
 PlanKind = Literal["scan", "sample", "query", "profile", "result", "artefact", "metadata"]
 
 

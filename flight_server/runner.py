@@ -130,7 +130,7 @@ class SqlRunner:
         guarded, part = self._planner.query_part(principal, cmd)
         catalog = self._planner.catalog
         if live.reads_live(catalog, guarded.tables):
-            plan = live.query_plan(catalog, guarded, part)
+            plan = live.query_plan(catalog, guarded, part, self._admission, principal)
             timeout = self._streamer.timeout if timeout_seconds is None else float(timeout_seconds)
             return live.run_query(catalog, self._admission, self._streamer.watchdog, principal, plan, timeout)
         return self._streamer.run_query(

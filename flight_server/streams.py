@@ -56,6 +56,7 @@ from flight_server.plans import (
     ArtefactPart,
     CachedPart,
     LivePart,
+    MixedPart,
     Plan,
     ProfilePart,
     ResultPart,
@@ -126,6 +127,8 @@ class Streamer:
             return flight.GeneratorStream(reader.schema, _labelled(reader, state.request_id, None, 0.0))
         if isinstance(part, LivePart):  # rows from Snowflake (flight_server/live.py)
             return live.open_stream(self.catalog, self.watchdog, self.timeout, part, state)
+        if isinstance(part, MixedPart):  # live tables pulled, joined in DuckDB (flight_server/live.py)
+            return live.open_mixed(self.catalog, self.watchdog, self.timeout, part, state)
         if isinstance(part, TablePart):  # a metadata listing, built at planning: from memory
             return flight.RecordBatchStream(part.table, options=_IPC)
         if isinstance(part, ResultPart):

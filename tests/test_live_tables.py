@@ -65,9 +65,7 @@ def _sections(emu: Emulator, src: Source, **live: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def server(emu: Emulator, src: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("live"), demo=False, **_sections(emu, src))
+def _sync_replicas(s: Server) -> None:
     http = s.http()
     for table in ("rep.orders", "rep.customers"):
         assert http.post(f"/v1/sync/{table}/run").status_code == 202
@@ -79,6 +77,18 @@ def server(emu: Emulator, src: Source, tmp_path_factory: pytest.TempPathFactory)
         )
 
     wait_until(synced, 60, what="the replicas to sync")
+
+
+def _pushed(mark: int, table: str = "ORDERS") -> list[str]:
+    """Queries of ``table`` the emulator received since ``mark`` (its metadata reads aside)."""
+    return [q for q in RECORDER.since(mark) if table in q and "information_schema" not in q]
+
+
+@pytest.fixture(scope="module")
+def server(emu: Emulator, src: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("live"), demo=False, **_sections(emu, src))
+    _sync_replicas(s)
+    http = s.http()
     for name, tables in (("analysts", ["live.*", "rep.*"]), ("narrow", ["live.customers"])):
         r = http.post("/v1/swarms", json={"name": name, "tables": tables})
         assert r.status_code == 201, r.text
@@ -178,7 +188,7 @@ def test_a_live_query_returns_the_rows_of_the_same_sql_on_the_replica(
 ) -> None:
     mark = RECORDER.mark()
     live = _query(server, analyst, sql.format(t="live."), params)
-    pushed = [q for q in RECORDER.since(mark) if f'"{server_db(server)}"' in q]
+    pushed = _pushed(mark, f'"{server_db(server)}"')
     replica = _query(server, analyst, sql.format(t="rep."), params)
     assert _rows(live) == _rows(replica)
     assert live.schema.names == replica.schema.names
@@ -203,7 +213,7 @@ def test_filters_aggregates_order_and_the_row_cap_are_pushed_down(server: Server
         max_rows=2,
     )
     assert table.num_rows == 2
-    (sent,) = [q for q in RECORDER.since(mark) if "ORDERS" in q]
+    (sent,) = _pushed(mark)
     assert f'FROM "{server_db(server)}"."PUBLIC"."ORDERS"' in sent
     assert 'WHERE "AMOUNT" > ?' in sent  # the filter, with its parameter still a placeholder
     assert "GROUP BY" in sent and "COUNT(*)" in sent and "ORDER BY" in sent
@@ -265,10 +275,6 @@ def test_samples_of_a_live_table_are_pushed_down_as_snowflake_sample(server: Ser
 UNTRANSLATABLE = [
     ("SELECT regexp_matches(status, 'ship') FROM live.orders", "regexp_matches()"),
     ("SELECT id FROM live.orders WHERE id = $1", "? placeholders"),
-    (
-        "SELECT o.id FROM live.orders o JOIN rep.customers c ON c.id = o.customer_id",
-        "mixed queries are not supported yet",
-    ),
 ]
 
 
@@ -426,3 +432,81 @@ def test_a_client_that_leaves_cancels_the_snowflake_query(server: Server, analys
     assert _query(server, analyst, "SELECT count(*) AS n FROM live.orders").to_pylist() == [
         {"n": ORDERS_ROWS}
     ]
+
+
+# --- mixed queries: live and stored tables --------------------------------------------------------
+MIXED = [
+    ("SELECT c.region, count(*) AS n, sum(o.amount) AS total FROM {live}orders o JOIN rep.customers c ON c.id = o.customer_id "
+     "WHERE o.amount > 100 AND c.region = 'eu' GROUP BY c.region ORDER BY c.region", None),
+    ("SELECT o.id, c.name FROM {live}orders o JOIN rep.customers c ON c.id = o.customer_id "
+     "WHERE o.status = 'returned' AND o.amount >= ? ORDER BY o.id LIMIT 20", [200]),
+    ("SELECT c.name, o.n FROM rep.customers c LEFT JOIN (SELECT customer_id, count(*) AS n FROM {live}orders "
+     "GROUP BY customer_id) o ON o.customer_id = c.id ORDER BY c.name LIMIT 10", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("sql", "params"), MIXED)
+def test_a_mixed_query_returns_the_rows_of_the_same_sql_on_the_replicas(
+    server: Server, analyst: str, sql: str, params: list[Any] | None
+) -> None:
+    mark = RECORDER.mark()
+    mixed = _query(server, analyst, sql.format(live="live."), params)
+    pulled = _pushed(mark)
+    replica = _query(server, analyst, sql.format(live="rep."), params)
+    assert _rows(mixed) == _rows(replica)
+    assert len(pulled) == 1, RECORDER.since(mark)
+
+
+def test_a_mixed_query_pushes_the_live_tables_columns_and_own_filters_down(
+    server: Server, analyst: str
+) -> None:
+    mark = RECORDER.mark()
+    _query(
+        server,
+        analyst,
+        "SELECT c.region, sum(o.amount) AS total FROM live.orders o JOIN rep.customers c ON c.id = o.customer_id "
+        "WHERE o.amount > 100 AND c.region = 'eu' AND o.placed < ? GROUP BY c.region",
+        ["2024-03-01"],
+    )
+    (sent,) = _pushed(mark)
+    assert '"AMOUNT" > 100' in sent  # its own filter, pushed down
+    assert "REGION" not in sent and "eu" not in sent  # the other table's filter is not
+    assert "?" not in sent  # a filter with a parameter stays local (DuckDB applies it)
+    assert '"STATUS"' not in sent  # columns the query never names are not pulled
+    assert '"CUSTOMER_ID"' in sent and '"AMOUNT"' in sent
+
+
+def test_max_pulled_rows_refuses_a_live_side_that_is_too_large(
+    emu: Emulator, src: Source, tmp_path: Path
+) -> None:
+    s = start_server(tmp_path / "pull", demo=False, **_sections(emu, src, max_pulled_rows=100))
+    try:
+        _sync_replicas(s)
+        token = s.mint(kind="admin", swarm=None)
+        mark = RECORDER.mark()
+        # No filter on the live side: refused from Snowflake's row count, before any pull.
+        err = _error(
+            s, token, "SELECT count(*) FROM live.orders o JOIN rep.customers r ON r.id = o.customer_id"
+        )
+        assert err["code"] == "INVALID_ARGUMENT", err
+        assert "max_pulled_rows" in err["detail"] and "filter" in err["detail"]
+        assert not [
+            q for q in RECORDER.since(mark) if "ORDERS" in q and "information_schema" not in q.lower()
+        ]
+        # A filter that still matches too many rows: refused when the pull passes the limit.
+        err = _error(
+            s,
+            token,
+            "SELECT count(*) FROM live.orders o JOIN rep.customers r ON r.id = o.customer_id WHERE o.amount > 1",
+        )
+        assert err["code"] == "INVALID_ARGUMENT", err
+        assert "narrow the filter" in err["detail"]
+        # A narrow enough filter answers.
+        table = _query(
+            s,
+            token,
+            "SELECT count(*) AS n FROM live.orders o JOIN rep.customers r ON r.id = o.customer_id WHERE o.id < 50",
+        )
+        assert table.to_pylist() == [{"n": 50}]
+    finally:
+        s.stop()
