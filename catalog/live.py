@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +118,9 @@ class LiveTables:
         self._sessions = threading.BoundedSemaphore(config.live.max_concurrent)
         #: Snowflake queries started (for tests and the status page).
         self.queries = 0
+        self.results = LiveResults(
+            config.live.cache_ttl_seconds, config.cache.max_memory_bytes, config.cache.max_entry_bytes
+        )
 
     # --- the catalog ----------------------------------------------------------------------------
     def refs(self) -> list[TableRef]:
@@ -227,6 +231,56 @@ class LiveTables:
 
     def close(self) -> None:
         self._binder.close()
+
+
+class LiveResults:
+    """Results of live queries kept for ``[live] cache_ttl_seconds`` (0: none), in memory,
+    within ``max_bytes`` (least recently stored dropped first). Keyed by the Snowflake text
+    (which holds the row cap) and the parameters: the guard and the allowlist have already
+    decided before a lookup. A result is stored only when its stream was read to its end
+    without an error — never from a failed, cancelled or cut-short run. Snowflake's data has
+    no data version Quiver could key on: the TTL is the freshness bound."""
+
+    def __init__(self, ttl_seconds: float, max_bytes: int, max_entry_bytes: int) -> None:
+        self.ttl = ttl_seconds
+        self._max_bytes = max_bytes
+        self._max_entry = min(max_entry_bytes, max_bytes)
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str], tuple[float, pa.Table]] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+
+    @staticmethod
+    def key(sql: str, params: Sequence[Any]) -> tuple[str, str]:
+        return (sql, repr([(type(p).__name__, p) for p in params]))
+
+    def get(self, key: tuple[str, str]) -> pa.Table | None:
+        if self.ttl <= 0:
+            return None
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                return None
+            if hit[0] <= time.monotonic():
+                self._drop(key)
+                return None
+            self.hits += 1
+            return hit[1]
+
+    def put(self, key: tuple[str, str], table: pa.Table) -> None:
+        if self.ttl <= 0 or table.nbytes > self._max_entry:
+            return
+        with self._lock:
+            if key in self._entries:
+                self._drop(key)
+            self._entries[key] = (time.monotonic() + self.ttl, table)
+            self._bytes += table.nbytes
+            while self._bytes > self._max_bytes and self._entries:
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        _, table = self._entries.pop(key)
+        self._bytes -= table.nbytes
 
 
 class LiveSession:

@@ -33,7 +33,7 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, DeadlineExceeded, InvalidArgument, Principal, QuiverError, TableRef, Unavailable
-from catalog.live import LiveDescription, LiveRun, LiveTables
+from catalog.live import LiveDescription, LiveResults, LiveRun, LiveTables
 from catalog.live_sql import split_mixed, transpile
 from catalog.query_port import RunningQuery
 from catalog.sqlguard import GuardedQuery
@@ -73,7 +73,7 @@ def query_plan(
         "query",
         schema,
         -1,
-        (LivePart(sql, part.params, schema, cap),),
+        (LivePart(sql, part.params, schema, cap, cacheable=True),),
         guarded.tables,
         f"live:{guarded.tables[0].qualified}",
         timeout=True,
@@ -251,19 +251,33 @@ def _start(
     return _Started(run, deadline)
 
 
-def _cut_batches(started: _Started, part: LivePart) -> Iterator[pa.RecordBatch]:
+def _cut_batches(
+    started: _Started, part: LivePart, results: LiveResults | None = None, key: tuple[str, str] | None = None
+) -> Iterator[pa.RecordBatch]:
     """Snowflake's batches in the planned schema, at most the cap's rows; ``started.cut`` is
-    raised just before the cut batch (the last) is passed on."""
+    raised just before the cut batch (the last) is passed on. With ``key``, a result read to
+    its end (cut or not: the cut is the same on a replay) is stored in ``results``; a failed
+    or abandoned one never is."""
     left = part.cap.max_rows
+    kept: list[pa.RecordBatch] | None = [] if key is not None else None
     try:
         for table in started.run.batches():
             for batch in _conform(table, part.schema).to_batches():
                 if batch.num_rows > left:
                     started.cut = True
-                    yield batch.slice(0, left)
-                    return
+                    batch = batch.slice(0, left)
+                    if kept is not None:
+                        kept.append(batch)
+                    yield batch
+                    break
                 left -= batch.num_rows
+                if kept is not None:
+                    kept.append(batch)
                 yield batch
+            if started.cut:
+                break
+        if results is not None and key is not None and kept is not None:
+            results.put(key, _Kept(kept, part.schema, started.cut).table())
     finally:
         started.ended.set()
         started.run.close()
@@ -274,21 +288,27 @@ def open_stream(
 ) -> flight.FlightDataStream:
     """DoGet of a live part (see the module docs), with the DoGet's admission slot held;
     everything is released by the call's cleanups."""
+    live = require_live(catalog)
+    key = LiveResults.key(part.sql, part.params) if part.cacheable else None
+    hit = live.results.get(key) if key is not None else None
+    if hit is not None:
+        state.fields["cache"] = "live-hit"
+        return flight.GeneratorStream(part.schema, _tagged_cached(hit, part, state))
     try:
-        started = _start(require_live(catalog), watchdog, timeout, part, state.cleanups, state)
+        started = _start(live, watchdog, timeout, part, state.cleanups, state)
     except QuiverError as e:
         raise flight_error(e) from None
     if started.run.query_id:
         state.fields["live_query_id"] = started.run.query_id
-    return flight.GeneratorStream(part.schema, _tagged(started, part, state))
+    return flight.GeneratorStream(part.schema, _tagged(started, part, state, live.results, key))
 
 
 def _tagged(
-    started: _Started, part: LivePart, state: CallState
+    started: _Started, part: LivePart, state: CallState, results: LiveResults, key: tuple[str, str] | None
 ) -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
     facts = state.query
     try:
-        for batch in _cut_batches(started, part):
+        for batch in _cut_batches(started, part, results, key):
             if facts is not None:
                 facts.sent(batch.num_rows, batch.nbytes)
             if started.cut:
@@ -371,6 +391,40 @@ def _local_batches(
         ) from None
 
 
+class _Kept:
+    """A finished live result for the cache; a cut one is marked in its schema metadata, so
+    a replay reports the same cut."""
+
+    def __init__(self, batches: list[pa.RecordBatch], schema: pa.Schema, cut: bool) -> None:
+        self.batches, self.schema, self.cut = batches, schema, cut
+
+    def table(self) -> pa.Table:
+        table = pa.Table.from_batches(self.batches, schema=self.schema)
+        return table.replace_schema_metadata(
+            {**(self.schema.metadata or {}), _CUT_KEY: b"1" if self.cut else b"0"}
+        )
+
+
+_CUT_KEY = b"quiver.live.cut"
+
+
+def _tagged_cached(
+    table: pa.Table, part: LivePart, state: CallState
+) -> Iterator[pa.RecordBatch | tuple[pa.RecordBatch, bytes]]:
+    cut = (table.schema.metadata or {}).get(_CUT_KEY) == b"1"
+    table = table.replace_schema_metadata(part.schema.metadata)
+    batches = table.to_batches() or [pa.RecordBatch.from_pylist([], schema=part.schema)]
+    facts = state.query
+    for i, batch in enumerate(batches):
+        if facts is not None:
+            facts.sent(batch.num_rows, batch.nbytes)
+        if cut and i == len(batches) - 1:
+            state.fields["truncated"] = True
+            yield batch, part.cap.stream_metadata()
+        else:
+            yield batch
+
+
 def run_query(
     catalog: Catalog,
     admission: Admission,
@@ -389,6 +443,22 @@ def run_query(
             "and exports query the live tables on their own (proto_docs/federation.md)"
         )
     assert isinstance(part, LivePart)
+    live = require_live(catalog)
+    key = LiveResults.key(part.sql, part.params) if part.cacheable else None
+    hit = live.results.get(key) if key is not None else None
+    if hit is not None:
+        cut = (hit.schema.metadata or {}).get(_CUT_KEY) == b"1"
+        table = hit.replace_schema_metadata(part.schema.metadata)
+        return RunningQuery(
+            reader=pa.RecordBatchReader.from_batches(part.schema, table.to_batches()),
+            max_rows=part.cap.max_rows,
+            reason=part.cap.reason,
+            tables=plan.tables,
+            versions={},
+            sql=plan.sql or part.sql,
+            params=part.params,
+            truncated=cut,
+        )
     held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
 
     def close() -> None:
@@ -400,11 +470,11 @@ def run_query(
         held.clear()
 
     try:
-        started = _start(require_live(catalog), watchdog, timeout, part, held)
+        started = _start(live, watchdog, timeout, part, held)
     except BaseException:
         close()
         raise
-    reader = pa.RecordBatchReader.from_batches(part.schema, _cut_batches(started, part))
+    reader = pa.RecordBatchReader.from_batches(part.schema, _cut_batches(started, part, live.results, key))
 
     def cut() -> bool | None:
         return True if started.cut else (False if started.ended.is_set() else None)

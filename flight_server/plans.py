@@ -142,6 +142,8 @@ class LivePart:
     params: tuple[Param, ...]
     schema: pa.Schema
     cap: RowCap
+    # A query's result may be kept for [live] cache_ttl_seconds (a sample's never is).
+    cacheable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
