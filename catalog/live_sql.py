@@ -36,6 +36,7 @@ from catalog.tables import TableRef, fold
 MISTRANSLATED = {
     "regexp_matches": "DuckDB's regexp_matches finds the pattern anywhere, Snowflake's REGEXP_LIKE must match all of it",
     "epoch_ms": "sqlglot translates it to TO_TIMESTAMP, the inverse of DuckDB's epoch_ms(timestamp)",
+    "random": "DuckDB's random() is a double in [0, 1), Snowflake's RANDOM() a 64-bit integer",
 }
 
 

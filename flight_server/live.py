@@ -73,7 +73,7 @@ def query_plan(
         "query",
         schema,
         -1,
-        (LivePart(sql, part.params, schema, cap, cacheable=True),),
+        (LivePart(sql, part.params, schema, cap, normalized=guarded.normalized),),
         guarded.tables,
         f"live:{guarded.tables[0].qualified}",
         timeout=True,
@@ -283,13 +283,24 @@ def _cut_batches(
         started.run.close()
 
 
+def _cache_key(part: LivePart, volatile: Callable[[str], bool]) -> tuple[str, str] | None:
+    if part.normalized is None or volatile(part.normalized):
+        return None
+    return LiveResults.key(part.sql, part.params)
+
+
 def open_stream(
-    catalog: Catalog, watchdog: Watchdog, timeout: float, part: LivePart, state: CallState
+    catalog: Catalog,
+    watchdog: Watchdog,
+    timeout: float,
+    part: LivePart,
+    state: CallState,
+    volatile: Callable[[str], bool],
 ) -> flight.FlightDataStream:
     """DoGet of a live part (see the module docs), with the DoGet's admission slot held;
     everything is released by the call's cleanups."""
     live = require_live(catalog)
-    key = LiveResults.key(part.sql, part.params) if part.cacheable else None
+    key = _cache_key(part, volatile)
     hit = live.results.get(key) if key is not None else None
     if hit is not None:
         state.fields["cache"] = "live-hit"
@@ -432,6 +443,7 @@ def run_query(
     principal: Principal,
     plan: Plan,
     timeout: float,
+    volatile: Callable[[str], bool],
 ) -> RunningQuery:
     """A live query for a caller outside Flight (``POST /v1/query``, MCP, exports): one
     admission slot, the deadline, the Snowflake query started before this returns (so its
@@ -444,10 +456,10 @@ def run_query(
         )
     assert isinstance(part, LivePart)
     live = require_live(catalog)
-    key = LiveResults.key(part.sql, part.params) if part.cacheable else None
+    key = _cache_key(part, volatile)
     hit = live.results.get(key) if key is not None else None
     if hit is not None:
-        cut = (hit.schema.metadata or {}).get(_CUT_KEY) == b"1"
+        was_cut = (hit.schema.metadata or {}).get(_CUT_KEY) == b"1"
         table = hit.replace_schema_metadata(part.schema.metadata)
         return RunningQuery(
             reader=pa.RecordBatchReader.from_batches(part.schema, table.to_batches()),
@@ -457,7 +469,7 @@ def run_query(
             versions={},
             sql=plan.sql or part.sql,
             params=part.params,
-            truncated=cut,
+            truncated=was_cut,
         )
     held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
 

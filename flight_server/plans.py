@@ -142,8 +142,9 @@ class LivePart:
     params: tuple[Param, ...]
     schema: pa.Schema
     cap: RowCap
-    # A query's result may be kept for [live] cache_ttl_seconds (a sample's never is).
-    cacheable: bool = False
+    # A query's normalized SQL: its result may be kept for [live] cache_ttl_seconds unless it
+    # calls a volatile function (a scan's or a sample's never is kept).
+    normalized: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,7 +132,10 @@ class SqlRunner:
         if live.reads_live(catalog, guarded.tables):
             plan = live.query_plan(catalog, guarded, part, self._admission, principal)
             timeout = self._streamer.timeout if timeout_seconds is None else float(timeout_seconds)
-            return live.run_query(catalog, self._admission, self._streamer.watchdog, principal, plan, timeout)
+            streamer = self._streamer
+            return live.run_query(
+                catalog, self._admission, streamer.watchdog, principal, plan, timeout, streamer.cache.volatile
+            )
         return self._streamer.run_query(
             self._admission, principal, guarded.tables, part, timeout_seconds=timeout_seconds
         )

@@ -126,7 +126,9 @@ class Streamer:
             # footer: that failure is labelled (INVALID_ARGUMENT), not a bare C++ error.
             return flight.GeneratorStream(reader.schema, _labelled(reader, state.request_id, None, 0.0))
         if isinstance(part, LivePart):  # rows from Snowflake (flight_server/live.py)
-            return live.open_stream(self.catalog, self.watchdog, self.timeout, part, state)
+            return live.open_stream(
+                self.catalog, self.watchdog, self.timeout, part, state, self.cache.volatile
+            )
         if isinstance(part, MixedPart):  # live tables pulled, joined in DuckDB (flight_server/live.py)
             return live.open_mixed(self.catalog, self.watchdog, self.timeout, part, state)
         if isinstance(part, TablePart):  # a metadata listing, built at planning: from memory
