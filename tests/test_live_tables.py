@@ -536,3 +536,102 @@ def test_a_live_query_calling_a_volatile_function_is_never_replayed(server: Serv
     _query(server, analyst, sql)
     _query(server, analyst, sql)
     assert len(_pushed(mark)) == 2
+
+
+def test_a_dropped_source_and_refused_credentials_are_unavailable_with_a_sentence(
+    emu: Emulator, src: Source, tmp_path: Path
+) -> None:
+    src.execute(
+        "CREATE OR REPLACE TABLE DROPME (ID NUMBER(9,0), NAME VARCHAR)", "INSERT INTO DROPME VALUES (1, 'a')"
+    )
+    sections = _sections(emu, src, schema_ttl_seconds=3600, cache_ttl_seconds=0)
+    sections["sync"] = {"enabled": False}
+    sections["live"]["tables"] = [{"source": src.name("DROPME"), "target": "live.dropme"}]
+    s = start_server(tmp_path / "faults", demo=False, **sections)
+    try:
+        token = s.mint(kind="admin", swarm=None)
+        assert _query(s, token, "SELECT name FROM live.dropme").to_pylist() == [{"name": "a"}]
+        # Credentials revoked: every live query opens its own session, so the next one is refused.
+        from tests.sync_emulator import require_password
+
+        with require_password("another-password"):
+            err = _error(s, token, "SELECT name FROM live.dropme")
+        assert err["code"] == "UNAVAILABLE", err
+        assert "credentials" in err["detail"] and "emulator-password" not in err["detail"]
+        # The source is dropped while its schema is still cached: Snowflake's own refusal, as a sentence.
+        src.execute("DROP TABLE DROPME")
+        err = _error(s, token, "SELECT name FROM live.dropme")
+        assert err["code"] == "UNAVAILABLE", err
+        assert "live" in err["detail"] and "DROPME" in err["detail"].upper()
+        # Read again (the schema TTL passed): the listing leaves it out, GetSchema says why.
+        live = s.catalog.tables.live
+        assert live is not None
+        ref = live.refs()[0]
+        live._described.clear()  # as if schema_ttl_seconds had passed
+        with pytest.raises(pa.ArrowException) as raised:
+            s.flight().get_schema(flight.FlightDescriptor.for_path("live", "dropme"), call_options(token))
+        assert "UNAVAILABLE" in str(raised.value) and "does not exist" in str(raised.value)
+        assert live.cached(ref) is None  # a failed read is not kept
+    finally:
+        s.stop()
+
+
+BAD_CONFIG = [
+    ({"tables": [{"source": "A.B.C", "target": "nodot"}]}, "live.tables[0].target"),
+    ({"tables": [{"source": "A.B.C", "target": "_quiver.t"}]}, "reserved"),
+    (
+        {"tables": [{"source": "A.B.C", "target": "s.t"}, {"source": "A.B.D", "target": "S.T"}]},
+        "already used",
+    ),
+    ({"tables": [{"source": "A.B.C.D", "target": "s.t"}]}, "live.tables[0] (s.t).source"),
+    ({"tables": [{"source": "C", "target": "s.t"}]}, "name the database"),
+    ({"tables": [{"source": "A.B.C", "target": "s.t", "mode": "full"}]}, "mode"),
+    ({"max_pulled_rows": 0}, "live.max_pulled_rows"),
+]
+
+
+@pytest.mark.parametrize(("live", "named"), BAD_CONFIG)
+def test_a_wrong_live_configuration_is_refused_naming_the_key(
+    tmp_path: Path, live: dict[str, Any], named: str
+) -> None:
+    from catalog import load_config
+    from catalog.errors import ConfigError
+
+    overrides = {
+        "server": {"data_dir": str(tmp_path)},
+        "snowflake": {"account": "a", "user": "u"},
+        "live": live,
+    }
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, environ={}, overrides=overrides)
+    assert named in str(raised.value)
+
+
+def test_live_tables_need_a_snowflake_connection_and_are_not_also_replicated() -> None:
+    from catalog import load_config
+    from catalog.errors import ConfigError
+
+    table = {"source": "A.B.C", "target": "s.t"}
+    with pytest.raises(ConfigError, match=r"\[\[live.tables\]\] needs a \[snowflake\]"):
+        load_config(None, environ={}, overrides={"live": {"tables": [table]}})
+    overrides = {
+        "snowflake": {"account": "a", "user": "u"},
+        "sync": {"tables": [table]},
+        "live": {"tables": [table]},
+    }
+    with pytest.raises(ConfigError, match="either replicated or live"):
+        load_config(None, environ={}, overrides=overrides)
+
+
+def test_the_federation_pages_configuration_example_loads(tmp_path: Path) -> None:
+    import re
+
+    from catalog import load_config
+
+    page = (Path(__file__).resolve().parents[1] / "proto_docs" / "federation.md").read_text()
+    (example,) = re.findall(r"```toml\n(.*?)```", page, re.S)
+    path = tmp_path / "quiver.toml"
+    path.write_text(example)
+    config = load_config(path, environ={})
+    assert [t.target for t in config.live.tables] == ["live.events"]
+    assert config.live.max_pulled_rows == 1_000_000
