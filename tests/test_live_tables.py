@@ -614,7 +614,7 @@ def test_live_tables_need_a_snowflake_connection_and_are_not_also_replicated() -
     table = {"source": "A.B.C", "target": "s.t"}
     with pytest.raises(ConfigError, match=r"\[\[live.tables\]\] needs a \[snowflake\]"):
         load_config(None, environ={}, overrides={"live": {"tables": [table]}})
-    overrides = {
+    overrides: dict[str, dict[str, Any]] = {
         "snowflake": {"account": "a", "user": "u"},
         "sync": {"tables": [table]},
         "live": {"tables": [table]},
