@@ -111,6 +111,9 @@ class LiveTables:
         self._lock = threading.Lock()
         self._described: dict[tuple[str, str], tuple[float, LiveDescription]] = {}
         self._loading: dict[tuple[str, str], threading.Lock] = {}
+        self._failed: dict[tuple[str, str], tuple[float, str]] = {}
+        #: Metadata reads sent to Snowflake (for tests).
+        self.metadata_reads = 0
         self._binder = duckdb.connect(":memory:")
         self._binder.execute("SET enable_external_access = false")
         self._bound: dict[tuple[str, str], tuple[LiveColumn, ...]] = {}
@@ -138,10 +141,16 @@ class LiveTables:
         hit = self._described.get(ref.key())
         return hit[1] if hit is not None else None
 
+    #: After a failed read, a table's description is not asked of Snowflake again for this
+    #: long: the same refusal is given at once. An unreachable Snowflake costs the connector's
+    #: login timeout per attempt; without this every listing would wait that long per table.
+    FAILURE_SECONDS = 10.0
+
     def describe(self, ref: TableRef) -> LiveDescription:
         """Columns and row count from Snowflake, cached for ``schema_ttl_seconds``; one reader
         per table at a time (the others wait for its answer). UNAVAILABLE when Snowflake
-        cannot answer or the source is gone; a failure is not cached."""
+        cannot answer or the source is gone: the description is not kept, the refusal is
+        repeated for :attr:`FAILURE_SECONDS` without asking again."""
         key = ref.key()
         hit = self._described.get(key)
         now = time.monotonic()
@@ -153,7 +162,15 @@ class LiveTables:
             hit = self._described.get(key)
             if hit is not None and hit[0] > time.monotonic():
                 return hit[1]
-            described = self._read_description(ref)
+            failed = self._failed.get(key)
+            if failed is not None and failed[0] > time.monotonic():
+                raise Unavailable(failed[1])
+            try:
+                described = self._read_description(ref)
+            except Unavailable as e:
+                self._failed[key] = (time.monotonic() + self.FAILURE_SECONDS, e.detail)
+                raise
+            self._failed.pop(key, None)
             self._described[key] = (time.monotonic() + self.config.schema_ttl_seconds, described)
             return described
 
@@ -162,6 +179,7 @@ class LiveTables:
         if entry is None:
             raise Unavailable(f"{ref.qualified} is not a live table")
         ref, src = entry
+        self.metadata_reads += 1
         with self.session() as session:
             rows = session.rows(
                 f"SELECT column_name, data_type, numeric_precision, numeric_scale "
