@@ -641,3 +641,34 @@ def test_the_federation_pages_configuration_example_loads(tmp_path: Path) -> Non
     config = load_config(path, environ={})
     assert [t.target for t in config.live.tables] == ["live.events"]
     assert config.live.max_pulled_rows == 1_000_000
+
+
+def test_flight_sql_clients_query_live_tables_like_stored_ones(server: Server, analyst: str) -> None:
+    import adbc_driver_flightsql.dbapi as flight_sql
+    from adbc_driver_flightsql import DatabaseOptions
+
+    conn = flight_sql.connect(
+        server.flight_url,
+        db_kwargs={DatabaseOptions.AUTHORIZATION_HEADER.value: f"Bearer {analyst}"},
+        autocommit=True,
+    )
+    try:
+        answers = []
+        for prefix in ("live.", "rep."):
+            with conn.cursor() as cur:
+                cur.execute(
+                    f"SELECT status, count(*) AS n FROM {prefix}orders WHERE id < ? GROUP BY status ORDER BY status",
+                    parameters=[90],
+                )
+                answers.append(cur.fetch_arrow_table().to_pylist())
+        assert answers[0] == answers[1] and len(answers[0]) == 3
+        objects = conn.adbc_get_objects(depth="tables", db_schema_filter="live").read_all().to_pylist()
+        names = {
+            t["table_name"]
+            for c in objects
+            for s in c["catalog_db_schemas"] or []
+            for t in s["db_schema_tables"] or []
+        }
+        assert names == {"orders", "customers"}
+    finally:
+        conn.close()
