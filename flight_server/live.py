@@ -38,7 +38,7 @@ from catalog.live_sql import split_mixed, transpile
 from catalog.query_port import RunningQuery
 from catalog.sqlguard import GuardedQuery
 from flight_server.admission import Admission
-from flight_server.errors import duckdb_error, flight_error, stream_error
+from flight_server.errors import classify, duckdb_error, flight_error, stream_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
 from flight_server.plans import BATCH_ROWS, LivePart, MixedPart, Plan, SqlPart, limited
@@ -331,51 +331,143 @@ def _tagged(
         raise flight_error(e) from None
 
 
-def open_mixed(
-    catalog: Catalog, watchdog: Watchdog, timeout: float, part: MixedPart, state: CallState
-) -> flight.FlightDataStream:
-    """DoGet of a mixed query: pull each live table (within the one query timeout), then run
-    the local query on a cursor of its own with the pulled tables registered, cut at the cap."""
+def _run_mixed(
+    catalog: Catalog,
+    watchdog: Watchdog,
+    timeout: float,
+    part: MixedPart,
+    cleanups: list[Callable[[], None]],
+    state: CallState | None = None,
+) -> tuple[pa.RecordBatchReader, Deadline]:
+    """Pull each live table of a mixed query (all within the one query timeout), then start
+    the local query on a cursor of its own with the pulled tables registered (read one row
+    past the cap). Raises QuiverErrors; ``cleanups`` release what it took."""
     live = require_live(catalog)
     ends = time.monotonic() + timeout
     pulled: list[pa.Table] = []
     most = live.config.max_pulled_rows
-    try:
-        for pull, schema in zip(part.pulls, part.pull_schemas, strict=True):
-            left = ends - time.monotonic()
-            if left <= 0:
-                raise DeadlineExceeded(
-                    f"the query ran longer than {timeout:g} s ([limits] query_timeout_seconds)"
-                )
-            one = LivePart(pull.sql, (), schema, RowCap(most, "server_max_rows"))
-            started = _start(live, watchdog, left, one, state.cleanups, state)
-            batches = list(_cut_batches(started, one))
-            if started.cut:
-                raise InvalidArgument(
-                    f"the live table {pull.ref.qualified} has more than {most:,} rows matching this "
-                    "query's filters on it, above [live] max_pulled_rows; narrow the filter on that table"
-                )
-            pulled.append(pa.Table.from_batches(batches, schema=schema))
-    except QuiverError as e:
-        raise flight_error(e) from None
-    state.fields["live_pulled_rows"] = sum(t.num_rows for t in pulled)
+    for pull, schema in zip(part.pulls, part.pull_schemas, strict=True):
+        left = ends - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(
+                f"the query ran longer than {timeout:g} s ([limits] query_timeout_seconds)"
+            )
+        one = LivePart(pull.sql, (), schema, RowCap(most, "server_max_rows"))
+        started = _start(live, watchdog, left, one, cleanups, state)
+        batches = list(_cut_batches(started, one))
+        if started.cut:
+            raise InvalidArgument(
+                f"the live table {pull.ref.qualified} has more than {most:,} rows matching this "
+                "query's filters on it, above [live] max_pulled_rows; narrow the filter on that table"
+            )
+        pulled.append(pa.Table.from_batches(batches, schema=schema))
+    if state is not None:
+        state.fields["live_pulled_rows"] = sum(t.num_rows for t in pulled)
     stack = contextlib.ExitStack()
-    state.cleanups.append(stack.close)
+    cleanups.append(stack.close)
     cur = stack.enter_context(catalog.db.reading())
     deadline = watchdog.arm(max(0.001, ends - time.monotonic()), cur.interrupt)
-    state.deadline = deadline
-    state.cleanups.append(lambda: Watchdog.disarm(deadline))
+    if state is not None:
+        state.deadline = deadline
+    cleanups.append(lambda: Watchdog.disarm(deadline))
     for pull, table in zip(part.pulls, pulled, strict=True):
         cur.register(pull.name, table)
     try:
-        reader = cur.sql(
-            limited(part.sql, part.cap.max_rows + 1), params=list(part.params) or None
-        ).to_arrow_reader(BATCH_ROWS)
+        sql = limited(part.sql, part.cap.max_rows + 1)
+        return cur.sql(sql, params=list(part.params) or None).to_arrow_reader(BATCH_ROWS), deadline
     except duckdb.Error as e:
-        raise flight_error(
-            duckdb_error(e, timed_out=deadline.fired, timeout_seconds=timeout, wrapped=True)
-        ) from None
+        raise duckdb_error(e, timed_out=deadline.fired, timeout_seconds=timeout, wrapped=True) from None
+
+
+def open_mixed(
+    catalog: Catalog, watchdog: Watchdog, timeout: float, part: MixedPart, state: CallState
+) -> flight.FlightDataStream:
+    """DoGet of a mixed query (:func:`_run_mixed`), cut at the cap."""
+    try:
+        reader, deadline = _run_mixed(catalog, watchdog, timeout, part, state.cleanups, state)
+    except QuiverError as e:
+        raise flight_error(e) from None
     return flight.GeneratorStream(part.schema, _local_batches(reader, part, state, deadline, timeout))
+
+
+def _mixed_running(
+    catalog: Catalog,
+    watchdog: Watchdog,
+    timeout: float,
+    part: MixedPart,
+    held: list[Callable[[], None]],
+) -> tuple[pa.RecordBatchReader, Callable[[], bool | None]]:
+    """A mixed query for the query port: its reader (cut at the cap, errors as QuiverErrors)
+    and whether it was cut."""
+    reader, deadline = _run_mixed(catalog, watchdog, timeout, part, held)
+    flag = {"cut": False, "ended": False}
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        left = part.cap.max_rows
+        try:
+            for batch in reader:
+                if batch.num_rows > left:
+                    flag["cut"] = True
+                    yield batch.slice(0, left)
+                    return
+                left -= batch.num_rows
+                yield batch
+        except Exception as e:
+            err = classify(e, timed_out=deadline.fired, timeout_seconds=timeout, wrapped=True)
+            if err is None:
+                raise
+            raise err from None
+        finally:
+            flag["ended"] = True
+
+    def cut() -> bool | None:
+        return True if flag["cut"] else (False if flag["ended"] else None)
+
+    return pa.RecordBatchReader.from_batches(part.schema, batches()), cut
+
+
+def _mixed_query(
+    catalog: Catalog,
+    admission: Admission,
+    watchdog: Watchdog,
+    principal: Principal,
+    plan: Plan,
+    part: MixedPart,
+    timeout: float,
+) -> RunningQuery:
+    held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
+    close = _closer(held)
+    try:
+        reader, cut = _mixed_running(catalog, watchdog, timeout, part, held)
+    except BaseException:
+        close()
+        raise
+    return RunningQuery(
+        reader=reader,
+        max_rows=part.cap.max_rows,
+        reason=part.cap.reason,
+        tables=plan.tables,
+        versions={},
+        sql=plan.sql or part.sql,
+        params=part.params,
+        truncated=None,
+        _cut=cut,
+        _release=close,
+    )
+
+
+def _closer(held: list[Callable[[], None]]) -> Callable[[], None]:
+    """Run ``held``'s releases in reverse, each once, however many fail."""
+
+    def close() -> None:
+        for step in reversed(held):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - one failed release must not skip the others
+                log.warning("live.release_failed", error=str(e))
+        held.clear()
+
+    return close
 
 
 def _local_batches(
@@ -450,10 +542,7 @@ def run_query(
     refusals come before any byte is sent); released by :meth:`RunningQuery.close`."""
     (part,) = plan.parts
     if isinstance(part, MixedPart):
-        raise InvalidArgument(
-            "queries joining live and stored tables run over Flight only for now; over HTTP, MCP "
-            "and exports query the live tables on their own (proto_docs/federation.md)"
-        )
+        return _mixed_query(catalog, admission, watchdog, principal, plan, part, timeout)
     assert isinstance(part, LivePart)
     live = require_live(catalog)
     key = _cache_key(part, volatile)
@@ -472,15 +561,7 @@ def run_query(
             truncated=was_cut,
         )
     held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
-
-    def close() -> None:
-        for step in reversed(held):
-            try:
-                step()
-            except Exception as e:  # noqa: BLE001 - one failed release must not skip the others
-                log.warning("live.release_failed", error=str(e))
-        held.clear()
-
+    close = _closer(held)
     try:
         started = _start(live, watchdog, timeout, part, held)
     except BaseException:

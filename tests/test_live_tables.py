@@ -415,6 +415,17 @@ def test_post_v1_query_reads_a_live_table_like_a_replica(server: Server, analyst
         assert r.status_code == 200, r.text
         answers.append(r.json())
     assert answers[0] == answers[1]
+    mixed = (
+        "SELECT c.region, count(*) AS n FROM {t}orders o JOIN rep.customers c ON c.id = o.customer_id "
+        "WHERE o.amount > 50 GROUP BY c.region ORDER BY c.region"
+    )
+    got = [
+        http.post(
+            "/v1/query", json={"sql": mixed.format(t=p)}, headers={"accept": "application/json"}
+        ).json()["rows"]
+        for p in ("live.", "rep.")
+    ]
+    assert got[0] == got[1] and len(got[0]) == 2
     r = http.post("/v1/query", json={"sql": "SELECT regexp_matches(status, 'x') FROM live.orders"})
     assert r.status_code == 400, r.text
     assert "regexp_matches" in r.json()["detail"]
