@@ -6,8 +6,11 @@ empty stand-ins (its schema is the one a replica would give), transpiled to Snow
 dialect with the row cap pushed down as ``LIMIT cap + 1`` (catalog/live_sql.py), and planned
 as one :class:`~flight_server.plans.LivePart`; nothing runs in Snowflake at GetFlightInfo.
 A PATH scan is ``SELECT *`` of the source, a sample Snowflake's ``SAMPLE``; both go the same
-way. A query that joins live and stored tables is refused (not built yet), as are profiles
-and async queries of live tables.
+way. A query that joins live and stored tables is a :class:`~flight_server.plans.MixedPart`:
+one pull per live table (the columns the query names, the filters on that table alone;
+``[live] max_pulled_rows``), the caller's query rewritten to read the pulled tables, its
+schema from a ``LIMIT 0`` probe with empty Arrow tables registered in their place. Profiles
+and async queries of live tables are refused (not built yet).
 
 Streaming. DoGet holds the admission slot the server took for it (concurrency), arms the
 query timeout — which cancels the Snowflake query, not only the stream — and starts the
@@ -16,7 +19,11 @@ query in a session of its own (``[live] max_concurrent`` at once). Batches arriv
 binder's), cut at the cap, which is then reported like any cut (flight_server/truncation.py).
 A client that goes away is noticed by flight_server/running.py, which interrupts the call's
 deadline: that cancels the Snowflake query as well. The Snowflake query id is logged with
-the call (``live_query_id``).
+the call (``live_query_id``). A mixed query pulls its live tables first (each under what is
+left of the one timeout), registers them on a cursor of its own and streams the local
+query's result. A finished live result is kept for ``[live] cache_ttl_seconds``
+(catalog/live.py ``LiveResults``). The query port (``run_query``: ``POST /v1/query``, MCP,
+exports) runs both kinds the same way.
 """
 
 from __future__ import annotations
