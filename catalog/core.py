@@ -265,4 +265,6 @@ class Catalog:
             return
         self._closed.set()
         self._flush()
+        if self.live is not None:
+            self.live.close()
         self.db.close()

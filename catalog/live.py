@@ -119,8 +119,6 @@ class LiveTables:
         self._bound: dict[tuple[str, str], tuple[LiveColumn, ...]] = {}
         self._local = threading.local()
         self._sessions = threading.BoundedSemaphore(config.live.max_concurrent)
-        #: Snowflake queries started (for tests and the status page).
-        self.queries = 0
         self.results = LiveResults(
             config.live.cache_ttl_seconds, config.cache.max_memory_bytes, config.cache.max_entry_bytes
         )
@@ -243,7 +241,6 @@ class LiveTables:
         """A run of ``sql`` (Snowflake dialect, ``?`` placeholders) in a session of its own, not
         yet started: the caller arms its deadline on :meth:`LiveRun.cancel` first, so a cancel
         that comes while Snowflake runs the query reaches it."""
-        self.queries += 1
         timeout = min(timeout_seconds, self.config.query_timeout_seconds)
         return LiveRun(self.session(), sql, list(params), timeout)
 
@@ -395,6 +392,10 @@ class LiveSession:
             return Unavailable(
                 f"{what}: a live table's Snowflake source is gone or not visible to Quiver's role ({detail})"
             )
+        if _refused_query(exc):
+            # The query's own fault (a value that does not convert, a type Snowflake will not
+            # compare): retrying cannot help, rewriting it can.
+            return InvalidArgument(f"Snowflake refused the query: {detail}")
         return Unavailable(f"{what}: {detail}")
 
     def rows(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
@@ -402,6 +403,15 @@ class LiveSession:
             return list(self.con.cursor().execute(sql, params, timeout=max(1, int(self.timeout))).fetchall())
         except Exception as e:  # noqa: BLE001
             raise self.error("reading a live table's metadata from Snowflake failed", e) from None
+
+
+def _refused_query(exc: BaseException) -> bool:
+    """A Snowflake answer that rejects the query itself: SQLSTATE class 22 (data exception)
+    or 42 (syntax or access rule), as opposed to the network, the session or the service."""
+    from snowflake.connector.errors import ProgrammingError
+
+    state = str(getattr(exc, "sqlstate", "") or "")
+    return isinstance(exc, ProgrammingError) and state[:2] in ("22", "42")
 
 
 class LiveRun:

@@ -280,6 +280,14 @@ UNTRANSLATABLE = [
 ]
 
 
+def test_a_query_snowflake_refuses_for_its_values_is_invalid_argument(server: Server, analyst: str) -> None:
+    # Bound by DuckDB (a parameter may be any type), refused by Snowflake when it casts it.
+    err = _error(server, analyst, "SELECT id FROM live.orders WHERE id = ?", ["not a number"])
+    assert err["code"] == "INVALID_ARGUMENT", err
+    assert err["detail"].startswith("Snowflake refused the query")
+    assert _query(server, analyst, "SELECT id FROM live.orders WHERE id = ?", [3]).to_pylist() == [{"id": 3}]
+
+
 @pytest.mark.parametrize(("sql", "named"), UNTRANSLATABLE)
 def test_what_cannot_be_pushed_down_faithfully_is_refused_naming_it(
     server: Server, analyst: str, sql: str, named: str
