@@ -433,6 +433,18 @@ def _mixed_running(
     return pa.RecordBatchReader.from_batches(part.schema, batches()), cut
 
 
+def read_part(catalog: Catalog, watchdog: Watchdog, timeout: float, part: LivePart) -> pa.Table:
+    """A live sample read whole, for the query port's ``read`` (MCP's sample tool): the
+    caller holds the admission slot; the result is bounded by the sample's own cap."""
+    held: list[Callable[[], None]] = []
+    close = _closer(held)
+    try:
+        started = _start(require_live(catalog), watchdog, timeout, part, held)
+        return pa.Table.from_batches(list(_cut_batches(started, part)), schema=part.schema)
+    finally:
+        close()
+
+
 def _mixed_query(
     catalog: Catalog,
     admission: Admission,

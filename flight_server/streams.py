@@ -413,6 +413,8 @@ class Streamer:
                         self.executions += 1
                         reader = arrow_stream(cur, limited(part.sql, part.max_rows), part.params)
                         tables.append(reader.read_all())
+                    elif isinstance(part, LivePart):  # a live table's sample, from Snowflake
+                        tables.append(live.read_part(self.catalog, self.watchdog, self.timeout, part))
                     else:  # pragma: no cover - samples and profiles have no other parts
                         raise TypeError(f"unexpected part {type(part).__name__}")
             except duckdb.Error as e:

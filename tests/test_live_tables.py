@@ -691,3 +691,15 @@ def test_flight_sql_clients_query_live_tables_like_stored_ones(server: Server, a
         assert names == {"orders", "customers"}
     finally:
         conn.close()
+
+
+def test_the_query_port_reads_a_live_sample(server: Server, analyst: str) -> None:
+    """What MCP's sample tool calls (catalog/query_port.py ``read``)."""
+    queries = server.catalog.require_queries()
+    principal = server.catalog.tokens.verify(analyst)
+    mark = RECORDER.mark()
+    table = queries.read(
+        principal, {"kind": "sample", "table": "live.customers", "rows": 4, "method": "random", "seed": 3}
+    )
+    assert table.num_rows == 4 and table.schema.names == ["id", "name", "region"]
+    assert any("SAMPLE (4 ROWS) SEED (3)" in q for q in _pushed(mark, "CUSTOMERS"))
