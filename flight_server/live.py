@@ -9,8 +9,10 @@ A PATH scan is ``SELECT *`` of the source, a sample Snowflake's ``SAMPLE``; both
 way. A query that joins live and stored tables is a :class:`~flight_server.plans.MixedPart`:
 one pull per live table (the columns the query names, the filters on that table alone;
 ``[live] max_pulled_rows``), the caller's query rewritten to read the pulled tables, its
-schema from a ``LIMIT 0`` probe with empty Arrow tables registered in their place. Profiles
-and async queries of live tables are refused (not built yet).
+schema from a ``LIMIT 0`` probe with empty Arrow tables registered in their place. A profile
+is one aggregate query pushed down (count, NULLs, approximate distinct values, min/max,
+mean/stddev; no quartiles or top values). Async queries of live tables are refused (not built
+yet).
 
 Streaming. DoGet holds the admission slot the server took for it (concurrency), arms the
 query timeout — which cancels the Snowflake query, not only the stream — and starts the
@@ -33,6 +35,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -40,15 +43,17 @@ import pyarrow.flight as flight
 import structlog
 
 from catalog import Catalog, DeadlineExceeded, InvalidArgument, Principal, QuiverError, TableRef, Unavailable
-from catalog.live import LiveDescription, LiveResults, LiveRun, LiveTables
+from catalog.live import LiveColumn, LiveDescription, LiveResults, LiveRun, LiveTables
 from catalog.live_sql import split_mixed, transpile
 from catalog.query_port import RunningQuery
+from catalog.snowflake_names import quote_snowflake
 from catalog.sqlguard import GuardedQuery
 from flight_server.admission import Admission
 from flight_server.errors import classify, duckdb_error, flight_error, stream_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
-from flight_server.plans import BATCH_ROWS, LivePart, MixedPart, Plan, SqlPart, limited
+from flight_server.plans import BATCH_ROWS, LivePart, MixedPart, Plan, ProfilePart, SqlPart, limited
+from flight_server.profiles import MAX_VALUE_CHARS, PROFILE_SCHEMA
 from flight_server.truncation import RowCap
 
 log = structlog.get_logger("flight_server")
@@ -213,8 +218,6 @@ def sample_plan(
 
 def _columns(desc: LiveDescription, names: list[str] | None) -> str:
     """The source's columns as Snowflake names them, aliased to Quiver's names."""
-    from catalog.snowflake_names import quote_snowflake
-
     wanted = desc.columns if names is None else [c for n in names for c in desc.columns if c.name == n]
     return ", ".join(f"{quote_snowflake(c.source)} AS {quote_snowflake(c.name)}" for c in wanted)
 
@@ -443,6 +446,98 @@ def read_part(catalog: Catalog, watchdog: Watchdog, timeout: float, part: LivePa
         return pa.Table.from_batches(list(_cut_batches(started, part)), schema=part.schema)
     finally:
         close()
+
+
+# --- profiles --------------------------------------------------------------------------------------
+_NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "DECIMAL", "DOUBLE")
+_TEMPORAL_TYPES = ("DATE", "TIME", "TIMESTAMP")
+
+
+def _profile_aggregates(i: int, col: LiveColumn) -> list[str]:
+    """Snowflake aggregates of one column for its profile row (``c<i>_<stat>``): count and
+    approximate distinct values for every type but JSON and binary (count only), min/max as
+    text for numbers, times and text, mean/stddev for numbers."""
+    c = quote_snowflake(col.source)
+    out = [f"COUNT({c}) AS c{i}_n"]
+    t = col.duckdb_type.upper()
+    if t in ("JSON", "BLOB"):
+        return out
+    out.append(f"APPROX_COUNT_DISTINCT({c}) AS c{i}_d")
+    if t.startswith(_NUMERIC_TYPES + _TEMPORAL_TYPES) or t == "VARCHAR":
+        out += [
+            f"LEFT(TO_VARCHAR(MIN({c})), {MAX_VALUE_CHARS}) AS c{i}_min",
+            f"LEFT(TO_VARCHAR(MAX({c})), {MAX_VALUE_CHARS}) AS c{i}_max",
+        ]
+    if t.startswith(_NUMERIC_TYPES):
+        out += [f"CAST(AVG({c}) AS DOUBLE) AS c{i}_mean", f"CAST(STDDEV_SAMP({c}) AS DOUBLE) AS c{i}_sd"]
+    return out
+
+
+def profile(catalog: Catalog, watchdog: Watchdog, timeout: float, part: ProfilePart) -> pa.Table:
+    """A live table's profile (PROFILE_SCHEMA): one aggregate query pushed down to Snowflake,
+    one row per column; quartiles and top values are not computed for live tables (NULL).
+    Kept for ``[live] cache_ttl_seconds`` like a live result; ``cached_only`` answers what is
+    kept, or nothing."""
+    live = require_live(catalog)
+    desc = live.describe(part.ref)
+    cols = [c for c in desc.columns if part.columns is None or c.name in part.columns]
+    select = ["COUNT(*) AS qv_rows"] + [a for i, c in enumerate(cols) for a in _profile_aggregates(i, c)]
+    sql = f"SELECT {', '.join(select)} FROM {desc.source.sql}"
+    key = LiveResults.key(sql, ["profile"])
+    hit = live.results.get(key)
+    if hit is not None or part.cached_only:
+        return hit if hit is not None else PROFILE_SCHEMA.empty_table()
+    held: list[Callable[[], None]] = []
+    close = _closer(held)
+    try:
+        one = LivePart(sql, (), pa.schema([]), RowCap(1, "server_max_rows"))
+        started = _start(live, watchdog, timeout, one, held)
+        row = _single_row(started.run)
+    finally:
+        close()
+    rows = int(row["QV_ROWS"])
+    records = []
+    for i, col in enumerate(cols):
+        n = row.get(f"C{i}_N")
+        count = int(n) if n is not None else 0
+        nulls = rows - count
+        distinct = row.get(f"C{i}_D")
+        records.append(
+            {
+                "name": col.name,
+                "type": col.duckdb_type,
+                "count": rows,
+                "nulls": nulls,
+                "null_fraction": nulls / rows if rows else None,
+                "approx_distinct": min(int(distinct), count) if distinct is not None else None,
+                "min": row.get(f"C{i}_MIN"),
+                "max": row.get(f"C{i}_MAX"),
+                "mean": _float(row.get(f"C{i}_MEAN")),
+                "stddev": _float(row.get(f"C{i}_SD")),
+                "q25": None,
+                "q50": None,
+                "q75": None,
+                "top_values": None,
+            }
+        )
+    metadata = dict(PROFILE_SCHEMA.metadata or {})
+    metadata[b"quiver.quartiles"] = b"not computed for live tables"
+    table = pa.Table.from_pylist(records, schema=PROFILE_SCHEMA).replace_schema_metadata(metadata)
+    live.results.put(key, table)
+    return table
+
+
+def _single_row(run: LiveRun) -> dict[str, Any]:
+    """The one row of an aggregate, by Snowflake's (upper-case) column names."""
+    tables = list(run.batches())
+    if not tables or sum(t.num_rows for t in tables) != 1:
+        raise Unavailable("Snowflake answered a profile's aggregate without its one row; retry")
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    return {name.upper(): value for name, value in table.to_pylist()[0].items()}
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if value is not None else None
 
 
 def _mixed_query(

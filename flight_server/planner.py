@@ -468,13 +468,11 @@ class Planner:
     # --- profiles -------------------------------------------------------------------------------
     def profile(self, principal: Principal, cmd: ProfileCommand) -> Plan:
         ref = self.readable(principal, cmd.table)
-        if self.catalog.tables.is_live(ref):
-            raise InvalidArgument(
-                f"{ref.qualified} is a live table (queried in Snowflake): profiles of live tables are "
-                "not built yet; ask for the aggregates you need in a query (proto_docs/federation.md)"
-            )
-        with self.catalog.db.reading() as cur:
-            schema = table_schema(cur, ref)
+        if self.catalog.tables.is_live(ref):  # aggregates pushed down (flight_server/live.py)
+            schema = live.require_live(self.catalog).describe(ref).schema
+        else:
+            with self.catalog.db.reading() as cur:
+                schema = table_schema(cur, ref)
         columns = None
         count = len(schema)
         if cmd.columns is not None:

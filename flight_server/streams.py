@@ -381,6 +381,8 @@ class Streamer:
             raise
 
     def _profile(self, part: ProfilePart, cur: duckdb.DuckDBPyConnection) -> pa.Table:
+        if self.catalog.tables.is_live(part.ref):  # aggregates pushed down to Snowflake
+            return live.profile(self.catalog, self.watchdog, self.timeout, part)
         if part.cached_only:
             cached = self.profiles.cached(part.ref, part.columns, cursor=cur)
             return cached if cached is not None else PROFILE_SCHEMA.empty_table()

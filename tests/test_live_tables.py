@@ -299,16 +299,9 @@ def test_what_cannot_be_pushed_down_faithfully_is_refused_naming_it(
     assert not [q for q in RECORDER.since(mark) if "ORDERS" in q]  # nothing ran in Snowflake
 
 
-def test_profiles_and_async_queries_of_live_tables_are_refused_with_a_sentence(
-    server: Server, analyst: str
-) -> None:
+def test_async_queries_of_live_tables_are_refused_with_a_sentence(server: Server, analyst: str) -> None:
     client = server.flight()
     opts = call_options(analyst)
-    with pytest.raises(flight.FlightError) as raised:
-        client.get_flight_info(
-            flight.FlightDescriptor.for_command(json.dumps({"kind": "profile", "table": "live.orders"})), opts
-        )
-    assert error_info(raised.value)["code"] == "INVALID_ARGUMENT"
     action = flight.Action("submit-query", json.dumps({"sql": "SELECT * FROM live.orders"}).encode())
     with pytest.raises(flight.FlightError) as raised:
         list(client.do_action(action, opts))
@@ -703,3 +696,31 @@ def test_the_query_port_reads_a_live_sample(server: Server, analyst: str) -> Non
     )
     assert table.num_rows == 4 and table.schema.names == ["id", "name", "region"]
     assert any("SAMPLE (4 ROWS) SEED (3)" in q for q in _pushed(mark, "CUSTOMERS"))
+
+
+def _profile(server: Server, token: str, table: str) -> dict[str, dict[str, Any]]:
+    client = server.flight()
+    body = json.dumps({"kind": "profile", "table": table})
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(body), call_options(token))
+    rows = client.do_get(info.endpoints[0].ticket, call_options(token)).read_all().to_pylist()
+    return {r["name"]: r for r in rows}
+
+
+def test_a_live_profile_is_pushed_down_and_agrees_with_the_replicas(server: Server, analyst: str) -> None:
+    mark = RECORDER.mark()
+    live = _profile(server, analyst, "live.orders")
+    (sent,) = _pushed(mark)
+    assert "APPROX_COUNT_DISTINCT" in sent and "STDDEV_SAMP" in sent  # one aggregate, in Snowflake
+    rep = _profile(server, analyst, "rep.orders")
+    assert live.keys() == rep.keys()
+    for name in live:
+        for stat in ("type", "count", "nulls", "null_fraction"):
+            assert live[name][stat] == rep[name][stat], (name, stat)
+        assert live[name]["q50"] is None and live[name]["top_values"] is None  # not computed live
+    for name in ("id", "customer_id", "status"):
+        assert (live[name]["min"], live[name]["max"]) == (rep[name]["min"], rep[name]["max"]), name
+    assert live["amount"]["mean"] == pytest.approx(rep["amount"]["mean"])
+    assert live["amount"]["stddev"] == pytest.approx(rep["amount"]["stddev"])
+    again = RECORDER.mark()
+    assert _profile(server, analyst, "live.orders") == live  # kept for cache_ttl_seconds
+    assert not _pushed(again)
