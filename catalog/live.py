@@ -130,10 +130,6 @@ class LiveTables:
     def is_live(self, ref: TableRef) -> bool:
         return ref.key() in self._entries
 
-    def source(self, ref: TableRef) -> LiveSource | None:
-        hit = self._entries.get(ref.key())
-        return hit[1] if hit is not None else None
-
     def cached(self, ref: TableRef) -> LiveDescription | None:
         """The description last read, however old (no Snowflake call): for listings."""
         hit = self._described.get(ref.key())

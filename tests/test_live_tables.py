@@ -198,9 +198,7 @@ def test_a_live_query_returns_the_rows_of_the_same_sql_on_the_replica(
 def server_db(server: Server) -> str:
     live = server.catalog.tables.live
     assert live is not None
-    source = live.source(next(r for r in live.refs() if r.name == "orders"))
-    assert source is not None
-    return source.database
+    return live.describe(next(r for r in live.refs() if r.name == "orders")).source.database
 
 
 def test_filters_aggregates_order_and_the_row_cap_are_pushed_down(server: Server, analyst: str) -> None:
