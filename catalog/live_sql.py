@@ -61,6 +61,7 @@ def transpile(sql: str, live: Mapping[tuple[str, str], LiveDescription], *, limi
     _check_placeholders(tree)
     ctes = {fold(c.alias_or_name) for c in tree.find_all(exp.CTE)}
     used: list[LiveDescription] = []
+    replaced: set[int] = set()
     for table in list(tree.find_all(exp.Table)):
         desc = _live_table(table, live, ctes)
         if desc is None:
@@ -78,6 +79,8 @@ def transpile(sql: str, live: Mapping[tuple[str, str], LiveDescription], *, limi
             if table.args.get(key):
                 replacement.set(key, table.args[key])
         table.replace(replacement)
+        replaced.add(id(replacement))
+    _only_live_sources(tree, replaced, ctes)
     _map_columns(tree, used, ctes)
     if limit is not None:
         tree = _capped(tree, limit)
@@ -87,6 +90,17 @@ def transpile(sql: str, live: Mapping[tuple[str, str], LiveDescription], *, limi
         raise _refused(f"uses what Snowflake's dialect cannot express: {_first(e)}") from None
     except SqlglotError as e:
         raise _refused(f"cannot be translated ({_first(e)})") from None
+
+
+def _only_live_sources(tree: exp.Expr, replaced: set[int], ctes: set[str]) -> None:
+    """Every table the Snowflake text reads is a live table's source (or a CTE of the query):
+    a table function or any other name is refused, never sent to resolve in Snowflake."""
+    for table in tree.find_all(exp.Table):
+        if id(table) in replaced or (not table.args.get("db") and fold(table.name) in ctes):
+            continue
+        raise _refused(
+            f"reads {_first(Exception(table.sql(dialect='duckdb')))[:80]}, which is not a live table"
+        )
 
 
 def _first(e: Exception) -> str:
