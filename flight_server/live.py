@@ -49,7 +49,7 @@ from catalog.query_port import RunningQuery
 from catalog.snowflake_names import quote_snowflake
 from catalog.sqlguard import GuardedQuery
 from flight_server.admission import Admission
-from flight_server.errors import classify, duckdb_error, flight_error, stream_error
+from flight_server.errors import check_result_type, classify, duckdb_error, flight_error, stream_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
 from flight_server.plans import BATCH_ROWS, LivePart, MixedPart, Plan, ProfilePart, SqlPart, limited
@@ -78,6 +78,7 @@ def query_plan(
         return _mixed_plan(catalog, guarded, part, admission, principal)
     described = {t.key(): live.describe(t) for t in guarded.tables}
     schema = live.bind(guarded.sql, part.params, guarded.tables)
+    check_result_type(schema)
     cap = part.row_cap
     assert cap is not None  # a query always has a cap
     sql = transpile(guarded.sql, described, limit=cap.max_rows + 1)
@@ -129,6 +130,7 @@ def _mixed_plan(
         finally:
             for pull in pulls:
                 cur.unregister(pull.name)
+    check_result_type(schema)
     cap = part.row_cap
     assert cap is not None
     mixed = MixedPart(local_sql, part.params, schema, cap, tuple(pulls), tuple(schemas))
