@@ -106,6 +106,7 @@ def _mixed_plan(
     most = live.config.max_pulled_rows
     described = {t.key(): live.describe(t) for t in guarded.tables if live.is_live(t)}
     local_sql, pulls = split_mixed(guarded.sql, described, max_rows=most)
+    _one_select(local_sql)
     schemas = []
     for pull in pulls:
         desc = described[pull.ref.key()]
@@ -146,6 +147,19 @@ def _mixed_plan(
         sql=guarded.sql,
         params=len(part.params),
     )
+
+
+def _one_select(sql: str) -> None:
+    """The rewritten local text (sqlglot wrote it from the guarded one) is still one SELECT:
+    defence in depth, since the guard checked the caller's text, not this one."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise InvalidArgument(
+            f"the query cannot be rewritten for a mixed query: {str(e).splitlines()[0]}"
+        ) from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise InvalidArgument("the query cannot be rewritten for a mixed query: it is not one SELECT")
 
 
 def scan_plan(catalog: Catalog, ref: TableRef, max_rows: int, *, parts: bool) -> Plan:

@@ -456,6 +456,9 @@ def test_a_client_that_leaves_cancels_the_snowflake_query(server: Server, analys
 
 # --- mixed queries: live and stored tables --------------------------------------------------------
 MIXED = [
+    # A CTE over a stored table, quotes inside literals: the rewritten text keeps them.
+    ("WITH eu AS (SELECT id FROM rep.customers WHERE region = 'eu' OR name = 'it''s') SELECT count(*) AS n "
+     "FROM {live}orders o JOIN eu ON eu.id = o.customer_id WHERE o.status <> 'o''clock'", None),
     ("SELECT c.region, count(*) AS n, sum(o.amount) AS total FROM {live}orders o JOIN rep.customers c ON c.id = o.customer_id "
      "WHERE o.amount > 100 AND c.region = 'eu' GROUP BY c.region ORDER BY c.region", None),
     ("SELECT o.id, c.name FROM {live}orders o JOIN rep.customers c ON c.id = o.customer_id "
