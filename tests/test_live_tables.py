@@ -727,3 +727,12 @@ def test_a_live_profile_is_pushed_down_and_agrees_with_the_replicas(server: Serv
     again = RECORDER.mark()
     assert _profile(server, analyst, "live.orders") == live  # kept for cache_ttl_seconds
     assert not _pushed(again)
+
+
+def test_describing_a_live_table_is_refused_and_changes_nothing(server: Server) -> None:
+    http = server.http()
+    r = http.put("/v1/tables/live.orders/description", json={"table": "Orders, live from Snowflake"})
+    assert r.status_code == 400, r.text
+    assert "live table" in r.json()["detail"]
+    tables = {t["table"]: t for t in http.get("/v1/tables").json()["tables"]}
+    assert tables["live.orders"]["description"] == "" and tables["live.orders"]["live"] is True
