@@ -286,6 +286,32 @@ class SyncConfig(_Section):
     tables: list[SyncTableConfig] = msgspec.field(default_factory=list)
 
 
+class LiveTableConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One live table (``[[live.tables]]``): queried in Snowflake, never copied; see
+    proto_docs/federation.md."""
+
+    source: str
+    target: str
+
+
+class LiveConfig(_Section):
+    """Live tables: Snowflake tables queried where they are (catalog/live.py,
+    proto_docs/federation.md), through the ``[snowflake]`` connection."""
+
+    # A live query runs at most this long in Snowflake (and at most [limits]
+    # query_timeout_seconds); past it the Snowflake query is cancelled.
+    query_timeout_seconds: PositiveFloat = 60.0
+    # A live table's columns and row count are read from Snowflake at most this often.
+    schema_ttl_seconds: PositiveFloat = 300.0
+    # A live query's result is served again for this long without asking Snowflake (0: off).
+    cache_ttl_seconds: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    # Rows a query may pull out of Snowflake into Quiver for local work (mixed queries).
+    max_pulled_rows: PositiveInt = 1_000_000
+    # Live queries running at once, all principals together (each holds a Snowflake session).
+    max_concurrent: PositiveInt = 8
+    tables: list[LiveTableConfig] = msgspec.field(default_factory=list)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
@@ -298,6 +324,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     query_log: QueryLogConfig = msgspec.field(default_factory=QueryLogConfig)
     snowflake: SnowflakeConfig = msgspec.field(default_factory=SnowflakeConfig)
     sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
+    live: LiveConfig = msgspec.field(default_factory=LiveConfig)
     results: ResultsConfig = msgspec.field(default_factory=ResultsConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     artefacts: ArtefactsConfig = msgspec.field(default_factory=ArtefactsConfig)
@@ -328,7 +355,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 ENV_PREFIX = "QUIVER_"
 # Arrays of tables cannot be written as one environment variable.
-NOT_FROM_ENV = {("sync", "tables")}
+NOT_FROM_ENV = {("sync", "tables"), ("live", "tables")}
 
 
 def _section_fields() -> dict[str, tuple[str, ...]]:
@@ -485,6 +512,56 @@ def _check(config: Config) -> None:
             "swarm's limits may raise the query timeout"
         )
     _check_sync(config)
+    _check_live(config)
+
+
+def _check_target(where: str, target: str) -> str:
+    """A ``target`` of ``[[sync.tables]]`` or ``[[live.tables]]``: ``schema.table`` outside
+    Quiver's reserved schemas; returns the entry's label for later messages."""
+    parts = target.split(".")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise ConfigError(f"{where}.target: {target!r} must be `schema.table`")
+    where = f"{where} ({target})"
+    if parts[0].lower().startswith("_quiver"):
+        raise ConfigError(f"{where}.target: the schema `{parts[0]}` is reserved for Quiver's own state")
+    if parts[0].strip().lower() == "artefacts":
+        raise ConfigError(f"{where}.target: the schema `{parts[0]}` is reserved for tabular artefacts")
+    return where
+
+
+def _check_live(config: Config) -> None:
+    """``[[live.tables]]``: a Snowflake connection, full source names (or the connection's
+    defaults), targets that are unique and not also replicated."""
+    tables = config.live.tables
+    sf = config.snowflake
+    if tables and (not sf.configured or not sf.user):
+        raise ConfigError("[[live.tables]] needs a [snowflake] section with `account` and `user`")
+    replicated = {t.target.lower(): i for i, t in enumerate(config.sync.tables)}
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(tables):
+        where = _check_target(f"live.tables[{i}]", entry.target)
+        key = entry.target.lower()
+        if key in seen:
+            raise ConfigError(f"{where}.target: already used by live.tables[{seen[key]}]")
+        if key in replicated:
+            raise ConfigError(
+                f"{where}.target: also the target of sync.tables[{replicated[key]}]; a table is "
+                "either replicated or live"
+            )
+        seen[key] = i
+        _check_source_name(where, entry.source, sf)
+
+
+def _check_source_name(where: str, source: str, sf: SnowflakeConfig) -> None:
+    if not source.strip() or len(split_snowflake_name(source)) > 3:
+        raise ConfigError(
+            f"{where}.source: {source!r} must be `table`, `schema.table` or `database.schema.table`"
+        )
+    depth = len(split_snowflake_name(source))
+    if depth < 3 and not sf.database:
+        raise ConfigError(f"{where}.source: name the database (`DB.SCHEMA.TABLE`) or set snowflake.database")
+    if depth < 2 and not sf.schema:
+        raise ConfigError(f"{where}.source: name the schema (`SCHEMA.TABLE`) or set snowflake.schema")
 
 
 def _check_sync(config: Config) -> None:
@@ -500,15 +577,7 @@ def _check_sync(config: Config) -> None:
         raise ConfigError("snowflake.user is required when [[sync.tables]] are configured")
     seen: dict[str, int] = {}
     for i, entry in enumerate(tables):
-        where = f"sync.tables[{i}]"
-        parts = entry.target.split(".")
-        if len(parts) != 2 or not all(p.strip() for p in parts):
-            raise ConfigError(f"{where}.target: {entry.target!r} must be `schema.table`")
-        where = f"sync.tables[{i}] ({entry.target})"
-        if parts[0].lower().startswith("_quiver"):
-            raise ConfigError(f"{where}.target: the schema `{parts[0]}` is reserved for Quiver's own state")
-        if parts[0].strip().lower() == "artefacts":
-            raise ConfigError(f"{where}.target: the schema `{parts[0]}` is reserved for tabular artefacts")
+        where = _check_target(f"sync.tables[{i}]", entry.target)
         key = entry.target.lower()
         if key in seen:
             raise ConfigError(f"{where}.target: already used by sync.tables[{seen[key]}]")
@@ -519,15 +588,7 @@ def _check_sync(config: Config) -> None:
 def _check_sync_entry(where: str, entry: SyncTableConfig, sf: SnowflakeConfig) -> None:
     """The rules of one ``[[sync.tables]]`` entry on its own: its source name against the
     ``[snowflake]`` defaults, and the keys its mode needs or forbids."""
-    if not entry.source.strip() or len(split_snowflake_name(entry.source)) > 3:
-        raise ConfigError(
-            f"{where}.source: {entry.source!r} must be `table`, `schema.table` or `database.schema.table`"
-        )
-    depth = len(split_snowflake_name(entry.source))
-    if depth < 3 and not sf.database:
-        raise ConfigError(f"{where}.source: name the database (`DB.SCHEMA.TABLE`) or set snowflake.database")
-    if depth < 2 and not sf.schema:
-        raise ConfigError(f"{where}.source: name the schema (`SCHEMA.TABLE`) or set snowflake.schema")
+    _check_source_name(where, entry.source, sf)
     if entry.mode in ("append", "merge") and not entry.cursor:
         raise ConfigError(f'{where}.cursor: mode = "{entry.mode}" needs a cursor column (e.g. UPDATED_AT)')
     if entry.mode == "merge" and not entry.primary_key:

@@ -28,6 +28,7 @@ from catalog.exports import Exports
 from catalog.identity import Principal, WhoAmI
 from catalog.keys import KeyRing, write_private_atomic
 from catalog.limits import SwarmLimits
+from catalog.live import LiveTables
 from catalog.metrics import BackupOutcomes, Metrics
 from catalog.policy import Policy
 from catalog.query_log import QueryLog
@@ -68,6 +69,9 @@ class Catalog:
             snapshot_dir=data_dir / SNAPSHOT_STAGING,
         )
         self.tables = TableCatalog(self.db)
+        # [[live.tables]]: Snowflake tables queried where they are (catalog/live.py).
+        self.live = LiveTables(config) if config.live.tables else None
+        self.tables.live = self.live
         self.policy = Policy(self.tables)
         self.swarms = SwarmStore(self.db, self.policy)
         # Table and column texts for agents: DuckDB comments (catalog/descriptions.py).
@@ -265,4 +269,6 @@ class Catalog:
             return
         self._closed.set()
         self._flush()
+        if self.live is not None:
+            self.live.close()
         self.db.close()

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
+import structlog
 
 from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA, Database, fetch_one, quote_ident
+from catalog.errors import Unavailable
+
+if TYPE_CHECKING:
+    from catalog.live import LiveDescription, LiveTables
+
+log = structlog.get_logger("catalog")
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
@@ -51,11 +59,15 @@ class TableInfo:
     rows: int
     schema: pa.Schema
     data_version: int
+    # Queried in Snowflake, not stored here (catalog/live.py); rows are Snowflake's count.
+    live: bool = False
 
 
 class TableCatalog:
     def __init__(self, db: Database) -> None:
         self._db = db
+        # Set by Catalog when [[live.tables]] are configured: they are data tables too.
+        self.live: LiveTables | None = None
 
     @property
     def db(self) -> Database:
@@ -74,7 +86,21 @@ class TableCatalog:
                 rows = c.execute(sql, [SYSTEM_SCHEMA, ARTEFACT_SCHEMA]).fetchall()
         else:
             rows = cur.execute(sql, [SYSTEM_SCHEMA, ARTEFACT_SCHEMA]).fetchall()
-        return [TableRef(s, t) for s, t in rows]
+        refs = [TableRef(s, t) for s, t in rows]
+        return self._with_live(refs)
+
+    def _with_live(self, refs: list[TableRef]) -> list[TableRef]:
+        """Live tables join the list; a stored table of the same name (say, a replica left
+        from before the table went live) is hidden by it, so a name means one table."""
+        if self.live is None:
+            return refs
+        live = self.live.refs()
+        keys = {r.key() for r in live}
+        merged = [r for r in refs if r.key() not in keys] + live
+        return sorted(merged, key=lambda r: (r.schema, r.name))
+
+    def is_live(self, ref: TableRef) -> bool:
+        return self.live is not None and self.live.is_live(ref)
 
     def resolve(self, schema: str, name: str) -> TableRef | None:
         """The table's canonical spelling, or None when it is not a data table."""
@@ -93,10 +119,29 @@ class TableCatalog:
             versions = self.versions(cur)
             out = []
             for ref in refs:
+                if self.is_live(ref):
+                    info = self._describe_live(ref)
+                    if info is not None:
+                        out.append(info)
+                    continue
                 schema = cur.sql(f"SELECT * FROM {ref.sql} LIMIT 0").to_arrow_table().schema
                 rows = fetch_one(cur, f"SELECT count(*) FROM {ref.sql}")[0]  # type: ignore[index]
                 out.append(TableInfo(ref, int(rows), schema, versions.get(ref.key(), 0)))
         return out
+
+    def _describe_live(self, ref: TableRef) -> TableInfo | None:
+        """A live table's listing entry; while Snowflake cannot answer, the last description
+        read (or none: the table is left out of the listing, logged, rather than failing it)."""
+        assert self.live is not None
+        desc: LiveDescription | None
+        try:
+            desc = self.live.describe(ref)
+        except Unavailable as e:
+            desc = self.live.cached(ref)
+            if desc is None:
+                log.warning("live.listing_skipped", table=ref.qualified, error=e.detail)
+                return None
+        return TableInfo(desc.ref, desc.rows, desc.schema, 0, live=True)
 
     def versions(self, cur: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], int]:
         rows = cur.sql(

@@ -118,6 +118,8 @@ class TableOut(msgspec.Struct, kw_only=True):
     #: The table's text for agents and its columns' (catalog/descriptions.py).
     description: str = ""
     columns: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Queried in Snowflake, never stored (proto_docs/federation.md); ``rows`` is Snowflake's count.
+    live: bool = False
 
 
 class DescriptionBody(Request):

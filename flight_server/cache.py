@@ -294,6 +294,11 @@ class ResultCache:
         return _walk_volatile(tree, self._volatile)
 
     # --- keys ------------------------------------------------------------------------------------
+    def volatile(self, normalized: str) -> bool:
+        """Whether a guarded query calls a volatile function (its result must never be
+        replayed): also what live results are kept by (flight_server/live.py)."""
+        return bool(self._is_volatile(normalized))
+
     def key(
         self,
         normalized: str,

@@ -48,6 +48,7 @@ from catalog.database import fetch_one
 from catalog.sqlguard import GuardedQuery, SqlGuard
 from catalog.tables import fold
 from flight_server import commands as cmds
+from flight_server import live
 from flight_server.admission import Admission
 from flight_server.cache import sql_digest
 from flight_server.commands import (
@@ -65,6 +66,8 @@ from flight_server.plans import (
     ArtefactPart,
     CachedPart,
     Layout,
+    LivePart,
+    MixedPart,
     Plan,
     ProfilePart,
     ResultPart,
@@ -190,9 +193,23 @@ class Planner:
             self._resolved.clear()
         return ref
 
+    def _unruled_live(self, principal: Principal, ref: TableRef) -> None:
+        """PATH scans, samples and profiles of a live table are pushed to Snowflake as they are
+        (flight_server/live.py), outside the view a rule defines: for a principal whose
+        allowlist entry rules the table they are refused, and a query — which the guard
+        rewrites to read the view, and which is then pushed down whole — reads it instead."""
+        if self.catalog.policy.is_ruled(principal, ref):
+            raise InvalidArgument(
+                f"{ref.qualified} is a live table read through row or column rules: scans, samples "
+                f"and profiles of it are not available; query it instead (SELECT … FROM {ref.qualified})"
+            )
+
     # --- PATH: full table scans, split when large --------------------------------------------
     def scan(self, principal: Principal, target: TableScan, *, parts: bool) -> Plan:
         ref = self.require_readable(principal, target.schema, target.table)
+        if self.catalog.tables.is_live(ref):
+            self._unruled_live(principal, ref)
+            return live.scan_plan(self.catalog, ref, self.admission.limits_for(principal).max_rows, parts=parts)
         if self.catalog.policy.is_ruled(principal, ref):
             return self._ruled_scan(principal, ref, parts=parts)
         if not parts:
@@ -431,6 +448,9 @@ class Planner:
         policy = self.catalog.policy
         source = policy.relation(principal, ref)  # a ruled table: its view (catalog/views.py)
         ruled = source != ref.sql
+        if self.catalog.tables.is_live(ref):
+            self._unruled_live(principal, ref)
+            return self._live_sample(ref, cmd, cap)
         with self.catalog.db.reading() as cur:
             if ruled:
                 version = self.catalog.tables.versions(cur).get(ref.key(), 0)
@@ -477,6 +497,22 @@ class Planner:
             "sample", schema, total, (part,), (ref,), ref.qualified, timeout=True, row_cap=part.row_cap
         )
 
+    def _live_sample(self, ref: TableRef, cmd: SampleCommand, cap: int) -> Plan:
+        """A sample of a live table, pushed down to Snowflake (flight_server/live.py)."""
+        names = None
+        if cmd.columns is not None:
+            names = resolve_columns(live.require_live(self.catalog).describe(ref).schema, cmd.columns, ref)
+        return live.sample_plan(
+            self.catalog,
+            ref,
+            columns=names,
+            rows=cmd.rows,
+            percent=cmd.percent,
+            seed=cmd.seed,
+            method=cmd.method,
+            cap=cap,
+        )
+
     def _cached_sample(self, ref: TableRef) -> CachedTable | None:
         """The cached table for a first-N-rows sample, when it holds the current layout. Only a
         lookup: a sample never fills the cache."""
@@ -489,8 +525,12 @@ class Planner:
     def profile(self, principal: Principal, cmd: ProfileCommand) -> Plan:
         ref = self.readable(principal, cmd.table)
         source = self.catalog.policy.relation(principal, ref)  # a ruled table: its view
-        with self.catalog.db.reading() as cur:
-            schema = cur.sql(f"SELECT * FROM {source} LIMIT 0").to_arrow_table().schema
+        if self.catalog.tables.is_live(ref):  # aggregates pushed down (flight_server/live.py)
+            self._unruled_live(principal, ref)
+            schema = live.require_live(self.catalog).describe(ref).schema
+        else:
+            with self.catalog.db.reading() as cur:
+                schema = cur.sql(f"SELECT * FROM {source} LIMIT 0").to_arrow_table().schema
         columns = None
         count = len(schema)
         if cmd.columns is not None:
@@ -543,6 +583,8 @@ class Planner:
         runner's budget (then its DoGet runs it anyway, so the cheaper ``LIMIT 0`` probe gives
         the schema). A query the runner gave up on is also probed."""
         guarded, part = self.query_part(principal, cmd)
+        if live.reads_live(self.catalog, guarded.tables):
+            return live.query_plan(self.catalog, guarded, part, self.admission, principal)
         params = part.params
         if execute:
             served = self._cached_query(guarded, part)
@@ -629,6 +671,11 @@ class Planner:
         the cap, so the manager cuts the result and knows it did."""
         plan = self.query(principal, cmd)
         part, cap = plan.parts[0], plan.row_cap
+        if isinstance(part, LivePart | MixedPart):
+            raise InvalidArgument(
+                "submit-query of live tables (queried in Snowflake) is not built yet; run it as a "
+                "query command (proto_docs/federation.md)"
+            )
         assert isinstance(part, SqlPart) and cap is not None  # a query always has a cap
         sql, params = limited(part.sql, cap.max_rows + 1), list(part.params) or None
 

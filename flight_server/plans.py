@@ -18,6 +18,7 @@ from typing import Literal
 import pyarrow as pa
 
 from catalog import TableRef
+from catalog.live_sql import Pull
 from flight_server.commands import Param
 from flight_server.ready import ReadyResult
 from flight_server.table_cache import CachedTable, Fill
@@ -29,6 +30,8 @@ __all__ = [
     "ArtefactPart",
     "CachedPart",
     "Layout",
+    "LivePart",
+    "MixedPart",
     "Part",
     "Plan",
     "PlanKind",
@@ -134,7 +137,36 @@ class TablePart:
     table: pa.Table
 
 
-Part = SqlPart | ProfilePart | ResultPart | CachedPart | ArtefactPart | TablePart
+@dataclass(frozen=True, slots=True)
+class LivePart:
+    """A query run in Snowflake (live tables, flight_server/live.py): its Snowflake text with
+    the row cap pushed down as ``LIMIT cap + 1``, its bound parameters, and the schema DuckDB's
+    binder gave the DuckDB text — every batch Snowflake sends is cast to it."""
+
+    sql: str
+    params: tuple[Param, ...]
+    schema: pa.Schema
+    cap: RowCap
+    # A query's normalized SQL: its result may be kept for [live] cache_ttl_seconds unless it
+    # calls a volatile function (a scan's or a sample's never is kept).
+    normalized: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MixedPart:
+    """A query joining live and stored tables (flight_server/live.py): each live table's
+    scan pulled from Snowflake (``pulls``: its columns and own filters pushed down), then
+    ``sql`` — the caller's query reading the pulled tables instead — run by DuckDB."""
+
+    sql: str
+    params: tuple[Param, ...]
+    schema: pa.Schema
+    cap: RowCap
+    pulls: tuple[Pull, ...]
+    pull_schemas: tuple[pa.Schema, ...]
+
+
+Part = SqlPart | ProfilePart | ResultPart | CachedPart | ArtefactPart | TablePart | LivePart | MixedPart
 PlanKind = Literal["scan", "sample", "query", "profile", "result", "artefact", "metadata"]
 
 

@@ -26,6 +26,7 @@ import pyarrow as pa
 from catalog import InvalidArgument, Principal, QuiverError
 from catalog.query_log import QueryLog
 from catalog.query_port import RunningQuery
+from flight_server import live
 from flight_server.admission import Admission
 from flight_server.commands import ProfileCommand, QueryCommand, SampleCommand, decode_command
 from flight_server.planner import Planner
@@ -127,6 +128,14 @@ class SqlRunner:
         cmd = decode_command(raw)
         assert isinstance(cmd, QueryCommand)
         guarded, part = self._planner.query_part(principal, cmd)
+        catalog = self._planner.catalog
+        if live.reads_live(catalog, guarded.tables):
+            plan = live.query_plan(catalog, guarded, part, self._admission, principal)
+            timeout = self._streamer.timeout if timeout_seconds is None else float(timeout_seconds)
+            streamer = self._streamer
+            return live.run_query(
+                catalog, self._admission, streamer.watchdog, principal, plan, timeout, streamer.cache.volatile
+            )
         return self._streamer.run_query(
             self._admission, principal, guarded.tables, part, timeout_seconds=timeout_seconds
         )

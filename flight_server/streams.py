@@ -46,6 +46,7 @@ import structlog
 from catalog import Catalog, Principal, TableRef, Unavailable
 from catalog.limits import Effective
 from catalog.query_port import RunningQuery
+from flight_server import live
 from flight_server.admission import Admission
 from flight_server.cache import CacheKey, ResultCache
 from flight_server.errors import check_result_type, classify, duckdb_error, stream_error
@@ -55,6 +56,8 @@ from flight_server.plans import (
     BATCH_ROWS,
     ArtefactPart,
     CachedPart,
+    LivePart,
+    MixedPart,
     Plan,
     ProfilePart,
     ResultPart,
@@ -129,6 +132,12 @@ class Streamer:
             # A Parquet or Arrow-stream file as sent by its uploader may be corrupt past its
             # footer: that failure is labelled (INVALID_ARGUMENT), not a bare C++ error.
             return flight.GeneratorStream(reader.schema, _labelled(reader, state.request_id, None, 0.0))
+        if isinstance(part, LivePart):  # rows from Snowflake (flight_server/live.py)
+            return live.open_stream(
+                self.catalog, self.watchdog, self.timeout, part, state, self.cache.volatile
+            )
+        if isinstance(part, MixedPart):  # live tables pulled, joined in DuckDB (flight_server/live.py)
+            return live.open_mixed(self.catalog, self.watchdog, self.timeout, part, state)
         if isinstance(part, TablePart):  # a metadata listing, built at planning: from memory
             return flight.RecordBatchStream(part.table, options=_IPC)
         if isinstance(part, ResultPart):
@@ -386,6 +395,8 @@ class Streamer:
             raise
 
     def _profile(self, part: ProfilePart, cur: duckdb.DuckDBPyConnection) -> pa.Table:
+        if self.catalog.tables.is_live(part.ref):  # aggregates pushed down to Snowflake
+            return live.profile(self.catalog, self.watchdog, self.timeout, part)
         if part.cached_only:
             cached = self.profiles.cached(part.ref, part.columns, cursor=cur, relation=part.relation)
             return cached if cached is not None else PROFILE_SCHEMA.empty_table()
@@ -418,6 +429,8 @@ class Streamer:
                         self.executions += 1
                         reader = arrow_stream(cur, limited(part.sql, part.max_rows), part.params)
                         tables.append(reader.read_all())
+                    elif isinstance(part, LivePart):  # a live table's sample, from Snowflake
+                        tables.append(live.read_part(self.catalog, self.watchdog, self.timeout, part))
                     else:  # pragma: no cover - samples and profiles have no other parts
                         raise TypeError(f"unexpected part {type(part).__name__}")
             except duckdb.Error as e:

@@ -13,23 +13,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import structlog
 
 from catalog.config import SnowflakeConfig
+from catalog.snowflake_client import AUTH_ERRNOS, SecretUnreadable, connect_args, scrub
 from catalog.snowflake_names import quote_snowflake, split_snowflake_name
+from catalog.snowflake_types import SourceColumn
 from sync.errors import SyncFailed
-from sync.typemap import SourceColumn
 
 log = structlog.get_logger("sync")
 # The connector logs every connection at INFO; Quiver's own events say what matters.
 logging.getLogger("snowflake.connector").setLevel(logging.WARNING)
-
-# Snowflake error numbers that mean "your credentials were refused": never transient.
-AUTH_ERRNOS = {390100, 390101, 390102, 390144, 390190, 390191, 390195, 390302, 390318}
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,40 +100,11 @@ class SnowflakeSource:
 
     # --- connection --------------------------------------------------------------------------
     def _connect_args(self) -> dict[str, Any]:
-        c = self._config
-        args: dict[str, Any] = {
-            "account": c.account,
-            "user": c.user,
-            "login_timeout": c.login_timeout,
-            "network_timeout": c.network_timeout,
-            "socket_timeout": c.socket_timeout,
-            "protocol": c.protocol,
-            "paramstyle": "qmark",
-            # NUMBER(p,s) as exact decimals, never scaled integers or floats.
-            "arrow_number_to_decimal": True,
-            "application": "Quiver",
-            "client_session_keep_alive": False,
-            "session_parameters": {"CLIENT_OUT_OF_BAND_TELEMETRY_ENABLED": False},
-        }
-        for key in ("role", "warehouse", "database", "schema", "host", "port"):
-            value = getattr(c, key)
-            if value is not None:
-                args[key] = value
-        password = c.password
-        if password is None and c.password_file:
-            password = _read_secret(c.password_file, "snowflake.password_file")
-        if password:
-            args["password"] = password
-            self._secrets.append(password)
-        if c.private_key_file:
-            args["private_key_file"] = c.private_key_file
-            args["authenticator"] = "SNOWFLAKE_JWT"
-            if c.private_key_passphrase_file:
-                passphrase = _read_secret(
-                    c.private_key_passphrase_file, "snowflake.private_key_passphrase_file"
-                )
-                args["private_key_file_pwd"] = passphrase
-                self._secrets.append(passphrase)
+        try:
+            args, secrets = connect_args(self._config)
+        except SecretUnreadable as e:
+            raise SyncFailed(str(e)) from None
+        self._secrets.extend(secrets)
         args.update(self._extra)
         return args
 
@@ -161,10 +129,7 @@ class SnowflakeSource:
                 log.debug("sync.source.close_failed", error=self.scrub(str(e)))
 
     def scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret:
-                text = text.replace(secret, "[redacted]")
-        return text
+        return scrub(text, self._secrets)
 
     def error(self, what: str, exc: BaseException) -> SyncFailed:
         detail = self.scrub(str(exc).strip()) or type(exc).__name__
@@ -217,13 +182,6 @@ class SnowflakeSource:
             raise
         except Exception as e:  # noqa: BLE001
             raise self.error("reading from the source failed", e) from None
-
-
-def _read_secret(path: str, key: str) -> str:
-    try:
-        return Path(path).expanduser().read_text().strip()
-    except OSError as e:
-        raise SyncFailed(f"{key}: cannot read {path}: {e.strerror}") from None
 
 
 # --- typed bindings ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`make run-snowflake-demo`: watch Snowflake replication with no Snowflake account.
+"""`make run-snowflake-demo`: watch Snowflake replication (and a live table) with no Snowflake account.
 
 Starts the fakesnow emulator (a child process), seeds three sample tables, keeps changing
 them every few seconds (new events, updated orders), writes ``var/snowflake-demo/quiver.toml``
@@ -78,6 +78,12 @@ mode = "append"
 cursor = "EVENT_ID"
 interval_seconds = 5
 batch_rows = 20000
+
+# The same events, queried in Snowflake as they are (proto_docs/federation.md): compare
+# SELECT count(*) FROM live.events with shop.events between two syncs.
+[[live.tables]]
+source = "EVENTS"
+target = "live.events"
 """
 
 
@@ -144,7 +150,8 @@ def main() -> int:
                     f"Snowflake emulator (fakesnow) on 127.0.0.1:{emu.port}: SHOP.PUBLIC.CUSTOMERS, ORDERS, EVENTS",
                     "  (changing every 3 s: new EVENTS, updated and deleted ORDERS)",
                     f"Quiver serving with {config_path}: shop.customers (full, 60 s), shop.orders (merge, 10 s,",
-                    "  reconcile 60 s), shop.events (append, 5 s)",
+                    "  reconcile 60 s), shop.events (append, 5 s); live.events: the same table queried in the",
+                    "  emulator live (proto_docs/federation.md)",
                     "",
                     "Look at:",
                     f'  curl -s -H "authorization: Bearer {token}" {endpoints.http_url}/v1/sync | python -m json.tool',

@@ -6,10 +6,18 @@ Test-only patches of the emulator (never of Quiver):
   mask, so NULL arrives as 1970-01-01. ``patch_null_timestamps`` adds the mask back.
 - Credentials: fakesnow accepts any. ``require_password`` makes its login refuse every
   password but one, with Snowflake's own error (390100), so wrong credentials can be tested.
+- A recording proxy (``RECORDER``, :class:`Recorder`) in front of its query and abort routes:
+  the SQL text every query request carried (what pushdown tests check), every abort request
+  the connector sent, and — for a test that names a marker — queries *held* as a slow
+  warehouse would hold them, until an abort request for them arrives (then answered with
+  Snowflake's own "SQL execution canceled", 000604) or the hold ends. fakesnow itself answers
+  an abort request with success and does nothing; the hold is what lets a test see that the
+  connector's cancel reaches the server for the query it means.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import json
@@ -54,7 +62,109 @@ def patch_null_timestamps() -> None:
 
     fa.timestamp_to_sf_struct = with_nulls
     _install_login_check()
+    _install_recorder()
     _PATCHED = True
+
+
+class Recorder:
+    """What the emulator received (see the module docs). Thread-safe: the emulator's event
+    loop appends, tests read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.queries: list[str] = []
+        self.aborts: list[str] = []  # the SQL text each abort request named
+        self.hold_marker: str | None = None
+        self.hold_seconds = 30.0
+        self._held: dict[str, asyncio.Event] = {}
+        self._aborted: set[str] = set()
+        self.held: list[str] = []
+
+    def since(self, mark: int) -> list[str]:
+        with self._lock:
+            return self.queries[mark:]
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.queries)
+
+    def record(self, sql: str) -> None:
+        with self._lock:
+            self.queries.append(sql)
+
+    @contextlib.contextmanager
+    def holding(self, marker: str, seconds: float = 30.0) -> Iterator[Recorder]:
+        self.hold_marker, self.hold_seconds = marker, seconds
+        try:
+            yield self
+        finally:
+            self.hold_marker = None
+            for event in list(self._held.values()):
+                event.set()
+
+
+RECORDER = Recorder()
+
+
+async def _body_json(request: Any) -> dict[str, Any]:
+    body = await request.body()
+    if request.headers.get("Content-Encoding") == "gzip":
+        body = gzip.decompress(body)
+    return dict(json.loads(body))
+
+
+def _install_recorder() -> None:
+    import fakesnow.server as fss
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    original = fss.query_request
+
+    async def query(request: Request) -> JSONResponse:
+        sql = str((await _body_json(request)).get("sqlText", ""))
+        RECORDER.record(sql)
+        marker = RECORDER.hold_marker
+        if marker is not None and marker in sql:
+            request_id = request.query_params.get("requestId", "")
+            event = asyncio.Event()
+            RECORDER._held[request_id] = event
+            RECORDER.held.append(sql)
+            try:
+                await asyncio.wait_for(event.wait(), RECORDER.hold_seconds)
+                aborted = request_id in RECORDER._aborted
+            except TimeoutError:
+                aborted = False
+            finally:
+                RECORDER._held.pop(request_id, None)
+            if aborted:
+                return JSONResponse(
+                    {
+                        "data": {"errorCode": "000604", "sqlState": "57014"},
+                        "code": "000604",
+                        "message": "SQL execution canceled",
+                        "success": False,
+                    }
+                )
+        return await original(request)
+
+    async def abort(request: Request) -> JSONResponse:
+        body = await _body_json(request)
+        request_id = str(body.get("requestId", ""))
+        with RECORDER._lock:
+            RECORDER.aborts.append(str(body.get("sqlText", "")))
+            RECORDER._aborted.add(request_id)
+        event = RECORDER._held.get(request_id)
+        if event is not None:
+            event.set()
+        return JSONResponse({"success": True})
+
+    routes = fss.app.router.routes
+    for i, route in enumerate(routes):
+        if isinstance(route, Route) and route.path == "/queries/v1/query-request":
+            routes[i] = Route(route.path, query, methods=list(route.methods or ["POST"]))
+        elif isinstance(route, Route) and route.path == "/queries/v1/abort-request":
+            routes[i] = Route(route.path, abort, methods=["POST"])
 
 
 def _install_login_check() -> None:

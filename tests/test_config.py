@@ -95,7 +95,8 @@ def test_unrelated_quiver_variables_are_ignored() -> None:
 
 
 def test_every_configuration_key_is_documented() -> None:
-    """proto_docs/configuration.md (and sync.md for the Snowflake side) name every key."""
+    """proto_docs/configuration.md (sync.md for the Snowflake side, federation.md for live
+    tables) name every key."""
     import re
     from pathlib import Path
 
@@ -106,9 +107,16 @@ def test_every_configuration_key_is_documented() -> None:
     docs = Path(__file__).resolve().parents[1] / "proto_docs"
     text = (docs / "configuration.md").read_text()
     sync_text = (docs / "sync.md").read_text()
+    live_text = (docs / "federation.md").read_text()
     missing = []
     for section in msgspec.structs.fields(Config):
-        page = sync_text if section.name in ("snowflake", "sync", "live") else text
+        page = (
+            live_text
+            if section.name == "live"
+            else sync_text
+            if section.name in ("snowflake", "sync")
+            else text
+        )
         for key in msgspec.structs.fields(section.type):
             pattern = rf"(?m)^\s*#?\s*{re.escape(key.name)}\s*=|`{re.escape(key.name)}`|\[\[{section.name}\.{key.name}\]\]"
             if not re.search(pattern, page):

@@ -41,6 +41,7 @@ def list_tables(catalog: NamedDependency[Catalog]) -> TableList:
                 swarms=readers,
                 description=text.table,
                 columns=text.columns,
+                live=info.live,
             )
         )
     return TableList(tables=out)
@@ -64,6 +65,11 @@ def put_description(
         if ref is None:
             raise NotFound(
                 f"no data table {bounded(table, 120)!r}: name one of GET /v1/tables as 'schema.table'"
+            )
+        if catalog.tables.is_live(ref):
+            raise InvalidArgument(
+                f"{ref.qualified} is a live table (queried in Snowflake): descriptions of live tables "
+                "are not stored yet (proto_docs/federation.md)"
             )
         text = catalog.descriptions.set(ref, data.table, data.columns)
     return DescriptionOut(table=ref.qualified, description=text.table, columns=text.columns)
