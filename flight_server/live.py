@@ -126,7 +126,7 @@ def _mixed_plan(
             schema = probe.to_arrow_table().schema
         except duckdb.Error as e:
             raise duckdb_error(
-                e, timed_out=deadline.fired, timeout_seconds=admission.timeout_seconds, wrapped=True
+                e, timed_out=deadline.fired, timeout_seconds=deadline.seconds, wrapped=True
             ) from None
         finally:
             for pull in pulls:

@@ -209,7 +209,9 @@ class Planner:
         ref = self.require_readable(principal, target.schema, target.table)
         if self.catalog.tables.is_live(ref):
             self._unruled_live(principal, ref)
-            return live.scan_plan(self.catalog, ref, self.admission.limits_for(principal).max_rows, parts=parts)
+            return live.scan_plan(
+                self.catalog, ref, self.admission.limits_for(principal).max_rows, parts=parts
+            )
         if self.catalog.policy.is_ruled(principal, ref):
             return self._ruled_scan(principal, ref, parts=parts)
         if not parts:

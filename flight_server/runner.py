@@ -131,7 +131,9 @@ class SqlRunner:
         catalog = self._planner.catalog
         if live.reads_live(catalog, guarded.tables):
             plan = live.query_plan(catalog, guarded, part, self._admission, principal)
-            timeout = self._streamer.timeout if timeout_seconds is None else float(timeout_seconds)
+            timeout = (
+                self._streamer.timeout_for(principal) if timeout_seconds is None else float(timeout_seconds)
+            )
             streamer = self._streamer
             return live.run_query(
                 catalog, self._admission, streamer.watchdog, principal, plan, timeout, streamer.cache.volatile

@@ -134,10 +134,17 @@ class Streamer:
             return flight.GeneratorStream(reader.schema, _labelled(reader, state.request_id, None, 0.0))
         if isinstance(part, LivePart):  # rows from Snowflake (flight_server/live.py)
             return live.open_stream(
-                self.catalog, self.watchdog, self.timeout, part, state, self.cache.volatile
+                self.catalog,
+                self.watchdog,
+                self.timeout_for(state.principal),
+                part,
+                state,
+                self.cache.volatile,
             )
         if isinstance(part, MixedPart):  # live tables pulled, joined in DuckDB (flight_server/live.py)
-            return live.open_mixed(self.catalog, self.watchdog, self.timeout, part, state)
+            return live.open_mixed(
+                self.catalog, self.watchdog, self.timeout_for(state.principal), part, state
+            )
         if isinstance(part, TablePart):  # a metadata listing, built at planning: from memory
             return flight.RecordBatchStream(part.table, options=_IPC)
         if isinstance(part, ResultPart):
@@ -194,7 +201,7 @@ class Streamer:
             state.cleanups.append(lambda: Watchdog.disarm(deadline))
         try:
             if isinstance(part, ProfilePart):
-                table = self._profile(part, cur)
+                table = self._profile(part, cur, timeout)
                 return _counted(state, table)
             if part.label_errors:  # a split query's part: nothing to cut, errors labelled
                 self.executions += 1
@@ -394,9 +401,9 @@ class Streamer:
                     raise err from None
             raise
 
-    def _profile(self, part: ProfilePart, cur: duckdb.DuckDBPyConnection) -> pa.Table:
+    def _profile(self, part: ProfilePart, cur: duckdb.DuckDBPyConnection, timeout: float) -> pa.Table:
         if self.catalog.tables.is_live(part.ref):  # aggregates pushed down to Snowflake
-            return live.profile(self.catalog, self.watchdog, self.timeout, part)
+            return live.profile(self.catalog, self.watchdog, timeout, part)
         if part.cached_only:
             cached = self.profiles.cached(part.ref, part.columns, cursor=cur, relation=part.relation)
             return cached if cached is not None else PROFILE_SCHEMA.empty_table()
@@ -424,13 +431,13 @@ class Streamer:
                             continue
                         part = part.fallback
                     if isinstance(part, ProfilePart):
-                        tables.append(self._profile(part, cur))
+                        tables.append(self._profile(part, cur, deadline.seconds))
                     elif isinstance(part, SqlPart):
                         self.executions += 1
                         reader = arrow_stream(cur, limited(part.sql, part.max_rows), part.params)
                         tables.append(reader.read_all())
                     elif isinstance(part, LivePart):  # a live table's sample, from Snowflake
-                        tables.append(live.read_part(self.catalog, self.watchdog, self.timeout, part))
+                        tables.append(live.read_part(self.catalog, self.watchdog, deadline.seconds, part))
                     else:  # pragma: no cover - samples and profiles have no other parts
                         raise TypeError(f"unexpected part {type(part).__name__}")
             except duckdb.Error as e:
