@@ -138,6 +138,20 @@ def _clean(message: str, line_offset: int = 0, *, quote_sql: bool = True) -> str
 #: Lines Quiver puts before the caller's SQL when it caps the rows (flight_server.plans.limited).
 WRAP_LINES = 1
 
+#: DuckDB errors whose message can quote a stored value (a cast that failed on it, a value out
+#: of range, ``error(col)``): for a query rewritten to read ruled tables the message is withheld.
+_VALUE_ERRORS: tuple[type[BaseException], ...] = (
+    duckdb.ConversionException,
+    duckdb.OutOfRangeException,
+    duckdb.InvalidInputException,
+    duckdb.DataError,
+)
+_WITHHELD = (
+    "{kind}: a value failed an expression of your query (a cast, a range, error()); DuckDB's message "
+    "is withheld because the query reads a table through row or column rules, and the value it "
+    "quotes could belong to a row the rules hide. Find the value with try_cast() or a narrower filter"
+)
+
 
 def duckdb_error(
     exc: duckdb.Error,
@@ -163,9 +177,19 @@ def duckdb_error(
         )
     if isinstance(exc, duckdb.PermissionException):
         return PermissionDenied(_clean(str(exc), quote_sql=quote_sql))
+    if not quote_sql and isinstance(exc, _VALUE_ERRORS):
+        # DuckDB evaluates a view's row filter before the caller's expressions in every plan
+        # tried, but nothing guarantees that order; the value is not worth the risk.
+        return InvalidArgument(_WITHHELD.format(kind=_error_kind(exc)))
     if isinstance(exc, _CALLER_ERRORS):
         return InvalidArgument(_clean(str(exc), WRAP_LINES if wrapped else 0, quote_sql=quote_sql))
     return _Internal(exc)
+
+
+def _error_kind(exc: duckdb.Error) -> str:
+    """DuckDB's class of error in words ("Conversion Error"), without its message."""
+    head = str(exc).split(":", 1)[0].strip()
+    return head if head.endswith("Error") and len(head) <= 40 else type(exc).__name__
 
 
 class _Internal(QuiverError):

@@ -784,3 +784,26 @@ def test_errors_of_a_rewritten_query_name_no_candidates() -> None:
     assert "ssn" in duckdb_error(exc).detail
     assert "ssn" not in duckdb_error(exc, quote_sql=False).detail
     assert "not found" in duckdb_error(exc, quote_sql=False).detail
+
+
+def test_a_value_error_of_a_ruled_query_quotes_no_value(a1: QuiverClient) -> None:
+    """A failed cast or range check quotes the value it failed on, and DuckDB does not promise
+    to apply a view's row filter before the caller's expressions: for a query that reads a
+    ruled table the message is withheld (with the error's kind and what to do), while an
+    unruled query keeps DuckDB's words."""
+    for sql in (
+        "SELECT CAST(name AS INTEGER) FROM ruled.people",
+        "SELECT id FROM ruled.people WHERE pay::TINYINT = 1",
+        "SELECT error(name) FROM ruled.people",
+    ):
+        got = run(a1, sql)
+        assert isinstance(got, dict) and got["code"] == "INVALID_ARGUMENT", (sql, got)
+        assert "withheld" in got["detail"] and "row or column rules" in got["detail"], got
+        assert "person-" not in got["detail"] and "1010" not in got["detail"], got
+    plain = run(a1, "SELECT CAST(status AS INTEGER) FROM ruled.orders")
+    assert isinstance(plain, dict) and "Could not convert string" in plain["detail"], plain
+    exc = duckdb.ConversionException("Conversion Error: Could not convert string 'person-4-x' to INT32")
+    assert "person-4-x" in duckdb_error(exc).detail
+    withheld = duckdb_error(exc, quote_sql=False)
+    assert withheld.code == "INVALID_ARGUMENT" and "person-4-x" not in withheld.detail
+    assert withheld.detail.startswith("Conversion Error: a value failed")
