@@ -31,6 +31,7 @@ The pieces, each in its own module:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections.abc import Callable, Iterator
@@ -46,7 +47,7 @@ import structlog
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
 from catalog.artefacts import ArtefactFilter
 from catalog.descriptions import TableDescription
-from catalog.errors import Unavailable, bounded
+from catalog.errors import QuiverError, Unavailable, bounded
 from catalog.policy import NOT_READABLE
 from catalog.previews import preview
 from catalog.running import RunningQueries, RunningQueryInfo
@@ -157,6 +158,15 @@ def _describe(facts: QueryFacts, target: commands.Command | commands.TableScan) 
     facts.kind = str(type(target).__struct_config__.tag)
     if isinstance(target, commands.QueryCommand):
         facts.sql, facts.params = target.sql, len(target.params or ())
+
+
+def _describe_refused(facts: QueryFacts, descriptor: flight.FlightDescriptor) -> None:
+    """A command refused by admission (a spent budget, the calls per minute) before it was
+    decoded is still recorded with what it asked — the scan, sample or query and its SQL —
+    when it decodes; one that does not stays ``unknown``. Decoded only on a refusal, so the
+    admitted path decodes once, after admission."""
+    with contextlib.suppress(QuiverError):
+        _describe(facts, commands.decode_descriptor(descriptor))
 
 
 def _planned(facts: QueryFacts, plan: Plan) -> None:
@@ -318,7 +328,12 @@ class QuiverFlightServer(flight.FlightServerBase):
             sql = self._is_flight_sql(descriptor)
             # One call of the swarm's calls per minute, before any work; the budgets too, but
             # Flight SQL metadata is free (a statement's budget is checked when it plans).
-            self.admission.admit_call(principal, budget=not sql)
+            try:
+                self.admission.admit_call(principal, budget=not sql)
+            except QuiverError:
+                if not sql:
+                    _describe_refused(facts, descriptor)
+                raise
             scope = self.catalog.policy.rule_scope(principal)
             if sql:
                 facts.kind, facts.via = "query", "flight-sql"

@@ -101,6 +101,43 @@ def test_a_spent_budget_refuses_before_any_work(server: Server, clock: FakeClock
     assert usage(server, swarm)["usage"]["queries"] == 3
 
 
+def test_a_refusal_reads_like_the_usage_view_and_is_logged_as_asked(server: Server) -> None:
+    """The refusal's reset time is written as ``resets_at`` is (``…T00:00:00Z``, as documented),
+    and a GetFlightInfo refused by the budget before its command was decoded is still recorded
+    with what it asked (its kind, its SQL), not as ``unknown``; nothing is charged."""
+    swarm = new_swarm(server, "said")
+    assert put_budget(server, swarm, {"per_agent": {"queries_per_day": 1}}).status_code == 200
+    token = server.mint("agent", swarm, "a")
+    query(server, token)
+    client, opts = server.flight(), call_options(token)
+    asked = [
+        cmd(kind="query", sql="SELECT 42 AS x WHERE ? > 0", params=[1]),
+        flight.FlightDescriptor.for_path("demo", "orders"),
+        cmd(kind="sample", table="demo.orders", rows=3),
+        cmd(kind="profile", table="demo.orders"),
+        flight.FlightDescriptor.for_command(b"{not json"),
+    ]
+    resets = usage(server, swarm)["resets_at"]
+    assert resets.endswith("T00:00:00Z")
+    for descriptor in asked:
+        with pytest.raises(flight.FlightError) as e:
+            client.get_flight_info(descriptor, opts)
+        info = error_info(e.value)
+        assert info["code"] == "RESOURCE_EXHAUSTED"
+        assert info["detail"] == (
+            f"budget queries_per_day of agent {swarm}/a is spent: used 1 of 1 today; it resets at {resets}"
+        )
+    log = server.http().get("/v1/queries", params={"swarm": swarm, "outcome": "refused"}).json()["queries"]
+    assert [(q["kind"], q["sql"], q["params"], q["error_code"]) for q in reversed(log)] == [
+        ("query", "SELECT 42 AS x WHERE ? > 0", 1, "RESOURCE_EXHAUSTED"),
+        ("scan", None, 0, "RESOURCE_EXHAUSTED"),
+        ("sample", None, 0, "RESOURCE_EXHAUSTED"),
+        ("profile", None, 0, "RESOURCE_EXHAUSTED"),
+        ("unknown", None, 0, "RESOURCE_EXHAUSTED"),  # it does not decode: nothing to say
+    ]
+    assert usage(server, swarm)["usage"]["queries"] == 1  # refusals are not spent
+
+
 def test_per_agent_limits_leave_the_other_agents_alone(server: Server) -> None:
     swarm = new_swarm(server, "pa")
     assert put_budget(server, swarm, {"per_agent": {"rows_per_day": 10}}).status_code == 200
