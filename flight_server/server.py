@@ -169,6 +169,16 @@ def _describe_refused(facts: QueryFacts, descriptor: flight.FlightDescriptor) ->
         _describe(facts, commands.decode_descriptor(descriptor))
 
 
+def _flight_sql_action_facts(action: str) -> QueryFacts | None:
+    """The query-log record of a Flight SQL action: ADBC and JDBC prepare every statement, so a
+    ``CreatePreparedStatement`` the guard or a spent budget refuses — the statement never
+    reaches GetFlightInfo — is recorded as the refused query; a prepare that succeeds records
+    nothing (its statement's DoGet does), nor do the other actions."""
+    if action != "CreatePreparedStatement":
+        return None
+    return QueryFacts(kind="query", via="flight-sql", failures_only=True)
+
+
 def _planned(facts: QueryFacts, plan: Plan) -> None:
     """What the plan adds: its kind, the tables it reads, the query's text."""
     facts.kind = plan.kind
@@ -455,7 +465,8 @@ class QuiverFlightServer(flight.FlightServerBase):
                 return [msgspec.json.encode(self.queries.cancel(principal, query_id))]
             if self.sql.handles(action.type):
                 state.fields["flight_sql"] = True
-                return self.sql.do_action(principal, action.type, body)
+                state.query = _flight_sql_action_facts(action.type)
+                return self.sql.do_action(principal, action.type, body, state.query)
             if action.type == "export":
                 state.query = QueryFacts(kind="export")
                 return [msgspec.json.encode(self._export(principal, state, body))]

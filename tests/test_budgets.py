@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import adbc_driver_flightsql.dbapi as adbc
 import httpx
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -127,13 +128,25 @@ def test_a_refusal_reads_like_the_usage_view_and_is_logged_as_asked(server: Serv
         assert info["detail"] == (
             f"budget queries_per_day of agent {swarm}/a is spent: used 1 of 1 today; it resets at {resets}"
         )
+    # A Flight SQL client prepares first: refused there, the prepare is the record.
+    with (
+        adbc.connect(
+            server.flight_url,
+            db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
+            autocommit=True,
+        ) as conn,
+        conn.cursor() as cur,
+        pytest.raises(Exception, match="budget queries_per_day"),
+    ):
+        cur.execute("SELECT 43 AS y")
     log = server.http().get("/v1/queries", params={"swarm": swarm, "outcome": "refused"}).json()["queries"]
-    assert [(q["kind"], q["sql"], q["params"], q["error_code"]) for q in reversed(log)] == [
-        ("query", "SELECT 42 AS x WHERE ? > 0", 1, "RESOURCE_EXHAUSTED"),
-        ("scan", None, 0, "RESOURCE_EXHAUSTED"),
-        ("sample", None, 0, "RESOURCE_EXHAUSTED"),
-        ("profile", None, 0, "RESOURCE_EXHAUSTED"),
-        ("unknown", None, 0, "RESOURCE_EXHAUSTED"),  # it does not decode: nothing to say
+    assert [(q["kind"], q["via"], q["sql"], q["params"], q["error_code"]) for q in reversed(log)] == [
+        ("query", "flight", "SELECT 42 AS x WHERE ? > 0", 1, "RESOURCE_EXHAUSTED"),
+        ("scan", "flight", None, 0, "RESOURCE_EXHAUSTED"),
+        ("sample", "flight", None, 0, "RESOURCE_EXHAUSTED"),
+        ("profile", "flight", None, 0, "RESOURCE_EXHAUSTED"),
+        ("unknown", "flight", None, 0, "RESOURCE_EXHAUSTED"),  # it does not decode: nothing to say
+        ("query", "flight-sql", "SELECT 43 AS y", 0, "RESOURCE_EXHAUSTED"),
     ]
     assert usage(server, swarm)["usage"]["queries"] == 1  # refusals are not spent
 
