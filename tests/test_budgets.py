@@ -279,6 +279,42 @@ def test_concurrent_requests_are_counted_exactly(server: Server) -> None:
         assert report["agents"][f"r{i}"]["queries"] == 16
 
 
+def test_racing_refusals_are_each_recorded_as_asked(server: Server) -> None:
+    """Threads of one spent swarm racing GetFlightInfo: every call refused, each refusal one
+    query-log record naming its own SQL, nothing charged."""
+    swarm = new_swarm(server, "refusals")
+    assert put_budget(server, swarm, {"queries_per_day": 0}).status_code == 200
+    tokens = [server.mint("agent", swarm, f"x{i}") for i in range(4)]
+    codes: list[str] = []
+    errors: list[BaseException] = []
+
+    def hammer(n: int, token: str) -> None:
+        try:
+            client, opts = server.flight(), call_options(token)
+            for i in range(6):
+                with pytest.raises(flight.FlightError) as e:
+                    client.get_flight_info(cmd(kind="query", sql=f"SELECT {n * 10 + i} AS v"), opts)
+                codes.append(error_info(e.value)["code"])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer, args=(n, t)) for n, t in enumerate(tokens)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert codes == ["RESOURCE_EXHAUSTED"] * 24
+    log = server.http().get("/v1/queries", params={"swarm": swarm, "limit": 100}).json()["queries"]
+    assert sorted(q["sql"] for q in log) == sorted(
+        f"SELECT {n * 10 + i} AS v" for n in range(4) for i in range(6)
+    )
+    assert {(q["kind"], q["outcome"], q["error_code"]) for q in log} == {
+        ("query", "refused", "RESOURCE_EXHAUSTED")
+    }
+    assert usage(server, swarm)["usage"]["queries"] == 0
+
+
 def test_concurrent_budget_writes_serialize(server: Server) -> None:
     swarm = new_swarm(server, "puts")
     bodies = [{"queries_per_day": n, "per_agent": {"rows_per_day": n * 10}} for n in range(1, 13)]
