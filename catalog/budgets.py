@@ -31,7 +31,7 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from catalog.clock import Clock, iso, utcnow
+from catalog.clock import Clock, utcnow
 from catalog.database import SYSTEM_SCHEMA, Database
 from catalog.errors import NotFound, ResourceExhausted, Unprocessable, bounded
 from catalog.identity import Principal
@@ -130,6 +130,13 @@ class UsageCollector(Collector):
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())
+
+
+def reset_text(at: datetime) -> str:
+    """The reset time in a refusal's sentence, written as the usage view's ``resets_at`` is
+    (``2026-01-02T00:00:00Z``: msgspec's encoding of a UTC datetime), so a client can compare
+    the two as text."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_budget(raw: Any) -> Budget:
@@ -269,7 +276,7 @@ class Budgets:
                         shown = f"{used:.3f}" if isinstance(used, float) else str(used)
                         raise ResourceExhausted(
                             f"budget {name} of {whom} is spent: used {shown} of {limit} today; it resets "
-                            f"at {iso(self.resets_at(day))}"
+                            f"at {reset_text(self.resets_at(day))}"
                         )
 
     def charge(self, principal: Principal, *, rows: int | None, nbytes: int | None, seconds: float) -> None:

@@ -31,6 +31,7 @@ The pieces, each in its own module:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections.abc import Callable, Iterator
@@ -46,7 +47,7 @@ import structlog
 from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
 from catalog.artefacts import ArtefactFilter
 from catalog.descriptions import TableDescription
-from catalog.errors import Unavailable, bounded
+from catalog.errors import QuiverError, Unavailable, bounded
 from catalog.policy import NOT_READABLE
 from catalog.previews import preview
 from catalog.running import RunningQueries, RunningQueryInfo
@@ -157,6 +158,25 @@ def _describe(facts: QueryFacts, target: commands.Command | commands.TableScan) 
     facts.kind = str(type(target).__struct_config__.tag)
     if isinstance(target, commands.QueryCommand):
         facts.sql, facts.params = target.sql, len(target.params or ())
+
+
+def _describe_refused(facts: QueryFacts, descriptor: flight.FlightDescriptor) -> None:
+    """A command refused by admission (a spent budget, the calls per minute) before it was
+    decoded is still recorded with what it asked — the scan, sample or query and its SQL —
+    when it decodes; one that does not stays ``unknown``. Decoded only on a refusal, so the
+    admitted path decodes once, after admission."""
+    with contextlib.suppress(QuiverError):
+        _describe(facts, commands.decode_descriptor(descriptor))
+
+
+def _flight_sql_action_facts(action: str) -> QueryFacts | None:
+    """The query-log record of a Flight SQL action: ADBC and JDBC prepare every statement, so a
+    ``CreatePreparedStatement`` the guard or a spent budget refuses — the statement never
+    reaches GetFlightInfo — is recorded as the refused query; a prepare that succeeds records
+    nothing (its statement's DoGet does), nor do the other actions."""
+    if action != "CreatePreparedStatement":
+        return None
+    return QueryFacts(kind="query", via="flight-sql", failures_only=True)
 
 
 def _planned(facts: QueryFacts, plan: Plan) -> None:
@@ -318,7 +338,12 @@ class QuiverFlightServer(flight.FlightServerBase):
             sql = self._is_flight_sql(descriptor)
             # One call of the swarm's calls per minute, before any work; the budgets too, but
             # Flight SQL metadata is free (a statement's budget is checked when it plans).
-            self.admission.admit_call(principal, budget=not sql)
+            try:
+                self.admission.admit_call(principal, budget=not sql)
+            except QuiverError:
+                if not sql:
+                    _describe_refused(facts, descriptor)
+                raise
             scope = self.catalog.policy.rule_scope(principal)
             if sql:
                 facts.kind, facts.via = "query", "flight-sql"
@@ -440,7 +465,8 @@ class QuiverFlightServer(flight.FlightServerBase):
                 return [msgspec.json.encode(self.queries.cancel(principal, query_id))]
             if self.sql.handles(action.type):
                 state.fields["flight_sql"] = True
-                return self.sql.do_action(principal, action.type, body)
+                state.query = _flight_sql_action_facts(action.type)
+                return self.sql.do_action(principal, action.type, body, state.query)
             if action.type == "export":
                 state.query = QueryFacts(kind="export")
                 return [msgspec.json.encode(self._export(principal, state, body))]

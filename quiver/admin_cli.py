@@ -264,10 +264,12 @@ def _tokens(server: LocalServer, args: argparse.Namespace) -> Any:
         if args.attributes:
             body["attributes"] = dict(args.attributes)
         out = server.json("POST", "/v1/tokens", json={k: v for k, v in body.items() if v is not None})
-        # The token alone on stdout (for `$(...)`), its record on stderr.
+        # The token alone on stdout (for `$(...)`), its record on stderr — with the attributes
+        # it carries, so the admin sees what its row filters will bind.
+        carried = f" attributes={json.dumps(out['attributes'])}" if out.get("attributes") else ""
         print(
             f"jti={out['jti']} kind={out['kind']} swarm={out['swarm']} agent={out['agent']} "
-            f"expires_at={out['expires_at']}",
+            f"expires_at={out['expires_at']}{carried}",
             file=sys.stderr,
         )
         return out, out["token"]

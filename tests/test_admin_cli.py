@@ -151,6 +151,7 @@ def test_rules_and_attributes(admin_server: tuple[Server, Path], capsys: pytest.
     assert code == 0, err
     token = out.strip().splitlines()[-1]
     assert server.catalog.tokens.check(token).attributes == (("country", "NL"), ("level", 3))
+    assert "agent=nl expires_at=" in err and err.rstrip().endswith('attributes={"country": "NL", "level": 3}')
     code, out, err = cli(capsys, "admin", "attributes", "set", "desk", "--clear", *c)
     assert code == 0 and "swarm desk: 0 attribute(s)" in out
     assert cli(capsys, "admin", "swarms", "delete", "desk", *c)[0] == 0

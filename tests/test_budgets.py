@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import adbc_driver_flightsql.dbapi as adbc
 import httpx
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -99,6 +100,55 @@ def test_a_spent_budget_refuses_before_any_work(server: Server, clock: FakeClock
     assert error_info(e.value)["code"] == "RESOURCE_EXHAUSTED"
     # Refusals are not spent: the usage is still 3.
     assert usage(server, swarm)["usage"]["queries"] == 3
+
+
+def test_a_refusal_reads_like_the_usage_view_and_is_logged_as_asked(server: Server) -> None:
+    """The refusal's reset time is written as ``resets_at`` is (``…T00:00:00Z``, as documented),
+    and a GetFlightInfo refused by the budget before its command was decoded is still recorded
+    with what it asked (its kind, its SQL), not as ``unknown``; nothing is charged."""
+    swarm = new_swarm(server, "said")
+    assert put_budget(server, swarm, {"per_agent": {"queries_per_day": 1}}).status_code == 200
+    token = server.mint("agent", swarm, "a")
+    query(server, token)
+    client, opts = server.flight(), call_options(token)
+    asked = [
+        cmd(kind="query", sql="SELECT 42 AS x WHERE ? > 0", params=[1]),
+        flight.FlightDescriptor.for_path("demo", "orders"),
+        cmd(kind="sample", table="demo.orders", rows=3),
+        cmd(kind="profile", table="demo.orders"),
+        flight.FlightDescriptor.for_command(b"{not json"),
+    ]
+    resets = usage(server, swarm)["resets_at"]
+    assert resets.endswith("T00:00:00Z")
+    for descriptor in asked:
+        with pytest.raises(flight.FlightError) as e:
+            client.get_flight_info(descriptor, opts)
+        info = error_info(e.value)
+        assert info["code"] == "RESOURCE_EXHAUSTED"
+        assert info["detail"] == (
+            f"budget queries_per_day of agent {swarm}/a is spent: used 1 of 1 today; it resets at {resets}"
+        )
+    # A Flight SQL client prepares first: refused there, the prepare is the record.
+    with (
+        adbc.connect(
+            server.flight_url,
+            db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
+            autocommit=True,
+        ) as conn,
+        conn.cursor() as cur,
+        pytest.raises(Exception, match="budget queries_per_day"),
+    ):
+        cur.execute("SELECT 43 AS y")
+    log = server.http().get("/v1/queries", params={"swarm": swarm, "outcome": "refused"}).json()["queries"]
+    assert [(q["kind"], q["via"], q["sql"], q["params"], q["error_code"]) for q in reversed(log)] == [
+        ("query", "flight", "SELECT 42 AS x WHERE ? > 0", 1, "RESOURCE_EXHAUSTED"),
+        ("scan", "flight", None, 0, "RESOURCE_EXHAUSTED"),
+        ("sample", "flight", None, 0, "RESOURCE_EXHAUSTED"),
+        ("profile", "flight", None, 0, "RESOURCE_EXHAUSTED"),
+        ("unknown", "flight", None, 0, "RESOURCE_EXHAUSTED"),  # it does not decode: nothing to say
+        ("query", "flight-sql", "SELECT 43 AS y", 0, "RESOURCE_EXHAUSTED"),
+    ]
+    assert usage(server, swarm)["usage"]["queries"] == 1  # refusals are not spent
 
 
 def test_per_agent_limits_leave_the_other_agents_alone(server: Server) -> None:
@@ -227,6 +277,42 @@ def test_concurrent_requests_are_counted_exactly(server: Server) -> None:
     assert report["usage"]["rows"] == 6 * (sum(range(1, 9)) + 8 * 2)
     for i in range(6):
         assert report["agents"][f"r{i}"]["queries"] == 16
+
+
+def test_racing_refusals_are_each_recorded_as_asked(server: Server) -> None:
+    """Threads of one spent swarm racing GetFlightInfo: every call refused, each refusal one
+    query-log record naming its own SQL, nothing charged."""
+    swarm = new_swarm(server, "refusals")
+    assert put_budget(server, swarm, {"queries_per_day": 0}).status_code == 200
+    tokens = [server.mint("agent", swarm, f"x{i}") for i in range(4)]
+    codes: list[str] = []
+    errors: list[BaseException] = []
+
+    def hammer(n: int, token: str) -> None:
+        try:
+            client, opts = server.flight(), call_options(token)
+            for i in range(6):
+                with pytest.raises(flight.FlightError) as e:
+                    client.get_flight_info(cmd(kind="query", sql=f"SELECT {n * 10 + i} AS v"), opts)
+                codes.append(error_info(e.value)["code"])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer, args=(n, t)) for n, t in enumerate(tokens)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert codes == ["RESOURCE_EXHAUSTED"] * 24
+    log = server.http().get("/v1/queries", params={"swarm": swarm, "limit": 100}).json()["queries"]
+    assert sorted(q["sql"] for q in log) == sorted(
+        f"SELECT {n * 10 + i} AS v" for n in range(4) for i in range(6)
+    )
+    assert {(q["kind"], q["outcome"], q["error_code"]) for q in log} == {
+        ("query", "refused", "RESOURCE_EXHAUSTED")
+    }
+    assert usage(server, swarm)["usage"]["queries"] == 0
 
 
 def test_concurrent_budget_writes_serialize(server: Server) -> None:

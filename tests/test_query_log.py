@@ -146,6 +146,31 @@ def test_flight_sql_statements_are_recorded(server: Server) -> None:
     assert queries[0]["sql"] == "SELECT count(*) AS n FROM demo.orders"
 
 
+def test_a_flight_sql_statement_refused_at_prepare_is_recorded(server: Server) -> None:
+    """ADBC and JDBC prepare every statement first: a statement the guard refuses there never
+    reaches GetFlightInfo, so the prepare's refusal is its one record (a prepare that succeeds
+    records nothing: its statement's DoGet does)."""
+    token = server.mint("agent", "demo", "adbc-refused")
+    with (
+        flight_sql.connect(
+            server.flight_url,
+            db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
+            autocommit=True,
+        ) as conn,
+        conn.cursor() as cur,
+    ):
+        with pytest.raises(Exception, match="not readable"):
+            cur.execute("SELECT * FROM _quiver.tokens")
+        cur.execute("SELECT 1 AS one")
+        assert cur.fetchall() == [(1,)]
+    records = mine(server, token)
+    assert [(r["kind"], r["via"], r["outcome"], r["sql"]) for r in reversed(records)] == [
+        ("query", "flight-sql", "refused", "SELECT * FROM _quiver.tokens"),
+        ("query", "flight-sql", "ok", "SELECT 1 AS one"),
+    ], records
+    assert records[-1]["error_code"] == "PERMISSION_DENIED"
+
+
 def test_records_are_written_in_batches(server: Server) -> None:
     log = server.catalog.query_log
     log.flush()

@@ -27,6 +27,7 @@ from flight_server.flight_sql import wire
 from flight_server.flight_sql.ingest import ingest, update_result
 from flight_server.flight_sql.metadata import Metadata
 from flight_server.flight_sql.statements import Statements
+from flight_server.middleware import QueryFacts
 from flight_server.planner import Planner
 from flight_server.plans import Plan
 from flight_server.running import RunningStreams
@@ -154,11 +155,17 @@ class FlightSql:
     def handles(self, action: str) -> bool:
         return action in ACTIONS or action in _REFUSED_ACTIONS or action in _NOT_OFFERED
 
-    def do_action(self, principal: Principal, action: str, body: bytes) -> list[bytes]:
+    def do_action(
+        self, principal: Principal, action: str, body: bytes, facts: QueryFacts | None = None
+    ) -> list[bytes]:
+        """One Flight SQL action; ``facts``: the query-log record of a ``CreatePreparedStatement``
+        (recorded if it is refused), given the statement's text once it is decoded."""
         if action in _REFUSED_ACTIONS:
             raise PermissionDenied(_REFUSED_ACTIONS[action])
         if action == "CreatePreparedStatement":
             request = wire.unpack_as(body, pb.ActionCreatePreparedStatementRequest, action)
+            if facts is not None:
+                facts.sql = request.query
             _no_transaction(request)
             return [self.statements.create(principal, request.query)]
         if action == "ClosePreparedStatement":
