@@ -169,11 +169,16 @@ def test_post_v1_query_and_the_query_port_record_the_snowflake_query_ids(server:
     assert got["remote_query_ids"] == _new_ids(before) and len(got["remote_query_ids"]) == 1
 
 
-def test_the_openapi_schema_names_the_remote_fields() -> None:
-    from catalog.query_log import QueryRecord
+def test_the_openapi_schema_names_the_new_fields(server: Server) -> None:
+    schemas = server.http().get("/schema/openapi.json").json()["components"]["schemas"]
 
-    fields = QueryRecord.__struct_fields__
-    assert "remote" in fields and "remote_query_ids" in fields
+    def props(suffix: str) -> set[str]:
+        (name,) = [n for n in schemas if n == suffix or n.endswith("." + suffix) or n.endswith("_" + suffix)]
+        return set(schemas[name]["properties"])
+
+    assert {"remote", "remote_query_ids"} <= props("QueryRecord")
+    assert "live_queries" in props("Usage")
+    assert "live_queries_per_day" in props("Budget")
 
 
 # --- the budget ----------------------------------------------------------------------------------
