@@ -1,6 +1,6 @@
 """Usage budgets: a swarm's daily limits on queries, rows, bytes, query seconds and live
-queries (SQL run in Snowflake), for the
-swarm as a whole and for each of its agents (proto_docs/governance.md, "Budgets").
+queries (requests that run SQL in Snowflake), for the swarm as a whole and for each of its
+agents (proto_docs/governance.md, "Budgets").
 
 What a request spends is what the query log records of it (catalog/query_log.py calls
 :meth:`Budgets.charge` for every record that is not a refusal): rows and bytes actually sent,

@@ -45,7 +45,16 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
 
-from catalog import Catalog, DeadlineExceeded, InvalidArgument, Principal, QuiverError, TableRef, Unavailable
+from catalog import (
+    Catalog,
+    DeadlineExceeded,
+    InvalidArgument,
+    Principal,
+    QuiverError,
+    ResourceExhausted,
+    TableRef,
+    Unavailable,
+)
 from catalog.live import LiveColumn, LiveDescription, LiveResults, LiveRun, LiveTables
 from catalog.live_sql import split_mixed, transpile
 from catalog.query_log import RemoteWork
@@ -77,7 +86,11 @@ def check_budget(catalog: Catalog, principal: Principal) -> None:
     """At planning, before a live table's description may be read from Snowflake: refuse a
     caller whose ``live_queries_per_day`` is spent (catalog/budgets.py). The live query is
     counted when it is sent (:class:`~catalog.query_log.RemoteWork`)."""
-    catalog.budgets.check_live(principal)
+    try:
+        catalog.budgets.check_live(principal)
+    except ResourceExhausted:
+        catalog.metrics.admission_refusals.labels("budget").inc()
+        raise
 
 
 def remote_of(catalog: Catalog, state: CallState) -> RemoteWork:

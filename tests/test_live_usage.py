@@ -194,6 +194,7 @@ def test_live_queries_per_day_refuses_before_anything_is_sent_to_snowflake(serve
     swarm = _swarm(server, "lbud", {"live_queries_per_day": 2, "per_agent": {"live_queries_per_day": 1}})
     one, two, three = (server.mint("agent", swarm, f"l{i}") for i in (1, 2, 3))
     sql = "SELECT count(*) AS n FROM live.orders WHERE amount > ?"
+    refusals = _budget_refusals(server)
     before = RECORDER.mark()
     assert _query(server, one, sql, [1]).to_pylist() == [{"n": server_rows(server, 1)}]
     assert len([q for q in RECORDER.since(before) if "information_schema" not in q.lower()]) == 1
@@ -214,6 +215,7 @@ def test_live_queries_per_day_refuses_before_anything_is_sent_to_snowflake(serve
         detail = info["detail"]
         assert f"live_queries_per_day of agent {swarm}/l1" in detail and "used 1 of 1" in detail, detail
         assert "resets at" in detail
+    assert _budget_refusals(server) == refusals + 5
     # Replicas are not live: l1 still reads them.
     assert _query(server, one, "SELECT count(*) AS n FROM rep.orders").num_rows == 1
     # l2 takes the swarm's second; then the swarm's is spent for l3 too, over HTTP as well.
@@ -236,6 +238,13 @@ def test_live_queries_per_day_refuses_before_anything_is_sent_to_snowflake(serve
     records = _records(server, "l1")
     assert [r["outcome"] for r in records].count("refused") == 5
     assert all(r["remote"] is None for r in records if r["outcome"] == "refused")
+
+
+def _budget_refusals(server: Server) -> float:
+    for line in server.http().get("/metrics").text.splitlines():
+        if line.startswith('quiver_admission_refusals_total{reason="budget"}'):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def server_rows(server: Server, above: int) -> int:
