@@ -8,7 +8,8 @@ Test-only patches of the emulator (never of Quiver):
   password but one, with Snowflake's own error (390100), so wrong credentials can be tested.
 - A recording proxy (``RECORDER``, :class:`Recorder`) in front of its query and abort routes:
   the SQL text every query request carried (what pushdown tests check), the query id the
-  emulator answered for each (``answered``: what the query log must show), every abort request
+  emulator answered for each (``answered``: what the query log must show), how many sessions
+  were opened (``logins``), every abort request
   the connector sent, and — for a test that names a marker — queries *held* as a slow
   warehouse would hold them, until an abort request for them arrives (then answered with
   Snowflake's own "SQL execution canceled", 000604) or the hold ends. fakesnow itself answers
@@ -75,6 +76,7 @@ class Recorder:
         self._lock = threading.Lock()
         self.queries: list[str] = []
         self.answered: list[tuple[str, str]] = []  # (SQL text, the queryId answered for it)
+        self.logins = 0  # login requests (a session opened), accepted or not
         self.aborts: list[str] = []  # the SQL text each abort request named
         self.hold_marker: str | None = None
         self.hold_seconds = 30.0
@@ -194,6 +196,8 @@ def _install_login_check() -> None:
     original = fss.login_request
 
     async def login(request: Request) -> JSONResponse:
+        with RECORDER._lock:
+            RECORDER.logins += 1
         wanted = _REQUIRED_PASSWORD["value"]
         if wanted is not None:
             body = await request.body()

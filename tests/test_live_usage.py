@@ -183,10 +183,11 @@ def test_the_openapi_schema_names_the_new_fields(server: Server) -> None:
 
 # --- the budget ----------------------------------------------------------------------------------
 def _refused(run: Any) -> dict[str, Any]:
-    mark = RECORDER.mark()
+    mark, logins = RECORDER.mark(), RECORDER.logins
     with pytest.raises(flight.FlightError) as raised:
         run()
-    assert RECORDER.since(mark) == []  # nothing at all reached Snowflake, not even metadata
+    # Nothing at all reached Snowflake: no session opened, no query, not even metadata.
+    assert RECORDER.since(mark) == [] and RECORDER.logins == logins
     return error_info(raised.value)
 
 
@@ -222,10 +223,10 @@ def test_live_queries_per_day_refuses_before_anything_is_sent_to_snowflake(serve
     _query(server, two, sql, [3])
     info = _refused(lambda: _query(server, three, sql, [4]))
     assert f"live_queries_per_day of swarm {swarm}" in info["detail"] and "used 2 of 2" in info["detail"]
-    mark = RECORDER.mark()
+    mark, logins = RECORDER.mark(), RECORDER.logins
     r = server.http(three).post("/v1/query", json={"sql": sql, "params": [5]})
     assert r.status_code == 429 and "live_queries_per_day" in r.json()["detail"], r.text
-    assert RECORDER.since(mark) == []
+    assert RECORDER.since(mark) == [] and RECORDER.logins == logins
     # The usage report, the usage action and /metrics count them; refusals counted nothing.
     report = server.http().get(f"/v1/swarms/{swarm}/usage").json()
     assert report["budget"]["live_queries_per_day"] == 2
