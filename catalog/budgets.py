@@ -1,5 +1,6 @@
-"""Usage budgets: a swarm's daily limits on queries, rows, bytes and query seconds, for the
-swarm as a whole and for each of its agents (proto_docs/governance.md, "Budgets").
+"""Usage budgets: a swarm's daily limits on queries, rows, bytes, query seconds and live
+queries (requests that run SQL in Snowflake), for the swarm as a whole and for each of its
+agents (proto_docs/governance.md, "Budgets").
 
 What a request spends is what the query log records of it (catalog/query_log.py calls
 :meth:`Budgets.charge` for every record that is not a refusal): rows and bytes actually sent,
@@ -13,6 +14,12 @@ The check (:meth:`Budgets.check`) is made by the data plane's admission path bef
 an exhausted budget is ``RESOURCE_EXHAUSTED`` (HTTP 429) naming the budget, the usage and the
 reset time. A request already admitted finishes and is charged in full: a budget can be
 overrun by the requests running when it was reached.
+
+Live queries (``live_queries_per_day``, proto_docs/federation.md "Costs") are counted
+differently: a request that is about to send SQL to Snowflake takes one with
+:meth:`Budgets.take_live` — check and count in one step, before the first byte goes out —
+so that budget is never overrun and a refusal costs nothing in the warehouse. A request
+answered from the live result cache sends nothing and takes none.
 
 Budgets are admin writes: ``PUT /v1/swarms/{name}/budget`` runs under the admin-write lock
 (catalog/writes.py) and updates memory from what committed.
@@ -51,11 +58,21 @@ _USAGE_SCHEMA = pa.schema(
         ("rows", pa.int64()),
         ("bytes", pa.int64()),
         ("ms", pa.float64()),
+        ("live_queries", pa.int64()),
     ]
 )
 
 #: Budget names, in the order they are checked, and the usage field each limits.
-BUDGETS = ("queries_per_day", "rows_per_day", "bytes_per_day", "query_seconds_per_day")
+BUDGETS = (
+    "queries_per_day",
+    "rows_per_day",
+    "bytes_per_day",
+    "query_seconds_per_day",
+    "live_queries_per_day",
+)
+#: The budget only requests that run SQL in Snowflake spend (live tables,
+#: proto_docs/federation.md): taken by :meth:`Budgets.take_live`, not checked for the others.
+LIVE_BUDGET = "live_queries_per_day"
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -65,6 +82,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defa
     rows_per_day: Count | None = None
     bytes_per_day: Count | None = None
     query_seconds_per_day: Count | None = None
+    live_queries_per_day: Count | None = None
 
 
 class Budget(Limits, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -78,6 +96,8 @@ class Usage(msgspec.Struct, kw_only=True):
     rows: int = 0
     bytes: int = 0
     query_seconds: float = 0.0
+    #: Requests that ran SQL in Snowflake (live tables), counted when the first is sent.
+    live_queries: int = 0
 
     def used(self, budget: str) -> float:
         return {
@@ -85,6 +105,7 @@ class Usage(msgspec.Struct, kw_only=True):
             "rows_per_day": self.rows,
             "bytes_per_day": self.bytes,
             "query_seconds_per_day": self.query_seconds,
+            "live_queries_per_day": self.live_queries,
         }[budget]
 
 
@@ -121,6 +142,11 @@ class UsageCollector(Collector):
             ),
             "query_seconds": GaugeMetricFamily(
                 "quiver_usage_query_seconds", "Request seconds spent today (UTC).", labels=["swarm", "agent"]
+            ),
+            "live_queries": GaugeMetricFamily(
+                "quiver_usage_live_queries",
+                "Requests today (UTC) that ran SQL in Snowflake (live tables).",
+                labels=["swarm", "agent"],
             ),
         }
         for swarm, agent, usage in self._budgets.all_today():
@@ -168,14 +194,19 @@ class Budgets:
         with self._db.reading() as cur:
             budgets = cur.execute(f"SELECT swarm, body FROM {SYSTEM_SCHEMA}.budgets").fetchall()
             usage = cur.execute(
-                f"SELECT swarm, agent, queries, rows, bytes, ms FROM {SYSTEM_SCHEMA}.usage WHERE day = ?",
+                f"SELECT swarm, agent, queries, rows, bytes, ms, live_queries FROM {SYSTEM_SCHEMA}.usage "
+                "WHERE day = ?",
                 [today],
             ).fetchall()
         for swarm, body in budgets:
             self._budgets[swarm] = msgspec.json.decode(body, type=Budget)
-        for swarm, agent, queries, rows, nbytes, ms in usage:
+        for swarm, agent, queries, rows, nbytes, ms, live in usage:
             self._usage[(today, swarm, agent)] = Usage(
-                queries=int(queries), rows=int(rows), bytes=int(nbytes), query_seconds=float(ms) / 1000
+                queries=int(queries),
+                rows=int(rows),
+                bytes=int(nbytes),
+                query_seconds=float(ms) / 1000,
+                live_queries=int(live),
             )
 
     # --- the day ------------------------------------------------------------------------------
@@ -253,43 +284,75 @@ class Budgets:
 
     # --- the hot path -----------------------------------------------------------------------------
     def check(self, principal: Principal) -> None:
-        """Refuse before any work when a budget of the caller's swarm or agent is spent."""
+        """Refuse before any work when a budget of the caller's swarm or agent is spent (all
+        but ``live_queries_per_day``, which only a request to Snowflake spends:
+        :meth:`take_live`)."""
+        with self._lock:
+            self._check_locked(principal, tuple(b for b in BUDGETS if b != LIVE_BUDGET))
+
+    def check_live(self, principal: Principal) -> None:
+        """Refuse, counting nothing, when ``live_queries_per_day`` is spent: at planning,
+        before a live table's description may be read from Snowflake."""
+        with self._lock:
+            self._check_locked(principal, (LIVE_BUDGET,))
+
+    def take_live(self, principal: Principal) -> None:
+        """Count one request that is about to send SQL to Snowflake against
+        ``live_queries_per_day`` of its swarm and agent — or refuse it (RESOURCE_EXHAUSTED)
+        when that budget is spent, before anything is sent. Check and count are one step
+        under the lock, so requests racing for the last live query cannot both get it."""
         swarm = principal.swarm
         if swarm is None:
             return
         with self._lock:
-            budget = self._budgets.get(swarm)
-            if budget is None:
-                return
-            day = self.today()
-            checks: list[tuple[Limits, str, str]] = [(budget, "", f"swarm {swarm}")]
-            if budget.per_agent is not None and principal.agent is not None:
-                checks.append((budget.per_agent, principal.agent, f"agent {swarm}/{principal.agent}"))
-            for limits, agent, whom in checks:
-                usage = self._usage.get((day, swarm, agent)) or Usage()
-                for name in BUDGETS:
-                    limit = getattr(limits, name)
-                    if limit is None:
-                        continue
-                    used = usage.used(name)
-                    if used >= limit:
-                        shown = f"{used:.3f}" if isinstance(used, float) else str(used)
-                        raise ResourceExhausted(
-                            f"budget {name} of {whom} is spent: used {shown} of {limit} today; it resets "
-                            f"at {reset_text(self.resets_at(day))}"
-                        )
+            self._check_locked(principal, (LIVE_BUDGET,))
+            for key in self._keys(principal, swarm):
+                usage = self._usage.get(key)
+                if usage is None:
+                    usage = self._usage[key] = Usage()
+                usage.live_queries += 1
+                self._dirty.add(key)
+
+    def _check_locked(self, principal: Principal, names: tuple[str, ...]) -> None:
+        swarm = principal.swarm
+        if swarm is None:
+            return
+        budget = self._budgets.get(swarm)
+        if budget is None:
+            return
+        day = self.today()
+        checks: list[tuple[Limits, str, str]] = [(budget, "", f"swarm {swarm}")]
+        if budget.per_agent is not None and principal.agent is not None:
+            checks.append((budget.per_agent, principal.agent, f"agent {swarm}/{principal.agent}"))
+        for limits, agent, whom in checks:
+            usage = self._usage.get((day, swarm, agent)) or Usage()
+            for name in names:
+                limit = getattr(limits, name)
+                if limit is None:
+                    continue
+                used = usage.used(name)
+                if used >= limit:
+                    shown = f"{used:.3f}" if isinstance(used, float) else str(used)
+                    raise ResourceExhausted(
+                        f"budget {name} of {whom} is spent: used {shown} of {limit} today; it resets "
+                        f"at {reset_text(self.resets_at(day))}"
+                    )
+
+    def _keys(self, principal: Principal, swarm: str) -> list[tuple[date, str, str]]:
+        """Today's counters a request of ``principal`` adds to: its swarm's, and its agent's."""
+        day = self.today()
+        keys = [(day, swarm, "")]
+        if principal.agent is not None:
+            keys.append((day, swarm, principal.agent))
+        return keys
 
     def charge(self, principal: Principal, *, rows: int | None, nbytes: int | None, seconds: float) -> None:
         """Add one request's spend to today's counters of its swarm and agent (memory only)."""
         swarm = principal.swarm
         if swarm is None:
             return
-        day = self.today()
-        keys = [(day, swarm, "")]
-        if principal.agent is not None:
-            keys.append((day, swarm, principal.agent))
         with self._lock:
-            for key in keys:
+            for key in self._keys(principal, swarm):
                 usage = self._usage.get(key)
                 if usage is None:
                     usage = self._usage[key] = Usage()
@@ -308,7 +371,7 @@ class Budgets:
             for key in [k for k in self._usage if k[0] < today and k not in keys]:
                 del self._usage[key]
             rows = [
-                [d, s, a, u.queries, u.rows, u.bytes, u.query_seconds * 1000]
+                [d, s, a, u.queries, u.rows, u.bytes, u.query_seconds * 1000, u.live_queries]
                 for (d, s, a) in keys
                 if (u := self._usage.get((d, s, a))) is not None
             ]
@@ -317,12 +380,15 @@ class Budgets:
         table = pa.Table.from_pydict(
             {name: [r[i] for r in rows] for i, name in enumerate(_USAGE_SCHEMA.names)}, schema=_USAGE_SCHEMA
         )
+        columns = ", ".join(_USAGE_SCHEMA.names)
         try:
             # One INSERT … SELECT from Arrow (executemany costs milliseconds per row).
             with self._db.transaction() as cur:
                 cur.register("_usage_batch", table)
                 try:
-                    cur.execute(f"INSERT OR REPLACE INTO {SYSTEM_SCHEMA}.usage SELECT * FROM _usage_batch")
+                    cur.execute(
+                        f"INSERT OR REPLACE INTO {SYSTEM_SCHEMA}.usage ({columns}) SELECT {columns} FROM _usage_batch"
+                    )
                 finally:
                     cur.unregister("_usage_batch")
         except Exception:

@@ -5,7 +5,12 @@ one :class:`QueryRecord` when it ends — refused ones too — with who asked, w
 tables read, the SQL text (literals replaced by ``?`` with ``[query_log] redact_literals``,
 found by DuckDB's tokenizer: :func:`catalog.sqlguard.redact_literals`), the parameter count,
 the rows and bytes sent where the path counts them, the milliseconds, the outcome and the
-error code.
+error code. A request that ran SQL in Snowflake (live tables, proto_docs/federation.md) also
+has ``remote`` = ``"snowflake"`` and ``remote_query_ids``: the Snowflake query id of each
+query it ran there, in order (a mixed query: one per pull) — what an admin looks up in
+Snowflake's ``QUERY_HISTORY``. The data plane collects them in a :class:`RemoteWork`, which
+also takes the request's one ``live_queries_per_day`` (catalog/budgets.py) before its first
+query is sent.
 
 Recording is on the hot path of every request, so :meth:`QueryLog.record` only appends to an
 in-memory buffer (bounded: beyond :data:`MAX_BUFFER` records are counted as dropped, never
@@ -70,6 +75,38 @@ class QueryRecord(msgspec.Struct, kw_only=True):
     outcome: str
     error_code: str | None
     request_id: str | None
+    #: "snowflake" when the request ran SQL there (live tables), else null.
+    remote: str | None = None
+    #: The Snowflake query ids of what it ran there, in order; null when it ran nothing there.
+    remote_query_ids: list[str] | None = None
+
+
+class RemoteWork:
+    """The Snowflake side of one data-plane request (see the module docs): made by the
+    handler that records the request, handed to every live query it starts. :meth:`begin`
+    before each query is sent — the first takes the request's live query from its swarm's
+    budget (RESOURCE_EXHAUSTED when spent: nothing is sent) —, :meth:`ran` with the query id
+    Snowflake answered."""
+
+    def __init__(self, budgets: Budgets | None, principal: Principal | None) -> None:
+        self._budgets = budgets
+        self._principal = principal
+        self._lock = threading.Lock()
+        self.sent = False
+        self.query_ids: list[str] = []
+
+    def begin(self) -> None:
+        with self._lock:
+            if self.sent:
+                return
+            if self._budgets is not None and self._principal is not None:
+                self._budgets.take_live(self._principal)
+            self.sent = True
+
+    def ran(self, query_id: str | None) -> None:
+        if query_id:
+            with self._lock:
+                self.query_ids.append(bounded(query_id, 100))
 
 
 class QueryPage(msgspec.Struct, kw_only=True):
@@ -97,11 +134,13 @@ _BATCH_SCHEMA = pa.schema(
         ("outcome", pa.string()),
         ("error_code", pa.string()),
         ("request_id", pa.string()),
+        ("remote", pa.string()),
+        ("remote_query_ids", pa.list_(pa.string())),
     ]
 )
 _COLUMNS = (
     "id, occurred_at, principal, swarm, agent, kind, via, tables, sql_text, params, rows, bytes, "
-    "ms, outcome, error_code, request_id"
+    "ms, outcome, error_code, request_id, remote, remote_query_ids"
 )
 _FIELDS = tuple(f.strip() for f in _COLUMNS.replace("sql_text", "sql").split(","))
 
@@ -135,8 +174,10 @@ class QueryLog:
         seconds: float,
         code: str | None = None,
         request_id: str | None = None,
+        remote: RemoteWork | None = None,
     ) -> None:
-        """Buffer one record (memory only: the caller is a request that is ending)."""
+        """Buffer one record (memory only: the caller is a request that is ending);
+        ``remote``: what it ran in Snowflake, if anything."""
         if sql is not None:
             sql = sql[:MAX_SQL_CHARS]
             if self._config.redact_literals:
@@ -159,9 +200,16 @@ class QueryLog:
             error_code=error,
             request_id=request_id,
         )
+        if remote is not None and remote.sent:
+            rec.remote = "snowflake"
+            rec.remote_query_ids = list(remote.query_ids)
         if self._budgets is not None and rec.outcome != "refused":
             self._budgets.charge(principal, rows=rows, nbytes=nbytes, seconds=seconds)
         self._buffer.add(rec)
+
+    def remote_work(self, principal: Principal | None) -> RemoteWork:
+        """A new request's Snowflake side, charged to ``principal``'s swarm's budgets."""
+        return RemoteWork(self._budgets, principal)
 
     def pending(self) -> int:
         return len(self._buffer)
@@ -198,6 +246,8 @@ class QueryLog:
                 "outcome": [r.outcome for r in batch],
                 "error_code": [r.error_code for r in batch],
                 "request_id": [r.request_id for r in batch],
+                "remote": [r.remote for r in batch],
+                "remote_query_ids": [r.remote_query_ids for r in batch],
             },
             schema=_BATCH_SCHEMA,
         )

@@ -46,6 +46,7 @@ from typing import Any, Literal, Protocol
 import pyarrow as pa
 
 from catalog.identity import Principal
+from catalog.query_log import RemoteWork
 from catalog.tables import TableRef
 
 #: Why a result has a row cap: the server's ``[limits] max_rows`` or the caller's ``max_rows``
@@ -81,6 +82,8 @@ class RunningQuery:
     _rows: int | None = None
     _bytes: int | None = None
     _code: str | None = None
+    #: What the run sent to Snowflake (a query of live tables): its query ids, for the record.
+    remote: RemoteWork | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property

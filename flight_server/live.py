@@ -21,7 +21,10 @@ query in a session of its own (``[live] max_concurrent`` at once). Batches arriv
 binder's), cut at the cap, which is then reported like any cut (flight_server/truncation.py).
 A client that goes away is noticed by flight_server/running.py, which interrupts the call's
 deadline: that cancels the Snowflake query as well. The Snowflake query id is logged with
-the call (``live_query_id``). A mixed query pulls its live tables first (each under what is
+the call (``live_query_id``) and kept in its query-log record, every pull's id for a mixed
+query (``remote_query_ids``, catalog/query_log.py); the request's first query sent takes
+one ``live_queries_per_day`` of its swarm's budget (catalog/budgets.py), refused before
+anything is sent when it is spent. A mixed query pulls its live tables first (each under what is
 left of the one timeout), registers them on a cursor of its own and streams the local
 query's result. A finished live result is kept for ``[live] cache_ttl_seconds``
 (catalog/live.py ``LiveResults``). The query port (``run_query``: ``POST /v1/query``, MCP,
@@ -42,9 +45,19 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
 
-from catalog import Catalog, DeadlineExceeded, InvalidArgument, Principal, QuiverError, TableRef, Unavailable
+from catalog import (
+    Catalog,
+    DeadlineExceeded,
+    InvalidArgument,
+    Principal,
+    QuiverError,
+    ResourceExhausted,
+    TableRef,
+    Unavailable,
+)
 from catalog.live import LiveColumn, LiveDescription, LiveResults, LiveRun, LiveTables
 from catalog.live_sql import split_mixed, transpile
+from catalog.query_log import RemoteWork
 from catalog.query_port import RunningQuery
 from catalog.snowflake_names import quote_snowflake
 from catalog.sqlguard import GuardedQuery
@@ -69,11 +82,33 @@ def require_live(catalog: Catalog) -> LiveTables:
     return live
 
 
+def check_budget(catalog: Catalog, principal: Principal) -> None:
+    """At planning, before a live table's description may be read from Snowflake: refuse a
+    caller whose ``live_queries_per_day`` is spent (catalog/budgets.py). The live query is
+    counted when it is sent (:class:`~catalog.query_log.RemoteWork`)."""
+    try:
+        catalog.budgets.check_live(principal)
+    except ResourceExhausted:
+        catalog.metrics.admission_refusals.labels("budget").inc()
+        raise
+
+
+def remote_of(catalog: Catalog, state: CallState) -> RemoteWork:
+    """The call's Snowflake side, kept on its query-log facts (made on first use)."""
+    facts = state.query
+    if facts is None:
+        return catalog.query_log.remote_work(state.principal)
+    if facts.remote is None:
+        facts.remote = catalog.query_log.remote_work(state.principal)
+    return facts.remote
+
+
 def query_plan(
     catalog: Catalog, guarded: GuardedQuery, part: SqlPart, admission: Admission, principal: Principal
 ) -> Plan:
     """The plan of a guarded query that reads live tables (see the module docs)."""
     live = require_live(catalog)
+    check_budget(catalog, principal)
     if any(not live.is_live(t) for t in guarded.tables):
         return _mixed_plan(catalog, guarded, part, admission, principal)
     described = {t.key(): live.describe(t) for t in guarded.tables}
@@ -255,11 +290,14 @@ def _start(
     timeout: float,
     part: LivePart,
     cleanups: list[Callable[[], None]],
+    work: RemoteWork,
     state: CallState | None = None,
 ) -> _Started:
     """Arm the deadline, then start ``part`` in Snowflake. The deadline's interrupt cancels
     the Snowflake query: as a timeout when the watchdog fired it, as a cancel when the stream
-    watcher (a client that left) or an admin did."""
+    watcher (a client that left) or an admin did. ``work`` takes the request's live query
+    from its budget before anything is sent, and gets the query id."""
+    work.begin()
     seconds = min(timeout, live.config.query_timeout_seconds)
     run = live.prepare(part.sql, part.params, timeout_seconds=seconds)
 
@@ -274,6 +312,7 @@ def _start(
         state.deadline = deadline
     cleanups.append(run.close)
     run.start()
+    work.ran(run.query_id)
     return _Started(run, deadline)
 
 
@@ -332,7 +371,7 @@ def open_stream(
         state.fields["cache"] = "live-hit"
         return flight.GeneratorStream(part.schema, _tagged_cached(hit, part, state))
     try:
-        started = _start(live, watchdog, timeout, part, state.cleanups, state)
+        started = _start(live, watchdog, timeout, part, state.cleanups, remote_of(catalog, state), state)
     except QuiverError as e:
         raise flight_error(e) from None
     if started.run.query_id:
@@ -363,6 +402,7 @@ def _run_mixed(
     timeout: float,
     part: MixedPart,
     cleanups: list[Callable[[], None]],
+    work: RemoteWork,
     state: CallState | None = None,
 ) -> tuple[pa.RecordBatchReader, Deadline]:
     """Pull each live table of a mixed query (all within the one query timeout), then start
@@ -379,7 +419,7 @@ def _run_mixed(
                 f"the query ran longer than {timeout:g} s ([limits] query_timeout_seconds)"
             )
         one = LivePart(pull.sql, (), schema, RowCap(most, "server_max_rows"))
-        started = _start(live, watchdog, left, one, cleanups, state)
+        started = _start(live, watchdog, left, one, cleanups, work, state)
         batches = list(_cut_batches(started, one))
         if started.cut:
             raise InvalidArgument(
@@ -410,7 +450,9 @@ def open_mixed(
 ) -> flight.FlightDataStream:
     """DoGet of a mixed query (:func:`_run_mixed`), cut at the cap."""
     try:
-        reader, deadline = _run_mixed(catalog, watchdog, timeout, part, state.cleanups, state)
+        reader, deadline = _run_mixed(
+            catalog, watchdog, timeout, part, state.cleanups, remote_of(catalog, state), state
+        )
     except QuiverError as e:
         raise flight_error(e) from None
     return flight.GeneratorStream(part.schema, _local_batches(reader, part, state, deadline, timeout))
@@ -422,10 +464,11 @@ def _mixed_running(
     timeout: float,
     part: MixedPart,
     held: list[Callable[[], None]],
+    work: RemoteWork,
 ) -> tuple[pa.RecordBatchReader, Callable[[], bool | None]]:
     """A mixed query for the query port: its reader (cut at the cap, errors as QuiverErrors)
     and whether it was cut."""
-    reader, deadline = _run_mixed(catalog, watchdog, timeout, part, held)
+    reader, deadline = _run_mixed(catalog, watchdog, timeout, part, held, work)
     flag = {"cut": False, "ended": False}
 
     def batches() -> Iterator[pa.RecordBatch]:
@@ -452,13 +495,15 @@ def _mixed_running(
     return pa.RecordBatchReader.from_batches(part.schema, batches()), cut
 
 
-def read_part(catalog: Catalog, watchdog: Watchdog, timeout: float, part: LivePart) -> pa.Table:
+def read_part(
+    catalog: Catalog, watchdog: Watchdog, timeout: float, part: LivePart, work: RemoteWork
+) -> pa.Table:
     """A live sample read whole, for the query port's ``read`` (MCP's sample tool): the
     caller holds the admission slot; the result is bounded by the sample's own cap."""
     held: list[Callable[[], None]] = []
     close = _closer(held)
     try:
-        started = _start(require_live(catalog), watchdog, timeout, part, held)
+        started = _start(require_live(catalog), watchdog, timeout, part, held, work)
         return pa.Table.from_batches(list(_cut_batches(started, part)), schema=part.schema)
     finally:
         close()
@@ -489,7 +534,9 @@ def _profile_aggregates(i: int, col: LiveColumn) -> list[str]:
     return out
 
 
-def profile(catalog: Catalog, watchdog: Watchdog, timeout: float, part: ProfilePart) -> pa.Table:
+def profile(
+    catalog: Catalog, watchdog: Watchdog, timeout: float, part: ProfilePart, work: RemoteWork
+) -> pa.Table:
     """A live table's profile (PROFILE_SCHEMA): one aggregate query pushed down to Snowflake,
     one row per column; quartiles and top values are not computed for live tables (NULL).
     Kept for ``[live] cache_ttl_seconds`` like a live result; ``cached_only`` answers what is
@@ -507,7 +554,7 @@ def profile(catalog: Catalog, watchdog: Watchdog, timeout: float, part: ProfileP
     close = _closer(held)
     try:
         one = LivePart(sql, (), pa.schema([]), RowCap(1, "server_max_rows"))
-        started = _start(live, watchdog, timeout, one, held)
+        started = _start(live, watchdog, timeout, one, held, work)
         row = _single_row(started.run)
     finally:
         close()
@@ -567,8 +614,9 @@ def _mixed_query(
 ) -> RunningQuery:
     held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
     close = _closer(held)
+    work = catalog.query_log.remote_work(principal)
     try:
-        reader, cut = _mixed_running(catalog, watchdog, timeout, part, held)
+        reader, cut = _mixed_running(catalog, watchdog, timeout, part, held, work)
     except BaseException:
         close()
         raise
@@ -583,6 +631,7 @@ def _mixed_query(
         truncated=None,
         _cut=cut,
         _release=close,
+        remote=work,
     )
 
 
@@ -692,8 +741,9 @@ def run_query(
         )
     held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
     close = _closer(held)
+    work = catalog.query_log.remote_work(principal)
     try:
-        started = _start(live, watchdog, timeout, part, held)
+        started = _start(live, watchdog, timeout, part, held, work)
     except BaseException:
         close()
         raise
@@ -713,6 +763,7 @@ def run_query(
         truncated=None,
         _cut=cut,
         _release=close,
+        remote=work,
     )
 
 

@@ -20,6 +20,7 @@ import structlog
 
 from catalog import Catalog, PermissionDenied, Principal, QuiverError, Unauthenticated
 from catalog.identity import METRICS_ONLY
+from catalog.query_log import RemoteWork
 from catalog.tokens import bearer_token
 from flight_server.errors import flight_error
 from flight_server.limits import Deadline
@@ -43,6 +44,9 @@ class QueryFacts:
     rows: int | None = None
     nbytes: int | None = None
     failures_only: bool = False
+    #: What the call ran in Snowflake (live tables): made by flight_server/live.py when it
+    #: starts the call's first live query; its query ids go into the record.
+    remote: RemoteWork | None = None
 
     def sent(self, rows: int, nbytes: int) -> None:
         """Count rows and bytes sent (the paths where Python sees the batches or the table)."""
@@ -157,6 +161,7 @@ class CallState(flight.ServerMiddleware):
                 seconds=seconds,
                 code=_code(self.outcome),
                 request_id=self.request_id,
+                remote=facts.remote,
             )
 
 

@@ -209,6 +209,7 @@ class Planner:
         ref = self.require_readable(principal, target.schema, target.table)
         if self.catalog.tables.is_live(ref):
             self._unruled_live(principal, ref)
+            live.check_budget(self.catalog, principal)
             return live.scan_plan(
                 self.catalog, ref, self.admission.limits_for(principal).max_rows, parts=parts
             )
@@ -452,6 +453,7 @@ class Planner:
         ruled = source != ref.sql
         if self.catalog.tables.is_live(ref):
             self._unruled_live(principal, ref)
+            live.check_budget(self.catalog, principal)
             return self._live_sample(ref, cmd, cap)
         with self.catalog.db.reading() as cur:
             if ruled:
@@ -529,6 +531,7 @@ class Planner:
         source = self.catalog.policy.relation(principal, ref)  # a ruled table: its view
         if self.catalog.tables.is_live(ref):  # aggregates pushed down (flight_server/live.py)
             self._unruled_live(principal, ref)
+            live.check_budget(self.catalog, principal)
             schema = live.require_live(self.catalog).describe(ref).schema
         else:
             with self.catalog.db.reading() as cur:

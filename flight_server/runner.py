@@ -24,7 +24,7 @@ import msgspec
 import pyarrow as pa
 
 from catalog import InvalidArgument, Principal, QuiverError
-from catalog.query_log import QueryLog
+from catalog.query_log import QueryLog, RemoteWork
 from catalog.query_port import RunningQuery
 from flight_server import live
 from flight_server.admission import Admission
@@ -65,6 +65,7 @@ class SqlRunner:
             rows: int | None = None,
             nbytes: int | None = None,
             code: str | None = None,
+            remote: RemoteWork | None = None,
         ) -> None:
             self._log.record(
                 principal,
@@ -78,6 +79,7 @@ class SqlRunner:
                 seconds=time.perf_counter() - started,
                 code=code,
                 request_id=request_id,
+                remote=remote,
             )
 
         return record
@@ -105,7 +107,7 @@ class SqlRunner:
         tables = [t.qualified for t in running.tables]
 
         def on_close(rows: int | None, nbytes: int | None, code: str | None) -> None:
-            record(tables=tables, rows=rows, nbytes=nbytes, code=code)
+            record(tables=tables, rows=rows, nbytes=nbytes, code=code, remote=running.remote)
 
         running.record_with(on_close)
         return running
@@ -150,15 +152,18 @@ class SqlRunner:
             return self._read(principal, command)[0]
         kind = command.get("kind")
         record = self._recorder(principal, via, kind if kind in ("sample", "profile") else "unknown", None, 0)
+        work = self._log.remote_work(principal)
         try:
-            table, tables = self._read(principal, command)
+            table, tables = self._read(principal, command, work)
         except QuiverError as e:
-            record(code=e.code)
+            record(code=e.code, remote=work)
             raise
-        record(tables=tables, rows=table.num_rows, nbytes=table.nbytes)
+        record(tables=tables, rows=table.num_rows, nbytes=table.nbytes, remote=work)
         return table
 
-    def _read(self, principal: Principal, command: dict[str, Any]) -> tuple[pa.Table, tuple[str, ...]]:
+    def _read(
+        self, principal: Principal, command: dict[str, Any], work: RemoteWork | None = None
+    ) -> tuple[pa.Table, tuple[str, ...]]:
         try:
             raw = msgspec.json.encode(command)
         except (TypeError, OverflowError) as e:
@@ -168,4 +173,4 @@ class SqlRunner:
             raise InvalidArgument("only 'sample' and 'profile' commands are read this way")
         plan = self._planner.plan(principal, cmd)
         tables = tuple(ref.qualified for ref in plan.tables)
-        return self._streamer.read_plan(self._admission, principal, plan), tables
+        return self._streamer.read_plan(self._admission, principal, plan, work), tables

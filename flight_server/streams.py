@@ -45,6 +45,7 @@ import structlog
 
 from catalog import Catalog, Principal, TableRef, Unavailable
 from catalog.limits import Effective
+from catalog.query_log import RemoteWork
 from catalog.query_port import RunningQuery
 from flight_server import live
 from flight_server.admission import Admission
@@ -201,7 +202,7 @@ class Streamer:
             state.cleanups.append(lambda: Watchdog.disarm(deadline))
         try:
             if isinstance(part, ProfilePart):
-                table = self._profile(part, cur, timeout)
+                table = self._profile(part, cur, timeout, live.remote_of(self.catalog, state))
                 return _counted(state, table)
             if part.label_errors:  # a split query's part: nothing to cut, errors labelled
                 self.executions += 1
@@ -401,20 +402,27 @@ class Streamer:
                     raise err from None
             raise
 
-    def _profile(self, part: ProfilePart, cur: duckdb.DuckDBPyConnection, timeout: float) -> pa.Table:
+    def _profile(
+        self, part: ProfilePart, cur: duckdb.DuckDBPyConnection, timeout: float, work: RemoteWork
+    ) -> pa.Table:
         if self.catalog.tables.is_live(part.ref):  # aggregates pushed down to Snowflake
-            return live.profile(self.catalog, self.watchdog, timeout, part)
+            return live.profile(self.catalog, self.watchdog, timeout, part, work)
         if part.cached_only:
             cached = self.profiles.cached(part.ref, part.columns, cursor=cur, relation=part.relation)
             return cached if cached is not None else PROFILE_SCHEMA.empty_table()
         return self.profiles.profile(part.ref, part.columns, cursor=cur, relation=part.relation)
 
-    def read_plan(self, admission: Admission, principal: Principal, plan: Plan) -> pa.Table:
+    def read_plan(
+        self, admission: Admission, principal: Principal, plan: Plan, work: RemoteWork | None = None
+    ) -> pa.Table:
         """The whole result of a sample or profile plan for a caller outside Flight
         (catalog/query_port.py ``read``): each part opened as DoGet opens it — the hot-table
         cache's slice, the profile cache, or DuckDB — under one admission slot and the query
         timeout. Only for plans bounded by construction (``[limits] max_sample_rows``, one row
-        per column): the result is read whole."""
+        per column): the result is read whole. ``work``: what it runs in Snowflake (a live
+        table's), for the caller's query-log record."""
+        if work is None:
+            work = self.catalog.query_log.remote_work(principal)
         if plan.kind not in ("sample", "profile"):
             raise ValueError(f"read_plan reads samples and profiles, not {plan.kind!r}")
         tables: list[pa.Table] = []
@@ -431,13 +439,15 @@ class Streamer:
                             continue
                         part = part.fallback
                     if isinstance(part, ProfilePart):
-                        tables.append(self._profile(part, cur, deadline.seconds))
+                        tables.append(self._profile(part, cur, deadline.seconds, work))
                     elif isinstance(part, SqlPart):
                         self.executions += 1
                         reader = arrow_stream(cur, limited(part.sql, part.max_rows), part.params)
                         tables.append(reader.read_all())
                     elif isinstance(part, LivePart):  # a live table's sample, from Snowflake
-                        tables.append(live.read_part(self.catalog, self.watchdog, deadline.seconds, part))
+                        tables.append(
+                            live.read_part(self.catalog, self.watchdog, deadline.seconds, part, work)
+                        )
                     else:  # pragma: no cover - samples and profiles have no other parts
                         raise TypeError(f"unexpected part {type(part).__name__}")
             except duckdb.Error as e:

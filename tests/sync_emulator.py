@@ -7,7 +7,9 @@ Test-only patches of the emulator (never of Quiver):
 - Credentials: fakesnow accepts any. ``require_password`` makes its login refuse every
   password but one, with Snowflake's own error (390100), so wrong credentials can be tested.
 - A recording proxy (``RECORDER``, :class:`Recorder`) in front of its query and abort routes:
-  the SQL text every query request carried (what pushdown tests check), every abort request
+  the SQL text every query request carried (what pushdown tests check), the query id the
+  emulator answered for each (``answered``: what the query log must show), how many sessions
+  were opened (``logins``), every abort request
   the connector sent, and — for a test that names a marker — queries *held* as a slow
   warehouse would hold them, until an abort request for them arrives (then answered with
   Snowflake's own "SQL execution canceled", 000604) or the hold ends. fakesnow itself answers
@@ -73,6 +75,8 @@ class Recorder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.queries: list[str] = []
+        self.answered: list[tuple[str, str]] = []  # (SQL text, the queryId answered for it)
+        self.logins = 0  # login requests (a session opened), accepted or not
         self.aborts: list[str] = []  # the SQL text each abort request named
         self.hold_marker: str | None = None
         self.hold_seconds = 30.0
@@ -91,6 +95,15 @@ class Recorder:
     def record(self, sql: str) -> None:
         with self._lock:
             self.queries.append(sql)
+
+    def answer(self, sql: str, query_id: str) -> None:
+        with self._lock:
+            self.answered.append((sql, query_id))
+
+    def ids_of(self, marker: str) -> list[str]:
+        """The query ids answered for queries whose text holds ``marker``, oldest first."""
+        with self._lock:
+            return [qid for sql, qid in self.answered if marker in sql]
 
     @contextlib.contextmanager
     def holding(self, marker: str, seconds: float = 30.0) -> Iterator[Recorder]:
@@ -146,7 +159,14 @@ def _install_recorder() -> None:
                         "success": False,
                     }
                 )
-        return await original(request)
+        response = await original(request)
+        try:
+            query_id = json.loads(bytes(response.body))["data"].get("queryId")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            query_id = None
+        if query_id:
+            RECORDER.answer(sql, str(query_id))
+        return response
 
     async def abort(request: Request) -> JSONResponse:
         body = await _body_json(request)
@@ -176,6 +196,8 @@ def _install_login_check() -> None:
     original = fss.login_request
 
     async def login(request: Request) -> JSONResponse:
+        with RECORDER._lock:
+            RECORDER.logins += 1
         wanted = _REQUIRED_PASSWORD["value"]
         if wanted is not None:
             body = await request.body()

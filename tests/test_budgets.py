@@ -227,6 +227,10 @@ def test_the_budget_resets_at_utc_midnight(server: Server, clock: FakeClock) -> 
         {"per_agent": {"per_agent": {}}},
         {"per_agent": 5},
         {"rows_per_day": 2**70},
+        {"live_queries_per_day": -1},
+        {"live_queries_per_day": "3"},
+        {"per_agent": {"live_queries_per_day": 0.5}},
+        {"live_query_per_day": 3},
     ],
 )
 def test_bad_budgets_are_refused_and_nothing_is_saved(server: Server, body: Any) -> None:

@@ -27,6 +27,11 @@ ORDERS_ROWS = 500
 
 @pytest.fixture(scope="module")
 def src(emu: Emulator) -> Source:
+    return orders_source(emu)
+
+
+def orders_source(emu: Emulator) -> Source:
+    """A database of its own with ORDERS and CUSTOMERS (shared with other live-table tests)."""
     s = Source(emu, "LIVE")
     s.execute(
         "CREATE TABLE ORDERS (ID NUMBER(38,0), CUSTOMER_ID NUMBER(9,0), STATUS VARCHAR, "
