@@ -57,6 +57,7 @@ def transpile(sql: str, live: Mapping[tuple[str, str], LiveDescription], *, limi
         raise _refused(f"the translator cannot read it ({_first(e)})") from None
     if not isinstance(tree, exp.Query):
         raise _refused("is not a query the translator can push down")
+    _duckdb_spellings(tree)
     _check_functions(sql, tree)
     _check_placeholders(tree)
     ctes = {fold(c.alias_or_name) for c in tree.find_all(exp.CTE)}
@@ -106,6 +107,15 @@ def _only_live_sources(tree: exp.Expr, replaced: set[int], ctes: set[str]) -> No
 def _first(e: Exception) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text[:300]
+
+
+def _duckdb_spellings(tree: exp.Expr) -> None:
+    """Names DuckDB writes when it serializes a parse tree back to SQL, as the guard's rewrite
+    of a ruled table does (catalog/sqlguard.py), read as what they are: ``count_star()`` is
+    ``count(*)``. sqlglot knows only the written forms, and would refuse the rest as unknown."""
+    for node in list(tree.find_all(exp.Anonymous)):
+        if fold(str(node.name)) == "count_star" and not node.expressions:
+            node.replace(exp.Count(this=exp.Star()))
 
 
 def _check_functions(sql: str, tree: exp.Expr) -> None:
@@ -191,6 +201,9 @@ class Pull:
     columns: tuple[str, ...]  # Quiver's names, in the table's order
     sql: str  # Snowflake SQL, LIMIT max_rows + 1
     filtered: bool  # a filter was pushed down with it
+    #: The DuckDB text of a pushed-down view (a rule's, see :func:`_view_of`), for binding
+    #: its result schema; None for a plain scan of ``columns``.
+    view: str | None = None
 
 
 def split_mixed(
@@ -220,11 +233,30 @@ def split_mixed(
         if desc is None:
             continue
         alias = fold(table.alias_or_name)
+        name = f"__quiver_live_{i}"
+        view = _view_of(table, desc)
+        if view is not None:
+            # The whole view is pushed down: Snowflake applies its row filter, drops its
+            # excluded columns and computes its masks, so neither reaches Quiver.
+            select, subquery = view
+            text = select.sql(dialect="duckdb")
+            pull_sql = transpile(text, {desc.ref.key(): desc}, limit=max_rows + 1)
+            names = tuple(fold(s.alias_or_name) for s in select.expressions)
+            filtered = select.args.get("where") is not None
+            pulls.append(Pull(desc.ref, name, names, pull_sql, filtered, text))
+            stand_in = exp.Table(
+                this=exp.to_identifier(name, quoted=True),
+                alias=subquery.args.get("alias") or exp.TableAlias(this=exp.to_identifier(alias)),
+            )
+            for key in ("joins", "laterals", "pivots", "sample"):  # what hangs on the subquery
+                if subquery.args.get(key):
+                    stand_in.set(key, subquery.args[key])
+            subquery.replace(stand_in)
+            continue
         columns = tuple(c.name for c in desc.columns if star or fold(c.name) in mentioned) or (
             desc.columns[0].name,
         )
         own = [c for c in conjuncts.get(id(table), []) if _only(c, alias)]
-        name = f"__quiver_live_{i}"
         pulled = exp.select(*(exp.column(c, table=alias, quoted=True) for c in columns)).from_(
             exp.Table(
                 this=exp.to_identifier(desc.ref.name, quoted=True),
@@ -272,3 +304,48 @@ def _only(conjunct: exp.Expr, alias: str) -> bool:
         return False
     columns = list(conjunct.find_all(exp.Column))
     return bool(columns) and all(fold(c.table) == alias and not c.args.get("db") for c in columns)
+
+
+def _view_of(table: exp.Table, desc: LiveDescription) -> tuple[exp.Select, exp.Subquery] | None:
+    """The subquery ``(SELECT <projection> FROM table [WHERE …])`` that reads only ``table``
+    — the shape of a rule's view (catalog/views.py), which the guard puts where the query
+    named a ruled table — when it can be pushed down whole: one table, no joins, grouping,
+    ordering, limits, windows, subqueries or parameters, and every column it names is a column
+    of that table (so nothing in it refers to the outer query). None otherwise: the table is
+    pulled as a plain scan and the rest runs in DuckDB."""
+    select = table.parent.parent if isinstance(table.parent, exp.From) else None
+    if not isinstance(select, exp.Select) or not isinstance(select.parent, exp.Subquery):
+        return None
+    source = select.args.get("from_") or select.args.get("from")
+    if source is None or source.this is not table:
+        return None
+    for key in (
+        "joins",
+        "laterals",
+        "group",
+        "having",
+        "qualify",
+        "order",
+        "limit",
+        "offset",
+        "distinct",
+        "with_",
+        "with",
+        "windows",
+    ):
+        if select.args.get(key):
+            return None
+    if table.args.get("sample") or table.args.get("joins") or table.args.get("pivots"):
+        return None
+    if select.find(exp.Placeholder, exp.Parameter, exp.Subquery, exp.AggFunc, exp.Window) or any(
+        isinstance(n, exp.Select) and n is not select for n in select.find_all(exp.Select)
+    ):
+        return None
+    alias = fold(table.alias_or_name)
+    names = {fold(c.name) for c in desc.columns}
+    for column in select.find_all(exp.Column):
+        if fold(column.name) not in names or (column.table and fold(column.table) != alias):
+            return None
+    if any(not isinstance(e, exp.Star) and not e.alias_or_name for e in select.expressions):
+        return None
+    return select, select.parent

@@ -117,7 +117,10 @@ def _mixed_plan(
                 "table alone (a WHERE condition on its columns, qualified by its alias) or query "
                 "the live tables on their own, where all the work is pushed down"
             )
-        schemas.append(pa.schema([desc.schema.field(c) for c in pull.columns]))
+        if pull.view is not None:  # a pushed-down view: its own result schema
+            schemas.append(live.bind(pull.view, (), [pull.ref]))
+        else:
+            schemas.append(pa.schema([desc.schema.field(c) for c in pull.columns]))
     with admission.planning(principal) as (cur, deadline):
         try:
             for pull, schema in zip(pulls, schemas, strict=True):
