@@ -59,7 +59,7 @@ def transpile(sql: str, live: Mapping[tuple[str, str], LiveDescription], *, limi
         raise _refused("is not a query the translator can push down")
     _duckdb_spellings(tree)
     _check_functions(sql, tree)
-    _check_placeholders(tree)
+    numbered = _check_placeholders(tree)
     ctes = {fold(c.alias_or_name) for c in tree.find_all(exp.CTE)}
     used: list[LiveDescription] = []
     replaced: set[int] = set()
@@ -86,7 +86,8 @@ def transpile(sql: str, live: Mapping[tuple[str, str], LiveDescription], *, limi
     if limit is not None:
         tree = _capped(tree, limit)
     try:
-        return tree.sql(dialect="snowflake", unsupported_level=ErrorLevel.RAISE)
+        text = tree.sql(dialect="snowflake", unsupported_level=ErrorLevel.RAISE)
+        return _positional(text) if numbered else text
     except UnsupportedError as e:
         raise _refused(f"uses what Snowflake's dialect cannot express: {_first(e)}") from None
     except SqlglotError as e:
@@ -130,10 +131,44 @@ def _check_functions(sql: str, tree: exp.Expr) -> None:
             raise _refused(f"calls {fold(token.text)}(), whose Snowflake translation differs: {why}")
 
 
-def _check_placeholders(tree: exp.Expr) -> None:
-    for node in tree.find_all(exp.Placeholder, exp.Parameter):
-        if isinstance(node, exp.Parameter) or (node.name and node.name != "?"):
+#: The name a numbered parameter is written under until :func:`_positional` reads it back.
+_MARK = "quiver_param_"
+
+
+def _check_placeholders(tree: exp.Expr) -> bool:
+    """Refuse named parameters; mark numbered ones (``$1``, ``$2`` …), which is how DuckDB
+    writes ``?`` when it serializes a parse tree (the guard's rewrite of a ruled table,
+    catalog/sqlguard.py), for :func:`_positional`. True when there were numbered ones."""
+    numbered = False
+    for node in list(tree.find_all(exp.Placeholder, exp.Parameter)):
+        name = node.name
+        if isinstance(node, exp.Placeholder) and name.isdigit():
+            node.replace(exp.Placeholder(this=f"{_MARK}{int(name)}"))
+            numbered = True
+        elif isinstance(node, exp.Parameter) or (name and name != "?"):
             raise _refused("uses a numbered or named parameter; write ? placeholders, bound in order")
+    return numbered
+
+
+def _positional(text: str) -> str:
+    """``text`` with its marked numbered parameters written ``?``, when they appear exactly in
+    the order 1, 2, … n, each once — then binding the parameters in order means what the
+    numbers meant. Anything else (a number used twice, out of order, mixed with ``?``) is
+    refused rather than bound to the wrong value."""
+    spans: list[tuple[int, int]] = []
+    order: list[int] = []
+    tokens = sqlglot.tokenize(text, read="snowflake")
+    for token, following in itertools.pairwise(tokens):
+        if token.token_type == TokenType.COLON and following.text.startswith(_MARK):
+            spans.append((token.start, following.end + 1))
+            order.append(int(following.text[len(_MARK) :]))
+    if order != list(range(1, len(order) + 1)) or any(t.token_type == TokenType.PLACEHOLDER for t in tokens):
+        raise _refused(
+            "uses its parameters in an order Snowflake's ? placeholders cannot bind; write each ? once"
+        )
+    for start, end in reversed(spans):
+        text = text[:start] + "?" + text[end:]
+    return text
 
 
 def _live_table(
@@ -349,3 +384,18 @@ def _view_of(table: exp.Table, desc: LiveDescription) -> tuple[exp.Select, exp.S
     if any(not isinstance(e, exp.Star) and not e.alias_or_name for e in select.expressions):
         return None
     return select, select.parent
+
+
+def check_pushable(projection: list[str], row_filter: str | None, desc: LiveDescription) -> None:
+    """Translate a rule's masks (``projection``, DuckDB expressions) and row filter over the
+    live table ``desc`` as a query would push them down, parameters read as NULL;
+    INVALID_ARGUMENT naming what cannot be translated (catalog/rules.py checks this when an
+    allowlist is saved)."""
+    where = f" WHERE ({row_filter})" if row_filter is not None else ""
+    try:
+        tree = sqlglot.parse_one(f"SELECT {', '.join(projection)} FROM {desc.ref.sql}{where}", read="duckdb")
+    except ParseError as e:
+        raise _refused(f"the translator cannot read it ({_first(e)})") from None
+    for node in list(tree.find_all(exp.Parameter, exp.Placeholder)):
+        node.replace(exp.Null())
+    transpile(tree.sql(dialect="duckdb"), {desc.ref.key(): desc}, limit=None)
