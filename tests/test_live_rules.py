@@ -373,3 +373,49 @@ def test_concurrent_principals_each_read_only_their_own_view(server: Server) -> 
     assert not errors, errors
     assert len(seen) == 6 * len(queries) * 2
     assert all(values == [region] for region, values in seen), seen
+
+
+def test_a_rule_on_a_live_table_snowflake_cannot_describe_is_503_and_saves_nothing(
+    emu: Emulator, src: Source, tmp_path: Any
+) -> None:
+    from tests.sync_emulator import free_port
+
+    s = start_server(
+        tmp_path / "down",
+        demo=False,
+        snowflake={**emu.snowflake_section(), "port": free_port(), "login_timeout": 2, "network_timeout": 2},
+        live={"tables": [{"source": src.name("PEOPLE"), "target": "live.people"}]},
+    )
+    try:
+        http = s.http()
+        assert http.post("/v1/swarms", json={"name": "down", "tables": ["live.people"]}).status_code == 201
+        before = _allowlist(s, "down")
+        entry = {"table": P, "except_columns": ["ssn"]}
+        r = http.put("/v1/swarms/down/allowlist", json={"tables": [entry]})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "UNAVAILABLE" and "Snowflake" in r.json()["detail"]
+        assert "emulator-password" not in r.text
+        assert _allowlist(s, "down") == before
+    finally:
+        s.stop()
+
+
+def test_numbered_parameters_go_down_as_question_marks_only_in_their_own_order(server: Server) -> None:
+    from catalog.errors import InvalidArgument
+    from catalog.live_sql import transpile
+
+    live = server.catalog.tables.live
+    assert live is not None
+    ref = next(r for r in live.refs() if r.name == "orders")
+    described = {ref.key(): live.describe(ref)}
+    sent = transpile("SELECT id FROM live.orders WHERE id = $1 AND amount > $2", described, limit=None)
+    assert sent.count("?") == 2 and "$" not in sent and ":" not in sent
+    for sql in (
+        "SELECT id FROM live.orders WHERE id = $2 AND amount > $1",
+        "SELECT id FROM live.orders WHERE id = $1 OR amount = $1",
+        "SELECT id FROM live.orders WHERE id = $1 AND amount > ?",
+        "SELECT id FROM live.orders WHERE id = $quiver_param_1",
+    ):
+        with pytest.raises(InvalidArgument) as raised:
+            transpile(sql, described, limit=None)
+        assert "?" in raised.value.detail
