@@ -79,6 +79,7 @@ def query_plan(
     described = {t.key(): live.describe(t) for t in guarded.tables}
     schema = live.bind(guarded.sql, part.params, guarded.tables)
     check_result_type(schema)
+    _flat_result(schema)
     cap = part.row_cap
     assert cap is not None  # a query always has a cap
     sql = transpile(guarded.sql, described, limit=cap.max_rows + 1)
@@ -150,6 +151,19 @@ def _mixed_plan(
         sql=guarded.sql,
         params=len(part.params),
     )
+
+
+def _flat_result(schema: pa.Schema) -> None:
+    """A list, struct or map result column (``list(x)``, ``array_agg``, a struct literal)
+    comes back from Snowflake as semi-structured JSON text, not the value DuckDB binds it to:
+    refused before anything runs, rather than failing on the cast afterwards."""
+    for f in schema:
+        if pa.types.is_nested(f.type):
+            raise InvalidArgument(
+                f"this query reads live tables (queried in Snowflake) and its column {f.name[:80]!r} "
+                f"is a {f.type}, which Snowflake returns as semi-structured JSON; aggregate or "
+                "select scalar values instead (proto_docs/federation.md lists what is pushed down)"
+            )
 
 
 def _one_select(sql: str) -> None:

@@ -129,7 +129,8 @@ def _plain(value: Any) -> Any:
 
 def _rows(table: pa.Table) -> list[str]:
     """A result as a sorted list of row texts (duplicates kept, order ignored, numbers plain)."""
-    return sorted(repr([_plain(v) for v in row.values()]) for row in table.to_pylist())
+    columns = [c.to_pylist() for c in table.columns]  # by position: names may repeat
+    return sorted(repr([_plain(c[i]) for c in columns]) for i in range(table.num_rows))
 
 
 def forbidden() -> set[str]:
@@ -142,7 +143,7 @@ def forbidden() -> set[str]:
 def assert_no_leak(table: pa.Table) -> None:
     assert "ssn" not in [n.lower() for n in table.column_names]
     bad = forbidden()
-    cells = [str(v) for row in table.to_pylist() for v in row.values() if v is not None]
+    cells = [str(v) for c in table.columns for v in c.to_pylist() if v is not None]
     leaked = [c for c in cells if any(b == c or b in c for b in bad)]
     assert not leaked, leaked[:5]
 
@@ -157,6 +158,7 @@ def oracle(server: Server) -> Any:
         people = cur.sql("SELECT * FROM rep.people").to_arrow_table()
         orders = cur.sql("SELECT * FROM rep.orders").to_arrow_table()
     con = duckdb.connect(":memory:")
+    con.execute("ATTACH ':memory:' AS quiver; USE quiver")  # the catalog name of the server's database
     con.register("people_base", people)
     con.register("orders_base", orders)
     con.execute("CREATE SCHEMA live; CREATE SCHEMA rep")
@@ -419,3 +421,58 @@ def test_numbered_parameters_go_down_as_question_marks_only_in_their_own_order(s
         with pytest.raises(InvalidArgument) as raised:
             transpile(sql, described, limit=None)
         assert "?" in raised.value.detail
+
+
+def _escape_shapes() -> list[str]:
+    """The guard's escape corpus (tests/test_sqlguard.py) shapes that read its forbidden table,
+    pointed at the ruled live table, plus the rules suite's own shapes that name it."""
+    from tests.test_rules_data_plane import SHAPES
+    from tests.test_sqlguard import TABLE_ESCAPES
+
+    out = []
+    for sql, offender in TABLE_ESCAPES:
+        if offender == "secret.salaries" and "secret.salaries" in sql:
+            out.append(
+                sql.replace("secret.salaries", P)
+                .replace("demo.orders", "live.orders")
+                .replace("demo.customers", "rep.orders")
+            )
+    out += [
+        s.replace("ruled.people", P).replace("ruled.orders", "live.orders")
+        for s in SHAPES
+        if "ruled.people" in s
+    ]
+    # fakesnow hangs on a set operation whose operands are parenthesized, `(SELECT …) EXCEPT
+    # (SELECT …)`, which is how sqlglot writes one with a view inside (Snowflake takes it):
+    # an emulator limit: set operations are left out here.
+    return sorted(
+        s for s in set(out) if not any(w in s.upper() for w in (" EXCEPT ", " INTERSECT ", " UNION "))
+    )
+
+
+def test_the_escape_corpus_on_a_ruled_live_table_answers_the_view_or_a_client_error(
+    server: Server, agent: str, oracle: Any
+) -> None:
+    """Every shape either answers without a filtered-out row, an ``ssn`` value or a clear e-mail
+    address — and, when it answers, what DuckDB answers on the view — or is refused with a
+    client error; never INTERNAL, and never a read of PEOPLE outside the view."""
+    client_codes = {"INVALID_ARGUMENT", "PERMISSION_DENIED"}
+    answered = refused = 0
+    for sql in _escape_shapes():
+        mark = RECORDER.mark()
+        try:
+            got = _query(server, agent, sql)
+        except flight.FlightError as e:
+            err = error_info(e)
+            assert err["code"] in client_codes, (sql, err)
+            assert not any(b in err["detail"] for b in forbidden()), (sql, err)
+            refused += 1
+        else:
+            assert_no_leak(got)
+            answered += 1
+            if "LIMIT" not in sql.upper() and "SAMPLE" not in sql.upper():  # else any rows may do
+                assert _rows(got) == _rows(oracle.execute(sql).to_arrow_table()), sql
+        for q in _people_sent(mark):
+            assert "\"REGION\" = 'north'" in q and 'EXCLUDE ("SSN")' in q, (sql, q)
+            assert q.count('"SSN"') == q.count('EXCLUDE ("SSN")'), (sql, q)
+    assert answered > 20 and refused > 0, (answered, refused)
