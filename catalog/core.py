@@ -73,7 +73,7 @@ class Catalog:
         self.live = LiveTables(config) if config.live.tables else None
         self.tables.live = self.live
         self.policy = Policy(self.tables)
-        self.swarms = SwarmStore(self.db, self.policy)
+        self.swarms = SwarmStore(self.db, self.policy, tables=self.tables)
         # Table and column texts for agents: DuckDB comments (catalog/descriptions.py).
         self.descriptions = Descriptions(self.db, self.swarms.writes)
         self.keys = KeyRing.load_or_create(data_dir / "keys")

@@ -29,6 +29,7 @@ both use catalog/snowflake_client.py to connect.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -212,6 +213,16 @@ class LiveTables:
                 self._binder.execute(f"CREATE OR REPLACE TABLE {ref.sql} ({cols})")
                 self._bound[ref.key()] = columns
             return self._binder.cursor().sql(f"SELECT * FROM {ref.sql} LIMIT 0").to_arrow_table().schema
+
+    @contextlib.contextmanager
+    def binder(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of the binder, where every described live table has an empty stand-in of
+        its name (rule validation binds a row filter there: catalog/rules.py)."""
+        cur = self._binder.cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
 
     def bind(self, sql: str, params: Sequence[Any], refs: Sequence[TableRef]) -> pa.Schema:
         """The result schema of the guarded ``sql`` over live tables ``refs``, from DuckDB's

@@ -57,8 +57,10 @@ def transpile(sql: str, live: Mapping[tuple[str, str], LiveDescription], *, limi
         raise _refused(f"the translator cannot read it ({_first(e)})") from None
     if not isinstance(tree, exp.Query):
         raise _refused("is not a query the translator can push down")
+    _duckdb_spellings(tree)
+    _check_joins(tree)
     _check_functions(sql, tree)
-    _check_placeholders(tree)
+    numbered = _check_placeholders(tree)
     ctes = {fold(c.alias_or_name) for c in tree.find_all(exp.CTE)}
     used: list[LiveDescription] = []
     replaced: set[int] = set()
@@ -85,7 +87,8 @@ def transpile(sql: str, live: Mapping[tuple[str, str], LiveDescription], *, limi
     if limit is not None:
         tree = _capped(tree, limit)
     try:
-        return tree.sql(dialect="snowflake", unsupported_level=ErrorLevel.RAISE)
+        text = tree.sql(dialect="snowflake", unsupported_level=ErrorLevel.RAISE)
+        return _positional(text) if numbered else text
     except UnsupportedError as e:
         raise _refused(f"uses what Snowflake's dialect cannot express: {_first(e)}") from None
     except SqlglotError as e:
@@ -108,6 +111,44 @@ def _first(e: Exception) -> str:
     return text[:300]
 
 
+def _duckdb_spellings(tree: exp.Expr) -> None:
+    """Names DuckDB writes when it serializes a parse tree back to SQL, as the guard's rewrite
+    of a ruled table does (catalog/sqlguard.py), read as what they are: ``count_star()`` is
+    ``count(*)``. sqlglot knows only the written forms, and would refuse the rest as unknown."""
+    for node in list(tree.find_all(exp.Anonymous)):
+        if fold(str(node.name)) == "count_star" and not node.expressions:
+            node.replace(exp.Count(this=exp.Star()))
+
+
+#: DuckDB join methods sqlglot writes unchanged although Snowflake has none of that meaning:
+#: Snowflake's ASOF JOIN takes a MATCH_CONDITION (its ON is equalities only), and it has no
+#: POSITIONAL JOIN. Found by the escape corpus on the emulator, which runs them as DuckDB does.
+UNTRANSLATED_JOINS = {"asof": "ASOF JOIN", "positional": "POSITIONAL JOIN"}
+
+
+def _check_joins(tree: exp.Expr) -> None:
+    """Joins and row sources Snowflake cannot take faithfully. ``unnest`` (in ``FROM`` or the
+    select list) is sqlglot's ``FLATTEN``, whose rows carry SEQ, KEY, PATH, INDEX, VALUE and
+    THIS: a ``SELECT *`` over it would answer other columns; it is not a table either, so the
+    check that only live sources reach Snowflake does not see it."""
+    if tree.find(exp.Unnest, exp.Explode) is not None:
+        raise _refused("uses unnest(), which Snowflake spells as FLATTEN with other columns")
+    if tree.find(exp.Columns) is not None:  # written unchanged by sqlglot; Snowflake has none
+        raise _refused("uses a COLUMNS(…) expression, which Snowflake's dialect lacks")
+    if tree.find(exp.Pivot) is not None:
+        # Snowflake names UNPIVOT's rows and PIVOT's columns by its stored (upper-case) column
+        # names and takes PIVOT's values differently: answers would differ from DuckDB's.
+        raise _refused("uses PIVOT or UNPIVOT, whose Snowflake answer names columns differently")
+    if tree.find(exp.Struct, exp.Array) is not None:
+        # OBJECT_CONSTRUCT / ARRAY_CONSTRUCT answer semi-structured values (JSON text over
+        # Arrow), not the STRUCT or LIST DuckDB binds the result to.
+        raise _refused("builds a list or struct value, which Snowflake returns as semi-structured JSON")
+    for join in tree.find_all(exp.Join):
+        name = UNTRANSLATED_JOINS.get(fold(str(join.args.get("method") or "")))
+        if name is not None:
+            raise _refused(f"uses {name}, which Snowflake's dialect spells with other semantics or lacks")
+
+
 def _check_functions(sql: str, tree: exp.Expr) -> None:
     for node in tree.find_all(exp.Anonymous):
         raise _refused(f"calls {str(node.name)[:80]}(), which has no known Snowflake equivalent")
@@ -120,10 +161,44 @@ def _check_functions(sql: str, tree: exp.Expr) -> None:
             raise _refused(f"calls {fold(token.text)}(), whose Snowflake translation differs: {why}")
 
 
-def _check_placeholders(tree: exp.Expr) -> None:
-    for node in tree.find_all(exp.Placeholder, exp.Parameter):
-        if isinstance(node, exp.Parameter) or (node.name and node.name != "?"):
+#: The name a numbered parameter is written under until :func:`_positional` reads it back.
+_MARK = "quiver_param_"
+
+
+def _check_placeholders(tree: exp.Expr) -> bool:
+    """Refuse named parameters; mark numbered ones (``$1``, ``$2`` …), which is how DuckDB
+    writes ``?`` when it serializes a parse tree (the guard's rewrite of a ruled table,
+    catalog/sqlguard.py), for :func:`_positional`. True when there were numbered ones."""
+    numbered = False
+    for node in list(tree.find_all(exp.Placeholder, exp.Parameter)):
+        name = node.name
+        if isinstance(node, exp.Placeholder) and name.isdigit():
+            node.replace(exp.Placeholder(this=f"{_MARK}{int(name)}"))
+            numbered = True
+        elif isinstance(node, exp.Parameter) or (name and name != "?"):
             raise _refused("uses a numbered or named parameter; write ? placeholders, bound in order")
+    return numbered
+
+
+def _positional(text: str) -> str:
+    """``text`` with its marked numbered parameters written ``?``, when they appear exactly in
+    the order 1, 2, … n, each once — then binding the parameters in order means what the
+    numbers meant. Anything else (a number used twice, out of order, mixed with ``?``) is
+    refused rather than bound to the wrong value."""
+    spans: list[tuple[int, int]] = []
+    order: list[int] = []
+    tokens = sqlglot.tokenize(text, read="snowflake")
+    for token, following in itertools.pairwise(tokens):
+        if token.token_type == TokenType.COLON and following.text.startswith(_MARK):
+            spans.append((token.start, following.end + 1))
+            order.append(int(following.text[len(_MARK) :]))
+    if order != list(range(1, len(order) + 1)) or any(t.token_type == TokenType.PLACEHOLDER for t in tokens):
+        raise _refused(
+            "uses its parameters in an order Snowflake's ? placeholders cannot bind; write each ? once"
+        )
+    for start, end in reversed(spans):
+        text = text[:start] + "?" + text[end:]
+    return text
 
 
 def _live_table(
@@ -191,6 +266,9 @@ class Pull:
     columns: tuple[str, ...]  # Quiver's names, in the table's order
     sql: str  # Snowflake SQL, LIMIT max_rows + 1
     filtered: bool  # a filter was pushed down with it
+    #: The DuckDB text of a pushed-down view (a rule's, see :func:`_view_of`), for binding
+    #: its result schema; None for a plain scan of ``columns``.
+    view: str | None = None
 
 
 def split_mixed(
@@ -220,11 +298,30 @@ def split_mixed(
         if desc is None:
             continue
         alias = fold(table.alias_or_name)
+        name = f"__quiver_live_{i}"
+        view = _view_of(table, desc)
+        if view is not None:
+            # The whole view is pushed down: Snowflake applies its row filter, drops its
+            # excluded columns and computes its masks, so neither reaches Quiver.
+            select, subquery = view
+            text = select.sql(dialect="duckdb")
+            pull_sql = transpile(text, {desc.ref.key(): desc}, limit=max_rows + 1)
+            names = tuple(fold(s.alias_or_name) for s in select.expressions)
+            filtered = select.args.get("where") is not None
+            pulls.append(Pull(desc.ref, name, names, pull_sql, filtered, text))
+            stand_in = exp.Table(
+                this=exp.to_identifier(name, quoted=True),
+                alias=subquery.args.get("alias") or exp.TableAlias(this=exp.to_identifier(alias)),
+            )
+            for key in ("joins", "laterals", "pivots", "sample"):  # what hangs on the subquery
+                if subquery.args.get(key):
+                    stand_in.set(key, subquery.args[key])
+            subquery.replace(stand_in)
+            continue
         columns = tuple(c.name for c in desc.columns if star or fold(c.name) in mentioned) or (
             desc.columns[0].name,
         )
         own = [c for c in conjuncts.get(id(table), []) if _only(c, alias)]
-        name = f"__quiver_live_{i}"
         pulled = exp.select(*(exp.column(c, table=alias, quoted=True) for c in columns)).from_(
             exp.Table(
                 this=exp.to_identifier(desc.ref.name, quoted=True),
@@ -272,3 +369,63 @@ def _only(conjunct: exp.Expr, alias: str) -> bool:
         return False
     columns = list(conjunct.find_all(exp.Column))
     return bool(columns) and all(fold(c.table) == alias and not c.args.get("db") for c in columns)
+
+
+def _view_of(table: exp.Table, desc: LiveDescription) -> tuple[exp.Select, exp.Subquery] | None:
+    """The subquery ``(SELECT <projection> FROM table [WHERE …])`` that reads only ``table``
+    — the shape of a rule's view (catalog/views.py), which the guard puts where the query
+    named a ruled table — when it can be pushed down whole: one table, no joins, grouping,
+    ordering, limits, windows, subqueries or parameters, and every column it names is a column
+    of that table (so nothing in it refers to the outer query). None otherwise: the table is
+    pulled as a plain scan and the rest runs in DuckDB."""
+    select = table.parent.parent if isinstance(table.parent, exp.From) else None
+    if not isinstance(select, exp.Select) or not isinstance(select.parent, exp.Subquery):
+        return None
+    source = select.args.get("from_") or select.args.get("from")
+    if source is None or source.this is not table:
+        return None
+    for key in (
+        "joins",
+        "laterals",
+        "group",
+        "having",
+        "qualify",
+        "order",
+        "limit",
+        "offset",
+        "distinct",
+        "with_",
+        "with",
+        "windows",
+    ):
+        if select.args.get(key):
+            return None
+    if table.args.get("sample") or table.args.get("joins") or table.args.get("pivots"):
+        return None
+    if select.find(exp.Placeholder, exp.Parameter, exp.Subquery, exp.AggFunc, exp.Window) or any(
+        isinstance(n, exp.Select) and n is not select for n in select.find_all(exp.Select)
+    ):
+        return None
+    alias = fold(table.alias_or_name)
+    names = {fold(c.name) for c in desc.columns}
+    for column in select.find_all(exp.Column):
+        if fold(column.name) not in names or (column.table and fold(column.table) != alias):
+            return None
+    if any(not isinstance(e, exp.Star) and not e.alias_or_name for e in select.expressions):
+        return None
+    return select, select.parent
+
+
+def check_pushable(projection: list[str], row_filter: str | None, desc: LiveDescription) -> None:
+    """Translate a rule's masks (``projection``, DuckDB expressions) and row filter over the
+    live table ``desc`` as a query would push them down, parameters read as NULL;
+    INVALID_ARGUMENT naming what cannot be translated (catalog/rules.py checks this when an
+    allowlist is saved)."""
+    where = f" WHERE ({row_filter})" if row_filter is not None else ""
+    try:
+        tree = sqlglot.parse_one(f"SELECT {', '.join(projection)} FROM {desc.ref.sql}{where}", read="duckdb")
+    except ParseError as e:
+        raise _refused(f"the translator cannot read it ({_first(e)})") from None
+    for node in list(tree.find_all(exp.Parameter, exp.Placeholder)):
+        node.replace(exp.Null())
+    transpile(tree.sql(dialect="duckdb"), {desc.ref.key(): desc}, limit=None)

@@ -15,12 +15,16 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+import structlog
+
 from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA
-from catalog.errors import InvalidArgument, PermissionDenied
+from catalog.errors import InvalidArgument, PermissionDenied, Unavailable
 from catalog.identity import Principal
 from catalog.rules import Attributes, AttributeValue, TableRule, bindings
 from catalog.tables import TableCatalog, TableInfo, TableRef, fold
 from catalog.views import Views
+
+log = structlog.get_logger(__name__)
 
 _PART = r"[A-Za-z_][A-Za-z0-9_$]*"
 PATTERN_RE = re.compile(rf"^({_PART})\.({_PART}|\*)$")
@@ -223,14 +227,33 @@ class Policy:
                 ruled[ref] = self.relation(principal, ref)
             except PermissionDenied:
                 continue  # its rule no longer fits the table: not listed (a read says why)
+            except Unavailable as e:  # a ruled live table Snowflake cannot describe now
+                log.warning("live.listing_skipped", table=ref.qualified, error=e.detail)
+                continue
         refs = [ref for ref in refs if ref in ruled]
         plain = [ref for ref in refs if ruled[ref] == ref.sql]
         infos = {info.ref: info for info in self._tables.describe(plain)}
-        if len(plain) < len(refs):
+        live = self._tables.live
+        for ref in refs:
+            if ruled[ref] != ref.sql and live is not None and live.is_live(ref):
+                # A ruled live table: its view's schema, bound on the table's empty stand-in
+                # (catalog/live.py); its row count unknown (-1) — counting the view would run
+                # a query in Snowflake on every listing, and Snowflake's count of the whole
+                # table would say how many rows the filter hides.
+                try:
+                    schema = live.bind(ruled[ref], (), [ref])
+                except Unavailable as e:
+                    log.warning("live.listing_skipped", table=ref.qualified, error=e.detail)
+                    continue
+                infos[ref] = TableInfo(ref, -1, schema, 0, live=True)
+        stored = [
+            ref for ref in refs if ruled[ref] != ref.sql and not (live is not None and live.is_live(ref))
+        ]
+        if any(ref not in infos for ref in stored):
             with self._tables.db.reading() as cur:
                 versions = self._tables.versions(cur)
-                for ref in refs:
-                    if ruled[ref] != ref.sql:
+                for ref in stored:
+                    if ref not in infos:
                         version = versions.get(ref.key(), 0)
                         schema, rows = self.views.shape(cur, ruled[ref], version)
                         infos[ref] = TableInfo(ref, rows, schema, version)

@@ -331,13 +331,19 @@ class _TableCheck:
         self.ref = ref
         self.where = where
         self.name = f"{fold(ref.schema)}.{fold(ref.name)}"
-        with tables.db.reading() as cur:
-            rows = cur.execute(
-                "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
-                "AND schema_name = ? AND table_name = ? ORDER BY column_index",
-                [ref.schema, ref.name],
-            ).fetchall()
-        self.order = [r[0] for r in rows]
+        self.live = tables.live if tables.is_live(ref) else None
+        if self.live is not None:
+            # A live table is not in the data file: its columns are Snowflake's, as every
+            # read of it sees them (catalog/live.py; Unavailable while Snowflake cannot say).
+            self.order = [c.name for c in self.live.describe(ref).columns]
+        else:
+            with tables.db.reading() as cur:
+                rows = cur.execute(
+                    "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+                    "AND schema_name = ? AND table_name = ? ORDER BY column_index",
+                    [ref.schema, ref.name],
+                ).fetchall()
+            self.order = [r[0] for r in rows]
         self.columns = {fold(c): c for c in self.order}
 
     def _known(self, field: str, names: list[str]) -> list[str]:
@@ -380,6 +386,8 @@ class _TableCheck:
         parameters: tuple[str, ...] = ()
         if entry.row_filter is not None:
             row_filter, parameters = self._row_filter(entry.row_filter)
+        if self.live is not None:
+            self._pushable(row_filter, mask)
         return TableRule(
             table=self.name,
             columns=columns,
@@ -402,8 +410,32 @@ class _TableCheck:
             canonical = _check_parameter_spans(tree, canonical, rewritten, where)
             names = _PredicateWalk(cur, where, self.columns).walk(tree)
             parameters = tuple(sorted(set(names)))
-            _bind(cur, self.ref, canonical, parameters, where)
+            if self.live is None:
+                _bind(cur, self.ref, canonical, parameters, where)
+        if self.live is not None:
+            # Bound against the live table's empty stand-in (no rows, nothing sent to Snowflake).
+            with self.live.binder() as binder:
+                _bind(binder, self.ref, canonical, parameters, where)
         return canonical, parameters
+
+    def _pushable(self, row_filter: str | None, mask: list[tuple[str, MaskKind]]) -> None:
+        """A live table's view is pushed down to Snowflake whole (proto_docs/federation.md,
+        "Rules on live tables"): a filter or mask sqlglot cannot translate faithfully would
+        make every read of the table fail, so it is refused now, naming the construct."""
+        from catalog.live_sql import check_pushable  # catalog.live_sql imports the live catalog
+        from catalog.views import mask_expression
+
+        assert self.live is not None
+        desc = self.live.describe(self.ref)
+        types = {fold(c.name): c.duckdb_type for c in desc.columns}
+        projection = [mask_expression(c, kind, types.get(fold(c))) for c, kind in mask] or ["1"]
+        try:
+            check_pushable(projection, row_filter, desc)
+        except InvalidArgument as e:
+            raise _refuse(
+                f"{self.where}: {self.ref.qualified} is a live table, whose rules are applied in "
+                f"Snowflake, and its rule cannot be translated: {bounded(e.detail, 300)}"
+            ) from None
 
 
 def _canonical_parameters(text: str, where: str) -> tuple[str, set[int]]:

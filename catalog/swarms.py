@@ -75,11 +75,19 @@ Entry = str | EntryObject
 
 
 class SwarmStore:
-    def __init__(self, db: Database, policy: Policy, writes: AdminWrites | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        policy: Policy,
+        writes: AdminWrites | None = None,
+        *,
+        tables: TableCatalog | None = None,
+    ) -> None:
         self._db = db
         self._policy = policy
-        # Ruled entries are checked against the tables' real columns when they are saved.
-        self._checker = EntryChecker(TableCatalog(db))
+        # Ruled entries are checked against the tables' real columns when they are saved: the
+        # catalog's own TableCatalog, which knows the live tables (catalog/live.py) too.
+        self._checker = EntryChecker(tables or TableCatalog(db))
         self.writes = writes or AdminWrites(db)
         # name -> instance id of every existing swarm; read on every token verification.
         self._ids: dict[str, str] = {}

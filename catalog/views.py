@@ -265,6 +265,15 @@ class Views:
             hit = self._types.get(ref.key())
             if hit is not None and hit[0] > now:
                 return hit[1]
+        live = self._tables.live
+        if live is not None and live.is_live(ref):
+            # A live table is not in the data file: its columns are those read from Snowflake
+            # (catalog/live.py, cached there), so a rule is checked and a ``null`` mask cast
+            # against what the query will read. Unavailable propagates as it does for a query.
+            types = {fold(c.name): c.duckdb_type for c in live.describe(ref).columns}
+            with self._lock:
+                self._types[ref.key()] = (now + _TYPE_SECONDS, types)
+            return types
         with self._tables.db.reading() as cur:
             rows = cur.execute(
                 "SELECT column_name, data_type FROM duckdb_columns() "

@@ -60,9 +60,9 @@ _WHY = {
 
 # Statuses a route can answer beyond what its signature implies (see document_errors).
 _DOMAIN_STATUSES: dict[str, set[int]] = {
-    "create_swarm": {409, 422},
+    "create_swarm": {409, 422, 503},  # 503: a rule on a live table Snowflake cannot describe now
     "delete_swarm": {409},
-    "put_allowlist": {409, 422},
+    "put_allowlist": {409, 422, 503},
     "put_attributes": {409, 422},
     "put_budget": {404, 409, 422},
     "get_usage": {404},

@@ -114,6 +114,7 @@ def query_plan(
     described = {t.key(): live.describe(t) for t in guarded.tables}
     schema = live.bind(guarded.sql, part.params, guarded.tables)
     check_result_type(schema)
+    _flat_result(schema)
     cap = part.row_cap
     assert cap is not None  # a query always has a cap
     sql = transpile(guarded.sql, described, limit=cap.max_rows + 1)
@@ -152,7 +153,10 @@ def _mixed_plan(
                 "table alone (a WHERE condition on its columns, qualified by its alias) or query "
                 "the live tables on their own, where all the work is pushed down"
             )
-        schemas.append(pa.schema([desc.schema.field(c) for c in pull.columns]))
+        if pull.view is not None:  # a pushed-down view: its own result schema
+            schemas.append(live.bind(pull.view, (), [pull.ref]))
+        else:
+            schemas.append(pa.schema([desc.schema.field(c) for c in pull.columns]))
     with admission.planning(principal) as (cur, deadline):
         try:
             for pull, schema in zip(pulls, schemas, strict=True):
@@ -182,6 +186,19 @@ def _mixed_plan(
         sql=guarded.sql,
         params=len(part.params),
     )
+
+
+def _flat_result(schema: pa.Schema) -> None:
+    """A list, struct or map result column (``list(x)``, ``array_agg``, a struct literal)
+    comes back from Snowflake as semi-structured JSON text, not the value DuckDB binds it to:
+    refused before anything runs, rather than failing on the cast afterwards."""
+    for f in schema:
+        if pa.types.is_nested(f.type):
+            raise InvalidArgument(
+                f"this query reads live tables (queried in Snowflake) and its column {f.name[:80]!r} "
+                f"is a {f.type}, which Snowflake returns as semi-structured JSON; aggregate or "
+                "select scalar values instead (proto_docs/federation.md lists what is pushed down)"
+            )
 
 
 def _one_select(sql: str) -> None:

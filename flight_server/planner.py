@@ -208,6 +208,13 @@ class Planner:
     def scan(self, principal: Principal, target: TableScan, *, parts: bool) -> Plan:
         ref = self.require_readable(principal, target.schema, target.table)
         if self.catalog.tables.is_live(ref):
+            if not parts and self.catalog.policy.is_ruled(principal, ref):
+                # GetSchema: the view's schema (bound on the live table's empty stand-in,
+                # nothing sent to Snowflake); a scan itself is refused below.
+                schema = live.require_live(self.catalog).bind(
+                    self.catalog.policy.relation(principal, ref), (), [ref]
+                )
+                return Plan("scan", schema, -1, (), (ref,), ref.qualified, timeout=False)
             self._unruled_live(principal, ref)
             live.check_budget(self.catalog, principal)
             return live.scan_plan(
