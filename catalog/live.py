@@ -45,7 +45,7 @@ from catalog.config import Config, LiveConfig, SnowflakeConfig
 from catalog.database import quote_ident
 from catalog.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
 from catalog.snowflake_client import AUTH_ERRNOS, SecretUnreadable, connect_args, scrub
-from catalog.snowflake_names import quote_snowflake, split_snowflake_name
+from catalog.snowflake_names import SnowflakeTable, quote_snowflake, split_snowflake_name
 from catalog.snowflake_types import SourceColumn
 from catalog.tables import TableRef
 
@@ -57,21 +57,8 @@ MISSING_OBJECT_ERRNOS = {2003, 2043}
 CANCELLED_ERRNO = 604
 
 
-@dataclass(frozen=True, slots=True)
-class LiveSource:
-    """A Snowflake table by its stored identifiers."""
-
-    database: str
-    schema: str
-    name: str
-
-    @property
-    def sql(self) -> str:
-        return ".".join(quote_snowflake(p) for p in (self.database, self.schema, self.name))
-
-    @property
-    def label(self) -> str:
-        return ".".join((self.database, self.schema, self.name))
+#: A live table's Snowflake source by its stored identifiers (one class with the sync worker's).
+LiveSource = SnowflakeTable
 
 
 @dataclass(frozen=True, slots=True)

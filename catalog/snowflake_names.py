@@ -9,6 +9,8 @@ both must agree on where a name breaks; :data:`quote_snowflake` writes a part ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from catalog.database import quote_ident
 
 #: One stored identifier quoted for Snowflake SQL (the inverse of a part of
@@ -45,3 +47,27 @@ def split_snowflake_name(text: str) -> list[str]:
         i += 1
     parts.append(current if was_quoted else current.strip().upper())
     return parts
+
+
+@dataclass(frozen=True, slots=True)
+class SnowflakeTable:
+    """A Snowflake table by its stored identifiers (unquoted names upper-cased): the source of
+    a replicated table (sync/) and of a live one (catalog/live.py)."""
+
+    database: str
+    schema: str
+    name: str
+
+    @property
+    def sql(self) -> str:
+        return ".".join(quote_snowflake(p) for p in (self.database, self.schema, self.name))
+
+    @property
+    def label(self) -> str:
+        """The name as one would type it: quoted only where Snowflake needs quotes."""
+        return ".".join(_display(p) for p in (self.database, self.schema, self.name))
+
+
+def _display(ident: str) -> str:
+    plain = ident == ident.upper() and ident.replace("_", "").replace("$", "").isalnum()
+    return ident if plain else f'"{ident}"'

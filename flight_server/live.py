@@ -637,6 +637,21 @@ def _mixed_query(
     except BaseException:
         close()
         raise
+    return _running(plan, part, reader, cut=cut, release=close, remote=work)
+
+
+def _running(
+    plan: Plan,
+    part: LivePart | MixedPart,
+    reader: pa.RecordBatchReader,
+    *,
+    truncated: bool | None = None,
+    cut: Callable[[], bool | None] | None = None,
+    release: Callable[[], None] | None = None,
+    remote: RemoteWork | None = None,
+) -> RunningQuery:
+    """The query port's handle on a live query's rows (a cached result: ``truncated`` known;
+    a running one: ``cut`` asked at the end, ``release`` gives its slot back)."""
     return RunningQuery(
         reader=reader,
         max_rows=part.cap.max_rows,
@@ -645,10 +660,10 @@ def _mixed_query(
         versions={},
         sql=plan.sql or part.sql,
         params=part.params,
-        truncated=None,
+        truncated=truncated,
         _cut=cut,
-        _release=close,
-        remote=work,
+        _release=release,
+        remote=remote,
     )
 
 
@@ -746,16 +761,8 @@ def run_query(
     if hit is not None:
         was_cut = (hit.schema.metadata or {}).get(_CUT_KEY) == b"1"
         table = hit.replace_schema_metadata(part.schema.metadata)
-        return RunningQuery(
-            reader=pa.RecordBatchReader.from_batches(part.schema, table.to_batches()),
-            max_rows=part.cap.max_rows,
-            reason=part.cap.reason,
-            tables=plan.tables,
-            versions={},
-            sql=plan.sql or part.sql,
-            params=part.params,
-            truncated=was_cut,
-        )
+        reader = pa.RecordBatchReader.from_batches(part.schema, table.to_batches())
+        return _running(plan, part, reader, truncated=was_cut)
     held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
     close = _closer(held)
     work = catalog.query_log.remote_work(principal)
@@ -769,19 +776,7 @@ def run_query(
     def cut() -> bool | None:
         return True if started.cut else (False if started.ended.is_set() else None)
 
-    return RunningQuery(
-        reader=reader,
-        max_rows=part.cap.max_rows,
-        reason=part.cap.reason,
-        tables=plan.tables,
-        versions={},
-        sql=plan.sql or part.sql,
-        params=part.params,
-        truncated=None,
-        _cut=cut,
-        _release=close,
-        remote=work,
-    )
+    return _running(plan, part, reader, cut=cut, release=close, remote=work)
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any
@@ -20,7 +19,7 @@ import structlog
 
 from catalog.config import SnowflakeConfig
 from catalog.snowflake_client import AUTH_ERRNOS, SecretUnreadable, connect_args, scrub
-from catalog.snowflake_names import quote_snowflake, split_snowflake_name
+from catalog.snowflake_names import SnowflakeTable, quote_snowflake, split_snowflake_name
 from catalog.snowflake_types import SourceColumn
 from sync.errors import SyncFailed
 
@@ -29,29 +28,8 @@ log = structlog.get_logger("sync")
 logging.getLogger("snowflake.connector").setLevel(logging.WARNING)
 
 
-@dataclass(frozen=True, slots=True)
-class SourceTable:
-    """A Snowflake table by its stored identifiers (unquoted names upper-cased)."""
-
-    database: str
-    schema: str
-    name: str
-
-    @property
-    def sql(self) -> str:
-        return ".".join(quote_snowflake(p) for p in (self.database, self.schema, self.name))
-
-    @property
-    def label(self) -> str:
-        return ".".join(_display(p) for p in (self.database, self.schema, self.name))
-
-
-def _display(ident: str) -> str:
-    return (
-        ident
-        if ident == ident.upper() and ident.replace("_", "").replace("$", "").isalnum()
-        else f'"{ident}"'
-    )
+#: A Snowflake table by its stored identifiers (shared with live tables: catalog/snowflake_names.py).
+SourceTable = SnowflakeTable
 
 
 def parse_source(text: str, database: str | None, schema: str | None) -> SourceTable:
