@@ -109,7 +109,10 @@ Parse caches
   (``duckdb.tokenize``), keyed with each literal's kind. An agent's fresh literal
   (``… WHERE id = 4711``) then costs no DuckDB parse: the shape gives the exact normalized
   tree for the new values, and the walk and the size bounds run on that tree, with the real
-  values, on every check. Only plain integers, plain decimals and standard single-quoted
+  values, on every check — except that a shape whose literals are all numbers outside any
+  function call (a point query's ``id = 4711``) has the same size bounds whatever its values,
+  so once they passed for it they are not walked again (``_Shape.sizes_fixed``); the walk and
+  the allowlist still run on every check. Only plain integers, plain decimals and standard single-quoted
   strings that are each exactly one constant of the tree are substituted; a shape answers only
   after a second text of it parsed in full to exactly the substituted tree, with every literal
   changed (see ``_Shape``); anything else is cached by its exact text only.
@@ -433,6 +436,10 @@ class _Parsed:
     text: str
     tree: dict[str, Any]
     normalized: str
+    sized_as: tuple[str, ...] | None = None
+    """From a shape whose size bounds do not depend on its literals' values (see
+    :attr:`_Shape.sizes_fixed`): the shape's template, which :meth:`SqlGuard._check` keys its
+    remembered size-bound passes on. None for a full parse and for any other shape."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +460,11 @@ class _Shape:
     values: tuple[str, ...]
     proven: bool = False
     refuted: bool = False
+    sizes_fixed: bool = False
+    """No literal of the shape is a string or lies under a FUNCTION node: :class:`_Sizer`
+    reads a literal's value only there (a string's length; a function's arguments: sizes,
+    counts, format strings, aggregate names), so every text of the shape gets the same size
+    bounds and a pass for one is a pass for all. The walk and the allowlist still run."""
 
     def normalized(self, values: list[str]) -> str:
         out = [self.pieces[0]]
@@ -788,8 +800,13 @@ class SqlGuard:
         self._lock = threading.Lock()
         self._parsed: OrderedDict[str, _Parsed] = OrderedDict()
         self._shapes: OrderedDict[str, _Shape] = OrderedDict()
+        # Templates of value-independent shapes whose size bounds passed (see _sizes_passed).
+        self._sized: OrderedDict[tuple[str, ...], None] = OrderedDict()
         self.shape_hits = 0
         """Checks answered from the shape cache (no DuckDB parse): for tests and benchmarks."""
+        self.sized_hits = 0
+        """Checks whose size bounds were known to pass for their shape (no :class:`_Sizer`
+        walk; see :meth:`_sizes_passed`): for tests and benchmarks."""
         self.rewrites = 0
         """Rewrites for ruled tables made with DuckDB (not answered from memory): for tests."""
         self._refs_cache: tuple[float, dict[tuple[str, str], TableRef | None]] | None = None
@@ -887,9 +904,12 @@ class SqlGuard:
         walk = _Walk(self, principal)
         try:
             walk.statement(parsed.tree)
-            _Sizer(self, budget=_SIZER_STEPS_PER_NODE * walk.nodes + _SIZER_BASE_STEPS).any(
-                parsed.tree.get("node")
-            )
+            if parsed.sized_as is None or not self._sizes_passed(parsed.sized_as):
+                _Sizer(self, budget=_SIZER_STEPS_PER_NODE * walk.nodes + _SIZER_BASE_STEPS).any(
+                    parsed.tree.get("node")
+                )
+                if parsed.sized_as is not None:
+                    self._sizes_passed(parsed.sized_as, passed=True)
         except RecursionError:
             raise InvalidArgument(_TOO_DEEP) from None
         tables = tuple(sorted(walk.tables.values(), key=lambda r: r.key()))
@@ -908,6 +928,23 @@ class SqlGuard:
         return GuardedQuery(
             sql=parsed.text, tables=tables, normalized=parsed.normalized, param_count=walk.param_count()
         )
+
+    def _sizes_passed(self, template: tuple[str, ...], *, passed: bool = False) -> bool:
+        """Whether the size bounds passed for a shape whose bounds do not depend on its
+        literals' values (:attr:`_Shape.sizes_fixed`), keyed by the shape's template (its exact
+        tree around the literals); ``passed=True`` records a pass. A shape hit of such a shape
+        then costs no :class:`_Sizer` walk: every text of it gets the same bounds."""
+        with self._lock:
+            if passed:
+                self._sized[template] = None
+                while len(self._sized) > _PARSE_CACHE_ENTRIES:
+                    self._sized.popitem(last=False)
+                return True
+            if template in self._sized:
+                self._sized.move_to_end(template)
+                self.sized_hits += 1
+                return True
+            return False
 
     # --- ruled tables: the parse tree rewritten to read their views --------------------------
     def _rewrite(self, parsed: _Parsed, walk: _Walk, views: dict[tuple[str, str], str]) -> tuple[str, str]:
@@ -1047,7 +1084,12 @@ class SqlGuard:
         and the size bounds check is read back from it, so every check that depends on a
         literal's value (sizes, format strings, aggregate names) sees this text's values."""
         normalized = shape.normalized([text for _, _, text in literals])
-        return _Parsed(text=_statement_text(sql), tree=json.loads(normalized), normalized=normalized)
+        return _Parsed(
+            text=_statement_text(sql),
+            tree=json.loads(normalized),
+            normalized=normalized,
+            sized_as=shape.pieces if shape.sizes_fixed else None,
+        )
 
     def _learn_shape(self, sql: str, parsed: _Parsed, literals: list[tuple[int, str, str]]) -> _Shape | None:  # noqa: C901, PLR0911  each way a shape can be unsafe to reuse, in order
         """A shape for ``sql``'s parse, or None when a text of the same shape could parse
@@ -1064,11 +1106,12 @@ class SqlGuard:
             return None
         by_offset = {offset: (kind, text) for offset, kind, text in literals}
         slots: dict[int, dict[str, Any]] = {}
+        in_function: set[int] = set()  # offsets of literals with a FUNCTION node above them
 
-        def find(value: Any) -> None:
+        def find(value: Any, under_function: bool = False) -> None:
             if isinstance(value, list):
                 for v in value:
-                    find(v)
+                    find(v, under_function)
             elif isinstance(value, dict):
                 if value.get("class") == "CONSTANT":
                     offset = value.get("query_location")
@@ -1077,8 +1120,11 @@ class SqlGuard:
                         if offset in slots:
                             raise LookupError(offset)
                         slots[offset] = value
+                        if under_function:
+                            in_function.add(offset)
+                inner = under_function or value.get("class") == "FUNCTION"
                 for v in value.values():
-                    find(v)
+                    find(v, inner)
 
         try:
             find(parsed.tree)
@@ -1130,7 +1176,10 @@ class SqlGuard:
             last = at + len(marker)
         pieces.append(template[last:])
         values = tuple(text for _, _, text in literals)
-        shape = _Shape(pieces=tuple(pieces), order=tuple(i for _, i, _ in found), values=values)
+        sizes_fixed = not in_function and all(kind != "STRING" for _, kind, _ in literals)
+        shape = _Shape(
+            pieces=tuple(pieces), order=tuple(i for _, i, _ in found), values=values, sizes_fixed=sizes_fixed
+        )
         if shape.normalized(list(values)) != parsed.normalized:
             return None
         return shape

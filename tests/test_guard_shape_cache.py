@@ -302,6 +302,63 @@ def test_a_shape_hit_still_bounds_the_text(env: Env) -> None:
     assert guard.shape_hits == 1
 
 
+def test_a_value_free_shape_skips_the_size_bounds_it_passed(env: Env) -> None:
+    """A shape whose literals are numbers outside any function (a point query) gets the same
+    size bounds for every text, so once they passed, its shape hits skip the sizer walk — and
+    answer exactly what a full parse answers."""
+    guard = SqlGuard(env.cached._tables, env.cached._policy, "quiver")
+    sqls = [f"SELECT * FROM demo.orders WHERE id = {k} AND amount < {k}.5" for k in range(10, 20)]
+    for sql in sqls:
+        assert_same(outcome(guard, env.agent, sql), full(env, sql), sql)
+    # learnt, proven, then the first shape hit records the pass; every later hit skips
+    assert guard.shape_hits == len(sqls) - 2
+    assert guard.sized_hits == len(sqls) - 3
+    huge = "SELECT * FROM demo.orders WHERE id = " + "9" * 400 + " AND amount < 1.5"
+    assert_same(outcome(guard, env.agent, huge), full(env, huge), huge)
+    assert guard.sized_hits == len(sqls) - 2
+
+
+@pytest.mark.parametrize(
+    ("template", "small", "huge"),
+    [
+        # a literal under a function: its value is a size (sized on every check)
+        ("SELECT repeat(s, {}) FROM demo.orders WHERE id = 1", [3, 4, 5, 6], "5000000000"),
+        # a string literal outside any function: its length is a size (of the CTE's column)
+        (
+            "WITH c AS (SELECT {} AS v) SELECT v || v FROM c",
+            ["'a'", "'b'", "'c'", "'d'"],
+            "'" + "x" * 60_000 + "'",
+        ),
+    ],
+)
+def test_a_shape_whose_sizes_depend_on_its_literals_is_always_sized(
+    env: Env, template: str, small: list[object], huge: str
+) -> None:
+    guard = SqlGuard(env.cached._tables, env.cached._policy, "quiver", max_sql_chars=300_000)
+    for value in small:
+        sql = template.format(value)
+        assert isinstance(outcome(guard, env.agent, sql), GuardedQuery), sql
+    assert guard.shape_hits == len(small) - 2
+    sql = template.format(huge)
+    refused = outcome(guard, env.agent, sql)
+    assert isinstance(refused, tuple) and refused[0] is InvalidArgument, refused
+    assert refused == full(env, sql)
+    assert guard.sized_hits == 0
+    # the refusal left the shape as it was: a small value is still accepted from it
+    assert isinstance(outcome(guard, env.agent, template.format(small[0])), GuardedQuery)
+
+
+def test_a_value_free_shape_the_sizer_refuses_is_refused_on_every_hit(env: Env) -> None:
+    """A refusal of the size bounds is never remembered as a pass: each text is sized again."""
+    guard = SqlGuard(env.cached._tables, env.cached._policy, "quiver")
+    answers = [
+        outcome(guard, env.agent, f"SELECT repeat(s, id) FROM demo.orders WHERE id = {k}") for k in range(6)
+    ]
+    assert guard.shape_hits == 4 and guard.sized_hits == 0
+    assert all(isinstance(a, tuple) and a[0] is PermissionDenied for a in answers), answers
+    assert len({a for a in answers if isinstance(a, tuple)}) == 1
+
+
 def test_the_shape_cache_is_bounded(env: Env) -> None:
     guard = SqlGuard(env.cached._tables, env.cached._policy, "quiver")
     for n in range(_PARSE_CACHE_ENTRIES + 40):
@@ -341,6 +398,7 @@ def test_concurrent_checks_agree_with_the_full_guard(env: Env) -> None:
         t.join()
     assert failures == []
     assert guard.shape_hits > 0
+    assert guard.sized_hits > 0  # the point query's shape skipped the sizer, racing the others
 
 
 #: Templates whose literals are not all plain constants (a string in FROM, in a comment, as a
