@@ -273,6 +273,9 @@ class Runtime:
         assert self.endpoints is not None
         _freeze_startup_objects()
         log.info("quiver.started", flight=self.endpoints.flight_url, http=self.endpoints.http_url)
+        # The line that says how to connect is written before anyone is told we are ready
+        # (the log writer is a background thread: quiver/logs.py).
+        logs.flush()
         # Both listeners accept now (_start_http waits for uvicorn; gRPC binds in its
         # constructor): systemd may order dependants after us and start the watchdog.
         sd_notify("READY=1")
