@@ -264,21 +264,22 @@ class Runtime:
             raise
         if self.address_space is not None:
             self.address_space.apply()
+        assert self.endpoints is not None
+        log.info("quiver.started", flight=self.endpoints.flight_url, http=self.endpoints.http_url)
+        # The line that says how to connect is written before anyone is told we are ready
+        # (the log writer is a background thread: quiver/logs.py).
+        logs.flush()
+        # Both listeners accept now (_start_http waits for uvicorn; gRPC binds in its
+        # constructor): systemd may order dependants after us and start the watchdog, which
+        # the housekeeping passes started next feed (so READY=1 always comes first).
+        sd_notify("READY=1")
         self._housekeeping = threading.Thread(target=self._housekeep, name="quiver-housekeeping", daemon=True)
         self._housekeeping.start()
         self._janitor = threading.Thread(
             target=self._sweep_artefacts, name="quiver-artefact-janitor", daemon=True
         )
         self._janitor.start()
-        assert self.endpoints is not None
         _freeze_startup_objects()
-        log.info("quiver.started", flight=self.endpoints.flight_url, http=self.endpoints.http_url)
-        # The line that says how to connect is written before anyone is told we are ready
-        # (the log writer is a background thread: quiver/logs.py).
-        logs.flush()
-        # Both listeners accept now (_start_http waits for uvicorn; gRPC binds in its
-        # constructor): systemd may order dependants after us and start the watchdog.
-        sd_notify("READY=1")
         return self.endpoints
 
     def _tls(self) -> tuple[bytes, bytes] | None:
