@@ -18,11 +18,35 @@ subprocesses):
 
 Every row says whether a cache was warm, read from the server's cache counters around the
 measurement (``/v1/status``), not assumed.
+
+Two targets are bound by the machine rather than by Quiver alone (2 cores, the clients and
+every server on them), so the module also measures, in the same run, the limits that say how
+close the figures come to what the machine allows:
+
+- **CPU budget of a scan** (target 1): for each scan contender, the CPU seconds one scan
+  costs — the server subprocess's (``/proc/<pid>/stat`` utime+stime before and after) and the
+  benchmark process's (``time.process_time()``: the clients' threads, and in-process
+  DuckDB's own worker threads) — beside its wall time. A served scan has to do DuckDB's scan
+  work and the transport's work for the same bytes on the same cores, so the **CPU floor**
+  row, (in-process DuckDB's CPU seconds + the cheaper bare transport's server + client CPU
+  seconds) / cores, is the least wall time any Flight server can take here, and in-process
+  DuckDB's time over it the best ratio target 1 could reach; the caches-off query command
+  is printed as a fraction of that floor.
+- **Scaling references** (target 5), the same fresh-text point queries as the 8 agents: in-
+  process DuckDB with one cursor per thread, 8 threads against 1 (what DuckDB itself does
+  with 8 callers on these cores), and a bare Flight server answering them from DuckDB
+  (tests/bench/bare_flight.py ``db:SQL``: no guard, auth or cache), 8 clients against 1 (what
+  any Python Flight server in front of DuckDB does). For each Quiver server, the CPU seconds
+  per query (server + client) of the 1-agent and 8-agent runs give the bound on scaling:
+  8 agents can reach at most ``cores / CPU per query`` queries/s, one agent reaches
+  ``1 / latency``, so min(8, their quotient) is the best ratio this machine allows at
+  Quiver's current per-query CPU; the row prints it beside the measured ratio.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -50,6 +74,7 @@ from tests.bench.bench_flight import (
     Row,
     _build,
     _concurrently,
+    _cpu_seconds,
     _free_port,
     _ms,
     _pct,
@@ -57,7 +82,7 @@ from tests.bench.bench_flight import (
     _say,
     _settle,
     _start_quiver,
-    _start_roapi,
+    _start_roapi_process,
 )
 
 P = ParamSpec("P")
@@ -68,6 +93,38 @@ PARAM_SQL = "SELECT * FROM bench.t WHERE id = ?"
 CONST_SQL = "SELECT {k} AS x"
 #: Every cache that holds table data off: the result cache and the hot-table cache.
 CACHES_OFF = {"QUIVER_CACHE_ENABLED": "false", "QUIVER_CACHE_TABLE_MEMORY_BYTES": "0"}
+#: The cores this process may run on: what the servers, the clients and DuckDB share.
+CORES = len(os.sched_getaffinity(0))
+#: How long a server's CPU counter is left to catch up after a timed call returns: freeing a
+#: result and ending a stream run on after the client has its last batch, and are work the
+#: scan cost. Outside the timed interval; an idle server spends next to nothing meanwhile.
+CPU_TRAIL_SECONDS = 0.1
+
+
+@dataclass
+class Cpu:
+    """CPU seconds spent over one timed interval: by the server subprocess(es) and by this
+    process (the clients, and in-process DuckDB's own threads)."""
+
+    server: float
+    client: float
+
+    @property
+    def total(self) -> float:
+        return self.server + self.client
+
+
+def _with_cpu(pids: list[int], fn: Callable[[], float]) -> tuple[float, Cpu]:
+    """Run ``fn`` (which returns its own wall time) and the CPU seconds spent meanwhile:
+    ``/proc/<pid>/stat`` utime+stime of each server, ``time.process_time()`` of this process
+    (every thread of it). Server counters tick at 1/CLK_TCK (10 ms)."""
+    server0 = sum(_cpu_seconds(p) for p in pids)
+    client0 = time.process_time()
+    wall = fn()
+    client = time.process_time() - client0
+    if pids:
+        time.sleep(CPU_TRAIL_SECONDS)
+    return wall, Cpu(sum(_cpu_seconds(p) for p in pids) - server0, client)
 
 
 @dataclass
@@ -139,6 +196,7 @@ def _run(work: Path) -> str:
     keys = rng.sample(range(ROWS), 4 * POINTS + 200)
     db_path, copy, mb = _build(work, keys)
     shutil.copyfile(db_path, work / "off.duckdb")
+    shutil.copyfile(db_path, work / "bare.duckdb")  # the bare SQL server's own copy
     rows: list[Row] = []
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
@@ -146,19 +204,23 @@ def _run(work: Path) -> str:
         # The bare server: the 5M-row table and the 1-row answer of a point query.
         port = _free_port()
         args = [sys.executable, "-m", "tests.bench.bare_flight", str(port)]
-        args += [f"big={work / 't.arrow'}", f"tiny={work / 'tiny.arrow'}"]
-        stack.enter_context(_process(args, work / "bare.log", "bare flight server", port))
-        bare = flight.FlightClient(f"grpc://127.0.0.1:{port}")
+        args += [f"big={work / 't.arrow'}", f"tiny={work / 'tiny.arrow'}", f"db={work / 'bare.duckdb'}"]
+        bare_pid = stack.enter_context(_process(args, work / "bare.log", "bare flight server", port)).pid
+        bare_url = f"grpc://127.0.0.1:{port}"
+        bare = flight.FlightClient(bare_url)
         stack.callback(bare.close)
         pool = stack.enter_context(ThreadPoolExecutor(CLIENTS))
-        roapi = _start_roapi(stack, work)
+        roapi = _start_roapi_process(stack, work)
         on = _start(stack, work, "quiver", db_path, {})
         off = _start(stack, work, "quiver-off", work / "off.duckdb", CACHES_OFF)
+        pids = {"bare1": bare_pid, "bareN": bare_pid, "on": on.pid, "off": off.pid, "path_off": off.pid}
+        if roapi is not None:
+            pids["roapi"] = roapi[1]
 
         rows += _first_path_scan(on, off)
-        rows += _scans(con, bare, pool, roapi, on, off, notes)
+        rows += _scans(con, bare, pool, roapi[0] if roapi else None, on, off, notes, pids)
         rows += _points(con, bare, on, off, keys[: 4 * POINTS])
-        rows += _concurrency(on, off, keys[4 * POINTS :])
+        rows += _concurrency(on, off, keys[4 * POINTS :], con, bare_url, bare_pid)
         status = on.http.get("/v1/status").json().get("cache")
     load_after = os.getloadavg()
     return _report(rows, notes, mb, status, load_before, load_after)
@@ -222,8 +284,10 @@ def _scans(
     on: Quiver,
     off: Quiver,
     notes: list[str],
+    pids: dict[str, int],
 ) -> list[Row]:
-    """Target 1: ``SELECT * FROM bench.t`` as a query command, every contender in turn."""
+    """Target 1: ``SELECT * FROM bench.t`` as a query command, every contender in turn, and
+    the CPU seconds each spends (``pids``: the server process of each contender)."""
     single = bare.get_flight_info(flight.FlightDescriptor.for_command(b"big")).endpoints[0].ticket
     split = bare.get_flight_info(flight.FlightDescriptor.for_command(f"big/{CLIENTS}".encode())).endpoints
     endpoints = {q.name: len(q.info(q.query_cmd(SCAN_SQL)).endpoints) for q in (on, off)}
@@ -252,13 +316,20 @@ def _scans(
     for name, scan in scans.items():  # warm-up and a correctness check
         assert scan() == ROWS, name
     times: dict[str, list[float]] = {name: [] for name in scans}
+    cpus: dict[str, list[Cpu]] = {name: [] for name in scans}
     before_all = {q.name: q.counters() for q in (on, off)}
+
+    def timed(scan: Callable[[], int]) -> float:
+        started = time.perf_counter()
+        scan()
+        return time.perf_counter() - started
+
     for _ in range(REPS):
         for name, scan in scans.items():
             _settle()
-            started = time.perf_counter()
-            scan()
-            times[name].append(time.perf_counter() - started)
+            wall, cpu = _with_cpu([pids[name]] if name in pids else [], functools.partial(timed, scan))
+            times[name].append(wall)
+            cpus[name].append(cpu)
     warm_on = _warm(before_all["quiver"], on.counters())
     warm_off = _warm(before_all["quiver-off"], off.counters())
     s = {name: statistics.median(ts) for name, ts in times.items()}
@@ -357,6 +428,71 @@ def _scans(
             'arbitrary SQL is not sound"), so "endpoints fetched in parallel" is one stream: '
             "the client's parallel fetch has nothing to parallelize."
         )
+    return out + _scan_budget(s, cpus, notes)
+
+
+#: The scan contenders' CPU-budget rows, in print order: key in ``_scans``' dict, label.
+SCAN_BUDGET = {
+    "duckdb": "in-process duckdb (its own threads; no server)",
+    "bare1": "bare pyarrow.flight, 1 stream",
+    "bareN": f"bare pyarrow.flight, {CLIENTS} parallel endpoints",
+    "on": "query command, default config",
+    "off": "query command, caches off",
+    "path_off": "PATH scan, caches off",
+    "roapi": "ROAPI Flight SQL (ADBC driver in this process)",
+}
+
+
+def _scan_budget(s: dict[str, float], cpus: dict[str, list[Cpu]], notes: list[str]) -> list[Row]:
+    """Target 1's physical limit: the CPU seconds of each scan contender (medians over the
+    repetitions), and the least wall time the cores need for DuckDB's scan work plus the
+    bare transport's work for the same bytes."""
+    cpu = {
+        name: Cpu(statistics.median(c.server for c in cs), statistics.median(c.client for c in cs))
+        for name, cs in cpus.items()
+    }
+    out = []
+    for name, label in SCAN_BUDGET.items():
+        if name not in cpu:
+            continue
+        c = cpu[name]
+        out.append(
+            Row(
+                f"CPU budget of a scan: {label}",
+                f"{c.server:.2f} s server + {c.client:.2f} s client = {c.total:.2f} CPU s",
+                f"wall {s[name]:.3f} s",
+                f"{c.total / s[name]:.2f} of {CORES} cores busy",
+                "report",
+                "-",
+            )
+        )
+    transport = min(("bare1", "bareN"), key=lambda n: cpu[n].total)
+    work = cpu["duckdb"].total + cpu[transport].total
+    floor = work / CORES
+    duck = s["duckdb"]
+    _say(f"CPU floor of a served scan: {work:.2f} CPU s / {CORES} cores = {floor:.3f} s")
+    out.append(
+        Row(
+            f"CPU floor of a served scan: (in-process duckdb's CPU + the cheaper bare transport's CPU, "
+            f"{SCAN_BUDGET[transport]}, server + client) / {CORES} cores",
+            f"({cpu['duckdb'].total:.2f} + {cpu[transport].total:.2f}) CPU s / {CORES} = {floor:.3f} s",
+            "in-process duckdb",
+            f"best ratio {duck / floor:.2f}x; caches off at {floor / s['off']:.2f} of the floor "
+            f"({duck / s['off']:.2f}x), default at {floor / s['on']:.2f} ({duck / s['on']:.2f}x)",
+            "report",
+            "-",
+        )
+    )
+    notes += [
+        "",
+        "CPU budget rows: CPU seconds of one scan (medians of the repetitions above), the server's from "
+        "`/proc/<pid>/stat` (utime+stime, read 0.1 s after the call returns so that the end of the stream "
+        "is counted; 10 ms ticks), the client's from `time.process_time()` of the benchmark process (all "
+        "its threads, in-process DuckDB's included). A served scan must do at least DuckDB's scan work and "
+        "the transport's work for the same bytes on the same cores, so no server on this machine can go "
+        f"below the CPU floor; the best ratio to in-process DuckDB a served scan can reach here is "
+        f"{duck / floor:.2f}x (target 1: 0.75x with caches off).",
+    ]
     return out
 
 
@@ -529,11 +665,21 @@ def _points(  # noqa: C901, PLR0915  one benchmark target, measured step by step
 # --- concurrency --------------------------------------------------------------------------------------
 
 
-def _concurrency(on: Quiver, off: Quiver, keys: list[int]) -> list[Row]:
-    """Target 5: 8 agents (one token each: the concurrency cap is per principal) against 1."""
+def _concurrency(
+    on: Quiver,
+    off: Quiver,
+    keys: list[int],
+    con: duckdb.DuckDBPyConnection,
+    bare_url: str,
+    bare_pid: int,
+) -> list[Row]:
+    """Target 5: 8 agents (one token each: the concurrency cap is per principal) against 1,
+    then the references that show what this machine allows: in-process DuckDB and a bare
+    Flight SQL server, 8 threads against 1, and the bound Quiver's CPU per query sets."""
     from quiver_client import QuiverClient
 
     out = []
+    bounds = []
     per = max(20, len(keys) // CLIENTS)
     for q in (on, off):
         clients = [QuiverClient(q.url, t) for t in q.tokens]
@@ -545,9 +691,14 @@ def _concurrency(on: Quiver, off: Quiver, keys: list[int]) -> list[Row]:
                     cl.query(FRESH_SQL.format(k=(keys[(i * per + j) % len(keys)] + base) % ROWS))
 
             before = q.counters()
-            one = _concurrently(clients[:1], lambda cl, i: points(cl, i, 11))
-            many = _concurrently(clients, lambda cl, i: points(cl, i, 23))
+            one, cpu1 = _with_cpu(
+                [q.pid], functools.partial(_concurrently, clients[:1], functools.partial(points, base=11))
+            )
+            many, cpun = _with_cpu(
+                [q.pid], functools.partial(_concurrently, clients, functools.partial(points, base=23))
+            )
             warm = _warm(before, q.counters())
+            bounds.append(_scaling(f"{q.name} ({warm})", per, one, many, cpu1, cpun, bound=True))
             qps1, qpsn = per / one, CLIENTS * per / many
             _say(f"{q.name}: point queries {CLIENTS} agents {qpsn:.0f} q/s vs 1 agent {qps1:.0f} q/s")
             out.append(
@@ -582,7 +733,99 @@ def _concurrency(on: Quiver, off: Quiver, keys: list[int]) -> list[Row]:
             for cl in clients:
                 with contextlib.suppress(Exception):
                     cl.close()
-    return out
+    return out + _scaling_references(keys, per, con, bare_url, bare_pid) + bounds
+
+
+def _scaling_references(
+    keys: list[int], per: int, con: duckdb.DuckDBPyConnection, bare_url: str, bare_pid: int
+) -> list[Row]:
+    """Target 5's references, the same fresh-text point queries as the agents': in-process
+    DuckDB with one cursor per thread (what DuckDB itself allows on these cores), and the bare
+    Flight server answering them from its own copy of the file (what a Python Flight server
+    with nothing but DuckDB behind it allows: GetFlightInfo runs nothing, DoGet runs the SQL
+    on the serving thread's cursor)."""
+
+    def sql(i: int, j: int, base: int) -> str:
+        return FRESH_SQL.format(k=(keys[(i * per + j) % len(keys)] + base) % ROWS)
+
+    cursors = [con.cursor() for _ in range(CLIENTS)]
+    try:
+
+        def duck(cur: duckdb.DuckDBPyConnection, i: int, base: int) -> None:
+            for j in range(per):
+                cur.sql(sql(i, j, base)).to_arrow_table()
+
+        one, cpu1 = _with_cpu([], lambda: _concurrently(cursors[:1], lambda c, i: duck(c, i, 31)))
+        many, cpun = _with_cpu([], lambda: _concurrently(cursors, lambda c, i: duck(c, i, 37)))
+    finally:
+        for cur in cursors:
+            cur.close()
+    rows = [_scaling("in-process duckdb, one cursor per thread", per, one, many, cpu1, cpun)]
+    clients = [flight.FlightClient(bare_url) for _ in range(CLIENTS)]
+    try:
+
+        def bare(cl: flight.FlightClient, i: int, base: int) -> None:
+            for j in range(per):
+                info = cl.get_flight_info(
+                    flight.FlightDescriptor.for_command(f"db:{sql(i, j, base)}".encode())
+                )
+                cl.do_get(info.endpoints[0].ticket).read_all()
+
+        bare(clients[0], 0, 41)  # warm-up: the connection, the server thread's cursor
+        one, cpu1 = _with_cpu([bare_pid], lambda: _concurrently(clients[:1], lambda c, i: bare(c, i, 43)))
+        many, cpun = _with_cpu([bare_pid], lambda: _concurrently(clients, lambda c, i: bare(c, i, 47)))
+    finally:
+        for cl in clients:
+            cl.close()
+    rows.append(
+        _scaling(
+            "bare pyarrow.flight + DuckDB (no guard, auth or cache; DoGet runs the SQL)",
+            per,
+            one,
+            many,
+            cpu1,
+            cpun,
+        )
+    )
+    return rows
+
+
+def _scaling(
+    label: str, per: int, one: float, many: float, cpu1: Cpu, cpun: Cpu, *, bound: bool = False
+) -> Row:
+    """A scaling row: 8 threads against 1 running ``per`` fresh-text point queries each, with
+    the CPU seconds per query (server + client) of both runs. ``bound``: the ratio column
+    shows the best scaling the cores allow at the one-agent CPU per query — min(8, (cores /
+    CPU per query) / (1 / one agent's latency)) — and how much of it was reached."""
+    qps1, qpsn = per / one, CLIENTS * per / many
+    c1, cn = cpu1.total / per, cpun.total / (CLIENTS * per)
+    ratio = qpsn / qps1
+    _say(f"{label}: {CLIENTS} threads {qpsn:.0f} q/s vs 1 {qps1:.0f} q/s; CPU/query {_ms(c1)} / {_ms(cn)}")
+    cpu_text = (
+        f"CPU per query (server + client): 1 thread {_ms(c1)} ({_ms(cpu1.server / per)} + "
+        f"{_ms(cpu1.client / per)}), {CLIENTS} threads {_ms(cn)}"
+    )
+    if not bound:
+        return Row(
+            f"scaling reference: {CLIENTS} threads vs 1, fresh-text point queries, {label}",
+            f"{qpsn:.0f} queries/s aggregate",
+            f"1 thread: {qps1:.0f} queries/s; {cpu_text}",
+            f"{ratio:.2f}x",
+            "report",
+            "-",
+        )
+    best = min(CLIENTS, CORES / c1 / qps1)
+    at_n = min(CLIENTS, CORES / cn / qps1)
+    return Row(
+        f"best {CLIENTS}-agent scaling {CORES} cores allow at the CPU per query of {label}: "
+        f"min({CLIENTS}, ({CORES} cores / CPU per query) / 1 agent's queries/s)",
+        f"{CORES} / {_ms(c1)} = {CORES / c1:.0f} queries/s at most",
+        f"1 agent: latency {_ms(1 / qps1)} = {qps1:.0f} queries/s; {cpu_text}",
+        f"bound {best:.2f}x ({at_n:.2f}x at the {CLIENTS}-agent CPU per query); measured {ratio:.2f}x = "
+        f"{ratio / best:.0%} of the bound",
+        "report",
+        "-",
+    )
 
 
 # --- the report ------------------------------------------------------------------------------------------

@@ -345,6 +345,13 @@ def _start_quiver(
 
 
 def _start_roapi(stack: contextlib.ExitStack, work: Path) -> Callable[[], int] | None:
+    started = _start_roapi_process(stack, work)
+    return started[0] if started is not None else None
+
+
+def _start_roapi_process(stack: contextlib.ExitStack, work: Path) -> tuple[Callable[[], int], int] | None:
+    """ROAPI on ``t.parquet`` and a full-scan call through its Flight SQL endpoint, with the
+    process id (for its CPU seconds); None when roapi is not installed."""
     binary = shutil.which("roapi") or str(Path(sys.executable).with_name("roapi"))
     if not Path(binary).exists():
         _say("roapi: not installed (pip install roapi); skipped")
@@ -354,7 +361,7 @@ def _start_roapi(stack: contextlib.ExitStack, work: Path) -> Callable[[], int] |
     fs_port, http_port, pg_port = _free_port(), _free_port(), _free_port()
     args = [binary, "-t", f"t={work / 't.parquet'}", "--addr-flight-sql", f"127.0.0.1:{fs_port}"]
     args += ["-a", f"127.0.0.1:{http_port}", "-p", f"127.0.0.1:{pg_port}"]
-    stack.enter_context(
+    proc = stack.enter_context(
         _process(args, work / "roapi.log", "roapi", fs_port, {**os.environ, "RUST_LOG": "warn"})
     )
     with warnings.catch_warnings():
@@ -367,7 +374,7 @@ def _start_roapi(stack: contextlib.ExitStack, work: Path) -> Callable[[], int] |
             cur.execute("SELECT * FROM t")
             return int(cur.fetch_arrow_table().num_rows)
 
-    return scan
+    return scan, proc.pid
 
 
 # --- diagnostics and concurrency --------------------------------------------------------------------
