@@ -220,7 +220,7 @@ def _run(work: Path) -> str:
         rows += _first_path_scan(on, off)
         rows += _scans(con, bare, pool, roapi[0] if roapi else None, on, off, notes, pids)
         rows += _points(con, bare, on, off, keys[: 4 * POINTS])
-        rows += _concurrency(on, off, keys[4 * POINTS :], con, bare_url, bare_pid)
+        rows += _concurrency(on, off, keys[4 * POINTS :], con, bare_url, bare_pid, notes)
         status = on.http.get("/v1/status").json().get("cache")
     load_after = os.getloadavg()
     return _report(rows, notes, mb, status, load_before, load_after)
@@ -672,6 +672,7 @@ def _concurrency(
     con: duckdb.DuckDBPyConnection,
     bare_url: str,
     bare_pid: int,
+    notes: list[str],
 ) -> list[Row]:
     """Target 5: 8 agents (one token each: the concurrency cap is per principal) against 1,
     then the references that show what this machine allows: in-process DuckDB and a bare
@@ -733,6 +734,18 @@ def _concurrency(
             for cl in clients:
                 with contextlib.suppress(Exception):
                     cl.close()
+    notes += [
+        "",
+        f"Scaling rows: the 8-agent runs above, {per} fresh-text point queries per agent, and the same "
+        f"queries {CLIENTS} threads vs 1 through in-process DuckDB (one cursor per thread) and through the "
+        "bare Flight server answering them from its own copy of the file (GetFlightInfo runs nothing, DoGet "
+        "runs the SQL: no guard, auth or cache). CPU per query = (server CPU seconds from `/proc/<pid>/stat` "
+        "+ the benchmark process's `time.process_time()`) / queries, over the same run. On "
+        f"{CORES} cores shared by the agents and the server, {CLIENTS} agents cannot exceed {CORES} / CPU "
+        "per query queries/s, and one agent runs at 1 / its latency: the bound rows print min("
+        f"{CLIENTS}, the quotient) — the best target-5 ratio this machine allows at Quiver's current CPU "
+        "per query — and the measured ratio as a share of it.",
+    ]
     return out + _scaling_references(keys, per, con, bare_url, bare_pid) + bounds
 
 
