@@ -61,7 +61,7 @@ from catalog.query_log import RemoteWork
 from catalog.query_port import RunningQuery
 from catalog.snowflake_names import quote_snowflake
 from catalog.sqlguard import GuardedQuery
-from flight_server.admission import Admission
+from flight_server.admission import Admission, release_all
 from flight_server.errors import check_result_type, classify, duckdb_error, flight_error, stream_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
@@ -518,7 +518,7 @@ def read_part(
     """A live sample read whole, for the query port's ``read`` (MCP's sample tool): the
     caller holds the admission slot; the result is bounded by the sample's own cap."""
     held: list[Callable[[], None]] = []
-    close = _closer(held)
+    close = release_all(held, "live.release_failed")
     try:
         started = _start(require_live(catalog), watchdog, timeout, part, held, work)
         return pa.Table.from_batches(list(_cut_batches(started, part)), schema=part.schema)
@@ -568,7 +568,7 @@ def profile(
     if hit is not None or part.cached_only:
         return hit if hit is not None else PROFILE_SCHEMA.empty_table()
     held: list[Callable[[], None]] = []
-    close = _closer(held)
+    close = release_all(held, "live.release_failed")
     try:
         one = LivePart(sql, (), pa.schema([]), RowCap(1, "server_max_rows"))
         started = _start(live, watchdog, timeout, one, held, work)
@@ -630,7 +630,7 @@ def _mixed_query(
     timeout: float,
 ) -> RunningQuery:
     held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
-    close = _closer(held)
+    close = release_all(held, "live.release_failed")
     work = catalog.query_log.remote_work(principal)
     try:
         reader, cut = _mixed_running(catalog, watchdog, timeout, part, held, work)
@@ -665,20 +665,6 @@ def _running(
         _release=release,
         remote=remote,
     )
-
-
-def _closer(held: list[Callable[[], None]]) -> Callable[[], None]:
-    """Run ``held``'s releases in reverse, each once, however many fail."""
-
-    def close() -> None:
-        for step in reversed(held):
-            try:
-                step()
-            except Exception as e:  # noqa: BLE001 - one failed release must not skip the others
-                log.warning("live.release_failed", error=str(e))
-        held.clear()
-
-    return close
 
 
 def _local_batches(
@@ -764,7 +750,7 @@ def run_query(
         reader = pa.RecordBatchReader.from_batches(part.schema, table.to_batches())
         return _running(plan, part, reader, truncated=was_cut)
     held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
-    close = _closer(held)
+    close = release_all(held, "live.release_failed")
     work = catalog.query_log.remote_work(principal)
     try:
         started = _start(live, watchdog, timeout, part, held, work)
