@@ -118,18 +118,8 @@ def query_plan(
     cap = part.row_cap
     assert cap is not None  # a query always has a cap
     sql = transpile(guarded.sql, described, limit=cap.max_rows + 1)
-    return Plan(
-        "query",
-        schema,
-        -1,
-        (LivePart(sql, part.params, schema, cap, normalized=guarded.normalized),),
-        guarded.tables,
-        f"live:{guarded.tables[0].qualified}",
-        timeout=True,
-        row_cap=cap,
-        sql=guarded.sql,
-        params=len(part.params),
-    )
+    live_part = LivePart(sql, part.params, schema, cap, normalized=guarded.normalized)
+    return _live_query_plan(guarded, part, live_part, guarded.tables[0])
 
 
 def _mixed_plan(
@@ -174,15 +164,23 @@ def _mixed_plan(
     cap = part.row_cap
     assert cap is not None
     mixed = MixedPart(local_sql, part.params, schema, cap, tuple(pulls), tuple(schemas))
+    return _live_query_plan(guarded, part, mixed, pulls[0].ref)
+
+
+def _live_query_plan(
+    guarded: GuardedQuery, part: SqlPart, one: LivePart | MixedPart, first: TableRef
+) -> Plan:
+    """The plan of a query with live tables: one endpoint (no split), the query timeout, the
+    caller's row cap; its description names the first live table read."""
     return Plan(
         "query",
-        schema,
+        one.schema,
         -1,
-        (mixed,),
+        (one,),
         guarded.tables,
-        f"live:{pulls[0].ref.qualified}",
+        f"live:{first.qualified}",
         timeout=True,
-        row_cap=cap,
+        row_cap=part.row_cap,
         sql=guarded.sql,
         params=len(part.params),
     )
