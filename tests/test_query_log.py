@@ -260,16 +260,26 @@ def test_admin_listing_filters_and_pages(server: Server) -> None:
 )
 def test_admin_listing_refuses_bad_filters(server: Server, params: dict[str, Any]) -> None:
     admin = server.http()
+    before = admin.get("/v1/queries", params={"limit": 1000}).json()
     r = admin.get("/v1/queries", params=params)
     assert r.status_code == 400, r.text
     assert r.json()["error"] == "INVALID_ARGUMENT"
     assert len(r.text) < 2000  # the echo of a bad value is bounded
+    # A refused listing records nothing and loses nothing.
+    assert admin.get("/v1/queries", params={"limit": 1000}).json() == before
 
 
 def test_admin_listing_is_admin_only(server: Server) -> None:
-    agent = server.http(server.mint("agent", "demo", "nosy"))
-    assert agent.get("/v1/queries").status_code == 403
-    assert httpx.get(f"{server.http_url}/v1/queries").status_code == 401
+    token = server.mint("agent", "demo", "nosy")
+    agent = server.http(token)
+    r = agent.get("/v1/queries")
+    assert r.status_code == 403 and r.json()["error"] == "PERMISSION_DENIED", r.text
+    r = httpx.get(f"{server.http_url}/v1/queries")
+    assert r.status_code == 401 and r.json()["error"] == "UNAUTHENTICATED", r.text
+    # The refused agent's own log is untouched and its token still queries.
+    assert mine(server, token) == []
+    fetch(server, token, cmd(kind="query", sql="SELECT 1 AS x"))
+    assert len(mine(server, token)) == 1
 
 
 def test_concurrent_requests_get_one_record_each(server: Server) -> None:

@@ -198,20 +198,31 @@ def test_bad_limits_are_refused_and_nothing_is_saved(server: Server, body: Any, 
 
 
 def test_limits_routes_refuse_what_is_not_theirs(server: Server) -> None:
-    assert put_limits(server, "ghost-swarm", {"max_rows": 1}).status_code == 404
-    assert server.http().get("/v1/swarms/ghost-swarm/limits").status_code == 404
-    assert server.http().delete("/v1/swarms/ghost-swarm/limits").status_code == 404
-    assert stored(server, "ghost-swarm") == []
+    before = saved(server, "demo")
+    for r in (
+        put_limits(server, "ghost-swarm", {"max_rows": 1}),
+        server.http().get("/v1/swarms/ghost-swarm/limits"),
+        server.http().delete("/v1/swarms/ghost-swarm/limits"),
+    ):
+        assert r.status_code == 404 and r.json()["error"] == "NOT_FOUND", r.text
+    assert stored(server, "ghost-swarm") == [] and not server.catalog.swarms.exists("ghost-swarm")
     admin = server.http()
-    assert admin.put("/v1/swarms/demo/limits", content=b"{").status_code in (400, 415)
+    r = admin.put("/v1/swarms/demo/limits", content=b"{")
+    assert r.status_code in (400, 415) and r.json()["error"] == "INVALID_ARGUMENT", r.text
     # Not a JSON object: the gate's 400 (the body's declared type), nothing saved.
     r = admin.put("/v1/swarms/demo/limits", json=[1, 2])
-    assert r.status_code == 400 and "object" in r.json()["detail"]
-    agent = server.http(server.mint("agent", "demo", "nosy"))
-    assert agent.put("/v1/swarms/demo/limits", json={"max_rows": 1}).status_code == 403
-    assert agent.get("/v1/swarms/demo/limits").status_code == 403
-    assert agent.delete("/v1/swarms/demo/limits").status_code == 403
-    assert stored(server, "demo") == []
+    assert r.status_code == 400 and r.json()["error"] == "INVALID_ARGUMENT" and "object" in r.json()["detail"]
+    nosy = server.mint("agent", "demo", "nosy")
+    agent = server.http(nosy)
+    for r in (
+        agent.put("/v1/swarms/demo/limits", json={"max_rows": 1}),
+        agent.get("/v1/swarms/demo/limits"),
+        agent.delete("/v1/swarms/demo/limits"),
+    ):
+        assert r.status_code == 403 and r.json()["error"] == "PERMISSION_DENIED", r.text
+    assert stored(server, "demo") == [] and saved(server, "demo") == before
+    # The refused agent's token still queries.
+    assert fetch(server, nosy, cmd(kind="query", sql="SELECT 1 AS one")).num_rows == 1
 
 
 def test_the_openapi_schema_names_the_limits_structs(server: Server) -> None:
