@@ -303,11 +303,20 @@ def test_what_cannot_be_pushed_down_faithfully_is_refused_naming_it(
 def test_async_queries_of_live_tables_are_refused_with_a_sentence(server: Server, analyst: str) -> None:
     client = server.flight()
     opts = call_options(analyst)
+    assert server.runtime.flight is not None
+    before = server.runtime.flight.queries.stats()
+    mark = RECORDER.mark()
     action = flight.Action("submit-query", json.dumps({"sql": "SELECT * FROM live.orders"}).encode())
     with pytest.raises(flight.FlightError) as raised:
         list(client.do_action(action, opts))
     assert error_info(raised.value)["code"] == "INVALID_ARGUMENT"
     assert "not built yet" in error_info(raised.value)["detail"]
+    # Nothing queued nor kept, nothing sent to Snowflake, and the caller still queries.
+    assert server.runtime.flight.queries.stats() == before
+    assert not [q for q in RECORDER.since(mark) if "ORDERS" in q]
+    assert flight_query(server, analyst, "SELECT id FROM live.orders WHERE id = ?", [2]).to_pylist() == [
+        {"id": 2}
+    ]
 
 
 # --- faults ---------------------------------------------------------------------------------------
@@ -740,7 +749,7 @@ def test_a_live_profile_is_pushed_down_and_agrees_with_the_replicas(server: Serv
 def test_describing_a_live_table_is_refused_and_changes_nothing(server: Server) -> None:
     http = server.http()
     r = http.put("/v1/tables/live.orders/description", json={"table": "Orders, live from Snowflake"})
-    assert r.status_code == 400, r.text
+    assert r.status_code == 400 and r.json()["error"] == "INVALID_ARGUMENT", r.text
     assert "live table" in r.json()["detail"]
     tables = {t["table"]: t for t in http.get("/v1/tables").json()["tables"]}
     assert tables["live.orders"]["description"] == "" and tables["live.orders"]["live"] is True

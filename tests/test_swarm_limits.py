@@ -295,6 +295,9 @@ def test_a_swarm_wide_bound_counts_all_its_principals_together(server: Server) -
         for reader in held:
             reader.cancel()
     wait_idle(server)
+    # The refusals changed nothing: the limits read back as set, and the swarm token runs.
+    assert stored(server, swarm) == [{"max_concurrent": 2}]
+    assert fetch(server, swarm_token, cmd(kind="query", sql="SELECT 6 AS six")).num_rows == 1
 
 
 def test_racing_agents_never_exceed_the_swarm_bound(server: Server) -> None:
@@ -331,6 +334,10 @@ def test_racing_agents_never_exceed_the_swarm_bound(server: Server) -> None:
         for reader in readers:
             reader.cancel()
     wait_idle(server)
+    # Every agent, refused or not, runs again once the slots are free; the limits are as set.
+    assert stored(server, swarm) == [{"max_concurrent": 2}]
+    for token in tokens:
+        assert fetch(server, token, cmd(kind="query", sql="SELECT 7 AS seven")).num_rows == 1
 
 
 # --- calls per minute -----------------------------------------------------------------------------
