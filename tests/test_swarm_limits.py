@@ -702,3 +702,26 @@ def test_a_swarm_bound_set_while_its_agents_run_counts_what_runs(server: Server)
     for reader in held:
         reader.cancel()
     wait_idle(server)
+
+
+def test_every_swarm_route_refuses_a_missing_swarm_with_one_bounded_sentence(server: Server) -> None:
+    """The swarm, its allowlist, attributes, limits, budget and usage: one 404 sentence
+    (catalog/swarms.no_such_swarm) with the name echoed bounded; nothing is created."""
+    name = "g" * 300
+    http = server.http()
+    answers = [
+        http.get(f"/v1/swarms/{name}"),
+        http.get(f"/v1/swarms/{name}/allowlist"),
+        http.put(f"/v1/swarms/{name}/attributes", json={"a": 1}),
+        http.get(f"/v1/swarms/{name}/limits"),
+        http.put(f"/v1/swarms/{name}/limits", json={"max_rows": 5}),
+        http.put(f"/v1/swarms/{name}/budget", json={"queries_per_day": 5}),
+        http.get(f"/v1/swarms/{name}/usage"),
+    ]
+    details = set()
+    for r in answers:
+        assert r.status_code == 404 and r.json()["error"] == "NOT_FOUND", r.text
+        details.add(r.json()["detail"])
+    (detail,) = details
+    assert detail.endswith("(220 more characters)' does not exist; GET /v1/swarms lists them"), detail
+    assert not server.catalog.swarms.exists(name) and stored(server, name) == []
