@@ -129,6 +129,18 @@ def flight_query_error(
     raise AssertionError(f"not refused: {sql[:200]}")
 
 
+def flight_sql_connect(server: Server, token: str, **kwargs: Any) -> Any:
+    """An ADBC Flight SQL connection to ``server`` as ``token`` (autocommit, as BI tools use)."""
+    import adbc_driver_flightsql.dbapi as flight_sql  # only the tests that use ADBC load it
+
+    return flight_sql.connect(
+        server.flight_url,
+        db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
+        autocommit=True,
+        **kwargs,
+    )
+
+
 #: What a client's mistake may be answered with (never INTERNAL), and how long its detail may be.
 CLIENT_ERROR_CODES = {
     "INVALID_ARGUMENT",

@@ -14,13 +14,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import adbc_driver_flightsql.dbapi as adbc
 import httpx
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.harness import FakeClock, Server, call_options, error_info, start_server
+from tests.harness import FakeClock, Server, call_options, error_info, flight_sql_connect, start_server
 from tests.test_dataplane import cmd
 
 QUIET = {"last_used_flush_seconds": 3600.0}
@@ -130,11 +129,7 @@ def test_a_refusal_reads_like_the_usage_view_and_is_logged_as_asked(server: Serv
         )
     # A Flight SQL client prepares first: refused there, the prepare is the record.
     with (
-        adbc.connect(
-            server.flight_url,
-            db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
-            autocommit=True,
-        ) as conn,
+        flight_sql_connect(server, token) as conn,
         conn.cursor() as cur,
         pytest.raises(Exception, match="budget queries_per_day"),
     ):

@@ -13,14 +13,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import adbc_driver_flightsql.dbapi as flight_sql
 import httpx
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
 from catalog.sqlguard import redact_literals
-from tests.harness import Server, call_options, error_info, start_server
+from tests.harness import Server, call_options, error_info, flight_sql_connect, start_server
 from tests.test_dataplane import cmd
 
 # The housekeeping thread flushes every [tokens] last_used_flush_seconds: an hour here, so
@@ -131,11 +130,7 @@ def test_http_query_is_recorded_refused_or_run(server: Server) -> None:
 def test_flight_sql_statements_are_recorded(server: Server) -> None:
     token = server.mint("agent", "demo", "adbc")
     with (
-        flight_sql.connect(
-            server.flight_url,
-            db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
-            autocommit=True,
-        ) as conn,
+        flight_sql_connect(server, token) as conn,
         conn.cursor() as cur,
     ):
         cur.execute("SELECT count(*) AS n FROM demo.orders")
@@ -154,11 +149,7 @@ def test_a_flight_sql_statement_refused_at_prepare_is_recorded(server: Server) -
     records nothing: its statement's DoGet does)."""
     token = server.mint("agent", "demo", "adbc-refused")
     with (
-        flight_sql.connect(
-            server.flight_url,
-            db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
-            autocommit=True,
-        ) as conn,
+        flight_sql_connect(server, token) as conn,
         conn.cursor() as cur,
     ):
         with pytest.raises(Exception, match="not readable"):
