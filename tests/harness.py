@@ -26,6 +26,12 @@ T = TypeVar("T")
 DEMO_SCALE = 0.01  # customers 1,000 · orders 20,000 · events 50,000
 
 
+#: ``[tokens]`` for tests that read what the housekeeping thread would flush (token last-used
+#: times, the query log, usage counters): a flush an hour, so what is buffered stays buffered
+#: until a read (or the test) flushes it (``start_server(..., tokens=QUIET)``).
+QUIET: dict[str, Any] = {"last_used_flush_seconds": 3600.0}
+
+
 #: ``[flight]`` keys that split small tables too: the 50,000-row demo.events becomes several
 #: endpoints (``start_server(..., flight=SMALL_SPLIT)``).
 SMALL_SPLIT: dict[str, Any] = {"split_part_rows": 10_000, "split_min_rows": 20_000, "split_align_rows": 1}

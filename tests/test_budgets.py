@@ -19,15 +19,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.harness import FakeClock, Server, call_options, error_info, flight_sql_connect, start_server
+from tests.harness import QUIET, FakeClock, Server, call_options, error_info, flight_sql_connect, start_server
 from tests.test_dataplane import cmd
-
-QUIET = {"last_used_flush_seconds": 3600.0}
-
-
-@pytest.fixture(scope="module")
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,6 @@ def src(emu: Emulator) -> Source:
 
 
 @pytest.fixture(scope="module")
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture(scope="module")
 def server(
     emu: Emulator, src: Source, clock: FakeClock, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:

@@ -19,12 +19,9 @@ import pyarrow.flight as flight
 import pytest
 
 from catalog.sqlguard import redact_literals
-from tests.harness import Server, call_options, error_info, flight_sql_connect, start_server
+from tests.harness import QUIET, Server, call_options, error_info, flight_sql_connect, start_server
 from tests.test_dataplane import cmd
 
-# The housekeeping thread flushes every [tokens] last_used_flush_seconds: an hour here, so
-# what is buffered stays buffered until a read (or a test) flushes it.
-QUIET = {"last_used_flush_seconds": 3600.0}
 ORDERS = "SELECT order_id, amount FROM demo.orders WHERE order_id <= ? ORDER BY order_id"
 
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.harness import FakeClock, Server, call_options, error_info, start_server, wait_until
+from tests.harness import QUIET, FakeClock, Server, call_options, error_info, start_server, wait_until
 from tests.test_dataplane import cmd
 
 # Streams for a long time: a client that reads one batch holds its stream (and slot) open.
@@ -37,12 +37,6 @@ LIMITS = {
 }
 # A small global cap, so that a cut (and its loosening up to the ceiling) is cheap to see.
 SMALL_ROWS = {**LIMITS, "max_rows": 1000, "max_rows_ceiling": 5000}
-QUIET = {"last_used_flush_seconds": 3600.0}
-
-
-@pytest.fixture(scope="module")
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture(scope="module")
