@@ -40,9 +40,9 @@ from prometheus_client.registry import Collector
 
 from catalog.clock import Clock, utcnow
 from catalog.database import SYSTEM_SCHEMA, Database
-from catalog.errors import NotFound, ResourceExhausted, Unprocessable, bounded
+from catalog.errors import ResourceExhausted, Unprocessable, bounded
 from catalog.identity import Principal
-from catalog.swarms import SwarmStore
+from catalog.swarms import SwarmStore, no_such_swarm, require_swarm
 from catalog.writes import AdminWrites
 
 log = structlog.get_logger(__name__)
@@ -225,11 +225,7 @@ class Budgets:
         now = utcnow(self._clock)
 
         def write(cur: Any) -> None:
-            if (
-                cur.execute(f"SELECT 1 FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [swarm]).fetchone()
-                is None
-            ):
-                raise NotFound(f"swarm {bounded(swarm, 80)!r} does not exist; GET /v1/swarms lists them")
+            require_swarm(cur, swarm)
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.budgets WHERE swarm = ?", [swarm])
             cur.execute(f"INSERT INTO {SYSTEM_SCHEMA}.budgets VALUES (?, ?, ?)", [swarm, body, now])
 
@@ -261,7 +257,7 @@ class Budgets:
 
     def report(self, swarm: str) -> UsageReport:
         if not self._swarms.exists(swarm):
-            raise NotFound(f"swarm {bounded(swarm, 80)!r} does not exist; GET /v1/swarms lists them")
+            raise no_such_swarm(swarm)
         day = self.today()
         with self._lock:
             total = self._usage.get((day, swarm, ""))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import msgspec
 
@@ -529,6 +530,23 @@ def _check_target(where: str, target: str) -> str:
     return where
 
 
+_Entry = TypeVar("_Entry", SyncTableConfig, LiveTableConfig)
+
+
+def _targets(section: str, entries: list[_Entry]) -> Iterator[tuple[str, str, _Entry]]:
+    """Each entry of ``section`` with where it is named in messages and its target's key,
+    the target checked (:func:`_check_target`) and unique within the section; yielded one at a
+    time, so an entry's own checks run before the next entry's target is read."""
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        where = _check_target(f"{section}[{i}]", entry.target)
+        key = entry.target.lower()
+        if key in seen:
+            raise ConfigError(f"{where}.target: already used by {section}[{seen[key]}]")
+        seen[key] = i
+        yield where, key, entry
+
+
 def _check_live(config: Config) -> None:
     """``[[live.tables]]``: a Snowflake connection, full source names (or the connection's
     defaults), targets that are unique and not also replicated."""
@@ -537,18 +555,12 @@ def _check_live(config: Config) -> None:
     if tables and (not sf.configured or not sf.user):
         raise ConfigError("[[live.tables]] needs a [snowflake] section with `account` and `user`")
     replicated = {t.target.lower(): i for i, t in enumerate(config.sync.tables)}
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(tables):
-        where = _check_target(f"live.tables[{i}]", entry.target)
-        key = entry.target.lower()
-        if key in seen:
-            raise ConfigError(f"{where}.target: already used by live.tables[{seen[key]}]")
+    for where, key, entry in _targets("live.tables", tables):
         if key in replicated:
             raise ConfigError(
                 f"{where}.target: also the target of sync.tables[{replicated[key]}]; a table is "
                 "either replicated or live"
             )
-        seen[key] = i
         _check_source_name(where, entry.source, sf)
 
 
@@ -575,13 +587,7 @@ def _check_sync(config: Config) -> None:
         raise ConfigError("[[sync.tables]] needs a [snowflake] section with at least `account`")
     if tables and not sf.user:
         raise ConfigError("snowflake.user is required when [[sync.tables]] are configured")
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(tables):
-        where = _check_target(f"sync.tables[{i}]", entry.target)
-        key = entry.target.lower()
-        if key in seen:
-            raise ConfigError(f"{where}.target: already used by sync.tables[{seen[key]}]")
-        seen[key] = i
+    for where, _, entry in _targets("sync.tables", tables):
         _check_sync_entry(where, entry, sf)
 
 

@@ -52,6 +52,24 @@ def fetch_one(cur: duckdb.DuckDBPyConnection, sql: str, params: list[object] | N
     return rows[0] if rows else None
 
 
+class ThreadCursors:
+    """One cursor per thread of a private DuckDB connection (the guard's parser, the views'
+    filter parser, the live tables' binder): a DuckDB connection is not safe to share between
+    threads, and a cursor per call would cost a connection each time."""
+
+    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+        self._connection = connection
+        self._local = threading.local()
+
+    def get(self) -> duckdb.DuckDBPyConnection:
+        """This thread's cursor, made on its first call."""
+        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
+        if cur is None:
+            cur = self._connection.cursor()
+            self._local.cursor = cur
+        return cur
+
+
 class DatabaseTooNew(QuiverError):
     """The database holds migrations this release does not know: it was written by a newer
     Quiver. Opening it anyway would serve a schema this code was never written for (and a

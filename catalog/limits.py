@@ -41,9 +41,9 @@ import structlog
 from catalog.clock import Clock, utcnow
 from catalog.config import LimitsConfig
 from catalog.database import SYSTEM_SCHEMA, Database
-from catalog.errors import NotFound, ResourceExhausted, Unprocessable, bounded
+from catalog.errors import ResourceExhausted, Unprocessable, bounded
 from catalog.identity import Principal
-from catalog.swarms import SwarmStore
+from catalog.swarms import SwarmStore, no_such_swarm, require_swarm
 from catalog.writes import AdminWrites
 
 log = structlog.get_logger(__name__)
@@ -255,7 +255,7 @@ class SwarmLimits:
         now = utcnow(self._clock)
 
         def write(cur: duckdb.DuckDBPyConnection) -> None:
-            self._require_swarm(cur, swarm)
+            require_swarm(cur, swarm)
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.swarm_limits WHERE swarm = ?", [swarm])
             cur.execute(f"INSERT INTO {SYSTEM_SCHEMA}.swarm_limits VALUES (?, ?, ?)", [swarm, text, now])
 
@@ -271,7 +271,7 @@ class SwarmLimits:
         """Delete ``swarm``'s overrides: ``[limits]`` applies again (404 for no such swarm)."""
 
         def write(cur: duckdb.DuckDBPyConnection) -> None:
-            self._require_swarm(cur, swarm)
+            require_swarm(cur, swarm)
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.swarm_limits WHERE swarm = ?", [swarm])
 
         with self._writes.lock:
@@ -284,7 +284,7 @@ class SwarmLimits:
 
     def get(self, swarm: str) -> SwarmLimitsOut:
         if not self._swarms.exists(swarm):
-            raise NotFound(f"swarm {bounded(swarm, 80)!r} does not exist; GET /v1/swarms lists them")
+            raise no_such_swarm(swarm)
         with self._lock:
             body = self._limits.get(swarm) or SwarmLimitsBody()
         return SwarmLimitsOut(
@@ -315,11 +315,6 @@ class SwarmLimits:
     def _forget(self, swarm: str) -> None:
         self._resolved.pop((swarm, False), None)
         self._resolved.pop((swarm, True), None)
-
-    @staticmethod
-    def _require_swarm(cur: duckdb.DuckDBPyConnection, swarm: str) -> None:
-        if cur.execute(f"SELECT 1 FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [swarm]).fetchone() is None:
-            raise NotFound(f"swarm {bounded(swarm, 80)!r} does not exist; GET /v1/swarms lists them")
 
     # --- the lookup -------------------------------------------------------------------------------
     def limits_for(self, principal: Principal) -> Effective:

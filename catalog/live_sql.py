@@ -47,16 +47,23 @@ def _refused(what: str) -> InvalidArgument:
     )
 
 
-def transpile(sql: str, live: Mapping[tuple[str, str], LiveDescription], *, limit: int | None) -> str:
-    """The Snowflake text of guarded ``sql`` whose every table is in ``live`` (keyed as
-    :meth:`TableRef.key`), with at most ``limit`` rows. INVALID_ARGUMENT for what cannot be
-    translated faithfully."""
+def _parse_query(sql: str) -> exp.Query:
+    """Guarded ``sql`` as sqlglot's tree (both translations start here), or the refusal of
+    what sqlglot cannot read or is not a query."""
     try:
         tree = sqlglot.parse_one(sql, read="duckdb")
     except ParseError as e:
         raise _refused(f"the translator cannot read it ({_first(e)})") from None
     if not isinstance(tree, exp.Query):
         raise _refused("is not a query the translator can push down")
+    return tree
+
+
+def transpile(sql: str, live: Mapping[tuple[str, str], LiveDescription], *, limit: int | None) -> str:
+    """The Snowflake text of guarded ``sql`` whose every table is in ``live`` (keyed as
+    :meth:`TableRef.key`), with at most ``limit`` rows. INVALID_ARGUMENT for what cannot be
+    translated faithfully."""
+    tree = _parse_query(sql)
     _duckdb_spellings(tree)
     _check_joins(tree)
     _check_functions(sql, tree)
@@ -281,12 +288,7 @@ def split_mixed(
     alias, when the top-level joins are all inner (an outer join's filter is not the
     table's own), without parameters, subqueries, aggregates or windows. DuckDB applies every
     filter again, so pushing one is never needed for correctness, only for cost."""
-    try:
-        tree = sqlglot.parse_one(sql, read="duckdb")
-    except ParseError as e:
-        raise _refused(f"the translator cannot read it ({_first(e)})") from None
-    if not isinstance(tree, exp.Query):
-        raise _refused("is not a query the translator can push down")
+    tree = _parse_query(sql)
     ctes = {fold(c.alias_or_name) for c in tree.find_all(exp.CTE)}
     mentioned = {fold(c.name) for c in tree.find_all(exp.Column)}
     # SELECT * and t.* read every column; count(*) reads none.

@@ -18,7 +18,7 @@ from typing import Protocol
 import structlog
 
 from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA
-from catalog.errors import InvalidArgument, PermissionDenied, Unavailable
+from catalog.errors import InvalidArgument, PermissionDenied, Unavailable, bounded
 from catalog.identity import Principal
 from catalog.rules import Attributes, AttributeValue, TableRule, bindings
 from catalog.tables import TableCatalog, TableInfo, TableRef, fold
@@ -58,6 +58,22 @@ def pattern_matches(pattern: str, ref: TableRef) -> bool:
     schema, _, table = pattern.partition(".")
     s, t = ref.key()
     return schema == s and (table == "*" or table == t)
+
+
+#: Warnings named one by one in an allowlist answer; the rest are counted in one more line.
+MAX_WARNINGS = 20
+
+
+def allowlist_matches(patterns: Sequence[str], refs: Sequence[TableRef]) -> tuple[list[str], list[str]]:
+    """The tables of ``refs`` that ``patterns`` match now, and a warning per pattern matching
+    none (at most :data:`MAX_WARNINGS` named): such an entry is kept (pre-provisioning a table
+    sync will bring), but a misspelt one would otherwise look the same as a correct one."""
+    matching = [r.qualified for r in refs if any(pattern_matches(p, r) for p in patterns)]
+    unmatched = [p for p in patterns if not any(pattern_matches(p, r) for r in refs)]
+    warnings = [f"{bounded(p)} matches no table" for p in unmatched[:MAX_WARNINGS]]
+    if len(unmatched) > MAX_WARNINGS:
+        warnings.append(f"and {len(unmatched) - MAX_WARNINGS} more entries match no table")
+    return matching, warnings
 
 
 NOT_READABLE = "not readable: not in your allowlist or does not exist"

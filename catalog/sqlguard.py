@@ -140,7 +140,7 @@ from typing import Any
 
 import duckdb
 
-from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA, quote_literal
+from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA, ThreadCursors, quote_literal
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.identity import Principal
 from catalog.policy import NOT_READABLE, Policy, readable_hint
@@ -814,7 +814,7 @@ class SqlGuard:
         self._catalog = fold(catalog_name)
         self._max_sql_chars = max_sql_chars
         self._parser = duckdb.connect(":memory:")
-        self._local = threading.local()
+        self._cursors = ThreadCursors(self._parser)
         rows = self._parser.execute(
             "SELECT function_name, function_type, schema_name, return_type, stability, len(parameters) "
             "FROM duckdb_functions()"
@@ -877,13 +877,6 @@ class SqlGuard:
         )
         self._parser.execute("SET enable_external_access = false")
         self._parser.execute("SET lock_configuration = true")
-
-    def _cursor(self) -> duckdb.DuckDBPyConnection:
-        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
-        if cur is None:
-            cur = self._parser.cursor()
-            self._local.cursor = cur
-        return cur
 
     # --- the check ------------------------------------------------------------------------
     def check(self, principal: Principal, sql: str) -> GuardedQuery:
@@ -988,7 +981,7 @@ class SqlGuard:
     def _rewritten(self, parsed: _Parsed, walk: _Walk, views: dict[tuple[str, str], str]) -> tuple[str, str]:
         """The work of :meth:`_rewrite`: raises :class:`_Unwritable` (or DuckDB's error) when
         the written-back text does not parse to exactly the intended tree."""
-        cur = self._cursor()
+        cur = self._cursors.get()
         want = _Rewriter(cur, walk.bases, views, self._catalog).swap(
             json.loads(parsed.normalized), parsed.tree
         )[0]
@@ -1210,7 +1203,7 @@ class SqlGuard:
 
     def _parse_uncached(self, sql: str) -> _Parsed:
         self._check_text(sql)
-        cur = self._cursor()
+        cur = self._cursors.get()
         try:
             statements = cur.extract_statements(sql)
         except duckdb.ParserException as e:
@@ -1332,7 +1325,7 @@ class SqlGuard:
 
     def _rowid_parts(self, normalized: str, bounds: list[tuple[int, int | None]]) -> tuple[str, ...] | None:
         tree = json.loads(normalized)
-        cur = self._cursor()
+        cur = self._cursors.get()
         out = []
         try:
             for lo, hi in bounds:

@@ -149,7 +149,7 @@ class SwarmStore:
                 [name],
             )
             if row is None:
-                raise NotFound(f"swarm {name!r} does not exist; GET /v1/swarms lists them")
+                raise no_such_swarm(name)
             tables = self._committed_patterns(cur, name)
         return Swarm(name=row[0], description=row[1], created_at=row[2], tables=tables)
 
@@ -169,13 +169,13 @@ class SwarmStore:
     def get_allowlist(self, name: str) -> Committed:
         """The committed allowlist (the in-memory policy equals it: both change under one lock)."""
         with self._db.reading() as cur:
-            _require_swarm(cur, name)
+            require_swarm(cur, name)
             return self._committed(cur, name)
 
     def get_attributes(self, name: str) -> dict[str, AttributeValue]:
         """The swarm's committed attributes (the policy holds the same)."""
         with self._db.reading() as cur:
-            _require_swarm(cur, name)
+            require_swarm(cur, name)
             row = fetch_one(cur, f"SELECT body FROM {SYSTEM_SCHEMA}.swarm_attributes WHERE swarm = ?", [name])
         return _decode_attributes(row[0]) if row else {}
 
@@ -220,7 +220,7 @@ class SwarmStore:
         lock, so none can slip in between."""
 
         def write(cur: duckdb.DuckDBPyConnection) -> Callable[[], object] | None:
-            _require_swarm(cur, name)
+            require_swarm(cur, name)
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.allowlist WHERE swarm = ?", [name])
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.swarm_attributes WHERE swarm = ?", [name])
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [name])
@@ -241,7 +241,7 @@ class SwarmStore:
         entries = self.check_entries(tables)
 
         def write(cur: duckdb.DuckDBPyConnection) -> Committed:
-            _require_swarm(cur, name)
+            require_swarm(cur, name)
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.allowlist WHERE swarm = ?", [name])
             _insert_entries(cur, name, entries)
             return self._committed(cur, name)
@@ -259,7 +259,7 @@ class SwarmStore:
         now = datetime.now(UTC)
 
         def write(cur: duckdb.DuckDBPyConnection) -> dict[str, AttributeValue]:
-            _require_swarm(cur, name)
+            require_swarm(cur, name)
             cur.execute(f"DELETE FROM {SYSTEM_SCHEMA}.swarm_attributes WHERE swarm = ?", [name])
             if attributes:
                 cur.execute(
@@ -275,9 +275,17 @@ class SwarmStore:
         return committed
 
 
-def _require_swarm(cur: duckdb.DuckDBPyConnection, name: str) -> None:
+def no_such_swarm(name: str) -> NotFound:
+    """The one refusal of a swarm that does not exist (every swarm route's 404), the name
+    echoed bounded."""
+    return NotFound(f"swarm {bounded(name, 80)!r} does not exist; GET /v1/swarms lists them")
+
+
+def require_swarm(cur: duckdb.DuckDBPyConnection, name: str) -> None:
+    """Refuse, inside the caller's write transaction, a swarm that does not exist (so a write
+    racing the swarm's deletion cannot leave a row behind)."""
     if not fetch_one(cur, f"SELECT 1 FROM {SYSTEM_SCHEMA}.swarms WHERE name = ?", [name]):
-        raise NotFound(f"swarm {name!r} does not exist; GET /v1/swarms lists them")
+        raise no_such_swarm(name)
 
 
 def _insert_entries(cur: duckdb.DuckDBPyConnection, name: str, entries: Entries) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from catalog.database import quote_ident, quote_literal
+from catalog.database import ThreadCursors, quote_ident, quote_literal
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.rules import AttributeValue, TableRule
 from catalog.tables import TableCatalog, TableRef, fold
@@ -94,16 +94,9 @@ class Views:
         self._shapes: OrderedDict[tuple[str, int], tuple[pa.Schema, int]] = OrderedDict()
         self._parser = duckdb.connect(":memory:")
         self._parser.execute("SET enable_external_access = false")
-        self._local = threading.local()
+        self._cursors = ThreadCursors(self._parser)
         self.builds = 0
         """Texts built (not answered from memory): for tests."""
-
-    def _cursor(self) -> duckdb.DuckDBPyConnection:
-        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
-        if cur is None:
-            cur = self._parser.cursor()
-            self._local.cursor = cur
-        return cur
 
     def invalidate(self) -> None:
         """Forget the remembered column types and texts (a table was altered or replaced)."""
@@ -225,7 +218,7 @@ class Views:
         if hit is not None:
             return hit
         raw = (
-            self._cursor()
+            self._cursors.get()
             .execute("SELECT json_serialize_sql(?)", [_PROBE_PREFIX + predicate])
             .fetchall()[0][0]
         )

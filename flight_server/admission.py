@@ -59,6 +59,22 @@ log = structlog.get_logger("flight_server")
 Release = Callable[[], None]
 
 
+def release_all(held: list[Release], event: str) -> Release:
+    """One release of everything a run holds (its admission slot, cursor, deadline, lease),
+    in reverse order of taking, each once: a failed step is logged as ``event`` and does not
+    skip the others, and ``held`` is empty afterwards, so a second call does nothing."""
+
+    def close() -> None:
+        for step in reversed(held):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - one failed release must not skip the others
+                log.warning(event, error=str(e))
+        held.clear()
+
+    return close
+
+
 class SpareCursors(Protocol):
     """Idle cursors to reuse (flight_server/streams.py keeps the server's)."""
 

@@ -61,7 +61,7 @@ from catalog.query_log import RemoteWork
 from catalog.query_port import RunningQuery
 from catalog.snowflake_names import quote_snowflake
 from catalog.sqlguard import GuardedQuery
-from flight_server.admission import Admission
+from flight_server.admission import Admission, release_all
 from flight_server.errors import check_result_type, classify, duckdb_error, flight_error, stream_error
 from flight_server.limits import Deadline, Watchdog
 from flight_server.middleware import CallState
@@ -118,18 +118,8 @@ def query_plan(
     cap = part.row_cap
     assert cap is not None  # a query always has a cap
     sql = transpile(guarded.sql, described, limit=cap.max_rows + 1)
-    return Plan(
-        "query",
-        schema,
-        -1,
-        (LivePart(sql, part.params, schema, cap, normalized=guarded.normalized),),
-        guarded.tables,
-        f"live:{guarded.tables[0].qualified}",
-        timeout=True,
-        row_cap=cap,
-        sql=guarded.sql,
-        params=len(part.params),
-    )
+    live_part = LivePart(sql, part.params, schema, cap, normalized=guarded.normalized)
+    return _live_query_plan(guarded, part, live_part, guarded.tables[0])
 
 
 def _mixed_plan(
@@ -174,15 +164,23 @@ def _mixed_plan(
     cap = part.row_cap
     assert cap is not None
     mixed = MixedPart(local_sql, part.params, schema, cap, tuple(pulls), tuple(schemas))
+    return _live_query_plan(guarded, part, mixed, pulls[0].ref)
+
+
+def _live_query_plan(
+    guarded: GuardedQuery, part: SqlPart, one: LivePart | MixedPart, first: TableRef
+) -> Plan:
+    """The plan of a query with live tables: one endpoint (no split), the query timeout, the
+    caller's row cap; its description names the first live table read."""
     return Plan(
         "query",
-        schema,
+        one.schema,
         -1,
-        (mixed,),
+        (one,),
         guarded.tables,
-        f"live:{pulls[0].ref.qualified}",
+        f"live:{first.qualified}",
         timeout=True,
-        row_cap=cap,
+        row_cap=part.row_cap,
         sql=guarded.sql,
         params=len(part.params),
     )
@@ -518,7 +516,7 @@ def read_part(
     """A live sample read whole, for the query port's ``read`` (MCP's sample tool): the
     caller holds the admission slot; the result is bounded by the sample's own cap."""
     held: list[Callable[[], None]] = []
-    close = _closer(held)
+    close = release_all(held, "live.release_failed")
     try:
         started = _start(require_live(catalog), watchdog, timeout, part, held, work)
         return pa.Table.from_batches(list(_cut_batches(started, part)), schema=part.schema)
@@ -568,7 +566,7 @@ def profile(
     if hit is not None or part.cached_only:
         return hit if hit is not None else PROFILE_SCHEMA.empty_table()
     held: list[Callable[[], None]] = []
-    close = _closer(held)
+    close = release_all(held, "live.release_failed")
     try:
         one = LivePart(sql, (), pa.schema([]), RowCap(1, "server_max_rows"))
         started = _start(live, watchdog, timeout, one, held, work)
@@ -630,7 +628,7 @@ def _mixed_query(
     timeout: float,
 ) -> RunningQuery:
     held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
-    close = _closer(held)
+    close = release_all(held, "live.release_failed")
     work = catalog.query_log.remote_work(principal)
     try:
         reader, cut = _mixed_running(catalog, watchdog, timeout, part, held, work)
@@ -665,20 +663,6 @@ def _running(
         _release=release,
         remote=remote,
     )
-
-
-def _closer(held: list[Callable[[], None]]) -> Callable[[], None]:
-    """Run ``held``'s releases in reverse, each once, however many fail."""
-
-    def close() -> None:
-        for step in reversed(held):
-            try:
-                step()
-            except Exception as e:  # noqa: BLE001 - one failed release must not skip the others
-                log.warning("live.release_failed", error=str(e))
-        held.clear()
-
-    return close
 
 
 def _local_batches(
@@ -764,7 +748,7 @@ def run_query(
         reader = pa.RecordBatchReader.from_batches(part.schema, table.to_batches())
         return _running(plan, part, reader, truncated=was_cut)
     held: list[Callable[[], None]] = [admission.acquire(principal, "live-" + secrets.token_hex(6))]
-    close = _closer(held)
+    close = release_all(held, "live.release_failed")
     work = catalog.query_log.remote_work(principal)
     try:
         started = _start(live, watchdog, timeout, part, held, work)

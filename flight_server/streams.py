@@ -48,7 +48,7 @@ from catalog.limits import Effective
 from catalog.query_log import RemoteWork
 from catalog.query_port import RunningQuery
 from flight_server import live
-from flight_server.admission import Admission
+from flight_server.admission import Admission, release_all
 from flight_server.cache import CacheKey, ResultCache
 from flight_server.errors import check_result_type, classify, duckdb_error, stream_error
 from flight_server.limits import Deadline, Watchdog
@@ -305,7 +305,7 @@ class Streamer:
         ready = self.ready.hold(schema, head, size, cut)
         return schema, (dataclasses.replace(part, ready=ready) if ready is not None else part), True
 
-    def run_query(  # noqa: C901  admission, cache, head read and cut of one run, each a short step
+    def run_query(
         self,
         admission: Admission,
         principal: Principal,
@@ -326,14 +326,7 @@ class Streamer:
         timeout = self.timeout_for(principal) if timeout_seconds is None else float(timeout_seconds)
         release = admission.acquire(principal, "run-" + secrets.token_hex(6))
         held: list[Callable[[], None]] = [release]
-
-        def close() -> None:
-            for step in reversed(held):
-                try:
-                    step()
-                except Exception as e:  # noqa: BLE001 - one failed release must not skip the others
-                    log.warning("query.release_failed", error=str(e))
-            held.clear()
+        close = release_all(held, "query.release_failed")
 
         versions: dict[str, int] = {}
         if tables:

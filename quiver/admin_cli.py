@@ -74,40 +74,37 @@ def add_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None])
     _common(delete, config_args)
     delete.add_argument("name")
 
-    allow = asub.add_parser("allowlist", help="a swarm's table allowlist")
-    lsub = allow.add_subparsers(dest="admin_command", required=True)
-    get = lsub.add_parser("get", help="the patterns and the tables they match now")
-    _common(get, config_args)
-    get.add_argument("swarm")
-    put = lsub.add_parser("set", help="replace the allowlist (PUT /v1/swarms/SWARM/allowlist)")
-    _common(put, config_args)
-    put.add_argument("swarm")
-    put.add_argument(
-        "tables",
-        nargs="*",
-        type=allowlist_entry,
-        metavar="TABLE",
-        help="'schema.table', 'schema.*', or a JSON object with rules: '{\"table\": \"demo.customers\", "
-        '"row_filter": "country = :country", "mask": {"email": "hash"}}\'',
+    _get_set(
+        asub,
+        config_args,
+        "allowlist",
+        (
+            "a swarm's table allowlist",
+            "the patterns and the tables they match now",
+            "replace the allowlist (PUT /v1/swarms/SWARM/allowlist)",
+        ),
+        dest="tables",
+        values=dict(
+            type=allowlist_entry,
+            metavar="TABLE",
+            help="'schema.table', 'schema.*', or a JSON object with rules: '{\"table\": \"demo.customers\", "
+            '"row_filter": "country = :country", "mask": {"email": "hash"}}\'',
+        ),
+        clear_help="set an empty allowlist (no TABLE given)",
     )
-    put.add_argument("--clear", action="store_true", help="set an empty allowlist (no TABLE given)")
-
-    attrs = asub.add_parser("attributes", help="a swarm's attributes, bound into its row filters")
-    asub2 = attrs.add_subparsers(dest="admin_command", required=True)
-    aget = asub2.add_parser("get", help="the swarm's attributes (GET /v1/swarms/SWARM/attributes)")
-    _common(aget, config_args)
-    aget.add_argument("swarm")
-    aset = asub2.add_parser("set", help="replace them (PUT /v1/swarms/SWARM/attributes)")
-    _common(aset, config_args)
-    aset.add_argument("swarm")
-    aset.add_argument(
+    _get_set(
+        asub,
+        config_args,
         "attributes",
-        nargs="*",
-        type=attribute,
-        metavar="NAME=VALUE",
-        help="a string; NAME:=VALUE for a number",
+        (
+            "a swarm's attributes, bound into its row filters",
+            "the swarm's attributes (GET /v1/swarms/SWARM/attributes)",
+            "replace them (PUT /v1/swarms/SWARM/attributes)",
+        ),
+        dest="attributes",
+        values=dict(type=attribute, metavar="NAME=VALUE", help="a string; NAME:=VALUE for a number"),
+        clear_help="remove every attribute (no NAME=VALUE given)",
     )
-    aset.add_argument("--clear", action="store_true", help="remove every attribute (no NAME=VALUE given)")
 
     tokens = asub.add_parser("tokens", help="list, mint and revoke tokens")
     tsub = tokens.add_subparsers(dest="admin_command", required=True)
@@ -143,6 +140,32 @@ def add_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None])
     revoke.add_argument("jti", nargs="?")
     revoke.add_argument("--swarm")
     revoke.add_argument("--agent")
+
+
+def _get_set(
+    asub: Any,
+    config_args: Callable[[argparse.ArgumentParser], None],
+    area: str,
+    helps: tuple[str, str, str],
+    *,
+    dest: str,
+    values: dict[str, Any],
+    clear_help: str,
+) -> None:
+    """An area that is one replaceable list of a swarm (its allowlist, its attributes):
+    ``get SWARM`` and ``set SWARM VALUE... | --clear`` (the pair checked by :func:`_usage_problem`).
+    ``helps``: the area's, get's and set's help lines."""
+    help_text, get_help, set_help = helps
+    parser = asub.add_parser(area, help=help_text)
+    commands = parser.add_subparsers(dest="admin_command", required=True)
+    get = commands.add_parser("get", help=get_help)
+    _common(get, config_args)
+    get.add_argument("swarm")
+    put = commands.add_parser("set", help=set_help)
+    _common(put, config_args)
+    put.add_argument("swarm")
+    put.add_argument(dest, nargs="*", **values)
+    put.add_argument("--clear", action="store_true", help=clear_help)
 
 
 # --- arguments -----------------------------------------------------------------------------------
@@ -302,16 +325,25 @@ _AREAS: dict[str, Handler] = {
 }
 
 
+#: The ``set`` of each :func:`_get_set` area takes its values or ``--clear``, exactly one.
+_SET_VALUES = {
+    "allowlist": (
+        "tables",
+        "give the new allowlist's TABLE patterns, or --clear for an empty one (not both)",
+    ),
+    "attributes": (
+        "attributes",
+        "give the swarm's NAME=VALUE attributes, or --clear to remove them all (not both)",
+    ),
+}
+
+
 def _usage_problem(args: argparse.Namespace) -> str | None:
     """Flag combinations argparse cannot express, refused (exit 2) before anything is sent."""
-    if args.admin_area == "allowlist" and args.admin_command == "set" and bool(args.tables) == args.clear:
-        return "give the new allowlist's TABLE patterns, or --clear for an empty one (not both)"
-    if (
-        args.admin_area == "attributes"
-        and args.admin_command == "set"
-        and bool(args.attributes) == args.clear
-    ):
-        return "give the swarm's NAME=VALUE attributes, or --clear to remove them all (not both)"
+    if args.admin_command == "set" and args.admin_area in _SET_VALUES:
+        dest, problem = _SET_VALUES[args.admin_area]
+        if bool(getattr(args, dest)) == args.clear:
+            return problem
     if args.admin_area == "tokens" and args.admin_command == "revoke":
         if args.jti is not None and (args.swarm is not None or args.agent is not None):
             return "revoke either one JTI or --swarm S [--agent A], not both"

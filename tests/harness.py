@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import httpx
+import pyarrow as pa
 import pyarrow.flight as flight
 
 from catalog import Catalog, Config, load_config
@@ -23,6 +24,12 @@ from quiver.runtime import Runtime
 T = TypeVar("T")
 
 DEMO_SCALE = 0.01  # customers 1,000 · orders 20,000 · events 50,000
+
+
+#: ``[tokens]`` for tests that read what the housekeeping thread would flush (token last-used
+#: times, the query log, usage counters): a flush an hour, so what is buffered stays buffered
+#: until a read (or the test) flushes it (``start_server(..., tokens=QUIET)``).
+QUIET: dict[str, Any] = {"last_used_flush_seconds": 3600.0}
 
 
 #: ``[flight]`` keys that split small tables too: the 50,000-row demo.events becomes several
@@ -101,6 +108,43 @@ def error_info(exc: flight.FlightError) -> dict[str, Any]:
     """The ``{"code", "detail"}`` that every Quiver Flight error carries in extra_info."""
     assert exc.extra_info, f"no extra_info on {exc!r}"
     return json.loads(exc.extra_info)
+
+
+def flight_query(
+    server: Server, token: str, sql: str, params: list[Any] | None = None, **extra: Any
+) -> pa.Table:
+    """A ``{"kind": "query"}`` command over Flight, every endpoint read, as one table."""
+    client = server.flight()
+    opts = call_options(token)
+    body: dict[str, Any] = {"kind": "query", "sql": sql, **extra}
+    if params is not None:
+        body["params"] = params
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(body)), opts)
+    tables = [client.do_get(e.ticket, opts).read_all() for e in info.endpoints]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def flight_query_error(
+    server: Server, token: str, sql: str, params: list[Any] | None = None
+) -> dict[str, Any]:
+    """The ``{"code", "detail"}`` of a :func:`flight_query` that must be refused."""
+    try:
+        flight_query(server, token, sql, params)
+    except flight.FlightError as e:
+        return error_info(e)
+    raise AssertionError(f"not refused: {sql[:200]}")
+
+
+def flight_sql_connect(server: Server, token: str, **kwargs: Any) -> Any:
+    """An ADBC Flight SQL connection to ``server`` as ``token`` (autocommit, as BI tools use)."""
+    import adbc_driver_flightsql.dbapi as flight_sql  # only the tests that use ADBC load it
+
+    return flight_sql.connect(
+        server.flight_url,
+        db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
+        autocommit=True,
+        **kwargs,
+    )
 
 
 #: What a client's mistake may be answered with (never INTERNAL), and how long its detail may be.

@@ -290,6 +290,7 @@ def test_a_bad_rule_is_a_422_naming_it_and_nothing_changes(
 
 def test_echoed_values_in_refusals_are_bounded(server: Server) -> None:
     swarm = new_swarm(server, "echo")
+    before = state(server, swarm)
     huge = "x" * 50_000
     for entry in (
         ruled(columns=[huge]),
@@ -299,6 +300,7 @@ def test_echoed_values_in_refusals_are_bounded(server: Server) -> None:
     ):
         detail = refusal(server.http().put(f"/v1/swarms/{swarm}/allowlist", json={"tables": [entry]}), 422)
         assert len(detail) < 600
+    assert state(server, swarm) == before
 
 
 def test_entries_of_the_wrong_json_type_stop_at_the_gate(server: Server) -> None:
@@ -336,8 +338,18 @@ def test_swarm_attributes_are_stored_shown_and_audited(server: Server) -> None:
     assert dict(server.catalog.policy.attributes(swarm)) == {}
     events = http.get("/v1/audit", params={"action": "attributes.put"}).json()["events"]
     assert [e["outcome"] for e in events if e["target"] == swarm] == ["ok", "ok"]
-    assert http.get("/v1/swarms/nope-nope/attributes").status_code == 404
-    assert http.put("/v1/swarms/nope-nope/attributes", json={"a": 1}).status_code == 404
+    for r in (
+        http.get("/v1/swarms/nope-nope/attributes"),
+        http.put("/v1/swarms/nope-nope/attributes", json={"a": 1}),
+    ):
+        assert r.status_code == 404 and r.json()["error"] == "NOT_FOUND", r.text
+    # The refused PUT neither created the swarm nor left attributes for it.
+    assert not server.catalog.swarms.exists("nope-nope")
+    assert dict(server.catalog.policy.attributes("nope-nope")) == {}
+    with server.catalog.db.reading() as cur:
+        assert cur.execute(
+            "SELECT count(*) FROM _quiver.swarm_attributes WHERE swarm = 'nope-nope'"
+        ).fetchone() == (0,)
 
 
 BAD_ATTRIBUTES: list[tuple[str, Any, str]] = [

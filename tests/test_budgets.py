@@ -14,21 +14,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import adbc_driver_flightsql.dbapi as adbc
 import httpx
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.harness import FakeClock, Server, call_options, error_info, start_server
+from tests.harness import QUIET, FakeClock, Server, call_options, error_info, flight_sql_connect, start_server
 from tests.test_dataplane import cmd
-
-QUIET = {"last_used_flush_seconds": 3600.0}
-
-
-@pytest.fixture(scope="module")
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +122,7 @@ def test_a_refusal_reads_like_the_usage_view_and_is_logged_as_asked(server: Serv
         )
     # A Flight SQL client prepares first: refused there, the prepare is the record.
     with (
-        adbc.connect(
-            server.flight_url,
-            db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
-            autocommit=True,
-        ) as conn,
+        flight_sql_connect(server, token) as conn,
         conn.cursor() as cur,
         pytest.raises(Exception, match="budget queries_per_day"),
     ):
@@ -245,14 +233,33 @@ def test_bad_budgets_are_refused_and_nothing_is_saved(server: Server, body: Any)
     assert stored is not None and json.loads(stored[0]) == {"queries_per_day": 7}
 
 
+def stored_budgets(server: Server, swarm: str) -> list[Any]:
+    with server.catalog.db.reading() as cur:
+        rows = cur.execute("SELECT body FROM _quiver.budgets WHERE swarm = ?", [swarm]).fetchall()
+    return [json.loads(r[0]) for r in rows]
+
+
 def test_budget_routes_refuse_what_is_not_theirs(server: Server) -> None:
-    assert put_budget(server, "ghost-swarm", {"queries_per_day": 1}).status_code == 404
-    assert server.http().get("/v1/swarms/ghost-swarm/usage").status_code == 404
-    assert server.http().put("/v1/swarms/demo/budget", content=b"[1]").status_code in (400, 415)
-    agent = server.http(server.mint("agent", "demo", "nosy"))
-    assert agent.put("/v1/swarms/demo/budget", json={"queries_per_day": 0}).status_code == 403
-    assert agent.get("/v1/swarms/demo/usage").status_code == 403
-    assert usage(server, "demo")["budget"] == {}
+    before = usage(server, "demo")
+    r = put_budget(server, "ghost-swarm", {"queries_per_day": 1})
+    assert r.status_code == 404 and r.json()["error"] == "NOT_FOUND", r.text
+    r = server.http().get("/v1/swarms/ghost-swarm/usage")
+    assert r.status_code == 404 and r.json()["error"] == "NOT_FOUND", r.text
+    # The refused PUT created neither the swarm nor a budget row for it.
+    assert not server.catalog.swarms.exists("ghost-swarm") and stored_budgets(server, "ghost-swarm") == []
+    r = server.http().put("/v1/swarms/demo/budget", content=b"[1]")
+    assert r.status_code in (400, 415) and r.json()["error"] == "INVALID_ARGUMENT", r.text
+    nosy = server.mint("agent", "demo", "nosy")
+    agent = server.http(nosy)
+    r = agent.put("/v1/swarms/demo/budget", json={"queries_per_day": 0})
+    assert r.status_code == 403 and r.json()["error"] == "PERMISSION_DENIED", r.text
+    r = agent.get("/v1/swarms/demo/usage")
+    assert r.status_code == 403 and r.json()["error"] == "PERMISSION_DENIED", r.text
+    # Nothing saved, nothing charged: demo's budget and usage read back as before.
+    assert usage(server, "demo") == before and before["budget"] == {}
+    assert stored_budgets(server, "demo") == []
+    # The refused agent's token still queries (a refused admin call costs it nothing).
+    assert query(server, nosy).num_rows == 1
 
 
 def test_concurrent_requests_are_counted_exactly(server: Server) -> None:

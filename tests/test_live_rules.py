@@ -19,7 +19,15 @@ import pyarrow.flight as flight
 import pytest
 
 from catalog.rules import TableRule
-from tests.harness import Server, call_options, error_info, start_server, wait_until
+from tests.harness import (
+    Server,
+    call_options,
+    error_info,
+    flight_query,
+    flight_query_error,
+    start_server,
+    wait_until,
+)
 from tests.sync_emulator import RECORDER, Emulator, Source
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -104,23 +112,6 @@ def agent(server: Server) -> str:
 @pytest.fixture(scope="module")
 def admin(server: Server) -> str:
     return server.mint(kind="admin", swarm=None)
-
-
-def _query(server: Server, token: str, sql: str, params: list[Any] | None = None) -> pa.Table:
-    client = server.flight()
-    opts = call_options(token)
-    body: dict[str, Any] = {"kind": "query", "sql": sql}
-    if params is not None:
-        body["params"] = params
-    info = client.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(body)), opts)
-    tables = [client.do_get(e.ticket, opts).read_all() for e in info.endpoints]
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-
-
-def _error(server: Server, token: str, sql: str, params: list[Any] | None = None) -> dict[str, Any]:
-    with pytest.raises(flight.FlightError) as raised:
-        _query(server, token, sql, params)
-    return error_info(raised.value)
 
 
 def _plain(value: Any) -> Any:
@@ -220,7 +211,7 @@ def test_a_ruled_live_table_answers_what_duckdb_answers_on_the_view(
     server: Server, agent: str, oracle: Any, sql: str, params: list[Any] | None
 ) -> None:
     mark = RECORDER.mark()
-    got = _query(server, agent, sql, params)
+    got = flight_query(server, agent, sql, params)
     assert_no_leak(got)
     expected = oracle.execute(sql, params or []).to_arrow_table()
     assert _rows(got) == _rows(expected)
@@ -232,7 +223,7 @@ def test_the_excluded_column_does_not_exist_and_nothing_reaches_snowflake(server
     for sql in (f"SELECT ssn FROM {P}", f"SELECT p.ssn FROM {P} p", f"SELECT * FROM {P} WHERE ssn = 'SSN-1003'",
                 f"SELECT p.ssn FROM {P} p JOIN rep.orders o ON o.person_id = p.id"):  # fmt: skip
         mark = RECORDER.mark()
-        err = _error(server, agent, sql)
+        err = flight_query_error(server, agent, sql)
         assert err["code"] == "INVALID_ARGUMENT", err
         assert "ssn" in err["detail"] and "SSN-" not in err["detail"]
         assert not _people_sent(mark)
@@ -241,10 +232,12 @@ def test_the_excluded_column_does_not_exist_and_nothing_reaches_snowflake(server
 def test_a_clear_masked_value_matches_nothing_and_its_hash_matches_its_row(
     server: Server, agent: str, oracle: Any
 ) -> None:
-    assert _query(server, agent, f"SELECT id FROM {P} WHERE email = ?", ["p3@example.com"]).num_rows == 0
+    assert (
+        flight_query(server, agent, f"SELECT id FROM {P} WHERE email = ?", ["p3@example.com"]).num_rows == 0
+    )
     (digest,) = oracle.execute("SELECT sha256('p3@example.com')").fetchone()
     mark = RECORDER.mark()
-    got = _query(server, agent, f"SELECT id, email FROM {P} WHERE email = ?", [digest])
+    got = flight_query(server, agent, f"SELECT id, email FROM {P} WHERE email = ?", [digest])
     assert got.to_pylist() == [{"id": 3, "email": digest}]
     (sent,) = _people_sent(mark)
     assert digest not in sent and "?" in sent  # the parameter stays bound end to end
@@ -310,7 +303,7 @@ def test_a_rule_on_a_live_table_is_validated_against_snowflakes_columns_over_htt
     r = http.put(f"/v1/swarms/{swarm}/attributes", json={"region": "north"})
     assert r.status_code == 200, r.text
     token = server.mint(swarm=swarm, agent="p1")
-    got = _query(server, token, f"SELECT id, email FROM {P}")
+    got = flight_query(server, token, f"SELECT id, email FROM {P}")
     assert sorted(got.column("id").to_pylist()) == [i for i in range(PEOPLE) if visible(i)]
     assert_no_leak(got)
     before = _allowlist(server, swarm)
@@ -363,7 +356,7 @@ def test_concurrent_principals_each_read_only_their_own_view(server: Server) -> 
     def one(region: str, token: str) -> None:
         try:
             for sql in queries * 2:
-                seen.append((region, _query(server, token, sql).column(0).to_pylist()))
+                seen.append((region, flight_query(server, token, sql).column(0).to_pylist()))
         except BaseException as e:
             errors.append(e)
 
@@ -461,7 +454,7 @@ def test_the_escape_corpus_on_a_ruled_live_table_answers_the_view_or_a_client_er
     for sql in _escape_shapes():
         mark = RECORDER.mark()
         try:
-            got = _query(server, agent, sql)
+            got = flight_query(server, agent, sql)
         except flight.FlightError as e:
             err = error_info(e)
             assert err["code"] in client_codes, (sql, err)

@@ -18,7 +18,15 @@ import pyarrow.flight as flight
 import pytest
 
 from catalog.rules import TableRule
-from tests.harness import Server, call_options, error_info, start_server, wait_until
+from tests.harness import (
+    Server,
+    call_options,
+    error_info,
+    flight_query,
+    flight_query_error,
+    start_server,
+    wait_until,
+)
 from tests.sync_emulator import RECORDER, Emulator, Source, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -107,23 +115,6 @@ def analyst(server: Server) -> str:
     return server.mint(swarm="analysts", agent="a1")
 
 
-def _query(server: Server, token: str, sql: str, params: list[Any] | None = None, **extra: Any) -> pa.Table:
-    client = server.flight()
-    opts = call_options(token)
-    body: dict[str, Any] = {"kind": "query", "sql": sql, **extra}
-    if params is not None:
-        body["params"] = params
-    info = client.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(body)), opts)
-    tables = [client.do_get(e.ticket, opts).read_all() for e in info.endpoints]
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-
-
-def _error(server: Server, token: str, sql: str, params: list[Any] | None = None) -> dict[str, Any]:
-    with pytest.raises(flight.FlightError) as raised:
-        _query(server, token, sql, params)
-    return error_info(raised.value)
-
-
 def _rows(table: pa.Table) -> list[tuple[Any, ...]]:
     return [tuple(_plain(v) for v in row.values()) for row in table.to_pylist()]
 
@@ -162,7 +153,7 @@ def test_the_allowlist_holds_for_live_tables_and_nothing_reaches_snowflake(serve
         "SELECT c.name FROM live.customers c JOIN live.orders o ON o.customer_id = c.id",
         "WITH x AS (SELECT * FROM live.orders) SELECT count(*) FROM x",
     ):
-        err = _error(server, narrow, sql)
+        err = flight_query_error(server, narrow, sql)
         assert err["code"] == "PERMISSION_DENIED", err
         assert "live.orders" in err["detail"]
     with pytest.raises(pa.ArrowException) as raised:  # GetSchema's errors: flight_server/errors.py
@@ -170,7 +161,7 @@ def test_the_allowlist_holds_for_live_tables_and_nothing_reaches_snowflake(serve
     assert "PERMISSION_DENIED" in str(raised.value)
     assert not [q for q in RECORDER.since(mark) if "ORDERS" in q]
     # The table it may read answers.
-    assert _query(server, narrow, "SELECT count(*) AS n FROM live.customers").to_pylist() == [{"n": 50}]
+    assert flight_query(server, narrow, "SELECT count(*) AS n FROM live.customers").to_pylist() == [{"n": 50}]
 
 
 # --- live queries give the replica's answer -------------------------------------------------------
@@ -193,9 +184,9 @@ def test_a_live_query_returns_the_rows_of_the_same_sql_on_the_replica(
     server: Server, analyst: str, sql: str, params: list[Any] | None
 ) -> None:
     mark = RECORDER.mark()
-    live = _query(server, analyst, sql.format(t="live."), params)
+    live = flight_query(server, analyst, sql.format(t="live."), params)
     pushed = _pushed(mark, f'"{server_db(server)}"')
-    replica = _query(server, analyst, sql.format(t="rep."), params)
+    replica = flight_query(server, analyst, sql.format(t="rep."), params)
     assert _rows(live) == _rows(replica)
     assert live.schema.names == replica.schema.names
     assert len(pushed) == 1, RECORDER.since(mark)
@@ -209,7 +200,7 @@ def server_db(server: Server) -> str:
 
 def test_filters_aggregates_order_and_the_row_cap_are_pushed_down(server: Server, analyst: str) -> None:
     mark = RECORDER.mark()
-    table = _query(
+    table = flight_query(
         server,
         analyst,
         "SELECT status, count(*) AS n FROM live.orders WHERE amount > ? GROUP BY status ORDER BY n DESC",
@@ -290,10 +281,12 @@ UNTRANSLATABLE = [
 
 def test_a_query_snowflake_refuses_for_its_values_is_invalid_argument(server: Server, analyst: str) -> None:
     # Bound by DuckDB (a parameter may be any type), refused by Snowflake when it casts it.
-    err = _error(server, analyst, "SELECT id FROM live.orders WHERE id = ?", ["not a number"])
+    err = flight_query_error(server, analyst, "SELECT id FROM live.orders WHERE id = ?", ["not a number"])
     assert err["code"] == "INVALID_ARGUMENT", err
     assert err["detail"].startswith("Snowflake refused the query")
-    assert _query(server, analyst, "SELECT id FROM live.orders WHERE id = ?", [3]).to_pylist() == [{"id": 3}]
+    assert flight_query(server, analyst, "SELECT id FROM live.orders WHERE id = ?", [3]).to_pylist() == [
+        {"id": 3}
+    ]
 
 
 @pytest.mark.parametrize(("sql", "named"), UNTRANSLATABLE)
@@ -301,7 +294,7 @@ def test_what_cannot_be_pushed_down_faithfully_is_refused_naming_it(
     server: Server, analyst: str, sql: str, named: str
 ) -> None:
     mark = RECORDER.mark()
-    err = _error(server, analyst, sql, [1] if "$1" in sql else None)
+    err = flight_query_error(server, analyst, sql, [1] if "$1" in sql else None)
     assert err["code"] == "INVALID_ARGUMENT", err
     assert named in err["detail"]
     assert not [q for q in RECORDER.since(mark) if "ORDERS" in q]  # nothing ran in Snowflake
@@ -310,11 +303,20 @@ def test_what_cannot_be_pushed_down_faithfully_is_refused_naming_it(
 def test_async_queries_of_live_tables_are_refused_with_a_sentence(server: Server, analyst: str) -> None:
     client = server.flight()
     opts = call_options(analyst)
+    assert server.runtime.flight is not None
+    before = server.runtime.flight.queries.stats()
+    mark = RECORDER.mark()
     action = flight.Action("submit-query", json.dumps({"sql": "SELECT * FROM live.orders"}).encode())
     with pytest.raises(flight.FlightError) as raised:
         list(client.do_action(action, opts))
     assert error_info(raised.value)["code"] == "INVALID_ARGUMENT"
     assert "not built yet" in error_info(raised.value)["detail"]
+    # Nothing queued nor kept, nothing sent to Snowflake, and the caller still queries.
+    assert server.runtime.flight.queries.stats() == before
+    assert not [q for q in RECORDER.since(mark) if "ORDERS" in q]
+    assert flight_query(server, analyst, "SELECT id FROM live.orders WHERE id = ?", [2]).to_pylist() == [
+        {"id": 2}
+    ]
 
 
 # --- faults ---------------------------------------------------------------------------------------
@@ -325,14 +327,14 @@ def test_the_timeout_cancels_the_snowflake_query(emu: Emulator, src: Source, tmp
         s.catalog.tables.live.describe(next(r for r in s.catalog.tables.live.refs() if r.name == "orders"))  # type: ignore[union-attr]
         aborts = len(RECORDER.aborts)
         with RECORDER.holding("slow_marker", seconds=60):
-            err = _error(s, token, "SELECT id AS slow_marker FROM live.orders")
+            err = flight_query_error(s, token, "SELECT id AS slow_marker FROM live.orders")
         assert err["code"] == "DEADLINE_EXCEEDED", err
         assert "cancelled in Snowflake" in err["detail"]
         # The abort the connector sent names the held query.
         assert any("SLOW_MARKER" in a.upper() for a in RECORDER.aborts[aborts:]), RECORDER.aborts[aborts:]
         # Nothing was kept from the failed run: the same query runs in Snowflake again, and answers.
         mark = RECORDER.mark()
-        assert _query(s, token, "SELECT id AS slow_marker FROM live.orders").num_rows == ORDERS_ROWS
+        assert flight_query(s, token, "SELECT id AS slow_marker FROM live.orders").num_rows == ORDERS_ROWS
         assert len(_pushed(mark)) == 1
     finally:
         s.stop()
@@ -353,7 +355,7 @@ def test_snowflake_unreachable_is_unavailable_with_a_sentence(
     s = start_server(tmp_path / "down", demo=False, **sections)
     try:
         token = s.mint(kind="admin", swarm=None)
-        err = _error(s, token, "SELECT count(*) FROM live.orders")
+        err = flight_query_error(s, token, "SELECT count(*) FROM live.orders")
         assert err["code"] == "UNAVAILABLE", err
         assert "Snowflake" in err["detail"]
         assert "emulator-password" not in err["detail"]
@@ -386,7 +388,7 @@ def test_snowflake_unreachable_is_unavailable_with_a_sentence(
 
 def test_concurrent_live_queries_all_answer(server: Server, analyst: str) -> None:
     expected = _rows(
-        _query(
+        flight_query(
             server, analyst, "SELECT status, count(*) AS n FROM rep.orders GROUP BY status ORDER BY status"
         )
     )
@@ -399,7 +401,7 @@ def test_concurrent_live_queries_all_answer(server: Server, analyst: str) -> Non
         try:
             results.append(
                 _rows(
-                    _query(
+                    flight_query(
                         server,
                         token,
                         "SELECT status, count(*) AS n FROM live.orders GROUP BY status ORDER BY status",
@@ -464,7 +466,7 @@ def test_a_client_that_leaves_cancels_the_snowflake_query(server: Server, analys
 
         wait_until(aborted, 30, what="the abort request of the query whose client left")
     # Its slot and session were given back: the next query answers.
-    assert _query(server, analyst, "SELECT count(*) AS n FROM live.orders").to_pylist() == [
+    assert flight_query(server, analyst, "SELECT count(*) AS n FROM live.orders").to_pylist() == [
         {"n": ORDERS_ROWS}
     ]
 
@@ -488,9 +490,9 @@ def test_a_mixed_query_returns_the_rows_of_the_same_sql_on_the_replicas(
     server: Server, analyst: str, sql: str, params: list[Any] | None
 ) -> None:
     mark = RECORDER.mark()
-    mixed = _query(server, analyst, sql.format(live="live."), params)
+    mixed = flight_query(server, analyst, sql.format(live="live."), params)
     pulled = _pushed(mark)
-    replica = _query(server, analyst, sql.format(live="rep."), params)
+    replica = flight_query(server, analyst, sql.format(live="rep."), params)
     assert _rows(mixed) == _rows(replica)
     assert len(pulled) == 1, RECORDER.since(mark)
 
@@ -499,7 +501,7 @@ def test_a_mixed_query_pushes_the_live_tables_columns_and_own_filters_down(
     server: Server, analyst: str
 ) -> None:
     mark = RECORDER.mark()
-    _query(
+    flight_query(
         server,
         analyst,
         "SELECT c.region, sum(o.amount) AS total FROM live.orders o JOIN rep.customers c ON c.id = o.customer_id "
@@ -523,7 +525,7 @@ def test_max_pulled_rows_refuses_a_live_side_that_is_too_large(
         token = s.mint(kind="admin", swarm=None)
         mark = RECORDER.mark()
         # No filter on the live side: refused from Snowflake's row count, before any pull.
-        err = _error(
+        err = flight_query_error(
             s, token, "SELECT count(*) FROM live.orders o JOIN rep.customers r ON r.id = o.customer_id"
         )
         assert err["code"] == "INVALID_ARGUMENT", err
@@ -532,7 +534,7 @@ def test_max_pulled_rows_refuses_a_live_side_that_is_too_large(
             q for q in RECORDER.since(mark) if "ORDERS" in q and "information_schema" not in q.lower()
         ]
         # A filter that still matches too many rows: refused when the pull passes the limit.
-        err = _error(
+        err = flight_query_error(
             s,
             token,
             "SELECT count(*) FROM live.orders o JOIN rep.customers r ON r.id = o.customer_id WHERE o.amount > 1",
@@ -540,7 +542,7 @@ def test_max_pulled_rows_refuses_a_live_side_that_is_too_large(
         assert err["code"] == "INVALID_ARGUMENT", err
         assert "narrow the filter" in err["detail"]
         # A narrow enough filter answers.
-        table = _query(
+        table = flight_query(
             s,
             token,
             "SELECT count(*) AS n FROM live.orders o JOIN rep.customers r ON r.id = o.customer_id WHERE o.id < 50",
@@ -553,9 +555,9 @@ def test_max_pulled_rows_refuses_a_live_side_that_is_too_large(
 def test_a_live_result_is_served_again_within_cache_ttl_seconds(server: Server, analyst: str) -> None:
     sql = "SELECT status, max(amount) AS top FROM live.orders WHERE id < ? GROUP BY status ORDER BY status"
     mark = RECORDER.mark()
-    first = _query(server, analyst, sql, [123])
-    again = _query(server, analyst, sql, [123])
-    other = _query(server, analyst, sql, [124])  # other parameters: another result
+    first = flight_query(server, analyst, sql, [123])
+    again = flight_query(server, analyst, sql, [123])
+    other = flight_query(server, analyst, sql, [124])  # other parameters: another result
     assert first.equals(again)
     assert other.num_rows == 3
     assert len(_pushed(mark)) == 2
@@ -569,8 +571,8 @@ def test_a_live_result_is_served_again_within_cache_ttl_seconds(server: Server, 
 def test_a_live_query_calling_a_volatile_function_is_never_replayed(server: Server, analyst: str) -> None:
     sql = "SELECT id, current_date AS d FROM live.orders WHERE id < 3 ORDER BY id"
     mark = RECORDER.mark()
-    _query(server, analyst, sql)
-    _query(server, analyst, sql)
+    flight_query(server, analyst, sql)
+    flight_query(server, analyst, sql)
     assert len(_pushed(mark)) == 2
 
 
@@ -586,17 +588,17 @@ def test_a_dropped_source_and_refused_credentials_are_unavailable_with_a_sentenc
     s = start_server(tmp_path / "faults", demo=False, **sections)
     try:
         token = s.mint(kind="admin", swarm=None)
-        assert _query(s, token, "SELECT name FROM live.dropme").to_pylist() == [{"name": "a"}]
+        assert flight_query(s, token, "SELECT name FROM live.dropme").to_pylist() == [{"name": "a"}]
         # Credentials revoked: every live query opens its own session, so the next one is refused.
         from tests.sync_emulator import require_password
 
         with require_password("another-password"):
-            err = _error(s, token, "SELECT name FROM live.dropme")
+            err = flight_query_error(s, token, "SELECT name FROM live.dropme")
         assert err["code"] == "UNAVAILABLE", err
         assert "credentials" in err["detail"] and "emulator-password" not in err["detail"]
         # The source is dropped while its schema is still cached: Snowflake's own refusal, as a sentence.
         src.execute("DROP TABLE DROPME")
-        err = _error(s, token, "SELECT name FROM live.dropme")
+        err = flight_query_error(s, token, "SELECT name FROM live.dropme")
         assert err["code"] == "UNAVAILABLE", err
         assert "live" in err["detail"] and "DROPME" in err["detail"].upper()
         # Read again (the schema TTL passed): the listing leaves it out, GetSchema says why.
@@ -747,7 +749,7 @@ def test_a_live_profile_is_pushed_down_and_agrees_with_the_replicas(server: Serv
 def test_describing_a_live_table_is_refused_and_changes_nothing(server: Server) -> None:
     http = server.http()
     r = http.put("/v1/tables/live.orders/description", json={"table": "Orders, live from Snowflake"})
-    assert r.status_code == 400, r.text
+    assert r.status_code == 400 and r.json()["error"] == "INVALID_ARGUMENT", r.text
     assert "live table" in r.json()["detail"]
     tables = {t["table"]: t for t in http.get("/v1/tables").json()["tables"]}
     assert tables["live.orders"]["description"] == "" and tables["live.orders"]["live"] is True

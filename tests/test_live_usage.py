@@ -18,9 +18,9 @@ from typing import Any
 import pyarrow.flight as flight
 import pytest
 
-from tests.harness import FakeClock, Server, call_options, error_info, start_server
+from tests.harness import FakeClock, Server, call_options, error_info, flight_query, start_server
 from tests.sync_emulator import RECORDER, Emulator, Source
-from tests.test_live_tables import _query, _sections, _sync_replicas, orders_source
+from tests.test_live_tables import _sections, _sync_replicas, orders_source
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -28,11 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
 @pytest.fixture(scope="module")
 def src(emu: Emulator) -> Source:
     return orders_source(emu)
-
-
-@pytest.fixture(scope="module")
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +83,7 @@ def _cmd(**body: Any) -> flight.FlightDescriptor:
 def _warm(server: Server, token: str) -> None:
     """Read both live tables' descriptions (cached for schema_ttl_seconds), so what a test
     counts below is the requests' own queries."""
-    _query(
+    flight_query(
         server, token, "SELECT count(*) AS n FROM live.orders o JOIN live.customers c ON c.id = o.customer_id"
     )
 
@@ -111,21 +106,23 @@ def test_every_request_that_ran_sql_in_snowflake_has_its_query_ids_in_the_query_
         assert got["kind"] == kind and got["outcome"] == "ok", got
         assert got["remote"] == "snowflake" and got["remote_query_ids"] == ids, got
 
-    step("query", 1, lambda: _query(server, token, "SELECT id FROM live.orders WHERE amount > ?", [200]))
+    step(
+        "query", 1, lambda: flight_query(server, token, "SELECT id FROM live.orders WHERE amount > ?", [200])
+    )
     mixed = (
         "SELECT c.region, count(*) AS n FROM live.orders o JOIN live.customers c ON c.id = o.customer_id "
         "JOIN rep.customers r ON r.id = c.id WHERE o.amount > 100 AND c.region = 'eu' GROUP BY c.region"
     )
     # Both live tables of a mixed query are pulled: two Snowflake queries, two ids, in order.
-    step("query", 2, lambda: _query(server, token, mixed))
+    step("query", 2, lambda: flight_query(server, token, mixed))
     step("scan", 1, lambda: _fetch(server, token, flight.FlightDescriptor.for_path("live", "customers")))
     step("sample", 1, lambda: _fetch(server, token, _cmd(kind="sample", table="live.orders", rows=3)))
     step("profile", 1, lambda: _fetch(server, token, _cmd(kind="profile", table="live.customers")))
     # The same live query again within cache_ttl_seconds: nothing runs in Snowflake, and its
     # record says so; a replica's query never ran there.
     before = len(RECORDER.answered)
-    _query(server, token, "SELECT id FROM live.orders WHERE amount > ?", [200])
-    _query(server, token, "SELECT id FROM rep.orders WHERE amount > ?", [200])
+    flight_query(server, token, "SELECT id FROM live.orders WHERE amount > ?", [200])
+    flight_query(server, token, "SELECT id FROM rep.orders WHERE amount > ?", [200])
     assert _new_ids(before) == []
     cached, local = _records(server, "ids")[-2:]
     assert cached["remote"] is None and cached["remote_query_ids"] is None, cached
@@ -197,15 +194,15 @@ def test_live_queries_per_day_refuses_before_anything_is_sent_to_snowflake(serve
     sql = "SELECT count(*) AS n FROM live.orders WHERE amount > ?"
     refusals = _budget_refusals(server)
     before = RECORDER.mark()
-    assert _query(server, one, sql, [1]).to_pylist() == [{"n": server_rows(server, 1)}]
+    assert flight_query(server, one, sql, [1]).to_pylist() == [{"n": server_rows(server, 1)}]
     assert len([q for q in RECORDER.since(before) if "information_schema" not in q.lower()]) == 1
     # l1's own live query is spent: every live read is refused, before anything is sent.
     for run in (
-        lambda: _query(server, one, sql, [2]),
+        lambda: flight_query(server, one, sql, [2]),
         lambda: _fetch(server, one, flight.FlightDescriptor.for_path("live", "orders")),
         lambda: _fetch(server, one, _cmd(kind="sample", table="live.orders", rows=3)),
         lambda: _fetch(server, one, _cmd(kind="profile", table="live.orders")),
-        lambda: _query(
+        lambda: flight_query(
             server,
             one,
             "SELECT count(*) AS n FROM live.orders o JOIN rep.customers c ON c.id = o.customer_id",
@@ -218,10 +215,10 @@ def test_live_queries_per_day_refuses_before_anything_is_sent_to_snowflake(serve
         assert "resets at" in detail
     assert _budget_refusals(server) == refusals + 5
     # Replicas are not live: l1 still reads them.
-    assert _query(server, one, "SELECT count(*) AS n FROM rep.orders").num_rows == 1
+    assert flight_query(server, one, "SELECT count(*) AS n FROM rep.orders").num_rows == 1
     # l2 takes the swarm's second; then the swarm's is spent for l3 too, over HTTP as well.
-    _query(server, two, sql, [3])
-    info = _refused(lambda: _query(server, three, sql, [4]))
+    flight_query(server, two, sql, [3])
+    info = _refused(lambda: flight_query(server, three, sql, [4]))
     assert f"live_queries_per_day of swarm {swarm}" in info["detail"] and "used 2 of 2" in info["detail"]
     mark, logins = RECORDER.mark(), RECORDER.logins
     r = server.http(three).post("/v1/query", json={"sql": sql, "params": [5]})
@@ -266,7 +263,9 @@ def test_racing_requests_get_exactly_the_budgets_live_queries(server: Server) ->
 
     def run(i: int) -> None:
         try:
-            _query(server, tokens[i], "SELECT max(amount) AS m FROM live.orders WHERE id <> ?", [1000 + i])
+            flight_query(
+                server, tokens[i], "SELECT max(amount) AS m FROM live.orders WHERE id <> ?", [1000 + i]
+            )
             result = "ok"
         except flight.FlightError as e:
             result = error_info(e)["code"]
@@ -290,14 +289,14 @@ def test_the_live_budget_resets_at_utc_midnight(server: Server, clock: FakeClock
     swarm = _swarm(server, "lmid", {"live_queries_per_day": 1})
     token = server.mint("agent", swarm, "night")
     sql = "SELECT min(amount) AS m FROM live.orders WHERE id > ?"
-    _query(server, token, sql, [10])
-    info = _refused(lambda: _query(server, token, sql, [11]))
+    flight_query(server, token, sql, [10])
+    info = _refused(lambda: flight_query(server, token, sql, [11]))
     midnight = next_midnight(clock)
     assert f"resets at {midnight.strftime('%Y-%m-%dT%H:%M:%S')}" in info["detail"], info
     clock.advance(midnight.timestamp() - clock.time())
     token = server.mint("agent", swarm, "night")  # the clock moved: a fresh token
     assert server.http().get(f"/v1/swarms/{swarm}/usage").json()["usage"]["live_queries"] == 0
-    _query(server, token, sql, [12])
+    flight_query(server, token, sql, [12])
     assert server.http().get(f"/v1/swarms/{swarm}/usage").json()["usage"]["live_queries"] == 1
 
 
@@ -307,7 +306,7 @@ def test_live_usage_survives_a_restart(emu: Emulator, src: Source, tmp_path: Pat
     try:
         swarm = _swarm(s, "lrst", {"live_queries_per_day": 2})
         token = s.mint("agent", swarm, "r")
-        _query(s, token, "SELECT count(*) AS n FROM live.customers WHERE id > ?", [1])
+        flight_query(s, token, "SELECT count(*) AS n FROM live.customers WHERE id > ?", [1])
         s.catalog.maintain()  # the housekeeping pass writes the counters
     finally:
         s.stop()
@@ -316,8 +315,10 @@ def test_live_usage_survives_a_restart(emu: Emulator, src: Source, tmp_path: Pat
         report = again.http().get(f"/v1/swarms/{swarm}/usage").json()
         assert report["usage"]["live_queries"] == 1 and report["agents"]["r"]["live_queries"] == 1
         token = again.mint("agent", swarm, "r")
-        _query(again, token, "SELECT count(*) AS n FROM live.customers WHERE id > ?", [2])
-        info = _refused(lambda: _query(again, token, "SELECT count(*) AS n FROM live.customers WHERE id > 3"))
+        flight_query(again, token, "SELECT count(*) AS n FROM live.customers WHERE id > ?", [2])
+        info = _refused(
+            lambda: flight_query(again, token, "SELECT count(*) AS n FROM live.customers WHERE id > 3")
+        )
         assert "used 2 of 2" in info["detail"]
     finally:
         again.stop()

@@ -13,19 +13,15 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import adbc_driver_flightsql.dbapi as flight_sql
 import httpx
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
 from catalog.sqlguard import redact_literals
-from tests.harness import Server, call_options, error_info, start_server
+from tests.harness import QUIET, Server, call_options, error_info, flight_sql_connect, start_server
 from tests.test_dataplane import cmd
 
-# The housekeeping thread flushes every [tokens] last_used_flush_seconds: an hour here, so
-# what is buffered stays buffered until a read (or a test) flushes it.
-QUIET = {"last_used_flush_seconds": 3600.0}
 ORDERS = "SELECT order_id, amount FROM demo.orders WHERE order_id <= ? ORDER BY order_id"
 
 
@@ -131,15 +127,13 @@ def test_http_query_is_recorded_refused_or_run(server: Server) -> None:
 def test_flight_sql_statements_are_recorded(server: Server) -> None:
     token = server.mint("agent", "demo", "adbc")
     with (
-        flight_sql.connect(
-            server.flight_url,
-            db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
-            autocommit=True,
-        ) as conn,
+        flight_sql_connect(server, token) as conn,
         conn.cursor() as cur,
     ):
         cur.execute("SELECT count(*) AS n FROM demo.orders")
-        assert cur.fetchall()[0][0] > 0
+        (n,) = cur.fetchall()[0]
+    with server.catalog.db.reading() as db:
+        assert (n,) == db.execute("SELECT count(*) FROM demo.orders").fetchone()
     queries = [r for r in mine(server, token) if r["kind"] == "query"]
     assert len(queries) == 1, queries
     assert queries[0]["via"] == "flight-sql" and queries[0]["tables"] == ["demo.orders"]
@@ -152,11 +146,7 @@ def test_a_flight_sql_statement_refused_at_prepare_is_recorded(server: Server) -
     records nothing: its statement's DoGet does)."""
     token = server.mint("agent", "demo", "adbc-refused")
     with (
-        flight_sql.connect(
-            server.flight_url,
-            db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {token}"},
-            autocommit=True,
-        ) as conn,
+        flight_sql_connect(server, token) as conn,
         conn.cursor() as cur,
     ):
         with pytest.raises(Exception, match="not readable"):
@@ -260,16 +250,26 @@ def test_admin_listing_filters_and_pages(server: Server) -> None:
 )
 def test_admin_listing_refuses_bad_filters(server: Server, params: dict[str, Any]) -> None:
     admin = server.http()
+    before = admin.get("/v1/queries", params={"limit": 1000}).json()
     r = admin.get("/v1/queries", params=params)
     assert r.status_code == 400, r.text
     assert r.json()["error"] == "INVALID_ARGUMENT"
     assert len(r.text) < 2000  # the echo of a bad value is bounded
+    # A refused listing records nothing and loses nothing.
+    assert admin.get("/v1/queries", params={"limit": 1000}).json() == before
 
 
 def test_admin_listing_is_admin_only(server: Server) -> None:
-    agent = server.http(server.mint("agent", "demo", "nosy"))
-    assert agent.get("/v1/queries").status_code == 403
-    assert httpx.get(f"{server.http_url}/v1/queries").status_code == 401
+    token = server.mint("agent", "demo", "nosy")
+    agent = server.http(token)
+    r = agent.get("/v1/queries")
+    assert r.status_code == 403 and r.json()["error"] == "PERMISSION_DENIED", r.text
+    r = httpx.get(f"{server.http_url}/v1/queries")
+    assert r.status_code == 401 and r.json()["error"] == "UNAUTHENTICATED", r.text
+    # The refused agent's own log is untouched and its token still queries.
+    assert mine(server, token) == []
+    fetch(server, token, cmd(kind="query", sql="SELECT 1 AS x"))
+    assert len(mine(server, token)) == 1
 
 
 def test_concurrent_requests_get_one_record_each(server: Server) -> None:
@@ -308,8 +308,11 @@ def test_retention_deletes_old_records(server: Server) -> None:
     fetch(server, token, cmd(kind="query", sql="SELECT 2 AS two"))
     log.flush()
     assert len(mine(server, token)) == 1
+    with server.catalog.db.reading() as cur:
+        (held,) = cur.execute("SELECT count(*) FROM _quiver.query_log").fetchone() or (0,)
     report = server.catalog.retention.run(now=datetime.now(UTC) + timedelta(days=31))
-    assert report.query_records >= 1
+    # Every record is older than the cutoff: all of them go, and the report counts them.
+    assert report.query_records == held >= 1
     assert mine(server, token) == []
 
 

@@ -101,6 +101,22 @@ def readme_python(name: str) -> str:
     return block.group(1)
 
 
+def run_python(name: str, cwd: Path, serve: ServeProcess) -> str:
+    """The README's ``name`` Python block run against ``serve`` (QUIVER_URL, QUIVER_HTTP):
+    its output, after it exited 0."""
+    env = {**os.environ, "QUIVER_URL": serve.flight_url, "QUIVER_HTTP": serve.http_url}
+    done = subprocess.run(
+        [sys.executable, "-c", readme_python(name)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_the_artefacts_guide_runs_as_written(tmp_path: Path) -> None:
     """The agent guide's artefacts walk, verbatim: the tokens minted with quiver admin, the
@@ -115,17 +131,7 @@ def test_the_artefacts_guide_runs_as_written(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         for name in ("teammate", "outsider"):
             assert (tmp_path / "var" / f"{name}.token").read_text().startswith("eyJ")
-        env = {**os.environ, "QUIVER_URL": serve.flight_url, "QUIVER_HTTP": serve.http_url}
-        walk = subprocess.run(
-            [sys.executable, "-c", readme_python("artefacts")],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert walk.returncode == 0, walk.stderr
-        out = walk.stdout
+        out = run_python("artefacts", tmp_path, serve)
         saved = re.search(r"saved (\S+) as artefacts\.\"(\S+)\" until", out)
         assert saved and saved.group(1) == saved.group(2), out
         assert "the teammate reads 3 rows" in out and "0.91" in out, out
@@ -226,26 +232,12 @@ def test_the_governance_guide_runs_as_written(tmp_path: Path) -> None:
     try:
         port = int(serve.http_url.rsplit(":", 1)[1])
         section = "### Row rules, budgets and the query log"
-        env = {**os.environ, "QUIVER_URL": serve.flight_url, "QUIVER_HTTP": serve.http_url}
-
-        def python(name: str) -> str:
-            done = subprocess.run(
-                [sys.executable, "-c", readme_python(name)],
-                cwd=tmp_path,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert done.returncode == 0, done.stderr
-            return done.stdout
-
         done = run(sh_block(section, "# the support desk"), tmp_path, port)
         assert done.returncode == 0, done.stderr
         nl = (tmp_path / "var" / "nl-desk.token").read_text().strip()
         assert nl.startswith("eyJ") and (tmp_path / "var" / "fr-desk.token").read_text().startswith("eyJ")
 
-        out = python("governance")
+        out = run_python("governance", tmp_path, serve)
         lines = out.splitlines()
         first = ast.literal_eval(lines[0])
         assert len(first) == 3 and {r["country"] for r in first} == {"NL"}, out
@@ -275,7 +267,7 @@ def test_the_governance_guide_runs_as_written(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == {"per_agent": {"queries_per_day": 10}}
 
-        out = python("runaway").strip()
+        out = run_python("runaway", tmp_path, serve).strip()
         # nl-desk spent 4 of its 10 (three queries and a one-endpoint scan): the 7th is refused.
         refused = re.fullmatch(
             r"query 7: RESOURCE_EXHAUSTED - budget queries_per_day of agent support/nl-desk is spent: "

@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import adbc_driver_flightsql.dbapi as flight_sql
 import duckdb
 import msgspec
 import pyarrow as pa
@@ -37,7 +36,15 @@ from mcp_server.backend import LocalBackend
 from quiver_client import QuiverClient
 from quiver_client.client import QuiverClientError
 from tests.guard_support import guard_database
-from tests.harness import SMALL_SPLIT, Server, call_options, client_error_info, start_server, wait_until
+from tests.harness import (
+    SMALL_SPLIT,
+    Server,
+    call_options,
+    client_error_info,
+    flight_sql_connect,
+    start_server,
+    wait_until,
+)
 from tests.test_sqlguard import TABLE_ESCAPES
 
 SWARM = "rgn"
@@ -433,11 +440,7 @@ def test_async_queries_and_exports_read_the_view(
 def test_flight_sql_reads_the_view(
     env: Server, tokens: dict[str, str], truth: duckdb.DuckDBPyConnection
 ) -> None:
-    conn = flight_sql.connect(
-        env.flight_url,
-        db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {tokens['a1']}"},
-        autocommit=True,
-    )
+    conn = flight_sql_connect(env, tokens["a1"])
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT * FROM ruled.people WHERE id < ?", parameters=(40,))

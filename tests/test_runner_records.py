@@ -15,10 +15,8 @@ import httpx
 import pyarrow.flight as flight
 import pytest
 
-from tests.harness import Server, call_options, start_server, wait_until
+from tests.harness import QUIET, Server, call_options, start_server, wait_until
 from tests.test_mcp import artefact_count, ok, refused, tool
-
-QUIET = {"last_used_flush_seconds": 3600.0}
 
 
 @pytest.fixture(scope="module")

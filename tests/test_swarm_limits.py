@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.harness import FakeClock, Server, call_options, error_info, start_server, wait_until
+from tests.harness import QUIET, FakeClock, Server, call_options, error_info, start_server, wait_until
 from tests.test_dataplane import cmd
 
 # Streams for a long time: a client that reads one batch holds its stream (and slot) open.
@@ -37,12 +37,6 @@ LIMITS = {
 }
 # A small global cap, so that a cut (and its loosening up to the ceiling) is cheap to see.
 SMALL_ROWS = {**LIMITS, "max_rows": 1000, "max_rows_ceiling": 5000}
-QUIET = {"last_used_flush_seconds": 3600.0}
-
-
-@pytest.fixture(scope="module")
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture(scope="module")
@@ -198,20 +192,31 @@ def test_bad_limits_are_refused_and_nothing_is_saved(server: Server, body: Any, 
 
 
 def test_limits_routes_refuse_what_is_not_theirs(server: Server) -> None:
-    assert put_limits(server, "ghost-swarm", {"max_rows": 1}).status_code == 404
-    assert server.http().get("/v1/swarms/ghost-swarm/limits").status_code == 404
-    assert server.http().delete("/v1/swarms/ghost-swarm/limits").status_code == 404
-    assert stored(server, "ghost-swarm") == []
+    before = saved(server, "demo")
+    for r in (
+        put_limits(server, "ghost-swarm", {"max_rows": 1}),
+        server.http().get("/v1/swarms/ghost-swarm/limits"),
+        server.http().delete("/v1/swarms/ghost-swarm/limits"),
+    ):
+        assert r.status_code == 404 and r.json()["error"] == "NOT_FOUND", r.text
+    assert stored(server, "ghost-swarm") == [] and not server.catalog.swarms.exists("ghost-swarm")
     admin = server.http()
-    assert admin.put("/v1/swarms/demo/limits", content=b"{").status_code in (400, 415)
+    r = admin.put("/v1/swarms/demo/limits", content=b"{")
+    assert r.status_code in (400, 415) and r.json()["error"] == "INVALID_ARGUMENT", r.text
     # Not a JSON object: the gate's 400 (the body's declared type), nothing saved.
     r = admin.put("/v1/swarms/demo/limits", json=[1, 2])
-    assert r.status_code == 400 and "object" in r.json()["detail"]
-    agent = server.http(server.mint("agent", "demo", "nosy"))
-    assert agent.put("/v1/swarms/demo/limits", json={"max_rows": 1}).status_code == 403
-    assert agent.get("/v1/swarms/demo/limits").status_code == 403
-    assert agent.delete("/v1/swarms/demo/limits").status_code == 403
-    assert stored(server, "demo") == []
+    assert r.status_code == 400 and r.json()["error"] == "INVALID_ARGUMENT" and "object" in r.json()["detail"]
+    nosy = server.mint("agent", "demo", "nosy")
+    agent = server.http(nosy)
+    for r in (
+        agent.put("/v1/swarms/demo/limits", json={"max_rows": 1}),
+        agent.get("/v1/swarms/demo/limits"),
+        agent.delete("/v1/swarms/demo/limits"),
+    ):
+        assert r.status_code == 403 and r.json()["error"] == "PERMISSION_DENIED", r.text
+    assert stored(server, "demo") == [] and saved(server, "demo") == before
+    # The refused agent's token still queries.
+    assert fetch(server, nosy, cmd(kind="query", sql="SELECT 1 AS one")).num_rows == 1
 
 
 def test_the_openapi_schema_names_the_limits_structs(server: Server) -> None:
@@ -284,6 +289,9 @@ def test_a_swarm_wide_bound_counts_all_its_principals_together(server: Server) -
         for reader in held:
             reader.cancel()
     wait_idle(server)
+    # The refusals changed nothing: the limits read back as set, and the swarm token runs.
+    assert stored(server, swarm) == [{"max_concurrent": 2}]
+    assert fetch(server, swarm_token, cmd(kind="query", sql="SELECT 6 AS six")).num_rows == 1
 
 
 def test_racing_agents_never_exceed_the_swarm_bound(server: Server) -> None:
@@ -320,6 +328,10 @@ def test_racing_agents_never_exceed_the_swarm_bound(server: Server) -> None:
         for reader in readers:
             reader.cancel()
     wait_idle(server)
+    # Every agent, refused or not, runs again once the slots are free; the limits are as set.
+    assert stored(server, swarm) == [{"max_concurrent": 2}]
+    for token in tokens:
+        assert fetch(server, token, cmd(kind="query", sql="SELECT 7 AS seven")).num_rows == 1
 
 
 # --- calls per minute -----------------------------------------------------------------------------
@@ -684,3 +696,26 @@ def test_a_swarm_bound_set_while_its_agents_run_counts_what_runs(server: Server)
     for reader in held:
         reader.cancel()
     wait_idle(server)
+
+
+def test_every_swarm_route_refuses_a_missing_swarm_with_one_bounded_sentence(server: Server) -> None:
+    """The swarm, its allowlist, attributes, limits, budget and usage: one 404 sentence
+    (catalog/swarms.no_such_swarm) with the name echoed bounded; nothing is created."""
+    name = "g" * 300
+    http = server.http()
+    answers = [
+        http.get(f"/v1/swarms/{name}"),
+        http.get(f"/v1/swarms/{name}/allowlist"),
+        http.put(f"/v1/swarms/{name}/attributes", json={"a": 1}),
+        http.get(f"/v1/swarms/{name}/limits"),
+        http.put(f"/v1/swarms/{name}/limits", json={"max_rows": 5}),
+        http.put(f"/v1/swarms/{name}/budget", json={"queries_per_day": 5}),
+        http.get(f"/v1/swarms/{name}/usage"),
+    ]
+    details = set()
+    for r in answers:
+        assert r.status_code == 404 and r.json()["error"] == "NOT_FOUND", r.text
+        details.add(r.json()["detail"])
+    (detail,) = details
+    assert detail.endswith("(220 more characters)' does not exist; GET /v1/swarms lists them"), detail
+    assert not server.catalog.swarms.exists(name) and stored(server, name) == []

@@ -10,8 +10,7 @@ from litestar.params import FromPath, JSONBody
 
 from catalog import Catalog, Principal
 from catalog.budgets import Budget, UsageReport
-from catalog.errors import bounded
-from catalog.policy import pattern_matches
+from catalog.policy import allowlist_matches
 from catalog.swarms import Committed, Swarm
 from control_plane.context import ADMIN, audited
 from control_plane.models import (
@@ -79,23 +78,15 @@ def delete_swarm(
         catalog.delete_swarm(name)
 
 
-#: Warnings named one by one in an allowlist answer; the rest are counted in one more line.
-MAX_WARNINGS = 20
-
-
 def _allowlist_out(catalog: Catalog, name: str, committed: Committed) -> AllowlistOut:
-    """The allowlist with the tables it matches now, and a warning per entry matching none:
-    such an entry is kept (pre-provisioning a table sync will bring), but a misspelt one would
-    otherwise look the same as a correct one."""
-    patterns = committed.patterns
-    refs = catalog.tables.list_refs()
-    matching = [r.qualified for r in refs if any(pattern_matches(p, r) for p in patterns)]
-    unmatched = [p for p in patterns if not any(pattern_matches(p, r) for r in refs)]
-    warnings = [f"{bounded(p)} matches no table" for p in unmatched[:MAX_WARNINGS]]
-    if len(unmatched) > MAX_WARNINGS:
-        warnings.append(f"and {len(unmatched) - MAX_WARNINGS} more entries match no table")
+    """The allowlist with the tables it matches now and its warnings (catalog/policy.py)."""
+    matching, warnings = allowlist_matches(committed.patterns, catalog.tables.list_refs())
     return AllowlistOut(
-        swarm=name, tables=patterns, matching=matching, warnings=warnings, entries=committed.entries()
+        swarm=name,
+        tables=committed.patterns,
+        matching=matching,
+        warnings=warnings,
+        entries=committed.entries(),
     )
 
 
