@@ -139,6 +139,7 @@ from functools import lru_cache
 from typing import Any
 
 import duckdb
+import msgspec
 
 from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA, quote_literal
 from catalog.errors import InvalidArgument, PermissionDenied
@@ -501,6 +502,19 @@ def _literal_kind(extent: str) -> tuple[str, str] | None:
 def _spell(kind: str, text: str) -> str:
     """A literal's spelling in SQL (the inverse of :func:`_literal_kind`)."""
     return quote_literal(text) if kind == "STRING" else text
+
+
+def _tree(normalized: str) -> Any:
+    """A normalized tree (our own ``json.dumps``) read back, as ``json.loads`` reads it: by
+    msgspec, about twice as fast (once per shape hit), with ``json`` for what msgspec refuses
+    and ``json`` reads (an escaped lone surrogate, a nesting deeper than msgspec's bound)."""
+    try:
+        return _TREE_DECODER.decode(normalized)
+    except msgspec.DecodeError:
+        return json.loads(normalized)
+
+
+_TREE_DECODER = msgspec.json.Decoder()
 
 
 def _statement_text(sql: str) -> str:
@@ -1086,7 +1100,7 @@ class SqlGuard:
         normalized = shape.normalized([text for _, _, text in literals])
         return _Parsed(
             text=_statement_text(sql),
-            tree=json.loads(normalized),
+            tree=_tree(normalized),
             normalized=normalized,
             sized_as=shape.pieces if shape.sizes_fixed else None,
         )
