@@ -132,7 +132,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(work, ignore_errors=True)
     ended = time.strftime("%H:%M:%S", time.gmtime())
     print(
-        f"# A/B {started}–{ended} UTC, {calls} rounds, {rows:,} rows; load (1/5/15 min) before "
+        f"# A/B {started} to {ended} UTC, {calls} rounds, {rows:,} rows; load (1/5/15 min) before "
         f"{tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in os.getloadavg())}\n"
     )
     print("| query | server | GetFlightInfo p50 ms | DoGet p50 ms | total p50 ms | total p99 ms |")
