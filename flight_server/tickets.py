@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import pyarrow as pa
 import pyarrow.flight as flight
 
 from catalog import NotFound, PermissionDenied, Principal
@@ -113,6 +114,10 @@ def flight_endpoint(ticket: bytes, expires_at: float) -> flight.FlightEndpoint:
     cast of it on every call, ~30 µs of a point query's GetFlightInfo (tests/bench/PROFILE.md,
     section 5); parsing the message is C++. tests/test_dataplane.py checks the two are equal."""
     micros = int(expires_at * 1e6)
+    if micros < 0:  # before 1970 (never, for a ticket): protobuf's negative varints, by pyarrow
+        return flight.FlightEndpoint(
+            ticket, [], expiration_time=pa.scalar(micros * 1000, type=pa.timestamp("ns"))
+        )
     seconds, rest = divmod(micros, 1_000_000)
     stamp = b"\x08" + _varint(seconds) + (b"\x10" + _varint(rest * 1000) if rest else b"")
     inner = b"\x0a" + _varint(len(ticket)) + ticket
