@@ -145,6 +145,8 @@ def _walk_volatile(node: Any, volatile: frozenset[str]) -> bool:
 
 
 _KEY_ENCODER = msgspec.json.Encoder()
+#: Guard shape templates whose volatility verdict is remembered (ResultCache._volatile_query).
+VOLATILE_TEMPLATES = 4096
 
 
 def _plain(value: Any) -> bool:
@@ -246,6 +248,9 @@ class ResultCache:
                 stale.unlink(missing_ok=True)
         self._volatile = TIME_AND_CHANCE | self._duckdb_volatile(db)
         self._is_volatile = lru_cache(maxsize=4096)(self._compute_volatile)
+        self._template_verdicts: dict[tuple[str, ...], bool] = {}
+        #: Texts whose volatility was decided by reading them (a count for tests).
+        self.volatile_scans = 0
         interval = sweep_seconds if sweep_seconds is not None else min(30.0, max(0.5, config.ttl_seconds / 2))
         self._sweeper = threading.Thread(
             target=self._sweep_loop, args=(interval,), name="quiver-cache-sweeper", daemon=True
@@ -277,7 +282,9 @@ class ResultCache:
         return frozenset(r[0] for r in rows)
 
     def _compute_volatile(self, normalized: str) -> bool:
-        # A fresh literal is a new text, so this runs for every fresh-text query: first a scan
+        self.volatile_scans += 1
+        # A fresh literal is a new text, so this runs for every fresh-text query without a shape
+        # template (_volatile_query): first a scan
         # of the text itself. The guard's normalized tree is compact, sorted, ASCII-only JSON
         # (non-ASCII as \u escapes), so a volatile function or column name the walk would find
         # is a substring of its lower case, and a sample is ``"sample":{``. Neither present (and
@@ -293,6 +300,23 @@ class ResultCache:
             return True  # not a parse tree: do not trust it with the cache
         return _walk_volatile(tree, self._volatile)
 
+    def _volatile_query(self, normalized: str, template: tuple[str, ...] | None) -> bool:
+        """:meth:`volatile`, remembered per guard shape template when there is one
+        (``GuardedQuery.template``): texts of one template differ only in the values of literal
+        constants, which the verdict never reads (function names, column names and samples
+        are the template's), so a fresh literal costs no scan of its whole tree. Bounded."""
+        if template is None:
+            return bool(self._is_volatile(normalized))
+        verdict = self._template_verdicts.get(template)
+        if verdict is None:
+            verdict = bool(self._is_volatile(normalized))
+            verdicts = self._template_verdicts
+            if len(verdicts) >= VOLATILE_TEMPLATES:
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                    del verdicts[next(iter(verdicts))]  # the oldest (racing threads: any one)
+            verdicts[template] = verdict
+        return verdict
+
     # --- keys ------------------------------------------------------------------------------------
     def volatile(self, normalized: str) -> bool:
         """Whether a guarded query calls a volatile function (its result must never be
@@ -307,6 +331,7 @@ class ResultCache:
         versions: Mapping[TableRef, int] | Mapping[TableKey, int],
         *,
         extra: Any = None,
+        template: tuple[str, ...] | None = None,
     ) -> CacheKey | None:
         """The cache key of a guarded query, or None when its result must not be cached
         (cache disabled, volatile functions, unseeded samples, parameters that are not JSON).
@@ -317,7 +342,7 @@ class ResultCache:
         """
         if not self.config.enabled:
             return None
-        if self._is_volatile(normalized):
+        if self._volatile_query(normalized, template):
             with self._lock:
                 self.uncacheable += 1
             return None

@@ -171,7 +171,7 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
         self._metrics = _CallRecorder(catalog)
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> CallState:
-        method = _METHOD_NAMES.get(info.method, str(info.method))
+        method = _METHOD_NAMES.get(info.method) or str(info.method)  # str(): only when unknown
         principal: Principal | None = None
         error: QuiverError | None = None
         values = [

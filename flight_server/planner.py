@@ -670,11 +670,14 @@ class Planner:
         guarded = self.check_sql(principal, cmd.sql)
         params = tuple(cmd.params)
         ruled = guarded.ruled
+        template = guarded.template
         if cmd.max_rows is not None:
             return guarded, SqlPart(
-                guarded.sql, params, limit=cap, normalized=guarded.normalized, ruled=ruled
+                guarded.sql, params, limit=cap, normalized=guarded.normalized, ruled=ruled, template=template
             )
-        return guarded, SqlPart(guarded.sql, params, normalized=guarded.normalized, cap=cap, ruled=ruled)
+        return guarded, SqlPart(
+            guarded.sql, params, normalized=guarded.normalized, cap=cap, ruled=ruled, template=template
+        )
 
     def prepare(self, principal: Principal, cmd: QueryCommand) -> PreparedQuery:
         """submit-query: :meth:`query`'s path — the same checks as a ``{"kind": "query"}``

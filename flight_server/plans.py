@@ -78,6 +78,9 @@ class SqlPart:
     # The SQL reads a ruled table's view (catalog/views.py): its text holds the row filter,
     # bound values and masks, so a DuckDB error's quote of the text is dropped.
     ruled: bool = False
+    # The guard's shape template of the query (GuardedQuery.template): the result cache
+    # decides volatility once per template, not once per fresh text.
+    template: tuple[str, ...] | None = field(default=None, compare=False)
 
     @property
     def max_rows(self) -> int | None:

@@ -18,6 +18,9 @@ The watcher polls on its own clock and only calls that have run a whole interval
 release it), so a watcher woken by every DoGet that started or ended — and asking each brand
 new call — was a third of the GIL's time under eight agents' point queries (tests/bench/RESULTS.md,
 "Agent query path"). A point query's DoGet ends within a millisecond or two: it is never asked.
+Nor is the watcher woken when a DoGet starts on an idle server: it lingers in poll-sized waits
+(a thread switch per DoGet was a measurable part of a lone agent's point query:
+tests/bench/PROFILE.md, section 5).
 A client that leaves is noticed within two intervals (0.1 s) of its call's start at the latest.
 
 Both interrupt like ``cancel-query`` does for an async query (flight_server/results.py):
@@ -84,6 +87,9 @@ class RunningStreams:
         self.abandoned = 0
         #: Polls of ``is_cancelled()`` the watcher made (a count for tests).
         self.polls = 0
+        #: Times the watcher's waits returned (a count for tests: it runs on its own clock,
+        #: not once per DoGet).
+        self.wakes = 0
 
     def track(self, group: str, state: CallState, context: flight.ServerCallContext) -> None:
         """Track a DoGet of FlightInfo ``group`` until its call ends (the middleware's
@@ -96,11 +102,11 @@ class RunningStreams:
                 raise Cancelled(
                     "this query was cancelled (CancelFlightInfo); call GetFlightInfo again to run it"
                 )
-            idle = not self._running
             self._running.setdefault(group, {})[key] = call
+            # No notify: a lingering watcher wakes on its own clock (:meth:`_watch`), and a
+            # new call is not asked before it lasted a poll interval anyway. Waking it here
+            # cost a thread switch (and a GIL hand-over) on every DoGet of an idle server.
             self._start_locked()
-            if idle:  # the watcher lingers in an idle wait: it has calls to watch again
-                self._cond.notify_all()
 
         def untrack() -> None:
             with self._cond:
@@ -177,14 +183,24 @@ class RunningStreams:
             with self._cond:
                 if not self._running and not self._stopped:
                     # Idle: linger a little (the next DoGet is usually close), then end, so
-                    # that a quiet server holds no thread for this.
-                    self._cond.wait(IDLE_SECONDS)
+                    # that a quiet server holds no thread for this. It lingers in poll-sized
+                    # waits, so a call tracked meanwhile (track() does not wake it) is seen
+                    # within one interval, as while streams run.
+                    idle_until = time.monotonic() + IDLE_SECONDS
+                    while not self._running and not self._stopped:
+                        left = idle_until - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(min(left, POLL_SECONDS))
+                        self.wakes += 1
+                    next_poll = time.monotonic()
                 if self._stopped or not self._running:
                     self._thread = None
                     return
                 now = time.monotonic()
-                if now < next_poll:  # woken early (a call tracked after an idle wait)
+                if now < next_poll:
                     self._cond.wait(next_poll - now)
+                    self.wakes += 1
                     continue
                 next_poll = now + POLL_SECONDS
                 # Under the lock: a call's context is valid until its call completes, and its

@@ -75,7 +75,7 @@ from flight_server.runner import SqlRunner
 from flight_server.running import QueryRuns, RunningStreams
 from flight_server.streams import Streamer
 from flight_server.table_cache import TableCache, resolve_budget
-from flight_server.tickets import TicketStore
+from flight_server.tickets import TicketStore, flight_endpoint
 from flight_server.uploads import save_table
 from flight_server.versions import VersionWatch
 from quiver_client.wire import decode_error
@@ -83,7 +83,6 @@ from quiver_client.wire import decode_error
 log = structlog.get_logger("flight_server")
 
 T = TypeVar("T")
-_EXPIRY_TYPE = pa.timestamp("ns")
 
 ACTIONS: dict[str, str] = {
     "whoami": "Who you are: {kind, swarm, agent, jti, expires_at, tables} as JSON. Body: none.",
@@ -363,9 +362,7 @@ class QuiverFlightServer(flight.FlightServerBase):
                 ticket, grant = self.tickets.issue(principal, TicketPayload(plan, index, group, relations))
                 if sql:  # Flight SQL clients expect Any(TicketStatementQuery); DoGet unwraps it
                     ticket = wrap_ticket(ticket)
-                # Whole microseconds, as nanoseconds: the type FlightEndpoint stores (no cast).
-                expires = pa.scalar(int(grant.expires_at * 1e6) * 1000, type=_EXPIRY_TYPE)
-                endpoints.append(flight.FlightEndpoint(ticket, [], expiration_time=expires))
+                endpoints.append(flight_endpoint(ticket, grant.expires_at))
             state.fields["endpoints"] = len(endpoints)
             return flight.FlightInfo(
                 plan.schema,

@@ -464,7 +464,7 @@ class Streamer:
         if tables:
             current = self.versions.current()
             versions = {ref.key(): current.get(ref.key(), 0) for ref in tables}
-        return self.cache.key(part.normalized, part.params, part.max_rows, versions)
+        return self.cache.key(part.normalized, part.params, part.max_rows, versions, template=part.template)
 
     def _lookup(
         self, plan: Plan, part: SqlPart, state: CallState | None = None

@@ -11,9 +11,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from catalog import TableRef
 from catalog.tables import TableCatalog
+from flight_server.tickets import flight_endpoint
 from tests.harness import FakeClock, Server, call_options, error_info, start_server
 
 
@@ -740,3 +743,22 @@ def test_arrow_stream_runs_queries_like_the_public_api(server: Server) -> None:
             with pytest.raises(duckdb.Error) as theirs:
                 cur.sql(bad).to_arrow_table()
             assert type(ours.value) is type(theirs.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ticket=st.binary(min_size=0, max_size=300),
+    expires_at=st.floats(min_value=-(2**33), max_value=2**33, allow_nan=False, allow_infinity=False),
+)
+def test_endpoints_built_from_protobuf_equal_pyarrow_s(ticket: bytes, expires_at: float) -> None:
+    """GetFlightInfo builds each endpoint from its protobuf encoding (flight_server/tickets.py
+    ``flight_endpoint``, cheaper than pyarrow's constructor): the same message, ticket and
+    expiry — whole microseconds — as ``flight.FlightEndpoint(ticket, [], expiration_time=...)``,
+    for every ticket length (one- and two-byte varints) and time (with and without nanos)."""
+    ns = int(expires_at * 1e6) * 1000
+    want = flight.FlightEndpoint(ticket, [], expiration_time=pa.scalar(ns, type=pa.timestamp("ns")))
+    got = flight_endpoint(ticket, expires_at)
+    assert got == want
+    assert got.serialize() == want.serialize()
+    assert got.ticket.ticket == ticket and got.locations == []
+    assert got.expiration_time is not None and got.expiration_time.value == ns

@@ -6,6 +6,7 @@ through a running server: Flight queries, GET /v1/status and GET /metrics."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -416,3 +417,58 @@ def test_server_cache_hit_miss_and_stats_in_status_and_metrics(server: Server) -
     assert samples["quiver_cache_hits_total"] == final["hits"]
     assert samples["quiver_cache_misses_total"] == final["misses"]
     assert samples["quiver_cache_bytes"] == final["bytes"]
+
+
+def _point(client: flight.FlightClient, opts: flight.FlightCallOptions, sql: str) -> int:
+    body = json.dumps({"kind": "query", "sql": sql}).encode()
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(body), opts)
+    return sum(client.do_get(e.ticket, opts).read_all().num_rows for e in info.endpoints)
+
+
+def test_volatility_is_decided_once_per_guard_shape_and_still_refuses_volatile_shapes(
+    server: Server,
+) -> None:
+    """Fresh-text point queries of one shape (a new literal each time): the result cache reads
+    the tree for volatile functions for the first texts only (a full parse has no template),
+    then remembers the verdict per shape template (GuardedQuery.template) — it depends on
+    function and column names, never on a literal's value. A volatile shape stays volatile
+    for every fresh text: its results are never replayed from the cache, while the same text
+    of a plain shape is (racing threads, as agents send them)."""
+    flight_server = server.runtime.flight
+    assert flight_server is not None
+    cache = flight_server.cache
+    client = server.flight()
+    opts = call_options(server.mint(agent="volatile-shapes"))
+    plain = "SELECT customer_id FROM demo.customers WHERE customer_id = {k}"
+    volatile = "SELECT customer_id, random() AS r FROM demo.customers WHERE customer_id = {k}"
+    for k in range(1, 6):  # the shapes are learnt and proven (full parses)
+        assert _point(client, opts, plain.format(k=k)) == 1
+        assert _point(client, opts, volatile.format(k=k)) == 1
+    scans, hits = cache.volatile_scans, cache.stats().hits
+    errors: list[BaseException] = []
+
+    def agent(n: int) -> None:
+        try:
+            own = server.flight()
+            for k in range(6 + 20 * n, 26 + 20 * n):
+                assert _point(own, opts, volatile.format(k=k)) == 1
+            own.close()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=agent, args=(n,)) for n in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors[:1]
+    for k in range(6, 46):
+        assert _point(client, opts, plain.format(k=k)) == 1
+    assert cache.volatile_scans == scans  # 120 fresh texts, no tree read for volatility
+    assert cache.stats().hits == hits
+    # The same text again: the plain shape's result is replayed, the volatile one's never.
+    assert _point(client, opts, plain.format(k=45)) == 1
+    assert cache.stats().hits == hits + 1
+    assert _point(client, opts, volatile.format(k=45)) == 1
+    assert _point(client, opts, volatile.format(k=45)) == 1
+    assert cache.stats().hits == hits + 1

@@ -67,3 +67,33 @@ def test_a_started_server_freezes_its_objects_and_a_stop_unfreezes_them(tmp_path
     finally:
         srv.stop()
     assert gc.get_freeze_count() == 0
+
+
+def test_a_lone_agent_s_dogets_do_not_wake_the_stream_watcher(server: Server) -> None:
+    """One agent's point queries, one after the other: each DoGet starts on an idle server.
+    The watcher lingers between them in poll-sized waits and is not woken by each DoGet (it
+    used to be: a thread switch per query), so it wakes on its own clock — about once per poll
+    interval — far fewer times than there were DoGets. Its contract is unchanged: a stream
+    tracked meanwhile is still listed and cancellable (tests/test_running_queries.py)."""
+    flight_server = server.runtime.flight
+    assert flight_server is not None
+    client = flight.FlightClient(server.flight_url)
+    opts = call_options(server.mint(agent="lone"))
+    try:
+        # A first query starts the watcher; the count starts after it.
+        body = json.dumps({"kind": "query", "sql": "SELECT 1 AS one"}).encode()
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(body), opts)
+        client.do_get(info.endpoints[0].ticket, opts).read_all()
+        before = flight_server.running.wakes
+        dogets = 0
+        for i in range(150):
+            sql = f"SELECT customer_id FROM demo.customers WHERE customer_id = {i % 50 + 1}"
+            body = json.dumps({"kind": "query", "sql": sql, "params": []}).encode()
+            info = client.get_flight_info(flight.FlightDescriptor.for_command(body), opts)
+            for endpoint in info.endpoints:
+                assert client.do_get(endpoint.ticket, opts).read_all().num_rows == 1
+                dogets += 1
+        assert dogets == 150
+        assert flight_server.running.wakes - before < dogets // 2
+    finally:
+        client.close()
