@@ -732,8 +732,7 @@ def table_snapshot(catalog: Catalog, ref: TableRef) -> Iterator[Snapshot]:
     try:
         cur.execute("BEGIN TRANSACTION")
         layout = read_layout(cur, ref, begin=False)
-        reader = arrow_stream(cur, f"SELECT * FROM {ref.sql}")
-        yield Snapshot(layout, reader, cur.interrupt)
+        yield Snapshot(layout, lambda: arrow_stream(cur, f"SELECT * FROM {ref.sql}"), cur.interrupt)
     finally:
         cur.close()  # ends the read-only transaction
 

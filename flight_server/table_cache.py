@@ -273,11 +273,12 @@ class Activity:
 
 @dataclass(slots=True)
 class Snapshot:
-    """One table's rows for an idle fill: its layout and a reader of the same snapshot, and
-    how to interrupt the query (shutdown)."""
+    """One table's rows for an idle fill: its layout, a reader of the same snapshot's rows
+    (started only when called: a table already held costs no scan), and how to interrupt
+    the query (shutdown)."""
 
     layout: Layout
-    reader: pa.RecordBatchReader
+    rows: Callable[[], pa.RecordBatchReader]
     interrupt: Callable[[], None]
 
 
@@ -397,9 +398,10 @@ class IdleFiller:
                 if self._stopped:
                     return "stopped"
                 self._interrupt = snap.interrupt
-            layout, reader = snap.layout, snap.reader
+            layout = snap.layout
             if cache.peek(ref, layout.version) is not None:
                 return "held"
+            reader = snap.rows()
             if not cache.admits(ref, layout.version, layout.rows, reader.schema):
                 return "skipped"
             fill = cache.begin_fill(ref, layout, 1)
