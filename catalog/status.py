@@ -103,7 +103,7 @@ class TableCacheStatus(msgspec.Struct, kw_only=True):
     # plane is idle), "scan" (by the first scan as it streams) or "off".
     fill_mode: str = "scan"
     queued: int = 0  # tables waiting for an idle fill
-    idle_fills: dict[str, int] = {}  # ok, yielded (a call arrived), stale (the table changed)
+    idle_fills: dict[str, int] = {}  # ok, yielded (a call arrived), stale (a newer version got in first)
     idle_filling: str | None = None  # the table an idle fill is reading now
 
 

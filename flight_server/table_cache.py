@@ -14,16 +14,28 @@ How it works:
   :class:`~flight_server.versions.VersionWatch` (a ``stat`` of the database files while
   nothing was committed), so a new ``GetFlightInfo`` never gets an old snapshot, and an entry
   of an older version is dropped as soon as a newer one is seen.
-* **Fill.** The first scan of a table (a cache miss) is not kept waiting: its endpoints
-  stream from DuckDB exactly like an uncached scan (each in the snapshot whose layout it
-  checks), and hand the batches they sent to a :class:`Fill` as they pass — Python only keeps
-  references to batches. When every endpoint has been read whole, the parts, in endpoint
-  order, become the entry, keyed by the layout all of them checked. So the first scan costs
-  what an uncached scan costs (on two cores, a separate fill beside it would compete for the
-  same cores), and every later scan is served from memory. Only one fill runs at a time; a
-  scan that finds a fill running (of its own table or another) is served by DuckDB without
-  one. A part that fails or whose client goes away ends the fill; a fill whose endpoints are
-  not all read within ``FILL_SECONDS`` lapses; either way the next scan starts another.
+* **Fill when idle** (``[cache] table_fill = "idle"``, the default). The scan that misses
+  streams from DuckDB exactly like an uncached scan — C++ moves DuckDB's batches, Python
+  keeps none — and only queues its table (:meth:`TableCache.want`). One background thread
+  (:class:`IdleFiller`) loads queued tables once no Flight call has run for
+  ``IDLE_SECONDS`` (:class:`Activity`: every call holds it from its start to its end), in
+  one snapshot — layout and rows together, so the entry is keyed by what it holds — and
+  yields at the next batch as soon as a call starts (nothing is stored; the table is first
+  again at the next idle moment). Why not fill while the first scan streams: keeping every
+  batch the scan sends makes each new batch fresh memory (page faults: ~30,000 more minor
+  faults for a 250 MB table, measured) where an uncached scan reuses what it freed, and puts
+  a Python generator on every batch; that made the first scan ~15 % slower than an uncached
+  one (tests/bench/bench_agent.py, first-scan rows). Loading while idle costs the first scan
+  nothing and, on two cores, never competes with a request.
+* **Fill by the scan** (``table_fill = "scan"``). The first scan's endpoints stream from
+  DuckDB (each in the snapshot whose layout it checks), and hand the batches they sent to a
+  :class:`Fill` as they pass — Python only keeps references to batches. When every endpoint
+  has been read whole, the parts, in endpoint order, become the entry, keyed by the layout
+  all of them checked: the table is held as soon as the first scan ends. A scan that finds a
+  fill running (of its own table or another) is served by DuckDB without one. A part that
+  fails or whose client goes away ends the fill; a fill whose endpoints are not all read
+  within ``FILL_SECONDS`` lapses; either way the next scan starts another. The idle fill is
+  a :class:`Fill` of one part: only one fill of either kind runs at a time.
 * **Budget.** Entries share ``[cache] table_memory_bytes`` (default: 1/8 of the memory the
   process may use; 0 disables the cache). Least recently used entries are evicted to make
   room. A table larger than the budget is never cached: its size is estimated from the row
@@ -135,7 +147,7 @@ class _Metrics:
         self.idle = Counter(
             "quiver_table_cache_idle_fills_total",
             "Idle fills (tables loaded while the data plane was idle), by outcome "
-            "(ok, yielded: a call arrived, stale: the table changed since it was asked for).",
+            "(ok, yielded: a call arrived, stale: nothing held at the version read when it ended).",
             ["outcome"],
             registry=registry,
         )
