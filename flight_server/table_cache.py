@@ -22,11 +22,12 @@ How it works:
   one snapshot — layout and rows together, so the entry is keyed by what it holds — and
   yields at the next batch as soon as a call starts (nothing is stored; the table is first
   again at the next idle moment). Why not fill while the first scan streams: keeping every
-  batch the scan sends makes each new batch fresh memory (page faults: ~30,000 more minor
-  faults for a 250 MB table, measured) where an uncached scan reuses what it freed, and puts
-  a Python generator on every batch; that made the first scan ~15 % slower than an uncached
-  one (tests/bench/bench_agent.py, first-scan rows). Loading while idle costs the first scan
-  nothing and, on two cores, never competes with a request.
+  batch the scan sends makes each new batch fresh memory (~30,000 more minor page faults
+  for a 250 MB table, measured from /proc) where an uncached scan reuses what it freed, and
+  puts a Python generator on every batch; that made the first scan 5-14 % slower than the
+  same scan with the cache off (tests/bench/bench_agent.py, first-scan rows). Loading while
+  idle costs the first scan nothing and, on two cores, never competes with a request; the
+  price is that the table is held only after the next idle moment, not at once.
 * **Fill by the scan** (``table_fill = "scan"``). The first scan's endpoints stream from
   DuckDB (each in the snapshot whose layout it checks), and hand the batches they sent to a
   :class:`Fill` as they pass — Python only keeps references to batches. When every endpoint
