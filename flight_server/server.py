@@ -86,6 +86,18 @@ log = structlog.get_logger("flight_server")
 T = TypeVar("T")
 _EXPIRY_TYPE = pa.timestamp("ns")
 
+
+def _load_lazy_imports() -> None:
+    """What the first request would otherwise import, imported while the server starts.
+
+    pyarrow's first conversion of a Python value (``pa.scalar``: every FlightInfo's endpoint
+    expiry) imports its pandas shim — pandas, numpy, dateutil, pytz: ~340 modules, ~0.2 s of
+    one core, measured — so without this the first GetFlightInfo after start, and with it
+    the first scan, paid that on top of its own work (tests/test_idle_fill.py checks that a
+    first scan imports nothing more)."""
+    pa.scalar(0, type=_EXPIRY_TYPE)
+
+
 ACTIONS: dict[str, str] = {
     "whoami": "Who you are: {kind, swarm, agent, jti, expires_at, tables} as JSON. Body: none.",
     "refresh-token": (
@@ -220,6 +232,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         # GetSchema's refusals need it (flight_server/errors.py); installed by a server, never
         # by an import (the agent client shares a process with no server: quiver_client).
         install_traceback_filter()
+        _load_lazy_imports()
         super().__init__(
             location,
             middleware={"quiver": AuthMiddlewareFactory(catalog)},

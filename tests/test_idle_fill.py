@@ -252,3 +252,46 @@ def test_table_fill_scan_turns_the_idle_fill_off(tmp_path_factory: pytest.TempPa
     assert load_config(None, environ={"QUIVER_CACHE_TABLE_FILL": "scan"}).cache.table_fill == "scan"
     with pytest.raises(ConfigError, match=r"cache\.table_fill"):
         load_config(None, environ={"QUIVER_CACHE_TABLE_FILL": "later"})
+
+
+_FIRST_SCAN_IMPORTS = """
+import sys, tempfile
+from pathlib import Path
+import pyarrow.flight as flight
+from tests.harness import call_options, start_server
+s = start_server(Path(tempfile.mkdtemp()))
+try:
+    client, opts = s.flight(), call_options(s.demo_token)
+    list(client.list_flights(b"", opts))  # the client's own first call
+    before = set(sys.modules)
+    info = client.get_flight_info(flight.FlightDescriptor.for_path("demo", "events"), opts)
+    for e in info.endpoints:
+        client.do_get(e.ticket, opts).read_all()
+    print("NEW", sorted({m.split(".")[0] for m in set(sys.modules) - before}))
+finally:
+    s.stop()
+"""
+
+
+def test_the_first_scan_after_start_imports_nothing() -> None:
+    """The first request after start pays no import: pyarrow's first conversion of a Python
+    value imports pandas (~340 modules), which the first GetFlightInfo used to pay (a fresh
+    interpreter: this test process has imported everything already)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_SCAN_IMPORTS],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("NEW "))
+    assert line == "NEW []", line
