@@ -273,6 +273,7 @@ finally:
 """
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_first_scan_after_start_imports_nothing() -> None:
     """The first request after start pays no import: pyarrow's first conversion of a Python
     value imports pandas (~340 modules), which the first GetFlightInfo used to pay (a fresh
