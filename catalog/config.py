@@ -146,6 +146,10 @@ class CacheConfig(_Section):
     # Hot-table cache: tables read by full scans are kept in memory as Arrow, within this
     # many bytes ("auto": 1/8 of the memory available; 0: off). See flight_server/table_cache.py.
     table_memory_bytes: Annotated[int, msgspec.Meta(ge=0)] | Literal["auto"] = "auto"
+    # How a table gets into it: "idle" — the scan that missed streams exactly like an uncached
+    # scan and queues the table, which is loaded while the data plane is idle (no call for
+    # 0.25 s; it yields when one starts); "scan" — the first scan keeps the batches it sends.
+    table_fill: Literal["idle", "scan"] = "idle"
 
 
 class ArtefactsConfig(_Section):

@@ -99,6 +99,12 @@ class TableCacheStatus(msgspec.Struct, kw_only=True):
     fills: dict[str, int]  # ok, too_large, failed
     evicted: dict[str, int]  # by reason
     tables: list[CachedTable]  # most recently used first
+    # How tables are filled: "idle" (queued by the scan that missed, loaded while the data
+    # plane is idle), "scan" (by the first scan as it streams) or "off".
+    fill_mode: str = "scan"
+    queued: int = 0  # tables waiting for an idle fill
+    idle_fills: dict[str, int] = {}  # ok, yielded (a call arrived), stale (a newer version got in first)
+    idle_filling: str | None = None  # the table an idle fill is reading now
 
 
 class ResultCacheStatus(msgspec.Struct, kw_only=True):

@@ -235,6 +235,11 @@ class Planner:
             rows = _count(cur, ref)
             split = rows >= self._split_threshold and not _has_rowid_column(schema)
             fills = cache.admits(ref, self._version(ref), rows, schema)
+            if fills and cache.defers:
+                # Streamed exactly as uncached; the table is loaded while the data plane is
+                # idle (flight_server/table_cache.py "IdleFiller").
+                cache.want(ref)
+                fills = False
             # The layout: what split parts check at DoGet, and what a fill's entry is keyed by.
             layout = read_layout(cur, ref, begin=True) if split or fills else None
         sql_parts: tuple[SqlPart, ...]
@@ -424,7 +429,12 @@ class Planner:
             and cache.admits(ref, layout.version, rows, columns)
         ):
             # SELECT * FROM t: the rows of a scan of t, so they fill the hot-table cache as the
-            # first scan's do (no cap: a scan has nothing to cut and no expression to fail).
+            # first scan's do (no cap: a scan has nothing to cut and no expression to fail) —
+            # or, filled when idle, queue it like a scan that missed.
+            if cache.defers:
+                if not cache.holds(ref):
+                    cache.want(ref)
+                return tuple(SqlPart(t, part.params, layout=layout, label_errors=True) for t in texts)
             fill = cache.begin_fill(ref, layout, len(texts))
             if fill is not None:
                 return tuple(SqlPart(t, layout=layout, fill=fill, fill_index=i) for i, t in enumerate(texts))

@@ -32,6 +32,7 @@ The pieces, each in its own module:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import secrets
 from collections.abc import Callable, Iterator
@@ -73,8 +74,8 @@ from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
 from flight_server.results import PreparedTask, QueryManager
 from flight_server.runner import SqlRunner
 from flight_server.running import QueryRuns, RunningStreams
-from flight_server.streams import Streamer
-from flight_server.table_cache import TableCache, resolve_budget
+from flight_server.streams import Streamer, table_snapshot
+from flight_server.table_cache import Activity, TableCache, resolve_budget
 from flight_server.tickets import TicketStore, flight_endpoint
 from flight_server.uploads import save_table
 from flight_server.versions import VersionWatch
@@ -83,6 +84,19 @@ from quiver_client.wire import decode_error
 log = structlog.get_logger("flight_server")
 
 T = TypeVar("T")
+
+
+def _load_lazy_imports() -> None:
+    """What the first request would otherwise import, imported while the server starts.
+
+    pyarrow's first conversion of a Python value (``pa.scalar``, e.g. a timestamp: the
+    endpoints' expiry was one before it was built from protobuf, tickets.flight_endpoint)
+    imports its pandas shim — pandas, numpy, dateutil, pytz: ~340 modules, ~0.2 s of
+    one core, measured — so without this the first GetFlightInfo after start, and with it
+    the first scan, paid that on top of its own work (tests/test_idle_fill.py checks that a
+    first scan imports nothing more)."""
+    pa.scalar(0, type=pa.timestamp("ns"))
+
 
 ACTIONS: dict[str, str] = {
     "whoami": "Who you are: {kind, swarm, agent, jti, expires_at, tables} as JSON. Body: none.",
@@ -218,6 +232,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         # GetSchema's refusals need it (flight_server/errors.py); installed by a server, never
         # by an import (the agent client shares a process with no server: quiver_client).
         install_traceback_filter()
+        _load_lazy_imports()
         super().__init__(
             location,
             middleware={"quiver": AuthMiddlewareFactory(catalog)},
@@ -235,8 +250,13 @@ class QuiverFlightServer(flight.FlightServerBase):
         self.queries = QueryManager.for_catalog(catalog)
         self.versions = VersionWatch(catalog.db)
         self.table_cache = TableCache(
-            resolve_budget(catalog.config.cache.table_memory_bytes), registry=catalog.metrics.registry
+            resolve_budget(catalog.config.cache.table_memory_bytes),
+            registry=catalog.metrics.registry,
+            fill=catalog.config.cache.table_fill,
         )
+        # Every Flight call counts as activity: the hot-table cache fills only while none runs.
+        self.activity = Activity()
+        self.table_cache.fill_when_idle(functools.partial(table_snapshot, catalog), self.activity)
         self.planner = Planner(
             catalog,
             self.guard,
@@ -291,6 +311,7 @@ class QuiverFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, where: str, fn: Callable[[Principal, CallState], T]
     ) -> T:
         state = self._state(context)
+        state.cleanups.insert(0, self.activity.begin())  # ends last, when the call has ended
         try:
             _, principal = self._begin(context)
             return fn(principal, state)
@@ -681,12 +702,13 @@ class QuiverFlightServer(flight.FlightServerBase):
 
     def shutdown(self) -> None:
         """Stop accepting calls and wait for running ones, then stop async queries."""
+        self.table_cache.stop_filling()  # first: a fill must not delay the shutdown
         super().shutdown()
         self.queries.close()
         self.running.close()
         self.cache.close()
         self.streamer.close()
-        self.table_cache.invalidate(reason="shutdown")
+        self.table_cache.close()
         self.watchdog.stop()
 
 

@@ -31,6 +31,7 @@ maps it to DEADLINE_EXCEEDED; proto_docs/errors.md explains).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
 import threading
@@ -70,7 +71,7 @@ from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
 from flight_server.ready import ReadyPool
 from flight_server.results import QueryManager
 from flight_server.running import QueryRuns
-from flight_server.table_cache import Fill
+from flight_server.table_cache import Fill, Snapshot
 from flight_server.truncation import RowCap
 from flight_server.versions import VersionWatch, read_layout
 
@@ -81,7 +82,7 @@ log = structlog.get_logger("flight_server")
 #: The defaults they give (current format, metadata V5) are these.
 _IPC = pa.ipc.IpcWriteOptions()
 
-__all__ = ["Streamer", "arrow_stream"]
+__all__ = ["Streamer", "arrow_stream", "table_snapshot"]
 
 
 class Streamer:
@@ -713,6 +714,20 @@ try:  # DuckDB's own submit step (see arrow_stream)
     from duckdb._seam import submit as _submit
 except ImportError:  # pragma: no cover - another duckdb release: the public API is used
     _submit = None
+
+
+@contextlib.contextmanager
+def table_snapshot(catalog: Catalog, ref: TableRef) -> Iterator[Snapshot]:
+    """One table's layout and rows in one read-only snapshot, for the hot-table cache's idle
+    fill (flight_server/table_cache.py "IdleFiller"): the entry it stores is keyed by the
+    layout of exactly the rows it read."""
+    cur = catalog.db.cursor()
+    try:
+        cur.execute("BEGIN TRANSACTION")
+        layout = read_layout(cur, ref, begin=False)
+        yield Snapshot(layout, lambda: arrow_stream(cur, f"SELECT * FROM {ref.sql}"), cur.interrupt)
+    finally:
+        cur.close()  # ends the read-only transaction
 
 
 def arrow_stream(

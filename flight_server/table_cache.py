@@ -14,16 +14,29 @@ How it works:
   :class:`~flight_server.versions.VersionWatch` (a ``stat`` of the database files while
   nothing was committed), so a new ``GetFlightInfo`` never gets an old snapshot, and an entry
   of an older version is dropped as soon as a newer one is seen.
-* **Fill.** The first scan of a table (a cache miss) is not kept waiting: its endpoints
-  stream from DuckDB exactly like an uncached scan (each in the snapshot whose layout it
-  checks), and hand the batches they sent to a :class:`Fill` as they pass — Python only keeps
-  references to batches. When every endpoint has been read whole, the parts, in endpoint
-  order, become the entry, keyed by the layout all of them checked. So the first scan costs
-  what an uncached scan costs (on two cores, a separate fill beside it would compete for the
-  same cores), and every later scan is served from memory. Only one fill runs at a time; a
-  scan that finds a fill running (of its own table or another) is served by DuckDB without
-  one. A part that fails or whose client goes away ends the fill; a fill whose endpoints are
-  not all read within ``FILL_SECONDS`` lapses; either way the next scan starts another.
+* **Fill when idle** (``[cache] table_fill = "idle"``, the default). The scan that misses
+  streams from DuckDB exactly like an uncached scan — C++ moves DuckDB's batches, Python
+  keeps none — and only queues its table (:meth:`TableCache.want`). One background thread
+  (:class:`IdleFiller`) loads queued tables once no Flight call has run for
+  ``IDLE_SECONDS`` (:class:`Activity`: every call holds it from its start to its end), in
+  one snapshot — layout and rows together, so the entry is keyed by what it holds — and
+  yields at the next batch as soon as a call starts (nothing is stored; the table is first
+  again at the next idle moment). Why not fill while the first scan streams: keeping every
+  batch the scan sends makes each new batch fresh memory (~30,000 more minor page faults
+  for a 250 MB table, measured from /proc) where an uncached scan reuses what it freed, and
+  puts a Python generator on every batch; that made the first scan 5-14 % slower than the
+  same scan with the cache off (tests/bench/bench_agent.py, first-scan rows). Loading while
+  idle costs the first scan nothing and, on two cores, never competes with a request; the
+  price is that the table is held only after the next idle moment, not at once.
+* **Fill by the scan** (``table_fill = "scan"``). The first scan's endpoints stream from
+  DuckDB (each in the snapshot whose layout it checks), and hand the batches they sent to a
+  :class:`Fill` as they pass — Python only keeps references to batches. When every endpoint
+  has been read whole, the parts, in endpoint order, become the entry, keyed by the layout
+  all of them checked: the table is held as soon as the first scan ends. A scan that finds a
+  fill running (of its own table or another) is served by DuckDB without one. A part that
+  fails or whose client goes away ends the fill; a fill whose endpoints are not all read
+  within ``FILL_SECONDS`` lapses; either way the next scan starts another. The idle fill is
+  a :class:`Fill` of one part: only one fill of either kind runs at a time.
 * **Budget.** Entries share ``[cache] table_memory_bytes`` (default: 1/8 of the memory the
   process may use; 0 disables the cache). Least recently used entries are evicted to make
   room. A table larger than the budget is never cached: its size is estimated from the row
@@ -44,6 +57,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -65,6 +80,12 @@ TOO_LARGE_MEMORY = 1024
 #: only some of them): the next scan, of any table, may then start a fill.
 FILL_SECONDS = 60.0
 FILL_IDLE_SECONDS = 5.0
+#: An idle fill (``[cache] table_fill = "idle"``) starts once the data plane has had no call
+#: in progress for this long, and yields as soon as one starts.
+IDLE_SECONDS = 0.25
+#: How long shutdown waits for an idle fill to notice it should stop (it checks between
+#: batches, and its DuckDB query is interrupted).
+STOP_SECONDS = 5.0
 
 
 def resolve_budget(setting: int | str) -> int:
@@ -123,6 +144,16 @@ class _Metrics:
             "Attempts to load a table into memory, by outcome (ok, too_large, failed).",
             ["outcome"],
             registry=registry,
+        )
+        self.idle = Counter(
+            "quiver_table_cache_idle_fills_total",
+            "Idle fills (tables loaded while the data plane was idle), by outcome "
+            "(ok, yielded: a call arrived, stale: nothing held at the version read when it ended).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.queued = Gauge(
+            "quiver_table_cache_queued", "Tables waiting for an idle fill.", registry=registry
         )
         self.evictions = Counter(
             "quiver_table_cache_evictions_total",
@@ -219,9 +250,220 @@ class Fill:
         self._cache._fill_over(self)
 
 
+class Activity:
+    """The data plane's calls in progress, for the idle fill: a count and a sequence number.
+
+    Every Flight call holds one from its start until its end (for DoGet: until the stream was
+    sent), so an idle fill starts only when nothing is running and yields as soon as a call
+    starts — on two cores, a fill beside a request would slow that request down."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.busy = 0
+        self.seq = 0
+        self.quiet_since = time.monotonic()
+
+    def begin(self) -> Callable[[], None]:
+        """A call starts; the returned function ends it (once, whatever happens)."""
+        with self.cond:
+            self.busy += 1
+            self.seq += 1
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            with self.cond:
+                if ended:
+                    return
+                ended = True
+                self.busy -= 1
+                if self.busy == 0:
+                    self.quiet_since = time.monotonic()
+                    self.cond.notify_all()
+
+        return end
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """One table's rows for an idle fill: its layout, a reader of the same snapshot's rows
+    (started only when called: a table already held costs no scan), and how to interrupt
+    the query (shutdown)."""
+
+    layout: Layout
+    rows: Callable[[], pa.RecordBatchReader]
+    interrupt: Callable[[], None]
+
+
+#: Opens a :class:`Snapshot` of a table (flight_server/streams.py ``table_snapshot``); the
+#: context manager ends the snapshot's transaction and closes its cursor.
+SnapshotSource = Callable[[TableRef], AbstractContextManager[Snapshot]]
+
+
+class IdleFiller:
+    """Loads the tables that missed into the hot-table cache while the data plane is idle.
+
+    A scan that misses streams from DuckDB exactly like an uncached scan (the C++ reader,
+    no Python per batch, no batch kept) and only queues its table here. One background
+    thread takes the queue in order once no Flight call has run for ``IDLE_SECONDS``
+    (:class:`Activity`), reads the table again in one snapshot — its layout and its rows
+    together, so the entry is keyed by exactly what it holds — and stores it through a
+    :class:`Fill` of one part (the budget, the one-fill-at-a-time rule and the too-large
+    memory are the inline fill's). When a call starts, the fill yields at the next batch:
+    nothing is stored, the table goes back to the head of the queue, and the fill begins
+    again at the next idle moment. Shutdown stops it (its query is interrupted)."""
+
+    def __init__(
+        self,
+        cache: TableCache,
+        source: SnapshotSource,
+        activity: Activity,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
+        self._cache = cache
+        self._source = source
+        self._activity = activity
+        self._cond = activity.cond  # one condition: a call that ends wakes the filler
+        self.idle_seconds = idle_seconds
+        self._queue: OrderedDict[tuple[str, str], TableRef] = OrderedDict()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._interrupt: Callable[[], None] | None = None
+        self.outcomes = {"ok": 0, "yielded": 0, "stale": 0}
+        self.running: str | None = None
+
+    def want(self, ref: TableRef) -> None:
+        """Queue ``ref`` for an idle fill (once: a table queued twice is filled once)."""
+        with self._cond:
+            if self._stopped:
+                return
+            self._queue.setdefault(ref.key(), ref)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="quiver-idle-fill", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+            queued = len(self._queue)
+        self._cache._metrics.queued.set(queued)
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def close(self) -> None:
+        """Stop: the running fill is interrupted and stores nothing; the queue is dropped."""
+        with self._cond:
+            self._stopped = True
+            self._queue.clear()
+            interrupt, thread = self._interrupt, self._thread
+            self._cond.notify_all()
+        if interrupt is not None:
+            interrupt()
+        if thread is not None:
+            thread.join(STOP_SECONDS)
+
+    def _next(self) -> tuple[TableRef, int] | None:
+        """The next table to fill and the call sequence it starts at, once idle; None: stop."""
+        a = self._activity
+        with self._cond:
+            while not self._stopped:
+                if not self._queue or a.busy:
+                    self._cond.wait()
+                    continue
+                quiet = time.monotonic() - a.quiet_since
+                if quiet < self.idle_seconds:
+                    self._cond.wait(self.idle_seconds - quiet)
+                    continue
+                _, ref = self._queue.popitem(last=False)
+                self.running = ref.qualified
+                return ref, a.seq
+            return None
+
+    def _run(self) -> None:
+        while (picked := self._next()) is not None:
+            ref, seq = picked
+            try:
+                outcome = self._fill(ref, seq)
+            except Exception as e:  # noqa: BLE001 - a failed fill is logged; the next miss queues it again
+                outcome = "failed"
+                log.warning("table_cache.idle_fill_failed", table=ref.qualified, error=str(e)[:200])
+            with self._cond:
+                self.running = None
+                self._interrupt = None
+                if outcome == "yielded" and not self._stopped:
+                    self._queue[ref.key()] = ref
+                    self._queue.move_to_end(ref.key(), last=False)  # first again at the next idle
+                if outcome in self.outcomes:
+                    self.outcomes[outcome] += 1
+                queued = len(self._queue)
+            if outcome in self.outcomes:
+                self._cache._metrics.idle.labels(outcome).inc()
+            self._cache._metrics.queued.set(queued)
+
+    def _interrupted(self, seq: int) -> bool:
+        a = self._activity
+        return self._stopped or a.busy > 0 or a.seq != seq
+
+    def _fill(self, ref: TableRef, seq: int) -> str:
+        cache = self._cache
+        with self._source(ref) as snap:
+            with self._cond:
+                if self._stopped:
+                    return "stopped"
+                self._interrupt = snap.interrupt
+            layout = snap.layout
+            if cache.peek(ref, layout.version) is not None:
+                return "held"
+            reader = snap.rows()
+            if not cache.admits(ref, layout.version, layout.rows, reader.schema):
+                return "skipped"
+            fill = cache.begin_fill(ref, layout, 1)
+            if fill is None:
+                return "skipped"
+            kept: list[pa.RecordBatch] = []
+            size = 0
+            fill.feeding(+1)
+            try:
+                for batch in _batches(reader):
+                    if self._interrupted(seq):
+                        fill.abandon("yielded")
+                        return "yielded"
+                    size += batch.nbytes
+                    if not fill.fits(size):
+                        fill.too_large()
+                        return "too_large"
+                    kept.append(batch)
+                if self._interrupted(seq):
+                    fill.abandon("yielded")
+                    return "yielded"
+                fill.complete(0, kept, size, reader.schema)
+            except BaseException:
+                fill.abandon("failed")
+                raise
+            finally:
+                fill.feeding(-1)
+        # The table may have changed while it was read: the entry holds the snapshot it read,
+        # keyed by that snapshot's version, so a newer version never gets it (TableCache.get).
+        return "ok" if cache.peek(ref, layout.version) is not None else "stale"
+
+
+def _batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+    while True:
+        try:
+            yield reader.read_next_batch()
+        except StopIteration:
+            return
+
+
 class TableCache:
-    def __init__(self, budget_bytes: int, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, budget_bytes: int, *, registry: CollectorRegistry | None = None, fill: str = "scan"
+    ) -> None:
         self.budget = max(0, budget_bytes)
+        #: "scan": the first scan fills as it streams (:class:`Fill`); "idle": it only queues
+        #: the table, and :class:`IdleFiller` loads it while the data plane is idle.
+        self.fill_mode = fill
+        self.idle: IdleFiller | None = None
         self._entries: OrderedDict[tuple[str, str], CachedTable] = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
@@ -235,6 +477,33 @@ class TableCache:
     @property
     def enabled(self) -> bool:
         return self.budget > 0
+
+    def fill_when_idle(
+        self, source: SnapshotSource, activity: Activity, idle_seconds: float = IDLE_SECONDS
+    ) -> None:
+        """Fill in the background while the data plane is idle (``[cache] table_fill = "idle"``)."""
+        if self.enabled and self.fill_mode == "idle":
+            self.idle = IdleFiller(self, source, activity, idle_seconds)
+
+    @property
+    def defers(self) -> bool:
+        """Whether a scan that misses only queues its table (:class:`IdleFiller`)."""
+        return self.idle is not None
+
+    def want(self, ref: TableRef) -> None:
+        """A scan of ``ref`` missed: queue it for the idle fill."""
+        if self.idle is not None:
+            self.idle.want(ref)
+
+    def stop_filling(self) -> None:
+        """Shutdown begins: the idle fill stops (its query interrupted) and stores nothing."""
+        if self.idle is not None:
+            self.idle.close()
+
+    def close(self) -> None:
+        """Shutdown: stop the idle fill, drop every entry."""
+        self.stop_filling()
+        self.invalidate(reason="shutdown")
 
     # --- lookups ------------------------------------------------------------------------------
     def holds(self, ref: TableRef) -> bool:
@@ -390,8 +659,16 @@ class TableCache:
         return len(doomed)
 
     def stats(self) -> TableCacheStatus:
+        idle = self.idle
+        queued = idle.queued if idle is not None else 0
+        idle_fills = dict(idle.outcomes) if idle is not None else {}
+        filling = idle.running if idle is not None else None
         with self._lock:
             return TableCacheStatus(
+                fill_mode=self.fill_mode if self.enabled else "off",
+                queued=queued,
+                idle_fills=idle_fills,
+                idle_filling=filling,
                 enabled=self.enabled,
                 entries=len(self._entries),
                 bytes=self._used,

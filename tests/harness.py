@@ -35,6 +35,9 @@ QUIET: dict[str, Any] = {"last_used_flush_seconds": 3600.0}
 #: ``[flight]`` keys that split small tables too: the 50,000-row demo.events becomes several
 #: endpoints (``start_server(..., flight=SMALL_SPLIT)``).
 SMALL_SPLIT: dict[str, Any] = {"split_part_rows": 10_000, "split_min_rows": 20_000, "split_align_rows": 1}
+#: ``[cache]`` of a server whose hot-table cache is filled by the first scan as it streams
+#: (the default fills it while the data plane is idle: flight_server/table_cache.py).
+SCAN_FILL: dict[str, Any] = {"table_fill": "scan"}
 
 
 def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:

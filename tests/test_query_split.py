@@ -22,7 +22,7 @@ import pytest
 from catalog import TableRef
 from catalog.tables import TableCatalog
 from quiver_client import QuiverClient
-from tests.harness import SMALL_SPLIT, Server, call_options, error_info, start_server, wait_until
+from tests.harness import SCAN_FILL, SMALL_SPLIT, Server, call_options, error_info, start_server, wait_until
 
 ROWS = 200_000  # 8 parts of SMALL_SPLIT; about 5 MB as Arrow: far more than GetFlightInfo's head
 
@@ -42,7 +42,8 @@ def _create(s: Server, sql: str, *tables: str) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("qsplit"), flight=SMALL_SPLIT)
+    # The first scan fills the hot-table cache as it streams (tests/test_idle_fill.py: the idle fill).
+    s = start_server(tmp_path_factory.mktemp("qsplit"), flight=SMALL_SPLIT, cache=SCAN_FILL)
     _create(
         s,
         f"CREATE TABLE demo.big AS SELECT range AS id, range * 2 AS v, 'row-' || range::VARCHAR AS s, "

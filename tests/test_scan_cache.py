@@ -1,4 +1,5 @@
-"""The hot-table cache (flight_server/table_cache.py) on real servers: scans served from
+"""The hot-table cache (flight_server/table_cache.py) on real servers, filled by the first
+scan as it streams (``[cache] table_fill = "scan"``): scans served from
 memory are the table DuckDB has, in order; a new data version is never served from an old
 snapshot; the budget holds; concurrent scans share one fill; the allowlist, ticket binding
 and the version rule still hold at DoGet."""
@@ -19,12 +20,14 @@ from catalog import ConfigError, TableRef, load_config
 from catalog.tables import TableCatalog
 from flight_server.table_cache import TableCache
 from flight_server.versions import read_layout
-from tests.harness import SMALL_SPLIT, Server, call_options, error_info, start_server, wait_until
+from tests.harness import SCAN_FILL, SMALL_SPLIT, Server, call_options, error_info, start_server, wait_until
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("scan_cache"), flight=SMALL_SPLIT)
+    # The fill by the first scan as it streams ("scan"); the default, the idle fill, is
+    # tests/test_idle_fill.py's.
+    s = start_server(tmp_path_factory.mktemp("scan_cache"), flight=SMALL_SPLIT, cache=SCAN_FILL)
     with s.catalog.db.transaction() as cur:
         cur.execute("CREATE SCHEMA hot")
         cur.execute("CREATE TABLE hot.t AS SELECT range AS id, range * 2 AS v FROM range(45000)")
@@ -316,7 +319,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = start_server(
         tmp_path_factory.mktemp("scan_cache_small"),
         demo=False,
-        cache={"table_memory_bytes": BUDGET},
+        cache={"table_memory_bytes": BUDGET, **SCAN_FILL},
         flight=SMALL_SPLIT,
     )
     with s.catalog.db.transaction() as cur:

@@ -72,6 +72,9 @@ def test_status_shows_the_result_cache_and_the_hot_table_cache(server: Server) -
     info = client.get_flight_info(flight.FlightDescriptor.for_path("demo", "events"), opts)
     for endpoint in info.endpoints:
         client.do_get(endpoint.ticket, opts).read_all()
+    # Loaded while the data plane is idle (flight_server/table_cache.py "IdleFiller").
+    held = _flight(server).table_cache
+    wait_until(lambda: held.holds(TableRef("demo", "events")), what="the idle fill of demo.events")
     sql = json.dumps({"kind": "query", "sql": "SELECT count(*) AS n FROM demo.orders"}).encode()
     for _ in range(2):  # the second is a result-cache hit
         info = client.get_flight_info(flight.FlightDescriptor.for_command(sql), opts)

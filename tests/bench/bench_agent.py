@@ -140,12 +140,29 @@ class Quiver:
     client: Any  # quiver_client.QuiverClient
     raw: flight.FlightClient
     opts: flight.FlightCallOptions
+    #: perf_counter() when the server listened and its swarm and tokens were made.
+    ready: float = 0.0
 
     def counters(self) -> dict[str, int]:
         """The result cache's and the hot-table cache's hit counters, to tell warm from cold."""
         cache = self.http.get("/v1/status").json().get("cache") or {}
         tables = cache.get("tables") or {}
         return {"result_hits": int(cache.get("hits") or 0), "table_hits": int(tables.get("hits") or 0)}
+
+    def idle_load(self, table: str, timeout: float = 120.0) -> float:
+        """Wait (polling /v1/status, no Flight call: a call would make it yield) until the
+        hot-table cache's idle fill has loaded ``table``; the seconds it took, or -1 when
+        the server does not fill when idle."""
+        started = time.perf_counter()
+        deadline = started + timeout
+        while time.perf_counter() < deadline:
+            tables = (self.http.get("/v1/status").json().get("cache") or {}).get("tables") or {}
+            if tables.get("fill_mode") != "idle":
+                return -1.0
+            if table in {t["table"] for t in tables.get("tables") or ()}:
+                return time.perf_counter() - started
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: {table} was not loaded within {timeout} s")
 
     def info(self, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         return self.raw.get_flight_info(descriptor, self.opts)
@@ -179,7 +196,7 @@ def _start(
     raw = flight.FlightClient(url)
     stack.callback(raw.close)
     opts = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {tokens[0]}".encode())])
-    return Quiver(name, url, tokens, pid, http, client, raw, opts)
+    return Quiver(name, url, tokens, pid, http, client, raw, opts, time.perf_counter())
 
 
 def run() -> str:
@@ -231,14 +248,24 @@ def _run(work: Path) -> str:
 
 
 def _first_path_scan(on: Quiver, off: Quiver) -> list[Row]:
-    """Target 4: the first PATH scan after start (it fills the hot-table cache) against the
-    uncached PATH scan (the caches-off server, median of REPS)."""
+    """Target 4: the first PATH scan after start against the uncached PATH scan (the
+    caches-off server, median of REPS). With the default config the first scan streams as
+    an uncached one and only queues the table; the hot-table cache loads it while the server
+    is idle (flight_server/table_cache.py "IdleFiller"), which is waited for here."""
     before = on.counters()
     started = time.perf_counter()
+    after_start = started - on.ready
     assert on.client.read("bench.t").num_rows == ROWS
     first = time.perf_counter() - started
     warm = _warm(before, on.counters())
-    _say(f"first PATH scan after start: {first:.3f} s ({warm})")
+    _say(
+        f"first PATH scan after start: {first:.3f} s ({warm}; {after_start:.1f} s after the server was ready)"
+    )
+    # The default config loads the table while the data plane is idle: wait for it here, so
+    # that the load competes with no measurement that follows (the other server's scans).
+    loaded = on.idle_load("bench.t")
+    if loaded >= 0:
+        _say(f"hot-table cache: bench.t loaded while idle, {loaded:.2f} s after the first scan ended")
     # The caches-off server's own first scan: DuckDB's buffer pool is cold there too (a fresh
     # DuckDB reads a table 2-3x slower the first time, in process as well), so this is the
     # first scan's like-for-like reference; it also warms the OS page cache, as for every
@@ -247,7 +274,8 @@ def _first_path_scan(on: Quiver, off: Quiver) -> list[Row]:
     started = time.perf_counter()
     off.client.read("bench.t")
     cold_off = time.perf_counter() - started
-    _say(f"first PATH scan after start, caches off: {cold_off:.3f} s")
+    off_after = started - off.ready
+    _say(f"first PATH scan after start, caches off: {cold_off:.3f} s ({off_after:.1f} s after it was ready)")
     times = []
     for _ in range(REPS):
         _settle()
@@ -259,7 +287,7 @@ def _first_path_scan(on: Quiver, off: Quiver) -> list[Row]:
     ratio = uncached / first
     return [
         Row(
-            f"first PATH scan after start (default config; {warm}; 1 sample)",
+            f"first PATH scan after start (default config; {warm}; {after_start:.1f} s after ready; 1 sample)",
             _rate(first),
             f"uncached PATH scan (caches off) {_rate(uncached)}",
             f"{ratio:.2f}x",
@@ -267,7 +295,8 @@ def _first_path_scan(on: Quiver, off: Quiver) -> list[Row]:
             _met(ratio >= 1.0),
         ),
         Row(
-            "the same, against the caches-off server's own first PATH scan (DuckDB cold in both; 1 sample)",
+            "the same, against the caches-off server's own first PATH scan "
+            f"(DuckDB cold in both; {warm}; that one {off_after:.1f} s after ready; 1 sample)",
             _rate(first),
             f"first PATH scan, caches off {_rate(cold_off)}",
             f"{cold_off / first:.2f}x",
@@ -420,7 +449,7 @@ def _scans(
         notes.append(
             "`SELECT * FROM bench.t` is a plain projection of one table, so it is split into rowid-range "
             "endpoints like a PATH scan (flight_server/planner.py `_split_query`); on the default server "
-            "the table is held by the hot-table cache (the first PATH scan filled it), so the query is "
+            "the table is held by the hot-table cache (loaded while idle after the first PATH scan), so the query is "
             "served from memory without running (`_cached_query`)."
         )
     if endpoints["quiver"] == 1:
