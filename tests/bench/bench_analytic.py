@@ -9,39 +9,56 @@ DuckDB's ``range()``/``hash()`` into ``QUIVER_BENCH_DATA`` (default ``tests/benc
 git-ignored) once and reused. Each of the 17 queries joins the facts with two to five
 dimensions and aggregates; each is measured
 
-- in-process: ``duckdb.connect(file, read_only=True).sql(q).to_arrow_table()`` — the limit;
-- as a ``query`` command (QuiverClient.query) against a ``quiver serve`` with every cache that
-  holds table data off (``[cache] enabled = false``, ``table_memory_bytes = 0``): every
-  request is a first request for the data;
+- in-process: ``duckdb.connect(file, read_only=True).sql(q).to_arrow_table()`` — the limit.
+  A connection configured as the server's (catalog/database.py: ``memory_limit`` half the
+  memory available instead of DuckDB's 80 %, ``temp_directory``, external access off, the
+  configuration locked, read-write) runs these queries no faster and no slower: measured
+  A/B, interleaved, on 2026-12-02 (the medians scatter both ways with the machine's load, no
+  setting changes a plan), so the read-only connection is a fair reference;
+- as a ``query`` command (GetFlightInfo, then DoGet of each endpoint, timed apart) against a
+  ``quiver serve`` with every cache that holds table data off (``[cache] enabled = false``,
+  ``table_memory_bytes = 0``). Each request's text is new (a comment carries a counter): the
+  planner remembers for a minute which texts were slow or large at GetFlightInfo
+  (flight_server/planner.py), so a repeated text would not be a first request of its text;
 - against a ``quiver serve`` with the default configuration: the first request of each text
   (a result-cache miss), then the same text again (a result-cache hit, reported apart).
 
 Both servers run on byte-for-byte copies of the file (a server writes its own bookkeeping
-schema into it). Each repetition runs every contender on a query in turn; the figures are
-medians of ``QUIVER_BENCH_ANALYTIC_REPS`` (default 3).
+schema into it). Per query, in-process DuckDB and the caches-off server alternate — which goes
+first alternates per repetition — until each has ``QUIVER_BENCH_ANALYTIC_SECONDS`` (default
+1.0) of samples and at least ``QUIVER_BENCH_ANALYTIC_REPS`` (default 3) repetitions (at most
+``QUIVER_BENCH_ANALYTIC_MAX_REPS``, default 15): short queries get more samples on a loaded
+2-core machine. Each figure is a median printed with its spread (min-max), and the load
+average is read before every query.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import math
 import os
 import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
+import pyarrow.flight as flight
 
-from tests.bench.bench_agent import CACHES_OFF, _start, _warm
+from tests.bench.bench_agent import CACHES_OFF, Quiver, _start, _warm
 from tests.bench.bench_flight import _say, _settle
 
 DEFAULT = False
 
 STAR_ROWS = int(os.environ.get("QUIVER_BENCH_STAR_ROWS", "20000000"))
 REPS = int(os.environ.get("QUIVER_BENCH_ANALYTIC_REPS", "3"))
+MAX_REPS = int(os.environ.get("QUIVER_BENCH_ANALYTIC_MAX_REPS", "15"))
+SAMPLE_SECONDS = float(os.environ.get("QUIVER_BENCH_ANALYTIC_SECONDS", "1.0"))
 DATA = Path(os.environ.get("QUIVER_BENCH_DATA", str(Path(__file__).parent / "data")))
 #: Queries run for minutes on a loaded 2-core machine; the default 30 s would cut them.
 SLOW_QUERIES = {"QUIVER_LIMITS_QUERY_TIMEOUT_SECONDS": "600"}
@@ -230,6 +247,34 @@ def run() -> str:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@dataclass
+class Timings:
+    """The samples of one query."""
+
+    duck: list[float] = field(default_factory=list)
+    #: The caches-off server: GetFlightInfo and DoGet (all endpoints) of each request.
+    info: list[float] = field(default_factory=list)
+    doget: list[float] = field(default_factory=list)
+    first: float = 0.0
+    hit: float = 0.0
+    rows: int = 0
+    load: float = 0.0
+
+    @property
+    def off(self) -> list[float]:
+        return [a + b for a, b in zip(self.info, self.doget, strict=True)]
+
+
+def _quiver_query(q: Quiver, sql: str) -> tuple[float, float, int]:
+    """GetFlightInfo and DoGet of every endpoint of ``sql`` (seconds each) and the rows."""
+    descriptor = flight.FlightDescriptor.for_command(json.dumps({"kind": "query", "sql": sql}).encode())
+    started = time.perf_counter()
+    info = q.raw.get_flight_info(descriptor, q.opts)
+    planned = time.perf_counter()
+    rows = sum(q.raw.do_get(ep.ticket, q.opts).read_all().num_rows for ep in info.endpoints)
+    return planned - started, time.perf_counter() - planned, rows
+
+
 def _run(work: Path) -> str:
     load_before = os.getloadavg()
     master, gb = _data_file()
@@ -237,11 +282,8 @@ def _run(work: Path) -> str:
     _say(f"star schema: {STAR_ROWS:,} fact rows, {gb:.2f} GB as Arrow, file {file_gb:.2f} GB")
     for name in ("on", "off"):
         shutil.copyfile(master, work / f"{name}.duckdb")
-    duck_t: dict[str, list[float]] = {q: [] for q in QUERIES}
-    off_t: dict[str, list[float]] = {q: [] for q in QUERIES}
-    first_t: dict[str, float] = {}
-    hit_t: dict[str, float] = {}
-    rows: dict[str, int] = {}
+    times = {q: Timings() for q in QUERIES}
+    fresh = itertools.count(1)
     with contextlib.ExitStack() as stack:
         con = stack.enter_context(duckdb.connect(str(master), read_only=True))
         on = _start(stack, work, "quiver-on", work / "on.duckdb", SLOW_QUERIES, ("star.*",))
@@ -251,47 +293,57 @@ def _run(work: Path) -> str:
         for qid in ("star.sales", "star.customers", "star.products"):  # the OS page cache, all alike
             con.sql(f"SELECT count(*) FROM {qid}").fetchall()
         before_on, before_off = on.counters(), off.counters()
-        for rep in range(REPS):
-            for name, sql in QUERIES.items():
+        for name, sql in QUERIES.items():
+            t = times[name]
+            t.load = os.getloadavg()[0]
+
+            def duck(t: Timings = t, sql: str = sql) -> None:
                 _settle()
                 started = time.perf_counter()
                 expected = con.sql(sql).to_arrow_table()
-                duck_t[name].append(time.perf_counter() - started)
+                t.duck.append(time.perf_counter() - started)
+                t.rows = expected.num_rows
+
+            def quiver(t: Timings = t, sql: str = sql, name: str = name) -> None:
                 _settle()
-                started = time.perf_counter()
-                got = off.client.query(sql)
-                off_t[name].append(time.perf_counter() - started)
+                info, doget, rows = _quiver_query(off, f"{sql}\n-- request {next(fresh)}")
+                t.info.append(info)
+                t.doget.append(doget)
+                assert not t.rows or rows == t.rows, (name, rows, t.rows)
+
+            rep = 0
+            while rep < MAX_REPS and (rep < REPS or min(sum(t.duck), sum(t.off)) < SAMPLE_SECONDS):
+                for step in (duck, quiver) if rep % 2 == 0 else (quiver, duck):
+                    step()
                 if rep == 0:
-                    rows[name] = expected.num_rows
-                    assert got.num_rows == expected.num_rows, (name, got.num_rows, expected.num_rows)
                     _settle()
                     started = time.perf_counter()
                     on.client.query(sql)  # the first request of this text: a result-cache miss
-                    first_t[name] = time.perf_counter() - started
+                    t.first = time.perf_counter() - started
                     started = time.perf_counter()
                     on.client.query(sql)  # the same text again: a result-cache hit
-                    hit_t[name] = time.perf_counter() - started
-                _say(
-                    f"rep {rep + 1} {name}: duckdb {duck_t[name][-1]:.3f} s, quiver caches off "
-                    f"{off_t[name][-1]:.3f} s" + (f", quiver first {first_t[name]:.3f} s" if rep == 0 else "")
-                )
+                    t.hit = time.perf_counter() - started
+                rep += 1
+            _say(
+                f"{name}: {rep} reps, duckdb {_spread(t.duck)}, quiver caches off {_spread(t.off)} "
+                f"(GetFlightInfo {_spread(t.info)}), quiver first {t.first:.3f} s, load {t.load:.2f}"
+            )
         warm_on, warm_off = _warm(before_on, on.counters()), _warm(before_off, off.counters())
     load_after = os.getloadavg()
-    return _report(
-        duck_t, off_t, first_t, hit_t, rows, gb, file_gb, warm_on, warm_off, load_before, load_after
-    )
+    return _report(times, gb, file_gb, warm_on, warm_off, load_before, load_after)
+
+
+def _spread(ts: list[float]) -> str:
+    """A median with its spread: ``0.412 s [0.398-0.530]``."""
+    return f"{statistics.median(ts):.3f} s [{min(ts):.3f}-{max(ts):.3f}]"
 
 
 def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def _report(  # noqa: PLR0913  every measurement the report prints
-    duck_t: dict[str, list[float]],
-    off_t: dict[str, list[float]],
-    first_t: dict[str, float],
-    hit_t: dict[str, float],
-    rows: dict[str, int],
+def _report(
+    times: dict[str, Timings],
     gb: float,
     file_gb: float,
     warm_on: str,
@@ -299,15 +351,16 @@ def _report(  # noqa: PLR0913  every measurement the report prints
     load_before: tuple[float, float, float],
     load_after: tuple[float, float, float],
 ) -> str:
-    duck = {q: statistics.median(ts) for q, ts in duck_t.items()}
-    off = {q: statistics.median(ts) for q, ts in off_t.items()}
+    duck = {q: statistics.median(t.duck) for q, t in times.items()}
+    off = {q: statistics.median(t.off) for q, t in times.items()}
     r_off = {q: duck[q] / off[q] for q in QUERIES}
     # The default server's first request of a text is also that process's first read of the
     # data (DuckDB's buffer pool is cold): it is compared with in-process DuckDB's first run of
-    # the query (repetition 1, before the other servers ran it), which is as cold.
-    duck_first = {q: ts[0] for q, ts in duck_t.items()}
-    r_first = {q: duck_first[q] / first_t[q] for q in QUERIES}
-    r_hit = {q: duck[q] / hit_t[q] for q in QUERIES}
+    # the query (before the other servers ran it), which is as cold.
+    duck_first = {q: t.duck[0] for q, t in times.items()}
+    r_first = {q: duck_first[q] / times[q].first for q in QUERIES}
+    r_hit = {q: duck[q] / times[q].hit for q in QUERIES}
+    reps = [len(t.duck) for t in times.values()]
     lines = [
         "## Analytic queries (issue #10, target 3)",
         "",
@@ -316,26 +369,32 @@ def _report(  # noqa: PLR0913  every measurement the report prints
         "rows and five dimensions (dates 2,557, customers 1,000,000, products 200,000, stores 2,000, "
         f"promos 500 rows): {gb:.2f} GB as Arrow, a {file_gb:.2f} GB DuckDB file. {len(QUERIES)} queries, "
         "each joining the facts with 2 to 5 dimensions and aggregating, sent as `query` commands "
-        "(QuiverClient.query). Ratio = in-process DuckDB seconds / Quiver seconds (above 1: Quiver "
-        f"faster). Medians of {REPS} repetitions for in-process DuckDB (`read_only` connection on the "
-        "same file) and for the caches-off server (`[cache] enabled = false`, `table_memory_bytes = 0`: "
-        f"every request a first request for the data; {warm_off}); the default server's first request "
-        f"of each text is one sample (a result-cache miss), its second a result-cache hit ({warm_on} in "
+        "(GetFlightInfo, then DoGet). Ratio = in-process DuckDB seconds / Quiver seconds (above 1: "
+        f"Quiver faster). Medians [min-max] of {min(reps)} to {max(reps)} repetitions per query (until "
+        f"each contender had {SAMPLE_SECONDS:g} s of samples, at least {REPS}; which one goes first "
+        "alternates) for in-process DuckDB (`read_only` connection on the same file; OS page cache "
+        "and DuckDB's buffer pool warm after its first run) and for the caches-off server (`[cache] "
+        "enabled = false`, `table_memory_bytes = 0`, a new text each request: every request a first "
+        f"request for the data and of its text; {warm_off}); the default server's first request of "
+        f"each text is one sample (a result-cache miss), its second a result-cache hit ({warm_on} in "
         "all). Machine load average (1/5/15 min) "
         f"{load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f} before, "
         f"{load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} after, on {os.cpu_count()} cores "
-        "shared with other work: the figures are indicative.",
+        "shared with other work (the 1-min load before each query is in its row): the figures are "
+        "indicative.",
         "",
-        "| query | rows | in-process duckdb | Quiver, caches off (first requests) | ratio | in-process duckdb, "
-        "its first run | Quiver default, first request (cache miss) | ratio to duckdb's first run | "
-        "Quiver default, repeated (result-cache hit) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| query | rows | reps | load | in-process duckdb (caches: buffer pool warm) | Quiver, caches off, "
+        "first requests (no cache) | of which GetFlightInfo | ratio | in-process duckdb, its first "
+        "run (cold) | Quiver default, first request (result-cache miss) | ratio to duckdb's first run "
+        "| Quiver default, repeated (result-cache hit: not a target) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for q in QUERIES:
+    for q, t in times.items():
         lines.append(
-            f"| {q} | {rows[q]} | {duck[q]:.3f} s | {off[q]:.3f} s ({(off[q] - duck[q]) * 1e3:+.0f} ms) | "
-            f"{r_off[q]:.2f}x | {duck_first[q]:.3f} s | {first_t[q]:.3f} s | {r_first[q]:.2f}x | "
-            f"{hit_t[q] * 1e3:.1f} ms |"
+            f"| {q} | {t.rows} | {len(t.duck)} | {t.load:.1f} | {_spread(t.duck)} | {_spread(t.off)} "
+            f"({(off[q] - duck[q]) * 1e3:+.0f} ms) | {statistics.median(t.info) * 1e3:.0f} ms | "
+            f"{r_off[q]:.2f}x | {duck_first[q]:.3f} s | {t.first:.3f} s | {r_first[q]:.2f}x | "
+            f"{t.hit * 1e3:.1f} ms |"
         )
     worst_off = min(r_off, key=r_off.__getitem__)
     worst_first = min(r_first, key=r_first.__getitem__)
