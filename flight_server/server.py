@@ -86,18 +86,6 @@ log = structlog.get_logger("flight_server")
 T = TypeVar("T")
 
 
-def _load_lazy_imports() -> None:
-    """What the first request would otherwise import, imported while the server starts.
-
-    pyarrow's first conversion of a Python value (``pa.scalar``, e.g. a timestamp: the
-    endpoints' expiry was one before it was built from protobuf, tickets.flight_endpoint)
-    imports its pandas shim — pandas, numpy, dateutil, pytz: ~340 modules, ~0.2 s of
-    one core, measured — so without this the first GetFlightInfo after start, and with it
-    the first scan, paid that on top of its own work (tests/test_idle_fill.py checks that a
-    first scan imports nothing more)."""
-    pa.scalar(0, type=pa.timestamp("ns"))
-
-
 ACTIONS: dict[str, str] = {
     "whoami": "Who you are: {kind, swarm, agent, jti, expires_at, tables} as JSON. Body: none.",
     "refresh-token": (
@@ -232,7 +220,6 @@ class QuiverFlightServer(flight.FlightServerBase):
         # GetSchema's refusals need it (flight_server/errors.py); installed by a server, never
         # by an import (the agent client shares a process with no server: quiver_client).
         install_traceback_filter()
-        _load_lazy_imports()
         super().__init__(
             location,
             middleware={"quiver": AuthMiddlewareFactory(catalog)},
