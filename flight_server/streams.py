@@ -364,6 +364,13 @@ class Streamer:
             return
         run.finish(_InfoRun(reader.schema, head, size, complete, cut, reader, key))
 
+    def held_runs(self) -> dict[str, int]:
+        """Runs GetFlightInfo handed over and not yet released: how many, and how many of them
+        DuckDB is still running (a count for tests and logs)."""
+        with self._held_lock:
+            runs = list(self._held)
+        return {"held": len(runs), "running": sum(not run.done for run in runs)}
+
     def _forget(self, run: HeldRun) -> None:
         with self._held_lock:
             self._held.discard(run)
