@@ -1,4 +1,5 @@
-"""Ready results: a query's whole result, read at GetFlightInfo, held for the DoGet that follows.
+"""Ready results and held runs: a query's whole result read at GetFlightInfo, or its run still
+going, held for the DoGet that follows.
 
 GetFlightInfo of a ``query`` command runs the query once and reads the head of its result
 (flight_server/streams.py, :meth:`~flight_server.streams.Streamer.run_at_info`). When that head
@@ -11,6 +12,16 @@ ticket runs the query again (or is a result-cache hit). Held rows are bounded: e
 most the result cache's memory-entry size (about 1 MiB), all of them together at most
 :data:`READY_BUDGET_BYTES`; a result that does not fit is simply not held (its DoGet runs the
 query, as before), and one whose ticket is never redeemed is dropped when the ticket expires.
+
+Held runs: a query still running when GetFlightInfo's budget passed is not stopped and run
+again by DoGet (that cost every slow query its first quarter second twice). It goes on, on a
+worker of the streamer, and its :class:`HeldRun` rides with the ticket; the ticket's first
+DoGet takes it over (``Streamer.claim``) with the admission slot, cursor and query deadline it
+holds, and streams it. Nothing of the result is buffered in Python beyond the head that
+GetFlightInfo would have read anyway (DuckDB's ``memory_limit`` bounds the rest), and held runs
+are bounded by the admission slots they hold. A run nobody takes is stopped and released by
+its query deadline (counted from GetFlightInfo), an admin's cancel (it is listed as a run),
+CancelFlightInfo of its FlightInfo (flight_server/running.py) or server shutdown.
 """
 
 from __future__ import annotations

@@ -18,9 +18,16 @@ without a cap — scans, cached tables, uncut cache hits, async results that wer
 in C++ from end to end; a cut result replayed (cache hit, async result) is a generator over
 its batches, so that its last batch carries the flag.
 
+Plan once. GetFlightInfo of a query starts it here (:meth:`Streamer.run_at_info`, on a
+worker bounded by the admission slots): a result whose head is the whole result is held for
+the first DoGet (flight_server/ready.py ``ReadyResult``); a query still running when
+GetFlightInfo answers is handed over — the first DoGet of its ticket takes the run
+(:meth:`Streamer.claim`, ``HeldRun``) and streams it like a run of its own (:meth:`Streamer._taken`),
+so a slow query is planned and run once.
+
 Lifetime. Everything a stream holds — its cursor, its query deadline, its concurrency slot —
 is released by the middleware's ``call_completed``, which Flight calls when the stream ends,
-fails or the client goes away. ``to_arrow_reader`` runs blocking operators (sorts,
+fails or the client goes away (for a run taken over, those GetFlightInfo took). ``to_arrow_reader`` runs blocking operators (sorts,
 aggregates, joins) before it returns, so most timeouts and errors are raised here, inside the
 handler, as a proper Flight error with ``extra_info``; so are those raised mid-stream on the
 generator path of a capped query. A stream interrupted *after* its first batch on a C++ path
