@@ -190,14 +190,23 @@ class HeldRun:
         deadline: Any,
         interrupt: Callable[[], None],
         release: Callable[[], None],
-        untrack: Callable[[], None],
         query: str,
     ) -> None:
         """What the run holds: its deadline, how to interrupt its cursor, the one release of
-        everything (idempotent), how to stop listing it as a run (once a DoGet took it), and
-        its admission slot's query id."""
-        self.deadline, self._interrupt, self._release, self._untrack = deadline, interrupt, release, untrack
+        everything (idempotent), and its admission slot's query id."""
+        self.deadline, self._interrupt, self._release = deadline, interrupt, release
         self.query = query
+
+    def listed(self, untrack: Callable[[], None]) -> None:
+        """The run is listed for admins from now on (once handed over: a run that came back
+        within GetFlightInfo's budget is planning, never listed); ``untrack`` ends that, when a
+        DoGet takes it over or it is released — at once when it already was."""
+        with self._cond:
+            if not self._released:
+                self._untrack = untrack
+                self._on_release.append(untrack)
+                return
+        untrack()
 
     # --- the worker's side ---------------------------------------------------------------------
     def finish(self, outcome: object = None, error: BaseException | None = None) -> None:

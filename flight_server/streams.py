@@ -268,8 +268,9 @@ class Streamer:
     ) -> tuple[pa.Schema | None, SqlPart, bool] | None:
         """GetFlightInfo of a query: start it once and wait for the head of its result, as DoGet
         would read it (:meth:`_capped_stream`). It is admitted like a stream — a slot of its
-        own, a cursor, the query deadline (counted from now), listed for admins as a run
-        (``via: "flight"``) — and runs on a worker, so that it can outlive this call.
+        own, a cursor, the query deadline (counted from now) — and runs on a worker, so that
+        it can outlive this call; once handed over it is listed for admins as a run
+        (``via: "flight"``).
 
         Returns the result's schema, the part to put in the ticket, and whether the head was
         the whole result:
@@ -315,10 +316,7 @@ class Streamer:
             held.append(let_go)
             deadline = self.watchdog.arm(timeout, run.interrupt)
             held.append(lambda: Watchdog.disarm(deadline))
-            names = tuple(ref.qualified for ref in tables)
-            untrack = self.runs.track(principal.label, part.sql, names, deadline, via="flight")
-            held.append(untrack)
-            run.bind(deadline, cur.interrupt, close, untrack, query)
+            run.bind(deadline, cur.interrupt, close, query)
             with self._held_lock:
                 self._held.add(run)
             run.on_release(lambda: self._forget(run))
@@ -327,6 +325,9 @@ class Streamer:
             close()
             raise
         if not run.wait_head(budget):
+            # Listed for admins, who may cancel it, until a DoGet takes it (then its stream is).
+            names = tuple(ref.qualified for ref in tables)
+            run.listed(self.runs.track(principal.label, part.sql, names, deadline, via="flight"))
             log.debug("query.handed_over", seconds=budget)
             return run.schema, dataclasses.replace(part, held=run), False
         try:
