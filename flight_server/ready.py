@@ -246,6 +246,13 @@ class HeldRun:
         if release:
             self._free(drop_outcome=True)
 
+    def expire(self) -> None:
+        """The ticket it goes with expired: stop the run unless a DoGet took it."""
+        with self._cond:
+            if self._taken:
+                return
+        self.interrupt()
+
     def on_release(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the run is released (at once when it already was)."""
         with self._cond:

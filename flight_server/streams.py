@@ -328,6 +328,9 @@ class Streamer:
             # Listed for admins, who may cancel it, until a DoGet takes it (then its stream is).
             names = tuple(ref.qualified for ref in tables)
             run.listed(self.runs.track(principal.label, part.sql, names, deadline, via="flight"))
+            if self.ready.ttl < timeout:  # its ticket expires before its deadline: so does the run
+                expiry = self.watchdog.arm(self.ready.ttl, run.expire)
+                run.on_release(lambda: Watchdog.disarm(expiry))
             log.debug("query.handed_over", seconds=budget)
             return run.schema, dataclasses.replace(part, held=run), False
         try:

@@ -291,3 +291,23 @@ def test_a_run_nobody_takes_is_released_at_its_deadline_and_shutdown_does_not_ha
         stopper.start()
         wait_until(lambda: not stopper.is_alive(), what="the server stopped")
     assert fs.streamer.held_runs()["held"] == 0
+
+
+def test_a_run_nobody_takes_is_released_when_its_ticket_expires(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Tickets that expire before the query timeout: the untaken run goes with its ticket."""
+    s = start_server(
+        tmp_path_factory.mktemp("handover-ttl"),
+        limits={"query_timeout_seconds": 600, "ticket_ttl_seconds": 1},
+    )
+    try:
+        fs = s.runtime.flight
+        assert fs is not None and s.demo_token is not None
+        client, opts = s.flight(), call_options(s.demo_token)
+        client.get_flight_info(cmd(kind="query", sql=endless()), opts)
+        assert fs.streamer.held_runs()["held"] == 1 and fs.admission.streams() == 1
+        wait_until(lambda: _released(fs), what="the untaken run released with its ticket")
+        assert not [q for q in _running(s) if q["kind"] == "run"]
+    finally:
+        s.stop()
