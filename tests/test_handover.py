@@ -311,3 +311,20 @@ def test_a_run_nobody_takes_is_released_when_its_ticket_expires(
         assert not [q for q in _running(s) if q["kind"] == "run"]
     finally:
         s.stop()
+
+
+def test_a_handed_over_query_gets_one_query_log_record(server: Server, fs: QuiverFlightServer) -> None:
+    """GetFlightInfo started it, DoGet streamed it: one record, with the rows it sent."""
+    token = server.mint("agent", "demo", "handover-log")
+    client, opts = server.flight(), call_options(token)
+    sql, expected = finishing()
+    info = client.get_flight_info(cmd(kind="query", sql=sql), opts)
+    assert fs.streamer.held_runs()["held"] == 1
+    table = client.do_get(info.endpoints[0].ticket, opts).read_all()
+    assert [int(v) for v in table.column("s").to_pylist()] == [expected]
+    (result,) = client.do_action(flight.Action("my-queries", json.dumps({"limit": 10}).encode()), opts)
+    records = json.loads(result.body.to_pybytes())["queries"]
+    assert len(records) == 1, records
+    (r,) = records
+    assert r["kind"] == "query" and r["outcome"] == "ok" and r["rows"] == 1 and r["sql"] == sql
+    wait_until(lambda: _released(fs), what="the run released")
