@@ -239,6 +239,8 @@ class HeldRun:
         it is released (now when finished, else once its worker finishes). Taken, its DoGet's
         stream fails as any interrupted stream does."""
         with self._cond:
+            if self._released:  # its cursor may serve another request by now: never touched
+                return
             self._stopped = True
             release = self._done and not self._taken
         with contextlib.suppress(Exception):  # a closed cursor: nothing left to interrupt
@@ -266,7 +268,8 @@ class HeldRun:
         """Claim the run for this DoGet, the first time only, while it still holds its result
         or an error to report; it is then no longer listed as a run (the DoGet's stream is)."""
         with self._cond:
-            if self._taken or (self._released and self._error is None) or (self._stopped and not self._done):
+            # Stopped while running, it ends in an error this DoGet reports (a timeout, a cancel).
+            if self._taken or (self._released and self._error is None):
                 return False
             self._taken = True
         self._untrack()
