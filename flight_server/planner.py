@@ -142,7 +142,8 @@ class Planner:
         self._resolved: dict[tuple[str, str], tuple[int, TableRef]] = {}
         self._large: OrderedDict[tuple[Any, ...], float] = OrderedDict()
         #: ``LIMIT 0`` schema probes run (GetSchema, submit-query, and GetFlightInfo of a query
-        #: whose result recently did not fit the head): a count for tests.
+        #: whose result recently did not fit the head, that failed, or that was handed over before
+        #: DuckDB returned its reader): a count for tests.
         self.probes = 0
 
     @property
