@@ -288,7 +288,12 @@ class Admission:
     # --- planning -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def planning(
-        self, principal: Principal, cursors: SpareCursors | None = None, *, call: bool = False
+        self,
+        principal: Principal,
+        cursors: SpareCursors | None = None,
+        *,
+        call: bool = False,
+        join: str | None = None,
     ) -> Iterator[tuple[duckdb.DuckDBPyConnection, Deadline]]:
         """A cursor to plan agent SQL on, admitted like a stream and under the principal's
         query timeout. Yields the cursor and its deadline (``deadline.fired`` tells a timeout
@@ -298,8 +303,14 @@ class Admission:
         With ``cursors``, the cursor is taken from and, when the block ended cleanly and its
         deadline never fired, given back to that pool (a new cursor is not free:
         tests/bench/RESULTS.md, "Costs the code relies on"); the
-        block must then leave it as it found it (no open result, no transaction)."""
-        release = self.acquire(principal, "plan-" + secrets.token_hex(6), call=call)
+        block must then leave it as it found it (no open result, no transaction).
+        ``join``: the admission query id of a run of the same query whose slot this step shares
+        (the schema probe of a query GetFlightInfo handed over to DoGet: flight_server/ready.py).
+        """
+        if join is None:
+            release = self.acquire(principal, "plan-" + secrets.token_hex(6), call=call)
+        else:  # a step of the query ``join`` (which runs): in its slot, as its second stream
+            release = self.acquire(principal, join, 1, call=call)
         timeout = self.limits_for(principal).query_timeout_seconds
         try:
             if cursors is None:

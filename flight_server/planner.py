@@ -75,6 +75,7 @@ from flight_server.plans import (
     limited,
 )
 from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
+from flight_server.ready import HeldRun
 from flight_server.results import PreparedQuery, QueryManager
 from flight_server.table_cache import CachedTable, TableCache
 from flight_server.truncation import RowCap
@@ -92,7 +93,7 @@ class QueryRunner(Protocol):
 
     def run_at_info(
         self, admission: Admission, principal: Principal, tables: tuple[TableRef, ...], part: SqlPart
-    ) -> tuple[pa.Schema, SqlPart, bool] | None: ...
+    ) -> tuple[pa.Schema | None, SqlPart, bool] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +141,9 @@ class Planner:
         self._schemas: OrderedDict[tuple[Any, ...], tuple[float, pa.Schema]] = OrderedDict()
         self._resolved: dict[tuple[str, str], tuple[int, TableRef]] = {}
         self._large: OrderedDict[tuple[Any, ...], float] = OrderedDict()
-        self._strikes: OrderedDict[tuple[Any, ...], int] = OrderedDict()
         #: ``LIMIT 0`` schema probes run (GetSchema, submit-query, and GetFlightInfo of a query
-        #: whose result recently did not fit the head): a count for tests.
+        #: whose result recently did not fit the head, that failed, or that was handed over before
+        #: DuckDB returned its reader): a count for tests.
         self.probes = 0
 
     @property
@@ -590,20 +591,16 @@ class Planner:
     # --- SQL -------------------------------------------------------------------------------------
     LARGE_SECONDS = 60.0
     LARGE_SIZE = 1024
-    #: Runs at GetFlightInfo in a row that gave up (too slow) or failed before a text and
-    #: parameter types are remembered as slow: one slow run says little — a run starved by a
-    #: loaded machine, or one parameter value's failure — and a parameterized text shares its
-    #: verdict with every value, so a single run must not send them all to the probe and the
-    #: split for a minute. A result larger than the head is a property of the text: it is
-    #: remembered at once.
-    SLOW_STRIKES = 2
 
     def query(self, principal: Principal, cmd: QueryCommand, *, execute: bool = False) -> Plan:
-        """The plan of a query. ``execute`` (GetFlightInfo): run it once here, through the
+        """The plan of a query. ``execute`` (GetFlightInfo): start it once here, through the
         :attr:`runner`, and take the schema from its result — unless the same text and
-        parameter types recently gave a result larger than the head, or did not finish in the
-        runner's budget (then its DoGet runs it anyway, so the cheaper ``LIMIT 0`` probe gives
-        the schema). A query the runner gave up on is also probed."""
+        parameter types recently gave a result larger than the head (then its DoGet runs it,
+        possibly split, so the cheaper ``LIMIT 0`` probe gives the schema). A query still
+        running when the runner's budget passed is handed over to the ticket's DoGet (one
+        endpoint, never split: the run is going); its schema is the reader's, or the probe's
+        while DuckDB has not returned one yet. A query that failed in the runner is probed
+        (its DoGet reports the failure)."""
         guarded, part = self.query_part(principal, cmd)
         if live.reads_live(self.catalog, guarded.tables):
             return live.query_plan(self.catalog, guarded, part, self.admission, principal)
@@ -618,18 +615,17 @@ class Planner:
         ran = None
         if execute and self.runner is not None and (large is None or large <= now):
             ran = self.runner.run_at_info(self.admission, principal, guarded.tables, part)
-            if ran is not None and ran[2]:  # read whole: it fits, whatever came before
-                self._strikes.pop(shape, None)
-            elif ran is not None or self._strike(shape):  # more than the head, or slow again
+            if ran is not None and not ran[2] and ran[1].held is None:  # more than the head
                 self._large[shape] = now + self.LARGE_SECONDS
                 if len(self._large) > self.LARGE_SIZE:
                     self._large.popitem(last=False)
+        schema: pa.Schema | None = None
         if ran is not None:
             schema, part, _ = ran
-        else:
-            schema = self.query_schema(principal, guarded, params)
+        if schema is None:
+            schema = self._probed(principal, guarded, part)
         label = _query_label(guarded.normalized)
-        if execute and (ran is None or not ran[2]):  # not read whole at GetFlightInfo: large or slow
+        if execute and (ran is None or not ran[2]) and part.held is None:  # not read whole: large
             split = self._split_query(principal, guarded, part, schema)
             if split is not None:
                 return Plan(
@@ -657,16 +653,16 @@ class Planner:
             params=len(params),
         )
 
-    def _strike(self, shape: tuple[Any, ...]) -> bool:
-        """Count a run at GetFlightInfo of ``shape`` that gave up or failed; True (and the
-        count starts again) once :attr:`SLOW_STRIKES` came in a row."""
-        strikes = self._strikes.pop(shape, 0) + 1
-        if strikes >= self.SLOW_STRIKES:
-            return True
-        self._strikes[shape] = strikes
-        if len(self._strikes) > self.LARGE_SIZE:
-            self._strikes.popitem(last=False)
-        return False
+    def _probed(self, principal: Principal, guarded: GuardedQuery, part: SqlPart) -> pa.Schema:
+        """The binder's schema of a query that failed in the runner or whose handed-over run
+        has no reader yet; a refusal stops the handed-over run (there is no ticket to take it)."""
+        held = part.held
+        try:
+            return self.query_schema(principal, guarded, part.params, join=held)
+        except BaseException:
+            if held is not None:
+                held.interrupt()
+            raise
 
     def query_part(self, principal: Principal, cmd: QueryCommand) -> tuple[GuardedQuery, SqlPart]:
         """The checks of a query — its size against ``[limits]``, the guard — and the part
@@ -746,11 +742,20 @@ class Planner:
     SCHEMA_CACHE_SECONDS = 5.0
     SCHEMA_CACHE_SIZE = 1024
 
-    def query_schema(self, principal: Principal, guarded: GuardedQuery, params: tuple[Any, ...]) -> pa.Schema:
+    def query_schema(
+        self,
+        principal: Principal,
+        guarded: GuardedQuery,
+        params: tuple[Any, ...],
+        *,
+        join: HeldRun | None = None,
+    ) -> pa.Schema:
         """The result schema from DuckDB's binder, without running the query.
 
         Binding is work (DuckDB folds constant expressions while it binds), so it is admitted
-        like a stream and runs under the query timeout (flight_server/admission.py).
+        like a stream and runs under the query timeout (flight_server/admission.py) — in the
+        slot of ``join``, the run of this same query GetFlightInfo handed over (its probe is a
+        step of that query, not a query of its own).
         Remembered for a few seconds by (text, parameter types): binding costs about as much
         as a point query, and an agent asks the same shape again and again.
         """
@@ -760,7 +765,10 @@ class Planner:
         if hit is not None and hit[0] > now:
             return hit[1]
         self.probes += 1
-        with self.admission.planning(principal) as (cur, deadline):
+        with self.admission.planning(principal, join=join.query if join is not None else None) as (
+            cur,
+            deadline,
+        ):
             try:
                 # DuckDB plans LIMIT 0 as an empty result: nothing below it executes.
                 rel = cur.sql(f"SELECT * FROM (\n{guarded.sql}\n) LIMIT 0", params=list(params) or None)

@@ -20,7 +20,7 @@ import pyarrow as pa
 from catalog import TableRef
 from catalog.live_sql import Pull
 from flight_server.commands import Param
-from flight_server.ready import ReadyResult
+from flight_server.ready import HeldRun, ReadyResult
 from flight_server.table_cache import CachedTable, Fill
 from flight_server.truncation import CapReason, RowCap
 from flight_server.versions import Layout
@@ -68,6 +68,9 @@ class SqlPart:
     # The whole result, already read by GetFlightInfo (a query run once there): the first
     # DoGet streams it from memory, later ones run the SQL (flight_server/ready.py).
     ready: ReadyResult | None = field(default=None, compare=False)
+    # The run GetFlightInfo started and handed over, still running: the first DoGet takes it
+    # over and streams it, later ones run the SQL (flight_server/ready.py ``HeldRun``).
+    held: HeldRun | None = field(default=None, compare=False)
     # The hot-table cache's fill this part feeds (the first scan of a table; its index among
     # the scan's parts): the stream hands over its batches as it sends them (table_cache.py).
     fill: Fill | None = field(default=None, compare=False)

@@ -39,6 +39,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pyarrow.flight as flight
 import structlog
@@ -48,6 +49,7 @@ from catalog.clock import iso
 from catalog.running import RunningQueryInfo, shown_sql, shown_tables
 from flight_server.limits import Deadline
 from flight_server.middleware import CallState
+from flight_server.ready import HeldRun
 
 log = structlog.get_logger("flight_server")
 
@@ -79,6 +81,8 @@ class RunningStreams:
         self._cond = threading.Condition()
         self._running: dict[str, dict[int, _Call]] = {}
         self._cancelled: OrderedDict[str, float] = OrderedDict()
+        #: Runs GetFlightInfo handed over that no DoGet took yet, by FlightInfo.
+        self._held: dict[str, set[HeldRun]] = {}
         self._thread: threading.Thread | None = None
         self._stopped = False
         #: Threads in :meth:`cancel` waiting for streams to end (an ended call wakes them).
@@ -120,6 +124,25 @@ class RunningStreams:
 
         state.cleanups.append(untrack)
 
+    def hold(self, group: str, run: HeldRun) -> None:
+        """Track the run GetFlightInfo handed over with FlightInfo ``group`` until it is
+        released (taken by a DoGet, which is tracked itself, or stopped): a CancelFlightInfo
+        stops it too."""
+        with self._cond:
+            self._held.setdefault(group, set()).add(run)
+
+        def unhold() -> None:
+            with self._cond:
+                runs = self._held.get(group)
+                if runs is not None:
+                    runs.discard(run)
+                    if not runs:
+                        del self._held[group]
+                if self._waiters:
+                    self._cond.notify_all()
+
+        run.on_release(unhold)
+
     def cancel(self, groups: set[str], wait_seconds: float = 2.0) -> bool:
         """Cancel the FlightInfos ``groups``: refuse their tickets from now on and interrupt
         their running streams until those ended (the watcher keeps at it) or ``wait_seconds``
@@ -134,16 +157,20 @@ class RunningStreams:
                     _interrupt(call)
             while len(self._cancelled) > MAX_CANCELLED:
                 self._cancelled.popitem(last=False)
+            held = [run for group in groups for run in self._held.get(group, ())]
+        for run in held:  # outside the lock: a finished run releases (and unholds) at once
+            run.interrupt()
+        with self._cond:
             self._waiters += 1
             try:
-                while any(g in self._running for g in groups):
+                while any(g in self._running or g in self._held for g in groups):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(min(left, POLL_SECONDS))
             finally:
                 self._waiters -= 1
-            done = not any(g in self._running for g in groups)
+            done = not any(g in self._running or g in self._held for g in groups)
         log.info("flight.cancelled", flight_infos=len(groups), done=done)
         return done
 
@@ -235,9 +262,17 @@ class QueryRuns:
         self._runs: dict[str, _Run] = {}
 
     def track(
-        self, principal: str, sql: str, tables: tuple[str, ...], deadline: Deadline
+        self,
+        principal: str,
+        sql: str,
+        tables: tuple[str, ...],
+        deadline: Deadline,
+        *,
+        via: Literal["http", "flight"] = "http",
     ) -> Callable[[], None]:
-        """Track one run until the returned release is called."""
+        """Track one run until the returned release is called. ``via``: who asked — a caller
+        outside Flight (``http``), or GetFlightInfo, whose run goes on until a DoGet takes it
+        over (``flight``: flight_server/ready.py ``HeldRun``)."""
         run_id = "h_" + secrets.token_urlsafe(12)
         info = RunningQueryInfo(
             id=run_id,
@@ -248,7 +283,7 @@ class QueryRuns:
             tables=shown_tables(tables),
             started_at=iso(time.time()),
             rows=None,
-            via="http",
+            via=via,
         )
         with self._cond:
             self._runs[run_id] = _Run(info, deadline)

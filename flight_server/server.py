@@ -68,7 +68,7 @@ from flight_server.flight_sql.wire import unwrap_ticket, wrap_ticket
 from flight_server.limits import Watchdog
 from flight_server.middleware import AuthMiddlewareFactory, CallState, QueryFacts
 from flight_server.planner import Planner
-from flight_server.plans import Plan
+from flight_server.plans import Plan, SqlPart
 from flight_server.profiles import ProfileCache
 from flight_server.results import ACTION_DESCRIPTIONS as QUERY_ACTIONS
 from flight_server.results import PreparedTask, QueryManager
@@ -360,29 +360,52 @@ class QuiverFlightServer(flight.FlightServerBase):
                 target = commands.decode_descriptor(descriptor)
                 _describe(facts, target)
                 plan = self.planner.plan(principal, target)
-            relations = self._relations(principal, plan, scope)
-            _planned(facts, plan)
-            state.fields["kind"] = plan.kind
-            state.fields["target"] = plan.label
-            group = secrets.token_hex(8)
-            endpoints = []
-            for index in range(len(plan.parts)):
-                ticket, grant = self.tickets.issue(principal, TicketPayload(plan, index, group, relations))
-                if sql:  # Flight SQL clients expect Any(TicketStatementQuery); DoGet unwraps it
-                    ticket = wrap_ticket(ticket)
-                endpoints.append(flight_endpoint(ticket, grant.expires_at))
-            state.fields["endpoints"] = len(endpoints)
-            return flight.FlightInfo(
-                plan.schema,
-                descriptor,
-                endpoints,
-                plan.total_records,
-                -1,
-                ordered=plan.ordered,
-                app_metadata=plan.app_metadata,  # the row cap (proto_docs/descriptors.md)
-            )
+            try:
+                return self._flight_info(principal, state, descriptor, plan, scope, sql)
+            except BaseException:
+                for part in plan.parts:  # a run handed over that no ticket will name: stopped
+                    if isinstance(part, SqlPart) and part.held is not None:
+                        part.held.interrupt()
+                raise
 
         return self._run(context, "get_flight_info", run)
+
+    def _flight_info(
+        self,
+        principal: Principal,
+        state: CallState,
+        descriptor: flight.FlightDescriptor,
+        plan: Plan,
+        scope: tuple[object, ...] | None,
+        sql: bool,
+    ) -> flight.FlightInfo:
+        """The FlightInfo of a plan: one ticket per endpoint, all naming one group."""
+        facts = state.query
+        assert facts is not None
+        relations = self._relations(principal, plan, scope)
+        _planned(facts, plan)
+        state.fields["kind"] = plan.kind
+        state.fields["target"] = plan.label
+        group = secrets.token_hex(8)
+        for part in plan.parts:  # a run handed over: CancelFlightInfo of this FlightInfo stops it
+            if isinstance(part, SqlPart) and part.held is not None:
+                self.running.hold(group, part.held)
+        endpoints = []
+        for index in range(len(plan.parts)):
+            ticket, grant = self.tickets.issue(principal, TicketPayload(plan, index, group, relations))
+            if sql:  # Flight SQL clients expect Any(TicketStatementQuery); DoGet unwraps it
+                ticket = wrap_ticket(ticket)
+            endpoints.append(flight_endpoint(ticket, grant.expires_at))
+        state.fields["endpoints"] = len(endpoints)
+        return flight.FlightInfo(
+            plan.schema,
+            descriptor,
+            endpoints,
+            plan.total_records,
+            -1,
+            ordered=plan.ordered,
+            app_metadata=plan.app_metadata,  # the row cap (proto_docs/descriptors.md)
+        )
 
     def get_schema(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
@@ -428,10 +451,15 @@ class QuiverFlightServer(flight.FlightServerBase):
                     "the row or column rules you read these tables through changed since GetFlightInfo; "
                     "call GetFlightInfo again"
                 )
-            state.cleanups.append(self.admission.acquire(principal, payload.group, payload.index))
+            held = self.streamer.claim(plan, payload.index)
+            if held is None:
+                state.cleanups.append(self.admission.acquire(principal, payload.group, payload.index))
+            else:  # the run GetFlightInfo started goes on, in the slot it holds
+                state.cleanups.append(held.release)
+                self.admission.admit_call(principal)
             # Until the call ends: CancelFlightInfo finds it, a client that leaves stops it.
             self.running.track(payload.group, state, context)
-            return self.streamer.open(plan, payload.index, state)
+            return self.streamer.open(plan, payload.index, state, held)
 
         return self._run(context, "do_get", run)
 

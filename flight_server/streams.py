@@ -18,9 +18,16 @@ without a cap — scans, cached tables, uncut cache hits, async results that wer
 in C++ from end to end; a cut result replayed (cache hit, async result) is a generator over
 its batches, so that its last batch carries the flag.
 
+Plan once. GetFlightInfo of a query starts it here (:meth:`Streamer.run_at_info`, on a
+worker bounded by the admission slots): a result whose head is the whole result is held for
+the first DoGet (flight_server/ready.py ``ReadyResult``); a query still running when
+GetFlightInfo answers is handed over — the first DoGet of its ticket takes the run
+(:meth:`Streamer.claim`, ``HeldRun``) and streams it like a run of its own (:meth:`Streamer._taken`),
+so a slow query is planned and run once.
+
 Lifetime. Everything a stream holds — its cursor, its query deadline, its concurrency slot —
 is released by the middleware's ``call_completed``, which Flight calls when the stream ends,
-fails or the client goes away. ``to_arrow_reader`` runs blocking operators (sorts,
+fails or the client goes away (for a run taken over, those GetFlightInfo took). ``to_arrow_reader`` runs blocking operators (sorts,
 aggregates, joins) before it returns, so most timeouts and errors are raised here, inside the
 handler, as a proper Flight error with ``extra_info``; so are those raised mid-stream on the
 generator path of a capped query. A stream interrupted *after* its first batch on a C++ path
@@ -31,6 +38,7 @@ maps it to DEADLINE_EXCEEDED; proto_docs/errors.md explains).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import secrets
@@ -68,7 +76,7 @@ from flight_server.plans import (
     limited,
 )
 from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
-from flight_server.ready import ReadyPool
+from flight_server.ready import HeldRun, ReadyPool
 from flight_server.results import QueryManager
 from flight_server.running import QueryRuns
 from flight_server.table_cache import Fill, Snapshot
@@ -111,6 +119,15 @@ class Streamer:
         #: Queries (and percent samples) run by DuckDB, at GetFlightInfo or DoGet: a count for
         #: tests and /v1/status (a fresh point query is run, and planned, once).
         self.executions = 0
+        #: The workers of runs GetFlightInfo starts (:meth:`run_at_info`): each holds an
+        #: admission slot while it runs, so there are never more than the slots.
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, catalog.config.limits.max_concurrent_total),
+            thread_name_prefix="quiver-info-run",
+        )
+        #: Runs started by GetFlightInfo not yet released (stopped at shutdown).
+        self._held: set[HeldRun] = set()
+        self._held_lock = threading.Lock()
 
     def timeout_for(self, principal: Principal | None) -> float:
         """The query timeout of ``principal``'s request: ``[limits] query_timeout_seconds`` or
@@ -120,11 +137,23 @@ class Streamer:
         return self._limits_for(principal).query_timeout_seconds
 
     def close(self) -> None:
-        """Close the spare cursors (at server shutdown)."""
+        """Stop the runs GetFlightInfo handed over that no DoGet took, and close the spare
+        cursors (at server shutdown)."""
+        with self._held_lock:
+            held = list(self._held)
+        for run in held:
+            run.interrupt()
+        self._workers.shutdown(wait=False, cancel_futures=True)
         self._cursors.close()
 
-    def open(self, plan: Plan, index: int, state: CallState) -> flight.FlightDataStream:  # noqa: C901, PLR0911, PLR0912  a dispatch on the part's kind
+    def open(  # noqa: C901, PLR0911, PLR0912, PLR0915  a dispatch on the part's kind
+        self, plan: Plan, index: int, state: CallState, held: HeldRun | None = None
+    ) -> flight.FlightDataStream:
+        """The stream of endpoint ``index``; ``held``: the run GetFlightInfo handed over to this
+        DoGet (:meth:`claim`), streamed instead of running the query again."""
         part = plan.parts[index]
+        if held is not None and isinstance(part, SqlPart):
+            return self._taken(held, part, state)
         if isinstance(part, ArtefactPart):
             assert state.principal is not None
             # Read from the memory-mapped IPC file: C++ streams its batches, no DuckDB.
@@ -228,32 +257,39 @@ class Streamer:
                 quote_sql=not (isinstance(part, SqlPart) and part.ruled),
             ) from None
 
-    #: How long GetFlightInfo lets a query run before it gives up and leaves it to DoGet
-    #: (at most half the query timeout): long enough for a point query or an aggregate,
-    #: short enough that GetFlightInfo of a long query still answers at once.
+    #: How long GetFlightInfo waits for the head of a query it started (at most half the query
+    #: timeout): long enough for a point query or an aggregate to come back whole (held as a
+    #: ready result), short enough that GetFlightInfo of a long query still answers at once —
+    #: the run then goes on and is handed over to DoGet.
     INFO_RUN_SECONDS = 0.25
 
     def run_at_info(
         self, admission: Admission, principal: Principal, tables: tuple[TableRef, ...], part: SqlPart
-    ) -> tuple[pa.Schema, SqlPart, bool] | None:
-        """GetFlightInfo of a query: run it once and read the head of its result, as DoGet
-        would (:meth:`_capped_stream`) — admitted as planning and under the query timeout
-        (flight_server/admission.py), so the slot is free again when this returns.
+    ) -> tuple[pa.Schema | None, SqlPart, bool] | None:
+        """GetFlightInfo of a query: start it once and wait for the head of its result, as DoGet
+        would read it (:meth:`_capped_stream`). It is admitted like a stream — a slot of its
+        own, a cursor, the query deadline (counted from now) — and runs on a worker, so that
+        it can outlive this call; once handed over it is listed for admins as a run
+        (``via: "flight"``).
 
         Returns the result's schema, the part to put in the ticket, and whether the head was
-        the whole result. A whole result is stored in the result cache (when cacheable) and
-        held with the part as a one-shot :class:`~flight_server.ready.ReadyResult`, so the
-        DoGet that follows streams it from memory: the query is planned once. A result larger
-        than the head is closed (its DoGet runs it again, as before: holding an open reader
-        across RPCs would hold a cursor outside admission). A result already in the result
-        cache is not run: its schema is the entry's, and DoGet is a cache hit.
+        the whole result:
 
-        None when the query did not finish its head within :attr:`INFO_RUN_SECONDS` — it is
-        interrupted and left to DoGet, which has the whole query timeout for it — or when it
-        failed: DoGet runs it again and reports the failure where it always has. The caller
-        then takes the schema from the binder (whose refusals are GetFlightInfo's, as before).
-        So ``False`` means only "larger than the head" (a property of the text) and None "slow
-        or failed" (which may be this run's, or this parameter value's, alone)."""
+        * **whole** within :attr:`INFO_RUN_SECONDS`: stored in the result cache (when
+          cacheable) and held with the part as a one-shot
+          :class:`~flight_server.ready.ReadyResult`; everything the run held is released.
+        * **larger than the head** within the budget: closed (``False``); its DoGet runs it
+          again, and the planner may split it (a property of the text, remembered).
+        * **still running** when the budget passed: *handed over* — the part carries the run
+          (:class:`~flight_server.ready.HeldRun`), which keeps running and keeps its slot,
+          cursor and deadline for the first DoGet of the ticket (:meth:`claim`); the schema is
+          the reader's when DuckDB returned it already, else None (the caller probes the
+          binder). A run nobody takes is stopped by its deadline, a cancel or shutdown.
+
+        None when it failed within the budget: the caller takes the schema from the binder
+        (whose refusals are GetFlightInfo's, as before) and DoGet runs it again, reporting the
+        failure where it always has. A result already in the result cache is not run: its
+        schema is the entry's, and DoGet is a cache hit."""
         cap = part.row_cap
         assert cap is not None  # a query always has a cap
         key: CacheKey | None = None
@@ -262,49 +298,135 @@ class Streamer:
             entry = self.cache.peek(key)
             if entry is not None:
                 return entry.schema, part, True
-        budget = min(self.INFO_RUN_SECONDS, self.timeout_for(principal) / 2)
-        schema: pa.Schema | None = None
+        timeout = self.timeout_for(principal)
+        budget = min(self.INFO_RUN_SECONDS, timeout / 2)
+        run = HeldRun()
+        reuse = [False]  # the cursor goes back to the spare ones only after a clean, whole read
+        held: list[Callable[[], None]] = []
+        close = release_all(held, "query.release_failed")
+        query = "plan-" + secrets.token_hex(6)
+        held.append(admission.acquire(principal, query, call=False))
         try:
-            # The cursor goes back to the spare ones only when the result was read to its end.
-            with admission.planning(principal, self._cursors) as (cur, deadline):
-                gave_up = self.watchdog.arm(budget, cur.interrupt)
-                reader: pa.RecordBatchReader | None = None
-                try:
-                    self.executions += 1
-                    limit = part.limit + 1 if part.limit is not None else None
-                    reader = arrow_stream(cur, limited(part.sql, limit), part.params)
-                    check_result_type(reader.schema)
-                    head, size, complete, cut = _read_head(
-                        reader, self.cache.memory_entry_bytes, cap.max_rows
-                    )
-                    schema = reader.schema
-                except Exception as e:  # noqa: BLE001 - left to DoGet, which reports it
-                    # Too slow for GetFlightInfo, or failed: DoGet runs it again, with the whole
-                    # query timeout, and reports a runtime failure where it always has (at DoGet).
-                    log.debug(
-                        "query.info_run_gave_up",
-                        slow=gave_up.fired,
-                        error=type(e).__name__,
-                        timed_out=deadline.fired,
-                    )
-                    raise _NotKept from None
-                finally:
-                    Watchdog.disarm(gave_up)
-                    if reader is not None:
-                        reader.close()
-                if gave_up.fired:  # an interrupt that came late: not reused, and slow
-                    schema = None
-                    raise _NotKept
-                if not complete:
-                    raise _NotKept
-        except _NotKept:
-            return None if schema is None else (schema, part, False)
-        assert schema is not None
+            cur = self._cursors.take()
+
+            def let_go() -> None:
+                if not (reuse[0] and not deadline.fired and self._cursors.give_back(cur)):
+                    cur.close()
+
+            held.append(let_go)
+            deadline = self.watchdog.arm(timeout, run.interrupt)
+            held.append(lambda: Watchdog.disarm(deadline))
+            run.bind(deadline, cur.interrupt, close, query)
+            with self._held_lock:
+                self._held.add(run)
+            run.on_release(lambda: self._forget(run))
+            self._workers.submit(self._info_run, run, cur, part, key)
+        except BaseException:
+            close()
+            raise
+        if not run.wait_head(budget):
+            # Listed for admins, who may cancel it, until a DoGet takes it (then its stream is).
+            names = tuple(ref.qualified for ref in tables)
+            run.listed(self.runs.track(principal.label, part.sql, names, deadline, via="flight"))
+            if self.ready.ttl < timeout:  # its ticket expires before its deadline: so does the run
+                expiry = self.watchdog.arm(self.ready.ttl, run.expire)
+                run.on_release(lambda: Watchdog.disarm(expiry))
+            log.debug("query.handed_over", seconds=budget)
+            return run.schema, dataclasses.replace(part, held=run), False
+        try:
+            ran = run.result()
+        except Exception as e:  # noqa: BLE001 - left to DoGet, which reports it
+            log.debug("query.info_run_failed", error=type(e).__name__, timed_out=deadline.fired)
+            run.release()
+            return None
+        assert isinstance(ran, _InfoRun)
+        if not ran.complete:  # larger than the head: its DoGet runs it again
+            ran.close()
+            run.release()
+            return ran.schema, part, False
+        reuse[0] = True
+        run.release()
         if key is not None:
             self.cache.count_miss()  # the lookup DoGet would have counted
-        self.cache.store(key, schema, head, size, truncated=cut)
-        ready = self.ready.hold(schema, head, size, cut)
-        return schema, (dataclasses.replace(part, ready=ready) if ready is not None else part), True
+        self.cache.store(key, ran.schema, ran.head, ran.size, truncated=ran.cut)
+        ready = self.ready.hold(ran.schema, ran.head, ran.size, ran.cut)
+        return ran.schema, (dataclasses.replace(part, ready=ready) if ready is not None else part), True
+
+    def _info_run(
+        self, run: HeldRun, cur: duckdb.DuckDBPyConnection, part: SqlPart, key: CacheKey | None
+    ) -> None:
+        """A worker: run the query GetFlightInfo started and read its head; the rest of the
+        result stays in DuckDB (the reader is open, nothing buffered here) for the DoGet."""
+        cap = part.row_cap
+        assert cap is not None
+        reader: pa.RecordBatchReader | None = None
+        try:
+            self.executions += 1
+            limit = part.limit + 1 if part.limit is not None else None
+            reader = arrow_stream(cur, limited(part.sql, limit), part.params)
+            run.schema = reader.schema
+            check_result_type(reader.schema)
+            head, size, complete, cut = _read_head(reader, self.cache.memory_entry_bytes, cap.max_rows)
+        except BaseException as e:  # noqa: BLE001 - reported by GetFlightInfo or the DoGet
+            if reader is not None:
+                with contextlib.suppress(Exception):
+                    reader.close()
+            run.finish(error=e)
+            return
+        run.finish(_InfoRun(reader.schema, head, size, complete, cut, reader, key))
+
+    def held_runs(self) -> dict[str, int]:
+        """Runs GetFlightInfo handed over and not yet released: how many, and how many of them
+        DuckDB is still running (a count for tests and logs)."""
+        with self._held_lock:
+            runs = list(self._held)
+        return {"held": len(runs), "running": sum(not run.done for run in runs)}
+
+    def _forget(self, run: HeldRun) -> None:
+        with self._held_lock:
+            self._held.discard(run)
+
+    @staticmethod
+    def claim(plan: Plan, index: int) -> HeldRun | None:
+        """The run GetFlightInfo handed over with this endpoint's ticket, claimed for this DoGet
+        (the first DoGet only; None for any other, which runs the query itself)."""
+        part = plan.parts[index]
+        if isinstance(part, SqlPart) and part.held is not None and part.held.take():
+            return part.held
+        return None
+
+    def _taken(self, run: HeldRun, part: SqlPart, state: CallState) -> flight.FlightDataStream:
+        """DoGet of a run it took over (:meth:`claim`): wait for its head, then stream it as
+        :meth:`_capped_stream` streams a run of its own, under the run's deadline (counted from
+        GetFlightInfo). An error of the run is mapped as DoGet's own would be."""
+        deadline = run.deadline
+        state.deadline = deadline
+        state.fields["cache"] = "handed-over"
+        try:
+            ran = run.result()
+        except Exception as e:  # noqa: BLE001 - DuckDB's errors arrive through Arrow (OSError …)
+            raise stream_error(
+                e,
+                state.request_id,
+                timed_out=deadline.fired,
+                timeout_seconds=deadline.seconds,
+                wrapped=part.limit is not None,
+                quote_sql=not part.ruled,
+            ) from None
+        assert isinstance(ran, _InfoRun)
+        cap = part.row_cap
+        assert cap is not None
+        if ran.key is not None:
+            self.cache.count_miss()
+        if ran.complete:
+            self.cache.store(ran.key, ran.schema, ran.head, ran.size, truncated=ran.cut)
+            return self._stream_capped(_Capped(ran.schema, ran.head, ran.cut), part, state, deadline, None)
+        flag = _Cut()
+        rest = _capped(ran.reader, cap.max_rows - sum(b.num_rows for b in ran.head), flag)
+        teed = self.cache.tee(ran.key, rest, ran.head, truncated=flag.__bool__)
+        return self._stream_capped(
+            _Capped(teed.schema, ran.head, False, teed, flag), part, state, deadline, None
+        )
 
     def run_query(
         self,
@@ -524,6 +646,24 @@ class Streamer:
                 wrapped=wrapped,
                 quote_sql=quote_sql,
             ) from None
+        return self._stream_capped(ran, part, state, deadline, lease)
+
+    def _stream_capped(
+        self,
+        ran: _Capped,
+        part: SqlPart,
+        state: CallState,
+        deadline: Deadline | None,
+        lease: _Lease | None,
+    ) -> flight.FlightDataStream:
+        """The stream of a capped result whose head was read (:meth:`_capped_stream`, or a run
+        handed over by GetFlightInfo, whose cursor is never reused: ``lease`` None)."""
+        cap = part.row_cap
+        assert cap is not None
+        timeout = deadline.seconds if deadline is not None else self.timeout_for(state.principal)
+        request_id = state.request_id
+        wrapped = part.limit is not None
+        quote_sql = not part.ruled
         if ran.rest is None:
             if ran.cut:
                 state.fields["truncated"] = True
@@ -532,7 +672,11 @@ class Streamer:
             # The cursor is done with (its result read to the end, no transaction): the next
             # request may use it, unless its deadline is close enough to fire.
             # A split query's part read its rows in a transaction of its own: never reused.
-            if part.layout is None and (deadline is None or time.monotonic() < deadline.at - 1.0):
+            if (
+                lease is not None
+                and part.layout is None
+                and (deadline is None or time.monotonic() < deadline.at - 1.0)
+            ):
                 if deadline is not None:
                     Watchdog.disarm(deadline)
                 lease.recycle(self._cursors)
@@ -649,8 +793,22 @@ class _Capped:
     flag: _Cut | None = None
 
 
-class _NotKept(Exception):
-    """:meth:`Streamer.run_at_info` leaves the query to DoGet; its cursor is not reused."""
+@dataclasses.dataclass(slots=True)
+class _InfoRun:
+    """What a run started by GetFlightInfo read: the head of its result, whether that is the
+    whole result (and cut at the cap), the open reader of the rest, and the result cache's
+    key (read before the run started)."""
+
+    schema: pa.Schema
+    head: list[pa.RecordBatch]
+    size: int
+    complete: bool
+    cut: bool
+    reader: pa.RecordBatchReader
+    key: CacheKey | None
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 class _SpareCursors:
