@@ -44,6 +44,7 @@ import dataclasses
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -93,6 +94,14 @@ _IPC = pa.ipc.IpcWriteOptions()
 __all__ = ["Streamer", "arrow_stream", "table_snapshot"]
 
 
+def _speed_key(part: SqlPart) -> tuple[str, ...] | None:
+    """What :meth:`Streamer.run_at_info` remembers a query's speed by: its shape template, or
+    its normalized text (a text the guard answered from its text cache has no template)."""
+    if part.template is not None:
+        return part.template
+    return None if part.normalized is None else (part.normalized,)
+
+
 class Streamer:
     def __init__(
         self,
@@ -128,6 +137,17 @@ class Streamer:
         #: Runs started by GetFlightInfo not yet released (stopped at shutdown).
         self._held: set[HeldRun] = set()
         self._held_lock = threading.Lock()
+        #: Shape templates (GuardedQuery.template), or texts where the guard gave none (a
+        #: text it answered from its text cache: a ``?`` query run again), whose last run at
+        #: GetFlightInfo came back within the budget: run on the calling thread
+        #: (:meth:`run_at_info`). Bounded, oldest first out; one that overran leaves it.
+        self._quick: OrderedDict[tuple[str, ...], None] = OrderedDict()
+        self._quick_lock = threading.Lock()
+        #: GetFlightInfo runs of a quick template that overran the budget (interrupted; their
+        #: DoGet ran them again): a count for tests.
+        self.quick_overruns = 0
+        #: GetFlightInfo runs of a quick template, on the calling thread: a count for tests.
+        self.quick_runs = 0
 
     def timeout_for(self, principal: Principal | None) -> float:
         """The query timeout of ``principal``'s request: ``[limits] query_timeout_seconds`` or
@@ -262,6 +282,22 @@ class Streamer:
     #: ready result), short enough that GetFlightInfo of a long query still answers at once —
     #: the run then goes on and is handed over to DoGet.
     INFO_RUN_SECONDS = 0.25
+    #: Shape templates remembered as quick (:attr:`_quick`).
+    QUICK_TEMPLATES = 4096
+
+    def _is_quick(self, template: tuple[str, ...] | None) -> bool:
+        return template is not None and template in self._quick
+
+    def _mark_quick(self, template: tuple[str, ...] | None, quick: bool) -> None:
+        if template is None:
+            return
+        with self._quick_lock:
+            if not quick:
+                self._quick.pop(template, None)
+            elif template not in self._quick:
+                self._quick[template] = None
+                if len(self._quick) > self.QUICK_TEMPLATES:
+                    self._quick.popitem(last=False)
 
     def run_at_info(
         self, admission: Admission, principal: Principal, tables: tuple[TableRef, ...], part: SqlPart
@@ -270,7 +306,10 @@ class Streamer:
         would read it (:meth:`_capped_stream`). It is admitted like a stream — a slot of its
         own, a cursor, the query deadline (counted from now) — and runs on a worker, so that
         it can outlive this call; once handed over it is listed for admins as a run
-        (``via: "flight"``).
+        (``via: "flight"``). A query whose shape template came back within the budget last
+        time (a point query) runs on the calling thread instead (:meth:`_run_here`): no
+        thread switch, and if it overruns after all, the old way (interrupted, run again by
+        DoGet).
 
         Returns the result's schema, the part to put in the ticket, and whether the head was
         the whole result:
@@ -305,6 +344,7 @@ class Streamer:
         held: list[Callable[[], None]] = []
         close = release_all(held, "query.release_failed")
         query = "plan-" + secrets.token_hex(6)
+        quick = self._is_quick(_speed_key(part))
         held.append(admission.acquire(principal, query, call=False))
         try:
             cur = self._cursors.take()
@@ -317,10 +357,9 @@ class Streamer:
             deadline = self.watchdog.arm(timeout, run.interrupt)
             held.append(lambda: Watchdog.disarm(deadline))
             run.bind(deadline, cur.interrupt, close, query)
-            with self._held_lock:
-                self._held.add(run)
-            run.on_release(lambda: self._forget(run))
-            self._workers.submit(self._info_run, run, cur, part, key)
+            started = self._run_here if quick else self._on_worker
+            if not started(run, cur, part, key, budget):
+                return None  # a quick template that overran: its DoGet runs it again
         except BaseException:
             close()
             raise
@@ -340,6 +379,7 @@ class Streamer:
             run.release()
             return None
         assert isinstance(ran, _InfoRun)
+        self._mark_quick(_speed_key(part), True)  # came back within the budget
         if not ran.complete:  # larger than the head: its DoGet runs it again
             ran.close()
             run.release()
@@ -351,6 +391,41 @@ class Streamer:
         self.cache.store(key, ran.schema, ran.head, ran.size, truncated=ran.cut)
         ready = self.ready.hold(ran.schema, ran.head, ran.size, ran.cut)
         return ran.schema, (dataclasses.replace(part, ready=ready) if ready is not None else part), True
+
+    def _run_here(
+        self, run: HeldRun, cur: duckdb.DuckDBPyConnection, part: SqlPart, key: CacheKey | None, budget: float
+    ) -> bool:
+        """Run a query of a quick template on the calling thread, as a worker would: handing
+        a query to a worker and back costs a point query two thread switches (0.2-0.4 ms on
+        two busy cores, tests/bench/PROFILE.md section 7). One that overruns the budget is
+        interrupted there and released (False: its DoGet runs it again, as before hand-overs
+        existed); its template is no longer quick, so the next text of it runs once, on a
+        worker."""
+        self.quick_runs += 1
+        gave_up = self.watchdog.arm(budget, cur.interrupt)
+        try:
+            self._info_run(run, cur, part, key)
+        finally:
+            Watchdog.disarm(gave_up)
+        if not gave_up.fired:
+            return True
+        self._mark_quick(_speed_key(part), False)
+        self.quick_overruns += 1
+        log.debug("query.info_run_gave_up", slow=True, template_quick=True)
+        run.release()  # its cursor is not reused: the interrupt may have come late
+        return False
+
+    def _on_worker(
+        self, run: HeldRun, cur: duckdb.DuckDBPyConnection, part: SqlPart, key: CacheKey | None, budget: float
+    ) -> bool:
+        """Start a query on a worker, so that it can outlive GetFlightInfo (handed over to
+        DoGet when it is still running after ``budget``); tracked until released."""
+        del budget  # the caller waits for it
+        with self._held_lock:
+            self._held.add(run)
+        run.on_release(lambda: self._forget(run))
+        self._workers.submit(self._info_run, run, cur, part, key)
+        return True
 
     def _info_run(
         self, run: HeldRun, cur: duckdb.DuckDBPyConnection, part: SqlPart, key: CacheKey | None

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import duckdb
 import pyarrow.flight as flight
 import pytest
 
@@ -328,3 +329,69 @@ def test_a_handed_over_query_gets_one_query_log_record(server: Server, fs: Quive
     (r,) = records
     assert r["kind"] == "query" and r["outcome"] == "ok" and r["rows"] == 1 and r["sql"] == sql
     wait_until(lambda: _released(fs), what="the run released")
+
+
+def test_a_quick_template_runs_on_the_calling_thread_and_an_overrun_falls_back(
+    server: Server, fs: QuiverFlightServer, opts: flight.FlightCallOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shape template whose run came back within the budget is run on GetFlightInfo's own
+    thread next time (no hand-off to a worker: the point query's path). A later text of it
+    that overruns is interrupted at the budget and run again by DoGet (the answer is still
+    right), and the template is no longer quick: its next slow text is handed over, run once."""
+    monkeypatch.setattr(fs.streamer, "INFO_RUN_SECONDS", 0.3)
+    client = server.flight()
+
+    def text(m: int) -> tuple[str, int]:  # one template: only the literals' values change
+        k = next(_fresh)
+        body = f"FROM range(15000) a, range(15000) b WHERE (a.range * b.range) % 7 < 3 AND a.range < {m}"
+        (expected,) = duckdb.connect().execute(f"SELECT count(*) + {k} {body}").fetchall()
+        return f"SELECT count(*) + {k} AS c {body}", int(expected[0])
+
+    def ask(sql: str) -> tuple[flight.FlightInfo, int]:
+        info = client.get_flight_info(cmd(kind="query", sql=sql), opts)
+        table = client.do_get(info.endpoints[0].ticket, opts).read_all()
+        return info, int(table.column("c")[0].as_py())
+
+    for m in (1, 2, 3):  # the guard parses a shape whole until it knows it, then a hit:
+        sql, want = text(m)  # each on a worker, and back within the budget
+        assert ask(sql)[1] == want
+    quick, runs = fs.streamer.quick_runs, fs.streamer.executions
+    sql, want = text(4)
+    assert ask(sql)[1] == want
+    assert fs.streamer.quick_runs == quick + 1 and fs.streamer.executions == runs + 1
+    assert fs.streamer.held_runs()["held"] == 0 and _released(fs)
+
+    overruns, runs = fs.streamer.quick_overruns, fs.streamer.executions
+    sql, want = text(15_000)  # 2e8 pairs, a second or more of work: overruns the budget
+    assert ask(sql)[1] == want
+    assert fs.streamer.quick_overruns == overruns + 1
+    assert fs.streamer.executions == runs + 2  # interrupted at the budget, run again by DoGet
+    wait_until(lambda: _released(fs), what="the slots released")
+
+    quick, runs = fs.streamer.quick_runs, fs.streamer.executions
+    sql, want = text(14_999)
+    info = client.get_flight_info(cmd(kind="query", sql=sql), opts)
+    assert fs.streamer.held_runs()["running"] == 1  # no longer quick: handed over
+    table = client.do_get(info.endpoints[0].ticket, opts).read_all()
+    assert int(table.column("c")[0].as_py()) == want
+    assert fs.streamer.quick_runs == quick and fs.streamer.executions == runs + 1
+    wait_until(lambda: _released(fs), what="the run released")
+
+
+def test_a_parameterized_text_run_again_is_quick(
+    server: Server, fs: QuiverFlightServer, opts: flight.FlightCallOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``?`` text the guard answers from its text cache has no shape template: its speed is
+    remembered by its text, so from its second run on it runs on GetFlightInfo's thread."""
+    monkeypatch.setattr(fs.streamer, "INFO_RUN_SECONDS", 0.3)
+    client = server.flight()
+    sql = f"SELECT ?::BIGINT + {next(_fresh)} AS v"
+    got = []
+    for value in (1, 2, 3):
+        quick = fs.streamer.quick_runs
+        info = client.get_flight_info(cmd(kind="query", sql=sql, params=[value]), opts)
+        got.append(client.do_get(info.endpoints[0].ticket, opts).read_all().column("v")[0].as_py())
+        if value > 1:
+            assert fs.streamer.quick_runs == quick + 1
+    assert got == [int(sql.split("+ ")[1].split(" ")[0]) + v for v in (1, 2, 3)]
+    assert _released(fs)
