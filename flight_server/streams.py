@@ -486,14 +486,7 @@ class Streamer:
         try:
             ran = run.result()
         except Exception as e:  # noqa: BLE001 - DuckDB's errors arrive through Arrow (OSError …)
-            raise stream_error(
-                e,
-                state.request_id,
-                timed_out=deadline.fired,
-                timeout_seconds=deadline.seconds,
-                wrapped=part.limit is not None,
-                quote_sql=not part.ruled,
-            ) from None
+            raise self._failure(e, part, state, deadline) from None
         assert isinstance(ran, _InfoRun)
         cap = part.row_cap
         assert cap is not None
@@ -709,25 +702,28 @@ class Streamer:
         (the cap's cut, and the cache's tee): an error it raises mid-stream would reach the
         client as a Python traceback, so the generator turns any failure into the FlightError
         of proto_docs/errors.md (a timeout mid-stream is then DEADLINE_EXCEEDED with extra_info)."""
-        cap = part.row_cap
-        assert cap is not None
-        timeout = deadline.seconds if deadline is not None else self.timeout_for(state.principal)
-        request_id = state.request_id
-        wrapped = part.limit is not None
-        quote_sql = not part.ruled
         try:
             ran = self._run_capped(cur, key, part)
         except Exception as e:  # noqa: BLE001 - DuckDB's errors arrive through Arrow (OSError …)
-            timed_out = deadline is not None and deadline.fired
-            raise stream_error(
-                e,
-                request_id,
-                timed_out=timed_out,
-                timeout_seconds=timeout,
-                wrapped=wrapped,
-                quote_sql=quote_sql,
-            ) from None
+            raise self._failure(e, part, state, deadline) from None
         return self._stream_capped(ran, part, state, deadline, lease)
+
+    def _failure(
+        self, e: BaseException, part: SqlPart, state: CallState, deadline: Deadline | None
+    ) -> flight.FlightError:
+        """The FlightError of a failed run of a capped query (proto_docs/errors.md): a timeout
+        of its deadline is DEADLINE_EXCEEDED, DuckDB's line numbers are one off when the SQL
+        was wrapped in a LIMIT, and a ruled query's SQL is never quoted. Worked out only on
+        failure (the principal's timeout is a limits lookup)."""
+        timeout = deadline.seconds if deadline is not None else self.timeout_for(state.principal)
+        return stream_error(
+            e,
+            state.request_id,
+            timed_out=deadline is not None and deadline.fired,
+            timeout_seconds=timeout,
+            wrapped=part.limit is not None,
+            quote_sql=not part.ruled,
+        )
 
     def _stream_capped(
         self,
@@ -741,10 +737,6 @@ class Streamer:
         handed over by GetFlightInfo, whose cursor is never reused: ``lease`` None)."""
         cap = part.row_cap
         assert cap is not None
-        timeout = deadline.seconds if deadline is not None else self.timeout_for(state.principal)
-        request_id = state.request_id
-        wrapped = part.limit is not None
-        quote_sql = not part.ruled
         if ran.rest is None:
             if ran.cut:
                 state.fields["truncated"] = True
@@ -780,14 +772,7 @@ class Streamer:
                     else:
                         yield batch
             except Exception as e:  # noqa: BLE001 - every failure becomes a FlightError
-                raise stream_error(
-                    e,
-                    request_id,
-                    timed_out=deadline is not None and deadline.fired,
-                    timeout_seconds=timeout,
-                    wrapped=wrapped,
-                    quote_sql=quote_sql,
-                ) from None
+                raise self._failure(e, part, state, deadline) from None
 
         return flight.GeneratorStream(teed.schema, batches(), options=_IPC)
 
