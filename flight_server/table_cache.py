@@ -57,7 +57,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -424,7 +424,7 @@ class IdleFiller:
             size = 0
             fill.feeding(+1)
             try:
-                for batch in _batches(reader):
+                for batch in reader:
                     if self._interrupted(seq):
                         fill.abandon("yielded")
                         return "yielded"
@@ -445,14 +445,6 @@ class IdleFiller:
         # The table may have changed while it was read: the entry holds the snapshot it read,
         # keyed by that snapshot's version, so a newer version never gets it (TableCache.get).
         return "ok" if cache.peek(ref, layout.version) is not None else "stale"
-
-
-def _batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
-    while True:
-        try:
-            yield reader.read_next_batch()
-        except StopIteration:
-            return
 
 
 class TableCache:
