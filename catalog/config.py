@@ -150,6 +150,10 @@ class CacheConfig(_Section):
     # scan and queues the table, which is loaded while the data plane is idle (no call for
     # 0.25 s; it yields when one starts); "scan" — the first scan keeps the batches it sends.
     table_fill: Literal["idle", "scan"] = "idle"
+    # Remember which tables the hot-table cache holds (names and versions, never data) in
+    # DATA_DIR/hot-tables.json, and load them again in the background after a restart, as
+    # the idle fill does (table_fill = "idle" only). See flight_server/table_cache.py.
+    reload_hot_tables: bool = True
 
 
 class ArtefactsConfig(_Section):

@@ -87,6 +87,18 @@ class CachedTable(msgspec.Struct, kw_only=True):
     bytes: int
 
 
+class TableReloadStatus(msgspec.Struct, kw_only=True):
+    """The hot tables of the previous run, loaded again after a restart
+    (``[cache] reload_hot_tables``; flight_server/table_cache.py "HotTables")."""
+
+    enabled: bool = False
+    remembered: int = 0  # tables listed in DATA_DIR/hot-tables.json at start
+    reloaded: int = 0  # loaded again (or already held by a scan's fill)
+    skipped: dict[str, int] = {}  # by reason: dropped, changed, too_large, failed
+    pending: int = 0  # still waiting for an idle moment (or being loaded)
+    done: bool = True  # nothing is pending
+
+
 class TableCacheStatus(msgspec.Struct, kw_only=True):
     """The hot-table cache (scanned tables kept in memory as Arrow)."""
 
@@ -105,6 +117,7 @@ class TableCacheStatus(msgspec.Struct, kw_only=True):
     queued: int = 0  # tables waiting for an idle fill
     idle_fills: dict[str, int] = {}  # ok, yielded (a call arrived), stale (a newer version got in first)
     idle_filling: str | None = None  # the table an idle fill is reading now
+    reload: TableReloadStatus = msgspec.field(default_factory=TableReloadStatus)
 
 
 class ResultCacheStatus(msgspec.Struct, kw_only=True):

@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
 
-from catalog import Catalog, InvalidArgument, PermissionDenied, Principal
+from catalog import Catalog, InvalidArgument, PermissionDenied, Principal, TableRef
 from catalog.artefacts import ArtefactFilter
 from catalog.descriptions import TableDescription
 from catalog.errors import QuiverError, Unavailable, bounded
@@ -75,7 +75,7 @@ from flight_server.results import PreparedTask, QueryManager
 from flight_server.runner import SqlRunner
 from flight_server.running import QueryRuns, RunningStreams
 from flight_server.streams import Streamer, table_snapshot
-from flight_server.table_cache import Activity, TableCache, resolve_budget
+from flight_server.table_cache import HOT_TABLES_FILE, Activity, TableCache, resolve_budget
 from flight_server.tickets import TicketStore, flight_endpoint
 from flight_server.uploads import save_table
 from flight_server.versions import VersionWatch
@@ -244,6 +244,9 @@ class QuiverFlightServer(flight.FlightServerBase):
         # Every Flight call counts as activity: the hot-table cache fills only while none runs.
         self.activity = Activity()
         self.table_cache.fill_when_idle(functools.partial(table_snapshot, catalog), self.activity)
+        if catalog.config.cache.reload_hot_tables:
+            # The tables the previous run held load again while idle (table_cache "remember").
+            self.table_cache.remember(catalog.data_dir / HOT_TABLES_FILE, self._stored_tables)
         self.planner = Planner(
             catalog,
             self.guard,
@@ -693,6 +696,11 @@ class QuiverFlightServer(flight.FlightServerBase):
                 swarms_with_limits=self.catalog.limits.count(),
             ),
         )
+
+    def _stored_tables(self) -> list[TableRef]:
+        """The data tables stored in DuckDB (live tables are read from Snowflake, never held)."""
+        tables = self.catalog.tables
+        return [r for r in tables.list_refs() if not tables.is_live(r)]
 
     def cache_status(self) -> CacheStatus:
         """ "cache": the result cache, with the hot-table cache under "tables" (the one

@@ -54,13 +54,17 @@ The Arrow batches come from DuckDB's C++ reader; Python only keeps references to
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
 
+import msgspec
 import pyarrow as pa
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -68,7 +72,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from catalog import TableRef
 from catalog.resources import memory_available
 from catalog.status import CachedTable as CachedTableStatus
-from catalog.status import TableCacheStatus
+from catalog.status import TableCacheStatus, TableReloadStatus
 from flight_server.versions import Layout
 
 log = structlog.get_logger("flight_server")
@@ -86,6 +90,29 @@ IDLE_SECONDS = 0.25
 #: How long shutdown waits for an idle fill to notice it should stop (it checks between
 #: batches, and its DuckDB query is interrupted).
 STOP_SECONDS = 5.0
+#: The file in the data dir that names the tables the cache holds (``[cache]
+#: reload_hot_tables``): names, versions and sizes, never data. A larger file is not read.
+HOT_TABLES_FILE = "hot-tables.json"
+MAX_HOT_TABLES_BYTES = 1024**2
+
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class HotTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One table the cache held: enough to find it again and to skip it when it changed
+    (another data version or row count than the rows that were held) or no longer fits."""
+
+    schema: str
+    name: str
+    version: _Count
+    rows: _Count
+    bytes: _Count
+
+
+class HotTables(msgspec.Struct, forbid_unknown_fields=True):
+    """``DATA_DIR/hot-tables.json``: the tables held, most recently used first."""
+
+    tables: list[HotTable]
 
 
 def resolve_budget(setting: int | str) -> int:
@@ -154,6 +181,13 @@ class _Metrics:
         )
         self.queued = Gauge(
             "quiver_table_cache_queued", "Tables waiting for an idle fill.", registry=registry
+        )
+        self.reloads = Counter(
+            "quiver_table_cache_reloads_total",
+            "Tables of the previous run's hot-table cache loaded again after a restart, by outcome "
+            "(ok, dropped, changed, too_large, failed, skipped).",
+            ["outcome"],
+            registry=registry,
         )
         self.evictions = Counter(
             "quiver_table_cache_evictions_total",
@@ -300,6 +334,17 @@ class Snapshot:
 SnapshotSource = Callable[[TableRef], AbstractContextManager[Snapshot]]
 
 
+@dataclass(slots=True)
+class _Queued:
+    """A table waiting for an idle fill. ``expect`` (data version, rows): a table remembered
+    from the previous run, loaded only while it still holds those rows (None: as it is now,
+    what a scan that missed wants); ``reload``: its outcome is counted as a reload's."""
+
+    ref: TableRef
+    expect: tuple[int, int] | None = None
+    reload: bool = False
+
+
 class IdleFiller:
     """Loads the tables that missed into the hot-table cache while the data plane is idle.
 
@@ -325,19 +370,25 @@ class IdleFiller:
         self._activity = activity
         self._cond = activity.cond  # one condition: a call that ends wakes the filler
         self.idle_seconds = idle_seconds
-        self._queue: OrderedDict[tuple[str, str], TableRef] = OrderedDict()
+        self._queue: OrderedDict[tuple[str, str], _Queued] = OrderedDict()
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._interrupt: Callable[[], None] | None = None
         self.outcomes = {"ok": 0, "yielded": 0, "stale": 0}
         self.running: str | None = None
 
-    def want(self, ref: TableRef) -> None:
-        """Queue ``ref`` for an idle fill (once: a table queued twice is filled once)."""
+    def want(self, ref: TableRef, expect: tuple[int, int] | None = None, *, reload: bool = False) -> None:
+        """Queue ``ref`` for an idle fill (once: a table queued twice is filled once).
+        ``expect`` and ``reload``: a table of the previous run (:meth:`TableCache.reload`); a
+        scan that misses it meanwhile wants it as it is now, whatever it held then."""
         with self._cond:
             if self._stopped:
                 return
-            self._queue.setdefault(ref.key(), ref)
+            waiting = self._queue.get(ref.key())
+            if waiting is None:
+                self._queue[ref.key()] = _Queued(ref, expect, reload)
+            elif expect is None:
+                waiting.expect = None
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="quiver-idle-fill", daemon=True)
                 self._thread.start()
@@ -362,7 +413,7 @@ class IdleFiller:
         if thread is not None:
             thread.join(STOP_SECONDS)
 
-    def _next(self) -> tuple[TableRef, int] | None:
+    def _next(self) -> tuple[_Queued, int] | None:
         """The next table to fill and the call sequence it starts at, once idle; None: stop."""
         a = self._activity
         with self._cond:
@@ -374,24 +425,26 @@ class IdleFiller:
                 if quiet < self.idle_seconds:
                     self._cond.wait(self.idle_seconds - quiet)
                     continue
-                _, ref = self._queue.popitem(last=False)
-                self.running = ref.qualified
-                return ref, a.seq
+                _, item = self._queue.popitem(last=False)
+                self.running = item.ref.qualified
+                return item, a.seq
             return None
 
     def _run(self) -> None:
         while (picked := self._next()) is not None:
-            ref, seq = picked
+            item, seq = picked
+            ref = item.ref
             try:
-                outcome = self._fill(ref, seq)
+                outcome = self._fill(item, seq)
             except Exception as e:  # noqa: BLE001 - a failed fill is logged; the next miss queues it again
                 outcome = "failed"
                 log.warning("table_cache.idle_fill_failed", table=ref.qualified, error=str(e)[:200])
             with self._cond:
                 self.running = None
                 self._interrupt = None
-                if outcome == "yielded" and not self._stopped:
-                    self._queue[ref.key()] = ref
+                again = outcome == "yielded" and not self._stopped
+                if again:
+                    self._queue[ref.key()] = item
                     self._queue.move_to_end(ref.key(), last=False)  # first again at the next idle
                 if outcome in self.outcomes:
                     self.outcomes[outcome] += 1
@@ -399,24 +452,35 @@ class IdleFiller:
             if outcome in self.outcomes:
                 self._cache._metrics.idle.labels(outcome).inc()
             self._cache._metrics.queued.set(queued)
+            if item.reload and not again and outcome != "stopped" and not self._stopped:
+                self._cache._reloaded(ref, outcome)
 
     def _interrupted(self, seq: int) -> bool:
         a = self._activity
         return self._stopped or a.busy > 0 or a.seq != seq
 
-    def _fill(self, ref: TableRef, seq: int) -> str:
-        cache = self._cache
+    def _settled(self, layout: Layout, expect: tuple[int, int] | None) -> str | None:
+        """Why a table needs no fill: ``changed`` (not the rows the previous run held: left
+        to its next scan, as any table that changed), ``held`` (this version is in memory)."""
+        if expect is not None and expect != (layout.version, layout.rows):
+            return "changed"
+        return "held" if self._cache.peek(layout.ref, layout.version) is not None else None
+
+    def _fill(self, item: _Queued, seq: int) -> str:
+        cache, ref = self._cache, item.ref
         with self._source(ref) as snap:
             with self._cond:
                 if self._stopped:
                     return "stopped"
                 self._interrupt = snap.interrupt
+                expect = item.expect  # read under the lock: a scan's want may clear it
             layout = snap.layout
-            if cache.peek(ref, layout.version) is not None:
-                return "held"
+            settled = self._settled(layout, expect)
+            if settled is not None:
+                return settled
             reader = snap.rows()
             if not cache.admits(ref, layout.version, layout.rows, reader.schema):
-                return "skipped"
+                return "too_large"
             fill = cache.begin_fill(ref, layout, 1)
             if fill is None:
                 return "skipped"
@@ -465,6 +529,14 @@ class TableCache:
         self.hits = self.misses = 0
         self.fills = {"ok": 0, "too_large": 0, "failed": 0}
         self.evicted = {"size": 0, "stale": 0, "shutdown": 0}
+        # [cache] reload_hot_tables: the file that names the tables held (None: not kept),
+        # what it says now, and the previous run's tables still waiting to be loaded again.
+        self._hot_file: Path | None = None
+        self._saved: list[HotTable] | None = None
+        self._save_lock = threading.Lock()
+        self._pending: dict[tuple[str, str], HotTable] = {}
+        self._remembered = self._reloaded_ok = 0
+        self._skipped: dict[str, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -493,9 +565,140 @@ class TableCache:
             self.idle.close()
 
     def close(self) -> None:
-        """Shutdown: stop the idle fill, drop every entry."""
+        """Shutdown: stop the idle fill, drop every entry (the file of hot tables keeps
+        naming them: they are what the next start loads again)."""
         self.stop_filling()
         self.invalidate(reason="shutdown")
+
+    # --- the hot tables of the previous run ------------------------------------------------------
+    def remember(self, path: Path, tables: Callable[[], list[TableRef]]) -> None:
+        """Keep ``path`` naming the tables held, and queue the ones it names from the previous
+        run for the idle fill (``[cache] reload_hot_tables``).
+
+        The file is rewritten (a temporary file renamed over it: readers see the old or the
+        new one whole) whenever the set of tables held or their versions change — a fill, an
+        eviction, a newer version seen — never per scan, and not at shutdown, which drops
+        every entry but leaves the file naming them. At start each table it names is queued,
+        most recently used first, as a scan that missed would queue it: loaded while the data
+        plane is idle, within the budget, one at a time, yielding to Flight calls, so a scan
+        that arrives first streams from DuckDB as without the file. A table that is gone
+        (``tables``: the stored data tables now) or whose size no longer fits what is left of
+        the budget is skipped; one whose data version or row count differ from what was held
+        is skipped when its fill reads them (:meth:`IdleFiller._fill`: its next scan loads it
+        as any miss). A file that cannot be read or decoded is logged and ignored. Holds no
+        data: a restart still reads every table from DuckDB. Off with the cache
+        (``table_memory_bytes = 0``), and nothing is reloaded unless tables are filled when
+        idle (``table_fill = "idle"``): the file is still kept."""
+        if not self.enabled:
+            return
+        self._hot_file = path
+        if self.idle is None:
+            return
+        remembered = self._read_hot_file(path)
+        if remembered is None:
+            return
+        self._saved = remembered
+        try:
+            existing = {r.key(): r for r in tables()}
+        except Exception as e:  # noqa: BLE001 - start never fails for a reload
+            log.warning("table_cache.reload_skipped", reason="tables_unreadable", error=str(e)[:200])
+            return
+        room = self.budget
+        queue: list[tuple[TableRef, HotTable]] = []
+        with self._lock:
+            self._remembered = len(remembered)
+        for hot in remembered:
+            key = TableRef(hot.schema, hot.name).key()
+            ref = existing.get(key)
+            if key in self._pending or any(r.key() == key for r, _ in queue):
+                continue  # named twice: loaded once
+            if ref is None:
+                self._reload_skipped(TableRef(hot.schema, hot.name), "dropped")
+            elif hot.bytes > room:
+                self._reload_skipped(ref, "too_large")
+            else:
+                room -= hot.bytes
+                queue.append((ref, hot))
+        with self._lock:
+            self._pending.update((ref.key(), hot) for ref, hot in queue)
+        log.info("table_cache.reload_queued", tables=len(queue), remembered=len(remembered))
+        for ref, hot in queue:
+            self.idle.want(ref, (hot.version, hot.rows), reload=True)
+        self._save()
+
+    def _read_hot_file(self, path: Path) -> list[HotTable] | None:
+        """The tables ``path`` names; None (logged) when it is absent, unreadable or corrupt."""
+        try:
+            with path.open("rb") as f:
+                data = f.read(MAX_HOT_TABLES_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning(
+                "table_cache.hot_tables_ignored", path=str(path), reason="unreadable", error=str(e)[:200]
+            )
+            return None
+        if len(data) > MAX_HOT_TABLES_BYTES:
+            log.warning("table_cache.hot_tables_ignored", path=str(path), reason="too_large", bytes=len(data))
+            return None
+        try:
+            return msgspec.json.decode(data, type=HotTables).tables
+        except msgspec.DecodeError as e:  # ValidationError is a DecodeError
+            log.warning(
+                "table_cache.hot_tables_ignored", path=str(path), reason="corrupt", error=str(e)[:200]
+            )
+            return None
+
+    def _reload_skipped(self, ref: TableRef, reason: str) -> None:
+        with self._lock:
+            self._skipped[reason] = self._skipped.get(reason, 0) + 1
+        self._metrics.reloads.labels(reason).inc()
+        log.info("table_cache.reload_skipped", table=ref.qualified, reason=reason)
+
+    def _reloaded(self, ref: TableRef, outcome: str) -> None:
+        """A table of the previous run is settled: loaded (``ok``, ``held``: a scan's fill got
+        it first) or skipped (``changed``, ``stale``: it changed while read, ``too_large``,
+        ``failed``, ``skipped``: another fill in the way)."""
+        with self._lock:
+            self._pending.pop(ref.key(), None)
+        if outcome in ("ok", "held"):
+            with self._lock:
+                self._reloaded_ok += 1
+            self._metrics.reloads.labels("ok").inc()
+            log.info("table_cache.reloaded", table=ref.qualified)
+        else:
+            self._reload_skipped(ref, "changed" if outcome == "stale" else outcome)
+        self._save()
+
+    def _listing(self) -> list[HotTable]:
+        """What the file should say: the tables held, most recently used first, then the
+        previous run's tables not loaded yet (a restart during the reload keeps them). Under
+        ``_lock``."""
+        held = [
+            HotTable(e.ref.schema, e.ref.name, e.layout.version, e.rows, e.bytes)
+            for e in reversed(self._entries.values())
+        ]
+        return held + [t for k, t in self._pending.items() if k not in self._entries]
+
+    def _save(self) -> None:
+        """Rewrite the file when what it should say changed (one writer at a time, each
+        writing the state it read last: the file never goes back to an older set)."""
+        path = self._hot_file
+        if path is None:
+            return
+        with self._save_lock:
+            with self._lock:
+                listing = self._listing()
+            if listing == self._saved:
+                return
+            temp = path.with_name(f".{path.name}.tmp")
+            try:
+                temp.write_bytes(msgspec.json.encode(HotTables(listing)))
+                os.replace(temp, path)
+            except OSError as e:
+                log.warning("table_cache.hot_tables_not_saved", path=str(path), error=str(e)[:200])
+                return
+            self._saved = listing
 
     # --- lookups ------------------------------------------------------------------------------
     def holds(self, ref: TableRef) -> bool:
@@ -528,6 +731,7 @@ class TableCache:
             self._metrics.misses.inc()
         if stale is not None:
             self._dropped([stale], "stale")
+            self._save()
         return entry
 
     def peek(self, ref: TableRef, version: int) -> CachedTable | None:
@@ -625,6 +829,7 @@ class TableCache:
             self._used += entry.bytes
         self._dropped(stale, "stale")
         self._dropped(evicted, "size")
+        self._save()
 
     def _dropped(self, entries: list[CachedTable], reason: str) -> None:
         with self._lock:
@@ -648,6 +853,8 @@ class TableCache:
             for e in doomed:
                 self._used -= e.bytes
         self._dropped(doomed, reason)
+        if reason != "shutdown":
+            self._save()
         return len(doomed)
 
     def stats(self) -> TableCacheStatus:
@@ -661,6 +868,14 @@ class TableCache:
                 queued=queued,
                 idle_fills=idle_fills,
                 idle_filling=filling,
+                reload=TableReloadStatus(
+                    enabled=self._hot_file is not None and idle is not None,
+                    remembered=self._remembered,
+                    reloaded=self._reloaded_ok,
+                    skipped=dict(self._skipped),
+                    pending=len(self._pending),
+                    done=not self._pending,
+                ),
                 enabled=self.enabled,
                 entries=len(self._entries),
                 bytes=self._used,
