@@ -697,6 +697,7 @@ class TableCache:
                 os.replace(temp, path)
             except OSError as e:
                 log.warning("table_cache.hot_tables_not_saved", path=str(path), error=str(e)[:200])
+                temp.unlink(missing_ok=True)
                 return
             self._saved = listing
 
