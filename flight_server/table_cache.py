@@ -43,6 +43,13 @@ How it works:
   count and column widths before the fill, and a fill stops as soon as the batches read
   exceed the budget (the scan itself streams on; the attempt is remembered for that
   layout, so it is not retried). Memory is therefore at most the budget plus one fill.
+* **After a restart** (``[cache] reload_hot_tables``, :meth:`TableCache.remember`). The cache
+  names the tables it holds — never their data — in ``DATA_DIR/hot-tables.json``, rewritten
+  when that set changes; the next start queues them for the idle fill, so they load in the
+  background as after a miss (a database's buffer-pool dump and reload): the agents of a
+  restarted server do not pay the cold first scan (DuckDB decompressing every block into
+  fresh buffers) for the tables they were using. A table that changed, was dropped or no
+  longer fits is skipped; a corrupt file is ignored.
 * **Endpoints.** A cached scan is split exactly like a DuckDB scan; each endpoint is a
   zero-copy slice of the one cached table, so every endpoint of a ``FlightInfo`` serves the
   same snapshot and mixing versions is impossible by construction. Tickets hold the entry
