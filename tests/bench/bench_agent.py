@@ -10,7 +10,9 @@ subprocesses):
 - full scan as a ``query`` command (``SELECT * FROM bench.t``; the client fetches the
   FlightInfo's endpoints in parallel) with the default configuration and with every cache
   that holds table data off (``[cache] enabled = false``, ``table_memory_bytes = 0``);
-- the first PATH scan after start against the uncached PATH scan;
+- the first PATH scan after start against the uncached PATH scan, and the first after a
+  restart on the same data dir, once the hot tables of the previous run were reloaded in the
+  background (``[cache] reload_hot_tables``);
 - point queries: fresh text (a new literal each call), the same text repeated, a ``?``
   parameter, ``SELECT <n> AS x`` — p50/p99 against the floor measured in the same run (bare
   Flight GetFlightInfo+DoGet round trip + DuckDB's own time for the same text);
@@ -52,6 +54,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -84,6 +87,7 @@ from tests.bench.bench_flight import (
     _settle,
     _start_quiver,
     _start_roapi_process,
+    _wait_port,
 )
 
 P = ParamSpec("P")
@@ -164,6 +168,20 @@ class Quiver:
             time.sleep(0.05)
         raise RuntimeError(f"{self.name}: {table} was not loaded within {timeout} s")
 
+    def reload_done(self, timeout: float = 120.0) -> tuple[float, dict[str, Any]]:
+        """Wait (polling /v1/status, no Flight call: a call would make it yield) until the
+        hot-table cache has reloaded the previous run's tables (``cache.tables.reload``); the
+        seconds it took and that section (``{}`` from a server without it)."""
+        started = time.perf_counter()
+        deadline = started + timeout
+        while time.perf_counter() < deadline:
+            tables = (self.http.get("/v1/status").json().get("cache") or {}).get("tables") or {}
+            reload: dict[str, Any] = tables.get("reload") or {}
+            if not reload or reload.get("done"):
+                return time.perf_counter() - started, reload
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: the hot tables were not reloaded within {timeout} s")
+
     def info(self, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         return self.raw.get_flight_info(descriptor, self.opts)
 
@@ -240,6 +258,9 @@ def _run(work: Path) -> str:
         rows += _points(con, bare, on, off, keys[: 4 * POINTS])
         rows += _concurrency(on, off, keys[4 * POINTS :], con, bare_url, bare_pid, notes)
         status = on.http.get("/v1/status").json().get("cache")
+        # After every other measurement (the restart drops what the default server held): the
+        # row goes beside the first-scan-after-start rows.
+        rows[2:2] = _first_scan_after_restart(stack, work, on, db_path, off)
     load_after = os.getloadavg()
     return _report(rows, notes, mb, status, load_before, load_after)
 
@@ -304,6 +325,86 @@ def _first_path_scan(on: Quiver, off: Quiver) -> list[Row]:
             "-",
         ),
     ]
+
+
+def _first_scan_after_restart(
+    stack: contextlib.ExitStack, work: Path, on: Quiver, db: Path, off: Quiver, timeout: float = 120.0
+) -> list[Row]:
+    """Target 4 after a restart: stop the default server (SIGTERM, a clean stop), start it
+    again on the same data dir and database, wait (polling ``/v1/status``, no Flight call: a
+    call would make the reload yield) until the hot tables of the previous run are loaded
+    again (``cache.tables.reload.done``), then time its first PATH scan against the median
+    of REPS uncached PATH scans of the caches-off server (DuckDB warm there), measured right
+    after it."""
+    from quiver_client import QuiverClient
+
+    os.kill(on.pid, signal.SIGTERM)
+    _exited(on.pid, timeout)
+    flight_port, http_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "QUIVER_SERVER_DATA_DIR": str(work / on.name),
+        "QUIVER_SERVER_DATABASE": str(db),
+        "QUIVER_SERVER_FLIGHT_PORT": str(flight_port),
+        "QUIVER_SERVER_HTTP_PORT": str(http_port),
+        "QUIVER_SERVER_LOG_FORMAT": "json",
+    }
+    name = f"{on.name} (restarted)"
+    args = [sys.executable, "-m", "quiver", "serve"]
+    proc = stack.enter_context(_process(args, work / f"{on.name}-restart.log", name, flight_port, env))
+    _wait_port(http_port, proc, f"{name} (HTTP)")
+    admin = (work / on.name / "admin.token").read_text().strip()
+    http = stack.enter_context(
+        httpx.Client(base_url=f"http://127.0.0.1:{http_port}", headers={"authorization": f"Bearer {admin}"})
+    )
+    url = f"grpc://127.0.0.1:{flight_port}"
+    client = stack.enter_context(QuiverClient(url, on.tokens[0]))
+    raw = flight.FlightClient(url)
+    stack.callback(raw.close)
+    again = Quiver(name, url, on.tokens, proc.pid, http, client, raw, on.opts, time.perf_counter())
+    reloaded, reload = again.reload_done(timeout)
+    _say(f"{name}: hot tables reloaded {reloaded:.2f} s after ready: {json.dumps(reload)}")
+    before = again.counters()
+    started = time.perf_counter()
+    got = again.client.read("bench.t").num_rows
+    first = time.perf_counter() - started
+    warm = _warm(before, again.counters())
+    _say(f"first PATH scan after a restart: {first:.3f} s ({warm})")
+    times = []
+    for _ in range(REPS):
+        _settle()
+        started = time.perf_counter()
+        assert off.client.read("bench.t").num_rows == got
+        times.append(time.perf_counter() - started)
+    uncached = statistics.median(times)
+    ratio = uncached / first
+    return [
+        Row(
+            "first PATH scan after a restart (hot tables reloaded in the background; "
+            f"{warm}; {reload.get('reloaded', 0)} of {reload.get('remembered', 0)} tables reloaded "
+            f"{reloaded:.1f} s after ready; 1 sample)",
+            _rate(first),
+            f"uncached PATH scan (caches off) {_rate(uncached)}",
+            f"{ratio:.2f}x",
+            ">= 1.00x",
+            _met(ratio >= 1.0),
+        )
+    ]
+
+
+def _exited(pid: int, timeout: float) -> None:
+    """Wait until the child ``pid`` has exited (a zombie until its ``Popen`` reaps it): its
+    database is closed, so a new server may open it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"process {pid} did not exit within {timeout} s")
 
 
 def _scans(
