@@ -487,7 +487,7 @@ class IdleFiller:
                 return settled
             reader = snap.rows()
             if not cache.admits(ref, layout.version, layout.rows, reader.schema):
-                return "too_large"
+                return "too_large" if layout.rows > 0 else "skipped"  # an empty table is never held
             fill = cache.begin_fill(ref, layout, 1)
             if fill is None:
                 return "skipped"
