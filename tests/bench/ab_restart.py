@@ -8,9 +8,9 @@ other's modules) on its own data dir and its own copy of a ``bench.t`` of ROWS r
 5,000,000). Once, each server scans the table and waits until its hot-table cache holds it,
 then stops cleanly. Then, for each of ROUNDS rounds (default 8), the order of the two trees
 alternating, each tree's server is started again on its data dir, left until its
-``/v1/status`` says no reload is pending (at once for a tree without ``cache.tables.reload``)
-plus a 0.5 s settle (its first status answer, for the base tree, is part of "ready to reload done"), and its first PATH scan is timed, then a second one; the server stops.
-After every round a third server (the base tree, every cache that holds table data off,
+``/v1/status`` says no reload is pending (at its first status answer for a tree without
+``cache.tables.reload``: that answer is the base tree's "ready to reload done") plus a 0.5 s
+settle, and its first PATH scan is timed, then a second one; the server stops. After every round a third server (the base tree, every cache that holds table data off,
 running throughout, DuckDB warm) scans twice: the uncached warm reference. Prints every
 sample, the medians, the reload times and the load average.
 """
