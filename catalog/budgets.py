@@ -33,13 +33,12 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
 import msgspec
-import pyarrow as pa
 import structlog
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from catalog.clock import Clock, utcnow
-from catalog.database import SYSTEM_SCHEMA, Database
+from catalog.database import SYSTEM_SCHEMA, Database, insert_columns
 from catalog.errors import ResourceExhausted, Unprocessable, bounded
 from catalog.identity import Principal
 from catalog.swarms import SwarmStore, no_such_swarm, require_swarm
@@ -49,17 +48,16 @@ log = structlog.get_logger(__name__)
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 
-_USAGE_SCHEMA = pa.schema(
-    [
-        ("day", pa.date32()),
-        ("swarm", pa.string()),
-        ("agent", pa.string()),
-        ("queries", pa.int64()),
-        ("rows", pa.int64()),
-        ("bytes", pa.int64()),
-        ("ms", pa.float64()),
-        ("live_queries", pa.int64()),
-    ]
+#: The columns of a usage flush: (column, DuckDB type), in the order of a row.
+_USAGE_COLUMNS = (
+    ("day", "DATE"),
+    ("swarm", "VARCHAR"),
+    ("agent", "VARCHAR"),
+    ("queries", "BIGINT"),
+    ("rows", "BIGINT"),
+    ("bytes", "BIGINT"),
+    ("ms", "DOUBLE"),
+    ("live_queries", "BIGINT"),
 )
 
 #: Budget names, in the order they are checked, and the usage field each limits.
@@ -373,20 +371,12 @@ class Budgets:
             ]
         if not rows:
             return 0
-        table = pa.Table.from_pydict(
-            {name: [r[i] for r in rows] for i, name in enumerate(_USAGE_SCHEMA.names)}, schema=_USAGE_SCHEMA
-        )
-        columns = ", ".join(_USAGE_SCHEMA.names)
+        columns = [(name, kind, [r[i] for r in rows]) for i, (name, kind) in enumerate(_USAGE_COLUMNS)]
         try:
-            # One INSERT … SELECT from Arrow (executemany costs milliseconds per row).
+            # One INSERT … SELECT of every changed counter (executemany costs milliseconds per
+            # row), with no pyarrow conversion of Python values (catalog/database.py).
             with self._db.transaction() as cur:
-                cur.register("_usage_batch", table)
-                try:
-                    cur.execute(
-                        f"INSERT OR REPLACE INTO {SYSTEM_SCHEMA}.usage ({columns}) SELECT {columns} FROM _usage_batch"
-                    )
-                finally:
-                    cur.unregister("_usage_batch")
+                insert_columns(cur, f"{SYSTEM_SCHEMA}.usage", columns, verb="INSERT OR REPLACE")
         except Exception:
             with self._lock:
                 self._dirty |= keys  # written by the next flush

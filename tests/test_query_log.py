@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import msgspec
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -351,3 +352,111 @@ def test_redacted_literals_never_reach_the_log(tmp_path_factory: pytest.TempPath
 )
 def test_redact_literals_uses_the_tokenizer(sql: str, redacted: str) -> None:
     assert redact_literals(sql) == redacted
+
+
+_FLUSH_IMPORTS = """
+import sys, tempfile
+from pathlib import Path
+import pyarrow.flight as flight
+from tests.harness import call_options, start_server
+from tests.test_dataplane import cmd
+
+s = start_server(Path(tempfile.mkdtemp()), demo=True)
+try:
+    token = s.mint("agent", "demo", "flush")
+    client, opts = flight.FlightClient(s.flight_url), call_options(token)
+    info = client.get_flight_info(cmd(kind="query", sql="SELECT 42 AS x"), opts)
+    for e in info.endpoints:
+        client.do_get(e.ticket, opts).read_all()
+    before = set(sys.modules)
+    written = s.catalog.query_log.flush(), s.catalog.budgets.flush()
+    print("WRITTEN", written)
+    print("NEW", sorted({m.split(".")[0] for m in set(sys.modules) - before}))
+finally:
+    s.stop()
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_a_flush_of_the_query_log_and_the_usage_counters_imports_nothing() -> None:
+    """The batched writes of every request's records convert Python values without pyarrow,
+    whose first conversion of a Python list imports pandas (~90 MB resident, ~0.2 s): every
+    server that served one query paid that at its first flush (catalog/database.py
+    ``insert_columns``). A fresh interpreter: this test process has imported everything."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _FLUSH_IMPORTS],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    written = next(x for x in lines if x.startswith("WRITTEN "))
+    assert written == "WRITTEN (1, 2)", written  # one record; the agent's and the swarm's counters
+    new = next(x for x in lines if x.startswith("NEW "))
+    assert new == "NEW []", new
+
+
+def test_a_flushed_record_keeps_every_value(server: Server) -> None:
+    """Every column of a record survives the batched write: NULLs, empty and non-empty
+    lists, a timestamp with its zone, quotes in the SQL text."""
+    from catalog.query_log import QueryRecord
+
+    log = server.catalog.query_log
+    log.flush()
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    records = [
+        QueryRecord(
+            occurred_at=at,
+            principal="agent:s/a",
+            swarm="s",
+            agent="a",
+            kind="query",
+            via="flight",
+            tables=["demo.orders", "demo.customers"],
+            sql="SELECT 'it''s' -- x",
+            params=2,
+            rows=None,
+            bytes=7,
+            ms=1.25,
+            outcome="ok",
+            error_code=None,
+            request_id="r-1",
+            remote="snowflake",
+            remote_query_ids=["q1", "q2"],
+        ),
+        QueryRecord(
+            occurred_at=at,
+            principal="admin:x",
+            swarm=None,
+            agent=None,
+            kind="scan",
+            via="http",
+            tables=[],
+            sql=None,
+            params=0,
+            rows=3,
+            bytes=None,
+            ms=0.0,
+            outcome="refused",
+            error_code="PERMISSION_DENIED",
+            request_id=None,
+            remote=None,
+            remote_query_ids=None,
+        ),
+    ]
+    for r in records:
+        log._buffer.add(r)
+    assert log.flush() == 2
+    got = log.query(since=at, until=at + timedelta(seconds=1), limit=500).queries
+    assert len(got) == 2 and all(r.id is not None for r in got)
+    assert sorted((msgspec.structs.replace(r, id=None) for r in got), key=lambda r: r.principal) == sorted(
+        records, key=lambda r: r.principal
+    )
