@@ -34,8 +34,8 @@ average is read before every query.
 Two ratios per query. The *ratio of medians* (in-process median / Quiver median) compares
 two independent medians: on a shared machine another session's burst falls on some samples
 of one contender and not the other, and on a ~0.1 s query a few such samples move one median
-by 10 % (an A/A run — the same server code twice — gave ratios 0.87-1.06 apart;
-tests/bench/PROFILE.md, section 10). The *paired ratio* (:func:`paired_ratio`) is the median
+by 10 % (two servers of the same code, A/A, came out up to 0.09 apart on one query in one
+run; tests/bench/PROFILE.md, section 10). The *paired ratio* (:func:`paired_ratio`) is the median
 over repetitions of (in-process seconds / Quiver seconds) of the *same* repetition, the two
 run back to back: a burst that lasts both runs cancels in the ratio, one that hits a single
 run is one outlier among the repetitions. The worst-query statistic is printed for both; what
@@ -336,7 +336,8 @@ def _run(work: Path) -> str:
                 rep += 1
             _say(
                 f"{name}: {rep} reps, duckdb {_spread(t.duck)}, quiver caches off {_spread(t.off)} "
-                f"(GetFlightInfo {_spread(t.info)}), quiver first {t.first:.3f} s, load {t.load:.2f}"
+                f"(GetFlightInfo {_spread(t.info)}), paired ratio {paired_ratio(t.duck, t.off):.2f}x, "
+                f"quiver first {t.first:.3f} s, load {t.load:.2f}"
             )
         warm_on, warm_off = _warm(before_on, on.counters()), _warm(before_off, off.counters())
     load_after = os.getloadavg()
