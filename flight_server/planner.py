@@ -77,6 +77,7 @@ from flight_server.plans import (
 from flight_server.profiles import PROFILE_SCHEMA, ProfileCache
 from flight_server.ready import HeldRun
 from flight_server.results import PreparedQuery, QueryManager
+from flight_server.streams import arrow_stream
 from flight_server.table_cache import CachedTable, TableCache
 from flight_server.truncation import RowCap
 from flight_server.versions import VersionWatch, read_layout
@@ -770,9 +771,14 @@ class Planner:
             deadline,
         ):
             try:
-                # DuckDB plans LIMIT 0 as an empty result: nothing below it executes.
-                rel = cur.sql(f"SELECT * FROM (\n{guarded.sql}\n) LIMIT 0", params=list(params) or None)
-                schema = rel.to_arrow_table().schema
+                # DuckDB plans LIMIT 0 as an empty result: nothing below it executes. Through
+                # the engine's submit step as a run is (streams.arrow_stream): the relation API
+                # (``cur.sql(q).to_arrow_table()``) would parse and bind it twice, half of the
+                # probe's time (tests/bench/PROFILE.md, section 10). The empty stream's schema
+                # is the one its rows would have.
+                reader = arrow_stream(cur, limited(guarded.sql, 0), params)
+                schema = reader.schema
+                reader.close()
             except duckdb.Error as e:
                 raise duckdb_error(
                     e,

@@ -217,6 +217,29 @@ def test_an_error_after_the_budget_is_answered_at_doget_with_its_code(
     wait_until(lambda: _released(fs), what="the run released")
 
 
+def test_a_handed_over_querys_probed_schema_is_the_schema_its_doget_streams(
+    server: Server, fs: QuiverFlightServer, opts: flight.FlightCallOptions
+) -> None:
+    """The FlightInfo of a run still going has the binder's schema (a ``LIMIT 0`` probe through
+    the engine's submit step, as a run: flight_server/planner.py ``query_schema``); for types
+    whose Arrow encoding has choices it is exactly the schema DoGet streams."""
+    client = server.flight()
+    sql, expected = finishing()
+    typed = (
+        "SELECT s, 1.5::DECIMAL(18, 3) AS d, s::HUGEINT AS h, [1, 2] AS l, {'a': 1, 'b': 'x'} AS st, "
+        "TIMESTAMPTZ '2026-01-01 00:00:00+00' AS ts, INTERVAL 1 DAY AS iv, "
+        "'0b0f5b6e-3c1d-4c4e-9d6e-1f2a3b4c5d6e'::UUID AS u, 'ab'::BLOB AS bl, DATE '2026-01-02' AS dt "
+        f"FROM ({sql})"
+    )
+    probes = fs.planner.probes
+    info = client.get_flight_info(cmd(kind="query", sql=typed), opts)
+    assert fs.planner.probes == probes + 1  # handed over before DuckDB returned a reader
+    table = client.do_get(info.endpoints[0].ticket, opts).read_all()
+    assert table.schema == info.schema
+    assert [int(v) for v in table.column("s").to_pylist()] == [expected]
+    wait_until(lambda: _released(fs), what="the run released")
+
+
 def test_the_probe_and_the_doget_share_the_runs_slot(server: Server, fs: QuiverFlightServer) -> None:
     """A principal allowed one query at a time: its handed-over query's schema probe and DoGet
     run in the slot the run holds (not refused), and a second query meanwhile is refused."""

@@ -1,0 +1,72 @@
+"""The analytic benchmark's statistics (tests/bench/bench_analytic.py): the paired ratio is
+printed beside the ratio of medians, and load that falls on one contender's samples moves
+the one and not the other. No data is generated: the report is built from given samples."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.bench.bench_analytic import Timings, _report, paired_ratio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_paired_ratio_is_the_median_of_per_repetition_ratios() -> None:
+    # Repetition 3 loaded only Quiver's run, repetitions 4 and 5 both runs of the pair: the
+    # medians compare a quiet in-process median with a loaded Quiver one; the pairs do not.
+    duck = [0.100, 0.100, 0.100, 0.200, 0.200]
+    quiver = [0.105, 0.105, 0.210, 0.210, 0.210]
+    assert paired_ratio(duck, quiver) == pytest.approx(0.100 / 0.105)
+    assert 0.100 / 0.210 < 0.5  # the ratio of medians the same samples give
+
+
+@pytest.mark.parametrize(("duck", "quiver"), [([0.1, 0.2], [0.1]), ([], [])])
+def test_paired_ratio_refuses_unpaired_samples(duck: list[float], quiver: list[float]) -> None:
+    with pytest.raises(ValueError, match="paired samples need equal, non-zero counts"):
+        paired_ratio(duck, quiver)
+
+
+def _timings(duck: list[float], off: list[float]) -> Timings:
+    t = Timings(duck=list(duck), info=[x - 0.001 for x in off], doget=[0.001] * len(off))
+    t.first, t.hit, t.rows, t.load = duck[0] * 1.01, 0.002, 10, 1.0
+    return t
+
+
+def test_report_prints_the_paired_ratio_beside_the_ratio_of_medians() -> None:
+    times = {
+        "q01 steady": _timings([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+        "q02 loaded": _timings([0.100, 0.100, 0.100, 0.200, 0.200], [0.105, 0.105, 0.210, 0.210, 0.210]),
+    }
+    text = _report(times, 1.3, 0.3, "no cache hit", "no cache hit", (1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
+    header = next(line for line in text.splitlines() if line.startswith("| query |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    row = next(line for line in text.splitlines() if line.startswith("| q02 loaded |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == len(columns)
+    assert cells[columns.index("ratio")] == "0.48x"
+    assert cells[columns.index("paired ratio")] == "0.95x"
+    summary = {
+        cells[0]: cells[1:]
+        for line in text.splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+    }
+    assert summary["worst query, caches off"][0] == "0.48x (q02 loaded)"
+    assert summary["worst query, paired ratio, caches off"] == ["0.95x (q02 loaded)", ">= 0.90x", "yes"]
+    assert summary["geomean paired ratio, caches off (median of per-repetition ratios)"][2] == "yes"
+
+
+def test_ab_analytic_finds_every_step_it_times() -> None:
+    """ab_analytic wraps server functions by module and name: a rename must fail here. In a
+    child process: the wrappers replace the server's functions for good."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from tests.bench.ab_analytic import _instrument; _instrument()"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
