@@ -303,6 +303,10 @@ class Activity:
         self.busy = 0
         self.seq = 0
         self.quiet_since = time.monotonic()
+        #: Threads waiting for the calls in progress to end (the idle fill with a table
+        #: queued). The last call to end wakes them, and only them: notifying an idle filler
+        #: with nothing queued would be a thread wake-up (a GIL hand-over) on every RPC.
+        self.idle_waiters = 0
 
     def begin(self) -> Callable[[], None]:
         """A call starts; the returned function ends it (once, whatever happens)."""
@@ -320,7 +324,8 @@ class Activity:
                 self.busy -= 1
                 if self.busy == 0:
                     self.quiet_since = time.monotonic()
-                    self.cond.notify_all()
+                    if self.idle_waiters:
+                        self.cond.notify_all()
 
         return end
 
@@ -425,8 +430,15 @@ class IdleFiller:
         a = self._activity
         with self._cond:
             while not self._stopped:
-                if not self._queue or a.busy:
-                    self._cond.wait()
+                if not self._queue:
+                    self._cond.wait()  # until want() or close()
+                    continue
+                if a.busy:
+                    a.idle_waiters += 1  # until the last call in progress ends
+                    try:
+                        self._cond.wait()
+                    finally:
+                        a.idle_waiters -= 1
                     continue
                 quiet = time.monotonic() - a.quiet_since
                 if quiet < self.idle_seconds:

@@ -182,6 +182,52 @@ def test_racing_scans_all_read_the_table_and_it_is_loaded_once(server: Server) -
     assert idle.outcomes["ok"] == oks + 1
 
 
+def test_calls_wake_the_idle_fill_only_when_it_waits_for_them(server: Server) -> None:
+    """The end of a call notifies the threads waiting for the data plane to become idle, and
+    nobody else: with no table queued the filler sleeps through every RPC (a wake-up per
+    call is a thread switch and a GIL hand-over on two cores, on the hot path of every
+    query). A thread waiting on the same condition stands in for it, once unregistered (the
+    calls must not wake it), once registered as an idle waiter (the first call end does)."""
+    ref = _create(server, "wake", 1000)
+    _scan(server, ref)
+    wait_until(lambda: _cache(server).holds(ref), what="the idle fill")
+    activity = _idle(server)._activity
+    wait_until(lambda: activity.busy == 0 and _idle(server).queued == 0, what="an idle data plane")
+    woken: list[bool] = []
+    ready = threading.Event()
+
+    def sleeper(register: bool) -> None:
+        with activity.cond:
+            if register:
+                activity.idle_waiters += 1
+            ready.set()
+            try:
+                woken.append(activity.cond.wait(30))
+            finally:
+                if register:
+                    activity.idle_waiters -= 1
+
+    t = threading.Thread(target=sleeper, args=(False,))
+    t.start()
+    ready.wait(10)
+    for _ in range(10):
+        _scan(server, ref)  # served from memory: GetFlightInfo and DoGet, each a call
+    assert woken == []  # still asleep after 20 calls
+    with activity.cond:
+        activity.cond.notify_all()  # what want() or close() do
+    t.join(10)
+    assert woken == [True]
+
+    woken.clear()
+    ready.clear()
+    t = threading.Thread(target=sleeper, args=(True,))
+    t.start()
+    ready.wait(10)
+    _scan(server, ref)
+    t.join(10)
+    assert woken == [True] and activity.idle_waiters == 0
+
+
 def test_shutdown_stops_a_running_fill_and_stores_nothing(tmp_path_factory: pytest.TempPathFactory) -> None:
     s = start_server(tmp_path_factory.mktemp("idle_stop"), demo=False)
     stopped = False
