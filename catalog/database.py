@@ -76,22 +76,44 @@ def insert_columns(
     cur.execute(f"{verb} INTO {table} ({names}) SELECT {unnests}", [values for _, _, values in columns])
 
 
-class ThreadCursors:
-    """One cursor per thread of a private DuckDB connection (the guard's parser, the views'
-    filter parser, the live tables' binder): a DuckDB connection is not safe to share between
-    threads, and a cursor per call would cost a connection each time."""
+class CursorPool:
+    """Cursors of a private DuckDB connection (the guard's parser, the views' filter parser,
+    the live tables' binder), each taken for one use and given back: a DuckDB connection is
+    not safe to share between threads, and a cursor per call would cost a connection each
+    time (~0.15 ms, tests/bench/RESULTS.md "Costs the code relies on").
 
-    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+    A pool, not one cursor per thread: pyarrow's Flight server runs the handlers on gRPC's
+    threads, which are not Python threads, and CPython makes and destroys their Python thread
+    state — and with it every thread-local — on each entry into Python, so a per-thread
+    cursor was opened again on nearly every call (tests/bench/PROFILE.md, section 11). At
+    most ``keep`` idle cursors are kept (as many as calls used one at once, up to that)."""
+
+    def __init__(self, connection: duckdb.DuckDBPyConnection, keep: int = 16) -> None:
         self._connection = connection
-        self._local = threading.local()
+        self._keep = keep
+        self._idle: list[duckdb.DuckDBPyConnection] = []
+        self._lock = threading.Lock()
+        self.made = 0
+        """Cursors opened (for tests)."""
 
-    def get(self) -> duckdb.DuckDBPyConnection:
-        """This thread's cursor, made on its first call."""
-        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
+    @contextmanager
+    def use(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor for the caller alone until the block ends."""
+        with self._lock:
+            cur = self._idle.pop() if self._idle else None
+            if cur is None:
+                self.made += 1
         if cur is None:
             cur = self._connection.cursor()
-            self._local.cursor = cur
-        return cur
+        try:
+            yield cur
+        finally:
+            with self._lock:
+                kept = len(self._idle) < self._keep
+                if kept:
+                    self._idle.append(cur)
+            if not kept:
+                cur.close()
 
 
 class DatabaseTooNew(QuiverError):

@@ -42,7 +42,7 @@ import pyarrow as pa
 import structlog
 
 from catalog.config import Config, LiveConfig, SnowflakeConfig
-from catalog.database import ThreadCursors, quote_ident
+from catalog.database import CursorPool, quote_ident
 from catalog.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
 from catalog.snowflake_client import AUTH_ERRNOS, SecretUnreadable, connect_args, scrub
 from catalog.snowflake_names import SnowflakeTable, quote_snowflake, split_snowflake_name
@@ -105,7 +105,7 @@ class LiveTables:
         self._binder = duckdb.connect(":memory:")
         self._binder.execute("SET enable_external_access = false")
         self._bound: dict[tuple[str, str], tuple[LiveColumn, ...]] = {}
-        self._cursors = ThreadCursors(self._binder)
+        self._cursors = CursorPool(self._binder)
         self._sessions = threading.BoundedSemaphore(config.live.max_concurrent)
         self.results = LiveResults(
             config.live.cache_ttl_seconds, config.cache.max_memory_bytes, config.cache.max_entry_bytes
@@ -217,12 +217,12 @@ class LiveTables:
         caller's (INVALID_ARGUMENT, with DuckDB's words)."""
         for ref in refs:
             self.describe(ref)
-        cur = self._cursors.get()
-        try:
-            rel = cur.sql(f"SELECT * FROM (\n{sql}\n) LIMIT 0", params=list(params) or None)
-            return rel.to_arrow_table().schema
-        except duckdb.Error as e:
-            raise InvalidArgument(f"the query does not bind: {str(e).splitlines()[0]}") from None
+        with self._cursors.use() as cur:
+            try:
+                rel = cur.sql(f"SELECT * FROM (\n{sql}\n) LIMIT 0", params=list(params) or None)
+                return rel.to_arrow_table().schema
+            except duckdb.Error as e:
+                raise InvalidArgument(f"the query does not bind: {str(e).splitlines()[0]}") from None
 
     # --- sessions -------------------------------------------------------------------------------
     def session(self) -> LiveSession:

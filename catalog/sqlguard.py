@@ -141,7 +141,7 @@ from typing import Any
 import duckdb
 import msgspec
 
-from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA, ThreadCursors, quote_literal
+from catalog.database import ARTEFACT_SCHEMA, SYSTEM_SCHEMA, CursorPool, quote_literal
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.identity import Principal
 from catalog.policy import NOT_READABLE, Policy, readable_hint
@@ -837,7 +837,7 @@ class SqlGuard:
         self._catalog = fold(catalog_name)
         self._max_sql_chars = max_sql_chars
         self._parser = duckdb.connect(":memory:")
-        self._cursors = ThreadCursors(self._parser)
+        self._cursors = CursorPool(self._parser)
         rows = self._parser.execute(
             "SELECT function_name, function_type, schema_name, return_type, stability, len(parameters) "
             "FROM duckdb_functions()"
@@ -1008,22 +1008,22 @@ class SqlGuard:
     def _rewritten(self, parsed: _Parsed, walk: _Walk, views: dict[tuple[str, str], str]) -> tuple[str, str]:
         """The work of :meth:`_rewrite`: raises :class:`_Unwritable` (or DuckDB's error) when
         the written-back text does not parse to exactly the intended tree."""
-        cur = self._cursors.get()
-        want = _Rewriter(cur, walk.bases, views, self._catalog).swap(
-            json.loads(parsed.normalized), parsed.tree
-        )[0]
-        text = str(
-            cur.execute(
-                "SELECT json_deserialize_sql(?)", [json.dumps({"error": False, "statements": [want]})]
-            ).fetchall()[0][0]
-        )
-        back = json.loads(cur.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0])
-        if back.get("error") or len(back.get("statements") or []) != 1:
-            raise _Unwritable
-        got = _canonical(_strip_locations(back["statements"][0]))
-        if got != _canonical(want):
-            raise _Unwritable
-        return text, got
+        with self._cursors.use() as cur:
+            want = _Rewriter(cur, walk.bases, views, self._catalog).swap(
+                json.loads(parsed.normalized), parsed.tree
+            )[0]
+            text = str(
+                cur.execute(
+                    "SELECT json_deserialize_sql(?)", [json.dumps({"error": False, "statements": [want]})]
+                ).fetchall()[0][0]
+            )
+            back = json.loads(cur.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0])
+            if back.get("error") or len(back.get("statements") or []) != 1:
+                raise _Unwritable
+            got = _canonical(_strip_locations(back["statements"][0]))
+            if got != _canonical(want):
+                raise _Unwritable
+            return text, got
 
     def invalidate_tables(self) -> None:
         """Forget the cached lists of data tables and stored functions (call after creating
@@ -1231,45 +1231,45 @@ class SqlGuard:
 
     def _parse_uncached(self, sql: str) -> _Parsed:
         self._check_text(sql)
-        cur = self._cursors.get()
-        try:
-            statements = cur.extract_statements(sql)
-        except duckdb.ParserException as e:
-            raise InvalidArgument(f"SQL syntax error: {_clean_error(e)}") from None
-        except duckdb.Error as e:
-            raise InvalidArgument(f"the SQL cannot be parsed: {_clean_error(e)}") from None
-        if not statements:
-            raise InvalidArgument(
-                "no SQL statement found (the text is empty or only comments); send one query"
-            )
-        if len(statements) > 1:
-            raise InvalidArgument(
-                f"found {len(statements)} statements; send exactly one query, without ';' between statements"
-            )
-        stmt = statements[0]
-        try:
-            kind = stmt.type.name
-        except ValueError:
-            # The Python binding has no name for some statement types (e.g. UPDATE EXTENSIONS).
-            raise PermissionDenied(f"this statement is not a query: {_QUERIES_ONLY}") from None
-        if kind != "SELECT":
-            raise PermissionDenied(self._statement_refusal(kind))
-        text = _statement_text(stmt.query)
-        try:
-            raw = cur.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0]
-            tree = json.loads(raw)
-            if tree.get("error"):
-                detail = str(tree.get("error_message") or "unknown error")
-                raise InvalidArgument(f"the query cannot be analysed: {detail}")
-            parsed = tree.get("statements")
-            if not isinstance(parsed, list) or len(parsed) != 1 or not isinstance(parsed[0], dict):
-                raise InvalidArgument("the query cannot be analysed; send exactly one SELECT query")
-            normalized = json.dumps(_strip_locations(parsed[0]), sort_keys=True, separators=(",", ":"))
-        except RecursionError:
-            raise InvalidArgument(_TOO_DEEP) from None
-        except duckdb.Error as e:
-            raise InvalidArgument(f"the query cannot be analysed: {_clean_error(e)}") from None
-        return _Parsed(text=text, tree=parsed[0], normalized=normalized)
+        with self._cursors.use() as cur:
+            try:
+                statements = cur.extract_statements(sql)
+            except duckdb.ParserException as e:
+                raise InvalidArgument(f"SQL syntax error: {_clean_error(e)}") from None
+            except duckdb.Error as e:
+                raise InvalidArgument(f"the SQL cannot be parsed: {_clean_error(e)}") from None
+            if not statements:
+                raise InvalidArgument(
+                    "no SQL statement found (the text is empty or only comments); send one query"
+                )
+            if len(statements) > 1:
+                raise InvalidArgument(
+                    f"found {len(statements)} statements; send exactly one query, without ';' between statements"
+                )
+            stmt = statements[0]
+            try:
+                kind = stmt.type.name
+            except ValueError:
+                # The Python binding has no name for some statement types (e.g. UPDATE EXTENSIONS).
+                raise PermissionDenied(f"this statement is not a query: {_QUERIES_ONLY}") from None
+            if kind != "SELECT":
+                raise PermissionDenied(self._statement_refusal(kind))
+            text = _statement_text(stmt.query)
+            try:
+                raw = cur.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0]
+                tree = json.loads(raw)
+                if tree.get("error"):
+                    detail = str(tree.get("error_message") or "unknown error")
+                    raise InvalidArgument(f"the query cannot be analysed: {detail}")
+                parsed = tree.get("statements")
+                if not isinstance(parsed, list) or len(parsed) != 1 or not isinstance(parsed[0], dict):
+                    raise InvalidArgument("the query cannot be analysed; send exactly one SELECT query")
+                normalized = json.dumps(_strip_locations(parsed[0]), sort_keys=True, separators=(",", ":"))
+            except RecursionError:
+                raise InvalidArgument(_TOO_DEEP) from None
+            except duckdb.Error as e:
+                raise InvalidArgument(f"the query cannot be analysed: {_clean_error(e)}") from None
+            return _Parsed(text=text, tree=parsed[0], normalized=normalized)
 
     @staticmethod
     def _statement_refusal(kind: str) -> str:
@@ -1353,38 +1353,38 @@ class SqlGuard:
 
     def _rowid_parts(self, normalized: str, bounds: list[tuple[int, int | None]]) -> tuple[str, ...] | None:
         tree = json.loads(normalized)
-        cur = self._cursors.get()
-        out = []
-        try:
-            for lo, hi in bounds:
-                where = f"rowid >= {int(lo)}" + ("" if hi is None else f" AND rowid < {int(hi)}")
-                raw = cur.execute("SELECT json_serialize_sql(?)", [f"SELECT 1 WHERE {where}"]).fetchall()[0][
-                    0
-                ]
-                predicate = _strip_locations(json.loads(raw)["statements"][0]["node"]["where_clause"])
-                node = dict(tree["node"])
-                old = node.get("where_clause")
-                terms = _and_terms(predicate) + (_and_terms(old) if old is not None else [])
-                node["where_clause"] = {
-                    "class": "CONJUNCTION",
-                    "type": "CONJUNCTION_AND",
-                    "alias": "",
-                    "children": terms,
-                }
-                want = {**tree, "node": node}
-                text = cur.execute(
-                    "SELECT json_deserialize_sql(?)", [json.dumps({"error": False, "statements": [want]})]
-                ).fetchall()[0][0]
-                back = json.loads(cur.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0])
-                if back.get("error") or len(back.get("statements") or []) != 1:
-                    return None
-                got = _strip_locations(back["statements"][0])
-                if not isinstance(got.get("node"), dict) or _flat_where(got) != _flat_where(want):
-                    return None
-                out.append(str(text))
-        except (duckdb.Error, KeyError, TypeError, ValueError, RecursionError):
-            return None
-        return tuple(out)
+        with self._cursors.use() as cur:
+            out = []
+            try:
+                for lo, hi in bounds:
+                    where = f"rowid >= {int(lo)}" + ("" if hi is None else f" AND rowid < {int(hi)}")
+                    raw = cur.execute("SELECT json_serialize_sql(?)", [f"SELECT 1 WHERE {where}"]).fetchall()[
+                        0
+                    ][0]
+                    predicate = _strip_locations(json.loads(raw)["statements"][0]["node"]["where_clause"])
+                    node = dict(tree["node"])
+                    old = node.get("where_clause")
+                    terms = _and_terms(predicate) + (_and_terms(old) if old is not None else [])
+                    node["where_clause"] = {
+                        "class": "CONJUNCTION",
+                        "type": "CONJUNCTION_AND",
+                        "alias": "",
+                        "children": terms,
+                    }
+                    want = {**tree, "node": node}
+                    text = cur.execute(
+                        "SELECT json_deserialize_sql(?)", [json.dumps({"error": False, "statements": [want]})]
+                    ).fetchall()[0][0]
+                    back = json.loads(cur.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0])
+                    if back.get("error") or len(back.get("statements") or []) != 1:
+                        return None
+                    got = _strip_locations(back["statements"][0])
+                    if not isinstance(got.get("node"), dict) or _flat_where(got) != _flat_where(want):
+                        return None
+                    out.append(str(text))
+            except (duckdb.Error, KeyError, TypeError, ValueError, RecursionError):
+                return None
+            return tuple(out)
 
     # --- helpers used by the walk -----------------------------------------------------------
     def _data_tables(self) -> dict[tuple[str, str], TableRef | None]:

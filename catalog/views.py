@@ -34,7 +34,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from catalog.database import ThreadCursors, quote_ident, quote_literal
+from catalog.database import CursorPool, quote_ident, quote_literal
 from catalog.errors import InvalidArgument, PermissionDenied
 from catalog.rules import AttributeValue, TableRule
 from catalog.tables import TableCatalog, TableRef, fold
@@ -94,7 +94,7 @@ class Views:
         self._shapes: OrderedDict[tuple[str, int], tuple[pa.Schema, int]] = OrderedDict()
         self._parser = duckdb.connect(":memory:")
         self._parser.execute("SET enable_external_access = false")
-        self._cursors = ThreadCursors(self._parser)
+        self._cursors = CursorPool(self._parser)
         self.builds = 0
         """Texts built (not answered from memory): for tests."""
 
@@ -217,11 +217,8 @@ class Views:
         hit = self._spans.get(predicate)
         if hit is not None:
             return hit
-        raw = (
-            self._cursors.get()
-            .execute("SELECT json_serialize_sql(?)", [_PROBE_PREFIX + predicate])
-            .fetchall()[0][0]
-        )
+        with self._cursors.use() as cur:
+            raw = cur.execute("SELECT json_serialize_sql(?)", [_PROBE_PREFIX + predicate]).fetchall()[0][0]
         tree = json.loads(raw)
         if tree.get("error"):
             raise InvalidArgument(f"a row filter cannot be parsed: {str(tree.get('error_message'))[:200]}")

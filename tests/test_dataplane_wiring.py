@@ -81,3 +81,52 @@ def test_the_query_label_and_the_cache_key_use_the_guards_fingerprint(server: Se
     guarded = flight_server.planner.check_sql(principal, "SELECT count(*) FROM demo.orders")
     assert sql_digest(guarded.normalized) == guarded.fingerprint
     assert _query_label(guarded.normalized) == f"query:{guarded.fingerprint[:12]}"
+
+
+def test_the_guards_parser_cursors_are_reused_from_one_call_to_the_next(server: Server) -> None:
+    """A new query shape is parsed on a cursor of the guard's private DuckDB; sixty of them,
+    one call at a time, open at most a couple of cursors, not one each. The handlers run on
+    gRPC's threads, whose Python thread state — with every thread-local — CPython makes and
+    destroys on each entry into Python, so the per-thread cursor this used to keep was opened
+    again on nearly every call (catalog/database.py ``CursorPool``)."""
+    assert server.runtime.flight is not None
+    cursors = server.runtime.flight.guard._cursors
+    client, opts = server.flight(), call_options(server.demo_token)
+    made = cursors.made
+    for j in range(60):
+        body = {"kind": "query", "sql": f"SELECT {j} AS shape_{j}"}  # a new shape: parsed
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(body).encode()), opts)
+        assert client.do_get(info.endpoints[0].ticket, opts).read_all().column(0).to_pylist() == [j]
+    assert cursors.made - made <= 2, cursors.made - made
+
+
+def test_racing_parses_each_get_a_cursor_of_their_own(server: Server) -> None:
+    """Eight threads parsing new shapes at once: every answer is its own (a cursor is never
+    shared by two parses), and the pool keeps no more cursors than it may."""
+    assert server.runtime.flight is not None
+    cursors = server.runtime.flight.guard._cursors
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+    tokens = [server.mint("agent", "demo", f"parser-{k}") for k in range(8)]
+
+    def agent(k: int) -> None:
+        try:
+            client, opts = server.flight(), call_options(tokens[k])
+            barrier.wait()
+            for j in range(15):
+                body = {"kind": "query", "sql": f"SELECT {k * 100 + j} AS race_{k}_{j}"}
+                info = client.get_flight_info(
+                    flight.FlightDescriptor.for_command(json.dumps(body).encode()), opts
+                )
+                got = client.do_get(info.endpoints[0].ticket, opts).read_all()
+                assert got.column_names == [f"race_{k}_{j}"] and got.column(0).to_pylist() == [k * 100 + j]
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=agent, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    assert len(cursors._idle) <= cursors._keep
