@@ -178,8 +178,11 @@ class TokenService:
         self._swarms = swarms
         self._writes: AdminWrites = swarms.writes
         self._lock = threading.Lock()
-        self._cache: OrderedDict[str, Principal] = OrderedDict()
-        self._last_used: dict[str, datetime] = {}
+        #: Verified tokens: the principal and the moment (epoch seconds) it is refused from.
+        self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        #: jti -> when it was last used (epoch seconds: a float per request, the datetime is
+        #: made by the batched write).
+        self._last_used: dict[str, float] = {}
         now = self._now()
         with self._writes.lock, db.reading() as cur:
             revoked = cur.execute(
@@ -453,15 +456,20 @@ class TokenService:
         """Like :meth:`verify`, without marking the token used (memory only)."""
         cached = self._cache.get(token)
         if cached is None:
-            cached = self._decode(token)
+            principal = self._decode(token)
+            # :meth:`_expired`'s rule as one number, so that every call after the first
+            # compares two floats (it ran on every RPC, twice per query, building a timedelta
+            # and a datetime each time): refused from ``exp + leeway`` on.
+            cached = (principal, principal.expires_at.timestamp() + self._config.leeway_seconds)
             with self._lock:
                 self._cache[token] = cached
                 if len(self._cache) > VERIFY_CACHE_SIZE:
                     self._cache.popitem(last=False)
-        if self._expired(cached.expires_at):
+        principal, refused_from = cached
+        if refused_from <= self._clock.time():
             raise Unauthenticated(_EXPIRED_MESSAGE)
-        self._check_live(cached)
-        return cached
+        self._check_live(principal)
+        return principal
 
     def _check_live(self, principal: Principal) -> None:
         """Not revoked (itself, its chain, the chain that minted it) and its swarm the same
@@ -483,7 +491,7 @@ class TokenService:
     def record_use(self, principal: Principal) -> None:
         """Note that ``principal``'s token was used for an accepted request (memory only;
         :meth:`flush_last_used` writes the times in batches)."""
-        self._last_used[principal.jti] = self._now()
+        self._last_used[principal.jti] = self._clock.time()
 
     def _decode(self, token: str) -> Principal:
         if not token or len(token) > 4096:
@@ -716,7 +724,7 @@ class TokenService:
             self._legacy = {j: s for j, s in self._legacy.items() if j not in self._revoked}
         if not batch:
             return 0
-        params = [[t, j] for j, t in batch.items()]
+        params = [[datetime.fromtimestamp(t, UTC), j] for j, t in batch.items()]
         try:
             self._writes.run(
                 "record token use",

@@ -9,7 +9,8 @@ each of CALLS rounds (default 400) a fresh-text point query (``WHERE id = <new k
 neither server has seen) and a parameterized one (``WHERE id = ?``, a new value) are sent to
 both servers, the order of the two servers alternating from round to round, so that the load
 of a shared machine falls on both alike. GetFlightInfo and DoGet are timed apart at the
-client (a raw pyarrow.flight client). Prints the medians, the p99 and the load average.
+client (a raw pyarrow.flight client). Prints the medians, the p99, each server's CPU per query
+(``/proc/<pid>/stat`` over the timed rounds) and the load average.
 """
 
 from __future__ import annotations
@@ -78,7 +79,11 @@ class _Server:
             token = r.json()["token"]
         self.name = name
         self.pid = proc.pid
-        self.client = flight.FlightClient(f"grpc://127.0.0.1:{flight_port}")
+        self.token = token
+        self.data = data
+        self.url = f"grpc://127.0.0.1:{flight_port}"
+        self.http_url = f"http://127.0.0.1:{http_port}"
+        self.client = flight.FlightClient(self.url)
         stack.callback(self.client.close)
         self.opts = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())])
 
@@ -121,6 +126,7 @@ def main(argv: list[str]) -> int:
                     s.one(FRESH.format(k=k), None)
                     s.one(PARAM, [k + i])
             times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+            cpu0 = {s.name: _cpu_seconds(s.pid) for s in servers}
             for i in range(calls):
                 order = servers if i % 2 == 0 else servers[::-1]
                 for j, s in enumerate(order):
@@ -128,6 +134,7 @@ def main(argv: list[str]) -> int:
                     k_fresh, k_param = keys[4 * i + 2 * j], keys[4 * i + 2 * j + 1]
                     times.setdefault((s.name, "fresh"), []).append(s.one(FRESH.format(k=k_fresh), None))
                     times.setdefault((s.name, "param"), []).append(s.one(PARAM, [k_param]))
+            cpu = {s.name: (_cpu_seconds(s.pid) - cpu0[s.name]) / (2 * calls) for s in servers}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ended = time.strftime("%H:%M:%S", time.gmtime())
@@ -147,7 +154,18 @@ def main(argv: list[str]) -> int:
                 f"{statistics.median(b for _, b in ts) * 1e3:.3f} | {statistics.median(totals) * 1e3:.3f} | "
                 f"{p99 * 1e3:.3f} |"
             )
+    print(
+        "\nServer CPU per query (utime + stime of the process over the timed rounds, fresh and `?` "
+        "together, ticks of 10 ms): " + ", ".join(f"{name} {sec * 1e3:.3f} ms" for name, sec in cpu.items())
+    )
     return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (every thread, the ended ones included), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
