@@ -21,8 +21,9 @@ from structlog.testing import capture_logs
 
 from catalog import TableRef
 from catalog.tables import TableCatalog
-from flight_server.table_cache import HOT_TABLES_FILE, MAX_HOT_TABLES_BYTES, IdleFiller, TableCache
-from tests.harness import Server, call_options, error_info, start_server, wait_until
+from flight_server.table_cache import HOT_TABLES_FILE, MAX_HOT_TABLES_BYTES, TableCache
+from tests.harness import Server, error_info, start_server, wait_until
+from tests.test_idle_fill import _cache, _duckdb, _idle, _scan
 
 #: Large enough that a reload reads for a while (many batches), small enough for a test.
 BIG_ROWS = 6_000_000
@@ -44,28 +45,6 @@ def _create(s: Server, name: str, rows: int) -> TableRef:
         )
         TableCatalog.bump_version(cur, ref)
     return ref
-
-
-def _cache(s: Server) -> TableCache:
-    assert s.runtime.flight is not None
-    return s.runtime.flight.table_cache
-
-
-def _idle(s: Server) -> IdleFiller:
-    idle = _cache(s).idle
-    assert idle is not None
-    return idle
-
-
-def _scan(s: Server, ref: TableRef) -> pa.Table:
-    client, opts = s.flight(), call_options(s.admin_token)
-    info = client.get_flight_info(flight.FlightDescriptor.for_path(ref.schema, ref.name), opts)
-    return pa.concat_tables([client.do_get(e.ticket, opts).read_all() for e in info.endpoints])
-
-
-def _duckdb(s: Server, ref: TableRef) -> pa.Table:
-    with s.catalog.db.reading() as cur:
-        return cur.sql(f"SELECT * FROM {ref.sql} ORDER BY rowid").to_arrow_table()
 
 
 def _tables(s: Server) -> dict[str, Any]:
@@ -410,3 +389,15 @@ def test_racing_scans_and_writes_leave_the_file_naming_what_is_held(tmp_path: Pa
         assert not list(tmp_path.glob(".hot-tables.json.tmp"))
     finally:
         s.stop()
+
+
+def test_the_setting_defaults_on_and_refuses_a_non_boolean() -> None:
+    from catalog import ConfigError, load_config
+
+    assert load_config(None, environ={}).cache.reload_hot_tables is True
+    assert (
+        load_config(None, environ={"QUIVER_CACHE_RELOAD_HOT_TABLES": "false"}).cache.reload_hot_tables
+        is False
+    )
+    with pytest.raises(ConfigError, match=r"cache\.reload_hot_tables"):
+        load_config(None, environ={"QUIVER_CACHE_RELOAD_HOT_TABLES": "sometimes"})

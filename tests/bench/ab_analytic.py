@@ -34,13 +34,11 @@ held result's DoGet; and the same query's steps on a plain DuckDB connection (th
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,67 +49,20 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import httpx
 import pyarrow.flight as flight
 
+from tests.bench.ab_point import _Server
 from tests.bench.bench_analytic import CACHES_OFF, QUERIES, SLOW_QUERIES, _data_file
-from tests.bench.bench_flight import _cpu_seconds, _free_port, _wait_port
+from tests.bench.bench_flight import _cpu_seconds
+from tests.bench.profile_point import TIMES, _timed
 
 DEFAULT_QUERIES = ("q02", "q06", "q08", "q16")
 #: Between two requests: the previous contender's frees and stream ends run on after it returns.
 SETTLE_SECONDS = 0.02
+#: Each server's configuration: every cache that holds table data off, as in the benchmark.
+SERVER_ENV = {**CACHES_OFF, **SLOW_QUERIES}
 #: How long each idle server's CPU is read before the rounds (a poller would steal DuckDB's cores).
 IDLE_SECONDS = 5.0
-
-
-class _Server:
-    """A caches-off ``quiver serve`` of the tree at ``root`` on its own copy of the star file."""
-
-    def __init__(self, stack: contextlib.ExitStack, root: Path, work: Path, name: str, db: Path) -> None:
-        flight_port, http_port = _free_port(), _free_port()
-        data = work / name
-        env = {
-            **os.environ,
-            **CACHES_OFF,
-            **SLOW_QUERIES,
-            "PYTHONPATH": str(root),
-            "QUIVER_SERVER_DATA_DIR": str(data),
-            "QUIVER_SERVER_DATABASE": str(db),
-            "QUIVER_SERVER_FLIGHT_PORT": str(flight_port),
-            "QUIVER_SERVER_HTTP_PORT": str(http_port),
-            "QUIVER_SERVER_LOG_FORMAT": "json",
-        }
-        log = (work / f"{name}.log").open("wb")
-        stack.callback(log.close)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "quiver", "serve"], stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env
-        )
-
-        def stop() -> None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-        stack.callback(stop)
-        _wait_port(flight_port, proc, name)
-        _wait_port(http_port, proc, name)
-        admin = (data / "admin.token").read_text().strip()
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{http_port}", headers={"authorization": f"Bearer {admin}"}
-        ) as http:
-            r = http.post("/v1/swarms", json={"name": "bench", "description": "ab", "tables": ["star.*"]})
-            r.raise_for_status()
-            r = http.post("/v1/tokens", json={"kind": "agent", "swarm": "bench", "agent": "ab"})
-            r.raise_for_status()
-            token = r.json()["token"]
-        self.name = name
-        self.pid = proc.pid
-        self.client = flight.FlightClient(f"grpc://127.0.0.1:{flight_port}")
-        stack.callback(self.client.close)
-        self.opts = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())])
 
 
 def _request(
@@ -178,9 +129,11 @@ def _ab(queries: dict[str, str], rounds: int, base: Path | None, work: Path, mas
     started, load_before = time.strftime("%H:%M:%S", time.gmtime()), os.getloadavg()
     with contextlib.ExitStack() as stack:
         con = stack.enter_context(duckdb.connect(str(copies["duck"]), read_only=True))
-        servers = [_Server(stack, here, work, "new", copies["new"])]
+        servers = [_Server(stack, here, work, "new", copies["new"], env=SERVER_ENV, tables="star.*")]
         if base is not None:
-            servers.append(_Server(stack, base, work, "base", copies["base"]))
+            servers.append(
+                _Server(stack, base, work, "base", copies["base"], env=SERVER_ENV, tables="star.*")
+            )
         names = ["duckdb", *(s.name for s in servers)]
         idle = {s.name: _cpu_seconds(s.pid) for s in servers}
         time.sleep(IDLE_SECONDS)
@@ -256,24 +209,7 @@ def _print_ab(
 
 # --- the server-side split ------------------------------------------------------------------------
 
-TIMES: dict[str, list[float]] = defaultdict(list)
 _MARKS = threading.local()
-
-
-def _timed(owner: Any, attr: str, label: str) -> None:
-    """Wrap ``owner.attr`` so that every call's wall time is recorded under ``label``."""
-    original = getattr(owner, attr)
-    static = isinstance(owner.__dict__.get(attr), staticmethod) if isinstance(owner, type) else False
-
-    @functools.wraps(original)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            TIMES[label].append(time.perf_counter() - started)
-
-    setattr(owner, attr, staticmethod(wrapper) if static else wrapper)
 
 
 def _instrument() -> None:

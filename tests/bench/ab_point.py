@@ -39,11 +39,26 @@ PARAM = "SELECT * FROM bench.t WHERE id = ?"
 
 
 class _Server:
-    def __init__(self, stack: contextlib.ExitStack, root: Path, work: Path, name: str, db: Path) -> None:
+    """A ``quiver serve`` of the tree at ``root`` on the DuckDB file ``db`` (its own copy), with
+    ``env`` added to its environment (e.g. a caches-off configuration), a swarm ``bench``
+    reading ``tables`` and an agent token of it (also used by the other A/B scripts)."""
+
+    def __init__(
+        self,
+        stack: contextlib.ExitStack,
+        root: Path,
+        work: Path,
+        name: str,
+        db: Path,
+        *,
+        env: dict[str, str] | None = None,
+        tables: str = "bench.*",
+    ) -> None:
         flight_port, http_port = _free_port(), _free_port()
         data = work / name
-        env = {
+        environ = {
             **os.environ,
+            **(env or {}),
             "PYTHONPATH": str(root),
             "QUIVER_SERVER_DATA_DIR": str(data),
             "QUIVER_SERVER_DATABASE": str(db),
@@ -54,7 +69,11 @@ class _Server:
         log = (work / f"{name}.log").open("wb")
         stack.callback(log.close)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "quiver", "serve"], stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env
+            [sys.executable, "-m", "quiver", "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            env=environ,
         )
 
         def stop() -> None:
@@ -72,7 +91,7 @@ class _Server:
         with httpx.Client(
             base_url=f"http://127.0.0.1:{http_port}", headers={"authorization": f"Bearer {admin}"}
         ) as http:
-            r = http.post("/v1/swarms", json={"name": "bench", "description": "ab", "tables": ["bench.*"]})
+            r = http.post("/v1/swarms", json={"name": "bench", "description": "ab", "tables": [tables]})
             r.raise_for_status()
             r = http.post("/v1/tokens", json={"kind": "agent", "swarm": "bench", "agent": "ab"})
             r.raise_for_status()

@@ -32,9 +32,9 @@ from typing import Any
 import duckdb
 import httpx
 
+from tests.bench.bench_agent import CACHES_OFF
 from tests.bench.bench_flight import TABLE_SQL, _free_port, _wait_port
 
-CACHES_OFF = {"QUIVER_CACHE_ENABLED": "false", "QUIVER_CACHE_TABLE_MEMORY_BYTES": "0"}
 TIMEOUT = 120.0
 
 
