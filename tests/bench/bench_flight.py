@@ -137,6 +137,20 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _quiet(pids: list[int], window: float = 0.5, timeout: float = 30.0) -> float:
+    """Wait until the processes ``pids`` have used less than two clock ticks of CPU in
+    ``window`` seconds — every contender's start-up done (ROAPI reading its Parquet file, a
+    server's first housekeeping pass) — so that a first request is not charged another
+    process's start; the seconds waited (``timeout`` at most)."""
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    started = time.perf_counter()
+    while True:
+        before = sum(_cpu_seconds(p) for p in pids)
+        time.sleep(window)
+        if sum(_cpu_seconds(p) for p in pids) - before < 2 * tick or time.perf_counter() - started > timeout:
+            return time.perf_counter() - started
+
+
 @dataclass
 class Row:
     measure: str
