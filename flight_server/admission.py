@@ -116,7 +116,12 @@ class Admission:
         metrics: Metrics | None = None,
         budgets: Budgets | None = None,
         overrides: SwarmLimits | None = None,
+        activity: Callable[[], Release] | None = None,
     ) -> None:
+        # Marks the data plane busy while a slot is held, whichever path took it (a Flight call,
+        # POST /v1/query, MCP, an export): the hot-table cache's idle fill waits for it
+        # (flight_server/table_cache.py ``Activity.begin``); returns the function that ends it.
+        self._activity = activity
         # Usage budgets (catalog/budgets.py): checked before a slot is taken.
         self._budgets = budgets
         # Per-swarm limits (catalog/limits.py); None: [limits] for everyone.
@@ -173,7 +178,16 @@ class Admission:
             # Counted under its swarm whether or not the swarm has limits now: a bound set
             # later counts what already runs.
             self._take(subject, principal.swarm, query, index)
-        return self._releaser(subject, query, index)
+        release = self._releaser(subject, query, index)
+        if self._activity is None:
+            return release
+        end = self._activity()
+
+        def release_and_end() -> None:
+            release()
+            end()
+
+        return release_and_end
 
     def admit_call(self, principal: Principal, *, budget: bool = True) -> None:
         """The checks at the start of a call whose planning may take no slot, or takes it

@@ -264,6 +264,10 @@ class QueryManager:
         # Bytes on disk: results kept plus results being written.
         self._disk_bytes = 0
         self._closed = threading.Event()
+        #: Marks the data plane busy while a worker runs a query or task (they run outside
+        #: the admission slots): the hot-table cache's idle fill waits for it
+        #: (flight_server/table_cache.py ``Activity.begin``; set by the Flight server).
+        self.activity: Callable[[], Callable[[], None]] | None = None
         results_dir.mkdir(parents=True, exist_ok=True)
         results_dir.chmod(0o700)
         # Query state lives in memory: files from an earlier process are orphans.
@@ -321,9 +325,9 @@ class QueryManager:
             self._queries[query_id] = query
             self._metrics.active.inc()
             if isinstance(prepared, PreparedTask):
-                query.future = self._pool.submit(self._execute_task, query, prepared.run)
+                query.future = self._pool.submit(self._busy, self._execute_task, query, prepared.run)
             else:
-                query.future = self._pool.submit(self._execute, query, prepared.run)
+                query.future = self._pool.submit(self._busy, self._execute, query, prepared.run)
             # Under the lock, which the worker takes to start: the answer is "queued", as
             # documented, even when the query then fails within a millisecond.
             answer = self._describe(query)
@@ -331,6 +335,15 @@ class QueryManager:
         return answer
 
     # --- running (worker threads) ------------------------------------------------------------
+    def _busy(self, work: Callable[[_Query, Any], None], query: _Query, run: Any) -> None:
+        """``work(query, run)``, with the data plane marked busy meanwhile (:attr:`activity`)."""
+        end = self.activity() if self.activity is not None else None
+        try:
+            work(query, run)
+        finally:
+            if end is not None:
+                end()
+
     def _execute(self, query: _Query, run: Runner) -> None:
         with self._lock:
             if query.state != "queued":  # cancelled while waiting

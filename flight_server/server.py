@@ -229,20 +229,28 @@ class QuiverFlightServer(flight.FlightServerBase):
         limits = catalog.config.limits
         self.tickets: TicketStore[TicketPayload] = TicketStore(limits.ticket_ttl_seconds, catalog.clock)
         self.watchdog = Watchdog()
+        # Every Flight call, and every query any path admits, counts as activity: the hot-table
+        # cache fills only while none runs.
+        self.activity = Activity()
         self.admission = Admission(
-            limits, catalog.db, self.watchdog, catalog.metrics, catalog.budgets, catalog.limits
+            limits,
+            catalog.db,
+            self.watchdog,
+            catalog.metrics,
+            catalog.budgets,
+            catalog.limits,
+            activity=self.activity.begin,
         )
         self.guard = SqlGuard(catalog.tables, catalog.policy, catalog.db.catalog_name)
         self.profiles = ProfileCache.for_catalog(catalog)
         self.queries = QueryManager.for_catalog(catalog)
+        self.queries.activity = self.activity.begin  # async queries run outside admission
         self.versions = VersionWatch(catalog.db)
         self.table_cache = TableCache(
             resolve_budget(catalog.config.cache.table_memory_bytes),
             registry=catalog.metrics.registry,
             fill=catalog.config.cache.table_fill,
         )
-        # Every Flight call counts as activity: the hot-table cache fills only while none runs.
-        self.activity = Activity()
         self.table_cache.fill_when_idle(functools.partial(table_snapshot, catalog), self.activity)
         if catalog.config.cache.reload_hot_tables:
             # The tables the previous run held load again while idle (table_cache "remember").

@@ -17,8 +17,9 @@ How it works:
 * **Fill when idle** (``[cache] table_fill = "idle"``, the default). The scan that misses
   streams from DuckDB exactly like an uncached scan — C++ moves DuckDB's batches, Python
   keeps none — and only queues its table (:meth:`TableCache.want`). One background thread
-  (:class:`IdleFiller`) loads queued tables once no Flight call has run for
-  ``IDLE_SECONDS`` (:class:`Activity`: every call holds it from its start to its end), in
+  (:class:`IdleFiller`) loads queued tables once no request has run for ``IDLE_SECONDS``
+  (:class:`Activity`: every Flight call holds it from its start to its end, and every query
+  any other path runs — POST /v1/query, MCP, async queries, exports — while it runs), in
   one snapshot — layout and rows together, so the entry is keyed by what it holds — and
   yields at the next batch as soon as a call starts (nothing is stored; the table is first
   again at the next idle moment). Why not fill while the first scan streams: keeping every
@@ -292,11 +293,13 @@ class Fill:
 
 
 class Activity:
-    """The data plane's calls in progress, for the idle fill: a count and a sequence number.
+    """The data plane's requests in progress, for the idle fill: a count and a sequence number.
 
     Every Flight call holds one from its start until its end (for DoGet: until the stream was
-    sent), so an idle fill starts only when nothing is running and yields as soon as a call
-    starts — on two cores, a fill beside a request would slow that request down."""
+    sent), and so does every admission slot (flight_server/admission.py: the queries of POST
+    /v1/query, MCP and exports) and every async query's worker run (flight_server/results.py),
+    so an idle fill starts only when nothing is running and yields as soon as anything starts —
+    on two cores, a fill beside a request would slow that request down."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()

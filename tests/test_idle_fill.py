@@ -7,6 +7,7 @@ fill stops at shutdown; the budget holds; ``table_fill = "scan"`` turns it off."
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 
@@ -344,3 +345,37 @@ def test_the_first_scan_after_start_imports_nothing() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("NEW "))
     assert line == "NEW []", line
+
+
+def test_queries_outside_flight_hold_the_data_plane_busy(server: Server) -> None:
+    """The idle fill waits for every request, not only Flight calls: a query of POST /v1/query
+    (and of MCP and exports, which take the same admission slots) holds the activity while it
+    runs, and an async query holds it while its worker runs it — after the submit-query call
+    has ended. Both let it go when they end."""
+    activity = _idle(server)._activity
+    assert server.http().post("/v1/swarms", json={"name": "busy", "tables": ["idle.*"]}).status_code == 201
+    token = server.mint(swarm="busy")
+    wait_until(lambda: activity.busy == 0, what="an idle data plane")
+    seq = activity.seq
+    r = server.http(token).post("/v1/query", json={"sql": "SELECT 42 AS x"})
+    assert r.status_code == 200, r.text
+    assert activity.seq > seq  # no Flight call ran: the admission slot counted
+    wait_until(lambda: activity.busy == 0, what="the HTTP query's slot let go")
+
+    client, opts = server.flight(), call_options(token)
+
+    def act(name: str, body: dict[str, str]) -> dict[str, object]:
+        raw = json.dumps(body).encode()
+        return dict(
+            json.loads(next(iter(client.do_action(flight.Action(name, raw), opts))).body.to_pybytes())
+        )
+
+    slow = "SELECT sum(hash(i)) AS h FROM range(20000000000) t(i)"  # minutes: cancelled below
+    query_id = str(act("submit-query", {"sql": slow})["id"])
+    wait_until(lambda: act("query-status", {"id": query_id})["state"] == "running", what="the async run")
+    # The status calls are Flight calls: once they have ended, only the worker holds it.
+    wait_until(lambda: activity.busy == 1, what="only the async worker busy")
+    assert act("query-status", {"id": query_id})["state"] == "running"
+    act("cancel-query", {"id": query_id})
+    wait_until(lambda: act("query-status", {"id": query_id})["state"] == "cancelled", what="the cancel")
+    wait_until(lambda: activity.busy == 0, what="the async worker done")
