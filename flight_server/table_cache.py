@@ -49,8 +49,9 @@ How it works:
   when that set changes; the next start queues them for the idle fill, so they load in the
   background as after a miss (a database's buffer-pool dump and reload): the agents of a
   restarted server do not pay the cold first scan (DuckDB decompressing every block into
-  fresh buffers) for the tables they were using. A table that changed, was dropped or no
-  longer fits is skipped; a corrupt file is ignored.
+  fresh buffers) for the tables they were using. A table that changed between runs is
+  loaded as it is now (its next scan would load that too); one that was dropped or no longer
+  fits is skipped; a corrupt file is ignored.
 * **Endpoints.** A cached scan is split exactly like a DuckDB scan; each endpoint is a
   zero-copy slice of the one cached table, so every endpoint of a ``FlightInfo`` serves the
   same snapshot and mixing versions is impossible by construction. Tickets hold the entry
@@ -107,8 +108,9 @@ _Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class HotTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One table the cache held: enough to find it again and to skip it when it changed
-    (another data version or row count than the rows that were held) or no longer fits."""
+    """One table the cache held: enough to find it again and to skip it when it no longer
+    fits (``bytes``); ``version`` and ``rows`` say which rows were held (for whoever reads
+    the file: a table that changed since is loaded as it is now)."""
 
     schema: str
     name: str
@@ -351,12 +353,10 @@ SnapshotSource = Callable[[TableRef], AbstractContextManager[Snapshot]]
 
 @dataclass(slots=True)
 class _Queued:
-    """A table waiting for an idle fill. ``expect`` (data version, rows): a table remembered
-    from the previous run, loaded only while it still holds those rows (None: as it is now,
-    what a scan that missed wants); ``reload``: its outcome is counted as a reload's."""
+    """A table waiting for an idle fill, loaded as it is when the fill reads it; ``reload``:
+    a table of the previous run, whose outcome is counted as a reload's."""
 
     ref: TableRef
-    expect: tuple[int, int] | None = None
     reload: bool = False
 
 
@@ -392,18 +392,14 @@ class IdleFiller:
         self.outcomes = {"ok": 0, "yielded": 0, "stale": 0}
         self.running: str | None = None
 
-    def want(self, ref: TableRef, expect: tuple[int, int] | None = None, *, reload: bool = False) -> None:
+    def want(self, ref: TableRef, *, reload: bool = False) -> None:
         """Queue ``ref`` for an idle fill (once: a table queued twice is filled once).
-        ``expect`` and ``reload``: a table of the previous run (:meth:`TableCache.reload`); a
-        scan that misses it meanwhile wants it as it is now, whatever it held then."""
+        ``reload``: a table of the previous run (:meth:`TableCache.reload`)."""
         with self._cond:
             if self._stopped:
                 return
-            waiting = self._queue.get(ref.key())
-            if waiting is None:
-                self._queue[ref.key()] = _Queued(ref, expect, reload)
-            elif expect is None:
-                waiting.expect = None
+            if ref.key() not in self._queue:
+                self._queue[ref.key()] = _Queued(ref, reload)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="quiver-idle-fill", daemon=True)
                 self._thread.start()
@@ -481,12 +477,9 @@ class IdleFiller:
         a = self._activity
         return self._stopped or a.busy > 0 or a.seq != seq
 
-    def _settled(self, layout: Layout, expect: tuple[int, int] | None) -> str | None:
-        """Why a table needs no fill: ``changed`` (not the rows the previous run held: left
-        to its next scan, as any table that changed), ``held`` (this version is in memory)."""
-        if expect is not None and expect != (layout.version, layout.rows):
-            return "changed"
-        return "held" if self._cache.peek(layout.ref, layout.version) is not None else None
+    def _held(self, layout: Layout) -> bool:
+        """Whether this version of the table is in memory already (a scan's fill got it)."""
+        return self._cache.peek(layout.ref, layout.version) is not None
 
     def _fill(self, item: _Queued, seq: int) -> str:
         cache, ref = self._cache, item.ref
@@ -495,11 +488,9 @@ class IdleFiller:
                 if self._stopped:
                     return "stopped"
                 self._interrupt = snap.interrupt
-                expect = item.expect  # read under the lock: a scan's want may clear it
             layout = snap.layout
-            settled = self._settled(layout, expect)
-            if settled is not None:
-                return settled
+            if self._held(layout):
+                return "held"
             reader = snap.rows()
             if not cache.admits(ref, layout.version, layout.rows, reader.schema):
                 return "too_large" if layout.rows > 0 else "skipped"  # an empty table is never held
@@ -644,8 +635,8 @@ class TableCache:
         with self._lock:
             self._pending.update((ref.key(), hot) for ref, hot in queue)
         log.info("table_cache.reload_queued", tables=len(queue), remembered=len(remembered))
-        for ref, hot in queue:
-            self.idle.want(ref, (hot.version, hot.rows), reload=True)
+        for ref, _ in queue:
+            self.idle.want(ref, reload=True)
         self._save()
 
     def _read_hot_file(self, path: Path) -> list[HotTable] | None:
@@ -679,7 +670,7 @@ class TableCache:
 
     def _reloaded(self, ref: TableRef, outcome: str) -> None:
         """A table of the previous run is settled: loaded (``ok``, ``held``: a scan's fill got
-        it first) or skipped (``changed``, ``stale``: it changed while read, ``too_large``,
+        it first) or skipped (``stale``: it changed while read, counted as ``changed``; ``too_large``,
         ``failed``, ``skipped``: another fill in the way)."""
         with self._lock:
             self._pending.pop(ref.key(), None)
