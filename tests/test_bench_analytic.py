@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from tests.bench.bench_analytic import Timings, _report, paired_ratio
+from tests.bench.plain_duckdb import PlainDuckdb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +32,9 @@ def test_paired_ratio_refuses_unpaired_samples(duck: list[float], quiver: list[f
         paired_ratio(duck, quiver)
 
 
-def _timings(duck: list[float], off: list[float]) -> Timings:
+def _timings(duck: list[float], off: list[float], other: list[float] | None = None) -> Timings:
     t = Timings(duck=list(duck), info=[x - 0.001 for x in off], doget=[0.001] * len(off))
+    t.other = list(other if other is not None else duck)
     t.first, t.hit, t.rows, t.load = duck[0] * 1.01, 0.002, 10, 1.0
     return t
 
@@ -57,6 +60,49 @@ def test_report_prints_the_paired_ratio_beside_the_ratio_of_medians() -> None:
     assert summary["worst query, caches off"][0] == "0.48x (q02 loaded)"
     assert summary["worst query, paired ratio, caches off"] == ["0.95x (q02 loaded)", ">= 0.90x", "yes"]
     assert summary["geomean paired ratio, caches off (median of per-repetition ratios)"][2] == "yes"
+
+
+def test_report_prints_the_a_a_spread_of_two_duckdb_processes() -> None:
+    """The A/A rows: in-process DuckDB against the same DuckDB in a second process, per query
+    and summed up, and Quiver against that second process."""
+    times = {
+        "q01 same": _timings([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], other=[0.5, 0.5, 0.5]),
+        "q02 slower process": _timings([0.1, 0.1, 0.1], [0.12, 0.12, 0.12], other=[0.125, 0.125, 0.125]),
+    }
+    text = _report(times, 1.3, 0.3, "no cache hit", "no cache hit", (1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
+    header = next(line for line in text.splitlines() if line.startswith("| query |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    row = next(line for line in text.splitlines() if line.startswith("| q02 slower process |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == len(columns)
+    assert cells[columns.index("A/A paired ratio")] == "0.80x"
+    assert cells[columns.index("duckdb in a second process (A/A)")] == "0.125 s [0.125-0.125]"
+    summary = {
+        cells[0]: cells[1:]
+        for line in text.splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+    }
+    worst = summary["A/A: worst query, paired ratio"][0]
+    assert worst == "0.80x (q02 slower process); best 1.00x (q01 same)"
+    against = next(v for k, v in summary.items() if k.startswith("Quiver caches off against duckdb"))
+    assert against[0].endswith("1.00x (q01 same)")  # q02: 0.125 / 0.12 > 1
+
+
+def test_the_plain_duckdb_process_runs_what_it_is_sent(tmp_path: Path) -> None:
+    """tests/bench/plain_duckdb.py: a real subprocess on a real file answers each query with
+    DuckDB's time and the rows, and a failing query with its error (the benchmark stops)."""
+    path = tmp_path / "plain.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE t AS SELECT range AS id FROM range(1000)")
+    plain = PlainDuckdb(path)
+    try:
+        seconds, rows = plain.query("SELECT id FROM t WHERE id % 10 = 0")
+        assert rows == 100 and 0 < seconds < 60
+        with pytest.raises(RuntimeError, match="CatalogException"):
+            plain.query("SELECT * FROM missing")
+        assert plain.query("SELECT count(*) FROM t")[1] == 1  # still answering
+    finally:
+        plain.close()
 
 
 def test_ab_analytic_finds_every_step_it_times() -> None:

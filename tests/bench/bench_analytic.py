@@ -15,6 +15,9 @@ dimensions and aggregates; each is measured
   configuration locked, read-write) runs these queries no faster and no slower: measured
   A/B, interleaved, on 2026-12-02 (the medians scatter both ways with the machine's load, no
   setting changes a plan), so the read-only connection is a fair reference;
+- the same in-process reference in a process of its own (tests/bench/plain_duckdb.py, its own
+  copy of the file): the A/A figure. A server is another process than the benchmark's, and
+  two fresh processes running the same plans differ by themselves (PROFILE.md, section 12);
 - as a ``query`` command (GetFlightInfo, then DoGet of each endpoint, timed apart) against a
   ``quiver serve`` with every cache that holds table data off (``[cache] enabled = false``,
   ``table_memory_bytes = 0``). Each request's text is new (a comment carries a counter): the
@@ -24,8 +27,8 @@ dimensions and aggregates; each is measured
   (a result-cache miss), then the same text again (a result-cache hit, reported apart).
 
 Both servers run on byte-for-byte copies of the file (a server writes its own bookkeeping
-schema into it). Per query, in-process DuckDB and the caches-off server alternate — which goes
-first alternates per repetition — until each has ``QUIVER_BENCH_ANALYTIC_SECONDS`` (default
+schema into it). Per query, in-process DuckDB, the caches-off server and the second DuckDB
+process take turns — who goes first rotates per repetition — until each has ``QUIVER_BENCH_ANALYTIC_SECONDS`` (default
 1.0) of samples and at least ``QUIVER_BENCH_ANALYTIC_REPS`` (default 3) repetitions (at most
 ``QUIVER_BENCH_ANALYTIC_MAX_REPS``, default 25): short queries get more samples on a loaded
 2-core machine. Each figure is a median printed with its spread (min-max), and the load
@@ -62,6 +65,7 @@ import pyarrow.flight as flight
 
 from tests.bench.bench_agent import CACHES_OFF, Quiver, _start, _warm
 from tests.bench.bench_flight import _say, _settle
+from tests.bench.plain_duckdb import PlainDuckdb
 
 DEFAULT = False
 
@@ -262,6 +266,8 @@ class Timings:
     """The samples of one query."""
 
     duck: list[float] = field(default_factory=list)
+    #: The same DuckDB in a process of its own (tests/bench/plain_duckdb.py): the A/A reference.
+    other: list[float] = field(default_factory=list)
     #: The caches-off server: GetFlightInfo and DoGet (all endpoints) of each request.
     info: list[float] = field(default_factory=list)
     doget: list[float] = field(default_factory=list)
@@ -290,7 +296,7 @@ def _run(work: Path) -> str:
     master, gb = _data_file()
     file_gb = master.stat().st_size / 1e9
     _say(f"star schema: {STAR_ROWS:,} fact rows, {gb:.2f} GB as Arrow, file {file_gb:.2f} GB")
-    for name in ("on", "off"):
+    for name in ("on", "off", "plain"):
         shutil.copyfile(master, work / f"{name}.duckdb")
     times = {q: Timings() for q in QUERIES}
     fresh = itertools.count(1)
@@ -300,6 +306,8 @@ def _run(work: Path) -> str:
         off = _start(
             stack, work, "quiver-off", work / "off.duckdb", {**CACHES_OFF, **SLOW_QUERIES}, ("star.*",)
         )
+        plain = PlainDuckdb(work / "plain.duckdb")
+        stack.callback(plain.close)
         for qid in ("star.sales", "star.customers", "star.products"):  # the OS page cache, all alike
             con.sql(f"SELECT count(*) FROM {qid}").fetchall()
         before_on, before_off = on.counters(), off.counters()
@@ -314,6 +322,12 @@ def _run(work: Path) -> str:
                 t.duck.append(time.perf_counter() - started)
                 t.rows = expected.num_rows
 
+            def other(t: Timings = t, sql: str = sql, name: str = name) -> None:
+                _settle()
+                seconds, rows = plain.query(sql)
+                t.other.append(seconds)
+                assert not t.rows or rows == t.rows, (name, rows, t.rows)
+
             def quiver(t: Timings = t, sql: str = sql, name: str = name) -> None:
                 _settle()
                 info, doget, rows = _quiver_query(off, f"{sql}\n-- request {next(fresh)}")
@@ -323,7 +337,8 @@ def _run(work: Path) -> str:
 
             rep = 0
             while rep < MAX_REPS and (rep < REPS or min(sum(t.duck), sum(t.off)) < SAMPLE_SECONDS):
-                for step in (duck, quiver) if rep % 2 == 0 else (quiver, duck):
+                steps = (duck, quiver, other)
+                for step in steps[rep % 3 :] + steps[: rep % 3]:  # who goes first rotates
                     step()
                 if rep == 0:
                     _settle()
@@ -337,6 +352,7 @@ def _run(work: Path) -> str:
             _say(
                 f"{name}: {rep} reps, duckdb {_spread(t.duck)}, quiver caches off {_spread(t.off)} "
                 f"(GetFlightInfo {_spread(t.info)}), paired ratio {paired_ratio(t.duck, t.off):.2f}x, "
+                f"duckdb in a second process {_spread(t.other)} (A/A paired {paired_ratio(t.duck, t.other):.2f}x), "
                 f"quiver first {t.first:.3f} s, load {t.load:.2f}"
             )
         warm_on, warm_off = _warm(before_on, on.counters()), _warm(before_off, off.counters())
@@ -375,6 +391,8 @@ def _report(
     off = {q: statistics.median(t.off) for q, t in times.items()}
     r_off = {q: duck[q] / off[q] for q in times}
     p_off = {q: paired_ratio(t.duck, t.off) for q, t in times.items()}
+    p_aa = {q: paired_ratio(t.duck, t.other) for q, t in times.items()}
+    p_other = {q: paired_ratio(t.other, t.off) for q, t in times.items()}
     # The default server's first request of a text is also that process's first read of the
     # data (DuckDB's buffer pool is cold): it is compared with in-process DuckDB's first run of
     # the query (before the other servers ran it), which is as cold.
@@ -405,26 +423,34 @@ def _report(
         "indicative. *Paired ratio*: the median over repetitions of in-process seconds / Quiver "
         "seconds of the same repetition (the two run back to back), which load lasting the pair does "
         "not move; the *ratio* column compares the two medians, which a few loaded samples of one "
-        "contender move (tests/bench/PROFILE.md, section 10).",
+        "contender move (tests/bench/PROFILE.md, section 10). *A/A*: the same in-process DuckDB "
+        "reference run in a process of its own (tests/bench/plain_duckdb.py, `read_only` on its own copy "
+        "of the file, its own time per query; in turn with the other two, who goes first rotating): the "
+        "ratio of two fresh processes running the same DuckDB plans, nothing of Quiver in either — "
+        "the spread a per-query comparison of two processes carries by itself (PROFILE.md, section 12).",
         "",
         "| query | rows | reps | load | in-process duckdb (caches: buffer pool warm) | Quiver, caches off, "
         "first requests (no cache) | of which GetFlightInfo | ratio | paired ratio | in-process duckdb, its first "
         "run (cold) | Quiver default, first request (result-cache miss) | ratio to duckdb's first run "
-        "| Quiver default, repeated (result-cache hit: not a target) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| Quiver default, repeated (result-cache hit: not a target) | duckdb in a second process (A/A) "
+        "| A/A paired ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for q, t in times.items():
         lines.append(
             f"| {q} | {t.rows} | {len(t.duck)} | {t.load:.1f} | {_spread(t.duck)} | {_spread(t.off)} "
             f"({(off[q] - duck[q]) * 1e3:+.0f} ms) | {statistics.median(t.info) * 1e3:.0f} ms | "
             f"{r_off[q]:.2f}x | {p_off[q]:.2f}x | {duck_first[q]:.3f} s | {t.first:.3f} s | {r_first[q]:.2f}x | "
-            f"{t.hit * 1e3:.1f} ms |"
+            f"{t.hit * 1e3:.1f} ms | {_spread(t.other)} | {p_aa[q]:.2f}x |"
         )
     worst_off = min(r_off, key=r_off.__getitem__)
     worst_paired = min(p_off, key=p_off.__getitem__)
     worst_first = min(r_first, key=r_first.__getitem__)
     g_off, g_first = _geomean(list(r_off.values())), _geomean(list(r_first.values()))
     g_paired = _geomean(list(p_off.values()))
+    worst_aa = min(p_aa, key=p_aa.__getitem__)
+    best_aa = max(p_aa, key=p_aa.__getitem__)
+    worst_other = min(p_other, key=p_other.__getitem__)
     lines += [
         "",
         "| summary | figure | target | met |",
@@ -445,6 +471,13 @@ def _report(
         f"{_geomean(list(r_hit.values())):.1f}x | - | - |",
         f"| median added time per query, caches off | "
         f"{statistics.median(off[q] - duck[q] for q in times) * 1e3:+.0f} ms | - | - |",
+        f"| A/A: in-process duckdb / the same duckdb in a second process, geomean paired ratio "
+        f"(nothing of Quiver in either) | {_geomean(list(p_aa.values())):.3f}x | report | - |",
+        f"| A/A: worst query, paired ratio | {p_aa[worst_aa]:.2f}x ({worst_aa}); best "
+        f"{p_aa[best_aa]:.2f}x ({best_aa}) | report | - |",
+        f"| Quiver caches off against duckdb in a second process (both out of this process), geomean "
+        f"paired ratio; worst query | {_geomean(list(p_other.values())):.3f}x; "
+        f"{p_other[worst_other]:.2f}x ({worst_other}) | report | - |",
     ]
     text = "\n".join(lines)
     _say(text)
