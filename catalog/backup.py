@@ -6,7 +6,8 @@ A snapshot is one ``quiver-<UTC time>.tar.gz`` holding everything a restore need
   system schema: swarms, allowlists, token records, audit, data versions), copied by
   :meth:`Database.snapshot` in one transaction while the server keeps serving;
 - ``files/…``: every other file of the data directory — the signing key (without it every
-  token issued before the backup would be invalid after a restore), the admin token —
+  token issued before the backup would be invalid after a restore), the key of hash masks
+  (without it every masked value would change), the admin token —
   frozen by hard links right after the database copy, so a file replaced or deleted while
   the archive is written is still archived whole; artefact content (``artefacts/<id>``)
   for exactly the artefacts whose metadata the database copy holds, frozen while the

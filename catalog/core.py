@@ -26,7 +26,7 @@ from catalog.descriptions import Descriptions
 from catalog.errors import QuiverError, Unavailable
 from catalog.exports import Exports
 from catalog.identity import Principal, WhoAmI
-from catalog.keys import KeyRing, write_private_atomic
+from catalog.keys import KeyRing, load_or_create_mask_key, write_private_atomic
 from catalog.limits import SwarmLimits
 from catalog.live import LiveTables
 from catalog.metrics import BackupOutcomes, Metrics
@@ -72,7 +72,8 @@ class Catalog:
         # [[live.tables]]: Snowflake tables queried where they are (catalog/live.py).
         self.live = LiveTables(config) if config.live.tables else None
         self.tables.live = self.live
-        self.policy = Policy(self.tables)
+        # The key of hash masks (catalog/views.py), kept beside the signing keys.
+        self.policy = Policy(self.tables, load_or_create_mask_key(data_dir / "keys"))
         self.swarms = SwarmStore(self.db, self.policy, tables=self.tables)
         # Table and column texts for agents: DuckDB comments (catalog/descriptions.py).
         self.descriptions = Descriptions(self.db, self.swarms.writes)

@@ -93,6 +93,25 @@ def write_private_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+MASK_KEY_FILE = "mask.key"
+
+
+def load_or_create_mask_key(directory: Path) -> str:
+    """The key of ``hash`` masks (catalog/views.py ``mask_expression``): 32 random bytes as 64
+    hex characters in ``directory/mask.key`` (0600), made at the first start and kept — in
+    backups too, as every key file — so a masked value stays the same across restarts and
+    restores. Not derived from the signing key: that one rotates, and a rotation must not
+    change every masked value. A file that is not a key stops the start (like a broken
+    signing key): guessing a new one would silently change every masked value."""
+    path = directory / MASK_KEY_FILE
+    if not path.exists():
+        write_private(path, secrets.token_hex(32).encode())
+    text = path.read_text().strip()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"{path} is not a mask key (64 hexadecimal characters); restore it from a backup")
+    return text
+
+
 def _pem(key: Ed25519PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

@@ -120,7 +120,7 @@ class ArtefactTables(Protocol):
 
 
 class Policy:
-    def __init__(self, tables: TableCatalog) -> None:
+    def __init__(self, tables: TableCatalog, mask_key: str | None = None) -> None:
         self._tables = tables
         self._allowlists: dict[str, tuple[str, ...]] = {}
         # swarm -> {(schema, table) folded: its rule}; swarm -> its attributes.
@@ -128,7 +128,7 @@ class Policy:
         self._attributes: dict[str, Attributes] = {}
         self._lock = threading.Lock()
         #: The relation texts of ruled reads (catalog/views.py).
-        self.views = Views(tables)
+        self.views = Views(tables, mask_key)
         # Set by Catalog: resolves artefacts."<id>" (None: no artefact is readable).
         self.artefacts: ArtefactTables | None = None
 

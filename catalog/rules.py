@@ -428,7 +428,8 @@ class _TableCheck:
         assert self.live is not None
         desc = self.live.describe(self.ref)
         types = {fold(c.name): c.duckdb_type for c in desc.columns}
-        projection = [mask_expression(c, kind, types.get(fold(c))) for c, kind in mask] or ["1"]
+        # Any key translates as the real one does (a string literal): this only checks sqlglot.
+        projection = [mask_expression(c, kind, types.get(fold(c)), "0" * 64) for c, kind in mask] or ["1"]
         try:
             check_pushable(projection, row_filter, desc)
         except InvalidArgument as e:

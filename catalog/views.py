@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -62,11 +63,18 @@ def literal(value: AttributeValue | None) -> str:
     return quote_literal(str(value))
 
 
-def mask_expression(column: str, kind: str, type_name: str | None) -> str:
-    """The expression a masked column is read as (NULL stays NULL in every kind)."""
+def mask_expression(column: str, kind: str, type_name: str | None, key: str) -> str:
+    """The expression a masked column is read as (NULL stays NULL in every kind).
+
+    ``hash`` is SHA-256 of the server's mask key and the value as text: one value gives one
+    hash in a deployment, so masked columns still join and group, but an agent cannot compute
+    the hash of a value it guesses (``WHERE email = sha256('ada@example.com')`` finds nothing),
+    which an unkeyed hash would let it do for every value of a small domain. The key is in
+    the relation text only, which agents never see (errors of ruled reads withhold DuckDB's
+    message and the text; the query log and listings show the caller's text)."""
     col = quote_ident(column)
     if kind == "hash":
-        return f"sha256(CAST({col} AS VARCHAR))"
+        return f"sha256({quote_literal(key)} || CAST({col} AS VARCHAR))"
     if kind == "null":
         return f"CAST(NULL AS {type_name or 'VARCHAR'})"
     if kind == "redact":
@@ -85,8 +93,11 @@ class Views:
     seconds): a rule naming a column the table no longer has fails closed, and a ``null`` mask
     casts to the column's own type."""
 
-    def __init__(self, tables: TableCatalog) -> None:
+    def __init__(self, tables: TableCatalog, mask_key: str | None = None) -> None:
         self._tables = tables
+        #: The key of ``hash`` masks (catalog/keys.py ``load_or_create_mask_key``; a server
+        #: passes its persisted one, a Views made without one uses a key of its own).
+        self.mask_key = mask_key or secrets.token_hex(32)
         self._lock = threading.Lock()
         self._views: OrderedDict[tuple[Any, ...], str] = OrderedDict()
         self._spans: dict[str, tuple[tuple[int, int, str], ...]] = {}
@@ -151,7 +162,7 @@ class Views:
         excluded = {fold(c) for c in rule.except_columns or ()}
 
         def masked(col: str) -> str:
-            return mask_expression(col, masks[fold(col)], types.get(fold(col)))
+            return mask_expression(col, masks[fold(col)], types.get(fold(col)), self.mask_key)
 
         if rule.columns is not None:
             items = [

@@ -125,7 +125,11 @@ def test_backup_while_serving_then_wipe_and_restore(  # noqa: PLR0915  one scena
     assert [s["name"] for s in listed["snapshots"]] == [archive.name]
     with tarfile.open(archive) as tar:
         names = tar.getnames()
-    assert "files/keys/signing.pem" in names and f"database/{server.catalog.db.path.name}" in names
+    assert (
+        "files/keys/signing.pem" in names
+        and "files/keys/mask.key" in names
+        and f"database/{server.catalog.db.path.name}" in names
+    )
     assert not any(n.startswith(("files/tmp", "files/.", "files/results", "files/cache")) for n in names)
 
     server.stop()

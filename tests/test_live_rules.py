@@ -153,8 +153,10 @@ def oracle(server: Server) -> Any:
     con.register("people_base", people)
     con.register("orders_base", orders)
     con.execute("CREATE SCHEMA live; CREATE SCHEMA rep")
+    key = server.catalog.policy.views.mask_key  # hash masks are keyed (catalog/views.py)
     con.execute(
-        "CREATE VIEW live.people AS SELECT * EXCLUDE (ssn) REPLACE (sha256(CAST(email AS VARCHAR)) AS email) "
+        "CREATE VIEW live.people AS SELECT * EXCLUDE (ssn) "
+        f"REPLACE (sha256('{key}' || CAST(email AS VARCHAR)) AS email) "
         "FROM people_base WHERE region = 'north'"
     )
     con.execute("CREATE VIEW live.orders AS SELECT * FROM orders_base")
@@ -202,7 +204,7 @@ def _assert_view_pushed_down(sent: list[str]) -> None:
     for q in sent:
         assert "WHERE (\"REGION\" = 'north')" in q, q
         assert 'EXCLUDE ("SSN")' in q, q
-        assert 'SHA2(CAST("EMAIL" AS VARCHAR), 256)' in q, q
+        assert "SHA2(('" in q and '\' || CAST("EMAIL" AS VARCHAR)), 256)' in q, q  # keyed (views.py)
         assert q.count('"SSN"') == q.count('EXCLUDE ("SSN")'), q  # only in the EXCLUDE
 
 
@@ -235,7 +237,13 @@ def test_a_clear_masked_value_matches_nothing_and_its_hash_matches_its_row(
     assert (
         flight_query(server, agent, f"SELECT id FROM {P} WHERE email = ?", ["p3@example.com"]).num_rows == 0
     )
-    (digest,) = oracle.execute("SELECT sha256('p3@example.com')").fetchone()
+    # An agent cannot compute the hash of a value it guesses: the mask is keyed.
+    assert (
+        flight_query(server, agent, f"SELECT id FROM {P} WHERE email = sha256('p3@example.com')").num_rows
+        == 0
+    )
+    key = server.catalog.policy.views.mask_key
+    (digest,) = oracle.execute("SELECT sha256(? || 'p3@example.com')", [key]).fetchone()
     mark = RECORDER.mark()
     got = flight_query(server, agent, f"SELECT id, email FROM {P} WHERE email = ?", [digest])
     assert got.to_pylist() == [{"id": 3, "email": digest}]

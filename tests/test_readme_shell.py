@@ -178,14 +178,15 @@ def _dutch_and_hashed(table: pa.Table) -> None:
     assert all(r["email"] is None or HEX64.fullmatch(r["email"]) for r in rows), rows[:3]
 
 
-def _every_path_is_ruled(flight_url: str, nl: str, admin: str) -> None:
+def _every_path_is_ruled(flight_url: str, nl: str, admin: str, mask_key: str) -> None:
     """Beyond the README's own reads: a PATH scan, samples, a profile and SQL shapes of the
     ruled table, for an agent with country = NL, checked against the admin's (unruled) answer
-    computed with the rule written out by hand."""
+    computed with the rule written out by hand (the hash keyed with the server's mask key)."""
     with QuiverClient(flight_url, admin) as quiver:
         expected = quiver.query(
-            "SELECT customer_id, sha256(CAST(email AS VARCHAR)) AS email FROM demo.customers "
-            "WHERE country = 'NL' ORDER BY customer_id"
+            "SELECT customer_id, sha256(? || CAST(email AS VARCHAR)) AS email FROM demo.customers "
+            "WHERE country = 'NL' ORDER BY customer_id",
+            [mask_key],
         ).to_pylist()
         clear = quiver.query(
             "SELECT count(*) AS n FROM demo.customers WHERE email = 'customer16@example.com'"
@@ -257,7 +258,8 @@ def test_the_governance_guide_runs_as_written(tmp_path: Path) -> None:
         )
         assert other.returncode == 0, other.stderr
         admin = (tmp_path / "var" / "admin.token").read_text().strip()
-        _every_path_is_ruled(serve.flight_url, other.stdout.strip(), admin)
+        mask_key = (tmp_path / "var" / "keys" / "mask.key").read_text().strip()
+        _every_path_is_ruled(serve.flight_url, other.stdout.strip(), admin, mask_key)
 
         done = run(
             sh_block(section, 'ADMIN="authorization').replace("localhost:8000", f"127.0.0.1:{port}"),
