@@ -39,24 +39,36 @@ def _timings(duck: list[float], off: list[float], other: list[float] | None = No
     return t
 
 
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _row(text: str, query: str) -> dict[str, str]:
+    """The per-query table's row of ``query``, by column title (every row as wide as the header)."""
+    lines = text.splitlines()
+    columns = _cells(next(line for line in lines if line.startswith("| query |")))
+    cells = _cells(next(line for line in lines if line.startswith(f"| {query} |")))
+    assert len(cells) == len(columns)
+    return dict(zip(columns, cells, strict=True))
+
+
+def _summary(text: str) -> dict[str, list[str]]:
+    """Every table row of the report by its first cell."""
+    return {
+        cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ") and (cells := _cells(line))
+    }
+
+
 def test_report_prints_the_paired_ratio_beside_the_ratio_of_medians() -> None:
     times = {
         "q01 steady": _timings([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
         "q02 loaded": _timings([0.100, 0.100, 0.100, 0.200, 0.200], [0.105, 0.105, 0.210, 0.210, 0.210]),
     }
     text = _report(times, 1.3, 0.3, "no cache hit", "no cache hit", (1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
-    header = next(line for line in text.splitlines() if line.startswith("| query |"))
-    columns = [c.strip() for c in header.strip("|").split("|")]
-    row = next(line for line in text.splitlines() if line.startswith("| q02 loaded |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == len(columns)
-    assert cells[columns.index("ratio")] == "0.48x"
-    assert cells[columns.index("paired ratio")] == "0.95x"
-    summary = {
-        cells[0]: cells[1:]
-        for line in text.splitlines()
-        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
-    }
+    row = _row(text, "q02 loaded")
+    assert row["ratio"] == "0.48x"
+    assert row["paired ratio"] == "0.95x"
+    summary = _summary(text)
     assert summary["worst query, caches off"][0] == "0.48x (q02 loaded)"
     assert summary["worst query, paired ratio, caches off"] == ["0.95x (q02 loaded)", ">= 0.90x", "yes"]
     assert summary["geomean paired ratio, caches off (median of per-repetition ratios)"][2] == "yes"
@@ -70,18 +82,10 @@ def test_report_prints_the_a_a_spread_of_two_duckdb_processes() -> None:
         "q02 slower process": _timings([0.1, 0.1, 0.1], [0.12, 0.12, 0.12], other=[0.125, 0.125, 0.125]),
     }
     text = _report(times, 1.3, 0.3, "no cache hit", "no cache hit", (1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
-    header = next(line for line in text.splitlines() if line.startswith("| query |"))
-    columns = [c.strip() for c in header.strip("|").split("|")]
-    row = next(line for line in text.splitlines() if line.startswith("| q02 slower process |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == len(columns)
-    assert cells[columns.index("A/A paired ratio")] == "0.80x"
-    assert cells[columns.index("duckdb in a second process (A/A)")] == "0.125 s [0.125-0.125]"
-    summary = {
-        cells[0]: cells[1:]
-        for line in text.splitlines()
-        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
-    }
+    row = _row(text, "q02 slower process")
+    assert row["A/A paired ratio"] == "0.80x"
+    assert row["duckdb in a second process (A/A)"] == "0.125 s [0.125-0.125]"
+    summary = _summary(text)
     worst = summary["A/A: worst query, paired ratio"][0]
     assert worst == "0.80x (q02 slower process); best 1.00x (q01 same)"
     against = next(v for k, v in summary.items() if k.startswith("Quiver caches off against duckdb"))
