@@ -33,6 +33,8 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from catalog.errors import ConfigError
+
 log = structlog.get_logger(__name__)
 
 SIGNING_FILE = "signing.pem"
@@ -108,7 +110,7 @@ def load_or_create_mask_key(directory: Path) -> str:
         write_private(path, secrets.token_hex(32).encode())
     text = path.read_text().strip()
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
-        raise ValueError(f"{path} is not a mask key (64 hexadecimal characters); restore it from a backup")
+        raise ConfigError(f"{path} is not a mask key (64 hexadecimal characters); restore it from a backup")
     return text
 
 

@@ -9,11 +9,14 @@ shown to an agent, and a file that is not a key stops the start."""
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.flight as flight
 import pytest
 
+from catalog import ConfigError
 from catalog.keys import MASK_KEY_FILE
 from tests.harness import Server, call_options, flight_query, start_server
 
@@ -91,6 +94,27 @@ def test_a_file_that_is_not_a_mask_key_stops_the_start(tmp_path: Path) -> None:
     server.stop()
     key_file = tmp_path / "keys" / MASK_KEY_FILE
     key_file.write_text("not a key\n")
-    with pytest.raises(ValueError, match="is not a mask key"):
+    with pytest.raises(ConfigError, match="is not a mask key"):  # one line from `quiver serve`
         start_server(tmp_path)
     assert key_file.read_text() == "not a key\n"  # left for the operator to restore
+    served = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quiver",
+            "serve",
+            "--data-dir",
+            str(tmp_path),
+            "--flight-port",
+            "0",
+            "--http-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        served.returncode == 1 and "is not a mask key" in served.stderr and "Traceback" not in served.stderr
+    )
+    assert key_file.read_text() == "not a key\n"
