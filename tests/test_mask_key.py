@@ -115,6 +115,6 @@ def test_a_file_that_is_not_a_mask_key_stops_the_start(tmp_path: Path) -> None:
         timeout=60,
     )
     assert (
-        served.returncode == 1 and "is not a mask key" in served.stderr and "Traceback" not in served.stderr
+        served.returncode == 2 and "is not a mask key" in served.stderr and "Traceback" not in served.stderr
     )
     assert key_file.read_text() == "not a key\n"
