@@ -231,6 +231,24 @@ def test_the_excluded_column_does_not_exist_and_nothing_reaches_snowflake(server
         assert not _people_sent(mark)
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        f"SELECT email + 1 FROM {P}",
+        f"SELECT CAST(email AS INTEGER) FROM {P}",
+        f"SELECT id FROM {P} WHERE email = 5",
+        f"SELECT sum(email) FROM {P}",
+    ],
+)
+def test_no_error_of_a_masked_live_read_carries_the_mask_key(server: Server, agent: str, sql: str) -> None:
+    """The key goes to Snowflake in the view's text (federation.md); the error an agent gets
+    back, from the binder or from Snowflake, never carries it."""
+    key = server.catalog.policy.views.mask_key
+    err = flight_query_error(server, agent, sql)
+    assert err["code"] == "INVALID_ARGUMENT", err
+    assert key not in err["detail"] and "SHA2" not in err["detail"].upper(), err
+
+
 def test_a_clear_masked_value_matches_nothing_and_its_hash_matches_its_row(
     server: Server, agent: str, oracle: Any
 ) -> None:

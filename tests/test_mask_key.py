@@ -89,6 +89,39 @@ def test_a_hash_mask_is_keyed_and_a_guess_cannot_be_checked(tmp_path: Path) -> N
         again.stop()
 
 
+#: Failing reads of a masked column, each an error an agent gets back: none may carry the key.
+FAILING = (
+    "SELECT email + 1 FROM demo.customers",
+    "SELECT CAST(email AS INTEGER) FROM demo.customers",
+    "SELECT email FROM demo.customers WHERE email = 5",
+    "SELECT sum(email) FROM demo.customers",
+    "SELECT error(email) FROM demo.customers",
+    "SELECT regexp_matches(email, '(') FROM demo.customers",
+    "SELECT strptime(email, '%Y') FROM demo.customers",
+    "SELECT email FROM demo.customers GROUP BY ALL HAVING email > 1",
+    "SELECT * FROM (SELECT email, 1 / 0 AS z FROM demo.customers) WHERE z::INT = email::INT",
+)
+
+
+def test_no_error_of_a_masked_read_carries_the_key(tmp_path: Path) -> None:
+    """The key is in the view's text; an error of a ruled read withholds DuckDB's message where
+    it could quote values or text (governance.md), over Flight and over POST /v1/query."""
+    server = start_server(tmp_path)
+    try:
+        key = (tmp_path / "keys" / MASK_KEY_FILE).read_text().strip()
+        agent = _agent(server)
+        for sql in FAILING:
+            with pytest.raises(flight.FlightError) as e:
+                flight_query(server, agent, sql)
+            assert key not in str(e.value) and "sha256" not in str(e.value).lower(), sql
+            r = server.http(agent).post("/v1/query", json={"sql": sql})
+            assert r.status_code == 400 and r.json()["error"] == "INVALID_ARGUMENT", (sql, r.text)
+            assert key not in r.text and "sha256" not in r.text.lower(), sql
+        assert flight_query(server, agent, SQL).num_rows == 5  # nothing changed by the failures
+    finally:
+        server.stop()
+
+
 def test_a_file_that_is_not_a_mask_key_stops_the_start(tmp_path: Path) -> None:
     server = start_server(tmp_path)
     server.stop()
