@@ -81,6 +81,7 @@ from tests.bench.bench_flight import (
     _concurrently,
     _cpu_seconds,
     _free_port,
+    _idle_load,
     _ms,
     _pct,
     _process,
@@ -159,19 +160,8 @@ class Quiver:
         return {"result_hits": int(cache.get("hits") or 0), "table_hits": int(tables.get("hits") or 0)}
 
     def idle_load(self, table: str, timeout: float = 120.0) -> float:
-        """Wait (polling /v1/status, no Flight call: a call would make it yield) until the
-        hot-table cache's idle fill has loaded ``table``; the seconds it took, or -1 when
-        the server does not fill when idle."""
-        started = time.perf_counter()
-        deadline = started + timeout
-        while time.perf_counter() < deadline:
-            tables = (self.http.get("/v1/status").json().get("cache") or {}).get("tables") or {}
-            if tables.get("fill_mode") != "idle":
-                return -1.0
-            if table in {t["table"] for t in tables.get("tables") or ()}:
-                return time.perf_counter() - started
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name}: {table} was not loaded within {timeout} s")
+        """Wait until the hot-table cache's idle fill has loaded ``table`` (:func:`_idle_load`)."""
+        return _idle_load(self.http, self.name, table, timeout)
 
     def reload_done(self, timeout: float = 120.0) -> tuple[float, dict[str, Any]]:
         """Wait (polling /v1/status, no Flight call: a call would make it yield) until the
