@@ -271,7 +271,8 @@ def _first_path_scan(on: Quiver, off: Quiver, pids: list[int]) -> list[Row]:
 
     Every contender was started just before: the scan waits until no process of ``pids``
     uses CPU (:func:`_quiet`), so that it does not compete with ROAPI loading its Parquet
-    file or the other server's start (measured: up to 1.6x slower when it did)."""
+    file or the other server's start (the first two runs of 2026-12-02 did: tests/bench/PROFILE.md,
+    section 12)."""
     _say(f"first PATH scan: the contenders' start-up was done {_quiet(pids):.1f} s later")
     before = on.counters()
     started = time.perf_counter()

@@ -28,10 +28,10 @@ dimensions and aggregates; each is measured
 
 Both servers run on byte-for-byte copies of the file (a server writes its own bookkeeping
 schema into it). Per query, in-process DuckDB, the caches-off server and the second DuckDB
-process take turns — who goes first rotates per repetition — until each has ``QUIVER_BENCH_ANALYTIC_SECONDS`` (default
-1.0) of samples and at least ``QUIVER_BENCH_ANALYTIC_REPS`` (default 3) repetitions (at most
-``QUIVER_BENCH_ANALYTIC_MAX_REPS``, default 25): short queries get more samples on a loaded
-2-core machine. Each figure is a median printed with its spread (min-max), and the load
+process take turns — who goes first rotates per repetition — until each has
+``QUIVER_BENCH_ANALYTIC_SECONDS`` (default 1.0) of samples and at least
+``QUIVER_BENCH_ANALYTIC_REPS`` (default 3) repetitions (at most ``QUIVER_BENCH_ANALYTIC_MAX_REPS``,
+default 25): short queries get more samples on a loaded 2-core machine. Each figure is a median printed with its spread (min-max), and the load
 average is read before every query.
 
 Two ratios per query. The *ratio of medians* (in-process median / Quiver median) compares
