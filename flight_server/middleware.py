@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from catalog import Catalog, PermissionDenied, Principal, QuiverError, Unauthent
 from catalog.identity import METRICS_ONLY
 from catalog.query_log import RemoteWork
 from catalog.tokens import bearer_token
+from flight_server import inline
 from flight_server.errors import flight_error
 from flight_server.limits import Deadline
 
@@ -116,6 +117,9 @@ class CallState(flight.ServerMiddleware):
         self.deadline: Deadline | None = None
         # Set by the handler of a data-plane call: one query-log record when the call ends.
         self.query: QueryFacts | None = None
+        # The x-quiver-inline-bytes header as sent (flight_server/inline.py): read by
+        # GetFlightInfo, which refuses a malformed one.
+        self.inline: Sequence[str | bytes] | None = None
 
     def sending_headers(self) -> dict[str, str]:
         return {"x-request-id": self.request_id}
@@ -196,4 +200,6 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
                 "auth.failed", outcome="denied", target=f"flight:{method}", detail=error.detail
             )
             raise flight_error(error)
-        return CallState(self.catalog, method, principal, error, self._metrics)
+        state = CallState(self.catalog, method, principal, error, self._metrics)
+        state.inline = headers.get(inline.HEADER)
+        return state

@@ -54,7 +54,7 @@ from catalog.previews import preview
 from catalog.running import RunningQueries, RunningQueryInfo
 from catalog.sqlguard import SqlGuard
 from catalog.status import AsyncQueriesStatus, CacheStatus, ProfilesStatus, QueriesStatus, QueryLimits
-from flight_server import commands
+from flight_server import commands, inline
 from flight_server.admission import Admission
 from flight_server.cache import ResultCache
 from flight_server.errors import (
@@ -354,6 +354,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             # Recorded only when refused: a planned request is recorded by its DoGet.
             facts = state.query = QueryFacts(kind="unknown", failures_only=True)
             sql = self._is_flight_sql(descriptor)
+            limit = 0 if sql else inline.requested(state.inline)  # a malformed header: before any work
             # One call of the swarm's calls per minute, before any work; the budgets too, but
             # Flight SQL metadata is free (a statement's budget is checked when it plans).
             try:
@@ -372,7 +373,7 @@ class QuiverFlightServer(flight.FlightServerBase):
                 _describe(facts, target)
                 plan = self.planner.plan(principal, target)
             try:
-                return self._flight_info(principal, state, descriptor, plan, scope, sql)
+                return self._flight_info(principal, state, descriptor, plan, scope, sql, limit)
             except BaseException:
                 for part in plan.parts:  # a run handed over that no ticket will name: stopped
                     if isinstance(part, SqlPart) and part.held is not None:
@@ -389,8 +390,10 @@ class QuiverFlightServer(flight.FlightServerBase):
         plan: Plan,
         scope: tuple[object, ...] | None,
         sql: bool,
+        limit: int = 0,
     ) -> flight.FlightInfo:
-        """The FlightInfo of a plan: one ticket per endpoint, all naming one group."""
+        """The FlightInfo of a plan: one ticket per endpoint, all naming one group; ``limit``:
+        the bytes of a result the client takes inline (flight_server/inline.py)."""
         facts = state.query
         assert facts is not None
         relations = self._relations(principal, plan, scope)
@@ -401,12 +404,18 @@ class QuiverFlightServer(flight.FlightServerBase):
         for part in plan.parts:  # a run handed over: CancelFlightInfo of this FlightInfo stops it
             if isinstance(part, SqlPart) and part.held is not None:
                 self.running.hold(group, part.held)
+        # A client that asked gets a small result in the FlightInfo (flight_server/inline.py):
+        # recorded here, since no DoGet will record it.
+        data = self.streamer.inline(plan, state, limit) if limit else None
+        if data is not None:
+            facts.failures_only = False
+            state.fields["inline"] = len(data)
         endpoints = []
         for index in range(len(plan.parts)):
             ticket, grant = self.tickets.issue(principal, TicketPayload(plan, index, group, relations))
             if sql:  # Flight SQL clients expect Any(TicketStatementQuery); DoGet unwraps it
                 ticket = wrap_ticket(ticket)
-            endpoints.append(flight_endpoint(ticket, grant.expires_at))
+            endpoints.append(flight_endpoint(ticket, grant.expires_at, data or b""))
         state.fields["endpoints"] = len(endpoints)
         return flight.FlightInfo(
             plan.schema,

@@ -57,7 +57,7 @@ from catalog import Catalog, Principal, TableRef, Unavailable
 from catalog.limits import Effective
 from catalog.query_log import RemoteWork
 from catalog.query_port import RunningQuery
-from flight_server import live
+from flight_server import inline, live
 from flight_server.admission import Admission, release_all
 from flight_server.cache import CacheKey, ResultCache
 from flight_server.errors import check_result_type, classify, duckdb_error, stream_error
@@ -148,6 +148,8 @@ class Streamer:
         self.quick_overruns = 0
         #: GetFlightInfo runs of a quick template, on the calling thread: a count for tests.
         self.quick_runs = 0
+        #: Results sent inline in a FlightInfo (:meth:`inline`): a count for tests and logs.
+        self.inlined = 0
 
     def timeout_for(self, principal: Principal | None) -> float:
         """The query timeout of ``principal``'s request: ``[limits] query_timeout_seconds`` or
@@ -466,6 +468,43 @@ class Streamer:
     def _forget(self, run: HeldRun) -> None:
         with self._held_lock:
             self._held.discard(run)
+
+    def inline(self, plan: Plan, state: CallState, limit: int) -> bytes | None:
+        """The whole result of a one-endpoint query as an Arrow IPC stream, for its FlightInfo
+        (flight_server/inline.py), when it is in memory already and at most ``limit`` bytes of
+        Arrow data: the ready result GetFlightInfo read (taken: no DoGet will), or a result
+        cache entry held in memory (counted as the hit the DoGet would have counted). Its rows
+        and bytes are counted for the query log. None for anything else — a cut result, a
+        run still going on, a cached file, a split plan — which goes the usual way."""
+        if len(plan.parts) != 1:
+            return None
+        part = plan.parts[0]
+        if not isinstance(part, SqlPart) or part.row_cap is None or part.held is not None:
+            return None
+        batches: Sequence[pa.RecordBatch] | None = None
+        if part.ready is not None:
+            ready = part.ready
+            if ready.truncated or ready.size > limit:
+                return None
+            batches = ready.take()
+            schema, size = ready.schema, ready.size
+            state.fields["cache"] = "ready"
+        elif part.normalized is not None:
+            key = self._key(plan.tables, part)
+            entry = self.cache.peek(key)
+            if entry is None or entry.batches is None or entry.truncated or entry.bytes > limit:
+                return None
+            entry = self.cache.get(key)
+            if entry is not None:
+                batches = entry.batches
+                schema, size = entry.schema, entry.bytes
+                state.fields["cache"] = "hit"
+        if batches is None:  # taken or evicted meanwhile
+            return None
+        if state.query is not None:
+            state.query.sent(sum(b.num_rows for b in batches), size)
+        self.inlined += 1
+        return inline.encode(schema, batches)
 
     @staticmethod
     def claim(plan: Plan, index: int) -> HeldRun | None:

@@ -105,22 +105,27 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def flight_endpoint(ticket: bytes, expires_at: float) -> flight.FlightEndpoint:
+def flight_endpoint(ticket: bytes, expires_at: float, app_metadata: bytes = b"") -> flight.FlightEndpoint:
     """The FlightEndpoint of ``ticket`` (no locations: this server) expiring at ``expires_at``
-    (Unix seconds), in whole microseconds — exactly ``flight.FlightEndpoint(ticket, [],
-    expiration_time=pa.scalar(us * 1000, pa.timestamp("ns")))``, built from its protobuf
-    encoding (Flight.proto: ``FlightEndpoint {Ticket ticket = 1; ... google.protobuf.Timestamp
-    expiration_time = 3;}``) instead: pyarrow's constructor infers a scalar and runs a compute
-    cast of it on every call, ~30 µs of a point query's GetFlightInfo (tests/bench/PROFILE.md,
+    (Unix seconds), in whole microseconds, with ``app_metadata`` (an inline result,
+    flight_server/inline.py) — exactly ``flight.FlightEndpoint(ticket, [],
+    expiration_time=pa.scalar(us * 1000, pa.timestamp("ns")), app_metadata=...)``, built from
+    its protobuf encoding (Flight.proto: ``FlightEndpoint {Ticket ticket = 1; ...
+    google.protobuf.Timestamp expiration_time = 3; bytes app_metadata = 4;}``) instead:
+    pyarrow's constructor infers a scalar and runs a compute cast of it on every call, ~30 µs of a point query's GetFlightInfo (tests/bench/PROFILE.md,
     section 5); parsing the message is C++. tests/test_dataplane.py checks the two are equal."""
     micros = int(expires_at * 1e6)
     if micros < 0:  # before 1970 (never, for a ticket): protobuf's negative varints, by pyarrow
         return flight.FlightEndpoint(
-            ticket, [], expiration_time=pa.scalar(micros * 1000, type=pa.timestamp("ns"))
+            ticket,
+            [],
+            expiration_time=pa.scalar(micros * 1000, type=pa.timestamp("ns")),
+            app_metadata=app_metadata,
         )
     seconds, rest = divmod(micros, 1_000_000)
     stamp = b"\x08" + _varint(seconds) + (b"\x10" + _varint(rest * 1000) if rest else b"")
     inner = b"\x0a" + _varint(len(ticket)) + ticket
+    extra = b"\x22" + _varint(len(app_metadata)) + app_metadata if app_metadata else b""
     return flight.FlightEndpoint.deserialize(
-        b"\x0a" + _varint(len(inner)) + inner + b"\x1a" + _varint(len(stamp)) + stamp
+        b"\x0a" + _varint(len(inner)) + inner + b"\x1a" + _varint(len(stamp)) + stamp + extra
     )

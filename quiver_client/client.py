@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from quiver_client.wire import (
+    INLINE_HEADER,
+    INLINE_MAX_BYTES,
     KEY_MAX_ROWS,
     KEY_REASON,
     KEY_TRUNCATED,
@@ -180,6 +182,19 @@ def client_error(exc: BaseException) -> QuiverClientError:  # noqa: PLR0911  a d
     return QuiverClientError("INTERNAL", f"{type(exc).__name__}: {head}")
 
 
+def _inlined(endpoints: list[flight.FlightEndpoint]) -> pa.RecordBatchReader | None:
+    """The result a FlightInfo carries inline (one endpoint whose ``app_metadata`` is the
+    result's Arrow IPC stream), or None when it must be fetched."""
+    if len(endpoints) != 1 or not endpoints[0].app_metadata:
+        return None
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(endpoints[0].app_metadata))
+    except pa.ArrowInvalid as e:
+        raise QuiverClientError(
+            "INTERNAL", f"the inline result in the FlightInfo is not an Arrow stream: {e}"
+        ) from e
+
+
 @dataclass(frozen=True, slots=True)
 class TableListing:
     """A table the caller may read, from ListFlights."""
@@ -232,6 +247,10 @@ class QuiverClient:
     and by default a repeated warning from one place is shown once); ``"raise"`` raises
     :class:`TruncatedResultError` (a table's rows are on it as ``.result``); ``"ignore"`` does
     neither. A result of exactly ``max_rows`` rows is not a cut: only one that had more.
+
+    ``inline_bytes``: queries whose whole result is at most this many bytes of Arrow data
+    arrive in their FlightInfo, in one round trip instead of two (proto_docs/descriptors.md,
+    "Small results inline"; the server inlines at most 1 MiB); 0 turns it off.
     """
 
     def __init__(
@@ -243,9 +262,13 @@ class QuiverClient:
         parallelism: int = 8,
         tls_root_certs: bytes | None = None,
         on_truncation: OnTruncation = "warn",
+        inline_bytes: int = INLINE_MAX_BYTES,
     ) -> None:
         if on_truncation not in ("warn", "raise", "ignore"):
             raise ValueError(f'on_truncation must be "warn", "raise" or "ignore", got {on_truncation!r}')
+        if not isinstance(inline_bytes, int) or inline_bytes < 0:
+            raise ValueError(f"inline_bytes must be a whole number of bytes >= 0, got {inline_bytes!r}")
+        self.inline_bytes = inline_bytes
         self.on_truncation: OnTruncation = on_truncation
         kwargs: dict[str, Any] = {}
         if tls_root_certs is not None:
@@ -259,6 +282,7 @@ class QuiverClient:
         self.timeout = timeout
         self._token = token
         self._options: tuple[str, float | None, flight.FlightCallOptions] | None = None
+        self._inline_options: tuple[flight.FlightCallOptions, int, flight.FlightCallOptions] | None = None
 
     # --- plumbing -------------------------------------------------------------------------
     @property
@@ -271,6 +295,26 @@ class QuiverClient:
             headers=[(b"authorization", f"Bearer {self._token}".encode())], timeout=self.timeout
         )
         self._options = (self._token, self.timeout, options)
+        return options
+
+    @property
+    def query_options(self) -> flight.FlightCallOptions:
+        """The call options of a query's GetFlightInfo: :attr:`options`, and the header that
+        takes a small result inline (``inline_bytes``)."""
+        base = self.options
+        if self.inline_bytes <= 0:
+            return base
+        cached = self._inline_options
+        if cached is not None and cached[0] is base and cached[1] == self.inline_bytes:
+            return cached[2]
+        options = flight.FlightCallOptions(
+            headers=[
+                (b"authorization", f"Bearer {self._token}".encode()),
+                (INLINE_HEADER.encode(), str(self.inline_bytes).encode()),
+            ],
+            timeout=self.timeout,
+        )
+        self._inline_options = (base, self.inline_bytes, options)
         return options
 
     def _call(self, fn: Callable[[], T]) -> T:
@@ -299,8 +343,11 @@ class QuiverClient:
         body = {"kind": kind, **{k: v for k, v in fields.items() if v is not None}}
         return flight.FlightDescriptor.for_command(json.dumps(body).encode())
 
-    def info(self, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        return self._call(lambda: self._client.get_flight_info(descriptor, self.options))
+    def info(self, descriptor: flight.FlightDescriptor, *, inline: bool = False) -> flight.FlightInfo:
+        """GetFlightInfo; ``inline``: a small result may come in it (:attr:`query_options`),
+        which :meth:`fetch` and :meth:`fetch_stream` then read without a DoGet."""
+        options = self.query_options if inline else self.options
+        return self._call(lambda: self._client.get_flight_info(descriptor, options))
 
     def schema_of(self, descriptor: flight.FlightDescriptor) -> pa.Schema:
         return self._call(lambda: self._client.get_schema(descriptor, self.options).schema)
@@ -317,6 +364,9 @@ class QuiverClient:
         """Every endpoint of ``info``, fetched in parallel, concatenated in order; a cut
         result is reported as ``on_truncation`` says."""
         endpoints = list(info.endpoints)
+        inlined = _inlined(endpoints)
+        if inlined is not None:  # the whole result, never a cut one: nothing to fetch
+            return inlined.read_all()
         cap = row_cap(info.app_metadata)
         # Only a capped result whose cut only the stream can tell is read chunk by chunk (to
         # see the last batch's app_metadata); everything else is read whole by C++.
@@ -350,6 +400,9 @@ class QuiverClient:
         """Every endpoint of ``info`` as one ordered stream; endpoints are read in parallel
         ahead of the consumer, each at most ``buffer_batches`` batches ahead."""
         endpoints = list(info.endpoints)
+        inlined = _inlined(endpoints)
+        if inlined is not None:
+            return inlined
         # A cut is reported once, after the last batch: the one that carries it (even when the
         # FlightInfo already said so, as for the stored result of a cut async query).
         cuts: list[dict[str, Any]] = []
@@ -509,12 +562,12 @@ class QuiverClient:
         return self.command("query", sql=sql, params=list(params) if params else None, max_rows=max_rows)
 
     def query(self, sql: str, params: Sequence[Any] | None = None, max_rows: int | None = None) -> pa.Table:
-        return self.fetch(self.info(self._query(sql, params, max_rows)))
+        return self.fetch(self.info(self._query(sql, params, max_rows), inline=True))
 
     def query_stream(
         self, sql: str, params: Sequence[Any] | None = None, max_rows: int | None = None
     ) -> pa.RecordBatchReader:
-        return self.fetch_stream(self.info(self._query(sql, params, max_rows)))
+        return self.fetch_stream(self.info(self._query(sql, params, max_rows), inline=True))
 
     def query_schema(self, sql: str, params: Sequence[Any] | None = None) -> pa.Schema:
         return self.schema_of(self._query(sql, params, None))

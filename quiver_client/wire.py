@@ -83,3 +83,13 @@ def decode_row_cap(raw: bytes) -> dict[str, Any] | None:
     if not isinstance(cap, dict) or not isinstance(cap.get(KEY_MAX_ROWS), int):
         return None
     return cap
+
+
+# --- inline results (proto_docs/descriptors.md, "Small results inline") ----------------------
+#: The GetFlightInfo header by which a client takes a small query result inline: the most bytes
+#: of Arrow data it accepts. The result then arrives as the Arrow IPC stream in the endpoint's
+#: ``app_metadata``, and no DoGet is needed.
+INLINE_HEADER: Final = "x-quiver-inline-bytes"
+#: The most a server inlines, whatever a client asks: a quarter of gRPC's default 4 MiB
+#: receive limit, so the FlightInfo always fits a default client.
+INLINE_MAX_BYTES: Final = 1 << 20

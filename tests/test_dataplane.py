@@ -749,16 +749,23 @@ def test_arrow_stream_runs_queries_like_the_public_api(server: Server) -> None:
 @given(
     ticket=st.binary(min_size=0, max_size=300),
     expires_at=st.floats(min_value=-(2**33), max_value=2**33, allow_nan=False, allow_infinity=False),
+    app_metadata=st.binary(min_size=0, max_size=300),
 )
-def test_endpoints_built_from_protobuf_equal_pyarrow_s(ticket: bytes, expires_at: float) -> None:
+def test_endpoints_built_from_protobuf_equal_pyarrow_s(
+    ticket: bytes, expires_at: float, app_metadata: bytes
+) -> None:
     """GetFlightInfo builds each endpoint from its protobuf encoding (flight_server/tickets.py
     ``flight_endpoint``, cheaper than pyarrow's constructor): the same message, ticket and
     expiry — whole microseconds — as ``flight.FlightEndpoint(ticket, [], expiration_time=...)``,
-    for every ticket length (one- and two-byte varints) and time (with and without nanos)."""
+    for every ticket length (one- and two-byte varints), time (with and without nanos) and
+    ``app_metadata`` (an inline result, or none)."""
     ns = int(expires_at * 1e6) * 1000
-    want = flight.FlightEndpoint(ticket, [], expiration_time=pa.scalar(ns, type=pa.timestamp("ns")))
-    got = flight_endpoint(ticket, expires_at)
+    want = flight.FlightEndpoint(
+        ticket, [], expiration_time=pa.scalar(ns, type=pa.timestamp("ns")), app_metadata=app_metadata
+    )
+    got = flight_endpoint(ticket, expires_at, app_metadata)
     assert got == want
     assert got.serialize() == want.serialize()
     assert got.ticket.ticket == ticket and got.locations == []
+    assert got.app_metadata == app_metadata
     assert got.expiration_time is not None and got.expiration_time.value == ns
