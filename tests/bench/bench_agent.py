@@ -654,6 +654,9 @@ def _points(  # noqa: C901, PLR0915  one benchmark target, measured step by step
         info = bare.get_flight_info(flight.FlightDescriptor.for_command(b"tiny"))
         bare.do_get(info.endpoints[0].ticket).read_all()
 
+    def bare_one() -> None:  # one round trip: what an inline result costs the transport
+        bare.get_flight_info(flight.FlightDescriptor.for_command(b"tiny"))
+
     def split(q: Quiver, sql: str, params: list[Any] | None) -> tuple[float, float]:
         t0 = time.perf_counter()
         info = q.info(q.query_cmd(sql, params))
@@ -687,6 +690,7 @@ def _points(  # noqa: C901, PLR0915  one benchmark target, measured step by step
         for k in fresh_keys:
             sql = FRESH_SQL.format(k=k)
             clock("bare", bare_rt)
+            clock("bare_one", bare_one)
             clock("duck", lambda sql: con.sql(sql).to_arrow_table(), sql)
             clock("duck_submit", lambda sql: arrow_stream(con, sql).read_all(), sql)
             clock("fresh_on", on.client.query, sql)
@@ -694,11 +698,13 @@ def _points(  # noqa: C901, PLR0915  one benchmark target, measured step by step
             info_s, get_s = split(on, FRESH_SQL.format(k=k + 2), None)
             timed.setdefault("fresh_info", []).append(info_s)
             timed.setdefault("fresh_get", []).append(get_s)
+            timed.setdefault("fresh_two", []).append(info_s + get_s)
 
     before_on, before_off = on.counters(), off.counters()
     fresh_round()
     warmth["fresh_on"] = _warm(before_on, on.counters())
     warmth["fresh_off"] = _warm(before_off, off.counters())
+    warmth["fresh_two"] = warmth["fresh_on"]  # the same server, in the same round
 
     def repeat_round() -> None:
         sql = FRESH_SQL.format(k=repeat_key)
@@ -722,8 +728,10 @@ def _points(  # noqa: C901, PLR0915  one benchmark target, measured step by step
             info_s, get_s = split(on, PARAM_SQL, [k + 6])
             timed.setdefault("param_info", []).append(info_s)
             timed.setdefault("param_get", []).append(get_s)
+            timed.setdefault("param_two", []).append(info_s + get_s)
 
     group("param_on", on, param_round)
+    warmth["param_two"] = warmth["param_on"]
 
     def const_round() -> None:
         for k in const_keys:
@@ -752,15 +760,33 @@ def _points(  # noqa: C901, PLR0915  one benchmark target, measured step by step
             _met(gap <= target / 1e3) if target is not None else "-",
         )
 
+    floor_one = p50["bare_one"] + p50["duck"]
     return [
         point_row(
-            f"point query, fresh text `{FRESH_SQL.format(k='<new k>')}`, default config",
+            f"point query, fresh text `{FRESH_SQL.format(k='<new k>')}`, QuiverClient (a small result "
+            "inline in the FlightInfo: one round trip), default config",
             "fresh_on",
             floor,
             "same text",
             1.0,
         ),
         point_row("the same, caches off", "fresh_off", floor, "same text", 1.0),
+        Row(
+            "the same (default config) against a one-round-trip floor: a bare GetFlightInfo alone + duckdb",
+            f"p50 {_ms(p50['fresh_on'])}",
+            f"floor: bare GetFlightInfo {_ms(p50['bare_one'])} + duckdb {_ms(p50['duck'])} = {_ms(floor_one)}",
+            f"gap {(p50['fresh_on'] - floor_one) * 1e3:+.3f} ms",
+            "report",
+            "-",
+        ),
+        point_row(
+            "fresh text, two calls (GetFlightInfo + DoGet: raw pyarrow client, any Flight client; "
+            "default config)",
+            "fresh_two",
+            floor,
+            "same text",
+            1.0,
+        ),
         Row(
             "fresh text, GetFlightInfo p50 / DoGet p50 (raw pyarrow client, default config)",
             f"{_ms(p50['fresh_info'])} / {_ms(p50['fresh_get'])}",
@@ -789,6 +815,7 @@ def _points(  # noqa: C901, PLR0915  one benchmark target, measured step by step
             "same",
             0.5,
         ),
+        point_row("parameterized, two calls (raw pyarrow client)", "param_two", floor_param, "same", 0.5),
         Row(
             "parameterized, GetFlightInfo p50 / DoGet p50 (raw pyarrow client)",
             f"{_ms(p50['param_info'])} / {_ms(p50['param_get'])}",
