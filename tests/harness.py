@@ -19,6 +19,7 @@ import pyarrow.flight as flight
 from catalog import Catalog, Config, load_config
 from catalog.clock import SYSTEM_CLOCK, Clock
 from catalog.errors import MAX_DETAIL_CHARS
+from flight_server.server import QuiverFlightServer
 from quiver.runtime import Runtime
 
 T = TypeVar("T")
@@ -191,6 +192,12 @@ class Server:
         """The demo agent's token (a server started with the demo data has one)."""
         assert self.demo_token is not None, "this server was started without the demo"
         return self.demo_token
+
+    @property
+    def flight_service(self) -> QuiverFlightServer:
+        """The running Flight service itself, for the counters tests read."""
+        assert self.runtime.flight is not None
+        return self.runtime.flight
 
     def flight(self) -> flight.FlightClient:
         client = flight.FlightClient(self.flight_url)

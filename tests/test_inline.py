@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -25,7 +24,7 @@ import pytest
 from flight_server.server import QuiverFlightServer
 from quiver_client import QuiverClient, TruncatedResultError
 from quiver_client.wire import INLINE_HEADER, INLINE_MAX_BYTES
-from tests.harness import Server, call_options, error_info, start_server
+from tests.harness import Server, call_options, error_info
 
 _fresh = itertools.count(1)
 
@@ -57,17 +56,10 @@ def inlined(info: flight.FlightInfo) -> pa.Table | None:
     return pa.ipc.open_stream(pa.py_buffer(endpoint.app_metadata)).read_all()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("inline"))
-    yield s
-    s.stop()
-
-
 @pytest.fixture
 def fs(server: Server) -> QuiverFlightServer:
-    assert server.runtime.flight is not None
-    return server.runtime.flight
+    """The server's Flight service, whose counters the tests read (``server``: conftest.py)."""
+    return server.flight_service
 
 
 def my_queries(server: Server, token: str) -> list[dict[str, Any]]:

@@ -40,8 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture
 def fs(server: Server) -> QuiverFlightServer:
-    assert server.runtime.flight is not None
-    return server.runtime.flight
+    return server.flight_service
 
 
 @pytest.fixture
