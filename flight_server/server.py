@@ -32,6 +32,7 @@ The pieces, each in its own module:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import secrets
@@ -407,9 +408,12 @@ class QuiverFlightServer(flight.FlightServerBase):
         # A client that asked gets a small result in the FlightInfo (flight_server/inline.py):
         # recorded here, since no DoGet will record it.
         data = self.streamer.inline(plan, state, limit) if limit else None
+        metadata = plan.app_metadata  # the row cap (proto_docs/descriptors.md)
         if data is not None:
             facts.failures_only = False
             state.fields["inline"] = len(data)
+            if plan.row_cap is not None:  # the result is known whole: not cut
+                metadata = dataclasses.replace(plan.row_cap, truncated=False).info_metadata()
         endpoints = []
         for index in range(len(plan.parts)):
             ticket, grant = self.tickets.issue(principal, TicketPayload(plan, index, group, relations))
@@ -424,7 +428,7 @@ class QuiverFlightServer(flight.FlightServerBase):
             plan.total_records,
             -1,
             ordered=plan.ordered,
-            app_metadata=plan.app_metadata,  # the row cap (proto_docs/descriptors.md)
+            app_metadata=metadata,
         )
 
     def get_schema(

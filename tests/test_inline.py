@@ -82,6 +82,7 @@ def test_a_point_query_comes_back_in_its_flight_info_and_is_recorded_once(
     table = inlined(info)
     assert table is not None and fs.streamer.inlined == before + 1
     assert table.schema == info.schema and table.column("order_id").to_pylist() == [k]
+    assert json.loads(info.app_metadata)["truncated"] is False  # known whole: not cut
     records = my_queries(server, token)
     assert [(r["kind"], r["outcome"], r["rows"], r["sql"]) for r in records] == [("query", "ok", 1, sql)]
     assert records[0]["bytes"] > 0
