@@ -633,7 +633,8 @@ def _report(  # noqa: PLR0913  every measurement the report prints
     gap = _pct(qp, 50) - (rt + dk)
     rows.append(
         Row(
-            "point query via Quiver (GetFlightInfo + DoGet, agent token)",
+            "point query via Quiver (QuiverClient.query, agent token: a small result comes inline in the "
+            "FlightInfo, one round trip; the raw two-call split is in the diagnostics)",
             f"p50 {_ms(_pct(qp, 50))}, p99 {_ms(_pct(qp, 99))}",
             f"floor: bare round trip {_ms(rt)} + duckdb {_ms(dk)} = {_ms(rt + dk)}",
             f"gap {gap * 1e3:+.3f} ms",
