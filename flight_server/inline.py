@@ -43,7 +43,8 @@ def requested(values: Sequence[str | bytes] | None) -> int:
     stripped = text.strip()
     if not (stripped.isascii() and stripped.isdigit() and len(stripped) <= 12):
         raise InvalidArgument(
-            f"header {HEADER} must be a whole number of bytes (0 … {MAX_BYTES} are used), got {bounded(text)}"
+            f"header {HEADER} must be a whole number of bytes (0: none; the server inlines at most "
+            f"{MAX_BYTES}), got {bounded(text)}"
         )
     return min(int(stripped), MAX_BYTES)
 

@@ -112,8 +112,9 @@ def flight_endpoint(ticket: bytes, expires_at: float, app_metadata: bytes = b"")
     expiration_time=pa.scalar(us * 1000, pa.timestamp("ns")), app_metadata=...)``, built from
     its protobuf encoding (Flight.proto: ``FlightEndpoint {Ticket ticket = 1; ...
     google.protobuf.Timestamp expiration_time = 3; bytes app_metadata = 4;}``) instead:
-    pyarrow's constructor infers a scalar and runs a compute cast of it on every call, ~30 µs of a point query's GetFlightInfo (tests/bench/PROFILE.md,
-    section 5); parsing the message is C++. tests/test_dataplane.py checks the two are equal."""
+    pyarrow's constructor infers a scalar and runs a compute cast of it on every call, ~30 µs
+    of a point query's GetFlightInfo (tests/bench/PROFILE.md, section 5); parsing the message
+    is C++. tests/test_dataplane.py checks the two are equal."""
     micros = int(expires_at * 1e6)
     if micros < 0:  # before 1970 (never, for a ticket): protobuf's negative varints, by pyarrow
         return flight.FlightEndpoint(
