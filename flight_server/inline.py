@@ -29,8 +29,6 @@ from catalog.errors import bounded
 from quiver_client.wire import INLINE_HEADER as HEADER
 from quiver_client.wire import INLINE_MAX_BYTES as MAX_BYTES
 
-_IPC = pa.ipc.IpcWriteOptions()
-
 
 def requested(values: Sequence[str | bytes] | None) -> int:
     """How many bytes of Arrow data the client accepts inline (0: it did not ask), at most
@@ -52,7 +50,7 @@ def requested(values: Sequence[str | bytes] | None) -> int:
 def encode(schema: pa.Schema, batches: Sequence[pa.RecordBatch]) -> bytes:
     """The Arrow IPC stream of a whole result: what the endpoint's ``app_metadata`` holds."""
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, schema, options=_IPC) as writer:
+    with pa.ipc.new_stream(sink, schema) as writer:
         for batch in batches:
             writer.write_batch(batch)
     return sink.getvalue().to_pybytes()

@@ -281,41 +281,37 @@ class QuiverClient:
         self._lock = threading.Lock()
         self.timeout = timeout
         self._token = token
-        self._options: tuple[str, float | None, flight.FlightCallOptions] | None = None
-        self._inline_options: tuple[flight.FlightCallOptions, int, flight.FlightCallOptions] | None = None
+        self._options: (
+            tuple[tuple[str, float | None, int], flight.FlightCallOptions, flight.FlightCallOptions] | None
+        ) = None
 
     # --- plumbing -------------------------------------------------------------------------
+    def _built(self) -> tuple[flight.FlightCallOptions, flight.FlightCallOptions]:
+        """The call options (token, timeout) and those of a query's GetFlightInfo (with the
+        header that takes a small result inline), built again only when a setting changed."""
+        key = (self._token, self.timeout, self.inline_bytes)
+        cached = self._options
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        auth = [(b"authorization", f"Bearer {self._token}".encode())]
+        plain = flight.FlightCallOptions(headers=auth, timeout=self.timeout)
+        query = plain
+        if self.inline_bytes > 0:
+            ask = (INLINE_HEADER.encode(), str(self.inline_bytes).encode())
+            query = flight.FlightCallOptions(headers=[*auth, ask], timeout=self.timeout)
+        self._options = (key, plain, query)
+        return plain, query
+
     @property
     def options(self) -> flight.FlightCallOptions:
-        """The call options (token, timeout), built again only when either changed."""
-        cached = self._options
-        if cached is not None and cached[0] == self._token and cached[1] == self.timeout:
-            return cached[2]
-        options = flight.FlightCallOptions(
-            headers=[(b"authorization", f"Bearer {self._token}".encode())], timeout=self.timeout
-        )
-        self._options = (self._token, self.timeout, options)
-        return options
+        """The call options: the token and the timeout."""
+        return self._built()[0]
 
     @property
     def query_options(self) -> flight.FlightCallOptions:
         """The call options of a query's GetFlightInfo: :attr:`options`, and the header that
-        takes a small result inline (``inline_bytes``)."""
-        base = self.options
-        if self.inline_bytes <= 0:
-            return base
-        cached = self._inline_options
-        if cached is not None and cached[0] is base and cached[1] == self.inline_bytes:
-            return cached[2]
-        options = flight.FlightCallOptions(
-            headers=[
-                (b"authorization", f"Bearer {self._token}".encode()),
-                (INLINE_HEADER.encode(), str(self.inline_bytes).encode()),
-            ],
-            timeout=self.timeout,
-        )
-        self._inline_options = (base, self.inline_bytes, options)
-        return options
+        takes a small result inline (``inline_bytes``; none when it is 0)."""
+        return self._built()[1]
 
     def _call(self, fn: Callable[[], T]) -> T:
         try:

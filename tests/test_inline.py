@@ -22,7 +22,7 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_server.server import QuiverFlightServer
-from quiver_client import QuiverClient, TruncatedResultError
+from quiver_client import QuiverClient, QuiverClientError, TruncatedResultError
 from quiver_client.wire import INLINE_HEADER, INLINE_MAX_BYTES
 from tests.harness import Server, call_options, error_info
 
@@ -236,5 +236,21 @@ def test_quiver_client_takes_small_results_inline(server: Server, fs: QuiverFlig
         before = fs.streamer.inlined
         assert c.query(sql + "  ").column("order_id").to_pylist() == [k]
         assert fs.streamer.inlined == before
-    with pytest.raises(ValueError, match="inline_bytes"):
-        QuiverClient(server.flight_url, server.agent_token, inline_bytes=-1)
+    for bad in (-1, "1", 1.5):
+        with pytest.raises(ValueError, match="inline_bytes"):
+            QuiverClient(server.flight_url, server.agent_token, inline_bytes=bad)  # type: ignore[arg-type]
+
+
+def test_a_malformed_inline_result_is_a_client_error() -> None:
+    """An endpoint whose app_metadata is not an Arrow stream (never sent by Quiver) is a
+    QuiverClientError naming it, not a pyarrow exception."""
+    info = flight.FlightInfo(
+        pa.schema([("x", pa.int64())]),
+        flight.FlightDescriptor.for_command(b"{}"),
+        [flight.FlightEndpoint(b"t", [], app_metadata=b"not arrow")],
+        -1,
+        -1,
+    )
+    with QuiverClient("grpc://127.0.0.1:1", "token") as c, pytest.raises(QuiverClientError) as e:
+        c.fetch(info)
+    assert e.value.code == "INTERNAL" and "not an Arrow stream" in e.value.detail
