@@ -347,8 +347,10 @@ def test_an_upload_without_a_schema_is_invalid_argument_and_keeps_nothing(srv: S
 def test_a_leftover_temp_file_is_reclaimed_by_the_janitor(srv: Server) -> None:
     leftover = srv.catalog.artefacts.directory / f"{TEMP_PREFIX}01a00000-0000-7000-8000-000000000001-dead"
     leftover.write_bytes(b"a crashed upload")
-    wait_until(lambda: not leftover.exists(), what="the janitor")
-    assert srv.catalog.metrics.artefacts_removed.labels("temp_file")._value.get() >= 1
+    removed = srv.catalog.metrics.artefacts_removed.labels("temp_file")
+    # The sweep unlinks the file before it counts it: wait for both, or the assertion races it.
+    wait_until(lambda: not leftover.exists() and removed._value.get() >= 1, what="the janitor")
+    assert not leftover.exists() and removed._value.get() >= 1
 
 
 # --- quotas -------------------------------------------------------------------------------------------------
