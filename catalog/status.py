@@ -71,13 +71,16 @@ class QueryLimits(msgspec.Struct, kw_only=True):
 
 
 class QueriesStatus(msgspec.Struct, kw_only=True):
-    """Flight queries in flight: streams being sent, admission slots in use (per principal)."""
+    """Flight queries in flight: streams being sent, admission slots in use (per principal);
+    and the results sent inline in a FlightInfo since start (flight_server/inline.py)."""
 
     streaming: int
     queries: int
     by_principal: dict[str, int]
     tickets: int  # tickets issued and not yet expired
     limits: QueryLimits
+    inlined: int  # results sent inline (quiver_inline_results_total)
+    inlined_bytes: int  # the bytes of their Arrow IPC streams (quiver_inline_bytes_total)
 
 
 class CachedTable(msgspec.Struct, kw_only=True):

@@ -16,6 +16,11 @@ recorded in the query log (and charged to the budgets) by GetFlightInfo, with it
 bytes, since no DoGet will record it. A result that was cut at its row cap, one still running
 after GetFlightInfo's wait, a split plan, or one larger than asked, is not inlined: those go
 the usual way.
+
+Each result sent inline is counted, with the bytes of its IPC stream (``Streamer.inline``):
+``quiver_inline_results_total`` and ``quiver_inline_bytes_total`` on /metrics, ``inlined`` and
+``inlined_bytes`` under "queries" of /v1/status, and ``inline=<bytes>`` in the ``flight.call``
+log line.
 """
 
 from __future__ import annotations

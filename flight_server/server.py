@@ -701,9 +701,11 @@ class QuiverFlightServer(flight.FlightServerBase):
 
     # --- status (GET /v1/status: the process wiring asks, quiver/status.py) ------------------
     def queries_status(self) -> QueriesStatus:
-        """ "queries": streams being sent, admission slots in use, live tickets, the limits."""
+        """ "queries": streams being sent, admission slots in use, live tickets, the limits,
+        and the results sent inline since start."""
         active = self.admission.active()
         limits = self.catalog.config.limits
+        inlined, inlined_bytes = self.streamer.inline_counts()
         return QueriesStatus(
             streaming=self.admission.streams(),
             queries=sum(active.values()),
@@ -716,6 +718,8 @@ class QuiverFlightServer(flight.FlightServerBase):
                 max_rows=limits.max_rows,
                 swarms_with_limits=self.catalog.limits.count(),
             ),
+            inlined=inlined,
+            inlined_bytes=inlined_bytes,
         )
 
     def _stored_tables(self) -> list[TableRef]:

@@ -52,6 +52,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
 import structlog
+from prometheus_client import CollectorRegistry, Counter
 
 from catalog import Catalog, Principal, TableRef, Unavailable
 from catalog.limits import Effective
@@ -102,6 +103,20 @@ def _speed_key(part: SqlPart) -> tuple[str, ...] | None:
     return None if part.normalized is None else (part.normalized,)
 
 
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.inlined = Counter(
+            "quiver_inline_results_total",
+            "Query results sent inline in a FlightInfo (no DoGet fetched them).",
+            registry=registry,
+        )
+        self.inlined_bytes = Counter(
+            "quiver_inline_bytes_total",
+            "Bytes of the Arrow IPC streams sent inline in FlightInfos (the endpoints' app_metadata).",
+            registry=registry,
+        )
+
+
 class Streamer:
     def __init__(
         self,
@@ -148,8 +163,12 @@ class Streamer:
         self.quick_overruns = 0
         #: GetFlightInfo runs of a quick template, on the calling thread: a count for tests.
         self.quick_runs = 0
-        #: Results sent inline in a FlightInfo (:meth:`inline`): a count for tests and logs.
+        #: Results sent inline in a FlightInfo (:meth:`inline`), and the bytes of their IPC
+        #: streams: /v1/status "queries" and ``quiver_inline_*`` in the catalog's registry.
         self.inlined = 0
+        self.inlined_bytes = 0
+        self._inline_lock = threading.Lock()
+        self._metrics = _Metrics(catalog.metrics.registry)
 
     def timeout_for(self, principal: Principal | None) -> float:
         """The query timeout of ``principal``'s request: ``[limits] query_timeout_seconds`` or
@@ -503,8 +522,18 @@ class Streamer:
             return None
         if state.query is not None:
             state.query.sent(sum(b.num_rows for b in batches), size)
-        self.inlined += 1
-        return inline.encode(schema, batches)
+        data = inline.encode(schema, batches)
+        with self._inline_lock:
+            self.inlined += 1
+            self.inlined_bytes += len(data)
+        self._metrics.inlined.inc()
+        self._metrics.inlined_bytes.inc(len(data))
+        return data
+
+    def inline_counts(self) -> tuple[int, int]:
+        """Results sent inline since start, and the bytes of their IPC streams (read together)."""
+        with self._inline_lock:
+            return self.inlined, self.inlined_bytes
 
     @staticmethod
     def claim(plan: Plan, index: int) -> HeldRun | None:

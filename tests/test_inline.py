@@ -7,7 +7,8 @@ flight_server/inline.py, flight_server/streams.py (``Streamer.inline``).
 Real server on ephemeral ports, real DuckDB file, real pyarrow.flight clients, Quiver's own
 client and the admin's HTTP API. Each test checks the rows against a second path (the DoGet of
 the same ticket, or in-process DuckDB), and what the server counted (the query log, budgets,
-``Streamer.inlined``, ``Streamer.executions``).
+``Streamer.inlined``, ``Streamer.executions``, and the ``quiver_inline_*`` metrics and
+"queries" of /v1/status an operator reads).
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import json
 import secrets
 from typing import Any
 
+import msgspec
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from catalog.status import Status
 from flight_server.server import QuiverFlightServer
 from quiver_client import QuiverClient, QuiverClientError, TruncatedResultError
 from quiver_client.wire import INLINE_HEADER, INLINE_MAX_BYTES
@@ -90,6 +94,64 @@ def test_a_point_query_comes_back_in_its_flight_info_and_is_recorded_once(
     again = client.do_get(info.endpoints[0].ticket, call_options(token)).read_all()
     assert again.equals(table)
     assert len(my_queries(server, token)) == 2
+
+
+def inline_counts(server: Server) -> tuple[float, float, int, int]:
+    """What an operator reads: ``quiver_inline_results_total`` and ``quiver_inline_bytes_total``
+    from GET /metrics, ``inlined`` and ``inlined_bytes`` from "queries" of GET /v1/status."""
+    http = server.http()
+    metrics = http.get("/metrics")
+    assert metrics.status_code == 200, metrics.text
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(metrics.text)
+        for sample in family.samples
+    }
+    r = http.get("/v1/status")
+    assert r.status_code == 200, r.text
+    queries = msgspec.json.decode(r.content, type=Status, strict=True).queries
+    assert not isinstance(queries, msgspec.UnsetType)
+    return (
+        samples["quiver_inline_results_total"],
+        samples["quiver_inline_bytes_total"],
+        queries.inlined,
+        queries.inlined_bytes,
+    )
+
+
+def test_an_inlined_result_is_counted_on_metrics_and_status(server: Server) -> None:
+    """One inlined query: the counters went up by one, and the bytes by the size of the IPC
+    stream in the endpoint's app_metadata; /metrics and /v1/status agree."""
+    results, sent, count, count_bytes = inline_counts(server)
+    assert (results, sent) == (count, count_bytes)
+    sql, k = point()
+    info = server.flight().get_flight_info(
+        cmd(kind="query", sql=sql), inline_options(server.agent_token, INLINE_MAX_BYTES)
+    )
+    table = inlined(info)
+    assert table is not None and table.column("order_id").to_pylist() == [k]
+    size = len(info.endpoints[0].app_metadata)
+    assert size > 0
+    assert inline_counts(server) == (results + 1, sent + size, count + 1, count_bytes + size)
+
+
+def test_a_result_not_inlined_is_not_counted(server: Server) -> None:
+    """No header, a header of 0, or a result larger than asked: fetched by DoGet as before,
+    and neither counter moved."""
+    before = inline_counts(server)
+    client = server.flight()
+    token = server.agent_token
+    for opts in (call_options(token), inline_options(token, 0)):
+        sql, k = point()
+        info = client.get_flight_info(cmd(kind="query", sql=sql), opts)
+        assert inlined(info) is None
+        assert client.do_get(info.endpoints[0].ticket, opts).read_all().column("order_id").to_pylist() == [k]
+    opts = inline_options(token, 64)
+    k = next(_fresh)
+    big = client.get_flight_info(cmd(kind="query", sql=f"SELECT range + {k} AS i FROM range(1000)"), opts)
+    assert inlined(big) is None
+    assert client.do_get(big.endpoints[0].ticket, opts).read_all().num_rows == 1000
+    assert inline_counts(server) == before
 
 
 def test_without_the_header_nothing_changes(server: Server, fs: QuiverFlightServer) -> None:
