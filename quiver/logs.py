@@ -26,7 +26,9 @@ from __future__ import annotations
 import atexit
 import collections
 import datetime
+import json
 import logging
+import math
 import re
 import sys
 import threading
@@ -35,6 +37,7 @@ import traceback
 from collections.abc import Callable
 from typing import IO, Any
 
+import msgspec
 import structlog
 
 SECRET_KEYS = {
@@ -302,15 +305,62 @@ def _stamp_now(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+# The last whole second formatted (seconds since the epoch, its ISO text up to the seconds):
+# records come many to a second, and building a datetime for each was a quarter of the
+# writer's cost per record. One tuple, replaced whole: safe to read from any thread.
+_second: tuple[int, str] = (-1, "")
+
+
 def _iso_timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     """In the writer: the stamped moment as structlog's ``TimeStamper(fmt="iso", utc=True)``
-    writes it (``2026-12-02T04:21:04.684142Z``); a stamp formatted already is left alone."""
+    writes it (``2026-12-02T04:21:04.684142Z``, no fraction when it is 0); a stamp formatted
+    already is left alone. The microseconds are rounded as ``datetime.fromtimestamp`` rounds
+    them (half to even, carried into the second): tests/test_logs.py compares the two."""
     stamp = event.get("timestamp")
     if stamp.__class__ is float:
-        event["timestamp"] = (
-            datetime.datetime.fromtimestamp(stamp, datetime.UTC).isoformat().replace("+00:00", "Z")
-        )
+        global _second
+        fraction, whole = math.modf(stamp)
+        micros = round(fraction * 1e6)
+        second = int(whole)
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        elif micros < 0:
+            second, micros = second - 1, micros + 1_000_000
+        cached = _second
+        if cached[0] == second:
+            prefix = cached[1]
+        else:
+            prefix = datetime.datetime.fromtimestamp(second, datetime.UTC).isoformat()[:19]
+            _second = (second, prefix)
+        event["timestamp"] = f"{prefix}.{micros:06d}Z" if micros else f"{prefix}Z"
     return event
+
+
+def _json_default(value: Any) -> Any:
+    """A value JSON has no form for: what structlog's ``JSONRenderer`` writes for it (its
+    ``__structlog__()``, else its ``repr``)."""
+    own = getattr(value, "__structlog__", None)
+    return own() if callable(own) else repr(value)
+
+
+_JSON = msgspec.json.Encoder(enc_hook=_json_default)
+
+
+def render_json(_: Any, __: str, event: dict[str, Any]) -> str:
+    """A record as one JSON line, by msgspec: a fifth of the cost of structlog's
+    ``JSONRenderer`` (``json.dumps``), which every Flight call's record went through in the
+    writer thread while request threads waited for the GIL (tests/bench/PROFILE.md, section
+    14). The line is ASCII, as ``json.dumps`` makes it (``\\u`` escapes), so that it can be
+    written to a stream of any encoding: a record with other characters, or one msgspec
+    cannot encode (an integer beyond 64 bits, a key that is not a string), is rendered by
+    ``json.dumps`` instead. A token-shaped text anywhere in the line — a nested value, an
+    object's ``repr`` — is masked as :func:`redact` masks a top-level one."""
+    try:
+        raw = _JSON.encode(event)
+    except (TypeError, ValueError, OverflowError):
+        raw = b""
+    line = raw.decode("ascii") if raw and raw.isascii() else json.dumps(event, default=_json_default)
+    return _scrub(line)
 
 
 def _chain(processors: list[Any]) -> Render:
@@ -362,7 +412,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         rendering = [_iso_timestamp, redact, lambda logger, name, event: _scrub(console(logger, name, event))]
     else:
         # Tracebacks are rendered first, so that redact scrubs them too.
-        rendering = [_iso_timestamp, format_exc_info, redact, structlog.processors.JSONRenderer()]
+        rendering = [_iso_timestamp, format_exc_info, redact, render_json]
     global _writer
     if _writer is not None:  # configured again (a command that reconfigures): one writer
         _writer.close()

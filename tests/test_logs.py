@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 TOKEN = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlLXNlY3JldA"
@@ -117,6 +117,11 @@ def test_records_are_stamped_in_the_calling_thread_and_formatted_by_the_writer()
 
 
 @given(st.floats(min_value=0, max_value=2**34, allow_nan=False, allow_infinity=False))
+@example(0.0)
+@example(1.0)
+@example(1.9999996)  # rounds up into the next second
+@example(1.0000005)
+@example(1_764_720_000.0000025)
 def test_the_writer_formats_a_stamp_as_timestamper_iso_utc(stamp: float) -> None:
     from quiver.logs import _iso_timestamp
 
@@ -124,3 +129,79 @@ def test_the_writer_formats_a_stamp_as_timestamper_iso_utc(stamp: float) -> None
     assert _iso_timestamp(None, "info", {"timestamp": stamp}) == {"timestamp": want}
     assert _iso_timestamp(None, "info", {"timestamp": want}) == {"timestamp": want}  # formatted already
     assert _iso_timestamp(None, "info", {}) == {}
+
+
+def test_the_writer_formats_consecutive_stamps_of_one_and_of_different_seconds() -> None:
+    """The cached second is the stamp's own: a stamp of the next (or an earlier) second
+    after a cached one is formatted anew."""
+    from quiver.logs import _iso_timestamp
+
+    for stamp in (100.5, 100.25, 101.0, 99.75, 101.9999999, 100.5):
+        want = datetime.fromtimestamp(stamp, UTC).isoformat().replace("+00:00", "Z")
+        assert _iso_timestamp(None, "info", {"timestamp": stamp})["timestamp"] == want
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(max_size=12), _json_values, max_size=8))
+def test_a_json_line_reads_back_as_json_dumps_writes_it(event: dict[str, object]) -> None:
+    """msgspec renders what ``json.dumps`` rendered (structlog's ``JSONRenderer``): the same
+    object read back, one ASCII line whatever the text holds."""
+    from quiver.logs import render_json
+
+    line = render_json(None, "info", dict(event))
+    assert line.isascii() and "\n" not in line
+    assert json.loads(line) == json.loads(json.dumps(event))
+
+
+def test_a_json_line_of_values_json_has_no_form_for() -> None:
+    """Integers beyond 64 bits, non-ASCII text and objects: as ``json.dumps`` with
+    structlog's fallback (``__structlog__``, else ``repr``) writes them."""
+    from quiver.logs import render_json
+
+    class Shown:
+        def __structlog__(self) -> str:
+            return "shown"
+
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque>"
+
+    event = {"event": "x", "big": 2**70, "name": "Zoë ✓", "a": Shown(), "b": Opaque(), "n": [1, 2.5]}
+    line = render_json(None, "info", dict(event))
+    assert line.isascii()
+    assert json.loads(line) == {
+        "event": "x",
+        "big": 2**70,
+        "name": "Zoë ✓",
+        "a": "shown",
+        "b": "<opaque>",
+        "n": [1, 2.5],
+    }
+
+
+def test_a_token_anywhere_in_a_json_line_is_masked() -> None:
+    """A token in a nested value or in an object's repr is masked in the line (redact
+    masks the top-level values before)."""
+    from quiver.logs import render_json
+
+    class Holder:
+        def __repr__(self) -> str:
+            return f"Holder({TOKEN})"
+
+    line = render_json(None, "info", {"event": "x", "nested": {"h": [f"bearer {TOKEN}"]}, "o": Holder()})
+    assert TOKEN not in line
+    assert json.loads(line) == {
+        "event": "x",
+        "nested": {"h": ["bearer [redacted-token]"]},
+        "o": "Holder([redacted-token])",
+    }
