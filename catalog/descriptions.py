@@ -114,30 +114,35 @@ def clean_comment(value: object) -> str:
     return kept
 
 
-def record_source_comments(cur: duckdb.DuckDBPyConnection, ref: TableRef, comments: SourceComments) -> int:
+def record_source_comments(cur: duckdb.DuckDBPyConnection, ref: TableRef, comments: SourceComments) -> bool:
     """On the sync run's cursor, inside its transaction: ``ref``'s warehouse comments become
     ``comments`` (a comment gone at the source is gone here; ``comments.table`` None keeps the
-    stored table comment). Texts are bound parameters, cleaned again here. The rows kept."""
+    stored table comment). Texts are bound parameters, cleaned again here. Nothing is written
+    when nothing changed; whether something did."""
     keep_table = comments.table is None
-    cur.execute(
-        f"DELETE FROM {SOURCE_COMMENTS} WHERE lower(schema_name) = lower(?) AND lower(table_name) = lower(?)"
-        + (" AND column_name <> ''" if keep_table else ""),
-        [ref.schema, ref.name],
+    scope = "WHERE lower(schema_name) = lower(?) AND lower(table_name) = lower(?)" + (
+        " AND column_name <> ''" if keep_table else ""
     )
-    rows: list[list[str]] = []
+    wanted: dict[str, str] = {}
     table = clean_comment(comments.table)
     if table:
-        rows.append([ref.schema, ref.name, "", table])
+        wanted[""] = table
     for name, text in comments.columns.items():
         cleaned = clean_comment(text)
         if name and cleaned:
-            rows.append([ref.schema, ref.name, name, cleaned])
-    if rows:
+            wanted[name] = cleaned
+    stored = cur.execute(
+        f"SELECT column_name, comment FROM {SOURCE_COMMENTS} {scope}", [ref.schema, ref.name]
+    ).fetchall()
+    if len(stored) == len(wanted) and {str(n): str(c) for n, c in stored} == wanted:
+        return False
+    cur.execute(f"DELETE FROM {SOURCE_COMMENTS} {scope}", [ref.schema, ref.name])
+    if wanted:
         cur.executemany(
             f"INSERT INTO {SOURCE_COMMENTS} (schema_name, table_name, column_name, comment) VALUES (?, ?, ?, ?)",
-            rows,
+            [[ref.schema, ref.name, name, text] for name, text in wanted.items()],
         )
-    return len(rows)
+    return True
 
 
 def own_comments(cur: duckdb.DuckDBPyConnection, ref: TableRef) -> TableDescription:

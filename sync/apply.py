@@ -149,10 +149,11 @@ def commit(ctx: RunContext, watermark: Any, *, full: bool, changed: bool) -> Non
         source_columns=columns_json(columns),
         full=full,
     )
-    if ctx.comments is not None:
-        kept = record_source_comments(ctx.cur, ctx.ref, ctx.comments)
-        ctx.log.debug(
-            "sync.comments.recorded", comments=kept, table_comment_read=ctx.comments.table is not None
+    if ctx.comments is not None and record_source_comments(ctx.cur, ctx.ref, ctx.comments):
+        ctx.log.info(
+            "sync.comments.changed",
+            columns=len(ctx.comments.columns),
+            table_comment_read=ctx.comments.table is not None,
         )
     if changed:
         TableCatalog.bump_version(ctx.cur, ctx.ref)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from catalog import TableRef
 from catalog.descriptions import CUT_MARK, MAX_DESCRIPTION, SourceComments, clean_comment
@@ -125,8 +126,13 @@ def test_nothing_else_about_a_run_changes(emu: Emulator, tmp_path: Path) -> None
         (first,) = service.run_now()
         assert (first.outcome, first.mode, first.rows_read, first.rows_written) == ("ok", "full", 2, 2)
         version = service.catalog.tables.version(REF)
+        with capture_logs() as logs:
+            service.run_now()  # nothing changed: the stored comments are not rewritten
+        assert not [e for e in logs if e["event"] == "sync.comments.changed"]
         src.execute("COMMENT ON TABLE ORDERS IS 'only the comment changed'")
-        (run,) = service.run_now()
+        with capture_logs() as logs:
+            (run,) = service.run_now()
+        assert [e["columns"] for e in logs if e["event"] == "sync.comments.changed"] == [1]
         assert (run.outcome, run.mode, run.rows_read, run.rows_written, run.schema_changes) == (
             "ok",
             "merge",
