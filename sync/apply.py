@@ -11,8 +11,9 @@ Two shapes (proto_docs/sync.md, "Strategies"):
   transaction and the rows are loaded straight into it (no second copy); until COMMIT the
   new table is private to the cursor and readers keep the old one.
 
-Either way :func:`commit` records the state and history on the same cursor and commits; any
-failure before it rolls everything back (:func:`transaction`), leaving the replica and the
+Either way :func:`commit` records the state, the history and the source's table and column
+comments (catalog/descriptions.py) on the same cursor and commits; any failure before it
+rolls everything back (:func:`transaction`), leaving the replica, its comments and the
 watermark exactly as they were.
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 import duckdb
 
 from catalog import TableRef, quote_ident
+from catalog.descriptions import own_comments, record_source_comments, restore_comments
 from catalog.tables import TableCatalog
 from sync.context import RunContext
 from sync.state import encode_watermark
@@ -65,10 +67,13 @@ def transaction(cur: duckdb.DuckDBPyConnection) -> Iterator[None]:
 
 def replace_table(ctx: RunContext) -> str:
     """Inside the open transaction: drop the replica and create it empty with the source's
-    columns; its quoted name, to load into. (The schema is created beforehand.)"""
+    columns; its quoted name, to load into. (The schema is created beforehand.) The old
+    table's own descriptions (DuckDB comments: an admin's) are put on the new one."""
     target = ctx.ref.sql
+    kept = own_comments(ctx.cur, ctx.ref)
     ctx.cur.execute(f"DROP TABLE IF EXISTS {target}")
     ctx.cur.execute(f"CREATE TABLE {target} ({_column_defs(ctx.columns)})")
+    restore_comments(ctx.cur, ctx.ref, kept)
     return target
 
 
@@ -128,9 +133,10 @@ def apply_incremental(
 
 
 def commit(ctx: RunContext, watermark: Any, *, full: bool, changed: bool) -> None:
-    """State, history and (if the rows or the schema changed) the data version, on the run's
-    cursor inside its transaction; then COMMIT. ``full`` records this run as a full pass (a
-    full load or a reconciling merge)."""
+    """State, history, the source's comments and (if the rows or the schema changed) the data
+    version, on the run's cursor inside its transaction; then COMMIT. ``full`` records this
+    run as a full pass (a full load or a reconciling merge). Comments alone are no data
+    change: they do not bump the data version."""
     run = ctx.run
     run.ended_at = datetime.now(UTC)
     run.outcome = "ok"
@@ -143,6 +149,12 @@ def commit(ctx: RunContext, watermark: Any, *, full: bool, changed: bool) -> Non
         source_columns=columns_json(columns),
         full=full,
     )
+    if ctx.comments is not None and record_source_comments(ctx.cur, ctx.ref, ctx.comments):
+        ctx.log.info(
+            "sync.comments.changed",
+            columns=len(ctx.comments.columns),
+            table_comment_read=ctx.comments.table is not None,
+        )
     if changed:
         TableCatalog.bump_version(ctx.cur, ctx.ref)
     ctx.cur.execute("COMMIT")

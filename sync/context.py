@@ -19,6 +19,7 @@ from structlog.typing import FilteringBoundLogger
 
 from catalog import TableRef
 from catalog.config import SyncTableConfig
+from catalog.descriptions import SourceComments
 from sync.cursor import Roles
 from sync.errors import SyncFailed
 from sync.source import SnowflakeSource, SourceTable
@@ -45,6 +46,9 @@ class RunContext:
     cancel: threading.Event
     progress: ProgressFn | None
     log: FilteringBoundLogger  # bound to the table
+    # The source's table and column comments, cleaned; recorded at commit (None: the stored
+    # ones are left as they are).
+    comments: SourceComments | None = None
 
     @property
     def batch_rows(self) -> int | None:

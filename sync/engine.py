@@ -5,7 +5,8 @@ steps. The steps live by concern:
 - sync/schema_diff.py - how the source's columns differ from the replica's (pure);
 - sync/strategy.py - full, append or merge, or refused (pure);
 - sync/extract.py - the rows to read (bounds) and reading them, in keyset pages;
-- sync/apply.py - the one DuckDB transaction that makes them the replica.
+- sync/apply.py - the one DuckDB transaction that makes them the replica, with the source's
+  table and column comments (catalog/descriptions.py).
 
 Why this shape:
 - Extraction lands in a TEMP table of the run's own DuckDB cursor, which no other connection
@@ -34,6 +35,7 @@ import structlog
 
 from catalog import Catalog, TableRef, quote_ident
 from catalog.config import SnowflakeConfig, SyncTableConfig
+from catalog.descriptions import SourceComments
 from sync import apply, extract
 from sync.context import ProgressFn, RunContext
 from sync.cursor import UNKNOWN, Keyset, resolve_roles
@@ -152,13 +154,20 @@ class TableSync:
         estimate: bool = False,
     ) -> None:
         source.connect()
-        columns = tuple(source.columns(self.src))
+        found, column_comments = source.columns_and_comments(self.src)
+        columns = tuple(found)
         roles = resolve_roles(
             columns,
             cursor=self.entry.cursor,
             primary_key=self.entry.primary_key,
             label=self.src.label,
             configured_source=self.entry.source,
+        )
+        table_read, table_comment = source.table_comment(self.src)
+        comments = SourceComments.clean(
+            table_comment,
+            {c.target_name: column_comments.get(c.name) for c in columns},
+            table_read=table_read,
         )
         cur = self.catalog.db.cursor()
         stage = f"_quiver_stage_{uuid.uuid4().hex[:12]}"
@@ -178,6 +187,7 @@ class TableSync:
                 cancel=cancel,
                 progress=progress,
                 log=log.bind(table=self.key),
+                comments=comments,
             )
             plan = self._plan(ctx, full=full)
             if plan.strategy == "full":

@@ -134,22 +134,39 @@ class SnowflakeSource:
         except Exception as e:  # noqa: BLE001
             raise self.error("source query failed", e) from None
 
-    def columns(self, table: SourceTable) -> list[SourceColumn]:
+    def columns_and_comments(self, table: SourceTable) -> tuple[list[SourceColumn], dict[str, Any]]:
+        """The table's columns in source order, and each column's ``COMMENT`` by its source
+        name (None where it has none): one ``information_schema.columns`` query."""
         rows = self.rows(
-            f"SELECT column_name, data_type, numeric_precision, numeric_scale "
+            f"SELECT column_name, data_type, numeric_precision, numeric_scale, comment "
             f"FROM {quote_snowflake(table.database)}.information_schema.columns "
             "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
             [table.schema, table.name],
         )
-        return [
+        columns = [
             SourceColumn(
                 str(name),
                 str(dtype),
                 int(p) if p is not None else None,
                 int(s) if s is not None else None,
             )
-            for name, dtype, p, s in rows
+            for name, dtype, p, s, _ in rows
         ]
+        return columns, {str(r[0]): r[4] for r in rows}
+
+    def table_comment(self, table: SourceTable) -> tuple[bool, Any]:
+        """(read, the table's ``COMMENT`` or None) from ``information_schema.tables``. A failed
+        read is (False, None), never an error: a comment is not worth failing a run for."""
+        try:
+            rows = self.rows(
+                f"SELECT comment FROM {quote_snowflake(table.database)}.information_schema.tables "
+                "WHERE table_schema = ? AND table_name = ?",
+                [table.schema, table.name],
+            )
+        except SyncFailed as e:
+            log.warning("sync.source.comment_unread", source=table.label, error=e.message)
+            return False, None
+        return True, rows[0][0] if rows else None
 
     def batches(self, sql: str, params: list[Any] | None = None) -> Iterator[pa.Table]:
         """The result as Arrow tables, one per chunk the source sends."""

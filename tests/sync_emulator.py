@@ -15,6 +15,18 @@ Test-only patches of the emulator (never of Quiver):
   Snowflake's own "SQL execution canceled", 000604) or the hold ends. fakesnow itself answers
   an abort request with success and does nothing; the hold is what lets a test see that the
   connector's cancel reaches the server for the query it means.
+
+Not a patch but a way around the emulator: column comments. fakesnow 0.12.1 keeps table
+comments (``CREATE TABLE … COMMENT = '…'``, ``COMMENT ON TABLE``, ``ALTER TABLE … SET COMMENT``)
+and answers them in ``information_schema.tables.comment``, but of column comments it ignores
+``CREATE TABLE (c INT COMMENT '…')`` ("CommentColumnConstraint unsupported") and ``ALTER TABLE …
+ALTER COLUMN c COMMENT '…'``, and ``COMMENT ON COLUMN`` is run (DuckDB has it) and then fails
+its own describe step (``001003 (42000): Parser Error: syntax error at or near "ON" LINE 1:
+DESCRIBE COMMENT ON COLUMN …``), so the connector sees an error. ``Source.comment_on_column``
+sets the comment on the emulator's own DuckDB connection instead; its
+``information_schema.columns.comment`` answers it through the connector like Snowflake's.
+(A table comment holding a single quote is an HTTP 500 of fakesnow, which formats it into
+SQL unescaped: quotes are tested in column comments.)
 """
 
 from __future__ import annotations
@@ -440,3 +452,9 @@ class Source:
             return list(con.cursor().execute(sql, params).fetchall())
         finally:
             con.close()
+
+    def comment_on_column(self, table: str, column: str, text: str | None) -> None:
+        """Set (None: remove) a column's comment at the source, on the emulator's own DuckDB
+        connection (in-process only; the module docs say why not ``COMMENT ON COLUMN``)."""
+        literal = "NULL" if text is None else "'" + text.replace("'", "''") + "'"
+        self.emu.duck().execute(f"COMMENT ON COLUMN {self.database}.PUBLIC.{table}.{column} IS {literal}")
