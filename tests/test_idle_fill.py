@@ -179,7 +179,8 @@ def test_racing_scans_all_read_the_table_and_it_is_loaded_once(server: Server) -
         t.join(120)
     assert not errors, errors
     assert len(results) == 18 and all(r.equals(want) for r in results)
-    wait_until(lambda: cache.holds(ref), what="the idle fill after the race")
+    # The fill stores the table, then counts its outcome: wait for both.
+    wait_until(lambda: cache.holds(ref) and idle.outcomes["ok"] > oks, what="the idle fill after the race")
     assert idle.outcomes["ok"] == oks + 1
 
 
