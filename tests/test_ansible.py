@@ -151,6 +151,19 @@ def test_fail2ban_filter_matches_real_auth_failures(json_log: tuple[Path, str, s
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split() == ["127.0.0.1", "127.0.0.1", "127.0.0.1"], result.stdout
 
+    # The line ansible/README.md shows is the real one: the same keys, written the same way
+    # (compact separators), and the filter bans the address it names.
+    example = (ANSIBLE_DIR / "README.md").read_text().split("```json\n", 1)[1].split("\n```", 1)[0]
+    real = next(line for line in log.read_text().splitlines() if '"auth.failed"' in line)
+    assert sorted(json.loads(example)) == sorted(json.loads(real))
+    assert ('":"' in example) == ('":"' in real) and ('": "' in example) == ('": "' in real)
+    example_log = log.parent / "readme-example.log"
+    example_log.write_text(example + "\n")
+    shown = subprocess.run(
+        [regex, "--out", "ip", str(example_log), str(FILTER)], capture_output=True, text=True, timeout=60
+    )
+    assert shown.stdout.split() == ["203.0.113.5"], shown.stdout + shown.stderr
+
 
 def test_dockerfile_passes_hadolint() -> None:
     """The container option is linted only: there is no Docker engine to build it here."""
