@@ -38,6 +38,14 @@ FRESH = "SELECT * FROM bench.t WHERE id = {k}"
 PARAM = "SELECT * FROM bench.t WHERE id = ?"
 
 
+def span(started: str, load_before: tuple[float, float, float], what: str) -> str:
+    """A result header's middle: from ``started`` (UTC, H:M:S) to now, ``what`` was run, and
+    the 1/5/15-minute load before and after (a figure taken under load reads differently)."""
+    ended = time.strftime("%H:%M:%S", time.gmtime())
+    before, after = (tuple(round(x, 2) for x in load) for load in (load_before, os.getloadavg()))
+    return f"{started} to {ended} UTC, {what}; load (1/5/15 min) before {before}, after {after}"
+
+
 class _Server:
     """A ``quiver serve`` of the tree at ``root`` on the DuckDB file ``db`` (its own copy), with
     ``env`` added to its environment (e.g. a caches-off configuration), a swarm ``bench``
@@ -156,11 +164,7 @@ def main(argv: list[str]) -> int:
             cpu = {s.name: (_cpu_seconds(s.pid) - cpu0[s.name]) / (2 * calls) for s in servers}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ended = time.strftime("%H:%M:%S", time.gmtime())
-    print(
-        f"# A/B {started} to {ended} UTC, {calls} rounds, {rows:,} rows; load (1/5/15 min) before "
-        f"{tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in os.getloadavg())}\n"
-    )
+    print(f"# A/B {span(started, load_before, f'{calls} rounds, {rows:,} rows')}\n")
     print("| query | server | GetFlightInfo p50 ms | DoGet p50 ms | total p50 ms | total p99 ms |")
     print("| --- | --- | --- | --- | --- | --- |")
     for kind in ("fresh", "param"):

@@ -41,7 +41,7 @@ from typing import Any
 import duckdb
 import pyarrow.flight as flight
 
-from tests.bench.ab_point import _cpu_seconds, _Server
+from tests.bench.ab_point import _cpu_seconds, _Server, span
 from tests.bench.ab_scaling import FRESH, ROWS, _tokens
 from tests.bench.bench_flight import CLIENTS, ROOT, TABLE_SQL, _concurrently, _free_port, _process
 
@@ -130,12 +130,7 @@ def main(argv: list[str]) -> int:
                         cpu.setdefault((kind, setup), []).append(used / queries)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ended = time.strftime("%H:%M:%S", time.gmtime())
-    print(
-        f"# two processes, {started} to {ended} UTC, {rounds} rounds, {per} queries per agent; load "
-        f"(1/5/15 min) before {tuple(round(x, 2) for x in load_before)}, after "
-        f"{tuple(round(x, 2) for x in os.getloadavg())}\n"
-    )
+    print(f"# two processes, {span(started, load_before, f'{rounds} rounds, {per} queries per agent')}\n")
     cores = os.cpu_count() or 1
     print(
         f"Each cell: queries/s, then the CPU per query of the servers and this client process together "

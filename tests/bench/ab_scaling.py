@@ -30,7 +30,7 @@ from typing import Any
 import duckdb
 import httpx
 
-from tests.bench.ab_point import _cpu_seconds, _Server
+from tests.bench.ab_point import _cpu_seconds, _Server, span
 from tests.bench.bench_flight import CLIENTS, TABLE_SQL, _concurrently
 
 ROWS = 1_000_000
@@ -98,11 +98,8 @@ def main(argv: list[str]) -> int:
                     results.setdefault(s.name, []).append((q1, qn, s1, sn, c1, cn))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ended = time.strftime("%H:%M:%S", time.gmtime())
     print(
-        f"# A/B scaling {started} to {ended} UTC, {rounds} rounds, {per} queries per agent, {CLIENTS} agents; "
-        f"load (1/5/15 min) before {tuple(round(x, 2) for x in load_before)}, after "
-        f"{tuple(round(x, 2) for x in os.getloadavg())}\n"
+        f"# A/B scaling {span(started, load_before, f'{rounds} rounds, {per} queries per agent, {CLIENTS} agents')}\n"
     )
     print(
         "| server | 1 agent q/s | 8 agents q/s | ratio (median of rounds) | server CPU/query 1 / 8 ms "
